@@ -1,0 +1,228 @@
+"""The DuckDB catalog: one file per project, schema evolved by numbered migrations."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+DEFAULT_CATALOG = "workbench.duckdb"
+CATALOG_ENV = "WORKBENCH_CATALOG"
+
+
+class CatalogError(Exception):
+    """A catalog problem with a message meant for people."""
+
+
+class CatalogLockedError(CatalogError):
+    """Another process holds the catalog file open for writing."""
+
+
+def default_catalog_path() -> Path:
+    """The catalog path from $WORKBENCH_CATALOG, else ./workbench.duckdb."""
+    return Path(os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG)
+
+
+def _migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every numbered migration, in order."""
+    folder = resources.files("workbench") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"m(\d{3})_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def _views_sql() -> str:
+    return (resources.files("workbench") / "migrations" / "views.sql").read_text()
+
+
+def _lock_message(path: Path, error: Exception) -> str:
+    text = str(error)
+    holder = re.search(r"\(PID (\d+)\)", text)
+    who = f"process {holder.group(1)}" if holder else "another process"
+    cmdline = ""
+    if holder:
+        try:
+            raw = Path(f"/proc/{holder.group(1)}/cmdline").read_bytes()
+            cmdline = " (" + raw.replace(b"\0", b" ").decode(errors="replace").strip() + ")"
+        except OSError:
+            pass
+    return (
+        f"The catalog {path} is in use by {who}{cmdline}. DuckDB lets one process write a "
+        "catalog at a time: wait for it to finish (or close it), then retry."
+    )
+
+
+def connect(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    read_only: bool = False,
+    wait_seconds: float = 0.0,
+) -> duckdb.DuckDBPyConnection:
+    """Open (creating and migrating if needed) the catalog at `path`."""
+    path = Path(path) if path is not None else default_catalog_path()
+    if read_only and not path.exists():
+        raise CatalogError(f"No catalog at {path}. Run `workbench ingest FOLDER` first.")
+    if path.exists() and path.is_dir():
+        raise CatalogError(f"{path} is a folder, not a catalog file.")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower():
+                raise CatalogError(f"Cannot open catalog {path}: {error}") from error
+            if time.monotonic() >= deadline:
+                raise CatalogLockedError(_lock_message(path, error)) from error
+            time.sleep(0.25)
+        except duckdb.Error as error:
+            raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
+    if not read_only:
+        migrate(con)
+    else:
+        _check_version(con, path)
+    return con
+
+
+def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    have = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    ).fetchone()[0]
+    if not have:
+        raise CatalogError(f"{path} is not a workbench catalog (no schema_migrations table).")
+
+
+def applied_migrations(con: duckdb.DuckDBPyConnection) -> list[int]:
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP DEFAULT current_timestamp)"
+    )
+    return [row[0] for row in con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()]
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply every migration not yet recorded, each in its own transaction; refresh the views."""
+    done = set(applied_migrations(con))
+    applied = []
+    for version, name, sql in _migration_files():
+        if version in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    known = {v for v, _, _ in _migration_files()}
+    newer = done - known
+    if newer:
+        raise CatalogError(
+            f"This catalog was written by a newer workbench (migrations {sorted(newer)}); upgrade workbench."
+        )
+    if applied or not _views_exist(con):
+        con.execute(_views_sql())
+    return applied
+
+
+def _views_exist(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(
+        con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'dataset'").fetchone()[0]
+    )
+
+
+# --- provenance -------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """A step run being recorded in the `runs` table."""
+
+    run_id: int
+    step: str
+    started: float
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> Iterator[RunRecord]:
+    """Record a step run: a 'running' row first, then its counts, seconds and status."""
+    run_id = con.execute(
+        "INSERT INTO runs (step, started_at, status, params) VALUES (?, ?, 'running', ?) RETURNING run_id",
+        [step, datetime.now(), json.dumps(params, default=str)],
+    ).fetchone()[0]
+    record = RunRecord(run_id=run_id, step=step, started=time.perf_counter())
+    status, error = "ok", None
+    try:
+        yield record
+    except BaseException as exc:  # record the failure, then let it propagate
+        status = "cancelled" if exc.__class__.__name__ == "StepCancelled" or isinstance(exc, KeyboardInterrupt) else "failed"
+        error = f"{exc.__class__.__name__}: {exc}"
+        raise
+    finally:
+        con.execute(
+            "UPDATE runs SET finished_at = ?, seconds = ?, status = ?, counts = ?, error = ? WHERE run_id = ?",
+            [
+                datetime.now(),
+                time.perf_counter() - record.started,
+                status,
+                json.dumps(record.counts, default=str),
+                error,
+                run_id,
+            ],
+        )
+
+
+# --- read-only SQL ------------------------------------------------------------
+
+# Statement types that cannot change the catalog. Everything else (INSERT, CREATE,
+# COPY, ATTACH, SET, PRAGMA, ...) needs --write.
+_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def statement_kinds(sql: str) -> list[str]:
+    """The DuckDB statement type of each statement in `sql` (e.g. 'SELECT', 'INSERT')."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as error:
+        raise CatalogError(f"SQL error: {error}") from error
+    return [s.type.name.upper() for s in statements]
+
+
+def is_read_only_sql(sql: str) -> bool:
+    """True when every statement in `sql` only reads (SELECT, EXPLAIN, DESCRIBE, SHOW...)."""
+    kinds = statement_kinds(sql)
+    return bool(kinds) and all(k in _READ_STATEMENTS for k in kinds)
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) -> duckdb.DuckDBPyRelation | None:
+    """Run user SQL; refuse statements that write unless `write` is set."""
+    if not write and not is_read_only_sql(sql):
+        kinds = ", ".join(sorted(set(statement_kinds(sql)))) or "empty"
+        raise CatalogError(
+            f"Refused: this SQL writes to the catalog ({kinds}). SQL is read-only by default; "
+            "pass --write if you mean to change the catalog."
+        )
+    statements = duckdb.extract_statements(sql)
+    try:
+        for statement in statements[:-1]:
+            con.execute(statement)
+        return con.sql(statements[-1].query) if statements else None
+    except duckdb.Error as error:
+        raise CatalogError(f"SQL error: {error}") from error

@@ -1,0 +1,41 @@
+"""Where things live (workbench home, catalog) and the project's TOML config."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+HOME_ENV = "WORKBENCH_HOME"
+CONFIG_FILE = "workbench.toml"
+
+
+def workbench_home() -> Path:
+    """Shared per-user folder for models and caches: $WORKBENCH_HOME or ~/.cache/workbench."""
+    home = os.environ.get(HOME_ENV)
+    path = Path(home) if home else Path.home() / ".cache" / "workbench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def project_dir(catalog_path: str | os.PathLike[str]) -> Path:
+    """The project folder: the folder that holds the catalog file."""
+    return Path(catalog_path).resolve().parent
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, catalog_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Read the project's TOML config (explicit path, else workbench.toml beside the catalog)."""
+    if path is None and catalog_path is not None:
+        candidate = project_dir(catalog_path) / CONFIG_FILE
+        path = candidate if candidate.exists() else None
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from error

@@ -1,0 +1,46 @@
+-- Views are recreated after every migration so they always match the schema.
+CREATE OR REPLACE VIEW current_captions AS
+SELECT image_id, source AS caption_source, text AS caption FROM (
+    SELECT c.*, row_number() OVER (
+        PARTITION BY c.image_id
+        ORDER BY (ch.source IS NOT NULL) DESC,
+                 CASE WHEN c.source = 'manual' THEN 0
+                      WHEN c.source = 'sidecar' THEN 1
+                      ELSE 2 END,
+                 c.created_at DESC, c.source
+    ) AS rank
+    FROM captions c
+    LEFT JOIN caption_choice ch ON ch.image_id = c.image_id AND ch.source = c.source
+) WHERE rank = 1;
+
+CREATE OR REPLACE VIEW images_view AS
+WITH p AS (
+    SELECT image_id,
+           arg_min(path, seq) AS path,
+           list(path ORDER BY seq) AS paths,
+           bool_and(missing) AS all_missing
+    FROM paths GROUP BY image_id
+), x AS (
+    SELECT image_id, string_agg(reason, '; ' ORDER BY step) AS exclusion_reason
+    FROM exclusions GROUP BY image_id
+)
+SELECT i.image_id, p.path, p.paths, i.width, i.height, i.format, i.mode, i.bytes,
+       CASE WHEN coalesce(p.all_missing, true) THEN 'missing' ELSE i.status END AS status,
+       CASE WHEN coalesce(p.all_missing, true) THEN 'file no longer found at any known path' ELSE i.error END AS error,
+       i.role,
+       cc.caption, cc.caption_source,
+       d.group_id AS duplicate_group,
+       d.is_keeper,
+       x.image_id IS NOT NULL AS excluded,
+       x.exclusion_reason,
+       h.phash, h.dhash,
+       i.brightness, i.contrast, i.blur, i.entropy, i.is_grayscale, i.n_frames
+FROM images i
+LEFT JOIN p ON p.image_id = i.image_id
+LEFT JOIN current_captions cc ON cc.image_id = i.image_id
+LEFT JOIN duplicates d ON d.image_id = i.image_id
+LEFT JOIN x ON x.image_id = i.image_id
+LEFT JOIN hashes h ON h.image_id = i.image_id;
+
+CREATE OR REPLACE VIEW dataset AS
+SELECT * FROM images_view WHERE status = 'ok' AND NOT excluded;

@@ -1,0 +1,78 @@
+"""One small progress hook: steps report through it, the CLI renders with rich, the TUI with messages."""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+
+class StepCancelled(Exception):
+    """Raised inside a step when the user asked it to stop; the step leaves the catalog consistent."""
+
+
+class ProgressHook(Protocol):
+    """What a step calls as it works. All arguments are keyword-only.
+
+    `completed`/`total` count items of `task` (total None = unknown); `message` is a log line.
+    A hook may raise StepCancelled to stop the step at the next item.
+    """
+
+    def __call__(self, *, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None: ...
+
+
+def null_progress(*, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+    """A hook that ignores everything."""
+
+
+class CancellableProgress:
+    """Wraps a hook with a cancel flag another thread can set (used by the TUI's Cancel button)."""
+
+    def __init__(self, hook: ProgressHook) -> None:
+        self._hook = hook
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __call__(self, *, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        if self._cancel.is_set():
+            raise StepCancelled(f"{task} cancelled")
+        self._hook(task=task, completed=completed, total=total, message=message)
+
+
+class RichProgress:
+    """Renders hook calls as rich progress bars (one per task) and log lines; use as a context manager."""
+
+    def __init__(self, *, console=None, transient: bool = False) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=transient,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "RichProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def __call__(self, *, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        if message:
+            self._progress.console.log(message)
+        if task not in self._tasks:
+            self._tasks[task] = self._progress.add_task(task, total=total)
+        self._progress.update(self._tasks[task], completed=completed, total=total)
