@@ -33,6 +33,7 @@ CREATE TABLE paths (
     image_id      VARCHAR NOT NULL,
     size          BIGINT,
     mtime_ns      BIGINT,
+    sidecar_mtime_ns BIGINT,           -- mtime of the caption sidecar seen beside it (null: none)
     seq           BIGINT NOT NULL,     -- order first seen; "first path" = lowest seq
     missing       BOOLEAN NOT NULL DEFAULT false,
     first_seen    TIMESTAMP DEFAULT current_timestamp,
