@@ -34,13 +34,21 @@ SELECT i.image_id, p.path, p.paths, i.width, i.height, i.format, i.mode, i.bytes
        x.image_id IS NOT NULL AS excluded,
        x.exclusion_reason,
        h.phash, h.dhash,
-       i.brightness, i.contrast, i.blur, i.entropy, i.is_grayscale, i.n_frames
+       i.brightness, i.contrast, i.blur, i.entropy, i.is_grayscale, i.n_frames,
+       ci.concept, co.trigger_token AS concept_trigger, co.class_noun AS concept_class,
+       co.repeats AS concept_repeats,
+       ab.bucket_width, ab.bucket_height, ab.resized_width AS bucket_resized_width,
+       ab.resized_height AS bucket_resized_height, ab.crop_left AS bucket_crop_left,
+       ab.crop_top AS bucket_crop_top
 FROM images i
 LEFT JOIN p ON p.image_id = i.image_id
 LEFT JOIN current_captions cc ON cc.image_id = i.image_id
 LEFT JOIN duplicates d ON d.image_id = i.image_id
 LEFT JOIN x ON x.image_id = i.image_id
-LEFT JOIN hashes h ON h.image_id = i.image_id;
+LEFT JOIN hashes h ON h.image_id = i.image_id
+LEFT JOIN concept_images ci ON ci.image_id = i.image_id
+LEFT JOIN concepts co ON co.name = ci.concept
+LEFT JOIN aspect_buckets ab ON ab.image_id = i.image_id;
 
 CREATE OR REPLACE VIEW dataset AS
 SELECT * FROM images_view WHERE status = 'ok' AND NOT excluded;
