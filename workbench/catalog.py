@@ -101,7 +101,7 @@ def connect(
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     have = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not have:
         raise CatalogError(f"{path} is not a workbench catalog (no schema_migrations table).")
 
@@ -143,7 +143,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def _views_exist(con: duckdb.DuckDBPyConnection) -> bool:
     return bool(
-        con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'dataset'").fetchone()[0]
+        con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'dataset'").fetchall()[0][0]
     )
 
 
@@ -166,7 +166,7 @@ def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]
     run_id = con.execute(
         "INSERT INTO runs (step, started_at, status, params) VALUES (?, ?, 'running', ?) RETURNING run_id",
         [step, datetime.now(), json.dumps(params, default=str)],
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     record = RunRecord(run_id=run_id, step=step, started=time.perf_counter())
     status, error = "ok", None
     try:
@@ -220,9 +220,11 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
             "pass --write if you mean to change the catalog."
         )
     statements = duckdb.extract_statements(sql)
+    # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
+    cursor = con.cursor()
     try:
         for statement in statements[:-1]:
-            con.execute(statement)
-        return con.sql(statements[-1].query) if statements else None
+            cursor.execute(statement)
+        return cursor.sql(statements[-1].query) if statements else None
     except duckdb.Error as error:
         raise CatalogError(f"SQL error: {error}") from error

@@ -150,7 +150,7 @@ def sql(
         err_console.print(f"wrote {output}")
         return
     if format == "csv":
-        text = relation.pl().write_csv()
+        text = _csv_text(relation)
     elif format == "json":
         frame = relation.pl()
         text = json.dumps(frame.to_dicts(), default=_json_default, ensure_ascii=False)
@@ -170,6 +170,18 @@ def sql(
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
 
 
+def _csv_text(relation) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(relation.columns)
+    for row in relation.fetchall():
+        writer.writerow(["" if v is None else json.dumps(v, default=_json_default) if isinstance(v, (list, dict)) else v for v in row])
+    return buffer.getvalue()
+
+
 def _json_default(value):
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
@@ -177,6 +189,45 @@ def _json_default(value):
 
 
 # --- models, caption, score, filter, buckets, concepts, export (issue 3) -----
+
+models_app = typer.Typer(help="Model presets and where their weights live.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show each preset's BLIP, CLIP and Stable Diffusion models and whether they are on this machine.
+
+    Example: workbench models list
+    """
+    from workbench.models import PRESETS, describe_presets
+
+    table = Table(title="model presets")
+    for column in ("preset", "component", "source", "local"):
+        table.add_column(column)
+    for row in describe_presets():
+        table.add_row(row["preset"], row["component"], row["source"], row["path"] or "[dim]not downloaded[/]")
+    console.print(table)
+    for preset in PRESETS.values():
+        console.print(f"[bold]{preset.name}[/]: {preset.description}")
+
+
+@models_app.command("path")
+def models_path(
+    preset: Annotated[str, typer.Argument(help="Preset (tiny, sd15, sd15-large), Hugging Face id or path.")],
+    component: Annotated[str, typer.Option("--component", help="sd, blip or clip.")] = "sd",
+) -> None:
+    """Print the local folder of one model component (building the tiny models on first use).
+
+    Example: workbench models path tiny --component sd
+    """
+    from workbench.models import ModelError, component_path
+
+    try:
+        sys.stdout.write(component_path(preset, component) + "\n")
+    except ModelError as error:
+        fail(str(error))
+
 
 
 # --- priors and training (issue 4) -------------------------------------------

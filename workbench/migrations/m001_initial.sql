@@ -62,14 +62,24 @@ CREATE TABLE caption_choice (
     source   VARCHAR NOT NULL
 );
 
+-- Near-duplicate evidence: one row per matched pair (a < b). Each dedup method replaces its own
+-- rows; groups below are recomputed from all pairs together, so methods merge into the same groups.
+CREATE TABLE duplicate_pairs (
+    image_a  VARCHAR NOT NULL,
+    image_b  VARCHAR NOT NULL,
+    method   VARCHAR NOT NULL,       -- 'phash' (distance = Hamming bits) or 'embedding' (distance = cosine similarity)
+    distance DOUBLE NOT NULL,
+    PRIMARY KEY (image_a, image_b, method)
+);
+
 -- Duplicate groups: every member of a group, which one is kept and why.
 CREATE TABLE duplicates (
     image_id    VARCHAR PRIMARY KEY,
-    group_id    BIGINT NOT NULL,     -- the smallest member seq-order index; stable across reruns of the same data
+    group_id    BIGINT NOT NULL,     -- numbered by the first-seen path of the group's members
     keeper_id   VARCHAR NOT NULL,
     is_keeper   BOOLEAN NOT NULL,
     method      VARCHAR NOT NULL,    -- how this member joined: 'exact', 'phash', 'embedding'
-    distance    DOUBLE,              -- Hamming distance (phash) or cosine (embedding) to its closest match
+    distance    DOUBLE,              -- of the pair that joined it: Hamming bits (phash) or cosine similarity (embedding)
     keep_reason VARCHAR              -- for the keeper: why it won
 );
 -- A keeper chosen by hand wins over the keep policy.

@@ -1,0 +1,319 @@
+"""Dedup: exact duplicates by content hash, near duplicates by pHash distance, one keeper per group.
+
+Near-duplicate search is exact multi-index hashing: the 64 hash bits are split into m blocks so
+that any pair within the threshold differs in at most r = threshold // m bits in some block
+(pigeonhole). Each block is probed with every mask of at most r flipped bits against a dense
+table of block values, and every candidate is verified by popcount. Memory is O(N), never N².
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+DEFAULT_THRESHOLD = 6
+LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM"}
+
+
+# --- the pair search -----------------------------------------------------------
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(values)
+
+
+def _block_layout(threshold: int) -> tuple[list[tuple[int, int]], int]:
+    """Blocks (shift, bits) and the per-block radius r, chosen so each probe stays cheap (r <= 2)."""
+    blocks = max(1, math.ceil((threshold + 1) / 3))
+    radius = threshold // blocks
+    widths = [64 // blocks + (1 if i < 64 % blocks else 0) for i in range(blocks)]
+    layout, shift = [], 0
+    for width in widths:
+        layout.append((shift, width))
+        shift += width
+    return layout, radius
+
+
+def _flip_masks(bits: int, radius: int) -> np.ndarray:
+    masks = [0]
+    for r in range(1, radius + 1):
+        for positions in combinations(range(bits), r):
+            mask = 0
+            for p in positions:
+                mask |= 1 << p
+            masks.append(mask)
+    return np.array(masks, dtype=np.int64)
+
+
+def hamming_pairs(hashes: np.ndarray, threshold: int, progress: ProgressHook = null_progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All index pairs (i < j) of `hashes` (uint64) within Hamming distance `threshold`, with distances."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
+    if n < 2:
+        return empty
+    layout, radius = _block_layout(threshold)
+    found_i, found_j = [], []
+    total_probes = sum(len(_flip_masks(bits, radius)) for _, bits in layout)
+    probes_done = 0
+    index = np.arange(n, dtype=np.int64)
+    for shift, bits in layout:
+        block = ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+        order = np.argsort(block, kind="stable")
+        counts = np.bincount(block, minlength=1 << bits)
+        starts = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        for mask in _flip_masks(bits, radius):
+            probe = block ^ mask
+            hits = counts[probe]
+            has = hits > 0
+            rows = index[has]
+            reps = hits[has]
+            if rows.size:
+                total = int(reps.sum())
+                offsets = np.repeat(starts[probe[has]] - (np.cumsum(reps) - reps), reps) + np.arange(total)
+                j = order[offsets]
+                i = np.repeat(rows, reps)
+                keep = i < j
+                i, j = i[keep], j[keep]
+                close = _popcount(hashes[i] ^ hashes[j]) <= threshold
+                found_i.append(i[close])
+                found_j.append(j[close])
+            probes_done += 1
+            if probes_done % 16 == 0:
+                progress(task="near-duplicate search", completed=probes_done, total=total_probes)
+    progress(task="near-duplicate search", completed=total_probes, total=total_probes)
+    if not found_i:
+        return empty
+    i = np.concatenate(found_i)
+    j = np.concatenate(found_j)
+    unique = np.unique(i * n + j)
+    i, j = unique // n, unique % n
+    return i, j, _popcount(hashes[i] ^ hashes[j]).astype(np.int64)
+
+
+def brute_force_pairs(hashes: np.ndarray, threshold: int, chunk: int = 2048) -> set[tuple[int, int]]:
+    """Reference answer for tests and benchmarks: every pair by direct comparison (O(N²) time, O(N·chunk) memory)."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    pairs = set()
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start : start + chunk]
+        distances = _popcount(block[:, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(distances <= threshold)
+        for r, c in zip(rows + start, cols):
+            if r < c:
+                pairs.add((int(r), int(c)))
+    return pairs
+
+
+# --- grouping and the keep policy ----------------------------------------------------
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def keep_order_key(member: dict) -> tuple:
+    """Sort key of the keep policy: highest resolution, then lossless over lossy, then larger file, then path order."""
+    pixels = (member["width"] or 0) * (member["height"] or 0)
+    lossless = (member["format"] or "").upper() in LOSSLESS_FORMATS
+    return (-pixels, not lossless, -(member["bytes"] or 0), member["first_seq"])
+
+
+def _keep_reason(keeper: dict, runner_up: dict) -> str:
+    if (keeper["width"] or 0) * (keeper["height"] or 0) != (runner_up["width"] or 0) * (runner_up["height"] or 0):
+        return f"highest resolution ({keeper['width']}x{keeper['height']})"
+    keeper_lossless = (keeper["format"] or "").upper() in LOSSLESS_FORMATS
+    if keeper_lossless != ((runner_up["format"] or "").upper() in LOSSLESS_FORMATS):
+        return f"lossless {keeper['format']} over lossy {runner_up['format']}"
+    if keeper["bytes"] != runner_up["bytes"]:
+        return f"larger file ({keeper['bytes']:,} bytes)"
+    return "first in path order"
+
+
+def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Recompute duplicate groups, keepers and 'dedup' exclusions from every pair method and keeper choice."""
+    members = con.sql(
+        """
+        SELECT i.image_id, i.width, i.height, i.format, i.bytes, min(p.seq) AS first_seq
+        FROM images i JOIN paths p USING (image_id)
+        WHERE i.status = 'ok' AND NOT p.missing
+          AND i.image_id IN (SELECT image_a FROM duplicate_pairs UNION SELECT image_b FROM duplicate_pairs)
+        GROUP BY ALL
+        """
+    ).pl()
+    pairs = con.sql("SELECT image_a, image_b, method, distance FROM duplicate_pairs").pl()
+    chosen = {row[0] for row in con.execute("SELECT image_id FROM keeper_choice").fetchall()}
+    position = {image_id: k for k, image_id in enumerate(members["image_id"].to_list())}
+    info = members.to_dicts()
+    union = _UnionFind(len(info))
+    usable = []
+    for a, b, method, distance in pairs.iter_rows():
+        if a in position and b in position:
+            union.union(position[a], position[b])
+            usable.append((a, b, method, distance))
+    groups: dict[int, list[dict]] = {}
+    for k, member in enumerate(info):
+        groups.setdefault(union.find(k), []).append(member)
+    rows, exclusions = [], []
+    ordered = sorted(groups.values(), key=lambda g: min(m["first_seq"] for m in g))
+    best_edge: dict[tuple[str, str], tuple[str, float]] = {}
+    for a, b, method, distance in usable:
+        for key in ((a, b), (b, a)):
+            best_edge.setdefault(key, (method, distance))
+    for group_number, group in enumerate(ordered, start=1):
+        ranked = sorted(group, key=keep_order_key)
+        picked = [m for m in ranked if m["image_id"] in chosen]
+        keeper = picked[0] if picked else ranked[0]
+        if picked:
+            reason = "chosen by hand"
+        else:
+            reason = _keep_reason(keeper, ranked[1])
+        for member in group:
+            is_keeper = member is keeper
+            edge = best_edge.get((member["image_id"], keeper["image_id"]))
+            if edge is None:  # joined through another member: report its closest edge
+                candidates = [v for (x, _), v in best_edge.items() if x == member["image_id"]]
+                edge = min(candidates, key=lambda v: (v[0] != "phash", v[1])) if candidates else ("phash", None)
+            rows.append(
+                {
+                    "image_id": member["image_id"],
+                    "group_id": group_number,
+                    "keeper_id": keeper["image_id"],
+                    "is_keeper": is_keeper,
+                    "method": edge[0] if not is_keeper else "keeper",
+                    "distance": None if is_keeper else edge[1],
+                    "keep_reason": reason if is_keeper else None,
+                }
+            )
+            if not is_keeper:
+                exclusions.append({"image_id": member["image_id"], "reason": f"duplicate of {keeper['image_id']}"})
+    frame = pl.DataFrame(
+        rows,
+        schema={"image_id": pl.String, "group_id": pl.Int64, "keeper_id": pl.String, "is_keeper": pl.Boolean,
+                "method": pl.String, "distance": pl.Float64, "keep_reason": pl.String},
+    )
+    excluded = pl.DataFrame(exclusions, schema={"image_id": pl.String, "reason": pl.String})
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM duplicates")
+        con.execute("DELETE FROM exclusions WHERE step = 'dedup'")
+        con.register("new_duplicates", frame)
+        con.register("new_exclusions", excluded)
+        con.execute("INSERT INTO duplicates SELECT * FROM new_duplicates")
+        con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT image_id, 'dedup', reason FROM new_exclusions")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister("new_duplicates")
+        con.unregister("new_exclusions")
+    return {"groups": len(ordered), "images_in_groups": len(rows), "excluded_as_duplicates": len(exclusions)}
+
+
+def replace_pairs(con: duckdb.DuckDBPyConnection, method: str, pairs: pl.DataFrame) -> None:
+    """Replace every stored pair of `method` with `pairs` (columns image_a, image_b, distance; a < b)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM duplicate_pairs WHERE method = ?", [method])
+        if pairs.height:
+            con.register("new_pairs", pairs)
+            con.execute(
+                "INSERT INTO duplicate_pairs SELECT least(image_a, image_b), greatest(image_a, image_b), ?, distance "
+                "FROM new_pairs",
+                [method],
+            )
+            con.unregister("new_pairs")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, int]:
+    """Make `image_id` the kept member of its group (a hand choice beats the policy) and regroup."""
+    group = con.execute("SELECT group_id FROM duplicates WHERE image_id = ?", [image_id]).fetchall()
+    if not group:
+        raise ValueError(f"{image_id} is not in a duplicate group.")
+    con.execute(
+        "DELETE FROM keeper_choice WHERE image_id IN (SELECT image_id FROM duplicates WHERE group_id = ?)",
+        [group[0][0]],
+    )
+    con.execute("INSERT INTO keeper_choice VALUES (?)", [image_id])
+    return regroup_duplicates(con)
+
+
+def duplicate_groups(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    threshold: int = DEFAULT_THRESHOLD,
+    progress: ProgressHook = null_progress,
+) -> dict[str, int]:
+    """Find near-duplicate pairs by pHash, group them with any other method's pairs, and exclude all but keepers."""
+    if not 0 <= threshold <= 32:
+        raise ValueError("threshold must be between 0 and 32 bits")
+    with record_run(con, "dedup", {"threshold": threshold}) as run:
+        exact = con.execute(
+            """
+            SELECT count(*), coalesce(sum(n - 1), 0) FROM (
+                SELECT image_id, count(*) AS n FROM paths WHERE NOT missing GROUP BY image_id HAVING n > 1)
+            """
+        ).fetchall()[0]
+        frame = con.sql(
+            """
+            SELECT h.image_id, h.phash FROM hashes h JOIN images i USING (image_id)
+            WHERE i.status = 'ok' AND i.role = 'instance'
+              AND EXISTS (SELECT 1 FROM paths p WHERE p.image_id = h.image_id AND NOT p.missing)
+            ORDER BY h.image_id
+            """
+        ).pl()
+        ids = frame["image_id"].to_numpy()
+        hashes = frame["phash"].to_numpy().astype(np.uint64)
+        # Search unique hash values only: identical hashes are distance 0 by construction.
+        unique, inverse = np.unique(hashes, return_inverse=True)
+        ui, uj, ud = hamming_pairs(unique, threshold, progress)
+        # Edges only need to connect each group (a star per hash value, one edge per close pair of
+        # values), so many images sharing one hash never blow up into k² rows.
+        first_of = np.full(len(unique), -1, dtype=np.int64)
+        for row in range(len(inverse) - 1, -1, -1):
+            first_of[inverse[row]] = row
+        same_rows = np.nonzero(first_of[inverse] != np.arange(len(inverse)))[0]
+        left = np.concatenate([ids[first_of[inverse[same_rows]]], ids[first_of[ui]]]) if len(ids) else np.array([], dtype=object)
+        right = np.concatenate([ids[same_rows], ids[first_of[uj]]]) if len(ids) else np.array([], dtype=object)
+        dist = np.concatenate([np.zeros(len(same_rows)), ud.astype(np.float64)])
+        pairs = pl.DataFrame({"image_a": left.tolist(), "image_b": right.tolist(), "distance": dist.tolist()},
+                             schema={"image_a": pl.String, "image_b": pl.String, "distance": pl.Float64})
+        replace_pairs(con, "phash", pairs)
+        counts = regroup_duplicates(con)
+        counts = {
+            "images_compared": len(ids),
+            "contents_at_several_paths": int(exact[0]),
+            "extra_identical_files": int(exact[1]),
+            "near_duplicate_pairs": pairs.height,
+            **counts,
+        }
+        run.counts.update(counts)
+    return counts

@@ -1,0 +1,539 @@
+"""Ingest: walk folders, hash and measure every image in parallel, record it in the catalog."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import stat
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+SIDECAR_EXTENSIONS = (b".txt", b".caption")
+IMAGE_EXTENSIONS = {
+    b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".bmp", b".dib", b".gif",
+    b".tif", b".tiff",
+}
+# Leading bytes of the formats we read; a file with one of these is an image whatever its name.
+MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x its warning level)
+STATS_SIDE = 128  # quality statistics and hashes come from one decode at about this size
+CHUNK = 32  # files per task sent to a worker process
+BATCH = 2048  # rows per catalog transaction
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format the leading bytes announce, or None."""
+    for magic, name in MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+@dataclass
+class IngestSummary:
+    """What one ingest run found and did."""
+
+    files_seen: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    errors: int = 0
+    marked_missing: int = 0
+    reappeared: int = 0
+    sidecar_captions: int = 0
+    skipped_not_images: int = 0
+    directory_cycles_skipped: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if k != "errors_by_reason"}
+
+
+# --- reading one file (runs in worker processes) ------------------------------
+
+_ORIENTATION_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # EXIF value -> Image.Transpose
+
+
+def _error_row(path_bytes: bytes, reason: str, data: bytes | None) -> dict:
+    if data is None:
+        image_id = hashlib.sha256(b"unreadable:" + path_bytes).hexdigest()
+    else:
+        image_id = hashlib.sha256(data).hexdigest()
+    return {"image_id": image_id, "status": "error", "error": reason, "bytes": None if data is None else len(data)}
+
+
+def _to_small_rgb(img, side: int):
+    """Decode once, small: JPEG uses draft() (DCT scaling); others decode fully then shrink."""
+    from PIL import Image
+
+    if img.format == "JPEG":
+        img.draft("RGB", (side, side))
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and float images: scale to 8 bits by their range instead of clipping.
+        array = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        img = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    elif mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        # Composite transparency over white so transparent areas hash the same way each time.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    img = img.convert("RGB")
+    img.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=None)
+    return img
+
+
+def _quality(rgb) -> dict:
+    array = np.asarray(rgb, dtype=np.float32)
+    gray = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    laplacian = (
+        gray[1:-1, 2:] + gray[1:-1, :-2] + gray[2:, 1:-1] + gray[:-2, 1:-1] - 4.0 * gray[1:-1, 1:-1]
+    )
+    histogram = np.bincount(gray.astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = histogram[histogram > 0] / histogram.sum()
+    chroma = np.abs(array[..., 0] - array[..., 1]).mean() + np.abs(array[..., 1] - array[..., 2]).mean()
+    return {
+        "brightness": float(gray.mean()),
+        "contrast": float(gray.std()),
+        "blur": float(laplacian.var()) if laplacian.size else 0.0,
+        "entropy": float(-(p * np.log2(p)).sum()),
+        "is_grayscale": bool(chroma < 2.0),
+    }
+
+
+def _hashes(rgb) -> tuple[int, int]:
+    import imagehash
+
+    gray = rgb.convert("L")
+    phash = int(str(imagehash.phash(gray)), 16)
+    dhash = int(str(imagehash.dhash(gray)), 16)
+    return phash, dhash
+
+
+def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Hash, measure and fingerprint one file; never raises for bad input (returns an error row)."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # we apply our own cap below, before decoding
+    try:
+        with open(path_bytes, "rb") as handle:
+            data = handle.read()
+    except PermissionError:
+        return _error_row(path_bytes, "permission denied: the file cannot be read", None)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return _error_row(path_bytes, "symbolic link loop: the link never reaches a file", None)
+        if error.errno == errno.ENOENT:
+            return _error_row(path_bytes, "broken symbolic link or file vanished while reading", None)
+        if error.errno == errno.EISDIR:
+            return _error_row(path_bytes, "is a folder, not a file", None)
+        return _error_row(path_bytes, f"cannot read the file: {error.strerror}", None)
+    if not data:
+        return _error_row(path_bytes, "empty file (0 bytes)", data)
+    sniffed = sniff_format(data[:16])
+    if sniffed is None:
+        kind = "text" if _looks_like_text(data[:1024]) else "unknown binary data"
+        return _error_row(path_bytes, f"not an image: the content is {kind}", data)
+    row = _error_row(path_bytes, "", data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                row["error"] = (
+                    f"{width}x{height} = {width * height:,} pixels is over the {max_pixels:,}-pixel cap "
+                    "(possible decompression bomb); raise --max-pixels to read it"
+                )
+                row.update(width=width, height=height, format=img.format, mode=img.mode)
+                return row
+            orientation = 1
+            try:
+                orientation = int(img.getexif().get(0x0112, 1) or 1)
+            except Exception:  # corrupt EXIF should not hide a good image
+                orientation = 1
+            fmt, mode = img.format, img.mode
+            n_frames = int(getattr(img, "n_frames", 1) or 1)
+            small = _to_small_rgb(img, STATS_SIDE)
+            if orientation in _ORIENTATION_TRANSPOSE:
+                small = small.transpose(Image.Transpose(_ORIENTATION_TRANSPOSE[orientation]))
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+    except UnidentifiedImageError:
+        row["error"] = f"not a readable image: {sniffed} signature but Pillow cannot identify it"
+        return row
+    except Image.DecompressionBombError as error:
+        row["error"] = f"decompression bomb: {error}"
+        return row
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError) as error:
+        message = str(error) or error.__class__.__name__
+        if "truncated" in message:
+            row["error"] = f"truncated image: {message}"
+        else:
+            row["error"] = f"corrupt image data: {message}"
+        row.update(format=sniffed)
+        return row
+    phash, dhash = _hashes(small)
+    row.update(
+        status="ok",
+        error=None,
+        width=width,
+        height=height,
+        format=fmt,
+        mode=mode,
+        n_frames=n_frames,
+        exif_orientation=orientation,
+        phash=phash,
+        dhash=dhash,
+        **_quality(small),
+    )
+    return row
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _read_chunk(chunk: list[bytes], max_pixels: int) -> list[dict]:
+    return [read_image_file(p, max_pixels) for p in chunk]
+
+
+# --- walking ---------------------------------------------------------------------
+
+
+@dataclass
+class FileEntry:
+    path_bytes: bytes
+    size: int | None
+    mtime_ns: int | None
+    sidecar: bytes | None  # path of the caption sidecar beside it, if any
+    sidecar_mtime_ns: int | None
+
+
+def _walk(roots: Sequence[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
+    """Yield candidate image files under `roots`, following links but never looping."""
+    visited: set[tuple[int, int]] = set()
+
+    def entries_of(folder: bytes) -> Iterator[FileEntry]:
+        try:
+            info = os.stat(folder)
+        except OSError:
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in visited:
+            summary.directory_cycles_skipped += 1
+            return
+        visited.add(key)
+        try:
+            with os.scandir(folder) as scan:
+                items = sorted(scan, key=lambda e: e.name)
+        except OSError:
+            return
+        names = {e.name for e in items}
+        subfolders = []
+        for item in items:
+            try:
+                is_dir = item.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subfolders.append(item.path)
+                continue
+            yield from _candidate(item.path, item.name, names)
+        for sub in subfolders:
+            yield from entries_of(sub)
+
+    for root in roots:
+        if os.path.isdir(root):
+            yield from entries_of(root)
+        else:
+            folder, name = os.path.split(root)
+            siblings = set(os.listdir(folder or b"."))
+            yield from _candidate(root, name, siblings)
+
+
+def _candidate(path: bytes, name: bytes, siblings: set[bytes]) -> Iterator[FileEntry]:
+    stem, ext = os.path.splitext(name)
+    ext = ext.lower()
+    if ext in SIDECAR_EXTENSIONS:
+        return
+    try:
+        info = os.stat(path)
+    except OSError:
+        # Broken link or link loop: keep a row only when it claims to be an image.
+        if ext in IMAGE_EXTENSIONS:
+            yield FileEntry(path, None, None, None, None)
+        return
+    if not stat.S_ISREG(info.st_mode):
+        return
+    if ext not in IMAGE_EXTENSIONS:
+        # Sniff content, not names: an image under a wrong extension still counts.
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(16)
+        except OSError:
+            return
+        if sniff_format(head) is None:
+            return
+    sidecar = sidecar_mtime = None
+    for sidecar_ext in SIDECAR_EXTENSIONS:
+        candidate = stem + sidecar_ext
+        if candidate in siblings:
+            sidecar = os.path.join(os.path.dirname(path), candidate)
+            try:
+                sidecar_mtime = os.stat(sidecar).st_mtime_ns
+            except OSError:
+                sidecar = None
+                continue
+            break
+    yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime)
+
+
+def display_path(path_bytes: bytes) -> str:
+    """A printable path: undecodable bytes become \\xNN escapes."""
+    return path_bytes.decode("utf-8", errors="backslashreplace")
+
+
+def _read_sidecar(path: bytes) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+# --- writing to the catalog ---------------------------------------------------------
+
+_IMAGE_COLUMNS = [
+    ("image_id", pa.string()), ("bytes", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+    ("format", pa.string()), ("mode", pa.string()), ("n_frames", pa.int32()), ("exif_orientation", pa.int32()),
+    ("status", pa.string()), ("error", pa.string()), ("brightness", pa.float64()), ("contrast", pa.float64()),
+    ("blur", pa.float64()), ("entropy", pa.float64()), ("is_grayscale", pa.bool_()),
+    ("phash", pa.uint64()), ("dhash", pa.uint64()),
+    ("path", pa.string()), ("path_bytes", pa.binary()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+    ("sidecar_mtime_ns", pa.int64()), ("caption", pa.string()),
+]
+_IMAGE_SCHEMA = pa.schema(_IMAGE_COLUMNS)
+
+
+def _write_batch(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+    """Upsert one batch of images, hashes, paths and sidecar captions in a single transaction."""
+    if not rows:
+        return
+    table = pa.Table.from_pylist(rows, schema=_IMAGE_SCHEMA)
+    con.register("ingest_batch", table)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(
+            """
+            INSERT INTO images (image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
+                                status, error, brightness, contrast, blur, entropy, is_grayscale)
+            SELECT DISTINCT ON (image_id) image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
+                   status, error, brightness, contrast, blur, entropy, is_grayscale
+            FROM ingest_batch
+            ON CONFLICT (image_id) DO UPDATE SET
+                bytes = excluded.bytes, width = excluded.width, height = excluded.height,
+                format = excluded.format, mode = excluded.mode, n_frames = excluded.n_frames,
+                exif_orientation = excluded.exif_orientation, status = excluded.status,
+                error = excluded.error, brightness = excluded.brightness, contrast = excluded.contrast,
+                blur = excluded.blur, entropy = excluded.entropy, is_grayscale = excluded.is_grayscale,
+                updated_at = now()
+            """
+        )
+        con.execute(
+            """
+            INSERT INTO hashes
+            SELECT DISTINCT ON (image_id) image_id, phash, dhash FROM ingest_batch WHERE phash IS NOT NULL
+            ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash
+            """
+        )
+        con.execute(
+            """
+            INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, seq, missing)
+            SELECT path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, nextval('path_seq'), false
+            FROM ingest_batch
+            ON CONFLICT (path) DO UPDATE SET
+                image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                sidecar_mtime_ns = excluded.sidecar_mtime_ns, missing = false, last_seen = now()
+            """
+        )
+        con.execute(
+            """
+            INSERT INTO captions (image_id, source, text)
+            SELECT DISTINCT ON (image_id) image_id, 'sidecar', caption FROM ingest_batch WHERE caption IS NOT NULL
+            ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()
+            """
+        )
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister("ingest_batch")
+
+
+def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
+    rows = con.execute("SELECT path_bytes, size, mtime_ns, sidecar_mtime_ns, missing FROM paths").fetchall()
+    return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def _under(path: bytes, roots: Sequence[bytes]) -> bool:
+    for root in roots:
+        if path == root or path.startswith(root.rstrip(b"/") + b"/"):
+            return True
+    return False
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def ingested_images(
+    con: duckdb.DuckDBPyConnection,
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressHook = null_progress,
+) -> IngestSummary:
+    """Walk `paths`, read new and changed files in parallel, and record every image in the catalog."""
+    roots = [os.path.abspath(os.fsencode(p)) for p in paths]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    summary = IngestSummary()
+    params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
+    with record_run(con, "ingest", params) as run:
+        progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
+        known = _known_paths(con)
+        seen: set[bytes] = set()
+        to_read: list[FileEntry] = []
+        sidecar_only: list[FileEntry] = []
+        for entry in _walk(roots, summary):
+            if entry.path_bytes in seen:
+                continue
+            seen.add(entry.path_bytes)
+            summary.files_seen += 1
+            previous = known.get(entry.path_bytes)
+            if previous is None:
+                summary.new += 1
+                to_read.append(entry)
+            elif entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns):
+                summary.changed += 1
+                to_read.append(entry)
+            elif previous[3]:  # unchanged bytes, but it was marked missing: it came back
+                summary.reappeared += 1
+                to_read.append(entry)
+            elif previous[2] != entry.sidecar_mtime_ns:
+                sidecar_only.append(entry)
+                summary.unchanged += 1
+            else:
+                summary.unchanged += 1
+        run.counts["files_seen"] = summary.files_seen
+        _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress)
+        _refresh_sidecars(con, sidecar_only, summary)
+        vanished = [p for p, meta in known.items() if not meta[3] and p not in seen and _under(p, roots)]
+        if vanished:
+            con.execute("BEGIN TRANSACTION")
+            con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
+            con.execute("COMMIT")
+        summary.marked_missing = len(vanished)
+        run.counts.update(summary.as_dict())
+    return summary
+
+
+def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary, progress: ProgressHook) -> None:
+    total = len(to_read)
+    progress(task="ingest", completed=0, total=total)
+    if not total:
+        return
+    entries = {e.path_bytes: e for e in to_read}
+    reasons: Counter[str] = Counter()
+    pending: list[dict] = []
+    done = 0
+
+    def collect(results: list[dict], chunk: list[bytes]) -> None:
+        nonlocal done
+        for path_bytes, result in zip(chunk, results):
+            entry = entries[path_bytes]
+            if result["status"] == "error":
+                summary.errors += 1
+                reasons[result["error"].split(":")[0]] += 1
+            caption = _read_sidecar(entry.sidecar) if entry.sidecar and result["status"] == "ok" else None
+            if caption:
+                summary.sidecar_captions += 1
+            result.update(
+                path=display_path(path_bytes),
+                path_bytes=path_bytes,
+                size=entry.size,
+                mtime_ns=entry.mtime_ns,
+                sidecar_mtime_ns=entry.sidecar_mtime_ns,
+                caption=caption,
+            )
+            pending.append(result)
+        done += len(chunk)
+        if len(pending) >= BATCH:
+            _write_batch(con, pending)
+            pending.clear()
+        progress(task="ingest", completed=done, total=total)
+
+    chunks = list(_chunks([e.path_bytes for e in to_read], CHUNK))
+    if workers <= 1:
+        for chunk in chunks:
+            collect(_read_chunk(chunk, max_pixels), chunk)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for chunk, results in zip(chunks, pool.map(_read_chunk, chunks, [max_pixels] * len(chunks))):
+                collect(results, chunk)
+    _write_batch(con, pending)
+    summary.errors_by_reason = dict(reasons.most_common())
+
+
+def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary) -> None:
+    """Re-read caption sidecars that changed beside unchanged images."""
+    for entry in entries:
+        image_id = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [entry.path_bytes]).fetchall()[0][0]
+        caption = _read_sidecar(entry.sidecar) if entry.sidecar else None
+        con.execute("BEGIN TRANSACTION")
+        if caption:
+            con.execute(
+                "INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', ?) "
+                "ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()",
+                [image_id, caption],
+            )
+            summary.sidecar_captions += 1
+        else:
+            con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
+        con.execute("UPDATE paths SET sidecar_mtime_ns = ? WHERE path_bytes = ?", [entry.sidecar_mtime_ns, entry.path_bytes])
+        con.execute("COMMIT")
