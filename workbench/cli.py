@@ -204,7 +204,7 @@ def models_list() -> None:
 
     table = Table(title="model presets")
     for column in ("preset", "component", "source", "local"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in describe_presets():
         table.add_row(row["preset"], row["component"], row["source"], row["path"] or "[dim]not downloaded[/]")
     console.print(table)

@@ -1,0 +1,164 @@
+"""The model presets: tiny models build offline, reload deterministically and run; missing weights fail clearly."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from workbench import models
+from workbench.cli import app
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_components_are_built_once_in_standard_formats(workbench_home):
+    sd = models.component_path("tiny", "sd")
+    blip = models.component_path("tiny", "blip")
+    clip = models.component_path("tiny", "clip")
+    assert sd.startswith(str(workbench_home / "models" / "tiny"))
+    assert os.path.isfile(os.path.join(sd, "model_index.json"))
+    assert os.path.isfile(os.path.join(sd, "unet", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(os.path.join(sd, "tokenizer", "vocab.json"))
+    assert os.path.isfile(os.path.join(blip, "config.json"))
+    assert os.path.isfile(os.path.join(clip, "open_clip_config.json"))
+    mtime = os.stat(os.path.join(sd, "model_index.json")).st_mtime_ns
+    assert models.component_path("tiny", "sd") == sd
+    assert os.stat(os.path.join(sd, "model_index.json")).st_mtime_ns == mtime  # not rebuilt
+
+
+def test_tiny_models_reload_with_identical_weights():
+    _, blip_a = models.load_blip("tiny", device="cpu")
+    _, blip_b = models.load_blip("tiny", device="cpu")
+    assert _same_weights(_state(blip_a), _state(blip_b))
+    clip_a = models.load_clip("tiny", device="cpu")
+    clip_b = models.load_clip("tiny", device="cpu")
+    assert _same_weights(_state(clip_a.model), _state(clip_b.model))
+    assert clip_a.embed_dim == 32
+
+
+def test_tiny_build_is_reproducible_from_the_seed(tmp_path, monkeypatch):
+    first = _state(models.load_clip("tiny", device="cpu").model)
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "other_home"))
+    rebuilt = _state(models.load_clip("tiny", device="cpu").model)
+    assert models.component_path("tiny", "clip").startswith(str(tmp_path / "other_home"))
+    assert _same_weights(first, rebuilt)
+
+
+def _build_clip_in(home: str, queue) -> None:
+    os.environ["WORKBENCH_HOME"] = home
+    queue.put(models.component_path("tiny", "clip"))
+
+
+def test_two_processes_building_at_once_share_one_folder(tmp_path):
+    home = str(tmp_path / "race_home")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_build_clip_in, args=(home, queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    paths = {queue.get(timeout=5), queue.get(timeout=5)}
+    assert len(paths) == 1
+    leftovers = [p for p in os.listdir(os.path.join(home, "models", "tiny")) if not p.endswith(".lock")]
+    assert leftovers == ["clip"]
+
+
+def test_tiny_blip_captions_and_clip_embeds():
+    from PIL import Image
+
+    processor, blip = models.load_blip("tiny", device="cpu")
+    inputs = processor(images=[Image.new("RGB", (48, 40), "red")], return_tensors="pt")
+    with torch.inference_mode():
+        tokens = blip.generate(**inputs, max_length=12)
+    text = processor.batch_decode(tokens, skip_special_tokens=True)[0]
+    assert text.strip() and "[DEC]" not in text
+
+    bundle = models.load_clip("tiny", device="cpu")
+    image = bundle.preprocess(Image.new("RGB", (80, 60), "blue")).unsqueeze(0)
+    with torch.inference_mode():
+        assert bundle.model.encode_image(image).shape == (1, bundle.embed_dim)
+        assert bundle.model.encode_text(bundle.tokenizer(["a blue square"])).shape == (1, bundle.embed_dim)
+
+
+def test_tiny_pipeline_generates_an_image():
+    pipe = models.load_sd_pipeline("tiny", device="cpu")
+    assert pipe.safety_checker is None
+    result = pipe("a photo of a dog", num_inference_steps=2, height=64, width=64,
+                  generator=torch.Generator().manual_seed(0))
+    image = result.images[0]
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 0  # not a blank frame
+
+
+def test_sd_components_for_training_have_sd_shapes():
+    parts = models.load_sd_components("tiny", device="cpu")
+    assert type(parts.noise_scheduler).__name__ == "DDPMScheduler"
+    ids = parts.tokenizer("a photo of a dog", padding="max_length", max_length=parts.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and ids[0, 0].item() == 49406  # CLIP's <|startoftext|>
+    with torch.inference_mode():
+        latents = parts.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.sample()
+        hidden = parts.text_encoder(ids)[0]
+        noise = parts.unet(latents, torch.tensor([10]), encoder_hidden_states=hidden).sample
+    assert latents.shape == (1, 4, 8, 8)
+    assert hidden.shape[-1] == parts.unet.config.cross_attention_dim == 32
+    assert noise.shape == latents.shape
+    assert 1_000_000 <= sum(p.numel() for p in parts.unet.parameters()) <= 2_000_000
+
+
+@pytest.mark.parametrize("loader", [models.load_blip, models.load_clip, models.load_sd_pipeline])
+def test_missing_weights_say_which_model_and_how_to_fetch_it(loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    with pytest.raises(models.ModelNotAvailableError) as caught:
+        loader("sd15", device="cpu")
+    message = str(caught.value)
+    assert "hf download" in message and "HF_HUB_OFFLINE" in message
+    assert any(part in message for part in ("blip-image-captioning-base", "ViT-B-32", "stable-diffusion-v1-5"))
+
+
+def test_missing_local_file_is_named():
+    with pytest.raises(models.ModelNotAvailableError, match="No such model file"):
+        models.load_sd_pipeline("./nowhere/model.safetensors", device="cpu")
+
+
+def test_device_and_dtype_errors_are_clear():
+    assert models.resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(models.ModelError, match="fp16 needs a GPU"):
+        models.resolve_dtype("fp16", "cpu")
+    with pytest.raises(models.ModelError, match="Unknown dtype"):
+        models.resolve_dtype("int3", "cpu")
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(models.ModelError, match="Unknown device|Unsupported device"):
+        models.resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(models.ModelError, match="no CUDA GPU"):
+            models.resolve_device("cuda")
+
+
+def test_cli_models_list_and_path(monkeypatch, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "path", "tiny", "--component", "blip"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == models.component_path("tiny", "blip")
+    listing = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    assert "sd15-large" in listing.output and "Salesforce/blip-image-captioning-base" in listing.output
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    missing = runner.invoke(app, ["models", "path", "sd15", "--component", "sd"])
+    assert missing.exit_code == 2
+    assert "stable-diffusion-v1-5" in missing.output and "Traceback" not in missing.output
