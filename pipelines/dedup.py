@@ -32,7 +32,7 @@ def _popcount(values: np.ndarray) -> np.ndarray:
 
 def _block_layout(threshold: int) -> tuple[list[tuple[int, int]], int]:
     """Blocks (shift, bits) and the per-block radius r, chosen so each probe stays cheap (r <= 2)."""
-    blocks = max(1, math.ceil((threshold + 1) / 3))
+    blocks = max(3, math.ceil((threshold + 1) / 3))  # at least 3, so a block table has at most 2^22 entries
     radius = threshold // blocks
     widths = [64 // blocks + (1 if i < 64 % blocks else 0) for i in range(blocks)]
     layout, shift = [], 0

@@ -85,7 +85,7 @@ def connect(
             break
         except duckdb.IOException as error:
             if "lock" not in str(error).lower():
-                raise CatalogError(f"Cannot open catalog {path}: {error}") from error
+                raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
             if time.monotonic() >= deadline:
                 raise CatalogLockedError(_lock_message(path, error)) from error
             time.sleep(0.25)

@@ -1,0 +1,97 @@
+"""Catalog: migrations, bad catalog files, the lock message, the friendly views."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from workbench import catalog
+from workbench.catalog import CatalogError, CatalogLockedError, connect
+
+
+def test_migrations_are_recorded_once(catalog_path):
+    con = connect(catalog_path)
+    versions = [r[0] for r in con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()]
+    assert versions[0] == 1 and versions == sorted(set(versions))
+    con.close()
+    con = connect(catalog_path)
+    assert [r[0] for r in con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()] == versions
+    assert catalog.migrate(con) == []
+
+
+def test_catalog_from_a_newer_workbench_is_refused(catalog_path):
+    con = connect(catalog_path)
+    con.execute("INSERT INTO schema_migrations (version, name) VALUES (999, 'm999_future.sql')")
+    con.close()
+    with pytest.raises(CatalogError, match="newer workbench"):
+        connect(catalog_path)
+
+
+def test_not_a_catalog(tmp_path):
+    junk = tmp_path / "junk.duckdb"
+    junk.write_text("hello, not a database")
+    with pytest.raises(CatalogError, match="not a readable workbench catalog"):
+        connect(junk)
+    with pytest.raises(CatalogError, match="No catalog"):
+        connect(tmp_path / "absent.duckdb", read_only=True)
+
+
+def test_lock_held_by_another_process_names_it(catalog_path):
+    connect(catalog_path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(catalog_path)!r}); print('ready', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(CatalogLockedError) as info:
+            connect(catalog_path, wait_seconds=0.3)
+        assert f"process {holder.pid}" in str(info.value)
+        assert "retry" in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_record_run_marks_failures(con):
+    with pytest.raises(RuntimeError):
+        with catalog.record_run(con, "demo", {"x": 1}) as run:
+            run.counts["done"] = 3
+            raise RuntimeError("boom")
+    status, error, counts = con.execute("SELECT status, error, counts FROM runs").fetchall()[0]
+    assert status == "failed" and "boom" in error and '"done": 3' in counts
+
+
+@pytest.mark.parametrize(
+    "sql, read_only",
+    [
+        ("SELECT 1", True),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", True),
+        ("DESCRIBE images", True),
+        ("FROM dataset LIMIT 3", True),
+        ("INSERT INTO exclusions VALUES ('a', 'manual', 'x', now())", False),
+        ("SELECT 1; DROP TABLE images", False),
+        ("COPY images TO 'x.csv'", False),
+        ("ATTACH 'other.duckdb'", False),
+        ("UPDATE images SET width = 1", False),
+    ],
+)
+def test_read_only_sql_detection(sql, read_only):
+    assert catalog.is_read_only_sql(sql) is read_only
+
+
+def test_caption_rule_prefers_choice_then_manual_then_sidecar_then_newest_model(con):
+    con.execute("INSERT INTO images (image_id, status) VALUES ('a', 'ok')")
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES ('/x/a.jpg', '/x/a.jpg'::BLOB, 'a', 1)")
+    con.execute("INSERT INTO captions VALUES ('a', 'model:tiny', 'model text', '2026-01-01')")
+    assert con.execute("SELECT caption_source FROM images_view").fetchall() == [("model:tiny",)]
+    con.execute("INSERT INTO captions VALUES ('a', 'sidecar', 'sidecar text', '2025-01-01')")
+    assert con.execute("SELECT caption_source FROM images_view").fetchall() == [("sidecar",)]
+    con.execute("INSERT INTO captions VALUES ('a', 'manual', 'manual text', '2024-01-01')")
+    assert con.execute("SELECT caption FROM images_view").fetchall() == [("manual text",)]
+    con.execute("INSERT INTO caption_choice VALUES ('a', 'model:tiny')")
+    assert con.execute("SELECT caption FROM images_view").fetchall() == [("model text",)]

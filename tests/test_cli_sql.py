@@ -1,0 +1,102 @@
+"""`workbench sql`: read-only by default, machine-readable formats, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+from typer.testing import CliRunner
+
+from workbench.cli import app
+
+runner = CliRunner()
+
+
+def seeded_catalog(path):
+    from workbench.catalog import connect
+
+    con = connect(path)
+    con.execute("INSERT INTO images (image_id, status, width, height) VALUES ('a', 'ok', 10, 20), ('b', 'error', NULL, NULL)")
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES ('/p/a.jpg', '/p/a.jpg'::BLOB, 'a', 1), ('/p/b.jpg', '/p/b.jpg'::BLOB, 'b', 2)")
+    con.close()
+
+
+def test_json_is_an_array_of_row_objects(catalog_path):
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "SELECT image_id, width, paths FROM images_view ORDER BY image_id", "--format", "json", "--catalog", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows == [{"image_id": "a", "width": 10, "paths": ["/p/a.jpg"]}, {"image_id": "b", "width": None, "paths": ["/p/b.jpg"]}]
+
+
+def test_csv_and_parquet(catalog_path, tmp_path):
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "SELECT image_id, status FROM images_view ORDER BY 1", "-f", "csv", "-c", str(catalog_path)])
+    assert result.stdout.splitlines() == ["image_id,status", "a,ok", "b,error"]
+    out = tmp_path / "rows.parquet"
+    result = runner.invoke(app, ["sql", "SELECT * FROM dataset", "-f", "parquet", "-o", str(out), "-c", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(out)["image_id"].to_list() == ["a"]
+
+
+def test_writes_are_refused_without_write(catalog_path):
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "DELETE FROM images", "-c", str(catalog_path)])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "read-only by default" in message and "--write" in message
+    count = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "json", "-c", str(catalog_path)])
+    assert json.loads(count.stdout) == [{"n": 2}]
+    result = runner.invoke(app, ["sql", "DELETE FROM images WHERE image_id = 'b'", "--write", "-c", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    count = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "json", "-c", str(catalog_path)])
+    assert json.loads(count.stdout) == [{"n": 1}]
+
+
+def test_sql_errors_are_messages_not_tracebacks(catalog_path):
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "SELECT nope FROM images", "-c", str(catalog_path)])
+    assert result.exit_code == 2 and "SQL error" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["sql", "SELECT 1", "-c", str(catalog_path.parent / "absent.duckdb")])
+    assert result.exit_code == 2 and "No catalog" in result.output
+
+
+def test_catalog_from_environment(catalog_path, monkeypatch):
+    seeded_catalog(catalog_path)
+    monkeypatch.setenv("WORKBENCH_CATALOG", str(catalog_path))
+    result = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM dataset", "-f", "json"])
+    assert json.loads(result.stdout) == [{"n": 1}]
+
+
+def test_ingest_cli_summary_and_usage_errors(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"")
+    catalog_path = tmp_path / "c.duckdb"
+    result = runner.invoke(app, ["ingest", str(folder), "-c", str(catalog_path), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "empty file" in result.output and "files seen" in result.output
+    result = runner.invoke(app, ["ingest", str(tmp_path / "nope"), "-c", str(catalog_path)])
+    assert result.exit_code == 2 and "No such file or folder" in result.output
+
+
+def test_every_command_help_has_an_example():
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+
+    def walk(command, prefix):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from walk(sub, prefix + [name])
+        else:
+            yield prefix, command
+
+    for path, command in walk(group, []):
+        result = runner.invoke(app, path + ["--help"])
+        assert result.exit_code == 0, path
+        assert "Example" in result.output, f"`workbench {' '.join(path)} --help` has no example"

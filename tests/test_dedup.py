@@ -1,0 +1,102 @@
+"""Dedup: the multi-index search finds exactly the brute-force pairs; the keep policy; regrouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.dedup import brute_force_pairs, choose_keeper, duplicate_groups, hamming_pairs, keep_order_key
+
+
+def planted_hashes(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + rng.integers(0, 2, size=n).astype(np.uint64)
+    # Plant near duplicates at every distance 0..12 and clusters sharing a prefix (skewed buckets).
+    for k in range(0, n // 4):
+        source = hashes[rng.integers(0, n)]
+        flips = rng.choice(64, size=k % 13, replace=False)
+        value = int(source)
+        for bit in flips:
+            value ^= 1 << int(bit)
+        hashes[rng.integers(0, n)] = np.uint64(value)
+    hashes[: n // 20] &= np.uint64(0xFFFFFFFF00000000)
+    return hashes
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 3, 6, 8, 10])
+def test_search_finds_exactly_the_brute_force_pairs(threshold):
+    hashes = planted_hashes(3000, seed=threshold)
+    i, j, d = hamming_pairs(hashes, threshold)
+    found = set(zip(i.tolist(), j.tolist()))
+    expected = brute_force_pairs(hashes, threshold)
+    assert len(expected) > 0
+    assert found == expected
+    assert (d <= threshold).all()
+
+
+def member(image_id, width, height, fmt, size, seq):
+    return {"image_id": image_id, "width": width, "height": height, "format": fmt, "bytes": size, "first_seq": seq}
+
+
+def test_keep_policy_order():
+    big_jpeg = member("a", 1000, 800, "JPEG", 10, 5)
+    small_png = member("b", 500, 400, "PNG", 99, 1)
+    same_png = member("c", 1000, 800, "PNG", 5, 9)
+    bigger_file = member("d", 1000, 800, "PNG", 6, 10)
+    first_path = member("e", 1000, 800, "PNG", 6, 2)
+    ranked = sorted([big_jpeg, small_png, same_png, bigger_file, first_path], key=keep_order_key)
+    assert [m["image_id"] for m in ranked] == ["e", "d", "c", "a", "b"]
+
+
+def insert_image(con, image_id, phash, width, height, fmt="JPEG", size=1000, seq=1):
+    con.execute("INSERT INTO images (image_id, status, width, height, format, bytes) VALUES (?, 'ok', ?, ?, ?, ?)", [image_id, width, height, fmt, size])
+    con.execute("INSERT INTO hashes VALUES (?, ?, 0)", [image_id, phash])
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, ?, ?)", [f"/d/{image_id}", f"/d/{image_id}", image_id, seq])
+
+
+def test_groups_keepers_and_rerun(con):
+    base = 0x0F0F_F0F0_1234_5678
+    insert_image(con, "small", base ^ 0b11, 100, 100, seq=1)
+    insert_image(con, "large", base, 400, 300, seq=2)
+    insert_image(con, "far", base ^ 0xFFFF, 400, 300, seq=3)
+    insert_image(con, "twin", base ^ 0b1, 100, 100, seq=4)
+    counts = duplicate_groups(con, threshold=6)
+    assert counts["groups"] == 1 and counts["excluded_as_duplicates"] == 2
+    rows = dict(con.execute("SELECT image_id, exclusion_reason FROM images_view").fetchall())
+    assert rows == {"small": "duplicate of large", "twin": "duplicate of large", "large": None, "far": None}
+    before = con.execute("SELECT * FROM duplicates ORDER BY image_id").fetchall()
+    duplicate_groups(con, threshold=6)
+    assert con.execute("SELECT * FROM duplicates ORDER BY image_id").fetchall() == before
+    # A tighter threshold splits the group cleanly; exclusions follow.
+    duplicate_groups(con, threshold=0)
+    rows = dict(con.execute("SELECT image_id, exclusion_reason FROM images_view").fetchall())
+    assert rows == {"small": None, "twin": None, "large": None, "far": None}
+
+
+def test_keeper_chosen_by_hand_wins_and_survives_rerun(con):
+    insert_image(con, "a", 7, 800, 600, seq=1)
+    insert_image(con, "b", 7, 200, 150, seq=2)
+    duplicate_groups(con)
+    choose_keeper(con, "b")
+    duplicate_groups(con)
+    keeper, reason = con.execute("SELECT image_id, keep_reason FROM duplicates WHERE is_keeper").fetchall()[0]
+    assert (keeper, reason) == ("b", "chosen by hand")
+    assert con.execute("SELECT exclusion_reason FROM images_view WHERE image_id = 'a'").fetchall() == [("duplicate of b",)]
+
+
+def test_dedup_never_touches_files(sample_copy, con):
+    import hashlib
+
+    from pipelines.ingest import ingested_images
+
+    def fingerprint():
+        return sorted(
+            (str(p), hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sample_copy.rglob("*")
+            if p.is_file() and not p.is_symlink()
+        )
+
+    before = fingerprint()
+    ingested_images(con, [sample_copy], workers=1)
+    duplicate_groups(con)
+    assert fingerprint() == before

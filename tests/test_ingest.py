@@ -1,0 +1,163 @@
+"""Ingest: idempotent re-runs, changed and vanished files, unreadable files, kill and rerun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipelines.ingest as ingest_mod
+from pipelines.ingest import ingested_images, read_image_file
+
+
+def make_images(folder: Path, count: int, size=(96, 64), seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+        path = folder / f"img_{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def table_counts(con) -> dict:
+    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("images", "paths", "hashes", "captions")}
+
+
+def test_second_run_changes_nothing(con, tmp_path):
+    make_images(tmp_path / "imgs", 12)
+    first = ingested_images(con, [tmp_path / "imgs"], workers=2)
+    assert (first.new, first.errors) == (12, 0)
+    before = con.sql("SELECT * FROM images ORDER BY image_id").fetchall(), con.sql("SELECT * FROM paths ORDER BY path").fetchall()
+    second = ingested_images(con, [tmp_path / "imgs"], workers=2)
+    assert (second.new, second.changed, second.unchanged, second.marked_missing) == (0, 0, 12, 0)
+    after = con.sql("SELECT * FROM images ORDER BY image_id").fetchall(), con.sql("SELECT * FROM paths ORDER BY path").fetchall()
+    assert before == after
+    steps = con.execute("SELECT step, status FROM runs ORDER BY run_id").fetchall()
+    assert steps == [("ingest", "ok"), ("ingest", "ok")]
+
+
+def test_changed_file_is_reread_and_vanished_is_missing(con, tmp_path):
+    paths = make_images(tmp_path / "imgs", 3)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    old_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchall()[0][0]
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))  # a different mtime even on coarse clocks
+    paths[1].unlink()
+    summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert (summary.changed, summary.marked_missing) == (1, 1)
+    new = con.execute("SELECT image_id, width, height FROM images_view WHERE path = ?", [str(paths[0])]).fetchall()[0]
+    assert new[0] != old_id and new[1:] == (50, 40)
+    status = con.execute("SELECT status FROM images_view WHERE path = ?", [str(paths[1])]).fetchall()[0][0]
+    assert status == "missing"
+    # Nothing is silently dropped: the vanished image keeps its row and path.
+    assert con.execute("SELECT count(*) FROM paths").fetchall()[0][0] == 3
+
+
+def test_missing_file_that_comes_back_is_ok_again(con, tmp_path):
+    paths = make_images(tmp_path / "imgs", 2)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    moved = tmp_path / "elsewhere.jpg"
+    paths[0].rename(moved)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    moved.rename(paths[0])
+    summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert summary.reappeared == 1
+    assert con.execute("SELECT status FROM images_view WHERE path = ?", [str(paths[0])]).fetchall()[0][0] == "ok"
+
+
+def test_sidecar_edit_is_picked_up_without_rereading_the_image(con, tmp_path):
+    (path,) = make_images(tmp_path / "imgs", 1)
+    sidecar = path.with_suffix(".txt")
+    sidecar.write_text("first caption")
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    sidecar.write_text("second caption")
+    os.utime(sidecar, ns=(2, 2))
+    summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert summary.changed == 0
+    assert con.execute("SELECT caption FROM images_view").fetchall() == [("second caption",)]
+
+
+def test_only_paths_under_the_ingested_roots_are_marked_missing(con, tmp_path):
+    make_images(tmp_path / "a", 2, seed=1)
+    make_images(tmp_path / "b", 2, seed=2)
+    ingested_images(con, [tmp_path / "a", tmp_path / "b"], workers=1)
+    summary = ingested_images(con, [tmp_path / "a"], workers=1)
+    assert summary.marked_missing == 0
+
+
+def test_unreadable_file_gets_an_error_row(con, tmp_path, monkeypatch):
+    paths = make_images(tmp_path / "imgs", 2)
+    locked = bytes(paths[0])
+    real_open = open
+
+    def deny(file, *args, **kwargs):
+        if os.fsencode(file) == os.fsencode(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    # Tests run as root in CI, where chmod 000 does not stop reads; deny the open instead.
+    monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+    summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert summary.errors == 1
+    status, error = con.execute("SELECT status, error FROM images_view WHERE path = ?", [str(paths[0])]).fetchall()[0]
+    assert status == "error" and "permission denied" in error
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchall()[0][0] == 1
+
+
+def test_read_image_file_never_raises_on_garbage(tmp_path):
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        junk = tmp_path / f"junk_{i}.jpg"
+        header = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP", b"BM"][i % 5]
+        junk.write_bytes(header + rng.integers(0, 255, size=200 + i * 37, dtype=np.uint8).tobytes())
+        row = read_image_file(os.fsencode(junk))
+        assert row["status"] == "error" and row["error"]
+
+
+def test_image_under_wrong_extension_and_max_pixels(con, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(folder / "picture.bin", format="PNG")
+    summary = ingested_images(con, [folder], workers=1, max_pixels=10_000)
+    assert summary.errors == 1
+    status, error, fmt = con.execute("SELECT status, error, format FROM images_view").fetchall()[0]
+    assert status == "error" and "60,000 pixels is over the 10,000-pixel cap" in error and fmt == "PNG"
+
+
+def test_kill_during_ingest_then_rerun_completes_without_duplicates(tmp_path):
+    folder = tmp_path / "imgs"
+    make_images(folder, 120)
+    catalog = tmp_path / "killed.duckdb"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from workbench.catalog import connect
+        from pipelines import ingest
+        ingest.BATCH = 16
+        def hook(*, task, completed=0, total=None, message=None):
+            if task == "ingest" and completed >= 64:
+                os.kill(os.getpid(), signal.SIGKILL)  # die mid-run, no cleanup
+        con = connect({str(catalog)!r})
+        ingest.ingested_images(con, [{str(folder)!r}], workers=1, progress=hook)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    assert result.returncode == -9
+    from workbench.catalog import connect
+
+    con = connect(catalog)
+    partial = con.execute("SELECT count(*) FROM paths").fetchall()[0][0]
+    assert 0 < partial < 120
+    ingested_images(con, [folder], workers=2)
+    assert con.execute("SELECT count(*), count(DISTINCT path) FROM paths").fetchall()[0] == (120, 120)
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchall()[0][0] == 120
+    assert con.execute("SELECT count(*) FROM images").fetchall()[0][0] == 120
