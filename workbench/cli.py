@@ -230,6 +230,260 @@ def models_path(
 
 
 
+# concepts, filter, include/exclude, buckets, export, import-kohya (issue 3, curation)
+
+concept_app = typer.Typer(help="Concepts: trigger token, class noun and repeat count for groups of images.", no_args_is_help=True)
+app.add_typer(concept_app, name="concept")
+
+
+@concept_app.command("add")
+def concept_add(
+    name: Annotated[str, typer.Argument(help="Concept name (e.g. 'sks dog').")],
+    trigger: Annotated[str, typer.Option("--trigger", help="Trigger token the model learns (one word).")],
+    class_noun: Annotated[Optional[str], typer.Option("--class", help="Class noun for DreamBooth priors (e.g. dog).")] = None,
+    repeats: Annotated[int, typer.Option(help="Times each image is repeated per epoch (kohya num_repeats).")] = 1,
+    where: Annotated[Optional[str], typer.Option(help="SQL condition on images_view selecting the images.")] = None,
+    folder: Annotated[Optional[Path], typer.Option(help="Assign the images found under this folder.")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Create or update a concept and assign images to it by SQL condition and/or folder.
+
+    Example: workbench concept add "sks dog" --trigger sks --class dog --repeats 10 --folder ./dog_photos
+    """
+    from pipelines.concepts import added_concept
+
+    con = open_catalog(catalog)
+    try:
+        summary = added_concept(con, name, trigger=trigger, class_noun=class_noun, repeats=repeats, where=where, folder=folder)
+    except ValueError as error:
+        fail(str(error))
+    console.print(counts_table(f"concept {name}", {k: v for k, v in summary.items() if k != "concept"}))
+
+
+@concept_app.command("list")
+def concept_list(catalog: CatalogOpt = None) -> None:
+    """List concepts with trigger, class, repeats and image counts.
+
+    Example: workbench concept list
+    """
+    from pipelines.concepts import list_concepts
+
+    con = open_catalog(catalog)
+    table = Table(title="concepts")
+    for column in ("name", "trigger", "class", "repeats", "images", "in dataset", "where", "folder"):
+        table.add_column(column, overflow="fold")
+    for c in list_concepts(con):
+        table.add_row(c.name, c.trigger, c.class_noun or "", str(c.repeats), str(c.images), str(c.in_dataset),
+                      c.where_sql or "", c.folder or "")
+    console.print(table)
+
+
+@concept_app.command("remove")
+def concept_remove(
+    name: Annotated[str, typer.Argument(help="Concept to delete (its images stay in the catalog).")],
+    catalog: CatalogOpt = None,
+) -> None:
+    """Delete a concept; its images stay in the catalog without a concept.
+
+    Example: workbench concept remove "sks dog"
+    """
+    from pipelines.concepts import removed_concept
+
+    con = open_catalog(catalog)
+    try:
+        released = removed_concept(con, name)
+    except ValueError as error:
+        fail(str(error))
+    console.print(f"removed concept {name!r}; {released} image(s) no longer in a concept")
+
+
+@concept_app.command("assign")
+def concept_assign(
+    name: Annotated[str, typer.Argument(help="Concept to put the images in.")],
+    image_ids: Annotated[list[str], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).")],
+    catalog: CatalogOpt = None,
+) -> None:
+    """Put images in a concept by hand (wins over --where/--folder assignments).
+
+    Example: workbench concept assign "sks dog" 3fa9c2d1e0 77b01c9e4a
+    """
+    from pipelines.concepts import assign_images_to_concept
+
+    con = open_catalog(catalog)
+    try:
+        changed = assign_images_to_concept(con, name, image_ids)
+    except ValueError as error:
+        fail(str(error))
+    console.print(f"{changed} image(s) moved into concept {name!r}")
+
+
+@app.command("filter")
+def filter_(
+    min_clip_score: Annotated[Optional[float], typer.Option(help="Exclude CLIP score below this (0.28 suits ViT-B/32).")] = None,
+    min_side: Annotated[Optional[int], typer.Option(help="Exclude short side below N px (default 256; 0 = off).")] = None,
+    max_aspect: Annotated[Optional[float], typer.Option(help="Exclude long/short side above R (default 3; 0 = off).")] = None,
+    blurry: Annotated[Optional[bool], typer.Option("--no-blurry/--allow-blurry", help="Exclude blurry images.")] = None,
+    dark: Annotated[Optional[bool], typer.Option("--no-dark/--allow-dark", help="Exclude dark images.")] = None,
+    overexposed: Annotated[Optional[bool], typer.Option("--no-overexposed/--allow-overexposed", help="Exclude overexposed images.")] = None,
+    low_information: Annotated[Optional[bool], typer.Option("--no-low-information/--allow-low-information", help="Exclude near-flat images.")] = None,
+    blur_threshold: Annotated[Optional[float], typer.Option(help="Blurry below this variance of Laplacian (default 15).")] = None,
+    dark_threshold: Annotated[Optional[float], typer.Option(help="Dark when mean+2.33 std luminance is below (default 56).")] = None,
+    bright_threshold: Annotated[Optional[float], typer.Option(help="Overexposed when mean-1.64 std luminance is above (default 170).")] = None,
+    entropy_threshold: Annotated[Optional[float], typer.Option(help="Low information below this entropy in bits (default 1.5).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what each rule would drop.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config with a [filter] table (default: workbench.toml beside the catalog).")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Exclude images by rules (size, aspect, CLIP score, quality); reruns replace earlier filter exclusions.
+
+    Example: workbench filter --min-side 384 --max-aspect 2.5 --no-blurry --dry-run
+    """
+    from pipelines.filter import FilterRules, filtered_dataset
+    from workbench.config import load_config
+
+    try:
+        settings = load_config(config, catalog_path=catalog or catalog_mod.default_catalog_path())
+        table = settings.get("filter", {})
+        if not isinstance(table, dict):
+            raise ValueError("[filter] in the config must be a table")
+        rules = FilterRules.from_mapping(table).with_overrides(
+            min_clip_score=min_clip_score, min_side=min_side, max_aspect=max_aspect, blurry=blurry, dark=dark,
+            overexposed=overexposed, low_information=low_information, blur_threshold=blur_threshold,
+            dark_threshold=dark_threshold, bright_threshold=bright_threshold, entropy_threshold=entropy_threshold,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    con = open_catalog(catalog)
+    with RichProgress(transient=True) as progress:
+        summary = filtered_dataset(con, rules, dry_run=dry_run, progress=progress)
+    for rule, why in summary.pop("skipped_rules", {}).items():
+        err_console.print(f"[yellow]skipped {rule}:[/] {why}")
+    title = "filter (dry run: nothing written)" if summary.pop("dry_run") else "filter"
+    console.print(counts_table(title, summary))
+
+
+@app.command()
+def exclude(
+    image_ids: Annotated[list[str], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the catalog).")],
+    catalog: CatalogOpt = None,
+) -> None:
+    """Exclude images by hand, with a reason; files on disk are not touched.
+
+    Example: workbench exclude 3fa9c2d1e0 --reason "watermark"
+    """
+    from pipelines.filter import manual_exclusions
+
+    con = open_catalog(catalog)
+    try:
+        n = manual_exclusions(con, image_ids, reason)
+    except ValueError as error:
+        fail(str(error))
+    console.print(f"excluded {n} image(s)")
+
+
+@app.command()
+def include(
+    image_ids: Annotated[list[str], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).")],
+    catalog: CatalogOpt = None,
+) -> None:
+    """Include images by hand: removes manual and filter exclusions; later filter runs skip them.
+
+    Example: workbench include 3fa9c2d1e0
+    """
+    from pipelines.filter import manual_inclusions
+
+    con = open_catalog(catalog)
+    try:
+        summary = manual_inclusions(con, image_ids)
+    except ValueError as error:
+        fail(str(error))
+    console.print(counts_table("include", summary))
+    if summary["still_excluded_by_other_steps"]:
+        err_console.print("[yellow]some images stay excluded by another step (e.g. dedup: choose them as keeper).[/]")
+
+
+@app.command()
+def buckets(
+    resolution: Annotated[str, typer.Option(help="Training resolution: N or W,H (kohya --resolution).")] = "512",
+    no_upscale: Annotated[bool, typer.Option("--no-upscale", help="kohya bucket_no_upscale: never enlarge images.")] = False,
+    min_bucket_reso: Annotated[int, typer.Option(help="Smallest bucket side (rounded down to the step).")] = 256,
+    max_bucket_reso: Annotated[int, typer.Option(help="Largest bucket side (rounded up to the step).")] = 1024,
+    bucket_reso_steps: Annotated[int, typer.Option(help="Bucket sides are multiples of this.")] = 64,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Assign every dataset image to a kohya-ss aspect-ratio bucket and show the histogram.
+
+    Example: workbench buckets --resolution 512 --bucket-reso-steps 64
+    """
+    from pipelines.buckets import aspect_buckets
+
+    con = open_catalog(catalog)
+    try:
+        with RichProgress(transient=True) as progress:
+            summary = aspect_buckets(
+                con, resolution=resolution, min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso,
+                bucket_reso_steps=bucket_reso_steps, no_upscale=no_upscale, progress=progress,
+            )
+    except ValueError as error:
+        fail(str(error))
+    histogram = summary.pop("histogram")
+    table = Table(title="aspect buckets (width x height)")
+    table.add_column("bucket")
+    table.add_column("images", justify="right")
+    table.add_column("")
+    top = max(histogram.values(), default=1)
+    for bucket, n in histogram.items():
+        table.add_row(bucket, str(n), "█" * max(1, round(30 * n / top)))
+    console.print(table)
+    console.print(counts_table("buckets", summary))
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="Output folder (or FILE.parquet for --format parquet).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="kohya, imagefolder or parquet.")] = "kohya",
+    link: Annotated[str, typer.Option(help="copy or hardlink the image files.")] = "copy",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Export the curated dataset: kohya folders + dataset.toml, HF imagefolder, or parquet rows.
+
+    Example: workbench export --format kohya ./kohya_dataset
+    """
+    from pipelines.export import ExportError, exported_dataset
+
+    con = open_catalog(catalog)
+    try:
+        with RichProgress(transient=True) as progress:
+            summary = exported_dataset(con, out, format=format, link=link, overwrite=overwrite, progress=progress)
+    except (ExportError, OSError) as error:
+        fail(str(error))
+    console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
+
+
+@app.command("import-kohya")
+def import_kohya(
+    folder: Annotated[Path, typer.Argument(help="kohya train folder with `N_trigger class` subfolders.")],
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Import a kohya-style folder: its images, caption files and concepts (repeats, trigger, class).
+
+    Example: workbench import-kohya ./train/img
+    """
+    from pipelines.export import ExportError, imported_kohya_folder
+
+    con = open_catalog(catalog)
+    try:
+        with RichProgress(transient=True) as progress:
+            summary = imported_kohya_folder(con, folder, workers=workers, progress=progress)
+    except ExportError as error:
+        fail(str(error))
+    console.print(counts_table("import-kohya", summary))
+
+
+
 # --- priors and training (issue 4) -------------------------------------------
 
 

@@ -1,0 +1,182 @@
+"""Checkpoints that hold everything needed for an exact resume, in safetensors + JSON only.
+
+A checkpoint folder `checkpoint-<step>/` holds:
+- `weights.safetensors`: the trainable tensors (LoRA or full UNet/text encoder), by parameter name;
+- `optimizer.safetensors` + `optimizer.json`: the optimizer's tensors and its scalars/param groups;
+- `ema.safetensors` + `ema.json` when EMA is on;
+- `state.json`: step, the lr scheduler's and grad scaler's state, python and numpy RNG states;
+- `rng.safetensors`: torch CPU and CUDA RNG states.
+Nothing is pickled, so loading a checkpoint never runs code from the file. accelerate's own
+`save_state` pickles the optimizer and RNG states, which is why it is not used here.
+The data order needs no file: it is a pure function of (seed, epoch), and the step says where to
+continue in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    for index, slots in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_to_json(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: Any = None,
+    ema: Any = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write checkpoint-<step> atomically (to a temp folder, then renamed)."""
+    target = folder / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = folder / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "weights.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    if ema is not None:
+        ema_state = ema.state_dict()
+        shadow = ema_state.pop("shadow_params")
+        save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(tmp / "ema.safetensors"))
+        (tmp / "ema.json").write_text(json.dumps(ema_state))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = cuda_state
+    save_file(rng, str(tmp / "rng.safetensors"))
+    state = {
+        "step": step,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "python_rng": _python_rng_to_json(random.getstate()),
+        "numpy_rng": _numpy_rng_to_json(np.random.get_state()),
+        **(extra or {}),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, default=str))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model_parameters: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: Any = None,
+    ema: Any = None,
+) -> dict:
+    """Restore a checkpoint into live objects; returns its state.json (step, extras)."""
+    weights = load_file(str(path / "weights.safetensors"))
+    missing = set(model_parameters) - set(weights)
+    unexpected = set(weights) - set(model_parameters)
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {path} does not match this run's trainable weights "
+            f"({len(missing)} missing, {len(unexpected)} unexpected): was it written with other settings?"
+        )
+    with torch.no_grad():
+        for name, param in model_parameters.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    optimizer_state = _unflatten_optimizer(
+        load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+    )
+    optimizer.load_state_dict(optimizer_state)
+    state = json.loads((path / "state.json").read_text())
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema_state = json.loads((path / "ema.json").read_text())
+        shadow = load_file(str(path / "ema.safetensors"))
+        ema_state["shadow_params"] = [shadow[str(i)] for i in range(len(shadow))]
+        ema.load_state_dict(ema_state)
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoints in step order (temp folders of an interrupted save are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(folder: Path, resume: str) -> Path | None:
+    """The checkpoint `--resume` names: 'latest' (None when there is none yet) or a path."""
+    if resume == "latest":
+        found = list_checkpoints(folder)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = folder / resume
+    if not (path / "weights.safetensors").is_file():
+        raise FileNotFoundError(f"{resume} is not a checkpoint folder (no weights.safetensors).")
+    return path
+
+
+def prune_checkpoints(folder: Path, keep: int | None) -> None:
+    """Keep only the newest `keep` checkpoints (all when keep is None)."""
+    if not keep:
+        return
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,196 @@
+"""Every training option in one dataclass, loadable from TOML; names follow the diffusers examples."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("lora", "dreambooth", "finetune")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A training option is missing, unknown or out of range; the message says which."""
+
+
+@dataclass
+class TrainConfig:
+    """All options of `workbench train`. Field names are the diffusers example flags with '_' for '-'."""
+
+    mode: str = "lora"
+    model: str = "tiny"  # preset (tiny, sd15), HF id, local diffusers folder or single-file checkpoint
+    output_dir: str | None = None  # default: <project>/runs/<mode>-<timestamp>
+    device: str | None = None  # None = accelerate's choice (cuda when present)
+
+    # data
+    resolution: int = 512  # bucket target area is resolution²
+    train_batch_size: int = 1
+    dataloader_num_workers: int = 0
+    concepts: list[str] = field(default_factory=list)  # train only these concepts (empty = whole dataset)
+    instance_prompt: str | None = None  # used for images without a caption
+    caption_dropout: float = 0.0  # probability of training on the empty caption
+    shuffle_tags: bool = False  # shuffle comma-separated tags after the first keep_tokens
+    keep_tokens: int = 0
+    caption_prefix: str = ""  # e.g. a trigger word, prepended to every caption
+    random_crop: bool = False  # bypasses the latent cache (a new crop every time)
+    random_flip: bool = False  # exact: both flip variants are cached
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; bypasses the latent cache
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True  # only used while the text encoder is frozen and tags are not shuffled
+    cache_dir: str | None = None  # default: $WORKBENCH_HOME/cache/train
+
+    # steps
+    max_train_steps: int | None = None
+    num_train_epochs: int = 1  # used when max_train_steps is not set
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+
+    # optimiser
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    use_8bit_adam: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    # loss and noise
+    snr_gamma: float | None = None  # min-SNR weighting; 5.0 is the paper's recommendation
+    noise_offset: float = 0.0
+    beta_schedule: str | None = None  # None keeps the model's schedule
+    prediction_type: str | None = None  # None keeps the model's
+
+    # LoRA
+    rank: int = 4
+    lora_alpha: float | None = None  # default: rank (scale 1)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+    # DreamBooth
+    with_prior_preservation: bool = True  # used by mode dreambooth only
+    prior_loss_weight: float = 1.0
+    class_prompt: str | None = None  # default: per concept from its class noun
+    num_class_images: int | None = None  # default: 200 × instance images, capped by max_class_images
+    max_class_images: int = 1000
+    sample_batch_size: int = 4  # class images generated per batch
+    prior_inference_steps: int = 30  # sampling steps per generated class image
+
+    # fine-tune
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    from_scratch: bool = False
+
+    # checkpoints, validation, logging
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None  # "latest" or a checkpoint folder
+    validation_prompt: list[str] = field(default_factory=list)
+    validation_steps: int = 100
+    num_validation_images: int = 2
+    validation_seed: int = 0
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    report_to: str = "tensorboard"  # or "none"
+    evaluate: bool = True  # CLIP score and CMMD of the final samples, stored with the run
+    clip_model: str | None = None  # CLIP for evaluation; default: the --model preset's CLIP
+
+    def validate(self) -> "TrainConfig":
+        """Check ranges and choices; return self so calls chain."""
+        checks = [
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
+            (self.train_batch_size >= 1, "--train-batch-size must be at least 1"),
+            (self.max_train_steps is None or self.max_train_steps >= 1, "--max-train-steps must be at least 1"),
+            (self.num_train_epochs >= 1, "--num-train-epochs must be at least 1"),
+            (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
+            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
+            (self.mixed_precision in MIXED_PRECISION, "--mixed-precision must be no, fp16 or bf16"),
+            (self.beta_schedule is None or self.beta_schedule in BETA_SCHEDULES, f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}"),
+            (self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "--prediction-type must be epsilon or v_prediction"),
+            (self.rank >= 1, "--rank must be at least 1"),
+            (0.0 <= self.caption_dropout <= 1.0, "--caption-dropout must be between 0 and 1"),
+            (self.keep_tokens >= 0, "--keep-tokens must be 0 or more"),
+            (self.color_jitter >= 0, "--color-jitter must be 0 or more"),
+            (self.checkpointing_steps >= 1, "--checkpointing-steps must be at least 1"),
+            (self.validation_steps >= 1, "--validation-steps must be at least 1"),
+            (self.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
+            (self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive"),
+            (self.noise_offset >= 0, "--noise-offset must be 0 or more"),
+            (not (self.from_scratch and self.mode != "finetune"), "--from-scratch only applies to finetune"),
+            (not (self.use_ema and self.mode == "lora"), "--use-ema applies to dreambooth and finetune, not lora"),
+            (self.report_to in ("tensorboard", "none"), "--report-to must be tensorboard or none"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.rank)
+
+
+FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Accept TOML keys written with '-' or '_'; refuse unknown keys (typos should not be silent)."""
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_NAMES:
+            close = [n for n in FIELD_NAMES if n.startswith(name[:4])]
+            hint = f" (did you mean {', '.join(sorted(close)[:3])}?)" if close else ""
+            raise ConfigError(f"Unknown training option '{key}' in {where}{hint}.")
+        if name in {"validation_prompt", "concepts", "lora_target_modules", "text_encoder_target_modules"} and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out
+
+
+def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from an optional TOML file (top level or a [train] table), then explicit overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from error
+        data = data.get("train", data)
+        values.update(_normalise_keys(data, str(path)))
+    values.update(_normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    try:
+        config = TrainConfig(**values)
+    except TypeError as error:
+        raise ConfigError(str(error)) from error
+    return config.validate()

@@ -1,0 +1,407 @@
+"""Training data: dataset rows from the catalog, kohya-style bucketed batches, and the on-disk caches.
+
+Randomness is decided up front in an epoch *plan* (seeded by seed + epoch): which images go into
+which batch, flip, crop offset, colour jitter and the caption variant of every item. Loading an
+item is then a pure function of its `ItemSpec`, which is what makes resume exact and lets workers
+load in any order.
+
+Caches (under `cache_dir`, safetensors files named by a SHA-256 key):
+- latents: key = (content id, VAE fingerprint, bucket, resized size, crop box, flip). The VAE's
+  posterior mean and std are stored, and the latent is sampled at train time with the step's own
+  generator, so a cached run trains exactly like an uncached one. Random crop and colour jitter
+  change the pixels every time and so BYPASS the latent cache; flip does not (both variants are
+  cached).
+- text: key = (final caption text, tokenizer + text-encoder fingerprint). Used only while the text
+  encoder is frozen; tag shuffling still works (each shuffled caption is its own entry, so it just
+  misses more often). Caption dropout uses the cached empty caption.
+A changed image (new content id), caption, bucket or model gives a new key: exactly the affected
+entries are recomputed, nothing stale is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import duckdb
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+
+from pipelines.train.config import TrainConfig
+
+
+class DataError(ValueError):
+    """The dataset cannot be trained on as it is; the message says what to run or change."""
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    """One catalog image as the trainer sees it."""
+
+    image_id: str
+    path: str
+    caption: str
+    bucket: tuple[int, int]  # (width, height) in pixels
+    resized: tuple[int, int]  # size the image is scaled to before cropping to the bucket
+    crop: tuple[int, int]  # (left, top) of the centre crop in the resized image
+    concept: str | None = None
+    repeats: int = 1
+    class_prompt: str | None = None  # dreambooth: the prompt of this image's class priors
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """Everything random about one training item, decided by the epoch plan."""
+
+    image: int  # index into the image list
+    pool: str  # 'instance' or 'prior'
+    flip: bool
+    crop: tuple[int, int]  # (left, top) in the resized image
+    jitter: tuple[float, float, float] | None  # brightness, contrast, saturation factors
+    caption: str
+
+
+def bucket_settings(config: TrainConfig) -> dict:
+    """kohya bucket settings for the configured resolution (scaled down for tiny resolutions)."""
+    res = config.resolution
+    if res >= 256:
+        return {"resolution": res, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "no_upscale": False}
+    step = max(8, (res // 8) // 8 * 8)
+    return {"resolution": res, "min_bucket_reso": max(step, res // 2 // step * step), "max_bucket_reso": res * 2, "bucket_reso_steps": step, "no_upscale": False}
+
+
+def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?", [view, column]
+        ).fetchone()[0]
+    )
+
+
+def _stored_bucket_settings(con: duckdb.DuckDBPyConnection) -> dict | None:
+    try:
+        row = con.execute(
+            "SELECT DISTINCT resolution_width, resolution_height, min_bucket_reso, max_bucket_reso, bucket_reso_steps, no_upscale "
+            "FROM aspect_buckets"
+        ).fetchall()
+    except duckdb.Error:
+        return None
+    return row[0] if len(row) == 1 else None
+
+
+def _default_class_prompt(row: dict) -> str | None:
+    noun = row.get("concept_class")
+    return f"a photo of a {noun}" if noun else None
+
+
+def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list[TrainImage]:
+    """The instance images to train on: the `dataset` view (role 'instance'), with caption, concept and bucket."""
+    from pipelines.buckets import select_bucket
+
+    have_concepts = _has_column(con, "dataset", "concept")
+    have_buckets = _has_column(con, "dataset", "bucket_width")
+    columns = ["image_id", "path", "width", "height", "caption"]
+    if have_concepts:
+        columns += ["concept", "concept_trigger", "concept_class", "concept_repeats"]
+    if have_buckets:
+        columns += ["bucket_width", "bucket_height", "bucket_resized_width", "bucket_resized_height", "bucket_crop_left", "bucket_crop_top"]
+    where = "role = 'instance'"
+    params: list = []
+    if config.concepts:
+        if not have_concepts:
+            raise DataError("--concepts needs concepts in the catalog; run `workbench concepts add` first.")
+        where += " AND concept IN (SELECT unnest(?))"
+        params.append(list(config.concepts))
+    rows = con.execute(f"SELECT {', '.join(columns)} FROM dataset WHERE {where} ORDER BY image_id", params).fetchall()
+    if not rows:
+        what = f" in concepts {', '.join(config.concepts)}" if config.concepts else ""
+        raise DataError(
+            f"The dataset has no instance images{what} to train on (0 train images). "
+            "Run `workbench ingest FOLDER` and check exclusions with `workbench sql \"SELECT * FROM images_view WHERE excluded\"`."
+        )
+    settings = bucket_settings(config)
+    stored = _stored_bucket_settings(con) if have_buckets else None
+    use_stored = stored is not None and stored == (
+        settings["resolution"], settings["resolution"], settings["min_bucket_reso"], settings["max_bucket_reso"],
+        settings["bucket_reso_steps"], settings["no_upscale"],
+    )
+    images = []
+    for values in rows:
+        row = dict(zip(columns, values))
+        if use_stored and row.get("bucket_width"):
+            bucket = (row["bucket_width"], row["bucket_height"])
+            resized = (row["bucket_resized_width"], row["bucket_resized_height"])
+            crop = (row["bucket_crop_left"], row["bucket_crop_top"])
+        else:  # no `workbench buckets` run for these settings: compute the same kohya bucket here
+            choice = select_bucket(
+                row["width"], row["height"], resolution=settings["resolution"], min_bucket_reso=settings["min_bucket_reso"],
+                max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=settings["bucket_reso_steps"],
+            )
+            bucket = (choice.bucket_width, choice.bucket_height)
+            resized = (choice.resized_width, choice.resized_height)
+            crop = (choice.crop_left, choice.crop_top)
+        caption = row["caption"] or config.instance_prompt or ""
+        trigger = row.get("concept_trigger")
+        if trigger and trigger not in caption:
+            caption = f"{trigger}, {caption}" if caption else trigger
+        if config.caption_prefix:
+            caption = f"{config.caption_prefix}{caption}"
+        images.append(
+            TrainImage(
+                image_id=row["image_id"], path=row["path"], caption=caption, bucket=bucket, resized=resized, crop=crop,
+                concept=row.get("concept"), repeats=int(row.get("concept_repeats") or 1),
+                class_prompt=config.class_prompt or _default_class_prompt(row),
+            )
+        )
+    return images
+
+
+def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, class_prompts: Sequence[str], model: str) -> dict[str, list[TrainImage]]:
+    """Class-prior images per class prompt (made by `workbench priors` with the same base model)."""
+    from pipelines.buckets import select_bucket
+
+    pools: dict[str, list[TrainImage]] = {}
+    settings = bucket_settings(config)
+    for prompt in class_prompts:
+        rows = con.execute(
+            # automatic curation filters are meant for instance photos; only a manual exclusion drops a prior
+            "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
+            "WHERE d.status = 'ok' AND d.role = 'class_prior' AND c.class_prompt = ? AND c.model = ? "
+            "AND d.image_id NOT IN (SELECT image_id FROM exclusions WHERE step = 'manual') ORDER BY c.seed",
+            [prompt, model],
+        ).fetchall()
+        pool = []
+        for image_id, path, width, height in rows:
+            choice = select_bucket(width, height, resolution=settings["resolution"], min_bucket_reso=settings["min_bucket_reso"],
+                                   max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=settings["bucket_reso_steps"])
+            pool.append(TrainImage(image_id, path, prompt, (choice.bucket_width, choice.bucket_height),
+                                   (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))
+        pools[prompt] = pool
+    return pools
+
+
+# --- captions -----------------------------------------------------------------
+
+
+def caption_variant(caption: str, rng: np.random.Generator, config: TrainConfig) -> str:
+    """Caption after dropout and tag shuffle (the first keep_tokens tags stay in place)."""
+    if config.caption_dropout and rng.random() < config.caption_dropout:
+        return ""
+    if config.shuffle_tags:
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        head, tail = tags[: config.keep_tokens], tags[config.keep_tokens :]
+        order = rng.permutation(len(tail))
+        return ", ".join(head + [tail[i] for i in order])
+    return caption
+
+
+# --- the epoch plan ----------------------------------------------------------------
+
+
+def epoch_plan(
+    images: Sequence[TrainImage], config: TrainConfig, epoch: int, priors: dict[str, list[TrainImage]] | None = None
+) -> list[list[ItemSpec]]:
+    """Batches of one epoch: each image `repeats` times, one bucket per batch, shuffled with seed + epoch.
+
+    With class priors, every instance item is followed in its batch by one prior item of its
+    concept's class, so a batch is [instances..., priors...] of equal halves (the diffusers layout).
+    """
+    rng = np.random.default_rng([config.seed, epoch])
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_bucket[image.bucket].extend([index] * image.repeats)
+    batches: list[list[int]] = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        order = rng.permutation(len(members))
+        shuffled = [members[i] for i in order]
+        size = config.train_batch_size
+        batches.extend(shuffled[i : i + size] for i in range(0, len(shuffled), size))
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    prior_cursor: dict[str, int] = defaultdict(int)
+    prior_orders = {p: rng.permutation(len(pool)) for p, pool in (priors or {}).items()}
+    plan = []
+    for batch in batches:
+        items = [_item(images[i], i, "instance", rng, config) for i in batch]
+        if priors:
+            for i in batch:
+                prompt = images[i].class_prompt
+                pool = priors.get(prompt) or []
+                if not pool:
+                    raise DataError(f"No class-prior images for '{prompt}'. Run `workbench priors --class-prompt \"{prompt}\"`.")
+                k = prior_cursor[prompt]
+                prior_cursor[prompt] += 1
+                index = int(prior_orders[prompt][k % len(pool)])
+                items.append(_item(pool[index], index, "prior:" + prompt, rng, config, caption=prompt))
+        plan.append(items)
+    return plan
+
+
+def _item(image: TrainImage, index: int, pool: str, rng: np.random.Generator, config: TrainConfig, caption: str | None = None) -> ItemSpec:
+    # draw every random number whether or not the option is on, so toggling one option does not reshuffle the others
+    flip_draw, crop_x, crop_y = rng.random(), rng.random(), rng.random()
+    jitter_draw = rng.uniform(-1.0, 1.0, size=3)
+    flip = bool(config.random_flip and flip_draw < 0.5)
+    if config.random_crop:
+        crop = (int(crop_x * (image.resized[0] - image.bucket[0] + 1)), int(crop_y * (image.resized[1] - image.bucket[1] + 1)))
+    else:
+        crop = image.crop
+    jitter = tuple(float(1.0 + config.color_jitter * d) for d in jitter_draw) if config.color_jitter else None
+    text = caption if caption is not None else caption_variant(image.caption, rng, config)
+    return ItemSpec(index, pool, flip, crop, jitter, text)
+
+
+def run_plan(
+    images: Sequence[TrainImage], config: TrainConfig, total_batches: int, priors: dict[str, list[TrainImage]] | None = None
+) -> list[list[ItemSpec]]:
+    """The flat sequence of `total_batches` micro-batches across as many epochs as needed."""
+    plan: list[list[ItemSpec]] = []
+    epoch = 0
+    while len(plan) < total_batches:
+        plan.extend(epoch_plan(images, config, epoch, priors))
+        epoch += 1
+    return plan[:total_batches]
+
+
+def batches_per_epoch(images: Sequence[TrainImage], batch_size: int) -> int:
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for image in images:
+        counts[image.bucket] += image.repeats
+    return sum(-(-n // batch_size) for n in counts.values())
+
+
+# --- pixels -----------------------------------------------------------------------
+
+
+def load_pixels(image: TrainImage, spec: ItemSpec) -> torch.Tensor:
+    """The bucket-sized crop of an image as a CHW tensor in [-1, 1], with flip and jitter applied."""
+    with Image.open(image.path) as opened:
+        picture = ImageOps.exif_transpose(opened).convert("RGB")
+    picture = picture.resize(image.resized, Image.Resampling.LANCZOS)
+    left, top = spec.crop
+    picture = picture.crop((left, top, left + image.bucket[0], top + image.bucket[1]))
+    if spec.flip:
+        picture = ImageOps.mirror(picture)
+    if spec.jitter:
+        from PIL import ImageEnhance
+
+        brightness, contrast, saturation = spec.jitter
+        picture = ImageEnhance.Brightness(picture).enhance(brightness)
+        picture = ImageEnhance.Contrast(picture).enhance(contrast)
+        picture = ImageEnhance.Color(picture).enhance(saturation)
+    array = np.asarray(picture, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# --- fingerprints and caches -----------------------------------------------------
+
+
+def module_fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
+    """SHA-256 over config and every weight's bytes: any change to the model changes it."""
+    digest = hashlib.sha256(extra.encode())
+    for module in modules:
+        config = getattr(module, "config", None)
+        if config is not None:
+            as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass
+class LatentCache:
+    """VAE posterior (mean, std) per (content, VAE, bucket, resized, crop, flip) on disk."""
+
+    folder: Path
+    vae_fingerprint: str
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def key(self, image: TrainImage, spec: ItemSpec) -> str:
+        return _key("latent-v1", image.image_id, self.vae_fingerprint, image.bucket, image.resized, spec.crop, spec.flip)
+
+    def path(self, key: str) -> Path:
+        return self.folder / "latents" / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        path = self.path(key)
+        if not path.exists():
+            self.stats.misses += 1
+            return None
+        try:
+            tensors = load_file(str(path))
+        except Exception:  # a torn write: recompute it
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return tensors["mean"], tensors["std"]
+
+    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        _atomic_save({"mean": mean.contiguous().cpu(), "std": std.contiguous().cpu()}, self.path(key))
+
+
+@dataclass
+class TextCache:
+    """Text-encoder hidden states per (caption, tokenizer + text encoder) on disk."""
+
+    folder: Path
+    text_fingerprint: str
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def key(self, caption: str) -> str:
+        return _key("text-v1", caption, self.text_fingerprint)
+
+    def path(self, key: str) -> Path:
+        return self.folder / "text" / key[:2] / f"{key}.safetensors"
+
+    def get(self, caption: str) -> torch.Tensor | None:
+        path = self.path(self.key(caption))
+        if not path.exists():
+            self.stats.misses += 1
+            return None
+        try:
+            tensor = load_file(str(path))["hidden"]
+        except Exception:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        return tensor
+
+    def put(self, caption: str, hidden: torch.Tensor) -> None:
+        _atomic_save({"hidden": hidden.contiguous().cpu()}, self.path(self.key(caption)))
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def uses_latent_cache(config: TrainConfig) -> bool:
+    """Random crop and colour jitter give new pixels every time, so they bypass the latent cache."""
+    return config.cache_latents and not config.random_crop and not config.color_jitter
+
+
+def uses_text_cache(config: TrainConfig) -> bool:
+    """A trained text encoder changes its outputs every step, so its outputs are not cached."""
+    return config.cache_text_embeddings and not config.train_text_encoder

@@ -1,0 +1,705 @@
+"""The training loop shared by `lora`, `dreambooth` and `finetune`, in the shape of diffusers' examples.
+
+`main(config, images, ...)` is the whole run, top to bottom: accelerate setup, models, optimizer,
+caches, the step loop, checkpoints, samples and outputs. `trained_model(con, config)` wraps it
+with the catalog (dataset in, run record out).
+
+Randomness: every random draw of a step comes from a generator seeded by (seed, micro-batch,
+process), and every random choice about data from the epoch plan (seed, epoch). Nothing depends
+on how many steps ran before in this process, which is what makes `--resume` bitwise exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import duckdb
+import torch
+import torch.nn.functional as F
+
+from pipelines.train import checkpoint as ckpt
+from pipelines.train import data as train_data
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import ItemSpec, LatentCache, TextCache, TrainImage
+from workbench.progress import ProgressHook, StepCancelled, null_progress
+
+MEMORY_ADVICE = (
+    "settings that save memory: --train-batch-size 1 with --gradient-accumulation-steps N, "
+    "--gradient-checkpointing, --mixed-precision bf16 (or fp16), --use-8bit-adam, a lower --resolution, "
+    "a lower --rank (LoRA), and keeping the latent cache on (no --random-crop / --color-jitter)"
+)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason people can act on; the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) run produced."""
+
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    losses: list[float]
+    outputs: dict[str, str]
+    seconds: float
+    train_seconds: float  # the step loop alone (no model loading, caching, sampling, saving)
+    images: int
+    train_id: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.train_seconds if self.train_seconds else 0.0
+
+
+# --- loss -----------------------------------------------------------------------
+
+
+def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """MSE per sample, min-SNR weighted when snr_gamma is set (Hang et al. 2023, as in diffusers' examples)."""
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+    if snr_gamma is None:
+        return loss
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    if noise_scheduler.config.prediction_type == "epsilon":
+        weights = weights / snr
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        weights = weights / (snr + 1)
+    return loss * weights
+
+
+def combined_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """DreamBooth prior preservation: mean instance loss + prior_loss_weight × mean prior loss."""
+    instance = per_sample[~is_prior].mean()
+    if not bool(is_prior.any()):
+        return instance, instance, None
+    prior = per_sample[is_prior].mean()
+    return instance + prior_loss_weight * prior, instance, prior
+
+
+def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(f"Unknown prediction type {kind!r}")
+
+
+def step_generator(seed: int, micro_index: int, process_index: int = 0) -> torch.Generator:
+    """The CPU generator of one micro-batch: independent of everything that ran before it."""
+    mixed = (seed * 1_000_003 + micro_index) * 1_009 + process_index
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+# --- data loading ------------------------------------------------------------------
+
+
+class PlanDataset(torch.utils.data.Dataset):
+    """Loads one ItemSpec: cached latent posterior or pixels, cached text state or caption."""
+
+    def __init__(self, images: Sequence[TrainImage], pools: dict[str, list[TrainImage]], latent_cache: LatentCache | None, text_cache: TextCache | None):
+        self.images = images
+        self.pools = pools
+        self.latent_cache = latent_cache
+        self.text_cache = text_cache
+
+    def image_of(self, spec: ItemSpec) -> TrainImage:
+        return self.images[spec.image] if spec.pool == "instance" else self.pools[spec.pool.removeprefix("prior:")][spec.image]
+
+    def __len__(self) -> int:  # only batch_sampler access is used
+        return len(self.images)
+
+    def __getitem__(self, spec: ItemSpec) -> dict:
+        image = self.image_of(spec)
+        item: dict[str, Any] = {"is_prior": spec.pool != "instance", "bucket": image.bucket}
+        cached = None
+        if self.latent_cache is not None and spec.jitter is None:
+            cached = self.latent_cache.get(self.latent_cache.key(image, spec))
+        if cached is not None:
+            item["mean"], item["std"] = cached
+        else:
+            item["pixels"] = train_data.load_pixels(image, spec)
+        hidden = self.text_cache.get(spec.caption) if self.text_cache is not None else None
+        if hidden is not None:
+            item["hidden"] = hidden
+        else:
+            item["caption"] = spec.caption
+        return item
+
+
+def collate_groups(items: list[dict]) -> list[dict]:
+    """Items grouped by bucket (one forward pass per shape), each group stacked."""
+    groups: dict[tuple, list[dict]] = {}
+    for item in items:
+        groups.setdefault((item["bucket"], "mean" in item, "hidden" in item), []).append(item)
+    out = []
+    for members in groups.values():
+        group: dict[str, Any] = {"is_prior": torch.tensor([m["is_prior"] for m in members])}
+        if "mean" in members[0]:
+            group["mean"] = torch.stack([m["mean"] for m in members])
+            group["std"] = torch.stack([m["std"] for m in members])
+        else:
+            group["pixels"] = torch.stack([m["pixels"] for m in members])
+        if "hidden" in members[0]:
+            group["hidden"] = torch.stack([m["hidden"] for m in members])
+        else:
+            group["captions"] = [m["caption"] for m in members]
+        out.append(group)
+    return out
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    return tokenizer(
+        list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+
+
+# --- setup helpers -----------------------------------------------------------------------
+
+
+def _noise_scheduler(components, config: TrainConfig):
+    from diffusers import DDPMScheduler
+
+    overrides = {}
+    if config.beta_schedule:
+        overrides["beta_schedule"] = config.beta_schedule
+    if config.prediction_type:
+        overrides["prediction_type"] = config.prediction_type
+    return DDPMScheduler.from_config(components.noise_scheduler.config, **overrides)
+
+
+def _optimizer(config: TrainConfig, groups: list[dict]):
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise TrainingError(
+                "--use-8bit-adam needs bitsandbytes, which is not installed: pip install 'workbench[bnb]' "
+                "(it needs a CUDA GPU), or leave the option off."
+            ) from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+
+
+def _tracker_config(config: TrainConfig) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
+
+
+def _write_loss_png(rows: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [r[0] for r in rows]
+    losses = [r[1] for r in rows]
+    axis.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 5:
+        window = max(2, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        axis.plot(steps, smooth, linewidth=1.5, label=f"mean of {window}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _read_loss_csv(path: Path, up_to_step: int) -> list[tuple[int, float, float]]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        rows = [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(handle)]
+    return [r for r in rows if r[0] <= up_to_step]
+
+
+def sampling_pipeline(components, unet, text_encoder, noise_scheduler):
+    """A StableDiffusionPipeline around the live (training) modules, DDIM-sampled."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render_samples(pipe, prompts: Sequence[str], config: TrainConfig, device) -> list[list]:
+    """num_validation_images images per prompt, image i seeded with validation_seed + i (same every time)."""
+    size = config.resolution
+    rows = []
+    for prompt in prompts:
+        generators = [torch.Generator().manual_seed(config.validation_seed + i) for i in range(config.num_validation_images)]
+        result = pipe(
+            [prompt] * config.num_validation_images, num_inference_steps=config.validation_inference_steps,
+            guidance_scale=config.validation_guidance_scale, generator=generators, height=size, width=size,
+        )
+        rows.append(result.images)
+    return rows
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def main(
+    config: TrainConfig,
+    images: Sequence[TrainImage],
+    *,
+    output_dir: Path,
+    priors: dict[str, list[TrainImage]] | None = None,
+    components=None,
+    progress: ProgressHook = null_progress,
+) -> TrainResult:
+    """Train per `config` on `images` (and class `priors`), writing everything into `output_dir`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    started = time.perf_counter()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints_dir = output_dir / "checkpoints"
+    samples_dir = output_dir / "samples"
+    use_tensorboard = config.report_to == "tensorboard"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard" if use_tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        cpu=config.device == "cpu",
+    )
+    try:
+        return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler)
+    except torch.OutOfMemoryError as error:
+        raise TrainingError(f"The GPU ran out of memory ({str(error).splitlines()[0]}). Try the {MEMORY_ADVICE}.") from error
+    finally:
+        accelerator.end_training()
+        _reset_accelerate_state()
+
+
+def _reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; reset them so the next run in this process starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler) -> TrainResult:
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    set_seed(config.seed)
+    use_tensorboard = config.report_to == "tensorboard"
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if components is None:
+        from workbench.models import load_sd_components
+
+        progress(task="load model", message=f"loading {config.model}")
+        components = load_sd_components(config.model, device="cpu", dtype=torch.float32)
+    tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
+    noise_scheduler = _noise_scheduler(components, config)
+
+    # fingerprints of the frozen encoders, before anything trains
+    latent_cache = text_cache = None
+    cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir()
+    if train_data.uses_latent_cache(config):
+        latent_cache = LatentCache(cache_root, train_data.module_fingerprint(vae, extra="vae"))
+    if train_data.uses_text_cache(config):
+        text_cache = TextCache(
+            cache_root,
+            train_data.module_fingerprint(text_encoder, extra=f"text:{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.model_max_length}"),
+        )
+
+    # --- which weights train ---
+    vae.requires_grad_(False)
+    train_text = config.train_text_encoder
+    text_encoder.requires_grad_(False)
+    if config.mode == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        _place(unet, device, weight_dtype)
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.lora_target_modules)))
+        if train_text:
+            _place(text_encoder, device, weight_dtype)
+            text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)))
+    else:
+        if config.from_scratch:
+            torch.manual_seed(config.seed)
+            unet = UNet2DConditionModel.from_config(unet.config)
+        unet.requires_grad_(True)
+        if train_text:
+            text_encoder.requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text:
+            text_encoder.gradient_checkpointing_enable()
+    trained_modules = [unet] + ([text_encoder] if train_text else [])
+    for module in trained_modules:
+        module.to(device)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(trained_modules, dtype=torch.float32)  # trainable weights stay fp32, as in diffusers
+    _place(vae, device, weight_dtype if config.mode == "lora" else torch.float32)
+    if not train_text:
+        _place(text_encoder, device, weight_dtype)
+
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema.to(device)
+
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for p in text_encoder.parameters() if p.requires_grad] if train_text else []
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    groups = [{"params": unet_params, "lr": learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.text_encoder_lr or learning_rate})
+    optimizer = _optimizer(config, groups)
+
+    # --- the step budget ---
+    per_epoch = train_data.batches_per_epoch(images, config.train_batch_size)
+    micro_per_update = config.gradient_accumulation_steps * accelerator.num_processes
+    max_steps = config.max_train_steps or config.num_train_epochs * max(1, math.ceil(per_epoch / micro_per_update))
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles, power=config.lr_power,
+    )
+    if train_text:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    named_trainable = _named_trainable(accelerator, unet, text_encoder if train_text else None)
+
+    # --- resume ---
+    global_step = 0
+    resume_from = None
+    if config.resume:
+        resume_from = ckpt.resolve_resume(checkpoints_dir, config.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(
+            resume_from, model_parameters=named_trainable, optimizer=optimizer.optimizer,
+            lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
+        )
+        global_step = int(state["step"])
+        progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
+    loss_rows = _read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
+
+    # --- the plan, caches ---
+    total_micro = max_steps * micro_per_update
+    plan = train_data.run_plan(images, config, total_micro, priors)
+    start_micro = global_step * micro_per_update
+    remaining = plan[start_micro:]
+    pools = priors or {}
+    dataset = PlanDataset(images, pools, latent_cache, text_cache)
+    if accelerator.is_main_process:
+        _fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
+    accelerator.wait_for_everyone()
+    cache_stats_before = (latent_cache.stats.hits if latent_cache else 0, text_cache.stats.hits if text_cache else 0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=remaining, collate_fn=collate_groups, num_workers=config.dataloader_num_workers
+    )
+    loader = accelerator.prepare_data_loader(loader)
+
+    if use_tensorboard and accelerator.is_main_process:
+        accelerator.init_trackers("workbench-train", config=_tracker_config(config))
+
+    prompts = list(config.validation_prompt) or list(dict.fromkeys(img.caption for img in images if img.caption))[:2] or ["a photo"]
+    loss_csv = output_dir / "loss.csv"
+    if accelerator.is_main_process:
+        with loss_csv.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "loss", "lr"])
+            writer.writerows(loss_rows)
+    last_good = ckpt.list_checkpoints(checkpoints_dir)[-1] if ckpt.list_checkpoints(checkpoints_dir) else None
+
+    # --- the loop ---
+    progress(task="train", completed=global_step, total=max_steps, message=f"training {config.mode} for {max_steps} steps on {len(images)} images")
+    unet.train()
+    if train_text:
+        text_encoder.train()
+    accumulated = 0.0
+    micro_in_update = 0
+    loop_started = time.perf_counter()
+    micro_index = start_micro
+    for groups_batch in loader:
+        with accelerator.accumulate(*trained_modules_of(accelerator, unet, text_encoder if train_text else None)):
+            generator = step_generator(config.seed, micro_index, accelerator.process_index)
+            micro_index += accelerator.num_processes
+            loss = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"The loss became {loss.item()} at step {global_step + 1}; training stopped and {where}. "
+                    "Lower --learning-rate, use --mixed-precision bf16 instead of fp16, or check the images."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        accumulated += loss.detach().float().item()
+        micro_in_update += 1
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        step_loss = accumulated / micro_in_update
+        if accelerator.num_processes > 1:
+            step_loss = accelerator.gather(torch.tensor([step_loss], device=device)).mean().item()
+        accumulated, micro_in_update = 0.0, 0
+        lr_now = lr_scheduler.get_last_lr()[0]
+        loss_rows.append((global_step, step_loss, lr_now))
+        if accelerator.is_main_process:
+            with loss_csv.open("a", newline="") as handle:
+                csv.writer(handle).writerow([global_step, step_loss, lr_now])
+        accelerator.log({"loss": step_loss, "lr": lr_now}, step=global_step)
+        if accelerator.is_main_process and (global_step % config.checkpointing_steps == 0 or global_step == max_steps):
+            if all(torch.isfinite(p).all() for p in named_trainable.values()):
+                last_good = ckpt.save_checkpoint(
+                    checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
+                    lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
+                    extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed},
+                )
+                ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
+        if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step != max_steps:
+            _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema)
+        progress(task="train", completed=global_step, total=max_steps, message=None)
+        if global_step >= max_steps:
+            break
+    train_seconds = time.perf_counter() - loop_started
+    accelerator.wait_for_everyone()
+
+    # --- outputs ---
+    outputs: dict[str, str] = {}
+    if accelerator.is_main_process:
+        unwrapped_unet = accelerator.unwrap_model(unet)
+        unwrapped_text = accelerator.unwrap_model(text_encoder)
+        if ema is not None:
+            ema.copy_to(unwrapped_unet.parameters())
+        progress(task="save", message="writing outputs")
+        outputs.update(_save_model(config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler, len(images), global_step, time.perf_counter() - started))
+        grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
+        outputs["samples"] = str(grid)
+        outputs["final_samples"] = str(finals)
+        outputs["loss_csv"] = str(loss_csv)
+        if loss_rows:
+            _write_loss_png([(r[0], r[1]) for r in loss_rows], output_dir / "loss.png")
+            outputs["loss_png"] = str(output_dir / "loss.png")
+        outputs["checkpoints"] = str(checkpoints_dir)
+        if use_tensorboard:
+            outputs["logs"] = str(output_dir / "logs")
+    cache = {}
+    if latent_cache:
+        cache["latent_hits"] = latent_cache.stats.hits - cache_stats_before[0]
+    if text_cache:
+        cache["text_hits"] = text_cache.stats.hits - cache_stats_before[1]
+    return TrainResult(
+        output_dir=output_dir, steps=global_step, final_loss=loss_rows[-1][1] if loss_rows else None,
+        losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
+        train_seconds=train_seconds, images=len(images), cache=cache,
+    )
+
+
+def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a module; cast only when the dtype really changes (diffusers warns on no-op casts)."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(device, dtype=dtype)
+    else:
+        module.to(device)
+
+
+def trained_modules_of(accelerator, unet, text_encoder) -> list:
+    return [unet] + ([text_encoder] if text_encoder is not None else [])
+
+
+def _named_trainable(accelerator, unet, text_encoder) -> dict[str, torch.nn.Parameter]:
+    named = {f"unet.{n}": p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    if text_encoder is not None:
+        named.update({f"text_encoder.{n}": p for n, p in accelerator.unwrap_model(text_encoder).named_parameters() if p.requires_grad})
+    return named
+
+
+def _default_cache_dir() -> Path:
+    from workbench.config import workbench_home
+
+    return workbench_home() / "cache" / "train"
+
+
+@torch.no_grad()
+def _fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook, batch: int = 8) -> None:
+    """Encode every latent and caption the remaining plan needs that is not on disk yet."""
+    latent_cache, text_cache = dataset.latent_cache, dataset.text_cache
+    if latent_cache is not None:
+        todo: dict[str, tuple[TrainImage, ItemSpec]] = {}
+        for specs in plan:
+            for spec in specs:
+                if spec.jitter is None:
+                    image = dataset.image_of(spec)
+                    key = latent_cache.key(image, spec)
+                    if key not in todo and not latent_cache.path(key).exists():
+                        todo[key] = (image, spec)
+        by_bucket: dict[tuple, list[str]] = {}
+        for key, (image, _) in todo.items():
+            by_bucket.setdefault(image.bucket, []).append(key)
+        done = 0
+        for keys in by_bucket.values():
+            for i in range(0, len(keys), batch):
+                chunk = keys[i : i + batch]
+                pixels = torch.stack([train_data.load_pixels(*todo[k]) for k in chunk]).to(device, vae.dtype)
+                posterior = vae.encode(pixels).latent_dist
+                for k, mean, std in zip(chunk, posterior.mean.float(), posterior.std.float()):
+                    latent_cache.put(k, mean, std)
+                done += len(chunk)
+                progress(task="cache latents", completed=done, total=len(todo))
+    if text_cache is not None:
+        captions = list(dict.fromkeys(spec.caption for specs in plan for spec in specs))
+        missing = [c for c in captions if not text_cache.path(text_cache.key(c)).exists()]
+        for i in range(0, len(missing), 32):
+            chunk = missing[i : i + 32]
+            hidden = text_encoder(tokenize(tokenizer, chunk).to(device))[0].float()
+            for caption, state in zip(chunk, hidden):
+                text_cache.put(caption, state)
+            progress(task="cache text", completed=min(i + 32, len(missing)), total=len(missing))
+
+
+def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text) -> torch.Tensor:
+    """The loss of one micro-batch (all its bucket groups), prior-preservation weighted."""
+    per_sample_all, is_prior_all = [], []
+    scaling = vae.config.scaling_factor
+    for group in groups_batch:
+        if "mean" in group:
+            mean, std = group["mean"].to(device), group["std"].to(device)
+        else:
+            with torch.no_grad():
+                posterior = vae.encode(group["pixels"].to(device, vae.dtype)).latent_dist
+                mean, std = posterior.mean.float(), posterior.std.float()
+        sample_noise = torch.randn(mean.shape, generator=generator).to(device)
+        latents = (mean.float() + std.float() * sample_noise) * scaling
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if "hidden" in group:
+            hidden = group["hidden"].to(device)
+        else:
+            ids = tokenize(tokenizer, group["captions"]).to(device)
+            with torch.set_grad_enabled(train_text):
+                hidden = text_encoder(ids)[0]
+        model_pred = unet(noisy, timesteps, hidden.to(noisy.dtype)).sample  # accelerate autocasts under mixed precision
+        target = training_target(noise_scheduler, latents, noise, timesteps)
+        per_sample_all.append(per_sample_loss(model_pred, target, timesteps, noise_scheduler, config.snr_gamma))
+        is_prior_all.append(group["is_prior"].to(device))
+    loss, _, _ = combined_loss(torch.cat(per_sample_all), torch.cat(is_prior_all), config.prior_loss_weight)
+    return loss
+
+
+def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir: Path, step: int, ema, final: bool = False):
+    from diffusers.utils import make_image_grid
+
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    unwrapped = accelerator.unwrap_model(unet)
+    if ema is not None:  # sample with the EMA weights, then put the training weights back
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
+    unwrapped.eval()
+    try:
+        pipe = sampling_pipeline(components, unwrapped, accelerator.unwrap_model(text_encoder), noise_scheduler)
+        with accelerator.autocast():
+            rows = render_samples(pipe, prompts, config, accelerator.device)
+    finally:
+        unwrapped.train()
+        if ema is not None:
+            ema.restore(unwrapped.parameters())
+    grid = make_image_grid([img for row in rows for img in row], rows=len(rows), cols=len(rows[0]))
+    path = samples_dir / (f"final-step-{step:06d}.png" if final else f"step-{step:06d}.png")
+    grid.save(path)
+    if not final:
+        return path
+    final_dir = samples_dir / "final"
+    final_dir.mkdir(exist_ok=True)
+    index = []
+    for p, (prompt, row) in enumerate(zip(prompts, rows)):
+        for i, img in enumerate(row):
+            name = f"{p:02d}-{i:02d}.png"
+            img.save(final_dir / name)
+            index.append({"file": name, "prompt": prompt, "seed": config.validation_seed + i})
+    (final_dir / "samples.json").write_text(json.dumps(index, indent=1))
+    return path, final_dir
+
+
+def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float) -> dict[str, str]:
+    from pipelines.train import lora_formats
+
+    outputs = {}
+    if config.mode == "lora":
+        outputs["lora_diffusers"] = str(lora_formats.save_diffusers_lora(output_dir, unet, text_encoder))
+        outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
+            output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
+            image_count=image_count, steps=steps, seconds=seconds,
+        ))
+        return outputs
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=text_encoder or components.text_encoder,
+        tokenizer=components.tokenizer, unet=unet, scheduler=_inference_scheduler(noise_scheduler),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    for module in (pipe.vae, pipe.text_encoder):
+        _place(module, module.device, torch.float32)  # frozen parts may have run in fp16/bf16
+    pipeline_dir = output_dir / "pipeline"
+    pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    outputs["pipeline"] = str(pipeline_dir)
+    outputs["single_file"] = str(_save_single_file(pipe, output_dir / "model.safetensors", config))
+    return outputs
+
+
+def _inference_scheduler(noise_scheduler):
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler.from_config(noise_scheduler.config)
+
+
+def _save_single_file(pipe, path: Path, config) -> Path:
+    """All weights in one safetensors file (diffusers layout, prefixed unet./vae./text_encoder.)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+        for name, tensor in module.state_dict().items():
+            tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu").contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt", "layout": "diffusers", "mode": config.mode, "base_model": config.model})
+    return path

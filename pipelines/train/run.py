@@ -1,0 +1,123 @@
+"""The training step: dataset from the catalog in, a trained model and a run record out."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+
+from pipelines.train import data as train_data
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import TrainingError, TrainResult, main
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+
+def catalog_project_dir(con: duckdb.DuckDBPyConnection) -> Path:
+    """The folder holding the catalog file (the current folder for an in-memory catalog)."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return Path(row[0]).resolve().parent if row and row[0] else Path.cwd()
+
+
+def default_output_dir(con: duckdb.DuckDBPyConnection, mode: str) -> Path:
+    return catalog_project_dir(con) / "runs" / f"{mode}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _ensure_priors(con, config: TrainConfig, images, components, progress: ProgressHook) -> dict[str, list]:
+    """Class-prior pools per class prompt, generating the missing ones with the base model (DreamBooth recipe)."""
+    from pipelines.priors import class_priors, default_prior_count
+
+    prompts: dict[str, int] = {}
+    for image in images:
+        if not image.class_prompt:
+            raise TrainingError(
+                f"Image {image.image_id[:12]} has no class prompt for prior preservation: give --class-prompt, "
+                "set a class noun on its concept (`workbench concepts`), or pass --no-prior-preservation."
+            )
+        prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
+    pools = train_data.class_prior_images(con, config, list(prompts), config.model)
+    short = {p: n for p, n in prompts.items() if len(pools[p]) < _wanted(config, n)}
+    if short:
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
+        from workbench.models import resolve_device
+
+        device = resolve_device(config.device)
+        pipe = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+            unet=components.unet, scheduler=PNDMScheduler.from_config(components.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        for prompt, count in short.items():
+            class_priors(
+                con, pipe, class_prompt=prompt, model_name=config.model, out_dir=catalog_project_dir(con) / "class_priors",
+                num_images=_wanted(config, count), batch_size=config.sample_batch_size, seed=config.seed,
+                resolution=config.resolution, num_inference_steps=config.prior_inference_steps, progress=progress,
+            )
+        pipe.to("cpu")
+        pools = train_data.class_prior_images(con, config, list(prompts), config.model)
+    return pools
+
+
+def _wanted(config: TrainConfig, instance_count: int) -> int:
+    if config.num_class_images is not None:
+        return config.num_class_images
+    return max(1, min(config.max_class_images, 200 * instance_count))
+
+
+def trained_model(
+    con: duckdb.DuckDBPyConnection,
+    config: TrainConfig,
+    *,
+    components=None,
+    progress: ProgressHook = null_progress,
+) -> TrainResult:
+    """A LoRA, DreamBooth or fine-tuned model trained on the `dataset` view, recorded in `runs` and `training_runs`."""
+    config.validate()
+    if config.resume and not config.output_dir:
+        raise TrainingError("--resume needs the --output-dir of the run to continue.")
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
+    images = train_data.training_images(con, config)
+    if components is None:
+        from workbench.models import load_sd_components
+
+        progress(task="load model", message=f"loading {config.model}")
+        components = load_sd_components(config.model, device="cpu", dtype="float32")
+    priors = None
+    if config.mode == "dreambooth" and config.with_prior_preservation:
+        priors = _ensure_priors(con, config, images, components, progress)
+    class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
+    train_id = con.execute(
+        "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir) "
+        "VALUES (?, ?, 'running', ?, ?, ?, ?) RETURNING train_id",
+        [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir)],
+    ).fetchone()[0]
+    params = {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)}
+    try:
+        with record_run(con, f"train:{config.mode}", params) as run:
+            result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
+            run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
+            con.execute(
+                "UPDATE training_runs SET run_id = ?, status = 'ok', outputs = ?, steps = ?, final_loss = ?, seconds = ?, "
+                "finished_at = current_timestamp WHERE train_id = ?",
+                [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
+            )
+    except BaseException as error:
+        status = "cancelled" if error.__class__.__name__ == "StepCancelled" or isinstance(error, KeyboardInterrupt) else "failed"
+        con.execute(
+            "UPDATE training_runs SET status = ?, error = ?, finished_at = current_timestamp WHERE train_id = ?",
+            [status, f"{error.__class__.__name__}: {error}", train_id],
+        )
+        raise
+    result.train_id = train_id
+    if config.evaluate:
+        from pipelines.train.evaluate import run_metrics
+
+        try:
+            result.metrics = run_metrics(con, train_id, clip_model=config.clip_model, device=config.device, progress=progress)
+        except Exception as error:  # evaluation must never cost a finished training run
+            result.metrics = {"error": f"{error.__class__.__name__}: {error}"}
+            con.execute("UPDATE training_runs SET metrics = ? WHERE train_id = ?", [json.dumps(result.metrics), train_id])
+    return result
