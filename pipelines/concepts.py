@@ -1,0 +1,347 @@
+"""Concepts: trigger token, class noun and repeat count for groups of images (kohya `N_trigger class` folders).
+
+An image belongs to at most one concept, the way a file sits in one kohya subset folder.
+Assignments have a source; a later assignment replaces an earlier one except that a
+manual one (`assign_images_to_concept`, the TUI) is only replaced by another manual one,
+and folder names read at ingest (`concepts_from_folder_names`) never replace anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import duckdb
+
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+# kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
+# back with "_") the class tokens; folders without a number are ignored, repeats < 1 too.
+MIN_ID_PREFIX = 6
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept as stored in the catalog, with how many images it has."""
+
+    name: str
+    trigger: str
+    class_noun: str | None
+    repeats: int
+    images: int = 0
+    in_dataset: int = 0
+    where_sql: str | None = None
+    folder: str | None = None
+
+    @property
+    def class_tokens(self) -> str:
+        """What kohya calls class_tokens: "trigger class" (the caption of an image without a caption file)."""
+        return f"{self.trigger} {self.class_noun}" if self.class_noun else self.trigger
+
+
+def parse_kohya_folder_name(name: str) -> tuple[int, str, str | None] | None:
+    """(repeats, trigger, class) from a kohya folder name like `10_sks dog`; None if it is not one."""
+    tokens = name.split("_")
+    try:
+        repeats = int(tokens[0])
+    except ValueError:
+        return None
+    if repeats < 1:
+        return None
+    words = "_".join(tokens[1:]).split()
+    if not words:
+        return None
+    return repeats, words[0], " ".join(words[1:]) or None
+
+
+def _check_text(label: str, value: str | None, *, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise ValueError(f"{label} is required")
+        return None
+    value = value.strip()
+    if not value:
+        if required:
+            raise ValueError(f"{label} must not be empty")
+        return None
+    if any(ord(ch) < 32 for ch in value):
+        raise ValueError(f"{label} {value!r} must not contain control characters or line breaks")
+    return value
+
+
+def _one_select(condition: str) -> str:
+    """The query selecting image_ids by `condition`, refused unless it is exactly one SELECT."""
+    # the outer query keeps only real image ids, whatever the condition's text does
+    query = f"SELECT image_id FROM images WHERE image_id IN (SELECT image_id FROM images_view WHERE ({condition}))"
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as error:
+        raise ValueError(f"--where is not a valid SQL condition: {error}") from None
+    if len(statements) != 1 or statements[0].type.name.upper() != "SELECT":
+        raise ValueError("--where must be a single SQL condition on images_view (no ';' or other statements)")
+    return query
+
+
+def resolve_image_ids(con: duckdb.DuckDBPyConnection, ids: Iterable[str]) -> list[str]:
+    """Full image_ids from full ids or unique prefixes (at least 6 hex characters); errors name every bad one."""
+    resolved, problems = [], []
+    for raw in ids:
+        key = raw.strip().lower()
+        if len(key) < MIN_ID_PREFIX or not re.fullmatch(r"[0-9a-f]+", key):
+            problems.append(f"{raw!r} is not an image id (hex, at least {MIN_ID_PREFIX} characters)")
+            continue
+        rows = con.execute("SELECT image_id FROM images WHERE starts_with(image_id, ?) LIMIT 2", [key]).fetchall()
+        if not rows:
+            problems.append(f"no image {raw}")
+        elif len(rows) > 1:
+            problems.append(f"{raw} matches several images; give more characters")
+        else:
+            resolved.append(rows[0][0])
+    if problems:
+        raise ValueError("; ".join(problems))
+    return list(dict.fromkeys(resolved))
+
+
+def get_concept(con: duckdb.DuckDBPyConnection, name: str) -> Concept | None:
+    """The concept called `name`, or None."""
+    for concept in list_concepts(con):
+        if concept.name == name:
+            return concept
+    return None
+
+
+def list_concepts(con: duckdb.DuckDBPyConnection) -> list[Concept]:
+    """Every concept with its image counts (all images, and those in `dataset`)."""
+    rows = con.execute(
+        """
+        SELECT c.name, c.trigger_token, c.class_noun, c.repeats,
+               count(ci.image_id) AS images,
+               count(d.image_id) AS in_dataset,
+               c.where_sql, c.folder
+        FROM concepts c
+        LEFT JOIN concept_images ci ON ci.concept = c.name
+        LEFT JOIN dataset d ON d.image_id = ci.image_id
+        GROUP BY ALL ORDER BY c.name
+        """
+    ).fetchall()
+    return [Concept(*row) for row in rows]
+
+
+def _assign(con: duckdb.DuckDBPyConnection, name: str, image_ids: Sequence[str], source: str) -> int:
+    """Assign images in one statement; a non-manual source does not replace manual assignments."""
+    if not image_ids:
+        return 0
+    con.execute("CREATE OR REPLACE TEMP TABLE concept_assign (image_id VARCHAR)")
+    con.executemany("INSERT INTO concept_assign VALUES (?)", [(i,) for i in image_ids])
+    keep_manual = "" if source == "manual" else "WHERE concept_images.source <> 'manual'"
+    before = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
+    con.execute(
+        f"""
+        INSERT INTO concept_images (image_id, concept, source)
+        SELECT DISTINCT image_id, ?, ? FROM concept_assign
+        ON CONFLICT (image_id) DO UPDATE SET concept = excluded.concept, source = excluded.source,
+            created_at = now() {keep_manual}
+        """,
+        [name, source],
+    )
+    con.execute("DROP TABLE concept_assign")
+    after = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
+    return after - before
+
+
+def _images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
+    """Images with any known path under `folder` (as given, or made absolute)."""
+    prefixes = {folder.rstrip("/\\")}
+    prefixes.add(os.path.abspath(folder).rstrip("/\\"))
+    ids: list[str] = []
+    for prefix in prefixes:
+        ids += [
+            row[0]
+            for row in con.execute(
+                "SELECT DISTINCT image_id FROM paths WHERE starts_with(path, ?)", [prefix + os.sep]
+            ).fetchall()
+        ]
+    return list(dict.fromkeys(ids))
+
+
+def added_concept(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    *,
+    trigger: str,
+    class_noun: str | None = None,
+    repeats: int = 1,
+    where: str | None = None,
+    folder: str | os.PathLike[str] | None = None,
+) -> dict:
+    """Create or update a concept and assign the images matched by `where` and/or `folder`."""
+    name = _check_text("concept name", name, required=True)
+    trigger = _check_text("trigger", trigger, required=True)
+    class_noun = _check_text("class", class_noun, required=False)
+    if len(trigger.split()) != 1:
+        raise ValueError(f"trigger {trigger!r} must be one token (no spaces)")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number of at least 1, not {repeats!r}")
+    where = _check_text("where", where, required=False) if where is not None else None
+    query = _one_select(where) if where else None
+    folder_text = os.fspath(folder) if folder is not None else None
+    if folder_text is not None and not folder_text.strip():
+        raise ValueError("folder must not be empty")
+
+    matched_where: list[str] = []
+    if query:
+        try:
+            matched_where = [row[0] for row in con.execute(query).fetchall()]
+        except duckdb.Error as error:
+            raise ValueError(f"--where failed on images_view: {error}") from None
+    matched_folder = _images_in_folder(con, folder_text) if folder_text else []
+
+    params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}
+    with record_run(con, "concept", params) as run:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            existed = bool(con.execute("SELECT count(*) FROM concepts WHERE name = ?", [name]).fetchone()[0])
+            con.execute(
+                """
+                INSERT INTO concepts (name, trigger_token, class_noun, repeats, where_sql, folder)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET trigger_token = excluded.trigger_token,
+                    class_noun = excluded.class_noun, repeats = excluded.repeats,
+                    where_sql = coalesce(excluded.where_sql, concepts.where_sql),
+                    folder = coalesce(excluded.folder, concepts.folder)
+                """,
+                [name, trigger, class_noun, repeats, where, folder_text],
+            )
+            assigned = _assign(con, name, matched_where, "where") + _assign(con, name, matched_folder, "folder")
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        concept = get_concept(con, name)
+        run.counts = {
+            "updated" if existed else "created": 1,
+            "matched_where": len(matched_where),
+            "matched_folder": len(matched_folder),
+            "newly_assigned": assigned,
+            "images": concept.images,
+        }
+    return {"concept": name, **run.counts}
+
+
+def assign_images_to_concept(con: duckdb.DuckDBPyConnection, name: str, image_ids: Iterable[str]) -> int:
+    """Put images (full ids or unique prefixes) in concept `name` by hand; returns how many changed concept."""
+    if get_concept(con, name) is None:
+        raise ValueError(f"no concept {name!r}; add it first with `workbench concept add`")
+    ids = resolve_image_ids(con, image_ids)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        changed = con.execute(
+            "SELECT count(*) FROM (SELECT unnest(?::VARCHAR[]) AS image_id) a"
+            " LEFT JOIN concept_images ci USING (image_id) WHERE ci.concept IS DISTINCT FROM ?",
+            [ids, name],
+        ).fetchone()[0]
+        _assign(con, name, ids, "manual")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return changed
+
+
+def unassigned_images(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> int:
+    """Take images out of whatever concept they are in; returns how many were in one."""
+    ids = resolve_image_ids(con, image_ids)
+    return con.execute(
+        "DELETE FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+    ).fetchone()[0]
+
+
+def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
+    """Delete a concept and its assignments (images stay in the catalog); returns images released."""
+    if get_concept(con, name) is None:
+        raise ValueError(f"no concept {name!r}")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
+        con.execute("DELETE FROM concepts WHERE name = ?", [name])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return released
+
+
+def concepts_from_folder_names(con: duckdb.DuckDBPyConnection, *, progress: ProgressHook = null_progress) -> int:
+    """Concepts from kohya folder names (`10_sks dog`: 10 repeats, trigger sks, class dog) of image paths.
+
+    The folder is the image's parent folder, as kohya reads subset folders (not recursively).
+    Existing concepts keep their settings and images already in a concept stay there.
+    Returns the number of images newly assigned.
+    """
+    rows = con.execute(
+        """
+        SELECT p.image_id, p.path FROM paths p JOIN images i USING (image_id)
+        WHERE NOT p.missing AND i.role = 'instance' ORDER BY p.seq
+        """
+    ).fetchall()
+    found: dict[str, tuple[int, str, str | None]] = {}
+    members: dict[str, list[str]] = {}
+    seen_images: set[str] = set()
+    for image_id, path in rows:
+        folder_name = Path(path).parent.name
+        parsed = parse_kohya_folder_name(folder_name)
+        if parsed is None or image_id in seen_images:
+            continue
+        seen_images.add(image_id)  # an image in several concept folders joins the first seen
+        repeats, trigger, class_noun = parsed
+        name = f"{trigger} {class_noun}" if class_noun else trigger
+        if name in found and found[name][0] != repeats:
+            progress(task="concepts", message=f"folder {folder_name!r}: concept {name!r} already has {found[name][0]} repeats; keeping that")
+        found.setdefault(name, parsed)
+        members.setdefault(name, []).append(image_id)
+    if not found:
+        return 0
+    existing = {c.name for c in list_concepts(con)}
+    assigned = 0
+    created = 0
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for name, (repeats, trigger, class_noun) in found.items():
+            if name not in existing:
+                con.execute(
+                    "INSERT INTO concepts (name, trigger_token, class_noun, repeats) VALUES (?, ?, ?, ?)",
+                    [name, trigger, class_noun, repeats],
+                )
+                created += 1
+            con.execute("CREATE OR REPLACE TEMP TABLE concept_assign (image_id VARCHAR)")
+            con.executemany("INSERT INTO concept_assign VALUES (?)", [(i,) for i in members[name]])
+            assigned += con.execute(
+                "INSERT INTO concept_images (image_id, concept, source)"
+                " SELECT image_id, ?, 'folder_name' FROM concept_assign ON CONFLICT DO NOTHING",
+                [name],
+            ).fetchone()[0]
+            con.execute("DROP TABLE concept_assign")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    progress(task="concepts", message=f"{created} concept(s) from folder names, {assigned} image(s) assigned")
+    return assigned
+
+
+__all__ = [
+    "Concept",
+    "added_concept",
+    "assign_images_to_concept",
+    "concepts_from_folder_names",
+    "get_concept",
+    "list_concepts",
+    "parse_kohya_folder_name",
+    "removed_concept",
+    "resolve_image_ids",
+    "unassigned_images",
+]

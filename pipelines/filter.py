@@ -1,0 +1,283 @@
+"""Declarative filters: each failing rule is an `exclusions` row (step `filter:<rule>`) with a human reason.
+
+Default thresholds and why (all can be changed by flags or the `[filter]` table of workbench.toml):
+
+- `min_side` 256 px: LAION's basic filter keeps short side >= 200 px; SD 1.x trains at 512, where
+  kohya's smallest bucket side is 256 (`min_bucket_reso`), so a short side under 256 is upscaled
+  more than 2x in a 512-area bucket, which shows as softness. 0 turns the rule off.
+- `max_aspect` 3.0: the same basic filter's aspect <= 3; kohya's most extreme 512 bucket is
+  1024x256 (4:1), and anything past 3:1 loses most of its long side to the crop. 0 turns it off.
+- `min_clip_score` off by default: the threshold depends on the CLIP model. LAION-2B kept
+  ViT-B/32 cosine >= 0.28 (DataComp: B/32 > 0.25); use 0.28 with ViT-B/32 scores.
+- quality flags (off unless asked; cleanvision-like issue types, measured on the ~128 px grayscale
+  decode that ingest makes; checked on sample_data/photos, see tests/test_filter.py):
+  - `blurry`: variance of the 4-neighbour Laplacian < `blur_threshold` 15. Sharp photos in
+    sample_data/photos score 24..6600; the same photos Gaussian-blurred by 3 px at the 128 px decode
+    (about 12 px at 512, clearly out of focus) score 2..10 (line art 15). A mild 2 px blur scores
+    2..50 and is caught only on low-texture photos: the rule flags clearly soft images, not slightly soft ones.
+  - `dark`: mean + 2.33 std of luminance < `dark_threshold` 56, i.e. roughly the 99th-percentile
+    luminance below 22% of white (cleanvision's dark score is a high percentile of brightness).
+    A night sky with stars (hubble.jpg: mean 20) passes; the same photos at 15% exposure fail.
+  - `overexposed`: mean - 1.64 std > `bright_threshold` 170, i.e. roughly the 5th percentile
+    already light grey (cleanvision's "light" looks at the dark end of the histogram).
+  - `low_information`: histogram entropy < `entropy_threshold` 1.5 bits (cleanlab Datalab's
+    low_information threshold 0.15 x normalizing factor 10); a flat or near-flat image scores
+    about 0, a black-on-white silhouette about 2, photos 4..8.
+- duplicates are already excluded by `workbench dedup` (step 'dedup'); filters do not touch them.
+- manual: `manual_exclusions` (step 'manual', with a reason) and `manual_inclusions`, which win
+  over every `filter:*` rule (an included image gets no filter rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterable, Mapping
+
+import duckdb
+
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+FILTER_STEP_PREFIX = "filter:"
+MANUAL_STEP = "manual"
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    """Which rules run and their thresholds; None / False / 0 turns a rule off."""
+
+    min_clip_score: float | None = None
+    min_side: int | None = 256
+    max_aspect: float | None = 3.0
+    blurry: bool = False
+    blur_threshold: float = 15.0
+    dark: bool = False
+    dark_threshold: float = 56.0
+    overexposed: bool = False
+    bright_threshold: float = 170.0
+    low_information: bool = False
+    entropy_threshold: float = 1.5
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"filter.{f.name} must be true or false, not {value!r}")
+                continue
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"filter.{f.name} must be a number, not {value!r}")
+            if value < 0:
+                raise ValueError(f"filter.{f.name} must not be negative ({value})")
+        if self.max_aspect is not None and 0 < self.max_aspect < 1:
+            raise ValueError(f"filter.max_aspect is long side / short side, at least 1 (got {self.max_aspect})")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base: "FilterRules | None" = None) -> "FilterRules":
+        """Rules from a mapping such as the `[filter]` TOML table; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown filter setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(base or cls(), **dict(values))
+
+    def with_overrides(self, **overrides: Any) -> "FilterRules":
+        """A copy with the given settings replaced; None values mean "not given" and are skipped."""
+        return self.from_mapping({k: v for k, v in overrides.items() if v is not None}, base=self)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}" if float(value).is_integer() else f"{value:.3g}"
+
+
+def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?", [view, column]
+        ).fetchone()[0]
+    )
+
+
+def _rule_checks(rules: FilterRules, has_clip: bool) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """(rule name, function row -> reason or None) for each active rule, and skipped rules with why."""
+    checks: list[tuple[str, Any]] = []
+    skipped: dict[str, str] = {}
+
+    def min_side(r, n=rules.min_side):
+        side = min(r["width"], r["height"])
+        return f"short side {side} px < {n}" if side < n else None
+
+    def max_aspect(r, limit=rules.max_aspect):
+        ratio = max(r["width"], r["height"]) / min(r["width"], r["height"])
+        return f"aspect ratio {ratio:.2f} > {_fmt(limit)}" if ratio > limit else None
+
+    def min_clip_score(r, low=rules.min_clip_score):
+        score = r["clip_score"]
+        return f"CLIP score {score:.3f} < {_fmt(low)}" if score is not None and score < low else None
+
+    def blurry(r, t=rules.blur_threshold):
+        return f"blurry: variance of Laplacian {r['blur']:.1f} < {_fmt(t)}" if r["blur"] is not None and r["blur"] < t else None
+
+    def dark(r, t=rules.dark_threshold):
+        if r["brightness"] is None or r["contrast"] is None:
+            return None
+        top = r["brightness"] + 2.33 * r["contrast"]  # ~99th percentile luminance
+        return f"dark: bright end of luminance ~{top:.0f} < {_fmt(t)} (mean {r['brightness']:.0f})" if top < t else None
+
+    def overexposed(r, t=rules.bright_threshold):
+        if r["brightness"] is None or r["contrast"] is None:
+            return None
+        bottom = r["brightness"] - 1.64 * r["contrast"]  # ~5th percentile luminance
+        return (f"overexposed: dark end of luminance ~{bottom:.0f} > {_fmt(t)} (mean {r['brightness']:.0f})"
+                if bottom > t else None)
+
+    def low_information(r, t=rules.entropy_threshold):
+        entropy = r["entropy"]
+        return f"low information: entropy {entropy:.2f} bits < {_fmt(t)}" if entropy is not None and entropy < t else None
+
+    if rules.min_side:
+        checks.append(("min_side", min_side))
+    if rules.max_aspect:
+        checks.append(("max_aspect", max_aspect))
+    if rules.min_clip_score is not None:
+        if has_clip:
+            checks.append(("min_clip_score", min_clip_score))
+        else:
+            skipped["min_clip_score"] = "no clip_score column yet: run `workbench score` first; rule skipped"
+    for name, check in (("blurry", blurry), ("dark", dark), ("overexposed", overexposed),
+                        ("low_information", low_information)):
+        if getattr(rules, name):
+            checks.append((name, check))
+    return checks, skipped
+
+
+def filtered_dataset(
+    con: duckdb.DuckDBPyConnection,
+    rules: FilterRules,
+    *,
+    dry_run: bool = False,
+    progress: ProgressHook = null_progress,
+) -> dict:
+    """The dataset after `rules`: replaces every `filter:*` exclusion row (or, dry run, only counts them)."""
+    has_clip = _has_column(con, "images_view", "clip_score")
+    checks, skipped = _rule_checks(rules, has_clip)
+    for rule, why in skipped.items():
+        progress(task="filter", message=f"{rule}: {why}")
+    clip_col = "v.clip_score" if has_clip else "NULL::DOUBLE AS clip_score"
+    rows = con.execute(
+        f"""
+        SELECT v.image_id, v.width, v.height, v.brightness, v.contrast, v.blur, v.entropy, {clip_col},
+               EXISTS (SELECT 1 FROM manual_includes m WHERE m.image_id = v.image_id) AS included,
+               EXISTS (SELECT 1 FROM exclusions e WHERE e.image_id = v.image_id
+                       AND NOT starts_with(e.step, '{FILTER_STEP_PREFIX}')) AS excluded_elsewhere
+        FROM images_view v
+        WHERE v.status = 'ok' AND v.width > 0 AND v.height > 0
+        ORDER BY v.image_id
+        """
+    )
+    names = [d[0] for d in rows.description]
+    records = [dict(zip(names, row)) for row in rows.fetchall()]
+    total = len(records)
+    progress(task="filter", completed=0, total=total)
+    new_rows: list[tuple[str, str, str]] = []
+    per_rule = {rule: 0 for rule, _ in checks}
+    dropped: set[str] = set()
+    candidates = 0
+    included = 0
+    for done, record in enumerate(records, 1):
+        if record["included"]:
+            included += 1
+            continue
+        if not record["excluded_elsewhere"]:
+            candidates += 1
+        for rule, check in checks:
+            reason = check(record)
+            if reason:
+                new_rows.append((record["image_id"], FILTER_STEP_PREFIX + rule, reason))
+                if not record["excluded_elsewhere"]:
+                    per_rule[rule] += 1
+                    dropped.add(record["image_id"])
+        if done % 5000 == 0 or done == total:
+            progress(task="filter", completed=done, total=total)
+    summary: dict[str, Any] = {
+        "checked": candidates,
+        **{f"rule {rule}": n for rule, n in per_rule.items()},
+        "excluded": len(dropped),
+        "kept": candidates - len(dropped),
+        "manually_included": included,
+        "dry_run": dry_run,
+    }
+    if skipped:
+        summary["skipped_rules"] = skipped
+    if dry_run:
+        return summary
+    with record_run(con, "filter", rules.as_dict()) as run:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"DELETE FROM exclusions WHERE starts_with(step, '{FILTER_STEP_PREFIX}')")
+            if new_rows:
+                con.executemany("INSERT INTO exclusions (image_id, step, reason) VALUES (?, ?, ?)", new_rows)
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        run.counts = {k: v for k, v in summary.items() if k not in ("dry_run", "skipped_rules")}
+    return summary
+
+
+def _resolve(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> list[str]:
+    from pipelines.concepts import resolve_image_ids
+
+    ids = resolve_image_ids(con, image_ids)
+    if not ids:
+        raise ValueError("give at least one image id")
+    return ids
+
+
+def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], reason: str) -> int:
+    """Exclude images by hand with a reason (step 'manual'); also drops any manual include. Returns count."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValueError("a manual exclusion needs a reason (--reason)")
+    ids = _resolve(con, image_ids)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.executemany(
+            "INSERT INTO exclusions (image_id, step, reason) VALUES (?, ?, ?)"
+            " ON CONFLICT (image_id, step) DO UPDATE SET reason = excluded.reason, created_at = now()",
+            [(i, MANUAL_STEP, f"manual: {reason}") for i in ids],
+        )
+        con.execute("DELETE FROM manual_includes WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return len(ids)
+
+
+def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
+    """Include images by hand: removes their manual and filter exclusions; later filters skip them."""
+    ids = _resolve(con, image_ids)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.executemany("INSERT INTO manual_includes (image_id) VALUES (?) ON CONFLICT DO NOTHING", [(i,) for i in ids])
+        removed = con.execute(
+            f"DELETE FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))"
+            f" AND (step = '{MANUAL_STEP}' OR starts_with(step, '{FILTER_STEP_PREFIX}'))",
+            [ids],
+        ).fetchone()[0]
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    still = con.execute(
+        "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+    ).fetchone()[0]
+    return {"included": len(ids), "exclusions_removed": removed, "still_excluded_by_other_steps": still}

@@ -1,0 +1,162 @@
+"""Concepts: kohya folder names, assignment by SQL / folder / hand, precedence, views, CLI."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.concepts import (
+    added_concept,
+    assign_images_to_concept,
+    concepts_from_folder_names,
+    get_concept,
+    list_concepts,
+    parse_kohya_folder_name,
+    removed_concept,
+    resolve_image_ids,
+    unassigned_images,
+)
+
+
+def _add_image(con, n: int, path: str, width: int = 512, height: int = 512, role: str = "instance") -> str:
+    image_id = f"{n:02x}" * 32
+    con.execute(
+        "INSERT INTO images (image_id, width, height, status, role) VALUES (?, ?, ?, 'ok', ?)",
+        [image_id, width, height, role],
+    )
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?, ?, ?)", [path, path.encode(), image_id, n])
+    return image_id
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("10_sks dog", (10, "sks", "dog")),
+        ("1_images", (1, "images", None)),
+        ("3_ohwx  golden   retriever", (3, "ohwx", "golden retriever")),
+        ("5_a_b c", (5, "a_b", "c")),  # kohya joins everything after the first "_" back with "_"
+        ("sks dog", None),  # no repeat count: kohya ignores the folder
+        ("0_sks dog", None),  # repeats < 1 are skipped by kohya
+        ("10_", None),
+        ("x_sks dog", None),
+    ],
+)
+def test_parse_kohya_folder_name(name, expected):
+    assert parse_kohya_folder_name(name) == expected
+
+
+def test_concepts_from_folder_names_reads_parent_folders_once(con):
+    a = _add_image(con, 1, "/data/10_sks dog/a.jpg")
+    b = _add_image(con, 2, "/data/10_sks dog/b.jpg")
+    c = _add_image(con, 3, "/data/other/c.jpg")
+    d = _add_image(con, 4, "/data/2_zwx/d.jpg")
+    prior = _add_image(con, 5, "/data/1_dog/p.jpg", role="class_prior")
+    assert concepts_from_folder_names(con) == 3
+    assert concepts_from_folder_names(con) == 0  # idempotent
+    concepts = {c.name: c for c in list_concepts(con)}
+    assert set(concepts) == {"sks dog", "zwx"}
+    assert (concepts["sks dog"].trigger, concepts["sks dog"].class_noun, concepts["sks dog"].repeats) == ("sks", "dog", 10)
+    assert concepts["sks dog"].class_tokens == "sks dog"
+    assert (concepts["zwx"].class_noun, concepts["zwx"].repeats, concepts["zwx"].images) == (None, 2, 1)
+    rows = dict(con.execute("SELECT image_id, concept FROM images_view").fetchall())
+    assert rows[a] == rows[b] == "sks dog" and rows[d] == "zwx"
+    assert rows[c] is None and rows[prior] is None
+
+
+def test_folder_names_do_not_override_existing_concepts_or_assignments(con):
+    a = _add_image(con, 1, "/data/10_sks dog/a.jpg")
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=4)
+    added_concept(con, "mine", trigger="zz", where=f"image_id = '{a}'")
+    concepts_from_folder_names(con)
+    assert get_concept(con, "sks dog").repeats == 4
+    assert con.execute("SELECT concept FROM concept_images WHERE image_id = ?", [a]).fetchone()[0] == "mine"
+
+
+def test_add_by_where_and_folder_and_views_expose_the_concept(con, tmp_path):
+    big = _add_image(con, 1, "/data/a/big.jpg", 1024, 1024)
+    small = _add_image(con, 2, "/data/a/small.jpg", 256, 256)
+    other = _add_image(con, 3, "/data/b/other.jpg", 300, 300)
+    summary = added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=10, where="width >= 1024")
+    assert summary["newly_assigned"] == 1 and summary["created"] == 1
+    summary = added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=12, folder="/data/b")
+    assert summary["updated"] == 1 and summary["newly_assigned"] == 1
+    row = con.execute(
+        "SELECT concept, concept_trigger, concept_class, concept_repeats FROM dataset WHERE image_id = ?", [big]
+    ).fetchone()
+    assert row == ("sks dog", "sks", "dog", 12)
+    assert con.execute("SELECT concept FROM dataset WHERE image_id = ?", [small]).fetchone()[0] is None
+    assert con.execute("SELECT concept FROM dataset WHERE image_id = ?", [other]).fetchone()[0] == "sks dog"
+    # the folder prefix is a folder, not a string prefix: /data/bb is not under /data/b
+    _add_image(con, 4, "/data/bb/x.jpg")
+    assert added_concept(con, "sks dog", trigger="sks", folder="/data/b")["matched_folder"] == 1
+
+
+def test_manual_assignment_wins_over_later_rules_and_remove_releases(con):
+    a = _add_image(con, 1, "/data/a.jpg")
+    b = _add_image(con, 2, "/data/b.jpg")
+    added_concept(con, "first", trigger="aaa")
+    assert assign_images_to_concept(con, "first", [a[:10]]) == 1  # a unique prefix is enough
+    added_concept(con, "second", trigger="bbb", where="true")
+    assigned = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
+    assert assigned == {a: "first", b: "second"}
+    assert assign_images_to_concept(con, "second", [a]) == 1  # manual moves it
+    assert unassigned_images(con, [b]) == 1
+    assert removed_concept(con, "second") == 1
+    assert get_concept(con, "second") is None
+    assert con.execute("SELECT count(*) FROM concept_images").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2  # images untouched
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"trigger": "two words"}, "one token"),
+        ({"trigger": ""}, "empty"),
+        ({"trigger": "sks", "repeats": 0}, "repeats"),
+        ({"trigger": "sks", "where": "1=1; DROP TABLE images"}, "where"),
+        ({"trigger": "sks", "where": "1=1) UNION SELECT 'x' --"}, "where"),
+        ({"trigger": "sks", "where": "no_such_column > 1"}, "where"),
+        ({"trigger": "sks\nx"}, "control"),
+    ],
+)
+def test_bad_concepts_are_refused_and_nothing_changes(con, kwargs, message):
+    _add_image(con, 1, "/data/a.jpg")
+    with pytest.raises(ValueError, match=message):
+        added_concept(con, "c", **kwargs)
+    assert list_concepts(con) == []
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 1
+
+
+def test_resolve_image_ids_reports_unknown_short_and_ambiguous(con):
+    a = _add_image(con, 1, "/data/a.jpg")
+    con.execute("INSERT INTO images (image_id, status) VALUES (?, 'ok')", ["0101010101ff" + "0" * 52])
+    assert resolve_image_ids(con, [a.upper()]) == [a]
+    with pytest.raises(ValueError, match="several"):
+        resolve_image_ids(con, ["01010101"])
+    with pytest.raises(ValueError, match="no image"):
+        resolve_image_ids(con, ["abcdef12"])
+    with pytest.raises(ValueError, match="not an image id"):
+        resolve_image_ids(con, ["../x"])
+
+
+def test_concept_cli(catalog_path, con):
+    from workbench.cli import app
+
+    a = _add_image(con, 1, "/data/a.jpg", 1024, 768)
+    con.close()
+    runner = CliRunner()
+    cat = ["--catalog", str(catalog_path)]
+    result = runner.invoke(app, ["concept", "add", "sks dog", "--trigger", "sks", "--class", "dog", "--repeats", "10",
+                                 "--where", "width > 1000", *cat])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["concept", "list", *cat])
+    assert result.exit_code == 0 and "sks dog" in result.output and "10" in result.output
+    result = runner.invoke(app, ["concept", "add", "bad", "--trigger", "two words", *cat])
+    assert result.exit_code == 2 and "one token" in result.output
+    result = runner.invoke(app, ["concept", "assign", "sks dog", "ffffff", *cat])
+    assert result.exit_code == 2 and "no image" in result.output
+    result = runner.invoke(app, ["concept", "remove", "sks dog", *cat])
+    assert result.exit_code == 0 and "1 image" in result.output
+    result = runner.invoke(app, ["concept", "remove", "sks dog", *cat])
+    assert result.exit_code == 2 and "no concept" in result.output
+    assert a

@@ -1,0 +1,198 @@
+"""Filters: reasons per rule, clean recompute, dry run, manual include/exclude, config, thresholds on real photos."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.filter import FilterRules, filtered_dataset, manual_exclusions, manual_inclusions
+
+SAMPLE_PHOTOS = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
+
+
+def _add_image(con, n: int, width: int, height: int, **stats) -> str:
+    image_id = f"{n:02x}" * 32
+    values = {"brightness": 120.0, "contrast": 50.0, "blur": 500.0, "entropy": 7.0, **stats}
+    con.execute(
+        "INSERT INTO images (image_id, width, height, status, brightness, contrast, blur, entropy)"
+        " VALUES (?, ?, ?, 'ok', ?, ?, ?, ?)",
+        [image_id, width, height, values["brightness"], values["contrast"], values["blur"], values["entropy"]],
+    )
+    path = f"/data/img{n}.jpg"
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?, ?, ?)", [path, path.encode(), image_id, n])
+    return image_id
+
+
+def _reasons(con) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for image_id, step, reason in con.execute("SELECT image_id, step, reason FROM exclusions ORDER BY step").fetchall():
+        out.setdefault(image_id, []).append((step, reason))
+    return out
+
+
+def test_each_rule_writes_a_human_reason(con):
+    small = _add_image(con, 1, 180, 400)
+    wide = _add_image(con, 2, 1600, 400)
+    blurry = _add_image(con, 3, 512, 512, blur=3.0)
+    dark = _add_image(con, 4, 512, 512, brightness=8.0, contrast=3.0)
+    bright = _add_image(con, 5, 512, 512, brightness=250.0, contrast=4.0)
+    flat = _add_image(con, 6, 512, 512, entropy=0.2)
+    good = _add_image(con, 7, 512, 512)
+    rules = FilterRules(blurry=True, dark=True, overexposed=True, low_information=True)
+    summary = filtered_dataset(con, rules)
+    reasons = _reasons(con)
+    assert reasons[small] == [("filter:min_side", "short side 180 px < 256")]
+    assert reasons[wide] == [("filter:max_aspect", "aspect ratio 4.00 > 3")]
+    assert reasons[blurry] == [("filter:blurry", "blurry: variance of Laplacian 3.0 < 15")]
+    assert reasons[dark][0][0] == "filter:dark" and "< 56" in reasons[dark][0][1]
+    assert reasons[bright][0][0] == "filter:overexposed" and "> 170" in reasons[bright][0][1]
+    assert reasons[flat] == [("filter:low_information", "low information: entropy 0.20 bits < 1.5")]
+    assert good not in reasons
+    assert summary["excluded"] == 6 and summary["kept"] == 1 and summary["rule min_side"] == 1
+    excluded = dict(con.execute("SELECT image_id, exclusion_reason FROM images_view WHERE excluded").fetchall())
+    assert excluded[small] == "short side 180 px < 256"
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 1
+
+
+def test_rerun_with_other_thresholds_recomputes_cleanly(con):
+    a = _add_image(con, 1, 300, 300)
+    b = _add_image(con, 2, 500, 500)
+    filtered_dataset(con, FilterRules(min_side=400))
+    assert set(_reasons(con)) == {a}
+    filtered_dataset(con, FilterRules(min_side=600))
+    assert _reasons(con)[a] == [("filter:min_side", "short side 300 px < 600")]
+    assert _reasons(con)[b] == [("filter:min_side", "short side 500 px < 600")]
+    filtered_dataset(con, FilterRules(min_side=None, max_aspect=None))
+    assert _reasons(con) == {}
+    runs = con.execute("SELECT count(*) FROM runs WHERE step = 'filter' AND status = 'ok'").fetchone()[0]
+    assert runs == 3
+
+
+def test_dry_run_counts_without_writing(con):
+    _add_image(con, 1, 100, 100)
+    _add_image(con, 2, 900, 100)
+    _add_image(con, 3, 600, 600)
+    summary = filtered_dataset(con, FilterRules(), dry_run=True)
+    assert summary["rule min_side"] == 2 and summary["rule max_aspect"] == 1
+    assert summary["excluded"] == 2 and summary["kept"] == 1 and summary["dry_run"] is True
+    assert con.execute("SELECT count(*) FROM exclusions").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM runs WHERE step = 'filter'").fetchone()[0] == 0
+
+
+def test_other_steps_exclusions_are_kept_and_not_counted(con):
+    dup = _add_image(con, 1, 100, 100)
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'dedup', 'duplicate of x')", [dup])
+    summary = filtered_dataset(con, FilterRules())
+    assert summary["checked"] == 0 and summary["excluded"] == 0
+    assert [s for s, _ in _reasons(con)[dup]] == ["dedup", "filter:min_side"]
+    filtered_dataset(con, FilterRules(min_side=None))
+    assert _reasons(con)[dup] == [("dedup", "duplicate of x")]
+
+
+def test_manual_include_overrides_filters_and_manual_exclude_has_reason(con):
+    small = _add_image(con, 1, 100, 100)
+    fine = _add_image(con, 2, 600, 600)
+    filtered_dataset(con, FilterRules())
+    result = manual_inclusions(con, [small[:8]])
+    assert result == {"included": 1, "exclusions_removed": 1, "still_excluded_by_other_steps": 0}
+    summary = filtered_dataset(con, FilterRules(min_side=1000))
+    assert small not in _reasons(con) and fine in _reasons(con)
+    assert summary["manually_included"] == 1
+    assert manual_exclusions(con, [small], "watermark") == 1
+    assert _reasons(con)[small] == [("manual", "manual: watermark")]
+    assert con.execute("SELECT count(*) FROM manual_includes").fetchone()[0] == 0
+    # a filter rerun keeps manual rows
+    filtered_dataset(con, FilterRules(min_side=None))
+    assert _reasons(con) == {small: [("manual", "manual: watermark")]}
+    with pytest.raises(ValueError, match="reason"):
+        manual_exclusions(con, [fine], "  ")
+    with pytest.raises(ValueError, match="no image"):
+        manual_inclusions(con, ["abcdef0123"])
+
+
+def test_clip_rule_is_skipped_with_a_message_when_scores_are_missing(con):
+    _add_image(con, 1, 600, 600)
+    messages = []
+    has_clip = con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'images_view' AND column_name = 'clip_score'"
+    ).fetchone()[0]
+    summary = filtered_dataset(con, FilterRules(min_clip_score=0.28), progress=lambda **kw: messages.append(kw.get("message")))
+    if has_clip:  # once m002 (clip scores) has landed, an unscored image is not excluded either
+        assert "rule min_clip_score" in summary and summary["excluded"] == 0
+    else:
+        assert "min_clip_score" in summary["skipped_rules"]
+        assert any(m and "min_clip_score" in m for m in messages)
+
+
+def test_rules_from_config_table_and_bad_values():
+    rules = FilterRules.from_mapping({"min-side": 384, "blurry": True}).with_overrides(min_side=None, max_aspect=2.0)
+    assert (rules.min_side, rules.blurry, rules.max_aspect) == (384, True, 2.0)
+    for bad, message in [({"min_side": "big"}, "number"), ({"blurry": "yes"}, "true or false"),
+                         ({"nope": 1}, "unknown"), ({"max_aspect": 0.5}, "at least 1"), ({"min_side": -5}, "negative")]:
+        with pytest.raises(ValueError, match=message):
+            FilterRules.from_mapping(bad)
+
+
+def test_filter_cli_reads_config_and_flags_override(catalog_path, con, tmp_path):
+    from workbench.cli import app
+
+    a = _add_image(con, 1, 300, 300)
+    con.close()
+    (catalog_path.parent / "workbench.toml").write_text("[filter]\nmin_side = 400\n")
+    runner = CliRunner()
+    cat = ["--catalog", str(catalog_path)]
+    result = runner.invoke(app, ["filter", "--dry-run", *cat])
+    assert result.exit_code == 0, result.output
+    assert "dry run" in result.output
+    result = runner.invoke(app, ["filter", "--min-side", "200", *cat])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["filter", *cat])
+    assert result.exit_code == 0
+    result = runner.invoke(app, ["sql", "SELECT exclusion_reason FROM images_view", "--format", "csv", *cat])
+    assert "short side 300 px < 400" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[filter]\nmin_sidez = 1\n")
+    result = runner.invoke(app, ["filter", "--config", str(bad), *cat])
+    assert result.exit_code == 2 and "unknown filter setting" in result.output
+    result = runner.invoke(app, ["exclude", a, "--reason", "blurry face", *cat])
+    assert result.exit_code == 0
+    result = runner.invoke(app, ["include", a, *cat])
+    assert result.exit_code == 0 and "exclusions removed" in result.output
+    result = runner.invoke(app, ["exclude", "zz", "--reason", "x", *cat])
+    assert result.exit_code == 2
+
+
+def test_default_quality_thresholds_on_real_photos(con, tmp_path):
+    """sample photos pass the quality rules; the same photos blurred / darkened / blown out / flattened fail."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    from pipelines.ingest import ingested_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["astronaut.jpg", "hubble.jpg", "clock.jpg", "coffee.jpg"]
+    for name in names:
+        shutil.copy(SAMPLE_PHOTOS / name, folder / name)
+        image = Image.open(SAMPLE_PHOTOS / name).convert("RGB")
+        radius = max(image.size) / 128 * 3  # 3 px at the 128 px stats decode: clearly out of focus
+        image.filter(ImageFilter.GaussianBlur(radius)).save(folder / f"blurred_{name}")
+        ImageEnhance.Brightness(image).enhance(0.15).save(folder / f"dark_{name}")
+    Image.new("RGB", (512, 512), (250, 250, 250)).save(folder / "white.png")
+    ingested_images(con, [folder], workers=1)
+    rules = FilterRules(min_side=None, max_aspect=None, blurry=True, dark=True, overexposed=True, low_information=True)
+    filtered_dataset(con, rules)
+    steps = {
+        Path(path).name: set(steps or [])
+        for path, steps in con.execute(
+            "SELECT v.path, list(e.step) FILTER (WHERE e.step IS NOT NULL) FROM images_view v"
+            " LEFT JOIN exclusions e USING (image_id) GROUP BY v.path"
+        ).fetchall()
+    }
+    for name in names:
+        assert steps[name] == set(), name
+        assert "filter:blurry" in steps[f"blurred_{name}"], name
+        assert "filter:dark" in steps[f"dark_{name}"], name
+    assert {"filter:overexposed", "filter:low_information"} <= steps["white.png"]
