@@ -229,6 +229,66 @@ def models_path(
         fail(str(error))
 
 
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (tiny, sd15, sd15-large), Hugging Face id or local folder.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps (default: the best available).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="fp32 (default), fp16 (GPU only) or bf16.")]
+
+
+@app.command()
+def caption(
+    catalog: CatalogOpt = None,
+    model: ModelOpt = "tiny",
+    batch_size: Annotated[int, typer.Option(help="Images per BLIP batch.")] = 8,
+    overwrite: Annotated[bool, typer.Option(help="Caption again images this model already captioned.")] = False,
+    max_length: Annotated[int, typer.Option(help="Longest caption, in tokens.")] = 30,
+    beams: Annotated[int, typer.Option(help="Beam search width (1 = greedy).")] = 1,
+    prompt: Annotated[Optional[str], typer.Option(help="Text BLIP continues, e.g. 'a photography of'.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Wrap each caption: {caption}, {trigger} and {class} of the image's concept.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Image decoding processes (default: up to 4; 0 = none).")] = None,
+    use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
+) -> None:
+    """Caption every usable image with BLIP (resumable), or choose which caption source images use.
+
+    Current caption rule: your --use-source choice, else manual, else sidecar, else the newest model caption.
+
+    Example: workbench caption --model tiny --batch-size 8 --template "photo of {trigger} dog, {caption}"
+    """
+    from pipelines.caption import caption_sources, check_template, chosen_caption_source, model_captions
+    from workbench.models import ModelError, load_blip, model_label, resolve_device, resolve_dtype
+
+    if use_source is not None:
+        con = open_catalog(catalog)
+        try:
+            counts = chosen_caption_source(con, None if use_source == "auto" else use_source)
+        except ValueError as error:
+            fail(str(error))
+        console.print(counts_table("caption source", {**counts, **{f"captions from {k}": v for k, v in caption_sources(con).items()}}))
+        return
+    if batch_size < 1 or max_length < 2 or beams < 1:
+        fail("--batch-size and --beams must be at least 1, --max-length at least 2.")
+    try:
+        check_template(template)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        label = model_label(model, "blip")
+    except (ValueError, ModelError) as error:
+        fail(str(error))
+    con = open_catalog(catalog)
+    try:
+        processor, captioner = load_blip(model, device=torch_device, dtype=torch_dtype)
+    except ModelError as error:
+        fail(str(error))
+    with RichProgress() as progress:
+        counts = model_captions(
+            con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
+            num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
+            workers=workers, progress=progress,
+        )
+    console.print(counts_table(f"caption (source model:{label})", counts))
+
+
 
 # concepts, filter, include/exclude, buckets, export, import-kohya (issue 3, curation)
 
@@ -485,6 +545,204 @@ def import_kohya(
 
 
 # --- priors and training (issue 4) -------------------------------------------
+
+
+train_app = typer.Typer(
+    help="Train on the curated dataset: lora, dreambooth (with prior preservation) or finetune.\n\n"
+    "Every option can also come from --config train.toml (same names, '-' or '_'); options given here win.",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+
+
+def _set_values(pairs: list[str]) -> dict:
+    """--set key=value pairs, values read as TOML (numbers, true/false, [lists]) or else as text."""
+    import tomllib
+
+    values = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            fail(f"--set needs KEY=VALUE, got {pair!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw
+    return values
+
+
+def train_command(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with training options (at top level or in a train table).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset (tiny, sd15), HF id, local folder or single-file checkpoint.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go (default: runs/<mode>-<time> beside the catalog).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.")] = None,
+    train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).")] = None,
+    max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --num-train-epochs worth).")] = None,
+    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given.")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.")] = None,
+    lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
+    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help="Also train the text encoder (LoRA or full).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, noise and LoRA init.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (GPU).")] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory.")] = None,
+    use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam/--no-use-8bit-adam", help="8-bit AdamW from bitsandbytes.")] = None,
+    checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
+    checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder; needs --output-dir of the run.")] = None,
+    validation_prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt for the sample grids (repeatable).")] = None,
+    validation_steps: Annotated[Optional[int], typer.Option(help="Sample grid every N steps.")] = None,
+    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of training on an empty caption.")] = None,
+    shuffle_tags: Annotated[Optional[bool], typer.Option("--shuffle-tags/--no-shuffle-tags", help="Shuffle comma-separated tags.")] = None,
+    keep_tokens: Annotated[Optional[int], typer.Option(help="Tags kept in front when shuffling.")] = None,
+    random_crop: Annotated[Optional[bool], typer.Option("--random-crop/--no-random-crop", help="Random instead of centre crop (bypasses the latent cache).")] = None,
+    random_flip: Annotated[Optional[bool], typer.Option("--random-flip/--no-random-flip", help="Horizontal flip half the time (cached exactly).")] = None,
+    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (bypasses the latent cache).")] = None,
+    snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR loss weighting gamma (5 is usual).")] = None,
+    noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset (e.g. 0.05).")] = None,
+    beta_schedule: Annotated[Optional[str], typer.Option(help="linear, scaled_linear, squaredcos_cap_v2 or sigmoid.")] = None,
+    prediction_type: Annotated[Optional[str], typer.Option(help="epsilon or v_prediction.")] = None,
+    prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help="DreamBooth prior-preservation loss.")] = None,
+    prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).")] = None,
+    class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt for all images (default: per concept class noun).")] = None,
+    num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).")] = None,
+    use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", help="Keep an EMA of the weights (dreambooth, finetune).")] = None,
+    from_scratch: Annotated[Optional[bool], typer.Option("--from-scratch/--no-from-scratch", help="finetune: initialise the UNet from its config.")] = None,
+    concepts: Annotated[Optional[list[str]], typer.Option("--concept", help="Train only this concept (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: accelerate's choice).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other TrainConfig option as KEY=VALUE (repeatable).")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    mode = ctx.info_name
+    from pipelines.train import ConfigError, TrainingError, load_train_config, trained_model
+    from pipelines.train.data import DataError
+    from workbench.models import ModelError
+
+    overrides = dict(
+        mode=mode, model=model, output_dir=str(output_dir) if output_dir else None, resolution=resolution,
+        train_batch_size=train_batch_size, max_train_steps=max_train_steps, num_train_epochs=num_train_epochs,
+        learning_rate=learning_rate, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, rank=rank,
+        lora_alpha=lora_alpha, train_text_encoder=train_text_encoder, seed=seed, mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
+        use_8bit_adam=use_8bit_adam, checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
+        resume=resume, validation_prompt=validation_prompt or None, validation_steps=validation_steps,
+        caption_dropout=caption_dropout, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, random_crop=random_crop,
+        random_flip=random_flip, color_jitter=color_jitter, snr_gamma=snr_gamma, noise_offset=noise_offset,
+        beta_schedule=beta_schedule, prediction_type=prediction_type, with_prior_preservation=prior_preservation,
+        prior_loss_weight=prior_loss_weight, class_prompt=class_prompt, num_class_images=num_class_images,
+        use_ema=use_ema, from_scratch=from_scratch, concepts=concepts or None, device=device,
+    )
+    try:
+        overrides = {**_set_values(set_ or []), **{k: v for k, v in overrides.items() if v is not None}}
+        train_config = load_train_config(config, overrides)
+    except ConfigError as error:
+        fail(str(error))
+    con = open_catalog(catalog)
+    try:
+        with RichProgress() as progress:
+            result = trained_model(con, train_config, progress=progress)
+    except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
+        fail(str(error))
+    summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
+               "final loss": f"{result.final_loss:.4f}" if result.final_loss is not None else "-",
+               "steps/s": f"{result.steps_per_second:.2f}", "seconds": f"{result.seconds:.1f}"}
+    for key in ("clip_score", "cmmd"):
+        if key in result.metrics:
+            summary[key.replace("_", " ")] = f"{result.metrics[key]:.3f}"
+    console.print(counts_table(f"train {mode}", summary))
+    for name, path in result.outputs.items():
+        console.print(f"{name}: {path}")
+
+
+for _mode, _help in (
+    ("lora", "Train a LoRA (peft, UNet attention) and write it in diffusers and kohya formats.\n\n"
+     "Example: workbench train lora --model tiny --resolution 64 --max-train-steps 50 --output-dir runs/demo-lora"),
+    ("dreambooth", "DreamBooth: train the UNet with the prior-preservation loss over generated class images.\n\n"
+     "Example: workbench train dreambooth --model sd15 --class-prompt \"a photo of a dog\" --max-train-steps 400"),
+    ("finetune", "Full fine-tune of the UNet (optional EMA); --from-scratch starts from the UNet's config.\n\n"
+     "Example: workbench train finetune --model tiny --from-scratch --resolution 64 --max-train-steps 2000"),
+):
+    train_app.command(_mode, help=_help)(train_command)
+
+
+@app.command()
+def priors(
+    class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt (default: 'a photo of a <class>' for each concept with a class noun).")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", help="Class images per prompt (default: 200 × instance images, capped by --max-images).")] = None,
+    max_images: Annotated[int, typer.Option(help="Cap on the default count.")] = 1000,
+    model: Annotated[str, typer.Option(help="Base model; must be the model you will train.")] = "tiny",
+    batch_size: Annotated[int, typer.Option(help="Images generated per batch.")] = 4,
+    seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = 0,
+    resolution: Annotated[Optional[int], typer.Option(help="Image size (default: the model's).")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps per image.")] = 30,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: class_priors/ beside the catalog).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Generate DreamBooth class-prior images with the base model and add them to the catalog (resumable).
+
+    Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15
+    """
+    from pipelines.priors import class_priors, class_prompts_by_concept
+    from workbench.models import ModelError, load_sd_pipeline
+
+    con = open_catalog(catalog)
+    if class_prompt:
+        jobs = [(class_prompt, None)]
+    else:
+        jobs = [(prompt, concept) for concept, prompt in class_prompts_by_concept(con).items()]
+        if not jobs:
+            fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
+    folder = out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).resolve().parent / "class_priors"
+    try:
+        pipe = load_sd_pipeline(model, device=device)
+        with RichProgress() as progress:
+            for prompt, concept in jobs:
+                summary = class_priors(
+                    con, pipe, class_prompt=prompt, model_name=model, out_dir=folder, num_images=num, max_images=max_images,
+                    batch_size=batch_size, seed=seed, concept=concept, resolution=resolution, num_inference_steps=steps,
+                    progress=progress,
+                )
+                console.print(counts_table(f"class priors: {prompt}", {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
+    except (ModelError, ValueError) as error:
+        fail(str(error))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[str, typer.Argument(help="Training run id (training_runs.train_id) or 'latest'.")] = "latest",
+    clip_model: Annotated[Optional[str], typer.Option(help="CLIP model (default: the run's preset's CLIP).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Score a training run's samples: CLIP score vs prompts and CMMD vs its training images; stored with the run.
+
+    Example: workbench evaluate latest
+    """
+    from pipelines.train.evaluate import run_metrics
+    from workbench.models import ModelError
+
+    con = open_catalog(catalog)
+    if run == "latest":
+        row = con.execute("SELECT max(train_id) FROM training_runs WHERE status = 'ok'").fetchone()
+        if row[0] is None:
+            fail("No finished training run yet: run `workbench train lora` first.")
+        train_id = int(row[0])
+    elif run.isdigit():
+        train_id = int(run)
+    else:
+        fail(f"RUN must be a training run id or 'latest', got {run!r}")
+    try:
+        with RichProgress(transient=True) as progress:
+            metrics = run_metrics(con, train_id, clip_model=clip_model, device=device, progress=progress)
+    except (ModelError, ValueError) as error:
+        fail(str(error))
+    console.print(counts_table(f"evaluation of run {train_id}", {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}))
+
 
 
 # --- the terminal UI (issue 5) -----------------------------------------------

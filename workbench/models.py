@@ -31,7 +31,7 @@ COMPONENTS: tuple[str, ...] = ("sd", "blip", "clip")
 TINY = "tiny"
 TINY_SEED = 1234
 # Bump when a tiny recipe changes, so stale folders built by an older recipe are rebuilt, not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 
 class ModelError(Exception):
@@ -182,6 +182,18 @@ def _source_for(model: str, component: str) -> str:
     source = preset.source(component) if preset else model
     if source != TINY and _looks_like_path(source) and not Path(source).expanduser().exists():
         raise ModelNotAvailableError(f"No such model file or folder: {source}")
+    return source
+
+
+def model_label(model: str, component: Component) -> str:
+    """A short stable name for what `model` means for `component` (used in caption sources and score rows).
+
+    Presets resolve to their entry, so `sd15` and `Salesforce/blip-image-captioning-base` label alike;
+    local paths are labelled by their folder or file name.
+    """
+    source = _source_for(model, component)
+    if source != TINY and Path(source).expanduser().exists():
+        return Path(source).expanduser().resolve().name
     return source
 
 
@@ -513,15 +525,19 @@ def _build_tiny_blip(folder: Path) -> None:
     config = BlipConfig(
         vision_config=dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            image_size=image_size, patch_size=8,
+            image_size=image_size, patch_size=8, initializer_range=0.1,
         ),
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=64, encoder_hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
             bos_token_id=dec_id, sep_token_id=sep_id, eos_token_id=sep_id, pad_token_id=tokenizer.pad_token_id,
+            initializer_range=0.1,
         ),
         projection_dim=64,
         image_text_hidden_size=64,
+        # BLIP's default init (std 0.02) makes a random decoder ignore the image: every caption comes out the
+        # same. A wider init makes captions depend on the image, so tests can tell images apart.
+        initializer_range=0.1,
     )
     _seeded()
     model = BlipForConditionalGeneration(config)

@@ -1,0 +1,315 @@
+"""Captioning: BLIP captions for every usable image, stored beside sidecar and manual captions.
+
+Captions live side by side in `captions(image_id, source, text)`: `sidecar` (a .txt/.caption file found at
+ingest), `manual` (typed in the TUI), and `model:<name>` (written here, one source per captioning model).
+Which one an image trains with is the *current caption* (`current_captions` view, `images_view.caption`):
+
+1. the source the user chose for that image (`caption_choice`, set by `workbench caption --use-source`),
+2. else `manual`, 3. else `sidecar`, 4. else the newest `model:*` caption.
+
+Captioning is resumable: images that already have a caption from the same model source are skipped unless
+`overwrite`, and each batch is committed as it finishes, so a cancelled run keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import string
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import duckdb
+import torch
+
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+MODEL_SOURCE_PREFIX = "model:"
+TEMPLATE_FIELDS = {"caption", "trigger", "class"}
+
+
+def model_source(model_name: str) -> str:
+    """The caption source a model writes under: 'model:<name>'."""
+    return MODEL_SOURCE_PREFIX + model_name
+
+
+# --- reading images ---------------------------------------------------------------------
+
+
+def open_rgb(path_bytes: bytes):
+    """Open an image file as an upright 8-bit RGB PIL image (EXIF orientation applied, alpha on white)."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(path_bytes, "rb") as handle:
+            image = Image.open(io.BytesIO(handle.read()))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit or 32-bit grey: scale to 8 bits instead of clipping everything to white
+            import numpy as np
+
+            values = np.asarray(image, dtype=np.float64)
+            top = values.max() or 1.0
+            image = Image.fromarray((values * (255.0 / top)).clip(0, 255).astype("uint8"), mode="L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return image.convert("RGB")
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """(row index, transformed tensor or None) for image files; decoding runs in DataLoader workers."""
+
+    def __init__(self, paths: Sequence[bytes], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(open_rgb(self.paths[index]))
+        except Exception:  # vanished or now-unreadable file: reported by the step, never fatal
+            return index, None
+
+
+def collate_images(items: list[tuple[int, torch.Tensor | None]]):
+    """Stack the readable images of a batch; also return the indices that could not be read."""
+    good = [(i, t) for i, t in items if t is not None]
+    failed = [i for i, t in items if t is None]
+    if not good:
+        return [], None, failed
+    return [i for i, _ in good], torch.stack([t for _, t in good]), failed
+
+
+def image_loader(paths: Sequence[bytes], transform, *, batch_size: int, workers: int | None) -> torch.utils.data.DataLoader:
+    """A DataLoader decoding `paths` with `transform` in `workers` processes (None: up to 4, 0: in-process)."""
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if len(paths) > batch_size else 0
+    return torch.utils.data.DataLoader(
+        ImageFileDataset(paths, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_images,
+        persistent_workers=False,
+    )
+
+
+def usable_images(con: duckdb.DuckDBPyConnection, *, where: str = "TRUE") -> list[tuple[str, bytes]]:
+    """(image_id, path_bytes of its first present path) of every image whose status is ok, in path order."""
+    return con.execute(
+        f"""
+        SELECT v.image_id, arg_min(p.path_bytes, p.seq) AS path_bytes
+        FROM images_view v JOIN paths p ON p.image_id = v.image_id AND NOT p.missing
+        WHERE v.status = 'ok' AND ({where})
+        GROUP BY v.image_id
+        ORDER BY min(p.seq)
+        """
+    ).fetchall()
+
+
+# --- templates --------------------------------------------------------------------------
+
+
+def check_template(template: str | None) -> None:
+    """Raise ValueError for a template with unknown or malformed {fields}."""
+    if template is None:
+        return
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ValueError(f"Bad caption template {template!r}: {error} (write literal braces as {{{{ and }}}})") from None
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"Unknown field(s) {', '.join('{' + f + '}' for f in sorted(unknown))} in caption template; "
+            "use {caption}, {trigger} and {class}."
+        )
+    if "caption" not in fields:
+        raise ValueError("The caption template needs a {caption} field, e.g. \"photo of {trigger} dog, {caption}\".")
+
+
+def apply_template(template: str | None, caption: str, *, trigger: str | None, class_noun: str | None) -> str:
+    """Fill a template; a missing trigger/class leaves no doubled spaces or stray commas behind."""
+    if template is None:
+        return caption
+    text = template.format_map({"caption": caption, "trigger": trigger or "", "class": class_noun or ""})
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    return text.strip(" ,")
+
+
+def _concept_fields(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[str | None, str | None]]:
+    """image_id → (trigger, class noun) from the concepts tables when they exist (m003), else empty."""
+    tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    if not {"concepts", "concept_images"} <= tables:
+        return {}
+    rows = con.execute(
+        "SELECT ci.image_id, c.trigger_token, c.class_noun FROM concept_images ci JOIN concepts c ON c.name = ci.concept"
+    ).fetchall()
+    return {image_id: (trigger, class_noun) for image_id, trigger, class_noun in rows}
+
+
+# --- the step -------------------------------------------------------------------------
+
+
+def model_captions(
+    con: duckdb.DuckDBPyConnection,
+    processor,
+    model,
+    *,
+    model_name: str,
+    batch_size: int = 8,
+    max_length: int = 30,
+    num_beams: int = 1,
+    prompt: str | None = None,
+    template: str | None = None,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    workers: int | None = None,
+    progress: ProgressHook = null_progress,
+) -> dict[str, int]:
+    """Caption every image with status ok using BLIP, stored as source 'model:<model_name>'; resumable."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if max_length < 2:
+        raise ValueError("max_length must be at least 2 tokens")
+    if num_beams < 1:
+        raise ValueError("num_beams must be at least 1")
+    check_template(template)
+    source = model_source(model_name)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    params = {"model": model_name, "batch_size": batch_size, "max_length": max_length, "num_beams": num_beams,
+              "prompt": prompt, "template": template, "overwrite": overwrite}
+    with record_run(con, "caption", params) as run:
+        candidates = usable_images(con)
+        done = set() if overwrite else {
+            row[0] for row in con.execute("SELECT image_id FROM captions WHERE source = ?", [source]).fetchall()
+        }
+        todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
+        concept_of = _concept_fields(con) if template else {}
+        counts = {"images_ok": len(candidates), "already_captioned": len(candidates) - len(todo),
+                  "captioned": 0, "unreadable": 0, "without_trigger": 0}
+        run.counts.update(counts)
+        progress(task="caption", completed=0, total=len(todo))
+        if todo:
+            prompt_ids = None
+            if prompt:
+                prompt_ids = processor.tokenizer([prompt], return_tensors="pt").to(device)
+            loader = image_loader([path for _, path in todo], _blip_transform(processor),
+                                  batch_size=batch_size, workers=workers)
+            finished = 0
+            with torch.inference_mode():
+                for indices, pixels, failed in loader:
+                    counts["unreadable"] += len(failed)
+                    rows = []
+                    if indices:
+                        inputs = {"pixel_values": pixels.to(device, dtype=dtype)}
+                        if prompt_ids is not None:
+                            inputs["input_ids"] = prompt_ids["input_ids"].repeat(len(indices), 1)
+                            inputs["attention_mask"] = prompt_ids["attention_mask"].repeat(len(indices), 1)
+                        tokens = model.generate(**inputs, max_length=max_length, num_beams=num_beams)
+                        texts = processor.batch_decode(tokens, skip_special_tokens=True)
+                        for index, text in zip(indices, texts):
+                            image_id = todo[index][0]
+                            trigger, class_noun = concept_of.get(image_id, (None, None))
+                            if template and "{trigger}" in template and not trigger:
+                                counts["without_trigger"] += 1
+                            caption = apply_template(template, " ".join(text.split()),
+                                                     trigger=trigger, class_noun=class_noun)
+                            rows.append((image_id, source, caption))
+                    _store_captions(con, rows)
+                    counts["captioned"] += len(rows)
+                    finished += len(indices) + len(failed)
+                    run.counts.update(counts)
+                    progress(task="caption", completed=finished, total=len(todo))
+        run.counts.update(counts)
+    return counts
+
+
+def _blip_transform(processor) -> Callable:
+    """Image → pixel tensor with the processor's own resize/normalise (picklable for worker processes)."""
+    return _ImageProcessorTransform(processor.image_processor)
+
+
+class _ImageProcessorTransform:
+    def __init__(self, image_processor) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _store_captions(con: duckdb.DuckDBPyConnection, rows: list[tuple[str, str, str]]) -> None:
+    if not rows:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.executemany(
+            """
+            INSERT INTO captions (image_id, source, text, created_at) VALUES (?, ?, ?, current_timestamp)
+            ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = excluded.created_at
+            """,
+            rows,
+        )
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+# --- choosing which caption an image uses --------------------------------------------------
+
+
+def caption_sources(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Every caption source with how many images have a caption from it."""
+    return dict(con.execute("SELECT source, count(*) FROM captions GROUP BY source ORDER BY source").fetchall())
+
+
+def chosen_caption_source(
+    con: duckdb.DuckDBPyConnection, source: str | None, *, image_ids: Iterable[str] | None = None
+) -> dict[str, int]:
+    """Make `source` the current caption of every image (or of `image_ids`) that has one; None restores the rule."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE chosen_ids (image_id VARCHAR)")
+        if image_ids is not None:
+            con.executemany("INSERT INTO chosen_ids VALUES (?)", [(i,) for i in image_ids])
+        else:
+            con.execute("INSERT INTO chosen_ids SELECT image_id FROM images")
+        if source is None:
+            cleared = con.execute(
+                "DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM chosen_ids)"
+            ).fetchone()[0]
+            con.execute("COMMIT")
+            return {"choices_cleared": int(cleared)}
+        if not con.execute("SELECT count(*) FROM captions WHERE source = ?", [source]).fetchone()[0]:
+            known = ", ".join(caption_sources(con)) or "none yet"
+            raise ValueError(f"No caption has source {source!r} (sources: {known}).")
+        chosen = con.execute(
+            """
+            INSERT INTO caption_choice (image_id, source)
+            SELECT c.image_id, c.source FROM captions c
+            WHERE c.source = ? AND c.image_id IN (SELECT image_id FROM chosen_ids)
+            ON CONFLICT (image_id) DO UPDATE SET source = excluded.source
+            """,
+            [source],
+        ).fetchone()[0]
+        without = con.execute(
+            "SELECT count(*) FROM chosen_ids WHERE image_id NOT IN (SELECT image_id FROM captions WHERE source = ?)",
+            [source],
+        ).fetchone()[0]
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.execute("DROP TABLE IF EXISTS chosen_ids")
+    return {"images_using_source": int(chosen), "images_without_that_source": int(without)}

@@ -1,0 +1,160 @@
+"""BLIP captioning: resumable, batch-size independent, templated, stored beside other caption sources."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from pipelines.caption import apply_template, check_template, chosen_caption_source, model_captions
+from pipelines.ingest import ingested_images
+from workbench.cli import app
+from workbench.models import load_blip
+
+
+def make_images(folder, count: int) -> None:
+    """Small distinct PNGs (different colours, sizes and shapes), one unreadable file, one sidecar caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (40 + 6 * i, 32 + 3 * i), (30 * i % 256, 90, 220 - 20 * i))
+        ImageDraw.Draw(image).ellipse((4, 4, 20 + i, 24), fill=(250, 240 - 25 * i, 10 * i))
+        image.save(folder / f"img_{i}.png")
+    (folder / "broken.jpg").write_text("not an image")
+    (folder / "img_0.txt").write_text("a sidecar caption")
+
+
+@pytest.fixture(scope="module")
+def blip():
+    return load_blip("tiny", device="cpu")
+
+
+@pytest.fixture
+def catalog(con, tmp_path):
+    make_images(tmp_path / "images", 5)
+    ingested_images(con, [tmp_path / "images"], workers=1)
+    return con
+
+
+def _captions(con, source: str) -> dict[str, str]:
+    return dict(con.execute("SELECT image_id, text FROM captions WHERE source = ?", [source]).fetchall())
+
+
+def test_captions_only_ok_images_and_resumes(catalog, blip):
+    processor, model = blip
+    first = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
+    assert first["images_ok"] == 5 and first["captioned"] == 5
+    stored = _captions(catalog, "model:tiny")
+    ok_ids = {r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok'").fetchall()}
+    assert set(stored) == ok_ids  # the broken file got no caption
+    assert all(text.strip() for text in stored.values())
+    assert len(set(stored.values())) > 1  # captions depend on the image
+
+    again = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
+    assert again["captioned"] == 0 and again["already_captioned"] == 5
+    before = dict(catalog.execute("SELECT image_id, created_at FROM captions WHERE source = 'model:tiny'").fetchall())
+
+    redo = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8,
+                          overwrite=True, workers=0)
+    assert redo["captioned"] == 5
+    after = dict(catalog.execute("SELECT image_id, created_at FROM captions WHERE source = 'model:tiny'").fetchall())
+    assert all(after[i] > before[i] for i in before)
+    assert _captions(catalog, "sidecar") == {next(iter(_sidecar_ids(catalog))): "a sidecar caption"}
+    runs = catalog.execute("SELECT count(*) FROM runs WHERE step = 'caption' AND status = 'ok'").fetchone()[0]
+    assert runs == 3
+
+
+def _sidecar_ids(con):
+    return {r[0] for r in con.execute("SELECT image_id FROM captions WHERE source = 'sidecar'").fetchall()}
+
+
+def test_a_new_image_is_the_only_one_captioned_on_resume(catalog, blip, tmp_path):
+    processor, model = blip
+    model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0)
+    extra = tmp_path / "images" / "new.png"
+    Image.new("RGB", (50, 30), (1, 200, 3)).save(extra)
+    ingested_images(catalog, [tmp_path / "images"], workers=1)
+    counts = model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0)
+    assert counts["captioned"] == 1 and counts["already_captioned"] == 5
+
+
+def test_batched_and_single_captioning_agree(catalog, blip):
+    processor, model = blip
+    model_captions(catalog, processor, model, model_name="batched", batch_size=4, max_length=10, workers=2)
+    model_captions(catalog, processor, model, model_name="single", batch_size=1, max_length=10, workers=0)
+    batched, single = _captions(catalog, "model:batched"), _captions(catalog, "model:single")
+    assert len(batched) == 5 and batched == single
+
+
+def test_prompt_is_continued(catalog, blip):
+    processor, model = blip
+    model_captions(catalog, processor, model, model_name="prompted", max_length=12, prompt="a photo of", workers=0)
+    assert all(text.startswith("a photo of") for text in _captions(catalog, "model:prompted").values())
+
+
+def test_template_uses_the_concept_trigger_when_there_is_one(catalog, blip):
+    processor, model = blip
+    ids = [r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok' ORDER BY image_id").fetchall()]
+    catalog.execute("INSERT INTO concepts (name, trigger_token, class_noun) VALUES ('rex', 'sks', 'dog')")
+    catalog.execute("INSERT INTO concept_images (image_id, concept, source) VALUES (?, 'rex', 'manual')", [ids[0]])
+    counts = model_captions(catalog, processor, model, model_name="t", max_length=8, workers=0,
+                            template="photo of {trigger} {class}, {caption}")
+    assert counts["without_trigger"] == 4
+    plain = model_captions(catalog, processor, model, model_name="plain", max_length=8, workers=0)
+    assert plain["captioned"] == 5
+    templated, raw = _captions(catalog, "model:t"), _captions(catalog, "model:plain")
+    assert templated[ids[0]] == f"photo of sks dog, {raw[ids[0]]}"
+    assert templated[ids[1]] == f"photo of, {raw[ids[1]]}"
+
+
+def test_template_errors_and_filling():
+    check_template("photo of {trigger} dog, {caption}")
+    with pytest.raises(ValueError, match="Unknown field"):
+        check_template("{captoin}")
+    with pytest.raises(ValueError, match="needs a \\{caption\\}"):
+        check_template("photo of {trigger}")
+    with pytest.raises(ValueError, match="Bad caption template"):
+        check_template("photo of {caption")
+    assert apply_template("photo of {trigger} dog, {caption}", "on grass", trigger=None, class_noun=None) == "photo of dog, on grass"
+
+
+def test_current_caption_rule_and_choice(catalog, blip):
+    processor, model = blip
+    model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0)
+    (sidecar_id,) = _sidecar_ids(catalog)
+    current = dict(catalog.execute("SELECT image_id, caption_source FROM images_view WHERE status = 'ok'").fetchall())
+    assert current[sidecar_id] == "sidecar"  # sidecar beats a model caption
+    assert {v for k, v in current.items() if k != sidecar_id} == {"model:tiny"}
+
+    catalog.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'typed by hand')", [sidecar_id])
+    assert catalog.execute("SELECT caption FROM images_view WHERE image_id = ?", [sidecar_id]).fetchone()[0] == "typed by hand"
+
+    counts = chosen_caption_source(catalog, "model:tiny")
+    assert counts["images_using_source"] == 5
+    assert catalog.execute("SELECT caption_source FROM images_view WHERE image_id = ?", [sidecar_id]).fetchone()[0] == "model:tiny"
+    chosen_caption_source(catalog, None)
+    assert catalog.execute("SELECT caption_source FROM images_view WHERE image_id = ?", [sidecar_id]).fetchone()[0] == "manual"
+    with pytest.raises(ValueError, match="No caption has source"):
+        chosen_caption_source(catalog, "model:nope")
+
+
+def test_cli_caption_and_use_source(catalog_path, tmp_path):
+    from workbench.catalog import connect
+
+    make_images(tmp_path / "cli_images", 3)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "cli_images"], workers=1)
+    con.close()
+    runner = CliRunner()
+    result = runner.invoke(app, ["caption", "-c", str(catalog_path), "--batch-size", "2", "--max-length", "6",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(app, ["caption", "-c", str(catalog_path), "--template", "{nope}"])
+    assert bad.exit_code == 2 and "Unknown field" in bad.output
+    fp16 = runner.invoke(app, ["caption", "-c", str(catalog_path), "--dtype", "fp16", "--device", "cpu"])
+    assert fp16.exit_code == 2 and "fp16 needs a GPU" in fp16.output
+    chosen = runner.invoke(app, ["caption", "-c", str(catalog_path), "--use-source", "model:tiny"])
+    assert chosen.exit_code == 0, chosen.output
+    con = connect(catalog_path, read_only=True)
+    sources = {r[0] for r in con.execute("SELECT caption_source FROM images_view WHERE status = 'ok'").fetchall()}
+    con.close()
+    assert sources == {"model:tiny"}
