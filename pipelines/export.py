@@ -1,0 +1,365 @@
+"""Exports of the curated `dataset` (kohya folders + dataset TOML, HF imagefolder, parquet) and kohya import.
+
+Every written path is built from sanitized single components and checked to stay inside OUT.
+Files on disk are read, never changed: images are copied (or hardlinked) into OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from workbench.catalog import record_run
+from workbench.progress import ProgressHook, null_progress
+
+FORMATS = ("kohya", "imagefolder", "parquet")
+LINK_MODES = ("copy", "hardlink")
+# Formats sd-scripts loads without plugins (train_util.IMAGE_EXTENSIONS); others are converted to PNG.
+KOHYA_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
+PLAIN_FOLDER = "images"  # kohya needs `N_name`; images without a concept go to `1_images`
+REG_CLASS_FALLBACK = "class"
+MAX_COMPONENT_BYTES = 120
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+class ExportError(ValueError):
+    """An export that cannot be written as asked; the message says why."""
+
+
+def safe_component(text: str | None, *, fallback: str = "_") -> str:
+    """One harmless path component: no separators, control or Windows-reserved characters, no leading dots."""
+    text = unicodedata.normalize("NFC", text or "")
+    text = _UNSAFE.sub("_", text)
+    text = re.sub(r"\s+", " ", text).strip().lstrip(".").strip()
+    encoded = text.encode("utf-8")[:MAX_COMPONENT_BYTES]
+    text = encoded.decode("utf-8", errors="ignore").rstrip(" .")
+    return text or fallback
+
+
+def _inside(root: Path, *parts: str) -> Path:
+    """root/parts..., refused if it would resolve outside root."""
+    path = root.joinpath(*parts)
+    resolved_root = root.resolve()
+    if not path.resolve().is_relative_to(resolved_root) or path.resolve() == resolved_root:
+        raise ExportError(f"refusing to write {path}: outside {root}")
+    return path
+
+
+def one_line(caption: str | None) -> str | None:
+    """The caption on one line (kohya reads only the first line of a caption file)."""
+    if caption is None:
+        return None
+    text = " ".join(caption.split())
+    return text or None
+
+
+@dataclass
+class _Row:
+    image_id: str
+    source: bytes
+    name: str
+    format: str | None
+    mode: str | None
+    orientation: int | None
+    caption: str | None
+    concept: str | None
+    trigger: str | None
+    class_noun: str | None
+    repeats: int | None
+    role: str
+
+
+def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
+    rows = con.execute(
+        """
+        WITH src AS (
+            SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path
+            FROM paths WHERE NOT missing GROUP BY image_id
+        )
+        SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, i.exif_orientation, d.caption,
+               d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role
+        FROM dataset d JOIN src USING (image_id) JOIN images i USING (image_id)
+        ORDER BY d.role, d.concept NULLS LAST, src.path
+        """
+    ).fetchall()
+    out = []
+    for image_id, path_bytes, path, fmt, mode, orientation, caption, concept, trigger, class_noun, repeats, role in rows:
+        out.append(_Row(image_id, bytes(path_bytes), Path(path).stem, fmt, mode, orientation, caption, concept, trigger,
+                        class_noun, repeats, role))
+    return out
+
+
+def _prepare_out(out: Path, *, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} is not empty; choose an empty folder or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_only: bool) -> Path:
+    """Copy/hardlink the source file; re-encode when the format needs it or EXIF rotates it.
+
+    Trainers (sd-scripts, diffusers) read stored pixels without applying EXIF orientation, so an
+    image the catalog measured after rotation is written already rotated (as PNG, lossless).
+    """
+    source = os.fsdecode(row.source)
+    ext = KOHYA_EXTENSIONS.get(row.format or "")
+    rotate = row.orientation not in (None, 1)
+    # 16-bit and float images: Pillow's convert("RGB") in trainers clips them, so write 8-bit PNG
+    wide = (row.mode or "").startswith("I") or row.mode == "F"
+    if ext is None and not kohya_only:
+        ext = Path(source).suffix.lower() if re.fullmatch(r"\.[a-z0-9]{2,5}", Path(source).suffix.lower()) else ".png"
+    if rotate or wide or ext is None:
+        import numpy as np
+        from PIL import Image, ImageOps
+
+        target = _inside(target_dir, f"{stem}.png")
+        with Image.open(source) as img:
+            img = ImageOps.exif_transpose(img)
+            if wide:
+                array = np.asarray(img, dtype=np.float32)
+                top = 65535.0 if img.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            if img.mode not in ("RGB", "RGBA", "L", "LA"):
+                img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
+            img.save(target, format="PNG")
+        return target
+    target = _inside(target_dir, f"{stem}{ext}")
+    if target.exists():
+        target.unlink()
+    if link == "hardlink":
+        try:
+            os.link(source, target)
+            return target
+        except OSError:
+            pass  # other filesystem or no permission: copy instead
+    shutil.copyfile(source, target)
+    return target
+
+
+def _unique(name: str, used: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate.lower() in used:
+        candidate = f"{name}-{n}"
+        n += 1
+    used.add(candidate.lower())
+    return candidate
+
+
+def _file_stem(row: _Row) -> str:
+    # the original name helps people; the id prefix keeps names unique across folders and reruns
+    return f"{safe_component(row.name, fallback='image')[:60]}-{row.image_id[:12]}"
+
+
+def _bucket_settings(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """Settings of the last `workbench buckets` run, else kohya's defaults for SD 1.x at 512."""
+    row = con.execute(
+        "SELECT resolution_width, resolution_height, min_bucket_reso, max_bucket_reso, bucket_reso_steps, no_upscale"
+        " FROM aspect_buckets LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
+                "bucket_no_upscale": False}
+    width, height, low, high, steps, no_upscale = row
+    return {"resolution": width if width == height else [width, height], "min_bucket_reso": low,
+            "max_bucket_reso": high, "bucket_reso_steps": steps, "bucket_no_upscale": bool(no_upscale)}
+
+
+def kohya_export(
+    con: duckdb.DuckDBPyConnection,
+    out: str | os.PathLike[str],
+    *,
+    link: str = "copy",
+    overwrite: bool = False,
+    caption_extension: str = ".txt",
+    progress: ProgressHook = null_progress,
+) -> dict:
+    """kohya sd-scripts layout: img/N_trigger class/ (+ reg/ for class priors), .txt captions, dataset.toml."""
+    import tomli_w
+
+    out = _prepare_out(Path(out), overwrite=overwrite)
+    rows = _dataset_rows(con)
+    groups: dict[tuple[str, str | None], list[_Row]] = defaultdict(list)
+    for row in rows:
+        groups[(row.role, row.concept)].append(row)
+    used: dict[str, set[str]] = defaultdict(set)
+    subsets: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter()
+    done = 0
+    progress(task="export", completed=0, total=len(rows))
+    for (role, concept), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        first = members[0]
+        is_reg = role == "class_prior"
+        if is_reg:
+            # class images are captioned by their class noun when they have no caption
+            class_tokens = first.class_noun or REG_CLASS_FALLBACK
+            repeats = 1
+        elif concept is None:
+            class_tokens, repeats = PLAIN_FOLDER, 1
+        else:
+            class_tokens = f"{first.trigger} {first.class_noun}" if first.class_noun else first.trigger
+            repeats = first.repeats or 1
+        top = "reg" if is_reg else "img"
+        folder = _unique(f"{repeats}_{safe_component(class_tokens, fallback=PLAIN_FOLDER)}", used[top])
+        target_dir = _inside(out, top, folder)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for row in members:
+            image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=True)
+            caption = one_line(row.caption)
+            if caption:
+                _inside(target_dir, image_path.stem + caption_extension).write_text(caption + "\n", encoding="utf-8")
+                counts["captions"] += 1
+                if caption != row.caption.strip():
+                    counts["captions_joined_to_one_line"] += 1
+            else:
+                counts["without_caption"] += 1
+            counts["images"] += 1
+            done += 1
+            if done % 200 == 0 or done == len(rows):
+                progress(task="export", completed=done, total=len(rows))
+        subset: dict[str, Any] = {
+            "image_dir": str(target_dir.resolve()),
+            "num_repeats": repeats,
+            "class_tokens": class_tokens,
+            "caption_extension": caption_extension,
+        }
+        if is_reg:
+            subset["is_reg"] = True
+        subsets.append(subset)
+        counts["folders"] += 1
+    config = {
+        "general": {"enable_bucket": True, "caption_extension": caption_extension, "shuffle_caption": False},
+        "datasets": [{**_bucket_settings(con), "batch_size": 1, "subsets": subsets}],
+    }
+    header = (
+        "# sd-scripts dataset config written by `workbench export --format kohya`.\n"
+        "# Use: accelerate launch train_network.py --dataset_config dataset.toml ...\n"
+        "# image_dir paths are absolute; re-export if you move this folder.\n"
+    )
+    (out / "dataset.toml").write_text(header + tomli_w.dumps(config), encoding="utf-8")
+    return {"format": "kohya", "out": str(out), **counts}
+
+
+def imagefolder_export(
+    con: duckdb.DuckDBPyConnection,
+    out: str | os.PathLike[str],
+    *,
+    link: str = "copy",
+    overwrite: bool = False,
+    progress: ProgressHook = null_progress,
+) -> dict:
+    """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/."""
+    out = _prepare_out(Path(out), overwrite=overwrite)
+    target_dir = _inside(out, "train")
+    target_dir.mkdir(exist_ok=True)
+    rows = _dataset_rows(con)
+    progress(task="export", completed=0, total=len(rows))
+    lines = []
+    for done, row in enumerate(rows, 1):
+        image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=False)
+        lines.append(json.dumps({
+            "file_name": image_path.name,
+            "text": row.caption,
+            "image_id": row.image_id,
+            "concept": row.concept,
+            "trigger": row.trigger,
+            "class_noun": row.class_noun,
+            "repeats": row.repeats,
+            "role": row.role,
+        }, ensure_ascii=False))
+        if done % 200 == 0 or done == len(rows):
+            progress(task="export", completed=done, total=len(rows))
+    (target_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return {"format": "imagefolder", "out": str(out), "images": len(rows),
+            "captions": sum(1 for r in rows if r.caption)}
+
+
+def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict:
+    """The `dataset` view's rows as one parquet file (OUT itself if it ends in .parquet, else OUT/dataset.parquet)."""
+    out = Path(out)
+    if out.suffix.lower() == ".parquet":
+        target = out
+        target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / "dataset.parquet"
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    count = con.execute("SELECT count(*) FROM dataset").fetchall()[0][0]
+    con.sql("SELECT * FROM dataset ORDER BY image_id").write_parquet(str(target))
+    return {"format": "parquet", "out": str(target), "rows": count}
+
+
+def exported_dataset(
+    con: duckdb.DuckDBPyConnection,
+    out: str | os.PathLike[str],
+    *,
+    format: str = "kohya",
+    link: str = "copy",
+    overwrite: bool = False,
+    progress: ProgressHook = null_progress,
+) -> dict:
+    """Write the curated dataset to OUT in `format` (kohya, imagefolder or parquet)."""
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if link not in LINK_MODES:
+        raise ExportError(f"link must be one of {', '.join(LINK_MODES)}, not {link!r}")
+    params = {"format": format, "out": str(out), "link": link}
+    with record_run(con, "export", params) as run:
+        if format == "kohya":
+            summary = kohya_export(con, out, link=link, overwrite=overwrite, progress=progress)
+        elif format == "imagefolder":
+            summary = imagefolder_export(con, out, link=link, overwrite=overwrite, progress=progress)
+        else:
+            summary = parquet_export(con, out, overwrite=overwrite)
+        run.counts = {k: v for k, v in summary.items() if isinstance(v, int)}
+    return summary
+
+
+def imported_kohya_folder(
+    con: duckdb.DuckDBPyConnection,
+    folder: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    progress: ProgressHook = null_progress,
+) -> dict:
+    """Ingest a kohya-style folder (`N_trigger class/` subfolders, .txt/.caption sidecars) with its concepts."""
+    from pipelines.concepts import concepts_from_folder_names, list_concepts
+    from pipelines.ingest import ingested_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder} is not a folder")
+    subfolders = [p for p in folder.iterdir() if p.is_dir()]
+    from pipelines.concepts import parse_kohya_folder_name
+
+    # accept the folder itself, its img/ (our export layout), or a folder of N_name subfolders
+    if (folder / "img").is_dir() and not any(parse_kohya_folder_name(p.name) for p in subfolders):
+        roots = [folder / "img"]
+    else:
+        roots = [folder]
+    concept_dirs = [p for root in roots for p in root.iterdir() if p.is_dir() and parse_kohya_folder_name(p.name)]
+    if not concept_dirs and parse_kohya_folder_name(folder.name) is None:
+        raise ExportError(f"{folder} has no kohya subset folders named like `10_sks dog`")
+    summary = ingested_images(con, roots, workers=workers, progress=progress)
+    assigned = concepts_from_folder_names(con, progress=progress)
+    return {
+        **{k: v for k, v in summary.as_dict().items()},
+        "concept_folders": len(concept_dirs),
+        "images_assigned_to_concepts": assigned,
+        "concepts": len(list_concepts(con)),
+    }

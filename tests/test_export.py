@@ -1,0 +1,230 @@
+"""Exports: kohya folders + dataset TOML (round trip through import-kohya), HF imagefolder, parquet, path safety."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.concepts import added_concept, assign_images_to_concept, concepts_from_folder_names
+from pipelines.export import ExportError, exported_dataset, imported_kohya_folder, safe_component
+from pipelines.ingest import ingested_images
+from workbench.catalog import connect
+
+# Keys sd-scripts' config_util.ConfigSanitizer accepts for DreamBooth-style datasets (transcribed from its
+# DATASET_ASCENDABLE / SUBSET_ASCENDABLE / DB_SUBSET_ASCENDABLE / DB_SUBSET_DISTINCT schemas).
+KOHYA_SUBSET_KEYS = {
+    "color_aug", "face_crop_aug_range", "flip_aug", "num_repeats", "random_crop", "shuffle_caption", "keep_tokens",
+    "keep_tokens_separator", "secondary_separator", "caption_separator", "enable_wildcard", "token_warmup_min",
+    "token_warmup_step", "caption_prefix", "caption_suffix", "custom_attributes", "resize_interpolation",
+    "caption_dropout_every_n_epochs", "caption_dropout_rate", "caption_tag_dropout_rate",
+    "caption_extension", "class_tokens", "cache_info", "image_dir", "is_reg", "alpha_mask",
+}
+KOHYA_DATASET_KEYS = {
+    "batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_bucket", "max_bucket_reso", "min_bucket_reso",
+    "validation_seed", "validation_split", "resolution", "network_multiplier", "resize_interpolation",
+} | (KOHYA_SUBSET_KEYS - {"image_dir", "is_reg", "alpha_mask"})
+
+
+def _image(path: Path, size=(64, 48), color=(200, 30, 30), **save) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, color)
+    for x in range(0, size[0], 8):  # some texture so images differ
+        image.putpixel((x, x % size[1]), (x * 3 % 256, 0, 255))
+    image.save(path, **save)
+    return path
+
+
+@pytest.fixture
+def curated(con, tmp_path):
+    """A small ingested catalog: a kohya concept folder, plain images, an EXIF-rotated JPEG, a nasty name."""
+    src = tmp_path / "src"
+    _image(src / "10_sks dog" / "a.jpg", color=(10, 200, 10))
+    (src / "10_sks dog" / "a.txt").write_text("a photo of sks dog\non grass")
+    _image(src / "10_sks dog" / "b.png", color=(10, 10, 200))
+    _image(src / "plain" / "c.jpg", color=(120, 120, 20))
+    (src / "plain" / "c.txt").write_text("a plain picture")
+    _image(src / "plain" / "..weird name?.png", color=(220, 220, 220))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    _image(src / "plain" / "rotated.jpg", size=(64, 32), color=(50, 60, 70), exif=exif)
+    ingested_images(con, [src], workers=1)
+    concepts_from_folder_names(con)
+    return src
+
+
+def _by_name(con) -> dict[str, str]:
+    return {Path(p).name: i for i, p in con.execute("SELECT image_id, path FROM images_view").fetchall()}
+
+
+def _all_files(root: Path) -> list[Path]:
+    return [Path(dirpath) / f for dirpath, _, files in os.walk(root) for f in files]
+
+
+def test_kohya_export_layout_captions_and_dataset_toml(con, curated, tmp_path):
+    out = tmp_path / "out"
+    summary = exported_dataset(con, out, format="kohya")
+    assert summary["images"] == 5 and summary["folders"] == 2
+    assert summary["captions_joined_to_one_line"] == 1
+    folders = sorted(p.name for p in (out / "img").iterdir())
+    assert folders == ["10_sks dog", "1_images"]
+    dog = out / "img" / "10_sks dog"
+    captions = {p.stem.rsplit("-", 1)[0]: p.read_text() for p in dog.glob("*.txt")}
+    assert captions == {"a": "a photo of sks dog on grass\n"}  # kohya reads only the first line
+    assert len(list(dog.glob("b-*.png"))) == 1 and not list(dog.glob("b-*.txt"))
+    config = tomllib.loads((out / "dataset.toml").read_text())
+    assert config["general"]["enable_bucket"] is True
+    (dataset,) = config["datasets"]
+    assert set(dataset) - {"subsets"} <= KOHYA_DATASET_KEYS
+    assert dataset["resolution"] == 512 and dataset["min_bucket_reso"] == 256
+    subsets = {Path(s["image_dir"]).name: s for s in dataset["subsets"]}
+    for subset in subsets.values():
+        assert set(subset) <= KOHYA_SUBSET_KEYS
+        assert Path(subset["image_dir"]).is_dir()
+    assert subsets["10_sks dog"]["num_repeats"] == 10 and subsets["10_sks dog"]["class_tokens"] == "sks dog"
+    assert subsets["1_images"]["num_repeats"] == 1
+
+
+def test_kohya_export_bakes_exif_rotation_and_uses_bucket_settings(con, curated, tmp_path):
+    from pipelines.buckets import aspect_buckets
+
+    aspect_buckets(con, resolution=(768, 512), bucket_reso_steps=32, min_bucket_reso=256, max_bucket_reso=1024)
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    (rotated,) = (out / "img" / "1_images").glob("rotated-*")
+    assert rotated.suffix == ".png"
+    assert Image.open(rotated).size == (32, 64)  # as the catalog measured it, so trainers see the same size
+    dataset = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]
+    assert dataset["resolution"] == [768, 512] and dataset["bucket_reso_steps"] == 32
+
+
+def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
+    added_concept(con, "zz cat", trigger="zz", class_noun="cat", repeats=3)
+    assign_images_to_concept(con, "zz cat", [_by_name(con)["c.jpg"]])
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    before = {
+        image_id: (" ".join(caption.split()) if caption else None, repeats or 1, trigger, class_noun)
+        for image_id, caption, repeats, trigger, class_noun in con.execute(
+            "SELECT image_id, caption, concept_repeats, concept_trigger, concept_class FROM dataset"
+        ).fetchall()
+    }
+    other = connect(tmp_path / "second" / "workbench.duckdb")
+    summary = imported_kohya_folder(other, out, workers=1)
+    assert summary["concept_folders"] == 3
+    after = {
+        image_id: (caption, repeats, trigger, class_noun)
+        for image_id, caption, repeats, trigger, class_noun in other.execute(
+            "SELECT image_id, caption, concept_repeats, concept_trigger, concept_class FROM dataset"
+        ).fetchall()
+    }
+    # files copied as they were keep their content hash; the rotated one was re-encoded
+    common = set(before) & set(after)
+    assert len(common) == 4
+    for image_id in common:
+        b_caption, b_repeats, b_trigger, b_class = before[image_id]
+        a_caption, a_repeats, a_trigger, a_class = after[image_id]
+        assert (a_caption, a_repeats) == (b_caption, b_repeats)
+        if b_trigger is not None:
+            assert (a_trigger, a_class) == (b_trigger, b_class)
+    other.close()
+
+
+def test_nasty_names_never_escape_out(con, curated, tmp_path):
+    ids = _by_name(con)
+    added_concept(con, "../../etc", trigger="../../etc", class_noun="..\\..\\x", repeats=2)
+    assign_images_to_concept(con, "../../etc", [ids["c.jpg"], ids["..weird name?.png"]])
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', ?)",
+                [ids["c.jpg"], "../../../etc/passwd\n\x00 line"])
+    out = tmp_path / "deep" / "out"
+    exported_dataset(con, out, format="kohya")
+    exported_dataset(con, tmp_path / "deep" / "hf", format="imagefolder")
+    root = (tmp_path / "deep").resolve()
+    # "../../etc" from deep/out would land in tmp_path/etc: every new file must be under out/ or hf/
+    allowed = [root / "out", root / "hf", (tmp_path / "src").resolve(), (tmp_path / "project").resolve()]
+    stray = [f for f in _all_files(tmp_path) if not any(f.resolve().is_relative_to(a) for a in allowed)]
+    assert stray == []
+    for f in _all_files(root):
+        assert ".." not in f.relative_to(root).parts
+        assert not f.name.startswith(".")
+        assert f.is_file() and not f.is_symlink()
+    folders = [p.name for p in (out / "img").iterdir()]
+    assert "2__.._etc .._.._x" in folders  # slashes replaced, leading dots dropped: one harmless component
+    toml = tomllib.loads((out / "dataset.toml").read_text())
+    tokens = {s["class_tokens"] for s in toml["datasets"][0]["subsets"]}
+    assert "../../etc ..\\..\\x" in tokens  # the TOML keeps the real tokens; only paths are sanitized
+    caption_files = list((out / "img" / "2__.._etc .._.._x").glob("c-*.txt"))
+    assert caption_files[0].read_text() == "../../../etc/passwd \x00 line\n"
+    assert safe_component("../../etc") == "_.._etc"
+    assert safe_component("..") == "_" and safe_component("") == "_"
+    assert "/" not in safe_component("a/b\\c\x00d")
+
+
+def test_imagefolder_export_loads_with_datasets(con, curated, tmp_path):
+    import datasets
+
+    out = tmp_path / "hf"
+    summary = exported_dataset(con, out, format="imagefolder")
+    assert summary["images"] == 5
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf_cache"))
+    assert len(loaded) == 5
+    texts = {row["image_id"]: row["text"] for row in loaded}
+    expected = dict(con.execute("SELECT image_id, caption FROM dataset").fetchall())
+    assert texts == expected
+    sizes = {row["image_id"]: row["image"].size for row in loaded}
+    catalog_sizes = {i: (w, h) for i, w, h in con.execute("SELECT image_id, width, height FROM dataset").fetchall()}
+    assert sizes == catalog_sizes
+
+
+def test_parquet_export_reads_back_with_polars(con, curated, tmp_path):
+    import polars as pl
+
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'manual', 'test')", [_by_name(con)["b.png"]])
+    target = tmp_path / "rows.parquet"
+    assert exported_dataset(con, target, format="parquet")["rows"] == 4
+    frame = pl.read_parquet(target)
+    ids = {i for (i,) in con.execute("SELECT image_id FROM dataset").fetchall()}
+    assert set(frame["image_id"]) == ids
+    assert {"caption", "concept", "concept_repeats", "bucket_width"} <= set(frame.columns)
+    with pytest.raises(ExportError, match="exists"):
+        exported_dataset(con, target, format="parquet")
+    folder = tmp_path / "pq"
+    assert exported_dataset(con, folder, format="parquet")["out"].endswith("dataset.parquet")
+
+
+def test_export_refuses_non_empty_folder_and_bad_options(con, curated, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        exported_dataset(con, out, format="kohya")
+    exported_dataset(con, out, format="kohya", overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ExportError, match="format"):
+        exported_dataset(con, tmp_path / "x", format="zip")
+    with pytest.raises(ExportError, match="link"):
+        exported_dataset(con, tmp_path / "x", link="symlink")
+
+
+def test_export_and_import_cli(catalog_path, con, curated, tmp_path):
+    from workbench.cli import app
+
+    con.close()
+    runner = CliRunner()
+    out = tmp_path / "cli_out"
+    result = runner.invoke(app, ["export", "--format", "kohya", "--link", "hardlink", str(out), "--catalog", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    assert (out / "dataset.toml").exists()
+    result = runner.invoke(app, ["export", "--format", "kohya", str(out), "--catalog", str(catalog_path)])
+    assert result.exit_code == 2 and "not empty" in " ".join(result.output.split())
+    linked = next((out / "img" / "10_sks dog").glob("a-*.jpg"))
+    assert linked.stat().st_ino == (curated / "10_sks dog" / "a.jpg").stat().st_ino  # hardlinked, not copied
+    second = tmp_path / "second.duckdb"
+    result = runner.invoke(app, ["import-kohya", str(out), "--workers", "1", "--catalog", str(second)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["import-kohya", str(curated / "plain"), "--catalog", str(second)])
+    assert result.exit_code == 2 and "no kohya subset folders" in " ".join(result.output.split())
