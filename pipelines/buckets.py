@@ -19,6 +19,7 @@ from collections import Counter
 from typing import NamedTuple, Sequence
 
 import duckdb
+import pyarrow as pa
 
 from workbench.catalog import record_run
 from workbench.progress import ProgressHook, null_progress
@@ -220,16 +221,19 @@ def aspect_buckets(
             ar_errors.append(abs(choice.bucket_width / choice.bucket_height - width / height))
             if done % 1000 == 0 or done == total:
                 progress(task="buckets", completed=done, total=total)
+        columns = ["image_id", "bucket_width", "bucket_height", "resized_width", "resized_height", "crop_left",
+                   "crop_top", "resolution_width", "resolution_height", "min_bucket_reso", "max_bucket_reso",
+                   "bucket_reso_steps", "no_upscale"]
+        # one Arrow table, read by DuckDB's replacement scan: executemany is ~1000x slower for 100k rows
+        new_bucket_rows = pa.table(
+            {name: [row[i] for row in rows] for i, name in enumerate(columns)},
+            schema=pa.schema([(name, pa.string() if name == "image_id" else pa.bool_() if name == "no_upscale"
+                               else pa.int32()) for name in columns]),
+        )
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute("DELETE FROM aspect_buckets")
-            if rows:
-                con.executemany(
-                    "INSERT INTO aspect_buckets (image_id, bucket_width, bucket_height, resized_width, resized_height,"
-                    " crop_left, crop_top, resolution_width, resolution_height, min_bucket_reso, max_bucket_reso,"
-                    " bucket_reso_steps, no_upscale) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+            con.execute(f"INSERT INTO aspect_buckets ({', '.join(columns)}) SELECT * FROM new_bucket_rows")
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import duckdb
+import pyarrow as pa
 
 from workbench.catalog import record_run
 from workbench.progress import ProgressHook, null_progress
@@ -89,8 +90,19 @@ def _one_select(condition: str) -> str:
 def resolve_image_ids(con: duckdb.DuckDBPyConnection, ids: Iterable[str]) -> list[str]:
     """Full image_ids from full ids or unique prefixes (at least 6 hex characters); errors name every bad one."""
     resolved, problems = [], []
+    ids = list(ids)
+    # full ids are checked in one query (the TUI may pass thousands); prefixes one by one
+    full = [raw.strip().lower() for raw in ids if re.fullmatch(r"[0-9a-f]{64}", raw.strip().lower())]
+    known_full: set[str] = set()
+    if full:
+        wanted_ids = pa.table({"image_id": pa.array(full, pa.string())})
+        known_full = {row[0] for row in con.execute(
+            "SELECT image_id FROM images WHERE image_id IN (SELECT image_id FROM wanted_ids)").fetchall()}
     for raw in ids:
         key = raw.strip().lower()
+        if key in known_full:
+            resolved.append(key)
+            continue
         if len(key) < MIN_ID_PREFIX or not re.fullmatch(r"[0-9a-f]+", key):
             problems.append(f"{raw!r} is not an image id (hex, at least {MIN_ID_PREFIX} characters)")
             continue
@@ -131,12 +143,17 @@ def list_concepts(con: duckdb.DuckDBPyConnection) -> list[Concept]:
     return [Concept(*row) for row in rows]
 
 
+def _load_assign_table(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> None:
+    """Temp table `concept_assign` of image ids, loaded from Arrow (executemany is slow at 100k rows)."""
+    assign_ids = pa.table({"image_id": pa.array(list(image_ids), pa.string())})
+    con.execute("CREATE OR REPLACE TEMP TABLE concept_assign AS SELECT image_id FROM assign_ids")
+
+
 def _assign(con: duckdb.DuckDBPyConnection, name: str, image_ids: Sequence[str], source: str) -> int:
     """Assign images in one statement; a non-manual source does not replace manual assignments."""
     if not image_ids:
         return 0
-    con.execute("CREATE OR REPLACE TEMP TABLE concept_assign (image_id VARCHAR)")
-    con.executemany("INSERT INTO concept_assign VALUES (?)", [(i,) for i in image_ids])
+    _load_assign_table(con, image_ids)
     keep_manual = "" if source == "manual" else "WHERE concept_images.source <> 'manual'"
     before = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
     con.execute(
@@ -317,8 +334,7 @@ def concepts_from_folder_names(con: duckdb.DuckDBPyConnection, *, progress: Prog
                     [name, trigger, class_noun, repeats],
                 )
                 created += 1
-            con.execute("CREATE OR REPLACE TEMP TABLE concept_assign (image_id VARCHAR)")
-            con.executemany("INSERT INTO concept_assign VALUES (?)", [(i,) for i in members[name]])
+            _load_assign_table(con, members[name])
             assigned += con.execute(
                 "INSERT INTO concept_images (image_id, concept, source)"
                 " SELECT image_id, ?, 'folder_name' FROM concept_assign ON CONFLICT DO NOTHING",

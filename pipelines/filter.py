@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
 import duckdb
+import pyarrow as pa
 
 from workbench.catalog import record_run
 from workbench.progress import ProgressHook, null_progress
@@ -222,8 +223,12 @@ def filtered_dataset(
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"DELETE FROM exclusions WHERE starts_with(step, '{FILTER_STEP_PREFIX}')")
-            if new_rows:
-                con.executemany("INSERT INTO exclusions (image_id, step, reason) VALUES (?, ?, ?)", new_rows)
+            # one Arrow table, read by DuckDB's replacement scan (executemany is far slower at 100k rows)
+            new_filter_rows = pa.table(
+                {"image_id": [r[0] for r in new_rows], "step": [r[1] for r in new_rows], "reason": [r[2] for r in new_rows]},
+                schema=pa.schema([("image_id", pa.string()), ("step", pa.string()), ("reason", pa.string())]),
+            )
+            con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT * FROM new_filter_rows")
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")
@@ -249,10 +254,11 @@ def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], 
     ids = _resolve(con, image_ids)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.executemany(
-            "INSERT INTO exclusions (image_id, step, reason) VALUES (?, ?, ?)"
+        manual_ids = pa.table({"image_id": pa.array(ids, pa.string())})
+        con.execute(
+            "INSERT INTO exclusions (image_id, step, reason) SELECT image_id, ?, ? FROM manual_ids"
             " ON CONFLICT (image_id, step) DO UPDATE SET reason = excluded.reason, created_at = now()",
-            [(i, MANUAL_STEP, f"manual: {reason}") for i in ids],
+            [MANUAL_STEP, f"manual: {reason}"],
         )
         con.execute("DELETE FROM manual_includes WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
         con.execute("COMMIT")
@@ -267,7 +273,8 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
     ids = _resolve(con, image_ids)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.executemany("INSERT INTO manual_includes (image_id) VALUES (?) ON CONFLICT DO NOTHING", [(i,) for i in ids])
+        include_ids = pa.table({"image_id": pa.array(ids, pa.string())})
+        con.execute("INSERT INTO manual_includes (image_id) SELECT image_id FROM include_ids ON CONFLICT DO NOTHING")
         removed = con.execute(
             f"DELETE FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))"
             f" AND (step = '{MANUAL_STEP}' OR starts_with(step, '{FILTER_STEP_PREFIX}'))",
