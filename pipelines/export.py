@@ -62,6 +62,10 @@ def one_line(caption: str | None) -> str | None:
     return text or None
 
 
+def _has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", text.lower()) is not None
+
+
 @dataclass
 class _Row:
     image_id: str
@@ -196,7 +200,9 @@ def kohya_export(
         groups[(row.role, row.concept)].append(row)
     used: dict[str, set[str]] = defaultdict(set)
     subsets: list[dict[str, Any]] = []
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter({key: 0 for key in (
+        "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
+        "captions_without_trigger", "missing_files_skipped")})
     done = 0
     progress(task="export", completed=0, total=len(rows))
     for (role, concept), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
@@ -216,17 +222,27 @@ def kohya_export(
         target_dir = _inside(out, top, folder)
         target_dir.mkdir(parents=True, exist_ok=True)
         for row in members:
-            image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=True)
+            done += 1
+            try:
+                image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=True)
+            except FileNotFoundError:
+                counts["missing_files_skipped"] += 1
+                progress(task="export", completed=done, total=len(rows),
+                         message=f"skipped {os.fsdecode(row.source)}: file no longer there (run ingest again)")
+                continue
             caption = one_line(row.caption)
             if caption:
                 _inside(target_dir, image_path.stem + caption_extension).write_text(caption + "\n", encoding="utf-8")
                 counts["captions"] += 1
                 if caption != row.caption.strip():
                     counts["captions_joined_to_one_line"] += 1
+                # with a caption file kohya never uses class_tokens: a caption without the trigger
+                # trains nothing into the trigger, the most common silent DreamBooth-LoRA mistake
+                if row.trigger and not is_reg and not _has_word(caption, row.trigger):
+                    counts["captions_without_trigger"] += 1
             else:
                 counts["without_caption"] += 1
             counts["images"] += 1
-            done += 1
             if done % 200 == 0 or done == len(rows):
                 progress(task="export", completed=done, total=len(rows))
         subset: dict[str, Any] = {
@@ -249,6 +265,10 @@ def kohya_export(
         "# image_dir paths are absolute; re-export if you move this folder.\n"
     )
     (out / "dataset.toml").write_text(header + tomli_w.dumps(config), encoding="utf-8")
+    if counts["captions_without_trigger"]:
+        progress(task="export", completed=done, total=len(rows), message=(
+            f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word; kohya uses "
+            "the caption file instead of class_tokens, so those images do not teach the trigger"))
     return {"format": "kohya", "out": str(out), **counts}
 
 
@@ -267,8 +287,15 @@ def imagefolder_export(
     rows = _dataset_rows(con)
     progress(task="export", completed=0, total=len(rows))
     lines = []
+    missing = 0
     for done, row in enumerate(rows, 1):
-        image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=False)
+        try:
+            image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=False)
+        except FileNotFoundError:
+            missing += 1
+            progress(task="export", completed=done, total=len(rows),
+                     message=f"skipped {os.fsdecode(row.source)}: file no longer there (run ingest again)")
+            continue
         lines.append(json.dumps({
             "file_name": image_path.name,
             "text": row.caption,
@@ -282,8 +309,8 @@ def imagefolder_export(
         if done % 200 == 0 or done == len(rows):
             progress(task="export", completed=done, total=len(rows))
     (target_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return {"format": "imagefolder", "out": str(out), "images": len(rows),
-            "captions": sum(1 for r in rows if r.caption)}
+    return {"format": "imagefolder", "out": str(out), "images": len(lines),
+            "captions": sum(1 for line in lines if json.loads(line)["text"]), "missing_files_skipped": missing}
 
 
 def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict:

@@ -228,3 +228,27 @@ def test_export_and_import_cli(catalog_path, con, curated, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["import-kohya", str(curated / "plain"), "--catalog", str(second)])
     assert result.exit_code == 2 and "no kohya subset folders" in " ".join(result.output.split())
+
+
+def test_class_priors_go_to_reg_and_missing_files_are_skipped(con, curated, tmp_path):
+    ids = _by_name(con)
+    prior = _image(tmp_path / "priors" / "p1.png", color=(1, 2, 3))
+    ingested_images(con, [prior.parent], workers=1)
+    prior_id = _by_name(con)["p1.png"]
+    con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [prior_id])
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=10)
+    con.execute("INSERT INTO concept_images (image_id, concept, source) VALUES (?, 'sks dog', 'manual')", [prior_id])
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'a dog on a sofa')", [ids["b.png"]])
+    (curated / "plain" / "c.jpg").unlink()  # gone since ingest
+    out = tmp_path / "out"
+    messages = []
+    summary = exported_dataset(con, out, format="kohya", progress=lambda **kw: messages.append(kw.get("message")))
+    assert summary["missing_files_skipped"] == 1
+    # "a photo of sks dog" has the trigger, "a dog on a sofa" does not (and the prior needs none)
+    assert summary["captions_without_trigger"] == 1
+    assert any(m and "lack their trigger" in m for m in messages)
+    assert [p.name for p in (out / "reg").iterdir()] == ["1_dog"]
+    subsets = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]["subsets"]
+    reg = [s for s in subsets if s.get("is_reg")]
+    assert len(reg) == 1 and reg[0]["class_tokens"] == "dog" and reg[0]["num_repeats"] == 1
+    assert not list((out / "img").rglob(f"c-{ids['c.jpg'][:12]}*"))
