@@ -1,0 +1,102 @@
+"""The Textual workbench: opens the catalog, composes the screens and routes between them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+from textual.app import App
+from textual.binding import Binding
+
+from tui.browser_screen import BrowserScreen
+from tui.captions_screen import CaptionsScreen
+from tui.duplicates_screen import DuplicatesScreen
+from tui.help_screen import HelpScreen
+from tui.image_table import ImageTable
+from tui.locked_screen import LockedScreen
+from tui.messages import CatalogChanged, WorkFailed
+from tui.pipeline_screen import PipelineScreen
+from tui.sql_screen import SqlScreen
+from tui.train_screen import TrainScreen
+from workbench.catalog import CatalogError, CatalogLockedError, connect
+
+SCREENS_BY_KEY = (
+    ("f2", "pipeline", "Pipeline", PipelineScreen),
+    ("f3", "browser", "Browse", BrowserScreen),
+    ("f4", "captions", "Captions", CaptionsScreen),
+    ("f5", "duplicates", "Duplicates", DuplicatesScreen),
+    ("f6", "sql", "SQL", SqlScreen),
+    ("f7", "train", "Train", TrainScreen),
+)
+
+
+class WorkbenchApp(App[None]):
+    """One catalog, six screens; all blocking work runs in thread workers with their own cursors."""
+
+    TITLE = "workbench"
+    CSS_PATH = "app.tcss"
+    MODES = {mode: screen for _, mode, _, screen in SCREENS_BY_KEY}
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        *(Binding(key, f"show('{mode}')", label) for key, mode, label, _ in SCREENS_BY_KEY),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(self, catalog_path: str | os.PathLike[str], *, start: str | None = None) -> None:
+        super().__init__()
+        self.catalog_path = Path(catalog_path)
+        self.start = start
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.catalog_version = 0
+        self.sub_title = str(self.catalog_path)
+
+    def on_mount(self) -> None:
+        self.open_catalog()
+
+    def open_catalog(self) -> None:
+        """Open the catalog for writing; if another process holds it, show who with wait/retry."""
+        if self.con is not None:
+            return
+        try:
+            self.con = connect(self.catalog_path)
+        except CatalogLockedError as error:
+            if isinstance(self.screen, LockedScreen):
+                self.screen.update_message(str(error))
+            else:
+                self.push_screen(LockedScreen(str(error)))
+            return
+        except CatalogError as error:
+            self.exit(message=f"Error: {error}", return_code=2)
+            return
+        if isinstance(self.screen, LockedScreen):
+            self.pop_screen()
+        if self.start is None:
+            has_images = self.con.execute("SELECT count(*) > 0 FROM images").fetchone()[0]
+            self.start = "browser" if has_images else "pipeline"
+        self.switch_mode(self.start)
+
+    def action_show(self, mode: str) -> None:
+        if self.con is None:
+            self.bell()
+            return
+        self.switch_mode(mode)
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        sections = [("everywhere", type(self))]
+        sections += [(label, screen) for _, _, label, screen in SCREENS_BY_KEY]
+        sections += [("image tables", ImageTable)]
+        self.push_screen(HelpScreen(sections))
+
+    def on_catalog_changed(self, message: CatalogChanged) -> None:
+        self.catalog_version += 1
+
+    def on_work_failed(self, message: WorkFailed) -> None:
+        self.notify(message.error, title=message.title, severity="error", timeout=8)
+
+    def on_unmount(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None

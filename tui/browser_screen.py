@@ -1,0 +1,103 @@
+"""Catalog browser: the paged image table, a details pane with everything known, and a preview."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from tui import queries
+from tui.image_table import ImageTable
+from tui.messages import ImagePicked
+from tui.preview import ImagePreview, load_preview
+from tui.workers import people_message
+
+
+def details_table(details: dict[str, Any]) -> Table:
+    """All metadata of one image as a two-column rich table, grouped by where it comes from."""
+    table = Table(show_header=False, box=None, padding=(0, 1), expand=True)
+    table.add_column("field", style="bold cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    row = details.get("row", {})
+    for key, value in row.items():
+        if key == "paths" and value:
+            value = "\n".join(value)
+        elif key in ("phash", "dhash") and value is not None:
+            value = f"{value:016x}"
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, "·" if value is None else str(value))
+    captions = details.get("captions") or []
+    if captions:
+        table.add_row(Text("captions by source", style="bold magenta"), "")
+        for source, text in captions:
+            table.add_row(f"  {source}", text)
+    for name, rows in (details.get("tables") or {}).items():
+        table.add_row(Text(name, style="bold magenta"), "")
+        for item in rows:
+            table.add_row("", ", ".join(f"{k}={v}" for k, v in item.items() if v is not None))
+    return table
+
+
+# The table shows these (fewer columns render faster); sorting and filtering use every column,
+# and the details pane shows them all.
+BROWSER_COLUMNS = [
+    "path", "width", "height", "format", "bytes", "status", "role", "caption", "caption_source",
+    "duplicate_group", "is_keeper", "excluded", "exclusion_reason", "concept", "bucket_width", "bucket_height",
+]
+
+
+class BrowserScreen(Screen):
+    """Browse every image: filter with SQL or text, sort by any column, inspect one."""
+
+    CSS_PATH = "browser_screen.tcss"
+    BINDINGS = []
+
+    @dataclass
+    class _Details(Message):
+        image_id: str
+        details: dict
+        picture: Any
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            yield ImageTable(id="browser-table", columns=BROWSER_COLUMNS)
+            with VerticalScroll(id="details-pane"):
+                yield ImagePreview(id="preview")
+                yield Static("select an image", id="details")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.seen_version = self.app.catalog_version
+
+    def on_screen_resume(self) -> None:
+        if getattr(self, "seen_version", None) not in (None, self.app.catalog_version):
+            self.seen_version = self.app.catalog_version
+            self.query_one(ImageTable).reload()
+
+    @on(ImagePicked)
+    def _picked(self, message: ImagePicked) -> None:
+        self._load_details(message.image_id)
+
+    @work(thread=True, exclusive=True, group="browser-details")
+    def _load_details(self, image_id: str) -> None:
+        try:
+            details = queries.image_details(self.app.con, image_id)
+        except Exception as error:
+            details = {"row": {"error": people_message(error)}}
+        picture = load_preview(queries.image_file(details)) if details else "image no longer in the catalog"
+        self.post_message(self._Details(image_id, details, picture))
+
+    @on(_Details)
+    def _show_details(self, message: _Details) -> None:
+        self.query_one("#details", Static).update(details_table(message.details))
+        self.query_one("#preview", ImagePreview).show(message.picture)

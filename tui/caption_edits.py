@@ -1,0 +1,186 @@
+"""Caption edits made in the TUI: manual captions, choosing/rejecting model captions, bulk edits with undo.
+
+Edits are rows in `captions` with source 'manual' (and a `caption_choice` of 'manual' so they win);
+sidecar .txt files beside the images are written only when asked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from workbench.catalog import CatalogError
+
+MANUAL = "manual"
+
+
+def _sidecar_path(image_path: str) -> Path:
+    return Path(image_path).with_suffix(".txt")
+
+
+def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> int:
+    """Write each image's current caption to <image>.txt beside its first existing file; returns files written."""
+    if not image_ids:
+        return 0
+    cur.register("sidecar_ids", pa.table({"image_id": image_ids}))
+    try:
+        rows = cur.execute(
+            "SELECT arg_min(p.path_bytes, p.seq), any_value(cc.caption) FROM sidecar_ids s "
+            "JOIN paths p ON p.image_id = s.image_id AND NOT p.missing "
+            "JOIN current_captions cc ON cc.image_id = s.image_id GROUP BY s.image_id"
+        ).fetchall()
+    finally:
+        cur.unregister("sidecar_ids")
+    written = 0
+    for path_bytes, caption in rows:
+        image_path = os.fsdecode(bytes(path_bytes))
+        if os.path.exists(image_path):
+            _sidecar_path(image_path).write_text(caption + "\n", encoding="utf-8")
+            written += 1
+    return written
+
+
+def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str, *, sidecar: bool = False) -> None:
+    """Store `text` as the image's manual caption and make it the caption in use."""
+    text = text.strip()
+    if not text:
+        raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
+    cur = con.cursor()
+    try:
+        if not cur.execute("SELECT count(*) FROM images WHERE image_id = ?", [image_id]).fetchone()[0]:
+            raise CatalogError(f"No image {image_id[:12]} in the catalog.")
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute(
+            "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) VALUES (?, ?, ?, now())",
+            [image_id, MANUAL, text],
+        )
+        cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, MANUAL])
+        cur.execute("COMMIT")
+        if sidecar:
+            write_sidecars(cur, [image_id])
+    finally:
+        cur.close()
+
+
+def choose_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -> None:
+    """Accept one source's caption (e.g. 'model:blip') as the caption in use."""
+    cur = con.cursor()
+    try:
+        if not cur.execute("SELECT count(*) FROM captions WHERE image_id = ? AND source = ?", [image_id, source]).fetchone()[0]:
+            raise CatalogError(f"Image {image_id[:12]} has no {source} caption.")
+        cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, source])
+    finally:
+        cur.close()
+
+
+def reject_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -> None:
+    """Drop one source's caption for an image (and the choice of it); the next source takes over."""
+    cur = con.cursor()
+    try:
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute("DELETE FROM caption_choice WHERE image_id = ? AND source = ?", [image_id, source])
+        cur.execute("DELETE FROM captions WHERE image_id = ? AND source = ?", [image_id, source])
+        cur.execute("COMMIT")
+    finally:
+        cur.close()
+
+
+@dataclass
+class BulkUndo:
+    """What a bulk edit replaced, so it can be put back: manual caption and choice per changed image."""
+
+    description: str
+    previous: pa.Table  # image_id, manual_text, manual_created_at, choice
+
+    @property
+    def changed(self) -> int:
+        return self.previous.num_rows
+
+
+def _bulk_expression(find: str | None, replace: str | None, add_token: str | None, remove_token: str | None) -> tuple[str, list, str]:
+    """(SQL for the new caption from `caption`, its parameters, a description)."""
+    given = [x for x in (find, add_token, remove_token) if x]
+    if len(given) != 1:
+        raise CatalogError("Give exactly one bulk edit: find/replace, add a token, or remove a token.")
+    if find:
+        return "replace(coalesce(caption, ''), ?, ?)", [find, replace or ""], f"replace {find!r} with {replace or ''!r}"
+    tags = "list_filter(list_transform(string_split(coalesce(caption, ''), ','), lambda t: trim(t)), lambda t: t != '')"
+    if add_token:
+        token = add_token.strip()
+        return (
+            f"CASE WHEN list_contains({tags}, ?) THEN caption "
+            "WHEN coalesce(trim(caption), '') = '' THEN ? ELSE ? || ', ' || caption END",
+            [token, token, token],
+            f"add token {token!r}",
+        )
+    token = remove_token.strip()
+    return f"array_to_string(list_filter({tags}, lambda t: t != ?), ', ')", [token], f"remove token {token!r}"
+
+
+def bulk_edit(
+    con: duckdb.DuckDBPyConnection,
+    image_ids: list[str],
+    *,
+    find: str | None = None,
+    replace: str | None = None,
+    add_token: str | None = None,
+    remove_token: str | None = None,
+    sidecars: bool = False,
+) -> BulkUndo:
+    """Apply one edit to the current caption of each image in `image_ids`; changed ones become manual captions."""
+    expression, params, description = _bulk_expression(find, replace, add_token, remove_token)
+    cur = con.cursor()
+    try:
+        cur.register("bulk_ids", pa.table({"image_id": pa.array(image_ids, pa.string())}))
+        changes = cur.sql(
+            f"SELECT image_id, new_text FROM (SELECT b.image_id, cc.caption, {expression} AS new_text "
+            "FROM bulk_ids b LEFT JOIN current_captions cc ON cc.image_id = b.image_id) "
+            "WHERE new_text IS DISTINCT FROM caption AND trim(new_text) != ''",
+            params=params,
+        ).to_arrow_table()
+        cur.unregister("bulk_ids")
+        cur.register("bulk_changes", changes)
+        previous = cur.sql(
+            "SELECT c.image_id, m.text AS manual_text, m.created_at AS manual_created_at, ch.source AS choice "
+            "FROM bulk_changes c LEFT JOIN captions m ON m.image_id = c.image_id AND m.source = 'manual' "
+            "LEFT JOIN caption_choice ch ON ch.image_id = c.image_id"
+        ).to_arrow_table()
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute(
+            "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) "
+            "SELECT image_id, 'manual', new_text, now() FROM bulk_changes"
+        )
+        cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) SELECT image_id, 'manual' FROM bulk_changes")
+        cur.execute("COMMIT")
+        cur.unregister("bulk_changes")
+        if sidecars:
+            write_sidecars(cur, changes.column("image_id").to_pylist())
+        return BulkUndo(description=description, previous=previous)
+    finally:
+        cur.close()
+
+
+def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo, *, sidecars: bool = False) -> int:
+    """Put back the manual captions and choices a bulk edit replaced; returns images restored."""
+    cur = con.cursor()
+    try:
+        cur.register("undo_rows", undo.previous)
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute("DELETE FROM captions WHERE source = 'manual' AND image_id IN (SELECT image_id FROM undo_rows)")
+        cur.execute(
+            "INSERT INTO captions (image_id, source, text, created_at) "
+            "SELECT image_id, 'manual', manual_text, manual_created_at FROM undo_rows WHERE manual_text IS NOT NULL"
+        )
+        cur.execute("DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM undo_rows)")
+        cur.execute("INSERT INTO caption_choice (image_id, source) SELECT image_id, choice FROM undo_rows WHERE choice IS NOT NULL")
+        cur.execute("COMMIT")
+        cur.unregister("undo_rows")
+        if sidecars:
+            write_sidecars(cur, undo.previous.column("image_id").to_pylist())
+        return undo.changed
+    finally:
+        cur.close()

@@ -1,0 +1,222 @@
+"""Caption editor: edit the current caption, accept or reject a model's, bulk edits over the filtered rows with undo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, OptionList, TextArea
+from textual.widgets.option_list import Option
+
+from tui import caption_edits, queries
+from tui.image_table import ImageTable
+from tui.messages import CatalogChanged, ImagePicked
+from tui.preview import ImagePreview, load_preview
+from tui.workers import people_message
+
+
+class CaptionsScreen(Screen):
+    """Fix captions one by one or in bulk; every edit becomes a 'manual' caption."""
+
+    CSS_PATH = "captions_screen.tcss"
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save caption", priority=True),
+        Binding("ctrl+a", "accept", "Accept source"),
+        Binding("ctrl+r", "reject", "Reject source"),
+        Binding("f8", "undo_bulk", "Undo bulk edit"),
+    ]
+
+    @dataclass
+    class _Loaded(Message):
+        image_id: str
+        details: dict
+        picture: Any
+
+    @dataclass
+    class _Done(Message):
+        text: str
+        undo: caption_edits.BulkUndo | None = None
+        undone: bool = False
+
+    @dataclass
+    class _Failed(Message):
+        error: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_id: str | None = None
+        self.last_bulk: caption_edits.BulkUndo | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="captions-main"):
+            yield ImageTable(
+                id="captions-table",
+                columns=["path", "caption_source", "caption"],
+                placeholder="filter the rows to edit: SQL WHERE (caption IS NULL) or text",
+            )
+            with Vertical(id="caption-editor"):
+                yield ImagePreview(id="caption-preview")
+                yield Label("no image selected", id="caption-path")
+                yield TextArea("", id="caption-text", soft_wrap=True)
+                with Horizontal(classes="button-row"):
+                    yield Button("Save (ctrl+s)", id="save", variant="primary")
+                    yield Checkbox("write sidecar .txt", id="sidecars")
+                yield Label("captions by source (accept ctrl+a / reject ctrl+r):")
+                yield OptionList(id="sources")
+                with Horizontal(classes="button-row"):
+                    yield Button("Accept", id="accept", variant="success")
+                    yield Button("Reject", id="reject", variant="error")
+        with Horizontal(id="bulk-bar"):
+            yield Input(placeholder="find", id="find")
+            yield Input(placeholder="replace with", id="replace")
+            yield Button("Replace in filtered", id="bulk-replace")
+            yield Input(placeholder="trigger token", id="token")
+            yield Button("Add token", id="bulk-add")
+            yield Button("Remove token", id="bulk-remove")
+            yield Button("Undo bulk (F8)", id="bulk-undo", disabled=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.seen_version = self.app.catalog_version
+
+    def on_screen_resume(self) -> None:
+        if self.seen_version != self.app.catalog_version:
+            self.seen_version = self.app.catalog_version
+            self.query_one(ImageTable).reload()
+
+    # --- the image being edited -------------------------------------------------
+
+    @on(ImagePicked)
+    def _picked(self, message: ImagePicked) -> None:
+        self._load(message.image_id)
+
+    @work(thread=True, exclusive=True, group="caption-load")
+    def _load(self, image_id: str) -> None:
+        try:
+            details = queries.image_details(self.app.con, image_id)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        self.post_message(self._Loaded(image_id, details, load_preview(queries.image_file(details))))
+
+    @on(_Loaded)
+    def _show(self, message: _Loaded) -> None:
+        self.image_id = message.image_id
+        row = message.details.get("row", {})
+        self.query_one("#caption-path", Label).update(f"{row.get('path')}  [dim]({row.get('caption_source') or 'no caption'})[/]")
+        self.query_one("#caption-text", TextArea).load_text(row.get("caption") or "")
+        sources = self.query_one("#sources", OptionList)
+        sources.clear_options()
+        for source, text in message.details.get("captions", []):
+            mark = "● " if source == row.get("caption_source") else "  "
+            sources.add_option(Option(f"{mark}{source}: {text}", id=source))
+        if sources.option_count:
+            sources.highlighted = 0
+        self.query_one("#caption-preview", ImagePreview).show(message.picture)
+
+    def _selected_source(self) -> str | None:
+        sources = self.query_one("#sources", OptionList)
+        if sources.highlighted is None:
+            return None
+        return sources.get_option_at_index(sources.highlighted).id
+
+    # --- writes -----------------------------------------------------------------
+
+    @property
+    def sidecars(self) -> bool:
+        return self.query_one("#sidecars", Checkbox).value
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        if self.image_id is None:
+            self.notify("Pick an image first.", severity="warning")
+            return
+        text = self.query_one("#caption-text", TextArea).text
+        image_id, sidecar = self.image_id, self.sidecars
+        self._write(lambda con: caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar) or "caption saved")
+
+    @on(Button.Pressed, "#accept")
+    def action_accept(self) -> None:
+        source, image_id = self._selected_source(), self.image_id
+        if source and image_id:
+            self._write(lambda con: caption_edits.choose_caption(con, image_id, source) or f"using the {source} caption")
+
+    @on(Button.Pressed, "#reject")
+    def action_reject(self) -> None:
+        source, image_id = self._selected_source(), self.image_id
+        if source and image_id:
+            self._write(lambda con: caption_edits.reject_caption(con, image_id, source) or f"{source} caption rejected")
+
+    @on(Button.Pressed, "#bulk-replace")
+    def _bulk_replace(self) -> None:
+        find = self.query_one("#find", Input).value
+        if not find:
+            self.notify("Type the text to find.", severity="warning")
+            return
+        self._bulk(find=find, replace=self.query_one("#replace", Input).value)
+
+    @on(Button.Pressed, "#bulk-add")
+    def _bulk_add(self) -> None:
+        self._bulk(add_token=self.query_one("#token", Input).value)
+
+    @on(Button.Pressed, "#bulk-remove")
+    def _bulk_remove(self) -> None:
+        self._bulk(remove_token=self.query_one("#token", Input).value)
+
+    def _bulk(self, **edit: str) -> None:
+        table = self.query_one(ImageTable)
+        if table.result is None:
+            return
+        if not any(v.strip() for k, v in edit.items() if k != "replace"):
+            self.notify("Type a trigger token first.", severity="warning")
+            return
+        self._run_bulk(table.result, edit, self.sidecars)
+
+    @work(thread=True, exclusive=True, group="caption-write")
+    def _run_bulk(self, result: queries.BrowseResult, edit: dict, sidecars: bool) -> None:
+        try:
+            undo = caption_edits.bulk_edit(self.app.con, result.image_ids(), sidecars=sidecars, **edit)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed", undo=undo))
+
+    @on(Button.Pressed, "#bulk-undo")
+    def action_undo_bulk(self) -> None:
+        undo, sidecars = self.last_bulk, self.sidecars
+        if undo is None:
+            self.notify("No bulk edit to undo.", severity="warning")
+            return
+        self._write(lambda con: f"undid {undo.description} on {caption_edits.undo_bulk(con, undo, sidecars=sidecars):,} images", undone=True)
+
+    @work(thread=True, exclusive=True, group="caption-write")
+    def _write(self, change, undone: bool = False) -> None:
+        try:
+            text = change(self.app.con)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        self.post_message(self._Done(text, undone=undone))
+
+    @on(_Done)
+    def _done(self, message: _Done) -> None:
+        if message.undo is not None:
+            self.last_bulk = message.undo
+        if message.undone:
+            self.last_bulk = None
+        self.query_one("#bulk-undo", Button).disabled = self.last_bulk is None
+        self.notify(message.text, title="Captions")
+        self.post_message(CatalogChanged("captions"))
+        self.seen_version = self.app.catalog_version + 1
+        self.query_one(ImageTable).reload()
+
+    @on(_Failed)
+    def _failed(self, message: _Failed) -> None:
+        self.notify(message.error, title="Captions", severity="error", timeout=8)

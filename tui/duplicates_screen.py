@@ -1,0 +1,298 @@
+"""Duplicates review: one group at a time, members side by side; change the kept member, include or exclude."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, HorizontalScroll, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Label, Static
+
+from tui.messages import CatalogChanged
+from tui.preview import ImagePreview, load_preview
+from tui.workers import people_message
+
+MEMBER_COLUMNS = (
+    "image_id", "is_keeper", "method", "distance", "keep_reason", "path", "width", "height", "format",
+    "bytes", "excluded", "exclusion_reason",
+)
+MAX_MEMBERS_SHOWN = 8
+
+
+def duplicate_group_ids(con) -> list[int]:
+    cur = con.cursor()
+    try:
+        return [r[0] for r in cur.execute("SELECT DISTINCT group_id FROM duplicates ORDER BY group_id").fetchall()]
+    finally:
+        cur.close()
+
+
+def group_members(con, group_id: int) -> list[dict[str, Any]]:
+    """Members of one duplicate group, keeper first, with what the review shows."""
+    cur = con.cursor()
+    try:
+        rows = cur.execute(
+            "SELECT d.image_id, d.is_keeper, d.method, d.distance, d.keep_reason, v.path, v.width, v.height, "
+            "v.format, v.bytes, v.excluded, v.exclusion_reason, "
+            "(SELECT arg_min(p.path_bytes, p.seq) FROM paths p WHERE p.image_id = d.image_id AND NOT p.missing) "
+            "FROM duplicates d JOIN images_view v ON v.image_id = d.image_id "
+            "WHERE d.group_id = ? ORDER BY d.is_keeper DESC, d.distance NULLS FIRST, d.image_id",
+            [group_id],
+        ).fetchall()
+    finally:
+        cur.close()
+    members = []
+    for row in rows:
+        member = dict(zip(MEMBER_COLUMNS, row[:-1]))
+        member["file"] = __import__("os").fsdecode(bytes(row[-1])) if row[-1] is not None else member["path"]
+        members.append(member)
+    return members
+
+
+def member_text(member: dict[str, Any]) -> str:
+    keeper = "[b green]★ KEPT[/]" if member["is_keeper"] else "[yellow]duplicate[/]"
+    state = f"[red]excluded[/]: {member['exclusion_reason']}" if member["excluded"] else "[green]in dataset[/]"
+    distance = "·" if member["distance"] is None else f"{member['distance']:g}"
+    size_kb = (member["bytes"] or 0) / 1024
+    return (
+        f"{keeper}  {member['image_id'][:12]}\n"
+        f"{member['path']}\n"
+        f"{member['width']}×{member['height']} {member['format']}  {size_kb:,.1f} KiB\n"
+        f"{member['method']} distance {distance}\n"
+        f"{member.get('keep_reason') or ''}\n{state}"
+    )
+
+
+class MemberCard(Vertical, can_focus=True):
+    """One member of the group: preview, facts, and the two actions."""
+
+    DEFAULT_CSS = """
+    MemberCard { width: 40; height: 1fr; border: round $primary-darken-3; padding: 0 1; margin-right: 1; }
+    MemberCard.-selected { border: double $accent; }
+    MemberCard.-keeper { background: $success 10%; }
+    MemberCard ImagePreview { height: 14; }
+    MemberCard Static { height: auto; }
+    MemberCard Horizontal { height: 3; }
+    MemberCard Button { width: 1fr; min-width: 8; }
+    """
+
+    def __init__(self, member: dict[str, Any], index: int) -> None:
+        super().__init__(classes="-keeper" if member["is_keeper"] else "")
+        self.member = member
+        self.index = index
+
+    def compose(self) -> ComposeResult:
+        yield ImagePreview()
+        yield Static(member_text(self.member), classes="member-facts")
+        with Horizontal():
+            yield Button("Keep this", name="keep", variant="success", disabled=bool(self.member["is_keeper"]))
+            if self.member["excluded"]:
+                yield Button("Include", name="include", variant="primary")
+            else:
+                yield Button("Exclude", name="exclude", variant="warning")
+
+    def on_focus(self) -> None:
+        self.screen.selected = self.index
+
+
+class DuplicatesScreen(Screen):
+    """Walk the duplicate groups; the kept member is written to keeper_choice and the group recomputed."""
+
+    CSS_PATH = "duplicates_screen.tcss"
+    BINDINGS = [
+        Binding("n", "group(1)", "Next group"),
+        Binding("p", "group(-1)", "Prev group"),
+        Binding("right", "member(1)", "Next member", show=False),
+        Binding("left", "member(-1)", "Prev member", show=False),
+        Binding("k", "keep", "Keep selected"),
+        Binding("x", "toggle_exclude", "Exclude/include selected"),
+    ]
+
+    selected: reactive[int] = reactive(0)
+
+    @dataclass
+    class _Groups(Message):
+        group_ids: list[int]
+        position: int
+
+    @dataclass
+    class _Members(Message):
+        group_id: int
+        members: list[dict[str, Any]]
+        pictures: list[Any] = field(default_factory=list)
+
+    @dataclass
+    class _Changed(Message):
+        text: str
+
+    @dataclass
+    class _Failed(Message):
+        error: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.group_ids: list[int] = []
+        self.position = 0
+        self.members: list[dict[str, Any]] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="group-bar"):
+            yield Button("◀ Prev (p)", id="prev")
+            yield Label("loading groups…", id="group-label")
+            yield Button("Next (n) ▶", id="next")
+        yield HorizontalScroll(id="members")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.seen_version = self.app.catalog_version
+        self._load_groups(None)
+
+    def on_screen_resume(self) -> None:
+        if self.seen_version != self.app.catalog_version:
+            self.seen_version = self.app.catalog_version
+            self._load_groups(self.group_ids[self.position] if self.group_ids else None)
+
+    @work(thread=True, exclusive=True, group="dup-groups")
+    def _load_groups(self, keep_group: int | None) -> None:
+        try:
+            ids = duplicate_group_ids(self.app.con)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        position = ids.index(keep_group) if keep_group in ids else 0
+        self.post_message(self._Groups(ids, position))
+
+    @on(_Groups)
+    def _groups(self, message: _Groups) -> None:
+        self.group_ids, self.position = message.group_ids, message.position
+        if not self.group_ids:
+            self.query_one("#group-label", Label).update("No duplicate groups. Run dedup on the Pipeline screen (F2).")
+            self.query_one("#members").remove_children()
+            return
+        self._show_group()
+
+    def _show_group(self) -> None:
+        group_id = self.group_ids[self.position]
+        self.query_one("#group-label", Label).update(f"group {self.position + 1:,} of {len(self.group_ids):,} · id {group_id}")
+        self._load_members(group_id)
+
+    @work(thread=True, exclusive=True, group="dup-members")
+    def _load_members(self, group_id: int) -> None:
+        try:
+            members = group_members(self.app.con, group_id)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        pictures = [load_preview(m["file"], max_side=256) for m in members[:MAX_MEMBERS_SHOWN]]
+        self.post_message(self._Members(group_id, members, pictures))
+
+    @on(_Members)
+    async def _members(self, message: _Members) -> None:
+        if not self.group_ids or self.group_ids[self.position] != message.group_id:
+            return
+        self.members = message.members
+        box = self.query_one("#members")
+        await box.remove_children()
+        cards = [MemberCard(m, i) for i, m in enumerate(message.members[:MAX_MEMBERS_SHOWN])]
+        await box.mount_all(cards)
+        for card, picture in zip(cards, message.pictures):
+            card.query_one(ImagePreview).show(picture)
+        if len(message.members) > MAX_MEMBERS_SHOWN:
+            await box.mount(Static(f"+{len(message.members) - MAX_MEMBERS_SHOWN} more (see the browser: duplicate_group = {message.group_id})"))
+        self.selected = min(self.selected, len(cards) - 1) if cards else 0
+        self.watch_selected(self.selected)
+
+    def watch_selected(self, index: int) -> None:
+        for card in self.query(MemberCard):
+            card.set_class(card.index == index, "-selected")
+
+    # --- navigation ---------------------------------------------------------------
+
+    @on(Button.Pressed, "#next")
+    def _next(self) -> None:
+        self.action_group(1)
+
+    @on(Button.Pressed, "#prev")
+    def _prev(self) -> None:
+        self.action_group(-1)
+
+    def action_group(self, delta: int) -> None:
+        if self.group_ids:
+            self.position = (self.position + delta) % len(self.group_ids)
+            self.selected = 0
+            self._show_group()
+
+    def action_member(self, delta: int) -> None:
+        cards = list(self.query(MemberCard))
+        if cards:
+            self.selected = (self.selected + delta) % len(cards)
+
+    # --- changes --------------------------------------------------------------------
+
+    @on(Button.Pressed, "MemberCard Button")
+    def _card_button(self, event: Button.Pressed) -> None:
+        card = next(a for a in event.button.ancestors if isinstance(a, MemberCard))
+        self.selected = card.index
+        if event.button.name == "keep":
+            self.action_keep()
+        else:
+            self.action_toggle_exclude()
+
+    def _selected_member(self) -> dict[str, Any] | None:
+        return self.members[self.selected] if 0 <= self.selected < len(self.members) else None
+
+    def action_keep(self) -> None:
+        member = self._selected_member()
+        if member and not member["is_keeper"]:
+            self._change("keep", member["image_id"])
+
+    def action_toggle_exclude(self) -> None:
+        member = self._selected_member()
+        if member:
+            self._change("include" if member["excluded"] else "exclude", member["image_id"])
+
+    @work(thread=True, exclusive=True, group="dup-change")
+    def _change(self, what: str, image_id: str) -> None:
+        cur = self.app.con.cursor()
+        try:
+            if what == "keep":
+                from pipelines.dedup import choose_keeper
+
+                choose_keeper(cur, image_id)
+                text = f"kept {image_id[:12]}; the group was recomputed"
+            elif what == "exclude":
+                from pipelines.filter import manual_exclusions
+
+                manual_exclusions(cur, [image_id], "excluded in duplicates review")
+                text = f"excluded {image_id[:12]}"
+            else:
+                from pipelines.filter import manual_inclusions
+
+                result = manual_inclusions(cur, [image_id])
+                text = f"included {image_id[:12]}"
+                if result.get("still_excluded_by_other_steps"):
+                    text += " (still excluded as a duplicate: press Keep this to keep it instead)"
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        finally:
+            cur.close()
+        self.post_message(self._Changed(text))
+
+    @on(_Changed)
+    def _changed(self, message: _Changed) -> None:
+        self.notify(message.text, title="Duplicates")
+        self.post_message(CatalogChanged("duplicates"))
+        self.seen_version = self.app.catalog_version + 1
+        self._load_groups(self.group_ids[self.position] if self.group_ids else None)
+
+    @on(_Failed)
+    def _failed(self, message: _Failed) -> None:
+        self.notify(message.error, title="Duplicates", severity="error", timeout=8)

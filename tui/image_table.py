@@ -1,0 +1,245 @@
+"""A filterable, sortable table of images paged from DuckDB (never loads all rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Checkbox, Input, Label, Select
+
+from tui import queries
+from tui.messages import ImagePicked
+from tui.page_table import PageTable
+from tui.workers import people_message
+
+SHORT_COLUMNS = {"image_id": 12}
+TEXT_WIDTH = 48
+
+
+def cell(column: str, value) -> str:
+    """A table cell: NULL shown as '·', floats short, long text cut to fit."""
+    if value is None:
+        return "·"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if 1 <= abs(value) < 1e9 else f"{value:.3g}"
+    text = str(value).replace("\n", " ")
+    limit = SHORT_COLUMNS.get(column, TEXT_WIDTH)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ImageTable(Vertical):
+    """Filter box, sort picker and a paged DataTable over images_view.
+
+    Posts ImageTable.Loaded when a new filtered snapshot is ready and ImagePicked when the cursor moves.
+    """
+
+    BINDINGS = [
+        Binding("pagedown", "page(1)", "Next page", priority=True),
+        Binding("pageup", "page(-1)", "Prev page", priority=True),
+        Binding("ctrl+home", "first_page", "First page", show=False),
+        Binding("ctrl+end", "last_page", "Last page", show=False),
+        Binding("ctrl+f", "focus_filter", "Filter"),
+    ]
+
+    @dataclass
+    class Loaded(Message):
+        result: queries.BrowseResult
+
+    @dataclass
+    class _Ready(Message):
+        result: queries.BrowseResult
+
+    @dataclass
+    class _Rows(Message):
+        result: queries.BrowseResult
+        offset: int
+        rows: list
+        cursor: int | None = None
+
+    @dataclass
+    class _Failed(Message):
+        error: str
+
+    def __init__(self, *, columns: list[str] | None = None, placeholder: str | None = None, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.shown_columns = columns
+        self.placeholder = placeholder or "filter: SQL WHERE over images_view (width > 1024 AND format = 'PNG') or text to search"
+        self.result: queries.BrowseResult | None = None
+        self.page_offset = 0
+        self.page_size = queries.PAGE_SIZE
+        self._sort_choices: list[str] = []
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="filter-bar"):
+            yield Input(placeholder=self.placeholder, id="filter")
+            yield Select([("path", "path")], value="path", allow_blank=False, id="sort", prompt="sort")
+            yield Checkbox("desc", id="descending")
+        yield Label("loading…", id="table-status")
+        yield PageTable(id="rows")
+
+    def on_mount(self) -> None:
+        self.reload()
+
+    # --- loading ------------------------------------------------------------
+
+    @property
+    def current_filter(self) -> queries.Filter:
+        sort = self.query_one("#sort", Select).value
+        return queries.Filter(
+            text=self.query_one("#filter", Input).value,
+            sort_column=sort if isinstance(sort, str) else "path",
+            descending=self.query_one("#descending", Checkbox).value,
+        )
+
+    def reload(self) -> None:
+        """Re-run the filter (after edits or when the filter or sort changed)."""
+        self.query_one("#table-status", Label).update("loading…")
+        self._build(self.current_filter)
+
+    @work(thread=True, exclusive=True, group="image-table-build")
+    def _build(self, flt: queries.Filter) -> None:
+        try:
+            result = queries.browse(self.app.con, flt)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        self.post_message(self._Ready(result))
+
+    @work(thread=True, exclusive=True, group="image-table-page")
+    def _fetch(self, result: queries.BrowseResult, offset: int, cursor: int | None = None) -> None:
+        try:
+            rows = result.page(offset, self.page_size)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        self.post_message(self._Rows(result, offset, rows, cursor))
+
+    @on(_Failed)
+    def _failed(self, message: _Failed) -> None:
+        self.query_one("#table-status", Label).update(f"[red]{message.error}[/]")
+        self.notify(message.error, title="Filter", severity="error")
+
+    @on(_Ready)
+    def _ready(self, message: _Ready) -> None:
+        old, self.result = self.result, message.result
+        if old is not None:
+            old.close()
+        self._set_columns(message.result.columns)
+        self._fetch(message.result, 0)
+        self.post_message(self.Loaded(message.result))
+
+    def _set_columns(self, columns: list[str]) -> None:
+        if columns != self._sort_choices:
+            self._sort_choices = columns
+            sort = self.query_one("#sort", Select)
+            current = sort.value
+            with sort.prevent(Select.Changed):
+                sort.set_options([(c, c) for c in columns])
+                sort.value = current if current in columns else "path"
+
+    def visible_columns(self, columns: list[str]) -> list[str]:
+        if self.shown_columns is None:
+            return columns
+        return [c for c in self.shown_columns if c in columns]
+
+    @on(_Rows)
+    def _rows(self, message: _Rows) -> None:
+        if message.result is not self.result:
+            return
+        self.page_offset = message.offset
+        table = self.query_one("#rows", PageTable)
+        columns = message.result.columns
+        shown = self.visible_columns(columns)
+        index = [columns.index(c) for c in shown]
+        id_index = columns.index("image_id")
+        self.page_ids = [row[id_index] for row in message.rows]
+        first = message.rows[0] if message.rows else None
+        table.set_rows(
+            shown,
+            [[cell(columns[i], row[i]) for i in index] for row in message.rows],
+            right_aligned=[first is not None and is_number(first[i]) for i in index],
+            cursor=message.cursor,
+        )
+        self._update_status()
+
+    def _update_status(self) -> None:
+        result = self.result
+        if result is None:
+            return
+        rows_here = len(getattr(self, "page_ids", []))
+        first = self.page_offset + 1 if rows_here else 0
+        kind = {"all": "all images", "sql": "SQL filter", "text": "text search"}[result.kind]
+        arrow = "↓" if result.filter.descending else "↑"
+        self.query_one("#table-status", Label).update(
+            f"rows {first:,}–{self.page_offset + rows_here:,} of {result.total:,} · {kind} · sorted by "
+            f"{result.filter.sort_column} {arrow} · PgUp/PgDn pages"
+        )
+
+    # --- user actions ---------------------------------------------------------
+
+    @on(Input.Submitted, "#filter")
+    @on(Select.Changed, "#sort")
+    @on(Checkbox.Changed, "#descending")
+    def _filter_changed(self) -> None:
+        self.reload()
+
+    @on(PageTable.HeaderClicked, "#rows")
+    def _header_clicked(self, event: PageTable.HeaderClicked) -> None:
+        column = event.column
+        sort = self.query_one("#sort", Select)
+        descending = self.query_one("#descending", Checkbox)
+        if sort.value == column:
+            descending.value = not descending.value  # fires Checkbox.Changed -> reload
+        else:
+            sort.value = column  # fires Select.Changed -> reload
+
+    @on(PageTable.RowHighlighted, "#rows")
+    def _highlighted(self, event: PageTable.RowHighlighted) -> None:
+        event.stop()
+        image_id = self.image_id_at(event.row)
+        if image_id is not None:
+            self.post_message(ImagePicked(image_id))
+
+    @on(PageTable.EdgeReached, "#rows")
+    def _edge(self, event: PageTable.EdgeReached) -> None:
+        """Arrow keys past the page's end load the neighbouring page."""
+        self.action_page(event.direction, cursor=0 if event.direction > 0 else self.page_size - 1)
+
+    def image_id_at(self, row: int) -> str | None:
+        ids = getattr(self, "page_ids", [])
+        return ids[row] if 0 <= row < len(ids) else None
+
+    @property
+    def current_image_id(self) -> str | None:
+        return self.image_id_at(self.query_one("#rows", PageTable).cursor_row)
+
+    def action_page(self, delta: int, cursor: int | None = None) -> None:
+        result = self.result
+        if result is None:
+            return
+        offset = self.page_offset + delta * self.page_size
+        if 0 <= offset < max(result.total, 1):
+            self._fetch(result, offset, cursor)
+
+    def action_first_page(self) -> None:
+        if self.result is not None:
+            self._fetch(self.result, 0)
+
+    def action_last_page(self) -> None:
+        if self.result is not None and self.result.total:
+            self._fetch(self.result, (self.result.total - 1) // self.page_size * self.page_size)
+
+    def action_focus_filter(self) -> None:
+        self.query_one("#filter", Input).focus()
+
+    def on_unmount(self) -> None:
+        if self.result is not None:
+            self.result.close()

@@ -1,0 +1,191 @@
+"""A fast, read-only table of one page of rows, drawn line by line (Textual's line API).
+
+Textual's DataTable renders every cell through Rich, which costs ~0.5 ms a cell; a page of an image
+catalog must redraw in a few ms, so this widget lays out plain strings into Strips itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.cells import cell_len, set_cell_size
+from rich.segment import Segment
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+MAX_COLUMN_WIDTH = 48
+SEPARATOR = " │ "
+
+
+class PageTable(ScrollView, can_focus=True):
+    """Rows of text with a header, a row cursor, vertical and horizontal scrolling, and clickable headers."""
+
+    COMPONENT_CLASSES = {"page-table--header", "page-table--cursor", "page-table--odd", "page-table--dim"}
+    DEFAULT_CSS = """
+    PageTable { height: 1fr; background: $surface; }
+    PageTable > .page-table--header { background: $primary-darken-2; color: $text; text-style: bold; }
+    PageTable > .page-table--cursor { background: $accent 40%; text-style: bold; }
+    PageTable:focus > .page-table--cursor { background: $accent; color: $text; }
+    PageTable > .page-table--odd { background: $boost; }
+    PageTable > .page-table--dim { color: $text-muted; }
+    """
+    BINDINGS = [
+        Binding("up", "cursor(-1)", "Up", show=False),
+        Binding("down", "cursor(1)", "Down", show=False),
+        Binding("home", "cursor_to(0)", "Top", show=False),
+        Binding("end", "cursor_to(-1)", "Bottom", show=False),
+        Binding("enter", "select", "Select", show=False),
+    ]
+
+    cursor_row: reactive[int] = reactive(0)
+
+    @dataclass
+    class RowHighlighted(Message):
+        table: "PageTable"
+
+        @property
+        def control(self) -> "PageTable":
+            return self.table
+        row: int
+
+    @dataclass
+    class RowSelected(Message):
+        table: "PageTable"
+
+        @property
+        def control(self) -> "PageTable":
+            return self.table
+        row: int
+
+    @dataclass
+    class HeaderClicked(Message):
+        table: "PageTable"
+
+        @property
+        def control(self) -> "PageTable":
+            return self.table
+        column: str
+
+    @dataclass
+    class EdgeReached(Message):
+        """The cursor tried to move past the first (-1) or last (+1) row: the owner may load another page."""
+
+        table: "PageTable"
+
+        @property
+        def control(self) -> "PageTable":
+            return self.table
+        direction: int
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.columns: list[str] = []
+        self.rows: list[list[str]] = []
+        self.widths: list[int] = []
+        self.right_aligned: list[bool] = []
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+    def set_rows(self, columns: list[str], rows: list[list[str]], *, right_aligned: list[bool] | None = None, cursor: int | None = None) -> None:
+        """Show new rows (strings, already formatted); keep the cursor where it was unless told."""
+        self.columns = columns
+        self.rows = rows
+        self.right_aligned = right_aligned or [False] * len(columns)
+        self.widths = [
+            min(MAX_COLUMN_WIDTH, max([cell_len(name)] + [cell_len(r[i]) for r in rows])) for i, name in enumerate(columns)
+        ]
+        total_width = sum(self.widths) + len(SEPARATOR) * max(len(columns) - 1, 0) + 1
+        self.virtual_size = Size(total_width, len(rows) + 1)
+        target = self.cursor_row if cursor is None else cursor
+        clamped = min(max(target, 0), max(len(rows) - 1, 0))
+        if clamped == self.cursor_row:
+            self.post_message(self.RowHighlighted(self, clamped))
+        self.cursor_row = clamped
+        self._scroll_cursor_into_view()
+        self.refresh()
+
+    # --- drawing ----------------------------------------------------------------
+
+    def _line_text(self, cells: list[str]) -> str:
+        parts = []
+        for i, text in enumerate(cells):
+            width = self.widths[i]
+            if cell_len(text) > width:
+                text = set_cell_size(text, width - 1) + "…"
+            parts.append(text.rjust(width) if self.right_aligned[i] else set_cell_size(text, width))
+        return " " + SEPARATOR.join(parts)
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.size.width
+        if y == 0:
+            text = self._line_text(self.columns) if self.columns else ""
+            style = self.get_component_rich_style("page-table--header")
+        else:
+            index = scroll_y + y - 1
+            if index >= len(self.rows):
+                return Strip.blank(width, self.rich_style)
+            text = self._line_text(self.rows[index])
+            if index == self.cursor_row:
+                style = self.get_component_rich_style("page-table--cursor")
+            elif index % 2:
+                style = self.rich_style + self.get_component_rich_style("page-table--odd")
+            else:
+                style = self.rich_style
+        strip = Strip([Segment(text, style)], cell_len(text))
+        return strip.crop_extend(scroll_x, scroll_x + width, style)
+
+    # --- cursor -----------------------------------------------------------------
+
+    def watch_cursor_row(self, old: int, new: int) -> None:
+        self.refresh()
+        if self.rows:
+            self.post_message(self.RowHighlighted(self, new))
+
+    def _scroll_cursor_into_view(self) -> None:
+        visible = max(self.size.height - 1, 1)
+        top = self.scroll_offset.y
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= top + visible:
+            self.scroll_to(y=self.cursor_row - visible + 1, animate=False)
+
+    def action_cursor(self, delta: int) -> None:
+        target = self.cursor_row + delta
+        if target < 0 or target >= len(self.rows):
+            self.post_message(self.EdgeReached(self, -1 if target < 0 else 1))
+            return
+        self.cursor_row = target
+        self._scroll_cursor_into_view()
+
+    def action_cursor_to(self, row: int) -> None:
+        if self.rows:
+            self.cursor_row = row % len(self.rows)
+            self._scroll_cursor_into_view()
+
+    def action_select(self) -> None:
+        if self.rows:
+            self.post_message(self.RowSelected(self, self.cursor_row))
+
+    def on_click(self, event: events.Click) -> None:
+        scroll_x, scroll_y = self.scroll_offset
+        if event.y == 0:
+            x = event.x + scroll_x - 1
+            for name, width in zip(self.columns, self.widths):
+                if x < width + len(SEPARATOR):
+                    self.post_message(self.HeaderClicked(self, name))
+                    return
+                x -= width + len(SEPARATOR)
+            return
+        index = scroll_y + event.y - 1
+        if 0 <= index < len(self.rows):
+            if index == self.cursor_row and event.chain >= 2:
+                self.action_select()
+            self.cursor_row = index

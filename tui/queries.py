@@ -1,0 +1,232 @@
+"""Catalog queries behind the screens: plain functions over a DuckDB cursor (no Textual here)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from workbench.catalog import CatalogError, is_read_only_sql
+
+# Columns of images_view that are lists or raw hashes: shown in details, not in the table.
+HIDDEN_COLUMNS = ("paths", "phash", "dhash")
+PAGE_SIZE = 100
+_table_ids = itertools.count(1)
+
+
+@dataclass
+class Filter:
+    """What the user typed: a SQL WHERE clause over images_view, or plain text searched in path and caption."""
+
+    text: str = ""
+    sort_column: str = "path"
+    descending: bool = False
+
+    def where(self, cur: duckdb.DuckDBPyConnection) -> tuple[str, list[Any], str]:
+        """(SQL condition, parameters, kind) where kind is 'all', 'sql' or 'text'."""
+        text = self.text.strip()
+        if not text:
+            return "true", [], "all"
+        if _is_where_clause(cur, text):
+            return f"({text})", [], "sql"
+        return "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", [f"%{text}%", f"%{text}%", f"{text}%"], "text"
+
+
+def _is_where_clause(cur: duckdb.DuckDBPyConnection, text: str) -> bool:
+    """True when `text` binds as one read-only WHERE condition over images_view."""
+    sql = f"SELECT 1 FROM images_view WHERE ({text}) LIMIT 0"
+    try:
+        if len(duckdb.extract_statements(sql)) != 1 or not is_read_only_sql(sql):
+            return False
+        cur.execute(sql)
+    except (duckdb.Error, CatalogError):
+        return False
+    return True
+
+
+def view_columns(cur: duckdb.DuckDBPyConnection, view: str = "images_view") -> list[str]:
+    """Column names of a view or table, in order."""
+    return [row[0] for row in cur.execute(f"DESCRIBE {view}").fetchall()]
+
+
+def table_columns(cur: duckdb.DuckDBPyConnection) -> list[str]:
+    """The images_view columns the browser table shows (everything but lists and raw hashes)."""
+    return [c for c in view_columns(cur) if c not in HIDDEN_COLUMNS]
+
+
+@dataclass
+class BrowseResult:
+    """A filtered, sorted snapshot of image rows held in a temp table on its own cursor, paged by row number.
+
+    Sorting 100k rows of images_view costs a few hundred ms once; every page after that is a
+    keyset lookup on the row number, a few ms.
+    """
+
+    cursor: duckdb.DuckDBPyConnection
+    table: str
+    columns: list[str]
+    total: int
+    filter: Filter
+    kind: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def page(self, offset: int, limit: int = PAGE_SIZE) -> list[tuple]:
+        """Rows offset..offset+limit-1 (0-based) of the snapshot."""
+        with self.lock:
+            return self.cursor.execute(
+                f"SELECT * EXCLUDE (rn) FROM {self.table} WHERE rn > ? AND rn <= ? ORDER BY rn",
+                [offset, offset + limit],
+            ).fetchall()
+
+    def image_ids(self) -> list[str]:
+        """Every image_id in the snapshot, in order (for bulk edits over the filtered rows)."""
+        with self.lock:
+            return [r[0] for r in self.cursor.execute(f"SELECT image_id FROM {self.table} ORDER BY rn").fetchall()]
+
+    def close(self) -> None:
+        with self.lock:
+            try:
+                self.cursor.close()
+            except duckdb.Error:
+                pass
+
+
+def browse(con: duckdb.DuckDBPyConnection, flt: Filter) -> BrowseResult:
+    """Snapshot the images matching `flt` in sort order into a temp table on a new cursor."""
+    cur = con.cursor()
+    columns = table_columns(cur)
+    if flt.sort_column not in columns:
+        raise CatalogError(f"No column {flt.sort_column!r} to sort by.")
+    condition, params, kind = flt.where(cur)
+    order = f'"{flt.sort_column}" {"DESC" if flt.descending else "ASC"} NULLS LAST, image_id'
+    table = f"browse_rows_{next(_table_ids)}"
+    select = ", ".join(f'"{c}"' for c in columns)
+    try:
+        cur.execute(
+            f"CREATE TEMP TABLE {table} AS SELECT row_number() OVER (ORDER BY {order}) AS rn, {select} "
+            f"FROM images_view WHERE {condition}",
+            params,
+        )
+    except duckdb.Error as error:
+        cur.close()
+        raise CatalogError(f"Filter error: {error}") from error
+    total = cur.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    return BrowseResult(cursor=cur, table=table, columns=columns, total=total, filter=flt, kind=kind)
+
+
+def first_page(con: duckdb.DuckDBPyConnection, limit: int = PAGE_SIZE) -> tuple[list[str], list[tuple]]:
+    """The first rows of images_view in first-seen order, without sorting everything (for a fast first screen)."""
+    cur = con.cursor()
+    try:
+        columns = table_columns(cur)
+        select = ", ".join(f'"{c}"' for c in columns)
+        return columns, cur.execute(f"SELECT {select} FROM images_view LIMIT ?", [limit]).fetchall()
+    finally:
+        cur.close()
+
+
+# --- details ----------------------------------------------------------------
+
+# Tables whose rows about an image the details pane shows under their own heading.
+_KNOWN_DETAIL_TABLES = ("captions", "duplicates", "exclusions", "keeper_choice", "caption_choice")
+_SKIP_DETAIL_TABLES = {"images", "paths", "hashes", "schema_migrations", "runs"}
+
+
+def image_details(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, Any]:
+    """Everything the catalog knows about one image: its images_view row, captions by source,
+    and its rows in every other table keyed by image_id (scores, buckets, ... as peers add them)."""
+    cur = con.cursor()
+    try:
+        relation = cur.execute("SELECT * FROM images_view WHERE image_id = ?", [image_id])
+        names = [d[0] for d in relation.description]
+        row = relation.fetchone()
+        if row is None:
+            return {}
+        details: dict[str, Any] = {"row": dict(zip(names, row))}
+        details["captions"] = cur.execute(
+            "SELECT source, text FROM captions WHERE image_id = ? ORDER BY source", [image_id]
+        ).fetchall()
+        details["path_bytes"] = cur.execute(
+            "SELECT path_bytes FROM paths WHERE image_id = ? AND NOT missing ORDER BY seq LIMIT 1", [image_id]
+        ).fetchone()
+        extra: dict[str, list[dict[str, Any]]] = {}
+        tables = cur.execute(
+            "SELECT DISTINCT table_name FROM information_schema.columns WHERE column_name = 'image_id' "
+            "AND table_schema = 'main' AND table_name IN (SELECT table_name FROM information_schema.tables "
+            "WHERE table_type = 'BASE TABLE') ORDER BY table_name"
+        ).fetchall()
+        for (table,) in tables:
+            if table in _SKIP_DETAIL_TABLES or table == "captions":
+                continue
+            rel = cur.execute(f'SELECT * FROM "{table}" WHERE image_id = ? LIMIT 20', [image_id])
+            cols = [d[0] for d in rel.description]
+            rows = [dict(zip(cols, r)) for r in rel.fetchall()]
+            if rows:
+                extra[table] = [{k: v for k, v in r.items() if k != "image_id"} for r in rows]
+        details["tables"] = extra
+        return details
+    finally:
+        cur.close()
+
+
+def image_file(details: dict[str, Any]) -> str | None:
+    """The file to open for an image: its first existing path, decoded from the exact bytes."""
+    import os
+
+    raw = details.get("path_bytes")
+    if raw and raw[0] is not None:
+        return os.fsdecode(bytes(raw[0]))
+    row = details.get("row") or {}
+    return row.get("path")
+
+
+# --- counts -----------------------------------------------------------------
+
+
+def table_exists(cur: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(
+        cur.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?", [name]
+        ).fetchone()[0]
+    )
+
+
+def catalog_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Headline counts for the pipeline screen, each from the catalog."""
+    cur = con.cursor()
+    try:
+        one = lambda sql: cur.execute(sql).fetchone()[0]  # noqa: E731
+        counts = {
+            "images": one("SELECT count(*) FROM images"),
+            "paths": one("SELECT count(*) FROM paths"),
+            "errors": one("SELECT count(*) FROM images WHERE status = 'error'"),
+            "duplicate groups": one("SELECT count(DISTINCT group_id) FROM duplicates"),
+            "excluded": one("SELECT count(DISTINCT image_id) FROM exclusions"),
+            "captioned": one("SELECT count(DISTINCT image_id) FROM captions"),
+            "model captions": one("SELECT count(DISTINCT image_id) FROM captions WHERE source LIKE 'model:%'"),
+            "dataset": one("SELECT count(*) FROM dataset"),
+            "class priors": one("SELECT count(*) FROM images WHERE role = 'class_prior'"),
+            "runs": one("SELECT count(*) FROM runs"),
+        }
+        for table in ("scores", "clip_scores", "buckets", "aspect_buckets", "training_runs"):
+            if table_exists(cur, table):
+                counts[table.replace("_", " ")] = one(f'SELECT count(*) FROM "{table}"')
+        return counts
+    finally:
+        cur.close()
+
+
+def last_runs(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
+    """The latest run of each step: step -> (status, finished_at, seconds, counts JSON)."""
+    cur = con.cursor()
+    try:
+        rows = cur.execute(
+            "SELECT step, status, finished_at, seconds, counts FROM runs "
+            "QUALIFY row_number() OVER (PARTITION BY step ORDER BY run_id DESC) = 1"
+        ).fetchall()
+        return {r[0]: r[1:] for r in rows}
+    finally:
+        cur.close()

@@ -1,0 +1,234 @@
+"""SQL console: an editor with SQL highlighting, results table, history, export; read-only unless switched."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, Header, Input, Label, OptionList, Switch, TextArea
+from textual.widgets.option_list import Option
+
+from tui.image_table import cell, is_number
+from tui.messages import CatalogChanged
+from tui.page_table import PageTable
+from tui.workers import people_message
+from workbench.catalog import CatalogError, is_read_only_sql, run_sql
+
+RESULT_ROWS = 1000  # rows shown; export writes them all
+EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC;"
+
+
+class ConfirmWrite(ModalScreen[bool]):
+    """Ask before letting SQL change the catalog."""
+
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel")]
+    DEFAULT_CSS = """
+    ConfirmWrite { align: center middle; }
+    ConfirmWrite > Vertical { width: 64; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
+    ConfirmWrite Horizontal { height: auto; margin-top: 1; }
+    ConfirmWrite Button { margin-right: 2; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("[b]Allow SQL to change the catalog?[/b]\nINSERT, UPDATE, DELETE, CREATE... will run for real. "
+                        "There is no undo; nothing on disk is touched.")
+            with Horizontal():
+                yield Button("Yes, write mode", id="yes", variant="warning")
+                yield Button("No", id="no", variant="primary")
+
+    @on(Button.Pressed)
+    def _answer(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class SqlScreen(Screen):
+    """Query the catalog with DuckDB SQL."""
+
+    CSS_PATH = "sql_screen.tcss"
+    BINDINGS = [
+        Binding("ctrl+enter,ctrl+j,f9", "run", "Run query", priority=True),
+        Binding("ctrl+e", "export('csv')", "Export CSV"),
+        Binding("ctrl+t", "export('parquet')", "Export Parquet"),
+        Binding("ctrl+w", "toggle_write", "Write mode"),
+    ]
+
+    @dataclass
+    class _Result(Message):
+        sql: str
+        columns: list[str]
+        rows: list[tuple]
+        total: int | None
+        seconds: float
+        wrote: bool
+
+    @dataclass
+    class _Exported(Message):
+        path: str
+
+    @dataclass
+    class _Failed(Message):
+        error: str
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[str] = []
+        self.last_sql: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="sql-top"):
+            yield TextArea.code_editor(EXAMPLE, language="sql", id="editor")
+            with Vertical(id="sql-side"):
+                yield Label("history (enter loads):")
+                yield OptionList(id="history")
+                with Horizontal(id="write-row"):
+                    yield Switch(value=False, id="write")
+                    yield Label("write mode", id="write-label")
+        with Horizontal(id="sql-actions"):
+            yield Button("Run (ctrl+enter)", id="run", variant="primary")
+            yield Input(placeholder="export file (results.csv / results.parquet)", id="export-path")
+            yield Button("CSV", id="export-csv")
+            yield Button("Parquet", id="export-parquet")
+        yield Label("read-only: SELECT, EXPLAIN, DESCRIBE… run; writes need write mode", id="sql-status")
+        yield PageTable(id="results")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#editor", TextArea).focus()
+
+    # --- run ----------------------------------------------------------------------
+
+    @property
+    def write_mode(self) -> bool:
+        return self.query_one("#write", Switch).value
+
+    @on(Button.Pressed, "#run")
+    def action_run(self) -> None:
+        sql = self.query_one("#editor", TextArea).text.strip()
+        if not sql:
+            self.notify("Type a query first.", severity="warning")
+            return
+        self.query_one("#sql-status", Label).update("running…")
+        self._run(sql, self.write_mode)
+
+    @work(thread=True, exclusive=True, group="sql-run")
+    def _run(self, sql: str, write: bool) -> None:
+        cur = self.app.con.cursor()
+        started = time.perf_counter()
+        try:
+            wrote = not is_read_only_sql(sql)
+            relation = run_sql(cur, sql, write=write)
+            if relation is None:
+                self.post_message(self._Result(sql, [], [], None, time.perf_counter() - started, wrote))
+                return
+            rows = relation.limit(RESULT_ROWS + 1).fetchall()
+            total = len(rows) if len(rows) <= RESULT_ROWS else None
+            self.post_message(self._Result(sql, list(relation.columns), rows[:RESULT_ROWS], total, time.perf_counter() - started, wrote))
+        except Exception as error:
+            message = people_message(error)
+            if isinstance(error, CatalogError) and "Refused" in message:
+                message = "Refused: this SQL writes to the catalog. Switch on write mode (ctrl+w) to allow it."
+            self.post_message(self._Failed(message))
+        finally:
+            cur.close()
+
+    @on(_Result)
+    def _result(self, message: _Result) -> None:
+        self.last_sql = message.sql
+        if not self.history or self.history[-1] != message.sql:
+            self.history.append(message.sql)
+            self.query_one("#history", OptionList).add_option(Option(" ".join(message.sql.split())[:80]))
+        first = message.rows[0] if message.rows else None
+        self.query_one("#results", PageTable).set_rows(
+            message.columns,
+            [[cell(name, value) for name, value in zip(message.columns, row)] for row in message.rows],
+            right_aligned=[first is not None and is_number(v) for v in (first or [])] or None,
+            cursor=0,
+        )
+        shown = f"{len(message.rows):,} rows" if message.total is not None else f"first {RESULT_ROWS:,} rows (export for all)"
+        self.query_one("#sql-status", Label).update(f"{shown} · {message.seconds * 1000:.0f} ms")
+        if message.wrote:
+            self.post_message(CatalogChanged("sql"))
+
+    @on(_Failed)
+    def _failed(self, message: _Failed) -> None:
+        self.query_one("#sql-status", Label).update(f"[red]{message.error}[/]")
+        self.notify(message.error, title="SQL", severity="error", timeout=8)
+
+    @on(OptionList.OptionSelected, "#history")
+    def _load_history(self, event: OptionList.OptionSelected) -> None:
+        self.query_one("#editor", TextArea).load_text(self.history[event.option_index])
+        self.query_one("#editor", TextArea).focus()
+
+    # --- write mode -----------------------------------------------------------------
+
+    def action_toggle_write(self) -> None:
+        switch = self.query_one("#write", Switch)
+        switch.value = not switch.value
+
+    @on(Switch.Changed, "#write")
+    def _write_changed(self, event: Switch.Changed) -> None:
+        if not event.value:
+            self.query_one("#write-label", Label).update("write mode")
+            return
+
+        def answered(yes: bool | None) -> None:
+            switch = self.query_one("#write", Switch)
+            if yes:
+                self.query_one("#write-label", Label).update("[b yellow]WRITE MODE[/]")
+            else:
+                with switch.prevent(Switch.Changed):
+                    switch.value = False
+
+        self.app.push_screen(ConfirmWrite(), answered)
+
+    # --- export -----------------------------------------------------------------------
+
+    @on(Button.Pressed, "#export-csv")
+    def _export_csv(self) -> None:
+        self.action_export("csv")
+
+    @on(Button.Pressed, "#export-parquet")
+    def _export_parquet(self) -> None:
+        self.action_export("parquet")
+
+    def action_export(self, kind: str) -> None:
+        if self.last_sql is None or not is_read_only_sql(self.last_sql):
+            self.notify("Run a SELECT first; its full result is exported.", severity="warning")
+            return
+        typed = self.query_one("#export-path", Input).value.strip()
+        path = Path(typed or f"results.{kind}")
+        if path.suffix.lower() != f".{kind}":
+            path = path.with_suffix(f".{kind}")
+        if not path.is_absolute():
+            path = self.app.catalog_path.resolve().parent / path
+        self._export(self.last_sql, path, kind)
+
+    @work(thread=True, exclusive=True, group="sql-export")
+    def _export(self, sql: str, path: Path, kind: str) -> None:
+        cur = self.app.con.cursor()
+        try:
+            relation = run_sql(cur, sql)
+            if kind == "csv":
+                relation.write_csv(str(path))
+            else:
+                relation.write_parquet(str(path))
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        finally:
+            cur.close()
+        self.post_message(self._Exported(str(path)))
+
+    @on(_Exported)
+    def _exported(self, message: _Exported) -> None:
+        self.query_one("#sql-status", Label).update(f"exported to {message.path}")
+        self.notify(f"wrote {message.path}", title="Export")

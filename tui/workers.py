@@ -1,0 +1,45 @@
+"""Glue between worker threads and the UI: a progress hook that posts messages, and safe error text."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Callable
+
+from textual.message import Message
+
+from tui.messages import StepProgress
+from workbench.catalog import CatalogError
+from workbench.progress import CancellableProgress
+
+
+class MessageProgress:
+    """A progress hook that posts StepProgress messages, at most ~20 per second per task (logs always)."""
+
+    def __init__(self, post: Callable[[Message], object], step: str, min_interval: float = 0.05) -> None:
+        self._post = post
+        self._step = step
+        self._min_interval = min_interval
+        self._last: dict[str, float] = {}
+
+    def __call__(self, *, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        now = time.monotonic()
+        finished = total is not None and completed >= total
+        if message is None and not finished and now - self._last.get(task, 0.0) < self._min_interval:
+            return
+        self._last[task] = now
+        self._post(StepProgress(step=self._step, task=task, completed=completed, total=total, message=message))
+
+
+def cancellable_progress(post: Callable[[Message], object], step: str) -> CancellableProgress:
+    """The hook a step started from the TUI gets: posts progress, raises StepCancelled after cancel()."""
+    return CancellableProgress(MessageProgress(post, step))
+
+
+def people_message(error: BaseException) -> str:
+    """Short text for an error: our own errors as they are, anything else with its type and last frame."""
+    if isinstance(error, (CatalogError, ValueError, FileNotFoundError, ImportError)):
+        return str(error) or error.__class__.__name__
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"{error.__class__.__name__}: {error}{where}"
