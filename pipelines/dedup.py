@@ -53,8 +53,37 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.int64)
 
 
-def hamming_pairs(hashes: np.ndarray, threshold: int, progress: ProgressHook = null_progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _block_pairs(sorted_hashes: np.ndarray, sorted_block: np.ndarray, starts: np.ndarray, masks: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Verified pairs (positions in block-sorted order, p < k) for one block and a set of flip masks."""
+    counts = np.diff(starts).astype(np.int32)
+    found_p, found_k = [], []
+    for mask in masks:
+        probe = sorted_block ^ np.int32(mask)
+        hits = np.take(counts, probe)  # block-sorted order keeps this gather cache-friendly
+        rows = (hits > 0).nonzero()[0]
+        if not rows.size:
+            continue
+        reps = hits[rows].astype(np.int64)
+        total = int(reps.sum())
+        first = np.cumsum(reps) - reps
+        k = np.repeat(starts[probe[rows]] - first, reps) + np.arange(total)
+        p = np.repeat(rows, reps)
+        keep = p < k  # each unordered pair is met from both ends; verify it once
+        p, k = p[keep], k[keep]
+        close = np.bitwise_count(sorted_hashes[p] ^ sorted_hashes[k]) <= threshold
+        found_p.append(p[close])
+        found_k.append(k[close])
+    if not found_p:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(found_p), np.concatenate(found_k)
+
+
+def hamming_pairs(
+    hashes: np.ndarray, threshold: int, progress: ProgressHook = null_progress, *, threads: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All index pairs (i < j) of `hashes` (uint64) within Hamming distance `threshold`, with distances."""
+    from concurrent.futures import ThreadPoolExecutor
+
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
     n = len(hashes)
     empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
@@ -64,40 +93,32 @@ def hamming_pairs(hashes: np.ndarray, threshold: int, progress: ProgressHook = n
     found_i, found_j = [], []
     total_probes = sum(len(_flip_masks(bits, radius)) for _, bits in layout)
     probes_done = 0
-    index = np.arange(n, dtype=np.int64)
-    for shift, bits in layout:
-        block = ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
-        order = np.argsort(block, kind="stable")
-        counts = np.bincount(block, minlength=1 << bits)
-        starts = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        for mask in _flip_masks(bits, radius):
-            probe = block ^ mask
-            hits = counts[probe]
-            has = hits > 0
-            rows = index[has]
-            reps = hits[has]
-            if rows.size:
-                total = int(reps.sum())
-                offsets = np.repeat(starts[probe[has]] - (np.cumsum(reps) - reps), reps) + np.arange(total)
-                j = order[offsets]
-                i = np.repeat(rows, reps)
-                keep = i < j
-                i, j = i[keep], j[keep]
-                close = _popcount(hashes[i] ^ hashes[j]) <= threshold
-                found_i.append(i[close])
-                found_j.append(j[close])
-            probes_done += 1
-            if probes_done % 16 == 0:
+    # numpy releases the GIL in these array operations, so threads share the probe work.
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for shift, bits in layout:
+            block = ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
+            order = np.argsort(block, kind="stable")
+            sorted_block = block[order]
+            sorted_hashes = hashes[order]
+            starts = np.zeros((1 << bits) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(sorted_block, minlength=1 << bits), out=starts[1:])
+            masks = _flip_masks(bits, radius)
+            chunks = [masks[c : c + 32] for c in range(0, len(masks), 32)]
+            jobs = [pool.submit(_block_pairs, sorted_hashes, sorted_block, starts, chunk, threshold) for chunk in chunks]
+            for job, chunk in zip(jobs, chunks):
+                p, k = job.result()
+                a, b = order[p], order[k]
+                found_i.append(np.minimum(a, b))
+                found_j.append(np.maximum(a, b))
+                probes_done += len(chunk)
                 progress(task="near-duplicate search", completed=probes_done, total=total_probes)
-    progress(task="near-duplicate search", completed=total_probes, total=total_probes)
-    if not found_i:
-        return empty
     i = np.concatenate(found_i)
     j = np.concatenate(found_j)
+    if not i.size:
+        return empty
     unique = np.unique(i * n + j)
     i, j = unique // n, unique % n
-    return i, j, _popcount(hashes[i] ^ hashes[j]).astype(np.int64)
+    return i, j, np.bitwise_count(hashes[i] ^ hashes[j]).astype(np.int64)
 
 
 def brute_force_pairs(hashes: np.ndarray, threshold: int, chunk: int = 2048) -> set[tuple[int, int]]:
