@@ -289,6 +289,88 @@ def caption(
     console.print(counts_table(f"caption (source model:{label})", counts))
 
 
+@app.command()
+def score(
+    catalog: CatalogOpt = None,
+    model: ModelOpt = "tiny",
+    batch_size: Annotated[int, typer.Option(help="Images per CLIP batch.")] = 32,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Image decoding processes (default: up to 4; 0 = none).")] = None,
+    dedup: Annotated[bool, typer.Option("--dedup", help="Also merge CLIP near-duplicates into the duplicate groups.")] = False,
+    dedup_threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images count as duplicates.")] = 0.95,
+) -> None:
+    """Embed every usable image with CLIP and score it against its current caption (cosine, -1..1).
+
+    Scores are redone only for images whose caption changed; see images_view.clip_score.
+
+    Example: workbench score --model sd15 --dedup --dedup-threshold 0.95
+    """
+    from pipelines.score import clip_scores, embedding_duplicates
+    from workbench.models import ModelError, load_clip, resolve_device, resolve_dtype
+
+    if batch_size < 1:
+        fail("--batch-size must be at least 1.")
+    if not 0.0 < dedup_threshold <= 1.0:
+        fail("--dedup-threshold is a cosine similarity in (0, 1].")
+    try:
+        torch_device = resolve_device(device)
+        bundle = load_clip(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
+    except ModelError as error:
+        fail(str(error))
+    con = open_catalog(catalog)
+    with RichProgress() as progress:
+        counts = clip_scores(con, bundle, batch_size=batch_size, device=torch_device, workers=workers, progress=progress)
+        if dedup:
+            counts.update({f"dedup {k}": v for k, v in embedding_duplicates(
+                con, threshold=dedup_threshold, model=bundle.name, progress=progress).items()})
+    console.print(counts_table(f"score (CLIP {bundle.name})", counts))
+    if bundle.name == "tiny":
+        err_console.print("[yellow]Note:[/] the tiny CLIP has random weights: its scores and duplicates mean nothing.")
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    catalog: CatalogOpt = None,
+    model: ModelOpt = "tiny",
+    limit: Annotated[int, typer.Option(help="How many images to show.")] = 20,
+    device: DeviceOpt = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """Find images by text: CLIP similarity of the text to each image's stored embedding.
+
+    Example: workbench search "a red car" --limit 20 --model sd15
+    """
+    from pipelines.score import embedding_models, search_images
+    from workbench.models import ModelError, load_clip, model_label, resolve_device
+
+    if format not in {"table", "json"}:
+        fail("--format must be table or json.")
+    if limit < 1:
+        fail("--limit must be at least 1.")
+    if not text.strip():
+        fail("Search text is empty.")
+    con = open_catalog(catalog, read_only=True)
+    try:
+        label = model_label(model, "clip")
+        if label not in embedding_models(con):
+            fail(f"No CLIP embeddings from {label!r} in this catalog: run `workbench score --model {model}` first.")
+        bundle = load_clip(model, device=resolve_device(device))
+    except ModelError as error:
+        fail(str(error))
+    hits = search_images(con, bundle, text, limit=limit)
+    if format == "json":
+        sys.stdout.write(json.dumps(hits, ensure_ascii=False) + "\n")
+        return
+    table = Table(title=f"search: {text}")
+    for column in ("similarity", "path", "caption", "excluded"):
+        table.add_column(column, overflow="fold")
+    for hit in hits:
+        table.add_row(f"{hit['similarity']:.3f}", hit["path"] or hit["image_id"], hit["caption"] or "", "yes" if hit["excluded"] else "")
+    console.print(table)
+
+
 
 # concepts, filter, include/exclude, buckets, export, import-kohya (issue 3, curation)
 

@@ -49,6 +49,10 @@ class TrainConfig:
     random_crop: bool = False  # bypasses the latent cache (a new crop every time)
     random_flip: bool = False  # exact: both flip variants are cached
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; bypasses the latent cache
+    min_bucket_reso: int | None = None  # None: as the last `workbench buckets` run at this resolution, else kohya's 256
+    max_bucket_reso: int | None = None  # else 1024
+    bucket_reso_steps: int | None = None  # else 64
+    bucket_no_upscale: bool | None = None  # else False
     cache_latents: bool = True
     cache_text_embeddings: bool = True  # only used while the text encoder is frozen and tags are not shuffled
     cache_dir: str | None = None  # default: $WORKBENCH_HOME/cache/train

@@ -68,13 +68,13 @@ class ItemSpec:
     caption: str
 
 
-def bucket_settings(config: TrainConfig) -> dict:
-    """kohya bucket settings for the configured resolution (scaled down for tiny resolutions)."""
-    res = config.resolution
-    if res >= 256:
-        return {"resolution": res, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "no_upscale": False}
-    step = max(8, (res // 8) // 8 * 8)
-    return {"resolution": res, "min_bucket_reso": max(step, res // 2 // step * step), "max_bucket_reso": res * 2, "bucket_reso_steps": step, "no_upscale": False}
+def default_bucket_settings(resolution: int) -> dict:
+    """kohya's defaults (256–1024, step 64), scaled down for the tiny resolutions tests use."""
+    if resolution >= 256:
+        return {"resolution": resolution, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "no_upscale": False}
+    step = max(8, resolution // 8 // 8 * 8)
+    return {"resolution": resolution, "min_bucket_reso": max(step, resolution // 2 // step * step),
+            "max_bucket_reso": resolution * 2, "bucket_reso_steps": step, "no_upscale": False}
 
 
 def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
@@ -86,14 +86,36 @@ def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
 
 
 def _stored_bucket_settings(con: duckdb.DuckDBPyConnection) -> dict | None:
+    """Settings of the last `workbench buckets` run, when there is exactly one set of them."""
     try:
-        row = con.execute(
+        rows = con.execute(
             "SELECT DISTINCT resolution_width, resolution_height, min_bucket_reso, max_bucket_reso, bucket_reso_steps, no_upscale "
             "FROM aspect_buckets"
         ).fetchall()
     except duckdb.Error:
         return None
-    return row[0] if len(row) == 1 else None
+    if len(rows) != 1 or rows[0][0] != rows[0][1]:
+        return None
+    res, _, low, high, steps, no_upscale = rows[0]
+    return {"resolution": res, "min_bucket_reso": low, "max_bucket_reso": high, "bucket_reso_steps": steps, "no_upscale": bool(no_upscale)}
+
+
+def bucket_settings(config: TrainConfig, stored: dict | None = None) -> dict:
+    """Explicit options win; else the stored `workbench buckets` settings at this resolution; else defaults."""
+    base = stored if stored and stored["resolution"] == config.resolution else default_bucket_settings(config.resolution)
+    explicit = {"min_bucket_reso": config.min_bucket_reso, "max_bucket_reso": config.max_bucket_reso,
+                "bucket_reso_steps": config.bucket_reso_steps, "no_upscale": config.bucket_no_upscale}
+    return {**base, **{k: v for k, v in explicit.items() if v is not None}}
+
+
+def choose_bucket(width: int, height: int, settings: dict):
+    from pipelines.buckets import select_bucket
+
+    return select_bucket(
+        width, height, resolution=settings["resolution"], min_bucket_reso=settings["min_bucket_reso"],
+        max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=settings["bucket_reso_steps"],
+        no_upscale=settings["no_upscale"],
+    )
 
 
 def _default_class_prompt(row: dict) -> str | None:
@@ -103,8 +125,6 @@ def _default_class_prompt(row: dict) -> str | None:
 
 def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list[TrainImage]:
     """The instance images to train on: the `dataset` view (role 'instance'), with caption, concept and bucket."""
-    from pipelines.buckets import select_bucket
-
     have_concepts = _has_column(con, "dataset", "concept")
     have_buckets = _has_column(con, "dataset", "bucket_width")
     columns = ["image_id", "path", "width", "height", "caption"]
@@ -116,7 +136,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
     params: list = []
     if config.concepts:
         if not have_concepts:
-            raise DataError("--concepts needs concepts in the catalog; run `workbench concepts add` first.")
+            raise DataError("--concepts needs concepts in the catalog; run `workbench concept add` first.")
         where += " AND concept IN (SELECT unnest(?))"
         params.append(list(config.concepts))
     rows = con.execute(f"SELECT {', '.join(columns)} FROM dataset WHERE {where} ORDER BY image_id", params).fetchall()
@@ -126,12 +146,9 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
             f"The dataset has no instance images{what} to train on (0 train images). "
             "Run `workbench ingest FOLDER` and check exclusions with `workbench sql \"SELECT * FROM images_view WHERE excluded\"`."
         )
-    settings = bucket_settings(config)
     stored = _stored_bucket_settings(con) if have_buckets else None
-    use_stored = stored is not None and stored == (
-        settings["resolution"], settings["resolution"], settings["min_bucket_reso"], settings["max_bucket_reso"],
-        settings["bucket_reso_steps"], settings["no_upscale"],
-    )
+    settings = bucket_settings(config, stored)
+    use_stored = stored is not None and stored == settings
     images = []
     for values in rows:
         row = dict(zip(columns, values))
@@ -140,10 +157,10 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
             resized = (row["bucket_resized_width"], row["bucket_resized_height"])
             crop = (row["bucket_crop_left"], row["bucket_crop_top"])
         else:  # no `workbench buckets` run for these settings: compute the same kohya bucket here
-            choice = select_bucket(
-                row["width"], row["height"], resolution=settings["resolution"], min_bucket_reso=settings["min_bucket_reso"],
-                max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=settings["bucket_reso_steps"],
-            )
+            try:
+                choice = choose_bucket(row["width"], row["height"], settings)
+            except ValueError as error:
+                raise DataError(f"Image {row['path']}: {error}") from error
             bucket = (choice.bucket_width, choice.bucket_height)
             resized = (choice.resized_width, choice.resized_height)
             crop = (choice.crop_left, choice.crop_top)
@@ -165,10 +182,8 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
 
 def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, class_prompts: Sequence[str], model: str) -> dict[str, list[TrainImage]]:
     """Class-prior images per class prompt (made by `workbench priors` with the same base model)."""
-    from pipelines.buckets import select_bucket
-
     pools: dict[str, list[TrainImage]] = {}
-    settings = bucket_settings(config)
+    settings = bucket_settings(config, _stored_bucket_settings(con))
     for prompt in class_prompts:
         rows = con.execute(
             # automatic curation filters are meant for instance photos; only a manual exclusion drops a prior
@@ -179,8 +194,7 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, clas
         ).fetchall()
         pool = []
         for image_id, path, width, height in rows:
-            choice = select_bucket(width, height, resolution=settings["resolution"], min_bucket_reso=settings["min_bucket_reso"],
-                                   max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=settings["bucket_reso_steps"])
+            choice = choose_bucket(width, height, settings)
             pool.append(TrainImage(image_id, path, prompt, (choice.bucket_width, choice.bucket_height),
                                    (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))
         pools[prompt] = pool
@@ -405,3 +419,17 @@ def uses_latent_cache(config: TrainConfig) -> bool:
 def uses_text_cache(config: TrainConfig) -> bool:
     """A trained text encoder changes its outputs every step, so its outputs are not cached."""
     return config.cache_text_embeddings and not config.train_text_encoder
+
+
+def make_caches(config: TrainConfig, vae, text_encoder, tokenizer) -> tuple[LatentCache | None, TextCache | None]:
+    """The caches this run may use, keyed by fingerprints of the (still frozen) encoders."""
+    from workbench.config import workbench_home
+
+    root = Path(config.cache_dir) if config.cache_dir else workbench_home() / "cache" / "train"
+    latent_cache = LatentCache(root, module_fingerprint(vae, extra="vae")) if uses_latent_cache(config) else None
+    text_cache = None
+    if uses_text_cache(config):
+        vocab = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+        tokenizer_id = f"{type(tokenizer).__name__}:{vocab}:{tokenizer.model_max_length}"
+        text_cache = TextCache(root, module_fingerprint(text_encoder, extra=f"text:{tokenizer_id}"))
+    return latent_cache, text_cache

@@ -326,15 +326,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     noise_scheduler = _noise_scheduler(components, config)
 
     # fingerprints of the frozen encoders, before anything trains
-    latent_cache = text_cache = None
-    cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir()
-    if train_data.uses_latent_cache(config):
-        latent_cache = LatentCache(cache_root, train_data.module_fingerprint(vae, extra="vae"))
-    if train_data.uses_text_cache(config):
-        text_cache = TextCache(
-            cache_root,
-            train_data.module_fingerprint(text_encoder, extra=f"text:{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.model_max_length}"),
-        )
+    latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer)
 
     # --- which weights train ---
     vae.requires_grad_(False)
@@ -422,7 +414,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     pools = priors or {}
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     if accelerator.is_main_process:
-        _fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
+        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
     accelerator.wait_for_everyone()
     cache_stats_before = (latent_cache.stats.hits if latent_cache else 0, text_cache.stats.hits if text_cache else 0)
     loader = torch.utils.data.DataLoader(
@@ -551,14 +543,8 @@ def _named_trainable(accelerator, unet, text_encoder) -> dict[str, torch.nn.Para
     return named
 
 
-def _default_cache_dir() -> Path:
-    from workbench.config import workbench_home
-
-    return workbench_home() / "cache" / "train"
-
-
 @torch.no_grad()
-def _fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook, batch: int = 8) -> None:
+def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook, batch: int = 8) -> None:
     """Encode every latent and caption the remaining plan needs that is not on disk yet."""
     latent_cache, text_cache = dataset.latent_cache, dataset.text_cache
     if latent_cache is not None:

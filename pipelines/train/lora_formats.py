@@ -35,9 +35,12 @@ def save_diffusers_lora(output_dir: Path, unet: torch.nn.Module, text_encoder: t
 
     unet_layers = convert_state_dict_to_diffusers(peft_lora_state(unet))
     text_layers = convert_state_dict_to_diffusers(peft_lora_state(text_encoder)) if text_encoder is not None else None
+    # the adapter config (rank, alpha, targets) travels in the header, or loaders assume alpha = rank
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(output_dir), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
         weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None,
     )
     return output_dir / DIFFUSERS_LORA_FILE
 

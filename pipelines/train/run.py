@@ -34,7 +34,7 @@ def _ensure_priors(con, config: TrainConfig, images, components, progress: Progr
         if not image.class_prompt:
             raise TrainingError(
                 f"Image {image.image_id[:12]} has no class prompt for prior preservation: give --class-prompt, "
-                "set a class noun on its concept (`workbench concepts`), or pass --no-prior-preservation."
+                "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
             )
         prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
     pools = train_data.class_prior_images(con, config, list(prompts), config.model)
