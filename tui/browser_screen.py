@@ -21,6 +21,15 @@ from tui.preview import ImagePreview, load_preview
 from tui.workers import people_message
 
 
+def _short(value: Any) -> str:
+    """Long lists (embeddings) as their length, floats short."""
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"[{len(value)} values]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def details_table(details: dict[str, Any]) -> Table:
     """All metadata of one image as a two-column rich table, grouped by where it comes from."""
     table = Table(show_header=False, box=None, padding=(0, 1), expand=True)
@@ -43,7 +52,7 @@ def details_table(details: dict[str, Any]) -> Table:
     for name, rows in (details.get("tables") or {}).items():
         table.add_row(Text(name, style="bold magenta"), "")
         for item in rows:
-            table.add_row("", ", ".join(f"{k}={v}" for k, v in item.items() if v is not None))
+            table.add_row("", ", ".join(f"{k}={_short(v)}" for k, v in item.items() if v is not None))
     return table
 
 

@@ -1,11 +1,216 @@
+"""Pipeline: every step with its catalog counts, settings and a Run button; Run all, live progress, log, cancel."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, RichLog, Static
+
+from tui.messages import CatalogChanged, StepFinished, StepProgress
+from tui.steps import STEPS, STEPS_BY_NAME, StepSpec, parse_settings, step_counts
+from tui.workers import cancellable_progress, people_message
+from workbench.progress import StepCancelled
+
+
+def counts_text(counts: dict) -> str:
+    if not counts:
+        return "[dim]not run yet[/]"
+    return "  ".join(f"{k.replace('_', ' ')} [b]{v if v is not None else '·'}[/]" for k, v in counts.items())
+
+
+class StepRow(Horizontal):
+    """One step: name, counts, settings, Run, progress."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        super().__init__(id=f"step-{spec.name}", classes="step-row")
+        self.spec = spec
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="step-head"):
+            yield Label(f"[b]{self.spec.label}[/]", classes="step-name")
+            yield Static("…", classes="step-counts", id=f"counts-{self.spec.name}")
+        with Horizontal(classes="step-settings"):
+            for setting in self.spec.settings:
+                yield Input(
+                    setting.default, placeholder=setting.label, id=f"set-{self.spec.name}-{setting.name}",
+                    tooltip=f"{setting.label}: {setting.help}" if setting.help else setting.label,
+                    classes=f"setting setting-{setting.name}",
+                )
+            if not self.spec.settings:
+                yield Label("settings on the Train screen (F7)", classes="step-note")
+        with Vertical(classes="step-run"):
+            yield Button("Run" if self.spec.name != "train" else "Open", id=f"run-{self.spec.name}", classes="run-step")
+            yield ProgressBar(id=f"bar-{self.spec.name}", show_eta=False)
+            yield Label("", id=f"state-{self.spec.name}", classes="step-state")
+
+    def settings(self) -> dict[str, str]:
+        return {s.name: self.query_one(f"#set-{self.spec.name}-{s.name}", Input).value for s in self.spec.settings}
 
 
 class PipelineScreen(Screen):
-    BINDINGS = []
+    """Run the curation pipeline in this process; the catalog counts update as steps finish."""
 
-    def compose(self):
+    CSS_PATH = "pipeline_screen.tcss"
+    BINDINGS = [
+        Binding("ctrl+r", "run_all", "Run all"),
+        Binding("escape", "cancel", "Cancel step"),
+        Binding("ctrl+l", "clear_log", "Clear log"),
+    ]
+
+    @dataclass
+    class _Counts(Message):
+        counts: dict
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: str | None = None
+        self._progress = None
+
+    def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("pipeline")
+        with Horizontal(id="pipeline-actions"):
+            yield Button("Run all (ctrl+r)", id="run-all", variant="primary")
+            yield Button("Cancel (esc)", id="cancel", variant="error", disabled=True)
+            yield Label("", id="pipeline-state")
+        with VerticalScroll(id="steps"):
+            for spec in STEPS:
+                yield StepRow(spec)
+        yield RichLog(id="log", wrap=True, markup=True, max_lines=2000)
         yield Footer()
+
+    def on_mount(self) -> None:
+        ingest = self.query_one("#set-ingest-folders", Input)
+        if not ingest.value:
+            sample = self.app.catalog_path.resolve().parent / "sample_data"
+            ingest.value = "sample_data" if sample.is_dir() else ""
+            ingest.placeholder = "folders to ingest (relative to the catalog's folder)"
+        self.refresh_counts()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_counts()
+
+    @work(thread=True, exclusive=True, group="pipeline-counts")
+    def refresh_counts(self) -> None:
+        try:
+            counts = step_counts(self.app.con)
+        except Exception as error:  # the catalog may be busy; counts refresh next time
+            counts = {"error": people_message(error)}
+        self.post_message(self._Counts(counts))
+
+    @on(_Counts)
+    def _show_counts(self, message: _Counts) -> None:
+        for spec in STEPS:
+            self.query_one(f"#counts-{spec.name}", Static).update(counts_text(message.counts.get(spec.name, {})))
+
+    # --- running ----------------------------------------------------------------
+
+    @on(Button.Pressed, ".run-step")
+    def _run_one(self, event: Button.Pressed) -> None:
+        name = event.button.id.removeprefix("run-")
+        if name == "train":
+            self.app.action_show("train")
+            return
+        self.start([name])
+
+    @on(Button.Pressed, "#run-all")
+    def action_run_all(self) -> None:
+        self.start([s.name for s in STEPS if s.in_run_all])
+
+    def start(self, names: list[str]) -> None:
+        """Validate the settings of `names`, then run them one after another in a worker."""
+        if self.running:
+            self.notify(f"{self.running} is running; cancel it or wait.", severity="warning")
+            return
+        try:
+            jobs = [(name, parse_settings(STEPS_BY_NAME[name], self.query_one(f"#step-{name}", StepRow).settings())) for name in names]
+        except ValueError as error:
+            self.notify(str(error), title="Settings", severity="error")
+            return
+        self._set_running(names[0])
+        self._run_steps(jobs)
+
+    def _set_running(self, name: str | None) -> None:
+        self.running = name
+        for button in self.query(".run-step"):
+            button.disabled = name is not None and button.id != "run-train"
+        self.query_one("#run-all", Button).disabled = name is not None
+        self.query_one("#cancel", Button).disabled = name is None
+        self.query_one("#pipeline-state", Label).update(f"running {name}…" if name else "")
+
+    @work(thread=True, exclusive=True, group="pipeline-run")
+    def _run_steps(self, jobs: list[tuple[str, dict]]) -> None:
+        project = self.app.catalog_path.resolve().parent
+        for name, settings in jobs:
+            progress = cancellable_progress(self.post_message, name)
+            self._progress = progress
+            self.post_message(StepProgress(step=name, task=name, completed=0, total=None, message=f"[b]{name}[/] started"))
+            started = time.perf_counter()
+            cur = self.app.con.cursor()
+            try:
+                summary = STEPS_BY_NAME[name].run(cur, settings, progress, project)
+                status, error = "ok", None
+            except StepCancelled:
+                summary, status, error = None, "cancelled", "cancelled by you"
+            except Exception as exc:
+                summary, status, error = None, "failed", people_message(exc)
+            finally:
+                cur.close()
+            self.post_message(StepFinished(step=name, status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
+            if status != "ok":
+                break
+        self._progress = None
+        self.post_message(StepFinished(step="", status="done"))
+
+    def action_cancel(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
+            self.query_one("#pipeline-state", Label).update(f"cancelling {self.running}… (stops at the next item)")
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()
+
+    def action_clear_log(self) -> None:
+        self.query_one("#log", RichLog).clear()
+
+    @on(StepProgress)
+    def _progress_message(self, message: StepProgress) -> None:
+        if message.step != self.running and message.step in STEPS_BY_NAME:
+            self._set_running(message.step)
+        bar = self.query_one(f"#bar-{message.step}", ProgressBar)
+        if message.total:
+            bar.update(total=message.total, progress=message.completed)
+        state = f"{message.task} {message.completed:,}" + (f"/{message.total:,}" if message.total else "")
+        self.query_one(f"#state-{message.step}", Label).update(state)
+        if message.message:
+            self.query_one("#log", RichLog).write(f"[dim]{time.strftime('%H:%M:%S')}[/] {message.step}: {message.message}")
+
+    @on(StepFinished)
+    def _finished(self, message: StepFinished) -> None:
+        log = self.query_one("#log", RichLog)
+        if message.status == "done":
+            self._set_running(None)
+            self.refresh_counts()
+            return
+        state = self.query_one(f"#state-{message.step}", Label)
+        if message.status == "ok":
+            bar = self.query_one(f"#bar-{message.step}", ProgressBar)
+            bar.update(total=bar.total or 1, progress=bar.total or 1)
+            state.update(f"[green]done[/] in {message.seconds:.1f} s")
+            shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (message.summary or {}).items())
+            log.write(f"[green]✔[/] {message.step} finished in {message.seconds:.1f} s: {shown}")
+        else:
+            colour = "yellow" if message.status == "cancelled" else "red"
+            state.update(f"[{colour}]{message.status}[/]")
+            log.write(f"[{colour}]✘ {message.step} {message.status}:[/] {message.error}")
+            self.notify(message.error or message.status, title=f"{message.step} {message.status}",
+                        severity="warning" if message.status == "cancelled" else "error", timeout=10)
+        self.post_message(CatalogChanged(message.step))
+        self.refresh_counts()

@@ -1,11 +1,318 @@
+"""Train: pick LoRA / DreamBooth / fine-tune and a preset, edit validated settings, watch loss, samples, step and ETA."""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Select
+from textual_plotext import PlotextPlot
+
+from tui.messages import CatalogChanged, StepFinished, StepProgress
+from tui.preview import ImagePreview, load_preview
+from tui.workers import cancellable_progress, people_message
+from workbench.progress import StepCancelled
+
+MODES = (("LoRA", "lora"), ("DreamBooth", "dreambooth"), ("Fine-tune", "finetune"))
+# (TrainConfig field, label, kind); the form shows these, "more" takes any other field as KEY=VALUE.
+FIELDS = (
+    ("resolution", "resolution", int),
+    ("max_train_steps", "steps", int),
+    ("train_batch_size", "batch size", int),
+    ("learning_rate", "learning rate", float),
+    ("lr_scheduler", "scheduler", str),
+    ("rank", "LoRA rank", int),
+    ("seed", "seed", int),
+    ("checkpointing_steps", "checkpoint every", int),
+    ("validation_steps", "samples every", int),
+    ("validation_prompt", "sample prompt", list),
+    ("device", "device (cpu/cuda)", str),
+    ("output_dir", "output folder", str),
+)
+# Starting values per preset: tiny trains in seconds on a CPU; real presets use the trainer's defaults.
+PRESET_VALUES = {
+    "tiny": {"resolution": "64", "max_train_steps": "20", "train_batch_size": "2", "learning_rate": "0.001",
+             "checkpointing_steps": "10", "validation_steps": "10", "device": "cpu"},
+}
+
+
+def preset_names() -> list[str]:
+    try:
+        from workbench.models import PRESETS
+
+        return list(PRESETS)
+    except Exception:
+        return ["tiny"]
+
+
+def default_values(preset: str) -> dict[str, str]:
+    try:
+        from pipelines.train import TrainConfig
+
+        base = TrainConfig()
+    except Exception:
+        base = None
+    values = {}
+    for name, _, _ in FIELDS:
+        value = getattr(base, name, None) if base is not None else None
+        if isinstance(value, list):
+            value = "; ".join(value)
+        values[name] = "" if value is None else str(value)
+    values["validation_prompt"] = values.get("validation_prompt") or "a photo of sks"
+    values.update(PRESET_VALUES.get(preset, {}))
+    return values
+
+
+def parse_more(text: str) -> dict[str, Any]:
+    """`key=value; key=value` (TOML values) for any other TrainConfig option."""
+    import tomllib
+
+    values: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"More settings: write KEY=VALUE, not {pair!r}.")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw.strip()
+    return values
+
+
+def read_losses(output_dir: Path) -> list[tuple[int, float]]:
+    try:
+        with (output_dir / "loss.csv").open(newline="") as handle:
+            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def latest_sample(output_dir: Path) -> Path | None:
+    grids = sorted((output_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
+    return grids[-1] if grids else None
 
 
 class TrainScreen(Screen):
-    BINDINGS = []
+    """One Train button; training runs in this process, stoppable and resumable from its last checkpoint."""
 
-    def compose(self):
+    CSS_PATH = "train_screen.tcss"
+    BINDINGS = [
+        Binding("ctrl+t", "train", "Train"),
+        Binding("ctrl+x", "stop", "Stop"),
+        Binding("ctrl+o", "resume", "Resume"),
+    ]
+
+    @dataclass
+    class _Polled(Message):
+        losses: list
+        sample: str | None
+        picture: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._progress = None
+        self.running = False
+        self.output_dir: Path | None = None
+        self.step_started: tuple[float, int] | None = None
+        self.shown_sample: str | None = None
+
+    def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("train")
+        with Horizontal():
+            with VerticalScroll(id="train-form"):
+                yield Label("method")
+                yield Select(MODES, value="lora", allow_blank=False, id="mode")
+                yield Label("preset (base model)")
+                presets = preset_names()
+                yield Select([(p, p) for p in presets], value="tiny" if "tiny" in presets else presets[0], allow_blank=False, id="preset")
+                for name, label, _ in FIELDS:
+                    yield Label(label)
+                    yield Input(id=f"field-{name}")
+                yield Label("more settings (KEY=VALUE; ...)")
+                yield Input(placeholder="snr_gamma=5; random_flip=true", id="field-more")
+            with Vertical(id="train-live"):
+                with Horizontal(id="train-actions"):
+                    yield Button("Train", id="train", variant="success")
+                    yield Button("Stop", id="stop", variant="error", disabled=True)
+                    yield Button("Resume", id="resume", disabled=True)
+                yield Label("", id="train-error")
+                yield ProgressBar(id="train-bar", show_eta=False)
+                yield Label("not started", id="train-state")
+                yield PlotextPlot(id="loss-plot")
+                yield Label("latest sample grid", id="sample-label")
+                yield ImagePreview(id="sample-preview")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self._fill_defaults("tiny")
+        self._draw_losses([])
+
+    @on(Select.Changed, "#preset")
+    def _preset_changed(self, event: Select.Changed) -> None:
+        self._fill_defaults(str(event.value))
+
+    def _fill_defaults(self, preset: str) -> None:
+        for name, value in default_values(preset).items():
+            self.query_one(f"#field-{name}", Input).value = value
+
+    # --- settings -------------------------------------------------------------------
+
+    def config(self, *, resume: bool = False):
+        """A validated TrainConfig from the form; raises ValueError (ConfigError is one) with a message for people."""
+        from pipelines.train import load_train_config
+
+        values: dict[str, Any] = {"mode": self.query_one("#mode", Select).value, "model": self.query_one("#preset", Select).value}
+        for name, label, kind in FIELDS:
+            text = self.query_one(f"#field-{name}", Input).value.strip()
+            if not text:
+                continue
+            try:
+                values[name] = [p.strip() for p in text.split(";") if p.strip()] if kind is list else kind(text)
+            except ValueError:
+                raise ValueError(f"{label} must be {'a whole number' if kind is int else 'a number'}, not {text!r}.") from None
+        values.update(parse_more(self.query_one("#field-more", Input).value))
+        if "output_dir" not in values:
+            from pipelines.train.run import default_output_dir
+
+            values["output_dir"] = str(default_output_dir(self.app.con, values["mode"]))
+        if resume:
+            values["resume"] = "latest"
+        return load_train_config(None, values)
+
+    # --- run ------------------------------------------------------------------------
+
+    @on(Button.Pressed, "#train")
+    def action_train(self) -> None:
+        self._start(resume=False)
+
+    @on(Button.Pressed, "#resume")
+    def action_resume(self) -> None:
+        self._start(resume=True)
+
+    def _start(self, *, resume: bool) -> None:
+        if self.running:
+            self.notify("Training is running.", severity="warning")
+            return
+        error_label = self.query_one("#train-error", Label)
+        try:
+            config = self.config(resume=resume)
+        except Exception as error:  # ConfigError, ValueError, a missing trainer module
+            error_label.update(f"[red]{people_message(error)}[/]")
+            return
+        error_label.update("")
+        self.output_dir = Path(config.output_dir)
+        self.query_one("#field-output_dir", Input).value = str(self.output_dir)
+        self.running = True
+        self.step_started = None
+        self._set_buttons()
+        self.query_one("#train-state", Label).update(("resuming" if resume else "starting") + f" {config.mode} on {config.model}…")
+        self._poll_timer = self.set_interval(1.0, self._poll)
+        self._train(config)
+
+    def _set_buttons(self) -> None:
+        self.query_one("#train", Button).disabled = self.running
+        self.query_one("#stop", Button).disabled = not self.running
+        self.query_one("#resume", Button).disabled = self.running or self.output_dir is None
+
+    @work(thread=True, exclusive=True, group="train")
+    def _train(self, config) -> None:
+        progress = cancellable_progress(self.post_message, "train")
+        self._progress = progress
+        started = time.perf_counter()
+        cur = self.app.con.cursor()
+        try:
+            from pipelines.train import trained_model
+
+            result = trained_model(cur, config, progress=progress)
+            summary = {"steps": result.steps, "final loss": None if result.final_loss is None else round(result.final_loss, 4),
+                       "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora", "samples")}}
+            status, error = "ok", None
+        except StepCancelled:
+            summary, status, error = None, "cancelled", "stopped; Resume continues from the last checkpoint"
+        except Exception as exc:
+            summary, status, error = None, "failed", people_message(exc)
+        finally:
+            cur.close()
+            self._progress = None
+        self.post_message(StepFinished(step="train", status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
+
+    @on(Button.Pressed, "#stop")
+    def action_stop(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
+            self.query_one("#train-state", Label).update("stopping after this step…")
+
+    @on(StepProgress)
+    def _on_progress(self, message: StepProgress) -> None:
+        if message.message:
+            self.query_one("#train-state", Label).update(f"{message.task}: {message.message}")
+        if message.task != "train" or not message.total:
+            return
+        self.query_one("#train-bar", ProgressBar).update(total=message.total, progress=message.completed)
+        now = time.monotonic()
+        if self.step_started is None:
+            self.step_started = (now, message.completed)
+            eta = "…"
+        else:
+            t0, s0 = self.step_started
+            done = message.completed - s0
+            eta = f"{(message.total - message.completed) * (now - t0) / done:.0f} s" if done > 0 else "…"
+        self.query_one("#train-state", Label).update(f"step {message.completed:,}/{message.total:,} · ETA {eta}")
+
+    @on(StepFinished)
+    def _on_finished(self, message: StepFinished) -> None:
+        self.running = False
+        self._set_buttons()
+        if hasattr(self, "_poll_timer"):
+            self._poll_timer.stop()
+        self._poll()
+        if message.status == "ok":
+            text = ", ".join(f"{k} {v}" for k, v in (message.summary or {}).items())
+            self.query_one("#train-state", Label).update(f"[green]finished[/] in {message.seconds:.0f} s: {text}")
+            self.notify("Training finished.", title="Train")
+        else:
+            self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {message.error}")
+            self.notify(message.error or message.status, title=f"Train {message.status}",
+                        severity="warning" if message.status == "cancelled" else "error", timeout=10)
+        self.post_message(CatalogChanged("train"))
+
+    # --- live loss and samples ----------------------------------------------------------
+
+    def _poll(self) -> None:
+        if self.output_dir is not None:
+            self._read_outputs(self.output_dir, self.shown_sample)
+
+    @work(thread=True, exclusive=True, group="train-poll")
+    def _read_outputs(self, output_dir: Path, shown: str | None) -> None:
+        losses = read_losses(output_dir)
+        sample = latest_sample(output_dir)
+        sample_text = str(sample) if sample else None
+        picture = load_preview(sample_text, max_side=512) if sample_text and sample_text != shown else None
+        self.post_message(self._Polled(losses, sample_text, picture))
+
+    @on(_Polled)
+    def _polled(self, message: _Polled) -> None:
+        self._draw_losses(message.losses)
+        if message.picture is not None:
+            self.shown_sample = message.sample
+            self.query_one("#sample-label", Label).update(f"latest sample grid: {Path(message.sample).name}")
+            self.query_one("#sample-preview", ImagePreview).show(message.picture)
+
+    def _draw_losses(self, losses: list[tuple[int, float]]) -> None:
+        plot = self.query_one("#loss-plot", PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        plt.title("training loss")
+        plt.xlabel("step")
+        if losses:
+            plt.plot([s for s, _ in losses], [v for _, v in losses], marker="braille")
+        plot.refresh()

@@ -1,0 +1,192 @@
+"""The pipeline steps as the Pipeline screen runs them: settings, how to call each step, and its catalog counts.
+
+Each runner imports its step lazily, so a step that is missing or broken shows a message, not a crash.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+
+from workbench.progress import ProgressHook
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One editable setting of a step; `kind` is int, float, str, 'paths' or 'optional_float'."""
+
+    name: str
+    label: str
+    default: str
+    kind: Any = str
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    label: str
+    run: Callable[[duckdb.DuckDBPyConnection, dict[str, Any], ProgressHook, Path], Any]
+    counts_sql: str  # one row of named counts
+    settings: tuple[Setting, ...] = field(default_factory=tuple)
+    in_run_all: bool = True
+
+
+def parse_settings(spec: StepSpec, raw: dict[str, str]) -> dict[str, Any]:
+    """Typed settings from what the user typed; a ValueError names the bad field."""
+    values: dict[str, Any] = {}
+    for setting in spec.settings:
+        text = (raw.get(setting.name, setting.default) or "").strip()
+        try:
+            if setting.kind == "paths":
+                values[setting.name] = shlex.split(text)
+            elif setting.kind == "optional_float":
+                values[setting.name] = float(text) if text else None
+            elif setting.kind == "optional_int":
+                values[setting.name] = int(text) if text else None
+            elif setting.kind is int:
+                values[setting.name] = int(text)
+            elif setting.kind is float:
+                values[setting.name] = float(text)
+            else:
+                values[setting.name] = text or None
+        except ValueError:
+            kind = {int: "a whole number", float: "a number"}.get(setting.kind, "a number")
+            raise ValueError(f"{spec.label}: {setting.label} must be {kind}, not {text!r}.") from None
+    return values
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    if hasattr(result, "as_dict"):
+        return result.as_dict()
+    if isinstance(result, dict):
+        return result
+    return {"result": result}
+
+
+def run_ingest(con, s, progress, project: Path):
+    from pipelines.ingest import ingested_images
+
+    if not s["folders"]:
+        raise ValueError("Ingest: type one or more folders or image files.")
+    folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]]
+    missing = [str(p) for p in folders if not p.exists()]
+    if missing:
+        raise ValueError(f"Ingest: no such file or folder: {', '.join(missing)}")
+    return _summary(ingested_images(con, folders, workers=s["workers"], progress=progress))
+
+
+def run_dedup(con, s, progress, project):
+    from pipelines.dedup import duplicate_groups
+
+    return _summary(duplicate_groups(con, threshold=s["threshold"], progress=progress))
+
+
+def run_caption(con, s, progress, project):
+    from pipelines.caption import check_template, model_captions
+    from workbench.models import load_blip, model_label
+
+    check_template(s["template"])
+    processor, model = load_blip(s["model"])
+    return _summary(
+        model_captions(con, processor, model, model_name=model_label(s["model"], "blip"), batch_size=s["batch_size"],
+                       template=s["template"], workers=0, progress=progress)
+    )
+
+
+def run_score(con, s, progress, project):
+    from pipelines.score import clip_scores
+    from workbench.models import load_clip
+
+    return _summary(clip_scores(con, load_clip(s["model"]), batch_size=s["batch_size"], workers=0, progress=progress))
+
+
+def run_filter(con, s, progress, project):
+    from pipelines.filter import FilterRules, filtered_dataset
+
+    rules = FilterRules().with_overrides(min_side=s["min_side"], max_aspect=s["max_aspect"], min_clip_score=s["min_clip_score"])
+    summary = _summary(filtered_dataset(con, rules, progress=progress))
+    return {k: v for k, v in summary.items() if not isinstance(v, dict)}
+
+
+def run_buckets(con, s, progress, project):
+    from pipelines.buckets import aspect_buckets
+
+    return _summary(aspect_buckets(con, resolution=s["resolution"], min_bucket_reso=s["min_bucket_reso"],
+                                   max_bucket_reso=s["max_bucket_reso"], bucket_reso_steps=s["bucket_reso_steps"], progress=progress))
+
+
+def run_priors(con, s, progress, project):
+    from pipelines.priors import class_priors, class_prompts_by_concept
+    from workbench.models import load_sd_pipeline
+
+    jobs = [(s["class_prompt"], None)] if s["class_prompt"] else [(p, c) for c, p in class_prompts_by_concept(con).items()]
+    if not jobs:
+        return {"skipped": "no class prompt and no concept with a class noun"}
+    pipe = load_sd_pipeline(s["model"])
+    totals: dict[str, Any] = {}
+    for prompt, concept in jobs:
+        summary = _summary(class_priors(con, pipe, class_prompt=prompt, model_name=s["model"], out_dir=project / "class_priors",
+                                        num_images=s["num"], concept=concept, num_inference_steps=s["steps"],
+                                        resolution=s["resolution"], progress=progress))
+        for key, value in summary.items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def run_train(con, s, progress, project):
+    raise ValueError("Training runs from the Train screen (F7), where its settings are.")
+
+
+STEPS: tuple[StepSpec, ...] = (
+    StepSpec("ingest", "Ingest", run_ingest,
+             "SELECT count(*) AS images, count(*) FILTER (status = 'error') AS errors FROM images WHERE role = 'instance'",
+             (Setting("folders", "folders", "", "paths", "folders or files, relative to the catalog's folder"),
+              Setting("workers", "workers", "", "optional_int"))),
+    StepSpec("dedup", "Dedup", run_dedup,
+             "SELECT count(DISTINCT group_id) AS groups, count(*) FILTER (NOT is_keeper) AS duplicates FROM duplicates",
+             (Setting("threshold", "threshold", "6", int, "pHash bits"),)),
+    StepSpec("caption", "Caption", run_caption,
+             "SELECT count(DISTINCT image_id) AS captioned FROM captions WHERE source LIKE 'model:%'",
+             (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "8", int), Setting("template", "template", ""))),
+    StepSpec("score", "CLIP score", run_score,
+             "SELECT count(*) AS scored, round(avg(score), 3) AS mean FROM clip_scores",
+             (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "32", int))),
+    StepSpec("filter", "Filter", run_filter,
+             "SELECT count(DISTINCT image_id) AS filtered_out, (SELECT count(*) FROM dataset) AS dataset FROM exclusions WHERE step LIKE 'filter:%'",
+             (Setting("min_side", "min side", "256", "optional_int"), Setting("max_aspect", "max aspect", "3.0", "optional_float"),
+              Setting("min_clip_score", "min CLIP", "", "optional_float"))),
+    StepSpec("buckets", "Buckets", run_buckets,
+             "SELECT count(*) AS bucketed, count(DISTINCT (bucket_width, bucket_height)) AS buckets FROM aspect_buckets",
+             (Setting("resolution", "resolution", "512", int), Setting("min_bucket_reso", "min", "256", int),
+              Setting("max_bucket_reso", "max", "1024", int), Setting("bucket_reso_steps", "steps", "64", int))),
+    StepSpec("priors", "Class priors", run_priors,
+             "SELECT count(*) AS class_images FROM images WHERE role = 'class_prior'",
+             (Setting("class_prompt", "class prompt", ""), Setting("num", "count", "4", "optional_int"),
+              Setting("model", "model", "tiny"), Setting("steps", "steps", "4", int), Setting("resolution", "size", "", "optional_int"))),
+    StepSpec("train", "Train", run_train,
+             "SELECT count(*) AS runs, count(*) FILTER (status = 'ok') AS finished FROM training_runs", (), in_run_all=False),
+)
+STEPS_BY_NAME = {step.name: step for step in STEPS}
+
+
+def step_counts(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
+    """Each step's counts from the catalog (a step whose tables do not exist yet gets an empty dict)."""
+    cur = con.cursor()
+    try:
+        counts = {}
+        for step in STEPS:
+            try:
+                relation = cur.execute(step.counts_sql)
+                names = [d[0] for d in relation.description]
+                counts[step.name] = dict(zip(names, relation.fetchone()))
+            except duckdb.Error:
+                counts[step.name] = {}
+        return counts
+    finally:
+        cur.close()
