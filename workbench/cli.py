@@ -354,12 +354,17 @@ def search(
     con = open_catalog(catalog, read_only=True)
     try:
         label = model_label(model, "clip")
-        if label not in embedding_models(con):
-            fail(f"No CLIP embeddings from {label!r} in this catalog: run `workbench score --model {model}` first.")
+        known = embedding_models(con)
+        if label not in known:
+            con.close()
+            fail(f"No CLIP embeddings from {label!r} in this catalog (have: {', '.join(known) or 'none'}): "
+                 f"run `workbench score --model {model}` first.")
         bundle = load_clip(model, device=resolve_device(device))
+        hits = search_images(con, bundle, text, limit=limit)
     except ModelError as error:
+        con.close()
         fail(str(error))
-    hits = search_images(con, bundle, text, limit=limit)
+    con.close()
     if format == "json":
         sys.stdout.write(json.dumps(hits, ensure_ascii=False) + "\n")
         return

@@ -321,8 +321,8 @@ def load_clip(model: str = TINY, *, device=None, dtype=None) -> ClipModelBundle:
         name = TINY
         model_name = "local-dir:" + component_path(model, "clip")
     elif Path(source).expanduser().is_dir():
-        name = str(Path(source).expanduser().resolve())
-        model_name = "local-dir:" + name
+        name = model_label(model, "clip")
+        model_name = "local-dir:" + str(Path(source).expanduser().resolve())
     elif source.startswith("hf-hub:"):
         name = model_name = source
     elif (pair := _openclip_pair(source)) is not None:

@@ -23,6 +23,11 @@ WITH p AS (
 ), x AS (
     SELECT image_id, string_agg(reason, '; ' ORDER BY step) AS exclusion_reason
     FROM exclusions GROUP BY image_id
+), cs AS (
+    -- CLIP score (cosine, -1..1) against the CURRENT caption; a score of an older caption is not shown
+    SELECT s.image_id, arg_max(s.score, s.created_at) AS clip_score
+    FROM clip_scores s JOIN current_captions c ON c.image_id = s.image_id AND s.caption_md5 = md5(c.caption)
+    GROUP BY s.image_id
 )
 SELECT i.image_id, p.path, p.paths, i.width, i.height, i.format, i.mode, i.bytes,
        CASE WHEN coalesce(p.all_missing, true) THEN 'missing' ELSE i.status END AS status,
@@ -39,7 +44,8 @@ SELECT i.image_id, p.path, p.paths, i.width, i.height, i.format, i.mode, i.bytes
        co.repeats AS concept_repeats,
        ab.bucket_width, ab.bucket_height, ab.resized_width AS bucket_resized_width,
        ab.resized_height AS bucket_resized_height, ab.crop_left AS bucket_crop_left,
-       ab.crop_top AS bucket_crop_top
+       ab.crop_top AS bucket_crop_top,
+       cs.clip_score
 FROM images i
 LEFT JOIN p ON p.image_id = i.image_id
 LEFT JOIN current_captions cc ON cc.image_id = i.image_id
@@ -48,7 +54,8 @@ LEFT JOIN x ON x.image_id = i.image_id
 LEFT JOIN hashes h ON h.image_id = i.image_id
 LEFT JOIN concept_images ci ON ci.image_id = i.image_id
 LEFT JOIN concepts co ON co.name = ci.concept
-LEFT JOIN aspect_buckets ab ON ab.image_id = i.image_id;
+LEFT JOIN aspect_buckets ab ON ab.image_id = i.image_id
+LEFT JOIN cs ON cs.image_id = i.image_id;
 
 CREATE OR REPLACE VIEW dataset AS
 SELECT * FROM images_view WHERE status = 'ok' AND NOT excluded;
