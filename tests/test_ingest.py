@@ -161,3 +161,18 @@ def test_kill_during_ingest_then_rerun_completes_without_duplicates(tmp_path):
     assert con.execute("SELECT count(*), count(DISTINCT path) FROM paths").fetchall()[0] == (120, 120)
     assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchall()[0][0] == 120
     assert con.execute("SELECT count(*) FROM images").fetchall()[0][0] == 120
+
+
+def test_hashes_match_the_imagehash_definitions():
+    import imagehash
+
+    from pipelines.ingest import _hashes
+
+    root = Path(__file__).resolve().parents[1] / "sample_data"
+    files = sorted(p for p in (root / "photos").iterdir() if p.suffix in {".jpg", ".png"})
+    assert len(files) >= 10
+    for path in files:
+        image = Image.open(path).convert("RGB")
+        phash, dhash = _hashes(image)
+        assert phash == int(str(imagehash.phash(image)), 16), path.name
+        assert dhash == int(str(imagehash.dhash(image)), 16), path.name
