@@ -40,13 +40,13 @@ def _ensure_priors(con, config: TrainConfig, images, components, progress: Progr
     pools = train_data.class_prior_images(con, config, list(prompts), config.model)
     short = {p: n for p, n in prompts.items() if len(pools[p]) < _wanted(config, n)}
     if short:
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
         from workbench.models import resolve_device
 
         device = resolve_device(config.device)
         pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=PNDMScheduler.from_config(components.noise_scheduler.config),
+            unet=components.unet, scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         ).to(device)
         pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,86 @@
+"""DreamBooth class-prior generation (issue 4): fixed per-image seeds, ingest as class_prior, resumable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.priors import class_priors, default_prior_count
+from train_fixtures import ingest_images, one_thread  # noqa: F401
+from workbench.cli import app
+from workbench.progress import StepCancelled
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pipe():
+    from diffusers import DDIMScheduler
+
+    from workbench.models import load_sd_pipeline
+
+    pipeline = load_sd_pipeline("tiny", device="cpu", dtype="float32")
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    return pipeline
+
+
+def _generate(con, pipe, out, **kwargs):
+    options = dict(class_prompt="a photo of a dog", model_name="tiny", out_dir=out, batch_size=2, seed=10,
+                   num_inference_steps=2, resolution=32)
+    options.update(kwargs)
+    return class_priors(con, pipe, **options)
+
+
+def test_priors_are_ingested_with_role_prompt_and_seed_and_resume_only_the_missing(con, tmp_path, pipe, one_thread):
+    ingest_images(con, tmp_path / "instances", 2)
+    first = _generate(con, pipe, tmp_path / "priors", num_images=3)
+    assert (first.generated, first.existing) == (3, 0)
+    rows = con.execute(
+        "SELECT c.seed, i.role, c.class_prompt, c.model FROM class_priors c JOIN images i USING (image_id) ORDER BY c.seed"
+    ).fetchall()
+    assert rows == [(s, "class_prior", "a photo of a dog", "tiny") for s in (10, 11, 12)]
+    assert con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0] == 2  # instances untouched
+
+    more = _generate(con, pipe, tmp_path / "priors", num_images=5)
+    assert (more.generated, more.existing) == (2, 3)
+    assert sorted(s for (s,) in con.execute("SELECT seed FROM class_priors").fetchall()) == [10, 11, 12, 13, 14]
+    assert len(more.image_ids) == 5
+
+    # image i depends only on seed + i, not on the batch it was made in
+    files = sorted((tmp_path / "priors" / "a-photo-of-a-dog").glob("*.png"))
+    alone = pipe(["a photo of a dog"], num_inference_steps=2, height=32, width=32,
+                 generator=[torch.Generator().manual_seed(11)]).images[0]
+    with Image.open(files[1]) as batched:
+        assert np.abs(np.asarray(batched, np.int16) - np.asarray(alone, np.int16)).max() <= 1
+
+
+def test_an_interrupted_run_keeps_its_images_and_the_rerun_finishes(con, tmp_path, pipe, one_thread):
+    def stop_after_first_batch(*, task, completed=0, total=None, message=None):
+        if task == "class priors" and completed >= 2:
+            raise StepCancelled("stop")
+
+    with pytest.raises(StepCancelled):
+        _generate(con, pipe, tmp_path / "priors", num_images=4, progress=stop_after_first_batch)
+    assert con.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 2
+    assert con.execute("SELECT status FROM runs WHERE step = 'priors'").fetchone() == ("cancelled",)
+    rest = _generate(con, pipe, tmp_path / "priors", num_images=4)
+    assert (rest.existing, rest.generated) == (2, 2)
+
+
+def test_default_count_follows_the_dreambooth_recipe(con, tmp_path):
+    ingest_images(con, tmp_path / "instances", 3)
+    assert default_prior_count(con, max_images=1000) == 600  # 200 x 3 instance images
+    assert default_prior_count(con, max_images=250) == 250  # capped
+
+
+def test_priors_cli(catalog_path, tmp_path, one_thread):
+    runner = CliRunner()
+    result = runner.invoke(app, ["priors", "--class-prompt", "a photo of a cat", "--num", "2", "--steps", "2", "--resolution", "32",
+                                 "--out-dir", str(tmp_path / "p"), "--catalog", str(catalog_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "p" / "a-photo-of-a-cat").glob("*.png"))) == 2
+    no_prompt = runner.invoke(app, ["priors", "--catalog", str(catalog_path)])
+    assert no_prompt.exit_code == 2 and "--class-prompt" in no_prompt.output

@@ -1,0 +1,106 @@
+"""`workbench train|evaluate` end to end, and the dreambooth / finetune modes (issue 4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from train_fixtures import fast_config, ingest_images, one_thread, tiny_components  # noqa: F401
+from workbench.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_path, tmp_path, one_thread):
+    """The README demo's last step: both LoRA files, a sample grid, a loss curve, the run in the catalog."""
+    assert runner.invoke(app, ["ingest", str(sample_copy / "photos"), "--catalog", str(catalog_path), "--workers", "1"]).exit_code == 0
+    config = tmp_path / "train.toml"
+    config.write_text(
+        "[train]\nmax-train-steps = 4\nvalidation-steps = 2\nvalidation_inference_steps = 1\nnum_validation_images = 2\n"
+        f"cache_dir = '{tmp_path / 'cache'}'\n"
+    )
+    out = tmp_path / "lora-run"
+    result = runner.invoke(app, [
+        "train", "lora", "--config", str(config), "--catalog", str(catalog_path), "--model", "tiny", "--resolution", "64",
+        "--train-batch-size", "2", "--learning-rate", "1e-3", "--rank", "4", "--seed", "1", "--checkpointing-steps", "2",
+        "--validation-prompt", "a photo of a rocket", "--output-dir", str(out), "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "loss.csv", "loss.png",
+                 "samples/step-000002.png", "samples/final-step-000004.png", "checkpoints/checkpoint-4/weights.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents*")), "TensorBoard events"
+    with Image.open(out / "samples" / "final-step-000004.png") as grid:
+        assert grid.size == (2 * 64, 64)  # 1 prompt x 2 fixed seeds
+    assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4
+
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    row = con.execute("SELECT mode, status, steps, final_loss, len(image_ids), outputs, clip_score, cmmd FROM training_runs").fetchone()
+    instance_count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0]
+    step = con.execute("SELECT status FROM runs WHERE step = 'train:lora'").fetchone()
+    con.close()
+    mode, status, steps, final_loss, image_count, outputs, clip_score, cmmd = row
+    assert (mode, status, steps, image_count) == ("lora", "ok", 4, instance_count)
+    assert final_loss > 0 and json.loads(outputs)["lora_kohya"].endswith("lora_kohya.safetensors")
+    assert clip_score is not None and cmmd is not None  # evaluated with the run
+    assert step == ("ok",)
+
+    again = runner.invoke(app, ["evaluate", "latest", "--catalog", str(catalog_path), "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "clip score" in again.output
+
+
+def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_path):
+    bad = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--mixed-precision", "fp8"])
+    assert bad.exit_code == 2 and "--mixed-precision must be no, fp16 or bf16" in bad.output
+    empty = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "report_to=none"])
+    assert empty.exit_code == 2 and "0 train images" in empty.output
+    typo = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "lerning_rate=1"])
+    assert typo.exit_code == 2 and "Unknown training option 'lerning_rate'" in typo.output
+    resume = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resume", "latest"])
+    assert resume.exit_code == 2 and "--output-dir" in resume.output
+
+
+def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, tmp_path, one_thread):
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=2,
+                         prior_inference_steps=1, sample_batch_size=2, max_train_steps=2, prior_loss_weight=0.5)
+    result = trained_model(con, config, components=tiny_components())
+    priors = con.execute("SELECT count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.role = 'class_prior'").fetchone()[0]
+    assert priors == 2
+    class_ids = con.execute("SELECT len(class_image_ids), len(image_ids) FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()
+    assert class_ids == (2, 2)  # priors are recorded apart from the instance images they do not join
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "db" / "pipeline"))
+    trained_unet = {k: v for k, v in pipe.unet.state_dict().items()}
+    assert any(not torch.equal(v, tiny_components().unet.state_dict()[k]) for k, v in trained_unet.items())
+    assert (tmp_path / "db" / "model.safetensors").is_file()
+
+
+def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from pipelines.train import main
+    from pipelines.train.data import training_images
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "ft", mode="finetune", from_scratch=True, use_ema=True, ema_decay=0.9,
+                         max_train_steps=3, checkpointing_steps=3)
+    components = tiny_components()
+    base = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    result = main(config, training_images(con, config), output_dir=tmp_path / "ft", components=components)
+    assert result.steps == 3
+    assert (tmp_path / "ft" / "checkpoints" / "checkpoint-3" / "ema.safetensors").is_file()
+    single = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    key = "conv_in.weight"
+    assert not torch.equal(single["unet." + key], base[key])  # re-initialised from config, not the base weights
