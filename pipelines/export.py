@@ -73,6 +73,8 @@ class _Row:
     name: str
     format: str | None
     mode: str | None
+    width: int
+    height: int
     orientation: int | None
     caption: str | None
     concept: str | None
@@ -89,15 +91,15 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
             SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path
             FROM paths WHERE NOT missing GROUP BY image_id
         )
-        SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, i.exif_orientation, d.caption,
+        SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation, d.caption,
                d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role
         FROM dataset d JOIN src USING (image_id) JOIN images i USING (image_id)
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
     out = []
-    for image_id, path_bytes, path, fmt, mode, orientation, caption, concept, trigger, class_noun, repeats, role in rows:
-        out.append(_Row(image_id, bytes(path_bytes), Path(path).stem, fmt, mode, orientation, caption, concept, trigger,
+    for image_id, path_bytes, path, fmt, mode, width, height, orientation, caption, concept, trigger, class_noun, repeats, role in rows:
+        out.append(_Row(image_id, bytes(path_bytes), Path(path).stem, fmt, mode, width, height, orientation, caption, concept, trigger,
                         class_noun, repeats, role))
     return out
 
@@ -195,6 +197,26 @@ def kohya_export(
 
     out = _prepare_out(Path(out), overwrite=overwrite)
     rows = _dataset_rows(con)
+    settings = _bucket_settings(con)
+    unbucketable = 0
+    if settings["bucket_no_upscale"]:
+        # sd-scripts divides by zero on an image smaller than one bucket step with bucket_no_upscale
+        from pipelines.buckets import select_bucket
+
+        def fits(row: _Row) -> bool:
+            try:
+                select_bucket(row.width, row.height, resolution=settings["resolution"], no_upscale=True,
+                              bucket_reso_steps=settings["bucket_reso_steps"])
+                return True
+            except ValueError:
+                return False
+
+        kept = [row for row in rows if fits(row)]
+        unbucketable = len(rows) - len(kept)
+        if unbucketable:
+            progress(task="export", message=f"left out {unbucketable} image(s) smaller than one bucket step "
+                     f"({settings['bucket_reso_steps']} px): sd-scripts fails on them with bucket_no_upscale")
+        rows = kept
     groups: dict[tuple[str, str | None], list[_Row]] = defaultdict(list)
     for row in rows:
         groups[(row.role, row.concept)].append(row)
@@ -257,7 +279,7 @@ def kohya_export(
         counts["folders"] += 1
     config = {
         "general": {"enable_bucket": True, "caption_extension": caption_extension, "shuffle_caption": False},
-        "datasets": [{**_bucket_settings(con), "batch_size": 1, "subsets": subsets}],
+        "datasets": [{**settings, "batch_size": 1, "subsets": subsets}],
     }
     header = (
         "# sd-scripts dataset config written by `workbench export --format kohya`.\n"
@@ -269,7 +291,7 @@ def kohya_export(
         progress(task="export", completed=done, total=len(rows), message=(
             f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word; kohya uses "
             "the caption file instead of class_tokens, so those images do not teach the trigger"))
-    return {"format": "kohya", "out": str(out), **counts}
+    return {"format": "kohya", "out": str(out), **counts, "too_small_for_no_upscale": unbucketable}
 
 
 def imagefolder_export(

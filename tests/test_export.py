@@ -252,3 +252,16 @@ def test_class_priors_go_to_reg_and_missing_files_are_skipped(con, curated, tmp_
     reg = [s for s in subsets if s.get("is_reg")]
     assert len(reg) == 1 and reg[0]["class_tokens"] == "dog" and reg[0]["num_repeats"] == 1
     assert not list((out / "img").rglob(f"c-{ids['c.jpg'][:12]}*"))
+
+
+def test_no_upscale_export_leaves_out_images_kohya_cannot_bucket(con, curated, tmp_path):
+    from pipelines.buckets import aspect_buckets
+
+    _image(tmp_path / "tiny" / "t.png", size=(24, 24))
+    ingested_images(con, [tmp_path / "tiny"], workers=1)
+    summary = aspect_buckets(con, no_upscale=True, bucket_reso_steps=32)
+    assert summary["skipped"] == 1
+    result = exported_dataset(con, tmp_path / "out", format="kohya")
+    assert result["too_small_for_no_upscale"] == 1 and result["images"] == 5
+    dataset = tomllib.loads((tmp_path / "out" / "dataset.toml").read_text())["datasets"][0]
+    assert dataset["bucket_no_upscale"] is True and dataset["bucket_reso_steps"] == 32
