@@ -19,6 +19,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from pipelines.concepts import concepts_from_folder_names
 from workbench.catalog import record_run
 from workbench.progress import ProgressHook, null_progress
 
@@ -65,6 +66,7 @@ class IngestSummary:
     marked_missing: int = 0
     reappeared: int = 0
     sidecar_captions: int = 0
+    images_joined_concepts: int = 0
     skipped_not_images: int = 0
     directory_cycles_skipped: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
@@ -484,6 +486,9 @@ def ingested_images(
             con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
             con.execute("COMMIT")
         summary.marked_missing = len(vanished)
+        if to_read:
+            # kohya-style folder names ("10_sks dog") become concepts, as sd-scripts reads them.
+            summary.images_joined_concepts = concepts_from_folder_names(con, progress=progress)
         run.counts.update(summary.as_dict())
     return summary
 

@@ -132,3 +132,10 @@ def test_dataset_is_ok_and_not_excluded(sample_catalog):
     excluded = con.sql("SELECT count(*) FROM images_view WHERE status = 'ok' AND excluded").fetchall()[0][0]
     dataset = con.sql("SELECT count(*) FROM dataset").fetchall()[0][0]
     assert excluded == 4 and dataset == total_ok - excluded
+
+
+def test_kohya_folder_becomes_a_concept(sample_catalog):
+    con, summary, _ = sample_catalog
+    assert summary.images_joined_concepts == 3
+    concept = con.sql("SELECT name, trigger_token, class_noun, repeats FROM concepts").fetchall()
+    assert concept == [("wbk cat", "wbk", "cat", 5)]
