@@ -9,15 +9,17 @@ Default thresholds and why (all can be changed by flags or the `[filter]` table 
   1024x256 (4:1), and anything past 3:1 loses most of its long side to the crop. 0 turns it off.
 - `min_clip_score` off by default: the threshold depends on the CLIP model. LAION-2B kept
   ViT-B/32 cosine >= 0.28 (DataComp: B/32 > 0.25); use 0.28 with ViT-B/32 scores.
-- quality flags (off unless asked; cleanvision-like issue types, measured on the ~128 px grayscale
-  decode that ingest makes; checked on sample_data/photos, see tests/test_filter.py):
-  - `blurry`: variance of the 4-neighbour Laplacian < `blur_threshold` 15. Sharp photos in
-    sample_data/photos score 24..6600; the same photos Gaussian-blurred by 3 px at the 128 px decode
-    (about 12 px at 512, clearly out of focus) score 2..10 (line art 15). A mild 2 px blur scores
-    2..50 and is caught only on low-texture photos: the rule flags clearly soft images, not slightly soft ones.
+- quality flags (off unless asked; cleanvision-like issue types, from the statistics ingest measures
+  on its small decode; thresholds checked on sample_data/photos, see tests/test_filter.py):
+  - `blurry`: variance of the 4-neighbour Laplacian < `blur_threshold` 25, on ingest's ~96 px decode
+    (pipelines/ingest.py STATS_SIDE; recalibrate if that changes: tests/test_filter.py checks it).
+    Sharp photos in sample_data/photos score 32..3900; the same photos Gaussian-blurred by 3 px at
+    128 px scale (about 12 px at 512: clearly out of focus) score 2..23 (line art 41); a mild 2 px blur
+    scores 3..73. So the rule flags clearly soft images, not slightly soft ones.
   - `dark`: mean + 2.33 std of luminance < `dark_threshold` 56, i.e. roughly the 99th-percentile
     luminance below 22% of white (cleanvision's dark score is a high percentile of brightness).
-    A night sky with stars (hubble.jpg: mean 20) passes; the same photos at 15% exposure fail.
+    Sample photos score 66..354 (hubble.jpg, a night sky with stars, mean 20: 66); the same photos
+    at 15% exposure score 10..53.
   - `overexposed`: mean - 1.64 std > `bright_threshold` 170, i.e. roughly the 5th percentile
     already light grey (cleanvision's "light" looks at the dark end of the histogram).
   - `low_information`: histogram entropy < `entropy_threshold` 1.5 bits (cleanlab Datalab's
@@ -52,7 +54,7 @@ class FilterRules:
     min_side: int | None = 256
     max_aspect: float | None = 3.0
     blurry: bool = False
-    blur_threshold: float = 15.0
+    blur_threshold: float = 25.0
     dark: bool = False
     dark_threshold: float = 56.0
     overexposed: bool = False

@@ -46,7 +46,7 @@ def test_each_rule_writes_a_human_reason(con):
     reasons = _reasons(con)
     assert reasons[small] == [("filter:min_side", "short side 180 px < 256")]
     assert reasons[wide] == [("filter:max_aspect", "aspect ratio 4.00 > 3")]
-    assert reasons[blurry] == [("filter:blurry", "blurry: variance of Laplacian 3.0 < 15")]
+    assert reasons[blurry] == [("filter:blurry", "blurry: variance of Laplacian 3.0 < 25")]
     assert reasons[dark][0][0] == "filter:dark" and "< 56" in reasons[dark][0][1]
     assert reasons[bright][0][0] == "filter:overexposed" and "> 170" in reasons[bright][0][1]
     assert reasons[flat] == [("filter:low_information", "low information: entropy 0.20 bits < 1.5")]
@@ -166,7 +166,11 @@ def test_filter_cli_reads_config_and_flags_override(catalog_path, con, tmp_path)
 
 
 def test_default_quality_thresholds_on_real_photos(con, tmp_path):
-    """sample photos pass the quality rules; the same photos blurred / darkened / blown out / flattened fail."""
+    """sample photos pass the quality rules; the same photos blurred / darkened / blown out / flattened fail.
+
+    The statistics come from ingest's small decode, so this fails if that decode changes enough to need
+    new thresholds (see the table in pipelines/filter.py).
+    """
     from PIL import Image, ImageEnhance, ImageFilter
 
     from pipelines.ingest import ingested_images

@@ -473,12 +473,12 @@ def filter_(
     dark: Annotated[Optional[bool], typer.Option("--no-dark/--allow-dark", help="Exclude dark images.")] = None,
     overexposed: Annotated[Optional[bool], typer.Option("--no-overexposed/--allow-overexposed", help="Exclude overexposed images.")] = None,
     low_information: Annotated[Optional[bool], typer.Option("--no-low-information/--allow-low-information", help="Exclude near-flat images.")] = None,
-    blur_threshold: Annotated[Optional[float], typer.Option(help="Blurry below this variance of Laplacian (default 15).")] = None,
+    blur_threshold: Annotated[Optional[float], typer.Option(help="Blurry below this variance of Laplacian (default 25).")] = None,
     dark_threshold: Annotated[Optional[float], typer.Option(help="Dark when mean+2.33 std luminance is below (default 56).")] = None,
     bright_threshold: Annotated[Optional[float], typer.Option(help="Overexposed when mean-1.64 std luminance is above (default 170).")] = None,
     entropy_threshold: Annotated[Optional[float], typer.Option(help="Low information below this entropy in bits (default 1.5).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what each rule would drop.")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="TOML config with a [filter] table (default: workbench.toml beside the catalog).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config with a \\[filter] table (default: workbench.toml beside the catalog).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Exclude images by rules (size, aspect, CLIP score, quality); reruns replace earlier filter exclusions.
