@@ -158,3 +158,21 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     sources = {r[0] for r in con.execute("SELECT caption_source FROM images_view WHERE status = 'ok'").fetchall()}
     con.close()
     assert sources == {"model:tiny"}
+
+
+def test_cancelling_keeps_the_batches_already_written(catalog, blip):
+    from workbench.progress import StepCancelled
+
+    processor, model = blip
+
+    def cancel_after_first_batch(*, task, completed=0, total=None, message=None):
+        if completed >= 2:
+            raise StepCancelled("stop")
+
+    with pytest.raises(StepCancelled):
+        model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0,
+                       progress=cancel_after_first_batch)
+    assert len(_captions(catalog, "model:tiny")) == 2
+    assert catalog.execute("SELECT status FROM runs WHERE step = 'caption'").fetchone()[0] == "cancelled"
+    resumed = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
+    assert resumed["captioned"] == 3 and resumed["already_captioned"] == 2
