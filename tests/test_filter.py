@@ -113,18 +113,28 @@ def test_manual_include_overrides_filters_and_manual_exclude_has_reason(con):
         manual_inclusions(con, ["abcdef0123"])
 
 
-def test_clip_rule_is_skipped_with_a_message_when_scores_are_missing(con):
-    _add_image(con, 1, 600, 600)
-    messages = []
-    has_clip = con.execute(
-        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'images_view' AND column_name = 'clip_score'"
-    ).fetchone()[0]
-    summary = filtered_dataset(con, FilterRules(min_clip_score=0.28), progress=lambda **kw: messages.append(kw.get("message")))
-    if has_clip:  # once m002 (clip scores) has landed, an unscored image is not excluded either
-        assert "rule min_clip_score" in summary and summary["excluded"] == 0
-    else:
-        assert "min_clip_score" in summary["skipped_rules"]
-        assert any(m and "min_clip_score" in m for m in messages)
+def test_clip_rule_excludes_low_scores_and_skips_unscored_images(con):
+    low = _add_image(con, 1, 600, 600)
+    high = _add_image(con, 2, 600, 600)
+    unscored = _add_image(con, 3, 600, 600)
+    stale = _add_image(con, 4, 600, 600)
+    for image_id in (low, high, unscored, stale):
+        con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'a photo of a dog')", [image_id])
+    for image_id, score, caption in ((low, 0.213, "a photo of a dog"), (high, 0.31, "a photo of a dog"),
+                                     (stale, 0.1, "an older caption")):
+        con.execute("INSERT INTO clip_scores (image_id, model, caption_md5, score) VALUES (?, 'ViT-B-32', md5(?), ?)",
+                    [image_id, caption, score])
+    summary = filtered_dataset(con, FilterRules(min_clip_score=0.28))
+    assert _reasons(con) == {low: [("filter:min_clip_score", "CLIP score 0.213 < 0.28")]}
+    assert summary["rule min_clip_score"] == 1  # unscored and stale-caption scores are not judged
+
+
+def test_clip_rule_is_skipped_with_a_message_without_a_clip_score_column(con):
+    from pipelines.filter import _rule_checks
+
+    checks, skipped = _rule_checks(FilterRules(min_clip_score=0.28), has_clip=False)
+    assert "min_clip_score" in skipped and "score" in skipped["min_clip_score"]
+    assert [name for name, _ in checks] == ["min_side", "max_aspect"]
 
 
 def test_rules_from_config_table_and_bad_values():
