@@ -108,5 +108,6 @@ class BrowserScreen(Screen):
 
     @on(_Details)
     def _show_details(self, message: _Details) -> None:
+        self.shown_details = message.details
         self.query_one("#details", Static).update(details_table(message.details))
         self.query_one("#preview", ImagePreview).show(message.picture)

@@ -56,4 +56,5 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Static("[b]workbench: keys[/b]  (Esc closes)\n" + ABOUT + "\n")
-            yield Static(bindings_table(self.sections), id="help-bindings")
+            self.table = bindings_table(self.sections)
+            yield Static(self.table, id="help-bindings")

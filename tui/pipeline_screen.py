@@ -20,7 +20,7 @@ from workbench.progress import StepCancelled
 
 
 def counts_text(counts: dict) -> str:
-    if not counts:
+    if not counts or all(v in (0, None) for v in counts.values()):
         return "[dim]not run yet[/]"
     return "  ".join(f"{k.replace('_', ' ')} [b]{v if v is not None else '·'}[/]" for k, v in counts.items())
 

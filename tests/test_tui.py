@@ -1,0 +1,443 @@
+"""Pilot tests of the Textual workbench: each screen driven like a person would, checked against the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tui.app import WorkbenchApp
+from tui.synthetic import synthetic_rows
+from workbench.catalog import connect
+
+SIZE = (160, 48)
+
+
+async def wait_for(pilot, predicate, timeout: float = 30.0, what: str = "condition"):
+    """Let the app work until `predicate()` is true (workers run in threads, so poll)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await pilot.pause(0.05)
+        try:
+            if predicate():
+                return
+        except Exception:  # widgets may not be mounted yet
+            pass
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def text_of(app, selector: str) -> str:
+    return str(app.screen.query_one(selector).render())
+
+
+@pytest.fixture
+def synthetic_catalog(catalog_path) -> Path:
+    con = connect(catalog_path)
+    synthetic_rows(con, 250)
+    con.close()
+    return catalog_path
+
+
+@pytest.fixture
+def sample_catalog(catalog_path, sample_copy) -> Path:
+    """sample_data ingested and deduplicated (real files, so previews and keepers are real)."""
+    from pipelines.dedup import duplicate_groups
+    from pipelines.ingest import ingested_images
+
+    con = connect(catalog_path)
+    ingested_images(con, [sample_copy], workers=1)
+    duplicate_groups(con)
+    con.close()
+    return catalog_path
+
+
+def query(path: Path, sql: str, params=None):
+    con = connect(path)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+# --- browser ------------------------------------------------------------------
+
+
+def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="first page")
+            table = app.screen.query_one("#browser-table")
+            assert app.screen.query_one("#rows").row_count == 100
+
+            await pilot.press("pagedown")
+            await wait_for(pilot, lambda: table.page_offset == 100, what="next page")
+            assert "rows 101–200 of 250" in text_of(app, "#table-status")
+
+            filter_box = app.screen.query_one("#filter")
+            filter_box.value = "width > 1000 AND format = 'PNG'"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            con = app.con
+            expected = con.execute("SELECT count(*) FROM images_view WHERE width > 1000 AND format = 'PNG'").fetchone()[0]
+            await wait_for(pilot, lambda: f"of {expected:,} · SQL filter" in text_of(app, "#table-status"), what="SQL filter")
+
+            filter_box.value = "mountain lake"
+            await pilot.press("enter")
+            expected = con.execute("SELECT count(*) FROM images_view WHERE caption ILIKE '%mountain lake%'").fetchone()[0]
+            await wait_for(pilot, lambda: f"of {expected:,} · text search" in text_of(app, "#table-status"), what="text search")
+            assert all("mountain lake" in row[7] for row in app.screen.query_one("#rows").rows)
+
+            filter_box.value = ""
+            app.screen.query_one("#sort").value = "bytes"
+            app.screen.query_one("#descending").value = True
+            await wait_for(pilot, lambda: "sorted by bytes ↓" in text_of(app, "#table-status"), what="sort")
+            await wait_for(pilot, lambda: table.result.filter.sort_column == "bytes" and table.page_ids, what="rows")
+            largest = con.execute("SELECT image_id FROM images_view ORDER BY bytes DESC, image_id LIMIT 1").fetchone()[0]
+            await wait_for(pilot, lambda: table.page_ids[0] == largest, what="largest first")
+
+    asyncio.run(scenario())
+
+
+def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"))
+            box = app.screen.query_one("#filter")
+            # Binds as SQL only when the whole clause is valid; a statement smuggled in stays plain text.
+            box.value = "true; DROP TABLE images"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "text search" in text_of(app, "#table-status"))
+            assert query_count(app, "SELECT count(*) FROM images") == 250
+
+    asyncio.run(scenario())
+
+
+def query_count(app, sql: str) -> int:
+    return app.con.execute(sql).fetchone()[0]
+
+
+def test_browser_details_show_metadata_captions_and_preview(sample_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of " in text_of(app, "#table-status"))
+            box = app.screen.query_one("#filter")
+            box.value = "path LIKE '%photos/coffee.jpg'"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "of 1 · SQL filter" in text_of(app, "#table-status"))
+            app.screen.query_one("#rows").focus()
+            await wait_for(pilot, lambda: "coffee.jpg" in _details_text(app), what="details")
+            details = _details_text(app)
+            for expected in ("width", "duplicate_group", "captions by source", "sidecar", "is_keeper"):
+                assert expected in details
+            from textual_image.widget._base import Image as BaseImage
+
+            await wait_for(pilot, lambda: len(app.screen.query_one("#preview").query(BaseImage)) == 1, what="preview")
+
+    asyncio.run(scenario())
+
+
+def _details_text(app) -> str:
+    from rich.console import Console
+
+    from tui.browser_screen import details_table
+
+    console = Console(width=120, record=True, file=open(os.devnull, "w"))
+    console.print(details_table(app.screen.shown_details))
+    return console.export_text()
+
+
+# --- captions -------------------------------------------------------------------
+
+
+def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.image_id is not None, what="first image loaded")
+            image_id = screen.image_id
+            editor = screen.query_one("#caption-text")
+            editor.load_text("")
+            editor.focus()
+            await pilot.press(*"a hand written caption")
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 1, what="save")
+            row = app.con.execute("SELECT caption, caption_source FROM current_captions WHERE image_id = ?", [image_id]).fetchone()
+            assert row == ("a hand written caption", "manual")
+
+            # Accept the model caption: it becomes the caption in use.
+            await wait_for(pilot, lambda: any(o.id == "model:blip" for o in screen.query_one("#sources").options), what="sources")
+            sources = screen.query_one("#sources")
+            sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            await pilot.click("#accept")
+            await wait_for(pilot, lambda: app.con.execute("SELECT caption_source FROM current_captions WHERE image_id = ?", [image_id]).fetchone()[0] == "model:blip", what="accept")
+
+    asyncio.run(scenario())
+
+
+def test_caption_bulk_add_token_over_filtered_rows_and_undo(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"))
+            box = screen.query_one("#filter")
+            box.value = "format = 'PNG'"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
+            await wait_for(pilot, lambda: f"of {pngs} · SQL filter" in text_of(app, "#table-status"))
+            before = dict(app.con.execute("SELECT image_id, caption FROM current_captions").fetchall())
+
+            screen.query_one("#token").value = "sks"
+            await pilot.click("#bulk-add")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
+            assert query_count(app, "SELECT count(*) FROM current_captions c JOIN images i USING (image_id) WHERE i.format <> 'PNG' AND c.caption LIKE 'sks%'") == 0
+
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == 0, what="undo")
+            assert dict(app.con.execute("SELECT image_id, caption FROM current_captions").fetchall()) == before
+            assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 0
+
+    asyncio.run(scenario())
+
+
+# --- SQL console ----------------------------------------------------------------------
+
+
+def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            editor = screen.query_one("#editor")
+            editor.load_text("SELECT format, count(*) AS n FROM images GROUP BY format ORDER BY format")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 3, what="results")
+            expected = app.con.execute("SELECT format, count(*) FROM images GROUP BY format ORDER BY format").fetchall()
+            assert screen.query_one("#results").rows == [[f, str(n)] for f, n in expected]
+            assert screen.query_one("#history").option_count == 1
+
+            screen.query_one("#export-path").value = "out.parquet"
+            await pilot.click("#export-parquet")
+            target = synthetic_catalog.parent / "out.parquet"
+            await wait_for(pilot, lambda: target.exists() and "exported" in text_of(app, "#sql-status"), what="export")
+            import duckdb
+
+            assert duckdb.sql(f"SELECT sum(n) FROM '{target}'").fetchall() == [(250,)]
+
+            editor.load_text("DELETE FROM images")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "Refused" in text_of(app, "#sql-status"), what="refusal")
+            assert query_count(app, "SELECT count(*) FROM images") == 250
+
+            # Write mode asks first; "No" keeps it read-only, "Yes" allows the write.
+            await pilot.press("ctrl+w")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "ConfirmWrite")
+            await pilot.click("#no")
+            await wait_for(pilot, lambda: app.screen is screen and not screen.write_mode)
+            await pilot.press("ctrl+w")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "ConfirmWrite")
+            await pilot.click("#yes")
+            await wait_for(pilot, lambda: app.screen is screen and screen.write_mode)
+            editor.load_text("DELETE FROM captions WHERE source = 'sidecar'")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'sidecar'") == 0, what="write")
+
+    asyncio.run(scenario())
+
+
+# --- duplicates -------------------------------------------------------------------------
+
+
+def test_duplicates_review_changes_the_kept_member(sample_catalog):
+    coffee_keeper = query(sample_catalog, "SELECT d.group_id, d.image_id FROM duplicates d JOIN images_view v USING (image_id) "
+                                          "WHERE v.path LIKE '%photos/coffee.jpg'")[0]
+    group_id, old_keeper = coffee_keeper
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog, start="duplicates")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.group_ids and screen.members, what="groups")
+            while screen.group_ids[screen.position] != group_id:
+                await pilot.press("n")
+                await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] in
+                               {r[0] for r in app.con.execute("SELECT image_id FROM duplicates WHERE group_id = ?", [screen.group_ids[screen.position]]).fetchall()})
+            await wait_for(pilot, lambda: len(screen.query("MemberCard")) == 2, what="cards")
+            assert screen.members[0]["image_id"] == old_keeper and screen.members[0]["is_keeper"]
+            other = screen.members[1]["image_id"]
+            await pilot.press("right")
+            await pilot.press("k")
+            await wait_for(pilot, lambda: app.con.execute("SELECT keeper_id FROM duplicates WHERE image_id = ?", [other]).fetchone()[0] == other, what="keeper")
+            excluded = {r[0] for r in app.con.execute("SELECT image_id FROM exclusions WHERE step = 'dedup'").fetchall()}
+            assert old_keeper in excluded and other not in excluded
+            assert app.con.execute("SELECT image_id FROM keeper_choice").fetchall() == [(other,)]
+            await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] == other, what="redraw")
+
+    asyncio.run(scenario())
+
+
+# --- pipeline -------------------------------------------------------------------------------
+
+
+def test_pipeline_runs_ingest_and_dedup_on_sample_data_and_counts_change(catalog_path, sample_copy):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=catalog_path, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: "not run yet" in text_of(app, "#counts-ingest"), what="counts")
+            screen.query_one("#set-ingest-folders").value = str(sample_copy)
+            screen.query_one("#set-ingest-workers").value = "1"
+            await pilot.click("#run-ingest")
+            await wait_for(pilot, lambda: screen.running is None and "done" in text_of(app, "#state-ingest"), timeout=120, what="ingest")
+            images = query_count(app, "SELECT count(*) FROM images")
+            assert images > 20
+            await wait_for(pilot, lambda: f"images {images}" in text_of(app, "#counts-ingest"), what="ingest counts")
+            await pilot.click("#run-dedup")
+            await wait_for(pilot, lambda: screen.running is None and "done" in text_of(app, "#state-dedup"), timeout=120, what="dedup")
+            groups = query_count(app, "SELECT count(DISTINCT group_id) FROM duplicates")
+            assert groups >= 3
+            await wait_for(pilot, lambda: f"groups {groups}" in text_of(app, "#counts-dedup"), what="dedup counts")
+            log = "\n".join(line.text for line in screen.query_one("#log").lines)
+            assert "ingest finished" in log and "dedup finished" in log
+
+    asyncio.run(scenario())
+
+
+def test_pipeline_rejects_bad_settings_before_running(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            screen.query_one("#set-dedup-threshold").value = "six"
+            await pilot.click("#run-dedup")
+            await pilot.pause(0.3)
+            assert screen.running is None
+            assert any("threshold must be a whole number" in n.message for n in app._notifications)
+            assert query_count(app, "SELECT count(*) FROM runs") == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_pipeline_caption_step_with_tiny_blip(sample_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await pilot.click("#run-caption")
+            await wait_for(pilot, lambda: screen.running is None and "done" in text_of(app, "#state-caption"), timeout=240, what="caption")
+            captioned = query_count(app, "SELECT count(DISTINCT image_id) FROM captions WHERE source LIKE 'model:%'")
+            assert captioned > 10
+            await wait_for(pilot, lambda: f"captioned {captioned}" in text_of(app, "#counts-caption"))
+
+    asyncio.run(scenario())
+
+
+# --- train --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_screen_runs_a_tiny_lora(catalog_path, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import write_images
+
+    from pipelines.ingest import ingested_images
+
+    write_images(tmp_path / "imgs", 4)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=catalog_path, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            screen.query_one("#field-resolution").value = "32"
+            screen.query_one("#field-max_train_steps").value = "eight"
+            await pilot.click("#train")
+            await pilot.pause(0.2)
+            assert "steps must be a whole number" in text_of(app, "#train-error") and not screen.running
+            screen.query_one("#field-max_train_steps").value = "4"
+            screen.query_one("#field-validation_steps").value = "2"
+            screen.query_one("#field-more").value = 'validation_inference_steps=1; num_validation_images=1; report_to="none"; evaluate=false'
+            await pilot.click("#train")
+            await wait_for(pilot, lambda: screen.running, what="start")
+            await wait_for(pilot, lambda: not screen.running, timeout=300, what="training")
+            assert "finished" in text_of(app, "#train-state"), text_of(app, "#train-state")
+            row = app.con.execute("SELECT status FROM training_runs").fetchall()
+            assert row == [("ok",)]
+            losses = screen.output_dir / "loss.csv"
+            assert len(losses.read_text().splitlines()) == 5
+            await wait_for(pilot, lambda: screen.shown_sample is not None, what="sample grid shown")
+
+    asyncio.run(scenario())
+
+
+# --- catalog lock, help ---------------------------------------------------------------------
+
+
+def test_locked_catalog_names_the_holder_and_retry_opens_it(synthetic_catalog):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from workbench.catalog import connect; con = connect(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
+         str(synthetic_catalog)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+
+        async def scenario():
+            app = WorkbenchApp(catalog_path=synthetic_catalog)
+            async with app.run_test(size=SIZE) as pilot:
+                await wait_for(pilot, lambda: app.screen.__class__.__name__ == "LockedScreen", what="locked screen")
+                message = text_of(app, "#locked-message")
+                assert f"process {holder.pid}" in message and "retry" in message
+                await pilot.press("r")
+                await pilot.pause(0.2)
+                assert app.screen.__class__.__name__ == "LockedScreen" and app.con is None
+                holder.kill()
+                holder.wait()
+                await pilot.press("r")
+                await wait_for(pilot, lambda: app.con is not None and app.screen.__class__.__name__ == "BrowserScreen", what="opened")
+
+        asyncio.run(scenario())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_help_lists_every_binding(synthetic_catalog):
+    from tui.app import SCREENS_BY_KEY
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.con is not None)
+            await pilot.press("f1")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "HelpScreen")
+            from rich.console import Console
+
+            console = Console(width=200, record=True, file=open(os.devnull, "w"))
+            console.print(app.screen.table)
+            text = console.export_text()
+            for _, _, _, screen in SCREENS_BY_KEY:
+                for binding in screen.BINDINGS:
+                    assert binding.description in text
+            for label in ("Pipeline", "Browse", "Captions", "Duplicates", "SQL", "Train", "Next page"):
+                assert label in text
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ != "HelpScreen")
+
+    asyncio.run(scenario())
