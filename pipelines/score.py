@@ -241,11 +241,13 @@ def embedding_models(con: duckdb.DuckDBPyConnection) -> list[str]:
     ).fetchall()]
 
 
-def similar_pairs(ids: list[str], vectors: np.ndarray, threshold: float, *, chunk: int = 2048,
+def similar_pairs(ids: list[str], vectors: np.ndarray, threshold: float, *, chunk: int | None = None,
                   progress: ProgressHook = null_progress) -> pl.DataFrame:
     """Every pair (image_a < image_b) with cosine similarity >= threshold; O(N·chunk) memory, O(N²) time."""
     found_a, found_b, found_s = [], [], []
     n = len(ids)
+    if chunk is None:  # rows per block so one block of similarities stays near 32M floats (128 MB)
+        chunk = int(min(4096, max(16, 32_000_000 // max(n, 1))))
     for start in range(0, n, chunk):
         block = vectors[start : start + chunk] @ vectors[start:].T  # only pairs (i, j) with j >= i
         rows, cols = np.nonzero(block >= threshold)

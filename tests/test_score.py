@@ -206,3 +206,20 @@ def test_cli_score_and_search(catalog_path, tmp_path):
     con.close()
     bad = runner.invoke(app, ["score", "-c", str(catalog_path), "--dedup-threshold", "1.5"])
     assert bad.exit_code == 2
+
+
+def test_similar_pairs_match_brute_force_across_block_edges():
+    from pipelines.score import similar_pairs
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(60, 8)).astype(np.float32)
+    vectors[7] = vectors[50] + 0.05 * rng.normal(size=8)
+    vectors[13] = vectors[14] + 0.05 * rng.normal(size=8)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"img{i:02d}" for i in range(60)]
+    sims = vectors @ vectors.T
+    expected = {(ids[i], ids[j]) for i in range(60) for j in range(i + 1, 60) if sims[i, j] >= 0.9}
+    assert {("img07", "img50"), ("img13", "img14")} <= expected
+    for chunk in (1, 7, 64, None):
+        found = similar_pairs(ids, vectors, 0.9, chunk=chunk)
+        assert set(found.select(["image_a", "image_b"]).iter_rows()) == expected
