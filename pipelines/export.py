@@ -387,14 +387,13 @@ def imported_kohya_folder(
     progress: ProgressHook = null_progress,
 ) -> dict:
     """Ingest a kohya-style folder (`N_trigger class/` subfolders, .txt/.caption sidecars) with its concepts."""
-    from pipelines.concepts import concepts_from_folder_names, list_concepts
+    from pipelines.concepts import concepts_from_folder_names, list_concepts, parse_kohya_folder_name
     from pipelines.ingest import ingested_images
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder")
     subfolders = [p for p in folder.iterdir() if p.is_dir()]
-    from pipelines.concepts import parse_kohya_folder_name
 
     # accept the folder itself, its img/ (our export layout), or a folder of N_name subfolders
     if (folder / "img").is_dir() and not any(parse_kohya_folder_name(p.name) for p in subfolders):
@@ -405,9 +404,11 @@ def imported_kohya_folder(
     if not concept_dirs and parse_kohya_folder_name(folder.name) is None:
         raise ExportError(f"{folder} has no kohya subset folders named like `10_sks dog`")
     summary = ingested_images(con, roots, workers=workers, progress=progress)
-    assigned = concepts_from_folder_names(con, progress=progress)
+    counts = summary.as_dict()
+    # ingest already reads kohya folder names; calling again is a no-op then, and covers it if not
+    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, progress=progress)
     return {
-        **{k: v for k, v in summary.as_dict().items()},
+        **counts,
         "concept_folders": len(concept_dirs),
         "images_assigned_to_concepts": assigned,
         "concepts": len(list_concepts(con)),

@@ -115,7 +115,7 @@ def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
     }
     other = connect(tmp_path / "second" / "workbench.duckdb")
     summary = imported_kohya_folder(other, out, workers=1)
-    assert summary["concept_folders"] == 3
+    assert summary["concept_folders"] == 3 and summary["images_assigned_to_concepts"] == 5
     after = {
         image_id: (caption, repeats, trigger, class_noun)
         for image_id, caption, repeats, trigger, class_noun in other.execute(
