@@ -23,6 +23,7 @@ from workbench.progress import ProgressHook, null_progress
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
 # back with "_") the class tokens; folders without a number are ignored, repeats < 1 too.
 MIN_ID_PREFIX = 6
+MAX_FOLDER_REPEATS = 1000  # more than this in a folder name at ingest is a year or a number, not repeats
 
 
 @dataclass(frozen=True)
@@ -292,11 +293,18 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
     return released
 
 
-def concepts_from_folder_names(con: duckdb.DuckDBPyConnection, *, progress: ProgressHook = null_progress) -> int:
+def concepts_from_folder_names(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    max_repeats: int | None = MAX_FOLDER_REPEATS,
+    progress: ProgressHook = null_progress,
+) -> int:
     """Concepts from kohya folder names (`10_sks dog`: 10 repeats, trigger sks, class dog) of image paths.
 
     The folder is the image's parent folder, as kohya reads subset folders (not recursively).
-    Existing concepts keep their settings and images already in a concept stay there.
+    Existing concepts keep their settings and images already in a concept stay there. Folder names
+    with more than `max_repeats` are left alone: ingest sees ordinary photo folders too, and
+    `2023_holiday` is a year, not 2023 repeats (kohya itself would read it as repeats).
     Returns the number of images newly assigned.
     """
     rows = con.execute(
@@ -308,10 +316,17 @@ def concepts_from_folder_names(con: duckdb.DuckDBPyConnection, *, progress: Prog
     found: dict[str, tuple[int, str, str | None]] = {}
     members: dict[str, list[str]] = {}
     seen_images: set[str] = set()
+    ignored: set[str] = set()
     for image_id, path in rows:
         folder_name = Path(path).parent.name
         parsed = parse_kohya_folder_name(folder_name)
         if parsed is None or image_id in seen_images:
+            continue
+        if max_repeats is not None and parsed[0] > max_repeats:
+            if folder_name not in ignored:
+                ignored.add(folder_name)
+                progress(task="concepts", message=f"folder {folder_name!r} not read as a kohya concept: "
+                         f"{parsed[0]} repeats is more than {max_repeats} (a year or a number, not a repeat count)")
             continue
         seen_images.add(image_id)  # an image in several concept folders joins the first seen
         repeats, trigger, class_noun = parsed

@@ -51,7 +51,10 @@ def test_concepts_from_folder_names_reads_parent_folders_once(con):
     c = _add_image(con, 3, "/data/other/c.jpg")
     d = _add_image(con, 4, "/data/2_zwx/d.jpg")
     prior = _add_image(con, 5, "/data/1_dog/p.jpg", role="class_prior")
-    assert concepts_from_folder_names(con) == 3
+    holiday = _add_image(con, 6, "/photos/2023_holiday/h.jpg")  # a year, not 2023 repeats
+    messages = []
+    assert concepts_from_folder_names(con, progress=lambda **kw: messages.append(kw.get("message"))) == 3
+    assert any(m and "2023_holiday" in m for m in messages)
     assert concepts_from_folder_names(con) == 0  # idempotent
     concepts = {c.name: c for c in list_concepts(con)}
     assert set(concepts) == {"sks dog", "zwx"}
@@ -60,7 +63,7 @@ def test_concepts_from_folder_names_reads_parent_folders_once(con):
     assert (concepts["zwx"].class_noun, concepts["zwx"].repeats, concepts["zwx"].images) == (None, 2, 1)
     rows = dict(con.execute("SELECT image_id, concept FROM images_view").fetchall())
     assert rows[a] == rows[b] == "sks dog" and rows[d] == "zwx"
-    assert rows[c] is None and rows[prior] is None
+    assert rows[c] is None and rows[prior] is None and rows[holiday] is None
 
 
 def test_folder_names_do_not_override_existing_concepts_or_assignments(con):
