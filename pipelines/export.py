@@ -367,6 +367,8 @@ def exported_dataset(
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     if link not in LINK_MODES:
         raise ExportError(f"link must be one of {', '.join(LINK_MODES)}, not {link!r}")
+    if format != "parquet" and not con.execute("SELECT count(*) FROM dataset").fetchall()[0][0]:
+        raise ExportError("the dataset is empty (every image is excluded or missing): nothing to export")
     params = {"format": format, "out": str(out), "link": link}
     with record_run(con, "export", params) as run:
         if format == "kohya":

@@ -208,6 +208,10 @@ def test_export_refuses_non_empty_folder_and_bad_options(con, curated, tmp_path)
         exported_dataset(con, tmp_path / "x", format="zip")
     with pytest.raises(ExportError, match="link"):
         exported_dataset(con, tmp_path / "x", link="symlink")
+    con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT image_id, 'manual', 'test' FROM images")
+    with pytest.raises(ExportError, match="empty"):
+        exported_dataset(con, tmp_path / "empty", format="kohya")
+    assert not (tmp_path / "empty").exists()
 
 
 def test_export_and_import_cli(catalog_path, con, curated, tmp_path):
