@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -136,15 +137,22 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
         raise CatalogError(
             f"This catalog was written by a newer workbench (migrations {sorted(newer)}); upgrade workbench."
         )
-    if applied or not _views_exist(con):
-        con.execute(_views_sql())
+    _refresh_views(con, force=bool(applied))
     return applied
 
 
-def _views_exist(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(
-        con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'dataset'").fetchall()[0][0]
-    )
+def _refresh_views(con: duckdb.DuckDBPyConnection, *, force: bool) -> None:
+    """Recreate the views when views.sql changed since they were made (or a migration ran)."""
+    sql = _views_sql()
+    digest = hashlib.sha256(sql.encode()).hexdigest()
+    con.execute("CREATE TABLE IF NOT EXISTS schema_views (digest VARCHAR)")
+    current = con.execute("SELECT digest FROM schema_views").fetchall()
+    if force or current != [(digest,)]:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(sql)
+        con.execute("DELETE FROM schema_views")
+        con.execute("INSERT INTO schema_views VALUES (?)", [digest])
+        con.execute("COMMIT")
 
 
 # --- provenance -------------------------------------------------------------

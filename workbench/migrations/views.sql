@@ -16,7 +16,9 @@ SELECT image_id, source AS caption_source, text AS caption FROM (
 CREATE OR REPLACE VIEW images_view AS
 WITH p AS (
     SELECT image_id,
-           arg_min(path, seq) AS path,
+           -- the first path seen that still exists (else the first seen): the file to open
+           coalesce(arg_min(path, seq) FILTER (WHERE NOT missing), arg_min(path, seq)) AS path,
+           coalesce(arg_min(path_bytes, seq) FILTER (WHERE NOT missing), arg_min(path_bytes, seq)) AS path_bytes,
            list(path ORDER BY seq) AS paths,
            bool_and(missing) AS all_missing
     FROM paths GROUP BY image_id
@@ -29,7 +31,7 @@ WITH p AS (
     FROM clip_scores s JOIN current_captions c ON c.image_id = s.image_id AND s.caption_md5 = md5(c.caption)
     GROUP BY s.image_id
 )
-SELECT i.image_id, p.path, p.paths, i.width, i.height, i.format, i.mode, i.bytes,
+SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i.mode, i.bytes,
        CASE WHEN coalesce(p.all_missing, true) THEN 'missing' ELSE i.status END AS status,
        CASE WHEN coalesce(p.all_missing, true) THEN 'file no longer found at any known path' ELSE i.error END AS error,
        i.role,
