@@ -102,7 +102,8 @@ class ImageTable(Vertical):
     def reload(self) -> None:
         """Re-run the filter (after edits or when the filter or sort changed)."""
         self.query_one("#table-status", Label).update("loading…")
-        self._build(self.current_filter)
+        self._requested = self.current_filter
+        self._build(self._requested)
 
     @work(thread=True, exclusive=True, group="image-table-build")
     def _build(self, flt: queries.Filter) -> None:
@@ -119,6 +120,8 @@ class ImageTable(Vertical):
             rows = result.page(offset, self.page_size)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
+            return
+        if rows is None:  # a newer filter replaced this snapshot meanwhile
             return
         self.post_message(self._Rows(result, offset, rows, cursor))
 
@@ -186,10 +189,14 @@ class ImageTable(Vertical):
     # --- user actions ---------------------------------------------------------
 
     @on(Input.Submitted, "#filter")
+    def _filter_submitted(self) -> None:
+        self.reload()
+
     @on(Select.Changed, "#sort")
     @on(Checkbox.Changed, "#descending")
     def _filter_changed(self) -> None:
-        self.reload()
+        if self.current_filter != getattr(self, "_requested", None):
+            self.reload()
 
     @on(PageTable.HeaderClicked, "#rows")
     def _header_clicked(self, event: PageTable.HeaderClicked) -> None:

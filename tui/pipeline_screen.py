@@ -47,7 +47,7 @@ class StepRow(Horizontal):
                 yield Label("settings on the Train screen (F7)", classes="step-note")
         with Vertical(classes="step-run"):
             yield Button("Run" if self.spec.name != "train" else "Open", id=f"run-{self.spec.name}", classes="run-step")
-            yield ProgressBar(id=f"bar-{self.spec.name}", show_eta=False)
+            yield ProgressBar(total=1, id=f"bar-{self.spec.name}", show_eta=False)
             yield Label("", id=f"state-{self.spec.name}", classes="step-state")
 
     def settings(self) -> dict[str, str]:

@@ -12,7 +12,7 @@ import duckdb
 from workbench.catalog import CatalogError, is_read_only_sql
 
 # Columns of images_view that are lists or raw hashes: shown in details, not in the table.
-HIDDEN_COLUMNS = ("paths", "phash", "dhash")
+HIDDEN_COLUMNS = ("paths", "phash", "dhash", "path_bytes")
 PAGE_SIZE = 100
 _table_ids = itertools.count(1)
 
@@ -72,10 +72,13 @@ class BrowseResult:
     filter: Filter
     kind: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
-    def page(self, offset: int, limit: int = PAGE_SIZE) -> list[tuple]:
-        """Rows offset..offset+limit-1 (0-based) of the snapshot."""
+    def page(self, offset: int, limit: int = PAGE_SIZE) -> list[tuple] | None:
+        """Rows offset..offset+limit-1 (0-based) of the snapshot; None once a newer snapshot replaced it."""
         with self.lock:
+            if self.closed:
+                return None
             return self.cursor.execute(
                 f"SELECT * EXCLUDE (rn) FROM {self.table} WHERE rn > ? AND rn <= ? ORDER BY rn",
                 [offset, offset + limit],
@@ -84,10 +87,13 @@ class BrowseResult:
     def image_ids(self) -> list[str]:
         """Every image_id in the snapshot, in order (for bulk edits over the filtered rows)."""
         with self.lock:
+            if self.closed:
+                raise CatalogError("The filter changed meanwhile; try again.")
             return [r[0] for r in self.cursor.execute(f"SELECT image_id FROM {self.table} ORDER BY rn").fetchall()]
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             try:
                 self.cursor.close()
             except duckdb.Error:

@@ -80,6 +80,7 @@ class SqlScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.history: list[str] = []
+        self.show_timings = True
         self.last_sql: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -154,7 +155,8 @@ class SqlScreen(Screen):
             cursor=0,
         )
         shown = f"{len(message.rows):,} rows" if message.total is not None else f"first {RESULT_ROWS:,} rows (export for all)"
-        self.query_one("#sql-status", Label).update(f"{shown} · {message.seconds * 1000:.0f} ms")
+        timing = f" · {message.seconds * 1000:.0f} ms" if self.show_timings else ""
+        self.query_one("#sql-status", Label).update(shown + timing)
         if message.wrote:
             self.post_message(CatalogChanged("sql"))
 

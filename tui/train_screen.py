@@ -145,7 +145,7 @@ class TrainScreen(Screen):
                     yield Button("Stop", id="stop", variant="error", disabled=True)
                     yield Button("Resume", id="resume", disabled=True)
                 yield Label("", id="train-error")
-                yield ProgressBar(id="train-bar", show_eta=False)
+                yield ProgressBar(total=1, id="train-bar", show_eta=False)
                 yield Label("not started", id="train-state")
                 yield PlotextPlot(id="loss-plot")
                 yield Label("latest sample grid", id="sample-label")
