@@ -368,3 +368,24 @@ def test_empty_dataset_is_a_clear_error(con, tmp_path):
 
     with pytest.raises(DataError, match="0 train images"):
         training_images(con, fast_config(tmp_path / "out"))
+
+
+def test_text_encoder_lora_is_saved_in_both_formats_and_reloads_exactly(con, tmp_path, one_thread):
+    from workbench.models import load_sd_pipeline
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "out", max_train_steps=3, learning_rate=5e-2, train_text_encoder=True)
+    components = tiny_components()
+    main(config, training_images(con, config), output_dir=tmp_path / "out", components=components)
+    ids = tokenize(components.tokenizer, ["square 0, red"])
+    with torch.no_grad():
+        trained = components.text_encoder(ids)[0]
+        base = load_sd_pipeline("tiny", device="cpu", dtype="float32").text_encoder(ids)[0]
+    assert (trained - base).abs().max() > 1e-3  # the text-encoder LoRA did change the encoder
+    with safe_open(str(tmp_path / "out" / "lora_kohya.safetensors"), "pt") as handle:
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in handle.keys()
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        pipe = load_sd_pipeline("tiny", device="cpu", dtype="float32")
+        pipe.load_lora_weights(str(tmp_path / "out"), weight_name=name)
+        with torch.no_grad():
+            assert torch.allclose(pipe.text_encoder(ids)[0], trained, atol=1e-5), name

@@ -113,7 +113,7 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     validation_prompt: list[str] = field(default_factory=list)
     validation_steps: int = 100
-    num_validation_images: int = 2
+    num_validation_images: int = 2  # per prompt; 0 turns sample grids (and evaluation) off
     validation_seed: int = 0
     validation_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
@@ -141,6 +141,7 @@ class TrainConfig:
             (self.color_jitter >= 0, "--color-jitter must be 0 or more"),
             (self.checkpointing_steps >= 1, "--checkpointing-steps must be at least 1"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
+            (self.num_validation_images >= 0, "--num-validation-images must be 0 or more"),
             (self.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
             (self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive"),
             (self.noise_offset >= 0, "--noise-offset must be 0 or more"),

@@ -328,7 +328,7 @@ def module_fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
 
 

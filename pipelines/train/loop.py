@@ -340,7 +340,10 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.lora_target_modules)))
         if train_text:
             _place(text_encoder, device, weight_dtype)
-            text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)))
+            _add_text_encoder_lora(text_encoder, LoraConfig(
+                r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
+                target_modules=list(config.text_encoder_target_modules),
+            ))
     else:
         if config.from_scratch:
             torch.manual_seed(config.seed)
@@ -416,6 +419,12 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if accelerator.is_main_process:
         fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
     accelerator.wait_for_everyone()
+    if device.type != "cpu":
+        # with everything cached the frozen encoders only serve sampling: keep them out of GPU memory
+        if latent_cache is not None:
+            vae.to("cpu")
+        if text_cache is not None and not train_text:
+            text_encoder.to("cpu")
     cache_stats_before = (latent_cache.stats.hits if latent_cache else 0, text_cache.stats.hits if text_cache else 0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=remaining, collate_fn=collate_groups, num_workers=config.dataloader_num_workers
@@ -485,7 +494,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                     extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed},
                 )
                 ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
-        if accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step != max_steps:
+        sampling = config.num_validation_images > 0
+        if sampling and accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step != max_steps:
             _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema)
         progress(task="train", completed=global_step, total=max_steps, message=None)
         if global_step >= max_steps:
@@ -502,9 +512,10 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             ema.copy_to(unwrapped_unet.parameters())
         progress(task="save", message="writing outputs")
         outputs.update(_save_model(config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler, len(images), global_step, time.perf_counter() - started))
-        grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
-        outputs["samples"] = str(grid)
-        outputs["final_samples"] = str(finals)
+        if config.num_validation_images > 0:
+            grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
+            outputs["samples"] = str(grid)
+            outputs["final_samples"] = str(finals)
         outputs["loss_csv"] = str(loss_csv)
         if loss_rows:
             _write_loss_png([(r[0], r[1]) for r in loss_rows], output_dir / "loss.png")
@@ -522,6 +533,24 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache,
     )
+
+
+def _add_text_encoder_lora(text_encoder, lora_config) -> None:
+    """peft LoRA on the text encoder through peft itself: transformers 5's own `add_adapter` insists on a
+    newer peft than the one diffusers supports, so it is bypassed; `peft_config` is set the same way."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(lora_config, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": lora_config}
+    for name, param in text_encoder.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def _on(module: torch.nn.Module, device) -> None:
+    """Move a module to `device` unless it is already there."""
+    want, have = torch.device(device), next(module.parameters()).device
+    if want.type != have.type or (want.index is not None and want.index != have.index):
+        module.to(want)
 
 
 def _place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -588,6 +617,7 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
         if "mean" in group:
             mean, std = group["mean"].to(device), group["std"].to(device)
         else:
+            _on(vae, device)
             with torch.no_grad():
                 posterior = vae.encode(group["pixels"].to(device, vae.dtype)).latent_dist
                 mean, std = posterior.mean.float(), posterior.std.float()
@@ -601,6 +631,7 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
         if "hidden" in group:
             hidden = group["hidden"].to(device)
         else:
+            _on(text_encoder, device)
             ids = tokenize(tokenizer, group["captions"]).to(device)
             with torch.set_grad_enabled(train_text):
                 hidden = text_encoder(ids)[0]
@@ -621,11 +652,17 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
         ema.store(unwrapped.parameters())
         ema.copy_to(unwrapped.parameters())
     unwrapped.eval()
+    text = accelerator.unwrap_model(text_encoder)
+    homes = [(module, module.device) for module in (components.vae, text)]
     try:
-        pipe = sampling_pipeline(components, unwrapped, accelerator.unwrap_model(text_encoder), noise_scheduler)
+        for module, _ in homes:
+            _on(module, accelerator.device)
+        pipe = sampling_pipeline(components, unwrapped, text, noise_scheduler)
         with accelerator.autocast():
             rows = render_samples(pipe, prompts, config, accelerator.device)
     finally:
+        for module, home in homes:
+            _on(module, home)
         unwrapped.train()
         if ema is not None:
             ema.restore(unwrapped.parameters())

@@ -55,6 +55,8 @@ def kohya_state_dict(
             for peft_suffix, kohya_suffix in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight")):
                 if key.endswith(peft_suffix):
                     module = key[: -len(peft_suffix)]
+                    if prefix == "lora_te_" and not module.startswith("text_model."):
+                        module = "text_model." + module  # kohya names CLIPTextModel's modules from the outer model
                     name = prefix + module.replace(".", "_")
                     out[name + kohya_suffix] = tensor.to(torch.float16 if tensor.dtype == torch.bfloat16 else tensor.dtype).contiguous()
                     out[name + ".alpha"] = torch.tensor(float(alpha), dtype=torch.float32)

@@ -112,7 +112,7 @@ def trained_model(
         )
         raise
     result.train_id = train_id
-    if config.evaluate:
+    if config.evaluate and config.num_validation_images > 0:
         from pipelines.train.evaluate import run_metrics
 
         try:

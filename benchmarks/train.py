@@ -1,0 +1,249 @@
+"""LoRA training throughput and peak memory: workbench vs diffusers' train_dreambooth_lora.py, same run.
+
+Both trainers get the same model folder, the same square images (so bucketing and diffusers'
+resize + centre crop see identical pixels), the same prompt, rank, learning rate, batch size,
+resolution, precision, seed and step count. Each runs in its own child process with the same
+instrument: a global `torch.optim.Optimizer` step post-hook timestamps every optimizer step (after
+a CUDA synchronize on GPU) and reads the peak memory at that moment. steps/s is measured over the
+steps after `--warmup`; peak memory is the peak up to the last training step (CUDA: the
+allocator's max_memory_allocated; CPU: the process's max RSS).
+
+The peer script is NOT part of this repository. Fetch it once (never commit it) into the ignored
+folder `.bench/peers/diffusers/`:
+    git -C <diffusers checkout> show HEAD:examples/dreambooth/train_dreambooth_lora.py \
+        > .bench/peers/diffusers/train_dreambooth_lora.py
+or pass --peer-script PATH. Variants: `default` (the script as documented: VAE and text encoder run
+every step) and `precompute` (its --pre_compute_text_embeddings flag, its fastest setting).
+
+CPU, tiny:    .venv/bin/python benchmarks/train.py
+GPU, SD-1.5 architecture with random weights, 512 px, batch 4, bf16:
+              .venv/bin/python benchmarks/train.py --device cuda --full-size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PEER = REPO / ".bench" / "peers" / "diffusers" / "train_dreambooth_lora.py"
+PROMPT = "a photo of sks thing"
+
+
+# --- child side ------------------------------------------------------------------------
+
+
+def _instrument(device: str) -> dict:
+    import torch
+
+    record: dict = {"stamps": [], "peak_bytes": 0}
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def after_step(optimizer, args, kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+            record["peak_bytes"] = torch.cuda.max_memory_allocated()
+        else:
+            record["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        record["stamps"].append(time.perf_counter())
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(after_step)
+    return record
+
+
+def _child(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    record = _instrument(spec["device"])
+    started = time.perf_counter()
+    if spec["who"] == "ours":
+        sys.path.insert(0, str(REPO))
+        from pipelines.train import load_train_config, trained_model
+        from workbench.catalog import connect
+
+        con = connect(spec["catalog"])  # ingested by the parent: ingest is its own command, not part of training
+        config = load_train_config(None, dict(
+            mode="lora", model=spec["model"], resolution=spec["resolution"], train_batch_size=spec["batch"],
+            max_train_steps=spec["steps"], learning_rate=1e-4, rank=4, seed=0, mixed_precision=spec["mixed_precision"],
+            checkpointing_steps=10**6, num_validation_images=0, evaluate=False, output_dir=str(Path(spec["out"]) / "run"),
+            instance_prompt=PROMPT, cache_dir=str(Path(spec["out"]) / "cache"), device=spec["device"],
+            report_to="tensorboard", gradient_checkpointing=spec["gradient_checkpointing"],
+        ))
+        trained_model(con, config)
+    else:
+        import runpy
+
+        argv = [
+            spec["peer_script"], "--pretrained_model_name_or_path", spec["model"], "--instance_data_dir", spec["images"],
+            "--instance_prompt", PROMPT, "--output_dir", str(Path(spec["out"]) / "run"), "--resolution", str(spec["resolution"]),
+            "--train_batch_size", str(spec["batch"]), "--max_train_steps", str(spec["steps"]), "--learning_rate", "1e-4",
+            "--rank", "4", "--seed", "0", "--mixed_precision", spec["mixed_precision"], "--checkpointing_steps", str(10**6),
+            "--center_crop", "--report_to", "tensorboard", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        ]
+        if spec["gradient_checkpointing"]:
+            argv.append("--gradient_checkpointing")
+        if spec["variant"] == "precompute":
+            argv.append("--pre_compute_text_embeddings")
+        sys.argv = argv
+        runpy.run_path(spec["peer_script"], run_name="__main__")
+    stamps = record["stamps"]
+    warm = spec["warmup"]
+    measured = stamps[warm:]
+    steps_per_s = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
+    print("BENCH " + json.dumps({"steps": len(stamps), "steps_per_s": steps_per_s, "peak_bytes": record["peak_bytes"],
+                                  "wall_s": time.perf_counter() - started}), flush=True)
+
+
+# --- parent side -----------------------------------------------------------------------
+
+
+def _images(folder: Path, count: int, size: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        # smooth colour fields with a few blobs: photo-like enough for a VAE, identical for both trainers
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        base = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy) + 2 * i)], axis=-1)
+        noise = rng.normal(0, 0.1, (size, size, 3))
+        Image.fromarray(((base + noise + 1.2) / 2.4 * 255).clip(0, 255).astype("uint8")).save(folder / f"img{i:03d}.png")
+
+
+def _full_size_model(folder: Path) -> str:
+    """A Stable Diffusion 1.5-architecture pipeline with random weights, built from config (fp16 on disk)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from workbench.models import component_path
+
+    if (folder / "model_index.json").is_file():
+        return str(folder)
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(component_path("tiny", "sd"), subfolder="tokenizer")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def _run_child(spec: dict, env: dict) -> dict:
+    out = Path(spec["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--full-size", action="store_true", help="SD-1.5-architecture model, random weights (GPU).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default 40 tiny, 30 full).")
+    parser.add_argument("--warmup", type=int, default=5, help="Steps left out of the steps/s figure.")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=None, help="Default 64 tiny, 512 full.")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--mixed-precision", default=None, help="no, fp16, bf16 (default: no on CPU, bf16 on CUDA).")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per child (1 is stable on a shared CPU).")
+    parser.add_argument("--peer-script", type=Path, default=DEFAULT_PEER)
+    parser.add_argument("--peer-variants", default="default,precompute")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "train")
+    args = parser.parse_args()
+    if args.child:
+        _child(json.loads(args.child))
+        return
+
+    sys.path.insert(0, str(REPO))
+    steps = args.steps or (30 if args.full_size else 40)
+    resolution = args.resolution or (512 if args.full_size else 64)
+    mixed = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    home = args.workdir / "home"
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    os.environ.update({k: env[k] for k in ("WORKBENCH_HOME", "HF_HUB_OFFLINE")})
+    if args.full_size:
+        print("building the SD-1.5-architecture model (random weights) ...", flush=True)
+        model = _full_size_model(args.workdir / "sd15-random")
+    else:
+        from workbench.models import component_path
+
+        model = component_path("tiny", "sd")
+    images = args.workdir / f"images-{resolution}"
+    _images(images, args.images, resolution)
+    catalog = args.workdir / f"catalog-{resolution}.duckdb"
+    if catalog.exists():
+        catalog.unlink()
+    from pipelines.ingest import ingested_images
+    from workbench.catalog import connect
+
+    con = connect(catalog)
+    ingested_images(con, [images], workers=1)
+    con.close()
+    common = dict(model=model, images=str(images), resolution=resolution, batch=args.batch, steps=steps, warmup=args.warmup,
+                  mixed_precision=mixed, device=args.device, threads=args.threads, gradient_checkpointing=args.gradient_checkpointing)
+    print(f"LoRA rank 4, {args.images} images at {resolution} px, batch {args.batch}, {steps} steps ({args.warmup} warm-up), "
+          f"precision {mixed}, device {args.device}, {args.threads} thread(s); model {'SD-1.5 architecture, random' if args.full_size else 'tiny'}")
+    results = {"workbench": _run_child({**common, "who": "ours", "catalog": str(catalog), "out": str(args.workdir / "ours")}, env)}
+    if not args.peer_script.is_file():
+        print(f"peer script not found at {args.peer_script}: fetch diffusers' examples/dreambooth/train_dreambooth_lora.py there (see --help)")
+    else:
+        for variant in args.peer_variants.split(","):
+            results[f"diffusers ({variant})"] = _run_child(
+                {**common, "who": "peer", "variant": variant, "peer_script": str(args.peer_script), "out": str(args.workdir / f"peer-{variant}")}, env
+            )
+    ours = results["workbench"]
+    unit = "MiB VRAM" if args.device.startswith("cuda") else "MiB RSS"
+    print(f"\n{'trainer':<26}{'steps/s':>10}{'peak ' + unit:>18}{'wall s':>9}{'speed ratio':>13}{'memory ratio':>14}")
+    for name, result in results.items():
+        if "error" in result:
+            print(f"{name:<26} FAILED: {result['error']}")
+            continue
+        speed = memory = ""
+        if name != "workbench" and "error" not in ours:
+            speed = f"{ours['steps_per_s'] / result['steps_per_s']:.2f}x"
+            memory = f"{ours['peak_bytes'] / result['peak_bytes']:.2f}x"
+        print(f"{name:<26}{result['steps_per_s']:>10.2f}{result['peak_bytes'] / 2**20:>18.0f}{result['wall_s']:>9.1f}{speed:>13}{memory:>14}")
+    print("\nspeed ratio = workbench steps/s ÷ peer steps/s (target ≥ 1.5); memory ratio = workbench peak ÷ peer peak (target ≤ 1.0)")
+
+
+if __name__ == "__main__":
+    main()
