@@ -728,12 +728,16 @@ def train_command(
         train_config = load_train_config(config, overrides)
     except ConfigError as error:
         fail(str(error))
-    con = open_catalog(catalog)
+    from pipelines.train.run import is_main_process
+
+    con = open_catalog(catalog) if is_main_process() else None  # one catalog writer under accelerate launch
     try:
         with RichProgress() as progress:
             result = trained_model(con, train_config, progress=progress)
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
+    if con is None:
+        return
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
                "final loss": f"{result.final_loss:.4f}" if result.final_loss is not None else "-",
                "steps/s": f"{result.steps_per_second:.2f}", "seconds": f"{result.seconds:.1f}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -67,27 +68,51 @@ def _wanted(config: TrainConfig, instance_count: int) -> int:
     return max(1, min(config.max_class_images, 200 * instance_count))
 
 
+def is_main_process() -> bool:
+    """False only in the extra processes of `accelerate launch` / torchrun (RANK > 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def trained_model(
-    con: duckdb.DuckDBPyConnection,
+    con: duckdb.DuckDBPyConnection | None,
     config: TrainConfig,
     *,
     components=None,
     progress: ProgressHook = null_progress,
 ) -> TrainResult:
-    """A LoRA, DreamBooth or fine-tuned model trained on the `dataset` view, recorded in `runs` and `training_runs`."""
+    """A LoRA, DreamBooth or fine-tuned model trained on the `dataset` view, recorded in `runs` and `training_runs`.
+
+    Under `accelerate launch` (several processes), only the main process opens the catalog (DuckDB
+    allows one writer); the others get `con=None` and receive the dataset snapshot from it through
+    accelerate's `broadcast_object_list`, then all train together.
+    """
     config.validate()
     if config.resume and not config.output_dir:
         raise TrainingError("--resume needs the --output-dir of the run to continue.")
-    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
-    images = train_data.training_images(con, config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if components is None:
         from workbench.models import load_sd_components
 
         progress(task="load model", message=f"loading {config.model}")
         components = load_sd_components(config.model, device="cpu", dtype="float32")
     priors = None
-    if config.mode == "dreambooth" and config.with_prior_preservation:
-        priors = _ensure_priors(con, config, images, components, progress)
+    if con is not None:
+        output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
+        images = train_data.training_images(con, config)
+        if config.mode == "dreambooth" and config.with_prior_preservation:
+            priors = _ensure_priors(con, config, images, components, progress)
+    elif world_size == 1:
+        raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
+    if world_size > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        PartialState(cpu=config.device == "cpu")  # joins the process group accelerate launch set up
+        payload = [(images, priors, str(output_dir)) if con is not None else None]
+        broadcast_object_list(payload, from_process=0)
+        if con is None:
+            images, priors, output_dir = payload[0]
+            return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
     train_id = con.execute(
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir) "
