@@ -64,6 +64,9 @@ BROWSER_COLUMNS = [
 ]
 
 
+DETAILS_DELAY = 0.12  # seconds the cursor must rest on a row before its details load
+
+
 class BrowserScreen(Screen):
     """Browse every image: filter with SQL or text, sort by any column, inspect one."""
 
@@ -95,7 +98,10 @@ class BrowserScreen(Screen):
 
     @on(ImagePicked)
     def _picked(self, message: ImagePicked) -> None:
-        self._load_details(message.image_id)
+        # Wait until the cursor rests, so holding an arrow key or paging does not queue detail loads.
+        if getattr(self, "_details_timer", None) is not None:
+            self._details_timer.stop()
+        self._details_timer = self.set_timer(DETAILS_DELAY, lambda: self._load_details(message.image_id))
 
     @work(thread=True, exclusive=True, group="browser-details")
     def _load_details(self, image_id: str) -> None:

@@ -68,6 +68,11 @@ class ImageTable(Vertical):
     class _Failed(Message):
         error: str
 
+    @dataclass
+    class _FirstRows(Message):
+        columns: list
+        rows: list
+
     def __init__(self, *, columns: list[str] | None = None, placeholder: str | None = None, id: str | None = None) -> None:
         super().__init__(id=id)
         self.shown_columns = columns
@@ -86,7 +91,7 @@ class ImageTable(Vertical):
         yield PageTable(id="rows")
 
     def on_mount(self) -> None:
-        self.reload()
+        self.reload(first=True)
 
     # --- loading ------------------------------------------------------------
 
@@ -99,15 +104,18 @@ class ImageTable(Vertical):
             descending=self.query_one("#descending", Checkbox).value,
         )
 
-    def reload(self) -> None:
+    def reload(self, *, first: bool = False) -> None:
         """Re-run the filter (after edits or when the filter or sort changed)."""
         self.query_one("#table-status", Label).update("loading…")
         self._requested = self.current_filter
-        self._build(self._requested)
+        self._build(self._requested, first)
 
     @work(thread=True, exclusive=True, group="image-table-build")
-    def _build(self, flt: queries.Filter) -> None:
+    def _build(self, flt: queries.Filter, first: bool = False) -> None:
         try:
+            if first:
+                columns, rows = queries.first_page(self.app.con, flt, self.page_size)
+                self.post_message(self._FirstRows(columns, rows))
             result = queries.browse(self.app.con, flt)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
@@ -153,25 +161,35 @@ class ImageTable(Vertical):
             return columns
         return [c for c in self.shown_columns if c in columns]
 
+    @on(_FirstRows)
+    def _first_rows(self, message: _FirstRows) -> None:
+        """Show the first page while the snapshot for paging is still being built."""
+        if self.result is not None:
+            return
+        self._show_rows(message.columns, message.rows, None)
+        self.query_one("#table-status", Label).update(f"rows 1–{len(message.rows):,} of … (counting)")
+
     @on(_Rows)
     def _rows(self, message: _Rows) -> None:
         if message.result is not self.result:
             return
         self.page_offset = message.offset
+        self._show_rows(message.result.columns, message.rows, message.cursor)
+        self._update_status()
+
+    def _show_rows(self, columns: list[str], rows: list[tuple], cursor: int | None) -> None:
         table = self.query_one("#rows", PageTable)
-        columns = message.result.columns
         shown = self.visible_columns(columns)
         index = [columns.index(c) for c in shown]
         id_index = columns.index("image_id")
-        self.page_ids = [row[id_index] for row in message.rows]
-        first = message.rows[0] if message.rows else None
+        self.page_ids = [row[id_index] for row in rows]
+        first = rows[0] if rows else None
         table.set_rows(
             shown,
-            [[cell(columns[i], row[i]) for i in index] for row in message.rows],
+            [[cell(columns[i], row[i]) for i in index] for row in rows],
             right_aligned=[first is not None and is_number(first[i]) for i in index],
-            cursor=message.cursor,
+            cursor=cursor,
         )
-        self._update_status()
 
     def _update_status(self) -> None:
         result = self.result

@@ -123,13 +123,17 @@ def browse(con: duckdb.DuckDBPyConnection, flt: Filter) -> BrowseResult:
     return BrowseResult(cursor=cur, table=table, columns=columns, total=total, filter=flt, kind=kind)
 
 
-def first_page(con: duckdb.DuckDBPyConnection, limit: int = PAGE_SIZE) -> tuple[list[str], list[tuple]]:
-    """The first rows of images_view in first-seen order, without sorting everything (for a fast first screen)."""
+def first_page(con: duckdb.DuckDBPyConnection, flt: Filter, limit: int = PAGE_SIZE) -> tuple[list[str], list[tuple]]:
+    """The first `limit` rows for `flt` by a top-N query: about half the work of a snapshot, so the
+    first screen fills sooner while the snapshot for paging is built."""
     cur = con.cursor()
     try:
         columns = table_columns(cur)
+        condition, params, _ = flt.where(cur)
+        order = f'"{flt.sort_column}" {"DESC" if flt.descending else "ASC"} NULLS LAST, image_id'
         select = ", ".join(f'"{c}"' for c in columns)
-        return columns, cur.execute(f"SELECT {select} FROM images_view LIMIT ?", [limit]).fetchall()
+        rows = cur.execute(f"SELECT {select} FROM images_view WHERE {condition} ORDER BY {order} LIMIT ?", [*params, limit]).fetchall()
+        return columns, rows
     finally:
         cur.close()
 
