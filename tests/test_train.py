@@ -389,3 +389,18 @@ def test_text_encoder_lora_is_saved_in_both_formats_and_reloads_exactly(con, tmp
         pipe.load_lora_weights(str(tmp_path / "out"), weight_name=name)
         with torch.no_grad():
             assert torch.allclose(pipe.text_encoder(ids)[0], trained, atol=1e-5), name
+
+
+def test_concepts_give_trigger_repeats_and_class_prompt(con, tmp_path):
+    from pipelines.concepts import added_concept
+
+    ingest_images(con, tmp_path / "images", 3)
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=4, where="path LIKE '%img0.png'")
+    config = fast_config(tmp_path / "out", mode="dreambooth")
+    by_path = {Path(im.path).name: im for im in training_images(con, config)}
+    dog = by_path["img0.png"]
+    assert (dog.concept, dog.repeats, dog.class_prompt) == ("sks dog", 4, "a photo of a dog")
+    assert dog.caption.startswith("sks, square 0")  # the trigger leads the caption
+    assert by_path["img1.png"].repeats == 1 and by_path["img1.png"].class_prompt is None
+    only_dog = training_images(con, dataclasses.replace(config, concepts=["sks dog"]))
+    assert [im.image_id for im in only_dog] == [dog.image_id]
