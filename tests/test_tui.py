@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -385,6 +386,47 @@ def test_train_screen_runs_a_tiny_lora(catalog_path, tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
+def test_train_screen_stop_and_resume(catalog_path, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import write_images
+
+    from pipelines.ingest import ingested_images
+
+    write_images(tmp_path / "imgs", 4)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=catalog_path, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            for name, value in {"resolution": "32", "max_train_steps": "300", "checkpointing_steps": "2", "validation_steps": "1000"}.items():
+                screen.query_one(f"#field-{name}").value = value
+            screen.query_one("#field-more").value = 'num_validation_images=0; report_to="none"; evaluate=false'
+            await pilot.click("#train")
+            def steps_done() -> int:
+                found = re.search(r"step (\d+)/300", text_of(app, "#train-state"))
+                return int(found.group(1)) if found else 0
+
+            await wait_for(pilot, lambda: steps_done() >= 2, timeout=200, what="two steps")
+            await pilot.click("#stop")
+            await wait_for(pilot, lambda: not screen.running, timeout=60, what="stopped")
+            assert "cancelled" in text_of(app, "#train-state")
+            stopped_at = len((screen.output_dir / "loss.csv").read_text().splitlines()) - 1
+            assert 2 <= stopped_at < 300
+            assert not screen.query_one("#resume").disabled
+            await pilot.click("#resume")
+            await wait_for(pilot, lambda: screen.running, what="resumed")
+            await wait_for(pilot, lambda: not screen.running, timeout=300, what="finished")
+            assert "finished" in text_of(app, "#train-state"), text_of(app, "#train-state")
+            steps = [int(line.split(",")[0]) for line in (screen.output_dir / "loss.csv").read_text().splitlines()[1:]]
+            assert steps == list(range(1, 301))
+
+    asyncio.run(scenario())
+
+
 # --- catalog lock, help ---------------------------------------------------------------------
 
 
@@ -439,5 +481,42 @@ def test_help_lists_every_binding(synthetic_catalog):
                 assert label in text
             await pilot.press("escape")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ != "HelpScreen")
+
+    asyncio.run(scenario())
+
+
+def test_pipeline_cancel_stops_a_running_step_and_errors_are_shown(synthetic_catalog, monkeypatch):
+    from dataclasses import replace
+
+    from tui import steps
+
+    def slow_step(con, settings, progress, project):
+        for i in range(2000):
+            progress(task="dedup", completed=i, total=2000)
+            time.sleep(0.01)
+        return {"never": "reached"}
+
+    def broken_step(con, settings, progress, project):
+        raise ImportError("No module named 'pipelines.score'")
+
+    monkeypatch.setitem(steps.STEPS_BY_NAME, "dedup", replace(steps.STEPS_BY_NAME["dedup"], run=slow_step))
+    monkeypatch.setitem(steps.STEPS_BY_NAME, "score", replace(steps.STEPS_BY_NAME["score"], run=broken_step))
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await pilot.click("#run-dedup")
+            await wait_for(pilot, lambda: "dedup 2" in text_of(app, "#state-dedup") or "/2,000" in text_of(app, "#state-dedup"), what="progress")
+            assert screen.query_one("#bar-dedup").total == 2000
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: screen.running is None, what="cancelled")
+            assert "cancelled" in text_of(app, "#state-dedup")
+            assert not screen.query_one("#run-score").disabled
+
+            await pilot.click("#run-score")
+            await wait_for(pilot, lambda: screen.running is None and "failed" in text_of(app, "#state-score"), what="failure shown")
+            log = "\n".join(line.text for line in screen.query_one("#log").lines)
+            assert "No module named 'pipelines.score'" in log and "Traceback" not in log
 
     asyncio.run(scenario())
