@@ -104,3 +104,32 @@ def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
     single = load_file(str(tmp_path / "ft" / "model.safetensors"))
     key = "conv_in.weight"
     assert not torch.equal(single["unet." + key], base[key])  # re-initialised from config, not the base weights
+
+
+def test_two_process_data_parallel_run(catalog_path, tmp_path):
+    """--num-processes 2 relaunches through torch.distributed.run (gloo on CPU): one catalog writer, DDP training."""
+    import os
+    import subprocess
+    import sys
+
+    from train_fixtures import write_images
+
+    write_images(tmp_path / "images", 4, sizes=[(32, 32)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "workbench.cli"]
+    subprocess.run([*base, "ingest", str(tmp_path / "images"), "--catalog", str(catalog_path), "--workers", "1"], check=True, env=env, capture_output=True)
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [*base, "train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "2",
+         "--train-batch-size", "1", "--output-dir", str(out), "--device", "cpu", "--num-processes", "2",
+         "--set", "num_validation_images=0", "--set", "report_to=none"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    assert len((out / "loss.csv").read_text().splitlines()) == 3
+    from workbench.catalog import connect
+
+    con = connect(catalog_path, read_only=True)
+    assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("ok", 2)]  # recorded once, by rank 0
+    con.close()

@@ -658,6 +658,23 @@ def _set_values(pairs: list[str]) -> dict:
     return values
 
 
+def _relaunch(num_processes: int) -> None:
+    """Run this same command in `num_processes` processes (torch.distributed.run); accelerate does the rest."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "-m", "workbench.cli", *args]
+    err_console.print(f"launching {num_processes} processes: {' '.join(command)}")
+    raise typer.Exit(subprocess.call(command))
+
+
 def train_command(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with training options (at top level or in a train table).")] = None,
@@ -701,10 +718,13 @@ def train_command(
     from_scratch: Annotated[Optional[bool], typer.Option("--from-scratch/--no-from-scratch", help="finetune: initialise the UNet from its config.")] = None,
     concepts: Annotated[Optional[list[str]], typer.Option("--concept", help="Train only this concept (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: accelerate's choice).")] = None,
+    num_processes: Annotated[int, typer.Option(help="Data-parallel processes (GPUs); >1 relaunches this command with torch.distributed.run, as accelerate launch does.")] = 1,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other TrainConfig option as KEY=VALUE (repeatable).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     mode = ctx.info_name
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch(num_processes)
     from pipelines.train import ConfigError, TrainingError, load_train_config, trained_model
     from pipelines.train.data import DataError
     from workbench.models import ModelError
