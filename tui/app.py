@@ -51,6 +51,14 @@ class WorkbenchApp(App[None]):
         self.catalog_version = 0
         self.sub_title = str(self.catalog_path)
 
+    def run(self, *args, **kwargs):
+        """Run in the terminal; output that native code writes to stderr goes to a log instead of the screen."""
+        from tui.terminal import native_stderr_to
+        from workbench.config import workbench_home
+
+        with native_stderr_to(workbench_home() / "logs" / "tui-stderr.log"):
+            return super().run(*args, **kwargs)
+
     def on_mount(self) -> None:
         self.open_catalog()
 

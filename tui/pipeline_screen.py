@@ -38,11 +38,12 @@ class StepRow(Horizontal):
             yield Static("…", classes="step-counts", id=f"counts-{self.spec.name}")
         with Horizontal(classes="step-settings"):
             for setting in self.spec.settings:
-                yield Input(
-                    setting.default, placeholder=setting.label, id=f"set-{self.spec.name}-{setting.name}",
-                    tooltip=f"{setting.label}: {setting.help}" if setting.help else setting.label,
-                    classes=f"setting setting-{setting.name}",
-                )
+                with Vertical(classes=f"setting setting-{setting.name}"):
+                    yield Label(setting.label + (f" [dim]({setting.help})[/]" if setting.help else ""), classes="setting-label")
+                    yield Input(
+                        setting.default, placeholder=setting.label, id=f"set-{self.spec.name}-{setting.name}",
+                        tooltip=f"{setting.label}: {setting.help}" if setting.help else setting.label, compact=True,
+                    )
             if not self.spec.settings:
                 yield Label("settings on the Train screen (F7)", classes="step-note")
         with Vertical(classes="step-run"):
