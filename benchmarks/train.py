@@ -81,6 +81,7 @@ def _child(spec: dict) -> None:
             checkpointing_steps=10**6, num_validation_images=0, evaluate=False, output_dir=str(Path(spec["out"]) / "run"),
             instance_prompt=PROMPT, cache_dir=str(Path(spec["out"]) / "cache"), device=spec["device"],
             report_to="tensorboard", gradient_checkpointing=spec["gradient_checkpointing"],
+            channels_last=spec.get("variant") == "channels_last",
         ))
         trained_model(con, config)
     else:
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child (1 is stable on a shared CPU).")
     parser.add_argument("--peer-script", type=Path, default=DEFAULT_PEER)
     parser.add_argument("--peer-variants", default="default,precompute")
+    parser.add_argument("--ours-variants", default=None, help="default[,channels_last] (default: both on CUDA, default on CPU).")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "train")
     parser.add_argument("--repeats", type=int, default=None, help="Runs per trainer, median reported (default 3 CPU, 1 full size).")
     args = parser.parse_args()
@@ -203,6 +205,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     steps = args.steps or (30 if args.full_size else 40)
+    args.ours_variants = args.ours_variants or ("default,channels_last" if args.device.startswith("cuda") else "default")
     resolution = args.resolution or (512 if args.full_size else 64)
     mixed = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -232,11 +235,14 @@ def main() -> None:
                   mixed_precision=mixed, device=args.device, threads=args.threads, gradient_checkpointing=args.gradient_checkpointing)
     print(f"LoRA rank 4, {args.images} images at {resolution} px, batch {args.batch}, {steps} steps ({args.warmup} warm-up), "
           f"precision {mixed}, device {args.device}, {args.threads} thread(s); model {'SD-1.5 architecture, random' if args.full_size else 'tiny'}")
-    jobs = {"workbench": {**common, "who": "ours", "catalog": str(catalog), "out": str(args.workdir / "ours")}}
+    jobs = {}
+    for variant in args.ours_variants.split(","):
+        name = "workbench" if variant == "default" else f"workbench ({variant})"
+        jobs[name] = {**common, "who": "ours", "variant": variant, "catalog": str(catalog), "out": str(args.workdir / f"ours-{variant}")}
     if not args.peer_script.is_file():
         print(f"peer script not found at {args.peer_script}: fetch diffusers' examples/dreambooth/train_dreambooth_lora.py there (see --help)")
     else:
-        for variant in args.peer_variants.split(","):
+        for variant in filter(None, args.peer_variants.split(",")):
             jobs[f"diffusers ({variant})"] = {**common, "who": "peer", "variant": variant, "peer_script": str(args.peer_script),
                                               "out": str(args.workdir / f"peer-{variant}")}
     repeats = args.repeats or (1 if args.full_size else 3)
@@ -245,21 +251,22 @@ def main() -> None:
         for name, spec in jobs.items():
             runs[name].append(_run_child(spec, env))
     results = {name: _median(found) for name, found in runs.items()}
-    ours = results["workbench"]
     unit = "MiB VRAM" if args.device.startswith("cuda") else "MiB RSS"
-    print(f"\n{'trainer':<26}{'steps/s':>10}{'peak ' + unit:>18}{'wall s':>9}{'speed ratio':>13}{'memory ratio':>14}")
+    print(f"\n{'trainer':<28}{'steps/s':>9}{'peak ' + unit:>18}{'wall s':>9}   runs (steps/s)")
     for name, result in results.items():
         if "error" in result:
-            print(f"{name:<26} FAILED: {result['error']}")
+            print(f"{name:<28} FAILED: {result['error']}")
             continue
-        speed = memory = ""
-        if name != "workbench" and "error" not in ours:
-            speed = f"{ours['steps_per_s'] / result['steps_per_s']:.2f}x"
-            memory = f"{ours['peak_bytes'] / result['peak_bytes']:.2f}x"
-        print(f"{name:<26}{result['steps_per_s']:>10.2f}{result['peak_bytes'] / 2**20:>18.0f}{result['wall_s']:>9.1f}{speed:>13}{memory:>14}"
-              f"   runs: {result['all_steps_per_s']}")
+        print(f"{name:<28}{result['steps_per_s']:>9.2f}{result['peak_bytes'] / 2**20:>18.0f}{result['wall_s']:>9.1f}   {result['all_steps_per_s']}")
+    ours = {n: r for n, r in results.items() if n.startswith("workbench") and "error" not in r}
+    peers = {n: r for n, r in results.items() if not n.startswith("workbench") and "error" not in r}
+    if ours and peers:
+        print(f"\n{'workbench variant':<28}{'vs peer':<26}{'speed ratio':>12}{'memory ratio':>14}")
+        for our_name, our in ours.items():
+            for peer_name, peer in peers.items():
+                print(f"{our_name:<28}{peer_name:<26}{our['steps_per_s'] / peer['steps_per_s']:>11.2f}x"
+                      f"{our['peak_bytes'] / peer['peak_bytes']:>13.2f}x")
     print("\nspeed ratio = workbench steps/s ÷ peer steps/s (target ≥ 1.5); memory ratio = workbench peak ÷ peer peak (target ≤ 1.0)")
-
 
 if __name__ == "__main__":
     main()

@@ -62,6 +62,9 @@ class TrainConfig:
     num_train_epochs: int = 1  # used when max_train_steps is not set
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
+    allow_tf32: bool = True  # CUDA: TF32 matmuls/convs where fp32 is used (diffusers' --allow_tf32)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv kernels (buckets keep shapes few)
+    channels_last: bool = False  # UNet in channels-last memory format (often faster convs on recent GPUs)
     mixed_precision: str = "no"
     seed: int = 0
 

@@ -316,6 +316,10 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     set_seed(config.seed)
     use_tensorboard = config.report_to == "tensorboard"
     device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if components is None:
         from workbench.models import load_sd_components
@@ -355,6 +359,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         unet.enable_gradient_checkpointing()
         if train_text:
             text_encoder.gradient_checkpointing_enable()
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
     trained_modules = [unet] + ([text_encoder] if train_text else [])
     for module in trained_modules:
         module.to(device)
