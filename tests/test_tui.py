@@ -520,3 +520,13 @@ def test_pipeline_cancel_stops_a_running_step_and_errors_are_shown(synthetic_cat
             assert "No module named 'pipelines.score'" in log and "Traceback" not in log
 
     asyncio.run(scenario())
+
+
+def test_cli_tui_rejects_an_unknown_screen():
+    from typer.testing import CliRunner
+
+    from workbench.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["tui", "--screen", "gallery"])
+    assert result.exit_code == 2
+    assert "--screen must be one of pipeline, browser" in result.output

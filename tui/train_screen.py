@@ -136,9 +136,9 @@ class TrainScreen(Screen):
                 yield Select([(p, p) for p in presets], value="tiny" if "tiny" in presets else presets[0], allow_blank=False, id="preset")
                 for name, label, _ in FIELDS:
                     yield Label(label)
-                    yield Input(id=f"field-{name}")
+                    yield Input(id=f"field-{name}", compact=True)
                 yield Label("more settings (KEY=VALUE; ...)")
-                yield Input(placeholder="snr_gamma=5; random_flip=true", id="field-more")
+                yield Input(placeholder="snr_gamma=5; random_flip=true", id="field-more", compact=True)
             with Vertical(id="train-live"):
                 with Horizontal(id="train-actions"):
                     yield Button("Train", id="train", variant="success")

@@ -859,17 +859,25 @@ def evaluate(
 # --- the terminal UI (issue 5) -----------------------------------------------
 
 
-@app.command()
-def tui(catalog: CatalogOpt = None) -> None:
-    """Open the Textual workbench on a catalog.
+TUI_SCREENS = ("pipeline", "browser", "captions", "duplicates", "sql", "train")
 
-    Example: workbench tui --catalog project.duckdb
+
+@app.command()
+def tui(
+    catalog: CatalogOpt = None,
+    screen: Annotated[Optional[str], typer.Option("--screen", help=f"Screen to open first: {', '.join(TUI_SCREENS)} (default: browser, or pipeline for an empty catalog).")] = None,
+) -> None:
+    """Open the Textual workbench on a catalog (F1 inside lists every key).
+
+    Example: workbench tui --catalog project.duckdb --screen duplicates
     """
+    if screen is not None and screen not in TUI_SCREENS:
+        fail(f"--screen must be one of {', '.join(TUI_SCREENS)}.")
     try:
         from tui.app import WorkbenchApp
     except ImportError as error:
         fail(f"The terminal UI is not available: {error}")
-    WorkbenchApp(catalog_path=catalog or catalog_mod.default_catalog_path()).run()
+    WorkbenchApp(catalog_path=catalog or catalog_mod.default_catalog_path(), start=screen).run()
 
 
 def main() -> None:
