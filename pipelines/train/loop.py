@@ -723,12 +723,19 @@ def _inference_scheduler(noise_scheduler):
 
 
 def _save_single_file(pipe, path: Path, config) -> Path:
-    """All weights in one safetensors file (diffusers layout, prefixed unet./vae./text_encoder.)."""
+    """All weights in one safetensors file in the SD 1.x original (LDM) layout that A1111/ComfyUI load;
+    a UNet that is not SD-1.x-shaped falls back to diffusers names prefixed unet./vae./text_encoder."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for prefix, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
-        for name, tensor in module.state_dict().items():
-            tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu").contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt", "layout": "diffusers", "mode": config.mode, "base_model": config.model})
-    return path
+    from pipelines.train.single_file import save_ldm_checkpoint
+
+    metadata = {"format": "pt", "mode": config.mode, "base_model": config.model, "trained_with": "workbench"}
+    try:
+        return save_ldm_checkpoint(path, pipe.unet, pipe.vae, pipe.text_encoder, {**metadata, "layout": "ldm"})
+    except ValueError:
+        tensors = {}
+        for prefix, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+            for name, tensor in module.state_dict().items():
+                tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu").contiguous()
+        save_file(tensors, str(path), metadata={**metadata, "layout": "diffusers"})
+        return path
