@@ -57,10 +57,11 @@ class TrainResult:
     train_id: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
+    steps_this_session: int = 0  # steps run by this call (fewer than `steps` after a resume)
 
     @property
     def steps_per_second(self) -> float:
-        return self.steps / self.train_seconds if self.train_seconds else 0.0
+        return self.steps_this_session / self.train_seconds if self.train_seconds else 0.0
 
 
 # --- loss -----------------------------------------------------------------------
@@ -413,6 +414,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         )
         global_step = int(state["step"])
         progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
+    start_step = global_step
     loss_rows = _read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
 
     # --- the plan, caches ---
@@ -537,7 +539,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     return TrainResult(
         output_dir=output_dir, steps=global_step, final_loss=loss_rows[-1][1] if loss_rows else None,
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
-        train_seconds=train_seconds, images=len(images), cache=cache,
+        train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
     )
 
 
