@@ -17,11 +17,9 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-import duckdb
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +27,7 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import ItemSpec, LatentCache, TextCache, TrainImage
-from workbench.progress import ProgressHook, StepCancelled, null_progress
+from workbench.progress import ProgressHook, null_progress
 
 MEMORY_ADVICE = (
     "settings that save memory: --train-batch-size 1 with --gradient-accumulation-steps N, "
@@ -425,7 +423,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     pools = priors or {}
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     if accelerator.is_main_process:
-        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
+        # encode in training-sized batches, so caching never needs more memory than a training step
+        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress, batch=config.train_batch_size)
     accelerator.wait_for_everyone()
     if device.type != "cpu":
         # with everything cached the frozen encoders only serve sampling: keep them out of GPU memory

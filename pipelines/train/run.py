@@ -28,7 +28,7 @@ def default_output_dir(con: duckdb.DuckDBPyConnection, mode: str) -> Path:
 
 def _ensure_priors(con, config: TrainConfig, images, components, progress: ProgressHook) -> dict[str, list]:
     """Class-prior pools per class prompt, generating the missing ones with the base model (DreamBooth recipe)."""
-    from pipelines.priors import class_priors, default_prior_count
+    from pipelines.priors import class_priors
 
     prompts: dict[str, int] = {}
     for image in images:
