@@ -94,7 +94,13 @@ def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
             await wait_for(pilot, lambda: f"of {expected:,} · text search" in text_of(app, "#table-status"), what="text search")
             assert all("mountain lake" in row[7] for row in app.screen.query_one("#rows").rows)
 
+            # Mouse: a click picks a row; a click on a header sorts by it (again: reverses).
+            await pilot.click("#rows", offset=(5, 3))
+            assert app.screen.query_one("#rows").cursor_row == 2
             filter_box.value = ""
+            await pilot.click("#rows", offset=(5, 0))
+            await wait_for(pilot, lambda: "sorted by path ↓" in text_of(app, "#table-status"), what="header click")
+            app.screen.query_one("#descending").value = False
             app.screen.query_one("#sort").value = "bytes"
             app.screen.query_one("#descending").value = True
             await wait_for(pilot, lambda: "sorted by bytes ↓" in text_of(app, "#table-status"), what="sort")
@@ -111,12 +117,20 @@ def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"))
             box = app.screen.query_one("#filter")
-            # Binds as SQL only when the whole clause is valid; a statement smuggled in stays plain text.
+            # A statement smuggled in after the condition is refused, and nothing is dropped.
             box.value = "true; DROP TABLE images"
             await pilot.click("#filter")
             await pilot.press("enter")
-            await wait_for(pilot, lambda: "text search" in text_of(app, "#table-status"))
+            await wait_for(pilot, lambda: "not a valid WHERE clause" in text_of(app, "#table-status"))
             assert query_count(app, "SELECT count(*) FROM images") == 250
+            # A misspelt column is reported, not searched for as text.
+            box.value = "widht > 1000"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "not a valid WHERE clause" in text_of(app, "#table-status") and "widht" in text_of(app, "#table-status"))
+            # Words without SQL are a text search.
+            box.value = "in the red car"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "text search" in text_of(app, "#table-status"))
 
     asyncio.run(scenario())
 

@@ -140,6 +140,9 @@ class ImageTable(Vertical):
 
     @on(_Ready)
     def _ready(self, message: _Ready) -> None:
+        if message.result.filter != getattr(self, "_requested", message.result.filter):
+            message.result.close()  # a later filter is on its way
+            return
         old, self.result = self.result, message.result
         if old is not None:
             old.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,21 +31,31 @@ class Filter:
         text = self.text.strip()
         if not text:
             return "true", [], "all"
-        if _is_where_clause(cur, text):
+        problem = _where_clause_problem(cur, text)
+        if problem is None:
             return f"({text})", [], "sql"
+        if _SQL_LOOKING.search(text):
+            # Meant as SQL but wrong: say why rather than silently searching for the text.
+            raise CatalogError(f"Filter is not a valid WHERE clause over images_view: {problem}")
         return "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", [f"%{text}%", f"%{text}%", f"{text}%"], "text"
 
 
-def _is_where_clause(cur: duckdb.DuckDBPyConnection, text: str) -> bool:
-    """True when `text` binds as one read-only WHERE condition over images_view."""
+# Operators and SQL-only phrases: text with these was meant as a WHERE clause (plain words never are).
+_SQL_LOOKING = re.compile(
+    r"[<>=!;]|\bIS\s+(NOT\s+)?NULL\b|\b(I?LIKE|BETWEEN|GLOB|SIMILAR TO)\b|\bIN\s*\(", re.IGNORECASE
+)
+
+
+def _where_clause_problem(cur: duckdb.DuckDBPyConnection, text: str) -> str | None:
+    """None when `text` binds as one read-only WHERE condition over images_view, else why not."""
     sql = f"SELECT 1 FROM images_view WHERE ({text}) LIMIT 0"
     try:
         if len(duckdb.extract_statements(sql)) != 1 or not is_read_only_sql(sql):
-            return False
+            return "only one condition is allowed, no further statements"
         cur.execute(sql)
-    except (duckdb.Error, CatalogError):
-        return False
-    return True
+    except (duckdb.Error, CatalogError) as error:
+        return str(error).split("\n")[0]
+    return None
 
 
 def view_columns(cur: duckdb.DuckDBPyConnection, view: str = "images_view") -> list[str]:
