@@ -224,6 +224,36 @@ def test_caption_bulk_add_token_over_filtered_rows_and_undo(synthetic_catalog):
             assert dict(app.con.execute("SELECT image_id, caption FROM current_captions").fetchall()) == before
             assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 0
 
+            # Find/replace over the same filtered rows.
+            lakes = query_count(app, "SELECT count(*) FROM current_captions JOIN images USING (image_id) WHERE format = 'PNG' AND caption LIKE '%mountain lake%'")
+            assert lakes > 0
+            screen.query_one("#find").value = "mountain lake"
+            screen.query_one("#replace").value = "alpine tarn"
+            await pilot.click("#bulk-replace")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == lakes, what="replace")
+            assert query_count(app, "SELECT count(*) FROM current_captions JOIN images USING (image_id) WHERE format <> 'PNG' AND caption LIKE '%alpine%'") == 0
+
+    asyncio.run(scenario())
+
+
+def test_caption_saved_with_sidecar_writes_the_txt_beside_the_image(sample_catalog, sample_copy):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: "of " in text_of(app, "#table-status"))
+            screen.query_one("#filter").value = "path LIKE '%photos/horse.png'"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "of 1 · SQL filter" in text_of(app, "#table-status"))
+            await wait_for(pilot, lambda: screen.image_id is not None and "horse" in text_of(app, "#caption-path"), what="horse")
+            screen.query_one("#caption-text").load_text("a horse standing in a field")
+            screen.query_one("#sidecars").value = True
+            await pilot.click("#save")
+            sidecar = sample_copy / "photos" / "horse.txt"
+            await wait_for(pilot, lambda: sidecar.exists(), what="sidecar")
+            assert sidecar.read_text().strip() == "a horse standing in a field"
+
     asyncio.run(scenario())
 
 
@@ -299,6 +329,14 @@ def test_duplicates_review_changes_the_kept_member(sample_catalog):
             assert old_keeper in excluded and other not in excluded
             assert app.con.execute("SELECT image_id FROM keeper_choice").fetchall() == [(other,)]
             await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] == other, what="redraw")
+
+            # x excludes the selected member by hand; x again includes it back.
+            screen.selected = 0
+            await pilot.press("x")
+            await wait_for(pilot, lambda: app.con.execute("SELECT count(*) FROM exclusions WHERE image_id = ? AND step = 'manual'", [other]).fetchone()[0] == 1, what="exclude")
+            await wait_for(pilot, lambda: screen.members and screen.members[0]["excluded"], what="shown excluded")
+            await pilot.press("x")
+            await wait_for(pilot, lambda: app.con.execute("SELECT count(*) FROM exclusions WHERE image_id = ?", [other]).fetchone()[0] == 0, what="include")
 
     asyncio.run(scenario())
 
