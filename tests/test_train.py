@@ -404,3 +404,21 @@ def test_concepts_give_trigger_repeats_and_class_prompt(con, tmp_path):
     assert by_path["img1.png"].repeats == 1 and by_path["img1.png"].class_prompt is None
     only_dog = training_images(con, dataclasses.replace(config, concepts=["sks dog"]))
     assert [im.image_id for im in only_dog] == [dog.image_id]
+
+
+def test_images_with_non_utf8_names_are_opened_by_their_exact_bytes(con, tmp_path):
+    import os
+
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.path.join(os.fsencode(folder), b"caf\xe9.png")  # Latin-1 bytes, not valid UTF-8
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(name, format="PNG")
+    ingested_images(con, [folder], workers=1)
+    (image,) = training_images(con, fast_config(tmp_path / "out"))
+    assert os.fsencode(image.path) == name
+    pixels = load_pixels(image, ItemSpec(0, "instance", False, image.crop, None, ""))
+    assert pixels.shape == (3, 32, 32)

@@ -118,6 +118,15 @@ def choose_bucket(width: int, height: int, settings: dict):
     )
 
 
+def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> dict[str, str]:
+    """image_id → the file to open: its first path still present, from the exact bytes (non-UTF-8 names work)."""
+    rows = con.execute(
+        "SELECT image_id, arg_min(path_bytes, seq) FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) GROUP BY image_id",
+        [list(image_ids)],
+    ).fetchall()
+    return {image_id: os.fsdecode(bytes(raw)) for image_id, raw in rows}
+
+
 def _default_class_prompt(row: dict) -> str | None:
     noun = row.get("concept_class")
     return f"a photo of a {noun}" if noun else None
@@ -149,6 +158,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
     stored = _stored_bucket_settings(con) if have_buckets else None
     settings = bucket_settings(config, stored)
     use_stored = stored is not None and stored == settings
+    files = openable_paths(con, [r[0] for r in rows])
     images = []
     for values in rows:
         row = dict(zip(columns, values))
@@ -172,7 +182,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
             caption = f"{config.caption_prefix}{caption}"
         images.append(
             TrainImage(
-                image_id=row["image_id"], path=row["path"], caption=caption, bucket=bucket, resized=resized, crop=crop,
+                image_id=row["image_id"], path=files.get(row["image_id"], row["path"]), caption=caption, bucket=bucket, resized=resized, crop=crop,
                 concept=row.get("concept"), repeats=int(row.get("concept_repeats") or 1),
                 class_prompt=config.class_prompt or _default_class_prompt(row),
             )
@@ -193,7 +203,9 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, clas
             [prompt, model],
         ).fetchall()
         pool = []
+        files = openable_paths(con, [r[0] for r in rows])
         for image_id, path, width, height in rows:
+            path = files.get(image_id, path)
             choice = choose_bucket(width, height, settings)
             pool.append(TrainImage(image_id, path, prompt, (choice.bucket_width, choice.bucket_height),
                                    (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))

@@ -106,10 +106,10 @@ def run_metrics(
     metrics: dict = {"clip_model": name, "samples": len(samples)}
     metrics["clip_score"] = clip_score(sample_emb, _text_embeddings(bundle, prompts, device))
     ids = list(image_ids or [])[:MAX_REFERENCE_IMAGES]
-    paths = con.execute(
-        "SELECT path FROM images_view WHERE image_id IN (SELECT unnest(?)) AND status = 'ok' ORDER BY image_id", [ids]
-    ).fetchall()
-    references = [_open(p[0]) for p in paths]
+    from pipelines.train.data import openable_paths
+
+    files = openable_paths(con, ids)
+    references = [_open(files[i]) for i in sorted(files)]
     if references:
         metrics["cmmd"] = cmmd(sample_emb, _image_embeddings(bundle, references, device))
         metrics["reference_images"] = len(references)
