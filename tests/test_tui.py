@@ -501,10 +501,12 @@ def test_locked_catalog_names_the_holder_and_retry_opens_it(synthetic_catalog):
                 await pilot.press("r")
                 await pilot.pause(0.2)
                 assert app.screen.__class__.__name__ == "LockedScreen" and app.con is None
+                await pilot.press("w")  # wait: retries every second by itself
+                await wait_for(pilot, lambda: "waiting" in text_of(app, "#locked-state"))
                 holder.kill()
                 holder.wait()
-                await pilot.press("r")
                 await wait_for(pilot, lambda: app.con is not None and app.screen.__class__.__name__ == "BrowserScreen", what="opened")
+                await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
 
         asyncio.run(scenario())
     finally:

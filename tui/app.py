@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import duckdb
@@ -49,6 +50,7 @@ class WorkbenchApp(App[None]):
         self.start = start
         self.con: duckdb.DuckDBPyConnection | None = None
         self.catalog_version = 0
+        self.running_steps: set = set()  # CancellableProgress of steps and training running now
         self.sub_title = str(self.catalog_path)
 
     def run(self, *args, **kwargs):
@@ -105,6 +107,15 @@ class WorkbenchApp(App[None]):
         self.notify(message.error, title=message.title, severity="error", timeout=8)
 
     def on_unmount(self) -> None:
-        if self.con is not None:
-            self.con.close()
-            self.con = None
+        # Running steps stop at their next progress call, so quitting never waits for a whole step.
+        for progress in list(self.running_steps):
+            progress.cancel()
+        con, self.con = self.con, None
+        if con is None:
+            return
+        for _ in range(100):  # a worker may be between calls on the connection; give it a moment
+            try:
+                con.close()
+                return
+            except duckdb.Error:
+                time.sleep(0.02)

@@ -151,6 +151,7 @@ class PipelineScreen(Screen):
         for name, settings in jobs:
             progress = cancellable_progress(self.post_message, name)
             self._progress = progress
+            self.app.running_steps.add(progress)
             self.post_message(StepProgress(step=name, task=name, completed=0, total=None, message=f"[b]{name}[/] started"))
             started = time.perf_counter()
             cur = self.app.con.cursor()
@@ -163,6 +164,7 @@ class PipelineScreen(Screen):
                 summary, status, error = None, "failed", people_message(exc)
             finally:
                 cur.close()
+                self.app.running_steps.discard(progress)
             self.post_message(StepFinished(step=name, status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
             if status != "ok":
                 break

@@ -227,6 +227,7 @@ class TrainScreen(Screen):
     def _train(self, config) -> None:
         progress = cancellable_progress(self.post_message, "train")
         self._progress = progress
+        self.app.running_steps.add(progress)
         started = time.perf_counter()
         cur = self.app.con.cursor()
         try:
@@ -243,6 +244,7 @@ class TrainScreen(Screen):
         finally:
             cur.close()
             self._progress = None
+            self.app.running_steps.discard(progress)
         self.post_message(StepFinished(step="train", status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
 
     @on(Button.Pressed, "#stop")
