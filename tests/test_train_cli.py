@@ -116,12 +116,13 @@ def test_two_process_data_parallel_run(catalog_path, tmp_path):
     import subprocess
     import sys
 
-    from train_fixtures import write_images
+    from workbench.catalog import connect
 
-    write_images(tmp_path / "images", 4, sizes=[(32, 32)])
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 4, sizes=[(32, 32)])
+    con.close()  # the training processes open it themselves
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "workbench.cli"]
-    subprocess.run([*base, "ingest", str(tmp_path / "images"), "--catalog", str(catalog_path), "--workers", "1"], check=True, env=env, capture_output=True)
     out = tmp_path / "ddp"
     done = subprocess.run(
         [*base, "train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "2",
@@ -132,8 +133,6 @@ def test_two_process_data_parallel_run(catalog_path, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
     assert len((out / "loss.csv").read_text().splitlines()) == 3
-    from workbench.catalog import connect
-
     con = connect(catalog_path, read_only=True)
     assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("ok", 2)]  # recorded once, by rank 0
     con.close()
