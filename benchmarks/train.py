@@ -211,7 +211,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     home = args.workdir / "home"
     env = {**os.environ, "WORKBENCH_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     os.environ.update({k: env[k] for k in ("WORKBENCH_HOME", "HF_HUB_OFFLINE")})
     if args.full_size:
         print("building the SD-1.5-architecture model (random weights) ...", flush=True)
