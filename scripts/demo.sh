@@ -24,6 +24,10 @@ workbench caption --model tiny
 step "4. CLIP embeddings and CLIP scores (tiny preset)"
 workbench score --model tiny
 
+step "4b. text search over the CLIP embeddings, and the concept read from the kohya folder name"
+workbench search "a photo of a cat" --limit 3
+workbench concept list
+
 step "5. filter: short side >= 256 px, aspect <= 3"
 workbench filter --min-side 256 --max-aspect 3
 
