@@ -584,3 +584,15 @@ def test_cli_tui_rejects_an_unknown_screen():
     result = CliRunner().invoke(cli, ["tui", "--screen", "gallery"])
     assert result.exit_code == 2
     assert "--screen must be one of pipeline, browser" in result.output
+
+
+def test_a_folder_given_as_catalog_exits_with_a_message(tmp_path):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause(0.2)
+        return app
+
+    app = asyncio.run(scenario())
+    assert app.return_code == 2
+    assert app.failure == f"{tmp_path} is a folder, not a catalog file."

@@ -51,6 +51,7 @@ class WorkbenchApp(App[None]):
         self.con: duckdb.DuckDBPyConnection | None = None
         self.catalog_version = 0
         self.running_steps: set = set()  # CancellableProgress of steps and training running now
+        self.failure: str | None = None  # why the app could not open the catalog
         self.sub_title = str(self.catalog_path)
 
     def run(self, *args, **kwargs):
@@ -77,7 +78,8 @@ class WorkbenchApp(App[None]):
                 self.push_screen(LockedScreen(str(error)))
             return
         except CatalogError as error:
-            self.exit(message=f"Error: {error}", return_code=2)
+            self.failure = str(error)  # the CLI prints it after the screen is restored
+            self.exit(return_code=2)
             return
         if isinstance(self.screen, LockedScreen):
             self.pop_screen()

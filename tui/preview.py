@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from PIL import Image as PILImage
@@ -9,9 +10,14 @@ from textual.app import ComposeResult
 from textual.containers import Container
 from textual.widgets import Static
 
-# textual-image asks the terminal for its cell size at import; that must happen before the app starts.
-from textual_image.widget import HalfcellImage
-from textual_image.widget import Image as AutoImage
+# textual-image asks the terminal for its cell size at import (that must happen before the app starts);
+# a terminal that does not answer gets default sizes, which needs no traceback on the screen.
+logging.getLogger("textual_image").addHandler(logging.NullHandler())
+try:
+    from textual_image.widget import HalfcellImage
+    from textual_image.widget import Image as AutoImage
+except Exception:  # e.g. a pseudo-terminal that reports 0×0 cells: draw half cells through a Static instead
+    HalfcellImage = AutoImage = None
 
 PREVIEW_ENV = "WORKBENCH_TUI_IMAGES"  # auto (default), halfcell, or off
 
@@ -54,7 +60,12 @@ class ImagePreview(Container):
         self.remove_children()
         if isinstance(picture, PILImage.Image) and preview_kind() != "off":
             widget_class = HalfcellImage if preview_kind() == "halfcell" else AutoImage
-            self.mount(widget_class(picture, classes="preview-image"))
+            if widget_class is None:
+                from textual_image.renderable.halfcell import Image as HalfcellRenderable
+
+                self.mount(Static(HalfcellRenderable(picture, width="auto"), classes="preview-image"))
+            else:
+                self.mount(widget_class(picture, classes="preview-image"))
         else:
             note = picture if isinstance(picture, str) else "no image"
             if isinstance(picture, PILImage.Image):

@@ -877,7 +877,10 @@ def tui(
         from tui.app import WorkbenchApp
     except ImportError as error:
         fail(f"The terminal UI is not available: {error}")
-    WorkbenchApp(catalog_path=catalog or catalog_mod.default_catalog_path(), start=screen).run()
+    workbench_app = WorkbenchApp(catalog_path=catalog or catalog_mod.default_catalog_path(), start=screen)
+    workbench_app.run()
+    if workbench_app.failure:
+        fail(workbench_app.failure)
 
 
 def main() -> None:
