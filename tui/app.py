@@ -17,6 +17,7 @@ from tui.help_screen import HelpScreen
 from tui.image_table import ImageTable
 from tui.locked_screen import LockedScreen
 from tui.messages import CatalogChanged, WorkFailed
+from tui.page_table import PageTable
 from tui.pipeline_screen import PipelineScreen
 from tui.sql_screen import SqlScreen
 from tui.train_screen import TrainScreen
@@ -99,7 +100,7 @@ class WorkbenchApp(App[None]):
             return
         sections = [("everywhere", type(self))]
         sections += [(label, screen) for _, _, label, screen in SCREENS_BY_KEY]
-        sections += [("image tables", ImageTable)]
+        sections += [("image tables", ImageTable), ("tables", PageTable)]
         self.push_screen(HelpScreen(sections))
 
     def on_catalog_changed(self, message: CatalogChanged) -> None:

@@ -30,20 +30,33 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+# Shown first, in this order; every other column follows after the captions and related tables.
+KEY_FIELDS = (
+    "path", "width", "height", "format", "mode", "bytes", "status", "error", "role", "caption", "caption_source",
+    "duplicate_group", "is_keeper", "excluded", "exclusion_reason", "concept", "bucket_width", "bucket_height",
+)
+
+
+def _value(key: str, value: Any) -> str:
+    if value is None:
+        return "·"
+    if key == "paths":
+        return "\n".join(value)
+    if key in ("phash", "dhash"):
+        return f"{value:016x}"
+    return _short(value)
+
+
 def details_table(details: dict[str, Any]) -> Table:
-    """All metadata of one image as a two-column rich table, grouped by where it comes from."""
+    """All metadata of one image as a two-column rich table: key facts, captions by source,
+    rows of related tables (CLIP scores, ...), then every other column."""
     table = Table(show_header=False, box=None, padding=(0, 1), expand=True)
     table.add_column("field", style="bold cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
     row = details.get("row", {})
-    for key, value in row.items():
-        if key == "paths" and value:
-            value = "\n".join(value)
-        elif key in ("phash", "dhash") and value is not None:
-            value = f"{value:016x}"
-        elif isinstance(value, float):
-            value = f"{value:.4g}"
-        table.add_row(key, "·" if value is None else str(value))
+    for key in KEY_FIELDS:
+        if key in row:
+            table.add_row(key, _value(key, row[key]))
     captions = details.get("captions") or []
     if captions:
         table.add_row(Text("captions by source", style="bold magenta"), "")
@@ -53,6 +66,11 @@ def details_table(details: dict[str, Any]) -> Table:
         table.add_row(Text(name, style="bold magenta"), "")
         for item in rows:
             table.add_row("", ", ".join(f"{k}={_short(v)}" for k, v in item.items() if v is not None))
+    rest = [key for key in row if key not in KEY_FIELDS and key != "path_bytes"]
+    if rest:
+        table.add_row(Text("more", style="bold magenta"), "")
+        for key in rest:
+            table.add_row(key, _value(key, row[key]))
     return table
 
 
