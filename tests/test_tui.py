@@ -189,6 +189,11 @@ def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synth
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 1, what="save")
             row = app.con.execute("SELECT caption, caption_source FROM current_captions WHERE image_id = ?", [image_id]).fetchone()
             assert row == ("a hand written caption", "manual")
+            # ctrl+down moves to the next image while typing; ctrl+up comes back.
+            await pilot.press("ctrl+down")
+            await wait_for(pilot, lambda: screen.image_id not in (None, image_id), what="next image")
+            await pilot.press("ctrl+up")
+            await wait_for(pilot, lambda: screen.image_id == image_id, what="back")
 
             # Accept the model caption: it becomes the caption in use.
             await wait_for(pilot, lambda: any(o.id == "model:blip" for o in screen.query_one("#sources").options), what="sources")

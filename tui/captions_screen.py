@@ -17,6 +17,7 @@ from textual.widgets.option_list import Option
 from tui import caption_edits, queries
 from tui.image_table import ImageTable
 from tui.messages import CatalogChanged, ImagePicked
+from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
 from tui.workers import people_message
 
@@ -30,6 +31,8 @@ class CaptionsScreen(Screen):
         Binding("ctrl+a", "accept", "Accept source"),
         Binding("ctrl+r", "reject", "Reject source"),
         Binding("f8", "undo_bulk", "Undo bulk edit"),
+        Binding("ctrl+down", "move(1)", "Next image", priority=True),
+        Binding("ctrl+up", "move(-1)", "Prev image", priority=True),
     ]
 
     @dataclass
@@ -120,6 +123,10 @@ class CaptionsScreen(Screen):
         if sources.option_count:
             sources.highlighted = 0
         self.query_one("#caption-preview", ImagePreview).show(message.picture)
+
+    def action_move(self, delta: int) -> None:
+        """Next/previous image without leaving the caption editor (pages at the ends)."""
+        self.query_one("#rows", PageTable).action_cursor(delta)
 
     def _selected_source(self) -> str | None:
         sources = self.query_one("#sources", OptionList)
