@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import duckdb
 import pyarrow as pa
 
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 Resolution = int | tuple[int, int]
@@ -230,14 +230,9 @@ def aspect_buckets(
             schema=pa.schema([(name, pa.string() if name == "image_id" else pa.bool_() if name == "no_upscale"
                                else pa.int32()) for name in columns]),
         )
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("DELETE FROM aspect_buckets")
             con.execute(f"INSERT INTO aspect_buckets ({', '.join(columns)}) SELECT * FROM new_bucket_rows")
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         for image_id, reason in list(skipped.items())[:20]:
             progress(task="buckets", completed=total, total=total, message=f"no bucket for {image_id[:12]}: {reason}")
         summary = {

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import duckdb
 import torch
 
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 MODEL_SOURCE_PREFIX = "model:"
@@ -250,8 +250,7 @@ class _ImageProcessorTransform:
 def _store_captions(con: duckdb.DuckDBPyConnection, rows: list[tuple[str, str, str]]) -> None:
     if not rows:
         return
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.executemany(
             """
             INSERT INTO captions (image_id, source, text, created_at) VALUES (?, ?, ?, current_timestamp)
@@ -259,10 +258,6 @@ def _store_captions(con: duckdb.DuckDBPyConnection, rows: list[tuple[str, str, s
             """,
             rows,
         )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
 
 
 # --- choosing which caption an image uses --------------------------------------------------

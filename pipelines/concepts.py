@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import duckdb
 import pyarrow as pa
 
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
@@ -220,8 +220,7 @@ def added_concept(
 
     params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}
     with record_run(con, "concept", params) as run:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             existed = bool(con.execute("SELECT count(*) FROM concepts WHERE name = ?", [name]).fetchone()[0])
             con.execute(
                 """
@@ -235,10 +234,6 @@ def added_concept(
                 [name, trigger, class_noun, repeats, where, folder_text],
             )
             assigned = _assign(con, name, matched_where, "where") + _assign(con, name, matched_folder, "folder")
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         concept = get_concept(con, name)
         run.counts = {
             "updated" if existed else "created": 1,
@@ -255,18 +250,13 @@ def assign_images_to_concept(con: duckdb.DuckDBPyConnection, name: str, image_id
     if get_concept(con, name) is None:
         raise ValueError(f"no concept {name!r}; add it first with `workbench concept add`")
     ids = resolve_image_ids(con, image_ids)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         changed = con.execute(
             "SELECT count(*) FROM (SELECT unnest(?::VARCHAR[]) AS image_id) a"
             " LEFT JOIN concept_images ci USING (image_id) WHERE ci.concept IS DISTINCT FROM ?",
             [ids, name],
         ).fetchone()[0]
         _assign(con, name, ids, "manual")
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     return changed
 
 
@@ -282,14 +272,9 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
     """Delete a concept and its assignments (images stay in the catalog); returns images released."""
     if get_concept(con, name) is None:
         raise ValueError(f"no concept {name!r}")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
         con.execute("DELETE FROM concepts WHERE name = ?", [name])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     return released
 
 
@@ -340,8 +325,7 @@ def concepts_from_folder_names(
     existing = {c.name for c in list_concepts(con)}
     assigned = 0
     created = 0
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         for name, (repeats, trigger, class_noun) in found.items():
             if name not in existing:
                 con.execute(
@@ -356,10 +340,6 @@ def concepts_from_folder_names(
                 [name],
             ).fetchone()[0]
             con.execute("DROP TABLE concept_assign")
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     progress(task="concepts", message=f"{created} concept(s) from folder names, {assigned} image(s) assigned")
     return assigned
 

@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 DEFAULT_THRESHOLD = 6
@@ -237,18 +237,14 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
                 "method": pl.String, "distance": pl.Float64, "keep_reason": pl.String},
     )
     excluded = pl.DataFrame(exclusions, schema={"image_id": pl.String, "reason": pl.String})
-    con.execute("BEGIN TRANSACTION")
+    con.register("new_duplicates", frame)
+    con.register("new_exclusions", excluded)
     try:
-        con.execute("DELETE FROM duplicates")
-        con.execute("DELETE FROM exclusions WHERE step = 'dedup'")
-        con.register("new_duplicates", frame)
-        con.register("new_exclusions", excluded)
-        con.execute("INSERT INTO duplicates SELECT * FROM new_duplicates")
-        con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT image_id, 'dedup', reason FROM new_exclusions")
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute("DELETE FROM duplicates")
+            con.execute("DELETE FROM exclusions WHERE step = 'dedup'")
+            con.execute("INSERT INTO duplicates SELECT * FROM new_duplicates")
+            con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT image_id, 'dedup', reason FROM new_exclusions")
     finally:
         con.unregister("new_duplicates")
         con.unregister("new_exclusions")
@@ -257,8 +253,7 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 def replace_pairs(con: duckdb.DuckDBPyConnection, method: str, pairs: pl.DataFrame) -> None:
     """Replace every stored pair of `method` with `pairs` (columns image_a, image_b, distance; a < b)."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM duplicate_pairs WHERE method = ?", [method])
         if pairs.height:
             con.register("new_pairs", pairs)
@@ -268,10 +263,6 @@ def replace_pairs(con: duckdb.DuckDBPyConnection, method: str, pairs: pl.DataFra
                 [method],
             )
             con.unregister("new_pairs")
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
 
 
 def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, int]:

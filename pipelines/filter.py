@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping
 import duckdb
 import pyarrow as pa
 
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 FILTER_STEP_PREFIX = "filter:"
@@ -222,8 +222,7 @@ def filtered_dataset(
     if dry_run:
         return summary
     with record_run(con, "filter", rules.as_dict()) as run:
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(f"DELETE FROM exclusions WHERE starts_with(step, '{FILTER_STEP_PREFIX}')")
             # one Arrow table, read by DuckDB's replacement scan (executemany is far slower at 100k rows)
             new_filter_rows = pa.table(
@@ -231,10 +230,6 @@ def filtered_dataset(
                 schema=pa.schema([("image_id", pa.string()), ("step", pa.string()), ("reason", pa.string())]),
             )
             con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT * FROM new_filter_rows")
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         run.counts = {k: v for k, v in summary.items() if k not in ("dry_run", "skipped_rules")}
     return summary
 
@@ -254,8 +249,7 @@ def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], 
     if not reason:
         raise ValueError("a manual exclusion needs a reason (--reason)")
     ids = _resolve(con, image_ids)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         manual_ids = pa.table({"image_id": pa.array(ids, pa.string())})
         con.execute(
             "INSERT INTO exclusions (image_id, step, reason) SELECT image_id, ?, ? FROM manual_ids"
@@ -263,18 +257,13 @@ def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], 
             [MANUAL_STEP, f"manual: {reason}"],
         )
         con.execute("DELETE FROM manual_includes WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     return len(ids)
 
 
 def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
     """Include images by hand: removes their manual and filter exclusions; later filters skip them."""
     ids = _resolve(con, image_ids)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         include_ids = pa.table({"image_id": pa.array(ids, pa.string())})
         con.execute("INSERT INTO manual_includes (image_id) SELECT image_id FROM include_ids ON CONFLICT DO NOTHING")
         removed = con.execute(
@@ -282,10 +271,6 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
             f" AND (step = '{MANUAL_STEP}' OR starts_with(step, '{FILTER_STEP_PREFIX}'))",
             [ids],
         ).fetchone()[0]
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
     still = con.execute(
         "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchone()[0]

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.concepts import concepts_from_folder_names
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 SIDECAR_EXTENSIONS = (b".txt", b".caption")
@@ -372,53 +372,53 @@ def _write_batch(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(rows, schema=_IMAGE_SCHEMA)
     con.register("ingest_batch", table)
     try:
-        con.execute("BEGIN TRANSACTION")
-        con.execute(
-            """
-            INSERT INTO images (image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
-                                status, error, brightness, contrast, blur, entropy, is_grayscale)
-            SELECT DISTINCT ON (image_id) image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
-                   status, error, brightness, contrast, blur, entropy, is_grayscale
-            FROM ingest_batch
-            ON CONFLICT (image_id) DO UPDATE SET
-                bytes = excluded.bytes, width = excluded.width, height = excluded.height,
-                format = excluded.format, mode = excluded.mode, n_frames = excluded.n_frames,
-                exif_orientation = excluded.exif_orientation, status = excluded.status,
-                error = excluded.error, brightness = excluded.brightness, contrast = excluded.contrast,
-                blur = excluded.blur, entropy = excluded.entropy, is_grayscale = excluded.is_grayscale,
-                updated_at = now()
-            """
-        )
-        con.execute(
-            """
-            INSERT INTO hashes
-            SELECT DISTINCT ON (image_id) image_id, phash, dhash FROM ingest_batch WHERE phash IS NOT NULL
-            ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash
-            """
-        )
-        con.execute(
-            """
-            INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, seq, missing)
-            SELECT path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, nextval('path_seq'), false
-            FROM ingest_batch
-            ON CONFLICT (path) DO UPDATE SET
-                image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                sidecar_mtime_ns = excluded.sidecar_mtime_ns, missing = false, last_seen = now()
-            """
-        )
-        con.execute(
-            """
-            INSERT INTO captions (image_id, source, text)
-            SELECT DISTINCT ON (image_id) image_id, 'sidecar', caption FROM ingest_batch WHERE caption IS NOT NULL
-            ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()
-            """
-        )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            _upsert_batch(con)
     finally:
         con.unregister("ingest_batch")
+
+
+def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        """
+        INSERT INTO images (image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
+                            status, error, brightness, contrast, blur, entropy, is_grayscale)
+        SELECT DISTINCT ON (image_id) image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
+               status, error, brightness, contrast, blur, entropy, is_grayscale
+        FROM ingest_batch
+        ON CONFLICT (image_id) DO UPDATE SET
+            bytes = excluded.bytes, width = excluded.width, height = excluded.height,
+            format = excluded.format, mode = excluded.mode, n_frames = excluded.n_frames,
+            exif_orientation = excluded.exif_orientation, status = excluded.status,
+            error = excluded.error, brightness = excluded.brightness, contrast = excluded.contrast,
+            blur = excluded.blur, entropy = excluded.entropy, is_grayscale = excluded.is_grayscale,
+            updated_at = now()
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO hashes
+        SELECT DISTINCT ON (image_id) image_id, phash, dhash FROM ingest_batch WHERE phash IS NOT NULL
+        ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, seq, missing)
+        SELECT path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, nextval('path_seq'), false
+        FROM ingest_batch
+        ON CONFLICT (path) DO UPDATE SET
+            image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns,
+            sidecar_mtime_ns = excluded.sidecar_mtime_ns, missing = false, last_seen = now()
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO captions (image_id, source, text)
+        SELECT DISTINCT ON (image_id) image_id, 'sidecar', caption FROM ingest_batch WHERE caption IS NOT NULL
+        ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()
+        """
+    )
 
 
 def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
@@ -482,9 +482,8 @@ def ingested_images(
         _refresh_sidecars(con, sidecar_only, summary)
         vanished = [p for p, meta in known.items() if not meta[3] and p not in seen and _under(p, roots)]
         if vanished:
-            con.execute("BEGIN TRANSACTION")
-            con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
-            con.execute("COMMIT")
+            with transaction(con):
+                con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
         summary.marked_missing = len(vanished)
         if to_read:
             # kohya-style folder names ("10_sks dog") become concepts, as sd-scripts reads them.
@@ -545,15 +544,18 @@ def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary) -> 
     for entry in entries:
         image_id = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [entry.path_bytes]).fetchall()[0][0]
         caption = _read_sidecar(entry.sidecar) if entry.sidecar else None
-        con.execute("BEGIN TRANSACTION")
-        if caption:
-            con.execute(
-                "INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', ?) "
-                "ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()",
-                [image_id, caption],
-            )
-            summary.sidecar_captions += 1
-        else:
-            con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
-        con.execute("UPDATE paths SET sidecar_mtime_ns = ? WHERE path_bytes = ?", [entry.sidecar_mtime_ns, entry.path_bytes])
-        con.execute("COMMIT")
+        with transaction(con):
+            _store_sidecar(con, image_id, caption, entry, summary)
+
+
+def _store_sidecar(con, image_id: str, caption: str | None, entry: FileEntry, summary: IngestSummary) -> None:
+    if caption:
+        con.execute(
+            "INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', ?) "
+            "ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()",
+            [image_id, caption],
+        )
+        summary.sidecar_captions += 1
+    else:
+        con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
+    con.execute("UPDATE paths SET sidecar_mtime_ns = ? WHERE path_bytes = ?", [entry.sidecar_mtime_ns, entry.path_bytes])

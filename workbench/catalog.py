@@ -155,6 +155,18 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, *, force: bool) -> None:
         con.execute("COMMIT")
 
 
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Run the block in one transaction: committed if it finishes, rolled back if it raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
 # --- provenance -------------------------------------------------------------
 
 
