@@ -22,7 +22,7 @@ from tui.workers import people_message
 from workbench.catalog import CatalogError, is_read_only_sql, run_sql
 
 RESULT_ROWS = 1000  # rows shown; export writes them all
-EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC;"
+EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC, format;"
 
 
 class ConfirmWrite(ModalScreen[bool]):
