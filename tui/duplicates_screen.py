@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,23 +35,32 @@ def duplicate_group_ids(con) -> list[int]:
 
 
 def group_members(con, group_id: int) -> list[dict[str, Any]]:
-    """Members of one duplicate group, keeper first, with what the review shows."""
+    """Members of one duplicate group, keeper first, with what the review shows.
+
+    One images_view lookup per member: an equality on image_id reaches the view's base tables,
+    a join or IN list makes DuckDB build the whole view (100× slower on a large catalog).
+    """
     cur = con.cursor()
     try:
-        rows = cur.execute(
-            "SELECT d.image_id, d.is_keeper, d.method, d.distance, d.keep_reason, v.path, v.width, v.height, "
-            "v.format, v.bytes, v.excluded, v.exclusion_reason, "
-            "(SELECT arg_min(p.path_bytes, p.seq) FROM paths p WHERE p.image_id = d.image_id AND NOT p.missing) "
-            "FROM duplicates d JOIN images_view v ON v.image_id = d.image_id "
-            "WHERE d.group_id = ? ORDER BY d.is_keeper DESC, d.distance NULLS FIRST, d.image_id",
-            [group_id],
-        ).fetchall()
+        ids = [r[0] for r in cur.execute("SELECT image_id FROM duplicates WHERE group_id = ?", [group_id]).fetchall()]
+        rows = []
+        for image_id in ids:
+            row = cur.execute(
+                "SELECT d.image_id, d.is_keeper, d.method, d.distance, d.keep_reason, v.path, v.width, v.height, "
+                "v.format, v.bytes, v.excluded, v.exclusion_reason, "
+                "(SELECT arg_min(p.path_bytes, p.seq) FROM paths p WHERE p.image_id = d.image_id AND NOT p.missing) "
+                "FROM duplicates d, images_view v WHERE d.image_id = ? AND v.image_id = ?",
+                [image_id, image_id],
+            ).fetchone()
+            if row is not None:
+                rows.append(row)
     finally:
         cur.close()
+    rows.sort(key=lambda r: (not r[1], r[3] is not None, r[3] or 0, r[0]))  # keeper, then closest
     members = []
     for row in rows:
         member = dict(zip(MEMBER_COLUMNS, row[:-1]))
-        member["file"] = __import__("os").fsdecode(bytes(row[-1])) if row[-1] is not None else member["path"]
+        member["file"] = os.fsdecode(bytes(row[-1])) if row[-1] is not None else member["path"]
         members.append(member)
     return members
 
