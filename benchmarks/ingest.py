@@ -7,7 +7,7 @@ then prints images/s for:
   - plain loop: one process, SHA-256 + full decode + imagehash.phash per file;
   - imagededup: PHash().encode_images + find_duplicates (if installed: pip install imagededup).
 
-    python benchmarks/ingest.py --n 400
+    python benchmarks/ingest.py --n 1000
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def imagededup_run(folder: Path) -> float | str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=400)
+    parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--keep", action="store_true", help="keep the generated folder")
     args = parser.parse_args()

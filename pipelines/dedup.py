@@ -20,6 +20,7 @@ from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 DEFAULT_THRESHOLD = 6
+SMALL_N = 3000  # up to here hamming_pairs compares every pair directly
 LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM"}
 
 
@@ -89,6 +90,12 @@ def hamming_pairs(
     empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
     if n < 2:
         return empty
+    if n <= SMALL_N:
+        # Below this size a direct popcount over all pairs beats setting up the block tables.
+        pairs = sorted(brute_force_pairs(hashes, threshold))
+        i = np.array([p[0] for p in pairs], dtype=np.int64)
+        j = np.array([p[1] for p in pairs], dtype=np.int64)
+        return i, j, np.bitwise_count(hashes[i] ^ hashes[j]).astype(np.int64)
     layout, radius = _block_layout(threshold)
     found_i, found_j = [], []
     total_probes = sum(len(_flip_masks(bits, radius)) for _, bits in layout)

@@ -24,7 +24,10 @@ def planted_hashes(n: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 3, 6, 8, 10])
-def test_search_finds_exactly_the_brute_force_pairs(threshold):
+def test_search_finds_exactly_the_brute_force_pairs(threshold, monkeypatch):
+    import pipelines.dedup
+
+    monkeypatch.setattr(pipelines.dedup, "SMALL_N", 0)  # exercise the multi-index search, not the small-N path
     hashes = planted_hashes(3000, seed=threshold)
     i, j, d = hamming_pairs(hashes, threshold)
     found = set(zip(i.tolist(), j.tolist()))
@@ -32,6 +35,13 @@ def test_search_finds_exactly_the_brute_force_pairs(threshold):
     assert len(expected) > 0
     assert found == expected
     assert (d <= threshold).all()
+
+
+def test_small_inputs_take_the_direct_path_with_the_same_answer():
+    hashes = planted_hashes(500, seed=7)
+    i, j, d = hamming_pairs(hashes, 6)
+    assert set(zip(i.tolist(), j.tolist())) == brute_force_pairs(hashes, 6)
+    assert (d <= 6).all()
 
 
 def member(image_id, width, height, fmt, size, seq):
