@@ -85,7 +85,9 @@ class WorkbenchApp(App[None]):
         if isinstance(self.screen, LockedScreen):
             self.pop_screen()
         if self.start is None:
-            has_images = self.con.execute("SELECT count(*) > 0 FROM images").fetchone()[0]
+            cur = self.con.cursor()
+            has_images = cur.execute("SELECT count(*) > 0 FROM images").fetchone()[0]
+            cur.close()
             self.start = "browser" if has_images else "pipeline"
         self.switch_mode(self.start)
 

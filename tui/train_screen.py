@@ -183,7 +183,11 @@ class TrainScreen(Screen):
         if "output_dir" not in values:
             from pipelines.train.run import default_output_dir
 
-            values["output_dir"] = str(default_output_dir(self.app.con, values["mode"]))
+            cur = self.app.con.cursor()  # workers may be using the main connection
+            try:
+                values["output_dir"] = str(default_output_dir(cur, values["mode"]))
+            finally:
+                cur.close()
         if resume:
             values["resume"] = "latest"
         return load_train_config(None, values)
