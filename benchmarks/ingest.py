@@ -90,8 +90,10 @@ def main() -> None:
     con = connect(work / "bench.duckdb")
     start = time.perf_counter()
     ingested_images(con, [folder], workers=args.workers)
-    duplicate_groups(con, threshold=6)
     ours = time.perf_counter() - start
+    start = time.perf_counter()
+    duplicate_groups(con, threshold=6)
+    dedup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     again = ingested_images(con, [folder], workers=args.workers)
     rerun = time.perf_counter() - start
@@ -102,13 +104,16 @@ def main() -> None:
     theirs = imagededup_run(folder)
 
     rate = lambda seconds: args.n / seconds  # noqa: E731
-    print(f"{'workbench ingest + dedup':32s} {rate(ours):8.0f} img/s   ({ours:.2f} s)")
-    print(f"{'workbench re-ingest (unchanged)':32s} {rate(rerun):8.0f} img/s   ({rerun:.2f} s, {rerun / ours:.0%} of the first run)")
-    print(f"{'plain loop sha256+phash, 1 proc':32s} {rate(loop):8.0f} img/s   ({loop:.2f} s)   workbench is {loop / ours:.1f}x")
+    both = ours + dedup_seconds
+    print(f"{'workbench ingest':34s} {rate(ours):8.0f} img/s   ({ours:.2f} s: SHA-256, size, pHash, dHash, quality, catalog rows)")
+    print(f"{'workbench ingest + dedup':34s} {rate(both):8.0f} img/s   ({both:.2f} s)")
+    print(f"{'workbench re-ingest (unchanged)':34s} {rate(rerun):8.0f} img/s   ({rerun:.2f} s, {rerun / ours:.0%} of the first run)")
+    print(f"{'plain loop sha256+phash, 1 proc':34s} {rate(loop):8.0f} img/s   ({loop:.2f} s)   workbench ingest is {loop / ours:.1f}x")
     if isinstance(theirs, str):
-        print(f"{'imagededup PHash':32s} {theirs}")
+        print(f"{'imagededup PHash':34s} {theirs}")
     else:
-        print(f"{'imagededup PHash encode+find':32s} {rate(theirs):8.0f} img/s   ({theirs:.2f} s)   workbench is {theirs / ours:.1f}x")
+        print(f"{'imagededup PHash encode+find':34s} {rate(theirs):8.0f} img/s   ({theirs:.2f} s)   "
+              f"workbench ingest + dedup is {theirs / both:.1f}x")
     if not args.keep:
         shutil.rmtree(work)
 
