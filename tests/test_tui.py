@@ -182,6 +182,9 @@ def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synth
             await wait_for(pilot, lambda: screen.image_id is not None, what="first image loaded")
             image_id = screen.image_id
             editor = screen.query_one("#caption-text")
+            current = app.con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [image_id]).fetchall()
+            # The caption loads in a worker after the image: clear the editor only once it has arrived.
+            await wait_for(pilot, lambda: editor.text == (current[0][0] if current else ""), what="caption loaded")
             editor.load_text("")
             editor.focus()
             await pilot.press(*"a hand written caption")
