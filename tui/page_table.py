@@ -45,41 +45,29 @@ class PageTable(ScrollView, can_focus=True):
     cursor_row: reactive[int] = reactive(0)
 
     @dataclass
-    class RowHighlighted(Message):
+    class _TableMessage(Message):
         table: "PageTable"
 
         @property
         def control(self) -> "PageTable":
             return self.table
+
+    @dataclass
+    class RowHighlighted(_TableMessage):
         row: int
 
     @dataclass
-    class RowSelected(Message):
-        table: "PageTable"
-
-        @property
-        def control(self) -> "PageTable":
-            return self.table
+    class RowSelected(_TableMessage):
         row: int
 
     @dataclass
-    class HeaderClicked(Message):
-        table: "PageTable"
-
-        @property
-        def control(self) -> "PageTable":
-            return self.table
+    class HeaderClicked(_TableMessage):
         column: str
 
     @dataclass
-    class EdgeReached(Message):
+    class EdgeReached(_TableMessage):
         """The cursor tried to move past the first (-1) or last (+1) row: the owner may load another page."""
 
-        table: "PageTable"
-
-        @property
-        def control(self) -> "PageTable":
-            return self.table
         direction: int
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
