@@ -100,3 +100,12 @@ def test_every_command_help_has_an_example():
         result = runner.invoke(app, path + ["--help"])
         assert result.exit_code == 0, path
         assert "Example" in result.output, f"`workbench {' '.join(path)} --help` has no example"
+
+
+def test_commands_other_than_ingest_never_create_a_catalog(tmp_path):
+    typo = tmp_path / "wrokbench.duckdb"
+    for command in (["dedup"], ["filter", "--dry-run"], ["buckets"], ["concept", "list"]):
+        result = runner.invoke(app, command + ["--catalog", str(typo)])
+        assert result.exit_code == 2, (command, result.output)
+        assert "No catalog at" in " ".join(result.output.split())
+    assert not typo.exists()

@@ -58,6 +58,11 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
 
 
 def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_path):
+    missing = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path)])
+    assert missing.exit_code == 2 and "No catalog at" in " ".join(missing.output.split())
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()  # an empty catalog: the trainer itself must refuse it
     bad = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--mixed-precision", "fp8"])
     assert bad.exit_code == 2 and "--mixed-precision must be no, fp16 or bf16" in bad.output
     empty = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "report_to=none"])

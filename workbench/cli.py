@@ -44,7 +44,11 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def open_catalog(path: Optional[Path], *, read_only: bool = False):
+def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool = False):
+    """Open the catalog; only commands that add images (create=True) may start a new one."""
+    resolved = path if path is not None else catalog_mod.default_catalog_path()
+    if not create and not Path(resolved).exists():
+        fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
     try:
         return catalog_mod.connect(path, read_only=read_only)
     except CatalogError as error:
@@ -86,7 +90,7 @@ def ingest(
     missing = [str(p) for p in paths if not os.path.lexists(p)]
     if missing:
         fail(f"No such file or folder: {', '.join(missing)}")
-    con = open_catalog(catalog)
+    con = open_catalog(catalog, create=True)
     with RichProgress() as progress:
         summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, progress=progress)
     console.print(counts_table("ingest", summary.as_dict()))
@@ -621,7 +625,7 @@ def import_kohya(
     """
     from pipelines.export import ExportError, imported_kohya_folder
 
-    con = open_catalog(catalog)
+    con = open_catalog(catalog, create=True)
     try:
         with RichProgress(transient=True) as progress:
             summary = imported_kohya_folder(con, folder, workers=workers, progress=progress)
@@ -801,7 +805,7 @@ def priors(
     from pipelines.priors import class_priors, class_prompts_by_concept
     from workbench.models import ModelError, load_sd_pipeline
 
-    con = open_catalog(catalog)
+    con = open_catalog(catalog, create=True)
     if class_prompt:
         jobs = [(class_prompt, None)]
     else:
