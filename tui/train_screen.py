@@ -239,7 +239,7 @@ class TrainScreen(Screen):
 
             result = trained_model(cur, config, progress=progress)
             summary = {"steps": result.steps, "final loss": None if result.final_loss is None else round(result.final_loss, 4),
-                       "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora", "samples")}}
+                       "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora_diffusers", "lora_kohya", "pipeline", "single_file", "samples")}}
             status, error = "ok", None
         except StepCancelled:
             summary, status, error = None, "cancelled", "stopped; Resume continues from the last checkpoint"
