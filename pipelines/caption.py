@@ -272,39 +272,34 @@ def chosen_caption_source(
     con: duckdb.DuckDBPyConnection, source: str | None, *, image_ids: Iterable[str] | None = None
 ) -> dict[str, int]:
     """Make `source` the current caption of every image (or of `image_ids`) that has one; None restores the rule."""
-    con.execute("BEGIN TRANSACTION")
     try:
-        con.execute("CREATE OR REPLACE TEMP TABLE chosen_ids (image_id VARCHAR)")
-        if image_ids is not None:
-            con.executemany("INSERT INTO chosen_ids VALUES (?)", [(i,) for i in image_ids])
-        else:
-            con.execute("INSERT INTO chosen_ids SELECT image_id FROM images")
-        if source is None:
-            cleared = con.execute(
-                "DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM chosen_ids)"
+        with transaction(con):
+            con.execute("CREATE OR REPLACE TEMP TABLE chosen_ids (image_id VARCHAR)")
+            if image_ids is not None:
+                con.executemany("INSERT INTO chosen_ids VALUES (?)", [(i,) for i in image_ids])
+            else:
+                con.execute("INSERT INTO chosen_ids SELECT image_id FROM images")
+            if source is None:
+                cleared = con.execute(
+                    "DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM chosen_ids)"
+                ).fetchone()[0]
+                return {"choices_cleared": int(cleared)}
+            if not con.execute("SELECT count(*) FROM captions WHERE source = ?", [source]).fetchone()[0]:
+                known = ", ".join(caption_sources(con)) or "none yet"
+                raise ValueError(f"No caption has source {source!r} (sources: {known}).")
+            chosen = con.execute(
+                """
+                INSERT INTO caption_choice (image_id, source)
+                SELECT c.image_id, c.source FROM captions c
+                WHERE c.source = ? AND c.image_id IN (SELECT image_id FROM chosen_ids)
+                ON CONFLICT (image_id) DO UPDATE SET source = excluded.source
+                """,
+                [source],
             ).fetchone()[0]
-            con.execute("COMMIT")
-            return {"choices_cleared": int(cleared)}
-        if not con.execute("SELECT count(*) FROM captions WHERE source = ?", [source]).fetchone()[0]:
-            known = ", ".join(caption_sources(con)) or "none yet"
-            raise ValueError(f"No caption has source {source!r} (sources: {known}).")
-        chosen = con.execute(
-            """
-            INSERT INTO caption_choice (image_id, source)
-            SELECT c.image_id, c.source FROM captions c
-            WHERE c.source = ? AND c.image_id IN (SELECT image_id FROM chosen_ids)
-            ON CONFLICT (image_id) DO UPDATE SET source = excluded.source
-            """,
-            [source],
-        ).fetchone()[0]
-        without = con.execute(
-            "SELECT count(*) FROM chosen_ids WHERE image_id NOT IN (SELECT image_id FROM captions WHERE source = ?)",
-            [source],
-        ).fetchone()[0]
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+            without = con.execute(
+                "SELECT count(*) FROM chosen_ids WHERE image_id NOT IN (SELECT image_id FROM captions WHERE source = ?)",
+                [source],
+            ).fetchone()[0]
     finally:
         con.execute("DROP TABLE IF EXISTS chosen_ids")
     return {"images_using_source": int(chosen), "images_without_that_source": int(without)}

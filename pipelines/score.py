@@ -30,7 +30,7 @@ import polars as pl
 import torch
 
 from pipelines.caption import image_loader, usable_images
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 # Cosine similarity at or above which two images count as the same picture. 0.95 is deliberately strict:
@@ -111,22 +111,18 @@ def image_embeddings(
 
 
 def _store_embeddings(con: duckdb.DuckDBPyConnection, model: str, dim: int, frame: pl.DataFrame) -> None:
-    con.execute("BEGIN TRANSACTION")
+    con.register("new_embeddings", frame)
     try:
-        con.register("new_embeddings", frame)
-        con.execute(
-            """
-            INSERT INTO clip_embeddings (image_id, model, dim, embedding, created_at)
-            SELECT image_id, ?, ?, embedding, current_timestamp FROM new_embeddings
-            ON CONFLICT (image_id, model) DO UPDATE
-            SET dim = excluded.dim, embedding = excluded.embedding, created_at = excluded.created_at
-            """,
-            [model, dim],
-        )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute(
+                """
+                INSERT INTO clip_embeddings (image_id, model, dim, embedding, created_at)
+                SELECT image_id, ?, ?, embedding, current_timestamp FROM new_embeddings
+                ON CONFLICT (image_id, model) DO UPDATE
+                SET dim = excluded.dim, embedding = excluded.embedding, created_at = excluded.created_at
+                """,
+                [model, dim],
+            )
     finally:
         con.unregister("new_embeddings")
 
@@ -211,22 +207,18 @@ def _embedding_rows(con: duckdb.DuckDBPyConnection, model: str, ids: list[str]) 
 
 
 def _store_scores(con: duckdb.DuckDBPyConnection, model: str, frame: pl.DataFrame) -> None:
-    con.execute("BEGIN TRANSACTION")
+    con.register("new_scores", frame)
     try:
-        con.register("new_scores", frame)
-        con.execute(
-            """
-            INSERT INTO clip_scores (image_id, model, caption_md5, caption_source, score, created_at)
-            SELECT image_id, ?, caption_md5, caption_source, score, current_timestamp FROM new_scores
-            ON CONFLICT (image_id, model) DO UPDATE SET caption_md5 = excluded.caption_md5,
-                caption_source = excluded.caption_source, score = excluded.score, created_at = excluded.created_at
-            """,
-            [model],
-        )
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute(
+                """
+                INSERT INTO clip_scores (image_id, model, caption_md5, caption_source, score, created_at)
+                SELECT image_id, ?, caption_md5, caption_source, score, current_timestamp FROM new_scores
+                ON CONFLICT (image_id, model) DO UPDATE SET caption_md5 = excluded.caption_md5,
+                    caption_source = excluded.caption_source, score = excluded.score, created_at = excluded.created_at
+                """,
+                [model],
+            )
     finally:
         con.unregister("new_scores")
 

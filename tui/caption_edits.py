@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from workbench.catalog import CatalogError
+from workbench.catalog import CatalogError, transaction
 
 MANUAL = "manual"
 
@@ -53,13 +53,12 @@ def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str
     try:
         if not cur.execute("SELECT count(*) FROM images WHERE image_id = ?", [image_id]).fetchone()[0]:
             raise CatalogError(f"No image {image_id[:12]} in the catalog.")
-        cur.execute("BEGIN TRANSACTION")
-        cur.execute(
-            "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) VALUES (?, ?, ?, now())",
-            [image_id, MANUAL, text],
-        )
-        cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, MANUAL])
-        cur.execute("COMMIT")
+        with transaction(cur):
+            cur.execute(
+                "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) VALUES (?, ?, ?, now())",
+                [image_id, MANUAL, text],
+            )
+            cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, MANUAL])
         if sidecar:
             write_sidecars(cur, [image_id])
     finally:
@@ -81,10 +80,9 @@ def reject_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -
     """Drop one source's caption for an image (and the choice of it); the next source takes over."""
     cur = con.cursor()
     try:
-        cur.execute("BEGIN TRANSACTION")
-        cur.execute("DELETE FROM caption_choice WHERE image_id = ? AND source = ?", [image_id, source])
-        cur.execute("DELETE FROM captions WHERE image_id = ? AND source = ?", [image_id, source])
-        cur.execute("COMMIT")
+        with transaction(cur):
+            cur.execute("DELETE FROM caption_choice WHERE image_id = ? AND source = ?", [image_id, source])
+            cur.execute("DELETE FROM captions WHERE image_id = ? AND source = ?", [image_id, source])
     finally:
         cur.close()
 
@@ -149,13 +147,12 @@ def bulk_edit(
             "FROM bulk_changes c LEFT JOIN captions m ON m.image_id = c.image_id AND m.source = 'manual' "
             "LEFT JOIN caption_choice ch ON ch.image_id = c.image_id"
         ).to_arrow_table()
-        cur.execute("BEGIN TRANSACTION")
-        cur.execute(
-            "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) "
-            "SELECT image_id, 'manual', new_text, now() FROM bulk_changes"
-        )
-        cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) SELECT image_id, 'manual' FROM bulk_changes")
-        cur.execute("COMMIT")
+        with transaction(cur):
+            cur.execute(
+                "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) "
+                "SELECT image_id, 'manual', new_text, now() FROM bulk_changes"
+            )
+            cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) SELECT image_id, 'manual' FROM bulk_changes")
         cur.unregister("bulk_changes")
         if sidecars:
             write_sidecars(cur, changes.column("image_id").to_pylist())
@@ -169,15 +166,14 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo, *, sidecars: bool 
     cur = con.cursor()
     try:
         cur.register("undo_rows", undo.previous)
-        cur.execute("BEGIN TRANSACTION")
-        cur.execute("DELETE FROM captions WHERE source = 'manual' AND image_id IN (SELECT image_id FROM undo_rows)")
-        cur.execute(
-            "INSERT INTO captions (image_id, source, text, created_at) "
-            "SELECT image_id, 'manual', manual_text, manual_created_at FROM undo_rows WHERE manual_text IS NOT NULL"
-        )
-        cur.execute("DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM undo_rows)")
-        cur.execute("INSERT INTO caption_choice (image_id, source) SELECT image_id, choice FROM undo_rows WHERE choice IS NOT NULL")
-        cur.execute("COMMIT")
+        with transaction(cur):
+            cur.execute("DELETE FROM captions WHERE source = 'manual' AND image_id IN (SELECT image_id FROM undo_rows)")
+            cur.execute(
+                "INSERT INTO captions (image_id, source, text, created_at) "
+                "SELECT image_id, 'manual', manual_text, manual_created_at FROM undo_rows WHERE manual_text IS NOT NULL"
+            )
+            cur.execute("DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM undo_rows)")
+            cur.execute("INSERT INTO caption_choice (image_id, source) SELECT image_id, choice FROM undo_rows WHERE choice IS NOT NULL")
         cur.unregister("undo_rows")
         if sidecars:
             write_sidecars(cur, undo.previous.column("image_id").to_pylist())
