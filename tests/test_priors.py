@@ -85,12 +85,3 @@ def test_priors_cli(catalog_path, tmp_path, one_thread):
     no_prompt = runner.invoke(app, ["priors", "--catalog", str(catalog_path)])
     assert no_prompt.exit_code == 2 and "--class-prompt" in no_prompt.output
 
-
-def test_one_sampling_step_is_refused_with_a_message(con, tmp_path):
-    import pytest
-
-    from pipelines.priors import class_priors
-
-    with pytest.raises(ValueError, match="at least 2 steps"):
-        class_priors(con, None, class_prompt="a photo of a cat", model_name="tiny", out_dir=tmp_path, num_images=1,
-                     num_inference_steps=1)
