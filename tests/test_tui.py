@@ -409,8 +409,9 @@ def test_pipeline_caption_step_with_tiny_blip(sample_catalog):
 # --- train --------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_train_screen_runs_a_tiny_lora(catalog_path, tmp_path):
+@pytest.fixture
+def four_image_catalog(catalog_path, tmp_path):
+    """A catalog holding four small training images."""
     sys.path.insert(0, str(Path(__file__).parent))
     from train_fixtures import write_images
 
@@ -420,7 +421,12 @@ def test_train_screen_runs_a_tiny_lora(catalog_path, tmp_path):
     con = connect(catalog_path)
     ingested_images(con, [tmp_path / "imgs"], workers=1)
     con.close()
+    return catalog_path
 
+
+@pytest.mark.slow
+def test_train_screen_runs_a_tiny_lora(four_image_catalog):
+    catalog_path = four_image_catalog
     async def scenario():
         app = WorkbenchApp(catalog_path=catalog_path, start="train")
         async with app.run_test(size=SIZE) as pilot:
@@ -434,7 +440,8 @@ def test_train_screen_runs_a_tiny_lora(catalog_path, tmp_path):
             screen.query_one("#field-validation_steps").value = "2"
             screen.query_one("#field-more").value = 'validation_inference_steps=1; num_validation_images=1; report_to="none"; evaluate=false'
             await pilot.click("#train")
-            await wait_for(pilot, lambda: screen.running, what="start")
+            # output_dir is set when a run starts; a run that fails at once shows why in #train-state below.
+            await wait_for(pilot, lambda: screen.output_dir is not None, what=f"start ({text_of(app, '#train-error')})")
             await wait_for(pilot, lambda: not screen.running, timeout=300, what="training")
             assert "finished" in text_of(app, "#train-state"), text_of(app, "#train-state")
             row = app.con.execute("SELECT status FROM training_runs").fetchall()
@@ -447,17 +454,8 @@ def test_train_screen_runs_a_tiny_lora(catalog_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_screen_stop_and_resume(catalog_path, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_fixtures import write_images
-
-    from pipelines.ingest import ingested_images
-
-    write_images(tmp_path / "imgs", 4)
-    con = connect(catalog_path)
-    ingested_images(con, [tmp_path / "imgs"], workers=1)
-    con.close()
-
+def test_train_screen_stop_and_resume(four_image_catalog):
+    catalog_path = four_image_catalog
     async def scenario():
         app = WorkbenchApp(catalog_path=catalog_path, start="train")
         async with app.run_test(size=SIZE) as pilot:
