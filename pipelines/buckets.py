@@ -19,7 +19,6 @@ from collections import Counter
 from typing import NamedTuple, Sequence
 
 import duckdb
-import pyarrow as pa
 
 from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
@@ -224,7 +223,10 @@ def aspect_buckets(
         columns = ["image_id", "bucket_width", "bucket_height", "resized_width", "resized_height", "crop_left",
                    "crop_top", "resolution_width", "resolution_height", "min_bucket_reso", "max_bucket_reso",
                    "bucket_reso_steps", "no_upscale"]
-        # one Arrow table, read by DuckDB's replacement scan: executemany is ~1000x slower for 100k rows
+        # one Arrow table, read by DuckDB's replacement scan: executemany is ~1000x slower for 100k rows.
+        # Imported here: the trainer imports this module for select_bucket and need not carry pyarrow.
+        import pyarrow as pa
+
         new_bucket_rows = pa.table(
             {name: [row[i] for row in rows] for i, name in enumerate(columns)},
             schema=pa.schema([(name, pa.string() if name == "image_id" else pa.bool_() if name == "no_upscale"

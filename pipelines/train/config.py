@@ -56,6 +56,7 @@ class TrainConfig:
     cache_latents: bool = True
     cache_text_embeddings: bool = True  # only used while the text encoder is frozen and tags are not shuffled
     cache_dir: str | None = None  # default: $WORKBENCH_HOME/cache/train
+    cache_memory_mb: int = 1024  # cached latents/text kept in RAM during a run (0: read from disk every time)
 
     # steps
     max_train_steps: int | None = None
@@ -65,6 +66,7 @@ class TrainConfig:
     allow_tf32: bool = True  # CUDA: TF32 matmuls/convs where fp32 is used (diffusers' --allow_tf32)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv kernels (buckets keep shapes few)
     channels_last: bool = False  # UNet in channels-last memory format (often faster convs on recent GPUs)
+    torch_compile: bool = False  # compile the UNet's transformer blocks: faster steps after a one-time compile
     mixed_precision: str = "no"
     seed: int = 0
 
@@ -76,6 +78,7 @@ class TrainConfig:
     lr_num_cycles: int = 1
     lr_power: float = 1.0
     use_8bit_adam: bool = False
+    fused_adam: bool = True  # torch's fused AdamW kernel (CPU and CUDA); off: the per-tensor loop
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -142,6 +145,7 @@ class TrainConfig:
             (0.0 <= self.caption_dropout <= 1.0, "--caption-dropout must be between 0 and 1"),
             (self.keep_tokens >= 0, "--keep-tokens must be 0 or more"),
             (self.color_jitter >= 0, "--color-jitter must be 0 or more"),
+            (self.cache_memory_mb >= 0, "--cache-memory-mb must be 0 or more"),
             (self.checkpointing_steps >= 1, "--checkpointing-steps must be at least 1"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
             (self.num_validation_images >= 0, "--num-validation-images must be 0 or more"),

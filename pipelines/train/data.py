@@ -15,7 +15,8 @@ Caches (under `cache_dir`, safetensors files named by a SHA-256 key):
   encoder is frozen; tag shuffling still works (each shuffled caption is its own entry, so it just
   misses more often). Caption dropout uses the cached empty caption.
 A changed image (new content id), caption, bucket or model gives a new key: exactly the affected
-entries are recomputed, nothing stale is ever read.
+entries are recomputed, nothing stale is ever read. Entries read or written during a run are also
+kept in RAM up to `cache_memory_mb`, so later epochs do not reopen the files.
 """
 
 from __future__ import annotations
@@ -354,66 +355,91 @@ class CacheStats:
     misses: int = 0
 
 
+class MemoryTier:
+    """Cache entries already read or written this run, kept in RAM up to a byte budget (first come, kept).
+
+    A training run reads every cached entry once per epoch; without this each read is a file open and
+    a safetensors parse. Entries are keyed by content, so a copy in memory can never be stale.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        return self.entries.get(key)
+
+    def keep(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if key not in self.entries and self.used_bytes + size <= self.budget_bytes:
+            self.entries[key] = tensors
+            self.used_bytes += size
+
+
 @dataclass
-class LatentCache:
+class _DiskCache:
+    folder: Path
+    fingerprint: str
+    memory: MemoryTier = field(default_factory=lambda: MemoryTier(0))
+    stats: CacheStats = field(default_factory=CacheStats)
+    kind = ""
+
+    def path(self, key: str) -> Path:
+        return self.folder / self.kind / key[:2] / f"{key}.safetensors"
+
+    def _read(self, key: str) -> dict[str, torch.Tensor] | None:
+        tensors = self.memory.get(key)
+        if tensors is None:
+            path = self.path(key)
+            if not path.exists():
+                self.stats.misses += 1
+                return None
+            try:
+                tensors = load_file(str(path))
+            except Exception:  # a torn write: recompute it
+                self.stats.misses += 1
+                return None
+            self.memory.keep(key, tensors)
+        self.stats.hits += 1
+        return tensors
+
+    def _write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        _atomic_save(tensors, self.path(key))
+        self.memory.keep(key, tensors)
+
+
+class LatentCache(_DiskCache):
     """VAE posterior (mean, std) per (content, VAE, bucket, resized, crop, flip) on disk."""
 
-    folder: Path
-    vae_fingerprint: str
-    stats: CacheStats = field(default_factory=CacheStats)
+    kind = "latents"
 
     def key(self, image: TrainImage, spec: ItemSpec) -> str:
-        return _key("latent-v1", image.image_id, self.vae_fingerprint, image.bucket, image.resized, spec.crop, spec.flip)
-
-    def path(self, key: str) -> Path:
-        return self.folder / "latents" / key[:2] / f"{key}.safetensors"
+        return _key("latent-v1", image.image_id, self.fingerprint, image.bucket, image.resized, spec.crop, spec.flip)
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        path = self.path(key)
-        if not path.exists():
-            self.stats.misses += 1
-            return None
-        try:
-            tensors = load_file(str(path))
-        except Exception:  # a torn write: recompute it
-            self.stats.misses += 1
-            return None
-        self.stats.hits += 1
-        return tensors["mean"], tensors["std"]
+        tensors = self._read(key)
+        return None if tensors is None else (tensors["mean"], tensors["std"])
 
     def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        _atomic_save({"mean": mean.contiguous().cpu(), "std": std.contiguous().cpu()}, self.path(key))
+        self._write(key, {"mean": mean, "std": std})
 
 
-@dataclass
-class TextCache:
+class TextCache(_DiskCache):
     """Text-encoder hidden states per (caption, tokenizer + text encoder) on disk."""
 
-    folder: Path
-    text_fingerprint: str
-    stats: CacheStats = field(default_factory=CacheStats)
+    kind = "text"
 
     def key(self, caption: str) -> str:
-        return _key("text-v1", caption, self.text_fingerprint)
-
-    def path(self, key: str) -> Path:
-        return self.folder / "text" / key[:2] / f"{key}.safetensors"
+        return _key("text-v1", caption, self.fingerprint)
 
     def get(self, caption: str) -> torch.Tensor | None:
-        path = self.path(self.key(caption))
-        if not path.exists():
-            self.stats.misses += 1
-            return None
-        try:
-            tensor = load_file(str(path))["hidden"]
-        except Exception:
-            self.stats.misses += 1
-            return None
-        self.stats.hits += 1
-        return tensor
+        tensors = self._read(self.key(caption))
+        return None if tensors is None else tensors["hidden"]
 
     def put(self, caption: str, hidden: torch.Tensor) -> None:
-        _atomic_save({"hidden": hidden.contiguous().cpu()}, self.path(self.key(caption)))
+        self._write(self.key(caption), {"hidden": hidden})
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -438,10 +464,11 @@ def make_caches(config: TrainConfig, vae, text_encoder, tokenizer) -> tuple[Late
     from workbench.config import workbench_home
 
     root = Path(config.cache_dir) if config.cache_dir else workbench_home() / "cache" / "train"
-    latent_cache = LatentCache(root, module_fingerprint(vae, extra="vae")) if uses_latent_cache(config) else None
+    memory = MemoryTier(config.cache_memory_mb * 2**20)  # one budget for both caches
+    latent_cache = LatentCache(root, module_fingerprint(vae, extra="vae"), memory) if uses_latent_cache(config) else None
     text_cache = None
     if uses_text_cache(config):
         vocab = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
         tokenizer_id = f"{type(tokenizer).__name__}:{vocab}:{tokenizer.model_max_length}"
-        text_cache = TextCache(root, module_fingerprint(text_encoder, extra=f"text:{tokenizer_id}"))
+        text_cache = TextCache(root, module_fingerprint(text_encoder, extra=f"text:{tokenizer_id}"), memory)
     return latent_cache, text_cache
