@@ -89,12 +89,18 @@ def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, 
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "db" / "pipeline"))
     trained_unet = {k: v for k, v in pipe.unet.state_dict().items()}
     assert any(not torch.equal(v, tiny_components().unet.state_dict()[k]) for k, v in trained_unet.items())
-    # the single file is in the original SD layout: diffusers' own single-file loader reads it back exactly
-    from workbench.models import component_path
+    # the single file is in the original SD layout: `--model runs/…/model.safetensors` reads it back exactly,
+    # offline, through diffusers' from_single_file with the pipeline folder beside it as the config
+    from workbench.models import ModelNotAvailableError, load_sd_components
 
-    single = StableDiffusionPipeline.from_single_file(str(tmp_path / "db" / "model.safetensors"), config=component_path("tiny", "sd"),
-                                                      safety_checker=None, requires_safety_checker=False)
+    single = load_sd_components(str(tmp_path / "db" / "model.safetensors"), device="cpu", dtype="float32")
     assert all(torch.equal(v, single.unet.state_dict()[k]) for k, v in trained_unet.items())
+    # alone, without its config folder and offline, it is a clear error rather than a Hub traceback
+    lone = tmp_path / "lone" / "model.safetensors"
+    lone.parent.mkdir()
+    lone.write_bytes((tmp_path / "db" / "model.safetensors").read_bytes())
+    with pytest.raises(ModelNotAvailableError, match="config files.*model_index.json"):
+        load_sd_components(str(lone), device="cpu", dtype="float32")
 
 
 def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):

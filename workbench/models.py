@@ -356,6 +356,19 @@ def load_clip(model: str = TINY, *, device=None, dtype=None) -> ClipModelBundle:
     return ClipModelBundle(model=clip, preprocess=preprocess, tokenizer=tokenizer, name=name, embed_dim=embed_dim)
 
 
+def single_file_config(path: Path) -> Path | None:
+    """A diffusers folder that describes a single-file checkpoint's architecture, found beside it, if any.
+
+    Training writes `model.safetensors` next to `pipeline/`; a folder holding both the file and
+    model_index.json works too. With one, the checkpoint loads offline; without, diffusers fetches
+    the config of the detected architecture from the Hub.
+    """
+    for folder in (path.parent / "pipeline", path.with_suffix(""), path.parent):
+        if (folder / "model_index.json").is_file():
+            return folder
+    return None
+
+
 def _is_single_file(source: str) -> bool:
     return source.lower().endswith((".safetensors", ".ckpt")) and Path(source).expanduser().is_file()
 
@@ -368,9 +381,22 @@ def load_sd_pipeline(model: str = TINY, *, device=None, dtype=None):
     source = _source_for(model, "sd")
     try:
         if _is_single_file(source):
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(Path(source).expanduser()), dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+            path = Path(source).expanduser()
+            config_folder = single_file_config(path)
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                    **({"config": str(config_folder)} if config_folder else {}),
+                )
+            except (OSError, ValueError, EnvironmentError) as error:
+                if config_folder:
+                    raise
+                raise ModelNotAvailableError(
+                    f"Could not load the single-file checkpoint {path}: diffusers needs the architecture's config files "
+                    f"and could not get them ({_short(error)}). Run once with internet access (they are fetched from the "
+                    "Hugging Face Hub and cached), or put the diffusers folder of the same architecture (with "
+                    f"model_index.json) beside it as {path.parent / 'pipeline'}."
+                ) from error
         else:
             where = component_path(model, "sd") if source == TINY else source
             pipe = StableDiffusionPipeline.from_pretrained(
