@@ -11,6 +11,7 @@ on how many steps ran before in this process, which is what makes `--resume` bit
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -679,7 +680,9 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
         for module, _ in homes:
             _on(module, accelerator.device)
         pipe = sampling_pipeline(components, unwrapped, text, noise_scheduler)
-        with accelerator.autocast():
+        # a few sample images are not worth compiling the inference graphs for: compiled blocks run eagerly here
+        stance = torch.compiler.set_stance("force_eager") if config.torch_compile else contextlib.nullcontext()
+        with accelerator.autocast(), stance:
             rows = render_samples(pipe, prompts, config, accelerator.device)
     finally:
         for module, home in homes:
