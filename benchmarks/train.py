@@ -15,7 +15,7 @@ folder `.bench/peers/diffusers/`:
 or pass --peer-script PATH. Variants: `default` (the script as documented: VAE and text encoder run
 every step) and `precompute` (its --pre_compute_text_embeddings flag, its fastest setting).
 
-CPU, tiny:    .venv/bin/python benchmarks/train.py
+CPU, tiny:    .venv/bin/python benchmarks/train.py   [--resolution 128|256] [--repeats 5 --steps 100]
 GPU, SD-1.5 architecture with random weights, 512 px, batch 4, bf16:
               .venv/bin/python benchmarks/train.py --device cuda --full-size
 """
