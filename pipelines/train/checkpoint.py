@@ -29,25 +29,47 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as safetensors + JSON: every tensor, however deeply nested (bitsandbytes keeps its
+    quantisation state in a dict per parameter), is replaced in the JSON tree by {"__tensor__": key}."""
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    seen: dict[int, str] = {}  # a tensor shared by several slots (bitsandbytes' qmaps) is stored once
+
+    def strip(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in seen:
+                seen[id(value)] = path
+                tensors[path] = value.detach().cpu().contiguous()
+            return {"__tensor__": seen[id(value)]}
+        if isinstance(value, dict):
+            return {str(k): strip(v, f"{path}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strip(v, f"{path}/{i}") for i, v in enumerate(value)]
+        return value
+
+    tree = {str(index): strip(slots, str(index)) for index, slots in state["state"].items()}
+    return tensors, {"format": 2, "param_groups": state["param_groups"], "state": tree}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
-    for index, slots in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(slots)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    if meta.get("format") != 2:  # checkpoints written before nested state was supported
+        state: dict[int, dict[str, Any]] = {}
+        for key, tensor in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = tensor
+        for index, slots in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(slots)
+        return {"state": state, "param_groups": meta["param_groups"]}
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"__tensor__"}:
+                return tensors[value["__tensor__"]]
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    return {"state": {int(index): fill(slots) for index, slots in meta["state"].items()}, "param_groups": meta["param_groups"]}
 
 
 def _python_rng_to_json(state: tuple) -> list:

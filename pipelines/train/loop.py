@@ -189,8 +189,8 @@ def _optimizer(config: TrainConfig, groups: list[dict]):
             import bitsandbytes as bnb
         except ImportError as error:
             raise TrainingError(
-                "--use-8bit-adam needs bitsandbytes, which is not installed: pip install 'workbench[bnb]' "
-                "(it needs a CUDA GPU), or leave the option off."
+                "--use-8bit-adam needs bitsandbytes, which is not installed: pip install 'workbench[bnb]', "
+                "or leave the option off."
             ) from error
         return bnb.optim.AdamW8bit(
             groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
