@@ -186,6 +186,16 @@ def test_lora_training_overfits_a_few_images(con, tmp_path, one_thread):
     assert after < 0.6 * before, f"loss {before:.4f} -> {after:.4f}"
 
 
+def killed_after_step(step: int):
+    """A progress hook that kills the run (as Ctrl+C or the TUI's cancel would) once `step` is done."""
+
+    def hook(*, task, completed=0, total=None, message=None):
+        if task == "train" and completed == step:
+            raise StepCancelled("killed")
+
+    return hook
+
+
 def _lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
 
@@ -201,12 +211,8 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
 
     killed = fast_config(tmp_path / "killed", **options)
 
-    def kill_after_step_5(*, task, completed=0, total=None, message=None):
-        if task == "train" and completed == 5:
-            raise StepCancelled("killed")
-
     with pytest.raises(StepCancelled):
-        main(killed, images, output_dir=tmp_path / "killed", components=tiny_components(), progress=kill_after_step_5)
+        main(killed, images, output_dir=tmp_path / "killed", components=tiny_components(), progress=killed_after_step(5))
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "killed" / "pytorch_lora_weights.safetensors").exists()
 
@@ -511,12 +517,8 @@ def test_eight_bit_adam_trains_and_resumes_bitwise(con, tmp_path, one_thread):
 
     killed = fast_config(tmp_path / "killed", **options)
 
-    def kill_after_step_3(*, task, completed=0, total=None, message=None):
-        if task == "train" and completed == 3:
-            raise StepCancelled("killed")
-
     with pytest.raises(StepCancelled):
-        main(killed, images, output_dir=tmp_path / "killed", components=tiny_components(), progress=kill_after_step_3)
+        main(killed, images, output_dir=tmp_path / "killed", components=tiny_components(), progress=killed_after_step(3))
     main(dataclasses.replace(killed, resume="latest"), images, output_dir=tmp_path / "killed", components=tiny_components())
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
     b = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
