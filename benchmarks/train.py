@@ -161,6 +161,24 @@ def _full_size_model(folder: Path) -> str:
     return str(folder)
 
 
+CATALOG_FOOTPRINT = """
+import resource, sys
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+bare = rss()
+from workbench.catalog import connect
+con = connect(sys.argv[1])
+con.execute("SELECT * FROM dataset").fetchall()
+print(rss() - bare)
+"""
+
+
+def _catalog_footprint(catalog: Path, env: dict) -> int | None:
+    """Peak RSS that opening the catalog and reading the dataset adds to a bare Python process: the part of
+    our trainer's memory that is the catalog (DuckDB), not training."""
+    proc = subprocess.run([sys.executable, "-c", CATALOG_FOOTPRINT, str(catalog)], env=env, capture_output=True, text=True)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
 def _run_child(spec: dict, env: dict) -> dict:
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)
@@ -276,6 +294,10 @@ def main() -> None:
                       f"{our['step_median_steps_per_s'] / peer['step_median_steps_per_s']:>12.2f}x"
                       f"{our['best_steps_per_s'] / peer['best_steps_per_s']:>9.2f}x"
                       f"{our['min_peak_bytes'] / peer['min_peak_bytes']:>8.2f}x{our['wall_s'] / peer['wall_s']:>6.2f}x")
+    footprint = _catalog_footprint(catalog, env) if not args.device.startswith("cuda") else None
+    if footprint is not None:
+        print(f"\nof our peak RSS, {footprint / 2**20:.0f} MiB is the catalog: DuckDB loaded, the catalog opened and the\n"
+              "dataset read, measured on its own in a bare Python process (the peer has no catalog)")
     print("\nspeed = steps/s over the steps after warm-up, median run; median-step = 1 / the median step time (robust to"
           "\nbusy spells on a shared machine); best run = fastest run of each; memory = our peak ÷ peer peak (lowest run"
           "\nof each); wall = whole-process time, model loading, caching and any compile included."
