@@ -6,7 +6,7 @@ resolution, precision, seed and step count. Each runs in its own child process w
 instrument: a global `torch.optim.Optimizer` step post-hook timestamps every optimizer step (after
 a CUDA synchronize on GPU) and reads the peak memory at that moment. steps/s is measured over the
 steps after `--warmup`; peak memory is the peak up to the last training step (CUDA: the
-allocator's max_memory_allocated; CPU: the process's max RSS).
+allocator's max_memory_allocated; CPU: the process's peak RSS, VmHWM).
 
 The peer script is NOT part of this repository. Fetch it once (never commit it) into the ignored
 folder `.bench/peers/diffusers/`:
@@ -40,6 +40,14 @@ PROMPT = "a photo of sks thing"
 # --- child side ------------------------------------------------------------------------
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _instrument(device: str) -> dict:
     import torch
 
@@ -53,7 +61,7 @@ def _instrument(device: str) -> dict:
             torch.cuda.synchronize()
             record["peak_bytes"] = torch.cuda.max_memory_allocated()
         else:
-            record["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            record["peak_bytes"] = _peak_rss()
         record["stamps"].append(time.perf_counter())
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -162,8 +170,10 @@ def _full_size_model(folder: Path) -> str:
 
 
 CATALOG_FOOTPRINT = """
-import resource, sys
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import sys
+def rss():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 bare = rss()
 from workbench.catalog import connect
 con = connect(sys.argv[1])
