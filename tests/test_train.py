@@ -357,6 +357,19 @@ def test_out_of_memory_names_the_settings_that_save_memory(con, tmp_path, monkey
         main(config, [], output_dir=tmp_path / "out")
 
 
+def test_a_failed_compile_says_what_it_needs(con, tmp_path, monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    import pipelines.train.loop as loop
+
+    def compile_fails(*args, **kwargs):
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+
+    monkeypatch.setattr(loop, "_run", compile_fails)
+    with pytest.raises(TrainingError, match=r"--torch-compile failed .*C\+\+ compiler.*without --torch-compile"):
+        main(fast_config(tmp_path / "out", torch_compile=True), [], output_dir=tmp_path / "out")
+
+
 def test_eight_bit_adam_without_bitsandbytes_says_how_to_get_it(tmp_path, monkeypatch):
     import sys
 

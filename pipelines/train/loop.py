@@ -300,11 +300,16 @@ def main(
         return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler)
     except torch.OutOfMemoryError as error:
         raise TrainingError(f"The GPU ran out of memory ({str(error).splitlines()[0]}). Try the {MEMORY_ADVICE}.") from error
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        raise TrainingError(
-            f"--torch-compile failed ({str(error).splitlines()[0][:300]}). On CPU it needs a C++ compiler (gcc), "
-            "on CUDA a working triton; or train without --torch-compile."
-        ) from error
+    except Exception as error:
+        if config.torch_compile:  # only then is torch._dynamo loaded; other runs must not pay for importing it
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            if isinstance(error, BackendCompilerFailed):
+                raise TrainingError(
+                    f"--torch-compile failed ({str(error).splitlines()[0][:300]}). On CPU it needs a C++ compiler (gcc), "
+                    "on CUDA a working triton; or train without --torch-compile."
+                ) from error
+        raise
     finally:
         accelerator.end_training()
         _reset_accelerate_state()
