@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -588,7 +589,14 @@ def _build_tiny_clip(folder: Path) -> None:
 
     factory._MODEL_CONFIGS[TINY_CLIP_ARCH] = json.loads(json.dumps(TINY_CLIP_CONFIG))
     _seeded()
-    model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+    # random init is the point here; open_clip would log "No pretrained weights loaded ... initialized randomly"
+    root_logger = logging.getLogger()  # open_clip logs through the root logger
+    previous = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+    finally:
+        root_logger.setLevel(previous)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     preprocess_cfg = {
