@@ -16,8 +16,24 @@ pytestmark = pytest.mark.slow
 runner = CliRunner()
 
 
-def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_path, tmp_path, one_thread):
-    """The README demo's last step: both LoRA files, a sample grid, a loss curve, the run in the catalog."""
+def save_random_inception_weights(path, monkeypatch) -> None:
+    """torch-fidelity's Inception v3 with random weights (seed 0), saved as a plain state dict: the file FID loads."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    class Unloaded(inception.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the random init; the real file is not on this machine
+            return None
+
+    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(Unloaded("inception-v3-compat", ["2048"]).state_dict(), path)
+
+
+def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_path, tmp_path, one_thread, monkeypatch):
+    """The README demo's last step: both LoRA files, a sample grid, a loss curve, the run in the catalog; then FID."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights there yet
+    monkeypatch.delenv("WORKBENCH_INCEPTION_WEIGHTS", raising=False)
     assert runner.invoke(app, ["ingest", str(sample_copy / "photos"), "--catalog", str(catalog_path), "--workers", "1"]).exit_code == 0
     config = tmp_path / "train.toml"
     config.write_text(
@@ -42,19 +58,46 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
     from workbench.catalog import connect
 
     con = connect(catalog_path)
-    row = con.execute("SELECT mode, status, steps, final_loss, len(image_ids), outputs, clip_score, cmmd FROM training_runs").fetchone()
+    row = con.execute("SELECT mode, status, steps, final_loss, len(image_ids), outputs, clip_score, cmmd, metrics FROM training_runs").fetchone()
     instance_count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0]
     step = con.execute("SELECT status FROM runs WHERE step = 'train:lora'").fetchone()
     con.close()
-    mode, status, steps, final_loss, image_count, outputs, clip_score, cmmd = row
+    mode, status, steps, final_loss, image_count, outputs, clip_score, cmmd, metrics = row
     assert (mode, status, steps, image_count) == ("lora", "ok", 4, instance_count)
     assert final_loss > 0 and json.loads(outputs)["lora_kohya"].endswith("lora_kohya.safetensors")
     assert clip_score is not None and cmmd is not None  # evaluated with the run
     assert step == ("ok",)
 
+    assert "Inception weights" in json.loads(metrics)["fid_skipped"]  # none on this machine: skipped, CMMD stands
+
+    # with Inception weights in the torch hub cache, `workbench evaluate` adds FID through torchmetrics
+    from pipelines.train.evaluate import INCEPTION_WEIGHTS_FILE
+
+    save_random_inception_weights(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE, monkeypatch)
     again = runner.invoke(app, ["evaluate", "latest", "--catalog", str(catalog_path), "--device", "cpu"])
     assert again.exit_code == 0, again.output
-    assert "clip score" in again.output
+    assert "clip score" in again.output and "fid" in again.output
+    con = connect(catalog_path)
+    fid, metrics = con.execute("SELECT fid, metrics FROM training_runs").fetchone()
+    con.close()
+    assert fid is not None and fid >= 0 and json.loads(metrics)["fid"] == fid
+    assert "fid_skipped" not in json.loads(metrics)
+
+
+def test_fid_refuses_weights_that_are_not_plain_tensors(tmp_path, monkeypatch):
+    """The Inception file is unpickled in full by torch-fidelity, so it must pass the restricted unpickler first."""
+    from pipelines.train.evaluate import fid, inception_weights
+
+    monkeypatch.setenv("WORKBENCH_INCEPTION_WEIGHTS", str(tmp_path / "absent.pth"))
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        inception_weights()
+    rogue = tmp_path / "rogue.pth"
+    torch.save({"fc.weight": torch.zeros(1), "payload": Image.new("RGB", (1, 1))}, rogue)
+    monkeypatch.setenv("WORKBENCH_INCEPTION_WEIGHTS", str(rogue))
+    assert inception_weights() == rogue
+    images = [Image.new("RGB", (8, 8))] * 2
+    with pytest.raises(ValueError, match="not a plain tensor state dict"):
+        fid(images, images, rogue)
 
 
 def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_path):

@@ -5,8 +5,10 @@
 - CMMD (Jayasumana et al. 2024, google-research/cmmd): squared MMD between the CLIP image
   embeddings (L2-normalised) of the samples and of the training images, Gaussian RBF kernel with
   σ = 10, scaled by 1000. Lower is closer. Works with any number of images and needs no Inception.
-- FID: through torchmetrics only when its Inception weights are already on this machine
-  (nothing is downloaded); otherwise recorded as skipped.
+- FID: torchmetrics' FrechetInceptionDistance (2048-d pool features) when torchmetrics and
+  torch-fidelity are installed (`pip install 'workbench[eval]'`) and the Inception weights are on this
+  machine: $WORKBENCH_INCEPTION_WEIGHTS, or torch-fidelity's file in the torch hub cache. Nothing is
+  downloaded; without them FID is recorded as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import duckdb
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -25,6 +28,7 @@ from workbench.progress import ProgressHook, null_progress
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
 MAX_REFERENCE_IMAGES = 500
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's, as torchmetrics' FID loads it
 
 
 def cmmd(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA) -> float:
@@ -70,9 +74,37 @@ def _open(path: str) -> Image.Image:
         return ImageOps.exif_transpose(opened).convert("RGB")
 
 
-def _inception_weights_present() -> bool:
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    return any(hub.glob("pt_inception-2015-12-05*.pth")) if hub.is_dir() else False
+def inception_weights() -> Path:
+    """The Inception weights FID uses: $WORKBENCH_INCEPTION_WEIGHTS, else torch-fidelity's file in the torch hub cache."""
+    explicit = os.environ.get("WORKBENCH_INCEPTION_WEIGHTS")
+    path = Path(explicit).expanduser() if explicit else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no Inception weights at {path} (put torch-fidelity's {INCEPTION_WEIGHTS_FILE} there, or set "
+            "WORKBENCH_INCEPTION_WEIGHTS); CMMD is used instead"
+        )
+    return path
+
+
+def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Images as one float batch in [0, 1] at Inception's 299 px."""
+    arrays = [np.asarray(image.resize((299, 299), Image.Resampling.BICUBIC)) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def fid(references: Sequence[Image.Image], samples: Sequence[Image.Image], weights: Path) -> float:
+    """FID between two image sets with torchmetrics (2048-d Inception features)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # torch-fidelity unpickles the file in full; the restricted unpickler checks first that it holds only tensors
+    try:
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{weights} is not a plain tensor state dict, so it is not loaded: {error}") from error
+    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights))
+    metric.update(_pixels(references), real=True)
+    metric.update(_pixels(samples), real=False)
+    return float(metric.compute())
 
 
 def run_metrics(
@@ -113,22 +145,21 @@ def run_metrics(
     if references:
         metrics["cmmd"] = cmmd(sample_emb, _image_embeddings(bundle, references, device))
         metrics["reference_images"] = len(references)
-    if references and _inception_weights_present():
-        try:
-            from torchmetrics.image.fid import FrechetInceptionDistance
-
-            fid = FrechetInceptionDistance(normalize=True)
-            to_tensor = lambda imgs: torch.stack([torch.from_numpy(__import__("numpy").asarray(i.resize((299, 299)))).permute(2, 0, 1) for i in imgs]).float() / 255
-            fid.update(to_tensor(references), real=True)
-            fid.update(to_tensor(samples), real=False)
-            metrics["fid"] = float(fid.compute())
-        except Exception as error:  # FID needs torch-fidelity and ≥ 2 images per side
-            metrics["fid_skipped"] = f"{error.__class__.__name__}: {error}"
+    if len(references) < 2 or len(samples) < 2:
+        metrics["fid_skipped"] = "FID needs at least 2 sample and 2 training images"
     else:
-        metrics["fid_skipped"] = "Inception weights are not on this machine (CMMD is used instead)"
+        try:
+            weights = inception_weights()
+            progress(task="evaluate", message=f"FID with Inception weights {weights}")
+            metrics["fid"] = fid(references, samples, weights)
+        except ImportError as error:
+            metrics["fid_skipped"] = f"{error.name or error} is not installed: pip install 'workbench[eval]' for FID"
+        except Exception as error:  # a missing or refused weights file, too few features: CMMD still stands
+            metrics["fid_skipped"] = str(error)
     con.execute(
         "UPDATE training_runs SET clip_score = ?, cmmd = ?, fid = ?, metrics = ? WHERE train_id = ?",
         [metrics.get("clip_score"), metrics.get("cmmd"), metrics.get("fid"), json.dumps(metrics), train_id],
     )
-    progress(task="evaluate", message=f"CLIP score {metrics['clip_score']:.2f}, CMMD {metrics.get('cmmd', float('nan')):.3f}")
+    fid_note = f", FID {metrics['fid']:.2f}" if "fid" in metrics else ""
+    progress(task="evaluate", message=f"CLIP score {metrics['clip_score']:.2f}, CMMD {metrics.get('cmmd', float('nan')):.3f}{fid_note}")
     return metrics
