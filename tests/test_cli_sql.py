@@ -68,6 +68,34 @@ def test_catalog_from_environment(catalog_path, monkeypatch):
     assert json.loads(result.stdout) == [{"n": 1}]
 
 
+def test_catalog_given_before_the_command(catalog_path, tmp_path, monkeypatch):
+    """`workbench --catalog X sql …` uses X, over $WORKBENCH_CATALOG; the command's own --catalog still wins."""
+    seeded_catalog(catalog_path)
+    other = tmp_path / "other.duckdb"
+    seeded_catalog(other)
+    from workbench.catalog import connect
+
+    con = connect(other)
+    con.execute("DELETE FROM paths WHERE image_id = 'a'")
+    con.execute("DELETE FROM images WHERE image_id = 'a'")
+    con.close()
+    query = ["sql", "SELECT count(*) AS n FROM images", "-f", "json"]
+    assert json.loads(runner.invoke(app, ["--catalog", str(catalog_path), *query]).stdout) == [{"n": 2}]
+    monkeypatch.setenv("WORKBENCH_CATALOG", str(other))
+    assert json.loads(runner.invoke(app, [*query]).stdout) == [{"n": 1}]
+    assert json.loads(runner.invoke(app, ["--catalog", str(catalog_path), *query]).stdout) == [{"n": 2}]
+    assert json.loads(runner.invoke(app, ["--catalog", str(catalog_path), *query, "--catalog", str(other)]).stdout) == [{"n": 1}]
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(images / "red.png")
+    fresh = tmp_path / "fresh.duckdb"
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["--catalog", str(fresh), "ingest", str(images), "--workers", "1"]).exit_code == 0
+    assert fresh.is_file() and not (tmp_path / "workbench.duckdb").exists()
+
+
 def test_ingest_cli_summary_and_usage_errors(tmp_path):
     from PIL import Image
 

@@ -26,6 +26,19 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+def _root_catalog_first(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """`workbench --catalog X ingest …` means `workbench ingest --catalog X …` (the command's own flag still wins)."""
+
+    def from_command_line(context) -> bool:
+        source = context.get_parameter_source("catalog")
+        return source is not None and source.name == "COMMANDLINE"  # by name: typer vendors its own click
+
+    root = ctx.find_root()
+    if root is not ctx and from_command_line(root) and not from_command_line(ctx):
+        return root.params["catalog"]
+    return value
+
+
 CatalogOpt = Annotated[
     Optional[Path],
     typer.Option(
@@ -34,6 +47,7 @@ CatalogOpt = Annotated[
         help="Catalog file (default: $WORKBENCH_CATALOG or ./workbench.duckdb).",
         envvar=catalog_mod.CATALOG_ENV,
         show_default=False,
+        callback=_root_catalog_first,
     ),
 ]
 
