@@ -57,6 +57,17 @@ def as_resolution(resolution: Resolution | str) -> tuple[int, int]:
     return width, height
 
 
+def default_bucket_settings(resolution: Resolution | str) -> dict:
+    """kohya's defaults (sides 256–1024, step 64), scaled down below 256 px (the tiny model trains at 64)."""
+    width, height = as_resolution(resolution)
+    side = min(width, height)
+    if side >= 256:
+        return {"min_bucket_reso": 256, "max_bucket_reso": max(1024, width, height), "bucket_reso_steps": 64}
+    step = max(8, side // 8 // 8 * 8)
+    return {"min_bucket_reso": max(step, side // 2 // step * step), "max_bucket_reso": 2 * max(width, height),
+            "bucket_reso_steps": step}
+
+
 def adjusted_bucket_bounds(
     resolution: Resolution, min_bucket_reso: int, max_bucket_reso: int, bucket_reso_steps: int
 ) -> tuple[int, int]:
@@ -68,6 +79,8 @@ def adjusted_bucket_bounds(
         min_bucket_reso -= min_bucket_reso % bucket_reso_steps
     if max_bucket_reso % bucket_reso_steps:
         max_bucket_reso += bucket_reso_steps - max_bucket_reso % bucket_reso_steps
+    if min_bucket_reso < bucket_reso_steps:
+        raise ValueError(f"min_bucket_reso must be at least bucket_reso_steps ({bucket_reso_steps}) once rounded down to it")
     if min(width, height) < min_bucket_reso:
         raise ValueError(f"min_bucket_reso {min_bucket_reso} must not exceed the resolution {width}x{height}")
     if max(width, height) > max_bucket_reso:
@@ -174,14 +187,21 @@ def aspect_buckets(
     con: duckdb.DuckDBPyConnection,
     *,
     resolution: Resolution = 512,
-    min_bucket_reso: int = 256,
-    max_bucket_reso: int = 1024,
-    bucket_reso_steps: int = 64,
+    min_bucket_reso: int | None = None,
+    max_bucket_reso: int | None = None,
+    bucket_reso_steps: int | None = None,
     no_upscale: bool = False,
     progress: ProgressHook = null_progress,
 ) -> dict:
-    """kohya bucket, resized size and crop of every dataset image, stored in `aspect_buckets`."""
+    """kohya bucket, resized size and crop of every dataset image, stored in `aspect_buckets`.
+
+    Bucket bounds left as None take `default_bucket_settings(resolution)`.
+    """
     res_w, res_h = as_resolution(resolution)
+    defaults = default_bucket_settings((res_w, res_h))
+    min_bucket_reso = defaults["min_bucket_reso"] if min_bucket_reso is None else min_bucket_reso
+    max_bucket_reso = defaults["max_bucket_reso"] if max_bucket_reso is None else max_bucket_reso
+    bucket_reso_steps = defaults["bucket_reso_steps"] if bucket_reso_steps is None else bucket_reso_steps
     if no_upscale:
         # kohya ignores min/max bucket reso with bucket_no_upscale; keep them only for the record
         low, high = min_bucket_reso, max_bucket_reso

@@ -12,6 +12,7 @@ from pipelines.buckets import (
     BucketChoice,
     adjusted_bucket_bounds,
     aspect_buckets,
+    default_bucket_settings,
     make_bucket_resolutions,
     select_bucket,
 )
@@ -183,3 +184,18 @@ def test_buckets_cli_prints_histogram_and_rejects_bad_input(catalog_path, con):
     assert bad.exit_code == 2 and "resolution" in bad.output
     bad = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--min-bucket-reso", "1024"])
     assert bad.exit_code == 2 and "min_bucket_reso" in bad.output
+    bad = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "64", "--min-bucket-reso", "32",
+                              "--bucket-reso-steps", "64"])  # 32 rounds down to 0 at step 64: an error, not a crash
+    assert bad.exit_code == 2 and "at least bucket_reso_steps (64)" in " ".join(bad.output.split())
+    small = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "64"])
+    assert small.exit_code == 0, small.output  # the defaults scale down below 256 px, as the trainer's do
+    assert "72x56" in small.output  # 1024x768 at 64 px with step 8
+
+
+def test_default_bucket_settings_are_kohyas_from_256_px_and_scaled_below():
+    assert default_bucket_settings(512) == {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
+    assert default_bucket_settings(1280)["max_bucket_reso"] == 1280
+    assert default_bucket_settings(64) == {"min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 8}
+    for resolution in (64, 128, 200, (96, 64), 512, 768):
+        settings = default_bucket_settings(resolution)
+        adjusted_bucket_bounds(resolution, settings["min_bucket_reso"], settings["max_bucket_reso"], settings["bucket_reso_steps"])

@@ -572,9 +572,9 @@ def include(
 def buckets(
     resolution: Annotated[str, typer.Option(help="Training resolution: N or W,H (kohya --resolution).")] = "512",
     no_upscale: Annotated[bool, typer.Option("--no-upscale", help="kohya bucket_no_upscale: never enlarge images.")] = False,
-    min_bucket_reso: Annotated[int, typer.Option(help="Smallest bucket side (rounded down to the step).")] = 256,
-    max_bucket_reso: Annotated[int, typer.Option(help="Largest bucket side (rounded up to the step).")] = 1024,
-    bucket_reso_steps: Annotated[int, typer.Option(help="Bucket sides are multiples of this.")] = 64,
+    min_bucket_reso: Annotated[Optional[int], typer.Option(help="Smallest bucket side, rounded down to the step (default: kohya's 256; half the resolution below 256 px).", show_default=False)] = None,
+    max_bucket_reso: Annotated[Optional[int], typer.Option(help="Largest bucket side, rounded up to the step (default: kohya's 1024; twice the resolution below 256 px).", show_default=False)] = None,
+    bucket_reso_steps: Annotated[Optional[int], typer.Option(help="Bucket sides are multiples of this (default: kohya's 64; an eighth of the resolution, at least 8, below 256 px).", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Assign every dataset image to a kohya-ss aspect-ratio bucket and show the histogram.

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.train.config import TrainConfig
 
 
@@ -70,12 +71,8 @@ class ItemSpec:
 
 
 def default_bucket_settings(resolution: int) -> dict:
-    """kohya's defaults (256–1024, step 64), scaled down for the tiny resolutions tests use."""
-    if resolution >= 256:
-        return {"resolution": resolution, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64, "no_upscale": False}
-    step = max(8, resolution // 8 // 8 * 8)
-    return {"resolution": resolution, "min_bucket_reso": max(step, resolution // 2 // step * step),
-            "max_bucket_reso": resolution * 2, "bucket_reso_steps": step, "no_upscale": False}
+    """The bucket settings `workbench buckets` uses by default at this resolution."""
+    return {"resolution": resolution, **buckets_defaults(resolution), "no_upscale": False}
 
 
 def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
