@@ -467,6 +467,8 @@ def ingested_images(
             if previous is None:
                 summary.new += 1
                 to_read.append(entry)
+            elif entry.size is None and previous[0] is None and not previous[3]:
+                summary.unchanged += 1  # still cannot be stat'ed (a link loop, say), as recorded last time
             elif entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns):
                 summary.changed += 1
                 to_read.append(entry)

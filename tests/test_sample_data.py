@@ -139,3 +139,16 @@ def test_kohya_folder_becomes_a_concept(sample_catalog):
     assert summary.images_joined_concepts == 3
     concept = con.sql("SELECT name, trigger_token, class_noun, repeats FROM concepts").fetchall()
     assert concept == [("wbk cat", "wbk", "cat", 5)]
+
+
+def test_second_ingest_of_the_sample_data_reads_nothing_again(tmp_path):
+    """Files that cannot even be stat'ed (the link loops) stay as recorded; they are not 'changed' on every run."""
+    from workbench.catalog import connect
+
+    con = connect(tmp_path / "again.duckdb")
+    first = ingested_images(con, [SAMPLE_DATA], workers=1)
+    second = ingested_images(con, [SAMPLE_DATA], workers=1)
+    errors = con.execute("SELECT count(*) FROM images WHERE status = 'error'").fetchone()[0]
+    con.close()
+    assert first.new == first.files_seen and errors == 6
+    assert (second.new, second.changed, second.unchanged) == (0, 0, second.files_seen)
