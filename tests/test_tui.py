@@ -265,6 +265,60 @@ def test_caption_saved_with_sidecar_writes_the_txt_beside_the_image(sample_catal
     asyncio.run(scenario())
 
 
+def manual_caption(app, image_id: str):
+    row = app.con.execute("SELECT text FROM captions WHERE image_id = ? AND source = 'manual'", [image_id]).fetchone()
+    return row and row[0]
+
+
+async def table_reloaded(pilot, app, table, old_result):
+    """Wait until the table has a new snapshot and has shown a page of it."""
+    await wait_for(pilot, lambda: table.result is not old_result and text_of(app, "#table-status").startswith("rows "), what="reload")
+
+
+def test_caption_save_on_a_later_page_keeps_the_same_image_selected(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            table = screen.query_one("#captions-table")
+            rows = screen.query_one("#rows")
+            editor = screen.query_one("#caption-text")
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            rows.focus()
+            await pilot.press("pagedown")
+            await wait_for(pilot, lambda: table.page_offset == 100, what="page 2")
+            await pilot.press(*["down"] * 5)
+            target = table.page_ids[5]
+            await wait_for(pilot, lambda: screen.image_id == target, what="row 6 of page 2 loaded")
+
+            for edit in ("edited on page two", "a second edit"):
+                old_result = table.result
+                editor.load_text(edit)
+                editor.focus()
+                await pilot.press("ctrl+s")
+                await wait_for(pilot, lambda: manual_caption(app, target) == edit, what="save")
+                await table_reloaded(pilot, app, table, old_result)
+                assert (table.page_offset, rows.cursor_row, table.current_image_id) == (100, 5, target)
+                await wait_for(pilot, lambda: screen.image_id == target and editor.text == edit, what="editor on the same image")
+            assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 1
+
+            # Sorted by caption, an edit moves the image to another page: the cursor follows it there.
+            screen.query_one("#sort").value = "caption"
+            await wait_for(pilot, lambda: table.result.filter.sort_column == "caption" and table.page_offset == 0 and table.page_ids, what="sorted")
+            rows.focus()
+            target = table.current_image_id
+            await wait_for(pilot, lambda: screen.image_id == target, what="first row loaded")
+            old_result = table.result
+            editor.load_text("zzz sorts last")
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: manual_caption(app, target) == "zzz sorts last", what="save")
+            await table_reloaded(pilot, app, table, old_result)
+            assert table.page_offset == 200 and table.current_image_id == target
+            await wait_for(pilot, lambda: screen.image_id == target, what="editor followed the image")
+
+    asyncio.run(scenario())
+
+
 # --- SQL console ----------------------------------------------------------------------
 
 

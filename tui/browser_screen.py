@@ -112,7 +112,7 @@ class BrowserScreen(Screen):
     def on_screen_resume(self) -> None:
         if getattr(self, "seen_version", None) not in (None, self.app.catalog_version):
             self.seen_version = self.app.catalog_version
-            self.query_one(ImageTable).reload()
+            self.query_one(ImageTable).reload(keep_position=True)
 
     @on(ImagePicked)
     def _picked(self, message: ImagePicked) -> None:

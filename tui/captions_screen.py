@@ -92,7 +92,7 @@ class CaptionsScreen(Screen):
     def on_screen_resume(self) -> None:
         if self.seen_version != self.app.catalog_version:
             self.seen_version = self.app.catalog_version
-            self.query_one(ImageTable).reload()
+            self.query_one(ImageTable).reload(keep_position=True)
 
     # --- the image being edited -------------------------------------------------
 
@@ -222,7 +222,7 @@ class CaptionsScreen(Screen):
         self.notify(message.text, title="Captions")
         self.post_message(CatalogChanged("captions"))
         self.seen_version = self.app.catalog_version + 1
-        self.query_one(ImageTable).reload()
+        self.query_one(ImageTable).reload(keep_position=True)
 
     @on(_Failed)
     def _failed(self, message: _Failed) -> None:

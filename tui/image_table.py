@@ -56,6 +56,7 @@ class ImageTable(Vertical):
     @dataclass
     class _Ready(Message):
         result: queries.BrowseResult
+        keep: tuple[str | None, int, int] | None = None  # (image_id, page offset, cursor row) to stay on
 
     @dataclass
     class _Rows(Message):
@@ -104,14 +105,20 @@ class ImageTable(Vertical):
             descending=self.query_one("#descending", Checkbox).value,
         )
 
-    def reload(self, *, first: bool = False) -> None:
-        """Re-run the filter (after edits or when the filter or sort changed)."""
+    def reload(self, *, first: bool = False, keep_position: bool = False) -> None:
+        """Re-run the filter (after edits or when the filter or sort changed).
+
+        keep_position: stay on the page and image under the cursor (after edits), not on row 1.
+        """
         self.query_one("#table-status", Label).update("loading…")
         self._requested = self.current_filter
-        self._build(self._requested, first)
+        keep = None
+        if keep_position and self.result is not None and self.result.filter == self._requested:
+            keep = (self.current_image_id, self.page_offset, self.query_one("#rows", PageTable).cursor_row)
+        self._build(self._requested, first, keep)
 
     @work(thread=True, exclusive=True, group="image-table-build")
-    def _build(self, flt: queries.Filter, first: bool = False) -> None:
+    def _build(self, flt: queries.Filter, first: bool = False, keep: tuple | None = None) -> None:
         try:
             if first:
                 columns, rows = queries.first_page(self.app.con, flt, self.page_size)
@@ -120,11 +127,20 @@ class ImageTable(Vertical):
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
-        self.post_message(self._Ready(result))
+        self.post_message(self._Ready(result, keep))
 
     @work(thread=True, exclusive=True, group="image-table-page")
-    def _fetch(self, result: queries.BrowseResult, offset: int, cursor: int | None = None) -> None:
+    def _fetch(
+        self, result: queries.BrowseResult, offset: int, cursor: int | None = None, *, stay: bool = False, keep_id: str | None = None
+    ) -> None:
         try:
+            if stay:
+                # The kept image may have moved (its sort key was edited) or left the filter.
+                position = None if keep_id is None else result.position_of(keep_id)
+                if position is not None:
+                    offset, cursor = position // self.page_size * self.page_size, position % self.page_size
+                else:  # gone: stay on the same page (or the new last one) near the same row
+                    offset = min(offset, max(result.total - 1, 0) // self.page_size * self.page_size)
             rows = result.page(offset, self.page_size)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
@@ -147,7 +163,11 @@ class ImageTable(Vertical):
         if old is not None:
             old.close()
         self._set_columns(message.result.columns)
-        self._fetch(message.result, 0)
+        if message.keep is None:
+            self._fetch(message.result, 0)
+        else:
+            image_id, offset, cursor = message.keep
+            self._fetch(message.result, offset, cursor, stay=True, keep_id=image_id)
         self.post_message(self.Loaded(message.result))
 
     def _set_columns(self, columns: list[str]) -> None:

@@ -95,6 +95,14 @@ class BrowseResult:
                 [offset, offset + limit],
             ).fetchall()
 
+    def position_of(self, image_id: str) -> int | None:
+        """0-based position of an image in the snapshot, or None if it is not (or no longer) there."""
+        with self.lock:
+            if self.closed:
+                return None
+            row = self.cursor.execute(f"SELECT rn FROM {self.table} WHERE image_id = ?", [image_id]).fetchone()
+            return None if row is None else row[0] - 1
+
     def image_ids(self) -> list[str]:
         """Every image_id in the snapshot, in order (for bulk edits over the filtered rows)."""
         with self.lock:
