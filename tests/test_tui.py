@@ -364,6 +364,44 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
     asyncio.run(scenario())
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def rendered_lines(table) -> list[str]:
+    """What a PageTable sends to the terminal, line by line (header first)."""
+    return [table.render_line(y).text for y in range(min(table.row_count + 1, table.size.height))]
+
+
+def test_tables_show_control_characters_as_escapes_never_send_them(synthetic_catalog):
+    con = connect(synthetic_catalog)
+    hostile_id = con.execute("SELECT image_id FROM images_view ORDER BY path LIMIT 1").fetchone()[0]
+    con.execute("INSERT INTO captions VALUES (?, 'manual', 'bell\x07 tab\t cr\r csi\x9b esc\x1b[2J', now())", [hostile_id])
+    con.execute("INSERT INTO caption_choice VALUES (?, 'manual')", [hostile_id])
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            screen.query_one("#editor").load_text("SELECT chr(27) || ']2;PWNED' || chr(7) || 'x' AS \"col\x1bumn\", 'a' || chr(10) || 'b' AS nl")
+            await pilot.press("f9")
+            results = screen.query_one("#results")
+            await wait_for(pilot, lambda: results.row_count == 1, what="results")
+            header, row = rendered_lines(results)
+            assert not CONTROL.search(header + row)
+            assert "col\\x1bumn" in header and "\\x1b]2;PWNED\\x07x" in row and "a b" in row
+
+            await pilot.press("f4")  # an image table: captions come from files and models
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="captions table")
+            table = app.screen.query_one("#rows")
+            await wait_for(pilot, lambda: "bell" in rendered_lines(table)[1], what="hostile caption shown")
+            lines = rendered_lines(table)
+            assert not any(CONTROL.search(line) for line in lines)
+            assert "bell\\x07 tab\\t cr\\r csi\\x9b esc\\x1b[2J" in lines[1]
+
+    asyncio.run(scenario())
+
+
 # --- duplicates -------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, OptionList, TextArea
@@ -113,7 +114,8 @@ class CaptionsScreen(Screen):
     def _show(self, message: _Loaded) -> None:
         self.image_id = message.image_id
         row = message.details.get("row", {})
-        self.query_one("#caption-path", Label).update(f"{row.get('path')}  [dim]({row.get('caption_source') or 'no caption'})[/]")
+        # Paths come from files on disk: escaped so a '[' in a name is not read as markup.
+        self.query_one("#caption-path", Label).update(f"{escape(str(row.get('path')))}  [dim]({row.get('caption_source') or 'no caption'})[/]")
         self.query_one("#caption-text", TextArea).load_text(row.get("caption") or "")
         sources = self.query_one("#sources", OptionList)
         sources.clear_options()
