@@ -577,6 +577,97 @@ def test_train_screen_stop_and_resume(four_image_catalog):
     asyncio.run(scenario())
 
 
+# --- keys that F1 lists win over the focused widget -------------------------------------------
+
+
+def test_sql_keys_work_while_typing_in_the_editor(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            editor = screen.query_one("#editor")
+            editor.load_text("SELECT format FROM images")
+            editor.focus()
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 250, what="results")
+            editor.move_cursor((0, 10))
+
+            await pilot.press("ctrl+e")  # export, not end of line
+            target = synthetic_catalog.parent / "results.csv"
+            await wait_for(pilot, lambda: target.exists() and "exported" in text_of(app, "#sql-status"), what="export")
+            assert editor.cursor_location == (0, 10)
+
+            await pilot.press("ctrl+w")  # write mode, not delete word
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "ConfirmWrite", what="write confirmation")
+            assert editor.text == "SELECT format FROM images"
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is screen and not screen.write_mode)
+
+            editor.focus()
+            await pilot.press("f5")  # the editor would take F6/F7 (select line/all) for itself
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "DuplicatesScreen")
+            await pilot.press("f6")
+            await wait_for(pilot, lambda: app.screen is screen)
+            editor.focus()
+            await pilot.press("f7")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "TrainScreen", what="F7 from the editor")
+
+    asyncio.run(scenario())
+
+
+def test_caption_keys_work_while_typing_and_enter_on_a_row_edits_it(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            editor = screen.query_one("#caption-text")
+            rows = screen.query_one("#rows")
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            rows.focus()
+            await pilot.press("down")
+            image_id = screen.query_one("#captions-table").current_image_id
+            await wait_for(pilot, lambda: screen.image_id == image_id and screen.query_one("#sources").option_count, what="row 2")
+            await pilot.press("enter")
+            assert app.focused is editor
+            await pilot.press("end", "enter")  # in the editor, enter is a new line
+            assert editor.text.endswith("\n") and app.focused is editor
+
+            sources = screen.query_one("#sources")
+            sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            editor.focus()
+            await pilot.press("ctrl+a")  # accept the source, not line start
+            await wait_for(pilot, lambda: app.con.execute("SELECT source FROM caption_choice WHERE image_id = ?", [image_id]).fetchall() == [("model:blip",)], what="accept")
+
+            await pilot.press("f6")  # the editor would select a line
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "SqlScreen", what="F6 from the editor")
+
+    asyncio.run(scenario())
+
+
+def test_train_stop_key_works_while_an_input_has_focus(synthetic_catalog):
+    class FakeRun:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            field = screen.query_one("#field-seed")
+            await wait_for(pilot, lambda: field.value != "", what="defaults")
+            seed = field.value
+            run = screen._progress = FakeRun()  # stands in for a running training
+            field.focus()
+            field.action_select_all()
+            await pilot.press("ctrl+x")  # stop, not cut
+            assert run.cancelled and field.value == seed
+            assert "stopping" in text_of(app, "#train-state")
+
+    asyncio.run(scenario())
+
+
 # --- catalog lock, help ---------------------------------------------------------------------
 
 

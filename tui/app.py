@@ -39,9 +39,10 @@ class WorkbenchApp(App[None]):
     TITLE = "workbench"
     CSS_PATH = "app.tcss"
     MODES = {mode: screen for _, mode, _, screen in SCREENS_BY_KEY}
+    # Screen keys are priority bindings: TextArea takes F6/F7 (select line/all) when an editor has focus.
     BINDINGS = [
         Binding("f1", "help", "Help"),
-        *(Binding(key, f"show('{mode}')", label) for key, mode, label, _ in SCREENS_BY_KEY),
+        *(Binding(key, f"show('{mode}')", label, priority=True) for key, mode, label, _ in SCREENS_BY_KEY),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 

@@ -28,10 +28,13 @@ class CaptionsScreen(Screen):
 
     CSS_PATH = "captions_screen.tcss"
     BINDINGS = [
+        # Priority: the editor and inputs would take ctrl+a (line start) for themselves.
         Binding("ctrl+s", "save", "Save caption", priority=True),
-        Binding("ctrl+a", "accept", "Accept source"),
-        Binding("ctrl+r", "reject", "Reject source"),
-        Binding("f8", "undo_bulk", "Undo bulk edit"),
+        Binding("ctrl+a", "accept", "Accept source", priority=True),
+        Binding("ctrl+r", "reject", "Reject source", priority=True),
+        Binding("f8", "undo_bulk", "Undo bulk edit", priority=True),
+        # Not priority: enter keeps its meaning in inputs, buttons and the sources list; on the table it edits.
+        Binding("enter", "edit", "Edit caption of the row", show=False),
         Binding("ctrl+down", "move(1)", "Next image", priority=True),
         Binding("ctrl+up", "move(-1)", "Prev image", priority=True),
     ]
@@ -125,6 +128,11 @@ class CaptionsScreen(Screen):
         if sources.option_count:
             sources.highlighted = 0
         self.query_one("#caption-preview", ImagePreview).show(message.picture)
+
+    @on(PageTable.RowSelected)
+    def action_edit(self) -> None:
+        """Enter (or a double click) on a row: type its caption."""
+        self.query_one("#caption-text", TextArea).focus()
 
     def action_move(self, delta: int) -> None:
         """Next/previous image without leaving the caption editor (pages at the ends)."""

@@ -50,7 +50,6 @@ class PageTable(ScrollView, can_focus=True):
         Binding("down", "cursor(1)", "Down", show=False),
         Binding("home", "cursor_to(0)", "Top", show=False),
         Binding("end", "cursor_to(-1)", "Bottom", show=False),
-        Binding("enter", "select", "Select", show=False),
     ]
 
     cursor_row: reactive[int] = reactive(0)

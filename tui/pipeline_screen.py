@@ -60,9 +60,9 @@ class PipelineScreen(Screen):
 
     CSS_PATH = "pipeline_screen.tcss"
     BINDINGS = [
-        Binding("ctrl+r", "run_all", "Run all"),
+        Binding("ctrl+r", "run_all", "Run all", priority=True),
         Binding("escape", "cancel", "Cancel step"),
-        Binding("ctrl+l", "clear_log", "Clear log"),
+        Binding("ctrl+l", "clear_log", "Clear log", priority=True),
     ]
 
     @dataclass

@@ -54,10 +54,11 @@ class SqlScreen(Screen):
 
     CSS_PATH = "sql_screen.tcss"
     BINDINGS = [
+        # Priority: the editor would take ctrl+e (line end) and ctrl+w (delete word) for itself.
         Binding("ctrl+enter,ctrl+j,f9", "run", "Run query", priority=True),
-        Binding("ctrl+e", "export('csv')", "Export CSV"),
-        Binding("ctrl+t", "export('parquet')", "Export Parquet"),
-        Binding("ctrl+w", "toggle_write", "Write mode"),
+        Binding("ctrl+e", "export('csv')", "Export CSV", priority=True),
+        Binding("ctrl+t", "export('parquet')", "Export Parquet", priority=True),
+        Binding("ctrl+w", "toggle_write", "Write mode", priority=True),
     ]
 
     @dataclass

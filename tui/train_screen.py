@@ -106,9 +106,10 @@ class TrainScreen(Screen):
 
     CSS_PATH = "train_screen.tcss"
     BINDINGS = [
-        Binding("ctrl+t", "train", "Train"),
-        Binding("ctrl+x", "stop", "Stop"),
-        Binding("ctrl+o", "resume", "Resume"),
+        # Priority: a focused Input would take ctrl+x as cut.
+        Binding("ctrl+t", "train", "Train", priority=True),
+        Binding("ctrl+x", "stop", "Stop", priority=True),
+        Binding("ctrl+o", "resume", "Resume", priority=True),
     ]
 
     @dataclass
