@@ -402,6 +402,56 @@ def test_tables_show_control_characters_as_escapes_never_send_them(synthetic_cat
     asyncio.run(scenario())
 
 
+SLOW_SQL = "SELECT count(*) FROM range(100000) a, range(100000) b WHERE (a.range * b.range) % 7 = 3"  # minutes
+
+
+def test_sql_long_query_is_stopped_by_a_new_query_escape_and_quit(synthetic_catalog):
+    quit_at = []
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            editor = screen.query_one("#editor")
+            results = screen.query_one("#results")
+
+            # Queries start by the Run action, not a key: Pilot.press waits up to 2 s for a busy process to go idle.
+            editor.load_text(SLOW_SQL)
+            screen.action_run()
+            await wait_for(pilot, lambda: screen.running_query is not None and screen.running_query._cursors, what="slow query started")
+            slow = screen.running_query
+            await pilot.pause(0.3)
+            editor.load_text("SELECT 42 AS answer")
+            screen.action_run()  # a new query stops the old one
+            await wait_for(pilot, lambda: results.rows == [["42"]], timeout=5, what="second query")
+            await wait_for(pilot, lambda: slow.finished, timeout=5, what="first query interrupted")
+            assert "rows" in text_of(app, "#sql-status")
+
+            editor.load_text(SLOW_SQL)
+            editor.focus()
+            screen.action_run()
+            await wait_for(pilot, lambda: screen.running_query is not None and screen.running_query._cursors, what="slow query again")
+            slow = screen.running_query
+            await pilot.pause(0.3)
+            await pilot.press("escape")  # cancels, even from the editor
+            await wait_for(pilot, lambda: slow.finished, timeout=5, what="cancelled by escape")
+            assert "cancelled" in text_of(app, "#sql-status") and app.focused is editor
+            await pilot.pause(0.2)
+            assert "cancelled" in text_of(app, "#sql-status") and not app._notifications  # no error shown for it
+            await pilot.press("escape")  # nothing running: the editor's own escape (focus moves on)
+            assert app.focused is not editor
+
+            editor.load_text(SLOW_SQL)
+            screen.action_run()
+            await wait_for(pilot, lambda: screen.running_query is not None and screen.running_query._cursors, what="slow query a third time")
+            await pilot.pause(0.3)
+            quit_at.append(time.monotonic())
+            await pilot.press("ctrl+q")
+
+    asyncio.run(scenario())  # returns only once every worker thread has ended
+    assert time.monotonic() - quit_at[0] < 5
+
+
 # --- duplicates -------------------------------------------------------------------------
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 from textual import on, work
+from textual.actions import SkipAction
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -23,6 +26,57 @@ from workbench.catalog import CatalogError, is_read_only_sql, run_sql
 
 RESULT_ROWS = 1000  # rows shown; export writes them all
 EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC, format;"
+
+
+class QueryCancelled(Exception):
+    """The query was cancelled (a newer one started, Escape, or the screen closed)."""
+
+
+class InterruptibleQuery:
+    """The cursors one console query runs on, so the UI thread can interrupt it.
+
+    DuckDB's interrupt() stops only what runs on the very cursor it is called on, and run_sql opens
+    its own cursor from the connection it is given: so run_sql is given this object, which hands out
+    (and remembers) those cursors.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+        self._lock = threading.Lock()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self.cancelled = False
+        self.finished = False
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            self.check()
+            cur = self._con.cursor()
+            self._cursors.append(cur)
+            return cur
+
+    def check(self) -> None:
+        """Raise QueryCancelled once cancelled (called between steps: interrupt() misses a query not yet started)."""
+        if self.cancelled:
+            raise QueryCancelled()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            for cur in self._cursors:
+                try:
+                    cur.interrupt()
+                except duckdb.Error:  # already closed
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            for cur in self._cursors:
+                try:
+                    cur.close()
+                except duckdb.Error:
+                    pass
+            self._cursors.clear()
+            self.finished = True
 
 
 class ConfirmWrite(ModalScreen[bool]):
@@ -59,6 +113,9 @@ class SqlScreen(Screen):
         Binding("ctrl+e", "export('csv')", "Export CSV", priority=True),
         Binding("ctrl+t", "export('parquet')", "Export Parquet", priority=True),
         Binding("ctrl+w", "toggle_write", "Write mode", priority=True),
+        # Priority, else the editor takes Escape to move focus (it still does with no query running).
+        # Not in the footer: the status line says "Esc cancels" while a query runs.
+        Binding("escape", "cancel_query", "Cancel query", priority=True, show=False),
     ]
 
     @dataclass
@@ -69,6 +126,7 @@ class SqlScreen(Screen):
         total: int | None
         seconds: float
         wrote: bool
+        query: InterruptibleQuery | None = None
 
     @dataclass
     class _Exported(Message):
@@ -77,12 +135,15 @@ class SqlScreen(Screen):
     @dataclass
     class _Failed(Message):
         error: str
+        query: InterruptibleQuery | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.history: list[str] = []
         self.show_timings = True
         self.last_sql: str | None = None
+        self.running_query: InterruptibleQuery | None = None  # the query running now
+        self.running_export: InterruptibleQuery | None = None  # the latest export (may have finished)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -118,32 +179,71 @@ class SqlScreen(Screen):
         if not sql:
             self.notify("Type a query first.", severity="warning")
             return
-        self.query_one("#sql-status", Label).update("running…")
-        self._run(sql, self.write_mode)
+        self.query_one("#sql-status", Label).update("running… (Esc cancels)")
+        self._stop_query()  # one query at a time: a new one stops the old
+        self.running_query = InterruptibleQuery(self.app.con)
+        self._run(self.running_query, sql, self.write_mode)
+
+    def action_cancel_query(self) -> None:
+        if self.running_query is None:
+            raise SkipAction()  # nothing to cancel: Escape keeps its meaning in the editor
+        self._stop_query()
+        self.query_one("#sql-status", Label).update("query cancelled")
+
+    def _stop_query(self) -> None:
+        if self.running_query is not None:
+            self.running_query.cancel()
+            self.running_query = None
+
+    def on_unmount(self) -> None:
+        # Quitting must not wait for a long query: the app's exit waits for every worker thread.
+        self._stop_query()
+        if self.running_export is not None:
+            self.running_export.cancel()
 
     @work(thread=True, exclusive=True, group="sql-run")
-    def _run(self, sql: str, write: bool) -> None:
-        cur = self.app.con.cursor()
+    def _run(self, query: InterruptibleQuery, sql: str, write: bool) -> None:
         started = time.perf_counter()
+        wrote = not is_read_only_sql(sql)
         try:
-            wrote = not is_read_only_sql(sql)
-            relation = run_sql(cur, sql, write=write)
+            relation = run_sql(query, sql, write=write)
             if relation is None:
-                self.post_message(self._Result(sql, [], [], None, time.perf_counter() - started, wrote))
-                return
-            rows = relation.limit(RESULT_ROWS + 1).fetchall()
-            total = len(rows) if len(rows) <= RESULT_ROWS else None
-            self.post_message(self._Result(sql, list(relation.columns), rows[:RESULT_ROWS], total, time.perf_counter() - started, wrote))
+                result = self._Result(sql, [], [], None, time.perf_counter() - started, wrote, query)
+            else:
+                query.check()
+                rows = relation.limit(RESULT_ROWS + 1).fetchall()
+                total = len(rows) if len(rows) <= RESULT_ROWS else None
+                result = self._Result(sql, list(relation.columns), rows[:RESULT_ROWS], total, time.perf_counter() - started, wrote, query)
         except Exception as error:
+            if query.cancelled:  # whoever cancelled it has said so
+                if wrote:
+                    self.post_message(CatalogChanged("sql"))  # a write may have got through before the interrupt
+                return
             message = people_message(error)
             if isinstance(error, CatalogError) and "Refused" in message:
                 message = "Refused: this SQL writes to the catalog. Switch on write mode (ctrl+w) to allow it."
-            self.post_message(self._Failed(message))
+            self.post_message(self._Failed(message, query))
+            return
         finally:
-            cur.close()
+            query.close()
+        if not query.cancelled:
+            self.post_message(result)
+        elif wrote:
+            self.post_message(CatalogChanged("sql"))
+
+    def _current(self, query: InterruptibleQuery | None) -> bool:
+        """Whether a query's message is still wanted (not from one cancelled or replaced meanwhile)."""
+        if query is None:  # exports
+            return True
+        if query is not self.running_query:
+            return False
+        self.running_query = None
+        return True
 
     @on(_Result)
     def _result(self, message: _Result) -> None:
+        if not self._current(message.query):
+            return
         self.last_sql = message.sql
         if not self.history or self.history[-1] != message.sql:
             self.history.append(message.sql)
@@ -163,6 +263,8 @@ class SqlScreen(Screen):
 
     @on(_Failed)
     def _failed(self, message: _Failed) -> None:
+        if not self._current(message.query):
+            return
         self.query_one("#sql-status", Label).update(f"[red]{message.error}[/]")
         self.notify(message.error, title="SQL", severity="error", timeout=8)
 
@@ -213,22 +315,26 @@ class SqlScreen(Screen):
             path = path.with_suffix(f".{kind}")
         if not path.is_absolute():
             path = self.app.catalog_path.resolve().parent / path
-        self._export(self.last_sql, path, kind)
+        if self.running_export is not None:
+            self.running_export.cancel()
+        self.running_export = InterruptibleQuery(self.app.con)
+        self._export(self.running_export, self.last_sql, path, kind)
 
     @work(thread=True, exclusive=True, group="sql-export")
-    def _export(self, sql: str, path: Path, kind: str) -> None:
-        cur = self.app.con.cursor()
+    def _export(self, query: InterruptibleQuery, sql: str, path: Path, kind: str) -> None:
         try:
-            relation = run_sql(cur, sql)
+            relation = run_sql(query, sql)
+            query.check()
             if kind == "csv":
                 relation.write_csv(str(path))
             else:
                 relation.write_parquet(str(path))
         except Exception as error:
-            self.post_message(self._Failed(people_message(error)))
+            if not query.cancelled:
+                self.post_message(self._Failed(people_message(error)))
             return
         finally:
-            cur.close()
+            query.close()
         self.post_message(self._Exported(str(path)))
 
     @on(_Exported)
