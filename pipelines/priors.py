@@ -86,6 +86,8 @@ def class_priors(
         raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\".")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if num_inference_steps < 1:
+        raise ValueError("The number of sampling steps must be at least 1.")
     wanted = num_images if num_images is not None else default_prior_count(con, concept=concept, max_images=max_images)
     if wanted < 1:
         raise ValueError("The number of class images must be at least 1.")

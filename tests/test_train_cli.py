@@ -114,6 +114,45 @@ def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_pat
     assert typo.exit_code == 2 and "Unknown training option 'lerning_rate'" in typo.output
     resume = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resume", "latest"])
     assert resume.exit_code == 2 and "--output-dir" in resume.output
+    typed = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "rank=abc", "--set", "resolution=[64]"])
+    assert typed.exit_code == 2
+    assert "rank must be int, got 'abc'" in typed.output and "resolution must be int, got [64]" in typed.output
+    device = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--device", "tpu"])
+    assert device.exit_code == 2 and "--device must be one of cpu, cuda, mps" in device.output
+
+
+def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_copy, catalog_path, tmp_path, monkeypatch, one_thread):
+    """`--resume latest` continues with the options the checkpoint was written with (not the defaults); options
+    that would make it another run are refused, and a new run never lands in an old run's folder."""
+    from workbench.catalog import connect
+
+    assert runner.invoke(app, ["ingest", str(sample_copy / "photos"), "--catalog", str(catalog_path), "--workers", "1"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    common = ["--catalog", str(catalog_path), "--output-dir", "runs/a", "--device", "cpu", "--set", "report_to='none'",
+              "--set", "num_validation_images=0", "--set", f"cache_dir='{tmp_path / 'cache'}'"]
+    first = runner.invoke(app, ["train", "lora", *common, "--model", "tiny", "--resolution", "64", "--train-batch-size", "2",
+                                "--rank", "2", "--max-train-steps", "2", "--checkpointing-steps", "1"])
+    assert first.exit_code == 0, first.output
+    fp16 = runner.invoke(app, ["train", "lora", *common, "--output-dir", "runs/b", "--resolution", "64", "--mixed-precision", "fp16"])
+    assert fp16.exit_code == 2 and "fp16 needs a CUDA GPU" in " ".join(fp16.output.split())
+
+    again = runner.invoke(app, ["train", "lora", *common, "--resolution", "64"])
+    assert again.exit_code == 2 and "already holds a training run" in " ".join(again.output.split())
+    other_rank = runner.invoke(app, ["train", "lora", *common, "--resume", "latest", "--rank", "8"])
+    assert other_rank.exit_code == 2 and "rank 2 (saved) vs 8" in " ".join(other_rank.output.split())
+    other_mode = runner.invoke(app, ["train", "finetune", *common, "--resume", "latest"])
+    assert other_mode.exit_code == 2 and "mode 'lora' (saved) vs 'finetune'" in " ".join(other_mode.output.split())
+
+    resumed = runner.invoke(app, ["train", "lora", *common, "--resume", "latest", "--max-train-steps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    con = connect(catalog_path)
+    runs = con.execute("SELECT status, steps, config, output_dir FROM training_runs WHERE status = 'ok' ORDER BY train_id").fetchall()
+    con.close()
+    assert [(status, steps) for status, steps, _, _ in runs] == [("ok", 2), ("ok", 3)]
+    saved, continued = (json.loads(config) for _, _, config, _ in runs)
+    assert (continued["resolution"], continued["rank"], continued["train_batch_size"]) == (64, 2, 2)  # not the defaults
+    assert continued["max_train_steps"] == 3 and saved["max_train_steps"] == 2
+    assert runs[1][3] == str(tmp_path / "runs" / "a")  # stored absolute: `evaluate` works from any folder
 
 
 def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, tmp_path, one_thread):

@@ -175,6 +175,12 @@ def load_checkpoint(
     return state
 
 
+def saved_config(path: Path) -> dict | None:
+    """The training options a checkpoint was written with (None for checkpoints from before they were saved)."""
+    state_file = path / "state.json"
+    return json.loads(state_file.read_text()).get("config") if state_file.is_file() else None
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Finished checkpoints in step order (temp folders of an interrupted save are ignored)."""
     if not folder.is_dir():

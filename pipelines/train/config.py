@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,15 @@ LR_SCHEDULERS = (
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DEVICES = ("cpu", "cuda", "mps")
+# what --resume may change: how long, how often to save and sample, where and how to log and cache. Anything
+# else would make the continued run a different run than the one its checkpoint belongs to.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
+    "validation_prompt", "validation_steps", "num_validation_images", "validation_seed", "validation_inference_steps",
+    "validation_guidance_scale", "report_to", "evaluate", "clip_model", "device", "dataloader_num_workers",
+    "cache_dir", "cache_memory_mb", "torch_compile",
+})
 
 
 class ConfigError(ValueError):
@@ -142,6 +153,9 @@ class TrainConfig:
             (self.beta_schedule is None or self.beta_schedule in BETA_SCHEDULES, f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}"),
             (self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "--prediction-type must be epsilon or v_prediction"),
             (self.rank >= 1, "--rank must be at least 1"),
+            (self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive"),
+            (self.device is None or self.device.split(":")[0] in DEVICES, f"--device must be one of {', '.join(DEVICES)} (cuda:N for one GPU)"),
+            (self.prior_inference_steps >= 1, "prior_inference_steps must be at least 1"),
             (0.0 <= self.caption_dropout <= 1.0, "--caption-dropout must be between 0 and 1"),
             (self.keep_tokens >= 0, "--keep-tokens must be 0 or more"),
             (self.color_jitter >= 0, "--color-jitter must be 0 or more"),
@@ -187,8 +201,59 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _type_errors(values: dict[str, Any]) -> list[str]:
+    """Options whose value is not of the field's type (TOML and --set values arrive untyped)."""
+    hints = typing.get_type_hints(TrainConfig)
+    problems = []
+    for name, value in values.items():
+        hint = hints[name]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        ok = False
+        for kind in allowed:
+            origin = typing.get_origin(kind) or kind
+            if kind is type(None):
+                ok = value is None
+            elif origin is list:
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, origin)
+            if ok:
+                break
+        if not ok:
+            wanted = " or ".join("none" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+            problems.append(f"{name} must be {wanted}, got {value!r}")
+    return problems
+
+
+def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
+    """For --resume: the checkpoint's saved options, with the given ones laid over those it allows to change."""
+    from pipelines.train.checkpoint import resolve_resume, saved_config
+
+    checkpoint = resolve_resume(Path(values["output_dir"]) / "checkpoints", values["resume"])
+    saved = saved_config(checkpoint) if checkpoint is not None else None
+    if saved is None:  # nothing saved yet (or a checkpoint from before options were saved): start as given
+        return values
+    saved = {k: v for k, v in saved.items() if k in FIELD_NAMES}
+    differ = [f"{k} {saved[k]!r} (saved) vs {v!r}" for k, v in values.items()
+              if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+    if differ:
+        raise ConfigError(
+            f"--resume continues {checkpoint} with the options it was trained with; these differ: {'; '.join(differ)}. "
+            "Leave them out, or start a new run in another --output-dir."
+        )
+    return {**saved, **values}
+
+
 def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from an optional TOML file (top level or a [train] table), then explicit overrides."""
+    """TrainConfig from an optional TOML file (top level or a [train] table), then explicit overrides.
+
+    With `resume`, options not given come from the checkpoint being resumed, and given ones may only change
+    what RESUME_MAY_CHANGE lists. Relative output and cache folders are made absolute (the run records them).
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -201,6 +266,17 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
         data = data.get("train", data)
         values.update(_normalise_keys(data, str(path)))
     values.update(_normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    problems = _type_errors(values)
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+    for folder in ("output_dir", "cache_dir"):
+        if values.get(folder):
+            values[folder] = str(Path(values[folder]).expanduser().absolute())
+    if values.get("resume") and values.get("output_dir"):
+        try:
+            values = resumed_values(values)
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from error
     try:
         config = TrainConfig(**values)
     except TypeError as error:

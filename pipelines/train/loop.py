@@ -297,6 +297,8 @@ def main(
         cpu=config.device == "cpu",
     )
     try:
+        if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":
+            raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; on CPU train with no (or bf16).")
         return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler)
     except torch.OutOfMemoryError as error:
         raise TrainingError(f"The GPU ran out of memory ({str(error).splitlines()[0]}). Try the {MEMORY_ADVICE}.") from error
@@ -426,10 +428,13 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if config.resume:
         resume_from = ckpt.resolve_resume(checkpoints_dir, config.resume)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(
-            resume_from, model_parameters=named_trainable, optimizer=optimizer.optimizer,
-            lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
-        )
+        try:
+            state = ckpt.load_checkpoint(
+                resume_from, model_parameters=named_trainable, optimizer=optimizer.optimizer,
+                lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
+            )
+        except ValueError as error:  # weights or optimizer state of another shape: written with other options
+            raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
         global_step = int(state["step"])
         progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
     start_step = global_step
@@ -518,7 +523,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 last_good = ckpt.save_checkpoint(
                     checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
                     lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
-                    extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed},
+                    extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
                 )
                 ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
         sampling = config.num_validation_images > 0

@@ -68,6 +68,16 @@ def _wanted(config: TrainConfig, instance_count: int) -> int:
     return max(1, min(config.max_class_images, 200 * instance_count))
 
 
+def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> None:
+    """A new run never writes into another run's folder: its checkpoints would be what `--resume latest` finds."""
+    if config.resume:
+        return
+    if (output_dir / "loss.csv").exists() or any((output_dir / "checkpoints").glob("checkpoint-*")):
+        raise TrainingError(
+            f"{output_dir} already holds a training run: continue it with --resume latest, or give another --output-dir."
+        )
+
+
 def is_main_process() -> bool:
     """False only in the extra processes of `accelerate launch` / torchrun (RANK > 0)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -98,6 +108,7 @@ def trained_model(
     priors = None
     if con is not None:
         output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
+        _refuse_a_finished_or_started_run(output_dir, config)
         images = train_data.training_images(con, config)
         if config.mode == "dreambooth" and config.with_prior_preservation:
             priors = _ensure_priors(con, config, images, components, progress)
