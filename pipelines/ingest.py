@@ -65,6 +65,7 @@ class IngestSummary:
     errors: int = 0
     marked_missing: int = 0
     reappeared: int = 0
+    errors_retried: int = 0
     sidecar_captions: int = 0
     images_joined_concepts: int = 0
     skipped_not_images: int = 0
@@ -423,8 +424,21 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
-    rows = con.execute("SELECT path_bytes, size, mtime_ns, sidecar_mtime_ns, missing FROM paths").fetchall()
-    return {bytes(r[0]): (r[1], r[2], r[3], r[4]) for r in rows}
+    """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status)."""
+    rows = con.execute(
+        "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status "
+        "FROM paths p LEFT JOIN images i USING (image_id)"
+    ).fetchall()
+    return {bytes(r[0]): tuple(r[1:]) for r in rows}
+
+
+def _last_max_pixels(con: duckdb.DuckDBPyConnection) -> int:
+    """The pixel cap of the last finished ingest (the default when there was none)."""
+    row = con.execute(
+        "SELECT CAST(json_extract(params, '$.max_pixels') AS BIGINT) FROM runs "
+        "WHERE step = 'ingest' AND status = 'ok' ORDER BY run_id DESC LIMIT 1"
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else DEFAULT_MAX_PIXELS
 
 
 def _under(path: bytes, roots: Sequence[bytes]) -> bool:
@@ -448,9 +462,13 @@ def ingested_images(
     progress: ProgressHook = null_progress,
 ) -> IngestSummary:
     """Walk `paths`, read new and changed files in parallel, and record every image in the catalog."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     roots = [os.path.abspath(os.fsencode(p)) for p in paths]
     workers = (os.cpu_count() or 1) if workers is None else workers
     summary = IngestSummary()
+    # files that failed under a lower pixel cap are read again once it is raised (the error says to raise it)
+    retry_errors = max_pixels > _last_max_pixels(con)
     params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
     with record_run(con, "ingest", params) as run:
         progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
@@ -474,6 +492,9 @@ def ingested_images(
                 to_read.append(entry)
             elif previous[3]:  # unchanged bytes, but it was marked missing: it came back
                 summary.reappeared += 1
+                to_read.append(entry)
+            elif retry_errors and previous[4] == "error":
+                summary.errors_retried += 1
                 to_read.append(entry)
             elif previous[2] != entry.sidecar_mtime_ns:
                 sidecar_only.append(entry)

@@ -176,3 +176,18 @@ def test_hashes_match_the_imagehash_definitions():
         phash, dhash = _hashes(image)
         assert phash == int(str(imagehash.phash(image)), 16), path.name
         assert dhash == int(str(imagehash.dhash(image)), 16), path.name
+
+
+def test_raising_the_pixel_cap_rereads_the_files_it_rejected(con, tmp_path):
+    """The cap error says "raise --max-pixels to read it": doing so must read them, once."""
+    make_images(tmp_path / "imgs", 3, size=(96, 64))
+    capped = ingested_images(con, [tmp_path / "imgs"], workers=1, max_pixels=1000)
+    assert capped.errors == 3
+    assert con.execute("SELECT count(*) FROM images WHERE status = 'error' AND error LIKE '%pixel cap%'").fetchone()[0] == 3
+    raised = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert (raised.errors_retried, raised.errors, raised.unchanged) == (3, 0, 0)
+    assert con.execute("SELECT count(*) FROM images WHERE status = 'ok' AND width = 96").fetchone()[0] == 3
+    again = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert (again.errors_retried, again.unchanged) == (0, 3)
+    with pytest.raises(ValueError, match="max_pixels must be at least 1"):
+        ingested_images(con, [tmp_path / "imgs"], workers=1, max_pixels=0)

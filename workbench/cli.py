@@ -93,7 +93,7 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Folders or image files to add.", show_default=False)],
     catalog: CatalogOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
-    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are recorded as errors (decompression bombs).")] = 178_956_970,
+    max_pixels: Annotated[int, typer.Option(help="Images with more pixels are recorded as errors (decompression bombs); raising it later re-reads them.")] = 178_956_970,
 ) -> None:
     """Walk folders, hash and measure every image, and record it in the catalog.
 
@@ -104,6 +104,8 @@ def ingest(
     missing = [str(p) for p in paths if not os.path.lexists(p)]
     if missing:
         fail(f"No such file or folder: {', '.join(missing)}")
+    if max_pixels < 1:
+        fail(f"--max-pixels must be at least 1, got {max_pixels}")
     con = open_catalog(catalog, create=True)
     with RichProgress() as progress:
         summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, progress=progress)
