@@ -82,6 +82,7 @@ class _Row:
     class_noun: str | None
     repeats: int | None
     role: str
+    class_prompt: str | None = None  # class priors: the prompt that generated them
 
 
 def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
@@ -91,17 +92,15 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
             SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path
             FROM paths WHERE NOT missing GROUP BY image_id
         )
-        SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation, d.caption,
-               d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role
+        SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation,
+               CASE WHEN d.role = 'class_prior' THEN coalesce(d.caption, cp.class_prompt) ELSE d.caption END,
+               d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role, cp.class_prompt
         FROM dataset d JOIN src USING (image_id) JOIN images i USING (image_id)
+        LEFT JOIN class_priors cp USING (image_id)
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
-    out = []
-    for image_id, path_bytes, path, fmt, mode, width, height, orientation, caption, concept, trigger, class_noun, repeats, role in rows:
-        out.append(_Row(image_id, bytes(path_bytes), Path(path).stem, fmt, mode, width, height, orientation, caption, concept, trigger,
-                        class_noun, repeats, role))
-    return out
+    return [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest) for image_id, path_bytes, path, *rest in rows]
 
 
 def _prepare_out(out: Path, *, overwrite: bool) -> Path:
@@ -218,8 +217,8 @@ def kohya_export(
                      f"({settings['bucket_reso_steps']} px): sd-scripts fails on them with bucket_no_upscale")
         rows = kept
     groups: dict[tuple[str, str | None], list[_Row]] = defaultdict(list)
-    for row in rows:
-        groups[(row.role, row.concept)].append(row)
+    for row in rows:  # class priors: one reg folder per class prompt, instances: one img folder per concept
+        groups[(row.role, row.class_prompt if row.role == "class_prior" else row.concept)].append(row)
     used: dict[str, set[str]] = defaultdict(set)
     subsets: list[dict[str, Any]] = []
     counts: Counter[str] = Counter({key: 0 for key in (
@@ -231,8 +230,8 @@ def kohya_export(
         first = members[0]
         is_reg = role == "class_prior"
         if is_reg:
-            # class images are captioned by their class noun when they have no caption
-            class_tokens = first.class_noun or REG_CLASS_FALLBACK
+            # each class image also gets its prompt as caption file; class_tokens covers any without one
+            class_tokens = first.class_prompt or first.class_noun or REG_CLASS_FALLBACK
             repeats = 1
         elif concept is None:
             class_tokens, repeats = PLAIN_FOLDER, 1

@@ -258,6 +258,26 @@ def test_class_priors_go_to_reg_and_missing_files_are_skipped(con, curated, tmp_
     assert not list((out / "img").rglob(f"c-{ids['c.jpg'][:12]}*"))
 
 
+def test_generated_priors_get_one_reg_folder_per_class_prompt_captioned_by_it(con, curated, tmp_path):
+    """Priors from `workbench priors` carry their prompt: it names the reg subset and is each image's caption."""
+    for i in range(3):
+        _image(tmp_path / "priors" / f"p{i}.png", color=(10 * i, 2, 3))
+    ingested_images(con, [tmp_path / "priors"], workers=1)
+    ids = _by_name(con)
+    prompts = {"p0.png": "a photo of a dog", "p1.png": "a photo of a dog", "p2.png": "a photo of a cat"}
+    for seed, (name, prompt) in enumerate(prompts.items()):
+        con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [ids[name]])
+        con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model) VALUES (?, ?, ?, 'tiny')",
+                    [ids[name], prompt, seed])
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    assert sorted(p.name for p in (out / "reg").iterdir()) == ["1_a photo of a cat", "1_a photo of a dog"]
+    dog = out / "reg" / "1_a photo of a dog"
+    assert sorted(p.read_text() for p in dog.glob("*.txt")) == ["a photo of a dog\n"] * 2
+    subsets = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]["subsets"]
+    assert sorted(s["class_tokens"] for s in subsets if s.get("is_reg")) == ["a photo of a cat", "a photo of a dog"]
+
+
 def test_no_upscale_export_leaves_out_images_kohya_cannot_bucket(con, curated, tmp_path):
     from pipelines.buckets import aspect_buckets
 
