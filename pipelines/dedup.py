@@ -289,12 +289,18 @@ def duplicate_groups(
     con: duckdb.DuckDBPyConnection,
     *,
     threshold: int = DEFAULT_THRESHOLD,
+    drop_embedding_pairs: bool = False,
     progress: ProgressHook = null_progress,
 ) -> dict[str, int]:
-    """Find near-duplicate pairs by pHash, group them with any other method's pairs, and exclude all but keepers."""
+    """Find near-duplicate pairs by pHash, group them with any other method's pairs, and exclude all but keepers.
+
+    `drop_embedding_pairs` forgets the CLIP pairs of `workbench score --dedup` first (to undo them).
+    """
     if not 0 <= threshold <= 32:
         raise ValueError("threshold must be between 0 and 32 bits")
-    with record_run(con, "dedup", {"threshold": threshold}) as run:
+    with record_run(con, "dedup", {"threshold": threshold, "drop_embedding_pairs": drop_embedding_pairs}) as run:
+        if drop_embedding_pairs:
+            con.execute("DELETE FROM duplicate_pairs WHERE method = 'embedding'")
         exact = con.execute(
             """
             SELECT count(*), coalesce(sum(n - 1), 0) FROM (

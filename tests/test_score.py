@@ -151,6 +151,12 @@ def test_embedding_duplicates_merge_into_phash_groups_with_the_keep_policy(catal
     assert stricter["embedding_pairs"] == 1
     assert catalog.execute("SELECT count(*) FROM duplicates WHERE image_id IN (?, ?)", [ids["d"], ids["e"]]).fetchone()[0] == 0
 
+    duplicate_groups(catalog, threshold=6)  # a pHash rerun keeps the CLIP pairs ...
+    assert catalog.execute("SELECT count(*) FROM duplicates WHERE image_id = ?", [ids["c"]]).fetchone()[0] == 1
+    duplicate_groups(catalog, threshold=6, drop_embedding_pairs=True)  # ... unless asked to forget them
+    assert catalog.execute("SELECT count(*) FROM duplicates").fetchone()[0] == phash_group
+    assert catalog.execute("SELECT count(*) FROM exclusions WHERE step = 'dedup' AND image_id = ?", [ids["c"]]).fetchone()[0] == 0
+
 
 def test_embedding_duplicates_need_embeddings(con):
     with pytest.raises(ValueError, match="workbench score"):
@@ -206,6 +212,11 @@ def test_cli_score_and_search(catalog_path, tmp_path):
     con.close()
     bad = runner.invoke(app, ["score", "-c", str(catalog_path), "--dedup-threshold", "1.5"])
     assert bad.exit_code == 2
+    random_clip = runner.invoke(app, ["score", "-c", str(catalog_path), "--dedup", "--workers", "0"])
+    assert random_clip.exit_code == 2 and "needs a real CLIP" in " ".join(random_clip.output.split())
+    con = connect(catalog_path, read_only=True)
+    assert con.execute("SELECT count(*) FROM exclusions").fetchone()[0] == 0  # refused before touching anything
+    con.close()
 
 
 def test_similar_pairs_match_brute_force_across_block_edges():

@@ -123,10 +123,11 @@ def ingest(
 def dedup(
     catalog: CatalogOpt = None,
     threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes.")] = 6,
+    drop_embedding_pairs: Annotated[bool, typer.Option("--drop-embedding-pairs", help="Forget the CLIP pairs `score --dedup` added (undoes them).")] = False,
 ) -> None:
     """Group exact and near-duplicate images; keep the best copy of each group, exclude the rest.
 
-    Example: workbench dedup --threshold 6
+    Example: workbench dedup --threshold 6   (add --drop-embedding-pairs to undo `score --dedup`)
     """
     from pipelines.dedup import duplicate_groups
 
@@ -134,7 +135,7 @@ def dedup(
         fail("--threshold must be between 0 and 16 bits.")
     con = open_catalog(catalog)
     with RichProgress() as progress:
-        summary = duplicate_groups(con, threshold=threshold, progress=progress)
+        summary = duplicate_groups(con, threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, progress=progress)
     console.print(counts_table("dedup", summary))
 
 
@@ -333,6 +334,8 @@ def score(
         fail("--batch-size must be at least 1.")
     if not 0.0 < dedup_threshold <= 1.0:
         fail("--dedup-threshold is a cosine similarity in (0, 1].")
+    if dedup and model == "tiny":  # its random embeddings are all alike: it would group unrelated images
+        fail("--dedup needs a real CLIP (e.g. --model sd15): the tiny preset's random weights make every image look alike.")
     try:
         torch_device = resolve_device(device)
         bundle = load_clip(model, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
