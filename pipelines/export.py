@@ -27,6 +27,7 @@ LINK_MODES = ("copy", "hardlink")
 KOHYA_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
 PLAIN_FOLDER = "images"  # kohya needs `N_name`; images without a concept go to `1_images`
 REG_CLASS_FALLBACK = "class"
+EXPORT_MANIFEST = ".workbench-export.json"  # the files an export wrote, so an --overwrite export can replace them
 MAX_COMPONENT_BYTES = 120
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 
@@ -370,14 +371,55 @@ def exported_dataset(
         raise ExportError("the dataset is empty (every image is excluded or missing): nothing to export")
     params = {"format": format, "out": str(out), "link": link}
     with record_run(con, "export", params) as run:
-        if format == "kohya":
-            summary = kohya_export(con, out, link=link, overwrite=overwrite, progress=progress)
-        elif format == "imagefolder":
-            summary = imagefolder_export(con, out, link=link, overwrite=overwrite, progress=progress)
-        else:
+        if format == "parquet":
             summary = parquet_export(con, out, overwrite=overwrite)
+        else:
+            # an export over an earlier one replaces it: the earlier files (its manifest) go first, so concepts
+            # or images curated out since are not left behind for a trainer to pick up; other files stay
+            out_path = Path(out)
+            removed = _removed_previous_export(out_path) if overwrite and out_path.is_dir() else 0
+            before = _files_under(out_path)
+            exporter = kohya_export if format == "kohya" else imagefolder_export
+            summary = exporter(con, out, link=link, overwrite=overwrite, progress=progress)
+            written = sorted(_files_under(out_path) - before - {EXPORT_MANIFEST})
+            (out_path / EXPORT_MANIFEST).write_text(json.dumps({"format": format, "files": written}, indent=0))
+            summary["earlier_export_files_removed"] = removed
         run.counts = {k: v for k, v in summary.items() if isinstance(v, int)}
     return summary
+
+
+def _files_under(folder: Path) -> set[str]:
+    """Every file (or link) below `folder`, as POSIX paths relative to it; links to folders are not followed."""
+    found = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.add(Path(os.path.relpath(os.path.join(root, name), folder)).as_posix())
+    return found
+
+
+def _removed_previous_export(out: Path) -> int:
+    """Delete the files an earlier export listed in its manifest (and folders left empty); returns how many."""
+    manifest = out / EXPORT_MANIFEST
+    if not manifest.is_file():
+        return 0
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return 0
+    removed, emptied = 0, set()
+    for relative in listed:
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            continue  # a manifest never points outside the export
+        target = out / relative
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+            removed += 1
+            emptied.update(parent for parent in target.parents if parent.is_relative_to(out) and parent != out)
+    manifest.unlink()
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def imported_kohya_folder(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.concepts import added_concept, assign_images_to_concept, concepts_from_folder_names
-from pipelines.export import ExportError, exported_dataset, imported_kohya_folder, safe_component
+from pipelines.export import EXPORT_MANIFEST, ExportError, exported_dataset, imported_kohya_folder, safe_component
 from pipelines.ingest import ingested_images
 from workbench.catalog import connect
 
@@ -150,7 +151,7 @@ def test_nasty_names_never_escape_out(con, curated, tmp_path):
     assert stray == []
     for f in _all_files(root):
         assert ".." not in f.relative_to(root).parts
-        assert not f.name.startswith(".")
+        assert not f.name.startswith(".") or f.name == EXPORT_MANIFEST  # nasty names never make hidden files
         assert f.is_file() and not f.is_symlink()
     folders = [p.name for p in (out / "img").iterdir()]
     assert "2__.._etc .._.._x" in folders  # slashes replaced, leading dots dropped: one harmless component
@@ -194,6 +195,25 @@ def test_parquet_export_reads_back_with_polars(con, curated, tmp_path):
         exported_dataset(con, target, format="parquet")
     folder = tmp_path / "pq"
     assert exported_dataset(con, folder, format="parquet")["out"].endswith("dataset.parquet")
+
+
+def test_overwrite_replaces_the_earlier_export_and_keeps_other_files(con, curated, tmp_path):
+    """Images curated out (and whole concept folders) since the last export must not linger for a trainer to find."""
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    assert (out / "img" / "10_sks dog").is_dir()
+    (out / "img" / "my notes.txt").write_text("mine")
+    ids = _by_name(con)
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'manual', 'blurry'), (?, 'manual', 'blurry')",
+                [ids["a.jpg"], ids["b.png"]])
+    summary = exported_dataset(con, out, format="kohya", overwrite=True)
+    assert summary["earlier_export_files_removed"] > 0
+    assert not (out / "img" / "10_sks dog").exists()  # its two images are excluded now
+    assert (out / "img" / "my notes.txt").read_text() == "mine"
+    images = sorted(p.name for p in out.rglob("*") if p.suffix in (".jpg", ".png"))
+    assert len(images) == summary["images"] == 3
+    listed = json.loads((out / EXPORT_MANIFEST).read_text())["files"]
+    assert "img/my notes.txt" not in listed and "dataset.toml" in listed
 
 
 def test_export_refuses_non_empty_folder_and_bad_options(con, curated, tmp_path):
