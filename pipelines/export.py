@@ -450,9 +450,16 @@ def imported_kohya_folder(
     counts = summary.as_dict()
     # ingest already reads kohya folder names; calling again is a no-op then, and covers it if not
     assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, progress=progress)
+    # regularisation images are not curated data: the trainer's class priors must come from the model it trains
+    reg = folder / "reg"
+    reg_files = sum(len(files) for _, _, files in os.walk(reg)) if roots == [folder / "img"] and reg.is_dir() else 0
+    if reg_files:
+        progress(task="import", message=f"{reg} not imported ({reg_files} files): class priors are generated "
+                 "for the model you train (`workbench priors` or `train dreambooth`)")
     return {
         **counts,
         "concept_folders": len(concept_dirs),
         "images_assigned_to_concepts": assigned,
         "concepts": len(list_concepts(con)),
+        "reg_files_not_imported": reg_files,
     }
