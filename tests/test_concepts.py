@@ -142,7 +142,7 @@ def test_resolve_image_ids_reports_unknown_short_and_ambiguous(con):
         resolve_image_ids(con, ["../x"])
 
 
-def test_concept_cli(catalog_path, con):
+def test_concept_cli(catalog_path, con, tmp_path):
     from workbench.cli import app
 
     a = _add_image(con, 1, "/data/a.jpg", 1024, 768)
@@ -156,6 +156,8 @@ def test_concept_cli(catalog_path, con):
     assert result.exit_code == 0 and "sks dog" in result.output and "10" in result.output
     result = runner.invoke(app, ["concept", "add", "bad", "--trigger", "two words", *cat])
     assert result.exit_code == 2 and "one token" in result.output
+    result = runner.invoke(app, ["concept", "add", "nowhere", "--trigger", "nw", "--folder", str(tmp_path / "absent"), *cat])
+    assert result.exit_code == 2 and "No such folder" in result.output
     result = runner.invoke(app, ["concept", "assign", "sks dog", "ffffff", *cat])
     assert result.exit_code == 2 and "no image" in result.output
     result = runner.invoke(app, ["concept", "remove", "sks dog", *cat])

@@ -422,6 +422,8 @@ def concept_add(
     """
     from pipelines.concepts import added_concept
 
+    if folder is not None and not folder.is_dir():
+        fail(f"No such folder: {folder}")
     con = open_catalog(catalog)
     try:
         summary = added_concept(con, name, trigger=trigger, class_noun=class_noun, repeats=repeats, where=where, folder=folder)
@@ -788,9 +790,10 @@ def train_command(
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
                "final loss": f"{result.final_loss:.4f}" if result.final_loss is not None else "-",
                "steps/s": f"{result.steps_per_second:.2f}", "seconds": f"{result.seconds:.1f}"}
-    for key in ("clip_score", "cmmd"):
+    labels = {"clip_score": "clip score (100 x cosine)", "cmmd": "cmmd", "fid": "fid"}  # `score` stores the bare cosine
+    for key, label in labels.items():
         if key in result.metrics:
-            summary[key.replace("_", " ")] = f"{result.metrics[key]:.3f}"
+            summary[label] = f"{result.metrics[key]:.3f}"
     console.print(counts_table(f"train {mode}", summary))
     for name, path in result.outputs.items():
         console.print(f"{name}: {path}")
@@ -879,7 +882,9 @@ def evaluate(
             metrics = run_metrics(con, train_id, clip_model=clip_model, device=device, progress=progress)
     except (ModelError, ValueError) as error:
         fail(str(error))
-    console.print(counts_table(f"evaluation of run {train_id}", {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}))
+    shown = {("clip_score (100 x cosine)" if k == "clip_score" else k): (f"{v:.4f}" if isinstance(v, float) else v)
+             for k, v in metrics.items()}  # `workbench score` stores the bare cosine (-1..1)
+    console.print(counts_table(f"evaluation of run {train_id}", shown))
 
 
 
