@@ -319,6 +319,42 @@ def test_caption_save_on_a_later_page_keeps_the_same_image_selected(synthetic_ca
     asyncio.run(scenario())
 
 
+def test_caption_edits_are_saved_when_moving_to_another_image(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            table = screen.query_one("#captions-table")
+            editor = screen.query_one("#caption-text")
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            first, second, third = table.page_ids[:3]
+            await wait_for(pilot, lambda: screen.image_id == first and editor.text == screen.loaded_text != "", what="first caption")
+            original = editor.text
+            editor.focus()
+            await pilot.press("end", *" edited")
+            await pilot.press("ctrl+down")  # leaves the first image with its edit unsaved
+            await wait_for(pilot, lambda: manual_caption(app, first) == original + " edited", what="autosave")
+            await wait_for(pilot, lambda: screen.image_id == second and editor.text == screen.loaded_text, what="second image")
+            assert screen.query_one("#rows").cursor_row == 1
+
+            # Quick edits while moving on: each lands on its own image, in order.
+            await pilot.press("end", *" two", "ctrl+down", "end", *" three", "ctrl+up")
+            await wait_for(pilot, lambda: manual_caption(app, second) and manual_caption(app, third), what="two more autosaves")
+            assert manual_caption(app, second).endswith(" two") and manual_caption(app, third).endswith(" three")
+            await wait_for(pilot, lambda: screen.image_id == second and editor.text.endswith(" two"), what="back on the second")
+
+            # Unchanged text is not saved; an emptied caption is not saved but said so.
+            await pilot.press("ctrl+down")
+            await wait_for(pilot, lambda: screen.image_id == third, what="third")
+            editor.load_text("   ")
+            await pilot.press("ctrl+down")
+            await wait_for(pilot, lambda: any("emptied caption was not saved" in n.message for n in app._notifications), what="warning")
+            assert manual_caption(app, third).endswith(" three")
+            assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 3
+
+    asyncio.run(scenario())
+
+
 # --- SQL console ----------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,11 @@ from tui.workers import people_message
 
 
 class CaptionsScreen(Screen):
-    """Fix captions one by one or in bulk; every edit becomes a 'manual' caption."""
+    """Fix captions one by one or in bulk; every edit becomes a 'manual' caption.
+
+    Leaving an image with unsaved edits saves them (as ctrl+s would): editing runs down the rows
+    with ctrl+down, and a typed caption is never dropped silently.
+    """
 
     CSS_PATH = "captions_screen.tcss"
     BINDINGS = [
@@ -57,7 +62,11 @@ class CaptionsScreen(Screen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.image_id: str | None = None
+        self.image_id: str | None = None  # the image in the editor
+        self.loaded_text = ""  # its caption as the catalog had it: the editor differs from it when edited
+        self._wanted: str | None = None  # the image last picked (its details may still be loading)
+        self._overwrite_editor = False  # the next load replaces even edited text (after accept/reject)
+        self._write_lock = threading.Lock()
         self.last_bulk: caption_edits.BulkUndo | None = None
 
     def compose(self) -> ComposeResult:
@@ -102,7 +111,25 @@ class CaptionsScreen(Screen):
 
     @on(ImagePicked)
     def _picked(self, message: ImagePicked) -> None:
+        if message.image_id != self.image_id:
+            self._autosave()
+        self._wanted = message.image_id
         self._load(message.image_id)
+
+    @property
+    def edited(self) -> bool:
+        """Whether the editor holds text not saved for the image it shows."""
+        return self.image_id is not None and self.query_one("#caption-text", TextArea).text.strip() != self.loaded_text.strip()
+
+    def _autosave(self) -> None:
+        """Save the editor's text for the image it shows, if edited (called when leaving that image)."""
+        if not self.edited:
+            return
+        text = self.query_one("#caption-text", TextArea).text
+        if not text.strip():
+            self.notify("The emptied caption was not saved: reject its source instead (ctrl+r).", title="Captions", severity="warning")
+            return
+        self._save(self.image_id, text, "caption saved on leaving the image")
 
     @work(thread=True, exclusive=True, group="caption-load")
     def _load(self, image_id: str) -> None:
@@ -115,11 +142,21 @@ class CaptionsScreen(Screen):
 
     @on(_Loaded)
     def _show(self, message: _Loaded) -> None:
+        if message.image_id != self._wanted:
+            return  # a later pick is loading: never show an image the table cursor has left
+        editor = self.query_one("#caption-text", TextArea)
+        if message.image_id != self.image_id:
+            self._autosave()  # typed while this image was loading: it belongs to the image shown then
+        # A reload of the same image (after any write) keeps what is being typed, unless a source was just chosen.
+        keep_typing = message.image_id == self.image_id and self.edited and not self._overwrite_editor
+        self._overwrite_editor = False
         self.image_id = message.image_id
         row = message.details.get("row", {})
         # Paths come from files on disk: escaped so a '[' in a name is not read as markup.
         self.query_one("#caption-path", Label).update(f"{escape(str(row.get('path')))}  [dim]({row.get('caption_source') or 'no caption'})[/]")
-        self.query_one("#caption-text", TextArea).load_text(row.get("caption") or "")
+        self.loaded_text = row.get("caption") or ""
+        if not keep_typing:
+            editor.load_text(self.loaded_text)
         sources = self.query_one("#sources", OptionList)
         sources.clear_options()
         for source, text in message.details.get("captions", []):
@@ -156,19 +193,28 @@ class CaptionsScreen(Screen):
             self.notify("Pick an image first.", severity="warning")
             return
         text = self.query_one("#caption-text", TextArea).text
-        image_id, sidecar = self.image_id, self.sidecars
-        self._write(lambda con: caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar) or "caption saved")
+        if not text.strip():
+            self.notify("A caption cannot be empty; reject it instead to fall back to another source.", severity="warning")
+            return
+        self._save(self.image_id, text, "caption saved")
+
+    def _save(self, image_id: str, text: str, done: str) -> None:
+        sidecar = self.sidecars
+        self.loaded_text = text  # saved: no longer an edit (a failure is reported by _Failed)
+        self._write(lambda con: caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar) or done)
 
     @on(Button.Pressed, "#accept")
     def action_accept(self) -> None:
         source, image_id = self._selected_source(), self.image_id
         if source and image_id:
+            self._overwrite_editor = True  # the chosen caption replaces what is in the editor
             self._write(lambda con: caption_edits.choose_caption(con, image_id, source) or f"using the {source} caption")
 
     @on(Button.Pressed, "#reject")
     def action_reject(self) -> None:
         source, image_id = self._selected_source(), self.image_id
         if source and image_id:
+            self._overwrite_editor = True
             self._write(lambda con: caption_edits.reject_caption(con, image_id, source) or f"{source} caption rejected")
 
     @on(Button.Pressed, "#bulk-replace")
@@ -196,10 +242,13 @@ class CaptionsScreen(Screen):
             return
         self._run_bulk(table.result, edit, self.sidecars)
 
-    @work(thread=True, exclusive=True, group="caption-write")
+    # Writes are not exclusive: a newer write must not cancel an older one before it ran (a save on
+    # leaving an image would be lost); the lock runs them one at a time.
+    @work(thread=True, group="caption-write")
     def _run_bulk(self, result: queries.BrowseResult, edit: dict, sidecars: bool) -> None:
         try:
-            undo = caption_edits.bulk_edit(self.app.con, result.image_ids(), sidecars=sidecars, **edit)
+            with self._write_lock:
+                undo = caption_edits.bulk_edit(self.app.con, result.image_ids(), sidecars=sidecars, **edit)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
@@ -213,10 +262,11 @@ class CaptionsScreen(Screen):
             return
         self._write(lambda con: f"undid {undo.description} on {caption_edits.undo_bulk(con, undo, sidecars=sidecars):,} images", undone=True)
 
-    @work(thread=True, exclusive=True, group="caption-write")
+    @work(thread=True, group="caption-write")
     def _write(self, change, undone: bool = False) -> None:
         try:
-            text = change(self.app.con)
+            with self._write_lock:
+                text = change(self.app.con)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
