@@ -59,6 +59,8 @@ def test_sql_errors_are_messages_not_tracebacks(catalog_path):
     assert result.exit_code == 2 and "SQL error" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["sql", "SELECT 1", "-c", str(catalog_path.parent / "absent.duckdb")])
     assert result.exit_code == 2 and "No catalog" in result.output
+    result = runner.invoke(app, ["sql", " ; ", "-c", str(catalog_path)])
+    assert result.exit_code == 2 and "the query is empty" in result.output  # not "refused: it writes"
 
 
 def test_catalog_from_environment(catalog_path, monkeypatch):

@@ -233,8 +233,10 @@ def is_read_only_sql(sql: str) -> bool:
 
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) -> duckdb.DuckDBPyRelation | None:
     """Run user SQL; refuse statements that write unless `write` is set."""
+    if not statement_kinds(sql):
+        raise CatalogError("No SQL to run: the query is empty.")
     if not write and not is_read_only_sql(sql):
-        kinds = ", ".join(sorted(set(statement_kinds(sql)))) or "empty"
+        kinds = ", ".join(sorted(set(statement_kinds(sql))))
         raise CatalogError(
             f"Refused: this SQL writes to the catalog ({kinds}). SQL is read-only by default; "
             "pass --write if you mean to change the catalog."
