@@ -355,6 +355,37 @@ def test_caption_edits_are_saved_when_moving_to_another_image(synthetic_catalog)
     asyncio.run(scenario())
 
 
+def test_caption_bulk_edits_skip_broken_images_and_a_no_op_keeps_the_undo(synthetic_catalog):
+    con = connect(synthetic_catalog)
+    broken = con.execute("SELECT image_id FROM images WHERE status = 'error'").fetchall()
+    assert broken
+    con.execute("DELETE FROM captions WHERE image_id IN (SELECT image_id FROM images WHERE status = 'error')")
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            ok = query_count(app, "SELECT count(*) FROM images WHERE status = 'ok'")
+            screen.query_one("#token").value = "sks"
+            await pilot.click("#bulk-add")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == ok, what="bulk add")
+            assert query_count(app, "SELECT count(*) FROM captions c JOIN images i USING (image_id) WHERE i.status = 'error'") == 0
+            await wait_for(pilot, lambda: not screen.query_one("#bulk-undo").disabled, what="undo offered")
+
+            # A bulk edit that changes nothing must not replace the undo of the one that did.
+            screen.query_one("#token").value = "not-there"
+            await pilot.click("#bulk-remove")
+            await wait_for(pilot, lambda: any("0 captions changed" in n.message for n in app._notifications), what="no-op")
+            assert not screen.query_one("#bulk-undo").disabled
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 0, what="undo of the add")
+            await wait_for(pilot, lambda: screen.query_one("#bulk-undo").disabled, what="nothing left to undo")
+
+    asyncio.run(scenario())
+
+
 # --- SQL console ----------------------------------------------------------------------
 
 

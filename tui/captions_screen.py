@@ -248,11 +248,14 @@ class CaptionsScreen(Screen):
     def _run_bulk(self, result: queries.BrowseResult, edit: dict, sidecars: bool) -> None:
         try:
             with self._write_lock:
-                undo = caption_edits.bulk_edit(self.app.con, result.image_ids(), sidecars=sidecars, **edit)
+                targets = result.image_ids(ok_only=True)
+                undo = caption_edits.bulk_edit(self.app.con, targets, sidecars=sidecars, **edit)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
-        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed", undo=undo))
+        skipped = result.total - len(targets)
+        note = f" ({skipped:,} images that failed to load left alone)" if skipped else ""
+        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo))
 
     @on(Button.Pressed, "#bulk-undo")
     def action_undo_bulk(self) -> None:
@@ -274,7 +277,7 @@ class CaptionsScreen(Screen):
 
     @on(_Done)
     def _done(self, message: _Done) -> None:
-        if message.undo is not None:
+        if message.undo is not None and message.undo.changed:  # an edit that changed nothing keeps the last undo
             self.last_bulk = message.undo
         if message.undone:
             self.last_bulk = None

@@ -103,12 +103,16 @@ class BrowseResult:
             row = self.cursor.execute(f"SELECT rn FROM {self.table} WHERE image_id = ?", [image_id]).fetchone()
             return None if row is None else row[0] - 1
 
-    def image_ids(self) -> list[str]:
-        """Every image_id in the snapshot, in order (for bulk edits over the filtered rows)."""
+    def image_ids(self, *, ok_only: bool = False) -> list[str]:
+        """Every image_id in the snapshot, in order (for bulk edits over the filtered rows).
+
+        ok_only: leave out images that failed to load (status 'error'): nothing to caption there.
+        """
+        where = "WHERE status = 'ok'" if ok_only else ""
         with self.lock:
             if self.closed:
                 raise CatalogError("The filter changed meanwhile; try again.")
-            return [r[0] for r in self.cursor.execute(f"SELECT image_id FROM {self.table} ORDER BY rn").fetchall()]
+            return [r[0] for r in self.cursor.execute(f"SELECT image_id FROM {self.table} {where} ORDER BY rn").fetchall()]
 
     def close(self) -> None:
         with self.lock:
