@@ -148,6 +148,9 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     result = runner.invoke(app, ["caption", "-c", str(catalog_path), "--batch-size", "2", "--max-length", "6",
                                  "--workers", "0"])
     assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["caption", "-c", str(catalog_path), "--batch-size", "2", "--max-length", "6",
+                                "--workers", "0", "--template", "photo of {trigger}, {caption}"])
+    assert again.exit_code == 0 and "applies to new captions only" in " ".join(again.output.split())
     bad = runner.invoke(app, ["caption", "-c", str(catalog_path), "--template", "{nope}"])
     assert bad.exit_code == 2 and "Unknown field" in bad.output
     fp16 = runner.invoke(app, ["caption", "-c", str(catalog_path), "--dtype", "fp16", "--device", "cpu"])

@@ -308,6 +308,9 @@ def caption(
             workers=workers, progress=progress,
         )
     console.print(counts_table(f"caption (source model:{label})", counts))
+    if template and counts.get("already_captioned") and not overwrite:
+        err_console.print(f"[yellow]Note:[/] the template applies to new captions only; {counts['already_captioned']} image(s) "
+                          "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
 
 
 @app.command()
