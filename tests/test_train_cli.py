@@ -229,3 +229,17 @@ def test_two_process_data_parallel_run(catalog_path, tmp_path):
     con = connect(catalog_path, read_only=True)
     assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("ok", 2)]  # recorded once, by rank 0
     con.close()
+
+
+def test_train_help_shows_the_trainers_real_defaults():
+    """The CLI options default to None (so --resume can tell what was given); the help shows TrainConfig's defaults."""
+    import dataclasses
+
+    from pipelines.train.config import TrainConfig
+    from workbench.cli import TRAIN_HELP_DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, shown in TRAIN_HELP_DEFAULTS.items():
+        assert type(defaults[name])(shown) == defaults[name], name
+    result = runner.invoke(app, ["train", "lora", "--help"], env={"COLUMNS": "200"})
+    assert "LoRA rank. [default: (4)]" in result.output

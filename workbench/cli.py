@@ -211,7 +211,7 @@ def _json_default(value):
 
 # --- models, caption, score, filter, buckets, concepts, export (issue 3) -----
 
-models_app = typer.Typer(help="Model presets and where their weights live.", no_args_is_help=True)
+models_app = typer.Typer(help="Model presets and where their weights live.\n\nExample: workbench models list", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
@@ -405,7 +405,11 @@ def search(
 
 # concepts, filter, include/exclude, buckets, export, import-kohya (issue 3, curation)
 
-concept_app = typer.Typer(help="Concepts: trigger token, class noun and repeat count for groups of images.", no_args_is_help=True)
+concept_app = typer.Typer(
+    help="Concepts: trigger token, class noun and repeat count for groups of images.\n\n"
+    "Example: workbench concept add \"sks dog\" --trigger sks --class dog --repeats 10 --folder ./dog_photos",
+    no_args_is_help=True,
+)
 app.add_typer(concept_app, name="concept")
 
 
@@ -664,7 +668,8 @@ def import_kohya(
 
 train_app = typer.Typer(
     help="Train on the curated dataset: lora, dreambooth (with prior preservation) or finetune.\n\n"
-    "Every option can also come from --config train.toml (same names, '-' or '_'); options given here win.",
+    "Every option can also come from --config train.toml (same names, '-' or '_'); options given here win.\n\n"
+    "Example: workbench train lora --model tiny --resolution 64 --max-train-steps 50",
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
@@ -703,46 +708,51 @@ def _relaunch(num_processes: int) -> None:
     raise typer.Exit(subprocess.call(command))
 
 
+# defaults shown in `workbench train … --help`; the options themselves default to None ("not given", which
+# --resume needs), and tests/test_train_cli.py checks these against TrainConfig
+TRAIN_HELP_DEFAULTS = {'model': 'tiny', 'resolution': '512', 'train_batch_size': '1', 'num_train_epochs': '1', 'learning_rate': '1e-4', 'lr_scheduler': 'constant', 'lr_warmup_steps': '0', 'rank': '4', 'seed': '0', 'mixed_precision': 'no', 'gradient_accumulation_steps': '1', 'checkpointing_steps': '500', 'validation_steps': '100', 'caption_dropout': '0', 'keep_tokens': '0', 'color_jitter': '0', 'noise_offset': '0', 'prior_loss_weight': '1.0', 'cache_memory_mb': '1024'}
+
+
 def train_command(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with training options (at top level or in a train table).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset (tiny, sd15), HF id, local folder or single-file checkpoint.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset (tiny, sd15), HF id, local folder or single-file checkpoint.", show_default="tiny")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go (default: runs/<mode>-<time> beside the catalog).")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.")] = None,
-    train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.", show_default="512")] = None,
+    train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).", show_default="1")] = None,
     max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --num-train-epochs worth).")] = None,
-    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given.")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.")] = None,
-    lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given.", show_default="1")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.", show_default="1e-4")] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.", show_default="constant")] = None,
+    lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.", show_default="0")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.", show_default="4")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
     train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help="Also train the text encoder (LoRA or full).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, noise and LoRA init.")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (GPU).")] = None,
-    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, noise and LoRA init.", show_default="0")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (GPU).", show_default="no")] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.", show_default="1")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory.")] = None,
     use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam/--no-use-8bit-adam", help="8-bit AdamW from bitsandbytes.")] = None,
     fused_adam: Annotated[Optional[bool], typer.Option("--fused-adam/--no-fused-adam", help="torch's fused AdamW kernel (default on).")] = None,
     torch_compile: Annotated[Optional[bool], typer.Option("--torch-compile/--no-torch-compile", help="Compile the UNet's transformer blocks: faster steps after a one-time compile (needs gcc on CPU).")] = None,
-    cache_memory_mb: Annotated[Optional[int], typer.Option(help="Cached latents/text kept in RAM during the run (default 1024; 0: always read from disk).")] = None,
-    checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
+    cache_memory_mb: Annotated[Optional[int], typer.Option(help="Cached latents/text kept in RAM during the run (default 1024; 0: always read from disk).", show_default="1024")] = None,
+    checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.", show_default="500")] = None,
     checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder; needs --output-dir of the run.")] = None,
     validation_prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt for the sample grids (repeatable).")] = None,
-    validation_steps: Annotated[Optional[int], typer.Option(help="Sample grid every N steps.")] = None,
-    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of training on an empty caption.")] = None,
+    validation_steps: Annotated[Optional[int], typer.Option(help="Sample grid every N steps.", show_default="100")] = None,
+    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of training on an empty caption.", show_default="0")] = None,
     shuffle_tags: Annotated[Optional[bool], typer.Option("--shuffle-tags/--no-shuffle-tags", help="Shuffle comma-separated tags.")] = None,
-    keep_tokens: Annotated[Optional[int], typer.Option(help="Tags kept in front when shuffling.")] = None,
+    keep_tokens: Annotated[Optional[int], typer.Option(help="Tags kept in front when shuffling.", show_default="0")] = None,
     random_crop: Annotated[Optional[bool], typer.Option("--random-crop/--no-random-crop", help="Random instead of centre crop (bypasses the latent cache).")] = None,
     random_flip: Annotated[Optional[bool], typer.Option("--random-flip/--no-random-flip", help="Horizontal flip half the time (cached exactly).")] = None,
-    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (bypasses the latent cache).")] = None,
+    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (bypasses the latent cache).", show_default="0")] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR loss weighting gamma (5 is usual).")] = None,
-    noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset (e.g. 0.05).")] = None,
+    noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset (e.g. 0.05).", show_default="0")] = None,
     beta_schedule: Annotated[Optional[str], typer.Option(help="linear, scaled_linear, squaredcos_cap_v2 or sigmoid.")] = None,
     prediction_type: Annotated[Optional[str], typer.Option(help="epsilon or v_prediction.")] = None,
     prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help="DreamBooth prior-preservation loss.")] = None,
-    prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).")] = None,
+    prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).", show_default="1.0")] = None,
     class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt for all images (default: per concept class noun).")] = None,
     num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).")] = None,
     use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", help="Keep an EMA of the weights (dreambooth, finetune).")] = None,
