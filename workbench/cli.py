@@ -227,7 +227,8 @@ def models_list() -> None:
     for column in ("preset", "component", "source", "local"):
         table.add_column(column, overflow="fold")
     for row in describe_presets():
-        table.add_row(row["preset"], row["component"], row["source"], row["path"] or "[dim]not downloaded[/]")
+        missing = "not built yet (built offline on first use)" if row["preset"] == "tiny" else "not downloaded"
+        table.add_row(row["preset"], row["component"], row["source"], row["path"] or f"[dim]{missing}[/]")
     console.print(table)
     for preset in PRESETS.values():
         console.print(f"[bold]{preset.name}[/]: {preset.description}")
