@@ -386,6 +386,39 @@ def test_caption_bulk_edits_skip_broken_images_and_a_no_op_keeps_the_undo(synthe
     asyncio.run(scenario())
 
 
+def test_caption_reject_asks_first(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.image_id is not None and screen.query_one("#sources").option_count, what="sources")
+            image_id = screen.image_id
+            sources = screen.query_one("#sources")
+            sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            blip = lambda: query_count(app, f"SELECT count(*) FROM captions WHERE image_id = '{image_id}' AND source = 'model:blip'")  # noqa: E731
+            screen.query_one("#caption-text").focus()
+
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "Confirm", what="question")
+            assert "model:blip" in text_of(app, "#confirm-question") and "no undo" in text_of(app, "#confirm-question")
+            await pilot.press("enter")  # "No" has the focus
+            await wait_for(pilot, lambda: app.screen is screen)
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "Confirm")
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is screen)
+            await pilot.pause(0.2)
+            assert blip() == 1
+
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "Confirm")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: blip() == 0, what="rejected")
+            await wait_for(pilot, lambda: "model:blip" not in [o.id for o in sources.options], what="sources redrawn")
+
+    asyncio.run(scenario())
+
+
 # --- SQL console ----------------------------------------------------------------------
 
 

@@ -17,9 +17,10 @@ from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Opti
 from textual.widgets.option_list import Option
 
 from tui import caption_edits, queries
+from tui.confirm import Confirm
 from tui.image_table import ImageTable
 from tui.messages import CatalogChanged, ImagePicked
-from tui.page_table import PageTable
+from tui.page_table import PageTable, visible
 from tui.preview import ImagePreview, load_preview
 from tui.workers import people_message
 
@@ -68,6 +69,7 @@ class CaptionsScreen(Screen):
         self._overwrite_editor = False  # the next load replaces even edited text (after accept/reject)
         self._write_lock = threading.Lock()
         self.last_bulk: caption_edits.BulkUndo | None = None
+        self.source_texts: dict[str, str] = {}  # source -> caption text, for the image in the editor
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -159,6 +161,7 @@ class CaptionsScreen(Screen):
             editor.load_text(self.loaded_text)
         sources = self.query_one("#sources", OptionList)
         sources.clear_options()
+        self.source_texts = dict(message.details.get("captions", []))
         for source, text in message.details.get("captions", []):
             mark = "● " if source == row.get("caption_source") else "  "
             sources.add_option(Option(f"{mark}{source}: {text}", id=source))
@@ -212,10 +215,21 @@ class CaptionsScreen(Screen):
 
     @on(Button.Pressed, "#reject")
     def action_reject(self) -> None:
+        """Delete the highlighted source's caption of this image, after asking (there is no undo)."""
         source, image_id = self._selected_source(), self.image_id
-        if source and image_id:
-            self._overwrite_editor = True
-            self._write(lambda con: caption_edits.reject_caption(con, image_id, source) or f"{source} caption rejected")
+        if not (source and image_id):
+            return
+        text = self.source_texts.get(source, "")
+        shown = text if len(text) <= 160 else text[:159] + "…"
+        question = (f"[b]Reject the {escape(source)} caption of this image?[/b]\n{escape(visible(shown))}\n\n"
+                    "Its text is deleted from the catalog and the next source takes over. There is no undo.")
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._overwrite_editor = True
+                self._write(lambda con: caption_edits.reject_caption(con, image_id, source) or f"{source} caption rejected")
+
+        self.app.push_screen(Confirm(question, yes="Reject"), answered)
 
     @on(Button.Pressed, "#bulk-replace")
     def _bulk_replace(self) -> None:
