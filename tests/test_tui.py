@@ -915,6 +915,33 @@ def test_pipeline_cancel_stops_a_running_step_and_errors_are_shown(synthetic_cat
     asyncio.run(scenario())
 
 
+def test_quitting_during_a_step_records_it_cancelled(synthetic_catalog, monkeypatch):
+    from dataclasses import replace
+
+    from tui import steps
+    from workbench.catalog import record_run
+
+    def slow_step(con, settings, progress, project):
+        with record_run(con, "dedup", {}):
+            for i in range(100_000):
+                progress(task="dedup", completed=i, total=100_000)
+                time.sleep(0.01)
+
+    monkeypatch.setitem(steps.STEPS_BY_NAME, "dedup", replace(steps.STEPS_BY_NAME["dedup"], run=slow_step))
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.click("#run-dedup")
+            await wait_for(pilot, lambda: "/100,000" in text_of(app, "#state-dedup"), what="progress")
+            await pilot.press("ctrl+q")
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 8
+    assert query(synthetic_catalog, "SELECT step, status, finished_at IS NOT NULL FROM runs") == [("dedup", "cancelled", True)]
+
+
 def test_cli_tui_rejects_an_unknown_screen():
     from typer.testing import CliRunner
 

@@ -23,6 +23,8 @@ from tui.sql_screen import SqlScreen
 from tui.train_screen import TrainScreen
 from workbench.catalog import CatalogError, CatalogLockedError, connect
 
+STEP_STOP_WAIT = 10.0  # seconds quitting waits for cancelled steps to record how they ended
+
 SCREENS_BY_KEY = (
     ("f2", "pipeline", "Pipeline", PipelineScreen),
     ("f3", "browser", "Browse", BrowserScreen),
@@ -113,9 +115,14 @@ class WorkbenchApp(App[None]):
         self.notify(message.error, title=message.title, severity="error", timeout=8)
 
     def on_unmount(self) -> None:
-        # Running steps stop at their next progress call, so quitting never waits for a whole step.
+        # Running steps stop at their next progress call, so quitting never waits for a whole step;
+        # wait for that (bounded) before closing: closing the connection closes the steps' cursors too,
+        # and their runs rows would stay 'running' instead of being recorded 'cancelled'.
         for progress in list(self.running_steps):
             progress.cancel()
+        deadline = time.monotonic() + STEP_STOP_WAIT
+        while self.running_steps and time.monotonic() < deadline:
+            time.sleep(0.02)
         con, self.con = self.con, None
         if con is None:
             return

@@ -147,14 +147,15 @@ class PipelineScreen(Screen):
 
     @work(thread=True, exclusive=True, group="pipeline-run")
     def _run_steps(self, jobs: list[tuple[str, dict]]) -> None:
-        project = self.app.catalog_path.resolve().parent
+        app = self.app  # held: once quitting has unmounted this screen, self.app no longer resolves here
+        project = app.catalog_path.resolve().parent
         for name, settings in jobs:
             progress = cancellable_progress(self.post_message, name)
             self._progress = progress
-            self.app.running_steps.add(progress)
+            app.running_steps.add(progress)
             self.post_message(StepProgress(step=name, task=name, completed=0, total=None, message=f"[b]{name}[/] started"))
             started = time.perf_counter()
-            cur = self.app.con.cursor()
+            cur = app.con.cursor()
             try:
                 summary = STEPS_BY_NAME[name].run(cur, settings, progress, project)
                 status, error = "ok", None
@@ -164,7 +165,7 @@ class PipelineScreen(Screen):
                 summary, status, error = None, "failed", people_message(exc)
             finally:
                 cur.close()
-                self.app.running_steps.discard(progress)
+                app.running_steps.discard(progress)
             self.post_message(StepFinished(step=name, status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
             if status != "ok":
                 break

@@ -230,11 +230,12 @@ class TrainScreen(Screen):
 
     @work(thread=True, exclusive=True, group="train")
     def _train(self, config) -> None:
+        app = self.app  # held: once quitting has unmounted this screen, self.app no longer resolves here
         progress = cancellable_progress(self.post_message, "train")
         self._progress = progress
-        self.app.running_steps.add(progress)
+        app.running_steps.add(progress)
         started = time.perf_counter()
-        cur = self.app.con.cursor()
+        cur = app.con.cursor()
         try:
             from pipelines.train import trained_model
 
@@ -249,7 +250,7 @@ class TrainScreen(Screen):
         finally:
             cur.close()
             self._progress = None
-            self.app.running_steps.discard(progress)
+            app.running_steps.discard(progress)
         self.post_message(StepFinished(step="train", status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
 
     @on(Button.Pressed, "#stop")
