@@ -591,6 +591,54 @@ def test_duplicates_review_changes_the_kept_member(sample_catalog):
     asyncio.run(scenario())
 
 
+def test_duplicates_selection_follows_the_image_and_x_on_a_duplicate_says_to_keep_it(sample_catalog):
+    group_id, old_keeper = query(sample_catalog, "SELECT d.group_id, d.image_id FROM duplicates d JOIN images_view v USING (image_id) "
+                                                 "WHERE v.path LIKE '%photos/coffee.jpg'")[0]
+
+    def exclusions(app, image_id):
+        return sorted(r[0] for r in app.con.execute("SELECT step FROM exclusions WHERE image_id = ?", [image_id]).fetchall())
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog, start="duplicates")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.group_ids and screen.members, what="groups")
+            while screen.group_ids[screen.position] != group_id:
+                await pilot.press("n")
+            await wait_for(pilot, lambda: len(screen.query("MemberCard")) == 2 and screen.members[0]["image_id"] == old_keeper, what="cards")
+            other = screen.members[1]["image_id"]
+            await pilot.press("right")
+            assert screen.selected == 1
+
+            # x on a member excluded as a duplicate changes nothing and says what would.
+            await pilot.press("x")
+            await wait_for(pilot, lambda: any("press k" in n.message for n in app._notifications), what="hint")
+            assert exclusions(app, other) == ["dedup"]
+            assert query_count(app, "SELECT count(*) FROM manual_includes") == 0
+
+            # After k the keeper moves to the front: the selection moves with it, so x acts on it.
+            await pilot.press("k")
+            await wait_for(pilot, lambda: screen.members[0]["image_id"] == other and len(screen.query("MemberCard")) == 2, what="re-sorted")
+            assert screen.members[screen.selected]["image_id"] == other
+            assert [c.index for c in screen.query("MemberCard") if c.has_class("-selected")] == [screen.selected]
+            await pilot.press("x")
+            await wait_for(pilot, lambda: exclusions(app, other) == ["manual"], what="the kept image excluded")
+            assert exclusions(app, old_keeper) == ["dedup"]
+
+            # Excluded by hand and as a duplicate: x lifts the manual exclusion and says the duplicate one stays.
+            await pilot.press("left")
+            await wait_for(pilot, lambda: screen.members[screen.selected]["image_id"] == old_keeper)
+            await pilot.press("k")
+            await wait_for(pilot, lambda: screen.members[0]["image_id"] == old_keeper and screen.members[screen.selected]["image_id"] == old_keeper, what="keeper back")
+            await pilot.press("right")
+            await wait_for(pilot, lambda: screen.members[screen.selected]["image_id"] == other and exclusions(app, other) == ["dedup", "manual"])
+            await pilot.press("x")
+            await wait_for(pilot, lambda: exclusions(app, other) == ["dedup"], what="manual exclusion lifted")
+            await wait_for(pilot, lambda: any("stays excluded as a duplicate" in n.message for n in app._notifications), what="said so")
+
+    asyncio.run(scenario())
+
+
 # --- pipeline -------------------------------------------------------------------------------
 
 

@@ -15,15 +15,21 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Static
 
+from pipelines.filter import FILTER_STEP_PREFIX, MANUAL_STEP
 from tui.messages import CatalogChanged
 from tui.preview import ImagePreview, load_preview
 from tui.workers import people_message
 
 MEMBER_COLUMNS = (
     "image_id", "is_keeper", "method", "distance", "keep_reason", "path", "width", "height", "format",
-    "bytes", "excluded", "exclusion_reason",
+    "bytes", "excluded", "exclusion_reason", "excluded_by",
 )
 MAX_MEMBERS_SHOWN = 8
+
+
+def includable(member: dict[str, Any]) -> bool:
+    """Whether including by hand lifts an exclusion: it removes manual and filter ones, not a duplicate's."""
+    return any(step == MANUAL_STEP or step.startswith(FILTER_STEP_PREFIX) for step in member["excluded_by"])
 
 
 def duplicate_group_ids(con) -> list[int]:
@@ -48,6 +54,7 @@ def group_members(con, group_id: int) -> list[dict[str, Any]]:
             row = cur.execute(
                 "SELECT d.image_id, d.is_keeper, d.method, d.distance, d.keep_reason, v.path, v.width, v.height, "
                 "v.format, v.bytes, v.excluded, v.exclusion_reason, "
+                "coalesce((SELECT list(DISTINCT e.step ORDER BY e.step) FROM exclusions e WHERE e.image_id = d.image_id), []), "
                 "(SELECT arg_min(p.path_bytes, p.seq) FROM paths p WHERE p.image_id = d.image_id AND NOT p.missing) "
                 "FROM duplicates d, images_view v WHERE d.image_id = ? AND v.image_id = ?",
                 [image_id, image_id],
@@ -102,7 +109,11 @@ class MemberCard(Vertical, can_focus=True):
         yield Static(member_text(self.member), classes="member-facts")
         with Horizontal():
             yield Button("Keep this", name="keep", variant="success", disabled=bool(self.member["is_keeper"]))
-            if self.member["excluded"]:
+            if self.member["excluded"] and not includable(self.member):
+                include = Button("Include", name="include", disabled=True)
+                include.tooltip = "Excluded as a duplicate (or by another step): Keep this instead."
+                yield include
+            elif self.member["excluded"]:
                 yield Button("Include", name="include", variant="primary")
             else:
                 yield Button("Exclude", name="exclude", variant="warning")
@@ -207,16 +218,23 @@ class DuplicatesScreen(Screen):
     async def _members(self, message: _Members) -> None:
         if not self.group_ids or self.group_ids[self.position] != message.group_id:
             return
+        # The selection follows the image, not the index: after Keep the keeper moves to the front.
+        previous = self._selected_member()
+        shown = message.members[:MAX_MEMBERS_SHOWN]
+        ids = [m["image_id"] for m in shown]
         self.members = message.members
+        if previous is not None and previous["image_id"] in ids:
+            self.selected = ids.index(previous["image_id"])
+        else:
+            self.selected = min(self.selected, len(shown) - 1) if shown else 0
         box = self.query_one("#members")
         await box.remove_children()
-        cards = [MemberCard(m, i) for i, m in enumerate(message.members[:MAX_MEMBERS_SHOWN])]
+        cards = [MemberCard(m, i) for i, m in enumerate(shown)]
         await box.mount_all(cards)
         for card, picture in zip(cards, message.pictures):
             card.query_one(ImagePreview).show(picture)
         if len(message.members) > MAX_MEMBERS_SHOWN:
             await box.mount(Static(f"+{len(message.members) - MAX_MEMBERS_SHOWN} more (see the browser: duplicate_group = {message.group_id})"))
-        self.selected = min(self.selected, len(cards) - 1) if cards else 0
         self.watch_selected(self.selected)
 
     def watch_selected(self, index: int) -> None:
@@ -265,8 +283,18 @@ class DuplicatesScreen(Screen):
 
     def action_toggle_exclude(self) -> None:
         member = self._selected_member()
-        if member:
-            self._change("include" if member["excluded"] else "exclude", member["image_id"])
+        if not member:
+            return
+        if not member["excluded"]:
+            self._change("exclude", member["image_id"])
+        elif includable(member):
+            self._change("include", member["image_id"])
+        elif "dedup" in member["excluded_by"]:
+            self.notify(f"{member['image_id'][:12]} is excluded as a duplicate of the kept image: press k (Keep this) "
+                        "to keep it instead.", title="Duplicates", severity="warning")
+        else:
+            self.notify(f"{member['image_id'][:12]} is excluded by {', '.join(member['excluded_by'])}; x only lifts "
+                        "manual and filter exclusions.", title="Duplicates", severity="warning")
 
     @work(thread=True, exclusive=True, group="dup-change")
     def _change(self, what: str, image_id: str) -> None:
@@ -285,10 +313,13 @@ class DuplicatesScreen(Screen):
             else:
                 from pipelines.filter import manual_inclusions
 
-                result = manual_inclusions(cur, [image_id])
+                manual_inclusions(cur, [image_id])
+                steps = [r[0] for r in cur.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
                 text = f"included {image_id[:12]}"
-                if result.get("still_excluded_by_other_steps"):
-                    text += " (still excluded as a duplicate: press Keep this to keep it instead)"
+                if "dedup" in steps:
+                    text = f"lifted the manual exclusion of {image_id[:12]}; it stays excluded as a duplicate: press k (Keep this) to keep it instead"
+                elif steps:
+                    text = f"lifted the manual exclusion of {image_id[:12]}; it stays excluded by {', '.join(steps)}"
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
