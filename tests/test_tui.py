@@ -721,6 +721,7 @@ def test_train_screen_runs_a_tiny_lora(four_image_catalog):
         app = WorkbenchApp(catalog_path=catalog_path, start="train")
         async with app.run_test(size=SIZE) as pilot:
             screen = app.screen
+            await wait_for(pilot, lambda: screen.ready, what="defaults")  # they load in a worker
             screen.query_one("#field-resolution").value = "32"
             screen.query_one("#field-max_train_steps").value = "eight"
             await pilot.click("#train")
@@ -750,6 +751,7 @@ def test_train_screen_stop_and_resume(four_image_catalog):
         app = WorkbenchApp(catalog_path=catalog_path, start="train")
         async with app.run_test(size=SIZE) as pilot:
             screen = app.screen
+            await wait_for(pilot, lambda: screen.ready, what="defaults")  # they load in a worker
             for name, value in {"resolution": "32", "max_train_steps": "300", "checkpointing_steps": "2", "validation_steps": "1000"}.items():
                 screen.query_one(f"#field-{name}").value = value
             screen.query_one("#field-more").value = 'num_validation_images=0; report_to="none"; evaluate=false'
@@ -862,6 +864,48 @@ def test_train_stop_key_works_while_an_input_has_focus(synthetic_catalog):
             await pilot.press("ctrl+x")  # stop, not cut
             assert run.cancelled and field.value == seed
             assert "stopping" in text_of(app, "#train-state")
+
+    asyncio.run(scenario())
+
+
+def test_train_screen_opens_at_once_and_loads_its_defaults_in_a_worker(synthetic_catalog, monkeypatch):
+    from tui import train_screen
+
+    real_defaults = train_screen.default_values
+
+    def slow_defaults(preset):
+        time.sleep(1.5)  # as importing torch for the defaults does, the first time
+        return real_defaults(preset)
+
+    monkeypatch.setattr(train_screen, "default_values", slow_defaults)
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="browser")
+            stalls = []
+
+            async def ticker():
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.02)
+                    now = time.monotonic()
+                    stalls.append(now - last)
+                    last = now
+
+            task = asyncio.get_running_loop().create_task(ticker())
+            await pilot.press("f7")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "TrainScreen", what="train screen")
+            screen = app.screen
+            assert screen.query_one("#train").disabled and "loading" in text_of(app, "#train-state")
+            screen.query_one("#field-seed").focus()
+            await pilot.press("7")  # typed while the defaults load: kept
+            await wait_for(pilot, lambda: screen.ready, what="defaults")
+            task.cancel()
+            assert max(stalls) < 0.5
+            assert screen.query_one("#field-seed").value == "7"
+            assert screen.query_one("#field-resolution").value == "64" and not screen.query_one("#train").disabled
+            assert "tiny" in [str(option[0]) for option in screen.query_one("#preset")._options]
 
     asyncio.run(scenario())
 

@@ -113,6 +113,13 @@ class TrainScreen(Screen):
     ]
 
     @dataclass
+    class _Defaults(Message):
+        presets: list[str] | None  # None: keep the choices shown
+        preset: str
+        values: dict[str, str]
+        initial: bool
+
+    @dataclass
     class _Polled(Message):
         losses: list
         sample: str | None
@@ -125,6 +132,7 @@ class TrainScreen(Screen):
         self.output_dir: Path | None = None
         self.step_started: tuple[float, int] | None = None
         self.shown_sample: str | None = None
+        self.ready = False  # the form has its defaults (loaded in a worker)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -133,8 +141,7 @@ class TrainScreen(Screen):
                 yield Label("method")
                 yield Select(MODES, value="lora", allow_blank=False, id="mode")
                 yield Label("preset (base model)")
-                presets = preset_names()
-                yield Select([(p, p) for p in presets], value="tiny" if "tiny" in presets else presets[0], allow_blank=False, id="preset")
+                yield Select([("tiny", "tiny")], value="tiny", allow_blank=False, id="preset")  # the rest load in on_mount
                 for name, label, _ in FIELDS:
                     yield Label(label)
                     yield Input(id=f"field-{name}", compact=True)
@@ -142,7 +149,7 @@ class TrainScreen(Screen):
                 yield Input(placeholder="snr_gamma=5; random_flip=true", id="field-more", compact=True)
             with Vertical(id="train-live"):
                 with Horizontal(id="train-actions"):
-                    yield Button("Train", id="train", variant="success")
+                    yield Button("Train", id="train", variant="success", disabled=True)
                     yield Button("Stop", id="stop", variant="error", disabled=True)
                     yield Button("Resume", id="resume", disabled=True)
                 yield Label("", id="train-error")
@@ -154,16 +161,37 @@ class TrainScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._fill_defaults("tiny")
         self._draw_losses([])
+        self.query_one("#train-state", Label).update("loading the training settings…")
+        self._load_defaults("tiny", initial=True)
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        self._fill_defaults(str(event.value))
+        self._load_defaults(str(event.value))
 
-    def _fill_defaults(self, preset: str) -> None:
-        for name, value in default_values(preset).items():
-            self.query_one(f"#field-{name}", Input).value = value
+    @work(thread=True, exclusive=True, group="train-defaults")
+    def _load_defaults(self, preset: str, initial: bool = False) -> None:
+        # The presets and defaults import torch (seconds the first time): never on the UI thread.
+        presets = preset_names() if initial else None
+        if presets is not None and preset not in presets:
+            preset = presets[0]
+        self.post_message(self._Defaults(presets, preset, default_values(preset), initial))
+
+    @on(_Defaults)
+    def _defaults(self, message: _Defaults) -> None:
+        if message.presets is not None:
+            select = self.query_one("#preset", Select)
+            with select.prevent(Select.Changed):
+                select.set_options([(p, p) for p in message.presets])
+                select.value = message.preset
+        for name, value in message.values.items():
+            field = self.query_one(f"#field-{name}", Input)
+            if not message.initial or not field.value:  # the first fill keeps what was typed while it loaded
+                field.value = value
+        if message.initial:
+            self.query_one("#train-state", Label).update("not started")
+        self.ready = True
+        self._set_buttons()
 
     # --- settings -------------------------------------------------------------------
 
@@ -207,6 +235,9 @@ class TrainScreen(Screen):
         if self.running:
             self.notify("Training is running.", severity="warning")
             return
+        if not self.ready:
+            self.notify("The training settings are still loading.", severity="warning")
+            return
         error_label = self.query_one("#train-error", Label)
         try:
             config = self.config(resume=resume)
@@ -224,7 +255,7 @@ class TrainScreen(Screen):
         self._train(config)
 
     def _set_buttons(self) -> None:
-        self.query_one("#train", Button).disabled = self.running
+        self.query_one("#train", Button).disabled = self.running or not self.ready
         self.query_one("#stop", Button).disabled = not self.running
         self.query_one("#resume", Button).disabled = self.running or self.output_dir is None
 
