@@ -467,6 +467,11 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+def screen_lines(app) -> list[str]:
+    """Every line of the screen as it goes to the terminal."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
 def rendered_lines(table) -> list[str]:
     """What a PageTable sends to the terminal, line by line (header first)."""
     return [table.render_line(y).text for y in range(min(table.row_count + 1, table.size.height))]
@@ -477,6 +482,7 @@ def test_tables_show_control_characters_as_escapes_never_send_them(synthetic_cat
     hostile_id = con.execute("SELECT image_id FROM images_view ORDER BY path LIMIT 1").fetchone()[0]
     con.execute("INSERT INTO captions VALUES (?, 'manual', 'bell\x07 tab\t cr\r csi\x9b esc\x1b[2J', now())", [hostile_id])
     con.execute("INSERT INTO caption_choice VALUES (?, 'manual')", [hostile_id])
+    con.execute("UPDATE paths SET path = '/synthetic/evil\x1b]2;X\x1b\\[b].jpg' WHERE image_id = ?", [hostile_id])
     con.close()
 
     async def scenario():
@@ -498,6 +504,18 @@ def test_tables_show_control_characters_as_escapes_never_send_them(synthetic_cat
             lines = rendered_lines(table)
             assert not any(CONTROL.search(line) for line in lines)
             assert "bell\\x07 tab\\t cr\\r csi\\x9b esc\\x1b[2J" in lines[1]
+
+            # Everything else drawn from the catalog: path label, caption editor, sources, details pane.
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.image_id == hostile_id and screen.query_one("#sources").option_count, what="hostile image")
+            drawn = screen_lines(app)
+            assert not any(CONTROL.search(line) for line in drawn)
+            drawn = "\n".join(drawn)
+            assert "evil\\x1b]2;X\\x1b\\[b].jpg" in drawn and "esc\\x1b[2J" in screen.query_one("#caption-text").text
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "BrowserScreen" and getattr(app.screen, "shown_details", None), what="details")
+            drawn = screen_lines(app)
+            assert not any(CONTROL.search(line) for line in drawn) and "csi\\x9b" in "\n".join(drawn)
 
     asyncio.run(scenario())
 

@@ -18,6 +18,7 @@ from tui import queries
 from tui.image_table import ImageTable
 from tui.messages import ImagePicked
 from tui.preview import ImagePreview, load_preview
+from tui.safe_text import visible
 from tui.workers import people_message
 
 
@@ -37,19 +38,27 @@ KEY_FIELDS = (
 )
 
 
-def _value(key: str, value: Any) -> str:
+def _value(key: str, value: Any) -> Text:
     if value is None:
-        return "·"
+        return Text("·")
     if key == "paths":
-        return "\n".join(value)
+        return Text("\n".join(visible(path) for path in value))
     if key in ("phash", "dhash"):
-        return f"{value:016x}"
-    return _short(value)
+        return Text(f"{value:016x}")
+    return Text(visible(_short(value)))
+
+
+def _plain(value: Any) -> Text:
+    """Catalog text as a cell: Text so it is never read as markup, controls shown as escapes."""
+    return Text(visible(str(value)))
 
 
 def details_table(details: dict[str, Any]) -> Table:
     """All metadata of one image as a two-column rich table: key facts, captions by source,
-    rows of related tables (CLIP scores, ...), then every other column."""
+    rows of related tables (CLIP scores, ...), then every other column.
+
+    Paths and captions come from files: every value is plain Text with control characters escaped.
+    """
     table = Table(show_header=False, box=None, padding=(0, 1), expand=True)
     table.add_column("field", style="bold cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
@@ -61,16 +70,16 @@ def details_table(details: dict[str, Any]) -> Table:
     if captions:
         table.add_row(Text("captions by source", style="bold magenta"), "")
         for source, text in captions:
-            table.add_row(f"  {source}", text)
+            table.add_row(_plain(f"  {source}"), _plain(text))
     for name, rows in (details.get("tables") or {}).items():
-        table.add_row(Text(name, style="bold magenta"), "")
+        table.add_row(Text(visible(name), style="bold magenta"), "")
         for item in rows:
-            table.add_row("", ", ".join(f"{k}={_short(v)}" for k, v in item.items() if v is not None))
+            table.add_row("", _plain(", ".join(f"{k}={_short(v)}" for k, v in item.items() if v is not None)))
     rest = [key for key in row if key not in KEY_FIELDS and key != "path_bytes"]
     if rest:
         table.add_row(Text("more", style="bold magenta"), "")
         for key in rest:
-            table.add_row(key, _value(key, row[key]))
+            table.add_row(_plain(key), _value(key, row[key]))
     return table
 
 

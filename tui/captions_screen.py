@@ -10,7 +10,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, OptionList, TextArea
@@ -20,8 +19,9 @@ from tui import caption_edits, queries
 from tui.confirm import Confirm
 from tui.image_table import ImageTable
 from tui.messages import CatalogChanged, ImagePicked
-from tui.page_table import PageTable, visible
+from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
+from tui.safe_text import markup_safe, visible
 from tui.workers import people_message
 
 
@@ -154,9 +154,10 @@ class CaptionsScreen(Screen):
         self._overwrite_editor = False
         self.image_id = message.image_id
         row = message.details.get("row", {})
-        # Paths come from files on disk: escaped so a '[' in a name is not read as markup.
-        self.query_one("#caption-path", Label).update(f"{escape(str(row.get('path')))}  [dim]({row.get('caption_source') or 'no caption'})[/]")
-        self.loaded_text = row.get("caption") or ""
+        in_use = markup_safe(row.get("caption_source") or "no caption")
+        self.query_one("#caption-path", Label).update(f"{markup_safe(row.get('path'))}  [dim]({in_use})[/]")
+        # Multi-line captions stay editable; other controls show as escapes (and are saved so if edited).
+        self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
         if not keep_typing:
             editor.load_text(self.loaded_text)
         sources = self.query_one("#sources", OptionList)
@@ -164,7 +165,7 @@ class CaptionsScreen(Screen):
         self.source_texts = dict(message.details.get("captions", []))
         for source, text in message.details.get("captions", []):
             mark = "● " if source == row.get("caption_source") else "  "
-            sources.add_option(Option(f"{mark}{source}: {text}", id=source))
+            sources.add_option(Option(f"{mark}{markup_safe(source)}: {markup_safe(text)}", id=source))
         if sources.option_count:
             sources.highlighted = 0
         self.query_one("#caption-preview", ImagePreview).show(message.picture)
@@ -221,7 +222,7 @@ class CaptionsScreen(Screen):
             return
         text = self.source_texts.get(source, "")
         shown = text if len(text) <= 160 else text[:159] + "…"
-        question = (f"[b]Reject the {escape(source)} caption of this image?[/b]\n{escape(visible(shown))}\n\n"
+        question = (f"[b]Reject the {markup_safe(source)} caption of this image?[/b]\n{markup_safe(shown)}\n\n"
                     "Its text is deleted from the catalog and the next source takes over. There is no undo.")
 
         def answered(yes: bool | None) -> None:

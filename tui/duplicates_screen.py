@@ -18,6 +18,7 @@ from textual.widgets import Button, Footer, Header, Label, Static
 from pipelines.filter import FILTER_STEP_PREFIX, MANUAL_STEP
 from tui.messages import CatalogChanged
 from tui.preview import ImagePreview, load_preview
+from tui.safe_text import markup_safe
 from tui.workers import people_message
 
 MEMBER_COLUMNS = (
@@ -74,15 +75,15 @@ def group_members(con, group_id: int) -> list[dict[str, Any]]:
 
 def member_text(member: dict[str, Any]) -> str:
     keeper = "[b green]★ KEPT[/]" if member["is_keeper"] else "[yellow]duplicate[/]"
-    state = f"[red]excluded[/]: {member['exclusion_reason']}" if member["excluded"] else "[green]in dataset[/]"
+    state = f"[red]excluded[/]: {markup_safe(member['exclusion_reason'])}" if member["excluded"] else "[green]in dataset[/]"
     distance = "·" if member["distance"] is None else f"{member['distance']:g}"
     size_kb = (member["bytes"] or 0) / 1024
     return (
         f"{keeper}  {member['image_id'][:12]}\n"
-        f"{member['path']}\n"
+        f"{markup_safe(member['path'])}\n"
         f"{member['width']}×{member['height']} {member['format']}  {size_kb:,.1f} KiB\n"
         f"{member['method']} distance {distance}\n"
-        f"{member.get('keep_reason') or ''}\n{state}"
+        f"{markup_safe(member.get('keep_reason') or '')}\n{state}"
     )
 
 

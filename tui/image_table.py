@@ -14,6 +14,7 @@ from textual.widgets import Checkbox, Input, Label, Select
 from tui import queries
 from tui.messages import ImagePicked
 from tui.page_table import PageTable
+from tui.safe_text import markup_safe
 from tui.workers import people_message
 
 SHORT_COLUMNS = {"image_id": 12}
@@ -151,7 +152,7 @@ class ImageTable(Vertical):
 
     @on(_Failed)
     def _failed(self, message: _Failed) -> None:
-        self.query_one("#table-status", Label).update(f"[red]{message.error}[/]")
+        self.query_one("#table-status", Label).update(f"[red]{markup_safe(message.error)}[/]")
         self.notify(message.error, title="Filter", severity="error")
 
     @on(_Ready)

@@ -6,7 +6,6 @@ catalog must redraw in a few ms, so this widget lays out plain strings into Stri
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from rich.cells import cell_len, set_cell_size
@@ -19,18 +18,10 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from tui.safe_text import visible
+
 MAX_COLUMN_WIDTH = 48
 SEPARATOR = " │ "
-
-# C0, DEL and C1 controls: cells go to the terminal as raw segments (no Rich sanitising), and paths,
-# captions and SQL results can come from hostile files, so an ESC or BEL must never reach the terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def visible(text: str) -> str:
-    """`text` with every control character shown as an escape (\\x1b, \\t, ...)."""
-    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 class PageTable(ScrollView, can_focus=True):
@@ -92,7 +83,10 @@ class PageTable(ScrollView, can_focus=True):
         return len(self.rows)
 
     def set_rows(self, columns: list[str], rows: list[list[str]], *, right_aligned: list[bool] | None = None, cursor: int | None = None) -> None:
-        """Show new rows (strings, already formatted); keep the cursor where it was unless told."""
+        """Show new rows (strings, already formatted); keep the cursor where it was unless told.
+
+        Control characters are shown as escapes: cells go to the terminal as raw segments.
+        """
         self.columns = [visible(name) for name in columns]
         self.rows = [[visible(text) for text in row] for row in rows]
         rows = self.rows

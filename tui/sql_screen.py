@@ -21,6 +21,7 @@ from textual.widgets.option_list import Option
 from tui.image_table import cell, is_number
 from tui.messages import CatalogChanged
 from tui.page_table import PageTable
+from tui.safe_text import markup_safe
 from tui.workers import people_message
 from workbench.catalog import CatalogError, is_read_only_sql, run_sql
 
@@ -265,7 +266,7 @@ class SqlScreen(Screen):
     def _failed(self, message: _Failed) -> None:
         if not self._current(message.query):
             return
-        self.query_one("#sql-status", Label).update(f"[red]{message.error}[/]")
+        self.query_one("#sql-status", Label).update(f"[red]{markup_safe(message.error)}[/]")  # errors quote the SQL's data
         self.notify(message.error, title="SQL", severity="error", timeout=8)
 
     @on(OptionList.OptionSelected, "#history")
