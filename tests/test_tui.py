@@ -681,6 +681,13 @@ def test_pipeline_runs_ingest_and_dedup_on_sample_data_and_counts_change(catalog
             log = "\n".join(line.text for line in screen.query_one("#log").lines)
             assert "ingest finished" in log and "dedup finished" in log
 
+            # with the folders box emptied, ingest (as in Run all) rescans the last ingest's folders
+            (sample_copy / "photos" / "rocket.jpg").unlink()
+            screen.query_one("#set-ingest-folders").value = ""
+            await pilot.click("#run-ingest")
+            await wait_for(pilot, lambda: screen.running is None and "done" in text_of(app, "#state-ingest"), timeout=120, what="rescan")
+            assert query_count(app, "SELECT count(*) FROM paths WHERE missing") == 1
+
     asyncio.run(scenario())
 
 

@@ -68,12 +68,20 @@ def _summary(result: Any) -> dict[str, Any]:
     return {"result": result}
 
 
+def _last_ingested_folders(con) -> list[Path]:
+    """The folders the last finished ingest read: with none typed, Run all on a catalog rescans them."""
+    import json
+
+    row = con.execute("SELECT params FROM runs WHERE step = 'ingest' AND status = 'ok' ORDER BY run_id DESC LIMIT 1").fetchone()
+    return [Path(p) for p in json.loads(row[0]).get("paths", [])] if row and row[0] else []
+
+
 def run_ingest(con, s, progress, project: Path):
     from pipelines.ingest import ingested_images
 
-    if not s["folders"]:
+    folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]] or _last_ingested_folders(con)
+    if not folders:
         raise ValueError("Ingest: type one or more folders or image files.")
-    folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]]
     missing = [str(p) for p in folders if not p.exists()]
     if missing:
         raise ValueError(f"Ingest: no such file or folder: {', '.join(missing)}")
@@ -146,7 +154,7 @@ def run_train(con, s, progress, project):
 STEPS: tuple[StepSpec, ...] = (
     StepSpec("ingest", "Ingest", run_ingest,
              "SELECT count(*) AS images, count(*) FILTER (status = 'error') AS errors FROM images WHERE role = 'instance'",
-             (Setting("folders", "folders", "", "paths", "folders or files, relative to the catalog's folder"),
+             (Setting("folders", "folders", "", "paths", "folders or files, relative to the catalog's folder; empty: the last ingest's"),
               Setting("workers", "workers", "", "optional_int"))),
     StepSpec("dedup", "Dedup", run_dedup,
              "SELECT count(DISTINCT group_id) AS groups, count(*) FILTER (NOT is_keeper) AS duplicates FROM duplicates",
@@ -163,8 +171,10 @@ STEPS: tuple[StepSpec, ...] = (
               Setting("min_clip_score", "min CLIP", "", "optional_float"))),
     StepSpec("buckets", "Buckets", run_buckets,
              "SELECT count(*) AS bucketed, count(DISTINCT (bucket_width, bucket_height)) AS buckets FROM aspect_buckets",
-             (Setting("resolution", "resolution", "512", int), Setting("min_bucket_reso", "min", "256", int),
-              Setting("max_bucket_reso", "max", "1024", int), Setting("bucket_reso_steps", "steps", "64", int))),
+             (Setting("resolution", "resolution", "512", int),
+              Setting("min_bucket_reso", "min", "", "optional_int", "empty: kohya's 256, scaled down below 256 px"),
+              Setting("max_bucket_reso", "max", "", "optional_int", "empty: kohya's 1024"),
+              Setting("bucket_reso_steps", "steps", "", "optional_int", "empty: kohya's 64, scaled down below 256 px"))),
     StepSpec("priors", "Class priors", run_priors,
              "SELECT count(*) AS class_images FROM images WHERE role = 'class_prior'",
              (Setting("class_prompt", "class prompt", ""), Setting("num", "count", "4", "optional_int"),
