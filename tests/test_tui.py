@@ -186,7 +186,7 @@ def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synth
             # The caption loads in a worker after the image: clear the editor only once it has arrived.
             await wait_for(pilot, lambda: editor.text == (current[0][0] if current else ""), what="caption loaded")
             editor.load_text("")
-            editor.focus()
+            await focus_on(pilot, editor)
             await pilot.press(*"a hand written caption")
             await pilot.press("ctrl+s")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 1, what="save")
@@ -265,6 +265,12 @@ def test_caption_saved_with_sidecar_writes_the_txt_beside_the_image(sample_catal
     asyncio.run(scenario())
 
 
+async def focus_on(pilot, widget) -> None:
+    """Focus `widget` and wait until it has it: Widget.focus() only schedules it, and keys pressed before go elsewhere."""
+    widget.focus()
+    await wait_for(pilot, lambda: widget.has_focus, timeout=5, what=f"focus on {widget.id}")
+
+
 def manual_caption(app, image_id: str):
     row = app.con.execute("SELECT text FROM captions WHERE image_id = ? AND source = 'manual'", [image_id]).fetchone()
     return row and row[0]
@@ -294,7 +300,7 @@ def test_caption_save_on_a_later_page_keeps_the_same_image_selected(synthetic_ca
             for edit in ("edited on page two", "a second edit"):
                 old_result = table.result
                 editor.load_text(edit)
-                editor.focus()
+                await focus_on(pilot, editor)
                 await pilot.press("ctrl+s")
                 await wait_for(pilot, lambda: manual_caption(app, target) == edit, what="save")
                 await table_reloaded(pilot, app, table, old_result)
@@ -330,7 +336,7 @@ def test_caption_edits_are_saved_when_moving_to_another_image(synthetic_catalog)
             first, second, third = table.page_ids[:3]
             await wait_for(pilot, lambda: screen.image_id == first and editor.text == screen.loaded_text != "", what="first caption")
             original = editor.text
-            editor.focus()
+            await focus_on(pilot, editor)
             await pilot.press("end", *" edited")
             await pilot.press("ctrl+down")  # leaves the first image with its edit unsaved
             await wait_for(pilot, lambda: manual_caption(app, first) == original + " edited", what="autosave")
@@ -352,7 +358,18 @@ def test_caption_edits_are_saved_when_moving_to_another_image(synthetic_catalog)
             assert manual_caption(app, third).endswith(" three")
             assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 3
 
+            # Quitting with an edit in the editor saves it too.
+            await pilot.press("ctrl+up")  # back from the fourth image to the third
+            await wait_for(pilot, lambda: screen.image_id == third and editor.text == screen.loaded_text, what="third again")
+            await focus_on(pilot, editor)
+            await pilot.press("end", *" at quit")
+            await pilot.press("ctrl+q")
+
     asyncio.run(scenario())
+    con = connect(synthetic_catalog, read_only=True)
+    saved = con.execute("SELECT text FROM captions WHERE source = 'manual' ORDER BY text").fetchall()
+    con.close()
+    assert any(text.endswith(" three at quit") for (text,) in saved)
 
 
 def test_caption_bulk_edits_skip_broken_images_and_a_no_op_keeps_the_undo(synthetic_catalog):
@@ -546,7 +563,7 @@ def test_sql_long_query_is_stopped_by_a_new_query_escape_and_quit(synthetic_cata
             assert "rows" in text_of(app, "#sql-status")
 
             editor.load_text(SLOW_SQL)
-            editor.focus()
+            await focus_on(pilot, editor)
             screen.action_run()
             await wait_for(pilot, lambda: screen.running_query is not None and screen.running_query._cursors, what="slow query again")
             slow = screen.running_query
@@ -812,7 +829,7 @@ def test_sql_keys_work_while_typing_in_the_editor(synthetic_catalog):
             screen = app.screen
             editor = screen.query_one("#editor")
             editor.load_text("SELECT format FROM images")
-            editor.focus()
+            await focus_on(pilot, editor)
             await pilot.press("f9")
             await wait_for(pilot, lambda: screen.query_one("#results").row_count == 250, what="results")
             editor.move_cursor((0, 10))
@@ -828,12 +845,12 @@ def test_sql_keys_work_while_typing_in_the_editor(synthetic_catalog):
             await pilot.press("escape")
             await wait_for(pilot, lambda: app.screen is screen and not screen.write_mode)
 
-            editor.focus()
+            await focus_on(pilot, editor)
             await pilot.press("f5")  # the editor would take F6/F7 (select line/all) for itself
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "DuplicatesScreen")
             await pilot.press("f6")
             await wait_for(pilot, lambda: app.screen is screen)
-            editor.focus()
+            await focus_on(pilot, editor)
             await pilot.press("f7")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "TrainScreen", what="F7 from the editor")
 
@@ -859,7 +876,7 @@ def test_caption_keys_work_while_typing_and_enter_on_a_row_edits_it(synthetic_ca
 
             sources = screen.query_one("#sources")
             sources.highlighted = [o.id for o in sources.options].index("model:blip")
-            editor.focus()
+            await focus_on(pilot, editor)
             await pilot.press("ctrl+a")  # accept the source, not line start
             await wait_for(pilot, lambda: app.con.execute("SELECT source FROM caption_choice WHERE image_id = ?", [image_id]).fetchall() == [("model:blip",)], what="accept")
 

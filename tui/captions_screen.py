@@ -133,6 +133,24 @@ class CaptionsScreen(Screen):
             return
         self._save(self.image_id, text, "caption saved on leaving the image")
 
+    @on(TextArea.Changed, "#caption-text")
+    def _typed(self, event: TextArea.Changed) -> None:
+        self._editor_text = event.text_area.text  # kept for on_unmount, when the widgets are already gone
+
+    @on(Checkbox.Changed, "#sidecars")
+    def _sidecars_toggled(self, event: Checkbox.Changed) -> None:
+        self._write_sidecars = event.value
+
+    def on_unmount(self) -> None:
+        """Quitting with an edited caption saves it, as leaving the image does; here, before the app closes the catalog."""
+        text = getattr(self, "_editor_text", None)
+        if self.image_id is None or not text or not text.strip() or text.strip() == self.loaded_text.strip():
+            return
+        if self.app.con is not None:
+            with self._write_lock:  # after any write still running in a worker
+                caption_edits.save_manual_caption(self.app.con, self.image_id, text,
+                                                  sidecar=getattr(self, "_write_sidecars", False))
+
     @work(thread=True, exclusive=True, group="caption-load")
     def _load(self, image_id: str) -> None:
         try:
