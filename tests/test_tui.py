@@ -494,6 +494,20 @@ def rendered_lines(table) -> list[str]:
     return [table.render_line(y).text for y in range(min(table.row_count + 1, table.size.height))]
 
 
+def test_notifications_show_catalog_text_as_text(synthetic_catalog):
+    """Toasts carry paths, captions and SQL errors: no control character reaches the terminal, no markup is read."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.notify("cannot read /x/evil\x1b]2;PWNED\x07[b].jpg", title="Bell\x07")
+            await pilot.pause()
+            toast = list(app._notifications)[-1]
+            assert toast.message == "cannot read /x/evil\\x1b]2;PWNED\\x07[b].jpg" and toast.title == "Bell\\x07"
+            assert toast.markup is False
+
+    asyncio.run(scenario())
+
+
 def test_tables_show_control_characters_as_escapes_never_send_them(synthetic_catalog):
     con = connect(synthetic_catalog)
     hostile_id = con.execute("SELECT image_id FROM images_view ORDER BY path LIMIT 1").fetchone()[0]
@@ -767,8 +781,9 @@ def test_train_screen_runs_a_tiny_lora(four_image_catalog):
             screen.query_one("#field-resolution").value = "32"
             screen.query_one("#field-max_train_steps").value = "eight"
             await pilot.click("#train")
-            await pilot.pause(0.2)
-            assert "steps must be a whole number" in text_of(app, "#train-error") and not screen.running
+            await wait_for(pilot, lambda: "steps must be a whole number" in text_of(app, "#train-error"), what="the error")
+            assert not screen.running
+            await pilot.pause(0.2)  # the error line changes the layout: let it settle before clicking again
             screen.query_one("#field-max_train_steps").value = "4"
             screen.query_one("#field-validation_steps").value = "2"
             screen.query_one("#field-more").value = 'validation_inference_steps=1; num_validation_images=1; report_to="none"; evaluate=false'
@@ -911,40 +926,34 @@ def test_train_stop_key_works_while_an_input_has_focus(synthetic_catalog):
 
 
 def test_train_screen_opens_at_once_and_loads_its_defaults_in_a_worker(synthetic_catalog, monkeypatch):
+    """The defaults (torch imports, the first time) load in a worker: held back here until the screen is shown and
+    typed into, which could not happen if loading them blocked the UI thread."""
+    import threading
+
     from tui import train_screen
 
     real_defaults = train_screen.default_values
+    release = threading.Event()
 
-    def slow_defaults(preset):
-        time.sleep(1.5)  # as importing torch for the defaults does, the first time
+    def gated_defaults(preset):
+        assert release.wait(30), "the test never released the defaults"
         return real_defaults(preset)
 
-    monkeypatch.setattr(train_screen, "default_values", slow_defaults)
+    monkeypatch.setattr(train_screen, "default_values", gated_defaults)
 
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog)
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="browser")
-            stalls = []
-
-            async def ticker():
-                last = time.monotonic()
-                while True:
-                    await asyncio.sleep(0.02)
-                    now = time.monotonic()
-                    stalls.append(now - last)
-                    last = now
-
-            task = asyncio.get_running_loop().create_task(ticker())
             await pilot.press("f7")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "TrainScreen", what="train screen")
             screen = app.screen
             assert screen.query_one("#train").disabled and "loading" in text_of(app, "#train-state")
-            screen.query_one("#field-seed").focus()
+            await focus_on(pilot, screen.query_one("#field-seed"))
             await pilot.press("7")  # typed while the defaults load: kept
+            assert screen.query_one("#field-seed").value == "7" and not screen.ready
+            release.set()
             await wait_for(pilot, lambda: screen.ready, what="defaults")
-            task.cancel()
-            assert max(stalls) < 0.5
             assert screen.query_one("#field-seed").value == "7"
             assert screen.query_one("#field-resolution").value == "64" and not screen.query_one("#train").disabled
             assert "tiny" in [str(option[0]) for option in screen.query_one("#preset")._options]

@@ -19,6 +19,7 @@ from tui.locked_screen import LockedScreen
 from tui.messages import CatalogChanged, WorkFailed
 from tui.page_table import PageTable
 from tui.pipeline_screen import PipelineScreen
+from tui.safe_text import visible
 from tui.sql_screen import SqlScreen
 from tui.train_screen import TrainScreen
 from workbench.catalog import CatalogError, CatalogLockedError, connect
@@ -99,6 +100,14 @@ class WorkbenchApp(App[None]):
             self.bell()
             return
         self.switch_mode(mode)
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Toasts carry catalog text (paths, captions, SQL errors): always shown as text, control characters escaped.
+
+        `markup` is ignored: widgets pass True by default, and no toast here is meant to read markup.
+        """
+        super().notify(visible(str(message)), title=visible(title), severity=severity, timeout=timeout, markup=False)
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):

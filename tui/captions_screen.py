@@ -176,7 +176,7 @@ class CaptionsScreen(Screen):
         self.query_one("#caption-path", Label).update(f"{markup_safe(row.get('path'))}  [dim]({in_use})[/]")
         # Multi-line captions stay editable; other controls show as escapes (and are saved so if edited).
         self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
-        if not keep_typing:
+        if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is
             editor.load_text(self.loaded_text)
         sources = self.query_one("#sources", OptionList)
         sources.clear_options()

@@ -167,7 +167,10 @@ class TrainScreen(Screen):
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        self._load_defaults(str(event.value))
+        # the Select posts a Changed when it mounts, and may again when the first fill sets its options: the first
+        # fill covers that preset, and reloading it would overwrite what was typed while it loaded
+        if self.ready and str(event.value) != getattr(self, "_loaded_preset", None):
+            self._load_defaults(str(event.value))
 
     @work(thread=True, exclusive=True, group="train-defaults")
     def _load_defaults(self, preset: str, initial: bool = False) -> None:
@@ -190,6 +193,7 @@ class TrainScreen(Screen):
                 field.value = value
         if message.initial:
             self.query_one("#train-state", Label).update("not started")
+        self._loaded_preset = message.preset
         self.ready = True
         self._set_buttons()
 
