@@ -26,6 +26,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
 def _root_catalog_first(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
     """`workbench --catalog X ingest …` means `workbench ingest --catalog X …` (the command's own flag still wins)."""
 
@@ -709,51 +710,60 @@ def _relaunch(num_processes: int) -> None:
     raise typer.Exit(subprocess.call(command))
 
 
+# a training run's CLIP score is torchmetrics' 100 x cosine; `workbench score` stores the bare cosine (-1..1)
+METRIC_LABELS = {"clip_score": "clip score (100 x cosine)"}
+
 # defaults shown in `workbench train … --help`; the options themselves default to None ("not given", which
 # --resume needs), and tests/test_train_cli.py checks these against TrainConfig
-TRAIN_HELP_DEFAULTS = {'model': 'tiny', 'resolution': '512', 'train_batch_size': '1', 'num_train_epochs': '1', 'learning_rate': '1e-4', 'lr_scheduler': 'constant', 'lr_warmup_steps': '0', 'rank': '4', 'seed': '0', 'mixed_precision': 'no', 'gradient_accumulation_steps': '1', 'checkpointing_steps': '500', 'validation_steps': '100', 'caption_dropout': '0', 'keep_tokens': '0', 'color_jitter': '0', 'noise_offset': '0', 'prior_loss_weight': '1.0', 'cache_memory_mb': '1024'}
+TRAIN_HELP_DEFAULTS = {
+    "model": "tiny", "resolution": "512", "train_batch_size": "1", "num_train_epochs": "1", "learning_rate": "1e-4",
+    "lr_scheduler": "constant", "lr_warmup_steps": "0", "rank": "4", "seed": "0", "mixed_precision": "no",
+    "gradient_accumulation_steps": "1", "checkpointing_steps": "500", "validation_steps": "100",
+    "caption_dropout": "0", "keep_tokens": "0", "color_jitter": "0", "noise_offset": "0", "prior_loss_weight": "1.0",
+    "cache_memory_mb": "1024",
+}
 
 
 def train_command(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with training options (at top level or in a train table).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset (tiny, sd15), HF id, local folder or single-file checkpoint.", show_default="tiny")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset (tiny, sd15), HF id, local folder or single-file checkpoint.", show_default=TRAIN_HELP_DEFAULTS["model"])] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go (default: runs/<mode>-<time> beside the catalog).")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.", show_default="512")] = None,
-    train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).", show_default="1")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.", show_default=TRAIN_HELP_DEFAULTS["resolution"])] = None,
+    train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).", show_default=TRAIN_HELP_DEFAULTS["train_batch_size"])] = None,
     max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --num-train-epochs worth).")] = None,
-    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given.", show_default="1")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.", show_default="1e-4")] = None,
-    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.", show_default="constant")] = None,
-    lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.", show_default="0")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.", show_default="4")] = None,
+    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given.", show_default=TRAIN_HELP_DEFAULTS["num_train_epochs"])] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.", show_default=TRAIN_HELP_DEFAULTS["learning_rate"])] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.", show_default=TRAIN_HELP_DEFAULTS["lr_scheduler"])] = None,
+    lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.", show_default=TRAIN_HELP_DEFAULTS["lr_warmup_steps"])] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.", show_default=TRAIN_HELP_DEFAULTS["rank"])] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
     train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", help="Also train the text encoder (LoRA or full).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, noise and LoRA init.", show_default="0")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (GPU).", show_default="no")] = None,
-    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.", show_default="1")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, noise and LoRA init.", show_default=TRAIN_HELP_DEFAULTS["seed"])] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (GPU).", show_default=TRAIN_HELP_DEFAULTS["mixed_precision"])] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.", show_default=TRAIN_HELP_DEFAULTS["gradient_accumulation_steps"])] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory.")] = None,
     use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam/--no-use-8bit-adam", help="8-bit AdamW from bitsandbytes.")] = None,
     fused_adam: Annotated[Optional[bool], typer.Option("--fused-adam/--no-fused-adam", help="torch's fused AdamW kernel (default on).")] = None,
     torch_compile: Annotated[Optional[bool], typer.Option("--torch-compile/--no-torch-compile", help="Compile the UNet's transformer blocks: faster steps after a one-time compile (needs gcc on CPU).")] = None,
-    cache_memory_mb: Annotated[Optional[int], typer.Option(help="Cached latents/text kept in RAM during the run (default 1024; 0: always read from disk).", show_default="1024")] = None,
-    checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.", show_default="500")] = None,
+    cache_memory_mb: Annotated[Optional[int], typer.Option(help="Cached latents/text kept in RAM during the run, in MB (0: always read from disk).", show_default=TRAIN_HELP_DEFAULTS["cache_memory_mb"])] = None,
+    checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.", show_default=TRAIN_HELP_DEFAULTS["checkpointing_steps"])] = None,
     checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder; needs --output-dir of the run.")] = None,
     validation_prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt for the sample grids (repeatable).")] = None,
-    validation_steps: Annotated[Optional[int], typer.Option(help="Sample grid every N steps.", show_default="100")] = None,
-    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of training on an empty caption.", show_default="0")] = None,
+    validation_steps: Annotated[Optional[int], typer.Option(help="Sample grid every N steps.", show_default=TRAIN_HELP_DEFAULTS["validation_steps"])] = None,
+    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of training on an empty caption.", show_default=TRAIN_HELP_DEFAULTS["caption_dropout"])] = None,
     shuffle_tags: Annotated[Optional[bool], typer.Option("--shuffle-tags/--no-shuffle-tags", help="Shuffle comma-separated tags.")] = None,
-    keep_tokens: Annotated[Optional[int], typer.Option(help="Tags kept in front when shuffling.", show_default="0")] = None,
+    keep_tokens: Annotated[Optional[int], typer.Option(help="Tags kept in front when shuffling.", show_default=TRAIN_HELP_DEFAULTS["keep_tokens"])] = None,
     random_crop: Annotated[Optional[bool], typer.Option("--random-crop/--no-random-crop", help="Random instead of centre crop (bypasses the latent cache).")] = None,
     random_flip: Annotated[Optional[bool], typer.Option("--random-flip/--no-random-flip", help="Horizontal flip half the time (cached exactly).")] = None,
-    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (bypasses the latent cache).", show_default="0")] = None,
+    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (bypasses the latent cache).", show_default=TRAIN_HELP_DEFAULTS["color_jitter"])] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR loss weighting gamma (5 is usual).")] = None,
-    noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset (e.g. 0.05).", show_default="0")] = None,
+    noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset (e.g. 0.05).", show_default=TRAIN_HELP_DEFAULTS["noise_offset"])] = None,
     beta_schedule: Annotated[Optional[str], typer.Option(help="linear, scaled_linear, squaredcos_cap_v2 or sigmoid.")] = None,
     prediction_type: Annotated[Optional[str], typer.Option(help="epsilon or v_prediction.")] = None,
     prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help="DreamBooth prior-preservation loss.")] = None,
-    prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).", show_default="1.0")] = None,
+    prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).", show_default=TRAIN_HELP_DEFAULTS["prior_loss_weight"])] = None,
     class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt for all images (default: per concept class noun).")] = None,
     num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).")] = None,
     use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", help="Keep an EMA of the weights (dreambooth, finetune).")] = None,
@@ -804,10 +814,9 @@ def train_command(
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
                "final loss": f"{result.final_loss:.4f}" if result.final_loss is not None else "-",
                "steps/s": f"{result.steps_per_second:.2f}", "seconds": f"{result.seconds:.1f}"}
-    labels = {"clip_score": "clip score (100 x cosine)", "cmmd": "cmmd", "fid": "fid"}  # `score` stores the bare cosine
-    for key, label in labels.items():
+    for key in ("clip_score", "cmmd", "fid"):
         if key in result.metrics:
-            summary[label] = f"{result.metrics[key]:.3f}"
+            summary[METRIC_LABELS.get(key, key)] = f"{result.metrics[key]:.3f}"
     console.print(counts_table(f"train {mode}", summary))
     for name, path in result.outputs.items():
         console.print(f"{name}: {path}")
@@ -896,8 +905,7 @@ def evaluate(
             metrics = run_metrics(con, train_id, clip_model=clip_model, device=device, progress=progress)
     except (ModelError, ValueError) as error:
         fail(str(error))
-    shown = {("clip_score (100 x cosine)" if k == "clip_score" else k): (f"{v:.4f}" if isinstance(v, float) else v)
-             for k, v in metrics.items()}  # `workbench score` stores the bare cosine (-1..1)
+    shown = {METRIC_LABELS.get(k, k): (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}
     console.print(counts_table(f"evaluation of run {train_id}", shown))
 
 

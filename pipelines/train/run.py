@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 
+from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainingError, TrainResult, main
@@ -72,7 +73,7 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
     """A new run never writes into another run's folder: its checkpoints would be what `--resume latest` finds."""
     if config.resume:
         return
-    if (output_dir / "loss.csv").exists() or any((output_dir / "checkpoints").glob("checkpoint-*")):
+    if (output_dir / "loss.csv").exists() or ckpt.list_checkpoints(output_dir / "checkpoints"):
         raise TrainingError(
             f"{output_dir} already holds a training run: continue it with --resume latest, or give another --output-dir."
         )
