@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import stat
 import warnings
@@ -432,13 +433,12 @@ def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
 
 
-def _last_max_pixels(con: duckdb.DuckDBPyConnection) -> int:
-    """The pixel cap of the last finished ingest (the default when there was none)."""
+def last_ingest_params(con: duckdb.DuckDBPyConnection) -> dict:
+    """The parameters (paths, workers, max_pixels) of the last finished ingest; {} when there was none."""
     row = con.execute(
-        "SELECT CAST(json_extract(params, '$.max_pixels') AS BIGINT) FROM runs "
-        "WHERE step = 'ingest' AND status = 'ok' ORDER BY run_id DESC LIMIT 1"
+        "SELECT params FROM runs WHERE step = 'ingest' AND status = 'ok' ORDER BY run_id DESC LIMIT 1"
     ).fetchone()
-    return int(row[0]) if row and row[0] is not None else DEFAULT_MAX_PIXELS
+    return json.loads(row[0]) if row and row[0] else {}
 
 
 def _under(path: bytes, roots: Sequence[bytes]) -> bool:
@@ -468,7 +468,7 @@ def ingested_images(
     workers = (os.cpu_count() or 1) if workers is None else workers
     summary = IngestSummary()
     # files that failed under a lower pixel cap are read again once it is raised (the error says to raise it)
-    retry_errors = max_pixels > _last_max_pixels(con)
+    retry_errors = max_pixels > last_ingest_params(con).get("max_pixels", DEFAULT_MAX_PIXELS)
     params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
     with record_run(con, "ingest", params) as run:
         progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")

@@ -68,18 +68,11 @@ def _summary(result: Any) -> dict[str, Any]:
     return {"result": result}
 
 
-def _last_ingested_folders(con) -> list[Path]:
-    """The folders the last finished ingest read: with none typed, Run all on a catalog rescans them."""
-    import json
-
-    row = con.execute("SELECT params FROM runs WHERE step = 'ingest' AND status = 'ok' ORDER BY run_id DESC LIMIT 1").fetchone()
-    return [Path(p) for p in json.loads(row[0]).get("paths", [])] if row and row[0] else []
-
-
 def run_ingest(con, s, progress, project: Path):
-    from pipelines.ingest import ingested_images
+    from pipelines.ingest import ingested_images, last_ingest_params
 
-    folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]] or _last_ingested_folders(con)
+    folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]]
+    folders = folders or [Path(p) for p in last_ingest_params(con).get("paths", [])]  # Run all on a catalog: rescan
     if not folders:
         raise ValueError("Ingest: type one or more folders or image files.")
     missing = [str(p) for p in folders if not p.exists()]
