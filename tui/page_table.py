@@ -87,10 +87,10 @@ class PageTable(ScrollView, can_focus=True):
 
         Control characters are shown as escapes: cells go to the terminal as raw segments.
         """
-        self.columns = [visible(name) for name in columns]
-        self.rows = [[visible(text) for text in row] for row in rows]
-        rows = self.rows
+        self.columns = columns = [visible(name) for name in columns]
+        self.rows = rows = [[visible(text) for text in row] for row in rows]
         self.right_aligned = right_aligned or [False] * len(columns)
+        # widths of what is drawn: an escaped control character takes four cells, not none
         self.widths = [
             min(MAX_COLUMN_WIDTH, max([cell_len(name)] + [cell_len(r[i]) for r in rows])) for i, name in enumerate(columns)
         ]

@@ -14,10 +14,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
+from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, OptionList, Switch, TextArea
 from textual.widgets.option_list import Option
 
+from tui.confirm import Confirm
 from tui.image_table import cell, is_number
 from tui.messages import CatalogChanged
 from tui.page_table import PageTable
@@ -80,28 +81,15 @@ class InterruptibleQuery:
             self.finished = True
 
 
-class ConfirmWrite(ModalScreen[bool]):
+class ConfirmWrite(Confirm):
     """Ask before letting SQL change the catalog."""
 
-    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel")]
-    DEFAULT_CSS = """
-    ConfirmWrite { align: center middle; }
-    ConfirmWrite > Vertical { width: 64; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
-    ConfirmWrite Horizontal { height: auto; margin-top: 1; }
-    ConfirmWrite Button { margin-right: 2; }
-    """
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label("[b]Allow SQL to change the catalog?[/b]\nINSERT, UPDATE, DELETE, CREATE... will run for real. "
-                        "There is no undo; nothing on disk is touched.")
-            with Horizontal():
-                yield Button("Yes, write mode", id="yes", variant="warning")
-                yield Button("No", id="no", variant="primary")
-
-    @on(Button.Pressed)
-    def _answer(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+    def __init__(self) -> None:
+        super().__init__(
+            "[b]Allow SQL to change the catalog?[/b]\nINSERT, UPDATE, DELETE, CREATE... will run for real. "
+            "There is no undo; nothing on disk is touched.",
+            yes="Yes, write mode",
+        )
 
 
 class SqlScreen(Screen):
