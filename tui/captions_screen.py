@@ -70,6 +70,9 @@ class CaptionsScreen(Screen):
         self._write_lock = threading.Lock()
         self.last_bulk: caption_edits.BulkUndo | None = None
         self.source_texts: dict[str, str] = {}  # source -> caption text, for the image in the editor
+        # the editor's text and the sidecar box, mirrored for on_unmount, when the widgets are already gone
+        self._editor_text = ""
+        self._write_sidecars = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -135,7 +138,7 @@ class CaptionsScreen(Screen):
 
     @on(TextArea.Changed, "#caption-text")
     def _typed(self, event: TextArea.Changed) -> None:
-        self._editor_text = event.text_area.text  # kept for on_unmount, when the widgets are already gone
+        self._editor_text = event.text_area.text
 
     @on(Checkbox.Changed, "#sidecars")
     def _sidecars_toggled(self, event: Checkbox.Changed) -> None:
@@ -143,13 +146,12 @@ class CaptionsScreen(Screen):
 
     def on_unmount(self) -> None:
         """Quitting with an edited caption saves it, as leaving the image does; here, before the app closes the catalog."""
-        text = getattr(self, "_editor_text", None)
-        if self.image_id is None or not text or not text.strip() or text.strip() == self.loaded_text.strip():
+        text = self._editor_text
+        if self.image_id is None or not text.strip() or text.strip() == self.loaded_text.strip():
             return
         if self.app.con is not None:
             with self._write_lock:  # after any write still running in a worker
-                caption_edits.save_manual_caption(self.app.con, self.image_id, text,
-                                                  sidecar=getattr(self, "_write_sidecars", False))
+                caption_edits.save_manual_caption(self.app.con, self.image_id, text, sidecar=self._write_sidecars)
 
     @work(thread=True, exclusive=True, group="caption-load")
     def _load(self, image_id: str) -> None:

@@ -167,9 +167,9 @@ class TrainScreen(Screen):
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        # the Select posts a Changed when it mounts, and may again when the first fill sets its options: the first
-        # fill covers that preset, and reloading it would overwrite what was typed while it loaded
-        if self.ready and str(event.value) != getattr(self, "_loaded_preset", None):
+        # the Select posts a Changed when it mounts: the first fill covers that preset, and reloading it
+        # would overwrite what was typed while it loaded
+        if self.ready:
             self._load_defaults(str(event.value))
 
     @work(thread=True, exclusive=True, group="train-defaults")
@@ -193,7 +193,6 @@ class TrainScreen(Screen):
                 field.value = value
         if message.initial:
             self.query_one("#train-state", Label).update("not started")
-        self._loaded_preset = message.preset
         self.ready = True
         self._set_buttons()
 
