@@ -90,7 +90,7 @@ def _child(spec: dict) -> None:
             report_to="tensorboard", gradient_checkpointing=spec["gradient_checkpointing"],
             channels_last=spec.get("variant") == "channels_last", torch_compile=spec.get("variant") == "compile",
         ))
-        trained_model(con, config)
+        trained_model(con, config, release_catalog=True)  # as `workbench train` runs it
     else:
         import runpy
 

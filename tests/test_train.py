@@ -227,6 +227,79 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
     assert any(not torch.equal(step4[k], v) for k, v in load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-6" / "weights.safetensors")).items())
 
 
+def test_resume_goes_on_with_the_runs_own_dataset_when_the_catalog_changed(con, tmp_path, one_thread):
+    """Between the kill and the resume a caption is edited, an image excluded and one added: the resumed run
+    still trains on the snapshot it started with (so it ends bitwise like an uninterrupted run) and says why."""
+    from pipelines.filter import manual_exclusions
+    from pipelines.train import trained_model
+
+    paths = ingest_images(con, tmp_path / "images", 3)
+    options = dict(max_train_steps=4, checkpointing_steps=2, num_validation_images=0, shuffle_tags=True, learning_rate=5e-3)
+    trained_model(con, fast_config(tmp_path / "straight", **options), components=tiny_components())
+    killed = fast_config(tmp_path / "killed", **options)
+    with pytest.raises(StepCancelled):
+        trained_model(con, killed, components=tiny_components(), progress=killed_after_step(3))
+
+    ids = [row[0] for row in con.execute("SELECT image_id FROM dataset ORDER BY image_id").fetchall()]
+    con.execute("INSERT OR REPLACE INTO captions (image_id, source, text, created_at) VALUES (?, 'manual', 'a new caption', now())", [ids[0]])
+    con.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, 'manual')", [ids[0]])
+    manual_exclusions(con, [ids[1]], "blurry")
+    ingest_images(con, tmp_path / "more", 1, seed=7)
+    now = {i.image_id: i.caption for i in training_images(con, killed)}
+    assert len(now) == 3 and now[ids[0]] == "a new caption" and ids[1] not in now
+
+    messages = []
+    def collect(*, task, completed=0, total=None, message=None):
+        if message:
+            messages.append(message)
+
+    resumed = trained_model(con, dataclasses.replace(killed, resume="latest"), components=tiny_components(), progress=collect)
+    assert resumed.steps == 4
+    a, b = _lora_tensors(tmp_path / "straight"), _lora_tensors(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run trained on the changed catalog"
+    drift = next(m for m in messages if "dataset changed" in m)
+    assert "1 added, 1 removed, 1 captions changed" in drift
+    recorded = con.execute("SELECT image_ids FROM training_runs WHERE train_id = ?", [resumed.train_id]).fetchone()[0]
+    assert sorted(recorded) == sorted(ids) and len(paths) == 3
+
+
+def test_the_catalog_is_free_for_other_processes_while_a_model_trains(con, catalog_path, tmp_path, one_thread):
+    """With release_catalog (what `workbench train` does), another process can query the catalog during training;
+    one that still holds it when training ends makes the run wait, say so, and record once it is free."""
+    import subprocess
+    import sys
+
+    from pipelines.train import trained_model
+    from workbench.catalog import connect
+
+    ingest_images(con, tmp_path / "images", 2)
+    query = "import duckdb, sys; print(duckdb.connect(sys.argv[1]).execute('SELECT count(*) FROM images').fetchone()[0])"
+    hold = "import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('holding', flush=True); sys.stdin.readline()"
+    seen, messages, holder = {}, [], []
+
+    def hook(*, task, completed=0, total=None, message=None):
+        if message:
+            messages.append(message)
+            if message.startswith("Waiting to record the run"):
+                holder[0].communicate("done\n")  # the other process lets go
+        if task == "train" and completed == 1 and "query" not in seen:
+            seen["query"] = subprocess.run([sys.executable, "-c", query, str(catalog_path)], capture_output=True, text=True)
+        if task == "train" and completed == 2 and not holder:
+            holder.append(subprocess.Popen([sys.executable, "-c", hold, str(catalog_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            assert holder[0].stdout.readline().strip() == "holding"
+
+    config = fast_config(tmp_path / "run", max_train_steps=2, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components(), progress=hook, release_catalog=True)
+    assert holder[0].returncode == 0
+    assert seen["query"].returncode == 0 and seen["query"].stdout.strip() == "2", seen["query"].stderr
+    assert any(m.startswith("Waiting to record the run") and f"PID {holder[0].pid}" in m.replace("process ", "PID ") for m in messages), messages
+    later = connect(catalog_path)
+    status = later.execute("SELECT t.status, t.steps, r.status FROM training_runs t JOIN runs r USING (run_id) WHERE train_id = ?",
+                           [result.train_id]).fetchone()
+    later.close()
+    assert status == ("ok", 2, "ok")
+
+
 def _render(pipe) -> np.ndarray:
     return pipe("square 0, red, blue, green", num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]

@@ -99,6 +99,12 @@ def connect(
     return con
 
 
+def catalog_file(con: duckdb.DuckDBPyConnection) -> Path | None:
+    """The file behind a catalog connection (None for an in-memory catalog)."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return Path(row[0]).resolve() if row and row[0] else None
+
+
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     have = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
@@ -180,33 +186,47 @@ class RunRecord:
     counts: dict[str, Any] = field(default_factory=dict)
 
 
-@contextmanager
-def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> Iterator[RunRecord]:
-    """Record a step run: a 'running' row first, then its counts, seconds and status."""
+def run_status(error: BaseException | None) -> str:
+    """'ok', 'cancelled' (the user stopped it) or 'failed'."""
+    if error is None:
+        return "ok"
+    return "cancelled" if error.__class__.__name__ == "StepCancelled" or isinstance(error, KeyboardInterrupt) else "failed"
+
+
+def start_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> RunRecord:
+    """Insert a 'running' row for a step run."""
     run_id = con.execute(
         "INSERT INTO runs (step, started_at, status, params) VALUES (?, ?, 'running', ?) RETURNING run_id",
         [step, datetime.now(), json.dumps(params, default=str)],
     ).fetchall()[0][0]
-    record = RunRecord(run_id=run_id, step=step, started=time.perf_counter())
-    status, error = "ok", None
+    return RunRecord(run_id=run_id, step=step, started=time.perf_counter())
+
+
+def finish_run(con: duckdb.DuckDBPyConnection, record: RunRecord, error: BaseException | None = None) -> None:
+    """Write a step run's counts, seconds and status (from the error that ended it, if any)."""
+    con.execute(
+        "UPDATE runs SET finished_at = ?, seconds = ?, status = ?, counts = ?, error = ? WHERE run_id = ?",
+        [
+            datetime.now(),
+            time.perf_counter() - record.started,
+            run_status(error),
+            json.dumps(record.counts, default=str),
+            None if error is None else f"{error.__class__.__name__}: {error}",
+            record.run_id,
+        ],
+    )
+
+
+@contextmanager
+def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> Iterator[RunRecord]:
+    """Record a step run: a 'running' row first, then its counts, seconds and status."""
+    record = start_run(con, step, params)
     try:
         yield record
-    except BaseException as exc:  # record the failure, then let it propagate
-        status = "cancelled" if exc.__class__.__name__ == "StepCancelled" or isinstance(exc, KeyboardInterrupt) else "failed"
-        error = f"{exc.__class__.__name__}: {exc}"
+    except BaseException as error:  # record the failure, then let it propagate
+        finish_run(con, record, error)
         raise
-    finally:
-        con.execute(
-            "UPDATE runs SET finished_at = ?, seconds = ?, status = ?, counts = ?, error = ? WHERE run_id = ?",
-            [
-                datetime.now(),
-                time.perf_counter() - record.started,
-                status,
-                json.dumps(record.counts, default=str),
-                error,
-                run_id,
-            ],
-        )
+    finish_run(con, record)
 
 
 # --- read-only SQL ------------------------------------------------------------

@@ -806,7 +806,8 @@ def train_command(
     con = open_catalog(catalog) if is_main_process() else None  # one catalog writer under accelerate launch
     try:
         with RichProgress() as progress:
-            result = trained_model(con, train_config, progress=progress)
+            # the catalog is free for other commands while the model trains (hours, on real models)
+            result = trained_model(con, train_config, progress=progress, release_catalog=True)
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
     if con is None:

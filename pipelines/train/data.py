@@ -211,6 +211,52 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, clas
     return pools
 
 
+# --- the run's own copy of its dataset ------------------------------------------------
+
+SNAPSHOT_FILE = "dataset.json"
+
+
+def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, list[TrainImage]] | None) -> None:
+    """Save the exact images, captions, buckets and class priors a run trains on (what `--resume` reads back)."""
+    from dataclasses import asdict
+
+    payload = {"version": 1, "images": [asdict(i) for i in images],
+               "priors": None if priors is None else {p: [asdict(i) for i in pool] for p, pool in priors.items()}}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def read_snapshot(path: Path) -> tuple[list[TrainImage], dict[str, list[TrainImage]] | None]:
+    """The images and class priors saved by `write_snapshot`."""
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("version") != 1:
+            raise ValueError(f"unknown version {payload.get('version')!r}")
+
+        def image(row: dict) -> TrainImage:
+            return TrainImage(**{**row, "bucket": tuple(row["bucket"]), "resized": tuple(row["resized"]), "crop": tuple(row["crop"])})
+
+        images = [image(r) for r in payload["images"]]
+        priors = None if payload["priors"] is None else {p: [image(r) for r in pool] for p, pool in payload["priors"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"The run's dataset snapshot {path} cannot be read ({error}); start a new run instead of resuming.") from error
+    return images, priors
+
+
+def snapshot_drift(saved: Sequence[TrainImage], current: Sequence[TrainImage]) -> dict[str, int]:
+    """How the catalog's dataset differs from a run's snapshot: images added, removed, re-captioned or re-bucketed."""
+    before = {i.image_id: i for i in saved}
+    now = {i.image_id: i for i in current}
+    common = before.keys() & now.keys()
+    return {
+        "added": len(now.keys() - before.keys()),
+        "removed": len(before.keys() - now.keys()),
+        "captions changed": sum(before[k].caption != now[k].caption for k in common),
+        "buckets changed": sum((before[k].bucket, before[k].crop) != (now[k].bucket, now[k].crop) for k in common),
+    }
+
+
 # --- captions -----------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -13,14 +14,14 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainingError, TrainResult, main
-from workbench.catalog import record_run
+from workbench.catalog import CatalogLockedError, catalog_file, connect, finish_run, run_status, start_run
 from workbench.progress import ProgressHook, null_progress
 
 
 def catalog_project_dir(con: duckdb.DuckDBPyConnection) -> Path:
     """The folder holding the catalog file (the current folder for an in-memory catalog)."""
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
-    return Path(row[0]).resolve().parent if row and row[0] else Path.cwd()
+    path = catalog_file(con)
+    return path.parent if path else Path.cwd()
 
 
 def default_output_dir(con: duckdb.DuckDBPyConnection, mode: str) -> Path:
@@ -79,6 +80,52 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
         )
 
 
+def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progress: ProgressHook):
+    """A new run reads the catalog and saves its snapshot; a resumed run trains on the snapshot it saved.
+
+    The snapshot is what makes `--resume` exact when the catalog changed in between (a caption
+    edited, an image excluded or added): the run continues on the data it started with.
+    """
+    snapshot = output_dir / train_data.SNAPSHOT_FILE
+    if config.resume and snapshot.exists():
+        images, priors = train_data.read_snapshot(snapshot)
+        try:
+            current = train_data.training_images(con, config)
+        except train_data.DataError:
+            current = []
+        changes = ", ".join(f"{count} {what}" for what, count in train_data.snapshot_drift(images, current).items() if count)
+        if changes:
+            progress(task="dataset", message=(
+                f"The catalog's dataset changed since this run started ({changes}). The run goes on with the "
+                f"images and captions it started with ({snapshot.name}); start a new run to train on the current data."
+            ))
+        moved = train_data.openable_paths(con, [i.image_id for i in images] + [i.image_id for p in (priors or {}).values() for i in p])
+        images = [replace(i, path=moved.get(i.image_id, i.path)) for i in images]
+        if priors is not None:
+            priors = {p: [replace(i, path=moved.get(i.image_id, i.path)) for i in pool] for p, pool in priors.items()}
+        return images, priors
+    images = train_data.training_images(con, config)
+    priors = None
+    if config.mode == "dreambooth" and config.with_prior_preservation:
+        priors = _ensure_priors(con, config, images, components, progress)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_data.write_snapshot(snapshot, images, priors)
+    return images, priors
+
+
+def _reconnect(path: Path, progress: ProgressHook) -> duckdb.DuckDBPyConnection:
+    """Open the catalog again to record a run, waiting (and saying so) while another process holds it."""
+    told = False
+    while True:
+        try:
+            return connect(path, wait_seconds=5)
+        except CatalogLockedError as error:
+            if not told:
+                progress(task="record run", message=f"Waiting to record the run: {error} The outputs are already written.")
+                told = True
+            progress(task="record run")  # lets a cancel through
+
+
 def is_main_process() -> bool:
     """False only in the extra processes of `accelerate launch` / torchrun (RANK > 0)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -90,8 +137,14 @@ def trained_model(
     *,
     components=None,
     progress: ProgressHook = null_progress,
+    release_catalog: bool = False,
 ) -> TrainResult:
     """A LoRA, DreamBooth or fine-tuned model trained on the `dataset` view, recorded in `runs` and `training_runs`.
+
+    The run trains on a snapshot of the dataset saved in its folder (`dataset.json`), which a resume
+    reads back. With `release_catalog`, `con` is closed while the model trains, so other workbench
+    commands can use the catalog meanwhile (DuckDB lets one process write it); the catalog is
+    opened again to record the result, and `con` stays closed afterwards.
 
     Under `accelerate launch` (several processes), only the main process opens the catalog (DuckDB
     allows one writer); the others get `con=None` and receive the dataset snapshot from it through
@@ -110,9 +163,7 @@ def trained_model(
     if con is not None:
         output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
         _refuse_a_finished_or_started_run(output_dir, config)
-        images = train_data.training_images(con, config)
-        if config.mode == "dreambooth" and config.with_prior_preservation:
-            priors = _ensure_priors(con, config, images, components, progress)
+        images, priors = _run_dataset(con, config, output_dir, components, progress)
     elif world_size == 1:
         raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
     if world_size > 1:
@@ -131,30 +182,43 @@ def trained_model(
         "VALUES (?, ?, 'running', ?, ?, ?, ?) RETURNING train_id",
         [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir)],
     ).fetchone()[0]
-    params = {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)}
+    run = start_run(con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
+    catalog_path = catalog_file(con) if release_catalog else None
+    if catalog_path is not None:
+        con.close()
+    result, failure = None, None
     try:
-        with record_run(con, f"train:{config.mode}", params) as run:
-            result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
+        result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
+    except BaseException as error:
+        failure = error
+        raise
+    finally:
+        if catalog_path is not None:
+            con = _reconnect(catalog_path, progress)
+        if result is not None:
             run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
             con.execute(
                 "UPDATE training_runs SET run_id = ?, status = 'ok', outputs = ?, steps = ?, final_loss = ?, seconds = ?, "
                 "finished_at = current_timestamp WHERE train_id = ?",
                 [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
             )
-    except BaseException as error:
-        status = "cancelled" if error.__class__.__name__ == "StepCancelled" or isinstance(error, KeyboardInterrupt) else "failed"
-        con.execute(
-            "UPDATE training_runs SET status = ?, error = ?, finished_at = current_timestamp WHERE train_id = ?",
-            [status, f"{error.__class__.__name__}: {error}", train_id],
-        )
-        raise
-    result.train_id = train_id
-    if config.evaluate and config.num_validation_images > 0:
-        from pipelines.train.evaluate import run_metrics
+        else:
+            con.execute(
+                "UPDATE training_runs SET status = ?, error = ?, finished_at = current_timestamp WHERE train_id = ?",
+                [run_status(failure), f"{failure.__class__.__name__}: {failure}", train_id],
+            )
+        finish_run(con, run, failure)
+    try:
+        result.train_id = train_id
+        if config.evaluate and config.num_validation_images > 0:
+            from pipelines.train.evaluate import run_metrics
 
-        try:
-            result.metrics = run_metrics(con, train_id, clip_model=config.clip_model, device=config.device, progress=progress)
-        except Exception as error:  # evaluation must never cost a finished training run
-            result.metrics = {"error": f"{error.__class__.__name__}: {error}"}
-            con.execute("UPDATE training_runs SET metrics = ? WHERE train_id = ?", [json.dumps(result.metrics), train_id])
+            try:
+                result.metrics = run_metrics(con, train_id, clip_model=config.clip_model, device=config.device, progress=progress)
+            except Exception as error:  # evaluation must never cost a finished training run
+                result.metrics = {"error": f"{error.__class__.__name__}: {error}"}
+                con.execute("UPDATE training_runs SET metrics = ? WHERE train_id = ?", [json.dumps(result.metrics), train_id])
+    finally:
+        if catalog_path is not None:
+            con.close()
     return result
