@@ -39,6 +39,29 @@ def test_csv_and_parquet(catalog_path, tmp_path):
     assert pl.read_parquet(out)["image_id"].to_list() == ["a"]
 
 
+def test_output_takes_its_format_from_the_name_and_never_overwrites_silently(catalog_path, tmp_path):
+    seeded_catalog(catalog_path)
+    query = ["sql", "SELECT image_id FROM images ORDER BY 1", "-c", str(catalog_path)]
+    out = tmp_path / "ids.csv"
+    first = runner.invoke(app, [*query, "-o", str(out)])
+    assert first.exit_code == 0, first.output
+    assert out.read_text().splitlines() == ["image_id", "a", "b"]
+    out.write_text("my notes")
+    again = runner.invoke(app, [*query, "-o", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output and "--overwrite" in again.output
+    assert out.read_text() == "my notes"
+    replaced = runner.invoke(app, [*query, "-o", str(out), "--overwrite"])
+    assert replaced.exit_code == 0 and out.read_text().splitlines()[0] == "image_id"
+    as_json = runner.invoke(app, [*query, "-o", str(tmp_path / "ids.json")])
+    assert as_json.exit_code == 0 and json.loads((tmp_path / "ids.json").read_text()) == [{"image_id": "a"}, {"image_id": "b"}]
+    unknown = runner.invoke(app, [*query, "-o", str(tmp_path / "ids.txt")])
+    assert unknown.exit_code == 2 and "Cannot tell the format" in " ".join(unknown.output.split())
+    table = runner.invoke(app, [*query, "-f", "table", "-o", str(tmp_path / "t.csv")])
+    assert table.exit_code == 2 and not (tmp_path / "t.csv").exists()
+    nowhere = runner.invoke(app, [*query, "-o", str(tmp_path / "missing" / "ids.csv")])
+    assert nowhere.exit_code == 2 and "does not exist" in " ".join(nowhere.output.split())
+
+
 def test_writes_are_refused_without_write(catalog_path):
     seeded_catalog(catalog_path)
     result = runner.invoke(app, ["sql", "DELETE FROM images", "-c", str(catalog_path)])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tui.app import WorkbenchApp
+from tui.confirm import Confirm
 from tui.synthetic import synthetic_rows
 from workbench.catalog import connect
 
@@ -459,6 +460,18 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
             import duckdb
 
             assert duckdb.sql(f"SELECT sum(n) FROM '{target}'").fetchall() == [(250,)]
+
+            # an existing file is replaced only after a yes
+            target.write_text("my notes")
+            await pilot.click("#export-parquet")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="replace question")
+            await pilot.press("n")
+            await pilot.pause()
+            assert target.read_text() == "my notes"
+            await pilot.click("#export-parquet")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="replace question")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: target.read_bytes()[:4] == b"PAR1", what="replaced export")
 
             editor.load_text("DELETE FROM images")
             await pilot.press("f9")

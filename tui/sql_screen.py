@@ -304,6 +304,19 @@ class SqlScreen(Screen):
             path = path.with_suffix(f".{kind}")
         if not path.is_absolute():
             path = self.app.catalog_path.resolve().parent / path
+        if path.is_dir() or not path.parent.is_dir():
+            self.notify(f"Cannot write {markup_safe(str(path))}: give a file name in an existing folder.", severity="error")
+            return
+        if path.exists():
+            def answered(replace: bool | None) -> None:
+                if replace:
+                    self._start_export(path, kind)
+
+            self.app.push_screen(Confirm(f"{markup_safe(str(path))} already exists. Replace it?", yes="Replace"), answered)
+            return
+        self._start_export(path, kind)
+
+    def _start_export(self, path: Path, kind: str) -> None:
         if self.running_export is not None:
             self.running_export.cancel()
         self.running_export = InterruptibleQuery(self.app.con)

@@ -144,8 +144,9 @@ def dedup(
 def sql(
     query: Annotated[str, typer.Argument(help="SQL to run against the catalog.")],
     catalog: CatalogOpt = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="table, csv, json or parquet.")] = "table",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result here (required for parquet).")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table, csv, json or parquet (default: table; with --output, from its extension).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this .csv, .json or .parquet file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
     write: Annotated[bool, typer.Option("--write", help="Allow statements that change the catalog.")] = False,
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 100,
 ) -> None:
@@ -153,10 +154,23 @@ def sql(
 
     Example: workbench sql "SELECT path, width, height FROM dataset ORDER BY width DESC LIMIT 5" --format json
     """
+    if format is None:
+        format = output.suffix.lower().lstrip(".") if output is not None else "table"
+        if output is not None and format not in {"csv", "json", "parquet"}:
+            fail(f"Cannot tell the format of {output}: give it a .csv, .json or .parquet name, or pass --format.")
     if format not in {"table", "csv", "json", "parquet"}:
         fail("--format must be table, csv, json or parquet.")
     if format == "parquet" and output is None:
         fail("--format parquet needs --output FILE.parquet")
+    if format == "table" and output is not None:
+        fail("--output writes csv, json or parquet; the table format is for the terminal.")
+    if output is not None:
+        if output.is_dir():
+            fail(f"{output} is a folder; give a file name.")
+        if output.exists() and not overwrite:
+            fail(f"{output} already exists; pass --overwrite to replace it.")
+        if not output.parent.is_dir():
+            fail(f"The folder {output.parent} does not exist.")
     try:
         if not write and not catalog_mod.is_read_only_sql(query):
             catalog_mod.run_sql(None, query)  # raises the refusal message
