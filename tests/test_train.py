@@ -300,6 +300,21 @@ def test_the_catalog_is_free_for_other_processes_while_a_model_trains(con, catal
     assert status == ("ok", 2, "ok")
 
 
+def test_a_run_folder_takes_one_training_process_at_a_time(con, tmp_path, one_thread):
+    """With the catalog free during training, two `train --resume` into one folder could start: the second is refused."""
+    from filelock import FileLock
+
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 2)
+    config = fast_config(tmp_path / "run", max_train_steps=1, num_validation_images=0)
+    (tmp_path / "run").mkdir()
+    with FileLock(tmp_path / "run" / ".train.lock"):  # what the other training process holds
+        with pytest.raises(TrainingError, match="Another process is training into"):
+            trained_model(con, config, components=tiny_components())
+    assert trained_model(con, config, components=tiny_components()).steps == 1
+
+
 def _render(pipe) -> np.ndarray:
     return pipe("square 0, red, blue, green", num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 
@@ -159,23 +161,51 @@ def trained_model(
 
         progress(task="load model", message=f"loading {config.model}")
         components = load_sd_components(config.model, device="cpu", dtype="float32")
-    priors = None
-    if con is not None:
-        output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
+    if con is None:
+        if world_size == 1:
+            raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
+        images, priors, output_dir = _shared_dataset(config, None)
+        return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
+    with _run_folder_lock(output_dir):
         _refuse_a_finished_or_started_run(output_dir, config)
         images, priors = _run_dataset(con, config, output_dir, components, progress)
-    elif world_size == 1:
-        raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
-    if world_size > 1:
-        from accelerate import PartialState
-        from accelerate.utils import broadcast_object_list
+        if world_size > 1:
+            _shared_dataset(config, (images, priors, str(output_dir)))
+        return _train_and_record(con, config, images, priors, output_dir, components, progress, release_catalog)
 
-        PartialState(cpu=config.device == "cpu")  # joins the process group accelerate launch set up
-        payload = [(images, priors, str(output_dir)) if con is not None else None]
-        broadcast_object_list(payload, from_process=0)
-        if con is None:
-            images, priors, output_dir = payload[0]
-            return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
+
+def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
+    """The main process's (images, priors, output_dir), broadcast to every accelerate process."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=config.device == "cpu")  # joins the process group accelerate launch set up
+    payload = [sent]
+    broadcast_object_list(payload, from_process=0)
+    return payload[0]
+
+
+@contextmanager
+def _run_folder_lock(output_dir: Path) -> Iterator[None]:
+    """One training process per run folder: the catalog is free while a model trains, so a second
+    `workbench train --resume` could otherwise start on the same checkpoints."""
+    from filelock import FileLock, Timeout
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(output_dir / ".train.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TrainingError(f"Another process is training into {output_dir}: wait for it to finish, or give another --output-dir.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_and_record(con, config: TrainConfig, images, priors, output_dir: Path, components, progress: ProgressHook, release_catalog: bool) -> TrainResult:
+    """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
     train_id = con.execute(
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir) "
