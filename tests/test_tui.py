@@ -175,6 +175,29 @@ def _details_text(app) -> str:
 # --- captions -------------------------------------------------------------------
 
 
+def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
+    """At 80x24 (a common default) the Captions bulk bar takes two rows and the Pipeline columns narrow, so every
+    input keeps room to type in (before: find/replace/token were 4 cells wide and the captions table 16)."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.screen.query_one("#captions-table #rows").row_count > 0, what="rows")
+            screen = app.screen
+            assert screen.has_class("-narrow") and screen.has_class("-short")
+            for field in ("#find", "#replace", "#token", "#captions-table #filter"):
+                assert screen.query_one(field).outer_size.width >= 12, field
+            assert screen.query_one("#captions-table").size.width >= 35
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "PipelineScreen", what="pipeline")
+            await pilot.pause()
+            inputs = [i for i in app.screen.query(".setting Input")]
+            assert inputs and min(i.outer_size.width for i in inputs) >= 8
+        async with WorkbenchApp(catalog_path=synthetic_catalog, start="captions").run_test(size=(150, 42)) as pilot:
+            assert not pilot.app.screen.has_class("-narrow")  # a large terminal keeps the wide layout
+
+    asyncio.run(scenario())
+
+
 def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")

@@ -22,10 +22,11 @@ from tui.messages import CatalogChanged, ImagePicked
 from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe, visible
+from tui.size_classes import SizeClasses
 from tui.workers import people_message
 
 
-class CaptionsScreen(Screen):
+class CaptionsScreen(SizeClasses, Screen):
     """Fix captions one by one or in bulk; every edit becomes a 'manual' caption.
 
     Leaving an image with unsaved edits saves them (as ctrl+s would): editing runs down the rows
@@ -98,10 +99,10 @@ class CaptionsScreen(Screen):
             yield Input(placeholder="find", id="find")
             yield Input(placeholder="replace with", id="replace")
             yield Button("Replace in filtered", id="bulk-replace")
+            yield Button("Undo bulk (F8)", id="bulk-undo", disabled=True)
             yield Input(placeholder="trigger token", id="token")
             yield Button("Add token", id="bulk-add")
             yield Button("Remove token", id="bulk-remove")
-            yield Button("Undo bulk (F8)", id="bulk-undo", disabled=True)
         yield Footer()
 
     def on_mount(self) -> None:

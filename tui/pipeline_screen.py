@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, RichLog, Static
 
 from tui.messages import CatalogChanged, StepFinished, StepProgress
+from tui.size_classes import SizeClasses
 from tui.steps import STEPS, STEPS_BY_NAME, StepSpec, parse_settings, step_counts
 from tui.workers import cancellable_progress, people_message
 from workbench.progress import StepCancelled
@@ -55,7 +56,7 @@ class StepRow(Horizontal):
         return {s.name: self.query_one(f"#set-{self.spec.name}-{s.name}", Input).value for s in self.spec.settings}
 
 
-class PipelineScreen(Screen):
+class PipelineScreen(SizeClasses, Screen):
     """Run the curation pipeline in this process; the catalog counts update as steps finish."""
 
     CSS_PATH = "pipeline_screen.tcss"
