@@ -405,6 +405,24 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
         ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash
         """
     )
+    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption
+    # and its concept; the old content's row stays and says what replaced it
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE ingest_edits AS SELECT DISTINCT p.image_id AS old_id, b.image_id AS new_id "
+        "FROM paths p JOIN ingest_batch b ON p.path_bytes = b.path_bytes WHERE p.image_id <> b.image_id AND b.status = 'ok'"
+    )
+    con.execute(
+        "INSERT INTO captions (image_id, source, text, created_at) SELECT e.new_id, 'manual', c.text, c.created_at "
+        "FROM ingest_edits e JOIN captions c ON c.image_id = e.old_id AND c.source = 'manual' ON CONFLICT DO NOTHING"
+    )
+    con.execute(
+        "INSERT INTO caption_choice (image_id, source) SELECT e.new_id, 'manual' FROM ingest_edits e "
+        "JOIN caption_choice ch ON ch.image_id = e.old_id AND ch.source = 'manual' ON CONFLICT DO NOTHING"
+    )
+    con.execute(
+        "INSERT INTO concept_images (image_id, concept, source, created_at) SELECT e.new_id, ci.concept, ci.source, ci.created_at "
+        "FROM ingest_edits e JOIN concept_images ci ON ci.image_id = e.old_id ON CONFLICT DO NOTHING"
+    )
     con.execute(
         """
         INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, seq, missing)
@@ -415,6 +433,14 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
             sidecar_mtime_ns = excluded.sidecar_mtime_ns, missing = false, last_seen = now()
         """
     )
+    con.execute(
+        "UPDATE images SET replaced_by = e.new_id FROM ingest_edits e "
+        "WHERE images.image_id = e.old_id AND NOT EXISTS (SELECT 1 FROM paths WHERE paths.image_id = e.old_id)"
+    )
+    con.execute(
+        "UPDATE images SET replaced_by = NULL WHERE replaced_by IS NOT NULL AND image_id IN (SELECT image_id FROM ingest_batch)"
+    )
+    con.execute("DROP TABLE ingest_edits")
     con.execute(
         """
         INSERT INTO captions (image_id, source, text)

@@ -62,6 +62,35 @@ def test_changed_file_is_reread_and_vanished_is_missing(con, tmp_path):
     assert con.execute("SELECT count(*) FROM paths").fetchall()[0][0] == 3
 
 
+def test_a_file_edited_in_place_keeps_its_manual_caption_and_concept(con, tmp_path):
+    """Cropping or retouching a file gives new bytes, so a new image: what people gave the file by hand (its
+    manual caption, its concept) goes with it, and the old content's row says it was replaced, by what."""
+    from pipelines.concepts import added_concept
+
+    paths = make_images(tmp_path / "imgs", 2)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    old_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchone()[0]
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'my careful caption')", [old_id])
+    con.execute("INSERT INTO caption_choice (image_id, source) VALUES (?, 'manual')", [old_id])
+    added_concept(con, "sks", trigger="sks", where=f"image_id = '{old_id}'")
+
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(paths[0])  # edited in place
+    os.utime(paths[0], ns=(1, 1))
+    assert ingested_images(con, [tmp_path / "imgs"], workers=1).changed == 1
+    new_id, caption, concept = con.execute(
+        "SELECT image_id, caption, concept FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()
+    assert new_id != old_id and caption == "my careful caption" and concept == "sks"
+    status, error, path = con.execute("SELECT status, error, path FROM images_view WHERE image_id = ?", [old_id]).fetchone()
+    assert status == "replaced" and error == f"edited in place: {paths[0]} now holds image {new_id[:12]}" and path is None
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 2
+
+    make_images(tmp_path / "imgs", 1)  # the edit undone: the old bytes are back at the path
+    os.utime(paths[0], ns=(2, 2))
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert con.execute("SELECT status, caption FROM images_view WHERE image_id = ?", [old_id]).fetchone() == ("ok", "my careful caption")
+    assert con.execute("SELECT status FROM images_view WHERE image_id = ?", [new_id]).fetchone()[0] == "replaced"
+
+
 def test_missing_file_that_comes_back_is_ok_again(con, tmp_path):
     paths = make_images(tmp_path / "imgs", 2)
     ingested_images(con, [tmp_path / "imgs"], workers=1)

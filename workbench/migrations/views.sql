@@ -32,8 +32,14 @@ WITH p AS (
     GROUP BY s.image_id
 )
 SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i.mode, i.bytes,
-       CASE WHEN coalesce(p.all_missing, true) THEN 'missing' ELSE i.status END AS status,
-       CASE WHEN coalesce(p.all_missing, true) THEN 'file no longer found at any known path' ELSE i.error END AS error,
+       CASE WHEN NOT coalesce(p.all_missing, true) THEN i.status
+            WHEN i.replaced_by IS NOT NULL THEN 'replaced'
+            ELSE 'missing' END AS status,
+       CASE WHEN NOT coalesce(p.all_missing, true) THEN i.error
+            WHEN i.replaced_by IS NOT NULL THEN 'edited in place: ' || coalesce(
+                (SELECT arg_min(r.path, r.seq) FROM paths r WHERE r.image_id = i.replaced_by), 'its file')
+                || ' now holds image ' || left(i.replaced_by, 12)
+            ELSE 'file no longer found at any known path' END AS error,
        i.role,
        cc.caption, cc.caption_source,
        d.group_id AS duplicate_group,
