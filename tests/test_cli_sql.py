@@ -62,6 +62,17 @@ def test_output_takes_its_format_from_the_name_and_never_overwrites_silently(cat
     assert nowhere.exit_code == 2 and "does not exist" in " ".join(nowhere.output.split())
 
 
+def test_errors_while_rows_are_computed_are_messages_and_json_stays_json(catalog_path, tmp_path):
+    seeded_catalog(catalog_path)
+    for extra in ([], ["-f", "json"], ["-o", str(tmp_path / "x.csv")], ["-o", str(tmp_path / "x.parquet")]):
+        result = runner.invoke(app, ["sql", "SELECT CAST(path AS INTEGER) FROM paths", "-c", str(catalog_path), *extra])
+        assert result.exit_code == 2 and "SQL error" in result.output and "Traceback" not in result.output, extra
+    infinite = runner.invoke(app, ["sql", "SELECT 1 / 0 AS x, 0.5::DOUBLE AS y", "-f", "json", "-c", str(catalog_path)])
+    assert json.loads(infinite.stdout) == [{"x": None, "y": 0.5}]
+    folder = runner.invoke(app, ["sql", "SELECT 1", "-o", str(tmp_path), "-c", str(catalog_path)])
+    assert folder.exit_code == 2 and "is a folder" in " ".join(folder.output.split())
+
+
 def test_writes_are_refused_without_write(catalog_path):
     seeded_catalog(catalog_path)
     result = runner.invoke(app, ["sql", "DELETE FROM images", "-c", str(catalog_path)])

@@ -227,6 +227,20 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
     assert any(not torch.equal(step4[k], v) for k, v in load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-6" / "weights.safetensors")).items())
 
 
+def test_the_dataset_snapshot_round_trips_file_names_that_are_not_utf8(tmp_path):
+    """sample_data has a Latin-1 file name (kept in Python as a surrogate escape); the snapshot must keep it exactly."""
+    import os
+
+    from pipelines.train.data import read_snapshot, write_snapshot
+
+    name = os.fsdecode(b"/photos/caf\xe9_latin1_name.jpg")
+    image = TrainImage("a" * 64, name, "a caf\u00e9", (64, 48), (64, 48), (0, 0), concept="c", repeats=2, class_prompt="a photo")
+    prior = TrainImage("b" * 64, "/priors/p.png", "a photo", (64, 64), (64, 64), (0, 0))
+    write_snapshot(tmp_path / "dataset.json", [image], {"a photo": [prior]})
+    assert read_snapshot(tmp_path / "dataset.json") == ([image], {"a photo": [prior]})
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]  # no temporary file left
+
+
 def test_resume_goes_on_with_the_runs_own_dataset_when_the_catalog_changed(con, tmp_path, one_thread):
     """Between the kill and the resume a caption is edited, an image excluded and one added: the resumed run
     still trains on the snapshot it started with (so it ends bitwise like an uninterrupted run) and says why."""

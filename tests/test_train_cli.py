@@ -155,6 +155,59 @@ def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_cop
     assert runs[1][3] == str(tmp_path / "runs" / "a")  # stored absolute: `evaluate` works from any folder
 
 
+def test_resume_before_the_first_checkpoint_keeps_the_runs_options_and_a_dead_runs_row_is_closed(con, catalog_path, tmp_path, one_thread):
+    """A run stopped before its first checkpoint resumes with its own options (from dataset.json), not the
+    defaults; a row left 'running' by a killed process becomes 'interrupted'; a finished run is not redone;
+    and --resume into a folder with no run says so instead of training a new default run."""
+    from pipelines.train import trained_model
+    from workbench.progress import StepCancelled
+
+    ingest_images(con, tmp_path / "images", 2)
+    out = tmp_path / "run"
+    config = fast_config(out, max_train_steps=3, checkpointing_steps=10, num_validation_images=0, rank=2, learning_rate=5e-4)
+
+    def stop_after_first_step(*, task, completed=0, total=None, message=None):
+        if task == "train" and completed == 1:
+            raise StepCancelled("stopped")
+
+    with pytest.raises(StepCancelled):
+        trained_model(con, config, components=tiny_components(), progress=stop_after_first_step)
+    assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("cancelled", 0)]
+    con.execute("INSERT INTO training_runs (mode, model, status, output_dir) VALUES ('lora', 'tiny', 'running', ?)", [str(out)])  # a killed process
+
+    common = ["--catalog", str(catalog_path), "--output-dir", str(out), "--resume", "latest"]
+    resumed = runner.invoke(app, ["train", "lora", *common])
+    assert resumed.exit_code == 0, resumed.output
+    rows = con.execute("SELECT status, steps, config FROM training_runs ORDER BY train_id").fetchall()
+    assert [r[:2] for r in rows] == [("cancelled", 0), ("interrupted", None), ("ok", 3)]
+    options = json.loads(rows[2][2])
+    assert (options["resolution"], options["rank"], options["learning_rate"], options["max_train_steps"]) == (32, 2, 5e-4, 3)
+
+    again = runner.invoke(app, ["train", "lora", *common])
+    assert again.exit_code == 2 and "nothing to resume" in " ".join(again.output.split())
+    nowhere = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "typo"), "--resume", "latest"])
+    assert nowhere.exit_code == 2 and "There is no run to resume" in " ".join(nowhere.output.split())
+    assert not (tmp_path / "typo").exists()
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(sample_copy, catalog_path, tmp_path, monkeypatch):
+    import pipelines.train
+
+    assert runner.invoke(app, ["ingest", str(sample_copy / "photos"), "--catalog", str(catalog_path), "--workers", "1"]).exit_code == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-8"
+    checkpoint.mkdir(parents=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.train, "trained_model", interrupted)
+    result = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    text = " ".join(result.output.split())
+    assert "the last checkpoint is checkpoint-8" in text
+    assert f"workbench train lora --resume latest --output-dir {tmp_path / 'run'}" in text
+
+
 def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, tmp_path, one_thread):
     from diffusers import StableDiffusionPipeline
 

@@ -25,7 +25,11 @@ class CatalogError(Exception):
 
 
 class CatalogLockedError(CatalogError):
-    """Another process holds the catalog file open for writing."""
+    """Another process holds the catalog file open for writing (`holder` says which, for people)."""
+
+    def __init__(self, message: str, holder: str = "another process") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def default_catalog_path() -> Path:
@@ -48,19 +52,21 @@ def _views_sql() -> str:
     return (resources.files("workbench") / "migrations" / "views.sql").read_text()
 
 
-def _lock_message(path: Path, error: Exception) -> str:
-    text = str(error)
-    holder = re.search(r"\(PID (\d+)\)", text)
-    who = f"process {holder.group(1)}" if holder else "another process"
-    cmdline = ""
-    if holder:
-        try:
-            raw = Path(f"/proc/{holder.group(1)}/cmdline").read_bytes()
-            cmdline = " (" + raw.replace(b"\0", b" ").decode(errors="replace").strip() + ")"
-        except OSError:
-            pass
+def _lock_holder(error: Exception) -> str:
+    """'process 123 (its command line)' from DuckDB's lock error, or 'another process'."""
+    holder = re.search(r"\(PID (\d+)\)", str(error))
+    if not holder:
+        return "another process"
+    try:
+        raw = Path(f"/proc/{holder.group(1)}/cmdline").read_bytes()
+        return f"process {holder.group(1)} (" + raw.replace(b"\0", b" ").decode(errors="replace").strip() + ")"
+    except OSError:
+        return f"process {holder.group(1)}"
+
+
+def _lock_message(path: Path, holder: str) -> str:
     return (
-        f"The catalog {path} is in use by {who}{cmdline}. DuckDB lets one process write a "
+        f"The catalog {path} is in use by {holder}. DuckDB lets one process write a "
         "catalog at a time: wait for it to finish (or close it), then retry."
     )
 
@@ -88,7 +94,8 @@ def connect(
             if "lock" not in str(error).lower():
                 raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
             if time.monotonic() >= deadline:
-                raise CatalogLockedError(_lock_message(path, error)) from error
+                holder = _lock_holder(error)
+                raise CatalogLockedError(_lock_message(path, holder), holder) from error
             time.sleep(0.25)
         except duckdb.Error as error:
             raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
+import duckdb
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -59,13 +63,13 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool = False):
+def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool = False, wait_seconds: float = 0.0):
     """Open the catalog; only commands that add images (create=True) may start a new one."""
     resolved = path if path is not None else catalog_mod.default_catalog_path()
     if not create and not Path(resolved).exists():
         fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
     try:
-        return catalog_mod.connect(path, read_only=read_only)
+        return catalog_mod.connect(path, read_only=read_only, wait_seconds=wait_seconds)
     except CatalogError as error:
         fail(str(error))
 
@@ -154,6 +158,8 @@ def sql(
 
     Example: workbench sql "SELECT path, width, height FROM dataset ORDER BY width DESC LIMIT 5" --format json
     """
+    if output is not None and output.is_dir():
+        fail(f"{output} is a folder; give a file name.")
     if format is None:
         format = output.suffix.lower().lstrip(".") if output is not None else "table"
         if output is not None and format not in {"csv", "json", "parquet"}:
@@ -165,8 +171,6 @@ def sql(
     if format == "table" and output is not None:
         fail("--output writes csv, json or parquet; the table format is for the terminal.")
     if output is not None:
-        if output.is_dir():
-            fail(f"{output} is a folder; give a file name.")
         if output.exists() and not overwrite:
             fail(f"{output} already exists; pass --overwrite to replace it.")
         if not output.parent.is_dir():
@@ -181,29 +185,43 @@ def sql(
     if relation is None:
         console.print("OK")
         return
-    if format == "parquet":
-        relation.write_parquet(str(output))
-        err_console.print(f"wrote {output}")
-        return
-    if format == "csv":
-        text = _csv_text(relation)
-    elif format == "json":
-        frame = relation.pl()
-        text = json.dumps(frame.to_dicts(), default=_json_default, ensure_ascii=False)
-    else:
-        frame = relation.limit(limit).pl()
-        table = Table(show_lines=False)
-        for name in frame.columns:
-            table.add_column(name, overflow="fold")
-        for row in frame.iter_rows():
-            table.add_row(*("NULL" if v is None else str(v) for v in row))
-        console.print(table)
-        return
+    try:  # errors raised while the rows are computed (a bad cast, say) come here, not from run_sql
+        if format == "parquet":
+            relation.write_parquet(str(output))
+            err_console.print(f"wrote {output}")
+            return
+        if format == "csv":
+            text = _csv_text(relation)
+        elif format == "json":
+            rows = [{k: _json_safe(v) for k, v in row.items()} for row in relation.pl().to_dicts()]
+            text = json.dumps(rows, default=_json_default, ensure_ascii=False, allow_nan=False)
+        else:
+            frame = relation.limit(limit).pl()
+            table = Table(show_lines=False)
+            for name in frame.columns:
+                table.add_column(name, overflow="fold")
+            for row in frame.iter_rows():
+                table.add_row(*("NULL" if v is None else str(v) for v in row))
+            console.print(table)
+            return
+    except duckdb.Error as error:
+        fail(f"SQL error: {error}")
     if output:
         output.write_text(text)
         err_console.print(f"wrote {output}")
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _json_safe(value):
+    """JSON has no Infinity or NaN: they become null, as in pandas' to_json."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 def _csv_text(relation) -> str:
@@ -815,15 +833,32 @@ def train_command(
         train_config = load_train_config(config, overrides)
     except ConfigError as error:
         fail(str(error))
-    from pipelines.train.run import is_main_process
+    from pipelines.train.checkpoint import list_checkpoints
+    from pipelines.train.run import default_output_dir, is_main_process
 
-    con = open_catalog(catalog) if is_main_process() else None  # one catalog writer under accelerate launch
+    # one catalog writer under accelerate launch; another `workbench train` may hold it for a few seconds of setup
+    con = open_catalog(catalog, wait_seconds=30) if is_main_process() else None
+    if con is not None and not train_config.output_dir and not train_config.resume:
+        train_config.output_dir = str(default_output_dir(con, mode))  # named up front, for the stop message
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    # `kill`, `timeout` and job schedulers stop a run as Ctrl+C does: recorded 'cancelled', with the resume hint
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         with RichProgress() as progress:
             # the catalog is free for other commands while the model trains (hours, on real models)
             result = trained_model(con, train_config, progress=progress, release_catalog=True)
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints")
+        where = f"the last checkpoint is {kept[-1].name}" if kept else "no checkpoint was written yet"
+        err_console.print(
+            f"[bold]Stopped[/]: {where}. Continue with: workbench train {mode} --resume latest --output-dir {train_config.output_dir}"
+        )
+        raise typer.Exit(130)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if con is None:
         return
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
@@ -835,6 +870,10 @@ def train_command(
     console.print(counts_table(f"train {mode}", summary))
     for name, path in result.outputs.items():
         console.print(f"{name}: {path}")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 for _mode, _help in (

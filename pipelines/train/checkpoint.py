@@ -181,12 +181,17 @@ def saved_config(path: Path) -> dict | None:
     return json.loads(state_file.read_text()).get("config") if state_file.is_file() else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder (checkpoint-N) was saved at."""
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Finished checkpoints in step order (temp folders of an interrupted save are ignored)."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(folder: Path, resume: str) -> Path | None:

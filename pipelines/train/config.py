@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -26,6 +27,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 DEVICES = ("cpu", "cuda", "mps")
 # what --resume may change: how long, how often to save and sample, where and how to log and cache. Anything
 # else would make the continued run a different run than the one its checkpoint belongs to.
+SNAPSHOT_FILE = "dataset.json"  # a run's own copy of its options and dataset, in its folder
+
 RESUME_MAY_CHANGE = frozenset({
     "resume", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
     "validation_prompt", "validation_steps", "num_validation_images", "validation_seed", "validation_inference_steps",
@@ -233,16 +236,29 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
     """For --resume: the checkpoint's saved options, with the given ones laid over those it allows to change."""
     from pipelines.train.checkpoint import resolve_resume, saved_config
 
-    checkpoint = resolve_resume(Path(values["output_dir"]) / "checkpoints", values["resume"])
+    run_dir = Path(values["output_dir"])
+    checkpoint = resolve_resume(run_dir / "checkpoints", values["resume"])
     saved = saved_config(checkpoint) if checkpoint is not None else None
-    if saved is None:  # nothing saved yet (or a checkpoint from before options were saved): start as given
-        return values
+    source = checkpoint
+    if saved is None and (run_dir / SNAPSHOT_FILE).is_file():  # stopped before its first checkpoint
+        try:
+            saved = json.loads((run_dir / SNAPSHOT_FILE).read_text()).get("config")
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{run_dir / SNAPSHOT_FILE} cannot be read ({error}); start a new run instead of resuming.") from error
+        source = run_dir
+    if saved is None:
+        if checkpoint is None:
+            raise ConfigError(
+                f"There is no run to resume in {run_dir} (no checkpoints, no {SNAPSHOT_FILE}). "
+                "Check --output-dir, or start a new run without --resume."
+            )
+        return values  # a checkpoint from before options were saved: continue as given
     saved = {k: v for k, v in saved.items() if k in FIELD_NAMES}
     differ = [f"{k} {saved[k]!r} (saved) vs {v!r}" for k, v in values.items()
               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
         raise ConfigError(
-            f"--resume continues {checkpoint} with the options it was trained with; these differ: {'; '.join(differ)}. "
+            f"--resume continues {source} with the options it was trained with; these differ: {'; '.join(differ)}. "
             "Leave them out, or start a new run in another --output-dir."
         )
     return {**saved, **values}

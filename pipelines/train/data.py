@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from pipelines.buckets import default_bucket_settings as buckets_defaults
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 
 
 class DataError(ValueError):
@@ -213,18 +213,18 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, clas
 
 # --- the run's own copy of its dataset ------------------------------------------------
 
-SNAPSHOT_FILE = "dataset.json"
-
-
-def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, list[TrainImage]] | None) -> None:
-    """Save the exact images, captions, buckets and class priors a run trains on (what `--resume` reads back)."""
+def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, list[TrainImage]] | None, config: dict | None = None) -> None:
+    """Save the options and the exact images, captions, buckets and class priors of a run (what `--resume` reads back)."""
     from dataclasses import asdict
 
-    payload = {"version": 1, "images": [asdict(i) for i in images],
+    payload = {"version": 1, "config": config, "images": [asdict(i) for i in images],
                "priors": None if priors is None else {p: [asdict(i) for i in pool] for p, pool in priors.items()}}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False))
-    os.replace(tmp, path)
+    try:  # ASCII JSON: a file name that is not UTF-8 (kept as surrogate escapes) survives the round trip
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_snapshot(path: Path) -> tuple[list[TrainImage], dict[str, list[TrainImage]] | None]:

@@ -343,6 +343,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
 
         progress(task="load model", message=f"loading {config.model}")
         components = load_sd_components(config.model, device="cpu", dtype=torch.float32)
+        progress(task="load model", completed=1, total=1)
     tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
     noise_scheduler = _noise_scheduler(components, config)
 
@@ -555,6 +556,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         outputs["checkpoints"] = str(checkpoints_dir)
         if use_tensorboard:
             outputs["logs"] = str(output_dir / "logs")
+        progress(task="save", completed=1, total=1)
     cache = {}
     if latent_cache:
         cache["latent_hits"] = latent_cache.stats.hits - cache_stats_before[0]

@@ -17,7 +17,7 @@ from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainingError, TrainResult, main
 from workbench.catalog import CatalogLockedError, catalog_file, connect, finish_run, run_status, start_run
-from workbench.progress import ProgressHook, null_progress
+from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 
 def catalog_project_dir(con: duckdb.DuckDBPyConnection) -> Path:
@@ -82,6 +82,50 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
         )
 
 
+def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path) -> None:
+    """`--resume` of a run that finished and was recorded, with no more steps asked for, would only redo its outputs."""
+    if not config.resume:
+        return
+    row = con.execute(
+        "SELECT steps, config FROM training_runs WHERE output_dir = ? AND status = 'ok' ORDER BY train_id DESC LIMIT 1",
+        [str(output_dir)],
+    ).fetchone()
+    found = ckpt.list_checkpoints(output_dir / "checkpoints")
+    if row is None or not found or ckpt.checkpoint_step(found[-1]) != row[0]:
+        return
+    saved = json.loads(row[1])
+    if (saved.get("max_train_steps"), saved.get("num_train_epochs")) == (config.max_train_steps, config.num_train_epochs):
+        raise TrainingError(
+            f"{output_dir} finished at step {row[0]} and is recorded: nothing to resume. "
+            "Give a larger --max-train-steps (or --num-train-epochs) to train it further."
+        )
+
+
+def _mark_interrupted_runs(con, output_dir: Path) -> None:
+    """Rows of earlier runs in this folder still 'running' belong to processes that died (the folder lock says
+    no other process trains here now): say so instead of leaving them 'running' forever."""
+    con.execute(
+        "UPDATE training_runs SET status = 'interrupted', finished_at = current_timestamp, "
+        "error = coalesce(error, 'the training process ended without recording the run (killed, or stopped while waiting for the catalog)') "
+        "WHERE output_dir = ? AND status = 'running'",
+        [str(output_dir)],
+    )
+    con.execute(
+        "UPDATE runs SET status = 'interrupted', error = coalesce(error, 'the training process ended without recording the run') "
+        "WHERE status = 'running' AND step LIKE 'train:%' AND json_extract_string(params, '$.output_dir') = ?",
+        [str(output_dir)],
+    )
+
+
+def _load_components(config: TrainConfig, progress: ProgressHook):
+    from workbench.models import load_sd_components
+
+    progress(task="load model", message=f"loading {config.model}")
+    components = load_sd_components(config.model, device="cpu", dtype="float32")
+    progress(task="load model", completed=1, total=1)
+    return components
+
+
 def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progress: ProgressHook):
     """A new run reads the catalog and saves its snapshot; a resumed run trains on the snapshot it saved.
 
@@ -89,6 +133,11 @@ def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progres
     edited, an image excluded or added): the run continues on the data it started with.
     """
     snapshot = output_dir / train_data.SNAPSHOT_FILE
+    if config.resume and not snapshot.exists():
+        progress(task="dataset", message=(
+            f"{output_dir} has no {snapshot.name} (it was started by an older workbench): the run goes on with the "
+            "catalog's current dataset, which may differ from the one it started with."
+        ))
     if config.resume and snapshot.exists():
         images, priors = train_data.read_snapshot(snapshot)
         try:
@@ -111,21 +160,32 @@ def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progres
     if config.mode == "dreambooth" and config.with_prior_preservation:
         priors = _ensure_priors(con, config, images, components, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train_data.write_snapshot(snapshot, images, priors)
+    train_data.write_snapshot(snapshot, images, priors, config.to_dict())
     return images, priors
 
 
-def _reconnect(path: Path, progress: ProgressHook) -> duckdb.DuckDBPyConnection:
+def _reconnect(path: Path, output_dir: Path, progress: ProgressHook) -> duckdb.DuckDBPyConnection:
     """Open the catalog again to record a run, waiting (and saying so) while another process holds it."""
     told = False
-    while True:
-        try:
-            return connect(path, wait_seconds=5)
-        except CatalogLockedError as error:
-            if not told:
-                progress(task="record run", message=f"Waiting to record the run: {error} The outputs are already written.")
-                told = True
-            progress(task="record run")  # lets a cancel through
+    try:
+        while True:
+            try:
+                return connect(path, wait_seconds=5)
+            except CatalogLockedError as error:
+                if not told:
+                    progress(task="record run", message=(
+                        f"Waiting to record the run in the catalog {path}, which {error.holder} has open; it is recorded "
+                        f"as soon as that closes it. The outputs are already in {output_dir}."
+                    ))
+                    told = True
+                progress(task="record run")  # lets a cancel through
+    except (KeyboardInterrupt, StepCancelled):
+        if told:
+            progress(task="record run", message=(
+                f"Stopped before the run was recorded: its outputs are in {output_dir}; the catalog lists it as "
+                "'running' until the next run in that folder marks it 'interrupted'."
+            ))
+        raise
 
 
 def is_main_process() -> bool:
@@ -156,19 +216,18 @@ def trained_model(
     if config.resume and not config.output_dir:
         raise TrainingError("--resume needs the --output-dir of the run to continue.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if components is None:
-        from workbench.models import load_sd_components
-
-        progress(task="load model", message=f"loading {config.model}")
-        components = load_sd_components(config.model, device="cpu", dtype="float32")
     if con is None:
         if world_size == 1:
             raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
         images, priors, output_dir = _shared_dataset(config, None)
+        components = components or _load_components(config, progress)
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
-    with _run_folder_lock(output_dir):
+    with _run_folder_lock(output_dir):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
+        _refuse_a_finished_resume(con, config, output_dir)
+        if components is None and config.mode == "dreambooth" and config.with_prior_preservation:
+            components = _load_components(config, progress)  # may generate class priors into the catalog
         images, priors = _run_dataset(con, config, output_dir, components, progress)
         if world_size > 1:
             _shared_dataset(config, (images, priors, str(output_dir)))
@@ -206,6 +265,7 @@ def _run_folder_lock(output_dir: Path) -> Iterator[None]:
 
 def _train_and_record(con, config: TrainConfig, images, priors, output_dir: Path, components, progress: ProgressHook, release_catalog: bool) -> TrainResult:
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
+    _mark_interrupted_runs(con, output_dir)
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
     train_id = con.execute(
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir) "
@@ -218,13 +278,14 @@ def _train_and_record(con, config: TrainConfig, images, priors, output_dir: Path
         con.close()
     result, failure = None, None
     try:
+        components = components or _load_components(config, progress)  # with the catalog already free
         result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
     except BaseException as error:
         failure = error
         raise
     finally:
         if catalog_path is not None:
-            con = _reconnect(catalog_path, progress)
+            con = _reconnect(catalog_path, output_dir, progress)
         if result is not None:
             run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
             con.execute(
@@ -233,9 +294,11 @@ def _train_and_record(con, config: TrainConfig, images, priors, output_dir: Path
                 [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
             )
         else:
-            con.execute(
-                "UPDATE training_runs SET status = ?, error = ?, finished_at = current_timestamp WHERE train_id = ?",
-                [run_status(failure), f"{failure.__class__.__name__}: {failure}", train_id],
+            kept = ckpt.list_checkpoints(output_dir / "checkpoints")
+            reason = str(failure) or "stopped by the user or a signal"
+            con.execute(  # steps: where a --resume would continue from
+                "UPDATE training_runs SET status = ?, error = ?, steps = ?, finished_at = current_timestamp WHERE train_id = ?",
+                [run_status(failure), f"{failure.__class__.__name__}: {reason}", ckpt.checkpoint_step(kept[-1]) if kept else 0, train_id],
             )
         finish_run(con, run, failure)
     try:
