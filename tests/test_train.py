@@ -241,6 +241,20 @@ def test_the_dataset_snapshot_round_trips_file_names_that_are_not_utf8(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]  # no temporary file left
 
 
+def test_a_cached_latent_is_the_same_whatever_batch_size_wrote_it(con, tmp_path, one_thread):
+    """A batched VAE encode differs in the last bits with its batch, so runs of other batch sizes sharing a
+    cache would break exact resume; latents are encoded one image at a time."""
+    ingest_images(con, tmp_path / "images", 3, sizes=[(32, 32)])
+    written = {}
+    for batch in (3, 1):
+        config = fast_config(tmp_path / f"run{batch}", train_batch_size=batch, max_train_steps=3 // batch, num_validation_images=0,
+                             cache_dir=str(tmp_path / f"cache{batch}"))
+        main(config, training_images(con, config), output_dir=tmp_path / f"run{batch}", components=tiny_components())
+        written[batch] = {p.name: load_file(str(p)) for p in (tmp_path / f"cache{batch}" / "latents").rglob("*.safetensors")}
+    assert len(written[3]) == 3 and written[3].keys() == written[1].keys()
+    assert all(torch.equal(written[3][k]["mean"], written[1][k]["mean"]) for k in written[3])
+
+
 def test_resume_goes_on_with_the_runs_own_dataset_when_the_catalog_changed(con, tmp_path, one_thread):
     """Between the kill and the resume a caption is edited, an image excluded and one added: the resumed run
     still trains on the snapshot it started with (so it ends bitwise like an uninterrupted run) and says why."""
@@ -275,6 +289,25 @@ def test_resume_goes_on_with_the_runs_own_dataset_when_the_catalog_changed(con, 
     assert "1 added, 1 removed, 1 captions changed" in drift
     recorded = con.execute("SELECT image_ids FROM training_runs WHERE train_id = ?", [resumed.train_id]).fetchone()[0]
     assert sorted(recorded) == sorted(ids) and len(paths) == 3
+
+
+def test_a_resumed_run_whose_image_is_gone_says_which_and_what_to_do(con, tmp_path, one_thread):
+    import shutil
+
+    from pipelines.ingest import ingested_images
+    from pipelines.train import trained_model
+    from pipelines.train.data import DataError
+
+    paths = ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])  # one bucket: every step uses both
+    config = fast_config(tmp_path / "run", max_train_steps=2, checkpointing_steps=1, num_validation_images=0)
+    with pytest.raises(StepCancelled):
+        trained_model(con, config, components=tiny_components(), progress=killed_after_step(1))
+    gone_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchone()[0]
+    paths[0].unlink()
+    ingested_images(con, [tmp_path / "images"], workers=1)  # the catalog now knows it is missing
+    shutil.rmtree(tmp_path / "cache")  # and no cached latent can stand in for it
+    with pytest.raises(DataError, match=f"Image {gone_id[:12]} of this run is no longer at any known path"):
+        trained_model(con, dataclasses.replace(config, resume="latest"), components=tiny_components())
 
 
 def test_the_catalog_is_free_for_other_processes_while_a_model_trains(con, catalog_path, tmp_path, one_thread):

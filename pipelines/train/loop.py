@@ -449,8 +449,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     pools = priors or {}
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     if accelerator.is_main_process:
-        # encode in training-sized batches, so caching never needs more memory than a training step
-        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress, batch=config.train_batch_size)
+        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
     accelerator.wait_for_everyone()
     if device.type != "cpu":
         # with everything cached the frozen encoders only serve sampling: keep them out of GPU memory
@@ -607,8 +606,13 @@ def _named_trainable(accelerator, unet, text_encoder) -> dict[str, torch.nn.Para
 
 
 @torch.no_grad()
-def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook, batch: int = 8) -> None:
-    """Encode every latent and caption the remaining plan needs that is not on disk yet."""
+def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook) -> None:
+    """Encode every latent and caption the remaining plan needs that is not on disk yet.
+
+    Latents are encoded one image at a time: a batched VAE encode differs in the last bits with the batch
+    it ran in, and a cache entry must be the same whichever run (and batch size) wrote it, or a resumed
+    run would not match an uninterrupted one. One image at a time also keeps caching's memory small.
+    """
     latent_cache, text_cache = dataset.latent_cache, dataset.text_cache
     if latent_cache is not None:
         todo: dict[str, tuple[TrainImage, ItemSpec]] = {}
@@ -619,19 +623,11 @@ def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_enco
                     key = latent_cache.key(image, spec)
                     if key not in todo and not latent_cache.path(key).exists():
                         todo[key] = (image, spec)
-        by_bucket: dict[tuple, list[str]] = {}
-        for key, (image, _) in todo.items():
-            by_bucket.setdefault(image.bucket, []).append(key)
-        done = 0
-        for keys in by_bucket.values():
-            for i in range(0, len(keys), batch):
-                chunk = keys[i : i + batch]
-                pixels = torch.stack([train_data.load_pixels(*todo[k]) for k in chunk]).to(device, vae.dtype)
-                posterior = vae.encode(pixels).latent_dist
-                for k, mean, std in zip(chunk, posterior.mean.float(), posterior.std.float()):
-                    latent_cache.put(k, mean, std)
-                done += len(chunk)
-                progress(task="cache latents", completed=done, total=len(todo))
+        for done, (key, (image, spec)) in enumerate(todo.items(), start=1):
+            pixels = train_data.load_pixels(image, spec)[None].to(device, vae.dtype)
+            posterior = vae.encode(pixels).latent_dist
+            latent_cache.put(key, posterior.mean[0].float(), posterior.std[0].float())
+            progress(task="cache latents", completed=done, total=len(todo))
     if text_cache is not None:
         captions = list(dict.fromkeys(spec.caption for specs in plan for spec in specs))
         missing = [c for c in captions if not text_cache.path(text_cache.key(c)).exists()]

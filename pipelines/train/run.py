@@ -150,10 +150,12 @@ def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progres
                 f"The catalog's dataset changed since this run started ({changes}). The run goes on with the "
                 f"images and captions it started with ({snapshot.name}); start a new run to train on the current data."
             ))
-        moved = train_data.openable_paths(con, [i.image_id for i in images] + [i.image_id for p in (priors or {}).values() for i in p])
-        images = [replace(i, path=moved.get(i.image_id, i.path)) for i in images]
+        # files found where the catalog now has them; one at no known path (deleted, or edited in place so its
+        # path holds other bytes) can only come from the latent cache: an empty path makes a cache miss say so
+        present = train_data.openable_paths(con, [i.image_id for i in images] + [i.image_id for p in (priors or {}).values() for i in p])
+        images = [replace(i, path=present.get(i.image_id, "")) for i in images]
         if priors is not None:
-            priors = {p: [replace(i, path=moved.get(i.image_id, i.path)) for i in pool] for p, pool in priors.items()}
+            priors = {p: [replace(i, path=present.get(i.image_id, "")) for i in pool] for p, pool in priors.items()}
         return images, priors
     images = train_data.training_images(con, config)
     priors = None
