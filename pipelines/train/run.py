@@ -172,7 +172,10 @@ def _reconnect(path: Path, output_dir: Path, progress: ProgressHook) -> duckdb.D
     try:
         while True:
             try:
-                return connect(path, wait_seconds=5)
+                con = connect(path, wait_seconds=5)
+                if told:
+                    progress(task="record run", completed=1, total=1)
+                return con
             except CatalogLockedError as error:
                 if not told:
                     progress(task="record run", message=(
