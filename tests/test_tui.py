@@ -176,8 +176,9 @@ def _details_text(app) -> str:
 
 
 def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
-    """At 80x24 (a common default) the Captions bulk bar takes two rows and the Pipeline columns narrow, so every
-    input keeps room to type in (before: find/replace/token were 4 cells wide and the captions table 16)."""
+    """At 80x24 (a common default) the Captions bulk bar takes two rows, the Pipeline columns and the filter bars'
+    sort boxes narrow, so every input keeps room to type in (before: find/replace/token were 4 cells wide, the
+    captions table 16 and the Browse filter 6)."""
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=(80, 24)) as pilot:
@@ -192,6 +193,10 @@ def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
             await pilot.pause()
             inputs = [i for i in app.screen.query(".setting Input")]
             assert inputs and min(i.outer_size.width for i in inputs) >= 8
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "BrowserScreen", what="browser")
+            await pilot.pause()
+            assert app.screen.query_one("#filter").outer_size.width >= 12
         async with WorkbenchApp(catalog_path=synthetic_catalog, start="captions").run_test(size=(150, 42)) as pilot:
             assert not pilot.app.screen.has_class("-narrow")  # a large terminal keeps the wide layout
 

@@ -19,6 +19,7 @@ from tui.image_table import ImageTable
 from tui.messages import ImagePicked
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import visible
+from tui.size_classes import SizeClasses
 from tui.workers import people_message
 
 
@@ -94,7 +95,7 @@ BROWSER_COLUMNS = [
 DETAILS_DELAY = 0.12  # seconds the cursor must rest on a row before its details load
 
 
-class BrowserScreen(Screen):
+class BrowserScreen(SizeClasses, Screen):
     """Browse every image: filter with SQL or text, sort by any column, inspect one."""
 
     CSS_PATH = "browser_screen.tcss"
