@@ -878,6 +878,21 @@ def test_train_screen_stop_and_resume(four_image_catalog):
 # --- keys that F1 lists win over the focused widget -------------------------------------------
 
 
+def test_sql_that_does_not_parse_is_an_error_line_not_the_end_of_the_app(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            app.screen.query_one("#editor").load_text("xSELECT format FROM images")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "syntax error" in text_of(app, "#sql-status"), what="the parser's message")
+            assert app.is_running
+            app.screen.query_one("#editor").load_text("SELECT 1 AS one")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: app.screen.query_one("#results").row_count == 1, what="the next query")
+
+    asyncio.run(scenario())
+
+
 def test_sql_keys_work_while_typing_in_the_editor(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")

@@ -193,8 +193,9 @@ class SqlScreen(Screen):
     @work(thread=True, exclusive=True, group="sql-run")
     def _run(self, query: InterruptibleQuery, sql: str, write: bool) -> None:
         started = time.perf_counter()
-        wrote = not is_read_only_sql(sql)
+        wrote = False
         try:
+            wrote = not is_read_only_sql(sql)  # raises on SQL that does not parse: shown like any other error
             relation = run_sql(query, sql, write=write)
             if relation is None:
                 result = self._Result(sql, [], [], None, time.perf_counter() - started, wrote, query)
