@@ -231,7 +231,21 @@ def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synth
             await wait_for(pilot, lambda: any(o.id == "model:blip" for o in screen.query_one("#sources").options), what="sources")
             sources = screen.query_one("#sources")
             sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            # with unsaved typing in the editor, accepting asks first; "no" keeps the typing
+            await focus_on(pilot, editor)
+            await pilot.press("end", *" unsaved words")
+            await pilot.press("ctrl+a")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="discard question")
+            await pilot.press("n")
+            await pilot.pause()
+            assert editor.text.endswith(" unsaved words") and screen.edited
+            # ctrl+f reaches the filter from the editor (the table's own binding does not)
+            await pilot.press("ctrl+f")
+            await pilot.pause()
+            assert app.focused is screen.query_one("#captions-table #filter")
             await pilot.click("#accept")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="discard question")
+            await pilot.press("y")
             await wait_for(pilot, lambda: app.con.execute("SELECT caption_source FROM current_captions WHERE image_id = ?", [image_id]).fetchone()[0] == "model:blip", what="accept")
 
     asyncio.run(scenario())

@@ -40,6 +40,7 @@ class CaptionsScreen(SizeClasses, Screen):
         Binding("ctrl+a", "accept", "Accept source", priority=True),
         Binding("ctrl+r", "reject", "Reject source", priority=True),
         Binding("f8", "undo_bulk", "Undo bulk edit", priority=True),
+        Binding("ctrl+f", "focus_filter", "Filter", priority=True),  # also from the caption editor
         # Not priority: enter keeps its meaning in inputs, buttons and the sources list; on the table it edits.
         Binding("enter", "edit", "Edit caption of the row", show=False),
         Binding("ctrl+down", "move(1)", "Next image", priority=True),
@@ -228,12 +229,25 @@ class CaptionsScreen(SizeClasses, Screen):
         self.loaded_text = text  # saved: no longer an edit (a failure is reported by _Failed)
         self._write(lambda con: caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar) or done)
 
+    def action_focus_filter(self) -> None:
+        self.query_one("#captions-table #filter", Input).focus()
+
     @on(Button.Pressed, "#accept")
     def action_accept(self) -> None:
         source, image_id = self._selected_source(), self.image_id
-        if source and image_id:
+        if not (source and image_id):
+            return
+
+        def accept() -> None:
             self._overwrite_editor = True  # the chosen caption replaces what is in the editor
             self._write(lambda con: caption_edits.choose_caption(con, image_id, source) or f"using the {source} caption")
+
+        if not self.edited:
+            accept()
+            return
+        question = (f"[b]Discard your unsaved edit and use the {markup_safe(source)} caption?[/b]\n"
+                    "Save the edit first (ctrl+s) to keep it as the manual caption.")
+        self.app.push_screen(Confirm(question, yes="Discard edit"), lambda yes: accept() if yes else None)
 
     @on(Button.Pressed, "#reject")
     def action_reject(self) -> None:
