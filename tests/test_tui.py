@@ -885,6 +885,15 @@ def test_train_screen_stop_and_resume(four_image_catalog):
             assert "finished" in text_of(app, "#train-state"), text_of(app, "#train-state")
             steps = [int(line.split(",")[0]) for line in (screen.output_dir / "loss.csv").read_text().splitlines()[1:]]
             assert steps == list(range(1, 301))
+            assert f"outputs in {screen.output_dir}" in text_of(app, "#train-state")
+
+            # Train again: a new run in a new folder (the finished one's folder is not reused, so not refused)
+            first = screen.output_dir
+            screen.query_one("#field-max_train_steps").value = "2"
+            await pilot.click("#train")
+            await wait_for(pilot, lambda: screen.running, what="second run")
+            await wait_for(pilot, lambda: not screen.running, timeout=120, what="second run finished")
+            assert "finished" in text_of(app, "#train-state") and screen.output_dir != first
 
     asyncio.run(scenario())
 

@@ -19,6 +19,7 @@ from textual_plotext import PlotextPlot
 
 from tui.messages import CatalogChanged, StepFinished, StepProgress
 from tui.preview import ImagePreview, load_preview
+from tui.safe_text import markup_safe
 from tui.workers import cancellable_progress, people_message
 from workbench.progress import StepCancelled
 
@@ -212,12 +213,19 @@ class TrainScreen(Screen):
             except ValueError:
                 raise ValueError(f"{label} must be {'a whole number' if kind is int else 'a number'}, not {text!r}.") from None
         values.update(parse_more(self.query_one("#field-more", Input).value))
-        if "output_dir" not in values:
+        if "output_dir" not in values:  # an empty folder field: a new folder, or for Resume the latest run's
             from pipelines.train.run import default_output_dir
 
             cur = self.app.con.cursor()  # workers may be using the main connection
             try:
-                values["output_dir"] = str(default_output_dir(cur, values["mode"]))
+                if resume:
+                    row = cur.execute("SELECT output_dir FROM training_runs WHERE mode = ? ORDER BY train_id DESC LIMIT 1",
+                                      [values["mode"]]).fetchone()
+                    if row is None:
+                        raise ValueError(f"There is no earlier {values['mode']} run to resume: type its output folder.")
+                    values["output_dir"] = row[0]
+                else:
+                    values["output_dir"] = str(default_output_dir(cur, values["mode"]))
             finally:
                 cur.close()
         if resume:
@@ -249,7 +257,7 @@ class TrainScreen(Screen):
             return
         error_label.update("")
         self.output_dir = Path(config.output_dir)
-        self.query_one("#field-output_dir", Input).value = str(self.output_dir)
+        # the folder field is left as typed: empty, the next Train starts a new folder and Resume continues the latest run
         self.running = True
         self.step_started = None
         self._set_buttons()
@@ -259,8 +267,8 @@ class TrainScreen(Screen):
 
     def _set_buttons(self) -> None:
         self.query_one("#train", Button).disabled = self.running or not self.ready
+        self.query_one("#resume", Button).disabled = self.running or not self.ready
         self.query_one("#stop", Button).disabled = not self.running
-        self.query_one("#resume", Button).disabled = self.running or self.output_dir is None
 
     @work(thread=True, exclusive=True, group="train")
     def _train(self, config) -> None:
@@ -319,7 +327,8 @@ class TrainScreen(Screen):
         self._poll()
         if message.status == "ok":
             text = ", ".join(f"{k} {v}" for k, v in (message.summary or {}).items())
-            self.query_one("#train-state", Label).update(f"[green]finished[/] in {message.seconds:.0f} s: {text}")
+            self.query_one("#train-state", Label).update(
+                f"[green]finished[/] in {message.seconds:.0f} s: {text} · outputs in {markup_safe(str(self.output_dir))}")
             self.notify("Training finished.", title="Train")
         else:
             self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {message.error}")
