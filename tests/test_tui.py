@@ -178,7 +178,7 @@ def _details_text(app) -> str:
 def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
     """At 80x24 (a common default) the Captions bulk bar takes two rows, the Pipeline columns and the filter bars'
     sort boxes narrow, so every input keeps room to type in (before: find/replace/token were 4 cells wide, the
-    captions table 16 and the Browse filter 6)."""
+    captions table 16, the Browse filter 6, and the Duplicates buttons off the screen)."""
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=(80, 24)) as pilot:
@@ -197,6 +197,11 @@ def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "BrowserScreen", what="browser")
             await pilot.pause()
             assert app.screen.query_one("#filter").outer_size.width >= 12
+            await pilot.press("f5")  # Duplicates: each card's facts and buttons stay on the screen
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "DuplicatesScreen" and app.screen.query("MemberCard Button"), what="cards")
+            await pilot.pause()
+            buttons = list(app.screen.query("MemberCard Button"))
+            assert all(b.region.bottom <= 23 and b.region.right <= 80 for b in buttons), [b.region for b in buttons]
         async with WorkbenchApp(catalog_path=synthetic_catalog, start="captions").run_test(size=(150, 42)) as pilot:
             assert not pilot.app.screen.has_class("-narrow")  # a large terminal keeps the wide layout
 

@@ -54,14 +54,15 @@ def _plain(value: Any) -> Text:
     return Text(visible(str(value)))
 
 
-def details_table(details: dict[str, Any]) -> Table:
+def details_table(details: dict[str, Any], *, field_width: int | None = None) -> Table:
     """All metadata of one image as a two-column rich table: key facts, captions by source,
     rows of related tables (CLIP scores, ...), then every other column.
 
     Paths and captions come from files: every value is plain Text with control characters escaped.
     """
     table = Table(show_header=False, box=None, padding=(0, 1), expand=True)
-    table.add_column("field", style="bold cyan", no_wrap=True)
+    # in a narrow pane long field names are cut (…) so the values keep room to be read
+    table.add_column("field", style="bold cyan", no_wrap=True, max_width=field_width, overflow="ellipsis")
     table.add_column("value", overflow="fold")
     row = details.get("row", {})
     for key in KEY_FIELDS:
@@ -143,5 +144,5 @@ class BrowserScreen(SizeClasses, Screen):
     @on(_Details)
     def _show_details(self, message: _Details) -> None:
         self.shown_details = message.details
-        self.query_one("#details", Static).update(details_table(message.details))
+        self.query_one("#details", Static).update(details_table(message.details, field_width=14 if self.has_class("-narrow") else None))
         self.query_one("#preview", ImagePreview).show(message.picture)

@@ -19,6 +19,7 @@ from pipelines.filter import FILTER_STEP_PREFIX, MANUAL_STEP
 from tui.messages import CatalogChanged
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe
+from tui.size_classes import SizeClasses
 from tui.workers import people_message
 
 MEMBER_COLUMNS = (
@@ -123,7 +124,7 @@ class MemberCard(Vertical, can_focus=True):
         self.screen.selected = self.index
 
 
-class DuplicatesScreen(Screen):
+class DuplicatesScreen(SizeClasses, Screen):
     """Walk the duplicate groups; the kept member is written to keeper_choice and the group recomputed."""
 
     CSS_PATH = "duplicates_screen.tcss"
