@@ -564,6 +564,9 @@ def test_notifications_show_catalog_text_as_text(synthetic_catalog):
             toast = list(app._notifications)[-1]
             assert toast.message == "cannot read /x/evil\\x1b]2;PWNED\\x07[b].jpg" and toast.title == "Bell\\x07"
             assert toast.markup is False
+            app.screen.notify("Binder Error: no column x\nCandidate bindings: y")  # DuckDB's errors have line breaks
+            await pilot.pause()
+            assert list(app._notifications)[-1].message == "Binder Error: no column x\nCandidate bindings: y"
 
     asyncio.run(scenario())
 

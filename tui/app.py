@@ -107,7 +107,8 @@ class WorkbenchApp(App[None]):
 
         `markup` is ignored: widgets pass True by default, and no toast here is meant to read markup.
         """
-        super().notify(visible(str(message)), title=visible(title), severity=severity, timeout=timeout, markup=False)
+        # line breaks stay (DuckDB's errors are several lines); every other control character is escaped
+        super().notify(visible(str(message), keep="\n"), title=visible(title), severity=severity, timeout=timeout, markup=False)
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
