@@ -193,6 +193,10 @@ def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
             await pilot.pause()
             inputs = [i for i in app.screen.query(".setting Input")]
             assert inputs and min(i.outer_size.width for i in inputs) >= 8
+            app.screen.query_one("#step-buckets").scroll_visible(animate=False)  # four settings: two lines of two
+            await pilot.pause()
+            regions = [i.region for i in app.screen.query("#step-buckets .setting Input")]
+            assert len(regions) == 4 and all(r.width >= 8 and r.right <= 80 for r in regions), regions
             await pilot.press("f3")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "BrowserScreen", what="browser")
             await pilot.pause()

@@ -30,7 +30,8 @@ class StepRow(Horizontal):
     """One step: name, counts, settings, Run, progress."""
 
     def __init__(self, spec: StepSpec) -> None:
-        super().__init__(id=f"step-{spec.name}", classes="step-row")
+        # more than two settings take two lines in a narrow terminal (.-many in pipeline_screen.tcss)
+        super().__init__(id=f"step-{spec.name}", classes="step-row" + (" -many" if len(spec.settings) > 2 else ""))
         self.spec = spec
 
     def compose(self) -> ComposeResult:
