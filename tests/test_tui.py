@@ -558,6 +558,18 @@ def rendered_lines(table) -> list[str]:
     return [table.render_line(y).text for y in range(min(table.row_count + 1, table.size.height))]
 
 
+def test_long_paths_keep_their_end_and_other_text_its_start():
+    """Files in one deep folder differ at the end of their paths: a cut path keeps the file name."""
+    from tui.image_table import TEXT_WIDTH, cell
+
+    deep = "/data/" + "nested/" * 10 + "5_wbk cat/img1.jpg"
+    shown = cell("path", deep)
+    assert len(shown) == TEXT_WIDTH and shown.startswith("…") and shown.endswith("5_wbk cat/img1.jpg")
+    caption = "a photo of " + "a very long caption " * 5
+    assert cell("caption", caption) == caption[: TEXT_WIDTH - 1] + "…"
+    assert cell("path", "/short.jpg") == "/short.jpg"
+
+
 def test_notifications_show_catalog_text_as_text(synthetic_catalog):
     """Toasts carry paths, captions and SQL errors: no control character reaches the terminal, no markup is read."""
     async def scenario():

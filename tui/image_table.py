@@ -29,7 +29,11 @@ def cell(column: str, value) -> str:
         return f"{value:,.2f}" if 1 <= abs(value) < 1e9 else f"{value:.3g}"
     text = str(value).replace("\n", " ")
     limit = SHORT_COLUMNS.get(column, TEXT_WIDTH)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    if column == "path" or column.endswith("_path"):  # the end tells files apart: …/5_wbk cat/img1.jpg
+        return "…" + text[len(text) - limit + 1 :]
+    return text[: limit - 1] + "…"
 
 
 def is_number(value) -> bool:
