@@ -206,6 +206,12 @@ def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
             await pilot.pause()
             buttons = list(app.screen.query("MemberCard Button"))
             assert all(b.region.bottom <= 23 and b.region.right <= 80 for b in buttons), [b.region for b in buttons]
+            await pilot.press("f7")  # Train: Train, Stop and Resume all on screen
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "TrainScreen", what="train")
+            await pilot.pause()
+            for button in ("#train", "#stop", "#resume"):
+                region = app.screen.query_one(button).region
+                assert region.width >= 5 and region.right <= 80, (button, region)
         async with WorkbenchApp(catalog_path=synthetic_catalog, start="captions").run_test(size=(150, 42)) as pilot:
             assert not pilot.app.screen.has_class("-narrow")  # a large terminal keeps the wide layout
 

@@ -20,6 +20,7 @@ from textual_plotext import PlotextPlot
 from tui.messages import CatalogChanged, StepFinished, StepProgress
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe
+from tui.size_classes import SizeClasses
 from tui.workers import cancellable_progress, people_message
 from workbench.progress import StepCancelled
 
@@ -102,7 +103,7 @@ def latest_sample(output_dir: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
-class TrainScreen(Screen):
+class TrainScreen(SizeClasses, Screen):
     """One Train button; training runs in this process, stoppable and resumable from its last checkpoint."""
 
     CSS_PATH = "train_screen.tcss"
