@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -176,8 +177,13 @@ class CaptionsScreen(SizeClasses, Screen):
         self._overwrite_editor = False
         self.image_id = message.image_id
         row = message.details.get("row", {})
-        in_use = markup_safe(row.get("caption_source") or "no caption")
-        self.query_one("#caption-path", Label).update(f"{markup_safe(row.get('path'))}  [dim]({in_use})[/]")
+        in_use = visible(row.get("caption_source") or "no caption")
+        path_label = self.query_one("#caption-path", Label)
+        path = visible(str(row.get("path")))
+        room = path_label.size.width - len(in_use) - 4
+        if 8 < room < len(path):  # a narrow editor keeps the file name: …/5_wbk cat/img1.jpg
+            path = "…" + path[len(path) - room + 1 :]
+        path_label.update(f"{escape(path)}  [dim]({escape(in_use)})[/]")
         # Multi-line captions stay editable; other controls show as escapes (and are saved so if edited).
         self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
         if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is

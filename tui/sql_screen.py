@@ -146,7 +146,7 @@ class SqlScreen(Screen):
                     yield Label("write mode", id="write-label")
         with Horizontal(id="sql-actions"):
             yield Button("Run (ctrl+enter)", id="run", variant="primary")
-            yield Input(placeholder="export file (results.csv / results.parquet)", id="export-path")
+            yield Input(placeholder="export file, beside the catalog unless absolute (results.csv / .parquet)", id="export-path")
             yield Button("CSV", id="export-csv")
             yield Button("Parquet", id="export-parquet")
         yield Label("read-only: SELECT, EXPLAIN, DESCRIBE… run; writes need write mode", id="sql-status")
