@@ -25,10 +25,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEVICES = ("cpu", "cuda", "mps")
+SNAPSHOT_FILE = "dataset.json"  # a run's own copy of its options and dataset, in its folder
 # what --resume may change: how long, how often to save and sample, where and how to log and cache. Anything
 # else would make the continued run a different run than the one its checkpoint belongs to.
-SNAPSHOT_FILE = "dataset.json"  # a run's own copy of its options and dataset, in its folder
-
 RESUME_MAY_CHANGE = frozenset({
     "resume", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
     "validation_prompt", "validation_steps", "num_validation_images", "validation_seed", "validation_inference_steps",

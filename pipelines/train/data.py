@@ -352,14 +352,15 @@ def batches_per_epoch(images: Sequence[TrainImage], batch_size: int) -> int:
 
 def load_pixels(image: TrainImage, spec: ItemSpec) -> torch.Tensor:
     """The bucket-sized crop of an image as a CHW tensor in [-1, 1], with flip and jitter applied."""
-    gone = (f"Image {image.image_id[:12]} of this run is no longer at {image.path or 'any known path'} (moved, deleted or "
-            "edited since the run started): put it back and ingest again, or start a new run on the current dataset.")
-    if not image.path:
-        raise DataError(gone)
     try:
+        if not image.path:  # a resumed run's image at no known path (see run._run_dataset)
+            raise FileNotFoundError
         opened = Image.open(image.path)
     except FileNotFoundError as error:
-        raise DataError(gone) from error
+        raise DataError(
+            f"Image {image.image_id[:12]} of this run is no longer at {image.path or 'any known path'} (moved, deleted or "
+            "edited since the run started): put it back and ingest again, or start a new run on the current dataset."
+        ) from error
     with opened:
         picture = ImageOps.exif_transpose(opened).convert("RGB")
     picture = picture.resize(image.resized, Image.Resampling.LANCZOS)

@@ -172,6 +172,16 @@ def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
 # --- setup helpers -----------------------------------------------------------------------
 
 
+def load_components(config: TrainConfig, progress: ProgressHook = null_progress):
+    """The base model's parts, on CPU in float32 (the run places and casts them)."""
+    from workbench.models import load_sd_components
+
+    progress(task="load model", message=f"loading {config.model}")
+    components = load_sd_components(config.model, device="cpu", dtype=torch.float32)
+    progress(task="load model", completed=1, total=1)
+    return components
+
+
 def _noise_scheduler(components, config: TrainConfig):
     from diffusers import DDPMScheduler
 
@@ -339,11 +349,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if components is None:
-        from workbench.models import load_sd_components
-
-        progress(task="load model", message=f"loading {config.model}")
-        components = load_sd_components(config.model, device="cpu", dtype=torch.float32)
-        progress(task="load model", completed=1, total=1)
+        components = load_components(config, progress)
     tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
     noise_scheduler = _noise_scheduler(components, config)
 

@@ -15,7 +15,7 @@ import duckdb
 from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import TrainingError, TrainResult, main
+from pipelines.train.loop import TrainingError, TrainResult, load_components, main
 from workbench.catalog import CatalogLockedError, catalog_file, connect, finish_run, run_status, start_run
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
@@ -117,15 +117,6 @@ def _mark_interrupted_runs(con, output_dir: Path) -> None:
     )
 
 
-def _load_components(config: TrainConfig, progress: ProgressHook):
-    from workbench.models import load_sd_components
-
-    progress(task="load model", message=f"loading {config.model}")
-    components = load_sd_components(config.model, device="cpu", dtype="float32")
-    progress(task="load model", completed=1, total=1)
-    return components
-
-
 def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progress: ProgressHook):
     """A new run reads the catalog and saves its snapshot; a resumed run trains on the snapshot it saved.
 
@@ -225,14 +216,13 @@ def trained_model(
         if world_size == 1:
             raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
         images, priors, output_dir = _shared_dataset(config, None)
-        components = components or _load_components(config, progress)
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
     with _run_folder_lock(output_dir):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
         _refuse_a_finished_resume(con, config, output_dir)
         if components is None and config.mode == "dreambooth" and config.with_prior_preservation:
-            components = _load_components(config, progress)  # may generate class priors into the catalog
+            components = load_components(config, progress)  # may generate class priors into the catalog
         images, priors = _run_dataset(con, config, output_dir, components, progress)
         if world_size > 1:
             _shared_dataset(config, (images, priors, str(output_dir)))
@@ -283,7 +273,7 @@ def _train_and_record(con, config: TrainConfig, images, priors, output_dir: Path
         con.close()
     result, failure = None, None
     try:
-        components = components or _load_components(config, progress)  # with the catalog already free
+        # main loads the model when none was given: with the catalog already free
         result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
     except BaseException as error:
         failure = error
