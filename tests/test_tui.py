@@ -689,6 +689,16 @@ def test_sql_long_query_is_stopped_by_a_new_query_escape_and_quit(synthetic_cata
 # --- duplicates -------------------------------------------------------------------------
 
 
+async def open_duplicate_group(pilot, app, group_id) -> None:
+    """Press n on the Duplicates screen until `group_id` is shown, each group's members loaded before the next."""
+    screen = app.screen
+    await wait_for(pilot, lambda: screen.group_ids and screen.members, what="groups")
+    while screen.group_ids[screen.position] != group_id:
+        await pilot.press("n")
+        await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] in
+                       {r[0] for r in app.con.execute("SELECT image_id FROM duplicates WHERE group_id = ?", [screen.group_ids[screen.position]]).fetchall()})
+
+
 def test_duplicates_review_changes_the_kept_member(sample_catalog):
     coffee_keeper = query(sample_catalog, "SELECT d.group_id, d.image_id FROM duplicates d JOIN images_view v USING (image_id) "
                                           "WHERE v.path LIKE '%photos/coffee.jpg'")[0]
@@ -698,11 +708,7 @@ def test_duplicates_review_changes_the_kept_member(sample_catalog):
         app = WorkbenchApp(catalog_path=sample_catalog, start="duplicates")
         async with app.run_test(size=SIZE) as pilot:
             screen = app.screen
-            await wait_for(pilot, lambda: screen.group_ids and screen.members, what="groups")
-            while screen.group_ids[screen.position] != group_id:
-                await pilot.press("n")
-                await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] in
-                               {r[0] for r in app.con.execute("SELECT image_id FROM duplicates WHERE group_id = ?", [screen.group_ids[screen.position]]).fetchall()})
+            await open_duplicate_group(pilot, app, group_id)
             await wait_for(pilot, lambda: len(screen.query("MemberCard")) == 2, what="cards")
             assert screen.members[0]["image_id"] == old_keeper and screen.members[0]["is_keeper"]
             other = screen.members[1]["image_id"]
@@ -736,9 +742,7 @@ def test_duplicates_selection_follows_the_image_and_x_on_a_duplicate_says_to_kee
         app = WorkbenchApp(catalog_path=sample_catalog, start="duplicates")
         async with app.run_test(size=SIZE) as pilot:
             screen = app.screen
-            await wait_for(pilot, lambda: screen.group_ids and screen.members, what="groups")
-            while screen.group_ids[screen.position] != group_id:
-                await pilot.press("n")
+            await open_duplicate_group(pilot, app, group_id)
             await wait_for(pilot, lambda: len(screen.query("MemberCard")) == 2 and screen.members[0]["image_id"] == old_keeper, what="cards")
             other = screen.members[1]["image_id"]
             await pilot.press("right")

@@ -6,7 +6,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,7 +17,7 @@ from textual.widgets.option_list import Option
 
 from tui import caption_edits, queries
 from tui.confirm import Confirm
-from tui.image_table import ImageTable
+from tui.image_table import ImageTable, cut_start
 from tui.messages import CatalogChanged, ImagePicked
 from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
@@ -181,9 +180,9 @@ class CaptionsScreen(SizeClasses, Screen):
         path_label = self.query_one("#caption-path", Label)
         path = visible(str(row.get("path")))
         room = path_label.size.width - len(in_use) - 4
-        if 8 < room < len(path):  # a narrow editor keeps the file name: …/5_wbk cat/img1.jpg
-            path = "…" + path[len(path) - room + 1 :]
-        path_label.update(f"{escape(path)}  [dim]({escape(in_use)})[/]")
+        if room > 8:  # a narrow editor keeps the file name
+            path = cut_start(path, room)
+        path_label.update(f"{markup_safe(path)}  [dim]({markup_safe(in_use)})[/]")
         # Multi-line captions stay editable; other controls show as escapes (and are saved so if edited).
         self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
         if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is

@@ -31,9 +31,14 @@ def cell(column: str, value) -> str:
     limit = SHORT_COLUMNS.get(column, TEXT_WIDTH)
     if len(text) <= limit:
         return text
-    if column == "path" or column.endswith("_path"):  # the end tells files apart: …/5_wbk cat/img1.jpg
-        return "…" + text[len(text) - limit + 1 :]
+    if column == "path" or column.endswith("_path"):
+        return cut_start(text, limit)
     return text[: limit - 1] + "…"
+
+
+def cut_start(text: str, width: int) -> str:
+    """`text` in `width` characters, cut at its start: the end tells files apart (…/5_wbk cat/img1.jpg)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
 
 
 def is_number(value) -> bool:

@@ -9,7 +9,6 @@ from typing import Callable
 from textual.message import Message
 
 from tui.messages import StepProgress
-from workbench.catalog import CatalogError
 from workbench.progress import CancellableProgress
 
 
@@ -38,8 +37,8 @@ def cancellable_progress(post: Callable[[Message], object], step: str) -> Cancel
 
 def people_message(error: BaseException) -> str:
     """Short text for an error: our own errors as they are, anything else with its type and last frame."""
-    ours = error.__class__.__module__.split(".")[0] in ("workbench", "pipelines", "tui")  # TrainingError, ModelError, …
-    if ours or isinstance(error, (CatalogError, ValueError, FileNotFoundError, ImportError)):
+    ours = error.__class__.__module__.split(".")[0] in ("workbench", "pipelines", "tui")  # CatalogError, TrainingError, …
+    if ours or isinstance(error, (ValueError, FileNotFoundError, ImportError)):
         return str(error) or error.__class__.__name__
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
