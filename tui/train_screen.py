@@ -332,7 +332,7 @@ class TrainScreen(SizeClasses, Screen):
                 f"[green]finished[/] in {message.seconds:.0f} s: {text} · outputs in {markup_safe(str(self.output_dir))}")
             self.notify("Training finished.", title="Train")
         else:
-            self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {message.error}")
+            self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {markup_safe(message.error or '')}")
             self.notify(message.error or message.status, title=f"Train {message.status}",
                         severity="warning" if message.status == "cancelled" else "error", timeout=10)
         self.post_message(CatalogChanged("train"))

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import duckdb
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from workbench import catalog as catalog_mod
@@ -850,11 +851,13 @@ def train_command(
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
     except KeyboardInterrupt:
-        kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints")
-        where = f"the last checkpoint is {kept[-1].name}" if kept else "no checkpoint was written yet"
-        err_console.print(
-            f"[bold]Stopped[/]: {where}. Continue with: workbench train {mode} --resume latest --output-dir {train_config.output_dir}"
-        )
+        if train_config.output_dir:  # extra accelerate processes may not know it; the main one says it
+            kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints")
+            where = f"the last checkpoint is {kept[-1].name}" if kept else "no checkpoint was written yet"
+            err_console.print(
+                f"[bold]Stopped[/]: {where}. Continue with: workbench train {mode} --resume latest --output-dir "
+                f"{escape(train_config.output_dir)}"
+            )
         raise typer.Exit(130)
     finally:
         if in_main_thread:
