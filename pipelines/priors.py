@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 
@@ -60,6 +61,123 @@ def _existing_seeds(con: duckdb.DuckDBPyConnection, class_prompt: str, model: st
     return {int(seed): image_id for seed, image_id in rows}
 
 
+@dataclass
+class PriorPlan:
+    """What one class prompt still needs: the seeds the catalog lacks, split into files to make and files on disk."""
+
+    class_prompt: str
+    model_name: str
+    concept: str | None
+    wanted: int
+    seeds: list[int]
+    existing: int
+    to_generate: dict[int, Path]
+    on_disk: dict[int, Path]  # written by an interrupted or catalog-free run, not yet ingested
+    params: dict
+
+
+def prior_plan(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    class_prompt: str,
+    model_name: str,
+    out_dir: str | os.PathLike[str],
+    num_images: int | None = None,
+    max_images: int = 1000,
+    seed: int = 0,
+    concept: str | None = None,
+) -> PriorPlan:
+    """The class-prior seeds still missing for `class_prompt` (image i has seed + i), and where their PNGs go."""
+    if not class_prompt.strip():
+        raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\".")
+    wanted = num_images if num_images is not None else default_prior_count(con, concept=concept, max_images=max_images)
+    if wanted < 1:
+        raise ValueError("The number of class images must be at least 1.")
+    folder = Path(out_dir) / prompt_slug(class_prompt)
+    existing = _existing_seeds(con, class_prompt, model_name)
+    seeds = [seed + i for i in range(wanted)]
+    files = {s: folder / f"{prompt_slug(class_prompt)}-seed{s:07d}.png" for s in seeds if s not in existing}
+    return PriorPlan(
+        class_prompt=class_prompt, model_name=model_name, concept=concept, wanted=wanted, seeds=seeds,
+        existing=wanted - len(files),
+        to_generate={s: f for s, f in files.items() if not f.is_file()},
+        on_disk={s: f for s, f in files.items() if f.is_file()},
+        params={"class_prompt": class_prompt, "model": model_name, "num_images": wanted, "seed": seed,
+                "out_dir": str(folder), "concept": concept},
+    )
+
+
+def generated_prior_files(
+    pipeline,
+    plan: PriorPlan,
+    *,
+    batch_size: int = 4,
+    resolution: int | None = None,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    on_batch: Callable[[dict[int, Path]], None] | None = None,
+    progress: ProgressHook = null_progress,
+) -> dict[int, Path]:
+    """The plan's missing class images made by `pipeline` as PNGs (needs no catalog: a rerun ingests what landed)."""
+    import torch
+
+    _check_sampling(batch_size, num_inference_steps)
+    done = plan.existing + len(plan.on_disk)
+    progress(task="class priors", completed=plan.existing, total=plan.wanted,
+             message=f"{plan.existing} of {plan.wanted} class images for '{plan.class_prompt}' exist"
+                     + (f", {len(plan.on_disk)} more are on disk from an earlier run" if plan.on_disk else "")
+                     + f"; generating {len(plan.to_generate)}")
+    size = {"height": resolution, "width": resolution} if resolution else {}
+    made: dict[int, Path] = {}
+    pending = sorted(plan.to_generate)
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(s) for s in chunk]
+        result = pipeline(
+            [plan.class_prompt] * len(chunk), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            generator=generators, **size,
+        )
+        batch = {s: plan.to_generate[s] for s in chunk}
+        for s, picture in zip(chunk, result.images):
+            batch[s].parent.mkdir(parents=True, exist_ok=True)
+            tmp = batch[s].with_suffix(".tmp.png")
+            picture.save(tmp)
+            os.replace(tmp, batch[s])  # a crash never leaves a half-written PNG under the final name
+        made.update(batch)
+        if on_batch is not None:
+            on_batch(batch)
+        done += len(chunk)
+        progress(task="class priors", completed=done, total=plan.wanted)
+    return made
+
+
+def _check_sampling(batch_size: int, num_inference_steps: int) -> None:
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if num_inference_steps < 1:
+        raise ValueError("The number of sampling steps must be at least 1.")
+
+
+def ingested_priors(con: duckdb.DuckDBPyConnection, plan: PriorPlan, made: dict[int, Path]) -> PriorsSummary:
+    """The plan's class images that landed on disk (`made` now, or by an earlier run), ingested with role 'class_prior'."""
+    from pipelines.ingest import ingested_images
+
+    with record_run(con, "priors", plan.params) as run:
+        summary = _ingest_plan(con, plan, {**plan.on_disk, **made}, len(made), ingested_images)
+        run.counts.update(summary.as_dict())
+    return summary
+
+
+def _ingest_plan(con, plan: PriorPlan, landed: dict[int, Path], generated: int, ingest) -> PriorsSummary:
+    """Ingest `landed` (a file gone since is skipped) and count the plan's class images now in the catalog."""
+    _ingest_and_record(con, {s: f for s, f in landed.items() if f.is_file()}, plan.class_prompt, plan.model_name, plan.concept, ingest)
+    summary = PriorsSummary(class_prompt=plan.class_prompt, wanted=plan.wanted, existing=plan.existing,
+                            generated=generated, ingested_from_disk=len(plan.on_disk))
+    wanted = set(plan.seeds)
+    summary.image_ids = [i for s, i in sorted(_existing_seeds(con, plan.class_prompt, plan.model_name).items()) if s in wanted]
+    return summary
+
+
 def class_priors(
     con: duckdb.DuckDBPyConnection,
     pipeline,
@@ -77,62 +195,32 @@ def class_priors(
     guidance_scale: float = 7.5,
     progress: ProgressHook = null_progress,
 ) -> PriorsSummary:
-    """Class-prior images for `class_prompt` from `pipeline`, ingested with role 'class_prior' (only missing seeds are generated)."""
-    import torch
+    """Class-prior images for `class_prompt` from `pipeline`, ingested with role 'class_prior' (only missing seeds are generated).
 
+    Holds the catalog throughout and ingests each batch as it lands. A caller that must let the
+    catalog go while the model works (`workbench priors`, `workbench train dreambooth`) runs the
+    three parts itself: `prior_plan`, `generated_prior_files` with the catalog closed, `ingested_priors`.
+    """
     from pipelines.ingest import ingested_images
 
-    if not class_prompt.strip():
-        raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\".")
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    if num_inference_steps < 1:
-        raise ValueError("The number of sampling steps must be at least 1.")
-    wanted = num_images if num_images is not None else default_prior_count(con, concept=concept, max_images=max_images)
-    if wanted < 1:
-        raise ValueError("The number of class images must be at least 1.")
-    summary = PriorsSummary(class_prompt=class_prompt, wanted=wanted)
-    folder = Path(out_dir) / prompt_slug(class_prompt)
-    folder.mkdir(parents=True, exist_ok=True)
-    params = {"class_prompt": class_prompt, "model": model_name, "num_images": wanted, "seed": seed,
-              "batch_size": batch_size, "out_dir": str(folder), "concept": concept}
-    with record_run(con, "priors", params) as run:
-        existing = _existing_seeds(con, class_prompt, model_name)
-        seeds = [seed + i for i in range(wanted)]
-        summary.existing = sum(1 for s in seeds if s in existing)
-        missing = [s for s in seeds if s not in existing]
-        files = {s: folder / f"{prompt_slug(class_prompt)}-seed{s:07d}.png" for s in missing}
-        on_disk = [s for s in missing if files[s].is_file()]
-        to_generate = [s for s in missing if not files[s].is_file()]
-        summary.ingested_from_disk = len(on_disk)
-        progress(task="class priors", completed=summary.existing, total=wanted,
-                 message=f"{summary.existing} of {wanted} class images for '{class_prompt}' exist; generating {len(to_generate)}")
-        done = summary.existing + len(on_disk)
-        size = {"height": resolution, "width": resolution} if resolution else {}
-        for start in range(0, len(to_generate), batch_size):
-            chunk = to_generate[start : start + batch_size]
-            generators = [torch.Generator().manual_seed(s) for s in chunk]
-            result = pipeline(
-                [class_prompt] * len(chunk), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                generator=generators, **size,
-            )
-            for s, picture in zip(chunk, result.images):
-                tmp = files[s].with_suffix(".tmp.png")
-                picture.save(tmp)
-                os.replace(tmp, files[s])  # a crash never leaves a half-written PNG under the final name
-            # ingest each batch as it lands, so an interrupted run keeps what it made
-            _ingest_and_record(con, {s: files[s] for s in chunk}, class_prompt, model_name, concept, ingested_images)
-            summary.generated += len(chunk)
-            done += len(chunk)
-            progress(task="class priors", completed=done, total=wanted)
-        if on_disk:
-            _ingest_and_record(con, {s: files[s] for s in on_disk}, class_prompt, model_name, concept, ingested_images)
-        summary.image_ids = [image_id for s, image_id in sorted(_existing_seeds(con, class_prompt, model_name).items()) if s in set(seeds)]
+    _check_sampling(batch_size, num_inference_steps)
+    plan = prior_plan(con, class_prompt=class_prompt, model_name=model_name, out_dir=out_dir, num_images=num_images,
+                      max_images=max_images, seed=seed, concept=concept)
+    with record_run(con, "priors", {**plan.params, "batch_size": batch_size}) as run:
+        made = generated_prior_files(
+            pipeline, plan, batch_size=batch_size, resolution=resolution, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, progress=progress,
+            # ingested as each batch lands, so an interrupted run keeps what it made
+            on_batch=lambda batch: _ingest_and_record(con, batch, class_prompt, model_name, concept, ingested_images),
+        )
+        summary = _ingest_plan(con, plan, plan.on_disk, len(made), ingested_images)
         run.counts.update(summary.as_dict())
     return summary
 
 
 def _ingest_and_record(con, files: dict[int, Path], class_prompt: str, model_name: str, concept: str | None, ingest) -> None:
+    if not files:
+        return
     ingest(con, [str(p) for p in files.values()], workers=1)
     for s, path in files.items():
         row = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [os.fsencode(os.path.abspath(path))]).fetchone()

@@ -85,3 +85,51 @@ def test_priors_cli(catalog_path, tmp_path, one_thread):
     no_prompt = runner.invoke(app, ["priors", "--catalog", str(catalog_path)])
     assert no_prompt.exit_code == 2 and "--class-prompt" in no_prompt.output
 
+
+
+def test_priors_cli_lets_the_catalog_go_while_it_generates_and_a_stop_keeps_the_images(catalog_path, tmp_path):
+    """`workbench priors` closes the catalog while the model samples; Ctrl+C keeps the PNGs made so far, and the
+    rerun adds them without making them again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    out = tmp_path / "p"
+    command = [sys.executable, "-m", "workbench.cli", "priors", "--class-prompt", "a photo of a cat", "--num", "400",
+               "--batch-size", "1", "--steps", "2", "--resolution", "32", "--out-dir", str(out), "--catalog", str(catalog_path),
+               "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/*-seed*.png")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert list(out.glob("*/*-seed*.png")), "no class image was made"
+        other = connect(catalog_path)  # another process can write the catalog meanwhile
+        other.execute("CREATE TABLE notes (x INT)")
+        other.close()
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert "run the same command again" in " ".join(output.split())
+    made = sorted(out.glob("*/*-seed*.png"))
+    assert made and not list(out.glob("*/*.tmp.png"))
+    rerun = CliRunner().invoke(app, ["priors", "--class-prompt", "a photo of a cat", "--num", str(len(made) + 1), "--steps", "2",
+                                     "--resolution", "32", "--out-dir", str(out), "--catalog", str(catalog_path), "--device", "cpu"])
+    assert rerun.exit_code == 0, rerun.output
+    import re
+
+    assert re.search(r"generated\W+1\W", rerun.output) and re.search(rf"ingested from disk\W+{len(made)}\W", rerun.output), rerun.output
+    check = connect(catalog_path)
+    try:
+        assert check.execute("SELECT count(*) FROM class_priors").fetchone()[0] == len(made) + 1
+        assert check.execute("SELECT count(*) FROM notes").fetchone()[0] == 0  # the other process's table survived
+    finally:
+        check.close()

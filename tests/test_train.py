@@ -672,3 +672,34 @@ def test_eight_bit_adam_trains_and_resumes_bitwise(con, tmp_path, one_thread):
     b = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "killed" / "loss.csv").read_text()
+
+
+def test_dreambooth_lets_the_catalog_go_while_it_generates_class_priors(con, catalog_path, tmp_path, one_thread):
+    """Class priors take minutes to hours on real models: with release_catalog another process can use the
+    catalog while they are generated; they are added once the model is done with them."""
+    import subprocess
+    import sys
+
+    from pipelines.train import trained_model
+    from workbench.catalog import connect
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    query = "import duckdb, sys; print(duckdb.connect(sys.argv[1]).execute('SELECT count(*) FROM class_priors').fetchone()[0])"
+    seen = {}
+
+    def hook(*, task, completed=0, total=None, message=None):
+        if task == "class priors" and completed == 1 and "query" not in seen:  # the first of two batches has landed
+            seen["query"] = subprocess.run([sys.executable, "-c", query, str(catalog_path)], capture_output=True, text=True)
+
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=2,
+                         prior_inference_steps=1, sample_batch_size=1, max_train_steps=1, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components(), progress=hook, release_catalog=True)
+    assert seen["query"].returncode == 0, seen["query"].stderr
+    assert seen["query"].stdout.strip() == "0"  # made, not yet added: the catalog was not open in this process
+    later = connect(catalog_path)
+    try:
+        priors = later.execute("SELECT count(*) FROM class_priors").fetchone()[0]
+        class_ids = later.execute("SELECT len(class_image_ids) FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0]
+    finally:
+        later.close()
+    assert (priors, class_ids) == (2, 2)

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import duckdb
 
+from workbench.progress import ProgressHook, StepCancelled, null_progress
+
 DEFAULT_CATALOG = "workbench.duckdb"
 CATALOG_ENV = "WORKBENCH_CATALOG"
 
@@ -104,6 +106,38 @@ def connect(
     else:
         _check_version(con, path)
     return con
+
+
+def connect_when_free(
+    path: str | os.PathLike[str],
+    *,
+    progress: ProgressHook = null_progress,
+    task: str,
+    waiting: str,
+    stopped: str,
+) -> duckdb.DuckDBPyConnection:
+    """Open the catalog again after long model work let it go, waiting while another process holds it.
+
+    The first wait reports `waiting` (with the holder put in place of `{holder}`); each retry calls the
+    hook, so a cancel gets through; a stop while waiting reports `stopped` before it propagates.
+    """
+    told = False
+    try:
+        while True:
+            try:
+                con = connect(path, wait_seconds=5)
+                if told:
+                    progress(task=task, completed=1, total=1)
+                return con
+            except CatalogLockedError as error:
+                if not told:
+                    progress(task=task, message=waiting.replace("{holder}", error.holder))
+                    told = True
+                progress(task=task)
+    except (KeyboardInterrupt, StepCancelled):
+        if told:
+            progress(task=task, message=stopped)
+        raise
 
 
 def catalog_file(con: duckdb.DuckDBPyConnection) -> Path | None:

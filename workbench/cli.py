@@ -896,10 +896,10 @@ def priors(
     num: Annotated[Optional[int], typer.Option("--num", help="Class images per prompt (default: 200 × instance images, capped by --max-images).")] = None,
     max_images: Annotated[int, typer.Option(help="Cap on the default count.")] = 1000,
     model: Annotated[str, typer.Option(help="Base model; must be the model you will train.")] = "tiny",
-    batch_size: Annotated[int, typer.Option(help="Images generated per batch.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images generated per batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = 0,
-    resolution: Annotated[Optional[int], typer.Option(help="Image size (default: the model's).")] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps per image.")] = 30,
+    resolution: Annotated[Optional[int], typer.Option(min=8, help="Image size (default: the model's).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps per image.")] = 30,
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: class_priors/ beside the catalog).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     catalog: CatalogOpt = None,
@@ -908,7 +908,7 @@ def priors(
 
     Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15
     """
-    from pipelines.priors import class_priors, class_prompts_by_concept
+    from pipelines.priors import class_prompts_by_concept, generated_prior_files, ingested_priors, prior_plan
     from workbench.models import ModelError, load_sd_pipeline
 
     con = open_catalog(catalog, create=True)
@@ -920,17 +920,37 @@ def priors(
             fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
     folder = out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).resolve().parent / "class_priors"
     try:
-        pipe = load_sd_pipeline(model, device=device)
-        with RichProgress() as progress:
-            for prompt, concept in jobs:
-                summary = class_priors(
-                    con, pipe, class_prompt=prompt, model_name=model, out_dir=folder, num_images=num, max_images=max_images,
-                    batch_size=batch_size, seed=seed, concept=concept, resolution=resolution, num_inference_steps=steps,
-                    progress=progress,
-                )
-                console.print(counts_table(f"class priors: {prompt}", {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
-    except (ModelError, ValueError) as error:
+        plans = [prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, num_images=num, max_images=max_images,
+                            seed=seed, concept=concept) for prompt, concept in jobs]
+    except ValueError as error:
         fail(str(error))
+    # the model loads and samples with the catalog closed (minutes to hours on real models), so the TUI,
+    # `workbench sql` and curation steps can use it meanwhile; what lands on disk is added at the end
+    path = catalog_mod.catalog_file(con)
+    con.close()
+    made: dict[str, dict] = {}
+    try:
+        with RichProgress() as progress:
+            if any(plan.to_generate for plan in plans):
+                pipe = load_sd_pipeline(model, device=device)
+                for plan in plans:
+                    made[plan.class_prompt] = generated_prior_files(
+                        pipe, plan, batch_size=batch_size, resolution=resolution, num_inference_steps=steps, progress=progress)
+            con = catalog_mod.connect_when_free(
+                path, progress=progress, task="add to catalog",
+                waiting=f"Waiting to add the class images to the catalog {path}, which {{holder}} has open.",
+                stopped=f"Stopped before the class images were added: they are in {folder}; run the same command again to add them.",
+            )
+            for plan in plans:
+                summary = ingested_priors(con, plan, made.get(plan.class_prompt, {}))
+                console.print(counts_table(f"class priors: {plan.class_prompt}",
+                                           {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
+    except (ModelError, ValueError, CatalogError) as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        err_console.print(f"[bold]Stopped[/]: the class images made so far are in {escape(str(folder))}; run the same "
+                          "command again to add them to the catalog and make the rest.")
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -16,8 +16,8 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainingError, TrainResult, load_components, main
-from workbench.catalog import CatalogLockedError, catalog_file, connect, finish_run, run_status, start_run
-from workbench.progress import ProgressHook, StepCancelled, null_progress
+from workbench.catalog import catalog_file, connect_when_free, finish_run, run_status, start_run
+from workbench.progress import ProgressHook, null_progress
 
 
 def catalog_project_dir(con: duckdb.DuckDBPyConnection) -> Path:
@@ -30,9 +30,40 @@ def default_output_dir(con: duckdb.DuckDBPyConnection, mode: str) -> Path:
     return catalog_project_dir(con) / "runs" / f"{mode}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _ensure_priors(con, config: TrainConfig, images, components, progress: ProgressHook) -> dict[str, list]:
-    """Class-prior pools per class prompt, generating the missing ones with the base model (DreamBooth recipe)."""
-    from pipelines.priors import class_priors
+class _RunCatalog:
+    """The run's catalog connection. With `release`, it is let go while the model works (DuckDB lets one
+    process write a catalog; this work takes minutes to hours) and opened again to write the results."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, release: bool) -> None:
+        self.con: duckdb.DuckDBPyConnection | None = con  # None while let go, and after a stop while waiting to reopen
+        self.path = catalog_file(con) if release else None
+
+    @contextmanager
+    def released(self, progress: ProgressHook, *, task: str, waiting: str, stopped: str, reopen_after_error: bool) -> Iterator[None]:
+        if self.path is None:
+            yield
+            return
+        self.con.close()
+        self.con = None
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if not failed or reopen_after_error:
+                self.con = connect_when_free(self.path, progress=progress, task=task, waiting=waiting, stopped=stopped)
+
+    def close_if_released(self) -> None:
+        if self.path is not None and self.con is not None:
+            self.con.close()
+
+
+def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components, progress: ProgressHook):
+    """(class-prior pools per class prompt, components): the missing priors are generated with the base model
+    (DreamBooth recipe), with the catalog let go meanwhile when the run releases it."""
+    from pipelines.priors import generated_prior_files, ingested_priors, prior_plan
 
     prompts: dict[str, int] = {}
     for image in images:
@@ -42,28 +73,36 @@ def _ensure_priors(con, config: TrainConfig, images, components, progress: Progr
                 "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
             )
         prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
-    pools = train_data.class_prior_images(con, config, list(prompts), config.model)
+    pools = train_data.class_prior_images(catalog.con, config, list(prompts), config.model)
     short = {p: n for p, n in prompts.items() if len(pools[p]) < _wanted(config, n)}
-    if short:
+    if not short:
+        return pools, components
+    folder = catalog_project_dir(catalog.con) / "class_priors"
+    plans = [prior_plan(catalog.con, class_prompt=prompt, model_name=config.model, out_dir=folder,
+                        num_images=_wanted(config, count), seed=config.seed) for prompt, count in short.items()]
+    made = {}
+    with catalog.released(progress, task="class priors", reopen_after_error=False,
+                          waiting=f"Waiting to add the class images to the catalog {catalog.path}, which {{holder}} has open.",
+                          stopped=f"Stopped before the class images were added: they are in {folder}; the next run adds them."):
+        if components is None:
+            components = load_components(config, progress)
         from diffusers import DDIMScheduler, StableDiffusionPipeline
         from workbench.models import resolve_device
 
-        device = resolve_device(config.device)
         pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
             unet=components.unet, scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).to(device)
+        ).to(resolve_device(config.device))
         pipe.set_progress_bar_config(disable=True)
-        for prompt, count in short.items():
-            class_priors(
-                con, pipe, class_prompt=prompt, model_name=config.model, out_dir=catalog_project_dir(con) / "class_priors",
-                num_images=_wanted(config, count), batch_size=config.sample_batch_size, seed=config.seed,
-                resolution=config.resolution, num_inference_steps=config.prior_inference_steps, progress=progress,
-            )
+        for plan in plans:
+            made[plan.class_prompt] = generated_prior_files(
+                pipe, plan, batch_size=config.sample_batch_size, resolution=config.resolution,
+                num_inference_steps=config.prior_inference_steps, progress=progress)
         pipe.to("cpu")
-        pools = train_data.class_prior_images(con, config, list(prompts), config.model)
-    return pools
+    for plan in plans:
+        ingested_priors(catalog.con, plan, made[plan.class_prompt])
+    return train_data.class_prior_images(catalog.con, config, list(prompts), config.model), components
 
 
 def _wanted(config: TrainConfig, instance_count: int) -> int:
@@ -117,12 +156,14 @@ def _mark_interrupted_runs(con, output_dir: Path) -> None:
     )
 
 
-def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progress: ProgressHook):
-    """A new run reads the catalog and saves its snapshot; a resumed run trains on the snapshot it saved.
+def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, components, progress: ProgressHook):
+    """(images, priors, components): a new run reads the catalog and saves its snapshot; a resumed run trains on
+    the snapshot it saved. Components are loaded here only when class priors must be generated.
 
     The snapshot is what makes `--resume` exact when the catalog changed in between (a caption
     edited, an image excluded or added): the run continues on the data it started with.
     """
+    con = catalog.con
     snapshot = output_dir / train_data.SNAPSHOT_FILE
     if config.resume and not snapshot.exists():
         progress(task="dataset", message=(
@@ -147,41 +188,14 @@ def _run_dataset(con, config: TrainConfig, output_dir: Path, components, progres
         images = [replace(i, path=present.get(i.image_id, "")) for i in images]
         if priors is not None:
             priors = {p: [replace(i, path=present.get(i.image_id, "")) for i in pool] for p, pool in priors.items()}
-        return images, priors
+        return images, priors, components
     images = train_data.training_images(con, config)
     priors = None
     if config.mode == "dreambooth" and config.with_prior_preservation:
-        priors = _ensure_priors(con, config, images, components, progress)
+        priors, components = _ensure_priors(catalog, config, images, components, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_data.write_snapshot(snapshot, images, priors, config.to_dict())
-    return images, priors
-
-
-def _reconnect(path: Path, output_dir: Path, progress: ProgressHook) -> duckdb.DuckDBPyConnection:
-    """Open the catalog again to record a run, waiting (and saying so) while another process holds it."""
-    told = False
-    try:
-        while True:
-            try:
-                con = connect(path, wait_seconds=5)
-                if told:
-                    progress(task="record run", completed=1, total=1)
-                return con
-            except CatalogLockedError as error:
-                if not told:
-                    progress(task="record run", message=(
-                        f"Waiting to record the run in the catalog {path}, which {error.holder} has open; it is recorded "
-                        f"as soon as that closes it. The outputs are already in {output_dir}."
-                    ))
-                    told = True
-                progress(task="record run")  # lets a cancel through
-    except (KeyboardInterrupt, StepCancelled):
-        if told:
-            progress(task="record run", message=(
-                f"Stopped before the run was recorded: its outputs are in {output_dir}; the catalog lists it as "
-                "'running' until the next run in that folder marks it 'interrupted'."
-            ))
-        raise
+    return images, priors, components
 
 
 def is_main_process() -> bool:
@@ -218,15 +232,14 @@ def trained_model(
         images, priors, output_dir = _shared_dataset(config, None)
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
+    catalog = _RunCatalog(con, release_catalog)
     with _run_folder_lock(output_dir):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
         _refuse_a_finished_resume(con, config, output_dir)
-        if components is None and config.mode == "dreambooth" and config.with_prior_preservation:
-            components = load_components(config, progress)  # may generate class priors into the catalog
-        images, priors = _run_dataset(con, config, output_dir, components, progress)
+        images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
         if world_size > 1:
             _shared_dataset(config, (images, priors, str(output_dir)))
-        return _train_and_record(con, config, images, priors, output_dir, components, progress, release_catalog)
+        return _train_and_record(catalog, config, images, priors, output_dir, components, progress)
 
 
 def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
@@ -258,55 +271,61 @@ def _run_folder_lock(output_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def _train_and_record(con, config: TrainConfig, images, priors, output_dir: Path, components, progress: ProgressHook, release_catalog: bool) -> TrainResult:
+def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure: BaseException | None, output_dir: Path) -> None:
+    if result is not None:
+        run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
+        con.execute(
+            "UPDATE training_runs SET run_id = ?, status = 'ok', outputs = ?, steps = ?, final_loss = ?, seconds = ?, "
+            "finished_at = current_timestamp WHERE train_id = ?",
+            [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
+        )
+    else:
+        kept = ckpt.list_checkpoints(output_dir / "checkpoints")
+        reason = str(failure) or "stopped by the user or a signal"
+        con.execute(  # steps: where a --resume would continue from
+            "UPDATE training_runs SET status = ?, error = ?, steps = ?, finished_at = current_timestamp WHERE train_id = ?",
+            [run_status(failure), f"{failure.__class__.__name__}: {reason}", ckpt.checkpoint_step(kept[-1]) if kept else 0, train_id],
+        )
+    finish_run(con, run, failure)
+
+
+def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors, output_dir: Path, components, progress: ProgressHook) -> TrainResult:
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
-    _mark_interrupted_runs(con, output_dir)
+    _mark_interrupted_runs(catalog.con, output_dir)
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
-    train_id = con.execute(
+    train_id = catalog.con.execute(
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir) "
         "VALUES (?, ?, 'running', ?, ?, ?, ?) RETURNING train_id",
         [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir)],
     ).fetchone()[0]
-    run = start_run(con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
-    catalog_path = catalog_file(con) if release_catalog else None
-    if catalog_path is not None:
-        con.close()
+    run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
     result, failure = None, None
     try:
-        # main loads the model when none was given: with the catalog already free
-        result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
+        with catalog.released(
+            progress, task="record run", reopen_after_error=True,
+            waiting=f"Waiting to record the run in the catalog {catalog.path}, which {{holder}} has open; it is recorded "
+                    f"as soon as that closes it. The outputs are already in {output_dir}.",
+            stopped=f"Stopped before the run was recorded: its outputs are in {output_dir}; the catalog lists it as "
+                    "'running' until the next run in that folder marks it 'interrupted'.",
+        ):
+            # main loads the model when none was given: with the catalog already free
+            result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
     except BaseException as error:
         failure = error
         raise
     finally:
-        if catalog_path is not None:
-            con = _reconnect(catalog_path, output_dir, progress)
-        if result is not None:
-            run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
-            con.execute(
-                "UPDATE training_runs SET run_id = ?, status = 'ok', outputs = ?, steps = ?, final_loss = ?, seconds = ?, "
-                "finished_at = current_timestamp WHERE train_id = ?",
-                [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
-            )
-        else:
-            kept = ckpt.list_checkpoints(output_dir / "checkpoints")
-            reason = str(failure) or "stopped by the user or a signal"
-            con.execute(  # steps: where a --resume would continue from
-                "UPDATE training_runs SET status = ?, error = ?, steps = ?, finished_at = current_timestamp WHERE train_id = ?",
-                [run_status(failure), f"{failure.__class__.__name__}: {reason}", ckpt.checkpoint_step(kept[-1]) if kept else 0, train_id],
-            )
-        finish_run(con, run, failure)
+        if catalog.con is not None:  # None: stopped while waiting to reopen it; the next run here marks the row 'interrupted'
+            _record_outcome(catalog.con, run, train_id, result, failure, output_dir)
     try:
         result.train_id = train_id
         if config.evaluate and config.num_validation_images > 0:
             from pipelines.train.evaluate import run_metrics
 
             try:
-                result.metrics = run_metrics(con, train_id, clip_model=config.clip_model, device=config.device, progress=progress)
+                result.metrics = run_metrics(catalog.con, train_id, clip_model=config.clip_model, device=config.device, progress=progress)
             except Exception as error:  # evaluation must never cost a finished training run
                 result.metrics = {"error": f"{error.__class__.__name__}: {error}"}
-                con.execute("UPDATE training_runs SET metrics = ? WHERE train_id = ?", [json.dumps(result.metrics), train_id])
+                catalog.con.execute("UPDATE training_runs SET metrics = ? WHERE train_id = ?", [json.dumps(result.metrics), train_id])
     finally:
-        if catalog_path is not None:
-            con.close()
+        catalog.close_if_released()
     return result
