@@ -179,6 +179,10 @@ def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
     """At 80x24 (a common default) the Captions bulk bar takes two rows, the Pipeline columns and the filter bars'
     sort boxes narrow, so every input keeps room to type in (before: find/replace/token were 4 cells wide, the
     captions table 16, the Browse filter 6, and the Duplicates buttons off the screen)."""
+    con = connect(synthetic_catalog)
+    con.execute("UPDATE paths SET path = '/home/someone/datasets/2026 portrait session/selects' || path")
+    con.close()
+
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=(80, 24)) as pilot:
@@ -188,6 +192,14 @@ def test_an_80x24_terminal_keeps_the_inputs_usable(synthetic_catalog):
             for field in ("#find", "#replace", "#token", "#captions-table #filter"):
                 assert screen.query_one(field).outer_size.width >= 12, field
             assert screen.query_one("#captions-table").size.width >= 35
+            # the first image's path is cut at its start to the editor's width, so its file name shows
+            await wait_for(pilot, lambda: text_of(app, "#caption-path").startswith("…"), what="path cut to the label")
+            line = text_of(app, "#caption-path")
+            assert ".jpg" in line and len(line) <= screen.query_one("#caption-path").size.width, line
+            await pilot.resize_terminal(110, 24)  # and cut again to the new width
+            await wait_for(pilot, lambda: len(text_of(app, "#caption-path")) > len(line), what="path cut to the wider label")
+            assert len(text_of(app, "#caption-path")) <= screen.query_one("#caption-path").size.width
+            await pilot.resize_terminal(80, 24)
             await pilot.press("f2")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "PipelineScreen", what="pipeline")
             await pilot.pause()

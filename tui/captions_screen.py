@@ -75,6 +75,7 @@ class CaptionsScreen(SizeClasses, Screen):
         # the editor's text and the sidecar box, mirrored for on_unmount, when the widgets are already gone
         self._editor_text = ""
         self._write_sidecars = False
+        self._path_line = ("", "")  # (path, caption source) of the image in the editor, cut to the label's width
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -176,13 +177,8 @@ class CaptionsScreen(SizeClasses, Screen):
         self._overwrite_editor = False
         self.image_id = message.image_id
         row = message.details.get("row", {})
-        in_use = visible(row.get("caption_source") or "no caption")
-        path_label = self.query_one("#caption-path", Label)
-        path = visible(str(row.get("path")))
-        room = path_label.size.width - len(in_use) - 4
-        if room > 8:  # a narrow editor keeps the file name
-            path = cut_start(path, room)
-        path_label.update(f"{markup_safe(path)}  [dim]({markup_safe(in_use)})[/]")
+        self._path_line = (visible(str(row.get("path"))), visible(row.get("caption_source") or "no caption"))
+        self._show_path_line()
         # Multi-line captions stay editable; other controls show as escapes (and are saved so if edited).
         self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
         if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is
@@ -196,6 +192,18 @@ class CaptionsScreen(SizeClasses, Screen):
         if sources.option_count:
             sources.highlighted = 0
         self.query_one("#caption-preview", ImagePreview).show(message.picture)
+
+    def _show_path_line(self) -> None:
+        path, in_use = self._path_line
+        path_label = self.query_one("#caption-path", Label)
+        room = path_label.size.width - len(in_use) - 4
+        if room > 8:  # a narrow editor keeps the file name
+            path = cut_start(path, room)
+        path_label.update(f"{markup_safe(path)}  [dim]({markup_safe(in_use)})[/]")
+
+    def on_resize(self, event) -> None:  # Textual also calls SizeClasses.on_resize (handlers run along the MRO)
+        if self._path_line[0]:
+            self.call_after_refresh(self._show_path_line)  # once the label has its new width
 
     @on(PageTable.RowSelected)
     def action_edit(self) -> None:
