@@ -170,3 +170,40 @@ def test_commands_other_than_ingest_never_create_a_catalog(tmp_path):
         assert result.exit_code == 2, (command, result.output)
         assert "No catalog at" in " ".join(result.output.split())
     assert not typo.exists()
+
+
+def test_text_from_the_catalog_is_shown_as_it_is_never_as_markup(catalog_path, tmp_path):
+    """Captions, triggers and paths hold '[' and ':x:': they print as typed (before: '[/]' crashed the command,
+    '[sks]' vanished and ':x:' became an emoji)."""
+    seeded_catalog(catalog_path)
+    shown = runner.invoke(app, ["sql", "SELECT 'photo of [sks] dog :x:' AS caption, '[/]' AS odd", "--catalog", str(catalog_path)],
+                          env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "photo of [sks] dog :x:" in shown.output and "[/]" in shown.output
+    added = runner.invoke(app, ["concept", "add", "x [/]", "--trigger", "[sks]", "--where", "false", "--catalog", str(catalog_path)],
+                          env={"COLUMNS": "200"})
+    assert added.exit_code == 0, added.output
+    listed = runner.invoke(app, ["concept", "list", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "x [/]" in listed.output and "[sks]" in listed.output, listed.output
+    missing = runner.invoke(app, ["ingest", str(tmp_path / "[raw] photos"), "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert missing.exit_code != 0 and "[raw] photos" in missing.output, missing.output
+
+
+def test_several_statements_run_in_order_and_the_last_one_is_shown(catalog_path):
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "SELECT 1 AS a; SELECT 2 AS b", "--catalog", str(catalog_path), "-f", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["b", "2"]
+
+
+def test_progress_messages_print_as_plain_text():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from workbench.progress import RichProgress
+
+    out = StringIO()
+    with RichProgress(console=Console(file=out, width=200)) as progress:
+        progress(task="export", message="skipped /data/[raw] photos/a[/]b.png: file no longer there")
+    assert "/data/[raw] photos/a[/]b.png" in out.getvalue()

@@ -306,8 +306,8 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
     # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
     cursor = con.cursor()
     try:
-        for statement in statements[:-1]:
-            cursor.execute(statement)
+        for statement in statements[:-1]:  # shown is the last statement's result, as in harlequin
+            cursor.execute(statement).fetchall()  # drained: an open result would block the next statement
         return cursor.sql(statements[-1].query) if statements else None
     except duckdb.Error as error:
         raise CatalogError(f"SQL error: {error}") from error

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from workbench import catalog as catalog_mod
 from workbench.catalog import CatalogError
@@ -28,8 +29,10 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+# user text (captions, paths, SQL results) is never read as markup or :emoji: codes: cells go in as Text, and
+# strings with our own markup escape what they quote
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def _root_catalog_first(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
@@ -60,7 +63,7 @@ CatalogOpt = Annotated[
 
 def fail(message: str, code: int = 2) -> None:
     """Print a short error for people and exit (2 = usage or input error)."""
-    err_console.print(f"[bold red]Error:[/] {message}")
+    err_console.print(f"[bold red]Error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -76,11 +79,11 @@ def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool 
 
 
 def counts_table(title: str, counts: dict) -> Table:
-    table = Table(title=title, show_header=True)
+    table = Table(title=Text(title), show_header=True)
     table.add_column("what")
     table.add_column("count", justify="right")
     for key, value in counts.items():
-        table.add_row(str(key).replace("_", " "), str(value))
+        table.add_row(Text(str(key).replace("_", " ")), Text(str(value)))
     return table
 
 
@@ -121,7 +124,7 @@ def ingest(
         table.add_column("reason")
         table.add_column("files", justify="right")
         for reason, n in summary.errors_by_reason.items():
-            table.add_row(reason, str(n))
+            table.add_row(Text(reason), str(n))
         console.print(table)
 
 
@@ -189,7 +192,7 @@ def sql(
     try:  # errors raised while the rows are computed (a bad cast, say) come here, not from run_sql
         if format == "parquet":
             relation.write_parquet(str(output))
-            err_console.print(f"wrote {output}")
+            err_console.print(Text(f"wrote {output}"))
             return
         if format == "csv":
             text = _csv_text(relation)
@@ -202,14 +205,14 @@ def sql(
             for name in frame.columns:
                 table.add_column(name, overflow="fold")
             for row in frame.iter_rows():
-                table.add_row(*("NULL" if v is None else str(v) for v in row))
+                table.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row))
             console.print(table)
             return
     except duckdb.Error as error:
         fail(f"SQL error: {error}")
     if output:
         output.write_text(text)
-        err_console.print(f"wrote {output}")
+        err_console.print(Text(f"wrote {output}"))
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
 
@@ -262,7 +265,7 @@ def models_list() -> None:
         table.add_column(column, overflow="fold")
     for row in describe_presets():
         missing = "not built yet (built offline on first use)" if row["preset"] == "tiny" else "not downloaded"
-        table.add_row(row["preset"], row["component"], row["source"], row["path"] or f"[dim]{missing}[/]")
+        table.add_row(Text(row["preset"]), Text(row["component"]), Text(row["source"]), Text(row["path"] or missing, style="" if row["path"] else "dim"))
     console.print(table)
     for preset in PRESETS.values():
         console.print(f"[bold]{preset.name}[/]: {preset.description}")
@@ -429,11 +432,11 @@ def search(
     if format == "json":
         sys.stdout.write(json.dumps(hits, ensure_ascii=False) + "\n")
         return
-    table = Table(title=f"search: {text}")
+    table = Table(title=Text(f"search: {text}"))
     for column in ("similarity", "path", "caption", "excluded"):
         table.add_column(column, overflow="fold")
     for hit in hits:
-        table.add_row(f"{hit['similarity']:.3f}", hit["path"] or hit["image_id"], hit["caption"] or "", "yes" if hit["excluded"] else "")
+        table.add_row(f"{hit['similarity']:.3f}", Text(hit["path"] or hit["image_id"]), Text(hit["caption"] or ""), "yes" if hit["excluded"] else "")
     console.print(table)
 
 
@@ -487,8 +490,8 @@ def concept_list(catalog: CatalogOpt = None) -> None:
     for column in ("name", "trigger", "class", "repeats", "images", "in dataset", "where", "folder"):
         table.add_column(column, overflow="fold")
     for c in list_concepts(con):
-        table.add_row(c.name, c.trigger, c.class_noun or "", str(c.repeats), str(c.images), str(c.in_dataset),
-                      c.where_sql or "", c.folder or "")
+        table.add_row(*(Text(str(v)) for v in (c.name, c.trigger, c.class_noun or "", c.repeats, c.images, c.in_dataset,
+                                              c.where_sql or "", c.folder or "")))
     console.print(table)
 
 
@@ -508,7 +511,7 @@ def concept_remove(
         released = removed_concept(con, name)
     except ValueError as error:
         fail(str(error))
-    console.print(f"removed concept {name!r}; {released} image(s) no longer in a concept")
+    console.print(Text(f"removed concept {name!r}; {released} image(s) no longer in a concept"))
 
 
 @concept_app.command("assign")
@@ -528,7 +531,7 @@ def concept_assign(
         changed = assign_images_to_concept(con, name, image_ids)
     except ValueError as error:
         fail(str(error))
-    console.print(f"{changed} image(s) moved into concept {name!r}")
+    console.print(Text(f"{changed} image(s) moved into concept {name!r}"))
 
 
 @app.command("filter")
@@ -571,7 +574,7 @@ def filter_(
     with RichProgress(transient=True) as progress:
         summary = filtered_dataset(con, rules, dry_run=dry_run, progress=progress)
     for rule, why in summary.pop("skipped_rules", {}).items():
-        err_console.print(f"[yellow]skipped {rule}:[/] {why}")
+        err_console.print(f"[yellow]skipped {escape(rule)}:[/] {escape(why)}")
     title = "filter (dry run: nothing written)" if summary.pop("dry_run") else "filter"
     console.print(counts_table(title, summary))
 
@@ -739,7 +742,7 @@ def _relaunch(num_processes: int) -> None:
         elif not arg.startswith("--num-processes="):
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "-m", "workbench.cli", *args]
-    err_console.print(f"launching {num_processes} processes: {' '.join(command)}")
+    err_console.print(Text(f"launching {num_processes} processes: {' '.join(command)}"))
     raise typer.Exit(subprocess.call(command))
 
 
@@ -872,7 +875,7 @@ def train_command(
             summary[METRIC_LABELS.get(key, key)] = f"{result.metrics[key]:.3f}"
     console.print(counts_table(f"train {mode}", summary))
     for name, path in result.outputs.items():
-        console.print(f"{name}: {path}")
+        console.print(Text(f"{name}: {path}"))
 
 
 def _interrupt(signum, frame) -> None:
@@ -1018,7 +1021,7 @@ def main() -> None:
     try:
         app()
     except CatalogError as error:
-        err_console.print(f"[bold red]Error:[/] {error}")
+        err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
 
 

@@ -51,7 +51,7 @@ class RichProgress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, emoji=False)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -72,7 +72,9 @@ class RichProgress:
 
     def __call__(self, *, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
         if message:
-            self._progress.console.log(message)
+            from rich.text import Text
+
+            self._progress.console.log(Text(message))  # a step's message is plain text: paths may hold '[', captions ':x:'
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
         self._progress.update(self._tasks[task], completed=completed, total=total)
