@@ -18,6 +18,7 @@ from typing import Any
 
 import duckdb
 
+from pipelines.priors import PRIOR_IN_USE_SQL
 from workbench.catalog import record_run
 from workbench.progress import ProgressHook, null_progress
 
@@ -84,20 +85,29 @@ class _Row:
     repeats: int | None
     role: str
     class_prompt: str | None = None  # class priors: the prompt that generated them
+    size: int | None = None  # the source file as ingest saw it: a file changed since is not exported
+    mtime_ns: int | None = None
+
+
+class SourceChanged(Exception):
+    """The source file differs from what ingest recorded (edited or replaced since): its caption and bucket may not fit."""
 
 
 def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
     rows = con.execute(
-        """
+        f"""
         WITH src AS (
-            SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path
+            SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path,
+                   arg_min(size, seq) AS size, arg_min(mtime_ns, seq) AS mtime_ns
             FROM paths WHERE NOT missing GROUP BY image_id
         )
         SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation,
                CASE WHEN d.role = 'class_prior' THEN coalesce(d.caption, cp.class_prompt) ELSE d.caption END,
-               d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role, cp.class_prompt
-        FROM dataset d JOIN src USING (image_id) JOIN images i USING (image_id)
+               d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role, cp.class_prompt,
+               src.size, src.mtime_ns
+        FROM images_view d JOIN src USING (image_id) JOIN images i USING (image_id)
         LEFT JOIN class_priors cp USING (image_id)
+        WHERE (d.status = 'ok' AND NOT d.excluded) OR ({PRIOR_IN_USE_SQL})  -- the dataset, and the priors training uses
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
@@ -121,6 +131,9 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     image the catalog measured after rotation is written already rotated (as PNG, lossless).
     """
     source = os.fsdecode(row.source)
+    found = os.stat(source)  # FileNotFoundError: gone since ingest
+    if row.size is not None and (found.st_size, found.st_mtime_ns) != (row.size, row.mtime_ns):
+        raise SourceChanged(source)
     ext = KOHYA_EXTENSIONS.get(row.format or "")
     rotate = row.orientation not in (None, 1)
     # 16-bit and float images: Pillow's convert("RGB") in trainers clips them, so write 8-bit PNG
@@ -153,6 +166,15 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
             pass  # other filesystem or no permission: copy instead
     shutil.copyfile(source, target)
     return target
+
+
+def _skip_reason(error: Exception) -> str:
+    return "changed_files_skipped" if isinstance(error, SourceChanged) else "missing_files_skipped"
+
+
+def _skip_message(row: _Row, error: Exception) -> str:
+    why = "changed since it was ingested" if isinstance(error, SourceChanged) else "file no longer there"
+    return f"skipped {os.fsdecode(row.source)}: {why} (run ingest again)"
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -224,7 +246,7 @@ def kohya_export(
     subsets: list[dict[str, Any]] = []
     counts: Counter[str] = Counter({key: 0 for key in (
         "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
-        "captions_without_trigger", "missing_files_skipped")})
+        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped")})
     done = 0
     progress(task="export", completed=0, total=len(rows))
     for (role, concept), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
@@ -247,10 +269,9 @@ def kohya_export(
             done += 1
             try:
                 image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=True)
-            except FileNotFoundError:
-                counts["missing_files_skipped"] += 1
-                progress(task="export", completed=done, total=len(rows),
-                         message=f"skipped {os.fsdecode(row.source)}: file no longer there (run ingest again)")
+            except (FileNotFoundError, SourceChanged) as error:
+                counts[_skip_reason(error)] += 1
+                progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
                 continue
             caption = one_line(row.caption)
             if caption:
@@ -309,14 +330,13 @@ def imagefolder_export(
     rows = _dataset_rows(con)
     progress(task="export", completed=0, total=len(rows))
     lines = []
-    missing = 0
+    skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0})
     for done, row in enumerate(rows, 1):
         try:
             image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=False)
-        except FileNotFoundError:
-            missing += 1
-            progress(task="export", completed=done, total=len(rows),
-                     message=f"skipped {os.fsdecode(row.source)}: file no longer there (run ingest again)")
+        except (FileNotFoundError, SourceChanged) as error:
+            skipped[_skip_reason(error)] += 1
+            progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
             continue
         lines.append(json.dumps({
             "file_name": image_path.name,
@@ -332,7 +352,7 @@ def imagefolder_export(
             progress(task="export", completed=done, total=len(rows))
     (target_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"format": "imagefolder", "out": str(out), "images": len(lines),
-            "captions": sum(1 for line in lines if json.loads(line)["text"]), "missing_files_skipped": missing}
+            "captions": sum(1 for line in lines if json.loads(line)["text"]), **skipped}
 
 
 def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict:
@@ -369,6 +389,8 @@ def exported_dataset(
         raise ExportError(f"link must be one of {', '.join(LINK_MODES)}, not {link!r}")
     if format != "parquet" and not con.execute("SELECT count(*) FROM dataset").fetchall()[0][0]:
         raise ExportError("the dataset is empty (every image is excluded or missing): nothing to export")
+    if format != "parquet" and overwrite and Path(out).is_dir():
+        _refuse_to_overwrite_image_sources(con, Path(out))
     params = {"format": format, "out": str(out), "link": link}
     with record_run(con, "export", params) as run:
         if format == "parquet":
@@ -386,6 +408,21 @@ def exported_dataset(
             summary["earlier_export_files_removed"] = removed
         run.counts = {k: v for k, v in summary.items() if isinstance(v, int)}
     return summary
+
+
+def _refuse_to_overwrite_image_sources(con: duckdb.DuckDBPyConnection, out: Path) -> None:
+    """An --overwrite export deletes its earlier files and replaces same-named ones: never when the catalog reads
+    images from OUT (an export ingested back, `import-kohya OUT`), where those files may be the only copies."""
+    prefixes = sorted({str(out.absolute()).rstrip(os.sep) + os.sep, str(out.resolve()).rstrip(os.sep) + os.sep})
+    rows = con.execute(
+        "SELECT count(*), min(path) FROM paths WHERE NOT missing AND (" + " OR ".join(["starts_with(path, ?)"] * len(prefixes)) + ")",
+        prefixes,
+    ).fetchone()
+    if rows[0]:
+        raise ExportError(
+            f"{out} holds {rows[0]} file(s) the catalog reads images from (e.g. {rows[1]}): an --overwrite "
+            "export there would delete or replace them. Export to another folder."
+        )
 
 
 def _files_under(folder: Path) -> set[str]:

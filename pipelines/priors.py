@@ -20,6 +20,12 @@ from workbench.catalog import record_run
 from workbench.progress import ProgressHook, null_progress
 
 PRIORS_PER_INSTANCE = 200  # the DreamBooth paper's recipe: 200 class images per instance image
+# Which class priors train (and export): automatic curation filters (size, quality, CLIP score, duplicates) are
+# meant for instance photos, so only a manual exclusion drops a prior. A WHERE condition over images_view AS d.
+PRIOR_IN_USE_SQL = (
+    "d.status = 'ok' AND d.role = 'class_prior' "
+    "AND d.image_id NOT IN (SELECT image_id FROM exclusions WHERE step = 'manual')"
+)
 
 
 @dataclass

@@ -311,3 +311,52 @@ def test_no_upscale_export_leaves_out_images_kohya_cannot_bucket(con, curated, t
     assert result["too_small_for_no_upscale"] == 1 and result["images"] == 5
     dataset = tomllib.loads((tmp_path / "out" / "dataset.toml").read_text())["datasets"][0]
     assert dataset["bucket_no_upscale"] is True and dataset["bucket_reso_steps"] == 32
+
+
+def test_overwrite_never_deletes_files_the_catalog_reads_images_from(con, curated, tmp_path):
+    """An export ingested back (or `import-kohya OUT`), with the originals gone, is the only copy of its images:
+    an --overwrite export into it is refused before anything is deleted (before, it deleted them and then
+    skipped every image as missing)."""
+    import shutil
+
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    ingested_images(con, [out], workers=1)
+    shutil.rmtree(curated)
+    ingested_images(con, [curated.parent], workers=1)  # the catalog now reads these images from OUT only
+    before = sorted(_all_files(out))
+    with pytest.raises(ExportError, match="reads images from.*Export to another folder"):
+        exported_dataset(con, out, format="kohya", overwrite=True)
+    assert sorted(_all_files(out)) == before
+    again = exported_dataset(con, tmp_path / "elsewhere", format="kohya")
+    assert again["images"] == 5 and again["missing_files_skipped"] == 0
+
+
+def test_a_file_changed_since_ingest_is_skipped_not_exported_under_its_old_caption(con, curated, tmp_path):
+    """Same path, other bytes (edited or replaced, not ingested again): its caption and bucket belong to the old image."""
+    _image(curated / "plain" / "c.jpg", size=(80, 80), color=(0, 0, 0))
+    messages = []
+    summary = exported_dataset(con, tmp_path / "out", format="kohya", progress=lambda **kw: messages.append(kw.get("message")))
+    assert summary["changed_files_skipped"] == 1 and summary["images"] == 4
+    assert any(m and "c.jpg: changed since it was ingested (run ingest again)" in m for m in messages)
+    assert not list((tmp_path / "out").rglob("c-*"))
+    ingested_images(con, [curated], workers=1)  # ingest sees the new content; export takes it
+    assert exported_dataset(con, tmp_path / "again", format="imagefolder")["changed_files_skipped"] == 0
+
+
+def test_class_priors_excluded_by_automatic_filters_are_exported_as_training_uses_them(con, curated, tmp_path):
+    """Quality and size filters are for instance photos: training keeps a prior they exclude, so export does too;
+    a manual exclusion drops it from both."""
+    _image(tmp_path / "priors" / "p0.png", color=(10, 2, 3))
+    _image(tmp_path / "priors" / "p1.png", color=(30, 2, 3))
+    ingested_images(con, [tmp_path / "priors"], workers=1)
+    ids = _by_name(con)
+    for seed, name in enumerate(("p0.png", "p1.png")):
+        con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [ids[name]])
+        con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model) VALUES (?, 'a photo of a dog', ?, 'tiny')",
+                    [ids[name], seed])
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'filter', 'too small'), (?, 'manual', 'ugly')",
+                [ids["p0.png"], ids["p1.png"]])
+    exported_dataset(con, tmp_path / "out", format="kohya")
+    reg = list((tmp_path / "out" / "reg" / "1_a photo of a dog").glob("*.png"))
+    assert [p.name.split("-")[0] for p in reg] == ["p0"]

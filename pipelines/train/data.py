@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from pipelines.buckets import default_bucket_settings as buckets_defaults
+from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 
 
@@ -194,10 +195,8 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, clas
     settings = bucket_settings(config, _stored_bucket_settings(con))
     for prompt in class_prompts:
         rows = con.execute(
-            # automatic curation filters are meant for instance photos; only a manual exclusion drops a prior
             "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
-            "WHERE d.status = 'ok' AND d.role = 'class_prior' AND c.class_prompt = ? AND c.model = ? "
-            "AND d.image_id NOT IN (SELECT image_id FROM exclusions WHERE step = 'manual') ORDER BY c.seed",
+            f"WHERE {PRIOR_IN_USE_SQL} AND c.class_prompt = ? AND c.model = ? ORDER BY c.seed",
             [prompt, model],
         ).fetchall()
         pool = []
