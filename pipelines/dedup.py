@@ -181,6 +181,47 @@ def _keep_reason(keeper: dict, runner_up: dict) -> str:
     return "first in path order"
 
 
+def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> list[tuple[int, list[int], dict]]:
+    """(keeper, members, edge to the keeper by member) for every group, each member within the threshold of its keeper.
+
+    Pairs chain: frames of a burst each close to the next would join into one connected group although the
+    first and the last are far apart. So each connected set is split around keepers: the best member keeps its
+    own pairs, the best of the rest keeps theirs, and so on; a member close to no keeper is no duplicate.
+    Identical hashes are stored as a star around one of them, so members joined at distance 0 count as one node.
+    """
+    position = {member["image_id"]: k for k, member in enumerate(info)}
+    same, linked = _UnionFind(len(info)), _UnionFind(len(info))
+    for a, b, _method, distance in usable:
+        linked.union(position[a], position[b])
+        if distance == 0:
+            same.union(position[a], position[b])
+    node = [same.find(k) for k in range(len(info))]
+    best_edge: dict[tuple[int, int], tuple[str, float]] = {}  # between nodes: pHash first, then the closest
+    for a, b, method, distance in usable:
+        na, nb = node[position[a]], node[position[b]]
+        if na == nb:
+            continue
+        for key in ((na, nb), (nb, na)):
+            current = best_edge.get(key)
+            if current is None or (method != "phash", distance) < (current[0] != "phash", current[1]):
+                best_edge[key] = (method, distance)
+    connected: dict[int, list[int]] = {}
+    for k in range(len(info)):
+        connected.setdefault(linked.find(k), []).append(k)
+    groups = []
+    for members in connected.values():
+        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, keep_order_key(info[k])))  # a hand choice first
+        while remaining:
+            keeper = remaining[0]
+            edges = {k: ("phash", 0.0) if node[k] == node[keeper] else best_edge.get((node[k], node[keeper]))
+                     for k in remaining[1:]}
+            edges = {k: edge for k, edge in edges.items() if edge is not None}
+            if edges:
+                groups.append((keeper, [keeper, *edges], edges))
+            remaining = [k for k in remaining[1:] if k not in edges]
+    return sorted(groups, key=lambda g: min(info[k]["first_seq"] for k in g[1]))
+
+
 def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Recompute duplicate groups, keepers and 'dedup' exclusions from every pair method and keeper choice."""
     members = con.sql(
@@ -194,45 +235,29 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     ).pl()
     pairs = con.sql("SELECT image_a, image_b, method, distance FROM duplicate_pairs").pl()
     chosen = {row[0] for row in con.execute("SELECT image_id FROM keeper_choice").fetchall()}
-    position = {image_id: k for k, image_id in enumerate(members["image_id"].to_list())}
     info = members.to_dicts()
-    union = _UnionFind(len(info))
-    usable = []
-    for a, b, method, distance in pairs.iter_rows():
-        if a in position and b in position:
-            union.union(position[a], position[b])
-            usable.append((a, b, method, distance))
-    groups: dict[int, list[dict]] = {}
-    for k, member in enumerate(info):
-        groups.setdefault(union.find(k), []).append(member)
+    present = set(members["image_id"].to_list())
+    usable = [row for row in pairs.iter_rows() if row[0] in present and row[1] in present]
+    groups = _keeper_groups(info, usable, chosen)
     rows, exclusions = [], []
-    ordered = sorted(groups.values(), key=lambda g: min(m["first_seq"] for m in g))
-    best_edge: dict[tuple[str, str], tuple[str, float]] = {}
-    for a, b, method, distance in usable:
-        for key in ((a, b), (b, a)):
-            best_edge.setdefault(key, (method, distance))
-    for group_number, group in enumerate(ordered, start=1):
-        ranked = sorted(group, key=keep_order_key)
-        picked = [m for m in ranked if m["image_id"] in chosen]
-        keeper = picked[0] if picked else ranked[0]
-        if picked:
+    for group_number, (keeper_k, group, edges) in enumerate(groups, start=1):
+        keeper = info[keeper_k]
+        if keeper["image_id"] in chosen:
             reason = "chosen by hand"
         else:
-            reason = _keep_reason(keeper, ranked[1])
-        for member in group:
-            is_keeper = member is keeper
-            edge = best_edge.get((member["image_id"], keeper["image_id"]))
-            if edge is None:  # joined through another member: report its closest edge
-                candidates = [v for (x, _), v in best_edge.items() if x == member["image_id"]]
-                edge = min(candidates, key=lambda v: (v[0] != "phash", v[1])) if candidates else ("phash", None)
+            reason = _keep_reason(keeper, info[group[1]])
+        for k in group:
+            member = info[k]
+            is_keeper = k == keeper_k
+            method, distance = ("keeper", None) if is_keeper else edges[k]
             rows.append(
                 {
                     "image_id": member["image_id"],
                     "group_id": group_number,
                     "keeper_id": keeper["image_id"],
                     "is_keeper": is_keeper,
-                    "method": edge[0] if not is_keeper else "keeper",
-                    "distance": None if is_keeper else edge[1],
+                    "method": method,
+                    "distance": distance,
                     "keep_reason": reason if is_keeper else None,
                 }
             )
@@ -243,9 +268,9 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         schema={"image_id": pl.String, "group_id": pl.Int64, "keeper_id": pl.String, "is_keeper": pl.Boolean,
                 "method": pl.String, "distance": pl.Float64, "keep_reason": pl.String},
     )
-    excluded = pl.DataFrame(exclusions, schema={"image_id": pl.String, "reason": pl.String})
+    excluded_rows = pl.DataFrame(exclusions, schema={"image_id": pl.String, "reason": pl.String})
     con.register("new_duplicates", frame)
-    con.register("new_exclusions", excluded)
+    con.register("new_exclusions", excluded_rows)
     try:
         with transaction(con):
             con.execute("DELETE FROM duplicates")
@@ -255,7 +280,7 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     finally:
         con.unregister("new_duplicates")
         con.unregister("new_exclusions")
-    return {"groups": len(ordered), "images_in_groups": len(rows), "excluded_as_duplicates": len(exclusions)}
+    return {"groups": len(groups), "images_in_groups": len(rows), "excluded_as_duplicates": len(exclusions)}
 
 
 def replace_pairs(con: duckdb.DuckDBPyConnection, method: str, pairs: pl.DataFrame) -> None:

@@ -110,3 +110,55 @@ def test_dedup_never_touches_files(sample_copy, con):
     ingested_images(con, [sample_copy], workers=1)
     duplicate_groups(con)
     assert fingerprint() == before
+
+
+def _phash(con, image_id) -> int:
+    return con.execute("SELECT phash FROM hashes WHERE image_id = ?", [image_id]).fetchone()[0]
+
+
+def test_a_chain_of_close_frames_keeps_every_frame_that_is_far_from_all_keepers(con):
+    """Burst frames each 3 bits from the next chain into one connected set although the first and last are 27 bits
+    apart: only members within the threshold of their keeper are excluded (before: all but one of the ten)."""
+    value = 0x0123_4567_89AB_CDEF
+    for frame in range(10):
+        insert_image(con, f"f{frame}", value, 400, 300, seq=frame)
+        value ^= 0b111 << (3 * frame)  # three new bits each frame
+    counts = duplicate_groups(con, threshold=6)
+    rows = con.execute("SELECT image_id, keeper_id, is_keeper FROM duplicates").fetchall()
+    for image_id, keeper_id, is_keeper in rows:
+        assert bin(_phash(con, image_id) ^ _phash(con, keeper_id)).count("1") <= 6, (image_id, keeper_id)
+    kept = {i for (i,) in con.execute("SELECT image_id FROM dataset").fetchall()}
+    assert kept == {"f0", "f3", "f6", "f9"}  # each keeper takes the two frames after it
+    assert counts["excluded_as_duplicates"] == 6
+
+
+def test_identical_hashes_group_around_the_best_copy_whichever_is_stored_first(con):
+    insert_image(con, "a", 7, 100, 100, seq=1)
+    insert_image(con, "b", 7, 800, 600, seq=2)
+    insert_image(con, "c", 7, 100, 100, seq=3)
+    assert duplicate_groups(con)["excluded_as_duplicates"] == 2
+    assert con.execute("SELECT image_id FROM dataset").fetchall() == [("b",)]
+
+
+
+def test_keep_and_exclude_from_the_cli(con, catalog_path):
+    """`workbench keep` chooses the kept copy (the TUI's k); excluding a kept copy excludes the picture and says how
+    to keep another copy instead."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    big, small = "b" * 64, "a" * 64
+    insert_image(con, big, 7, 800, 600, seq=1)
+    insert_image(con, small, 7, 200, 150, seq=2)
+    duplicate_groups(con)
+    runner = CliRunner()
+    excluded = runner.invoke(app, ["exclude", big[:8], "--reason", "bad crop", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert excluded.exit_code == 0, excluded.output
+    assert f"workbench keep {small[:12]}" in excluded.output
+    assert con.execute("SELECT count(*) FROM dataset").fetchall() == [(0,)]
+    kept = runner.invoke(app, ["keep", small[:8], "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert kept.exit_code == 0, kept.output
+    assert con.execute("SELECT image_id FROM dataset").fetchall() == [(small,)]
+    alone = runner.invoke(app, ["keep", "c" * 8, "--catalog", str(catalog_path)])
+    assert alone.exit_code == 2 and "c" * 8 in alone.output

@@ -589,14 +589,50 @@ def exclude(
 
     Example: workbench exclude 3fa9c2d1e0 --reason "watermark"
     """
+    from pipelines.concepts import resolve_image_ids
     from pipelines.filter import manual_exclusions
 
     con = open_catalog(catalog)
     try:
         n = manual_exclusions(con, image_ids, reason)
+        ids = resolve_image_ids(con, image_ids)
     except ValueError as error:
         fail(str(error))
     console.print(f"excluded {n} image(s)")
+    # excluding a kept copy excludes the picture: its other copies stay excluded as duplicates unless one is kept
+    for keeper, others in con.execute(
+        "SELECT k.image_id, list(d.image_id ORDER BY d.image_id) FROM duplicates k JOIN duplicates d "
+        "ON d.group_id = k.group_id AND NOT d.is_keeper WHERE k.is_keeper AND k.image_id IN (SELECT unnest(?::VARCHAR[])) "
+        "GROUP BY k.image_id", [ids],
+    ).fetchall():
+        err_console.print(Text(
+            f"Note: {keeper[:12]} was the kept copy of a duplicate group; its {len(others)} other cop"
+            f"{'y stays' if len(others) == 1 else 'ies stay'} excluded as duplicates. To keep one of them instead: "
+            f"workbench keep {others[0][:12]}"
+        ))
+
+
+@app.command()
+def keep(
+    image_id: Annotated[str, typer.Argument(help="Image id or unique prefix (6+ hex characters) of a duplicate group member.")],
+    catalog: CatalogOpt = None,
+) -> None:
+    """Keep this copy of its duplicate group (a hand choice beats the keep policy; the others are excluded).
+
+    Example: workbench keep 3fa9c2d1e0
+    """
+    from pipelines.concepts import resolve_image_ids
+    from pipelines.dedup import choose_keeper
+
+    con = open_catalog(catalog)
+    try:
+        (found,) = resolve_image_ids(con, [image_id])
+        choose_keeper(con, found)
+    except ValueError as error:
+        fail(str(error))
+    group = con.execute("SELECT count(*) FROM duplicates WHERE group_id = (SELECT group_id FROM duplicates WHERE image_id = ?)",
+                        [found]).fetchall()[0][0]
+    console.print(Text(f"kept {found[:12]}; the other {group - 1} cop{'y' if group == 2 else 'ies'} of its group are excluded as duplicates"))
 
 
 @app.command()
