@@ -73,7 +73,10 @@ class FilterRules:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"filter.{f.name} must be a number, not {value!r}")
-            if value < 0:
+            if f.name == "min_clip_score":
+                if not -1 <= value <= 1:
+                    raise ValueError(f"filter.min_clip_score is a cosine similarity, between -1 and 1 (got {value})")
+            elif value < 0:
                 raise ValueError(f"filter.{f.name} must not be negative ({value})")
         if self.max_aspect is not None and 0 < self.max_aspect < 1:
             raise ValueError(f"filter.max_aspect is long side / short side, at least 1 (got {self.max_aspect})")
@@ -194,12 +197,15 @@ def filtered_dataset(
     dropped: set[str] = set()
     candidates = 0
     included = 0
+    unscored = 0
+    clip_rule = any(rule == "min_clip_score" for rule, _ in checks)
     for done, record in enumerate(records, 1):
         if record["included"]:
             included += 1
             continue
         if not record["excluded_elsewhere"]:
             candidates += 1
+            unscored += clip_rule and record["clip_score"] is None
         for rule, check in checks:
             reason = check(record)
             if reason:
@@ -217,6 +223,12 @@ def filtered_dataset(
         "manually_included": included,
         "dry_run": dry_run,
     }
+    if clip_rule:
+        summary["without CLIP score (rule not applied)"] = unscored
+        if unscored:
+            progress(task="filter", message=(
+                f"{unscored} image(s) have no CLIP score yet (not scored, or ingested since): the CLIP score rule did not "
+                "apply to them; run `workbench score`, then filter again"))
     if skipped:
         summary["skipped_rules"] = skipped
     if dry_run:

@@ -124,9 +124,13 @@ def test_clip_rule_excludes_low_scores_and_skips_unscored_images(con):
                                      (stale, 0.1, "an older caption")):
         con.execute("INSERT INTO clip_scores (image_id, model, caption_md5, score) VALUES (?, 'ViT-B-32', md5(?), ?)",
                     [image_id, caption, score])
-    summary = filtered_dataset(con, FilterRules(min_clip_score=0.28))
+    messages = []
+    summary = filtered_dataset(con, FilterRules(min_clip_score=0.28), progress=lambda **kw: messages.append(kw.get("message")))
     assert _reasons(con) == {low: [("filter:min_clip_score", "CLIP score 0.213 < 0.28")]}
     assert summary["rule min_clip_score"] == 1  # unscored and stale-caption scores are not judged
+    # and the summary says so, rather than passing them in silence
+    assert summary["without CLIP score (rule not applied)"] == 2
+    assert any(m and m.startswith("2 image(s) have no CLIP score yet") and "workbench score" in m for m in messages)
 
 
 def test_clip_rule_is_skipped_with_a_message_without_a_clip_score_column(con):
@@ -141,9 +145,11 @@ def test_rules_from_config_table_and_bad_values():
     rules = FilterRules.from_mapping({"min-side": 384, "blurry": True}).with_overrides(min_side=None, max_aspect=2.0)
     assert (rules.min_side, rules.blurry, rules.max_aspect) == (384, True, 2.0)
     for bad, message in [({"min_side": "big"}, "number"), ({"blurry": "yes"}, "true or false"),
-                         ({"nope": 1}, "unknown"), ({"max_aspect": 0.5}, "at least 1"), ({"min_side": -5}, "negative")]:
+                         ({"nope": 1}, "unknown"), ({"max_aspect": 0.5}, "at least 1"), ({"min_side": -5}, "negative"),
+                         ({"min_clip_score": 5}, "between -1 and 1")]:
         with pytest.raises(ValueError, match=message):
             FilterRules.from_mapping(bad)
+    assert FilterRules(min_clip_score=-0.1).min_clip_score == -0.1  # cosines can be negative
 
 
 def test_filter_cli_reads_config_and_flags_override(catalog_path, con, tmp_path):
