@@ -87,6 +87,18 @@ def collate_images(items: list[tuple[int, torch.Tensor | None]]):
     return [i for i, _ in good], torch.stack([t for _, t in good]), failed
 
 
+UNREADABLE_NAMED = 20  # files named one by one; more are only counted
+
+
+def report_unreadable(progress: ProgressHook, task: str, paths: Sequence[bytes], reported_before: int) -> None:
+    """Name files that could not be read this time (the first UNREADABLE_NAMED of a run; then one line)."""
+    for n, path in enumerate(paths, start=reported_before + 1):
+        if n <= UNREADABLE_NAMED:
+            progress(task=task, message=f"could not read {os.fsdecode(path)}: skipped (run `workbench ingest` again to record why)")
+        elif n == UNREADABLE_NAMED + 1:
+            progress(task=task, message="more files could not be read: the summary counts them all")
+
+
 def image_loader(paths: Sequence[bytes], transform, *, batch_size: int, workers: int | None) -> torch.utils.data.DataLoader:
     """A DataLoader decoding `paths` with `transform` in `workers` processes (None: up to 4, 0: in-process)."""
     if workers is None:
@@ -208,6 +220,7 @@ def model_captions(
             finished = 0
             with torch.inference_mode():
                 for indices, pixels, failed in loader:
+                    report_unreadable(progress, "caption", [todo[i][1] for i in failed], counts["unreadable"])
                     counts["unreadable"] += len(failed)
                     rows = []
                     if indices:
@@ -296,8 +309,9 @@ def chosen_caption_source(
                 """,
                 [source],
             ).fetchone()[0]
-            without = con.execute(
-                "SELECT count(*) FROM chosen_ids WHERE image_id NOT IN (SELECT image_id FROM captions WHERE source = ?)",
+            without = con.execute(  # of the readable images: a file that failed to load has no caption of any source
+                "SELECT count(*) FROM chosen_ids JOIN images USING (image_id) WHERE images.status = 'ok' "
+                "AND image_id NOT IN (SELECT image_id FROM captions WHERE source = ?)",
                 [source],
             ).fetchone()[0]
     finally:

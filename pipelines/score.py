@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipelines.caption import image_loader, usable_images
+from pipelines.caption import image_loader, report_unreadable, usable_images
 from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
@@ -96,6 +96,7 @@ def image_embeddings(
     finished = 0
     with torch.inference_mode():
         for indices, pixels, failed in loader:
+            report_unreadable(progress, "embed images", [todo[i][1] for i in failed], counts["unreadable"])
             counts["unreadable"] += len(failed)
             if indices:
                 vectors = _normalised(model.encode_image(pixels.to(device, dtype=dtype)))

@@ -130,6 +130,7 @@ def test_current_caption_rule_and_choice(catalog, blip):
 
     counts = chosen_caption_source(catalog, "model:tiny")
     assert counts["images_using_source"] == 5
+    assert counts["images_without_that_source"] == 0  # the broken file is not one of them: it has no captions at all
     assert catalog.execute("SELECT caption_source FROM images_view WHERE image_id = ?", [sidecar_id]).fetchone()[0] == "model:tiny"
     chosen_caption_source(catalog, None)
     assert catalog.execute("SELECT caption_source FROM images_view WHERE image_id = ?", [sidecar_id]).fetchone()[0] == "manual"
@@ -161,6 +162,17 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     sources = {r[0] for r in con.execute("SELECT caption_source FROM images_view WHERE status = 'ok'").fetchall()}
     con.close()
     assert sources == {"model:tiny"}
+
+
+def test_a_file_unreadable_since_ingest_is_named(catalog, blip, tmp_path):
+    processor, model = blip
+    victim = tmp_path / "images" / "img_3.png"
+    victim.write_bytes(b"overwritten since ingest")
+    messages = []
+    counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0,
+                            progress=lambda **kw: messages.append(kw.get("message")))
+    assert (counts["captioned"], counts["unreadable"]) == (4, 1)
+    assert any(m and m.startswith(f"could not read {victim}") for m in messages), messages
 
 
 def test_cancelling_keeps_the_batches_already_written(catalog, blip):
