@@ -481,12 +481,24 @@ def imported_kohya_folder(
     else:
         roots = [folder]
     concept_dirs = [p for root in roots for p in root.iterdir() if p.is_dir() and parse_kohya_folder_name(p.name)]
-    if not concept_dirs and parse_kohya_folder_name(folder.name) is None:
+    if parse_kohya_folder_name(folder.name) is not None:
+        concept_dirs = [folder]  # FOLDER is itself one subset folder
+    if not concept_dirs:
         raise ExportError(f"{folder} has no kohya subset folders named like `10_sks dog`")
-    summary = ingested_images(con, roots, workers=workers, progress=progress)
+    # what kohya trains on: the files directly in each subset folder (it reads them non-recursively)
+    files = sorted(p for d in concept_dirs for p in d.iterdir() if p.is_file() and p.suffix.lower() not in (".txt", ".caption"))
+    from PIL import Image
+
+    image_suffixes = set(Image.registered_extensions())
+    left_out = sum(1 for root in roots for p in root.rglob("*")
+                   if p.suffix.lower() in image_suffixes and p.parent not in concept_dirs and p.is_file())
+    if left_out:
+        progress(task="import", message=f"left out {left_out} image(s) outside kohya subset folders (`N_trigger class/`, "
+                 "files directly inside): kohya does not train on them either; `workbench ingest` adds them if you want them")
+    summary = ingested_images(con, files, workers=workers, progress=progress)
     counts = summary.as_dict()
-    # ingest already reads kohya folder names; calling again is a no-op then, and covers it if not
-    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, progress=progress)
+    # ingest already read the folder names (and said so); a second pass only covers images it left
+    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, progress=null_progress)
     # regularisation images are not curated data: the trainer's class priors must come from the model it trains
     reg = folder / "reg"
     reg_files = sum(len(files) for _, _, files in os.walk(reg)) if roots == [folder / "img"] and reg.is_dir() else 0
@@ -495,6 +507,7 @@ def imported_kohya_folder(
                  "for the model you train (`workbench priors` or `train dreambooth`)")
     return {
         **counts,
+        "files_outside_subset_folders": left_out,
         "concept_folders": len(concept_dirs),
         "images_assigned_to_concepts": assigned,
         "concepts": len(list_concepts(con)),

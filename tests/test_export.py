@@ -360,3 +360,22 @@ def test_class_priors_excluded_by_automatic_filters_are_exported_as_training_use
     exported_dataset(con, tmp_path / "out", format="kohya")
     reg = list((tmp_path / "out" / "reg" / "1_a photo of a dog").glob("*.png"))
     assert [p.name.split("-")[0] for p in reg] == ["p0"]
+
+
+def test_import_kohya_takes_what_kohya_trains_on_and_says_what_it_left_out(con, tmp_path):
+    """Only files directly in `N_trigger class/` folders (kohya reads them non-recursively, and folders without a
+    repeat count not at all); before, every image below FOLDER was imported, the others as plain dataset images."""
+    root = tmp_path / "kohya"
+    _image(root / "10_ohwx woman" / "a.png", color=(1, 2, 3))
+    (root / "10_ohwx woman" / "a.txt").write_text("ohwx woman smiling")
+    _image(root / "10_ohwx woman" / "sub" / "b.png", color=(4, 5, 6))
+    _image(root / "notkohya" / "c.png", color=(7, 8, 9))
+    _image(root / "0_zero rep" / "d.png", color=(10, 11, 12))
+    _image(root / "e.png", color=(13, 14, 15))
+    messages = []
+    summary = imported_kohya_folder(con, root, workers=1, progress=lambda **kw: messages.append(kw.get("message")))
+    assert summary["files_outside_subset_folders"] == 4 and summary["images_assigned_to_concepts"] == 1
+    assert con.execute("SELECT path, concept, caption FROM images_view").fetchall() == [
+        (str(root / "10_ohwx woman" / "a.png"), "ohwx woman", "ohwx woman smiling")]
+    assert sum(1 for m in messages if m and "left out 4 image(s)" in m) == 1
+    assert not any(m and m.startswith("0 concept") for m in messages)  # one line about the concepts, not two that disagree
