@@ -201,7 +201,7 @@ def model_captions(
     params = {"model": model_name, "batch_size": batch_size, "max_length": max_length, "num_beams": num_beams,
               "prompt": prompt, "template": template, "overwrite": overwrite}
     with record_run(con, "caption", params) as run:
-        candidates = usable_images(con)
+        candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
         done = set() if overwrite else {
             row[0] for row in con.execute("SELECT image_id FROM captions WHERE source = ?", [source]).fetchall()
         }

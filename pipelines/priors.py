@@ -8,11 +8,13 @@ missing, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import duckdb
 
@@ -49,13 +51,40 @@ def prompt_slug(prompt: str) -> str:
     return slug[:60] or "prompt"
 
 
-def default_prior_count(con: duckdb.DuckDBPyConnection, *, concept: str | None = None, max_images: int = 1000) -> int:
-    """200 × the number of instance images (of `concept` when given), capped by max_images."""
+def default_prior_count(con: duckdb.DuckDBPyConnection, *, concept: str | Sequence[str] | None = None, max_images: int = 1000) -> int:
+    """200 × the number of instance images (of `concept`, or of several concepts sharing a class, when given), capped by max_images."""
     if concept is not None:
-        count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance' AND concept = ?", [concept]).fetchone()[0]
+        names = [concept] if isinstance(concept, str) else list(concept)
+        count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance' AND concept IN (SELECT unnest(?::VARCHAR[]))",
+                            [names]).fetchall()[0][0]
     else:
-        count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0]
+        count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchall()[0][0]
     return max(1, min(max_images, PRIORS_PER_INSTANCE * count))
+
+
+def prior_folder(out_dir: str | os.PathLike[str], class_prompt: str, model_name: str) -> Path:
+    """Where the PNGs of one (prompt, model) go: another model or prompt never finds them (prompts differing only
+    in case or punctuation share a slug, so the name carries a hash of both)."""
+    key = hashlib.sha256(f"{model_name}\0{class_prompt}".encode()).hexdigest()[:8]
+    return Path(out_dir) / f"{prompt_slug(class_prompt)}-{key}"
+
+
+def _recorded_seeds(con: duckdb.DuckDBPyConnection, class_prompt: str, model: str) -> tuple[set[int], set[int]]:
+    """(seeds in use: readable, file present, not excluded by hand; seeds excluded by hand) for a prompt and model."""
+    rows = con.execute(
+        "SELECT c.seed, c.image_id, c.image_id IN (SELECT image_id FROM exclusions WHERE step = 'manual') "
+        "FROM class_priors c JOIN images_view v USING (image_id) WHERE c.class_prompt = ? AND c.model = ? AND v.status = 'ok'",
+        [class_prompt, model],
+    ).fetchall()
+    files: dict[str, list[bytes]] = {}
+    for image_id, path in con.execute(
+        "SELECT image_id, path_bytes FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?::VARCHAR[]))",
+        [[r[1] for r in rows]],
+    ).fetchall():
+        files.setdefault(image_id, []).append(bytes(path))
+    in_use = {int(seed) for seed, image_id, manual in rows
+              if not manual and any(os.path.isfile(p) for p in files.get(image_id, []))}  # a deleted file is made again
+    return in_use, {int(seed) for seed, _, manual in rows if manual}
 
 
 def _existing_seeds(con: duckdb.DuckDBPyConnection, class_prompt: str, model: str) -> dict[int, str]:
@@ -99,10 +128,15 @@ def prior_plan(
     wanted = num_images if num_images is not None else default_prior_count(con, concept=concept, max_images=max_images)
     if wanted < 1:
         raise ValueError("The number of class images must be at least 1.")
-    folder = Path(out_dir) / prompt_slug(class_prompt)
-    existing = _existing_seeds(con, class_prompt, model_name)
-    seeds = [seed + i for i in range(wanted)]
-    files = {s: folder / f"{prompt_slug(class_prompt)}-seed{s:07d}.png" for s in seeds if s not in existing}
+    folder = prior_folder(out_dir, class_prompt, model_name)
+    in_use, excluded = _recorded_seeds(con, class_prompt, model_name)
+    seeds: list[int] = []
+    candidate = seed
+    while len(seeds) < wanted:  # a prior excluded by hand is replaced by the next seed
+        if candidate not in excluded:
+            seeds.append(candidate)
+        candidate += 1
+    files = {s: folder / f"{prompt_slug(class_prompt)}-seed{s:07d}.png" for s in seeds if s not in in_use}
     return PriorPlan(
         class_prompt=class_prompt, model_name=model_name, concept=concept, wanted=wanted, seeds=seeds,
         existing=wanted - len(files),
@@ -128,6 +162,10 @@ def generated_prior_files(
     import torch
 
     _check_sampling(batch_size, num_inference_steps)
+    started = time.monotonic()
+    # how these images were made, recorded with the run that adds them (`runs.params`)
+    plan.params.update(resolution=resolution, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       scheduler=type(pipeline.scheduler).__name__, batch_size=batch_size)
     done = plan.existing + len(plan.on_disk)
     progress(task="class priors", completed=plan.existing, total=plan.wanted,
              message=f"{plan.existing} of {plan.wanted} class images for '{plan.class_prompt}' exist"
@@ -153,6 +191,7 @@ def generated_prior_files(
         if on_batch is not None:
             on_batch(batch)
         done += len(chunk)
+        plan.params["generation_seconds"] = round(time.monotonic() - started, 1)
         progress(task="class priors", completed=done, total=plan.wanted)
     return made
 

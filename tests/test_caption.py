@@ -191,3 +191,12 @@ def test_cancelling_keeps_the_batches_already_written(catalog, blip):
     assert catalog.execute("SELECT status FROM runs WHERE step = 'caption'").fetchone()[0] == "cancelled"
     resumed = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
     assert resumed["captioned"] == 3 and resumed["already_captioned"] == 2
+
+
+def test_class_priors_are_not_captioned(catalog, blip):
+    """A class prior trains (and exports) with its class prompt: BLIP time on 1,000 of them would be wasted."""
+    processor, model = blip
+    prior = catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok' ORDER BY image_id LIMIT 1").fetchone()[0]
+    catalog.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [prior])
+    counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
+    assert counts["images_ok"] == 4 and prior not in _captions(catalog, "model:tiny")

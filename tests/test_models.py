@@ -162,3 +162,21 @@ def test_cli_models_list_and_path(monkeypatch, tmp_path):
     missing = runner.invoke(app, ["models", "path", "sd15", "--component", "sd"])
     assert missing.exit_code == 2
     assert "stable-diffusion-v1-5" in missing.output and "Traceback" not in missing.output
+
+
+def test_a_lora_file_given_as_the_model_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2), "unet.down.lora_B.weight": torch.zeros(2, 2)}, str(lora))
+    with pytest.raises(models.ModelError, match="is a LoRA, not a model checkpoint"):
+        models.load_sd_components(str(lora), device="cpu", dtype="float32")
+
+
+def test_model_id_makes_local_paths_absolute_and_leaves_presets_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "tiny").mkdir()  # a folder named like a preset: the preset still wins
+    assert models.model_id("mine") == str(tmp_path / "mine")
+    assert models.model_id("tiny") == "tiny"
+    assert models.model_id("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"

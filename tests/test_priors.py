@@ -50,7 +50,7 @@ def test_priors_are_ingested_with_role_prompt_and_seed_and_resume_only_the_missi
     assert len(more.image_ids) == 5
 
     # image i depends only on seed + i, not on the batch it was made in
-    files = sorted((tmp_path / "priors" / "a-photo-of-a-dog").glob("*.png"))
+    files = sorted((tmp_path / "priors").glob("a-photo-of-a-dog-*/*.png"))
     alone = pipe(["a photo of a dog"], num_inference_steps=2, height=32, width=32,
                  generator=[torch.Generator().manual_seed(11)]).images[0]
     with Image.open(files[1]) as batched:
@@ -81,7 +81,7 @@ def test_priors_cli(catalog_path, tmp_path, one_thread):
     result = runner.invoke(app, ["priors", "--class-prompt", "a photo of a cat", "--num", "2", "--steps", "2", "--resolution", "32",
                                  "--out-dir", str(tmp_path / "p"), "--catalog", str(catalog_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "p" / "a-photo-of-a-cat").glob("*.png"))) == 2
+    assert len(list((tmp_path / "p").glob("a-photo-of-a-cat-*/*.png"))) == 2
     no_prompt = runner.invoke(app, ["priors", "--catalog", str(catalog_path)])
     assert no_prompt.exit_code == 2 and "--class-prompt" in no_prompt.output
 
@@ -133,3 +133,32 @@ def test_priors_cli_lets_the_catalog_go_while_it_generates_and_a_stop_keeps_the_
         assert check.execute("SELECT count(*) FROM notes").fetchone()[0] == 0  # the other process's table survived
     finally:
         check.close()
+
+
+def test_a_prior_set_belongs_to_its_model_and_exact_prompt_and_replaces_what_is_gone(con, tmp_path, pipe, one_thread):
+    """PNGs on disk were taken by any model or by a prompt with the same slug ('a photo of a Dog!'); a prior
+    excluded by hand was not replaced; a deleted PNG was never made again."""
+    import os
+
+    from pipelines.filter import manual_exclusions
+    from pipelines.priors import prior_plan
+
+    out = tmp_path / "priors"
+    made = _generate(con, pipe, out, num_images=3)
+    assert made.generated == 3
+    for prompt, model in (("a photo of a Dog!", "tiny"), ("a photo of a dog", str(tmp_path / "other-model"))):
+        other = prior_plan(con, class_prompt=prompt, model_name=model, out_dir=out, num_images=3, seed=10)
+        assert (other.existing, len(other.on_disk), len(other.to_generate)) == (0, 0, 3), (prompt, model)
+
+    seed_of = dict(con.execute("SELECT seed, image_id FROM class_priors").fetchall())
+    manual_exclusions(con, [seed_of[11]], "ugly")
+    plan = prior_plan(con, class_prompt="a photo of a dog", model_name="tiny", out_dir=out, num_images=3, seed=10)
+    assert plan.seeds == [10, 12, 13] and list(plan.to_generate) == [13]
+
+    path = con.execute("SELECT path FROM paths WHERE image_id = ?", [seed_of[12]]).fetchone()[0]
+    os.remove(path)
+    plan = prior_plan(con, class_prompt="a photo of a dog", model_name="tiny", out_dir=out, num_images=3, seed=10)
+    assert sorted(plan.to_generate) == [12, 13]
+    again = _generate(con, pipe, out, num_images=3)
+    assert (again.generated, len(again.image_ids)) == (2, 3)  # the set: 10, 12 (made again) and 13 in place of 11
+    assert os.path.isfile(path)

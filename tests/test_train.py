@@ -554,6 +554,10 @@ def test_concepts_give_trigger_repeats_and_class_prompt(con, tmp_path):
     dog = by_path["img0.png"]
     assert (dog.concept, dog.repeats, dog.class_prompt) == ("sks dog", 4, "a photo of a dog")
     assert dog.caption.startswith("sks, square 0")  # the trigger leads the caption
+    # an image of the concept without a caption trains on "sks dog" (kohya's class_tokens), not the bare trigger
+    con.execute("DELETE FROM captions WHERE image_id = ?", [dog.image_id])
+    (uncaptioned,) = [im for im in training_images(con, config) if im.image_id == dog.image_id]
+    assert uncaptioned.caption == "sks dog"
     assert by_path["img1.png"].repeats == 1 and by_path["img1.png"].class_prompt is None
     only_dog = training_images(con, dataclasses.replace(config, concepts=["sks dog"]))
     assert [im.image_id for im in only_dog] == [dog.image_id]
@@ -703,3 +707,42 @@ def test_dreambooth_lets_the_catalog_go_while_it_generates_class_priors(con, cat
     finally:
         later.close()
     assert (priors, class_ids) == (2, 2)
+
+
+def test_dreambooth_uses_as_many_class_images_as_asked_lowest_seeds_first(con, tmp_path, one_thread):
+    """With 4 priors of the class already made, --num-class-images 2 trains on 2 (before: on every prior of the
+    prompt, whatever seeds, resolutions or counts earlier commands made)."""
+    from diffusers import DDIMScheduler
+
+    from pipelines.priors import class_priors
+    from pipelines.train import trained_model
+    from workbench.models import load_sd_pipeline
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    pipe = load_sd_pipeline("tiny", device="cpu", dtype="float32")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    class_priors(con, pipe, class_prompt="a photo of a square", model_name="tiny", out_dir=tmp_path / "class_priors",
+                 num_images=4, seed=0, resolution=32, num_inference_steps=1)
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=2,
+                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components())
+    used = con.execute("SELECT class_image_ids FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0]
+    lowest = [i for (i,) in con.execute("SELECT image_id FROM class_priors ORDER BY seed LIMIT 2").fetchall()]
+    assert sorted(used) == sorted(lowest)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"mode": "dreambooth", "class_prompt": "   "}, "--class-prompt is empty"),
+    ({"mode": "dreambooth", "num_class_images": 0}, "--num-class-images must be at least 1"),
+    ({"mode": "lora", "class_prompt": "a photo of a dog"}, "use `workbench train dreambooth`"),
+])
+def test_class_prior_options_are_checked(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        fast_config(tmp_path / "run", **options)
+
+
+def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A run started with --model runs/x/pipeline must resume (and find its class priors) from any folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x" / "pipeline").mkdir(parents=True)
+    assert fast_config(tmp_path / "run", model="runs/x/pipeline").model == str(tmp_path / "runs" / "x" / "pipeline")

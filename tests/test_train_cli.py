@@ -196,6 +196,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(sample_copy, cata
     assert runner.invoke(app, ["ingest", str(sample_copy / "photos"), "--catalog", str(catalog_path), "--workers", "1"]).exit_code == 0
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-8"
     checkpoint.mkdir(parents=True)
+    (tmp_path / "run" / "dataset.json").write_text("{}")  # written before training starts
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -206,6 +207,9 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(sample_copy, cata
     text = " ".join(result.output.split())
     assert "the last checkpoint is checkpoint-8" in text
     assert f"workbench train lora --resume latest --output-dir {tmp_path / 'run'}" in text
+    # stopped before training began (while class priors were made, say): --resume would find no run
+    fresh = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "fresh")])
+    assert fresh.exit_code == 130 and "before training started" in fresh.output and "--resume" not in fresh.output
 
 
 def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, tmp_path, one_thread):

@@ -305,7 +305,7 @@ def caption(
     template: Annotated[Optional[str], typer.Option(help="Wrap each caption: {caption}, {trigger} and {class} of the image's concept.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    workers: Annotated[Optional[int], typer.Option(help="Image decoding processes (default: up to 4; 0 = none).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 4; 0 = none).")] = None,
     use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
 ) -> None:
     """Caption every usable image with BLIP (resumable), or choose which caption source images use.
@@ -358,7 +358,7 @@ def score(
     batch_size: Annotated[int, typer.Option(help="Images per CLIP batch.")] = 32,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    workers: Annotated[Optional[int], typer.Option(help="Image decoding processes (default: up to 4; 0 = none).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 4; 0 = none).")] = None,
     dedup: Annotated[bool, typer.Option("--dedup", help="Also merge CLIP near-duplicates into the duplicate groups.")] = False,
     dedup_threshold: Annotated[float, typer.Option(help="Cosine similarity at or above which images count as duplicates.")] = 0.95,
 ) -> None:
@@ -718,7 +718,7 @@ def export(
 @app.command("import-kohya")
 def import_kohya(
     folder: Annotated[Path, typer.Argument(help="kohya train folder with `N_trigger class` subfolders.")],
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Import a kohya-style folder: its images, caption files and concepts (repeats, trigger, class).
@@ -868,6 +868,8 @@ def train_command(
         prior_loss_weight=prior_loss_weight, class_prompt=class_prompt, num_class_images=num_class_images,
         use_ema=use_ema, from_scratch=from_scratch, concepts=concepts or None, device=device,
     )
+    if prior_preservation and mode != "dreambooth":
+        fail("--prior-preservation is DreamBooth's: use `workbench train dreambooth` (this trainer has no LoRA variant of it).")
     try:
         overrides = {**_set_values(set_ or []), **{k: v for k, v in overrides.items() if v is not None}}
         train_config = load_train_config(config, overrides)
@@ -890,7 +892,12 @@ def train_command(
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
     except KeyboardInterrupt:
-        if train_config.output_dir:  # extra accelerate processes may not know it; the main one says it
+        from pipelines.train.config import SNAPSHOT_FILE
+
+        if train_config.output_dir and not train_config.resume and not (Path(train_config.output_dir) / SNAPSHOT_FILE).exists():
+            err_console.print("[bold]Stopped[/] before training started (class images made so far are kept): run the same "
+                              "command again.")
+        elif train_config.output_dir:  # extra accelerate processes may not know it; the main one says it
             kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints")
             where = f"the last checkpoint is {kept[-1].name}" if kept else "no checkpoint was written yet"
             err_console.print(
@@ -947,20 +954,32 @@ def priors(
 
     Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15
     """
-    from pipelines.priors import class_prompts_by_concept, generated_prior_files, ingested_priors, prior_plan
-    from workbench.models import ModelError, load_sd_pipeline
+    from pipelines.priors import (class_prompts_by_concept, default_prior_count, generated_prior_files, ingested_priors,
+                                  prior_plan)
+    from workbench.models import ModelError, load_sd_pipeline, model_id
 
+    if class_prompt is not None and not class_prompt.strip():
+        fail("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\", or leave it out for each concept's class.")
+    if num is not None and num < 1:
+        fail("--num must be at least 1.")
+    model = model_id(model)  # a local model is recorded by its absolute path, as training records it
     con = open_catalog(catalog, create=True)
+    by_prompt: dict[str, list[str | None]] = {}
     if class_prompt:
-        jobs = [(class_prompt, None)]
+        by_prompt[class_prompt] = [None]
     else:
-        jobs = [(prompt, concept) for concept, prompt in class_prompts_by_concept(con).items()]
-        if not jobs:
+        for concept, prompt in class_prompts_by_concept(con).items():  # concepts of one class share one set
+            by_prompt.setdefault(prompt, []).append(concept)
+        if not by_prompt:
             fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
-    folder = out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).resolve().parent / "class_priors"
+    folder = (out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).parent / "class_priors").resolve()
     try:
-        plans = [prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, num_images=num, max_images=max_images,
-                            seed=seed, concept=concept) for prompt, concept in jobs]
+        plans = []
+        for prompt, concepts in by_prompt.items():
+            named = [c for c in concepts if c is not None]
+            count = num if num is not None else default_prior_count(con, concept=named or None, max_images=max_images)
+            plans.append(prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, num_images=count, seed=seed,
+                                    concept=named[0] if len(named) == 1 else None))
     except ValueError as error:
         fail(str(error))
     # the model loads and samples with the catalog closed (minutes to hours on real models), so the TUI,

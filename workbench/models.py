@@ -160,7 +160,7 @@ def _not_available(
     return ModelNotAvailableError(
         f"{component} model {model_id!r} is not available: {why}{detail}. Fetch it with `hf download {fetch_id}` "
         "on a machine with internet (then copy ~/.cache/huggingface), or name a local folder or file instead; "
-        "`--model tiny` works offline."
+        "the `tiny` preset works offline (`--model tiny`; `--clip-model tiny` for evaluate)."
     )
 
 
@@ -184,6 +184,31 @@ def _source_for(model: str, component: str) -> str:
     if source != TINY and _looks_like_path(source) and not Path(source).expanduser().exists():
         raise ModelNotAvailableError(f"No such model file or folder: {source}")
     return source
+
+
+def model_id(model: str) -> str:
+    """`model` as runs and class priors record it: a local file or folder as its absolute path (so it means the same
+    from any working folder), a preset or Hub id as given."""
+    if model in PRESETS or not model:
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _refuse_a_lora_file(path: Path) -> None:
+    """A LoRA file passed where a checkpoint belongs fails deep in diffusers with a config message; say what it is."""
+    if path.suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:
+        return
+    if keys and all(("lora" in key.lower()) or key.endswith(".alpha") for key in keys):
+        raise ModelError(f"{path} is a LoRA, not a model checkpoint: give the base model it was trained on as --model "
+                         "(and load the LoRA on top of it, e.g. diffusers' pipe.load_lora_weights).")
 
 
 def model_label(model: str, component: Component) -> str:
@@ -383,6 +408,7 @@ def load_sd_pipeline(model: str = TINY, *, device=None, dtype=None):
     try:
         if _is_single_file(source):
             path = Path(source).expanduser()
+            _refuse_a_lora_file(path)
             config_folder = single_file_config(path)
             try:
                 pipe = StableDiffusionPipeline.from_single_file(

@@ -166,6 +166,11 @@ class TrainConfig:
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
             (self.num_validation_images >= 0, "--num-validation-images must be 0 or more"),
             (self.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
+            (self.class_prompt is None or bool(self.class_prompt.strip()), "--class-prompt is empty: give e.g. \"a photo of a dog\", or leave it out for each concept's class"),
+            (self.num_class_images is None or self.num_class_images >= 1, "--num-class-images must be at least 1"),
+            (self.mode == "dreambooth" or (self.class_prompt is None and self.num_class_images is None),
+             "--class-prompt and --num-class-images are for DreamBooth's class priors: use `workbench train dreambooth`"),
+            (self.max_class_images >= 1, "max_class_images must be at least 1"),
             (self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive"),
             (self.noise_offset >= 0, "--noise-offset must be 0 or more"),
             (not (self.from_scratch and self.mode != "finetune"), "--from-scratch only applies to finetune"),
@@ -287,6 +292,10 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
     for folder in ("output_dir", "cache_dir"):
         if values.get(folder):
             values[folder] = str(Path(values[folder]).expanduser().absolute())
+    if values.get("model"):
+        from workbench.models import model_id
+
+        values["model"] = model_id(values["model"])  # a local model resumes (and matches its priors) from any folder
     if values.get("resume") and values.get("output_dir"):
         try:
             values = resumed_values(values)

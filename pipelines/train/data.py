@@ -173,8 +173,10 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
             bucket = (choice.bucket_width, choice.bucket_height)
             resized = (choice.resized_width, choice.resized_height)
             crop = (choice.crop_left, choice.crop_top)
-        caption = row["caption"] or config.instance_prompt or ""
         trigger = row.get("concept_trigger")
+        # no caption: the concept's "trigger class" (kohya's class_tokens, DreamBooth's "sks dog"), not the bare trigger
+        class_tokens = f"{trigger} {row['concept_class']}" if trigger and row.get("concept_class") else None
+        caption = row["caption"] or config.instance_prompt or class_tokens or ""
         if trigger and trigger not in caption:
             caption = f"{trigger}, {caption}" if caption else trigger
         if config.caption_prefix:
@@ -189,11 +191,12 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
     return images
 
 
-def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, class_prompts: Sequence[str], model: str) -> dict[str, list[TrainImage]]:
-    """Class-prior images per class prompt (made by `workbench priors` with the same base model)."""
+def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, wanted: dict[str, int], model: str) -> dict[str, list[TrainImage]]:
+    """Up to `wanted[prompt]` class-prior images per class prompt, lowest seeds first, made with the same base model
+    (by `workbench priors` or an earlier run); one whose file is gone is left out, so it is made again."""
     pools: dict[str, list[TrainImage]] = {}
     settings = bucket_settings(config, _stored_bucket_settings(con))
-    for prompt in class_prompts:
+    for prompt, limit in wanted.items():
         rows = con.execute(
             "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
             f"WHERE {PRIOR_IN_USE_SQL} AND c.class_prompt = ? AND c.model = ? ORDER BY c.seed",
@@ -202,10 +205,13 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, clas
         pool = []
         files = openable_paths(con, [r[0] for r in rows])
         for image_id, path, width, height in rows:
-            path = files.get(image_id, path)
+            if image_id not in files or not os.path.isfile(files[image_id]):
+                continue
             choice = choose_bucket(width, height, settings)
-            pool.append(TrainImage(image_id, path, prompt, (choice.bucket_width, choice.bucket_height),
+            pool.append(TrainImage(image_id, files[image_id], prompt, (choice.bucket_width, choice.bucket_height),
                                    (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))
+            if len(pool) == limit:
+                break
         pools[prompt] = pool
     return pools
 

@@ -69,17 +69,19 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     for image in images:
         if not image.class_prompt:
             raise TrainingError(
-                f"Image {image.image_id[:12]} has no class prompt for prior preservation: give --class-prompt, "
+                f"Image {image.path or image.image_id[:12]} ({f'concept {image.concept!r}, which has no class noun' if image.concept else 'in no concept'}) "
+                "has no class prompt for prior preservation: give --class-prompt, "
                 "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
             )
         prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
-    pools = train_data.class_prior_images(catalog.con, config, list(prompts), config.model)
-    short = {p: n for p, n in prompts.items() if len(pools[p]) < _wanted(config, n)}
+    wanted = {p: _wanted(config, n) for p, n in prompts.items()}
+    pools = train_data.class_prior_images(catalog.con, config, wanted, config.model)
+    short = {p: n for p, n in prompts.items() if len(pools[p]) < wanted[p]}
     if not short:
         return pools, components
     folder = catalog_project_dir(catalog.con) / "class_priors"
     plans = [prior_plan(catalog.con, class_prompt=prompt, model_name=config.model, out_dir=folder,
-                        num_images=_wanted(config, count), seed=config.seed) for prompt, count in short.items()]
+                        num_images=wanted[prompt], seed=config.seed) for prompt in short]
     made = {}
     with catalog.released(progress, task="class priors", reopen_after_error=False,
                           waiting=f"Waiting to add the class images to the catalog {catalog.path}, which {{holder}} has open.",
@@ -102,7 +104,7 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
         pipe.to("cpu")
     for plan in plans:
         ingested_priors(catalog.con, plan, made[plan.class_prompt])
-    return train_data.class_prior_images(catalog.con, config, list(prompts), config.model), components
+    return train_data.class_prior_images(catalog.con, config, wanted, config.model), components
 
 
 def _wanted(config: TrainConfig, instance_count: int) -> int:
