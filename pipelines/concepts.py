@@ -190,25 +190,33 @@ def added_concept(
     con: duckdb.DuckDBPyConnection,
     name: str,
     *,
-    trigger: str,
+    trigger: str | None = None,
     class_noun: str | None = None,
-    repeats: int = 1,
+    repeats: int | None = None,
     where: str | None = None,
     folder: str | os.PathLike[str] | None = None,
 ) -> dict:
-    """Create or update a concept and assign the images matched by `where` and/or `folder`."""
+    """Create or update a concept and assign the images matched by `where` and/or `folder`.
+
+    An update changes only what is given (class_noun "" removes the class). `where` and `folder` are
+    standing rules: `concept_rules_applied` (run by ingest) puts new images that match them in the concept.
+    """
     name = _check_text("concept name", name, required=True)
-    trigger = _check_text("trigger", trigger, required=True)
-    class_noun = _check_text("class", class_noun, required=False)
-    if len(trigger.split()) != 1:
+    existed = bool(con.execute("SELECT count(*) FROM concepts WHERE name = ?", [name]).fetchall()[0][0])
+    trigger = _check_text("trigger", trigger, required=not existed)
+    if trigger is not None and len(trigger.split()) != 1:
         raise ValueError(f"trigger {trigger!r} must be one token (no spaces)")
-    if not isinstance(repeats, int) or repeats < 1:
+    clear_class = class_noun is not None and not class_noun.strip()
+    class_noun = _check_text("class", class_noun, required=False)
+    if repeats is not None and (not isinstance(repeats, int) or repeats < 1):
         raise ValueError(f"repeats must be a whole number of at least 1, not {repeats!r}")
     where = _check_text("where", where, required=False) if where is not None else None
     query = _one_select(where) if where else None
     folder_text = os.fspath(folder) if folder is not None else None
     if folder_text is not None and not folder_text.strip():
         raise ValueError("folder must not be empty")
+    if folder_text is not None:
+        folder_text = os.path.abspath(folder_text)  # a standing rule must not depend on where the command ran
 
     matched_where: list[str] = []
     if query:
@@ -221,17 +229,17 @@ def added_concept(
     params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}
     with record_run(con, "concept", params) as run:
         with transaction(con):
-            existed = bool(con.execute("SELECT count(*) FROM concepts WHERE name = ?", [name]).fetchone()[0])
             con.execute(
                 """
                 INSERT INTO concepts (name, trigger_token, class_noun, repeats, where_sql, folder)
-                VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT (name) DO UPDATE SET trigger_token = excluded.trigger_token,
-                    class_noun = excluded.class_noun, repeats = excluded.repeats,
+                VALUES (?, ?, ?, coalesce(?, 1), ?, ?)
+                ON CONFLICT (name) DO UPDATE SET trigger_token = coalesce(excluded.trigger_token, concepts.trigger_token),
+                    class_noun = CASE WHEN ? THEN NULL ELSE coalesce(excluded.class_noun, concepts.class_noun) END,
+                    repeats = coalesce(?, concepts.repeats),
                     where_sql = coalesce(excluded.where_sql, concepts.where_sql),
                     folder = coalesce(excluded.folder, concepts.folder)
                 """,
-                [name, trigger, class_noun, repeats, where, folder_text],
+                [name, trigger, class_noun, repeats, where, folder_text, clear_class, repeats],
             )
             assigned = _assign(con, name, matched_where, "where") + _assign(con, name, matched_folder, "folder")
         concept = get_concept(con, name)
@@ -243,6 +251,30 @@ def added_concept(
             "images": concept.images,
         }
     return {"concept": name, **run.counts}
+
+
+def concept_rules_applied(con: duckdb.DuckDBPyConnection) -> int:
+    """Images in no concept yet that match a concept's stored --where or --folder, put in it; returns how many.
+
+    Ingest runs this, so photos added later to a concept's folder join it. Images already in a concept stay
+    where they are; an image matching several concepts joins the first by name.
+    """
+    rules = con.execute("SELECT name, where_sql, folder FROM concepts WHERE where_sql IS NOT NULL OR folder IS NOT NULL "
+                        "ORDER BY name").fetchall()
+    total = 0
+    for name, where, folder in rules:
+        for source, found in (("where", _rule_matches(con, where) if where else []),
+                              ("folder", _images_in_folder(con, folder) if folder else [])):
+            taken = {row[0] for row in con.execute("SELECT image_id FROM concept_images").fetchall()}
+            total += _assign(con, name, [i for i in found if i not in taken], source)
+    return total
+
+
+def _rule_matches(con: duckdb.DuckDBPyConnection, where: str) -> list[str]:
+    try:
+        return [row[0] for row in con.execute(_one_select(where)).fetchall()]
+    except (ValueError, duckdb.Error):
+        return []  # a stored condition the catalog has outgrown (a column gone) assigns nothing
 
 
 def assign_images_to_concept(con: duckdb.DuckDBPyConnection, name: str, image_ids: Iterable[str]) -> int:

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import hashlib
 import io
 import json
 import os
+import signal
 import stat
+import threading
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import duckdb
 import numpy as np
 import polars as pl
 
-from pipelines.concepts import concepts_from_folder_names
+from pipelines.concepts import concept_rules_applied, concepts_from_folder_names
 from workbench.catalog import record_run, transaction
-from workbench.progress import ProgressHook, null_progress
+from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 SIDECAR_EXTENSIONS = (b".txt", b".caption")
+# In the workbench's own output folders (training runs, generated class priors): a walk from a parent folder
+# (`workbench ingest .` beside the catalog) leaves them out, so samples, loss plots and priors never become
+# instance images. Given as a root, a folder is read all the same.
+OUTPUT_MARKER = b".workbench-output"
 IMAGE_EXTENSIONS = {
     b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".bmp", b".dib", b".gif",
     b".tif", b".tiff",
@@ -68,13 +75,25 @@ class IngestSummary:
     reappeared: int = 0
     errors_retried: int = 0
     sidecar_captions: int = 0
+    sidecars_left_out: int = 0
     images_joined_concepts: int = 0
     skipped_not_images: int = 0
     directory_cycles_skipped: int = 0
+    output_folders_skipped: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    sidecar_problems: dict[str, str] = field(default_factory=dict)  # sidecar path -> why it was left out
+    recorded: int = 0  # files read and written to the catalog so far (what an interrupted run kept)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if k != "errors_by_reason"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("errors_by_reason", "sidecar_problems", "recorded")}
+
+
+class IngestInterrupted(KeyboardInterrupt):
+    """Ctrl+C during an ingest, after it kept what it had read; `summary` says how far it got."""
+
+    def __init__(self, summary: IngestSummary) -> None:
+        super().__init__("ingest interrupted")
+        self.summary = summary
 
 
 # --- reading one file (runs in worker processes) ------------------------------
@@ -124,7 +143,7 @@ def _quality(rgb) -> dict:
     return {
         "brightness": float(gray.mean()),
         "contrast": float(gray.std()),
-        "blur": float(laplacian.var()) if laplacian.size else 0.0,
+        "blur": float(laplacian.var()) if laplacian.size else None,  # under 3 px across: no verdict, not "blurry"
         "entropy": float(-(p * np.log2(p)).sum()),
         "is_grayscale": bool(chroma < 2.0),
     }
@@ -260,6 +279,15 @@ class FileEntry:
     sidecar_mtime_ns: int | None
 
 
+def mark_output_folder(folder: str | os.PathLike[str]) -> None:
+    """Mark a folder the workbench writes (a training run, a set of class priors): walks from a parent leave it out."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / os.fsdecode(OUTPUT_MARKER)
+    if not marker.exists():
+        marker.write_text("Written by workbench: `workbench ingest` of a folder above this one leaves it out.\n")
+
+
 def _walk(roots: Sequence[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
     """Yield candidate image files under `roots`, following links but never looping."""
     visited: set[tuple[int, int]] = set()
@@ -291,6 +319,9 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary) -> Iterator[FileEntry]
                 continue
             yield from _candidate(item.path, item.name, names)
         for sub in subfolders:
+            if os.path.exists(os.path.join(sub, OUTPUT_MARKER)):
+                summary.output_folders_skipped += 1  # ingest the folder itself (as a root) to take its images
+                continue
             yield from entries_of(sub)
 
     for root in roots:
@@ -344,13 +375,61 @@ def display_path(path_bytes: bytes) -> str:
     return path_bytes.decode("utf-8", errors="backslashreplace")
 
 
-def _read_sidecar(path: bytes) -> str | None:
+# UTF-32 first: its little-endian BOM begins with UTF-16's.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+
+
+def decode_caption(data: bytes) -> str:
+    """A sidecar's text: UTF-8, or UTF-8/16/32 with a byte-order mark; ValueError (saying why) for anything else.
+
+    No guessing at legacy encodings: Latin-1 decodes any bytes, so a wrong guess would be a silently wrong caption.
+    """
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"starts with a {name} byte-order mark but is not valid {name} "
+                                 f"(bad bytes at offset {error.start})") from None
+            break
+    else:
+        name = "UTF-8"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}; "
+                             "Latin-1 or Windows-1252, perhaps)") from None
+    if "\x00" in text:
+        # UTF-16 without a byte-order mark is valid UTF-8 when it is ASCII, one NUL after each letter
+        raise ValueError(f"is not {name} text (it holds NUL bytes: UTF-16 without a byte-order mark, perhaps)")
+    # universal newlines, as text-mode open() reads them: no stray \r from Windows editors
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _read_sidecar(path: bytes) -> tuple[str | None, str | None]:
+    """(caption or None when empty, None), or (None, why the sidecar was left out)."""
     try:
         with open(path, "rb") as handle:
-            text = handle.read().decode("utf-8", errors="replace").strip()
-    except OSError:
-        return None
-    return text or None
+            data = handle.read()
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror or error})"
+    try:
+        return decode_caption(data) or None, None
+    except ValueError as error:
+        return None, f"{error}; re-save it as UTF-8"
+
+
+def _sidecar_left_out(path: bytes, problem: str, summary: IngestSummary) -> str:
+    """Count a sidecar that could not be read; return the line that tells the user."""
+    summary.sidecars_left_out += 1
+    summary.sidecar_problems[display_path(path)] = problem
+    return f"caption sidecar left out: {display_path(path)} {problem} (the image keeps any caption it had)"
 
 
 # --- writing to the catalog ---------------------------------------------------------
@@ -364,7 +443,7 @@ _IMAGE_SCHEMA = {
     "blur": pl.Float64, "entropy": pl.Float64, "is_grayscale": pl.Boolean,
     "phash": pl.UInt64, "dhash": pl.UInt64,
     "path": pl.String, "path_bytes": pl.Binary, "size": pl.Int64, "mtime_ns": pl.Int64,
-    "sidecar_mtime_ns": pl.Int64, "caption": pl.String,
+    "sidecar_mtime_ns": pl.Int64, "caption": pl.String, "sidecar_unread": pl.Boolean,
 }
 
 
@@ -422,6 +501,13 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         "INSERT INTO concept_images (image_id, concept, source, created_at) SELECT e.new_id, ci.concept, ci.source, ci.created_at "
         "FROM ingest_edits e JOIN concept_images ci ON ci.image_id = e.old_id ON CONFLICT DO NOTHING"
+    )
+    # an edited file whose sidecar cannot be read now keeps the sidecar caption read from it before
+    con.execute(
+        "INSERT INTO captions (image_id, source, text, created_at) SELECT DISTINCT ON (b.image_id) b.image_id, 'sidecar', c.text, c.created_at "
+        "FROM ingest_batch b JOIN paths p ON p.path_bytes = b.path_bytes AND p.image_id <> b.image_id "
+        "JOIN captions c ON c.image_id = p.image_id AND c.source = 'sidecar' WHERE b.sidecar_unread AND b.status = 'ok' "
+        "ON CONFLICT DO NOTHING"
     )
     con.execute(
         """
@@ -495,54 +581,104 @@ def ingested_images(
     summary = IngestSummary()
     # files that failed under a lower pixel cap are read again once it is raised (the error says to raise it)
     retry_errors = max_pixels > last_ingest_params(con).get("max_pixels", DEFAULT_MAX_PIXELS)
+    # an ingest stopped after it read everything has not joined concepts yet, and its rerun reads nothing
+    last = con.execute("SELECT status FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1").fetchone()
+    last_unfinished = last is not None and last[0] != "ok"
     params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
-    with record_run(con, "ingest", params) as run:
-        progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
-        known = _known_paths(con)
-        seen: set[bytes] = set()
-        to_read: list[FileEntry] = []
-        sidecar_only: list[FileEntry] = []
-        for entry in _walk(roots, summary):
-            if entry.path_bytes in seen:
-                continue
-            seen.add(entry.path_bytes)
-            summary.files_seen += 1
-            previous = known.get(entry.path_bytes)
-            if previous is None:
-                summary.new += 1
-                to_read.append(entry)
-            elif entry.size is None and previous[0] is None and not previous[3]:
-                summary.unchanged += 1  # still cannot be stat'ed (a link loop, say), as recorded last time
-            elif entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns):
-                summary.changed += 1
-                to_read.append(entry)
-            elif previous[3]:  # unchanged bytes, but it was marked missing: it came back
-                summary.reappeared += 1
-                to_read.append(entry)
-            elif retry_errors and previous[4] == "error":
-                summary.errors_retried += 1
-                to_read.append(entry)
-            elif previous[2] != entry.sidecar_mtime_ns:
-                sidecar_only.append(entry)
-                summary.unchanged += 1
-            else:
-                summary.unchanged += 1
-        run.counts["files_seen"] = summary.files_seen
-        _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress)
-        _refresh_sidecars(con, sidecar_only, summary)
-        vanished = [p for p, meta in known.items() if not meta[3] and p not in seen and _under(p, roots)]
-        if vanished:
-            with transaction(con):
-                con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
-        summary.marked_missing = len(vanished)
-        if to_read:
-            # kohya-style folder names ("10_sks dog") become concepts, as sd-scripts reads them.
-            summary.images_joined_concepts = concepts_from_folder_names(con, progress=progress)
-        run.counts.update(summary.as_dict())
+    with _CtrlC() as ctrl_c, record_run(con, "ingest", params) as run:
+        try:
+            _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,
+                    join_concepts=last_unfinished, progress=progress, ctrl_c=ctrl_c)
+        except KeyboardInterrupt as interrupt:
+            # every write is its own transaction, so the catalog is consistent; say how far this run got
+            run.counts.update(summary.as_dict())
+            raise IngestInterrupted(summary) from interrupt
     return summary
 
 
-def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary, progress: ProgressHook) -> None:
+class _CtrlC:
+    """Ctrl+C as a flag that the ingest checks at safe points (between files, batches and steps).
+
+    Raised by a signal handler, KeyboardInterrupt could land inside a DuckDB query, which turns it into
+    RuntimeError('Query interrupted') (during COMMIT: an aborted transaction), and a second Ctrl+C could cut
+    the stop short. Only where signals arrive: the main thread, with Python's own handler in place.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _press(self, signum, frame) -> None:
+        self.pressed = True  # a second press while the ingest stops changes nothing
+
+    def check(self) -> None:
+        """Stop here (KeyboardInterrupt) if Ctrl+C was pressed."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: int, max_pixels: int,
+            retry_errors: bool, join_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC) -> None:
+    """The body of one ingest run (see ingested_images)."""
+    progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
+    known = _known_paths(con)
+    seen: set[bytes] = set()
+    to_read: list[FileEntry] = []
+    sidecar_only: list[FileEntry] = []
+    for entry in _walk(roots, summary):
+        ctrl_c.check()
+        if entry.path_bytes in seen:
+            continue
+        seen.add(entry.path_bytes)
+        summary.files_seen += 1
+        previous = known.get(entry.path_bytes)
+        if previous is None:
+            summary.new += 1
+            to_read.append(entry)
+        elif entry.size is None and previous[0] is None and not previous[3]:
+            summary.unchanged += 1  # still cannot be stat'ed (a link loop, say), as recorded last time
+        elif entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns):
+            summary.changed += 1
+            to_read.append(entry)
+        elif previous[3]:  # unchanged bytes, but it was marked missing: it came back
+            summary.reappeared += 1
+            to_read.append(entry)
+        elif retry_errors and previous[4] == "error":
+            summary.errors_retried += 1
+            to_read.append(entry)
+        elif previous[2] != entry.sidecar_mtime_ns:
+            sidecar_only.append(entry)
+            summary.unchanged += 1
+        else:
+            summary.unchanged += 1
+    run.counts["files_seen"] = summary.files_seen
+    _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c)
+    _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c)
+    ctrl_c.check()
+    vanished = [p for p, meta in known.items() if not meta[3] and p not in seen and _under(p, roots)]
+    if vanished:
+        with transaction(con):
+            con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
+    summary.marked_missing = len(vanished)
+    if to_read or join_concepts:
+        # kohya-style folder names ("10_sks dog") become concepts, as sd-scripts reads them; then the stored
+        # --where / --folder rules of concepts take the new images they match
+        summary.images_joined_concepts = concepts_from_folder_names(con, progress=progress)
+        summary.images_joined_concepts += concept_rules_applied(con)
+    run.counts.update(summary.as_dict())
+
+
+def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary,
+              progress: ProgressHook, ctrl_c: _CtrlC) -> None:
     total = len(to_read)
     progress(task="ingest", completed=0, total=total)
     if not total:
@@ -552,6 +688,11 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
     pending: list[dict] = []
     done = 0
 
+    def flush() -> None:
+        _write_batch(con, pending)
+        summary.recorded += len(pending)
+        pending.clear()
+
     def collect(results: list[dict], chunk: list[bytes]) -> None:
         nonlocal done
         for path_bytes, result in zip(chunk, results):
@@ -559,41 +700,93 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
             if result["status"] == "error":
                 summary.errors += 1
                 reasons[result["error"].split(":")[0]] += 1
-            caption = _read_sidecar(entry.sidecar) if entry.sidecar and result["status"] == "ok" else None
+            caption = problem = None
+            if entry.sidecar and result["status"] == "ok":
+                caption, problem = _read_sidecar(entry.sidecar)
             if caption:
                 summary.sidecar_captions += 1
+            if problem:
+                progress(task="ingest", completed=done, total=total, message=_sidecar_left_out(entry.sidecar, problem, summary))
             result.update(
                 path=display_path(path_bytes),
                 path_bytes=path_bytes,
                 size=entry.size,
                 mtime_ns=entry.mtime_ns,
-                sidecar_mtime_ns=entry.sidecar_mtime_ns,
+                # no mtime for an unread sidecar: the next ingest reads it again (and reports it until it is fixed)
+                sidecar_mtime_ns=None if problem else entry.sidecar_mtime_ns,
                 caption=caption,
+                sidecar_unread=problem is not None,
             )
             pending.append(result)
         done += len(chunk)
+        ctrl_c.check()
         if len(pending) >= BATCH:
-            _write_batch(con, pending)
-            pending.clear()
+            flush()
         progress(task="ingest", completed=done, total=total)
 
     chunks = list(_chunks([e.path_bytes for e in to_read], CHUNK))
-    if workers <= 1:
-        for chunk in chunks:
-            collect(_read_chunk(chunk, max_pixels), chunk)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for chunk, results in zip(chunks, pool.map(_read_chunk, chunks, [max_pixels] * len(chunks))):
+    try:
+        if workers <= 1:
+            for chunk in chunks:
+                results = []
+                for path_bytes in chunk:
+                    ctrl_c.check()
+                    results.append(read_image_file(path_bytes, max_pixels))
                 collect(results, chunk)
-    _write_batch(con, pending)
+        else:
+            _read_in_pool(chunks, workers=workers, max_pixels=max_pixels, collect=collect, ctrl_c=ctrl_c)
+    except (KeyboardInterrupt, StepCancelled):
+        # keep what was read before the stop: one short transaction
+        flush()
+        raise
+    flush()
     summary.errors_by_reason = dict(reasons.most_common())
 
 
-def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary) -> None:
+def _read_in_pool(chunks: list[list[bytes]], *, workers: int, max_pixels: int,
+                  collect: Callable[[list[dict], list[bytes]], None], ctrl_c: _CtrlC) -> None:
+    """Read chunks in worker processes, in order; any stop (Ctrl+C, a cancel, an error) ends the workers at once."""
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
+        futures = [pool.submit(_read_chunk, chunk, max_pixels) for chunk in chunks]
+        for chunk, future in zip(chunks, futures):
+            # in short slices, to notice Ctrl+C while a chunk of large images is read
+            while not wait([future], timeout=0.25).done:
+                ctrl_c.check()
+            collect(future.result(), chunk)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+
+
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl+C signals the terminal's whole process group, and only the parent should act on it
+    (a worker interrupted while waiting for work prints a traceback of its own)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the workers mid-chunk and drop the queued chunks: they only read files, so there is nothing to undo,
+    and waiting for their chunks (up to CHUNK large images each) would make Ctrl+C slow."""
+    # ProcessPoolExecutor has no public way to stop running workers before Python 3.14 (terminate_workers).
+    # No join: the pool's own thread reaps them; a KeyboardInterrupt between a waitpid here and its bookkeeping
+    # would leave that thread waiting forever for a child that is gone.
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary, progress: ProgressHook, ctrl_c: _CtrlC) -> None:
     """Re-read caption sidecars that changed beside unchanged images."""
-    for entry in entries:
+    for done, entry in enumerate(entries, 1):
+        ctrl_c.check()
         image_id = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [entry.path_bytes]).fetchall()[0][0]
-        caption = _read_sidecar(entry.sidecar) if entry.sidecar else None
+        caption, problem = _read_sidecar(entry.sidecar) if entry.sidecar else (None, None)
+        message = _sidecar_left_out(entry.sidecar, problem, summary) if problem else None
+        progress(task="sidecars", completed=done, total=len(entries), message=message)
+        if problem:
+            continue  # the caption read before stays; its old mtime makes the next ingest try again
         with transaction(con):
             _store_sidecar(con, image_id, caption, entry, summary)
 

@@ -161,6 +161,8 @@ def generated_prior_files(
     """The plan's missing class images made by `pipeline` as PNGs (needs no catalog: a rerun ingests what landed)."""
     import torch
 
+    from pipelines.ingest import mark_output_folder
+
     _check_sampling(batch_size, num_inference_steps)
     started = time.monotonic()
     # how these images were made, recorded with the run that adds them (`runs.params`)
@@ -183,7 +185,7 @@ def generated_prior_files(
         )
         batch = {s: plan.to_generate[s] for s in chunk}
         for s, picture in zip(chunk, result.images):
-            batch[s].parent.mkdir(parents=True, exist_ok=True)
+            mark_output_folder(batch[s].parent)  # `ingest .` above it must not take priors as instance photos
             tmp = batch[s].with_suffix(".tmp.png")
             picture.save(tmp)
             os.replace(tmp, batch[s])  # a crash never leaves a half-written PNG under the final name

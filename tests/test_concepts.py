@@ -165,3 +165,30 @@ def test_concept_cli(catalog_path, con, tmp_path):
     result = runner.invoke(app, ["concept", "remove", "sks dog", *cat])
     assert result.exit_code == 2 and "no concept" in result.output
     assert a
+
+
+def test_an_update_changes_only_what_is_given_and_rules_stay_with_the_concept(con, tmp_path, monkeypatch):
+    """Re-running `concept add` with only --trigger kept class and repeats? It reset them to none and 1. And a
+    photo added later to the concept's folder joins it at the next ingest (before: the folder was shown but unused)."""
+    from pipelines.concepts import concept_rules_applied
+
+    monkeypatch.chdir(tmp_path)
+    first = _add_image(con, 1, str(tmp_path / "dogs" / "a.jpg"))
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=4, folder="dogs")  # relative to here
+    added_concept(con, "sks dog", repeats=6)
+    concept = get_concept(con, "sks dog")
+    assert (concept.trigger, concept.class_noun, concept.repeats) == ("sks", "dog", 6)
+    assert concept.folder == str(tmp_path / "dogs")  # stored absolute: it must not depend on where a command runs
+    with pytest.raises(ValueError, match="trigger is required"):
+        added_concept(con, "new one", repeats=2)
+    added_concept(con, "sks dog", class_noun="")
+    assert get_concept(con, "sks dog").class_noun is None
+
+    added_concept(con, "big", trigger="bg", where="width > 600")
+    later = _add_image(con, 2, str(tmp_path / "dogs" / "b.jpg"))  # ingested after the rules were set
+    elsewhere = _add_image(con, 3, str(tmp_path / "cats" / "c.jpg"), width=1000)
+    moved = _add_image(con, 4, str(tmp_path / "dogs" / "d.jpg"), width=1000)
+    assign_images_to_concept(con, "big", [moved])  # already in a concept: stays there
+    assert concept_rules_applied(con) == 2
+    rows = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
+    assert rows == {first: "sks dog", later: "sks dog", elsewhere: "big", moved: "big"}

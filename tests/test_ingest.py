@@ -220,3 +220,195 @@ def test_raising_the_pixel_cap_rereads_the_files_it_rejected(con, tmp_path):
     assert (again.errors_retried, again.unchanged) == (0, 3)
     with pytest.raises(ValueError, match="max_pixels must be at least 1"):
         ingested_images(con, [tmp_path / "imgs"], workers=1, max_pixels=0)
+
+
+def sidecar_captions(con) -> dict[str, str]:
+    rows = con.execute(
+        "SELECT p.path, c.text FROM captions c JOIN paths p USING (image_id) WHERE c.source = 'sidecar'").fetchall()
+    return {Path(path).stem: text for path, text in rows}
+
+
+def test_sidecars_in_other_encodings_are_decoded_or_left_out_and_named(con, tmp_path):
+    """UTF-8 (with or without a BOM) and UTF-16/32 with a BOM are read; a file that is not UTF-8 is left out and
+    named in the report instead of becoming a caption full of U+FFFD or NUL characters."""
+    folder = tmp_path / "imgs"
+    sidecars = {
+        "brick": "brick wall".encode("utf-16"),
+        "camera": "\ufeffa camera man".encode("utf-8"),
+        "horse": "a horse, café".encode("utf-32"),
+        "dog": b"a dog\r\non grass  \r\n\r\n",
+        "caballo": "caballo café, niño".encode("latin-1"),
+        "mule": "a mule".encode("utf-16-le"),  # no BOM: valid UTF-8 bytes, but full of NULs
+    }
+    folder.mkdir()
+    for i, (stem, data) in enumerate(sidecars.items()):
+        Image.new("RGB", (32, 24), (i * 30, 0, 0)).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_bytes(data)
+    messages = []
+    summary = ingested_images(con, [folder], workers=1, progress=lambda **kw: messages.append(kw.get("message")))
+    assert sidecar_captions(con) == {"brick": "brick wall", "camera": "a camera man", "horse": "a horse, café",
+                                     "dog": "a dog\non grass"}
+    assert (summary.sidecar_captions, summary.sidecars_left_out) == (4, 2)
+    assert sorted(Path(p).name for p in summary.sidecar_problems) == ["caballo.txt", "mule.txt"]
+    assert "not UTF-8" in summary.sidecar_problems[str(folder / "caballo.txt")]
+    told = [m for m in messages if m and "caballo.txt" in m]
+    assert len(told) == 1 and str(folder / "caballo.txt") in told[0] and "not UTF-8" in told[0] and "re-save" in told[0]
+    assert any(m and "mule.txt" in m for m in messages)
+    # the images themselves are in, whatever their sidecars hold
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 6
+
+
+def test_an_unreadable_sidecar_never_loses_a_caption_already_in_the_catalog(con, tmp_path, monkeypatch):
+    paths = make_images(tmp_path / "imgs", 3)
+    first, second, third = (p.with_suffix(".txt") for p in paths)
+    first.write_text("first caption")
+    second.write_text("second caption")
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    second_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[1])]).fetchone()[0]
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'my manual caption')", [second_id])
+
+    first.write_bytes("première légende".encode("latin-1"))  # re-saved in another encoding
+    os.utime(first, ns=(2, 2))
+    second.write_bytes("segunda leyenda, niño".encode("cp1252"))
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(paths[1])  # and the image edited in place: a new image id
+    os.utime(paths[1], ns=(2, 2))
+    third.write_bytes(b"ok")
+    os.utime(third, ns=(2, 2))
+    real_open = open
+
+    def deny(file, *args, **kwargs):
+        if os.fsencode(file) == os.fsencode(third):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+    summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert sidecar_captions(con) == {"img_0000": "first caption", "img_0001": "second caption"}
+    assert summary.sidecars_left_out == 3 and "cannot be read" in summary.sidecar_problems[str(third)]
+    new_second = con.execute("SELECT image_id, caption FROM images_view WHERE path = ?", [str(paths[1])]).fetchone()
+    assert new_second[0] != second_id and new_second[1] == "my manual caption"
+    assert con.execute("SELECT caption_source FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()[0] == "sidecar"
+
+    # until the files are fixed, each ingest reports them again (and still keeps the captions)
+    again = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert again.sidecars_left_out == 3 and sidecar_captions(con)["img_0000"] == "first caption"
+    monkeypatch.undo()
+    first.write_text("première légende", encoding="utf-8")
+    os.utime(first, ns=(3, 3))
+    fixed = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert fixed.sidecars_left_out == 1 and not fixed.sidecar_problems.get(str(third))
+    assert sidecar_captions(con) == {"img_0000": "première légende", "img_0001": "second caption", "img_0002": "ok"}
+
+
+def test_interrupted_ingest_keeps_what_it_read_and_the_rerun_finishes(con, tmp_path):
+    """An interrupt after the last file was read but before the end (the concept step) still leaves the rerun
+    with something to do: join the kohya folder's concept."""
+    folder = tmp_path / "3_sks dog"
+    make_images(folder, 5)
+
+    def hook(*, task, completed=0, total=None, message=None):
+        if task == "ingest" and total and completed == total:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        ingested_images(con, [folder], workers=1, progress=hook)
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 5
+    assert con.execute("SELECT status FROM runs WHERE step = 'ingest'").fetchall() == [("cancelled",)]
+    assert isinstance(stopped.value, ingest_mod.IngestInterrupted) and stopped.value.summary.recorded == 5
+    rerun = ingested_images(con, [folder], workers=1)
+    assert (rerun.unchanged, rerun.images_joined_concepts) == (5, 5)
+    assert con.execute("SELECT count(*) FROM images_view WHERE concept = 'sks dog'").fetchone()[0] == 5
+
+
+def test_ctrl_c_during_cli_ingest_stops_cleanly_and_the_rerun_completes(tmp_path):
+    """Ctrl+C reaches every process of the terminal's process group: the workers must not print tracebacks,
+    the command says what it kept and exits 130, and the rerun reads the rest."""
+    import re
+    import signal
+    import time
+
+    folder, marks = tmp_path / "imgs", tmp_path / "marks"
+    marks.mkdir()
+    folder.mkdir()
+    for i, name in enumerate(["fast_0.png", "fast_1.png", "slow_2.png"]):
+        Image.new("RGB", (40, 30), (i * 60, 0, 0)).save(folder / name)
+    catalog = tmp_path / "interrupted.duckdb"
+    # Workers fork from this script, so they read through its patch: chunk 1 (two fast files) is read at once
+    # and its worker waits for more, chunk 2 stands for a huge image that is still being read at Ctrl+C.
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        import pipelines.ingest as ingest
+        ingest.CHUNK = 2
+        real_read = ingest.read_image_file
+        def read(path_bytes, max_pixels=ingest.DEFAULT_MAX_PIXELS):
+            name = os.path.basename(path_bytes).decode()
+            if name.startswith("slow"):
+                open(os.path.join({str(marks)!r}, name), "w").close()
+                time.sleep(60)
+            row = real_read(path_bytes, max_pixels)
+            open(os.path.join({str(marks)!r}, name), "w").close()
+            return row
+        ingest.read_image_file = read
+        sys.argv = ["workbench", "ingest", {str(folder)!r}, "--workers", "2", "--catalog", {str(catalog)!r}]
+        from workbench.cli import main
+        main()
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(marks.iterdir())) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(marks.iterdir())) == 3, "ingest never reached its workers"
+        time.sleep(0.3)  # the fast worker has a few lines left before it waits on its queue
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl+C does: the whole foreground process group
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert "Traceback" not in output and "Process ForkProcess" not in output, output
+    assert process.returncode == 130, output
+    kept = re.search(r"interrupted.*?(\d+) of 3", " ".join(output.split()))
+    assert kept, output
+    assert "again" in output
+    from workbench.catalog import connect
+
+    rerun_con = connect(catalog)
+    try:
+        assert rerun_con.execute("SELECT count(*) FROM paths").fetchone()[0] == int(kept.group(1))
+        summary = ingested_images(rerun_con, [folder], workers=1)
+        assert summary.new == 3 - int(kept.group(1))
+        assert rerun_con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 3
+    finally:
+        rerun_con.close()
+
+
+def test_ingest_of_a_parent_folder_leaves_the_workbench_outputs_out(con, tmp_path):
+    """`workbench ingest .` beside the catalog took run samples, loss plots and class priors as instance photos."""
+    from pipelines.ingest import mark_output_folder
+
+    project = tmp_path / "project"
+    make_images(project, 2)
+    make_images(project / "runs" / "lora-1" / "samples", 2, seed=1)
+    mark_output_folder(project / "runs" / "lora-1")
+    make_images(project / "class_priors" / "a-photo-of-a-cat-1a2b3c4d", 2, seed=2)
+    mark_output_folder(project / "class_priors" / "a-photo-of-a-cat-1a2b3c4d")
+    summary = ingested_images(con, [project], workers=1)
+    assert (summary.new, summary.output_folders_skipped) == (2, 2)
+    assert ingested_images(con, [project / "runs" / "lora-1"], workers=1).new == 2  # named as a root, it is read
+
+
+def test_images_ingested_later_join_the_concept_whose_folder_they_are_in(con, tmp_path):
+    from pipelines.concepts import added_concept
+
+    make_images(tmp_path / "dog", 1)
+    ingested_images(con, [tmp_path], workers=1)
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", folder=tmp_path / "dog")
+    make_images(tmp_path / "dog", 3, seed=5)  # more photos of the dog, later
+    summary = ingested_images(con, [tmp_path], workers=1)
+    assert summary.images_joined_concepts >= 2
+    rows = con.execute("SELECT count(*) FILTER (concept = 'sks dog'), count(*) FROM images_view WHERE status = 'ok'").fetchone()
+    assert rows[0] == rows[1]

@@ -101,7 +101,7 @@ def _root(ctx: typer.Context, catalog: CatalogOpt = None) -> None:
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Folders or image files to add.", show_default=False)],
     catalog: CatalogOpt = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are recorded as errors (decompression bombs); raising it later re-reads them.")] = 178_956_970,
 ) -> None:
     """Walk folders, hash and measure every image, and record it in the catalog.
@@ -116,8 +116,22 @@ def ingest(
     if max_pixels < 1:
         fail(f"--max-pixels must be at least 1, got {max_pixels}")
     con = open_catalog(catalog, create=True)
-    with RichProgress() as progress:
-        summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, progress=progress)
+    try:
+        with RichProgress() as progress:
+            summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, progress=progress)
+    except KeyboardInterrupt as interrupt:
+        # one line, no traceback: every batch is its own transaction, so what was written stays and is consistent.
+        # Another Ctrl+C while it exits just ends the process (raised there, it would only print a traceback).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        kept = getattr(interrupt, "summary", None)
+        if kept is None:  # stopped before the run began
+            what = "what was recorded before it stopped is kept"
+        else:
+            to_read = kept.new + kept.changed + kept.reappeared + kept.errors_retried
+            what = f"{kept.recorded} of {to_read} new or changed file(s) were read and recorded in the catalog"
+        err_console.print(f"[bold]Ingest interrupted[/]: {what}; run the same command again to continue where it stopped.")
+        raise typer.Exit(130)
     console.print(counts_table("ingest", summary.as_dict()))
     if summary.errors_by_reason:
         table = Table(title="files recorded as errors")
@@ -126,12 +140,16 @@ def ingest(
         for reason, n in summary.errors_by_reason.items():
             table.add_row(Text(reason), str(n))
         console.print(table)
+    if summary.sidecars_left_out:
+        err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
+                          "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
+                          "ingest again to read them.")
 
 
 @app.command()
 def dedup(
     catalog: CatalogOpt = None,
-    threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes.")] = 6,
+    threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes.")] = 6,
     drop_embedding_pairs: Annotated[bool, typer.Option("--drop-embedding-pairs", help="Forget the CLIP pairs `score --dedup` added (undoes them).")] = False,
 ) -> None:
     """Group exact and near-duplicate images; keep the best copy of each group, exclude the rest.
@@ -454,14 +472,17 @@ app.add_typer(concept_app, name="concept")
 @concept_app.command("add")
 def concept_add(
     name: Annotated[str, typer.Argument(help="Concept name (e.g. 'sks dog').")],
-    trigger: Annotated[str, typer.Option("--trigger", help="Trigger token the model learns (one word).")],
-    class_noun: Annotated[Optional[str], typer.Option("--class", help="Class noun for DreamBooth priors (e.g. dog).")] = None,
-    repeats: Annotated[int, typer.Option(help="Times each image is repeated per epoch (kohya num_repeats).")] = 1,
-    where: Annotated[Optional[str], typer.Option(help="SQL condition on images_view selecting the images.")] = None,
-    folder: Annotated[Optional[Path], typer.Option(help="Assign the images found under this folder.")] = None,
+    trigger: Annotated[Optional[str], typer.Option("--trigger", help="Trigger token the model learns (one word); needed for a new concept.")] = None,
+    class_noun: Annotated[Optional[str], typer.Option("--class", help="Class noun for DreamBooth priors (e.g. dog); \"\" removes it.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Times each image is repeated per epoch (kohya num_repeats; new concepts: 1).")] = None,
+    where: Annotated[Optional[str], typer.Option(help="SQL condition on images_view selecting the images (kept: new matches join at ingest).")] = None,
+    folder: Annotated[Optional[Path], typer.Option(help="Assign the images under this folder (kept: new files there join at ingest).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Create or update a concept and assign images to it by SQL condition and/or folder.
+
+    An update changes only the options given. --where and --folder stay with the concept: images
+    ingested later that match them join it (images already in a concept stay where they are).
 
     Example: workbench concept add "sks dog" --trigger sks --class dog --repeats 10 --folder ./dog_photos
     """
