@@ -146,7 +146,7 @@ def _rule_checks(rules: FilterRules, has_clip: bool) -> tuple[list[tuple[str, An
 
     def low_information(r, t=rules.entropy_threshold):
         entropy = r["entropy"]
-        return f"low information: entropy {entropy:.2f} bits < {_fmt(t)}" if entropy is not None and entropy < t else None
+        return f"low information: entropy {entropy + 0.0:.2f} bits < {_fmt(t)}" if entropy is not None and entropy < t else None
 
     if rules.min_side:
         checks.append(("min_side", min_side))

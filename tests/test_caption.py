@@ -200,3 +200,21 @@ def test_class_priors_are_not_captioned(catalog, blip):
     catalog.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [prior])
     counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
     assert counts["images_ok"] == 4 and prior not in _captions(catalog, "model:tiny")
+
+
+def test_ctrl_c_in_caption_says_what_is_kept(catalog_path, tmp_path, monkeypatch):
+    import pipelines.caption
+
+    from workbench.catalog import connect
+
+    make_images(tmp_path / "cli_images", 1)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "cli_images"], workers=1)
+    con.close()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.caption, "model_captions", interrupted)
+    result = CliRunner().invoke(app, ["caption", "-c", str(catalog_path), "--workers", "0"])
+    assert result.exit_code == 130 and "run the same command again" in " ".join(result.output.split())

@@ -729,6 +729,7 @@ def test_dreambooth_uses_as_many_class_images_as_asked_lowest_seeds_first(con, t
     used = con.execute("SELECT class_image_ids FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0]
     lowest = [i for (i,) in con.execute("SELECT image_id FROM class_priors ORDER BY seed LIMIT 2").fetchall()]
     assert sorted(used) == sorted(lowest)
+    assert result.class_images == 2  # and the run's summary says so
 
 
 @pytest.mark.parametrize("options,message", [

@@ -9,7 +9,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from contextlib import contextmanager
+from typing import Annotated, Iterator, Optional
 
 import duckdb
 import typer
@@ -76,6 +77,16 @@ def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool 
         return catalog_mod.connect(path, read_only=read_only, wait_seconds=wait_seconds)
     except CatalogError as error:
         fail(str(error))
+
+
+@contextmanager
+def _stopped_says(what_is_kept: str) -> Iterator[None]:
+    """Ctrl+C in a long step: one line saying what is kept and how to go on (exit 130), not a bare stop."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"[bold]Stopped[/]: {what_is_kept}.")
+        raise typer.Exit(130)
 
 
 def counts_table(title: str, counts: dict) -> Table:
@@ -357,12 +368,13 @@ def caption(
         processor, captioner = load_blip(model, device=torch_device, dtype=torch_dtype)
     except ModelError as error:
         fail(str(error))
-    with RichProgress() as progress:
-        counts = model_captions(
-            con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
-            num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
-            workers=workers, progress=progress,
-        )
+    with _stopped_says("the captions written so far are kept; run the same command again to caption the rest"):
+        with RichProgress() as progress:
+            counts = model_captions(
+                con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
+                num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
+                workers=workers, progress=progress,
+            )
     console.print(counts_table(f"caption (source model:{label})", counts))
     if template and counts.get("already_captioned") and not overwrite:
         err_console.print(f"[yellow]Note:[/] the template applies to new captions only; {counts['already_captioned']} image(s) "
@@ -401,7 +413,8 @@ def score(
     except ModelError as error:
         fail(str(error))
     con = open_catalog(catalog)
-    with RichProgress() as progress:
+    with _stopped_says("the embeddings and scores written so far are kept; run the same command again for the rest"), \
+            RichProgress() as progress:
         counts = clip_scores(con, bundle, batch_size=batch_size, device=torch_device, workers=workers, progress=progress)
         if dedup:
             counts.update({f"dedup {k}": v for k, v in embedding_duplicates(
@@ -932,12 +945,16 @@ def train_command(
     if con is None:
         return
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
+               **({"class images": result.class_images} if result.class_images else {}),
                "final loss": f"{result.final_loss:.4f}" if result.final_loss is not None else "-",
                "steps/s": f"{result.steps_per_second:.2f}", "seconds": f"{result.seconds:.1f}"}
     for key in ("clip_score", "cmmd", "fid"):
         if key in result.metrics:
             summary[METRIC_LABELS.get(key, key)] = f"{result.metrics[key]:.3f}"
     console.print(counts_table(f"train {mode}", summary))
+    if "error" in result.metrics:  # the run is fine; only its scores are missing
+        err_console.print(Text(f"Note: evaluating the samples failed ({result.metrics['error']}); the run is recorded. "
+                               f"Score it later with: workbench evaluate {result.train_id} --clip-model tiny (or a CLIP you have)"))
     for name, path in result.outputs.items():
         console.print(Text(f"{name}: {path}"))
 

@@ -53,6 +53,7 @@ class TrainResult:
     seconds: float
     train_seconds: float  # the step loop alone (no model loading, caching, sampling, saving)
     images: int
+    class_images: int = 0  # DreamBooth class priors used (prior preservation)
     train_id: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
@@ -571,6 +572,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         output_dir=output_dir, steps=global_step, final_loss=loss_rows[-1][1] if loss_rows else None,
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
+        class_images=len({p.image_id for pool in (priors or {}).values() for p in pool}),
     )
 
 

@@ -142,14 +142,19 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path) -> Non
         )
 
 
+def _last_checkpoint_step(output_dir: Path) -> int:
+    kept = ckpt.list_checkpoints(output_dir / "checkpoints")
+    return ckpt.checkpoint_step(kept[-1]) if kept else 0
+
+
 def _mark_interrupted_runs(con, output_dir: Path) -> None:
     """Rows of earlier runs in this folder still 'running' belong to processes that died (the folder lock says
     no other process trains here now): say so instead of leaving them 'running' forever."""
     con.execute(
-        "UPDATE training_runs SET status = 'interrupted', finished_at = current_timestamp, "
+        "UPDATE training_runs SET status = 'interrupted', finished_at = current_timestamp, steps = coalesce(steps, ?), "
         "error = coalesce(error, 'the training process ended without recording the run (killed, or stopped while waiting for the catalog)') "
         "WHERE output_dir = ? AND status = 'running'",
-        [str(output_dir)],
+        [_last_checkpoint_step(output_dir), str(output_dir)],  # steps: where a --resume continues from
     )
     con.execute(
         "UPDATE runs SET status = 'interrupted', error = coalesce(error, 'the training process ended without recording the run') "
@@ -284,11 +289,10 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
             [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
         )
     else:
-        kept = ckpt.list_checkpoints(output_dir / "checkpoints")
         reason = str(failure) or "stopped by the user or a signal"
         con.execute(  # steps: where a --resume would continue from
             "UPDATE training_runs SET status = ?, error = ?, steps = ?, finished_at = current_timestamp WHERE train_id = ?",
-            [run_status(failure), f"{failure.__class__.__name__}: {reason}", ckpt.checkpoint_step(kept[-1]) if kept else 0, train_id],
+            [run_status(failure), f"{failure.__class__.__name__}: {reason}", _last_checkpoint_step(output_dir), train_id],
         )
     finish_run(con, run, failure)
 
