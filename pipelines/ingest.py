@@ -24,14 +24,12 @@ import numpy as np
 import polars as pl
 
 from pipelines.concepts import concept_rules_applied, concepts_from_folder_names
+from workbench import config
 from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 SIDECAR_EXTENSIONS = (b".txt", b".caption")
-# In the workbench's own output folders (training runs, generated class priors): a walk from a parent folder
-# (`workbench ingest .` beside the catalog) leaves them out, so samples, loss plots and priors never become
-# instance images. Given as a root, a folder is read all the same.
-OUTPUT_MARKER = b".workbench-output"
+OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
 IMAGE_EXTENSIONS = {
     b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".bmp", b".dib", b".gif",
     b".tif", b".tiff",
@@ -279,15 +277,6 @@ class FileEntry:
     sidecar_mtime_ns: int | None
 
 
-def mark_output_folder(folder: str | os.PathLike[str]) -> None:
-    """Mark a folder the workbench writes (a training run, a set of class priors): walks from a parent leave it out."""
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    marker = path / os.fsdecode(OUTPUT_MARKER)
-    if not marker.exists():
-        marker.write_text("Written by workbench: `workbench ingest` of a folder above this one leaves it out.\n")
-
-
 def _walk(roots: Sequence[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
     """Yield candidate image files under `roots`, following links but never looping."""
     visited: set[tuple[int, int]] = set()
@@ -484,8 +473,8 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
         ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash
         """
     )
-    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption
-    # and its concept; the old content's row stays and says what replaced it
+    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept
+    # and exclusion or include; the old content's row stays and says what replaced it
     con.execute(
         "CREATE OR REPLACE TEMP TABLE ingest_edits AS SELECT DISTINCT p.image_id AS old_id, b.image_id AS new_id "
         "FROM paths p JOIN ingest_batch b ON p.path_bytes = b.path_bytes WHERE p.image_id <> b.image_id AND b.status = 'ok'"
@@ -501,6 +490,15 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         "INSERT INTO concept_images (image_id, concept, source, created_at) SELECT e.new_id, ci.concept, ci.source, ci.created_at "
         "FROM ingest_edits e JOIN concept_images ci ON ci.image_id = e.old_id ON CONFLICT DO NOTHING"
+    )
+    # and its hand-made exclusion or include: an edited photo does not slip back into the dataset unseen
+    con.execute(
+        "INSERT INTO exclusions (image_id, step, reason) SELECT e.new_id, 'manual', x.reason || ' (from before the file was edited)' "
+        "FROM ingest_edits e JOIN exclusions x ON x.image_id = e.old_id AND x.step = 'manual' ON CONFLICT DO NOTHING"
+    )
+    con.execute(
+        "INSERT INTO manual_includes (image_id) SELECT e.new_id FROM ingest_edits e JOIN manual_includes m ON m.image_id = e.old_id "
+        "ON CONFLICT DO NOTHING"
     )
     # an edited file whose sidecar cannot be read now keeps the sidecar caption read from it before
     con.execute(

@@ -161,7 +161,7 @@ def generated_prior_files(
     """The plan's missing class images made by `pipeline` as PNGs (needs no catalog: a rerun ingests what landed)."""
     import torch
 
-    from pipelines.ingest import mark_output_folder
+    from workbench.config import mark_output_folder
 
     _check_sampling(batch_size, num_inference_steps)
     started = time.monotonic()

@@ -388,7 +388,7 @@ def test_ctrl_c_during_cli_ingest_stops_cleanly_and_the_rerun_completes(tmp_path
 
 def test_ingest_of_a_parent_folder_leaves_the_workbench_outputs_out(con, tmp_path):
     """`workbench ingest .` beside the catalog took run samples, loss plots and class priors as instance photos."""
-    from pipelines.ingest import mark_output_folder
+    from workbench.config import mark_output_folder
 
     project = tmp_path / "project"
     make_images(project, 2)
@@ -412,3 +412,20 @@ def test_images_ingested_later_join_the_concept_whose_folder_they_are_in(con, tm
     assert summary.images_joined_concepts >= 2
     rows = con.execute("SELECT count(*) FILTER (concept = 'sks dog'), count(*) FROM images_view WHERE status = 'ok'").fetchone()
     assert rows[0] == rows[1]
+
+
+def test_a_file_excluded_by_hand_and_then_edited_in_place_stays_excluded(con, tmp_path):
+    """Before, the edited file's new content was back in the dataset with no word: a hand exclusion goes with the
+    file, as its manual caption does (include it again if the edit fixed it)."""
+    from pipelines.filter import manual_exclusions
+
+    paths = make_images(tmp_path / "imgs", 2)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    old_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchone()[0]
+    manual_exclusions(con, [old_id], "watermark")
+    Image.new("RGB", (50, 40), (10, 200, 10)).save(paths[0])  # rotated, retouched...
+    os.utime(paths[0], ns=(1, 1))
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    new_id, reason = con.execute("SELECT image_id, exclusion_reason FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()
+    assert new_id != old_id and reason.startswith("manual: watermark") and "edited" in reason
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 1

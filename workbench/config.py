@@ -9,6 +9,19 @@ from typing import Any
 
 HOME_ENV = "WORKBENCH_HOME"
 CONFIG_FILE = "workbench.toml"
+# In the workbench's own output folders (training runs, generated class priors): an ingest walking from a folder
+# above them (`workbench ingest .` beside the catalog) leaves them out, so samples, loss plots and priors never
+# become instance images. Given as a root, such a folder is read all the same.
+OUTPUT_MARKER = ".workbench-output"
+
+
+def mark_output_folder(folder: str | os.PathLike[str]) -> None:
+    """Mark a folder the workbench writes (a training run, a set of class priors): walks from a parent leave it out."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / OUTPUT_MARKER
+    if not marker.exists():
+        marker.write_text("Written by workbench: `workbench ingest` of a folder above this one leaves it out.\n")
 
 
 def workbench_home() -> Path:

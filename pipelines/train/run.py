@@ -266,7 +266,7 @@ def _run_folder_lock(output_dir: Path) -> Iterator[None]:
     `workbench train --resume` could otherwise start on the same checkpoints."""
     from filelock import FileLock, Timeout
 
-    from pipelines.ingest import mark_output_folder
+    from workbench.config import mark_output_folder
 
     mark_output_folder(output_dir)  # its samples and plots must never be ingested as training images
     lock = FileLock(output_dir / ".train.lock", timeout=0)
