@@ -45,3 +45,18 @@ def test_only_the_cli_reaches_into_pipelines():
 def test_pipelines_never_import_the_tui():
     for path in python_files("pipelines"):
         assert "tui" not in imported_modules(path)
+
+
+def test_the_trainer_loads_no_curation_libraries():
+    """A training process pays for every library it imports in resident memory; polars (pulled in through the ingest
+    step) once cost the trainer 48 MiB of peak RSS in benchmarks/train.py. Training needs the catalog, not curation."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, tempfile, pathlib; import pipelines.train.run as run, pipelines.train.loop, pipelines.train.data, pipelines.priors\n"
+        "with run._run_folder_lock(pathlib.Path(tempfile.mkdtemp()) / 'run'): pass\n"  # the run folder's setup, as a run does it
+        "print(sorted(m for m in ('polars', 'pipelines.ingest', 'pipelines.dedup', 'imagehash', 'open_clip') if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "[]", found
