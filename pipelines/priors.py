@@ -282,6 +282,24 @@ def _ingest_and_record(con, files: dict[int, Path], class_prompt: str, model_nam
         )
 
 
+def prior_jobs(con: duckdb.DuckDBPyConnection, *, class_prompt: str | None = None, num_images: int | None = None,
+               max_images: int = 1000) -> list[tuple[str, int, str | None]]:
+    """(class prompt, images wanted, concept or None) for each prior set to make: the given prompt, else one per class
+    of the concepts (concepts of one class share a set, sized by all their instance images, as training sizes it)."""
+    if class_prompt is not None:
+        if not class_prompt.strip():
+            raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\", or leave it out for each concept's class.")
+        by_prompt: dict[str, list[str]] = {class_prompt: []}
+    else:
+        by_prompt = {}
+        for concept, prompt in class_prompts_by_concept(con).items():
+            by_prompt.setdefault(prompt, []).append(concept)
+    if num_images is not None and num_images < 1:
+        raise ValueError("The number of class images must be at least 1.")
+    return [(prompt, num_images if num_images is not None else default_prior_count(con, concept=concepts or None, max_images=max_images),
+             concepts[0] if len(concepts) == 1 else None) for prompt, concepts in by_prompt.items()]
+
+
 def class_prompts_by_concept(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     """concept → 'a photo of a <class noun>' for every concept that has a class noun."""
     try:

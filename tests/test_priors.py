@@ -162,3 +162,17 @@ def test_a_prior_set_belongs_to_its_model_and_exact_prompt_and_replaces_what_is_
     again = _generate(con, pipe, out, num_images=3)
     assert (again.generated, len(again.image_ids)) == (2, 3)  # the set: 10, 12 (made again) and 13 in place of 11
     assert os.path.isfile(path)
+
+
+def test_concepts_of_one_class_share_one_prior_set_sized_by_all_their_images(con, tmp_path):
+    from pipelines.concepts import added_concept
+    from pipelines.priors import prior_jobs
+
+    paths = ingest_images(con, tmp_path / "instances", 3)
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", where=f"path = '{paths[0]}'")
+    added_concept(con, "abc dog", trigger="abc", class_noun="dog", where=f"path IN ('{paths[1]}', '{paths[2]}')")
+    assert prior_jobs(con, max_images=1000) == [("a photo of a dog", 600, None)]  # not two sets of the same pictures
+    assert prior_jobs(con, class_prompt="a photo of a cat", num_images=5) == [("a photo of a cat", 5, None)]
+    for bad in ("", "   "):
+        with pytest.raises(ValueError, match="class prompt is empty"):
+            prior_jobs(con, class_prompt=bad)

@@ -122,17 +122,18 @@ def run_buckets(con, s, progress, project):
 
 
 def run_priors(con, s, progress, project):
-    from pipelines.priors import class_priors, class_prompts_by_concept
-    from workbench.models import load_sd_pipeline
+    from pipelines.priors import class_priors, prior_jobs
+    from workbench.models import load_sd_pipeline, model_id
 
-    jobs = [(s["class_prompt"], None)] if s["class_prompt"] else [(p, c) for c, p in class_prompts_by_concept(con).items()]
+    jobs = prior_jobs(con, class_prompt=s["class_prompt"] or None, num_images=s["num"])
     if not jobs:
         return {"skipped": "no class prompt and no concept with a class noun"}
-    pipe = load_sd_pipeline(s["model"])
+    model = model_id(s["model"])  # recorded as training records it
+    pipe = load_sd_pipeline(model)
     totals: dict[str, Any] = {}
-    for prompt, concept in jobs:
-        summary = _summary(class_priors(con, pipe, class_prompt=prompt, model_name=s["model"], out_dir=project / "class_priors",
-                                        num_images=s["num"], concept=concept, num_inference_steps=s["steps"],
+    for prompt, count, concept in jobs:
+        summary = _summary(class_priors(con, pipe, class_prompt=prompt, model_name=model, out_dir=project / "class_priors",
+                                        num_images=count, concept=concept, num_inference_steps=s["steps"],
                                         resolution=s["resolution"], progress=progress))
         for key, value in summary.items():
             if isinstance(value, int):

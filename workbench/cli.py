@@ -992,32 +992,18 @@ def priors(
 
     Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15
     """
-    from pipelines.priors import (class_prompts_by_concept, default_prior_count, generated_prior_files, ingested_priors,
-                                  prior_plan)
+    from pipelines.priors import generated_prior_files, ingested_priors, prior_jobs, prior_plan
     from workbench.models import ModelError, load_sd_pipeline, model_id
 
-    if class_prompt is not None and not class_prompt.strip():
-        fail("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\", or leave it out for each concept's class.")
-    if num is not None and num < 1:
-        fail("--num must be at least 1.")
     model = model_id(model)  # a local model is recorded by its absolute path, as training records it
     con = open_catalog(catalog, create=True)
-    by_prompt: dict[str, list[str | None]] = {}
-    if class_prompt:
-        by_prompt[class_prompt] = [None]
-    else:
-        for concept, prompt in class_prompts_by_concept(con).items():  # concepts of one class share one set
-            by_prompt.setdefault(prompt, []).append(concept)
-        if not by_prompt:
-            fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
     folder = (out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).parent / "class_priors").resolve()
     try:
-        plans = []
-        for prompt, concepts in by_prompt.items():
-            named = [c for c in concepts if c is not None]
-            count = num if num is not None else default_prior_count(con, concept=named or None, max_images=max_images)
-            plans.append(prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, num_images=count, seed=seed,
-                                    concept=named[0] if len(named) == 1 else None))
+        jobs = prior_jobs(con, class_prompt=class_prompt, num_images=num, max_images=max_images)
+        if not jobs:
+            fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
+        plans = [prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, num_images=count, seed=seed, concept=concept)
+                 for prompt, count, concept in jobs]
     except ValueError as error:
         fail(str(error))
     # the model loads and samples with the catalog closed (minutes to hours on real models), so the TUI,
