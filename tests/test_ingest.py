@@ -28,6 +28,18 @@ def make_images(folder: Path, count: int, size=(96, 64), seed: int = 0) -> list[
     return paths
 
 
+def deny_open(monkeypatch, path) -> None:
+    """Opening `path` from the ingest step fails with EACCES (tests run as root in CI, where chmod 000 stops nothing)."""
+    real_open = open
+
+    def deny(file, *args, **kwargs):
+        if os.fsencode(file) == os.fsencode(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+
+
 def table_counts(con) -> dict:
     return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("images", "paths", "hashes", "captions")}
 
@@ -125,16 +137,7 @@ def test_only_paths_under_the_ingested_roots_are_marked_missing(con, tmp_path):
 
 def test_unreadable_file_gets_an_error_row(con, tmp_path, monkeypatch):
     paths = make_images(tmp_path / "imgs", 2)
-    locked = bytes(paths[0])
-    real_open = open
-
-    def deny(file, *args, **kwargs):
-        if os.fsencode(file) == os.fsencode(locked):
-            raise PermissionError(13, "Permission denied")
-        return real_open(file, *args, **kwargs)
-
-    # Tests run as root in CI, where chmod 000 does not stop reads; deny the open instead.
-    monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+    deny_open(monkeypatch, paths[0])
     summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
     assert summary.errors == 1
     status, error = con.execute("SELECT status, error FROM images_view WHERE path = ?", [str(paths[0])]).fetchall()[0]
@@ -274,14 +277,7 @@ def test_an_unreadable_sidecar_never_loses_a_caption_already_in_the_catalog(con,
     os.utime(paths[1], ns=(2, 2))
     third.write_bytes(b"ok")
     os.utime(third, ns=(2, 2))
-    real_open = open
-
-    def deny(file, *args, **kwargs):
-        if os.fsencode(file) == os.fsencode(third):
-            raise PermissionError(13, "Permission denied")
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+    deny_open(monkeypatch, third)
     summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
     assert sidecar_captions(con) == {"img_0000": "first caption", "img_0001": "second caption"}
     assert summary.sidecars_left_out == 3 and "cannot be read" in summary.sidecar_problems[str(third)]
