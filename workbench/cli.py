@@ -666,7 +666,8 @@ def keep(
         fail(str(error))
     group = con.execute("SELECT count(*) FROM duplicates WHERE group_id = (SELECT group_id FROM duplicates WHERE image_id = ?)",
                         [found]).fetchall()[0][0]
-    console.print(Text(f"kept {found[:12]}; the other {group - 1} cop{'y' if group == 2 else 'ies'} of its group are excluded as duplicates"))
+    others = "its other copy is" if group == 2 else f"its {group - 1} other copies are"
+    console.print(Text(f"kept {found[:12]}; {others} excluded as duplicates"))
 
 
 @app.command()
