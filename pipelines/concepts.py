@@ -265,8 +265,13 @@ def concept_rules_applied(con: duckdb.DuckDBPyConnection) -> int:
     for name, where, folder in rules:
         for source, found in (("where", _rule_matches(con, where) if where else []),
                               ("folder", _images_in_folder(con, folder) if folder else [])):
-            taken = {row[0] for row in con.execute("SELECT image_id FROM concept_images").fetchall()}
-            total += _assign(con, name, [i for i in found if i not in taken], source)
+            if not found:
+                continue
+            free = [row[0] for row in con.execute(  # in SQL: the catalog may hold a million assignments
+                "SELECT image_id FROM unnest(?::VARCHAR[]) t(image_id) WHERE image_id NOT IN (SELECT image_id FROM concept_images)",
+                [found],
+            ).fetchall()]
+            total += _assign(con, name, free, source)
     return total
 
 
