@@ -70,8 +70,8 @@ def prior_folder(out_dir: str | os.PathLike[str], class_prompt: str, model_name:
     return Path(out_dir) / f"{prompt_slug(class_prompt)}-{key}"
 
 
-def _recorded_seeds(con: duckdb.DuckDBPyConnection, class_prompt: str, model: str) -> tuple[set[int], set[int]]:
-    """(seeds in use: readable, file present, not excluded by hand; seeds excluded by hand) for a prompt and model."""
+def _recorded_priors(con: duckdb.DuckDBPyConnection, class_prompt: str, model: str) -> dict[int, tuple[str, bool, bool]]:
+    """seed → (image_id, excluded by hand, file present) of the readable priors recorded for a prompt and model."""
     rows = con.execute(
         "SELECT c.seed, c.image_id, c.image_id IN (SELECT image_id FROM exclusions WHERE step = 'manual') "
         "FROM class_priors c JOIN images_view v USING (image_id) WHERE c.class_prompt = ? AND c.model = ? AND v.status = 'ok'",
@@ -83,18 +83,8 @@ def _recorded_seeds(con: duckdb.DuckDBPyConnection, class_prompt: str, model: st
         [[r[1] for r in rows]],
     ).fetchall():
         files.setdefault(image_id, []).append(bytes(path))
-    in_use = {int(seed) for seed, image_id, manual in rows
-              if not manual and any(os.path.isfile(p) for p in files.get(image_id, []))}  # a deleted file is made again
-    return in_use, {int(seed) for seed, _, manual in rows if manual}
-
-
-def _existing_seeds(con: duckdb.DuckDBPyConnection, class_prompt: str, model: str) -> dict[int, str]:
-    rows = con.execute(
-        "SELECT c.seed, c.image_id FROM class_priors c JOIN images_view v USING (image_id) "
-        "WHERE c.class_prompt = ? AND c.model = ? AND v.status = 'ok'",
-        [class_prompt, model],
-    ).fetchall()
-    return {int(seed): image_id for seed, image_id in rows}
+    return {int(seed): (image_id, bool(manual), any(os.path.isfile(p) for p in files.get(image_id, [])))
+            for seed, image_id, manual in rows}
 
 
 @dataclass
@@ -130,7 +120,9 @@ def prior_plan(
     if wanted < 1:
         raise ValueError("The number of class images must be at least 1.")
     folder = prior_folder(out_dir, class_prompt, model_name)
-    in_use, excluded = _recorded_seeds(con, class_prompt, model_name)
+    recorded = _recorded_priors(con, class_prompt, model_name)
+    in_use = {seed for seed, (_, manual, present) in recorded.items() if present and not manual}  # a deleted file is made again
+    excluded = {seed for seed, (_, manual, _) in recorded.items() if manual}
     seeds: list[int] = []
     candidate = seed
     while len(seeds) < wanted:  # a prior excluded by hand is replaced by the next seed
@@ -222,7 +214,7 @@ def _ingest_plan(con, plan: PriorPlan, landed: dict[int, Path], generated: int, 
     summary = PriorsSummary(class_prompt=plan.class_prompt, wanted=plan.wanted, existing=plan.existing,
                             generated=generated, ingested_from_disk=len(plan.on_disk))
     wanted = set(plan.seeds)
-    summary.image_ids = [i for s, i in sorted(_existing_seeds(con, plan.class_prompt, plan.model_name).items()) if s in wanted]
+    summary.image_ids = [row[0] for s, row in sorted(_recorded_priors(con, plan.class_prompt, plan.model_name).items()) if s in wanted]
     return summary
 
 

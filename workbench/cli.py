@@ -628,8 +628,8 @@ def exclude(
 
     con = open_catalog(catalog)
     try:
-        n = manual_exclusions(con, image_ids, reason)
         ids = resolve_image_ids(con, image_ids)
+        n = manual_exclusions(con, ids, reason)
     except ValueError as error:
         fail(str(error))
     console.print(f"excluded {n} image(s)")
