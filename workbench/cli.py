@@ -85,7 +85,7 @@ def _stopped_says(what_is_kept: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        err_console.print(f"[bold]Stopped[/]: {what_is_kept}.")
+        err_console.print(f"[bold]Stopped[/]: {escape(what_is_kept)}.")
         raise typer.Exit(130)
 
 
@@ -1012,8 +1012,10 @@ def priors(
     path = catalog_mod.catalog_file(con)
     con.close()
     made: dict[str, dict] = {}
+    stopped = (f"the class images made so far are in {folder}; run the same command again to add them to the catalog "
+               "and make the rest")
     try:
-        with RichProgress() as progress:
+        with _stopped_says(stopped), RichProgress() as progress:
             if any(plan.to_generate for plan in plans):
                 pipe = load_sd_pipeline(model, device=device)
                 for plan in plans:
@@ -1030,10 +1032,6 @@ def priors(
                                            {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
     except (ModelError, ValueError, CatalogError) as error:
         fail(str(error))
-    except KeyboardInterrupt:
-        err_console.print(f"[bold]Stopped[/]: the class images made so far are in {escape(str(folder))}; run the same "
-                          "command again to add them to the catalog and make the rest.")
-        raise typer.Exit(130)
 
 
 @app.command()
