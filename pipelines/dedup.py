@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from typing import Iterator
 
 import duckdb
 import numpy as np

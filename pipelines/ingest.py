@@ -15,8 +15,6 @@ import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import duckdb
