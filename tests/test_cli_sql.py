@@ -33,6 +33,7 @@ def test_csv_and_parquet(catalog_path, tmp_path):
     seeded_catalog(catalog_path)
     result = runner.invoke(app, ["sql", "SELECT image_id, status FROM images_view ORDER BY 1", "-f", "csv", "-c", str(catalog_path)])
     assert result.stdout.splitlines() == ["image_id,status", "a,ok", "b,error"]
+    assert "\r" not in result.stdout  # Unix line endings, as DuckDB's own COPY writes
     out = tmp_path / "rows.parquet"
     result = runner.invoke(app, ["sql", "SELECT * FROM dataset", "-f", "parquet", "-o", str(out), "-c", str(catalog_path)])
     assert result.exit_code == 0, result.output

@@ -54,6 +54,7 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
     with Image.open(out / "samples" / "final-step-000004.png") as grid:
         assert grid.size == (2 * 64, 64)  # 1 prompt x 2 fixed seeds
     assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4
+    assert b"\r" not in (out / "loss.csv").read_bytes()
 
     from workbench.catalog import connect
 

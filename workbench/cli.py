@@ -262,7 +262,7 @@ def _csv_text(relation) -> str:
     import io
 
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, lineterminator="\n")  # the csv module's default is CRLF
     writer.writerow(relation.columns)
     for row in relation.fetchall():
         writer.writerow(["" if v is None else json.dumps(v, default=_json_default) if isinstance(v, (list, dict)) else v for v in row])

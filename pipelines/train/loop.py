@@ -477,7 +477,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     loss_csv = output_dir / "loss.csv"
     if accelerator.is_main_process:
         with loss_csv.open("w", newline="") as handle:
-            writer = csv.writer(handle)
+            writer = csv.writer(handle, lineterminator="\n")  # the csv module's default is CRLF
             writer.writerow(["step", "loss", "lr"])
             writer.writerows(loss_rows)
     last_good = ckpt.list_checkpoints(checkpoints_dir)[-1] if ckpt.list_checkpoints(checkpoints_dir) else None
@@ -523,7 +523,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         loss_rows.append((global_step, step_loss, lr_now))
         if accelerator.is_main_process:
             with loss_csv.open("a", newline="") as handle:
-                csv.writer(handle).writerow([global_step, step_loss, lr_now])
+                csv.writer(handle, lineterminator="\n").writerow([global_step, step_loss, lr_now])
         accelerator.log({"loss": step_loss, "lr": lr_now}, step=global_step)
         if accelerator.is_main_process and (global_step % config.checkpointing_steps == 0 or global_step == max_steps):
             if all(torch.isfinite(p).all() for p in named_trainable.values()):
