@@ -53,12 +53,18 @@ def _flip_masks(bits: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.int64)
 
 
-def _block_pairs(sorted_hashes: np.ndarray, sorted_block: np.ndarray, starts: np.ndarray, masks: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    """Verified pairs (positions in block-sorted order, p < k) for one block and a set of flip masks."""
+def _block_pairs(
+    query_hashes: np.ndarray, query_block: np.ndarray, sorted_hashes: np.ndarray, starts: np.ndarray, masks: np.ndarray,
+    threshold: int, same_set: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Verified pairs (query position, position in the block-sorted table) for one block and a set of flip masks.
+
+    With `same_set` the queries are the table itself and each unordered pair is kept once (p < k).
+    """
     counts = np.diff(starts).astype(np.int32)
     found_p, found_k = [], []
     for mask in masks:
-        probe = sorted_block ^ np.int32(mask)
+        probe = query_block ^ np.int32(mask)
         hits = np.take(counts, probe)  # block-sorted order keeps this gather cache-friendly
         rows = (hits > 0).nonzero()[0]
         if not rows.size:
@@ -68,9 +74,10 @@ def _block_pairs(sorted_hashes: np.ndarray, sorted_block: np.ndarray, starts: np
         first = np.cumsum(reps) - reps
         k = np.repeat(starts[probe[rows]] - first, reps) + np.arange(total)
         p = np.repeat(rows, reps)
-        keep = p < k  # each unordered pair is met from both ends; verify it once
-        p, k = p[keep], k[keep]
-        close = np.bitwise_count(sorted_hashes[p] ^ sorted_hashes[k]) <= threshold
+        if same_set:
+            keep = p < k  # each unordered pair is met from both ends; verify it once
+            p, k = p[keep], k[keep]
+        close = np.bitwise_count(query_hashes[p] ^ sorted_hashes[k]) <= threshold
         found_p.append(p[close])
         found_k.append(k[close])
     if not found_p:
@@ -78,23 +85,12 @@ def _block_pairs(sorted_hashes: np.ndarray, sorted_block: np.ndarray, starts: np
     return np.concatenate(found_p), np.concatenate(found_k)
 
 
-def hamming_pairs(
-    hashes: np.ndarray, threshold: int, progress: ProgressHook = null_progress, *, threads: int = 2
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All index pairs (i < j) of `hashes` (uint64) within Hamming distance `threshold`, with distances."""
+def _multi_index_search(
+    hashes: np.ndarray, queries: np.ndarray | None, threshold: int, progress: ProgressHook, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, hash row) of every pair within `threshold`; queries None: pairs within `hashes`, i < j."""
     from concurrent.futures import ThreadPoolExecutor
 
-    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-    n = len(hashes)
-    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
-    if n < 2:
-        return empty
-    if n <= SMALL_N:
-        # Below this size a direct popcount over all pairs beats setting up the block tables.
-        pairs = sorted(brute_force_pairs(hashes, threshold))
-        i = np.array([p[0] for p in pairs], dtype=np.int64)
-        j = np.array([p[1] for p in pairs], dtype=np.int64)
-        return i, j, np.bitwise_count(hashes[i] ^ hashes[j]).astype(np.int64)
     layout, radius = _block_layout(threshold)
     found_i, found_j = [], []
     total_probes = sum(len(_flip_masks(bits, radius)) for _, bits in layout)
@@ -102,29 +98,75 @@ def hamming_pairs(
     # numpy releases the GIL in these array operations, so threads share the probe work.
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for shift, bits in layout:
-            block = ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
+            block_of = lambda values: ((values >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)  # noqa: E731
+            block = block_of(hashes)
             order = np.argsort(block, kind="stable")
             sorted_block = block[order]
             sorted_hashes = hashes[order]
             starts = np.zeros((1 << bits) + 1, dtype=np.int64)
             np.cumsum(np.bincount(sorted_block, minlength=1 << bits), out=starts[1:])
+            if queries is None:
+                query_order, query_hashes, query_block = order, sorted_hashes, sorted_block
+            else:
+                asked = block_of(queries)
+                query_order = np.argsort(asked, kind="stable")
+                query_hashes, query_block = queries[query_order], asked[query_order]
             masks = _flip_masks(bits, radius)
             chunks = [masks[c : c + 32] for c in range(0, len(masks), 32)]
-            jobs = [pool.submit(_block_pairs, sorted_hashes, sorted_block, starts, chunk, threshold) for chunk in chunks]
+            jobs = [pool.submit(_block_pairs, query_hashes, query_block, sorted_hashes, starts, chunk, threshold, queries is None)
+                    for chunk in chunks]
             for job, chunk in zip(jobs, chunks):
                 p, k = job.result()
-                a, b = order[p], order[k]
-                found_i.append(np.minimum(a, b))
-                found_j.append(np.maximum(a, b))
+                a, b = query_order[p], order[k]
+                if queries is None:
+                    a, b = np.minimum(a, b), np.maximum(a, b)
+                found_i.append(a)
+                found_j.append(b)
                 probes_done += len(chunk)
                 progress(task="near-duplicate search", completed=probes_done, total=total_probes)
     i = np.concatenate(found_i)
     j = np.concatenate(found_j)
-    if not i.size:
-        return empty
-    unique = np.unique(i * n + j)
-    i, j = unique // n, unique % n
+    unique = np.unique(i * len(hashes) + j)  # a pair close in several blocks is found in each
+    return unique // len(hashes), unique % len(hashes)
+
+
+def hamming_pairs(
+    hashes: np.ndarray, threshold: int, progress: ProgressHook = null_progress, *, threads: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All index pairs (i < j) of `hashes` (uint64) within Hamming distance `threshold`, with distances."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    if n < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    if n <= SMALL_N:
+        # Below this size a direct popcount over all pairs beats setting up the block tables.
+        pairs = sorted(brute_force_pairs(hashes, threshold))
+        i = np.array([p[0] for p in pairs], dtype=np.int64)
+        j = np.array([p[1] for p in pairs], dtype=np.int64)
+    else:
+        i, j = _multi_index_search(hashes, None, threshold, progress, threads)
     return i, j, np.bitwise_count(hashes[i] ^ hashes[j]).astype(np.int64)
+
+
+def hamming_pairs_between(
+    queries: np.ndarray, hashes: np.ndarray, threshold: int, progress: ProgressHook = null_progress, *, threads: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (query index, hash index) within Hamming distance `threshold`, with distances: one set searched
+    against another (mirrored pHashes against pHashes), without the pairs inside either set."""
+    queries = np.ascontiguousarray(queries, dtype=np.uint64)
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if not len(queries) or not len(hashes):
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    if len(queries) * len(hashes) <= SMALL_N * SMALL_N // 2:
+        found = [], []
+        for start in range(0, len(queries), 2048):
+            rows, cols = np.nonzero(_popcount(queries[start : start + 2048, None] ^ hashes[None, :]) <= threshold)
+            found[0].append(rows + start)
+            found[1].append(cols)
+        i, j = np.concatenate(found[0]).astype(np.int64), np.concatenate(found[1]).astype(np.int64)
+    else:
+        i, j = _multi_index_search(hashes, queries, threshold, progress, threads)
+    return i, j, np.bitwise_count(queries[i] ^ hashes[j]).astype(np.int64)
 
 
 def brute_force_pairs(hashes: np.ndarray, threshold: int, chunk: int = 2048) -> set[tuple[int, int]]:
@@ -180,6 +222,15 @@ def _keep_reason(keeper: dict, runner_up: dict) -> str:
     return "first in path order"
 
 
+_METHOD_ORDER = {"phash": 0, "mirror": 1, "embedding": 2}
+
+
+def _edge_rank(method: str, distance: float) -> tuple[int, float]:
+    """Which of two pairs between the same images to show: pHash before mirrored before CLIP, then the closest
+    (fewest bits; for CLIP, whose distance is a cosine similarity, the highest)."""
+    return _METHOD_ORDER.get(method, len(_METHOD_ORDER)), -distance if method == "embedding" else distance
+
+
 def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> list[tuple[int, list[int], dict]]:
     """(keeper, members, edge to the keeper by member) for every group, each member within the threshold of its keeper.
 
@@ -190,19 +241,19 @@ def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> l
     """
     position = {member["image_id"]: k for k, member in enumerate(info)}
     same, linked = _UnionFind(len(info)), _UnionFind(len(info))
-    for a, b, _method, distance in usable:
+    for a, b, method, distance in usable:
         linked.union(position[a], position[b])
-        if distance == 0:
+        if method == "phash" and distance == 0:
             same.union(position[a], position[b])
     node = [same.find(k) for k in range(len(info))]
-    best_edge: dict[tuple[int, int], tuple[str, float]] = {}  # between nodes: pHash first, then the closest
+    best_edge: dict[tuple[int, int], tuple[str, float]] = {}  # between nodes: pHash, then mirrored, then CLIP; the closest
     for a, b, method, distance in usable:
         na, nb = node[position[a]], node[position[b]]
         if na == nb:
             continue
         for key in ((na, nb), (nb, na)):
             current = best_edge.get(key)
-            if current is None or (method != "phash", distance) < (current[0] != "phash", current[1]):
+            if current is None or _edge_rank(method, distance) < _edge_rank(*current):
                 best_edge[key] = (method, distance)
     connected: dict[int, list[int]] = {}
     for k in range(len(info)):
@@ -309,20 +360,81 @@ def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, in
     return regroup_duplicates(con)
 
 
+_PAIR_SCHEMA = {"image_a": pl.String, "image_b": pl.String, "distance": pl.Float64}
+_NO_PAIRS = pl.DataFrame(schema=_PAIR_SCHEMA)
+
+
+def _mirror_pairs(frame: pl.DataFrame, threshold: int, progress: ProgressHook) -> pl.DataFrame:
+    """Flipped copies: pairs whose one pHash is within `threshold` of the other's mirrored pHash (and not of its pHash).
+
+    The distinct mirrored values are searched against the distinct pHash values. Images that share a pHash are
+    already one group, so one image per value stands for them.
+    """
+    frame = frame.filter(pl.col("phash_mirror").is_not_null())
+    if frame.height < 2:
+        return _NO_PAIRS
+    ids = frame["image_id"].to_numpy()
+    hashes = frame["phash"].to_numpy().astype(np.uint64)
+    mirrors = frame["phash_mirror"].to_numpy().astype(np.uint64)
+    plain, plain_row = np.unique(hashes, return_index=True)
+    flipped, flipped_row = np.unique(mirrors, return_index=True)
+    f, p, distance = hamming_pairs_between(flipped, plain, threshold, progress)
+    a, b = plain_row[p], flipped_row[f]
+    # an image close to its own mirror is symmetric, and a pair close without the flip is a pHash pair already
+    keep = (ids[a] != ids[b]) & (np.bitwise_count(hashes[a] ^ hashes[b]) > threshold)
+    pairs = pl.DataFrame({"image_a": ids[a[keep]].tolist(), "image_b": ids[b[keep]].tolist(),
+                          "distance": distance[keep].astype(np.float64).tolist()}, schema=_PAIR_SCHEMA)
+    ordered = pairs.select(pl.min_horizontal("image_a", "image_b").alias("image_a"),
+                           pl.max_horizontal("image_a", "image_b").alias("image_b"), "distance")
+    return ordered.group_by("image_a", "image_b").agg(pl.col("distance").min()).sort("image_a", "image_b")
+
+
+def _fill_missing_mirror_hashes(con: duckdb.DuckDBPyConnection, progress: ProgressHook) -> dict[str, int]:
+    """Mirrored pHashes for images ingested before catalogs stored them: each such file is read once, here."""
+    from pipelines.ingest import read_image_file
+
+    todo = con.execute(
+        """
+        SELECT h.image_id, arg_min(p.path_bytes, p.seq) FROM hashes h JOIN images i USING (image_id)
+        JOIN paths p USING (image_id)
+        WHERE h.phash_mirror IS NULL AND i.status = 'ok' AND i.role = 'instance' AND NOT p.missing
+        GROUP BY h.image_id
+        """
+    ).fetchall()
+    found, unread = [], 0
+    for done, (image_id, path_bytes) in enumerate(todo, start=1):
+        row = read_image_file(bytes(path_bytes), max_pixels=2**62)  # it was read before, under whatever cap was set then
+        if row["image_id"] == image_id and row.get("phash_mirror") is not None:
+            found.append((image_id, row["phash_mirror"]))
+        else:
+            unread += 1  # changed or gone since ingest: the next ingest measures it again
+        progress(task="mirrored hashes of older images", completed=done, total=len(todo))
+    if found:
+        with transaction(con):
+            con.executemany("UPDATE hashes SET phash_mirror = ? WHERE image_id = ?", [(m, i) for i, m in found])
+    counts = {"older_images_given_mirror_hashes": len(found)} if found else {}
+    if unread:
+        counts["older_images_without_mirror_hash"] = unread
+    return counts
+
+
 def duplicate_groups(
     con: duckdb.DuckDBPyConnection,
     *,
     threshold: int = DEFAULT_THRESHOLD,
     drop_embedding_pairs: bool = False,
+    mirrored: bool = True,
     progress: ProgressHook = null_progress,
 ) -> dict[str, int]:
     """Find near-duplicate pairs by pHash, group them with any other method's pairs, and exclude all but keepers.
 
-    `drop_embedding_pairs` forgets the CLIP pairs of `workbench score --dedup` first (to undo them).
+    `mirrored` also pairs left-right flipped copies (method 'mirror'); `drop_embedding_pairs` forgets the
+    CLIP pairs of `workbench score --dedup` first (to undo them).
     """
     if not 0 <= threshold <= 32:
         raise ValueError("threshold must be between 0 and 32 bits")
-    with record_run(con, "dedup", {"threshold": threshold, "drop_embedding_pairs": drop_embedding_pairs}) as run:
+    params = {"threshold": threshold, "drop_embedding_pairs": drop_embedding_pairs, "mirrored": mirrored}
+    with record_run(con, "dedup", params) as run:
         if drop_embedding_pairs:
             con.execute("DELETE FROM duplicate_pairs WHERE method = 'embedding'")
         exact = con.execute(
@@ -331,9 +443,10 @@ def duplicate_groups(
                 SELECT image_id, count(*) AS n FROM paths WHERE NOT missing GROUP BY image_id HAVING n > 1)
             """
         ).fetchall()[0]
+        mirror_counts = _fill_missing_mirror_hashes(con, progress) if mirrored else {}
         frame = con.sql(
             """
-            SELECT h.image_id, h.phash FROM hashes h JOIN images i USING (image_id)
+            SELECT h.image_id, h.phash, h.phash_mirror FROM hashes h JOIN images i USING (image_id)
             WHERE i.status = 'ok' AND i.role = 'instance'
               AND EXISTS (SELECT 1 FROM paths p WHERE p.image_id = h.image_id AND NOT p.missing)
             ORDER BY h.image_id
@@ -356,12 +469,15 @@ def duplicate_groups(
         pairs = pl.DataFrame({"image_a": left.tolist(), "image_b": right.tolist(), "distance": dist.tolist()},
                              schema={"image_a": pl.String, "image_b": pl.String, "distance": pl.Float64})
         replace_pairs(con, "phash", pairs)
+        flipped = _mirror_pairs(frame, threshold, progress) if mirrored else _NO_PAIRS
+        replace_pairs(con, "mirror", flipped)
         counts = regroup_duplicates(con)
         counts = {
             "images_compared": len(ids),
             "contents_at_several_paths": int(exact[0]),
             "extra_identical_files": int(exact[1]),
             "near_duplicate_pairs": pairs.height,
+            **({"mirrored_pairs": flipped.height, **mirror_counts} if mirrored else {}),
             **counts,
         }
         run.counts.update(counts)

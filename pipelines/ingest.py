@@ -155,18 +155,26 @@ def _bits_to_int(bits: np.ndarray) -> int:
     return int((bits.ravel().astype(np.uint64) * _BIT_WEIGHTS).sum())
 
 
-def _hashes(rgb) -> tuple[int, int]:
-    """64-bit pHash and dHash, bit-for-bit the definitions of the imagehash package (tested against it)."""
+# A left-right mirror reverses each row, which multiplies DCT column v by (-1)^v: the mirrored copy's
+# pHash comes from the same coefficients, no second resize or transform.
+_MIRROR_SIGNS = np.where(np.arange(8) % 2, -1.0, 1.0)[None, :]
+
+
+def _phash_bits(low: np.ndarray) -> int:
+    ordered = np.sort(low, axis=None)
+    return _bits_to_int(low > (ordered[31] + ordered[32]) / 2)  # the median, without np.median's overhead
+
+
+def _hashes(rgb) -> tuple[int, int, int]:
+    """64-bit pHash, dHash and the pHash of the left-right mirrored image, bit-for-bit imagehash's definitions (tested)."""
     from PIL import Image
 
     gray = rgb.convert("L")
     pixels = np.asarray(gray.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = _DCT8 @ pixels @ _DCT8.T
-    ordered = np.sort(low, axis=None)
-    phash = _bits_to_int(low > (ordered[31] + ordered[32]) / 2)  # the median, without np.median's overhead
     small = np.asarray(gray.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
     dhash = _bits_to_int(small[:, 1:] > small[:, :-1])
-    return phash, dhash
+    return _phash_bits(low), dhash, _phash_bits(low * _MIRROR_SIGNS)
 
 
 def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
@@ -232,7 +240,7 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             row["error"] = f"corrupt image data: {message}"
         row.update(format=sniffed)
         return row
-    phash, dhash = _hashes(small)
+    phash, dhash, phash_mirror = _hashes(small)
     row.update(
         status="ok",
         error=None,
@@ -244,6 +252,7 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         exif_orientation=orientation,
         phash=phash,
         dhash=dhash,
+        phash_mirror=phash_mirror,
         **_quality(small),
     )
     return row
@@ -428,7 +437,7 @@ _IMAGE_SCHEMA = {
     "format": pl.String, "mode": pl.String, "n_frames": pl.Int32, "exif_orientation": pl.Int32,
     "status": pl.String, "error": pl.String, "brightness": pl.Float64, "contrast": pl.Float64,
     "blur": pl.Float64, "entropy": pl.Float64, "is_grayscale": pl.Boolean,
-    "phash": pl.UInt64, "dhash": pl.UInt64,
+    "phash": pl.UInt64, "dhash": pl.UInt64, "phash_mirror": pl.UInt64,
     "path": pl.String, "path_bytes": pl.Binary, "size": pl.Int64, "mtime_ns": pl.Int64,
     "sidecar_mtime_ns": pl.Int64, "caption": pl.String, "sidecar_unread": pl.Boolean,
 }
@@ -466,9 +475,9 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
     )
     con.execute(
         """
-        INSERT INTO hashes
-        SELECT DISTINCT ON (image_id) image_id, phash, dhash FROM ingest_batch WHERE phash IS NOT NULL
-        ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash
+        INSERT INTO hashes (image_id, phash, dhash, phash_mirror)
+        SELECT DISTINCT ON (image_id) image_id, phash, dhash, phash_mirror FROM ingest_batch WHERE phash IS NOT NULL
+        ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash, phash_mirror = excluded.phash_mirror
         """
     )
     # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -58,9 +60,10 @@ def test_keep_policy_order():
     assert [m["image_id"] for m in ranked] == ["e", "d", "c", "a", "b"]
 
 
-def insert_image(con, image_id, phash, width, height, fmt="JPEG", size=1000, seq=1):
+def insert_image(con, image_id, phash, width, height, fmt="JPEG", size=1000, seq=1, mirror=None):
+    mirror = phash ^ (2**64 - 1) if mirror is None else mirror  # by default far from every planted hash
     con.execute("INSERT INTO images (image_id, status, width, height, format, bytes) VALUES (?, 'ok', ?, ?, ?, ?)", [image_id, width, height, fmt, size])
-    con.execute("INSERT INTO hashes VALUES (?, ?, 0)", [image_id, phash])
+    con.execute("INSERT INTO hashes VALUES (?, ?, 0, ?)", [image_id, phash, mirror])
     con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, ?, ?)", [f"/d/{image_id}", f"/d/{image_id}", image_id, seq])
 
 
@@ -162,3 +165,94 @@ def test_keep_and_exclude_from_the_cli(con, catalog_path):
     assert con.execute("SELECT image_id FROM dataset").fetchall() == [(small,)]
     alone = runner.invoke(app, ["keep", "c" * 8, "--catalog", str(catalog_path)])
     assert alone.exit_code == 2 and "c" * 8 in alone.output
+
+
+def test_flipped_copies_are_duplicates_and_the_mirror_search_can_be_turned_off(con, tmp_path, catalog_path):
+    """A left-right flipped repost (here also shrunk and re-encoded) is 30 or so pHash bits from its original, so only
+    the mirrored hash finds it; a symmetric image never pairs with itself, and distinct photos stay apart."""
+    from PIL import Image, ImageOps
+    from typer.testing import CliRunner
+
+    from pipelines.ingest import ingested_images
+    from workbench.cli import app
+
+    photos = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
+    folder = tmp_path / "set"
+    folder.mkdir()
+    with Image.open(photos / "chelsea.jpg") as cat:
+        cat.convert("RGB").save(folder / "cat.png")
+        ImageOps.mirror(cat.convert("RGB")).resize((cat.width // 2, cat.height // 2)).save(folder / "cat_flipped.jpg", quality=85)
+        half = cat.convert("RGB").crop((0, 0, cat.width // 2, cat.height))
+    symmetric = Image.new("RGB", (2 * half.width, half.height))
+    symmetric.paste(half, (0, 0))
+    symmetric.paste(ImageOps.mirror(half), (half.width, 0))
+    symmetric.save(folder / "symmetric.png")
+    for name in ("astronaut.jpg", "brick.jpg", "clock.jpg"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    ingested_images(con, [folder], workers=1)
+
+    counts = duplicate_groups(con)
+    assert counts["mirrored_pairs"] == 1 and counts["excluded_as_duplicates"] == 1
+    rows = con.execute(
+        "SELECT regexp_extract(v.path, '[^/]+$'), d.is_keeper, d.method, d.distance FROM images_view v "
+        "JOIN duplicates d USING (image_id) ORDER BY 2"
+    ).fetchall()
+    assert [(name, keeper, method) for name, keeper, method, _ in rows] == [("cat_flipped.jpg", False, "mirror"), ("cat.png", True, "keeper")]
+    assert rows[0][3] <= 6
+    assert con.execute("SELECT count(*) FROM duplicate_pairs WHERE method = 'phash'").fetchone()[0] == 0
+
+    result = CliRunner().invoke(app, ["dedup", "--no-mirrored", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert con.execute("SELECT count(*) FROM duplicate_pairs").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 6
+
+
+def test_catalogs_from_before_mirror_hashes_get_them_from_the_files_once(con, tmp_path):
+    from PIL import Image, ImageOps
+
+    from pipelines.ingest import ingested_images
+
+    photos = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
+    folder = tmp_path / "set"
+    folder.mkdir()
+    with Image.open(photos / "astronaut.jpg") as image:
+        image.save(folder / "a.png")
+        ImageOps.mirror(image).save(folder / "b.png")
+    with Image.open(photos / "brick.jpg") as image:
+        image.save(folder / "c.png")
+    ingested_images(con, [folder], workers=1)
+    expected = dict(con.execute("SELECT image_id, phash_mirror FROM hashes").fetchall())
+    con.execute("UPDATE hashes SET phash_mirror = NULL")  # as m007 leaves a catalog ingested before it
+    with Image.open(photos / "clock.jpg") as image:
+        image.save(folder / "c.png")  # changed since ingest: its hashes belong to the old content, not this file
+
+    counts = duplicate_groups(con)
+    assert counts["older_images_given_mirror_hashes"] == 2 and counts["older_images_without_mirror_hash"] == 1
+    assert counts["mirrored_pairs"] == 1
+    filled = dict(con.execute("SELECT image_id, phash_mirror FROM hashes WHERE phash_mirror IS NOT NULL").fetchall())
+    assert filled == {k: v for k, v in expected.items() if k in filled} and len(filled) == 2
+    again = duplicate_groups(con)
+    assert "older_images_given_mirror_hashes" not in again and again["mirrored_pairs"] == 1
+
+
+def test_between_two_images_the_closest_pair_of_the_best_method_is_shown():
+    from pipelines.dedup import _edge_rank
+
+    assert _edge_rank("phash", 6) < _edge_rank("mirror", 0) < _edge_rank("embedding", 0.99)
+    assert _edge_rank("mirror", 2) < _edge_rank("mirror", 5)
+    assert _edge_rank("embedding", 0.99) < _edge_rank("embedding", 0.96)  # a cosine: higher is closer
+
+
+@pytest.mark.parametrize("sizes", [(40, 60), (5000, 4000)])  # the direct comparison, then the block search
+def test_searching_one_set_against_another_finds_exactly_the_brute_force_pairs(sizes):
+    from pipelines.dedup import hamming_pairs_between
+
+    hashes = planted_hashes(sizes[1], seed=3)
+    rng = np.random.default_rng(4)
+    queries = rng.integers(0, 2**63, size=sizes[0], dtype=np.int64).astype(np.uint64)
+    close = rng.choice(sizes[0], size=sizes[0] // 4, replace=False)
+    queries[close] = hashes[rng.integers(0, sizes[1], size=len(close))] ^ np.uint64(0b1011)  # 3 bits away
+    i, j, distance = hamming_pairs_between(queries, hashes, 6)
+    truth = {(int(q), int(h)) for q, h in zip(*np.nonzero(np.bitwise_count(queries[:, None] ^ hashes[None, :]) <= 6))}
+    assert set(zip(i.tolist(), j.tolist())) == truth and len(i) == len(truth) >= len(close)
+    assert (distance == np.bitwise_count(queries[i] ^ hashes[j])).all()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import pipelines.ingest as ingest_mod
 from pipelines.ingest import ingested_images, read_image_file
@@ -205,9 +205,11 @@ def test_hashes_match_the_imagehash_definitions():
     assert len(files) >= 10
     for path in files:
         image = Image.open(path).convert("RGB")
-        phash, dhash = _hashes(image)
+        phash, dhash, phash_mirror = _hashes(image)
         assert phash == int(str(imagehash.phash(image)), 16), path.name
         assert dhash == int(str(imagehash.dhash(image)), 16), path.name
+        assert phash_mirror == int(str(imagehash.phash(ImageOps.mirror(image))), 16), path.name
+        assert bin(phash ^ phash_mirror).count("1") > 6, path.name  # a photo and its mirror are far apart in pHash
 
 
 def test_raising_the_pixel_cap_rereads_the_files_it_rejected(con, tmp_path):

@@ -37,7 +37,7 @@ def synthetic_rows(con: duckdb.DuckDBPyConnection, n: int, *, folder: str = "/sy
         [folder, folder, n],
     )
     con.execute(
-        "INSERT INTO hashes SELECT sha256(i::VARCHAR), hash(i)::UBIGINT, hash(i + 1)::UBIGINT FROM range(?) t(i)",
+        "INSERT INTO hashes SELECT sha256(i::VARCHAR), hash(i)::UBIGINT, hash(i + 1)::UBIGINT, hash(i + 2)::UBIGINT FROM range(?) t(i)",
         [n],
     )
     words = ["a photo of a dog", "a cat on a sofa", "a red car", "a mountain lake", "a bowl of fruit"]

@@ -162,10 +162,11 @@ def dedup(
     catalog: CatalogOpt = None,
     threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes.")] = 6,
     drop_embedding_pairs: Annotated[bool, typer.Option("--drop-embedding-pairs", help="Forget the CLIP pairs `score --dedup` added (undoes them).")] = False,
+    mirrored: Annotated[bool, typer.Option("--mirrored/--no-mirrored", help="Also count left-right flipped copies as duplicates (their mirrored pHash is compared).")] = True,
 ) -> None:
     """Group exact and near-duplicate images; keep the best copy of each group, exclude the rest.
 
-    Example: workbench dedup --threshold 6   (add --drop-embedding-pairs to undo `score --dedup`)
+    Example: workbench dedup --threshold 6   (add --no-mirrored to keep flipped copies, --drop-embedding-pairs to undo `score --dedup`)
     """
     from pipelines.dedup import duplicate_groups
 
@@ -173,7 +174,7 @@ def dedup(
         fail("--threshold must be between 0 and 16 bits.")
     con = open_catalog(catalog)
     with RichProgress() as progress:
-        summary = duplicate_groups(con, threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, progress=progress)
+        summary = duplicate_groups(con, threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, mirrored=mirrored, progress=progress)
     console.print(counts_table("dedup", summary))
 
 
