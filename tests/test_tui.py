@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -833,7 +834,18 @@ def test_pipeline_rejects_bad_settings_before_running(synthetic_catalog):
             await pilot.pause(0.3)
             assert screen.running is None
             assert any("threshold must be a whole number" in n.message for n in app._notifications)
+            screen.query_one("#set-dedup-threshold").value = "6"
+            screen.query_one("#set-dedup-mirrored").value = "maybe"
+            await pilot.click("#run-dedup")
+            await pilot.pause(0.3)
+            assert screen.running is None
+            assert any("flipped must be yes or no, not 'maybe'" in n.message for n in app._notifications)
             assert query_count(app, "SELECT count(*) FROM runs") == 0
+            screen.query_one("#set-dedup-mirrored").value = "no"
+            await pilot.click("#run-dedup")
+            await wait_for(pilot, lambda: screen.running is None and query_count(app, "SELECT count(*) FROM runs") == 1, what="dedup run")
+            params = app.con.execute("SELECT params FROM runs WHERE step = 'dedup'").fetchone()[0]
+            assert json.loads(params)["mirrored"] is False, params
 
     asyncio.run(scenario())
 

@@ -17,7 +17,7 @@ from workbench.progress import ProgressHook
 
 @dataclass(frozen=True)
 class Setting:
-    """One editable setting of a step; `kind` is int, float, str, 'paths' or 'optional_float'."""
+    """One editable setting of a step; `kind` is int, float, str, 'paths', 'optional_int', 'optional_float' or 'yes_no'."""
 
     name: str
     label: str
@@ -48,6 +48,11 @@ def parse_settings(spec: StepSpec, raw: dict[str, str]) -> dict[str, Any]:
                 values[setting.name] = float(text) if text else None
             elif setting.kind == "optional_int":
                 values[setting.name] = int(text) if text else None
+            elif setting.kind == "yes_no":
+                answer = {"yes": True, "y": True, "no": False, "n": False}.get(text.lower())
+                if answer is None:
+                    raise ValueError(text)
+                values[setting.name] = answer
             elif setting.kind is int:
                 values[setting.name] = int(text)
             elif setting.kind is float:
@@ -55,7 +60,7 @@ def parse_settings(spec: StepSpec, raw: dict[str, str]) -> dict[str, Any]:
             else:
                 values[setting.name] = text or None
         except ValueError:
-            kind = {int: "a whole number", float: "a number"}.get(setting.kind, "a number")
+            kind = {int: "a whole number", float: "a number", "yes_no": "yes or no"}.get(setting.kind, "a number")
             raise ValueError(f"{spec.label}: {setting.label} must be {kind}, not {text!r}.") from None
     return values
 
@@ -84,7 +89,7 @@ def run_ingest(con, s, progress, project: Path):
 def run_dedup(con, s, progress, project):
     from pipelines.dedup import duplicate_groups
 
-    return _summary(duplicate_groups(con, threshold=s["threshold"], progress=progress))
+    return _summary(duplicate_groups(con, threshold=s["threshold"], mirrored=s["mirrored"], progress=progress))
 
 
 def run_caption(con, s, progress, project):
@@ -152,7 +157,8 @@ STEPS: tuple[StepSpec, ...] = (
               Setting("workers", "workers", "", "optional_int"))),
     StepSpec("dedup", "Dedup", run_dedup,
              "SELECT count(DISTINCT group_id) AS groups, count(*) FILTER (NOT is_keeper) AS duplicates FROM duplicates",
-             (Setting("threshold", "threshold", "6", int, "pHash bits"),)),
+             (Setting("threshold", "threshold", "6", int, "pHash bits"),
+              Setting("mirrored", "flipped", "yes", "yes_no", "copies too: yes/no"))),
     StepSpec("caption", "Caption", run_caption,
              "SELECT count(DISTINCT image_id) AS captioned FROM captions WHERE source LIKE 'model:%'",
              (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "8", int), Setting("template", "template", ""))),
