@@ -1242,3 +1242,67 @@ def test_a_folder_given_as_catalog_exits_with_a_message(tmp_path):
     app = asyncio.run(scenario())
     assert app.return_code == 2
     assert app.failure == f"{tmp_path} is a folder, not a catalog file."
+
+
+def test_text_that_looks_like_markup_is_shown_as_typed_on_every_screen(synthetic_catalog):
+    """Brackets in SQL, paths, messages and form fields are text: `[/]` once crashed the app from the SQL history,
+    the pipeline log and the train form, and `[v1]` vanished from a path."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            screen.query_one("#editor").load_text("SELECT '[b]bold[/b] [/]' AS x")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#history").option_count == 1, what="history")
+            assert "[b]bold[/b] [/]" in str(screen.query_one("#history").get_option_at_index(0).prompt)
+            screen.query_one("#editor").load_text("SELECT nope FROM images")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "nope" in text_of(app, "#sql-status"), what="error")
+            assert "\\n" not in text_of(app, "#sql-status") and screen.query_one("#results").row_count == 0
+
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "PipelineScreen", what="pipeline")
+            screen = app.screen
+            screen.query_one("#set-ingest-folders").value = "nope/x[/]"
+            await pilot.click("#run-ingest")
+            await wait_for(pilot, lambda: screen.running is None and "nope/x[/]" in "\n".join(
+                str(line.text) for line in screen.query_one("#log").lines), what="the error in the log")
+
+            await pilot.press("f7")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "TrainScreen" and app.screen.ready, what="train form")
+            screen = app.screen
+            screen.query_one("#field-max_train_steps").value = "[/red]"
+            await pilot.click("#train")
+            await wait_for(pilot, lambda: "[/red]" in text_of(app, "#train-error"), what="the form error")
+            screen.query_one("#field-max_train_steps").value = "0"
+            await pilot.click("#train")
+            await wait_for(pilot, lambda: "'steps' must be at least 1" in text_of(app, "#train-error"), what="the form's words")
+            assert "--" not in text_of(app, "#train-error") and text_of(app, "#train-state") == "not started"
+            screen.query_one("#field-max_train_steps").value = "2"
+            screen.query_one("#field-output_dir").value = "runs/lora [v1]"
+            assert screen.config().output_dir == str(synthetic_catalog.parent / "runs" / "lora [v1]")  # beside the catalog
+            assert app.return_code is None  # still running: nothing crashed
+
+    asyncio.run(scenario())
+
+
+def test_trainer_messages_use_the_forms_words():
+    from tui.train_screen import form_message
+
+    assert form_message("--max-train-steps must be at least 1") == "'steps' must be at least 1"
+    assert form_message("x already holds a training run: continue it with --resume latest, or give another --output-dir.") == (
+        "x already holds a training run: continue it with Resume, or give another 'output folder'.")
+    assert form_message("--num-class-images must be 1 or more") == "num_class_images must be 1 or more"
+
+
+def test_a_word_that_names_a_column_is_a_text_search_not_a_condition(synthetic_catalog):
+    """`caption` or `error` bind as SQL (WHERE casts any value to true/false) and then failed on the first row."""
+    from tui.queries import Filter
+
+    con = connect(synthetic_catalog)
+    for word in ("caption", "error", "format", "512"):
+        condition, params, kind = Filter(word).where(con)
+        assert kind == "text", word
+        con.execute(f"SELECT count(*) FROM images_view WHERE {condition}", params).fetchall()  # runs on every row
+    assert Filter("is_grayscale").where(con)[2] == "sql" and Filter("width > 5").where(con)[2] == "sql"
+    con.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Center, Horizontal, Vertical
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Static
+
+from tui.safe_text import markup_safe
 
 
 class LockedScreen(Screen[None]):
@@ -35,7 +37,7 @@ class LockedScreen(Screen[None]):
         yield Header()
         with Vertical(id="locked-box"):
             yield Label("[b]Catalog in use[/b]")
-            yield Static(self.message, id="locked-message")
+            yield Static(markup_safe(self.message), id="locked-message")
             yield Label("", id="locked-state")
             with Horizontal():
                 yield Button("Retry", id="retry", variant="primary")

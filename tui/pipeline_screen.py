@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, RichLog, Static
 
 from tui.messages import CatalogChanged, StepFinished, StepProgress
+from tui.safe_text import markup_safe
 from tui.size_classes import SizeClasses
 from tui.steps import STEPS, STEPS_BY_NAME, StepSpec, parse_settings, step_counts
 from tui.workers import cancellable_progress, people_message
@@ -196,7 +197,7 @@ class PipelineScreen(SizeClasses, Screen):
         state = f"{message.task} {message.completed:,}" + (f"/{message.total:,}" if message.total else "")
         self.query_one(f"#state-{message.step}", Label).update(state)
         if message.message:
-            self.query_one("#log", RichLog).write(f"[dim]{time.strftime('%H:%M:%S')}[/] {message.step}: {message.message}")
+            self.query_one("#log", RichLog).write(f"[dim]{time.strftime('%H:%M:%S')}[/] {message.step}: {markup_safe(message.message)}")
 
     @on(StepFinished)
     def _finished(self, message: StepFinished) -> None:
@@ -211,11 +212,11 @@ class PipelineScreen(SizeClasses, Screen):
             bar.update(total=bar.total or 1, progress=bar.total or 1)
             state.update(f"[green]done[/] in {message.seconds:.1f} s")
             shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (message.summary or {}).items())
-            log.write(f"[green]✔[/] {message.step} finished in {message.seconds:.1f} s: {shown}")
+            log.write(f"[green]✔[/] {message.step} finished in {message.seconds:.1f} s: {markup_safe(shown)}")
         else:
             colour = "yellow" if message.status == "cancelled" else "red"
             state.update(f"[{colour}]{message.status}[/]")
-            log.write(f"[{colour}]✘ {message.step} {message.status}:[/] {message.error}")
+            log.write(f"[{colour}]✘ {message.step} {message.status}:[/] {markup_safe(message.error or '')}")
             self.notify(message.error or message.status, title=f"{message.step} {message.status}",
                         severity="warning" if message.status == "cancelled" else "error", timeout=10)
         self.post_message(CatalogChanged(message.step))

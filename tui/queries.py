@@ -53,8 +53,13 @@ def _where_clause_problem(cur: duckdb.DuckDBPyConnection, text: str) -> str | No
         if len(duckdb.extract_statements(sql)) != 1 or not is_read_only_sql(sql):
             return "only one condition is allowed, no further statements"
         cur.execute(sql)
+        # WHERE casts any value to true/false, so a lone column name or number binds too: `caption` would then
+        # fail on the first row that is not 'true'. A word that is no condition is a plain-text search.
+        kind = cur.execute(f"DESCRIBE SELECT ({text}) AS condition FROM images_view").fetchall()[0][1]
     except (duckdb.Error, CatalogError) as error:
         return str(error).split("\n")[0]
+    if kind not in ("BOOLEAN", '"NULL"', "NULL"):
+        return f"it is a {kind} value, not a true/false condition"
     return None
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+from rich.text import Text
 from textual import on, work
 from textual.actions import SkipAction
 from textual.app import ComposeResult
@@ -22,7 +23,7 @@ from tui.confirm import Confirm
 from tui.image_table import cell, is_number
 from tui.messages import CatalogChanged
 from tui.page_table import PageTable
-from tui.safe_text import markup_safe
+from tui.safe_text import markup_safe, visible
 from tui.workers import people_message
 from workbench.catalog import CatalogError, is_read_only_sql, run_sql
 
@@ -237,7 +238,7 @@ class SqlScreen(Screen):
         self.last_sql = message.sql
         if not self.history or self.history[-1] != message.sql:
             self.history.append(message.sql)
-            self.query_one("#history", OptionList).add_option(Option(" ".join(message.sql.split())[:80]))
+            self.query_one("#history", OptionList).add_option(Option(Text(visible(" ".join(message.sql.split())[:80]))))  # Text: never read as markup
         first = message.rows[0] if message.rows else None
         self.query_one("#results", PageTable).set_rows(
             message.columns,
@@ -255,7 +256,9 @@ class SqlScreen(Screen):
     def _failed(self, message: _Failed) -> None:
         if not self._current(message.query):
             return
-        self.query_one("#sql-status", Label).update(f"[red]{markup_safe(message.error)}[/]")  # errors quote the SQL's data
+        # the status line holds the error's first line (its details are in the toast); errors quote the SQL's data
+        self.query_one("#sql-status", Label).update(f"[red]{markup_safe((message.error.splitlines() or [''])[0])}[/]")
+        self.query_one("#results", PageTable).set_rows([], [])  # not the previous query's rows under this error
         self.notify(message.error, title="SQL", severity="error", timeout=8)
 
     @on(OptionList.OptionSelected, "#history")
@@ -306,7 +309,7 @@ class SqlScreen(Screen):
         if not path.is_absolute():
             path = self.app.catalog_path.resolve().parent / path
         if path.is_dir() or not path.parent.is_dir():
-            self.notify(f"Cannot write {markup_safe(str(path))}: give a file name in an existing folder.", severity="error")
+            self.notify(f"Cannot write {path}: give a file name in an existing folder.", severity="error")  # toasts never read markup
             return
         if path.exists():
             def answered(replace: bool | None) -> None:
@@ -342,5 +345,5 @@ class SqlScreen(Screen):
 
     @on(_Exported)
     def _exported(self, message: _Exported) -> None:
-        self.query_one("#sql-status", Label).update(f"exported to {message.path}")
+        self.query_one("#sql-status", Label).update(f"exported to {markup_safe(str(message.path))}")
         self.notify(f"wrote {message.path}", title="Export")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,23 @@ FIELDS = (
     ("device", "device (cpu/cuda)", str),
     ("output_dir", "output folder", str),
 )
+FIELD_LABELS = {name: label for name, label, _ in FIELDS}
+FIELD_PLACEHOLDERS = {"output_dir": "empty: runs/… beside the catalog"}
+_OPTION = re.compile(r"--([a-z][a-z0-9-]*)")
+
+
+def form_message(text: str) -> str:
+    """A trainer message in the form's words: an option the form shows is named by its label, any other by the
+    KEY that "more settings" takes, and `--resume latest` is the Resume button."""
+    def named(match: re.Match) -> str:
+        key = match.group(1).replace("-", "_")
+        if key == "resume":
+            return "Resume"
+        return f"'{FIELD_LABELS[key]}'" if key in FIELD_LABELS else key
+    text = text.replace("--resume latest", "--resume").replace("the command line", "the form")
+    return _OPTION.sub(named, text)
+
+
 # Starting values per preset: tiny trains in seconds on a CPU; real presets use the trainer's defaults.
 PRESET_VALUES = {
     "tiny": {"resolution": "64", "max_train_steps": "20", "train_batch_size": "2", "learning_rate": "0.001",
@@ -146,7 +164,7 @@ class TrainScreen(SizeClasses, Screen):
                 yield Select([("tiny", "tiny")], value="tiny", allow_blank=False, id="preset")  # the rest load in on_mount
                 for name, label, _ in FIELDS:
                     yield Label(label)
-                    yield Input(id=f"field-{name}", compact=True)
+                    yield Input(id=f"field-{name}", compact=True, placeholder=FIELD_PLACEHOLDERS.get(name, ""))
                 yield Label("more settings (KEY=VALUE; ...)")
                 yield Input(placeholder="snr_gamma=5; random_flip=true", id="field-more", compact=True)
             with Vertical(id="train-live"):
@@ -214,21 +232,22 @@ class TrainScreen(SizeClasses, Screen):
             except ValueError:
                 raise ValueError(f"{label} must be {'a whole number' if kind is int else 'a number'}, not {text!r}.") from None
         values.update(parse_more(self.query_one("#field-more", Input).value))
-        if "output_dir" not in values:  # an empty folder field: a new folder, or for Resume the latest run's
-            from pipelines.train.run import default_output_dir
+        from pipelines.train.run import catalog_project_dir, default_output_dir
 
-            cur = self.app.con.cursor()  # workers may be using the main connection
-            try:
-                if resume:
-                    row = cur.execute("SELECT output_dir FROM training_runs WHERE mode = ? ORDER BY train_id DESC LIMIT 1",
-                                      [values["mode"]]).fetchone()
-                    if row is None:
-                        raise ValueError(f"There is no earlier {values['mode']} run to resume: type its output folder.")
-                    values["output_dir"] = row[0]
-                else:
-                    values["output_dir"] = str(default_output_dir(cur, values["mode"]))
-            finally:
-                cur.close()
+        cur = self.app.con.cursor()  # workers may be using the main connection
+        try:
+            if "output_dir" in values:  # relative to the catalog's folder, as ingest folders and SQL exports are
+                values["output_dir"] = str(catalog_project_dir(cur) / Path(values["output_dir"]).expanduser())
+            elif resume:  # an empty folder field: for Resume the latest run's, else a new folder
+                row = cur.execute("SELECT output_dir FROM training_runs WHERE mode = ? ORDER BY train_id DESC LIMIT 1",
+                                  [values["mode"]]).fetchone()
+                if row is None:
+                    raise ValueError(f"There is no earlier {values['mode']} run to resume: type its output folder.")
+                values["output_dir"] = row[0]
+            else:
+                values["output_dir"] = str(default_output_dir(cur, values["mode"]))
+        finally:
+            cur.close()
         if resume:
             values["resume"] = "latest"
         return load_train_config(None, values)
@@ -254,7 +273,8 @@ class TrainScreen(SizeClasses, Screen):
         try:
             config = self.config(resume=resume)
         except Exception as error:  # ConfigError, ValueError, a missing trainer module
-            error_label.update(f"[red]{people_message(error)}[/]")
+            error_label.update(f"[red]{markup_safe(form_message(people_message(error)))}[/]")
+            self.query_one("#train-state", Label).update("not started")  # not the previous run's outcome under this error
             return
         error_label.update("")
         self.output_dir = Path(config.output_dir)
@@ -305,7 +325,7 @@ class TrainScreen(SizeClasses, Screen):
     @on(StepProgress)
     def _on_progress(self, message: StepProgress) -> None:
         if message.message:
-            self.query_one("#train-state", Label).update(f"{message.task}: {message.message}")
+            self.query_one("#train-state", Label).update(markup_safe(f"{message.task}: {message.message}"))
         if message.task != "train" or not message.total:
             return
         self.query_one("#train-bar", ProgressBar).update(total=message.total, progress=message.completed)
@@ -329,11 +349,11 @@ class TrainScreen(SizeClasses, Screen):
         if message.status == "ok":
             text = ", ".join(f"{k} {v}" for k, v in (message.summary or {}).items())
             self.query_one("#train-state", Label).update(
-                f"[green]finished[/] in {message.seconds:.0f} s: {text} · outputs in {markup_safe(str(self.output_dir))}")
+                f"[green]finished[/] in {message.seconds:.0f} s: {markup_safe(text)} · outputs in {markup_safe(str(self.output_dir))}")
             self.notify("Training finished.", title="Train")
         else:
-            self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {markup_safe(message.error or '')}")
-            self.notify(message.error or message.status, title=f"Train {message.status}",
+            self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {markup_safe(form_message(message.error or ''))}")
+            self.notify(form_message(message.error or message.status), title=f"Train {message.status}",
                         severity="warning" if message.status == "cancelled" else "error", timeout=10)
         self.post_message(CatalogChanged("train"))
 
