@@ -360,6 +360,13 @@ def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, in
     return regroup_duplicates(con)
 
 
+def kept_but_excluded(con: duckdb.DuckDBPyConnection, image_id: str) -> str | None:
+    """Why a copy kept by hand is out of the dataset all the same (a filter or a manual exclusion), else None:
+    its group then gives the dataset no copy of the picture."""
+    row = con.execute("SELECT exclusion_reason FROM images_view WHERE image_id = ? AND excluded", [image_id]).fetchone()
+    return row[0] if row else None
+
+
 _PAIR_SCHEMA = {"image_a": pl.String, "image_b": pl.String, "distance": pl.Float64}
 _NO_PAIRS = pl.DataFrame(schema=_PAIR_SCHEMA)
 

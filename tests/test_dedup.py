@@ -163,6 +163,9 @@ def test_keep_and_exclude_from_the_cli(con, catalog_path):
     kept = runner.invoke(app, ["keep", small[:8], "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert kept.exit_code == 0, kept.output
     assert con.execute("SELECT image_id FROM dataset").fetchall() == [(small,)]
+    excluded_keep = runner.invoke(app, ["keep", big[:8], "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert excluded_keep.exit_code == 0 and "is itself excluded (manual: bad crop)" in excluded_keep.output
+    assert f"workbench include {big[:12]}" in excluded_keep.output
     alone = runner.invoke(app, ["keep", "c" * 8, "--catalog", str(catalog_path)])
     assert alone.exit_code == 2 and "c" * 8 in alone.output
 

@@ -787,6 +787,23 @@ def test_duplicates_selection_follows_the_image_and_x_on_a_duplicate_says_to_kee
             await wait_for(pilot, lambda: exclusions(app, other) == ["dedup"], what="manual exclusion lifted")
             await wait_for(pilot, lambda: any("stays excluded as a duplicate" in n.message for n in app._notifications), what="said so")
 
+            # Excluding the kept copy says its copies stay out; keeping a copy that is itself excluded warns that
+            # the picture then has no copy in the dataset.
+            await pilot.press("left")
+            await wait_for(pilot, lambda: screen.members[screen.selected]["image_id"] == old_keeper)
+            await pilot.press("x")
+            await wait_for(pilot, lambda: any("its copies stay excluded as duplicates" in n.message for n in app._notifications), what="copies stay")
+            await pilot.press("right")
+            await wait_for(pilot, lambda: screen.members[screen.selected]["image_id"] == other)
+            await pilot.press("k")
+            await wait_for(pilot, lambda: screen.members[0]["image_id"] == other, what="the other copy kept")
+            assert not any("is itself excluded" in n.message for n in app._notifications)
+            await wait_for(pilot, lambda: screen.members[screen.selected]["image_id"] == other)
+            await pilot.press("right")
+            await wait_for(pilot, lambda: screen.members[screen.selected]["image_id"] == old_keeper)
+            await pilot.press("k")  # the copy excluded by hand
+            await wait_for(pilot, lambda: any("is itself excluded" in n.message and n.severity == "warning" for n in app._notifications), what="warned")
+
     asyncio.run(scenario())
 
 

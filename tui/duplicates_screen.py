@@ -153,6 +153,7 @@ class DuplicatesScreen(SizeClasses, Screen):
     @dataclass
     class _Changed(Message):
         text: str
+        severity: str = "information"
 
     @dataclass
     class _Failed(Message):
@@ -301,17 +302,25 @@ class DuplicatesScreen(SizeClasses, Screen):
     @work(thread=True, exclusive=True, group="dup-change")
     def _change(self, what: str, image_id: str) -> None:
         cur = self.app.con.cursor()
+        severity = "information"
         try:
             if what == "keep":
-                from pipelines.dedup import choose_keeper
+                from pipelines.dedup import choose_keeper, kept_but_excluded
 
                 choose_keeper(cur, image_id)
                 text = f"kept {image_id[:12]}; the group was recomputed"
+                reason = kept_but_excluded(cur, image_id)
+                if reason:
+                    text += f". It is itself excluded ({reason}), so the dataset has no copy of this picture: x includes it."
+                    severity = "warning"
             elif what == "exclude":
                 from pipelines.filter import manual_exclusions
 
+                was_kept = cur.execute("SELECT is_keeper FROM duplicates WHERE image_id = ?", [image_id]).fetchone()
                 manual_exclusions(cur, [image_id], "excluded in duplicates review")
                 text = f"excluded {image_id[:12]}"
+                if was_kept and was_kept[0]:
+                    text += "; its copies stay excluded as duplicates (press k on one to keep it instead)"
             else:
                 from pipelines.filter import manual_inclusions
 
@@ -327,11 +336,11 @@ class DuplicatesScreen(SizeClasses, Screen):
             return
         finally:
             cur.close()
-        self.post_message(self._Changed(text))
+        self.post_message(self._Changed(text, severity))
 
     @on(_Changed)
     def _changed(self, message: _Changed) -> None:
-        self.notify(message.text, title="Duplicates")
+        self.notify(message.text, title="Duplicates", severity=message.severity, timeout=10 if message.severity == "warning" else 5)
         self.post_message(CatalogChanged("duplicates"))
         self.seen_version = self.app.catalog_version + 1
         self._load_groups(self.group_ids[self.position] if self.group_ids else None)

@@ -657,7 +657,7 @@ def keep(
     Example: workbench keep 3fa9c2d1e0
     """
     from pipelines.concepts import resolve_image_ids
-    from pipelines.dedup import choose_keeper
+    from pipelines.dedup import choose_keeper, kept_but_excluded
 
     con = open_catalog(catalog)
     try:
@@ -669,6 +669,10 @@ def keep(
                         [found]).fetchall()[0][0]
     others = "its other copy is" if group == 2 else f"its {group - 1} other copies are"
     console.print(Text(f"kept {found[:12]}; {others} excluded as duplicates"))
+    reason = kept_but_excluded(con, found)
+    if reason:
+        err_console.print(Text(f"Note: {found[:12]} is itself excluded ({reason}), so the dataset has no copy of this picture: "
+                               f"`workbench include {found[:12]}` brings it in, or keep another copy.", style="yellow"))
 
 
 @app.command()
