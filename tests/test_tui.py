@@ -1323,3 +1323,25 @@ def test_a_word_that_names_a_column_is_a_text_search_not_a_condition(synthetic_c
         con.execute(f"SELECT count(*) FROM images_view WHERE {condition}", params).fetchall()  # runs on every row
     assert Filter("is_grayscale").where(con)[2] == "sql" and Filter("width > 5").where(con)[2] == "sql"
     con.close()
+
+
+def test_the_screen_in_view_shows_a_change_made_in_the_background(synthetic_catalog):
+    """A pipeline step or a training run ends while Browse is shown: its rows reload then, not on the next visit."""
+    from tui.messages import CatalogChanged
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="first page")
+            box = app.screen.query_one("#filter")
+            box.value = "excluded"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            before = query_count(app, "SELECT count(*) FROM images_view WHERE excluded")
+            await wait_for(pilot, lambda: f"of {before:,} · SQL filter" in text_of(app, "#table-status"), what="filtered")
+            app.con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT image_id, 'manual', 'test' FROM images "
+                            "WHERE image_id NOT IN (SELECT image_id FROM exclusions) LIMIT 7")
+            app.post_message(CatalogChanged("pipeline"))  # as a step's worker does when it ends
+            await wait_for(pilot, lambda: f"of {before + 7:,} · SQL filter" in text_of(app, "#table-status"), what="reloaded")
+
+    asyncio.run(scenario())

@@ -120,6 +120,11 @@ class WorkbenchApp(App[None]):
 
     def on_catalog_changed(self, message: CatalogChanged) -> None:
         self.catalog_version += 1
+        # Steps and training run on while another screen is shown: the screen in view shows their result now,
+        # not when it is next opened. (A screen that made the change itself has already counted it as seen.)
+        refresh = getattr(self.screen, "refresh_if_stale", None)
+        if refresh is not None:
+            self.call_later(refresh)
 
     def on_work_failed(self, message: WorkFailed) -> None:
         self.notify(message.error, title=message.title, severity="error", timeout=8)

@@ -121,6 +121,10 @@ class BrowserScreen(SizeClasses, Screen):
         self.seen_version = self.app.catalog_version
 
     def on_screen_resume(self) -> None:
+        self.refresh_if_stale()
+
+    def refresh_if_stale(self) -> None:
+        """Reload the rows if the catalog changed since they were read."""
         if getattr(self, "seen_version", None) not in (None, self.app.catalog_version):
             self.seen_version = self.app.catalog_version
             self.query_one(ImageTable).reload(keep_position=True)

@@ -179,6 +179,10 @@ class DuplicatesScreen(SizeClasses, Screen):
         self._load_groups(None)
 
     def on_screen_resume(self) -> None:
+        self.refresh_if_stale()
+
+    def refresh_if_stale(self) -> None:
+        """Reload the groups if the catalog changed since they were read."""
         if self.seen_version != self.app.catalog_version:
             self.seen_version = self.app.catalog_version
             self._load_groups(self.group_ids[self.position] if self.group_ids else None)

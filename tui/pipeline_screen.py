@@ -213,6 +213,8 @@ class PipelineScreen(SizeClasses, Screen):
             state.update(f"[green]done[/] in {message.seconds:.1f} s")
             shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (message.summary or {}).items())
             log.write(f"[green]✔[/] {message.step} finished in {message.seconds:.1f} s: {markup_safe(shown)}")
+            if self.app.screen is not self:  # its log is out of sight
+                self.notify(f"{message.step} finished: {shown}", title="Pipeline")
         else:
             colour = "yellow" if message.status == "cancelled" else "red"
             state.update(f"[{colour}]{message.status}[/]")
