@@ -1345,3 +1345,28 @@ def test_the_screen_in_view_shows_a_change_made_in_the_background(synthetic_cata
             await wait_for(pilot, lambda: f"of {before + 7:,} · SQL filter" in text_of(app, "#table-status"), what="reloaded")
 
     asyncio.run(scenario())
+
+
+def test_pipeline_settings_start_from_what_each_step_last_ran_with(synthetic_catalog):
+    """Run all must repeat the curation done from the CLI, not the defaults (buckets at 512 over a set bucketed at 64)."""
+    from pipelines.buckets import aspect_buckets
+    from pipelines.dedup import duplicate_groups
+    from pipelines.filter import FilterRules, filtered_dataset
+
+    con = connect(synthetic_catalog)
+    aspect_buckets(con, resolution=64)
+    filtered_dataset(con, FilterRules().with_overrides(min_side=100, max_aspect=2.5, min_clip_score=None))
+    duplicate_groups(con, threshold=4, mirrored=False)
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            value = lambda box: screen.query_one(f"#set-{box}").value  # noqa: E731
+            await wait_for(pilot, lambda: value("buckets-resolution") == "64", what="restored settings")
+            assert (value("filter-min_side"), value("filter-max_aspect"), value("filter-min_clip_score")) == ("100", "2.5", "")
+            assert (value("dedup-threshold"), value("dedup-mirrored")) == ("4", "no")
+            assert value("caption-model") == "tiny"  # never run: the default
+
+    asyncio.run(scenario())

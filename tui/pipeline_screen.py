@@ -16,7 +16,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, R
 from tui.messages import CatalogChanged, StepFinished, StepProgress
 from tui.safe_text import markup_safe
 from tui.size_classes import SizeClasses
-from tui.steps import STEPS, STEPS_BY_NAME, StepSpec, parse_settings, step_counts
+from tui.steps import STEPS, STEPS_BY_NAME, StepSpec, last_settings, parse_settings, step_counts
 from tui.workers import cancellable_progress, people_message
 from workbench.progress import StepCancelled
 
@@ -72,6 +72,10 @@ class PipelineScreen(SizeClasses, Screen):
     class _Counts(Message):
         counts: dict
 
+    @dataclass
+    class _LastSettings(Message):
+        settings: dict
+
     def __init__(self) -> None:
         super().__init__()
         self.running: str | None = None
@@ -96,6 +100,23 @@ class PipelineScreen(SizeClasses, Screen):
             ingest.value = "sample_data" if sample.is_dir() else ""
             ingest.placeholder = "folders to ingest (relative to the catalog's folder)"
         self.refresh_counts()
+        self._load_last_settings()
+
+    @work(thread=True, exclusive=True, group="pipeline-settings")
+    def _load_last_settings(self) -> None:
+        try:
+            settings = last_settings(self.app.con)
+        except Exception:  # a busy or older catalog: the defaults stay
+            return
+        self.post_message(self._LastSettings(settings))
+
+    @on(_LastSettings)
+    def _show_last_settings(self, message: _LastSettings) -> None:
+        for step, values in message.settings.items():
+            for setting in STEPS_BY_NAME[step].settings:
+                box = self.query_one(f"#set-{step}-{setting.name}", Input)
+                if setting.name in values and box.value == setting.default:  # never over what was typed meanwhile
+                    box.value = values[setting.name]
 
     def on_screen_resume(self) -> None:
         self.refresh_counts()

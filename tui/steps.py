@@ -185,6 +185,46 @@ STEPS: tuple[StepSpec, ...] = (
 STEPS_BY_NAME = {step.name: step for step in STEPS}
 
 
+# Steps whose form starts from the settings they last ran with (from the TUI or the CLI), so Run all repeats
+# what was done rather than the defaults (buckets at 512 over a set bucketed at 64). Ingest has its own rule
+# (empty folders: the last ingest's) and class priors depend on the concepts.
+RESTORED_STEPS = ("dedup", "caption", "score", "filter", "buckets")
+
+
+def setting_text(setting: Setting, value: Any) -> str | None:
+    """A recorded parameter as the form's text, or None when the form cannot show it."""
+    if isinstance(value, list):  # buckets record their resolution as [width, height]
+        if len(set(value)) != 1:
+            return None
+        value = value[0]
+    if value is None:
+        return "" if str(setting.kind).startswith("optional") or setting.kind is str else None
+    if setting.kind == "yes_no":
+        return "yes" if value else "no"
+    return None if setting.kind == "paths" or isinstance(value, dict) else str(value)
+
+
+def last_settings(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
+    """Per step, the form text of the settings its last finished run used."""
+    import json
+
+    cur = con.cursor()
+    try:
+        rows = cur.execute(
+            "SELECT step, params FROM runs WHERE run_id IN (SELECT max(run_id) FROM runs WHERE status = 'ok' GROUP BY step)"
+        ).fetchall()
+    finally:
+        cur.close()
+    found: dict[str, dict[str, str]] = {}
+    for step, params in rows:
+        if step not in RESTORED_STEPS or not params:
+            continue
+        recorded = json.loads(params)
+        texts = {s.name: setting_text(s, recorded[s.name]) for s in STEPS_BY_NAME[step].settings if s.name in recorded}
+        found[step] = {name: text for name, text in texts.items() if text is not None}
+    return found
+
+
 def step_counts(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
     """Each step's counts from the catalog (a step whose tables do not exist yet gets an empty dict)."""
     cur = con.cursor()
