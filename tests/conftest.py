@@ -53,3 +53,15 @@ def sample_copy(tmp_path) -> Path:
     target = tmp_path / "sample_data"
     shutil.copytree(SAMPLE_DATA, target, symlinks=True)
     return target
+
+
+@pytest.fixture
+def synthetic_catalog(catalog_path) -> Path:
+    """250 made-up image rows (no files): fast for the TUI's tables, filters and bulk edits."""
+    from tui.synthetic import synthetic_rows
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    synthetic_rows(con, 250)
+    con.close()
+    return catalog_path

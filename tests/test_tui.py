@@ -15,7 +15,6 @@ import pytest
 
 from tui.app import WorkbenchApp
 from tui.confirm import Confirm
-from tui.synthetic import synthetic_rows
 from workbench.catalog import connect
 
 SIZE = (160, 48)
@@ -36,14 +35,6 @@ async def wait_for(pilot, predicate, timeout: float = 30.0, what: str = "conditi
 
 def text_of(app, selector: str) -> str:
     return str(app.screen.query_one(selector).render())
-
-
-@pytest.fixture
-def synthetic_catalog(catalog_path) -> Path:
-    con = connect(catalog_path)
-    synthetic_rows(con, 250)
-    con.close()
-    return catalog_path
 
 
 @pytest.fixture
@@ -295,6 +286,8 @@ def test_caption_bulk_add_token_over_filtered_rows_and_undo(synthetic_catalog):
 
             screen.query_one("#token").value = "sks"
             await pilot.click("#bulk-add")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="bulk question")
+            await pilot.press("y")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
             assert query_count(app, "SELECT count(*) FROM current_captions c JOIN images i USING (image_id) WHERE i.format <> 'PNG' AND c.caption LIKE 'sks%'") == 0
 
@@ -309,6 +302,8 @@ def test_caption_bulk_add_token_over_filtered_rows_and_undo(synthetic_catalog):
             screen.query_one("#find").value = "mountain lake"
             screen.query_one("#replace").value = "alpine tarn"
             await pilot.click("#bulk-replace")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="bulk question")
+            await pilot.press("y")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == lakes, what="replace")
             assert query_count(app, "SELECT count(*) FROM current_captions JOIN images USING (image_id) WHERE format <> 'PNG' AND caption LIKE '%alpine%'") == 0
 
@@ -458,6 +453,8 @@ def test_caption_bulk_edits_skip_broken_images_and_a_no_op_keeps_the_undo(synthe
             ok = query_count(app, "SELECT count(*) FROM images WHERE status = 'ok'")
             screen.query_one("#token").value = "sks"
             await pilot.click("#bulk-add")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="bulk question")
+            await pilot.press("y")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == ok, what="bulk add")
             assert query_count(app, "SELECT count(*) FROM captions c JOIN images i USING (image_id) WHERE i.status = 'error'") == 0
             await wait_for(pilot, lambda: not screen.query_one("#bulk-undo").disabled, what="undo offered")

@@ -89,14 +89,23 @@ def reject_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -
 
 @dataclass
 class BulkUndo:
-    """What a bulk edit replaced, so it can be put back: manual caption and choice per changed image."""
+    """What a bulk edit replaced, so it can be put back: manual caption and choice per changed image,
+    and the text the edit wrote (an image whose caption is no longer that text was edited since)."""
 
     description: str
-    previous: pa.Table  # image_id, manual_text, manual_created_at, choice
+    previous: pa.Table  # image_id, manual_text, manual_created_at, choice, written_text
 
     @property
     def changed(self) -> int:
         return self.previous.num_rows
+
+
+@dataclass
+class UndoOutcome:
+    """What undo_bulk did: images put back, and images left alone because their caption changed after the edit."""
+
+    restored: int
+    skipped: int
 
 
 def _bulk_expression(find: str | None, replace: str | None, add_token: str | None, remove_token: str | None) -> tuple[str, list, str]:
@@ -119,6 +128,38 @@ def _bulk_expression(find: str | None, replace: str | None, add_token: str | Non
     return f"array_to_string(list_filter({tags}, lambda t: t != ?), ', ')", [token], f"remove token {token!r}"
 
 
+def _changes(cur: duckdb.DuckDBPyConnection, image_ids: list[str], expression: str, params: list) -> pa.Table:
+    """(image_id, new_text) for each image in `image_ids` whose current caption the edit changes."""
+    cur.register("bulk_ids", pa.table({"image_id": pa.array(image_ids, pa.string())}))
+    try:
+        return cur.sql(
+            f"SELECT image_id, new_text FROM (SELECT b.image_id, cc.caption, {expression} AS new_text "
+            "FROM bulk_ids b LEFT JOIN current_captions cc ON cc.image_id = b.image_id) "
+            "WHERE new_text IS DISTINCT FROM caption AND trim(new_text) != ''",
+            params=params,
+        ).to_arrow_table()
+    finally:
+        cur.unregister("bulk_ids")
+
+
+def preview_bulk_edit(
+    con: duckdb.DuckDBPyConnection,
+    image_ids: list[str],
+    *,
+    find: str | None = None,
+    replace: str | None = None,
+    add_token: str | None = None,
+    remove_token: str | None = None,
+) -> tuple[str, int]:
+    """(description, how many captions bulk_edit would change): a dry run, to ask before editing."""
+    expression, params, description = _bulk_expression(find, replace, add_token, remove_token)
+    cur = con.cursor()
+    try:
+        return description, _changes(cur, image_ids, expression, params).num_rows
+    finally:
+        cur.close()
+
+
 def bulk_edit(
     con: duckdb.DuckDBPyConnection,
     image_ids: list[str],
@@ -133,17 +174,11 @@ def bulk_edit(
     expression, params, description = _bulk_expression(find, replace, add_token, remove_token)
     cur = con.cursor()
     try:
-        cur.register("bulk_ids", pa.table({"image_id": pa.array(image_ids, pa.string())}))
-        changes = cur.sql(
-            f"SELECT image_id, new_text FROM (SELECT b.image_id, cc.caption, {expression} AS new_text "
-            "FROM bulk_ids b LEFT JOIN current_captions cc ON cc.image_id = b.image_id) "
-            "WHERE new_text IS DISTINCT FROM caption AND trim(new_text) != ''",
-            params=params,
-        ).to_arrow_table()
-        cur.unregister("bulk_ids")
+        changes = _changes(cur, image_ids, expression, params)
         cur.register("bulk_changes", changes)
         previous = cur.sql(
-            "SELECT c.image_id, m.text AS manual_text, m.created_at AS manual_created_at, ch.source AS choice "
+            "SELECT c.image_id, m.text AS manual_text, m.created_at AS manual_created_at, ch.source AS choice, "
+            "c.new_text AS written_text "
             "FROM bulk_changes c LEFT JOIN captions m ON m.image_id = c.image_id AND m.source = 'manual' "
             "LEFT JOIN caption_choice ch ON ch.image_id = c.image_id"
         ).to_arrow_table()
@@ -161,22 +196,35 @@ def bulk_edit(
         cur.close()
 
 
-def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo, *, sidecars: bool = False) -> int:
-    """Put back the manual captions and choices a bulk edit replaced; returns images restored."""
+def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo, *, sidecars: bool = False) -> UndoOutcome:
+    """Put back the manual captions and choices a bulk edit replaced.
+
+    Only images whose caption in use is still the manual text the edit wrote are put back: one saved,
+    accepted or rejected since keeps that later edit (and is counted as skipped).
+    """
     cur = con.cursor()
     try:
         cur.register("undo_rows", undo.previous)
-        with transaction(cur):
-            cur.execute("DELETE FROM captions WHERE source = 'manual' AND image_id IN (SELECT image_id FROM undo_rows)")
-            cur.execute(
-                "INSERT INTO captions (image_id, source, text, created_at) "
-                "SELECT image_id, 'manual', manual_text, manual_created_at FROM undo_rows WHERE manual_text IS NOT NULL"
-            )
-            cur.execute("DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM undo_rows)")
-            cur.execute("INSERT INTO caption_choice (image_id, source) SELECT image_id, choice FROM undo_rows WHERE choice IS NOT NULL")
-        cur.unregister("undo_rows")
+        try:
+            with transaction(cur):
+                still = cur.sql(
+                    "SELECT u.image_id, u.manual_text, u.manual_created_at, u.choice FROM undo_rows u "
+                    "JOIN captions m ON m.image_id = u.image_id AND m.source = 'manual' AND m.text = u.written_text "
+                    "JOIN caption_choice ch ON ch.image_id = u.image_id AND ch.source = 'manual'"
+                ).to_arrow_table()
+                cur.register("undo_still", still)
+                cur.execute("DELETE FROM captions WHERE source = 'manual' AND image_id IN (SELECT image_id FROM undo_still)")
+                cur.execute(
+                    "INSERT INTO captions (image_id, source, text, created_at) "
+                    "SELECT image_id, 'manual', manual_text, manual_created_at FROM undo_still WHERE manual_text IS NOT NULL"
+                )
+                cur.execute("DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM undo_still)")
+                cur.execute("INSERT INTO caption_choice (image_id, source) SELECT image_id, choice FROM undo_still WHERE choice IS NOT NULL")
+                cur.unregister("undo_still")
+        finally:
+            cur.unregister("undo_rows")
         if sidecars:
-            write_sidecars(cur, undo.previous.column("image_id").to_pylist())
-        return undo.changed
+            write_sidecars(cur, still.column("image_id").to_pylist())
+        return UndoOutcome(restored=still.num_rows, skipped=undo.changed - still.num_rows)
     finally:
         cur.close()

@@ -14,6 +14,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
+from textual.worker import get_current_worker
 
 from tui import caption_edits, queries
 from tui.confirm import Confirm
@@ -58,6 +59,18 @@ class CaptionsScreen(SizeClasses, Screen):
         text: str
         undo: caption_edits.BulkUndo | None = None
         undone: bool = False
+        severity: str = "information"
+
+    @dataclass
+    class _Planned(Message):
+        """A bulk edit counted, ready to be confirmed: what it does and to how many captions."""
+
+        filter_text: str  # the filter the targets come from, as applied
+        total: int  # images the filter shows
+        targets: list[str]  # those of them that loaded (the ones edited)
+        edit: dict
+        description: str
+        changes: int  # captions the edit would change
 
     @dataclass
     class _Failed(Message):
@@ -111,6 +124,10 @@ class CaptionsScreen(SizeClasses, Screen):
         self.seen_version = self.app.catalog_version
 
     def on_screen_resume(self) -> None:
+        self.refresh_if_stale()
+
+    def refresh_if_stale(self) -> None:
+        """Reload the rows if the catalog changed since they were read."""
         if self.seen_version != self.app.catalog_version:
             self.seen_version = self.app.catalog_version
             self.query_one(ImageTable).reload(keep_position=True)
@@ -297,27 +314,76 @@ class CaptionsScreen(SizeClasses, Screen):
         self._bulk(remove_token=self.query_one("#token", Input).value)
 
     def _bulk(self, **edit: str) -> None:
+        """Count what a bulk edit would change over the rows the table shows, then ask (_ask_bulk)."""
         table = self.query_one(ImageTable)
-        if table.result is None:
-            return
         if not any(v.strip() for k, v in edit.items() if k != "replace"):
             self.notify("Type a trigger token first.", severity="warning")
             return
-        self._run_bulk(table.result, edit, self.sidecars)
+        result = table.result
+        typed = table.query_one("#filter", Input).value.strip()
+        requested = table.requested_filter
+        if result is None or (typed != result.filter.text.strip() and requested is not None and typed == requested.text.strip()):
+            self.notify("The filtered rows are still loading; try again when the row count shows.", severity="warning")
+            return
+        if typed != result.filter.text.strip():
+            # Bulk edits change the rows the table shows, never those of a filter only typed.
+            self.notify("The filter box differs from the filter the table shows: press Enter to apply it first, "
+                        "then run the bulk edit.", title="Captions", severity="warning", timeout=8)
+            return
+        self._plan_bulk(result, edit)
+
+    @work(thread=True, exclusive=True, group="caption-plan")
+    def _plan_bulk(self, result: queries.BrowseResult, edit: dict) -> None:
+        try:
+            targets = result.image_ids(ok_only=True)
+            description, changes = caption_edits.preview_bulk_edit(self.app.con, targets, **edit)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        if not get_current_worker().is_cancelled:  # a newer click replaced this one
+            self.post_message(self._Planned(result.filter.text.strip(), result.total, targets, edit, description, changes))
+
+    @on(_Planned)
+    def _ask_bulk(self, message: _Planned) -> None:
+        table = self.query_one(ImageTable)
+        applied = table.result.filter.text.strip() if table.result is not None else None
+        if message.filter_text != applied or message.filter_text != table.query_one("#filter", Input).value.strip():
+            self.notify("The filter changed meanwhile; run the bulk edit again.", title="Captions", severity="warning")
+            return
+        left_out = message.total - len(message.targets)
+        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} that failed to load left alone)" if left_out else ""
+        if not message.changes:
+            self.notify(f"{message.description}: 0 captions changed, none of the {len(message.targets):,} filtered "
+                        f"images needs it{note}", title="Captions", markup=False)
+            return
+        shown = message.filter_text or "none: all images"
+        shown = shown if len(shown) <= 120 else shown[:119] + "…"
+        captions = "caption" if message.changes == 1 else "captions"
+        images = "image" if len(message.targets) == 1 else "images"
+        question = (f"[b]Bulk edit: {markup_safe(message.description)}[/b]\n"
+                    f"This changes {message.changes:,} {captions} of the {len(message.targets):,} {images} the table shows{note}.\n"
+                    f"Filter: {markup_safe(shown)}\n\nF8 undoes it (captions edited after it are kept).")
+        sidecars = self.sidecars
+        if sidecars:
+            question += "\nThe sidecar .txt beside each changed image is rewritten too."
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._run_bulk(message.targets, message.edit, sidecars, left_out)
+
+        self.app.push_screen(Confirm(question, yes=f"Change {message.changes:,} {captions}"), answered)
 
     # Writes are not exclusive: a newer write must not cancel an older one before it ran (a save on
     # leaving an image would be lost); the lock runs them one at a time.
     @work(thread=True, group="caption-write")
-    def _run_bulk(self, result: queries.BrowseResult, edit: dict, sidecars: bool) -> None:
+    def _run_bulk(self, targets: list[str], edit: dict, sidecars: bool, left_out: int) -> None:
         try:
             with self._write_lock:
-                targets = result.image_ids(ok_only=True)
                 undo = caption_edits.bulk_edit(self.app.con, targets, sidecars=sidecars, **edit)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
-        skipped = result.total - len(targets)
-        note = f" ({skipped:,} images that failed to load left alone)" if skipped else ""
+        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} that failed to load left alone)" if left_out else ""
         self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo))
 
     @on(Button.Pressed, "#bulk-undo")
@@ -326,7 +392,24 @@ class CaptionsScreen(SizeClasses, Screen):
         if undo is None:
             self.notify("No bulk edit to undo.", severity="warning")
             return
-        self._write(lambda con: f"undid {undo.description} on {caption_edits.undo_bulk(con, undo, sidecars=sidecars):,} images", undone=True)
+        self._run_undo(undo, sidecars)
+
+    @work(thread=True, group="caption-write")
+    def _run_undo(self, undo: caption_edits.BulkUndo, sidecars: bool) -> None:
+        try:
+            with self._write_lock:
+                outcome = caption_edits.undo_bulk(self.app.con, undo, sidecars=sidecars)
+        except Exception as error:
+            self.post_message(self._Failed(people_message(error)))
+            return
+        if not outcome.skipped:
+            self.post_message(self._Done(f"undid {undo.description} on {outcome.restored:,} images", undone=True))
+            return
+        them = "its caption was" if outcome.skipped == 1 else "their captions were"
+        skipped = f"{outcome.skipped:,} image{'s' if outcome.skipped != 1 else ''} left alone: {them} edited after the bulk edit"
+        text = (f"undid {undo.description} on {outcome.restored:,} images; {skipped}" if outcome.restored
+                else f"nothing undone for {undo.description}: {skipped}")
+        self.post_message(self._Done(text, undone=True, severity="warning"))
 
     @work(thread=True, group="caption-write")
     def _write(self, change, undone: bool = False) -> None:
@@ -345,7 +428,9 @@ class CaptionsScreen(SizeClasses, Screen):
         if message.undone:
             self.last_bulk = None
         self.query_one("#bulk-undo", Button).disabled = self.last_bulk is None
-        self.notify(message.text, title="Captions")
+        # plain text: descriptions hold what was typed (a token like "[b]" is not markup)
+        self.notify(message.text, title="Captions", severity=message.severity,
+                    timeout=8 if message.severity == "warning" else None, markup=False)
         self.post_message(CatalogChanged("captions"))
         self.seen_version = self.app.catalog_version + 1
         self.query_one(ImageTable).reload(keep_position=True)

@@ -115,6 +115,11 @@ class ImageTable(Vertical):
             descending=self.query_one("#descending", Checkbox).value,
         )
 
+    @property
+    def requested_filter(self) -> queries.Filter | None:
+        """The filter last asked for; `result` catches up with it when its rows have loaded."""
+        return getattr(self, "_requested", None)
+
     def reload(self, *, first: bool = False, keep_position: bool = False) -> None:
         """Re-run the filter (after edits or when the filter or sort changed).
 

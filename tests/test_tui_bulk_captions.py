@@ -1,0 +1,204 @@
+"""Bulk caption edits in the Captions screen: they ask first, only over the filter the table shows,
+and their undo keeps captions edited after them."""
+
+from __future__ import annotations
+
+import asyncio
+
+from test_tui import SIZE, focus_on, manual_caption, query_count, text_of, wait_for
+
+from tui import caption_edits
+from tui.app import WorkbenchApp
+from tui.confirm import Confirm
+from workbench.catalog import connect
+
+
+def captions(app) -> dict[str, str]:
+    return dict(app.con.execute("SELECT image_id, caption FROM current_captions").fetchall())
+
+
+def notified(app, words: str) -> bool:
+    return any(words in str(n.message) for n in app._notifications)
+
+
+async def apply_filter(pilot, app, where: str, rows: int) -> None:
+    app.screen.query_one("#captions-table #filter").value = where
+    await pilot.click("#captions-table #filter")
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: f"of {rows} · SQL filter" in text_of(app, "#table-status"), what=f"filter {where}")
+
+
+async def ask(pilot, app, button: str) -> str:
+    """Click a bulk button and wait for its question; returns the question's text."""
+    await pilot.click(button)
+    await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="the confirmation")
+    return text_of(app, "#confirm-question")
+
+
+def test_bulk_edits_ask_with_the_count_and_no_changes_nothing(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
+            await apply_filter(pilot, app, "format = 'PNG'", pngs)
+            before = captions(app)
+
+            screen.query_one("#token").value = "sks"
+            question = await ask(pilot, app, "#bulk-add")
+            assert "add token 'sks'" in question and f"{pngs} captions" in question and "format = 'PNG'" in question
+            await pilot.press("n")
+            await wait_for(pilot, lambda: app.screen is screen, what="back from the question")
+            question = await ask(pilot, app, "#bulk-add")
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is screen, what="back from the question")
+            await pilot.pause(0.5)  # a write, had one started, would have landed by now
+            assert captions(app) == before
+            assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 0
+            assert screen.query_one("#bulk-undo").disabled
+
+            await ask(pilot, app, "#bulk-add")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
+            await wait_for(pilot, lambda: notified(app, f"{pngs} captions changed"), what="toast")
+
+            # find/replace asks too, with the number of captions that hold the text
+            lakes = query_count(app, "SELECT count(*) FROM current_captions JOIN images USING (image_id) "
+                                     "WHERE format = 'PNG' AND caption LIKE '%mountain lake%'")
+            assert 0 < lakes < pngs
+            screen.query_one("#find").value = "mountain lake"
+            screen.query_one("#replace").value = "alpine tarn"
+            question = await ask(pilot, app, "#bulk-replace")
+            assert "replace 'mountain lake' with 'alpine tarn'" in question and f"{lakes} captions" in question
+            await pilot.press("n")
+            await wait_for(pilot, lambda: app.screen is screen)
+            await pilot.pause(0.5)
+            assert query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == 0
+            await ask(pilot, app, "#bulk-replace")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == lakes, what="replace")
+
+            # an edit that would change nothing says so and does not ask
+            screen.query_one("#token").value = "not-there"
+            await pilot.click("#bulk-remove")
+            await wait_for(pilot, lambda: notified(app, "0 captions changed"), what="no-op")
+            assert app.screen is screen
+
+    asyncio.run(scenario())
+
+
+def test_bulk_edit_refuses_a_filter_typed_but_not_applied(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
+            grays = query_count(app, "SELECT count(*) FROM images WHERE is_grayscale AND status = 'ok'")
+            await apply_filter(pilot, app, "format = 'PNG'", pngs)
+            before = captions(app)
+
+            # typed, no Enter: the table still shows the PNGs
+            screen.query_one("#captions-table #filter").value = "is_grayscale"
+            screen.query_one("#token").value = "sks"
+            await pilot.click("#bulk-add")
+            await wait_for(pilot, lambda: notified(app, "press Enter"), what="refusal")
+            await pilot.pause(0.5)
+            assert app.screen is screen  # no question, no edit
+            assert captions(app) == before
+
+            await pilot.click("#captions-table #filter")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "· SQL filter" in text_of(app, "#table-status")
+                           and screen.query_one("#captions-table").result.filter.text == "is_grayscale", what="gray filter")
+            question = await ask(pilot, app, "#bulk-add")
+            assert f"{grays} captions" in question and "is_grayscale" in question
+            await pilot.press("y")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == grays, what="bulk add")
+            assert query_count(app, "SELECT count(*) FROM current_captions c JOIN images i USING (image_id) "
+                                    "WHERE NOT i.is_grayscale AND c.caption LIKE 'sks%'") == 0
+
+    asyncio.run(scenario())
+
+
+def test_undo_of_a_bulk_edit_keeps_a_caption_saved_after_it(synthetic_catalog):
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            editor = screen.query_one("#caption-text")
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
+            await apply_filter(pilot, app, "format = 'PNG'", pngs)
+            before = captions(app)
+            screen.query_one("#token").value = "sks"
+            await ask(pilot, app, "#bulk-add")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
+            await wait_for(pilot, lambda: not screen.query_one("#bulk-undo").disabled, what="undo offered")
+
+            # a manual edit of one of the PNGs after the bulk edit
+            target = app.con.execute("SELECT image_id FROM images WHERE format = 'PNG' ORDER BY image_id LIMIT 1").fetchone()[0]
+            await apply_filter(pilot, app, f"image_id = '{target}'", 1)
+            await wait_for(pilot, lambda: screen.image_id == target and editor.text.startswith("sks, "), what="the image in the editor")
+            editor.load_text("my own caption")
+            await focus_on(pilot, editor)
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: manual_caption(app, target) == "my own caption", what="save")
+
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: notified(app, "1 image left alone"), what="undo toast")
+            after = captions(app)
+            assert after[target] == "my own caption"
+            assert {k: v for k, v in after.items() if k != target} == {k: v for k, v in before.items() if k != target}
+            assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 1
+            toast = next(str(n.message) for n in app._notifications if "left alone" in str(n.message))
+            assert f"on {pngs - 1} images" in toast and "edited after the bulk edit" in toast, toast
+            await wait_for(pilot, lambda: screen.query_one("#bulk-undo").disabled, what="nothing left to undo")
+
+    asyncio.run(scenario())
+
+
+def test_undo_bulk_restores_only_captions_still_as_the_edit_wrote_them(synthetic_catalog):
+    con = connect(synthetic_catalog)
+    try:
+        ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 6").fetchall()]
+        saved_before, untouched, saved_after, accepted, rejected, same_text = ids
+        caption_edits.save_manual_caption(con, saved_before, "an older manual caption")
+        before = dict(con.execute("SELECT image_id, caption FROM current_captions").fetchall())
+
+        undo = caption_edits.bulk_edit(con, ids, add_token="sks")
+        assert undo.changed == 6
+        caption_edits.save_manual_caption(con, saved_after, "written by hand after the bulk edit")
+        caption_edits.choose_caption(con, accepted, "model:blip")
+        caption_edits.reject_caption(con, rejected, "manual")
+        written = con.execute("SELECT text FROM captions WHERE image_id = ? AND source = 'manual'", [same_text]).fetchone()[0]
+        caption_edits.save_manual_caption(con, same_text, written)  # saved again unchanged: still the edit's text
+
+        outcome = caption_edits.undo_bulk(con, undo)
+        after = dict(con.execute("SELECT image_id, caption FROM current_captions").fetchall())
+        for image_id in (saved_before, untouched, same_text):
+            assert after[image_id] == before[image_id]
+        assert after[saved_after] == "written by hand after the bulk edit"
+        assert con.execute("SELECT caption_source FROM current_captions WHERE image_id = ?", [accepted]).fetchone()[0] == "model:blip"
+        assert con.execute("SELECT count(*) FROM captions WHERE image_id = ? AND source = 'manual'", [rejected]).fetchone()[0] == 0
+        assert con.execute("SELECT text FROM captions WHERE image_id = ? AND source = 'manual'", [saved_before]).fetchone()[0] == "an older manual caption"
+        assert (outcome.restored, outcome.skipped) == (3, 3)
+    finally:
+        con.close()
+
+
+def test_preview_bulk_edit_counts_what_the_edit_changes(synthetic_catalog):
+    con = connect(synthetic_catalog)
+    try:
+        ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 20").fetchall()]
+        caption_edits.bulk_edit(con, ids[:5], add_token="sks")
+        before = dict(con.execute("SELECT image_id, caption FROM current_captions").fetchall())
+        assert caption_edits.preview_bulk_edit(con, ids, add_token="sks") == ("add token 'sks'", 15)  # 5 have it already
+        assert dict(con.execute("SELECT image_id, caption FROM current_captions").fetchall()) == before  # a dry run
+        lakes = con.execute("SELECT count(*) FROM current_captions WHERE image_id IN (SELECT unnest(?)) AND caption LIKE '%mountain lake%'", [ids]).fetchone()[0]
+        assert caption_edits.preview_bulk_edit(con, ids, find="mountain lake", replace="tarn") == ("replace 'mountain lake' with 'tarn'", lakes)
+        assert caption_edits.bulk_edit(con, ids, add_token="sks").changed == 15
+    finally:
+        con.close()
