@@ -1367,3 +1367,18 @@ def test_pipeline_settings_start_from_what_each_step_last_ran_with(synthetic_cat
             assert value("caption-model") == "tiny"  # never run: the default
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("width", [40, 41])
+def test_captions_screen_lays_out_at_40_columns(synthetic_catalog, width):
+    """At 40-41 columns a grid cell of the bulk bar was squeezed to nothing and Textual crashed wrapping a label."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=(width, 24)) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            await pilot.resize_terminal(80, 24)
+            await pilot.resize_terminal(width, 24)
+            await pilot.pause(0.2)
+        assert app.return_code in (None, 0)
+
+    asyncio.run(scenario())
