@@ -284,8 +284,9 @@ class FileEntry:
     sidecar_mtime_ns: int | None
 
 
-def _walk(roots: Sequence[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
-    """Yield candidate image files under `roots`, following links but never looping."""
+def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) -> Iterator[FileEntry]:
+    """Yield candidate image files under `roots`, following links but never looping; the workbench's own
+    output folders met on the way are left out and listed in `skipped`."""
     visited: set[tuple[int, int]] = set()
 
     def entries_of(folder: bytes) -> Iterator[FileEntry]:
@@ -317,6 +318,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary) -> Iterator[FileEntry]
         for sub in subfolders:
             if os.path.exists(os.path.join(sub, OUTPUT_MARKER)):
                 summary.output_folders_skipped += 1  # ingest the folder itself (as a root) to take its images
+                skipped.append(sub)
                 continue
             yield from entries_of(sub)
 
@@ -639,7 +641,8 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     seen: set[bytes] = set()
     to_read: list[FileEntry] = []
     sidecar_only: list[FileEntry] = []
-    for entry in _walk(roots, summary):
+    skipped_folders: list[bytes] = []
+    for entry in _walk(roots, summary, skipped_folders):
         ctrl_c.check()
         if entry.path_bytes in seen:
             continue
@@ -669,7 +672,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c)
     _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c)
     ctrl_c.check()
-    vanished = [p for p, meta in known.items() if not meta[3] and p not in seen and _under(p, roots)]
+    # not walked is not gone: files in the output folders left out (class priors, say) keep their rows as they are
+    vanished = [p for p, meta in known.items()
+                if not meta[3] and p not in seen and _under(p, roots) and not _under(p, skipped_folders)]
     if vanished:
         with transaction(con):
             con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])

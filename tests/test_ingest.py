@@ -397,6 +397,10 @@ def test_ingest_of_a_parent_folder_leaves_the_workbench_outputs_out(con, tmp_pat
     summary = ingested_images(con, [project], workers=1)
     assert (summary.new, summary.output_folders_skipped) == (2, 2)
     assert ingested_images(con, [project / "runs" / "lora-1"], workers=1).new == 2  # named as a root, it is read
+    # walking the parent again leaves those files alone: not walked is not gone (class priors were marked missing)
+    again = ingested_images(con, [project], workers=1)
+    assert again.marked_missing == 0
+    assert con.execute("SELECT count(*) FROM paths WHERE missing").fetchone()[0] == 0
 
 
 def test_images_ingested_later_join_the_concept_whose_folder_they_are_in(con, tmp_path):
