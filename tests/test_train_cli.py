@@ -120,6 +120,11 @@ def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_pat
     assert "rank must be int, got 'abc'" in typed.output and "resolution must be int, got [64]" in typed.output
     device = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--device", "tpu"])
     assert device.exit_code == 2 and "--device must be one of cpu, cuda, mps" in device.output
+    import torch
+
+    if not torch.cuda.is_available():  # accelerate would train on the CPU and the run would say cuda
+        cuda = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--device", "cuda"])
+        assert cuda.exit_code == 2 and "no CUDA GPU is available" in " ".join(cuda.output.split())
 
 
 def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_copy, catalog_path, tmp_path, monkeypatch, one_thread):

@@ -232,6 +232,13 @@ def trained_model(
     config.validate()
     if config.resume and not config.output_dir:
         raise TrainingError("--resume needs the --output-dir of the run to continue.")
+    if config.device not in (None, "cpu"):  # before anything is written: accelerate would quietly train on the CPU
+        from workbench.models import ModelError, resolve_device
+
+        try:
+            resolve_device(config.device)
+        except ModelError as error:
+            raise TrainingError(str(error).replace("(use --device cpu)", "(use --device cpu, or leave --device out)")) from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if con is None:
         if world_size == 1:
