@@ -184,7 +184,7 @@ def filtered_dataset(
                EXISTS (SELECT 1 FROM exclusions e WHERE e.image_id = v.image_id
                        AND NOT starts_with(e.step, '{FILTER_STEP_PREFIX}')) AS excluded_elsewhere
         FROM images_view v
-        WHERE v.status = 'ok' AND v.width > 0 AND v.height > 0
+        WHERE v.status = 'ok' AND v.role = 'instance' AND v.width > 0 AND v.height > 0
         ORDER BY v.image_id
         """
     )

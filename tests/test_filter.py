@@ -216,3 +216,15 @@ def test_default_quality_thresholds_on_real_photos(con, tmp_path):
         assert "filter:blurry" in steps[f"blurred_{name}"], name
         assert "filter:dark" in steps[f"dark_{name}"], name
     assert {"filter:overexposed", "filter:low_information"} <= steps["white.png"]
+
+
+def test_rules_leave_class_priors_alone(con):
+    """Priors are the base model's own output at its size: a size rule excluded them in the catalog while training and
+    export (which drop a prior only by hand) still used them, so the catalog said otherwise than what trained."""
+    small = _add_image(con, 1, 64, 64)
+    prior = _add_image(con, 2, 64, 64)
+    con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [prior])
+    summary = filtered_dataset(con, FilterRules())
+    assert summary["checked"] == 1 and summary["excluded"] == 1
+    assert con.execute("SELECT image_id, role FROM dataset").fetchall() == [(prior, "class_prior")]
+    assert small in _reasons(con)
