@@ -42,10 +42,12 @@ def open_rgb(path_bytes: bytes):
     """Open an image file as an upright 8-bit RGB PIL image (EXIF orientation applied, alpha on white)."""
     from PIL import Image, ImageOps
 
+    from workbench.images import open_image
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open(path_bytes, "rb") as handle:
-            image = Image.open(io.BytesIO(handle.read()))
+            image = open_image(io.BytesIO(handle.read()))
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit or 32-bit grey: scale to 8 bits instead of clipping everything to white

@@ -431,3 +431,21 @@ def test_a_file_excluded_by_hand_and_then_edited_in_place_stays_excluded(con, tm
     new_id, reason = con.execute("SELECT image_id, exclusion_reason FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()
     assert new_id != old_id and reason.startswith("manual: watermark") and "edited" in reason
     assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 1
+
+
+def test_an_image_let_in_above_pils_pixel_cap_stays_readable_in_later_steps(tmp_path, monkeypatch):
+    """`ingest --max-pixels` lets a large scan in; caption and evaluate then refused it as a decompression bomb
+    (evaluate with a traceback) because PIL applies its own, lower cap in every other process."""
+    from PIL import Image as PILImage
+
+    from pipelines.caption import open_rgb
+    from pipelines.train.evaluate import _open
+
+    path = tmp_path / "scan.png"
+    Image.new("RGB", (100, 100), (200, 30, 30)).save(path)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is over twice this: a "bomb" to PIL
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(path)
+    assert open_rgb(bytes(path)).size == (100, 100)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    assert _open(str(path)).size == (100, 100)

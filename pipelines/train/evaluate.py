@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from workbench.images import open_image
 from workbench.progress import ProgressHook, null_progress
 
 CMMD_SIGMA = 10.0
@@ -70,7 +71,7 @@ def _default_clip(model: str) -> str:
 
 
 def _open(path: str) -> Image.Image:
-    with Image.open(path) as opened:
+    with open_image(path) as opened:
         return ImageOps.exif_transpose(opened).convert("RGB")
 
 
