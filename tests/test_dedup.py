@@ -259,3 +259,40 @@ def test_searching_one_set_against_another_finds_exactly_the_brute_force_pairs(s
     truth = {(int(q), int(h)) for q, h in zip(*np.nonzero(np.bitwise_count(queries[:, None] ^ hashes[None, :]) <= 6))}
     assert set(zip(i.tolist(), j.tolist())) == truth and len(i) == len(truth) >= len(close)
     assert (distance == np.bitwise_count(queries[i] ^ hashes[j])).all()
+
+
+def test_a_kept_copy_without_a_caption_takes_the_excluded_copys_caption(con, tmp_path):
+    """The lossless copy wins the keep policy but the .txt caption was written beside the JPEG: that caption must not
+    drop out of training with the excluded copy."""
+    from PIL import Image
+
+    from pipelines.dedup import choose_keeper
+    from pipelines.ingest import ingested_images
+
+    photos = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
+    folder = tmp_path / "set"
+    folder.mkdir()
+    with Image.open(photos / "chelsea.jpg") as image:
+        image.save(folder / "cat_lossless.png")
+        image.save(folder / "cat.jpg", quality=90)
+    (folder / "cat.txt").write_text("a tabby cat looking at the camera")
+    ingested_images(con, [folder], workers=1)
+
+    def current(name):
+        return con.execute("SELECT caption, caption_source, excluded FROM images_view WHERE path LIKE ?", [f"%/{name}"]).fetchone()
+
+    counts = duplicate_groups(con)
+    assert counts["captions_carried_to_kept_copies"] == 1
+    assert current("cat_lossless.png") == ("a tabby cat looking at the camera", "duplicate", False)
+    assert current("cat.jpg") == ("a tabby cat looking at the camera", "sidecar", True)
+    assert con.execute("SELECT caption FROM dataset").fetchall() == [("a tabby cat looking at the camera",)]
+
+    png = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%/cat_lossless.png'").fetchone()[0]
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'my own words')", [png])
+    assert current("cat_lossless.png")[:2] == ("my own words", "manual")  # a person's caption of the kept copy comes first
+    con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'manual'", [png])
+
+    jpg = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%/cat.jpg'").fetchone()[0]
+    choose_keeper(con, jpg)  # the copy with its own caption kept: nothing to carry, nothing left behind
+    assert current("cat.jpg") == ("a tabby cat looking at the camera", "sidecar", False)
+    assert con.execute("SELECT count(*) FROM captions WHERE source = 'duplicate'").fetchone()[0] == 0

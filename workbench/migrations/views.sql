@@ -6,7 +6,8 @@ SELECT image_id, source AS caption_source, text AS caption FROM (
         ORDER BY (ch.source IS NOT NULL) DESC,
                  CASE WHEN c.source = 'manual' THEN 0
                       WHEN c.source = 'sidecar' THEN 1
-                      ELSE 2 END,
+                      WHEN c.source = 'duplicate' THEN 2  -- a person's caption of an excluded copy (dedup)
+                      ELSE 3 END,
                  c.created_at DESC, c.source
     ) AS rank
     FROM captions c
