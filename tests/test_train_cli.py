@@ -55,6 +55,10 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
         assert grid.size == (2 * 64, 64)  # 1 prompt x 2 fixed seeds
     assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4
     assert b"\r" not in (out / "loss.csv").read_bytes()
+    from pipelines.train.loop import _umask
+
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):  # safetensors alone writes 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
 
     from workbench.catalog import connect
 

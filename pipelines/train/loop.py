@@ -562,6 +562,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         outputs["checkpoints"] = str(checkpoints_dir)
         if use_tensorboard:
             outputs["logs"] = str(output_dir / "logs")
+        readable_as_umask_allows(output_dir)
         progress(task="save", completed=1, total=1)
     cache = {}
     if latent_cache:
@@ -574,6 +575,23 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
         class_images=len({p.image_id for pool in (priors or {}).values() for p in pool}),
     )
+
+
+def _umask() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else ():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    return 0o022  # no /proc: the common default (os.umask cannot be read without setting it, unsafe with threads)
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    """Give the run's .safetensors files the permissions any other file written here gets (0644 under the usual
+    umask). safetensors 0.8 creates them 0600, so the ComfyUI or A1111 of another user on the machine could not
+    read the LoRA."""
+    wanted = 0o666 & ~_umask()
+    for path in folder.rglob("*.safetensors"):
+        if path.stat().st_mode & 0o777 != wanted:
+            path.chmod(wanted)
 
 
 def _add_text_encoder_lora(text_encoder, lora_config) -> None:
