@@ -208,3 +208,15 @@ def test_progress_messages_print_as_plain_text():
     with RichProgress(console=Console(file=out, width=200)) as progress:
         progress(task="export", message="skipped /data/[raw] photos/a[/]b.png: file no longer there")
     assert "/data/[raw] photos/a[/]b.png" in out.getvalue()
+
+
+def test_table_says_when_rows_are_left_out_and_json_columns_nest(catalog_path):
+    seeded_catalog(catalog_path)
+    cat = ["--catalog", str(catalog_path)]
+    cut = runner.invoke(app, ["sql", "SELECT * FROM range(500)", "--limit", "10", *cat], env={"COLUMNS": "200"})
+    assert cut.exit_code == 0 and "first 10 rows shown" in cut.output
+    whole = runner.invoke(app, ["sql", "SELECT * FROM range(5)", "--limit", "10", *cat], env={"COLUMNS": "200"})
+    assert "rows shown" not in whole.output
+    assert runner.invoke(app, ["sql", "SELECT 1", "--limit", "-5", *cat]).exit_code == 2
+    nested = runner.invoke(app, ["sql", """SELECT '{"new": 3, "paths": ["a"]}'::JSON AS counts, 'x' AS plain""", "-f", "json", *cat])
+    assert json.loads(nested.stdout) == [{"counts": {"new": 3, "paths": ["a"]}, "plain": "x"}]

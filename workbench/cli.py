@@ -204,6 +204,8 @@ def sql(
         fail("--format parquet needs --output FILE.parquet")
     if format == "table" and output is not None:
         fail("--output writes csv, json or parquet; the table format is for the terminal.")
+    if limit < 1:
+        fail("--limit must be at least 1 (the table shows that many rows; csv, json and parquet hold them all).")
     if output is not None:
         if output.exists() and not overwrite:
             fail(f"{output} already exists; pass --overwrite to replace it.")
@@ -227,16 +229,24 @@ def sql(
         if format == "csv":
             text = _csv_text(relation)
         elif format == "json":
-            rows = [{k: _json_safe(v) for k, v in row.items()} for row in relation.pl().to_dicts()]
+            # JSON columns (runs.counts, training_runs.config, ...) nest as objects, not as strings of JSON
+            nested = {name for name, kind in zip(relation.columns, relation.types) if str(kind) == "JSON"}
+            rows = [{k: json.loads(v) if k in nested and isinstance(v, str) else _json_safe(v) for k, v in row.items()}
+                    for row in relation.pl().to_dicts()]
             text = json.dumps(rows, default=_json_default, ensure_ascii=False, allow_nan=False)
         else:
-            frame = relation.limit(limit).pl()
+            frame = relation.limit(limit + 1).pl()
+            more = frame.height > limit
+            frame = frame.head(limit)
             table = Table(show_lines=False)
             for name in frame.columns:
                 table.add_column(name, overflow="fold")
             for row in frame.iter_rows():
                 table.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row))
             console.print(table)
+            if more:
+                err_console.print(Text(f"first {limit} rows shown: --limit N shows more; --format csv or json, or -o FILE, "
+                                       "gives them all", style="dim"))
             return
     except duckdb.Error as error:
         fail(f"SQL error: {error}")
