@@ -314,7 +314,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             if is_dir:
                 subfolders.append(item.path)
                 continue
-            yield from _candidate(item.path, item.name, names)
+            yield from _candidate(item.path, item.name, names, summary)
         for sub in subfolders:
             if os.path.exists(os.path.join(sub, OUTPUT_MARKER)):
                 summary.output_folders_skipped += 1  # ingest the folder itself (as a root) to take its images
@@ -328,10 +328,10 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
         else:
             folder, name = os.path.split(root)
             siblings = set(os.listdir(folder or b"."))
-            yield from _candidate(root, name, siblings)
+            yield from _candidate(root, name, siblings, summary)
 
 
-def _candidate(path: bytes, name: bytes, siblings: set[bytes]) -> Iterator[FileEntry]:
+def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
     stem, ext = os.path.splitext(name)
     ext = ext.lower()
     if ext in SIDECAR_EXTENSIONS:
@@ -353,6 +353,7 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes]) -> Iterator[FileE
         except OSError:
             return
         if sniff_format(head) is None:
+            summary.skipped_not_images += 1
             return
     sidecar = sidecar_mtime = None
     for sidecar_ext in SIDECAR_EXTENSIONS:

@@ -449,3 +449,14 @@ def test_an_image_let_in_above_pils_pixel_cap_stays_readable_in_later_steps(tmp_
     assert open_rgb(bytes(path)).size == (100, 100)
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
     assert _open(str(path)).size == (100, 100)
+
+
+def test_files_that_are_not_images_are_counted_as_skipped(con, tmp_path):
+    """The summary's "skipped not images" stayed 0; a non-image file named on purpose was passed over in silence."""
+    make_images(tmp_path / "set", 1)
+    (tmp_path / "set" / "notes.json").write_text("{}")
+    (tmp_path / "set" / "image_0.txt").write_text("a caption")  # a sidecar is no skipped file
+    (tmp_path / "mk.py").write_text("print('hi')")
+    assert ingested_images(con, [tmp_path / "set"], workers=1).skipped_not_images == 1
+    named = ingested_images(con, [tmp_path / "mk.py"], workers=1)
+    assert (named.skipped_not_images, named.files_seen) == (1, 0)
