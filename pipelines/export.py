@@ -26,7 +26,11 @@ FORMATS = ("kohya", "imagefolder", "parquet")
 LINK_MODES = ("copy", "hardlink")
 # Formats sd-scripts loads without plugins (train_util.IMAGE_EXTENSIONS); others are converted to PNG.
 KOHYA_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
-PLAIN_FOLDER = "images"  # kohya needs `N_name`; images without a concept go to `1_images`
+# Images without a concept go to `1_/`: kohya reads it as 1 repeat with empty class_tokens (config_util's
+# extract_dreambooth_params: int(tokens[0]), "_".join(tokens[1:])), and import-kohya as "no concept". A named folder
+# (`1_images`) came back from import-kohya as a concept whose trigger training then prepended to every caption.
+PLAIN_FOLDER = ""
+CONCEPT_FOLDER_FALLBACK = "concept"  # a concept whose "trigger class" sanitizes to nothing (never an empty name)
 REG_CLASS_FALLBACK = "class"
 EXPORT_MANIFEST = ".workbench-export.json"  # the files an export wrote, so an --overwrite export can replace them
 MAX_COMPONENT_BYTES = 120
@@ -64,8 +68,19 @@ def one_line(caption: str | None) -> str | None:
     return text or None
 
 
-def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", text.lower()) is not None
+def caption_has_trigger(caption: str, trigger: str) -> bool:
+    """Whether `trigger` is in `caption` as a whole word (a multi-word trigger: as whole consecutive words).
+
+    As kohya's comma/space separated tags: trigger `cat` is in "a cat, grass", "cat" and "cat's toy", not in
+    "cathedral" or "bobcat". Case and spacing do not count (CLIP's tokenizer lowercases): "SKS dog" has `sks`.
+    The export's missing-trigger count and training's trigger prepending both use this one test.
+    """
+    words = trigger.lower().split()
+    if not words:
+        return True  # no trigger: nothing missing
+    pattern = r"\s+".join(re.escape(word) for word in words)
+    return re.search(rf"(?<!\w){pattern}(?!\w)", caption.lower()) is not None
+
 
 
 @dataclass
@@ -214,7 +229,8 @@ def kohya_export(
     caption_extension: str = ".txt",
     progress: ProgressHook = null_progress,
 ) -> dict:
-    """kohya sd-scripts layout: img/N_trigger class/ (+ reg/ for class priors), .txt captions, dataset.toml."""
+    """kohya sd-scripts layout: img/N_trigger class/ (img/1_/ for images without a concept, + reg/ for class
+    priors), .txt captions, dataset.toml."""
     import tomli_w
 
     out = _prepare_out(Path(out), overwrite=overwrite)
@@ -262,7 +278,11 @@ def kohya_export(
             class_tokens = f"{first.trigger} {first.class_noun}" if first.class_noun else first.trigger
             repeats = first.repeats or 1
         top = "reg" if is_reg else "img"
-        folder = _unique(f"{repeats}_{safe_component(class_tokens, fallback=PLAIN_FOLDER)}", used[top])
+        if not is_reg and concept is None:
+            folder = _unique(f"{repeats}_{PLAIN_FOLDER}", used[top])  # `1_`: one such group, concept folders are `N_x`
+        else:
+            fallback = REG_CLASS_FALLBACK if is_reg else CONCEPT_FOLDER_FALLBACK
+            folder = _unique(f"{repeats}_{safe_component(class_tokens, fallback=fallback)}", used[top])
         target_dir = _inside(out, top, folder)
         target_dir.mkdir(parents=True, exist_ok=True)
         for row in members:
@@ -281,7 +301,7 @@ def kohya_export(
                     counts["captions_joined_to_one_line"] += 1
                 # with a caption file kohya never uses class_tokens: a caption without the trigger
                 # trains nothing into the trigger, the most common silent DreamBooth-LoRA mistake
-                if row.trigger and not is_reg and not _has_word(caption, row.trigger):
+                if row.trigger and not is_reg and not caption_has_trigger(caption, row.trigger):
                     counts["captions_without_trigger"] += 1
             else:
                 counts["without_caption"] += 1
@@ -459,6 +479,15 @@ def _removed_previous_export(out: Path) -> int:
     return removed
 
 
+def plain_subset_repeats(name: str) -> int | None:
+    """The repeat count of a kohya subset folder without class tokens (`1_`, where the export puts images without
+    a concept); None for any other name. kohya trains on such a folder (empty class_tokens); its images join no
+    concept. (`parse_kohya_folder_name` reads only `N_trigger [class]` folders, and rightly finds no concept here.)
+    """
+    match = re.fullmatch(r"([0-9]+)_", name)
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
+
+
 def imported_kohya_folder(
     con: duckdb.DuckDBPyConnection,
     folder: str | os.PathLike[str],
@@ -475,16 +504,24 @@ def imported_kohya_folder(
         raise ExportError(f"{folder} is not a folder")
     subfolders = [p for p in folder.iterdir() if p.is_dir()]
 
+    def is_subset(name: str) -> bool:  # `N_trigger class` (a concept) or `N_` (images without one)
+        return parse_kohya_folder_name(name) is not None or plain_subset_repeats(name) is not None
+
     # accept the folder itself, its img/ (our export layout), or a folder of N_name subfolders
-    if (folder / "img").is_dir() and not any(parse_kohya_folder_name(p.name) for p in subfolders):
+    if (folder / "img").is_dir() and not any(is_subset(p.name) for p in subfolders):
         roots = [folder / "img"]
     else:
         roots = [folder]
-    concept_dirs = [p for root in roots for p in root.iterdir() if p.is_dir() and parse_kohya_folder_name(p.name)]
-    if parse_kohya_folder_name(folder.name) is not None:
+    concept_dirs = [p for root in roots for p in root.iterdir() if p.is_dir() and is_subset(p.name)]
+    if is_subset(folder.name):
         concept_dirs = [folder]  # FOLDER is itself one subset folder
     if not concept_dirs:
         raise ExportError(f"{folder} has no kohya subset folders named like `10_sks dog`")
+    plain_dirs = [p for p in concept_dirs if parse_kohya_folder_name(p.name) is None]
+    for plain in plain_dirs:
+        if plain_subset_repeats(plain.name) > 1:
+            progress(task="import", message=f"folder {plain.name!r} has no class tokens: its images join no concept, "
+                     f"so its {plain_subset_repeats(plain.name)} repeats are not kept (`workbench concept` can add them)")
     # what kohya trains on: the files directly in each subset folder (it reads them non-recursively)
     files = sorted(p for d in concept_dirs for p in d.iterdir() if p.is_file() and p.suffix.lower() not in (".txt", ".caption"))
     from PIL import Image
@@ -508,7 +545,8 @@ def imported_kohya_folder(
     return {
         **counts,
         "files_outside_subset_folders": left_out,
-        "concept_folders": len(concept_dirs),
+        "concept_folders": len(concept_dirs) - len(plain_dirs),
+        "folders_without_concept": len(plain_dirs),
         "images_assigned_to_concepts": assigned,
         "concepts": len(list_concepts(con)),
         "reg_files_not_imported": reg_files,

@@ -72,7 +72,7 @@ def test_kohya_export_layout_captions_and_dataset_toml(con, curated, tmp_path):
     assert summary["images"] == 5 and summary["folders"] == 2
     assert summary["captions_joined_to_one_line"] == 1
     folders = sorted(p.name for p in (out / "img").iterdir())
-    assert folders == ["10_sks dog", "1_images"]
+    assert folders == ["10_sks dog", "1_"]  # images without a concept: `1_`, no class tokens
     dog = out / "img" / "10_sks dog"
     captions = {p.stem.rsplit("-", 1)[0]: p.read_text() for p in dog.glob("*.txt")}
     assert captions == {"a": "a photo of sks dog on grass\n"}  # kohya reads only the first line
@@ -87,7 +87,7 @@ def test_kohya_export_layout_captions_and_dataset_toml(con, curated, tmp_path):
         assert set(subset) <= KOHYA_SUBSET_KEYS
         assert Path(subset["image_dir"]).is_dir()
     assert subsets["10_sks dog"]["num_repeats"] == 10 and subsets["10_sks dog"]["class_tokens"] == "sks dog"
-    assert subsets["1_images"]["num_repeats"] == 1
+    assert subsets["1_"]["num_repeats"] == 1 and subsets["1_"]["class_tokens"] == ""
 
 
 def test_kohya_export_bakes_exif_rotation_and_uses_bucket_settings(con, curated, tmp_path):
@@ -96,7 +96,7 @@ def test_kohya_export_bakes_exif_rotation_and_uses_bucket_settings(con, curated,
     aspect_buckets(con, resolution=(768, 512), bucket_reso_steps=32, min_bucket_reso=256, max_bucket_reso=1024)
     out = tmp_path / "out"
     exported_dataset(con, out, format="kohya")
-    (rotated,) = (out / "img" / "1_images").glob("rotated-*")
+    (rotated,) = (out / "img" / "1_").glob("rotated-*")
     assert rotated.suffix == ".png"
     assert Image.open(rotated).size == (32, 64)  # as the catalog measured it, so trainers see the same size
     dataset = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]
@@ -116,9 +116,10 @@ def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
     }
     other = connect(tmp_path / "second" / "workbench.duckdb")
     summary = imported_kohya_folder(other, out, workers=1)
-    assert summary["concept_folders"] == 3 and summary["images_assigned_to_concepts"] == 5
+    assert summary["concept_folders"] == 2 and summary["folders_without_concept"] == 1
+    assert summary["images_assigned_to_concepts"] == 3  # a, b (sks dog) and c (zz cat); the plain two join none
     after = {
-        image_id: (caption, repeats, trigger, class_noun)
+        image_id: (caption, repeats or 1, trigger, class_noun)  # no concept: repeats NULL, trained once
         for image_id, caption, repeats, trigger, class_noun in other.execute(
             "SELECT image_id, caption, concept_repeats, concept_trigger, concept_class FROM dataset"
         ).fetchall()
@@ -130,8 +131,7 @@ def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
         b_caption, b_repeats, b_trigger, b_class = before[image_id]
         a_caption, a_repeats, a_trigger, a_class = after[image_id]
         assert (a_caption, a_repeats) == (b_caption, b_repeats)
-        if b_trigger is not None:
-            assert (a_trigger, a_class) == (b_trigger, b_class)
+        assert (a_trigger, a_class) == (b_trigger, b_class)  # no concept before: none after either
     other.close()
 
 
@@ -379,3 +379,101 @@ def test_import_kohya_takes_what_kohya_trains_on_and_says_what_it_left_out(con, 
         (str(root / "10_ohwx woman" / "a.png"), "ohwx woman", "ohwx woman smiling")]
     assert sum(1 for m in messages if m and "left out 4 image(s)" in m) == 1
     assert not any(m and m.startswith("0 concept") for m in messages)  # one line about the concepts, not two that disagree
+
+
+def _sd_scripts_subsets_by_subdirs(train_data_dir: Path) -> list[dict]:
+    """sd-scripts' config_util.generate_dreambooth_subsets_config_by_subdirs (`--train_data_dir`), transcribed:
+    a subfolder is a subset when int(name.split("_")[0]) >= 1; its class_tokens are the rest joined with "_"."""
+    subsets = []
+    for subdir in Path(train_data_dir).iterdir():
+        if not subdir.is_dir():
+            continue
+        tokens = subdir.name.split("_")
+        try:
+            n_repeats = int(tokens[0])
+        except ValueError:
+            continue
+        if n_repeats < 1:
+            continue
+        subsets.append({"image_dir": str(subdir), "num_repeats": n_repeats, "class_tokens": "_".join(tokens[1:])})
+    return subsets
+
+
+def test_images_without_a_concept_round_trip_without_gaining_one(con, curated, tmp_path):
+    """Before, they were exported to `1_images`, which import-kohya read as a concept "images" (trigger "images"),
+    and training then prepended "images, " to each of their captions."""
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.data import training_images
+
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    assert sorted(p.name for p in (out / "img").iterdir()) == ["10_sks dog", "1_"]
+    # kohya still trains on it (1 repeat, empty class tokens: an image without a caption gets an empty one)
+    by_dir = {Path(s["image_dir"]).name: s for s in _sd_scripts_subsets_by_subdirs(out / "img")}
+    assert by_dir["1_"] == {"image_dir": str(out / "img" / "1_"), "num_repeats": 1, "class_tokens": ""}
+    assert len([p for p in (out / "img" / "1_").iterdir() if p.suffix != ".txt"]) == 3
+
+    other = connect(tmp_path / "k2.duckdb")
+    summary = imported_kohya_folder(other, out, workers=1)
+    assert summary["files_outside_subset_folders"] == 0 and summary["new"] == 5
+    assert [c for (c,) in other.execute("SELECT name FROM concepts ORDER BY name").fetchall()] == ["sks dog"]
+    rows = other.execute("SELECT caption, concept, concept_trigger FROM dataset ORDER BY path").fetchall()
+    plain = [(caption, trigger) for caption, concept, trigger in rows if concept is None]
+    assert sorted(plain, key=repr) == sorted([(None, None), (None, None), ("a plain picture", None)], key=repr)
+    captions = sorted(image.caption for image in training_images(other, TrainConfig(resolution=64)))
+    assert captions == ["", "", "a photo of sks dog on grass", "a plain picture", "sks dog"]
+    other.close()
+
+
+def test_import_kohya_reads_a_plain_subset_folder_and_says_its_repeats_are_not_kept(con, tmp_path):
+    root = tmp_path / "kohya"
+    _image(root / "3_" / "a.png", color=(1, 2, 3))
+    (root / "3_" / "a.txt").write_text("a red square")
+    messages = []
+    summary = imported_kohya_folder(con, root, workers=1, progress=lambda **kw: messages.append(kw.get("message")))
+    assert (summary["folders_without_concept"], summary["concept_folders"], summary["concepts"]) == (1, 0, 0)
+    assert con.execute("SELECT caption, concept FROM images_view").fetchall() == [("a red square", None)]
+    assert any(m and "'3_' has no class tokens" in m and "3 repeats are not kept" in m for m in messages)
+    # FOLDER may itself be the subset folder
+    again = imported_kohya_folder(connect(tmp_path / "again.duckdb"), root / "3_", workers=1)
+    assert again["new"] == 1 and again["folders_without_concept"] == 1
+
+
+@pytest.mark.parametrize(
+    ("caption", "trigger", "present"),
+    [
+        ("a photo of a cat", "cat", True),
+        ("cat", "cat", True),
+        ("cat, sitting, grass", "cat", True),
+        ("grass,cat", "cat", True),
+        ("the cat's toy", "cat", True),
+        ("SKS dog on a sofa", "sks", True),  # CLIP lowercases: the same token
+        ("a cathedral at night", "cat", False),  # the substring test found `cat` here
+        ("a bobcat", "cat", False),
+        ("concatenate", "cat", False),
+        ("ohwx  man, smiling", "ohwx man", True),
+        ("ohwx manor", "ohwx man", False),
+        ("", "sks", False),
+    ],
+)
+def test_caption_has_trigger_is_a_whole_word_test(caption, trigger, present):
+    from pipelines.export import caption_has_trigger
+
+    assert caption_has_trigger(caption, trigger) is present
+
+
+def test_training_prepends_a_trigger_found_only_inside_another_word(con, tmp_path):
+    """Trigger `cat` in "a cathedral at night" was taken as present (a substring test): the caption trained
+    without it. A caption with the trigger as a word stays as it was."""
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.data import training_images
+
+    src = tmp_path / "src"
+    for name, caption, color in (("a", "a cathedral at night", (9, 9, 9)), ("b", "a cat, on grass", (90, 9, 9)),
+                                 ("c", "cat", (9, 90, 9))):
+        _image(src / "9_cat" / f"{name}.png", color=color)
+        (src / "9_cat" / f"{name}.txt").write_text(caption)
+    ingested_images(con, [src], workers=1)
+    concepts_from_folder_names(con)
+    captions = {Path(image.path).stem: image.caption for image in training_images(con, TrainConfig(resolution=64))}
+    assert captions == {"a": "cat, a cathedral at night", "b": "a cat, on grass", "c": "cat"}

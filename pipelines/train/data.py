@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from pipelines.buckets import default_bucket_settings as buckets_defaults
+from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 
@@ -177,7 +178,8 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
         # no caption: the concept's "trigger class" (kohya's class_tokens, DreamBooth's "sks dog"), not the bare trigger
         class_tokens = f"{trigger} {row['concept_class']}" if trigger and row.get("concept_class") else None
         caption = row["caption"] or config.instance_prompt or class_tokens or ""
-        if trigger and trigger not in caption:
+        # a whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
+        if trigger and not caption_has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}" if caption else trigger
         if config.caption_prefix:
             caption = f"{config.caption_prefix}{caption}"
