@@ -159,8 +159,10 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
         import numpy as np
         from PIL import Image, ImageOps
 
+        from workbench.images import open_image
+
         target = _inside(target_dir, f"{stem}.png")
-        with Image.open(source) as img:
+        with open_image(source) as img:
             img = ImageOps.exif_transpose(img)
             if wide:
                 array = np.asarray(img, dtype=np.float32)

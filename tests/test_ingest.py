@@ -449,6 +449,11 @@ def test_an_image_let_in_above_pils_pixel_cap_stays_readable_in_later_steps(tmp_
     assert open_rgb(bytes(path)).size == (100, 100)
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
     assert _open(str(path)).size == (100, 100)
+    from pipelines.train.data import ItemSpec, TrainImage, load_pixels
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    image = TrainImage("a" * 64, str(path), "", bucket=(64, 64), resized=(64, 64), crop=(0, 0))
+    assert load_pixels(image, ItemSpec(0, "instance", False, (0, 0), None, "")).shape == (3, 64, 64)
 
 
 def test_files_that_are_not_images_are_counted_as_skipped(con, tmp_path):

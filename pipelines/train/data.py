@@ -39,6 +39,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
+from workbench.images import open_image
 
 
 class DataError(ValueError):
@@ -362,7 +363,7 @@ def load_pixels(image: TrainImage, spec: ItemSpec) -> torch.Tensor:
     try:
         if not image.path:  # a resumed run's image at no known path (see run._run_dataset)
             raise FileNotFoundError
-        opened = Image.open(image.path)
+        opened = open_image(image.path)
     except FileNotFoundError as error:
         raise DataError(
             f"Image {image.image_id[:12]} of this run is no longer at {image.path or 'any known path'} (moved, deleted or "
