@@ -310,3 +310,13 @@ def test_train_help_shows_the_trainers_real_defaults():
         assert type(defaults[name])(shown) == defaults[name], name
     result = runner.invoke(app, ["train", "lora", "--help"], env={"COLUMNS": "200"})
     assert "LoRA rank. [default: (4)]" in result.output
+
+
+def test_evaluation_scores_a_run_of_the_tiny_models_folder_with_the_tiny_clip(tmp_path):
+    """A run trained from the tiny preset's folder (as the benchmarks name it) defaulted to sd15's CLIP, which needs a
+    download, so an offline `workbench evaluate` only said it failed."""
+    from pipelines.train.evaluate import _default_clip
+    from workbench.models import tiny_root
+
+    assert _default_clip(str(tiny_root() / "sd")) == "tiny" and _default_clip("tiny") == "tiny"
+    assert _default_clip(str(tmp_path / "my-model")) == "sd15" and _default_clip("runwayml/stable-diffusion-v1-5") == "sd15"

@@ -65,9 +65,17 @@ def clip_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) ->
 
 
 def _default_clip(model: str) -> str:
-    from workbench.models import PRESETS
+    """The CLIP that scores a run's samples: its preset's; the tiny one for a model inside the tiny preset's folder
+    (as the benchmarks and tests name it); else sd15's, the CLIP of the SD 1.x family."""
+    from workbench.models import PRESETS, tiny_root
 
-    return model if model in PRESETS else "sd15"
+    if model in PRESETS:
+        return model
+    try:
+        Path(model).expanduser().resolve().relative_to(tiny_root().resolve())
+        return "tiny"
+    except (ValueError, OSError):
+        return "sd15"
 
 
 def _open(path: str) -> Image.Image:
