@@ -179,7 +179,9 @@ def test_buckets_cli_prints_histogram_and_rejects_bad_input(catalog_path, con):
     runner = CliRunner()
     result = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "512"])
     assert result.exit_code == 0, result.output
-    assert "576x448" in result.output
+    assert "576x448" in result.output and "Note" not in result.output
+    odd = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "64", "--bucket-reso-steps", "7"])
+    assert odd.exit_code == 0 and "not a multiple of 8" in " ".join(odd.output.split())
     bad = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "big"])
     assert bad.exit_code == 2 and "resolution" in bad.output
     bad = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--min-bucket-reso", "1024"])

@@ -721,6 +721,9 @@ def buckets(
     """
     from pipelines.buckets import aspect_buckets
 
+    if bucket_reso_steps is not None and bucket_reso_steps % 8:  # sd-scripts warns the same
+        err_console.print(Text(f"Note: --bucket-reso-steps {bucket_reso_steps} is not a multiple of 8: bucket sides will not be "
+                               "either, and the VAE works in 8-pixel blocks (the edge pixels are lost to it).", style="yellow"))
     con = open_catalog(catalog)
     try:
         with RichProgress(transient=True) as progress:
