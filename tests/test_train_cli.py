@@ -113,8 +113,12 @@ def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_pat
     connect(catalog_path).close()  # an empty catalog: the trainer itself must refuse it
     bad = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--mixed-precision", "fp8"])
     assert bad.exit_code == 2 and "--mixed-precision must be no, fp16 or bf16" in bad.output
-    empty = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "report_to=none"])
+    empty = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "report_to=none",
+                                "--output-dir", str(tmp_path / "refused")])
     assert empty.exit_code == 2 and "0 train images" in empty.output
+    assert not (tmp_path / "refused").exists()  # a refused run leaves no folder behind
+    nope = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--concept", "nope"])
+    assert nope.exit_code == 2 and "No concept named 'nope'" in " ".join(nope.output.split())
     typo = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--set", "lerning_rate=1"])
     assert typo.exit_code == 2 and "Unknown training option 'lerning_rate'" in typo.output
     resume = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resume", "latest"])

@@ -147,6 +147,11 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
     if config.concepts:
         if not have_concepts:
             raise DataError("--concepts needs concepts in the catalog; run `workbench concept add` first.")
+        known = {row[0] for row in con.execute("SELECT name FROM concepts").fetchall()}
+        unknown = [name for name in config.concepts if name not in known]
+        if unknown:
+            raise DataError(f"No concept named {', '.join(repr(n) for n in unknown)} in the catalog: "
+                            f"`workbench concept list` shows them ({', '.join(sorted(known)) or 'none yet'}).")
         where += " AND concept IN (SELECT unnest(?))"
         params.append(list(config.concepts))
     rows = con.execute(f"SELECT {', '.join(columns)} FROM dataset WHERE {where} ORDER BY image_id", params).fetchall()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -273,8 +274,9 @@ def _run_folder_lock(output_dir: Path) -> Iterator[None]:
     `workbench train --resume` could otherwise start on the same checkpoints."""
     from filelock import FileLock, Timeout
 
-    from workbench.config import mark_output_folder
+    from workbench.config import OUTPUT_MARKER, mark_output_folder
 
+    new_folder = not output_dir.exists()
     mark_output_folder(output_dir)  # its samples and plots must never be ingested as training images
     lock = FileLock(output_dir / ".train.lock", timeout=0)
     try:
@@ -285,6 +287,9 @@ def _run_folder_lock(output_dir: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        # a run refused before it wrote anything (no such concept, an empty dataset) leaves no folder behind
+        if new_folder and {p.name for p in output_dir.iterdir()} <= {OUTPUT_MARKER, ".train.lock"}:
+            shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure: BaseException | None, output_dir: Path) -> None:
