@@ -1246,6 +1246,16 @@ def test_cli_tui_rejects_an_unknown_screen():
     assert "--screen must be one of pipeline, browser" in result.output
 
 
+def test_cli_tui_refuses_a_catalog_path_that_does_not_exist(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["tui", "--catalog", str(tmp_path / "typo.duckdb")], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "No catalog at" in result.output
+    assert not (tmp_path / "typo.duckdb").exists()
+
+
 def test_a_folder_given_as_catalog_exits_with_a_message(tmp_path):
     async def scenario():
         app = WorkbenchApp(catalog_path=tmp_path)

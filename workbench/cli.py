@@ -1103,6 +1103,9 @@ def tui(
     """
     if screen is not None and screen not in TUI_SCREENS:
         fail(f"--screen must be one of {', '.join(TUI_SCREENS)}.")
+    if catalog is not None and not catalog.exists():  # a typo must not open a new, empty catalog in silence
+        fail(f"No catalog at {catalog}. `workbench ingest FOLDER --catalog {catalog}` starts one there; `workbench` "
+             "alone opens (or starts) ./workbench.duckdb.")
     try:
         from tui.app import WorkbenchApp
     except ImportError as error:
