@@ -15,6 +15,7 @@ import pytest
 
 from tui.app import WorkbenchApp
 from tui.confirm import Confirm
+from tui.image_table import ImageTable
 from workbench.catalog import connect
 
 SIZE = (160, 48)
@@ -1390,5 +1391,53 @@ def test_captions_screen_lays_out_at_40_columns(synthetic_catalog, width):
             await pilot.resize_terminal(width, 24)
             await pilot.pause(0.2)
         assert app.return_code in (None, 0)
+
+    asyncio.run(scenario())
+
+
+def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_catalog):
+    """c: the image under the cursor or all filtered rows into a concept (or out of theirs); x: exclude, x again: include."""
+    from pipelines.concepts import added_concept
+    from tui.concept_dialog import NO_CONCEPT, ConceptDialog
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="first page")
+            screen = app.screen
+            await pilot.click("#rows", offset=(5, 2))
+            await pilot.press("c")
+            await wait_for(pilot, lambda: any("No concepts yet" in n.message for n in app._notifications), what="no concepts")
+            added_concept(app.con, "sks dog", trigger="sks", class_noun="dog")
+
+            box = screen.query_one("#filter")
+            box.value = "format = 'PNG'"
+            await pilot.click("#filter")
+            await pilot.press("enter")
+            pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
+            await wait_for(pilot, lambda: f"of {pngs} · SQL filter" in text_of(app, "#table-status"), what="filtered")
+            box.value = "format = 'JPEG'"  # typed, not applied: "all filtered" would mean other rows than shown
+            await pilot.click("#rows", offset=(5, 2))
+            await pilot.press("c")
+            await wait_for(pilot, lambda: any("press Enter to apply it first" in n.message for n in app._notifications), what="refused")
+            box.value = "format = 'PNG'"
+            await pilot.press("c")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
+            await pilot.click("#concept-all")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM concept_images WHERE concept = 'sks dog'") == pngs, what="assigned")
+            assert query_count(app, "SELECT count(*) FROM images_view WHERE concept = 'sks dog' AND format <> 'PNG'") == 0
+
+            target = screen.query_one(ImageTable).current_image_id
+            await pilot.press("c")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
+            app.screen.query_one("#concept-choice").value = NO_CONCEPT
+            await pilot.click("#concept-one")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM concept_images") == pngs - 1, what="taken out")
+            assert app.con.execute("SELECT concept FROM images_view WHERE image_id = ?", [target]).fetchone()[0] is None
+
+            await pilot.press("x")
+            await wait_for(pilot, lambda: app.con.execute("SELECT excluded FROM images_view WHERE image_id = ?", [target]).fetchone()[0], what="excluded")
+            await pilot.press("x")
+            await wait_for(pilot, lambda: not app.con.execute("SELECT excluded FROM images_view WHERE image_id = ?", [target]).fetchone()[0], what="included")
 
     asyncio.run(scenario())

@@ -9,14 +9,16 @@ from rich.table import Table
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from tui import queries
+from tui.concept_dialog import ConceptChoice, ConceptDialog
 from tui.image_table import ImageTable
-from tui.messages import ImagePicked
+from tui.messages import CatalogChanged, ImagePicked
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import visible
 from tui.size_classes import SizeClasses
@@ -100,13 +102,27 @@ class BrowserScreen(SizeClasses, Screen):
     """Browse every image: filter with SQL or text, sort by any column, inspect one."""
 
     CSS_PATH = "browser_screen.tcss"
-    BINDINGS = []
+    BINDINGS = [
+        Binding("c", "concept", "Concept…"),
+        Binding("x", "toggle_exclude", "Exclude/include"),
+    ]
 
     @dataclass
     class _Details(Message):
         image_id: str
         details: dict
         picture: Any
+
+    @dataclass
+    class _Concepts(Message):
+        names: list[str]
+        image_id: str
+        result: Any  # the BrowseResult the table showed when asked
+
+    @dataclass
+    class _Changed(Message):
+        text: str
+        severity: str = "information"
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -150,3 +166,118 @@ class BrowserScreen(SizeClasses, Screen):
         self.shown_details = message.details
         self.query_one("#details", Static).update(details_table(message.details, field_width=14 if self.has_class("-narrow") else None))
         self.query_one("#preview", ImagePreview).show(message.picture)
+
+    # --- curation: concept, exclude / include -----------------------------------------
+
+    def _shown(self) -> tuple[str | None, Any]:
+        """The image under the cursor and the rows the table shows; warns and gives (None, None) when not ready."""
+        table = self.query_one(ImageTable)
+        image_id, result = table.current_image_id, table.result
+        if image_id is None or result is None:
+            self.notify("No image selected.", severity="warning")
+            return None, None
+        return image_id, result
+
+    def action_concept(self) -> None:
+        image_id, result = self._shown()
+        if image_id is None:
+            return
+        typed = self.query_one(ImageTable).query_one("#filter").value.strip()
+        if typed != result.filter.text.strip():  # "all filtered" must mean the rows shown, not a filter only typed
+            self.notify("The filter box differs from the filter the table shows: press Enter to apply it first.",
+                        title="Browse", severity="warning")
+            return
+        self._load_concepts(image_id, result)
+
+    @work(thread=True, exclusive=True, group="browser-concepts")
+    def _load_concepts(self, image_id: str, result: Any) -> None:
+        from pipelines.concepts import list_concepts
+
+        cur = self.app.con.cursor()
+        try:
+            names = [concept.name for concept in list_concepts(cur)]
+        except Exception as error:
+            self.post_message(self._Changed(people_message(error), "error"))
+            return
+        finally:
+            cur.close()
+        self.post_message(self._Concepts(names, image_id, result))
+
+    @on(_Concepts)
+    def _ask_concept(self, message: _Concepts) -> None:
+        if not message.names:
+            self.notify("No concepts yet: `workbench concept add NAME --trigger TOKEN --class NOUN` makes one.",
+                        title="Browse", severity="warning", timeout=8)
+            return
+
+        def chosen(choice: ConceptChoice | None) -> None:
+            if choice is not None:
+                self._apply_concept(choice, message.image_id, message.result)
+
+        dialog = ConceptDialog(message.names, message.image_id[:12], message.result.total, message.result.filter.text.strip())
+        self.app.push_screen(dialog, chosen)
+
+    @work(thread=True, group="browser-write")
+    def _apply_concept(self, choice: ConceptChoice, image_id: str, result: Any) -> None:
+        from pipelines.concepts import assign_images_to_concept, unassigned_images
+
+        cur = self.app.con.cursor()
+        try:
+            ids = result.image_ids() if choice.all_filtered else [image_id]
+            if choice.concept is None:
+                moved = unassigned_images(cur, ids)
+                text = f"took {moved:,} of {len(ids):,} image(s) out of their concept"
+            else:
+                moved = assign_images_to_concept(cur, choice.concept, ids)
+                text = f"{len(ids):,} image(s) in concept {choice.concept} ({moved:,} moved there)"
+        except Exception as error:
+            self.post_message(self._Changed(people_message(error), "error"))
+            return
+        finally:
+            cur.close()
+        self.post_message(self._Changed(text))
+
+    def action_toggle_exclude(self) -> None:
+        image_id, _ = self._shown()
+        if image_id is not None:
+            self._toggle_exclude(image_id)
+
+    @work(thread=True, group="browser-write")
+    def _toggle_exclude(self, image_id: str) -> None:
+        from pipelines.filter import manual_exclusions, manual_inclusions
+
+        cur = self.app.con.cursor()
+        severity = "information"
+        try:
+            steps = [r[0] for r in cur.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
+            if not steps:
+                manual_exclusions(cur, [image_id], "excluded in the browser")
+                text = f"excluded {image_id[:12]}"
+            elif steps == ["dedup"]:
+                text = f"{image_id[:12]} is excluded as a duplicate: keep it instead on the Duplicates screen (F5, k)"
+                severity = "warning"
+            else:
+                outcome = manual_inclusions(cur, [image_id])
+                text = f"included {image_id[:12]}"
+                if outcome["still_excluded_by_other_steps"]:
+                    text += "; it stays excluded as a duplicate (keep it on the Duplicates screen: F5, k)"
+                    severity = "warning"
+        except Exception as error:
+            self.post_message(self._Changed(people_message(error), "error"))
+            return
+        finally:
+            cur.close()
+        self.post_message(self._Changed(text, severity))
+
+    @on(_Changed)
+    def _changed(self, message: _Changed) -> None:
+        self.notify(message.text, title="Browse", severity=message.severity, timeout=8 if message.severity != "information" else 5)
+        if message.severity == "error":
+            return
+        self.post_message(CatalogChanged("browse"))
+        self.seen_version = self.app.catalog_version + 1
+        table = self.query_one(ImageTable)
+        table.reload(keep_position=True)
+        if table.current_image_id is not None:
+            self._load_details(table.current_image_id)
+
