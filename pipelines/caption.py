@@ -280,7 +280,7 @@ def _store_captions(con: duckdb.DuckDBPyConnection, rows: list[tuple[str, str, s
 
 def caption_sources(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Every caption source with how many images have a caption from it."""
-    return dict(con.execute("SELECT source, count(*) FROM captions GROUP BY source ORDER BY source").fetchall())
+    return dict(con.execute("SELECT source, count(*) FROM caption_candidates GROUP BY source ORDER BY source").fetchall())
 
 
 def chosen_caption_source(
@@ -299,13 +299,13 @@ def chosen_caption_source(
                     "DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM chosen_ids)"
                 ).fetchone()[0]
                 return {"choices_cleared": int(cleared)}
-            if not con.execute("SELECT count(*) FROM captions WHERE source = ?", [source]).fetchone()[0]:
+            if not con.execute("SELECT count(*) FROM caption_candidates WHERE source = ?", [source]).fetchone()[0]:
                 known = ", ".join(caption_sources(con)) or "none yet"
                 raise ValueError(f"No caption has source {source!r} (sources: {known}).")
             chosen = con.execute(
                 """
                 INSERT INTO caption_choice (image_id, source)
-                SELECT c.image_id, c.source FROM captions c
+                SELECT c.image_id, c.source FROM caption_candidates c
                 WHERE c.source = ? AND c.image_id IN (SELECT image_id FROM chosen_ids)
                 ON CONFLICT (image_id) DO UPDATE SET source = excluded.source
                 """,
@@ -313,7 +313,7 @@ def chosen_caption_source(
             ).fetchone()[0]
             without = con.execute(  # of the readable images: a file that failed to load has no caption of any source
                 "SELECT count(*) FROM chosen_ids JOIN images USING (image_id) WHERE images.status = 'ok' "
-                "AND image_id NOT IN (SELECT image_id FROM captions WHERE source = ?)",
+                "AND image_id NOT IN (SELECT image_id FROM caption_candidates WHERE source = ?)",
                 [source],
             ).fetchone()[0]
     finally:

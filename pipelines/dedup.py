@@ -327,34 +327,19 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             con.execute("DELETE FROM exclusions WHERE step = 'dedup'")
             con.execute("INSERT INTO duplicates SELECT * FROM new_duplicates")
             con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT image_id, 'dedup', reason FROM new_exclusions")
-            carried = _carry_captions_to_keepers(con)
     finally:
         con.unregister("new_duplicates")
         con.unregister("new_exclusions")
     counts = {"groups": len(groups), "images_in_groups": len(rows), "excluded_as_duplicates": len(exclusions)}
+    carried = _carried_captions(con)
     if carried:
-        counts["captions_carried_to_kept_copies"] = carried
+        counts["kept_copies_captioned_from_a_duplicate"] = carried
     return counts
 
 
-def _carry_captions_to_keepers(con: duckdb.DuckDBPyConnection) -> int:
-    """A kept copy without a caption of its own from a person (sidecar or manual) takes the one of an excluded copy,
-    as source 'duplicate' (ranked after its own, before model captions): the best pixels often come without the
-    .txt that was written beside another copy, and that caption must not drop out of training. Recomputed with the
-    groups; a manual caption is preferred to a sidecar."""
-    con.execute("DELETE FROM captions WHERE source = 'duplicate'")
-    return con.execute(
-        """
-        INSERT INTO captions (image_id, source, text)
-        SELECT keeper_id, 'duplicate', text FROM (
-            SELECT d.keeper_id, c.text, row_number() OVER (
-                PARTITION BY d.keeper_id ORDER BY c.source = 'manual' DESC, d.distance NULLS LAST, d.image_id) AS rank
-            FROM duplicates d JOIN captions c ON c.image_id = d.image_id AND c.source IN ('manual', 'sidecar')
-            WHERE NOT d.is_keeper
-              AND NOT EXISTS (SELECT 1 FROM captions own WHERE own.image_id = d.keeper_id AND own.source IN ('manual', 'sidecar'))
-        ) WHERE rank = 1
-        """
-    ).fetchone()[0]
+def _carried_captions(con: duckdb.DuckDBPyConnection) -> int:
+    """Kept copies that train with the caption of a copy they excluded (the `carried_captions` view)."""
+    return con.execute("SELECT count(*) FROM current_captions WHERE caption_source = 'duplicate'").fetchone()[0]
 
 
 def replace_pairs(con: duckdb.DuckDBPyConnection, method: str, pairs: pl.DataFrame) -> None:

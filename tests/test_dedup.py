@@ -263,7 +263,7 @@ def test_searching_one_set_against_another_finds_exactly_the_brute_force_pairs(s
 
 def test_a_kept_copy_without_a_caption_takes_the_excluded_copys_caption(con, tmp_path):
     """The lossless copy wins the keep policy but the .txt caption was written beside the JPEG: that caption must not
-    drop out of training with the excluded copy."""
+    drop out of training with the excluded copy, and it follows the copy's sidecar as that changes."""
     from PIL import Image
 
     from pipelines.dedup import choose_keeper
@@ -282,17 +282,45 @@ def test_a_kept_copy_without_a_caption_takes_the_excluded_copys_caption(con, tmp
         return con.execute("SELECT caption, caption_source, excluded FROM images_view WHERE path LIKE ?", [f"%/{name}"]).fetchone()
 
     counts = duplicate_groups(con)
-    assert counts["captions_carried_to_kept_copies"] == 1
+    assert counts["kept_copies_captioned_from_a_duplicate"] == 1
     assert current("cat_lossless.png") == ("a tabby cat looking at the camera", "duplicate", False)
     assert current("cat.jpg") == ("a tabby cat looking at the camera", "sidecar", True)
     assert con.execute("SELECT caption FROM dataset").fetchall() == [("a tabby cat looking at the camera",)]
 
+    (folder / "cat.txt").write_text("an edited caption")  # the copy's sidecar changes: the kept copy follows at once
+    ingested_images(con, [folder], workers=1)
+    assert current("cat_lossless.png")[:2] == ("an edited caption", "duplicate")
+    (folder / "cat.txt").unlink()
+    ingested_images(con, [folder], workers=1)
+    assert current("cat_lossless.png")[:2] == (None, None)
+
+    (folder / "cat.txt").write_text("a tabby cat looking at the camera")
+    ingested_images(con, [folder], workers=1)
     png = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%/cat_lossless.png'").fetchone()[0]
     con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'my own words')", [png])
     assert current("cat_lossless.png")[:2] == ("my own words", "manual")  # a person's caption of the kept copy comes first
     con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'manual'", [png])
 
     jpg = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%/cat.jpg'").fetchone()[0]
-    choose_keeper(con, jpg)  # the copy with its own caption kept: nothing to carry, nothing left behind
+    choose_keeper(con, jpg)  # the copy with its own caption kept: nothing to carry
     assert current("cat.jpg") == ("a tabby cat looking at the camera", "sidecar", False)
-    assert con.execute("SELECT count(*) FROM captions WHERE source = 'duplicate'").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM carried_captions").fetchone()[0] == 0
+
+
+def test_of_several_copies_the_closest_ones_caption_is_carried(con):
+    """A manual caption first, then pHash over mirrored over CLIP pairs, then the closest in each: for CLIP the highest
+    cosine (it is a similarity), not the lowest."""
+    insert_image(con, "keep", 0, 1000, 1000, fmt="PNG", seq=1)
+    far_in_phash = {"far_clip": 0x0F0F_0F0F_0F0F_0F0F, "near_clip": 0x00FF_00FF_00FF_00FF}  # 32 bits from all else
+    for n, (image_id, method, distance) in enumerate([("far_clip", "embedding", 0.951), ("near_clip", "embedding", 0.99)], start=2):
+        insert_image(con, image_id, far_in_phash[image_id], 100, 100, seq=n)  # joined by the CLIP pair only
+        con.execute("INSERT INTO duplicate_pairs VALUES ('keep', ?, ?, ?)", [image_id, method, distance])
+        con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', ?)", [image_id, f"caption of {image_id}"])
+    duplicate_groups(con)
+    assert con.execute("SELECT caption FROM current_captions WHERE image_id = 'keep'").fetchone()[0] == "caption of near_clip"
+    insert_image(con, "phash_copy", 0b1, 200, 200, seq=9)  # one bit from the keeper: a pHash pair beats any CLIP pair
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES ('phash_copy', 'sidecar', 'caption of phash_copy')")
+    duplicate_groups(con)
+    assert con.execute("SELECT caption FROM current_captions WHERE image_id = 'keep'").fetchone()[0] == "caption of phash_copy"
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES ('far_clip', 'manual', 'typed by a person')")
+    assert con.execute("SELECT caption FROM current_captions WHERE image_id = 'keep'").fetchone()[0] == "typed by a person"

@@ -289,11 +289,13 @@ def test_caption_bulk_add_token_over_filtered_rows_and_undo(synthetic_catalog):
             await pilot.click("#bulk-add")
             await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="bulk question")
             await pilot.press("y")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
-            assert query_count(app, "SELECT count(*) FROM current_captions c JOIN images i USING (image_id) WHERE i.format <> 'PNG' AND c.caption LIKE 'sks%'") == 0
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE 'sks, %'") == pngs, what="bulk add")
+            # (a kept copy that trains with an edited PNG copy's caption follows it: carried, source 'duplicate')
+            assert query_count(app, "SELECT count(*) FROM current_captions c JOIN images i USING (image_id) WHERE i.format <> 'PNG' "
+                                    "AND c.caption LIKE 'sks%' AND c.caption_source <> 'duplicate'") == 0
 
             await pilot.press("f8")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == 0, what="undo")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE 'sks, %'") == 0, what="undo")
             assert dict(app.con.execute("SELECT image_id, caption FROM current_captions").fetchall()) == before
             assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual'") == 0
 
@@ -305,7 +307,7 @@ def test_caption_bulk_add_token_over_filtered_rows_and_undo(synthetic_catalog):
             await pilot.click("#bulk-replace")
             await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="bulk question")
             await pilot.press("y")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == lakes, what="replace")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE '%alpine tarn%'") == lakes, what="replace")
             assert query_count(app, "SELECT count(*) FROM current_captions JOIN images USING (image_id) WHERE format <> 'PNG' AND caption LIKE '%alpine%'") == 0
 
     asyncio.run(scenario())
@@ -1441,3 +1443,14 @@ def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_
             await wait_for(pilot, lambda: not app.con.execute("SELECT excluded FROM images_view WHERE image_id = ?", [target]).fetchone()[0], what="included")
 
     asyncio.run(scenario())
+
+
+def test_a_carried_caption_cannot_be_rejected_since_it_is_not_stored(catalog_path):
+    """Rejecting a 'duplicate' caption deleted nothing lasting: the next dedup brought it back. It is refused, saying why."""
+    from tui.caption_edits import reject_caption
+    from workbench.catalog import CatalogError
+
+    con = connect(catalog_path)
+    with pytest.raises(CatalogError, match="carried from a duplicate copy"):
+        reject_caption(con, "a" * 64, "duplicate")
+    con.close()

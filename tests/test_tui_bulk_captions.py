@@ -60,7 +60,7 @@ def test_bulk_edits_ask_with_the_count_and_no_changes_nothing(synthetic_catalog)
 
             await ask(pilot, app, "#bulk-add")
             await pilot.press("y")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE 'sks, %'") == pngs, what="bulk add")
             await wait_for(pilot, lambda: notified(app, f"{pngs} captions changed"), what="toast")
 
             # find/replace asks too, with the number of captions that hold the text
@@ -74,10 +74,10 @@ def test_bulk_edits_ask_with_the_count_and_no_changes_nothing(synthetic_catalog)
             await pilot.press("n")
             await wait_for(pilot, lambda: app.screen is screen)
             await pilot.pause(0.5)
-            assert query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == 0
+            assert query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE '%alpine tarn%'") == 0
             await ask(pilot, app, "#bulk-replace")
             await pilot.press("y")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE '%alpine tarn%'") == lakes, what="replace")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE '%alpine tarn%'") == lakes, what="replace")
 
             # an edit that would change nothing says so and does not ask
             screen.query_one("#token").value = "not-there"
@@ -115,9 +115,9 @@ def test_bulk_edit_refuses_a_filter_typed_but_not_applied(synthetic_catalog):
             question = await ask(pilot, app, "#bulk-add")
             assert f"{grays} captions" in question and "is_grayscale" in question
             await pilot.press("y")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == grays, what="bulk add")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE 'sks, %'") == grays, what="bulk add")
             assert query_count(app, "SELECT count(*) FROM current_captions c JOIN images i USING (image_id) "
-                                    "WHERE NOT i.is_grayscale AND c.caption LIKE 'sks%'") == 0
+                                    "WHERE NOT i.is_grayscale AND c.caption LIKE 'sks%' AND c.caption_source <> 'duplicate'") == 0
 
     asyncio.run(scenario())
 
@@ -135,7 +135,7 @@ def test_undo_of_a_bulk_edit_keeps_a_caption_saved_after_it(synthetic_catalog):
             screen.query_one("#token").value = "sks"
             await ask(pilot, app, "#bulk-add")
             await pilot.press("y")
-            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM current_captions WHERE caption LIKE 'sks, %'") == pngs, what="bulk add")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'manual' AND text LIKE 'sks, %'") == pngs, what="bulk add")
             await wait_for(pilot, lambda: not screen.query_one("#bulk-undo").disabled, what="undo offered")
 
             # a manual edit of one of the PNGs after the bulk edit

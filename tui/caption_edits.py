@@ -69,7 +69,7 @@ def choose_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -
     """Accept one source's caption (e.g. 'model:blip') as the caption in use."""
     cur = con.cursor()
     try:
-        if not cur.execute("SELECT count(*) FROM captions WHERE image_id = ? AND source = ?", [image_id, source]).fetchone()[0]:
+        if not cur.execute("SELECT count(*) FROM caption_candidates WHERE image_id = ? AND source = ?", [image_id, source]).fetchone()[0]:
             raise CatalogError(f"Image {image_id[:12]} has no {source} caption.")
         cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, source])
     finally:
@@ -78,6 +78,9 @@ def choose_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -
 
 def reject_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -> None:
     """Drop one source's caption for an image (and the choice of it); the next source takes over."""
+    if source == "duplicate":  # computed from the copy's own caption: deleting here would not stick
+        raise CatalogError("This caption is carried from a duplicate copy that dedup excluded, not stored with this image: "
+                           "save a caption of your own (it comes first), or accept another source.")
     cur = con.cursor()
     try:
         with transaction(cur):

@@ -285,6 +285,11 @@ class CaptionsScreen(SizeClasses, Screen):
         source, image_id = self._selected_source(), self.image_id
         if not (source and image_id):
             return
+        if source == "duplicate":
+            self.notify("This caption is carried from a duplicate copy that dedup excluded, not stored with this image: "
+                        "save a caption of your own (it comes first), or accept another source.",
+                        title="Captions", severity="warning", timeout=10)
+            return
         text = self.source_texts.get(source, "")
         shown = text if len(text) <= 160 else text[:159] + "…"
         question = (f"[b]Reject the {markup_safe(source)} caption of this image?[/b]\n{markup_safe(shown)}\n\n"

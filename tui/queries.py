@@ -185,7 +185,7 @@ def image_details(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, An
             return {}
         details: dict[str, Any] = {"row": dict(zip(names, row))}
         details["captions"] = cur.execute(
-            "SELECT source, text FROM captions WHERE image_id = ? ORDER BY source", [image_id]
+            "SELECT source, text FROM caption_candidates WHERE image_id = ? ORDER BY source", [image_id]
         ).fetchall()
         details["path_bytes"] = cur.execute(
             "SELECT path_bytes FROM paths WHERE image_id = ? AND NOT missing ORDER BY seq LIMIT 1", [image_id]

@@ -346,11 +346,12 @@ def caption(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 4; 0 = none).")] = None,
-    use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
+    use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, duplicate, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
 ) -> None:
     """Caption every usable image with BLIP (resumable), or choose which caption source images use.
 
-    Current caption rule: your --use-source choice, else manual, else sidecar, else the newest model caption.
+    Current caption rule: your --use-source choice, else manual, else sidecar, else duplicate (a kept copy's caption
+    from the copy dedup excluded), else the newest model caption.
 
     Example: workbench caption --model tiny --batch-size 8 --template "photo of {trigger} dog, {caption}"
     """

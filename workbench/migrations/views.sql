@@ -1,4 +1,30 @@
 -- Views are recreated after every migration so they always match the schema.
+
+-- A kept copy with no sidecar or manual caption of its own takes the one of a copy dedup excluded (source
+-- 'duplicate'): the .txt is often beside the JPEG while the PNG wins on quality. A view, so it follows the copy's
+-- caption as that changes. Of several copies: a manual caption first, then the closest copy (pHash, then
+-- mirrored, then CLIP; fewest bits, or for CLIP the highest cosine).
+CREATE OR REPLACE VIEW carried_captions AS
+SELECT image_id, source, text, created_at FROM (
+    SELECT d.keeper_id AS image_id, 'duplicate' AS source, c.text, c.created_at,
+           row_number() OVER (
+               PARTITION BY d.keeper_id
+               ORDER BY c.source = 'manual' DESC,
+                        CASE d.method WHEN 'phash' THEN 0 WHEN 'mirror' THEN 1 ELSE 2 END,
+                        CASE WHEN d.method = 'embedding' THEN -d.distance ELSE d.distance END NULLS LAST,
+                        d.image_id
+           ) AS pick
+    FROM duplicates d JOIN captions c ON c.image_id = d.image_id AND c.source IN ('manual', 'sidecar')
+    WHERE NOT d.is_keeper
+      AND NOT EXISTS (SELECT 1 FROM captions own WHERE own.image_id = d.keeper_id AND own.source IN ('manual', 'sidecar'))
+) WHERE pick = 1;
+
+-- Every caption an image can train with: its own, by source, and a carried one.
+CREATE OR REPLACE VIEW caption_candidates AS
+SELECT image_id, source, text, created_at FROM captions
+UNION ALL
+SELECT image_id, source, text, created_at FROM carried_captions;
+
 CREATE OR REPLACE VIEW current_captions AS
 SELECT image_id, source AS caption_source, text AS caption FROM (
     SELECT c.*, row_number() OVER (
@@ -6,11 +32,11 @@ SELECT image_id, source AS caption_source, text AS caption FROM (
         ORDER BY (ch.source IS NOT NULL) DESC,
                  CASE WHEN c.source = 'manual' THEN 0
                       WHEN c.source = 'sidecar' THEN 1
-                      WHEN c.source = 'duplicate' THEN 2  -- a person's caption of an excluded copy (dedup)
+                      WHEN c.source = 'duplicate' THEN 2
                       ELSE 3 END,
                  c.created_at DESC, c.source
     ) AS rank
-    FROM captions c
+    FROM caption_candidates c
     LEFT JOIN caption_choice ch ON ch.image_id = c.image_id AND ch.source = c.source
 ) WHERE rank = 1;
 
