@@ -19,6 +19,7 @@ from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 DEFAULT_THRESHOLD = 6
+MAX_THRESHOLD = 16  # of 64 bits: beyond this unrelated photos pair up (benchmarks/phash_threshold.py)
 SMALL_N = 3000  # up to here hamming_pairs compares every pair directly
 LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM"}
 
@@ -447,8 +448,8 @@ def duplicate_groups(
     `mirrored` also pairs left-right flipped copies (method 'mirror'); `drop_embedding_pairs` forgets the
     CLIP pairs of `workbench score --dedup` first (to undo them).
     """
-    if not 0 <= threshold <= 32:
-        raise ValueError("threshold must be between 0 and 32 bits")
+    if not 0 <= threshold <= MAX_THRESHOLD:
+        raise ValueError(f"threshold must be between 0 and {MAX_THRESHOLD} bits")
     params = {"threshold": threshold, "drop_embedding_pairs": drop_embedding_pairs, "mirrored": mirrored}
     with record_run(con, "dedup", params) as run:
         if drop_embedding_pairs:

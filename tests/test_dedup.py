@@ -324,3 +324,9 @@ def test_of_several_copies_the_closest_ones_caption_is_carried(con):
     assert con.execute("SELECT caption FROM current_captions WHERE image_id = 'keep'").fetchone()[0] == "caption of phash_copy"
     con.execute("INSERT INTO captions (image_id, source, text) VALUES ('far_clip', 'manual', 'typed by a person')")
     assert con.execute("SELECT caption FROM current_captions WHERE image_id = 'keep'").fetchone()[0] == "typed by a person"
+
+
+def test_threshold_range_is_the_same_for_the_library_the_cli_and_the_tui(con):
+    """The CLI refused 17-32 bits while the library (and so the TUI) ran them."""
+    with pytest.raises(ValueError, match="between 0 and 16 bits"):
+        duplicate_groups(con, threshold=17)

@@ -168,10 +168,10 @@ def dedup(
 
     Example: workbench dedup --threshold 6   (add --no-mirrored to keep flipped copies, --drop-embedding-pairs to undo `score --dedup`)
     """
-    from pipelines.dedup import duplicate_groups
+    from pipelines.dedup import MAX_THRESHOLD, duplicate_groups
 
-    if not 0 <= threshold <= 16:
-        fail("--threshold must be between 0 and 16 bits.")
+    if not 0 <= threshold <= MAX_THRESHOLD:
+        fail(f"--threshold must be between 0 and {MAX_THRESHOLD} bits.")
     con = open_catalog(catalog)
     with RichProgress() as progress:
         summary = duplicate_groups(con, threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, mirrored=mirrored, progress=progress)
