@@ -220,3 +220,6 @@ def test_table_says_when_rows_are_left_out_and_json_columns_nest(catalog_path):
     assert runner.invoke(app, ["sql", "SELECT 1", "--limit", "-5", *cat]).exit_code == 2
     nested = runner.invoke(app, ["sql", """SELECT '{"new": 3, "paths": ["a"]}'::JSON AS counts, 'x' AS plain""", "-f", "json", *cat])
     assert json.loads(nested.stdout) == [{"counts": {"new": 3, "paths": ["a"]}, "plain": "x"}]
+    same_name = runner.invoke(app, ["sql", """SELECT '123' AS info, '{"a": 1}'::JSON AS info""", "-f", "json", *cat])
+    assert same_name.exit_code == 0, same_name.output  # matched by name, the JSON column's string went through json.loads
+    assert json.loads(same_name.stdout) == [{"info": "123", "info_1": {"a": 1}}]

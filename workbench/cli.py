@@ -229,10 +229,12 @@ def sql(
         if format == "csv":
             text = _csv_text(relation)
         elif format == "json":
-            # JSON columns (runs.counts, training_runs.config, ...) nest as objects, not as strings of JSON
-            nested = {name for name, kind in zip(relation.columns, relation.types) if str(kind) == "JSON"}
-            rows = [{k: json.loads(v) if k in nested and isinstance(v, str) else _json_safe(v) for k, v in row.items()}
-                    for row in relation.pl().to_dicts()]
+            # JSON columns (runs.counts, training_runs.config, ...) nest as objects, not as strings of JSON;
+            # matched by position, and a repeated name gets _1, _2 (as polars and pandas name them)
+            names = _unique_names(relation.columns)
+            nested = [str(kind) == "JSON" for kind in relation.types]
+            rows = [{name: json.loads(v) if is_json and isinstance(v, str) else _json_safe(v)
+                     for name, is_json, v in zip(names, nested, row)} for row in relation.fetchall()]
             text = json.dumps(rows, default=_json_default, ensure_ascii=False, allow_nan=False)
         else:
             frame = relation.limit(limit + 1).pl()
@@ -255,6 +257,16 @@ def sql(
         err_console.print(Text(f"wrote {output}"))
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _unique_names(columns: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for name in columns:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        names.append(name if count == 0 else f"{name}_{count}")
+    return names
 
 
 def _json_safe(value):
