@@ -9,6 +9,7 @@ table of block values, and every candidate is verified by popcount. Memory is O(
 from __future__ import annotations
 
 import math
+import os
 from itertools import combinations
 
 import duckdb
@@ -418,20 +419,28 @@ def _fill_missing_mirror_hashes(con: duckdb.DuckDBPyConnection, progress: Progre
         GROUP BY h.image_id
         """
     ).fetchall()
-    found, unread = [], 0
-    for done, (image_id, path_bytes) in enumerate(todo, start=1):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def measured(item: tuple[str, bytes]) -> tuple[str, int | None]:
+        image_id, path_bytes = item
         row = read_image_file(bytes(path_bytes), max_pixels=2**62)  # it was read before, under whatever cap was set then
-        if row["image_id"] == image_id and row.get("phash_mirror") is not None:
-            found.append((image_id, row["phash_mirror"]))
-        else:
-            unread += 1  # changed or gone since ingest: the next ingest measures it again
-        progress(task="mirrored hashes of older images", completed=done, total=len(todo))
-    if found:
-        with transaction(con):
-            con.executemany("UPDATE hashes SET phash_mirror = ? WHERE image_id = ?", [(m, i) for i, m in found])
-    counts = {"older_images_given_mirror_hashes": len(found)} if found else {}
-    if unread:
-        counts["older_images_without_mirror_hash"] = unread
+        return image_id, row.get("phash_mirror") if row["image_id"] == image_id else None  # else changed since ingest
+
+    added = unread = 0
+    # decoding and hashing release the GIL; batches are committed as they finish, so a Ctrl+C keeps what was read
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for start in range(0, len(todo), 64):
+            results = list(pool.map(measured, todo[start : start + 64]))
+            found = [(mirror, image_id) for image_id, mirror in results if mirror is not None]
+            if found:
+                with transaction(con):
+                    con.executemany("UPDATE hashes SET phash_mirror = ? WHERE image_id = ?", found)
+            added += len(found)
+            unread += len(results) - len(found)
+            progress(task="mirrored hashes of older images", completed=start + len(results), total=len(todo))
+    counts = {"older_images_given_mirror_hashes": added} if added else {}
+    if unread:  # the next ingest reads them again, mirrored hash included
+        counts["older_images_changed_since_ingest"] = unread
     return counts
 
 
