@@ -314,7 +314,8 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
                 }
             )
             if not is_keeper:
-                exclusions.append({"image_id": member["image_id"], "reason": f"duplicate of {keeper['image_id']}"})
+                what = "flipped duplicate" if method == "mirror" else "duplicate"  # the reason says which kind of copy
+                exclusions.append({"image_id": member["image_id"], "reason": f"{what} of {keeper['image_id']}"})
     frame = pl.DataFrame(
         rows,
         schema={"image_id": pl.String, "group_id": pl.Int64, "keeper_id": pl.String, "is_keeper": pl.Boolean,

@@ -202,6 +202,8 @@ def test_flipped_copies_are_duplicates_and_the_mirror_search_can_be_turned_off(c
     ).fetchall()
     assert [(name, keeper, method) for name, keeper, method, _ in rows] == [("cat_flipped.jpg", False, "mirror"), ("cat.png", True, "keeper")]
     assert rows[0][3] <= 6
+    reason = con.execute("SELECT exclusion_reason FROM images_view WHERE path LIKE '%cat_flipped.jpg'").fetchone()[0]
+    assert reason.startswith("flipped duplicate of ")
     assert con.execute("SELECT count(*) FROM duplicate_pairs WHERE method = 'phash'").fetchone()[0] == 0
 
     result = CliRunner().invoke(app, ["dedup", "--no-mirrored", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
