@@ -540,9 +540,10 @@ def imported_kohya_folder(
     assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, progress=null_progress)
     # regularisation images are not curated data: the trainer's class priors must come from the model it trains
     reg = folder / "reg"
-    reg_files = sum(len(files) for _, _, files in os.walk(reg)) if roots == [folder / "img"] and reg.is_dir() else 0
-    if reg_files:
-        progress(task="import", message=f"{reg} not imported ({reg_files} files): class priors are generated "
+    reg_images = (sum(1 for p in reg.rglob("*") if p.suffix.lower() in image_suffixes and p.is_file())
+                 if roots == [folder / "img"] and reg.is_dir() else 0)  # images: their .txt captions are not counted
+    if reg_images:
+        progress(task="import", message=f"{reg} not imported ({reg_images} images): class priors are generated "
                  "for the model you train (`workbench priors` or `train dreambooth`)")
     return {
         **counts,
@@ -551,5 +552,5 @@ def imported_kohya_folder(
         "folders_without_concept": len(plain_dirs),
         "images_assigned_to_concepts": assigned,
         "concepts": len(list_concepts(con)),
-        "reg_files_not_imported": reg_files,
+        "reg_images_not_imported": reg_images,
     }
