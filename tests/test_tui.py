@@ -1454,3 +1454,17 @@ def test_a_carried_caption_cannot_be_rejected_since_it_is_not_stored(catalog_pat
     with pytest.raises(CatalogError, match="carried from a duplicate copy"):
         reject_caption(con, "a" * 64, "duplicate")
     con.close()
+
+
+def test_at_80_columns_a_path_leaves_room_for_the_caption(synthetic_catalog):
+    """At 80x24 the Captions table showed only the path column (48 wide in a 38-wide pane)."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            table = app.screen.query_one("#rows")
+            await wait_for(pilot, lambda: table.row_count and "caption_source" in rendered_lines(table)[0], what="source column in view")
+            header, first = rendered_lines(table)[:2]
+            assert first.startswith(" …/img_000000.jpg") and "sidecar" in first
+
+    asyncio.run(scenario())

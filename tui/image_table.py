@@ -21,17 +21,18 @@ SHORT_COLUMNS = {"image_id": 12}
 TEXT_WIDTH = 48
 
 
-def cell(column: str, value) -> str:
-    """A table cell: NULL shown as '·', floats short, long text cut to fit."""
+def cell(column: str, value, path_width: int = TEXT_WIDTH) -> str:
+    """A table cell: NULL shown as '·', floats short, long text cut to fit (a path to `path_width`, at its start)."""
     if value is None:
         return "·"
     if isinstance(value, float):
         return f"{value:,.2f}" if 1 <= abs(value) < 1e9 else f"{value:.3g}"
     text = str(value).replace("\n", " ")
-    limit = SHORT_COLUMNS.get(column, TEXT_WIDTH)
+    is_path = column == "path" or column.endswith("_path")
+    limit = path_width if is_path else SHORT_COLUMNS.get(column, TEXT_WIDTH)
     if len(text) <= limit:
         return text
-    if column == "path" or column.endswith("_path"):
+    if is_path:
         return cut_start(text, limit)
     return text[: limit - 1] + "…"
 
@@ -222,9 +223,11 @@ class ImageTable(Vertical):
         id_index = columns.index("image_id")
         self.page_ids = [row[id_index] for row in rows]
         first = rows[0] if rows else None
+        # a path takes at most two fifths of the table: at 80 columns the caption beside it stays in view
+        path_width = max(16, min(TEXT_WIDTH, self.size.width * 2 // 5)) if self.size.width else TEXT_WIDTH
         table.set_rows(
             shown,
-            [[cell(columns[i], row[i]) for i in index] for row in rows],
+            [[cell(columns[i], row[i], path_width) for i in index] for row in rows],
             right_aligned=[first is not None and is_number(first[i]) for i in index],
             cursor=cursor,
         )
