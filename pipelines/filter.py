@@ -287,3 +287,24 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
         "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchone()[0]
     return {"included": len(ids), "exclusions_removed": removed, "still_excluded_by_other_steps": still}
+
+
+def toggled_exclusion(con: duckdb.DuckDBPyConnection, image_id: str, reason: str) -> dict:
+    """Exclude an image by hand, or include it if it is excluded (the TUI's x).
+
+    Including lifts manual and filter exclusions, never a duplicate's: keeping that copy is the way in. Returns
+    {"action": "excluded" | "included" | "unchanged", "was_keeper": bool, "still_excluded_by": [steps]}.
+    """
+    def steps() -> list[str]:
+        return [r[0] for r in con.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
+
+    was_keeper = bool((con.execute("SELECT is_keeper FROM duplicates WHERE image_id = ?", [image_id]).fetchone() or [False])[0])
+    before = steps()
+    if not before:
+        manual_exclusions(con, [image_id], reason)
+        return {"action": "excluded", "was_keeper": was_keeper, "still_excluded_by": []}
+    if not any(step == MANUAL_STEP or step.startswith(FILTER_STEP_PREFIX) for step in before):
+        return {"action": "unchanged", "was_keeper": was_keeper, "still_excluded_by": before}
+    manual_inclusions(con, [image_id])
+    return {"action": "included", "was_keeper": was_keeper, "still_excluded_by": steps()}
+

@@ -228,3 +228,19 @@ def test_rules_leave_class_priors_alone(con):
     assert summary["checked"] == 1 and summary["excluded"] == 1
     assert con.execute("SELECT image_id, role FROM dataset").fetchall() == [(prior, "class_prior")]
     assert small in _reasons(con)
+
+
+def test_x_excludes_then_includes_and_never_lifts_a_duplicates_exclusion(con):
+    """The TUI's x on Browse and Duplicates: one rule for both screens."""
+    from pipelines.filter import toggled_exclusion
+
+    plain = _add_image(con, 1, 512, 512)
+    small = _add_image(con, 2, 100, 100)
+    copy = _add_image(con, 3, 512, 512)
+    filtered_dataset(con, FilterRules())
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'dedup', 'duplicate of x')", [copy])
+    assert toggled_exclusion(con, plain, "by hand")["action"] == "excluded"
+    assert toggled_exclusion(con, plain, "by hand") == {"action": "included", "was_keeper": False, "still_excluded_by": []}
+    assert toggled_exclusion(con, small, "by hand")["action"] == "included"  # a filter exclusion is lifted
+    assert toggled_exclusion(con, copy, "by hand") == {"action": "unchanged", "was_keeper": False, "still_excluded_by": ["dedup"]}
+    assert sorted(r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()) == sorted([plain, small])

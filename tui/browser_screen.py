@@ -22,7 +22,7 @@ from tui.messages import CatalogChanged, ImagePicked
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import visible
 from tui.size_classes import SizeClasses
-from tui.workers import people_message
+from tui.workers import people_message, toggle_message
 
 
 def _short(value: Any) -> str:
@@ -244,24 +244,12 @@ class BrowserScreen(SizeClasses, Screen):
 
     @work(thread=True, group="browser-write")
     def _toggle_exclude(self, image_id: str) -> None:
-        from pipelines.filter import manual_exclusions, manual_inclusions
+        from pipelines.filter import toggled_exclusion
 
         cur = self.app.con.cursor()
-        severity = "information"
         try:
-            steps = [r[0] for r in cur.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
-            if not steps:
-                manual_exclusions(cur, [image_id], "excluded in the browser")
-                text = f"excluded {image_id[:12]}"
-            elif steps == ["dedup"]:
-                text = f"{image_id[:12]} is excluded as a duplicate: keep it instead on the Duplicates screen (F5, k)"
-                severity = "warning"
-            else:
-                outcome = manual_inclusions(cur, [image_id])
-                text = f"included {image_id[:12]}"
-                if outcome["still_excluded_by_other_steps"]:
-                    text += "; it stays excluded as a duplicate (keep it on the Duplicates screen: F5, k)"
-                    severity = "warning"
+            text, severity = toggle_message(toggled_exclusion(cur, image_id, "excluded in the browser"), image_id,
+                                            keep_hint="keep it instead on the Duplicates screen (F5, k)")
         except Exception as error:
             self.post_message(self._Changed(people_message(error), "error"))
             return

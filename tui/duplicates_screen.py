@@ -20,7 +20,7 @@ from tui.messages import CatalogChanged
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe
 from tui.size_classes import SizeClasses
-from tui.workers import people_message
+from tui.workers import people_message, toggle_message
 
 MEMBER_COLUMNS = (
     "image_id", "is_keeper", "method", "distance", "keep_reason", "path", "width", "height", "format",
@@ -290,18 +290,8 @@ class DuplicatesScreen(SizeClasses, Screen):
 
     def action_toggle_exclude(self) -> None:
         member = self._selected_member()
-        if not member:
-            return
-        if not member["excluded"]:
-            self._change("exclude", member["image_id"])
-        elif includable(member):
-            self._change("include", member["image_id"])
-        elif "dedup" in member["excluded_by"]:
-            self.notify(f"{member['image_id'][:12]} is excluded as a duplicate of the kept image: press k (Keep this) "
-                        "to keep it instead.", title="Duplicates", severity="warning")
-        else:
-            self.notify(f"{member['image_id'][:12]} is excluded by {', '.join(member['excluded_by'])}; x only lifts "
-                        "manual and filter exclusions.", title="Duplicates", severity="warning")
+        if member:
+            self._change("toggle", member["image_id"])
 
     @work(thread=True, exclusive=True, group="dup-change")
     def _change(self, what: str, image_id: str) -> None:
@@ -317,24 +307,11 @@ class DuplicatesScreen(SizeClasses, Screen):
                 if reason:
                     text += f". It is itself excluded ({reason}), so the dataset has no copy of this picture: x includes it."
                     severity = "warning"
-            elif what == "exclude":
-                from pipelines.filter import manual_exclusions
-
-                was_kept = cur.execute("SELECT is_keeper FROM duplicates WHERE image_id = ?", [image_id]).fetchone()
-                manual_exclusions(cur, [image_id], "excluded in duplicates review")
-                text = f"excluded {image_id[:12]}"
-                if was_kept and was_kept[0]:
-                    text += "; its copies stay excluded as duplicates (press k on one to keep it instead)"
             else:
-                from pipelines.filter import manual_inclusions
+                from pipelines.filter import toggled_exclusion
 
-                manual_inclusions(cur, [image_id])
-                steps = [r[0] for r in cur.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
-                text = f"included {image_id[:12]}"
-                if "dedup" in steps:
-                    text = f"lifted the manual exclusion of {image_id[:12]}; it stays excluded as a duplicate: press k (Keep this) to keep it instead"
-                elif steps:
-                    text = f"lifted the manual exclusion of {image_id[:12]}; it stays excluded by {', '.join(steps)}"
+                text, severity = toggle_message(toggled_exclusion(cur, image_id, "excluded in duplicates review"),
+                                                image_id, keep_hint="press k (Keep this) to keep it instead")
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return

@@ -43,3 +43,22 @@ def people_message(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
     return f"{error.__class__.__name__}: {error}{where}"
+
+
+def toggle_message(outcome: dict, image_id: str, *, keep_hint: str) -> tuple[str, str]:
+    """(text, severity) for what `pipelines.filter.toggled_exclusion` did; `keep_hint` says how to keep a duplicate."""
+    short, still = image_id[:12], outcome["still_excluded_by"]
+    if outcome["action"] == "excluded":
+        text = f"excluded {short}"
+        if outcome["was_keeper"]:
+            text += "; its copies stay excluded as duplicates (keep one of them instead to bring the picture back)"
+        return text, "information"
+    if outcome["action"] == "unchanged":
+        if "dedup" in still:
+            return f"{short} is excluded as a duplicate of the kept image: {keep_hint}.", "warning"
+        return f"{short} is excluded by {', '.join(still)}; x only lifts manual and filter exclusions.", "warning"
+    if "dedup" in still:
+        return f"lifted the manual or filter exclusion of {short}; it stays excluded as a duplicate: {keep_hint}", "warning"
+    if still:
+        return f"lifted the manual or filter exclusion of {short}; it stays excluded by {', '.join(still)}", "warning"
+    return f"included {short}", "information"
