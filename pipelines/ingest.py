@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -76,6 +77,7 @@ class IngestSummary:
     skipped_not_images: int = 0
     directory_cycles_skipped: int = 0
     output_folders_skipped: int = 0
+    kohya_reg_folders_skipped: int = 0  # reg/ beside img/: regularisation images, not training photos
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     sidecar_problems: dict[str, str] = field(default_factory=dict)  # sidecar path -> why it was left out
     recorded: int = 0  # files read and written to the catalog so far (what an interrupted run kept)
@@ -320,6 +322,10 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
                 summary.output_folders_skipped += 1  # ingest the folder itself (as a root) to take its images
                 skipped.append(sub)
                 continue
+            if _is_kohya_reg_folder(sub, names):
+                summary.kohya_reg_folders_skipped += 1  # its N_class folders would become instance concepts
+                skipped.append(sub)
+                continue
             yield from entries_of(sub)
 
     for root in roots:
@@ -329,6 +335,17 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             folder, name = os.path.split(root)
             siblings = set(os.listdir(folder or b"."))
             yield from _candidate(root, name, siblings, summary)
+
+
+def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
+    """kohya's layout, as `workbench export` writes it: `img/` and `reg/` side by side, `reg/` holding `N_class`
+    folders of regularisation images. Those are class priors for another model, not photos to train on."""
+    if os.path.basename(folder).lower() != b"reg" or not ({b"img", b"Img", b"IMG"} & siblings):
+        return False
+    try:
+        return any(re.fullmatch(rb"\d+_.*", entry.name) and entry.is_dir() for entry in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary) -> Iterator[FileEntry]:

@@ -465,3 +465,25 @@ def test_files_that_are_not_images_are_counted_as_skipped(con, tmp_path):
     assert ingested_images(con, [tmp_path / "set"], workers=1).skipped_not_images == 1
     named = ingested_images(con, [tmp_path / "mk.py"], workers=1)
     assert (named.skipped_not_images, named.files_seen) == (1, 0)
+
+
+def test_a_kohya_reg_folder_beside_img_is_left_out(con, tmp_path, catalog_path):
+    """`workbench ingest` of a kohya dataset (or a workbench export) took reg/1_a photo of a cat as an instance concept
+    "a photo of a cat" with trigger "a", and its class images as training photos."""
+    from typer.testing import CliRunner
+
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    make_images(tmp_path / "set" / "img" / "10_sks cat", 2)
+    make_images(tmp_path / "set" / "reg" / "1_a photo of a cat", 2, seed=1)
+    make_images(tmp_path / "other" / "reg", 1, seed=2)  # a folder named reg without kohya's layout is read
+    con.close()
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path), "--catalog", str(catalog_path), "--workers", "1"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "import-kohya" in result.output
+    check = connect(catalog_path)
+    assert check.execute("SELECT count(*) FROM images").fetchone()[0] == 3
+    assert [r[0] for r in check.execute("SELECT name FROM concepts").fetchall()] == ["sks cat"]
+    check.close()

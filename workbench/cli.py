@@ -151,6 +151,10 @@ def ingest(
         for reason, n in summary.errors_by_reason.items():
             table.add_row(Text(reason), str(n))
         console.print(table)
+    if summary.kohya_reg_folders_skipped:
+        err_console.print("[yellow]Note:[/] left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
+                          "images for another run, not photos to train on. `workbench import-kohya FOLDER` reads a kohya "
+                          "dataset; class priors come from `workbench priors` for the model you train.")
     if summary.sidecars_left_out:
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
