@@ -1365,7 +1365,7 @@ def test_pipeline_settings_start_from_what_each_step_last_ran_with(synthetic_cat
 
     con = connect(synthetic_catalog)
     aspect_buckets(con, resolution=64)
-    filtered_dataset(con, FilterRules().with_overrides(min_side=100, max_aspect=2.5, min_clip_score=None))
+    filtered_dataset(con, FilterRules().with_overrides(min_side=100, max_aspect=2.5, min_clip_score=None, blurry=True))
     duplicate_groups(con, threshold=4, mirrored=False)
     con.close()
 
@@ -1378,6 +1378,16 @@ def test_pipeline_settings_start_from_what_each_step_last_ran_with(synthetic_cat
             assert (value("filter-min_side"), value("filter-max_aspect"), value("filter-min_clip_score")) == ("100", "2.5", "")
             assert (value("dedup-threshold"), value("dedup-mirrored")) == ("4", "no")
             assert value("caption-model") == "tiny"  # never run: the default
+            # bounds worked out for 64 px are not restored: they would block buckets at another resolution
+            assert (value("buckets-min_bucket_reso"), value("buckets-max_bucket_reso")) == ("", "")
+
+            # Run from here repeats the last filter run, rules the form does not show (blur) included; empty is off
+            screen.query_one("#set-filter-max_aspect").value = ""
+            await pilot.click("#run-filter")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM runs WHERE step = 'filter'") == 2
+                           and screen.running is None, what="filter run")
+            params = json.loads(app.con.execute("SELECT params FROM runs WHERE step = 'filter' ORDER BY run_id DESC LIMIT 1").fetchone()[0])
+            assert (params["min_side"], params["max_aspect"], params["blurry"]) == (100, None, True)
 
     asyncio.run(scenario())
 

@@ -5,6 +5,7 @@ Each runner imports its step lazily, so a step that is missing or broken shows a
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,9 +113,15 @@ def run_score(con, s, progress, project):
 
 
 def run_filter(con, s, progress, project):
+    """The form's three rules (an empty one is off) over the last filter run's other rules (blur, exposure, ...),
+    so a run from here repeats one from the CLI."""
+    from dataclasses import replace
+
     from pipelines.filter import FilterRules, filtered_dataset
 
-    rules = FilterRules().with_overrides(min_side=s["min_side"], max_aspect=s["max_aspect"], min_clip_score=s["min_clip_score"])
+    last = con.execute("SELECT params FROM runs WHERE step = 'filter' AND status = 'ok' ORDER BY run_id DESC LIMIT 1").fetchone()
+    base = FilterRules.from_mapping(json.loads(last[0])) if last and last[0] else FilterRules()
+    rules = replace(base, min_side=s["min_side"], max_aspect=s["max_aspect"], min_clip_score=s["min_clip_score"])
     summary = _summary(filtered_dataset(con, rules, progress=progress))
     return {k: v for k, v in summary.items() if not isinstance(v, dict)}
 
@@ -167,8 +174,9 @@ STEPS: tuple[StepSpec, ...] = (
              (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "32", int))),
     StepSpec("filter", "Filter", run_filter,
              "SELECT count(DISTINCT image_id) AS filtered_out, (SELECT count(*) FROM dataset) AS dataset FROM exclusions WHERE step LIKE 'filter:%'",
-             (Setting("min_side", "min side", "256", "optional_int"), Setting("max_aspect", "max aspect", "3.0", "optional_float"),
-              Setting("min_clip_score", "min CLIP", "", "optional_float"))),
+             (Setting("min_side", "min side", "256", "optional_int", "empty: off"),
+              Setting("max_aspect", "max aspect", "3.0", "optional_float", "empty: off"),
+              Setting("min_clip_score", "min CLIP", "", "optional_float", "empty: off"))),
     StepSpec("buckets", "Buckets", run_buckets,
              "SELECT count(*) AS bucketed, count(DISTINCT (bucket_width, bucket_height)) AS buckets FROM aspect_buckets",
              (Setting("resolution", "resolution", "512", int),
@@ -185,10 +193,18 @@ STEPS: tuple[StepSpec, ...] = (
 STEPS_BY_NAME = {step.name: step for step in STEPS}
 
 
-# Steps whose form starts from the settings they last ran with (from the TUI or the CLI), so Run all repeats
-# what was done rather than the defaults (buckets at 512 over a set bucketed at 64). Ingest has its own rule
-# (empty folders: the last ingest's) and class priors depend on the concepts.
-RESTORED_STEPS = ("dedup", "caption", "score", "filter", "buckets")
+# The settings a step's form takes from its last run (from the TUI or the CLI), so Run all repeats what was done
+# rather than the defaults (buckets at 512 over a set bucketed at 64). Only those a run records as they were
+# asked for: buckets record the bounds they worked out (kept, they would block a new resolution) and caption and
+# score a model's label, not a loadable id. Ingest has its own rule (empty folders: the last ingest's) and class
+# priors depend on the concepts.
+RESTORED_SETTINGS = {
+    "dedup": ("threshold", "mirrored"),
+    "caption": ("batch_size", "template"),
+    "score": ("batch_size",),
+    "filter": ("min_side", "max_aspect", "min_clip_score"),
+    "buckets": ("resolution",),
+}
 
 
 def setting_text(setting: Setting, value: Any) -> str | None:
@@ -206,8 +222,6 @@ def setting_text(setting: Setting, value: Any) -> str | None:
 
 def last_settings(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
     """Per step, the form text of the settings its last finished run used."""
-    import json
-
     cur = con.cursor()
     try:
         rows = cur.execute(
@@ -217,10 +231,11 @@ def last_settings(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
         cur.close()
     found: dict[str, dict[str, str]] = {}
     for step, params in rows:
-        if step not in RESTORED_STEPS or not params:
+        if step not in RESTORED_SETTINGS or not params:
             continue
         recorded = json.loads(params)
-        texts = {s.name: setting_text(s, recorded[s.name]) for s in STEPS_BY_NAME[step].settings if s.name in recorded}
+        texts = {s.name: setting_text(s, recorded[s.name]) for s in STEPS_BY_NAME[step].settings
+                 if s.name in recorded and s.name in RESTORED_SETTINGS[step]}
         found[step] = {name: text for name, text in texts.items() if text is not None}
     return found
 
