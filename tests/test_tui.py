@@ -1476,5 +1476,7 @@ def test_at_80_columns_a_path_leaves_room_for_the_caption(synthetic_catalog):
             await wait_for(pilot, lambda: table.row_count and "caption_source" in rendered_lines(table)[0], what="source column in view")
             header, first = rendered_lines(table)[:2]
             assert first.startswith(" …/img_000000.jpg") and "sidecar" in first
+            await pilot.resize_terminal(200, 40)  # wider: the whole path again, without a page reload
+            await wait_for(pilot, lambda: rendered_lines(table)[1].startswith(" /synthetic/img_000000.jpg"), what="full path")
 
     asyncio.run(scenario())

@@ -216,7 +216,13 @@ class ImageTable(Vertical):
         self._show_rows(message.result.columns, message.rows, message.cursor)
         self._update_status()
 
+    def on_resize(self, event) -> None:
+        shown = getattr(self, "_shown_rows", None)
+        if shown is not None:  # the path width follows the table's width
+            self._show_rows(*shown, self.query_one("#rows", PageTable).cursor_row)
+
     def _show_rows(self, columns: list[str], rows: list[tuple], cursor: int | None) -> None:
+        self._shown_rows = (columns, rows)
         table = self.query_one("#rows", PageTable)
         shown = self.visible_columns(columns)
         index = [columns.index(c) for c in shown]
