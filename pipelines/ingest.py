@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import signal
 import stat
 import threading
@@ -22,7 +21,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from pipelines.concepts import concept_rules_applied, concepts_from_folder_names
+from pipelines.concepts import concept_rules_applied, concepts_from_folder_names, parse_kohya_folder_name
 from workbench import config
 from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, StepCancelled, null_progress
@@ -183,7 +182,8 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     """Hash, measure and fingerprint one file; never raises for bad input (returns an error row)."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # we apply our own cap below, before decoding
+    from workbench.images import open_image
+
     try:
         with open(path_bytes, "rb") as handle:
             data = handle.read()
@@ -207,7 +207,7 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = open_image(io.BytesIO(data))  # PIL's own cap lifted: ours (max_pixels) is applied below, before decoding
             width, height = img.size
             if width * height > max_pixels:
                 row["error"] = (
@@ -340,10 +340,10 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
 def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
     """kohya's layout, as `workbench export` writes it: `img/` and `reg/` side by side, `reg/` holding `N_class`
     folders of regularisation images. Those are class priors for another model, not photos to train on."""
-    if os.path.basename(folder).lower() != b"reg" or not ({b"img", b"Img", b"IMG"} & siblings):
+    if os.path.basename(folder).lower() != b"reg" or not any(name.lower() == b"img" for name in siblings):
         return False
     try:
-        return any(re.fullmatch(rb"\d+_.*", entry.name) and entry.is_dir() for entry in os.scandir(folder))
+        return any(entry.is_dir() and parse_kohya_folder_name(os.fsdecode(entry.name)) for entry in os.scandir(folder))
     except OSError:
         return False
 
