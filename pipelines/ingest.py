@@ -6,7 +6,6 @@ import codecs
 import errno
 import hashlib
 import io
-import json
 import os
 import signal
 import stat
@@ -23,7 +22,7 @@ import polars as pl
 
 from pipelines.concepts import concept_rules_applied, concepts_from_folder_names, parse_kohya_folder_name
 from workbench import config
-from workbench.catalog import record_run, transaction
+from workbench.catalog import last_run_params, record_run, transaction
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 SIDECAR_EXTENSIONS = (b".txt", b".caption")
@@ -570,14 +569,6 @@ def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
 
 
-def last_ingest_params(con: duckdb.DuckDBPyConnection) -> dict:
-    """The parameters (paths, workers, max_pixels) of the last finished ingest; {} when there was none."""
-    row = con.execute(
-        "SELECT params FROM runs WHERE step = 'ingest' AND status = 'ok' ORDER BY run_id DESC LIMIT 1"
-    ).fetchone()
-    return json.loads(row[0]) if row and row[0] else {}
-
-
 def _under(path: bytes, roots: Sequence[bytes]) -> bool:
     for root in roots:
         if path == root or path.startswith(root.rstrip(b"/") + b"/"):
@@ -605,7 +596,7 @@ def ingested_images(
     workers = (os.cpu_count() or 1) if workers is None else workers
     summary = IngestSummary()
     # files that failed under a lower pixel cap are read again once it is raised (the error says to raise it)
-    retry_errors = max_pixels > last_ingest_params(con).get("max_pixels", DEFAULT_MAX_PIXELS)
+    retry_errors = max_pixels > last_run_params(con, "ingest").get("max_pixels", DEFAULT_MAX_PIXELS)
     # an ingest stopped after it read everything has not joined concepts yet, and its rerun reads nothing
     last = con.execute("SELECT status FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1").fetchone()
     last_unfinished = last is not None and last[0] != "ok"

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import duckdb
 
+from workbench.catalog import last_run_params
 from workbench.progress import ProgressHook
 
 
@@ -75,10 +76,10 @@ def _summary(result: Any) -> dict[str, Any]:
 
 
 def run_ingest(con, s, progress, project: Path):
-    from pipelines.ingest import ingested_images, last_ingest_params
+    from pipelines.ingest import ingested_images
 
     folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]]
-    folders = folders or [Path(p) for p in last_ingest_params(con).get("paths", [])]  # Run all on a catalog: rescan
+    folders = folders or [Path(p) for p in last_run_params(con, "ingest").get("paths", [])]  # Run all on a catalog: rescan
     if not folders:
         raise ValueError("Ingest: type one or more folders or image files.")
     missing = [str(p) for p in folders if not p.exists()]
@@ -119,8 +120,7 @@ def run_filter(con, s, progress, project):
 
     from pipelines.filter import FilterRules, filtered_dataset
 
-    last = con.execute("SELECT params FROM runs WHERE step = 'filter' AND status = 'ok' ORDER BY run_id DESC LIMIT 1").fetchone()
-    base = FilterRules.from_mapping(json.loads(last[0])) if last and last[0] else FilterRules()
+    base = FilterRules.from_mapping(last_run_params(con, "filter"))
     rules = replace(base, min_side=s["min_side"], max_aspect=s["max_aspect"], min_clip_score=s["min_clip_score"])
     summary = _summary(filtered_dataset(con, rules, progress=progress))
     return {k: v for k, v in summary.items() if not isinstance(v, dict)}

@@ -258,6 +258,14 @@ def finish_run(con: duckdb.DuckDBPyConnection, record: RunRecord, error: BaseExc
     )
 
 
+def last_run_params(con: duckdb.DuckDBPyConnection, step: str) -> dict[str, Any]:
+    """The parameters the last finished run of `step` recorded; {} when there was none."""
+    row = con.execute(
+        "SELECT params FROM runs WHERE step = ? AND status = 'ok' ORDER BY run_id DESC LIMIT 1", [step]
+    ).fetchone()
+    return json.loads(row[0]) if row and row[0] else {}
+
+
 @contextmanager
 def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> Iterator[RunRecord]:
     """Record a step run: a 'running' row first, then its counts, seconds and status."""
