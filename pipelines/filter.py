@@ -289,6 +289,11 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
     return {"included": len(ids), "exclusions_removed": removed, "still_excluded_by_other_steps": still}
 
 
+def lifted_by_include(step: str) -> bool:
+    """Whether including by hand lifts an exclusion of this step: manual and filter ones, never a duplicate's."""
+    return step == MANUAL_STEP or step.startswith(FILTER_STEP_PREFIX)
+
+
 def toggled_exclusion(con: duckdb.DuckDBPyConnection, image_id: str, reason: str) -> dict:
     """Exclude an image by hand, or include it if it is excluded (the TUI's x).
 
@@ -303,8 +308,7 @@ def toggled_exclusion(con: duckdb.DuckDBPyConnection, image_id: str, reason: str
     if not before:
         manual_exclusions(con, [image_id], reason)
         return {"action": "excluded", "was_keeper": was_keeper, "still_excluded_by": []}
-    if not any(step == MANUAL_STEP or step.startswith(FILTER_STEP_PREFIX) for step in before):
+    if not any(lifted_by_include(step) for step in before):
         return {"action": "unchanged", "was_keeper": was_keeper, "still_excluded_by": before}
     manual_inclusions(con, [image_id])
     return {"action": "included", "was_keeper": was_keeper, "still_excluded_by": steps()}
-

@@ -182,10 +182,9 @@ class BrowserScreen(SizeClasses, Screen):
         image_id, result = self._shown()
         if image_id is None:
             return
-        typed = self.query_one(ImageTable).query_one("#filter").value.strip()
-        if typed != result.filter.text.strip():  # "all filtered" must mean the rows shown, not a filter only typed
-            self.notify("The filter box differs from the filter the table shows: press Enter to apply it first.",
-                        title="Browse", severity="warning")
+        problem = self.query_one(ImageTable).not_applied()  # "all filtered" must mean the rows shown
+        if problem:
+            self.notify(problem, title="Browse", severity="warning")
             return
         self._load_concepts(image_id, result)
 
@@ -268,4 +267,3 @@ class BrowserScreen(SizeClasses, Screen):
         table.reload(keep_position=True)
         if table.current_image_id is not None:
             self._load_details(table.current_image_id)
-

@@ -76,11 +76,16 @@ def choose_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -
         cur.close()
 
 
+# A 'duplicate' caption is computed from an excluded copy's own caption (view carried_captions): deleting it here
+# would not stick, so it cannot be rejected.
+CARRIED_NOT_REJECTED = ("This caption is carried from a duplicate copy that dedup excluded, not stored with this image: "
+                        "save a caption of your own (it comes first), or accept another source.")
+
+
 def reject_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -> None:
     """Drop one source's caption for an image (and the choice of it); the next source takes over."""
-    if source == "duplicate":  # computed from the copy's own caption: deleting here would not stick
-        raise CatalogError("This caption is carried from a duplicate copy that dedup excluded, not stored with this image: "
-                           "save a caption of your own (it comes first), or accept another source.")
+    if source == "duplicate":
+        raise CatalogError(CARRIED_NOT_REJECTED)
     cur = con.cursor()
     try:
         with transaction(cur):

@@ -285,10 +285,8 @@ class CaptionsScreen(SizeClasses, Screen):
         source, image_id = self._selected_source(), self.image_id
         if not (source and image_id):
             return
-        if source == "duplicate":
-            self.notify("This caption is carried from a duplicate copy that dedup excluded, not stored with this image: "
-                        "save a caption of your own (it comes first), or accept another source.",
-                        title="Captions", severity="warning", timeout=10)
+        if source == "duplicate":  # not asked: rejecting it is refused
+            self.notify(caption_edits.CARRIED_NOT_REJECTED, title="Captions", severity="warning", timeout=10)
             return
         text = self.source_texts.get(source, "")
         shown = text if len(text) <= 160 else text[:159] + "…"
@@ -324,18 +322,11 @@ class CaptionsScreen(SizeClasses, Screen):
         if not any(v.strip() for k, v in edit.items() if k != "replace"):
             self.notify("Type a trigger token first.", severity="warning")
             return
-        result = table.result
-        typed = table.query_one("#filter", Input).value.strip()
-        requested = table.requested_filter
-        if result is None or (typed != result.filter.text.strip() and requested is not None and typed == requested.text.strip()):
-            self.notify("The filtered rows are still loading; try again when the row count shows.", severity="warning")
+        problem = table.not_applied()  # bulk edits change the rows the table shows, never those of a filter only typed
+        if problem:
+            self.notify(problem, title="Captions", severity="warning", timeout=8)
             return
-        if typed != result.filter.text.strip():
-            # Bulk edits change the rows the table shows, never those of a filter only typed.
-            self.notify("The filter box differs from the filter the table shows: press Enter to apply it first, "
-                        "then run the bulk edit.", title="Captions", severity="warning", timeout=8)
-            return
-        self._plan_bulk(result, edit)
+        self._plan_bulk(table.result, edit)
 
     @work(thread=True, exclusive=True, group="caption-plan")
     def _plan_bulk(self, result: queries.BrowseResult, edit: dict) -> None:

@@ -15,7 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Static
 
-from pipelines.filter import FILTER_STEP_PREFIX, MANUAL_STEP
+from pipelines.filter import lifted_by_include
 from tui.messages import CatalogChanged
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe
@@ -31,7 +31,7 @@ MAX_MEMBERS_SHOWN = 8
 
 def includable(member: dict[str, Any]) -> bool:
     """Whether including by hand lifts an exclusion: it removes manual and filter ones, not a duplicate's."""
-    return any(step == MANUAL_STEP or step.startswith(FILTER_STEP_PREFIX) for step in member["excluded_by"])
+    return any(lifted_by_include(step) for step in member["excluded_by"])
 
 
 def duplicate_group_ids(con) -> list[int]:

@@ -121,6 +121,17 @@ class ImageTable(Vertical):
         """The filter last asked for; `result` catches up with it when its rows have loaded."""
         return getattr(self, "_requested", None)
 
+    def not_applied(self) -> str | None:
+        """Why the rows shown are not those the filter box describes (None when they are): an action over the
+        filtered rows must act on the rows shown, never on a filter only typed or still loading."""
+        typed = self.query_one("#filter", Input).value.strip()
+        result, requested = self.result, self.requested_filter
+        if result is not None and typed == result.filter.text.strip():
+            return None
+        if result is None or (requested is not None and typed == requested.text.strip()):
+            return "The filtered rows are still loading; try again when the row count shows."
+        return "The filter box differs from the filter the table shows: press Enter to apply it first."
+
     def reload(self, *, first: bool = False, keep_position: bool = False) -> None:
         """Re-run the filter (after edits or when the filter or sort changed).
 
