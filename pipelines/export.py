@@ -82,7 +82,6 @@ def caption_has_trigger(caption: str, trigger: str) -> bool:
     return re.search(rf"(?<!\w){pattern}(?!\w)", caption.lower()) is not None
 
 
-
 @dataclass
 class _Row:
     image_id: str
@@ -521,9 +520,10 @@ def imported_kohya_folder(
         raise ExportError(f"{folder} has no kohya subset folders named like `10_sks dog`")
     plain_dirs = [p for p in concept_dirs if parse_kohya_folder_name(p.name) is None]
     for plain in plain_dirs:
-        if plain_subset_repeats(plain.name) > 1:
+        repeats = plain_subset_repeats(plain.name)
+        if repeats > 1:
             progress(task="import", message=f"folder {plain.name!r} has no class tokens: its images join no concept, "
-                     f"so its {plain_subset_repeats(plain.name)} repeats are not kept (`workbench concept` can add them)")
+                     f"so its {repeats} repeats are not kept (`workbench concept` can add them)")
     # what kohya trains on: the files directly in each subset folder (it reads them non-recursively)
     files = sorted(p for d in concept_dirs for p in d.iterdir() if p.is_file() and p.suffix.lower() not in (".txt", ".caption"))
     from PIL import Image

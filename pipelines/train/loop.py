@@ -578,10 +578,13 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
 
 
 def _umask() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else ():
-        if line.startswith("Umask:"):
-            return int(line.split()[1], 8)
-    return 0o022  # no /proc: the common default (os.umask cannot be read without setting it, unsafe with threads)
+    """The process umask, read without setting it (os.umask can only swap it, which is unsafe with threads)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022  # no /proc: the common default
 
 
 def readable_as_umask_allows(folder: Path) -> None:
