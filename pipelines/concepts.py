@@ -202,7 +202,7 @@ def added_concept(
     standing rules: `concept_rules_applied` (run by ingest) puts new images that match them in the concept.
     """
     name = _check_text("concept name", name, required=True)
-    existed = bool(con.execute("SELECT count(*) FROM concepts WHERE name = ?", [name]).fetchall()[0][0])
+    existed = get_concept(con, name) is not None
     trigger = _check_text("trigger", trigger, required=not existed)
     if trigger is not None and len(trigger.split()) != 1:
         raise ValueError(f"trigger {trigger!r} must be one token (no spaces)")
