@@ -318,12 +318,15 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
 def concepts_from_folder_names(
     con: duckdb.DuckDBPyConnection,
     *,
+    paths: Iterable[bytes] | None = None,
     max_repeats: int | None = MAX_FOLDER_REPEATS,
     progress: ProgressHook = null_progress,
 ) -> int:
     """Concepts from kohya folder names (`10_sks dog`: 10 repeats, trigger sks, class dog) of image paths.
 
     The folder is the image's parent folder, as kohya reads subset folders (not recursively).
+    `paths` (exact path bytes) limits this to those files, the ones an ingest has just read, so a
+    concept the user removed does not come back from files read before; None reads every path.
     Existing concepts keep their settings and images already in a concept stay there. Folder names
     with more than `max_repeats` are left alone: ingest sees ordinary photo folders too, and
     `2023_holiday` is a year, not 2023 repeats (kohya itself would read it as repeats).
@@ -331,15 +334,18 @@ def concepts_from_folder_names(
     """
     rows = con.execute(
         """
-        SELECT p.image_id, p.path FROM paths p JOIN images i USING (image_id)
+        SELECT p.image_id, p.path, p.path_bytes FROM paths p JOIN images i USING (image_id)
         WHERE NOT p.missing AND i.role = 'instance' ORDER BY p.seq
         """
     ).fetchall()
+    if paths is not None:
+        wanted = set(paths)
+        rows = [row for row in rows if row[2] in wanted]
     found: dict[str, tuple[int, str, str | None]] = {}
     members: dict[str, list[str]] = {}
     seen_images: set[str] = set()
     ignored: set[str] = set()
-    for image_id, path in rows:
+    for image_id, path, _ in rows:
         folder_name = Path(path).parent.name
         parsed = parse_kohya_folder_name(folder_name)
         if parsed is None or image_id in seen_images:

@@ -536,8 +536,10 @@ def imported_kohya_folder(
                  "files directly inside): kohya does not train on them either; `workbench ingest` adds them if you want them")
     summary = ingested_images(con, files, workers=workers, progress=progress)
     counts = summary.as_dict()
-    # ingest already read the folder names (and said so); a second pass only covers images it left
-    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, progress=null_progress)
+    # ingest read the folder names of the files it read (and said so); importing the folder again asks for its
+    # concepts, so this pass covers the imported files it found unchanged
+    imported = [os.path.abspath(os.fsencode(f)) for f in files]
+    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, paths=imported, progress=null_progress)
     # regularisation images are not curated data: the trainer's class priors must come from the model it trains
     reg = folder / "reg"
     reg_images = (sum(1 for p in reg.rglob("*") if p.suffix.lower() in image_suffixes and p.is_file())

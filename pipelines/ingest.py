@@ -689,9 +689,11 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
             con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
     summary.marked_missing = len(vanished)
     if to_read or join_concepts:
-        # kohya-style folder names ("10_sks dog") become concepts, as sd-scripts reads them; then the stored
-        # --where / --folder rules of concepts take the new images they match
-        summary.images_joined_concepts = concepts_from_folder_names(con, progress=progress)
+        # kohya-style folder names ("10_sks dog") of the files read now become concepts, as sd-scripts reads
+        # them (not of files read before: a concept removed since stays removed); after a stopped run, of all of
+        # them. Then the stored --where / --folder rules of concepts take the new images they match
+        read_now = None if join_concepts else [entry.path_bytes for entry in to_read]
+        summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
         summary.images_joined_concepts += concept_rules_applied(con)
     run.counts.update(summary.as_dict())
 

@@ -416,6 +416,23 @@ def test_images_ingested_later_join_the_concept_whose_folder_they_are_in(con, tm
     assert rows[0] == rows[1]
 
 
+def test_a_removed_kohya_folder_concept_stays_removed_when_other_files_are_ingested(con, tmp_path):
+    """Before, every ingest that read any file read all folder names again, so `concept remove` of a
+    concept made from a `10_sks dog` folder was undone by the next ingest of unrelated photos."""
+    from pipelines.concepts import get_concept, removed_concept
+
+    make_images(tmp_path / "10_sks dog", 2)
+    ingested_images(con, [tmp_path], workers=1)
+    assert get_concept(con, "sks dog").images == 2
+    removed_concept(con, "sks dog")
+    make_images(tmp_path / "holiday", 2, seed=3)  # new photos elsewhere
+    summary = ingested_images(con, [tmp_path], workers=1)
+    assert summary.new == 2 and get_concept(con, "sks dog") is None
+    make_images(tmp_path / "10_sks dog", 3, seed=9)  # a file added to (or changed in) the folder names it again
+    ingested_images(con, [tmp_path], workers=1)
+    assert get_concept(con, "sks dog").images == 3  # one new file, two rewritten: all three read
+
+
 def test_a_file_excluded_by_hand_and_then_edited_in_place_stays_excluded(con, tmp_path):
     """Before, the edited file's new content was back in the dataset with no word: a hand exclusion goes with the
     file, as its manual caption does (include it again if the edit fixed it)."""
