@@ -298,17 +298,20 @@ def toggled_exclusion(con: duckdb.DuckDBPyConnection, image_id: str, reason: str
     """Exclude an image by hand, or include it if it is excluded (the TUI's x).
 
     Including lifts manual and filter exclusions, never a duplicate's: keeping that copy is the way in. Returns
-    {"action": "excluded" | "included" | "unchanged", "was_keeper": bool, "still_excluded_by": [steps]}.
+    {"action": "excluded" | "included" | "unchanged", "was_keeper": bool, "still_excluded_by": [steps],
+    "unreadable": the ingest error of a file that could not be read (never in the dataset), else None}.
     """
     def steps() -> list[str]:
         return [r[0] for r in con.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
 
     was_keeper = bool((con.execute("SELECT is_keeper FROM duplicates WHERE image_id = ?", [image_id]).fetchone() or [False])[0])
+    status, error = con.execute("SELECT status, error FROM images WHERE image_id = ?", [image_id]).fetchone() or ("ok", None)
+    outcome = {"was_keeper": was_keeper, "unreadable": (error or "unreadable") if status != "ok" else None}
     before = steps()
     if not before:
         manual_exclusions(con, [image_id], reason)
-        return {"action": "excluded", "was_keeper": was_keeper, "still_excluded_by": []}
+        return {"action": "excluded", **outcome, "still_excluded_by": []}
     if not any(lifted_by_include(step) for step in before):
-        return {"action": "unchanged", "was_keeper": was_keeper, "still_excluded_by": before}
+        return {"action": "unchanged", **outcome, "still_excluded_by": before}
     manual_inclusions(con, [image_id])
-    return {"action": "included", "was_keeper": was_keeper, "still_excluded_by": steps()}
+    return {"action": "included", **outcome, "still_excluded_by": steps()}

@@ -240,7 +240,24 @@ def test_x_excludes_then_includes_and_never_lifts_a_duplicates_exclusion(con):
     filtered_dataset(con, FilterRules())
     con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'dedup', 'duplicate of x')", [copy])
     assert toggled_exclusion(con, plain, "by hand")["action"] == "excluded"
-    assert toggled_exclusion(con, plain, "by hand") == {"action": "included", "was_keeper": False, "still_excluded_by": []}
+    assert toggled_exclusion(con, plain, "by hand") == {"action": "included", "was_keeper": False, "still_excluded_by": [],
+                                                        "unreadable": None}
     assert toggled_exclusion(con, small, "by hand")["action"] == "included"  # a filter exclusion is lifted
-    assert toggled_exclusion(con, copy, "by hand") == {"action": "unchanged", "was_keeper": False, "still_excluded_by": ["dedup"]}
+    assert toggled_exclusion(con, copy, "by hand") == {"action": "unchanged", "was_keeper": False, "still_excluded_by": ["dedup"],
+                                                       "unreadable": None}
     assert sorted(r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()) == sorted([plain, small])
+
+
+def test_x_on_an_unreadable_file_says_it_stays_out_of_the_dataset(con):
+    """Before, including an image whose file could not be read said "included", and it was not in the dataset."""
+    from pipelines.filter import toggled_exclusion
+    from tui.workers import toggle_message
+
+    broken = _add_image(con, 1, 512, 512)
+    con.execute("UPDATE images SET status = 'error', error = 'truncated JPEG' WHERE image_id = ?", [broken])
+    assert toggled_exclusion(con, broken, "by hand")["action"] == "excluded"
+    outcome = toggled_exclusion(con, broken, "by hand")
+    assert outcome["action"] == "included" and outcome["unreadable"] == "truncated JPEG"
+    text, severity = toggle_message(outcome, broken, keep_hint="press k")
+    assert "could not be read" in text and "truncated JPEG" in text and severity == "warning"
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 0

@@ -61,4 +61,6 @@ def toggle_message(outcome: dict, image_id: str, *, keep_hint: str) -> tuple[str
         return f"lifted the manual or filter exclusion of {short}; it stays excluded as a duplicate: {keep_hint}", "warning"
     if still:
         return f"lifted the manual or filter exclusion of {short}; it stays excluded by {', '.join(still)}", "warning"
+    if outcome.get("unreadable"):
+        return f"lifted the exclusion of {short}, but its file could not be read, so it stays out of the dataset: {outcome['unreadable']}", "warning"
     return f"included {short}", "information"
