@@ -86,7 +86,10 @@ def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
             await pilot.press("enter")
             expected = con.execute("SELECT count(*) FROM images_view WHERE caption ILIKE '%mountain lake%'").fetchone()[0]
             await wait_for(pilot, lambda: f"of {expected:,} · text search" in text_of(app, "#table-status"), what="text search")
-            assert all("mountain lake" in row[7] for row in app.screen.query_one("#rows").rows)
+            from tui.browser_screen import BROWSER_COLUMNS
+
+            caption = BROWSER_COLUMNS.index("caption")
+            assert all("mountain lake" in row[caption] for row in app.screen.query_one("#rows").rows)
 
             # Mouse: a click picks a row; a click on a header sorts by it (again: reverses).
             await pilot.click("#rows", offset=(5, 3))
@@ -1478,5 +1481,18 @@ def test_at_80_columns_a_path_leaves_room_for_the_caption(synthetic_catalog):
             assert first.startswith(" …/img_000000.jpg") and "sidecar" in first
             await pilot.resize_terminal(200, 40)  # wider: the whole path again, without a page reload
             await wait_for(pilot, lambda: rendered_lines(table)[1].startswith(" /synthetic/img_000000.jpg"), what="full path")
+
+    asyncio.run(scenario())
+
+
+def test_at_80_columns_browse_shows_the_caption_beside_the_path(synthetic_catalog):
+    """The caption was Browse's eighth column: at 80x24 it was only seen by scrolling right."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="browser")
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.screen.query_one("#rows")
+            await wait_for(pilot, lambda: table.row_count and "caption" in rendered_lines(table)[0], what="caption column in view")
+            header, first = rendered_lines(table)[:2]
+            assert header.index("caption") > header.index("path") and "img_000000" in first
 
     asyncio.run(scenario())

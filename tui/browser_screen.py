@@ -89,9 +89,10 @@ def details_table(details: dict[str, Any], *, field_width: int | None = None) ->
 
 # The table shows these (fewer columns render faster); sorting and filtering use every column,
 # and the details pane shows them all.
+# what curating looks at first comes first: at 80 columns the caption and why an image is out stay in view
 BROWSER_COLUMNS = [
-    "path", "width", "height", "format", "bytes", "status", "role", "caption", "caption_source",
-    "duplicate_group", "is_keeper", "excluded", "exclusion_reason", "concept", "bucket_width", "bucket_height",
+    "path", "caption", "excluded", "exclusion_reason", "width", "height", "concept", "caption_source", "format",
+    "bytes", "status", "role", "duplicate_group", "is_keeper", "bucket_width", "bucket_height",
 ]
 
 
