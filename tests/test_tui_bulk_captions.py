@@ -202,3 +202,39 @@ def test_preview_bulk_edit_counts_what_the_edit_changes(synthetic_catalog):
         assert caption_edits.bulk_edit(con, ids, add_token="sks").changed == 15
     finally:
         con.close()
+
+
+def test_bulk_edit_writes_each_images_own_sidecar_and_undo_puts_the_files_back(con, tmp_path):
+    """Before, a bulk edit with "write sidecar .txt" made chelsea.txt beside chelsea.caption, and F8 left the .txt
+    files it had created (holding the model's caption, which the next ingest read as the person's)."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+
+    for i, name in enumerate(("plain", "captioned", "latin")):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / f"{name}.png")
+    (tmp_path / "captioned.caption").write_text("a dog on a sofa\n", encoding="utf-8")
+    latin = "un chien sur le canapé\n".encode("latin-1")  # not UTF-8: ingest leaves it out, undo must keep its bytes
+    (tmp_path / "latin.txt").write_bytes(latin)
+    ingested_images(con, [tmp_path], workers=1)
+    ids = dict(con.execute("SELECT regexp_extract(path, '(\\w+)\\.png', 1), image_id FROM paths").fetchall())
+    for name in ("plain", "latin"):
+        con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'model:tiny', 'a model caption')", [ids[name]])
+
+    undo = caption_edits.bulk_edit(con, list(ids.values()), add_token="sks", sidecars=True)
+    assert undo.changed == 3
+    assert (tmp_path / "plain.txt").read_text() == "sks, a model caption\n"
+    assert (tmp_path / "captioned.caption").read_text() == "sks, a dog on a sofa\n"
+    assert not (tmp_path / "captioned.txt").exists()
+    assert (tmp_path / "latin.txt").read_text() == "sks, a model caption\n"
+    undo_again = caption_edits.bulk_edit(con, [ids["plain"]], add_token="zwx", sidecars=True)
+    assert (tmp_path / "plain.txt").read_text() == "zwx, sks, a model caption\n"
+
+    caption_edits.undo_bulk(con, undo_again)  # the file the first edit created holds its text again
+    assert (tmp_path / "plain.txt").read_text() == "sks, a model caption\n"
+    (tmp_path / "captioned.caption").write_text("edited by hand since\n")  # a later edit of a file stays
+    outcome = caption_edits.undo_bulk(con, undo)
+    assert outcome.restored == 3
+    assert not (tmp_path / "plain.txt").exists()
+    assert (tmp_path / "captioned.caption").read_text() == "edited by hand since\n"
+    assert (tmp_path / "latin.txt").read_bytes() == latin

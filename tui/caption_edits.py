@@ -7,7 +7,7 @@ sidecar .txt files beside the images are written only when asked.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -19,29 +19,64 @@ MANUAL = "manual"
 
 
 def _sidecar_path(image_path: str) -> Path:
-    return Path(image_path).with_suffix(".txt")
+    """The sidecar ingest reads for this image (`name.txt`, else `name.caption`); `name.txt` when it has none."""
+    txt = Path(image_path).with_suffix(".txt")
+    caption = Path(image_path).with_suffix(".caption")
+    return caption if caption.is_file() and not txt.is_file() else txt
 
 
-def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> int:
-    """Write each image's current caption to <image>.txt beside its first existing file; returns files written."""
+@dataclass(frozen=True)
+class SidecarWrite:
+    """One sidecar file written: what it held before (None: it did not exist) and what was written."""
+
+    image_id: str
+    path: str
+    previous: bytes | None
+    written: bytes
+
+
+def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> list[SidecarWrite]:
+    """Write each image's current caption to its sidecar beside its first existing file; returns what was written."""
     if not image_ids:
-        return 0
+        return []
     cur.register("sidecar_ids", pa.table({"image_id": image_ids}))
     try:
         rows = cur.execute(
-            "SELECT arg_min(p.path_bytes, p.seq), any_value(cc.caption) FROM sidecar_ids s "
+            "SELECT s.image_id, arg_min(p.path_bytes, p.seq), any_value(cc.caption) FROM sidecar_ids s "
             "JOIN paths p ON p.image_id = s.image_id AND NOT p.missing "
             "JOIN current_captions cc ON cc.image_id = s.image_id GROUP BY s.image_id"
         ).fetchall()
     finally:
         cur.unregister("sidecar_ids")
-    written = 0
-    for path_bytes, caption in rows:
+    written = []
+    for image_id, path_bytes, caption in rows:
         image_path = os.fsdecode(bytes(path_bytes))
         if os.path.exists(image_path):
-            _sidecar_path(image_path).write_text(caption + "\n", encoding="utf-8")
-            written += 1
+            sidecar = _sidecar_path(image_path)
+            previous = sidecar.read_bytes() if sidecar.exists() else None  # bytes: any encoding goes back as it was
+            text = (caption + "\n").encode("utf-8")
+            sidecar.write_bytes(text)
+            written.append(SidecarWrite(image_id, str(sidecar), previous, text))
     return written
+
+
+def _restore_sidecars(writes: list[SidecarWrite]) -> int:
+    """Put back sidecars a bulk edit wrote, where they still hold what it wrote: earlier text back in place,
+    files it created removed. Returns files restored."""
+    restored = 0
+    for write in writes:
+        path = Path(write.path)
+        try:
+            if path.read_bytes() != write.written:
+                continue  # edited since: that later edit stays
+            if write.previous is None:
+                path.unlink()
+            else:
+                path.write_bytes(write.previous)
+            restored += 1
+        except OSError:
+            continue
+    return restored
 
 
 def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str, *, sidecar: bool = False) -> None:
@@ -102,6 +137,7 @@ class BulkUndo:
 
     description: str
     previous: pa.Table  # image_id, manual_text, manual_created_at, choice, written_text
+    sidecars: dict[str, SidecarWrite] = field(default_factory=dict)  # image_id: the sidecar the edit wrote
 
     @property
     def changed(self) -> int:
@@ -197,18 +233,18 @@ def bulk_edit(
             )
             cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) SELECT image_id, 'manual' FROM bulk_changes")
         cur.unregister("bulk_changes")
-        if sidecars:
-            write_sidecars(cur, changes.column("image_id").to_pylist())
-        return BulkUndo(description=description, previous=previous)
+        written = {w.image_id: w for w in write_sidecars(cur, changes.column("image_id").to_pylist())} if sidecars else {}
+        return BulkUndo(description=description, previous=previous, sidecars=written)
     finally:
         cur.close()
 
 
-def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo, *, sidecars: bool = False) -> UndoOutcome:
-    """Put back the manual captions and choices a bulk edit replaced.
+def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
+    """Put back the manual captions and choices a bulk edit replaced, and the sidecar files it wrote.
 
     Only images whose caption in use is still the manual text the edit wrote are put back: one saved,
-    accepted or rejected since keeps that later edit (and is counted as skipped).
+    accepted or rejected since keeps that later edit (and is counted as skipped). A sidecar is put back
+    (its earlier text, or removed if the edit created it) when it still holds what the edit wrote.
     """
     cur = con.cursor()
     try:
@@ -231,8 +267,7 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo, *, sidecars: bool 
                 cur.unregister("undo_still")
         finally:
             cur.unregister("undo_rows")
-        if sidecars:
-            write_sidecars(cur, still.column("image_id").to_pylist())
+        _restore_sidecars([undo.sidecars[i] for i in still.column("image_id").to_pylist() if i in undo.sidecars])
         return UndoOutcome(restored=still.num_rows, skipped=undo.changed - still.num_rows)
     finally:
         cur.close()

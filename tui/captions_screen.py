@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
@@ -37,15 +37,15 @@ class CaptionsScreen(SizeClasses, Screen):
     CSS_PATH = "captions_screen.tcss"
     BINDINGS = [
         # Priority: the editor and inputs would take ctrl+a (line start) for themselves.
-        Binding("ctrl+s", "save", "Save caption", priority=True),
-        Binding("ctrl+a", "accept", "Accept source", priority=True),
-        Binding("ctrl+r", "reject", "Reject source", priority=True),
-        Binding("f8", "undo_bulk", "Undo bulk edit", priority=True),
+        Binding("ctrl+s", "save", "Save", priority=True, tooltip="Save the edited caption"),
+        Binding("ctrl+a", "accept", "Accept", priority=True, tooltip="Accept the selected source as the caption"),
+        Binding("ctrl+r", "reject", "Reject", priority=True, tooltip="Reject the selected caption source"),
+        Binding("f8", "undo_bulk", "Undo bulk", priority=True, tooltip="Undo the last bulk edit"),
         Binding("ctrl+f", "focus_filter", "Filter", priority=True),  # also from the caption editor
         # Not priority: enter keeps its meaning in inputs, buttons and the sources list; on the table it edits.
         Binding("enter", "edit", "Edit caption of the row", show=False),
-        Binding("ctrl+down", "move(1)", "Next image", priority=True),
-        Binding("ctrl+up", "move(-1)", "Prev image", priority=True),
+        Binding("ctrl+down", "move(1)", "Next", priority=True, tooltip="Next image"),
+        Binding("ctrl+up", "move(-1)", "Prev", priority=True, tooltip="Previous image"),
     ]
 
     @dataclass
@@ -95,7 +95,7 @@ class CaptionsScreen(SizeClasses, Screen):
         with Horizontal(id="captions-main"):
             yield ImageTable(
                 id="captions-table",
-                columns=["path", "caption_source", "caption"],
+                columns=["path", "caption", "caption_source"],  # the source also shows beside the editor
                 placeholder="filter the rows to edit: SQL WHERE (caption IS NULL) or text",
             )
             with Vertical(id="caption-editor"):
@@ -125,6 +125,12 @@ class CaptionsScreen(SizeClasses, Screen):
 
     def on_screen_resume(self) -> None:
         self.refresh_if_stale()
+
+    def on_screen_suspend(self) -> None:
+        """Another screen (F3, F7 …): an edited caption is saved, as on leaving the image; Browse and a training
+        run started now see it. A question or help shown over this screen is not leaving it."""
+        if not isinstance(self.app.screen, ModalScreen):
+            self._autosave()
 
     def refresh_if_stale(self) -> None:
         """Reload the rows if the catalog changed since they were read."""
@@ -203,11 +209,14 @@ class CaptionsScreen(SizeClasses, Screen):
         sources = self.query_one("#sources", OptionList)
         sources.clear_options()
         self.source_texts = dict(message.details.get("captions", []))
-        for source, text in message.details.get("captions", []):
+        in_use = 0
+        for index, (source, text) in enumerate(message.details.get("captions", [])):
             mark = "● " if source == row.get("caption_source") else "  "
+            in_use = index if mark == "● " else in_use
             sources.add_option(Option(f"{mark}{markup_safe(source)}: {markup_safe(text)}", id=source))
         if sources.option_count:
-            sources.highlighted = 0
+            # on the caption in use: ctrl+a or ctrl+r before moving never acts on another source by surprise
+            sources.highlighted = in_use
         self.query_one("#caption-preview", ImagePreview).show(message.picture)
 
     def _show_path_line(self) -> None:
@@ -361,7 +370,8 @@ class CaptionsScreen(SizeClasses, Screen):
                     f"Filter: {markup_safe(shown)}\n\nF8 undoes it (captions edited after it are kept).")
         sidecars = self.sidecars
         if sidecars:
-            question += "\nThe sidecar .txt beside each changed image is rewritten too."
+            question += ("\nEach changed image's sidecar (its .txt or .caption, or a new .txt) is written too; "
+                         "F8 puts them back.")
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -384,17 +394,17 @@ class CaptionsScreen(SizeClasses, Screen):
 
     @on(Button.Pressed, "#bulk-undo")
     def action_undo_bulk(self) -> None:
-        undo, sidecars = self.last_bulk, self.sidecars
+        undo = self.last_bulk
         if undo is None:
             self.notify("No bulk edit to undo.", severity="warning")
             return
-        self._run_undo(undo, sidecars)
+        self._run_undo(undo)
 
     @work(thread=True, group="caption-write")
-    def _run_undo(self, undo: caption_edits.BulkUndo, sidecars: bool) -> None:
+    def _run_undo(self, undo: caption_edits.BulkUndo) -> None:
         try:
             with self._write_lock:
-                outcome = caption_edits.undo_bulk(self.app.con, undo, sidecars=sidecars)
+                outcome = caption_edits.undo_bulk(self.app.con, undo)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
