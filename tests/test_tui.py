@@ -16,7 +16,7 @@ import pytest
 from tui.app import WorkbenchApp
 from tui.confirm import Confirm
 from tui.image_table import ImageTable
-from workbench.catalog import connect
+from workbench.catalog import CatalogError, connect
 
 SIZE = (160, 48)
 
@@ -253,6 +253,8 @@ def test_caption_editor_saves_a_manual_caption_and_accepts_a_model_caption(synth
             # Accept the model caption: it becomes the caption in use.
             await wait_for(pilot, lambda: any(o.id == "model:blip" for o in screen.query_one("#sources").options), what="sources")
             sources = screen.query_one("#sources")
+            # the list opens on the caption in use (it opened on the first source: ctrl+a replaced the manual one)
+            assert sources.get_option_at_index(sources.highlighted).id == "manual"
             sources.highlighted = [o.id for o in sources.options].index("model:blip")
             # with unsaved typing in the editor, accepting asks first; "no" keeps the typing
             await focus_on(pilot, editor)
@@ -333,6 +335,26 @@ def test_caption_saved_with_sidecar_writes_the_txt_beside_the_image(sample_catal
             sidecar = sample_copy / "photos" / "horse.txt"
             await wait_for(pilot, lambda: sidecar.exists(), what="sidecar")
             assert sidecar.read_text().strip() == "a horse standing in a field"
+
+    asyncio.run(scenario())
+
+
+def test_an_edited_caption_is_saved_when_another_screen_is_opened(synthetic_catalog):
+    """F3 or F7 with an edited caption kept it unsaved: Browse, and a training run started then, used the old one."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.image_id is not None and screen.loaded_text, what="an image in the editor")
+            image_id, editor = screen.image_id, screen.query_one("#caption-text")
+            await focus_on(pilot, editor)
+            await pilot.press("end", *" seen at dusk")
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "BrowserScreen", what="browse")
+            await wait_for(pilot, lambda: (app.con.execute(
+                "SELECT caption, caption_source FROM current_captions WHERE image_id = ?", [image_id]).fetchone() or ("", ""))[0].endswith(" seen at dusk"),
+                what="saved")
+            assert app.con.execute("SELECT caption_source FROM current_captions WHERE image_id = ?", [image_id]).fetchone()[0] == "manual"
 
     asyncio.run(scenario())
 
@@ -813,6 +835,32 @@ def test_duplicates_selection_follows_the_image_and_x_on_a_duplicate_says_to_kee
 # --- pipeline -------------------------------------------------------------------------------
 
 
+def test_the_ingest_box_offers_sample_data_only_to_a_catalog_never_ingested(catalog_path):
+    """The box held `sample_data` whenever such a folder sat beside the catalog: Run all then ingested it into a
+    catalog of other photos, where an empty box means "the last ingest's folders"."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+
+    (catalog_path.parent / "sample_data").mkdir(parents=True)
+    photos = catalog_path.parent / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 64), "red").save(photos / "red.png")
+
+    async def ingest_box(counts: str) -> str:
+        app = WorkbenchApp(catalog_path=catalog_path, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: counts in text_of(app, "#counts-ingest"), what="counts")
+            await pilot.pause(1.0)  # the last run's settings load beside the counts
+            return app.screen.query_one("#set-ingest-folders").value
+
+    assert asyncio.run(ingest_box("not run yet")) == "sample_data"
+    con = connect(catalog_path)
+    ingested_images(con, [photos], workers=1)
+    con.close()
+    assert asyncio.run(ingest_box("images 1")) == ""
+
+
 def test_pipeline_runs_ingest_and_dedup_on_sample_data_and_counts_change(catalog_path, sample_copy):
     async def scenario():
         app = WorkbenchApp(catalog_path=catalog_path, start="pipeline")
@@ -833,6 +881,7 @@ def test_pipeline_runs_ingest_and_dedup_on_sample_data_and_counts_change(catalog
             await wait_for(pilot, lambda: f"groups {groups}" in text_of(app, "#counts-dedup"), what="dedup counts")
             log = "\n".join(line.text for line in screen.query_one("#log").lines)
             assert "ingest finished" in log and "dedup finished" in log
+            assert "dedup: started" in log and "[b]" not in log  # its markup was shown as text
 
             # with the folders box emptied, ingest (as in Run all) rescans the last ingest's folders
             (sample_copy / "photos" / "rocket.jpg").unlink()
@@ -1153,6 +1202,34 @@ def test_locked_catalog_names_the_holder_and_retry_opens_it(synthetic_catalog):
         holder.wait()
 
 
+def test_locked_screen_shows_a_path_with_brackets_on_retry(tmp_path):
+    """A catalog in a folder named `lk[/]y` crashed the app on Retry (the message was read as markup)."""
+    catalog = tmp_path / "lk[" / "]y" / "workbench.duckdb"  # the path reads …/lk[/]y/…
+    catalog.parent.mkdir(parents=True)
+    connect(catalog).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from workbench.catalog import connect; con = connect(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
+         str(catalog)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+
+        async def scenario():
+            app = WorkbenchApp(catalog_path=catalog)
+            async with app.run_test(size=SIZE) as pilot:
+                await wait_for(pilot, lambda: app.screen.__class__.__name__ == "LockedScreen", what="locked screen")
+                await pilot.press("r")
+                await pilot.pause(0.3)
+                assert app.screen.__class__.__name__ == "LockedScreen" and "lk[/]y" in text_of(app, "#locked-message")
+
+        asyncio.run(scenario())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_help_lists_every_binding(synthetic_catalog):
     from tui.app import SCREENS_BY_KEY
 
@@ -1168,8 +1245,8 @@ def test_help_lists_every_binding(synthetic_catalog):
             console.print(app.screen.table)
             text = console.export_text()
             for _, _, _, screen in SCREENS_BY_KEY:
-                for binding in screen.BINDINGS:
-                    assert binding.description in text
+                for binding in screen.BINDINGS:  # the footer's short label, or the longer tooltip where there is one
+                    assert (binding.tooltip or binding.description) in text
             for label in ("Pipeline", "Browse", "Captions", "Duplicates", "SQL", "Train", "Next page"):
                 assert label in text
             await pilot.press("escape")
@@ -1335,6 +1412,17 @@ def test_a_word_that_names_a_column_is_a_text_search_not_a_condition(synthetic_c
         assert kind == "text", word
         con.execute(f"SELECT count(*) FROM images_view WHERE {condition}", params).fetchall()  # runs on every row
     assert Filter("is_grayscale").where(con)[2] == "sql" and Filter("width > 5").where(con)[2] == "sql"
+    # ordinary words that contain SQL's words or signs are a text search too; they were refused as broken SQL
+    for words in ("cats like milk", "wow!", "coffee; tea", "in (the) box", "is null"):
+        condition, params, kind = Filter(words).where(con)
+        assert kind == "text" and params[1] == f"%{words}%", words
+    # quotes make anything a text search, even a valid condition
+    assert Filter('"true"').where(con) == ("(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", ["%true%", "%true%", "true%"], "text")
+    for sql in ("caption ILIKE '%lake%'", "caption IS NULL", "width BETWEEN 5 AND 9", "format IN ('PNG')", "width != 3"):
+        assert Filter(sql).where(con)[2] == "sql", sql
+    for broken in ("captoin IS NULL", "widht != 3", "true; DROP TABLE images"):
+        with pytest.raises(CatalogError, match="not a valid WHERE clause"):
+            Filter(broken).where(con)
     con.close()
 
 
@@ -1476,9 +1564,10 @@ def test_at_80_columns_a_path_leaves_room_for_the_caption(synthetic_catalog):
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
             table = app.screen.query_one("#rows")
-            await wait_for(pilot, lambda: table.row_count and "caption_source" in rendered_lines(table)[0], what="source column in view")
+            await wait_for(pilot, lambda: table.row_count and "caption" in rendered_lines(table)[0], what="caption column in view")
             header, first = rendered_lines(table)[:2]
-            assert first.startswith(" …/img_000000.jpg") and "sidecar" in first
+            caption = app.con.execute("SELECT caption FROM images_view WHERE path = '/synthetic/img_000000.jpg'").fetchone()[0]
+            assert first.startswith(" …/img_000000.jpg") and caption[:12] in first
             await pilot.resize_terminal(200, 40)  # wider: the whole path again, without a page reload
             await wait_for(pilot, lambda: rendered_lines(table)[1].startswith(" /synthetic/img_000000.jpg"), what="full path")
 

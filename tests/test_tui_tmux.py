@@ -70,7 +70,7 @@ def test_workbench_in_a_real_terminal(catalog_path, tmp_path):
         # F1 lists bindings; Escape closes it.
         tmux("send-keys", "-t", session, "F1")
         pane = wait_for_pane(session, "workbench: keys")
-        assert "Save caption" in pane and "Next group" in pane
+        assert "Save the edited caption" in pane and "Next group" in pane
         tmux("send-keys", "-t", session, "Escape")
 
         # A CLI command while the TUI holds the catalog gets the holder's name, not a traceback.

@@ -19,7 +19,7 @@ class Confirm(ModalScreen[bool]):
     ]
     DEFAULT_CSS = """
     Confirm { align: center middle; }
-    Confirm > Vertical { width: 72; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    Confirm > Vertical { width: 72; max-width: 100%; height: auto; max-height: 100%; border: thick $error; background: $surface; padding: 1 2; overflow-y: auto; }
     Confirm Horizontal { height: auto; margin-top: 1; }
     Confirm Button { margin-right: 2; }
     """

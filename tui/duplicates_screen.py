@@ -133,8 +133,8 @@ class DuplicatesScreen(SizeClasses, Screen):
         Binding("p", "group(-1)", "Prev group"),
         Binding("right", "member(1)", "Next member", show=False),
         Binding("left", "member(-1)", "Prev member", show=False),
-        Binding("k", "keep", "Keep selected"),
-        Binding("x", "toggle_exclude", "Exclude/include selected"),
+        Binding("k", "keep", "Keep", tooltip="Keep the selected copy"),
+        Binding("x", "toggle_exclude", "Exclude/include", tooltip="Exclude or include the selected copy"),
     ]
 
     selected: reactive[int] = reactive(0)

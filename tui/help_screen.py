@@ -35,7 +35,7 @@ def bindings_table(sections: list[tuple[str, object]]) -> Table:
         first = True
         for binding in _bindings(owner):
             keys = ", ".join(k.strip() for k in binding.key.split(","))
-            table.add_row(title if first else "", keys, binding.description or binding.action)
+            table.add_row(title if first else "", keys, binding.tooltip or binding.description or binding.action)
             first = False
     return table
 

@@ -53,8 +53,8 @@ class ImageTable(Vertical):
     """
 
     BINDINGS = [
-        Binding("pagedown", "page(1)", "Next page", priority=True),
-        Binding("pageup", "page(-1)", "Prev page", priority=True),
+        Binding("pagedown", "page(1)", "Next page", priority=True, show=False),
+        Binding("pageup", "page(-1)", "Prev page", priority=True, show=False),
         Binding("ctrl+home", "first_page", "First page", show=False),
         Binding("ctrl+end", "last_page", "Last page", show=False),
         Binding("ctrl+f", "focus_filter", "Filter"),
@@ -88,7 +88,7 @@ class ImageTable(Vertical):
     def __init__(self, *, columns: list[str] | None = None, placeholder: str | None = None, id: str | None = None) -> None:
         super().__init__(id=id)
         self.shown_columns = columns
-        self.placeholder = placeholder or "filter: SQL WHERE over images_view (width > 1024 AND format = 'PNG') or text to search"
+        self.placeholder = placeholder or "filter: SQL WHERE over images_view (width > 1024 AND format = 'PNG'), or text to search (\"in quotes\": always text)"
         self.result: queries.BrowseResult | None = None
         self.page_offset = 0
         self.page_size = queries.PAGE_SIZE

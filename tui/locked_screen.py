@@ -9,8 +9,6 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Static
 
-from tui.safe_text import markup_safe
-
 
 class LockedScreen(Screen[None]):
     """The catalog is locked by another process; the app retries when asked (or every second while waiting)."""
@@ -37,7 +35,7 @@ class LockedScreen(Screen[None]):
         yield Header()
         with Vertical(id="locked-box"):
             yield Label("[b]Catalog in use[/b]")
-            yield Static(markup_safe(self.message), id="locked-message")
+            yield Static(self.message, id="locked-message", markup=False)  # a path may hold [ ]
             yield Label("", id="locked-state")
             with Horizontal():
                 yield Button("Retry", id="retry", variant="primary")

@@ -75,6 +75,7 @@ class PipelineScreen(SizeClasses, Screen):
     @dataclass
     class _LastSettings(Message):
         settings: dict
+        ingested_before: bool
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,11 +95,7 @@ class PipelineScreen(SizeClasses, Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        ingest = self.query_one("#set-ingest-folders", Input)
-        if not ingest.value:
-            sample = self.app.catalog_path.resolve().parent / "sample_data"
-            ingest.value = "sample_data" if sample.is_dir() else ""
-            ingest.placeholder = "folders to ingest (relative to the catalog's folder)"
+        self.query_one("#set-ingest-folders", Input).placeholder = "folders to ingest (relative to the catalog's folder)"
         self.refresh_counts()
         self._load_last_settings()
 
@@ -106,12 +103,22 @@ class PipelineScreen(SizeClasses, Screen):
     def _load_last_settings(self) -> None:
         try:
             settings = last_settings(self.app.con)
+            cur = self.app.con.cursor()
+            try:
+                ingested_before = bool(cur.execute("SELECT count(*) FROM runs WHERE step = 'ingest'").fetchone()[0])
+            finally:
+                cur.close()
         except Exception:  # a busy or older catalog: the defaults stay
             return
-        self.post_message(self._LastSettings(settings))
+        self.post_message(self._LastSettings(settings, ingested_before))
 
     @on(_LastSettings)
     def _show_last_settings(self, message: _LastSettings) -> None:
+        ingest = self.query_one("#set-ingest-folders", Input)
+        sample = self.app.catalog_path.resolve().parent / "sample_data"
+        if not message.ingested_before and not ingest.value and sample.is_dir():
+            # a first run beside the sample set (the demo's layout); once the catalog has folders, empty means those
+            ingest.value = "sample_data"
         for step, values in message.settings.items():
             for setting in STEPS_BY_NAME[step].settings:
                 box = self.query_one(f"#set-{step}-{setting.name}", Input)
@@ -177,7 +184,7 @@ class PipelineScreen(SizeClasses, Screen):
             progress = cancellable_progress(self.post_message, name)
             self._progress = progress
             app.running_steps.add(progress)
-            self.post_message(StepProgress(step=name, task=name, completed=0, total=None, message=f"[b]{name}[/] started"))
+            self.post_message(StepProgress(step=name, task=name, completed=0, total=None, message="started"))
             started = time.perf_counter()
             cur = app.con.cursor()
             try:

@@ -31,18 +31,26 @@ class Filter:
         text = self.text.strip()
         if not text:
             return "true", [], "all"
+        quoted = len(text) > 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]
+        if quoted:  # "…": always a text search, whatever the words
+            return _TEXT_SEARCH, [f"%{text[1:-1]}%"] * 2 + [f"{text[1:-1]}%"], "text"
         problem = _where_clause_problem(cur, text)
         if problem is None:
             return f"({text})", [], "sql"
         if _SQL_LOOKING.search(text):
             # Meant as SQL but wrong: say why rather than silently searching for the text.
             raise CatalogError(f"Filter is not a valid WHERE clause over images_view: {problem}")
-        return "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", [f"%{text}%", f"%{text}%", f"{text}%"], "text"
+        return _TEXT_SEARCH, [f"%{text}%", f"%{text}%", f"{text}%"], "text"
 
 
-# Operators and SQL-only phrases: text with these was meant as a WHERE clause (plain words never are).
+_TEXT_SEARCH = "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)"
+
+# Operators and SQL-only phrases: text with these was meant as a WHERE clause. Written as SQL writes them, so
+# ordinary words ("cats like milk", "wow!", "coffee; tea", "in (the) box") stay a text search.
 _SQL_LOOKING = re.compile(
-    r"[<>=!;]|\bIS\s+(NOT\s+)?NULL\b|\b(I?LIKE|BETWEEN|GLOB|SIMILAR TO)\b|\bIN\s*\(", re.IGNORECASE
+    r"[<>=]|!=|;\s*(DROP|DELETE|INSERT|UPDATE|CREATE|ALTER|SELECT|ATTACH|COPY|PRAGMA|SET)\b"
+    r"|\w\s+IS\s+(NOT\s+)?NULL\b|\b(I?LIKE|GLOB|SIMILAR TO)\s+'|\bBETWEEN\s+\S+\s+AND\b|\bIN\s*\(\s*('|\d|SELECT\b)",
+    re.IGNORECASE,
 )
 
 

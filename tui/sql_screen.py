@@ -24,6 +24,7 @@ from tui.image_table import cell, is_number
 from tui.messages import CatalogChanged
 from tui.page_table import PageTable
 from tui.safe_text import markup_safe, visible
+from tui.size_classes import SizeClasses
 from tui.workers import people_message
 from workbench.catalog import CatalogError, is_read_only_sql, run_sql
 
@@ -93,15 +94,15 @@ class ConfirmWrite(Confirm):
         )
 
 
-class SqlScreen(Screen):
+class SqlScreen(SizeClasses, Screen):
     """Query the catalog with DuckDB SQL."""
 
     CSS_PATH = "sql_screen.tcss"
     BINDINGS = [
         # Priority: the editor would take ctrl+e (line end) and ctrl+w (delete word) for itself.
-        Binding("ctrl+enter,ctrl+j,f9", "run", "Run query", priority=True),
-        Binding("ctrl+e", "export('csv')", "Export CSV", priority=True),
-        Binding("ctrl+t", "export('parquet')", "Export Parquet", priority=True),
+        Binding("f9,ctrl+enter,ctrl+j", "run", "Run", priority=True, tooltip="Run the query"),
+        Binding("ctrl+e", "export('csv')", "CSV", priority=True, tooltip="Export the result as CSV"),
+        Binding("ctrl+t", "export('parquet')", "Parquet", priority=True, tooltip="Export the result as Parquet"),
         Binding("ctrl+w", "toggle_write", "Write mode", priority=True),
         # Priority, else the editor takes Escape to move focus (it still does with no query running).
         # Not in the footer: the status line says "Esc cancels" while a query runs.
@@ -146,7 +147,7 @@ class SqlScreen(Screen):
                     yield Switch(value=False, id="write")
                     yield Label("write mode", id="write-label")
         with Horizontal(id="sql-actions"):
-            yield Button("Run (ctrl+enter)", id="run", variant="primary")
+            yield Button("Run (F9)", id="run", variant="primary")
             yield Input(placeholder="export file, beside the catalog unless absolute (results.csv / .parquet)", id="export-path")
             yield Button("CSV", id="export-csv")
             yield Button("Parquet", id="export-parquet")
