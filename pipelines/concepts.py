@@ -171,6 +171,16 @@ def _assign(con: duckdb.DuckDBPyConnection, name: str, image_ids: Sequence[str],
     return after - before
 
 
+def _in_other_concepts(con: duckdb.DuckDBPyConnection, name: str, image_ids: Sequence[str]) -> list[str]:
+    """Those of `image_ids` that are in a concept other than `name`."""
+    if not image_ids:
+        return []
+    return [row[0] for row in con.execute(  # in SQL: the catalog may hold a million assignments
+        "SELECT DISTINCT image_id FROM concept_images WHERE concept <> ? AND image_id IN (SELECT unnest(?::VARCHAR[]))",
+        [name, list(image_ids)],
+    ).fetchall()]
+
+
 def _images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
     """Images with any known path under `folder` (as given, or made absolute)."""
     prefixes = {folder.rstrip("/\\")}
@@ -241,13 +251,17 @@ def added_concept(
                 """,
                 [name, trigger, class_noun, repeats, where, folder_text, clear_class, repeats],
             )
-            assigned = _assign(con, name, matched_where, "where") + _assign(con, name, matched_folder, "folder")
+            # as at ingest, an image already in another concept stays there: moving it is `concept assign`
+            held = set(_in_other_concepts(con, name, matched_where + matched_folder))
+            assigned = (_assign(con, name, [i for i in matched_where if i not in held], "where")
+                        + _assign(con, name, [i for i in matched_folder if i not in held], "folder"))
         concept = get_concept(con, name)
         run.counts = {
             "updated" if existed else "created": 1,
             "matched_where": len(matched_where),
             "matched_folder": len(matched_folder),
             "newly_assigned": assigned,
+            "left_in_other_concepts": len(held),
             "images": concept.images,
         }
     return {"concept": name, **run.counts}

@@ -192,3 +192,16 @@ def test_an_update_changes_only_what_is_given_and_rules_stay_with_the_concept(co
     assert concept_rules_applied(con) == 2
     rows = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
     assert rows == {first: "sks dog", later: "sks dog", elsewhere: "big", moved: "big"}
+
+
+def test_a_new_rule_leaves_images_in_their_concepts_and_says_how_many(con):
+    """`concept add big --where ...` took images out of a kohya folder concept, though the help says they stay."""
+    dog = _add_image(con, 1, "/data/10_sks dog/a.jpg", 1024, 1024)
+    free = _add_image(con, 2, "/data/other/b.jpg", 1024, 1024)
+    concepts_from_folder_names(con)
+    summary = added_concept(con, "big", trigger="bg", where="width >= 1024")
+    assert (summary["matched_where"], summary["newly_assigned"], summary["left_in_other_concepts"]) == (2, 1, 1)
+    rows = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
+    assert rows == {dog: "sks dog", free: "big"}
+    assert assign_images_to_concept(con, "big", [dog]) == 1  # moving one is explicit
+    assert get_concept(con, "sks dog").images == 0

@@ -522,8 +522,9 @@ def concept_add(
 ) -> None:
     """Create or update a concept and assign images to it by SQL condition and/or folder.
 
-    An update changes only the options given. --where and --folder stay with the concept: images
-    ingested later that match them join it (images already in a concept stay where they are).
+    An update changes only the options given. Images already in another concept stay there (move them
+    with `workbench concept assign`). --where and --folder stay with the concept: images ingested later
+    that match them join it.
 
     Example: workbench concept add "sks dog" --trigger sks --class dog --repeats 10 --folder ./dog_photos
     """
