@@ -334,6 +334,7 @@ def concepts_from_folder_names(
     *,
     paths: Iterable[bytes] | None = None,
     max_repeats: int | None = MAX_FOLDER_REPEATS,
+    zero_padded: bool = False,
     progress: ProgressHook = null_progress,
 ) -> int:
     """Concepts from kohya folder names (`10_sks dog`: 10 repeats, trigger sks, class dog) of image paths.
@@ -343,7 +344,8 @@ def concepts_from_folder_names(
     concept the user removed does not come back from files read before; None reads every path.
     Existing concepts keep their settings and images already in a concept stay there. Folder names
     with more than `max_repeats` are left alone: ingest sees ordinary photo folders too, and
-    `2023_holiday` is a year, not 2023 repeats (kohya itself would read it as repeats).
+    `2023_holiday` is a year, not 2023 repeats (kohya itself would read it as repeats). Likewise a zero-padded
+    `01_January` numbers photo folders; `zero_padded` reads it as kohya would (import-kohya: the user says so).
     Returns the number of images newly assigned.
     """
     rows = con.execute(
@@ -364,6 +366,12 @@ def concepts_from_folder_names(
         parsed = parse_kohya_folder_name(folder_name)
         if parsed is None or image_id in seen_images:
             continue
+        if not zero_padded and folder_name.startswith("0"):
+            if folder_name not in ignored:
+                ignored.add(folder_name)
+                progress(task="concepts", message=f"folder {folder_name!r} not read as a kohya concept: a zero-padded "
+                         "number orders folders (`workbench import-kohya` reads it as kohya does)")
+            continue
         if max_repeats is not None and parsed[0] > max_repeats:
             if folder_name not in ignored:
                 ignored.add(folder_name)
@@ -379,7 +387,11 @@ def concepts_from_folder_names(
         members.setdefault(name, []).append(image_id)
     if not found:
         return 0
-    existing = {c.name for c in list_concepts(con)}
+    existing = {c.name: c for c in list_concepts(con)}
+    for name, (repeats, _, _) in found.items():
+        if name in existing and existing[name].repeats != repeats:
+            progress(task="concepts", message=f"a folder names concept {name!r} with {repeats} repeats; it has "
+                     f"{existing[name].repeats}, which it keeps (`workbench concept add {name!r} --repeats N` changes it)")
     assigned = 0
     created = 0
     with transaction(con):

@@ -539,7 +539,7 @@ def imported_kohya_folder(
     # ingest read the folder names of the files it read (and said so); importing the folder again asks for its
     # concepts, so this pass covers the imported files it found unchanged
     imported = [os.path.abspath(os.fsencode(f)) for f in files]
-    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, paths=imported, progress=null_progress)
+    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, paths=imported, zero_padded=True, progress=null_progress)
     # regularisation images are not curated data: the trainer's class priors must come from the model it trains
     reg = folder / "reg"
     reg_images = (sum(1 for p in reg.rglob("*") if p.suffix.lower() in image_suffixes and p.is_file())

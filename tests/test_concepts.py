@@ -205,3 +205,17 @@ def test_a_new_rule_leaves_images_in_their_concepts_and_says_how_many(con):
     assert rows == {dog: "sks dog", free: "big"}
     assert assign_images_to_concept(con, "big", [dog]) == 1  # moving one is explicit
     assert get_concept(con, "sks dog").images == 0
+
+
+def test_zero_padded_photo_folders_are_no_concepts_and_a_repeat_conflict_is_named(con):
+    """`01_January`/`02_February` became concepts with 1 and 2 repeats (February trained twice as often)."""
+    _add_image(con, 1, "/photos/01_January/a.jpg")
+    _add_image(con, 2, "/photos/5_sks dog/b.jpg")
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=10)
+    messages = []
+    concepts_from_folder_names(con, progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert set(c.name for c in list_concepts(con)) == {"sks dog"} and get_concept(con, "sks dog").repeats == 10
+    assert any("01_January" in m and "zero-padded" in m for m in messages)
+    assert any("5 repeats" in m and "10" in m for m in messages)
+    assert concepts_from_folder_names(con, zero_padded=True) == 1  # import-kohya reads it as kohya does
+    assert get_concept(con, "January").repeats == 1
