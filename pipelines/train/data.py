@@ -40,6 +40,7 @@ from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 from workbench.images import open_image
+from workbench.progress import ProgressHook, null_progress
 
 
 class DataError(ValueError):
@@ -120,12 +121,26 @@ def choose_bucket(width: int, height: int, settings: dict):
 
 
 def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> dict[str, str]:
-    """image_id → the file to open: its first path still present, from the exact bytes (non-UTF-8 names work)."""
+    """image_id → the file to open: its first path that still holds what ingest read (same size and mtime, as
+    export checks), from the exact bytes (non-UTF-8 names work). An image with no such file is left out: its
+    file was edited, replaced or deleted since ingest, and its caption and bucket belong to the old pixels."""
     rows = con.execute(
-        "SELECT image_id, arg_min(path_bytes, seq) FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) GROUP BY image_id",
+        "SELECT image_id, path_bytes, size, mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) "
+        "ORDER BY image_id, seq",
         [list(image_ids)],
     ).fetchall()
-    return {image_id: os.fsdecode(bytes(raw)) for image_id, raw in rows}
+    found: dict[str, str] = {}
+    for image_id, raw, size, mtime_ns in rows:
+        if image_id in found:
+            continue
+        path = os.fsdecode(bytes(raw))
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if size is None or (info.st_size, info.st_mtime_ns) == (size, mtime_ns):
+            found[image_id] = path
+    return found
 
 
 def _default_class_prompt(row: dict) -> str | None:
@@ -133,7 +148,7 @@ def _default_class_prompt(row: dict) -> str | None:
     return f"a photo of a {noun}" if noun else None
 
 
-def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list[TrainImage]:
+def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, progress: ProgressHook = null_progress) -> list[TrainImage]:
     """The instance images to train on: the `dataset` view (role 'instance'), with caption, concept and bucket."""
     have_concepts = _has_column(con, "dataset", "concept")
     have_buckets = _has_column(con, "dataset", "bucket_width")
@@ -165,6 +180,16 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
     settings = bucket_settings(config, stored)
     use_stored = stored is not None and stored == settings
     files = openable_paths(con, [r[0] for r in rows])
+    gone = [r[1] for r in rows if r[0] not in files]
+    if gone:
+        # as export does: a changed file's caption and bucket belong to its old pixels, a vanished one has none
+        shown = ", ".join(str(p) for p in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        if len(gone) == len(rows):
+            raise DataError(f"Every image to train on changed or went away since it was ingested ({shown}): "
+                            "run `workbench ingest` on their folders again.")
+        progress(task="dataset", message=f"{len(gone)} image(s) left out: changed or gone since ingest ({shown}); "
+                 "`workbench ingest` on their folders reads them again")
+        rows = [r for r in rows if r[0] in files]
     images = []
     for values in rows:
         row = dict(zip(columns, values))
@@ -191,7 +216,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> list
             caption = f"{config.caption_prefix}{caption}"
         images.append(
             TrainImage(
-                image_id=row["image_id"], path=files.get(row["image_id"], row["path"]), caption=caption, bucket=bucket, resized=resized, crop=crop,
+                image_id=row["image_id"], path=files[row["image_id"]], caption=caption, bucket=bucket, resized=resized, crop=crop,
                 concept=row.get("concept"), repeats=int(row.get("concept_repeats") or 1),
                 class_prompt=config.class_prompt or _default_class_prompt(row),
             )
