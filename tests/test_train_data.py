@@ -28,3 +28,32 @@ def test_a_file_changed_or_deleted_since_ingest_is_left_out_with_a_message(con, 
     paths[3].unlink()
     with pytest.raises(DataError, match="changed or went away since it was ingested"):
         training_images(con, config)
+
+
+def test_a_caption_prefix_is_joined_with_a_separator(con, tmp_path):
+    """`caption_prefix=sks` made "sksphoto of zzz"."""
+    ingest_images(con, tmp_path / "images", 2)
+    captions = {i.caption for i in training_images(con, fast_config(tmp_path / "out", caption_prefix="sks"))}
+    assert captions == {"sks, square 0, red, blue, green", "sks, square 1, red, blue, green"}
+    captions = {i.caption for i in training_images(con, fast_config(tmp_path / "out", caption_prefix="sks "))}
+    assert captions == {"sks square 0, red, blue, green", "sks square 1, red, blue, green"}
+
+
+def test_class_priors_made_for_a_lower_resolution_are_named_when_a_run_upscales_them(con, tmp_path):
+    """64 px priors of a quick trial were silently upscaled into a 128 px run."""
+    from PIL import Image
+
+    from pipelines.priors import ingested_priors, prior_plan
+    from pipelines.train.data import class_prior_images
+
+    plan = prior_plan(con, class_prompt="a photo of a dog", model_name="tiny", out_dir=tmp_path / "priors", num_images=2)
+    for shade, path in enumerate(plan.to_generate.values()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (shade * 90, 80, 80)).save(path)
+    ingested_priors(con, plan, dict(plan.to_generate))
+    for resolution, named in ((32, False), (64, True)):
+        messages = []
+        pools = class_prior_images(con, fast_config(tmp_path / "out", resolution=resolution), {"a photo of a dog": 2}, "tiny",
+                                   progress=lambda **kw: messages.append(kw.get("message") or ""))
+        assert len(pools["a photo of a dog"]) == 2
+        assert any("2 class prior(s)" in m and "smaller than 64 px" in m for m in messages) == named

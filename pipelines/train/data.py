@@ -212,8 +212,9 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         # a whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
         if trigger and not caption_has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}" if caption else trigger
-        if config.caption_prefix:
-            caption = f"{config.caption_prefix}{caption}"
+        if config.caption_prefix:  # "sks" + "photo of x" → "sks, photo of x" (kohya-style tags); a prefix ending in a separator is kept as is
+            prefix = config.caption_prefix
+            caption = f"{prefix}{caption}" if not caption or prefix[-1] in " ,;" else f"{prefix}, {caption}"
         images.append(
             TrainImage(
                 image_id=row["image_id"], path=files[row["image_id"]], caption=caption, bucket=bucket, resized=resized, crop=crop,
@@ -224,9 +225,11 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
     return images
 
 
-def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, wanted: dict[str, int], model: str) -> dict[str, list[TrainImage]]:
+def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, wanted: dict[str, int], model: str, *,
+                       progress: ProgressHook = null_progress) -> dict[str, list[TrainImage]]:
     """Up to `wanted[prompt]` class-prior images per class prompt, lowest seeds first, made with the same base model
-    (by `workbench priors` or an earlier run); one whose file is gone is left out, so it is made again."""
+    (by `workbench priors` or an earlier run); one whose file is gone is left out, so it is made again. Priors
+    made at a lower resolution than this run's are used upscaled, and said so."""
     pools: dict[str, list[TrainImage]] = {}
     settings = bucket_settings(config, _stored_bucket_settings(con))
     for prompt, limit in wanted.items():
@@ -236,6 +239,7 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
             [prompt, model],
         ).fetchall()
         pool = []
+        small = 0
         files = openable_paths(con, [r[0] for r in rows])
         for image_id, path, width, height in rows:
             if image_id not in files or not os.path.isfile(files[image_id]):
@@ -243,8 +247,13 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
             choice = choose_bucket(width, height, settings)
             pool.append(TrainImage(image_id, files[image_id], prompt, (choice.bucket_width, choice.bucket_height),
                                    (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))
+            small += min(width, height) < config.resolution
             if len(pool) == limit:
                 break
+        if small:
+            progress(task="class priors", message=(
+                f"{small} class prior(s) of {prompt!r} are smaller than {config.resolution} px (made for a lower-resolution "
+                "run) and train upscaled; to make them anew at this size, exclude them (`workbench exclude ID`) and run again"))
         pools[prompt] = pool
     return pools
 
