@@ -216,11 +216,12 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(sample_copy, cata
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipelines.train, "trained_model", interrupted)
-    result = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "run")])
+    monkeypatch.chdir(tmp_path)  # the hint works from anywhere: absolute paths, and the catalog named
+    result = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", "elsewhere/../run"])
     assert result.exit_code == 130
     text = " ".join(result.output.split())
     assert "the last checkpoint is checkpoint-8" in text
-    assert f"workbench train lora --resume latest --output-dir {tmp_path / 'run'}" in text
+    assert f"workbench train lora --resume latest --output-dir {tmp_path / 'run'} --catalog {catalog_path}" in text
     # stopped before training began (while class priors were made, say): --resume would find no run
     fresh = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "fresh")])
     assert fresh.exit_code == 130 and "before training started" in fresh.output and "--resume" not in fresh.output
@@ -275,10 +276,13 @@ def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
 
 
 def test_two_process_data_parallel_run(catalog_path, tmp_path):
-    """--num-processes 2 relaunches through torch.distributed.run (gloo on CPU): one catalog writer, DDP training."""
+    """--num-processes 2 relaunches through torch.distributed.run (gloo on CPU): one catalog writer, DDP training.
+    Without --device on a machine with no CUDA (each process chose on its own before, and the run crashed)."""
     import os
     import subprocess
     import sys
+
+    import torch
 
     from workbench.catalog import connect
 
@@ -290,7 +294,8 @@ def test_two_process_data_parallel_run(catalog_path, tmp_path):
     out = tmp_path / "ddp"
     done = subprocess.run(
         [*base, "train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "2",
-         "--train-batch-size", "1", "--output-dir", str(out), "--device", "cpu", "--num-processes", "2",
+         "--train-batch-size", "1", "--output-dir", str(out), *(["--device", "cpu"] if torch.cuda.is_available() else []),
+         "--num-processes", "2",
          "--set", "num_validation_images=0", "--set", "report_to=none"],
         env=env, capture_output=True, text=True, timeout=300,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -925,7 +926,8 @@ def train_command(
     from workbench.models import ModelError
 
     overrides = dict(
-        mode=mode, model=model, output_dir=str(output_dir) if output_dir else None, resolution=resolution,
+        # absolute: the run row, the resume hint and a resume from another folder all name the same place
+        mode=mode, model=model, output_dir=os.path.abspath(output_dir) if output_dir else None, resolution=resolution,
         train_batch_size=train_batch_size, max_train_steps=max_train_steps, num_train_epochs=num_train_epochs,
         learning_rate=learning_rate, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, rank=rank,
         lora_alpha=lora_alpha, train_text_encoder=train_text_encoder, seed=seed, mixed_precision=mixed_precision,
@@ -939,6 +941,11 @@ def train_command(
         prior_loss_weight=prior_loss_weight, class_prompt=class_prompt, num_class_images=num_class_images,
         use_ema=use_ema, from_scratch=from_scratch, concepts=concepts or None, device=device,
     )
+    if device is None and "WORLD_SIZE" in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():  # else each process picks on its own and they never meet (a crash)
+            overrides["device"] = "cpu"
     if prior_preservation and mode != "dreambooth":
         fail("--prior-preservation is DreamBooth's: use `workbench train dreambooth` (this trainer has no LoRA variant of it).")
     try:
@@ -971,9 +978,13 @@ def train_command(
         elif train_config.output_dir:  # extra accelerate processes may not know it; the main one says it
             kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints")
             where = f"the last checkpoint is {kept[-1].name}" if kept else "no checkpoint was written yet"
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun stops every process when one fails
+                where += " (if you did not stop it, another training process failed: its error is above)"
+            on_catalog = f" --catalog {shlex.quote(os.path.abspath(catalog))}" if catalog is not None else ""
             err_console.print(
                 f"[bold]Stopped[/]: {where}. Continue with: workbench train {mode} --resume latest --output-dir "
-                f"{escape(train_config.output_dir)}"
+                f"{escape(shlex.quote(train_config.output_dir) + on_catalog)}",
+                soft_wrap=True,  # a command to copy: never broken inside a path
             )
         raise typer.Exit(130)
     finally:
