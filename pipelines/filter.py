@@ -286,7 +286,11 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
     still = con.execute(
         "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchone()[0]
-    return {"included": len(ids), "exclusions_removed": removed, "still_excluded_by_other_steps": still}
+    unreadable = con.execute(  # files ingest could not read are never in the dataset, included or not
+        "SELECT count(*) FROM images WHERE status <> 'ok' AND image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+    ).fetchone()[0]
+    return {"included": len(ids), "exclusions_removed": removed, "still_excluded_by_other_steps": still,
+            "unreadable_files": unreadable}
 
 
 def lifted_by_include(step: str) -> bool:

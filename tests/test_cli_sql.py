@@ -61,6 +61,10 @@ def test_output_takes_its_format_from_the_name_and_never_overwrites_silently(cat
     assert table.exit_code == 2 and not (tmp_path / "t.csv").exists()
     nowhere = runner.invoke(app, [*query, "-o", str(tmp_path / "missing" / "ids.csv")])
     assert nowhere.exit_code == 2 and "does not exist" in " ".join(nowhere.output.split())
+    # a name and a --format that disagree: it wrote JSON into ds.csv
+    mixed = runner.invoke(app, [*query, "-f", "json", "-o", str(tmp_path / "ds.csv")])
+    assert mixed.exit_code == 2 and "names csv but --format is json" in " ".join(mixed.output.split())
+    assert not (tmp_path / "ds.csv").exists()
 
 
 def test_errors_while_rows_are_computed_are_messages_and_json_stays_json(catalog_path, tmp_path):

@@ -151,14 +151,15 @@ def test_keep_and_exclude_from_the_cli(con, catalog_path):
 
     from workbench.cli import app
 
-    big, small = "b" * 64, "a" * 64
+    big, small, medium = "b" * 64, "a" * 64, "d" * 64
     insert_image(con, big, 7, 800, 600, seq=1)
     insert_image(con, small, 7, 200, 150, seq=2)
+    insert_image(con, medium, 7, 400, 300, seq=3)
     duplicate_groups(con)
     runner = CliRunner()
     excluded = runner.invoke(app, ["exclude", big[:8], "--reason", "bad crop", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert excluded.exit_code == 0, excluded.output
-    assert f"workbench keep {small[:12]}" in excluded.output
+    assert f"workbench keep {medium[:12]}" in excluded.output  # the copy the keep policy picks (it named the first id)
     assert con.execute("SELECT count(*) FROM dataset").fetchall() == [(0,)]
     kept = runner.invoke(app, ["keep", small[:8], "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert kept.exit_code == 0, kept.output

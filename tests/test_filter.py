@@ -97,7 +97,7 @@ def test_manual_include_overrides_filters_and_manual_exclude_has_reason(con):
     fine = _add_image(con, 2, 600, 600)
     filtered_dataset(con, FilterRules())
     result = manual_inclusions(con, [small[:8]])
-    assert result == {"included": 1, "exclusions_removed": 1, "still_excluded_by_other_steps": 0}
+    assert result == {"included": 1, "exclusions_removed": 1, "still_excluded_by_other_steps": 0, "unreadable_files": 0}
     summary = filtered_dataset(con, FilterRules(min_side=1000))
     assert small not in _reasons(con) and fine in _reasons(con)
     assert summary["manually_included"] == 1
@@ -261,3 +261,20 @@ def test_x_on_an_unreadable_file_says_it_stays_out_of_the_dataset(con):
     text, severity = toggle_message(outcome, broken, keep_hint="press k")
     assert "could not be read" in text and "truncated JPEG" in text and severity == "warning"
     assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 0
+    assert manual_inclusions(con, [broken])["unreadable_files"] == 1  # `workbench include` says it stays out
+
+
+def test_a_bad_value_is_named_as_the_option_or_the_config_key_it_came_from(catalog_path):
+    """`--min-side -5` was reported as "filter.min_side", the workbench.toml key the user never typed."""
+    from typer.testing import CliRunner
+
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    connect(catalog_path).close()
+    runner = CliRunner()
+    typed = runner.invoke(app, ["filter", "--catalog", str(catalog_path), "--min-side", "-5"], env={"COLUMNS": "200"})
+    assert typed.exit_code == 2 and "--min-side must not be negative" in typed.output
+    (catalog_path.parent / "workbench.toml").write_text("[filter]\nmax_aspect = 0.5\n")
+    from_file = runner.invoke(app, ["filter", "--catalog", str(catalog_path), "--min-side", "300"], env={"COLUMNS": "200"})
+    assert from_file.exit_code == 2 and "filter.max_aspect is long side / short side" in from_file.output

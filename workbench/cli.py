@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -209,6 +210,9 @@ def sql(
         fail("--format parquet needs --output FILE.parquet")
     if format == "table" and output is not None:
         fail("--output writes csv, json or parquet; the table format is for the terminal.")
+    named = output.suffix.lower().lstrip(".") if output is not None else None
+    if named in {"csv", "json", "parquet"} and named != format:
+        fail(f"{output} names {named} but --format is {format}: give the file a .{format} name, or leave --format out.")
     if limit < 1:
         fail("--limit must be at least 1 (the table shows that many rows; csv, json and parquet hold them all).")
     if output is not None:
@@ -622,18 +626,22 @@ def filter_(
     from pipelines.filter import FilterRules, filtered_dataset
     from workbench.config import load_config
 
+    given = dict(
+        min_clip_score=min_clip_score, min_side=min_side, max_aspect=max_aspect, blurry=blurry, dark=dark,
+        overexposed=overexposed, low_information=low_information, blur_threshold=blur_threshold,
+        dark_threshold=dark_threshold, bright_threshold=bright_threshold, entropy_threshold=entropy_threshold,
+    )
     try:
         settings = load_config(config, catalog_path=catalog or catalog_mod.default_catalog_path())
         table = settings.get("filter", {})
         if not isinstance(table, dict):
             raise ValueError("[filter] in the config must be a table")
-        rules = FilterRules.from_mapping(table).with_overrides(
-            min_clip_score=min_clip_score, min_side=min_side, max_aspect=max_aspect, blurry=blurry, dark=dark,
-            overexposed=overexposed, low_information=low_information, blur_threshold=blur_threshold,
-            dark_threshold=dark_threshold, bright_threshold=bright_threshold, entropy_threshold=entropy_threshold,
-        )
+        FilterRules.from_mapping(table)  # the config file's own mistakes are named as its keys
+        rules = FilterRules.from_mapping(table).with_overrides(**given)
     except (ValueError, FileNotFoundError) as error:
-        fail(str(error))
+        # a value typed on the command line is named as the option typed, not as its workbench.toml key
+        fail(re.sub(r"\bfilter\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-") if given.get(m.group(1)) is not None
+                    else m.group(0), str(error)))
     con = open_catalog(catalog)
     with RichProgress(transient=True) as progress:
         summary = filtered_dataset(con, rules, dry_run=dry_run, progress=progress)
@@ -672,8 +680,22 @@ def exclude(
         err_console.print(Text(
             f"Note: {keeper[:12]} was the kept copy of a duplicate group; its {len(others)} other cop"
             f"{'y stays' if len(others) == 1 else 'ies stay'} excluded as duplicates. To keep one of them instead: "
-            f"workbench keep {others[0][:12]}"
+            f"workbench keep {_best_copy(con, others)[:12]}"
         ))
+
+
+def _best_copy(con, image_ids: list[str]) -> str:
+    """The copy the keep policy would choose among `image_ids` (highest resolution, lossless, larger file, first seen)."""
+    from pipelines.dedup import keep_order_key
+
+    rows = con.execute(
+        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, min(p.seq) AS first_seq FROM images i "
+        "JOIN paths p USING (image_id) WHERE i.image_id IN (SELECT unnest(?::VARCHAR[])) "
+        "GROUP BY ALL", [image_ids],
+    ).fetchall()
+    names = ("image_id", "width", "height", "format", "bytes", "first_seq")
+    members = [dict(zip(names, row)) for row in rows]
+    return min(members, key=keep_order_key)["image_id"] if members else image_ids[0]
 
 
 @app.command()
@@ -723,6 +745,9 @@ def include(
     console.print(counts_table("include", summary))
     if summary["still_excluded_by_other_steps"]:
         err_console.print("[yellow]some images stay excluded by another step (e.g. dedup: choose them as keeper).[/]")
+    if summary["unreadable_files"]:
+        err_console.print("[yellow]some files could not be read at ingest (status error), so they stay out of the dataset: "
+                          "`workbench sql \"SELECT path, error FROM images_view WHERE status <> 'ok'\"` says why.[/]")
 
 
 @app.command()
@@ -799,6 +824,8 @@ def import_kohya(
     """
     from pipelines.export import ExportError, imported_kohya_folder
 
+    if not folder.is_dir():  # before the catalog is made: a typo leaves no empty catalog behind
+        fail(f"{folder} is not a folder")
     con = open_catalog(catalog, create=True)
     try:
         with RichProgress(transient=True) as progress:
