@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -29,15 +30,20 @@ def peft_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_diffusers_lora(output_dir: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` the way diffusers' own training examples do."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """Write `pytorch_lora_weights.safetensors`: peft's own keys (`unet.<module>.lora_A.weight` / `.lora_B.weight`,
+    `text_encoder.…`) with the adapter configs in the header, via `StableDiffusionPipeline.save_lora_weights`.
 
-    unet_layers = convert_state_dict_to_diffusers(peft_lora_state(unet))
-    text_layers = convert_state_dict_to_diffusers(peft_lora_state(text_encoder)) if text_encoder is not None else None
+    The state dict is deliberately *not* passed through `convert_state_dict_to_diffusers`: that renames only the
+    attention projections (`to_q.lora_A` → `to_q.lora.down`) and leaves every other target (`conv1`, `proj_in`,
+    `ff.net.0.proj`, …) in peft style, and `load_lora_weights` decides the whole file's style from its first key,
+    so a mixed file silently loses one of the two halves. peft keys are what `load_lora_weights` loads natively.
+    """
+    from diffusers import StableDiffusionPipeline
+
     # the adapter config (rank, alpha, targets) travels in the header, or loaders assume alpha = rank
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(output_dir), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
+        save_directory=str(output_dir), unet_lora_layers=peft_lora_state(unet),
+        text_encoder_lora_layers=peft_lora_state(text_encoder) if text_encoder is not None else None,
         weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None,
@@ -66,24 +72,106 @@ def kohya_state_dict(
     return out
 
 
-def kohya_metadata(config: Any, *, base_model: str, image_count: int, steps: int, seconds: float) -> dict[str, str]:
-    """`ss_*` training metadata (all strings), as sd-scripts writes it."""
-    return {
+def kohya_model_name(base_model: str) -> str:
+    """`ss_sd_model_name` as sd-scripts writes it: a local file or folder by its basename (never the full path, which
+    would leak into shared LoRAs), a Hub id as given; a workbench preset as the Hub id it stands for."""
+    from workbench.models import PRESETS
+
+    preset = PRESETS.get(base_model)
+    if preset is not None:
+        return preset.sd
+    text = base_model.strip()
+    looks_local = (
+        text.startswith(("/", "~", ".", "\\")) or "\\" in text or re.match(r"^[A-Za-z]:", text) is not None
+        or text.lower().endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")) or Path(text).expanduser().exists()
+    )
+    if not looks_local:
+        return text
+    parts = [part for part in re.split(r"[\\/]", text) if part]
+    return parts[-1] if parts else text
+
+
+def _dataset_dir(image: Any) -> str:
+    """The folder name kohya would have for an image: `<repeats>_<concept>` for a concept, else the image's folder."""
+    if getattr(image, "concept", None):
+        return f"{getattr(image, 'repeats', 1)}_{image.concept}"
+    return Path(str(image.path)).parent.name or "images"
+
+
+def kohya_dataset_info(images: Sequence[Any]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """sd-scripts' `ss_dataset_dirs` ({dir: {n_repeats, img_count}}) and `ss_tag_frequency` ({dir: {tag: count}}):
+    tags are the comma-separated caption parts, stripped and lower-cased, counted once per image (not per repeat)."""
+    dirs: dict[str, dict[str, int]] = {}
+    tags: dict[str, dict[str, int]] = {}
+    for image in images:
+        name = _dataset_dir(image)
+        info = dirs.setdefault(name, {"n_repeats": int(getattr(image, "repeats", 1)), "img_count": 0})
+        info["img_count"] += 1
+        frequency = tags.setdefault(name, {})
+        for tag in (getattr(image, "caption", "") or "").split(","):
+            tag = tag.strip().lower()
+            if tag:
+                frequency[tag] = frequency.get(tag, 0) + 1
+    return dirs, tags
+
+
+def _optimizer_name(config: Any) -> str:
+    """`ss_optimizer` as sd-scripts writes it: the optimizer class's module path and name, then its arguments."""
+    name = "bitsandbytes.optim.adamw.AdamW8bit" if getattr(config, "use_8bit_adam", False) else "torch.optim.adamw.AdamW"
+    args = f"betas=({config.adam_beta1}, {config.adam_beta2}),weight_decay={config.adam_weight_decay},eps={config.adam_epsilon}"
+    return f"{name}({args})"
+
+
+def kohya_metadata(
+    config: Any,
+    *,
+    base_model: str,
+    image_count: int,
+    steps: int,
+    seconds: float,
+    num_train_images: int | None = None,
+    images: Sequence[Any] | None = None,
+    epoch: int | None = None,
+    cache_latents: bool | None = None,
+) -> dict[str, str]:
+    """`ss_*` training metadata (all strings), as sd-scripts writes it.
+
+    `num_train_images` is kohya's count (images × repeats); without it, it comes from `images` (sum of their
+    repeats), else `image_count`. `images` (the run's TrainImages) also gives `ss_dataset_dirs` and
+    `ss_tag_frequency`. `cache_latents` is whether latents really were cached (random crop and colour jitter bypass
+    the cache); without it, it is decided from `config` as the training loop decides it.
+    """
+    from pipelines.train.data import uses_latent_cache
+
+    if num_train_images is None:
+        num_train_images = sum(int(getattr(im, "repeats", 1)) for im in images) if images is not None else image_count
+    if cache_latents is None:
+        cache_latents = uses_latent_cache(config)
+    finished = time.time()
+    metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.effective_lora_alpha),
         "ss_base_model_version": "sd_v1",
-        "ss_sd_model_name": base_model,
+        "ss_v2": "False",
+        "ss_sd_model_name": kohya_model_name(base_model),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
-        "ss_num_train_images": str(image_count),
+        "ss_num_train_images": str(num_train_images),
         "ss_max_train_steps": str(steps),
         "ss_steps": str(steps),
         "ss_learning_rate": str(config.learning_rate),
+        "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else None),
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": _optimizer_name(config),
+        "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_train_batch_size": str(config.train_batch_size),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_mixed_precision": config.mixed_precision,
         "ss_seed": str(config.seed),
+        "ss_clip_skip": "None",
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_noise_offset": str(config.noise_offset),
         "ss_caption_dropout_rate": str(config.caption_dropout),
@@ -91,14 +179,41 @@ def kohya_metadata(config: Any, *, base_model: str, image_count: int, steps: int
         "ss_keep_tokens": str(config.keep_tokens),
         "ss_enable_bucket": "True",
         "ss_flip_aug": str(config.random_flip),
+        "ss_color_aug": str(bool(config.color_jitter)),
         "ss_random_crop": str(config.random_crop),
-        "ss_cache_latents": str(config.cache_latents),
-        "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else None),
-        "ss_training_finished_at": str(time.time()),
+        "ss_cache_latents": str(bool(cache_latents)),
+        "ss_prior_loss_weight": str(config.prior_loss_weight),
+        "ss_training_started_at": str(finished - seconds),
+        "ss_training_finished_at": str(finished),
         "ss_training_seconds": f"{seconds:.1f}",
         "ss_training_comment": "trained with workbench",
         "ss_network_args": json.dumps({"target_modules": list(config.lora_target_modules)}),
     }
+    if epoch is not None:
+        metadata["ss_epoch"] = str(epoch)
+        metadata["ss_num_epochs"] = str(epoch)
+    if images is not None:
+        dirs, tags = kohya_dataset_info(images)
+        metadata["ss_dataset_dirs"] = json.dumps(dirs)
+        metadata["ss_tag_frequency"] = json.dumps(tags)
+    return metadata
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """sd-scripts' `train_util.precalculate_safetensors_hashes`: (`sshs_model_hash`, `sshs_legacy_hash`).
+
+    The file is serialized with only the `ss_*` metadata (so later user metadata cannot change the hashes);
+    `addnet_hash_safetensors` is the SHA-256 of everything after the 8-byte header length and the header (the tensor
+    data), `addnet_hash_legacy` the first 8 hex digits of the SHA-256 of the 0x10000 bytes at offset 0x100000.
+    sd-webui-additional-networks and A1111 use them to identify the network.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_length :]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
 
 
 def save_kohya_lora(
@@ -111,18 +226,23 @@ def save_kohya_lora(
     image_count: int,
     steps: int,
     seconds: float,
+    num_train_images: int | None = None,
+    images: Sequence[Any] | None = None,
+    epoch: int | None = None,
+    cache_latents: bool | None = None,
 ) -> Path:
-    """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes)."""
+    """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes).
+
+    The optional arguments refine the metadata (see `kohya_metadata`); leaving them out still writes a valid file.
+    """
     tensors = kohya_state_dict(
         peft_lora_state(unet), config.effective_lora_alpha, peft_lora_state(text_encoder) if text_encoder is not None else None
     )
-    metadata = kohya_metadata(config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds)
-    # sd-scripts' sshs_model_hash: SHA-256 of the tensors (A1111 uses it to identify the network)
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].numpy().tobytes())
-    metadata["sshs_model_hash"] = digest.hexdigest()
+    metadata = kohya_metadata(
+        config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
+        num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents,
+    )
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     path = output_dir / KOHYA_LORA_FILE
     save_file(tensors, str(path), metadata=metadata)
     return path
