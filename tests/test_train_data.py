@@ -57,3 +57,16 @@ def test_class_priors_made_for_a_lower_resolution_are_named_when_a_run_upscales_
                                    progress=lambda **kw: messages.append(kw.get("message") or ""))
         assert len(pools["a photo of a dog"]) == 2
         assert any("2 class prior(s)" in m and "smaller than 64 px" in m for m in messages) == named
+
+
+def test_images_without_a_caption_are_counted_in_one_message(con, tmp_path):
+    """21 of 27 sample images trained on an empty caption and nothing said so."""
+    paths = ingest_images(con, tmp_path / "images", 3)
+    paths[0].with_suffix(".txt").unlink()
+    from pipelines.ingest import ingested_images
+
+    ingested_images(con, [tmp_path / "images"], workers=1)
+    messages = []
+    images = training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert sorted(i.caption for i in images)[0] == ""
+    assert any("1 of 3 image(s) have no caption" in m for m in messages)

@@ -190,6 +190,12 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         progress(task="dataset", message=f"{len(gone)} image(s) left out: changed or gone since ingest ({shown}); "
                  "`workbench ingest` on their folders reads them again")
         rows = [r for r in rows if r[0] in files]
+    uncaptioned = [r for r in rows if not r[columns.index("caption")]]
+    if uncaptioned:  # kohya warns per image; one line says the same
+        instead = (f"the instance prompt {config.instance_prompt!r}" if config.instance_prompt
+                   else "their concept's trigger and class where they have one, else an empty caption")
+        progress(task="dataset", message=f"{len(uncaptioned)} of {len(rows)} image(s) have no caption and train on {instead} "
+                 "(`workbench caption` writes captions)")
     images = []
     for values in rows:
         row = dict(zip(columns, values))
