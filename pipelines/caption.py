@@ -14,6 +14,7 @@ Captioning is resumable: images that already have a caption from the same model 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import string
@@ -170,6 +171,19 @@ def _concept_fields(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[str | Non
     return {image_id: (trigger, class_noun) for image_id, trigger, class_noun in rows}
 
 
+def _unfinished_since(con: duckdb.DuckDBPyConnection, run_id: int, params: dict):
+    """When the caption runs just before `run_id` are stopped runs of the same command, when the first of them
+    started (what they wrote since is done); else None."""
+    since = None
+    for started_at, status, recorded in con.execute(
+        "SELECT started_at, status, params FROM runs WHERE step = 'caption' AND run_id < ? ORDER BY run_id DESC", [run_id]
+    ).fetchall():
+        if status == "ok" or json.loads(recorded or "{}") != params:
+            break
+        since = started_at
+    return since
+
+
 # --- the step -------------------------------------------------------------------------
 
 
@@ -204,9 +218,12 @@ def model_captions(
               "prompt": prompt, "template": template, "overwrite": overwrite}
     with record_run(con, "caption", params) as run:
         candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
-        done = set() if overwrite else {
-            row[0] for row in con.execute("SELECT image_id FROM captions WHERE source = ?", [source]).fetchall()
-        }
+        if overwrite:  # again for every image, except those a stopped run of this same command already did
+            since = _unfinished_since(con, run.run_id, params)
+            done = set() if since is None else {row[0] for row in con.execute(
+                "SELECT image_id FROM captions WHERE source = ? AND created_at >= ?", [source, since]).fetchall()}
+        else:
+            done = {row[0] for row in con.execute("SELECT image_id FROM captions WHERE source = ?", [source]).fetchall()}
         todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
         concept_of = _concept_fields(con) if template else {}
         counts = {"images_ok": len(candidates), "already_captioned": len(candidates) - len(todo),

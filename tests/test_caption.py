@@ -218,3 +218,24 @@ def test_ctrl_c_in_caption_says_what_is_kept(catalog_path, tmp_path, monkeypatch
     monkeypatch.setattr(pipelines.caption, "model_captions", interrupted)
     result = CliRunner().invoke(app, ["caption", "-c", str(catalog_path), "--workers", "0"])
     assert result.exit_code == 130 and "run the same command again" in " ".join(result.output.split())
+
+
+def test_a_stopped_overwrite_run_goes_on_where_it_stopped_when_run_again(catalog, blip):
+    """`caption --overwrite` said "run the same command again to caption the rest" and then did all of them again."""
+    from workbench.progress import StepCancelled
+
+    processor, model = blip
+    model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
+
+    def stop_after_a_batch(*, task, completed=0, total=None, message=None):
+        if task == "caption" and completed >= 2:
+            raise StepCancelled("stopped")
+
+    options = dict(model_name="tiny", batch_size=2, max_length=6, workers=0, overwrite=True)
+    with pytest.raises(StepCancelled):
+        model_captions(catalog, processor, model, progress=stop_after_a_batch, **options)
+    rest = model_captions(catalog, processor, model, **options)
+    assert (rest["captioned"], rest["already_captioned"]) == (3, 2)
+    assert model_captions(catalog, processor, model, **options)["captioned"] == 5  # after a finished run: all again
+    other = model_captions(catalog, processor, model, **{**options, "max_length": 7})  # another command: all again
+    assert other["captioned"] == 5
