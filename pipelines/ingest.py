@@ -73,6 +73,7 @@ class IngestSummary:
     sidecars_left_out: int = 0
     images_joined_concepts: int = 0
     skipped_not_images: int = 0
+    skipped_heic_avif: int = 0  # iPhone HEIC and AVIF photos: Pillow here cannot decode them
     directory_cycles_skipped: int = 0
     output_folders_skipped: int = 0
     kohya_reg_folders_skipped: int = 0  # reg/ beside img/: regularisation images, not training photos
@@ -347,6 +348,10 @@ def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
         return False
 
 
+# ISO-BMFF brands of HEIC/HEIF and AVIF files (bytes 8-12, after `ftyp`)
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
+
+
 def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
     stem, ext = os.path.splitext(name)
     ext = ext.lower()
@@ -369,7 +374,10 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
         except OSError:
             return
         if sniff_format(head) is None:
-            summary.skipped_not_images += 1
+            if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+                summary.skipped_heic_avif += 1
+            else:
+                summary.skipped_not_images += 1
             return
     sidecar = sidecar_mtime = None
     for sidecar_ext in SIDECAR_EXTENSIONS:

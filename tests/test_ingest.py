@@ -504,3 +504,29 @@ def test_a_kohya_reg_folder_beside_img_is_left_out(con, tmp_path, catalog_path):
     assert check.execute("SELECT count(*) FROM images").fetchone()[0] == 3
     assert [r[0] for r in check.execute("SELECT name FROM concepts").fetchall()] == ["sks cat"]
     check.close()
+
+
+def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalog_path):
+    """HEIC/AVIF photos only added to "skipped not images"; a folder without images said nothing; new images after a
+    dedup stayed ungrouped without a word."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    runner = CliRunner()
+    make_images(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    (tmp_path / "photos" / "IMG_0002.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64)
+    common = ["--catalog", str(catalog_path), "--workers", "1"]
+    first = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
+    assert first.exit_code == 0, first.output
+    text = " ".join(first.output.split())
+    assert "2 HEIC/AVIF photo(s) left out" in text and "not in duplicate groups" not in text
+    assert runner.invoke(app, ["dedup", "--catalog", str(catalog_path)]).exit_code == 0
+    make_images(tmp_path / "photos" / "more", 1, seed=4)
+    again = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
+    assert "1 new or changed image(s) are not in duplicate groups yet" in " ".join(again.output.split())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("nothing")
+    empty = runner.invoke(app, ["ingest", str(tmp_path / "notes"), *common], env={"COLUMNS": "200"})
+    assert "no image files in" in " ".join(empty.output.split())

@@ -161,6 +161,14 @@ def ingest(
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
                           "ingest again to read them.")
+    if summary.skipped_heic_avif:
+        err_console.print(f"[yellow]Note:[/] {summary.skipped_heic_avif} HEIC/AVIF photo(s) left out: this Pillow cannot decode "
+                          "them. Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' export) and ingest again.")
+    if summary.files_seen == 0:
+        err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
+    elif summary.new + summary.changed and con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchone()[0]:
+        err_console.print(f"[yellow]Note:[/] {summary.new + summary.changed} new or changed image(s) are not in duplicate groups "
+                          "yet: run `workbench dedup` (and the later steps you use) again.")
 
 
 @app.command()
