@@ -479,3 +479,35 @@ def test_training_prepends_a_trigger_found_only_inside_another_word(con, tmp_pat
     concepts_from_folder_names(con)
     captions = {Path(image.path).stem: image.caption for image in training_images(con, TrainConfig(resolution=64))}
     assert captions == {"a": "cat, a cathedral at night", "b": "a cat, on grass", "c": "cat"}
+
+
+def test_an_export_stopped_part_way_says_so_and_overwrite_replaces_exactly_what_it_wrote(catalog_path, con, curated, tmp_path, monkeypatch):
+    """Ctrl+C during an export ended with no word and no manifest: the rerun was refused ("not empty") and --overwrite
+    could not know which files were the export's."""
+    import pipelines.export as export_mod
+    from workbench.cli import app
+
+    runner = CliRunner()
+    con.close()  # the CLI opens the catalog itself
+    out = tmp_path / "kohya"
+    out.mkdir()
+    (out / "my notes.txt").write_text("keep me")
+    calls = []
+    original = export_mod._write_image
+
+    def stop_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "_write_image", stop_on_the_second)
+    stopped = runner.invoke(app, ["export", str(out), "--overwrite", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert stopped.exit_code == 130 and "the export in" in stopped.output and "--overwrite" in stopped.output
+    manifest = json.loads((out / ".workbench-export.json").read_text())
+    assert manifest["finished"] is False and len([f for f in manifest["files"] if f.endswith(".jpg") or f.endswith(".png")]) == 1
+    monkeypatch.setattr(export_mod, "_write_image", original)
+    again = runner.invoke(app, ["export", str(out), "--overwrite", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert again.exit_code == 0, again.output
+    assert "finished" not in json.loads((out / ".workbench-export.json").read_text())
+    assert (out / "my notes.txt").read_text() == "keep me"

@@ -812,8 +812,10 @@ def export(
     from pipelines.export import ExportError, exported_dataset
 
     con = open_catalog(catalog)
+    again = f"workbench export {shlex.quote(str(out))} --format {format} --overwrite" + (f" --link {link}" if link != "copy" else "")
     try:
-        with RichProgress(transient=True) as progress:
+        with _stopped_says(f"the export in {out} is unfinished; {again} writes it again (replacing what this one wrote)"), \
+                RichProgress(transient=True) as progress:
             summary = exported_dataset(con, out, format=format, link=link, overwrite=overwrite, progress=progress)
     except (ExportError, OSError) as error:
         fail(str(error))
