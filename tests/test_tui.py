@@ -73,6 +73,7 @@ def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
             await pilot.press("pagedown")
             await wait_for(pilot, lambda: table.page_offset == 100, what="next page")
             assert "rows 101–200 of 250" in text_of(app, "#table-status")
+            app.screen.query_one("#rows").cursor_row = 7  # a filter applied now starts at its first row, not row 8
 
             filter_box = app.screen.query_one("#filter")
             filter_box.value = "width > 1000 AND format = 'PNG'"
@@ -81,6 +82,7 @@ def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
             con = app.con
             expected = con.execute("SELECT count(*) FROM images_view WHERE width > 1000 AND format = 'PNG'").fetchone()[0]
             await wait_for(pilot, lambda: f"of {expected:,} · SQL filter" in text_of(app, "#table-status"), what="SQL filter")
+            await wait_for(pilot, lambda: app.screen.query_one("#rows").cursor_row == 0, what="the first row of the new filter")
 
             filter_box.value = "mountain lake"
             await pilot.press("enter")
@@ -757,6 +759,8 @@ def test_duplicates_review_changes_the_kept_member(sample_catalog):
             assert old_keeper in excluded and other not in excluded
             assert app.con.execute("SELECT image_id FROM keeper_choice").fetchall() == [(other,)]
             await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] == other, what="redraw")
+            card = str(screen.query("MemberCard")[1].query_one(".member-facts").render())
+            assert f"duplicate of {other[:12]}" in card and other[12:] not in card  # the id cut as everywhere else
 
             # x excludes the selected member by hand; x again includes it back.
             screen.selected = 0
@@ -1522,7 +1526,10 @@ def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_
             box.value = "format = 'JPEG'"  # typed, not applied: "all filtered" would mean other rows than shown
             await pilot.click("#rows", offset=(5, 2))
             await pilot.press("c")
-            await wait_for(pilot, lambda: any("press Enter to apply it first" in n.message for n in app._notifications), what="refused")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
+            assert app.screen.query_one("#concept-all").disabled and not app.screen.query_one("#concept-one").disabled
+            assert "press Enter to apply it first" in str(app.screen.query_one("#concept-filter").render())
+            await pilot.press("escape")
             box.value = "format = 'PNG'"
             await pilot.press("c")
             await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
@@ -1531,8 +1538,10 @@ def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_
             assert query_count(app, "SELECT count(*) FROM images_view WHERE concept = 'sks dog' AND format <> 'PNG'") == 0
 
             target = screen.query_one(ImageTable).current_image_id
+            added_concept(app.con, "aaa first by name", trigger="aaa")
             await pilot.press("c")
             await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
+            assert app.screen.query_one("#concept-choice").value == "sks dog"  # the image's concept, not the first by name
             app.screen.query_one("#concept-choice").value = NO_CONCEPT
             await pilot.click("#concept-one")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM concept_images") == pngs - 1, what="taken out")

@@ -119,6 +119,8 @@ class BrowserScreen(SizeClasses, Screen):
         names: list[str]
         image_id: str
         result: Any  # the BrowseResult the table showed when asked
+        current: str | None  # the image's concept now
+        not_applied: str | None  # why "all filtered" cannot be offered (a filter typed, not applied)
 
     @dataclass
     class _Changed(Message):
@@ -183,25 +185,23 @@ class BrowserScreen(SizeClasses, Screen):
         image_id, result = self._shown()
         if image_id is None:
             return
-        problem = self.query_one(ImageTable).not_applied()  # "all filtered" must mean the rows shown
-        if problem:
-            self.notify(problem, title="Browse", severity="warning")
-            return
-        self._load_concepts(image_id, result)
+        # "all filtered" must mean the rows shown; this one image is fine either way
+        self._load_concepts(image_id, result, self.query_one(ImageTable).not_applied())
 
     @work(thread=True, exclusive=True, group="browser-concepts")
-    def _load_concepts(self, image_id: str, result: Any) -> None:
+    def _load_concepts(self, image_id: str, result: Any, not_applied: str | None) -> None:
         from pipelines.concepts import list_concepts
 
         cur = self.app.con.cursor()
         try:
             names = [concept.name for concept in list_concepts(cur)]
+            current = (cur.execute("SELECT concept FROM concept_images WHERE image_id = ?", [image_id]).fetchone() or [None])[0]
         except Exception as error:
             self.post_message(self._Changed(people_message(error), "error"))
             return
         finally:
             cur.close()
-        self.post_message(self._Concepts(names, image_id, result))
+        self.post_message(self._Concepts(names, image_id, result, current, not_applied))
 
     @on(_Concepts)
     def _ask_concept(self, message: _Concepts) -> None:
@@ -214,7 +214,8 @@ class BrowserScreen(SizeClasses, Screen):
             if choice is not None:
                 self._apply_concept(choice, message.image_id, message.result)
 
-        dialog = ConceptDialog(message.names, message.image_id[:12], message.result.total, message.result.filter.text.strip())
+        dialog = ConceptDialog(message.names, message.image_id[:12], message.result.total, message.result.filter.text.strip(),
+                               current=message.current, all_refused=message.not_applied)
         self.app.push_screen(dialog, chosen)
 
     @work(thread=True, group="browser-write")

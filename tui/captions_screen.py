@@ -356,7 +356,7 @@ class CaptionsScreen(SizeClasses, Screen):
             self.notify("The filter changed meanwhile; run the bulk edit again.", title="Captions", severity="warning")
             return
         left_out = message.total - len(message.targets)
-        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} that failed to load left alone)" if left_out else ""
+        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} whose files could not be read at ingest left alone)" if left_out else ""
         if not message.changes:
             self.notify(f"{message.description}: 0 captions changed, none of the {len(message.targets):,} filtered "
                         f"images needs it{note}", title="Captions", markup=False)
@@ -389,7 +389,7 @@ class CaptionsScreen(SizeClasses, Screen):
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
-        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} that failed to load left alone)" if left_out else ""
+        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} whose files could not be read at ingest left alone)" if left_out else ""
         self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo))
 
     @on(Button.Pressed, "#bulk-undo")

@@ -35,23 +35,27 @@ class ConceptDialog(ModalScreen[ConceptChoice | None]):
     ConceptDialog Button { margin-right: 1; }
     """
 
-    def __init__(self, concepts: list[str], image_label: str, filtered: int, filter_text: str) -> None:
+    def __init__(self, concepts: list[str], image_label: str, filtered: int, filter_text: str, *,
+                 current: str | None = None, all_refused: str | None = None) -> None:
         super().__init__()
         self.concepts = concepts
         self.image_label = image_label
         self.filtered = filtered
         self.filter_text = filter_text
+        self.current = current  # the image's concept: the choice starts there
+        self.all_refused = all_refused  # why "all filtered" is off (a filter typed but not applied)
 
     def compose(self) -> ComposeResult:
         shown = self.filter_text or "none: all images"
         with Vertical():
             yield Label("[b]Concept[/b] (repeats, trigger and class come with it)")
+            start = self.current if self.current in self.concepts else (self.concepts[0] if self.concepts else NO_CONCEPT)
             yield Select([(Text(name), name) for name in self.concepts] + [("no concept: take them out of theirs", NO_CONCEPT)],
-                         value=self.concepts[0] if self.concepts else NO_CONCEPT, allow_blank=False, id="concept-choice")
-            yield Label(Text(f"filter: {shown}"), id="concept-filter")
+                         value=start, allow_blank=False, id="concept-choice")
+            yield Label(Text(f"filter: {shown}" if not self.all_refused else self.all_refused), id="concept-filter")
             with Horizontal():
                 yield Button(Text(f"This image ({self.image_label})"), id="concept-one", variant="primary")
-                yield Button(f"All {self.filtered:,} filtered", id="concept-all", variant="warning")
+                yield Button(f"All {self.filtered:,} filtered", id="concept-all", variant="warning", disabled=bool(self.all_refused))
                 yield Button("Cancel (esc)", id="concept-cancel")
 
     @on(Button.Pressed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,9 @@ def group_members(con, group_id: int) -> list[dict[str, Any]]:
 
 def member_text(member: dict[str, Any]) -> str:
     keeper = "[b green]★ KEPT[/]" if member["is_keeper"] else "[yellow]duplicate[/]"
-    state = f"[red]excluded[/]: {markup_safe(member['exclusion_reason'])}" if member["excluded"] else "[green]in dataset[/]"
+    # "duplicate of <64 hex>" wrapped over three lines of a 40-column card: ids are shown by 12 characters elsewhere too
+    reason = re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1", member["exclusion_reason"] or "")
+    state = f"[red]excluded[/]: {markup_safe(reason)}" if member["excluded"] else "[green]in dataset[/]"
     distance = "·" if member["distance"] is None else f"{member['distance']:g}"
     size_kb = (member["bytes"] or 0) / 1024
     return (

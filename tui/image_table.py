@@ -190,8 +190,8 @@ class ImageTable(Vertical):
         if old is not None:
             old.close()
         self._set_columns(message.result.columns)
-        if message.keep is None:
-            self._fetch(message.result, 0)
+        if message.keep is None:  # another filter or sort: its first row, not the old row number
+            self._fetch(message.result, 0, 0)
         else:
             image_id, offset, cursor = message.keep
             self._fetch(message.result, offset, cursor, stay=True, keep_id=image_id)
@@ -314,7 +314,7 @@ class ImageTable(Vertical):
 
     def action_first_page(self) -> None:
         if self.result is not None:
-            self._fetch(self.result, 0)
+            self._fetch(self.result, 0, 0)
 
     def action_last_page(self) -> None:
         if self.result is not None and self.result.total:
