@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipelines.train import ConfigError, TrainingError, load_train_config, main
+from pipelines.train import ConfigError, TrainConfig, TrainingError, load_train_config, main
 from pipelines.train.data import (
     batches_per_epoch,
     ItemSpec,
@@ -747,3 +747,176 @@ def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "x" / "pipeline").mkdir(parents=True)
     assert fast_config(tmp_path / "run", model="runs/x/pipeline").model == str(tmp_path / "runs" / "x" / "pipeline")
+
+
+# --- review fixes ---------------------------------------------------------------------------
+
+
+def test_a_sigmoid_beta_schedule_samples_and_saves_a_pipeline_that_loads(con, tmp_path, one_thread):
+    """The inference schedulers (DDIM for samples, PNDM in the saved pipeline) have no 'sigmoid' schedule: they
+    take the training schedule's betas, so sampling works and the saved pipeline loads back with them."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    lora = fast_config(tmp_path / "lora", beta_schedule="sigmoid", max_train_steps=1)
+    result = main(lora, training_images(con, lora), output_dir=tmp_path / "lora", components=tiny_components())
+    assert Path(result.outputs["samples"]).is_file() and (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    components = tiny_components()
+    finetune = fast_config(tmp_path / "ft", mode="finetune", beta_schedule="sigmoid", max_train_steps=1)
+    result = main(finetune, training_images(con, finetune), output_dir=tmp_path / "ft", components=components)
+    assert Path(result.outputs["samples"]).is_file() and (tmp_path / "ft" / "model.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "ft" / "pipeline"))
+    assert torch.equal(pipe.scheduler.betas, _noise_scheduler(components, finetune).betas)  # sigmoid, not the base's
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # its config carries the betas to any scheduler
+    assert torch.equal(pipe.scheduler.betas, _noise_scheduler(components, finetune).betas)
+    assert np.isfinite(_render(pipe)).all()
+
+
+def _finished_run(con, tmp_path, **options):
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])  # one bucket, batch 2: one step per epoch
+    config = fast_config(tmp_path / "run", num_validation_images=0, **{"max_train_steps": 2, "checkpointing_steps": 1, **options})
+    return config, trained_model(con, config, components=tiny_components())
+
+
+def test_resume_without_a_checkpoint_is_refused_when_the_run_got_past_one(con, tmp_path, one_thread):
+    """--resume latest with every checkpoint deleted used to train again from step 0 over the finished LoRA."""
+    import shutil
+
+    from pipelines.train import trained_model
+
+    config, _ = _finished_run(con, tmp_path)
+    lora = tmp_path / "run" / "pytorch_lora_weights.safetensors"
+    before = lora.read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    rows = con.execute("SELECT count(*) FROM training_runs").fetchone()[0]
+    with pytest.raises(TrainingError, match="no checkpoint to resume from.*another --output-dir"):
+        trained_model(con, dataclasses.replace(config, resume="latest"), components=tiny_components())
+    assert lora.read_bytes() == before
+    for output in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        (tmp_path / "run" / output).unlink()  # as a killed run: its loss log and catalog rows show it got past one
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        trained_model(con, dataclasses.replace(config, resume="latest"), components=tiny_components())
+    assert con.execute("SELECT count(*) FROM training_runs").fetchone()[0] == rows  # nothing recorded
+    for limit in (-1, 0):  # -1 deleted every checkpoint, 0 kept them all
+        with pytest.raises(ConfigError, match="--checkpoints-total-limit must be at least 1"):
+            fast_config(tmp_path / "other", checkpoints_total_limit=limit)
+
+
+def test_resume_may_change_what_only_affects_memory_and_speed(con, tmp_path, one_thread):
+    """Out of memory, the advice is --gradient-checkpointing: a resume must be able to take it (and the other
+    runtime knobs), while options that change the result are still refused."""
+    from pipelines.train import trained_model
+    from pipelines.train.checkpoint import list_checkpoints
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    options = dict(max_train_steps=3, checkpointing_steps=1, num_validation_images=0, learning_rate=5e-3)
+    straight = trained_model(con, fast_config(tmp_path / "straight", **options), components=tiny_components())
+    run = fast_config(tmp_path / "run", **options)
+    with pytest.raises(StepCancelled):
+        trained_model(con, run, components=tiny_components(), progress=killed_after_step(1))
+    runtime = dict(gradient_checkpointing=True, fused_adam=False, channels_last=True, cudnn_benchmark=False,
+                   checkpoints_total_limit=1, validation_steps=7, cache_latents=False, cache_text_embeddings=False)
+    resumed_config = fast_config(tmp_path / "run", resume="latest", **options, **runtime)
+    assert (resumed_config.gradient_checkpointing, resumed_config.fused_adam) == (True, False)
+    resumed = trained_model(con, resumed_config, components=tiny_components())
+    assert resumed.steps == 3 and [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-3"]
+    a, b = _lora_tensors(tmp_path / "straight"), _lora_tensors(tmp_path / "run")
+    # the same training up to the last bits (unfused AdamW, channels-last convs, VAE batches), which Adam enlarges
+    # in near-zero gradients: far below one step's change (about the learning rate, 5e-3)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=2e-4) for k in a)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-4)
+    with pytest.raises(ConfigError, match="learning_rate 0.005 \\(saved\\) vs 0.01"):
+        fast_config(tmp_path / "run", resume="latest", **{**options, "learning_rate": 1e-2})
+
+
+def test_a_resumed_optimizer_runs_as_asked_not_as_saved(tmp_path):
+    """torch's load_state_dict takes param groups, `fused` included, from the checkpoint: --no-fused-adam on a
+    resume would be ignored."""
+    from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def setup(fused):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused or None)
+        return param, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    param, optimizer, scheduler = setup(True)
+    param.sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path, step=1, trainable={"p": param}, optimizer=optimizer, lr_scheduler=scheduler)
+    param, optimizer, scheduler = setup(False)
+    load_checkpoint(tmp_path / "checkpoint-1", model_parameters={"p": param}, optimizer=optimizer, lr_scheduler=scheduler)
+    assert not optimizer.param_groups[0]["fused"]
+    param.sum().backward()
+    optimizer.step()  # the unfused loop takes the fused kernel's state
+    assert torch.isfinite(param).all()
+
+
+def test_num_train_epochs_on_resume_sets_the_new_total_and_fewer_steps_are_refused(con, tmp_path, one_thread):
+    """A run of --max-train-steps resumed with --num-train-epochs trains to that many epochs; a total the run is
+    already past is refused (it used to redo the outputs and record another run)."""
+    from pipelines.train import trained_model
+
+    config, _ = _finished_run(con, tmp_path)
+    more = fast_config(tmp_path / "run", resume="latest", num_validation_images=0, max_train_steps=None, num_train_epochs=4)
+    assert (more.max_train_steps, more.num_train_epochs) == (None, 4)
+    assert trained_model(con, more, components=tiny_components()).steps == 4
+    lora = tmp_path / "run" / "pytorch_lora_weights.safetensors"
+    stamp, rows = lora.stat().st_mtime_ns, con.execute("SELECT count(*) FROM training_runs").fetchone()[0]
+    for options, message in (({"max_train_steps": None, "num_train_epochs": 3}, r"at step 4, past the --num-train-epochs 3 \(3 steps\)"),
+                             ({"max_train_steps": 3}, r"at step 4, past the --max-train-steps 3 asked for"),
+                             ({"max_train_steps": None, "num_train_epochs": 4}, "nothing to resume")):
+        fewer = fast_config(tmp_path / "run", resume="latest", num_validation_images=0, **options)
+        with pytest.raises(TrainingError, match=message):
+            trained_model(con, fewer, components=tiny_components())
+    assert lora.stat().st_mtime_ns == stamp and con.execute("SELECT count(*) FROM training_runs").fetchone()[0] == rows
+
+
+def test_setup_errors_are_refused_before_the_run_folder_or_its_row_exist(con, tmp_path, monkeypatch):
+    import sys
+
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    for options, message in (({"mixed_precision": "fp16"}, "fp16 needs a CUDA GPU"),
+                             ({"use_8bit_adam": True}, r"pip install 'workbench\[bnb\]'")):
+        with pytest.raises(TrainingError, match=message):
+            trained_model(con, fast_config(tmp_path / "run", **options), components=tiny_components())
+        assert not (tmp_path / "run").exists()
+    assert con.execute("SELECT count(*) FROM training_runs").fetchone()[0] == 0
+
+
+def test_a_runs_seconds_include_class_prior_generation(con, tmp_path, one_thread, monkeypatch):
+    import time
+
+    import pipelines.priors
+    from pipelines.train import trained_model
+
+    real = pipelines.priors.generated_prior_files
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines.priors, "generated_prior_files", slow)
+    ingest_images(con, tmp_path / "images", 1, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=1,
+                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components())
+    seconds = con.execute("SELECT seconds FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0]
+    assert seconds >= 3 and seconds == pytest.approx(result.seconds)
+
+
+def test_the_default_learning_rate_follows_the_mode(tmp_path):
+    """1e-4 suits a LoRA; it wrecks a real model's full UNet (diffusers' DreamBooth uses 5e-6). A UNet from
+    scratch has nothing to wreck and needs the high rate."""
+    def rate(**values):
+        return load_train_config(None, values).learning_rate
+
+    assert (rate(mode="lora"), rate(mode="dreambooth"), rate(mode="finetune")) == (1e-4, 5e-6, 1e-5)
+    assert rate(mode="finetune", from_scratch=True) == 1e-4
+    assert rate(mode="dreambooth", learning_rate=2e-6) == 2e-6  # given: kept
+    assert TrainConfig(mode="finetune").validate().learning_rate == 1e-5

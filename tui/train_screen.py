@@ -42,7 +42,7 @@ FIELDS = (
     ("output_dir", "output folder", str),
 )
 FIELD_LABELS = {name: label for name, label, _ in FIELDS}
-FIELD_PLACEHOLDERS = {"output_dir": "empty: runs/… beside the catalog"}
+FIELD_PLACEHOLDERS = {"output_dir": "empty: runs/… beside the catalog", "learning_rate": "empty: the mode's default"}
 _OPTION = re.compile(r"--([a-z][a-z0-9-]*)")
 
 

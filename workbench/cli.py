@@ -897,7 +897,7 @@ METRIC_LABELS = {"clip_score": "clip score (100 x cosine)"}
 # defaults shown in `workbench train … --help`; the options themselves default to None ("not given", which
 # --resume needs), and tests/test_train_cli.py checks these against TrainConfig
 TRAIN_HELP_DEFAULTS = {
-    "model": "tiny", "resolution": "512", "train_batch_size": "1", "num_train_epochs": "1", "learning_rate": "1e-4",
+    "model": "tiny", "resolution": "512", "train_batch_size": "1", "num_train_epochs": "1",
     "lr_scheduler": "constant", "lr_warmup_steps": "0", "rank": "4", "seed": "0", "mixed_precision": "no",
     "gradient_accumulation_steps": "1", "checkpointing_steps": "500", "validation_steps": "100",
     "caption_dropout": "0", "keep_tokens": "0", "color_jitter": "0", "noise_offset": "0", "prior_loss_weight": "1.0",
@@ -913,8 +913,8 @@ def train_command(
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.", show_default=TRAIN_HELP_DEFAULTS["resolution"])] = None,
     train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).", show_default=TRAIN_HELP_DEFAULTS["train_batch_size"])] = None,
     max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --num-train-epochs worth).")] = None,
-    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given.", show_default=TRAIN_HELP_DEFAULTS["num_train_epochs"])] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.", show_default=TRAIN_HELP_DEFAULTS["learning_rate"])] = None,
+    num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given (on --resume: the new total, in place of the run's step count).", show_default=TRAIN_HELP_DEFAULTS["num_train_epochs"])] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.", show_default="1e-4 lora, 5e-6 dreambooth, 1e-5 finetune (1e-4 with --from-scratch)")] = None,
     lr_scheduler: Annotated[Optional[str], typer.Option(help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.", show_default=TRAIN_HELP_DEFAULTS["lr_scheduler"])] = None,
     lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.", show_default=TRAIN_HELP_DEFAULTS["lr_warmup_steps"])] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.", show_default=TRAIN_HELP_DEFAULTS["rank"])] = None,

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
+_HOW_ADAM_RUNS = ("fused", "foreach", "capturable")  # param-group keys that choose a kernel, not the update
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -152,7 +153,18 @@ def load_checkpoint(
     optimizer_state = _unflatten_optimizer(
         load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
     )
+    # torch takes whole param groups from the state dict: how the update runs (fused kernel or loop) must stay
+    # as this run asks, since a resume may switch it (the same update, up to the last bits)
+    how = [{k: group[k] for k in _HOW_ADAM_RUNS if k in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(optimizer_state)
+    for group, kept in zip(optimizer.param_groups, how):
+        group.update(kept)
+        if kept:  # torch placed `step` for the saved kernel: the fused one keeps it beside the weights, the loop on the CPU
+            beside = bool(group.get("fused") or group.get("capturable"))
+            for param in group["params"]:
+                slots = optimizer.state.get(param, {})
+                if isinstance(slots.get("step"), torch.Tensor):
+                    slots["step"] = slots["step"].to(dtype=torch.float32, device=param.device if beside else "cpu")
     state = json.loads((path / "state.json").read_text())
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -209,7 +221,9 @@ def resolve_resume(folder: Path, resume: str) -> Path | None:
 
 def prune_checkpoints(folder: Path, keep: int | None) -> None:
     """Keep only the newest `keep` checkpoints (all when keep is None)."""
-    if not keep:
+    if keep is None:
         return
+    if keep < 1:  # [:-0] would delete every one, the one a resume needs included
+        raise ValueError("checkpoints_total_limit must be at least 1 (None keeps every checkpoint)")
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

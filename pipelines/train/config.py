@@ -26,14 +26,22 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEVICES = ("cpu", "cuda", "mps")
 SNAPSHOT_FILE = "dataset.json"  # a run's own copy of its options and dataset, in its folder
-# what --resume may change: how long, how often to save and sample, where and how to log and cache. Anything
-# else would make the continued run a different run than the one its checkpoint belongs to.
+# what --resume may change: how long, how often to save and sample, where and how to log and cache, and how the
+# same computation runs (memory and speed: a run that ran out of memory must be able to resume with
+# --gradient-checkpointing). Fused and unfused AdamW, channels-last and compiled kernels may differ in the last
+# bits, as cached and uncached latents do; nothing here changes what is trained. Anything else would make the
+# continued run a different run than the one its checkpoint belongs to.
 RESUME_MAY_CHANGE = frozenset({
     "resume", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
     "validation_prompt", "validation_steps", "num_validation_images", "validation_seed", "validation_inference_steps",
     "validation_guidance_scale", "report_to", "evaluate", "clip_model", "device", "dataloader_num_workers",
-    "cache_dir", "cache_memory_mb", "torch_compile",
+    "cache_dir", "cache_memory_mb", "cache_latents", "cache_text_embeddings", "torch_compile",
+    "gradient_checkpointing", "fused_adam", "channels_last", "cudnn_benchmark",
 })
+# learning rate when none is given: a LoRA trains new low-rank weights (diffusers' LoRA examples: 1e-4); a full
+# UNet is the real model, which 1e-4 wrecks (diffusers' train_dreambooth.py: 5e-6; fine-tunes use ~1e-5); a UNet
+# from scratch has nothing to keep and needs the high rate
+DEFAULT_LEARNING_RATES = {"lora": 1e-4, "dreambooth": 5e-6, "finetune": 1e-5, "from_scratch": 1e-4}
 
 
 class ConfigError(ValueError):
@@ -84,7 +92,7 @@ class TrainConfig:
     seed: int = 0
 
     # optimiser
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the mode's (DEFAULT_LEARNING_RATES), filled in by validate()
     scale_lr: bool = False
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -141,7 +149,9 @@ class TrainConfig:
     clip_model: str | None = None  # CLIP for evaluation; default: the --model preset's CLIP
 
     def validate(self) -> "TrainConfig":
-        """Check ranges and choices; return self so calls chain."""
+        """Check ranges and choices and fill in the mode's learning rate when none was given; return self so calls chain."""
+        if self.learning_rate is None and self.mode in MODES:
+            self.learning_rate = DEFAULT_LEARNING_RATES["from_scratch" if self.from_scratch else self.mode]
         checks = [
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
@@ -149,7 +159,7 @@ class TrainConfig:
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max-train-steps must be at least 1"),
             (self.num_train_epochs >= 1, "--num-train-epochs must be at least 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
-            (self.learning_rate > 0, "--learning-rate must be positive"),
+            (self.learning_rate is None or self.learning_rate > 0, "--learning-rate must be positive"),
             (self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
             (self.mixed_precision in MIXED_PRECISION, "--mixed-precision must be no, fp16 or bf16"),
             (self.beta_schedule is None or self.beta_schedule in BETA_SCHEDULES, f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}"),
@@ -163,6 +173,8 @@ class TrainConfig:
             (self.color_jitter >= 0, "--color-jitter must be 0 or more"),
             (self.cache_memory_mb >= 0, "--cache-memory-mb must be 0 or more"),
             (self.checkpointing_steps >= 1, "--checkpointing-steps must be at least 1"),
+            (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             "--checkpoints-total-limit must be at least 1 (leave it out to keep every checkpoint)"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
             (self.num_validation_images >= 0, "--num-validation-images must be 0 or more"),
             (self.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
@@ -258,6 +270,8 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
             )
         return values  # a checkpoint from before options were saved: continue as given
     saved = {k: v for k, v in saved.items() if k in FIELD_NAMES}
+    if saved.get("checkpoints_total_limit") is not None and saved["checkpoints_total_limit"] < 1:
+        saved["checkpoints_total_limit"] = None  # saved when 0 kept every checkpoint (and -1 deleted every one)
     differ = [f"{k} {saved[k]!r} (saved) vs {v!r}" for k, v in values.items()
               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
@@ -265,6 +279,9 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
             f"--resume continues {source} with the options it was trained with; these differ: {'; '.join(differ)}. "
             "Leave them out, or start a new run in another --output-dir."
         )
+    if "num_train_epochs" in values and "max_train_steps" not in values:
+        # epochs count only without a step total: the saved one would silently win over the epochs given
+        saved["max_train_steps"] = None
     return {**saved, **values}
 
 

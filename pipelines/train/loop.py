@@ -37,6 +37,12 @@ MEMORY_ADVICE = (
 )
 
 
+NO_BITSANDBYTES = (
+    "--use-8bit-adam needs bitsandbytes, which is not installed: pip install 'workbench[bnb]', or leave the option off."
+)
+FP16_ON_CPU = "--mixed-precision fp16 needs a CUDA GPU; on CPU train with no (or bf16)."
+
+
 class TrainingError(RuntimeError):
     """Training stopped for a reason people can act on; the message says what to change."""
 
@@ -194,15 +200,43 @@ def _noise_scheduler(components, config: TrainConfig):
     return DDPMScheduler.from_config(components.noise_scheduler.config, **overrides)
 
 
+def check_setup(config: TrainConfig) -> None:
+    """Refuse settings this machine cannot train with; run before anything is written (run folder, catalog row)."""
+    import importlib.util
+
+    if config.mixed_precision == "fp16":
+        from workbench.models import ModelError, resolve_device
+
+        try:
+            on_cpu = resolve_device(config.device).type == "cpu"
+        except ModelError:
+            on_cpu = False  # an unavailable device is refused on its own, with its own message
+        if on_cpu:
+            raise TrainingError(FP16_ON_CPU)
+    if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError(NO_BITSANDBYTES)
+
+
+def steps_behind_message(config: TrainConfig, checkpoint: Path, done: int, total: int) -> str:
+    asked = f"--max-train-steps {total}" if config.max_train_steps else f"--num-train-epochs {config.num_train_epochs} ({total} steps)"
+    return (f"{checkpoint} is at step {done}, past the {asked} asked for: nothing to train. "
+            f"Give a --max-train-steps above {done} (or more --num-train-epochs) to train it further.")
+
+
+def planned_steps(config: TrainConfig, images: Sequence[TrainImage], num_processes: int = 1) -> int:
+    """The run's optimizer steps: --max-train-steps, else --num-train-epochs of the images' batches."""
+    if config.max_train_steps:
+        return config.max_train_steps
+    per_epoch = train_data.batches_per_epoch(images, config.train_batch_size)
+    return config.num_train_epochs * max(1, math.ceil(per_epoch / (config.gradient_accumulation_steps * num_processes)))
+
+
 def _optimizer(config: TrainConfig, groups: list[dict]):
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise TrainingError(
-                "--use-8bit-adam needs bitsandbytes, which is not installed: pip install 'workbench[bnb]', "
-                "or leave the option off."
-            ) from error
+            raise TrainingError(NO_BITSANDBYTES) from error
         return bnb.optim.AdamW8bit(
             groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
@@ -251,13 +285,23 @@ def _read_loss_csv(path: Path, up_to_step: int) -> list[tuple[int, float, float]
     return [r for r in rows if r[0] <= up_to_step]
 
 
+def inference_scheduler(cls, noise_scheduler):
+    """A sampling scheduler of class `cls` on the training noise schedule. DDIM and PNDM have no 'sigmoid' (or
+    other DDPM-only) schedule: they get the training betas as `trained_betas`, which also makes a saved
+    pipeline's scheduler config load back with exactly those betas."""
+    config = dict(noise_scheduler.config)
+    if config.get("trained_betas") is None and config.get("beta_schedule") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        config["trained_betas"] = noise_scheduler.betas.tolist()
+    return cls.from_config(config)
+
+
 def sampling_pipeline(components, unet, text_encoder, noise_scheduler):
     """A StableDiffusionPipeline around the live (training) modules, DDIM-sampled."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
+        scheduler=inference_scheduler(DDIMScheduler, noise_scheduler), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -295,6 +339,8 @@ def main(
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
+    config.validate()  # also fills in what depends on other options (the mode's learning rate)
+    check_setup(config)
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints_dir = output_dir / "checkpoints"
@@ -308,11 +354,14 @@ def main(
         cpu=config.device == "cpu",
     )
     try:
-        if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":
-            raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; on CPU train with no (or bf16).")
+        if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":  # accelerate's choice, when not given
+            raise TrainingError(FP16_ON_CPU)
         return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler)
     except torch.OutOfMemoryError as error:
-        raise TrainingError(f"The GPU ran out of memory ({str(error).splitlines()[0]}). Try the {MEMORY_ADVICE}.") from error
+        raise TrainingError(
+            f"The GPU ran out of memory ({str(error).splitlines()[0]}). Try the {MEMORY_ADVICE}. "
+            "--resume takes --gradient-checkpointing; the others change the run, so they need a new one."
+        ) from error
     except Exception as error:
         if config.torch_compile:  # only then is torch._dynamo loaded; other runs must not pay for importing it
             from torch._dynamo.exc import BackendCompilerFailed
@@ -415,9 +464,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     optimizer = _optimizer(config, groups)
 
     # --- the step budget ---
-    per_epoch = train_data.batches_per_epoch(images, config.train_batch_size)
     micro_per_update = config.gradient_accumulation_steps * accelerator.num_processes
-    max_steps = config.max_train_steps or config.num_train_epochs * max(1, math.ceil(per_epoch / micro_per_update))
+    max_steps = planned_steps(config, images, accelerator.num_processes)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -444,6 +492,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         except ValueError as error:  # weights or optimizer state of another shape: written with other options
             raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
         global_step = int(state["step"])
+        if global_step > max_steps:  # nothing would train, and the outputs would be redone from the checkpoint
+            raise TrainingError(steps_behind_message(config, resume_from, global_step, max_steps))
         progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
     start_step = global_step
     loss_rows = _read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
@@ -550,7 +600,12 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         if ema is not None:
             ema.copy_to(unwrapped_unet.parameters())
         progress(task="save", message="writing outputs")
-        outputs.update(_save_model(config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler, len(images), global_step, time.perf_counter() - started))
+        per_epoch = max(1, train_data.batches_per_epoch(images, config.train_batch_size))
+        outputs.update(_save_model(
+            config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler,
+            len(images), global_step, time.perf_counter() - started, images=images, cache_latents=latent_cache is not None,
+            epoch=math.ceil(global_step * micro_per_update / per_epoch),
+        ))
         if config.num_validation_images > 0:
             grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
             outputs["samples"] = str(grid)
@@ -744,7 +799,8 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
     return path, final_dir
 
 
-def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float) -> dict[str, str]:
+def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
+                *, images=None, epoch: int | None = None, cache_latents: bool | None = None) -> dict[str, str]:
     from pipelines.train import lora_formats
 
     outputs = {}
@@ -752,7 +808,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
         outputs["lora_diffusers"] = str(lora_formats.save_diffusers_lora(output_dir, unet, text_encoder))
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
-            image_count=image_count, steps=steps, seconds=seconds,
+            image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
         ))
         return outputs
     from diffusers import StableDiffusionPipeline
@@ -774,7 +830,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
 def _inference_scheduler(noise_scheduler):
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler.from_config(noise_scheduler.config)
+    return inference_scheduler(PNDMScheduler, noise_scheduler)
 
 
 def _save_single_file(pipe, path: Path, config) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -16,7 +17,16 @@ import duckdb
 from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import TrainingError, TrainResult, load_components, main
+from pipelines.train.loop import (
+    TrainingError,
+    TrainResult,
+    _read_loss_csv,
+    check_setup,
+    load_components,
+    main,
+    planned_steps,
+    steps_behind_message,
+)
 from workbench.catalog import catalog_file, connect_when_free, finish_run, run_status, start_run
 from workbench.progress import ProgressHook, null_progress
 
@@ -76,7 +86,7 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
             )
         prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
     wanted = {p: _wanted(config, n) for p, n in prompts.items()}
-    pools = train_data.class_prior_images(catalog.con, config, wanted, config.model)
+    pools = train_data.class_prior_images(catalog.con, config, wanted, config.model, progress=progress)
     short = {p: n for p, n in prompts.items() if len(pools[p]) < wanted[p]}
     if not short:
         return pools, components
@@ -90,11 +100,12 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
         if components is None:
             components = load_components(config, progress)
         from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from pipelines.train.loop import inference_scheduler
         from workbench.models import resolve_device
 
         pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+            unet=components.unet, scheduler=inference_scheduler(DDIMScheduler, components.noise_scheduler),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         ).to(resolve_device(config.device))
         pipe.set_progress_bar_config(disable=True)
@@ -124,21 +135,48 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
         )
 
 
-def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path) -> None:
-    """`--resume` of a run that finished and was recorded, with no more steps asked for, would only redo its outputs."""
+# what a finished run leaves beside its checkpoints (LoRA files; DreamBooth and fine-tune: a pipeline and one file)
+FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "pipeline", "model.safetensors")
+
+
+def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: Path) -> None:
+    """`--resume latest` with no checkpoint starts again at step 0: right for a run stopped before its first
+    checkpoint, wrong for one whose checkpoints are gone (it would train over its outputs and loss log)."""
+    if config.resume != "latest" or ckpt.list_checkpoints(output_dir / "checkpoints"):
+        return
+    outputs = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
+    logged = max((row[0] for row in _read_loss_csv(output_dir / "loss.csv", 2**62)), default=0)
+    # steps of a recorded session: the step it finished at, or the checkpoint a resume would have continued from
+    recorded = con.execute("SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ?", [str(output_dir)]).fetchone()[0]
+    if outputs or recorded > 0 or logged >= config.checkpointing_steps:
+        raise TrainingError(
+            f"There is no checkpoint to resume from in {output_dir / 'checkpoints'}, but the run there got to step "
+            f"{max(logged, recorded)}{' and wrote its outputs' if outputs else ''}: its checkpoints were deleted. "
+            "Resuming would train it again from step 0 over them. Start a new run with another --output-dir "
+            f"(or delete {output_dir} to start again there)."
+        )
+
+
+def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images) -> None:
+    """`--resume` from a checkpoint at or past the steps asked for would train nothing and only redo the outputs:
+    refused when the run is recorded finished at that step, or is past it (a resume after a crash while saving
+    the outputs still writes them)."""
     if not config.resume:
         return
+    checkpoint = ckpt.resolve_resume(output_dir / "checkpoints", config.resume)
+    if checkpoint is None:
+        return
+    step = ckpt.checkpoint_step(checkpoint)
+    total = planned_steps(config, images, int(os.environ.get("WORLD_SIZE", "1")))
+    if step > total:
+        raise TrainingError(steps_behind_message(config, checkpoint, step, total))
     row = con.execute(
-        "SELECT steps, config FROM training_runs WHERE output_dir = ? AND status = 'ok' ORDER BY train_id DESC LIMIT 1",
+        "SELECT steps FROM training_runs WHERE output_dir = ? AND status = 'ok' ORDER BY train_id DESC LIMIT 1",
         [str(output_dir)],
     ).fetchone()
-    found = ckpt.list_checkpoints(output_dir / "checkpoints")
-    if row is None or not found or ckpt.checkpoint_step(found[-1]) != row[0]:
-        return
-    saved = json.loads(row[1])
-    if (saved.get("max_train_steps"), saved.get("num_train_epochs")) == (config.max_train_steps, config.num_train_epochs):
+    if step == total and row is not None and row[0] == step:
         raise TrainingError(
-            f"{output_dir} finished at step {row[0]} and is recorded: nothing to resume. "
+            f"{output_dir} finished at step {step} and is recorded: nothing to resume. "
             "Give a larger --max-train-steps (or --num-train-epochs) to train it further."
         )
 
@@ -197,7 +235,7 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
         if priors is not None:
             priors = {p: [replace(i, path=present.get(i.image_id, "")) for i in pool] for p, pool in priors.items()}
         return images, priors, components
-    images = train_data.training_images(con, config)
+    images = train_data.training_images(con, config, progress=progress)
     priors = None
     if config.mode == "dreambooth" and config.with_prior_preservation:
         priors, components = _ensure_priors(catalog, config, images, components, progress)
@@ -230,6 +268,7 @@ def trained_model(
     allows one writer); the others get `con=None` and receive the dataset snapshot from it through
     accelerate's `broadcast_object_list`, then all train together.
     """
+    started = time.perf_counter()
     config.validate()
     if config.resume and not config.output_dir:
         raise TrainingError("--resume needs the --output-dir of the run to continue.")
@@ -240,6 +279,7 @@ def trained_model(
             resolve_device(config.device)
         except ModelError as error:
             raise TrainingError(str(error).replace("(use --device cpu)", "(use --device cpu, or leave --device out)")) from None
+    check_setup(config)  # fp16 on a CPU, 8-bit AdamW without bitsandbytes: before anything is written
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if con is None:
         if world_size == 1:
@@ -250,11 +290,12 @@ def trained_model(
     catalog = _RunCatalog(con, release_catalog)
     with _run_folder_lock(output_dir):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
-        _refuse_a_finished_resume(con, config, output_dir)
+        _refuse_a_resume_without_checkpoints(con, config, output_dir)
         images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
+        _refuse_a_finished_resume(con, config, output_dir, images)
         if world_size > 1:
             _shared_dataset(config, (images, priors, str(output_dir)))
-        return _train_and_record(catalog, config, images, priors, output_dir, components, progress)
+        return _train_and_record(catalog, config, images, priors, output_dir, components, progress, started)
 
 
 def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
@@ -309,7 +350,8 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
     finish_run(con, run, failure)
 
 
-def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors, output_dir: Path, components, progress: ProgressHook) -> TrainResult:
+def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors, output_dir: Path, components,
+                      progress: ProgressHook, started: float) -> TrainResult:
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
     _mark_interrupted_runs(catalog.con, output_dir)
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
@@ -330,6 +372,9 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
         ):
             # main loads the model when none was given: with the catalog already free
             result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
+            # the whole run from the call on: class-prior generation, model loading, caching, training, samples and
+            # outputs (main's own count starts after the priors); not the wait to record it, nor evaluation
+            result.seconds = time.perf_counter() - started
     except BaseException as error:
         failure = error
         raise
