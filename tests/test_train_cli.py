@@ -257,6 +257,22 @@ def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, 
         load_sd_components(str(lone), device="cpu", dtype="float32")
 
 
+def test_lora_with_prior_preservation_is_dreambooth_lora(con, tmp_path, one_thread):
+    """`train lora --prior-preservation` was refused ("no LoRA variant"): it is diffusers' train_dreambooth_lora.py
+    recipe. Priors are generated and trained on; lora stays without them unless asked, finetune refuses them."""
+    from pipelines.train import ConfigError, trained_model
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "dbl", with_prior_preservation=True, class_prompt="a photo of a square", num_class_images=2,
+                         prior_inference_steps=1, sample_batch_size=2, max_train_steps=2, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components())
+    assert result.class_images == 2 and (tmp_path / "dbl" / "pytorch_lora_weights.safetensors").is_file()
+    assert con.execute("SELECT len(class_image_ids) FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0] == 2
+    assert fast_config(tmp_path / "plain").with_prior_preservation is False
+    with pytest.raises(ConfigError, match="not finetune"):
+        fast_config(tmp_path / "ft", mode="finetune", with_prior_preservation=True)
+
+
 def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
     from safetensors.torch import load_file
 

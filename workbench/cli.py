@@ -943,7 +943,7 @@ def train_command(
     noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset (e.g. 0.05).", show_default=TRAIN_HELP_DEFAULTS["noise_offset"])] = None,
     beta_schedule: Annotated[Optional[str], typer.Option(help="linear, scaled_linear, squaredcos_cap_v2 or sigmoid.")] = None,
     prediction_type: Annotated[Optional[str], typer.Option(help="epsilon or v_prediction.")] = None,
-    prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help="DreamBooth prior-preservation loss.")] = None,
+    prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", help="DreamBooth prior-preservation loss with generated class images (default: on for dreambooth; lora: DreamBooth-LoRA).")] = None,
     prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).", show_default=TRAIN_HELP_DEFAULTS["prior_loss_weight"])] = None,
     class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt for all images (default: per concept class noun).")] = None,
     num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).")] = None,
@@ -983,8 +983,6 @@ def train_command(
 
         if not torch.cuda.is_available():  # else each process picks on its own and they never meet (a crash)
             overrides["device"] = "cpu"
-    if prior_preservation and mode != "dreambooth":
-        fail("--prior-preservation is DreamBooth's: use `workbench train dreambooth` (this trainer has no LoRA variant of it).")
     try:
         overrides = {**_set_values(set_ or []), **{k: v for k, v in overrides.items() if v is not None}}
         train_config = load_train_config(config, overrides)

@@ -121,7 +121,8 @@ class TrainConfig:
     text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
     # DreamBooth
-    with_prior_preservation: bool = True  # used by mode dreambooth only
+    # None: on for dreambooth, off for lora (on: DreamBooth-LoRA, diffusers' train_dreambooth_lora.py); never finetune
+    with_prior_preservation: bool | None = None
     prior_loss_weight: float = 1.0
     class_prompt: str | None = None  # default: per concept from its class noun
     num_class_images: int | None = None  # default: 200 × instance images, capped by max_class_images
@@ -152,6 +153,8 @@ class TrainConfig:
         """Check ranges and choices and fill in the mode's learning rate when none was given; return self so calls chain."""
         if self.learning_rate is None and self.mode in MODES:
             self.learning_rate = DEFAULT_LEARNING_RATES["from_scratch" if self.from_scratch else self.mode]
+        if self.with_prior_preservation is None:
+            self.with_prior_preservation = self.mode == "dreambooth"
         checks = [
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
@@ -180,8 +183,11 @@ class TrainConfig:
             (self.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
             (self.class_prompt is None or bool(self.class_prompt.strip()), "--class-prompt is empty: give e.g. \"a photo of a dog\", or leave it out for each concept's class"),
             (self.num_class_images is None or self.num_class_images >= 1, "--num-class-images must be at least 1"),
-            (self.mode == "dreambooth" or (self.class_prompt is None and self.num_class_images is None),
-             "--class-prompt and --num-class-images are for DreamBooth's class priors: use `workbench train dreambooth`"),
+            (not (self.with_prior_preservation and self.mode == "finetune"),
+             "--prior-preservation is for dreambooth and lora (DreamBooth-LoRA), not finetune"),
+            (self.with_prior_preservation or (self.class_prompt is None and self.num_class_images is None),
+             "--class-prompt and --num-class-images are for class priors: use `workbench train dreambooth`, "
+             "or `workbench train lora --prior-preservation`"),
             (self.max_class_images >= 1, "max_class_images must be at least 1"),
             (self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive"),
             (self.noise_offset >= 0, "--noise-offset must be 0 or more"),

@@ -237,7 +237,7 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
         return images, priors, components
     images = train_data.training_images(con, config, progress=progress)
     priors = None
-    if config.mode == "dreambooth" and config.with_prior_preservation:
+    if config.with_prior_preservation:  # dreambooth, or lora asked for it (validate() leaves finetune out)
         priors, components = _ensure_priors(catalog, config, images, components, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_data.write_snapshot(snapshot, images, priors, config.to_dict())
