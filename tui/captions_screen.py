@@ -196,7 +196,8 @@ class CaptionsScreen(SizeClasses, Screen):
         if message.image_id != self.image_id:
             self._autosave()  # typed while this image was loading: it belongs to the image shown then
         # A reload of the same image (after any write) keeps what is being typed, unless a source was just chosen.
-        keep_typing = message.image_id == self.image_id and self.edited and not self._overwrite_editor
+        reloaded = message.image_id == self.image_id
+        keep_typing = reloaded and self.edited and not self._overwrite_editor
         self._overwrite_editor = False
         self.image_id = message.image_id
         row = message.details.get("row", {})
@@ -207,16 +208,19 @@ class CaptionsScreen(SizeClasses, Screen):
         if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is
             editor.load_text(self.loaded_text)
         sources = self.query_one("#sources", OptionList)
+        # a reload of the same image keeps the source picked; another image starts on the caption in use, so
+        # ctrl+a or ctrl+r before moving never acts on another source by surprise
+        picked = self._selected_source() if reloaded else None
         sources.clear_options()
         self.source_texts = dict(message.details.get("captions", []))
-        in_use = 0
+        start = 0
         for index, (source, text) in enumerate(message.details.get("captions", [])):
             mark = "● " if source == row.get("caption_source") else "  "
-            in_use = index if mark == "● " else in_use
+            if source == picked or (mark == "● " and picked not in self.source_texts):
+                start = index
             sources.add_option(Option(f"{mark}{markup_safe(source)}: {markup_safe(text)}", id=source))
         if sources.option_count:
-            # on the caption in use: ctrl+a or ctrl+r before moving never acts on another source by surprise
-            sources.highlighted = in_use
+            sources.highlighted = start
         self.query_one("#caption-preview", ImagePreview).show(message.picture)
 
     def _show_path_line(self) -> None:
