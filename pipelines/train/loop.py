@@ -277,7 +277,8 @@ def _write_loss_png(rows: list[tuple[int, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def _read_loss_csv(path: Path, up_to_step: int) -> list[tuple[int, float, float]]:
+def read_loss_csv(path: Path, up_to_step: int) -> list[tuple[int, float, float]]:
+    """(step, loss, lr) rows of a run's loss.csv up to `up_to_step` (a resumed run continues its log from there)."""
     if not path.exists():
         return []
     with path.open() as handle:
@@ -496,7 +497,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             raise TrainingError(steps_behind_message(config, resume_from, global_step, max_steps))
         progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
     start_step = global_step
-    loss_rows = _read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
+    loss_rows = read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
 
     # --- the plan, caches ---
     total_micro = max_steps * micro_per_update

@@ -20,11 +20,11 @@ from pipelines.train.config import TrainConfig
 from pipelines.train.loop import (
     TrainingError,
     TrainResult,
-    _read_loss_csv,
     check_setup,
     load_components,
     main,
     planned_steps,
+    read_loss_csv,
     steps_behind_message,
 )
 from workbench.catalog import catalog_file, connect_when_free, finish_run, run_status, start_run
@@ -145,7 +145,7 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
     if config.resume != "latest" or ckpt.list_checkpoints(output_dir / "checkpoints"):
         return
     outputs = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
-    logged = max((row[0] for row in _read_loss_csv(output_dir / "loss.csv", 2**62)), default=0)
+    logged = max((row[0] for row in read_loss_csv(output_dir / "loss.csv", 2**62)), default=0)
     # steps of a recorded session: the step it finished at, or the checkpoint a resume would have continued from
     recorded = con.execute("SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ?", [str(output_dir)]).fetchone()[0]
     if outputs or recorded > 0 or logged >= config.checkpointing_steps:
