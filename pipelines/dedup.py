@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from itertools import combinations
+from typing import Sequence
 
 import duckdb
 import numpy as np
@@ -211,6 +212,17 @@ def keep_order_key(member: dict) -> tuple:
     pixels = (member["width"] or 0) * (member["height"] or 0)
     lossless = (member["format"] or "").upper() in LOSSLESS_FORMATS
     return (-pixels, not lossless, -(member["bytes"] or 0), member["first_seq"])
+
+
+def preferred_copy(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> str:
+    """Of `image_ids`, the copy the keep policy would choose (what to suggest keeping when the kept one goes)."""
+    rows = con.execute(
+        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, min(p.seq) AS first_seq FROM images i "
+        "JOIN paths p USING (image_id) WHERE i.image_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL", [list(image_ids)],
+    ).fetchall()
+    names = ("image_id", "width", "height", "format", "bytes", "first_seq")
+    members = [dict(zip(names, row)) for row in rows]
+    return min(members, key=keep_order_key)["image_id"] if members else image_ids[0]
 
 
 def _keep_reason(keeper: dict, runner_up: dict) -> str:

@@ -644,8 +644,8 @@ def filter_(
         table = settings.get("filter", {})
         if not isinstance(table, dict):
             raise ValueError("[filter] in the config must be a table")
-        FilterRules.from_mapping(table)  # the config file's own mistakes are named as its keys
-        rules = FilterRules.from_mapping(table).with_overrides(**given)
+        from_file = FilterRules.from_mapping(table)  # the config file's own mistakes are named as its keys
+        rules = from_file.with_overrides(**given)
     except (ValueError, FileNotFoundError) as error:
         # a value typed on the command line is named as the option typed, not as its workbench.toml key
         fail(re.sub(r"\bfilter\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-") if given.get(m.group(1)) is not None
@@ -670,6 +670,7 @@ def exclude(
     Example: workbench exclude 3fa9c2d1e0 --reason "watermark"
     """
     from pipelines.concepts import resolve_image_ids
+    from pipelines.dedup import preferred_copy
     from pipelines.filter import manual_exclusions
 
     con = open_catalog(catalog)
@@ -688,22 +689,8 @@ def exclude(
         err_console.print(Text(
             f"Note: {keeper[:12]} was the kept copy of a duplicate group; its {len(others)} other cop"
             f"{'y stays' if len(others) == 1 else 'ies stay'} excluded as duplicates. To keep one of them instead: "
-            f"workbench keep {_best_copy(con, others)[:12]}"
+            f"workbench keep {preferred_copy(con, others)[:12]}"
         ))
-
-
-def _best_copy(con, image_ids: list[str]) -> str:
-    """The copy the keep policy would choose among `image_ids` (highest resolution, lossless, larger file, first seen)."""
-    from pipelines.dedup import keep_order_key
-
-    rows = con.execute(
-        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, min(p.seq) AS first_seq FROM images i "
-        "JOIN paths p USING (image_id) WHERE i.image_id IN (SELECT unnest(?::VARCHAR[])) "
-        "GROUP BY ALL", [image_ids],
-    ).fetchall()
-    names = ("image_id", "width", "height", "format", "bytes", "first_seq")
-    members = [dict(zip(names, row)) for row in rows]
-    return min(members, key=keep_order_key)["image_id"] if members else image_ids[0]
 
 
 @app.command()
