@@ -1017,6 +1017,10 @@ def test_train_screen_stop_and_resume(four_image_catalog):
             steps = [int(line.split(",")[0]) for line in (screen.output_dir / "loss.csv").read_text().splitlines()[1:]]
             assert steps == list(range(1, 301))
             assert f"outputs in {screen.output_dir}" in text_of(app, "#train-state")
+            # Resume of the finished run: a refusal, shown as one (it read "failed", with an error toast)
+            await pilot.click("#resume")
+            await wait_for(pilot, lambda: "refused" in text_of(app, "#train-state"), timeout=60, what="refused")
+            assert "nothing to resume" in text_of(app, "#train-state") and "failed" not in text_of(app, "#train-state")
 
             # Train again: a new run in a new folder (the finished one's folder is not reused, so not refused)
             first = screen.output_dir

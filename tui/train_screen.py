@@ -293,6 +293,9 @@ class TrainScreen(SizeClasses, Screen):
 
     @work(thread=True, exclusive=True, group="train")
     def _train(self, config) -> None:
+        from pipelines.train import ConfigError, RunRefused, trained_model
+        from pipelines.train.data import DataError
+
         app = self.app  # held: once quitting has unmounted this screen, self.app no longer resolves here
         progress = cancellable_progress(self.post_message, "train")
         self._progress = progress
@@ -300,14 +303,14 @@ class TrainScreen(SizeClasses, Screen):
         started = time.perf_counter()
         cur = app.con.cursor()
         try:
-            from pipelines.train import trained_model
-
             result = trained_model(cur, config, progress=progress)
             summary = {"steps": result.steps, "final loss": None if result.final_loss is None else round(result.final_loss, 4),
                        "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora_diffusers", "lora_kohya", "pipeline", "single_file", "samples")}}
             status, error = "ok", None
         except StepCancelled:
             summary, status, error = None, "cancelled", "stopped; Resume continues from the last checkpoint"
+        except (RunRefused, ConfigError, DataError) as exc:  # nothing trained: the settings or the folder say no
+            summary, status, error = None, "refused", people_message(exc)
         except Exception as exc:
             summary, status, error = None, "failed", people_message(exc)
         finally:
@@ -354,7 +357,7 @@ class TrainScreen(SizeClasses, Screen):
         else:
             self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {markup_safe(form_message(message.error or ''))}")
             self.notify(form_message(message.error or message.status), title=f"Train {message.status}",
-                        severity="warning" if message.status == "cancelled" else "error", timeout=10)
+                        severity="error" if message.status == "failed" else "warning", timeout=10)
         self.post_message(CatalogChanged("train"))
 
     # --- live loss and samples ----------------------------------------------------------

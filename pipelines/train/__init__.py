@@ -8,7 +8,7 @@ Public entry points:
 """
 
 from pipelines.train.config import ConfigError, TrainConfig, load_train_config
-from pipelines.train.loop import TrainingError, TrainResult, main
+from pipelines.train.loop import RunRefused, TrainingError, TrainResult, main
 from pipelines.train.run import trained_model
 
-__all__ = ["ConfigError", "TrainConfig", "TrainResult", "TrainingError", "load_train_config", "main", "trained_model"]
+__all__ = ["ConfigError", "RunRefused", "TrainConfig", "TrainResult", "TrainingError", "load_train_config", "main", "trained_model"]

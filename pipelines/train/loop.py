@@ -47,6 +47,10 @@ class TrainingError(RuntimeError):
     """Training stopped for a reason people can act on; the message says what to change."""
 
 
+class RunRefused(TrainingError):
+    """Refused before anything trained: these settings, this machine or this run folder do not allow the run."""
+
+
 @dataclass
 class TrainResult:
     """What a finished (or resumed-and-finished) run produced."""
@@ -212,9 +216,9 @@ def check_setup(config: TrainConfig) -> None:
         except ModelError:
             on_cpu = False  # an unavailable device is refused on its own, with its own message
         if on_cpu:
-            raise TrainingError(FP16_ON_CPU)
+            raise RunRefused(FP16_ON_CPU)
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise TrainingError(NO_BITSANDBYTES)
+        raise RunRefused(NO_BITSANDBYTES)
 
 
 def steps_behind_message(config: TrainConfig, checkpoint: Path, done: int, total: int) -> str:

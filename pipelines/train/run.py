@@ -18,6 +18,7 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import (
+    RunRefused,
     TrainingError,
     TrainResult,
     check_setup,
@@ -79,7 +80,7 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     prompts: dict[str, int] = {}
     for image in images:
         if not image.class_prompt:
-            raise TrainingError(
+            raise RunRefused(
                 f"Image {image.path or image.image_id[:12]} ({f'concept {image.concept!r}, which has no class noun' if image.concept else 'in no concept'}) "
                 "has no class prompt for prior preservation: give --class-prompt, "
                 "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
@@ -130,7 +131,7 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
     if config.resume:
         return
     if (output_dir / "loss.csv").exists() or ckpt.list_checkpoints(output_dir / "checkpoints"):
-        raise TrainingError(
+        raise RunRefused(
             f"{output_dir} already holds a training run: continue it with --resume latest, or give another --output-dir."
         )
 
@@ -149,7 +150,7 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
     # steps of a recorded session: the step it finished at, or the checkpoint a resume would have continued from
     recorded = con.execute("SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ?", [str(output_dir)]).fetchone()[0]
     if outputs or recorded > 0 or logged >= config.checkpointing_steps:
-        raise TrainingError(
+        raise RunRefused(
             f"There is no checkpoint to resume from in {output_dir / 'checkpoints'}, but the run there got to step "
             f"{max(logged, recorded)}{' and wrote its outputs' if outputs else ''}: its checkpoints were deleted. "
             "Resuming would train it again from step 0 over them. Start a new run with another --output-dir "
@@ -169,13 +170,13 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
     step = ckpt.checkpoint_step(checkpoint)
     total = planned_steps(config, images, int(os.environ.get("WORLD_SIZE", "1")))
     if step > total:
-        raise TrainingError(steps_behind_message(config, checkpoint, step, total))
+        raise RunRefused(steps_behind_message(config, checkpoint, step, total))
     row = con.execute(
         "SELECT steps FROM training_runs WHERE output_dir = ? AND status = 'ok' ORDER BY train_id DESC LIMIT 1",
         [str(output_dir)],
     ).fetchone()
     if step == total and row is not None and row[0] == step:
-        raise TrainingError(
+        raise RunRefused(
             f"{output_dir} finished at step {step} and is recorded: nothing to resume. "
             "Give a larger --max-train-steps (or --num-train-epochs) to train it further."
         )
@@ -271,14 +272,14 @@ def trained_model(
     started = time.perf_counter()
     config.validate()
     if config.resume and not config.output_dir:
-        raise TrainingError("--resume needs the --output-dir of the run to continue.")
+        raise RunRefused("--resume needs the --output-dir of the run to continue.")
     if config.device not in (None, "cpu"):  # before anything is written: accelerate would quietly train on the CPU
         from workbench.models import ModelError, resolve_device
 
         try:
             resolve_device(config.device)
         except ModelError as error:
-            raise TrainingError(str(error).replace("(use --device cpu)", "(use --device cpu, or leave --device out)")) from None
+            raise RunRefused(str(error).replace("(use --device cpu)", "(use --device cpu, or leave --device out)")) from None
     check_setup(config)  # fp16 on a CPU, 8-bit AdamW without bitsandbytes: before anything is written
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if con is None:
@@ -323,7 +324,7 @@ def _run_folder_lock(output_dir: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise TrainingError(f"Another process is training into {output_dir}: wait for it to finish, or give another --output-dir.") from None
+        raise RunRefused(f"Another process is training into {output_dir}: wait for it to finish, or give another --output-dir.") from None
     try:
         yield
     finally:
