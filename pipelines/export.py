@@ -423,16 +423,14 @@ def exported_dataset(
             removed = _removed_previous_export(out_path) if overwrite and out_path.is_dir() else 0
             before = _files_under(out_path)
             exporter = kohya_export if format == "kohya" else imagefolder_export
+            finished = False
             try:
                 summary = exporter(con, out, link=link, overwrite=overwrite, progress=progress)
-            except BaseException:
-                # stopped part way (Ctrl+C, a full disk): list what was written, so `--overwrite` replaces exactly that
+                finished = True
+            finally:  # also when stopped part way (Ctrl+C, a full disk): `--overwrite` then replaces exactly that
                 if out_path.is_dir():
-                    written = sorted(_files_under(out_path) - before - {EXPORT_MANIFEST})
-                    (out_path / EXPORT_MANIFEST).write_text(json.dumps({"format": format, "files": written, "finished": False}, indent=0))
-                raise
-            written = sorted(_files_under(out_path) - before - {EXPORT_MANIFEST})
-            (out_path / EXPORT_MANIFEST).write_text(json.dumps({"format": format, "files": written}, indent=0))
+                    manifest = {"format": format, "files": sorted(_files_under(out_path) - before - {EXPORT_MANIFEST})}
+                    (out_path / EXPORT_MANIFEST).write_text(json.dumps(manifest if finished else {**manifest, "finished": False}, indent=0))
             summary["earlier_export_files_removed"] = removed
         run.counts = {k: v for k, v in summary.items() if isinstance(v, int)}
     return summary
