@@ -20,6 +20,7 @@ import duckdb
 
 from pipelines.priors import PRIOR_IN_USE_SQL
 from workbench.catalog import record_run
+from workbench.images import as_ingested
 from workbench.progress import ProgressHook, null_progress
 
 FORMATS = ("kohya", "imagefolder", "parquet")
@@ -145,8 +146,7 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     image the catalog measured after rotation is written already rotated (as PNG, lossless).
     """
     source = os.fsdecode(row.source)
-    found = os.stat(source)  # FileNotFoundError: gone since ingest
-    if row.size is not None and (found.st_size, found.st_mtime_ns) != (row.size, row.mtime_ns):
+    if not as_ingested(os.stat(source), row.size, row.mtime_ns):  # os.stat: FileNotFoundError when gone since ingest
         raise SourceChanged(source)
     ext = KOHYA_EXTENSIONS.get(row.format or "")
     rotate = row.orientation not in (None, 1)

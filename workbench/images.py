@@ -16,3 +16,10 @@ def open_image(path: str | bytes | os.PathLike):
 
     Image.MAX_IMAGE_PIXELS = None
     return Image.open(path)
+
+
+def as_ingested(info: os.stat_result, size: int | None, mtime_ns: int | None) -> bool:
+    """Whether a file (its `os.stat`) still holds what ingest read: the size and mtime ingest recorded. A file
+    edited or replaced since holds other pixels, which its caption and bucket do not describe. Rows from before
+    sizes were recorded (None) count as unchanged."""
+    return size is None or (info.st_size, info.st_mtime_ns) == (size, mtime_ns)

@@ -39,7 +39,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
-from workbench.images import open_image
+from workbench.images import as_ingested, open_image
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -138,7 +138,7 @@ def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
             info = os.stat(path)
         except OSError:
             continue
-        if size is None or (info.st_size, info.st_mtime_ns) == (size, mtime_ns):
+        if as_ingested(info, size, mtime_ns):
             found[image_id] = path
     return found
 
@@ -248,7 +248,7 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
         small = 0
         files = openable_paths(con, [r[0] for r in rows])
         for image_id, path, width, height in rows:
-            if image_id not in files or not os.path.isfile(files[image_id]):
+            if image_id not in files:  # gone or changed: made again
                 continue
             choice = choose_bucket(width, height, settings)
             pool.append(TrainImage(image_id, files[image_id], prompt, (choice.bucket_width, choice.bucket_height),
