@@ -965,11 +965,6 @@ def train_command(
         prior_loss_weight=prior_loss_weight, class_prompt=class_prompt, num_class_images=num_class_images,
         use_ema=use_ema, from_scratch=from_scratch, concepts=concepts or None, device=device,
     )
-    if device is None and "WORLD_SIZE" in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():  # else each process picks on its own and they never meet (a crash)
-            overrides["device"] = "cpu"
     try:
         overrides = {**_set_values(set_ or []), **{k: v for k, v in overrides.items() if v is not None}}
         train_config = load_train_config(config, overrides)

@@ -208,17 +208,24 @@ def check_setup(config: TrainConfig) -> None:
     """Refuse settings this machine cannot train with; run before anything is written (run folder, catalog row)."""
     import importlib.util
 
-    if config.mixed_precision == "fp16":
-        from workbench.models import ModelError, resolve_device
+    from workbench.models import ModelError
 
-        try:
-            on_cpu = resolve_device(config.device).type == "cpu"
-        except ModelError:
-            on_cpu = False  # an unavailable device is refused on its own, with its own message
-        if on_cpu:
-            raise RunRefused(FP16_ON_CPU)
+    try:
+        on_cpu = runs_on_cpu(config)
+    except ModelError as error:  # an unavailable device: accelerate would quietly train on the CPU
+        raise RunRefused(str(error).replace("(use --device cpu)", "(use --device cpu, or leave --device out)")) from None
+    if config.mixed_precision == "fp16" and on_cpu:
+        raise RunRefused(FP16_ON_CPU)
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise RunRefused(NO_BITSANDBYTES)
+
+
+def runs_on_cpu(config: TrainConfig) -> bool:
+    """Whether the run trains on the CPU: asked for, or no --device on a machine without a GPU. Told to accelerate
+    in every process, since processes left to choose on their own never met (a CPU run under torchrun crashed)."""
+    from workbench.models import resolve_device
+
+    return resolve_device(config.device).type == "cpu"
 
 
 def steps_behind_message(config: TrainConfig, checkpoint: Path, done: int, total: int) -> str:
@@ -356,11 +363,9 @@ def main(
         mixed_precision=config.mixed_precision,
         log_with="tensorboard" if use_tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        cpu=config.device == "cpu",
+        cpu=runs_on_cpu(config),
     )
     try:
-        if accelerator.device.type == "cpu" and config.mixed_precision == "fp16":  # accelerate's choice, when not given
-            raise TrainingError(FP16_ON_CPU)
         return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler)
     except torch.OutOfMemoryError as error:
         raise TrainingError(

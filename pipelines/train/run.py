@@ -26,6 +26,7 @@ from pipelines.train.loop import (
     main,
     planned_steps,
     read_loss_csv,
+    runs_on_cpu,
     steps_behind_message,
 )
 from workbench.catalog import catalog_file, connect_when_free, finish_run, run_status, start_run
@@ -273,14 +274,7 @@ def trained_model(
     config.validate()
     if config.resume and not config.output_dir:
         raise RunRefused("--resume needs the --output-dir of the run to continue.")
-    if config.device not in (None, "cpu"):  # before anything is written: accelerate would quietly train on the CPU
-        from workbench.models import ModelError, resolve_device
-
-        try:
-            resolve_device(config.device)
-        except ModelError as error:
-            raise RunRefused(str(error).replace("(use --device cpu)", "(use --device cpu, or leave --device out)")) from None
-    check_setup(config)  # fp16 on a CPU, 8-bit AdamW without bitsandbytes: before anything is written
+    check_setup(config)  # a device not here, fp16 on a CPU, 8-bit AdamW without bitsandbytes: before anything is written
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if con is None:
         if world_size == 1:
@@ -304,7 +298,7 @@ def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState(cpu=config.device == "cpu")  # joins the process group accelerate launch set up
+    PartialState(cpu=runs_on_cpu(config))  # joins the process group accelerate launch set up
     payload = [sent]
     broadcast_object_list(payload, from_process=0)
     return payload[0]
