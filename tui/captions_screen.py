@@ -27,6 +27,11 @@ from tui.size_classes import SizeClasses
 from tui.workers import people_message
 
 
+def _unreadable_note(left_out: int) -> str:
+    """What a bulk edit says of the filtered rows it leaves alone (files ingest could not read have no caption)."""
+    return f" ({left_out:,} {'image' if left_out == 1 else 'images'} whose files could not be read at ingest left alone)" if left_out else ""
+
+
 class CaptionsScreen(SizeClasses, Screen):
     """Fix captions one by one or in bulk; every edit becomes a 'manual' caption.
 
@@ -360,7 +365,7 @@ class CaptionsScreen(SizeClasses, Screen):
             self.notify("The filter changed meanwhile; run the bulk edit again.", title="Captions", severity="warning")
             return
         left_out = message.total - len(message.targets)
-        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} whose files could not be read at ingest left alone)" if left_out else ""
+        note = _unreadable_note(left_out)
         if not message.changes:
             self.notify(f"{message.description}: 0 captions changed, none of the {len(message.targets):,} filtered "
                         f"images needs it{note}", title="Captions", markup=False)
@@ -393,7 +398,7 @@ class CaptionsScreen(SizeClasses, Screen):
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
-        note = f" ({left_out:,} {'image' if left_out == 1 else 'images'} whose files could not be read at ingest left alone)" if left_out else ""
+        note = _unreadable_note(left_out)
         self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo))
 
     @on(Button.Pressed, "#bulk-undo")
