@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -1178,16 +1179,25 @@ def test_train_screen_opens_at_once_and_loads_its_defaults_in_a_worker(synthetic
 # --- catalog lock, help ---------------------------------------------------------------------
 
 
-def test_locked_catalog_names_the_holder_and_retry_opens_it(synthetic_catalog):
+@contextlib.contextmanager
+def catalog_held_elsewhere(catalog: Path):
+    """Another process holding the catalog open (as a second workbench would), until the block ends."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from workbench.catalog import connect; con = connect(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
-         str(synthetic_catalog)],
+         str(catalog)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
+
+def test_locked_catalog_names_the_holder_and_retry_opens_it(synthetic_catalog):
+    with catalog_held_elsewhere(synthetic_catalog) as holder:
         async def scenario():
             app = WorkbenchApp(catalog_path=synthetic_catalog)
             async with app.run_test(size=SIZE) as pilot:
@@ -1205,9 +1215,6 @@ def test_locked_catalog_names_the_holder_and_retry_opens_it(synthetic_catalog):
                 await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
 
         asyncio.run(scenario())
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_locked_screen_shows_a_path_with_brackets_on_retry(tmp_path):
@@ -1215,15 +1222,7 @@ def test_locked_screen_shows_a_path_with_brackets_on_retry(tmp_path):
     catalog = tmp_path / "lk[" / "]y" / "workbench.duckdb"  # the path reads …/lk[/]y/…
     catalog.parent.mkdir(parents=True)
     connect(catalog).close()
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from workbench.catalog import connect; con = connect(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
-         str(catalog)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-
+    with catalog_held_elsewhere(catalog):
         async def scenario():
             app = WorkbenchApp(catalog_path=catalog)
             async with app.run_test(size=SIZE) as pilot:
@@ -1233,9 +1232,6 @@ def test_locked_screen_shows_a_path_with_brackets_on_retry(tmp_path):
                 assert app.screen.__class__.__name__ == "LockedScreen" and "lk[/]y" in text_of(app, "#locked-message")
 
         asyncio.run(scenario())
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_help_lists_every_binding(synthetic_catalog):
