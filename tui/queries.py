@@ -33,17 +33,19 @@ class Filter:
             return "true", [], "all"
         quoted = len(text) > 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]
         if quoted:  # "…": always a text search, whatever the words
-            return _TEXT_SEARCH, [f"%{text[1:-1]}%"] * 2 + [f"{text[1:-1]}%"], "text"
+            return _text_search(text[1:-1])
         problem = _where_clause_problem(cur, text)
         if problem is None:
             return f"({text})", [], "sql"
         if _SQL_LOOKING.search(text):
             # Meant as SQL but wrong: say why rather than silently searching for the text.
             raise CatalogError(f"Filter is not a valid WHERE clause over images_view: {problem}")
-        return _TEXT_SEARCH, [f"%{text}%", f"%{text}%", f"{text}%"], "text"
+        return _text_search(text)
 
 
-_TEXT_SEARCH = "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)"
+def _text_search(words: str) -> tuple[str, list[Any], str]:
+    """Plain text found in the path or caption, or an image id starting with it."""
+    return "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", [f"%{words}%", f"%{words}%", f"{words}%"], "text"
 
 # Operators and SQL-only phrases: text with these was meant as a WHERE clause. Written as SQL writes them, so
 # ordinary words ("cats like milk", "wow!", "coffee; tea", "in (the) box") stay a text search.
