@@ -478,6 +478,58 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2" / "weights.safetensors").is_file()
 
 
+def _loss_log(tmp_path, read_every):
+    from accelerate import Accelerator
+
+    from pipelines.train.loop import LossLog
+
+    csv_path = tmp_path / "loss.csv"
+    csv_path.write_text("step,loss,lr\n")
+    rows: list = []
+    return LossLog(Accelerator(cpu=True), csv_path, rows, read_every=read_every), rows, csv_path
+
+
+def test_losses_read_back_a_few_steps_at_a_time_are_written_as_each_step_would_write_them(tmp_path):
+    log, rows, csv_path = _loss_log(tmp_path, read_every=3)
+    for step in (1, 2):
+        log.add(step, [torch.tensor(0.5 * step), torch.tensor(0.25)], lr=1e-4)  # two micro-batches: their mean
+        assert not log.read_due()
+    log.add(3, [torch.tensor(3.0)], lr=2e-4)
+    assert log.read_due() and csv_path.read_text() == "step,loss,lr\n"  # nothing read back before it is due
+    log.read(None)
+    assert rows == [(1, 0.375, 1e-4), (2, 0.625, 1e-4), (3, 3.0, 2e-4)]
+    assert csv_path.read_text().splitlines()[1:] == ["1,0.375,0.0001", "2,0.625,0.0001", "3,3.0,0.0002"]
+    assert not log.read_due()
+
+
+def test_a_non_finite_loss_read_back_late_names_the_step_it_happened_at(tmp_path):
+    log, rows, _ = _loss_log(tmp_path, read_every=10)
+    log.add(1, [torch.tensor(1.0)], lr=1e-4)
+    log.add(2, [torch.tensor(1.0), torch.tensor(float("inf"))], lr=1e-4)
+    log.add(3, [torch.tensor(float("nan"))], lr=1e-4)
+    with pytest.raises(TrainingError, match=r"loss became inf at step 2.*checkpoint-1"):
+        log.read(Path("checkpoint-1"))
+
+
+def test_a_stopped_run_still_writes_the_losses_of_the_steps_it_finished(tmp_path):
+    log, rows, csv_path = _loss_log(tmp_path, read_every=10)
+    with pytest.raises(KeyboardInterrupt), log.written_when_stopped():
+        log.add(1, [torch.tensor(2.0)], lr=1e-4)
+        raise KeyboardInterrupt
+    assert rows == [(1, 2.0, 1e-4)] and csv_path.read_text().splitlines()[1:] == ["1,2.0,0.0001"]
+
+
+def test_prior_preservation_loss_picks_the_same_samples_from_a_mask_on_the_host():
+    from pipelines.train.loop import combined_loss
+
+    per_sample = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    is_prior = torch.tensor([False, True, False, True])
+    total, instance, prior = combined_loss(per_sample, is_prior, 0.5)
+    assert (instance.item(), prior.item(), total.item()) == (2.5, 5.0, 5.0)
+    total, instance, prior = combined_loss(per_sample, torch.zeros(4, dtype=torch.bool), 0.5)
+    assert prior is None and total.item() == instance.item() == 3.75
+
+
 def test_out_of_memory_names_the_settings_that_save_memory(con, tmp_path, monkeypatch):
     import pipelines.train.loop as loop
 

@@ -95,11 +95,24 @@ def per_sample_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: t
 
 def combined_loss(per_sample: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """DreamBooth prior preservation: mean instance loss + prior_loss_weight × mean prior loss."""
-    instance = per_sample[~is_prior].mean()
+    # which samples are priors is known on the host: deciding there keeps the step free of GPU syncs
+    # (a boolean mask on the GPU would make the CPU wait for the forward pass)
+    is_prior = is_prior.cpu()
     if not bool(is_prior.any()):
+        instance = per_sample.mean()
         return instance, instance, None
-    prior = per_sample[is_prior].mean()
+    instance = per_sample.index_select(0, to_device(torch.nonzero(~is_prior).flatten(), per_sample.device)).mean()
+    prior = per_sample.index_select(0, to_device(torch.nonzero(is_prior).flatten(), per_sample.device)).mean()
     return instance + prior_loss_weight * prior, instance, prior
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Host to device; on CUDA through pinned memory without waiting, so the CPU queues the next kernels while
+    the GPU still runs (a copy from ordinary memory waits for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -109,6 +122,66 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise TrainingError(f"Unknown prediction type {kind!r}")
+
+
+LOSS_READ_EVERY = 10  # CUDA: steps between read-backs of the loss; each read-back waits for the GPU
+
+
+class LossLog:
+    """The loss of each step, read back from the device a few steps at a time. Reading a CUDA loss makes the CPU
+    wait for the GPU; without that wait the CPU queues the next step while the GPU still runs this one. The
+    values written (loss.csv, TensorBoard) are the same as with a read-back every step."""
+
+    def __init__(self, accelerator, csv_path: Path, rows: list, read_every: int):
+        self.accelerator, self.csv_path, self.rows, self.read_every = accelerator, csv_path, rows, read_every
+        self.pending: list[tuple[int, list[torch.Tensor], float]] = []  # (step, its micro-batch losses, lr)
+
+    @contextlib.contextmanager
+    def written_when_stopped(self):
+        """A run stopped part way (Ctrl+C, an error) still writes the losses of the steps it finished."""
+        try:
+            yield
+        except BaseException as error:
+            # not after a non-finite loss (found by reading them), nor across processes that may be gone
+            if not isinstance(error, TrainingError) and self.accelerator.num_processes == 1:
+                with contextlib.suppress(Exception):
+                    self.read(None)
+            raise
+
+    def add(self, step: int, micro_losses: list[torch.Tensor], lr: float) -> None:
+        self.pending.append((step, micro_losses, lr))
+
+    def read_due(self) -> bool:
+        return len(self.pending) >= self.read_every
+
+    def read(self, last_good: Path | None) -> None:
+        """Read the pending losses back: stop on a non-finite one, else append them to loss.csv and the trackers."""
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for _, micro, _ in self.pending for loss in micro]).tolist()  # the one wait
+        step_losses, at = [], 0
+        for step, micro, _ in self.pending:
+            chunk, at = values[at:at + len(micro)], at + len(micro)
+            bad = next((value for value in chunk if not math.isfinite(value)), None)
+            if bad is not None:
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"The loss became {bad} at step {step}; training stopped and {where}. "
+                    "Lower --learning-rate, use --mixed-precision bf16 instead of fp16, or check the images."
+                )
+            step_losses.append(sum(chunk) / len(chunk))  # the mean over the update's micro-batches
+        accelerator = self.accelerator
+        if accelerator.num_processes > 1:  # every process reads at the same steps, so the gather lines up
+            gathered = accelerator.gather(torch.tensor(step_losses, device=accelerator.device))
+            step_losses = gathered.reshape(accelerator.num_processes, -1).mean(dim=0).tolist()
+        new_rows = [(step, loss, lr) for (step, _, lr), loss in zip(self.pending, step_losses)]
+        self.pending = []
+        self.rows.extend(new_rows)
+        if accelerator.is_main_process:
+            with self.csv_path.open("a", newline="") as handle:
+                csv.writer(handle, lineterminator="\n").writerows([list(row) for row in new_rows])
+        for step, loss, lr in new_rows:
+            accelerator.log({"loss": loss, "lr": lr}, step=step)
 
 
 def step_generator(seed: int, micro_index: int, process_index: int = 0) -> torch.Generator:
@@ -528,7 +601,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=remaining, collate_fn=collate_groups, num_workers=config.dataloader_num_workers
     )
-    loader = accelerator.prepare_data_loader(loader)
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)  # _step_loss moves what it needs, without waiting
 
     if use_tensorboard and accelerator.is_main_process:
         accelerator.init_trackers("workbench-train", config=_tracker_config(config))
@@ -541,64 +614,56 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             writer.writerow(["step", "loss", "lr"])
             writer.writerows(loss_rows)
     last_good = ckpt.list_checkpoints(checkpoints_dir)[-1] if ckpt.list_checkpoints(checkpoints_dir) else None
+    loss_log = LossLog(accelerator, loss_csv, loss_rows, read_every=LOSS_READ_EVERY if device.type == "cuda" else 1)
 
     # --- the loop ---
     progress(task="train", completed=global_step, total=max_steps, message=f"training {config.mode} for {max_steps} steps on {len(images)} images")
     unet.train()
     if train_text:
         text_encoder.train()
-    accumulated = 0.0
-    micro_in_update = 0
+    micro_losses: list[torch.Tensor] = []
     loop_started = time.perf_counter()
     micro_index = start_micro
-    for groups_batch in loader:
-        with accelerator.accumulate(*trained_modules_of(accelerator, unet, text_encoder if train_text else None)):
-            generator = step_generator(config.seed, micro_index, accelerator.process_index)
-            micro_index += accelerator.num_processes
-            loss = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
-            if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"The loss became {loss.item()} at step {global_step + 1}; training stopped and {where}. "
-                    "Lower --learning-rate, use --mixed-precision bf16 instead of fp16, or check the images."
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        accumulated += loss.detach().float().item()
-        micro_in_update += 1
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
-        step_loss = accumulated / micro_in_update
-        if accelerator.num_processes > 1:
-            step_loss = accelerator.gather(torch.tensor([step_loss], device=device)).mean().item()
-        accumulated, micro_in_update = 0.0, 0
-        lr_now = lr_scheduler.get_last_lr()[0]
-        loss_rows.append((global_step, step_loss, lr_now))
-        if accelerator.is_main_process:
-            with loss_csv.open("a", newline="") as handle:
-                csv.writer(handle, lineterminator="\n").writerow([global_step, step_loss, lr_now])
-        accelerator.log({"loss": step_loss, "lr": lr_now}, step=global_step)
-        if accelerator.is_main_process and (global_step % config.checkpointing_steps == 0 or global_step == max_steps):
-            if all(torch.isfinite(p).all() for p in named_trainable.values()):
-                last_good = ckpt.save_checkpoint(
-                    checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
-                    lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
-                    extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
-                )
-                ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
-        sampling = config.num_validation_images > 0
-        if sampling and accelerator.is_main_process and global_step % config.validation_steps == 0 and global_step != max_steps:
-            _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema)
-        progress(task="train", completed=global_step, total=max_steps, message=None)
-        if global_step >= max_steps:
-            break
+    with loss_log.written_when_stopped():
+        for groups_batch in loader:
+            with accelerator.accumulate(*trained_modules_of(accelerator, unet, text_encoder if train_text else None)):
+                generator = step_generator(config.seed, micro_index, accelerator.process_index)
+                micro_index += accelerator.num_processes
+                loss = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            loss_log.add(global_step, micro_losses, lr_scheduler.get_last_lr()[0])
+            micro_losses = []
+            checkpoint_due = global_step % config.checkpointing_steps == 0 or global_step == max_steps
+            sampling = config.num_validation_images > 0
+            sample_due = sampling and global_step % config.validation_steps == 0 and global_step != max_steps
+            if checkpoint_due or sample_due or loss_log.read_due():
+                # a non-finite loss stops the run here, before a checkpoint or sample grid holds its weights
+                loss_log.read(last_good)
+            if accelerator.is_main_process and checkpoint_due:
+                if all(torch.isfinite(p).all() for p in named_trainable.values()):
+                    last_good = ckpt.save_checkpoint(
+                        checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
+                        lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
+                        extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
+                    )
+                    ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
+            if sample_due and accelerator.is_main_process:
+                _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema)
+            progress(task="train", completed=global_step, total=max_steps, message=None)
+            if global_step >= max_steps:
+                break
+    loss_log.read(last_good)
     train_seconds = time.perf_counter() - loop_started
     accelerator.wait_for_everyone()
 
@@ -739,30 +804,30 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
     scaling = vae.config.scaling_factor
     for group in groups_batch:
         if "mean" in group:
-            mean, std = group["mean"].to(device), group["std"].to(device)
+            mean, std = to_device(group["mean"], device), to_device(group["std"], device)
         else:
             _on(vae, device)
             with torch.no_grad():
-                posterior = vae.encode(group["pixels"].to(device, vae.dtype)).latent_dist
+                posterior = vae.encode(to_device(group["pixels"], device).to(vae.dtype)).latent_dist
                 mean, std = posterior.mean.float(), posterior.std.float()
-        sample_noise = torch.randn(mean.shape, generator=generator).to(device)
+        sample_noise = to_device(torch.randn(mean.shape, generator=generator), device)
         latents = (mean.float() + std.float() * sample_noise) * scaling
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noise = to_device(torch.randn(latents.shape, generator=generator), device)
         if config.noise_offset:
-            noise = noise + config.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+            noise = noise + config.noise_offset * to_device(torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator), device)
+        timesteps = to_device(torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator), device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if "hidden" in group:
-            hidden = group["hidden"].to(device)
+            hidden = to_device(group["hidden"], device)
         else:
             _on(text_encoder, device)
-            ids = tokenize(tokenizer, group["captions"]).to(device)
+            ids = to_device(tokenize(tokenizer, group["captions"]), device)
             with torch.set_grad_enabled(train_text):
                 hidden = text_encoder(ids)[0]
         model_pred = unet(noisy, timesteps, hidden.to(noisy.dtype)).sample  # accelerate autocasts under mixed precision
         target = training_target(noise_scheduler, latents, noise, timesteps)
         per_sample_all.append(per_sample_loss(model_pred, target, timesteps, noise_scheduler, config.snr_gamma))
-        is_prior_all.append(group["is_prior"].to(device))
+        is_prior_all.append(group["is_prior"])  # stays on the host (combined_loss)
     loss, _, _ = combined_loss(torch.cat(per_sample_all), torch.cat(is_prior_all), config.prior_loss_weight)
     return loss
 
