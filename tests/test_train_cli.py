@@ -345,3 +345,19 @@ def test_evaluation_scores_a_run_of_the_tiny_models_folder_with_the_tiny_clip(tm
 
     assert _default_clip(str(tiny_root() / "sd")) == "tiny" and _default_clip("tiny") == "tiny"
     assert _default_clip(str(tmp_path / "my-model")) == "sd15" and _default_clip("runwayml/stable-diffusion-v1-5") == "sd15"
+
+
+def test_train_help_at_80_columns_shows_every_option_that_takes_a_value_in_full():
+    """The train options come in panels, so long names such as --gradient-accumulation-steps are not cut to
+    "--gradient-accu…" on an 80-column terminal (rich shares one table's width among all its rows)."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"].commands["lora"]
+    result = runner.invoke(app, ["train", "lora", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    names = [param.opts[0] for param in command.params if param.opts and not getattr(param, "is_flag", False)]
+    assert "--gradient-accumulation-steps" in names and len(names) > 30
+    cut = [name for name in names if f"{name} " not in result.output]
+    assert not cut, f"cut at 80 columns: {cut}"
+    assert "Memory and speed" in result.output and "Steps and learning rate" in result.output
