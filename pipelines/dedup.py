@@ -24,6 +24,14 @@ DEFAULT_THRESHOLD = 6
 MAX_THRESHOLD = 16  # of 64 bits: beyond this unrelated photos pair up (benchmarks/phash_threshold.py)
 SMALL_N = 3000  # up to here hamming_pairs compares every pair directly
 LOSSLESS_FORMATS = {"PNG", "BMP", "TIFF", "GIF", "PPM"}
+# A flat image (luminance std under one grey level on ingest's ~96 px decode, the `contrast` column) has no structure
+# for a pHash to describe: its 64 bits come from rounding error or pixel noise. Plain colours then pair with each
+# other (white, red and blue within 6 bits), while one near-flat image with faint noise, re-encoded, moves 14-40
+# bits. Of 1,080 plain and noisy single-colour images (PNG, JPEG, WebP), 0.4-4% of the pairs of different colours
+# fell within 6 bits when both scored under 0.25, none of 540,000 pairs when either scored more; sample photos
+# score 10 and up, the same photos at 15% exposure 2.8 and up. So flat images are left out of the pHash and
+# mirrored search, with a 4x margin over 0.25.
+FLAT_CONTRAST = 1.0
 
 
 # --- the pair search -----------------------------------------------------------
@@ -209,6 +217,10 @@ class _UnionFind:
 
 def keep_order_key(member: dict) -> tuple:
     """Sort key of the keep policy: highest resolution, then lossless over lossy, then larger file, then path order."""
+    # Pixels, not detail: an upscale of a thumbnail wins over its original, and no stored column can tell it. Blur,
+    # contrast and entropy come from a ~96 px decode (the upscale even scores sharper there), and file size fails
+    # both ways: q90 upscales outweigh their originals, and q75 originals weigh less than their copies 1.5x smaller
+    # at q95 (6 and 12 of the 14 sample photos).
     pixels = (member["width"] or 0) * (member["height"] or 0)
     lossless = (member["format"] or "").upper() in LOSSLESS_FORMATS
     return (-pixels, not lossless, -(member["bytes"] or 0), member["first_seq"])
@@ -483,14 +495,21 @@ def duplicate_groups(
             """
         ).fetchall()[0]
         mirror_counts = _fill_missing_mirror_hashes(con, progress) if mirrored else {}
+        # Flat images (FLAT_CONTRAST) are never near duplicates, of each other or of anything else. Byte-identical
+        # copies are still one image (the sha256 is the id), but a white PNG and a white JPEG stay two images: the
+        # hash cannot tell white from red and the catalog holds no mean colour, only luminance. Both are empty to a
+        # trainer: `workbench filter --no-low-information` drops them (a plain colour has an entropy of 0 bits).
         frame = con.sql(
-            """
-            SELECT h.image_id, h.phash, h.phash_mirror FROM hashes h JOIN images i USING (image_id)
+            f"""
+            SELECT h.image_id, h.phash, h.phash_mirror, coalesce(i.contrast < {FLAT_CONTRAST}, false) AS flat
+            FROM hashes h JOIN images i USING (image_id)
             WHERE i.status = 'ok' AND i.role = 'instance'
               AND EXISTS (SELECT 1 FROM paths p WHERE p.image_id = h.image_id AND NOT p.missing)
             ORDER BY h.image_id
             """
         ).pl()
+        flat_images = int(frame["flat"].sum())
+        frame = frame.filter(~pl.col("flat"))
         ids = frame["image_id"].to_numpy()
         hashes = frame["phash"].to_numpy().astype(np.uint64)
         # Search unique hash values only: identical hashes are distance 0 by construction.
@@ -513,6 +532,7 @@ def duplicate_groups(
         counts = regroup_duplicates(con)
         counts = {
             "images_compared": len(ids),
+            **({"flat_images_not_compared": flat_images} if flat_images else {}),
             "contents_at_several_paths": int(exact[0]),
             "extra_identical_files": int(exact[1]),
             "near_duplicate_pairs": pairs.height,

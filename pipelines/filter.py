@@ -25,7 +25,10 @@ Default thresholds and why (all can be changed by flags or the `[filter]` table 
   - `low_information`: histogram entropy < `entropy_threshold` 1.5 bits (cleanlab Datalab's
     low_information threshold 0.15 x normalizing factor 10); a flat or near-flat image scores
     about 0, a black-on-white silhouette about 2, photos 4..8.
-- duplicates are already excluded by `workbench dedup` (step 'dedup'); filters do not touch them.
+- duplicates are already excluded by `workbench dedup` (step 'dedup'); filters do not touch them, but an
+  image already excluded (a duplicate, or by hand) that fails a rule gets its filter row all the same, so the
+  rule still holds if that copy is kept instead (`workbench keep`). The summary counts such images apart
+  ("failing but already excluded"), so the rule counts say what each rule takes out of the dataset.
 - manual: `manual_exclusions` (step 'manual', with a reason) and `manual_inclusions`, which win
   over every `filter:*` rule (an included image gets no filter rows).
 """
@@ -195,6 +198,7 @@ def filtered_dataset(
     new_rows: list[tuple[str, str, str]] = []
     per_rule = {rule: 0 for rule, _ in checks}
     dropped: set[str] = set()
+    already_out: set[str] = set()  # failing a rule, but excluded by another step already: rows written, not dropped
     candidates = 0
     included = 0
     unscored = 0
@@ -210,7 +214,9 @@ def filtered_dataset(
             reason = check(record)
             if reason:
                 new_rows.append((record["image_id"], FILTER_STEP_PREFIX + rule, reason))
-                if not record["excluded_elsewhere"]:
+                if record["excluded_elsewhere"]:
+                    already_out.add(record["image_id"])
+                else:
                     per_rule[rule] += 1
                     dropped.add(record["image_id"])
         if done % 5000 == 0 or done == total:
@@ -220,6 +226,7 @@ def filtered_dataset(
         **{f"rule {rule}": n for rule, n in per_rule.items()},
         "excluded": len(dropped),
         "kept": candidates - len(dropped),
+        "failing but already excluded (duplicate or by hand)": len(already_out),
         "manually_included": included,
         "dry_run": dry_run,
     }

@@ -356,3 +356,56 @@ def test_a_stop_while_older_images_get_mirror_hashes_keeps_those_done(con, tmp_p
         duplicate_groups(con, progress=stop_after_a_batch)
     assert con.execute("SELECT count(*) FROM hashes WHERE phash_mirror IS NOT NULL").fetchone()[0] == 64
     assert duplicate_groups(con)["older_images_given_mirror_hashes"] == 36  # the rest, next time
+
+
+def test_flat_images_are_no_near_duplicates_of_each_other_or_of_anything(con, tmp_path):
+    """Plain colours get pHashes from rounding error: red.png was excluded as a "duplicate of" white.png. Flat and
+    near-flat images (faint noise) are left out of the pHash search; a byte-identical copy is still the same image,
+    and real near duplicates next to them are still found."""
+    from PIL import Image
+
+    from pipelines.dedup import FLAT_CONTRAST
+    from pipelines.ingest import ingested_images
+
+    photos = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for colour in ("white", "black", "red", "blue"):
+        Image.new("RGB", (512, 512), colour).save(folder / f"{colour}.png")
+    (folder / "white_copy.png").write_bytes((folder / "white.png").read_bytes())
+    Image.new("RGB", (512, 512), "white").save(folder / "white.jpg", quality=90)  # the same white, another encoding
+    rng = np.random.default_rng(0)
+    for name, colour in (("noisy_beige.png", (230, 220, 200)), ("noisy_grey.png", (128, 128, 128))):
+        noise = rng.normal(0, 2, (512, 512, 1))
+        Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / name)
+    with Image.open(photos / "coffee.jpg") as image:
+        image.save(folder / "coffee.jpg", quality=95)
+        image.resize((300, 200)).save(folder / "coffee_small.jpg", quality=90)
+    (folder / "astronaut.jpg").write_bytes((photos / "astronaut.jpg").read_bytes())
+    ingested_images(con, [folder], workers=1)
+    flat = con.execute("SELECT count(*) FROM images WHERE contrast < ?", [FLAT_CONTRAST]).fetchone()[0]
+    assert flat == 7  # white.png and white_copy.png are one image
+
+    counts = duplicate_groups(con)
+    assert counts["flat_images_not_compared"] == 7 and counts["images_compared"] == 3
+    assert counts["contents_at_several_paths"] == 1
+    grouped = con.execute(
+        "SELECT regexp_extract(v.path, '[^/]+$'), d.is_keeper FROM duplicates d JOIN images_view v USING (image_id) ORDER BY 2"
+    ).fetchall()
+    assert grouped == [("coffee_small.jpg", False), ("coffee.jpg", True)]
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 9  # every flat image stays, and two photos
+
+
+def test_sample_photos_and_dark_copies_are_far_from_flat(tmp_path):
+    """The flat cut-off leaves real photos alone: they score 10x it and more, and even copies at 15% exposure 2x."""
+    from PIL import Image, ImageEnhance
+
+    from pipelines.dedup import FLAT_CONTRAST
+    from pipelines.ingest import read_image_file
+
+    photos = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
+    for path in sorted(photos.glob("*.jpg")) + sorted(photos.glob("*.png")):
+        assert read_image_file(bytes(path))["contrast"] >= 10 * FLAT_CONTRAST, path.name
+        with Image.open(path) as image:
+            ImageEnhance.Brightness(image.convert("RGB")).enhance(0.15).save(tmp_path / "dark.png")
+        assert read_image_file(bytes(tmp_path / "dark.png"))["contrast"] >= 2 * FLAT_CONTRAST, path.name

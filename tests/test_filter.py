@@ -278,3 +278,39 @@ def test_a_bad_value_is_named_as_the_option_or_the_config_key_it_came_from(catal
     (catalog_path.parent / "workbench.toml").write_text("[filter]\nmax_aspect = 0.5\n")
     from_file = runner.invoke(app, ["filter", "--catalog", str(catalog_path), "--min-side", "300"], env={"COLUMNS": "200"})
     assert from_file.exit_code == 2 and "filter.max_aspect is long side / short side" in from_file.output
+
+
+def test_the_summary_counts_every_image_it_writes_rows_for(con, catalog_path):
+    """filter printed "rule min side 0, excluded 0" and wrote a min_side row for a copy dedup had excluded. Such images
+    are counted apart, so excluded + failing but already excluded = the images with filter rows; the rows stay, so a
+    copy kept instead of its original later is still held to the rules."""
+    import re
+
+    from pipelines.dedup import choose_keeper, duplicate_groups
+    from workbench.cli import app
+
+    original = _add_image(con, 1, 600, 400)
+    resized = _add_image(con, 2, 300, 200)  # a duplicate of the original, and under min_side
+    by_hand = _add_image(con, 3, 100, 2000)  # excluded by hand; fails both rules
+    tiny = _add_image(con, 4, 100, 100)
+    for image_id, phash in ((original, 0), (resized, 0), (by_hand, 0xFFFF_FFFF_0000_0000), (tiny, 0xFFFF_FFFF)):
+        con.execute("INSERT INTO hashes VALUES (?, ?, 0, ?)", [image_id, phash, phash])  # 32+ bits apart, flipped too
+    duplicate_groups(con)
+    manual_exclusions(con, [by_hand], "watermark")
+    key = "failing but already excluded (duplicate or by hand)"
+
+    summary = filtered_dataset(con, FilterRules())
+    assert (summary["checked"], summary["rule min_side"], summary["rule max_aspect"]) == (2, 1, 0)
+    assert (summary["excluded"], summary["kept"], summary[key]) == (1, 1, 2)
+    with_rows = con.execute("SELECT count(DISTINCT image_id) FROM exclusions WHERE starts_with(step, 'filter:')").fetchone()[0]
+    assert with_rows == summary["excluded"] + summary[key] == 3
+    assert [s for s, _ in _reasons(con)[resized]] == ["dedup", "filter:min_side"]
+
+    printed = CliRunner().invoke(app, ["filter", "--dry-run", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
+    assert printed.exit_code == 0, printed.output
+    assert re.search(r"failing but already excluded \(duplicate or by hand\)\s*│\s*2\s*│", printed.output), printed.output
+
+    choose_keeper(con, resized)  # the small copy kept instead: the rule still keeps it out of the dataset
+    assert con.execute("SELECT exclusion_reason FROM images_view WHERE image_id = ?", [resized]).fetchone()[0] == (
+        "short side 200 px < 256")
+    assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 0
