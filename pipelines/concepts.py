@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -58,6 +60,31 @@ def parse_kohya_folder_name(name: str) -> tuple[int, str, str | None] | None:
     if not words:
         return None
     return repeats, words[0], " ".join(words[1:]) or None
+
+
+def concept_of_folder_name(name: str) -> str | None:
+    """The concept a kohya folder name puts its images in (`10_sks dog`: "sks dog"), or None."""
+    parsed = parse_kohya_folder_name(name)
+    if parsed is None:
+        return None
+    _, trigger, class_noun = parsed
+    return f"{trigger} {class_noun}" if class_noun else trigger
+
+
+def plain_subset_repeats(name: str) -> int | None:
+    """The repeat count of a kohya subset folder without class tokens (`1_`, where the export puts images without
+    a concept); None for any other name. kohya trains on such a folder (empty class_tokens); its images join no
+    concept. (`parse_kohya_folder_name` reads only `N_trigger [class]` folders, and rightly finds no concept here.)
+    """
+    match = re.fullmatch(r"([0-9]+)_", name)
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
+
+
+def plain_folder_note(folder: str, repeats: int) -> str:
+    """What to say about a `3_` folder: its repeats are lost unless the user names a concept for it."""
+    return (f"folder {Path(folder).name!r} has no class tokens: its images join no concept, so its {repeats} repeats "
+            f"are not kept. To keep them: workbench concept add NAME --trigger WORD --folder {shlex.quote(folder)} "
+            f"--repeats {repeats}")
 
 
 def _check_text(label: str, value: str | None, *, required: bool) -> str | None:
@@ -361,10 +388,19 @@ def concepts_from_folder_names(
     members: dict[str, list[str]] = {}
     seen_images: set[str] = set()
     ignored: set[str] = set()
+    noted: set[str] = set()
     for image_id, path, _ in rows:
         folder_name = Path(path).parent.name
         parsed = parse_kohya_folder_name(folder_name)
-        if parsed is None or image_id in seen_images:
+        if parsed is None:
+            # `3_`: kohya trains it 3 times, but no concept here holds the count (`1_` loses nothing)
+            plain, folder = plain_subset_repeats(folder_name) or 1, str(Path(path).parent)
+            if (plain > 1 and folder not in noted and (zero_padded or not folder_name.startswith("0"))
+                    and (max_repeats is None or plain <= max_repeats)):
+                noted.add(folder)
+                progress(task="concepts", message=plain_folder_note(folder, plain))
+            continue
+        if image_id in seen_images:
             continue
         if not zero_padded and folder_name.startswith("0"):
             if folder_name not in ignored:
@@ -379,8 +415,7 @@ def concepts_from_folder_names(
                          f"{parsed[0]} repeats is more than {max_repeats} (a year or a number, not a repeat count)")
             continue
         seen_images.add(image_id)  # an image in several concept folders joins the first seen
-        repeats, trigger, class_noun = parsed
-        name = f"{trigger} {class_noun}" if class_noun else trigger
+        repeats, name = parsed[0], concept_of_folder_name(folder_name)
         if name in found and found[name][0] != repeats:
             progress(task="concepts", message=f"folder {folder_name!r}: concept {name!r} already has {found[name][0]} repeats; keeping that")
         found.setdefault(name, parsed)
@@ -413,12 +448,56 @@ def concepts_from_folder_names(
     return assigned
 
 
+def images_out_of_their_concept_folders(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    paths: Iterable[bytes] | None = None,
+    progress: ProgressHook = null_progress,
+) -> int:
+    """Take images that joined a concept by a kohya folder name out of it once none of their files is in such a
+    folder any more (moved to `rejects/`, say): kohya users manage a concept's images by folder. Returns how many.
+
+    Only memberships read from folder names (`concepts_from_folder_names`, source 'folder_name') go; those given
+    by hand, by --where or by --folder stay. An image missing at every path keeps its concept (not found is not
+    moved). `paths` (exact path bytes: files read or gone in an ingest) limits this to their images; None: all.
+    """
+    if not con.execute("SELECT count(*) FROM concept_images WHERE source = 'folder_name'").fetchall()[0][0]:
+        return 0
+    only = ""
+    if paths is not None:
+        paths = list(paths)
+        if not paths:
+            return 0
+        changed_paths = pa.table({"path_bytes": pa.array(paths, pa.binary())})  # the query reads it by name
+        only = "AND ci.image_id IN (SELECT image_id FROM paths WHERE path_bytes IN (SELECT path_bytes FROM changed_paths))"
+    rows = con.execute(
+        f"""
+        SELECT ci.image_id, ci.concept, list(p.path) FROM concept_images ci JOIN paths p USING (image_id)
+        WHERE ci.source = 'folder_name' AND NOT p.missing {only} GROUP BY ci.image_id, ci.concept
+        """
+    ).fetchall()
+    # any folder name that names the concept keeps the image, whatever its repeats (`5_sks dog` for `10_sks dog`)
+    gone = [(image_id, concept) for image_id, concept, present in rows
+            if not any(concept_of_folder_name(Path(path).parent.name) == concept for path in present)]
+    if not gone:
+        return 0
+    with transaction(con):
+        _load_assign_table(con, [image_id for image_id, _ in gone])
+        con.execute("DELETE FROM concept_images WHERE source = 'folder_name' AND image_id IN (SELECT image_id FROM concept_assign)")
+        con.execute("DROP TABLE concept_assign")
+    for concept, n in sorted(Counter(concept for _, concept in gone).items()):
+        progress(task="concepts", message=f"{n} image(s) left concept {concept!r}: none of their files is in a folder "
+                 f"named for it any more (`workbench concept assign {shlex.quote(concept)} ID` keeps one in it by hand)")
+    return len(gone)
+
+
 __all__ = [
     "Concept",
     "added_concept",
     "assign_images_to_concept",
     "concepts_from_folder_names",
     "get_concept",
+    "images_out_of_their_concept_folders",
     "list_concepts",
     "parse_kohya_folder_name",
     "removed_concept",

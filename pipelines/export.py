@@ -21,7 +21,8 @@ import duckdb
 from pipelines.priors import PRIOR_IN_USE_SQL
 from workbench.catalog import record_run
 from workbench.images import as_ingested
-from workbench.progress import ProgressHook, null_progress
+from workbench.config import EXPORT_MANIFEST
+from workbench.progress import ProgressHook, named_few, null_progress
 
 FORMATS = ("kohya", "imagefolder", "parquet")
 LINK_MODES = ("copy", "hardlink")
@@ -33,7 +34,6 @@ KOHYA_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp
 PLAIN_FOLDER = ""
 CONCEPT_FOLDER_FALLBACK = "concept"  # a concept whose "trigger class" sanitizes to nothing (never an empty name)
 REG_CLASS_FALLBACK = "class"
-EXPORT_MANIFEST = ".workbench-export.json"  # the files an export wrote, so an --overwrite export can replace them
 MAX_COMPONENT_BYTES = 120
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 
@@ -133,7 +133,8 @@ def _prepare_out(out: Path, *, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    # the manifest alone is not content: exported_dataset writes it first, as the marker that keeps ingest out
+    if out.exists() and any(p.name != EXPORT_MANIFEST for p in out.iterdir()) and not overwrite:
         raise ExportError(f"{out} is not empty; choose an empty folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -264,6 +265,7 @@ def kohya_export(
     counts: Counter[str] = Counter({key: 0 for key in (
         "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
         "captions_without_trigger", "missing_files_skipped", "changed_files_skipped")})
+    without_trigger: list[str] = []  # caption files, relative to OUT
     done = 0
     progress(task="export", completed=0, total=len(rows))
     for (role, concept), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
@@ -296,7 +298,8 @@ def kohya_export(
                 continue
             caption = one_line(row.caption)
             if caption:
-                _inside(target_dir, image_path.stem + caption_extension).write_text(caption + "\n", encoding="utf-8")
+                caption_path = _inside(target_dir, image_path.stem + caption_extension)
+                caption_path.write_text(caption + "\n", encoding="utf-8")
                 counts["captions"] += 1
                 if caption != row.caption.strip():
                     counts["captions_joined_to_one_line"] += 1
@@ -304,6 +307,7 @@ def kohya_export(
                 # trains nothing into the trigger, the most common silent DreamBooth-LoRA mistake
                 if row.trigger and not is_reg and not caption_has_trigger(caption, row.trigger):
                     counts["captions_without_trigger"] += 1
+                    without_trigger.append(caption_path.relative_to(out).as_posix())
             else:
                 counts["without_caption"] += 1
             counts["images"] += 1
@@ -331,8 +335,9 @@ def kohya_export(
     (out / "dataset.toml").write_text(header + tomli_w.dumps(config), encoding="utf-8")
     if counts["captions_without_trigger"]:
         progress(task="export", completed=done, total=len(rows), message=(
-            f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word; kohya uses "
-            "the caption file instead of class_tokens, so those images do not teach the trigger"))
+            f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word "
+            f"({named_few(without_trigger)}); kohya uses the caption file instead of class_tokens, so those images "
+            "do not teach the trigger: add it to their captions and export again"))
     return {"format": "kohya", "out": str(out), **counts, "too_small_for_no_upscale": unbucketable}
 
 
@@ -421,7 +426,12 @@ def exported_dataset(
             # or images curated out since are not left behind for a trainer to pick up; other files stay
             out_path = Path(out)
             removed = _removed_previous_export(out_path) if overwrite and out_path.is_dir() else 0
+            _prepare_out(out_path, overwrite=overwrite)  # a refused folder gets no manifest
             before = _files_under(out_path)
+            # the manifest is also the marker that keeps `workbench ingest` of a folder above out of the export (its
+            # caption files would come back as sidecar captions): written before the first image, so an export
+            # killed outright carries it too
+            _write_manifest(out_path, format, [], finished=False)
             exporter = kohya_export if format == "kohya" else imagefolder_export
             finished = False
             try:
@@ -429,11 +439,16 @@ def exported_dataset(
                 finished = True
             finally:  # also when stopped part way (Ctrl+C, a full disk): `--overwrite` then replaces exactly that
                 if out_path.is_dir():
-                    manifest = {"format": format, "files": sorted(_files_under(out_path) - before - {EXPORT_MANIFEST})}
-                    (out_path / EXPORT_MANIFEST).write_text(json.dumps(manifest if finished else {**manifest, "finished": False}, indent=0))
+                    _write_manifest(out_path, format, sorted(_files_under(out_path) - before - {EXPORT_MANIFEST}), finished=finished)
             summary["earlier_export_files_removed"] = removed
         run.counts = {k: v for k, v in summary.items() if isinstance(v, int)}
     return summary
+
+
+def _write_manifest(out: Path, format: str, files: list[str], *, finished: bool) -> None:
+    """OUT's manifest: the files this export wrote (for `--overwrite`), and whether it finished."""
+    manifest = {"format": format, "files": files}
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest if finished else {**manifest, "finished": False}, indent=0))
 
 
 def _refuse_to_overwrite_image_sources(con: duckdb.DuckDBPyConnection, out: Path) -> None:
@@ -485,13 +500,18 @@ def _removed_previous_export(out: Path) -> int:
     return removed
 
 
-def plain_subset_repeats(name: str) -> int | None:
-    """The repeat count of a kohya subset folder without class tokens (`1_`, where the export puts images without
-    a concept); None for any other name. kohya trains on such a folder (empty class_tokens); its images join no
-    concept. (`parse_kohya_folder_name` reads only `N_trigger [class]` folders, and rightly finds no concept here.)
-    """
-    match = re.fullmatch(r"([0-9]+)_", name)
-    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
+def _each_message_once(progress: ProgressHook) -> ProgressHook:
+    """`progress`, passing each message on only the first time it is given."""
+    said: set[str] = set()
+
+    def hook(*, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        if message in said:
+            message = None
+        elif message:
+            said.add(message)
+        progress(task=task, completed=completed, total=total, message=message)
+
+    return hook
 
 
 def imported_kohya_folder(
@@ -502,7 +522,13 @@ def imported_kohya_folder(
     progress: ProgressHook = null_progress,
 ) -> dict:
     """Ingest a kohya-style folder (`N_trigger class/` subfolders, .txt/.caption sidecars) with its concepts."""
-    from pipelines.concepts import concepts_from_folder_names, list_concepts, parse_kohya_folder_name
+    from pipelines.concepts import (
+        concepts_from_folder_names,
+        list_concepts,
+        parse_kohya_folder_name,
+        plain_folder_note,
+        plain_subset_repeats,
+    )
     from pipelines.ingest import ingested_images
 
     folder = Path(folder)
@@ -524,11 +550,11 @@ def imported_kohya_folder(
     if not concept_dirs:
         raise ExportError(f"{folder} has no kohya subset folders named like `10_sks dog`")
     plain_dirs = [p for p in concept_dirs if parse_kohya_folder_name(p.name) is None]
+    progress = _each_message_once(progress)  # ingest's pass over the files it reads says the same of a `3_` folder
     for plain in plain_dirs:
         repeats = plain_subset_repeats(plain.name)
         if repeats > 1:
-            progress(task="import", message=f"folder {plain.name!r} has no class tokens: its images join no concept, "
-                     f"so its {repeats} repeats are not kept (`workbench concept` can add them)")
+            progress(task="import", message=plain_folder_note(os.path.abspath(plain), repeats))
     # what kohya trains on: the files directly in each subset folder (it reads them non-recursively)
     files = sorted(p for d in concept_dirs for p in d.iterdir() if p.is_file() and p.suffix.lower() not in (".txt", ".caption"))
     from PIL import Image

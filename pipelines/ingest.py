@@ -20,13 +20,21 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from pipelines.concepts import concept_rules_applied, concepts_from_folder_names, parse_kohya_folder_name
+from pipelines.concepts import (
+    concept_rules_applied,
+    concepts_from_folder_names,
+    images_out_of_their_concept_folders,
+    parse_kohya_folder_name,
+)
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 SIDECAR_EXTENSIONS = (b".txt", b".caption")
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
+# an export (kohya, imagefolder) holds copies of catalog images with the current captions as sidecars: read back in,
+# those captions would override the model's as "sidecar" ones, and the export could not be replaced any more
+EXPORT_MARKER = os.fsencode(config.EXPORT_MANIFEST)
 IMAGE_EXTENSIONS = {
     b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".bmp", b".dib", b".gif",
     b".tif", b".tiff",
@@ -57,6 +65,21 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+# ISO-BMFF brands of HEIC/HEIF and AVIF files, in the `ftyp` box that starts them
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
+HEIF_HEAD = 64  # bytes to read for is_heif: the ftyp box's major brand and its first compatible brands
+HEIF_ERROR = "HEIC/AVIF image"  # the reason of such a file met under an image name (first part: the summary's key)
+
+
+def is_heif(head: bytes) -> bool:
+    """Whether the leading bytes are a HEIC/HEIF or AVIF file (its major or a compatible brand), whatever its name."""
+    if head[4:8] != b"ftyp":
+        return False
+    end = min(len(head), max(int.from_bytes(head[:4], "big"), 16))
+    brands = [head[8:12]] + [head[i : i + 4] for i in range(16, end - 3, 4)]  # bytes 12-16 are a version
+    return any(brand in HEIF_BRANDS for brand in brands)
+
+
 @dataclass
 class IngestSummary:
     """What one ingest run found and did."""
@@ -72,17 +95,32 @@ class IngestSummary:
     sidecar_captions: int = 0
     sidecars_left_out: int = 0
     images_joined_concepts: int = 0
+    images_left_concepts: int = 0  # kohya folder members none of whose files is in that folder any more
     skipped_not_images: int = 0
     skipped_heic_avif: int = 0  # iPhone HEIC and AVIF photos: Pillow here cannot decode them
-    directory_cycles_skipped: int = 0
-    output_folders_skipped: int = 0
+    directory_cycles_skipped: int = 0  # links back to a folder above them (a folder reached twice is walked twice)
+    output_folders_skipped: int = 0  # the workbench's own outputs: training runs, class priors, exports
     kohya_reg_folders_skipped: int = 0  # reg/ beside img/: regularisation images, not training photos
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     sidecar_problems: dict[str, str] = field(default_factory=dict)  # sidecar path -> why it was left out
     recorded: int = 0  # files read and written to the catalog so far (what an interrupted run kept)
+    heic_avif_paths: list[str] = field(default_factory=list)  # left out by name, or recorded as errors by content
+    # byte-identical copies whose sidecars say different things: the sidecar used -> the others
+    sidecar_conflicts: dict[str, list[str]] = field(default_factory=dict)
+    # what makes the last dedup's groups stale besides new files: images back from missing that are in no group,
+    # and grouped images (kept copies among them) whose every file went missing
+    returned_ungrouped: int = 0
+    grouped_missing: int = 0
+    kept_copies_missing: int = 0
+    sidecar_image_ids: set[str] = field(default_factory=set)  # images whose sidecar caption this run stored
 
     def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("errors_by_reason", "sidecar_problems", "recorded")}
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COUNTS}
+
+
+# IngestSummary fields that are details for notes, not rows of the summary table
+_NOT_COUNTS = ("errors_by_reason", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
+               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids")
 
 
 class IngestInterrupted(KeyboardInterrupt):
@@ -141,7 +179,7 @@ def _quality(rgb) -> dict:
         "brightness": float(gray.mean()),
         "contrast": float(gray.std()),
         "blur": float(laplacian.var()) if laplacian.size else None,  # under 3 px across: no verdict, not "blurry"
-        "entropy": float(-(p * np.log2(p)).sum()),
+        "entropy": float(-(p * np.log2(p)).sum()) + 0.0,  # + 0.0: a flat image has 0 bits, not -0.0
         "is_grayscale": bool(chroma < 2.0),
     }
 
@@ -200,6 +238,8 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     if not data:
         return _error_row(path_bytes, "empty file (0 bytes)", data)
     sniffed = sniff_format(data[:16])
+    if sniffed is None and is_heif(data[:HEIF_HEAD]):
+        return _error_row(path_bytes, f"{HEIF_ERROR}: this Pillow cannot decode it; convert it to JPEG or PNG", data)
     if sniffed is None:
         kind = "text" if _looks_like_text(data[:1024]) else "unknown binary data"
         return _error_row(path_bytes, f"not an image: the content is {kind}", data)
@@ -288,19 +328,27 @@ class FileEntry:
 
 def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) -> Iterator[FileEntry]:
     """Yield candidate image files under `roots`, following links but never looping; the workbench's own
-    output folders met on the way are left out and listed in `skipped`."""
-    visited: set[tuple[int, int]] = set()
+    output folders met on the way are left out and listed in `skipped`.
 
-    def entries_of(folder: bytes) -> Iterator[FileEntry]:
+    Only a link back to a folder above it (a cycle) is not followed. A folder reached by two paths (a link to a
+    folder walked elsewhere, a kohya `10_sks dog` link to a photo folder) is walked under each: every path of its
+    files is seen, so none is marked missing, and each folder name counts for concepts.
+    """
+    walked: set[bytes] = set()  # folder paths, so overlapping roots walk a folder once
+
+    def entries_of(folder: bytes, above: frozenset[tuple[int, int]]) -> Iterator[FileEntry]:
+        if folder in walked:
+            return
         try:
             info = os.stat(folder)
         except OSError:
             return
         key = (info.st_dev, info.st_ino)
-        if key in visited:
+        if key in above:
             summary.directory_cycles_skipped += 1
             return
-        visited.add(key)
+        walked.add(folder)
+        above = above | {key}
         try:
             with os.scandir(folder) as scan:
                 items = sorted(scan, key=lambda e: e.name)
@@ -318,7 +366,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
                 continue
             yield from _candidate(item.path, item.name, names, summary)
         for sub in subfolders:
-            if os.path.exists(os.path.join(sub, OUTPUT_MARKER)):
+            if _is_output_folder(sub):
                 summary.output_folders_skipped += 1  # ingest the folder itself (as a root) to take its images
                 skipped.append(sub)
                 continue
@@ -326,15 +374,21 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
                 summary.kohya_reg_folders_skipped += 1  # its N_class folders would become instance concepts
                 skipped.append(sub)
                 continue
-            yield from entries_of(sub)
+            yield from entries_of(sub, above)
 
     for root in roots:
         if os.path.isdir(root):
-            yield from entries_of(root)
+            yield from entries_of(root, frozenset())
         else:
             folder, name = os.path.split(root)
             siblings = set(os.listdir(folder or b"."))
             yield from _candidate(root, name, siblings, summary)
+
+
+def _is_output_folder(folder: bytes) -> bool:
+    """A folder the workbench wrote: a training run or class priors (their marker), or an export (its manifest,
+    written before its first image, so an export stopped part way carries it too)."""
+    return any(os.path.exists(os.path.join(folder, marker)) for marker in (OUTPUT_MARKER, EXPORT_MARKER))
 
 
 def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
@@ -346,10 +400,6 @@ def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
         return any(entry.is_dir() and parse_kohya_folder_name(os.fsdecode(entry.name)) for entry in os.scandir(folder))
     except OSError:
         return False
-
-
-# ISO-BMFF brands of HEIC/HEIF and AVIF files (bytes 8-12, after `ftyp`)
-HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
 
 
 def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
@@ -370,12 +420,13 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
         # Sniff content, not names: an image under a wrong extension still counts.
         try:
             with open(path, "rb") as handle:
-                head = handle.read(16)
+                head = handle.read(HEIF_HEAD)
         except OSError:
             return
         if sniff_format(head) is None:
-            if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+            if is_heif(head):
                 summary.skipped_heic_avif += 1
+                summary.heic_avif_paths.append(display_path(path))
             else:
                 summary.skipped_not_images += 1
             return
@@ -659,6 +710,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     to_read: list[FileEntry] = []
     sidecar_only: list[FileEntry] = []
     skipped_folders: list[bytes] = []
+    came_back: list[bytes] = []
     for entry in _walk(roots, summary, skipped_folders):
         ctrl_c.check()
         if entry.path_bytes in seen:
@@ -677,6 +729,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         elif previous[3]:  # unchanged bytes, but it was marked missing: it came back
             summary.reappeared += 1
             to_read.append(entry)
+            came_back.append(entry.path_bytes)
         elif retry_errors and previous[4] == "error":
             summary.errors_retried += 1
             to_read.append(entry)
@@ -686,16 +739,31 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         else:
             summary.unchanged += 1
     run.counts["files_seen"] = summary.files_seen
-    _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c)
-    _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c)
+    if came_back:  # before the read marks them present again
+        summary.returned_ungrouped = _returned_ungrouped(con, _image_ids_of(con, came_back))
+    sidecars: dict[bytes, tuple[str, bytes, str | None]] = {}  # image path -> (image, its sidecar, caption) read now
+    recheck: set[str] = set()  # images whose sidecar caption may have come from a file that no longer gives it
+    _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c,
+              sidecars=sidecars)
+    _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c, sidecars=sidecars, recheck=recheck)
     ctrl_c.check()
     # not walked is not gone: files in the output folders left out (class priors, say) keep their rows as they are
     vanished = [p for p, meta in known.items()
                 if not meta[3] and p not in seen and _under(p, roots) and not _under(p, skipped_folders)]
+    vanished_ids: list[str] = []
     if vanished:
         with transaction(con):
             con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
+        vanished_ids = _image_ids_of(con, vanished)
+        summary.grouped_missing, summary.kept_copies_missing = _grouped_now_missing(con, vanished_ids)
+        recheck.update(vanished_ids)
     summary.marked_missing = len(vanished)
+    _settle_shared_sidecars(con, summary, sidecars, recheck)
+    if to_read or vanished or join_concepts:
+        # kohya users manage concepts by folder: an image moved out of its `10_sks dog` folder leaves the concept it
+        # joined by that folder's name (a concept given by hand stays), and can join the one of the folder it is in
+        moved = None if join_concepts else [entry.path_bytes for entry in to_read] + vanished
+        summary.images_left_concepts = images_out_of_their_concept_folders(con, paths=moved, progress=progress)
     if to_read or join_concepts:
         # kohya-style folder names ("10_sks dog") of the files read now become concepts, as sd-scripts reads
         # them (not of files read before: a concept removed since stays removed); after a stopped run, of all of
@@ -706,8 +774,42 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     run.counts.update(summary.as_dict())
 
 
+def _image_ids_of(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> list[str]:
+    """The images at these known paths (one query, however many paths)."""
+    if not paths:
+        return []
+    con.register("ingest_paths", pl.DataFrame({"path_bytes": paths}, schema={"path_bytes": pl.Binary}))
+    try:
+        return [row[0] for row in con.execute(
+            "SELECT DISTINCT image_id FROM paths WHERE path_bytes IN (SELECT path_bytes FROM ingest_paths) ORDER BY 1"
+        ).fetchall()]
+    finally:
+        con.unregister("ingest_paths")
+
+
+def _returned_ungrouped(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -> int:
+    """Of these images, those missing at every path (until this run) and in no duplicate group: a dedup run while
+    they were gone grouped their copies without them, so they are as new to dedup as a new file."""
+    return con.execute(
+        "SELECT count(*) FROM unnest(?::VARCHAR[]) t(image_id) WHERE image_id NOT IN (SELECT image_id FROM duplicates) "
+        "AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.image_id = t.image_id AND NOT p.missing)",
+        [image_ids],
+    ).fetchall()[0][0]
+
+
+def _grouped_now_missing(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -> tuple[int, int]:
+    """(members of duplicate groups, kept copies among them) of these images now missing at every path: a kept
+    copy gone leaves its picture with no copy in the dataset until dedup runs again."""
+    return con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE d.is_keeper) FROM duplicates d "
+        "WHERE d.image_id IN (SELECT unnest(?::VARCHAR[])) "
+        "AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.image_id = d.image_id AND NOT p.missing)",
+        [image_ids],
+    ).fetchall()[0]
+
+
 def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary,
-              progress: ProgressHook, ctrl_c: _CtrlC) -> None:
+              progress: ProgressHook, ctrl_c: _CtrlC, sidecars: dict[bytes, tuple[str, bytes, str | None]]) -> None:
     total = len(to_read)
     progress(task="ingest", completed=0, total=total)
     if not total:
@@ -729,11 +831,16 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
             if result["status"] == "error":
                 summary.errors += 1
                 reasons[result["error"].split(":")[0]] += 1
+                if result["error"].startswith(HEIF_ERROR):
+                    summary.heic_avif_paths.append(display_path(path_bytes))
             caption = problem = None
             if entry.sidecar and result["status"] == "ok":
                 caption, problem = _read_sidecar(entry.sidecar)
+                if not problem:
+                    sidecars[path_bytes] = (result["image_id"], entry.sidecar, caption)
             if caption:
-                summary.sidecar_captions += 1
+                summary.sidecar_image_ids.add(result["image_id"])
+                summary.sidecar_captions = len(summary.sidecar_image_ids)  # images, not files: copies share one
             if problem:
                 progress(task="ingest", completed=done, total=total, message=_sidecar_left_out(entry.sidecar, problem, summary))
             result.update(
@@ -806,7 +913,8 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary, progress: ProgressHook, ctrl_c: _CtrlC) -> None:
+def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary, progress: ProgressHook, ctrl_c: _CtrlC,
+                      *, sidecars: dict[bytes, tuple[str, bytes, str | None]], recheck: set[str]) -> None:
     """Re-read caption sidecars that changed beside unchanged images."""
     for done, entry in enumerate(entries, 1):
         ctrl_c.check()
@@ -816,6 +924,10 @@ def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary, pro
         progress(task="sidecars", completed=done, total=len(entries), message=message)
         if problem:
             continue  # the caption read before stays; its old mtime makes the next ingest try again
+        if entry.sidecar:
+            sidecars[entry.path_bytes] = (image_id, entry.sidecar, caption)
+        if not caption:
+            recheck.add(image_id)  # a copy elsewhere may still have a sidecar that gives the image its caption
         with transaction(con):
             _store_sidecar(con, image_id, caption, entry, summary)
 
@@ -827,7 +939,68 @@ def _store_sidecar(con, image_id: str, caption: str | None, entry: FileEntry, su
             "ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()",
             [image_id, caption],
         )
-        summary.sidecar_captions += 1
+        summary.sidecar_image_ids.add(image_id)
     else:
         con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
+        summary.sidecar_image_ids.discard(image_id)
+    summary.sidecar_captions = len(summary.sidecar_image_ids)
     con.execute("UPDATE paths SET sidecar_mtime_ns = ? WHERE path_bytes = ?", [entry.sidecar_mtime_ns, entry.path_bytes])
+
+
+def _settle_shared_sidecars(con, summary: IngestSummary, sidecars: dict[bytes, tuple[str, bytes, str | None]],
+                            recheck: set[str]) -> None:
+    """One content at several paths has one sidecar caption: that of its first path (in sorted order) whose sidecar
+    holds text, whichever was read last or in which run. Copies whose sidecars disagree are listed in the summary.
+
+    Looks at the images whose sidecars this run read, and at `recheck` (their caption may have come from a file
+    gone or emptied since); of the first, only those with more than one present path with a sidecar.
+    """
+    touched = {image_id for image_id, _, _ in sidecars.values()}
+    if not touched and not recheck:
+        return
+    ids = sorted(touched | recheck)
+    con.register("ingest_touched", pl.DataFrame({"image_id": ids, "recheck": [i in recheck for i in ids]},
+                                                schema={"image_id": pl.String, "recheck": pl.Boolean}))
+    try:
+        rows = con.execute(
+            "SELECT p.image_id, list(p.path_bytes ORDER BY p.path_bytes) FROM paths p JOIN ingest_touched t USING (image_id) "
+            "WHERE NOT p.missing AND p.sidecar_mtime_ns IS NOT NULL GROUP BY p.image_id HAVING count(*) > 1 OR bool_or(t.recheck)"
+        ).fetchall()
+    finally:
+        con.unregister("ingest_touched")
+    for image_id, paths in rows:
+        read = []  # (sidecar, caption) of each path whose sidecar reads, in path order
+        for path in map(bytes, paths):
+            if path in sidecars:
+                read.append(sidecars[path][1:])
+                continue
+            sidecar = _sidecar_beside(path)
+            caption, problem = _read_sidecar(sidecar) if sidecar else (None, "gone")
+            if not problem:  # an unreadable one is named when its own folder is ingested
+                read.append((sidecar, caption))
+        with_text = [(sidecar, caption) for sidecar, caption in read if caption]
+        if with_text:
+            first, caption = with_text[0]
+            changed = con.execute(
+                "INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', ?) ON CONFLICT (image_id, source) "
+                "DO UPDATE SET text = excluded.text, created_at = now() WHERE captions.text <> excluded.text",
+                [image_id, caption],
+            ).fetchall()[0][0]
+            if changed or image_id in touched:
+                summary.sidecar_image_ids.add(image_id)
+            others = [display_path(sidecar) for sidecar, text in with_text[1:] if text != caption]
+            if others:
+                summary.sidecar_conflicts[display_path(first)] = others
+        elif len(read) == len(paths):  # every sidecar read, all empty: as for an image with one path
+            con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
+            summary.sidecar_image_ids.discard(image_id)
+    summary.sidecar_captions = len(summary.sidecar_image_ids)
+
+
+def _sidecar_beside(path: bytes) -> bytes | None:
+    """The caption sidecar of an image file (`name.txt`, else `name.caption`), as the walk finds it, or None."""
+    stem = os.path.splitext(path)[0]
+    for ext in SIDECAR_EXTENSIONS:
+        if os.path.isfile(stem + ext):
+            return stem + ext
+    return None

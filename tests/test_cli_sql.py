@@ -227,3 +227,34 @@ def test_table_says_when_rows_are_left_out_and_json_columns_nest(catalog_path):
     same_name = runner.invoke(app, ["sql", """SELECT '123' AS info, '{"a": 1}'::JSON AS info""", "-f", "json", *cat])
     assert same_name.exit_code == 0, same_name.output  # matched by name, the JSON column's string went through json.loads
     assert json.loads(same_name.stdout) == [{"info": "123", "info_1": {"a": 1}}]
+
+
+def test_keep_and_include_of_a_duplicate_say_the_command_that_brings_it_in(catalog_path):
+    """`keep` said "its other copy is excluded as duplicates"; `include` of a duplicate said only "some images stay
+    excluded by another step (e.g. dedup: choose them as keeper)", not the command (as `exclude` of a kept copy does)."""
+    from pipelines.dedup import duplicate_groups
+    from workbench.catalog import connect
+
+    big, small, tiny = "b" * 64, "a" * 64, "c" * 64
+    con = connect(catalog_path)
+    for seq, (image_id, side) in enumerate(((big, 800), (small, 400), (tiny, 200)), 1):
+        con.execute("INSERT INTO images (image_id, status, width, height, format, bytes) VALUES (?, 'ok', ?, ?, 'JPEG', 1000)",
+                    [image_id, side, side])
+        con.execute("INSERT INTO hashes VALUES (?, 7, 0, 0)", [image_id])
+        con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, ?, ?)",
+                    [f"/d/{image_id}", f"/d/{image_id}", image_id, seq])
+    duplicate_groups(con)
+    con.close()
+    cat = ["--catalog", str(catalog_path)]
+    included = runner.invoke(app, ["include", small[:8], *cat], env={"COLUMNS": "300"})
+    assert included.exit_code == 0, included.output
+    text = " ".join(included.output.split())
+    assert f"{small[:12]} stays excluded as a duplicate of {big[:12]}; to keep it instead: workbench keep {small[:12]}" in text
+    kept = runner.invoke(app, ["keep", small[:8], *cat], env={"COLUMNS": "300"})
+    assert f"kept {small[:12]}; its 2 other copies are excluded as duplicates" in " ".join(kept.output.split())
+    con = connect(catalog_path)
+    con.execute("DELETE FROM paths WHERE image_id = ?", [tiny])  # a group of two
+    con.close()
+    runner.invoke(app, ["dedup", *cat])
+    kept = runner.invoke(app, ["keep", small[:8], *cat], env={"COLUMNS": "300"})
+    assert f"kept {small[:12]}; its other copy is excluded as a duplicate" in " ".join(kept.output.split())

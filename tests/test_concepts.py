@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -219,3 +221,55 @@ def test_zero_padded_photo_folders_are_no_concepts_and_a_repeat_conflict_is_name
     assert any("5 repeats" in m and "10" in m for m in messages)
     assert concepts_from_folder_names(con, zero_padded=True) == 1  # import-kohya reads it as kohya does
     assert get_concept(con, "January").repeats == 1
+
+
+def test_a_kohya_folder_with_repeats_but_no_name_says_how_to_keep_them(con, tmp_path):
+    """`3_/` silently lost its repeats: no concept, no message, and the export then wrote its images to `1_/`."""
+    _add_image(con, 1, "/data/3_/a.jpg")
+    _add_image(con, 2, "/data/3_/b.jpg")
+    _add_image(con, 3, "/data/1_/c.jpg")  # the export's folder for images without a concept: nothing is lost
+    _add_image(con, 4, "/data/2023_/d.jpg")  # a year
+    messages = []
+    assert concepts_from_folder_names(con, progress=lambda **kw: messages.append(kw.get("message") or "")) == 0
+    named = [m for m in messages if "has no class tokens" in m]
+    assert named == ["folder '3_' has no class tokens: its images join no concept, so its 3 repeats are not kept. To keep "
+                     "them: workbench concept add NAME --trigger WORD --folder /data/3_ --repeats 3"]
+    # what the note says to run keeps them
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", folder="/data/3_", repeats=3)
+    assert get_concept(con, "sks dog").images == 2
+
+
+def test_images_moved_out_of_their_kohya_folder_leave_its_concept_and_hand_added_ones_stay(con, tmp_path):
+    """An image moved from `10_mydog/` to `rejects/` stayed in concept mydog, and export put it back in `10_mydog`:
+    kohya users manage a concept's images by folder."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+
+    root = tmp_path / "k"
+    (root / "10_mydog").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = {}
+    for name in "abcde":
+        files[name] = root / "10_mydog" / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)).save(files[name])
+    ingested_images(con, [root], workers=1)
+    ids = {Path(path).stem: image_id for path, image_id in con.execute("SELECT path, image_id FROM paths").fetchall()}
+    assert get_concept(con, "mydog").images == 5
+    assign_images_to_concept(con, "mydog", [ids["e"]])  # by hand: it stays wherever its file goes
+    for name, folder in (("a", "rejects"), ("b", "5_mydog"), ("c", "10_mycat"), ("e", "rejects")):
+        (root / folder).mkdir(exist_ok=True)
+        files[name].rename(root / folder / files[name].name)
+    messages = []
+    summary = ingested_images(con, [root], workers=1, progress=lambda **kw: messages.append(kw.get("message") or ""))
+    concept = dict(con.execute("SELECT image_id, concept FROM images_view").fetchall())
+    assert concept[ids["a"]] is None
+    assert concept[ids["b"]] == "mydog"  # another repeat count of the same concept
+    assert concept[ids["c"]] == "mycat"  # left mydog, joined the concept of its new folder
+    assert concept[ids["d"]] == concept[ids["e"]] == "mydog"
+    assert summary.images_left_concepts == 2
+    assert any(m.startswith("2 image(s) left concept 'mydog'") for m in messages)
+    files["d"].rename(tmp_path / "d.png")  # out of the walk: missing at every path is not moved, it keeps its concept
+    assert ingested_images(con, [root], workers=1).images_left_concepts == 0
+    assert con.execute("SELECT status, concept FROM images_view WHERE image_id = ?", [ids["d"]]).fetchone() == ("missing", "mydog")

@@ -530,3 +530,138 @@ def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalo
     (tmp_path / "notes" / "todo.txt").write_text("nothing")
     empty = runner.invoke(app, ["ingest", str(tmp_path / "notes"), *common], env={"COLUMNS": "200"})
     assert "no image files in" in " ".join(empty.output.split())
+
+
+def test_an_export_inside_an_ingested_folder_is_left_out_by_the_next_ingest(con, tmp_path):
+    """The export's caption files came back as sidecar captions that overrode the model's (and its image took the
+    export's path), and the next `export --overwrite` was refused as the catalog now read images from it."""
+    from pipelines.export import exported_dataset
+
+    data = tmp_path / "data"
+    make_images(data, 2)
+    ingested_images(con, [data], workers=1)
+    con.execute("INSERT INTO captions (image_id, source, text) SELECT image_id, 'model:tiny', 'v1 a photo' FROM images")
+    exported_dataset(con, data / "kohya_export", format="kohya")
+    exported_dataset(con, data / "hf_export", format="imagefolder")
+    again = ingested_images(con, [data], workers=1)
+    assert (again.new, again.sidecar_captions, again.output_folders_skipped, again.marked_missing) == (0, 0, 2, 0)
+    assert {r for (r,) in con.execute("SELECT caption_source FROM images_view").fetchall()} == {"model:tiny"}
+    assert con.execute("SELECT count(*) FROM paths WHERE regexp_matches(path, '/(kohya|hf)_export/')").fetchone()[0] == 0
+    assert exported_dataset(con, data / "kohya_export", format="kohya", overwrite=True)["images"] == 2
+
+
+def test_a_dedup_made_stale_by_a_kept_copy_going_and_coming_back_is_named(tmp_path, catalog_path):
+    """When the kept copy of a group went missing the dataset had no copy of the picture, and when it came back after
+    another dedup, two; ingest said nothing of running dedup again, as it does for new files."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    runner = CliRunner()
+    data = tmp_path / "data"
+    data.mkdir()
+    with Image.open(Path(__file__).resolve().parents[1] / "sample_data" / "photos" / "coffee.jpg") as photo:
+        photo.save(data / "coffee.png")
+        photo.resize((photo.width // 2, photo.height // 2)).save(data / "coffee_q70.jpg", quality=70)
+    common = ["--catalog", str(catalog_path), "--workers", "1"]
+
+    def ingest() -> str:
+        result = runner.invoke(app, ["ingest", str(data), *common], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    def dedup() -> None:
+        assert runner.invoke(app, ["dedup", "--catalog", str(catalog_path)]).exit_code == 0
+
+    ingest()
+    dedup()
+    (data / "coffee.png").rename(tmp_path / "coffee.png")
+    gone = ingest()
+    assert "1 image(s) in duplicate groups went missing, 1 of them kept copies" in gone and "run `workbench dedup`" in gone
+    dedup()
+    (tmp_path / "coffee.png").rename(data / "coffee.png")
+    back = ingest()
+    assert "1 image(s) back from missing are not in duplicate groups" in back and "run `workbench dedup`" in back
+    dedup()
+    assert "Note" not in ingest()  # nothing changed since the last dedup
+
+
+def test_a_link_to_a_folder_walked_through_another_path_is_walked_there_too(con, tmp_path):
+    """A link to a folder the walk also reached directly was counted as a "directory cycle" and not walked, so the
+    files recorded under the link (from an ingest of the link's folder) were marked missing though they exist."""
+    data = tmp_path / "data"
+    make_images(data / "photos", 1)
+    (data / "shortcuts").mkdir()
+    (data / "shortcuts" / "photos_link").symlink_to(data / "photos")
+    (data / "train").mkdir()
+    (data / "train" / "10_sks dog").symlink_to(data / "photos")  # kohya users link photo folders into subset folders
+    ingested_images(con, [data / "shortcuts"], workers=1)
+    summary = ingested_images(con, [data], workers=1)
+    assert (summary.marked_missing, summary.directory_cycles_skipped) == (0, 0)
+    assert con.execute("SELECT count(*) FROM paths WHERE NOT missing").fetchone()[0] == 3
+    assert con.execute("SELECT concept FROM images_view").fetchall() == [("sks dog",)]
+    (data / "photos" / "up").symlink_to(data)  # a link to a folder above it is a cycle, and is not followed
+    assert ingested_images(con, [data], workers=1).directory_cycles_skipped == 3  # met under each path of photos/
+
+
+@pytest.mark.parametrize("history", ["together", "sidecars_later", "a_then_b", "b_then_a"])
+def test_copies_with_different_sidecars_take_the_first_paths_whatever_the_history(con, tmp_path, history):
+    """Byte-identical copies whose sidecars differ stored the caption of whichever was read last (a fresh catalog:
+    a; sidecars added later: b), with no word, and counted two sidecar captions where one was stored."""
+    first, second = make_images(tmp_path / "t" / "a", 1)[0], make_images(tmp_path / "t" / "b", 1)[0]
+    assert first.read_bytes() == second.read_bytes()
+    captions = {first.with_suffix(".txt"): "caption from a", second.with_suffix(".txt"): "caption from b"}
+    if history != "sidecars_later":
+        for path, text in captions.items():
+            path.write_text(text)
+    if history == "together":
+        summary = ingested_images(con, [tmp_path / "t"], workers=1)
+    elif history == "sidecars_later":
+        ingested_images(con, [tmp_path / "t"], workers=1)
+        for path, text in captions.items():
+            path.write_text(text)
+        summary = ingested_images(con, [tmp_path / "t"], workers=1)
+    else:
+        order = ["a", "b"] if history == "a_then_b" else ["b", "a"]
+        ingested_images(con, [tmp_path / "t" / order[0]], workers=1)
+        summary = ingested_images(con, [tmp_path / "t" / order[1]], workers=1)
+    assert con.execute("SELECT text FROM captions WHERE source = 'sidecar'").fetchall() == [("caption from a",)]
+    assert summary.sidecar_captions == 1
+    assert summary.sidecar_conflicts == {str(first.with_suffix(".txt")): [str(second.with_suffix(".txt"))]}
+    first.with_suffix(".txt").unlink()  # the first copy's sidecar gone: the other copy's gives the caption
+    ingested_images(con, [tmp_path / "t"], workers=1)
+    assert con.execute("SELECT text FROM captions WHERE source = 'sidecar'").fetchall() == [("caption from b",)]
+
+
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 100
+
+
+def test_heic_photos_are_named_and_known_by_content_whatever_their_name(tmp_path, catalog_path):
+    """The note counted HEIC/AVIF photos but named none, and HEIC content under a .jpg name was "not an image:
+    unknown binary data" with no word of HEIC."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    photos = tmp_path / "photos"
+    make_images(photos, 1)
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "IMG_0003.heif", "IMG_0004.avif"):
+        (photos / name).write_bytes(HEIC)
+    (photos / "IMG_0005.jpg").write_bytes(HEIC)  # an iPhone photo renamed, or saved by an app under a .jpg name
+    (photos / "samsung.dat").write_bytes(b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00heicmif1" + b"\x00" * 100)  # brand 2nd
+    result = CliRunner().invoke(app, ["ingest", str(photos), "--catalog", str(catalog_path), "--workers", "1"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"6 HEIC/AVIF photo(s) left out: this Pillow cannot decode them ({photos / 'IMG_0001.HEIC'}, " in text
+    assert "and 3 more)" in text
+    assert read_image_file(bytes(photos / "IMG_0005.jpg"))["error"].startswith("HEIC/AVIF image: this Pillow cannot decode it")
+
+
+def test_a_plain_colour_has_an_entropy_of_zero_bits_not_minus_zero(tmp_path):
+    import math
+
+    path = tmp_path / "white.png"
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(path)
+    entropy = read_image_file(os.fsencode(path))["entropy"]
+    assert entropy == 0 and math.copysign(1.0, entropy) == 1.0  # SQL and the TUI printed "-0.0"

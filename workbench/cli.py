@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import duckdb
 import typer
@@ -24,6 +24,9 @@ from rich.text import Text
 from workbench import catalog as catalog_mod
 from workbench.catalog import CatalogError
 from workbench.progress import RichProgress
+
+if TYPE_CHECKING:  # the steps load when a command runs them (a fast --help)
+    from pipelines.ingest import IngestSummary
 
 app = typer.Typer(
     help="Curate an image set in a DuckDB catalog and train Stable Diffusion on it.\n\n"
@@ -121,6 +124,7 @@ def ingest(
 
     Example: workbench ingest ./photos ./more --catalog project.duckdb
     """
+    from workbench.progress import named_few
     from pipelines.ingest import ingested_images
 
     missing = [str(p) for p in paths if not os.path.lexists(p)]
@@ -161,14 +165,38 @@ def ingest(
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
                           "ingest again to read them.")
-    if summary.skipped_heic_avif:
-        err_console.print(f"[yellow]Note:[/] {summary.skipped_heic_avif} HEIC/AVIF photo(s) left out: this Pillow cannot decode "
-                          "them. Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' export) and ingest again.")
+    if summary.heic_avif_paths:  # left out by name, or recorded as errors when named like another format
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} HEIC/AVIF photo(s) left out: this Pillow cannot decode "
+            f"them ({named_few(sorted(summary.heic_avif_paths))}). Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' "
+            "export) and ingest again."))
+    if summary.sidecar_conflicts:
+        conflicts = [f"{used} (not {', '.join(others)})" for used, others in summary.sidecar_conflicts.items()]
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"{len(conflicts)} image(s) have byte-identical copies whose caption sidecars differ; "
+            f"each takes the sidecar of its first path in sorted order: {named_few(conflicts)}. Make the sidecars agree "
+            "(or delete the ones you do not want) and ingest again."))
     if summary.files_seen == 0:
         err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
-    elif summary.new + summary.changed and con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchone()[0]:
-        err_console.print(f"[yellow]Note:[/] {summary.new + summary.changed} new or changed image(s) are not in duplicate groups "
-                          "yet: run `workbench dedup` (and the later steps you use) again.")
+    elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchone()[0]:
+        stale = _stale_dedup(summary)
+        if stale:
+            err_console.print(f"[yellow]Note:[/] {stale}: run `workbench dedup` (and the later steps you use) again.")
+
+
+def _stale_dedup(summary: IngestSummary) -> str:
+    """What an ingest changed that the last dedup's groups do not cover ('' when nothing)."""
+    parts = []
+    if summary.new + summary.changed:
+        parts.append(f"{summary.new + summary.changed} new or changed image(s) are not in duplicate groups yet")
+    if summary.returned_ungrouped:
+        parts.append(f"{summary.returned_ungrouped} image(s) back from missing are not in duplicate groups")
+    if summary.grouped_missing:
+        kept = summary.kept_copies_missing
+        parts.append(f"{summary.grouped_missing} image(s) in duplicate groups went missing" + (
+            f", {kept} of them kept copies (the dataset has no copy of {'that picture' if kept == 1 else 'those pictures'} "
+            "until dedup keeps another)" if kept else ""))
+    return "; ".join(parts)
 
 
 @app.command()
@@ -713,8 +741,8 @@ def keep(
         fail(str(error))
     group = con.execute("SELECT count(*) FROM duplicates WHERE group_id = (SELECT group_id FROM duplicates WHERE image_id = ?)",
                         [found]).fetchall()[0][0]
-    others = "its other copy is" if group == 2 else f"its {group - 1} other copies are"
-    console.print(Text(f"kept {found[:12]}; {others} excluded as duplicates"))
+    others = "its other copy is excluded as a duplicate" if group == 2 else f"its {group - 1} other copies are excluded as duplicates"
+    console.print(Text(f"kept {found[:12]}; {others}"))
     reason = kept_but_excluded(con, found)
     if reason:
         err_console.print(Text(f"Note: {found[:12]} is itself excluded ({reason}), so the dataset has no copy of this picture: "
@@ -730,6 +758,7 @@ def include(
 
     Example: workbench include 3fa9c2d1e0
     """
+    from pipelines.concepts import resolve_image_ids
     from pipelines.filter import manual_inclusions
 
     con = open_catalog(catalog)
@@ -739,7 +768,17 @@ def include(
         fail(str(error))
     console.print(counts_table("include", summary))
     if summary["still_excluded_by_other_steps"]:
-        err_console.print("[yellow]some images stay excluded by another step (e.g. dedup: choose them as keeper).[/]")
+        # what an include leaves is a duplicate's exclusion: keeping that copy is the way in, so name the command
+        rows = con.execute(
+            "SELECT x.image_id, d.keeper_id FROM exclusions x LEFT JOIN duplicates d USING (image_id) "
+            "WHERE x.image_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY x.image_id",
+            [resolve_image_ids(con, image_ids)]).fetchall()
+        for image_id, keeper in rows[:3]:
+            err_console.print(Text(f"Note: {image_id[:12]} stays excluded as a duplicate of {(keeper or '?')[:12]}; to keep "
+                                   f"it instead: workbench keep {image_id[:12]}", style="yellow"))
+        if len(rows) > 3:
+            err_console.print(Text(f"Note: and {len(rows) - 3} more stay excluded as duplicates (`workbench keep ID` keeps one).",
+                                   style="yellow"))
     if summary["unreadable_files"]:
         err_console.print("[yellow]some files could not be read at ingest (status error), so they stay out of the dataset: "
                           "`workbench sql \"SELECT path, error FROM images_view WHERE status <> 'ok'\"` says why.[/]")

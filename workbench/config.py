@@ -13,6 +13,9 @@ CONFIG_FILE = "workbench.toml"
 # above them (`workbench ingest .` beside the catalog) leaves them out, so samples, loss plots and priors never
 # become instance images. Given as a root, such a folder is read all the same.
 OUTPUT_MARKER = ".workbench-output"
+# What an export wrote (so an --overwrite export replaces exactly that); written before its first image, so it also
+# marks an export folder, even one stopped part way, for walks from above to leave out like OUTPUT_MARKER.
+EXPORT_MANIFEST = ".workbench-export.json"
 
 
 def mark_output_folder(folder: str | os.PathLike[str]) -> None:

@@ -78,3 +78,9 @@ class RichProgress:
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
         self._progress.update(self._tasks[task], completed=completed, total=total)
+
+
+def named_few(names: list[str], limit: int = 3) -> str:
+    """The first `limit` names, then how many more: for messages about many files."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
