@@ -228,3 +228,15 @@ def test_kohya_cache_latents_follows_what_the_loop_really_cached(tmp_path, overr
     # the caller's word wins when it says what happened
     assert lora_formats.kohya_metadata(config, base_model="tiny", image_count=1, steps=1, seconds=1.0,
                                        cache_latents=False)["ss_cache_latents"] == "False"
+
+
+def test_the_adapter_config_in_the_file_header_lists_targets_in_one_order():
+    """peft keeps target_modules as a set, whose order follows the process's hash seed: two runs that trained the
+    same weights wrote files with different bytes."""
+    from peft import LoraConfig
+
+    from pipelines.train.lora_formats import adapter_metadata
+
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_v", "to_q", "to_out.0", "to_k"])
+    assert adapter_metadata(config)["target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert adapter_metadata(config)["r"] == 4

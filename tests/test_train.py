@@ -30,6 +30,7 @@ from pipelines.train.loop import (
     _noise_scheduler,
     _step_loss,
     fill_caches,
+    read_loss_csv,
     sampling_pipeline,
     step_generator,
     tokenize,
@@ -972,3 +973,66 @@ def test_the_default_learning_rate_follows_the_mode(tmp_path):
     assert rate(mode="finetune", from_scratch=True) == 1e-4
     assert rate(mode="dreambooth", learning_rate=2e-6) == 2e-6  # given: kept
     assert TrainConfig(mode="finetune").validate().learning_rate == 1e-5
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0_whatever_the_cadence(con, tmp_path, one_thread):
+    """The Ctrl+C hint says `--resume latest`; the resume was then refused as "checkpoints deleted" when the loss log
+    had reached the (new) checkpoint cadence, and a folder deleted and used again counted its old run's rows."""
+    import shutil
+
+    from pipelines.train import trained_model
+    from workbench.progress import StepCancelled
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    out = tmp_path / "run"
+    config = fast_config(out, max_train_steps=4, checkpointing_steps=10, num_validation_images=0)
+    trained_model(con, config, components=tiny_components())  # a first run, finished, then its folder deleted
+    shutil.rmtree(out)
+
+    def stop_at_step_3(*, task, completed=0, total=None, message=None):
+        if task == "train" and completed == 3:
+            raise StepCancelled("stopped")
+
+    with pytest.raises(StepCancelled):
+        trained_model(con, config, components=tiny_components(), progress=stop_at_step_3)
+    assert len(read_loss_csv(out / "loss.csv", 100)) == 3 and not list((out / "checkpoints").glob("checkpoint-*"))
+    said = []
+    result = trained_model(con, dataclasses.replace(config, resume="latest", checkpointing_steps=2), components=tiny_components(),
+                           progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert result.steps == 4 and any("starts again from step 0" in m for m in said)
+    rows = con.execute("SELECT status, steps, folder_id IS NOT NULL FROM training_runs ORDER BY train_id").fetchall()
+    assert rows == [("ok", 4, True), ("cancelled", 0, True), ("ok", 4, True)]
+    ids = [r[0] for r in con.execute("SELECT folder_id FROM training_runs ORDER BY train_id").fetchall()]
+    assert ids[0] != ids[1] == ids[2]  # the deleted run's row is another folder life
+
+
+def test_a_reused_folder_killed_after_its_last_checkpoint_still_writes_its_outputs(con, tmp_path, one_thread):
+    """A folder deleted and used again: the deleted run's 'ok' row at the same step made the resume say "finished
+    ... nothing to resume", so the trained LoRA could never be written."""
+    import shutil
+
+    from pipelines.train import trained_model
+
+    config, _ = _finished_run(con, tmp_path)
+    shutil.rmtree(tmp_path / "run")
+    config, _ = _finished_run(con, tmp_path)
+    for output in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        (tmp_path / "run" / output).unlink()  # killed while writing its outputs
+    con.execute("UPDATE training_runs SET status = 'running' WHERE train_id = (SELECT max(train_id) FROM training_runs)")
+    result = trained_model(con, dataclasses.replace(config, resume="latest"), components=tiny_components())
+    assert result.steps == 2 and (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_instead(con, tmp_path, one_thread):
+    from pipelines.train import trained_model
+
+    config, _ = _finished_run(con, tmp_path, max_train_steps=2, checkpointing_steps=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    weights = checkpoints / "checkpoint-2" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    longer = dataclasses.replace(config, resume="latest", max_train_steps=3)
+    with pytest.raises(TrainingError, match=r"checkpoint-2 cannot be read: weights.safetensors missing or cut off.*--resume checkpoint-1"):
+        trained_model(con, longer, components=tiny_components())
+    (checkpoints / "checkpoint-1" / "state.json").unlink()
+    with pytest.raises(TrainingError, match=r"checkpoint-1 cannot be read: state.json .*No earlier checkpoint"):
+        trained_model(con, dataclasses.replace(longer, resume=str(checkpoints / "checkpoint-1")), components=tiny_components())

@@ -129,6 +129,38 @@ def save_checkpoint(
     return target
 
 
+REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
+
+
+def damaged_files(path: Path) -> list[str]:
+    """The files of a checkpoint that are missing or cannot be read. It is written whole or not at all (a temp folder,
+    then renamed), so this is a file cut off by a disk fault or a crash before the data reached the disk, or an edit."""
+    from safetensors import safe_open
+
+    names = list(REQUIRED_FILES) + [n for n in ("ema.safetensors", "ema.json") if (path / n).exists()]
+    damaged = []
+    for name in names:
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(path / name), framework="pt"):
+                    pass
+                if (path / name).stat().st_size < _safetensors_end(path / name):  # the header whole, its tensors not
+                    raise ValueError("cut off")
+            else:
+                json.loads((path / name).read_text())
+        except Exception:  # any failure to read it is the answer, whatever the library raises
+            damaged.append(name)
+    return damaged
+
+
+def _safetensors_end(file: Path) -> int:
+    """Where a safetensors file's last tensor ends, from its header (8-byte length, then JSON offsets)."""
+    with file.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return 8 + length + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+
+
 def load_checkpoint(
     path: Path,
     *,

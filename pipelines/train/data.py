@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,9 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
     """Save the options and the exact images, captions, buckets and class priors of a run (what `--resume` reads back)."""
     from dataclasses import asdict
 
-    payload = {"version": 1, "config": config, "images": [asdict(i) for i in images],
+    # folder_id: this life of the run folder, recorded with each training row (a folder deleted and used again gets a
+    # new one, so the rows of the deleted run do not count when a resume there is judged)
+    payload = {"version": 1, "folder_id": uuid.uuid4().hex, "config": config, "images": [asdict(i) for i in images],
                "priors": None if priors is None else {p: [asdict(i) for i in pool] for p, pool in priors.items()}}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:  # ASCII JSON: a file name that is not UTF-8 (kept as surrogate escapes) survives the round trip
@@ -278,6 +281,14 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def snapshot_folder_id(path: Path) -> str | None:
+    """The folder id `write_snapshot` gave the run folder (None: no snapshot, or one written before ids)."""
+    try:
+        return json.loads(path.read_text()).get("folder_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_snapshot(path: Path) -> tuple[list[TrainImage], dict[str, list[TrainImage]] | None]:

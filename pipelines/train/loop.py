@@ -184,6 +184,14 @@ class LossLog:
             accelerator.log({"loss": loss, "lr": lr}, step=step)
 
 
+def damaged_checkpoint_message(checkpoint: Path, damaged: list[str]) -> str:
+    """What to do when a checkpoint's files are missing or cut off: resume from the one before, or delete it."""
+    earlier = [c for c in ckpt.list_checkpoints(checkpoint.parent) if ckpt.checkpoint_step(c) < ckpt.checkpoint_step(checkpoint)]
+    instead = (f"Resume from the one before it (--resume {earlier[-1].name}), or delete {checkpoint} and resume with --resume latest."
+               if earlier else f"No earlier checkpoint is left: delete {checkpoint} to start the run again from step 0.")
+    return f"{checkpoint.name} cannot be read: {', '.join(damaged)} missing or cut off (a disk fault, or a crash before it reached the disk). {instead}"
+
+
 def step_generator(seed: int, micro_index: int, process_index: int = 0) -> torch.Generator:
     """The CPU generator of one micro-batch: independent of everything that ran before it."""
     mixed = (seed * 1_000_003 + micro_index) * 1_009 + process_index
@@ -566,14 +574,21 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     resume_from = None
     if config.resume:
         resume_from = ckpt.resolve_resume(checkpoints_dir, config.resume)
+        if resume_from is None:  # stopped before its first checkpoint was written (run.py refuses the other cases)
+            progress(task="train", message=f"no checkpoint in {checkpoints_dir} yet: the run starts again from step 0")
     if resume_from is not None:
         try:
             state = ckpt.load_checkpoint(
                 resume_from, model_parameters=named_trainable, optimizer=optimizer.optimizer,
                 lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
             )
-        except ValueError as error:  # weights or optimizer state of another shape: written with other options
-            raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
+        except Exception as error:
+            damaged = ckpt.damaged_files(resume_from)
+            if damaged:
+                raise TrainingError(damaged_checkpoint_message(resume_from, damaged)) from error
+            if isinstance(error, ValueError):  # weights or optimizer state of another shape: written with other options
+                raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
+            raise
         global_step = int(state["step"])
         if global_step > max_steps:  # nothing would train, and the outputs would be redone from the checkpoint
             raise TrainingError(steps_behind_message(config, resume_from, global_step, max_steps))

@@ -45,10 +45,16 @@ def save_diffusers_lora(output_dir: Path, unet: torch.nn.Module, text_encoder: t
         save_directory=str(output_dir), unet_lora_layers=peft_lora_state(unet),
         text_encoder_lora_layers=peft_lora_state(text_encoder) if text_encoder is not None else None,
         weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None,
+        unet_lora_adapter_metadata=adapter_metadata(unet.peft_config["default"]),
+        text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder.peft_config["default"]) if text_encoder is not None else None,
     )
     return output_dir / DIFFUSERS_LORA_FILE
+
+
+def adapter_metadata(lora_config) -> dict:
+    """peft's adapter config for the file header, its sets sorted: a set's order changes with each process's hash
+    seed, and two runs that trained the same weights should write the same bytes (`sha256sum` says equal)."""
+    return {key: sorted(value) if isinstance(value, (set, frozenset)) else value for key, value in lora_config.to_dict().items()}
 
 
 def kohya_state_dict(

@@ -16,7 +16,7 @@ import duckdb
 
 from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 from pipelines.train.loop import (
     RunRefused,
     TrainingError,
@@ -25,7 +25,6 @@ from pipelines.train.loop import (
     load_components,
     main,
     planned_steps,
-    read_loss_csv,
     runs_on_cpu,
     steps_behind_message,
 )
@@ -143,20 +142,30 @@ FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"
 
 def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: Path) -> None:
     """`--resume latest` with no checkpoint starts again at step 0: right for a run stopped before its first
-    checkpoint, wrong for one whose checkpoints are gone (it would train over its outputs and loss log)."""
+    checkpoint was written (or while it was written), wrong for one that wrote outputs or recorded a checkpoint
+    whose files are gone (it would train over them). Only what says a checkpoint existed counts: the loss log
+    does not, since the checkpoint cadence may change on resume."""
     if config.resume != "latest" or ckpt.list_checkpoints(output_dir / "checkpoints"):
         return
     outputs = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
-    logged = max((row[0] for row in read_loss_csv(output_dir / "loss.csv", 2**62)), default=0)
-    # steps of a recorded session: the step it finished at, or the checkpoint a resume would have continued from
-    recorded = con.execute("SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ?", [str(output_dir)]).fetchone()[0]
-    if outputs or recorded > 0 or logged >= config.checkpointing_steps:
+    # steps of a recorded session of this run: the step it finished at, or the checkpoint a resume would continue from
+    recorded = con.execute(
+        "SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ?",
+        [str(output_dir), _folder_id(output_dir)],
+    ).fetchone()[0]
+    if outputs or recorded > 0:
+        reached = f"got to step {recorded}" + (" and wrote its outputs" if outputs else "") if recorded else "wrote its outputs"
         raise RunRefused(
-            f"There is no checkpoint to resume from in {output_dir / 'checkpoints'}, but the run there got to step "
-            f"{max(logged, recorded)}{' and wrote its outputs' if outputs else ''}: its checkpoints were deleted. "
-            "Resuming would train it again from step 0 over them. Start a new run with another --output-dir "
-            f"(or delete {output_dir} to start again there)."
+            f"There is no checkpoint to resume from in {output_dir / 'checkpoints'}, but the run there {reached}: "
+            "its checkpoints were deleted. Resuming would train it again from step 0 over them. Start a new run with "
+            f"another --output-dir (or delete {output_dir} to start again there)."
         )
+
+
+def _folder_id(output_dir: Path) -> str | None:
+    """This life of the run folder (its dataset.json's id): rows of a run deleted before it and started again there
+    belong to another run."""
+    return train_data.snapshot_folder_id(output_dir / SNAPSHOT_FILE)
 
 
 def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images) -> None:
@@ -173,8 +182,9 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
     if step > total:
         raise RunRefused(steps_behind_message(config, checkpoint, step, total))
     row = con.execute(
-        "SELECT steps FROM training_runs WHERE output_dir = ? AND status = 'ok' ORDER BY train_id DESC LIMIT 1",
-        [str(output_dir)],
+        "SELECT steps FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? AND status = 'ok' "
+        "ORDER BY train_id DESC LIMIT 1",
+        [str(output_dir), _folder_id(output_dir)],
     ).fetchone()
     if step == total and row is not None and row[0] == step:
         raise RunRefused(
@@ -351,9 +361,10 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
     _mark_interrupted_runs(catalog.con, output_dir)
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
     train_id = catalog.con.execute(
-        "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir) "
-        "VALUES (?, ?, 'running', ?, ?, ?, ?) RETURNING train_id",
-        [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir)],
+        "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir, folder_id) "
+        "VALUES (?, ?, 'running', ?, ?, ?, ?, ?) RETURNING train_id",
+        [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir),
+         _folder_id(output_dir)],
     ).fetchone()[0]
     run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
     result, failure = None, None
