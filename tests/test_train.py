@@ -1036,3 +1036,13 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_instead(con, 
     (checkpoints / "checkpoint-1" / "state.json").unlink()
     with pytest.raises(TrainingError, match=r"checkpoint-1 cannot be read: state.json .*No earlier checkpoint"):
         trained_model(con, dataclasses.replace(longer, resume=str(checkpoints / "checkpoint-1")), components=tiny_components())
+
+
+def test_a_resume_with_more_steps_says_the_learning_rate_schedule_was_stretched(con, tmp_path, one_thread):
+    from pipelines.train import trained_model
+
+    config, _ = _finished_run(con, tmp_path, lr_scheduler="cosine")
+    said = []
+    trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=3), components=tiny_components(),
+                  progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("cosine learning-rate schedule now spans 3 steps, not 2" in m for m in said), said

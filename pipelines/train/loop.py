@@ -593,6 +593,13 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         if global_step > max_steps:  # nothing would train, and the outputs would be redone from the checkpoint
             raise TrainingError(steps_behind_message(config, resume_from, global_step, max_steps))
         progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
+        planned_before = state.get("max_train_steps")
+        if planned_before and planned_before != max_steps and config.lr_scheduler not in ("constant", "constant_with_warmup"):
+            # the schedule is a function of the total: a cosine that had decayed to 0 at its old end rises again
+            progress(task="train", message=(
+                f"the {config.lr_scheduler} learning-rate schedule now spans {max_steps} steps, not {planned_before}: "
+                f"from step {global_step} the rate follows the longer schedule (after a decay to 0 it rises again); "
+                "a new run trains with one whole schedule"))
     start_step = global_step
     loss_rows = read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
 
