@@ -23,7 +23,7 @@ from rich.text import Text
 
 from workbench import catalog as catalog_mod
 from workbench.catalog import CatalogError
-from workbench.progress import RichProgress
+from workbench.progress import RichProgress, named_few
 
 if TYPE_CHECKING:  # the steps load when a command runs them (a fast --help)
     from pipelines.ingest import IngestSummary
@@ -124,7 +124,6 @@ def ingest(
 
     Example: workbench ingest ./photos ./more --catalog project.duckdb
     """
-    from workbench.progress import named_few
     from pipelines.ingest import ingested_images
 
     missing = [str(p) for p in paths if not os.path.lexists(p)]
