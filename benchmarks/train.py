@@ -313,6 +313,9 @@ def main() -> None:
     for _ in range(repeats):  # interleaved, so a busy spell on a shared machine hits every trainer alike
         for name, spec in jobs.items():
             runs[name].append(_run_child(spec, env))
+            done = runs[name][-1]  # as each run ends, so a run cut short by a time limit still leaves figures
+            print(f"  {name}: " + (f"{done['steps_per_s']:.2f} steps/s, peak {done['peak_bytes'] / 2**20:.0f} MiB"
+                                   if "error" not in done else "FAILED"), flush=True)
     results = {name: _median(found) for name, found in runs.items()}
     unit = "MiB VRAM" if args.device.startswith("cuda") else "MiB RSS"
     print(f"\n{'trainer':<28}{'steps/s':>9}{'median-step':>13}{'peak ' + unit:>18}{'1st step s':>12}{'wall s':>9}   runs (steps/s)")
