@@ -97,6 +97,12 @@ def _count_syncs(counts: dict) -> None:
     warnings.showwarning = counted
 
 
+def _layout(variant: str) -> bool | None:
+    """channels_last for a variant: forced on or off, or None (the trainer's default: on for CUDA, off on CPU)."""
+    parts = variant.split("+")
+    return True if "channels_last" in parts else False if "no_channels_last" in parts else None
+
+
 def _child(spec: dict) -> None:
     import torch
 
@@ -115,7 +121,7 @@ def _child(spec: dict) -> None:
             checkpointing_steps=10**6, num_validation_images=0, evaluate=False, output_dir=str(Path(spec["out"]) / "run"),
             instance_prompt=PROMPT, cache_dir=str(Path(spec["out"]) / "cache"), device=spec["device"],
             report_to="tensorboard", gradient_checkpointing=spec["gradient_checkpointing"],
-            channels_last="channels_last" in spec["variant"].split("+"), torch_compile="compile" in spec["variant"].split("+"),
+            channels_last=_layout(spec["variant"]), torch_compile="compile" in spec["variant"].split("+"),
         ))
         trained_model(con, config, release_catalog=True)  # as `workbench train` runs it
     else:
@@ -256,8 +262,9 @@ def main() -> None:
     parser.add_argument("--peer-script", type=Path, default=DEFAULT_PEER)
     parser.add_argument("--peer-variants", default="default,precompute")
     parser.add_argument("--ours-variants", default=None,
-                        help="default,channels_last,compile; join options with + (channels_last+compile). Default: default,compile "
-                             "on CPU; default,compile,channels_last+compile on CUDA.")
+                        help="default,channels_last,no_channels_last,compile; join options with + (no_channels_last+compile). "
+                             "Default: default,compile on CPU; default,no_channels_last,compile on CUDA (where the "
+                             "trainer's default is channels-last).")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "train")
     parser.add_argument("--repeats", type=int, default=None, help="Runs per trainer, median reported (default 3 CPU, 1 full size).")
     args = parser.parse_args()
@@ -267,7 +274,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     steps = args.steps or (30 if args.full_size else 40)
-    args.ours_variants = args.ours_variants or ("default,compile,channels_last+compile" if args.device.startswith("cuda") else "default,compile")
+    args.ours_variants = args.ours_variants or ("default,no_channels_last,compile" if args.device.startswith("cuda") else "default,compile")
     resolution = args.resolution or (512 if args.full_size else 64)
     mixed = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
     args.workdir.mkdir(parents=True, exist_ok=True)

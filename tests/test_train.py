@@ -1046,3 +1046,14 @@ def test_a_resume_with_more_steps_says_the_learning_rate_schedule_was_stretched(
     trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=3), components=tiny_components(),
                   progress=lambda **kw: said.append(kw.get("message") or ""))
     assert any("cosine learning-rate schedule now spans 3 steps, not 2" in m for m in said), said
+
+
+def test_channels_last_is_the_default_on_cuda_only_and_either_way_when_asked(tmp_path):
+    from pipelines.train.loop import uses_channels_last
+
+    config = fast_config(tmp_path / "out")
+    assert config.channels_last is None
+    assert uses_channels_last(config, "cuda") and not uses_channels_last(config, "cpu")
+    assert not uses_channels_last(dataclasses.replace(config, channels_last=False), "cuda:0")
+    assert uses_channels_last(dataclasses.replace(config, channels_last=True), "cpu")
+    assert load_train_config(None, {"channels_last": False}).channels_last is False  # --set channels_last=false

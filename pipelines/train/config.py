@@ -86,7 +86,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     allow_tf32: bool = True  # CUDA: TF32 matmuls/convs where fp32 is used (diffusers' --allow_tf32)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv kernels (buckets keep shapes few)
-    channels_last: bool = False  # UNet in channels-last memory format (often faster convs on recent GPUs)
+    # UNet in channels-last memory format. None: on CUDA (an H100 ran 6.85 steps/s with it, 5.16-6.45 without, at
+    # SD-1.5 size), off on CPU, where the exact-resume tests run in the standard layout
+    channels_last: bool | None = None
     torch_compile: bool = False  # compile the UNet's transformer blocks: faster steps after a one-time compile
     mixed_precision: str = "no"
     seed: int = 0
