@@ -140,7 +140,7 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
 FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "pipeline", "model.safetensors")
 
 
-def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: Path) -> None:
+def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: Path, folder_id: str | None) -> None:
     """`--resume latest` with no checkpoint starts again at step 0: right for a run stopped before its first
     checkpoint was written (or while it was written), wrong for one that wrote outputs or recorded a checkpoint
     whose files are gone (it would train over them). Only what says a checkpoint existed counts: the loss log
@@ -151,7 +151,7 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
     # steps of a recorded session of this run: the step it finished at, or the checkpoint a resume would continue from
     recorded = con.execute(
         "SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ?",
-        [str(output_dir), _folder_id(output_dir)],
+        [str(output_dir), folder_id],
     ).fetchone()[0]
     if outputs or recorded > 0:
         reached = f"got to step {recorded}" + (" and wrote its outputs" if outputs else "") if recorded else "wrote its outputs"
@@ -168,7 +168,7 @@ def _folder_id(output_dir: Path) -> str | None:
     return train_data.snapshot_folder_id(output_dir / SNAPSHOT_FILE)
 
 
-def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images) -> None:
+def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images, folder_id: str | None) -> None:
     """`--resume` from a checkpoint at or past the steps asked for would train nothing and only redo the outputs:
     refused when the run is recorded finished at that step, or is past it (a resume after a crash while saving
     the outputs still writes them)."""
@@ -184,7 +184,7 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
     row = con.execute(
         "SELECT steps FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? AND status = 'ok' "
         "ORDER BY train_id DESC LIMIT 1",
-        [str(output_dir), _folder_id(output_dir)],
+        [str(output_dir), folder_id],
     ).fetchone()
     if step == total and row is not None and row[0] == step:
         raise RunRefused(
@@ -295,12 +295,15 @@ def trained_model(
     catalog = _RunCatalog(con, release_catalog)
     with _run_folder_lock(output_dir):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
-        _refuse_a_resume_without_checkpoints(con, config, output_dir)
+        folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
+        _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
         images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
-        _refuse_a_finished_resume(con, config, output_dir, images)
+        _refuse_a_finished_resume(con, config, output_dir, images, folder_id)
+        if folder_id is None:
+            folder_id = _folder_id(output_dir)  # the snapshot a new run (or a resume of a run without one) just wrote
         if world_size > 1:
             _shared_dataset(config, (images, priors, str(output_dir)))
-        return _train_and_record(catalog, config, images, priors, output_dir, components, progress, started)
+        return _train_and_record(catalog, config, images, priors, output_dir, components, progress, started, folder_id)
 
 
 def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
@@ -356,7 +359,7 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
 
 
 def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors, output_dir: Path, components,
-                      progress: ProgressHook, started: float) -> TrainResult:
+                      progress: ProgressHook, started: float, folder_id: str | None) -> TrainResult:
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
     _mark_interrupted_runs(catalog.con, output_dir)
     class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
@@ -364,7 +367,7 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir, folder_id) "
         "VALUES (?, ?, 'running', ?, ?, ?, ?, ?) RETURNING train_id",
         [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir),
-         _folder_id(output_dir)],
+         folder_id],
     ).fetchone()[0]
     run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
     result, failure = None, None
