@@ -133,7 +133,7 @@ def _prepare_out(out: Path, *, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
-    # the manifest alone is not content: exported_dataset writes it first, as the marker that keeps ingest out
+    # the manifest alone is not content: an export stopped before its first image left only that
     if out.exists() and any(p.name != EXPORT_MANIFEST for p in out.iterdir()) and not overwrite:
         raise ExportError(f"{out} is not empty; choose an empty folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
@@ -227,15 +227,14 @@ def kohya_export(
     out: str | os.PathLike[str],
     *,
     link: str = "copy",
-    overwrite: bool = False,
     caption_extension: str = ".txt",
     progress: ProgressHook = null_progress,
 ) -> dict:
     """kohya sd-scripts layout: img/N_trigger class/ (img/1_/ for images without a concept, + reg/ for class
-    priors), .txt captions, dataset.toml."""
+    priors), .txt captions, dataset.toml. OUT was prepared by `exported_dataset`."""
     import tomli_w
 
-    out = _prepare_out(Path(out), overwrite=overwrite)
+    out = Path(out)
     rows = _dataset_rows(con)
     settings = _bucket_settings(con)
     unbucketable = 0
@@ -346,11 +345,11 @@ def imagefolder_export(
     out: str | os.PathLike[str],
     *,
     link: str = "copy",
-    overwrite: bool = False,
     progress: ProgressHook = null_progress,
 ) -> dict:
-    """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/."""
-    out = _prepare_out(Path(out), overwrite=overwrite)
+    """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/. OUT was
+    prepared by `exported_dataset`."""
+    out = Path(out)
     target_dir = _inside(out, "train")
     target_dir.mkdir(exist_ok=True)
     rows = _dataset_rows(con)
@@ -435,7 +434,7 @@ def exported_dataset(
             exporter = kohya_export if format == "kohya" else imagefolder_export
             finished = False
             try:
-                summary = exporter(con, out, link=link, overwrite=overwrite, progress=progress)
+                summary = exporter(con, out, link=link, progress=progress)
                 finished = True
             finally:  # also when stopped part way (Ctrl+C, a full disk): `--overwrite` then replaces exactly that
                 if out_path.is_dir():
