@@ -1057,3 +1057,22 @@ def test_channels_last_is_the_default_on_cuda_only_and_either_way_when_asked(tmp
     assert not uses_channels_last(dataclasses.replace(config, channels_last=False), "cuda:0")
     assert uses_channels_last(dataclasses.replace(config, channels_last=True), "cpu")
     assert load_train_config(None, {"channels_last": False}).channels_last is False  # --set channels_last=false
+
+
+def test_a_full_model_trained_in_bf16_saves_its_frozen_text_encoder_exactly(con, tmp_path, one_thread):
+    """The frozen text encoder runs in bf16 to save memory; the saved pipeline and single file used to get that
+    rounded copy cast back to float32 instead of the base model's own weights."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "ft", mode="finetune", mixed_precision="bf16", max_train_steps=1, num_validation_images=0)
+    base = {k: v.clone() for k, v in tiny_components().text_encoder.state_dict().items()}
+    assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in base.values())  # bf16 would change them
+    main(config, training_images(con, config), output_dir=tmp_path / "ft", components=tiny_components())
+    saved = CLIPTextModel.from_pretrained(str(tmp_path / "ft" / "pipeline" / "text_encoder")).state_dict()
+    assert all(torch.equal(saved[k], base[k]) for k in base)
+    single = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    in_single = {k: f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}" for k in base}
+    assert all(torch.equal(single[in_single[k]], base[k]) for k in base if in_single[k] in single)
+    assert sum(in_single[k] in single for k in base) >= len(base) - 1  # all but position_ids, which LDM files may omit

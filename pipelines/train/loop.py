@@ -541,6 +541,9 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if accelerator.mixed_precision in ("fp16", "bf16"):
         cast_training_params(trained_modules, dtype=torch.float32)  # trainable weights stay fp32, as in diffusers
     _place(vae, device, weight_dtype if config.mode == "lora" else torch.float32)
+    # a full model is saved with its frozen text encoder: keep its own float32 weights for that, not a copy
+    # rounded to the training dtype (diffusers' train_dreambooth.py saves the base text encoder too)
+    frozen_text_weights = dict(text_encoder.state_dict()) if config.mode != "lora" and not train_text else None
     if not train_text:
         _place(text_encoder, device, weight_dtype)
 
@@ -706,7 +709,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         outputs.update(_save_model(
             config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler,
             len(images), global_step, time.perf_counter() - started, images=images, cache_latents=latent_cache is not None,
-            epoch=math.ceil(global_step * micro_per_update / per_epoch),
+            epoch=math.ceil(global_step * micro_per_update / per_epoch), frozen_text_weights=frozen_text_weights,
         ))
         if config.num_validation_images > 0:
             grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
@@ -902,7 +905,8 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
 
 
 def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
-                *, images=None, epoch: int | None = None, cache_latents: bool | None = None) -> dict[str, str]:
+                *, images=None, epoch: int | None = None, cache_latents: bool | None = None,
+                frozen_text_weights: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     from pipelines.train import lora_formats
 
     outputs = {}
@@ -922,6 +926,8 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
     )
     for module in (pipe.vae, pipe.text_encoder):
         _place(module, module.device, torch.float32)  # frozen parts may have run in fp16/bf16
+    if frozen_text_weights is not None:
+        pipe.text_encoder.load_state_dict(frozen_text_weights)  # exact, not the fp16/bf16 copy cast back
     pipeline_dir = output_dir / "pipeline"
     pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
     outputs["pipeline"] = str(pipeline_dir)
