@@ -1076,3 +1076,14 @@ def test_a_full_model_trained_in_bf16_saves_its_frozen_text_encoder_exactly(con,
     in_single = {k: f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}" for k in base}
     assert all(torch.equal(single[in_single[k]], base[k]) for k in base if in_single[k] in single)
     assert sum(in_single[k] in single for k in base) >= len(base) - 1  # all but position_ids, which LDM files may omit
+
+
+def test_lora_target_modules_the_model_lacks_are_refused_with_the_layer_names_it_has(con, tmp_path, one_thread):
+    """peft's NoMatchingPeftModuleError used to reach the user as a traceback."""
+    from pipelines.train.loop import RunRefused
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    for option, a_layer_there in (("lora_target_modules", "to_q"), ("text_encoder_target_modules", "q_proj")):
+        config = fast_config(tmp_path / option, max_train_steps=1, train_text_encoder=True, **{option: ["nonexistent_mod"]})
+        with pytest.raises(RunRefused, match=f"No layer of the model matches {option}.*{a_layer_there}"):
+            main(config, training_images(con, config), output_dir=tmp_path / option, components=tiny_components())

@@ -511,13 +511,15 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
 
         unet.requires_grad_(False)
         _place(unet, device, weight_dtype)
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.lora_target_modules)))
+        with _named_target_modules("lora_target_modules", unet):
+            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.lora_target_modules)))
         if train_text:
             _place(text_encoder, device, weight_dtype)
-            _add_text_encoder_lora(text_encoder, LoraConfig(
-                r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
-                target_modules=list(config.text_encoder_target_modules),
-            ))
+            with _named_target_modules("text_encoder_target_modules", text_encoder):
+                _add_text_encoder_lora(text_encoder, LoraConfig(
+                    r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
+                    target_modules=list(config.text_encoder_target_modules),
+                ))
     else:
         if config.from_scratch:
             torch.manual_seed(config.seed)
@@ -755,6 +757,22 @@ def readable_as_umask_allows(folder: Path) -> None:
     for path in folder.rglob("*.safetensors"):
         if path.stat().st_mode & 0o777 != wanted:
             path.chmod(wanted)
+
+
+@contextlib.contextmanager
+def _named_target_modules(option: str, model: torch.nn.Module):
+    """peft's error for target modules the model lacks, as a short refusal naming the option and the layers there are."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    try:
+        yield
+    except (NoMatchingPeftModuleError, ValueError) as error:
+        if "target modules" not in str(error).lower() and not isinstance(error, NoMatchingPeftModuleError):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] if not name.endswith("to_out.0") else "to_out.0"
+                         for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise RunRefused(f"No layer of the model matches {option} (--set {option}=...): its linear layers are named "
+                         f"{', '.join(linear)}.") from None
 
 
 def _add_text_encoder_lora(text_encoder, lora_config) -> None:
