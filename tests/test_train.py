@@ -1087,3 +1087,31 @@ def test_lora_target_modules_the_model_lacks_are_refused_with_the_layer_names_it
         config = fast_config(tmp_path / option, max_train_steps=1, train_text_encoder=True, **{option: ["nonexistent_mod"]})
         with pytest.raises(RunRefused, match=f"No layer of the model matches {option}.*{a_layer_there}"):
             main(config, training_images(con, config), output_dir=tmp_path / option, components=tiny_components())
+
+
+def test_a_new_run_never_overwrites_files_no_workbench_run_wrote(con, tmp_path, one_thread):
+    """A folder holding another tool's outputs (a diffusers example's model.safetensors, a kohya LoRA) had them
+    silently replaced; a file given as --output-dir gave a FileExistsError traceback."""
+    from pipelines.train import trained_model
+    from pipelines.train.loop import RunRefused
+    from workbench.config import OUTPUT_MARKER
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    foreign = tmp_path / "diffusers_out"
+    (foreign / "checkpoint-500").mkdir(parents=True)
+    (foreign / "model.safetensors").write_bytes(b"another tool's model")
+    with pytest.raises(RunRefused, match="already holds model.safetensors, which this run would overwrite"):
+        trained_model(con, fast_config(foreign, mode="finetune", max_train_steps=1), components=tiny_components())
+    assert (foreign / "model.safetensors").read_bytes() == b"another tool's model"
+    assert not (foreign / OUTPUT_MARKER).exists() and not (foreign / "dataset.json").exists()
+
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    with pytest.raises(RunRefused, match="is a file: give a folder"):
+        trained_model(con, fast_config(a_file, max_train_steps=1), components=tiny_components())
+
+    own_config = tmp_path / "with_its_config"  # files a run does not write may be there (the run's own train.toml)
+    own_config.mkdir()
+    (own_config / "train.toml").write_text("rank = 4\n")
+    result = trained_model(con, fast_config(own_config, max_train_steps=1, num_validation_images=0), components=tiny_components())
+    assert (own_config / "pytorch_lora_weights.safetensors").is_file() and result.steps == 1

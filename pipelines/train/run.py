@@ -138,6 +138,8 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
 
 # what a finished run leaves beside its checkpoints (LoRA files; DreamBooth and fine-tune: a pipeline and one file)
 FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "pipeline", "model.safetensors")
+# every name a run writes in its folder
+RUN_WRITES = frozenset({*FINISHED_OUTPUTS, "checkpoints", "samples", "logs", "loss.csv", "loss.png", SNAPSHOT_FILE})
 
 
 def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: Path, folder_id: str | None) -> None:
@@ -293,7 +295,7 @@ def trained_model(
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
     catalog = _RunCatalog(con, release_catalog)
-    with _run_folder_lock(output_dir):  # refusals come first, before minutes of model loading
+    with _run_folder_lock(output_dir, resuming=bool(config.resume)):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
         folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
         _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
@@ -318,13 +320,23 @@ def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
 
 
 @contextmanager
-def _run_folder_lock(output_dir: Path) -> Iterator[None]:
+def _run_folder_lock(output_dir: Path, *, resuming: bool = False) -> Iterator[None]:
     """One training process per run folder: the catalog is free while a model trains, so a second
     `workbench train --resume` could otherwise start on the same checkpoints."""
     from filelock import FileLock, Timeout
 
     from workbench.config import OUTPUT_MARKER, mark_output_folder
 
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunRefused(f"--output-dir {output_dir} is a file: give a folder (a new one, or a run's to --resume).")
+    if not resuming and output_dir.is_dir() and not (output_dir / OUTPUT_MARKER).exists():
+        # a folder no workbench run has used: never overwrite what another tool (or the user) put there
+        taken = sorted(p.name for p in output_dir.iterdir() if p.name in RUN_WRITES)
+        if taken:
+            raise RunRefused(
+                f"{output_dir} already holds {', '.join(taken)}, which this run would overwrite, and no workbench run "
+                "wrote them: give an empty or new --output-dir."
+            )
     new_folder = not output_dir.exists()
     mark_output_folder(output_dir)  # its samples and plots must never be ingested as training images
     lock = FileLock(output_dir / ".train.lock", timeout=0)
