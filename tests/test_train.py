@@ -1115,3 +1115,19 @@ def test_a_new_run_never_overwrites_files_no_workbench_run_wrote(con, tmp_path, 
     (own_config / "train.toml").write_text("rank = 4\n")
     result = trained_model(con, fast_config(own_config, max_train_steps=1, num_validation_images=0), components=tiny_components())
     assert (own_config / "pytorch_lora_weights.safetensors").is_file() and result.steps == 1
+
+
+def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its_outputs(con, tmp_path, one_thread):
+    """A finished run extended with --resume rewrites the folder's weights and samples; `evaluate` of the first
+    run used to score the continued run's samples and store them as the first run's metrics."""
+    from pipelines.train import load_train_config, trained_model
+    from pipelines.train.evaluate import continued_by, run_metrics
+
+    config, first = _finished_run(con, tmp_path)
+    said = []
+    resumed = load_train_config(None, {"output_dir": config.output_dir, "resume": "latest", "max_train_steps": 3})
+    second = trained_model(con, resumed, components=tiny_components(), progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert second.steps == 3 and continued_by(con, first.train_id) == second.train_id and continued_by(con, second.train_id) is None
+    assert any(f"continued run {first.train_id}" in message for message in said)
+    with pytest.raises(ValueError, match=f"now those of run {second.train_id}.*evaluate run {second.train_id}"):
+        run_metrics(con, first.train_id, clip_model="tiny")

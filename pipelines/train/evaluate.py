@@ -116,6 +116,17 @@ def fid(references: Sequence[Image.Image], samples: Sequence[Image.Image], weigh
     return float(metric.compute())
 
 
+def continued_by(con: duckdb.DuckDBPyConnection, train_id: int) -> int | None:
+    """The later finished run that continued `train_id` in its folder (--resume) and so rewrote its outputs, if any."""
+    row = con.execute(
+        "SELECT min(later.train_id) FROM training_runs run JOIN training_runs later ON later.output_dir = run.output_dir "
+        "AND later.folder_id IS NOT DISTINCT FROM run.folder_id AND later.train_id > run.train_id AND later.status = 'ok' "
+        "WHERE run.train_id = ? AND run.status = 'ok'",
+        [train_id],
+    ).fetchone()
+    return row[0] if row else None
+
+
 def run_metrics(
     con: duckdb.DuckDBPyConnection,
     train_id: int,
@@ -130,6 +141,10 @@ def run_metrics(
     row = con.execute("SELECT model, outputs, image_ids FROM training_runs WHERE train_id = ?", [train_id]).fetchone()
     if row is None:
         raise ValueError(f"No training run {train_id}; list them with `workbench sql \"SELECT * FROM training_runs\"`.")
+    later = continued_by(con, train_id)
+    if later is not None:
+        raise ValueError(f"Run {train_id}'s samples and weights are now those of run {later}, which continued it in the same "
+                         f"folder: evaluate run {later}.")
     model, outputs, image_ids = row
     outputs = json.loads(outputs) if outputs else {}
     final_dir = Path(outputs.get("final_samples", ""))

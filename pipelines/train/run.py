@@ -404,6 +404,14 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
             _record_outcome(catalog.con, run, train_id, result, failure, output_dir)
     try:
         result.train_id = train_id
+        continued = catalog.con.execute(
+            "SELECT list(train_id ORDER BY train_id) FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? "
+            "AND train_id < ? AND status = 'ok'", [str(output_dir), folder_id, train_id],
+        ).fetchone()[0]
+        if continued:
+            progress(task="record run", message=(
+                f"This run continued run {', '.join(map(str, continued))} in {output_dir}: the weights and samples there "
+                f"are now this run's (run {train_id}); the earlier rows keep their own config and metrics."))
         if config.evaluate and config.num_validation_images > 0:
             from pipelines.train.evaluate import run_metrics
 
