@@ -1131,3 +1131,26 @@ def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its
     assert any(f"continued run {first.train_id}" in message for message in said)
     with pytest.raises(ValueError, match=f"now those of run {second.train_id}.*evaluate run {second.train_id}"):
         run_metrics(con, first.train_id, clip_model="tiny")
+
+
+def test_every_lora_checkpoint_holds_its_lora_in_both_formats_loadable_by_diffusers(con, tmp_path, one_thread):
+    """An earlier checkpoint is often the LoRA to keep; its weights.safetensors has peft-internal names that
+    load_lora_weights cannot read."""
+    from safetensors.torch import load_file
+
+    from workbench.models import load_sd_pipeline
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "run", max_train_steps=4, checkpointing_steps=2, num_validation_images=0)
+    main(config, training_images(con, config), output_dir=tmp_path / "run", components=tiny_components())
+    first, last = tmp_path / "run" / "checkpoints" / "checkpoint-2", tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    lora = load_file(str(first / "pytorch_lora_weights.safetensors"))
+    trained = load_file(str(first / "weights.safetensors"))
+    assert lora and all(torch.equal(t, trained[k.replace(".weight", ".default.weight")]) for k, t in lora.items())
+    assert not all(torch.equal(t, load_file(str(last / "pytorch_lora_weights.safetensors"))[k]) for k, t in lora.items())
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        assert load_file(str(last / name)).keys() == load_file(str(tmp_path / "run" / name)).keys()
+        assert all(torch.equal(t, load_file(str(tmp_path / "run" / name))[k]) for k, t in load_file(str(last / name)).items())
+        pipe = load_sd_pipeline("tiny", device="cpu", dtype="float32")
+        pipe.load_lora_weights(str(first), weight_name=name)
+        assert any("lora" in n for n, _ in pipe.unet.named_parameters())

@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -93,8 +93,9 @@ def save_checkpoint(
     scaler: Any = None,
     ema: Any = None,
     extra: dict | None = None,
+    also_write: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically (to a temp folder, then renamed)."""
+    """Write checkpoint-<step> atomically (to a temp folder, then renamed); `also_write(folder)` adds files to it."""
     target = folder / f"{CHECKPOINT_PREFIX}{step}"
     tmp = folder / f".{CHECKPOINT_PREFIX}{step}.tmp"
     if tmp.exists():
@@ -123,6 +124,8 @@ def save_checkpoint(
         **(extra or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, default=str))
+    if also_write is not None:
+        also_write(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -688,6 +688,14 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                         checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
                         lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
                         extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
+                        # a LoRA at every checkpoint, in both formats (as diffusers' LoRA scripts do): an earlier, less
+                        # overfit one is often the one to keep. Full models are too big to write each time.
+                        also_write=(lambda folder: _save_model(
+                            config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
+                            components, noise_scheduler, len(images), global_step, time.perf_counter() - started, images=images,
+                            cache_latents=latent_cache is not None,
+                            epoch=math.ceil(global_step * micro_per_update / max(1, train_data.batches_per_epoch(images, config.train_batch_size))),
+                        )) if config.mode == "lora" else None,
                     )
                     ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
             if sample_due and accelerator.is_main_process:
