@@ -42,6 +42,17 @@ RESUME_MAY_CHANGE = frozenset({
 # UNet is the real model, which 1e-4 wrecks (diffusers' train_dreambooth.py: 5e-6; fine-tunes use ~1e-5); a UNet
 # from scratch has nothing to keep and needs the high rate
 DEFAULT_LEARNING_RATES = {"lora": 1e-4, "dreambooth": 5e-6, "finetune": 1e-5, "from_scratch": 1e-4}
+# options only some runs use: given where they are not used they would be silently ignored, so validate() refuses
+# them. "Given" is "not the default" (a TOML shared between modes may keep defaults; the TUI sends its rank).
+LORA_OPTIONS = ("rank", "lora_alpha", "lora_target_modules", "text_encoder_target_modules")  # lora mode only
+EMA_OPTIONS = ("use_ema", "ema_decay")  # full-UNet modes (dreambooth, finetune)
+TEXT_ENCODER_OPTIONS = ("text_encoder_lr", "text_encoder_target_modules")  # with train_text_encoder only
+PRIOR_OPTIONS = ("class_prompt", "num_class_images", "prior_loss_weight", "max_class_images", "sample_batch_size",
+                 "prior_inference_steps")  # with_prior_preservation only
+OPTION_FLAGS = {  # how messages name an option: its flag where `workbench train` has one, else its --set key
+    "rank": "--rank", "lora_alpha": "--lora-alpha", "use_ema": "--use-ema", "class_prompt": "--class-prompt",
+    "num_class_images": "--num-class-images", "prior_loss_weight": "--prior-loss-weight",
+}
 
 
 class ConfigError(ValueError):
@@ -152,13 +163,28 @@ class TrainConfig:
     clip_model: str | None = None  # CLIP for evaluation; default: the --model preset's CLIP
 
     def validate(self) -> "TrainConfig":
-        """Check ranges and choices and fill in the mode's learning rate when none was given; return self so calls chain."""
+        """Check ranges and choices, refuse given options this run would ignore, and fill in the mode's learning rate
+        when none was given; return self so calls chain."""
         if self.learning_rate is None and self.mode in MODES:
             self.learning_rate = DEFAULT_LEARNING_RATES["from_scratch" if self.from_scratch else self.mode]
         if self.with_prior_preservation is None:
             self.with_prior_preservation = self.mode == "dreambooth"
+        # given options this run would ignore (the full-UNet modes have no adapters, lora no EMA, ...)
+        unused_lora = self._given(LORA_OPTIONS) if self.mode != "lora" else []
+        unused_ema = self._given(EMA_OPTIONS) if self.mode == "lora" else [] if self.use_ema else self._given(("ema_decay",))
+        unused_text = [] if self.train_text_encoder else [n for n in self._given(TEXT_ENCODER_OPTIONS) if n not in unused_lora]
+        unused_prior = [] if self.with_prior_preservation else self._given(PRIOR_OPTIONS)
         checks = [
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
+            # before ranges: an option this run ignores is to be removed, whatever its value
+            (not unused_lora, f"{self.mode} trains the full UNet, not a LoRA: remove {_named(unused_lora)}, "
+                              "or use `workbench train lora`"),
+            (not unused_ema, f"EMA is for dreambooth and finetune, not lora: remove {_named(unused_ema)}" if self.mode == "lora"
+             else "ema_decay is only used with --use-ema: add --use-ema, or remove ema_decay"),
+            (not unused_text, f"The text encoder only trains with --train-text-encoder: add it, or remove {_named(unused_text)}"),
+            (not unused_prior, f"This {self.mode} run has no class priors: remove {_named(unused_prior)}, or "
+             + ("leave out --no-prior-preservation" if self.mode == "dreambooth" else
+                "use `workbench train dreambooth` (or `workbench train lora --prior-preservation`)")),
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
             (self.train_batch_size >= 1, "--train-batch-size must be at least 1"),
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max-train-steps must be at least 1"),
@@ -187,20 +213,37 @@ class TrainConfig:
             (self.num_class_images is None or self.num_class_images >= 1, "--num-class-images must be at least 1"),
             (not (self.with_prior_preservation and self.mode == "finetune"),
              "--prior-preservation is for dreambooth and lora (DreamBooth-LoRA), not finetune"),
-            (self.with_prior_preservation or (self.class_prompt is None and self.num_class_images is None),
-             "--class-prompt and --num-class-images are for class priors: use `workbench train dreambooth`, "
-             "or `workbench train lora --prior-preservation`"),
             (self.max_class_images >= 1, "max_class_images must be at least 1"),
+            (self.sample_batch_size >= 1, "sample_batch_size must be at least 1"),
             (self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive"),
             (self.noise_offset >= 0, "--noise-offset must be 0 or more"),
             (not (self.from_scratch and self.mode != "finetune"), "--from-scratch only applies to finetune"),
-            (not (self.use_ema and self.mode == "lora"), "--use-ema applies to dreambooth and finetune, not lora"),
+            # diffusers' EMAModel caps its warm-up decay at this: 1 or more leaves no cap (the EMA freezes as the
+            # decay creeps to 1), 0 or less averages nothing; both would run without a word
+            (0 < self.ema_decay < 1, "ema_decay must be between 0 and 1 (e.g. 0.9999), both excluded"),
+            # 0 would silently fall back to --learning-rate
+            (self.text_encoder_lr is None or self.text_encoder_lr > 0, "text_encoder_lr must be positive (leave it out for --learning-rate)"),
+            (self.lr_warmup_steps >= 0, "--lr-warmup-steps must be 0 or more"),
+            (self.lr_num_cycles >= 1, "lr_num_cycles must be at least 1"),
+            (self.lr_power > 0, "lr_power must be positive"),  # 0 is a constant rate; below 0 divides by 0 at the end
+            # torch's AdamW refuses these only once the model is loaded (and class images made)
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be at least 0 and below 1"),
+            (self.adam_weight_decay >= 0, "adam_weight_decay must be 0 or more"),
+            (self.adam_epsilon > 0, "adam_epsilon must be positive (e.g. 1e-8)"),
+            # below 0 clipping would flip the gradients' sign
+            (self.max_grad_norm >= 0, "max_grad_norm must be 0 or more (0 turns clipping off)"),
+            (self.dataloader_num_workers >= 0, "dataloader_num_workers must be 0 or more"),
+            (self.validation_inference_steps >= 1, "validation_inference_steps must be at least 1"),
             (self.report_to in ("tensorboard", "none"), "--report-to must be tensorboard or none"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+    def _given(self, names: tuple[str, ...]) -> list[str]:
+        """Those of `names` not at their default: set by the user (a default is never refused)."""
+        return [name for name in names if getattr(self, name) != _default(name)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,11 +256,25 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+def _default(name: str) -> Any:
+    spec = TrainConfig.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def _named(names: list[str]) -> str:
+    """'--rank, lora_alpha and lora_target_modules': options as messages name them (OPTION_FLAGS)."""
+    named = [OPTION_FLAGS.get(name, name) for name in names]
+    return " and ".join(filter(None, [", ".join(named[:-1]), named[-1]])) if named else ""
+
+
 def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     """Accept TOML keys written with '-' or '_'; refuse unknown keys (typos should not be silent)."""
-    out = {}
+    out, keys = {}, {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name in keys:  # learning-rate and learning_rate: one of the two would be dropped
+            raise ConfigError(f"'{keys[name]}' and '{key}' in {where} are the same option: keep one.")
+        keys[name] = key
         if name not in FIELD_NAMES:
             close = [n for n in FIELD_NAMES if n.startswith(name[:4])]
             hint = f" (did you mean {', '.join(sorted(close)[:3])}?)" if close else ""
@@ -226,6 +283,23 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
             value = [value]
         out[name] = value
     return out
+
+
+def _train_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The options of a TOML file: all at top level, or all in one [train] table; nothing else may be dropped."""
+    tables = sorted(key for key, value in data.items() if isinstance(value, dict) and key != "train")
+    if tables:
+        raise ConfigError(f"Unknown table {', '.join(f'[{t}]' for t in tables)} in {path}: training options go at "
+                          "top level or in one [train] table.")
+    if "train" not in data:
+        return data
+    if not isinstance(data["train"], dict):
+        raise ConfigError(f"'train' in {path} must be a [train] table of options.")
+    loose = [key for key in data if key != "train"]
+    if loose:  # those before [train] would otherwise be dropped without a word
+        raise ConfigError(f"{path} has options both at top level and in its [train] table: move {', '.join(loose)} "
+                          "into [train] (or put all at top level).")
+    return data["train"]
 
 
 def _type_errors(values: dict[str, Any]) -> list[str]:
@@ -308,8 +382,11 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from error
-        data = data.get("train", data)
-        values.update(_normalise_keys(data, str(path)))
+        values.update(_normalise_keys(_train_table(data, path), str(path)))
+        mode = (overrides or {}).get("mode")
+        if mode is not None and values.get("mode", mode) != mode:  # `workbench train X` always passes its mode
+            raise ConfigError(f"{path} sets mode = '{values['mode']}', but this is `workbench train {mode}`: "
+                              f"remove mode from the file, or run `workbench train {values['mode']}`.")
     values.update(_normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
     problems = _type_errors(values)
     if problems:

@@ -1,0 +1,179 @@
+"""Training options that would be silently dropped or ignored are refused with a message that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.train.config import ConfigError, TrainConfig, load_train_config
+from workbench.cli import app
+
+runner = CliRunner()
+
+
+def toml(tmp_path, text: str):
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    return path
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long messages
+
+
+# --- the TOML file ----------------------------------------------------------------------
+
+
+def test_top_level_options_beside_a_train_table_are_refused_not_dropped(tmp_path):
+    """A top-level `resolution = 64` before [train] trained at 512 without a word."""
+    mixed = toml(tmp_path, "resolution = 64\nresolutoin = 32\n[train]\nmax_train_steps = 2\n")
+    with pytest.raises(ConfigError, match=r"both at top level and in its \[train\] table: move resolution, resolutoin into \[train\]"):
+        load_train_config(mixed)
+    # all at top level, or all in [train], is read as before
+    for text in ("resolution = 64\nmax_train_steps = 2\n", "[train]\nresolution = 64\nmax_train_steps = 2\n"):
+        config = load_train_config(toml(tmp_path, text))
+        assert (config.resolution, config.max_train_steps) == (64, 2)
+
+
+@pytest.mark.parametrize("text, table", [
+    ("[train]\nmax_train_steps = 2\n[data]\nresolution = 64\n", r"\[data\]"),  # dropped beside [train]
+    ("[lora]\nrank = 8\n", r"\[lora\]"),
+    ("data = {resolution = 64}\n", r"\[data\]"),
+])
+def test_unknown_tables_are_refused(tmp_path, text, table):
+    with pytest.raises(ConfigError, match=rf"Unknown table {table} in .*top level or in one \[train\] table"):
+        load_train_config(toml(tmp_path, text))
+
+
+def test_train_that_is_not_a_table_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train' in .* must be a \[train\] table"):
+        load_train_config(toml(tmp_path, "train = 5\n"))
+
+
+def test_the_same_option_written_twice_is_refused(tmp_path):
+    """learning-rate and learning_rate are one option: one of them was dropped."""
+    with pytest.raises(ConfigError, match="'learning-rate' and 'learning_rate' in .* are the same option: keep one"):
+        load_train_config(toml(tmp_path, "[train]\nlearning-rate = 1e-3\nlearning_rate = 1e-4\n"))
+
+
+def test_a_toml_mode_other_than_the_commands_is_refused(tmp_path):
+    """The command always passes its mode; a file's other mode was overridden without a word."""
+    finetune = toml(tmp_path, "mode = 'finetune'\n")
+    with pytest.raises(ConfigError, match=r"sets mode = 'finetune', but this is `workbench train lora`: remove mode .* "
+                                          r"or run `workbench train finetune`"):
+        load_train_config(finetune, {"mode": "lora"})
+    assert load_train_config(finetune, {"mode": "finetune"}).mode == "finetune"
+    assert load_train_config(finetune).mode == "finetune"  # no command mode: the file's
+
+
+# --- options this run would ignore ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dreambooth", "finetune"])
+@pytest.mark.parametrize("option, value, named", [
+    ("rank", 8, "--rank"), ("lora_alpha", 8.0, "--lora-alpha"), ("lora_target_modules", ["to_q"], "lora_target_modules"),
+    ("text_encoder_target_modules", ["q_proj"], "text_encoder_target_modules"),
+])
+def test_lora_options_are_refused_where_the_full_unet_trains(mode, option, value, named):
+    options = {"mode": mode, option: value}
+    if option == "text_encoder_target_modules":
+        options["train_text_encoder"] = True  # trains the whole text encoder: still no LoRA targets
+    with pytest.raises(ConfigError, match=f"{mode} trains the full UNet, not a LoRA: remove {named}, or use `workbench train lora`"):
+        load_train_config(None, options)
+
+
+def test_defaults_never_trip_the_checks_so_a_shared_toml_works_in_every_mode(tmp_path):
+    """The TUI sends its rank in every mode; a TOML shared between modes may spell out defaults."""
+    shared = toml(tmp_path, "[train]\nrank = 4\nema_decay = 0.9999\nprior_loss_weight = 1.0\nuse_ema = false\n")
+    for mode in ("lora", "dreambooth", "finetune"):
+        assert load_train_config(shared, {"mode": mode}).mode == mode
+        assert TrainConfig(mode=mode).validate().mode == mode
+    with pytest.raises(ConfigError, match="remove --rank"):
+        load_train_config(shared, {"mode": "dreambooth", "rank": 8})
+
+
+def test_dreambooth_lora_and_text_encoder_training_keep_their_options():
+    """lora with priors is DreamBooth-LoRA; the full modes train the whole text encoder with its own rate."""
+    dbl = load_train_config(None, {"mode": "lora", "with_prior_preservation": True, "rank": 8, "lora_alpha": 16.0,
+                                   "prior_loss_weight": 0.5, "train_text_encoder": True, "text_encoder_lr": 5e-5,
+                                   "text_encoder_target_modules": ["q_proj", "v_proj"]})
+    assert (dbl.rank, dbl.prior_loss_weight, dbl.text_encoder_lr) == (8, 0.5, 5e-5)
+    full = load_train_config(None, {"mode": "dreambooth", "train_text_encoder": True, "text_encoder_lr": 5e-6,
+                                    "use_ema": True, "ema_decay": 0.999})
+    assert (full.text_encoder_lr, full.ema_decay) == (5e-6, 0.999)
+    # without --train-text-encoder the text encoder is frozen: its rate and targets would be ignored
+    for mode, option, value in (("lora", "text_encoder_lr", 5e-5), ("finetune", "text_encoder_lr", 5e-5),
+                                ("lora", "text_encoder_target_modules", ["q_proj"])):
+        with pytest.raises(ConfigError, match=f"only trains with --train-text-encoder: add it, or remove {option}"):
+            load_train_config(None, {"mode": mode, option: value})
+
+
+def test_ema_options_are_refused_in_lora_and_ema_decay_needs_use_ema():
+    with pytest.raises(ConfigError, match="EMA is for dreambooth and finetune, not lora: remove ema_decay"):
+        load_train_config(None, {"mode": "lora", "ema_decay": 0.99})
+    with pytest.raises(ConfigError, match="not lora: remove --use-ema and ema_decay"):
+        load_train_config(None, {"mode": "lora", "use_ema": True, "ema_decay": 0.99})
+    with pytest.raises(ConfigError, match="ema_decay is only used with --use-ema: add --use-ema, or remove ema_decay"):
+        load_train_config(None, {"mode": "finetune", "ema_decay": 0.99})
+
+
+@pytest.mark.parametrize("mode, options, named", [
+    ("lora", {"prior_loss_weight": 0.5}, "--prior-loss-weight"),
+    ("finetune", {"sample_batch_size": 2, "max_class_images": 10}, "max_class_images and sample_batch_size"),
+    ("dreambooth", {"with_prior_preservation": False, "prior_inference_steps": 5}, "prior_inference_steps"),
+])
+def test_class_prior_options_are_refused_without_class_priors(mode, options, named):
+    with pytest.raises(ConfigError, match=f"This {mode} run has no class priors: remove {named}, or"):
+        load_train_config(None, {"mode": mode, **options})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"ema_decay": 2}, "ema_decay must be between 0 and 1"),
+    ({"ema_decay": 1}, "ema_decay must be between 0 and 1"),
+    ({"ema_decay": 0}, "ema_decay must be between 0 and 1"),
+    ({"text_encoder_lr": 0, "train_text_encoder": True}, "text_encoder_lr must be positive"),
+    ({"lr_warmup_steps": -1}, "--lr-warmup-steps must be 0 or more"),
+    ({"lr_num_cycles": 0}, "lr_num_cycles must be at least 1"),
+    ({"lr_power": -1.0}, "lr_power must be positive"),
+    ({"adam_beta1": 1.0}, "adam_beta1 and adam_beta2 must be at least 0 and below 1"),
+    ({"adam_beta2": -0.1}, "adam_beta1 and adam_beta2 must be at least 0 and below 1"),
+    ({"adam_weight_decay": -0.01}, "adam_weight_decay must be 0 or more"),
+    ({"adam_epsilon": 0}, "adam_epsilon must be positive"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be 0 or more"),
+    ({"dataloader_num_workers": -1}, "dataloader_num_workers must be 0 or more"),
+    ({"sample_batch_size": 0}, "sample_batch_size must be at least 1"),
+    ({"validation_inference_steps": 0}, "validation_inference_steps must be at least 1"),
+])
+def test_out_of_range_options_are_refused_before_training(options, message):
+    """Each would otherwise fail in torch after the model loads, or train silently wrong."""
+    mode = "finetune" if "ema_decay" in options else "dreambooth"
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, {"mode": mode, **({"use_ema": True} if "ema_decay" in options else {}), **options})
+
+
+# --- what a user sees -------------------------------------------------------------------
+
+
+def test_cli_refuses_a_mixed_toml_and_another_mode_with_exit_2(tmp_path):
+    catalog = ["--catalog", str(tmp_path / "none.duckdb")]  # options are checked before the catalog is opened
+    mixed = toml(tmp_path, "resolution = 64\n[train]\nmax_train_steps = 2\n")
+    result = runner.invoke(app, ["train", "lora", "--config", str(mixed), *catalog])
+    assert result.exit_code == 2 and "move resolution into [train]" in flat(result.output)
+    (tmp_path / "ft.toml").write_text("mode = 'finetune'\n")
+    result = runner.invoke(app, ["train", "lora", "--config", str(tmp_path / "ft.toml"), *catalog])
+    assert result.exit_code == 2
+    assert "sets mode = 'finetune', but this is `workbench train lora`" in flat(result.output)
+
+
+def test_cli_refuses_options_the_mode_ignores_with_exit_2(tmp_path):
+    catalog = ["--catalog", str(tmp_path / "none.duckdb")]
+    rank = runner.invoke(app, ["train", "dreambooth", "--rank", "8", "--lora-alpha", "8", *catalog])
+    assert rank.exit_code == 2
+    assert "dreambooth trains the full UNet, not a LoRA: remove --rank and --lora-alpha" in flat(rank.output)
+    ema = runner.invoke(app, ["train", "lora", "--set", "ema_decay=0.99", *catalog])
+    assert ema.exit_code == 2 and "not lora: remove ema_decay" in flat(ema.output)
+    decay = runner.invoke(app, ["train", "finetune", "--use-ema", "--set", "ema_decay=2", *catalog])
+    assert decay.exit_code == 2 and "ema_decay must be between 0 and 1" in flat(decay.output)
+    # the defaults of every mode pass the checks: the run gets as far as the (missing) catalog
+    plain = runner.invoke(app, ["train", "dreambooth", *catalog])
+    assert plain.exit_code == 2 and "No catalog at" in flat(plain.output)
