@@ -590,6 +590,7 @@ def test_text_encoder_lora_is_saved_in_both_formats_and_reloads_exactly(con, tmp
     assert (trained - base).abs().max() > 1e-3  # the text-encoder LoRA did change the encoder
     with safe_open(str(tmp_path / "out" / "lora_kohya.safetensors"), "pt") as handle:
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in handle.keys()
+        assert handle.metadata()["ss_text_encoder_lr"] == "0.05"  # the rate it trained at, not "None"
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         pipe = load_sd_pipeline("tiny", device="cpu", dtype="float32")
         pipe.load_lora_weights(str(tmp_path / "out"), weight_name=name)

@@ -619,6 +619,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     start_micro = global_step * micro_per_update
     remaining = plan[start_micro:]
     pools = priors or {}
+    class_image_count = len({p.image_id for pool in pools.values() for p in pool})
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     if accelerator.is_main_process:
         fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
@@ -693,7 +694,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                         also_write=(lambda folder: _save_model(
                             config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
                             components, noise_scheduler, len(images), global_step, time.perf_counter() - started, images=images,
-                            cache_latents=latent_cache is not None,
+                            cache_latents=latent_cache is not None, reg_images=class_image_count,
                             epoch=math.ceil(global_step * micro_per_update / max(1, train_data.batches_per_epoch(images, config.train_batch_size))),
                         )) if config.mode == "lora" else None,
                     )
@@ -720,6 +721,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler,
             len(images), global_step, time.perf_counter() - started, images=images, cache_latents=latent_cache is not None,
             epoch=math.ceil(global_step * micro_per_update / per_epoch), frozen_text_weights=frozen_text_weights,
+            reg_images=class_image_count,
         ))
         if config.num_validation_images > 0:
             grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
@@ -931,7 +933,7 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
 
 
 def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
-                *, images=None, epoch: int | None = None, cache_latents: bool | None = None,
+                *, images=None, epoch: int | None = None, cache_latents: bool | None = None, reg_images: int = 0,
                 frozen_text_weights: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     from pipelines.train import lora_formats
 
@@ -941,6 +943,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
+            reg_images=reg_images,
         ))
         return outputs
     from diffusers import StableDiffusionPipeline

@@ -139,6 +139,7 @@ def kohya_metadata(
     images: Sequence[Any] | None = None,
     epoch: int | None = None,
     cache_latents: bool | None = None,
+    reg_images: int = 0,
 ) -> dict[str, str]:
     """`ss_*` training metadata (all strings), as sd-scripts writes it.
 
@@ -166,7 +167,9 @@ def kohya_metadata(
         "ss_max_train_steps": str(steps),
         "ss_steps": str(steps),
         "ss_learning_rate": str(config.learning_rate),
-        "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else None),
+        # the rate the text encoder really trained at ("None", as sd-scripts writes it, when it did not train)
+        "ss_text_encoder_lr": str(config.text_encoder_lr or config.learning_rate if config.train_text_encoder else None),
+        "ss_num_reg_images": str(reg_images),  # DreamBooth class images (sd-scripts' regularisation images)
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
@@ -236,6 +239,7 @@ def save_kohya_lora(
     images: Sequence[Any] | None = None,
     epoch: int | None = None,
     cache_latents: bool | None = None,
+    reg_images: int = 0,
 ) -> Path:
     """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes).
 
@@ -246,7 +250,7 @@ def save_kohya_lora(
     )
     metadata = kohya_metadata(
         config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
-        num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents,
+        num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents, reg_images=reg_images,
     )
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     path = output_dir / KOHYA_LORA_FILE
