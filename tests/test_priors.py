@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,9 @@ def test_default_count_follows_the_dreambooth_recipe(con, tmp_path):
 
 
 def test_priors_cli(catalog_path, tmp_path, one_thread):
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
     runner = CliRunner()
     result = runner.invoke(app, ["priors", "--class-prompt", "a photo of a cat", "--num", "2", "--steps", "2", "--resolution", "32",
                                  "--out-dir", str(tmp_path / "p"), "--catalog", str(catalog_path), "--device", "cpu"])
@@ -176,3 +181,303 @@ def test_concepts_of_one_class_share_one_prior_set_sized_by_all_their_images(con
     for bad in ("", "   "):
         with pytest.raises(ValueError, match="class prompt is empty"):
             prior_jobs(con, class_prompt=bad)
+
+
+# --- a prior set is (prompt, model, how its images are made) ------------------------------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["priors", *map(str, args)])
+
+
+def _stop_before_adding(monkeypatch):
+    """The next `workbench priors` stops after sampling, before adding: its PNGs stay on disk, not in the catalog
+    (as a run stopped by Ctrl+C, SIGTERM or `timeout` leaves them)."""
+    import pipelines.priors
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.priors, "ingested_priors", stop)
+
+
+def _training_pipe():
+    """The pipeline `train dreambooth` makes its missing priors with: DDIM on the model's own noise schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pipelines.train.loop import inference_scheduler
+    from train_fixtures import tiny_components
+
+    parts = tiny_components()
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=inference_scheduler(DDIMScheduler, parts.noise_scheduler), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _seeds_used(con, train_id):
+    return sorted(s for (s,) in con.execute(
+        "SELECT c.seed FROM class_priors c WHERE c.image_id IN (SELECT unnest(class_image_ids) FROM training_runs WHERE train_id = ?)",
+        [train_id]).fetchall())
+
+
+def test_dreambooth_prior_seeds_do_not_follow_the_training_seed(con, tmp_path, one_thread):
+    """`train dreambooth --seed 50` with seeds 0-1 made said "0 of 3 exist; generating 3", made 50-52 and trained on
+    0, 1 and 50: the training seed was the set's first seed."""
+    from pipelines.priors import class_priors
+    from pipelines.train import trained_model
+    from train_fixtures import fast_config, tiny_components
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    class_priors(con, _training_pipe(), class_prompt="a photo of a square", model_name="tiny", out_dir=tmp_path / "project" / "class_priors",
+                 num_images=2, resolution=32, num_inference_steps=1)
+    messages = []
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=3, seed=50,
+                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components(), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert "2 of 3 class images for 'a photo of a square' (32 px, 1 step) exist; generating 1" in messages
+    assert _seeds_used(con, result.train_id) == [0, 1, 2]
+
+
+def test_png_files_of_other_settings_are_never_ingested(catalog_path, tmp_path, monkeypatch, one_thread):
+    """A `priors --steps 1` stopped before adding left 1-step PNGs; a later `priors --steps 2` (same prompt and
+    model) ingested them as its own ("ingested from disk 2") without a word."""
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    common = ["--class-prompt", "a photo of a dog", "--num", 2, "--resolution", 32, "--out-dir", tmp_path / "p",
+              "--catalog", catalog_path, "--device", "cpu"]
+    with monkeypatch.context() as patch:
+        _stop_before_adding(patch)
+        assert _cli(*common, "--steps", 1).exit_code == 130
+    result = _cli(*common, "--steps", 2)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"ingested from disk\W+0\W", result.output) and re.search(r"generated\W+2\W", result.output), result.output
+    con = connect(catalog_path)
+    try:
+        assert con.execute("SELECT list(steps ORDER BY seed) FROM class_priors").fetchone()[0] == [2, 2]
+    finally:
+        con.close()
+    assert len(list((tmp_path / "p").glob("*/*.png"))) == 4  # two sets, two folders
+
+
+def test_dreambooth_makes_its_own_set_at_its_resolution(con, tmp_path, one_thread):
+    """Priors made at 32 px were taken by a 64 px run (upscaled, with a warning whose advice made more of the same)."""
+    from pipelines.train import trained_model
+    from train_fixtures import fast_config, tiny_components
+
+    ingest_images(con, tmp_path / "images", 1, sizes=[(32, 32)])
+    class_priors(con, _training_pipe(), class_prompt="a photo of a square", model_name="tiny", out_dir=tmp_path / "project" / "class_priors",
+                 num_images=2, resolution=32, num_inference_steps=1)
+    messages = []
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=2, resolution=64,
+                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
+    result = trained_model(con, config, components=tiny_components(), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert "0 of 2 class images for 'a photo of a square' (64 px, 1 step) exist; generating 2" in messages
+    assert not any("smaller than" in m for m in messages)
+    sizes = con.execute("SELECT list(DISTINCT i.width) FROM images i WHERE image_id IN "
+                        "(SELECT unnest(class_image_ids) FROM training_runs WHERE train_id = ?)", [result.train_id]).fetchone()[0]
+    assert sizes == [64]
+
+
+def test_priors_from_before_settings_were_recorded_still_count_and_the_advice_for_small_ones_works(con, tmp_path, one_thread):
+    """Rows from before m010 (settings NULL) count for every set of their prompt and model, so upgrading regenerates
+    nothing; one smaller than the run is named with the command that has it made anew at the run's size."""
+    from PIL import Image
+
+    from pipelines.filter import manual_exclusions
+    from pipelines.priors import ingested_priors, prior_plan
+    from pipelines.train import trained_model
+    from pipelines.train.data import class_prior_images
+    from train_fixtures import fast_config, tiny_components
+
+    ingest_images(con, tmp_path / "images", 1, sizes=[(32, 32)])
+    old = prior_plan(con, class_prompt="a photo of a square", model_name="tiny", out_dir=tmp_path / "project" / "class_priors", num_images=2)
+    for shade, path in enumerate(old.to_generate.values()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (shade * 90, 80, 80)).save(path)
+    ingested_priors(con, old, dict(old.to_generate))
+    legacy = [i for (i,) in con.execute("SELECT image_id FROM class_priors ORDER BY seed").fetchall()]
+
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=2, resolution=64,
+                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
+    messages = []
+    pools = class_prior_images(con, config, {"a photo of a square": 2}, "tiny", progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert [p.image_id for p in pools["a photo of a square"]] == legacy  # counted: not made again on upgrade
+    advice = [m for m in messages if "smaller than 64 px" in m]
+    assert advice and f"workbench exclude {legacy[0][:12]} {legacy[1][:12]}" in advice[0], messages
+
+    manual_exclusions(con, legacy, "smaller than 64 px")  # what the advice says; then the run makes them anew at 64 px
+    result = trained_model(con, config, components=tiny_components())
+    sizes = con.execute("SELECT list(i.width) FROM images i WHERE image_id IN "
+                        "(SELECT unnest(class_image_ids) FROM training_runs WHERE train_id = ?)", [result.train_id]).fetchone()[0]
+    assert sizes == [64, 64]
+
+
+def test_a_catalog_from_before_m010_gets_the_settings_columns(catalog_path):
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model) VALUES ('x', 'a photo of a dog', 0, 'tiny')")
+    for column in ("resolution", "steps", "guidance_scale", "sampler"):
+        con.execute(f"ALTER TABLE class_priors DROP COLUMN {column}")
+    con.execute("DELETE FROM schema_migrations WHERE version = 10")
+    con.close()
+    con = connect(catalog_path)
+    try:
+        assert con.execute("SELECT resolution, steps, guidance_scale, sampler FROM class_priors").fetchall() == [(None,) * 4]
+    finally:
+        con.close()
+
+
+def test_the_priors_command_samples_as_training_does(catalog_path, tmp_path, one_thread):
+    """`workbench priors` sampled with the model's own scheduler (DDPM for tiny), training with DDIM: one set, two ways."""
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    result = _cli("--class-prompt", "a photo of a dog", "--num", 1, "--steps", 2, "--resolution", 32, "--out-dir", tmp_path / "p",
+                  "--catalog", catalog_path, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    (made,) = list((tmp_path / "p").glob("*/*.png"))
+    same = _training_pipe()(["a photo of a dog"], num_inference_steps=2, height=32, width=32,
+                            generator=[torch.Generator().manual_seed(0)]).images[0]
+    with Image.open(made) as image:
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(same, np.int16)).max() <= 1
+    con = connect(catalog_path)
+    try:
+        assert con.execute("SELECT resolution, steps, guidance_scale, sampler FROM class_priors").fetchall() == [(32, 2, 7.5, "DDIMScheduler")]
+    finally:
+        con.close()
+
+
+def test_the_tui_step_makes_the_set_training_uses(con, tmp_path, one_thread):
+    """The Pipeline screen's priors step sampled with the model's own scheduler too (DDPM for tiny)."""
+    from pipelines.train.data import class_prior_images
+    from train_fixtures import fast_config
+    from tui.steps import run_priors
+
+    ingest_images(con, tmp_path / "instances", 1)
+    settings = {"class_prompt": "a photo of a dog", "num": 1, "model": "tiny", "steps": 1, "resolution": 32}
+    assert run_priors(con, settings, lambda **kw: None, tmp_path / "project")["generated"] == 1
+    assert con.execute("SELECT resolution, steps, sampler FROM class_priors").fetchall() == [(32, 1, "DDIMScheduler")]
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a dog", num_class_images=1, prior_inference_steps=1)
+    assert len(class_prior_images(con, config, {"a photo of a dog": 1}, "tiny")["a photo of a dog"]) == 1
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """A model load fails the test: what is refused must be refused before minutes of loading."""
+    import workbench.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for name in ("load_sd_pipeline", "load_sd_components"):
+        monkeypatch.setattr(workbench.models, name, refuse)
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--resolution", 63], "--resolution must be a positive multiple of 8 (got 63)"),
+    (["--max-images", 0], "--max-images must be at least 1"),
+    (["--num", 0], "number of class images must be at least 1"),
+])
+def test_bad_priors_options_are_refused_before_the_model_loads(con, catalog_path, tmp_path, no_model_loads, options, message):
+    """--resolution 63 failed in diffusers after the model loaded; --max-images 0 silently became 1."""
+    ingest_images(con, tmp_path / "instances", 1)
+    con.close()
+    result = _cli("--class-prompt", "a photo of a dog", *options, "--out-dir", tmp_path / "p", "--catalog", catalog_path)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_a_resumed_priors_run_starts_its_progress_at_what_exists(catalog_path, tmp_path, monkeypatch, one_thread):
+    """16 of 40 made (4 in the catalog, 12 on disk): the bar started at 4/40."""
+    import pipelines.priors
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    common = ["--class-prompt", "a photo of a dog", "--steps", 1, "--resolution", 32, "--out-dir", tmp_path / "p",
+              "--catalog", catalog_path, "--device", "cpu"]
+    assert _cli(*common, "--num", 1).exit_code == 0
+    with monkeypatch.context() as patch:
+        _stop_before_adding(patch)
+        assert _cli(*common, "--num", 3).exit_code == 130  # seeds 1 and 2 on disk, not in the catalog
+    real, seen = pipelines.priors.generated_prior_files, []
+
+    def recorded(pipeline, plan, **kwargs):
+        inner = kwargs["progress"]
+
+        def hook(**update):
+            seen.append(update)
+            inner(**update)
+
+        return real(pipeline, plan, **{**kwargs, "progress": hook})
+
+    monkeypatch.setattr(pipelines.priors, "generated_prior_files", recorded)
+    result = _cli(*common, "--num", 4)
+    assert result.exit_code == 0, result.output
+    assert (seen[0]["completed"], seen[0]["total"]) == (3, 4) and seen[-1]["completed"] == 4
+
+
+def test_priors_refuses_a_missing_catalog(tmp_path, no_model_loads):
+    """A mistyped --catalog started a new, empty catalog in silence (`train` refuses it)."""
+    typo = tmp_path / "typo" / "path.duckdb"
+    result = _cli("--class-prompt", "a photo of a dog", "--num", 1, "--catalog", typo)
+    assert result.exit_code == 2 and "No catalog at" in result.output and "workbench ingest FOLDER" in result.output, result.output
+    assert not typo.exists()
+
+
+def test_a_class_noun_with_a_vowel_gets_an(con, tmp_path):
+    from pipelines.concepts import added_concept
+    from pipelines.priors import class_prompts_by_concept, prior_jobs
+
+    paths = ingest_images(con, tmp_path / "instances", 3)
+    for i, (name, noun) in enumerate((("sks elephant", "elephant"), ("abc dog", "dog"), ("xyz owl", "Owl"))):
+        added_concept(con, name, trigger=name.split()[0], class_noun=noun, where=f"path = '{paths[i]}'")
+    assert class_prompts_by_concept(con) == {"abc dog": "a photo of a dog", "sks elephant": "a photo of an elephant",
+                                             "xyz owl": "a photo of an Owl"}
+    assert ("a photo of an elephant", 200, "sks elephant") in prior_jobs(con)
+
+
+def test_training_asks_for_the_class_prompt_that_priors_makes(con, tmp_path):
+    from pipelines.concepts import added_concept
+    from pipelines.priors import class_prompts_by_concept
+    from pipelines.train.data import training_images
+    from train_fixtures import fast_config
+
+    paths = ingest_images(con, tmp_path / "instances", 1)
+    added_concept(con, "sks elephant", trigger="sks", class_noun="elephant", where=f"path = '{paths[0]}'")
+    (image,) = training_images(con, fast_config(tmp_path / "out", mode="dreambooth"))
+    assert image.class_prompt == class_prompts_by_concept(con)["sks elephant"]
+
+
+def test_sigterm_stops_priors_as_ctrl_c_does(catalog_path, tmp_path):
+    """`kill` or `timeout` kept the PNGs but said nothing (Ctrl+C says where they are and to run again)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    out = tmp_path / "p"
+    command = [sys.executable, "-m", "workbench.cli", "priors", "--class-prompt", "a photo of a cat", "--num", "400",
+               "--batch-size", "1", "--steps", "1", "--resolution", "32", "--out-dir", str(out), "--catalog", str(catalog_path),
+               "--device", "cpu"]
+    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/*-seed*.png")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert list(out.glob("*/*-seed*.png")), "no class image was made"
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    said = " ".join(output.split())
+    assert proc.returncode == 130, output
+    assert "Stopped" in said and "class images made so far are in" in said and "run the same command again" in said, output

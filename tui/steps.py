@@ -134,14 +134,17 @@ def run_buckets(con, s, progress, project):
 
 
 def run_priors(con, s, progress, project):
-    from pipelines.priors import class_priors, prior_jobs
-    from workbench.models import load_sd_pipeline, model_id
+    from pipelines.priors import check_prior_options, class_priors, prior_jobs, prior_pipeline
+    from workbench.models import load_sd_components, model_id
 
+    # before the model loads: a size it cannot sample failed only after loading
+    check_prior_options(num_images=s["num"], resolution=s["resolution"], steps=s["steps"])
     jobs = prior_jobs(con, class_prompt=s["class_prompt"] or None, num_images=s["num"])
     if not jobs:
         return {"skipped": "no class prompt and no concept with a class noun"}
     model = model_id(s["model"])  # recorded as training records it
-    pipe = load_sd_pipeline(model)
+    # DDIM on the model's noise schedule, as `workbench priors` and training sample: one set, one sampler
+    pipe = prior_pipeline(load_sd_components(model))
     totals: dict[str, Any] = {}
     for prompt, count, concept in jobs:
         summary = _summary(class_priors(con, pipe, class_prompt=prompt, model_name=model, out_dir=project / "class_priors",

@@ -1079,50 +1079,71 @@ for _mode, _help in (
 
 @app.command()
 def priors(
-    class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt (default: 'a photo of a <class>' for each concept with a class noun).")] = None,
+    class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt (default: 'a photo of a(n) <class>' for each concept with a class noun).")] = None,
     num: Annotated[Optional[int], typer.Option("--num", help="Class images per prompt (default: 200 × instance images, capped by --max-images).")] = None,
     max_images: Annotated[int, typer.Option(help="Cap on the default count.")] = 1000,
     model: Annotated[str, typer.Option(help="Base model; must be the model you will train.")] = "tiny",
     batch_size: Annotated[int, typer.Option(min=1, help="Images generated per batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = 0,
-    resolution: Annotated[Optional[int], typer.Option(min=8, help="Image size (default: the model's).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Sampling steps per image.")] = 30,
+    resolution: Annotated[Optional[int], typer.Option(help="Image size, a multiple of 8 (default: the model's); training uses the set made at its --resolution.")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps per image; training uses the set made with its prior_inference_steps (default 30).")] = 30,
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: class_priors/ beside the catalog).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Generate DreamBooth class-prior images with the base model and add them to the catalog (resumable).
 
-    Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15
+    A set is one prompt, model, size and step count (DDIM sampling, as training makes its priors).
+    Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15 --resolution 512
     """
-    from pipelines.priors import generated_prior_files, ingested_priors, prior_jobs, prior_plan
-    from workbench.models import ModelError, load_sd_pipeline, model_id
+    from pipelines.priors import (PriorSettings, check_prior_options, generated_prior_files, ingested_priors,
+                                  model_resolution, pipeline_resolution, prior_jobs, prior_pipeline, prior_plan)
+    from workbench.models import ModelError, load_sd_components, model_id
 
+    try:  # before anything opens or loads: a size the model cannot sample failed only once it had loaded
+        check_prior_options(num_images=num, max_images=max_images, resolution=resolution, steps=steps, batch_size=batch_size)
+    except ValueError as error:
+        fail(str(error))
     model = model_id(model)  # a local model is recorded by its absolute path, as training records it
-    con = open_catalog(catalog, create=True)
+    con = open_catalog(catalog)  # as `train`: a mistyped --catalog must not start a new, empty catalog
     folder = (out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).parent / "class_priors").resolve()
     try:
         jobs = prior_jobs(con, class_prompt=class_prompt, num_images=num, max_images=max_images)
-        if not jobs:
-            fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
-        plans = [prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, num_images=count, seed=seed, concept=concept)
-                 for prompt, count, concept in jobs]
     except ValueError as error:
+        con.close()
         fail(str(error))
+    if not jobs:
+        con.close()
+        fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
+    size = resolution or model_resolution(model)  # the size a set is made at is part of the set
     # the model loads and samples with the catalog closed (minutes to hours on real models), so the TUI,
     # `workbench sql` and curation steps can use it meanwhile; what lands on disk is added at the end
     path = catalog_mod.catalog_file(con)
-    con.close()
-    made: dict[str, dict] = {}
+    components = None
     stopped = (f"the class images made so far are in {folder}; run the same command again to add them to the catalog "
                "and make the rest")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    # `kill`, `timeout` and job schedulers stop it as Ctrl+C does: the PNGs made so far are kept, and it says so
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         with _stopped_says(stopped), RichProgress() as progress:
+            if size is None:  # a single-file checkpoint: its size is known once it is loaded
+                con.close()
+                components = load_sd_components(model, device=device)
+                size = pipeline_resolution(components)
+                con = catalog_mod.connect_when_free(path, progress=progress, task="plan",
+                                                    waiting=f"Waiting for the catalog {path}, which {{holder}} has open.",
+                                                    stopped="Stopped before any class image was made.")
+            settings = PriorSettings(resolution=size, steps=steps)
+            plans = [prior_plan(con, class_prompt=prompt, model_name=model, out_dir=folder, settings=settings, num_images=count,
+                                seed=seed, concept=concept) for prompt, count, concept in jobs]
+            con.close()
+            made: dict[str, dict] = {}
             if any(plan.to_generate for plan in plans):
-                pipe = load_sd_pipeline(model, device=device)
+                # DDIM on the model's noise schedule, as training makes its priors: one set, one sampler
+                pipe = prior_pipeline(components or load_sd_components(model, device=device), device)
                 for plan in plans:
-                    made[plan.class_prompt] = generated_prior_files(
-                        pipe, plan, batch_size=batch_size, resolution=resolution, num_inference_steps=steps, progress=progress)
+                    made[plan.class_prompt] = generated_prior_files(pipe, plan, batch_size=batch_size, progress=progress)
             con = catalog_mod.connect_when_free(
                 path, progress=progress, task="add to catalog",
                 waiting=f"Waiting to add the class images to the catalog {path}, which {{holder}} has open.",
@@ -1130,10 +1151,13 @@ def priors(
             )
             for plan in plans:
                 summary = ingested_priors(con, plan, made.get(plan.class_prompt, {}))
-                console.print(counts_table(f"class priors: {plan.class_prompt}",
+                console.print(counts_table(f"class priors: {plan.class_prompt} ({settings.label()})",
                                            {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
     except (ModelError, ValueError, CatalogError) as error:
         fail(str(error))
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

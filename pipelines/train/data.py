@@ -145,8 +145,10 @@ def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
 
 
 def _default_class_prompt(row: dict) -> str | None:
+    from pipelines.priors import default_class_prompt
+
     noun = row.get("concept_class")
-    return f"a photo of a {noun}" if noun else None
+    return default_class_prompt(noun) if noun else None  # the prompt `workbench priors` makes the set for
 
 
 def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, progress: ProgressHook = null_progress) -> list[TrainImage]:
@@ -234,16 +236,22 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
 
 def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, wanted: dict[str, int], model: str, *,
                        progress: ProgressHook = null_progress) -> dict[str, list[TrainImage]]:
-    """Up to `wanted[prompt]` class-prior images per class prompt, lowest seeds first, made with the same base model
-    (by `workbench priors` or an earlier run); one whose file is gone is left out, so it is made again. Priors
-    made at a lower resolution than this run's are used upscaled, and said so."""
+    """Up to `wanted[prompt]` class-prior images per class prompt, lowest seeds first, of the set this run uses and
+    makes: the same base model, made at this run's resolution with its prior_inference_steps (by `workbench priors`,
+    the TUI or an earlier run); one whose file is gone is left out, so it is made again. Priors recorded before their
+    settings were (m010) count for every set of their prompt and model; one smaller than this run's resolution
+    trains upscaled, and is named with the command that has it made anew."""
+    from pipelines.priors import prior_set_where, training_prior_settings
+
     pools: dict[str, list[TrainImage]] = {}
     settings = bucket_settings(config, _stored_bucket_settings(con))
+    prior_settings = training_prior_settings(config)
     for prompt, limit in wanted.items():
+        where, params = prior_set_where(prompt, model, prior_settings)
         rows = con.execute(
             "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
-            f"WHERE {PRIOR_IN_USE_SQL} AND c.class_prompt = ? AND c.model = ? ORDER BY c.seed",
-            [prompt, model],
+            f"WHERE {PRIOR_IN_USE_SQL} AND {where} ORDER BY c.seed, c.resolution IS NULL, c.image_id",
+            params,
         ).fetchall()
         pool = []
         small = 0
@@ -258,9 +266,23 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
             if len(pool) == limit:
                 break
         if small:
+            # only priors from before m010 can be smaller (a set's own are made at its size); excluded, they are made
+            # anew in this run's set. Every such prior of the prompt is named, or the next run would take the rest.
+            too_small = [i for (i,) in con.execute(
+                "SELECT d.image_id FROM images_view d JOIN class_priors c USING (image_id) "
+                f"WHERE {PRIOR_IN_USE_SQL} AND {where} AND c.resolution IS NULL AND least(d.width, d.height) < ? "
+                "ORDER BY c.seed", [*params, config.resolution]).fetchall()]
+            more = ""
+            if len(too_small) > 20:
+                quoted = [v.replace("'", "''") for v in (prompt, model)]
+                more = (f" ({len(too_small)} in all, the first 20 named; list them with: workbench sql \"SELECT c.image_id FROM "
+                        "class_priors c JOIN images i USING (image_id) WHERE c.resolution IS NULL AND least(i.width, i.height) < "
+                        f"{config.resolution} AND c.class_prompt = '{quoted[0]}' AND c.model = '{quoted[1]}'\")")
             progress(task="class priors", message=(
-                f"{small} class prior(s) of {prompt!r} are smaller than {config.resolution} px (made for a lower-resolution "
-                "run) and train upscaled; to make them anew at this size, exclude them (`workbench exclude ID`) and run again"))
+                f"{small} class prior(s) of {prompt!r} are smaller than {config.resolution} px (made before workbench "
+                f"recorded each prior's size and steps) and train upscaled. To have them made anew for this run "
+                f"({prior_settings.label()}), exclude them and run again: workbench exclude "
+                f"{' '.join(i[:12] for i in too_small[:20])} --reason \"smaller than {config.resolution} px\"{more}"))
         pools[prompt] = pool
     return pools
 

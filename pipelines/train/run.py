@@ -73,9 +73,10 @@ class _RunCatalog:
 
 
 def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components, progress: ProgressHook):
-    """(class-prior pools per class prompt, components): the missing priors are generated with the base model
-    (DreamBooth recipe), with the catalog let go meanwhile when the run releases it."""
-    from pipelines.priors import generated_prior_files, ingested_priors, prior_plan
+    """(class-prior pools per class prompt, components): the missing priors of this run's set (its resolution and
+    prior_inference_steps) are generated with the base model (DreamBooth recipe), with the catalog let go meanwhile
+    when the run releases it."""
+    from pipelines.priors import generated_prior_files, ingested_priors, prior_pipeline, prior_plan, training_prior_settings
 
     prompts: dict[str, int] = {}
     for image in images:
@@ -92,28 +93,20 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     if not short:
         return pools, components
     folder = catalog_project_dir(catalog.con) / "class_priors"
-    plans = [prior_plan(catalog.con, class_prompt=prompt, model_name=config.model, out_dir=folder,
-                        num_images=wanted[prompt], seed=config.seed) for prompt in short]
+    settings = training_prior_settings(config)
+    # a set's seeds start at 0 whatever the training --seed: the set is shared with other runs and `workbench
+    # priors`, so its missing images are the next seeds after the ones it has, not a new run of seeds beside them
+    plans = [prior_plan(catalog.con, class_prompt=prompt, model_name=config.model, out_dir=folder, settings=settings,
+                        num_images=wanted[prompt]) for prompt in short]
     made = {}
     with catalog.released(progress, task="class priors", reopen_after_error=False,
                           waiting=f"Waiting to add the class images to the catalog {catalog.path}, which {{holder}} has open.",
                           stopped=f"Stopped before the class images were added: they are in {folder}; the next run adds them."):
         if components is None:
             components = load_components(config, progress)
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-        from pipelines.train.loop import inference_scheduler
-        from workbench.models import resolve_device
-
-        pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=inference_scheduler(DDIMScheduler, components.noise_scheduler),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).to(resolve_device(config.device))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = prior_pipeline(components, config.device)  # the sampler `workbench priors` makes its sets with too
         for plan in plans:
-            made[plan.class_prompt] = generated_prior_files(
-                pipe, plan, batch_size=config.sample_batch_size, resolution=config.resolution,
-                num_inference_steps=config.prior_inference_steps, progress=progress)
+            made[plan.class_prompt] = generated_prior_files(pipe, plan, batch_size=config.sample_batch_size, progress=progress)
         pipe.to("cpu")
     for plan in plans:
         ingested_priors(catalog.con, plan, made[plan.class_prompt])
@@ -121,9 +114,12 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
 
 
 def _wanted(config: TrainConfig, instance_count: int) -> int:
+    """--num-class-images, else 200 × the instance images of a class prompt, capped by max_class_images (as `workbench priors` counts)."""
+    from pipelines.priors import PRIORS_PER_INSTANCE
+
     if config.num_class_images is not None:
         return config.num_class_images
-    return max(1, min(config.max_class_images, 200 * instance_count))
+    return max(1, min(config.max_class_images, PRIORS_PER_INSTANCE * instance_count))
 
 
 def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> None:
