@@ -1155,3 +1155,17 @@ def test_every_lora_checkpoint_holds_its_lora_in_both_formats_loadable_by_diffus
         pipe = load_sd_pipeline("tiny", device="cpu", dtype="float32")
         pipe.load_lora_weights(str(first), weight_name=name)
         assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_a_run_is_refused_in_a_folder_holding_catalog_images(con, tmp_path, one_thread):
+    """`--output-dir` of the user's photo folder marked it as an output folder, which the next ingest left out."""
+    from pipelines.train import trained_model
+    from pipelines.train.loop import RunRefused
+    from workbench.config import OUTPUT_MARKER
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    with pytest.raises(RunRefused, match="holds 2 image\\(s\\) of the catalog .* Give another --output-dir"):
+        trained_model(con, fast_config(tmp_path / "images", max_train_steps=1), components=tiny_components())
+    assert not (tmp_path / "images" / OUTPUT_MARKER).exists()
+    with pytest.raises(RunRefused, match="holds 2 image"):  # a folder above them too
+        trained_model(con, fast_config(tmp_path, max_train_steps=1), components=tiny_components())

@@ -267,6 +267,10 @@ def test_lora_with_prior_preservation_is_dreambooth_lora(con, tmp_path, one_thre
                          prior_inference_steps=1, sample_batch_size=2, max_train_steps=2, num_validation_images=0)
     result = trained_model(con, config, components=tiny_components())
     assert result.class_images == 2 and (tmp_path / "dbl" / "pytorch_lora_weights.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "dbl" / "lora_kohya.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_num_reg_images"] == "2"  # sd-scripts' count of regularisation (class) images
     assert con.execute("SELECT len(class_image_ids) FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0] == 2
     assert fast_config(tmp_path / "plain").with_prior_preservation is False
     with pytest.raises(ConfigError, match="not finetune"):
@@ -356,8 +360,29 @@ def test_train_help_at_80_columns_shows_every_option_that_takes_a_value_in_full(
     result = runner.invoke(app, ["train", "lora", "--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0
     assert max(len(line) for line in result.output.splitlines()) <= 80
-    names = [param.opts[0] for param in command.params if param.opts and not getattr(param, "is_flag", False)]
+    names = [param.opts[0] for param in command.params if param.opts and not getattr(param, "is_flag", False) and not param.hidden]
     assert "--gradient-accumulation-steps" in names and len(names) > 30
     cut = [name for name in names if f"{name} " not in result.output]
     assert not cut, f"cut at 80 columns: {cut}"
     assert "Memory and speed" in result.output and "Steps and learning rate" in result.output
+
+
+def test_set_cannot_change_the_mode_or_repeat_a_flag_and_the_diffusers_names_are_accepted(catalog_path, tmp_path):
+    """`--set mode=finetune` on `train lora` and `--set rank=8 --rank 4` were silently overridden by the command and
+    the flag; --with-prior-preservation and --resume-from-checkpoint (the diffusers examples' names) were unknown."""
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    base = ["train", "lora", "--catalog", str(catalog_path), "--set", "report_to=none", "--output-dir", str(tmp_path / "run")]
+    mode = runner.invoke(app, [*base, "--set", "mode=finetune"])
+    assert mode.exit_code == 2 and "cannot change the mode: run `workbench train finetune`" in " ".join(mode.output.split())
+    twice = runner.invoke(app, [*base, "--set", "rank=8", "--rank", "4"])
+    assert twice.exit_code == 2 and "--set rank=… and --rank both give rank: keep one" in " ".join(twice.output.split())
+    # without the alias, --class-prompt would be refused as an option of a run with no class priors
+    priors = runner.invoke(app, [*base, "--with-prior-preservation", "--class-prompt", "a photo of a dog", "--instance-prompt", "a photo of sks dog"])
+    assert priors.exit_code == 2 and "0 train images" in priors.output, priors.output
+    no_priors = runner.invoke(app, [*base, "--class-prompt", "a photo of a dog"])
+    assert no_priors.exit_code == 2 and "has no class priors" in " ".join(no_priors.output.split())
+    resume = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resume-from-checkpoint", "latest",
+                                 "--output-dir", str(tmp_path / "nothing")])
+    assert resume.exit_code == 2 and "There is no run to resume" in " ".join(resume.output.split())

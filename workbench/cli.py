@@ -971,6 +971,10 @@ def train_command(
     prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation", metavar="", help="DreamBooth prior-preservation loss with generated class images (default: on for dreambooth; lora: DreamBooth-LoRA).", rich_help_panel='DreamBooth and full UNet')] = None,
     prior_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior loss (DreamBooth).", show_default=TRAIN_HELP_DEFAULTS["prior_loss_weight"], rich_help_panel='DreamBooth and full UNet')] = None,
     class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt for all images (default: per concept class noun).", rich_help_panel='DreamBooth and full UNet')] = None,
+    # the diffusers examples' names for two options, accepted as they are but kept out of --help (one name each there)
+    resume_from_checkpoint: Annotated[Optional[str], typer.Option("--resume-from-checkpoint", hidden=True)] = None,
+    with_prior_preservation: Annotated[bool, typer.Option("--with-prior-preservation", hidden=True)] = False,
+    instance_prompt: Annotated[Optional[str], typer.Option(help="Caption of images that have none (default: their concept's trigger and class).", rich_help_panel='Captions and augmentation')] = None,
     num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).", rich_help_panel='DreamBooth and full UNet')] = None,
     use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", metavar="", help="Keep an EMA of the weights (dreambooth, finetune).", rich_help_panel='DreamBooth and full UNet')] = None,
     from_scratch: Annotated[Optional[bool], typer.Option("--from-scratch/--no-from-scratch", metavar="", help="finetune: initialise the UNet from its config.", rich_help_panel='DreamBooth and full UNet')] = None,
@@ -1000,11 +1004,27 @@ def train_command(
         caption_dropout=caption_dropout, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens, random_crop=random_crop,
         random_flip=random_flip, color_jitter=color_jitter, snr_gamma=snr_gamma, noise_offset=noise_offset,
         beta_schedule=beta_schedule, prediction_type=prediction_type, with_prior_preservation=prior_preservation,
-        prior_loss_weight=prior_loss_weight, class_prompt=class_prompt, num_class_images=num_class_images,
+        prior_loss_weight=prior_loss_weight, class_prompt=class_prompt, instance_prompt=instance_prompt, num_class_images=num_class_images,
         use_ema=use_ema, from_scratch=from_scratch, concepts=concepts or None, device=device,
     )
+    if resume_from_checkpoint is not None:
+        if resume is not None:
+            fail("--resume and --resume-from-checkpoint are the same option: keep one.")
+        overrides["resume"] = resume_from_checkpoint
+    if with_prior_preservation:
+        if prior_preservation is False:
+            fail("--with-prior-preservation and --no-prior-preservation contradict each other: keep one.")
+        overrides["with_prior_preservation"] = True
+    given = {k: v for k, v in overrides.items() if v is not None}
+    set_values = _set_values(set_ or [])
+    for key in set_values:  # a flag would silently win over the same option in --set
+        name = key.replace("-", "_")
+        if name == "mode":
+            fail(f"--set {key}=… cannot change the mode: run `workbench train {set_values[key]}` instead.")
+        if name in given:
+            fail(f"--set {key}=… and --{name.replace('_', '-')} both give {name}: keep one.")
     try:
-        overrides = {**_set_values(set_ or []), **{k: v for k, v in overrides.items() if v is not None}}
+        overrides = {**set_values, **given}
         train_config = load_train_config(config, overrides)
     except ConfigError as error:
         fail(str(error))

@@ -160,6 +160,17 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
         )
 
 
+def _refuse_a_folder_of_catalog_images(con, output_dir: Path) -> None:
+    """A run folder is marked as output, which `ingest` leaves out: made in a folder of photos, it would hide them from
+    the next ingest, and its samples would sit among them."""
+    row = con.execute(
+        "SELECT count(*), min(path) FROM paths WHERE NOT missing AND starts_with(path, ?)", [str(output_dir).rstrip(os.sep) + os.sep],
+    ).fetchone()
+    if row[0]:
+        raise RunRefused(f"{output_dir} holds {row[0]} image(s) of the catalog (e.g. {row[1]}): a run folder there would hide "
+                         "them from the next `workbench ingest`. Give another --output-dir.")
+
+
 def _folder_id(output_dir: Path) -> str | None:
     """This life of the run folder (its dataset.json's id): rows of a run deleted before it and started again there
     belong to another run."""
@@ -291,6 +302,8 @@ def trained_model(
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
     catalog = _RunCatalog(con, release_catalog)
+    if not config.resume:
+        _refuse_a_folder_of_catalog_images(con, output_dir)
     with _run_folder_lock(output_dir, resuming=bool(config.resume)):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
         folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
