@@ -214,6 +214,22 @@ def test_progress_messages_print_as_plain_text():
     assert "/data/[raw] photos/a[/]b.png" in out.getvalue()
 
 
+def test_a_message_alone_neither_adds_a_bar_that_never_moves_nor_resets_a_running_one():
+    """A training run's 'dataset' messages left a 'dataset 0/?' bar that never moved."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from workbench.progress import RichProgress
+
+    with RichProgress(console=Console(file=StringIO(), width=200)) as progress:
+        progress(task="dataset", message="3 of 8 image(s) have no caption")
+        progress(task="train", completed=5, total=10)
+        progress(task="train", message="a note mid-run")
+        bars = {task.description: task for task in progress._progress.tasks}
+    assert "dataset" not in bars and bars["train"].completed == 5 and bars["train"].total == 10
+
+
 def test_table_says_when_rows_are_left_out_and_json_columns_nest(catalog_path):
     seeded_catalog(catalog_path)
     cat = ["--catalog", str(catalog_path)]

@@ -75,6 +75,8 @@ class RichProgress:
             from rich.text import Text
 
             self._progress.console.log(Text(message))  # a step's message is plain text: paths may hold '[', captions ':x:'
+            if not completed and total is None:  # a message alone: no bar that never moves, no reset of a running one
+                return
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
         self._progress.update(self._tasks[task], completed=completed, total=total)
