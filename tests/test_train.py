@@ -111,7 +111,7 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior(tmp_path, one_t
     mean, std, hidden = torch.randn(4, 4, 4, 4), torch.rand(4, 4, 4, 4) * 0.1, torch.randn(4, 77, 32)
     group = {"is_prior": torch.tensor([False, False, True, True]), "mean": mean, "std": std, "hidden": hidden}
     args = (config, components.vae, components.text_encoder, components.tokenizer, components.unet, scheduler, "cpu", torch.float32, False)
-    loss = _step_loss([group], step_generator(3, 5), *args)
+    loss, parts = _step_loss([group], step_generator(3, 5), *args)
 
     generator = step_generator(3, 5)
     latents = (mean + std * torch.randn(mean.shape, generator=generator)) * components.vae.config.scaling_factor
@@ -125,8 +125,9 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior(tmp_path, one_t
     prior_loss = F.mse_loss(prior_pred, prior_target)
     expected = instance_loss + weight * prior_loss
     assert torch.allclose(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(parts, torch.stack([instance_loss, prior_loss]), rtol=1e-5, atol=1e-7)  # loss.csv's two columns
     assert abs(prior_loss.item()) > 1e-3  # the prior term is not negligible, so a missing weight would show
-    no_prior = _step_loss([group], step_generator(3, 5), dataclasses.replace(config, prior_loss_weight=0.0), *args[1:])
+    no_prior, _ = _step_loss([group], step_generator(3, 5), dataclasses.replace(config, prior_loss_weight=0.0), *args[1:])
     assert torch.allclose(no_prior.detach(), instance_loss, rtol=1e-5, atol=1e-7)
 
 
@@ -140,7 +141,7 @@ def test_min_snr_weighting_changes_the_loss_and_v_prediction_targets_velocity(tm
         config = fast_config(tmp_path / name, **extra)
         scheduler = _noise_scheduler(components, config)
         losses[name] = _step_loss([group], step_generator(0, 0), config, components.vae, components.text_encoder,
-                                  components.tokenizer, components.unet, scheduler, "cpu", torch.float32, False).item()
+                                  components.tokenizer, components.unet, scheduler, "cpu", torch.float32, False)[0].item()
     assert losses["snr"] != pytest.approx(losses["plain"], rel=1e-3)
     assert losses["v"] != pytest.approx(losses["plain"], rel=1e-3)
 
@@ -470,8 +471,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 3 else loss), parts
 
     monkeypatch.setattr(loop, "_step_loss", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*checkpoint-2"):

@@ -271,6 +271,12 @@ def test_lora_with_prior_preservation_is_dreambooth_lora(con, tmp_path, one_thre
 
     with safe_open(str(tmp_path / "dbl" / "lora_kohya.safetensors"), "pt") as handle:
         assert handle.metadata()["ss_num_reg_images"] == "2"  # sd-scripts' count of regularisation (class) images
+    import csv
+
+    with (tmp_path / "dbl" / "loss.csv").open() as handle:  # the two parts of the loss, to tell them apart
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(float(r["loss"]) == pytest.approx(float(r["instance_loss"]) + float(r["prior_loss"]), rel=1e-5)
+                                  for r in rows)
     assert con.execute("SELECT len(class_image_ids) FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()[0] == 2
     assert fast_config(tmp_path / "plain").with_prior_preservation is False
     with pytest.raises(ConfigError, match="not finetune"):

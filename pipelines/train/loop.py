@@ -127,6 +127,9 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
 LOSS_READ_EVERY = 10  # CUDA: steps between read-backs of the loss; each read-back waits for the GPU
 
 
+LOSS_PARTS = ("instance_loss", "prior_loss")  # loss.csv's extra columns under prior preservation
+
+
 class LossLog:
     """The loss of each step, read back from the device a few steps at a time. Reading a CUDA loss makes the CPU
     wait for the GPU; without that wait the CPU queues the next step while the GPU still runs this one. The
@@ -134,7 +137,8 @@ class LossLog:
 
     def __init__(self, accelerator, csv_path: Path, rows: list, read_every: int):
         self.accelerator, self.csv_path, self.rows, self.read_every = accelerator, csv_path, rows, read_every
-        self.pending: list[tuple[int, list[torch.Tensor], float]] = []  # (step, its micro-batch losses, lr)
+        # (step, its micro-batch losses, lr, their [instance, prior] parts under prior preservation, else [])
+        self.pending: list[tuple[int, list[torch.Tensor], float, list[torch.Tensor]]] = []
 
     @contextlib.contextmanager
     def written_when_stopped(self):
@@ -148,8 +152,8 @@ class LossLog:
                     self.read(None)
             raise
 
-    def add(self, step: int, micro_losses: list[torch.Tensor], lr: float) -> None:
-        self.pending.append((step, micro_losses, lr))
+    def add(self, step: int, micro_losses: list[torch.Tensor], lr: float, micro_parts: list[torch.Tensor] | None = None) -> None:
+        self.pending.append((step, micro_losses, lr, micro_parts or []))
 
     def read_due(self) -> bool:
         return len(self.pending) >= self.read_every
@@ -158,10 +162,16 @@ class LossLog:
         """Read the pending losses back: stop on a non-finite one, else append them to loss.csv and the trackers."""
         if not self.pending:
             return
-        values = torch.stack([loss.float() for _, micro, _ in self.pending for loss in micro]).tolist()  # the one wait
-        step_losses, at = [], 0
-        for step, micro, _ in self.pending:
+        losses = [loss.float().reshape(1) for _, micro, _, _ in self.pending for loss in micro]
+        parts = [part.float().reshape(2) for _, _, _, micro in self.pending for part in micro]
+        values = torch.cat(losses + parts).tolist()  # the one wait
+        part_values = values[len(losses):]
+        step_losses, step_parts, at, part_at = [], [], 0, 0
+        for step, micro, _, micro_parts in self.pending:
             chunk, at = values[at:at + len(micro)], at + len(micro)
+            if micro_parts:  # the mean over the update's micro-batches, as the loss
+                pairs, part_at = part_values[part_at:part_at + 2 * len(micro_parts)], part_at + 2 * len(micro_parts)
+                step_parts.append([sum(pairs[0::2]) / len(micro_parts), sum(pairs[1::2]) / len(micro_parts)])
             bad = next((value for value in chunk if not math.isfinite(value)), None)
             if bad is not None:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -174,14 +184,18 @@ class LossLog:
         if accelerator.num_processes > 1:  # every process reads at the same steps, so the gather lines up
             gathered = accelerator.gather(torch.tensor(step_losses, device=accelerator.device))
             step_losses = gathered.reshape(accelerator.num_processes, -1).mean(dim=0).tolist()
-        new_rows = [(step, loss, lr) for (step, _, lr), loss in zip(self.pending, step_losses)]
+            if step_parts:
+                gathered = accelerator.gather(torch.tensor(step_parts, device=accelerator.device).flatten())
+                step_parts = gathered.reshape(accelerator.num_processes, -1, 2).mean(dim=0).tolist()
+        new_rows = [(step, loss, lr, *(step_parts[i] if step_parts else ()))
+                    for i, ((step, _, lr, _), loss) in enumerate(zip(self.pending, step_losses))]
         self.pending = []
         self.rows.extend(new_rows)
         if accelerator.is_main_process:
             with self.csv_path.open("a", newline="") as handle:
                 csv.writer(handle, lineterminator="\n").writerows([list(row) for row in new_rows])
-        for step, loss, lr in new_rows:
-            accelerator.log({"loss": loss, "lr": lr}, step=step)
+        for step, loss, lr, *parts in new_rows:
+            accelerator.log({"loss": loss, "lr": lr, **dict(zip(LOSS_PARTS, parts))}, step=step)
 
 
 def uses_channels_last(config: TrainConfig, device) -> bool:
@@ -374,12 +388,14 @@ def _write_loss_png(rows: list[tuple[int, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def read_loss_csv(path: Path, up_to_step: int) -> list[tuple[int, float, float]]:
-    """(step, loss, lr) rows of a run's loss.csv up to `up_to_step` (a resumed run continues its log from there)."""
+def read_loss_csv(path: Path, up_to_step: int) -> list[tuple]:
+    """(step, loss, lr[, instance_loss, prior_loss]) rows of a run's loss.csv up to `up_to_step` (a resumed run
+    continues its log from there)."""
     if not path.exists():
         return []
     with path.open() as handle:
-        rows = [(int(r["step"]), float(r["loss"]), float(r["lr"])) for r in csv.DictReader(handle)]
+        rows = [(int(r["step"]), float(r["loss"]), float(r["lr"]), *(float(r[c]) for c in LOSS_PARTS if r.get(c)))
+                for r in csv.DictReader(handle)]
     return [r for r in rows if r[0] <= up_to_step]
 
 
@@ -644,7 +660,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if accelerator.is_main_process:
         with loss_csv.open("w", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\n")  # the csv module's default is CRLF
-            writer.writerow(["step", "loss", "lr"])
+            writer.writerow(["step", "loss", "lr", *(LOSS_PARTS if config.with_prior_preservation else ())])
             writer.writerows(loss_rows)
     last_good = ckpt.list_checkpoints(checkpoints_dir)[-1] if ckpt.list_checkpoints(checkpoints_dir) else None
     loss_log = LossLog(accelerator, loss_csv, loss_rows, read_every=LOSS_READ_EVERY if device.type == "cuda" else 1)
@@ -655,6 +671,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if train_text:
         text_encoder.train()
     micro_losses: list[torch.Tensor] = []
+    micro_parts: list[torch.Tensor] = []
     loop_started = time.perf_counter()
     micro_index = start_micro
     with loss_log.written_when_stopped():
@@ -662,7 +679,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             with accelerator.accumulate(*trained_modules_of(accelerator, unet, text_encoder if train_text else None)):
                 generator = step_generator(config.seed, micro_index, accelerator.process_index)
                 micro_index += accelerator.num_processes
-                loss = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
+                loss, parts = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
@@ -670,13 +687,15 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach())
+            if parts is not None:
+                micro_parts.append(parts)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
-            loss_log.add(global_step, micro_losses, lr_scheduler.get_last_lr()[0])
-            micro_losses = []
+            loss_log.add(global_step, micro_losses, lr_scheduler.get_last_lr()[0], micro_parts)
+            micro_losses, micro_parts = [], []
             checkpoint_due = global_step % config.checkpointing_steps == 0 or global_step == max_steps
             sampling = config.num_validation_images > 0
             sample_due = sampling and global_step % config.validation_steps == 0 and global_step != max_steps
@@ -856,8 +875,10 @@ def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_enco
             progress(task="cache text", completed=min(i + 32, len(missing)), total=len(missing))
 
 
-def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text) -> torch.Tensor:
-    """The loss of one micro-batch (all its bucket groups), prior-preservation weighted."""
+def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype,
+               train_text) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss of one micro-batch (all its bucket groups), prior-preservation weighted, and its [instance, prior]
+    parts (detached; None without class priors in the batch)."""
     per_sample_all, is_prior_all = [], []
     scaling = vae.config.scaling_factor
     for group in groups_batch:
@@ -886,8 +907,8 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
         target = training_target(noise_scheduler, latents, noise, timesteps)
         per_sample_all.append(per_sample_loss(model_pred, target, timesteps, noise_scheduler, config.snr_gamma))
         is_prior_all.append(group["is_prior"])  # stays on the host (combined_loss)
-    loss, _, _ = combined_loss(torch.cat(per_sample_all), torch.cat(is_prior_all), config.prior_loss_weight)
-    return loss
+    loss, instance, prior = combined_loss(torch.cat(per_sample_all), torch.cat(is_prior_all), config.prior_loss_weight)
+    return loss, None if prior is None else torch.stack([instance, prior]).detach()
 
 
 def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir: Path, step: int, ema, final: bool = False):
