@@ -223,20 +223,26 @@ def _seeds_used(con, train_id):
         [train_id]).fetchall())
 
 
-def test_dreambooth_prior_seeds_do_not_follow_the_training_seed(con, tmp_path, one_thread):
-    """`train dreambooth --seed 50` with seeds 0-1 made said "0 of 3 exist; generating 3", made 50-52 and trained on
-    0, 1 and 50: the training seed was the set's first seed."""
+def _dreambooth_after_32px_priors(con, tmp_path, *, instances: int, **options):
+    """(result, progress messages) of a one-step DreamBooth run after two 32 px, 1-step priors of its class were made."""
     from pipelines.priors import class_priors
     from pipelines.train import trained_model
     from train_fixtures import fast_config, tiny_components
 
-    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    ingest_images(con, tmp_path / "images", instances, sizes=[(32, 32)])
     class_priors(con, _training_pipe(), class_prompt="a photo of a square", model_name="tiny", out_dir=tmp_path / "project" / "class_priors",
                  num_images=2, resolution=32, num_inference_steps=1)
     messages = []
-    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=3, seed=50,
-                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", prior_inference_steps=1,
+                         max_train_steps=1, num_validation_images=0, **options)
     result = trained_model(con, config, components=tiny_components(), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    return result, messages
+
+
+def test_dreambooth_prior_seeds_do_not_follow_the_training_seed(con, tmp_path, one_thread):
+    """`train dreambooth --seed 50` with seeds 0-1 made said "0 of 3 exist; generating 3", made 50-52 and trained on
+    0, 1 and 50: the training seed was the set's first seed."""
+    result, messages = _dreambooth_after_32px_priors(con, tmp_path, instances=2, num_class_images=3, seed=50)
     assert "2 of 3 class images for 'a photo of a square' (32 px, 1 step) exist; generating 1" in messages
     assert _seeds_used(con, result.train_id) == [0, 1, 2]
 
@@ -265,16 +271,7 @@ def test_png_files_of_other_settings_are_never_ingested(catalog_path, tmp_path, 
 
 def test_dreambooth_makes_its_own_set_at_its_resolution(con, tmp_path, one_thread):
     """Priors made at 32 px were taken by a 64 px run (upscaled, with a warning whose advice made more of the same)."""
-    from pipelines.train import trained_model
-    from train_fixtures import fast_config, tiny_components
-
-    ingest_images(con, tmp_path / "images", 1, sizes=[(32, 32)])
-    class_priors(con, _training_pipe(), class_prompt="a photo of a square", model_name="tiny", out_dir=tmp_path / "project" / "class_priors",
-                 num_images=2, resolution=32, num_inference_steps=1)
-    messages = []
-    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", num_class_images=2, resolution=64,
-                         prior_inference_steps=1, max_train_steps=1, num_validation_images=0)
-    result = trained_model(con, config, components=tiny_components(), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    result, messages = _dreambooth_after_32px_priors(con, tmp_path, instances=1, num_class_images=2, resolution=64)
     assert "0 of 2 class images for 'a photo of a square' (64 px, 1 step) exist; generating 2" in messages
     assert not any("smaller than" in m for m in messages)
     sizes = con.execute("SELECT list(DISTINCT i.width) FROM images i WHERE image_id IN "
