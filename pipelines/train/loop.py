@@ -561,7 +561,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     _place(vae, device, weight_dtype if config.mode == "lora" else torch.float32)
     # a full model is saved with its frozen text encoder: keep its own float32 weights for that, not a copy
     # rounded to the training dtype (diffusers' train_dreambooth.py saves the base text encoder too)
-    frozen_text_weights = dict(text_encoder.state_dict()) if config.mode != "lora" and not train_text else None
+    kept = config.mode != "lora" and not train_text and weight_dtype != torch.float32
+    frozen_text_weights = dict(text_encoder.state_dict()) if kept else None
     if not train_text:
         _place(text_encoder, device, weight_dtype)
 
