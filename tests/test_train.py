@@ -1170,3 +1170,11 @@ def test_a_run_is_refused_in_a_folder_holding_catalog_images(con, tmp_path, one_
     assert not (tmp_path / "images" / OUTPUT_MARKER).exists()
     with pytest.raises(RunRefused, match="holds 2 image"):  # a folder above them too
         trained_model(con, fast_config(tmp_path, max_train_steps=1), components=tiny_components())
+
+
+def test_a_runs_final_loss_is_the_mean_of_its_last_ten_steps():
+    """One step's loss depends on the timesteps and noise it drew: runs compared by it compared noise."""
+    from pipelines.train.loop import final_loss
+
+    rows = [(step, float(step), 1e-4) for step in range(1, 15)]
+    assert final_loss(rows) == sum(range(5, 15)) / 10 and final_loss(rows[:3]) == 2.0 and final_loss([]) is None

@@ -388,6 +388,16 @@ def _write_loss_png(rows: list[tuple[int, float]], path: Path) -> None:
     plt.close(figure)
 
 
+FINAL_LOSS_STEPS = 10
+
+
+def final_loss(rows: list[tuple]) -> float | None:
+    """A run's final loss: the mean over its last FINAL_LOSS_STEPS steps, so runs compare by more than one noisy step
+    (each step draws its own timesteps and noise)."""
+    last = [row[1] for row in rows[-FINAL_LOSS_STEPS:]]
+    return sum(last) / len(last) if last else None
+
+
 def read_loss_csv(path: Path, up_to_step: int) -> list[tuple]:
     """(step, loss, lr[, instance_loss, prior_loss]) rows of a run's loss.csv up to `up_to_step` (a resumed run
     continues its log from there)."""
@@ -762,7 +772,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if text_cache:
         cache["text_hits"] = text_cache.stats.hits - cache_stats_before[1]
     return TrainResult(
-        output_dir=output_dir, steps=global_step, final_loss=loss_rows[-1][1] if loss_rows else None,
+        output_dir=output_dir, steps=global_step, final_loss=final_loss(loss_rows),
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
         class_images=len({p.image_id for pool in (priors or {}).values() for p in pool}),
