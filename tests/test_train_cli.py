@@ -392,3 +392,36 @@ def test_set_cannot_change_the_mode_or_repeat_a_flag_and_the_diffusers_names_are
     resume = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resume-from-checkpoint", "latest",
                                  "--output-dir", str(tmp_path / "nothing")])
     assert resume.exit_code == 2 and "There is no run to resume" in " ".join(resume.output.split())
+
+
+def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(con, tmp_path, one_thread):
+    """DreamBooth users keep an earlier, less overfit step; full-model checkpoints held only internal weight names."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "ft", mode="finetune", use_ema=True, max_train_steps=4, checkpointing_steps=2, num_validation_images=0)
+    trained_model(con, config, components=tiny_components())
+    last = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "4"])
+    assert last.exit_code == 0, last.output
+    final = UNet2DConditionModel.from_pretrained(str(tmp_path / "ft" / "pipeline"), subfolder="unet").state_dict()
+    exported = UNet2DConditionModel.from_pretrained(str(tmp_path / "ft" / "exports" / "checkpoint-4" / "pipeline"), subfolder="unet").state_dict()
+    assert all(torch.equal(final[k], exported[k]) for k in final)  # the EMA weights, as the finished run saved them
+    assert (tmp_path / "ft" / "exports" / "checkpoint-4" / "model.safetensors").is_file()
+    earlier = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "2", "--to", str(tmp_path / "step2")])
+    assert earlier.exit_code == 0, earlier.output
+    step2 = UNet2DConditionModel.from_pretrained(str(tmp_path / "step2" / "pipeline"), subfolder="unet").state_dict()
+    assert not all(torch.equal(final[k], step2[k]) for k in final)
+    again = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "2", "--to", str(tmp_path / "step2")])
+    assert again.exit_code == 2 and "is not empty" in " ".join(again.output.split())
+    missing = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "3"])
+    assert missing.exit_code == 2 and "checkpoint-2, checkpoint-4" in " ".join(missing.output.split())
+
+    lora = fast_config(tmp_path / "lora", max_train_steps=2, checkpointing_steps=2, num_validation_images=0)
+    trained_model(con, lora, components=tiny_components())
+    assert runner.invoke(app, ["train", "export", str(tmp_path / "lora")]).exit_code == 0
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        ours, written = load_file(str(tmp_path / "lora" / "exports" / "checkpoint-2" / name)), load_file(str(tmp_path / "lora" / name))
+        assert ours.keys() == written.keys() and all(torch.equal(ours[k], written[k]) for k in ours)

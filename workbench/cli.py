@@ -1097,6 +1097,40 @@ for _mode, _help in (
     train_app.command(_mode, help=_help)(train_command)
 
 
+@train_app.command("export")
+def train_export(
+    run_dir: Annotated[Path, typer.Argument(help="The run's --output-dir.")],
+    checkpoint: Annotated[str, typer.Option(help="Step number, checkpoint folder, or 'latest'.")] = "latest",
+    to: Annotated[Optional[Path], typer.Option(help="Where the model goes (default: RUN_DIR/exports/checkpoint-N).")] = None,
+) -> None:
+    """Write a checkpoint's weights as a finished run writes its model (LoRA files, or a diffusers folder and one file).
+
+    Example: workbench train export runs/dreambooth-dog --checkpoint 400
+    """
+    from pipelines.train import TrainingError
+    from pipelines.train.checkpoint import list_checkpoints, resolve_resume
+    from pipelines.train.loop import exported_checkpoint
+    from workbench.models import ModelError
+
+    folder = run_dir / "checkpoints"
+    try:
+        found = resolve_resume(folder, f"checkpoint-{checkpoint}" if checkpoint.isdigit() else checkpoint)
+    except FileNotFoundError as error:
+        fail(f"{error} Its checkpoints: {', '.join(p.name for p in list_checkpoints(folder)) or 'none'}.")
+    if found is None:
+        fail(f"{run_dir} has no checkpoints (looked in {folder}).")
+    out = to or run_dir / "exports" / found.name
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} is not empty: give another --to, or delete it first.")
+    try:
+        with RichProgress() as progress:
+            outputs = exported_checkpoint(found, out, progress=progress)
+    except (TrainingError, ModelError) as error:
+        fail(str(error))
+    for name, path in outputs.items():
+        console.print(Text(f"{name}: {path}"))
+
+
 @app.command()
 def priors(
     class_prompt: Annotated[Optional[str], typer.Option(help="Class prompt (default: 'a photo of a(n) <class>' for each concept with a class noun).")] = None,

@@ -1019,3 +1019,53 @@ def _save_single_file(pipe, path: Path, config) -> Path:
                 tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu").contiguous()
         save_file(tensors, str(path), metadata={**metadata, "layout": "diffusers"})
         return path
+
+
+def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, progress: ProgressHook = null_progress) -> dict[str, str]:
+    """A checkpoint's weights written as a finished run writes its model: both LoRA files, or a diffusers pipeline and
+    one single-file checkpoint (with the EMA weights when the run kept an EMA), so an earlier step can be used."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    saved = ckpt.saved_config(checkpoint)
+    if saved is None or ckpt.damaged_files(checkpoint):
+        raise TrainingError(f"{checkpoint} is not a whole checkpoint written by this workbench (its state.json or weights are missing).")
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    components = components or load_components(config, progress)
+    unet, text_encoder = components.unet, components.text_encoder
+    train_text = config.train_text_encoder
+    # the trainable weights the run had, by the names its checkpoints use (`_named_trainable`)
+    if config.mode == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.lora_target_modules)))
+        if train_text:
+            text_encoder.requires_grad_(False)
+            _add_text_encoder_lora(text_encoder, LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha,
+                                                            init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)))
+    elif config.from_scratch:
+        unet = UNet2DConditionModel.from_config(unet.config)
+    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    if train_text:
+        named.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    weights = load_file(str(checkpoint / "weights.safetensors"))
+    if set(weights) != set(named):
+        raise TrainingError(f"{checkpoint} does not match the model its options build ({len(set(named) - set(weights))} weights "
+                            f"missing, {len(set(weights) - set(named))} unexpected): was the base model changed?")
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(weights[name])
+        if (checkpoint / "ema.safetensors").is_file():  # a finished run saves its EMA weights: so does its checkpoint
+            shadow = load_file(str(checkpoint / "ema.safetensors"))
+            for i, param in enumerate(unet.parameters()):
+                param.copy_(shadow[str(i)])
+    step, run_dir = ckpt.checkpoint_step(checkpoint), checkpoint.parent.parent
+    images, priors = [], None  # for the kohya metadata: the run's own dataset, when its snapshot is there
+    if (run_dir / train_data.SNAPSHOT_FILE).is_file():
+        images, priors = train_data.read_snapshot(run_dir / train_data.SNAPSHOT_FILE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress(task="export", message=f"writing step {step} of {run_dir} to {out_dir}")
+    return _save_model(config, out_dir, unet, text_encoder if train_text else None, components, _noise_scheduler(components, config),
+                       len(images), step, 0.0, images=images or None,
+                       reg_images=len({p.image_id for pool in (priors or {}).values() for p in pool}))
