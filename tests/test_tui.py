@@ -422,6 +422,53 @@ def test_caption_save_on_a_later_page_keeps_the_same_image_selected(synthetic_ca
     asyncio.run(scenario())
 
 
+def test_an_edit_keeps_the_rows_shown_when_the_filter_box_holds_text_not_applied(synthetic_catalog):
+    """Text typed in the filter box without Enter was applied by the reload after a save: the rows changed, the
+    cursor went to row 1 and the next keystrokes edited another image's caption. Browse's `x` excluded another image
+    the same way."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            table = screen.query_one("#captions-table")
+            rows = screen.query_one("#rows")
+            editor = screen.query_one("#caption-text")
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen.query_one("#filter").value = "zzz no such text"  # typed, not applied
+            rows.focus()
+            await pilot.press(*["down"] * 3)
+            target = table.page_ids[3]
+            await wait_for(pilot, lambda: screen.image_id == target, what="row 4 loaded")
+            old_result = table.result
+            editor.load_text("edited with a filter typed")
+            await focus_on(pilot, editor)
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: manual_caption(app, target) == "edited with a filter typed", what="save")
+            await table_reloaded(pilot, app, table, old_result)
+            assert "of 250" in text_of(app, "#table-status") and (rows.cursor_row, table.current_image_id) == (3, target)
+            assert table.not_applied() is not None  # the typed text still waits for Enter
+
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="browser")
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one(ImageTable)
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            app.screen.query_one("#filter").value = "zzz no such text"
+            table.query_one("#rows").focus()
+            await pilot.press(*["down"] * 2)
+            target = table.page_ids[2]
+            await wait_for(pilot, lambda: table.current_image_id == target, what="row 3")
+            old_result = table.result
+            await pilot.press("x")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM exclusions WHERE step = 'manual'") == 1, what="exclude")
+            await table_reloaded(pilot, app, table, old_result)
+            assert table.current_image_id == target
+            old_result = table.result
+            await pilot.press("x")  # the same image back in, not another one out
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM exclusions WHERE step = 'manual'") == 0, what="include")
+
+    asyncio.run(scenario())
+
+
 def test_caption_edits_are_saved_when_moving_to_another_image(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")

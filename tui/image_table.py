@@ -135,12 +135,15 @@ class ImageTable(Vertical):
     def reload(self, *, first: bool = False, keep_position: bool = False) -> None:
         """Re-run the filter (after edits or when the filter or sort changed).
 
-        keep_position: stay on the page and image under the cursor (after edits), not on row 1.
+        keep_position: stay on the page and image under the cursor (after edits), not on row 1. The rows are those
+        of the filter the table shows: text typed in the filter box but not applied (Enter) stays unapplied, so an
+        edit or exclusion never swaps the rows, and the image under the cursor, for others.
         """
         self.query_one("#table-status", Label).update("loading…")
-        self._requested = self.current_filter
+        shown = self.result.filter if keep_position and self.result is not None else None
+        self._requested = shown if shown is not None else self.current_filter
         keep = None
-        if keep_position and self.result is not None and self.result.filter == self._requested:
+        if shown is not None:
             keep = (self.current_image_id, self.page_offset, self.query_one("#rows", PageTable).cursor_row)
         self._build(self._requested, first, keep)
 
