@@ -582,6 +582,23 @@ def test_caption_reject_asks_first(synthetic_catalog):
     asyncio.run(scenario())
 
 
+def test_a_confirm_question_wraps_to_show_all_its_words(synthetic_catalog):
+    """The question before an action with no undo was one line cut at the dialog's edge, at 120 columns too."""
+    from tui.sql_screen import ConfirmWrite
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.push_screen(ConfirmWrite())
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmWrite), what="question")
+            await pilot.pause(0.1)
+            question = app.screen.query_one("#confirm-question")
+            box = app.screen.query_one("Vertical")
+            assert question.size.height >= 3 and question.region.right <= box.region.right  # wrapped inside the box
+
+    asyncio.run(scenario())
+
+
 # --- SQL console ----------------------------------------------------------------------
 
 
@@ -635,6 +652,38 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
             editor.load_text("DELETE FROM captions WHERE source = 'sidecar'")
             await pilot.press("f9")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'sidecar'") == 0, what="write")
+
+    asyncio.run(scenario())
+
+
+
+def test_sql_export_writes_the_result_shown_or_nothing(synthetic_catalog):
+    """After a failed query, or with the editor changed but not run, export wrote the earlier query's rows."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            editor = screen.query_one("#editor")
+            screen.query_one("#export-path").value = "shown.csv"
+            target = synthetic_catalog.parent / "shown.csv"
+            editor.load_text("SELECT image_id FROM images ORDER BY 1")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 250, what="results")
+            editor.load_text("SELECT bogus FROM images")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "bogus" in text_of(app, "#sql-status"), what="error")
+            await pilot.press("ctrl+e")
+            await pilot.pause(0.5)
+            assert not target.exists()
+            editor.load_text("SELECT format FROM images")  # typed, not run
+            await pilot.press("ctrl+e")
+            await pilot.pause(0.5)
+            assert not target.exists()
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 250 and screen.last_sql is not None, what="run")
+            await pilot.press("ctrl+e")
+            await wait_for(pilot, lambda: target.exists() and "exported" in text_of(app, "#sql-status"), what="export")
+            assert target.read_text().splitlines()[0] == "format"
 
     asyncio.run(scenario())
 

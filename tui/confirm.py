@@ -20,6 +20,7 @@ class Confirm(ModalScreen[bool]):
     DEFAULT_CSS = """
     Confirm { align: center middle; }
     Confirm > Vertical { width: 72; max-width: 100%; height: auto; max-height: 100%; border: thick $error; background: $surface; padding: 1 2; overflow-y: auto; }
+    Confirm #confirm-question { width: 100%; }  /* a Label is as wide as its text: this wraps the question */
     Confirm Horizontal { height: auto; margin-top: 1; }
     Confirm Button { margin-right: 2; }
     """

@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 ABOUT = (
     "Screens switch with the function keys shown in the footer. Every button and table also works with the mouse; "
-    "click a column header to sort by it. Tab moves between fields."
+    "in the Browse and Captions tables, click a column header to sort by it. Tab moves between fields."
 )
 
 

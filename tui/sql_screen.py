@@ -260,6 +260,7 @@ class SqlScreen(SizeClasses, Screen):
         # the status line holds the error's first line (its details are in the toast); errors quote the SQL's data
         self.query_one("#sql-status", Label).update(f"[red]{markup_safe((message.error.splitlines() or [''])[0])}[/]")
         self.query_one("#results", PageTable).set_rows([], [])  # not the previous query's rows under this error
+        self.last_sql = None  # nor its export
         self.notify(message.error, title="SQL", severity="error", timeout=8)
 
     @on(OptionList.OptionSelected, "#history")
@@ -302,6 +303,10 @@ class SqlScreen(SizeClasses, Screen):
     def action_export(self, kind: str) -> None:
         if self.last_sql is None or not is_read_only_sql(self.last_sql):
             self.notify("Run a SELECT first; its full result is exported.", severity="warning")
+            return
+        if self.query_one("#editor", TextArea).text.strip() != self.last_sql:  # export what the table shows, or nothing
+            self.notify("The editor holds a query not run yet: run it (F9) first; export writes the result shown.",
+                        severity="warning")
             return
         typed = self.query_one("#export-path", Input).value.strip()
         path = Path(typed or f"results.{kind}")
