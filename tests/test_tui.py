@@ -688,6 +688,32 @@ def test_sql_export_writes_the_result_shown_or_nothing(synthetic_catalog):
     asyncio.run(scenario())
 
 
+
+def test_enter_on_a_sql_result_row_shows_every_value_whole(synthetic_catalog):
+    """Cells are cut to fit (an image_id to 12 characters): a harlequin user could not read or copy a whole value."""
+    from tui.row_detail import RowDetail
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            screen.query_one("#editor").load_text("SELECT image_id, repeat('long text ', 20) AS note, [1, 2] AS ids FROM images ORDER BY 1 LIMIT 3")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 3, what="results")
+            assert "Enter on a row" in text_of(app, "#sql-status")
+            first = app.con.execute("SELECT image_id FROM images ORDER BY 1 LIMIT 2").fetchall()[1][0]
+            results = screen.query_one("#results")
+            results.focus()
+            await pilot.press("down", "enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, RowDetail), what="row view")
+            text = app.screen.query_one("#row-text").text
+            assert f"image_id: {first}" in text and "note: " + "long text " * 19 + "long text" in text and "ids: [1, 2]" in text
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is screen, what="closed")
+
+    asyncio.run(scenario())
+
+
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 

@@ -23,6 +23,7 @@ from tui.confirm import Confirm
 from tui.image_table import cell, is_number
 from tui.messages import CatalogChanged
 from tui.page_table import PageTable
+from tui.row_detail import RowDetail
 from tui.safe_text import markup_safe, visible
 from tui.size_classes import SizeClasses
 from tui.workers import people_message
@@ -107,6 +108,8 @@ class SqlScreen(SizeClasses, Screen):
         # Priority, else the editor takes Escape to move focus (it still does with no query running).
         # Not in the footer: the status line says "Esc cancels" while a query runs.
         Binding("escape", "cancel_query", "Cancel query", priority=True, show=False),
+        # not priority: enter keeps its meaning in the editor, inputs, buttons and history; on the results it opens the row
+        Binding("enter", "show_row", "Row in full", show=False),
     ]
 
     @dataclass
@@ -241,6 +244,7 @@ class SqlScreen(SizeClasses, Screen):
             self.history.append(message.sql)
             self.query_one("#history", OptionList).add_option(Option(Text(visible(" ".join(message.sql.split())[:80]))))  # Text: never read as markup
         first = message.rows[0] if message.rows else None
+        self.result_columns, self.result_rows = message.columns, message.rows  # whole values, for the row view
         self.query_one("#results", PageTable).set_rows(
             message.columns,
             [[cell(name, value) for name, value in zip(message.columns, row)] for row in message.rows],
@@ -248,6 +252,7 @@ class SqlScreen(SizeClasses, Screen):
             cursor=0,
         )
         shown = f"{len(message.rows):,} rows" if message.total is not None else f"first {RESULT_ROWS:,} rows (export for all)"
+        shown += " · Enter on a row shows it in full" if message.rows else ""
         timing = f" · {message.seconds * 1000:.0f} ms" if self.show_timings else ""
         self.query_one("#sql-status", Label).update(shown + timing)
         if message.wrote:
@@ -260,6 +265,7 @@ class SqlScreen(SizeClasses, Screen):
         # the status line holds the error's first line (its details are in the toast); errors quote the SQL's data
         self.query_one("#sql-status", Label).update(f"[red]{markup_safe((message.error.splitlines() or [''])[0])}[/]")
         self.query_one("#results", PageTable).set_rows([], [])  # not the previous query's rows under this error
+        self.result_columns, self.result_rows = [], []
         self.last_sql = None  # nor its export
         self.notify(message.error, title="SQL", severity="error", timeout=8)
 
@@ -289,6 +295,22 @@ class SqlScreen(SizeClasses, Screen):
                     switch.value = False
 
         self.app.push_screen(ConfirmWrite(), answered)
+
+    @on(PageTable.RowSelected, "#results")
+    def _row_selected(self, event: PageTable.RowSelected) -> None:
+        self._show_row(event.row)
+
+    def action_show_row(self) -> None:
+        results = self.query_one("#results", PageTable)
+        if self.focused is not results:
+            raise SkipAction()
+        self._show_row(results.cursor_row)
+
+    def _show_row(self, index: int) -> None:
+        """A result row's values whole (Enter or a double click on it): the table cuts them to fit."""
+        rows = getattr(self, "result_rows", [])
+        if 0 <= index < len(rows):
+            self.app.push_screen(RowDetail(self.result_columns, rows[index], index + 1))
 
     # --- export -----------------------------------------------------------------------
 
