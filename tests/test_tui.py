@@ -1223,6 +1223,7 @@ def test_caption_keys_work_while_typing_and_enter_on_a_row_edits_it(synthetic_ca
             await wait_for(pilot, lambda: screen.image_id == image_id and screen.query_one("#sources").option_count, what="row 2")
             await pilot.press("enter")
             assert app.focused is editor
+            assert editor.cursor_location == editor.document.end  # a tag typed now goes after the caption, not before
             await pilot.press("end", "enter")  # in the editor, enter is a new line
             assert editor.text.endswith("\n") and app.focused is editor
 

@@ -212,6 +212,7 @@ class CaptionsScreen(SizeClasses, Screen):
         self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
         if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is
             editor.load_text(self.loaded_text)
+            editor.move_cursor(editor.document.end)  # tags are added at the end: typing goes there, not in front
         sources = self.query_one("#sources", OptionList)
         # a reload of the same image keeps the source picked; another image starts on the caption in use, so
         # ctrl+a or ctrl+r before moving never acts on another source by surprise
