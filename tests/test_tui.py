@@ -1132,6 +1132,9 @@ def test_train_screen_stop_and_resume(four_image_catalog):
             assert "cancelled" in text_of(app, "#train-state")
             stopped_at = len((screen.output_dir / "loss.csv").read_text().splitlines()) - 1
             assert 2 <= stopped_at < 300
+            last = sorted((screen.output_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+            step = int(last.name.split("-")[1])
+            assert f"Resume continues from step {step} ({last.name})" in " ".join(text_of(app, "#train-state").split())
             assert not screen.query_one("#resume").disabled
             await pilot.click("#resume")
             await wait_for(pilot, lambda: screen.running, what="resumed")

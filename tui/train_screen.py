@@ -308,7 +308,11 @@ class TrainScreen(SizeClasses, Screen):
                        "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora_diffusers", "lora_kohya", "pipeline", "single_file", "samples")}}
             status, error = "ok", None
         except StepCancelled:
-            summary, status, error = None, "cancelled", "stopped; Resume continues from the last checkpoint"
+            from pipelines.train.checkpoint import checkpoint_step, list_checkpoints
+
+            kept = list_checkpoints(Path(config.output_dir) / "checkpoints") if config.output_dir else []
+            where = f"from step {checkpoint_step(kept[-1])} ({kept[-1].name})" if kept else "from step 0 (no checkpoint yet)"
+            summary, status, error = None, "cancelled", f"stopped; Resume continues {where}"
         except (RunRefused, ConfigError, DataError) as exc:  # nothing trained: the settings or the folder say no
             summary, status, error = None, "refused", people_message(exc)
         except Exception as exc:
