@@ -918,6 +918,13 @@ def test_duplicates_selection_follows_the_image_and_x_on_a_duplicate_says_to_kee
             await wait_for(pilot, lambda: any("press k" in n.message for n in app._notifications), what="hint")
             assert exclusions(app, other) == ["dedup"]
             assert query_count(app, "SELECT count(*) FROM manual_includes") == 0
+            # its Include button says the same when pressed (it was disabled: a click did nothing, without a word)
+            hints = sum("press k" in n.message for n in app._notifications)
+            include = next(b for b in screen.query("MemberCard")[1].query("Button") if b.name == "include")
+            assert not include.disabled
+            include.press()
+            await wait_for(pilot, lambda: sum("press k" in n.message for n in app._notifications) > hints, what="button hint")
+            assert exclusions(app, other) == ["dedup"]
 
             # After k the keeper moves to the front: the selection moves with it, so x acts on it.
             await pilot.press("k")

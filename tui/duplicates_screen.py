@@ -115,7 +115,8 @@ class MemberCard(Vertical, can_focus=True):
         with Horizontal():
             yield Button("Keep this", name="keep", variant="success", disabled=bool(self.member["is_keeper"]))
             if self.member["excluded"] and not includable(self.member):
-                include = Button("Include", name="include", disabled=True)
+                # not disabled: a press says why it cannot include this copy and what to do (as x does)
+                include = Button("Include", name="include", classes="-explains")
                 include.tooltip = "Excluded as a duplicate (or by another step): Keep this instead."
                 yield include
             elif self.member["excluded"]:
