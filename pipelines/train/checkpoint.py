@@ -154,16 +154,8 @@ def damaged_files(path: Path) -> list[str]:
     return damaged
 
 
-def load_checkpoint(
-    path: Path,
-    *,
-    model_parameters: dict[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any,
-    scaler: Any = None,
-    ema: Any = None,
-) -> dict:
-    """Restore a checkpoint into live objects; returns its state.json (step, extras)."""
+def load_weights(path: Path, model_parameters: dict[str, torch.nn.Parameter]) -> None:
+    """Copy a checkpoint's trained weights into the parameters of the same names (all of them, and no others)."""
     weights = load_file(str(path / "weights.safetensors"))
     missing = set(model_parameters) - set(weights)
     unexpected = set(weights) - set(model_parameters)
@@ -175,6 +167,19 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in model_parameters.items():
             param.copy_(weights[name].to(param.device, param.dtype))
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model_parameters: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    scaler: Any = None,
+    ema: Any = None,
+) -> dict:
+    """Restore a checkpoint into live objects; returns its state.json (step, extras)."""
+    load_weights(path, model_parameters)
     optimizer_state = _unflatten_optimizer(
         load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
     )

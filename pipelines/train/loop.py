@@ -533,19 +533,14 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     train_text = config.train_text_encoder
     text_encoder.requires_grad_(False)
     if config.mode == "lora":
-        from peft import LoraConfig
-
         unet.requires_grad_(False)
         _place(unet, device, weight_dtype)
         with _named_target_modules("lora_target_modules", unet):
-            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian", target_modules=list(config.lora_target_modules)))
+            unet.add_adapter(_lora_config(config, config.lora_target_modules))
         if train_text:
             _place(text_encoder, device, weight_dtype)
             with _named_target_modules("text_encoder_target_modules", text_encoder):
-                _add_text_encoder_lora(text_encoder, LoraConfig(
-                    r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
-                    target_modules=list(config.text_encoder_target_modules),
-                ))
+                _add_text_encoder_lora(text_encoder, _lora_config(config, config.text_encoder_target_modules))
     else:
         if config.from_scratch:
             torch.manual_seed(config.seed)
@@ -604,7 +599,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    named_trainable = _named_trainable(accelerator, unet, text_encoder if train_text else None)
+    named_trainable = _named_trainable(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None)
 
     # --- resume ---
     global_step = 0
@@ -647,6 +642,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     remaining = plan[start_micro:]
     pools = priors or {}
     class_image_count = len({p.image_id for pool in pools.values() for p in pool})
+    per_epoch = max(1, train_data.batches_per_epoch(images, config.train_batch_size))  # micro-batches (kohya's epoch count)
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     if accelerator.is_main_process:
         fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
@@ -725,7 +721,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                             config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
                             components, noise_scheduler, len(images), global_step, time.perf_counter() - started, images=images,
                             cache_latents=latent_cache is not None, reg_images=class_image_count,
-                            epoch=math.ceil(global_step * micro_per_update / max(1, train_data.batches_per_epoch(images, config.train_batch_size))),
+                            epoch=math.ceil(global_step * micro_per_update / per_epoch),
                         )) if config.mode == "lora" else None,
                     )
                     ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
@@ -746,7 +742,6 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         if ema is not None:
             ema.copy_to(unwrapped_unet.parameters())
         progress(task="save", message="writing outputs")
-        per_epoch = max(1, train_data.batches_per_epoch(images, config.train_batch_size))
         outputs.update(_save_model(
             config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler,
             len(images), global_step, time.perf_counter() - started, images=images, cache_latents=latent_cache is not None,
@@ -775,7 +770,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         output_dir=output_dir, steps=global_step, final_loss=final_loss(loss_rows),
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
-        class_images=len({p.image_id for pool in (priors or {}).values() for p in pool}),
+        class_images=class_image_count,
     )
 
 
@@ -845,11 +840,20 @@ def trained_modules_of(accelerator, unet, text_encoder) -> list:
     return [unet] + ([text_encoder] if text_encoder is not None else [])
 
 
-def _named_trainable(accelerator, unet, text_encoder) -> dict[str, torch.nn.Parameter]:
-    named = {f"unet.{n}": p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+def _named_trainable(unet, text_encoder) -> dict[str, torch.nn.Parameter]:
+    """The trainable weights by the names checkpoints store them under (`unet.…`, `text_encoder.…`)."""
+    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
     if text_encoder is not None:
-        named.update({f"text_encoder.{n}": p for n, p in accelerator.unwrap_model(text_encoder).named_parameters() if p.requires_grad})
+        named.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
     return named
+
+
+def _lora_config(config: TrainConfig, target_modules):
+    """The peft LoRA of a run (UNet or text encoder), as training and `exported_checkpoint` build it."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
+                      target_modules=list(target_modules))
 
 
 @torch.no_grad()
@@ -1025,7 +1029,6 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     """A checkpoint's weights written as a finished run writes its model: both LoRA files, or a diffusers pipeline and
     one single-file checkpoint (with the EMA weights when the run kept an EMA), so an earlier step can be used."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
     saved = ckpt.saved_config(checkpoint)
@@ -1035,27 +1038,20 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     components = components or load_components(config, progress)
     unet, text_encoder = components.unet, components.text_encoder
     train_text = config.train_text_encoder
-    # the trainable weights the run had, by the names its checkpoints use (`_named_trainable`)
+    # the trainable weights the run had, as it built them
     if config.mode == "lora":
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(config.lora_target_modules)))
+        unet.add_adapter(_lora_config(config, config.lora_target_modules))
         if train_text:
             text_encoder.requires_grad_(False)
-            _add_text_encoder_lora(text_encoder, LoraConfig(r=config.rank, lora_alpha=config.effective_lora_alpha,
-                                                            init_lora_weights="gaussian", target_modules=list(config.text_encoder_target_modules)))
+            _add_text_encoder_lora(text_encoder, _lora_config(config, config.text_encoder_target_modules))
     elif config.from_scratch:
         unet = UNet2DConditionModel.from_config(unet.config)
-    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    if train_text:
-        named.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
-    weights = load_file(str(checkpoint / "weights.safetensors"))
-    if set(weights) != set(named):
-        raise TrainingError(f"{checkpoint} does not match the model its options build ({len(set(named) - set(weights))} weights "
-                            f"missing, {len(set(weights) - set(named))} unexpected): was the base model changed?")
+    try:
+        ckpt.load_weights(checkpoint, _named_trainable(unet, text_encoder if train_text else None))
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
     with torch.no_grad():
-        for name, param in named.items():
-            param.copy_(weights[name])
         if (checkpoint / "ema.safetensors").is_file():  # a finished run saves its EMA weights: so does its checkpoint
             shadow = load_file(str(checkpoint / "ema.safetensors"))
             for i, param in enumerate(unet.parameters()):
