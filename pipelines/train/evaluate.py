@@ -116,15 +116,23 @@ def fid(references: Sequence[Image.Image], samples: Sequence[Image.Image], weigh
     return float(metric.compute())
 
 
-def continued_by(con: duckdb.DuckDBPyConnection, train_id: int) -> int | None:
-    """The later finished run that continued `train_id` in its folder (--resume) and so rewrote its outputs, if any."""
+def finished_sessions(con: duckdb.DuckDBPyConnection, train_id: int) -> list[int]:
+    """The finished runs ('ok') in the folder of `train_id` and its life there (folder_id), in order: a run and the
+    sessions that continued it with --resume, each rewriting the folder's outputs."""
     row = con.execute(
-        "SELECT min(later.train_id) FROM training_runs run JOIN training_runs later ON later.output_dir = run.output_dir "
-        "AND later.folder_id IS NOT DISTINCT FROM run.folder_id AND later.train_id > run.train_id AND later.status = 'ok' "
-        "WHERE run.train_id = ? AND run.status = 'ok'",
+        "SELECT list(other.train_id ORDER BY other.train_id) FROM training_runs run JOIN training_runs other "
+        "ON other.output_dir = run.output_dir AND other.folder_id IS NOT DISTINCT FROM run.folder_id AND other.status = 'ok' "
+        "WHERE run.train_id = ?",
         [train_id],
     ).fetchone()
-    return row[0] if row else None
+    return list(row[0] or []) if row else []
+
+
+def continued_by(con: duckdb.DuckDBPyConnection, train_id: int) -> int | None:
+    """The later finished run that continued `train_id` in its folder (--resume) and so rewrote its outputs, if any."""
+    sessions = finished_sessions(con, train_id)
+    later = [other for other in sessions if other > train_id]
+    return later[0] if train_id in sessions and later else None
 
 
 def run_metrics(

@@ -411,19 +411,16 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
     finally:
         if catalog.con is not None:  # None: stopped while waiting to reopen it; the next run here marks the row 'interrupted'
             _record_outcome(catalog.con, run, train_id, result, failure, output_dir)
+    from pipelines.train.evaluate import finished_sessions, run_metrics
+
     try:
         result.train_id = train_id
-        continued = catalog.con.execute(
-            "SELECT list(train_id ORDER BY train_id) FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? "
-            "AND train_id < ? AND status = 'ok'", [str(output_dir), folder_id, train_id],
-        ).fetchone()[0]
+        continued = [other for other in finished_sessions(catalog.con, train_id) if other < train_id]
         if continued:
             progress(task="record run", message=(
                 f"This run continued run {', '.join(map(str, continued))} in {output_dir}: the weights and samples there "
                 f"are now this run's (run {train_id}); the earlier rows keep their own config and metrics."))
         if config.evaluate and config.num_validation_images > 0:
-            from pipelines.train.evaluate import run_metrics
-
             try:
                 result.metrics = run_metrics(catalog.con, train_id, clip_model=config.clip_model, device=config.device, progress=progress)
             except Exception as error:  # evaluation must never cost a finished training run
