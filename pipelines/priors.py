@@ -43,12 +43,6 @@ PRIOR_GUIDANCE_SCALE = 7.5  # diffusers' default, which DreamBooth's class image
 PRIOR_SAMPLER = "DDIMScheduler"  # what `prior_pipeline` samples with, recorded with each prior
 
 
-def check_resolution(resolution: int) -> None:
-    """Refuse a size SD cannot sample (its VAE scales by 8), before a model loads for minutes only to fail."""
-    if resolution < 8 or resolution % 8:
-        raise ValueError(f"--resolution must be a positive multiple of 8 (got {resolution}).")
-
-
 def check_prior_options(*, num_images: int | None = None, max_images: int = 1000, resolution: int | None = None,
                         steps: int = 1, batch_size: int = 1) -> None:
     """Refuse class-prior options that cannot work, before a catalog is opened or a model loaded."""
@@ -56,8 +50,8 @@ def check_prior_options(*, num_images: int | None = None, max_images: int = 1000
         raise ValueError("The number of class images must be at least 1.")
     if max_images < 1:
         raise ValueError(f"--max-images must be at least 1 (got {max_images}): it caps the default number of class images.")
-    if resolution is not None:
-        check_resolution(resolution)
+    if resolution is not None and (resolution < 8 or resolution % 8):  # the VAE scales by 8 (train's check too)
+        raise ValueError(f"--resolution must be a positive multiple of 8 (got {resolution}).")
     if steps < 1:
         raise ValueError("The number of sampling steps must be at least 1.")
     if batch_size < 1:
@@ -74,9 +68,7 @@ class PriorSettings:
     sampler: str = PRIOR_SAMPLER  # the diffusers scheduler class
 
     def __post_init__(self) -> None:
-        check_resolution(self.resolution)
-        if self.steps < 1:
-            raise ValueError("The number of sampling steps must be at least 1.")
+        check_prior_options(resolution=self.resolution, steps=self.steps)
 
     def label(self) -> str:
         """'128 px, 30 steps': guidance and sampler are named only when they are not the usual ones."""
@@ -297,7 +289,7 @@ def generated_prior_files(
 
     from workbench.config import mark_output_folder
 
-    _check_sampling(batch_size)
+    check_prior_options(batch_size=batch_size)
     settings = plan.settings
     if settings is None:
         raise ValueError(f"The plan for '{plan.class_prompt}' has no settings (size, steps, guidance, sampler) to make images with.")
@@ -333,11 +325,6 @@ def generated_prior_files(
         plan.params["generation_seconds"] = round(time.monotonic() - started, 1)
         progress(task="class priors", completed=done, total=plan.wanted)
     return made
-
-
-def _check_sampling(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
 
 
 def ingested_priors(con: duckdb.DuckDBPyConnection, plan: PriorPlan, made: dict[int, Path]) -> PriorsSummary:
@@ -388,7 +375,7 @@ def class_priors(
     """
     from pipelines.ingest import ingested_images
 
-    _check_sampling(batch_size)
+    check_prior_options(batch_size=batch_size)
     settings = PriorSettings(resolution=resolution or pipeline_resolution(pipeline), steps=num_inference_steps,
                              guidance_scale=guidance_scale, sampler=type(pipeline.scheduler).__name__)
     plan = prior_plan(con, class_prompt=class_prompt, model_name=model_name, out_dir=out_dir, settings=settings,
