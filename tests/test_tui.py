@@ -378,15 +378,18 @@ async def table_reloaded(pilot, app, table, old_result):
     await wait_for(pilot, lambda: table.result is not old_result and text_of(app, "#table-status").startswith("rows "), what="reload")
 
 
+async def captions_loaded(app, pilot):
+    """(screen, table, its rows, the caption editor) of the Captions screen once the synthetic catalog's 250 rows show."""
+    screen = app.screen
+    await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+    return screen, screen.query_one("#captions-table"), screen.query_one("#rows"), screen.query_one("#caption-text")
+
+
 def test_caption_save_on_a_later_page_keeps_the_same_image_selected(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            table = screen.query_one("#captions-table")
-            rows = screen.query_one("#rows")
-            editor = screen.query_one("#caption-text")
-            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen, table, rows, editor = await captions_loaded(app, pilot)
             rows.focus()
             await pilot.press("pagedown")
             await wait_for(pilot, lambda: table.page_offset == 100, what="page 2")
@@ -429,11 +432,7 @@ def test_an_edit_keeps_the_rows_shown_when_the_filter_box_holds_text_not_applied
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            table = screen.query_one("#captions-table")
-            rows = screen.query_one("#rows")
-            editor = screen.query_one("#caption-text")
-            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen, table, rows, editor = await captions_loaded(app, pilot)
             screen.query_one("#filter").value = "zzz no such text"  # typed, not applied
             rows.focus()
             await pilot.press(*["down"] * 3)
@@ -473,10 +472,7 @@ def test_caption_edits_are_saved_when_moving_to_another_image(synthetic_catalog)
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            table = screen.query_one("#captions-table")
-            editor = screen.query_one("#caption-text")
-            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen, table, _, editor = await captions_loaded(app, pilot)
             first, second, third = table.page_ids[:3]
             await wait_for(pilot, lambda: screen.image_id == first and editor.text == screen.loaded_text != "", what="first caption")
             original = editor.text
