@@ -180,3 +180,18 @@ def test_model_id_makes_local_paths_absolute_and_leaves_presets_and_hub_ids(tmp_
     assert models.model_id("mine") == str(tmp_path / "mine")
     assert models.model_id("tiny") == "tiny"
     assert models.model_id("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+
+
+def test_loading_and_building_print_no_library_progress_bars(tmp_path, monkeypatch, capfd):
+    """transformers' "Loading weights" / "Writing model shards" and diffusers' pipeline bars would break into the
+    CLI's own progress display; huggingface_hub's download bars must stay on (a first run of a Hub model)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))  # builds the tiny models afresh: "Writing model shards"
+    models.load_blip("tiny")
+    models.load_sd_components("tiny")
+    models.load_sd_pipeline("tiny")
+    printed = capfd.readouterr()
+    for bar in ("Loading weights", "Writing model shards", "Loading pipeline components", "it/s]"):
+        assert bar not in printed.err + printed.out
+    assert not are_progress_bars_disabled()

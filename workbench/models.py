@@ -316,6 +316,30 @@ class SDComponents:
     source_path: str
 
 
+@contextmanager
+def quiet_model_io(*, diffusers: bool = False) -> Iterator[None]:
+    """transformers' (and with `diffusers`, diffusers') own tqdm bars off while a model loads or the tiny preset is
+    written: "Loading weights" and the like would break into the CLI's and TUI's own progress display. Download
+    bars (huggingface_hub's, a first run of a Hub model) stay on."""
+    from transformers.utils import logging as transformers_logging
+
+    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)  # transformers 5; older ones keep their bars
+    previous = set_hook(lambda factory, args, kwargs: transformers_logging.EmptyTqdm(*args, **kwargs)) if set_hook else None
+    diffusers_bars = False
+    if diffusers:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_bars = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if set_hook:
+            set_hook(previous)
+        if diffusers_bars:
+            diffusers_logging.enable_progress_bar()
+
+
 def _check_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     device = resolve_device(device)
     return device, resolve_dtype(dtype, device)
@@ -329,8 +353,9 @@ def load_blip(model: str = TINY, *, device=None, dtype=None):
     source = _source_for(model, "blip")
     where = component_path(model, "blip") if source == TINY else source
     try:
-        processor = BlipProcessor.from_pretrained(where)
-        captioner = BlipForConditionalGeneration.from_pretrained(where, dtype=dtype)
+        with quiet_model_io():
+            processor = BlipProcessor.from_pretrained(where)
+            captioner = BlipForConditionalGeneration.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as error:
         raise _not_available(source, "BLIP", error) from error
     return processor, captioner.to(device).eval()
@@ -401,38 +426,40 @@ def _is_single_file(source: str) -> bool:
 
 def load_sd_pipeline(model: str = TINY, *, device=None, dtype=None):
     """A StableDiffusionPipeline (safety checker off) from a preset, HF id, folder or single-file checkpoint."""
-    from diffusers import StableDiffusionPipeline
-
     device, dtype = _check_device_dtype(device, dtype)
     source = _source_for(model, "sd")
     try:
-        if _is_single_file(source):
-            path = Path(source).expanduser()
-            _refuse_a_lora_file(path)
-            config_folder = single_file_config(path)
-            try:
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
-                    **({"config": str(config_folder)} if config_folder else {}),
-                )
-            except (OSError, ValueError, EnvironmentError) as error:
-                if config_folder:
-                    raise
-                raise ModelNotAvailableError(
-                    f"Could not load the single-file checkpoint {path}: diffusers needs the architecture's config files "
-                    f"and could not get them ({_short(error)}). Run once with internet access (they are fetched from the "
-                    "Hugging Face Hub and cached), or put the diffusers folder of the same architecture (with "
-                    f"model_index.json) beside it as {path.parent / 'pipeline'}."
-                ) from error
-        else:
-            where = component_path(model, "sd") if source == TINY else source
-            pipe = StableDiffusionPipeline.from_pretrained(
-                where, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+        with quiet_model_io(diffusers=True):
+            pipe = _sd_pipeline_from(model, source, dtype)
     except (OSError, ValueError, EnvironmentError) as error:
         raise _not_available(source, "Stable Diffusion", error) from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if not _is_single_file(source):
+        where = component_path(model, "sd") if source == TINY else source
+        return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    path = Path(source).expanduser()
+    _refuse_a_lora_file(path)
+    config_folder = single_file_config(path)
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            **({"config": str(config_folder)} if config_folder else {}),
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        if config_folder:
+            raise
+        raise ModelNotAvailableError(
+            f"Could not load the single-file checkpoint {path}: diffusers needs the architecture's config files "
+            f"and could not get them ({_short(error)}). Run once with internet access (they are fetched from the "
+            "Hugging Face Hub and cached), or put the diffusers folder of the same architecture (with "
+            f"model_index.json) beside it as {path.parent / 'pipeline'}."
+        ) from error
 
 
 def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDComponents:
@@ -455,11 +482,12 @@ def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDCompo
         )
     where = component_path(model, "sd") if source == TINY else source
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", dtype=dtype)
-        noise_scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler")
+        with quiet_model_io(diffusers=True):
+            tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(where, subfolder="vae", dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", dtype=dtype)
+            noise_scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler")
     except (OSError, ValueError, EnvironmentError) as error:
         raise _not_available(source, "Stable Diffusion", error) from error
     source_path = where if Path(where).exists() else (_hub_snapshot(where) or where)
@@ -521,7 +549,8 @@ def ensure_tiny(component: Component) -> Path:
             return final
         staging = Path(tempfile.mkdtemp(prefix=f".{component}.", dir=root))
         try:
-            _TINY_BUILDERS[component](staging)
+            with quiet_model_io(diffusers=component == "sd"):
+                _TINY_BUILDERS[component](staging)
             (staging / ".workbench-tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
             if final.exists():  # an old or broken build: move it aside, then drop it
                 stale = Path(tempfile.mkdtemp(prefix=f".{component}.stale.", dir=root))

@@ -28,6 +28,7 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import ItemSpec, LatentCache, TextCache, TrainImage
+from workbench.models import quiet_model_io
 from workbench.progress import ProgressHook, null_progress
 
 MEMORY_ADVICE = (
@@ -994,7 +995,8 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
     if frozen_text_weights is not None:
         pipe.text_encoder.load_state_dict(frozen_text_weights)  # exact, not the fp16/bf16 copy cast back
     pipeline_dir = output_dir / "pipeline"
-    pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
+    with quiet_model_io(diffusers=True):
+        pipe.save_pretrained(str(pipeline_dir), safe_serialization=True)
     outputs["pipeline"] = str(pipeline_dir)
     outputs["single_file"] = str(_save_single_file(pipe, output_dir / "model.safetensors", config))
     return outputs
