@@ -274,3 +274,23 @@ def test_keep_and_include_of_a_duplicate_say_the_command_that_brings_it_in(catal
     runner.invoke(app, ["dedup", *cat])
     kept = runner.invoke(app, ["keep", small[:8], *cat], env={"COLUMNS": "300"})
     assert f"kept {small[:12]}; its other copy is excluded as a duplicate" in " ".join(kept.output.split())
+
+
+def test_a_result_is_never_written_over_the_catalog_its_log_or_an_image_it_reads(catalog_path, tmp_path):
+    from workbench.catalog import connect
+
+    seeded_catalog(catalog_path)
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"the only copy")
+    con = connect(catalog_path)
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, 'a', 3)", [str(image), str(image)])
+    con.close()
+    before = catalog_path.read_bytes()
+    wal = catalog_path.with_name(catalog_path.name + ".wal")
+    for target in (catalog_path, wal, image):
+        for fmt in ("csv", "json"):
+            result = runner.invoke(app, ["sql", "SELECT 1 AS x", "-f", fmt, "-o", str(target), "--overwrite", "-c", str(catalog_path)])
+            assert result.exit_code == 2 and "Refused" in result.output, (target, fmt, result.output)
+    assert catalog_path.read_bytes() == before and not wal.exists() and image.read_bytes() == b"the only copy"
+    still = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "csv", "-c", str(catalog_path)])
+    assert still.stdout.splitlines() == ["n", "2"]

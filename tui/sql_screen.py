@@ -27,7 +27,7 @@ from tui.row_detail import RowDetail
 from tui.safe_text import markup_safe, visible
 from tui.size_classes import SizeClasses
 from tui.workers import people_message
-from workbench.catalog import CatalogError, is_read_only_sql, run_sql
+from workbench.catalog import CatalogError, is_read_only_sql, protected_file, run_sql
 
 RESULT_ROWS = 1000  # rows shown; export writes them all
 EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC, format;"
@@ -338,6 +338,10 @@ class SqlScreen(SizeClasses, Screen):
             path = self.app.catalog_path.resolve().parent / path
         if path.is_dir() or not path.parent.is_dir():
             self.notify(f"Cannot write {path}: give a file name in an existing folder.", severity="error")  # toasts never read markup
+            return
+        protected = protected_file(self.app.con, path)
+        if protected:
+            self.notify(f"Not written: {protected}. Give another file name.", severity="error")
             return
         if path.exists():
             def answered(replace: bool | None) -> None:

@@ -146,6 +146,22 @@ def catalog_file(con: duckdb.DuckDBPyConnection) -> Path | None:
     return Path(row[0]).resolve() if row and row[0] else None
 
 
+def protected_file(con: duckdb.DuckDBPyConnection, target: str | os.PathLike[str]) -> str | None:
+    """Why `target` must never be overwritten by a query result written to a file: it is the catalog itself,
+    its write-ahead log, or a file the catalog reads an image from (a copy that may be the only one). None
+    when it is none of these."""
+    target = Path(target).expanduser().resolve()
+    catalog = catalog_file(con)
+    if catalog is not None and target in (catalog, catalog.with_name(catalog.name + ".wal")):
+        return f"{target} is {'the catalog' if target == catalog else 'the catalog write-ahead log'} this query reads"
+    cursor = con.cursor()
+    try:
+        row = cursor.execute("SELECT count(*) FROM paths WHERE path = ?", [str(target)]).fetchone()
+    finally:
+        cursor.close()
+    return f"{target} is an image file the catalog reads" if row and row[0] else None
+
+
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     have = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"

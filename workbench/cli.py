@@ -259,6 +259,9 @@ def sql(
         if not write and not catalog_mod.is_read_only_sql(query):
             catalog_mod.run_sql(None, query)  # raises the refusal message
         con = open_catalog(catalog, read_only=not write)
+        protected = catalog_mod.protected_file(con, output) if output is not None else None
+        if protected:
+            fail(f"Refused: {protected}; writing the result there would destroy it. Give another --output file.")
         relation = catalog_mod.run_sql(con, query, write=write)
     except CatalogError as error:
         fail(str(error))
