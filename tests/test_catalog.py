@@ -39,6 +39,33 @@ def test_not_a_catalog(tmp_path):
         connect(tmp_path / "absent.duckdb", read_only=True)
 
 
+def test_another_tools_duckdb_file_is_refused_untouched(tmp_path):
+    import duckdb
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    for tables in (["images(x INT)"], ["sales(amount INT)", "customers(name VARCHAR)"]):
+        theirs = tmp_path / f"theirs-{len(tables)}.duckdb"
+        con = duckdb.connect(str(theirs))
+        for table in tables:
+            con.execute(f"CREATE TABLE {table}")
+        con.close()
+        with pytest.raises(CatalogError, match="not a workbench catalog"):
+            connect(theirs)
+        (tmp_path / "photos").mkdir(exist_ok=True)
+        result = CliRunner().invoke(app, ["ingest", str(tmp_path / "photos"), "--catalog", str(theirs)])
+        assert result.exit_code != 0 and "not a workbench catalog" in " ".join(result.output.split())
+        assert "Traceback" not in result.output
+        con = duckdb.connect(str(theirs))
+        assert sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()) == sorted(
+            t.split("(")[0] for t in tables)
+        con.close()
+    empty = tmp_path / "empty.duckdb"
+    duckdb.connect(str(empty)).close()  # a DuckDB file with nothing in it becomes a catalog
+    connect(empty).close()
+
+
 def test_lock_held_by_another_process_names_it(catalog_path):
     connect(catalog_path).close()
     holder = subprocess.Popen(

@@ -101,11 +101,30 @@ def connect(
             time.sleep(0.25)
         except duckdb.Error as error:
             raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
-    if not read_only:
-        migrate(con)
-    else:
-        _check_version(con, path)
+    try:
+        if not read_only:
+            _refuse_a_foreign_database(con, path)
+            migrate(con)
+        else:
+            _check_version(con, path)
+    except BaseException:
+        con.close()
+        raise
     return con
+
+
+def _refuse_a_foreign_database(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A DuckDB file that holds tables but no schema_migrations belongs to someone else: migrating it would
+    add the workbench's tables to the user's own database (or fail half way on a table of the same name)."""
+    tables = [row[0] for row in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() ORDER BY 1"
+    ).fetchall()]
+    if tables and "schema_migrations" not in tables:
+        shown = ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
+        raise CatalogError(
+            f"{path} is a DuckDB database but not a workbench catalog (it holds {shown} and no schema_migrations "
+            "table): nothing was changed in it. Give another --catalog file (a new name makes a new catalog)."
+        )
 
 
 def connect_when_free(
