@@ -93,6 +93,46 @@ def test_record_run_marks_failures(con):
     assert status == "failed" and "boom" in error and '"done": 3' in counts
 
 
+def test_runs_of_processes_that_are_gone_are_marked_interrupted(con):
+    import os
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now: a process killed while its step ran
+    host = socket.gethostname()
+    for step, pid, where in (("ingest", gone.pid, host), ("caption", os.getpid(), host), ("dedup", None, None),
+                             ("score", gone.pid, "another-machine")):
+        con.execute("INSERT INTO runs (step, started_at, status, pid, host) VALUES (?, now(), 'running', ?, ?)", [step, pid, where])
+    catalog.start_run(con, "filter", {})
+    status = dict(con.execute("SELECT step, status FROM runs").fetchall())
+    assert status == {"ingest": "interrupted", "caption": "running", "dedup": "running", "score": "running", "filter": "running"}
+    assert "killed" in con.execute("SELECT error FROM runs WHERE step = 'ingest'").fetchone()[0]
+    mine = con.execute("SELECT pid, host FROM runs WHERE step = 'filter'").fetchone()
+    assert mine == (os.getpid(), host)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    import os
+    import signal
+
+    from workbench.cli import _terminate_as_ctrl_c
+
+    previous = signal.signal(signal.SIGTERM, _terminate_as_ctrl_c), signal.getsignal(signal.SIGINT)
+    pressed = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))  # a step's own graceful Ctrl+C
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert pressed == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C ignored (a script's background job): SIGTERM still stops it
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
 @pytest.mark.parametrize(
     "sql, read_only",
     [

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -270,12 +271,39 @@ def run_status(error: BaseException | None) -> str:
 
 
 def start_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> RunRecord:
-    """Insert a 'running' row for a step run."""
+    """Insert a 'running' row for a step run (first marking those of processes now gone 'interrupted')."""
+    _mark_abandoned_runs(con)
     run_id = con.execute(
-        "INSERT INTO runs (step, started_at, status, params) VALUES (?, ?, 'running', ?) RETURNING run_id",
-        [step, datetime.now(), json.dumps(params, default=str)],
+        "INSERT INTO runs (step, started_at, status, params, pid, host) VALUES (?, ?, 'running', ?, ?, ?) RETURNING run_id",
+        [step, datetime.now(), json.dumps(params, default=str), os.getpid(), socket.gethostname()],
     ).fetchall()[0][0]
     return RunRecord(run_id=run_id, step=step, started=time.perf_counter())
+
+
+def _mark_abandoned_runs(con: duckdb.DuckDBPyConnection) -> None:
+    """'running' rows whose process on this host is gone (killed by SIGKILL, a crash) say 'interrupted' instead of
+    running forever. A process that is still alive keeps its row: a model training with the catalog let go, another
+    TUI step in this process."""
+    rows = con.execute(
+        "SELECT run_id, pid FROM runs WHERE status = 'running' AND pid IS NOT NULL AND host = ?", [socket.gethostname()]
+    ).fetchall()
+    gone = [run_id for run_id, pid in rows if not _process_alive(pid)]
+    if gone:
+        con.execute(
+            "UPDATE runs SET status = 'interrupted', error = coalesce(error, 'the process ended without recording the "
+            "run (killed, or it crashed)') WHERE list_contains(?, run_id)",
+            [gone],
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def finish_run(con: duckdb.DuckDBPyConnection, record: RunRecord, error: BaseException | None = None) -> None:

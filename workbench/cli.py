@@ -1038,10 +1038,7 @@ def train_command(
     con = open_catalog(catalog, wait_seconds=30) if is_main_process() else None
     if con is not None and not train_config.output_dir and not train_config.resume:
         train_config.output_dir = str(default_output_dir(con, mode))  # named up front, for the stop message
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    # `kill`, `timeout` and job schedulers stop a run as Ctrl+C does: recorded 'cancelled', with the resume hint
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
-    try:
+    try:  # Ctrl+C, or `kill`/`timeout` (main() makes SIGTERM a Ctrl+C): recorded 'cancelled', with the resume hint
         with RichProgress() as progress:
             # the catalog is free for other commands while the model trains (hours, on real models)
             result = trained_model(con, train_config, progress=progress, release_catalog=True)
@@ -1065,9 +1062,6 @@ def train_command(
                 soft_wrap=True,  # a command to copy: never broken inside a path
             )
         raise typer.Exit(130)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     if con is None:
         return
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
@@ -1083,10 +1077,6 @@ def train_command(
                                f"Score it later with: workbench evaluate {result.train_id} --clip-model tiny (or a CLIP you have)"))
     for name, path in result.outputs.items():
         console.print(Text(f"{name}: {path}"))
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 for _mode, _help in (
@@ -1179,10 +1169,7 @@ def priors(
     components = None
     stopped = (f"the class images made so far are in {folder}; run the same command again to add them to the catalog "
                "and make the rest")
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    # `kill`, `timeout` and job schedulers stop it as Ctrl+C does: the PNGs made so far are kept, and it says so
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
-    try:
+    try:  # Ctrl+C, or `kill`/`timeout` (main() makes SIGTERM a Ctrl+C): the PNGs made so far are kept, and it says so
         with _stopped_says(stopped), RichProgress() as progress:
             if size is None:  # a single-file checkpoint: its size is known once it is loaded
                 con.close()
@@ -1212,9 +1199,6 @@ def priors(
                                            {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
     except (ModelError, ValueError, CatalogError) as error:
         fail(str(error))
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -1281,7 +1265,18 @@ def tui(
         fail(workbench_app.failure)
 
 
+def _terminate_as_ctrl_c(signum, frame) -> None:
+    """SIGTERM (`kill`, `timeout`, job schedulers) stops a command as Ctrl+C does: through whatever handles Ctrl+C
+    now (a step's own graceful stop, or KeyboardInterrupt), so what is done is kept, recorded and said."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # Ctrl+C ignored (a background job of a script): SIGTERM must still stop it
+        raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate_as_ctrl_c)
     try:
         app()
     except CatalogError as error:
