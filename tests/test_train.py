@@ -836,6 +836,28 @@ def _finished_run(con, tmp_path, **options):
     return config, trained_model(con, config, components=tiny_components())
 
 
+def test_resume_from_another_runs_or_an_older_checkpoint_is_refused_untouched(con, tmp_path, one_thread):
+    """A kohya user's review: --resume with another folder's checkpoint replaced that folder's finished LoRA with one
+    made on the first run's options; an older checkpoint of the run's own cut its loss.csv and later checkpoints."""
+    from pipelines.train import trained_model
+
+    config, _ = _finished_run(con, tmp_path)
+    other = dataclasses.replace(config, output_dir=str(tmp_path / "other"))
+    trained_model(con, other, components=tiny_components())
+    watched = [tmp_path / folder / name for folder in ("run", "other")
+               for name in ("pytorch_lora_weights.safetensors", "loss.csv", "checkpoints/checkpoint-2/weights.safetensors")]
+    before = [path.read_bytes() for path in watched]
+    rows = con.execute("SELECT count(*) FROM training_runs").fetchone()[0]
+    foreign = dataclasses.replace(other, resume=str(tmp_path / "run" / "checkpoints" / "checkpoint-1"))
+    with pytest.raises(TrainingError, match=r"is not a checkpoint of .*other.*--output-dir .*run"):
+        trained_model(con, foreign, components=tiny_components())
+    older = dataclasses.replace(config, resume="checkpoint-1")
+    with pytest.raises(TrainingError, match=r"checkpoint-1 is older than checkpoint-2 .*would overwrite checkpoint-2.*--resume latest"):
+        trained_model(con, older, components=tiny_components())
+    assert [path.read_bytes() for path in watched] == before
+    assert con.execute("SELECT count(*) FROM training_runs").fetchone()[0] == rows
+
+
 def test_resume_without_a_checkpoint_is_refused_when_the_run_got_past_one(con, tmp_path, one_thread):
     """--resume latest with every checkpoint deleted used to train again from step 0 over the finished LoRA."""
     import shutil

@@ -132,6 +132,31 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
         )
 
 
+def _refuse_a_foreign_or_older_checkpoint(output_dir: Path, config: TrainConfig) -> None:
+    """`--resume CHECKPOINT` continues the run in --output-dir from its latest checkpoint. Another folder's checkpoint
+    would write that run's weights and options over this run's outputs; an older one of this folder would overwrite
+    the later checkpoints, the outputs and the loss log past its step. A later checkpoint that cannot be read does not
+    count: resuming from the one before it is the way on."""
+    if not config.resume or config.resume == "latest":
+        return
+    own = output_dir / "checkpoints"
+    checkpoint = ckpt.resolve_resume(own, config.resume)
+    if checkpoint.resolve().parent != own.resolve():
+        raise RunRefused(
+            f"{checkpoint} is not a checkpoint of {output_dir}: --resume continues the run in --output-dir from one of "
+            f"its own. To continue that run, give its folder: --output-dir {checkpoint.resolve().parent.parent}."
+        )
+    step = ckpt.checkpoint_step(checkpoint)
+    later = [c for c in ckpt.list_checkpoints(own) if ckpt.checkpoint_step(c) > step and not ckpt.damaged_files(c)]
+    if later:
+        raise RunRefused(
+            f"{checkpoint.name} is older than {later[-1].name} in {own}: resuming from it would overwrite "
+            f"{', '.join(c.name for c in later)}, the run's outputs and its loss.csv past step {step}. Resume the latest "
+            f"(--resume latest); to go back to {checkpoint.name}, first move the later checkpoints out of {own}. "
+            f"`workbench train export {output_dir} --checkpoint {step}` writes its model without training."
+        )
+
+
 # what a finished run leaves beside its checkpoints (LoRA files; DreamBooth and fine-tune: a pipeline and one file)
 FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "pipeline", "model.safetensors")
 # every name a run writes in its folder
@@ -306,6 +331,7 @@ def trained_model(
         _refuse_a_folder_of_catalog_images(con, output_dir)
     with _run_folder_lock(output_dir, resuming=bool(config.resume)):  # refusals come first, before minutes of model loading
         _refuse_a_finished_or_started_run(output_dir, config)
+        _refuse_a_foreign_or_older_checkpoint(output_dir, config)
         folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
         _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
         images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
