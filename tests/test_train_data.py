@@ -70,3 +70,18 @@ def test_images_without_a_caption_are_counted_in_one_message(con, tmp_path):
     images = training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
     assert sorted(i.caption for i in images)[0] == ""
     assert any("1 of 3 image(s) have no caption" in m for m in messages)
+
+
+def test_an_image_no_bucket_fits_is_left_out_with_the_fix_named(con, tmp_path):
+    """One 40x40 image among many stopped a --bucket-no-upscale run with an error; `workbench buckets` skips it."""
+    ingest_images(con, tmp_path / "images", 3, sizes=[(32, 32), (32, 32), (4, 4)])
+    messages = []
+    config = fast_config(tmp_path / "out", bucket_no_upscale=True)
+    images = training_images(con, config, progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert sorted(os.path.basename(i.path) for i in images) == ["img0.png", "img1.png"]
+    said = [m for m in messages if "left out: no bucket fits" in m]
+    assert len(said) == 1 and "img2.png" in said[0] and "workbench exclude" in said[0] and "bucket_no_upscale = false" in said[0]
+    assert len(training_images(con, fast_config(tmp_path / "out"))) == 3  # upscaling allowed: it trains
+    con.execute("INSERT INTO exclusions SELECT image_id, 'manual', 'test', now() FROM images WHERE width <> 4")
+    with pytest.raises(DataError, match="No image to train on fits a bucket"):
+        training_images(con, config)

@@ -199,7 +199,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
                    else "their concept's trigger and class where they have one, else an empty caption")
         progress(task="dataset", message=f"{len(uncaptioned)} of {len(rows)} image(s) have no caption and train on {instead} "
                  "(`workbench caption` writes captions)")
-    images = []
+    images, no_bucket = [], []
     for values in rows:
         row = dict(zip(columns, values))
         if use_stored and row.get("bucket_width"):
@@ -209,8 +209,9 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         else:  # no `workbench buckets` run for these settings: compute the same kohya bucket here
             try:
                 choice = choose_bucket(row["width"], row["height"], settings)
-            except ValueError as error:
-                raise DataError(f"Image {row['path']}: {error}") from error
+            except ValueError as error:  # smaller than a bucket step with no upscaling, say: left out, as `buckets` does
+                no_bucket.append((row, str(error)))
+                continue
             bucket = (choice.bucket_width, choice.bucket_height)
             resized = (choice.resized_width, choice.resized_height)
             crop = (choice.crop_left, choice.crop_top)
@@ -231,6 +232,16 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
                 class_prompt=config.class_prompt or _default_class_prompt(row),
             )
         )
+    if no_bucket:
+        ids = " ".join(row["image_id"][:12] for row, _ in no_bucket)
+        first, reason = no_bucket[0]
+        if not images:
+            raise DataError(f"No image to train on fits a bucket: {first['path']}: {reason}. Lower --resolution or allow "
+                            "upscaling (bucket_no_upscale = false).")
+        progress(task="dataset", message=(
+            f"{len(no_bucket)} image(s) left out: no bucket fits them ({first['path']}: {reason}). To train on them, "
+            f"allow upscaling (bucket_no_upscale = false); to leave them out for good: workbench exclude {ids} "
+            "--reason 'too small'"))
     return images
 
 
