@@ -425,3 +425,11 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         ours, written = load_file(str(tmp_path / "lora" / "exports" / "checkpoint-2" / name)), load_file(str(tmp_path / "lora" / name))
         assert ours.keys() == written.keys() and all(torch.equal(ours[k], written[k]) for k in ours)
+    # the kohya metadata is the run's own at that step (it said epoch None and 0 s of training)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "lora" / "exports" / "checkpoint-2" / "lora_kohya.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_epoch"] == "2" and float(metadata["ss_training_seconds"]) > 0
+    nowhere = runner.invoke(app, ["train", "export", str(tmp_path / "no-such-run"), "--checkpoint", "2"])
+    assert nowhere.exit_code == 2 and "No run folder" in " ".join(nowhere.output.split())

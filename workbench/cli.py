@@ -1105,6 +1105,8 @@ def train_export(
     from pipelines.train.loop import exported_checkpoint
     from workbench.models import ModelError
 
+    if not run_dir.is_dir():
+        fail(f"No run folder {run_dir}: give the --output-dir of a training run.")
     folder = run_dir / "checkpoints"
     try:
         found = resolve_resume(folder, f"checkpoint-{checkpoint}" if checkpoint.isdigit() else checkpoint)

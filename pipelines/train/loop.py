@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1037,6 +1038,14 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     if saved is None or ckpt.damaged_files(checkpoint):
         raise TrainingError(f"{checkpoint} is not a whole checkpoint written by this workbench (its state.json or weights are missing).")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    from pipelines.train.lora_formats import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+
+    written = {"lora_diffusers": checkpoint / DIFFUSERS_LORA_FILE, "lora_kohya": checkpoint / KOHYA_LORA_FILE}
+    if config.mode == "lora" and all(path.is_file() for path in written.values()):
+        # the files the run wrote at that step: bitwise its LoRA, with its own metadata (epoch, training time)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress(task="export", message=f"copying step {ckpt.checkpoint_step(checkpoint)}'s LoRA files to {out_dir}")
+        return {name: str(shutil.copy2(path, out_dir / path.name)) for name, path in written.items()}
     components = components or load_components(config, progress)
     unet, text_encoder = components.unet, components.text_encoder
     train_text = config.train_text_encoder
