@@ -87,6 +87,15 @@ def plain_folder_note(folder: str, repeats: int) -> str:
             f"--repeats {repeats}")
 
 
+def kohya_skipped_folder_note(folder: str) -> str:
+    """What to say about a folder kohya would not train beside concept folders: `0_name` (0 repeats, how kohya users
+    switch a subset off) or a name without a repeat count. Here its images stay in the dataset, with no concept."""
+    name = Path(folder).name
+    why = "has 0 repeats" if re.fullmatch(r"0+_.*", name) else "has no repeat count"
+    return (f"folder {name!r} {why}: kohya leaves it out of training, but here its images train once, in no concept. "
+            f"To leave them out: workbench exclude --folder {shlex.quote(folder)} --reason {shlex.quote(why)}")
+
+
 def _check_text(label: str, value: str | None, *, required: bool) -> str | None:
     if value is None:
         if required:
@@ -208,7 +217,7 @@ def _in_other_concepts(con: duckdb.DuckDBPyConnection, name: str, image_ids: Seq
     ).fetchall()]
 
 
-def _images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
+def images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
     """Images with any known path under `folder` (as given, or made absolute)."""
     prefixes = {folder.rstrip("/\\")}
     prefixes.add(os.path.abspath(folder).rstrip("/\\"))
@@ -261,7 +270,7 @@ def added_concept(
             matched_where = [row[0] for row in con.execute(query).fetchall()]
         except duckdb.Error as error:
             raise ValueError(f"--where failed on images_view: {error}") from None
-    matched_folder = _images_in_folder(con, folder_text) if folder_text else []
+    matched_folder = images_in_folder(con, folder_text) if folder_text else []
 
     params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}
     with record_run(con, "concept", params) as run:
@@ -305,7 +314,7 @@ def concept_rules_applied(con: duckdb.DuckDBPyConnection) -> int:
     total = 0
     for name, where, folder in rules:
         for source, found in (("where", _rule_matches(con, where) if where else []),
-                              ("folder", _images_in_folder(con, folder) if folder else [])):
+                              ("folder", images_in_folder(con, folder) if folder else [])):
             if not found:
                 continue
             free = [row[0] for row in con.execute(  # in SQL: the catalog may hold a million assignments
@@ -389,6 +398,8 @@ def concepts_from_folder_names(
     seen_images: set[str] = set()
     ignored: set[str] = set()
     noted: set[str] = set()
+    concept_folders: set[Path] = set()
+    other_folders: set[Path] = set()  # folders kohya would not read as a subset: told about beside concept folders
     for image_id, path, _ in rows:
         folder_name = Path(path).parent.name
         parsed = parse_kohya_folder_name(folder_name)
@@ -399,7 +410,10 @@ def concepts_from_folder_names(
                     and (max_repeats is None or plain <= max_repeats)):
                 noted.add(folder)
                 progress(task="concepts", message=plain_folder_note(folder, plain))
+            elif plain_subset_repeats(folder_name) is None:
+                other_folders.add(Path(path).parent)
             continue
+        concept_folders.add(Path(path).parent)
         if image_id in seen_images:
             continue
         if not zero_padded and folder_name.startswith("0"):
@@ -420,6 +434,10 @@ def concepts_from_folder_names(
             progress(task="concepts", message=f"folder {folder_name!r}: concept {name!r} already has {found[name][0]} repeats; keeping that")
         found.setdefault(name, parsed)
         members.setdefault(name, []).append(image_id)
+    beside_concepts = {folder.parent for folder in concept_folders}
+    for folder in sorted(other_folders):
+        if folder.parent in beside_concepts:
+            progress(task="concepts", message=kohya_skipped_folder_note(str(folder)))
     if not found:
         return 0
     existing = {c.name: c for c in list_concepts(con)}

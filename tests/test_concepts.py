@@ -239,6 +239,36 @@ def test_a_kohya_folder_with_repeats_but_no_name_says_how_to_keep_them(con, tmp_
     assert get_concept(con, "sks dog").images == 2
 
 
+def test_folders_kohya_would_not_train_beside_concept_folders_are_named_with_the_exclude_command(con, catalog_path):
+    """`0_zero thing` (0 repeats: switched off in kohya) and `abc_x` (no repeat count: kohya ignores it) trained here
+    with repeats 1 and an empty caption, and nothing said so."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    zero = _add_image(con, 1, "/ds/img/0_zero thing/a.jpg")
+    other = _add_image(con, 2, "/ds/img/abc_x/b.jpg")
+    _add_image(con, 3, "/ds/img/10_sks dog/c.jpg")
+    _add_image(con, 4, "/photos/holiday/d.jpg")  # no kohya folder beside it: an ordinary photo folder, nothing to say
+    messages = []
+    concepts_from_folder_names(con, progress=lambda **kw: messages.append(kw.get("message") or ""))
+    notes = [m for m in messages if "kohya leaves it out of training" in m]
+    assert len(notes) == 2 and "'0_zero thing' has 0 repeats" in notes[0] and "'abc_x' has no repeat count" in notes[1]
+    assert not any("holiday" in m for m in messages)
+    # what the note says to run leaves them out
+    con.close()
+    result = CliRunner().invoke(app, ["exclude", "--folder", "/ds/img/0_zero thing", "--folder", "/ds/img/abc_x",
+                                      "--reason", "0 repeats", "--catalog", str(catalog_path)])
+    assert result.exit_code == 0 and "excluded 2 image(s)" in result.output, result.output
+    from workbench.catalog import connect
+
+    with connect(catalog_path) as again:
+        dataset = {row[0] for row in again.execute("SELECT image_id FROM dataset").fetchall()}
+    assert zero not in dataset and other not in dataset and len(dataset) == 2
+    nothing = CliRunner().invoke(app, ["exclude", "--folder", "/nowhere", "--reason", "x", "--catalog", str(catalog_path)])
+    assert nothing.exit_code == 2 and "No image in the catalog has a file under /nowhere" in " ".join(nothing.output.split())
+
+
 def test_images_moved_out_of_their_kohya_folder_leave_its_concept_and_hand_added_ones_stay(con, tmp_path):
     """An image moved from `10_mydog/` to `rejects/` stayed in concept mydog, and export put it back in `10_mydog`:
     kohya users manage a concept's images by folder."""

@@ -691,21 +691,29 @@ def filter_(
 
 @app.command()
 def exclude(
-    image_ids: Annotated[list[str], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).")],
-    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the catalog).")],
+    image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).", show_default=False)] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the catalog).")] = ...,
+    folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder (repeatable).", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Exclude images by hand, with a reason; files on disk are not touched.
 
-    Example: workbench exclude 3fa9c2d1e0 --reason "watermark"
+    Example: workbench exclude 3fa9c2d1e0 --reason "watermark"   (or: --folder "img/0_old drafts" --reason "0 repeats")
     """
-    from pipelines.concepts import resolve_image_ids
+    from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.dedup import preferred_copy
     from pipelines.filter import manual_exclusions
 
+    if not image_ids and not folder:
+        fail("Name the images to exclude: image ids, or --folder PATH.")
     con = open_catalog(catalog)
     try:
-        ids = resolve_image_ids(con, image_ids)
+        ids = resolve_image_ids(con, image_ids) if image_ids else []
+        for path in folder or []:
+            found = images_in_folder(con, str(path))
+            if not found:
+                fail(f"No image in the catalog has a file under {path}.")
+            ids += [i for i in found if i not in ids]
         n = manual_exclusions(con, ids, reason)
     except ValueError as error:
         fail(str(error))
