@@ -221,11 +221,29 @@ def filtered_dataset(
                     dropped.add(record["image_id"])
         if done % 5000 == 0 or done == total:
             progress(task="filter", completed=done, total=total)
+    # out by the last filter run and by nothing else: a rerun without that rule (or with a milder one) lets them back
+    earlier = {row[0] for row in con.execute(
+        f"SELECT DISTINCT image_id FROM exclusions WHERE starts_with(step, '{FILTER_STEP_PREFIX}') AND image_id NOT IN "
+        f"(SELECT image_id FROM exclusions WHERE NOT starts_with(step, '{FILTER_STEP_PREFIX}'))"
+    ).fetchall()}
+    back = earlier - dropped
+    if back:
+        progress(task="filter", message=(
+            f"{len(back)} image(s) excluded by the last filter run pass these rules and {'would come' if dry_run else 'come'} "
+            "back into the dataset (a rerun replaces the earlier filter exclusions; put lasting rules in the [filter] "
+            "table of workbench.toml)"))
+    if clip_rule and con.execute(  # the score an image's rule reads is its newest (images_view)
+        "SELECT count(*) > 0 FROM (SELECT arg_max(model, created_at) AS model FROM clip_scores GROUP BY image_id) "
+        "WHERE model = 'tiny'"
+    ).fetchone()[0]:
+        progress(task="filter", message="Note: CLIP scores from the tiny CLIP (random weights) mean nothing: the "
+                 "min_clip_score rule excludes images at random; score with a real CLIP model first")
     summary: dict[str, Any] = {
         "checked": candidates,
         **{f"rule {rule}": n for rule, n in per_rule.items()},
         "excluded": len(dropped),
         "kept": candidates - len(dropped),
+        "back in the dataset (excluded by the last filter run)": len(back - {r["image_id"] for r in records if r["included"]}),
         "failing but already excluded (duplicate or by hand)": len(already_out),
         "manually_included": included,
         "dry_run": dry_run,

@@ -65,8 +65,12 @@ def test_rerun_with_other_thresholds_recomputes_cleanly(con):
     filtered_dataset(con, FilterRules(min_side=600))
     assert _reasons(con)[a] == [("filter:min_side", "short side 300 px < 600")]
     assert _reasons(con)[b] == [("filter:min_side", "short side 500 px < 600")]
-    filtered_dataset(con, FilterRules(min_side=None, max_aspect=None))
+    messages = []
+    summary = filtered_dataset(con, FilterRules(min_side=None, max_aspect=None), progress=lambda **kw: messages.append(kw.get("message")))
     assert _reasons(con) == {}
+    # a rerun lets the earlier rule's images back: said, not silent (a curator's review)
+    assert summary["back in the dataset (excluded by the last filter run)"] == 2
+    assert any(m and m.startswith("2 image(s) excluded by the last filter run pass these rules and come back") for m in messages)
     runs = con.execute("SELECT count(*) FROM runs WHERE step = 'filter' AND status = 'ok'").fetchone()[0]
     assert runs == 3
 
@@ -131,6 +135,18 @@ def test_clip_rule_excludes_low_scores_and_skips_unscored_images(con):
     # and the summary says so, rather than passing them in silence
     assert summary["without CLIP score (rule not applied)"] == 2
     assert any(m and m.startswith("2 image(s) have no CLIP score yet") and "workbench score" in m for m in messages)
+
+
+def test_clip_rule_on_scores_of_the_random_tiny_clip_says_they_mean_nothing(con):
+    image = _add_image(con, 1, 600, 600)
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'a dog')", [image])
+    said = {}
+    for model in ("tiny", "ViT-B-32"):  # the newest score is the one the rule reads
+        con.execute("INSERT INTO clip_scores (image_id, model, caption_md5, score) VALUES (?, ?, md5('a dog'), 0.1)", [image, model])
+        messages = []
+        filtered_dataset(con, FilterRules(min_clip_score=0.2), progress=lambda **kw: messages.append(kw.get("message") or ""))
+        said[model] = any("tiny CLIP (random weights) mean nothing" in m for m in messages)
+    assert said == {"tiny": True, "ViT-B-32": False}
 
 
 def test_clip_rule_is_skipped_with_a_message_without_a_clip_score_column(con):
