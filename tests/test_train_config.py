@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -177,3 +179,157 @@ def test_cli_refuses_options_the_mode_ignores_with_exit_2(tmp_path):
     # the defaults of every mode pass the checks: the run gets as far as the (missing) catalog
     plain = runner.invoke(app, ["train", "dreambooth", *catalog])
     assert plain.exit_code == 2 and "No catalog at" in flat(plain.output)
+
+
+# --- list options, resolution and kohya names ------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["to_q,to_k", " to_q , to_k ", "to_q,to_k,", "[to_q, to_k]", ["to_q", "to_k"]])
+def test_target_modules_given_as_text_are_split_on_commas(value):
+    """--set lora_target_modules=to_q,to_k trained a LoRA on no layer named 'to_q,to_k'; a list still works."""
+    config = load_train_config(None, {"lora_target_modules": value})
+    assert config.lora_target_modules == ["to_q", "to_k"]
+    text = load_train_config(None, {"train_text_encoder": True, "text_encoder_target_modules": value})
+    assert text.text_encoder_target_modules == ["to_q", "to_k"]
+
+
+def test_target_modules_from_toml_text_are_split(tmp_path):
+    config = load_train_config(toml(tmp_path, "lora_target_modules = 'to_q, to_v'\n"))
+    assert config.lora_target_modules == ["to_q", "to_v"]
+
+
+def test_prompts_and_concepts_keep_their_commas():
+    """A prompt is a sentence and a concept name may hold a comma: text is one item, a list gives several."""
+    config = load_train_config(None, {"validation_prompt": "a dog, sitting", "concepts": "sks dog, large"})
+    assert config.validation_prompt == ["a dog, sitting"] and config.concepts == ["sks dog, large"]
+    several = load_train_config(None, {"validation_prompt": ["a dog, sitting", "a cat"]})
+    assert several.validation_prompt == ["a dog, sitting", "a cat"]
+    with pytest.raises(ConfigError, match=r"validation_prompt must be list \(one as text, several as a list"):
+        load_train_config(None, {"validation_prompt": 3})
+    with pytest.raises(ConfigError, match=r"lora_target_modules must be list \(names separated by commas"):
+        load_train_config(None, {"lora_target_modules": 5})
+
+
+@pytest.mark.parametrize("option, extra", [("lora_target_modules", {}),
+                                           ("text_encoder_target_modules", {"train_text_encoder": True})])
+def test_empty_target_modules_are_refused(option, extra):
+    """`--set lora_target_modules=` would leave the LoRA no layer to train."""
+    with pytest.raises(ConfigError, match=f"{option} is empty: name the layers to train"):
+        load_train_config(None, {option: "", **extra})
+
+
+@pytest.mark.parametrize("text", ["64,64", "64", " 64 , 64 "])
+def test_a_kohya_resolution_of_one_size_is_read(tmp_path, text):
+    assert load_train_config(toml(tmp_path, f"resolution = '{text}'\n")).resolution == 64
+
+
+def test_a_kohya_resolution_of_width_and_height_names_the_size_to_use(tmp_path):
+    with pytest.raises(ConfigError, match=r'resolution = "512,768" in .* trains at one size: .*bucket area.* '
+                                          r"Use resolution = 624 \(the area of 512×768"):
+        load_train_config(toml(tmp_path, "resolution = '512,768'\n"))
+    with pytest.raises(ConfigError, match=r"resolution must be int, got 'big'"):
+        load_train_config(toml(tmp_path, "resolution = 'big'\n"))
+
+
+KOHYA_TOML = """\
+pretrained_model_name_or_path = "runwayml/stable-diffusion-v1-5"
+network_dim = 8
+network_alpha = 4
+shuffle_caption = true
+caption_dropout_rate = 0.1
+save_every_n_steps = 100
+output_name = "my_lora"
+optimizer_type = "Lion"
+resolution = "64,64"
+train_batch_size = 2
+max_train_steps = 10
+learning_rate = 1e-4
+keep_tokens = 1
+lerning_rate = 1e-3
+"""
+
+
+def test_a_kohya_toml_is_refused_once_with_every_unknown_key_and_its_workbench_name(tmp_path):
+    """A kohya train.toml took 10 runs: one unknown key each."""
+    with pytest.raises(ConfigError) as error:
+        load_train_config(toml(tmp_path, KOHYA_TOML))
+    message = str(error.value)
+    assert message.startswith("Unknown training options in ")
+    for key, hint in [("pretrained_model_name_or_path", "workbench: model"), ("network_dim", "workbench: rank"),
+                      ("network_alpha", "workbench: lora_alpha"), ("shuffle_caption", "workbench: shuffle_tags"),
+                      ("caption_dropout_rate", "workbench: caption_dropout"),
+                      ("save_every_n_steps", "workbench: checkpointing_steps"),
+                      ("output_name", "no workbench counterpart"),
+                      ("optimizer_type", "no workbench counterpart for 'Lion'"),
+                      ("lerning_rate", "did you mean learning_rate")]:
+        assert f"'{key}' ({hint}" in message
+    for known in ("resolution", "train_batch_size", "max_train_steps", "'learning_rate'", "keep_tokens"):
+        assert known not in message
+    renamed = KOHYA_TOML.replace("pretrained_model_name_or_path = \"runwayml/stable-diffusion-v1-5\"", "model = 'tiny'")
+    for kohya, ours in [("network_dim", "rank"), ("network_alpha", "lora_alpha"), ("shuffle_caption", "shuffle_tags"),
+                        ("caption_dropout_rate", "caption_dropout"), ("save_every_n_steps", "checkpointing_steps"),
+                        ("lerning_rate", "text_encoder_lr"), ("optimizer_type", "report_to")]:
+        renamed = renamed.replace(kohya, ours)
+    renamed = renamed.replace('output_name = "my_lora"\n', "").replace('"Lion"', '"none"')
+    config = load_train_config(toml(tmp_path, renamed + "train_text_encoder = true\n"))
+    assert (config.rank, config.lora_alpha, config.shuffle_tags, config.resolution, config.keep_tokens) == (8, 4, True, 64, 1)
+
+
+@pytest.mark.parametrize("key, value, hint", [
+    ("optimizer_type", "'AdamW'", "not needed: workbench trains with AdamW"),
+    ("optimizer_type", "'AdamW8bit'", "workbench: use_8bit_adam = true"),
+    ("v_parameterization", "true", 'workbench: prediction_type = "v_prediction"'),
+    ("network_train_unet_only", "false", "workbench: train_text_encoder = true"),
+    ("min_snr_gamma", "5.0", "workbench: snr_gamma"),
+    ("flip_aug", "true", "workbench: random_flip"),
+    ("network_module", "'networks.lora'", "no workbench counterpart"),
+])
+def test_a_kohya_key_alone_names_what_to_write_instead(tmp_path, key, value, hint):
+    with pytest.raises(ConfigError, match=rf"Unknown training option '{key}' in .* \({re.escape(hint)}"):
+        load_train_config(toml(tmp_path, f"{key} = {value}\n"))
+
+
+def test_the_kohya_table_names_only_real_workbench_options():
+    from pipelines.train.config import FIELD_NAMES, KOHYA_NONE, KOHYA_OPTIONS
+
+    assert set(KOHYA_OPTIONS.values()) <= FIELD_NAMES
+    assert not (set(KOHYA_OPTIONS) | set(KOHYA_NONE)) & FIELD_NAMES  # a workbench name is never refused
+    assert not set(KOHYA_OPTIONS) & set(KOHYA_NONE)
+
+
+# --- caption options that need another -------------------------------------------------
+
+
+def test_keep_tokens_without_tag_shuffle_is_refused(tmp_path):
+    """keep_tokens only keeps tags in front of shuffled ones: without --shuffle-tags it trained as if unset."""
+    with pytest.raises(ConfigError, match="--keep-tokens only applies when tags are shuffled .* add --shuffle-tags, "
+                                          "or remove --keep-tokens"):
+        load_train_config(None, {"keep_tokens": 1})
+    assert load_train_config(None, {"keep_tokens": 2, "shuffle_tags": True}).keep_tokens == 2
+    # the default never trips it (the TUI and a shared TOML spell out every value)
+    assert load_train_config(toml(tmp_path, "keep_tokens = 0\nshuffle_tags = false\n")).keep_tokens == 0
+
+
+def test_cli_splits_set_lists_and_refuses_keep_tokens_alone(tmp_path, monkeypatch):
+    import pipelines.train as train
+
+    seen = {}
+
+    def captured(path, overrides):
+        seen["config"] = load_train_config(path, overrides)
+        raise ConfigError("stop here")  # what a run does with the options is not this test's
+
+    monkeypatch.setattr(train, "load_train_config", captured)
+    catalog = ["--catalog", str(tmp_path / "none.duckdb")]
+    result = runner.invoke(app, ["train", "lora", "--set", "lora_target_modules=to_q, to_k", "--set",
+                                 "validation_prompt=a dog, sitting", *catalog])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["config"].lora_target_modules == ["to_q", "to_k"]
+    assert seen["config"].validation_prompt == ["a dog, sitting"]
+    monkeypatch.undo()
+    keep = runner.invoke(app, ["train", "lora", "--keep-tokens", "1", *catalog])
+    assert keep.exit_code == 2 and "add --shuffle-tags, or remove --keep-tokens" in flat(keep.output)
+    kohya = runner.invoke(app, ["train", "lora", "--set", "network_dim=8", "--set", "save_every_n_steps=5", *catalog])
+    assert kohya.exit_code == 2
+    assert all(s in flat(kohya.output) for s in ("'network_dim' (workbench: rank)",
+                                                 "'save_every_n_steps' (workbench: checkpointing_steps)"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -49,9 +51,78 @@ EMA_OPTIONS = ("use_ema", "ema_decay")  # full-UNet modes (dreambooth, finetune)
 TEXT_ENCODER_OPTIONS = ("text_encoder_lr", "text_encoder_target_modules")  # with train_text_encoder only
 PRIOR_OPTIONS = ("class_prompt", "num_class_images", "prior_loss_weight", "max_class_images", "sample_batch_size",
                  "prior_inference_steps")  # with_prior_preservation only
+SHUFFLE_OPTIONS = ("keep_tokens",)  # with shuffle_tags only: the tags kept in front of the shuffled ones
 OPTION_FLAGS = {  # how messages name an option: its flag where `workbench train` has one, else its --set key
     "rank": "--rank", "lora_alpha": "--lora-alpha", "use_ema": "--use-ema", "class_prompt": "--class-prompt",
-    "num_class_images": "--num-class-images", "prior_loss_weight": "--prior-loss-weight",
+    "num_class_images": "--num-class-images", "prior_loss_weight": "--prior-loss-weight", "keep_tokens": "--keep-tokens",
+}
+# list options whose items never hold a comma (layer names): a plain "to_q, to_k" (as --set gives it) is split on
+# commas. validation_prompt (sentences) and concepts (concept names) may hold commas: text there is one item, a
+# list gives several (--set 'validation_prompt=["a dog, sitting", "a cat"]', or the repeatable flags).
+COMMA_LIST_OPTIONS = ("lora_target_modules", "text_encoder_target_modules")
+ONE_ITEM_LIST_OPTIONS = ("validation_prompt", "concepts")
+# kohya-ss sd-scripts option → the workbench option that does the same (a kohya train.toml is refused with these
+# names, not read: the values do not all mean the same). sd-scripts options of the same name (train_batch_size,
+# max_train_steps, learning_rate, text_encoder_lr, lr_scheduler, lr_warmup_steps, mixed_precision, seed,
+# gradient_checkpointing, gradient_accumulation_steps, max_grad_norm, keep_tokens, random_crop, noise_offset,
+# prior_loss_weight, output_dir, resume, cache_latents, use_8bit_adam, caption_prefix, min_bucket_reso,
+# max_bucket_reso, bucket_reso_steps, bucket_no_upscale, resolution) are workbench options already.
+KOHYA_OPTIONS = {
+    "pretrained_model_name_or_path": "model",
+    "network_dim": "rank",
+    "network_alpha": "lora_alpha",
+    "shuffle_caption": "shuffle_tags",
+    "caption_dropout_rate": "caption_dropout",
+    "save_every_n_steps": "checkpointing_steps",
+    "max_train_epochs": "num_train_epochs",
+    "unet_lr": "learning_rate",
+    "lr_scheduler_num_cycles": "lr_num_cycles",
+    "lr_scheduler_power": "lr_power",
+    "min_snr_gamma": "snr_gamma",
+    "flip_aug": "random_flip",
+    "color_aug": "color_jitter",
+    "max_data_loader_n_workers": "dataloader_num_workers",
+    "cache_latents_to_disk": "cache_latents",
+    "cache_text_encoder_outputs": "cache_text_embeddings",
+    "sample_every_n_steps": "validation_steps",
+    "sample_prompts": "validation_prompt",
+    "log_with": "report_to",
+    "v_parameterization": "prediction_type",
+    "optimizer_type": "use_8bit_adam",
+    "network_train_unet_only": "train_text_encoder",
+}
+KOHYA_NOTES = {  # what differs where the workbench option is not the same value under another name
+    "color_aug": "a strength such as 0.1, not true/false",
+    "cache_latents_to_disk": "its latent cache is on disk, in cache_dir",
+    "sample_prompts": "the prompts themselves, not a file; one prompt as text, several as a list",
+    "log_with": "tensorboard or none",
+}
+KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
+    "output_name": "a run is named by its output_dir",
+    "network_module": "`workbench train lora` trains its own LoRA",
+    "network_args": "", "network_dropout": "", "network_weights": "", "network_train_text_encoder_only": "",
+    "train_data_dir": "images come from the catalog (`workbench ingest`)",
+    "reg_data_dir": "class images come from `workbench priors` (with_prior_preservation)",
+    "dataset_config": "images come from the catalog", "caption_extension": "captions are in the catalog",
+    "num_repeats": "repeats are per concept: `workbench concept add NAME --repeats N`",
+    "enable_bucket": "training always uses buckets",
+    "keep_tokens_separator": "", "secondary_separator": "", "caption_separator": "", "enable_wildcard": "",
+    "caption_suffix": "", "caption_tag_dropout_rate": "", "caption_dropout_every_n_epochs": "",
+    "weighted_captions": "", "token_warmup_min": "", "token_warmup_step": "", "face_crop_aug_range": "",
+    "save_every_n_epochs": "checkpoints are every checkpointing_steps steps",
+    "save_last_n_steps": "checkpoints_total_limit keeps the newest N checkpoints",
+    "save_last_n_epochs": "checkpoints_total_limit keeps the newest N checkpoints",
+    "save_state": "every checkpoint holds the training state",
+    "save_model_as": "", "save_precision": "", "training_comment": "",
+    "logging_dir": "logs go in the run's output_dir",
+    "optimizer_args": "", "lr_scheduler_args": "", "full_fp16": "use mixed_precision", "full_bf16": "use mixed_precision",
+    "xformers": "diffusers picks the attention", "sdpa": "diffusers picks the attention", "mem_eff_attn": "diffusers picks the attention",
+    "clip_skip": "", "max_token_length": "", "v2": "the model's own config says", "vae": "the model's own VAE is used",
+    "sample_sampler": "", "persistent_data_loader_workers": "", "lowram": "", "highvram": "",
+    "noise_offset_random_strength": "", "adaptive_noise_scale": "", "multires_noise_iterations": "",
+    "multires_noise_discount": "", "ip_noise_gamma": "", "zero_terminal_snr": "", "min_timestep": "", "max_timestep": "",
+    "loss_type": "", "huber_c": "", "huber_schedule": "", "scale_v_pred_loss_like_noise_pred": "",
+    "debiased_estimation_loss": "",
 }
 
 
@@ -174,6 +245,7 @@ class TrainConfig:
         unused_ema = self._given(EMA_OPTIONS) if self.mode == "lora" else [] if self.use_ema else self._given(("ema_decay",))
         unused_text = [] if self.train_text_encoder else [n for n in self._given(TEXT_ENCODER_OPTIONS) if n not in unused_lora]
         unused_prior = [] if self.with_prior_preservation else self._given(PRIOR_OPTIONS)
+        unused_shuffle = [] if self.shuffle_tags else self._given(SHUFFLE_OPTIONS)
         checks = [
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             # before ranges: an option this run ignores is to be removed, whatever its value
@@ -185,6 +257,13 @@ class TrainConfig:
             (not unused_prior, f"This {self.mode} run has no class priors: remove {_named(unused_prior)}, or "
              + ("leave out --no-prior-preservation" if self.mode == "dreambooth" else
                 "use `workbench train dreambooth` (or `workbench train lora --prior-preservation`)")),
+            (not unused_shuffle, f"{_named(unused_shuffle)} only applies when tags are shuffled (the tags kept in "
+                                 f"front): add --shuffle-tags, or remove {_named(unused_shuffle)}"),
+            # an empty list (e.g. --set lora_target_modules=) would give the LoRA no layers to train
+            (self.mode != "lora" or bool(self.lora_target_modules),
+             "lora_target_modules is empty: name the layers to train, e.g. to_q,to_k,to_v,to_out.0"),
+            (self.mode != "lora" or not self.train_text_encoder or bool(self.text_encoder_target_modules),
+             "text_encoder_target_modules is empty: name the layers to train, e.g. q_proj,k_proj,v_proj,out_proj"),
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
             (self.train_batch_size >= 1, "--train-batch-size must be at least 1"),
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max-train-steps must be at least 1"),
@@ -268,21 +347,87 @@ def _named(names: list[str]) -> str:
 
 
 def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Accept TOML keys written with '-' or '_'; refuse unknown keys (typos should not be silent)."""
-    out, keys = {}, {}
+    """Accept TOML keys written with '-' or '_'; refuse unknown keys, all in one message (typos should not be
+    silent, and a kohya file should not take a run per key), naming the workbench option where there is one."""
+    out, keys, unknown, problems = {}, {}, [], []
     for key, value in values.items():
         name = key.replace("-", "_")
         if name in keys:  # learning-rate and learning_rate: one of the two would be dropped
             raise ConfigError(f"'{keys[name]}' and '{key}' in {where} are the same option: keep one.")
         keys[name] = key
         if name not in FIELD_NAMES:
-            close = [n for n in FIELD_NAMES if n.startswith(name[:4])]
-            hint = f" (did you mean {', '.join(sorted(close)[:3])}?)" if close else ""
-            raise ConfigError(f"Unknown training option '{key}' in {where}{hint}.")
-        if name in {"validation_prompt", "concepts", "lora_target_modules", "text_encoder_target_modules"} and isinstance(value, str):
+            unknown.append((key, _unknown_hint(name, value)))
+            continue
+        if name in COMMA_LIST_OPTIONS and isinstance(value, str):
+            value = _comma_list(value)
+        elif name in ONE_ITEM_LIST_OPTIONS and isinstance(value, str):
             value = [value]
+        elif name == "resolution" and isinstance(value, str):
+            value = _resolution(value)
+            if isinstance(value, tuple):  # a width and a height: told with the unknown keys, in one message
+                problems.append(f'resolution = "{values[key].strip()}" in {where} is a width and a height, but '
+                                "workbench trains at one size: resolution is the side of the bucket area "
+                                "(resolution²), and each image keeps its aspect ratio in its bucket. Use resolution = "
+                                f"{_one_side(*value)} (the area of {value[0]}×{value[1]}, as kohya's buckets take it).")
+                continue
         out[name] = value
+    if len(unknown) == 1:
+        problems.insert(0, f"Unknown training option '{unknown[0][0]}' in {where} ({unknown[0][1]}).")
+    elif unknown:
+        named = "; ".join(f"'{key}' ({hint})" for key, hint in unknown)
+        problems.insert(0, f"Unknown training options in {where}: {named}. Rename or remove them "
+                           "(every option: pipelines/train/config.py).")
+    if problems:
+        raise ConfigError(" ".join(problems))
     return out
+
+
+def _unknown_hint(name: str, value: Any) -> str:
+    """What to use instead of an unknown option: the workbench name of a kohya one, or the closest names."""
+    if name == "v_parameterization":
+        return ('workbench: prediction_type = "v_prediction"' if value is True
+                else "not needed: remove it, the model's own prediction type is kept")
+    if name == "optimizer_type":
+        kind = str(value).lower().replace("_", "").replace("-", "")
+        if kind == "adamw":
+            return "not needed: workbench trains with AdamW; remove it"
+        if kind == "adamw8bit":
+            return "workbench: use_8bit_adam = true"
+        return f"no workbench counterpart for {value!r}: workbench trains with AdamW, or 8-bit AdamW with use_8bit_adam = true"
+    if name == "network_train_unet_only":
+        return ("not needed: remove it, the UNet alone trains unless train_text_encoder = true" if value is True
+                else "workbench: train_text_encoder = true")
+    if name in KOHYA_OPTIONS:
+        note = KOHYA_NOTES.get(name)
+        return f"workbench: {KOHYA_OPTIONS[name]}" + (f", {note}" if note else "")
+    if name in KOHYA_NONE:
+        return "no workbench counterpart" + (f": {KOHYA_NONE[name]}" if KOHYA_NONE[name] else "")
+    close = difflib.get_close_matches(name, sorted(FIELD_NAMES), n=3, cutoff=0.7)
+    close = close or sorted(n for n in FIELD_NAMES if n.startswith(name[:4]))[:3]
+    return f"did you mean {', '.join(close)}?" if close else "no such option"
+
+
+def _comma_list(text: str) -> list[str]:
+    """'to_q, to_k' (and '[to_q, to_k]', which --set cannot read as TOML) as ['to_q', 'to_k']."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [item.strip().strip("'\"").strip() for item in text.split(",") if item.strip().strip("'\"").strip()]
+
+
+def _resolution(text: str) -> int | str | tuple[int, int]:
+    """kohya's resolution = "512" or "512,512" as 512, "512,768" as (512, 768) (refused by the caller); other
+    text is left for the type check to refuse."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?", text)
+    if match is None:
+        return text
+    width, height = int(match[1]), int(match[2] or match[1])
+    return width if width == height else (width, height)
+
+
+def _one_side(width: int, height: int) -> int:
+    """The resolution whose square bucket area is width × height's, as a multiple of 8."""
+    return max(8, round((width * height) ** 0.5 / 8) * 8)
 
 
 def _train_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -326,7 +471,9 @@ def _type_errors(values: dict[str, Any]) -> list[str]:
                 break
         if not ok:
             wanted = " or ".join("none" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-            problems.append(f"{name} must be {wanted}, got {value!r}")
+            how = (" (names separated by commas, e.g. to_q,to_k, or a list)" if name in COMMA_LIST_OPTIONS else
+                   " (one as text, several as a list: [\"a dog, sitting\", \"a cat\"])" if name in ONE_ITEM_LIST_OPTIONS else "")
+            problems.append(f"{name} must be {wanted}{how}, got {value!r}")
     return problems
 
 
