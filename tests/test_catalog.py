@@ -133,6 +133,28 @@ def test_sigterm_stops_a_command_as_ctrl_c_does():
         signal.signal(signal.SIGINT, previous[1])
 
 
+def test_views_dropped_by_hand_come_back_and_say_what_they_hold(catalog_path):
+    con = connect(catalog_path)
+    con.execute("INSERT INTO images (image_id, status, width, height) VALUES ('a', 'ok', 10, 20), ('b', 'ok', 10, 20)")
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES ('/p/a.png', '/p/a.png'::BLOB, 'a', 1), "
+                "('/p/b.jpg', '/p/b.jpg'::BLOB, 'b', 2)")
+    con.execute("INSERT INTO duplicates VALUES ('a', 1, 'a', true, 'exact', 0, 'larger'), ('b', 1, 'a', false, 'phash', 3, NULL)")
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES ('b', 'dedup', 'duplicate of a')")
+    con.execute("DROP VIEW dataset")
+    con.execute("DROP VIEW duplicate_groups")
+    con.close()
+    con = connect(catalog_path)  # every step opens the catalog this way: the views are back
+    assert con.execute("SELECT image_id FROM dataset").fetchall() == [("a",)]
+    assert con.execute("SELECT image_id, path, keeper_path, keep_reason, method, distance, excluded FROM duplicate_groups "
+                       "ORDER BY image_id").fetchall() == [("a", "/p/a.png", "/p/a.png", "larger", "exact", 0.0, False),
+                                                            ("b", "/p/b.jpg", "/p/a.png", "larger", "phash", 3.0, True)]
+    comments = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+    assert set(comments) >= {"dataset", "images_view", "duplicate_groups"} and all(comments.values())
+    column = con.execute("SELECT comment FROM duckdb_columns() WHERE table_name = 'images_view' AND column_name = 'status'").fetchone()
+    assert "missing" in column[0]
+    con.close()
+
+
 @pytest.mark.parametrize(
     "sql, read_only",
     [

@@ -230,7 +230,11 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, *, force: bool) -> None:
     digest = hashlib.sha256(sql.encode()).hexdigest()
     con.execute("CREATE TABLE IF NOT EXISTS schema_views (digest VARCHAR)")
     current = con.execute("SELECT digest FROM schema_views").fetchall()
-    if force or current != [(digest,)]:
+    # a view dropped by hand (`sql --write "DROP VIEW dataset"`) is made again: every step reads them
+    present = {row[0] for row in con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database()").fetchall()}
+    missing = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", sql)) - present
+    if force or missing or current != [(digest,)]:
         con.execute("BEGIN TRANSACTION")
         con.execute(sql)
         con.execute("DELETE FROM schema_views")

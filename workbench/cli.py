@@ -231,6 +231,9 @@ def sql(
 ) -> None:
     """Query the catalog with DuckDB SQL (read-only unless --write).
 
+    Views: dataset (what training uses), images_view (every image), duplicate_groups; what each holds:
+    SELECT view_name, comment FROM duckdb_views() WHERE NOT internal (columns: duckdb_columns()).
+
     Example: workbench sql "SELECT path, width, height FROM dataset ORDER BY width DESC LIMIT 5" --format json
     """
     if output is not None and output.is_dir():

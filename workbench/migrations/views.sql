@@ -94,3 +94,40 @@ LEFT JOIN cs ON cs.image_id = i.image_id;
 
 CREATE OR REPLACE VIEW dataset AS
 SELECT * FROM images_view WHERE status = 'ok' AND NOT excluded;
+
+-- Duplicate groups for review, one row per member: the copy kept, how each copy joined (exact, phash, mirror,
+-- embedding) and at what distance, and why the keeper won.
+CREATE OR REPLACE VIEW duplicate_groups AS
+SELECT d.group_id, d.image_id, v.path, d.is_keeper, d.method, d.distance,
+       d.keeper_id, kp.path AS keeper_path, k.keep_reason,
+       v.width, v.height, v.format, v.bytes, v.excluded, v.exclusion_reason
+FROM duplicates d
+JOIN images_view v ON v.image_id = d.image_id
+LEFT JOIN duplicates k ON k.image_id = d.keeper_id
+LEFT JOIN (SELECT image_id, arg_min(path, seq) AS path FROM paths GROUP BY image_id) kp ON kp.image_id = d.keeper_id;
+
+-- What `SELECT view_name, comment FROM duckdb_views() WHERE NOT internal` and
+-- `SELECT column_name, comment FROM duckdb_columns() WHERE table_name = 'images_view'` show (CREATE OR REPLACE drops
+-- comments, so they follow the views).
+COMMENT ON VIEW images_view IS 'Every image: its file, status, current caption, duplicate group, exclusion, quality stats, concept, bucket and CLIP score';
+COMMENT ON VIEW dataset IS 'The images training uses: images_view rows with status ok that are not excluded';
+COMMENT ON VIEW duplicate_groups IS 'One row per member of a duplicate group: the kept copy, how each copy joined and why the keeper won';
+COMMENT ON VIEW current_captions IS 'The caption each image trains with, and its source (a choice, then manual, sidecar, duplicate, the newest model)';
+COMMENT ON VIEW caption_candidates IS 'Every caption an image could train with, by source (its own and one carried from a duplicate)';
+COMMENT ON VIEW carried_captions IS 'A caption a kept copy takes from a duplicate that dedup excluded, when it has none of its own';
+COMMENT ON COLUMN images_view.image_id IS 'SHA-256 of the file bytes';
+COMMENT ON COLUMN images_view.path IS 'The first path seen that still exists (else the first seen)';
+COMMENT ON COLUMN images_view.paths IS 'Every path this image was seen at, in the order first seen';
+COMMENT ON COLUMN images_view.status IS 'ok, error (unreadable), missing (no known path exists), replaced (edited in place)';
+COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a generated DreamBooth class image)';
+COMMENT ON COLUMN images_view.caption_source IS 'sidecar, manual, duplicate, or model:NAME (auto-caption)';
+COMMENT ON COLUMN images_view.duplicate_group IS 'Duplicate group id (duplicate_groups view); NULL when unique';
+COMMENT ON COLUMN images_view.is_keeper IS 'The copy of its duplicate group that is kept';
+COMMENT ON COLUMN images_view.excluded IS 'Out of the dataset: see exclusion_reason (the rows are in exclusions)';
+COMMENT ON COLUMN images_view.exclusion_reason IS 'Why, from every step that excluded it (dedup, filter:RULE, manual)';
+COMMENT ON COLUMN images_view.blur IS 'Variance of the Laplacian (low: blurry)';
+COMMENT ON COLUMN images_view.entropy IS 'Grey-level entropy in bits (low: flat, little information)';
+COMMENT ON COLUMN images_view.brightness IS 'Mean grey level, 0-255';
+COMMENT ON COLUMN images_view.contrast IS 'Standard deviation of the grey levels';
+COMMENT ON COLUMN images_view.concept_repeats IS 'How many times an epoch repeats the image (kohya repeats)';
+COMMENT ON COLUMN images_view.clip_score IS 'CLIP cosine of the image and its current caption (-1..1); NULL until scored for this caption';
