@@ -311,9 +311,14 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     ).pl()
     pairs = con.sql("SELECT image_a, image_b, method, distance FROM duplicate_pairs").pl()
     chosen = {row[0] for row in con.execute("SELECT image_id FROM keeper_choice").fetchall()}
+    alone = {row[0] for row in con.execute("SELECT image_id FROM not_duplicates").fetchall()}  # said by hand: no duplicate
     info = members.to_dicts()
-    present = set(members["image_id"].to_list())
+    present = set(members["image_id"].to_list()) - alone
     usable = [row for row in pairs.iter_rows() if row[0] in present and row[1] in present]
+    for image_id in alone:  # identical hashes are stored as a star: one set apart may be the hub its twins hang on
+        twins = sorted({a if b == image_id else b for a, b, method, distance in pairs.iter_rows()
+                        if image_id in (a, b) and method == "phash" and distance == 0} & present)
+        usable += [(twins[0], twin, "phash", 0.0) for twin in twins[1:]]  # identical to each other, through it
     groups = _keeper_groups(info, usable, chosen)
     rows, exclusions = [], []
     for group_number, (keeper_k, group, edges) in enumerate(groups, start=1):
@@ -393,6 +398,20 @@ def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, in
         [group[0][0]],
     )
     con.execute("INSERT INTO keeper_choice VALUES (?)", [image_id])
+    return regroup_duplicates(con)
+
+
+def image_set_apart(con: duckdb.DuckDBPyConnection, image_id: str, *, apart: bool = True) -> dict[str, int]:
+    """Say an image is a picture of its own, not a duplicate (`apart`), or undo that; then regroup. Its pairs stay
+    stored, so undoing it restores its group as dedup found it."""
+    if apart:
+        if not con.execute("SELECT count(*) FROM duplicates WHERE image_id = ?", [image_id]).fetchone()[0]:
+            raise ValueError(f"{image_id[:12]} is not in a duplicate group: it is on its own already.")
+        with transaction(con):
+            con.execute("INSERT INTO not_duplicates (image_id) VALUES (?) ON CONFLICT DO NOTHING", [image_id])
+            con.execute("DELETE FROM keeper_choice WHERE image_id = ?", [image_id])
+    elif not con.execute("DELETE FROM not_duplicates WHERE image_id = ? RETURNING image_id", [image_id]).fetchall():
+        raise ValueError(f"{image_id[:12]} was not set apart from its duplicates: nothing to undo.")
     return regroup_duplicates(con)
 
 

@@ -171,6 +171,35 @@ def test_keep_and_exclude_from_the_cli(con, catalog_path):
     assert alone.exit_code == 2 and "c" * 8 in alone.output
 
 
+def test_an_image_dedup_got_wrong_is_set_apart_and_can_rejoin(con, catalog_path):
+    """A curator's review: a panorama grouped with an unrelated photo could only be kept instead of it, never both;
+    `include` said "included 1" while it stayed out."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    big, small, medium = "b" * 64, "a" * 64, "d" * 64
+    insert_image(con, big, 7, 800, 600, seq=1)
+    insert_image(con, small, 7, 200, 150, seq=2)
+    insert_image(con, medium, 7, 400, 300, seq=3)
+    duplicate_groups(con)
+    runner = CliRunner()
+    apart = runner.invoke(app, ["keep", small[:8], "--alone", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert apart.exit_code == 0 and "a picture of its own" in apart.output, apart.output
+    assert {r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()} == {big, small}
+    assert con.execute("SELECT image_id FROM duplicates ORDER BY 1").fetchall() == [(big,), (medium,)]
+    duplicate_groups(con)  # a rerun of dedup keeps it apart
+    assert small in {r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()}
+    rejoin = runner.invoke(app, ["keep", small[:8], "--rejoin", "--catalog", str(catalog_path)])
+    assert rejoin.exit_code == 0, rejoin.output
+    assert {r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()} == {big}
+    again = runner.invoke(app, ["keep", small[:8], "--rejoin", "--catalog", str(catalog_path)])
+    assert again.exit_code == 2 and "nothing to undo" in again.output
+    insert_image(con, "e" * 64, 0xFFFF, 100, 100, seq=4)  # unique
+    alone = runner.invoke(app, ["keep", "e" * 8, "--alone", "--catalog", str(catalog_path)])
+    assert alone.exit_code == 2 and "not in a duplicate group" in alone.output
+
+
 def test_flipped_copies_are_duplicates_and_the_mirror_search_can_be_turned_off(con, tmp_path, catalog_path):
     """A left-right flipped repost (here also shrunk and re-encoded) is 30 or so pHash bits from its original, so only
     the mirrored hash finds it; a symmetric image never pairs with itself, and distinct photos stay apart."""

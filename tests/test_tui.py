@@ -889,6 +889,15 @@ def test_duplicates_review_changes_the_kept_member(sample_catalog):
             await pilot.press("x")
             await wait_for(pilot, lambda: app.con.execute("SELECT count(*) FROM exclusions WHERE image_id = ?", [other]).fetchone()[0] == 0, what="include")
 
+            # a: the selected copy is no duplicate at all; its group of two dissolves and both are in the dataset
+            await wait_for(pilot, lambda: screen.members and screen.members[0]["image_id"] == other, what="redraw")
+            screen.selected = 1
+            await pilot.press("a")
+            await wait_for(pilot, lambda: app.con.execute("SELECT count(*) FROM not_duplicates").fetchone()[0] == 1, what="apart")
+            in_dataset = {r[0] for r in app.con.execute("SELECT image_id FROM dataset").fetchall()}
+            assert {old_keeper, other} <= in_dataset
+            assert app.con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (?, ?)", [old_keeper, other]).fetchone()[0] == 0
+
     asyncio.run(scenario())
 
 

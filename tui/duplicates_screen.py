@@ -139,6 +139,7 @@ class DuplicatesScreen(SizeClasses, Screen):
         Binding("left", "member(-1)", "Prev member", show=False),
         Binding("k", "keep", "Keep", tooltip="Keep the selected copy"),
         Binding("x", "toggle_exclude", "Exclude/include", tooltip="Exclude or include the selected copy"),
+        Binding("a", "apart", "Not a dup", tooltip="The selected image is a picture of its own: out of its group"),
     ]
 
     selected: reactive[int] = reactive(0)
@@ -292,6 +293,11 @@ class DuplicatesScreen(SizeClasses, Screen):
         if member and not member["is_keeper"]:
             self._change("keep", member["image_id"])
 
+    def action_apart(self) -> None:
+        member = self._selected_member()
+        if member:
+            self._change("apart", member["image_id"])
+
     def action_toggle_exclude(self) -> None:
         member = self._selected_member()
         if member:
@@ -302,7 +308,13 @@ class DuplicatesScreen(SizeClasses, Screen):
         cur = self.app.con.cursor()
         severity = "information"
         try:
-            if what == "keep":
+            if what == "apart":
+                from pipelines.dedup import image_set_apart
+
+                image_set_apart(cur, image_id)
+                text = (f"{image_id[:12]} is a picture of its own now, out of its group (undo: workbench keep "
+                        f"{image_id[:12]} --rejoin)")
+            elif what == "keep":
                 from pipelines.dedup import choose_keeper, kept_but_excluded
 
                 choose_keeper(cur, image_id)

@@ -737,18 +737,27 @@ def exclude(
 @app.command()
 def keep(
     image_id: Annotated[str, typer.Argument(help="Image id or unique prefix (6+ hex characters) of a duplicate group member.")],
+    alone: Annotated[bool, typer.Option("--alone", help="Not a duplicate: a picture of its own, out of its group (both stay in).")] = False,
+    rejoin: Annotated[bool, typer.Option("--rejoin", help="Undo --alone: back into the group dedup found for it.")] = False,
     catalog: CatalogOpt = None,
 ) -> None:
     """Keep this copy of its duplicate group (a hand choice beats the keep policy; the others are excluded).
 
-    Example: workbench keep 3fa9c2d1e0
+    Example: workbench keep 3fa9c2d1e0   (--alone: it is no duplicate at all, dedup got it wrong)
     """
     from pipelines.concepts import resolve_image_ids
-    from pipelines.dedup import choose_keeper, kept_but_excluded
+    from pipelines.dedup import choose_keeper, image_set_apart, kept_but_excluded
 
+    if alone and rejoin:
+        fail("--alone and --rejoin undo each other: give one.")
     con = open_catalog(catalog)
     try:
         (found,) = resolve_image_ids(con, [image_id])
+        if alone or rejoin:
+            counts = image_set_apart(con, found, apart=alone)
+            console.print(Text(f"{found[:12]} is {'a picture of its own now, in no duplicate group' if alone else 'back among its duplicates'}; "
+                               f"{counts['groups']} duplicate group(s), {counts['excluded_as_duplicates']} copies excluded"))
+            return
         choose_keeper(con, found)
     except ValueError as error:
         fail(str(error))
@@ -788,7 +797,8 @@ def include(
             [resolve_image_ids(con, image_ids)]).fetchall()
         for image_id, keeper in rows[:3]:
             err_console.print(Text(f"Note: {image_id[:12]} stays excluded as a duplicate of {(keeper or '?')[:12]}; to keep "
-                                   f"it instead: workbench keep {image_id[:12]}", style="yellow"))
+                                   f"it instead: workbench keep {image_id[:12]} (or, if it is no duplicate at all: "
+                                   f"workbench keep {image_id[:12]} --alone)", style="yellow"))
         if len(rows) > 3:
             err_console.print(Text(f"Note: and {len(rows) - 3} more stay excluded as duplicates (`workbench keep ID` keeps one).",
                                    style="yellow"))
