@@ -618,6 +618,20 @@ def test_concepts_give_trigger_repeats_and_class_prompt(con, tmp_path):
     assert [im.image_id for im in only_dog] == [dog.image_id]
 
 
+def test_the_start_line_counts_images_with_repeats_and_steps_per_epoch(con, tmp_path, one_thread):
+    """kohya prints images x repeats and the steps of an epoch; the start line said only "on 3 images"."""
+    from pipelines.concepts import added_concept
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 3, sizes=[(32, 32)])
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", repeats=4, where="path LIKE '%img0.png'")
+    said = []
+    trained_model(con, fast_config(tmp_path / "out", max_train_steps=1, num_validation_images=0), components=tiny_components(),
+                  progress=lambda **kw: said.append(kw.get("message") or ""))
+    # 4 + 1 + 1 images an epoch, batch 2 in one bucket: 3 steps
+    assert "training lora for 1 steps on 3 images (6 with repeats), 3 steps per epoch" in said, said
+
+
 def test_images_with_non_utf8_names_are_opened_by_their_exact_bytes(con, tmp_path):
     import os
 

@@ -675,7 +675,12 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     loss_log = LossLog(accelerator, loss_csv, loss_rows, read_every=LOSS_READ_EVERY if device.type == "cuda" else 1)
 
     # --- the loop ---
-    progress(task="train", completed=global_step, total=max_steps, message=f"training {config.mode} for {max_steps} steps on {len(images)} images")
+    repeated = sum(image.repeats for image in images)  # what an epoch holds, as kohya counts it
+    progress(task="train", completed=global_step, total=max_steps, message=(
+        f"training {config.mode} for {max_steps} steps on {len(images)} images"
+        + (f" ({repeated} with repeats)" if repeated != len(images) else "")
+        + f", {math.ceil(per_epoch / micro_per_update)} steps per epoch"
+        + (f", with {class_image_count} class images" if class_image_count else "")))
     unet.train()
     if train_text:
         text_encoder.train()
