@@ -239,3 +239,16 @@ def test_a_stopped_overwrite_run_goes_on_where_it_stopped_when_run_again(catalog
     assert model_captions(catalog, processor, model, **options)["captioned"] == 5  # after a finished run: all again
     other = model_captions(catalog, processor, model, **{**options, "max_length": 7})  # another command: all again
     assert other["captioned"] == 5
+
+
+def test_copies_dedup_excluded_are_not_captioned_unless_asked(catalog, blip):
+    """A curator's review: every excluded duplicate was captioned too (hours of a real BLIP on a large set)."""
+    processor, model = blip
+    ids = sorted(r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok'").fetchall())
+    catalog.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'dedup', 'duplicate of x'), "
+                    "(?, 'manual', 'manual: ugly')", [ids[0], ids[1]])
+    counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
+    assert counts["duplicates_skipped"] == 1 and counts["captioned"] == len(ids) - 1
+    assert ids[0] not in _captions(catalog, "model:tiny") and ids[1] in _captions(catalog, "model:tiny")
+    asked = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0, duplicates=True)
+    assert asked["captioned"] == 1 and ids[0] in _captions(catalog, "model:tiny")

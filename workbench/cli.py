@@ -409,6 +409,7 @@ def caption(
     dtype: DtypeOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 4; 0 = none).")] = None,
     use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, duplicate, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
+    duplicates: Annotated[bool, typer.Option("--duplicates", help="Also caption the copies dedup excluded (left out by default: they do not train).")] = False,
 ) -> None:
     """Caption every usable image with BLIP (resumable), or choose which caption source images use.
 
@@ -447,7 +448,7 @@ def caption(
             counts = model_captions(
                 con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
                 num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
-                workers=workers, progress=progress,
+                workers=workers, duplicates=duplicates, progress=progress,
             )
     console.print(counts_table(f"caption (source model:{label})", counts))
     if template and counts.get("already_captioned") and not overwrite:
