@@ -9,10 +9,13 @@ import io
 import os
 import signal
 import stat
+import sys
 import threading
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -89,7 +92,8 @@ class IngestSummary:
     changed: int = 0
     unchanged: int = 0
     errors: int = 0
-    marked_missing: int = 0
+    marked_missing: int = 0  # images now missing at every path they were found at
+    paths_marked_missing: int = 0  # paths gone: a file moved (or a copy deleted) leaves its image present elsewhere
     reappeared: int = 0
     errors_retried: int = 0
     sidecar_captions: int = 0
@@ -113,6 +117,7 @@ class IngestSummary:
     grouped_missing: int = 0
     kept_copies_missing: int = 0
     sidecar_image_ids: set[str] = field(default_factory=set)  # images whose sidecar caption this run stored
+    read_by_kind: Counter = field(default_factory=Counter)  # files read and recorded so far: new, changed, ...
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if k not in _NOT_COUNTS}
@@ -120,7 +125,9 @@ class IngestSummary:
 
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
-               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids")
+               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind")
+# what the walk finds to read; an interrupted run records how many of each it read, not how many it found
+_READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
 
 class IngestInterrupted(KeyboardInterrupt):
@@ -216,8 +223,12 @@ def _hashes(rgb) -> tuple[int, int, int]:
     return _phash_bits(low), dhash, _phash_bits(low * _MIRROR_SIGNS)
 
 
-def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Hash, measure and fingerprint one file; never raises for bad input (returns an error row)."""
+def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, expect: str | None = None) -> dict:
+    """Hash, measure and fingerprint one file; never raises for bad input (returns an error row).
+
+    `expect`: the image id the catalog holds for this path. When the bytes still hash to it (a file touched, or
+    restored with the same bytes), the row says so (status 'same') without decoding anything again.
+    """
     from PIL import Image, UnidentifiedImageError
 
     from workbench.images import open_image
@@ -235,6 +246,8 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         if error.errno == errno.EISDIR:
             return _error_row(path_bytes, "is a folder, not a file", None)
         return _error_row(path_bytes, f"cannot read the file: {error.strerror}", None)
+    if expect is not None and hashlib.sha256(data).hexdigest() == expect:
+        return {"image_id": expect, "status": "same", "error": None, "bytes": len(data)}
     if not data:
         return _error_row(path_bytes, "empty file (0 bytes)", data)
     sniffed = sniff_format(data[:16])
@@ -310,8 +323,8 @@ def _looks_like_text(head: bytes) -> bool:
         return False
 
 
-def _read_chunk(chunk: list[bytes], max_pixels: int) -> list[dict]:
-    return [read_image_file(p, max_pixels) for p in chunk]
+def _read_chunk(chunk: list[bytes], max_pixels: int, expect: dict[bytes, str]) -> list[dict]:
+    return [read_image_file(p, max_pixels, expect=expect.get(p)) for p in chunk]
 
 
 # --- walking ---------------------------------------------------------------------
@@ -535,13 +548,22 @@ def _write_batch(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
 
 
 def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
+    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept
+    # and exclusion or include; the old content's row stays and says what replaced it. Only onto a content new to
+    # the catalog (found before this batch's images go in): a file overwritten with the bytes of an image the
+    # catalog knows (a copy of another photo, an edit undone) is that image, with what it was given itself
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE ingest_edits AS SELECT DISTINCT p.image_id AS old_id, b.image_id AS new_id, "
+        "b.image_id NOT IN (SELECT image_id FROM images) AS fresh, p.path AS edited_path "
+        "FROM paths p JOIN ingest_batch b ON p.path_bytes = b.path_bytes WHERE p.image_id <> b.image_id AND b.status = 'ok'"
+    )
     con.execute(
         """
         INSERT INTO images (image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
                             status, error, brightness, contrast, blur, entropy, is_grayscale)
         SELECT DISTINCT ON (image_id) image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
                status, error, brightness, contrast, blur, entropy, is_grayscale
-        FROM ingest_batch
+        FROM ingest_batch WHERE status <> 'same'  -- bytes already recorded: only their path row changes
         ON CONFLICT (image_id) DO UPDATE SET
             bytes = excluded.bytes, width = excluded.width, height = excluded.height,
             format = excluded.format, mode = excluded.mode, n_frames = excluded.n_frames,
@@ -558,37 +580,35 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
         ON CONFLICT (image_id) DO UPDATE SET phash = excluded.phash, dhash = excluded.dhash, phash_mirror = excluded.phash_mirror
         """
     )
-    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept
-    # and exclusion or include; the old content's row stays and says what replaced it
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE ingest_edits AS SELECT DISTINCT p.image_id AS old_id, b.image_id AS new_id "
-        "FROM paths p JOIN ingest_batch b ON p.path_bytes = b.path_bytes WHERE p.image_id <> b.image_id AND b.status = 'ok'"
-    )
     con.execute(
         "INSERT INTO captions (image_id, source, text, created_at) SELECT e.new_id, 'manual', c.text, c.created_at "
-        "FROM ingest_edits e JOIN captions c ON c.image_id = e.old_id AND c.source = 'manual' ON CONFLICT DO NOTHING"
+        "FROM ingest_edits e JOIN captions c ON c.image_id = e.old_id AND c.source = 'manual' WHERE e.fresh "
+        "ON CONFLICT DO NOTHING"
     )
     con.execute(
         "INSERT INTO caption_choice (image_id, source) SELECT e.new_id, 'manual' FROM ingest_edits e "
-        "JOIN caption_choice ch ON ch.image_id = e.old_id AND ch.source = 'manual' ON CONFLICT DO NOTHING"
+        "JOIN caption_choice ch ON ch.image_id = e.old_id AND ch.source = 'manual' WHERE e.fresh ON CONFLICT DO NOTHING"
     )
     con.execute(
         "INSERT INTO concept_images (image_id, concept, source, created_at) SELECT e.new_id, ci.concept, ci.source, ci.created_at "
-        "FROM ingest_edits e JOIN concept_images ci ON ci.image_id = e.old_id ON CONFLICT DO NOTHING"
+        "FROM ingest_edits e JOIN concept_images ci ON ci.image_id = e.old_id WHERE e.fresh ON CONFLICT DO NOTHING"
     )
     # and its hand-made exclusion or include: an edited photo does not slip back into the dataset unseen
     con.execute(
         "INSERT INTO exclusions (image_id, step, reason) SELECT e.new_id, 'manual', x.reason || ' (from before the file was edited)' "
-        "FROM ingest_edits e JOIN exclusions x ON x.image_id = e.old_id AND x.step = 'manual' ON CONFLICT DO NOTHING"
+        "FROM ingest_edits e JOIN exclusions x ON x.image_id = e.old_id AND x.step = 'manual' WHERE e.fresh "
+        "ON CONFLICT DO NOTHING"
     )
     con.execute(
         "INSERT INTO manual_includes (image_id) SELECT e.new_id FROM ingest_edits e JOIN manual_includes m ON m.image_id = e.old_id "
-        "ON CONFLICT DO NOTHING"
+        "WHERE e.fresh ON CONFLICT DO NOTHING"
     )
-    # an edited file whose sidecar cannot be read now keeps the sidecar caption read from it before
+    # an edited file whose sidecar cannot be read now keeps the sidecar caption read from it before (a new content
+    # only, as above)
     con.execute(
         "INSERT INTO captions (image_id, source, text, created_at) SELECT DISTINCT ON (b.image_id) b.image_id, 'sidecar', c.text, c.created_at "
-        "FROM ingest_batch b JOIN paths p ON p.path_bytes = b.path_bytes AND p.image_id <> b.image_id "
+        "FROM ingest_batch b JOIN ingest_edits e ON e.new_id = b.image_id AND e.fresh "
+        "JOIN paths p ON p.path_bytes = b.path_bytes AND p.image_id = e.old_id "
         "JOIN captions c ON c.image_id = p.image_id AND c.source = 'sidecar' WHERE b.sidecar_unread AND b.status = 'ok' "
         "ON CONFLICT DO NOTHING"
     )
@@ -603,11 +623,12 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
         """
     )
     con.execute(
-        "UPDATE images SET replaced_by = e.new_id FROM ingest_edits e "
+        "UPDATE images SET replaced_by = e.new_id, replaced_path = e.edited_path FROM ingest_edits e "
         "WHERE images.image_id = e.old_id AND NOT EXISTS (SELECT 1 FROM paths WHERE paths.image_id = e.old_id)"
     )
     con.execute(
-        "UPDATE images SET replaced_by = NULL WHERE replaced_by IS NOT NULL AND image_id IN (SELECT image_id FROM ingest_batch)"
+        "UPDATE images SET replaced_by = NULL, replaced_path = NULL WHERE replaced_by IS NOT NULL "
+        "AND image_id IN (SELECT image_id FROM ingest_batch)"
     )
     con.execute("DROP TABLE ingest_edits")
     con.execute(
@@ -620,9 +641,9 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
-    """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status)."""
+    """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status, image id)."""
     rows = con.execute(
-        "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status "
+        "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status, p.image_id "
         "FROM paths p LEFT JOIN images i USING (image_id)"
     ).fetchall()
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
@@ -665,32 +686,43 @@ def ingested_images(
             _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,
                     join_concepts=last_unfinished, progress=progress, ctrl_c=ctrl_c)
         except KeyboardInterrupt as interrupt:
-            # every write is its own transaction, so the catalog is consistent; say how far this run got
+            # every write is its own transaction, so the catalog is consistent; say how far this run got. The run's
+            # counts are what it stored (the summary's, what it found to read, say how much of it that was)
             run.counts.update(summary.as_dict())
+            run.counts.update({kind: summary.read_by_kind[kind] for kind in _READ_KINDS})
+            run.counts["not_read"] = sum(getattr(summary, kind) - summary.read_by_kind[kind] for kind in _READ_KINDS)
             raise IngestInterrupted(summary) from interrupt
     return summary
 
 
 class _CtrlC:
-    """Ctrl+C as a flag that the ingest checks at safe points (between files, batches and steps).
+    """Ctrl+C (and SIGTERM: `kill`, `timeout`, a service manager) as a flag that the ingest checks at safe points
+    (between files, batches and steps): either stops it as Ctrl+C does, keeping what was read.
 
     Raised by a signal handler, KeyboardInterrupt could land inside a DuckDB query, which turns it into
     RuntimeError('Query interrupted') (during COMMIT: an aborted transaction), and a second Ctrl+C could cut
-    the stop short. Only where signals arrive: the main thread, with Python's own handler in place.
+    the stop short; SIGTERM's default action ends the process with nothing of the current batch kept. Only where
+    signals arrive: the main thread, and for each signal only with its usual handler in place (Python's for SIGINT,
+    the default for SIGTERM), so a handler someone else installed is left alone.
     """
+
+    _USUAL = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
 
     def __init__(self) -> None:
         self.pressed = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_CtrlC":
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._press)
+        if threading.current_thread() is threading.main_thread():
+            for signum, usual in self._USUAL:
+                if signal.getsignal(signum) is usual:
+                    self._previous[signum] = signal.signal(signum, self._press)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
     def _press(self, signum, frame) -> None:
         self.pressed = True  # a second press while the ingest stops changes nothing
@@ -708,9 +740,10 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     known = _known_paths(con)
     seen: set[bytes] = set()
     to_read: list[FileEntry] = []
+    plan: dict[bytes, str] = {}  # path to read -> what the walk takes it for: new, changed, reappeared, errors_retried
+    expect: dict[bytes, str] = {}  # path to read -> the image the catalog holds there, when its bytes may be the same
     sidecar_only: list[FileEntry] = []
     skipped_folders: list[bytes] = []
-    came_back: list[bytes] = []
     for entry in _walk(roots, summary, skipped_folders):
         ctrl_c.check()
         if entry.path_bytes in seen:
@@ -719,32 +752,42 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         summary.files_seen += 1
         previous = known.get(entry.path_bytes)
         if previous is None:
-            summary.new += 1
-            to_read.append(entry)
+            kind = "new"
         elif entry.size is None and previous[0] is None and not previous[3]:
-            summary.unchanged += 1  # still cannot be stat'ed (a link loop, say), as recorded last time
+            kind = "unchanged"  # still cannot be stat'ed (a link loop, say), as recorded last time
         elif entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns):
-            summary.changed += 1
-            to_read.append(entry)
-        elif previous[3]:  # unchanged bytes, but it was marked missing: it came back
-            summary.reappeared += 1
-            to_read.append(entry)
-            came_back.append(entry.path_bytes)
+            kind = "changed"
+        elif previous[3]:  # unchanged size and time, but it was marked missing: it came back
+            kind = "reappeared"
         elif retry_errors and previous[4] == "error":
-            summary.errors_retried += 1
-            to_read.append(entry)
-        elif previous[2] != entry.sidecar_mtime_ns:
-            sidecar_only.append(entry)
-            summary.unchanged += 1
+            kind = "errors_retried"
         else:
-            summary.unchanged += 1
+            kind = "unchanged"
+            if previous[2] != entry.sidecar_mtime_ns:
+                sidecar_only.append(entry)
+        setattr(summary, kind, getattr(summary, kind) + 1)
+        if kind == "unchanged":
+            continue
+        plan[entry.path_bytes] = kind
+        to_read.append(entry)
+        # the same size (a `touch`, a file restored from a backup): the worker hashes the bytes first, and when they
+        # are the image already recorded, the file is unchanged (or back), not a new content to decode and dedup
+        if (entry.size is not None and previous is not None and previous[0] == entry.size and previous[5] is not None
+                and not (retry_errors and previous[4] == "error")):
+            expect[entry.path_bytes] = previous[5]
     run.counts["files_seen"] = summary.files_seen
-    if came_back:  # before the read marks them present again
-        summary.returned_ungrouped = _returned_ungrouped(con, _image_ids_of(con, came_back))
+    _mark_seen(con, [p for p in seen if p in known])
+    # of the images at paths missing until now, those in no duplicate group and missing everywhere: the ones of them
+    # that come back are as new to the last dedup as a new file (found before the read marks them present again)
+    back = [p for p in plan if p in known and known[p][3]]
+    gone_ungrouped = set(_returned_ungrouped(con, _image_ids_of(con, back))) if back else set()
     sidecars: dict[bytes, tuple[str, bytes, str | None]] = {}  # image path -> (image, its sidecar, caption) read now
     recheck: set[str] = set()  # images whose sidecar caption may have come from a file that no longer gives it
+    outcome: dict[bytes, tuple[str, str]] = {}  # path read -> (what it turned out to be, its image)
     _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c,
-              sidecars=sidecars)
+              sidecars=sidecars, plan=plan, expect=expect, known=known, outcome=outcome, sidecar_only=sidecar_only)
+    summary.returned_ungrouped = len({image_id for kind, image_id in outcome.values() if kind == "reappeared"}
+                                     & gone_ungrouped)
     _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c, sidecars=sidecars, recheck=recheck)
     ctrl_c.check()
     # not walked is not gone: files in the output folders left out (class priors, say) keep their rows as they are
@@ -756,19 +799,22 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
             con.executemany("UPDATE paths SET missing = true WHERE path_bytes = ?", [[p] for p in vanished])
         vanished_ids = _image_ids_of(con, vanished)
         summary.grouped_missing, summary.kept_copies_missing = _grouped_now_missing(con, vanished_ids)
+        summary.marked_missing = _missing_everywhere(con, vanished_ids)  # a file moved leaves no image missing
         recheck.update(vanished_ids)
-    summary.marked_missing = len(vanished)
+    summary.paths_marked_missing = len(vanished)
     _settle_shared_sidecars(con, summary, sidecars, recheck)
-    if to_read or vanished or join_concepts:
+    # what was read, less the files found to hold the bytes recorded before (touched): those changed nothing
+    read = [entry.path_bytes for entry in to_read if outcome.get(entry.path_bytes, ("",))[0] != "unchanged"]
+    if read or vanished or join_concepts:
         # kohya users manage concepts by folder: an image moved out of its `10_sks dog` folder leaves the concept it
         # joined by that folder's name (a concept given by hand stays), and can join the one of the folder it is in
-        moved = None if join_concepts else [entry.path_bytes for entry in to_read] + vanished
+        moved = None if join_concepts else read + vanished
         summary.images_left_concepts = images_out_of_their_concept_folders(con, paths=moved, progress=progress)
-    if to_read or join_concepts:
+    if read or join_concepts:
         # kohya-style folder names ("10_sks dog") of the files read now become concepts, as sd-scripts reads
         # them (not of files read before: a concept removed since stays removed); after a stopped run, of all of
         # them. Then the stored --where / --folder rules of concepts take the new images they match
-        read_now = None if join_concepts else [entry.path_bytes for entry in to_read]
+        read_now = None if join_concepts else read
         summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
         summary.images_joined_concepts += concept_rules_applied(con)
     run.counts.update(summary.as_dict())
@@ -787,12 +833,33 @@ def _image_ids_of(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> list[st
         con.unregister("ingest_paths")
 
 
-def _returned_ungrouped(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -> int:
+def _mark_seen(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> None:
+    """paths.last_seen of every known path the walk found, read or not (one statement)."""
+    if not paths:
+        return
+    con.register("ingest_seen", pl.DataFrame({"path_bytes": paths}, schema={"path_bytes": pl.Binary}))
+    try:
+        with transaction(con):
+            con.execute("UPDATE paths SET last_seen = now() FROM ingest_seen s WHERE paths.path_bytes = s.path_bytes")
+    finally:
+        con.unregister("ingest_seen")
+
+
+def _returned_ungrouped(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -> list[str]:
     """Of these images, those missing at every path (until this run) and in no duplicate group: a dedup run while
     they were gone grouped their copies without them, so they are as new to dedup as a new file."""
-    return con.execute(
-        "SELECT count(*) FROM unnest(?::VARCHAR[]) t(image_id) WHERE image_id NOT IN (SELECT image_id FROM duplicates) "
+    return [row[0] for row in con.execute(
+        "SELECT image_id FROM unnest(?::VARCHAR[]) t(image_id) WHERE image_id NOT IN (SELECT image_id FROM duplicates) "
         "AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.image_id = t.image_id AND NOT p.missing)",
+        [image_ids],
+    ).fetchall()]
+
+
+def _missing_everywhere(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -> int:
+    """How many of these images are now missing at every path they were found at."""
+    return con.execute(
+        "SELECT count(*) FROM unnest(?::VARCHAR[]) t(image_id) "
+        "WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.image_id = t.image_id AND NOT p.missing)",
         [image_ids],
     ).fetchall()[0][0]
 
@@ -809,7 +876,12 @@ def _grouped_now_missing(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -
 
 
 def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary,
-              progress: ProgressHook, ctrl_c: _CtrlC, sidecars: dict[bytes, tuple[str, bytes, str | None]]) -> None:
+              progress: ProgressHook, ctrl_c: _CtrlC, sidecars: dict[bytes, tuple[str, bytes, str | None]],
+              plan: dict[bytes, str], expect: dict[bytes, str], known: dict[bytes, tuple],
+              outcome: dict[bytes, tuple[str, str]], sidecar_only: list[FileEntry]) -> None:
+    """Read `to_read` and record it, in batches. `plan` says what the walk took each file for; a file whose bytes
+    are still its `expect`ed image turns out unchanged (or reappeared, when it was missing): only its size, time and
+    presence are recorded, and its sidecar joins `sidecar_only`. `outcome` gets what each file turned out to be."""
     total = len(to_read)
     progress(task="ingest", completed=0, total=total)
     if not total:
@@ -817,17 +889,47 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
     entries = {e.path_bytes: e for e in to_read}
     reasons: Counter[str] = Counter()
     pending: list[dict] = []
+    pending_read: Counter[str] = Counter()  # of `pending`, by what each turned out to be
     done = 0
 
     def flush() -> None:
         _write_batch(con, pending)
-        summary.recorded += len(pending)
+        summary.read_by_kind.update(pending_read)
+        # "recorded" is of the files the walk counted to read: not those that turned out unchanged
+        summary.recorded += len(pending) - pending_read["unchanged"]
         pending.clear()
+        pending_read.clear()
+
+    def same_bytes(entry: FileEntry, result: dict) -> str:
+        """A file read again whose bytes are the image recorded at its path: what it is, with its path row."""
+        previous = known[entry.path_bytes]
+        kind = "reappeared" if previous[3] else "unchanged"
+        planned = plan[entry.path_bytes]
+        if kind != planned:
+            setattr(summary, planned, getattr(summary, planned) - 1)
+            setattr(summary, kind, getattr(summary, kind) + 1)
+        # its sidecar, as for an unchanged file: read again when it changed, or when the file was missing (a copy's
+        # sidecar may give the image its caption meanwhile). Until then its old time stays, so a stop here leaves
+        # it to the next run
+        if previous[3] or previous[2] != entry.sidecar_mtime_ns:
+            sidecar_only.append(entry)
+        result.update(path=display_path(entry.path_bytes), path_bytes=entry.path_bytes, size=entry.size,
+                      mtime_ns=entry.mtime_ns, sidecar_mtime_ns=None if previous[3] else previous[2],
+                      caption=None, sidecar_unread=False)
+        return kind
 
     def collect(results: list[dict], chunk: list[bytes]) -> None:
         nonlocal done
         for path_bytes, result in zip(chunk, results):
             entry = entries[path_bytes]
+            if result["status"] == "same":
+                kind = same_bytes(entry, result)
+                outcome[path_bytes] = (kind, result["image_id"])
+                pending_read[kind] += 1
+                pending.append(result)
+                continue
+            outcome[path_bytes] = (plan[path_bytes], result["image_id"])
+            pending_read[plan[path_bytes]] += 1
             if result["status"] == "error":
                 summary.errors += 1
                 reasons[result["error"].split(":")[0]] += 1
@@ -867,10 +969,10 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
                 results = []
                 for path_bytes in chunk:
                     ctrl_c.check()
-                    results.append(read_image_file(path_bytes, max_pixels))
+                    results.append(read_image_file(path_bytes, max_pixels, expect=expect.get(path_bytes)))
                 collect(results, chunk)
         else:
-            _read_in_pool(chunks, workers=workers, max_pixels=max_pixels, collect=collect, ctrl_c=ctrl_c)
+            _read_in_pool(chunks, workers=workers, max_pixels=max_pixels, expect=expect, collect=collect, ctrl_c=ctrl_c)
     except (KeyboardInterrupt, StepCancelled):
         # keep what was read before the stop: one short transaction
         flush()
@@ -879,27 +981,66 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
     summary.errors_by_reason = dict(reasons.most_common())
 
 
-def _read_in_pool(chunks: list[list[bytes]], *, workers: int, max_pixels: int,
+def _read_in_pool(chunks: list[list[bytes]], *, workers: int, max_pixels: int, expect: dict[bytes, str],
                   collect: Callable[[list[dict], list[bytes]], None], ctrl_c: _CtrlC) -> None:
     """Read chunks in worker processes, in order; any stop (Ctrl+C, a cancel, an error) ends the workers at once."""
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
     try:
-        futures = [pool.submit(_read_chunk, chunk, max_pixels) for chunk in chunks]
+        futures = [pool.submit(_read_chunk, chunk, max_pixels, {p: expect[p] for p in chunk if p in expect})
+                   for chunk in chunks]
         for chunk, future in zip(chunks, futures):
             # in short slices, to notice Ctrl+C while a chunk of large images is read
             while not wait([future], timeout=0.25).done:
                 ctrl_c.check()
-            collect(future.result(), chunk)
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                # a SIGTERM sent to the whole process group (`timeout`, a service manager) ends the workers too: the
+                # pool breaks as the signal reaches this process, which then stops as it would for Ctrl+C
+                for _ in range(10):
+                    ctrl_c.check()
+                    time.sleep(0.02)
+                raise
+            collect(results, chunk)
     except BaseException:
         _stop_workers(pool)
         raise
     pool.shutdown()
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl+C signals the terminal's whole process group, and only the parent should act on it
-    (a worker interrupted while waiting for work prints a traceback of its own)."""
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Worker initializer. Ctrl+C signals the terminal's whole process group, and only the parent should act on it
+    (a worker interrupted while waiting for work prints a traceback of its own), so workers ignore SIGINT. SIGTERM
+    ends a worker at once, as by default: the parent's handler (forked with it: the CLI's makes SIGTERM a Ctrl+C)
+    would make the parent's stop (`terminate()`) a KeyboardInterrupt and a traceback in a worker.
+
+    And workers die with their parent: killed (SIGKILL, an out-of-memory kill, a crash) it cannot stop them, and
+    they would wait on their queue forever. On Linux the kernel sends them SIGKILL when it goes (PR_SET_PDEATHSIG);
+    elsewhere nothing changes.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    # the parent may have died before the prctl call: then no signal comes (its pid is gone, or not our parent)
+    if os.getppid() != parent_pid:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except OSError:
+            pass
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:

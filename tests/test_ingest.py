@@ -45,14 +45,19 @@ def table_counts(con) -> dict:
 
 
 def test_second_run_changes_nothing(con, tmp_path):
+    """Nothing but the time each path was last seen, which every walk that finds a file records."""
     make_images(tmp_path / "imgs", 12)
     first = ingested_images(con, [tmp_path / "imgs"], workers=2)
     assert (first.new, first.errors) == (12, 0)
-    before = con.sql("SELECT * FROM images ORDER BY image_id").fetchall(), con.sql("SELECT * FROM paths ORDER BY path").fetchall()
+    paths_sql = "SELECT * EXCLUDE (last_seen) FROM paths ORDER BY path"
+    before = con.sql("SELECT * FROM images ORDER BY image_id").fetchall(), con.sql(paths_sql).fetchall()
+    seen_before = con.execute("SELECT max(last_seen) FROM paths").fetchone()[0]
     second = ingested_images(con, [tmp_path / "imgs"], workers=2)
     assert (second.new, second.changed, second.unchanged, second.marked_missing) == (0, 0, 12, 0)
-    after = con.sql("SELECT * FROM images ORDER BY image_id").fetchall(), con.sql("SELECT * FROM paths ORDER BY path").fetchall()
+    after = con.sql("SELECT * FROM images ORDER BY image_id").fetchall(), con.sql(paths_sql).fetchall()
     assert before == after
+    # paths.last_seen stayed equal to first_seen for unchanged files, however many ingests found them
+    assert con.execute("SELECT count(*) FROM paths WHERE last_seen > ? AND last_seen > first_seen", [seen_before]).fetchone()[0] == 12
     steps = con.execute("SELECT step, status FROM runs ORDER BY run_id").fetchall()
     assert steps == [("ingest", "ok"), ("ingest", "ok")]
 
@@ -339,12 +344,12 @@ def test_ctrl_c_during_cli_ingest_stops_cleanly_and_the_rerun_completes(tmp_path
         import pipelines.ingest as ingest
         ingest.CHUNK = 2
         real_read = ingest.read_image_file
-        def read(path_bytes, max_pixels=ingest.DEFAULT_MAX_PIXELS):
+        def read(path_bytes, max_pixels=ingest.DEFAULT_MAX_PIXELS, **options):
             name = os.path.basename(path_bytes).decode()
             if name.startswith("slow"):
                 open(os.path.join({str(marks)!r}, name), "w").close()
                 time.sleep(60)
-            row = real_read(path_bytes, max_pixels)
+            row = real_read(path_bytes, max_pixels, **options)
             open(os.path.join({str(marks)!r}, name), "w").close()
             return row
         ingest.read_image_file = read
@@ -665,3 +670,303 @@ def test_a_plain_colour_has_an_entropy_of_zero_bits_not_minus_zero(tmp_path):
     Image.new("RGB", (64, 64), (255, 255, 255)).save(path)
     entropy = read_image_file(os.fsencode(path))["entropy"]
     assert entropy == 0 and math.copysign(1.0, entropy) == 1.0  # SQL and the TUI printed "-0.0"
+
+
+def test_a_file_overwritten_with_another_known_images_bytes_gives_that_image_none_of_its_state(con, tmp_path):
+    """`cp p1.jpg p0.jpg` after p0 was excluded by hand: the exclusion (and manual caption, caption choice and
+    concept) of p0's old content moved onto p1's image, which the user never excluded, and it left the dataset.
+    What an edited file carries goes only to a content new to the catalog."""
+    import shutil
+
+    from pipelines.concepts import added_concept
+    from pipelines.filter import manual_exclusions
+
+    paths = make_images(tmp_path / "imgs", 3)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    ids = {p.name: con.execute("SELECT image_id FROM paths WHERE path = ?", [str(p)]).fetchone()[0] for p in paths}
+    old, other = ids["img_0000.jpg"], ids["img_0001.jpg"]
+    manual_exclusions(con, [old], "ugly")
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'not this one')", [old])
+    con.execute("INSERT INTO caption_choice (image_id, source) VALUES (?, 'manual')", [old])
+    added_concept(con, "sks", trigger="sks", where=f"image_id = '{old}'")
+
+    shutil.copyfile(paths[1], paths[0])
+    os.utime(paths[0], ns=(1, 1))
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchone()[0] == other
+    row = con.execute("SELECT status, excluded, exclusion_reason, caption_source, concept FROM images_view "
+                      "WHERE image_id = ?", [other]).fetchone()
+    assert row == ("ok", False, None, None, None)
+    assert con.execute("SELECT count(*) FROM caption_choice WHERE image_id = ?", [other]).fetchone()[0] == 0
+    assert sorted(r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()) == sorted([other, ids["img_0002.jpg"]])
+    # the old content keeps its own state, and says what replaced it
+    assert con.execute("SELECT status, excluded, caption FROM images_view WHERE image_id = ?", [old]).fetchone() == (
+        "replaced", True, "not this one")
+    # naming the file that was edited, not the first path of the image now in it (img_0001.jpg)
+    error = con.execute("SELECT error FROM images_view WHERE image_id = ?", [old]).fetchone()[0]
+    assert error == f"edited in place: {paths[0]} now holds image {other[:12]}"
+
+    # an edit to bytes new to the catalog still carries the hand-made state, as before
+    Image.new("RGB", (50, 40), (10, 200, 10)).save(paths[2])
+    os.utime(paths[2], ns=(1, 1))
+    manual_exclusions(con, [ids["img_0002.jpg"]], "blurry")
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    reason = con.execute("SELECT exclusion_reason FROM images_view WHERE path = ?", [str(paths[2])]).fetchone()[0]
+    assert reason.startswith("manual: blurry") and "edited" in reason
+
+
+def test_a_touched_or_restored_file_with_the_same_bytes_is_not_changed(tmp_path, catalog_path):
+    """A new mtime alone (`touch`, a file deleted and restored from a backup) counted as `changed`, was decoded
+    again, made ingest say to run dedup though the image was in its group, and a restored file was not `reappeared`."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.concepts import removed_concept
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    runner = CliRunner()
+    folder = tmp_path / "10_sks dog"
+    folder.mkdir()
+    with Image.open(Path(__file__).resolve().parents[1] / "sample_data" / "photos" / "coffee.jpg") as photo:
+        photo.save(folder / "coffee.png")
+        photo.resize((photo.width // 2, photo.height // 2)).save(folder / "coffee_q70.jpg", quality=70)
+    kept, copy = folder / "coffee.png", folder / "coffee_q70.jpg"
+    common = ["--catalog", str(catalog_path), "--workers", "1"]
+
+    def ingest() -> tuple[str, dict]:
+        result = runner.invoke(app, ["ingest", str(folder), *common], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        con = connect(catalog_path)
+        try:
+            counts = con.execute("SELECT counts FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1").fetchone()[0]
+        finally:
+            con.close()
+        return " ".join(result.output.split()), json.loads(counts)
+
+    ingest()
+    assert runner.invoke(app, ["dedup", "--catalog", str(catalog_path)]).exit_code == 0
+    con = connect(catalog_path)
+    assert con.execute("SELECT count(*) FROM duplicates").fetchone()[0] == 2
+    removed_concept(con, "sks dog")  # removed: stays removed until a file in its folder is added or changed
+    con.close()
+
+    os.utime(kept, ns=(1_000_000_000, 1_000_000_000))  # touched
+    out, counts = ingest()
+    assert "Note" not in out and "from folder names" not in out, out
+    assert (counts["changed"], counts["unchanged"], counts["new"]) == (0, 2, 0)
+    con = connect(catalog_path)
+    assert con.execute("SELECT mtime_ns FROM paths WHERE path = ?", [str(kept)]).fetchone()[0] == 1_000_000_000
+    assert con.execute("SELECT count(*) FROM concepts").fetchone()[0] == 0
+    con.close()
+
+    saved = copy.read_bytes()
+    copy.unlink()
+    ingest()
+    copy.write_bytes(saved)  # restored, with a new mtime
+    out, counts = ingest()
+    assert "Note" not in out, out  # still in its group: nothing for dedup to do
+    assert (counts["changed"], counts["unchanged"], counts["reappeared"], counts["new"]) == (0, 1, 1, 0)
+    con = connect(catalog_path)
+    assert con.execute("SELECT mtime_ns, missing FROM paths WHERE path = ?", [str(copy)]).fetchone() == (
+        copy.stat().st_mtime_ns, False)
+    con.close()
+    out, counts = ingest()  # the new mtimes were recorded: nothing to read
+    assert "Note" not in out and counts["unchanged"] == 2
+
+
+def test_a_file_edited_to_the_same_size_is_still_read_as_changed(con, tmp_path):
+    """Same size, new time: the worker hashes first, and other bytes are decoded as a new content."""
+    path = tmp_path / "imgs" / "flat.bmp"
+    path.parent.mkdir()
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(path)
+    ingested_images(con, [path.parent], workers=2)
+    old_id = con.execute("SELECT image_id FROM paths").fetchone()[0]
+    size = path.stat().st_size
+    Image.new("RGB", (32, 24), (200, 20, 30)).save(path)
+    os.utime(path, ns=(1, 1))
+    assert path.stat().st_size == size
+    summary = ingested_images(con, [path.parent], workers=2)
+    assert (summary.changed, summary.unchanged) == (1, 0)
+    new_id, brightness = con.execute("SELECT image_id, brightness FROM images_view WHERE path = ?", [str(path)]).fetchone()
+    assert new_id != old_id and brightness > 60
+
+
+def test_moved_and_deleted_files_count_missing_images_and_paths_apart(con, tmp_path):
+    """After moving 3 files and deleting 2, the summary said `marked missing 5`: only 2 images were missing."""
+    paths = make_images(tmp_path / "imgs", 6)
+    ingested_images(con, [tmp_path], workers=1)
+    (tmp_path / "imgs" / "moved").mkdir()
+    for path in paths[:3]:
+        path.rename(path.parent / "moved" / path.name)
+    paths[3].unlink()
+    paths[4].unlink()
+    summary = ingested_images(con, [tmp_path], workers=1)
+    assert (summary.new, summary.marked_missing, summary.paths_marked_missing) == (3, 2, 5)
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'missing'").fetchone()[0] == 2
+
+
+def test_a_stopped_ingest_records_in_its_run_what_it_stored(con, tmp_path):
+    """A cancelled run's counts said `"new": 120` (what the walk found) while 64 files had been read and kept."""
+    import json
+
+    make_images(tmp_path / "imgs", 120)
+
+    def hook(*, task, completed=0, total=None, message=None):
+        if task == "ingest" and completed >= 64:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ingest_mod.IngestInterrupted) as stopped:
+        ingested_images(con, [tmp_path / "imgs"], workers=1, progress=hook)
+    kept = con.execute("SELECT count(*) FROM paths").fetchone()[0]
+    assert kept == stopped.value.summary.recorded == 64
+    status, counts = con.execute("SELECT status, counts FROM runs WHERE step = 'ingest'").fetchone()
+    counts = json.loads(counts)
+    assert status == "cancelled" and (counts["new"], counts["not_read"], counts["files_seen"]) == (64, 56, 120)
+    assert ingested_images(con, [tmp_path / "imgs"], workers=1).new == 56
+
+
+def _slow_ingest_script(folder: Path, catalog: Path, marks: Path, *, cli: bool) -> str:
+    """A script that ingests `folder` with 2 workers whose every read marks `marks/<worker pid>-<file>` and takes
+    10 ms (workers fork from it, so they read through its patch): through the CLI, or ingested_images itself."""
+    head = textwrap.dedent(
+        f"""
+        import os, sys, time
+        import pipelines.ingest as ingest
+        ingest.CHUNK = 4
+        real_read = ingest.read_image_file
+        def read(path_bytes, max_pixels=ingest.DEFAULT_MAX_PIXELS, **options):
+            open(os.path.join({str(marks)!r}, f"{{os.getpid()}}-{{os.path.basename(path_bytes).decode()}}"), "w").close()
+            time.sleep(0.01)
+            return real_read(path_bytes, max_pixels, **options)
+        ingest.read_image_file = read
+        """
+    )
+    if cli:
+        return head + textwrap.dedent(
+            f"""
+            sys.argv = ["workbench", "ingest", {str(folder)!r}, "--workers", "2", "--catalog", {str(catalog)!r}]
+            from workbench.cli import main
+            main()
+            """
+        )
+    return head + textwrap.dedent(
+        f"""
+        from workbench.catalog import connect
+        con = connect({str(catalog)!r})
+        try:
+            ingest.ingested_images(con, [{str(folder)!r}], workers=2)
+        except ingest.IngestInterrupted as stop:
+            print(f"stopped: kept {{stop.summary.recorded}}")
+            sys.exit(3)
+        """
+    )
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped by whoever inherited it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _start_slow_ingest(tmp_path: Path, *, cli: bool, files: int = 300):
+    import time
+
+    folder, marks, catalog = tmp_path / "imgs", tmp_path / "marks", tmp_path / "signalled.duckdb"
+    make_images(folder, files, size=(32, 24))
+    marks.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", _slow_ingest_script(folder, catalog, marks, cli=cli)],
+                               cwd=Path(__file__).parents[1], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marks)) < 60 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(os.listdir(marks)) >= 60, "the ingest never got its workers reading"
+    return process, folder, catalog, marks
+
+
+def _worker_pids(marks: Path) -> set[int]:
+    return {int(name.split("-", 1)[0]) for name in os.listdir(marks)}
+
+
+def _end(process, marks: Path) -> None:
+    """Clean up, whatever the test found: the ingest, and its workers if they outlived it."""
+    import signal
+
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    for pid in _worker_pids(marks):
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the workers")
+@pytest.mark.parametrize("how", ["cli_process", "cli_group", "library_process"])
+def test_sigterm_stops_an_ingest_as_ctrl_c_does_and_leaves_no_worker(tmp_path, how):
+    """SIGTERM (`kill PID`; `timeout`, which signals the whole process group) ended an ingest with nothing kept (the
+    rows of its batch were not written) where Ctrl+C at the same moment kept what was read; workers printed
+    tracebacks, or lived on."""
+    import re
+    import signal
+    import time
+
+    process, folder, catalog, marks = _start_slow_ingest(tmp_path, cli=how.startswith("cli"))
+    try:
+        if how == "cli_group":
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        workers = _worker_pids(marks)
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [pid for pid in workers if _alive(pid)]
+    finally:
+        _end(process, marks)
+    assert "Traceback" not in output, output
+    if how.startswith("cli"):
+        assert process.returncode == 130, output
+        kept = re.search(r"interrupted.*?(\d+) of 300", " ".join(output.split()))
+    else:
+        assert process.returncode == 3, output
+        kept = re.search(r"stopped: kept (\d+)", output)
+    assert kept, output
+    assert len(workers) == 2 and not survivors
+    from workbench.catalog import connect
+
+    con = connect(catalog)
+    try:
+        assert 0 < con.execute("SELECT count(*) FROM paths").fetchone()[0] == int(kept.group(1)) < 300
+        assert con.execute("SELECT status FROM runs WHERE step = 'ingest'").fetchall() == [("cancelled",)]
+        assert ingested_images(con, [folder], workers=1).new == 300 - int(kept.group(1))
+    finally:
+        con.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_ingest(tmp_path):
+    """SIGKILL of `workbench ingest` left its worker processes waiting on their queue forever (PPID 1)."""
+    import signal
+    import time
+
+    process, _, _, marks = _start_slow_ingest(tmp_path, cli=True)
+    try:
+        workers = _worker_pids(marks)
+        assert len(workers) == 2 and all(map(_alive, workers))
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), "workers outlived their parent"
+    finally:
+        _end(process, marks)

@@ -43,9 +43,9 @@ SELECT image_id, source AS caption_source, text AS caption FROM (
 CREATE OR REPLACE VIEW images_view AS
 WITH p AS (
     SELECT image_id,
-           -- the first path seen that still exists (else the first seen): the file to open
-           coalesce(arg_min(path, seq) FILTER (WHERE NOT missing), arg_min(path, seq)) AS path,
-           coalesce(arg_min(path_bytes, seq) FILTER (WHERE NOT missing), arg_min(path_bytes, seq)) AS path_bytes,
+           -- the first path seen that still exists (else the last one it was seen at): the file to open
+           coalesce(arg_min(path, seq) FILTER (WHERE NOT missing), arg_max(path, (last_seen, seq))) AS path,
+           coalesce(arg_min(path_bytes, seq) FILTER (WHERE NOT missing), arg_max(path_bytes, (last_seen, seq))) AS path_bytes,
            list(path ORDER BY seq) AS paths,
            bool_and(missing) AS all_missing
     FROM paths GROUP BY image_id
@@ -63,7 +63,7 @@ SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i
             WHEN i.replaced_by IS NOT NULL THEN 'replaced'
             ELSE 'missing' END AS status,
        CASE WHEN NOT coalesce(p.all_missing, true) THEN i.error
-            WHEN i.replaced_by IS NOT NULL THEN 'edited in place: ' || coalesce(
+            WHEN i.replaced_by IS NOT NULL THEN 'edited in place: ' || coalesce(i.replaced_path,
                 (SELECT arg_min(r.path, r.seq) FROM paths r WHERE r.image_id = i.replaced_by), 'its file')
                 || ' now holds image ' || left(i.replaced_by, 12)
             ELSE 'file no longer found at any known path' END AS error,
@@ -116,7 +116,7 @@ COMMENT ON VIEW current_captions IS 'The caption each image trains with, and its
 COMMENT ON VIEW caption_candidates IS 'Every caption an image could train with, by source (its own and one carried from a duplicate)';
 COMMENT ON VIEW carried_captions IS 'A caption a kept copy takes from a duplicate that dedup excluded, when it has none of its own';
 COMMENT ON COLUMN images_view.image_id IS 'SHA-256 of the file bytes';
-COMMENT ON COLUMN images_view.path IS 'The first path seen that still exists (else the first seen)';
+COMMENT ON COLUMN images_view.path IS 'The first path seen that still exists (else the last one it was seen at)';
 COMMENT ON COLUMN images_view.paths IS 'Every path this image was seen at, in the order first seen';
 COMMENT ON COLUMN images_view.status IS 'ok, error (unreadable), missing (no known path exists), replaced (edited in place)';
 COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a generated DreamBooth class image)';
