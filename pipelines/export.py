@@ -20,7 +20,7 @@ import duckdb
 
 from pipelines.priors import PRIOR_IN_USE_SQL
 from workbench.catalog import record_run
-from workbench.images import as_ingested
+from workbench.images import holds_image
 from workbench.config import EXPORT_MANIFEST
 from workbench.progress import ProgressHook, named_few, null_progress
 
@@ -147,7 +147,7 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     image the catalog measured after rotation is written already rotated (as PNG, lossless).
     """
     source = os.fsdecode(row.source)
-    if not as_ingested(os.stat(source), row.size, row.mtime_ns):  # os.stat: FileNotFoundError when gone since ingest
+    if not holds_image(source, row.image_id, row.size, row.mtime_ns):  # FileNotFoundError when gone since ingest
         raise SourceChanged(source)
     ext = KOHYA_EXTENSIONS.get(row.format or "")
     rotate = row.orientation not in (None, 1)

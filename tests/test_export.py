@@ -346,6 +346,25 @@ def test_a_file_changed_since_ingest_is_skipped_not_exported_under_its_old_capti
     assert exported_dataset(con, tmp_path / "again", format="imagefolder")["changed_files_skipped"] == 0
 
 
+def test_a_file_only_touched_since_ingest_is_exported(con, curated, tmp_path):
+    """`touch` (or a restore from a backup) gives a file a new mtime, not new bytes: export skipped it as `changed
+    since it was ingested`. A new time with the same size is checked by the bytes' hash; other bytes are skipped."""
+    touched, rewritten = curated / "plain" / "c.jpg", curated / "10_sks dog" / "b.png"
+    os.utime(touched, ns=(1_000_000_000, 1_000_000_000))
+    size = rewritten.stat().st_size
+    data = bytearray(rewritten.read_bytes())
+    data[-13] ^= 0xFF  # one byte flipped: the same size, other bytes
+    rewritten.write_bytes(bytes(data))
+    os.utime(rewritten, ns=(2_000_000_000, 2_000_000_000))
+    assert rewritten.stat().st_size == size
+    messages = []
+    summary = exported_dataset(con, tmp_path / "out", format="kohya", progress=lambda **kw: messages.append(kw.get("message")))
+    assert summary["changed_files_skipped"] == 1 and summary["images"] == 4
+    assert not any(m and "c.jpg" in m for m in messages)
+    assert any(m and "b.png: changed since it was ingested (run ingest again)" in m for m in messages)
+    assert (tmp_path / "out" / "img" / "1_").is_dir() and list((tmp_path / "out").rglob("c-*.jpg"))
+
+
 def test_class_priors_excluded_by_automatic_filters_are_exported_as_training_uses_them(con, curated, tmp_path):
     """Quality and size filters are for instance photos: training keeps a prior they exclude, so export does too;
     a manual exclusion drops it from both."""

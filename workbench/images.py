@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -23,3 +24,19 @@ def as_ingested(info: os.stat_result, size: int | None, mtime_ns: int | None) ->
     edited or replaced since holds other pixels, which its caption and bucket do not describe. Rows from before
     sizes were recorded (None) count as unchanged."""
     return size is None or (info.st_size, info.st_mtime_ns) == (size, mtime_ns)
+
+
+def holds_image(path: str | bytes | os.PathLike, image_id: str, size: int | None, mtime_ns: int | None) -> bool:
+    """Whether the file at `path` still holds the image ingest read there. The size and mtime it recorded say so at
+    once; a new mtime alone (`touch`, a copy restored from a backup) is settled by the bytes' SHA-256, which is the
+    image id. FileNotFoundError when the file is gone."""
+    info = os.stat(path)
+    if as_ingested(info, size, mtime_ns):
+        return True
+    if info.st_size != size:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == image_id

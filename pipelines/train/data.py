@@ -40,7 +40,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
-from workbench.images import as_ingested, open_image
+from workbench.images import holds_image, open_image
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -122,8 +122,8 @@ def choose_bucket(width: int, height: int, settings: dict):
 
 
 def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> dict[str, str]:
-    """image_id → the file to open: its first path that still holds what ingest read (same size and mtime, as
-    export checks), from the exact bytes (non-UTF-8 names work). An image with no such file is left out: its
+    """image_id → the file to open: its first path that still holds what ingest read (`holds_image`, as export
+    checks), from the exact bytes (non-UTF-8 names work). An image with no such file is left out: its
     file was edited, replaced or deleted since ingest, and its caption and bucket belong to the old pixels."""
     rows = con.execute(
         "SELECT image_id, path_bytes, size, mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) "
@@ -136,11 +136,10 @@ def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
             continue
         path = os.fsdecode(bytes(raw))
         try:
-            info = os.stat(path)
+            if holds_image(path, image_id, size, mtime_ns):  # a new mtime alone (`touch`) is checked by the bytes
+                found[image_id] = path
         except OSError:
             continue
-        if as_ingested(info, size, mtime_ns):
-            found[image_id] = path
     return found
 
 
