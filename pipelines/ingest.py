@@ -31,9 +31,9 @@ from pipelines.concepts import (
 )
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
+from workbench.images import SIDECAR_EXTENSIONS, sidecar_beside
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
-SIDECAR_EXTENSIONS = (b".txt", b".caption")
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
 # an export (kohya, imagefolder) holds copies of catalog images with the current captions as sidecars: read back in,
 # those captions would override the model's as "sidecar" ones, and the export could not be replaced any more
@@ -1115,7 +1115,7 @@ def _settle_shared_sidecars(con, summary: IngestSummary, sidecars: dict[bytes, t
             if path in sidecars:
                 read.append(sidecars[path][1:])
                 continue
-            sidecar = _sidecar_beside(path)
+            sidecar = sidecar_beside(path)
             caption, problem = _read_sidecar(sidecar) if sidecar else (None, "gone")
             if not problem:  # an unreadable one is named when its own folder is ingested
                 read.append((sidecar, caption))
@@ -1136,12 +1136,3 @@ def _settle_shared_sidecars(con, summary: IngestSummary, sidecars: dict[bytes, t
             con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
             summary.sidecar_image_ids.discard(image_id)
     summary.sidecar_captions = len(summary.sidecar_image_ids)
-
-
-def _sidecar_beside(path: bytes) -> bytes | None:
-    """The caption sidecar of an image file (`name.txt`, else `name.caption`), as the walk finds it, or None."""
-    stem = os.path.splitext(path)[0]
-    for ext in SIDECAR_EXTENSIONS:
-        if os.path.isfile(stem + ext):
-            return stem + ext
-    return None

@@ -89,3 +89,27 @@ def test_an_image_no_bucket_fits_is_left_out_with_the_fix_named(con, tmp_path):
     con.execute("INSERT INTO exclusions SELECT image_id, 'manual', 'test', now() FROM images WHERE width <> 4")
     with pytest.raises(DataError, match="No image to train on fits a bucket"):
         training_images(con, config)
+
+
+def test_caption_files_edited_since_ingest_are_named_before_training(con, tmp_path):
+    """A kohya user's loop is edit the .txt, train again: the edit never reached training, and nothing said so."""
+    paths = ingest_images(con, tmp_path / "images", 3)
+    messages = []
+    training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert not any("caption file(s) changed" in m for m in messages)
+    sidecar = paths[0].with_suffix(".txt")
+    sidecar.write_text("sks dog, EDITED caption")
+    os.utime(sidecar, ns=(1, 10**18))  # a new mtime, whatever the clock's resolution
+    paths[1].with_suffix(".txt").unlink()
+    messages = []
+    images = training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    said = [m for m in messages if "caption file(s) changed" in m]
+    assert len(said) == 1 and said[0].startswith("2 caption file(s)") and "img0.txt" in said[0] and "workbench ingest" in said[0]
+    assert "EDITED" not in " ".join(i.caption for i in images)  # the catalog's captions train until an ingest
+    from pipelines.ingest import ingested_images
+
+    ingested_images(con, [tmp_path / "images"], workers=1)
+    messages = []
+    images = training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert not any("caption file(s) changed" in m for m in messages)
+    assert any("EDITED" in i.caption for i in images)

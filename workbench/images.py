@@ -40,3 +40,15 @@ def holds_image(path: str | bytes | os.PathLike, image_id: str, size: int | None
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest() == image_id
+
+
+SIDECAR_EXTENSIONS = (b".txt", b".caption")  # kohya's caption files beside an image, in the order they are looked for
+
+
+def sidecar_beside(path: bytes) -> bytes | None:
+    """The caption sidecar of an image file (`name.txt`, else `name.caption`), as the walk finds it, or None."""
+    stem = os.path.splitext(path)[0]
+    for ext in SIDECAR_EXTENSIONS:
+        if os.path.isfile(stem + ext):
+            return stem + ext
+    return None

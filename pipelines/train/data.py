@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
-from workbench.images import holds_image, open_image
+from workbench.images import holds_image, open_image, sidecar_beside
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -143,6 +144,26 @@ def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
     return found
 
 
+def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> list[str]:
+    """The caption sidecars (`name.txt`, `name.caption`) beside these images' files that were edited, added or
+    removed since ingest read them: their captions in the catalog are the old ones until the next ingest."""
+    rows = con.execute(
+        "SELECT path_bytes, sidecar_mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) ORDER BY seq",
+        [list(image_ids)],
+    ).fetchall()
+    changed = []
+    for raw, recorded in rows:
+        path = bytes(raw)
+        sidecar = sidecar_beside(path)
+        try:
+            now = os.stat(sidecar).st_mtime_ns if sidecar else None
+        except OSError:
+            now = None
+        if now != recorded:
+            changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
+    return changed
+
+
 def _default_class_prompt(row: dict) -> str | None:
     from pipelines.priors import default_class_prompt
 
@@ -192,6 +213,12 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         progress(task="dataset", message=f"{len(gone)} image(s) left out: changed or gone since ingest ({shown}); "
                  "`workbench ingest` on their folders reads them again")
         rows = [r for r in rows if r[0] in files]
+    edited = sidecars_changed_since_ingest(con, [r[0] for r in rows])
+    if edited:  # kohya users edit .txt files and retrain: here the catalog holds the captions, read at ingest
+        folders = " ".join(sorted({shlex.quote(os.path.dirname(path)) for path in edited})[:3])
+        progress(task="dataset", message=(
+            f"{len(edited)} caption file(s) changed since they were ingested (e.g. {edited[0]}): this run trains on the "
+            f"captions the catalog holds. To train on the edits, stop and run `workbench ingest {folders}` first."))
     uncaptioned = [r for r in rows if not r[columns.index("caption")]]
     if uncaptioned:  # kohya warns per image; one line says the same
         instead = (f"the instance prompt {config.instance_prompt!r}" if config.instance_prompt
