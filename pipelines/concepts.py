@@ -25,6 +25,7 @@ from workbench.progress import ProgressHook, null_progress
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
 # back with "_") the class tokens; folders without a number are ignored, repeats < 1 too.
 MIN_ID_PREFIX = 6
+REPEATS_TASK = "concept repeats"  # the progress task that says a folder name changed a concept's repeats
 MAX_FOLDER_REPEATS = 1000  # more than this in a folder name at ingest is a year or a number, not repeats
 
 
@@ -371,6 +372,7 @@ def concepts_from_folder_names(
     paths: Iterable[bytes] | None = None,
     max_repeats: int | None = MAX_FOLDER_REPEATS,
     zero_padded: bool = False,
+    folder_repeats: bool = False,
     progress: ProgressHook = null_progress,
 ) -> int:
     """Concepts from kohya folder names (`10_sks dog`: 10 repeats, trigger sks, class dog) of image paths.
@@ -382,7 +384,8 @@ def concepts_from_folder_names(
     with more than `max_repeats` are left alone: ingest sees ordinary photo folders too, and
     `2023_holiday` is a year, not 2023 repeats (kohya itself would read it as repeats). Likewise a zero-padded
     `01_January` numbers photo folders; `zero_padded` reads it as kohya would (import-kohya: the user says so).
-    Returns the number of images newly assigned.
+    An existing concept keeps its repeats unless `folder_repeats` (import-kohya: renaming `10_sks dog` to
+    `20_sks dog` is how kohya users change them). Returns the number of images newly assigned.
     """
     rows = con.execute(
         """
@@ -443,8 +446,14 @@ def concepts_from_folder_names(
     existing = {c.name: c for c in list_concepts(con)}
     for name, (repeats, _, _) in found.items():
         if name in existing and existing[name].repeats != repeats:
-            progress(task="concepts", message=f"a folder names concept {name!r} with {repeats} repeats; it has "
-                     f"{existing[name].repeats}, which it keeps (`workbench concept add {name!r} --repeats N` changes it)")
+            if folder_repeats:
+                con.execute("UPDATE concepts SET repeats = ? WHERE name = ?", [repeats, name])
+                progress(task=REPEATS_TASK, message=f"concept {name!r}: {repeats} repeats, as its folder now says "
+                         f"(it had {existing[name].repeats})")
+            else:
+                progress(task="concepts", message=f"a folder names concept {name!r} with {repeats} repeats; it has "
+                         f"{existing[name].repeats}, which it keeps (`workbench concept add {name!r} --repeats N` or "
+                         "`workbench import-kohya FOLDER` changes it)")
     assigned = 0
     created = 0
     with transaction(con):

@@ -499,6 +499,16 @@ def _removed_previous_export(out: Path) -> int:
     return removed
 
 
+def _repeats_only(progress: ProgressHook) -> ProgressHook:
+    """The second pass over the imported files' folder names says only what it changed: a concept's repeats."""
+    from pipelines.concepts import REPEATS_TASK
+
+    def hook(*, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        if message and task == REPEATS_TASK:
+            progress(task=task, message=message)
+    return hook
+
+
 def _each_message_once(progress: ProgressHook) -> ProgressHook:
     """`progress`, passing each message on only the first time it is given."""
     said: set[str] = set()
@@ -569,7 +579,8 @@ def imported_kohya_folder(
     # ingest read the folder names of the files it read (and said so); importing the folder again asks for its
     # concepts, so this pass covers the imported files it found unchanged
     imported = [os.path.abspath(os.fsencode(f)) for f in files]
-    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(con, paths=imported, zero_padded=True, progress=null_progress)
+    assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(
+        con, paths=imported, zero_padded=True, folder_repeats=True, progress=_repeats_only(progress))
     # regularisation images are not curated data: the trainer's class priors must come from the model it trains
     reg = folder / "reg"
     reg_images = (sum(1 for p in reg.rglob("*") if p.suffix.lower() in image_suffixes and p.is_file())

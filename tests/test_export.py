@@ -573,3 +573,20 @@ def test_the_export_marker_is_written_before_the_first_image(con, curated, tmp_p
     with pytest.raises(ExportError, match="not empty"):
         exported_dataset(con, busy, format="kohya")
     assert not (busy / EXPORT_MANIFEST).exists()
+
+
+def test_import_kohya_takes_a_renamed_folders_repeats(con, tmp_path):
+    """kohya users change repeats by renaming `10_sks dog` to `20_sks dog`: import-kohya kept 10 and said nothing."""
+    from pipelines.concepts import get_concept
+    from pipelines.export import imported_kohya_folder
+
+    folder = tmp_path / "set" / "img"
+    _image(folder / "10_sks dog" / "a.jpg", color=(200, 10, 10))
+    _image(folder / "10_sks dog" / "b.jpg", color=(10, 200, 10))
+    imported_kohya_folder(con, tmp_path / "set", workers=1)
+    assert get_concept(con, "sks dog").repeats == 10
+    (folder / "10_sks dog").rename(folder / "20_sks dog")
+    said = []
+    imported_kohya_folder(con, tmp_path / "set", workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert get_concept(con, "sks dog").repeats == 20
+    assert any("'sks dog': 20 repeats, as its folder now says (it had 10)" in m for m in said), said
