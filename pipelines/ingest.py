@@ -681,6 +681,12 @@ def ingested_images(
     last = con.execute("SELECT status FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1").fetchone()
     last_unfinished = last is not None and last[0] != "ok"
     params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
+    for root in roots:  # left out when met in a walk from above; named as a root, it is read: say what that means
+        if os.path.isdir(root) and _is_kohya_reg_folder(root, set(os.listdir(os.path.dirname(root)))):
+            progress(task="ingest", message=(
+                f"{display_path(root)} holds kohya regularisation images (reg/ beside img/): they join the dataset as "
+                "instance images, each folder's class as a concept. DreamBooth's class images are made for the model "
+                "you train instead: `workbench priors`, or `workbench train dreambooth`"))
     with _CtrlC() as ctrl_c, record_run(con, "ingest", params) as run:
         try:
             _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,

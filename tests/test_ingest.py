@@ -509,6 +509,11 @@ def test_a_kohya_reg_folder_beside_img_is_left_out(con, tmp_path, catalog_path):
     assert check.execute("SELECT count(*) FROM images").fetchone()[0] == 3
     assert [r[0] for r in check.execute("SELECT name FROM concepts").fetchall()] == ["sks cat"]
     check.close()
+    # named as a root, it is read (the user asked), and the run says what its images become
+    direct = CliRunner().invoke(app, ["ingest", str(tmp_path / "set" / "reg"), "--catalog", str(catalog_path), "--workers", "1"],
+                                env={"COLUMNS": "200"})
+    assert direct.exit_code == 0 and "holds kohya regularisation images" in " ".join(direct.output.split()), direct.output
+    assert "workbench priors" in " ".join(direct.output.split())
 
 
 def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalog_path):
