@@ -1006,7 +1006,7 @@ def train_command(
     concepts: Annotated[Optional[list[str]], typer.Option("--concept", help="Train only this concept (repeatable).", rich_help_panel='Run')] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: accelerate's choice).", rich_help_panel='Run')] = None,
     num_processes: Annotated[int, typer.Option(help="Data-parallel processes (GPUs); >1 relaunches this command with torch.distributed.run, as accelerate launch does.", rich_help_panel='Run')] = 1,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other option as KEY=VALUE (repeatable), e.g. instance_prompt='photo of sks dog', text_encoder_lr=5e-5, num_validation_images=4, validation_seed=1, max_grad_norm=1.0, ema_decay=0.9999, lr_num_cycles=3 (README: every key).", rich_help_panel='Run')] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other option as KEY=VALUE (repeatable), e.g. instance_prompt='photo of sks dog', text_encoder_lr=5e-5, num_validation_images=4, validation_seed=1, max_grad_norm=1.0, ema_decay=0.9999, lr_num_cycles=3, lora_target_modules=to_q,to_k (README: every key).", rich_help_panel='Run')] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     mode = ctx.info_name
