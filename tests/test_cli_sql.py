@@ -294,3 +294,14 @@ def test_a_result_is_never_written_over_the_catalog_its_log_or_an_image_it_reads
     assert catalog_path.read_bytes() == before and not wal.exists() and image.read_bytes() == b"the only copy"
     still = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "csv", "-c", str(catalog_path)])
     assert still.stdout.splitlines() == ["n", "2"]
+
+
+def test_a_piped_table_keeps_each_row_on_one_line(catalog_path, monkeypatch):
+    """Piped, the table wrapped every cell at 80 columns (a curator's review)."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    seeded_catalog(catalog_path)
+    long = "a very long caption " * 12
+    result = runner.invoke(app, ["sql", f"SELECT image_id, '{long.strip()}' AS caption FROM images ORDER BY 1", "-c", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "a very long caption" in line]
+    assert len(rows) == 2 and all(long.strip() in line for line in rows)

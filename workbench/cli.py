@@ -295,7 +295,10 @@ def sql(
                 table.add_column(name, overflow="fold")
             for row in frame.iter_rows():
                 table.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row))
-            console.print(table)
+            # piped or redirected, rows stay whole lines (a terminal's 80 columns would wrap every cell); to a terminal,
+            # the table fits the window
+            out = console if console.is_terminal or os.environ.get("COLUMNS") else Console(emoji=False, width=100_000)
+            out.print(table)
             if more:
                 err_console.print(Text(f"first {limit} rows shown: --limit N shows more; --format csv or json, or -o FILE, "
                                        "gives them all", style="dim"))
