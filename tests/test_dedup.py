@@ -144,6 +144,16 @@ def test_identical_hashes_group_around_the_best_copy_whichever_is_stored_first(c
 
 
 
+def _three_copies(con) -> tuple[str, str, str]:
+    """(big, small, medium): one picture at three sizes, grouped by dedup (identical pHash)."""
+    big, small, medium = "b" * 64, "a" * 64, "d" * 64
+    insert_image(con, big, 7, 800, 600, seq=1)
+    insert_image(con, small, 7, 200, 150, seq=2)
+    insert_image(con, medium, 7, 400, 300, seq=3)
+    duplicate_groups(con)
+    return big, small, medium
+
+
 def test_keep_and_exclude_from_the_cli(con, catalog_path):
     """`workbench keep` chooses the kept copy (the TUI's k); excluding a kept copy excludes the picture and says how
     to keep another copy instead."""
@@ -151,11 +161,7 @@ def test_keep_and_exclude_from_the_cli(con, catalog_path):
 
     from workbench.cli import app
 
-    big, small, medium = "b" * 64, "a" * 64, "d" * 64
-    insert_image(con, big, 7, 800, 600, seq=1)
-    insert_image(con, small, 7, 200, 150, seq=2)
-    insert_image(con, medium, 7, 400, 300, seq=3)
-    duplicate_groups(con)
+    big, small, medium = _three_copies(con)
     runner = CliRunner()
     excluded = runner.invoke(app, ["exclude", big[:8], "--reason", "bad crop", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert excluded.exit_code == 0, excluded.output
@@ -178,11 +184,7 @@ def test_an_image_dedup_got_wrong_is_set_apart_and_can_rejoin(con, catalog_path)
 
     from workbench.cli import app
 
-    big, small, medium = "b" * 64, "a" * 64, "d" * 64
-    insert_image(con, big, 7, 800, 600, seq=1)
-    insert_image(con, small, 7, 200, 150, seq=2)
-    insert_image(con, medium, 7, 400, 300, seq=3)
-    duplicate_groups(con)
+    big, small, medium = _three_copies(con)
     runner = CliRunner()
     apart = runner.invoke(app, ["keep", small[:8], "--alone", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert apart.exit_code == 0 and "a picture of its own" in apart.output, apart.output

@@ -560,6 +560,15 @@ def test_an_export_inside_an_ingested_folder_is_left_out_by_the_next_ingest(con,
     assert exported_dataset(con, data / "kohya_export", format="kohya", overwrite=True)["images"] == 2
 
 
+
+def _coffee_and_smaller_copy(folder: Path) -> Path:
+    """`folder` with coffee.png (a sample photo) and coffee_q70.jpg, its half-size JPEG copy: one duplicate group."""
+    folder.mkdir()
+    with Image.open(Path(__file__).resolve().parents[1] / "sample_data" / "photos" / "coffee.jpg") as photo:
+        photo.save(folder / "coffee.png")
+        photo.resize((photo.width // 2, photo.height // 2)).save(folder / "coffee_q70.jpg", quality=70)
+    return folder
+
 def test_a_dedup_made_stale_by_a_kept_copy_going_and_coming_back_is_named(tmp_path, catalog_path):
     """When the kept copy of a group went missing the dataset had no copy of the picture, and when it came back after
     another dedup, two; ingest said nothing of running dedup again, as it does for new files."""
@@ -568,11 +577,7 @@ def test_a_dedup_made_stale_by_a_kept_copy_going_and_coming_back_is_named(tmp_pa
     from workbench.cli import app
 
     runner = CliRunner()
-    data = tmp_path / "data"
-    data.mkdir()
-    with Image.open(Path(__file__).resolve().parents[1] / "sample_data" / "photos" / "coffee.jpg") as photo:
-        photo.save(data / "coffee.png")
-        photo.resize((photo.width // 2, photo.height // 2)).save(data / "coffee_q70.jpg", quality=70)
+    data = _coffee_and_smaller_copy(tmp_path / "data")
     common = ["--catalog", str(catalog_path), "--workers", "1"]
 
     def ingest() -> str:
@@ -732,11 +737,7 @@ def test_a_touched_or_restored_file_with_the_same_bytes_is_not_changed(tmp_path,
     from workbench.cli import app
 
     runner = CliRunner()
-    folder = tmp_path / "10_sks dog"
-    folder.mkdir()
-    with Image.open(Path(__file__).resolve().parents[1] / "sample_data" / "photos" / "coffee.jpg") as photo:
-        photo.save(folder / "coffee.png")
-        photo.resize((photo.width // 2, photo.height // 2)).save(folder / "coffee_q70.jpg", quality=70)
+    folder = _coffee_and_smaller_copy(tmp_path / "10_sks dog")
     kept, copy = folder / "coffee.png", folder / "coffee_q70.jpg"
     common = ["--catalog", str(catalog_path), "--workers", "1"]
 
