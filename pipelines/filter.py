@@ -314,7 +314,10 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
     unreadable = con.execute(  # files ingest could not read are never in the dataset, included or not
         "SELECT count(*) FROM images WHERE status <> 'ok' AND image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchone()[0]
-    return {"included": len(ids), "exclusions_removed": removed, "still_excluded_by_other_steps": still,
+    in_dataset = con.execute(  # what the command says first: "included 1" read as done when a duplicate stayed out
+        "SELECT count(*) FROM dataset WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+    ).fetchone()[0]
+    return {"in_dataset_now": in_dataset, "exclusions_removed": removed, "still_excluded_by_other_steps": still,
             "unreadable_files": unreadable}
 
 

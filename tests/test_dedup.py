@@ -185,6 +185,10 @@ def test_an_image_dedup_got_wrong_is_set_apart_and_can_rejoin(con, catalog_path)
     from workbench.cli import app
 
     big, small, medium = _three_copies(con)
+    from pipelines.filter import manual_inclusions
+
+    counts = manual_inclusions(con, [small])  # said "included 1" while it stayed out as a duplicate
+    assert counts["in_dataset_now"] == 0 and counts["still_excluded_by_other_steps"] == 1
     runner = CliRunner()
     apart = runner.invoke(app, ["keep", small[:8], "--alone", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert apart.exit_code == 0 and "a picture of its own" in apart.output, apart.output

@@ -101,7 +101,7 @@ def test_manual_include_overrides_filters_and_manual_exclude_has_reason(con):
     fine = _add_image(con, 2, 600, 600)
     filtered_dataset(con, FilterRules())
     result = manual_inclusions(con, [small[:8]])
-    assert result == {"included": 1, "exclusions_removed": 1, "still_excluded_by_other_steps": 0, "unreadable_files": 0}
+    assert result == {"in_dataset_now": 1, "exclusions_removed": 1, "still_excluded_by_other_steps": 0, "unreadable_files": 0}
     summary = filtered_dataset(con, FilterRules(min_side=1000))
     assert small not in _reasons(con) and fine in _reasons(con)
     assert summary["manually_included"] == 1
