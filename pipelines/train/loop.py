@@ -535,14 +535,9 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     train_text = config.train_text_encoder
     text_encoder.requires_grad_(False)
     if config.mode == "lora":
-        unet.requires_grad_(False)
-        _place(unet, device, weight_dtype)
-        with _named_target_modules("lora_target_modules", unet):
-            unet.add_adapter(_lora_config(config, config.lora_target_modules))
-        if train_text:
-            _place(text_encoder, device, weight_dtype)
-            with _named_target_modules("text_encoder_target_modules", text_encoder):
-                _add_text_encoder_lora(text_encoder, _lora_config(config, config.text_encoder_target_modules))
+        for module in (unet, text_encoder) if train_text else (unet,):
+            _place(module, device, weight_dtype)  # before the adapters: peft makes them on their layers' device
+        _add_loras(config, unet, text_encoder if train_text else None)
     else:
         if config.from_scratch:
             torch.manual_seed(config.seed)
@@ -643,7 +638,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     start_micro = global_step * micro_per_update
     remaining = plan[start_micro:]
     pools = priors or {}
-    class_image_count = len({p.image_id for pool in pools.values() for p in pool})
+    class_image_count = len(train_data.class_image_ids(priors))
     per_epoch = max(1, train_data.batches_per_epoch(images, config.train_batch_size))  # micro-batches (kohya's epoch count)
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     if accelerator.is_main_process:
@@ -815,6 +810,18 @@ def _named_target_modules(option: str, model: torch.nn.Module):
                          for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
         raise RunRefused(f"No layer of the model matches {option} (--set {option}=...): its linear layers are named "
                          f"{', '.join(linear)}.") from None
+
+
+def _add_loras(config: TrainConfig, unet, text_encoder=None) -> None:
+    """A LoRA run's adapters on the frozen UNet (and text encoder, when given), as training and
+    `exported_checkpoint` build them; target modules the model lacks are refused by name."""
+    unet.requires_grad_(False)
+    with _named_target_modules("lora_target_modules", unet):
+        unet.add_adapter(_lora_config(config, config.lora_target_modules))
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+        with _named_target_modules("text_encoder_target_modules", text_encoder):
+            _add_text_encoder_lora(text_encoder, _lora_config(config, config.text_encoder_target_modules))
 
 
 def _add_text_encoder_lora(text_encoder, lora_config) -> None:
@@ -1039,12 +1046,12 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
+    from pipelines.train.lora_formats import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+
     saved = ckpt.saved_config(checkpoint)
     if saved is None or ckpt.damaged_files(checkpoint):
         raise TrainingError(f"{checkpoint} is not a whole checkpoint written by this workbench (its state.json or weights are missing).")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-    from pipelines.train.lora_formats import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
-
     written = {"lora_diffusers": checkpoint / DIFFUSERS_LORA_FILE, "lora_kohya": checkpoint / KOHYA_LORA_FILE}
     if config.mode == "lora" and all(path.is_file() for path in written.values()):
         # the files the run wrote at that step: bitwise its LoRA, with its own metadata (epoch, training time)
@@ -1056,11 +1063,7 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     train_text = config.train_text_encoder
     # the trainable weights the run had, as it built them
     if config.mode == "lora":
-        unet.requires_grad_(False)
-        unet.add_adapter(_lora_config(config, config.lora_target_modules))
-        if train_text:
-            text_encoder.requires_grad_(False)
-            _add_text_encoder_lora(text_encoder, _lora_config(config, config.text_encoder_target_modules))
+        _add_loras(config, unet, text_encoder if train_text else None)
     elif config.from_scratch:
         unet = UNet2DConditionModel.from_config(unet.config)
     try:
@@ -1080,4 +1083,4 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     progress(task="export", message=f"writing step {step} of {run_dir} to {out_dir}")
     return _save_model(config, out_dir, unet, text_encoder if train_text else None, components, _noise_scheduler(components, config),
                        len(images), step, 0.0, images=images or None,
-                       reg_images=len({p.image_id for pool in (priors or {}).values() for p in pool}))
+                       reg_images=len(train_data.class_image_ids(priors)))
