@@ -271,6 +271,11 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
     return images
 
 
+def class_image_ids(priors: dict[str, list[TrainImage]] | None) -> set[str]:
+    """The distinct class-prior images of a run's pools (one image may serve several class prompts)."""
+    return {image.image_id for pool in (priors or {}).values() for image in pool}
+
+
 def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, wanted: dict[str, int], model: str, *,
                        progress: ProgressHook = null_progress) -> dict[str, list[TrainImage]]:
     """Up to `wanted[prompt]` class-prior images per class prompt, lowest seeds first, of the set this run uses and

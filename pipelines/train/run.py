@@ -409,7 +409,7 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
                       progress: ProgressHook, started: float, folder_id: str | None) -> TrainResult:
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
     _mark_interrupted_runs(catalog.con, output_dir)
-    class_ids = sorted({p.image_id for pool in (priors or {}).values() for p in pool})
+    class_ids = sorted(train_data.class_image_ids(priors))
     train_id = catalog.con.execute(
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir, folder_id) "
         "VALUES (?, ?, 'running', ?, ?, ?, ?, ?) RETURNING train_id",
