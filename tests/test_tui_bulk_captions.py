@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from test_tui import SIZE, focus_on, manual_caption, query_count, text_of, wait_for
+from test_tui import SIZE, captions_loaded, focus_on, manual_caption, query_count, text_of, wait_for
 
 from tui import caption_edits
 from tui.app import WorkbenchApp
@@ -39,8 +39,7 @@ def test_bulk_edits_ask_with_the_count_and_no_changes_nothing(synthetic_catalog)
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen, *_ = await captions_loaded(app, pilot)
             pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
             await apply_filter(pilot, app, "format = 'PNG'", pngs)
             before = captions(app)
@@ -92,8 +91,7 @@ def test_bulk_edit_refuses_a_filter_typed_but_not_applied(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen, *_ = await captions_loaded(app, pilot)
             pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
             grays = query_count(app, "SELECT count(*) FROM images WHERE is_grayscale AND status = 'ok'")
             await apply_filter(pilot, app, "format = 'PNG'", pngs)
@@ -126,9 +124,7 @@ def test_undo_of_a_bulk_edit_keeps_a_caption_saved_after_it(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            editor = screen.query_one("#caption-text")
-            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            screen, _, _, editor = await captions_loaded(app, pilot)
             pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
             await apply_filter(pilot, app, "format = 'PNG'", pngs)
             before = captions(app)
