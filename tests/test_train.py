@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pipelines.train.loop import (
     _step_loss,
     fill_caches,
     read_loss_csv,
+    render_samples,
     sampling_pipeline,
     step_generator,
     tokenize,
@@ -367,6 +369,58 @@ def test_a_run_folder_takes_one_training_process_at_a_time(con, tmp_path, one_th
 def _render(pipe) -> np.ndarray:
     return pipe("square 0, red, blue, green", num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def test_a_lora_run_releases_the_frozen_text_encoder_and_samples_from_cached_prompt_states(con, tmp_path, one_thread, monkeypatch):
+    """Once every caption and sample prompt is in the text cache, a LoRA run holds no text encoder or tokenizer
+    (diffusers' --pre_compute_text_embeddings does the same); its sample grid, drawn from the cached prompt states,
+    is the one the trained UNet gives from the prompts through the text encoder."""
+    import weakref
+
+    from PIL import Image
+
+    from pipelines.train import loop
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "out", max_train_steps=2, learning_rate=5e-2, num_validation_images=2,
+                         validation_inference_steps=2, validation_guidance_scale=3.0,
+                         validation_prompt=["square, red", "a photo of sks"])
+    loaded = {}
+
+    def load_and_watch(config, progress=null_progress):  # the run loads its own parts, as `workbench train` does
+        components = tiny_components()
+        loaded["text_encoder"], loaded["tokenizer"] = weakref.ref(components.text_encoder), weakref.ref(components.tokenizer)
+        loaded["unet"] = components.unet
+        return components
+
+    alive_while_training = []
+
+    def watch(*, task, completed=0, total=None, message=None):
+        if task == "train" and completed == 1:
+            alive_while_training.append((loaded["text_encoder"]() is not None, loaded["tokenizer"]() is not None))
+
+    monkeypatch.setattr(loop, "load_components", load_and_watch)
+    result = main(config, training_images(con, config), output_dir=tmp_path / "out", progress=watch)
+    assert alive_while_training == [(False, False)]
+
+    components = tiny_components()  # the same frozen text encoder; the trained UNet, through prompts
+    pipe = sampling_pipeline(components, loaded["unet"], components.text_encoder, _noise_scheduler(components, config))
+    rows = render_samples(pipe, config.validation_prompt, config, "cpu")
+    through_prompts = np.concatenate([np.asarray(img, dtype=np.int16) for row in rows for img in row])
+    index = json.loads((Path(result.outputs["final_samples"]) / "samples.json").read_text())
+    assert [entry["prompt"] for entry in index] == ["square, red"] * 2 + ["a photo of sks"] * 2
+    saved = np.concatenate([np.asarray(Image.open(Path(result.outputs["final_samples"]) / entry["file"]), dtype=np.int16)
+                            for entry in index])
+    assert np.abs(saved - through_prompts).max() <= 1  # the last bits of a batched text encoder may differ
+    assert np.abs(through_prompts[:32] - through_prompts[64:96]).max() > 10  # the two prompts give other pictures
+
+
+def test_a_lora_run_with_a_trained_text_encoder_keeps_it(con, tmp_path, one_thread):
+    """The text encoder trains (no text cache): nothing is released, samples come through it."""
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "out", max_train_steps=1, train_text_encoder=True, num_validation_images=1)
+    result = main(config, training_images(con, config), output_dir=tmp_path / "out", components=tiny_components())
+    assert Path(result.outputs["samples"]).is_file() and not result.cache.get("text_hits")
 
 
 def test_both_lora_files_load_in_diffusers_and_reproduce_the_trained_model(con, tmp_path, one_thread):

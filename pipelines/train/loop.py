@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import gc
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -434,14 +436,23 @@ def sampling_pipeline(components, unet, text_encoder, noise_scheduler):
     return pipe
 
 
-def render_samples(pipe, prompts: Sequence[str], config: TrainConfig, device) -> list[list]:
-    """num_validation_images images per prompt, image i seeded with validation_seed + i (same every time)."""
+def render_samples(pipe, prompts: Sequence[str], config: TrainConfig, device,
+                   prompt_states: Mapping[str, torch.Tensor] | None = None) -> list[list]:
+    """num_validation_images images per prompt, image i seeded with validation_seed + i (same every time).
+    With `prompt_states` (the text encoder's output per prompt, and for "" the unconditional one) the pipeline
+    needs no text encoder or tokenizer."""
     size = config.resolution
+    count = config.num_validation_images
     rows = []
     for prompt in prompts:
-        generators = [torch.Generator().manual_seed(config.validation_seed + i) for i in range(config.num_validation_images)]
+        generators = [torch.Generator().manual_seed(config.validation_seed + i) for i in range(count)]
+        if prompt_states is None:
+            text: dict[str, Any] = {"prompt": [prompt] * count}
+        else:
+            text = {"prompt_embeds": prompt_states[prompt].expand(count, -1, -1).to(device),
+                    "negative_prompt_embeds": prompt_states[""].expand(count, -1, -1).to(device)}
         result = pipe(
-            [prompt] * config.num_validation_images, num_inference_steps=config.validation_inference_steps,
+            **text, num_inference_steps=config.validation_inference_steps,
             guidance_scale=config.validation_guidance_scale, generator=generators, height=size, width=size,
         )
         rows.append(result.images)
@@ -641,14 +652,27 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     class_image_count = len(train_data.class_image_ids(priors))
     per_epoch = max(1, train_data.batches_per_epoch(images, config.train_batch_size))  # micro-batches (kohya's epoch count)
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
+    prompts = list(config.validation_prompt) or list(dict.fromkeys(img.caption for img in images if img.caption))[:2] or ["a photo"]
+    sampling = config.num_validation_images > 0
+    sample_captions = [*prompts, ""] if sampling else []  # "": the unconditional prompt of classifier-free guidance
     if accelerator.is_main_process:
-        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress)
+        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress, extra_captions=sample_captions)
     accelerator.wait_for_everyone()
+    prompt_states = None
+    if text_cache is not None and config.mode == "lora":
+        # every caption and sample prompt is encoded: the frozen text encoder and tokenizer have nothing left to do
+        # in a LoRA run (its outputs hold no text encoder), so they leave memory, as with diffusers'
+        # --pre_compute_text_embeddings. Samples are drawn from the cached prompt states.
+        if sampling and accelerator.is_main_process:
+            prompt_states = cached_prompt_states(text_cache, sample_captions)
+        text_encoder = tokenizer = None
+        components = dataclasses.replace(components, text_encoder=None, tokenizer=None)
+        gc.collect()
     if device.type != "cpu":
         # with everything cached the frozen encoders only serve sampling: keep them out of GPU memory
         if latent_cache is not None:
             vae.to("cpu")
-        if text_cache is not None and not train_text:
+        if text_cache is not None and text_encoder is not None and not train_text:
             text_encoder.to("cpu")
     cache_stats_before = (latent_cache.stats.hits if latent_cache else 0, text_cache.stats.hits if text_cache else 0)
     loader = torch.utils.data.DataLoader(
@@ -659,7 +683,6 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if use_tensorboard and accelerator.is_main_process:
         accelerator.init_trackers("workbench-train", config=_tracker_config(config))
 
-    prompts = list(config.validation_prompt) or list(dict.fromkeys(img.caption for img in images if img.caption))[:2] or ["a photo"]
     loss_csv = output_dir / "loss.csv"
     if accelerator.is_main_process:
         with loss_csv.open("w", newline="") as handle:
@@ -706,7 +729,6 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             loss_log.add(global_step, micro_losses, lr_scheduler.get_last_lr()[0], micro_parts)
             micro_losses, micro_parts = [], []
             checkpoint_due = global_step % config.checkpointing_steps == 0 or global_step == max_steps
-            sampling = config.num_validation_images > 0
             sample_due = sampling and global_step % config.validation_steps == 0 and global_step != max_steps
             if checkpoint_due or sample_due or loss_log.read_due():
                 # a non-finite loss stops the run here, before a checkpoint or sample grid holds its weights
@@ -728,7 +750,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                     )
                     ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
             if sample_due and accelerator.is_main_process:
-                _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema)
+                _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema,
+                           prompt_states=prompt_states)
             progress(task="train", completed=global_step, total=max_steps, message=None)
             if global_step >= max_steps:
                 break
@@ -740,18 +763,19 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     outputs: dict[str, str] = {}
     if accelerator.is_main_process:
         unwrapped_unet = accelerator.unwrap_model(unet)
-        unwrapped_text = accelerator.unwrap_model(text_encoder)
+        unwrapped_text = accelerator.unwrap_model(text_encoder) if train_text else None
         if ema is not None:
             ema.copy_to(unwrapped_unet.parameters())
         progress(task="save", message="writing outputs")
         outputs.update(_save_model(
-            config, output_dir, unwrapped_unet, unwrapped_text if train_text else None, components, noise_scheduler,
+            config, output_dir, unwrapped_unet, unwrapped_text, components, noise_scheduler,
             len(images), global_step, time.perf_counter() - started, images=images, cache_latents=latent_cache is not None,
             epoch=math.ceil(global_step * micro_per_update / per_epoch), frozen_text_weights=frozen_text_weights,
             reg_images=class_image_count,
         ))
-        if config.num_validation_images > 0:
-            grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, None, final=True)
+        if sampling:
+            grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir,
+                                      global_step, None, final=True, prompt_states=prompt_states)
             outputs["samples"] = str(grid)
             outputs["final_samples"] = str(finals)
         outputs["loss_csv"] = str(loss_csv)
@@ -871,8 +895,10 @@ def _lora_config(config: TrainConfig, target_modules):
 
 
 @torch.no_grad()
-def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook) -> None:
-    """Encode every latent and caption the remaining plan needs that is not on disk yet.
+def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook,
+                extra_captions: Sequence[str] = ()) -> None:
+    """Encode every latent and caption the remaining plan needs (and `extra_captions`: the sample prompts) that is
+    not on disk yet.
 
     Latents are encoded one image at a time: a batched VAE encode differs in the last bits with the batch
     it ran in, and a cache entry must be the same whichever run (and batch size) wrote it, or a resumed
@@ -894,7 +920,7 @@ def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_enco
             latent_cache.put(key, posterior.mean[0].float(), posterior.std[0].float())
             progress(task="cache latents", completed=done, total=len(todo))
     if text_cache is not None:
-        captions = list(dict.fromkeys(spec.caption for specs in plan for spec in specs))
+        captions = list(dict.fromkeys([*(spec.caption for specs in plan for spec in specs), *extra_captions]))
         missing = [c for c in captions if not text_cache.path(text_cache.key(c)).exists()]
         for i in range(0, len(missing), 32):
             chunk = missing[i : i + 32]
@@ -928,6 +954,9 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
         if "hidden" in group:
             hidden = to_device(group["hidden"], device)
         else:
+            if text_encoder is None:  # released once every caption was cached (a LoRA run): the entry went missing since
+                raise TrainingError(f"The text cache lost the entry of the caption {group['captions'][0]!r} during the run "
+                                    "(was the cache folder cleaned?): run again with --resume latest.")
             _on(text_encoder, device)
             ids = to_device(tokenize(tokenizer, group["captions"]), device)
             with torch.set_grad_enabled(train_text):
@@ -940,7 +969,19 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
     return loss, None if prior is None else torch.stack([instance, prior]).detach()
 
 
-def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir: Path, step: int, ema, final: bool = False):
+def cached_prompt_states(text_cache: TextCache, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The text encoder's output for each prompt, read from the cache `fill_caches` filled."""
+    states = {}
+    for prompt in prompts:
+        state = text_cache.get(prompt)
+        if state is None:
+            raise TrainingError(f"The text cache lost the entry of the sample prompt {prompt!r} ({text_cache.folder}): run again.")
+        states[prompt] = state
+    return states
+
+
+def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir: Path, step: int, ema,
+               final: bool = False, prompt_states: Mapping[str, torch.Tensor] | None = None):
     from diffusers.utils import make_image_grid
 
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -949,8 +990,8 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
         ema.store(unwrapped.parameters())
         ema.copy_to(unwrapped.parameters())
     unwrapped.eval()
-    text = accelerator.unwrap_model(text_encoder)
-    homes = [(module, module.device) for module in (components.vae, text)]
+    text = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None  # None: sampled from prompt_states
+    homes = [(module, module.device) for module in (components.vae, text) if module is not None]
     try:
         for module, _ in homes:
             _on(module, accelerator.device)
@@ -958,7 +999,7 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
         # a few sample images are not worth compiling the inference graphs for: compiled blocks run eagerly here
         stance = torch.compiler.set_stance("force_eager") if config.torch_compile else contextlib.nullcontext()
         with accelerator.autocast(), stance:
-            rows = render_samples(pipe, prompts, config, accelerator.device)
+            rows = render_samples(pipe, prompts, config, accelerator.device, prompt_states)
     finally:
         for module, home in homes:
             _on(module, home)
