@@ -202,12 +202,15 @@ def model_captions(
     device: torch.device | str | None = None,
     workers: int | None = None,
     duplicates: bool = False,
+    own_captioned: bool = False,
     progress: ProgressHook = null_progress,
 ) -> dict[str, int]:
     """Caption every image with status ok using BLIP, stored as source 'model:<model_name>'; resumable.
 
     Copies dedup excluded are left out unless `duplicates`: they do not train, and a set with many copies would spend
-    hours of a real BLIP on them (a copy kept later is captioned by the next run)."""
+    hours of a real BLIP on them (a copy kept later is captioned by the next run). Images whose current caption is
+    their own (a sidecar file, one typed by hand, or one a kept copy carries from the copy dedup excluded) are left
+    out unless `own_captioned`: they train with theirs."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if max_length < 2:
@@ -219,13 +222,18 @@ def model_captions(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     params = {"model": model_name, "batch_size": batch_size, "max_length": max_length, "num_beams": num_beams,
-              "prompt": prompt, "template": template, "overwrite": overwrite, "duplicates": duplicates}
+              "prompt": prompt, "template": template, "overwrite": overwrite, "duplicates": duplicates,
+              "own_captioned": own_captioned}
     with record_run(con, "caption", params) as run:
         candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
         copies = set() if duplicates else {row[0] for row in con.execute(
             "SELECT image_id FROM exclusions WHERE step = 'dedup'").fetchall()}
         skipped_copies = sum(image_id in copies for image_id, _ in candidates)
         candidates = [(image_id, path) for image_id, path in candidates if image_id not in copies]
+        own = set() if own_captioned else {row[0] for row in con.execute(
+            "SELECT image_id FROM current_captions WHERE caption_source IN ('sidecar', 'manual', 'duplicate')").fetchall()}
+        skipped_own = sum(image_id in own for image_id, _ in candidates)
+        candidates = [(image_id, path) for image_id, path in candidates if image_id not in own]
         if overwrite:  # again for every image, except those a stopped run of this same command already did
             since = _unfinished_since(con, run.run_id, params)
             done = set() if since is None else {row[0] for row in con.execute(
@@ -235,7 +243,8 @@ def model_captions(
         todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
         concept_of = _concept_fields(con) if template else {}
         counts = {"images_ok": len(candidates), "already_captioned": len(candidates) - len(todo),
-                  "captioned": 0, "unreadable": 0, "without_trigger": 0, "duplicates_skipped": skipped_copies}
+                  "captioned": 0, "unreadable": 0, "without_trigger": 0, "duplicates_skipped": skipped_copies,
+                  "own_captions_kept": skipped_own}
         run.counts.update(counts)
         progress(task="caption", completed=0, total=len(todo))
         if todo:

@@ -42,25 +42,41 @@ def _captions(con, source: str) -> dict[str, str]:
 def test_captions_only_ok_images_and_resumes(catalog, blip):
     processor, model = blip
     first = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
-    assert first["images_ok"] == 5 and first["captioned"] == 5
+    assert first["images_ok"] == 4 and first["captioned"] == 4 and first["own_captions_kept"] == 1
     stored = _captions(catalog, "model:tiny")
     ok_ids = {r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok'").fetchall()}
-    assert set(stored) == ok_ids  # the broken file got no caption
+    assert set(stored) == ok_ids - _sidecar_ids(catalog)  # the broken file got no caption, the sidecar one keeps its own
     assert all(text.strip() for text in stored.values())
     assert len(set(stored.values())) > 1  # captions depend on the image
 
     again = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
-    assert again["captioned"] == 0 and again["already_captioned"] == 5
+    assert again["captioned"] == 0 and again["already_captioned"] == 4
     before = dict(catalog.execute("SELECT image_id, created_at FROM captions WHERE source = 'model:tiny'").fetchall())
 
     redo = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8,
                           overwrite=True, workers=0)
-    assert redo["captioned"] == 5
+    assert redo["captioned"] == 4
     after = dict(catalog.execute("SELECT image_id, created_at FROM captions WHERE source = 'model:tiny'").fetchall())
     assert all(after[i] > before[i] for i in before)
     assert _captions(catalog, "sidecar") == {next(iter(_sidecar_ids(catalog))): "a sidecar caption"}
     runs = catalog.execute("SELECT count(*) FROM runs WHERE step = 'caption' AND status = 'ok'").fetchone()[0]
     assert runs == 3
+
+
+def test_images_with_a_caption_of_their_own_are_captioned_only_when_asked(catalog, blip):
+    """A sidecar or a typed caption is what the image trains with: BLIP is not spent on it unless asked, and a
+    caption the model writes for it later does not replace it."""
+    processor, model = blip
+    typed = sorted(({r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok'").fetchall()}
+                    - _sidecar_ids(catalog)))[0]
+    catalog.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'typed by hand')", [typed])
+    counts = model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0)
+    assert counts["captioned"] == 3 and counts["own_captions_kept"] == 2
+    assert not ({typed} | _sidecar_ids(catalog)) & set(_captions(catalog, "model:tiny"))
+    counts = model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0, own_captioned=True)
+    assert counts["captioned"] == 2 and counts["already_captioned"] == 3 and counts["own_captions_kept"] == 0
+    current = dict(catalog.execute("SELECT image_id, caption FROM current_captions").fetchall())
+    assert current[typed] == "typed by hand" and current[next(iter(_sidecar_ids(catalog)))] == "a sidecar caption"
 
 
 def _sidecar_ids(con):
@@ -74,7 +90,7 @@ def test_a_new_image_is_the_only_one_captioned_on_resume(catalog, blip, tmp_path
     Image.new("RGB", (50, 30), (1, 200, 3)).save(extra)
     ingested_images(catalog, [tmp_path / "images"], workers=1)
     counts = model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0)
-    assert counts["captioned"] == 1 and counts["already_captioned"] == 5
+    assert counts["captioned"] == 1 and counts["already_captioned"] == 4
 
 
 def test_batched_and_single_captioning_agree(catalog, blip):
@@ -82,7 +98,7 @@ def test_batched_and_single_captioning_agree(catalog, blip):
     model_captions(catalog, processor, model, model_name="batched", batch_size=4, max_length=10, workers=2)
     model_captions(catalog, processor, model, model_name="single", batch_size=1, max_length=10, workers=0)
     batched, single = _captions(catalog, "model:batched"), _captions(catalog, "model:single")
-    assert len(batched) == 5 and batched == single
+    assert len(batched) == 4 and batched == single
 
 
 def test_prompt_is_continued(catalog, blip):
@@ -96,10 +112,10 @@ def test_template_uses_the_concept_trigger_when_there_is_one(catalog, blip):
     ids = [r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok' ORDER BY image_id").fetchall()]
     catalog.execute("INSERT INTO concepts (name, trigger_token, class_noun) VALUES ('rex', 'sks', 'dog')")
     catalog.execute("INSERT INTO concept_images (image_id, concept, source) VALUES (?, 'rex', 'manual')", [ids[0]])
-    counts = model_captions(catalog, processor, model, model_name="t", max_length=8, workers=0,
+    counts = model_captions(catalog, processor, model, own_captioned=True, model_name="t", max_length=8, workers=0,
                             template="photo of {trigger} {class}, {caption}")
     assert counts["without_trigger"] == 4
-    plain = model_captions(catalog, processor, model, model_name="plain", max_length=8, workers=0)
+    plain = model_captions(catalog, processor, model, own_captioned=True, model_name="plain", max_length=8, workers=0)
     assert plain["captioned"] == 5
     templated, raw = _captions(catalog, "model:t"), _captions(catalog, "model:plain")
     assert templated[ids[0]] == f"photo of sks dog, {raw[ids[0]]}"
@@ -119,7 +135,7 @@ def test_template_errors_and_filling():
 
 def test_current_caption_rule_and_choice(catalog, blip):
     processor, model = blip
-    model_captions(catalog, processor, model, model_name="tiny", max_length=6, workers=0)
+    model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", max_length=6, workers=0)
     (sidecar_id,) = _sidecar_ids(catalog)
     current = dict(catalog.execute("SELECT image_id, caption_source FROM images_view WHERE status = 'ok'").fetchall())
     assert current[sidecar_id] == "sidecar"  # sidecar beats a model caption
@@ -149,6 +165,9 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     result = runner.invoke(app, ["caption", "-c", str(catalog_path), "--batch-size", "2", "--max-length", "6",
                                  "--workers", "0"])
     assert result.exit_code == 0, result.output
+    assert "1 image(s) with a caption of their own" in " ".join(result.output.split())  # img_0.txt
+    own = runner.invoke(app, ["caption", "-c", str(catalog_path), "--max-length", "6", "--workers", "0", "--own-captioned"])
+    assert own.exit_code == 0 and "caption of their own" not in own.output, own.output
     again = runner.invoke(app, ["caption", "-c", str(catalog_path), "--batch-size", "2", "--max-length", "6",
                                 "--workers", "0", "--template", "photo of {trigger}, {caption}"])
     assert again.exit_code == 0 and "applies to new captions only" in " ".join(again.output.split())
@@ -169,7 +188,7 @@ def test_a_file_unreadable_since_ingest_is_named(catalog, blip, tmp_path):
     victim = tmp_path / "images" / "img_3.png"
     victim.write_bytes(b"overwritten since ingest")
     messages = []
-    counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0,
+    counts = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=6, workers=0,
                             progress=lambda **kw: messages.append(kw.get("message")))
     assert (counts["captioned"], counts["unreadable"]) == (4, 1)
     assert any(m and m.startswith(f"could not read {victim}") for m in messages), messages
@@ -185,11 +204,11 @@ def test_cancelling_keeps_the_batches_already_written(catalog, blip):
             raise StepCancelled("stop")
 
     with pytest.raises(StepCancelled):
-        model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0,
+        model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=6, workers=0,
                        progress=cancel_after_first_batch)
     assert len(_captions(catalog, "model:tiny")) == 2
     assert catalog.execute("SELECT status FROM runs WHERE step = 'caption'").fetchone()[0] == "cancelled"
-    resumed = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
+    resumed = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=6, workers=0)
     assert resumed["captioned"] == 3 and resumed["already_captioned"] == 2
 
 
@@ -198,7 +217,7 @@ def test_class_priors_are_not_captioned(catalog, blip):
     processor, model = blip
     prior = catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok' ORDER BY image_id LIMIT 1").fetchone()[0]
     catalog.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [prior])
-    counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
+    counts = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=6, workers=0)
     assert counts["images_ok"] == 4 and prior not in _captions(catalog, "model:tiny")
 
 
@@ -225,7 +244,7 @@ def test_a_stopped_overwrite_run_goes_on_where_it_stopped_when_run_again(catalog
     from workbench.progress import StepCancelled
 
     processor, model = blip
-    model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=6, workers=0)
+    model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=6, workers=0)
 
     def stop_after_a_batch(*, task, completed=0, total=None, message=None):
         if task == "caption" and completed >= 2:
@@ -233,11 +252,11 @@ def test_a_stopped_overwrite_run_goes_on_where_it_stopped_when_run_again(catalog
 
     options = dict(model_name="tiny", batch_size=2, max_length=6, workers=0, overwrite=True)
     with pytest.raises(StepCancelled):
-        model_captions(catalog, processor, model, progress=stop_after_a_batch, **options)
-    rest = model_captions(catalog, processor, model, **options)
+        model_captions(catalog, processor, model, own_captioned=True, progress=stop_after_a_batch, **options)
+    rest = model_captions(catalog, processor, model, own_captioned=True, **options)
     assert (rest["captioned"], rest["already_captioned"]) == (3, 2)
-    assert model_captions(catalog, processor, model, **options)["captioned"] == 5  # after a finished run: all again
-    other = model_captions(catalog, processor, model, **{**options, "max_length": 7})  # another command: all again
+    assert model_captions(catalog, processor, model, own_captioned=True, **options)["captioned"] == 5  # after a finished run: all again
+    other = model_captions(catalog, processor, model, own_captioned=True, **{**options, "max_length": 7})  # another command: all again
     assert other["captioned"] == 5
 
 
@@ -247,8 +266,8 @@ def test_copies_dedup_excluded_are_not_captioned_unless_asked(catalog, blip):
     ids = sorted(r[0] for r in catalog.execute("SELECT image_id FROM images_view WHERE status = 'ok'").fetchall())
     catalog.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'dedup', 'duplicate of x'), "
                     "(?, 'manual', 'manual: ugly')", [ids[0], ids[1]])
-    counts = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
+    counts = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=8, workers=0)
     assert counts["duplicates_skipped"] == 1 and counts["captioned"] == len(ids) - 1
     assert ids[0] not in _captions(catalog, "model:tiny") and ids[1] in _captions(catalog, "model:tiny")
-    asked = model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0, duplicates=True)
+    asked = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=8, workers=0, duplicates=True)
     assert asked["captioned"] == 1 and ids[0] in _captions(catalog, "model:tiny")

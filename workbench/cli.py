@@ -413,6 +413,7 @@ def caption(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Image decoding processes (default: up to 4; 0 = none).")] = None,
     use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, duplicate, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
     duplicates: Annotated[bool, typer.Option("--duplicates", help="Also caption the copies dedup excluded (left out by default: they do not train).")] = False,
+    own_captioned: Annotated[bool, typer.Option("--own-captioned", help="Also caption images with a caption of their own: a sidecar .txt, one typed, or one carried from a duplicate (left out by default: they train with theirs).")] = False,
 ) -> None:
     """Caption every usable image with BLIP (resumable), or choose which caption source images use.
 
@@ -451,9 +452,13 @@ def caption(
             counts = model_captions(
                 con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
                 num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
-                workers=workers, duplicates=duplicates, progress=progress,
+                workers=workers, duplicates=duplicates, own_captioned=own_captioned, progress=progress,
             )
     console.print(counts_table(f"caption (source model:{label})", counts))
+    if counts.get("own_captions_kept"):
+        err_console.print(f"[yellow]Note:[/] {counts['own_captions_kept']} image(s) with a caption of their own (a sidecar "
+                          "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. --own-captioned captions them "
+                          "too (then `--use-source model:NAME` makes the model's captions current).")
     if template and counts.get("already_captioned") and not overwrite:
         err_console.print(f"[yellow]Note:[/] the template applies to new captions only; {counts['already_captioned']} image(s) "
                           "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
