@@ -539,6 +539,7 @@ def imported_kohya_folder(
         plain_subset_repeats,
     )
     from pipelines.ingest import ingested_images
+    from pipelines.priors import class_prompt_of_folder, image_files_in, supplied_priors
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -581,13 +582,25 @@ def imported_kohya_folder(
     imported = [os.path.abspath(os.fsencode(f)) for f in files]
     assigned = counts.pop("images_joined_concepts", 0) + concepts_from_folder_names(
         con, paths=imported, zero_padded=True, folder_repeats=True, progress=_repeats_only(progress))
-    # regularisation images are not curated data: the trainer's class priors must come from the model it trains
+    # regularisation images (reg/N_class/) are the class images kohya trains beside the subject: supplied class
+    # priors of that class, which DreamBooth training takes before generating any
     reg = folder / "reg"
-    reg_images = (sum(1 for p in reg.rglob("*") if p.suffix.lower() in image_suffixes and p.is_file())
-                 if roots == [folder / "img"] and reg.is_dir() else 0)  # images: their .txt captions are not counted
-    if reg_images:
-        progress(task="import", message=f"{reg} not imported ({reg_images} images): class priors are generated "
-                 "for the model you train (`workbench priors` or `train dreambooth`)")
+    reg_dirs = sorted(p for p in reg.iterdir() if p.is_dir()) if roots == [folder / "img"] and reg.is_dir() else []
+    reg_images, reg_left_out = 0, 0
+    for sub in reg_dirs:
+        prompt = class_prompt_of_folder(con, sub)
+        if prompt is None:
+            reg_left_out += len(image_files_in(sub))
+            continue
+        if not image_files_in(sub):
+            continue
+        supplied = supplied_priors(con, sub, class_prompt=prompt, workers=workers, progress=progress)
+        reg_images += supplied.added + supplied.already
+        progress(task="import", message=f"{sub.name}: {supplied.added + supplied.already} class image(s) of {prompt!r} "
+                 "(kohya regularisation images: DreamBooth training takes them before generating any)")
+    if reg_left_out:
+        progress(task="import", message=f"left out {reg_left_out} image(s) in reg/ folders not named like `1_dog`: kohya "
+                 "reads regularisation images from `N_class` folders; `workbench priors --from FOLDER --class-prompt …` adds them")
     return {
         **counts,
         "files_outside_subset_folders": left_out,
@@ -595,5 +608,6 @@ def imported_kohya_folder(
         "folders_without_concept": len(plain_dirs),
         "images_assigned_to_concepts": assigned,
         "concepts": len(list_concepts(con)),
-        "reg_images_not_imported": reg_images,
+        "reg_class_images": reg_images,
+        "reg_images_left_out": reg_left_out,
     }

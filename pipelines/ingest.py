@@ -667,9 +667,13 @@ def ingested_images(
     *,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    folder_concepts: bool = True,
     progress: ProgressHook = null_progress,
 ) -> IngestSummary:
-    """Walk `paths`, read new and changed files in parallel, and record every image in the catalog."""
+    """Walk `paths`, read new and changed files in parallel, and record every image in the catalog.
+
+    `folder_concepts`: the kohya folder names of the files read become concepts, and concepts' stored rules take
+    the new images (False for class images, which are in no concept)."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     roots = [os.path.abspath(os.fsencode(p)) for p in paths]
@@ -685,12 +689,13 @@ def ingested_images(
         if os.path.isdir(root) and _is_kohya_reg_folder(root, set(os.listdir(os.path.dirname(root)))):
             progress(task="ingest", message=(
                 f"{display_path(root)} holds kohya regularisation images (reg/ beside img/): they join the dataset as "
-                "instance images, each folder's class as a concept. DreamBooth's class images are made for the model "
-                "you train instead: `workbench priors`, or `workbench train dreambooth`"))
+                "instance images, each folder's class as a concept. To use them as DreamBooth class images instead: "
+                "`workbench priors --from FOLDER` for each N_class folder (or `workbench import-kohya` of the folder "
+                "above)"))
     with _CtrlC() as ctrl_c, record_run(con, "ingest", params) as run:
         try:
             _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,
-                    join_concepts=last_unfinished, progress=progress, ctrl_c=ctrl_c)
+                    join_concepts=last_unfinished, folder_concepts=folder_concepts, progress=progress, ctrl_c=ctrl_c)
         except KeyboardInterrupt as interrupt:
             # every write is its own transaction, so the catalog is consistent; say how far this run got. The run's
             # counts are what it stored (the summary's, what it found to read, say how much of it that was)
@@ -740,7 +745,7 @@ class _CtrlC:
 
 
 def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: int, max_pixels: int,
-            retry_errors: bool, join_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC) -> None:
+            retry_errors: bool, join_concepts: bool, folder_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC) -> None:
     """The body of one ingest run (see ingested_images)."""
     progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
     known = _known_paths(con)
@@ -811,12 +816,14 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     _settle_shared_sidecars(con, summary, sidecars, recheck)
     # what was read, less the files found to hold the bytes recorded before (touched): those changed nothing
     read = [entry.path_bytes for entry in to_read if outcome.get(entry.path_bytes, ("",))[0] != "unchanged"]
-    if read or vanished or join_concepts:
+    # (without folder_concepts, a stopped ingest's pending join still runs, over every path)
+    concepts_now = folder_concepts or join_concepts
+    if concepts_now and (read or vanished or join_concepts):
         # kohya users manage concepts by folder: an image moved out of its `10_sks dog` folder leaves the concept it
         # joined by that folder's name (a concept given by hand stays), and can join the one of the folder it is in
         moved = None if join_concepts else read + vanished
         summary.images_left_concepts = images_out_of_their_concept_folders(con, paths=moved, progress=progress)
-    if read or join_concepts:
+    if concepts_now and (read or join_concepts):
         # kohya-style folder names ("10_sks dog") of the files read now become concepts, as sd-scripts reads
         # them (not of files read before: a concept removed since stays removed); after a stopped run, of all of
         # them. Then the stored --where / --folder rules of concepts take the new images they match

@@ -441,3 +441,126 @@ def class_prompts_by_concept(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     except duckdb.Error:
         return {}
     return {name: default_class_prompt(noun) for name, noun in rows}
+
+
+# --- class images you supply ------------------------------------------------------------
+
+
+@dataclass
+class SuppliedSummary:
+    """What one `supplied_priors` call added."""
+
+    class_prompt: str
+    folder: str
+    files: int = 0
+    added: int = 0  # now class images of the prompt, supplied from this folder
+    already: int = 0  # were supplied class images of the prompt before
+    unreadable: int = 0  # not decodable: recorded as errors by ingest, not class images
+    training_photos: list[str] = field(default_factory=list)  # also at a path outside the folder: left as they are
+    other_class_images: list[str] = field(default_factory=list)  # generated, or supplied for another prompt
+
+    def as_dict(self) -> dict:
+        return {"image_files": self.files, "added": self.added, "already_class_images": self.already,
+                "unreadable": self.unreadable, "left_out_training_photos": len(self.training_photos),
+                "left_out_other_class_images": len(self.other_class_images)}
+
+
+def class_prompt_of_folder(con: duckdb.DuckDBPyConnection, folder: str | os.PathLike[str]) -> str | None:
+    """The class prompt of a kohya regularisation folder (`1_dog`, or `1_a photo of a dog` as `workbench export`
+    writes it), or None for another name: the class prompt of the concepts of that class noun or prompt, else
+    'a photo of a dog' for a class of one or two words, else the text as it is (already a prompt)."""
+    from pipelines.concepts import parse_kohya_folder_name
+
+    name = os.path.basename(os.path.abspath(folder))
+    if parse_kohya_folder_name(name) is None:
+        return None
+    text = " ".join(name.split("_", 1)[1].split())
+    for noun in (row[0] for row in con.execute("SELECT DISTINCT class_noun FROM concepts WHERE class_noun IS NOT NULL").fetchall()):
+        if text.lower() in (noun.lower(), default_class_prompt(noun).lower()):
+            return default_class_prompt(noun)
+    return default_class_prompt(text) if len(text.split()) <= 2 else text
+
+
+def image_files_in(folder: str | os.PathLike[str]) -> list[Path]:
+    """The image files under `folder` by extension, as kohya reads a dataset folder (caption sidecars left aside)."""
+    from PIL import Image
+
+    suffixes = set(Image.registered_extensions())
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
+
+def supplied_priors(
+    con: duckdb.DuckDBPyConnection,
+    folder: str | os.PathLike[str],
+    *,
+    class_prompt: str,
+    concept: str | None = None,
+    workers: int | None = None,
+    progress: ProgressHook = null_progress,
+) -> SuppliedSummary:
+    """Your own class images in `folder` (real photos, a regularisation set), added with role 'class_prior' for `class_prompt`.
+
+    Training takes them before generated ones of the same prompt, from any base model and at any size (they are
+    bucketed like training photos), and generates none when they are enough. An image that is also a training
+    photo (a path outside the folder) or another prompt's class image is left as it is and named."""
+    from pipelines.ingest import ingested_images
+
+    if not class_prompt or not class_prompt.strip():
+        raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\".")
+    root = os.path.abspath(folder)
+    if not os.path.isdir(root):
+        raise ValueError(f"{folder} is not a folder.")
+    files = image_files_in(root)
+    if not files:
+        raise ValueError(f"{folder} holds no image files.")
+    summary = SuppliedSummary(class_prompt=class_prompt, folder=root, files=len(files))
+    concepts_before = {row[0] for row in con.execute("SELECT name FROM concepts").fetchall()}
+    params = {"supplied_from": root, "class_prompt": class_prompt, "concept": concept}
+    with record_run(con, "priors", params) as run:
+        ingested_images(con, [str(p) for p in files], workers=workers, folder_concepts=False, progress=progress)
+        wanted = [os.fsencode(str(p)) for p in files]
+        rows = con.execute(
+            "SELECT DISTINCT p.image_id, v.status, v.role FROM paths p JOIN images_view v USING (image_id) "
+            "WHERE NOT p.missing AND p.path_bytes IN (SELECT unnest(?::BLOB[]))", [wanted]).fetchall()
+        recorded = dict(con.execute(
+            "SELECT image_id, class_prompt = ? AND supplied_from IS NOT NULL FROM class_priors "
+            "WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [class_prompt, [r[0] for r in rows]]).fetchall())
+        prefix = root.rstrip(os.sep) + os.sep
+        outside = {image_id: path for image_id, path in con.execute(
+            "SELECT image_id, arg_min(path, seq) FROM paths WHERE NOT missing AND NOT starts_with(path, ?) "
+            "AND image_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY image_id", [prefix, [r[0] for r in rows]]).fetchall()}
+        added = []
+        for image_id, status, role in rows:
+            if status != "ok":
+                summary.unreadable += 1
+            elif image_id in recorded:
+                if recorded[image_id]:
+                    summary.already += 1
+                else:
+                    summary.other_class_images.append(image_id)
+            elif role == "instance" and image_id in outside:
+                summary.training_photos.append(outside[image_id])
+            else:
+                added.append(image_id)
+        if added:
+            con.execute("UPDATE images SET role = 'class_prior' WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [added])
+            con.executemany(
+                "INSERT INTO class_priors (image_id, class_prompt, seed, model, concept, supplied_from) VALUES (?, ?, NULL, NULL, ?, ?)",
+                [[image_id, class_prompt, concept, root] for image_id in added])
+            # class images are in no concept: not in one they joined as training photos before, nor in one a
+            # kohya folder name (`1_dog`) made when a stopped ingest's pending concept join ran with this one
+            con.execute("DELETE FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [added])
+            con.execute("DELETE FROM concepts WHERE name NOT IN (SELECT unnest(?::VARCHAR[])) "
+                        "AND name NOT IN (SELECT concept FROM concept_images)", [sorted(concepts_before)])
+        summary.added = len(added)
+        run.counts.update(summary.as_dict())
+    if summary.training_photos:
+        progress(task="class priors", message=(
+            f"left out {len(summary.training_photos)} image(s) that are also training photos (the same picture at "
+            f"{', '.join(summary.training_photos[:3])}{' …' if len(summary.training_photos) > 3 else ''}): a class image must not "
+            "be a picture of the subject"))
+    if summary.other_class_images:
+        progress(task="class priors", message=(
+            f"left out {len(summary.other_class_images)} image(s) that are already class images (generated, or supplied for "
+            f"another class prompt): {' '.join(i[:12] for i in summary.other_class_images[:10])}"))
+    return summary

@@ -298,8 +298,13 @@ def test_generated_priors_get_one_reg_folder_per_class_prompt_captioned_by_it(co
     assert sorted(p.read_text() for p in dog.glob("*.txt")) == ["a photo of a dog\n"] * 2
     subsets = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]["subsets"]
     assert sorted(s["class_tokens"] for s in subsets if s.get("is_reg")) == ["a photo of a cat", "a photo of a dog"]
-    back = imported_kohya_folder(connect(tmp_path / "back.duckdb"), out, workers=1)
-    assert back["reg_images_not_imported"] == 3  # reported rather than skipped in silence; their captions are not counted
+    back_con = connect(tmp_path / "back.duckdb")
+    back = imported_kohya_folder(back_con, out, workers=1)
+    # kohya's regularisation images come back as class images you supplied, each with its folder's prompt
+    assert back["reg_class_images"] == 3 and back["reg_images_left_out"] == 0
+    assert dict(back_con.execute("SELECT class_prompt, count(*) FROM class_priors WHERE supplied_from IS NOT NULL "
+                                 "GROUP BY 1").fetchall()) == {"a photo of a dog": 2, "a photo of a cat": 1}
+    assert back_con.execute("SELECT count(*) FROM concept_images WHERE image_id IN (SELECT image_id FROM class_priors)").fetchone()[0] == 0
 
 
 def test_no_upscale_export_leaves_out_images_kohya_cannot_bucket(con, curated, tmp_path):

@@ -478,3 +478,111 @@ def test_sigterm_stops_priors_as_ctrl_c_does(catalog_path, tmp_path):
     said = " ".join(output.split())
     assert proc.returncode == 130, output
     assert "Stopped" in said and "class images made so far are in" in said and "run the same command again" in said, output
+
+
+# --- class images you supply (`priors --from`, kohya reg/ folders) ------------------------
+
+
+def _photos(folder, count: int, size=(40, 32), colour=0) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"photo{i}.png"
+        Image.new("RGB", size, ((colour + 50 * i) % 256, 120, 200 - 30 * i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_supplied_class_images_join_as_class_priors_and_leave_training_photos_alone(con, tmp_path):
+    from pipelines.priors import supplied_priors
+
+    ingest_images(con, tmp_path / "instances", 2)
+    reg = tmp_path / "reg" / "1_dog"
+    _photos(reg, 3)
+    (reg / "broken.jpg").write_bytes(b"not a picture")
+    (reg / "photo0.txt").write_text("dog")  # a kohya caption: kept, not used (a class image trains with its prompt)
+    twin = next((tmp_path / "instances").glob("*.png"))
+    (reg / "twin.png").write_bytes(twin.read_bytes())  # the subject's own photo inside the class folder
+    messages = []
+    summary = supplied_priors(con, reg, class_prompt="a photo of a dog", progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert (summary.files, summary.added, summary.unreadable, len(summary.training_photos)) == (5, 3, 1, 1)
+    assert any("also training photos" in m and twin.name in m for m in messages)
+    rows = con.execute("SELECT c.class_prompt, c.seed, c.model, c.supplied_from, i.role FROM class_priors c "
+                       "JOIN images i USING (image_id)").fetchall()
+    assert rows == [("a photo of a dog", None, None, str(reg), "class_prior")] * 3
+    roles = dict(con.execute("SELECT role, count(*) FROM images WHERE status = 'ok' GROUP BY role").fetchall())
+    assert roles == {"instance": 2, "class_prior": 3}  # the twin stays a training photo
+    # `1_dog` read by ingest as a kohya concept folder: class images are in no concept, and the concept is gone
+    assert con.execute("SELECT count(*) FROM concepts").fetchone()[0] == 0
+
+    again = supplied_priors(con, reg, class_prompt="a photo of a dog")
+    assert (again.added, again.already) == (0, 3)
+    other = supplied_priors(con, reg, class_prompt="a photo of a cat")
+    assert (other.added, len(other.other_class_images)) == (0, 3)
+
+
+def test_training_takes_supplied_class_images_first_and_generates_only_what_is_missing(con, tmp_path, one_thread):
+    from pipelines.priors import supplied_priors
+    from pipelines.train import trained_model
+    from train_fixtures import fast_config, tiny_components
+
+    ingest_images(con, tmp_path / "images", 1, sizes=[(32, 32)])
+    reg = tmp_path / "reg"
+    _photos(reg, 2, size=(48, 32))
+    supplied_priors(con, reg, class_prompt="a photo of a square")
+    supplied = {r[0] for r in con.execute("SELECT image_id FROM class_priors").fetchall()}
+    assert len(supplied) == 2
+    messages = []
+
+    def run(name, **options):
+        config = fast_config(tmp_path / name, mode="dreambooth", class_prompt="a photo of a square", prior_inference_steps=1,
+                             max_train_steps=1, num_validation_images=0, **options)
+        return trained_model(con, config, components=tiny_components(), progress=lambda **kw: messages.append(kw.get("message") or ""))
+
+    first = run("db1")  # the default count would be 200 per instance image: the supplied set is used as it is
+    used = set(con.execute("SELECT class_image_ids FROM training_runs WHERE train_id = ?", [first.train_id]).fetchone()[0])
+    assert used == supplied and "2 supplied class image(s) of 'a photo of a square'" in messages
+    assert con.execute("SELECT count(*) FROM class_priors WHERE supplied_from IS NULL").fetchone()[0] == 0  # none generated
+    second = run("db2", num_class_images=3)
+    used = set(con.execute("SELECT class_image_ids FROM training_runs WHERE train_id = ?", [second.train_id]).fetchone()[0])
+    generated = con.execute("SELECT list(seed) FROM class_priors WHERE supplied_from IS NULL").fetchone()[0]
+    assert generated == [0] and supplied < used and len(used) == 3
+    assert "2 supplied class image(s) of 'a photo of a square', and 1 generated" in messages
+
+
+def test_priors_from_a_folder_on_the_command_line(catalog_path, tmp_path):
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    con.execute("INSERT INTO concepts (name, trigger_token, class_noun) VALUES ('sks dog', 'sks', 'dog')")
+    con.close()
+    _photos(tmp_path / "reg" / "1_dog", 2)
+    _photos(tmp_path / "plain", 1, colour=7)
+    added = _cli("--from", tmp_path / "reg" / "1_dog", "--catalog", catalog_path)
+    assert added.exit_code == 0 and "class images you supplied: a photo of a dog" in " ".join(added.output.split()), added.output
+    assert "concept" not in added.output  # `1_dog` is read as no concept
+    unnamed = _cli("--from", tmp_path / "plain", "--catalog", catalog_path)
+    assert unnamed.exit_code == 2 and "--class-prompt" in unnamed.output
+    mixed = _cli("--from", tmp_path / "plain", "--class-prompt", "a photo of a cat", "--num", 5, "--catalog", catalog_path)
+    assert mixed.exit_code == 2 and "--num only set(s) how images are generated" in " ".join(mixed.output.split())
+    named = _cli("--from", tmp_path / "plain", "--class-prompt", "a photo of a cat", "--catalog", catalog_path)
+    assert named.exit_code == 0, named.output
+    missing = _cli("--from", tmp_path / "nowhere", "--class-prompt", "x", "--catalog", catalog_path)
+    assert missing.exit_code == 2 and "is not a folder" in " ".join(missing.output.split())
+    con = connect(catalog_path)
+    try:
+        assert dict(con.execute("SELECT class_prompt, count(*) FROM class_priors GROUP BY 1").fetchall()) == {
+            "a photo of a dog": 2, "a photo of a cat": 1}
+    finally:
+        con.close()
+
+
+def test_the_class_prompt_of_a_kohya_regularisation_folder(con, tmp_path):
+    from pipelines.priors import class_prompt_of_folder
+
+    con.execute("INSERT INTO concepts (name, trigger_token, class_noun) VALUES ('sks elephant', 'sks', 'elephant')")
+    assert class_prompt_of_folder(con, tmp_path / "1_elephant") == "a photo of an elephant"  # the concept's own
+    assert class_prompt_of_folder(con, tmp_path / "1_a photo of an elephant") == "a photo of an elephant"
+    assert class_prompt_of_folder(con, tmp_path / "1_woman") == "a photo of a woman"
+    assert class_prompt_of_folder(con, tmp_path / "1_a photo of a cat") == "a photo of a cat"  # as `workbench export` names it
+    assert class_prompt_of_folder(con, tmp_path / "woman") is None

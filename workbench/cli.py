@@ -158,8 +158,8 @@ def ingest(
         console.print(table)
     if summary.kohya_reg_folders_skipped:
         err_console.print("[yellow]Note:[/] left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
-                          "images for another run, not photos to train on. `workbench import-kohya FOLDER` reads a kohya "
-                          "dataset; class priors come from `workbench priors` for the model you train.")
+                          "images, not photos to train on. `workbench import-kohya FOLDER` reads a kohya dataset with its "
+                          "class images; `workbench priors --from reg/1_dog` adds one folder of them.")
     if summary.sidecars_left_out:
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
@@ -886,7 +886,8 @@ def import_kohya(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
-    """Import a kohya-style folder: its images, caption files and concepts (repeats, trigger, class).
+    """Import a kohya-style folder: its images, caption files and concepts (repeats, trigger, class), and the
+    class images of reg/N_class/ beside img/ (as supplied class priors).
 
     Example: workbench import-kohya ./train/img
     """
@@ -1168,13 +1169,23 @@ def priors(
     steps: Annotated[int, typer.Option(help="Sampling steps per image; training uses the set made with its prior_inference_steps (default 30).")] = 30,
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: class_priors/ beside the catalog).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    from_folder: Annotated[Optional[Path], typer.Option("--from", help="Add your own class images from this folder (real photos, a kohya reg/1_dog folder) instead of generating; training takes them first.")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
-    """Generate DreamBooth class-prior images with the base model and add them to the catalog (resumable).
+    """Generate DreamBooth class-prior images with the base model and add them to the catalog (resumable),
+    or add class images you have (--from).
 
-    A set is one prompt, model, size and step count (DDIM sampling, as training makes its priors).
+    A set is one prompt, model, size and step count (DDIM sampling, as training makes its priors). Class images
+    you supply serve their class prompt for any model and size; training generates none while they suffice.
     Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15 --resolution 512
+    Example: workbench priors --from ./reg/1_dog     (the class prompt from a kohya folder name, else --class-prompt)
     """
+    if from_folder is not None:
+        _supplied_priors_command(from_folder, class_prompt, catalog, given={
+            "--num": num is not None, "--resolution": resolution is not None, "--out-dir": out_dir is not None,
+            "--device": device is not None, "--seed": seed != 0, "--steps": steps != 30, "--batch-size": batch_size != 4,
+            "--max-images": max_images != 1000})
+        return
     from pipelines.priors import (PriorSettings, check_prior_options, generated_prior_files, ingested_priors,
                                   model_resolution, pipeline_resolution, prior_jobs, prior_pipeline, prior_plan)
     from workbench.models import ModelError, load_sd_components, model_id
@@ -1231,6 +1242,28 @@ def priors(
                                            {k: v for k, v in summary.as_dict().items() if k != "class_prompt"}))
     except (ModelError, ValueError, CatalogError) as error:
         fail(str(error))
+
+
+def _supplied_priors_command(folder: Path, class_prompt: str | None, catalog: Path | None, *, given: dict[str, bool]) -> None:
+    from pipelines.priors import class_prompt_of_folder, supplied_priors
+
+    generating = [name for name, was_given in given.items() if was_given]
+    if generating:
+        fail(f"--from adds the class images you have; {', '.join(generating)} only set(s) how images are generated: leave "
+             f"{'it' if len(generating) == 1 else 'them'} out.")
+    if not folder.is_dir():  # before the catalog is opened
+        fail(f"{folder} is not a folder.")
+    con = open_catalog(catalog)
+    prompt = class_prompt or class_prompt_of_folder(con, folder)
+    if prompt is None:
+        fail(f"Give the class prompt of the images in {folder}: --class-prompt \"a photo of a dog\" (a kohya folder "
+             "named like 1_dog gives its own).")
+    try:
+        with RichProgress(transient=True) as progress:
+            summary = supplied_priors(con, folder, class_prompt=prompt, progress=progress)
+    except ValueError as error:
+        fail(str(error))
+    console.print(counts_table(f"class images you supplied: {prompt}", summary.as_dict()))
 
 
 @app.command()

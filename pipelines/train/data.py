@@ -276,10 +276,28 @@ def class_image_ids(priors: dict[str, list[TrainImage]] | None) -> set[str]:
     return {image.image_id for pool in (priors or {}).values() for image in pool}
 
 
+def _supplied_prior_rows(con: duckdb.DuckDBPyConnection, prompt: str) -> list[tuple]:
+    """(image_id, path, width, height) of the class images supplied for `prompt` (`workbench priors --from`), in use."""
+    return con.execute(
+        "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
+        f"WHERE {PRIOR_IN_USE_SQL} AND c.class_prompt = ? AND c.supplied_from IS NOT NULL ORDER BY d.path, d.image_id",
+        [prompt],
+    ).fetchall()
+
+
+def supplied_prior_counts(con: duckdb.DuckDBPyConnection, prompts: Sequence[str]) -> dict[str, int]:
+    """How many supplied class images of each prompt training can open."""
+    counts = {}
+    for prompt in prompts:
+        rows = _supplied_prior_rows(con, prompt)
+        counts[prompt] = len(openable_paths(con, [r[0] for r in rows]))
+    return counts
+
+
 def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, wanted: dict[str, int], model: str, *,
                        progress: ProgressHook = null_progress) -> dict[str, list[TrainImage]]:
-    """Up to `wanted[prompt]` class-prior images per class prompt, lowest seeds first, of the set this run uses and
-    makes: the same base model, made at this run's resolution with its prior_inference_steps (by `workbench priors`,
+    """Up to `wanted[prompt]` class-prior images per class prompt: the ones supplied for it (`workbench priors --from`)
+    first, then generated ones, lowest seeds first, of the set this run uses and makes: the same base model, made at this run's resolution with its prior_inference_steps (by `workbench priors`,
     the TUI or an earlier run); one whose file is gone is left out, so it is made again. Priors recorded before their
     settings were (m010) count for every set of their prompt and model; one smaller than this run's resolution
     trains upscaled, and is named with the command that has it made anew."""
@@ -290,21 +308,22 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
     prior_settings = training_prior_settings(config)
     for prompt, limit in wanted.items():
         where, params = prior_set_where(prompt, model, prior_settings)
-        rows = con.execute(
+        generated = con.execute(
             "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
             f"WHERE {PRIOR_IN_USE_SQL} AND {where} ORDER BY c.seed, c.resolution IS NULL, c.image_id",
             params,
         ).fetchall()
+        rows = [(row, True) for row in _supplied_prior_rows(con, prompt)] + [(row, False) for row in generated]
         pool = []
         small = 0
-        files = openable_paths(con, [r[0] for r in rows])
-        for image_id, path, width, height in rows:
-            if image_id not in files:  # gone or changed: made again
+        files = openable_paths(con, [r[0] for r, _ in rows])
+        for (image_id, path, width, height), supplied in rows:
+            if image_id not in files:  # gone or changed: a generated one is made again
                 continue
             choice = choose_bucket(width, height, settings)
             pool.append(TrainImage(image_id, files[image_id], prompt, (choice.bucket_width, choice.bucket_height),
                                    (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))
-            small += min(width, height) < config.resolution
+            small += not supplied and min(width, height) < config.resolution  # photos you give are bucketed as they are
             if len(pool) == limit:
                 break
         if small:

@@ -87,7 +87,14 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
                 "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
             )
         prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
-    wanted = {p: _wanted(config, n) for p, n in prompts.items()}
+    supplied = train_data.supplied_prior_counts(catalog.con, list(prompts))
+    wanted = {p: _wanted(config, n, supplied[p]) for p, n in prompts.items()}
+    for prompt in prompts:
+        if supplied[prompt]:
+            more = wanted[prompt] - supplied[prompt]
+            progress(task="class priors", message=(
+                f"{min(supplied[prompt], wanted[prompt])} supplied class image(s) of {prompt!r}"
+                + (f", and {more} generated" if more > 0 else "")))
     pools = train_data.class_prior_images(catalog.con, config, wanted, config.model, progress=progress)
     short = {p: n for p, n in prompts.items() if len(pools[p]) < wanted[p]}
     if not short:
@@ -97,7 +104,7 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     # a set's seeds start at 0 whatever the training --seed: the set is shared with other runs and `workbench
     # priors`, so its missing images are the next seeds after the ones it has, not a new run of seeds beside them
     plans = [prior_plan(catalog.con, class_prompt=prompt, model_name=config.model, out_dir=folder, settings=settings,
-                        num_images=wanted[prompt]) for prompt in short]
+                        num_images=wanted[prompt] - supplied[prompt]) for prompt in short]
     made = {}
     with catalog.released(progress, task="class priors", reopen_after_error=False,
                           waiting=f"Waiting to add the class images to the catalog {catalog.path}, which {{holder}} has open.",
@@ -113,12 +120,16 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     return train_data.class_prior_images(catalog.con, config, wanted, config.model), components
 
 
-def _wanted(config: TrainConfig, instance_count: int) -> int:
-    """--num-class-images, else 200 × the instance images of a class prompt, capped by max_class_images (as `workbench priors` counts)."""
+def _wanted(config: TrainConfig, instance_count: int, supplied: int = 0) -> int:
+    """--num-class-images, else the class images supplied for the prompt when there are any (kohya's way: your
+    regularisation set as it is), else 200 × the instance images of a class prompt, capped by max_class_images (as
+    `workbench priors` counts)."""
     from pipelines.priors import PRIORS_PER_INSTANCE
 
     if config.num_class_images is not None:
         return config.num_class_images
+    if supplied:
+        return supplied
     return max(1, min(config.max_class_images, PRIORS_PER_INSTANCE * instance_count))
 
 

@@ -119,7 +119,7 @@ COMMENT ON COLUMN images_view.image_id IS 'SHA-256 of the file bytes';
 COMMENT ON COLUMN images_view.path IS 'The first path seen that still exists (else the last one it was seen at)';
 COMMENT ON COLUMN images_view.paths IS 'Every path this image was seen at, in the order first seen';
 COMMENT ON COLUMN images_view.status IS 'ok, error (unreadable), missing (no known path exists), replaced (edited in place)';
-COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a generated DreamBooth class image)';
+COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a DreamBooth class image: generated, or supplied with priors --from)';
 COMMENT ON COLUMN images_view.caption_source IS 'sidecar, manual, duplicate, or model:NAME (auto-caption)';
 COMMENT ON COLUMN images_view.duplicate_group IS 'Duplicate group id (duplicate_groups view); NULL when unique';
 COMMENT ON COLUMN images_view.is_keeper IS 'The copy of its duplicate group that is kept';
