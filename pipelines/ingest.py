@@ -89,6 +89,7 @@ class IngestSummary:
 
     files_seen: int = 0
     new: int = 0
+    moved_or_copied: int = 0  # of the new files, those holding an image the catalog had (moved, renamed or copied)
     changed: int = 0
     unchanged: int = 0
     errors: int = 0
@@ -797,6 +798,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     outcome: dict[bytes, tuple[str, str]] = {}  # path read -> (what it turned out to be, its image)
     _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c,
               sidecars=sidecars, plan=plan, expect=expect, known=known, outcome=outcome, sidecar_only=sidecar_only)
+    known_images = {previous[5] for previous in known.values() if previous[5] is not None}
+    summary.moved_or_copied = sum(1 for path, kind in plan.items() if kind == "new" and path in outcome
+                                  and outcome[path][1] in known_images)
     summary.returned_ungrouped = len({image_id for kind, image_id in outcome.values() if kind == "reappeared"}
                                      & gone_ungrouped)
     _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c, sidecars=sidecars, recheck=recheck)

@@ -808,8 +808,11 @@ def test_moved_and_deleted_files_count_missing_images_and_paths_apart(con, tmp_p
         path.rename(path.parent / "moved" / path.name)
     paths[3].unlink()
     paths[4].unlink()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(tmp_path / "imgs" / "really_new.png")
+    (tmp_path / "imgs" / "copy.png").write_bytes(paths[5].read_bytes())
     summary = ingested_images(con, [tmp_path], workers=1)
-    assert (summary.new, summary.marked_missing, summary.paths_marked_missing) == (3, 2, 5)
+    # the 3 moved files and the copy are new paths of images the catalog had: said apart from the one new picture
+    assert (summary.new, summary.moved_or_copied, summary.marked_missing, summary.paths_marked_missing) == (5, 4, 2, 5)
     assert con.execute("SELECT count(*) FROM images_view WHERE status = 'missing'").fetchone()[0] == 2
 
 
