@@ -113,3 +113,21 @@ def test_caption_files_edited_since_ingest_are_named_before_training(con, tmp_pa
     images = training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
     assert not any("caption file(s) changed" in m for m in messages)
     assert any("EDITED" in i.caption for i in images)
+
+
+def test_a_caption_file_ingest_left_out_as_not_utf8_is_not_called_changed(con, tmp_path):
+    """A Latin-1 .txt that ingest left out (and names at every ingest) made every training run say it changed since
+    ingest and advise an ingest, which never cleared it."""
+    paths = ingest_images(con, tmp_path / "images", 2)
+    paths[0].with_suffix(".txt").write_bytes("café au lait".encode("latin-1"))
+    from pipelines.ingest import ingested_images
+
+    assert ingested_images(con, [tmp_path / "images"], workers=1).sidecars_left_out == 1
+    messages = []
+    training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert not any("caption file(s) changed" in m for m in messages)
+    paths[0].with_suffix(".txt").write_text("re-saved as UTF-8: café")  # now it is one to read
+    os.utime(paths[0].with_suffix(".txt"), ns=(1, 10**18))
+    messages = []
+    training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert any(m.startswith("1 caption file(s) changed") for m in messages)

@@ -146,7 +146,11 @@ def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
 
 def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> list[str]:
     """The caption sidecars (`name.txt`, `name.caption`) beside these images' files that were edited, added or
-    removed since ingest read them: their captions in the catalog are the old ones until the next ingest."""
+    removed since ingest read them: their captions in the catalog are the old ones until the next ingest. A sidecar
+    ingest left out as unreadable (not UTF-8) is not one of them: no ingest takes it until it is re-saved, and
+    every ingest names it."""
+    from pipelines.ingest import decode_caption
+
     rows = con.execute(
         "SELECT path_bytes, sidecar_mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) ORDER BY seq",
         [list(image_ids)],
@@ -159,9 +163,20 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
             now = os.stat(sidecar).st_mtime_ns if sidecar else None
         except OSError:
             now = None
-        if now != recorded:
+        if now != recorded and not (now is not None and _undecodable(sidecar, decode_caption)):
             changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
     return changed
+
+
+def _undecodable(sidecar: bytes, decode_caption) -> bool:
+    try:
+        with open(sidecar, "rb") as handle:
+            decode_caption(handle.read())
+    except ValueError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _default_class_prompt(row: dict) -> str | None:
