@@ -510,6 +510,9 @@ def test_supplied_class_images_join_as_class_priors_and_leave_training_photos_al
     rows = con.execute("SELECT c.class_prompt, c.seed, c.model, c.supplied_from, i.role FROM class_priors c "
                        "JOIN images i USING (image_id)").fetchall()
     assert rows == [("a photo of a dog", None, None, str(reg), "class_prior")] * 3
+    # a class image trains with its prompt, and the catalog says so, whatever caption file came with it
+    assert con.execute("SELECT DISTINCT caption, caption_source FROM images_view WHERE role = 'class_prior'").fetchall() == [
+        ("a photo of a dog", "class_prompt")]
     roles = dict(con.execute("SELECT role, count(*) FROM images WHERE status = 'ok' GROUP BY role").fetchall())
     assert roles == {"instance": 2, "class_prior": 3}  # the twin stays a training photo
     # `1_dog` read by ingest as a kohya concept folder: class images are in no concept, and the concept is gone

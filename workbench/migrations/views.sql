@@ -68,7 +68,9 @@ SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i
                 || ' now holds image ' || left(i.replaced_by, 12)
             ELSE 'file no longer found at any known path' END AS error,
        i.role,
-       cc.caption, cc.caption_source,
+       -- a class prior trains with its class prompt, whatever caption file it came with
+       CASE WHEN i.role = 'class_prior' AND cp.class_prompt IS NOT NULL THEN cp.class_prompt ELSE cc.caption END AS caption,
+       CASE WHEN i.role = 'class_prior' AND cp.class_prompt IS NOT NULL THEN 'class_prompt' ELSE cc.caption_source END AS caption_source,
        d.group_id AS duplicate_group,
        d.is_keeper,
        x.image_id IS NOT NULL AS excluded,
@@ -84,6 +86,7 @@ SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i
 FROM images i
 LEFT JOIN p ON p.image_id = i.image_id
 LEFT JOIN current_captions cc ON cc.image_id = i.image_id
+LEFT JOIN class_priors cp ON cp.image_id = i.image_id
 LEFT JOIN duplicates d ON d.image_id = i.image_id
 LEFT JOIN x ON x.image_id = i.image_id
 LEFT JOIN hashes h ON h.image_id = i.image_id
@@ -120,7 +123,7 @@ COMMENT ON COLUMN images_view.path IS 'The first path seen that still exists (el
 COMMENT ON COLUMN images_view.paths IS 'Every path this image was seen at, in the order first seen';
 COMMENT ON COLUMN images_view.status IS 'ok, error (unreadable), missing (no known path exists), replaced (edited in place)';
 COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a DreamBooth class image: generated, or supplied with priors --from)';
-COMMENT ON COLUMN images_view.caption_source IS 'sidecar, manual, duplicate, or model:NAME (auto-caption)';
+COMMENT ON COLUMN images_view.caption_source IS 'sidecar, manual, duplicate, model:NAME (auto-caption), or class_prompt (a class prior: its prompt)';
 COMMENT ON COLUMN images_view.duplicate_group IS 'Duplicate group id (duplicate_groups view); NULL when unique';
 COMMENT ON COLUMN images_view.is_keeper IS 'The copy of its duplicate group that is kept';
 COMMENT ON COLUMN images_view.excluded IS 'Out of the dataset: see exclusion_reason (the rows are in exclusions)';
