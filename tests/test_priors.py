@@ -572,9 +572,12 @@ def test_priors_from_a_folder_on_the_command_line(catalog_path, tmp_path):
     assert named.exit_code == 0, named.output
     missing = _cli("--from", tmp_path / "nowhere", "--class-prompt", "x", "--catalog", catalog_path)
     assert missing.exit_code == 2 and "is not a folder" in " ".join(missing.output.split())
+    generated = _cli("--class-prompt", "a photo of a dog", "--num", 1, "--resolution", 32, "--steps", 1,
+                     "--out-dir", tmp_path / "p", "--catalog", catalog_path, "--device", "cpu")
+    assert generated.exit_code == 0 and "2 class image(s) you supplied serve 'a photo of a dog'" in " ".join(generated.output.split())
     con = connect(catalog_path)
     try:
-        assert dict(con.execute("SELECT class_prompt, count(*) FROM class_priors GROUP BY 1").fetchall()) == {
+        assert dict(con.execute("SELECT class_prompt, count(*) FROM class_priors WHERE supplied_from IS NOT NULL GROUP BY 1").fetchall()) == {
             "a photo of a dog": 2, "a photo of a cat": 1}
     finally:
         con.close()

@@ -1205,6 +1205,12 @@ def priors(
     if not jobs:
         con.close()
         fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
+    from pipelines.train.data import supplied_prior_counts
+
+    for prompt, count in supplied_prior_counts(con, [job[0] for job in jobs]).items():
+        if count:
+            err_console.print(f"[yellow]Note:[/] {count} class image(s) you supplied serve {prompt!r}: training takes "
+                              "them first, and these generated ones only when --num-class-images asks for more.")
     size = resolution or model_resolution(model)  # the size a set is made at is part of the set
     # the model loads and samples with the catalog closed (minutes to hours on real models), so the TUI,
     # `workbench sql` and curation steps can use it meanwhile; what lands on disk is added at the end
