@@ -1268,3 +1268,50 @@ def test_a_runs_final_loss_is_the_mean_of_its_last_ten_steps():
 
     rows = [(step, float(step), 1e-4) for step in range(1, 15)]
     assert final_loss(rows) == sum(range(5, 15)) / 10 and final_loss(rows[:3]) == 2.0 and final_loss([]) is None
+
+
+def test_show_batches_plans_what_the_run_trains_on(con, tmp_path, one_thread, monkeypatch):
+    """`train --show-batches N` (kohya's --debug_dataset): the images and captions it lists, after tag shuffling and
+    caption dropout, are the ones the run's first N steps load."""
+    from pipelines.train import loop, trained_model
+    from pipelines.train.run import planned_batches
+
+    paths = ingest_images(con, tmp_path / "images", 4, sizes=[(32, 32)])
+    for i, path in enumerate(paths):
+        con.execute("INSERT INTO captions (image_id, source, text) SELECT image_id, 'manual', ? FROM paths WHERE path = ?",
+                    [f"tag{i}, red, blue, green, square", str(path)])
+    config = fast_config(tmp_path / "run", max_train_steps=3, shuffle_tags=True, keep_tokens=1, caption_dropout=0.5,
+                         random_flip=True, num_validation_images=0, seed=7)
+    planned = planned_batches(con, config, 3)
+    loaded = []
+    original = loop.PlanDataset.__getitem__
+
+    def recording(self, spec):
+        loaded.append((self.image_of(spec).path, spec.flip, spec.caption))
+        return original(self, spec)
+
+    monkeypatch.setattr(loop.PlanDataset, "__getitem__", recording)
+    trained_model(con, config, components=tiny_components())
+    assert [(item.path, item.flip, item.caption) for item in planned] == loaded
+    assert [item.step for item in planned] == [1, 1, 2, 2, 3, 3]
+    captions = [item.caption for item in planned]
+    assert "" in captions and any(c and not c.endswith("square") for c in captions)  # dropout and shuffling show
+    assert all(c == "" or c.startswith("tag") for c in captions)  # keep_tokens=1 keeps the first tag in front
+
+
+def test_show_batches_on_the_command_line(catalog_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    con.close()
+    result = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "32",
+                                      "--show-batches", "2", "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "the first 2 step(s) of a new lora run" in result.output, result.output
+    assert not (tmp_path / "run").exists()  # nothing written, no model loaded
+    refused = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
+                                       "--resume", "latest", "--output-dir", str(tmp_path / "run")])
+    assert refused.exit_code == 2 and "a resumed run goes on with the plan it started with" in " ".join(refused.output.split())

@@ -1015,10 +1015,13 @@ def train_command(
     concepts: Annotated[Optional[list[str]], typer.Option("--concept", help="Train only this concept (repeatable).", rich_help_panel='Run')] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: accelerate's choice).", rich_help_panel='Run')] = None,
     num_processes: Annotated[int, typer.Option(help="Data-parallel processes (GPUs); >1 relaunches this command with torch.distributed.run, as accelerate launch does.", rich_help_panel='Run')] = 1,
+    show_batches: Annotated[Optional[int], typer.Option(min=1, help="Print the first N steps' batches (image, bucket, flip, caption as trained) and exit: no model loads, nothing is written (kohya's --debug_dataset).", rich_help_panel='Run')] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other option as KEY=VALUE (repeatable), e.g. instance_prompt='photo of sks dog', text_encoder_lr=5e-5, num_validation_images=4, validation_seed=1, max_grad_norm=1.0, ema_decay=0.9999, lr_num_cycles=3, lora_target_modules=to_q,to_k (README: every key).", rich_help_panel='Run')] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     mode = ctx.info_name
+    if show_batches is not None and (resume or resume_from_checkpoint):
+        fail("--show-batches shows a new run's plan; a resumed run goes on with the plan it started with.")
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(num_processes)
     from pipelines.train import ConfigError, TrainingError, load_train_config, trained_model
@@ -1062,6 +1065,9 @@ def train_command(
         train_config = load_train_config(config, overrides)
     except ConfigError as error:
         fail(str(error))
+    if show_batches is not None:
+        _show_batches(catalog, train_config, show_batches)
+        return
     from pipelines.train.checkpoint import list_checkpoints
     from pipelines.train.run import default_output_dir, is_main_process
 
@@ -1108,6 +1114,29 @@ def train_command(
                                f"Score it later with: workbench evaluate {result.train_id} --clip-model tiny (or a CLIP you have)"))
     for name, path in result.outputs.items():
         console.print(Text(f"{name}: {path}"))
+
+
+def _show_batches(catalog: Path | None, config, steps: int) -> None:
+    from pipelines.train import ConfigError, TrainingError
+    from pipelines.train.data import DataError
+    from pipelines.train.run import planned_batches
+
+    con = open_catalog(catalog)
+    try:
+        with RichProgress(transient=True) as progress:
+            items = planned_batches(con, config, steps, progress=progress)
+    except (ConfigError, DataError, TrainingError) as error:
+        fail(str(error))
+    table = Table(title=Text(f"the first {steps} step(s) of a new {config.mode} run (seed {config.seed})"))
+    for column in ("step", "image", "bucket", "flip", "caption as trained"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        image = Text(os.path.basename(item.path) or "?")
+        if item.pool != "instance":
+            image.append(" (class image)", style="dim")
+        table.add_row(str(item.step), image, f"{item.bucket[0]}×{item.bucket[1]}", "yes" if item.flip else "",
+                      Text(item.caption) if item.caption else Text("(empty: caption dropout)", style="dim"))
+    console.print(table)
 
 
 for _mode, _help in (

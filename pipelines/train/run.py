@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -466,3 +466,54 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
     finally:
         catalog.close_if_released()
     return result
+
+
+@dataclass
+class PlannedItem:
+    """One item of a planned micro-batch, as training will see it."""
+
+    step: int  # the optimizer step it belongs to (1-based)
+    path: str
+    pool: str  # 'instance', or the class prompt of a class image
+    bucket: tuple[int, int]
+    crop: tuple[int, int]
+    flip: bool
+    caption: str  # after tag shuffling, keep_tokens and caption dropout: what the text encoder gets
+
+
+def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: int, *,
+                    progress: ProgressHook = null_progress) -> list[PlannedItem]:
+    """The items of a new run's first `steps` optimizer steps, from the run's own plan (kohya's --debug_dataset):
+    no model is loaded and nothing is written. Class images are the ones the catalog has now (those a run would
+    still generate are left out, and said)."""
+    config.validate()
+    images = train_data.training_images(con, config, progress=progress)
+    priors = None
+    if config.with_prior_preservation:
+        counts: dict[str, int] = {}
+        for image in images:
+            if not image.class_prompt:
+                raise RunRefused(f"Image {image.path or image.image_id[:12]} has no class prompt for prior preservation: "
+                                 "give --class-prompt or set a class noun on its concept.")
+            counts[image.class_prompt] = counts.get(image.class_prompt, 0) + 1
+        supplied = train_data.supplied_prior_counts(con, list(counts))
+        wanted = {p: _wanted(config, n, supplied[p]) for p, n in counts.items()}
+        priors = train_data.class_prior_images(con, config, wanted, config.model, progress=progress)
+        for prompt, pool in priors.items():
+            if len(pool) < wanted[prompt]:
+                progress(task="plan", message=f"{len(pool)} of {wanted[prompt]} class images of {prompt!r} exist: training "
+                         "would generate the rest, which this plan cannot show")
+        if any(not pool for pool in priors.values()):
+            raise RunRefused("No class image exists yet for "
+                             + ", ".join(repr(p) for p, pool in priors.items() if not pool)
+                             + ": make them first (`workbench priors`), or train, which makes them.")
+    micro = config.gradient_accumulation_steps
+    plan = train_data.run_plan(images, config, steps * micro, priors)
+    items = []
+    for index, batch in enumerate(plan):
+        for spec in batch:
+            pool = "instance" if spec.pool == "instance" else spec.pool.removeprefix("prior:")
+            image = images[spec.image] if spec.pool == "instance" else priors[pool][spec.image]
+            items.append(PlannedItem(step=index // micro + 1, path=image.path, pool=pool, bucket=image.bucket,
+                                     crop=spec.crop, flip=spec.flip, caption=spec.caption))
+    return items
