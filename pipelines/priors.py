@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import duckdb
 
-from workbench.catalog import record_run
+from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 if TYPE_CHECKING:
@@ -494,7 +494,6 @@ def supplied_priors(
     folder: str | os.PathLike[str],
     *,
     class_prompt: str,
-    concept: str | None = None,
     workers: int | None = None,
     progress: ProgressHook = null_progress,
 ) -> SuppliedSummary:
@@ -515,7 +514,7 @@ def supplied_priors(
         raise ValueError(f"{folder} holds no image files.")
     summary = SuppliedSummary(class_prompt=class_prompt, folder=root, files=len(files))
     concepts_before = {row[0] for row in con.execute("SELECT name FROM concepts").fetchall()}
-    params = {"supplied_from": root, "class_prompt": class_prompt, "concept": concept}
+    params = {"supplied_from": root, "class_prompt": class_prompt}
     with record_run(con, "priors", params) as run:
         ingested_images(con, [str(p) for p in files], workers=workers, folder_concepts=False, progress=progress)
         wanted = [os.fsencode(str(p)) for p in files]
@@ -543,15 +542,16 @@ def supplied_priors(
             else:
                 added.append(image_id)
         if added:
-            con.execute("UPDATE images SET role = 'class_prior' WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [added])
-            con.executemany(
-                "INSERT INTO class_priors (image_id, class_prompt, seed, model, concept, supplied_from) VALUES (?, ?, NULL, NULL, ?, ?)",
-                [[image_id, class_prompt, concept, root] for image_id in added])
-            # class images are in no concept: not in one they joined as training photos before, nor in one a
-            # kohya folder name (`1_dog`) made when a stopped ingest's pending concept join ran with this one
-            con.execute("DELETE FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [added])
-            con.execute("DELETE FROM concepts WHERE name NOT IN (SELECT unnest(?::VARCHAR[])) "
-                        "AND name NOT IN (SELECT concept FROM concept_images)", [sorted(concepts_before)])
+            with transaction(con):  # all or nothing: an image is a class image with its record, or neither
+                con.execute("UPDATE images SET role = 'class_prior' WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [added])
+                con.executemany(
+                    "INSERT INTO class_priors (image_id, class_prompt, seed, model, supplied_from) VALUES (?, ?, NULL, NULL, ?)",
+                    [[image_id, class_prompt, root] for image_id in added])
+                # class images are in no concept: not in one they joined as training photos before, nor in one a
+                # kohya folder name (`1_dog`) made when a stopped ingest's pending concept join ran with this one
+                con.execute("DELETE FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [added])
+                con.execute("DELETE FROM concepts WHERE name NOT IN (SELECT unnest(?::VARCHAR[])) "
+                            "AND name NOT IN (SELECT concept FROM concept_images)", [sorted(concepts_before)])
         summary.added = len(added)
         run.counts.update(summary.as_dict())
     if summary.training_photos:
