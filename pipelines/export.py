@@ -594,7 +594,9 @@ def imported_kohya_folder(
             continue
         if not image_files_in(sub):
             continue
-        supplied = supplied_priors(con, sub, class_prompt=prompt, workers=workers, progress=progress)
+        # reg/ holds class images by kohya's layout, whatever an earlier ingest of it took them for
+        supplied = supplied_priors(con, sub, class_prompt=prompt, including_training_photos=True, workers=workers,
+                                   progress=progress)
         reg_images += supplied.added + supplied.already
         progress(task="import", message=f"{sub.name}: {supplied.added + supplied.already} class image(s) of {prompt!r} "
                  "(kohya regularisation images: DreamBooth training takes them before generating any)")

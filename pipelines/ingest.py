@@ -691,8 +691,8 @@ def ingested_images(
             progress(task="ingest", message=(
                 f"{display_path(root)} holds kohya regularisation images (reg/ beside img/): they join the dataset as "
                 "instance images, each folder's class as a concept. To use them as DreamBooth class images instead: "
-                "`workbench priors --from FOLDER` for each N_class folder (or `workbench import-kohya` of the folder "
-                "above)"))
+                "`workbench priors --from FOLDER --including-training-photos` for each N_class folder (or `workbench "
+                "import-kohya` of the folder above)"))
     with _CtrlC() as ctrl_c, record_run(con, "ingest", params) as run:
         try:
             _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,

@@ -494,14 +494,18 @@ def supplied_priors(
     folder: str | os.PathLike[str],
     *,
     class_prompt: str,
+    including_training_photos: bool = False,
     workers: int | None = None,
     progress: ProgressHook = null_progress,
 ) -> SuppliedSummary:
     """Your own class images in `folder` (real photos, a regularisation set), added with role 'class_prior' for `class_prompt`.
 
     Training takes them before generated ones of the same prompt, from any base model and at any size (they are
-    bucketed like training photos), and generates none when they are enough. An image that is also a training
-    photo (a path outside the folder) or another prompt's class image is left as it is and named."""
+    bucketed like training photos), and generates none when they are enough. A folder holding images that are
+    training photos of the catalog now is refused, nothing changed (the folder of the subject given by mistake),
+    unless `including_training_photos` (a kohya reg/ folder an ingest took as photos): then they leave the dataset.
+    An image that is also a training photo at a path outside the folder, or another prompt's class image, is left
+    as it is and named."""
     from pipelines.ingest import ingested_images
 
     if not class_prompt or not class_prompt.strip():
@@ -513,8 +517,23 @@ def supplied_priors(
     if not files:
         raise ValueError(f"{folder} holds no image files.")
     summary = SuppliedSummary(class_prompt=class_prompt, folder=root, files=len(files))
+    prefix = root.rstrip(os.sep) + os.sep
+    if not including_training_photos:
+        photos = con.execute(
+            # photos whose files are all in the folder: a copy of one elsewhere (a twin) is left out below instead
+            "SELECT v.path, v.concept FROM images_view v JOIN (SELECT image_id FROM paths WHERE NOT missing GROUP BY image_id "
+            "HAVING bool_and(starts_with(path, ?))) USING (image_id) WHERE v.role = 'instance' AND v.status = 'ok' ORDER BY v.path",
+            [prefix]).fetchall()
+        if photos:
+            concepts = sorted({concept for _, concept in photos if concept})
+            raise ValueError(
+                f"{folder} holds {len(photos)} training photo(s) of this catalog ({', '.join(p for p, _ in photos[:3])}"
+                f"{' …' if len(photos) > 3 else ''}{'; concept ' + ', '.join(repr(c) for c in concepts) if concepts else ''}): "
+                "class images must not be pictures of the subject, so nothing was changed. If the folder holds class "
+                "images that an ingest took as photos (a kohya reg/ folder), add --including-training-photos: they "
+                "leave the dataset and their concepts.")
     concepts_before = {row[0] for row in con.execute("SELECT name FROM concepts").fetchall()}
-    params = {"supplied_from": root, "class_prompt": class_prompt}
+    params = {"supplied_from": root, "class_prompt": class_prompt, "including_training_photos": including_training_photos}
     with record_run(con, "priors", params) as run:
         ingested_images(con, [str(p) for p in files], workers=workers, folder_concepts=False, progress=progress)
         wanted = [os.fsencode(str(p)) for p in files]
@@ -524,7 +543,6 @@ def supplied_priors(
         recorded = dict(con.execute(
             "SELECT image_id, class_prompt = ? AND supplied_from IS NOT NULL FROM class_priors "
             "WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [class_prompt, [r[0] for r in rows]]).fetchall())
-        prefix = root.rstrip(os.sep) + os.sep
         outside = {image_id: path for image_id, path in con.execute(
             "SELECT image_id, arg_min(path, seq) FROM paths WHERE NOT missing AND NOT starts_with(path, ?) "
             "AND image_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY image_id", [prefix, [r[0] for r in rows]]).fetchall()}

@@ -570,6 +570,8 @@ def test_priors_from_a_folder_on_the_command_line(catalog_path, tmp_path):
     assert mixed.exit_code == 2 and "--num only set(s) how images are generated" in " ".join(mixed.output.split())
     named = _cli("--from", tmp_path / "plain", "--class-prompt", "a photo of a cat", "--catalog", catalog_path)
     assert named.exit_code == 0, named.output
+    alone = _cli("--including-training-photos", "--class-prompt", "x", "--catalog", catalog_path)
+    assert alone.exit_code == 2 and "goes with --from FOLDER" in alone.output
     missing = _cli("--from", tmp_path / "nowhere", "--class-prompt", "x", "--catalog", catalog_path)
     assert missing.exit_code == 2 and "is not a folder" in " ".join(missing.output.split())
     generated = _cli("--class-prompt", "a photo of a dog", "--num", 1, "--resolution", 32, "--steps", 1,
@@ -592,3 +594,24 @@ def test_the_class_prompt_of_a_kohya_regularisation_folder(con, tmp_path):
     assert class_prompt_of_folder(con, tmp_path / "1_woman") == "a photo of a woman"
     assert class_prompt_of_folder(con, tmp_path / "1_a photo of a cat") == "a photo of a cat"  # as `workbench export` names it
     assert class_prompt_of_folder(con, tmp_path / "woman") is None
+
+
+def test_the_folder_of_the_training_photos_is_refused_untouched(con, tmp_path):
+    """`priors --from data/dog` (the subject's own folder, given by mistake) made all 12 training photos class
+    priors, emptied their concept and replaced their captions by the class prompt."""
+    from pipelines.concepts import added_concept
+    from pipelines.priors import supplied_priors
+
+    ingest_images(con, tmp_path / "dog", 3)
+    added_concept(con, "sks dog", trigger="sks", class_noun="dog", folder=str(tmp_path / "dog"))
+    before = con.execute("SELECT image_id, role FROM images ORDER BY 1").fetchall()
+    with pytest.raises(ValueError, match=r"holds 3 training photo\(s\).*concept 'sks dog'.*nothing was changed.*--including-training-photos"):
+        supplied_priors(con, tmp_path / "dog", class_prompt="a photo of a dog")
+    assert con.execute("SELECT image_id, role FROM images ORDER BY 1").fetchall() == before
+    assert con.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM concept_images WHERE concept = 'sks dog'").fetchone()[0] == 3
+    # a kohya reg/ folder an ingest took as photos: asked for, its images become class images and leave the concept
+    summary = supplied_priors(con, tmp_path / "dog", class_prompt="a photo of a dog", including_training_photos=True)
+    assert summary.added == 3
+    assert con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM concept_images").fetchone()[0] == 0

@@ -1199,6 +1199,7 @@ def priors(
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: class_priors/ beside the catalog).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     from_folder: Annotated[Optional[Path], typer.Option("--from", help="Add your own class images from this folder (real photos, a kohya reg/1_dog folder) instead of generating; training takes them first.")] = None,
+    including_training_photos: Annotated[bool, typer.Option("--including-training-photos", help="With --from: also take images of the folder that are training photos now (a reg/ folder an ingest took as photos); they leave the dataset.")] = False,
     catalog: CatalogOpt = None,
 ) -> None:
     """Generate DreamBooth class-prior images with the base model and add them to the catalog (resumable),
@@ -1209,8 +1210,10 @@ def priors(
     Example: workbench priors --class-prompt "a photo of a dog" --num 200 --model sd15 --resolution 512
     Example: workbench priors --from ./reg/1_dog     (the class prompt from a kohya folder name, else --class-prompt)
     """
+    if including_training_photos and from_folder is None:
+        fail("--including-training-photos goes with --from FOLDER.")
     if from_folder is not None:
-        _supplied_priors_command(from_folder, class_prompt, catalog, given={
+        _supplied_priors_command(from_folder, class_prompt, catalog, including_training_photos, given={
             "--num": num is not None, "--resolution": resolution is not None, "--out-dir": out_dir is not None,
             "--device": device is not None, "--seed": seed != 0, "--steps": steps != 30, "--batch-size": batch_size != 4,
             "--max-images": max_images != 1000})
@@ -1279,7 +1282,8 @@ def priors(
         fail(str(error))
 
 
-def _supplied_priors_command(folder: Path, class_prompt: str | None, catalog: Path | None, *, given: dict[str, bool]) -> None:
+def _supplied_priors_command(folder: Path, class_prompt: str | None, catalog: Path | None, including_training_photos: bool, *,
+                             given: dict[str, bool]) -> None:
     from pipelines.priors import class_prompt_of_folder, supplied_priors
 
     generating = [name for name, was_given in given.items() if was_given]
@@ -1295,7 +1299,8 @@ def _supplied_priors_command(folder: Path, class_prompt: str | None, catalog: Pa
              "named like 1_dog gives its own).")
     try:
         with RichProgress(transient=True) as progress:
-            summary = supplied_priors(con, folder, class_prompt=prompt, progress=progress)
+            summary = supplied_priors(con, folder, class_prompt=prompt, including_training_photos=including_training_photos,
+                                      progress=progress)
     except ValueError as error:
         fail(str(error))
     console.print(counts_table(f"class images you supplied: {prompt}", summary.as_dict()))
