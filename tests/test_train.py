@@ -1315,3 +1315,31 @@ def test_show_batches_on_the_command_line(catalog_path, tmp_path):
     refused = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
                                        "--resume", "latest", "--output-dir", str(tmp_path / "run")])
     assert refused.exit_code == 2 and "a resumed run goes on with the plan it started with" in " ".join(refused.output.split())
+
+
+def test_a_stop_at_a_step_that_samples_and_checkpoints_keeps_that_grid_on_resume(con, tmp_path, one_thread, monkeypatch):
+    """Stopped after checkpoint-4 was written but before step 4's grid, the resumed run went on from step 4 and
+    never made samples/step-000004.png, which an uninterrupted run has."""
+    from pipelines.train import loop
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    options = dict(max_train_steps=6, checkpointing_steps=2, validation_steps=4, num_validation_images=1)
+    straight = fast_config(tmp_path / "straight", **options)
+    images = training_images(con, straight)
+    main(straight, images, output_dir=tmp_path / "straight", components=tiny_components())
+    assert (tmp_path / "straight" / "samples" / "step-000004.png").is_file()
+
+    original = loop._save_grid
+
+    def stop_at_the_first_grid(*args, **kwargs):
+        raise StepCancelled("stopped while the grid of step 4 was due")
+
+    killed = fast_config(tmp_path / "killed", **options)
+    monkeypatch.setattr(loop, "_save_grid", stop_at_the_first_grid)
+    with pytest.raises(StepCancelled):
+        main(killed, images, output_dir=tmp_path / "killed", components=tiny_components())
+    monkeypatch.setattr(loop, "_save_grid", original)
+    main(dataclasses.replace(killed, resume="latest"), images, output_dir=tmp_path / "killed", components=tiny_components())
+    grids = ("step-000004.png", "final-step-000006.png")
+    for name in grids:
+        assert (tmp_path / "killed" / "samples" / name).read_bytes() == (tmp_path / "straight" / "samples" / name).read_bytes(), name

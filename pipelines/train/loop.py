@@ -733,6 +733,11 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             if checkpoint_due or sample_due or loss_log.read_due():
                 # a non-finite loss stops the run here, before a checkpoint or sample grid holds its weights
                 loss_log.read(last_good)
+            # the grid before the checkpoint: a run stopped between the two resumes from the checkpoint before, and
+            # makes this step's grid again; the other way round it resumed after the step and the grid was never made
+            if sample_due and accelerator.is_main_process:
+                _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema,
+                           prompt_states=prompt_states)
             if accelerator.is_main_process and checkpoint_due:
                 if all(torch.isfinite(p).all() for p in named_trainable.values()):
                     last_good = ckpt.save_checkpoint(
@@ -749,9 +754,6 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                         )) if config.mode == "lora" else None,
                     )
                     ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
-            if sample_due and accelerator.is_main_process:
-                _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema,
-                           prompt_states=prompt_states)
             progress(task="train", completed=global_step, total=max_steps, message=None)
             if global_step >= max_steps:
                 break
