@@ -1343,3 +1343,11 @@ def test_a_stop_at_a_step_that_samples_and_checkpoints_keeps_that_grid_on_resume
     grids = ("step-000004.png", "final-step-000006.png")
     for name in grids:
         assert (tmp_path / "killed" / "samples" / name).read_bytes() == (tmp_path / "straight" / "samples" / name).read_bytes(), name
+
+
+def test_a_resolution_too_small_for_the_model_is_named_not_a_torch_error(con, tmp_path, one_thread):
+    """`--resolution 16` on tiny gave `ValueError: Expected more than 1 value per channel when training` from torch."""
+    ingest_images(con, tmp_path / "images", 2, sizes=[(16, 16)])
+    config = fast_config(tmp_path / "run", resolution=16, train_batch_size=1, max_train_steps=1, num_validation_images=0)
+    with pytest.raises(TrainingError, match=r"cannot train on images this small: a batch of bucket 16×16 px \(latents 2×2\).*--resolution \(now 16\)"):
+        main(config, training_images(con, config), output_dir=tmp_path / "run", components=tiny_components())

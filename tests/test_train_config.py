@@ -145,6 +145,10 @@ def test_class_prior_options_are_refused_without_class_priors(mode, options, nam
     ({"dataloader_num_workers": -1}, "dataloader_num_workers must be 0 or more"),
     ({"sample_batch_size": 0}, "sample_batch_size must be at least 1"),
     ({"validation_inference_steps": 0}, "validation_inference_steps must be at least 1"),
+    # accelerate's set_seed raised after the model loaded; A1111 users type -1 for "random"
+    ({"seed": -1}, r"--seed must be between 0 and 4294967295 \(got -1\)"),
+    ({"seed": 2**32}, "--seed must be between 0 and 4294967295"),
+    ({"prior_loss_weight": 0}, "--prior-loss-weight 0 trains without the class images it makes: use --no-prior-preservation"),
 ])
 def test_out_of_range_options_are_refused_before_training(options, message):
     """Each would otherwise fail in torch after the model loads, or train silently wrong."""

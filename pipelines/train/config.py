@@ -266,6 +266,11 @@ class TrainConfig:
              "text_encoder_target_modules is empty: name the layers to train, e.g. q_proj,k_proj,v_proj,out_proj"),
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
             (self.train_batch_size >= 1, "--train-batch-size must be at least 1"),
+            # numpy and accelerate take 32-bit seeds; a run records its seed, so -1 ("random") is not one to take
+            (0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1} (got {self.seed}): pick any number, "
+                                     "the run records it"),
+            (self.with_prior_preservation is False or self.prior_loss_weight > 0,
+             "--prior-loss-weight 0 trains without the class images it makes: use --no-prior-preservation instead"),
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max-train-steps must be at least 1"),
             (self.num_train_epochs >= 1, "--num-train-epochs must be at least 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
@@ -287,7 +292,7 @@ class TrainConfig:
              "--checkpoints-total-limit must be at least 1 (leave it out to keep every checkpoint)"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
             (self.num_validation_images >= 0, "--num-validation-images must be 0 or more"),
-            (self.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
+            (self.prior_loss_weight >= 0, "--prior-loss-weight must be positive"),
             (self.class_prompt is None or bool(self.class_prompt.strip()), "--class-prompt is empty: give e.g. \"a photo of a dog\", or leave it out for each concept's class"),
             (self.num_class_images is None or self.num_class_images >= 1, "--num-class-images must be at least 1"),
             (not (self.with_prior_preservation and self.mode == "finetune"),

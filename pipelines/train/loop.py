@@ -215,6 +215,17 @@ def damaged_checkpoint_message(checkpoint: Path, damaged: list[str]) -> str:
     return f"{checkpoint.name} cannot be read: {', '.join(damaged)} missing or cut off (a disk fault, or a crash before it reached the disk). {instead}"
 
 
+def too_small_message(groups_batch: list[dict], config: TrainConfig, vae) -> str:
+    """Why a batch cannot train: its bucket's latents are too small for the model's UNet."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    sizes = []
+    for group in groups_batch:
+        latent = group["mean"].shape[-2:] if "mean" in group else tuple(side // scale for side in group["pixels"].shape[-2:])
+        sizes.append(f"{latent[1] * scale}×{latent[0] * scale} px (latents {latent[1]}×{latent[0]})")
+    return (f"The model cannot train on images this small: a batch of bucket {', '.join(sizes)} is too small for its "
+            f"UNet. Raise --resolution (now {config.resolution}) or min_bucket_reso (--set min_bucket_reso=…).")
+
+
 def step_generator(seed: int, micro_index: int, process_index: int = 0) -> torch.Generator:
     """The CPU generator of one micro-batch: independent of everything that ran before it."""
     mixed = (seed * 1_000_003 + micro_index) * 1_009 + process_index
@@ -711,7 +722,12 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             with accelerator.accumulate(*trained_modules_of(accelerator, unet, text_encoder if train_text else None)):
                 generator = step_generator(config.seed, micro_index, accelerator.process_index)
                 micro_index += accelerator.num_processes
-                loss, parts = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
+                try:
+                    loss, parts = _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, unet, noise_scheduler, device, weight_dtype, train_text)
+                except ValueError as error:  # torch's group norm, on a latent too small for the UNet's deepest level
+                    if "Expected more than 1 value per channel" not in str(error):
+                        raise
+                    raise TrainingError(too_small_message(groups_batch, config, vae)) from None
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
