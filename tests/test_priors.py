@@ -379,12 +379,16 @@ def no_model_loads(monkeypatch):
     (["--resolution", 63], "--resolution must be a positive multiple of 8 (got 63)"),
     (["--max-images", 0], "--max-images must be at least 1"),
     (["--num", 0], "number of class images must be at least 1"),
+    (["--out-dir", "FILE"], "is a file, not a folder"),  # a NotADirectoryError traceback once it had images to make
 ])
 def test_bad_priors_options_are_refused_before_the_model_loads(con, catalog_path, tmp_path, no_model_loads, options, message):
     """--resolution 63 failed in diffusers after the model loaded; --max-images 0 silently became 1."""
     ingest_images(con, tmp_path / "instances", 1)
     con.close()
-    result = _cli("--class-prompt", "a photo of a dog", *options, "--out-dir", tmp_path / "p", "--catalog", catalog_path)
+    (tmp_path / "a-file").write_text("z")
+    options = [tmp_path / "a-file" if option == "FILE" else option for option in options]
+    out_dir = [] if "--out-dir" in options else ["--out-dir", tmp_path / "p"]
+    result = _cli("--class-prompt", "a photo of a dog", *options, *out_dir, "--catalog", catalog_path)
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 

@@ -433,3 +433,29 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     assert metadata["ss_epoch"] == "2" and float(metadata["ss_training_seconds"]) > 0
     nowhere = runner.invoke(app, ["train", "export", str(tmp_path / "no-such-run"), "--checkpoint", "2"])
     assert nowhere.exit_code == 2 and "No run folder" in " ".join(nowhere.output.split())
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ({"pipeline": None, "model.safetensors": b"x"}, "is a training run's folder, not a model: name the model it wrote"),
+    ({"pytorch_lora_weights.safetensors": b"x"}, "holds a LoRA, not a model: name the base model"),
+    ({"notes.txt": b"x"}, "is a folder but not a diffusers model (no model_index.json)"),
+])
+def test_a_model_folder_that_is_no_model_is_refused_before_the_run_starts(catalog_path, tmp_path, layout, expected):
+    """`--model runs/db1` (a run folder) said to fetch it with `hf download /…/runs/db1`, after writing the new run's
+    dataset.json."""
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 1)
+    con.close()
+    folder = tmp_path / "runs" / "db1"
+    folder.mkdir(parents=True)
+    for name, content in layout.items():
+        if content is None:
+            (folder / name).mkdir()
+        else:
+            (folder / name).write_bytes(content)
+    result = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--model", str(folder), "--resolution", "32",
+                                 "--max-train-steps", "1", "--output-dir", str(tmp_path / "new")])
+    assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "new").exists()

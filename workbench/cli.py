@@ -1227,6 +1227,8 @@ def priors(
     except ValueError as error:
         fail(str(error))
     model = model_id(model)  # a local model is recorded by its absolute path, as training records it
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is a file, not a folder.")
     con = open_catalog(catalog)  # as `train`: a mistyped --catalog must not start a new, empty catalog
     folder = (out_dir or (catalog_mod.default_catalog_path() if catalog is None else catalog).parent / "class_priors").resolve()
     try:

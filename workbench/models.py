@@ -437,10 +437,36 @@ def load_sd_pipeline(model: str = TINY, *, device=None, dtype=None):
     return pipe.to(device)
 
 
+def _refuse_a_folder_that_is_not_a_model(source: str) -> None:
+    """A local folder without model_index.json is no diffusers model: say where a model may be instead of pointing
+    at the Hugging Face Hub (a workbench run folder holds its model in pipeline/ and model.safetensors)."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return
+    inside = [str(folder / name) for name in ("pipeline", "model.safetensors") if (folder / name).exists()]
+    if inside:
+        raise ModelNotAvailableError(f"{folder} is a training run's folder, not a model: name the model it wrote, "
+                                     f"{' or '.join(inside)}.")
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise ModelNotAvailableError(f"{folder} holds a LoRA, not a model: name the base model it was trained on "
+                                     "(its training_runs row, or the LoRA's ss_sd_model_name metadata, says which).")
+    raise ModelNotAvailableError(f"{folder} is a folder but not a diffusers model (no model_index.json): name a "
+                                 "diffusers model folder, a single-file .safetensors checkpoint, a preset or a Hub id.")
+
+
+def refuse_a_local_model_that_is_not_one(model: str) -> None:
+    """Raise ModelNotAvailableError for a local folder that is no diffusers model, or a path-like name with nothing
+    there; presets, Hub ids and model files pass (their loading says the rest)."""
+    source = _source_for(model, "sd")  # a path-like name with nothing there is refused here
+    if source != TINY and Path(source).expanduser().is_dir():
+        _refuse_a_folder_that_is_not_a_model(source)
+
+
 def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     if not _is_single_file(source):
+        _refuse_a_folder_that_is_not_a_model(source)
         where = component_path(model, "sd") if source == TINY else source
         return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     path = Path(source).expanduser()
@@ -481,6 +507,7 @@ def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDCompo
             source_path=str(Path(source).expanduser().resolve()),
         )
     where = component_path(model, "sd") if source == TINY else source
+    _refuse_a_folder_that_is_not_a_model(where)
     try:
         with quiet_model_io(diffusers=True):
             tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")

@@ -333,6 +333,12 @@ def check_setup(config: TrainConfig) -> None:
         raise RunRefused(FP16_ON_CPU)
     if config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise RunRefused(NO_BITSANDBYTES)
+    from workbench.models import refuse_a_local_model_that_is_not_one
+
+    try:  # a run folder or a missing path named as --model: said before a run folder is made
+        refuse_a_local_model_that_is_not_one(config.model)
+    except ModelError as error:
+        raise RunRefused(str(error)) from None
 
 
 def runs_on_cpu(config: TrainConfig) -> bool:
