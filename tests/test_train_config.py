@@ -337,3 +337,17 @@ def test_cli_splits_set_lists_and_refuses_keep_tokens_alone(tmp_path, monkeypatc
     assert kohya.exit_code == 2
     assert all(s in flat(kohya.output) for s in ("'network_dim' (workbench: rank)",
                                                  "'save_every_n_steps' (workbench: checkpointing_steps)"))
+
+
+def test_resuming_a_run_of_another_mode_names_the_command_that_continues_it(tmp_path):
+    """It said "Leave them out": the mode is the command, which cannot be left out."""
+    import json
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "dataset.json").write_text(json.dumps({"config": {"mode": "finetune", "resolution": 64}}))
+    with pytest.raises(ConfigError, match=r"It is a finetune run: continue it with `workbench train finetune --resume …`, or start"):
+        load_train_config(None, {"mode": "lora", "resume": "latest", "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"continue it with `workbench train finetune --resume …`; leave the other options out"):
+        load_train_config(None, {"mode": "lora", "resolution": 32, "resume": "latest", "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"resolution 64 \(saved\) vs 32.*Leave them out, or start"):
+        load_train_config(None, {"mode": "finetune", "resolution": 32, "resume": "latest", "output_dir": str(tmp_path / "run")})

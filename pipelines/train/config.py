@@ -318,7 +318,7 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "max_grad_norm must be 0 or more (0 turns clipping off)"),
             (self.dataloader_num_workers >= 0, "dataloader_num_workers must be 0 or more"),
             (self.validation_inference_steps >= 1, "validation_inference_steps must be at least 1"),
-            (self.report_to in ("tensorboard", "none"), "--report-to must be tensorboard or none"),
+            (self.report_to in ("tensorboard", "none"), "report_to must be tensorboard or none"),
         ]
         for ok, message in checks:
             if not ok:
@@ -509,9 +509,12 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
     differ = [f"{k} {saved[k]!r} (saved) vs {v!r}" for k, v in values.items()
               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
+        mode = saved.get("mode") if "mode" in values and saved.get("mode") != values["mode"] else None
         raise ConfigError(
             f"--resume continues {source} with the options it was trained with; these differ: {'; '.join(differ)}. "
-            "Leave them out, or start a new run in another --output-dir."
+            + (f"It is a {mode} run: continue it with `workbench train {mode} --resume …`" + ("; leave the other options out" if len(differ) > 1 else "")
+               if mode else "Leave them out")
+            + ", or start a new run in another --output-dir."
         )
     if "num_train_epochs" in values and "max_train_steps" not in values:
         # epochs count only without a step total: the saved one would silently win over the epochs given
