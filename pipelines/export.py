@@ -588,11 +588,11 @@ def imported_kohya_folder(
     reg_dirs = sorted(p for p in reg.iterdir() if p.is_dir()) if roots == [folder / "img"] and reg.is_dir() else []
     reg_images, reg_left_out = 0, 0
     for sub in reg_dirs:
-        prompt = class_prompt_of_folder(con, sub)
+        prompt, found = class_prompt_of_folder(con, sub), len(image_files_in(sub))
         if prompt is None:
-            reg_left_out += len(image_files_in(sub))
+            reg_left_out += found
             continue
-        if not image_files_in(sub):
+        if not found:
             continue
         # reg/ holds class images by kohya's layout, whatever an earlier ingest of it took them for
         supplied = supplied_priors(con, sub, class_prompt=prompt, including_training_photos=True, workers=workers,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import errno
 import hashlib
 import io
@@ -31,7 +30,7 @@ from pipelines.concepts import (
 )
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
-from workbench.images import SIDECAR_EXTENSIONS, sidecar_beside
+from workbench.images import SIDECAR_EXTENSIONS, decode_caption, sidecar_beside
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
@@ -464,42 +463,6 @@ def display_path(path_bytes: bytes) -> str:
 
 
 # UTF-32 first: its little-endian BOM begins with UTF-16's.
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
-    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
-    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
-    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
-    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
-)
-
-
-def decode_caption(data: bytes) -> str:
-    """A sidecar's text: UTF-8, or UTF-8/16/32 with a byte-order mark; ValueError (saying why) for anything else.
-
-    No guessing at legacy encodings: Latin-1 decodes any bytes, so a wrong guess would be a silently wrong caption.
-    """
-    for bom, codec, name in _BOMS:
-        if data.startswith(bom):
-            try:
-                text = data.decode(codec)
-            except UnicodeDecodeError as error:
-                raise ValueError(f"starts with a {name} byte-order mark but is not valid {name} "
-                                 f"(bad bytes at offset {error.start})") from None
-            break
-    else:
-        name = "UTF-8"
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}; "
-                             "Latin-1 or Windows-1252, perhaps)") from None
-    if "\x00" in text:
-        # UTF-16 without a byte-order mark is valid UTF-8 when it is ASCII, one NUL after each letter
-        raise ValueError(f"is not {name} text (it holds NUL bytes: UTF-16 without a byte-order mark, perhaps)")
-    # universal newlines, as text-mode open() reads them: no stray \r from Windows editors
-    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
-
-
 def _read_sidecar(path: bytes) -> tuple[str | None, str | None]:
     """(caption or None when empty, None), or (None, why the sidecar was left out)."""
     try:

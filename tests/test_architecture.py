@@ -47,6 +47,9 @@ def test_pipelines_never_import_the_tui():
         assert "tui" not in imported_modules(path)
 
 
+CURATION_MODULES = "('polars', 'pipelines.ingest', 'pipelines.dedup', 'imagehash', 'open_clip')"
+
+
 def test_the_trainer_loads_no_curation_libraries():
     """A training process pays for every library it imports in resident memory; polars (pulled in through the ingest
     step) once cost the trainer 48 MiB of peak RSS in benchmarks/train.py. Training needs the catalog, not curation."""
@@ -56,7 +59,39 @@ def test_the_trainer_loads_no_curation_libraries():
     probe = (
         "import sys, tempfile, pathlib; import pipelines.train.run as run, pipelines.train.loop, pipelines.train.data, pipelines.priors\n"
         "with run._run_folder_lock(pathlib.Path(tempfile.mkdtemp()) / 'run'): pass\n"  # the run folder's setup, as a run does it
-        "print(sorted(m for m in ('polars', 'pipelines.ingest', 'pipelines.dedup', 'imagehash', 'open_clip') if m in sys.modules))"
+        f"print(sorted(m for m in {CURATION_MODULES} if m in sys.modules))"
     )
     found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert found == "[]", found
+
+
+def test_a_training_run_loads_no_curation_libraries(tmp_path):
+    """The same, over a whole run: the caption-file check once imported the ingest step (and polars with it) while
+    training, 43 MiB more peak RSS. The catalog is made beforehand, as `workbench ingest` makes it."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.ingest import ingested_images
+    from train_fixtures import write_images
+    from workbench.catalog import connect
+
+    from workbench.models import component_path
+
+    component_path("tiny", "sd")  # built beforehand: building the tiny preset makes its CLIP too
+    write_images(tmp_path / "images", 2)
+    con = connect(tmp_path / "catalog.duckdb")
+    ingested_images(con, [tmp_path / "images"], workers=1)
+    con.close()
+    probe = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from pipelines.train import load_train_config, trained_model\nfrom workbench.catalog import connect\n"
+        f"config = load_train_config(None, dict(mode='lora', model='tiny', resolution=32, max_train_steps=1, "
+        f"num_validation_images=0, report_to='none', evaluate=False, device='cpu', output_dir={str(tmp_path / 'run')!r}))\n"
+        f"trained_model(connect({str(tmp_path / 'catalog.duckdb')!r}), config, release_catalog=True)\n"
+        f"print(sorted(m for m in {CURATION_MODULES} if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout

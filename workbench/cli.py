@@ -457,8 +457,9 @@ def caption(
     console.print(counts_table(f"caption (source model:{label})", counts))
     if counts.get("own_captions_kept"):
         err_console.print(f"[yellow]Note:[/] {counts['own_captions_kept']} image(s) with a caption of their own (a sidecar "
-                          "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. --own-captioned captions them "
-                          "too (then `--use-source model:NAME` makes the model's captions current).")
+                          "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. "
+                          "--own-captioned captions them too (then `--use-source model:NAME` makes the model's captions "
+                          "current).")
     if template and counts.get("already_captioned") and not overwrite:
         err_console.print(f"[yellow]Note:[/] the template applies to new captions only; {counts['already_captioned']} image(s) "
                           "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
@@ -1216,7 +1217,7 @@ def priors(
         _supplied_priors_command(from_folder, class_prompt, catalog, including_training_photos, given={
             "--num": num is not None, "--resolution": resolution is not None, "--out-dir": out_dir is not None,
             "--device": device is not None, "--seed": seed != 0, "--steps": steps != 30, "--batch-size": batch_size != 4,
-            "--max-images": max_images != 1000})
+            "--max-images": max_images != 1000, "--model": model != "tiny"})
         return
     from pipelines.priors import (PriorSettings, check_prior_options, generated_prior_files, ingested_priors,
                                   model_resolution, pipeline_resolution, prior_jobs, prior_pipeline, prior_plan)

@@ -1,7 +1,8 @@
-"""Opening image files the catalog has accepted."""
+"""Opening image files the catalog has accepted, and reading their caption sidecars."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 
@@ -52,3 +53,42 @@ def sidecar_beside(path: bytes) -> bytes | None:
         if os.path.isfile(stem + ext):
             return stem + ext
     return None
+
+
+# --- caption sidecars: their text -----------------------------------------------------
+
+
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+
+
+def decode_caption(data: bytes) -> str:
+    """A sidecar's text: UTF-8, or UTF-8/16/32 with a byte-order mark; ValueError (saying why) for anything else.
+
+    No guessing at legacy encodings: Latin-1 decodes any bytes, so a wrong guess would be a silently wrong caption.
+    """
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"starts with a {name} byte-order mark but is not valid {name} "
+                                 f"(bad bytes at offset {error.start})") from None
+            break
+    else:
+        name = "UTF-8"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}; "
+                             "Latin-1 or Windows-1252, perhaps)") from None
+    if "\x00" in text:
+        # UTF-16 without a byte-order mark is valid UTF-8 when it is ASCII, one NUL after each letter
+        raise ValueError(f"is not {name} text (it holds NUL bytes: UTF-16 without a byte-order mark, perhaps)")
+    # universal newlines, as text-mode open() reads them: no stray \r from Windows editors
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()

@@ -41,7 +41,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
-from workbench.images import holds_image, open_image, sidecar_beside
+from workbench.images import decode_caption, holds_image, open_image, sidecar_beside
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -149,8 +149,6 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
     removed since ingest read them: their captions in the catalog are the old ones until the next ingest. A sidecar
     ingest left out as unreadable (not UTF-8) is not one of them: no ingest takes it until it is re-saved, and
     every ingest names it."""
-    from pipelines.ingest import decode_caption
-
     rows = con.execute(
         "SELECT path_bytes, sidecar_mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) ORDER BY seq",
         [list(image_ids)],
@@ -163,12 +161,12 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
             now = os.stat(sidecar).st_mtime_ns if sidecar else None
         except OSError:
             now = None
-        if now != recorded and not (now is not None and _undecodable(sidecar, decode_caption)):
+        if now != recorded and not (now is not None and _undecodable(sidecar)):
             changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
     return changed
 
 
-def _undecodable(sidecar: bytes, decode_caption) -> bool:
+def _undecodable(sidecar: bytes) -> bool:
     try:
         with open(sidecar, "rb") as handle:
             decode_caption(handle.read())
