@@ -619,3 +619,20 @@ def test_the_folder_of_the_training_photos_is_refused_untouched(con, tmp_path):
     assert summary.added == 3
     assert con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0] == 0
     assert con.execute("SELECT count(*) FROM concept_images").fetchone()[0] == 0
+
+
+def test_show_batches_of_a_dreambooth_run_pairs_each_photo_with_a_class_image(con, tmp_path):
+    """`train dreambooth --show-batches`: no model loads, the class images are the ones there are."""
+    from pipelines.priors import supplied_priors
+    from pipelines.train.run import planned_batches
+    from train_fixtures import fast_config
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    _photos(tmp_path / "reg", 3, size=(32, 32))
+    supplied_priors(con, tmp_path / "reg", class_prompt="a photo of a square")
+    config = fast_config(tmp_path / "db", mode="dreambooth", class_prompt="a photo of a square", train_batch_size=1)
+    items = planned_batches(con, config, 2)
+    assert [(item.step, item.pool) for item in items] == [(1, "instance"), (1, "a photo of a square"),
+                                                          (2, "instance"), (2, "a photo of a square")]
+    assert {item.caption for item in items if item.pool != "instance"} == {"a photo of a square"}
+    assert all("reg" in item.path for item in items if item.pool != "instance")

@@ -78,17 +78,7 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     when the run releases it."""
     from pipelines.priors import generated_prior_files, ingested_priors, prior_pipeline, prior_plan, training_prior_settings
 
-    prompts: dict[str, int] = {}
-    for image in images:
-        if not image.class_prompt:
-            raise RunRefused(
-                f"Image {image.path or image.image_id[:12]} ({f'concept {image.concept!r}, which has no class noun' if image.concept else 'in no concept'}) "
-                "has no class prompt for prior preservation: give --class-prompt, "
-                "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
-            )
-        prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
-    supplied = train_data.supplied_prior_counts(catalog.con, list(prompts))
-    wanted = {p: _wanted(config, n, supplied[p]) for p, n in prompts.items()}
+    prompts, supplied, wanted = _class_images_wanted(catalog.con, config, images)
     for prompt in prompts:
         if supplied[prompt]:
             more = wanted[prompt] - supplied[prompt]
@@ -118,6 +108,21 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
     for plan in plans:
         ingested_priors(catalog.con, plan, made[plan.class_prompt])
     return train_data.class_prior_images(catalog.con, config, wanted, config.model), components
+
+
+def _class_images_wanted(con: duckdb.DuckDBPyConnection, config: TrainConfig, images) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(instance images, supplied class images, class images wanted) per class prompt of a prior-preservation run."""
+    prompts: dict[str, int] = {}
+    for image in images:
+        if not image.class_prompt:
+            raise RunRefused(
+                f"Image {image.path or image.image_id[:12]} ({f'concept {image.concept!r}, which has no class noun' if image.concept else 'in no concept'}) "
+                "has no class prompt for prior preservation: give --class-prompt, "
+                "set a class noun on its concept (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation."
+            )
+        prompts[image.class_prompt] = prompts.get(image.class_prompt, 0) + 1
+    supplied = train_data.supplied_prior_counts(con, list(prompts))
+    return prompts, supplied, {p: _wanted(config, n, supplied[p]) for p, n in prompts.items()}
 
 
 def _wanted(config: TrainConfig, instance_count: int, supplied: int = 0) -> int:
@@ -490,14 +495,7 @@ def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: 
     images = train_data.training_images(con, config, progress=progress)
     priors = None
     if config.with_prior_preservation:
-        counts: dict[str, int] = {}
-        for image in images:
-            if not image.class_prompt:
-                raise RunRefused(f"Image {image.path or image.image_id[:12]} has no class prompt for prior preservation: "
-                                 "give --class-prompt or set a class noun on its concept.")
-            counts[image.class_prompt] = counts.get(image.class_prompt, 0) + 1
-        supplied = train_data.supplied_prior_counts(con, list(counts))
-        wanted = {p: _wanted(config, n, supplied[p]) for p, n in counts.items()}
+        _, _, wanted = _class_images_wanted(con, config, images)
         priors = train_data.class_prior_images(con, config, wanted, config.model, progress=progress)
         for prompt, pool in priors.items():
             if len(pool) < wanted[prompt]:
