@@ -234,3 +234,16 @@ def test_similar_pairs_match_brute_force_across_block_edges():
     for chunk in (1, 7, 64, None):
         found = similar_pairs(ids, vectors, 0.9, chunk=chunk)
         assert set(found.select(["image_a", "image_b"]).iter_rows()) == expected
+
+
+def test_a_class_prior_is_scored_against_its_prompt(catalog, clip):
+    """A class prior's caption in images_view is its class prompt (what it trains with): its score is against that,
+    even when it came with a caption file of its own."""
+    ids = ids_by_name(catalog)
+    catalog.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [ids["e"]])
+    catalog.execute("INSERT INTO class_priors (image_id, class_prompt, supplied_from) VALUES (?, 'a photo of a dog', '/reg')", [ids["e"]])
+    catalog.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', 'dog')", [ids["e"]])
+    clip_scores(catalog, clip, workers=0)
+    expected = float(stored_embedding(catalog, ids["e"]) @ encode_texts(clip, ["a photo of a dog"])[0])
+    score, caption = catalog.execute("SELECT clip_score, caption FROM images_view WHERE image_id = ?", [ids["e"]]).fetchone()
+    assert caption == "a photo of a dog" and score == pytest.approx(expected, abs=1e-5)

@@ -53,9 +53,13 @@ WITH p AS (
     SELECT image_id, string_agg(reason, '; ' ORDER BY step) AS exclusion_reason
     FROM exclusions GROUP BY image_id
 ), cs AS (
-    -- CLIP score (cosine, -1..1) against the CURRENT caption; a score of an older caption is not shown
+    -- CLIP score (cosine, -1..1) against the CURRENT caption (a class prior's: its prompt); a score of an older
+    -- caption is not shown
     SELECT s.image_id, arg_max(s.score, s.created_at) AS clip_score
-    FROM clip_scores s JOIN current_captions c ON c.image_id = s.image_id AND s.caption_md5 = md5(c.caption)
+    FROM clip_scores s
+    LEFT JOIN current_captions c ON c.image_id = s.image_id
+    LEFT JOIN class_priors cp ON cp.image_id = s.image_id
+    WHERE s.caption_md5 = md5(coalesce(cp.class_prompt, c.caption))
     GROUP BY s.image_id
 )
 SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i.mode, i.bytes,
