@@ -1351,3 +1351,18 @@ def test_a_resolution_too_small_for_the_model_is_named_not_a_torch_error(con, tm
     config = fast_config(tmp_path / "run", resolution=16, train_batch_size=1, max_train_steps=1, num_validation_images=0)
     with pytest.raises(TrainingError, match=r"cannot train on images this small: a batch of bucket 16×16 px \(latents 2×2\).*--resolution \(now 16\)"):
         main(config, training_images(con, config), output_dir=tmp_path / "run", components=tiny_components())
+
+
+def test_the_loss_curve_shows_the_two_parts_of_a_prior_preservation_loss():
+    """loss.png showed only the total, where loss.csv has the instance and prior parts DreamBooth users watch."""
+    import matplotlib.pyplot as plt
+
+    from pipelines.train.loop import loss_figure
+
+    plain = [(step, 1.0 / step, 1e-4) for step in range(1, 11)]
+    with_parts = [(step, 1.0 / step, 1e-4, 0.6 / step, 0.4 / step) for step in range(1, 11)]
+    for rows, labels in ((plain, ["loss", "mean of 2"]),
+                         (with_parts, ["loss", "mean of 2", "instance (mean of 2)", "prior (mean of 2)"])):
+        figure = loss_figure(rows)
+        assert [line.get_label() for line in figure.axes[0].get_lines()] == labels
+        plt.close(figure)

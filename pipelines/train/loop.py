@@ -387,7 +387,14 @@ def _tracker_config(config: TrainConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config.to_dict().items()}
 
 
-def _write_loss_png(rows: list[tuple[int, float]], path: Path) -> None:
+def _smoothed(values: list[float]) -> tuple[list[float], int]:
+    window = max(2, len(values) // 20)
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))], window
+
+
+def loss_figure(rows: list[tuple]):
+    """The loss curve of loss.csv's rows (step, loss, lr[, instance_loss, prior_loss]): the loss, its running mean,
+    and with prior preservation the running means of its two parts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,13 +405,22 @@ def _write_loss_png(rows: list[tuple[int, float]], path: Path) -> None:
     losses = [r[1] for r in rows]
     axis.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
     if len(losses) >= 5:
-        window = max(2, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+        smooth, window = _smoothed(losses)
         axis.plot(steps, smooth, linewidth=1.5, label=f"mean of {window}")
+        if all(len(r) >= 5 for r in rows):  # prior preservation: loss = instance + weight × prior
+            for index, name in ((3, "instance"), (4, "prior")):
+                axis.plot(steps, _smoothed([r[index] for r in rows])[0], linewidth=1.0, linestyle="--", label=f"{name} (mean of {window})")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.legend()
     figure.tight_layout()
+    return figure
+
+
+def _write_loss_png(rows: list[tuple], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = loss_figure(rows)
     figure.savefig(path)
     plt.close(figure)
 
@@ -804,7 +820,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             outputs["final_samples"] = str(finals)
         outputs["loss_csv"] = str(loss_csv)
         if loss_rows:
-            _write_loss_png([(r[0], r[1]) for r in loss_rows], output_dir / "loss.png")
+            _write_loss_png(loss_rows, output_dir / "loss.png")
             outputs["loss_png"] = str(output_dir / "loss.png")
         outputs["checkpoints"] = str(checkpoints_dir)
         if use_tensorboard:
