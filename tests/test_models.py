@@ -195,3 +195,13 @@ def test_loading_and_building_print_no_library_progress_bars(tmp_path, monkeypat
     for bar in ("Loading weights", "Writing model shards", "Loading pipeline components", "it/s]"):
         assert bar not in printed.err + printed.out
     assert not are_progress_bars_disabled()
+
+
+def test_the_tiny_preset_loads_beside_a_folder_named_tiny(tmp_path, monkeypatch):
+    """The check for a folder that is no model looked at the name `tiny` itself, so a `tiny/` folder in the working
+    directory made the preset refuse to load."""
+    from workbench.models import load_sd_pipeline
+
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert type(load_sd_pipeline("tiny", device="cpu")).__name__ == "StableDiffusionPipeline"

@@ -466,8 +466,8 @@ def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     if not _is_single_file(source):
-        _refuse_a_folder_that_is_not_a_model(source)
         where = component_path(model, "sd") if source == TINY else source
+        _refuse_a_folder_that_is_not_a_model(where)
         return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     path = Path(source).expanduser()
     _refuse_a_lora_file(path)
