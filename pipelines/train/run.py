@@ -18,6 +18,7 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 from pipelines.train.loop import (
+    PlanDataset,
     RunRefused,
     TrainingError,
     TrainResult,
@@ -507,11 +508,11 @@ def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: 
                              + ": make them first (`workbench priors`), or train, which makes them.")
     micro = config.gradient_accumulation_steps
     plan = train_data.run_plan(images, config, steps * micro, priors)
+    dataset = PlanDataset(images, priors or {}, None, None)  # the loader's own item → image mapping
     items = []
     for index, batch in enumerate(plan):
         for spec in batch:
-            pool = "instance" if spec.pool == "instance" else spec.pool.removeprefix("prior:")
-            image = images[spec.image] if spec.pool == "instance" else priors[pool][spec.image]
-            items.append(PlannedItem(step=index // micro + 1, path=image.path, pool=pool, bucket=image.bucket,
-                                     crop=spec.crop, flip=spec.flip, caption=spec.caption))
+            image = dataset.image_of(spec)
+            items.append(PlannedItem(step=index // micro + 1, path=image.path, pool=spec.pool.removeprefix("prior:"),
+                                     bucket=image.bucket, crop=spec.crop, flip=spec.flip, caption=spec.caption))
     return items
