@@ -76,6 +76,24 @@ def test_images_without_a_caption_are_counted_in_one_message(con, tmp_path):
     assert any("1 of 3 image(s) have no caption" in m for m in messages)
 
 
+def test_the_instance_prompt_is_the_caption_of_every_image_as_in_diffusers_dreambooth(con, tmp_path):
+    """`--instance-prompt "a photo of sks dog"` only captioned images that had no caption: with BLIP captions in the
+    catalog it did nothing, and nothing said so; diffusers' DreamBooth trains every instance image on it."""
+    paths = ingest_images(con, tmp_path / "images", 3)
+    paths[0].with_suffix(".txt").unlink()
+    from pipelines.ingest import ingested_images
+
+    ingested_images(con, [tmp_path / "images"], workers=1)
+    messages = []
+    config = fast_config(tmp_path / "out", instance_prompt="a photo of sks dog")
+    images = training_images(con, config, progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert [i.caption for i in images] == ["a photo of sks dog"] * 3
+    said = [m for m in messages if "instance prompt" in m]
+    assert len(said) == 1 and "the captions of 2 of them are not used" in said[0]
+    assert not any("have no caption" in m for m in messages)
+    assert sorted(i.caption for i in training_images(con, fast_config(tmp_path / "out")))[1:] != ["a photo of sks dog"] * 2
+
+
 def test_an_image_no_bucket_fits_is_left_out_with_the_fix_named(con, tmp_path):
     """One 40x40 image among many stopped a --bucket-no-upscale run with an error; `workbench buckets` skips it."""
     ingest_images(con, tmp_path / "images", 3, sizes=[(32, 32), (32, 32), (4, 4)])

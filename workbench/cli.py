@@ -1009,7 +1009,7 @@ def train_command(
     # the diffusers examples' names for two options, accepted as they are but kept out of --help (one name each there)
     resume_from_checkpoint: Annotated[Optional[str], typer.Option("--resume-from-checkpoint", hidden=True)] = None,
     with_prior_preservation: Annotated[bool, typer.Option("--with-prior-preservation", hidden=True)] = False,
-    instance_prompt: Annotated[Optional[str], typer.Option(help="Caption of images that have none (default: their concept's trigger and class).", rich_help_panel='Captions and augmentation')] = None,
+    instance_prompt: Annotated[Optional[str], typer.Option(help="One prompt for every instance image, in place of its caption, as diffusers' DreamBooth (default: each image's caption; one without trains on its concept's trigger and class).", rich_help_panel='Captions and augmentation')] = None,
     num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).", rich_help_panel='DreamBooth and full UNet')] = None,
     use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", metavar="", help="Keep an EMA of the weights (dreambooth, finetune).", rich_help_panel='DreamBooth and full UNet')] = None,
     from_scratch: Annotated[Optional[bool], typer.Option("--from-scratch/--no-from-scratch", metavar="", help="finetune: initialise the UNet from its config.", rich_help_panel='DreamBooth and full UNet')] = None,

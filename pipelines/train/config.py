@@ -144,7 +144,7 @@ class TrainConfig:
     train_batch_size: int = 1
     dataloader_num_workers: int = 0
     concepts: list[str] = field(default_factory=list)  # train only these concepts (empty = whole dataset)
-    instance_prompt: str | None = None  # used for images without a caption
+    instance_prompt: str | None = None  # the caption of every instance image (diffusers' DreamBooth), in place of theirs
     caption_dropout: float = 0.0  # probability of training on the empty caption
     shuffle_tags: bool = False  # shuffle comma-separated tags after the first keep_tokens
     keep_tokens: int = 0

@@ -232,12 +232,16 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         progress(task="dataset", message=(
             f"{len(edited)} caption file(s) changed since they were ingested (e.g. {edited[0]}): this run trains on the "
             f"captions the catalog holds. To train on the edits, stop and run `workbench ingest {folders}` first."))
-    uncaptioned = [r for r in rows if not r[columns.index("caption")]]
-    if uncaptioned:  # kohya warns per image; one line says the same
-        instead = (f"the instance prompt {config.instance_prompt!r}" if config.instance_prompt
-                   else "their concept's trigger and class where they have one, else an empty caption")
-        progress(task="dataset", message=f"{len(uncaptioned)} of {len(rows)} image(s) have no caption and train on {instead} "
-                 "(`workbench caption` writes captions)")
+    captioned = sum(1 for r in rows if r[columns.index("caption")])
+    if config.instance_prompt:  # diffusers' DreamBooth meaning: the one prompt of every instance image
+        progress(task="dataset", message=(
+            f"every image trains on the instance prompt {config.instance_prompt!r}"
+            + (f"; the captions of {captioned} of them are not used (leave --instance-prompt out to train on them)"
+               if captioned else "")))
+    elif captioned < len(rows):  # kohya warns per image; one line says the same
+        progress(task="dataset", message=(
+            f"{len(rows) - captioned} of {len(rows)} image(s) have no caption and train on their concept's trigger and "
+            "class where they have one, else an empty caption (`workbench caption` writes captions)"))
     images, no_bucket = [], []
     for values in rows:
         row = dict(zip(columns, values))
@@ -257,7 +261,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         trigger = row.get("concept_trigger")
         # no caption: the concept's "trigger class" (kohya's class_tokens, DreamBooth's "sks dog"), not the bare trigger
         class_tokens = f"{trigger} {row['concept_class']}" if trigger and row.get("concept_class") else None
-        caption = row["caption"] or config.instance_prompt or class_tokens or ""
+        caption = config.instance_prompt or row["caption"] or class_tokens or ""
         # a whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
         if trigger and not caption_has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}" if caption else trigger
