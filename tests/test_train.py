@@ -1296,6 +1296,7 @@ def test_show_batches_plans_what_the_run_trains_on(con, tmp_path, one_thread, mo
     assert [item.step for item in planned] == [1, 1, 2, 2, 3, 3]
     captions = [item.caption for item in planned]
     assert "" in captions and any(c and not c.endswith("square") for c in captions)  # dropout and shuffling show
+    assert [item.dropped for item in planned] == [c == "" for c in captions]  # every image has a caption
     assert all(c == "" or c.startswith("tag") for c in captions)  # keep_tokens=1 keeps the first tag in front
 
 
@@ -1306,11 +1307,16 @@ def test_show_batches_on_the_command_line(catalog_path, tmp_path):
     from workbench.cli import app
 
     con = connect(catalog_path)
-    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    paths = ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    paths[0].with_suffix(".txt").unlink()
+    ingest_images(con, tmp_path / "images", 0)  # reads the folder again: img0 has no caption now
     con.close()
+    # the diffusers examples' underscore spellings, pasted from their docs, are the same options
     result = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "32",
-                                      "--show-batches", "2", "--output-dir", str(tmp_path / "run")])
+                                      "--show_batches", "2", "--train_batch_size", "1", "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0 and "the first 2 step(s) of a new lora run" in result.output, result.output
+    # an image without a caption is not said to be dropped out
+    assert "(empty: no caption)" in result.output and "caption dropout" not in result.output, result.output
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
     refused = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
                                        "--resume", "latest", "--output-dir", str(tmp_path / "run")])

@@ -34,6 +34,10 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     rich_markup_mode="rich",
+    # the diffusers examples and kohya spell options with underscores (--train_batch_size): commands pasted from
+    # their docs run as they are. click applies this to option and command names and choice values, never to
+    # what an option is given
+    context_settings={"token_normalize_func": lambda token: token.replace("_", "-")},
 )
 # user text (captions, paths, SQL results) is never read as markup or :emoji: codes: cells go in as Text, and
 # strings with our own markup escape what they quote
@@ -1136,7 +1140,8 @@ def _show_batches(catalog: Path | None, config, steps: int) -> None:
         if item.pool != "instance":
             image.append(" (class image)", style="dim")
         table.add_row(str(item.step), image, f"{item.bucket[0]}×{item.bucket[1]}", "yes" if item.flip else "",
-                      Text(item.caption) if item.caption else Text("(empty: caption dropout)", style="dim"))
+                      Text(item.caption) if item.caption
+                      else Text("(empty: caption dropout)" if item.dropped else "(empty: no caption)", style="dim"))
     console.print(table)
 
 

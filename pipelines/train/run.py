@@ -485,6 +485,7 @@ class PlannedItem:
     crop: tuple[int, int]
     flip: bool
     caption: str  # after tag shuffling, keep_tokens and caption dropout: what the text encoder gets
+    dropped: bool  # caption dropout emptied a caption the image has
 
 
 def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: int, *,
@@ -514,5 +515,6 @@ def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: 
         for spec in batch:
             image = dataset.image_of(spec)
             items.append(PlannedItem(step=index // micro + 1, path=image.path, pool=spec.pool.removeprefix("prior:"),
-                                     bucket=image.bucket, crop=spec.crop, flip=spec.flip, caption=spec.caption))
+                                     bucket=image.bucket, crop=spec.crop, flip=spec.flip, caption=spec.caption,
+                                     dropped=bool(image.caption) and not spec.caption))
     return items
