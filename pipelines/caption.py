@@ -41,27 +41,15 @@ def model_source(model_name: str) -> str:
 
 def open_rgb(path_bytes: bytes):
     """Open an image file as an upright 8-bit RGB PIL image (EXIF orientation applied, alpha on white)."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    from workbench.images import open_image
+    from workbench.images import as_rgb, open_image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open(path_bytes, "rb") as handle:
             image = open_image(io.BytesIO(handle.read()))
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit or 32-bit grey: scale to 8 bits instead of clipping everything to white
-            import numpy as np
-
-            values = np.asarray(image, dtype=np.float64)
-            top = values.max() or 1.0
-            image = Image.fromarray((values * (255.0 / top)).clip(0, 255).astype("uint8"), mode="L")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        return image.convert("RGB")
+        return as_rgb(ImageOps.exif_transpose(image))
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

@@ -140,6 +140,14 @@ def _prepare_out(out: Path, *, overwrite: bool) -> Path:
     return out
 
 
+def _has_transparency(source: str) -> bool:
+    """Whether a palette image has a transparent entry (its mode alone does not say)."""
+    from workbench.images import open_image
+
+    with open_image(source) as img:
+        return img.has_transparency_data
+
+
 def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_only: bool) -> Path:
     """Copy/hardlink the source file; re-encode when the format needs it or EXIF rotates it.
 
@@ -151,25 +159,25 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
         raise SourceChanged(source)
     ext = KOHYA_EXTENSIONS.get(row.format or "")
     rotate = row.orientation not in (None, 1)
-    # 16-bit and float images: Pillow's convert("RGB") in trainers clips them, so write 8-bit PNG
+    # Trainers (sd-scripts, diffusers) read pixels with Pillow's convert("RGB"), which clips 16-bit and float grey
+    # to white and shows the colour under transparency (black in most cut-outs): such images are written as the
+    # 8-bit, flattened-on-white pixels the catalog measured and captioned
     wide = (row.mode or "").startswith("I") or row.mode == "F"
+    transparent = row.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (row.mode == "P" and _has_transparency(source))
     if ext is None and not kohya_only:
         ext = Path(source).suffix.lower() if re.fullmatch(r"\.[a-z0-9]{2,5}", Path(source).suffix.lower()) else ".png"
-    if rotate or wide or ext is None:
-        import numpy as np
-        from PIL import Image, ImageOps
+    if rotate or wide or transparent or ext is None:
+        from PIL import ImageOps
 
-        from workbench.images import open_image
+        from workbench.images import as_rgb, open_image
 
         target = _inside(target_dir, f"{stem}.png")
         with open_image(source) as img:
             img = ImageOps.exif_transpose(img)
             if wide:
-                array = np.asarray(img, dtype=np.float32)
-                top = 65535.0 if img.mode.startswith("I;16") else max(float(array.max()), 1.0)
-                img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            if img.mode not in ("RGB", "RGBA", "L", "LA"):
-                img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
+                img = as_rgb(img).convert("L")  # grey stays one channel
+            elif transparent or img.mode not in ("RGB", "L"):
+                img = as_rgb(img)
             img.save(target, format="PNG")
         return target
     target = _inside(target_dir, f"{stem}{ext}")

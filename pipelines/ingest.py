@@ -30,7 +30,7 @@ from pipelines.concepts import (
 )
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
-from workbench.images import SIDECAR_EXTENSIONS, decode_caption, sidecar_beside
+from workbench.images import SIDECAR_EXTENSIONS, as_rgb, decode_caption, sidecar_beside
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
@@ -157,18 +157,7 @@ def _to_small_rgb(img, side: int):
 
     if img.format == "JPEG":
         img.draft("RGB", (side, side))
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit and float images: scale to 8 bits by their range instead of clipping.
-        array = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
-        img = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
-    elif mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
-        # Composite transparency over white so transparent areas hash the same way each time.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    img = img.convert("RGB")
+    img = as_rgb(img)  # 16-bit scaled, transparency over white: the pixels every later step sees
     img.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=None)
     return img
 

@@ -103,6 +103,29 @@ def test_kohya_export_bakes_exif_rotation_and_uses_bucket_settings(con, curated,
     assert dataset["resolution"] == [768, 512] and dataset["bucket_reso_steps"] == 32
 
 
+def test_exported_16_bit_and_transparent_images_hold_the_pixels_the_catalog_measured(con, tmp_path):
+    """kohya and diffusers read images with Pillow's convert("RGB"): a cut-out exported as RGBA trained black where
+    the catalog (and its captions) saw white, and a 16-bit grey would train white."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    cutout = np.zeros((48, 64, 4), np.uint8)
+    cutout[12:36, 16:48] = (200, 30, 30, 255)
+    Image.fromarray(cutout, "RGBA").save(src / "cutout.png")
+    Image.fromarray((np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 8)).save(src / "wide.png")
+    _image(src / "plain.png")
+    ingested_images(con, [src], workers=1)
+    out = tmp_path / "out"
+    exported_dataset(con, out, format="kohya")
+    written = {p.name.rsplit("-", 1)[0]: p for p in (out / "img" / "1_").glob("*.png")}
+    with Image.open(written["cutout"]) as cut:
+        assert cut.mode == "RGB" and cut.getpixel((0, 0)) == (255, 255, 255) and cut.getpixel((32, 24)) == (200, 30, 30)
+    with Image.open(written["wide"]) as wide:
+        assert wide.mode == "L" and wide.getextrema() == (0, 95)  # 0 … 24568 of 65535 (not clipped to 255)
+    assert written["plain"].read_bytes() == (src / "plain.png").read_bytes()  # an ordinary image is copied as it is
+
+
 def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
     added_concept(con, "zz cat", trigger="zz", class_noun="cat", repeats=3)
     assign_images_to_concept(con, "zz cat", [_by_name(con)["c.jpg"]])

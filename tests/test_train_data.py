@@ -149,3 +149,29 @@ def test_a_caption_file_ingest_left_out_as_not_utf8_is_not_called_changed(con, t
     messages = []
     training_images(con, fast_config(tmp_path / "out"), progress=lambda **kw: messages.append(kw.get("message") or ""))
     assert any(m.startswith("1 caption file(s) changed") for m in messages)
+
+
+def test_training_sees_the_pixels_the_catalog_measured_for_16_bit_and_transparent_images(con, tmp_path):
+    """A 16-bit PNG trained as solid white and a cut-out PNG's transparent area as black (the colour under it),
+    while ingest, captioning and CLIP saw grey and white: Pillow's convert("RGB") in the loader."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.caption import open_rgb
+    from pipelines.train.data import ItemSpec, TrainImage, load_pixels
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 8)  # 0 … 32760 of 65535: dark to mid grey
+    Image.fromarray(ramp).save(folder / "wide.png")
+    cutout = np.zeros((64, 64, 4), np.uint8)
+    cutout[16:48, 16:48] = (200, 30, 30, 255)  # a red square; black under the transparent rest
+    Image.fromarray(cutout, "RGBA").save(folder / "cutout.png")
+    for name in ("wide.png", "cutout.png"):
+        image = TrainImage("x", str(folder / name), "", (64, 64), (64, 64), (0, 0))
+        trained = load_pixels(image, ItemSpec(0, "instance", False, (0, 0), None, ""))
+        seen = np.asarray(open_rgb(os.fsencode(folder / name)), dtype=np.float32) / 127.5 - 1.0  # what BLIP and CLIP get
+        assert np.abs(trained.permute(1, 2, 0).numpy() - seen).max() < 1e-6
+    assert trained[:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # the cut-out's corner trains white
+    wide = load_pixels(TrainImage("x", str(folder / "wide.png"), "", (64, 64), (64, 64), (0, 0)), ItemSpec(0, "instance", False, (0, 0), None, ""))
+    assert wide.min() == -1.0 and -0.1 < wide.max() < 0.1  # its full range: black to mid grey, not white

@@ -20,6 +20,28 @@ def open_image(path: str | bytes | os.PathLike):
     return Image.open(path)
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # grey with more than 8 bits, or float
+
+
+def as_rgb(image):
+    """An opened image as the 8-bit RGB that every step sees (ingest's hashes and measures, captions, CLIP,
+    training, evaluation). Pillow's own `convert("RGB")` clips 16-bit grey to white and shows whatever colour
+    hides under transparency (black, in most cut-outs): here 16-bit grey is scaled by its full range, 32-bit
+    and float grey by their maximum, and transparency is composited over white."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if mode in WIDE_MODES:
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    elif image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def as_ingested(info: os.stat_result, size: int | None, mtime_ns: int | None) -> bool:
     """Whether a file (its `os.stat`) still holds what ingest read: the size and mtime ingest recorded. A file
     edited or replaced since holds other pixels, which its caption and bucket do not describe. Rows from before

@@ -41,7 +41,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
-from workbench.images import decode_caption, holds_image, open_image, sidecar_beside
+from workbench.images import as_rgb, decode_caption, holds_image, open_image, sidecar_beside
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -526,7 +526,7 @@ def load_pixels(image: TrainImage, spec: ItemSpec) -> torch.Tensor:
             "edited since the run started): put it back and ingest again, or start a new run on the current dataset."
         ) from error
     with opened:
-        picture = ImageOps.exif_transpose(opened).convert("RGB")
+        picture = as_rgb(ImageOps.exif_transpose(opened))  # the pixels the catalog measured and captioned
     picture = picture.resize(image.resized, Image.Resampling.LANCZOS)
     left, top = spec.crop
     picture = picture.crop((left, top, left + image.bucket[0], top + image.bucket[1]))
@@ -632,7 +632,7 @@ class LatentCache(_DiskCache):
     kind = "latents"
 
     def key(self, image: TrainImage, spec: ItemSpec) -> str:
-        return _key("latent-v1", image.image_id, self.fingerprint, image.bucket, image.resized, spec.crop, spec.flip)
+        return _key("latent-v2", image.image_id, self.fingerprint, image.bucket, image.resized, spec.crop, spec.flip)
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         tensors = self._read(key)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from workbench.images import open_image
+from workbench.images import as_rgb, open_image
 from workbench.progress import ProgressHook, null_progress
 
 CMMD_SIGMA = 10.0
@@ -80,7 +80,7 @@ def _default_clip(model: str) -> str:
 
 def _open(path: str) -> Image.Image:
     with open_image(path) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+        return as_rgb(ImageOps.exif_transpose(opened))
 
 
 def inception_weights() -> Path:
