@@ -1733,3 +1733,20 @@ def test_at_80_columns_browse_shows_the_caption_beside_the_path(synthetic_catalo
             assert header.index("caption") > header.index("path") and "img_000000" in first
 
     asyncio.run(scenario())
+
+
+def test_the_preview_shows_an_image_as_the_catalog_measured_it(tmp_path):
+    """The preview showed EXIF-rotated photos on their side, and cut-outs on black (Pillow's convert("RGB"))."""
+    import numpy as np
+    from PIL import Image
+
+    from tui.preview import load_preview
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.new("RGB", (64, 32), (50, 60, 70)).save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_preview(str(tmp_path / "rotated.jpg")).size == (32, 64)
+    cutout = np.zeros((32, 32, 4), np.uint8)
+    cutout[8:24, 8:24] = (200, 30, 30, 255)
+    Image.fromarray(cutout, "RGBA").save(tmp_path / "cutout.png")
+    assert load_preview(str(tmp_path / "cutout.png")).getpixel((0, 0)) == (255, 255, 255)

@@ -6,9 +6,12 @@ import logging
 import os
 
 from PIL import Image as PILImage
+from PIL import ImageOps
 from textual.app import ComposeResult
 from textual.containers import Container
 from textual.widgets import Static
+
+from workbench.images import as_rgb, open_image
 
 # textual-image asks the terminal for its cell size at import (that must happen before the app starts);
 # a terminal that does not answer gets default sizes, which needs no traceback on the screen.
@@ -32,9 +35,10 @@ def load_preview(path: str | None, max_side: int = 384) -> PILImage.Image | str:
     if not path:
         return "no file"
     try:
-        with PILImage.open(path) as image:
+        with open_image(path) as image:
             image.draft("RGB", (max_side, max_side))
-            small = image.convert("RGB")
+            # upright, 16-bit scaled and transparency on white: as the catalog measured it and training sees it
+            small = as_rgb(ImageOps.exif_transpose(image))
             small.thumbnail((max_side, max_side))
             return small
     except FileNotFoundError:
