@@ -85,7 +85,7 @@ def report_unreadable(progress: ProgressHook, task: str, paths: Sequence[bytes],
     """Name files that could not be read this time (the first UNREADABLE_NAMED of a run; then one line)."""
     for n, path in enumerate(paths, start=reported_before + 1):
         if n <= UNREADABLE_NAMED:
-            progress(task=task, message=f"could not read {os.fsdecode(path)}: skipped (run `workbench ingest` again to record why)")
+            progress(task=task, message=f"could not read {os.fsdecode(path)}: skipped (if it changed, `workbench ingest` reads it again; if not, `workbench exclude` leaves it out)")
         elif n == UNREADABLE_NAMED + 1:
             progress(task=task, message="more files could not be read: the summary counts them all")
 

@@ -152,7 +152,7 @@ def _error_row(path_bytes: bytes, reason: str, data: bytes | None) -> dict:
 
 
 def _to_small_rgb(img, side: int):
-    """Decode once, small: JPEG uses draft() (DCT scaling); others decode fully then shrink."""
+    """Decode once, small: JPEG uses draft() (DCT scaling, a no-op once decoded); others decode fully then shrink."""
     from PIL import Image
 
     if img.format == "JPEG":
@@ -258,13 +258,18 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, exp
                 )
                 row.update(width=width, height=height, format=img.format, mode=img.mode)
                 return row
+            fmt, mode = img.format, img.mode
+            n_frames = int(getattr(img, "n_frames", 1) or 1)
+            if fmt == "JPEG":
+                img.draft("RGB", (STATS_SIDE, STATS_SIDE))  # DCT scaling: decode small
+            # decode here, so that corrupt pixel data fails here: a PNG's getexif() decodes the pixels, and its
+            # error, taken for bad EXIF below, left a half-decoded image that was measured and recorded 'ok'
+            img.load()
             orientation = 1
             try:
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
             except Exception:  # corrupt EXIF should not hide a good image
                 orientation = 1
-            fmt, mode = img.format, img.mode
-            n_frames = int(getattr(img, "n_frames", 1) or 1)
             small = _to_small_rgb(img, STATS_SIDE)
             if orientation in _ORIENTATION_TRANSPOSE:
                 small = small.transpose(Image.Transpose(_ORIENTATION_TRANSPOSE[orientation]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -158,6 +159,23 @@ def test_read_image_file_never_raises_on_garbage(tmp_path):
         junk.write_bytes(header + rng.integers(0, 255, size=200 + i * 37, dtype=np.uint8).tobytes())
         row = read_image_file(os.fsencode(junk))
         assert row["status"] == "error" and row["error"]
+
+
+def test_a_png_whose_pixel_data_is_corrupt_is_an_error_not_a_half_decoded_image(tmp_path):
+    """A PNG with one flipped byte in its image data was recorded 'ok' (measured from a half-black decode), and the
+    first step to read it in full was training, which stopped with a traceback: the error of the decode that
+    getexif() ran was taken for bad EXIF."""
+    rng = np.random.default_rng(5)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[len(data) // 2] ^= 0xFF
+    path = tmp_path / "bad.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        Image.open(path).load()  # Pillow cannot decode it in full
+    row = read_image_file(os.fsencode(path))
+    assert row["status"] == "error" and row["error"].startswith("corrupt image data")
 
 
 def test_image_under_wrong_extension_and_max_pixels(con, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from train_fixtures import fast_config, ingest_images
+from train_fixtures import fast_config, ingest_images, one_thread, tiny_components  # noqa: F401
 
 from pipelines.train.data import DataError, openable_paths, training_images
 
@@ -175,3 +175,18 @@ def test_training_sees_the_pixels_the_catalog_measured_for_16_bit_and_transparen
     assert trained[:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # the cut-out's corner trains white
     wide = load_pixels(TrainImage("x", str(folder / "wide.png"), "", (64, 64), (64, 64), (0, 0)), ItemSpec(0, "instance", False, (0, 0), None, ""))
     assert wide.min() == -1.0 and -0.1 < wide.max() < 0.1  # its full range: black to mid grey, not white
+
+
+def test_an_image_that_no_longer_decodes_stops_the_run_with_the_fix_named(con, tmp_path, one_thread):
+    """A PNG an older ingest recorded 'ok' whose pixel data is corrupt stopped training with Pillow's traceback."""
+    from pipelines.train import trained_model
+
+    paths = ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    stat = paths[0].stat()
+    data = bytearray(paths[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, and the mtime put back: the catalog takes it for the file it read
+    paths[0].write_bytes(bytes(data))
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    image_id = con.execute("SELECT image_id FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()[0]
+    with pytest.raises(DataError, match=rf"cannot be decoded: .*workbench exclude {image_id[:12]} --reason corrupt"):
+        trained_model(con, fast_config(tmp_path / "run"), components=tiny_components())

@@ -519,14 +519,18 @@ def load_pixels(image: TrainImage, spec: ItemSpec) -> torch.Tensor:
     try:
         if not image.path:  # a resumed run's image at no known path (see run._run_dataset)
             raise FileNotFoundError
-        opened = open_image(image.path)
+        with open_image(image.path) as opened:
+            picture = as_rgb(ImageOps.exif_transpose(opened))  # the pixels the catalog measured and captioned
     except FileNotFoundError as error:
         raise DataError(
             f"Image {image.image_id[:12]} of this run is no longer at {image.path or 'any known path'} (moved, deleted or "
             "edited since the run started): put it back and ingest again, or start a new run on the current dataset."
         ) from error
-    with opened:
-        picture = as_rgb(ImageOps.exif_transpose(opened))  # the pixels the catalog measured and captioned
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # what Pillow raises on data it cannot decode
+        raise DataError(
+            f"Image {image.image_id[:12]} ({image.path}) cannot be decoded: {error}. Leave it out with `workbench exclude "
+            f"{image.image_id[:12]} --reason corrupt`, or, if the file changed, `workbench ingest` its folder again."
+        ) from error
     picture = picture.resize(image.resized, Image.Resampling.LANCZOS)
     left, top = spec.crop
     picture = picture.crop((left, top, left + image.bucket[0], top + image.bucket[1]))
