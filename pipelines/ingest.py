@@ -515,6 +515,14 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
         "b.image_id NOT IN (SELECT image_id FROM images) AS fresh, p.path AS edited_path "
         "FROM paths p JOIN ingest_batch b ON p.path_bytes = b.path_bytes WHERE p.image_id <> b.image_id AND b.status = 'ok'"
     )
+    # a file that could not be read at all before (permission denied: no bytes, no content) and now gives bytes
+    # was not edited: its row of that error goes, once no path holds it, and what was given to it by hand (an
+    # exclusion, a concept) passes to the content read now, as for an edit
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE ingest_unread AS SELECT DISTINCT p.image_id AS old_id FROM paths p "
+        "JOIN ingest_batch b ON p.path_bytes = b.path_bytes JOIN images o ON o.image_id = p.image_id "
+        "WHERE p.image_id <> b.image_id AND o.status = 'error' AND o.bytes IS NULL"
+    )
     con.execute(
         """
         INSERT INTO images (image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
@@ -588,6 +596,15 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
         "UPDATE images SET replaced_by = NULL, replaced_path = NULL WHERE replaced_by IS NOT NULL "
         "AND image_id IN (SELECT image_id FROM ingest_batch)"
     )
+    con.execute("DELETE FROM ingest_unread WHERE old_id IN (SELECT image_id FROM paths)")
+    if con.execute("SELECT count(*) FROM ingest_unread").fetchone()[0]:
+        for (table,) in con.execute(
+            "SELECT table_name FROM duckdb_columns() WHERE column_name = 'image_id' AND table_name <> 'images' "
+            "AND table_name IN (SELECT table_name FROM duckdb_tables() WHERE NOT temporary)"
+        ).fetchall():
+            con.execute(f'DELETE FROM "{table}" WHERE image_id IN (SELECT old_id FROM ingest_unread)')
+        con.execute("DELETE FROM images WHERE image_id IN (SELECT old_id FROM ingest_unread)")
+    con.execute("DROP TABLE ingest_unread")
     con.execute("DROP TABLE ingest_edits")
     con.execute(
         """
@@ -599,9 +616,11 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
-    """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status, image id)."""
+    """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status, image id, never read: an error before
+    any byte could be read, such as a permission denied)."""
     rows = con.execute(
-        "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status, p.image_id "
+        "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status, p.image_id, "
+        "coalesce(i.status = 'error' AND i.bytes IS NULL, false) "
         "FROM paths p LEFT JOIN images i USING (image_id)"
     ).fetchall()
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
@@ -728,7 +747,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
             kind = "changed"
         elif previous[3]:  # unchanged size and time, but it was marked missing: it came back
             kind = "reappeared"
-        elif retry_errors and previous[4] == "error":
+        elif previous[6] or (retry_errors and previous[4] == "error"):
+            # a file never read (permission denied, say) is tried again each time: its size and time say nothing
+            # of whether it can be read now (a chmod changes neither)
             kind = "errors_retried"
         else:
             kind = "unchanged"
@@ -742,7 +763,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         # the same size (a `touch`, a file restored from a backup): the worker hashes the bytes first, and when they
         # are the image already recorded, the file is unchanged (or back), not a new content to decode and dedup
         if (entry.size is not None and previous is not None and previous[0] == entry.size and previous[5] is not None
-                and not (retry_errors and previous[4] == "error")):
+                and previous[4] != "error"):
             expect[entry.path_bytes] = previous[5]
     run.counts["files_seen"] = summary.files_seen
     _mark_seen(con, [p for p in seen if p in known])

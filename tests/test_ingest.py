@@ -151,6 +151,26 @@ def test_unreadable_file_gets_an_error_row(con, tmp_path, monkeypatch):
     assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchall()[0][0] == 1
 
 
+def test_a_file_that_could_not_be_read_is_read_once_it_can_be(con, tmp_path, monkeypatch):
+    """A file recorded 'permission denied' stayed so after a chmod (same size and time: 'unchanged'), and a `touch`
+    then made its old row say it was "edited in place"; what was given to it by hand must not be lost."""
+    from pipelines.filter import manual_exclusions
+
+    paths = make_images(tmp_path / "imgs", 2)
+    deny_open(monkeypatch, paths[0])
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    (unread,) = con.execute("SELECT image_id FROM images_view WHERE status = 'error'").fetchone()
+    manual_exclusions(con, [unread], "look at it later")
+    monkeypatch.undo()  # the permission is fixed; size and time are as they were
+    summary = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert summary.errors_retried == 1 and summary.unchanged == 1
+    rows = con.execute("SELECT status, excluded, exclusion_reason FROM images_view ORDER BY path").fetchall()
+    assert [r[0] for r in rows] == ["ok", "ok"]  # no 'missing' or 'replaced' row left of the error
+    assert rows[0][1] and "look at it later" in rows[0][2]
+    assert con.execute("SELECT count(*) FROM exclusions WHERE image_id = ?", [unread]).fetchone()[0] == 0
+    assert ingested_images(con, [tmp_path / "imgs"], workers=1).unchanged == 2  # read once, then left alone
+
+
 def test_read_image_file_never_raises_on_garbage(tmp_path):
     rng = np.random.default_rng(3)
     for i in range(20):
