@@ -215,31 +215,53 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# at the same resolution, a full-colour copy over these: CMYK, which Pillow turns into RGB without a colour profile
+# (its colours shift), and a palette of at most 256 colours (a photo quantised to a GIF or a small PNG)
+_FEWER_COLOURS = {"CMYK": (1, "CMYK"), "P": (2, "palette"), "PA": (2, "palette")}
+
+
+def _grey(member: dict) -> bool:
+    """A grey copy: a grey mode, or colour channels holding grey (ingest's is_grayscale)."""
+    return (member.get("mode") or "") in GREY_MODES or bool(member.get("is_grayscale"))
+
+
 def keep_order_key(member: dict) -> tuple:
-    """Sort key of the keep policy: highest resolution, then lossless over lossy, then larger file, then path order."""
+    """Sort key of the keep policy: colour over grey, then highest resolution, then full colour over CMYK and palette,
+    then lossless over lossy, then larger file, then path order."""
+    # Colour first: a grey copy of a colour photo has lost what no resolution gives back (a LoRA trained on it
+    # learns grey). A grey original (a black-and-white photo) is grey in every copy, and resolution decides.
     # Pixels, not detail: an upscale of a thumbnail wins over its original, and no stored column can tell it. Blur,
     # contrast and entropy come from a ~96 px decode (the upscale even scores sharper there), and file size fails
     # both ways: q90 upscales outweigh their originals, and q75 originals weigh less than their copies 1.5x smaller
     # at q95 (6 and 12 of the 14 sample photos).
     pixels = (member["width"] or 0) * (member["height"] or 0)
+    fewer_colours = _FEWER_COLOURS.get(member.get("mode") or "", (0, ""))[0]
     lossless = (member["format"] or "").upper() in LOSSLESS_FORMATS
-    return (-pixels, not lossless, -(member["bytes"] or 0), member["first_seq"])
+    return (_grey(member), -pixels, fewer_colours, not lossless, -(member["bytes"] or 0), member["first_seq"])
 
 
 def preferred_copy(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> str:
     """Of `image_ids`, the copy the keep policy would choose (what to suggest keeping when the kept one goes)."""
     rows = con.execute(
-        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, min(p.seq) AS first_seq FROM images i "
+        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq FROM images i "
         "JOIN paths p USING (image_id) WHERE i.image_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL", [list(image_ids)],
     ).fetchall()
-    names = ("image_id", "width", "height", "format", "bytes", "first_seq")
+    names = ("image_id", "width", "height", "format", "bytes", "mode", "is_grayscale", "first_seq")
     members = [dict(zip(names, row)) for row in rows]
     return min(members, key=keep_order_key)["image_id"] if members else image_ids[0]
 
 
 def _keep_reason(keeper: dict, runner_up: dict) -> str:
+    """Why the keeper ranks above the runner-up: the first part of the keep policy that tells them apart."""
+    if _grey(keeper) != _grey(runner_up):
+        return f"colour over greyscale ({runner_up.get('mode')})"
     if (keeper["width"] or 0) * (keeper["height"] or 0) != (runner_up["width"] or 0) * (runner_up["height"] or 0):
         return f"highest resolution ({keeper['width']}x{keeper['height']})"
+    fewer = _FEWER_COLOURS.get(runner_up.get("mode") or "", (0, ""))
+    if _FEWER_COLOURS.get(keeper.get("mode") or "", (0, ""))[0] < fewer[0]:
+        mode = runner_up.get("mode")
+        return f"full colour {keeper.get('mode')} over " + (fewer[1] if fewer[1] == mode else f"{fewer[1]} {mode}")
     keeper_lossless = (keeper["format"] or "").upper() in LOSSLESS_FORMATS
     if keeper_lossless != ((runner_up["format"] or "").upper() in LOSSLESS_FORMATS):
         return f"lossless {keeper['format']} over lossy {runner_up['format']}"
@@ -302,7 +324,7 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Recompute duplicate groups, keepers and 'dedup' exclusions from every pair method and keeper choice."""
     members = con.sql(
         """
-        SELECT i.image_id, i.width, i.height, i.format, i.bytes, min(p.seq) AS first_seq
+        SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq
         FROM images i JOIN paths p USING (image_id)
         WHERE i.status = 'ok' AND NOT p.missing
           AND i.image_id IN (SELECT image_a FROM duplicate_pairs UNION SELECT image_b FROM duplicate_pairs)

@@ -46,8 +46,9 @@ def test_small_inputs_take_the_direct_path_with_the_same_answer():
     assert (d <= 6).all()
 
 
-def member(image_id, width, height, fmt, size, seq):
-    return {"image_id": image_id, "width": width, "height": height, "format": fmt, "bytes": size, "first_seq": seq}
+def member(image_id, width, height, fmt, size, seq, mode="RGB", grey=False):
+    return {"image_id": image_id, "width": width, "height": height, "format": fmt, "bytes": size, "first_seq": seq,
+            "mode": mode, "is_grayscale": grey}
 
 
 def test_keep_policy_order():
@@ -58,6 +59,21 @@ def test_keep_policy_order():
     first_path = member("e", 1000, 800, "PNG", 6, 2)
     ranked = sorted([big_jpeg, small_png, same_png, bigger_file, first_path], key=keep_order_key)
     assert [m["image_id"] for m in ranked] == ["e", "d", "c", "a", "b"]
+
+
+def test_keep_policy_prefers_colour_and_full_colour_copies():
+    """A scraped set's 16-colour PNG repost was kept over the photo ("lossless PNG over lossy JPEG"), a 16-bit grey
+    copy over the colour original, and a CMYK copy for its larger file."""
+    photo = member("photo", 1000, 800, "JPEG", 100, 1)
+    palette = member("palette", 1000, 800, "PNG", 300, 2, mode="P")
+    cmyk = member("cmyk", 1000, 800, "JPEG", 200, 3, mode="CMYK")
+    grey_bigger = member("grey", 2000, 1600, "PNG", 900, 4, mode="I;16", grey=True)
+    assert [m["image_id"] for m in sorted([grey_bigger, cmyk, palette, photo], key=keep_order_key)] == [
+        "photo", "cmyk", "palette", "grey"]
+    # a black-and-white photo is grey in every copy: resolution decides, whatever the mode
+    bw_rgb = member("bw_rgb", 500, 400, "JPEG", 100, 1, grey=True)
+    bw_large = member("bw_large", 1000, 800, "PNG", 100, 2, mode="L", grey=True)
+    assert min([bw_rgb, bw_large], key=keep_order_key)["image_id"] == "bw_large"
 
 
 def insert_image(con, image_id, phash, width, height, fmt="JPEG", size=1000, seq=1, mirror=None):
