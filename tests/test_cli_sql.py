@@ -92,6 +92,17 @@ def test_writes_are_refused_without_write(catalog_path):
     assert json.loads(count.stdout) == [{"n": 1}]
 
 
+def test_looking_pragmas_run_and_a_refusal_names_only_what_writes(catalog_path):
+    """`PRAGMA table_info(...)` was refused as a write, and `SELECT 1; DELETE ...` was refused as "(DELETE, SELECT)"."""
+    seeded_catalog(catalog_path)
+    columns = runner.invoke(app, ["sql", "PRAGMA table_info('images')", "-f", "json", "-c", str(catalog_path)])
+    assert columns.exit_code == 0 and {"name": "image_id"}.items() <= json.loads(columns.stdout)[0].items(), columns.output
+    mixed = runner.invoke(app, ["sql", "SELECT 1; DELETE FROM images", "-c", str(catalog_path)])
+    assert mixed.exit_code == 2 and "(DELETE)" in mixed.output
+    for writing in ("PRAGMA enable_profiling", "CALL pragma_version()", "SET threads = 1"):
+        assert runner.invoke(app, ["sql", writing, "-c", str(catalog_path)]).exit_code == 2
+
+
 def test_sql_errors_are_messages_not_tracebacks(catalog_path):
     seeded_catalog(catalog_path)
     result = runner.invoke(app, ["sql", "SELECT nope FROM images", "-c", str(catalog_path)])
@@ -198,7 +209,8 @@ def test_several_statements_run_in_order_and_the_last_one_is_shown(catalog_path)
     seeded_catalog(catalog_path)
     result = runner.invoke(app, ["sql", "SELECT 1 AS a; SELECT 2 AS b", "--catalog", str(catalog_path), "-f", "csv"])
     assert result.exit_code == 0, result.output
-    assert result.output.split() == ["b", "2"]
+    assert result.stdout.split() == ["b", "2"]
+    assert "2 statements ran; the result below is the last one's" in result.stderr  # not silently the last only
 
 
 def test_progress_messages_print_as_plain_text():

@@ -347,37 +347,51 @@ def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]
 
 # --- read-only SQL ------------------------------------------------------------
 
-# Statement types that cannot change the catalog. Everything else (INSERT, CREATE,
-# COPY, ATTACH, SET, PRAGMA, ...) needs --write.
+# Statement types that cannot change the catalog (DESCRIBE, SHOW and SUMMARIZE are SELECTs), and the PRAGMAs that
+# only look (`PRAGMA table_info('images')`, as harlequin users type). Everything else (INSERT, CREATE, COPY, ATTACH,
+# SET, CALL, other PRAGMAs, ...) needs --write.
 _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+_READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "show_databases", "database_list",
+                 "database_size", "storage_info", "version", "platform", "functions", "collations", "metadata_info"}
+
+
+def _statements(sql: str) -> list:
+    try:
+        return duckdb.extract_statements(sql)
+    except duckdb.Error as error:
+        raise CatalogError(f"SQL error: {error}") from error
 
 
 def statement_kinds(sql: str) -> list[str]:
     """The DuckDB statement type of each statement in `sql` (e.g. 'SELECT', 'INSERT')."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as error:
-        raise CatalogError(f"SQL error: {error}") from error
-    return [s.type.name.upper() for s in statements]
+    return [s.type.name.upper() for s in _statements(sql)]
+
+
+def _reads_only(statement) -> bool:
+    kind = statement.type.name.upper()
+    if kind == "PRAGMA":
+        name = re.match(r"\s*PRAGMA\s+(\w+)", statement.query, re.IGNORECASE)
+        return bool(name) and name.group(1).lower() in _READ_PRAGMAS
+    return kind in _READ_STATEMENTS
 
 
 def is_read_only_sql(sql: str) -> bool:
-    """True when every statement in `sql` only reads (SELECT, EXPLAIN, DESCRIBE, SHOW...)."""
-    kinds = statement_kinds(sql)
-    return bool(kinds) and all(k in _READ_STATEMENTS for k in kinds)
+    """True when every statement in `sql` only reads (SELECT, EXPLAIN, DESCRIBE, SHOW, PRAGMA table_info...)."""
+    statements = _statements(sql)
+    return bool(statements) and all(_reads_only(s) for s in statements)
 
 
 def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) -> duckdb.DuckDBPyRelation | None:
     """Run user SQL; refuse statements that write unless `write` is set."""
-    if not statement_kinds(sql):
+    statements = _statements(sql)
+    if not statements:
         raise CatalogError("No SQL to run: the query is empty.")
-    if not write and not is_read_only_sql(sql):
-        kinds = ", ".join(sorted(set(statement_kinds(sql))))
+    if not write and not all(_reads_only(s) for s in statements):
+        kinds = ", ".join(sorted({s.type.name.upper() for s in statements if not _reads_only(s)}))
         raise CatalogError(
-            f"Refused: this SQL writes to the catalog ({kinds}). SQL is read-only by default; "
+            f"Refused: this SQL may write to the catalog ({kinds}). SQL is read-only by default; "
             "pass --write if you mean to change the catalog."
         )
-    statements = duckdb.extract_statements(sql)
     # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
     cursor = con.cursor()
     try:

@@ -270,8 +270,11 @@ def sql(
         if protected:
             fail(f"Refused: {protected}; writing the result there would destroy it. Give another --output file.")
         relation = catalog_mod.run_sql(con, query, write=write)
+        ran = len(catalog_mod.statement_kinds(query))
     except CatalogError as error:
         fail(str(error))
+    if ran > 1:  # as harlequin's last tab: the others ran, their results are not shown
+        err_console.print(Text(f"{ran} statements ran; the result below is the last one's", style="dim"))
     if relation is None:
         console.print("OK")
         return
