@@ -321,6 +321,9 @@ def test_the_summary_counts_every_image_it_writes_rows_for(con, catalog_path):
     with_rows = con.execute("SELECT count(DISTINCT image_id) FROM exclusions WHERE starts_with(step, 'filter:')").fetchone()[0]
     assert with_rows == summary["excluded"] + summary[key] == 3
     assert [s for s, _ in _reasons(con)[resized]] == ["dedup", "filter:min_side"]
+    # the steps, to group by (the reasons name a keeper or a value each)
+    assert con.execute("SELECT exclusion_steps FROM images_view WHERE image_id = ?", [resized]).fetchone()[0] == [
+        "dedup", "filter:min_side"]
 
     printed = CliRunner().invoke(app, ["filter", "--dry-run", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
     assert printed.exit_code == 0, printed.output

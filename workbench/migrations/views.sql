@@ -50,7 +50,7 @@ WITH p AS (
            bool_and(missing) AS all_missing
     FROM paths GROUP BY image_id
 ), x AS (
-    SELECT image_id, string_agg(reason, '; ' ORDER BY step) AS exclusion_reason
+    SELECT image_id, string_agg(reason, '; ' ORDER BY step) AS exclusion_reason, list(step ORDER BY step) AS exclusion_steps
     FROM exclusions GROUP BY image_id
 ), cs AS (
     -- CLIP score (cosine, -1..1) against the CURRENT caption (a class prior's: its prompt); a score of an older
@@ -79,6 +79,7 @@ SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i
        d.is_keeper,
        x.image_id IS NOT NULL AS excluded,
        x.exclusion_reason,
+       x.exclusion_steps,
        h.phash, h.dhash,
        i.brightness, i.contrast, i.blur, i.entropy, i.is_grayscale, i.n_frames,
        ci.concept, co.trigger_token AS concept_trigger, co.class_noun AS concept_class,
@@ -132,6 +133,7 @@ COMMENT ON COLUMN images_view.duplicate_group IS 'Duplicate group id (duplicate_
 COMMENT ON COLUMN images_view.is_keeper IS 'The copy of its duplicate group that is kept';
 COMMENT ON COLUMN images_view.excluded IS 'Out of the dataset: see exclusion_reason (the rows are in exclusions)';
 COMMENT ON COLUMN images_view.exclusion_reason IS 'Why, from every step that excluded it (dedup, filter:RULE, manual)';
+COMMENT ON COLUMN images_view.exclusion_steps IS 'The steps that excluded it (dedup, filter:RULE, manual), to group by: exclusion_reason names the keeper or value';
 COMMENT ON COLUMN images_view.blur IS 'Variance of the Laplacian (low: blurry)';
 COMMENT ON COLUMN images_view.entropy IS 'Grey-level entropy in bits (low: flat, little information)';
 COMMENT ON COLUMN images_view.brightness IS 'Mean grey level, 0-255';
