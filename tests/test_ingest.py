@@ -576,6 +576,12 @@ def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalo
     make_images(tmp_path / "photos" / "more", 1, seed=4)
     again = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
     assert "1 new or changed image(s) are not in duplicate groups yet" in " ".join(again.output.split())
+    assert runner.invoke(app, ["dedup", "--catalog", str(catalog_path)]).exit_code == 0
+    moved = tmp_path / "photos" / "moved"
+    moved.mkdir()
+    next((tmp_path / "photos" / "more").iterdir()).rename(moved / "here.png")  # a move: no image dedup has not seen
+    after_move = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
+    assert after_move.exit_code == 0 and "not in duplicate groups" not in after_move.output, after_move.output
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("nothing")
     empty = runner.invoke(app, ["ingest", str(tmp_path / "notes"), *common], env={"COLUMNS": "200"})

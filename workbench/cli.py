@@ -177,7 +177,7 @@ def ingest(
         conflicts = [f"{used} (not {', '.join(others)})" for used, others in summary.sidecar_conflicts.items()]
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(conflicts)} image(s) have byte-identical copies whose caption sidecars differ; "
-            f"each takes the sidecar of its first path in sorted order: {named_few(conflicts)}. Make the sidecars agree "
+            f"each takes the sidecar of the first of its paths (in sorted order) that has one: {named_few(conflicts)}. Make the sidecars agree "
             "(or delete the ones you do not want) and ingest again."))
     if summary.files_seen == 0:
         err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
@@ -190,8 +190,9 @@ def ingest(
 def _stale_dedup(summary: IngestSummary) -> str:
     """What an ingest changed that the last dedup's groups do not cover ('' when nothing)."""
     parts = []
-    if summary.new + summary.changed:
-        parts.append(f"{summary.new + summary.changed} new or changed image(s) are not in duplicate groups yet")
+    fresh = summary.new - summary.moved_or_copied + summary.changed  # a moved or copied file holds an image dedup saw
+    if fresh:
+        parts.append(f"{fresh} new or changed image(s) are not in duplicate groups yet")
     if summary.returned_ungrouped:
         parts.append(f"{summary.returned_ungrouped} image(s) back from missing are not in duplicate groups")
     if summary.grouped_missing:
