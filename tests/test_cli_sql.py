@@ -297,13 +297,18 @@ def test_a_result_is_never_written_over_the_catalog_its_log_or_an_image_it_reads
     con = connect(catalog_path)
     con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, 'a', 3)", [str(image), str(image)])
     con.close()
+    sidecar = tmp_path / "photo.txt"  # its caption file, which ingest reads
+    sidecar.write_text("a caption")
     before = catalog_path.read_bytes()
     wal = catalog_path.with_name(catalog_path.name + ".wal")
-    for target in (catalog_path, wal, image):
+    for target in (catalog_path, wal, image, sidecar):
         for fmt in ("csv", "json"):
             result = runner.invoke(app, ["sql", "SELECT 1 AS x", "-f", fmt, "-o", str(target), "--overwrite", "-c", str(catalog_path)])
             assert result.exit_code == 2 and "Refused" in result.output, (target, fmt, result.output)
     assert catalog_path.read_bytes() == before and not wal.exists() and image.read_bytes() == b"the only copy"
+    assert sidecar.read_text() == "a caption"
+    other = tmp_path / "photo.v2.txt"  # the caption file of no image the catalog reads
+    assert runner.invoke(app, ["sql", "SELECT 1 AS x", "-f", "csv", "-o", str(other), "-c", str(catalog_path)]).exit_code == 0
     still = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "csv", "-c", str(catalog_path)])
     assert still.stdout.splitlines() == ["n", "2"]
 

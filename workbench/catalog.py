@@ -174,12 +174,18 @@ def protected_file(con: duckdb.DuckDBPyConnection, target: str | os.PathLike[str
     catalog = catalog_file(con)
     if catalog is not None and target in (catalog, catalog.with_name(catalog.name + ".wal")):
         return f"{target} is {'the catalog' if target == catalog else 'the catalog write-ahead log'} this query reads"
+    stem, extension = os.path.splitext(str(target))
     cursor = con.cursor()
     try:
         row = cursor.execute("SELECT count(*) FROM paths WHERE path = ?", [str(target)]).fetchone()
+        # a caption sidecar (`img.txt` beside `img.png`): ingest reads captions from it
+        beside = [] if extension.lower() not in (".txt", ".caption") else [path for (path,) in cursor.execute(
+            "SELECT path FROM paths WHERE starts_with(path, ?)", [stem + "."]).fetchall() if os.path.splitext(path)[0] == stem]
     finally:
         cursor.close()
-    return f"{target} is an image file the catalog reads" if row and row[0] else None
+    if row and row[0]:
+        return f"{target} is an image file the catalog reads"
+    return f"{target} is the caption file of {beside[0]}, which the catalog reads" if beside else None
 
 
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
