@@ -256,10 +256,14 @@ def test_folders_kohya_would_not_train_beside_concept_folders_are_named_with_the
     assert len(notes) == 2 and "'0_zero thing' has 0 repeats" in notes[0] and "'abc_x' has no repeat count" in notes[1]
     assert not any("holiday" in m for m in messages)
     # what the note says to run leaves them out
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?, ?, 9)",  # a copy in another folder
+                ["/photos/keep/a.jpg", b"/photos/keep/a.jpg", zero])
     con.close()
     result = CliRunner().invoke(app, ["exclude", "--folder", "/ds/img/0_zero thing", "--folder", "/ds/img/abc_x",
-                                      "--reason", "0 repeats", "--catalog", str(catalog_path)])
+                                      "--reason", "0 repeats", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "excluded 2 image(s)" in result.output, result.output
+    # the copy outside is the same image, out too: said, not left to be found later
+    assert "1 of them also has a file outside the folder" in result.output and "/photos/keep/a.jpg" in result.output
     from workbench.catalog import connect
 
     with connect(catalog_path) as again:

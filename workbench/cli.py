@@ -739,6 +739,19 @@ def exclude(
     except ValueError as error:
         fail(str(error))
     console.print(f"excluded {n} image(s)")
+    if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
+        prefixes = {p.rstrip("/\\") + os.sep for path in folder for p in (str(path), os.path.abspath(path))}
+        elsewhere: dict[str, str] = {}
+        for image_id, path in con.execute(
+            "SELECT image_id, path FROM paths WHERE image_id IN (SELECT unnest(?::VARCHAR[])) AND NOT missing ORDER BY seq",
+            [ids],
+        ).fetchall():
+            if not path.startswith(tuple(prefixes)):
+                elsewhere.setdefault(image_id, path)
+        if elsewhere:
+            err_console.print(Text(
+                f"Note: {len(elsewhere)} of them also {'has' if len(elsewhere) == 1 else 'have'} a file outside the "
+                f"folder, which is the same image and is excluded too: {named_few(list(elsewhere.values()))}"))
     # excluding a kept copy excludes the picture: its other copies stay excluded as duplicates unless one is kept
     for keeper, others in con.execute(
         "SELECT k.image_id, list(d.image_id ORDER BY d.image_id) FROM duplicates k JOIN duplicates d "
