@@ -578,6 +578,32 @@ def test_caption_reject_asks_first(synthetic_catalog):
     asyncio.run(scenario())
 
 
+def test_rejecting_the_model_caption_keeps_the_caption_being_typed(synthetic_catalog):
+    """Type my own caption, then reject the model's: the typed text was lost and the image left with no caption."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.image_id is not None and screen.query_one("#sources").option_count, what="sources")
+            image_id = screen.image_id
+            sources = screen.query_one("#sources")
+            sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            editor = screen.query_one("#caption-text")
+            editor.focus()
+            editor.load_text("")
+            await pilot.press(*"my", "space", *"own")
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "Confirm", what="question")
+            assert "typed caption is saved first" in text_of(app, "#confirm-question")
+            await pilot.press("y")
+            sql = f"SELECT source, text FROM captions WHERE image_id = '{image_id}' ORDER BY source"
+            await wait_for(pilot, lambda: app.con.cursor().execute(sql).fetchall() == [("manual", "my own"), ("sidecar", "sidecar caption 0")],
+                           what="saved, then rejected")
+            await wait_for(pilot, lambda: editor.text == "my own" and not screen.edited, what="the editor keeps it")
+
+    asyncio.run(scenario())
+
+
 def test_a_confirm_question_wraps_to_show_all_its_words(synthetic_catalog):
     """The question before an action with no undo was one line cut at the dialog's edge, at 120 columns too."""
     from tui.sql_screen import ConfirmWrite

@@ -309,13 +309,26 @@ class CaptionsScreen(SizeClasses, Screen):
             return
         text = self.source_texts.get(source, "")
         shown = text if len(text) <= 160 else text[:159] + "…"
+        # "type my own caption, then reject the model's": the typed text is saved first, as leaving the image would;
+        # rejecting the manual caption itself discards the edit too, and says so
+        typed = self.query_one("#caption-text", TextArea).text if self.edited else ""
+        keep_typed = bool(typed.strip()) and source != "manual"
         question = (f"[b]Reject the {markup_safe(source)} caption of this image?[/b]\n{markup_safe(shown)}\n\n"
-                    "Its text is deleted from the catalog and the next source takes over. There is no undo.")
+                    "Its text is deleted from the catalog and the next source takes over. There is no undo."
+                    + ("\nYour typed caption is saved first, as the manual caption." if keep_typed else "")
+                    + ("\nYour unsaved edit is discarded too." if self.edited and not keep_typed else ""))
+        sidecar = self.sidecars
+
+        def reject(con) -> str:
+            if keep_typed:
+                caption_edits.save_manual_caption(con, image_id, typed, sidecar=sidecar)
+            caption_edits.reject_caption(con, image_id, source)
+            return ("caption saved; " if keep_typed else "") + f"{source} caption rejected"
 
         def answered(yes: bool | None) -> None:
             if yes:
                 self._overwrite_editor = True
-                self._write(lambda con: caption_edits.reject_caption(con, image_id, source) or f"{source} caption rejected")
+                self._write(reject)
 
         self.app.push_screen(Confirm(question, yes="Reject"), answered)
 
