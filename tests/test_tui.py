@@ -84,9 +84,10 @@ def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
             expected = con.execute("SELECT count(*) FROM images_view WHERE width > 1000 AND format = 'PNG'").fetchone()[0]
             await wait_for(pilot, lambda: f"of {expected:,} · SQL filter" in text_of(app, "#table-status"), what="SQL filter")
             await wait_for(pilot, lambda: app.screen.query_one("#rows").cursor_row == 0, what="the first row of the new filter")
+            assert app.focused is app.screen.query_one("#rows")  # Enter applies the filter and moves on to the rows
 
             filter_box.value = "mountain lake"
-            await pilot.press("enter")
+            await pilot.press("ctrl+f", "enter")
             expected = con.execute("SELECT count(*) FROM images_view WHERE caption ILIKE '%mountain lake%'").fetchone()[0]
             await wait_for(pilot, lambda: f"of {expected:,} · text search" in text_of(app, "#table-status"), what="text search")
             from tui.browser_screen import BROWSER_COLUMNS

@@ -89,9 +89,9 @@ def details_table(details: dict[str, Any], *, field_width: int | None = None) ->
 
 # The table shows these (fewer columns render faster); sorting and filtering use every column,
 # and the details pane shows them all.
-# what curating looks at first comes first: at 80 columns the caption and why an image is out stay in view
+# what curating looks at first comes first: at 80 columns whether an image is out, and its caption, stay in view
 BROWSER_COLUMNS = [
-    "path", "caption", "excluded", "exclusion_reason", "width", "height", "concept", "caption_source", "format",
+    "path", "excluded", "caption", "exclusion_reason", "width", "height", "concept", "caption_source", "format",
     "bytes", "status", "role", "duplicate_group", "is_keeper", "bucket_width", "bucket_height",
 ]
 
@@ -102,6 +102,8 @@ DETAILS_DELAY = 0.12  # seconds the cursor must rest on a row before its details
 class BrowserScreen(SizeClasses, Screen):
     """Browse every image: filter with SQL or text, sort by any column, inspect one."""
 
+    # the rows, not the filter box (the first focusable widget): the screen's keys (x, c, enter) act on them at once
+    AUTO_FOCUS = "#rows"
     CSS_PATH = "browser_screen.tcss"
     BINDINGS = [
         Binding("c", "concept", "Concept…"),

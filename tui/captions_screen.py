@@ -39,6 +39,8 @@ class CaptionsScreen(SizeClasses, Screen):
     with ctrl+down, and a typed caption is never dropped silently.
     """
 
+    # the rows, not the filter box (the first focusable widget): the screen's keys (x, c, enter) act on them at once
+    AUTO_FOCUS = "#rows"
     CSS_PATH = "captions_screen.tcss"
     BINDINGS = [
         # Priority: the editor and inputs would take ctrl+a (line start) for themselves.

@@ -25,6 +25,8 @@ def cell(column: str, value, path_width: int = TEXT_WIDTH) -> str:
     """A table cell: NULL shown as '·', floats short, long text cut to fit (a path to `path_width`, at its start)."""
     if value is None:
         return "·"
+    if isinstance(value, bool):  # "yes" stands out from "no" down a column; True and False look alike
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.2f}" if 1 <= abs(value) < 1e9 else f"{value:.3g}"
     text = str(value).replace("\n", " ")
@@ -181,6 +183,7 @@ class ImageTable(Vertical):
 
     @on(_Failed)
     def _failed(self, message: _Failed) -> None:
+        self._rows_next = False  # the filter box keeps the focus, to mend what it holds
         self.query_one("#table-status", Label).update(f"[red]{markup_safe(message.error)}[/]")
         self.notify(message.error, title="Filter", severity="error")
 
@@ -192,6 +195,9 @@ class ImageTable(Vertical):
         old, self.result = self.result, message.result
         if old is not None:
             old.close()
+        if getattr(self, "_rows_next", False) and self.query_one("#filter", Input).has_focus:
+            self.query_one("#rows", PageTable).focus()
+        self._rows_next = False
         self._set_columns(message.result.columns)
         if message.keep is None:  # another filter or sort: its first row, not the old row number
             self._fetch(message.result, 0, 0)
@@ -269,6 +275,7 @@ class ImageTable(Vertical):
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self) -> None:
+        self._rows_next = True  # once the rows load: filter, then curate them with the screen's keys
         self.reload()
 
     @on(Select.Changed, "#sort")
