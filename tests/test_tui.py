@@ -112,6 +112,21 @@ def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
     asyncio.run(scenario())
 
 
+def test_browse_keys_act_on_the_rows_from_the_start(synthetic_catalog):
+    """The filter box had the focus when Browse opened: `down down x` typed "x" into it and excluded nothing."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="browser")
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one("#browser-table")
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="rows")
+            await pilot.press("down", "down", "x")
+            await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM exclusions WHERE step = 'manual'") == 1, what="exclude")
+            assert app.screen.query_one("#filter").value == ""
+            assert query_count(app, f"SELECT count(*) FROM exclusions WHERE image_id = '{table.page_ids[2]}'") == 1
+
+    asyncio.run(scenario())
+
+
 def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog)
