@@ -130,6 +130,36 @@ def test_missing_weights_say_which_model_and_how_to_fetch_it(loader, monkeypatch
     assert any(part in message for part in ("blip-image-captioning-base", "ViT-B-32", "stable-diffusion-v1-5"))
 
 
+@pytest.mark.parametrize("loader", [models.load_blip, models.load_clip, models.load_sd_pipeline, models.load_sd_components])
+def test_a_hub_model_that_cannot_be_had_fails_at_once_without_download_retries(loader, monkeypatch, tmp_path):
+    """A misspelt id, or `sd15` without a network, spent minutes in huggingface_hub's hidden retries (five per file)
+    before saying anything; in the TUI, Cancel could not stop it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    asked = []
+
+    def no_network(self, repo_id, **kwargs):
+        asked.append((repo_id, kwargs.get("timeout")))
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "model_info", no_network)
+    with pytest.raises(models.ModelNotAvailableError, match="the Hugging Face Hub cannot be reached"):
+        loader("sd15", device="cpu")
+    assert len(asked) == 1 and asked[0][1] == models.HUB_PROBE_TIMEOUT  # one short request, then the message
+
+    def no_such_model(self, repo_id, **kwargs):
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as the Hub's 404 raises it, without a response
+        Exception.__init__(error, "404 Client Error: Repository Not Found")
+        raise error
+
+    monkeypatch.setattr(HfApi, "model_info", no_such_model)
+    with pytest.raises(models.ModelNotAvailableError, match="there is no model 'sd15-typo/x' on the Hugging Face Hub"):
+        loader("hf-hub:sd15-typo/x" if loader is models.load_clip else "sd15-typo/x", device="cpu")
+
+
 def test_missing_local_file_is_named():
     with pytest.raises(models.ModelNotAvailableError, match="No such model file"):
         models.load_sd_pipeline("./nowhere/model.safetensors", device="cpu")

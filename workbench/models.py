@@ -243,6 +243,38 @@ def _hub_snapshot(repo_id: str) -> str | None:
         return None
 
 
+HUB_PROBE_TIMEOUT = 10.0  # seconds: one request, before a download huggingface_hub would retry for minutes
+
+
+def _check_hub(source: str, component: str, hub_id: str) -> None:
+    """Before loading a Hub model that is not in the cache: one request to the Hub, so that a misspelt id or an
+    unreachable Hub fails in seconds, with a message. Left to itself, huggingface_hub retries each file five times
+    with backoff (minutes, which a cancel cannot stop and the TUI cannot show). A cached model, or HF_HUB_OFFLINE
+    (which fails fast from the cache), asks nothing."""
+    if _offline() or _hub_snapshot(hub_id) is not None:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(hub_id, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:
+        return  # it exists; the download says whether this token may have it
+    except RepositoryNotFoundError:
+        raise ModelNotAvailableError(
+            f"{component} model {source!r}: there is no model {hub_id!r} on the Hugging Face Hub (misspelt? a private "
+            f"one needs `hf auth login`). Presets: {', '.join(PRESETS)}; or name a local folder or file."
+        ) from None
+    except Exception as error:  # no network, DNS, a timeout, the Hub down
+        raise _not_available(source, component, f"the Hugging Face Hub cannot be reached: {_short(error)}",
+                             fetch_id=hub_id) from None
+
+
+def _from_the_hub(source: str) -> bool:
+    """Whether a model source is a Hub id (not the tiny preset, a path, or a file)."""
+    return source != TINY and not _looks_like_path(source) and not Path(source).expanduser().exists()
+
+
 def component_path(preset_or_id: str, component: Component) -> str:
     """The local folder (or file) holding a component; builds `tiny` on first use. Raises ModelNotAvailableError."""
     source = _source_for(preset_or_id, component)
@@ -351,6 +383,8 @@ def load_blip(model: str = TINY, *, device=None, dtype=None):
 
     device, dtype = _check_device_dtype(device, dtype)
     source = _source_for(model, "blip")
+    if _from_the_hub(source):
+        _check_hub(source, "BLIP", source)
     where = component_path(model, "blip") if source == TINY else source
     try:
         with quiet_model_io():
@@ -389,6 +423,10 @@ def load_clip(model: str = TINY, *, device=None, dtype=None) -> ClipModelBundle:
             f"Unknown CLIP model {source!r}: use a preset ({', '.join(PRESETS)}), an open_clip ARCH/TAG such as "
             "ViT-B-32/laion2b_s34b_b79k, hf-hub:org/repo, or a folder with open_clip_config.json."
         )
+    if source.startswith("hf-hub:") or pretrained is not None:
+        hub_id = source.removeprefix("hf-hub:") if pretrained is None else _openclip_hub_id(model_name, pretrained)
+        if hub_id is not None:  # (open_clip's few URL-only tags download from elsewhere)
+            _check_hub(source, "CLIP", hub_id)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, precision=_open_clip_precision(dtype), device=device
@@ -428,6 +466,8 @@ def load_sd_pipeline(model: str = TINY, *, device=None, dtype=None):
     """A StableDiffusionPipeline (safety checker off) from a preset, HF id, folder or single-file checkpoint."""
     device, dtype = _check_device_dtype(device, dtype)
     source = _source_for(model, "sd")
+    if _from_the_hub(source):
+        _check_hub(source, "Stable Diffusion", source)
     try:
         with quiet_model_io(diffusers=True):
             pipe = _sd_pipeline_from(model, source, dtype)
@@ -506,6 +546,8 @@ def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDCompo
             name=model,
             source_path=str(Path(source).expanduser().resolve()),
         )
+    if _from_the_hub(source):
+        _check_hub(source, "Stable Diffusion", source)
     where = component_path(model, "sd") if source == TINY else source
     _refuse_a_folder_that_is_not_a_model(where)
     try:
