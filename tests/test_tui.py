@@ -1585,6 +1585,9 @@ def test_trainer_messages_use_the_forms_words():
     assert form_message("x already holds a training run: continue it with --resume latest, or give another --output-dir.") == (
         "x already holds a training run: continue it with Resume, or give another 'output folder'.")
     assert form_message("--num-class-images must be 1 or more") == "num_class_images must be 1 or more"
+    # a command to run in a shell keeps its options (`concept add NAME class NOUN` was no command)
+    assert form_message("set one (`workbench concept add NAME --class NOUN`), or pass --no-prior-preservation.") == (
+        "set one (`workbench concept add NAME --class NOUN`), or pass no_prior_preservation.")
 
 
 def test_a_word_that_names_a_column_is_a_text_search_not_a_condition(synthetic_catalog):

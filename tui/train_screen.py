@@ -55,7 +55,9 @@ def form_message(text: str) -> str:
             return "Resume"
         return f"'{FIELD_LABELS[key]}'" if key in FIELD_LABELS else key
     text = text.replace("--resume latest", "--resume").replace("the command line", "the form")
-    return _OPTION.sub(named, text)
+    # a command to run elsewhere (`workbench concept add NAME --class NOUN`) keeps its options as they are typed
+    parts = re.split(r"(`workbench [^`]*`)", text)
+    return "".join(part if part.startswith("`workbench ") else _OPTION.sub(named, part) for part in parts)
 
 
 # Starting values per preset: tiny trains in seconds on a CPU; real presets use the trainer's defaults.
