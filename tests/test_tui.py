@@ -143,6 +143,12 @@ def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
             box.value = "widht > 1000"
             await pilot.press("enter")
             await wait_for(pilot, lambda: "not a valid WHERE clause" in text_of(app, "#table-status") and "widht" in text_of(app, "#table-status"))
+            # A filter that fails as it runs: an action over "the filtered rows" says so (not "still loading")
+            box.value = "CAST(format AS INTEGER) > 0"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: "Conversion Error" in text_of(app, "#table-status"), what="runtime error")
+            assert "The filter failed" in app.screen.query_one("#browser-table").not_applied()
+            assert app.focused is box  # kept there, to mend it
             # Words without SQL are a text search.
             box.value = "in the red car"
             await pilot.press("enter")

@@ -130,6 +130,8 @@ class ImageTable(Vertical):
         result, requested = self.result, self.requested_filter
         if result is not None and typed == result.filter.text.strip():
             return None
+        if requested is not None and typed == requested.text.strip() and getattr(self, "_failed_filter", None) == requested:
+            return "The filter failed (its error is on the status line): mend it or clear it, and press Enter."
         if result is None or (requested is not None and typed == requested.text.strip()):
             return "The filtered rows are still loading; try again when the row count shows."
         return "The filter box differs from the filter the table shows: press Enter to apply it first."
@@ -144,6 +146,7 @@ class ImageTable(Vertical):
         self.query_one("#table-status", Label).update("loading…")
         shown = self.result.filter if keep_position and self.result is not None else None
         self._requested = shown if shown is not None else self.current_filter
+        self._failed_filter = None
         keep = None
         if shown is not None:
             keep = (self.current_image_id, self.page_offset, self.query_one("#rows", PageTable).cursor_row)
@@ -184,6 +187,7 @@ class ImageTable(Vertical):
     @on(_Failed)
     def _failed(self, message: _Failed) -> None:
         self._rows_next = False  # the filter box keeps the focus, to mend what it holds
+        self._failed_filter = self.requested_filter
         self.query_one("#table-status", Label).update(f"[red]{markup_safe(message.error)}[/]")
         self.notify(message.error, title="Filter", severity="error")
 
