@@ -658,6 +658,14 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
             expected = app.con.execute("SELECT format, count(*) FROM images GROUP BY format ORDER BY format").fetchall()
             assert screen.query_one("#results").rows == [[f, str(n)] for f, n in expected]
             assert screen.query_one("#history").option_count == 1
+            assert "statements" not in text_of(app, "#sql-status")
+            editor.load_text("SELECT 1 AS a; SELECT 2 AS b")  # both run; the result shown says it is the last one's
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "of the last of 2 statements" in text_of(app, "#sql-status"), what="two statements")
+            assert screen.query_one("#results").rows == [["2"]]
+            editor.load_text("SELECT format, count(*) AS n FROM images GROUP BY format ORDER BY format")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 3, what="results again")
 
             screen.query_one("#export-path").value = "out.parquet"
             await pilot.click("#export-parquet")
@@ -1502,6 +1510,9 @@ def test_quitting_during_a_step_records_it_cancelled(synthetic_catalog, monkeypa
             await pilot.click("#run-dedup")
             await wait_for(pilot, lambda: "/100,000" in text_of(app, "#state-dedup"), what="progress")
             await pilot.press("ctrl+q")
+            # said while it stops (the UI froze for seconds without a word), then closed by itself
+            assert any(n.title == "Quit" and "Stopping what runs" in n.message for n in app._notifications)
+            await wait_for(pilot, lambda: not app.running_steps, what="the step stopped")
 
     started = time.monotonic()
     asyncio.run(scenario())
@@ -1801,3 +1812,23 @@ def test_the_preview_shows_an_image_as_the_catalog_measured_it(tmp_path):
     cutout[8:24, 8:24] = (200, 30, 30, 255)
     Image.fromarray(cutout, "RGBA").save(tmp_path / "cutout.png")
     assert load_preview(str(tmp_path / "cutout.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_the_ingest_step_takes_a_folder_with_spaces_typed_without_quotes(tmp_path):
+    """`data/concepts/5_wbk cat` in the Ingest box failed as two paths, "…/5_wbk, …/cat", with no hint."""
+    from PIL import Image
+
+    from tui import steps
+    from workbench.catalog import connect
+
+    folder = tmp_path / "data" / "5_wbk cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    con = connect(tmp_path / "workbench.duckdb")
+    spec = steps.STEPS_BY_NAME["ingest"]
+    settings = steps.parse_settings(spec, {"folders": "data/5_wbk cat", "workers": "1"})
+    steps.run_ingest(con, settings, lambda **kw: None, tmp_path)
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 1
+    with pytest.raises(ValueError, match=r"no such file or folder: .*/data/5_wbk, .*/dog \(a name with spaces goes in quotes"):
+        steps.run_ingest(con, steps.parse_settings(spec, {"folders": "data/5_wbk dog", "workers": "1"}), lambda **kw: None, tmp_path)
+    con.close()

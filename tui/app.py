@@ -110,6 +110,25 @@ class WorkbenchApp(App[None]):
         # line breaks stay (DuckDB's errors are several lines); every other control character is escaped
         super().notify(visible(str(message), keep="\n"), title=visible(title), severity=severity, timeout=timeout, markup=False)
 
+    async def action_quit(self) -> None:
+        """Quit; running steps and training are stopped first, in view: they record how they ended (a training run
+        its checkpoint), which takes seconds, and a UI that froze meanwhile looked hung."""
+        if not self.running_steps or getattr(self, "_quitting", False):
+            self.exit()  # (a second ctrl+q: now; on_unmount still waits, bounded, for the steps' records)
+            return
+        self._quitting = True
+        for progress in list(self.running_steps):
+            progress.cancel()
+        self.notify("Stopping what runs: it records how it ended (training: where Resume goes on), then the workbench "
+                    "closes. ctrl+q again closes now.", title="Quit", timeout=STEP_STOP_WAIT)
+        deadline = time.monotonic() + STEP_STOP_WAIT
+
+        def closed_when_stopped() -> None:
+            if not self.running_steps or time.monotonic() > deadline:
+                self.exit()
+
+        self.set_interval(0.1, closed_when_stopped)
+
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return

@@ -27,7 +27,7 @@ from tui.row_detail import RowDetail
 from tui.safe_text import markup_safe, visible
 from tui.size_classes import SizeClasses
 from tui.workers import people_message
-from workbench.catalog import CatalogError, is_read_only_sql, protected_file, run_sql
+from workbench.catalog import CatalogError, is_read_only_sql, protected_file, run_sql, statement_kinds
 
 RESULT_ROWS = 1000  # rows shown; export writes them all
 EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC, format;"
@@ -252,6 +252,8 @@ class SqlScreen(SizeClasses, Screen):
             cursor=0,
         )
         shown = f"{len(message.rows):,} rows" if message.total is not None else f"first {RESULT_ROWS:,} rows (export for all)"
+        ran = len(statement_kinds(message.sql))
+        shown += f" of the last of {ran} statements, which all ran" if ran > 1 else ""
         shown += " · Enter on a row shows it in full" if message.rows else ""
         timing = f" · {message.seconds * 1000:.0f} ms" if self.show_timings else ""
         self.query_one("#sql-status", Label).update(shown + timing)

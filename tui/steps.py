@@ -78,13 +78,20 @@ def _summary(result: Any) -> dict[str, Any]:
 def run_ingest(con, s, progress, project: Path):
     from pipelines.ingest import ingested_images
 
-    folders = [Path(p) if Path(p).is_absolute() else project / p for p in s["folders"]]
+    def located(name: str) -> Path:
+        return Path(name) if Path(name).is_absolute() else project / name
+
+    folders = [located(p) for p in s["folders"]]
+    whole = located(" ".join(s["folders"])) if len(s["folders"]) > 1 else None
+    if whole is not None and whole.exists() and not any(p.exists() for p in folders):
+        folders = [whole]  # `5_wbk cat`, a kohya folder, typed without quotes
     folders = folders or [Path(p) for p in last_run_params(con, "ingest").get("paths", [])]  # Run all on a catalog: rescan
     if not folders:
         raise ValueError("Ingest: type one or more folders or image files.")
     missing = [str(p) for p in folders if not p.exists()]
     if missing:
-        raise ValueError(f"Ingest: no such file or folder: {', '.join(missing)}")
+        raise ValueError(f"Ingest: no such file or folder: {', '.join(missing)}"
+                         + (" (a name with spaces goes in quotes: \"5_sks dog\")" if len(folders) > 1 else ""))
     return _summary(ingested_images(con, folders, workers=s["workers"], progress=progress))
 
 
@@ -163,7 +170,7 @@ def run_train(con, s, progress, project):
 STEPS: tuple[StepSpec, ...] = (
     StepSpec("ingest", "Ingest", run_ingest,
              "SELECT count(*) AS images, count(*) FILTER (status = 'error') AS errors FROM images WHERE role = 'instance'",
-             (Setting("folders", "folders", "", "paths", "folders or files, relative to the catalog's folder; empty: the last ingest's"),
+             (Setting("folders", "folders", "", "paths", "empty: the last ingest's; else folders or files, relative to the catalog's folder"),
               Setting("workers", "workers", "", "optional_int"))),
     StepSpec("dedup", "Dedup", run_dedup,
              "SELECT count(DISTINCT group_id) AS groups, count(*) FILTER (NOT is_keeper) AS duplicates FROM duplicates",
@@ -176,7 +183,7 @@ STEPS: tuple[StepSpec, ...] = (
              "SELECT count(*) AS scored, round(avg(score), 3) AS mean FROM clip_scores",
              (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "32", int))),
     StepSpec("filter", "Filter", run_filter,
-             "SELECT count(DISTINCT image_id) AS filtered_out, (SELECT count(*) FROM dataset) AS dataset FROM exclusions WHERE step LIKE 'filter:%'",
+             "SELECT count(DISTINCT image_id) AS failing_a_rule, (SELECT count(*) FROM dataset) AS dataset FROM exclusions WHERE step LIKE 'filter:%'",
              (Setting("min_side", "min side", "256", "optional_int", "empty: off"),
               Setting("max_aspect", "max aspect", "3.0", "optional_float", "empty: off"),
               Setting("min_clip_score", "min CLIP", "", "optional_float", "empty: off"))),
