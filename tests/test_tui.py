@@ -1706,17 +1706,13 @@ def test_captions_screen_lays_out_at_40_columns(synthetic_catalog, width):
 def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_catalog):
     """c: the image under the cursor or all filtered rows into a concept (or out of theirs); x: exclude, x again: include."""
     from pipelines.concepts import added_concept
-    from tui.concept_dialog import NO_CONCEPT, ConceptDialog
+    from tui.concept_dialog import NEW_CONCEPT, NO_CONCEPT, ConceptDialog
 
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog)
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="first page")
             screen = app.screen
-            await pilot.click("#rows", offset=(5, 2))
-            await pilot.press("c")
-            await wait_for(pilot, lambda: any("No concepts yet" in n.message for n in app._notifications), what="no concepts")
-            added_concept(app.con, "sks dog", trigger="sks", class_noun="dog")
 
             box = screen.query_one("#filter")
             box.value = "format = 'PNG'"
@@ -1734,9 +1730,23 @@ def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_
             box.value = "format = 'PNG'"
             await pilot.press("c")
             await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
+            # no concept yet: a new one, made here (a class noun could only be set from the command line)
+            dialog = app.screen
+            assert dialog.query_one("#concept-choice").value == NEW_CONCEPT
+            for field, value in (("name", "sks dog"), ("trigger", "sks"), ("class", "dog"), ("repeats", "3")):
+                dialog.query_one(f"#concept-{field}").value = value
             await pilot.click("#concept-all")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM concept_images WHERE concept = 'sks dog'") == pngs, what="assigned")
             assert query_count(app, "SELECT count(*) FROM images_view WHERE concept = 'sks dog' AND format <> 'PNG'") == 0
+            assert app.con.execute("SELECT trigger_token, class_noun, repeats FROM concepts").fetchall() == [("sks", "dog", 3)]
+            # an existing concept's settings show, and a change applies to the concept
+            await pilot.press("c")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConceptDialog), what="dialog")
+            assert app.screen.query_one("#concept-class").value == "dog" and app.screen.query_one("#concept-repeats").value == "3"
+            app.screen.query_one("#concept-repeats").value = "5"
+            await pilot.click("#concept-one")
+            await wait_for(pilot, lambda: query_count(app, "SELECT repeats FROM concepts WHERE name = 'sks dog'") == 5, what="changed")
+            assert app.con.execute("SELECT trigger_token, class_noun FROM concepts").fetchall() == [("sks", "dog")]
 
             target = screen.query_one(ImageTable).current_image_id
             added_concept(app.con, "aaa first by name", trigger="aaa")

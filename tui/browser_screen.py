@@ -16,7 +16,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from tui import queries
-from tui.concept_dialog import ConceptChoice, ConceptDialog
+from tui.concept_dialog import ConceptChoice, ConceptDialog, ConceptSettings
 from tui.image_table import ImageTable
 from tui.messages import CatalogChanged, ImagePicked
 from tui.preview import ImagePreview, load_preview
@@ -118,7 +118,7 @@ class BrowserScreen(SizeClasses, Screen):
 
     @dataclass
     class _Concepts(Message):
-        names: list[str]
+        concepts: list[ConceptSettings]
         image_id: str
         result: Any  # the BrowseResult the table showed when asked
         current: str | None  # the image's concept now
@@ -196,43 +196,49 @@ class BrowserScreen(SizeClasses, Screen):
 
         cur = self.app.con.cursor()
         try:
-            names = [concept.name for concept in list_concepts(cur)]
+            concepts = [ConceptSettings(c.name, c.trigger, c.class_noun or "", str(c.repeats)) for c in list_concepts(cur)]
             current = (cur.execute("SELECT concept FROM concept_images WHERE image_id = ?", [image_id]).fetchone() or [None])[0]
         except Exception as error:
             self.post_message(self._Changed(people_message(error), "error"))
             return
         finally:
             cur.close()
-        self.post_message(self._Concepts(names, image_id, result, current, not_applied))
+        self.post_message(self._Concepts(concepts, image_id, result, current, not_applied))
 
     @on(_Concepts)
     def _ask_concept(self, message: _Concepts) -> None:
-        if not message.names:
-            self.notify("No concepts yet: `workbench concept add NAME --trigger TOKEN --class NOUN` makes one.",
-                        title="Browse", severity="warning", timeout=8)
-            return
-
         def chosen(choice: ConceptChoice | None) -> None:
             if choice is not None:
                 self._apply_concept(choice, message.image_id, message.result)
 
-        dialog = ConceptDialog(message.names, message.image_id[:12], message.result.total, message.result.filter.text.strip(),
+        dialog = ConceptDialog(message.concepts, message.image_id[:12], message.result.total, message.result.filter.text.strip(),
                                current=message.current, all_refused=message.not_applied)
         self.app.push_screen(dialog, chosen)
 
     @work(thread=True, group="browser-write")
     def _apply_concept(self, choice: ConceptChoice, image_id: str, result: Any) -> None:
-        from pipelines.concepts import assign_images_to_concept, unassigned_images
+        from pipelines.concepts import added_concept, assign_images_to_concept, unassigned_images
 
         cur = self.app.con.cursor()
         try:
+            made = ""
+            if choice.settings is not None:  # a new concept, or one whose trigger, class or repeats changed
+                settings = choice.settings
+                try:
+                    repeats = int(settings.repeats) if settings.repeats else None
+                except ValueError:
+                    raise ValueError(f"repeats must be a whole number, not {settings.repeats!r}") from None
+                existed = bool(cur.execute("SELECT count(*) FROM concepts WHERE name = ?", [settings.name]).fetchone()[0])
+                added_concept(cur, settings.name, trigger=settings.trigger or None, class_noun=settings.class_noun,
+                              repeats=repeats)
+                made = f"concept {settings.name} {'changed' if existed else 'made'}; "
             ids = result.image_ids() if choice.all_filtered else [image_id]
             if choice.concept is None:
                 moved = unassigned_images(cur, ids)
                 text = f"took {moved:,} of {len(ids):,} image(s) out of their concept"
             else:
                 moved = assign_images_to_concept(cur, choice.concept, ids)
-                text = f"{len(ids):,} image(s) in concept {choice.concept} ({moved:,} moved there)"
+                text = f"{made}{len(ids):,} image(s) in concept {choice.concept} ({moved:,} moved there)"
         except Exception as error:
             self.post_message(self._Changed(people_message(error), "error"))
             return
