@@ -860,6 +860,12 @@ def test_moved_and_deleted_files_count_missing_images_and_paths_apart(con, tmp_p
     # the 3 moved files and the copy are new paths of images the catalog had: said apart from the one new picture
     assert (summary.new, summary.moved_or_copied, summary.marked_missing, summary.paths_marked_missing) == (5, 4, 2, 5)
     assert con.execute("SELECT count(*) FROM images_view WHERE status = 'missing'").fetchone()[0] == 2
+    # a moved image: its old path is named as gone, beside the path it is at now
+    moved = con.execute("SELECT path, missing_paths FROM images_view WHERE path LIKE '%/moved/%' ORDER BY path").fetchall()
+    assert [(os.path.basename(p), [os.path.basename(m) for m in gone]) for p, gone in moved] == [
+        (path.name, [path.name]) for path in paths[:3]]
+    assert con.execute("SELECT missing_paths FROM images_view WHERE image_id = (SELECT image_id FROM paths "
+                       "WHERE path LIKE '%copy.png')").fetchone()[0] == []  # both its files are there
 
 
 def test_a_stopped_ingest_records_in_its_run_what_it_stored(con, tmp_path):

@@ -13,7 +13,7 @@ import duckdb
 from workbench.catalog import CatalogError, is_read_only_sql
 
 # Columns of images_view that are lists or raw hashes: shown in details, not in the table.
-HIDDEN_COLUMNS = ("paths", "phash", "dhash", "path_bytes")
+HIDDEN_COLUMNS = ("paths", "missing_paths", "phash", "dhash", "path_bytes")
 PAGE_SIZE = 100
 _table_ids = itertools.count(1)
 

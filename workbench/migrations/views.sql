@@ -47,6 +47,7 @@ WITH p AS (
            coalesce(arg_min(path, seq) FILTER (WHERE NOT missing), arg_max(path, (last_seen, seq))) AS path,
            coalesce(arg_min(path_bytes, seq) FILTER (WHERE NOT missing), arg_max(path_bytes, (last_seen, seq))) AS path_bytes,
            list(path ORDER BY seq) AS paths,
+           list(path ORDER BY seq) FILTER (WHERE missing) AS missing_paths,
            bool_and(missing) AS all_missing
     FROM paths GROUP BY image_id
 ), x AS (
@@ -62,7 +63,7 @@ WITH p AS (
     WHERE s.caption_md5 = md5(coalesce(cp.class_prompt, c.caption))
     GROUP BY s.image_id
 )
-SELECT i.image_id, p.path, p.paths, p.path_bytes, i.width, i.height, i.format, i.mode, i.bytes,
+SELECT i.image_id, p.path, p.paths, coalesce(p.missing_paths, []) AS missing_paths, p.path_bytes, i.width, i.height, i.format, i.mode, i.bytes,
        CASE WHEN NOT coalesce(p.all_missing, true) THEN i.status
             WHEN i.replaced_by IS NOT NULL THEN 'replaced'
             ELSE 'missing' END AS status,
@@ -126,6 +127,7 @@ COMMENT ON VIEW carried_captions IS 'A caption a kept copy takes from a duplicat
 COMMENT ON COLUMN images_view.image_id IS 'SHA-256 of the file bytes';
 COMMENT ON COLUMN images_view.path IS 'The first path seen that still exists (else the last one it was seen at)';
 COMMENT ON COLUMN images_view.paths IS 'Every path this image was seen at, in the order first seen';
+COMMENT ON COLUMN images_view.missing_paths IS 'Those of its paths where the last ingest found no file (moved or deleted)';
 COMMENT ON COLUMN images_view.status IS 'ok, error (unreadable), missing (no known path exists), replaced (edited in place)';
 COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a DreamBooth class image: generated, or supplied with priors --from)';
 COMMENT ON COLUMN images_view.caption_source IS 'sidecar, manual, duplicate, model:NAME (auto-caption), or class_prompt (a class prior: its prompt)';
