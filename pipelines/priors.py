@@ -240,11 +240,13 @@ def prior_plan(
     settings: PriorSettings | None = None,
     num_images: int | None = None,
     max_images: int = 1000,
-    seed: int = 0,
+    seed: int | None = None,
     concept: str | None = None,
 ) -> PriorPlan:
     """The seeds still missing from the set of `class_prompt`, `model_name` and `settings` (image i has seed + i),
-    and where their PNGs go. Without settings the plan can be ingested (images made elsewhere), not generated."""
+    and where their PNGs go. Without settings the plan can be ingested (images made elsewhere), not generated.
+    `seed` None: where the set starts (its lowest seed; 0 for a new set), so a set made with `--seed 100` grows
+    from 100, not beside it from 0."""
     if not class_prompt.strip():
         raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\".")
     wanted = num_images if num_images is not None else default_prior_count(con, concept=concept, max_images=max_images)
@@ -252,6 +254,8 @@ def prior_plan(
         raise ValueError("The number of class images must be at least 1.")
     folder = prior_folder(out_dir, class_prompt, model_name, settings)
     recorded = _recorded_priors(con, class_prompt, model_name, settings)
+    if seed is None:
+        seed = min(recorded, default=0)
     in_use = {seed for seed, (_, manual, present) in recorded.items() if present and not manual}  # a deleted file is made again
     excluded = {seed for seed, (_, manual, _) in recorded.items() if manual}
     seeds: list[int] = []
@@ -358,7 +362,7 @@ def class_priors(
     num_images: int | None = None,
     max_images: int = 1000,
     batch_size: int = 4,
-    seed: int = 0,
+    seed: int | None = None,
     concept: str | None = None,
     resolution: int | None = None,
     num_inference_steps: int = 30,

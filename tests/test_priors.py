@@ -169,6 +169,9 @@ def test_a_prior_set_belongs_to_its_model_and_exact_prompt_and_replaces_what_is_
     again = _generate(con, pipe, out, num_images=3)
     assert (again.generated, len(again.image_ids)) == (2, 3)  # the set: 10, 12 (made again) and 13 in place of 11
     assert os.path.isfile(path)
+    # no seed given (training, `workbench priors` without --seed): the set grows from where it starts, not from 0
+    grown = prior_plan(con, class_prompt="a photo of a dog", model_name="tiny", out_dir=out, num_images=5)
+    assert grown.seeds == [10, 12, 13, 14, 15] and sorted(grown.to_generate) == [14, 15]
 
 
 def test_concepts_of_one_class_share_one_prior_set_sized_by_all_their_images(con, tmp_path):

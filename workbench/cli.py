@@ -1216,7 +1216,7 @@ def priors(
     max_images: Annotated[int, typer.Option(help="Cap on the default count.")] = 1000,
     model: Annotated[str, typer.Option(help="Base model; must be the model you will train.")] = "tiny",
     batch_size: Annotated[int, typer.Option(min=1, help="Images generated per batch.")] = 4,
-    seed: Annotated[int, typer.Option(help="Image i uses seed + i.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Image i uses seed + i (default: where the set starts, 0 for a new one).", show_default=False)] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size, a multiple of 8 (default: the model's); training uses the set made at its --resolution.")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps per image; training uses the set made with its prior_inference_steps (default 30).")] = 30,
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: class_priors/ beside the catalog).")] = None,
@@ -1238,7 +1238,7 @@ def priors(
     if from_folder is not None:
         _supplied_priors_command(from_folder, class_prompt, catalog, including_training_photos, given={
             "--num": num is not None, "--resolution": resolution is not None, "--out-dir": out_dir is not None,
-            "--device": device is not None, "--seed": seed != 0, "--steps": steps != 30, "--batch-size": batch_size != 4,
+            "--device": device is not None, "--seed": seed is not None, "--steps": steps != 30, "--batch-size": batch_size != 4,
             "--max-images": max_images != 1000, "--model": model != "tiny"})
         return
     from pipelines.priors import (PriorSettings, check_prior_options, generated_prior_files, ingested_priors,

@@ -92,8 +92,9 @@ def _ensure_priors(catalog: _RunCatalog, config: TrainConfig, images, components
         return pools, components
     folder = catalog_project_dir(catalog.con) / "class_priors"
     settings = training_prior_settings(config)
-    # a set's seeds start at 0 whatever the training --seed: the set is shared with other runs and `workbench
-    # priors`, so its missing images are the next seeds after the ones it has, not a new run of seeds beside them
+    # a set's seeds are its own, whatever the training --seed: the set is shared with other runs and `workbench
+    # priors`, so its missing images are the next seeds after the ones it has (from where it starts: 0, or the
+    # `workbench priors --seed` it was made with), not a new run of seeds beside them
     plans = [prior_plan(catalog.con, class_prompt=prompt, model_name=config.model, out_dir=folder, settings=settings,
                         num_images=wanted[prompt] - supplied[prompt]) for prompt in short]
     made = {}
