@@ -134,9 +134,9 @@ def test_class_prior_options_are_refused_without_class_priors(mode, options, nam
     ({"ema_decay": 1}, "ema_decay must be between 0 and 1"),
     ({"ema_decay": 0}, "ema_decay must be between 0 and 1"),
     ({"text_encoder_lr": 0, "train_text_encoder": True}, "text_encoder_lr must be positive"),
-    ({"lr_warmup_steps": -1}, "--lr-warmup-steps must be 0 or more"),
-    ({"lr_num_cycles": 0}, "lr_num_cycles must be at least 1"),
-    ({"lr_power": -1.0}, "lr_power must be positive"),
+    ({"lr_warmup_steps": -1, "lr_scheduler": "linear"}, "--lr-warmup-steps must be 0 or more"),
+    ({"lr_num_cycles": 0, "lr_scheduler": "cosine_with_restarts"}, "lr_num_cycles must be at least 1"),
+    ({"lr_power": -1.0, "lr_scheduler": "polynomial"}, "lr_power must be positive"),
     ({"adam_beta1": 1.0}, "adam_beta1 and adam_beta2 must be at least 0 and below 1"),
     ({"adam_beta2": -0.1}, "adam_beta1 and adam_beta2 must be at least 0 and below 1"),
     ({"adam_weight_decay": -0.01}, "adam_weight_decay must be 0 or more"),
@@ -155,6 +155,22 @@ def test_out_of_range_options_are_refused_before_training(options, message):
     mode = "finetune" if "ema_decay" in options else "dreambooth"
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, {"mode": mode, **({"use_ema": True} if "ema_decay" in options else {}), **options})
+
+
+@pytest.mark.parametrize("options, message", [
+    # kohya refuses warm-up on `constant`; diffusers' get_scheduler drops it: a run that asked for warm-up got none
+    ({"lr_warmup_steps": 3}, "--lr-scheduler constant does not use --lr-warmup-steps, which applies to constant_with_warmup, "
+                             "linear, cosine, cosine_with_restarts or polynomial"),
+    ({"lr_scheduler": "cosine", "lr_num_cycles": 3}, "--lr-scheduler cosine does not use lr_num_cycles, which applies to "
+                                                     "cosine_with_restarts"),
+    ({"lr_scheduler": "linear", "lr_power": 2.0}, "--lr-scheduler linear does not use lr_power, which applies to polynomial"),
+    ({"lr_scheduler": "linear", "lr_warmup_steps": 10, "max_train_steps": 4},
+     "--lr-warmup-steps 10 is not below --max-train-steps 4: the learning rate would never reach --learning-rate"),
+])
+def test_schedule_settings_the_schedule_ignores_are_refused(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(None, {"mode": "lora", **options})
+    assert load_train_config(None, {"mode": "lora", "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 3}).lr_warmup_steps == 3
 
 
 # --- what a user sees -------------------------------------------------------------------

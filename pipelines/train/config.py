@@ -23,6 +23,12 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
+# the learning-rate schedules each schedule setting applies to (diffusers' get_scheduler)
+SCHEDULE_OPTIONS = {
+    "lr_warmup_steps": ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    "lr_num_cycles": ("cosine_with_restarts",),
+    "lr_power": ("polynomial",),
+}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -55,6 +61,7 @@ SHUFFLE_OPTIONS = ("keep_tokens",)  # with shuffle_tags only: the tags kept in f
 OPTION_FLAGS = {  # how messages name an option: its flag where `workbench train` has one, else its --set key
     "rank": "--rank", "lora_alpha": "--lora-alpha", "use_ema": "--use-ema", "class_prompt": "--class-prompt",
     "num_class_images": "--num-class-images", "prior_loss_weight": "--prior-loss-weight", "keep_tokens": "--keep-tokens",
+    "lr_warmup_steps": "--lr-warmup-steps",
 }
 # list options whose items never hold a comma (layer names): a plain "to_q, to_k" (as --set gives it) is split on
 # commas. validation_prompt (sentences) and concepts (concept names) may hold commas: text there is one item, a
@@ -246,6 +253,9 @@ class TrainConfig:
         unused_text = [] if self.train_text_encoder else [n for n in self._given(TEXT_ENCODER_OPTIONS) if n not in unused_lora]
         unused_prior = [] if self.with_prior_preservation else self._given(PRIOR_OPTIONS)
         unused_shuffle = [] if self.shuffle_tags else self._given(SHUFFLE_OPTIONS)
+        # diffusers' get_scheduler passes each schedule only its own settings: the others are dropped in silence
+        unused_schedule = [name for name, schedules in SCHEDULE_OPTIONS.items()
+                           if self.lr_scheduler not in schedules and self._given((name,))]
         checks = [
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             # before ranges: an option this run ignores is to be removed, whatever its value
@@ -259,6 +269,13 @@ class TrainConfig:
                 "use `workbench train dreambooth` (or `workbench train lora --prior-preservation`)")),
             (not unused_shuffle, f"{_named(unused_shuffle)} only applies when tags are shuffled (the tags kept in "
                                  f"front): add --shuffle-tags, or remove {_named(unused_shuffle)}"),
+            (not unused_schedule, "; ".join(
+                f"--lr-scheduler {self.lr_scheduler} does not use {_named([name])}, which applies to "
+                f"{_named(list(SCHEDULE_OPTIONS[name])).replace(' and ', ' or ')}: pick one of those, or remove {_named([name])}"
+                for name in unused_schedule)),
+            (self.max_train_steps is None or self.lr_warmup_steps < self.max_train_steps,
+             f"--lr-warmup-steps {self.lr_warmup_steps} is not below --max-train-steps {self.max_train_steps}: the "
+             "learning rate would never reach --learning-rate"),
             # an empty list (e.g. --set lora_target_modules=) would give the LoRA no layers to train
             (self.mode != "lora" or bool(self.lora_target_modules),
              "lora_target_modules is empty: name the layers to train, e.g. to_q,to_k,to_v,to_out.0"),
