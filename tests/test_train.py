@@ -1130,6 +1130,20 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_instead(con, 
         trained_model(con, dataclasses.replace(longer, resume=str(checkpoints / "checkpoint-1")), components=tiny_components())
 
 
+def test_an_empty_state_json_is_named_too_when_resuming_or_exporting(con, tmp_path, one_thread):
+    """A 0-byte state.json (a power cut after the rename) gave a JSONDecodeError traceback from resume and export."""
+    from pipelines.train.config import resumed_values
+    from pipelines.train.loop import exported_checkpoint
+
+    _finished_run(con, tmp_path, max_train_steps=2, checkpointing_steps=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "checkpoint-2" / "state.json").write_text("")
+    with pytest.raises(ConfigError, match=r"checkpoint-2 cannot be read: state.json missing or cut off.*--resume checkpoint-1"):
+        resumed_values({"output_dir": str(tmp_path / "run"), "resume": "latest"})
+    with pytest.raises(TrainingError, match=r"checkpoint-2 cannot be read: state.json"):
+        exported_checkpoint(checkpoints / "checkpoint-2", tmp_path / "out")
+
+
 def test_a_resume_with_more_steps_says_the_learning_rate_schedule_was_stretched(con, tmp_path, one_thread):
     from pipelines.train import trained_model
 

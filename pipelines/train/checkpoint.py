@@ -217,10 +217,28 @@ def load_checkpoint(
     return state
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file is cut off or unreadable; the message says which and what to do."""
+
+
+def damaged_checkpoint_message(checkpoint: Path, damaged: list[str]) -> str:
+    """What to do when a checkpoint's files are missing or cut off: resume from the one before, or delete it."""
+    earlier = [c for c in list_checkpoints(checkpoint.parent) if checkpoint_step(c) < checkpoint_step(checkpoint)]
+    instead = (f"Resume from the one before it (--resume {earlier[-1].name}), or delete {checkpoint} and resume with --resume latest."
+               if earlier else f"No earlier checkpoint is left: delete {checkpoint} to start the run again from step 0.")
+    return f"{checkpoint.name} cannot be read: {', '.join(damaged)} missing or cut off (a disk fault, or a crash before it reached the disk). {instead}"
+
+
 def saved_config(path: Path) -> dict | None:
-    """The training options a checkpoint was written with (None for checkpoints from before they were saved)."""
+    """The training options a checkpoint was written with (None for checkpoints from before they were saved);
+    DamagedCheckpoint when its state.json is cut off (an empty file after a power cut, say)."""
     state_file = path / "state.json"
-    return json.loads(state_file.read_text()).get("config") if state_file.is_file() else None
+    if not state_file.is_file():
+        return None
+    try:
+        return json.loads(state_file.read_text()).get("config")
+    except (OSError, ValueError, AttributeError) as error:
+        raise DamagedCheckpoint(damaged_checkpoint_message(path, ["state.json"])) from error
 
 
 def checkpoint_step(path: Path) -> int:

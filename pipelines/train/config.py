@@ -505,7 +505,10 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
 
     run_dir = Path(values["output_dir"])
     checkpoint = resolve_resume(run_dir / "checkpoints", values["resume"])
-    saved = saved_config(checkpoint) if checkpoint is not None else None
+    try:
+        saved = saved_config(checkpoint) if checkpoint is not None else None
+    except ValueError as error:  # DamagedCheckpoint: a cut-off state.json, named with the checkpoint to use instead
+        raise ConfigError(str(error)) from None
     source = checkpoint
     if saved is None and (run_dir / SNAPSHOT_FILE).is_file():  # stopped before its first checkpoint
         try:

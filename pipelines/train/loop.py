@@ -207,14 +207,6 @@ def uses_channels_last(config: TrainConfig, device) -> bool:
     return config.channels_last if config.channels_last is not None else torch.device(device).type == "cuda"
 
 
-def damaged_checkpoint_message(checkpoint: Path, damaged: list[str]) -> str:
-    """What to do when a checkpoint's files are missing or cut off: resume from the one before, or delete it."""
-    earlier = [c for c in ckpt.list_checkpoints(checkpoint.parent) if ckpt.checkpoint_step(c) < ckpt.checkpoint_step(checkpoint)]
-    instead = (f"Resume from the one before it (--resume {earlier[-1].name}), or delete {checkpoint} and resume with --resume latest."
-               if earlier else f"No earlier checkpoint is left: delete {checkpoint} to start the run again from step 0.")
-    return f"{checkpoint.name} cannot be read: {', '.join(damaged)} missing or cut off (a disk fault, or a crash before it reached the disk). {instead}"
-
-
 def too_small_message(groups_batch: list[dict], config: TrainConfig, vae) -> str:
     """Why a batch cannot train: its bucket's latents are too small for the model's UNet."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -658,7 +650,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         except Exception as error:
             damaged = ckpt.damaged_files(resume_from)
             if damaged:
-                raise TrainingError(damaged_checkpoint_message(resume_from, damaged)) from error
+                raise TrainingError(ckpt.damaged_checkpoint_message(resume_from, damaged)) from error
             if isinstance(error, ValueError):  # weights or optimizer state of another shape: written with other options
                 raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
             raise
@@ -1129,7 +1121,10 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
 
     from pipelines.train.lora_formats import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
 
-    saved = ckpt.saved_config(checkpoint)
+    try:
+        saved = ckpt.saved_config(checkpoint)
+    except ckpt.DamagedCheckpoint as error:
+        raise TrainingError(str(error)) from None
     if saved is None or ckpt.damaged_files(checkpoint):
         raise TrainingError(f"{checkpoint} is not a whole checkpoint written by this workbench (its state.json or weights are missing).")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
