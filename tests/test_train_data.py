@@ -41,6 +41,15 @@ def test_a_caption_prefix_is_joined_with_a_separator(con, tmp_path):
     assert captions == {"sks, square 0, red, blue, green", "sks, square 1, red, blue, green"}
     captions = {i.caption for i in training_images(con, fast_config(tmp_path / "out", caption_prefix="sks "))}
     assert captions == {"sks square 0, red, blue, green", "sks square 1, red, blue, green"}
+    # the concept's trigger as the prefix is not doubled ("sks, sks, square 0"); another prefix goes after the
+    # trigger, which stays in front, where --keep-tokens keeps it
+    from pipelines.concepts import added_concept
+
+    added_concept(con, "sks thing", trigger="sks", where="true")
+    captions = {i.caption for i in training_images(con, fast_config(tmp_path / "out", caption_prefix="sks"))}
+    assert captions == {"sks, square 0, red, blue, green", "sks, square 1, red, blue, green"}
+    captions = {i.caption for i in training_images(con, fast_config(tmp_path / "out", caption_prefix="photo of"))}
+    assert captions == {"sks, photo of, square 0, red, blue, green", "sks, photo of, square 1, red, blue, green"}
 
 
 def test_class_priors_made_for_a_lower_resolution_are_named_when_a_run_upscales_them(con, tmp_path):

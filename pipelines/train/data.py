@@ -262,12 +262,13 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         # no caption: the concept's "trigger class" (kohya's class_tokens, DreamBooth's "sks dog"), not the bare trigger
         class_tokens = f"{trigger} {row['concept_class']}" if trigger and row.get("concept_class") else None
         caption = config.instance_prompt or row["caption"] or class_tokens or ""
-        # a whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
-        if trigger and not caption_has_trigger(caption, trigger):
-            caption = f"{trigger}, {caption}" if caption else trigger
         if config.caption_prefix:  # "sks" + "photo of x" → "sks, photo of x" (kohya-style tags); a prefix ending in a separator is kept as is
             prefix = config.caption_prefix
             caption = f"{prefix}{caption}" if not caption or prefix[-1] in " ,;" else f"{prefix}, {caption}"
+        # after the prefix, which may hold it (no "sks, sks, ..."); in front, where --keep-tokens keeps it. A
+        # whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
+        if trigger and not caption_has_trigger(caption, trigger):
+            caption = f"{trigger}, {caption}" if caption else trigger
         images.append(
             TrainImage(
                 image_id=row["image_id"], path=files[row["image_id"]], caption=caption, bucket=bucket, resized=resized, crop=crop,
