@@ -1179,6 +1179,36 @@ def test_train_screen_runs_a_tiny_lora(four_image_catalog):
 
 
 @pytest.mark.slow
+def test_resume_in_the_train_screen_goes_on_with_the_runs_own_options(four_image_catalog):
+    """Resuming a run made from the command line (cosine, learning rate 1e-4) was refused: the form's defaults were
+    sent as if typed ("these differ: learning_rate 0.0001 (saved) vs 0.001; lr_scheduler 'cosine' (saved) vs ...")."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import fast_config, tiny_components
+
+    from pipelines.train import trained_model
+
+    run = four_image_catalog.parent / "runs" / "from-cli"
+    con = connect(four_image_catalog)
+    trained_model(con, fast_config(run, max_train_steps=2, learning_rate=1e-4, lr_scheduler="cosine",
+                                   num_validation_images=0), components=tiny_components())
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=four_image_catalog, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.ready, what="defaults")
+            screen.query_one("#field-output_dir").value = str(run)
+            screen.query_one("#field-max_train_steps").value = "3"  # typed: one step more
+            await pilot.click("#resume")
+            await wait_for(pilot, lambda: "finished" in text_of(app, "#train-state") or "refused" in text_of(app, "#train-state")
+                           or "failed" in text_of(app, "#train-state"), timeout=120, what="resumed run")
+            assert "finished" in text_of(app, "#train-state"), text_of(app, "#train-state") + text_of(app, "#train-error")
+            assert len((run / "loss.csv").read_text().splitlines()) - 1 == 3
+
+    asyncio.run(scenario())
+
+
 def test_train_screen_stop_and_resume(four_image_catalog):
     catalog_path = four_image_catalog
     async def scenario():

@@ -224,10 +224,16 @@ class TrainScreen(SizeClasses, Screen):
         """A validated TrainConfig from the form; raises ValueError (ConfigError is one) with a message for people."""
         from pipelines.train import load_train_config
 
-        values: dict[str, Any] = {"mode": self.query_one("#mode", Select).value, "model": self.query_one("#preset", Select).value}
+        preset = self.query_one("#preset", Select).value
+        values: dict[str, Any] = {"mode": self.query_one("#mode", Select).value}
+        # Resume goes on with the run's saved options: the form's own defaults are not given (they would clash with
+        # a run made with other values, from the command line or before a restart), only what was typed
+        defaults = default_values(str(preset)) if resume else {}
+        if not resume:
+            values["model"] = preset
         for name, label, kind in FIELDS:
             text = self.query_one(f"#field-{name}", Input).value.strip()
-            if not text:
+            if not text or (resume and text == defaults.get(name, "").strip()):
                 continue
             try:
                 values[name] = [p.strip() for p in text.split(";") if p.strip()] if kind is list else kind(text)
@@ -284,7 +290,8 @@ class TrainScreen(SizeClasses, Screen):
         self.running = True
         self.step_started = None
         self._set_buttons()
-        self.query_one("#train-state", Label).update(("resuming" if resume else "starting") + f" {config.mode} on {config.model}…")
+        self.query_one("#train-state", Label).update(
+            (f"resuming {config.mode} in {config.output_dir}" if resume else f"starting {config.mode} on {config.model}") + "…")
         self._poll_timer = self.set_interval(1.0, self._poll)
         self._train(config)
 
