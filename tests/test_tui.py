@@ -1205,6 +1205,9 @@ def test_resume_in_the_train_screen_goes_on_with_the_runs_own_options(four_image
                            or "failed" in text_of(app, "#train-state"), timeout=120, what="resumed run")
             assert "finished" in text_of(app, "#train-state"), text_of(app, "#train-state") + text_of(app, "#train-error")
             assert len((run / "loss.csv").read_text().splitlines()) - 1 == 3
+            # what the trainer said on the way is kept in the log (the state line showed each one for a moment)
+            logged = "\n".join(screen.query_one("#train-log").lines)
+            assert "cosine learning-rate schedule now spans 3 steps, not 2" in logged, logged
 
     asyncio.run(scenario())
 
@@ -1872,3 +1875,21 @@ def test_the_ingest_step_takes_a_folder_with_spaces_typed_without_quotes(tmp_pat
     with pytest.raises(ValueError, match=r"no such file or folder: .*/data/5_wbk, .*/dog \(a name with spaces goes in quotes"):
         steps.run_ingest(con, steps.parse_settings(spec, {"folders": "data/5_wbk dog", "workers": "1"}), lambda **kw: None, tmp_path)
     con.close()
+
+
+def test_another_preset_keeps_what_was_typed_in_the_train_form(four_image_catalog):
+    """Switching tiny → sd15 wiped the typed output folder, prompt, steps and rank."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=four_image_catalog, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.ready, what="defaults")
+            assert screen.query_one("#field-validation_prompt").value == ""  # not "a photo of sks": the trainer's default
+            assert screen.query_one("#field-resolution").value == "64"  # the tiny preset's
+            screen.query_one("#field-output_dir").value = "runs/mine"
+            screen.query_one("#field-rank").value = "16"
+            screen.query_one("#preset").value = "sd15"
+            await wait_for(pilot, lambda: screen.query_one("#field-resolution").value == "512", what="sd15's values")
+            assert screen.query_one("#field-output_dir").value == "runs/mine" and screen.query_one("#field-rank").value == "16"
+
+    asyncio.run(scenario())

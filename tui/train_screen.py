@@ -15,12 +15,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Select
+from textual.widgets import Button, Footer, Header, Input, Label, Log, ProgressBar, Select
 from textual_plotext import PlotextPlot
 
 from tui.messages import CatalogChanged, StepFinished, StepProgress
 from tui.preview import ImagePreview, load_preview
-from tui.safe_text import markup_safe
+from tui.safe_text import markup_safe, visible
 from tui.size_classes import SizeClasses
 from tui.workers import cancellable_progress, people_message
 from workbench.progress import StepCancelled
@@ -42,7 +42,8 @@ FIELDS = (
     ("output_dir", "output folder", str),
 )
 FIELD_LABELS = {name: label for name, label, _ in FIELDS}
-FIELD_PLACEHOLDERS = {"output_dir": "empty: runs/… beside the catalog", "learning_rate": "empty: the mode's default"}
+FIELD_PLACEHOLDERS = {"output_dir": "empty: runs/… beside the catalog", "learning_rate": "empty: the mode's default",
+                      "validation_prompt": "empty: the dataset's first captions"}
 _OPTION = re.compile(r"--([a-z][a-z0-9-]*)")
 
 
@@ -89,7 +90,6 @@ def default_values(preset: str) -> dict[str, str]:
         if isinstance(value, list):
             value = "; ".join(value)
         values[name] = "" if value is None else str(value)
-    values["validation_prompt"] = values.get("validation_prompt") or "a photo of sks"
     values.update(PRESET_VALUES.get(preset, {}))
     return values
 
@@ -177,6 +177,7 @@ class TrainScreen(SizeClasses, Screen):
                 yield Label("", id="train-error")
                 yield ProgressBar(total=1, id="train-bar", show_eta=False)
                 yield Label("not started", id="train-state")
+                yield Log(id="train-log", max_lines=500)  # every message of the run, kept: the state line shows the last
                 yield PlotextPlot(id="loss-plot")
                 yield Label("latest sample grid", id="sample-label")
                 yield ImagePreview(id="sample-preview")
@@ -209,10 +210,14 @@ class TrainScreen(SizeClasses, Screen):
             with select.prevent(Select.Changed):
                 select.set_options([(p, p) for p in message.presets])
                 select.value = message.preset
+        shown = getattr(self, "_shown_defaults", {})
         for name, value in message.values.items():
             field = self.query_one(f"#field-{name}", Input)
-            if not message.initial or not field.value:  # the first fill keeps what was typed while it loaded
+            # what was typed stays: while the first fill loaded, or before another preset was picked (a field still
+            # holding the last preset's value takes the new one's)
+            if (not field.value) if message.initial else field.value == shown.get(name, field.value):
                 field.value = value
+        self._shown_defaults = dict(message.values)
         if message.initial:
             self.query_one("#train-state", Label).update("not started")
         self.ready = True
@@ -285,6 +290,7 @@ class TrainScreen(SizeClasses, Screen):
             self.query_one("#train-state", Label).update("not started")  # not the previous run's outcome under this error
             return
         error_label.update("")
+        self.query_one("#train-log", Log).clear()  # this run's messages
         self.output_dir = Path(config.output_dir)
         # the folder field is left as typed: empty, the next Train starts a new folder and Resume continues the latest run
         self.running = True
@@ -342,6 +348,7 @@ class TrainScreen(SizeClasses, Screen):
     def _on_progress(self, message: StepProgress) -> None:
         if message.message:
             self.query_one("#train-state", Label).update(markup_safe(f"{message.task}: {message.message}"))
+            self.query_one("#train-log", Log).write_line(visible(f"{message.task}: {message.message}"))
         if message.task != "train" or not message.total:
             return
         self.query_one("#train-bar", ProgressBar).update(total=message.total, progress=message.completed)

@@ -273,7 +273,7 @@ class TrainConfig:
                 f"--lr-scheduler {self.lr_scheduler} does not use {_named([name])}, which applies to "
                 f"{_named(list(SCHEDULE_OPTIONS[name])).replace(' and ', ' or ')}: pick one of those, or remove {_named([name])}"
                 for name in unused_schedule)),
-            (self.max_train_steps is None or self.lr_warmup_steps < self.max_train_steps,
+            (self.max_train_steps is None or self.lr_warmup_steps == 0 or self.lr_warmup_steps < self.max_train_steps,
              f"--lr-warmup-steps {self.lr_warmup_steps} is not below --max-train-steps {self.max_train_steps}: the "
              "learning rate would never reach --learning-rate"),
             # an empty list (e.g. --set lora_target_modules=) would give the LoRA no layers to train
