@@ -459,3 +459,24 @@ def test_a_model_folder_that_is_no_model_is_refused_before_the_run_starts(catalo
                                  "--max-train-steps", "1", "--output-dir", str(tmp_path / "new")])
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
     assert not (tmp_path / "new").exists()
+
+
+def test_options_pasted_from_the_diffusers_examples_run(catalog_path, tmp_path):
+    """`--pretrained_model_name_or_path`, `--report_to`, `--max_grad_norm` (flags of diffusers' scripts that are
+    --set keys here) were each refused as "No such option", without a hint."""
+    from workbench.catalog import connect
+    from workbench.cli import pasted_train_options
+
+    pasted = ["train", "lora", "--pretrained_model_name_or_path", "tiny", "--report_to=none", "--max_grad_norm", "0.5",
+              "--scale_lr", "--train_batch_size", "1", "--resolution", "32"]
+    assert pasted_train_options(pasted) == [
+        "train", "lora", "--model", "tiny", "--set", "report_to=none", "--set", "max_grad_norm=0.5", "--set", "scale_lr=true",
+        "--train_batch_size", "1", "--resolution", "32"]  # a flag of ours (any spelling) stays as it is
+    assert pasted_train_options(["sql", "--max_grad_norm", "1"]) == ["sql", "--max_grad_norm", "1"]  # train only
+    with pytest.raises(ValueError, match=r"--instance_data_dir has no workbench counterpart: images come from the catalog"):
+        pasted_train_options(["train", "dreambooth", "--instance_data_dir", "./dog"])
+    connect(catalog_path).close()
+    out = tmp_path / "run"
+    result = runner.invoke(app, pasted_train_options([*pasted, "--catalog", str(catalog_path), "--output-dir", str(out)]))
+    # the options were taken: the run goes as far as the empty catalog, which has nothing to train on
+    assert result.exit_code == 2 and "0 train images" in result.output, result.output

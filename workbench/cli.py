@@ -1405,8 +1405,60 @@ def _terminate_as_ctrl_c(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+# diffusers example options that have no workbench option, and what does the job here
+DIFFUSERS_ELSEWHERE = {
+    "instance_data_dir": "images come from the catalog: `workbench ingest DIR` first",
+    "class_data_dir": "class images you have go in with `workbench priors --from DIR`",
+    "validation_epochs": "samples are made every --validation-steps steps",
+    "logging_dir": "logs go in the run's --output-dir",
+    "push_to_hub": "", "hub_token": "", "hub_model_id": "",
+}
+
+
+def pasted_train_options(args: list[str]) -> list[str]:
+    """`workbench train MODE …` as the diffusers examples and kohya write their options: one the train command has
+    no flag for, but that is a training option (`--max_grad_norm 1.0`, `--report_to none`), becomes `--set KEY=VALUE`,
+    and their names for ours (`--pretrained_model_name_or_path` → `--model`) become ours. Anything else is left to
+    the command's own errors; other commands are left alone. ValueError for a diffusers option with no counterpart."""
+    if len(args) < 2 or args[0] != "train":
+        return args
+    from pipelines.train.config import FIELD_NAMES, KOHYA_OPTIONS
+
+    command = typer.main.get_command(app).commands["train"].commands.get(args[1])
+    if command is None:
+        return args
+    flags = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    out, rest = list(args[:2]), list(args[2:])
+    while rest:
+        token = rest.pop(0)
+        if token == "--":
+            out += [token, *rest]
+            break
+        name, sep, value = token.partition("=")
+        dashed = name.replace("_", "-")
+        if not name.startswith("--") or dashed in flags:
+            out.append(token)
+            continue
+        key = KOHYA_OPTIONS.get(name[2:].replace("-", "_"), name[2:].replace("-", "_"))
+        if key in DIFFUSERS_ELSEWHERE:
+            raise ValueError(f"{name} has no workbench counterpart" + (f": {DIFFUSERS_ELSEWHERE[key]}." if DIFFUSERS_ELSEWHERE[key] else "."))
+        if key not in FIELD_NAMES:
+            out.append(token)
+            continue
+        if not sep:  # a flag with no value (`--scale_lr`) is true; else its value is the next word
+            value = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
+        ours = "--" + key.replace("_", "-")
+        out += [ours, value] if ours in flags else ["--set", f"{key}={value}"]
+    return out
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate_as_ctrl_c)
+    try:
+        sys.argv[1:] = pasted_train_options(sys.argv[1:])
+    except ValueError as error:
+        err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
+        sys.exit(2)
     try:
         app()
     except CatalogError as error:
