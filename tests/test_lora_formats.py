@@ -209,6 +209,9 @@ def test_kohya_metadata_counts_repeats_tags_epoch_and_cache(tmp_path, one_thread
     }
     assert json.loads(metadata["ss_dataset_dirs"]) == {"4_sks dog": {"n_repeats": 4, "img_count": 2}, "misc": {"n_repeats": 1, "img_count": 1}}
     assert metadata["ss_optimizer"].startswith("torch.optim.adamw.AdamW(")
+    # ss_max_train_steps is the run's length, ss_steps the steps trained when the file was written (a checkpoint's
+    # LoRA said ss_max_train_steps=15 of a 20-step run)
+    assert (metadata["ss_max_train_steps"], metadata["ss_steps"]) == (str(config.max_train_steps), "12")
 
     # an explicit count wins; without images or count the plain image count is written
     explicit = lora_formats.kohya_metadata(config, base_model="tiny", image_count=3, steps=1, seconds=1.0, num_train_images=30)

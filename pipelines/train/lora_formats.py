@@ -164,7 +164,8 @@ def kohya_metadata(
         "ss_sd_model_name": kohya_model_name(base_model),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_num_train_images": str(num_train_images),
-        "ss_max_train_steps": str(steps),
+        # the run's length; ss_steps the steps trained so far (a checkpoint's LoRA is written part of the way)
+        "ss_max_train_steps": str(getattr(config, "max_train_steps", None) or steps),
         "ss_steps": str(steps),
         "ss_learning_rate": str(config.learning_rate),
         # the rate the text encoder really trained at ("None", as sd-scripts writes it, when it did not train)
