@@ -179,9 +179,11 @@ class LossLog:
             bad = next((value for value in chunk if not math.isfinite(value)), None)
             if bad is not None:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                fp16 = self.accelerator.mixed_precision == "fp16"  # its range is what overflows, when it is used
                 raise TrainingError(
                     f"The loss became {bad} at step {step}; training stopped and {where}. "
-                    "Lower --learning-rate, use --mixed-precision bf16 instead of fp16, or check the images."
+                    + ("Lower --learning-rate, use --mixed-precision bf16 instead of fp16, or check the images." if fp16
+                       else "Lower --learning-rate, or check the images.")
                 )
             step_losses.append(sum(chunk) / len(chunk))  # the mean over the update's micro-batches
         accelerator = self.accelerator
