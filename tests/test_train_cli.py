@@ -87,6 +87,11 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
     con.close()
     assert fid is not None and fid >= 0 and json.loads(metrics)["fid"] == fid
     assert "fid_skipped" not in json.loads(metrics)
+    # a run is also named by its output folder (it was refused: "RUN must be a training run id")
+    by_folder = runner.invoke(app, ["evaluate", str(out), "--catalog", str(catalog_path), "--device", "cpu"])
+    assert by_folder.exit_code == 0 and "evaluation of run 1" in by_folder.output, by_folder.output
+    elsewhere = runner.invoke(app, ["evaluate", str(tmp_path), "--catalog", str(catalog_path)])
+    assert elsewhere.exit_code == 2 and "No finished training run in" in elsewhere.output
 
 
 def test_fid_refuses_weights_that_are_not_plain_tensors(tmp_path, monkeypatch):

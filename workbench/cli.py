@@ -1333,14 +1333,14 @@ def _supplied_priors_command(folder: Path, class_prompt: str | None, catalog: Pa
 
 @app.command()
 def evaluate(
-    run: Annotated[str, typer.Argument(help="Training run id (training_runs.train_id) or 'latest'.")] = "latest",
+    run: Annotated[str, typer.Argument(help="Training run id (training_runs.train_id), a run's output folder, or 'latest'.")] = "latest",
     clip_model: Annotated[Optional[str], typer.Option(help="CLIP model (default: the run's preset's CLIP).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Score a training run's samples: CLIP score vs prompts and CMMD vs its training images; stored with the run.
 
-    Example: workbench evaluate latest
+    Example: workbench evaluate latest   (or: workbench evaluate runs/my-lora)
     """
     from pipelines.train.evaluate import run_metrics
     from workbench.models import ModelError
@@ -1353,8 +1353,16 @@ def evaluate(
         train_id = int(row[0])
     elif run.isdigit():
         train_id = int(run)
+    elif Path(run).expanduser().is_dir():  # a run's output folder: its last finished run there
+        folder = str(Path(run).expanduser().resolve())
+        row = con.execute("SELECT max(train_id) FILTER (WHERE status = 'ok'), string_agg(DISTINCT status, ', ') "
+                          "FROM training_runs WHERE output_dir = ?", [folder]).fetchone()
+        if row[0] is None:
+            fail(f"No finished training run in {run}" + (f" (its runs: {row[1]}; `workbench train … --resume latest "
+                 f"--output-dir {run}` finishes it)" if row[1] else ": is it a run's output folder?"))
+        train_id = int(row[0])
     else:
-        fail(f"RUN must be a training run id or 'latest', got {run!r}")
+        fail(f"RUN must be a training run id, a run's output folder or 'latest', got {run!r}")
     try:
         with RichProgress(transient=True) as progress:
             metrics = run_metrics(con, train_id, clip_model=clip_model, device=device, progress=progress)
