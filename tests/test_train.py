@@ -190,12 +190,26 @@ def test_lora_training_overfits_a_few_images(con, tmp_path, one_thread):
     assert after < 0.6 * before, f"loss {before:.4f} -> {after:.4f}"
 
 
+class Killed(BaseException):
+    """A run ended from outside at once (SIGKILL, a crash, a power cut): nothing more is written."""
+
+
 def killed_after_step(step: int):
-    """A progress hook that kills the run (as Ctrl+C or the TUI's cancel would) once `step` is done."""
+    """A progress hook that kills the run once `step` is done, as SIGKILL would: nothing is saved on the way out."""
 
     def hook(*, task, completed=0, total=None, message=None):
         if task == "train" and completed == step:
-            raise StepCancelled("killed")
+            raise Killed("killed")
+
+    return hook
+
+
+def stopped_after_step(step: int):
+    """A progress hook that stops the run once `step` is done, as the TUI's Stop or Ctrl+C in the CLI do."""
+
+    def hook(*, task, completed=0, total=None, message=None):
+        if task == "train" and completed == step:
+            raise StepCancelled("stopped")
 
     return hook
 
@@ -215,7 +229,7 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
 
     killed = fast_config(tmp_path / "killed", **options)
 
-    with pytest.raises(StepCancelled):
+    with pytest.raises(Killed):
         main(killed, images, output_dir=tmp_path / "killed", components=tiny_components(), progress=killed_after_step(5))
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "killed" / "pytorch_lora_weights.safetensors").exists()
@@ -229,6 +243,27 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
     # and the comparison has teeth: step-4 weights are not the final ones
     step4 = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
     assert any(not torch.equal(step4[k], v) for k, v in load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-6" / "weights.safetensors")).items())
+
+
+def test_a_stop_between_scheduled_checkpoints_keeps_its_step_and_resumes_bitwise(con, tmp_path, one_thread):
+    """Stopped (the TUI's Stop, Ctrl+C) at step 3 of 2-step checkpoints, the run kept nothing past step 2: with the
+    default 500-step cadence a stop at step 499 lost every step. The step it stopped after is now a checkpoint."""
+    ingest_images(con, tmp_path / "images", 3)
+    options = dict(max_train_steps=5, checkpointing_steps=2, random_flip=True, shuffle_tags=True, caption_dropout=0.3,
+                   lr_scheduler="cosine", lr_warmup_steps=1, learning_rate=5e-3, num_validation_images=0)
+    straight = fast_config(tmp_path / "straight", **options)
+    images = training_images(con, straight)
+    main(straight, images, output_dir=tmp_path / "straight", components=tiny_components())
+    stopped = fast_config(tmp_path / "stopped", **options)
+    with pytest.raises(StepCancelled):
+        main(stopped, images, output_dir=tmp_path / "stopped", components=tiny_components(), progress=stopped_after_step(3))
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert len((tmp_path / "stopped" / "loss.csv").read_text().splitlines()) == 1 + 3
+    resumed = main(dataclasses.replace(stopped, resume="latest"), images, output_dir=tmp_path / "stopped", components=tiny_components())
+    assert resumed.steps == 5
+    a, b = _lora_tensors(tmp_path / "straight"), _lora_tensors(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "stopped" / "loss.csv").read_text()
 
 
 def test_the_dataset_snapshot_round_trips_file_names_that_are_not_utf8(tmp_path):
@@ -269,7 +304,7 @@ def test_resume_goes_on_with_the_runs_own_dataset_when_the_catalog_changed(con, 
     options = dict(max_train_steps=4, checkpointing_steps=2, num_validation_images=0, shuffle_tags=True, learning_rate=5e-3)
     trained_model(con, fast_config(tmp_path / "straight", **options), components=tiny_components())
     killed = fast_config(tmp_path / "killed", **options)
-    with pytest.raises(StepCancelled):
+    with pytest.raises(Killed):
         trained_model(con, killed, components=tiny_components(), progress=killed_after_step(3))
 
     ids = [row[0] for row in con.execute("SELECT image_id FROM dataset ORDER BY image_id").fetchall()]
@@ -304,7 +339,7 @@ def test_a_resumed_run_whose_image_is_gone_says_which_and_what_to_do(con, tmp_pa
 
     paths = ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])  # one bucket: every step uses both
     config = fast_config(tmp_path / "run", max_train_steps=2, checkpointing_steps=1, num_validation_images=0)
-    with pytest.raises(StepCancelled):
+    with pytest.raises(Killed):
         trained_model(con, config, components=tiny_components(), progress=killed_after_step(1))
     gone_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchone()[0]
     paths[0].unlink()
@@ -793,7 +828,7 @@ def test_eight_bit_adam_trains_and_resumes_bitwise(con, tmp_path, one_thread):
 
     killed = fast_config(tmp_path / "killed", **options)
 
-    with pytest.raises(StepCancelled):
+    with pytest.raises(Killed):
         main(killed, images, output_dir=tmp_path / "killed", components=tiny_components(), progress=killed_after_step(3))
     main(dataclasses.replace(killed, resume="latest"), images, output_dir=tmp_path / "killed", components=tiny_components())
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
@@ -961,7 +996,7 @@ def test_resume_may_change_what_only_affects_memory_and_speed(con, tmp_path, one
     options = dict(max_train_steps=3, checkpointing_steps=1, num_validation_images=0, learning_rate=5e-3)
     straight = trained_model(con, fast_config(tmp_path / "straight", **options), components=tiny_components())
     run = fast_config(tmp_path / "run", **options)
-    with pytest.raises(StepCancelled):
+    with pytest.raises(Killed):
         trained_model(con, run, components=tiny_components(), progress=killed_after_step(1))
     runtime = dict(gradient_checkpointing=True, fused_adam=False, channels_last=True, cudnn_benchmark=False,
                    checkpoints_total_limit=1, validation_steps=7, cache_latents=False, cache_text_embeddings=False)
@@ -1069,12 +1104,12 @@ def test_the_default_learning_rate_follows_the_mode(tmp_path):
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0_whatever_the_cadence(con, tmp_path, one_thread):
-    """The Ctrl+C hint says `--resume latest`; the resume was then refused as "checkpoints deleted" when the loss log
-    had reached the (new) checkpoint cadence, and a folder deleted and used again counted its old run's rows."""
+    """The stop hint says `--resume latest`; the resume was then refused as "checkpoints deleted" when the loss log
+    had reached the (new) checkpoint cadence, and a folder deleted and used again counted its old run's rows. (A stop
+    now keeps its step as a checkpoint: a run killed before its first one is the case left.)"""
     import shutil
 
     from pipelines.train import trained_model
-    from workbench.progress import StepCancelled
 
     ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
     out = tmp_path / "run"
@@ -1082,19 +1117,15 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0_whatever_
     trained_model(con, config, components=tiny_components())  # a first run, finished, then its folder deleted
     shutil.rmtree(out)
 
-    def stop_at_step_3(*, task, completed=0, total=None, message=None):
-        if task == "train" and completed == 3:
-            raise StepCancelled("stopped")
-
-    with pytest.raises(StepCancelled):
-        trained_model(con, config, components=tiny_components(), progress=stop_at_step_3)
+    with pytest.raises(Killed):
+        trained_model(con, config, components=tiny_components(), progress=killed_after_step(3))
     assert len(read_loss_csv(out / "loss.csv", 100)) == 3 and not list((out / "checkpoints").glob("checkpoint-*"))
     said = []
     result = trained_model(con, dataclasses.replace(config, resume="latest", checkpointing_steps=2), components=tiny_components(),
                            progress=lambda **kw: said.append(kw.get("message") or ""))
     assert result.steps == 4 and any("starts again from step 0" in m for m in said)
     rows = con.execute("SELECT status, steps, folder_id IS NOT NULL FROM training_runs ORDER BY train_id").fetchall()
-    assert rows == [("ok", 4, True), ("cancelled", 0, True), ("ok", 4, True)]
+    assert rows == [("ok", 4, True), ("failed", 0, True), ("ok", 4, True)]
     ids = [r[0] for r in con.execute("SELECT folder_id FROM training_runs ORDER BY train_id").fetchall()]
     assert ids[0] != ids[1] == ids[2]  # the deleted run's row is another folder life
 

@@ -175,30 +175,32 @@ def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_cop
 
 
 def test_resume_before_the_first_checkpoint_keeps_the_runs_options_and_a_dead_runs_row_is_closed(con, catalog_path, tmp_path, one_thread):
-    """A run stopped before its first checkpoint resumes with its own options (from dataset.json), not the
-    defaults; a row left 'running' by a killed process becomes 'interrupted'; a finished run is not redone;
-    and --resume into a folder with no run says so instead of training a new default run."""
+    """A run ended before its first checkpoint (a stop keeps its step as one: killed, then) resumes with its own
+    options (from dataset.json), not the defaults; a row left 'running' by a killed process becomes 'interrupted';
+    a finished run is not redone; and --resume into a folder with no run says so instead of training a new default run."""
     from pipelines.train import trained_model
-    from workbench.progress import StepCancelled
 
     ingest_images(con, tmp_path / "images", 2)
     out = tmp_path / "run"
     config = fast_config(out, max_train_steps=3, checkpointing_steps=10, num_validation_images=0, rank=2, learning_rate=5e-4)
 
-    def stop_after_first_step(*, task, completed=0, total=None, message=None):
-        if task == "train" and completed == 1:
-            raise StepCancelled("stopped")
+    class Killed(BaseException):
+        pass
 
-    with pytest.raises(StepCancelled):
-        trained_model(con, config, components=tiny_components(), progress=stop_after_first_step)
-    assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("cancelled", 0)]
+    def killed_after_first_step(*, task, completed=0, total=None, message=None):
+        if task == "train" and completed == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        trained_model(con, config, components=tiny_components(), progress=killed_after_first_step)
+    assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("failed", 0)]
     con.execute("INSERT INTO training_runs (mode, model, status, output_dir) VALUES ('lora', 'tiny', 'running', ?)", [str(out)])  # a killed process
 
     common = ["--catalog", str(catalog_path), "--output-dir", str(out), "--resume", "latest"]
     resumed = runner.invoke(app, ["train", "lora", *common])
     assert resumed.exit_code == 0, resumed.output
     rows = con.execute("SELECT status, steps, config FROM training_runs ORDER BY train_id").fetchall()
-    assert [r[:2] for r in rows] == [("cancelled", 0), ("interrupted", 0), ("ok", 3)]  # steps: where a resume starts
+    assert [r[:2] for r in rows] == [("failed", 0), ("interrupted", 0), ("ok", 3)]  # steps: where a resume starts
     options = json.loads(rows[2][2])
     assert (options["resolution"], options["rank"], options["learning_rate"], options["max_train_steps"]) == (32, 2, 5e-4, 3)
 
@@ -485,3 +487,50 @@ def test_options_pasted_from_the_diffusers_examples_run(catalog_path, tmp_path):
     result = runner.invoke(app, pasted_train_options([*pasted, "--catalog", str(catalog_path), "--output-dir", str(out)]))
     # the options were taken: the run goes as far as the empty catalog, which has nothing to train on
     assert result.exit_code == 2 and "0 train images" in result.output, result.output
+
+
+def test_ctrl_c_stops_the_run_when_its_step_ends_and_keeps_that_step(catalog_path, tmp_path):
+    """Ctrl+C stopped at once: the steps since the last scheduled checkpoint were lost (all of them, before the first
+    of the default 500-step cadence). Now the run stops when the step ends and keeps it; the hint resumes from it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    con.close()
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "workbench.cli", "train", "lora", "--catalog", str(catalog_path), "--model", "tiny",
+               "--resolution", "32", "--train-batch-size", "2", "--max-train-steps", "5000", "--checkpointing-steps", "1000",
+               "--device", "cpu", "--output-dir", str(out), "--set", "report_to=none", "--set", "evaluate=false",
+               "--set", "num_validation_images=0"]
+    # Ctrl+C as in a terminal, even when this suite runs as a background job (which starts with SIGINT ignored)
+    process = subprocess.Popen(command, cwd=Path(__file__).parents[1], start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if (out / "loss.csv").is_file() and len((out / "loss.csv").read_text().splitlines()) > 3:
+                break
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = " ".join(output.split())
+    assert process.returncode == 130 and "Traceback" not in output, output
+    assert "Stopping when this step ends" in text, output
+    kept = re.search(r"the last checkpoint is checkpoint-(\d+)", text)
+    assert kept and int(kept.group(1)) >= 3, output  # the step it stopped after, not none (the first is at 1000)
+    step = int(kept.group(1))
+    assert len((out / "loss.csv").read_text().splitlines()) == 1 + step  # the loss log ends where the checkpoint is
+    assert f"--resume latest --output-dir {out}" in text

@@ -1098,9 +1098,9 @@ def train_command(
     if con is not None and not train_config.output_dir and not train_config.resume:
         train_config.output_dir = str(default_output_dir(con, mode))  # named up front, for the stop message
     try:  # Ctrl+C, or `kill`/`timeout` (main() makes SIGTERM a Ctrl+C): recorded 'cancelled', with the resume hint
-        with RichProgress() as progress:
+        with RichProgress() as progress, _StopWhenTheStepEnds(progress) as stoppable:
             # the catalog is free for other commands while the model trains (hours, on real models)
-            result = trained_model(con, train_config, progress=progress, release_catalog=True)
+            result = trained_model(con, train_config, progress=stoppable, release_catalog=True)
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
     except KeyboardInterrupt:
@@ -1403,9 +1403,49 @@ def tui(
         fail(workbench_app.failure)
 
 
+class _StopWhenTheStepEnds:
+    """Ctrl+C (or SIGTERM) while a model trains: the run stops when the step in progress ends, which it keeps as a
+    checkpoint for --resume, instead of at once, losing the steps since the last scheduled checkpoint. A second Ctrl+C
+    stops at once. Wraps the progress hook: the trainer calls it between steps, where the stop is raised."""
+
+    active: list["_StopWhenTheStepEnds"] = []  # the one running now (SIGTERM asks it too, even with Ctrl+C ignored)
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.asked = False
+
+    def __call__(self, **kwargs) -> None:
+        self.progress(**kwargs)
+        if self.asked:
+            raise KeyboardInterrupt
+
+    def ask(self) -> None:
+        if self.asked:  # the second time: now
+            raise KeyboardInterrupt
+        self.asked = True
+        err_console.print("[bold]Stopping[/] when this step ends (it is kept for --resume); Ctrl+C again stops at once.")
+
+    def __enter__(self) -> "_StopWhenTheStepEnds":
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGINT)
+            if self.previous is not signal.SIG_IGN:  # a background job's ignored Ctrl+C stays ignored
+                signal.signal(signal.SIGINT, lambda signum, frame: self.ask())
+        self.active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active.remove(self)
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _terminate_as_ctrl_c(signum, frame) -> None:
     """SIGTERM (`kill`, `timeout`, job schedulers) stops a command as Ctrl+C does: through whatever handles Ctrl+C
     now (a step's own graceful stop, or KeyboardInterrupt), so what is done is kept, recorded and said."""
+    if _StopWhenTheStepEnds.active:
+        _StopWhenTheStepEnds.active[-1].ask()
+        return
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)

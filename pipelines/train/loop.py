@@ -32,7 +32,7 @@ from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import ItemSpec, LatentCache, TextCache, TrainImage
 from workbench.models import quiet_model_io
-from workbench.progress import ProgressHook, null_progress
+from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 MEMORY_ADVICE = (
     "settings that save memory: --train-batch-size 1 with --gradient-accumulation-steps N, "
@@ -731,6 +731,27 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         text_encoder.train()
     micro_losses: list[torch.Tensor] = []
     micro_parts: list[torch.Tensor] = []
+
+    def save_checkpoint() -> Path | None:
+        """Everything a resume needs at `global_step` (None, and nothing written, when a weight is not finite)."""
+        if not all(torch.isfinite(p).all() for p in named_trainable.values()):
+            return None
+        saved = ckpt.save_checkpoint(
+            checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
+            lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
+            extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
+            # a LoRA at every checkpoint, in both formats (as diffusers' LoRA scripts do): an earlier, less
+            # overfit one is often the one to keep. Full models are too big to write each time.
+            also_write=(lambda folder: _save_model(
+                config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
+                components, noise_scheduler, len(images), global_step, time.perf_counter() - started, images=images,
+                cache_latents=latent_cache is not None, reg_images=class_image_count,
+                epoch=math.ceil(global_step * micro_per_update / per_epoch),
+            )) if config.mode == "lora" else None,
+        )
+        ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
+        return saved
+
     loop_started = time.perf_counter()
     micro_index = start_micro
     with loss_log.written_when_stopped():
@@ -771,22 +792,17 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir, global_step, ema,
                            prompt_states=prompt_states)
             if accelerator.is_main_process and checkpoint_due:
-                if all(torch.isfinite(p).all() for p in named_trainable.values()):
-                    last_good = ckpt.save_checkpoint(
-                        checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
-                        lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
-                        extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
-                        # a LoRA at every checkpoint, in both formats (as diffusers' LoRA scripts do): an earlier, less
-                        # overfit one is often the one to keep. Full models are too big to write each time.
-                        also_write=(lambda folder: _save_model(
-                            config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
-                            components, noise_scheduler, len(images), global_step, time.perf_counter() - started, images=images,
-                            cache_latents=latent_cache is not None, reg_images=class_image_count,
-                            epoch=math.ceil(global_step * micro_per_update / per_epoch),
-                        )) if config.mode == "lora" else None,
-                    )
-                    ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
-            progress(task="train", completed=global_step, total=max_steps, message=None)
+                last_good = save_checkpoint() or last_good
+            try:
+                progress(task="train", completed=global_step, total=max_steps, message=None)
+            except (StepCancelled, KeyboardInterrupt):
+                # a stop asked for between steps (the TUI's Stop; Ctrl+C or SIGTERM in the CLI, which wait for the
+                # step to end): the step is whole, so it is kept, and Resume goes on from here, not from the last
+                # scheduled checkpoint (a stop at step 499 of 500-step checkpoints lost them all)
+                if accelerator.is_main_process and not checkpoint_due and accelerator.num_processes == 1:
+                    loss_log.read(last_good)  # a non-finite loss is never kept
+                    save_checkpoint()
+                raise
             if global_step >= max_steps:
                 break
     loss_log.read(last_good)
