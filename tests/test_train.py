@@ -218,15 +218,28 @@ def _lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
 
 
-def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
-    """Kill after step 5 (last checkpoint: 4), resume with 'latest': same weights and loss log as one run."""
+def _straight_run(con, tmp_path, options: dict):
+    """An uninterrupted run in tmp_path/straight, whose images it returns: what a run interrupted and resumed must
+    end as, bitwise (_ends_as_the_straight_run)."""
     ingest_images(con, tmp_path / "images", 3)
-    options = dict(max_train_steps=6, checkpointing_steps=2, gradient_accumulation_steps=2, random_flip=True,
-                   caption_dropout=0.3, shuffle_tags=True, lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=5e-3)
     straight = fast_config(tmp_path / "straight", **options)
     images = training_images(con, straight)
     main(straight, images, output_dir=tmp_path / "straight", components=tiny_components())
+    return images
 
+
+def _ends_as_the_straight_run(tmp_path, folder: Path) -> None:
+    a, b = _lora_tensors(tmp_path / "straight"), _lora_tensors(folder)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert (tmp_path / "straight" / "loss.csv").read_text() == (folder / "loss.csv").read_text()
+
+
+def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
+    """Kill after step 5 (last checkpoint: 4), resume with 'latest': same weights and loss log as one run."""
+    options = dict(max_train_steps=6, checkpointing_steps=2, gradient_accumulation_steps=2, random_flip=True,
+                   caption_dropout=0.3, shuffle_tags=True, lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=5e-3)
+    images = _straight_run(con, tmp_path, options)
     killed = fast_config(tmp_path / "killed", **options)
 
     with pytest.raises(Killed):
@@ -236,10 +249,7 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
 
     resumed = main(dataclasses.replace(killed, resume="latest"), images, output_dir=tmp_path / "killed", components=tiny_components())
     assert resumed.steps == 6
-    a, b = _lora_tensors(tmp_path / "straight"), _lora_tensors(tmp_path / "killed")
-    assert a.keys() == b.keys() and len(a) > 0
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "killed" / "loss.csv").read_text()
+    _ends_as_the_straight_run(tmp_path, tmp_path / "killed")
     # and the comparison has teeth: step-4 weights are not the final ones
     step4 = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
     assert any(not torch.equal(step4[k], v) for k, v in load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-6" / "weights.safetensors")).items())
@@ -248,12 +258,9 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
 def test_a_stop_between_scheduled_checkpoints_keeps_its_step_and_resumes_bitwise(con, tmp_path, one_thread):
     """Stopped (the TUI's Stop, Ctrl+C) at step 3 of 2-step checkpoints, the run kept nothing past step 2: with the
     default 500-step cadence a stop at step 499 lost every step. The step it stopped after is now a checkpoint."""
-    ingest_images(con, tmp_path / "images", 3)
     options = dict(max_train_steps=5, checkpointing_steps=2, random_flip=True, shuffle_tags=True, caption_dropout=0.3,
                    lr_scheduler="cosine", lr_warmup_steps=1, learning_rate=5e-3, num_validation_images=0)
-    straight = fast_config(tmp_path / "straight", **options)
-    images = training_images(con, straight)
-    main(straight, images, output_dir=tmp_path / "straight", components=tiny_components())
+    images = _straight_run(con, tmp_path, options)
     stopped = fast_config(tmp_path / "stopped", **options)
     with pytest.raises(StepCancelled):
         main(stopped, images, output_dir=tmp_path / "stopped", components=tiny_components(), progress=stopped_after_step(3))
@@ -261,9 +268,7 @@ def test_a_stop_between_scheduled_checkpoints_keeps_its_step_and_resumes_bitwise
     assert len((tmp_path / "stopped" / "loss.csv").read_text().splitlines()) == 1 + 3
     resumed = main(dataclasses.replace(stopped, resume="latest"), images, output_dir=tmp_path / "stopped", components=tiny_components())
     assert resumed.steps == 5
-    a, b = _lora_tensors(tmp_path / "straight"), _lora_tensors(tmp_path / "stopped")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "stopped" / "loss.csv").read_text()
+    _ends_as_the_straight_run(tmp_path, tmp_path / "stopped")
 
 
 def test_the_dataset_snapshot_round_trips_file_names_that_are_not_utf8(tmp_path):

@@ -567,15 +567,20 @@ def test_caption_bulk_edits_skip_broken_images_and_a_no_op_keeps_the_undo(synthe
     asyncio.run(scenario())
 
 
+async def _captions_with_the_blip_source_picked(pilot):
+    """The Captions screen once its first image's sources show, with its model:blip caption highlighted."""
+    screen = pilot.app.screen
+    await wait_for(pilot, lambda: screen.image_id is not None and screen.query_one("#sources").option_count, what="sources")
+    sources = screen.query_one("#sources")
+    sources.highlighted = [o.id for o in sources.options].index("model:blip")
+    return screen, screen.image_id, sources
+
+
 def test_caption_reject_asks_first(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            await wait_for(pilot, lambda: screen.image_id is not None and screen.query_one("#sources").option_count, what="sources")
-            image_id = screen.image_id
-            sources = screen.query_one("#sources")
-            sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            screen, image_id, sources = await _captions_with_the_blip_source_picked(pilot)
             blip = lambda: query_count(app, f"SELECT count(*) FROM captions WHERE image_id = '{image_id}' AND source = 'model:blip'")  # noqa: E731
             screen.query_one("#caption-text").focus()
 
@@ -605,11 +610,7 @@ def test_rejecting_the_model_caption_keeps_the_caption_being_typed(synthetic_cat
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            await wait_for(pilot, lambda: screen.image_id is not None and screen.query_one("#sources").option_count, what="sources")
-            image_id = screen.image_id
-            sources = screen.query_one("#sources")
-            sources.highlighted = [o.id for o in sources.options].index("model:blip")
+            screen, image_id, _ = await _captions_with_the_blip_source_picked(pilot)
             editor = screen.query_one("#caption-text")
             editor.focus()
             editor.load_text("")
