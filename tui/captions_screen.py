@@ -281,7 +281,9 @@ class CaptionsScreen(SizeClasses, Screen):
         self._write(lambda con: caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar) or done)
 
     def action_focus_filter(self) -> None:
-        self.query_one("#captions-table #filter", Input).focus()
+        # at once, not after the queued events (Widget.focus defers): keys that arrive with ctrl+f, in one read over
+        # ssh or from a paste, are the filter's, not the rows'
+        self.screen.set_focus(self.query_one("#captions-table #filter", Input))
 
     @on(Button.Pressed, "#accept")
     def action_accept(self) -> None:

@@ -335,7 +335,9 @@ class ImageTable(Vertical):
             self._fetch(self.result, (self.result.total - 1) // self.page_size * self.page_size)
 
     def action_focus_filter(self) -> None:
-        self.query_one("#filter", Input).focus()
+        # at once, not after the queued events (Widget.focus defers): keys that arrive with ctrl+f, in one read over
+        # ssh or from a paste, are the filter's, not the rows'
+        self.screen.set_focus(self.query_one("#filter", Input))
 
     def on_unmount(self) -> None:
         if self.result is not None:
