@@ -106,9 +106,14 @@ class BrowserScreen(SizeClasses, Screen):
     AUTO_FOCUS = "#rows"
     CSS_PATH = "browser_screen.tcss"
     BINDINGS = [
+        # Priority, as on Captions: found whatever has the focus (and with none), not through the rows' chain
+        Binding("ctrl+f", "focus_filter", "Filter", priority=True, show=False),
         Binding("c", "concept", "Concept…"),
         Binding("x", "toggle_exclude", "Exclude/include"),
     ]
+
+    def action_focus_filter(self) -> None:
+        self.query_one(ImageTable).action_focus_filter()
 
     @dataclass
     class _Details(Message):
@@ -140,6 +145,9 @@ class BrowserScreen(SizeClasses, Screen):
 
     def on_mount(self) -> None:
         self.seen_version = self.app.catalog_version
+        # AUTO_FOCUS acts only while the terminal says the app has focus: tmux and some terminals report a blur at
+        # start, which left nothing focused, so ctrl+f and the keys typed next went nowhere
+        self.call_after_refresh(lambda: self.focused is None and self.set_focus(self.query_one("#rows")))
 
     def on_screen_resume(self) -> None:
         self.refresh_if_stale()

@@ -129,6 +129,9 @@ class CaptionsScreen(SizeClasses, Screen):
 
     def on_mount(self) -> None:
         self.seen_version = self.app.catalog_version
+        # AUTO_FOCUS acts only while the terminal says the app has focus: tmux and some terminals report a blur at
+        # start, which left nothing focused, so ctrl+f and the keys typed next went nowhere
+        self.call_after_refresh(lambda: self.focused is None and self.set_focus(self.query_one("#rows")))
 
     def on_screen_resume(self) -> None:
         self.refresh_if_stale()
