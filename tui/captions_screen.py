@@ -129,8 +129,8 @@ class CaptionsScreen(SizeClasses, Screen):
 
     def on_mount(self) -> None:
         self.seen_version = self.app.catalog_version
-        # AUTO_FOCUS acts only while the terminal says the app has focus: tmux and some terminals report a blur at
-        # start, which left nothing focused, so ctrl+f and the keys typed next went nowhere
+        # Textual's AUTO_FOCUS acts only while the terminal reports the app focused (app_focus): after a blur
+        # reported at start nothing would have the focus, and the keys typed first would go nowhere
         self.call_after_refresh(lambda: self.focused is None and self.set_focus(self.query_one("#rows")))
 
     def on_screen_resume(self) -> None:
