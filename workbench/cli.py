@@ -23,7 +23,7 @@ from rich.text import Text
 
 from workbench import catalog as catalog_mod
 from workbench.catalog import CatalogError
-from workbench.progress import RichProgress, named_few
+from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few
 
 if TYPE_CHECKING:  # the steps load when a command runs them (a fast --help)
     from pipelines.ingest import IngestSummary
@@ -1103,7 +1103,7 @@ def train_command(
             result = trained_model(con, train_config, progress=stoppable, release_catalog=True)
     except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
         fail(str(error))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StepCancelled):  # StepCancelled: the first Ctrl+C, at the end of a step
         from pipelines.train.config import SNAPSHOT_FILE
 
         if train_config.output_dir and not train_config.resume and not (Path(train_config.output_dir) / SNAPSHOT_FILE).exists():
@@ -1403,26 +1403,17 @@ def tui(
         fail(workbench_app.failure)
 
 
-class _StopWhenTheStepEnds:
+class _StopWhenTheStepEnds(CancellableProgress):
     """Ctrl+C (or SIGTERM) while a model trains: the run stops when the step in progress ends, which it keeps as a
     checkpoint for --resume, instead of at once, losing the steps since the last scheduled checkpoint. A second Ctrl+C
-    stops at once. Wraps the progress hook: the trainer calls it between steps, where the stop is raised."""
+    stops at once. The signal cancels the progress hook, as the TUI's Stop does; the trainer calls it between steps."""
 
     active: list["_StopWhenTheStepEnds"] = []  # the one running now (SIGTERM asks it too, even with Ctrl+C ignored)
 
-    def __init__(self, progress) -> None:
-        self.progress = progress
-        self.asked = False
-
-    def __call__(self, **kwargs) -> None:
-        self.progress(**kwargs)
-        if self.asked:
-            raise KeyboardInterrupt
-
     def ask(self) -> None:
-        if self.asked:  # the second time: now
+        if self.cancelled:  # the second time: now
             raise KeyboardInterrupt
-        self.asked = True
+        self.cancel()
         err_console.print("[bold]Stopping[/] when this step ends (it is kept for --resume); Ctrl+C again stops at once.")
 
     def __enter__(self) -> "_StopWhenTheStepEnds":
