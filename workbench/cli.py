@@ -1431,9 +1431,13 @@ class _StopWhenTheStepEnds(CancellableProgress):
             signal.signal(signal.SIGINT, self.previous)
 
 
+_TERMINATED: list[int] = []  # the SIGTERM received, if any: the exit status says it (143), not Ctrl+C's 130
+
+
 def _terminate_as_ctrl_c(signum, frame) -> None:
     """SIGTERM (`kill`, `timeout`, job schedulers) stops a command as Ctrl+C does: through whatever handles Ctrl+C
     now (a step's own graceful stop, or KeyboardInterrupt), so what is done is kept, recorded and said."""
+    _TERMINATED.append(signum)
     if _StopWhenTheStepEnds.active:
         _StopWhenTheStepEnds.active[-1].ask()
         return
@@ -1500,6 +1504,10 @@ def main() -> None:
         sys.exit(2)
     try:
         app()
+    except SystemExit as done:
+        if _TERMINATED and done.code == 130:  # stopped by SIGTERM: 128 + 15, as a shell or job scheduler expects
+            sys.exit(128 + signal.SIGTERM)
+        raise
     except CatalogError as error:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
