@@ -253,6 +253,12 @@ def test_resume_after_a_kill_is_bitwise_identical(con, tmp_path, one_thread):
     # and the comparison has teeth: step-4 weights are not the final ones
     step4 = load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "weights.safetensors"))
     assert any(not torch.equal(step4[k], v) for k, v in load_file(str(tmp_path / "killed" / "checkpoints" / "checkpoint-6" / "weights.safetensors")).items())
+    # the kohya metadata times the whole run, both sessions: it said only the resumed one's seconds
+    first = json.loads((tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "state.json").read_text())
+    with safe_open(str(tmp_path / "killed" / "lora_kohya.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert float(metadata["ss_training_started_at"]) == first["started_at"]
+    assert first["seconds"] < float(metadata["ss_training_seconds"]) <= first["seconds"] + resumed.seconds + 0.1
 
 
 def test_a_stop_between_scheduled_checkpoints_keeps_its_step_and_resumes_bitwise(con, tmp_path, one_thread):

@@ -668,6 +668,15 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 f"from step {global_step} the rate follows the longer schedule (after a decay to 0 it rises again); "
                 "a new run trains with one whole schedule"))
     start_step = global_step
+    # the run's training time and start over all its sessions, for the kohya metadata (a resumed run is one run)
+    seconds_before = float(state.get("seconds", 0.0)) if resume_from is not None else 0.0
+    started_at = time.time() - (time.perf_counter() - started)
+    if resume_from is not None:
+        started_at = float(state.get("started_at", started_at))
+
+    def seconds_so_far() -> float:
+        return seconds_before + time.perf_counter() - started
+
     loss_rows = read_loss_csv(output_dir / "loss.csv", global_step) if resume_from is not None else []
 
     # --- the plan, caches ---
@@ -739,13 +748,14 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         saved = ckpt.save_checkpoint(
             checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
             lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
-            extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict()},
+            extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict(),
+                   "seconds": seconds_so_far(), "started_at": started_at},
             # a LoRA at every checkpoint, in both formats (as diffusers' LoRA scripts do): an earlier, less
             # overfit one is often the one to keep. Full models are too big to write each time.
             also_write=(lambda folder: _save_model(
                 config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
-                components, noise_scheduler, len(images), global_step, time.perf_counter() - started, images=images,
-                cache_latents=latent_cache is not None, reg_images=class_image_count,
+                components, noise_scheduler, len(images), global_step, seconds_so_far(), images=images,
+                cache_latents=latent_cache is not None, reg_images=class_image_count, started_at=started_at,
                 epoch=math.ceil(global_step * micro_per_update / per_epoch),
             )) if config.mode == "lora" else None,
         )
@@ -819,7 +829,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         progress(task="save", message="writing outputs")
         outputs.update(_save_model(
             config, output_dir, unwrapped_unet, unwrapped_text, components, noise_scheduler,
-            len(images), global_step, time.perf_counter() - started, images=images, cache_latents=latent_cache is not None,
+            len(images), global_step, seconds_so_far(), images=images, cache_latents=latent_cache is not None, started_at=started_at,
             epoch=math.ceil(global_step * micro_per_update / per_epoch), frozen_text_weights=frozen_text_weights,
             reg_images=class_image_count,
         ))
@@ -1075,7 +1085,7 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
 
 def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
                 *, images=None, epoch: int | None = None, cache_latents: bool | None = None, reg_images: int = 0,
-                frozen_text_weights: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+                started_at: float | None = None, frozen_text_weights: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     from pipelines.train import lora_formats
 
     outputs = {}
@@ -1084,7 +1094,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
-            reg_images=reg_images,
+            reg_images=reg_images, started_at=started_at,
         ))
         return outputs
     from diffusers import StableDiffusionPipeline

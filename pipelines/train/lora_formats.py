@@ -140,13 +140,15 @@ def kohya_metadata(
     epoch: int | None = None,
     cache_latents: bool | None = None,
     reg_images: int = 0,
+    started_at: float | None = None,
 ) -> dict[str, str]:
     """`ss_*` training metadata (all strings), as sd-scripts writes it.
 
     `num_train_images` is kohya's count (images × repeats); without it, it comes from `images` (sum of their
     repeats), else `image_count`. `images` (the run's TrainImages) also gives `ss_dataset_dirs` and
     `ss_tag_frequency`. `cache_latents` is whether latents really were cached (random crop and colour jitter bypass
-    the cache); without it, it is decided from `config` as the training loop decides it.
+    the cache); without it, it is decided from `config` as the training loop decides it. `seconds` is the training
+    time (over all the sessions of a resumed run), `started_at` when its first session began (else now − seconds).
     """
     from pipelines.train.data import uses_latent_cache
 
@@ -193,7 +195,7 @@ def kohya_metadata(
         "ss_random_crop": str(config.random_crop),
         "ss_cache_latents": str(bool(cache_latents)),
         "ss_prior_loss_weight": str(config.prior_loss_weight),
-        "ss_training_started_at": str(finished - seconds),
+        "ss_training_started_at": str(finished - seconds if started_at is None else started_at),
         "ss_training_finished_at": str(finished),
         "ss_training_seconds": f"{seconds:.1f}",
         "ss_training_comment": "trained with workbench",
@@ -241,6 +243,7 @@ def save_kohya_lora(
     epoch: int | None = None,
     cache_latents: bool | None = None,
     reg_images: int = 0,
+    started_at: float | None = None,
 ) -> Path:
     """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes).
 
@@ -252,6 +255,7 @@ def save_kohya_lora(
     metadata = kohya_metadata(
         config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
         num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents, reg_images=reg_images,
+        started_at=started_at,
     )
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     path = output_dir / KOHYA_LORA_FILE
