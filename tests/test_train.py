@@ -277,6 +277,29 @@ def test_a_stop_between_scheduled_checkpoints_keeps_its_step_and_resumes_bitwise
     _ends_as_the_straight_run(tmp_path, tmp_path / "stopped")
 
 
+def test_tensorboard_keeps_one_point_per_step_across_a_kill_and_resume(con, tmp_path, one_thread):
+    """Killed after step 3 (last checkpoint: 2), the resumed run logs step 3 again: TensorBoard showed both points,
+    the dead session's and the redone one. It now shows each step once, with the loss loss.csv has."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ingest_images(con, tmp_path / "images", 3)
+    config = fast_config(tmp_path / "run", max_train_steps=4, checkpointing_steps=2, report_to="tensorboard",
+                         random_flip=True, learning_rate=5e-3)
+    images = training_images(con, config)
+    with pytest.raises(Killed):
+        main(config, images, output_dir=tmp_path / "run", components=tiny_components(), progress=killed_after_step(3))
+    main(dataclasses.replace(config, resume="latest"), images, output_dir=tmp_path / "run", components=tiny_components())
+
+    logged = tmp_path / "run" / "logs" / "workbench-train"  # the scalars; accelerate puts the hyperparameters below it
+    assert len(list(logged.glob("events.out.tfevents.*"))) == 2  # one file per session
+    events = EventAccumulator(str(logged))
+    events.Reload()
+    points = [(event.step, event.value) for event in events.Scalars("loss")]
+    rows = [line.split(",") for line in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
+    assert [step for step, _ in points] == [1, 2, 3, 4]
+    assert [value for _, value in points] == pytest.approx([float(row[1]) for row in rows], rel=1e-6)
+
+
 def test_the_dataset_snapshot_round_trips_file_names_that_are_not_utf8(tmp_path):
     """sample_data has a Latin-1 file name (kept in Python as a surrogate escape); the snapshot must keep it exactly."""
     import os

@@ -717,7 +717,10 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     loader = accelerator.prepare_data_loader(loader, device_placement=False)  # _step_loss moves what it needs, without waiting
 
     if use_tensorboard and accelerator.is_main_process:
-        accelerator.init_trackers("workbench-train", config=_tracker_config(config))
+        # purge_step, the first step this session logs: TensorBoard drops the points a killed session logged past
+        # the checkpoint resumed from (they are logged again as the steps are redone), as loss.csv is cut back to it
+        accelerator.init_trackers("workbench-train", config=_tracker_config(config),
+                                  init_kwargs={"tensorboard": {"purge_step": global_step + 1}} if resume_from is not None else None)
 
     loss_csv = output_dir / "loss.csv"
     if accelerator.is_main_process:
