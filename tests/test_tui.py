@@ -955,6 +955,15 @@ def test_duplicates_review_changes_the_kept_member(sample_catalog):
             assert {old_keeper, other} <= in_dataset
             assert app.con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (?, ?)", [old_keeper, other]).fetchone()[0] == 0
 
+            # u undoes it: the image is back in its group (the CLI's keep --rejoin), and that group is shown
+            await pilot.press("u")
+            await wait_for(pilot, lambda: app.con.execute("SELECT count(*) FROM not_duplicates").fetchone()[0] == 0, what="rejoined")
+            assert app.con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (?, ?)", [old_keeper, other]).fetchone()[0] == 2
+            await wait_for(pilot, lambda: {m["image_id"] for m in screen.members} == {old_keeper, other}, what="the group shown again")
+            await pilot.press("u")  # nothing left to undo: said, and nothing changes
+            await wait_for(pilot, lambda: any("Nothing to undo" in str(n.message) for n in app._notifications), what="nothing to undo")
+            assert app.con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (?, ?)", [old_keeper, other]).fetchone()[0] == 2
+
     asyncio.run(scenario())
 
 

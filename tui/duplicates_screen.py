@@ -140,6 +140,7 @@ class DuplicatesScreen(SizeClasses, Screen):
         Binding("k", "keep", "Keep", tooltip="Keep the selected copy"),
         Binding("x", "toggle_exclude", "Exclude/include", tooltip="Exclude or include the selected copy"),
         Binding("a", "apart", "Not a dup", tooltip="The selected image is a picture of its own: out of its group"),
+        Binding("u", "undo_apart", "Undo not-a-dup", show=False),
     ]
 
     selected: reactive[int] = reactive(0)
@@ -159,6 +160,8 @@ class DuplicatesScreen(SizeClasses, Screen):
     class _Changed(Message):
         text: str
         severity: str = "information"
+        show_group: int | None = None  # the group to show next (after an undo, the one the image is back in)
+        set_apart: str | None = None  # the image `a` took out of its group, for `u`
 
     @dataclass
     class _Failed(Message):
@@ -169,6 +172,7 @@ class DuplicatesScreen(SizeClasses, Screen):
         self.group_ids: list[int] = []
         self.position = 0
         self.members: list[dict[str, Any]] = []
+        self.set_apart: list[str] = []  # images `a` took out of their groups on this screen, for `u` to undo
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -298,6 +302,12 @@ class DuplicatesScreen(SizeClasses, Screen):
         if member:
             self._change("apart", member["image_id"])
 
+    def action_undo_apart(self) -> None:
+        if not self.set_apart:
+            self.notify("Nothing to undo: u undoes a (Not a dup) on this screen.", title="Duplicates", timeout=5)
+            return
+        self._change("rejoin", self.set_apart.pop())
+
     def action_toggle_exclude(self) -> None:
         member = self._selected_member()
         if member:
@@ -307,13 +317,21 @@ class DuplicatesScreen(SizeClasses, Screen):
     def _change(self, what: str, image_id: str) -> None:
         cur = self.app.con.cursor()
         severity = "information"
+        show_group = apart = None
         try:
             if what == "apart":
                 from pipelines.dedup import image_set_apart
 
                 image_set_apart(cur, image_id)
-                text = (f"{image_id[:12]} is a picture of its own now, out of its group (undo: workbench keep "
-                        f"{image_id[:12]} --rejoin)")
+                apart = image_id
+                text = f"{image_id[:12]} is a picture of its own now, out of its group (u undoes it)"
+            elif what == "rejoin":
+                from pipelines.dedup import image_set_apart
+
+                image_set_apart(cur, image_id, apart=False)
+                row = cur.execute("SELECT group_id FROM duplicates WHERE image_id = ?", [image_id]).fetchone()
+                show_group = row[0] if row else None
+                text = f"{image_id[:12]} is back among its duplicates"
             elif what == "keep":
                 from pipelines.dedup import choose_keeper, kept_but_excluded
 
@@ -333,14 +351,16 @@ class DuplicatesScreen(SizeClasses, Screen):
             return
         finally:
             cur.close()
-        self.post_message(self._Changed(text, severity))
+        self.post_message(self._Changed(text, severity, show_group, apart))
 
     @on(_Changed)
     def _changed(self, message: _Changed) -> None:
+        if message.set_apart:
+            self.set_apart.append(message.set_apart)
         self.notify(message.text, title="Duplicates", severity=message.severity, timeout=10 if message.severity == "warning" else 5)
         self.post_message(CatalogChanged("duplicates"))
         self.seen_version = self.app.catalog_version + 1
-        self._load_groups(self.group_ids[self.position] if self.group_ids else None)
+        self._load_groups(message.show_group or (self.group_ids[self.position] if self.group_ids else None))
 
     @on(_Failed)
     def _failed(self, message: _Failed) -> None:
