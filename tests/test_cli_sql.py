@@ -322,3 +322,108 @@ def test_a_piped_table_keeps_each_row_on_one_line(catalog_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = [line for line in result.stdout.splitlines() if "a very long caption" in line]
     assert len(rows) == 2 and all(long.strip() in line for line in rows)
+
+
+def test_writes_typed_as_reads_are_refused_and_change_nothing(catalog_path, tmp_path):
+    """`EXPLAIN ANALYZE` runs the statement it explains, and `WITH x AS (DELETE … RETURNING *) SELECT …` is typed
+    SELECT: both passed the read-only check. On the TUI's read-write connection they deleted rows and dropped a table;
+    through the CLI, `EXPLAIN ANALYZE COPY … TO` wrote over any file."""
+    from workbench.catalog import CatalogError, connect, is_read_only_sql, run_sql
+
+    seeded_catalog(catalog_path)
+    leak = tmp_path / "leak.csv"
+    writes = [
+        "EXPLAIN ANALYZE DELETE FROM images",
+        "explain (analyze) UPDATE images SET status = 'error'",
+        "-- a comment first\nEXPLAIN ANALYZE DROP TABLE exclusions",
+        "WITH gone AS (DELETE FROM images WHERE width IS NULL RETURNING *) SELECT count(*) FROM gone",
+        "WITH added AS (INSERT INTO images (image_id, status) VALUES ('c', 'ok') RETURNING *) SELECT * FROM added",
+        f"EXPLAIN ANALYZE COPY images TO '{leak}'",
+        "SELECT 1; EXPLAIN ANALYZE DELETE FROM images",
+    ]
+    con = connect(catalog_path)  # read-write, as the TUI holds it
+    for sql in writes:
+        assert not is_read_only_sql(sql), sql
+        try:
+            run_sql(con, sql)
+        except CatalogError as refused:
+            assert "Refused" in str(refused), sql
+        else:
+            raise AssertionError(f"ran: {sql}")
+    assert con.execute("SELECT image_id, status FROM images ORDER BY 1").fetchall() == [("a", "ok"), ("b", "error")]
+    assert con.execute("SELECT count(*) FROM exclusions").fetchone() == (0,)
+    con.close()
+    for sql in writes:
+        result = runner.invoke(app, ["sql", "-c", str(catalog_path), "--", sql])  # `--`: a query may start with a comment
+        assert result.exit_code == 2 and "Refused" in result.output, (sql, result.output)
+    assert not leak.exists()
+    # what only reads still runs, EXPLAIN ANALYZE of a query included
+    for sql in ("EXPLAIN ANALYZE SELECT * FROM images", "EXPLAIN SELECT 1", "WITH x AS (SELECT 1 AS n) SELECT n FROM x",
+                "SELECT 'EXPLAIN ANALYZE DELETE' AS text", "SUMMARIZE images", "SHOW TABLES"):
+        assert is_read_only_sql(sql), sql
+        assert runner.invoke(app, ["sql", sql, "-f", "csv", "-c", str(catalog_path)]).exit_code == 0, sql
+
+
+def test_copy_to_with_write_never_overwrites_an_image_its_caption_or_the_catalog(catalog_path, tmp_path):
+    """`--write` (and the TUI's write mode, whose dialog said "nothing on disk is touched") let
+    `COPY … TO 'photo.jpg'` replace an ingested image with a CSV."""
+    from workbench.catalog import connect
+
+    seeded_catalog(catalog_path)
+    image = tmp_path / "it's a photo.jpg"
+    image.write_bytes(b"the only copy")
+    con = connect(catalog_path)
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, 'a', 3)", [str(image), str(image)])
+    con.close()
+    sidecar = tmp_path / "it's a photo.txt"
+    sidecar.write_text("a caption")
+    quoted = lambda path: str(path).replace("'", "''")  # noqa: E731
+    for target in (image, sidecar, catalog_path):
+        for sql in (f"COPY (SELECT 'oops' AS a) TO '{quoted(target)}' (FORMAT csv)",
+                    f"EXPLAIN ANALYZE COPY images TO '{quoted(target)}'"):
+            result = runner.invoke(app, ["sql", sql, "--write", "-c", str(catalog_path)])
+            assert result.exit_code == 2 and "Refused" in result.output and "COPY" in result.output, (sql, result.output)
+    assert image.read_bytes() == b"the only copy" and sidecar.read_text() == "a caption"
+    elsewhere = tmp_path / "out.csv"
+    result = runner.invoke(app, ["sql", f"COPY images TO '{elsewhere}'", "--write", "-c", str(catalog_path)])
+    assert result.exit_code == 0 and elsewhere.read_text().startswith("image_id"), result.output
+
+
+def test_several_statements_with_write_change_all_or_nothing(catalog_path):
+    """`UPDATE …; SELECT nope …` with --write said only the SQL error, and the UPDATE had been committed."""
+    seeded_catalog(catalog_path)
+    for failing in ("SELECT nope FROM images", "SELECT 'x'::INT AS n"):  # a bind error, and one raised as rows are made
+        result = runner.invoke(app, ["sql", f"UPDATE images SET status = 'missing'; {failing}", "--write", "-c", str(catalog_path)])
+        assert result.exit_code == 2 and "Nothing was changed" in " ".join(result.output.split()), result.output
+    statuses = runner.invoke(app, ["sql", "SELECT status FROM images ORDER BY image_id", "-f", "csv", "-c", str(catalog_path)])
+    assert statuses.stdout.splitlines() == ["status", "ok", "error"]
+    done = runner.invoke(app, ["sql", "UPDATE images SET status = 'missing' WHERE image_id = 'b'; SELECT count(*) AS n FROM images "
+                                      "WHERE status = 'missing'", "--write", "-f", "csv", "-c", str(catalog_path)])
+    assert done.exit_code == 0 and done.stdout.splitlines() == ["n", "1"], done.output
+
+
+def test_table_shows_every_type_fits_the_terminal_and_keeps_error_lines(catalog_path, monkeypatch):
+    """The table crashed on INTERVAL and UNION columns (a polars conversion), gave each of 39 columns no width in a
+    120-column terminal, and put errors two lines below where they were (it wrapped the query)."""
+    seeded_catalog(catalog_path)
+    monkeypatch.setenv("COLUMNS", "120")
+    typed = runner.invoke(app, ["sql", "SELECT INTERVAL 3 DAY AS took, union_value(k := 1) AS u", "-c", str(catalog_path)])
+    assert typed.exit_code == 0 and "3 days" in typed.stdout, typed.output
+    wide = runner.invoke(app, ["sql", "SELECT * FROM images_view", "-c", str(catalog_path)])
+    assert wide.exit_code == 0, wide.output
+    header = next(line for line in wide.stdout.splitlines() if "image_id" in line)
+    assert "path" in header and len(header) <= 120
+    said = " ".join(wide.output.split())
+    counted = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM duckdb_columns() WHERE table_name = 'images_view'",
+                                  "-f", "csv", "-c", str(catalog_path)])
+    total = int(counted.stdout.splitlines()[1])
+    assert total > 30 and f"of {total} columns shown" in said and "--format csv or json" in said
+    error = runner.invoke(app, ["sql", "SELECT 1 AS one,\n'a'::INT AS two", "-c", str(catalog_path)])
+    assert error.exit_code == 2 and "LINE 2" in error.output, error.output
+
+
+def test_csv_writes_booleans_and_blobs_as_duckdb_does(catalog_path):
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "SELECT path_bytes, status = 'ok' AS fine, '\\xE9'::BLOB AS odd FROM images_view "
+                                        "WHERE image_id = 'a'", "-f", "csv", "-c", str(catalog_path)])
+    assert result.stdout.splitlines() == ["path_bytes,fine,odd", "/p/a.jpg,true,\\xE9"], result.output

@@ -692,6 +692,15 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
             await pilot.press("f9")
             await wait_for(pilot, lambda: "Refused" in text_of(app, "#sql-status"), what="refusal")
             assert query_count(app, "SELECT count(*) FROM images") == 250
+            # writes typed as reads ran on the app's read-write connection: EXPLAIN ANALYZE runs what it explains
+            for sneaky in ("EXPLAIN ANALYZE DELETE FROM images", "WITH gone AS (DELETE FROM images RETURNING *) SELECT count(*) FROM gone"):
+                editor.load_text("SELECT 1")
+                await pilot.press("f9")
+                await wait_for(pilot, lambda: "Refused" not in text_of(app, "#sql-status"), what="a query between")
+                editor.load_text(sneaky)
+                await pilot.press("f9")
+                await wait_for(pilot, lambda: "Refused" in text_of(app, "#sql-status"), what=f"refusal of {sneaky}")
+                assert query_count(app, "SELECT count(*) FROM images") == 250
 
             # Write mode asks first; "No" keeps it read-only, "Yes" allows the write.
             await pilot.press("ctrl+w")

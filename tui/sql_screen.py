@@ -90,7 +90,7 @@ class ConfirmWrite(Confirm):
     def __init__(self) -> None:
         super().__init__(
             "[b]Allow SQL to change the catalog?[/b]\nINSERT, UPDATE, DELETE, CREATE... will run for real. "
-            "There is no undo; nothing on disk is touched.",
+            "There is no undo. COPY … TO writes files, though never over an image, its caption file or the catalog.",
             yes="Yes, write mode",
         )
 

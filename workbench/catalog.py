@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -356,7 +358,6 @@ def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]
 # Statement types that cannot change the catalog (DESCRIBE, SHOW and SUMMARIZE are SELECTs), and the PRAGMAs that
 # only look (`PRAGMA table_info('images')`, as harlequin users type). Everything else (INSERT, CREATE, COPY, ATTACH,
 # SET, CALL, other PRAGMAs, ...) needs --write.
-_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 _READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "show_databases", "database_list",
                  "database_size", "storage_info", "version", "platform", "functions", "collations", "metadata_info"}
 
@@ -373,12 +374,54 @@ def statement_kinds(sql: str) -> list[str]:
     return [s.type.name.upper() for s in _statements(sql)]
 
 
+# the query nodes of a SELECT that only reads; a data-modifying CTE (`WITH x AS (DELETE … RETURNING *) SELECT …`)
+# is typed SELECT all the same, and holds a DELETE_, UPDATE_ or INSERT_QUERY_NODE
+_READ_QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+# EXPLAIN ANALYZE runs the statement it explains; plain EXPLAIN is judged by it too (one rule, both front ends)
+_EXPLAINED = re.compile(r"(?:\s|--[^\n]*\n?|/\*.*?\*/)*EXPLAIN\s+(?:ANALY[SZ]E\b|\([^)]*\))?(?P<statement>.*)\Z",
+                        re.IGNORECASE | re.DOTALL)
+
+
+_PARSERS = threading.local()
+
+
+def _query_node_types(tree: Any, found: set[str]) -> set[str]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "type" and isinstance(value, str) and value.endswith("_NODE"):
+                found.add(value)
+            _query_node_types(value, found)
+    elif isinstance(tree, list):
+        for value in tree:
+            _query_node_types(value, found)
+    return found
+
+
+def _select_only_reads(query: str) -> bool:
+    """A SELECT statement's parse tree (DuckDB's json_serialize_sql; parsed, not run) holds no data-modifying CTE."""
+    parser = getattr(_PARSERS, "connection", None)
+    if parser is None:  # an in-memory one per thread: the statement is only parsed, and threads do not share connections
+        parser = _PARSERS.connection = duckdb.connect()
+    try:
+        tree = json.loads(parser.execute("SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()[0])
+    except duckdb.Error:
+        return False
+    return not tree.get("error") and _query_node_types(tree, set()) <= _READ_QUERY_NODES
+
+
 def _reads_only(statement) -> bool:
     kind = statement.type.name.upper()
     if kind == "PRAGMA":
         name = re.match(r"\s*PRAGMA\s+(\w+)", statement.query, re.IGNORECASE)
         return bool(name) and name.group(1).lower() in _READ_PRAGMAS
-    return kind in _READ_STATEMENTS
+    if kind == "EXPLAIN":
+        explained = _EXPLAINED.match(statement.query)
+        try:
+            inner = duckdb.extract_statements(explained.group("statement")) if explained else []
+        except duckdb.Error:
+            return False
+        return len(inner) == 1 and _reads_only(inner[0])
+    return kind == "SELECT" and _select_only_reads(statement.query)
 
 
 def is_read_only_sql(sql: str) -> bool:
@@ -393,16 +436,68 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
     if not statements:
         raise CatalogError("No SQL to run: the query is empty.")
     if not write and not all(_reads_only(s) for s in statements):
-        kinds = ", ".join(sorted({s.type.name.upper() for s in statements if not _reads_only(s)}))
+        kinds = ", ".join(sorted({_kind(s) for s in statements if not _reads_only(s)}))
         raise CatalogError(
             f"Refused: this SQL may write to the catalog ({kinds}). SQL is read-only by default; "
             "pass --write if you mean to change the catalog."
         )
+    # several statements that write run as one transaction: a failing one leaves the catalog as it was, not half
+    # changed (unless the SQL handles transactions itself)
+    atomic = write and len(statements) > 1 and not any(s.type.name.upper() == "TRANSACTION" for s in statements)
     # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
     cursor = con.cursor()
+    targets = [target for statement in statements if write for target in _copy_targets(statement)]
+    if targets:
+        checking = cursor.cursor()
+        try:
+            reasons = [protected_file(checking, target) for target in targets]
+        finally:
+            checking.close()
+        if any(reasons):
+            raise CatalogError(f"Refused: {next(filter(None, reasons))}; COPY … TO would overwrite it. Give another file.")
     try:
+        if atomic:
+            cursor.execute("BEGIN TRANSACTION")
         for statement in statements[:-1]:  # shown is the last statement's result, as in harlequin
             cursor.execute(statement).fetchall()  # drained: an open result would block the next statement
-        return cursor.sql(statements[-1].query) if statements else None
+        last = statements[-1]
+        if atomic and _reads_only(last):
+            # a query runs when its rows are fetched, after the commit: run once here too, so that its error (a bad
+            # cast, say) still undoes the writes before it
+            cursor.execute(last).fetchall()
+        result = cursor.sql(last.query)
+        if atomic:
+            cursor.execute("COMMIT")
+        return result
     except duckdb.Error as error:
+        if atomic:
+            with contextlib.suppress(duckdb.Error):
+                cursor.execute("ROLLBACK")
+            raise CatalogError(f"SQL error: {error}\nNothing was changed: the {len(statements)} statements run as one "
+                               "transaction.") from error
         raise CatalogError(f"SQL error: {error}") from error
+
+
+def _kind(statement) -> str:
+    """A statement's kind as a refusal names it: a data-modifying WITH is typed SELECT, EXPLAIN ANALYZE EXPLAIN."""
+    kind = statement.type.name.upper()
+    if kind == "SELECT":
+        return "WITH … DELETE/UPDATE/INSERT"
+    if kind == "EXPLAIN":
+        return "EXPLAIN ANALYZE of a write"
+    return kind
+
+
+def _copy_targets(statement) -> list[str]:
+    """The files a COPY … TO (or EXPLAIN ANALYZE of one) writes, as written in it."""
+    kind = statement.type.name.upper()
+    if kind == "EXPLAIN":
+        explained = _EXPLAINED.match(statement.query)
+        try:
+            inner = duckdb.extract_statements(explained.group("statement")) if explained else []
+        except duckdb.Error:
+            return []
+        return [target for one in inner for target in _copy_targets(one)]
+    if kind != "COPY":
+        return []
+    return [quoted.replace("''", "'") for quoted in re.findall(r"\bTO\s+'((?:[^']|'')*)'", statement.query, re.IGNORECASE)]
