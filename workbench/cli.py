@@ -263,6 +263,7 @@ def sql(
             fail(f"{output} already exists; pass --overwrite to replace it.")
         if not output.parent.is_dir():
             fail(f"The folder {output.parent} does not exist.")
+    con = None
     try:
         if not write and not catalog_mod.is_read_only_sql(query):
             catalog_mod.run_sql(None, query)  # raises the refusal message
@@ -273,6 +274,8 @@ def sql(
         relation = catalog_mod.run_sql(con, query, write=write)
         ran = len(catalog_mod.statement_kinds(query))
     except CatalogError as error:
+        if con is not None:  # closed now, not when the error's traceback goes (a caller in this process opens it next)
+            con.close()
         fail(str(error))
     if ran > 1:  # as harlequin's last tab: the others ran, their results are not shown
         err_console.print(Text(f"{ran} statements ran; the result below is the last one's", style="dim"))
@@ -295,29 +298,56 @@ def sql(
                      for name, is_json, v in zip(names, nested, row)} for row in relation.fetchall()]
             text = json.dumps(rows, default=_json_default, ensure_ascii=False, allow_nan=False)
         else:
-            frame = relation.limit(limit + 1).pl()
-            more = frame.height > limit
-            frame = frame.head(limit)
-            table = Table(show_lines=False)
-            for name in frame.columns:
-                table.add_column(name, overflow="fold")
-            for row in frame.iter_rows():
-                table.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row))
+            # a query's own rows, fetched as they come: no wrapping query (its errors keep their line numbers) and no
+            # conversion that some types lack (INTERVAL, UNION). A write's rows (RETURNING) are already there.
+            last = duckdb.extract_statements(query)[-1]
+            if catalog_mod.is_read_only_sql(last.query):
+                cursor = con.cursor()
+                cursor.execute(last)
+                names, rows = [column[0] for column in cursor.description], cursor.fetchmany(limit + 1)
+            else:
+                names, rows = relation.columns, relation.fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            cells = [[Text("NULL", style="dim") if v is None else Text(str(v)) for v in row] for row in rows]
             # piped or redirected, rows stay whole lines (a terminal's 80 columns would wrap every cell); to a terminal,
-            # the table fits the window
+            # the table fits the window, with the columns that fit it readably
             out = console if console.is_terminal or os.environ.get("COLUMNS") else Console(emoji=False, width=100_000)
+            shown = _columns_that_fit(names, cells, out.width)
+            table = Table(show_lines=False)
+            for name in names[:shown]:
+                table.add_column(name, overflow="fold")
+            for row in cells:
+                table.add_row(*row[:shown])
             out.print(table)
+            if shown < len(names):
+                err_console.print(Text(f"{shown} of {len(names)} columns shown (to {names[shown - 1]}) in {out.width} "
+                                       "columns of terminal: SELECT fewer, or --format csv or json for all", style="dim"))
             if more:
                 err_console.print(Text(f"first {limit} rows shown: --limit N shows more; --format csv or json, or -o FILE, "
                                        "gives them all", style="dim"))
             return
     except duckdb.Error as error:
+        con.close()
         fail(f"SQL error: {error}")
     if output:
         output.write_text(text)
         err_console.print(Text(f"wrote {output}"))
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def _columns_that_fit(names: list[str], cells: list[list[Text]], width: int, readable: int = 10) -> int:
+    """How many of the first columns fit `width` with each at least `readable` characters wide (or its whole
+    header and values, if narrower), as the DuckDB CLI leaves out the columns past the window's edge."""
+    used, shown = 1, 0  # the table's left border
+    for index, name in enumerate(names):
+        natural = max([len(name), *(cell.cell_len for row in cells for cell in row[index:index + 1])])
+        used += min(natural, readable) + 3  # padding either side and the border
+        if used > width and shown:
+            break
+        shown += 1
+    return shown
 
 
 def _unique_names(columns: list[str]) -> list[str]:
@@ -349,8 +379,22 @@ def _csv_text(relation) -> str:
     writer = csv.writer(buffer, lineterminator="\n")  # the csv module's default is CRLF
     writer.writerow(relation.columns)
     for row in relation.fetchall():
-        writer.writerow(["" if v is None else json.dumps(v, default=_json_default) if isinstance(v, (list, dict)) else v for v in row])
+        writer.writerow([_csv_value(v) for v in row])
     return buffer.getvalue()
+
+
+def _csv_value(value):
+    """A cell as DuckDB's own CSV writer (and the TUI's export) writes it: true/false, a BLOB as text with \\xHH
+    escapes; lists and structs as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (bytes, bytearray)):
+        return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02X}" for b in value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=_json_default)
+    return value
 
 
 def _json_default(value):
