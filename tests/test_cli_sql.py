@@ -427,3 +427,23 @@ def test_csv_writes_booleans_and_blobs_as_duckdb_does(catalog_path):
     result = runner.invoke(app, ["sql", "SELECT path_bytes, status = 'ok' AS fine, '\\xE9'::BLOB AS odd FROM images_view "
                                         "WHERE image_id = 'a'", "-f", "csv", "-c", str(catalog_path)])
     assert result.stdout.splitlines() == ["path_bytes,fine,odd", "/p/a.jpg,true,\\xE9"], result.output
+
+
+def test_sql_waits_for_a_catalog_another_process_holds_when_asked(catalog_path):
+    """While an ingest or the TUI held the catalog, `sql` could only fail at once; --wait N waits for it."""
+    import subprocess
+    import sys
+
+    seeded_catalog(catalog_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(catalog_path)!r}); "
+                               "print('ready', flush=True); time.sleep(2); c.close(); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        at_once = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "csv", "-c", str(catalog_path)])
+        said = " ".join(at_once.output.split())
+        assert at_once.exit_code == 2 and f"process {holder.pid}" in said and "not even to read" in said, at_once.output
+        waited = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "csv", "--wait", "20", "-c", str(catalog_path)])
+        assert waited.exit_code == 0 and waited.stdout.splitlines() == ["n", "2"], waited.output
+    finally:
+        holder.kill()
+        holder.wait()

@@ -71,8 +71,8 @@ def _lock_holder(error: Exception) -> str:
 
 def _lock_message(path: Path, holder: str) -> str:
     return (
-        f"The catalog {path} is in use by {holder}. DuckDB lets one process write a "
-        "catalog at a time: wait for it to finish (or close it), then retry."
+        f"The catalog {path} is in use by {holder}. While one process has a catalog open to write (the TUI, an "
+        "ingest), DuckDB lets no other open it, not even to read: wait for it to finish (or close it), then retry."
     )
 
 

@@ -233,6 +233,7 @@ def sql(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
     write: Annotated[bool, typer.Option("--write", help="Allow statements that change the catalog.")] = False,
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 100,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait while another process holds the catalog (an ingest, the TUI); default: say so at once.")] = 0,
 ) -> None:
     """Query the catalog with DuckDB SQL (read-only unless --write).
 
@@ -267,7 +268,7 @@ def sql(
     try:
         if not write and not catalog_mod.is_read_only_sql(query):
             catalog_mod.run_sql(None, query)  # raises the refusal message
-        con = open_catalog(catalog, read_only=not write)
+        con = open_catalog(catalog, read_only=not write, wait_seconds=wait)
         protected = catalog_mod.protected_file(con, output) if output is not None else None
         if protected:
             fail(f"Refused: {protected}; writing the result there would destroy it. Give another --output file.")
