@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import duckdb
 import pyarrow as pa
 
-from workbench.catalog import record_run, transaction
+from workbench.catalog import is_read_only_sql, record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
@@ -120,9 +120,18 @@ def _one_select(condition: str) -> str:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as error:
         raise ValueError(f"--where is not a valid SQL condition: {error}") from None
-    if len(statements) != 1 or statements[0].type.name.upper() != "SELECT":
+    if len(statements) != 1 or not is_read_only_sql(query):
         raise ValueError("--where must be a single SQL condition on images_view (no ';' or other statements)")
     return query
+
+
+def images_where(con: duckdb.DuckDBPyConnection, condition: str) -> list[str]:
+    """The image ids whose images_view row matches the SQL `condition` (`--where`), in image id order."""
+    condition = _check_text("where", condition, required=True)
+    try:
+        return [row[0] for row in con.execute(_one_select(condition) + " ORDER BY image_id").fetchall()]
+    except duckdb.Error as error:
+        raise ValueError(f"--where failed on images_view: {error}") from None
 
 
 def resolve_image_ids(con: duckdb.DuckDBPyConnection, ids: Iterable[str]) -> list[str]:
@@ -258,19 +267,13 @@ def added_concept(
     if repeats is not None and (not isinstance(repeats, int) or repeats < 1):
         raise ValueError(f"repeats must be a whole number of at least 1, not {repeats!r}")
     where = _check_text("where", where, required=False) if where is not None else None
-    query = _one_select(where) if where else None
     folder_text = os.fspath(folder) if folder is not None else None
     if folder_text is not None and not folder_text.strip():
         raise ValueError("folder must not be empty")
     if folder_text is not None:
         folder_text = os.path.abspath(folder_text)  # a standing rule must not depend on where the command ran
 
-    matched_where: list[str] = []
-    if query:
-        try:
-            matched_where = [row[0] for row in con.execute(query).fetchall()]
-        except duckdb.Error as error:
-            raise ValueError(f"--where failed on images_view: {error}") from None
+    matched_where = images_where(con, where) if where else []
     matched_folder = images_in_folder(con, folder_text) if folder_text else []
 
     params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}

@@ -333,3 +333,34 @@ def test_the_summary_counts_every_image_it_writes_rows_for(con, catalog_path):
     assert con.execute("SELECT exclusion_reason FROM images_view WHERE image_id = ?", [resized]).fetchone()[0] == (
         "short side 200 px < 256")
     assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 0
+
+
+def test_exclude_and_include_take_a_sql_condition(catalog_path):
+    """SQL users curated with `sql -f csv | tail | xargs workbench exclude`: exclude and include take --where."""
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    con = connect(catalog_path)
+    wide, square, small = _add_image(con, 1, 1600, 400), _add_image(con, 2, 600, 600), _add_image(con, 3, 100, 100)
+    con.close()
+    runner = CliRunner()
+    done = runner.invoke(app, ["exclude", "--where", "width > 2 * height", "--reason", "panorama", "-c", str(catalog_path)])
+    assert done.exit_code == 0 and "excluded 1" in done.output, done.output
+    nothing = runner.invoke(app, ["exclude", "--where", "width > 10000", "--reason", "huge", "-c", str(catalog_path)])
+    assert nothing.exit_code == 2 and "No image matches" in nothing.output
+    for bad in ("width > ", "1=1; DELETE FROM images", "image_id IN (WITH d AS (DELETE FROM images RETURNING *) SELECT image_id FROM d)"):
+        refused = runner.invoke(app, ["exclude", "--where", bad, "--reason", "x", "-c", str(catalog_path)])
+        assert refused.exit_code == 2 and "--where" in refused.output, (bad, refused.output)
+    both = runner.invoke(app, ["exclude", small[:8], "--where", "width = 600", "--reason", "test", "-c", str(catalog_path)])
+    assert both.exit_code == 0 and "excluded 2" in both.output, both.output
+    con = connect(catalog_path)
+    assert _reasons(con) == {wide: [("manual", "manual: panorama")], square: [("manual", "manual: test")],
+                             small: [("manual", "manual: test")]}
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 3
+    con.close()
+    back = runner.invoke(app, ["include", "--where", "exclusion_reason LIKE '%test%' AND width < 200", "-c", str(catalog_path)])
+    assert back.exit_code == 0, back.output
+    con = connect(catalog_path)
+    assert set(_reasons(con)) == {wide, square}
+    con.close()
+    assert runner.invoke(app, ["include", "-c", str(catalog_path)]).exit_code == 2

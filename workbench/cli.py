@@ -760,18 +760,20 @@ def exclude(
     image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).", show_default=False)] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the catalog).")] = ...,
     folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder (repeatable).", show_default=False)] = None,
+    where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Exclude images by hand, with a reason; files on disk are not touched.
 
-    Example: workbench exclude 3fa9c2d1e0 --reason "watermark"   (or: --folder "img/0_old drafts" --reason "0 repeats")
+    Example: workbench exclude 3fa9c2d1e0 --reason "watermark"   (or: --folder "img/0_old drafts" --reason "0 repeats";
+    --where "width > 4000 AND caption ILIKE '%watermark%'" --reason "watermarked scans")
     """
-    from pipelines.concepts import images_in_folder, resolve_image_ids
+    from pipelines.concepts import images_in_folder, images_where, resolve_image_ids
     from pipelines.dedup import preferred_copy
     from pipelines.filter import manual_exclusions
 
-    if not image_ids and not folder:
-        fail("Name the images to exclude: image ids, or --folder PATH.")
+    if not image_ids and not folder and where is None:
+        fail("Name the images to exclude: image ids, --folder PATH or --where CONDITION.")
     con = open_catalog(catalog)
     try:
         ids = resolve_image_ids(con, image_ids) if image_ids else []
@@ -780,6 +782,11 @@ def exclude(
             if not found:
                 fail(f"No image in the catalog has a file under {path}.")
             ids += [i for i in found if i not in ids]
+        if where is not None:
+            matched = images_where(con, where)
+            if not matched:
+                fail(f"No image matches --where {where!r}: nothing was excluded.")
+            ids += [i for i in matched if i not in set(ids)]
         n = manual_exclusions(con, ids, reason)
     except ValueError as error:
         fail(str(error))
@@ -849,18 +856,27 @@ def keep(
 
 @app.command()
 def include(
-    image_ids: Annotated[list[str], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).")],
+    image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).", show_default=False)] = None,
+    where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Include images by hand: removes manual and filter exclusions; later filter runs skip them.
 
-    Example: workbench include 3fa9c2d1e0
+    Example: workbench include 3fa9c2d1e0   (or: --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'")
     """
-    from pipelines.concepts import resolve_image_ids
+    from pipelines.concepts import images_where, resolve_image_ids
     from pipelines.filter import manual_inclusions
 
+    if not image_ids and where is None:
+        fail("Name the images to include: image ids or --where CONDITION.")
     con = open_catalog(catalog)
     try:
+        image_ids = list(image_ids or [])
+        if where is not None:
+            matched = images_where(con, where)
+            if not matched:
+                fail(f"No image matches --where {where!r}: nothing was included.")
+            image_ids += [i for i in matched if i not in set(image_ids)]
         summary = manual_inclusions(con, image_ids)
     except ValueError as error:
         fail(str(error))
