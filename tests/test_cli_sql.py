@@ -226,6 +226,49 @@ def test_progress_messages_print_as_plain_text():
     assert "/data/[raw] photos/a[/]b.png" in out.getvalue()
 
 
+def test_progress_messages_do_not_end_with_the_source_line_that_logged_them(monkeypatch):
+    """Every CLI log line ended with `progress.py:77`, rich's column for where it was logged from."""
+    import io
+
+    import rich.console
+
+    from workbench.progress import RichProgress
+
+    out = io.StringIO()
+    made = rich.console.Console
+    monkeypatch.setattr(rich.console, "Console", lambda **options: made(**{**options, "file": out, "width": 200}))
+    with RichProgress() as progress:
+        progress(task="ingest", message="scanning 1 path(s)")
+    assert "scanning 1 path(s)" in out.getvalue() and "progress.py" not in out.getvalue()
+
+
+def test_a_stopped_step_shows_its_last_update_before_it_stops():
+    """Ctrl+C in training froze the bar at 20/200 while the run kept (and named) checkpoint-21: the cancel raised
+    before the update that said step 21 was done reached the bar."""
+    import pytest
+
+    from workbench.progress import CancellableProgress, StepCancelled
+
+    seen = []
+    progress = CancellableProgress(lambda **update: seen.append(update["completed"]))
+    progress(task="train", completed=20, total=200)
+    progress.cancel()
+    with pytest.raises(StepCancelled):
+        progress(task="train", completed=21, total=200)
+    assert seen == [20, 21]
+
+
+def test_help_has_h_and_the_version_is_shown():
+    from workbench import __version__
+
+    assert runner.invoke(app, ["-h"]).exit_code == 0 and "Usage" in runner.invoke(app, ["-h"]).output
+    assert "workbench ingest" in " ".join(runner.invoke(app, ["ingest", "-h"]).output.split())
+    assert runner.invoke(app, ["train", "lora", "-h"]).exit_code == 0
+    for flag in ("--version", "-V"):
+        shown = runner.invoke(app, [flag])
+        assert shown.exit_code == 0 and shown.output.strip() == f"workbench {__version__}"
+
+
 def test_a_message_alone_neither_adds_a_bar_that_never_moves_nor_resets_a_running_one():
     """A training run's 'dataset' messages left a 'dataset 0/?' bar that never moved."""
     from io import StringIO

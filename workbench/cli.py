@@ -37,7 +37,7 @@ app = typer.Typer(
     # the diffusers examples and kohya spell options with underscores (--train_batch_size): commands pasted from
     # their docs run as they are. click applies this to option and command names and choice values, never to
     # what an option is given
-    context_settings={"token_normalize_func": lambda token: token.replace("_", "-")},
+    context_settings={"token_normalize_func": lambda token: token.replace("_", "-"), "help_option_names": ["-h", "--help"]},
 )
 # user text (captions, paths, SQL results) is never read as markup or :emoji: codes: cells go in as Text, and
 # strings with our own markup escape what they quote
@@ -107,8 +107,20 @@ def counts_table(title: str, counts: dict) -> Table:
     return table
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from workbench import __version__
+
+        console.print(f"workbench {__version__}")
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context, catalog: CatalogOpt = None) -> None:
+def _root(
+    ctx: typer.Context,
+    catalog: CatalogOpt = None,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
     """Open the terminal UI when no command is given."""
     if ctx.invoked_subcommand is None:
         tui(catalog=catalog)

@@ -39,9 +39,10 @@ class CancellableProgress:
         return self._cancel.is_set()
 
     def __call__(self, *, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        # what was done is shown before the stop: a step that ends as it is cancelled was done (and is kept)
+        self._hook(task=task, completed=completed, total=total, message=message)
         if self._cancel.is_set():
             raise StepCancelled(f"{task} cancelled")
-        self._hook(task=task, completed=completed, total=total, message=message)
 
 
 class RichProgress:
@@ -51,7 +52,8 @@ class RichProgress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.console = console or Console(stderr=True, emoji=False)
+        # log_path: no `progress.py:77` (where the line was logged from) at the end of every message
+        self.console = console or Console(stderr=True, emoji=False, log_path=False)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
