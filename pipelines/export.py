@@ -592,8 +592,16 @@ def imported_kohya_folder(
         con, paths=imported, zero_padded=True, folder_repeats=True, progress=_repeats_only(progress))
     # regularisation images (reg/N_class/) are the class images kohya trains beside the subject: supplied class
     # priors of that class, which DreamBooth training takes before generating any
-    reg = folder / "reg"
-    reg_dirs = sorted(p for p in reg.iterdir() if p.is_dir()) if roots == [folder / "img"] and reg.is_dir() else []
+    # reg/ beside img/: given the dataset folder (our export) or its img/ (the folder kohya's train_data_dir names,
+    # as the kohya GUI lays a project out: img/, reg/, model/, log/)
+    if roots == [folder / "img"]:
+        reg = folder / "reg"
+    elif folder.name == "img" and roots == [folder] and (folder.parent / "reg").is_dir():
+        reg = folder.parent / "reg"
+        progress(task="import", message=f"class images: reading {reg}, beside {folder.name}/ (kohya's reg_data_dir)")
+    else:
+        reg = None
+    reg_dirs = sorted(p for p in reg.iterdir() if p.is_dir()) if reg is not None and reg.is_dir() else []
     reg_images, reg_left_out = 0, 0
     for sub in reg_dirs:
         prompt, found = class_prompt_of_folder(con, sub), len(image_files_in(sub))

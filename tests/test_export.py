@@ -328,6 +328,12 @@ def test_generated_priors_get_one_reg_folder_per_class_prompt_captioned_by_it(co
     assert dict(back_con.execute("SELECT class_prompt, count(*) FROM class_priors WHERE supplied_from IS NOT NULL "
                                  "GROUP BY 1").fetchall()) == {"a photo of a dog": 2, "a photo of a cat": 1}
     assert back_con.execute("SELECT count(*) FROM concept_images WHERE image_id IN (SELECT image_id FROM class_priors)").fetchone()[0] == 0
+    # given its img/ (the folder kohya's train_data_dir names), the reg/ beside it is read too: it was left out silently
+    messages = []
+    from_img = connect(tmp_path / "from_img.duckdb")
+    again = imported_kohya_folder(from_img, out / "img", workers=1, progress=lambda **kw: messages.append(kw.get("message")))
+    assert again["reg_class_images"] == 3 and any(m and "beside img/" in m for m in messages)
+    assert from_img.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 3
 
 
 def test_no_upscale_export_leaves_out_images_kohya_cannot_bucket(con, curated, tmp_path):
