@@ -10,7 +10,8 @@ mkdir -p demo
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1. ingest sample_data/ (hashes, sizes, quality stats, sidecar captions, kohya folder concepts)"
+step "1. ingest sample_data/ (hashes, sizes, quality stats, sidecar captions, kohya folder concepts);
+   sample_data/bad/ holds planted broken files (truncated, a decompression bomb, a link loop...): the errors are expected"
 workbench ingest sample_data
 
 step "2. dedup: exact copies and pHash near-duplicates (threshold 6); the best copy is kept"
@@ -42,7 +43,7 @@ workbench sql "SELECT count(*) AS curated_images, count(DISTINCT bucket_width ||
 step "8. export the curated set for kohya-ss sd-scripts"
 workbench export --format kohya demo/kohya_export
 
-step "9. train a LoRA on the curated set (tiny, CPU)"
+step "9. train a LoRA on the curated set (tiny, CPU; the CLIP score of its samples is ~0: the tiny CLIP is random)"
 workbench train lora --model tiny --resolution 64 --max-train-steps 40 --train-batch-size 4 \
     --learning-rate 1e-3 --checkpointing-steps 20 --validation-prompt "photo of wbk cat" --validation-steps 20 \
     --output-dir demo/lora

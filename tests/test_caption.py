@@ -166,11 +166,17 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
                                  "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "1 image(s) with a caption of their own" in " ".join(result.output.split())  # img_0.txt
+    assert "tiny BLIP has random weights" in " ".join(result.output.split())  # the default model: said, not silent
     own = runner.invoke(app, ["caption", "-c", str(catalog_path), "--max-length", "6", "--workers", "0", "--own-captioned"])
     assert own.exit_code == 0 and "caption of their own" not in own.output, own.output
     again = runner.invoke(app, ["caption", "-c", str(catalog_path), "--batch-size", "2", "--max-length", "6",
                                 "--workers", "0", "--template", "photo of {trigger}, {caption}"])
     assert again.exit_code == 0 and "applies to new captions only" in " ".join(again.output.split())
+    fresh = runner.invoke(app, ["caption", "-c", str(catalog_path), "--max-length", "6", "--workers", "0", "--overwrite",
+                                "--template", "photo of {trigger}, {caption}"])
+    # images in no concept got "photo of, …": the count of them is explained, with the command that gives a trigger
+    said = " ".join(fresh.output.split())
+    assert fresh.exit_code == 0 and "in no concept with a trigger word" in said and "concept add" in said, fresh.output
     bad = runner.invoke(app, ["caption", "-c", str(catalog_path), "--template", "{nope}"])
     assert bad.exit_code == 2 and "Unknown field" in bad.output
     fp16 = runner.invoke(app, ["caption", "-c", str(catalog_path), "--dtype", "fp16", "--device", "cpu"])

@@ -47,6 +47,7 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
         "--validation-prompt", "a photo of a rocket", "--output-dir", str(out), "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
+    assert "trained the tiny preset (random weights" in " ".join(result.output.split())  # the default: said
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "loss.csv", "loss.png",
                  "samples/step-000002.png", "samples/final-step-000004.png", "checkpoints/checkpoint-4/weights.safetensors"):
         assert (out / name).is_file(), name

@@ -488,7 +488,7 @@ def caption(
     Example: workbench caption --model tiny --batch-size 8 --template "photo of {trigger} dog, {caption}"
     """
     from pipelines.caption import caption_sources, check_template, chosen_caption_source, model_captions
-    from workbench.models import ModelError, load_blip, model_label, resolve_device, resolve_dtype
+    from workbench.models import TINY, ModelError, load_blip, model_label, resolve_device, resolve_dtype
 
     if use_source is not None:
         con = open_catalog(catalog)
@@ -525,6 +525,13 @@ def caption(
                           "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. "
                           "--own-captioned captions them too (then `--use-source model:NAME` makes the model's captions "
                           "current).")
+    if counts.get("without_trigger"):
+        err_console.print(f"[yellow]Note:[/] {counts['without_trigger']} image(s) are in no concept with a trigger word: the "
+                          "template's {trigger} (and {class}) were left empty in their captions. `workbench concept add NAME "
+                          "--trigger WORD --folder DIR` gives them one; then caption again with --overwrite.")
+    if label == TINY:
+        err_console.print("[yellow]Note:[/] the tiny BLIP has random weights (the offline test preset): its captions are "
+                          "nonsense words. --model sd15 (BLIP base, downloaded once) or a BLIP folder captions for real.")
     if template and counts.get("already_captioned") and not overwrite:
         err_console.print(f"[yellow]Note:[/] the template applies to new captions only; {counts['already_captioned']} image(s) "
                           "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
@@ -1209,6 +1216,10 @@ def train_command(
                                f"Score it later with: workbench evaluate {result.train_id} --clip-model tiny (or a CLIP you have)"))
     for name, path in result.outputs.items():
         console.print(Text(f"{name}: {path}"))
+    if train_config.model == "tiny":  # the default: a newcomer who left --model out should know what they trained
+        err_console.print(Text("Note: this trained the tiny preset (random weights, the offline test model): its outputs "
+                               "work with it alone. --model sd15, a Hub id, a local folder or a .safetensors trains a real one.",
+                               style="yellow"))
 
 
 def _show_batches(catalog: Path | None, config, steps: int) -> None:
