@@ -143,6 +143,9 @@ def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
             box.value = "widht > 1000"
             await pilot.press("enter")
             await wait_for(pilot, lambda: "not a valid WHERE clause" in text_of(app, "#table-status") and "widht" in text_of(app, "#table-status"))
+            # shown whole, over lines of its own: on one line its end, which names the problem, was cut off
+            status = app.screen.query_one("#table-status")
+            await wait_for(pilot, lambda: status.size.height > 1, what="the whole error")
             # A filter that fails as it runs: an action over "the filtered rows" says so (not "still loading")
             box.value = "CAST(format AS INTEGER) > 0"
             await pilot.press("enter")
@@ -153,6 +156,7 @@ def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
             box.value = "in the red car"
             await pilot.press("enter")
             await wait_for(pilot, lambda: "text search" in text_of(app, "#table-status"))
+            assert status.size.height == 1  # back to one line once the rows come
 
     asyncio.run(scenario())
 

@@ -144,6 +144,7 @@ class ImageTable(Vertical):
         edit or exclusion never swaps the rows, and the image under the cursor, for others.
         """
         self.query_one("#table-status", Label).update("loading…")
+        self.query_one("#table-status", Label).remove_class("-error")
         shown = self.result.filter if keep_position and self.result is not None else None
         self._requested = shown if shown is not None else self.current_filter
         self._failed_filter = None
@@ -188,7 +189,9 @@ class ImageTable(Vertical):
     def _failed(self, message: _Failed) -> None:
         self._rows_next = False  # the filter box keeps the focus, to mend what it holds
         self._failed_filter = self.requested_filter
-        self.query_one("#table-status", Label).update(f"[red]{markup_safe(message.error)}[/]")
+        status = self.query_one("#table-status", Label)
+        status.update(f"[red]{markup_safe(message.error)}[/]")
+        status.add_class("-error")
         self.notify(message.error, title="Filter", severity="error")
 
     @on(_Ready)

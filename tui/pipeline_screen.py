@@ -41,10 +41,14 @@ class StepRow(Horizontal):
             yield Static("…", classes="step-counts", id=f"counts-{self.spec.name}")
         with Horizontal(classes="step-settings"):
             for setting in self.spec.settings:
+                # what an empty field means is shown in it while it is empty (the label kept it, cut off at 120
+                # columns); other help stays beside the label
+                says_empty = setting.help.startswith("empty:")
                 with Vertical(classes=f"setting setting-{setting.name}"):
-                    yield Label(setting.label + (f" [dim]({setting.help})[/]" if setting.help else ""), classes="setting-label")
+                    yield Label(setting.label + (f" [dim]({setting.help})[/]" if setting.help and not says_empty else ""),
+                                classes="setting-label")
                     yield Input(
-                        setting.default, placeholder=setting.label, id=f"set-{self.spec.name}-{setting.name}",
+                        setting.default, placeholder=setting.help if says_empty else setting.label, id=f"set-{self.spec.name}-{setting.name}",
                         tooltip=f"{setting.label}: {setting.help}" if setting.help else setting.label, compact=True,
                     )
             if not self.spec.settings:
@@ -95,7 +99,6 @@ class PipelineScreen(SizeClasses, Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#set-ingest-folders", Input).placeholder = "folders to ingest (relative to the catalog's folder)"
         self.refresh_counts()
         self._load_last_settings()
 

@@ -98,10 +98,11 @@ def _stopped_says(what_is_kept: str) -> Iterator[None]:
         raise typer.Exit(130)
 
 
-def counts_table(title: str, counts: dict) -> Table:
+def counts_table(title: str, counts: dict, value_column: str = "count") -> Table:
     table = Table(title=Text(title), show_header=True)
     table.add_column("what")
-    table.add_column("count", justify="right")
+    # numbers align right; a column of values that may be sentences (an evaluation's notes) reads left to right
+    table.add_column(value_column, justify="right" if value_column == "count" else "left")
     for key, value in counts.items():
         table.add_row(Text(str(key).replace("_", " ")), Text(str(value)))
     return table
@@ -1453,7 +1454,7 @@ def evaluate(
     except (ModelError, ValueError) as error:
         fail(str(error))
     shown = {METRIC_LABELS.get(k, k): (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}
-    console.print(counts_table(f"evaluation of run {train_id}", shown))
+    console.print(counts_table(f"evaluation of run {train_id}", shown, value_column="value"))
 
 
 
