@@ -1916,3 +1916,21 @@ def test_another_preset_keeps_what_was_typed_in_the_train_form(four_image_catalo
             assert screen.query_one("#field-output_dir").value == "runs/mine" and screen.query_one("#field-rank").value == "16"
 
     asyncio.run(scenario())
+
+
+def test_a_catalog_the_tui_creates_is_announced(tmp_path):
+    """`workbench` in a folder with no catalog made one without a word (every other command refuses one that is not there)."""
+    catalog = tmp_path / "fresh.duckdb"
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: any("A new catalog" in n.message for n in app._notifications), what="notice")
+            assert app.screen.__class__.__name__ == "PipelineScreen"  # where an empty catalog starts: ingest
+        again = WorkbenchApp(catalog_path=catalog)  # the second time it is there: nothing to say
+        async with again.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: again.con is not None and again.screen.__class__.__name__ == "PipelineScreen")
+            await pilot.pause(0.2)
+            assert not any("A new catalog" in n.message for n in again._notifications)
+
+    asyncio.run(scenario())

@@ -74,6 +74,7 @@ class WorkbenchApp(App[None]):
         """Open the catalog for writing; if another process holds it, show who with wait/retry."""
         if self.con is not None:
             return
+        new = not Path(self.catalog_path).exists()
         try:
             self.con = connect(self.catalog_path)
         except CatalogLockedError as error:
@@ -88,6 +89,9 @@ class WorkbenchApp(App[None]):
             return
         if isinstance(self.screen, LockedScreen):
             self.pop_screen()
+        if new:  # every other command refuses a catalog that is not there; here it is how a project starts
+            self.notify(f"A new catalog: {Path(self.catalog_path).resolve()}. Ingest folders on the Pipeline screen "
+                        "(F2), or quit and open another with --catalog.", title="New catalog", timeout=12)
         if self.start is None:
             cur = self.con.cursor()
             has_images = cur.execute("SELECT count(*) > 0 FROM images").fetchone()[0]
