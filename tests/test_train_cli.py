@@ -535,3 +535,15 @@ def test_ctrl_c_stops_the_run_when_its_step_ends_and_keeps_that_step(catalog_pat
     step = int(kept.group(1))
     assert len((out / "loss.csv").read_text().splitlines()) == 1 + step  # the loss log ends where the checkpoint is
     assert f"--resume latest --output-dir {out}" in text
+
+
+def test_each_modes_help_leaves_out_the_options_of_the_others():
+    """`train dreambooth --help` listed --rank in a LoRA panel, which the run then refused."""
+    shown = {mode: " ".join(runner.invoke(app, ["train", mode, "--help"], env={"COLUMNS": "200"}).output.split())
+             for mode in ("lora", "dreambooth", "finetune")}
+    assert "--rank" in shown["lora"] and "--rank" not in shown["dreambooth"] and "--rank" not in shown["finetune"]
+    assert "--use-ema" not in shown["lora"] and "--use-ema" in shown["dreambooth"] and "--use-ema" in shown["finetune"]
+    assert "--no-from-scratch" in shown["finetune"] and "--no-from-scratch" not in shown["dreambooth"]
+    assert all("--train-text-encoder" in text and "--learning-rate" in text for text in shown.values())
+    refused = runner.invoke(app, ["train", "dreambooth", "--rank", "8", "--max-train-steps", "1"])
+    assert refused.exit_code == 2 and "not a LoRA" in " ".join(refused.output.split())  # hidden, still understood

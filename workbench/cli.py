@@ -1081,7 +1081,7 @@ def train_command(
     lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Warm-up steps of the scheduler.", show_default=TRAIN_HELP_DEFAULTS["lr_warmup_steps"], rich_help_panel='Steps and learning rate')] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank.", show_default=TRAIN_HELP_DEFAULTS["rank"], rich_help_panel='LoRA')] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).", rich_help_panel='LoRA')] = None,
-    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", metavar="", help="Also train the text encoder (LoRA or full).", rich_help_panel='LoRA')] = None,
+    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--no-train-text-encoder", metavar="", help="Also train the text encoder (LoRA or full).", rich_help_panel='Run')] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of data order, noise and LoRA init.", show_default=TRAIN_HELP_DEFAULTS["seed"], rich_help_panel='Steps and learning rate')] = None,
     mixed_precision: Annotated[Optional[str], typer.Option(help="no, fp16 or bf16 (GPU).", show_default=TRAIN_HELP_DEFAULTS["mixed_precision"], rich_help_panel='Run')] = None,
     gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.", show_default=TRAIN_HELP_DEFAULTS["gradient_accumulation_steps"], rich_help_panel='Steps and learning rate')] = None,
@@ -1247,6 +1247,21 @@ def _show_batches(catalog: Path | None, config, steps: int) -> None:
     console.print(table)
 
 
+class _TrainModeCommand(typer.core.TyperCommand):
+    """`workbench train MODE`: its --help leaves out the options of the other modes (given, they are refused by
+    name); one function serves the three modes, so their shared options stay one list."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from pipelines.train.config import EMA_OPTIONS, LORA_OPTIONS
+
+        other_modes = {"lora": {*EMA_OPTIONS, "from_scratch"}, "dreambooth": {*LORA_OPTIONS, "from_scratch"},
+                       "finetune": set(LORA_OPTIONS)}.get(self.name, set())
+        for param in self.params:
+            if param.name in other_modes:
+                param.hidden = True
+
+
 for _mode, _help in (
     ("lora", "Train a LoRA (peft, UNet attention) and write it in diffusers and kohya formats.\n\n"
      "Example: workbench train lora --model tiny --resolution 64 --max-train-steps 50 --output-dir runs/demo-lora"),
@@ -1255,7 +1270,7 @@ for _mode, _help in (
     ("finetune", "Full fine-tune of the UNet (optional EMA); --from-scratch starts from the UNet's config.\n\n"
      "Example: workbench train finetune --model tiny --from-scratch --resolution 64 --max-train-steps 2000"),
 ):
-    train_app.command(_mode, help=_help)(train_command)
+    train_app.command(_mode, help=_help, cls=_TrainModeCommand)(train_command)
 
 
 @train_app.command("export")
