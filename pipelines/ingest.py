@@ -118,6 +118,7 @@ class IngestSummary:
     kept_copies_missing: int = 0
     sidecar_image_ids: set[str] = field(default_factory=set)  # images whose sidecar caption this run stored
     read_by_kind: Counter = field(default_factory=Counter)  # files read and recorded so far: new, changed, ...
+    output_roots_skipped: list[str] = field(default_factory=list)  # output folders named as roots (a `runs/*` glob)
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if k not in _NOT_COUNTS}
@@ -125,7 +126,8 @@ class IngestSummary:
 
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
-               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind")
+               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
+               "output_roots_skipped")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -335,7 +337,7 @@ class FileEntry:
 
 def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) -> Iterator[FileEntry]:
     """Yield candidate image files under `roots`, following links but never looping; the workbench's own
-    output folders met on the way are left out and listed in `skipped`.
+    output folders, met on the way or named as roots, are left out and listed in `skipped`.
 
     Only a link back to a folder above it (a cycle) is not followed. A folder reached by two paths (a link to a
     folder walked elsewhere, a kohya `10_sks dog` link to a photo folder) is walked under each: every path of its
@@ -374,7 +376,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             yield from _candidate(item.path, item.name, names, summary)
         for sub in subfolders:
             if _is_output_folder(sub):
-                summary.output_folders_skipped += 1  # ingest the folder itself (as a root) to take its images
+                summary.output_folders_skipped += 1
                 skipped.append(sub)
                 continue
             if _is_kohya_reg_folder(sub, names):
@@ -384,7 +386,13 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             yield from entries_of(sub, above)
 
     for root in roots:
-        if os.path.isdir(root):
+        if os.path.isdir(root) and _is_output_folder(root):
+            # named all the same (`ingest runs/*`): a run's sample grids and loss plot, class priors or an export
+            # are no photos to train on, and took the dataset over without a word
+            summary.output_folders_skipped += 1
+            summary.output_roots_skipped.append(os.fsdecode(root))
+            skipped.append(root)
+        elif os.path.isdir(root):
             yield from entries_of(root, frozenset())
         else:
             folder, name = os.path.split(root)

@@ -441,7 +441,10 @@ def test_ingest_of_a_parent_folder_leaves_the_workbench_outputs_out(con, tmp_pat
     mark_output_folder(project / "class_priors" / "a-photo-of-a-cat-1a2b3c4d")
     summary = ingested_images(con, [project], workers=1)
     assert (summary.new, summary.output_folders_skipped) == (2, 2)
-    assert ingested_images(con, [project / "runs" / "lora-1"], workers=1).new == 2  # named as a root, it is read
+    # named as a root (`ingest runs/*`), it is left out too: its samples and loss plot took the dataset over
+    named = ingested_images(con, [project / "runs" / "lora-1"], workers=1)
+    assert (named.new, named.output_folders_skipped, named.output_roots_skipped) == (0, 1, [str(project / "runs" / "lora-1")])
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
     # walking the parent again leaves those files alone: not walked is not gone (class priors were marked missing)
     again = ingested_images(con, [project], workers=1)
     assert again.marked_missing == 0
@@ -1031,3 +1034,24 @@ def test_workers_die_with_a_killed_ingest(tmp_path):
         assert not any(map(_alive, workers)), "workers outlived their parent"
     finally:
         _end(process, marks)
+
+
+def test_an_output_folder_named_to_ingest_is_left_out_and_said(tmp_path, catalog_path):
+    """`workbench ingest runs/*` read a run's sample grids and loss.png as training photos, without a note."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+    from workbench.config import mark_output_folder
+
+    make_images(tmp_path / "photos", 2)
+    make_images(tmp_path / "runs" / "db1" / "samples", 2, seed=1)
+    mark_output_folder(tmp_path / "runs" / "db1")
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "photos"), str(tmp_path / "runs" / "db1"), "--catalog",
+                                      str(catalog_path), "--workers", "1"], env={"COLUMNS": "200"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"left out {tmp_path / 'runs' / 'db1'}" in said and "not photos to train on" in said, result.output
+    from workbench.catalog import connect
+
+    check = connect(catalog_path, read_only=True)
+    assert check.execute("SELECT count(*) FROM images").fetchone()[0] == 2
+    check.close()

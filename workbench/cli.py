@@ -177,6 +177,12 @@ def ingest(
         err_console.print("[yellow]Note:[/] left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
                           "images, not photos to train on. `workbench import-kohya FOLDER` reads a kohya dataset with its "
                           "class images; `workbench priors --from reg/1_dog` adds one folder of them.")
+    if summary.output_roots_skipped:
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"left out {named_few(summary.output_roots_skipped)}: folder(s) the workbench wrote (a "
+            "training run's samples and loss plot, class priors, an export), not photos to train on. To train on generated "
+            "images, copy them to a folder of their own and ingest that; class images go in with `workbench priors --from "
+            "FOLDER`, an export comes back with `workbench import-kohya`."))
     if summary.sidecars_left_out:
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
