@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 from collections import Counter
 from pathlib import Path
@@ -1452,3 +1453,23 @@ def test_the_loss_curve_shows_the_two_parts_of_a_prior_preservation_loss():
         figure = loss_figure(rows)
         assert [line.get_label() for line in figure.axes[0].get_lines()] == labels
         plt.close(figure)
+
+
+def test_a_new_run_gets_a_folder_of_its_own(con, tmp_path, one_thread):
+    """`--output-dir runs` wrote a run's model and samples among the other run folders (and `ingest runs` then read
+    them), and `--output-dir runs/db1/sub` put a run inside another one's folder."""
+    from pipelines.train import trained_model
+    from pipelines.train.loop import RunRefused
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    runs = tmp_path / "runs"
+    first = trained_model(con, fast_config(runs / "first", max_train_steps=1, num_validation_images=0), components=tiny_components())
+    assert first.steps == 1
+    for output_dir, said in ((runs, "holds other runs or class images (first)"), (runs / "first" / "sub", "is inside")):
+        with pytest.raises(RunRefused, match=re.escape(said)):
+            trained_model(con, fast_config(output_dir, max_train_steps=1, num_validation_images=0), components=tiny_components())
+    from workbench.config import OUTPUT_MARKER
+
+    assert not (runs / OUTPUT_MARKER).exists() and not (runs / "loss.csv").exists() and not (runs / "first" / "sub").exists()
+    second = trained_model(con, fast_config(runs / "second", max_train_steps=1, num_validation_images=0), components=tiny_components())
+    assert second.steps == 1

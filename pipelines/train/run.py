@@ -390,6 +390,8 @@ def _run_folder_lock(output_dir: Path, *, resuming: bool = False) -> Iterator[No
                 f"{output_dir} already holds {', '.join(taken)}, which this run would overwrite, and no workbench run "
                 "wrote them: give an empty or new --output-dir."
             )
+    if not resuming:
+        _refuse_nested_run_folder(output_dir)
     new_folder = not output_dir.exists()
     mark_output_folder(output_dir)  # its samples and plots must never be ingested as training images
     lock = FileLock(output_dir / ".train.lock", timeout=0)
@@ -404,6 +406,24 @@ def _run_folder_lock(output_dir: Path, *, resuming: bool = False) -> Iterator[No
         # a run refused before it wrote anything (no such concept, an empty dataset) leaves no folder behind
         if new_folder and {p.name for p in output_dir.iterdir()} <= {OUTPUT_MARKER, ".train.lock"}:
             shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _refuse_nested_run_folder(output_dir: Path) -> None:
+    """A new run gets a folder of its own: not one inside another run's (or class priors') folder, nor one that
+    holds other runs (`--output-dir runs` wrote its model and samples among 16 run folders)."""
+    from workbench.config import OUTPUT_MARKER
+
+    resolved = output_dir.expanduser().resolve()
+    for parent in resolved.parents:
+        if (parent / OUTPUT_MARKER).exists():
+            raise RunRefused(f"--output-dir {output_dir} is inside {parent}, a folder the workbench wrote (a run or class "
+                             f"images): give a folder of its own, e.g. {parent.parent / (resolved.name)}.")
+    if resolved.is_dir() and not (resolved / OUTPUT_MARKER).exists():
+        held = sorted(p.name for p in resolved.iterdir() if p.is_dir() and (p / OUTPUT_MARKER).exists())
+        if held:
+            raise RunRefused(f"--output-dir {output_dir} holds other runs or class images ({', '.join(held[:3])}"
+                             f"{f' and {len(held) - 3} more' if len(held) > 3 else ''}): give each run a folder of its own, "
+                             f"e.g. {output_dir / 'my-run'}.")
 
 
 def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure: BaseException | None, output_dir: Path) -> None:
