@@ -227,6 +227,14 @@ def _in_other_concepts(con: duckdb.DuckDBPyConnection, name: str, image_ids: Seq
     ).fetchall()]
 
 
+def _class_images(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> set[str]:
+    if not image_ids:
+        return set()
+    return {row[0] for row in con.execute(
+        "SELECT image_id FROM images WHERE role = 'class_prior' AND image_id IN (SELECT unnest(?::VARCHAR[]))",
+        [list(image_ids)]).fetchall()}
+
+
 def images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
     """Images with any known path under `folder` (as given, or made absolute)."""
     prefixes = {folder.rstrip("/\\")}
@@ -275,6 +283,11 @@ def added_concept(
 
     matched_where = images_where(con, where) if where else []
     matched_folder = images_in_folder(con, folder_text) if folder_text else []
+    # class images (`priors`, `priors --from`) train as priors of their class prompt, never in a concept: counted
+    # in one, they showed as trainable images the run then could not find
+    class_images = _class_images(con, matched_where + matched_folder)
+    matched_where = [i for i in matched_where if i not in class_images]
+    matched_folder = [i for i in matched_folder if i not in class_images]
 
     params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}
     with record_run(con, "concept", params) as run:
@@ -302,6 +315,7 @@ def added_concept(
             "matched_folder": len(matched_folder),
             "newly_assigned": assigned,
             "left_in_other_concepts": len(held),
+            "class_images_left_out": len(class_images),
             "images": concept.images,
         }
     return {"concept": name, **run.counts}
@@ -322,7 +336,8 @@ def concept_rules_applied(con: duckdb.DuckDBPyConnection) -> int:
             if not found:
                 continue
             free = [row[0] for row in con.execute(  # in SQL: the catalog may hold a million assignments
-                "SELECT image_id FROM unnest(?::VARCHAR[]) t(image_id) WHERE image_id NOT IN (SELECT image_id FROM concept_images)",
+                "SELECT image_id FROM unnest(?::VARCHAR[]) t(image_id) WHERE image_id NOT IN (SELECT image_id FROM concept_images) "
+                "AND image_id NOT IN (SELECT image_id FROM images WHERE role = 'class_prior')",
                 [found],
             ).fetchall()]
             total += _assign(con, name, free, source)

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from pipelines.concepts import (
     added_concept,
+    concept_rules_applied,
     assign_images_to_concept,
     concepts_from_folder_names,
     get_concept,
@@ -307,3 +308,18 @@ def test_images_moved_out_of_their_kohya_folder_leave_its_concept_and_hand_added
     files["d"].rename(tmp_path / "d.png")  # out of the walk: missing at every path is not moved, it keeps its concept
     assert ingested_images(con, [root], workers=1).images_left_concepts == 0
     assert con.execute("SELECT status, concept FROM images_view WHERE image_id = ?", [ids["d"]]).fetchone() == ("missing", "mydog")
+
+
+def test_class_images_never_join_a_concept(con):
+    """`concept add --folder` over class images (`priors --from`) counted them in the concept, and training then
+    found "no instance images" in it; a standing rule took new class images at ingest too."""
+    photo = _add_image(con, 1, "/data/mixed/photo.jpg")
+    prior = _add_image(con, 2, "/data/mixed/prior.jpg", role="class_prior")
+    summary = added_concept(con, "q6", trigger="q6", folder="/data/mixed")
+    assert (summary["matched_folder"], summary["class_images_left_out"], summary["images"]) == (1, 1, 1)
+    where = added_concept(con, "q7", trigger="q7", where="path LIKE '/data/mixed/%'")
+    assert (where["matched_where"], where["class_images_left_out"], where["images"]) == (1, 1, 0)  # the photo stays in q6
+    later = _add_image(con, 3, "/data/mixed/prior2.jpg", role="class_prior")
+    concept_rules_applied(con)
+    assigned = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
+    assert assigned == {photo: "q6"} and prior not in assigned and later not in assigned
