@@ -44,8 +44,10 @@ PRIOR_SAMPLER = "DDIMScheduler"  # what `prior_pipeline` samples with, recorded 
 
 
 def check_prior_options(*, num_images: int | None = None, max_images: int = 1000, resolution: int | None = None,
-                        steps: int = 1, batch_size: int = 1) -> None:
+                        steps: int = 1, batch_size: int = 1, seed: int | None = None) -> None:
     """Refuse class-prior options that cannot work, before a catalog is opened or a model loaded."""
+    if seed is not None and not 0 <= seed < 2**32:  # torch takes any 64-bit seed, but training refuses these
+        raise ValueError(f"--seed must be between 0 and {2**32 - 1} (got {seed}): image i of a set uses seed + i.")
     if num_images is not None and num_images < 1:
         raise ValueError("The number of class images must be at least 1.")
     if max_images < 1:
@@ -167,6 +169,10 @@ def prompt_slug(prompt: str) -> str:
     return slug[:60] or "prompt"
 
 
+NO_INSTANCES = ("{whose} has no instance images to size its class set by (DreamBooth makes 200 class images per "
+                "instance image): add its photos first, or give --num N")
+
+
 def default_prior_count(con: duckdb.DuckDBPyConnection, *, concept: str | Sequence[str] | None = None, max_images: int = 1000) -> int:
     """200 × the number of instance images (of `concept`, or of several concepts sharing a class, when given), capped by max_images."""
     check_prior_options(max_images=max_images)
@@ -176,7 +182,7 @@ def default_prior_count(con: duckdb.DuckDBPyConnection, *, concept: str | Sequen
                             [names]).fetchall()[0][0]
     else:
         count = con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchall()[0][0]
-    return max(1, min(max_images, PRIORS_PER_INSTANCE * count))
+    return min(max_images, PRIORS_PER_INSTANCE * count)  # 0 without instance images: nothing to size the set by
 
 
 def prior_folder(out_dir: str | os.PathLike[str], class_prompt: str, model_name: str, settings: PriorSettings | None = None) -> Path:
@@ -250,6 +256,8 @@ def prior_plan(
     if not class_prompt.strip():
         raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\".")
     wanted = num_images if num_images is not None else default_prior_count(con, concept=concept, max_images=max_images)
+    if wanted < 1 and num_images is None:
+        raise ValueError(NO_INSTANCES.format(whose=f"concept {concept!r}" if concept else "the dataset"))
     if wanted < 1:
         raise ValueError("The number of class images must be at least 1.")
     folder = prior_folder(out_dir, class_prompt, model_name, settings)
@@ -417,7 +425,8 @@ def _ingest_and_record(con, files: dict[int, Path], plan: PriorPlan, ingest) -> 
 def prior_jobs(con: duckdb.DuckDBPyConnection, *, class_prompt: str | None = None, num_images: int | None = None,
                max_images: int = 1000) -> list[tuple[str, int, str | None]]:
     """(class prompt, images wanted, concept or None) for each prior set to make: the given prompt, else one per class
-    of the concepts (concepts of one class share a set, sized by all their instance images, as training sizes it)."""
+    of the concepts (concepts of one class share a set, sized by all their instance images, as training sizes it).
+    Wanted is 0 for a set with no instance images to size it by (and no `num_images`): callers skip it, saying so."""
     check_prior_options(num_images=num_images, max_images=max_images)
     if class_prompt is not None:
         if not class_prompt.strip():

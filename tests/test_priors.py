@@ -384,6 +384,7 @@ def no_model_loads(monkeypatch):
     (["--resolution", 63], "--resolution must be a positive multiple of 8 (got 63)"),
     (["--max-images", 0], "--max-images must be at least 1"),
     (["--num", 0], "number of class images must be at least 1"),
+    (["--seed", -1], "--seed must be between 0 and 4294967295 (got -1)"),  # a set then "started" at -1
     (["--out-dir", "FILE"], "is a file, not a folder"),  # a NotADirectoryError traceback once it had images to make
 ])
 def test_bad_priors_options_are_refused_before_the_model_loads(con, catalog_path, tmp_path, no_model_loads, options, message):
@@ -641,3 +642,19 @@ def test_show_batches_of_a_dreambooth_run_pairs_each_photo_with_a_class_image(co
                                                           (2, "instance"), (2, "a photo of a square")]
     assert {item.caption for item in items if item.pool != "instance"} == {"a photo of a square"}
     assert all("reg" in item.path for item in items if item.pool != "instance")
+
+
+def test_a_class_set_with_no_instance_images_to_size_it_is_skipped_and_said(catalog_path, tmp_path, no_model_loads):
+    """A concept with no photos yet (and an empty dataset) made a set of 1 class image, without a word."""
+    from pipelines.concepts import added_concept
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    added_concept(con, "qrt bird", trigger="qrt", class_noun="bird")
+    con.close()
+    result = _cli("--catalog", catalog_path, "--out-dir", tmp_path / "p", "--steps", 1, "--resolution", 32)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "skipped 'a photo of a bird'" in said and "concept 'qrt bird' has no instance images" in said, result.output
+    given = _cli("--catalog", catalog_path, "--class-prompt", "a photo of a dog", "--out-dir", tmp_path / "p", "--steps", 1)
+    assert given.exit_code == 2 and "the dataset has no instance images" in " ".join(given.output.split()) and "--num N" in given.output
+    assert not (tmp_path / "p").exists()

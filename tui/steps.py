@@ -149,6 +149,12 @@ def run_priors(con, s, progress, project):
     jobs = prior_jobs(con, class_prompt=s["class_prompt"] or None, num_images=s["num"])
     if not jobs:
         return {"skipped": "no class prompt and no concept with a class noun"}
+    for prompt, count, concept in jobs:
+        if not count:  # no instance images to size it by: said, not made as a set of 1
+            progress(task="priors", message=f"skipped {prompt!r}: no instance images to size it by; give a count")
+    jobs = [job for job in jobs if job[1]]
+    if not jobs:
+        return {"skipped": "no instance images to size a class set by: give a count"}
     model = model_id(s["model"])  # recorded as training records it
     # DDIM on the model's noise schedule, as `workbench priors` and training sample: one set, one sampler
     pipe = prior_pipeline(load_sd_components(model))

@@ -1352,7 +1352,8 @@ def priors(
     from workbench.models import ModelError, load_sd_components, model_id
 
     try:  # before anything opens or loads: a size the model cannot sample failed only once it had loaded
-        check_prior_options(num_images=num, max_images=max_images, resolution=resolution, steps=steps, batch_size=batch_size)
+        check_prior_options(num_images=num, max_images=max_images, resolution=resolution, steps=steps, batch_size=batch_size,
+                            seed=seed)
     except ValueError as error:
         fail(str(error))
     model = model_id(model)  # a local model is recorded by its absolute path, as training records it
@@ -1368,6 +1369,16 @@ def priors(
     if not jobs:
         con.close()
         fail("Give --class-prompt, or add a concept with a class noun: workbench concept add NAME --trigger T --class dog")
+    from pipelines.priors import NO_INSTANCES
+
+    for prompt, count, concept in jobs:
+        if not count:  # a concept with no photos yet (or an empty dataset): 200 × 0 class images
+            err_console.print(Text(f"Note: skipped {prompt!r}: " + NO_INSTANCES.format(
+                whose=f"concept {concept!r}" if concept else "the dataset" if class_prompt else "its concepts"), style="yellow"))
+    jobs = [job for job in jobs if job[1]]
+    if not jobs:
+        con.close()
+        fail("No class image set to make (see above).")
     from pipelines.train.data import supplied_prior_counts
 
     for prompt, count in supplied_prior_counts(con, [job[0] for job in jobs]).items():
