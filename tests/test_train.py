@@ -1473,3 +1473,19 @@ def test_a_new_run_gets_a_folder_of_its_own(con, tmp_path, one_thread):
     assert not (runs / OUTPUT_MARKER).exists() and not (runs / "loss.csv").exists() and not (runs / "first" / "sub").exists()
     second = trained_model(con, fast_config(runs / "second", max_train_steps=1, num_validation_images=0), components=tiny_components())
     assert second.steps == 1
+
+
+def test_the_loss_log_gives_each_step_the_learning_rate_it_trained_with(con, tmp_path, one_thread):
+    """loss.csv logged the rate after the scheduler's step, the next step's: a warm-up's first step (which trains
+    at 0, its weights unchanged) said the full rate, and a cosine's last step said 0."""
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "run", max_train_steps=3, lr_scheduler="constant_with_warmup", lr_warmup_steps=2,
+                         learning_rate=1e-3, num_validation_images=0, checkpointing_steps=1)
+    main(config, training_images(con, config), output_dir=tmp_path / "run", components=tiny_components())
+    rates = [float(line.split(",")[2]) for line in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3])
+    # and step 1 did train at 0: its LoRA up-weights are still their initial zeros; step 2's are not
+    step1 = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-1" / "weights.safetensors"))
+    step2 = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-2" / "weights.safetensors"))
+    up = [k for k in step1 if "lora_B" in k]
+    assert up and all(not step1[k].any() for k in up) and any(step2[k].any() for k in up)

@@ -781,6 +781,9 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+                # the rate this update takes: logged with its step (get_last_lr() after the scheduler's step, as
+                # diffusers' examples log it, is the next step's: a warm-up's first step logged the full rate)
+                step_lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -792,7 +795,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             global_step += 1
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
-            loss_log.add(global_step, micro_losses, lr_scheduler.get_last_lr()[0], micro_parts)
+            loss_log.add(global_step, micro_losses, step_lr, micro_parts)
             micro_losses, micro_parts = [], []
             checkpoint_due = global_step % config.checkpointing_steps == 0 or global_step == max_steps
             sample_due = sampling and global_step % config.validation_steps == 0 and global_step != max_steps
