@@ -267,6 +267,9 @@ def added_concept(
     """
     name = _check_text("concept name", name, required=True)
     existed = get_concept(con, name) is not None
+    if trigger is None and not existed:
+        raise ValueError(f"A new concept needs its trigger word: workbench concept add {shlex.quote(name)} --trigger WORD "
+                         "(the token the model learns, e.g. sks)")
     trigger = _check_text("trigger", trigger, required=not existed)
     if trigger is not None and len(trigger.split()) != 1:
         raise ValueError(f"trigger {trigger!r} must be one token (no spaces)")

@@ -182,7 +182,7 @@ def test_an_update_changes_only_what_is_given_and_rules_stay_with_the_concept(co
     concept = get_concept(con, "sks dog")
     assert (concept.trigger, concept.class_noun, concept.repeats) == ("sks", "dog", 6)
     assert concept.folder == str(tmp_path / "dogs")  # stored absolute: it must not depend on where a command runs
-    with pytest.raises(ValueError, match="trigger is required"):
+    with pytest.raises(ValueError, match="new concept needs its trigger word: workbench concept add 'new one' --trigger WORD"):
         added_concept(con, "new one", repeats=2)
     added_concept(con, "sks dog", class_noun="")
     assert get_concept(con, "sks dog").class_noun is None

@@ -148,7 +148,8 @@ def test_class_prior_options_are_refused_without_class_priors(mode, options, nam
     # accelerate's set_seed raised after the model loaded; A1111 users type -1 for "random"
     ({"seed": -1}, r"--seed must be between 0 and 4294967295 \(got -1\)"),
     ({"seed": 2**32}, "--seed must be between 0 and 4294967295"),
-    ({"prior_loss_weight": 0}, "--prior-loss-weight 0 trains without the class images it makes: use --no-prior-preservation"),
+    ({"prior_loss_weight": 0}, "--prior-loss-weight 0 is not above 0, so it trains without the class images it makes: use --no-prior-preservation"),
+    ({"prior_loss_weight": -1}, "--prior-loss-weight -1 is not above 0"),  # it said "--prior-loss-weight 0"
 ])
 def test_out_of_range_options_are_refused_before_training(options, message):
     """Each would otherwise fail in torch after the model loads, or train silently wrong."""

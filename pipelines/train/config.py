@@ -287,7 +287,8 @@ class TrainConfig:
             (0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1} (got {self.seed}): pick any number, "
                                      "the run records it"),
             (self.with_prior_preservation is False or self.prior_loss_weight > 0,
-             "--prior-loss-weight 0 trains without the class images it makes: use --no-prior-preservation instead"),
+             f"--prior-loss-weight {self.prior_loss_weight:g} is not above 0, so it trains without the class images it "
+             "makes: use --no-prior-preservation instead"),
             (self.max_train_steps is None or self.max_train_steps >= 1, "--max-train-steps must be at least 1"),
             (self.num_train_epochs >= 1, "--num-train-epochs must be at least 1"),
             (self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be at least 1"),
