@@ -529,7 +529,7 @@ def test_ctrl_c_stops_the_run_when_its_step_ends_and_keeps_that_step(catalog_pat
             process.wait()
     text = " ".join(output.split())
     assert process.returncode == 130 and "Traceback" not in output, output
-    assert "Stopping when this step ends" in text, output
+    assert "Stopping when the step in progress ends" in text, output
     kept = re.search(r"the last checkpoint is checkpoint-(\d+)", text)
     assert kept and int(kept.group(1)) >= 3, output  # the step it stopped after, not none (the first is at 1000)
     step = int(kept.group(1))

@@ -1531,7 +1531,8 @@ class _StopWhenTheStepEnds(CancellableProgress):
         if self.cancelled:  # the second time: now
             raise KeyboardInterrupt
         self.cancel()
-        err_console.print("[bold]Stopping[/] when this step ends (it is kept for --resume); Ctrl+C again stops at once.")
+        # also met while class images are made, before training: what is done is kept, whichever it is
+        err_console.print("[bold]Stopping[/] when the step in progress ends (what is done is kept); Ctrl+C again stops at once.")
 
     def __enter__(self) -> "_StopWhenTheStepEnds":
         self.previous = None
