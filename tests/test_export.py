@@ -357,7 +357,7 @@ def test_overwrite_never_deletes_files_the_catalog_reads_images_from(con, curate
 
     out = tmp_path / "out"
     exported_dataset(con, out, format="kohya")
-    ingested_images(con, [out], workers=1)
+    imported_kohya_folder(con, out, workers=1)  # (ingest leaves an export folder out, even named: import-kohya reads it)
     shutil.rmtree(curated)
     ingested_images(con, [curated.parent], workers=1)  # the catalog now reads these images from OUT only
     before = sorted(_all_files(out))
