@@ -1934,3 +1934,31 @@ def test_a_catalog_the_tui_creates_is_announced(tmp_path):
             assert not any("A new catalog" in n.message for n in again._notifications)
 
     asyncio.run(scenario())
+
+
+def test_the_sql_history_outlives_the_app_and_keeps_failed_queries(synthetic_catalog):
+    """The console's history was lost when the app closed, a query that failed never entered it, and the editor
+    started from the example query again."""
+    good, bad = "SELECT count(*) AS n FROM images", "SELECT nope FROM images"
+
+    async def first_visit():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen, editor = app.screen, app.screen.query_one("#editor")
+            for sql in (good, bad):
+                editor.load_text(sql)
+                await pilot.press("f9")
+                await wait_for(pilot, lambda: screen.history and screen.history[-1] == sql, what=sql)
+            assert screen.query_one("#history").option_count == 2
+
+    async def second_visit():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.history == [good, bad], what="the saved history")
+            assert screen.query_one("#history").option_count == 2
+            assert screen.query_one("#editor").text == bad  # where the last visit stopped, to mend it
+            assert app.con.execute("SELECT sql, ok FROM sql_history ORDER BY id").fetchall() == [(good, True), (bad, False)]
+
+    asyncio.run(first_visit())
+    asyncio.run(second_visit())

@@ -278,3 +278,31 @@ def last_runs(con: duckdb.DuckDBPyConnection) -> dict[str, tuple]:
         return {r[0]: r[1:] for r in rows}
     finally:
         cur.close()
+
+
+HISTORY_KEPT = 500  # console queries the catalog keeps (the newest)
+
+
+def saved_history(con: duckdb.DuckDBPyConnection, limit: int = HISTORY_KEPT) -> list[str]:
+    """The SQL console's past queries, oldest first, a query run twice in a row once."""
+    cur = con.cursor()
+    try:
+        rows = cur.execute("SELECT sql FROM (SELECT sql, id FROM sql_history ORDER BY id DESC LIMIT ?) ORDER BY id",
+                           [limit]).fetchall()
+    finally:
+        cur.close()
+    history: list[str] = []
+    for (sql,) in rows:
+        if not history or history[-1] != sql:
+            history.append(sql)
+    return history
+
+
+def save_to_history(con: duckdb.DuckDBPyConnection, sql: str, *, ok: bool) -> None:
+    """Keep a console query (one that failed too, to be mended); only the newest HISTORY_KEPT stay."""
+    cur = con.cursor()
+    try:
+        cur.execute("INSERT INTO sql_history (sql, ok) VALUES (?, ?)", [sql, ok])
+        cur.execute("DELETE FROM sql_history WHERE id <= (SELECT max(id) FROM sql_history) - ?", [HISTORY_KEPT])
+    finally:
+        cur.close()

@@ -23,6 +23,7 @@ from tui.confirm import Confirm
 from tui.image_table import cell, is_number
 from tui.messages import CatalogChanged
 from tui.page_table import PageTable
+from tui.queries import save_to_history, saved_history
 from tui.row_detail import RowDetail
 from tui.safe_text import markup_safe, visible
 from tui.size_classes import SizeClasses
@@ -130,6 +131,7 @@ class SqlScreen(SizeClasses, Screen):
     class _Failed(Message):
         error: str
         query: InterruptibleQuery | None = None
+        sql: str | None = None  # a console query that failed (None: an export)
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,8 +160,29 @@ class SqlScreen(SizeClasses, Screen):
         yield PageTable(id="results")
         yield Footer()
 
+    @dataclass
+    class _History(Message):
+        queries: list[str]
+
     def on_mount(self) -> None:
         self.query_one("#editor", TextArea).focus()
+        self._read_saved_history()
+
+    @work(thread=True, exclusive=True, group="sql-history")
+    def _read_saved_history(self) -> None:
+        try:
+            self.post_message(self._History(saved_history(self.app.con)))
+        except duckdb.Error:  # a history that cannot be read leaves the console as it is
+            pass
+
+    @on(_History)
+    def _history_loaded(self, message: _History) -> None:
+        self.history = message.queries + self.history  # (a query run while it loaded comes after)
+        history = self.query_one("#history", OptionList)
+        history.clear_options()
+        history.add_options([Option(Text(visible(" ".join(sql.split())[:80]))) for sql in self.history])  # Text: no markup
+        if self.history and self.query_one("#editor", TextArea).text == EXAMPLE:
+            self.query_one("#editor", TextArea).load_text(self.history[-1])  # go on where the last visit stopped
 
     # --- run ----------------------------------------------------------------------
 
@@ -217,14 +240,28 @@ class SqlScreen(SizeClasses, Screen):
             message = people_message(error)
             if isinstance(error, CatalogError) and "Refused" in message:
                 message = "Refused: this SQL writes to the catalog. Switch on write mode (ctrl+w) to allow it."
-            self.post_message(self._Failed(message, query))
+            self._remember(sql, ok=False)  # kept, to be mended: it is in the history list too
+            self.post_message(self._Failed(message, query, sql))
             return
         finally:
             query.close()
         if not query.cancelled:
+            self._remember(sql, ok=True)
             self.post_message(result)
         elif wrote:
             self.post_message(CatalogChanged("sql"))
+
+    def _remember(self, sql: str, *, ok: bool) -> None:
+        """Save a query to the catalog's history (in the worker that ran it; a failure to save is no query error)."""
+        try:
+            save_to_history(self.app.con, sql, ok=ok)
+        except duckdb.Error:
+            pass
+
+    def _add_to_history(self, sql: str) -> None:
+        if not self.history or self.history[-1] != sql:
+            self.history.append(sql)
+            self.query_one("#history", OptionList).add_option(Option(Text(visible(" ".join(sql.split())[:80]))))  # Text: never read as markup
 
     def _current(self, query: InterruptibleQuery | None) -> bool:
         """Whether a query's message is still wanted (not from one cancelled or replaced meanwhile)."""
@@ -240,9 +277,7 @@ class SqlScreen(SizeClasses, Screen):
         if not self._current(message.query):
             return
         self.last_sql = message.sql
-        if not self.history or self.history[-1] != message.sql:
-            self.history.append(message.sql)
-            self.query_one("#history", OptionList).add_option(Option(Text(visible(" ".join(message.sql.split())[:80]))))  # Text: never read as markup
+        self._add_to_history(message.sql)
         first = message.rows[0] if message.rows else None
         self.result_columns, self.result_rows = message.columns, message.rows  # whole values, for the row view
         self.query_one("#results", PageTable).set_rows(
@@ -264,6 +299,8 @@ class SqlScreen(SizeClasses, Screen):
     def _failed(self, message: _Failed) -> None:
         if not self._current(message.query):
             return
+        if message.sql is not None:
+            self._add_to_history(message.sql)
         # the status line holds the error's first line (its details are in the toast); errors quote the SQL's data
         self.query_one("#sql-status", Label).update(f"[red]{markup_safe((message.error.splitlines() or [''])[0])}[/]")
         self.query_one("#results", PageTable).set_rows([], [])  # not the previous query's rows under this error
