@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 
 import numpy as np
@@ -87,6 +89,11 @@ def test_priors_cli(catalog_path, tmp_path, one_thread):
                                  "--out-dir", str(tmp_path / "p"), "--catalog", str(catalog_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "p").glob("a-photo-of-a-cat-*/*.png"))) == 2
+    # the run's seconds count the making of the images (done before its row, with the catalog closed): they said ~0.1 s
+    con = connect(catalog_path, read_only=True)
+    seconds, params = con.execute("SELECT seconds, params FROM runs WHERE step = 'priors' ORDER BY run_id DESC LIMIT 1").fetchone()
+    con.close()
+    assert seconds >= json.loads(params)["generation_seconds"] > 0
     no_prompt = runner.invoke(app, ["priors", "--catalog", str(catalog_path)])
     assert no_prompt.exit_code == 2 and "--class-prompt" in no_prompt.output
 

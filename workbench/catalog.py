@@ -355,9 +355,9 @@ def record_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]
 
 # --- read-only SQL ------------------------------------------------------------
 
-# Statement types that cannot change the catalog (DESCRIBE, SHOW and SUMMARIZE are SELECTs), and the PRAGMAs that
-# only look (`PRAGMA table_info('images')`, as harlequin users type). Everything else (INSERT, CREATE, COPY, ATTACH,
-# SET, CALL, other PRAGMAs, ...) needs --write.
+# What reads: a SELECT with no data-modifying WITH (DESCRIBE, SHOW and SUMMARIZE are SELECTs), an EXPLAIN of one
+# (_reads_only), and the PRAGMAs that only look (`PRAGMA table_info('images')`, as harlequin users type). Everything
+# else (INSERT, CREATE, COPY, ATTACH, SET, CALL, other PRAGMAs, ...) needs --write.
 _READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "show_databases", "database_list",
                  "database_size", "storage_info", "version", "platform", "functions", "collations", "metadata_info"}
 
