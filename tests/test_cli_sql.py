@@ -331,17 +331,24 @@ def test_keep_and_include_of_a_duplicate_say_the_command_that_brings_it_in(catal
     assert f"kept {small[:12]}; its other copy is excluded as a duplicate" in " ".join(kept.output.split())
 
 
-def test_a_result_is_never_written_over_the_catalog_its_log_or_an_image_it_reads(catalog_path, tmp_path):
+def _an_image_the_catalog_reads(catalog_path, folder, name: str):
+    """A seeded catalog whose image 'a' is also read from folder/NAME.jpg, with its caption file NAME.txt beside it:
+    (image, caption file)."""
     from workbench.catalog import connect
 
     seeded_catalog(catalog_path)
-    image = tmp_path / "photo.jpg"
+    image = folder / f"{name}.jpg"
     image.write_bytes(b"the only copy")
     con = connect(catalog_path)
     con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, 'a', 3)", [str(image), str(image)])
     con.close()
-    sidecar = tmp_path / "photo.txt"  # its caption file, which ingest reads
+    sidecar = folder / f"{name}.txt"  # its caption file, which ingest reads
     sidecar.write_text("a caption")
+    return image, sidecar
+
+
+def test_a_result_is_never_written_over_the_catalog_its_log_or_an_image_it_reads(catalog_path, tmp_path):
+    image, sidecar = _an_image_the_catalog_reads(catalog_path, tmp_path, "photo")
     before = catalog_path.read_bytes()
     wal = catalog_path.with_name(catalog_path.name + ".wal")
     for target in (catalog_path, wal, image, sidecar):
@@ -410,16 +417,7 @@ def test_writes_typed_as_reads_are_refused_and_change_nothing(catalog_path, tmp_
 def test_copy_to_with_write_never_overwrites_an_image_its_caption_or_the_catalog(catalog_path, tmp_path):
     """`--write` (and the TUI's write mode, whose dialog said "nothing on disk is touched") let
     `COPY … TO 'photo.jpg'` replace an ingested image with a CSV."""
-    from workbench.catalog import connect
-
-    seeded_catalog(catalog_path)
-    image = tmp_path / "it's a photo.jpg"
-    image.write_bytes(b"the only copy")
-    con = connect(catalog_path)
-    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, 'a', 3)", [str(image), str(image)])
-    con.close()
-    sidecar = tmp_path / "it's a photo.txt"
-    sidecar.write_text("a caption")
+    image, sidecar = _an_image_the_catalog_reads(catalog_path, tmp_path, "it's a photo")
     quoted = lambda path: str(path).replace("'", "''")  # noqa: E731
     for target in (image, sidecar, catalog_path):
         for sql in (f"COPY (SELECT 'oops' AS a) TO '{quoted(target)}' (FORMAT csv)",
