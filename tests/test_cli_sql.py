@@ -488,3 +488,21 @@ def test_sql_waits_for_a_catalog_another_process_holds_when_asked(catalog_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_curation_commands_and_help_do_not_load_torch(catalog_path):
+    """Building the command tree imported the trainer (and torch: ~2 s and ~600 MB) for every command, `sql` and
+    `--help` included, through the train commands' list of mode options."""
+    import subprocess
+    import sys
+
+    seeded_catalog(catalog_path)
+    probe = ("import sys; from typer.testing import CliRunner; from workbench.cli import app; "
+             "runner = CliRunner(); "
+             f"assert runner.invoke(app, ['sql', 'SELECT 1', '-c', {str(catalog_path)!r}]).exit_code == 0; "
+             "assert runner.invoke(app, ['train', 'dreambooth', '--help']).exit_code == 0; "
+             "assert runner.invoke(app, ['--help']).exit_code == 0; "
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

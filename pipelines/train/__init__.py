@@ -8,7 +8,17 @@ Public entry points:
 """
 
 from pipelines.train.config import ConfigError, TrainConfig, load_train_config
-from pipelines.train.loop import RunRefused, TrainingError, TrainResult, main
-from pipelines.train.run import trained_model
 
 __all__ = ["ConfigError", "RunRefused", "TrainConfig", "TrainResult", "TrainingError", "load_train_config", "main", "trained_model"]
+
+# the loop and the step import torch (seconds, and hundreds of MB): loaded when first named, so that what reads only
+# the options (the CLI's help, pipelines.train.config) does not pay for them
+_LAZY = {"RunRefused": "loop", "TrainingError": "loop", "TrainResult": "loop", "main": "loop", "trained_model": "run"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"pipelines.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'pipelines.train' has no attribute {name!r}")
