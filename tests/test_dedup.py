@@ -460,3 +460,26 @@ def test_sample_photos_and_dark_copies_are_far_from_flat(tmp_path):
         with Image.open(path) as image:
             ImageEnhance.Brightness(image.convert("RGB")).enhance(0.15).save(tmp_path / "dark.png")
         assert read_image_file(bytes(tmp_path / "dark.png"))["contrast"] >= 2 * FLAT_CONTRAST, path.name
+
+
+def test_excluding_many_kept_copies_says_it_in_a_few_lines(con, catalog_path):
+    """`exclude --where` over 1,527 images printed three lines for each of 168 kept copies (505 lines)."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    import hashlib
+
+    for group in range(6):  # six pictures (random hashes: ~32 bits apart), two copies each: six kept copies
+        phash = int.from_bytes(hashlib.sha256(str(group).encode()).digest()[:8], "big") >> 1
+        insert_image(con, f"{group}a" * 32, phash, 800, 600, seq=2 * group)
+        insert_image(con, f"{group}b" * 32, phash, 200, 150, seq=2 * group + 1)
+    duplicate_groups(con)
+    assert con.execute("SELECT count(*) FROM duplicates WHERE is_keeper").fetchone()[0] == 6
+    result = CliRunner().invoke(app, ["exclude", "--where", "width = 800", "--reason", "test", "--catalog", str(catalog_path)],
+                                env={"COLUMNS": "300"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "excluded 6" in said, result.output
+    assert said.count("was the kept copy of a duplicate group") == 3 and "and 3 more kept copies" in said
+    listing = said[said.index("workbench sql"):].split('"')[1]  # the query it gives lists every such group's copies
+    assert len(con.execute(listing).fetchall()) == 12

@@ -831,16 +831,22 @@ def exclude(
                 f"Note: {len(elsewhere)} of them also {'has' if len(elsewhere) == 1 else 'have'} a file outside the "
                 f"folder, which is the same image and is excluded too: {named_few(list(elsewhere.values()))}"))
     # excluding a kept copy excludes the picture: its other copies stay excluded as duplicates unless one is kept
-    for keeper, others in con.execute(
+    keepers = con.execute(
         "SELECT k.image_id, list(d.image_id ORDER BY d.image_id) FROM duplicates k JOIN duplicates d "
         "ON d.group_id = k.group_id AND NOT d.is_keeper WHERE k.is_keeper AND k.image_id IN (SELECT unnest(?::VARCHAR[])) "
-        "GROUP BY k.image_id", [ids],
-    ).fetchall():
+        "GROUP BY k.image_id ORDER BY k.image_id", [ids],
+    ).fetchall()
+    for keeper, others in keepers[:3]:
         err_console.print(Text(
             f"Note: {keeper[:12]} was the kept copy of a duplicate group; its {len(others)} other cop"
             f"{'y stays' if len(others) == 1 else 'ies stay'} excluded as duplicates. To keep one of them instead: "
             f"workbench keep {preferred_copy(con, others)[:12]}"
         ))
+    if len(keepers) > 3:  # an --where over thousands printed three lines for each of hundreds of kept copies
+        err_console.print(Text(
+            f"Note: and {len(keepers) - 3} more kept copies of duplicate groups, whose other copies stay excluded too; "
+            "they are listed by: workbench sql \"SELECT group_id, image_id, path FROM duplicate_groups WHERE group_id IN "
+            "(SELECT group_id FROM duplicate_groups WHERE is_keeper AND excluded)\""))
 
 
 @app.command()
