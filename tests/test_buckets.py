@@ -192,6 +192,18 @@ def test_buckets_cli_prints_histogram_and_rejects_bad_input(catalog_path, con):
     small = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "64"])
     assert small.exit_code == 0, small.output  # the defaults scale down below 256 px, as the trainer's do
     assert "72x56" in small.output  # 1024x768 at 64 px with step 8
+    # images smaller than their bucket are enlarged by kohya without a word: said, with the options that avoid it
+    import duckdb
+
+    con = duckdb.connect(str(catalog_path))
+    _add_image(con, 2, 128, 128)
+    con.close()
+    enlarged = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "512"], env={"COLUMNS": "200"})
+    said = " ".join(enlarged.output.split())
+    assert enlarged.exit_code == 0 and "1 image(s) are smaller than their bucket" in said and "(up to 4.0x)" in said, said
+    assert "--no-upscale" in said
+    kept = runner.invoke(app, ["buckets", "--catalog", str(catalog_path), "--resolution", "512", "--no-upscale"])
+    assert kept.exit_code == 0 and "smaller than their bucket" not in kept.output
 
 
 def test_default_bucket_settings_are_kohyas_from_256_px_and_scaled_below():

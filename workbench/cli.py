@@ -968,6 +968,14 @@ def buckets(
         table.add_row(bucket, str(n), "█" * max(1, round(30 * n / top)))
     console.print(table)
     console.print(counts_table("buckets", summary))
+    enlarged, most = con.execute(
+        "SELECT count(*), max(b.resized_width / i.width) FROM aspect_buckets b JOIN images i USING (image_id) "
+        "WHERE b.resized_width > i.width").fetchone()
+    if enlarged:  # kohya enlarges them without a word; their softness is what trains
+        err_console.print(Text(
+            f"Note: {enlarged} image(s) are smaller than their bucket and are enlarged to fill it (up to {most:.1f}x). "
+            "--no-upscale keeps them at their own size (kohya's bucket_no_upscale); `workbench filter --min-side N` "
+            "leaves them out.", style="yellow"))
 
 
 @app.command()
