@@ -1962,3 +1962,30 @@ def test_the_sql_history_outlives_the_app_and_keeps_failed_queries(synthetic_cat
 
     asyncio.run(first_visit())
     asyncio.run(second_visit())
+
+
+def test_duplicates_can_be_reviewed_closest_calls_first(sample_catalog):
+    """1,617 groups could only be walked in id order with n/p; the doubtful ones (farthest members) were anywhere."""
+    import duckdb
+
+    con = duckdb.connect(str(sample_catalog))  # the sample's copies are all 0 bits apart: make the last group a close call
+    con.execute("UPDATE duplicates SET distance = 5 WHERE NOT is_keeper AND group_id = (SELECT max(group_id) FROM duplicates)")
+    con.close()
+    expected = [row[0] for row in query(sample_catalog,
+        "SELECT group_id FROM duplicates GROUP BY group_id "
+        "ORDER BY max(distance) FILTER (WHERE method IN ('phash', 'mirror')) DESC NULLS LAST, group_id")]
+    in_id_order = sorted(expected)
+    assert len(expected) > 1 and expected[0] == in_id_order[-1] and expected != in_id_order
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog, start="duplicates")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.group_ids == in_id_order and screen.members, what="groups in id order")
+            await pilot.press("o")
+            await wait_for(pilot, lambda: screen.group_ids == expected and screen.position == 0, what="closest calls first")
+            await wait_for(pilot, lambda: "closest calls first" in text_of(app, "#group-label"), what="the label")
+            await pilot.press("o")
+            await wait_for(pilot, lambda: screen.group_ids == in_id_order and "closest" not in text_of(app, "#group-label"))
+
+    asyncio.run(scenario())

@@ -35,10 +35,14 @@ def includable(member: dict[str, Any]) -> bool:
     return any(lifted_by_include(step) for step in member["excluded_by"])
 
 
-def duplicate_group_ids(con) -> list[int]:
+def duplicate_group_ids(con, *, closest_calls_first: bool = False) -> list[int]:
+    """Group ids in id order, or the closest calls first: the groups whose farthest pHash member is most bits away,
+    where unrelated images grouped by mistake sit (groups joined by embeddings alone come last)."""
+    order = ("max(distance) FILTER (WHERE method IN ('phash', 'mirror')) DESC NULLS LAST, group_id" if closest_calls_first
+             else "group_id")
     cur = con.cursor()
     try:
-        return [r[0] for r in cur.execute("SELECT DISTINCT group_id FROM duplicates ORDER BY group_id").fetchall()]
+        return [r[0] for r in cur.execute(f"SELECT group_id FROM duplicates GROUP BY group_id ORDER BY {order}").fetchall()]
     finally:
         cur.close()
 
@@ -141,6 +145,7 @@ class DuplicatesScreen(SizeClasses, Screen):
         Binding("x", "toggle_exclude", "Exclude/include", tooltip="Exclude or include the selected copy"),
         Binding("a", "apart", "Not a dup", tooltip="The selected image is a picture of its own: out of its group"),
         Binding("u", "undo_apart", "Undo not-a-dup", show=False),
+        Binding("o", "toggle_order", "Order", tooltip="Groups in id order, or the closest calls (farthest members) first"),
     ]
 
     selected: reactive[int] = reactive(0)
@@ -173,6 +178,7 @@ class DuplicatesScreen(SizeClasses, Screen):
         self.position = 0
         self.members: list[dict[str, Any]] = []
         self.set_apart: list[str] = []  # images `a` took out of their groups on this screen, for `u` to undo
+        self.closest_calls_first = False  # `o`: review the doubtful groups first
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -199,7 +205,7 @@ class DuplicatesScreen(SizeClasses, Screen):
     @work(thread=True, exclusive=True, group="dup-groups")
     def _load_groups(self, keep_group: int | None) -> None:
         try:
-            ids = duplicate_group_ids(self.app.con)
+            ids = duplicate_group_ids(self.app.con, closest_calls_first=self.closest_calls_first)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
@@ -217,7 +223,8 @@ class DuplicatesScreen(SizeClasses, Screen):
 
     def _show_group(self) -> None:
         group_id = self.group_ids[self.position]
-        self.query_one("#group-label", Label).update(f"group {self.position + 1:,} of {len(self.group_ids):,} · id {group_id}")
+        order = " · closest calls first (o)" if self.closest_calls_first else ""
+        self.query_one("#group-label", Label).update(f"group {self.position + 1:,} of {len(self.group_ids):,} · id {group_id}{order}")
         self._load_members(group_id)
 
     @work(thread=True, exclusive=True, group="dup-members")
@@ -272,6 +279,11 @@ class DuplicatesScreen(SizeClasses, Screen):
             self.position = (self.position + delta) % len(self.group_ids)
             self.selected = 0
             self._show_group()
+
+    def action_toggle_order(self) -> None:
+        self.closest_calls_first = not self.closest_calls_first
+        self.position, self.selected = 0, 0
+        self._load_groups(None)  # from the first group of the new order
 
     def action_member(self, delta: int) -> None:
         cards = list(self.query(MemberCard))
