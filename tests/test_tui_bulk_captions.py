@@ -234,3 +234,28 @@ def test_bulk_edit_writes_each_images_own_sidecar_and_undo_puts_the_files_back(c
     assert not (tmp_path / "plain.txt").exists()
     assert (tmp_path / "captioned.caption").read_text() == "edited by hand since\n"
     assert (tmp_path / "latin.txt").read_bytes() == latin
+
+
+def test_token_edits_change_only_the_captions_that_hold_the_tags(synthetic_catalog):
+    """Removing a tag no caption had rewrote captions (normalised) and said so; adding "sks, woman" twice gave
+    "sks, woman, sks, woman, …" (a token with a comma was never found); a line break joined two tags into one."""
+    con = connect(synthetic_catalog)
+    try:
+        ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 4").fetchall()]
+        texts = ["1girl,red hair,smile", "1girl,  red hair , smile,", "1girl, smile\nsecond line, extra", "sks, 1girl"]
+        for image_id, text in zip(ids, texts):
+            caption_edits.save_manual_caption(con, image_id, text)
+
+        def captions():
+            return [con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [i]).fetchone()[0] for i in ids]
+
+        assert caption_edits.preview_bulk_edit(con, ids, remove_token="hat") == ("remove token 'hat'", 0)
+        assert caption_edits.bulk_edit(con, ids, add_token="sks, woman").changed == 4
+        assert captions() == ["sks, woman, 1girl,red hair,smile", "sks, woman, 1girl,  red hair , smile,",
+                              "sks, woman, 1girl, smile\nsecond line, extra", "woman, sks, 1girl"]
+        assert caption_edits.bulk_edit(con, ids, add_token="sks, woman").changed == 0  # all there now
+        assert caption_edits.bulk_edit(con, ids, remove_token="smile").changed == 3
+        assert captions() == ["sks, woman, 1girl, red hair", "sks, woman, 1girl, red hair",
+                              "sks, woman, 1girl, second line, extra", "woman, sks, 1girl"]
+    finally:
+        con.close()

@@ -159,17 +159,24 @@ def _bulk_expression(find: str | None, replace: str | None, add_token: str | Non
         raise CatalogError("Give exactly one bulk edit: find/replace, add a token, or remove a token.")
     if find:
         return "replace(coalesce(caption, ''), ?, ?)", [find, replace or ""], f"replace {find!r} with {replace or ''!r}"
-    tags = "list_filter(list_transform(string_split(coalesce(caption, ''), ','), lambda t: trim(t)), lambda t: t != '')"
+    # a caption's tags: split at commas and line breaks (a line break joined two tags into one), trimmed
+    tags = "list_filter(list_transform(regexp_split_to_array(coalesce(caption, ''), '[,\\n]'), lambda t: trim(t)), lambda t: t != '')"
+    # the token box may hold several tags ("sks, woman"): each is one (as one, it was never found, and added twice)
+    token = (add_token or remove_token).strip()
+    given = [t.strip() for t in token.split(",") if t.strip()]
     if add_token:
-        token = add_token.strip()
+        missing = f"list_filter(?::VARCHAR[], lambda w: NOT list_contains({tags}, w))"
         return (
-            f"CASE WHEN list_contains({tags}, ?) THEN caption "
-            "WHEN coalesce(trim(caption), '') = '' THEN ? ELSE ? || ', ' || caption END",
-            [token, token, token],
+            f"CASE WHEN len({missing}) = 0 THEN caption "
+            f"WHEN coalesce(trim(caption), '') = '' THEN array_to_string({missing}, ', ') "
+            f"ELSE array_to_string({missing}, ', ') || ', ' || caption END",
+            [given, given, given],
             f"add token {token!r}",
         )
-    token = remove_token.strip()
-    return f"array_to_string(list_filter({tags}, lambda t: t != ?), ', ')", [token], f"remove token {token!r}"
+    # only captions that hold the tag change (a removal of a tag no caption has rewrote them all, normalised)
+    return (f"CASE WHEN list_has_any({tags}, ?::VARCHAR[]) "
+            f"THEN array_to_string(list_filter({tags}, lambda t: NOT list_contains(?::VARCHAR[], t)), ', ') ELSE caption END",
+            [given, given], f"remove token {token!r}")
 
 
 def _changes(cur: duckdb.DuckDBPyConnection, image_ids: list[str], expression: str, params: list) -> pa.Table:
