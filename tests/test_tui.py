@@ -1989,3 +1989,56 @@ def test_duplicates_can_be_reviewed_closest_calls_first(sample_catalog):
             await wait_for(pilot, lambda: screen.group_ids == in_id_order and "closest" not in text_of(app, "#group-label"))
 
     asyncio.run(scenario())
+
+
+def test_a_bulk_edit_applies_to_the_caption_being_typed(synthetic_catalog):
+    """Text typed and not saved, then a bulk Add token: the edit's reload put the typed text back without the token,
+    and leaving the row saved it over the edit (for that one image, F8 then said it was edited after)."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen, table, _, editor = await captions_loaded(app, pilot)
+            first = table.page_ids[0]
+            await wait_for(pilot, lambda: screen.image_id == first and editor.text == screen.loaded_text != "", what="caption")
+            original = editor.text
+            await focus_on(pilot, editor)
+            await pilot.press("end", *" unsaved")
+            screen.query_one("#token").value = "sks"
+            await pilot.click("#bulk-add")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="bulk question")
+            await pilot.press("y")
+            wanted = "sks, " + original + " unsaved"
+            await wait_for(pilot, lambda: query_count(app, f"SELECT count(*) FROM current_captions WHERE image_id = '{first}' "
+                                                           f"AND caption = '{wanted}'") == 1, what="the edit over the typed text")
+            await wait_for(pilot, lambda: editor.text == wanted, what="the editor shows it")
+            await pilot.press("ctrl+down")  # leaving keeps it: nothing unsaved is left to write over it
+            await wait_for(pilot, lambda: screen.image_id == table.page_ids[1], what="next image")
+            assert manual_caption(app, first) == wanted
+
+    asyncio.run(scenario())
+
+
+def test_saves_asked_for_are_written_even_when_the_app_quits_before_their_worker_runs(synthetic_catalog):
+    """ctrl+s and ctrl+q in one read: the queued save never ran and quitting thought it was saved; a quit just after
+    moving on wrote the left image's caption onto the next one (the editor text it kept was the old image's)."""
+    ids = {}
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen, table, _, editor = await captions_loaded(app, pilot)
+            ids["first"], ids["second"] = table.page_ids[:2]
+            await wait_for(pilot, lambda: screen.image_id == ids["first"] and editor.text == screen.loaded_text != "", what="caption")
+            ids["original"] = editor.text
+            ids["second_before"] = app.con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [ids["second"]]).fetchone()[0]
+            await focus_on(pilot, editor)
+            await pilot.press("end", *" Q1")
+            screen._save(screen.image_id, editor.text, "caption saved")  # as ctrl+s does: its worker is queued ...
+            app.exit()  # ... and the app quits in the same event-loop turn
+
+    asyncio.run(scenario())
+    con = connect(synthetic_catalog, read_only=True)
+    first = con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [ids["first"]]).fetchone()[0]
+    second = con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [ids["second"]]).fetchone()[0]
+    con.close()
+    assert first == ids["original"] + " Q1" and second == ids["second_before"]

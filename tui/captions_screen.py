@@ -95,6 +95,9 @@ class CaptionsScreen(SizeClasses, Screen):
         # the editor's text and the sidecar box, mirrored for on_unmount, when the widgets are already gone
         self._editor_text = ""
         self._write_sidecars = False
+        # saves started and not yet written (image_id -> text): a reload read before one lands must not put the old
+        # caption back in the editor, and quitting before its worker ran must still write it
+        self._unsaved: dict[str, tuple[str, bool]] = {}
         self._path_line = ("", "")  # (path, caption source) of the image in the editor, cut to the label's width
 
     def compose(self) -> ComposeResult:
@@ -181,13 +184,17 @@ class CaptionsScreen(SizeClasses, Screen):
         self._write_sidecars = event.value
 
     def on_unmount(self) -> None:
-        """Quitting with an edited caption saves it, as leaving the image does; here, before the app closes the catalog."""
+        """Quitting with an edited caption saves it, as leaving the image does; here, before the app closes the catalog.
+        So do saves asked for whose workers had not run yet (ctrl+s and ctrl+q in one keystroke read)."""
         text = self._editor_text
-        if self.image_id is None or not text.strip() or text.strip() == self.loaded_text.strip():
+        if self.app.con is None:
             return
-        if self.app.con is not None:
-            with self._write_lock:  # after any write still running in a worker
-                caption_edits.save_manual_caption(self.app.con, self.image_id, text, sidecar=self._write_sidecars)
+        with self._write_lock:  # after any write still running in a worker
+            for image_id, (saved, sidecar) in list(self._unsaved.items()):
+                caption_edits.save_manual_caption(self.app.con, image_id, saved, sidecar=sidecar)
+            if self.image_id is None or not text.strip() or text.strip() == self.loaded_text.strip():
+                return
+            caption_edits.save_manual_caption(self.app.con, self.image_id, text, sidecar=self._write_sidecars)
 
     @work(thread=True, exclusive=True, group="caption-load")
     def _load(self, image_id: str) -> None:
@@ -215,9 +222,13 @@ class CaptionsScreen(SizeClasses, Screen):
         self._show_path_line()
         # Multi-line captions stay editable; other controls show as escapes (and are saved so if edited).
         self.loaded_text = visible(row.get("caption") or "", keep="\n\t")
+        if message.image_id in self._unsaved:  # read before a save of it landed: the save is what it will hold
+            self.loaded_text = self._unsaved[message.image_id][0]
         if not keep_typing and editor.text != self.loaded_text:  # an unchanged reload keeps the cursor where it is
             editor.load_text(self.loaded_text)
             editor.move_cursor(editor.document.end)  # tags are added at the end: typing goes there, not in front
+            # now, not when TextArea.Changed arrives: a quit before it would save this text to the image left
+            self._editor_text = editor.text
         sources = self.query_one("#sources", OptionList)
         # a reload of the same image keeps the source picked; another image starts on the caption in use, so
         # ctrl+a or ctrl+r before moving never acts on another source by surprise
@@ -281,7 +292,15 @@ class CaptionsScreen(SizeClasses, Screen):
     def _save(self, image_id: str, text: str, done: str) -> None:
         sidecar = self.sidecars
         self.loaded_text = text  # saved: no longer an edit (a failure is reported by _Failed)
-        self._write(lambda con: caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar) or done)
+        self._unsaved[image_id] = (text, sidecar)
+
+        def save(con) -> str:
+            caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar)
+            if self._unsaved.get(image_id, (None,))[0] == text:  # not a newer save of it, still to be written
+                self._unsaved.pop(image_id, None)
+            return done
+
+        self._write(save)
 
     def action_focus_filter(self) -> None:
         # at once, not after the queued events (Widget.focus defers): keys that arrive with ctrl+f, in one read over
@@ -357,6 +376,9 @@ class CaptionsScreen(SizeClasses, Screen):
 
     def _bulk(self, **edit: str) -> None:
         """Count what a bulk edit would change over the rows the table shows, then ask (_ask_bulk)."""
+        # the caption being typed is saved first: the edit then applies to it (the edit's reload put the typed text
+        # back, and leaving the row saved it over the edit)
+        self._autosave()
         table = self.query_one(ImageTable)
         if not any(v.strip() for k, v in edit.items() if k != "replace"):
             self.notify("Type a trigger token first.", severity="warning")
