@@ -334,7 +334,7 @@ def generated_prior_files(
         if on_batch is not None:
             on_batch(batch)
         done += len(chunk)
-        plan.params["generation_seconds"] = round(time.monotonic() - started, 1)
+        plan.params["generation_seconds"] = round(time.monotonic() - started, 3)
         progress(task="class priors", completed=done, total=plan.wanted)
     return made
 
