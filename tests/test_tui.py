@@ -2042,3 +2042,22 @@ def test_saves_asked_for_are_written_even_when_the_app_quits_before_their_worker
     second = con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [ids["second"]]).fetchone()[0]
     con.close()
     assert first == ids["original"] + " Q1" and second == ids["second_before"]
+
+
+def test_a_reload_keeps_the_row_the_cursor_moved_to_meanwhile(synthetic_catalog):
+    """ctrl+down pressed while the table reloaded after a save jumped back a row: the reload put the cursor on the
+    image it was on when the reload began (held ctrl+down landed on unpredictable rows)."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            _, table, rows, _ = await captions_loaded(app, pilot)
+            await wait_for(pilot, lambda: table.current_image_id == table.page_ids[0], what="first row")
+            second = table.page_ids[1]
+            old_result = table.result
+            table.reload(keep_position=True)  # as after a save
+            rows.action_cursor(1)  # ctrl+down pressed while the snapshot is built
+            await table_reloaded(pilot, app, table, old_result)
+            await pilot.pause(0.2)
+            assert table.current_image_id == second and rows.cursor_row == 1
+
+    asyncio.run(scenario())

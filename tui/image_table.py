@@ -209,7 +209,11 @@ class ImageTable(Vertical):
         if message.keep is None:  # another filter or sort: its first row, not the old row number
             self._fetch(message.result, 0, 0)
         else:
+            # where the cursor is now, not where it was when the reload began: keys pressed meanwhile (ctrl+down
+            # after a caption save) moved it, and the image it was on then pulled it back a row
             image_id, offset, cursor = message.keep
+            image_id = self.current_image_id or image_id
+            offset, cursor = self.page_offset, self.query_one("#rows", PageTable).cursor_row
             self._fetch(message.result, offset, cursor, stay=True, keep_id=image_id)
         self.post_message(self.Loaded(message.result))
 
