@@ -187,6 +187,24 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     sources = {r[0] for r in con.execute("SELECT caption_source FROM images_view WHERE status = 'ok'").fetchall()}
     con.close()
     assert sources == {"model:tiny"}
+    # --where chooses for some images only; captions typed by hand that no longer train are said (all-or-nothing
+    # took them over without a word)
+    from tui import caption_edits
+
+    con = connect(catalog_path)
+    typed, other = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 2").fetchall()]
+    caption_edits.save_manual_caption(con, typed, "typed by hand")
+    con.close()
+    over = runner.invoke(app, ["caption", "-c", str(catalog_path), "--use-source", "model:tiny", "--where", f"image_id = '{typed}'"])
+    assert over.exit_code == 0 and "1 image(s) with a caption typed by hand now use another source" in " ".join(over.output.split()), over.output
+    back = runner.invoke(app, ["caption", "-c", str(catalog_path), "--use-source", "auto", "--where", f"image_id = '{other}'"])
+    assert back.exit_code == 0 and "typed by hand" not in back.output, back.output  # none in what it changed
+    con = connect(catalog_path, read_only=True)
+    chosen_now = dict(con.execute("SELECT image_id, source FROM caption_choice").fetchall())
+    con.close()
+    assert other not in chosen_now and chosen_now.get(typed) == "model:tiny"  # only the matched image went back to the rule
+    lone = runner.invoke(app, ["caption", "-c", str(catalog_path), "--where", "true"])
+    assert lone.exit_code == 2 and "give --use-source" in lone.output
 
 
 def test_a_file_unreadable_since_ingest_is_named(catalog, blip, tmp_path):

@@ -486,6 +486,7 @@ def caption(
     use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, duplicate, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
     duplicates: Annotated[bool, typer.Option("--duplicates", help="Also caption the copies dedup excluded (left out by default: they do not train).")] = False,
     own_captioned: Annotated[bool, typer.Option("--own-captioned", help="Also caption images with a caption of their own: a sidecar .txt, one typed, or one carried from a duplicate (left out by default: they train with theirs).")] = False,
+    where: Annotated[Optional[str], typer.Option("--where", help="With --use-source: only the images whose images_view row matches this SQL condition.", show_default=False)] = None,
 ) -> None:
     """Caption every usable image with BLIP (resumable), or choose which caption source images use.
 
@@ -493,17 +494,34 @@ def caption(
     from the copy dedup excluded), else the newest model caption.
 
     Example: workbench caption --model tiny --batch-size 8 --template "photo of {trigger} dog, {caption}"
+    (or: --use-source model:tiny --where "caption_source = 'sidecar' AND concept = 'sks dog'")
     """
     from pipelines.caption import caption_sources, check_template, chosen_caption_source, model_captions
     from workbench.models import TINY, ModelError, load_blip, model_label, resolve_device, resolve_dtype
 
+    if where is not None and use_source is None:
+        fail("--where chooses the images --use-source applies to: give --use-source SOURCE too.")
     if use_source is not None:
+        from pipelines.concepts import images_where
+
         con = open_catalog(catalog)
         try:
-            counts = chosen_caption_source(con, None if use_source == "auto" else use_source)
+            ids = images_where(con, where) if where is not None else None
+            if ids == []:
+                fail(f"No image matches --where {where!r}: no caption source was chosen.")
+            counts = chosen_caption_source(con, None if use_source == "auto" else use_source, image_ids=ids)
         except ValueError as error:
             fail(str(error))
         console.print(counts_table("caption source", {**counts, **{f"captions from {k}": v for k, v in caption_sources(con).items()}}))
+        # captions typed by hand that no longer train: said, as choosing a model's captions for all took them over
+        overridden = con.execute(
+            "SELECT count(*) FROM captions c JOIN current_captions cc USING (image_id) WHERE c.source = 'manual' "
+            "AND cc.caption_source <> 'manual' AND (? IS NULL OR c.image_id IN (SELECT unnest(?::VARCHAR[])))",
+            [ids, ids]).fetchone()[0]
+        if overridden:
+            err_console.print(Text(f"Note: {overridden} image(s) with a caption typed by hand now use another source. "
+                                   "`--use-source manual` (with --where, for some) or `--use-source auto` brings those back.",
+                                   style="yellow"))
         return
     if batch_size < 1 or max_length < 2 or beams < 1:
         fail("--batch-size and --beams must be at least 1, --max-length at least 2.")
