@@ -409,17 +409,22 @@ def _select_only_reads(query: str) -> bool:
     return not tree.get("error") and _query_node_types(tree, set()) <= _READ_QUERY_NODES
 
 
+def _explained(statement) -> list:
+    """The statements an EXPLAIN statement explains ([] when they do not parse: judged as no read, no file)."""
+    explained = _EXPLAINED.match(statement.query)
+    try:
+        return duckdb.extract_statements(explained.group("statement")) if explained else []
+    except duckdb.Error:
+        return []
+
+
 def _reads_only(statement) -> bool:
     kind = statement.type.name.upper()
     if kind == "PRAGMA":
         name = re.match(r"\s*PRAGMA\s+(\w+)", statement.query, re.IGNORECASE)
         return bool(name) and name.group(1).lower() in _READ_PRAGMAS
     if kind == "EXPLAIN":
-        explained = _EXPLAINED.match(statement.query)
-        try:
-            inner = duckdb.extract_statements(explained.group("statement")) if explained else []
-        except duckdb.Error:
-            return False
+        inner = _explained(statement)
         return len(inner) == 1 and _reads_only(inner[0])
     return kind == "SELECT" and _select_only_reads(statement.query)
 
@@ -492,12 +497,7 @@ def _copy_targets(statement) -> list[str]:
     """The files a COPY … TO (or EXPLAIN ANALYZE of one) writes, as written in it."""
     kind = statement.type.name.upper()
     if kind == "EXPLAIN":
-        explained = _EXPLAINED.match(statement.query)
-        try:
-            inner = duckdb.extract_statements(explained.group("statement")) if explained else []
-        except duckdb.Error:
-            return []
-        return [target for one in inner for target in _copy_targets(one)]
+        return [target for one in _explained(statement) for target in _copy_targets(one)]
     if kind != "COPY":
         return []
     return [quoted.replace("''", "'") for quoted in re.findall(r"\bTO\s+'((?:[^']|'')*)'", statement.query, re.IGNORECASE)]
