@@ -108,6 +108,16 @@ def counts_table(title: str, counts: dict, value_column: str = "count") -> Table
     return table
 
 
+def _images_matching(con, where: str, nothing_done: str) -> list[str]:
+    """The images a --where CONDITION on images_view names (ValueError for a bad one); none matched is a refusal."""
+    from pipelines.concepts import images_where
+
+    matched = images_where(con, where)
+    if not matched:
+        fail(f"No image matches --where {where!r}: {nothing_done}.")
+    return matched
+
+
 def _print_version(value: bool) -> None:
     if value:
         from workbench import __version__
@@ -362,7 +372,7 @@ def _columns_that_fit(names: list[str], cells: list[list[Text]], width: int, rea
     header and values, if narrower), as the DuckDB CLI leaves out the columns past the window's edge."""
     used, shown = 1, 0  # the table's left border
     for index, name in enumerate(names):
-        natural = max([len(name), *(cell.cell_len for row in cells for cell in row[index:index + 1])])
+        natural = max([len(name), *(row[index].cell_len for row in cells)])
         used += min(natural, readable) + 3  # padding either side and the border
         if used > width and shown:
             break
@@ -502,13 +512,9 @@ def caption(
     if where is not None and use_source is None:
         fail("--where chooses the images --use-source applies to: give --use-source SOURCE too.")
     if use_source is not None:
-        from pipelines.concepts import images_where
-
         con = open_catalog(catalog)
         try:
-            ids = images_where(con, where) if where is not None else None
-            if ids == []:
-                fail(f"No image matches --where {where!r}: no caption source was chosen.")
+            ids = _images_matching(con, where, "no caption source was chosen") if where is not None else None
             counts = chosen_caption_source(con, None if use_source == "auto" else use_source, image_ids=ids)
         except ValueError as error:
             fail(str(error))
@@ -812,7 +818,7 @@ def exclude(
     Example: workbench exclude 3fa9c2d1e0 --reason "watermark"   (or: --folder "img/0_old drafts" --reason "0 repeats";
     --where "width > 4000 AND caption ILIKE '%watermark%'" --reason "watermarked scans")
     """
-    from pipelines.concepts import images_in_folder, images_where, resolve_image_ids
+    from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.dedup import preferred_copy
     from pipelines.filter import manual_exclusions
 
@@ -827,10 +833,7 @@ def exclude(
                 fail(f"No image in the catalog has a file under {path}.")
             ids += [i for i in found if i not in ids]
         if where is not None:
-            matched = images_where(con, where)
-            if not matched:
-                fail(f"No image matches --where {where!r}: nothing was excluded.")
-            ids += [i for i in matched if i not in set(ids)]
+            ids = list(dict.fromkeys(ids + _images_matching(con, where, "nothing was excluded")))
         n = manual_exclusions(con, ids, reason)
     except ValueError as error:
         fail(str(error))
@@ -914,7 +917,7 @@ def include(
 
     Example: workbench include 3fa9c2d1e0   (or: --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'")
     """
-    from pipelines.concepts import images_where, resolve_image_ids
+    from pipelines.concepts import resolve_image_ids
     from pipelines.filter import manual_inclusions
 
     if not image_ids and where is None:
@@ -923,10 +926,7 @@ def include(
     try:
         image_ids = list(image_ids or [])
         if where is not None:
-            matched = images_where(con, where)
-            if not matched:
-                fail(f"No image matches --where {where!r}: nothing was included.")
-            image_ids += [i for i in matched if i not in set(image_ids)]
+            image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included")))
         summary = manual_inclusions(con, image_ids)
     except ValueError as error:
         fail(str(error))
