@@ -412,6 +412,7 @@ def _refuse_nested_run_folder(output_dir: Path) -> None:
     """A new run gets a folder of its own: not one inside another run's (or class priors') folder, nor one that
     holds other runs (`--output-dir runs` wrote its model and samples among 16 run folders)."""
     from workbench.config import OUTPUT_MARKER
+    from workbench.progress import named_few
 
     resolved = output_dir.expanduser().resolve()
     for parent in resolved.parents:
@@ -421,9 +422,8 @@ def _refuse_nested_run_folder(output_dir: Path) -> None:
     if resolved.is_dir() and not (resolved / OUTPUT_MARKER).exists():
         held = sorted(p.name for p in resolved.iterdir() if p.is_dir() and (p / OUTPUT_MARKER).exists())
         if held:
-            raise RunRefused(f"--output-dir {output_dir} holds other runs or class images ({', '.join(held[:3])}"
-                             f"{f' and {len(held) - 3} more' if len(held) > 3 else ''}): give each run a folder of its own, "
-                             f"e.g. {output_dir / 'my-run'}.")
+            raise RunRefused(f"--output-dir {output_dir} holds other runs or class images ({named_few(held)}): give each "
+                             f"run a folder of its own, e.g. {output_dir / 'my-run'}.")
 
 
 def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure: BaseException | None, output_dir: Path) -> None:
