@@ -34,6 +34,11 @@ RESULT_ROWS = 1000  # rows shown; export writes them all
 EXAMPLE = "SELECT format, count(*) AS images, avg(width) AS mean_width\nFROM dataset\nGROUP BY format\nORDER BY images DESC, format;"
 
 
+def _history_option(sql: str) -> Option:
+    """A history line: the query on one line, cut at 80 characters (Text: never read as markup)."""
+    return Option(Text(visible(" ".join(sql.split())[:80])))
+
+
 class QueryCancelled(Exception):
     """The query was cancelled (a newer one started, Escape, or the screen closed)."""
 
@@ -180,7 +185,7 @@ class SqlScreen(SizeClasses, Screen):
         self.history = message.queries + self.history  # (a query run while it loaded comes after)
         history = self.query_one("#history", OptionList)
         history.clear_options()
-        history.add_options([Option(Text(visible(" ".join(sql.split())[:80]))) for sql in self.history])  # Text: no markup
+        history.add_options([_history_option(sql) for sql in self.history])
         if self.history and self.query_one("#editor", TextArea).text == EXAMPLE:
             self.query_one("#editor", TextArea).load_text(self.history[-1])  # go on where the last visit stopped
 
@@ -261,7 +266,7 @@ class SqlScreen(SizeClasses, Screen):
     def _add_to_history(self, sql: str) -> None:
         if not self.history or self.history[-1] != sql:
             self.history.append(sql)
-            self.query_one("#history", OptionList).add_option(Option(Text(visible(" ".join(sql.split())[:80]))))  # Text: never read as markup
+            self.query_one("#history", OptionList).add_option(_history_option(sql))
 
     def _current(self, query: InterruptibleQuery | None) -> bool:
         """Whether a query's message is still wanted (not from one cancelled or replaced meanwhile)."""
