@@ -132,9 +132,6 @@ class CaptionsScreen(SizeClasses, Screen):
 
     def on_mount(self) -> None:
         self.seen_version = self.app.catalog_version
-        # Textual's AUTO_FOCUS acts only while the terminal reports the app focused (app_focus): after a blur
-        # reported at start nothing would have the focus, and the keys typed first would go nowhere
-        self.call_after_refresh(lambda: self.focused is None and self.set_focus(self.query_one("#rows")))
 
     def on_screen_resume(self) -> None:
         self.refresh_if_stale()

@@ -106,6 +106,10 @@ class ImageTable(Vertical):
 
     def on_mount(self) -> None:
         self.reload(first=True)
+        # the screens holding the table have its rows as AUTO_FOCUS, which Textual applies only while the terminal
+        # reports the app focused (app_focus): after a blur reported at start nothing would have the focus, and the
+        # keys typed first would go nowhere
+        self.call_after_refresh(lambda: self.screen.focused is None and self.screen.set_focus(self.query_one("#rows")))
 
     # --- loading ------------------------------------------------------------
 
