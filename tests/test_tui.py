@@ -805,6 +805,26 @@ def test_long_paths_keep_their_end_and_other_text_its_start():
     assert cell("path", "/short.jpg") == "/short.jpg"
 
 
+def test_sql_results_draw_null_apart_from_any_text(synthetic_catalog):
+    """A NULL is a dim mark of its own: the strings '·', 'NULL' and '' beside it are drawn as they are, undimmed."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            screen.query_one("#editor").load_text("SELECT NULL AS missing, '·' AS dot, 'NULL' AS word, '' AS empty")
+            await pilot.press("f9")
+            table = screen.query_one("#results")
+            await wait_for(pilot, lambda: table.row_count == 1, what="results")
+            assert table.rows == [[None, "·", "NULL", ""]]
+            line = table.render_line(1)
+            cells = [s for s in line if s.text.strip() and s.text.strip() != "│"]
+            assert [s.text.strip() for s in cells] == ["∅", "·", "NULL"]
+            dim = table.get_component_rich_style("page-table--dim").color
+            assert cells[0].style.color == dim
+            assert all(s.style.color != dim for s in cells[1:])
+    asyncio.run(scenario())
+
+
 def test_notifications_show_catalog_text_as_text(synthetic_catalog):
     """Toasts carry paths, captions and SQL errors: no control character reaches the terminal, no markup is read."""
     async def scenario():

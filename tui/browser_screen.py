@@ -43,7 +43,7 @@ KEY_FIELDS = (
 
 def _value(key: str, value: Any) -> Text:
     if value is None:
-        return Text("·")
+        return Text("∅", style="dim")  # NULL, apart from any text (PageTable draws it so too)
     if key == "paths":
         return Text("\n".join(visible(path) for path in value))
     if key in ("phash", "dhash"):

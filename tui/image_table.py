@@ -21,10 +21,11 @@ SHORT_COLUMNS = {"image_id": 12}
 TEXT_WIDTH = 48
 
 
-def cell(column: str, value, path_width: int = TEXT_WIDTH) -> str:
-    """A table cell: NULL shown as '·', floats short, long text cut to fit (a path to `path_width`, at its start)."""
+def cell(column: str, value, path_width: int = TEXT_WIDTH) -> str | None:
+    """A table cell: NULL stays None (PageTable draws it apart from any text), floats short, long text cut to fit
+    (a path to `path_width`, at its start)."""
     if value is None:
-        return "·"
+        return None
     if isinstance(value, bool):  # "yes" stands out from "no" down a column; True and False look alike
         return "yes" if value else "no"
     if isinstance(value, float):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
+from rich.style import Style
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
@@ -22,6 +23,7 @@ from tui.safe_text import visible
 
 MAX_COLUMN_WIDTH = 48
 SEPARATOR = " │ "
+NULL_MARK = "∅"  # a None cell (SQL NULL), drawn dim: no string value, '·' or 'NULL' included, looks like it
 
 
 class PageTable(ScrollView, can_focus=True):
@@ -74,7 +76,7 @@ class PageTable(ScrollView, can_focus=True):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.columns: list[str] = []
-        self.rows: list[list[str]] = []
+        self.rows: list[list[str | None]] = []
         self.widths: list[int] = []
         self.right_aligned: list[bool] = []
 
@@ -82,17 +84,18 @@ class PageTable(ScrollView, can_focus=True):
     def row_count(self) -> int:
         return len(self.rows)
 
-    def set_rows(self, columns: list[str], rows: list[list[str]], *, right_aligned: list[bool] | None = None, cursor: int | None = None) -> None:
-        """Show new rows (strings, already formatted); keep the cursor where it was unless told.
+    def set_rows(self, columns: list[str], rows: list[list[str | None]], *, right_aligned: list[bool] | None = None, cursor: int | None = None) -> None:
+        """Show new rows (strings, already formatted, or None for a NULL); keep the cursor where it was unless told.
 
         Control characters are shown as escapes: cells go to the terminal as raw segments.
         """
         self.columns = columns = [visible(name) for name in columns]
-        self.rows = rows = [[visible(text) for text in row] for row in rows]
+        self.rows = rows = [[None if text is None else visible(text) for text in row] for row in rows]
         self.right_aligned = right_aligned or [False] * len(columns)
         # widths of what is drawn: an escaped control character takes four cells, not none
         self.widths = [
-            min(MAX_COLUMN_WIDTH, max([cell_len(name)] + [cell_len(r[i]) for r in rows])) for i, name in enumerate(columns)
+            min(MAX_COLUMN_WIDTH, max([cell_len(name)] + [cell_len(NULL_MARK if r[i] is None else r[i]) for r in rows]))
+            for i, name in enumerate(columns)
         ]
         total_width = sum(self.widths) + len(SEPARATOR) * max(len(columns) - 1, 0) + 1
         self.virtual_size = Size(total_width, len(rows) + 1)
@@ -106,34 +109,39 @@ class PageTable(ScrollView, can_focus=True):
 
     # --- drawing ----------------------------------------------------------------
 
-    def _line_text(self, cells: list[str]) -> str:
-        parts = []
+    def _line_segments(self, cells: list[str | None], style: Style) -> list[Segment]:
+        segments = [Segment(" ", style)]
+        dim = style + self.get_component_rich_style("page-table--dim")
         for i, text in enumerate(cells):
+            if i:
+                segments.append(Segment(SEPARATOR, style))
             width = self.widths[i]
+            null = text is None
+            text = NULL_MARK if null else text
             if cell_len(text) > width:
                 text = set_cell_size(text, width - 1) + "…"
-            parts.append(text.rjust(width) if self.right_aligned[i] else set_cell_size(text, width))
-        return " " + SEPARATOR.join(parts)
+            segments.append(Segment(text.rjust(width) if self.right_aligned[i] else set_cell_size(text, width), dim if null else style))
+        return segments
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         width = self.size.width
         if y == 0:
-            text = self._line_text(self.columns) if self.columns else ""
+            cells: list[str | None] = self.columns
             style = self.get_component_rich_style("page-table--header")
         else:
             index = scroll_y + y - 1
             if index >= len(self.rows):
                 return Strip.blank(width, self.rich_style)
-            text = self._line_text(self.rows[index])
+            cells = self.rows[index]
             if index == self.cursor_row:
                 style = self.get_component_rich_style("page-table--cursor")
             elif index % 2:
                 style = self.rich_style + self.get_component_rich_style("page-table--odd")
             else:
                 style = self.rich_style
-        strip = Strip([Segment(text, style)], cell_len(text))
-        return strip.crop_extend(scroll_x, scroll_x + width, style)
+        segments = self._line_segments(cells, style) if cells else []
+        return Strip(segments).crop_extend(scroll_x, scroll_x + width, style)
 
     # --- cursor -----------------------------------------------------------------
 
