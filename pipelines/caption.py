@@ -25,7 +25,8 @@ import duckdb
 import torch
 
 from workbench.catalog import record_run, transaction
-from workbench.progress import ProgressHook, null_progress
+from workbench.images import openable_paths
+from workbench.progress import ProgressHook, named_few, null_progress
 
 MODEL_SOURCE_PREFIX = "model:"
 TEMPLATE_FIELDS = {"caption", "trigger", "class"}
@@ -115,6 +116,19 @@ def usable_images(con: duckdb.DuckDBPyConnection, *, where: str = "TRUE") -> lis
         ORDER BY min(p.seq)
         """
     ).fetchall()
+
+
+def files_as_ingested(con: duckdb.DuckDBPyConnection, todo: list[tuple[str, bytes]], progress: ProgressHook,
+                      task: str) -> tuple[list[tuple[str, bytes]], int]:
+    """The images of `todo` at a file that still holds what ingest read (another copy's, if the first changed), and
+    how many have none. A file edited or replaced since holds other pixels: what a model says of them would be
+    stored under the old image (and kept, since that image counts as done), as training and export refuse to."""
+    files = openable_paths(con, [image_id for image_id, _ in todo])
+    gone = [os.fsdecode(path) for image_id, path in todo if image_id not in files]
+    if gone:
+        progress(task=task, message=(f"{len(gone)} image(s) left out: their files changed or went away since ingest "
+                                     f"({named_few(gone)}); `workbench ingest` on their folders reads them again"))
+    return [(image_id, os.fsencode(files[image_id])) for image_id, _ in todo if image_id in files], len(gone)
 
 
 # --- templates --------------------------------------------------------------------------
@@ -229,10 +243,12 @@ def model_captions(
         else:
             done = {row[0] for row in con.execute("SELECT image_id FROM captions WHERE source = ?", [source]).fetchall()}
         todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
+        already = len(candidates) - len(todo)
+        todo, changed = files_as_ingested(con, todo, progress, "caption")
         concept_of = _concept_fields(con) if template else {}
-        counts = {"images_ok": len(candidates), "already_captioned": len(candidates) - len(todo),
-                  "captioned": 0, "unreadable": 0, "without_trigger": 0, "duplicates_skipped": skipped_copies,
-                  "own_captions_kept": skipped_own}
+        counts = {"images_ok": len(candidates), "already_captioned": already,
+                  "captioned": 0, "unreadable": 0, "changed_since_ingest": changed, "without_trigger": 0,
+                  "duplicates_skipped": skipped_copies, "own_captions_kept": skipped_own}
         run.counts.update(counts)
         progress(task="caption", completed=0, total=len(todo))
         if todo:

@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipelines.caption import image_loader, report_unreadable, usable_images
+from pipelines.caption import files_as_ingested, image_loader, report_unreadable, usable_images
 from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
@@ -87,8 +87,10 @@ def image_embeddings(
         r[0] for r in con.execute("SELECT image_id FROM clip_embeddings WHERE model = ?", [clip_bundle.name]).fetchall()
     }
     todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
-    counts = {"images_ok": len(candidates), "already_embedded": len(candidates) - len(todo), "embedded": 0,
-              "unreadable": 0}
+    already = len(candidates) - len(todo)
+    todo, changed = files_as_ingested(con, todo, progress, "embed images")
+    counts = {"images_ok": len(candidates), "already_embedded": already, "embedded": 0, "unreadable": 0,
+              "changed_since_ingest": changed}
     progress(task="embed images", completed=0, total=len(todo))
     if not todo:
         return counts

@@ -208,14 +208,22 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
 
 
 def test_a_file_unreadable_since_ingest_is_named(catalog, blip, tmp_path):
+    """An edited file is left out before any reading; one that fails to decode anyway (bit rot keeps size and mtime)
+    is named as it fails. Neither gets a caption."""
+    import os
+
     processor, model = blip
-    victim = tmp_path / "images" / "img_3.png"
-    victim.write_bytes(b"overwritten since ingest")
+    edited, rotten = tmp_path / "images" / "img_3.png", tmp_path / "images" / "img_2.png"
+    edited.write_bytes(b"overwritten since ingest")
+    before = os.stat(rotten)
+    rotten.write_bytes(b"\0" * before.st_size)
+    os.utime(rotten, ns=(before.st_atime_ns, before.st_mtime_ns))
     messages = []
     counts = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=6, workers=0,
                             progress=lambda **kw: messages.append(kw.get("message")))
-    assert (counts["captioned"], counts["unreadable"]) == (4, 1)
-    assert any(m and m.startswith(f"could not read {victim}") for m in messages), messages
+    assert (counts["captioned"], counts["changed_since_ingest"], counts["unreadable"]) == (3, 1, 1)
+    assert any(m and m.startswith("1 image(s) left out") and str(edited) in m for m in messages), messages
+    assert any(m and m.startswith(f"could not read {rotten}") for m in messages), messages
 
 
 def test_cancelling_keeps_the_batches_already_written(catalog, blip):
@@ -295,3 +303,39 @@ def test_copies_dedup_excluded_are_not_captioned_unless_asked(catalog, blip):
     assert ids[0] not in _captions(catalog, "model:tiny") and ids[1] in _captions(catalog, "model:tiny")
     asked = model_captions(catalog, processor, model, own_captioned=True, model_name="tiny", batch_size=2, max_length=8, workers=0, duplicates=True)
     assert asked["captioned"] == 1 and ids[0] in _captions(catalog, "model:tiny")
+
+
+def test_a_file_changed_since_ingest_is_captioned_from_an_unchanged_copy_or_left_out(con, tmp_path, blip):
+    """BLIP must see the pixels ingest read: a caption of an edited file was stored under the old image, for good
+    (it counted as captioned), and trained with the old pixels of its other copy."""
+    import shutil
+
+    from workbench.catalog import connect
+
+    processor, model = blip
+    make_images(tmp_path / "ref", 4)
+    reference = connect(tmp_path / "ref.duckdb")  # what the model says of each picture, read as it is
+    ingested_images(reference, [tmp_path / "ref"], workers=1)
+    model_captions(reference, processor, model, model_name="tiny", max_length=8, workers=0, own_captioned=True)
+    said = {row[0]: row[1] for row in reference.execute(
+        "SELECT v.path, c.text FROM images_view v JOIN captions c USING (image_id) WHERE c.source = 'model:tiny'").fetchall()}
+    caption_of = {name: said[str(tmp_path / "ref" / name)] for name in ("img_1.png", "img_2.png", "img_3.png")}
+    assert len(set(caption_of.values())) == 3
+
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    (tmp_path / "set" / "b").mkdir()
+    shutil.copy(tmp_path / "ref" / "img_1.png", tmp_path / "set" / "a" / "pic.png")
+    shutil.copy(tmp_path / "ref" / "img_1.png", tmp_path / "set" / "b" / "pic_copy.png")
+    shutil.copy(tmp_path / "ref" / "img_2.png", tmp_path / "set" / "a" / "other.png")
+    ingested_images(con, [tmp_path / "set"], workers=1)
+    ids = dict(con.execute("SELECT path, image_id FROM images_view").fetchall())
+    # edited in place after ingest, no ingest since: the first path of img_1, and the only one of img_2
+    shutil.copy(tmp_path / "ref" / "img_3.png", tmp_path / "set" / "a" / "pic.png")
+    shutil.copy(tmp_path / "ref" / "img_3.png", tmp_path / "set" / "a" / "other.png")
+    messages = []
+    counts = model_captions(con, processor, model, model_name="tiny", max_length=8, workers=0,
+                            progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert counts["captioned"] == 1 and counts["changed_since_ingest"] == 1
+    stored = _captions(con, "model:tiny")
+    assert stored == {ids[str(tmp_path / "set" / "a" / "pic.png")]: caption_of["img_1.png"]}  # read from b/pic_copy.png
+    assert any("1 image(s) left out" in m and "other.png" in m for m in messages)

@@ -66,6 +66,16 @@ def stored_embedding(con, image_id: str, model: str = "tiny") -> np.ndarray:
     return np.asarray(row[0], dtype=np.float32)
 
 
+def test_a_file_edited_since_ingest_is_not_embedded_under_the_old_image(catalog, clip, tmp_path):
+    """Its embedding would describe other pixels, and its CLIP score and embedding duplicates with it."""
+    ids = ids_by_name(catalog)
+    picture(9, (80, 80)).save(tmp_path / "images" / "e.png")  # edited in place, not ingested since
+    counts = image_embeddings(catalog, clip, batch_size=4, workers=0)
+    assert counts["embedded"] == 5 and counts["changed_since_ingest"] == 1
+    embedded = {row[0] for row in catalog.execute("SELECT image_id FROM clip_embeddings").fetchall()}
+    assert ids["e"] not in embedded and ids["f"] in embedded
+
+
 def test_embeddings_are_stored_normalised_for_ok_images(catalog, clip):
     counts = image_embeddings(catalog, clip, batch_size=4, workers=0)
     assert counts["embedded"] == 6 and counts["images_ok"] == 6

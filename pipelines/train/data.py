@@ -41,7 +41,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
-from workbench.images import as_rgb, decode_caption, holds_image, open_image, sidecar_beside
+from workbench.images import as_rgb, open_image, openable_paths, sidecars_changed_since_ingest
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -120,61 +120,6 @@ def choose_bucket(width: int, height: int, settings: dict):
         max_bucket_reso=settings["max_bucket_reso"], bucket_reso_steps=settings["bucket_reso_steps"],
         no_upscale=settings["no_upscale"],
     )
-
-
-def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> dict[str, str]:
-    """image_id → the file to open: its first path that still holds what ingest read (`holds_image`, as export
-    checks), from the exact bytes (non-UTF-8 names work). An image with no such file is left out: its
-    file was edited, replaced or deleted since ingest, and its caption and bucket belong to the old pixels."""
-    rows = con.execute(
-        "SELECT image_id, path_bytes, size, mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) "
-        "ORDER BY image_id, seq",
-        [list(image_ids)],
-    ).fetchall()
-    found: dict[str, str] = {}
-    for image_id, raw, size, mtime_ns in rows:
-        if image_id in found:
-            continue
-        path = os.fsdecode(bytes(raw))
-        try:
-            if holds_image(path, image_id, size, mtime_ns):  # a new mtime alone (`touch`) is checked by the bytes
-                found[image_id] = path
-        except OSError:
-            continue
-    return found
-
-
-def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> list[str]:
-    """The caption sidecars (`name.txt`, `name.caption`) beside these images' files that were edited, added or
-    removed since ingest read them: their captions in the catalog are the old ones until the next ingest. A sidecar
-    ingest left out as unreadable (not UTF-8) is not one of them: no ingest takes it until it is re-saved, and
-    every ingest names it."""
-    rows = con.execute(
-        "SELECT path_bytes, sidecar_mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) ORDER BY seq",
-        [list(image_ids)],
-    ).fetchall()
-    changed = []
-    for raw, recorded in rows:
-        path = bytes(raw)
-        sidecar = sidecar_beside(path)
-        try:
-            now = os.stat(sidecar).st_mtime_ns if sidecar else None
-        except OSError:
-            now = None
-        if now != recorded and not (now is not None and _undecodable(sidecar)):
-            changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
-    return changed
-
-
-def _undecodable(sidecar: bytes) -> bool:
-    try:
-        with open(sidecar, "rb") as handle:
-            decode_caption(handle.read())
-    except ValueError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 def _default_class_prompt(row: dict) -> str | None:
