@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -488,6 +489,46 @@ def test_options_pasted_from_the_diffusers_examples_run(catalog_path, tmp_path):
     result = runner.invoke(app, pasted_train_options([*pasted, "--catalog", str(catalog_path), "--output-dir", str(out)]))
     # the options were taken: the run goes as far as the empty catalog, which has nothing to train on
     assert result.exit_code == 2 and "0 train images" in result.output, result.output
+
+
+def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
+    """kohya's on/off flags became `--shuffle-tags true` (an extra argument), --network_train_unet_only turned the
+    text encoder's training on, --sample_prompts FILE sampled the file's name as a prompt, and --network_dim alone
+    trained with alpha = dim, 32 times kohya's default update at dim 32."""
+    from workbench.cli import pasted_train_options
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# kohya prompt file\nmasterpiece, a dog --n lowres --w 512 --h 768 --d 1\n\na cat, sitting\n")
+    notes: list[str] = []
+    pasted = pasted_train_options(
+        ["train", "lora", "--shuffle_caption", "--flip_aug", "--v_parameterization", "--network_train_unet_only",
+         "--optimizer_type", "AdamW8bit", "--sample_prompts", str(prompts), "--network_dim", "32", "--resolution", "64"], notes)
+    assert pasted == ["train", "lora", "--shuffle-tags", "--random-flip", "--prediction-type", "v_prediction",
+                      "--no-train-text-encoder", "--use-8bit-adam", "--validation-prompt", "masterpiece, a dog",
+                      "--validation-prompt", "a cat, sitting", "--lora-alpha", "1", "--rank", "32", "--resolution", "64"]
+    assert len(notes) == 1 and "alpha is 1, as kohya's default" in notes[0]
+    assert pasted_train_options(["train", "lora", "--network_dim", "8", "--network_alpha", "4"]) == [
+        "train", "lora", "--rank", "8", "--lora-alpha", "4"]
+    assert pasted_train_options(["train", "lora", "--network_train_unet_only", "false"]) == ["train", "lora", "--train-text-encoder"]
+    for bad, said in ((["--color_aug"], "--color-jitter STRENGTH"), (["--optimizer_type", "Lion"], "no workbench counterpart"),
+                      (["--sample_prompts", str(tmp_path / "none.txt")], "there is no file")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            pasted_train_options(["train", "lora", *bad])
+
+
+def test_one_run_length_and_kohyas_square_resolution(catalog_path, tmp_path):
+    """--max_train_steps 3 --max_train_epochs 2 trained 3 steps without a word (kohya lets the epochs win);
+    kohya's --resolution 512,512 was not an integer."""
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    both = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--max-train-steps", "3",
+                               "--num-train-epochs", "2", "--show-batches", "1"])
+    assert both.exit_code == 2 and "a run has one length" in " ".join(both.output.split()), both.output
+    wide = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "768,512", "--show-batches", "1"])
+    assert wide.exit_code == 2 and "Use --resolution 624" in " ".join(wide.output.split()), wide.output
+    square = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "64,64", "--show-batches", "1"])
+    assert "0 train images" in square.output, square.output  # taken as 64: the run goes as far as the empty catalog
 
 
 def test_ctrl_c_stops_the_run_when_its_step_ends_and_keeps_that_step(catalog_path, tmp_path):

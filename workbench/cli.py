@@ -1110,7 +1110,7 @@ def train_command(
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with training options (at top level or in a train table).", rich_help_panel='Run')] = None,
     model: Annotated[Optional[str], typer.Option(help="Preset (tiny, sd15), HF id, local folder or single-file checkpoint.", show_default=TRAIN_HELP_DEFAULTS["model"], rich_help_panel='Run')] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go (default: runs/<mode>-<time> beside the catalog).", rich_help_panel='Run')] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="Training resolution; buckets have about resolution² pixels.", show_default=TRAIN_HELP_DEFAULTS["resolution"], rich_help_panel='Steps and learning rate')] = None,
+    resolution: Annotated[Optional[str], typer.Option(help="Training resolution; buckets have about resolution² pixels (kohya's 512,512 reads as 512).", show_default=TRAIN_HELP_DEFAULTS["resolution"], rich_help_panel='Steps and learning rate')] = None,
     train_batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (one bucket per batch).", show_default=TRAIN_HELP_DEFAULTS["train_batch_size"], rich_help_panel='Steps and learning rate')] = None,
     max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --num-train-epochs worth).", rich_help_panel='Steps and learning rate')] = None,
     num_train_epochs: Annotated[Optional[int], typer.Option(help="Epochs when --max-train-steps is not given (on --resume: the new total, in place of the run's step count).", show_default=TRAIN_HELP_DEFAULTS["num_train_epochs"], rich_help_panel='Steps and learning rate')] = None,
@@ -1608,11 +1608,60 @@ DIFFUSERS_ELSEWHERE = {
 }
 
 
-def pasted_train_options(args: list[str]) -> list[str]:
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_KOHYA_PROMPT_OPTION = re.compile(r"\s--[a-z]\s")  # `a dog --n lowres --w 512`: one prompt line's own settings
+
+
+def _kohya_prompt_file(value: str) -> list[str]:
+    """The prompts of a kohya --sample_prompts file (.txt: one per line, # comments; its per-prompt settings such
+    as `--n negative --w 512` are cut off, as the sample grids use the run's). ValueError for anything else."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--sample_prompts takes a prompt file, as in kohya, and there is no file {value!r}: give a prompt "
+                         "itself with --validation-prompt 'TEXT' (repeatable).")
+    if path.suffix.lower() != ".txt":
+        raise ValueError(f"--sample_prompts {value}: only kohya's .txt prompt files (one prompt per line) are read; give "
+                         "the prompts with --validation-prompt 'TEXT' (repeatable).")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    prompts = [_KOHYA_PROMPT_OPTION.split(line + " ", 1)[0].strip() for line in lines if line and not line.startswith("#")]
+    if not any(prompts):
+        raise ValueError(f"--sample_prompts {value}: the file holds no prompt.")
+    return [prompt for prompt in prompts if prompt]
+
+
+def _kohya_meaning(name: str, value: str) -> list[tuple[str, str]]:
+    """A kohya option whose value means something else here, as (our key, value) pairs (none: nothing to set).
+    ValueError where there is no counterpart."""
+    truthy = value.lower() not in _FALSE
+    if name == "v_parameterization":
+        return [("prediction_type", "v_prediction")] if truthy else []
+    if name == "network_train_unet_only":  # kohya trains the text encoder's LoRA too unless this is set
+        return [("train_text_encoder", "false" if truthy else "true")]
+    if name == "optimizer_type":
+        kind = value.lower().replace("_", "").replace("-", "")
+        if kind in ("adamw", "adamw8bit"):
+            return [("use_8bit_adam", "true" if kind == "adamw8bit" else "false")]
+        raise ValueError(f"--optimizer_type {value} has no workbench counterpart: it trains with AdamW, or 8-bit AdamW "
+                         "(--optimizer_type AdamW8bit, or --use-8bit-adam).")
+    if name == "color_aug":
+        raise ValueError("--color_aug (kohya's on/off colour augmentation) has no on/off here: --color-jitter STRENGTH "
+                         "(e.g. 0.1) jitters brightness, contrast and saturation by up to that much.")
+    if name == "sample_prompts":
+        return [("validation_prompt", prompt) for prompt in _kohya_prompt_file(value)]
+    raise KeyError(name)
+
+
+_KOHYA_MEANINGS = ("v_parameterization", "network_train_unet_only", "optimizer_type", "color_aug", "sample_prompts")
+
+
+def pasted_train_options(args: list[str], notes: list[str] | None = None) -> list[str]:
     """`workbench train MODE …` as the diffusers examples and kohya write their options: one the train command has
     no flag for, but that is a training option (`--max_grad_norm 1.0`, `--report_to none`), becomes `--set KEY=VALUE`,
-    and their names for ours (`--pretrained_model_name_or_path` → `--model`) become ours. Anything else is left to
-    the command's own errors; other commands are left alone. ValueError for a diffusers option with no counterpart."""
+    their names for ours (`--pretrained_model_name_or_path` → `--model`) become ours, and a kohya option whose value
+    means something else here is translated (`--v_parameterization` → `--prediction-type v_prediction`,
+    `--sample_prompts FILE` → a `--validation-prompt` per line). Anything else is left to the command's own errors;
+    other commands are left alone. ValueError for an option with no counterpart; `notes` gets what a user of the
+    peer should know (kohya's LoRA alpha default)."""
     if len(args) < 2 or args[0] != "train":
         return args
     from pipelines.train.config import FIELD_NAMES, KOHYA_OPTIONS
@@ -1620,7 +1669,18 @@ def pasted_train_options(args: list[str]) -> list[str]:
     command = typer.main.get_command(app).commands["train"].commands.get(args[1])
     if command is None:
         return args
-    flags = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    params = {opt: param for param in command.params for opt in param.opts + param.secondary_opts}
+
+    def ours(key: str, value: str) -> list[str]:
+        flag = "--" + key.replace("_", "-")
+        param = params.get(flag)
+        if param is None:
+            return ["--set", f"{key}={value}"]
+        if getattr(param, "is_flag", False):  # `--shuffle-tags`, not `--shuffle-tags true` (an extra argument)
+            return [flag] if value.lower() not in _FALSE else param.secondary_opts[:1] or ["--set", f"{key}=false"]
+        return [flag, value]
+
+    spelled = {token.partition("=")[0].replace("-", "_") for token in args}
     out, rest = list(args[:2]), list(args[2:])
     while rest:
         token = rest.pop(0)
@@ -1629,29 +1689,44 @@ def pasted_train_options(args: list[str]) -> list[str]:
             break
         name, sep, value = token.partition("=")
         dashed = name.replace("_", "-")
-        if not name.startswith("--") or dashed in flags:
+        if not name.startswith("--") or dashed in params:
             out.append(token)
             continue
-        key = KOHYA_OPTIONS.get(name[2:].replace("-", "_"), name[2:].replace("-", "_"))
+        kohya = name[2:].replace("-", "_")
+        key = KOHYA_OPTIONS.get(kohya, kohya)
         if key in DIFFUSERS_ELSEWHERE:
             raise ValueError(f"{name} has no workbench counterpart" + (f": {DIFFUSERS_ELSEWHERE[key]}." if DIFFUSERS_ELSEWHERE[key] else "."))
         if key not in FIELD_NAMES:
             out.append(token)
             continue
         if not sep:  # a flag with no value (`--scale_lr`) is true; else its value is the next word
-            value = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
-        ours = "--" + key.replace("_", "-")
-        out += [ours, value] if ours in flags else ["--set", f"{key}={value}"]
+            boolean = (kohya in ("v_parameterization", "network_train_unet_only", "color_aug") if kohya in _KOHYA_MEANINGS
+                       else getattr(params.get("--" + key.replace("_", "-")), "is_flag", False))
+            takes_next = rest and not rest[0].startswith("--") and (not boolean or rest[0].lower() in _TRUE + _FALSE)
+            value = rest.pop(0) if takes_next else "true"
+        if kohya in _KOHYA_MEANINGS:
+            for our_key, our_value in _kohya_meaning(kohya, value):
+                out += ours(our_key, our_value)
+            continue
+        if kohya == "network_dim" and "__network_alpha" not in spelled and "__lora_alpha" not in spelled:
+            # kohya's alpha defaults to 1 (the update scaled by 1/dim), diffusers' and ours to the rank
+            out += ours("lora_alpha", "1")
+            (notes if notes is not None else []).append(f"--network_dim {value} without --network_alpha: alpha is 1, as kohya's default (the update "
+                         "scaled by 1/dim); --lora-alpha sets another, and without either the workbench's default is the rank.")
+        out += ours(key, value)
     return out
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate_as_ctrl_c)
     try:
-        sys.argv[1:] = pasted_train_options(sys.argv[1:])
+        notes: list[str] = []
+        sys.argv[1:] = pasted_train_options(sys.argv[1:], notes)
     except ValueError as error:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
+    for note in notes:
+        err_console.print(f"[yellow]Note:[/] {escape(note)}")
     try:
         app()
     except SystemExit as done:

@@ -100,6 +100,7 @@ KOHYA_OPTIONS = {
 }
 KOHYA_NOTES = {  # what differs where the workbench option is not the same value under another name
     "color_aug": "a strength such as 0.1, not true/false",
+    "network_dim": "with lora_alpha = 1 for kohya's default scale (without it, alpha is the rank here)",
     "cache_latents_to_disk": "its latent cache is on disk, in cache_dir",
     "sample_prompts": "the prompts themselves, not a file; one prompt as text, several as a list",
     "log_with": "tensorboard or none",
@@ -388,10 +389,12 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
         elif name == "resolution" and isinstance(value, str):
             value = _resolution(value)
             if isinstance(value, tuple):  # a width and a height: told with the unknown keys, in one message
-                problems.append(f'resolution = "{values[key].strip()}" in {where} is a width and a height, but '
-                                "workbench trains at one size: resolution is the side of the bucket area "
-                                "(resolution²), and each image keeps its aspect ratio in its bucket. Use resolution = "
-                                f"{_one_side(*value)} (the area of {value[0]}×{value[1]}, as kohya's buckets take it).")
+                given = (f"--resolution {values[key].strip()}" if where == "the command line"
+                         else f'resolution = "{values[key].strip()}" in {where}')
+                use = f"--resolution {_one_side(*value)}" if where == "the command line" else f"resolution = {_one_side(*value)}"
+                problems.append(f"{given} is a width and a height, but workbench trains at one size: resolution is the "
+                                "side of the bucket area (resolution²), and each image keeps its aspect ratio in its "
+                                f"bucket. Use {use} (the area of {value[0]}×{value[1]}, as kohya's buckets take it).")
                 continue
         out[name] = value
     if len(unknown) == 1:
@@ -567,6 +570,11 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
     problems = _type_errors(values)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
+    if values.get("max_train_steps") is not None and values.get("num_train_epochs") is not None:
+        # the peers disagree on which wins (steps in the diffusers examples, epochs in kohya): one was ignored
+        raise ConfigError(f"Both max_train_steps ({values['max_train_steps']}) and num_train_epochs "
+                          f"({values['num_train_epochs']}) are given: a run has one length. Give --max-train-steps "
+                          "or --num-train-epochs (kohya's --max_train_epochs), not both.")
     for folder in ("output_dir", "cache_dir"):
         if values.get(folder):
             values[folder] = str(Path(values[folder]).expanduser().absolute())
