@@ -1900,6 +1900,18 @@ def test_the_preview_shows_an_image_as_the_catalog_measured_it(tmp_path):
     assert load_preview(str(tmp_path / "cutout.png")).getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_the_preview_does_not_decode_a_decompression_bomb():
+    """Selecting the sample bomb's error row (48 KB of PNG, 20000×20000 pixels) took the TUI from 154 MB to 2.4 GB."""
+    import resource
+
+    from tui.preview import load_preview
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    shown = load_preview(str(Path(__file__).resolve().parents[1] / "sample_data" / "bad" / "decompression_bomb.png"))
+    assert shown == "20000×20000 is over 179 megapixels: not decoded for a preview"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing near 1.2 GB decoded
+
+
 def test_the_ingest_step_takes_a_folder_with_spaces_typed_without_quotes(tmp_path):
     """`data/concepts/5_wbk cat` in the Ingest box failed as two paths, "…/5_wbk, …/cat", with no hint."""
     from PIL import Image

@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.containers import Container
 from textual.widgets import Static
 
+from pipelines.ingest import DEFAULT_MAX_PIXELS
 from workbench.images import as_rgb, open_image
 
 # textual-image asks the terminal for its cell size at import (that must happen before the app starts);
@@ -35,7 +36,11 @@ def load_preview(path: str | None, max_side: int = 384) -> PILImage.Image | str:
     if not path:
         return "no file"
     try:
-        with open_image(path) as image:
+        with open_image(path) as image:  # reads the header only: the size is known before any decoding
+            if image.width * image.height > DEFAULT_MAX_PIXELS:  # a decompression bomb (ingest refused it), or a
+                # scan taken with a raised --max-pixels: decoding it whole would take gigabytes for a thumbnail
+                return (f"{image.width}×{image.height} is over {DEFAULT_MAX_PIXELS / 1e6:.0f} megapixels: "
+                        "not decoded for a preview")
             image.draft("RGB", (max_side, max_side))
             # upright, 16-bit scaled and transparency on white: as the catalog measured it and training sees it
             small = as_rgb(ImageOps.exif_transpose(image))
