@@ -20,7 +20,7 @@ import duckdb
 
 from pipelines.priors import PRIOR_IN_USE_SQL
 from workbench.catalog import record_run
-from workbench.images import holds_image
+from workbench.images import holds_image, sidecars_changed_since_ingest
 from workbench.config import EXPORT_MANIFEST
 from workbench.progress import ProgressHook, named_few, null_progress
 
@@ -228,9 +228,14 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
+_EXPORT_ID_SUFFIX = re.compile(r"-[0-9a-f]{12}$")
+
+
 def _file_stem(row: _Row) -> str:
-    # the original name helps people; the id prefix keeps names unique across folders and reruns
-    return f"{safe_component(row.name, fallback='image')[:60]}-{row.image_id[:12]}"
+    # the original name helps people; the id prefix keeps names unique across folders and reruns. One an earlier
+    # export gave (imported back, exported again) is replaced, not followed by another on every round trip
+    name = _EXPORT_ID_SUFFIX.sub("", safe_component(row.name, fallback="image")) or "image"
+    return f"{name[:60]}-{row.image_id[:12]}"
 
 
 def _bucket_settings(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
@@ -442,6 +447,14 @@ def exported_dataset(
         raise ExportError("the dataset is empty (every image is excluded or missing): nothing to export")
     if format != "parquet" and overwrite and Path(out).is_dir():
         _refuse_to_overwrite_image_sources(con, Path(out))
+    if format != "parquet":
+        ids = [row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall()]
+        edited = sidecars_changed_since_ingest(con, ids)
+        if edited:  # as training says it: the export writes the captions the catalog holds
+            progress(task="export", message=(
+                f"{len(edited)} caption file(s) changed since they were ingested ({named_few(edited)}): the export "
+                "writes the captions the catalog holds. To export the edits, stop and run `workbench ingest` on their "
+                "folders first."))
     params = {"format": format, "out": str(out), "link": link}
     with record_run(con, "export", params) as run:
         if format == "parquet":

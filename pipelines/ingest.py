@@ -30,7 +30,7 @@ from pipelines.concepts import (
 )
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
-from workbench.images import SIDECAR_EXTENSIONS, as_rgb, decode_caption, sidecar_beside
+from workbench.images import SIDECAR_EXTENSIONS, as_rgb, decode_caption, sidecar_beside, sidecar_caption
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
@@ -119,6 +119,8 @@ class IngestSummary:
     sidecar_image_ids: set[str] = field(default_factory=set)  # images whose sidecar caption this run stored
     read_by_kind: Counter = field(default_factory=Counter)  # files read and recorded so far: new, changed, ...
     output_roots_skipped: list[str] = field(default_factory=list)  # output folders named as roots (a `runs/*` glob)
+    multi_line_sidecars: list[str] = field(default_factory=list)  # read this run: only their first line is the caption
+    both_sidecars: list[str] = field(default_factory=list)  # images with name.txt and name.caption: .txt is read
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if k not in _NOT_COUNTS}
@@ -127,7 +129,7 @@ class IngestSummary:
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
-               "output_roots_skipped")
+               "output_roots_skipped", "multi_line_sidecars", "both_sidecars")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -446,6 +448,8 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
                 summary.skipped_not_images += 1
             return
     sidecar = sidecar_mtime = None
+    if all(stem + sidecar_ext in siblings for sidecar_ext in SIDECAR_EXTENSIONS):
+        summary.both_sidecars.append(display_path(os.path.join(os.path.dirname(path), stem + SIDECAR_EXTENSIONS[0])))
     for sidecar_ext in SIDECAR_EXTENSIONS:
         candidate = stem + sidecar_ext
         if candidate in siblings:
@@ -465,17 +469,21 @@ def display_path(path_bytes: bytes) -> str:
 
 
 # UTF-32 first: its little-endian BOM begins with UTF-16's.
-def _read_sidecar(path: bytes) -> tuple[str | None, str | None]:
-    """(caption or None when empty, None), or (None, why the sidecar was left out)."""
+def _read_sidecar(path: bytes, summary: IngestSummary | None = None) -> tuple[str | None, str | None]:
+    """(caption or None when empty, None), or (None, why the sidecar was left out). The caption is the first line
+    with text (`sidecar_caption`); a file with more is named in `summary`."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:
         return None, f"cannot be read ({error.strerror or error})"
     try:
-        return decode_caption(data) or None, None
+        caption, lines = sidecar_caption(decode_caption(data))
     except ValueError as error:
         return None, f"{error}; re-save it as UTF-8"
+    if lines > 1 and summary is not None:
+        summary.multi_line_sidecars.append(display_path(path))
+    return caption or None, None
 
 
 def _sidecar_left_out(path: bytes, problem: str, summary: IngestSummary) -> str:
@@ -940,7 +948,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
                     summary.heic_avif_paths.append(display_path(path_bytes))
             caption = problem = None
             if entry.sidecar and result["status"] == "ok":
-                caption, problem = _read_sidecar(entry.sidecar)
+                caption, problem = _read_sidecar(entry.sidecar, summary)
                 if not problem:
                     sidecars[path_bytes] = (result["image_id"], entry.sidecar, caption)
             if caption:
@@ -1063,7 +1071,7 @@ def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary, pro
     for done, entry in enumerate(entries, 1):
         ctrl_c.check()
         image_id = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [entry.path_bytes]).fetchall()[0][0]
-        caption, problem = _read_sidecar(entry.sidecar) if entry.sidecar else (None, None)
+        caption, problem = _read_sidecar(entry.sidecar, summary) if entry.sidecar else (None, None)
         message = _sidecar_left_out(entry.sidecar, problem, summary) if problem else None
         progress(task="sidecars", completed=done, total=len(entries), message=message)
         if problem:

@@ -294,8 +294,10 @@ def test_sidecars_in_other_encodings_are_decoded_or_left_out_and_named(con, tmp_
         (folder / f"{stem}.txt").write_bytes(data)
     messages = []
     summary = ingested_images(con, [folder], workers=1, progress=lambda **kw: messages.append(kw.get("message")))
+    # several lines: the first is the caption, as kohya reads it (joined, they made a caption no peer trains on)
     assert sidecar_captions(con) == {"brick": "brick wall", "camera": "a camera man", "horse": "a horse, café",
-                                     "dog": "a dog\non grass"}
+                                     "dog": "a dog"}
+    assert summary.multi_line_sidecars == [str(folder / "dog.txt")]
     assert (summary.sidecar_captions, summary.sidecars_left_out) == (4, 2)
     assert sorted(Path(p).name for p in summary.sidecar_problems) == ["caballo.txt", "mule.txt"]
     assert "not UTF-8" in summary.sidecar_problems[str(folder / "caballo.txt")]
@@ -1055,3 +1057,17 @@ def test_an_output_folder_named_to_ingest_is_left_out_and_said(tmp_path, catalog
     check = connect(catalog_path, read_only=True)
     assert check.execute("SELECT count(*) FROM images").fetchone()[0] == 2
     check.close()
+
+
+def test_an_image_with_both_a_txt_and_a_caption_sidecar_is_named(con, tmp_path):
+    """kohya's --caption_extension defaults to .caption, its GUI's and WD14's to .txt: with both, .txt won silently."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (32, 24), (200, 0, 0)).save(folder / "dog.png")
+    (folder / "dog.txt").write_text("from the txt")
+    (folder / "dog.caption").write_text("from the caption file")
+    Image.new("RGB", (32, 24), (0, 200, 0)).save(folder / "cat.png")
+    (folder / "cat.caption").write_text("a cat")
+    summary = ingested_images(con, [folder], workers=1)
+    assert summary.both_sidecars == [str(folder / "dog.txt")]
+    assert sidecar_captions(con) == {"dog": "from the txt", "cat": "a cat"}

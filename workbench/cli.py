@@ -202,6 +202,16 @@ def ingest(
             ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} HEIC/AVIF photo(s) left out: this Pillow cannot decode "
             f"them ({named_few(sorted(summary.heic_avif_paths))}). Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' "
             "export) and ingest again."))
+    if summary.multi_line_sidecars:
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"{len(summary.multi_line_sidecars)} caption sidecar(s) hold several lines "
+            f"({named_few(summary.multi_line_sidecars)}): the first line with text is the caption, as kohya reads them; "
+            "the other lines are not used. Join them with commas to train on them."))
+    if summary.both_sidecars:
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"{len(summary.both_sidecars)} image(s) have both a .txt and a .caption sidecar "
+            f"({named_few(summary.both_sidecars)}): the .txt is read (kohya's --caption_extension defaults to .caption, "
+            "the kohya GUI's and WD14's to .txt). Remove the one you do not want and ingest again."))
     if summary.sidecar_conflicts:
         conflicts = [f"{used} (not {', '.join(others)})" for used, others in summary.sidecar_conflicts.items()]
         err_console.print(Text.assemble(

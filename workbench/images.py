@@ -109,35 +109,39 @@ def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
 
 def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> list[str]:
     """The caption sidecars (`name.txt`, `name.caption`) beside these images' files that were edited, added or
-    removed since ingest read them: their captions in the catalog are the old ones until the next ingest. A sidecar
-    ingest left out as unreadable (not UTF-8) is not one of them: no ingest takes it until it is re-saved, and
-    every ingest names it."""
+    removed since ingest read them, so that the caption in the catalog is not what they say until the next ingest.
+    One that says the catalog's caption (the Captions screen's "write sidecar" box wrote it) is not one of them,
+    nor one ingest left out as unreadable (not UTF-8): no ingest takes it until it is re-saved, and every ingest
+    names it."""
     rows = con.execute(
-        "SELECT path_bytes, sidecar_mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) ORDER BY seq",
+        "SELECT p.path_bytes, p.sidecar_mtime_ns, c.caption FROM paths p LEFT JOIN current_captions c USING (image_id) "
+        "WHERE NOT p.missing AND p.image_id IN (SELECT unnest(?)) ORDER BY p.seq",
         [list(image_ids)],
     ).fetchall()
     changed = []
-    for raw, recorded in rows:
+    for raw, recorded, caption in rows:
         path = bytes(raw)
         sidecar = sidecar_beside(path)
         try:
             now = os.stat(sidecar).st_mtime_ns if sidecar else None
         except OSError:
             now = None
-        if now != recorded and not (now is not None and _undecodable(sidecar)):
-            changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
+        if now == recorded:
+            continue
+        said = _sidecar_says(sidecar) if now is not None else None
+        if now is not None and (said is None or said == (caption or "")):
+            continue  # unreadable, or it says what the catalog holds
+        changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
     return changed
 
 
-def _undecodable(sidecar: bytes) -> bool:
+def _sidecar_says(sidecar: bytes) -> str | None:
+    """The caption a sidecar gives as ingest reads it, or None when it cannot be read."""
     try:
         with open(sidecar, "rb") as handle:
-            decode_caption(handle.read())
-    except ValueError:
-        return True
-    except OSError:
-        return False
-    return False
+            return sidecar_caption(decode_caption(handle.read()))[0]
+    except (ValueError, OSError):
+        return None
 
 
 # --- caption sidecars: their text -----------------------------------------------------
@@ -150,6 +154,13 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
     (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
 )
+
+
+def sidecar_caption(text: str) -> tuple[str, int]:
+    """The caption a decoded sidecar gives: its first line with text, as kohya reads only the first line (OneTrainer
+    picks one at random); and how many lines hold text. Joined, the lines made one caption no peer trains on."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    return (lines[0] if lines else ""), len(lines)
 
 
 def decode_caption(data: bytes) -> str:
