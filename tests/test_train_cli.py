@@ -142,6 +142,19 @@ def test_train_cli_refuses_bad_options_without_a_traceback(catalog_path, tmp_pat
         assert cuda.exit_code == 2 and "no CUDA GPU is available" in " ".join(cuda.output.split())
 
 
+def test_an_output_dir_that_cannot_be_written_is_said_without_a_traceback(catalog_path, tmp_path):
+    """A read-only or impossible --output-dir ended in a rich traceback from mark_output_folder."""
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "imgs", 2)
+    con.close()
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    result = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "1",
+                                 "--output-dir", str(tmp_path / "blocker" / "run")])
+    assert result.exit_code == 2 and "Not a directory" in result.output and "Traceback" not in result.output, result.output
+
+
 def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_copy, catalog_path, tmp_path, monkeypatch, one_thread):
     """`--resume latest` continues with the options the checkpoint was written with (not the defaults); options
     that would make it another run are refused, and a new run never lands in an old run's folder."""

@@ -1230,8 +1230,12 @@ def train_command(
         with RichProgress() as progress, _StopWhenTheStepEnds(progress) as stoppable:
             # the catalog is free for other commands while the model trains (hours, on real models)
             result = trained_model(con, train_config, progress=stoppable, release_catalog=True)
-    except (ConfigError, DataError, TrainingError, ModelError, FileNotFoundError) as error:
+    except (ConfigError, DataError, TrainingError, ModelError) as error:
         fail(str(error))
+    except OSError as error:  # an output folder it may not write, a full disk: said, not a traceback
+        kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints") if train_config.output_dir else []
+        fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, --resume latest goes on from it."
+                           if kept else ""))
     except (KeyboardInterrupt, StepCancelled):  # StepCancelled: the first Ctrl+C, at the end of a step
         from pipelines.train.config import SNAPSHOT_FILE
 
