@@ -58,28 +58,48 @@ BATCH = 2048  # rows per catalog transaction
 
 
 def sniff_format(head: bytes) -> str | None:
-    """The image format the leading bytes announce, or None."""
+    """The image format the leading bytes announce (AVIF only where this Pillow decodes it), or None."""
     for magic, name in MAGIC:
         if head.startswith(magic):
             return name
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
+    if PILLOW_READS_AVIF and any(brand in AVIF_BRANDS for brand in _ftyp_brands(head)):
+        return "AVIF"
     return None
 
 
 # ISO-BMFF brands of HEIC/HEIF and AVIF files, in the `ftyp` box that starts them
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
+AVIF_BRANDS = {b"avif", b"avis"}  # an AVIF also names mif1, as a HEIC does: only these tell them apart
 HEIF_HEAD = 64  # bytes to read for is_heif: the ftyp box's major brand and its first compatible brands
 HEIF_ERROR = "HEIC/AVIF image"  # the reason of such a file met under an image name (first part: the summary's key)
 
 
+def _pillow_reads_avif() -> bool:
+    """Pillow 11.2 and later decode AVIF when built with libavif (the wheels are)."""
+    from PIL import features
+
+    try:
+        return bool(features.check("avif"))
+    except ValueError:  # a Pillow that does not know the feature
+        return False
+
+
+PILLOW_READS_AVIF = _pillow_reads_avif()
+
+
+def _ftyp_brands(head: bytes) -> list[bytes]:
+    """The major and compatible brands of an ISO-BMFF `ftyp` box at the start of `head` (none if it has none)."""
+    if head[4:8] != b"ftyp":
+        return []
+    end = min(len(head), max(int.from_bytes(head[:4], "big"), 16))
+    return [head[8:12]] + [head[i : i + 4] for i in range(16, end - 3, 4)]  # bytes 12-16 are a version
+
+
 def is_heif(head: bytes) -> bool:
     """Whether the leading bytes are a HEIC/HEIF or AVIF file (its major or a compatible brand), whatever its name."""
-    if head[4:8] != b"ftyp":
-        return False
-    end = min(len(head), max(int.from_bytes(head[:4], "big"), 16))
-    brands = [head[8:12]] + [head[i : i + 4] for i in range(16, end - 3, 4)]  # bytes 12-16 are a version
-    return any(brand in HEIF_BRANDS for brand in brands)
+    return any(brand in HEIF_BRANDS for brand in _ftyp_brands(head))
 
 
 @dataclass
@@ -243,7 +263,7 @@ def read_image_file(path_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, exp
         return {"image_id": expect, "status": "same", "error": None, "bytes": len(data)}
     if not data:
         return _error_row(path_bytes, "empty file (0 bytes)", data)
-    sniffed = sniff_format(data[:16])
+    sniffed = sniff_format(data[:HEIF_HEAD])
     if sniffed is None and is_heif(data[:HEIF_HEAD]):
         return _error_row(path_bytes, f"{HEIF_ERROR}: this Pillow cannot decode it; convert it to JPEG or PNG", data)
     if sniffed is None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import pipelines.ingest as ingest_mod
-from pipelines.ingest import ingested_images, read_image_file
+from pipelines.ingest import PILLOW_READS_AVIF, ingested_images, read_image_file
 
 
 def make_images(folder: Path, count: int, size=(96, 64), seed: int = 0) -> list[Path]:
@@ -571,7 +571,7 @@ def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalo
     runner = CliRunner()
     make_images(tmp_path / "photos", 2)
     (tmp_path / "photos" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
-    (tmp_path / "photos" / "IMG_0002.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64)
+    (tmp_path / "photos" / "IMG_0002.heif").write_bytes(b"\x00\x00\x00\x1cftypheix" + b"\x00" * 64)
     common = ["--catalog", str(catalog_path), "--workers", "1"]
     first = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
     assert first.exit_code == 0, first.output
@@ -722,6 +722,21 @@ def test_heic_photos_are_named_and_known_by_content_whatever_their_name(tmp_path
     assert f"6 HEIC/AVIF photo(s) left out: this Pillow cannot decode them ({photos / 'IMG_0001.HEIC'}, " in text
     assert "and 3 more)" in text
     assert read_image_file(bytes(photos / "IMG_0005.jpg"))["error"].startswith("HEIC/AVIF image: this Pillow cannot decode it")
+
+
+@pytest.mark.skipif(not PILLOW_READS_AVIF, reason="this Pillow has no AVIF decoder")
+def test_avif_photos_are_read_where_pillow_decodes_them(con, tmp_path):
+    """AVIF files were refused by their brand as "this Pillow cannot decode it", though Pillow (libavif) reads them."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    picture = Image.new("RGB", (48, 32), (200, 60, 20))
+    picture.save(folder / "a.avif", quality=90)
+    picture.transpose(Image.Transpose.ROTATE_90).save(folder / "renamed.jpg", format="AVIF")  # an AVIF under a .jpg name
+    (folder / "IMG_0001.HEIC").write_bytes(HEIC)  # still refused by name, with the note
+    summary = ingested_images(con, [folder], workers=1)
+    rows = con.execute("SELECT path, status, format, width, height FROM images_view ORDER BY path").fetchall()
+    assert rows == [(str(folder / "a.avif"), "ok", "AVIF", 48, 32), (str(folder / "renamed.jpg"), "ok", "AVIF", 32, 48)]
+    assert summary.heic_avif_paths == [str(folder / "IMG_0001.HEIC")]
 
 
 def test_a_plain_colour_has_an_entropy_of_zero_bits_not_minus_zero(tmp_path):
