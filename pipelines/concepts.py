@@ -72,6 +72,16 @@ def concept_of_folder_name(name: str) -> str | None:
     return f"{trigger} {class_noun}" if class_noun else trigger
 
 
+def folder_concept_names(name: str) -> tuple[str, ...]:
+    """The concepts a kohya folder puts its images in: "sks dog" for `10_sks dog`, or "10_sks dog" where a folder of
+    the same tokens with other repeats holds concept "sks dog" (kohya trains each folder with its own repeats)."""
+    parsed = parse_kohya_folder_name(name)
+    if parsed is None:
+        return ()
+    plain = concept_of_folder_name(name)
+    return (plain, f"{parsed[0]}_{plain}")
+
+
 def plain_subset_repeats(name: str) -> int | None:
     """The repeat count of a kohya subset folder without class tokens (`1_`, where the export puts images without
     a concept); None for any other name. kohya trains on such a folder (empty class_tokens); its images join no
@@ -417,9 +427,9 @@ def concepts_from_folder_names(
     if paths is not None:
         wanted = set(paths)
         rows = [row for row in rows if row[2] in wanted]
-    found: dict[str, tuple[int, str, str | None]] = {}
-    members: dict[str, list[str]] = {}
-    seen_images: set[str] = set()
+    # (concept name from the tokens, repeats) -> (trigger, class, member ids), in the order first seen
+    found: dict[tuple[str, int], tuple[str, str | None, list[str]]] = {}
+    seen_images: dict[str, str] = {}  # image -> the folder it joined from
     ignored: set[str] = set()
     noted: set[str] = set()
     concept_folders: set[Path] = set()
@@ -437,9 +447,6 @@ def concepts_from_folder_names(
             elif plain_subset_repeats(folder_name) is None:
                 other_folders.add(Path(path).parent)
             continue
-        concept_folders.add(Path(path).parent)
-        if image_id in seen_images:
-            continue
         if not zero_padded and folder_name.startswith("0"):
             if folder_name not in ignored:
                 ignored.add(folder_name)
@@ -452,12 +459,15 @@ def concepts_from_folder_names(
                 progress(task="concepts", message=f"folder {folder_name!r} not read as a kohya concept: "
                          f"{parsed[0]} repeats is more than {max_repeats} (a year or a number, not a repeat count)")
             continue
-        seen_images.add(image_id)  # an image in several concept folders joins the first seen
-        repeats, name = parsed[0], concept_of_folder_name(folder_name)
-        if name in found and found[name][0] != repeats:
-            progress(task="concepts", message=f"folder {folder_name!r}: concept {name!r} already has {found[name][0]} repeats; keeping that")
-        found.setdefault(name, parsed)
-        members.setdefault(name, []).append(image_id)
+        concept_folders.add(Path(path).parent)
+        if image_id in seen_images:  # one image (byte-identical copies) is in one concept: the first folder's
+            if seen_images[image_id] != folder_name:
+                progress(task="concepts", message=f"{path}: the same image is also in folder {seen_images[image_id]!r} "
+                         "and joins that one's concept (kohya would train each copy in its own folder)")
+            continue
+        seen_images[image_id] = folder_name
+        key = (concept_of_folder_name(folder_name), parsed[0])
+        found.setdefault(key, (parsed[1], parsed[2], []))[2].append(image_id)
     beside_concepts = {folder.parent for folder in concept_folders}
     for folder in sorted(other_folders):
         if folder.parent in beside_concepts:
@@ -465,27 +475,45 @@ def concepts_from_folder_names(
     if not found:
         return 0
     existing = {c.name: c for c in list_concepts(con)}
-    for name, (repeats, _, _) in found.items():
-        if name in existing and existing[name].repeats != repeats:
+    chosen: dict[tuple[str, int], str] = {}  # (tokens, repeats) -> the concept its images join
+    for (name, repeats) in found:
+        holder = existing.get(name)
+        taken = next((r for (n, r), c in chosen.items() if c == name and r != repeats), None)
+        if holder is None and taken is None:
+            chosen[name, repeats] = name
+        elif holder is not None and holder.repeats == repeats:
+            chosen[name, repeats] = name
+        elif taken is not None or _folder_of_concept_remains(con, name, holder.repeats):
+            # a second folder of the same tokens (`5_sks dog` beside `20_sks dog`: close-ups and full-body shots):
+            # kohya trains each with its own repeats, so it is a concept of its own, named as the folder
+            chosen[name, repeats] = f"{repeats}_{name}"
+            had = taken if taken is not None else holder.repeats
+            progress(task="concepts", message=f"folder '{repeats}_{name}': concept {name!r} has {had} repeats from another "
+                     f"folder, so these images form concept '{repeats}_{name}' with {repeats} (kohya trains each folder "
+                     "with its own repeats)")
+        else:  # the concept's folder is gone and this one names it with other repeats: a renamed folder
+            chosen[name, repeats] = name
             if folder_repeats:
                 con.execute("UPDATE concepts SET repeats = ? WHERE name = ?", [repeats, name])
                 progress(task=REPEATS_TASK, message=f"concept {name!r}: {repeats} repeats, as its folder now says "
-                         f"(it had {existing[name].repeats})")
+                         f"(it had {holder.repeats})")
             else:
                 progress(task="concepts", message=f"a folder names concept {name!r} with {repeats} repeats; it has "
-                         f"{existing[name].repeats}, which it keeps (`workbench concept add {name!r} --repeats N` or "
+                         f"{holder.repeats}, which it keeps (`workbench concept add {name!r} --repeats N` or "
                          "`workbench import-kohya FOLDER` changes it)")
     assigned = 0
     created = 0
     with transaction(con):
-        for name, (repeats, trigger, class_noun) in found.items():
+        for (tokens, repeats), (trigger, class_noun, members) in found.items():
+            name = chosen[tokens, repeats]
             if name not in existing:
                 con.execute(
                     "INSERT INTO concepts (name, trigger_token, class_noun, repeats) VALUES (?, ?, ?, ?)",
                     [name, trigger, class_noun, repeats],
                 )
+                existing[name] = get_concept(con, name)
                 created += 1
-            _load_assign_table(con, members[name])
+            _load_assign_table(con, members)
             assigned += con.execute(
                 "INSERT INTO concept_images (image_id, concept, source)"
                 " SELECT image_id, ?, 'folder_name' FROM concept_assign ON CONFLICT DO NOTHING",
@@ -496,26 +524,42 @@ def concepts_from_folder_names(
     return assigned
 
 
+def _folder_of_concept_remains(con: duckdb.DuckDBPyConnection, name: str, repeats: int) -> bool:
+    """Whether a file of concept `name` still sits in a folder that names it with its own repeats. On disk, not as
+    the catalog last saw it: import-kohya reads files, not the folders a renamed one left."""
+    paths = con.execute(
+        "SELECT p.path, p.path_bytes FROM concept_images ci JOIN paths p USING (image_id) WHERE ci.concept = ? AND NOT p.missing",
+        [name],
+    ).fetchall()
+    for path, path_bytes in paths:
+        folder = Path(path).parent.name
+        parsed = parse_kohya_folder_name(folder)
+        if parsed is not None and parsed[0] == repeats and concept_of_folder_name(folder) == name and os.path.exists(bytes(path_bytes)):
+            return True
+    return False
+
+
 def images_out_of_their_concept_folders(
     con: duckdb.DuckDBPyConnection,
     *,
     paths: Iterable[bytes] | None = None,
     progress: ProgressHook = null_progress,
-) -> int:
+) -> list[str]:
     """Take images that joined a concept by a kohya folder name out of it once none of their files is in such a
-    folder any more (moved to `rejects/`, say): kohya users manage a concept's images by folder. Returns how many.
+    folder any more (moved to `rejects/`, say): kohya users manage a concept's images by folder. Returns their ids
+    (a copy of one may sit in another concept's folder: the caller lets it join that one).
 
     Only memberships read from folder names (`concepts_from_folder_names`, source 'folder_name') go; those given
     by hand, by --where or by --folder stay. An image missing at every path keeps its concept (not found is not
     moved). `paths` (exact path bytes: files read or gone in an ingest) limits this to their images; None: all.
     """
     if not con.execute("SELECT count(*) FROM concept_images WHERE source = 'folder_name'").fetchall()[0][0]:
-        return 0
+        return []
     only = ""
     if paths is not None:
         paths = list(paths)
         if not paths:
-            return 0
+            return []
         changed_paths = pa.table({"path_bytes": pa.array(paths, pa.binary())})  # the query reads it by name
         only = "AND ci.image_id IN (SELECT image_id FROM paths WHERE path_bytes IN (SELECT path_bytes FROM changed_paths))"
     rows = con.execute(
@@ -526,9 +570,9 @@ def images_out_of_their_concept_folders(
     ).fetchall()
     # any folder name that names the concept keeps the image, whatever its repeats (`5_sks dog` for `10_sks dog`)
     gone = [(image_id, concept) for image_id, concept, present in rows
-            if not any(concept_of_folder_name(Path(path).parent.name) == concept for path in present)]
+            if not any(concept in folder_concept_names(Path(path).parent.name) for path in present)]
     if not gone:
-        return 0
+        return []
     with transaction(con):
         _load_assign_table(con, [image_id for image_id, _ in gone])
         con.execute("DELETE FROM concept_images WHERE source = 'folder_name' AND image_id IN (SELECT image_id FROM concept_assign)")
@@ -536,7 +580,7 @@ def images_out_of_their_concept_folders(
     for concept, n in sorted(Counter(concept for _, concept in gone).items()):
         progress(task="concepts", message=f"{n} image(s) left concept {concept!r}: none of their files is in a folder "
                  f"named for it any more (`workbench concept assign {shlex.quote(concept)} ID` keeps one in it by hand)")
-    return len(gone)
+    return [image_id for image_id, _ in gone]
 
 
 __all__ = [

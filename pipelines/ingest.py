@@ -840,12 +840,19 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         # kohya users manage concepts by folder: an image moved out of its `10_sks dog` folder leaves the concept it
         # joined by that folder's name (a concept given by hand stays), and can join the one of the folder it is in
         moved = None if join_concepts else read + vanished
-        summary.images_left_concepts = images_out_of_their_concept_folders(con, paths=moved, progress=progress)
-    if concepts_now and (read or join_concepts):
+        left = images_out_of_their_concept_folders(con, paths=moved, progress=progress)
+        summary.images_left_concepts = len(left)
+        # an image that left one concept folder may have a copy in another (`5_ohwx cat/brick_copy.jpg`, unread
+        # because unchanged): that folder's name is read too, or the image trained in no concept for good
+        left_paths = [row[0] for row in con.execute(
+            "SELECT path_bytes FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?))", [left]).fetchall()] if left else []
+    else:
+        left_paths = []
+    if concepts_now and (read or join_concepts or left_paths):
         # kohya-style folder names ("10_sks dog") of the files read now become concepts, as sd-scripts reads
         # them (not of files read before: a concept removed since stays removed); after a stopped run, of all of
         # them. Then the stored --where / --folder rules of concepts take the new images they match
-        read_now = None if join_concepts else read
+        read_now = None if join_concepts else read + [bytes(path) for path in left_paths]
         summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
         summary.images_joined_concepts += concept_rules_applied(con)
     run.counts.update(summary.as_dict())

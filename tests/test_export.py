@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 import tomllib
 from pathlib import Path
@@ -689,3 +690,47 @@ def test_export_says_when_caption_files_changed_since_ingest_and_names_stay_on_a
     # the same names, but for the rotated JPEG: exported upright as a PNG, it is new content with a new id
     assert set(second) - set(first) == {n for n in second if n.startswith("rotated-")}
     again.close()
+
+
+def test_two_folders_of_the_same_tokens_keep_their_own_repeats(con, tmp_path):
+    """`20_sks dog` (close-ups) beside `5_sks dog` (full body) made one concept: all 5 images trained at 20 repeats
+    and the export put them all in `20_sks dog`. kohya trains each folder with its own repeats."""
+    from pipelines.concepts import get_concept
+
+    img = tmp_path / "set" / "img"
+    for i in range(3):
+        _image(img / "20_sks dog" / f"close{i}.jpg", color=(200, 10 * i, 10))
+    for i in range(2):
+        _image(img / "5_sks dog" / f"body{i}.jpg", color=(10, 10 * i, 200))
+    said = []
+    imported_kohya_folder(con, tmp_path / "set", workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    first, second = get_concept(con, "sks dog"), get_concept(con, "5_sks dog")
+    assert (first.repeats, first.images, first.trigger, first.class_noun) == (20, 3, "sks", "dog")
+    assert (second.repeats, second.images, second.trigger, second.class_noun) == (5, 2, "sks", "dog")
+    assert any("form concept '5_sks dog' with 5" in m for m in said), said
+    exported_dataset(con, tmp_path / "out", format="kohya")
+    counts = {d.name: len([f for f in d.iterdir() if f.suffix != ".txt"]) for d in (tmp_path / "out" / "img").iterdir()}
+    assert counts == {"20_sks dog": 3, "5_sks dog": 2}
+    # importing again changes nothing: neither folder is taken for a renamed one
+    said.clear()
+    imported_kohya_folder(con, tmp_path / "set", workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert (get_concept(con, "sks dog").repeats, get_concept(con, "5_sks dog").images) == (20, 2)
+    assert not any("as its folder now says" in m for m in said), said
+
+
+def test_an_image_in_two_concept_folders_joins_the_other_when_one_copy_goes(con, tmp_path):
+    """The copy in `10_sks dog` deleted, the image left that concept and joined none for good, though its other
+    copy sits in `5_ohwx cat` (unchanged, so no ingest read its folder name again)."""
+    from pipelines.concepts import get_concept
+
+    data = tmp_path / "data"
+    _image(data / "10_sks dog" / "brick.jpg", color=(120, 30, 30))
+    (data / "5_ohwx cat").mkdir(parents=True)
+    shutil.copy(data / "10_sks dog" / "brick.jpg", data / "5_ohwx cat" / "brick_copy.jpg")
+    said = []
+    ingested_images(con, [data], workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("also in folder '10_sks dog'" in m for m in said), said  # one image, one concept: said
+    assert (get_concept(con, "sks dog").images, get_concept(con, "ohwx cat")) == (1, None)
+    (data / "10_sks dog" / "brick.jpg").unlink()
+    ingested_images(con, [data], workers=1)
+    assert con.execute("SELECT concept, concept_repeats FROM dataset").fetchall() == [("ohwx cat", 5)]
