@@ -297,6 +297,52 @@ def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], 
     return len(ids)
 
 
+def folder_kept_out(con: duckdb.DuckDBPyConnection, folder: str, reason: str) -> None:
+    """Record `folder` (made absolute) as excluded with `reason`: files ingest reads under it later are excluded too."""
+    import os
+
+    con.execute(
+        "INSERT INTO excluded_folders (folder, reason) VALUES (?, ?) ON CONFLICT (folder) DO UPDATE SET reason = excluded.reason",
+        [os.path.abspath(folder).rstrip("/\\"), (reason or "").strip()],
+    )
+
+
+def folder_let_in(con: duckdb.DuckDBPyConnection, folder: str) -> bool:
+    """Drop the standing exclusion of `folder` (and of folders under it); returns whether there was one."""
+    import os
+
+    folder = os.path.abspath(folder).rstrip("/\\")
+    return bool(con.execute(
+        "DELETE FROM excluded_folders WHERE folder = ? OR starts_with(folder, ?)", [folder, folder + os.sep]
+    ).fetchone()[0])
+
+
+def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterable[bytes] | None = None) -> int:
+    """Exclude the images with a file under an excluded folder (`folder_kept_out`) among these paths (ingest: the
+    files it read; None: every path), unless included by hand since. Returns how many were newly excluded."""
+    import os
+
+    rules = con.execute("SELECT folder, reason FROM excluded_folders ORDER BY folder").fetchall()
+    if not rules:
+        return 0
+    wanted = None if paths is None else set(paths)
+    rows = con.execute("SELECT image_id, path, path_bytes FROM paths WHERE NOT missing").fetchall()
+    excluded = 0
+    for folder, reason in rules:
+        prefix = folder + os.sep
+        ids = list(dict.fromkeys(image_id for image_id, path, raw in rows
+                                 if path.startswith(prefix) and (wanted is None or bytes(raw) in wanted)))
+        if not ids:
+            continue
+        excluded += con.execute(
+            "INSERT INTO exclusions (image_id, step, reason) SELECT image_id, ?, ? FROM unnest(?::VARCHAR[]) t(image_id) "
+            "WHERE image_id NOT IN (SELECT image_id FROM manual_includes) "
+            "AND image_id NOT IN (SELECT image_id FROM exclusions WHERE step = ?) ON CONFLICT DO NOTHING",
+            [MANUAL_STEP, f"manual: {reason}", ids, MANUAL_STEP],
+        ).fetchone()[0]
+    return excluded
+
+
 def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
     """Include images by hand: removes their manual and filter exclusions; later filters skip them."""
     ids = _resolve(con, image_ids)

@@ -28,6 +28,7 @@ from pipelines.concepts import (
     images_out_of_their_concept_folders,
     parse_kohya_folder_name,
 )
+from pipelines.filter import excluded_folder_rules_applied
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
 from workbench.images import SIDECAR_EXTENSIONS, as_rgb, decode_caption, sidecar_beside, sidecar_caption
@@ -120,6 +121,7 @@ class IngestSummary:
     sidecars_left_out: int = 0
     images_joined_concepts: int = 0
     images_left_concepts: int = 0  # kohya folder members none of whose files is in that folder any more
+    excluded_by_folder: int = 0  # read under a folder excluded by hand (`workbench exclude --folder`)
     skipped_not_images: int = 0
     skipped_heic_avif: int = 0  # iPhone HEIC and AVIF photos: Pillow here cannot decode them
     directory_cycles_skipped: int = 0  # links back to a folder above them (a folder reached twice is walked twice)
@@ -855,6 +857,8 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         read_now = None if join_concepts else read + [bytes(path) for path in left_paths]
         summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
         summary.images_joined_concepts += concept_rules_applied(con)
+    if read:  # files added under a folder excluded by hand (`exclude --folder`) stay out, as the folder's others
+        summary.excluded_by_folder = excluded_folder_rules_applied(con, paths=read)
     run.counts.update(summary.as_dict())
 
 

@@ -323,3 +323,47 @@ def test_class_images_never_join_a_concept(con):
     concept_rules_applied(con)
     assigned = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
     assert assigned == {photo: "q6"} and prior not in assigned and later not in assigned
+
+
+def test_a_folder_excluded_by_hand_keeps_out_files_added_to_it_later(con, catalog_path, tmp_path):
+    """Ingest suggests `exclude --folder` for a `0_` folder, yet a photo added there later trained, without a word."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipelines.ingest import ingested_images
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    rng = np.random.default_rng(3)
+
+    def photo(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path)
+
+    root = tmp_path / "data"
+    photo(root / "10_sks dog" / "a.png")
+    photo(root / "0_old dog" / "b.png")
+    ingested_images(con, [root], workers=1)
+    con.close()
+    run = CliRunner().invoke
+    result = run(app, ["exclude", "--folder", str(root / "0_old dog"), "--reason", "zero repeats", "--catalog", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+
+    def out_of_dataset() -> set[str]:
+        with connect(catalog_path) as again:
+            return {row[0] for row in again.execute(
+                "SELECT v.path FROM images_view v WHERE v.excluded AND v.exclusion_reason = 'manual: zero repeats'").fetchall()}
+
+    photo(root / "0_old dog" / "c.png")
+    with connect(catalog_path) as again:
+        summary = ingested_images(again, [root], workers=1)
+    assert summary.excluded_by_folder == 1
+    assert out_of_dataset() == {str(root / "0_old dog" / "b.png"), str(root / "0_old dog" / "c.png")}
+    # include --folder lets the folder's images in and ends the rule
+    result = run(app, ["include", "--folder", str(root / "0_old dog"), "--catalog", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    photo(root / "0_old dog" / "d.png")
+    with connect(catalog_path) as again:
+        assert ingested_images(again, [root], workers=1).excluded_by_folder == 0
+    assert out_of_dataset() == set()

@@ -830,7 +830,7 @@ def exclude(
     """
     from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.dedup import preferred_copy
-    from pipelines.filter import manual_exclusions
+    from pipelines.filter import folder_kept_out, manual_exclusions
 
     if not image_ids and not folder and where is None:
         fail("Name the images to exclude: image ids, --folder PATH or --where CONDITION.")
@@ -845,9 +845,12 @@ def exclude(
         if where is not None:
             ids = list(dict.fromkeys(ids + _images_matching(con, where, "nothing was excluded")))
         n = manual_exclusions(con, ids, reason)
+        for path in folder or []:  # a standing rule: files added to the folder later are excluded when ingested
+            folder_kept_out(con, str(path), reason)
     except ValueError as error:
         fail(str(error))
-    console.print(f"excluded {n} image(s)")
+    console.print(f"excluded {n} image(s)" + (" (and any file ingest reads under the folder later: `workbench include "
+                                               "--folder` lets them in)" if folder else ""))
     if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
         prefixes = {p.rstrip("/\\") + os.sep for path in folder for p in (str(path), os.path.abspath(path))}
         elsewhere: dict[str, str] = {}
@@ -920,21 +923,28 @@ def keep(
 @app.command()
 def include(
     image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).", show_default=False)] = None,
+    folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder, and no more exclusion of files added to it (undoes exclude --folder; repeatable).", show_default=False)] = None,
     where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Include images by hand: removes manual and filter exclusions; later filter runs skip them.
 
-    Example: workbench include 3fa9c2d1e0   (or: --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'")
+    Example: workbench include 3fa9c2d1e0   (or: --folder "img/0_old drafts"; --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'")
     """
-    from pipelines.concepts import resolve_image_ids
-    from pipelines.filter import manual_inclusions
+    from pipelines.concepts import images_in_folder, resolve_image_ids
+    from pipelines.filter import folder_let_in, manual_inclusions
 
-    if not image_ids and where is None:
-        fail("Name the images to include: image ids or --where CONDITION.")
+    if not image_ids and not folder and where is None:
+        fail("Name the images to include: image ids, --folder PATH or --where CONDITION.")
     con = open_catalog(catalog)
     try:
         image_ids = list(image_ids or [])
+        for path in folder or []:
+            ruled = folder_let_in(con, str(path))
+            found = images_in_folder(con, str(path))
+            if not found and not ruled:
+                fail(f"No image in the catalog has a file under {path}.")
+            image_ids += [i for i in found if i not in image_ids]
         if where is not None:
             image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included")))
         summary = manual_inclusions(con, image_ids)
