@@ -568,8 +568,10 @@ def imported_kohya_folder(
     *,
     workers: int | None = None,
     progress: ProgressHook = null_progress,
+    ingest_summary: list | None = None,
 ) -> dict:
-    """Ingest a kohya-style folder (`N_trigger class/` subfolders, .txt/.caption sidecars) with its concepts."""
+    """Ingest a kohya-style folder (`N_trigger class/` subfolders, .txt/.caption sidecars) with its concepts.
+    `ingest_summary` gets the ingest's IngestSummary (for its notes)."""
     from pipelines.concepts import (
         concepts_from_folder_names,
         list_concepts,
@@ -615,6 +617,8 @@ def imported_kohya_folder(
         progress(task="import", message=f"left out {left_out} image(s) outside kohya subset folders (`N_trigger class/`, "
                  "files directly inside): kohya does not train on them either; `workbench ingest` adds them if you want them")
     summary = ingested_images(con, files, workers=workers, progress=progress)
+    if ingest_summary is not None:
+        ingest_summary.append(summary)
     counts = summary.as_dict()
     # ingest read the folder names of the files it read (and said so); importing the folder again asks for its
     # concepts, so this pass covers the imported files it found unchanged

@@ -128,6 +128,7 @@ class IngestSummary:
     output_folders_skipped: int = 0  # the workbench's own outputs: training runs, class priors, exports
     kohya_reg_folders_skipped: int = 0  # reg/ beside img/: regularisation images, not training photos
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)  # reason -> the first file recorded with it
     sidecar_problems: dict[str, str] = field(default_factory=dict)  # sidecar path -> why it was left out
     recorded: int = 0  # files read and written to the catalog so far (what an interrupted run kept)
     heic_avif_paths: list[str] = field(default_factory=list)  # left out by name, or recorded as errors by content
@@ -149,7 +150,7 @@ class IngestSummary:
 
 
 # IngestSummary fields that are details for notes, not rows of the summary table
-_NOT_COUNTS = ("errors_by_reason", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
+_NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
                "output_roots_skipped", "multi_line_sidecars", "both_sidecars")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
@@ -975,6 +976,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
             if result["status"] == "error":
                 summary.errors += 1
                 reasons[result["error"].split(":")[0]] += 1
+                summary.error_examples.setdefault(result["error"].split(":")[0], display_path(path_bytes))
                 if result["error"].startswith(HEIF_ERROR):
                     summary.heic_avif_paths.append(display_path(path_bytes))
             caption = problem = None

@@ -734,3 +734,22 @@ def test_an_image_in_two_concept_folders_joins_the_other_when_one_copy_goes(con,
     (data / "10_sks dog" / "brick.jpg").unlink()
     ingested_images(con, [data], workers=1)
     assert con.execute("SELECT concept, concept_repeats FROM dataset").fetchall() == [("ohwx cat", 5)]
+
+
+def test_import_kohya_says_what_ingest_says(tmp_path, catalog_path):
+    """import-kohya kept one of two differing sidecars of byte-identical copies silently and showed `errors 2` with
+    no reason; `ingest` names both (and now an example file of each error reason)."""
+    from workbench.cli import app
+
+    sub = tmp_path / "set" / "img" / "10_sks dog"
+    _image(sub / "dog0.png", color=(40, 90, 140))
+    shutil.copy(sub / "dog0.png", sub / "DOG5.png")
+    (sub / "dog0.txt").write_text("caption one")
+    (sub / "DOG5.txt").write_text("caption five")
+    (sub / "bad.png").write_text("not a picture")
+    result = CliRunner().invoke(app, ["import-kohya", str(tmp_path / "set"), "--catalog", str(catalog_path), "--workers", "1"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "byte-identical copies whose caption sidecars differ" in text
+    assert "files recorded as errors" in text and "not an image" in text and str(sub / "bad.png") in text

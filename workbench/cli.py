@@ -176,12 +176,18 @@ def ingest(
         err_console.print(f"[bold]Ingest interrupted[/]: {what}; run the same command again to continue where it stopped.")
         raise typer.Exit(130)
     console.print(counts_table("ingest", summary.as_dict()))
+    _ingest_notes(con, summary, paths)
+
+
+def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
+    """What an ingest found that the user should know, after its counts (ingest and import-kohya)."""
     if summary.errors_by_reason:
         table = Table(title="files recorded as errors")
         table.add_column("reason")
         table.add_column("files", justify="right")
+        table.add_column("e.g.", overflow="fold")  # a reason alone left the user to find the file
         for reason, n in summary.errors_by_reason.items():
-            table.add_row(Text(reason), str(n))
+            table.add_row(Text(reason), str(n), Text(summary.error_examples.get(reason, "")))
         console.print(table)
     if summary.kohya_reg_folders_skipped:
         err_console.print("[yellow]Note:[/] left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
@@ -1059,10 +1065,13 @@ def import_kohya(
     con = open_catalog(catalog, create=True)
     try:
         with RichProgress(transient=True) as progress:
-            summary = imported_kohya_folder(con, folder, workers=workers, progress=progress)
+            read: list = []
+            summary = imported_kohya_folder(con, folder, workers=workers, progress=progress, ingest_summary=read)
     except ExportError as error:
         fail(str(error))
     console.print(counts_table("import-kohya", summary))
+    if read:  # the notes ingest gives (error reasons, sidecar conflicts, several-line captions), as `ingest` says them
+        _ingest_notes(con, read[0], [folder])
 
 
 
