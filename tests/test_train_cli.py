@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from train_fixtures import fast_config, ingest_images, one_thread, tiny_components  # noqa: F401
+from train_fixtures import fast_config, ingest_images, one_thread, tiny_components, write_images  # noqa: F401
 from workbench.cli import app
 
 pytestmark = pytest.mark.slow
@@ -542,6 +542,22 @@ def test_one_run_length_and_kohyas_square_resolution(catalog_path, tmp_path):
     assert wide.exit_code == 2 and "Use --resolution 624" in " ".join(wide.output.split()), wide.output
     square = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "64,64", "--show-batches", "1"])
     assert "0 train images" in square.output, square.output  # taken as 64: the run goes as far as the empty catalog
+
+
+def test_a_lora_run_says_when_imported_class_images_go_unused(con, tmp_path, one_thread):
+    """After import-kohya of img/ and reg/, `train lora` trained on the photos alone and said nothing of the reg
+    images, which kohya's train_network.py trains whenever it is given them."""
+    from pipelines.export import imported_kohya_folder
+    from pipelines.train import trained_model
+
+    write_images(tmp_path / "set" / "img" / "10_sks dog", 2)
+    write_images(tmp_path / "set" / "reg" / "1_dog", 2, seed=7)
+    imported_kohya_folder(con, tmp_path / "set", workers=1)
+    said = []
+    config = fast_config(tmp_path / "run", max_train_steps=1, num_validation_images=0)
+    trained_model(con, config, components=tiny_components(), progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("2 class image(s) of 'a photo of a dog' are in the catalog but not used: --prior-preservation" in m
+               for m in said), said
 
 
 def test_ctrl_c_stops_the_run_when_its_step_ends_and_keeps_that_step(catalog_path, tmp_path):

@@ -303,9 +303,26 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
     priors = None
     if config.with_prior_preservation:  # dreambooth, or lora asked for it (validate() leaves finetune out)
         priors, components = _ensure_priors(catalog, config, images, components, progress)
+    elif config.mode == "lora":
+        _say_unused_class_images(con, images, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_data.write_snapshot(snapshot, images, priors, config.to_dict())
     return images, priors, components
+
+
+def _say_unused_class_images(con, images, progress: ProgressHook) -> None:
+    """Class images of these images' classes are in the catalog (a kohya reg/ folder imported, a `priors` run), but
+    a LoRA trains without them unless asked: kohya's train_network.py trains its reg images whenever it is given
+    some, so an imported project would silently train without them."""
+    prompts = sorted({image.class_prompt for image in images if image.class_prompt})
+    if not prompts:
+        return
+    count = con.execute("SELECT count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.status = 'ok' "
+                        "AND c.class_prompt IN (SELECT unnest(?::VARCHAR[]))", [prompts]).fetchone()[0]
+    if count:
+        progress(task="dataset", message=(
+            f"{count} class image(s) of {', '.join(repr(p) for p in prompts[:3])} are in the catalog but not used: "
+            "--prior-preservation trains with them (DreamBooth-LoRA, as kohya trains its reg images)"))
 
 
 def is_main_process() -> bool:
