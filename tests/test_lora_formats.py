@@ -209,6 +209,10 @@ def test_kohya_metadata_counts_repeats_tags_epoch_and_cache(tmp_path, one_thread
     }
     assert json.loads(metadata["ss_dataset_dirs"]) == {"4_sks dog": {"n_repeats": 4, "img_count": 2}, "misc": {"n_repeats": 1, "img_count": 1}}
     assert metadata["ss_optimizer"].startswith("torch.optim.adamw.AdamW(")
+    # keys A1111's and sd-scripts' tools read that were missing: the name a LoRA is shown by, its buckets, its epoch
+    assert metadata["ss_output_name"] == "out" and metadata["ss_session_id"].isdigit()
+    assert json.loads(metadata["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [32, 32], "count": 9}}, "mean_img_ar_error": 0.0}
+    assert metadata["ss_num_batches_per_epoch"] == "5"  # 9 with repeats, in batches of 2
     # ss_max_train_steps is the run's length, ss_steps the steps trained when the file was written (a checkpoint's
     # LoRA said ss_max_train_steps=15 of a 20-step run)
     assert (metadata["ss_max_train_steps"], metadata["ss_steps"]) == (str(config.max_train_steps), "12")

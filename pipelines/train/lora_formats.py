@@ -204,11 +204,37 @@ def kohya_metadata(
     if epoch is not None:
         metadata["ss_epoch"] = str(epoch)
         metadata["ss_num_epochs"] = str(epoch)
+    if getattr(config, "output_dir", None):
+        # A1111 and ComfyUI show a LoRA by its output name; sd-scripts draws a random session id, derived here from
+        # the run (its folder and start), so every file a run writes, checkpoints included, says the same
+        metadata["ss_output_name"] = Path(config.output_dir).name
+        session = f"{config.output_dir}|{metadata['ss_training_started_at']}".encode()
+        metadata["ss_session_id"] = str(int.from_bytes(hashlib.sha256(session).digest()[:4], "big"))
     if images is not None:
         dirs, tags = kohya_dataset_info(images)
         metadata["ss_dataset_dirs"] = json.dumps(dirs)
         metadata["ss_tag_frequency"] = json.dumps(tags)
+        metadata["ss_bucket_info"] = json.dumps(kohya_bucket_info(images))
+        batches: dict[tuple[int, int], int] = {}
+        for image in images:  # as sd-scripts counts an epoch: each bucket's images with repeats, in batches
+            batches[tuple(image.bucket)] = batches.get(tuple(image.bucket), 0) + int(getattr(image, "repeats", 1))
+        metadata["ss_num_batches_per_epoch"] = str(sum(-(-n // config.train_batch_size) for n in batches.values()))
     return metadata
+
+
+def kohya_bucket_info(images: Sequence[Any]) -> dict:
+    """sd-scripts' `ss_bucket_info`: each bucket's resolution and image count (with repeats), and the mean
+    difference between an image's aspect ratio and its bucket's."""
+    counts: dict[tuple[int, int], int] = {}
+    errors = []
+    for image in images:
+        bucket = tuple(image.bucket)
+        counts[bucket] = counts.get(bucket, 0) + int(getattr(image, "repeats", 1))
+        width, height = image.resized
+        errors.append(abs(bucket[0] / bucket[1] - width / height))
+    buckets = {str(i): {"resolution": list(bucket), "count": n}
+               for i, (bucket, n) in enumerate(sorted(counts.items()))}  # sd-scripts sorts its resolutions
+    return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
