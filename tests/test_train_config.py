@@ -352,7 +352,7 @@ def test_cli_splits_set_lists_and_refuses_keep_tokens_alone(tmp_path, monkeypatc
     assert keep.exit_code == 2 and "add --shuffle-tags, or remove --keep-tokens" in flat(keep.output)
     kohya = runner.invoke(app, ["train", "lora", "--set", "network_dim=8", "--set", "save_every_n_steps=5", *catalog])
     assert kohya.exit_code == 2
-    assert all(s in flat(kohya.output) for s in ("'network_dim' (workbench: rank)",
+    assert all(s in flat(kohya.output) for s in ("'network_dim' (workbench: rank, with lora_alpha = 1 for kohya's default scale",
                                                  "'save_every_n_steps' (workbench: checkpointing_steps)"))
 
 
