@@ -180,9 +180,15 @@ def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_cop
     resumed = runner.invoke(app, ["train", "lora", *common, "--resume", "latest", "--max-train-steps", "3"])
     assert resumed.exit_code == 0, resumed.output
     con = connect(catalog_path)
-    runs = con.execute("SELECT status, steps, config, output_dir FROM training_runs WHERE status = 'ok' ORDER BY train_id").fetchall()
+    runs = con.execute("SELECT status, steps, config, output_dir FROM training_runs WHERE status IN ('ok', 'continued') "
+                       "ORDER BY train_id").fetchall()
+    # the resumed run's seconds count the first session up to its checkpoint too (they were the last session's alone)
+    whole = con.execute("SELECT seconds FROM training_runs WHERE status = 'ok'").fetchone()[0]
+    session = con.execute("SELECT seconds FROM runs WHERE step = 'train:lora' ORDER BY run_id DESC LIMIT 1").fetchone()[0]
     con.close()
-    assert [(status, steps) for status, steps, _, _ in runs] == [("ok", 2), ("ok", 3)]
+    # the first session's row is 'continued': its weights and samples are the second's now
+    assert [(status, steps) for status, steps, _, _ in runs] == [("continued", 2), ("ok", 3)]
+    assert whole > session
     saved, continued = (json.loads(config) for _, _, config, _ in runs)
     assert (continued["resolution"], continued["rank"], continued["train_batch_size"]) == (64, 2, 2)  # not the defaults
     assert continued["max_train_steps"] == 3 and saved["max_train_steps"] == 2

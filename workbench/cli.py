@@ -1513,6 +1513,21 @@ def _supplied_priors_command(folder: Path, class_prompt: str | None, catalog: Pa
     console.print(counts_table(f"class images you supplied: {prompt}", summary.as_dict()))
 
 
+def _run_moved_here(con, folder: Path) -> str | None:
+    """What to say of a run folder the catalog has elsewhere (moved): its dataset.json names the folder's life."""
+    from pipelines.train.config import SNAPSHOT_FILE
+    from pipelines.train.data import snapshot_folder_id
+
+    folder_id = snapshot_folder_id(folder / SNAPSHOT_FILE)
+    if folder_id is None:
+        return None
+    row = con.execute("SELECT max(train_id), any_value(output_dir) FROM training_runs WHERE folder_id = ?", [folder_id]).fetchone()
+    if row[0] is None:
+        return None
+    return (f"it holds training run {row[0]}, which trained in {row[1]}: the folder was moved since. Runs are found in "
+            "the folder they trained in: move it back to evaluate it.")
+
+
 @app.command()
 def evaluate(
     run: Annotated[str, typer.Argument(help="Training run id (training_runs.train_id), a run's output folder, or 'latest'.")] = "latest",
@@ -1540,10 +1555,16 @@ def evaluate(
         row = con.execute("SELECT max(train_id) FILTER (WHERE status = 'ok'), string_agg(DISTINCT status, ', ') "
                           "FROM training_runs WHERE output_dir = ?", [folder]).fetchone()
         if row[0] is None:
+            moved = _run_moved_here(con, Path(folder))
             fail(f"No finished training run in {run}" + (f" (its runs: {row[1]}; `workbench train … --resume latest "
-                 f"--output-dir {run}` finishes it)" if row[1] else ": is it a run's output folder?"))
+                 f"--output-dir {run}` finishes it)" if row[1] else f": {moved}" if moved else ": is it a run's output folder?"))
         train_id = int(row[0])
     else:
+        gone = con.execute("SELECT list(train_id ORDER BY train_id) FROM training_runs WHERE output_dir = ?",
+                           [str(Path(run).expanduser().absolute())]).fetchone()[0]
+        if gone:
+            fail(f"{run} is gone (moved or deleted); the catalog has training run(s) {', '.join(map(str, gone))} there. "
+                 "Runs are found in the folder they trained in: move it back to evaluate it.")
         fail(f"RUN must be a training run id, a run's output folder or 'latest', got {run!r}")
     try:
         with RichProgress(transient=True) as progress:

@@ -319,10 +319,20 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
 
     # folder_id: this life of the run folder, recorded with each training row (a folder deleted and used again gets a
     # new one, so the rows of the deleted run do not count when a resume there is judged)
-    payload = {"version": 1, "folder_id": uuid.uuid4().hex, "config": config, "images": [asdict(i) for i in images],
-               "priors": None if priors is None else {p: [asdict(i) for i in pool] for p, pool in priors.items()}}
+    def entry(image: TrainImage) -> dict:
+        # strict JSON, which DuckDB's read_json (and any other reader) takes: a file name that is not UTF-8 is held
+        # as surrogate escapes, which JSON cannot carry, so it is written as \xNN text, with its bytes in hex
+        row = asdict(image)
+        raw = os.fsencode(image.path)
+        row["path"] = raw.decode("utf-8", "backslashreplace")
+        if row["path"] != image.path:  # for the exact round trip
+            row["path_hex"] = raw.hex()
+        return row
+
+    payload = {"version": 1, "folder_id": uuid.uuid4().hex, "config": config, "images": [entry(i) for i in images],
+               "priors": None if priors is None else {p: [entry(i) for i in pool] for p, pool in priors.items()}}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:  # ASCII JSON: a file name that is not UTF-8 (kept as surrogate escapes) survives the round trip
+    try:
         tmp.write_text(json.dumps(payload))
         os.replace(tmp, path)
     finally:
@@ -345,6 +355,9 @@ def read_snapshot(path: Path) -> tuple[list[TrainImage], dict[str, list[TrainIma
             raise ValueError(f"unknown version {payload.get('version')!r}")
 
         def image(row: dict) -> TrainImage:
+            raw = row.pop("path_hex", None)
+            if raw is not None:
+                row["path"] = os.fsdecode(bytes.fromhex(raw))
             return TrainImage(**{**row, "bucket": tuple(row["bucket"]), "resized": tuple(row["resized"]), "crop": tuple(row["crop"])})
 
         images = [image(r) for r in payload["images"]]

@@ -121,7 +121,8 @@ def finished_sessions(con: duckdb.DuckDBPyConnection, train_id: int) -> list[int
     sessions that continued it with --resume, each rewriting the folder's outputs."""
     row = con.execute(
         "SELECT list(other.train_id ORDER BY other.train_id) FROM training_runs run JOIN training_runs other "
-        "ON other.output_dir = run.output_dir AND other.folder_id IS NOT DISTINCT FROM run.folder_id AND other.status = 'ok' "
+        "ON other.output_dir = run.output_dir AND other.folder_id IS NOT DISTINCT FROM run.folder_id "
+        "AND other.status IN ('ok', 'continued') "
         "WHERE run.train_id = ?",
         [train_id],
     ).fetchone()
@@ -146,19 +147,30 @@ def run_metrics(
     """CLIP score, CMMD (and FID when possible) of a training run's final samples, stored in training_runs."""
     from workbench.models import load_clip, resolve_device
 
-    row = con.execute("SELECT model, outputs, image_ids FROM training_runs WHERE train_id = ?", [train_id]).fetchone()
+    row = con.execute("SELECT model, outputs, image_ids, status, steps, output_dir FROM training_runs WHERE train_id = ?",
+                      [train_id]).fetchone()
     if row is None:
         raise ValueError(f"No training run {train_id}; list them with `workbench sql \"SELECT * FROM training_runs\"`.")
     later = continued_by(con, train_id)
     if later is not None:
         raise ValueError(f"Run {train_id}'s samples and weights are now those of run {later}, which continued it in the same "
                          f"folder: evaluate run {later}.")
-    model, outputs, image_ids = row
+    model, outputs, image_ids, status, steps, output_dir = row
+    if status not in ("ok", "continued"):
+        after = con.execute("SELECT min(train_id) FROM training_runs WHERE train_id > ? AND output_dir = ? AND status = 'ok'",
+                            [train_id, output_dir]).fetchone()[0]
+        raise ValueError(f"Training run {train_id} did not finish ({status} at step {steps or 0}): it has no final samples. "
+                         + (f"Run {after} went on in its folder: evaluate run {after}." if after is not None else
+                            f"`workbench train … --resume latest --output-dir {output_dir}` finishes it."))
+    if output_dir and not Path(output_dir).is_dir():
+        raise ValueError(f"Training run {train_id}'s folder {output_dir} is gone (moved or deleted): its samples are read "
+                         "where it trained; move it back to evaluate it.")
     outputs = json.loads(outputs) if outputs else {}
     final_dir = Path(outputs.get("final_samples", ""))
     index_file = final_dir / "samples.json"
     if not index_file.is_file():
-        raise ValueError(f"Training run {train_id} has no final samples to evaluate (looked for {index_file}).")
+        raise ValueError(f"Training run {train_id} has no final samples to evaluate (looked for {index_file}; runs with "
+                         "--set num_validation_images=0 make none).")
     index = json.loads(index_file.read_text())
     samples = [_open(str(final_dir / entry["file"])) for entry in index]
     prompts = [entry["prompt"] for entry in index]

@@ -72,6 +72,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
     steps_this_session: int = 0  # steps run by this call (fewer than `steps` after a resume)
+    seconds_before: float = 0.0  # the earlier sessions' time up to the checkpoint this one resumed from
 
     @property
     def steps_per_second(self) -> float:
@@ -690,6 +691,11 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
     prompts = list(config.validation_prompt) or list(dict.fromkeys(img.caption for img in images if img.caption))[:2] or ["a photo"]
     sampling = config.num_validation_images > 0
+    if sampling and not config.validation_prompt and accelerator.is_main_process and resume_from is None:
+        # the grids (and the CLIP score of evaluate) of two runs compare only with the same prompts and seeds
+        progress(task="train", message=(
+            f"sample prompts: {' | '.join(repr(p) for p in prompts)} (the first captions of this dataset: a run on "
+            "another dataset samples others; --validation-prompt, repeatable, keeps runs comparable)"))
     sample_captions = [*prompts, ""] if sampling else []  # "": the unconditional prompt of classifier-free guidance
     if accelerator.is_main_process:
         fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress, extra_captions=sample_captions)
@@ -862,7 +868,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         output_dir=output_dir, steps=global_step, final_loss=final_loss(loss_rows),
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
-        class_images=class_image_count,
+        class_images=class_image_count, seconds_before=seconds_before,
     )
 
 

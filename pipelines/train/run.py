@@ -451,6 +451,13 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
             "finished_at = current_timestamp WHERE train_id = ?",
             [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
         )
+        # earlier finished sessions of this run (continued with --resume and more steps): their outputs are now this
+        # one's, so they are no longer 'ok' rows a query for the best finished run would list with files they lack
+        con.execute(
+            "UPDATE training_runs SET status = 'continued' WHERE status = 'ok' AND train_id < ? AND output_dir = ? "
+            "AND folder_id IS NOT DISTINCT FROM (SELECT folder_id FROM training_runs WHERE train_id = ?)",
+            [train_id, str(output_dir), train_id],
+        )
     else:
         reason = str(failure) or "stopped by the user or a signal"
         con.execute(  # steps: where a --resume would continue from
@@ -484,8 +491,9 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
             # main loads the model when none was given: with the catalog already free
             result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
             # the whole run from the call on: class-prior generation, model loading, caching, training, samples and
-            # outputs (main's own count starts after the priors); not the wait to record it, nor evaluation
-            result.seconds = time.perf_counter() - started
+            # outputs (main's own count starts after the priors); not the wait to record it, nor evaluation. A resumed
+            # run adds its earlier sessions up to the checkpoint it went on from (kohya's ss_training_seconds does too)
+            result.seconds = result.seconds_before + time.perf_counter() - started
     except BaseException as error:
         failure = error
         raise
