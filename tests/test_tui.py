@@ -1255,6 +1255,37 @@ def test_resume_in_the_train_screen_goes_on_with_the_runs_own_options(four_image
     asyncio.run(scenario())
 
 
+def test_the_train_screen_lists_past_runs_and_shows_one(four_image_catalog):
+    """Reopened on a catalog with 16 runs, the Train screen said "not started": no run, no loss, no samples."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import fast_config, tiny_components
+
+    from pipelines.train import trained_model
+
+    con = connect(four_image_catalog)
+    runs = four_image_catalog.parent / "runs"
+    trained_model(con, fast_config(runs / "first", max_train_steps=2, num_validation_images=1), components=tiny_components())
+    trained_model(con, fast_config(runs / "second", max_train_steps=3, num_validation_images=0), components=tiny_components())
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=four_image_catalog, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            table = screen.query_one("#runs-table")
+            await wait_for(pilot, lambda: table.row_count == 2, what="the runs")
+            assert [row[:4] for row in table.rows] == [["2", "lora", "ok", "3"], ["1", "lora", "ok", "2"]]
+            assert [row[-1] for row in table.rows] == ["second", "first"]
+            table.focus()
+            await pilot.press("down", "enter")  # the older run, which made a sample grid
+            await wait_for(pilot, lambda: "showing run 1" in text_of(app, "#train-state"), what="run 1 shown")
+            await wait_for(pilot, lambda: "latest sample grid: " in text_of(app, "#sample-label")
+                           and text_of(app, "#sample-label") != "latest sample grid", what="its grid")
+            assert screen.output_dir == runs / "first"
+
+    asyncio.run(scenario())
+
+
 def test_train_screen_stop_and_resume(four_image_catalog):
     catalog_path = four_image_catalog
     async def scenario():

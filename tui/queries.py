@@ -306,3 +306,20 @@ def save_to_history(con: duckdb.DuckDBPyConnection, sql: str, *, ok: bool) -> No
         cur.execute("DELETE FROM sql_history WHERE id <= (SELECT max(id) FROM sql_history) - ?", [HISTORY_KEPT])
     finally:
         cur.close()
+
+
+RUN_COLUMNS = ["run", "mode", "status", "steps", "final loss", "seconds", "clip score", "folder"]
+
+
+def training_runs(con: duckdb.DuckDBPyConnection, limit: int = 200) -> tuple[list[list], list[str]]:
+    """The newest training runs as rows of RUN_COLUMNS (the folder by its name), and each one's output folder."""
+    import os
+
+    cur = con.cursor()
+    try:
+        rows = cur.execute(
+            "SELECT train_id, mode, status, steps, final_loss, seconds, clip_score, output_dir FROM training_runs "
+            "ORDER BY train_id DESC LIMIT ?", [limit]).fetchall()
+    finally:
+        cur.close()
+    return [[*row[:7], os.path.basename(row[7] or "")] for row in rows], [row[7] or "" for row in rows]

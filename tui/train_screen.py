@@ -18,7 +18,10 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Log, ProgressBar, Select
 from textual_plotext import PlotextPlot
 
+from tui import queries
+from tui.image_table import cell
 from tui.messages import CatalogChanged, StepFinished, StepProgress
+from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe, visible
 from tui.size_classes import SizeClasses
@@ -132,6 +135,8 @@ class TrainScreen(SizeClasses, Screen):
         Binding("ctrl+t", "train", "Train", priority=True),
         Binding("ctrl+x", "stop", "Stop", priority=True),
         Binding("ctrl+o", "resume", "Resume", priority=True),
+        # reaches the screen only from the runs table: inputs, selects and buttons take Enter themselves
+        Binding("enter", "show_run", "Show the run", show=False),
     ]
 
     @dataclass
@@ -147,6 +152,11 @@ class TrainScreen(SizeClasses, Screen):
         sample: str | None
         picture: Any
 
+    @dataclass
+    class _Runs(Message):
+        rows: list[list]
+        folders: list[str]
+
     def __init__(self) -> None:
         super().__init__()
         self._progress = None
@@ -155,6 +165,8 @@ class TrainScreen(SizeClasses, Screen):
         self.step_started: tuple[float, int] | None = None
         self.shown_sample: str | None = None
         self.ready = False  # the form has its defaults (loaded in a worker)
+        self.run_folders: list[str] = []  # the runs table's rows: each run's output folder and id
+        self.run_ids: list[int] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -178,6 +190,8 @@ class TrainScreen(SizeClasses, Screen):
                 yield ProgressBar(total=1, id="train-bar", show_eta=False)
                 yield Label("not started", id="train-state")
                 yield Log(id="train-log", max_lines=500)  # every message of the run, kept: the state line shows the last
+                yield Label("runs (Enter or a double click shows one's loss and samples)", id="runs-label")
+                yield PageTable(id="runs-table")
                 yield PlotextPlot(id="loss-plot")
                 yield Label("latest sample grid", id="sample-label")
                 yield ImagePreview(id="sample-preview")
@@ -187,6 +201,45 @@ class TrainScreen(SizeClasses, Screen):
         self._draw_losses([])
         self.query_one("#train-state", Label).update("loading the training settings…")
         self._load_defaults("tiny", initial=True)
+        self._load_runs()
+
+    # --- past runs ------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="train-runs")
+    def _load_runs(self) -> None:
+        rows, folders = queries.training_runs(self.app.con)
+        self.post_message(self._Runs(rows, folders))
+
+    @on(_Runs)
+    def _runs(self, message: _Runs) -> None:
+        self.run_folders = message.folders
+        self.run_ids = [row[0] for row in message.rows]
+        self.query_one("#runs-table", PageTable).set_rows(
+            queries.RUN_COLUMNS, [[cell(name, value) for name, value in zip(queries.RUN_COLUMNS, row)] for row in message.rows],
+            right_aligned=[False, False, False, True, True, True, True, False])
+
+    @on(PageTable.RowSelected, "#runs-table")
+    def _run_picked(self, event: PageTable.RowSelected) -> None:
+        self._show_run(event.row)
+
+    def action_show_run(self) -> None:
+        table = self.query_one("#runs-table", PageTable)
+        if table.has_focus and table.row_count:
+            self._show_run(table.cursor_row)
+
+    def _show_run(self, index: int) -> None:
+        """Draw a past run's loss curve and newest sample grid (the live run's stay while one trains)."""
+        if self.running:
+            self.notify("A run is training: its loss and samples are shown until it ends.", title="Train")
+            return
+        folder = self.run_folders[index]
+        if not folder or not Path(folder).is_dir():
+            self.notify(f"Run {self.run_ids[index]}'s folder {folder or '?'} is gone (moved or deleted).", title="Train",
+                        severity="warning")
+            return
+        self.output_dir, self.shown_sample = Path(folder), None
+        self.query_one("#train-state", Label).update(f"showing run {self.run_ids[index]}: {markup_safe(folder)}")
+        self._poll()
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
@@ -378,6 +431,7 @@ class TrainScreen(SizeClasses, Screen):
             self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {markup_safe(form_message(message.error or ''))}")
             self.notify(form_message(message.error or message.status), title=f"Train {message.status}",
                         severity="error" if message.status == "failed" else "warning", timeout=10)
+        self._load_runs()
         self.post_message(CatalogChanged("train"))
 
     # --- live loss and samples ----------------------------------------------------------
