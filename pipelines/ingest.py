@@ -531,20 +531,20 @@ _IMAGE_SCHEMA = {
 }
 
 
-def _write_batch(con: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
-    """Upsert one batch of images, hashes, paths and sidecar captions in a single transaction."""
+def _write_batch(con: duckdb.DuckDBPyConnection, rows: list[dict], role: str = "instance") -> None:
+    """Upsert one batch of images (new ones with `role`), hashes, paths and sidecar captions in a single transaction."""
     if not rows:
         return
     table = pl.DataFrame({name: [row.get(name) for row in rows] for name in _IMAGE_SCHEMA}, schema=_IMAGE_SCHEMA)
     con.register("ingest_batch", table)
     try:
         with transaction(con):
-            _upsert_batch(con)
+            _upsert_batch(con, role)
     finally:
         con.unregister("ingest_batch")
 
 
-def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
+def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
     # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept
     # and exclusion or include; the old content's row stays and says what replaced it. Only onto a content new to
     # the catalog (found before this batch's images go in): a file overwritten with the bytes of an image the
@@ -565,9 +565,10 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """
         INSERT INTO images (image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
-                            status, error, brightness, contrast, blur, entropy, is_grayscale)
+                            status, error, brightness, contrast, blur, entropy, is_grayscale, role)
         SELECT DISTINCT ON (image_id) image_id, bytes, width, height, format, mode, n_frames, exif_orientation,
-               status, error, brightness, contrast, blur, entropy, is_grayscale
+               status, error, brightness, contrast, blur, entropy, is_grayscale,
+               CASE WHEN status = 'ok' THEN ? ELSE 'instance' END  -- an unreadable file is nobody's class image
         FROM ingest_batch WHERE status <> 'same'  -- bytes already recorded: only their path row changes
         ON CONFLICT (image_id) DO UPDATE SET
             bytes = excluded.bytes, width = excluded.width, height = excluded.height,
@@ -576,7 +577,8 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection) -> None:
             error = excluded.error, brightness = excluded.brightness, contrast = excluded.contrast,
             blur = excluded.blur, entropy = excluded.entropy, is_grayscale = excluded.is_grayscale,
             updated_at = now()
-        """
+        """,
+        [role],
     )
     con.execute(
         """
@@ -684,12 +686,16 @@ def ingested_images(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     folder_concepts: bool = True,
+    role: str = "instance",
     progress: ProgressHook = null_progress,
 ) -> IngestSummary:
     """Walk `paths`, read new and changed files in parallel, and record every image in the catalog.
 
     `folder_concepts`: the kohya folder names of the files read become concepts, and concepts' stored rules take
-    the new images (False for class images, which are in no concept)."""
+    the new images (False for class images, which are in no concept). `role`: what an image new to the catalog is
+    ('class_prior' for generated class images: written with it, they are never training photos for a moment)."""
+    if role not in ("instance", "class_prior"):
+        raise ValueError(f"role must be 'instance' or 'class_prior', not {role!r}")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     roots = [os.path.abspath(os.fsencode(p)) for p in paths]
@@ -711,7 +717,8 @@ def ingested_images(
     with _CtrlC() as ctrl_c, record_run(con, "ingest", params) as run:
         try:
             _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,
-                    join_concepts=last_unfinished, folder_concepts=folder_concepts, progress=progress, ctrl_c=ctrl_c)
+                    join_concepts=last_unfinished, folder_concepts=folder_concepts, progress=progress, ctrl_c=ctrl_c,
+                    role=role)
         except KeyboardInterrupt as interrupt:
             # every write is its own transaction, so the catalog is consistent; say how far this run got. The run's
             # counts are what it stored (the summary's, what it found to read, say how much of it that was)
@@ -761,7 +768,8 @@ class _CtrlC:
 
 
 def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: int, max_pixels: int,
-            retry_errors: bool, join_concepts: bool, folder_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC) -> None:
+            retry_errors: bool, join_concepts: bool, folder_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC,
+            role: str = "instance") -> None:
     """The body of one ingest run (see ingested_images)."""
     progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
     known = _known_paths(con)
@@ -813,7 +821,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     sidecars: dict[bytes, tuple[str, bytes, str | None]] = {}  # image path -> (image, its sidecar, caption) read now
     recheck: set[str] = set()  # images whose sidecar caption may have come from a file that no longer gives it
     outcome: dict[bytes, tuple[str, str]] = {}  # path read -> (what it turned out to be, its image)
-    _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c,
+    _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c, role=role,
               sidecars=sidecars, plan=plan, expect=expect, known=known, outcome=outcome, sidecar_only=sidecar_only)
     known_images = {previous[5] for previous in known.values() if previous[5] is not None}
     summary.moved_or_copied = sum(1 for path, kind in plan.items() if kind == "new" and path in outcome
@@ -918,7 +926,7 @@ def _grouped_now_missing(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -
     ).fetchall()[0]
 
 
-def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary,
+def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary, role: str,
               progress: ProgressHook, ctrl_c: _CtrlC, sidecars: dict[bytes, tuple[str, bytes, str | None]],
               plan: dict[bytes, str], expect: dict[bytes, str], known: dict[bytes, tuple],
               outcome: dict[bytes, tuple[str, str]], sidecar_only: list[FileEntry]) -> None:
@@ -936,7 +944,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
     done = 0
 
     def flush() -> None:
-        _write_batch(con, pending)
+        _write_batch(con, pending, role)
         summary.read_by_kind.update(pending_read)
         # "recorded" is of the files the walk counted to read: not those that turned out unchanged
         summary.recorded += len(pending) - pending_read["unchanged"]

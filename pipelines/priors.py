@@ -408,20 +408,24 @@ def class_priors(
 def _ingest_and_record(con, files: dict[int, Path], plan: PriorPlan, ingest) -> None:
     if not files:
         return
-    ingest(con, [str(p) for p in files.values()], workers=1)
+    # written as class images from the start: a stop between the ingest and the rows below left generated images
+    # as training photos (a LoRA then trained on them). A stop before the rows leaves class images of no set,
+    # which train nowhere until the next `priors` run gives them their rows
+    ingest(con, [str(p) for p in files.values()], workers=1, role="class_prior")
     how = plan.settings
-    for s, path in files.items():
-        row = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [os.fsencode(os.path.abspath(path))]).fetchone()
-        if row is None:
-            continue
-        image_id = row[0]
-        con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [image_id])
-        con.execute(
-            "INSERT INTO class_priors (image_id, class_prompt, seed, model, concept, resolution, steps, guidance_scale, sampler) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (image_id) DO NOTHING",
-            [image_id, plan.class_prompt, s, plan.model_name, plan.concept,
-             *((how.resolution, how.steps, float(how.guidance_scale), how.sampler) if how else (None,) * 4)],
-        )
+    with transaction(con):
+        for s, path in files.items():
+            row = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [os.fsencode(os.path.abspath(path))]).fetchone()
+            if row is None:
+                continue
+            image_id = row[0]
+            con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [image_id])  # ingested before as a photo
+            con.execute(
+                "INSERT INTO class_priors (image_id, class_prompt, seed, model, concept, resolution, steps, guidance_scale, sampler) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (image_id) DO NOTHING",
+                [image_id, plan.class_prompt, s, plan.model_name, plan.concept,
+                 *((how.resolution, how.steps, float(how.guidance_scale), how.sampler) if how else (None,) * 4)],
+            )
 
 
 def prior_jobs(con: duckdb.DuckDBPyConnection, *, class_prompt: str | None = None, num_images: int | None = None,
@@ -550,7 +554,8 @@ def supplied_priors(
     concepts_before = {row[0] for row in con.execute("SELECT name FROM concepts").fetchall()}
     params = {"supplied_from": root, "class_prompt": class_prompt, "including_training_photos": including_training_photos}
     with record_run(con, "priors", params) as run:
-        ingested_images(con, [str(p) for p in files], workers=workers, folder_concepts=False, progress=progress)
+        # new images go in as class images: a stop before their rows below leaves no training photo behind
+        ingested_images(con, [str(p) for p in files], workers=workers, folder_concepts=False, role="class_prior", progress=progress)
         wanted = [os.fsencode(str(p)) for p in files]
         rows = con.execute(
             "SELECT DISTINCT p.image_id, v.status, v.role FROM paths p JOIN images_view v USING (image_id) "

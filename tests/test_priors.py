@@ -74,6 +74,30 @@ def test_an_interrupted_run_keeps_its_images_and_the_rerun_finishes(con, tmp_pat
     assert (rest.existing, rest.generated) == (2, 2)
 
 
+def test_a_stop_while_class_images_are_recorded_never_makes_them_training_photos(con, tmp_path, pipe, one_thread, monkeypatch):
+    """Ctrl+C between the ingest of generated images and their class-prior rows left them 'instance' images: a LoRA
+    then trained on 314 images, 97 of them generated birds. Now they are class images from the moment they are in."""
+    import pipelines.ingest as ingest_module
+
+    ingest_images(con, tmp_path / "instances", 2)
+    real = ingest_module.ingested_images
+
+    def stopped_after_ingest(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # the stop lands after the ingest, before the class_priors rows
+
+    monkeypatch.setattr(ingest_module, "ingested_images", stopped_after_ingest)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(con, pipe, tmp_path / "priors", num_images=3)
+    roles = dict(con.execute("SELECT role, count(*) FROM images GROUP BY role").fetchall())
+    assert roles == {"instance": 2, "class_prior": 2}  # the first batch of two, stopped before its rows
+    assert con.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM dataset WHERE role = 'instance'").fetchone()[0] == 2  # the photos alone train
+    monkeypatch.undo()
+    rerun = _generate(con, pipe, tmp_path / "priors", num_images=3)  # the next run gives them their rows
+    assert rerun.generated == 1 and con.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 3
+
+
 def test_default_count_follows_the_dreambooth_recipe(con, tmp_path):
     ingest_images(con, tmp_path / "instances", 3)
     assert default_prior_count(con, max_images=1000) == 600  # 200 x 3 instance images
