@@ -469,7 +469,7 @@ def exported_dataset(
             # the manifest is also the marker that keeps `workbench ingest` of a folder above out of the export (its
             # caption files would come back as sidecar captions): written before the first image, so an export
             # killed outright carries it too
-            _write_manifest(out_path, format, [], finished=False)
+            _write_manifest(out_path, format, [], finished=False, before=sorted(before))
             exporter = kohya_export if format == "kohya" else imagefolder_export
             finished = False
             try:
@@ -483,10 +483,13 @@ def exported_dataset(
     return summary
 
 
-def _write_manifest(out: Path, format: str, files: list[str], *, finished: bool) -> None:
-    """OUT's manifest: the files this export wrote (for `--overwrite`), and whether it finished."""
+def _write_manifest(out: Path, format: str, files: list[str], *, finished: bool, before: list[str] | None = None) -> None:
+    """OUT's manifest: the files this export wrote (for `--overwrite`), and whether it finished. One not finished
+    also lists the files OUT held `before` it began: if the export is killed outright, every other file is its own."""
     manifest = {"format": format, "files": files}
-    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest if finished else {**manifest, "finished": False}, indent=0))
+    if not finished:
+        manifest.update(finished=False, **({"files_before": before} if before is not None else {}))
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=0))
 
 
 def _refuse_to_overwrite_image_sources(con: duckdb.DuckDBPyConnection, out: Path) -> None:
@@ -519,7 +522,11 @@ def _removed_previous_export(out: Path) -> int:
     if not manifest.is_file():
         return 0
     try:
-        listed = json.loads(manifest.read_text())["files"]
+        written = json.loads(manifest.read_text())
+        listed = written["files"]
+        if written.get("finished") is False and isinstance(written.get("files_before"), list):
+            # killed before it could list its files (kill -9, a power cut): they are all that was not there before
+            listed = sorted(_files_under(out) - set(written["files_before"]) - {EXPORT_MANIFEST})
     except (ValueError, KeyError, TypeError):
         return 0
     removed, emptied = 0, set()

@@ -753,3 +753,23 @@ def test_import_kohya_says_what_ingest_says(tmp_path, catalog_path):
     text = " ".join(result.output.split())
     assert "byte-identical copies whose caption sidecars differ" in text
     assert "files recorded as errors" in text and "not an image" in text and str(sub / "bad.png") in text
+
+
+def test_overwrite_replaces_an_export_that_was_killed_outright(con, curated, tmp_path):
+    """An export killed with -9 left a manifest listing no files: `--overwrite` exports kept its 444 files for good,
+    excluded images among them."""
+    from pipelines.filter import manual_exclusions
+
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")  # a file of the user's, there before any export
+    exported_dataset(con, out, format="kohya", overwrite=True)
+    written = sorted(p for p in _all_files(out) if p.name not in ("notes.txt", EXPORT_MANIFEST))
+    # what kill -9 leaves: the manifest written before the first image, with the files that were there before
+    (out / EXPORT_MANIFEST).write_text(json.dumps({"format": "kohya", "files": [], "finished": False, "files_before": ["notes.txt"]}))
+    excluded = _by_name(con)["b.png"]
+    manual_exclusions(con, [excluded], "blurry")
+    exported_dataset(con, out, format="kohya", overwrite=True)
+    now = sorted(p for p in _all_files(out) if p.name not in ("notes.txt", EXPORT_MANIFEST))
+    assert not any(excluded[:12] in p.name for p in now)  # the excluded image's file is gone
+    assert len(now) == len(written) - 1 and (out / "notes.txt").read_text() == "mine"
