@@ -155,6 +155,44 @@ def test_an_output_dir_that_cannot_be_written_is_said_without_a_traceback(catalo
     assert result.exit_code == 2 and "Not a directory" in result.output and "Traceback" not in result.output, result.output
 
 
+def test_a_full_disk_while_checkpointing_names_the_last_checkpoint_and_leaves_no_half_written_one(catalog_path, tmp_path, monkeypatch, one_thread):
+    """safetensors' "No space left on device" ended in a traceback, and the half-written `.checkpoint-N.tmp` stayed,
+    holding the space that was short."""
+    import pipelines.train.checkpoint as checkpoint_module
+    from workbench.catalog import connect
+    from workbench.cli import _disk_full
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "imgs", 2)
+    con.close()
+    real, calls = checkpoint_module.save_file, []
+
+    def full_on_the_second_checkpoint(tensors, path, *args, **kwargs):
+        if path.endswith("weights.safetensors"):
+            calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_on_the_second_checkpoint)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "3",
+                                 "--checkpointing-steps", "1", "--output-dir", str(out), "--set", "num_validation_images=0",
+                                 "--set", "report_to='none'", "--set", f"cache_dir='{tmp_path / 'cache'}'"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "No space left on device" in said, result.output
+    assert "The last checkpoint, checkpoint-1, is kept" in said and "--resume latest --output-dir" in said
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # no .checkpoint-2.tmp
+    assert _disk_full(OSError(28, "No space left on device")) and not _disk_full(ValueError("bad value"))
+    try:  # DuckDB's error for its write-ahead log, raised inside another
+        try:
+            raise RuntimeError('TransactionException: Could not write file "c.duckdb.wal": No space left on device')
+        except RuntimeError as inner:
+            raise ValueError("the ingest failed") from inner
+    except ValueError as outer:
+        assert _disk_full(outer)
+
+
 def test_resume_keeps_the_runs_options_and_a_run_folder_holds_one_run(sample_copy, catalog_path, tmp_path, monkeypatch, one_thread):
     """`--resume latest` continues with the options the checkpoint was written with (not the defaults); options
     that would make it another run are refused, and a new run never lands in an old run's folder."""

@@ -1251,9 +1251,12 @@ def train_command(
             result = trained_model(con, train_config, progress=stoppable, release_catalog=True)
     except (ConfigError, DataError, TrainingError, ModelError) as error:
         fail(str(error))
-    except OSError as error:  # an output folder it may not write, a full disk: said, not a traceback
+    except Exception as error:  # an output folder it may not write, a full disk: said, not a traceback
+        if not isinstance(error, OSError) and not _disk_full(error):  # safetensors says a full disk in its own error
+            raise
         kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints") if train_config.output_dir else []
-        fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, --resume latest goes on from it."
+        fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, `workbench train {mode} "
+                           f"--resume latest --output-dir {shlex.quote(train_config.output_dir)}` goes on from it."
                            if kept else ""))
     except (KeyboardInterrupt, StepCancelled):  # StepCancelled: the first Ctrl+C, at the end of a step
         from pipelines.train.config import SNAPSHOT_FILE
@@ -1790,6 +1793,27 @@ def main() -> None:
     except CatalogError as error:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+        # the catalog (DuckDB's write-ahead log) or an output on a full disk: each step's writes are transactions,
+        # so what was written before is kept; a traceback only hid that
+        err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
+                          "is kept: free some space and run the same command again.")
+        sys.exit(1)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether an error (OSError, DuckDB's, safetensors') is a full disk or quota, here or in what caused it."""
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 if __name__ == "__main__":

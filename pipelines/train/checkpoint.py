@@ -101,6 +101,19 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, trainable=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, ema=ema,
+                          step=step, extra=extra, also_write=also_write)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # half written (a full disk): it would hold the space that is short
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def _write_checkpoint(tmp: Path, *, trainable, optimizer, lr_scheduler, scaler, ema, step: int, extra, also_write) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "weights.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -126,10 +139,6 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(state, default=str))
     if also_write is not None:
         also_write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
 
 
 REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
