@@ -368,3 +368,16 @@ def test_resuming_a_run_of_another_mode_names_the_command_that_continues_it(tmp_
         load_train_config(None, {"mode": "lora", "resolution": 32, "resume": "latest", "output_dir": str(tmp_path / "run")})
     with pytest.raises(ConfigError, match=r"resolution 64 \(saved\) vs 32.*Leave them out, or start"):
         load_train_config(None, {"mode": "finetune", "resolution": 32, "resume": "latest", "output_dir": str(tmp_path / "run")})
+
+
+def test_resume_takes_the_alpha_a_run_trained_with_when_given_again(tmp_path):
+    """`--resume latest --set lora_alpha=4` of a rank-4 run whose alpha was left out was refused: "lora_alpha None
+    (saved) vs 4", though its alpha was 4."""
+    import json
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "dataset.json").write_text(json.dumps({"config": {"mode": "lora", "rank": 4, "lora_alpha": None}}))
+    given = {"mode": "lora", "resume": "latest", "output_dir": str(tmp_path / "run")}
+    assert load_train_config(None, {**given, "lora_alpha": 4}).effective_lora_alpha == 4
+    with pytest.raises(ConfigError, match=r"lora_alpha 4 \(saved\) vs 8"):
+        load_train_config(None, {**given, "lora_alpha": 8})

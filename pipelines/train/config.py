@@ -528,6 +528,8 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
             )
         return values  # a checkpoint from before options were saved: continue as given
     saved = {k: v for k, v in saved.items() if k in FIELD_NAMES}
+    if values.get("lora_alpha") is not None and saved.get("lora_alpha") is None and saved.get("rank") is not None:
+        saved["lora_alpha"] = saved["rank"]  # left out, alpha was the rank: the same alpha given is no difference
     if saved.get("checkpoints_total_limit") is not None and saved["checkpoints_total_limit"] < 1:
         saved["checkpoints_total_limit"] = None  # saved when 0 kept every checkpoint (and -1 deleted every one)
     differ = [f"{k} {saved[k]!r} (saved) vs {v!r}" for k, v in values.items()
