@@ -651,6 +651,15 @@ def test_a_confirm_question_wraps_to_show_all_its_words(synthetic_catalog):
 # --- SQL console ----------------------------------------------------------------------
 
 
+async def sql_results(pilot, app, sql: str, rows: int):
+    """Run `sql` in the SQL console (F9) and wait for its `rows` result rows; returns the results table."""
+    app.screen.query_one("#editor").load_text(sql)
+    await pilot.press("f9")
+    table = app.screen.query_one("#results")
+    await wait_for(pilot, lambda: table.row_count == rows, what="results")
+    return table
+
+
 def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
@@ -763,12 +772,10 @@ def test_enter_on_a_sql_result_row_shows_every_value_whole(synthetic_catalog):
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
         async with app.run_test(size=SIZE) as pilot:
             screen = app.screen
-            screen.query_one("#editor").load_text("SELECT image_id, repeat('long text ', 20) AS note, [1, 2] AS ids FROM images ORDER BY 1 LIMIT 3")
-            await pilot.press("f9")
-            await wait_for(pilot, lambda: screen.query_one("#results").row_count == 3, what="results")
+            results = await sql_results(pilot, app, "SELECT image_id, repeat('long text ', 20) AS note, [1, 2] AS ids "
+                                        "FROM images ORDER BY 1 LIMIT 3", 3)
             assert "Enter on a row" in text_of(app, "#sql-status")
             first = app.con.execute("SELECT image_id FROM images ORDER BY 1 LIMIT 2").fetchall()[1][0]
-            results = screen.query_one("#results")
             results.focus()
             await pilot.press("down", "enter")
             await wait_for(pilot, lambda: isinstance(app.screen, RowDetail), what="row view")
@@ -810,11 +817,7 @@ def test_sql_results_draw_null_apart_from_any_text(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
         async with app.run_test(size=SIZE) as pilot:
-            screen = app.screen
-            screen.query_one("#editor").load_text("SELECT NULL AS missing, '·' AS dot, 'NULL' AS word, '' AS empty")
-            await pilot.press("f9")
-            table = screen.query_one("#results")
-            await wait_for(pilot, lambda: table.row_count == 1, what="results")
+            table = await sql_results(pilot, app, "SELECT NULL AS missing, '·' AS dot, 'NULL' AS word, '' AS empty", 1)
             assert table.rows == [[None, "·", "NULL", ""]]
             line = table.render_line(1)
             cells = [s for s in line if s.text.strip() and s.text.strip() != "│"]
