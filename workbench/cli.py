@@ -1251,13 +1251,6 @@ def train_command(
             result = trained_model(con, train_config, progress=stoppable, release_catalog=True)
     except (ConfigError, DataError, TrainingError, ModelError) as error:
         fail(str(error))
-    except Exception as error:  # an output folder it may not write, a full disk: said, not a traceback
-        if not isinstance(error, OSError) and not _disk_full(error):  # safetensors says a full disk in its own error
-            raise
-        kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints") if train_config.output_dir else []
-        fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, `workbench train {mode} "
-                           f"--resume latest --output-dir {shlex.quote(train_config.output_dir)}` goes on from it."
-                           if kept else ""))
     except (KeyboardInterrupt, StepCancelled):  # StepCancelled: the first Ctrl+C, at the end of a step
         from pipelines.train.config import SNAPSHOT_FILE
 
@@ -1276,6 +1269,14 @@ def train_command(
                 soft_wrap=True,  # a command to copy: never broken inside a path
             )
         raise typer.Exit(130)
+    except Exception as error:  # after the stop clause (StepCancelled is an Exception): an output folder it may
+        # not write, a full disk: said, not a traceback
+        if not isinstance(error, OSError) and not _disk_full(error):  # safetensors says a full disk in its own error
+            raise
+        kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints") if train_config.output_dir else []
+        fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, `workbench train {mode} "
+                           f"--resume latest --output-dir {shlex.quote(train_config.output_dir)}` goes on from it."
+                           if kept else ""))
     if con is None:
         return
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
