@@ -228,14 +228,13 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
-_EXPORT_ID_SUFFIX = re.compile(r"-[0-9a-f]{12}$")
-
-
 def _file_stem(row: _Row) -> str:
     # the original name helps people; the id prefix keeps names unique across folders and reruns. One an earlier
     # export gave (imported back, exported again) is replaced, not followed by another on every round trip
-    name = _EXPORT_ID_SUFFIX.sub("", safe_component(row.name, fallback="image")) or "image"
-    return f"{name[:60]}-{row.image_id[:12]}"
+    suffix = f"-{row.image_id[:12]}"
+    name = safe_component(row.name, fallback="image")
+    name = name.removesuffix(suffix) or "image"  # the bytes are the id: a round trip keeps it (not `scan-202301011230`)
+    return f"{name[:60]}{suffix}"
 
 
 def _bucket_settings(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:

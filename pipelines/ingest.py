@@ -866,8 +866,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         read_now = None if join_concepts else read + [bytes(path) for path in left_paths]
         summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
         summary.images_joined_concepts += concept_rules_applied(con)
-    if read:  # files added under a folder excluded by hand (`exclude --folder`) stay out, as the folder's others
-        summary.excluded_by_folder = excluded_folder_rules_applied(con, paths=read)
+    if read or join_concepts:  # files added under a folder excluded by hand (`exclude --folder`) stay out, as the
+        # folder's others; after a stopped run (which may have written them and stopped before this), over all paths
+        summary.excluded_by_folder = excluded_folder_rules_applied(con, paths=None if join_concepts else read)
     run.counts.update(summary.as_dict())
 
 

@@ -686,9 +686,9 @@ def test_export_says_when_caption_files_changed_since_ingest_and_names_stay_on_a
     imported_kohya_folder(again, tmp_path / "out", workers=1)
     exported_dataset(again, tmp_path / "out2", format="kohya")
     second = sorted(p.name for p in (tmp_path / "out2" / "img").rglob("*") if p.is_file())
-    assert len(second) == len(first) and all(re.fullmatch(r"[^-]+-[0-9a-f]{12}\.\w+", name) for name in second), second
-    # the same names, but for the rotated JPEG: exported upright as a PNG, it is new content with a new id
-    assert set(second) - set(first) == {n for n in second if n.startswith("rotated-")}
+    # the same names, but for the rotated JPEG: exported upright as a PNG, it is new content with an id of its own
+    assert len(second) == len(first) and set(second) - set(first) == {n for n in second if n.startswith("rotated-")}
+    assert all(re.fullmatch(r"[^-]+-[0-9a-f]{12}\.\w+", name) for name in second if not name.startswith("rotated-")), second
     again.close()
 
 
@@ -773,3 +773,11 @@ def test_overwrite_replaces_an_export_that_was_killed_outright(con, curated, tmp
     now = sorted(p for p in _all_files(out) if p.name not in ("notes.txt", EXPORT_MANIFEST))
     assert not any(excluded[:12] in p.name for p in now)  # the excluded image's file is gone
     assert len(now) == len(written) - 1 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_exported_name_keeps_a_number_of_its_own(con, tmp_path):
+    """A trailing `-<12 hex digits>` was taken for an earlier export's id: `scan-202301011230` lost its timestamp."""
+    _image(tmp_path / "src" / "scan-202301011230.png", color=(9, 8, 7))
+    ingested_images(con, [tmp_path / "src"], workers=1)
+    exported_dataset(con, tmp_path / "out", format="kohya")
+    assert [p.name.startswith("scan-202301011230-") for p in (tmp_path / "out" / "img" / "1_").iterdir()] == [True]

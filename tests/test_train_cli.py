@@ -555,7 +555,7 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
     from workbench.cli import pasted_train_options
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# kohya prompt file\nmasterpiece, a dog --n lowres --w 512 --h 768 --d 1\n\na cat, sitting\n")
+    prompts.write_text("# kohya prompt file\nmasterpiece, a dog --n lowres --w 512 --h 768 --d 1\n\na cat, sitting --ss euler_a --W 256\n")
     notes: list[str] = []
     pasted = pasted_train_options(
         ["train", "lora", "--shuffle_caption", "--flip_aug", "--v_parameterization", "--network_train_unet_only",
@@ -566,6 +566,11 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
     assert len(notes) == 1 and "alpha is 1, as kohya's default" in notes[0]
     assert pasted_train_options(["train", "lora", "--network_dim", "8", "--network_alpha", "4"]) == [
         "train", "lora", "--rank", "8", "--lora-alpha", "4"]
+    # an alpha given another way (--set, a --config file) is left to win: kohya's default is for no alpha at all
+    assert pasted_train_options(["train", "lora", "--network_dim", "8", "--set", "lora_alpha=4"]) == [
+        "train", "lora", "--rank", "8", "--set", "lora_alpha=4"]
+    assert pasted_train_options(["train", "lora", "--config", "k.toml", "--network_dim", "8"]) == [
+        "train", "lora", "--config", "k.toml", "--rank", "8"]
     assert pasted_train_options(["train", "lora", "--network_train_unet_only", "false"]) == ["train", "lora", "--train-text-encoder"]
     for bad, said in ((["--color_aug"], "--color-jitter STRENGTH"), (["--optimizer_type", "Lion"], "no workbench counterpart"),
                       (["--sample_prompts", str(tmp_path / "none.txt")], "there is no file")):

@@ -204,7 +204,7 @@ STEPS: tuple[StepSpec, ...] = (
              (Setting("class_prompt", "class prompt", ""), Setting("num", "count", "4", "optional_int"),
               Setting("model", "model", "tiny"), Setting("steps", "steps", "4", int), Setting("resolution", "size", "", "optional_int"))),
     StepSpec("train", "Train", run_train,
-             "SELECT count(*) AS runs, count(*) FILTER (status = 'ok') AS finished FROM training_runs", (), in_run_all=False),
+             "SELECT count(*) AS runs, count(*) FILTER (status IN ('ok', 'continued')) AS finished FROM training_runs", (), in_run_all=False),
 )
 STEPS_BY_NAME = {step.name: step for step in STEPS}
 

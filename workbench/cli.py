@@ -181,6 +181,7 @@ def ingest(
 
 def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
     """What an ingest found that the user should know, after its counts (ingest and import-kohya)."""
+    from pipelines.ingest import PILLOW_READS_AVIF
     if summary.errors_by_reason:
         table = Table(title="files recorded as errors")
         table.add_column("reason")
@@ -205,7 +206,7 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
                           "ingest again to read them.")
     if summary.heic_avif_paths:  # left out by name, or recorded as errors when named like another format
         err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} HEIC/AVIF photo(s) left out: this Pillow cannot decode "
+            ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
             f"them ({named_few(sorted(summary.heic_avif_paths))}). Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' "
             "export) and ingest again."))
     if summary.multi_line_sidecars:
@@ -1667,7 +1668,6 @@ DIFFUSERS_ELSEWHERE = {
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-_KOHYA_PROMPT_OPTION = re.compile(r"\s--[a-z]\s")  # `a dog --n lowres --w 512`: one prompt line's own settings
 
 
 def _kohya_prompt_file(value: str) -> list[str]:
@@ -1681,7 +1681,8 @@ def _kohya_prompt_file(value: str) -> list[str]:
         raise ValueError(f"--sample_prompts {value}: only kohya's .txt prompt files (one prompt per line) are read; give "
                          "the prompts with --validation-prompt 'TEXT' (repeatable).")
     lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    prompts = [_KOHYA_PROMPT_OPTION.split(line + " ", 1)[0].strip() for line in lines if line and not line.startswith("#")]
+    # `a dog --n lowres --w 512 --ss euler_a`: one line's own settings, cut at the first " --" as sd-scripts cuts them
+    prompts = [line.split(" --", 1)[0].strip() for line in lines if line and not line.startswith("#")]
     if not any(prompts):
         raise ValueError(f"--sample_prompts {value}: the file holds no prompt.")
     return [prompt for prompt in prompts if prompt]
@@ -1766,7 +1767,9 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             for our_key, our_value in _kohya_meaning(kohya, value):
                 out += ours(our_key, our_value)
             continue
-        if kohya == "network_dim" and "__network_alpha" not in spelled and "__lora_alpha" not in spelled:
+        alpha_given = ({"__network_alpha", "__lora_alpha", "__config"} & spelled
+                       or any(re.match(r"(lora|network)_alpha\s*=", item) for item in args))  # --set KEY=…, a TOML
+        if kohya == "network_dim" and not alpha_given:
             # kohya's alpha defaults to 1 (the update scaled by 1/dim), diffusers' and ours to the rank
             out += ours("lora_alpha", "1")
             (notes if notes is not None else []).append(f"--network_dim {value} without --network_alpha: alpha is 1, as kohya's default (the update "

@@ -133,7 +133,7 @@ def continued_by(con: duckdb.DuckDBPyConnection, train_id: int) -> int | None:
     """The later finished run that continued `train_id` in its folder (--resume) and so rewrote its outputs, if any."""
     sessions = finished_sessions(con, train_id)
     later = [other for other in sessions if other > train_id]
-    return later[0] if train_id in sessions and later else None
+    return later[-1] if train_id in sessions and later else None  # the last: the folder's outputs are its
 
 
 def run_metrics(
