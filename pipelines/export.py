@@ -515,6 +515,9 @@ def _files_under(folder: Path) -> set[str]:
     return found
 
 
+_EXPORT_FILE = re.compile(r"(-[0-9a-f]{12}\.[A-Za-z0-9]+|(^|/)dataset\.toml|(^|/)metadata\.jsonl)$")
+
+
 def _removed_previous_export(out: Path) -> int:
     """Delete the files an earlier export listed in its manifest (and folders left empty); returns how many."""
     manifest = out / EXPORT_MANIFEST
@@ -524,8 +527,11 @@ def _removed_previous_export(out: Path) -> int:
         written = json.loads(manifest.read_text())
         listed = written["files"]
         if written.get("finished") is False and isinstance(written.get("files_before"), list):
-            # killed before it could list its files (kill -9, a power cut): they are all that was not there before
-            listed = sorted(_files_under(out) - set(written["files_before"]) - {EXPORT_MANIFEST})
+            # killed before it could list its files (kill -9, a power cut): they are those not there before that an
+            # export writes (an image named `<name>-<id>`, its caption file, the dataset files), not a file put
+            # there since (a model trained into OUT/model)
+            listed = sorted(f for f in _files_under(out) - set(written["files_before"]) - {EXPORT_MANIFEST}
+                            if _EXPORT_FILE.search(f))
     except (ValueError, KeyError, TypeError):
         return 0
     removed, emptied = 0, set()

@@ -367,3 +367,23 @@ def test_a_folder_excluded_by_hand_keeps_out_files_added_to_it_later(con, catalo
     with connect(catalog_path) as again:
         assert ingested_images(again, [root], workers=1).excluded_by_folder == 0
     assert out_of_dataset() == set()
+
+
+def test_including_a_subfolder_of_an_excluded_folder_says_the_rule_above_holds(con, catalog_path, tmp_path):
+    """`include --folder data/old/sub` under `exclude --folder data/old` promised no more exclusion there, yet files
+    added to sub/ later were excluded by the rule on data/old."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipelines.ingest import ingested_images
+    from workbench.cli import app
+
+    (tmp_path / "old" / "sub").mkdir(parents=True)
+    Image.new("RGB", (24, 16), (1, 2, 3)).save(tmp_path / "old" / "a.png")
+    Image.new("RGB", (24, 16), (200, 2, 3)).save(tmp_path / "old" / "sub" / "b.png")
+    ingested_images(con, [tmp_path / "old"], workers=1)
+    con.close()
+    catalog = ["--catalog", str(catalog_path)]
+    assert CliRunner().invoke(app, ["exclude", "--folder", str(tmp_path / "old"), "--reason", "old", *catalog]).exit_code == 0
+    result = CliRunner().invoke(app, ["include", "--folder", str(tmp_path / "old" / "sub"), *catalog], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and f"still excluded by the rule on {tmp_path / 'old'}" in " ".join(result.output.split())

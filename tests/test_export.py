@@ -767,10 +767,13 @@ def test_overwrite_replaces_an_export_that_was_killed_outright(con, curated, tmp
     written = sorted(p for p in _all_files(out) if p.name not in ("notes.txt", EXPORT_MANIFEST))
     # what kill -9 leaves: the manifest written before the first image, with the files that were there before
     (out / EXPORT_MANIFEST).write_text(json.dumps({"format": "kohya", "files": [], "finished": False, "files_before": ["notes.txt"]}))
+    (out / "model").mkdir()
+    (out / "model" / "weights.safetensors").write_text("trained into OUT after the kill: not the export's")
     excluded = _by_name(con)["b.png"]
     manual_exclusions(con, [excluded], "blurry")
     exported_dataset(con, out, format="kohya", overwrite=True)
-    now = sorted(p for p in _all_files(out) if p.name not in ("notes.txt", EXPORT_MANIFEST))
+    assert (out / "model" / "weights.safetensors").is_file()
+    now = sorted(p for p in _all_files(out) if p.name not in ("notes.txt", EXPORT_MANIFEST, "weights.safetensors"))
     assert not any(excluded[:12] in p.name for p in now)  # the excluded image's file is gone
     assert len(now) == len(written) - 1 and (out / "notes.txt").read_text() == "mine"
 

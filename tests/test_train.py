@@ -310,13 +310,13 @@ def test_the_dataset_snapshot_round_trips_file_names_that_are_not_utf8(tmp_path)
     name = os.fsdecode(b"/photos/caf\xe9_latin1_name.jpg")
     image = TrainImage("a" * 64, name, "a caf\u00e9", (64, 48), (64, 48), (0, 0), concept="c", repeats=2, class_prompt="a photo")
     prior = TrainImage("b" * 64, "/priors/p.png", "a photo", (64, 64), (64, 64), (0, 0))
-    write_snapshot(tmp_path / "dataset.json", [image], {"a photo": [prior]})
+    write_snapshot(tmp_path / "dataset.json", [image], {"a photo": [prior]}, {"output_dir": os.fsdecode(b"/runs/caf\xe9")})
     assert read_snapshot(tmp_path / "dataset.json") == ([image], {"a photo": [prior]})
     # strict JSON (a lone surrogate escape is not): DuckDB's read_json read no snapshot holding such a name
     import duckdb
 
-    paths = duckdb.sql(f"SELECT unnest(images).path FROM read_json('{tmp_path / 'dataset.json'}')").fetchall()
-    assert paths == [("/photos/caf\\xe9_latin1_name.jpg",)]
+    paths = duckdb.sql(f"SELECT unnest(images).path, config.output_dir FROM read_json('{tmp_path / 'dataset.json'}')").fetchall()
+    assert paths == [("/photos/caf\\xe9_latin1_name.jpg", "/runs/caf\\xe9")]
     assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]  # no temporary file left
 
 

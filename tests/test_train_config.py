@@ -381,3 +381,14 @@ def test_resume_takes_the_alpha_a_run_trained_with_when_given_again(tmp_path):
     assert load_train_config(None, {**given, "lora_alpha": 4}).effective_lora_alpha == 4
     with pytest.raises(ConfigError, match=r"lora_alpha 4 \(saved\) vs 8"):
         load_train_config(None, {**given, "lora_alpha": 8})
+
+
+def test_a_run_length_on_the_command_line_wins_over_the_other_one_in_the_file(tmp_path):
+    """A TOML with num_train_epochs = 3 and `--max-train-steps 50` were refused as two lengths, where the command
+    line had won; two given in one place are still refused."""
+    toml = tmp_path / "train.toml"
+    toml.write_text("num_train_epochs = 3\n")
+    config = load_train_config(toml, {"mode": "lora", "max_train_steps": 50})
+    assert (config.max_train_steps, config.num_train_epochs) == (50, 1)
+    with pytest.raises(ConfigError, match="a run has one length"):
+        load_train_config(None, {"mode": "lora", "max_train_steps": 50, "num_train_epochs": 2})

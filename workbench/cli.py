@@ -952,6 +952,11 @@ def include(
             if not found and not ruled:
                 fail(f"No image in the catalog has a file under {path}.")
             image_ids += [i for i in found if i not in image_ids]
+            inside = con.execute("SELECT folder FROM excluded_folders WHERE starts_with(?, folder || ?) ORDER BY folder",
+                                 [os.path.abspath(path), os.sep]).fetchall()
+            if inside:  # the rule of a folder above still holds for files added here later
+                err_console.print(Text(f"Note: files added to {path} later are still excluded by the rule on {inside[0][0]} "
+                                       f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
         if where is not None:
             image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included")))
         summary = manual_inclusions(con, image_ids)

@@ -568,7 +568,11 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
         if mode is not None and values.get("mode", mode) != mode:  # `workbench train X` always passes its mode
             raise ConfigError(f"{path} sets mode = '{values['mode']}', but this is `workbench train {mode}`: "
                               f"remove mode from the file, or run `workbench train {values['mode']}`.")
-    values.update(_normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    given = _normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line")
+    for length, other in (("max_train_steps", "num_train_epochs"), ("num_train_epochs", "max_train_steps")):
+        if length in given and other not in given:  # the command line's run length wins over the file's other one
+            values.pop(other, None)
+    values.update(given)
     problems = _type_errors(values)
     if problems:
         raise ConfigError("; ".join(problems) + ".")

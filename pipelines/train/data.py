@@ -29,7 +29,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import duckdb
 import numpy as np
@@ -329,7 +329,7 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
             row["path_hex"] = raw.hex()
         return row
 
-    payload = {"version": 1, "folder_id": uuid.uuid4().hex, "config": config, "images": [entry(i) for i in images],
+    payload = {"version": 1, "folder_id": uuid.uuid4().hex, "config": _strict_json(config), "images": [entry(i) for i in images],
                "priors": None if priors is None else {p: [entry(i) for i in pool] for p, pool in priors.items()}}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -337,6 +337,18 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _strict_json(value: Any) -> Any:
+    """`value` with any text that holds surrogate escapes (a non-UTF-8 path: output_dir, a local model) as \\xNN
+    text: JSON cannot carry them, and DuckDB's read_json refused the file."""
+    if isinstance(value, str):
+        return os.fsencode(value).decode("utf-8", "backslashreplace") if any("\udc80" <= c <= "\udcff" for c in value) else value
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def snapshot_folder_id(path: Path) -> str | None:
