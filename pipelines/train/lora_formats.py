@@ -214,11 +214,11 @@ def kohya_metadata(
         dirs, tags = kohya_dataset_info(images)
         metadata["ss_dataset_dirs"] = json.dumps(dirs)
         metadata["ss_tag_frequency"] = json.dumps(tags)
-        metadata["ss_bucket_info"] = json.dumps(kohya_bucket_info(images))
-        batches: dict[tuple[int, int], int] = {}
-        for image in images:  # as sd-scripts counts an epoch: each bucket's images with repeats, in batches
-            batches[tuple(image.bucket)] = batches.get(tuple(image.bucket), 0) + int(getattr(image, "repeats", 1))
-        metadata["ss_num_batches_per_epoch"] = str(sum(-(-n // config.train_batch_size) for n in batches.values()))
+        info = kohya_bucket_info(images)
+        metadata["ss_bucket_info"] = json.dumps(info)
+        # as sd-scripts counts an epoch: each bucket's images with repeats, in batches
+        metadata["ss_num_batches_per_epoch"] = str(sum(-(-bucket["count"] // config.train_batch_size)
+                                                       for bucket in info["buckets"].values()))
     return metadata
 
 
