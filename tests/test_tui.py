@@ -1940,8 +1940,9 @@ def test_the_preview_does_not_decode_a_decompression_bomb():
 
     bomb = Path(__file__).resolve().parents[1] / "sample_data" / "bad" / "decompression_bomb.png"
     # in a process of its own: a peak of this one (the high-water mark of every test before) would hide the decode
-    probe = ("import resource, sys; from tui.preview import load_preview; print(load_preview(sys.argv[1])); "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM, the peak of this process's memory: getrusage's ru_maxrss keeps the parent's peak across fork and exec
+    probe = ("import sys; from tui.preview import load_preview; print(load_preview(sys.argv[1])); "
+             "print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
     assert out[0] == "20000×20000 is over 179 megapixels: not decoded for a preview"
