@@ -122,6 +122,7 @@ class IngestSummary:
     images_joined_concepts: int = 0
     images_left_concepts: int = 0  # kohya folder members none of whose files is in that folder any more
     excluded_by_folder: int = 0  # read under a folder excluded by hand (`workbench exclude --folder`)
+    new_or_changed_errors: int = 0  # new or changed files that turned out unreadable: nothing for dedup to group
     skipped_not_images: int = 0
     skipped_heic_avif: int = 0  # iPhone HEIC and AVIF photos: Pillow here cannot decode them
     directory_cycles_skipped: int = 0  # links back to a folder above them (a folder reached twice is walked twice)
@@ -152,7 +153,7 @@ class IngestSummary:
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
-               "output_roots_skipped", "multi_line_sidecars", "both_sidecars")
+               "output_roots_skipped", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -984,6 +985,8 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
             pending_read[plan[path_bytes]] += 1
             if result["status"] == "error":
                 summary.errors += 1
+                if plan[path_bytes] in ("new", "changed"):
+                    summary.new_or_changed_errors += 1
                 reasons[result["error"].split(":")[0]] += 1
                 summary.error_examples.setdefault(result["error"].split(":")[0], display_path(path_bytes))
                 if result["error"].startswith(HEIF_ERROR):

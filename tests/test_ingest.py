@@ -1088,3 +1088,22 @@ def test_an_image_with_both_a_txt_and_a_caption_sidecar_is_named(con, tmp_path):
     summary = ingested_images(con, [folder], workers=1)
     assert summary.both_sidecars == [str(folder / "dog.txt")]
     assert sidecar_captions(con) == {"dog": "from the txt", "cat": "a cat"}
+
+
+def test_a_file_that_cannot_be_read_does_not_make_dedup_stale(tmp_path, catalog_path):
+    """A link whose target was removed became an error row, and ingest said "1 new or changed image(s) are not in
+    duplicate groups yet: run `workbench dedup`", for nothing dedup could group."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    runner = CliRunner()
+    make_images(tmp_path / "photos", 2)
+    common = ["--catalog", str(catalog_path), "--workers", "1"]
+    assert runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common]).exit_code == 0
+    assert runner.invoke(app, ["dedup", "--catalog", str(catalog_path)]).exit_code == 0
+    (tmp_path / "photos" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "photos" / "notes.jpg").write_text("not a picture")
+    again = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "files recorded as errors" in again.output
+    assert "not in duplicate groups" not in again.output, again.output

@@ -236,7 +236,8 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
 def _stale_dedup(summary: IngestSummary) -> str:
     """What an ingest changed that the last dedup's groups do not cover ('' when nothing)."""
     parts = []
-    fresh = summary.new - summary.moved_or_copied + summary.changed  # a moved or copied file holds an image dedup saw
+    # a moved or copied file holds an image dedup saw; an unreadable one (a link whose target went) is nothing to group
+    fresh = summary.new - summary.moved_or_copied + summary.changed - summary.new_or_changed_errors
     if fresh:
         parts.append(f"{fresh} new or changed image(s) are not in duplicate groups yet")
     if summary.returned_ungrouped:
