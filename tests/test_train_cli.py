@@ -569,8 +569,16 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
     # an alpha given another way (--set, a --config file) is left to win: kohya's default is for no alpha at all
     assert pasted_train_options(["train", "lora", "--network_dim", "8", "--set", "lora_alpha=4"]) == [
         "train", "lora", "--rank", "8", "--set", "lora_alpha=4"]
-    assert pasted_train_options(["train", "lora", "--config", "k.toml", "--network_dim", "8"]) == [
-        "train", "lora", "--config", "k.toml", "--rank", "8"]
+    with_alpha, without = tmp_path / "alpha.toml", tmp_path / "seed.toml"
+    with_alpha.write_text("[train]\nlora_alpha = 16\n")
+    without.write_text("seed = 1\n")
+    assert pasted_train_options(["train", "lora", "--config", str(with_alpha), "--network_dim", "8"]) == [
+        "train", "lora", "--config", str(with_alpha), "--rank", "8"]
+    assert pasted_train_options(["train", "lora", "--config", str(without), "--network_dim", "8"]) == [
+        "train", "lora", "--config", str(without), "--lora-alpha", "1", "--rank", "8"]
+    # the workbench's own options may come before the command
+    assert pasted_train_options(["-c", "cat.duckdb", "train", "lora", "--v_parameterization"]) == [
+        "-c", "cat.duckdb", "train", "lora", "--prediction-type", "v_prediction"]
     assert pasted_train_options(["train", "lora", "--network_train_unet_only", "false"]) == ["train", "lora", "--train-text-encoder"]
     for bad, said in ((["--color_aug"], "--color-jitter STRENGTH"), (["--optimizer_type", "Lion"], "no workbench counterpart"),
                       (["--sample_prompts", str(tmp_path / "none.txt")], "there is no file")):

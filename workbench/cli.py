@@ -1716,6 +1716,24 @@ def _kohya_meaning(name: str, value: str) -> list[tuple[str, str]]:
     raise KeyError(name)
 
 
+def _config_sets_alpha(args: list[str]) -> bool:
+    """Whether the --config TOML of a train command gives an alpha (unreadable: taken as yes, and left to it)."""
+    import tomllib
+
+    for i, token in enumerate(args):
+        name, sep, value = token.partition("=")
+        if name != "--config":
+            continue
+        value = value if sep else (args[i + 1] if i + 1 < len(args) else "")
+        try:
+            data = tomllib.loads(Path(value).expanduser().read_text())
+        except (OSError, ValueError):
+            return True
+        table = data.get("train") if isinstance(data.get("train"), dict) else data
+        return any(key.replace("-", "_") in ("lora_alpha", "network_alpha") for key in table)
+    return False
+
+
 _KOHYA_MEANINGS = ("v_parameterization", "network_train_unet_only", "optimizer_type", "color_aug", "sample_prompts")
 
 
@@ -1727,13 +1745,22 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
     `--sample_prompts FILE` → a `--validation-prompt` per line). Anything else is left to the command's own errors;
     other commands are left alone. ValueError for an option with no counterpart; `notes` gets what a user of the
     peer should know (kohya's LoRA alpha default)."""
-    if len(args) < 2 or args[0] != "train":
+    start = 0  # the workbench's own options may come first: `workbench -c cat.duckdb train lora …`
+    while start < len(args) and args[start] != "train":
+        if args[start] in ("-c", "--catalog"):
+            start += 2
+        elif args[start].startswith("--catalog="):
+            start += 1
+        else:
+            return args
+    if len(args) < start + 2:
         return args
+    head, args = args[:start], args[start:]
     from pipelines.train.config import FIELD_NAMES, KOHYA_OPTIONS
 
     command = typer.main.get_command(app).commands["train"].commands.get(args[1])
     if command is None:
-        return args
+        return head + args
     params = {opt: param for param in command.params for opt in param.opts + param.secondary_opts}
 
     def ours(key: str, value: str) -> list[str]:
@@ -1773,15 +1800,15 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             for our_key, our_value in _kohya_meaning(kohya, value):
                 out += ours(our_key, our_value)
             continue
-        alpha_given = ({"__network_alpha", "__lora_alpha", "__config"} & spelled
-                       or any(re.match(r"(lora|network)_alpha\s*=", item) for item in args))  # --set KEY=…, a TOML
+        alpha_given = ({"__network_alpha", "__lora_alpha"} & spelled or _config_sets_alpha(args)
+                       or any(re.match(r"(lora|network)[-_]alpha\s*=", item) for item in args))  # --set KEY=…
         if kohya == "network_dim" and not alpha_given:
             # kohya's alpha defaults to 1 (the update scaled by 1/dim), diffusers' and ours to the rank
             out += ours("lora_alpha", "1")
             (notes if notes is not None else []).append(f"--network_dim {value} without --network_alpha: alpha is 1, as kohya's default (the update "
                          "scaled by 1/dim); --lora-alpha sets another, and without either the workbench's default is the rank.")
         out += ours(key, value)
-    return out
+    return head + out
 
 
 def main() -> None:
