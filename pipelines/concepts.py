@@ -569,8 +569,24 @@ def images_out_of_their_concept_folders(
         """
     ).fetchall()
     # any folder name that names the concept keeps the image, whatever its repeats (`5_sks dog` for `10_sks dog`)
+    repeats = dict(con.execute("SELECT name, repeats FROM concepts").fetchall())
+    remains: dict[str, bool] = {}
+
+    def keeps(concept: str, folder: str) -> bool:
+        """Whether a file in `folder` keeps an image in `concept`: its own folder name, or one of the same tokens with
+        other repeats while the concept's own folder is gone (renamed, `10_sks dog` to `20_sks dog`). A second folder
+        of those tokens (`5_sks dog` beside a `20_sks dog` that is still there) is another concept's."""
+        parsed = parse_kohya_folder_name(folder)
+        if parsed is None or concept not in folder_concept_names(folder):
+            return False
+        if concept != concept_of_folder_name(folder) or parsed[0] == repeats.get(concept):
+            return True
+        if concept not in remains:
+            remains[concept] = _folder_of_concept_remains(con, concept, repeats.get(concept))
+        return not remains[concept]
+
     gone = [(image_id, concept) for image_id, concept, present in rows
-            if not any(concept in folder_concept_names(Path(path).parent.name) for path in present)]
+            if not any(keeps(concept, Path(path).parent.name) for path in present)]
     if not gone:
         return []
     with transaction(con):

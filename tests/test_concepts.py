@@ -300,11 +300,13 @@ def test_images_moved_out_of_their_kohya_folder_leave_its_concept_and_hand_added
     summary = ingested_images(con, [root], workers=1, progress=lambda **kw: messages.append(kw.get("message") or ""))
     concept = dict(con.execute("SELECT image_id, concept FROM images_view").fetchall())
     assert concept[ids["a"]] is None
-    assert concept[ids["b"]] == "mydog"  # another repeat count of the same concept
+    # a folder of the same tokens with other repeats, beside 10_mydog still there: its own concept, as kohya trains
+    # each folder with its own repeats (it stayed in mydog at 10 before)
+    assert concept[ids["b"]] == "5_mydog"
     assert concept[ids["c"]] == "mycat"  # left mydog, joined the concept of its new folder
     assert concept[ids["d"]] == concept[ids["e"]] == "mydog"
-    assert summary.images_left_concepts == 2
-    assert any(m.startswith("2 image(s) left concept 'mydog'") for m in messages)
+    assert summary.images_left_concepts == 3  # a, b and c (e was given by hand)
+    assert any(m.startswith("3 image(s) left concept 'mydog'") for m in messages)
     files["d"].rename(tmp_path / "d.png")  # out of the walk: missing at every path is not moved, it keeps its concept
     assert ingested_images(con, [root], workers=1).images_left_concepts == 0
     assert con.execute("SELECT status, concept FROM images_view WHERE image_id = ?", [ids["d"]]).fetchone() == ("missing", "mydog")

@@ -784,3 +784,22 @@ def test_an_exported_name_keeps_a_number_of_its_own(con, tmp_path):
     ingested_images(con, [tmp_path / "src"], workers=1)
     exported_dataset(con, tmp_path / "out", format="kohya")
     assert [p.name.startswith("scan-202301011230-") for p in (tmp_path / "out" / "img" / "1_").iterdir()] == [True]
+
+
+def test_a_copy_in_a_second_folder_of_the_same_tokens_moves_to_its_concept_when_the_first_goes(con, tmp_path):
+    """An image in `20_sks dog` with a copy in `5_sks dog` stayed in concept `sks dog` (20 repeats) when the first copy
+    was deleted: any folder of the tokens kept it, "whatever its repeats"."""
+    from pipelines.concepts import get_concept
+
+    img = tmp_path / "img"
+    for i in range(2):
+        _image(img / "20_sks dog" / f"close{i}.png", color=(200, 10 * i, 10))
+    _image(img / "5_sks dog" / "body.png", color=(10, 10, 200))
+    shutil.copy(img / "20_sks dog" / "close0.png", img / "5_sks dog" / "copy.png")
+    ingested_images(con, [img], workers=1)
+    assert (get_concept(con, "sks dog").images, get_concept(con, "5_sks dog").images) == (2, 1)
+    (img / "20_sks dog" / "close0.png").unlink()
+    ingested_images(con, [img], workers=1)
+    concept = con.execute("SELECT concept FROM dataset WHERE path LIKE '%copy.png'").fetchall()
+    assert concept == [("5_sks dog",)]
+    assert (get_concept(con, "sks dog").images, get_concept(con, "5_sks dog").images) == (1, 2)
