@@ -167,6 +167,7 @@ class TrainScreen(SizeClasses, Screen):
         self.ready = False  # the form has its defaults (loaded in a worker)
         self.run_folders: list[str] = []  # the runs table's rows: each run's output folder and id
         self.run_ids: list[int] = []
+        self.run_statuses: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -214,6 +215,7 @@ class TrainScreen(SizeClasses, Screen):
     def _runs(self, message: _Runs) -> None:
         self.run_folders = message.folders
         self.run_ids = [row[0] for row in message.rows]
+        self.run_statuses = [row[2] for row in message.rows]
         self.query_one("#runs-table", PageTable).set_rows(
             queries.RUN_COLUMNS, [[cell(name, value) for name, value in zip(queries.RUN_COLUMNS, row)] for row in message.rows],
             right_aligned=[False, False, False, True, True, True, True, False])
@@ -238,7 +240,9 @@ class TrainScreen(SizeClasses, Screen):
                         severity="warning")
             return
         self.output_dir, self.shown_sample = Path(folder), None
-        self.query_one("#train-state", Label).update(f"showing run {self.run_ids[index]}: {markup_safe(folder)}")
+        continued = " (continued by a later run: the folder's loss and samples are that run's)" \
+            if self.run_statuses[index] == "continued" else ""
+        self.query_one("#train-state", Label).update(f"showing run {self.run_ids[index]}{continued}: {markup_safe(folder)}")
         self._poll()
 
     @on(Select.Changed, "#preset")
