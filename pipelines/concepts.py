@@ -26,6 +26,7 @@ from workbench.progress import ProgressHook, null_progress
 # back with "_") the class tokens; folders without a number are ignored, repeats < 1 too.
 MIN_ID_PREFIX = 6
 REPEATS_TASK = "concept repeats"  # the progress task that says a folder name changed a concept's repeats
+KEPT_REPEATS_TASK = "concept repeats kept"  # ... or that a concept kept its repeats against a folder name's
 MAX_FOLDER_REPEATS = 1000  # more than this in a folder name at ingest is a year or a number, not repeats
 
 
@@ -498,7 +499,7 @@ def concepts_from_folder_names(
                 progress(task=REPEATS_TASK, message=f"concept {name!r}: {repeats} repeats, as its folder now says "
                          f"(it had {holder.repeats})")
             else:
-                progress(task="concepts", message=f"a folder names concept {name!r} with {repeats} repeats; it has "
+                progress(task=KEPT_REPEATS_TASK, message=f"a folder names concept {name!r} with {repeats} repeats; it has "
                          f"{holder.repeats}, which it keeps (`workbench concept add {name!r} --repeats N` or "
                          "`workbench import-kohya FOLDER` changes it)")
     assigned = 0

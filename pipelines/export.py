@@ -560,6 +560,17 @@ def _repeats_only(progress: ProgressHook) -> ProgressHook:
     return hook
 
 
+def _without_kept_repeats(progress: ProgressHook) -> ProgressHook:
+    """The import's ingest pass, less its "the concept keeps its repeats": the import's own pass then takes the
+    folder's (a kohya user renames `10_sks dog` to `20_sks dog` to change them), and says so."""
+    from pipelines.concepts import KEPT_REPEATS_TASK
+
+    def hook(*, task: str, completed: int = 0, total: int | None = None, message: str | None = None) -> None:
+        if task != KEPT_REPEATS_TASK:
+            progress(task=task, completed=completed, total=total, message=message)
+    return hook
+
+
 def _each_message_once(progress: ProgressHook) -> ProgressHook:
     """`progress`, passing each message on only the first time it is given."""
     said: set[str] = set()
@@ -628,7 +639,7 @@ def imported_kohya_folder(
     if left_out:
         progress(task="import", message=f"left out {left_out} image(s) outside kohya subset folders (`N_trigger class/`, "
                  "files directly inside): kohya does not train on them either; `workbench ingest` adds them if you want them")
-    summary = ingested_images(con, files, workers=workers, progress=progress)
+    summary = ingested_images(con, files, workers=workers, progress=_without_kept_repeats(progress))
     if ingest_summary is not None:
         ingest_summary.append(summary)
     counts = summary.as_dict()

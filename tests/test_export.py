@@ -630,6 +630,7 @@ def test_import_kohya_takes_a_renamed_folders_repeats(con, tmp_path):
     imported_kohya_folder(con, tmp_path / "set", workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
     assert get_concept(con, "sks dog").repeats == 20
     assert any("'sks dog': 20 repeats, as its folder now says (it had 10)" in m for m in said), said
+    assert not any("which it keeps" in m for m in said), said  # its ingest pass said the opposite first
 
 
 def test_an_export_says_when_a_reg_folder_mixes_the_class_images_of_several_models(con, curated, tmp_path):
