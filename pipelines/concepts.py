@@ -569,7 +569,6 @@ def images_out_of_their_concept_folders(
         WHERE ci.source = 'folder_name' AND NOT p.missing {only} GROUP BY ci.image_id, ci.concept
         """
     ).fetchall()
-    # any folder name that names the concept keeps the image, whatever its repeats (`5_sks dog` for `10_sks dog`)
     repeats = dict(con.execute("SELECT name, repeats FROM concepts").fetchall())
     remains: dict[str, bool] = {}
 

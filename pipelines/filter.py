@@ -36,6 +36,7 @@ Default thresholds and why (all can be changed by flags or the `[filter]` table 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
@@ -299,8 +300,6 @@ def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], 
 
 def folder_kept_out(con: duckdb.DuckDBPyConnection, folder: str, reason: str) -> None:
     """Record `folder` (made absolute) as excluded with `reason`: files ingest reads under it later are excluded too."""
-    import os
-
     con.execute(
         "INSERT INTO excluded_folders (folder, reason) VALUES (?, ?) ON CONFLICT (folder) DO UPDATE SET reason = excluded.reason",
         [os.path.abspath(folder).rstrip("/\\"), (reason or "").strip()],
@@ -309,8 +308,6 @@ def folder_kept_out(con: duckdb.DuckDBPyConnection, folder: str, reason: str) ->
 
 def folder_let_in(con: duckdb.DuckDBPyConnection, folder: str) -> bool:
     """Drop the standing exclusion of `folder` (and of folders under it); returns whether there was one."""
-    import os
-
     folder = os.path.abspath(folder).rstrip("/\\")
     return bool(con.execute(
         "DELETE FROM excluded_folders WHERE folder = ? OR starts_with(folder, ?)", [folder, folder + os.sep]
@@ -320,8 +317,6 @@ def folder_let_in(con: duckdb.DuckDBPyConnection, folder: str) -> bool:
 def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterable[bytes] | None = None) -> int:
     """Exclude the images with a file under an excluded folder (`folder_kept_out`) among these paths (ingest: the
     files it read; None: every path), unless included by hand since. Returns how many were newly excluded."""
-    import os
-
     rules = con.execute("SELECT folder, reason FROM excluded_folders ORDER BY folder").fetchall()
     if not rules:
         return 0
@@ -336,9 +331,8 @@ def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterabl
             continue
         excluded += con.execute(
             "INSERT INTO exclusions (image_id, step, reason) SELECT image_id, ?, ? FROM unnest(?::VARCHAR[]) t(image_id) "
-            "WHERE image_id NOT IN (SELECT image_id FROM manual_includes) "
-            "AND image_id NOT IN (SELECT image_id FROM exclusions WHERE step = ?) ON CONFLICT DO NOTHING",
-            [MANUAL_STEP, f"manual: {reason}", ids, MANUAL_STEP],
+            "WHERE image_id NOT IN (SELECT image_id FROM manual_includes) ON CONFLICT DO NOTHING",  # excluded by hand: kept
+            [MANUAL_STEP, f"manual: {reason}", ids],
         ).fetchone()[0]
     return excluded
 
