@@ -165,9 +165,8 @@ class TrainScreen(SizeClasses, Screen):
         self.step_started: tuple[float, int] | None = None
         self.shown_sample: str | None = None
         self.ready = False  # the form has its defaults (loaded in a worker)
-        self.run_folders: list[str] = []  # the runs table's rows: each run's output folder and id
-        self.run_ids: list[int] = []
-        self.run_statuses: list[str] = []
+        self.run_rows: list[list] = []  # the runs table's rows (queries.RUN_COLUMNS), and each run's output folder
+        self.run_folders: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -213,9 +212,7 @@ class TrainScreen(SizeClasses, Screen):
 
     @on(_Runs)
     def _runs(self, message: _Runs) -> None:
-        self.run_folders = message.folders
-        self.run_ids = [row[0] for row in message.rows]
-        self.run_statuses = [row[2] for row in message.rows]
+        self.run_rows, self.run_folders = message.rows, message.folders
         self.query_one("#runs-table", PageTable).set_rows(
             queries.RUN_COLUMNS, [[cell(name, value) for name, value in zip(queries.RUN_COLUMNS, row)] for row in message.rows],
             right_aligned=[False, False, False, True, True, True, True, False])
@@ -235,14 +232,13 @@ class TrainScreen(SizeClasses, Screen):
             self.notify("A run is training: its loss and samples are shown until it ends.", title="Train")
             return
         folder = self.run_folders[index]
+        run, status = self.run_rows[index][0], self.run_rows[index][2]
         if not folder or not Path(folder).is_dir():
-            self.notify(f"Run {self.run_ids[index]}'s folder {folder or '?'} is gone (moved or deleted).", title="Train",
-                        severity="warning")
+            self.notify(f"Run {run}'s folder {folder or '?'} is gone (moved or deleted).", title="Train", severity="warning")
             return
         self.output_dir, self.shown_sample = Path(folder), None
-        continued = " (continued by a later run: the folder's loss and samples are that run's)" \
-            if self.run_statuses[index] == "continued" else ""
-        self.query_one("#train-state", Label).update(f"showing run {self.run_ids[index]}{continued}: {markup_safe(folder)}")
+        continued = " (continued by a later run: the folder's loss and samples are that run's)" if status == "continued" else ""
+        self.query_one("#train-state", Label).update(f"showing run {run}{continued}: {markup_safe(folder)}")
         self._poll()
 
     @on(Select.Changed, "#preset")

@@ -320,17 +320,14 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
     # folder_id: this life of the run folder, recorded with each training row (a folder deleted and used again gets a
     # new one, so the rows of the deleted run do not count when a resume there is judged)
     def entry(image: TrainImage) -> dict:
-        # strict JSON, which DuckDB's read_json (and any other reader) takes: a file name that is not UTF-8 is held
-        # as surrogate escapes, which JSON cannot carry, so it is written as \xNN text, with its bytes in hex
         row = asdict(image)
-        raw = os.fsencode(image.path)
-        row["path"] = raw.decode("utf-8", "backslashreplace")
-        if row["path"] != image.path:  # for the exact round trip
-            row["path_hex"] = raw.hex()
+        if _strict_json(image.path) != image.path:  # a name that is not UTF-8: its exact bytes too, for the round trip
+            row["path_hex"] = os.fsencode(image.path).hex()
         return row
 
-    payload = {"version": 1, "folder_id": uuid.uuid4().hex, "config": _strict_json(config), "images": [entry(i) for i in images],
-               "priors": None if priors is None else {p: [entry(i) for i in pool] for p, pool in priors.items()}}
+    # strict JSON, which DuckDB's read_json (and any other reader) takes (`_strict_json`)
+    payload = _strict_json({"version": 1, "folder_id": uuid.uuid4().hex, "config": config, "images": [entry(i) for i in images],
+                            "priors": None if priors is None else {p: [entry(i) for i in pool] for p, pool in priors.items()}})
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(payload))
