@@ -1,7 +1,9 @@
-"""Caption edits made in the TUI: manual captions, choosing/rejecting model captions, bulk edits with undo.
+"""Caption edits by hand (the TUI's Captions screen, `workbench edit-captions`): manual captions, choosing or
+rejecting model captions, bulk edits with undo.
 
 Edits are rows in `captions` with source 'manual' (and a `caption_choice` of 'manual' so they win);
-sidecar .txt files beside the images are written only when asked.
+sidecar .txt files beside the images are written only when asked. Each bulk edit is recorded with what it
+replaced (`caption_edits`, `caption_edit_rows`), so it can be undone from another process or a later day.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, transaction
 
@@ -138,6 +141,8 @@ class BulkUndo:
     description: str
     previous: pa.Table  # image_id, manual_text, manual_created_at, choice, written_text
     sidecars: dict[str, SidecarWrite] = field(default_factory=dict)  # image_id: the sidecar the edit wrote
+    edit_id: int | None = None  # its row in caption_edits
+    made_at: object = None
 
     @property
     def changed(self) -> int:
@@ -152,11 +157,30 @@ class UndoOutcome:
     skipped: int
 
 
-def _bulk_expression(find: str | None, replace: str | None, add_token: str | None, remove_token: str | None) -> tuple[str, list, str]:
+def _checked_pattern(pattern: str) -> None:
+    """Refuse a regular expression DuckDB (RE2) cannot compile, by its own words."""
+    try:
+        duckdb.sql("SELECT regexp_matches('', ?)", params=[pattern]).fetchall()
+    except duckdb.Error as error:
+        reason = str(error).split("\n")[0].split(": ", 1)[-1]
+        raise CatalogError(f"Not a regular expression (RE2 syntax) {pattern!r}: {reason}") from None
+
+
+def _bulk_expression(find: str | None, replace: str | None, add_token: str | None, remove_token: str | None,
+                     *, regex: bool = False, set_text: str | None = None) -> tuple[str, list, str]:
     """(SQL for the new caption from `caption`, its parameters, a description)."""
-    given = [x for x in (find, add_token, remove_token) if x]
+    given = [x for x in (find, add_token, remove_token, set_text) if x]
     if len(given) != 1:
-        raise CatalogError("Give exactly one bulk edit: find/replace, add a token, or remove a token.")
+        raise CatalogError("Give exactly one bulk edit: find/replace, add a token, remove a token, or set a caption.")
+    if set_text:
+        if not set_text.strip():
+            raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
+        return "?", [set_text.strip()], f"set the caption to {set_text.strip()!r}"
+    if find and regex:
+        _checked_pattern(find)
+        # every match ('g'); \1 in the replacement is the first group, as in re.sub; the result trimmed, as a typed one is
+        return ("trim(regexp_replace(coalesce(caption, ''), ?, ?, 'g'))", [find, replace or ""],
+                f"replace /{find}/ with \"{replace or ''}\"")
     if find:
         return "replace(coalesce(caption, ''), ?, ?)", [find, replace or ""], f"replace {find!r} with {replace or ''!r}"
     # a caption's tags: split at commas and line breaks (a line break joined two tags into one), trimmed
@@ -180,17 +204,40 @@ def _bulk_expression(find: str | None, replace: str | None, add_token: str | Non
 
 
 def _changes(cur: duckdb.DuckDBPyConnection, image_ids: list[str], expression: str, params: list) -> pa.Table:
-    """(image_id, new_text) for each image in `image_ids` whose current caption the edit changes."""
-    cur.register("bulk_ids", pa.table({"image_id": pa.array(image_ids, pa.string())}))
+    """(image_id, old_text, new_text) for each image in `image_ids` whose current caption the edit changes,
+    in `image_ids` order; new_text is empty where the edit would leave no caption (those are not applied)."""
+    cur.register("bulk_ids", pa.table({"image_id": pa.array(image_ids, pa.string()), "position": pa.array(range(len(image_ids)), pa.int64())}))
     try:
         return cur.sql(
-            f"SELECT image_id, new_text FROM (SELECT b.image_id, cc.caption, {expression} AS new_text "
+            f"SELECT image_id, caption AS old_text, new_text FROM (SELECT b.image_id, b.position, cc.caption, {expression} AS new_text "
             "FROM bulk_ids b LEFT JOIN current_captions cc ON cc.image_id = b.image_id) "
-            "WHERE new_text IS DISTINCT FROM caption AND trim(new_text) != ''",
+            "WHERE new_text IS DISTINCT FROM caption AND NOT (trim(new_text) = '' AND coalesce(trim(caption), '') = '') ORDER BY position",
             params=params,
         ).to_arrow_table()
     finally:
         cur.unregister("bulk_ids")
+
+
+@dataclass
+class BulkPreview:
+    """What a bulk edit would do: its description, the captions it changes (image_id, old_text, new_text),
+    and how many of those it would leave empty (not applied: an empty caption is a rejection, not an edit)."""
+
+    description: str
+    changes: pa.Table  # the ones applied: without those left empty
+    emptied: int
+
+    @property
+    def changed(self) -> int:
+        return self.changes.num_rows
+
+
+def _preview(cur: duckdb.DuckDBPyConnection, image_ids: list[str], edit: dict) -> BulkPreview:
+    expression, params, description = _bulk_expression(**edit)
+    found = _changes(cur, image_ids, expression, params)
+    kept = pc.invert(pc.equal(pc.utf8_trim_whitespace(found.column("new_text")), ""))
+    applied = found.filter(kept)
+    return BulkPreview(description, applied, found.num_rows - applied.num_rows)
 
 
 def preview_bulk_edit(
@@ -201,12 +248,14 @@ def preview_bulk_edit(
     replace: str | None = None,
     add_token: str | None = None,
     remove_token: str | None = None,
-) -> tuple[str, int]:
-    """(description, how many captions bulk_edit would change): a dry run, to ask before editing."""
-    expression, params, description = _bulk_expression(find, replace, add_token, remove_token)
+    regex: bool = False,
+    set_text: str | None = None,
+) -> BulkPreview:
+    """What bulk_edit would change, without changing it: a dry run, to ask before editing."""
     cur = con.cursor()
     try:
-        return description, _changes(cur, image_ids, expression, params).num_rows
+        return _preview(cur, image_ids, dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token,
+                                             regex=regex, set_text=set_text))
     finally:
         cur.close()
 
@@ -219,29 +268,74 @@ def bulk_edit(
     replace: str | None = None,
     add_token: str | None = None,
     remove_token: str | None = None,
+    regex: bool = False,
+    set_text: str | None = None,
     sidecars: bool = False,
 ) -> BulkUndo:
-    """Apply one edit to the current caption of each image in `image_ids`; changed ones become manual captions."""
-    expression, params, description = _bulk_expression(find, replace, add_token, remove_token)
+    """Apply one edit to the current caption of each image in `image_ids`; changed ones become manual captions.
+    The edit is recorded with what it replaced (`last_bulk_edit` finds it again for undo)."""
     cur = con.cursor()
     try:
-        changes = _changes(cur, image_ids, expression, params)
-        cur.register("bulk_changes", changes)
-        previous = cur.sql(
-            "SELECT c.image_id, m.text AS manual_text, m.created_at AS manual_created_at, ch.source AS choice, "
-            "c.new_text AS written_text "
-            "FROM bulk_changes c LEFT JOIN captions m ON m.image_id = c.image_id AND m.source = 'manual' "
-            "LEFT JOIN caption_choice ch ON ch.image_id = c.image_id"
-        ).to_arrow_table()
-        with transaction(cur):
-            cur.execute(
-                "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) "
-                "SELECT image_id, 'manual', new_text, now() FROM bulk_changes"
+        preview = _preview(cur, image_ids, dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token,
+                                                regex=regex, set_text=set_text))
+        cur.register("bulk_changes", preview.changes)
+        try:
+            previous = cur.sql(
+                "SELECT c.image_id, m.text AS manual_text, m.created_at AS manual_created_at, ch.source AS choice, "
+                "c.new_text AS written_text "
+                "FROM bulk_changes c LEFT JOIN captions m ON m.image_id = c.image_id AND m.source = 'manual' "
+                "LEFT JOIN caption_choice ch ON ch.image_id = c.image_id"
+            ).to_arrow_table()
+            with transaction(cur):
+                cur.execute(
+                    "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) "
+                    "SELECT image_id, 'manual', new_text, now() FROM bulk_changes"
+                )
+                cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) SELECT image_id, 'manual' FROM bulk_changes")
+                edit_id, made_at = None, None
+                if previous.num_rows:  # an edit that changed nothing has nothing to undo
+                    edit_id, made_at = cur.execute(
+                        "INSERT INTO caption_edits (description) VALUES (?) RETURNING edit_id, made_at", [preview.description]
+                    ).fetchall()[0]
+                    cur.register("bulk_previous", previous)
+                    cur.execute(
+                        "INSERT INTO caption_edit_rows (edit_id, image_id, manual_text, manual_created_at, choice, written_text) "
+                        "SELECT ?, image_id, manual_text, manual_created_at, choice, written_text FROM bulk_previous", [edit_id])
+                    cur.unregister("bulk_previous")
+        finally:
+            cur.unregister("bulk_changes")
+        written = {w.image_id: w for w in write_sidecars(cur, preview.changes.column("image_id").to_pylist())} if sidecars else {}
+        if written:  # recorded after they are written: an undo puts back only files this edit really wrote
+            cur.executemany(
+                "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_previous = ?, sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
+                [(w.path, w.previous, w.written, edit_id, w.image_id) for w in written.values()],
             )
-            cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) SELECT image_id, 'manual' FROM bulk_changes")
-        cur.unregister("bulk_changes")
-        written = {w.image_id: w for w in write_sidecars(cur, changes.column("image_id").to_pylist())} if sidecars else {}
-        return BulkUndo(description=description, previous=previous, sidecars=written)
+        return BulkUndo(description=preview.description, previous=previous, sidecars=written, edit_id=edit_id, made_at=made_at)
+    finally:
+        cur.close()
+
+
+def last_bulk_edit(con: duckdb.DuckDBPyConnection) -> BulkUndo | None:
+    """The newest recorded bulk edit not undone yet (None when there is none), ready for undo_bulk."""
+    cur = con.cursor()
+    try:
+        found = cur.execute(
+            "SELECT edit_id, description, made_at FROM caption_edits WHERE undone_at IS NULL ORDER BY edit_id DESC LIMIT 1"
+        ).fetchall()
+        if not found:
+            return None
+        edit_id, description, made_at = found[0]
+        previous = cur.sql(
+            "SELECT image_id, manual_text, manual_created_at, choice, written_text FROM caption_edit_rows WHERE edit_id = ?",
+            params=[edit_id],
+        ).to_arrow_table()
+        sidecars = {
+            image_id: SidecarWrite(image_id, path, None if before is None else bytes(before), bytes(written))
+            for image_id, path, before, written in cur.execute(
+                "SELECT image_id, sidecar_path, sidecar_previous, sidecar_written FROM caption_edit_rows "
+                "WHERE edit_id = ? AND sidecar_path IS NOT NULL", [edit_id]).fetchall()
+        }
+        return BulkUndo(description=description, previous=previous, sidecars=sidecars, edit_id=edit_id, made_at=made_at)
     finally:
         cur.close()
 
@@ -255,6 +349,10 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
     """
     cur = con.cursor()
     try:
+        if undo.edit_id is not None and cur.execute(
+            "SELECT count(*) FROM caption_edits WHERE edit_id = ? AND undone_at IS NOT NULL", [undo.edit_id]
+        ).fetchall()[0][0]:
+            raise CatalogError(f"The edit \"{undo.description}\" was undone already.")
         cur.register("undo_rows", undo.previous)
         try:
             with transaction(cur):
@@ -272,6 +370,8 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
                 cur.execute("DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM undo_still)")
                 cur.execute("INSERT INTO caption_choice (image_id, source) SELECT image_id, choice FROM undo_still WHERE choice IS NOT NULL")
                 cur.unregister("undo_still")
+                if undo.edit_id is not None:
+                    cur.execute("UPDATE caption_edits SET undone_at = now() WHERE edit_id = ?", [undo.edit_id])
         finally:
             cur.unregister("undo_rows")
         _restore_sidecars([undo.sidecars[i] for i in still.column("image_id").to_pylist() if i in undo.sidecars])

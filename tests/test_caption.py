@@ -189,7 +189,7 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     assert sources == {"model:tiny"}
     # --where chooses for some images only; captions typed by hand that no longer train are said (all-or-nothing
     # took them over without a word)
-    from tui import caption_edits
+    from pipelines import caption_edits
 
     con = connect(catalog_path)
     typed, other = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 2").fetchall()]

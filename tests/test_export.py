@@ -69,7 +69,7 @@ def _all_files(root: Path) -> list[Path]:
 
 
 def test_kohya_export_layout_captions_and_dataset_toml(con, curated, tmp_path):
-    from tui.caption_edits import save_manual_caption
+    from pipelines.caption_edits import save_manual_caption
 
     # a caption typed on two lines (ingest reads a sidecar's first line only, as kohya does)
     save_manual_caption(con, _by_name(con)["a.jpg"], "a photo of sks dog\non grass")
@@ -668,7 +668,7 @@ def test_an_export_says_when_a_reg_folder_mixes_the_class_images_of_several_mode
 def test_export_says_when_caption_files_changed_since_ingest_and_names_stay_on_a_round_trip(con, curated, tmp_path):
     """Training warned of a caption file edited since ingest, export wrote the old caption without a word; a file
     name grew another `-<id>` on every export → import-kohya → export."""
-    from tui.caption_edits import save_manual_caption
+    from pipelines.caption_edits import save_manual_caption
     from workbench.images import sidecars_changed_since_ingest
 
     ids = _by_name(con)

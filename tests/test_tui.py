@@ -1878,7 +1878,7 @@ def test_browse_puts_images_in_a_concept_and_excludes_or_includes_one(synthetic_
 
 def test_a_carried_caption_cannot_be_rejected_since_it_is_not_stored(catalog_path):
     """Rejecting a 'duplicate' caption deleted nothing lasting: the next dedup brought it back. It is refused, saying why."""
-    from tui.caption_edits import reject_caption
+    from pipelines.caption_edits import reject_caption
     from workbench.catalog import CatalogError
 
     con = connect(catalog_path)

@@ -7,7 +7,7 @@ import asyncio
 
 from test_tui import SIZE, captions_loaded, focus_on, manual_caption, query_count, text_of, wait_for
 
-from tui import caption_edits
+from pipelines import caption_edits
 from tui.app import WorkbenchApp
 from tui.confirm import Confirm
 from workbench.catalog import connect
@@ -15,6 +15,10 @@ from workbench.catalog import connect
 
 def captions(app) -> dict[str, str]:
     return dict(app.con.execute("SELECT image_id, caption FROM current_captions").fetchall())
+
+
+def counted(preview: caption_edits.BulkPreview) -> tuple[str, int]:
+    return preview.description, preview.changed
 
 
 def notified(app, words: str) -> bool:
@@ -191,10 +195,10 @@ def test_preview_bulk_edit_counts_what_the_edit_changes(synthetic_catalog):
         ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 20").fetchall()]
         caption_edits.bulk_edit(con, ids[:5], add_token="sks")
         before = dict(con.execute("SELECT image_id, caption FROM current_captions").fetchall())
-        assert caption_edits.preview_bulk_edit(con, ids, add_token="sks") == ("add token 'sks'", 15)  # 5 have it already
+        assert counted(caption_edits.preview_bulk_edit(con, ids, add_token="sks")) == ("add token 'sks'", 15)  # 5 have it already
         assert dict(con.execute("SELECT image_id, caption FROM current_captions").fetchall()) == before  # a dry run
         lakes = con.execute("SELECT count(*) FROM current_captions WHERE image_id IN (SELECT unnest(?)) AND caption LIKE '%mountain lake%'", [ids]).fetchone()[0]
-        assert caption_edits.preview_bulk_edit(con, ids, find="mountain lake", replace="tarn") == ("replace 'mountain lake' with 'tarn'", lakes)
+        assert counted(caption_edits.preview_bulk_edit(con, ids, find="mountain lake", replace="tarn")) == ("replace 'mountain lake' with 'tarn'", lakes)
         assert caption_edits.bulk_edit(con, ids, add_token="sks").changed == 15
     finally:
         con.close()
@@ -249,7 +253,7 @@ def test_token_edits_change_only_the_captions_that_hold_the_tags(synthetic_catal
         def captions():
             return [con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [i]).fetchone()[0] for i in ids]
 
-        assert caption_edits.preview_bulk_edit(con, ids, remove_token="hat") == ("remove token 'hat'", 0)
+        assert counted(caption_edits.preview_bulk_edit(con, ids, remove_token="hat")) == ("remove token 'hat'", 0)
         assert caption_edits.bulk_edit(con, ids, add_token="sks, woman").changed == 4
         assert captions() == ["sks, woman, 1girl,red hair,smile", "sks, woman, 1girl,  red hair , smile,",
                               "sks, woman, 1girl, smile\nsecond line, extra", "woman, sks, 1girl"]

@@ -3,5 +3,5 @@
 `app.py` opens the catalog and routes between screens (F2–F7, F1 help); each screen lives in its own
 module with its .tcss. Blocking work runs in thread workers that use their own DuckDB cursor and post
 messages (`messages.py`); widgets are only touched on the UI thread. Catalog reads and edits the screens
-need live in plain modules (`queries.py`, `caption_edits.py`, `steps.py`) that do not import Textual.
+need live in plain modules (`queries.py`, `steps.py`; caption edits in `pipelines/caption_edits.py`, which the CLI shares) that do not import Textual.
 """

@@ -16,7 +16,8 @@ from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Opti
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
-from tui import caption_edits, queries
+from pipelines import caption_edits
+from tui import queries
 from tui.confirm import Confirm
 from tui.image_table import ImageTable, cut_start
 from tui.messages import CatalogChanged, ImagePicked
@@ -78,6 +79,7 @@ class CaptionsScreen(SizeClasses, Screen):
         edit: dict
         description: str
         changes: int  # captions the edit would change
+        emptied: int  # captions it would leave empty: not changed
 
     @dataclass
     class _Failed(Message):
@@ -390,12 +392,13 @@ class CaptionsScreen(SizeClasses, Screen):
     def _plan_bulk(self, result: queries.BrowseResult, edit: dict) -> None:
         try:
             targets = result.image_ids(ok_only=True)
-            description, changes = caption_edits.preview_bulk_edit(self.app.con, targets, **edit)
+            preview = caption_edits.preview_bulk_edit(self.app.con, targets, **edit)
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return
         if not get_current_worker().is_cancelled:  # a newer click replaced this one
-            self.post_message(self._Planned(result.filter.text.strip(), result.total, targets, edit, description, changes))
+            self.post_message(self._Planned(result.filter.text.strip(), result.total, targets, edit, preview.description,
+                                            preview.changed, preview.emptied))
 
     @on(_Planned)
     def _ask_bulk(self, message: _Planned) -> None:
@@ -406,6 +409,9 @@ class CaptionsScreen(SizeClasses, Screen):
             return
         left_out = message.total - len(message.targets)
         note = _unreadable_note(left_out)
+        if message.emptied:
+            note += (f"; {message.emptied:,} caption{'s' if message.emptied != 1 else ''} it would leave empty "
+                     f"{'are' if message.emptied != 1 else 'is'} not changed (Reject falls back to another source)")
         if not message.changes:
             self.notify(f"{message.description}: 0 captions changed, none of the {len(message.targets):,} filtered "
                         f"images needs it{note}", title="Captions", markup=False)

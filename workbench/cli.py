@@ -586,6 +586,93 @@ def caption(
                           "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
 
 
+@app.command("edit-captions")
+def edit_captions(
+    image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters); default: every image (or --where's).", show_default=False)] = None,
+    find: Annotated[Optional[str], typer.Option("--find", help="Text to replace in each caption (with --replace; every occurrence).", show_default=False)] = None,
+    replace: Annotated[Optional[str], typer.Option("--replace", help="What --find becomes (default: nothing, i.e. removed).", show_default=False)] = None,
+    regex: Annotated[bool, typer.Option("--regex", help="--find is a regular expression (RE2 syntax; \\1 in --replace is its first group).")] = False,
+    add_token: Annotated[Optional[str], typer.Option("--add-token", help="Put these comma-separated tags first where a caption lacks them.", show_default=False)] = None,
+    remove_token: Annotated[Optional[str], typer.Option("--remove-token", help="Remove these comma-separated tags (whole tags only).", show_default=False)] = None,
+    set_text: Annotated[Optional[str], typer.Option("--set", help="Make this the caption (of the images named).", show_default=False)] = None,
+    where: Annotated[Optional[str], typer.Option("--where", help="Only the images whose images_view row matches this SQL condition.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would change; change nothing.")] = False,
+    sidecars: Annotated[bool, typer.Option("--sidecars", help="Also write each changed caption to the image's sidecar .txt (or its .caption), replacing what it held; --undo puts them back.")] = False,
+    undo: Annotated[bool, typer.Option("--undo", help="Undo the newest edit not undone yet (this command's or the TUI's bulk edits); again for the one before.")] = False,
+    show: Annotated[int, typer.Option("--show", min=0, help="Changes to show as before → after.")] = 5,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Edit captions by hand: find/replace (also regex), add or remove tags, or set one; each edit can be undone.
+
+    Edited captions become the images' 'manual' captions, which win over sidecar and model captions. Captions that an
+    edit would leave empty are not changed (`workbench caption --use-source` falls back to another source).
+
+    Example: workbench edit-captions --add-token "sks dog" --where "concept = 'sks dog'" --dry-run
+    (or: --find "a woman" --replace "ohwx woman"; --find "\\s*,?\\s*blurry" --regex; 3fa9c2d1e0 --set "sks dog on grass"; --undo)
+    """
+    from pipelines.caption_edits import bulk_edit, last_bulk_edit, preview_bulk_edit, undo_bulk
+    from pipelines.concepts import resolve_image_ids
+
+    edits = [name for name, value in (("--find", find), ("--add-token", add_token), ("--remove-token", remove_token),
+                                      ("--set", set_text)) if value is not None]
+    if undo:
+        if edits or image_ids or where is not None or sidecars:
+            fail("--undo takes no other edit, images or --where: it puts back the newest edit as it was made.")
+        con = open_catalog(catalog)
+        last = last_bulk_edit(con)
+        if last is None:
+            fail("No caption edit to undo.")
+        if dry_run:
+            console.print(Text(f"would undo: {last.description} ({last.changed} caption(s), made {last.made_at:%Y-%m-%d %H:%M})"))
+            return
+        outcome = undo_bulk(con, last)
+        console.print(Text(f"undid {last.description}: {outcome.restored} caption(s) put back"))
+        if outcome.skipped:
+            err_console.print(Text(f"Note: {outcome.skipped} image(s) kept the caption they were given after that edit.", style="yellow"))
+        return
+    if len(edits) != 1:
+        fail("Give one edit: --find TEXT [--replace TEXT], --add-token TAGS, --remove-token TAGS or --set TEXT (or --undo)."
+             + (f" You gave {' and '.join(edits)}." if edits else ""))
+    if replace is not None and find is None:
+        fail("--replace goes with --find.")
+    if regex and find is None:
+        fail("--regex applies to --find.")
+    if set_text is not None and not image_ids and where is None:
+        fail("--set gives every image the same caption: name the images (ids, or --where).")
+    for name, value in (("--find", find), ("--add-token", add_token), ("--remove-token", remove_token), ("--set", set_text)):
+        if value is not None and not value.strip():
+            fail(f"{name} is empty.")
+    con = open_catalog(catalog)
+    try:
+        ids = resolve_image_ids(con, image_ids) if image_ids else []
+        if where is not None:
+            ids = list(dict.fromkeys(ids + _images_matching(con, where, "no caption was changed")))
+        elif not image_ids:
+            ids = [row[0] for row in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id").fetchall()]
+        edit = dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token, regex=regex, set_text=set_text)
+        preview = preview_bulk_edit(con, ids, **edit)
+        if not dry_run and preview.changed:
+            done = bulk_edit(con, ids, sidecars=sidecars, **edit)
+    except (ValueError, CatalogError) as error:
+        fail(str(error))
+    shown = preview.changes.slice(0, show).to_pylist()
+    if shown:
+        table = Table(title=Text(preview.description), show_header=True)
+        for column in ("image", "before", "after"):
+            table.add_column(column)
+        for row in shown:
+            table.add_row(Text(row["image_id"][:12]), Text(row["old_text"] or ""), Text(row["new_text"]))
+        console.print(table)
+    verb = "would change" if dry_run else "changed"
+    changed = preview.changed if dry_run or not preview.changed else done.changed
+    console.print(Text(f"{preview.description}: {verb} {changed} of {len(ids)} caption(s)"
+                       + (f" ({preview.changed - len(shown)} more not shown)" if preview.changed > len(shown) else "")))
+    if preview.emptied:
+        err_console.print(Text(f"Note: {preview.emptied} caption(s) the edit would leave empty are not changed.", style="yellow"))
+    if not dry_run and preview.changed:
+        err_console.print(Text("Undo with: workbench edit-captions --undo" + (" (the sidecar files too)" if sidecars else ""), style="dim"))
+
+
 @app.command()
 def score(
     catalog: CatalogOpt = None,

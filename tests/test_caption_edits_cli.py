@@ -1,0 +1,122 @@
+"""`workbench edit-captions`: bulk caption edits from the command line (find/replace, regex, tags, a set caption),
+recorded in the catalog so `--undo` puts them back from a later process, sidecar files included."""
+
+from __future__ import annotations
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines import caption_edits
+from pipelines.ingest import ingested_images
+from workbench.catalog import connect
+from workbench.cli import app
+
+
+def _folder(tmp_path):
+    """Four images with sidecar captions (kohya-style tags), one without a caption."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    texts = {"a": "sks dog, blurry, on grass", "b": "a dog on a sofa", "c": "dogs running, blurry", "d": "blurry"}
+    for i, (name, text) in enumerate(texts.items()):
+        Image.new("RGB", (64, 64), (50 * i, 90, 200)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(folder / "e.png")
+    return folder
+
+
+def _captions(catalog_path) -> dict[str, str | None]:
+    con = connect(catalog_path)
+    try:
+        return dict(con.execute(
+            "SELECT regexp_extract(v.path, '(\\w)\\.png$', 1), v.caption FROM images_view v ORDER BY 1").fetchall())
+    finally:
+        con.close()
+
+
+def _run(catalog_path, *args):
+    return CliRunner().invoke(app, ["edit-captions", "-c", str(catalog_path), *args])
+
+
+def test_edit_captions_regex_tags_set_and_undo_from_later_processes(catalog_path, tmp_path):
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    before = _captions(catalog_path)
+
+    dry = _run(catalog_path, "--find", r",?\s*blurry\b", "--regex", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    said = " ".join(dry.output.split())
+    assert "would change 2 of 5 caption(s)" in said  # a, c; d would be left empty: not changed, and said
+    assert "1 caption(s) the edit would leave empty are not changed" in said
+    assert _captions(catalog_path) == before and "Undo with" not in dry.output
+
+    done = _run(catalog_path, "--find", r",?\s*blurry\b", "--regex")
+    assert done.exit_code == 0, done.output
+    after_regex = {**before, "a": "sks dog, on grass", "c": "dogs running"}
+    assert _captions(catalog_path) == after_regex
+
+    tagged = _run(catalog_path, "--add-token", "sks dog", "--where", "caption ILIKE '%dog%'")
+    assert tagged.exit_code == 0 and "changed 2 of 3 caption(s)" in " ".join(tagged.output.split()), tagged.output
+    assert _captions(catalog_path) == {**after_regex, "b": "sks dog, a dog on a sofa", "c": "sks dog, dogs running"}
+
+    con = connect(catalog_path)
+    e_id = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%e.png'").fetchall()[0][0]
+    con.close()
+    assert _run(catalog_path, "--set", "a plain square").exit_code == 2  # every image the same caption: refused
+    assert _run(catalog_path, e_id[:10], "--set", "a plain square").exit_code == 0
+    assert _captions(catalog_path)["e"] == "a plain square"
+
+    # three edits, undone newest first, each by a process of its own; a caption typed after an edit is kept
+    con = connect(catalog_path)
+    b_id = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%b.png'").fetchall()[0][0]
+    caption_edits.save_manual_caption(con, b_id, "typed by hand after the tag edit")
+    con.close()
+    assert _run(catalog_path, "--undo").exit_code == 0
+    assert _captions(catalog_path)["e"] is None
+    undone = _run(catalog_path, "--undo")
+    assert undone.exit_code == 0 and "1 image(s) kept the caption they were given after that edit" in " ".join(undone.output.split())
+    assert _captions(catalog_path) == {**after_regex, "b": "typed by hand after the tag edit", "e": None}
+    assert _run(catalog_path, "--undo").exit_code == 0
+    assert _captions(catalog_path) == {**before, "b": "typed by hand after the tag edit"}
+    nothing = _run(catalog_path, "--undo")
+    assert nothing.exit_code == 2 and "No caption edit to undo" in nothing.output
+    assert {p.name for p in folder.iterdir()} == {f"{n}.{e}" for n in "abcd" for e in ("png", "txt")} | {"e.png"}
+
+
+def test_edit_captions_refuses_bad_input_without_changing_anything(catalog_path, tmp_path):
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    before = _captions(catalog_path)
+    for args, words in [
+        (["--find", "(", "--regex"], "Not a regular expression"),
+        (["--find", "a", "--add-token", "b"], "You gave --find and --add-token"),
+        (["--replace", "x"], "Give one edit"),
+        (["--add-token", "x", "--regex"], "--regex applies to --find"),
+        (["--add-token", " "], "--add-token is empty"),
+        (["--undo", "--add-token", "x"], "--undo takes no other edit"),
+        (["--add-token", "x", "--where", "no_such_column = 1"], "--where failed"),
+        (["--add-token", "x", "ffffffffff"], "ffffffffff"),
+    ]:
+        result = _run(catalog_path, *args)
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), (args, result.output)
+    assert _captions(catalog_path) == before
+
+
+def test_sidecars_written_by_an_edit_are_put_back_by_undo_in_a_later_process(catalog_path, tmp_path):
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    done = _run(catalog_path, "--remove-token", "blurry", "--sidecars")
+    assert done.exit_code == 0, done.output
+    assert (folder / "a.txt").read_text() == "sks dog, on grass\n"
+    assert (folder / "c.txt").read_text() == "dogs running\n"
+    assert (folder / "d.txt").read_text() == "blurry\n"  # would be empty: not changed
+    (folder / "c.txt").write_text("edited in another tool\n")
+    undone = _run(catalog_path, "--undo")
+    assert undone.exit_code == 0, undone.output
+    assert (folder / "a.txt").read_text() == "sks dog, blurry, on grass\n"
+    assert (folder / "c.txt").read_text() == "edited in another tool\n"  # changed since the edit: left alone
