@@ -215,6 +215,10 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+# an image's filter exclusions (`workbench filter`), joined: a copy the filter lets through is kept before one it excludes
+FILTERED_OUT_SQL = ("SELECT string_agg(e.reason, '; ' ORDER BY e.step) FROM exclusions e "
+                    "WHERE e.image_id = i.image_id AND starts_with(e.step, 'filter:')")
+
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # at the same resolution, a full-colour copy over these: CMYK, which Pillow turns into RGB without a colour profile
 # (its colours shift), and a palette of at most 256 colours (a photo quantised to a GIF or a small PNG)
@@ -227,8 +231,9 @@ def _grey(member: dict) -> bool:
 
 
 def keep_order_key(member: dict) -> tuple:
-    """Sort key of the keep policy: colour over grey, then highest resolution, then full colour over CMYK and palette,
-    then lossless over lossy, then larger file, then path order."""
+    """Sort key of the keep policy (after a hand choice, then a copy the filter lets through): colour over grey, then
+    highest resolution, then full colour over CMYK and palette, then lossless over lossy, then larger file, then path
+    order."""
     # Colour first: a grey copy of a colour photo has lost what no resolution gives back (a LoRA trained on it
     # learns grey). A grey original (a black-and-white photo) is grey in every copy, and resolution decides.
     # Pixels, not detail: an upscale of a thumbnail wins over its original, and no stored column can tell it. Blur,
@@ -244,16 +249,20 @@ def keep_order_key(member: dict) -> tuple:
 def preferred_copy(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> str:
     """Of `image_ids`, the copy the keep policy would choose (what to suggest keeping when the kept one goes)."""
     rows = con.execute(
-        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq FROM images i "
+        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq, "
+        f"({FILTERED_OUT_SQL}) AS filtered_out FROM images i "
         "JOIN paths p USING (image_id) WHERE i.image_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL", [list(image_ids)],
     ).fetchall()
-    names = ("image_id", "width", "height", "format", "bytes", "mode", "is_grayscale", "first_seq")
+    names = ("image_id", "width", "height", "format", "bytes", "mode", "is_grayscale", "first_seq", "filtered_out")
     members = [dict(zip(names, row)) for row in rows]
-    return min(members, key=keep_order_key)["image_id"] if members else image_ids[0]
+    return min(members, key=lambda m: (m["filtered_out"] is not None, keep_order_key(m)))["image_id"] if members else image_ids[0]
 
 
 def _keep_reason(keeper: dict, runner_up: dict) -> str:
     """Why the keeper ranks above the runner-up: the first part of the keep policy that tells them apart."""
+    if (runner_up.get("filtered_out") is not None and keeper.get("filtered_out") is None
+            and keep_order_key(runner_up) < keep_order_key(keeper)):
+        return f"passes the filter (a copy ranked above it does not: {runner_up['filtered_out']})"
     if _grey(keeper) != _grey(runner_up):
         return f"colour over greyscale ({runner_up.get('mode')})"
     if (keeper["width"] or 0) * (keeper["height"] or 0) != (runner_up["width"] or 0) * (runner_up["height"] or 0):
@@ -308,7 +317,10 @@ def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> l
         connected.setdefault(linked.find(k), []).append(k)
     groups = []
     for members in connected.values():
-        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, keep_order_key(info[k])))  # a hand choice first
+        # a hand choice first; then a copy the filter lets through: a kept copy the filter excludes (a thumbnail) took
+        # the picture out of the dataset, though a copy that passes (its original) was there
+        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, info[k].get("filtered_out") is not None,
+                                                   keep_order_key(info[k])))
         while remaining:
             keeper = remaining[0]
             edges = {k: ("phash", 0.0) if node[k] == node[keeper] else best_edge.get((node[k], node[keeper]))
@@ -323,8 +335,9 @@ def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> l
 def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Recompute duplicate groups, keepers and 'dedup' exclusions from every pair method and keeper choice."""
     members = con.sql(
-        """
-        SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq
+        f"""
+        SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq,
+               ({FILTERED_OUT_SQL}) AS filtered_out
         FROM images i JOIN paths p USING (image_id)
         WHERE i.status = 'ok' AND NOT p.missing
           AND i.image_id IN (SELECT image_a FROM duplicate_pairs UNION SELECT image_b FROM duplicate_pairs)

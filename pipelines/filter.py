@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping
 import duckdb
 import pyarrow as pa
 
+from pipelines.dedup import regroup_duplicates
 from workbench.catalog import record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
@@ -255,6 +256,30 @@ def filtered_dataset(
             progress(task="filter", message=(
                 f"{unscored} image(s) have no CLIP score yet (not scored, or ingested since): the CLIP score rule did not "
                 "apply to them; run `workbench score`, then filter again"))
+    failing = pa.table({"image_id": pa.array(sorted({r[0] for r in new_rows}), pa.string())})
+    # a kept copy that fails a rule hands the picture to a copy of its group that passes (dedup's keep order); a copy
+    # chosen by hand (`workbench keep`) stays kept, and its picture leaves the dataset, said with what to do
+    moved, hand_kept = con.execute(
+        """
+        SELECT count(*) FILTER (WHERE NOT hand AND passing), count(*) FILTER (WHERE hand AND passing) FROM (
+            SELECT k.image_id IN (SELECT image_id FROM keeper_choice) AS hand,
+                   EXISTS (SELECT 1 FROM duplicates d JOIN images i USING (image_id) WHERE d.group_id = k.group_id
+                           AND i.status = 'ok' AND d.image_id NOT IN (SELECT image_id FROM failing)) AS passing
+            FROM duplicates k WHERE k.is_keeper AND k.image_id IN (SELECT image_id FROM failing)
+        )
+        """
+    ).fetchall()[0]
+    if moved:
+        summary["kept through another copy (the kept one fails)"] = moved
+        progress(task="filter", message=(
+            f"{moved} duplicate group(s) {'would keep' if dry_run else 'now keep'} a copy that passes these rules: their "
+            "kept copy fails one (a thumbnail of an original, say), and the picture stays in the dataset through the other"))
+    if hand_kept:
+        progress(task="filter", message=(
+            f"{hand_kept} copy(ies) you chose to keep (`workbench keep`) fail these rules while another copy of theirs "
+            "passes: those pictures leave the dataset; `workbench keep` the other copy to keep them (listed by: "
+            "workbench sql \"SELECT group_id, path, is_keeper, exclusion_reason FROM duplicate_groups WHERE group_id IN "
+            "(SELECT group_id FROM duplicate_groups WHERE is_keeper AND exclusion_reason LIKE '%filter%')\")"))
     if skipped:
         summary["skipped_rules"] = skipped
     if dry_run:
@@ -268,6 +293,8 @@ def filtered_dataset(
                 schema=pa.schema([("image_id", pa.string()), ("step", pa.string()), ("reason", pa.string())]),
             )
             con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT * FROM new_filter_rows")
+        if con.execute("SELECT count(*) FROM duplicates").fetchall()[0][0]:
+            regroup_duplicates(con)  # kept copies the filter excludes hand over to ones it lets through, and back
         run.counts = {k: v for k, v in summary.items() if k not in ("dry_run", "skipped_rules")}
     return summary
 
@@ -348,6 +375,8 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
             f" AND (step = '{MANUAL_STEP}' OR starts_with(step, '{FILTER_STEP_PREFIX}'))",
             [ids],
         ).fetchone()[0]
+    if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
+        regroup_duplicates(con)  # a copy no longer filtered out takes its place in the keep order again
     still = con.execute(
         "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchone()[0]

@@ -364,3 +364,48 @@ def test_exclude_and_include_take_a_sql_condition(catalog_path):
     assert set(_reasons(con)) == {wide, square}
     con.close()
     assert runner.invoke(app, ["include", "-c", str(catalog_path)]).exit_code == 2
+
+
+def test_a_kept_copy_the_filter_excludes_hands_its_picture_to_a_copy_that_passes(con):
+    """A review found `filter --min-side 256` removing pictures from the dataset altogether: dedup had kept a tinted
+    thumbnail (colour over grey) and excluded its 512 px original as a duplicate, and the filter excluded the thumbnail."""
+    from pipelines.dedup import choose_keeper, duplicate_groups
+
+    ids = {name: f"{n:02x}" * 32 for n, name in enumerate(("tinted_thumb", "grey_original", "other_thumb", "other_original"), 1)}
+    names = {image_id: name for name, image_id in ids.items()}
+
+    def insert(name, width, seq, mode, phash):
+        name = ids[name]
+        con.execute("INSERT INTO images (image_id, status, width, height, format, bytes, mode, brightness, contrast, blur, "
+                    "entropy) VALUES (?, 'ok', ?, ?, 'JPEG', 1000, ?, 120, 50, 500, 7)", [name, width, width, mode])
+        con.execute("INSERT INTO hashes VALUES (?, ?, 0, ?)", [name, phash, phash ^ (2**64 - 1)])
+        con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, ?, ?)", [f"/d/{name}", f"/d/{name}", name, seq])
+
+    base, other = 0x0F0F_F0F0_1234_5678, 0x0F0F_F0F0_1234_5678 ^ 0xFFFF_FFFF_0000
+    insert("tinted_thumb", 170, 1, "RGB", base)
+    insert("grey_original", 512, 2, "L", base ^ 1)
+    insert("other_thumb", 170, 3, "RGB", other)
+    insert("other_original", 512, 4, "L", other ^ 1)
+
+    def dataset():
+        return {names[r[0]] for r in con.execute("SELECT image_id FROM dataset").fetchall()}
+
+    duplicate_groups(con, threshold=6)
+    assert dataset() == {"tinted_thumb", "other_thumb"}  # colour over grey
+    choose_keeper(con, ids["other_thumb"])  # a hand choice stays kept, whatever the filter says
+    summary = filtered_dataset(con, FilterRules(min_side=256), dry_run=True)
+    assert summary["kept through another copy (the kept one fails)"] == 1 and dataset() == {"tinted_thumb", "other_thumb"}
+    summary = filtered_dataset(con, FilterRules(min_side=256))
+    assert summary["kept through another copy (the kept one fails)"] == 1
+    assert dataset() == {"grey_original"}
+    reason = con.execute("SELECT keep_reason FROM duplicates WHERE is_keeper AND image_id = ?", [ids["grey_original"]]).fetchall()[0][0]
+    assert reason.startswith("passes the filter") and "short side 170 px < 256" in reason
+    # dedup run again keeps the copy that passes; a filter without the rule gives the picture back to the thumbnail
+    duplicate_groups(con, threshold=6)
+    assert dataset() == {"grey_original"}
+    filtered_dataset(con, FilterRules(min_side=0))
+    assert dataset() == {"tinted_thumb", "other_thumb"}
+    # including a filtered kept copy by hand puts it first again
+    filtered_dataset(con, FilterRules(min_side=256))
+    manual_inclusions(con, [ids["tinted_thumb"]])
+    assert dataset() == {"tinted_thumb"}
