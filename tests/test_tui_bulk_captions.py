@@ -263,3 +263,41 @@ def test_token_edits_change_only_the_captions_that_hold_the_tags(synthetic_catal
                               "sks, woman, 1girl, second line, extra", "woman, sks, 1girl"]
     finally:
         con.close()
+
+
+def test_regex_box_makes_find_a_regular_expression_and_a_bad_one_is_said(synthetic_catalog):
+    async def scenario(size, before, after):
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=size) as pilot:
+            screen, *_ = await captions_loaded(app, pilot)
+            box = screen.query_one("#regex")
+            # the box is on screen and clear of its neighbours, in the wide and the narrow layout
+            regions = {name: screen.query_one(name).region for name in ("#find", "#replace", "#regex", "#bulk-replace")}
+            assert all(r.width > 0 and r.height > 0 for r in regions.values()), regions
+            assert not any(a.overlaps(b) for i, a in enumerate(regions.values()) for b in list(regions.values())[i + 1:]), regions
+            pngs = query_count(app, "SELECT count(*) FROM images WHERE format = 'PNG'")
+            await apply_filter(pilot, app, "format = 'PNG'", pngs)
+            lakes = query_count(app, "SELECT count(*) FROM current_captions JOIN images USING (image_id) "
+                                     f"WHERE format = 'PNG' AND regexp_matches(caption, '{before} (lake|view)')")
+            assert lakes > 0
+            screen.query_one("#find").value = f"{before} (lake|view)"
+            screen.query_one("#replace").value = after + r" \1"
+            await pilot.click("#bulk-replace")  # unticked: the text is literal, and no caption holds it
+            await wait_for(pilot, lambda: notified(app, "0 captions changed"), what="the literal find")
+            assert app.screen is screen
+            app.clear_notifications()  # at 80x24 the toast sits over the button: gone before the click
+            await pilot.pause(0.5)
+            box.value = True
+            question = await ask(pilot, app, "#bulk-replace")
+            assert f"replace /{before} (lake|view)/" in question and f"{lakes} caption" in question, question
+            await pilot.press("y")
+            await wait_for(pilot, lambda: query_count(
+                app, f"SELECT count(*) FROM captions WHERE source = 'manual' AND regexp_matches(text, '{after} (lake|view)')") == lakes,
+                what="regex replace")
+            screen.query_one("#find").value = "mountain ("
+            await pilot.click("#bulk-replace")
+            await wait_for(pilot, lambda: notified(app, "Not a regular expression"), what="the refusal")
+            assert app.screen is screen
+
+    asyncio.run(scenario(SIZE, "mountain", "alpine"))
+    asyncio.run(scenario((80, 24), "alpine", "mountain"))  # the narrow layout, on what the first one wrote

@@ -125,6 +125,7 @@ class CaptionsScreen(SizeClasses, Screen):
         with Horizontal(id="bulk-bar"):
             yield Input(placeholder="find", id="find")
             yield Input(placeholder="replace with", id="replace")
+            yield Checkbox("regex", id="regex", tooltip="find is a regular expression (RE2; \\1 in replace is its first group)")
             yield Button("Replace in filtered", id="bulk-replace")
             yield Button("Undo bulk (F8)", id="bulk-undo", disabled=True)
             yield Input(placeholder="trigger token", id="token")
@@ -363,7 +364,7 @@ class CaptionsScreen(SizeClasses, Screen):
         if not find:
             self.notify("Type the text to find.", severity="warning")
             return
-        self._bulk(find=find, replace=self.query_one("#replace", Input).value)
+        self._bulk(find=find, replace=self.query_one("#replace", Input).value, regex=self.query_one("#regex", Checkbox).value)
 
     @on(Button.Pressed, "#bulk-add")
     def _bulk_add(self) -> None:
@@ -373,13 +374,13 @@ class CaptionsScreen(SizeClasses, Screen):
     def _bulk_remove(self) -> None:
         self._bulk(remove_token=self.query_one("#token", Input).value)
 
-    def _bulk(self, **edit: str) -> None:
+    def _bulk(self, **edit: str | bool) -> None:
         """Count what a bulk edit would change over the rows the table shows, then ask (_ask_bulk)."""
         # the caption being typed is saved first: the edit then applies to it (the edit's reload put the typed text
         # back, and leaving the row saved it over the edit)
         self._autosave()
         table = self.query_one(ImageTable)
-        if not any(v.strip() for k, v in edit.items() if k != "replace"):
+        if not any(v.strip() for k, v in edit.items() if k not in ("replace", "regex")):
             self.notify("Type a trigger token first.", severity="warning")
             return
         problem = table.not_applied()  # bulk edits change the rows the table shows, never those of a filter only typed
