@@ -436,6 +436,21 @@ def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, in
     return regroup_duplicates(con)
 
 
+def keeper_choice_dropped(con: duckdb.DuckDBPyConnection, image_id: str) -> str | None:
+    """Undo a hand choice in `image_id`'s group: the keep policy chooses again. Returns the copy now kept, or None
+    when nothing was chosen by hand there."""
+    group = con.execute("SELECT group_id FROM duplicates WHERE image_id = ?", [image_id]).fetchall()
+    if not group:
+        raise ValueError(f"{image_id} is not in a duplicate group.")
+    dropped = con.execute(
+        "DELETE FROM keeper_choice WHERE image_id IN (SELECT image_id FROM duplicates WHERE group_id = ?)", [group[0][0]]
+    ).fetchall()[0][0]
+    if not dropped:
+        return None
+    regroup_duplicates(con)
+    return con.execute("SELECT keeper_id FROM duplicates WHERE image_id = ?", [image_id]).fetchall()[0][0]
+
+
 def image_set_apart(con: duckdb.DuckDBPyConnection, image_id: str, *, apart: bool = True) -> dict[str, int]:
     """Say an image is a picture of its own, not a duplicate (`apart`), or undo that; then regroup. Its pairs stay
     stored, so undoing it restores its group as dedup found it."""

@@ -191,6 +191,13 @@ def test_keep_and_exclude_from_the_cli(con, catalog_path):
     assert f"workbench include {big[:12]}" in excluded_keep.output
     alone = runner.invoke(app, ["keep", "c" * 8, "--catalog", str(catalog_path)])
     assert alone.exit_code == 2 and "c" * 8 in alone.output
+    # --auto drops the hand choice: the policy keeps the largest copy again (excluded by hand: the picture stays out)
+    auto = runner.invoke(app, ["keep", medium[:8], "--auto", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
+    assert auto.exit_code == 0 and f"{big[:12]} is kept (highest resolution" in auto.output, auto.output
+    assert con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall() == [(big,)]
+    assert con.execute("SELECT count(*) FROM keeper_choice").fetchall() == [(0,)]
+    again = runner.invoke(app, ["keep", medium[:8], "--auto", "--catalog", str(catalog_path)])
+    assert again.exit_code == 2 and "kept by hand" in again.output
 
 
 def test_an_image_dedup_got_wrong_is_set_apart_and_can_rejoin(con, catalog_path):

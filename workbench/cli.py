@@ -983,20 +983,29 @@ def keep(
     image_id: Annotated[str, typer.Argument(help="Image id or unique prefix (6+ hex characters) of a duplicate group member.")],
     alone: Annotated[bool, typer.Option("--alone", help="Not a duplicate: a picture of its own, out of its group (both stay in).")] = False,
     rejoin: Annotated[bool, typer.Option("--rejoin", help="Undo --alone: back into the group dedup found for it.")] = False,
+    auto: Annotated[bool, typer.Option("--auto", help="Undo a hand choice in this image's group: the keep policy chooses again.")] = False,
     catalog: CatalogOpt = None,
 ) -> None:
     """Keep this copy of its duplicate group (a hand choice beats the keep policy; the others are excluded).
 
-    Example: workbench keep 3fa9c2d1e0   (--alone: it is no duplicate at all, dedup got it wrong)
+    Example: workbench keep 3fa9c2d1e0   (--alone: it is no duplicate at all, dedup got it wrong; --auto: let the
+    keep policy choose in its group again)
     """
     from pipelines.concepts import resolve_image_ids
-    from pipelines.dedup import choose_keeper, image_set_apart, kept_but_excluded
+    from pipelines.dedup import choose_keeper, image_set_apart, keeper_choice_dropped, kept_but_excluded
 
-    if alone and rejoin:
-        fail("--alone and --rejoin undo each other: give one.")
+    if sum((alone, rejoin, auto)) > 1:
+        fail("--alone, --rejoin and --auto are different things: give one.")
     con = open_catalog(catalog)
     try:
         (found,) = resolve_image_ids(con, [image_id])
+        if auto:
+            kept = keeper_choice_dropped(con, found)
+            if kept is None:
+                fail(f"No copy of {found[:12]}'s group was kept by hand: the keep policy chooses there already.")
+            reason = con.execute("SELECT keep_reason FROM duplicates WHERE image_id = ?", [kept]).fetchall()[0][0]
+            console.print(Text(f"the keep policy chooses again: {kept[:12]} is kept ({reason})"))
+            return
         if alone or rejoin:
             counts = image_set_apart(con, found, apart=alone)
             console.print(Text(f"{found[:12]} is {'a picture of its own now, in no duplicate group' if alone else 'back among its duplicates'}; "
