@@ -55,6 +55,28 @@ def test_tiny_build_is_reproducible_from_the_seed(tmp_path, monkeypatch):
     assert _same_weights(first, rebuilt)
 
 
+def test_building_a_tiny_model_leaves_the_random_state_a_run_seeded(tmp_path, monkeypatch):
+    """A review found the first `--seed 1` and `--seed 2` runs in a new home with the same LoRA start weights: the
+    build reseeded torch between the run's set_seed and the LoRA's initialisation."""
+    import random
+
+    def draws():
+        return torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random()
+
+    def seed():
+        torch.manual_seed(1234)
+        np.random.seed(1234)
+        random.seed(1234)
+
+    seed()
+    expected = draws()
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "new_home"))
+    seed()
+    models.component_path("tiny", "clip")  # built here, for the first time
+    assert (tmp_path / "new_home").exists()
+    assert draws() == expected
+
+
 def _build_clip_in(home: str, queue) -> None:
     os.environ["WORKBENCH_HOME"] = home
     queue.put(models.component_path("tiny", "clip"))

@@ -618,7 +618,9 @@ def ensure_tiny(component: Component) -> Path:
             return final
         staging = Path(tempfile.mkdtemp(prefix=f".{component}.", dir=root))
         try:
-            with quiet_model_io(diffusers=component == "sd"):
+            # the builders seed torch for their fixed weights: a run that seeded first (`--seed`) must draw what it
+            # would have drawn without a build on the way, or a first run in a new home differs from every later one
+            with quiet_model_io(diffusers=component == "sd"), _random_state_kept():
                 _TINY_BUILDERS[component](staging)
             (staging / ".workbench-tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
             if final.exists():  # an old or broken build: move it aside, then drop it
@@ -633,6 +635,22 @@ def ensure_tiny(component: Component) -> Path:
 
 def _seeded() -> None:
     torch.manual_seed(TINY_SEED)
+
+
+@contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Put back the random states (torch's CPU generator, numpy's, Python's) the block changes."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 # Captions in the style BLIP writes; the tiny BLIP's WordPiece vocabulary is trained on these.
