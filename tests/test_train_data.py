@@ -101,6 +101,15 @@ def test_the_instance_prompt_is_the_caption_of_every_image_as_in_diffusers_dream
     assert len(said) == 1 and "the captions of 2 of them are not used" in said[0]
     assert not any("have no caption" in m for m in messages)
     assert sorted(i.caption for i in training_images(con, fast_config(tmp_path / "out")))[1:] != ["a photo of sks dog"] * 2
+    # in a concept whose trigger it lacks, the prompt still trains as written (a review found "wbk, a photo of sks
+    # dog"), and that is said
+    from pipelines.concepts import added_concept
+
+    added_concept(con, "wbk cat", trigger="wbk", class_noun="cat", where="true")
+    messages.clear()
+    images = training_images(con, config, progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert [i.caption for i in images] == ["a photo of sks dog"] * 3
+    assert any("does not hold the concept trigger 'wbk'" in m for m in messages), messages
 
 
 def test_an_image_no_bucket_fits_is_left_out_with_the_fix_named(con, tmp_path):

@@ -179,10 +179,14 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             f"captions the catalog holds. To train on the edits, stop and run `workbench ingest {folders}` first."))
     captioned = sum(1 for r in rows if r[columns.index("caption")])
     if config.instance_prompt:  # diffusers' DreamBooth meaning: the one prompt of every instance image
+        triggers = sorted({t for t in (dict(zip(columns, r)).get("concept_trigger") for r in rows)
+                           if t and not caption_has_trigger(config.instance_prompt, t)})
         progress(task="dataset", message=(
             f"every image trains on the instance prompt {config.instance_prompt!r}"
             + (f"; the captions of {captioned} of them are not used (leave --instance-prompt out to train on them)"
-               if captioned else "")))
+               if captioned else "")
+            + (f"; it does not hold the concept trigger{'s' if len(triggers) > 1 else ''} {', '.join(map(repr, triggers))}, "
+               "which it trains without" if triggers else "")))
     elif captioned < len(rows):  # kohya warns per image; one line says the same
         progress(task="dataset", message=(
             f"{len(rows) - captioned} of {len(rows)} image(s) have no caption and train on their concept's trigger and "
@@ -212,7 +216,8 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             caption = f"{prefix}{caption}" if not caption or prefix[-1] in " ,;" else f"{prefix}, {caption}"
         # after the prefix, which may hold it (no "sks, sks, ..."); in front, where --keep-tokens keeps it. A
         # whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
-        if trigger and not caption_has_trigger(caption, trigger):
+        # not into --instance-prompt: the one prompt the user wrote trains as written, as in diffusers' DreamBooth
+        if trigger and not config.instance_prompt and not caption_has_trigger(caption, trigger):
             caption = f"{trigger}, {caption}" if caption else trigger
         images.append(
             TrainImage(
