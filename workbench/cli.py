@@ -1262,7 +1262,7 @@ def train_command(
     cache_memory_mb: Annotated[Optional[int], typer.Option(help="Cached latents/text kept in RAM during the run, in MB (0: always read from disk).", show_default=TRAIN_HELP_DEFAULTS["cache_memory_mb"], rich_help_panel='Run')] = None,
     checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.", show_default=TRAIN_HELP_DEFAULTS["checkpointing_steps"], rich_help_panel='Checkpoints and samples')] = None,
     checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Keep only the newest N checkpoints.", rich_help_panel='Checkpoints and samples')] = None,
-    resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder; needs --output-dir of the run.", rich_help_panel='Run')] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder; needs --output-dir of the run ('latest' with no run there starts one, as in diffusers).", rich_help_panel='Run')] = None,
     validation_prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt for the sample grids (repeatable).", rich_help_panel='Checkpoints and samples')] = None,
     validation_steps: Annotated[Optional[int], typer.Option(help="Sample grid every N steps.", show_default=TRAIN_HELP_DEFAULTS["validation_steps"], rich_help_panel='Checkpoints and samples')] = None,
     caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of training on an empty caption.", show_default=TRAIN_HELP_DEFAULTS["caption_dropout"], rich_help_panel='Captions and augmentation')] = None,
@@ -1338,6 +1338,9 @@ def train_command(
         train_config = load_train_config(config, overrides)
     except ConfigError as error:
         fail(str(error))
+    if overrides.get("resume") and not train_config.resume:
+        err_console.print(Text(f"Note: there is no run to resume in {train_config.output_dir}: a new run starts there "
+                               "(as diffusers' --resume_from_checkpoint latest does).", style="yellow"))
     if show_batches is not None:
         _show_batches(catalog, train_config, show_batches)
         return

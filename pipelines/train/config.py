@@ -521,11 +521,8 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{run_dir / SNAPSHOT_FILE} cannot be read ({error}); start a new run instead of resuming.") from error
         source = run_dir
     if saved is None:
-        if checkpoint is None:
-            raise ConfigError(
-                f"There is no run to resume in {run_dir} (no checkpoints, no {SNAPSHOT_FILE}). "
-                "Check --output-dir, or start a new run without --resume."
-            )
+        if checkpoint is None:  # 'latest' with no run there: a new run, as diffusers' --resume_from_checkpoint latest
+            return {**values, "resume": None}  # (a requeued job resumes when there is something, else starts)
         return values  # a checkpoint from before options were saved: continue as given
     saved = {k: v for k, v in saved.items() if k in FIELD_NAMES}
     if values.get("lora_alpha") is not None and saved.get("lora_alpha") is None and saved.get("rank") is not None:
