@@ -189,6 +189,13 @@ def test_filter_cli_reads_config_and_flags_override(catalog_path, con, tmp_path)
     bad.write_text("[filter]\nmin_sidez = 1\n")
     result = runner.invoke(app, ["filter", "--config", str(bad), *cat])
     assert result.exit_code == 2 and "unknown filter setting" in result.output
+    # a misspelt table or rules at top level did nothing without a word; a [train] table beside [filter] is fine
+    for text, named in (("[filtr]\nmin_side = 1\n", "'filtr'"), ("min_side = 1\n", "'min_side'")):
+        bad.write_text(text)
+        result = runner.invoke(app, ["filter", "--config", str(bad), *cat])
+        assert result.exit_code == 2 and named in result.output and "[filter] table" in " ".join(result.output.split()), result.output
+    bad.write_text("[filter]\nmin_side = 400\n[train]\nrank = 8\n")
+    assert runner.invoke(app, ["filter", "--config", str(bad), "--dry-run", *cat]).exit_code == 0
     result = runner.invoke(app, ["exclude", a, "--reason", "blurry face", *cat])
     assert result.exit_code == 0
     result = runner.invoke(app, ["include", a, *cat])

@@ -47,6 +47,17 @@ def test_unknown_tables_are_refused(tmp_path, text, table):
         load_train_config(toml(tmp_path, text))
 
 
+def test_a_project_file_with_filter_rules_and_the_flag_names_are_read(tmp_path):
+    """A review: one workbench.toml could not hold [filter] and [train] (`Unknown table [filter]`), and the keys of
+    `--prior-preservation` and `--concept` were refused in a file ("did you mean with_prior_preservation?")."""
+    for text in ("[filter]\nmin_side = 384\n[train]\nresolution = 64\nprior-preservation = true\nconcept = \"sks dog\"\n",
+                 "resolution = 64\nprior_preservation = true\nconcept = \"sks dog\"\n[filter]\nmin_side = 384\n"):
+        config = load_train_config(toml(tmp_path, text))
+        assert (config.resolution, config.with_prior_preservation, config.concepts) == (64, True, ["sks dog"])
+    with pytest.raises(ConfigError, match=r"'prior_preservation' and 'with_prior_preservation' in .* are the same option"):
+        load_train_config(toml(tmp_path, "prior_preservation = true\nwith_prior_preservation = false\n"))
+
+
 def test_train_that_is_not_a_table_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"'train' in .* must be a \[train\] table"):
         load_train_config(toml(tmp_path, "train = 5\n"))

@@ -892,6 +892,10 @@ def filter_(
     )
     try:
         settings = load_config(config, catalog_path=catalog or catalog_mod.default_catalog_path())
+        stray = sorted(key for key in settings if key not in ("filter", "train"))
+        if stray:  # a misspelt [filtr] or rules at top level did nothing, without a word
+            raise ValueError(f"The config holds {', '.join(repr(k) for k in stray)}, which `workbench filter` does not "
+                             "read: rules go in its [filter] table (and training options in [train]).")
         table = settings.get("filter", {})
         if not isinstance(table, dict):
             raise ValueError("[filter] in the config must be a table")

@@ -370,12 +370,20 @@ def _named(names: list[str]) -> str:
     return " and ".join(filter(None, [", ".join(named[:-1]), named[-1]])) if named else ""
 
 
+OTHER_STEP_TABLES = ("filter",)  # tables of workbench.toml a training config may hold, for other commands
+
+# the command's flags whose option is named otherwise (`--concept`, `--prior-preservation`): the same in a file
+FLAG_NAMES = {"concept": "concepts", "prior_preservation": "with_prior_preservation"}
+
+
 def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Accept TOML keys written with '-' or '_'; refuse unknown keys, all in one message (typos should not be
-    silent, and a kohya file should not take a run per key), naming the workbench option where there is one."""
+    """Accept TOML keys written with '-' or '_' (or as the command's flag); refuse unknown keys, all in one message
+    (typos should not be silent, and a kohya file should not take a run per key), naming the workbench option where
+    there is one."""
     out, keys, unknown, problems = {}, {}, [], []
     for key, value in values.items():
         name = key.replace("-", "_")
+        name = FLAG_NAMES.get(name, name)
         if name in keys:  # learning-rate and learning_rate: one of the two would be dropped
             raise ConfigError(f"'{keys[name]}' and '{key}' in {where} are the same option: keep one.")
         keys[name] = key
@@ -457,7 +465,9 @@ def _one_side(width: int, height: int) -> int:
 
 
 def _train_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The options of a TOML file: all at top level, or all in one [train] table; nothing else may be dropped."""
+    """The options of a TOML file: all at top level, or all in one [train] table; nothing else may be dropped
+    (a project's workbench.toml may also hold the [filter] table `workbench filter` reads)."""
+    data = {key: value for key, value in data.items() if not (key in OTHER_STEP_TABLES and isinstance(value, dict))}
     tables = sorted(key for key, value in data.items() if isinstance(value, dict) and key != "train")
     if tables:
         raise ConfigError(f"Unknown table {', '.join(f'[{t}]' for t in tables)} in {path}: training options go at "
