@@ -678,3 +678,32 @@ def test_each_modes_help_leaves_out_the_options_of_the_others():
     assert all("--train-text-encoder" in text and "--learning-rate" in text for text in shown.values())
     refused = runner.invoke(app, ["train", "dreambooth", "--rank", "8", "--max-train-steps", "1"])
     assert refused.exit_code == 2 and "not a LoRA" in " ".join(refused.output.split())  # hidden, still understood
+
+
+def test_a_runs_config_toml_trains_the_same_run_again(con, catalog_path, tmp_path, one_thread):
+    """A review: the options recorded with a run could not be given back (both a step count and epochs, nulls TOML
+    has no word for), and the bucket settings it trained with came from the last `workbench buckets`, not the record."""
+    from safetensors.torch import load_file
+
+    from pipelines.buckets import aspect_buckets
+    from workbench.catalog import connect
+
+    ingest_images(con, tmp_path / "images", 4)
+    aspect_buckets(con, resolution=32, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16)
+    con.close()
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "first"),
+                                "--resolution", "32", "--num-train-epochs", "2", "--train-batch-size", "2", "--rank", "2",
+                                "--learning-rate", "1e-3", "--set", "num_validation_images=0", "--set", "report_to=none", "--set", "evaluate=false"])
+    assert first.exit_code == 0, first.output
+    text = (tmp_path / "first" / "config.toml").read_text()
+    assert re.search(r"^max_train_steps = \d+$", text, re.M) and "num_train_epochs" not in text and "bucket_reso_steps = 16" in text, text
+    con = connect(catalog_path)
+    aspect_buckets(con, resolution=32, bucket_reso_steps=8)  # the catalog's buckets change: the recorded run keeps its own
+    con.close()
+    again = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--config", str(tmp_path / "first" / "config.toml"),
+                                "--output-dir", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    before = load_file(str(tmp_path / "first" / "pytorch_lora_weights.safetensors"))
+    after = load_file(str(tmp_path / "again" / "pytorch_lora_weights.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

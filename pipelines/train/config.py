@@ -513,6 +513,22 @@ def _type_errors(values: dict[str, Any]) -> list[str]:
     return problems
 
 
+RUN_CONFIG_FILE = "config.toml"  # a run's options as a --config file: what trains it again
+
+
+def run_config_text(config: TrainConfig, *, max_train_steps: int, buckets: dict) -> str:
+    """A run's effective options as TOML that `workbench train MODE --config` reads: the run's length in steps, the
+    bucket settings it trained with, nothing unset (TOML has no null), and no output folder or resume."""
+    import tomli_w
+
+    values = {**config.to_dict(), "max_train_steps": max_train_steps, "num_train_epochs": None,
+              "min_bucket_reso": buckets["min_bucket_reso"], "max_bucket_reso": buckets["max_bucket_reso"],
+              "bucket_reso_steps": buckets["bucket_reso_steps"], "bucket_no_upscale": buckets["no_upscale"]}
+    kept = {k: v for k, v in values.items() if v is not None and k not in ("output_dir", "resume")}
+    return ("# The options this run trained with. The same run again, on the catalog's dataset as it is then:\n"
+            f"#   workbench train {config.mode} --config config.toml --output-dir NEW_FOLDER\n" + tomli_w.dumps(kept))
+
+
 def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
     """For --resume: the checkpoint's saved options, with the given ones laid over those it allows to change."""
     from pipelines.train.checkpoint import resolve_resume, saved_config

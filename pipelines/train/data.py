@@ -112,6 +112,12 @@ def bucket_settings(config: TrainConfig, stored: dict | None = None) -> dict:
     return {**base, **{k: v for k, v in explicit.items() if v is not None}}
 
 
+def run_bucket_settings(con: duckdb.DuckDBPyConnection, config: TrainConfig) -> dict:
+    """The bucket settings a new run trains with: its options, else the last `workbench buckets` run's, else defaults."""
+    have_buckets = _has_column(con, "dataset", "bucket_width")
+    return bucket_settings(config, _stored_bucket_settings(con) if have_buckets else None)
+
+
 def choose_bucket(width: int, height: int, settings: dict):
     from pipelines.buckets import select_bucket
 

@@ -16,7 +16,7 @@ import duckdb
 
 from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
-from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
+from pipelines.train.config import RUN_CONFIG_FILE, SNAPSHOT_FILE, TrainConfig, run_config_text
 from pipelines.train.loop import (
     PlanDataset,
     RunRefused,
@@ -178,7 +178,7 @@ def _refuse_a_foreign_or_older_checkpoint(output_dir: Path, config: TrainConfig)
 # what a finished run leaves beside its checkpoints (LoRA files; DreamBooth and fine-tune: a pipeline and one file)
 FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "pipeline", "model.safetensors")
 # every name a run writes in its folder
-RUN_WRITES = frozenset({*FINISHED_OUTPUTS, "checkpoints", "samples", "logs", "loss.csv", "loss.png", SNAPSHOT_FILE})
+RUN_WRITES = frozenset({*FINISHED_OUTPUTS, "checkpoints", "samples", "logs", "loss.csv", "loss.png", SNAPSHOT_FILE, RUN_CONFIG_FILE})
 
 
 def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: Path, folder_id: str | None) -> None:
@@ -298,6 +298,7 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
         images = [replace(i, path=present.get(i.image_id, "")) for i in images]
         if priors is not None:
             priors = {p: [replace(i, path=present.get(i.image_id, "")) for i in pool] for p, pool in priors.items()}
+        _run_config_resumed(output_dir, config, images)
         return images, priors, components
     images = train_data.training_images(con, config, progress=progress)
     priors = None
@@ -307,7 +308,29 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
         _say_unused_class_images(con, images, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     train_data.write_snapshot(snapshot, images, priors, config.to_dict())
+    if is_main_process():
+        steps = planned_steps(config, images, int(os.environ.get("WORLD_SIZE", "1")))
+        (output_dir / RUN_CONFIG_FILE).write_text(
+            run_config_text(config, max_train_steps=steps, buckets=train_data.run_bucket_settings(con, config)))
     return images, priors, components
+
+
+def _run_config_resumed(output_dir: Path, config: TrainConfig, images) -> None:
+    """A resume that lengthens the run: its config.toml says the new length (the rest is the run's, unchanged)."""
+    import tomllib
+
+    path = output_dir / RUN_CONFIG_FILE
+    if not path.is_file() or not is_main_process():
+        return
+    try:
+        saved = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return
+    steps = planned_steps(config, images, int(os.environ.get("WORLD_SIZE", "1")))
+    if saved.get("max_train_steps") != steps:
+        buckets = {"min_bucket_reso": saved.get("min_bucket_reso"), "max_bucket_reso": saved.get("max_bucket_reso"),
+                   "bucket_reso_steps": saved.get("bucket_reso_steps"), "no_upscale": saved.get("bucket_no_upscale")}
+        path.write_text(run_config_text(config, max_train_steps=steps, buckets=buckets))
 
 
 def _say_unused_class_images(con, images, progress: ProgressHook) -> None:
