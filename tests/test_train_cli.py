@@ -543,6 +543,9 @@ def test_options_pasted_from_the_diffusers_examples_run(catalog_path, tmp_path):
         "train", "lora", "--model", "tiny", "--set", "report_to=none", "--set", "max_grad_norm=0.5", "--set", "scale_lr=true",
         "--train_batch_size", "1", "--resolution", "32"]  # a flag of ours (any spelling) stays as it is
     assert pasted_train_options(["sql", "--max_grad_norm", "1"]) == ["sql", "--max_grad_norm", "1"]  # train only
+    notes: list[str] = []  # --center_crop was a bare "No such option": it names the default here (diffusers': random)
+    assert pasted_train_options(["train", "lora", "--center_crop", "--rank", "4"], notes) == ["train", "lora", "--rank", "4"]
+    assert len(notes) == 1 and "centre crop is the workbench's default" in notes[0]
     with pytest.raises(ValueError, match=r"--instance_data_dir has no workbench counterpart: images come from the catalog"):
         pasted_train_options(["train", "dreambooth", "--instance_data_dir", "./dog"])
     connect(catalog_path).close()

@@ -1889,6 +1889,15 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             continue
         kohya = name[2:].replace("-", "_")
         key = KOHYA_OPTIONS.get(kohya, kohya)
+        if kohya == "center_crop":  # diffusers' flag for what is the workbench's default (theirs is a random crop)
+            if not sep and rest and rest[0].lower() in _TRUE + _FALSE:
+                value = rest.pop(0)
+            if (value or "true").lower() in _FALSE:
+                out += ["--random-crop"]
+            elif notes is not None:
+                notes.append("--center_crop: the centre crop is the workbench's default (within each image's bucket); "
+                             "--random-crop gives diffusers' default.")
+            continue
         if key in DIFFUSERS_ELSEWHERE:
             raise ValueError(f"{name} has no workbench counterpart" + (f": {DIFFUSERS_ELSEWHERE[key]}." if DIFFUSERS_ELSEWHERE[key] else "."))
         if key not in FIELD_NAMES:
