@@ -1529,3 +1529,5 @@ def test_evaluate_says_why_a_run_has_nothing_to_score(con, catalog_path, tmp_pat
     assert moved.exit_code == 2 and f"which trained in {tmp_path / 'run'}: the folder was moved since" in " ".join(moved.output.split())
     gone = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), *catalog])
     assert gone.exit_code == 2 and f"the catalog has training run(s) {stopped}, {finished} there" in " ".join(gone.output.split())
+    typo = CliRunner().invoke(app, ["evaluate", str(tmp_path / "runz"), *catalog])  # said "RUN must be a training run id"
+    assert typo.exit_code == 2 and f"No folder {tmp_path / 'runz'}" in " ".join(typo.output.split()), typo.output

@@ -1679,6 +1679,9 @@ def evaluate(
         if gone:
             fail(f"{run} is gone (moved or deleted); the catalog has training run(s) {', '.join(map(str, gone))} there. "
                  "Runs are found in the folder they trained in: move it back to evaluate it.")
+        if os.sep in run or run.startswith((".", "~")) or (os.altsep and os.altsep in run):  # meant as a folder
+            fail(f"No folder {run}: RUN is a training run id, a run's output folder or 'latest' "
+                 "(`workbench sql \"SELECT train_id, status, output_dir FROM training_runs\"` lists them).")
         fail(f"RUN must be a training run id, a run's output folder or 'latest', got {run!r}")
     try:
         with RichProgress(transient=True) as progress:
