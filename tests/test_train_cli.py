@@ -401,6 +401,59 @@ def test_two_process_data_parallel_run(catalog_path, tmp_path):
     assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("ok", 2)]  # recorded once, by rank 0
     con.close()
 
+    # a resume with another process count is refused: the effective batch and the learning-rate schedule depend on it
+    # (a review found a 2-process run resumed by one training its last 40 steps at a rate of 0)
+    one = subprocess.run([*base, "train", "lora", "--catalog", str(catalog_path), "--output-dir", str(out), "--resume", "latest",
+                          "--max-train-steps", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2 and "trained by 2 process(es) and this resume has 1: resume it with --num-processes 2" in " ".join(one.stderr.split()), one.stderr[-2000:]
+    # what every process would refuse is refused once, before they start; the plan is shown once
+    fp16 = subprocess.run([*base, "train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "fp16"),
+                           "--mixed-precision", "fp16", "--device", "cpu", "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert fp16.returncode == 2 and fp16.stderr.count("needs a CUDA GPU") == 1 and "launching" not in fp16.stderr, fp16.stderr[-2000:]
+    many = subprocess.run([*base, "train", "lora", "--catalog", str(catalog_path), "--output-dir", str(tmp_path / "many"),
+                           "--device", "cpu", "--num-processes", "10000"], env=env, capture_output=True, text=True, timeout=300)
+    assert many.returncode == 2 and "--num-processes 10000 on a CPU with" in many.stderr, many.stderr[-2000:]
+    plan = subprocess.run([*base, "train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--show-batches", "1",
+                           "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0 and "launching" not in plan.stderr and "in use by process" not in plan.stderr, plan.stderr[-2000:]
+
+
+def test_sigterm_to_a_multi_process_run_stops_every_process(catalog_path, tmp_path):
+    """A review: `kill -TERM` of `workbench train … --num-processes 2` ended the command at once and left both
+    training processes running to the end (orphans, on a cluster holding the GPUs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 4, sizes=[(32, 32)])
+    con.close()
+    out = tmp_path / "long"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "train", "lora", "--catalog", str(catalog_path), "--resolution", "32",
+         "--max-train-steps", "100000", "--train-batch-size", "1", "--output-dir", str(out), "--device", "cpu",
+         "--num-processes", "2", "--checkpointing-steps", "5", "--set", "num_validation_images=0", "--set", "report_to=none"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (out / "checkpoints" / "checkpoint-5").is_dir():
+        time.sleep(0.5)
+    assert (out / "checkpoints" / "checkpoint-5").is_dir(), "the run did not get going"
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=180)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, f"training processes still running: {left}"
+    con = connect(catalog_path, read_only=True)
+    status, steps = con.execute("SELECT status, steps FROM training_runs").fetchall()[0]
+    con.close()
+    assert status == "cancelled" and steps < 100000
+    assert "--num-processes 2" in " ".join(stderr.split())  # the resume command it prints keeps the process count
+
 
 def test_train_help_shows_the_trainers_real_defaults():
     """The CLI options default to None (so --resume can tell what was given); the help shows TrainConfig's defaults."""

@@ -1210,21 +1210,39 @@ def _set_values(pairs: list[str]) -> dict:
     return values
 
 
-def _relaunch(num_processes: int) -> None:
-    """Run this same command in `num_processes` processes (torch.distributed.run); accelerate does the rest."""
+def _relaunch(num_processes: int, *, new_run: bool = False) -> None:
+    """Run this same command in `num_processes` processes (torch.distributed.run); accelerate does the rest.
+
+    `new_run`: --resume latest found nothing to resume, so the processes start a new run (without --resume: one
+    process would otherwise find the snapshot another just wrote, and resume while the others start). A SIGTERM to
+    this command is passed on, and every process stops when its step ends (torchrun passes it to them); Ctrl+C in
+    a terminal reaches them all by itself."""
     import subprocess
 
     args, skip = [], False
     for arg in sys.argv[1:]:
+        name = arg.partition("=")[0].replace("_", "-")
+        dropped = name == "--num-processes" or (new_run and name in ("--resume", "--resume-from-checkpoint"))
         if skip:
             skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
+        elif dropped:
+            skip = "=" not in arg
+        else:
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "-m", "workbench.cli", *args]
     err_console.print(Text(f"launching {num_processes} processes: {' '.join(command)}"))
-    raise typer.Exit(subprocess.call(command))
+    launcher = subprocess.Popen(command)
+    stopped: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        stopped.append(signum)
+        if signum == signal.SIGTERM:  # only this command got it (`kill`, a job scheduler); Ctrl+C reached them all
+            launcher.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, pass_on)
+    code = launcher.wait()
+    raise typer.Exit(128 + stopped[0] if stopped else code)
 
 
 # a training run's CLIP score is torchmetrics' 100 x cosine; `workbench score` stores the bare cosine (-1..1)
@@ -1291,7 +1309,7 @@ def train_command(
     from_scratch: Annotated[Optional[bool], typer.Option("--from-scratch/--no-from-scratch", metavar="", help="finetune: initialise the UNet from its config.", rich_help_panel='DreamBooth and full UNet')] = None,
     concepts: Annotated[Optional[list[str]], typer.Option("--concept", help="Train only this concept (repeatable).", rich_help_panel='Run')] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: accelerate's choice).", rich_help_panel='Run')] = None,
-    num_processes: Annotated[int, typer.Option(help="Data-parallel processes (GPUs); >1 relaunches this command with torch.distributed.run, as accelerate launch does.", rich_help_panel='Run')] = 1,
+    num_processes: Annotated[int, typer.Option(min=1, help="Data-parallel processes (GPUs); >1 relaunches this command with torch.distributed.run, as accelerate launch does.", rich_help_panel='Run')] = 1,
     show_batches: Annotated[Optional[int], typer.Option(min=1, help="Print the first N steps' batches (image, bucket, flip, caption as trained) and exit: no model loads, nothing is written (kohya's --debug_dataset).", rich_help_panel='Run')] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any other option as KEY=VALUE (repeatable), e.g. instance_prompt='photo of sks dog', text_encoder_lr=5e-5, num_validation_images=4, validation_seed=1, max_grad_norm=1.0, ema_decay=0.9999, lr_num_cycles=3, lora_target_modules=to_q,to_k (README: every key).", rich_help_panel='Run')] = None,
     catalog: CatalogOpt = None,
@@ -1299,8 +1317,7 @@ def train_command(
     mode = ctx.info_name
     if show_batches is not None and (resume or resume_from_checkpoint):
         fail("--show-batches shows a new run's plan; a resumed run goes on with the plan it started with.")
-    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch(num_processes)
+    launching = num_processes > 1 and "WORLD_SIZE" not in os.environ  # this process starts the others, then waits
     from pipelines.train import ConfigError, TrainingError, load_train_config, trained_model
     from pipelines.train.data import DataError
     from workbench.models import ModelError
@@ -1342,14 +1359,25 @@ def train_command(
         train_config = load_train_config(config, overrides)
     except ConfigError as error:
         fail(str(error))
-    if overrides.get("resume") and not train_config.resume:
+    from pipelines.train.run import default_output_dir, is_main_process
+
+    if overrides.get("resume") and not train_config.resume and is_main_process():
         err_console.print(Text(f"Note: there is no run to resume in {train_config.output_dir}: a new run starts there "
                                "(as diffusers' --resume_from_checkpoint latest does).", style="yellow"))
-    if show_batches is not None:
+    if show_batches is not None:  # the plan of the whole run, shown once (before any processes start)
         _show_batches(catalog, train_config, show_batches)
         return
+    if launching:
+        # what the processes would each refuse, refused once here, before they start
+        from pipelines.train.loop import check_setup
+
+        try:
+            check_setup(train_config)
+            _enough_devices(num_processes, train_config)
+        except TrainingError as error:
+            fail(str(error))
+        _relaunch(num_processes, new_run=bool(overrides.get("resume")) and not train_config.resume)
     from pipelines.train.checkpoint import list_checkpoints
-    from pipelines.train.run import default_output_dir, is_main_process
 
     # one catalog writer under accelerate launch; another `workbench train` may hold it for a few seconds of setup
     con = open_catalog(catalog, wait_seconds=30) if is_main_process() else None
@@ -1373,11 +1401,14 @@ def train_command(
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun stops every process when one fails
                 where += " (if you did not stop it, another training process failed: its error is above)"
             on_catalog = f" --catalog {shlex.quote(os.path.abspath(catalog))}" if catalog is not None else ""
-            err_console.print(
-                f"[bold]Stopped[/]: {where}. Continue with: workbench train {mode} --resume latest --output-dir "
-                f"{escape(shlex.quote(train_config.output_dir) + on_catalog)}",
-                soft_wrap=True,  # a command to copy: never broken inside a path
-            )
+            processes = int(os.environ.get("WORLD_SIZE", "1"))
+            on_processes = f" --num-processes {processes}" if processes > 1 else ""  # a resume needs as many
+            if is_main_process():  # every process gets the stop; one says it
+                err_console.print(
+                    f"[bold]Stopped[/]: {where}. Continue with: workbench train {mode} --resume latest --output-dir "
+                    f"{escape(shlex.quote(train_config.output_dir) + on_catalog + on_processes)}",
+                    soft_wrap=True,  # a command to copy: never broken inside a path
+                )
         raise typer.Exit(130)
     except Exception as error:  # after the stop clause (StepCancelled is an Exception): an output folder it may
         # not write, a full disk: said, not a traceback
@@ -1406,6 +1437,23 @@ def train_command(
         err_console.print(Text("Note: this trained the tiny preset (random weights, the offline test model): its outputs "
                                "work with it alone. --model sd15, a Hub id, a local folder or a .safetensors trains a real one.",
                                style="yellow"))
+
+
+def _enough_devices(num_processes: int, config) -> None:
+    """--num-processes beyond the GPUs there are (each process takes one), or far beyond the CPU's cores, refused."""
+    import torch
+
+    from pipelines.train import TrainingError
+    from pipelines.train.loop import runs_on_cpu
+
+    if runs_on_cpu(config):
+        cores = os.cpu_count() or 1
+        if num_processes > cores:
+            raise TrainingError(f"--num-processes {num_processes} on a CPU with {cores} core(s): each process trains "
+                                f"its own share on the same cores, slower than one. Use at most {cores}, or 1.")
+    elif num_processes > torch.cuda.device_count():
+        raise TrainingError(f"--num-processes {num_processes}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                            "one process trains on each.")
 
 
 def _show_batches(catalog: Path | None, config, steps: int) -> None:

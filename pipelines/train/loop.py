@@ -658,6 +658,14 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
             raise
         global_step = int(state["step"])
+        trained_by = state.get("num_processes")  # absent in checkpoints of older versions
+        if trained_by is not None and trained_by != accelerator.num_processes:
+            # each step took a batch from every process, and the schedule was stepped as often: with another count the
+            # effective batch and the learning-rate schedule would go on wrong (a 2-process run resumed by one
+            # trained its last 40 steps at a rate of 0)
+            raise TrainingError(
+                f"{resume_from.name} was trained by {trained_by} process(es) and this resume has {accelerator.num_processes}: "
+                f"resume it with --num-processes {trained_by}, or start a new run.")
         if global_step > max_steps:  # nothing would train, and the outputs would be redone from the checkpoint
             raise TrainingError(steps_behind_message(config, resume_from, global_step, max_steps))
         progress(task="train", completed=global_step, total=max_steps, message=f"resumed from {resume_from.name} at step {global_step}")
@@ -758,6 +766,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
             lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
             extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict(),
+                   "num_processes": accelerator.num_processes,
                    "seconds": seconds_so_far(), "started_at": started_at},
             # a LoRA at every checkpoint, in both formats (as diffusers' LoRA scripts do): an earlier, less
             # overfit one is often the one to keep. Full models are too big to write each time.
