@@ -213,6 +213,12 @@ def test_kohya_metadata_counts_repeats_tags_epoch_and_cache(tmp_path, one_thread
     assert metadata["ss_output_name"] == "out" and metadata["ss_session_id"].isdigit()
     assert json.loads(metadata["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [32, 32], "count": 9}}, "mean_img_ar_error": 0.0}
     assert metadata["ss_num_batches_per_epoch"] == "5"  # 9 with repeats, in batches of 2
+    assert (metadata["ss_batch_size_per_device"], metadata["ss_total_batch_size"]) == ("2", "2")
+    # two processes share the epoch's batches out, as sd-scripts' len(train_dataloader) counts them; the total batch
+    # is every process's (a review found a 2-process run saying 18 batches per epoch for its 9 steps)
+    shared = lora_formats.kohya_metadata(config, base_model="tiny", image_count=3, steps=1, seconds=1.0, images=images,
+                                         num_processes=2)
+    assert (shared["ss_num_batches_per_epoch"], shared["ss_total_batch_size"]) == ("3", "4")
     # ss_max_train_steps is the run's length, ss_steps the steps trained when the file was written (a checkpoint's
     # LoRA said ss_max_train_steps=15 of a 20-step run)
     assert (metadata["ss_max_train_steps"], metadata["ss_steps"]) == (str(config.max_train_steps), "12")

@@ -774,7 +774,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 config, folder, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder) if train_text else None,
                 components, noise_scheduler, len(images), global_step, seconds_so_far(), images=images,
                 cache_latents=latent_cache is not None, reg_images=class_image_count, started_at=started_at,
-                epoch=math.ceil(global_step * micro_per_update / per_epoch),
+                epoch=math.ceil(global_step * micro_per_update / per_epoch), num_processes=accelerator.num_processes,
             )) if config.mode == "lora" else None,
         )
         ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
@@ -852,7 +852,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             config, output_dir, unwrapped_unet, unwrapped_text, components, noise_scheduler,
             len(images), global_step, seconds_so_far(), images=images, cache_latents=latent_cache is not None, started_at=started_at,
             epoch=math.ceil(global_step * micro_per_update / per_epoch), frozen_text_weights=frozen_text_weights,
-            reg_images=class_image_count,
+            reg_images=class_image_count, num_processes=accelerator.num_processes,
         ))
         if sampling:
             grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir,
@@ -1106,7 +1106,8 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
 
 def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
                 *, images=None, epoch: int | None = None, cache_latents: bool | None = None, reg_images: int = 0,
-                started_at: float | None = None, frozen_text_weights: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+                started_at: float | None = None, frozen_text_weights: dict[str, torch.Tensor] | None = None,
+                num_processes: int = 1) -> dict[str, str]:
     from pipelines.train import lora_formats
 
     outputs = {}
@@ -1115,7 +1116,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
-            reg_images=reg_images, started_at=started_at,
+            reg_images=reg_images, started_at=started_at, num_processes=num_processes,
         ))
         return outputs
     from diffusers import StableDiffusionPipeline

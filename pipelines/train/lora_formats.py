@@ -141,6 +141,7 @@ def kohya_metadata(
     cache_latents: bool | None = None,
     reg_images: int = 0,
     started_at: float | None = None,
+    num_processes: int = 1,
 ) -> dict[str, str]:
     """`ss_*` training metadata (all strings), as sd-scripts writes it.
 
@@ -179,6 +180,8 @@ def kohya_metadata(
         "ss_optimizer": _optimizer_name(config),
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_train_batch_size": str(config.train_batch_size),
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_total_batch_size": str(config.train_batch_size * num_processes * config.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_mixed_precision": config.mixed_precision,
@@ -216,9 +219,10 @@ def kohya_metadata(
         metadata["ss_tag_frequency"] = json.dumps(tags)
         info = kohya_bucket_info(images)
         metadata["ss_bucket_info"] = json.dumps(info)
-        # as sd-scripts counts an epoch: each bucket's images with repeats, in batches
-        metadata["ss_num_batches_per_epoch"] = str(sum(-(-bucket["count"] // config.train_batch_size)
-                                                       for bucket in info["buckets"].values()))
+        # as sd-scripts counts an epoch: each bucket's images with repeats, in batches, shared out among the
+        # processes (its len(train_dataloader) after accelerate's prepare)
+        batches = sum(-(-bucket["count"] // config.train_batch_size) for bucket in info["buckets"].values())
+        metadata["ss_num_batches_per_epoch"] = str(-(-batches // num_processes))
     return metadata
 
 
@@ -270,6 +274,7 @@ def save_kohya_lora(
     cache_latents: bool | None = None,
     reg_images: int = 0,
     started_at: float | None = None,
+    num_processes: int = 1,
 ) -> Path:
     """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes).
 
@@ -281,7 +286,7 @@ def save_kohya_lora(
     metadata = kohya_metadata(
         config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
         num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents, reg_images=reg_images,
-        started_at=started_at,
+        started_at=started_at, num_processes=num_processes,
     )
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     path = output_dir / KOHYA_LORA_FILE
