@@ -361,7 +361,11 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         if keeper["image_id"] in chosen:
             reason = "chosen by hand"
         else:
-            reason = _keep_reason(keeper, info[group[1]])
+            # beside the best copy the filter excludes when that one ranks higher (the policy skipped it), else the next
+            filtered = [info[k] for k in group if info[k].get("filtered_out") is not None]
+            best_filtered = min(filtered, key=keep_order_key) if filtered else None
+            skipped = best_filtered is not None and keep_order_key(best_filtered) < keep_order_key(keeper)
+            reason = _keep_reason(keeper, best_filtered if skipped else info[group[1]])
         for k in group:
             member = info[k]
             is_keeper = k == keeper_k
@@ -436,9 +440,9 @@ def choose_keeper(con: duckdb.DuckDBPyConnection, image_id: str) -> dict[str, in
     return regroup_duplicates(con)
 
 
-def keeper_choice_dropped(con: duckdb.DuckDBPyConnection, image_id: str) -> str | None:
-    """Undo a hand choice in `image_id`'s group: the keep policy chooses again. Returns the copy now kept, or None
-    when nothing was chosen by hand there."""
+def keeper_choice_dropped(con: duckdb.DuckDBPyConnection, image_id: str) -> tuple[bool, str | None]:
+    """Undo a hand choice in `image_id`'s group: the keep policy chooses again. Returns (whether a hand choice was
+    there, the copy of `image_id` now kept: None when it is in no group any more, a chain the choice held together)."""
     group = con.execute("SELECT group_id FROM duplicates WHERE image_id = ?", [image_id]).fetchall()
     if not group:
         raise ValueError(f"{image_id} is not in a duplicate group.")
@@ -446,9 +450,10 @@ def keeper_choice_dropped(con: duckdb.DuckDBPyConnection, image_id: str) -> str 
         "DELETE FROM keeper_choice WHERE image_id IN (SELECT image_id FROM duplicates WHERE group_id = ?)", [group[0][0]]
     ).fetchall()[0][0]
     if not dropped:
-        return None
+        return False, None
     regroup_duplicates(con)
-    return con.execute("SELECT keeper_id FROM duplicates WHERE image_id = ?", [image_id]).fetchall()[0][0]
+    kept = con.execute("SELECT keeper_id FROM duplicates WHERE image_id = ?", [image_id]).fetchall()
+    return True, kept[0][0] if kept else None
 
 
 def image_set_apart(con: duckdb.DuckDBPyConnection, image_id: str, *, apart: bool = True) -> dict[str, int]:

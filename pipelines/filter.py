@@ -279,7 +279,8 @@ def filtered_dataset(
             f"{hand_kept} copy(ies) you chose to keep (`workbench keep`) fail these rules while another copy of theirs "
             "passes: those pictures leave the dataset; `workbench keep` the other copy to keep them (listed by: "
             "workbench sql \"SELECT group_id, path, is_keeper, exclusion_reason FROM duplicate_groups WHERE group_id IN "
-            "(SELECT group_id FROM duplicate_groups WHERE is_keeper AND exclusion_reason LIKE '%filter%')\")"))
+            "(SELECT d.group_id FROM duplicate_groups d JOIN images_view v USING (image_id) WHERE d.is_keeper "
+            "AND len(list_filter(v.exclusion_steps, lambda s: starts_with(s, 'filter:'))) > 0)\")"))
     if skipped:
         summary["skipped_rules"] = skipped
     if dry_run:

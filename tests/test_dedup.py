@@ -490,3 +490,35 @@ def test_excluding_many_kept_copies_says_it_in_a_few_lines(con, catalog_path):
     assert said.count("was the kept copy of a duplicate group") == 3 and "and 3 more kept copies" in said
     listing = said[said.index("workbench sql"):].split('"')[1]  # the query it gives lists every such group's copies
     assert len(con.execute(listing).fetchall()) == 12
+
+
+def test_the_keep_reason_names_a_better_copy_the_filter_excludes(con):
+    """Three copies at 300, 200 and 100 px, the 300 px one blurry: the 200 px copy is kept because the filter
+    excludes the better one (the reason said "highest resolution (200x200)", beside the 100 px copy)."""
+    base = 0x0F0F_F0F0_1234_5678
+    insert_image(con, "big", base, 300, 300, seq=1)
+    insert_image(con, "mid", base ^ 1, 200, 200, seq=2)
+    insert_image(con, "small", base ^ 2, 100, 100, seq=3)
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES ('big', 'filter:blurry', 'blurry: 3.1 < 25')")
+    duplicate_groups(con, threshold=6)
+    keeper, reason = con.execute("SELECT image_id, keep_reason FROM duplicates WHERE is_keeper").fetchall()[0]
+    assert keeper == "mid" and reason == "passes the filter (a copy ranked above it does not: blurry: 3.1 < 25)"
+    con.execute("DELETE FROM exclusions")
+    duplicate_groups(con, threshold=6)
+    assert con.execute("SELECT image_id, keep_reason FROM duplicates WHERE is_keeper").fetchall() == [("big", "highest resolution (300x300)")]
+
+
+def test_keep_auto_where_the_hand_choice_held_a_chain_together(con):
+    """A–B and B–C are pairs, A–C is not: with B kept by hand, C is in B's group; `keep C --auto` left C in no group
+    and then failed reading its keeper (a traceback after the catalog had changed)."""
+    from pipelines.dedup import keeper_choice_dropped
+
+    insert_image(con, "a", 0b0, 400, 400, seq=1)
+    insert_image(con, "b", 0b1111, 300, 300, seq=2)
+    insert_image(con, "c", 0b1111_1111, 200, 200, seq=3)
+    duplicate_groups(con, threshold=4)
+    choose_keeper(con, "b")
+    assert {r[0] for r in con.execute("SELECT image_id FROM duplicates").fetchall()} == {"a", "b", "c"}
+    assert keeper_choice_dropped(con, "c") == (True, None)  # a keeps b; c is close to no keeper now
+    assert con.execute("SELECT image_id, is_keeper FROM duplicates ORDER BY 1").fetchall() == [("a", True), ("b", False)]
+    assert keeper_choice_dropped(con, "b") == (False, None)

@@ -402,9 +402,18 @@ def test_a_kept_copy_the_filter_excludes_hands_its_picture_to_a_copy_that_passes
     choose_keeper(con, ids["other_thumb"])  # a hand choice stays kept, whatever the filter says
     summary = filtered_dataset(con, FilterRules(min_side=256), dry_run=True)
     assert summary["kept through another copy (the kept one fails)"] == 1 and dataset() == {"tinted_thumb", "other_thumb"}
-    summary = filtered_dataset(con, FilterRules(min_side=256))
+    said: list[str] = []
+    summary = filtered_dataset(con, FilterRules(min_side=256), progress=lambda **kw: said.append(kw.get("message") or ""))
     assert summary["kept through another copy (the kept one fails)"] == 1
     assert dataset() == {"grey_original"}
+    # the hand-kept copy the filter excludes is named, with a query that lists its group (it listed nothing)
+    import re
+
+    (listing,) = [m for m in said if "you chose to keep" in m]
+    query = re.search(r'workbench sql "(.*)"\)', listing).group(1)
+    listed = {names[image_id] for (image_id,) in con.execute(
+        f"SELECT image_id FROM ({query}) q JOIN duplicates USING (group_id)").fetchall()}
+    assert listed == {"other_thumb", "other_original"}
     reason = con.execute("SELECT keep_reason FROM duplicates WHERE is_keeper AND image_id = ?", [ids["grey_original"]]).fetchall()[0][0]
     assert reason.startswith("passes the filter") and "short side 170 px < 256" in reason
     # dedup run again keeps the copy that passes; a filter without the rule gives the picture back to the thumbnail

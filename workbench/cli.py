@@ -1004,9 +1004,13 @@ def keep(
     try:
         (found,) = resolve_image_ids(con, [image_id])
         if auto:
-            kept = keeper_choice_dropped(con, found)
-            if kept is None:
+            was_chosen, kept = keeper_choice_dropped(con, found)
+            if not was_chosen:
                 fail(f"No copy of {found[:12]}'s group was kept by hand: the keep policy chooses there already.")
+            if kept is None:  # the hand choice held a chain together: without it this copy pairs with no keeper
+                console.print(Text(f"the keep policy chooses again: {found[:12]} is in no duplicate group now (the copy kept "
+                                   "by hand was what joined it to the others), so it stays in"))
+                return
             reason = con.execute("SELECT keep_reason FROM duplicates WHERE image_id = ?", [kept]).fetchall()[0][0]
             console.print(Text(f"the keep policy chooses again: {kept[:12]} is kept ({reason})"))
             return
