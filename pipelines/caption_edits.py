@@ -38,8 +38,20 @@ class SidecarWrite:
     written: bytes
 
 
+class SidecarsNotWritten(CatalogError):
+    """Some sidecar files could not be written (the captions are saved in the catalog); `written` holds the others."""
+
+    def __init__(self, failed: list[tuple[str, str]], written: list[SidecarWrite]):
+        shown = "; ".join(f"{path}: {reason}" for path, reason in failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
+        super().__init__(f"{len(failed)} sidecar file(s) could not be written ({shown}); the captions are saved in the "
+                         f"catalog, and the {len(written)} file(s) written are put back by undo.")
+        self.failed, self.written = failed, written
+
+
 def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> list[SidecarWrite]:
-    """Write each image's current caption to its sidecar beside its first existing file; returns what was written."""
+    """Write each image's current caption to its sidecar beside its first existing file; returns what was written.
+    A file that cannot be written (permissions, a folder in its place) does not stop the others: SidecarsNotWritten
+    names them after the rest are written, with those written."""
     if not image_ids:
         return []
     cur.register("sidecar_ids", pa.table({"image_id": image_ids}))
@@ -51,15 +63,21 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> list
         ).fetchall()
     finally:
         cur.unregister("sidecar_ids")
-    written = []
+    written, failed = [], []
     for image_id, path_bytes, caption in rows:
         image_path = os.fsdecode(bytes(path_bytes))
         if os.path.exists(image_path):
             sidecar = _sidecar_path(image_path)
-            previous = sidecar.read_bytes() if sidecar.exists() else None  # bytes: any encoding goes back as it was
-            text = (caption + "\n").encode("utf-8")
-            sidecar.write_bytes(text)
+            try:
+                previous = sidecar.read_bytes() if sidecar.exists() else None  # bytes: any encoding goes back as it was
+                text = (caption + "\n").encode("utf-8")
+                sidecar.write_bytes(text)
+            except OSError as error:
+                failed.append((str(sidecar), error.strerror or str(error)))
+                continue
             written.append(SidecarWrite(image_id, str(sidecar), previous, text))
+    if failed:
+        raise SidecarsNotWritten(failed, written)
     return written
 
 
@@ -157,17 +175,17 @@ class UndoOutcome:
     skipped: int
 
 
-def _checked_pattern(pattern: str) -> None:
+def _checked_pattern(cur: duckdb.DuckDBPyConnection, pattern: str) -> None:
     """Refuse a regular expression DuckDB (RE2) cannot compile, by its own words."""
     try:
-        duckdb.sql("SELECT regexp_matches('', ?)", params=[pattern]).fetchall()
+        cur.execute("SELECT regexp_matches('', ?)", [pattern]).fetchall()
     except duckdb.Error as error:
         reason = str(error).split("\n")[0].split(": ", 1)[-1]
         raise CatalogError(f"Not a regular expression (RE2 syntax) {pattern!r}: {reason}") from None
 
 
-def _bulk_expression(find: str | None, replace: str | None, add_token: str | None, remove_token: str | None,
-                     *, regex: bool = False, set_text: str | None = None) -> tuple[str, list, str]:
+def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None, replace: str | None, add_token: str | None,
+                     remove_token: str | None, *, regex: bool = False, set_text: str | None = None) -> tuple[str, list, str]:
     """(SQL for the new caption from `caption`, its parameters, a description)."""
     given = [x for x in (find, add_token, remove_token, set_text) if x]
     if len(given) != 1:
@@ -177,7 +195,7 @@ def _bulk_expression(find: str | None, replace: str | None, add_token: str | Non
             raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
         return "?", [set_text.strip()], f"set the caption to {set_text.strip()!r}"
     if find and regex:
-        _checked_pattern(find)
+        _checked_pattern(cur, find)
         # every match ('g'); \1 in the replacement is the first group, as in re.sub; the result trimmed, as a typed one is
         return ("trim(regexp_replace(coalesce(caption, ''), ?, ?, 'g'))", [find, replace or ""],
                 f"replace /{find}/ with \"{replace or ''}\"")
@@ -233,8 +251,12 @@ class BulkPreview:
 
 
 def _preview(cur: duckdb.DuckDBPyConnection, image_ids: list[str], edit: dict) -> BulkPreview:
-    expression, params, description = _bulk_expression(**edit)
-    found = _changes(cur, image_ids, expression, params)
+    expression, params, description = _bulk_expression(cur, **edit)
+    try:
+        found = _changes(cur, image_ids, expression, params)
+    except duckdb.Error as error:  # a replacement naming a group the pattern lacks (\2), a lone backslash
+        reason = str(error).split("\n")[0].split(": ", 1)[-1]
+        raise CatalogError(f"The edit {description} cannot be applied: {reason}") from None
     kept = pc.invert(pc.equal(pc.utf8_trim_whitespace(found.column("new_text")), ""))
     applied = found.filter(kept)
     return BulkPreview(description, applied, found.num_rows - applied.num_rows)
@@ -304,12 +326,19 @@ def bulk_edit(
                     cur.unregister("bulk_previous")
         finally:
             cur.unregister("bulk_changes")
-        written = {w.image_id: w for w in write_sidecars(cur, preview.changes.column("image_id").to_pylist())} if sidecars else {}
+        not_written = None
+        try:
+            files = write_sidecars(cur, preview.changes.column("image_id").to_pylist()) if sidecars else []
+        except SidecarsNotWritten as error:
+            files, not_written = error.written, error
+        written = {w.image_id: w for w in files}
         if written:  # recorded after they are written: an undo puts back only files this edit really wrote
             cur.executemany(
                 "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_previous = ?, sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
                 [(w.path, w.previous, w.written, edit_id, w.image_id) for w in written.values()],
             )
+        if not_written is not None:
+            raise not_written
         return BulkUndo(description=preview.description, previous=previous, sidecars=written, edit_id=edit_id, made_at=made_at)
     finally:
         cur.close()

@@ -99,6 +99,8 @@ def test_edit_captions_refuses_bad_input_without_changing_anything(catalog_path,
         (["--undo", "--add-token", "x"], "--undo takes no other edit"),
         (["--add-token", "x", "--where", "no_such_column = 1"], "--where failed"),
         (["--add-token", "x", "ffffffffff"], "ffffffffff"),
+        (["--find", "dog", "--replace", "\\2", "--regex"], "cannot be applied"),  # a group the pattern lacks
+        (["--undo", "--regex"], "--undo takes no other edit"),
     ]:
         result = _run(catalog_path, *args)
         assert result.exit_code == 2 and words in " ".join(result.output.split()), (args, result.output)
@@ -120,3 +122,33 @@ def test_sidecars_written_by_an_edit_are_put_back_by_undo_in_a_later_process(cat
     assert undone.exit_code == 0, undone.output
     assert (folder / "a.txt").read_text() == "sks dog, blurry, on grass\n"
     assert (folder / "c.txt").read_text() == "edited in another tool\n"  # changed since the edit: left alone
+
+
+def test_a_sidecar_that_cannot_be_written_is_named_and_undo_still_puts_back_the_others(catalog_path, tmp_path):
+    """A review: a sidecar that could not be written (a folder in its place) ended the edit with a traceback, after
+    the captions were saved and some files written, and undo never learnt of the files written."""
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    (folder / "a.txt").unlink()
+    (folder / "a.txt").mkdir()  # where a's sidecar would go
+    done = _run(catalog_path, "--remove-token", "blurry", "--sidecars")
+    said = " ".join(done.output.split())
+    assert done.exit_code == 2 and "1 sidecar file(s) could not be written" in said and "a.txt" in said, done.output
+    assert (folder / "c.txt").read_text() == "dogs running\n"
+    undone = _run(catalog_path, "--undo")
+    assert undone.exit_code == 0, undone.output
+    assert (folder / "c.txt").read_text() == "dogs running, blurry\n"
+    assert _captions(catalog_path)["c"] == "dogs running, blurry"
+
+
+def test_class_priors_are_left_out_of_caption_edits(catalog_path, tmp_path):
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.execute("UPDATE images SET role = 'class_prior' WHERE image_id IN (SELECT image_id FROM paths WHERE path LIKE '%b.png')")
+    con.close()
+    done = _run(catalog_path, "--add-token", "sks")
+    said = " ".join(done.output.split())
+    assert done.exit_code == 0 and "1 class prior image(s) left out" in said and "changed 4 of 4 caption(s)" in said, done.output

@@ -442,6 +442,10 @@ class CaptionsScreen(SizeClasses, Screen):
         try:
             with self._write_lock:
                 undo = caption_edits.bulk_edit(self.app.con, targets, sidecars=sidecars, **edit)
+        except caption_edits.SidecarsNotWritten as error:  # the captions are saved: F8 still undoes them
+            undo = caption_edits.last_bulk_edit(self.app.con)
+            self.post_message(self._Done(str(error), undo=undo, severity="warning"))
+            return
         except Exception as error:
             self.post_message(self._Failed(people_message(error)))
             return

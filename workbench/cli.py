@@ -616,7 +616,7 @@ def edit_captions(
     edits = [name for name, value in (("--find", find), ("--add-token", add_token), ("--remove-token", remove_token),
                                       ("--set", set_text)) if value is not None]
     if undo:
-        if edits or image_ids or where is not None or sidecars:
+        if edits or image_ids or where is not None or sidecars or regex or replace is not None:
             fail("--undo takes no other edit, images or --where: it puts back the newest edit as it was made.")
         con = open_catalog(catalog)
         last = last_bulk_edit(con)
@@ -649,6 +649,13 @@ def edit_captions(
             ids = list(dict.fromkeys(ids + _images_matching(con, where, "no caption was changed")))
         elif not image_ids:
             ids = [row[0] for row in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id").fetchall()]
+        # class priors train on their class prompt, whatever caption they hold: an edit of theirs would change nothing
+        instance = {row[0] for row in con.execute(
+            "SELECT image_id FROM images WHERE role = 'instance' AND image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()}
+        if len(instance) < len(ids):
+            err_console.print(Text(f"Note: {len(ids) - len(instance)} class prior image(s) left out: they train on their "
+                                   "class prompt, not a caption.", style="yellow"))
+            ids = [i for i in ids if i in instance]
         edit = dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token, regex=regex, set_text=set_text)
         preview = preview_bulk_edit(con, ids, **edit)
         if not dry_run and preview.changed:
