@@ -194,8 +194,9 @@ def test_filter_cli_reads_config_and_flags_override(catalog_path, con, tmp_path)
         bad.write_text(text)
         result = runner.invoke(app, ["filter", "--config", str(bad), *cat])
         assert result.exit_code == 2 and named in result.output and "[filter] table" in " ".join(result.output.split()), result.output
-    bad.write_text("[filter]\nmin_side = 400\n[train]\nrank = 8\n")
-    assert runner.invoke(app, ["filter", "--config", str(bad), "--dry-run", *cat]).exit_code == 0
+    for text in ("[filter]\nmin_side = 400\n[train]\nrank = 8\n", "rank = 8\nprior-preservation = true\n[filter]\nmin_side = 400\n"):
+        bad.write_text(text)  # training options beside [filter], in a table or at top level, as `train --config` reads them
+        assert runner.invoke(app, ["filter", "--config", str(bad), "--dry-run", *cat]).exit_code == 0, text
     result = runner.invoke(app, ["exclude", a, "--reason", "blurry face", *cat])
     assert result.exit_code == 0
     result = runner.invoke(app, ["include", a, *cat])

@@ -899,7 +899,12 @@ def filter_(
     )
     try:
         settings = load_config(config, catalog_path=catalog or catalog_mod.default_catalog_path())
-        stray = sorted(key for key in settings if key not in ("filter", "train"))
+        from pipelines.train.config import FIELD_NAMES, FLAG_NAMES
+
+        # training options may sit at top level beside [filter] (`workbench train --config` reads them there)
+        training = FIELD_NAMES | set(FLAG_NAMES)
+        stray = sorted(key for key, value in settings.items() if key not in ("filter", "train")
+                       and (isinstance(value, dict) or key.replace("-", "_") not in training))
         if stray:  # a misspelt [filtr] or rules at top level did nothing, without a word
             raise ValueError(f"The config holds {', '.join(repr(k) for k in stray)}, which `workbench filter` does not "
                              "read: rules go in its [filter] table (and training options in [train]).")

@@ -639,13 +639,15 @@ def _seeded() -> None:
 
 @contextmanager
 def _random_state_kept() -> Iterator[None]:
-    """Put back the random states (torch's CPU generator, numpy's, Python's) the block changes."""
+    """Put back the random states (torch's CPU and CUDA generators, numpy's, Python's) the block changes."""
     import random
 
     import numpy as np
 
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed seeds every GPU too (at once, or when CUDA starts): their states are kept as well
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=gpus):
         try:
             yield
         finally:
