@@ -301,6 +301,7 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
         _run_config_resumed(output_dir, config, images)
         return images, priors, components
     images = train_data.training_images(con, config, progress=progress)
+    buckets = train_data.run_bucket_settings(con, config)  # now: making class priors lets the catalog go (con closes)
     priors = None
     if config.with_prior_preservation:  # dreambooth, or lora asked for it (validate() leaves finetune out)
         priors, components = _ensure_priors(catalog, config, images, components, progress)
@@ -311,7 +312,7 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
     if is_main_process():
         steps = planned_steps(config, images, int(os.environ.get("WORLD_SIZE", "1")))
         (output_dir / RUN_CONFIG_FILE).write_text(
-            run_config_text(config, max_train_steps=steps, buckets=train_data.run_bucket_settings(con, config)))
+            run_config_text(config, max_train_steps=steps, buckets=buckets))
     return images, priors, components
 
 
@@ -564,6 +565,7 @@ def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: 
     still generate are left out, and said)."""
     config.validate()
     images = train_data.training_images(con, config, progress=progress)
+    buckets = train_data.run_bucket_settings(con, config)  # now: making class priors lets the catalog go (con closes)
     priors = None
     if config.with_prior_preservation:
         _, _, wanted = _class_images_wanted(con, config, images)
