@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, transaction
+from workbench.images import sidecars_changed_since_ingest
 
 MANUAL = "manual"
 
@@ -48,10 +49,10 @@ class SidecarsNotWritten(CatalogError):
         self.failed, self.written = failed, written
 
 
-def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> list[SidecarWrite]:
+def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leave: set[str] = frozenset()) -> list[SidecarWrite]:
     """Write each image's current caption to its sidecar beside its first existing file; returns what was written.
     A file that cannot be written (permissions, a folder in its place) does not stop the others: SidecarsNotWritten
-    names them after the rest are written, with those written."""
+    names them after the rest are written, with those written. Sidecar paths in `leave` are not written."""
     if not image_ids:
         return []
     cur.register("sidecar_ids", pa.table({"image_id": image_ids}))
@@ -68,6 +69,8 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> list
         image_path = os.fsdecode(bytes(path_bytes))
         if os.path.exists(image_path):
             sidecar = _sidecar_path(image_path)
+            if str(sidecar) in leave:
+                continue
             try:
                 previous = sidecar.read_bytes() if sidecar.exists() else None  # bytes: any encoding goes back as it was
                 text = (caption + "\n").encode("utf-8")
@@ -100,15 +103,30 @@ def _restore_sidecars(writes: list[SidecarWrite]) -> int:
     return restored
 
 
-def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str, *, sidecar: bool = False) -> None:
-    """Store `text` as the image's manual caption and make it the caption in use."""
-    text = text.strip()
+def one_line_caption(text: str) -> str:
+    """A caption on one line: its lines with text joined as tags (", "). A caption file holds one line (kohya reads the
+    first; so does ingest), and a line break inside a caption meant a tag break to tag edits, a space to export and
+    part of a tag to the trainer."""
+    return ", ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _edited_outside(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> set[str]:
+    """Sidecar files of these images edited in another tool since ingest read them (one deleted since is not: writing
+    it again loses nothing)."""
+    return {path for path in sidecars_changed_since_ingest(cur, image_ids) if os.path.isfile(path)}
+
+
+def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str, *, sidecar: bool = False) -> list[str]:
+    """Store `text` (on one line) as the image's manual caption and make it the caption in use. With `sidecar`,
+    its sidecar file is written too, unless edited in another tool since ingest: those paths are returned."""
+    text = one_line_caption(text)
     if not text:
         raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
     cur = con.cursor()
     try:
         if not cur.execute("SELECT count(*) FROM images WHERE image_id = ?", [image_id]).fetchone()[0]:
             raise CatalogError(f"No image {image_id[:12]} in the catalog.")
+        edited_outside = _edited_outside(cur, [image_id]) if sidecar else set()
         with transaction(cur):
             cur.execute(
                 "INSERT OR REPLACE INTO captions (image_id, source, text, created_at) VALUES (?, ?, ?, now())",
@@ -116,7 +134,8 @@ def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str
             )
             cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, MANUAL])
         if sidecar:
-            write_sidecars(cur, [image_id])
+            write_sidecars(cur, [image_id], leave=edited_outside)
+        return sorted(edited_outside)
     finally:
         cur.close()
 
@@ -161,6 +180,7 @@ class BulkUndo:
     sidecars: dict[str, SidecarWrite] = field(default_factory=dict)  # image_id: the sidecar the edit wrote
     edit_id: int | None = None  # its row in caption_edits
     made_at: object = None
+    sidecars_left: list[str] = field(default_factory=list)  # sidecars not written: edited in another tool since ingest
 
     @property
     def changed(self) -> int:
@@ -173,6 +193,7 @@ class UndoOutcome:
 
     restored: int
     skipped: int
+    sidecars_left: int = 0  # sidecar files not put back: changed since the edit wrote them
 
 
 def _checked_pattern(cur: duckdb.DuckDBPyConnection, pattern: str) -> None:
@@ -185,15 +206,17 @@ def _checked_pattern(cur: duckdb.DuckDBPyConnection, pattern: str) -> None:
 
 
 def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None, replace: str | None, add_token: str | None,
-                     remove_token: str | None, *, regex: bool = False, set_text: str | None = None) -> tuple[str, list, str]:
+                     remove_token: str | None, *, regex: bool = False, set_text: str | None = None,
+                     at_end: bool = False) -> tuple[str, list, str]:
     """(SQL for the new caption from `caption`, its parameters, a description)."""
-    given = [x for x in (find, add_token, remove_token, set_text) if x]
-    if len(given) != 1:
+    edits = [x for x in (find, add_token, remove_token, set_text) if x]
+    if len(edits) != 1:
         raise CatalogError("Give exactly one bulk edit: find/replace, add a token, remove a token, or set a caption.")
     if set_text:
-        if not set_text.strip():
+        text = one_line_caption(set_text)
+        if not text:
             raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
-        return "?", [set_text.strip()], f"set the caption to {set_text.strip()!r}"
+        return "?", [text], f"set the caption to {text!r}"
     if find and regex:
         _checked_pattern(cur, find)
         # every match ('g'); \1 in the replacement is the first group, as in re.sub; the result trimmed, as a typed one is
@@ -206,13 +229,22 @@ def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None, replace: 
     # the token box may hold several tags ("sks, woman"): each is one (as one, it was never found, and added twice)
     token = (add_token or remove_token).strip()
     given = [t.strip() for t in token.split(",") if t.strip()]
-    if add_token:
+    if add_token and at_end:  # after the caption's own tags, where it lacks them (the trigger stays first)
         missing = f"list_filter(?::VARCHAR[], lambda w: NOT list_contains({tags}, w))"
         return (
             f"CASE WHEN len({missing}) = 0 THEN caption "
             f"WHEN coalesce(trim(caption), '') = '' THEN array_to_string({missing}, ', ') "
-            f"ELSE array_to_string({missing}, ', ') || ', ' || caption END",
+            f"ELSE caption || ', ' || array_to_string({missing}, ', ') END",
             [given, given, given],
+            f"add token {token!r} at the end",
+        )
+    if add_token:
+        # first, in the order given: a trigger must lead for --keep-tokens to keep it; one the caption has elsewhere
+        # moves to the front (added in front of it, a second tag pushed the trigger out of first place)
+        return (
+            f"CASE WHEN list_slice({tags}, 1, ?) = ?::VARCHAR[] THEN caption "
+            f"ELSE array_to_string(list_concat(?::VARCHAR[], list_filter({tags}, lambda t: NOT list_contains(?::VARCHAR[], t))), ', ') END",
+            [len(given), given, given, given],
             f"add token {token!r}",
         )
     # only captions that hold the tag change (a removal of a tag no caption has rewrote them all, normalised)
@@ -251,6 +283,7 @@ class BulkPreview:
 
 
 def _preview(cur: duckdb.DuckDBPyConnection, image_ids: list[str], edit: dict) -> BulkPreview:
+    """What an edit changes (BulkPreview); `edit` holds _bulk_expression's options."""
     expression, params, description = _bulk_expression(cur, **edit)
     try:
         found = _changes(cur, image_ids, expression, params)
@@ -272,12 +305,13 @@ def preview_bulk_edit(
     remove_token: str | None = None,
     regex: bool = False,
     set_text: str | None = None,
+    at_end: bool = False,
 ) -> BulkPreview:
     """What bulk_edit would change, without changing it: a dry run, to ask before editing."""
     cur = con.cursor()
     try:
         return _preview(cur, image_ids, dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token,
-                                             regex=regex, set_text=set_text))
+                                             regex=regex, set_text=set_text, at_end=at_end))
     finally:
         cur.close()
 
@@ -292,6 +326,7 @@ def bulk_edit(
     remove_token: str | None = None,
     regex: bool = False,
     set_text: str | None = None,
+    at_end: bool = False,
     sidecars: bool = False,
 ) -> BulkUndo:
     """Apply one edit to the current caption of each image in `image_ids`; changed ones become manual captions.
@@ -299,7 +334,10 @@ def bulk_edit(
     cur = con.cursor()
     try:
         preview = _preview(cur, image_ids, dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token,
-                                                regex=regex, set_text=set_text))
+                                                regex=regex, set_text=set_text, at_end=at_end))
+        # sidecars edited in another tool since ingest read them are left as they are (overwriting them lost that
+        # work): found now, against the captions before this edit, which a file this tool wrote still says
+        edited_outside = _edited_outside(cur, preview.changes.column("image_id").to_pylist()) if sidecars else set()
         cur.register("bulk_changes", preview.changes)
         try:
             previous = cur.sql(
@@ -328,7 +366,7 @@ def bulk_edit(
             cur.unregister("bulk_changes")
         not_written = None
         try:
-            files = write_sidecars(cur, preview.changes.column("image_id").to_pylist()) if sidecars else []
+            files = write_sidecars(cur, preview.changes.column("image_id").to_pylist(), leave=edited_outside) if sidecars else []
         except SidecarsNotWritten as error:
             files, not_written = error.written, error
         written = {w.image_id: w for w in files}
@@ -339,7 +377,8 @@ def bulk_edit(
             )
         if not_written is not None:
             raise not_written
-        return BulkUndo(description=preview.description, previous=previous, sidecars=written, edit_id=edit_id, made_at=made_at)
+        return BulkUndo(description=preview.description, previous=previous, sidecars=written, edit_id=edit_id, made_at=made_at,
+                        sidecars_left=sorted(edited_outside))
     finally:
         cur.close()
 
@@ -403,7 +442,8 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
                     cur.execute("UPDATE caption_edits SET undone_at = now() WHERE edit_id = ?", [undo.edit_id])
         finally:
             cur.unregister("undo_rows")
-        _restore_sidecars([undo.sidecars[i] for i in still.column("image_id").to_pylist() if i in undo.sidecars])
-        return UndoOutcome(restored=still.num_rows, skipped=undo.changed - still.num_rows)
+        writes = [undo.sidecars[i] for i in still.column("image_id").to_pylist() if i in undo.sidecars]
+        restored = _restore_sidecars(writes)
+        return UndoOutcome(restored=still.num_rows, skipped=undo.changed - still.num_rows, sidecars_left=len(writes) - restored)
     finally:
         cur.close()

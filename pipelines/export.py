@@ -62,11 +62,10 @@ def _inside(root: Path, *parts: str) -> Path:
 
 
 def one_line(caption: str | None) -> str | None:
-    """The caption on one line (kohya reads only the first line of a caption file)."""
+    """The caption on one line (kohya reads only the first line of a caption file): its lines joined as tags."""
     if caption is None:
         return None
-    text = " ".join(caption.split())
-    return text or None
+    return ", ".join(line.strip() for line in caption.splitlines() if line.strip()) or None
 
 
 def caption_has_trigger(caption: str, trigger: str) -> bool:
@@ -330,7 +329,7 @@ def kohya_export(
                 caption_path = _inside(target_dir, image_path.stem + caption_extension)
                 caption_path.write_text(caption + "\n", encoding="utf-8")
                 counts["captions"] += 1
-                if caption != row.caption.strip():
+                if caption != row.caption.strip():  # lines joined (not spaces tidied: a caption keeps its own)
                     counts["captions_joined_to_one_line"] += 1
                 # with a caption file kohya never uses class_tokens: a caption without the trigger
                 # trains nothing into the trigger, the most common silent DreamBooth-LoRA mistake

@@ -152,3 +152,48 @@ def test_class_priors_are_left_out_of_caption_edits(catalog_path, tmp_path):
     done = _run(catalog_path, "--add-token", "sks")
     said = " ".join(done.output.split())
     assert done.exit_code == 0 and "1 class prior image(s) left out" in said and "changed 4 of 4 caption(s)" in said, done.output
+
+
+def test_add_token_puts_the_tags_first_or_at_the_end_and_a_caption_is_one_line(con):
+    """A review: --add-token "mkchan, solo" gave "solo, mkchan, …" when the caption had mkchan (a tag added later went
+    in front of the trigger, which --keep-tokens then shuffled); a caption typed on two lines meant a tag break to tag
+    edits, a space to export and part of one tag to the trainer."""
+    from tui.synthetic import synthetic_rows
+
+    synthetic_rows(con, 5)
+    ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 4").fetchall()]
+    texts = ["mkchan, 1girl, solo", "1girl, mkchan, solo", "1girl", "mkchan, solo, 1girl"]
+    for image_id, text in zip(ids, texts):
+        caption_edits.save_manual_caption(con, image_id, text)
+
+    def captions():
+        return [con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [i]).fetchall()[0][0] for i in ids]
+
+    assert caption_edits.bulk_edit(con, ids, add_token="mkchan, solo").changed == 3  # the last one leads with them
+    assert captions() == ["mkchan, solo, 1girl", "mkchan, solo, 1girl", "mkchan, solo, 1girl", "mkchan, solo, 1girl"]
+    assert caption_edits.bulk_edit(con, ids[:2], add_token="smile, solo", at_end=True).changed == 2
+    assert captions()[:2] == ["mkchan, solo, 1girl, smile", "mkchan, solo, 1girl, smile"]
+    caption_edits.save_manual_caption(con, ids[2], "microphone\n  second line tag \n")
+    assert captions()[2] == "microphone, second line tag"
+    caption_edits.bulk_edit(con, [ids[3]], set_text="a\nb")
+    assert captions()[3] == "a, b"
+
+
+def test_sidecars_edited_in_another_tool_since_ingest_are_left_and_ingest_names_the_overridden_ones(catalog_path, tmp_path):
+    """A review: `--sidecars` wrote over a .txt edited in another tag editor since ingest; and an ingest that read
+    such an edit for an image with a caption edited here stored it silently, while the manual caption kept training."""
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    assert _run(catalog_path, "--add-token", "mkchan", "--sidecars").exit_code == 0  # every caption is manual now
+    (folder / "b.txt").write_text("edited elsewhere, new tag\n")
+    done = _run(catalog_path, "--add-token", "solo", "--at-end", "--sidecars")
+    said = " ".join(done.output.split())
+    assert done.exit_code == 0 and "1 sidecar file(s) were edited in another tool since ingest" in said, done.output
+    assert (folder / "b.txt").read_text() == "edited elsewhere, new tag\n"
+    assert (folder / "a.txt").read_text() == "mkchan, sks dog, blurry, on grass, solo\n"  # one this tool wrote: written
+    ingest = CliRunner().invoke(app, ["ingest", str(folder), "-c", str(catalog_path)])
+    said = " ".join(ingest.output.split())
+    assert "1 image(s) have a sidecar saying something other than the caption they train with" in said, ingest.output
+    assert "workbench caption --use-source sidecar --where" in said and "b.png" in said

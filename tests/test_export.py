@@ -69,10 +69,11 @@ def _all_files(root: Path) -> list[Path]:
 
 
 def test_kohya_export_layout_captions_and_dataset_toml(con, curated, tmp_path):
-    from pipelines.caption_edits import save_manual_caption
-
-    # a caption typed on two lines (ingest reads a sidecar's first line only, as kohya does)
-    save_manual_caption(con, _by_name(con)["a.jpg"], "a photo of sks dog\non grass")
+    # a caption on two lines (stored before captions typed here became one line; ingest reads a sidecar's first
+    # line only, as kohya does)
+    con.execute("INSERT OR REPLACE INTO captions (image_id, source, text) VALUES (?, 'manual', 'a photo of sks dog\non grass')",
+                [_by_name(con)["a.jpg"]])
+    con.execute("INSERT OR REPLACE INTO caption_choice VALUES (?, 'manual')", [_by_name(con)["a.jpg"]])
     out = tmp_path / "out"
     summary = exported_dataset(con, out, format="kohya")
     assert summary["images"] == 5 and summary["folders"] == 2
@@ -81,7 +82,7 @@ def test_kohya_export_layout_captions_and_dataset_toml(con, curated, tmp_path):
     assert folders == ["10_sks dog", "1_"]  # images without a concept: `1_`, no class tokens
     dog = out / "img" / "10_sks dog"
     captions = {p.stem.rsplit("-", 1)[0]: p.read_text() for p in dog.glob("*.txt")}
-    assert captions == {"a": "a photo of sks dog on grass\n"}  # kohya reads only the first line
+    assert captions == {"a": "a photo of sks dog, on grass\n"}  # kohya reads only the first line: lines join as tags
     assert len(list(dog.glob("b-*.png"))) == 1 and not list(dog.glob("b-*.txt"))
     config = tomllib.loads((out / "dataset.toml").read_text())
     assert config["general"]["enable_bucket"] is True
@@ -188,7 +189,7 @@ def test_nasty_names_never_escape_out(con, curated, tmp_path):
     tokens = {s["class_tokens"] for s in toml["datasets"][0]["subsets"]}
     assert "../../etc ..\\..\\x" in tokens  # the TOML keeps the real tokens; only paths are sanitized
     caption_files = list((out / "img" / "2__.._etc .._.._x").glob("c-*.txt"))
-    assert caption_files[0].read_text() == "../../../etc/passwd \x00 line\n"
+    assert caption_files[0].read_text() == "../../../etc/passwd, \x00 line\n"
     assert safe_component("../../etc") == "_.._etc"
     assert safe_component("..") == "_" and safe_component("") == "_"
     assert "/" not in safe_component("a/b\\c\x00d")
@@ -804,3 +805,13 @@ def test_a_copy_in_a_second_folder_of_the_same_tokens_moves_to_its_concept_when_
     concept = con.execute("SELECT concept FROM dataset WHERE path LIKE '%copy.png'").fetchall()
     assert concept == [("5_sks dog",)]
     assert (get_concept(con, "sks dog").images, get_concept(con, "5_sks dog").images) == (1, 2)
+
+
+def test_one_line_joins_lines_as_tags_and_leaves_a_captions_own_spacing():
+    """A review: export counted `solo,  long_hair` as joined to one line (it tidied spaces), and joined two lines
+    with a space, making two tags one."""
+    from pipelines.export import one_line
+
+    assert one_line("solo,  long_hair") == "solo,  long_hair"
+    assert one_line("microphone\n\n second line tag \n") == "microphone, second line tag"
+    assert one_line(" \n ") is None and one_line(None) is None

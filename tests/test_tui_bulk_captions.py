@@ -255,12 +255,14 @@ def test_token_edits_change_only_the_captions_that_hold_the_tags(synthetic_catal
 
         assert counted(caption_edits.preview_bulk_edit(con, ids, remove_token="hat")) == ("remove token 'hat'", 0)
         assert caption_edits.bulk_edit(con, ids, add_token="sks, woman").changed == 4
-        assert captions() == ["sks, woman, 1girl,red hair,smile", "sks, woman, 1girl,  red hair , smile,",
-                              "sks, woman, 1girl, smile\nsecond line, extra", "woman, sks, 1girl"]
+        # the tags go first, in the order given (sks was first already in the last one: woman goes after it, not
+        # before); the captions they change are written as tags, ", " apart
+        assert captions() == ["sks, woman, 1girl, red hair, smile", "sks, woman, 1girl, red hair, smile",
+                              "sks, woman, 1girl, smile, second line, extra", "sks, woman, 1girl"]
         assert caption_edits.bulk_edit(con, ids, add_token="sks, woman").changed == 0  # all there now
         assert caption_edits.bulk_edit(con, ids, remove_token="smile").changed == 3
         assert captions() == ["sks, woman, 1girl, red hair", "sks, woman, 1girl, red hair",
-                              "sks, woman, 1girl, second line, extra", "woman, sks, 1girl"]
+                              "sks, woman, 1girl, second line, extra", "sks, woman, 1girl"]
     finally:
         con.close()
 

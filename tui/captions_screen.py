@@ -295,10 +295,10 @@ class CaptionsScreen(SizeClasses, Screen):
         self._unsaved[image_id] = (text, sidecar)
 
         def save(con) -> str:
-            caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar)
+            left = caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar)
             if self._unsaved.get(image_id, (None,))[0] == text:  # not a newer save of it, still to be written
                 self._unsaved.pop(image_id, None)
-            return done
+            return done + (f"; {left[0]} was edited in another tool since ingest and is left as it is" if left else "")
 
         self._write(save)
 
@@ -450,7 +450,11 @@ class CaptionsScreen(SizeClasses, Screen):
             self.post_message(self._Failed(people_message(error)))
             return
         note = _unreadable_note(left_out)
-        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo))
+        if undo.sidecars_left:
+            note += (f"; {len(undo.sidecars_left):,} sidecar file(s) edited in another tool since ingest left as they are "
+                     f"(e.g. {undo.sidecars_left[0]}): ingest reads them")
+        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo,
+                                     severity="warning" if undo.sidecars_left else "information"))
 
     @on(Button.Pressed, "#bulk-undo")
     def action_undo_bulk(self) -> None:

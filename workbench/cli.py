@@ -225,6 +225,23 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             ("Note: ", "yellow"), f"{len(conflicts)} image(s) have byte-identical copies whose caption sidecars differ; "
             f"each takes the sidecar of the first of its paths (in sorted order) that has one: {named_few(conflicts)}. Make the sidecars agree "
             "(or delete the ones you do not want) and ingest again."))
+    if summary.sidecar_image_ids:
+        # a sidecar edited in another tool, read now, of an image whose caption was typed or edited here (manual wins):
+        # read and stored, yet nothing trains on it, and nothing said so
+        overridden = con.execute(
+            "SELECT v.image_id, v.path, v.caption_source FROM captions c JOIN images_view v USING (image_id) "
+            "WHERE c.source = 'sidecar' AND c.image_id IN (SELECT unnest(?::VARCHAR[])) AND v.caption_source <> 'sidecar' "
+            "AND v.caption IS DISTINCT FROM c.text ORDER BY v.path", [sorted(summary.sidecar_image_ids)]).fetchall()
+        if overridden:
+            ids = [row[0] for row in overridden]
+            where = (f"image_id IN ({', '.join(repr(i) for i in ids)})" if len(ids) <= 10
+                     else "caption_source = 'manual'")
+            sources = sorted({row[2] for row in overridden})
+            err_console.print(Text.assemble(
+                ("Note: ", "yellow"), f"{len(ids)} image(s) have a sidecar saying something other than the caption they "
+                f"train with, which comes from {', '.join(sources)} ({'typed or edited here' if sources == ['manual'] else 'chosen or edited here'}): "
+                f"{named_few([row[1] for row in overridden])}. To train on the sidecars: "
+                f"workbench caption --use-source sidecar --where \"{where}\""))
     if summary.files_seen == 0:
         err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
     elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchone()[0]:
@@ -592,7 +609,8 @@ def edit_captions(
     find: Annotated[Optional[str], typer.Option("--find", help="Text to replace in each caption (with --replace; every occurrence).", show_default=False)] = None,
     replace: Annotated[Optional[str], typer.Option("--replace", help="What --find becomes (default: nothing, i.e. removed).", show_default=False)] = None,
     regex: Annotated[bool, typer.Option("--regex", help="--find is a regular expression (RE2 syntax; \\1 in --replace is its first group).")] = False,
-    add_token: Annotated[Optional[str], typer.Option("--add-token", help="Put these comma-separated tags first where a caption lacks them.", show_default=False)] = None,
+    add_token: Annotated[Optional[str], typer.Option("--add-token", help="Put these comma-separated tags first, in this order (moved there where a caption has them elsewhere): a trigger for --keep-tokens.", show_default=False)] = None,
+    at_end: Annotated[bool, typer.Option("--at-end", help="With --add-token: add the tags a caption lacks after its own instead (the first tags stay first).")] = False,
     remove_token: Annotated[Optional[str], typer.Option("--remove-token", help="Remove these comma-separated tags (whole tags only).", show_default=False)] = None,
     set_text: Annotated[Optional[str], typer.Option("--set", help="Make this the caption (of the images named).", show_default=False)] = None,
     where: Annotated[Optional[str], typer.Option("--where", help="Only the images whose images_view row matches this SQL condition.", show_default=False)] = None,
@@ -608,7 +626,7 @@ def edit_captions(
     edit would leave empty are not changed (`workbench caption --use-source` falls back to another source).
 
     Example: workbench edit-captions --add-token "sks dog" --where "concept = 'sks dog'" --dry-run
-    (or: --find "a woman" --replace "ohwx woman"; --find "\\s*,?\\s*blurry" --regex; 3fa9c2d1e0 --set "sks dog on grass"; --undo)
+    (or: --remove-token "blurry, jpeg artifacts"; --find "\\bwoman\\b" --replace "ohwx woman" --regex; 3fa9c2d1e0 --set "sks dog on grass"; --undo)
     """
     from pipelines.caption_edits import bulk_edit, last_bulk_edit, preview_bulk_edit, undo_bulk
     from pipelines.concepts import resolve_image_ids
@@ -629,6 +647,9 @@ def edit_captions(
         console.print(Text(f"undid {last.description}: {outcome.restored} caption(s) put back"))
         if outcome.skipped:
             err_console.print(Text(f"Note: {outcome.skipped} image(s) kept the caption they were given after that edit.", style="yellow"))
+        if outcome.sidecars_left:
+            err_console.print(Text(f"Note: {outcome.sidecars_left} sidecar file(s) changed since the edit wrote them are left "
+                                   "as they are.", style="yellow"))
         return
     if len(edits) != 1:
         fail("Give one edit: --find TEXT [--replace TEXT], --add-token TAGS, --remove-token TAGS or --set TEXT (or --undo)."
@@ -637,6 +658,8 @@ def edit_captions(
         fail("--replace goes with --find.")
     if regex and find is None:
         fail("--regex applies to --find.")
+    if at_end and add_token is None:
+        fail("--at-end applies to --add-token.")
     if set_text is not None and not image_ids and where is None:
         fail("--set gives every image the same caption: name the images (ids, or --where).")
     for name, value in (("--find", find), ("--add-token", add_token), ("--remove-token", remove_token), ("--set", set_text)):
@@ -656,7 +679,8 @@ def edit_captions(
             err_console.print(Text(f"Note: {len(ids) - len(instance)} class prior image(s) left out: they train on their "
                                    "class prompt, not a caption.", style="yellow"))
             ids = [i for i in ids if i in instance]
-        edit = dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token, regex=regex, set_text=set_text)
+        edit = dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token, regex=regex, set_text=set_text,
+                    at_end=at_end)
         preview = preview_bulk_edit(con, ids, **edit)
         if not dry_run and preview.changed:
             done = bulk_edit(con, ids, sidecars=sidecars, **edit)
@@ -676,6 +700,10 @@ def edit_captions(
                        + (f" ({preview.changed - len(shown)} more not shown)" if preview.changed > len(shown) else "")))
     if preview.emptied:
         err_console.print(Text(f"Note: {preview.emptied} caption(s) the edit would leave empty are not changed.", style="yellow"))
+    if not dry_run and preview.changed and done.sidecars_left:
+        err_console.print(Text(f"Note: {len(done.sidecars_left)} sidecar file(s) were edited in another tool since ingest and "
+                               f"are left as they are (e.g. {done.sidecars_left[0]}): `workbench ingest` reads them, and "
+                               "`workbench caption --use-source sidecar --where …` makes their captions current.", style="yellow"))
     if not dry_run and preview.changed:
         err_console.print(Text("Undo with: workbench edit-captions --undo" + (" (the sidecar files too)" if sidecars else ""), style="dim"))
 

@@ -141,7 +141,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
     """The instance images to train on: the `dataset` view (role 'instance'), with caption, concept and bucket."""
     have_concepts = _has_column(con, "dataset", "concept")
     have_buckets = _has_column(con, "dataset", "bucket_width")
-    columns = ["image_id", "path", "width", "height", "caption"]
+    columns = ["image_id", "path", "width", "height", "caption", "caption_source"]
     if have_concepts:
         columns += ["concept", "concept_trigger", "concept_class", "concept_repeats"]
     if have_buckets:
@@ -182,9 +182,12 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
     edited = sidecars_changed_since_ingest(con, [r[0] for r in rows])
     if edited:  # kohya users edit .txt files and retrain: here the catalog holds the captions, read at ingest
         folders = " ".join(sorted({shlex.quote(os.path.dirname(path)) for path in edited})[:3])
+        manual = sum(1 for r in rows if r[columns.index("caption_source")] == "manual")
         progress(task="dataset", message=(
             f"{len(edited)} caption file(s) changed since they were ingested (e.g. {edited[0]}): this run trains on the "
-            f"captions the catalog holds. To train on the edits, stop and run `workbench ingest {folders}` first."))
+            f"captions the catalog holds. To train on the edits, stop and run `workbench ingest {folders}` first"
+            + ("; an image with a caption edited here keeps that one (ingest then says which, and how to use the file's)."
+               if manual else ".")))
     captioned = sum(1 for r in rows if r[columns.index("caption")])
     if config.instance_prompt:  # diffusers' DreamBooth meaning: the one prompt of every instance image
         triggers = sorted({t for t in (dict(zip(columns, r)).get("concept_trigger") for r in rows)
