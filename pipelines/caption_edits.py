@@ -8,7 +8,9 @@ replaced (`caption_edits`, `caption_edit_rows`), so it can be undone from anothe
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workbench.catalog import CatalogError, transaction
+from workbench.catalog import CatalogError, catalog_file, transaction
 from workbench.images import sidecars_changed_since_ingest
 
 MANUAL = "manual"
@@ -65,6 +67,8 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
     finally:
         cur.unregister("sidecar_ids")
     written, failed = [], []
+    found = catalog_file(cur)
+    catalog = {found, found.with_name(found.name + ".wal")} if found else set()
     for image_id, path_bytes, caption in rows:
         image_path = os.fsdecode(bytes(path_bytes))
         if os.path.exists(image_path):
@@ -72,9 +76,11 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
             if str(sidecar) in leave:
                 continue
             try:
-                previous = sidecar.read_bytes() if sidecar.exists() else None  # bytes: any encoding goes back as it was
+                previous = _read_own_file(sidecar)  # bytes: any encoding goes back as it was
                 text = (caption + "\n").encode("utf-8")
-                sidecar.write_bytes(text)
+                if sidecar.resolve() in catalog:
+                    raise OSError(errno.EPERM, "it is the catalog")
+                _write_own_file(sidecar, text)
             except OSError as error:
                 failed.append((str(sidecar), error.strerror or str(error)))
                 continue
@@ -84,6 +90,27 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
     return written
 
 
+def _read_own_file(path: Path) -> bytes | None:
+    """A sidecar's bytes (None: there is none). One that is a link, or not a plain file, is refused (OSError): the
+    edit would write through it to whatever it points at (the catalog, another file)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        raise OSError(errno.ELOOP, "a symbolic link: left as it is")
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "not a plain file: left as it is")
+    return path.read_bytes()
+
+
+def _write_own_file(path: Path, data: bytes) -> None:
+    """Write a sidecar itself, never through a link made there since it was read (O_NOFOLLOW)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
 def _restore_sidecars(writes: list[SidecarWrite]) -> int:
     """Put back sidecars a bulk edit wrote, where they still hold what it wrote: earlier text back in place,
     files it created removed. Returns files restored."""
@@ -91,12 +118,12 @@ def _restore_sidecars(writes: list[SidecarWrite]) -> int:
     for write in writes:
         path = Path(write.path)
         try:
-            if path.read_bytes() != write.written:
-                continue  # edited since: that later edit stays
+            if _read_own_file(path) != write.written:
+                continue  # edited since: that later edit stays (or a link now: left alone)
             if write.previous is None:
                 path.unlink()
             else:
-                path.write_bytes(write.previous)
+                _write_own_file(path, write.previous)
             restored += 1
         except OSError:
             continue

@@ -461,7 +461,7 @@ def exported_dataset(
             # an export over an earlier one replaces it: the earlier files (its manifest) go first, so concepts
             # or images curated out since are not left behind for a trainer to pick up; other files stay
             out_path = Path(out)
-            removed = _removed_previous_export(out_path) if overwrite and out_path.is_dir() else 0
+            removed = _removed_previous_export(out_path, _catalog_files(con, out_path)) if overwrite and out_path.is_dir() else 0
             _prepare_out(out_path, overwrite=overwrite)  # a refused folder gets no manifest
             before = _files_under(out_path)
             # the manifest is also the marker that keeps `workbench ingest` of a folder above out of the export (its
@@ -514,11 +514,26 @@ def _files_under(folder: Path) -> set[str]:
     return found
 
 
+def _catalog_files(con: duckdb.DuckDBPyConnection, out: Path) -> frozenset[Path]:
+    """Files under OUT no export may delete: the catalog's database and write-ahead log, and image files it reads."""
+    from workbench.catalog import catalog_file
+
+    path = catalog_file(con)
+    files = {Path(path).resolve(), Path(f"{path}.wal").resolve()} if path else set()
+    inside = str(out.resolve()) + os.sep
+    files.update(Path(p) for (p,) in con.execute("SELECT path FROM paths WHERE starts_with(path, ?)", [inside]).fetchall())
+    return frozenset(files)
+
+
 _EXPORT_FILE = re.compile(r"(-[0-9a-f]{12}\.[A-Za-z0-9]+|(^|/)dataset\.toml|(^|/)metadata\.jsonl)$")
 
 
-def _removed_previous_export(out: Path) -> int:
-    """Delete the files an earlier export listed in its manifest (and folders left empty); returns how many."""
+def _removed_previous_export(out: Path, keep: frozenset[Path] = frozenset()) -> int:
+    """Delete the files an earlier export listed in its manifest (and folders left empty); returns how many.
+
+    Only files an export writes (`_EXPORT_FILE`) inside OUT itself are deleted: the manifest is a file in OUT, and
+    a folder in OUT may be a link elsewhere (a review deleted a catalog image and other files that way, and the
+    catalog itself by listing it). `keep` (the catalog's files) is never deleted."""
     manifest = out / EXPORT_MANIFEST
     if not manifest.is_file():
         return 0
@@ -534,10 +549,19 @@ def _removed_previous_export(out: Path) -> int:
     except (ValueError, KeyError, TypeError):
         return 0
     removed, emptied = 0, set()
+    inside = out.resolve()
     for relative in listed:
-        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts:
             continue  # a manifest never points outside the export
+        if not _EXPORT_FILE.search(Path(relative).as_posix()):
+            continue  # not a file an export writes
         target = out / relative
+        try:
+            where = target.parent.resolve()
+        except OSError:
+            continue
+        if not where.is_relative_to(inside) or (not target.is_symlink() and target.resolve() in keep):
+            continue  # through a folder that links out of OUT, or the catalog
         if target.is_symlink() or target.is_file():
             target.unlink()
             removed += 1

@@ -197,3 +197,24 @@ def test_sidecars_edited_in_another_tool_since_ingest_are_left_and_ingest_names_
     said = " ".join(ingest.output.split())
     assert "1 image(s) have a sidecar saying something other than the caption they train with" in said, ingest.output
     assert "workbench caption --use-source sidecar --where" in said and "b.png" in said
+
+
+def test_sidecars_that_are_links_are_never_written_through(catalog_path, tmp_path):
+    """A security review: `--sidecars` wrote the caption through a sidecar that was a symbolic link, over the catalog
+    (which then no longer opened) or any file it pointed at."""
+    folder = _folder(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (folder / "a.txt").unlink()
+    (folder / "a.txt").symlink_to(victim)
+    (folder / "c.txt").unlink()
+    (folder / "c.txt").symlink_to(catalog_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    done = _run(catalog_path, "--add-token", "boom", "--sidecars")
+    said = " ".join(done.output.split())
+    assert done.exit_code == 2 and "2 sidecar file(s) could not be written" in said and "a symbolic link" in said, done.output
+    assert victim.read_text() == "precious\n" and (folder / "a.txt").is_symlink()
+    assert _captions(catalog_path)["a"] == "boom, precious"  # the catalog opens, and holds the edit (ingest read the link)
+    assert (folder / "b.txt").read_text() == "boom, a dog on a sofa\n"  # the others are written

@@ -815,3 +815,25 @@ def test_one_line_joins_lines_as_tags_and_leaves_a_captions_own_spacing():
     assert one_line("solo,  long_hair") == "solo,  long_hair"
     assert one_line("microphone\n\n second line tag \n") == "microphone, second line tag"
     assert one_line(" \n ") is None and one_line(None) is None
+
+
+def test_overwrite_deletes_nothing_outside_out_whatever_the_manifest_lists(con, curated, tmp_path, catalog_path):
+    """A security review: `export --overwrite` deleted through a folder in OUT linked elsewhere (a catalog image and
+    another folder's files), and the catalog itself when the manifest listed it."""
+    image = Path(con.execute("SELECT path FROM images_view WHERE status = 'ok' ORDER BY path LIMIT 1").fetchall()[0][0])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes-0123456789ab.txt").write_text("mine")  # named as an export names its files
+    out = tmp_path / "evil_out"
+    out.mkdir()
+    (out / "photos").symlink_to(image.parent)
+    (out / "sub").symlink_to(victim)
+    (out / "here-0123456789ab.txt").write_text("an earlier export's caption file")
+    listed = ["sub/notes-0123456789ab.txt", f"photos/{image.name}", catalog_path.name, "here-0123456789ab.txt",
+              "not-an-export-file.txt"]
+    (out / ".workbench-export.json").write_text(json.dumps({"format": "kohya", "files": listed}))
+    (out / "not-an-export-file.txt").write_text("kept")
+    exported_dataset(con, out, format="kohya", overwrite=True)
+    assert image.is_file() and (victim / "notes-0123456789ab.txt").read_text() == "mine" and catalog_path.is_file()
+    assert not (out / "here-0123456789ab.txt").exists()  # what an export wrote inside OUT still goes
+    assert (out / "not-an-export-file.txt").read_text() == "kept"
