@@ -421,9 +421,14 @@ def test_copy_to_with_write_never_overwrites_an_image_its_caption_or_the_catalog
     quoted = lambda path: str(path).replace("'", "''")  # noqa: E731
     for target in (image, sidecar, catalog_path):
         for sql in (f"COPY (SELECT 'oops' AS a) TO '{quoted(target)}' (FORMAT csv)",
-                    f"EXPLAIN ANALYZE COPY images TO '{quoted(target)}'"):
+                    f"EXPLAIN ANALYZE COPY images TO '{quoted(target)}'",
+                    # a security review wrote over images past the check with a comment or a dollar-quoted target
+                    f"COPY (SELECT 'oops' AS a) TO/**/'{quoted(target)}' (FORMAT csv)",
+                    f"COPY (SELECT 'oops' AS a) TO $x${target}$x$ (FORMAT csv)",
+                    f"COPY (SELECT 'oops' AS a) -- a comment\n TO\n'{quoted(target)}' (FORMAT csv)"):
             result = runner.invoke(app, ["sql", sql, "--write", "-c", str(catalog_path)])
-            assert result.exit_code == 2 and "Refused" in result.output and "COPY" in result.output, (sql, result.output)
+            said = " ".join(result.output.split())
+            assert result.exit_code == 2 and ("Refused" in said or "plain 'quoted path'" in said) and "COPY" in said, (sql, result.output)
     assert image.read_bytes() == b"the only copy" and sidecar.read_text() == "a caption"
     elsewhere = tmp_path / "out.csv"
     result = runner.invoke(app, ["sql", f"COPY images TO '{elsewhere}'", "--write", "-c", str(catalog_path)])

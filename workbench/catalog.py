@@ -500,4 +500,56 @@ def _copy_targets(statement) -> list[str]:
         return [target for one in _explained(statement) for target in _copy_targets(one)]
     if kind != "COPY":
         return []
-    return [quoted.replace("''", "'") for quoted in re.findall(r"\bTO\s+'((?:[^']|'')*)'", statement.query, re.IGNORECASE)]
+    tokens = [token for token in _sql_tokens(statement.query) if token[0] != "space"]
+    targets = []
+    for at, (what, text, depth) in enumerate(tokens):
+        if what == "word" and text.upper() == "TO" and depth == 0:
+            following = tokens[at + 1] if at + 1 < len(tokens) else None
+            if following is None or following[0] != "string":
+                # a target in another form (a dollar-quoted string, a name) cannot be checked: refused, not trusted
+                raise CatalogError("COPY … TO takes its file as a plain 'quoted path' here, so that it is checked "
+                                   "against the catalog and its images.")
+            targets.append(following[1])
+    return targets
+
+
+def _sql_tokens(sql: str) -> Iterator[tuple[str, str, int]]:
+    """(kind, text, parenthesis depth) of the SQL's tokens: 'string' ('…', its value), 'dollar' ($tag$…$tag$),
+    'quoted' ("…"), 'word', 'space' (comments too) and 'other'. Enough to find what COPY writes to."""
+    depth, at = 0, 0
+    while at < len(sql):
+        char = sql[at]
+        if sql.startswith("--", at):
+            end = sql.find("\n", at)
+            end = len(sql) if end < 0 else end
+            yield "space", sql[at:end], depth
+        elif sql.startswith("/*", at):
+            end = sql.find("*/", at + 2)
+            end = len(sql) if end < 0 else end + 2
+            yield "space", sql[at:end], depth
+        elif char == "'":
+            match = re.compile(r"'((?:[^']|'')*)'").match(sql, at)
+            end = match.end() if match else len(sql)
+            yield "string", (match.group(1).replace("''", "'") if match else sql[at + 1:]), depth
+        elif char == '"':
+            match = re.compile(r'"((?:[^"]|"")*)"').match(sql, at)
+            end = match.end() if match else len(sql)
+            yield "quoted", sql[at:end], depth
+        elif char == "$" and (match := re.compile(r"\$(\w*)\$").match(sql, at)):
+            close = sql.find(match.group(0), match.end())
+            end = len(sql) if close < 0 else close + len(match.group(0))
+            yield "dollar", sql[at:end], depth
+        elif char.isspace():
+            end = at + 1
+            while end < len(sql) and sql[end].isspace():
+                end += 1
+            yield "space", sql[at:end], depth
+        elif char.isalnum() or char == "_":
+            match = re.compile(r"\w+").match(sql, at)
+            end = match.end()
+            yield "word", match.group(0), depth
+        else:
+            depth += (char == "(") - (char == ")")
+            end = at + 1
+            yield "other", char, depth
+        at = end
