@@ -493,18 +493,28 @@ def display_path(path_bytes: bytes) -> str:
 
 
 # UTF-32 first: its little-endian BOM begins with UTF-16's.
+# Captions run to a few hundred characters (CLIP reads 77 tokens; kohya's --max_token_length 225); long VLM
+# descriptions to a few thousand. Past these a file is no caption (a review's 300 MB one hung training).
+MAX_SIDECAR_BYTES = 256 * 1024
+MAX_CAPTION_CHARS = 10_000
+
+
 def _read_sidecar(path: bytes, summary: IngestSummary | None = None) -> tuple[str | None, str | None]:
     """(caption or None when empty, None), or (None, why the sidecar was left out). The caption is the first line
     with text (`sidecar_caption`); a file with more is named in `summary`."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(MAX_SIDECAR_BYTES + 1)  # a caption file of hundreds of MB is no caption: not read whole
     except OSError as error:
         return None, f"cannot be read ({error.strerror or error})"
+    if len(data) > MAX_SIDECAR_BYTES:
+        return None, f"is over {MAX_SIDECAR_BYTES // 1024} KiB: not a caption"
     try:
         caption, lines = sidecar_caption(decode_caption(data))
     except ValueError as error:
         return None, f"{error}; re-save it as UTF-8"
+    if caption and len(caption) > MAX_CAPTION_CHARS:
+        return None, f"holds a caption of {len(caption):,} characters (over {MAX_CAPTION_CHARS:,}: not a caption)"
     if lines > 1 and summary is not None:
         summary.multi_line_sidecars.append(display_path(path))
     return caption or None, None

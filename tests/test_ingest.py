@@ -287,6 +287,9 @@ def test_sidecars_in_other_encodings_are_decoded_or_left_out_and_named(con, tmp_
         "dog": b"a dog\r\non grass  \r\n\r\n",
         "caballo": "caballo café, niño".encode("latin-1"),
         "mule": "a mule".encode("utf-16-le"),  # no BOM: valid UTF-8 bytes, but full of NULs
+        # no caption: a file of megabytes (a review's 300 MB one hung training), a line of 20,000 characters
+        "huge": b"tag, " * 300_000,
+        "long": b"x" * 20_000 + b"\n",
     }
     folder.mkdir()
     for i, (stem, data) in enumerate(sidecars.items()):
@@ -298,14 +301,16 @@ def test_sidecars_in_other_encodings_are_decoded_or_left_out_and_named(con, tmp_
     assert sidecar_captions(con) == {"brick": "brick wall", "camera": "a camera man", "horse": "a horse, café",
                                      "dog": "a dog"}
     assert summary.multi_line_sidecars == [str(folder / "dog.txt")]
-    assert (summary.sidecar_captions, summary.sidecars_left_out) == (4, 2)
-    assert sorted(Path(p).name for p in summary.sidecar_problems) == ["caballo.txt", "mule.txt"]
+    assert (summary.sidecar_captions, summary.sidecars_left_out) == (4, 4)
+    assert sorted(Path(p).name for p in summary.sidecar_problems) == ["caballo.txt", "huge.txt", "long.txt", "mule.txt"]
+    assert "not a caption" in summary.sidecar_problems[str(folder / "huge.txt")]
+    assert "20,000 characters" in summary.sidecar_problems[str(folder / "long.txt")]
     assert "not UTF-8" in summary.sidecar_problems[str(folder / "caballo.txt")]
     told = [m for m in messages if m and "caballo.txt" in m]
     assert len(told) == 1 and str(folder / "caballo.txt") in told[0] and "not UTF-8" in told[0] and "re-save" in told[0]
     assert any(m and "mule.txt" in m for m in messages)
     # the images themselves are in, whatever their sidecars hold
-    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 6
+    assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 8
 
 
 def test_an_unreadable_sidecar_never_loses_a_caption_already_in_the_catalog(con, tmp_path, monkeypatch):

@@ -702,7 +702,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if sampling and not config.validation_prompt and accelerator.is_main_process and resume_from is None:
         # the grids (and the CLIP score of evaluate) of two runs compare only with the same prompts and seeds
         progress(task="train", message=(
-            f"sample prompts: {' | '.join(repr(p) for p in prompts)} (the first captions of this dataset: a run on "
+            f"sample prompts: {' | '.join(repr(_shortened(p)) for p in prompts)} (the first captions of this dataset: a run on "
             "another dataset samples others; --validation-prompt, repeatable, keeps runs comparable)"))
     sample_captions = [*prompts, ""] if sampling else []  # "": the unconditional prompt of classifier-free guidance
     if accelerator.is_main_process:
@@ -879,6 +879,11 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
         class_images=class_image_count, seconds_before=seconds_before,
     )
+
+
+def _shortened(text: str, most: int = 120) -> str:
+    """A caption as a message shows it: at most `most` characters."""
+    return text if len(text) <= most else text[:most - 1] + "…"
 
 
 def _umask() -> int:
