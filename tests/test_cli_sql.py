@@ -511,3 +511,15 @@ def test_curation_commands_and_help_do_not_load_torch(catalog_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_path_too_long_for_the_system_is_said_not_a_traceback(catalog_path, tmp_path):
+    """A security review: a path over the system's limit gave an OSError traceback (`sql -o`, `priors --from`,
+    `train --output-dir`)."""
+    import subprocess
+    import sys
+
+    seeded_catalog(catalog_path)
+    done = subprocess.run([sys.executable, "-m", "workbench.cli", "sql", "SELECT 1", "-c", str(catalog_path),
+                           "-o", str(tmp_path / ("a" * 300 + ".csv"))], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "a path is too long for this system" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -257,3 +257,24 @@ def test_the_tiny_preset_loads_beside_a_folder_named_tiny(tmp_path, monkeypatch)
     (tmp_path / "tiny").mkdir()
     monkeypatch.chdir(tmp_path)
     assert type(load_sd_pipeline("tiny", device="cpu")).__name__ == "StableDiffusionPipeline"
+
+
+def test_a_model_folder_with_pickled_weights_is_refused_as_such(tmp_path):
+    """A security review: a diffusers folder whose UNet is a pickled .bin gave torch's UnpicklingError as a traceback,
+    whose text advises loading it with weights_only=False."""
+    import pickle
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(models.component_path("tiny", "sd"), folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo ran > " + str(tmp_path / "ran"),))
+
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(models.ModelError, match=r"weights as pickles \(.bin\), which the workbench does not load"):
+        models.load_sd_components(str(folder), device="cpu", dtype="float32")
+    assert not (tmp_path / "ran").exists()

@@ -403,3 +403,10 @@ def test_a_run_length_on_the_command_line_wins_over_the_other_one_in_the_file(tm
     assert (config.max_train_steps, config.num_train_epochs) == (50, 1)
     with pytest.raises(ConfigError, match="a run has one length"):
         load_train_config(None, {"mode": "lora", "max_train_steps": 50, "num_train_epochs": 2})
+
+
+def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path):
+    """A security review: a deeply nested TOML gave a RecursionError traceback."""
+    deep = toml(tmp_path, "x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="nests its tables or arrays too deeply"):
+        load_train_config(deep)

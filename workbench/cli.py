@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -1575,6 +1576,8 @@ def train_export(
     if found is None:
         fail(f"{run_dir} has no checkpoints (looked in {folder}).")
     out = to or run_dir / "exports" / found.name
+    if out.exists() and not out.is_dir():
+        fail(f"{out} is a file: --to takes a folder for the model.")
     if out.exists() and any(out.iterdir()):
         fail(f"{out} is not empty: give another --to, or delete it first.")
     try:
@@ -2037,6 +2040,15 @@ def main() -> None:
     except CatalogError as error:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever it was given
+            err_console.print(f"[bold red]Error:[/] a path is too long for this system: {escape(str(error.filename or error)[:200])}…")
+            sys.exit(2)
+        if not _disk_full(error):
+            raise
+        err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
+                          "is kept: free some space and run the same command again.")
+        sys.exit(1)
     except Exception as error:
         if not _disk_full(error):
             raise

@@ -55,3 +55,5 @@ def load_config(path: str | os.PathLike[str] | None = None, *, catalog_path: str
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path} is not valid TOML: {error}") from error
+    except RecursionError:
+        raise ValueError(f"{path} nests its tables or arrays too deeply to be a config file.") from None

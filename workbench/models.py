@@ -16,6 +16,7 @@ import gzip
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -528,6 +529,16 @@ def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
         ) from error
 
 
+def _refused_pickle(error: BaseException) -> bool:
+    """Whether torch refused to unpickle weights somewhere in this error's chain."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, pickle.UnpicklingError):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDComponents:
     """Tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler of a Stable Diffusion model, for training."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -557,7 +568,13 @@ def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDCompo
             vae = AutoencoderKL.from_pretrained(where, subfolder="vae", dtype=dtype)
             unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", dtype=dtype)
             noise_scheduler = DDPMScheduler.from_pretrained(where, subfolder="scheduler")
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError, EnvironmentError, pickle.UnpicklingError) as error:
+        if _refused_pickle(error):
+            # torch's weights_only load refused a pickled .bin (diffusers wraps it in an OSError): said as what it is,
+            # not as a model to download, nor with torch's advice to unpickle it
+            raise ModelError(f"{source} holds its weights as pickles (.bin), which the workbench does not load: a "
+                             "pickle can run code when loaded. Use a copy saved as safetensors (diffusers' "
+                             "save_pretrained writes them).") from None
         raise _not_available(source, "Stable Diffusion", error) from error
     source_path = where if Path(where).exists() else (_hub_snapshot(where) or where)
     return SDComponents(

@@ -586,6 +586,8 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from error
+        except RecursionError:
+            raise ConfigError(f"{path} nests its tables or arrays too deeply to be a config file.") from None
         values.update(_normalise_keys(_train_table(data, path), str(path)))
         mode = (overrides or {}).get("mode")
         if mode is not None and values.get("mode", mode) != mode:  # `workbench train X` always passes its mode

@@ -654,8 +654,9 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             damaged = ckpt.damaged_files(resume_from)
             if damaged:
                 raise TrainingError(ckpt.damaged_checkpoint_message(resume_from, damaged)) from error
-            if isinstance(error, ValueError):  # weights or optimizer state of another shape: written with other options
-                raise TrainingError(f"Cannot resume from {resume_from}: {error}") from error
+            if isinstance(error, (ValueError, KeyError, TypeError)):  # state of another shape (written with other
+                # options), or a state file edited by hand: named, not a traceback
+                raise TrainingError(f"Cannot resume from {resume_from}: {type(error).__name__}: {error}") from error
             raise
         global_step = int(state["step"])
         trained_by = state.get("num_processes")  # absent in checkpoints of older versions
