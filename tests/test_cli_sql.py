@@ -523,3 +523,13 @@ def test_a_path_too_long_for_the_system_is_said_not_a_traceback(catalog_path, tm
     done = subprocess.run([sys.executable, "-m", "workbench.cli", "sql", "SELECT 1", "-c", str(catalog_path),
                            "-o", str(tmp_path / ("a" * 300 + ".csv"))], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "a path is too long for this system" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_control_characters_in_values_never_reach_the_terminal_raw(catalog_path, tmp_path):
+    """A security review: a file name holding ESC[31m or ESC]0;… restyled or retitled the terminal through the
+    ingest error table and `workbench sql`'s table."""
+    seeded_catalog(catalog_path)
+    shown = runner.invoke(app, ["sql", "SELECT chr(27) || ']0;owned' || chr(7) || chr(27) || '[31mred' AS name", "-c", str(catalog_path)])
+    assert shown.exit_code == 0 and "\x1b" not in shown.output and "\\x1b]0;owned" in shown.output, shown.output
+    as_csv = runner.invoke(app, ["sql", "SELECT chr(27) AS name", "-c", str(catalog_path), "--format", "csv"])
+    assert "\x1b" in as_csv.output  # data formats keep the value as it is

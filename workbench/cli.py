@@ -24,7 +24,7 @@ from rich.text import Text
 
 from workbench import catalog as catalog_mod
 from workbench.catalog import CatalogError
-from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few
+from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
 
 if TYPE_CHECKING:  # the steps load when a command runs them (a fast --help)
     from pipelines.ingest import IngestSummary
@@ -105,7 +105,7 @@ def counts_table(title: str, counts: dict, value_column: str = "count") -> Table
     # numbers align right; a column of values that may be sentences (an evaluation's notes) reads left to right
     table.add_column(value_column, justify="right" if value_column == "count" else "left")
     for key, value in counts.items():
-        table.add_row(Text(str(key).replace("_", " ")), Text(str(value)))
+        table.add_row(Text(printable(str(key)).replace("_", " ")), Text(printable(str(value))))
     return table
 
 
@@ -189,7 +189,7 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
         table.add_column("files", justify="right")
         table.add_column("e.g.", overflow="fold")  # a reason alone left the user to find the file
         for reason, n in summary.errors_by_reason.items():
-            table.add_row(Text(reason), str(n), Text(summary.error_examples.get(reason, "")))
+            table.add_row(Text(printable(reason)), str(n), Text(printable(summary.error_examples.get(reason, ""))))
         console.print(table)
     if summary.kohya_reg_folders_skipped:
         err_console.print("[yellow]Note:[/] left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
@@ -375,7 +375,7 @@ def sql(
                 names, rows = relation.columns, relation.fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
-            cells = [[Text("NULL", style="dim") if v is None else Text(str(v)) for v in row] for row in rows]
+            cells = [[Text("NULL", style="dim") if v is None else Text(printable(str(v))) for v in row] for row in rows]
             # piped or redirected, rows stay whole lines (a terminal's 80 columns would wrap every cell); to a terminal,
             # the table fits the window, with the columns that fit it readably
             out = console if console.is_terminal or os.environ.get("COLUMNS") else Console(emoji=False, width=100_000)

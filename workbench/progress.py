@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Protocol
 
@@ -76,7 +77,7 @@ class RichProgress:
         if message:
             from rich.text import Text
 
-            self._progress.console.log(Text(message))  # a step's message is plain text: paths may hold '[', captions ':x:'
+            self._progress.console.log(Text(printable(message)))  # a step's message is plain text: paths may hold '[', captions ':x:'
             if not completed and total is None:  # a message alone: no bar that never moves, no reset of a running one
                 return
         if task not in self._tasks:
@@ -84,7 +85,16 @@ class RichProgress:
         self._progress.update(self._tasks[task], completed=completed, total=total)
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text as a terminal may show it: control characters (ESC in a file name would restyle or retitle the
+    terminal) written as \\xNN; line breaks and tabs kept."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def named_few(names: list[str], limit: int = 3) -> str:
     """The first `limit` names, then how many more: for messages about many files."""
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(printable(name) for name in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
