@@ -425,10 +425,23 @@ def test_copy_to_with_write_never_overwrites_an_image_its_caption_or_the_catalog
                     # a security review wrote over images past the check with a comment or a dollar-quoted target
                     f"COPY (SELECT 'oops' AS a) TO/**/'{quoted(target)}' (FORMAT csv)",
                     f"COPY (SELECT 'oops' AS a) TO $x${target}$x$ (FORMAT csv)",
-                    f"COPY (SELECT 'oops' AS a) -- a comment\n TO\n'{quoted(target)}' (FORMAT csv)"):
+                    f"COPY (SELECT 'oops' AS a) -- a comment\n TO\n'{quoted(target)}' (FORMAT csv)",
+                    # and past the tokens, as a second review found: an E-string, $ in a name, file://, a folder write
+                    f"COPY (SELECT E'\\' -- ' AS a) TO '{quoted(target)}' (FORMAT csv)",
+                    f"COPY (SELECT 'x' AS x$a$) TO '{quoted(target)}' (FORMAT csv) -- $a$",
+                    f"COPY (SELECT 'oops' AS a) TO 'file://{quoted(target)}' (FORMAT csv)",
+                    f"COPY (SELECT 1 AS a) TO '{quoted(target.parent)}' (FORMAT csv, PARTITION_BY (a), OVERWRITE)",
+                    f"EXPORT DATABASE '{quoted(target.parent)}'"):
             result = runner.invoke(app, ["sql", sql, "--write", "-c", str(catalog_path)])
             said = " ".join(result.output.split())
-            assert result.exit_code == 2 and ("Refused" in said or "plain 'quoted path'" in said) and "COPY" in said, (sql, result.output)
+            assert result.exit_code == 2 and any(words in said for words in ("Refused", "plain 'quoted", "not run by --write")), (sql, result.output)
+    assert image.read_bytes() == b"the only copy" and sidecar.read_text() == "a caption"
+    # the same files by other names: a path through a linked folder, a hard link
+    (tmp_path / "linked").symlink_to(tmp_path)
+    (tmp_path / "hard.csv").hardlink_to(image)
+    for target in (tmp_path / "linked" / image.name, tmp_path / "linked" / sidecar.name, tmp_path / "hard.csv"):
+        result = runner.invoke(app, ["sql", f"COPY (SELECT 'oops' AS a) TO '{quoted(target)}' (FORMAT csv)", "--write", "-c", str(catalog_path)])
+        assert result.exit_code == 2 and "Refused" in result.output, (target, result.output)
     assert image.read_bytes() == b"the only copy" and sidecar.read_text() == "a caption"
     elsewhere = tmp_path / "out.csv"
     result = runner.invoke(app, ["sql", f"COPY images TO '{elsewhere}'", "--write", "-c", str(catalog_path)])

@@ -170,24 +170,56 @@ def catalog_file(con: duckdb.DuckDBPyConnection) -> Path | None:
 
 def protected_file(con: duckdb.DuckDBPyConnection, target: str | os.PathLike[str]) -> str | None:
     """Why `target` must never be overwritten by a query result written to a file: it is the catalog itself,
-    its write-ahead log, or a file the catalog reads an image from (a copy that may be the only one). None
-    when it is none of these."""
-    target = Path(target).expanduser().resolve()
+    its write-ahead log, or a file the catalog reads an image or caption from (a copy that may be the only one),
+    by any name: a link to one, a path through a linked folder, a hard link. None when it is none of these."""
+    given = Path(target).expanduser()
+    target = given.resolve()
     catalog = catalog_file(con)
-    if catalog is not None and target in (catalog, catalog.with_name(catalog.name + ".wal")):
-        return f"{target} is {'the catalog' if target == catalog else 'the catalog write-ahead log'} this query reads"
-    stem, extension = os.path.splitext(str(target))
+    wal = catalog.with_name(catalog.name + ".wal") if catalog is not None else None
+    for own, what in ((catalog, "the catalog"), (wal, "the catalog write-ahead log")):
+        if own is not None and (target == own or _same_file(target, own)):
+            return f"{target} is {what} this query reads"
+    if os.path.isdir(target):
+        # a folder (EXPORT DATABASE writes files into it): one the catalog reads images from, or holding the catalog
+        inside = str(target) + os.sep
+        cursor = con.cursor()
+        try:
+            held = cursor.execute("SELECT count(*) FROM paths WHERE starts_with(path, ?) OR starts_with(path, ?)",
+                                  [inside, str(given.absolute()) + os.sep]).fetchall()[0][0]
+        finally:
+            cursor.close()
+        if held or (catalog is not None and str(catalog).startswith(inside)):
+            return f"{target} is a folder the catalog reads images from, or holds the catalog"
+        return None
+    if target.is_file() and os.stat(target).st_nlink > 1:
+        return f"{target} has other names (hard links), which may be an image or the catalog"
+    name, (stem, extension) = target.name, os.path.splitext(target.name)
+    caption = extension.lower() in (".txt", ".caption")
     cursor = con.cursor()
     try:
-        row = cursor.execute("SELECT count(*) FROM paths WHERE path = ?", [str(target)]).fetchone()
-        # a caption sidecar (`img.txt` beside `img.png`): ingest reads captions from it
-        beside = [] if extension.lower() not in (".txt", ".caption") else [path for (path,) in cursor.execute(
-            "SELECT path FROM paths WHERE starts_with(path, ?)", [stem + "."]).fetchall() if os.path.splitext(path)[0] == stem]
+        # by name: the path as given or resolved, or one whose file name matches, compared by what the file is
+        candidates = [path for (path,) in cursor.execute(
+            "SELECT path FROM paths WHERE parse_filename(path) = ? OR (? AND parse_filename(path, true) = ?)",
+            [name, caption, stem]).fetchall()]
     finally:
         cursor.close()
-    if row and row[0]:
-        return f"{target} is an image file the catalog reads"
-    return f"{target} is the caption file of {beside[0]}, which the catalog reads" if beside else None
+    for path in candidates:
+        if os.path.basename(path) == name and (path in (str(target), str(given.absolute())) or _same_file(path, target)):
+            return f"{target} is an image file the catalog reads"
+        if caption and os.path.splitext(os.path.basename(path))[0] == stem:
+            sidecar = os.path.splitext(path)[0] + extension
+            if sidecar in (str(target), str(given.absolute())) or os.path.dirname(path) == str(target.parent) \
+                    or _same_file(sidecar, target) or _same_file(os.path.dirname(path), target.parent):
+                return f"{target} is the caption file of {path}, which the catalog reads"
+    return None
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name the same file or folder (False when either is missing)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_version(con: duckdb.DuckDBPyConnection, path: Path) -> None:
@@ -493,23 +525,42 @@ def _kind(statement) -> str:
     return kind
 
 
+# COPY … TO options that write a folder of files, or over what is there: not run by `--write` (a review deleted an
+# image folder with PARTITION_BY … OVERWRITE)
+_FOLDER_WRITING_OPTIONS = {"PARTITION_BY", "OVERWRITE", "OVERWRITE_OR_IGNORE", "FILE_PATTERN", "PER_THREAD_OUTPUT",
+                           "APPEND", "FILENAME_PATTERN", "WRITE_PARTITION_COLUMNS"}
+
+
 def _copy_targets(statement) -> list[str]:
-    """The files a COPY … TO (or EXPLAIN ANALYZE of one) writes, as written in it."""
+    """The files a COPY … TO (or EXPLAIN ANALYZE of one) writes, and the folders EXPORT DATABASE writes into.
+
+    Read from the SQL's tokens; a form the tokens cannot tell for sure ($-quoting, E'…' strings, a target that is not
+    one plain quoted path, options that write folders) is refused (CatalogError) rather than trusted."""
     kind = statement.type.name.upper()
     if kind == "EXPLAIN":
         return [target for one in _explained(statement) for target in _copy_targets(one)]
-    if kind != "COPY":
+    if kind not in ("COPY", "EXPORT"):
         return []
-    tokens = [token for token in _sql_tokens(statement.query) if token[0] != "space"]
+    text = statement.query
+    if "$" in text or re.search(r"(?<![\w'])[eE]'", text):
+        raise CatalogError(f"{kind} with $-quoting or E'…' strings is not run by --write here: write its strings as "
+                           "plain 'quoted text', so that where it writes is checked against the catalog and its images.")
+    tokens = [token for token in _sql_tokens(text) if token[0] != "space"]
+    if kind == "EXPORT":  # EXPORT DATABASE 'folder' (…): its one string is the folder
+        return [next((token[1] for token in tokens if token[0] == "string"), "")]
+    options = {token[1].upper() for token in tokens if token[0] == "word"} & _FOLDER_WRITING_OPTIONS
     targets = []
-    for at, (what, text, depth) in enumerate(tokens):
-        if what == "word" and text.upper() == "TO" and depth == 0:
+    for at, (what, word, depth) in enumerate(tokens):
+        if what == "word" and word.upper() == "TO" and depth == 0:
             following = tokens[at + 1] if at + 1 < len(tokens) else None
             if following is None or following[0] != "string":
-                # a target in another form (a dollar-quoted string, a name) cannot be checked: refused, not trusted
+                # a target in another form (a name, an expression) cannot be checked: refused, not trusted
                 raise CatalogError("COPY … TO takes its file as a plain 'quoted path' here, so that it is checked "
                                    "against the catalog and its images.")
-            targets.append(following[1])
+            targets.append(re.sub(r"^file://", "", following[1], flags=re.IGNORECASE))  # DuckDB reads file:// as the path
+    if targets and options:
+        raise CatalogError(f"COPY … TO with {', '.join(sorted(options))} writes a folder of files (or over one): not run "
+                           "by --write here. Write one file, or run it in the DuckDB shell.")
     return targets
 
 
