@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +102,15 @@ def _read_own_file(path: Path) -> bytes | None:
         raise OSError(errno.ELOOP, "a symbolic link: left as it is")
     if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "not a plain file: left as it is")
+    if info.st_nlink > 1:  # the same file under another name (an image, the catalog): writing would change that too
+        raise OSError(errno.EMLINK, "a file with other names (hard links): left as it is")
     return path.read_bytes()
 
 
 def _write_own_file(path: Path, data: bytes) -> None:
     """Write a sidecar itself, never through a link made there since it was read (O_NOFOLLOW)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+    # O_NONBLOCK: a FIFO put there since fails at once instead of blocking the edit for ever
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 
@@ -255,14 +259,12 @@ def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None, replace: 
     tags = "list_filter(list_transform(regexp_split_to_array(coalesce(caption, ''), '[,\\n]'), lambda t: trim(t)), lambda t: t != '')"
     # the token box may hold several tags ("sks, woman"): each is one (as one, it was never found, and added twice)
     token = (add_token or remove_token).strip()
-    given = [t.strip() for t in token.split(",") if t.strip()]
+    given = list(dict.fromkeys(t.strip() for t in re.split(r"[,\n]", token) if t.strip()))  # "sks, sks": one tag
     if add_token and at_end:  # after the caption's own tags, where it lacks them (the trigger stays first)
         missing = f"list_filter(?::VARCHAR[], lambda w: NOT list_contains({tags}, w))"
         return (
-            f"CASE WHEN len({missing}) = 0 THEN caption "
-            f"WHEN coalesce(trim(caption), '') = '' THEN array_to_string({missing}, ', ') "
-            f"ELSE caption || ', ' || array_to_string({missing}, ', ') END",
-            [given, given, given],
+            f"CASE WHEN len({missing}) = 0 THEN caption ELSE array_to_string(list_concat({tags}, {missing}), ', ') END",
+            [given, given],
             f"add token {token!r} at the end",
         )
     if add_token:
@@ -285,9 +287,15 @@ def _changes(cur: duckdb.DuckDBPyConnection, image_ids: list[str], expression: s
     in `image_ids` order; new_text is empty where the edit would leave no caption (those are not applied)."""
     cur.register("bulk_ids", pa.table({"image_id": pa.array(image_ids, pa.string()), "position": pa.array(range(len(image_ids)), pa.int64())}))
     try:
+        # a caption the edit changes is written on one line (a replacement or a tag may hold a line break): its lines
+        # joined as tags
+        one_line = ("array_to_string(list_filter(list_transform(string_split_regex(raw_text, '\\r?\\n'), "
+                    "lambda l: trim(l)), lambda l: l <> ''), ', ')")
         return cur.sql(
-            f"SELECT image_id, caption AS old_text, new_text FROM (SELECT b.image_id, b.position, cc.caption, {expression} AS new_text "
-            "FROM bulk_ids b LEFT JOIN current_captions cc ON cc.image_id = b.image_id) "
+            f"SELECT image_id, caption AS old_text, new_text FROM (SELECT image_id, position, caption, "
+            f"CASE WHEN raw_text IS NOT DISTINCT FROM caption OR raw_text IS NULL THEN raw_text ELSE {one_line} END AS new_text "
+            f"FROM (SELECT b.image_id, b.position, cc.caption, {expression} AS raw_text "
+            "FROM bulk_ids b LEFT JOIN current_captions cc ON cc.image_id = b.image_id)) "
             "WHERE new_text IS DISTINCT FROM caption AND NOT (trim(new_text) = '' AND coalesce(trim(caption), '') = '') ORDER BY position",
             params=params,
         ).to_arrow_table()
@@ -469,7 +477,8 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
                     cur.execute("UPDATE caption_edits SET undone_at = now() WHERE edit_id = ?", [undo.edit_id])
         finally:
             cur.unregister("undo_rows")
-        writes = [undo.sidecars[i] for i in still.column("image_id").to_pylist() if i in undo.sidecars]
+        # every file the edit wrote goes back while it holds what the edit wrote, whatever became of the caption since
+        writes = list(undo.sidecars.values())
         restored = _restore_sidecars(writes)
         return UndoOutcome(restored=still.num_rows, skipped=undo.changed - still.num_rows, sidecars_left=len(writes) - restored)
     finally:

@@ -118,9 +118,15 @@ def test_sidecars_written_by_an_edit_are_put_back_by_undo_in_a_later_process(cat
     assert (folder / "c.txt").read_text() == "dogs running\n"
     assert (folder / "d.txt").read_text() == "blurry\n"  # would be empty: not changed
     (folder / "c.txt").write_text("edited in another tool\n")
+    con = connect(catalog_path)  # a's caption changes since (not its file): the caption stays, the file goes back
+    a_id = con.execute("SELECT image_id FROM images_view WHERE path LIKE '%a.png'").fetchall()[0][0]
+    caption_edits.save_manual_caption(con, a_id, "typed after the edit")
+    con.close()
     undone = _run(catalog_path, "--undo")
     assert undone.exit_code == 0, undone.output
+    assert "1 sidecar file(s) changed since the edit wrote them are left" in " ".join(undone.output.split())
     assert (folder / "a.txt").read_text() == "sks dog, blurry, on grass\n"
+    assert _captions(catalog_path)["a"] == "typed after the edit"
     assert (folder / "c.txt").read_text() == "edited in another tool\n"  # changed since the edit: left alone
 
 
@@ -209,12 +215,40 @@ def test_sidecars_that_are_links_are_never_written_through(catalog_path, tmp_pat
     (folder / "a.txt").symlink_to(victim)
     (folder / "c.txt").unlink()
     (folder / "c.txt").symlink_to(catalog_path)
+    (folder / "d.txt").unlink()
+    (folder / "d.txt").hardlink_to(folder / "d.png")  # a hard link to an image (a second review)
+    image_bytes = (folder / "d.png").read_bytes()
     con = connect(catalog_path)
     ingested_images(con, [folder], workers=1)
     con.close()
     done = _run(catalog_path, "--add-token", "boom", "--sidecars")
     said = " ".join(done.output.split())
-    assert done.exit_code == 2 and "2 sidecar file(s) could not be written" in said and "a symbolic link" in said, done.output
+    assert done.exit_code == 2 and "3 sidecar file(s) could not be written" in said and "a symbolic link" in said, done.output
     assert victim.read_text() == "precious\n" and (folder / "a.txt").is_symlink()
+    assert (folder / "d.png").read_bytes() == image_bytes
     assert _captions(catalog_path)["a"] == "boom, precious"  # the catalog opens, and holds the edit (ingest read the link)
     assert (folder / "b.txt").read_text() == "boom, a dog on a sofa\n"  # the others are written
+
+
+def test_every_edit_writes_one_line_and_a_tag_given_twice_is_one(con):
+    """A README check: --add-token "foo<LF>bar" and a replacement holding a line break stored two-line captions
+    (--sidecars then wrote two-line files, of which kohya and ingest read the first); `--add-token "sks, sks"` added
+    both."""
+    from tui.synthetic import synthetic_rows
+
+    synthetic_rows(con, 3)
+    ids = [r[0] for r in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id LIMIT 2").fetchall()]
+    caption_edits.save_manual_caption(con, ids[0], "a rocket on its pad")
+    caption_edits.save_manual_caption(con, ids[1], "dog,")
+
+    def caption(i):
+        return con.execute("SELECT caption FROM current_captions WHERE image_id = ?", [ids[i]]).fetchall()[0][0]
+
+    caption_edits.bulk_edit(con, [ids[0]], add_token="foo\nbar")
+    assert caption(0) == "foo, bar, a rocket on its pad"
+    caption_edits.bulk_edit(con, [ids[0]], find="rocket", replace="rocket\n")
+    assert caption(0) == "foo, bar, a rocket, on its pad"
+    caption_edits.bulk_edit(con, [ids[1]], add_token="sks, sks")
+    assert caption(1) == "sks, dog"
+    caption_edits.bulk_edit(con, [ids[1]], add_token="tag", at_end=True)
+    assert caption(1) == "sks, dog, tag"  # not "sks, dog,, tag"

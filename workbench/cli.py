@@ -74,7 +74,7 @@ CatalogOpt = Annotated[
 
 def fail(message: str, code: int = 2) -> None:
     """Print a short error for people and exit (2 = usage or input error)."""
-    err_console.print(f"[bold red]Error:[/] {escape(message)}")
+    err_console.print(f"[bold red]Error:[/] {escape(printable(message))}")  # paths in it may hold terminal escapes
     raise typer.Exit(code)
 
 
@@ -703,7 +703,7 @@ def edit_captions(
         err_console.print(Text(f"Note: {preview.emptied} caption(s) the edit would leave empty are not changed.", style="yellow"))
     if not dry_run and preview.changed and done.sidecars_left:
         err_console.print(Text(f"Note: {len(done.sidecars_left)} sidecar file(s) were edited in another tool since ingest and "
-                               f"are left as they are (e.g. {done.sidecars_left[0]}): `workbench ingest` reads them, and "
+                               f"are left as they are (e.g. {printable(done.sidecars_left[0])}): `workbench ingest` reads them, and "
                                "`workbench caption --use-source sidecar --where …` makes their captions current.", style="yellow"))
     if not dry_run and preview.changed:
         err_console.print(Text("Undo with: workbench edit-captions --undo" + (" (the sidecar files too)" if sidecars else ""), style="dim"))
@@ -1258,10 +1258,11 @@ def _set_values(pairs: list[str]) -> dict:
 def _relaunch(num_processes: int, *, new_run: bool = False) -> None:
     """Run this same command in `num_processes` processes (torch.distributed.run); accelerate does the rest.
 
-    `new_run`: --resume latest found nothing to resume, so the processes start a new run (without --resume: one
-    process would otherwise find the snapshot another just wrote, and resume while the others start). A SIGTERM to
-    this command is passed on, and every process stops when its step ends (torchrun passes it to them); Ctrl+C in
-    a terminal reaches them all by itself."""
+    `new_run`: --resume latest found nothing to resume, so the processes start a new run (without --resume, and told
+    so in WORKBENCH_NEW_RUN for a resume given in --config or --set: one process would otherwise find the snapshot
+    another just wrote, and resume while the others start). A SIGTERM is passed on to torchrun, which
+    passes them to the processes (each in a session of its own): every one stops when its step ends; torchrun kills
+    those still running 30 s later. (Ctrl+C reaches torchrun from the terminal by itself.)"""
     import subprocess
 
     args, skip = [], False
@@ -1276,17 +1277,24 @@ def _relaunch(num_processes: int, *, new_run: bool = False) -> None:
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "-m", "workbench.cli", *args]
     err_console.print(Text(f"launching {num_processes} processes: {' '.join(command)}"))
-    launcher = subprocess.Popen(command)
     stopped: list[int] = []
+    launched: list[subprocess.Popen] = []
 
     def pass_on(signum, frame) -> None:
         stopped.append(signum)
-        if signum == signal.SIGTERM:  # only this command got it (`kill`, a job scheduler); Ctrl+C reached them all
-            launcher.send_signal(signum)
+        # SIGTERM came to this command alone (`kill`, a job scheduler); a Ctrl+C reached torchrun from the terminal
+        # too, and a second one from here would make the processes stop at once, losing the step in progress
+        if signum == signal.SIGTERM:
+            for launcher in launched:
+                launcher.send_signal(signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the start: a stop in between is not lost
         signal.signal(signum, pass_on)
-    code = launcher.wait()
+    env = {**os.environ, **({"WORKBENCH_NEW_RUN": "1"} if new_run else {})}
+    launched.append(subprocess.Popen(command, env=env))
+    if signal.SIGTERM in stopped:  # came before torchrun started
+        launched[0].send_signal(signal.SIGTERM)
+    code = launched[0].wait()
     raise typer.Exit(128 + stopped[0] if stopped else code)
 
 
@@ -1406,11 +1414,18 @@ def train_command(
         fail(str(error))
     from pipelines.train.run import default_output_dir, is_main_process
 
-    if overrides.get("resume") and not train_config.resume and is_main_process():
+    if os.environ.get("WORKBENCH_NEW_RUN") == "1":  # the launching process found nothing to resume: a new run
+        train_config.resume = None
+    resume_asked = bool(overrides.get("resume")) or _config_resumes(config)
+    if resume_asked and not train_config.resume and is_main_process() and "WORKBENCH_NEW_RUN" not in os.environ:
         err_console.print(Text(f"Note: there is no run to resume in {train_config.output_dir}: a new run starts there "
                                "(as diffusers' --resume_from_checkpoint latest does).", style="yellow"))
     if show_batches is not None:  # the plan of the whole run, shown once (before any processes start)
         _show_batches(catalog, train_config, show_batches)
+        if num_processes > 1:
+            err_console.print(Text(f"Note: with --num-processes {num_processes}, the processes take these batches in order, "
+                                   f"{num_processes} at a time: each step trains {num_processes} of them, one per process.",
+                                   style="yellow"))
         return
     if launching:
         # what the processes would each refuse, refused once here, before they start
@@ -1421,7 +1436,7 @@ def train_command(
             _enough_devices(num_processes, train_config)
         except TrainingError as error:
             fail(str(error))
-        _relaunch(num_processes, new_run=bool(overrides.get("resume")) and not train_config.resume)
+        _relaunch(num_processes, new_run=resume_asked and not train_config.resume)
     from pipelines.train.checkpoint import list_checkpoints
 
     # one catalog writer under accelerate launch; another `workbench train` may hold it for a few seconds of setup
@@ -1482,6 +1497,20 @@ def train_command(
         err_console.print(Text("Note: this trained the tiny preset (random weights, the offline test model): its outputs "
                                "work with it alone. --model sd15, a Hub id, a local folder or a .safetensors trains a real one.",
                                style="yellow"))
+
+
+def _config_resumes(path: Path | None) -> bool:
+    """Whether a --config file asks for a resume (`resume = "latest"`, at top level or in [train])."""
+    import tomllib
+
+    if path is None:
+        return False
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    table = data.get("train") if isinstance(data.get("train"), dict) else data
+    return bool(table.get("resume"))
 
 
 def _enough_devices(num_processes: int, config) -> None:
@@ -1830,7 +1859,8 @@ class _StopWhenTheStepEnds(CancellableProgress):
             raise KeyboardInterrupt
         self.cancel()
         # also met while class images are made, before training: what is done is kept, whichever it is
-        err_console.print("[bold]Stopping[/] when the step in progress ends (what is done is kept); Ctrl+C again stops at once.")
+        if int(os.environ.get("RANK", "0")) == 0:  # every process of a multi-process run gets the stop; one says it
+            err_console.print("[bold]Stopping[/] when the step in progress ends (what is done is kept); Ctrl+C again stops at once.")
 
     def __enter__(self) -> "_StopWhenTheStepEnds":
         self.previous = None
@@ -2038,7 +2068,7 @@ def main() -> None:
             sys.exit(128 + signal.SIGTERM)
         raise
     except CatalogError as error:
-        err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
+        err_console.print(f"[bold red]Error:[/] {escape(printable(str(error)))}")
         sys.exit(2)
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever it was given
