@@ -295,7 +295,17 @@ def filtered_dataset(
             )
             con.execute("INSERT INTO exclusions (image_id, step, reason) SELECT * FROM new_filter_rows")
         if con.execute("SELECT count(*) FROM duplicates").fetchall()[0][0]:
+            kept_before = {row[0] for row in con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()}
             regroup_duplicates(con)  # kept copies the filter excludes hand over to ones it lets through, and back
+            kept_now = {row[0] for row in con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()}
+            changed = len(kept_now - kept_before)
+            summary.pop("kept through another copy (the kept one fails)", None)
+            if changed:  # either way: to a copy that passes, or back to a better one the rules let through again
+                summary["duplicate groups keeping another copy now"] = changed
+                if changed != moved:
+                    progress(task="filter", message=(
+                        f"{changed} duplicate group(s) keep another copy now: a better copy passes these rules again, "
+                        "or the kept one fails them"))
         run.counts = {k: v for k, v in summary.items() if k not in ("dry_run", "skipped_rules")}
     return summary
 

@@ -31,7 +31,7 @@ from pipelines.concepts import (
 from pipelines.filter import excluded_folder_rules_applied
 from workbench import config
 from workbench.catalog import last_run_params, record_run, transaction
-from workbench.images import SIDECAR_EXTENSIONS, as_rgb, decode_caption, sidecar_beside, sidecar_caption
+from workbench.images import SIDECAR_EXTENSIONS, SIDECAR_READ_LIMIT, as_rgb, decode_caption, sidecar_beside, sidecar_caption
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
@@ -495,7 +495,7 @@ def display_path(path_bytes: bytes) -> str:
 # UTF-32 first: its little-endian BOM begins with UTF-16's.
 # Captions run to a few hundred characters (CLIP reads 77 tokens; kohya's --max_token_length 225); long VLM
 # descriptions to a few thousand. Past these a file is no caption (a review's 300 MB one hung training).
-MAX_SIDECAR_BYTES = 256 * 1024
+MAX_SIDECAR_BYTES = SIDECAR_READ_LIMIT
 MAX_CAPTION_CHARS = 10_000
 
 

@@ -837,3 +837,20 @@ def test_overwrite_deletes_nothing_outside_out_whatever_the_manifest_lists(con, 
     assert image.is_file() and (victim / "notes-0123456789ab.txt").read_text() == "mine" and catalog_path.is_file()
     assert not (out / "here-0123456789ab.txt").exists()  # what an export wrote inside OUT still goes
     assert (out / "not-an-export-file.txt").read_text() == "kept"
+
+
+def test_removing_an_earlier_export_never_deletes_the_files_kept(tmp_path):
+    """The catalog living in OUT under a name an export could write is kept (a second review: the test of the
+    manifest never reached this check)."""
+    from pipelines.export import _removed_previous_export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    catalog = out / "cat-0123456789ab.duckdb"
+    for path in (catalog, out / "img-0123456789ab.txt"):
+        path.write_text("x")
+    (out / ".workbench-export.json").write_text(json.dumps({"format": "kohya", "files": [catalog.name, "img-0123456789ab.txt"]}))
+    assert _removed_previous_export(out, frozenset({catalog.resolve()})) == 1
+    assert catalog.is_file() and not (out / "img-0123456789ab.txt").exists()
+    (out / ".workbench-export.json").write_text(json.dumps({"format": "kohya", "files": [catalog.name]}))
+    assert _removed_previous_export(out) == 1 and not catalog.exists()  # without it, it would go: the check has teeth

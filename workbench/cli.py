@@ -203,8 +203,8 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             "FOLDER`, an export comes back with `workbench import-kohya`."))
     if summary.sidecars_left_out:
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
-                          "UTF-8 text, or unreadable); each image keeps the caption it had. Re-save them as UTF-8 and "
-                          "ingest again to read them.")
+                          "UTF-8 text, unreadable, or too long to be a caption); each image keeps the caption it had. Mend "
+                          "them as said there (re-save as UTF-8, shorten) and ingest again to read them.")
     if summary.heic_avif_paths:  # left out by name, or recorded as errors when named like another format
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
@@ -235,8 +235,10 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             "AND v.caption IS DISTINCT FROM c.text ORDER BY v.path", [sorted(summary.sidecar_image_ids)]).fetchall()
         if overridden:
             ids = [row[0] for row in overridden]
-            where = (f"image_id IN ({', '.join(repr(i) for i in ids)})" if len(ids) <= 10
-                     else "caption_source = 'manual'")
+            # exactly the images whose sidecar says something else (`caption_source = 'manual'` took every manual one)
+            where = (f"image_id IN ({', '.join(repr(i) for i in ids)})" if len(ids) <= 5 else
+                     "image_id IN (SELECT c.image_id FROM captions c JOIN current_captions cc USING (image_id) WHERE "
+                     "c.source = 'sidecar' AND cc.caption_source <> 'sidecar' AND cc.caption IS DISTINCT FROM c.text)")
             sources = sorted({row[2] for row in overridden})
             err_console.print(Text.assemble(
                 ("Note: ", "yellow"), f"{len(ids)} image(s) have a sidecar saying something other than the caption they "

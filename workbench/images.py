@@ -135,11 +135,17 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
     return changed
 
 
+SIDECAR_READ_LIMIT = 256 * 1024  # bytes: ingest's MAX_SIDECAR_BYTES
+
+
 def _sidecar_says(sidecar: bytes) -> str | None:
     """The caption a sidecar gives as ingest reads it, or None when it cannot be read."""
     try:
         with open(sidecar, "rb") as handle:
-            return sidecar_caption(decode_caption(handle.read()))[0]
+            data = handle.read(SIDECAR_READ_LIMIT + 1)
+        if len(data) > SIDECAR_READ_LIMIT:
+            return None  # too large to be a caption: ingest leaves it out and names it, as one it cannot read
+        return sidecar_caption(decode_caption(data))[0]
     except (ValueError, OSError):
         return None
 
