@@ -14,6 +14,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import duckdb
 import pyarrow as pa
@@ -236,9 +237,9 @@ def _checked_pattern(cur: duckdb.DuckDBPyConnection, pattern: str) -> None:
         raise CatalogError(f"Not a regular expression (RE2 syntax) {pattern!r}: {reason}") from None
 
 
-def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None, replace: str | None, add_token: str | None,
-                     remove_token: str | None, *, regex: bool = False, set_text: str | None = None,
-                     at_end: bool = False) -> tuple[str, list, str]:
+def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None = None, replace: str | None = None,
+                     add_token: str | None = None, remove_token: str | None = None, *, regex: bool = False,
+                     set_text: str | None = None, at_end: bool = False) -> tuple[str, list, str]:
     """(SQL for the new caption from `caption`, its parameters, a description)."""
     edits = [x for x in (find, add_token, remove_token, set_text) if x]
     if len(edits) != 1:
@@ -330,46 +331,35 @@ def _preview(cur: duckdb.DuckDBPyConnection, image_ids: list[str], edit: dict) -
     return BulkPreview(description, applied, found.num_rows - applied.num_rows)
 
 
-def preview_bulk_edit(
-    con: duckdb.DuckDBPyConnection,
-    image_ids: list[str],
-    *,
-    find: str | None = None,
-    replace: str | None = None,
-    add_token: str | None = None,
-    remove_token: str | None = None,
-    regex: bool = False,
-    set_text: str | None = None,
-    at_end: bool = False,
-) -> BulkPreview:
+class EditOptions(TypedDict, total=False):
+    """One bulk edit, as `preview_bulk_edit` and `bulk_edit` take it: find/replace (literal, or `regex`), a token
+    added (first, or `at_end`) or removed, or a caption set."""
+
+    find: str | None
+    replace: str | None
+    add_token: str | None
+    remove_token: str | None
+    regex: bool
+    set_text: str | None
+    at_end: bool
+
+
+def preview_bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], **edit: Unpack[EditOptions]) -> BulkPreview:
     """What bulk_edit would change, without changing it: a dry run, to ask before editing."""
     cur = con.cursor()
     try:
-        return _preview(cur, image_ids, dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token,
-                                             regex=regex, set_text=set_text, at_end=at_end))
+        return _preview(cur, image_ids, dict(edit))
     finally:
         cur.close()
 
 
-def bulk_edit(
-    con: duckdb.DuckDBPyConnection,
-    image_ids: list[str],
-    *,
-    find: str | None = None,
-    replace: str | None = None,
-    add_token: str | None = None,
-    remove_token: str | None = None,
-    regex: bool = False,
-    set_text: str | None = None,
-    at_end: bool = False,
-    sidecars: bool = False,
-) -> BulkUndo:
+def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars: bool = False,
+              **edit: Unpack[EditOptions]) -> BulkUndo:
     """Apply one edit to the current caption of each image in `image_ids`; changed ones become manual captions.
     The edit is recorded with what it replaced (`last_bulk_edit` finds it again for undo)."""
     cur = con.cursor()
     try:
-        preview = _preview(cur, image_ids, dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token,
-                                                regex=regex, set_text=set_text, at_end=at_end))
+        preview = _preview(cur, image_ids, dict(edit))
         # sidecars edited in another tool since ingest read them are left as they are (overwriting them lost that
         # work): found now, against the captions before this edit, which a file this tool wrote still says
         edited_outside = _edited_outside(cur, preview.changes.column("image_id").to_pylist()) if sidecars else set()

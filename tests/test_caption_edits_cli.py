@@ -24,6 +24,15 @@ def _folder(tmp_path):
     return folder
 
 
+def _ingested(catalog_path, tmp_path):
+    """The folder of `_folder`, ingested into the catalog."""
+    folder = _folder(tmp_path)
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    return folder
+
+
 def _captions(catalog_path) -> dict[str, str | None]:
     con = connect(catalog_path)
     try:
@@ -38,10 +47,7 @@ def _run(catalog_path, *args):
 
 
 def test_edit_captions_regex_tags_set_and_undo_from_later_processes(catalog_path, tmp_path):
-    folder = _folder(tmp_path)
-    con = connect(catalog_path)
-    ingested_images(con, [folder], workers=1)
-    con.close()
+    folder = _ingested(catalog_path, tmp_path)
     before = _captions(catalog_path)
 
     dry = _run(catalog_path, "--find", r",?\s*blurry\b", "--regex", "--dry-run")
@@ -85,10 +91,7 @@ def test_edit_captions_regex_tags_set_and_undo_from_later_processes(catalog_path
 
 
 def test_edit_captions_refuses_bad_input_without_changing_anything(catalog_path, tmp_path):
-    folder = _folder(tmp_path)
-    con = connect(catalog_path)
-    ingested_images(con, [folder], workers=1)
-    con.close()
+    folder = _ingested(catalog_path, tmp_path)
     before = _captions(catalog_path)
     for args, words in [
         (["--find", "(", "--regex"], "Not a regular expression"),
@@ -108,10 +111,7 @@ def test_edit_captions_refuses_bad_input_without_changing_anything(catalog_path,
 
 
 def test_sidecars_written_by_an_edit_are_put_back_by_undo_in_a_later_process(catalog_path, tmp_path):
-    folder = _folder(tmp_path)
-    con = connect(catalog_path)
-    ingested_images(con, [folder], workers=1)
-    con.close()
+    folder = _ingested(catalog_path, tmp_path)
     done = _run(catalog_path, "--remove-token", "blurry", "--sidecars")
     assert done.exit_code == 0, done.output
     assert (folder / "a.txt").read_text() == "sks dog, on grass\n"
@@ -133,10 +133,7 @@ def test_sidecars_written_by_an_edit_are_put_back_by_undo_in_a_later_process(cat
 def test_a_sidecar_that_cannot_be_written_is_named_and_undo_still_puts_back_the_others(catalog_path, tmp_path):
     """A review: a sidecar that could not be written (a folder in its place) ended the edit with a traceback, after
     the captions were saved and some files written, and undo never learnt of the files written."""
-    folder = _folder(tmp_path)
-    con = connect(catalog_path)
-    ingested_images(con, [folder], workers=1)
-    con.close()
+    folder = _ingested(catalog_path, tmp_path)
     (folder / "a.txt").unlink()
     (folder / "a.txt").mkdir()  # where a's sidecar would go
     done = _run(catalog_path, "--remove-token", "blurry", "--sidecars")
@@ -188,10 +185,7 @@ def test_add_token_puts_the_tags_first_or_at_the_end_and_a_caption_is_one_line(c
 def test_sidecars_edited_in_another_tool_since_ingest_are_left_and_ingest_names_the_overridden_ones(catalog_path, tmp_path):
     """A review: `--sidecars` wrote over a .txt edited in another tag editor since ingest; and an ingest that read
     such an edit for an image with a caption edited here stored it silently, while the manual caption kept training."""
-    folder = _folder(tmp_path)
-    con = connect(catalog_path)
-    ingested_images(con, [folder], workers=1)
-    con.close()
+    folder = _ingested(catalog_path, tmp_path)
     assert _run(catalog_path, "--add-token", "mkchan", "--sidecars").exit_code == 0  # every caption is manual now
     (folder / "b.txt").write_text("edited elsewhere, new tag\n")
     done = _run(catalog_path, "--add-token", "solo", "--at-end", "--sidecars")
