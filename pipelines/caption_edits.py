@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, catalog_file, transaction
-from workbench.images import sidecars_changed_since_ingest
+from workbench.images import SIDECAR_READ_LIMIT, sidecars_changed_since_ingest
 
 MANUAL = "manual"
 
@@ -105,6 +105,8 @@ def _read_own_file(path: Path) -> bytes | None:
         raise OSError(errno.EINVAL, "not a plain file: left as it is")
     if info.st_nlink > 1:  # the same file under another name (an image, the catalog): writing would change that too
         raise OSError(errno.EMLINK, "a file with other names (hard links): left as it is")
+    if info.st_size > SIDECAR_READ_LIMIT:  # no caption (ingest left it out): not kept whole for undo, nor written over
+        raise OSError(errno.EFBIG, "too large to be a caption file: left as it is")
     return path.read_bytes()
 
 

@@ -691,11 +691,11 @@ def edit_captions(
         fail(str(error))
     shown = preview.changes.slice(0, show).to_pylist()
     if shown:
-        table = Table(title=Text(preview.description), show_header=True)
+        table = Table(title=Text(printable(preview.description)), show_header=True)
         for column in ("image", "before", "after"):
             table.add_column(column)
         for row in shown:
-            table.add_row(Text(row["image_id"][:12]), Text(row["old_text"] or ""), Text(row["new_text"]))
+            table.add_row(Text(row["image_id"][:12]), Text(printable(row["old_text"] or "")), Text(printable(row["new_text"])))
         console.print(table)
     verb = "would change" if dry_run else "changed"
     changed = preview.changed if dry_run or not preview.changed else done.changed
