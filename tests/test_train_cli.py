@@ -449,9 +449,10 @@ def test_sigterm_to_a_multi_process_run_stops_every_process(catalog_path, tmp_pa
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not left, f"training processes still running: {left}"
     con = connect(catalog_path, read_only=True)
-    status, steps = con.execute("SELECT status, steps FROM training_runs").fetchall()[0]
+    status, steps, seconds = con.execute("SELECT status, steps, seconds FROM training_runs").fetchall()[0]
     con.close()
-    assert status == "cancelled" and steps < 100000
+    assert status == "cancelled" and 5 <= steps < 100000
+    assert seconds is not None and seconds > 0  # up to the checkpoint a resume goes on from (it was NULL)
     assert "--num-processes 2" in " ".join(stderr.split())  # the resume command it prints keeps the process count
 
 

@@ -250,6 +250,15 @@ def _last_checkpoint_step(output_dir: Path) -> int:
     return ckpt.checkpoint_step(kept[-1]) if kept else 0
 
 
+def _last_checkpoint_seconds(output_dir: Path) -> float | None:
+    """The training time up to the last checkpoint (all sessions), which a stopped run keeps; None without one."""
+    kept = ckpt.list_checkpoints(output_dir / "checkpoints")
+    try:
+        return float(json.loads((kept[-1] / "state.json").read_text())["seconds"]) if kept else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _mark_interrupted_runs(con, output_dir: Path) -> None:
     """Rows of earlier runs in this folder still 'running' belong to processes that died (the folder lock says
     no other process trains here now): say so instead of leaving them 'running' forever."""
@@ -484,9 +493,11 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
         )
     else:
         reason = str(failure) or "stopped by the user or a signal"
-        con.execute(  # steps: where a --resume would continue from
-            "UPDATE training_runs SET status = ?, error = ?, steps = ?, finished_at = current_timestamp WHERE train_id = ?",
-            [run_status(failure), f"{failure.__class__.__name__}: {reason}", _last_checkpoint_step(output_dir), train_id],
+        con.execute(  # steps and seconds: where a --resume would continue from (a review found seconds NULL)
+            "UPDATE training_runs SET status = ?, error = ?, steps = ?, seconds = ?, finished_at = current_timestamp "
+            "WHERE train_id = ?",
+            [run_status(failure), f"{failure.__class__.__name__}: {reason}", _last_checkpoint_step(output_dir),
+             _last_checkpoint_seconds(output_dir), train_id],
         )
     finish_run(con, run, failure)
 
