@@ -303,3 +303,22 @@ def test_regex_box_makes_find_a_regular_expression_and_a_bad_one_is_said(synthet
 
     asyncio.run(scenario(SIZE, "mountain", "alpine"))
     asyncio.run(scenario((80, 24), "alpine", "mountain"))  # the narrow layout, on what the first one wrote
+
+
+def test_ctrl_a_in_a_bulk_box_is_line_start_not_accept(synthetic_catalog):
+    """A TUI review: ctrl+a typed in the trigger-token box accepted the selected caption source, silently."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="captions")
+        async with app.run_test(size=SIZE) as pilot:
+            screen, *_ = await captions_loaded(app, pilot)
+            await wait_for(pilot, lambda: len(screen.query_one("#sources").options) > 0, what="sources")
+            before = app.con.execute("SELECT count(*) FROM caption_choice").fetchall()[0][0]
+            token = screen.query_one("#token")
+            await pilot.click("#token")
+            await pilot.press(*"abc", "ctrl+a")
+            await pilot.pause(0.5)
+            assert token.cursor_position == 0 and token.value == "abc"
+            assert app.con.execute("SELECT count(*) FROM caption_choice").fetchall()[0][0] == before
+            assert not notified(app, "using the")
+
+    asyncio.run(scenario())

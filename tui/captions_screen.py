@@ -45,7 +45,7 @@ class CaptionsScreen(SizeClasses, Screen):
     CSS_PATH = "captions_screen.tcss"
     BINDINGS = [
         # Priority: the editor and inputs would take ctrl+a (line start) for themselves.
-        Binding("ctrl+s", "save", "Save", priority=True, tooltip="Save the edited caption"),
+        Binding("ctrl+s", "save", "Save", priority=True, tooltip="Save the edited caption (moving to another image saves it too)"),
         Binding("ctrl+a", "accept", "Accept", priority=True, tooltip="Accept the selected source as the caption"),
         Binding("ctrl+r", "reject", "Reject", priority=True, tooltip="Reject the selected caption source"),
         Binding("f8", "undo_bulk", "Undo bulk", priority=True, tooltip="Undo the last bulk edit"),
@@ -309,6 +309,10 @@ class CaptionsScreen(SizeClasses, Screen):
 
     @on(Button.Pressed, "#accept")
     def action_accept(self) -> None:
+        focused = self.app.focused
+        if isinstance(focused, Input):  # a bulk-bar box (find, replace, token): ctrl+a is line start there, as typed
+            focused.action_home()
+            return
         source, image_id = self._selected_source(), self.image_id
         if not (source and image_id):
             return

@@ -202,7 +202,9 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("priors", "Class priors", run_priors,
              "SELECT count(*) AS class_images FROM images WHERE role = 'class_prior'",
              (Setting("class_prompt", "class prompt", ""), Setting("num", "count", "4", "optional_int"),
-              Setting("model", "model", "tiny"), Setting("steps", "steps", "4", int), Setting("resolution", "size", "", "optional_int"))),
+              Setting("model", "model", "tiny"), Setting("steps", "steps", "4", int), Setting("resolution", "size", "", "optional_int")),
+             # DreamBooth's alone: Run all (curation) made class images a LoRA never uses, with settings off screen
+             in_run_all=False),
     StepSpec("train", "Train", run_train,
              "SELECT count(*) AS runs, count(*) FILTER (status IN ('ok', 'continued')) AS finished FROM training_runs", (), in_run_all=False),
 )
