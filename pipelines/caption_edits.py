@@ -435,6 +435,28 @@ def last_bulk_edit(con: duckdb.DuckDBPyConnection) -> BulkUndo | None:
         cur.close()
 
 
+# the rows of an edit (registered as undo_rows) whose caption in use is still the manual text the edit wrote
+_STILL_AS_WRITTEN = (
+    "SELECT u.image_id, u.manual_text, u.manual_created_at, u.choice FROM undo_rows u "
+    "JOIN captions m ON m.image_id = u.image_id AND m.source = 'manual' AND m.text = u.written_text "
+    "JOIN caption_choice ch ON ch.image_id = u.image_id AND ch.source = 'manual'"
+)
+
+
+def undo_preview(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
+    """What undo_bulk would do, without doing it: captions it would put back, and those edited since that it keeps."""
+    cur = con.cursor()
+    try:
+        cur.register("undo_rows", undo.previous)
+        try:
+            still = cur.sql(_STILL_AS_WRITTEN).to_arrow_table().num_rows
+        finally:
+            cur.unregister("undo_rows")
+        return UndoOutcome(restored=still, skipped=undo.changed - still)
+    finally:
+        cur.close()
+
+
 def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
     """Put back the manual captions and choices a bulk edit replaced, and the sidecar files it wrote.
 
@@ -451,11 +473,7 @@ def undo_bulk(con: duckdb.DuckDBPyConnection, undo: BulkUndo) -> UndoOutcome:
         cur.register("undo_rows", undo.previous)
         try:
             with transaction(cur):
-                still = cur.sql(
-                    "SELECT u.image_id, u.manual_text, u.manual_created_at, u.choice FROM undo_rows u "
-                    "JOIN captions m ON m.image_id = u.image_id AND m.source = 'manual' AND m.text = u.written_text "
-                    "JOIN caption_choice ch ON ch.image_id = u.image_id AND ch.source = 'manual'"
-                ).to_arrow_table()
+                still = cur.sql(_STILL_AS_WRITTEN).to_arrow_table()
                 cur.register("undo_still", still)
                 cur.execute("DELETE FROM captions WHERE source = 'manual' AND image_id IN (SELECT image_id FROM undo_still)")
                 cur.execute(

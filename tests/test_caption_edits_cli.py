@@ -80,6 +80,8 @@ def test_edit_captions_regex_tags_set_and_undo_from_later_processes(catalog_path
     con.close()
     assert _run(catalog_path, "--undo").exit_code == 0
     assert _captions(catalog_path)["e"] is None
+    would = _run(catalog_path, "--undo", "--dry-run")  # says what the undo will do (it said the edit's count)
+    assert "1 caption(s) put back, 1 kept (edited since)" in " ".join(would.output.split()), would.output
     undone = _run(catalog_path, "--undo")
     assert undone.exit_code == 0 and "1 image(s) kept the caption they were given after that edit" in " ".join(undone.output.split())
     assert _captions(catalog_path) == {**after_regex, "b": "typed by hand after the tag edit", "e": None}

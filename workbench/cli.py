@@ -631,7 +631,7 @@ def edit_captions(
     Example: workbench edit-captions --add-token "sks dog" --where "concept = 'sks dog'" --dry-run
     (or: --remove-token "blurry, jpeg artifacts"; --find "\\bwoman\\b" --replace "ohwx woman" --regex; 3fa9c2d1e0 --set "sks dog on grass"; --undo)
     """
-    from pipelines.caption_edits import bulk_edit, last_bulk_edit, preview_bulk_edit, undo_bulk
+    from pipelines.caption_edits import bulk_edit, last_bulk_edit, preview_bulk_edit, undo_bulk, undo_preview
     from pipelines.concepts import resolve_image_ids
 
     edits = [name for name, value in (("--find", find), ("--add-token", add_token), ("--remove-token", remove_token),
@@ -644,7 +644,10 @@ def edit_captions(
         if last is None:
             fail("No caption edit to undo.")
         if dry_run:
-            console.print(Text(f"would undo: {last.description} ({last.changed} caption(s), made {last.made_at:%Y-%m-%d %H:%M})"))
+            would = undo_preview(con, last)
+            console.print(Text(printable(
+                f"would undo: {last.description} (made {last.made_at:%Y-%m-%d %H:%M}): {would.restored} caption(s) put back"
+                + (f", {would.skipped} kept (edited since)" if would.skipped else ""))))
             return
         outcome = undo_bulk(con, last)
         console.print(Text(f"undid {last.description}: {outcome.restored} caption(s) put back"))
