@@ -1226,6 +1226,17 @@ def test_a_resume_with_more_steps_says_the_learning_rate_schedule_was_stretched(
     assert any("cosine learning-rate schedule now spans 3 steps, not 2" in m for m in said), said
 
 
+def test_a_resume_with_more_steps_trains_its_next_step_at_the_longer_schedules_rate(con, tmp_path, one_thread):
+    """A review: a linear run of 4 steps resumed to 8 trained step 5 at 0 (the old schedule's end), then 3.75e-05."""
+    from pipelines.train import trained_model
+    from pipelines.train.loop import read_loss_csv
+
+    config, _ = _finished_run(con, tmp_path, lr_scheduler="linear", max_train_steps=4, checkpointing_steps=2, learning_rate=1e-4)
+    trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=8), components=tiny_components())
+    rates = {row[0]: row[2] for row in read_loss_csv(tmp_path / "run" / "loss.csv", 8)}
+    assert rates[5] == pytest.approx(1e-4 * (8 - 4) / 8) and rates[6] == pytest.approx(1e-4 * (8 - 5) / 8), rates
+
+
 def test_channels_last_is_the_default_on_cuda_only_and_either_way_when_asked(tmp_path):
     from pipelines.train.loop import uses_channels_last
 

@@ -677,6 +677,11 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 f"the {config.lr_scheduler} learning-rate schedule now spans {max_steps} steps, not {planned_before}: "
                 f"from step {global_step} the rate follows the longer schedule (after a decay to 0 it rises again); "
                 "a new run trains with one whole schedule"))
+            # the optimizer holds the rate the old schedule gave its last step: the next step takes the new schedule's
+            # (it trained one step at the old end's rate, 0 after a linear decay); LambdaLR recomputes it from the step
+            schedule = lr_scheduler.scheduler
+            schedule.last_epoch -= 1
+            schedule.step()
     start_step = global_step
     # the run's training time and start over all its sessions, for the kohya metadata (a resumed run is one run)
     seconds_before = float(state.get("seconds", 0.0)) if resume_from is not None else 0.0
