@@ -1454,6 +1454,16 @@ def test_a_resolution_too_small_for_the_model_is_named_not_a_torch_error(con, tm
     config = fast_config(tmp_path / "run", resolution=16, train_batch_size=1, max_train_steps=1, num_validation_images=0)
     with pytest.raises(TrainingError, match=r"cannot train on images this small: a batch of bucket 16×16 px \(latents 2×2\).*--resolution \(now 16\)"):
         main(config, training_images(con, config), output_dir=tmp_path / "run", components=tiny_components())
+    # the folder is not stuck (a review: a resume with another resolution and a new run there were both refused):
+    # nothing trained, so a new run with a size that works takes it
+    from pipelines.train import trained_model
+
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "cli_run"))
+    with pytest.raises(TrainingError, match="cannot train on images this small"):
+        trained_model(con, config, components=tiny_components())  # as `workbench train` runs it: a run folder and row
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    result = trained_model(con, dataclasses.replace(config, resolution=32), components=tiny_components())
+    assert result.steps == 1
 
 
 def test_the_loss_curve_shows_the_two_parts_of_a_prior_preservation_loss():

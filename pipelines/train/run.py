@@ -144,10 +144,21 @@ def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> 
     """A new run never writes into another run's folder: its checkpoints would be what `--resume latest` finds."""
     if config.resume:
         return
-    if (output_dir / "loss.csv").exists() or ckpt.list_checkpoints(output_dir / "checkpoints"):
+    if _trained_a_step(output_dir) or ckpt.list_checkpoints(output_dir / "checkpoints"):
         raise RunRefused(
             f"{output_dir} already holds a training run: continue it with --resume latest, or give another --output-dir."
         )
+
+
+def _trained_a_step(output_dir: Path) -> bool:
+    """Whether a run in this folder trained a step (its loss.csv has a row). One that failed before its first step (a
+    resolution too small for the model, found once the model loaded) leaves nothing to resume: a new run may take the
+    folder (it was stuck: a resume with other options was refused, and so was a new run)."""
+    try:
+        with (output_dir / "loss.csv").open() as handle:
+            return sum(1 for line in handle if line.strip()) > 1
+    except OSError:
+        return False
 
 
 def _refuse_a_foreign_or_older_checkpoint(output_dir: Path, config: TrainConfig) -> None:
