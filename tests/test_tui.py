@@ -2029,8 +2029,22 @@ def test_the_sql_history_outlives_the_app_and_keeps_failed_queries(synthetic_cat
             assert screen.query_one("#editor").text == bad  # where the last visit stopped, to mend it
             assert app.con.execute("SELECT sql, ok FROM sql_history ORDER BY id").fetchall() == [(good, True), (bad, False)]
 
+    async def many_queries():  # a TUI review: after 7 queries the 6-line box showed the oldest, not the newest
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="sql")
+        async with app.run_test(size=SIZE) as pilot:
+            screen, editor = app.screen, app.screen.query_one("#editor")
+            await wait_for(pilot, lambda: len(screen.history) == 2, what="the saved history")
+            for n in range(12):
+                editor.load_text(f"SELECT {n} AS n")
+                await pilot.press("f9")
+                await wait_for(pilot, lambda: screen.history[-1] == f"SELECT {n} AS n", what=f"query {n}")
+            await pilot.pause(0.3)
+            history = screen.query_one("#history")
+            assert history.max_scroll_y > 0 and history.scroll_y == history.max_scroll_y
+
     asyncio.run(first_visit())
     asyncio.run(second_visit())
+    asyncio.run(many_queries())
 
 
 def test_duplicates_can_be_reviewed_closest_calls_first(sample_catalog):

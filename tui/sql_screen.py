@@ -186,6 +186,7 @@ class SqlScreen(SizeClasses, Screen):
         history = self.query_one("#history", OptionList)
         history.clear_options()
         history.add_options([_history_option(sql) for sql in self.history])
+        history.scroll_end(animate=False)  # the newest queries, at the bottom, in view (only the oldest showed)
         if self.history and self.query_one("#editor", TextArea).text == EXAMPLE:
             self.query_one("#editor", TextArea).load_text(self.history[-1])  # go on where the last visit stopped
 
@@ -266,7 +267,9 @@ class SqlScreen(SizeClasses, Screen):
     def _add_to_history(self, sql: str) -> None:
         if not self.history or self.history[-1] != sql:
             self.history.append(sql)
-            self.query_one("#history", OptionList).add_option(_history_option(sql))
+            history = self.query_one("#history", OptionList)
+            history.add_option(_history_option(sql))
+            history.scroll_end(animate=False)
 
     def _current(self, query: InterruptibleQuery | None) -> bool:
         """Whether a query's message is still wanted (not from one cancelled or replaced meanwhile)."""
