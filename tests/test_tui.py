@@ -2144,3 +2144,11 @@ def test_a_reload_keeps_the_row_the_cursor_moved_to_meanwhile(synthetic_catalog)
             assert table.current_image_id == second and rows.cursor_row == 1
 
     asyncio.run(scenario())
+
+
+def test_run_all_runs_the_curation_steps_not_class_priors_or_training():
+    """A TUI review: Run all made class priors (settings off screen at 120 columns) that a LoRA never uses."""
+    from tui.steps import STEPS
+
+    assert [step.name for step in STEPS if step.in_run_all] == ["ingest", "dedup", "caption", "score", "filter", "buckets"]
+    assert {step.name for step in STEPS} >= {"priors", "train"}  # still there, each with its own Run
