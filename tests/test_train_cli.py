@@ -755,6 +755,9 @@ def test_a_runs_config_toml_trains_the_same_run_again(con, catalog_path, tmp_pat
     assert first.exit_code == 0, first.output
     text = (tmp_path / "first" / "config.toml").read_text()
     assert re.search(r"^max_train_steps = \d+$", text, re.M) and "num_train_epochs" not in text and "bucket_reso_steps = 16" in text, text
+    # options the run does not use are left out (a review: a dreambooth run's file listed rank, so editing it was refused)
+    assert not re.search(r"^(ema_decay|use_ema|class_prompt|keep_tokens|lr_num_cycles) =", text, re.M), text
+    assert re.search(r"^rank = 2$", text, re.M), text
     con = connect(catalog_path)
     aspect_buckets(con, resolution=32, bucket_reso_steps=8)  # the catalog's buckets change: the recorded run keeps its own
     con.close()

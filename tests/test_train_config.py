@@ -410,3 +410,19 @@ def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path):
     deep = toml(tmp_path, "x = " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ConfigError, match="nests its tables or arrays too deeply"):
         load_train_config(deep)
+
+
+def test_a_runs_config_toml_holds_only_the_options_the_run_uses_and_reads_back(tmp_path):
+    """A review: a dreambooth run's config.toml listed rank and the LoRA target modules (and ema_decay without EMA),
+    so editing one of them in the file was refused as an option dreambooth ignores."""
+    from pipelines.train.config import run_config_text
+
+    config = load_train_config(None, {"mode": "dreambooth", "class_prompt": "a photo of a dog", "resolution": 64})
+    text = run_config_text(config, max_train_steps=7, buckets={"min_bucket_reso": 32, "max_bucket_reso": 128,
+                                                              "bucket_reso_steps": 8, "no_upscale": False})
+    for absent in ("rank", "lora_target_modules", "ema_decay", "keep_tokens", "text_encoder_lr"):
+        assert not re.search(rf"^{absent} =", text, re.M), (absent, text)
+    again = load_train_config(toml(tmp_path, text), {"mode": "dreambooth", "rank": None})
+    assert (again.max_train_steps, again.class_prompt, again.bucket_reso_steps) == (7, "a photo of a dog", 8)
+    edited = load_train_config(toml(tmp_path, text.replace("resolution = 64", "resolution = 128")))
+    assert edited.resolution == 128

@@ -516,6 +516,19 @@ def _type_errors(values: dict[str, Any]) -> list[str]:
 RUN_CONFIG_FILE = "config.toml"  # a run's options as a --config file: what trains it again
 
 
+def ignored_options(config: TrainConfig) -> set[str]:
+    """The options this run does not use (validate() refuses them when given): LoRA ones for the full-UNet modes,
+    EMA for lora (or ema_decay without EMA), the text encoder's without training it, prior ones without prior
+    preservation, keep_tokens without shuffling, and schedule settings another schedule does not take."""
+    ignored = set(LORA_OPTIONS) if config.mode != "lora" else set()
+    ignored |= set(EMA_OPTIONS) if config.mode == "lora" else set() if config.use_ema else {"ema_decay"}
+    ignored |= set() if config.train_text_encoder else set(TEXT_ENCODER_OPTIONS)
+    ignored |= set() if config.with_prior_preservation else set(PRIOR_OPTIONS)
+    ignored |= set() if config.shuffle_tags else set(SHUFFLE_OPTIONS)
+    ignored |= {name for name, schedules in SCHEDULE_OPTIONS.items() if config.lr_scheduler not in schedules}
+    return ignored
+
+
 def run_config_text(config: TrainConfig, *, max_train_steps: int, buckets: dict) -> str:
     """A run's effective options as TOML that `workbench train MODE --config` reads: the run's length in steps, the
     bucket settings it trained with, nothing unset (TOML has no null), and no output folder or resume."""
@@ -524,7 +537,8 @@ def run_config_text(config: TrainConfig, *, max_train_steps: int, buckets: dict)
     values = {**config.to_dict(), "max_train_steps": max_train_steps, "num_train_epochs": None,
               "min_bucket_reso": buckets["min_bucket_reso"], "max_bucket_reso": buckets["max_bucket_reso"],
               "bucket_reso_steps": buckets["bucket_reso_steps"], "bucket_no_upscale": buckets["no_upscale"]}
-    kept = {k: v for k, v in values.items() if v is not None and k not in ("output_dir", "resume")}
+    kept = {k: v for k, v in values.items()
+            if v is not None and k not in ("output_dir", "resume") and k not in ignored_options(config)}
     return ("# The options this run trained with. The same run again, on the catalog's dataset as it is then:\n"
             f"#   workbench train {config.mode} --config config.toml --output-dir NEW_FOLDER\n" + tomli_w.dumps(kept))
 
