@@ -18,6 +18,7 @@ from typing import Any
 
 import duckdb
 
+from pipelines.caption_edits import one_line_caption
 from pipelines.priors import PRIOR_IN_USE_SQL
 from workbench.catalog import record_run
 from workbench.images import holds_image, sidecars_changed_since_ingest
@@ -65,7 +66,7 @@ def one_line(caption: str | None) -> str | None:
     """The caption on one line (kohya reads only the first line of a caption file): its lines joined as tags."""
     if caption is None:
         return None
-    return ", ".join(line.strip() for line in caption.splitlines() if line.strip()) or None
+    return one_line_caption(caption) or None
 
 
 def caption_has_trigger(caption: str, trigger: str) -> bool:
