@@ -1466,6 +1466,24 @@ def test_a_resolution_too_small_for_the_model_is_named_not_a_torch_error(con, tm
     assert result.steps == 1
 
 
+def test_a_run_that_fails_while_the_catalog_is_let_go_leaves_it_closed(catalog_path, tmp_path, one_thread):
+    """`release_catalog` opens the catalog again to record a failed run, and left that connection open: in a process
+    that goes on (the TUI, a script) DuckDB's instance cache then served the database to the next connect of its path."""
+    import duckdb
+
+    from pipelines.train import trained_model
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 2, sizes=[(16, 16)])
+    config = fast_config(tmp_path / "run", resolution=16, train_batch_size=1, max_train_steps=1, num_validation_images=0)
+    with pytest.raises(TrainingError, match="cannot train on images this small"):
+        trained_model(con, config, components=tiny_components(), release_catalog=True)
+    reader = duckdb.connect(str(catalog_path), read_only=True)  # refused while a writable instance stays open here
+    assert reader.execute("SELECT status FROM training_runs").fetchall() == [("failed",)]
+    reader.close()
+
+
 def test_the_loss_curve_shows_the_two_parts_of_a_prior_preservation_loss():
     """loss.png showed only the total, where loss.csv has the instance and prior parts DreamBooth users watch."""
     import matplotlib.pyplot as plt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import duckdb
 import pytest
 import torch
 from PIL import Image
@@ -583,6 +584,9 @@ def test_a_model_folder_that_is_no_model_is_refused_before_the_run_starts(catalo
                                  "--max-train-steps", "1", "--output-dir", str(tmp_path / "new")])
     assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
     assert not (tmp_path / "new").exists()
+    # the refused command let the catalog go: a connection it left open made DuckDB's instance cache serve this
+    # database (writable) to the next connect of its path in the process, and refuse a read-only one
+    duckdb.connect(str(catalog_path), read_only=True).close()
 
 
 def test_options_pasted_from_the_diffusers_examples_run(catalog_path, tmp_path):

@@ -84,9 +84,22 @@ def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool 
     if not create and not Path(resolved).exists():
         fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
     try:
-        return catalog_mod.connect(path, read_only=read_only, wait_seconds=wait_seconds)
+        con = catalog_mod.connect(path, read_only=read_only, wait_seconds=wait_seconds)
     except CatalogError as error:
         fail(str(error))
+    _OPENED.append(con)
+    return con
+
+
+# The catalog connections the command opened, closed when it ends, by an error too (`_root` arranges it): a command
+# called in-process (the tests, a script) left its connection open, and DuckDB's instance cache then served that
+# database, even deleted, to the next connect of the same path.
+_OPENED: list[duckdb.DuckDBPyConnection] = []
+
+
+def _close_opened() -> None:
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 @contextmanager
@@ -134,6 +147,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Open the terminal UI when no command is given."""
+    ctx.call_on_close(_close_opened)
     if ctx.invoked_subcommand is None:
         tui(catalog=catalog)
 

@@ -406,20 +406,23 @@ def trained_model(
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
     catalog = _RunCatalog(con, release_catalog)
-    if not config.resume:
-        _refuse_a_folder_of_catalog_images(con, output_dir)
-    with _run_folder_lock(output_dir, resuming=bool(config.resume)):  # refusals come first, before minutes of model loading
-        _refuse_a_finished_or_started_run(output_dir, config)
-        _refuse_a_foreign_or_older_checkpoint(output_dir, config)
-        folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
-        _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
-        images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
-        _refuse_a_finished_resume(con, config, output_dir, images, folder_id)
-        if folder_id is None:
-            folder_id = _folder_id(output_dir)  # the snapshot a new run (or a resume of a run without one) just wrote
-        if world_size > 1:
-            _shared_dataset(config, (images, priors, str(output_dir)))
-        return _train_and_record(catalog, config, images, priors, output_dir, components, progress, started, folder_id)
+    try:
+        if not config.resume:
+            _refuse_a_folder_of_catalog_images(con, output_dir)
+        with _run_folder_lock(output_dir, resuming=bool(config.resume)):  # refusals come first, before minutes of model loading
+            _refuse_a_finished_or_started_run(output_dir, config)
+            _refuse_a_foreign_or_older_checkpoint(output_dir, config)
+            folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
+            _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
+            images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
+            _refuse_a_finished_resume(con, config, output_dir, images, folder_id)
+            if folder_id is None:
+                folder_id = _folder_id(output_dir)  # the snapshot a new run (or a resume of a run without one) just wrote
+            if world_size > 1:
+                _shared_dataset(config, (images, priors, str(output_dir)))
+            return _train_and_record(catalog, config, images, priors, output_dir, components, progress, started, folder_id)
+    finally:  # a refused or failed run too: the connection it opened again (to record the failure) is let go
+        catalog.close_if_released()
 
 
 def _shared_dataset(config: TrainConfig, sent: tuple | None) -> tuple:
