@@ -35,6 +35,7 @@ Default thresholds and why (all can be changed by flags or the `[filter]` table 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -49,6 +50,11 @@ from workbench.progress import ProgressHook, null_progress
 
 FILTER_STEP_PREFIX = "filter:"
 MANUAL_STEP = "manual"
+
+
+# a quality rule's threshold and the rule it sets
+THRESHOLD_RULES = {"blur_threshold": "blurry", "dark_threshold": "dark", "bright_threshold": "overexposed",
+                   "entropy_threshold": "low_information"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class FilterRules:
     bright_threshold: float = 170.0
     low_information: bool = False
     entropy_threshold: float = 1.5
+    grayscale: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,6 +101,9 @@ class FilterRules:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown filter setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for threshold, rule in THRESHOLD_RULES.items():  # a threshold given turns its rule on (as cleanvision's do);
+            if values.get(threshold) is not None and rule not in values:  # it did nothing, silently, without the flag
+                values[rule] = True
         return replace(base or cls(), **dict(values))
 
     def with_overrides(self, **overrides: Any) -> "FilterRules":
@@ -127,7 +137,8 @@ def _rule_checks(rules: FilterRules, has_clip: bool) -> tuple[list[tuple[str, An
 
     def max_aspect(r, limit=rules.max_aspect):
         ratio = max(r["width"], r["height"]) / min(r["width"], r["height"])
-        return f"aspect ratio {ratio:.2f} > {_fmt(limit)}" if ratio > limit else None
+        shown = f"{ratio:.2f}" if round(ratio, 2) > limit else f"{ratio:.4f}"  # never "3.00 > 3"
+        return f"aspect ratio {shown} > {_fmt(limit)}" if ratio > limit else None
 
     def min_clip_score(r, low=rules.min_clip_score):
         score = r["clip_score"]
@@ -162,11 +173,55 @@ def _rule_checks(rules: FilterRules, has_clip: bool) -> tuple[list[tuple[str, An
             checks.append(("min_clip_score", min_clip_score))
         else:
             skipped["min_clip_score"] = "no clip_score column yet: run `workbench score` first; rule skipped"
+    def grayscale(r):
+        return "grayscale (no colour)" if r["is_grayscale"] else None
+
     for name, check in (("blurry", blurry), ("dark", dark), ("overexposed", overexposed),
-                        ("low_information", low_information)):
+                        ("low_information", low_information), ("grayscale", grayscale)):
         if getattr(rules, name):
             checks.append((name, check))
     return checks, skipped
+
+
+def _filter_records(con: duckdb.DuckDBPyConnection, has_clip: bool, image_ids: list[str] | None = None) -> list[dict]:
+    """The instance images the rules judge (or those of `image_ids`), with the values the rules read."""
+    clip_col = "v.clip_score" if has_clip else "NULL::DOUBLE AS clip_score"
+    only = "AND v.image_id IN (SELECT unnest($ids))" if image_ids is not None else ""
+    rows = con.execute(
+        f"""
+        SELECT v.image_id, v.width, v.height, v.brightness, v.contrast, v.blur, v.entropy, v.is_grayscale, {clip_col},
+               EXISTS (SELECT 1 FROM manual_includes m WHERE m.image_id = v.image_id) AS included,
+               EXISTS (SELECT 1 FROM exclusions e WHERE e.image_id = v.image_id
+                       AND NOT starts_with(e.step, '{FILTER_STEP_PREFIX}')) AS excluded_elsewhere
+        FROM images_view v
+        WHERE v.status = 'ok' AND v.role = 'instance' AND v.width > 0 AND v.height > 0 {only}
+        ORDER BY v.image_id
+        """,
+        {"ids": image_ids} if image_ids is not None else None,
+    )
+    names = [d[0] for d in rows.description]
+    return [dict(zip(names, row)) for row in rows.fetchall()]
+
+
+def _recheck_new_keepers(con: duckdb.DuckDBPyConnection, checks, has_clip: bool, kept_before: set[str]) -> int:
+    """Copies that took their group over are judged again, with the caption they now carry (the CLIP score rule):
+    as an excluded copy they had none, passed, and kept a picture whose caption fails the rule. Returns how many."""
+    caption_rules = [(rule, check) for rule, check in checks if rule == "min_clip_score"]
+    failed = 0
+    judged: set[str] = set()
+    while caption_rules:  # each round excludes at least one more copy, so it ends
+        kept = {row[0] for row in con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()}
+        fresh = sorted(kept - kept_before - judged)
+        judged.update(fresh)
+        rows = [(record["image_id"], FILTER_STEP_PREFIX + rule, reason)
+                for record in _filter_records(con, has_clip, fresh) if not record["included"]
+                for rule, check in caption_rules if (reason := check(record))]
+        if not rows:
+            return failed
+        con.executemany("INSERT INTO exclusions (image_id, step, reason) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", rows)
+        failed += len({image_id for image_id, _, _ in rows})
+        regroup_duplicates(con)
+    return failed
 
 
 def filtered_dataset(
@@ -181,20 +236,7 @@ def filtered_dataset(
     checks, skipped = _rule_checks(rules, has_clip)
     for rule, why in skipped.items():
         progress(task="filter", message=f"{rule}: {why}")
-    clip_col = "v.clip_score" if has_clip else "NULL::DOUBLE AS clip_score"
-    rows = con.execute(
-        f"""
-        SELECT v.image_id, v.width, v.height, v.brightness, v.contrast, v.blur, v.entropy, {clip_col},
-               EXISTS (SELECT 1 FROM manual_includes m WHERE m.image_id = v.image_id) AS included,
-               EXISTS (SELECT 1 FROM exclusions e WHERE e.image_id = v.image_id
-                       AND NOT starts_with(e.step, '{FILTER_STEP_PREFIX}')) AS excluded_elsewhere
-        FROM images_view v
-        WHERE v.status = 'ok' AND v.role = 'instance' AND v.width > 0 AND v.height > 0
-        ORDER BY v.image_id
-        """
-    )
-    names = [d[0] for d in rows.description]
-    records = [dict(zip(names, row)) for row in rows.fetchall()]
+    records = _filter_records(con, has_clip)
     total = len(records)
     progress(task="filter", completed=0, total=total)
     new_rows: list[tuple[str, str, str]] = []
@@ -297,6 +339,12 @@ def filtered_dataset(
         if con.execute("SELECT count(*) FROM duplicates").fetchall()[0][0]:
             kept_before = {row[0] for row in con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()}
             regroup_duplicates(con)  # kept copies the filter excludes hand over to ones it lets through, and back
+            taken_over = _recheck_new_keepers(con, checks, has_clip, kept_before)
+            if taken_over:
+                summary["copies failing once kept (the caption they carry)"] = taken_over
+                progress(task="filter", message=(
+                    f"{taken_over} copy(ies) that took a duplicate group over fail the CLIP score rule with the caption "
+                    "they carry once kept: those pictures leave the dataset"))
             kept_now = {row[0] for row in con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()}
             changed = len(kept_now - kept_before)
             summary.pop("kept through another copy (the kept one fails)", None)
@@ -308,6 +356,43 @@ def filtered_dataset(
                         "or the kept one fails them"))
         run.counts = {k: v for k, v in summary.items() if k not in ("dry_run", "skipped_rules")}
     return summary
+
+
+def rules_as_options(rules: FilterRules) -> list[str]:
+    """The `workbench filter` options that give `rules` (those that differ from the defaults)."""
+    default = FilterRules()
+    options: list[str] = []
+    for name in ("min_side", "max_aspect", "min_clip_score"):
+        value = getattr(rules, name)
+        if value != getattr(default, name):
+            options += ["--" + name.replace("_", "-"), _fmt(value or 0)]
+    for name in ("blurry", "dark", "overexposed", "low_information", "grayscale"):
+        if getattr(rules, name):
+            options.append("--no-" + name.replace("_", "-"))
+    for threshold, rule in THRESHOLD_RULES.items():
+        if getattr(rules, rule) and getattr(rules, threshold) != getattr(default, threshold):
+            options += ["--" + threshold.replace("_", "-"), _fmt(getattr(rules, threshold))]
+    return options
+
+
+def unfiltered_note(con: duckdb.DuckDBPyConnection) -> str | None:
+    """A note when dataset images came in after the last filter run, so its rules never judged them; else None."""
+    last = con.execute(
+        "SELECT started_at, params FROM runs WHERE step = 'filter' AND status = 'ok' ORDER BY run_id DESC LIMIT 1"
+    ).fetchall()
+    if not last:
+        return None
+    started, params = last[0]
+    count = con.execute("SELECT count(*) FROM dataset d JOIN images i USING (image_id) "
+                        "WHERE d.role = 'instance' AND i.first_seen > ?", [started]).fetchall()[0][0]
+    if not count:
+        return None
+    try:
+        command = " ".join(["workbench filter", *rules_as_options(FilterRules.from_mapping(json.loads(params or "{}")))])
+    except ValueError:  # a run recorded by another version: the plain command
+        command = "workbench filter"
+    return (f"{count} image(s) of the dataset came in after the last filter run, so its rules have not judged them: "
+            f"run `{command}` (that run's rules) first to apply them")
 
 
 def _resolve(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> list[str]:

@@ -427,3 +427,84 @@ def test_a_kept_copy_the_filter_excludes_hands_its_picture_to_a_copy_that_passes
     filtered_dataset(con, FilterRules(min_side=256))
     manual_inclusions(con, [ids["tinted_thumb"]])
     assert dataset() == {"tinted_thumb"}
+
+
+def test_a_copy_that_takes_its_group_over_is_judged_with_the_caption_it_carries(con):
+    """A review: `filter --min-clip-score` handed a failing kept copy's picture to a copy with no caption of its own,
+    hence no score, which passed; once kept it carried the same caption, with a failing score, and stayed in the
+    dataset (the kept copy changed at every rerun)."""
+    from pipelines.dedup import duplicate_groups
+
+    ids = {}
+    for n, (name, width) in enumerate((("original", 512), ("copy", 400)), 1):
+        image_id = ids[name] = f"{n:02x}" * 32
+        con.execute("INSERT INTO images (image_id, status, width, height, format, bytes, mode, brightness, contrast, blur, "
+                    "entropy) VALUES (?, 'ok', ?, ?, 'PNG', 1000, 'RGB', 120, 50, 500, 7)", [image_id, width, width])
+        con.execute("INSERT INTO hashes VALUES (?, ?, 0, 0)", [image_id, 0x0F0F_F0F0_1234_5678 ^ (n - 1)])
+        con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?::BLOB, ?, ?)",
+                    [f"/d/{name}.png", f"/d/{name}.png", image_id, n])
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', 'a tabby cat')", [ids["original"]])
+    for name, score in (("original", 0.013), ("copy", 0.012)):  # the copy's: scored while it was the kept one
+        con.execute("INSERT INTO clip_scores (image_id, model, caption_md5, score) VALUES (?, 'ViT-B-32', md5('a tabby cat'), ?)",
+                    [ids[name], score])
+    duplicate_groups(con, threshold=6)
+    kept = lambda: con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()  # noqa: E731
+    assert kept() == [(ids["original"],)]
+    assert con.execute("SELECT clip_score FROM images_view WHERE image_id = ?", [ids["copy"]]).fetchall() == [(None,)]
+    for _ in range(2):  # and stays so on a rerun
+        summary = filtered_dataset(con, FilterRules(min_side=0, min_clip_score=0.3))
+        assert con.execute("SELECT count(*) FROM dataset").fetchall() == [(0,)], summary
+    assert summary["copies failing once kept (the caption they carry)"] == 1
+    assert "CLIP score 0.012 < 0.3" in _reasons(con)[ids["copy"]][-1][1]
+
+
+def test_a_threshold_given_turns_its_rule_on_and_grayscale_is_a_rule(con):
+    """A review: `filter --blur-threshold 500` (or `blur_threshold = 40` in [filter]) without `--no-blurry` ran no blur
+    rule, silently, and let the last run's blur exclusions back in; grayscale (ingest's is_grayscale) had no rule."""
+    sharp = _add_image(con, 1, 512, 512, blur=800.0)
+    soft = _add_image(con, 2, 512, 512, blur=300.0)
+    grey = _add_image(con, 3, 512, 512)
+    con.execute("UPDATE images SET is_grayscale = (image_id = ?)", [grey])
+    assert FilterRules.from_mapping({"blur_threshold": 400}).blurry
+    assert not FilterRules.from_mapping({"blur_threshold": 400, "blurry": False}).blurry  # said off: stays off
+    assert FilterRules().with_overrides(dark_threshold=90).dark
+    filtered_dataset(con, FilterRules().with_overrides(blur_threshold=400, grayscale=True))
+    reasons = _reasons(con)
+    assert set(reasons) == {soft, grey} and sharp not in reasons
+    assert reasons[soft] == [("filter:blurry", "blurry: variance of Laplacian 300.0 < 400")]
+    assert reasons[grey] == [("filter:grayscale", "grayscale (no colour)")]
+
+
+def test_an_aspect_just_over_the_limit_is_not_shown_as_equal_to_it(con):
+    wide = _add_image(con, 1, 901, 300)
+    filtered_dataset(con, FilterRules(max_aspect=3))
+    assert _reasons(con)[wide] == [("filter:max_aspect", "aspect ratio 3.0033 > 3")]
+
+
+def test_export_and_train_name_images_the_last_filter_run_never_judged(catalog_path, con, tmp_path):
+    """A review: images ingested after `filter --no-dark` went into export and training, dark or not, without a word."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+    from workbench.cli import app
+
+    first, later = tmp_path / "first", tmp_path / "later"
+    for folder, colour in ((first, (200, 120, 40)), (later, (3, 3, 3))):
+        folder.mkdir()
+        Image.new("RGB", (300, 300), colour).save(folder / "a.png")
+    ingested_images(con, [first], workers=1)
+    filtered_dataset(con, FilterRules(dark=True, min_clip_score=0.25))
+    ingested_images(con, [later], workers=1)
+    con.close()
+    runner = CliRunner()
+    export = runner.invoke(app, ["export", str(tmp_path / "out"), "--format", "parquet", "--catalog", str(catalog_path)])
+    said = " ".join(export.output.split())
+    assert export.exit_code == 0, export.output
+    assert "1 image(s) of the dataset came in after the last filter run" in said
+    assert "`workbench filter --min-clip-score 0.25 --no-dark`" in said
+    shown = runner.invoke(app, ["train", "lora", "--model", "tiny", "--resolution", "64", "--show-batches", "1",
+                                "--catalog", str(catalog_path)])
+    assert "came in after the last filter run" in " ".join(shown.output.split()), shown.output
+    assert runner.invoke(app, ["filter", "--min-clip-score", "0.25", "--no-dark", "--catalog", str(catalog_path)]).exit_code == 0
+    export = runner.invoke(app, ["export", str(tmp_path / "out2"), "--format", "parquet", "--catalog", str(catalog_path)])
+    assert export.exit_code == 0 and "after the last filter run" not in export.output

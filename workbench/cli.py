@@ -925,10 +925,11 @@ def filter_(
     dark: Annotated[Optional[bool], typer.Option("--no-dark/--allow-dark", help="Exclude dark images.")] = None,
     overexposed: Annotated[Optional[bool], typer.Option("--no-overexposed/--allow-overexposed", help="Exclude overexposed images.")] = None,
     low_information: Annotated[Optional[bool], typer.Option("--no-low-information/--allow-low-information", help="Exclude near-flat images.")] = None,
-    blur_threshold: Annotated[Optional[float], typer.Option(help="Blurry below this variance of Laplacian (default 25).")] = None,
-    dark_threshold: Annotated[Optional[float], typer.Option(help="Dark when mean+2.33 std luminance is below (default 56).")] = None,
-    bright_threshold: Annotated[Optional[float], typer.Option(help="Overexposed when mean-1.64 std luminance is above (default 170).")] = None,
-    entropy_threshold: Annotated[Optional[float], typer.Option(help="Low information below this entropy in bits (default 1.5).")] = None,
+    grayscale: Annotated[Optional[bool], typer.Option("--no-grayscale/--allow-grayscale", help="Exclude grayscale images (also colour files holding grey).")] = None,
+    blur_threshold: Annotated[Optional[float], typer.Option(help="Blurry below this variance of Laplacian (default 25); turns --no-blurry on.")] = None,
+    dark_threshold: Annotated[Optional[float], typer.Option(help="Dark when mean+2.33 std luminance is below (default 56); turns --no-dark on.")] = None,
+    bright_threshold: Annotated[Optional[float], typer.Option(help="Overexposed when mean-1.64 std luminance is above (default 170); turns --no-overexposed on.")] = None,
+    entropy_threshold: Annotated[Optional[float], typer.Option(help="Low information below this entropy in bits (default 1.5); turns --no-low-information on.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what each rule would drop.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML config with a \\[filter] table (default: workbench.toml beside the catalog).")] = None,
     catalog: CatalogOpt = None,
@@ -942,7 +943,7 @@ def filter_(
 
     given = dict(
         min_clip_score=min_clip_score, min_side=min_side, max_aspect=max_aspect, blurry=blurry, dark=dark,
-        overexposed=overexposed, low_information=low_information, blur_threshold=blur_threshold,
+        overexposed=overexposed, low_information=low_information, grayscale=grayscale, blur_threshold=blur_threshold,
         dark_threshold=dark_threshold, bright_threshold=bright_threshold, entropy_threshold=entropy_threshold,
     )
     try:
@@ -1208,6 +1209,7 @@ def export(
     from pipelines.export import ExportError, exported_dataset
 
     con = open_catalog(catalog)
+    _note_unfiltered(con)
     again = f"workbench export {shlex.quote(str(out))} --format {format} --overwrite" + (f" --link {link}" if link != "copy" else "")
     try:
         with _stopped_says(f"the export in {out} is unfinished; {again} writes it again (replacing what this one wrote)"), \
@@ -1216,6 +1218,15 @@ def export(
     except (ExportError, OSError) as error:
         fail(str(error))
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
+
+
+def _note_unfiltered(con) -> None:
+    """Export and train say when the dataset holds images the last filter run never judged (ingested since)."""
+    from pipelines.filter import unfiltered_note
+
+    note = unfiltered_note(con)
+    if note:
+        err_console.print(Text("Note: " + note, style="yellow"))
 
 
 @app.command("import-kohya")
@@ -1460,6 +1471,8 @@ def train_command(
 
     # one catalog writer under accelerate launch; another `workbench train` may hold it for a few seconds of setup
     con = open_catalog(catalog, wait_seconds=30) if is_main_process() else None
+    if con is not None and not train_config.resume:  # a resume trains on its run's snapshot
+        _note_unfiltered(con)
     if con is not None and not train_config.output_dir and not train_config.resume:
         train_config.output_dir = str(default_output_dir(con, mode))  # named up front, for the stop message
     try:  # Ctrl+C, or `kill`/`timeout` (main() makes SIGTERM a Ctrl+C): recorded 'cancelled', with the resume hint
@@ -1555,6 +1568,8 @@ def _show_batches(catalog: Path | None, config, steps: int) -> None:
     from pipelines.train.run import planned_batches
 
     con = open_catalog(catalog)
+    if not config.resume:
+        _note_unfiltered(con)
     try:
         with RichProgress(transient=True) as progress:
             items = planned_batches(con, config, steps, progress=progress)
