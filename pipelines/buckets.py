@@ -6,10 +6,12 @@ The arithmetic follows sd-scripts `library/model_util.py:make_bucket_resolutions
 the same order, so an image lands in the same bucket with the same resized size and the
 same centre crop as when sd-scripts trains on the exported folder.
 
-One known difference in the input, not the algorithm: sd-scripts reads the stored pixel
-size of the file (it ignores EXIF orientation), while the catalog's width/height are after
-EXIF orientation. The exporter writes images as stored, so for a rotated JPEG kohya sees
-the swapped size; `aspect_buckets` uses the catalog size (what the picture looks like).
+sd-scripts reads the stored pixel size of a file (it ignores EXIF orientation), while the
+catalog's width/height are after EXIF orientation (what the picture looks like), which
+`aspect_buckets` uses. The exporter writes an EXIF-rotated image upright, so kohya reads
+the same size and puts it in the same bucket. One difference in the pixels, not the
+geometry: the training loader resizes with Pillow's LANCZOS, where sd-scripts shrinks
+with OpenCV's INTER_AREA.
 """
 
 from __future__ import annotations

@@ -266,6 +266,13 @@ def kohya_export(
     out = Path(out)
     rows = _dataset_rows(con)
     settings = _bucket_settings(con)
+    if not con.execute("SELECT count(*) FROM aspect_buckets").fetchall()[0][0]:
+        progress(task="export", message="dataset.toml takes kohya's bucket defaults (512 px, 256–1024, step 64): no "
+                 "`workbench buckets` run set them; run it with your training resolution first")
+    elif settings["bucket_reso_steps"] % 64:  # sd-scripts asserts it: train_network.py / train_db.py on SD 1.x/2.x
+        progress(task="export", message=(
+            f"bucket_reso_steps is {settings['bucket_reso_steps']}: sd-scripts' SD 1.x/2.x trainers refuse a step that "
+            "is not a multiple of 64 (SDXL's, of 32); `workbench buckets --bucket-reso-steps 64` before exporting"))
     unbucketable = 0
     if settings["bucket_no_upscale"]:
         # sd-scripts divides by zero on an image smaller than one bucket step with bucket_no_upscale
@@ -352,9 +359,11 @@ def kohya_export(
             subset["is_reg"] = True
         subsets.append(subset)
         counts["folders"] += 1
+    # no batch_size or shuffle_caption: in sd-scripts the file's values beat the command line's, and these
+    # (--train_batch_size, --shuffle_caption) are chosen there, per training run
     config = {
-        "general": {"enable_bucket": True, "caption_extension": caption_extension, "shuffle_caption": False},
-        "datasets": [{**settings, "batch_size": 1, "subsets": subsets}],
+        "general": {"enable_bucket": True, "caption_extension": caption_extension},
+        "datasets": [{**settings, "subsets": subsets}],
     }
     header = (
         "# sd-scripts dataset config written by `workbench export --format kohya`.\n"

@@ -110,6 +110,28 @@ def test_kohya_export_bakes_exif_rotation_and_uses_bucket_settings(con, curated,
     assert dataset["resolution"] == [768, 512] and dataset["bucket_reso_steps"] == 32
 
 
+def test_kohya_dataset_toml_leaves_batch_and_tag_shuffle_to_the_command_line_and_names_its_bucket_pitfalls(con, curated, tmp_path):
+    """A kohya review: dataset.toml wrote batch_size = 1 and shuffle_caption = false, which beat sd-scripts'
+    --train_batch_size and --shuffle_caption (the file wins there); an export with no `workbench buckets` run took
+    512 px silently, and a step sd-scripts' SD 1.x trainers refuse (not a multiple of 64) was written without a word."""
+    from pipelines.buckets import aspect_buckets
+
+    said: list[str] = []
+    hook = lambda **kw: said.append(kw.get("message") or "")  # noqa: E731
+    exported_dataset(con, tmp_path / "defaults", format="kohya", progress=hook)
+    config = tomllib.loads((tmp_path / "defaults" / "dataset.toml").read_text())
+    assert "shuffle_caption" not in config["general"] and "batch_size" not in config["datasets"][0]
+    assert any("kohya's bucket defaults (512 px, 256–1024, step 64): no `workbench buckets` run" in m for m in said)
+    said.clear()
+    aspect_buckets(con, resolution=512, bucket_reso_steps=32)
+    exported_dataset(con, tmp_path / "step32", format="kohya", progress=hook)
+    assert any("bucket_reso_steps is 32: sd-scripts' SD 1.x/2.x trainers refuse" in m for m in said), said
+    said.clear()
+    aspect_buckets(con, resolution=512)
+    exported_dataset(con, tmp_path / "step64", format="kohya", progress=hook)
+    assert not any("bucket" in m for m in said), said
+
+
 def test_exported_16_bit_and_transparent_images_hold_the_pixels_the_catalog_measured(con, tmp_path):
     """kohya and diffusers read images with Pillow's convert("RGB"): a cut-out exported as RGBA trained black where
     the catalog (and its captions) saw white, and a 16-bit grey would train white."""

@@ -208,3 +208,23 @@ def test_an_image_that_no_longer_decodes_stops_the_run_with_the_fix_named(con, t
     image_id = con.execute("SELECT image_id FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()[0]
     with pytest.raises(DataError, match=rf"cannot be decoded: .*workbench exclude {image_id[:12]} --reason corrupt"):
         trained_model(con, fast_config(tmp_path / "run"), components=tiny_components())
+
+
+def test_a_run_that_buckets_otherwise_than_the_catalog_says_so(con, tmp_path):
+    """A kohya review: after `workbench buckets --resolution 512,768` (or --no-upscale at another size) a run at
+    --resolution 64 bucketed with its own defaults in silence, while the dataset view and the export showed the
+    catalog's buckets."""
+    from pipelines.buckets import aspect_buckets
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(96, 64)])
+    said: list[str] = []
+    hook = lambda **kw: said.append(kw.get("message") or "")  # noqa: E731
+    aspect_buckets(con, resolution=(512, 768))
+    training_images(con, fast_config(tmp_path / "run", resolution=64), progress=hook)
+    (note,) = [m for m in said if "The catalog's buckets" in m]
+    assert "`workbench buckets --resolution 512,768 --min-bucket-reso 256 --max-bucket-reso 1024 --bucket-reso-steps 64`" in note
+    assert "makes them this run's" in note and "--resolution 64 --min-bucket-reso 32" in note
+    said.clear()
+    aspect_buckets(con, resolution=64)
+    training_images(con, fast_config(tmp_path / "run", resolution=64), progress=hook)
+    assert not [m for m in said if "The catalog's buckets" in m]

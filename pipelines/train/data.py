@@ -100,10 +100,20 @@ def _stored_bucket_settings(con: duckdb.DuckDBPyConnection) -> dict | None:
         ).fetchall()
     except duckdb.Error:
         return None
-    if len(rows) != 1 or rows[0][0] != rows[0][1]:
+    if len(rows) != 1:
         return None
-    res, _, low, high, steps, no_upscale = rows[0]
-    return {"resolution": res, "min_bucket_reso": low, "max_bucket_reso": high, "bucket_reso_steps": steps, "no_upscale": bool(no_upscale)}
+    width, height, low, high, steps, no_upscale = rows[0]
+    return {"resolution": width if width == height else (width, height), "min_bucket_reso": low, "max_bucket_reso": high,
+            "bucket_reso_steps": steps, "no_upscale": bool(no_upscale)}
+
+
+def describe_bucket_settings(settings: dict) -> str:
+    """Bucket settings as `workbench buckets` options."""
+    resolution = settings["resolution"]
+    size = f"{resolution[0]},{resolution[1]}" if isinstance(resolution, tuple) else str(resolution)
+    return (f"--resolution {size} --min-bucket-reso {settings['min_bucket_reso']} --max-bucket-reso "
+            f"{settings['max_bucket_reso']} --bucket-reso-steps {settings['bucket_reso_steps']}"
+            + (" --no-upscale" if settings["no_upscale"] else ""))
 
 
 def bucket_settings(config: TrainConfig, stored: dict | None = None) -> dict:
@@ -168,6 +178,11 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
     stored = _stored_bucket_settings(con) if have_buckets else None
     settings = bucket_settings(config, stored)
     use_stored = stored is not None and stored == settings
+    if stored is not None and not use_stored:  # the dataset view, the TUI and a kohya export show the stored buckets
+        progress(task="dataset", message=(
+            f"The catalog's buckets were made with `workbench buckets {describe_bucket_settings(stored)}`; this run "
+            f"buckets its images with `{describe_bucket_settings(settings)}` instead. The dataset view and a kohya export "
+            f"show the catalog's: `workbench buckets {describe_bucket_settings(settings)}` makes them this run's"))
     files = openable_paths(con, [r[0] for r in rows])
     gone = [r[1] for r in rows if r[0] not in files]
     if gone:
