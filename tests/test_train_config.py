@@ -257,7 +257,7 @@ def test_a_kohya_resolution_of_one_size_is_read(tmp_path, text):
 
 def test_a_kohya_resolution_of_width_and_height_names_the_size_to_use(tmp_path):
     with pytest.raises(ConfigError, match=r'resolution = "512,768" in .* trains at one size: .*bucket area.* '
-                                          r"Use resolution = 624 \(the area of 512×768"):
+                                          r"Use resolution = 624, the nearest square area \(624² = 389,376 px against 393,216\)"):
         load_train_config(toml(tmp_path, "resolution = '512,768'\n"))
     with pytest.raises(ConfigError, match=r"resolution must be int, got 'big'"):
         load_train_config(toml(tmp_path, "resolution = 'big'\n"))

@@ -402,7 +402,8 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
                 use = f"--resolution {_one_side(*value)}" if where == "the command line" else f"resolution = {_one_side(*value)}"
                 problems.append(f"{given} is a width and a height, but workbench trains at one size: resolution is the "
                                 "side of the bucket area (resolution²), and each image keeps its aspect ratio in its "
-                                f"bucket. Use {use} (the area of {value[0]}×{value[1]}, as kohya's buckets take it).")
+                                f"bucket. Use {use}, the nearest square area ({_one_side(*value)}² = {_one_side(*value) ** 2:,} px against "
+                                f"{value[0] * value[1]:,}): some of its buckets differ from kohya's at {value[0]},{value[1]}.")
                 continue
         out[name] = value
     if len(unknown) == 1:
