@@ -398,9 +398,11 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
             files, not_written = error.written, error
         written = {w.image_id: w for w in files}
         if written:  # recorded after they are written: an undo puts back only files this edit really wrote
-            cur.executemany(
-                "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_previous = ?, sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
-                [(w.path, w.previous, w.written, edit_id, w.image_id) for w in written.values()],
+            cur.executemany(  # the path as bytes too: a name that is not UTF-8 has no text form (paths.path_bytes)
+                "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_path_bytes = ?, sidecar_previous = ?, "
+                "sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
+                [(os.fsencode(w.path).decode("utf-8", "backslashreplace"), os.fsencode(w.path), w.previous, w.written, edit_id, w.image_id)
+                 for w in written.values()],
             )
         if not_written is not None:
             raise not_written
@@ -425,10 +427,10 @@ def last_bulk_edit(con: duckdb.DuckDBPyConnection) -> BulkUndo | None:
             params=[edit_id],
         ).to_arrow_table()
         sidecars = {
-            image_id: SidecarWrite(image_id, path, None if before is None else bytes(before), bytes(written))
+            image_id: SidecarWrite(image_id, os.fsdecode(bytes(path)), None if before is None else bytes(before), bytes(written))
             for image_id, path, before, written in cur.execute(
-                "SELECT image_id, sidecar_path, sidecar_previous, sidecar_written FROM caption_edit_rows "
-                "WHERE edit_id = ? AND sidecar_path IS NOT NULL", [edit_id]).fetchall()
+                "SELECT image_id, sidecar_path_bytes, sidecar_previous, sidecar_written FROM caption_edit_rows "
+                "WHERE edit_id = ? AND sidecar_path_bytes IS NOT NULL", [edit_id]).fetchall()
         }
         return BulkUndo(description=description, previous=previous, sidecars=sidecars, edit_id=edit_id, made_at=made_at)
     finally:

@@ -248,3 +248,28 @@ def test_every_edit_writes_one_line_and_a_tag_given_twice_is_one(con):
     assert caption(1) == "sks, dog"
     caption_edits.bulk_edit(con, [ids[1]], add_token="tag", at_end=True)
     assert caption(1) == "sks, dog, tag"  # not "sks, dog,, tag"
+
+
+def test_sidecars_of_a_file_named_in_bytes_that_are_not_utf8_are_edited_and_undone(catalog_path, tmp_path):
+    """A review: `--sidecars` on `bad<0xE9>name.png` wrote the .txt, then failed with a traceback recording it (the
+    path has no UTF-8 text form); the catalog kept the edit, and `--undo` left the file edited."""
+    import os
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    image, sidecar = os.path.join(os.fsencode(folder), b"bad\xe9name.png"), os.path.join(os.fsencode(folder), b"bad\xe9name.txt")
+    with open(image, "wb") as file:
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(file, format="PNG")
+    with open(sidecar, "wb") as file:
+        file.write(b"a red name square\n")
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    done = _run(catalog_path, "--find", "name", "--replace", "NAME", "--sidecars")
+    assert done.exit_code == 0, done.output
+    with open(sidecar, "rb") as file:
+        assert file.read() == b"a red NAME square\n"
+    undone = _run(catalog_path, "--undo")
+    assert undone.exit_code == 0, undone.output
+    with open(sidecar, "rb") as file:
+        assert file.read() == b"a red name square\n"
