@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, catalog_file, transaction
-from workbench.images import SIDECAR_READ_LIMIT, sidecars_changed_since_ingest
+from workbench.images import SIDECAR_READ_LIMIT, decode_caption, sidecars_changed_since_ingest
 
 MANUAL = "manual"
 
@@ -79,6 +79,10 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
                 continue
             try:
                 previous = _read_own_file(sidecar)  # bytes: any encoding goes back as it was
+                if previous is not None and previous.strip() and _not_a_caption(previous):
+                    # ingest left it out (Shift-JIS, say): the user's only copy of that caption, not a stale one
+                    raise OSError(errno.EILSEQ, "a caption file ingest cannot read (not UTF-8): left as it is; "
+                                  "re-save it as UTF-8 and ingest again to use it")
                 text = (caption + "\n").encode("utf-8")
                 if sidecar.resolve() in catalog:
                     raise OSError(errno.EPERM, "it is the catalog")
@@ -90,6 +94,14 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
     if failed:
         raise SidecarsNotWritten(failed, written)
     return written
+
+
+def _not_a_caption(data: bytes) -> bool:
+    try:
+        decode_caption(data)
+    except ValueError:
+        return True
+    return False
 
 
 def _read_own_file(path: Path) -> bytes | None:

@@ -273,3 +273,23 @@ def test_sidecars_of_a_file_named_in_bytes_that_are_not_utf8_are_edited_and_undo
     assert undone.exit_code == 0, undone.output
     with open(sidecar, "rb") as file:
         assert file.read() == b"a red name square\n"
+
+
+def test_a_sidecar_ingest_could_not_read_is_left_as_it_is(catalog_path, tmp_path):
+    """A review: a Shift-JIS `.txt` (named by ingest as not UTF-8, the image captioned otherwise) was overwritten by
+    `--sidecars` with the catalog's caption: the user's only copy of that caption, lost without a word."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "sjis.png")
+    original = "猫、シフトJIS".encode("shift_jis")
+    (folder / "sjis.txt").write_bytes(original)
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "ok.png")
+    (folder / "ok.txt").write_text("a green square\n", encoding="utf-8")
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    done = _run(catalog_path, "--add-token", "mytag", "--sidecars")
+    said = " ".join(done.output.split())
+    assert done.exit_code != 0 and "sjis.txt: a caption file ingest cannot read (not UTF-8): left as it is" in said, said
+    assert (folder / "sjis.txt").read_bytes() == original
+    assert (folder / "ok.txt").read_text(encoding="utf-8") == "mytag, a green square\n"
