@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,10 @@ class Concept:
 
 
 def parse_kohya_folder_name(name: str) -> tuple[int, str, str | None] | None:
-    """(repeats, trigger, class) from a kohya folder name like `10_sks dog`; None if it is not one."""
-    tokens = name.split("_")
+    """(repeats, trigger, class) from a kohya folder name like `10_sks dog`; None if it is not one.
+
+    In NFC: macOS names files decomposed (`a` + combining umlaut), and a trigger must match the captions typed."""
+    tokens = unicodedata.normalize("NFC", name).split("_")
     try:
         repeats = int(tokens[0])
     except ValueError:
@@ -113,7 +116,7 @@ def _check_text(label: str, value: str | None, *, required: bool) -> str | None:
         if required:
             raise ValueError(f"{label} is required")
         return None
-    value = value.strip()
+    value = unicodedata.normalize("NFC", value.strip())  # typed on macOS, or pasted from a file name: one form
     if not value:
         if required:
             raise ValueError(f"{label} must not be empty")
@@ -177,9 +180,10 @@ def resolve_image_ids(con: duckdb.DuckDBPyConnection, ids: Iterable[str]) -> lis
 
 
 def get_concept(con: duckdb.DuckDBPyConnection, name: str) -> Concept | None:
-    """The concept called `name`, or None."""
+    """The concept called `name` (compared in NFC: one stored from a macOS folder name is found as typed), or None."""
+    wanted = unicodedata.normalize("NFC", name)
     for concept in list_concepts(con):
-        if concept.name == name:
+        if unicodedata.normalize("NFC", concept.name) == wanted:
             return concept
     return None
 
@@ -277,7 +281,10 @@ def added_concept(
     standing rules: `concept_rules_applied` (run by ingest) puts new images that match them in the concept.
     """
     name = _check_text("concept name", name, required=True)
-    existed = get_concept(con, name) is not None
+    found = get_concept(con, name)
+    existed = found is not None
+    if found is not None:
+        name = found.name  # its stored form
     if trigger is None and not existed:
         raise ValueError(f"A new concept needs its trigger word: workbench concept add {shlex.quote(name)} --trigger WORD "
                          "(the token the model learns, e.g. sks)")
@@ -367,8 +374,10 @@ def _rule_matches(con: duckdb.DuckDBPyConnection, where: str) -> list[str]:
 
 def assign_images_to_concept(con: duckdb.DuckDBPyConnection, name: str, image_ids: Iterable[str]) -> int:
     """Put images (full ids or unique prefixes) in concept `name` by hand; returns how many changed concept."""
-    if get_concept(con, name) is None:
+    concept = get_concept(con, name)
+    if concept is None:
         raise ValueError(f"no concept {name!r}; add it first with `workbench concept add`")
+    name = concept.name
     ids = resolve_image_ids(con, image_ids)
     with transaction(con):
         changed = con.execute(
@@ -390,8 +399,10 @@ def unassigned_images(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
 
 def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
     """Delete a concept and its assignments (images stay in the catalog); returns images released."""
-    if get_concept(con, name) is None:
+    concept = get_concept(con, name)
+    if concept is None:
         raise ValueError(f"no concept {name!r}")
+    name = concept.name
     with transaction(con):
         released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
         con.execute("DELETE FROM concepts WHERE name = ?", [name])

@@ -76,11 +76,12 @@ def caption_has_trigger(caption: str, trigger: str) -> bool:
     "cathedral" or "bobcat". Case and spacing do not count (CLIP's tokenizer lowercases): "SKS dog" has `sks`.
     The export's missing-trigger count and training's trigger prepending both use this one test.
     """
-    words = trigger.lower().split()
+    words = unicodedata.normalize("NFC", trigger).lower().split()
     if not words:
         return True  # no trigger: nothing missing
     pattern = r"\s+".join(re.escape(word) for word in words)
-    return re.search(rf"(?<!\w){pattern}(?!\w)", caption.lower()) is not None
+    # NFC on both sides: "Bär" from a macOS folder name is decomposed, the one typed in a caption composed
+    return re.search(rf"(?<!\w){pattern}(?!\w)", unicodedata.normalize("NFC", caption).lower()) is not None
 
 
 @dataclass

@@ -389,3 +389,29 @@ def test_including_a_subfolder_of_an_excluded_folder_says_the_rule_above_holds(c
     assert CliRunner().invoke(app, ["exclude", "--folder", str(tmp_path / "old"), "--reason", "old", *catalog]).exit_code == 0
     result = CliRunner().invoke(app, ["include", "--folder", str(tmp_path / "old" / "sub"), *catalog], env={"COLUMNS": "250"})
     assert result.exit_code == 0 and f"still excluded by the rule on {tmp_path / 'old'}" in " ".join(result.output.split())
+
+
+def test_a_concept_from_a_macos_folder_name_matches_what_is_typed(con, tmp_path):
+    """A review: `5_Bär bear` named on macOS (decomposed: a + combining umlaut) made concept and trigger in that form;
+    the typed caption "Bär, teddy" (composed) lacked its trigger to export and training (which put it in front again),
+    and `concept remove "Bär bear"` found no such concept."""
+    import unicodedata
+
+    from PIL import Image
+
+    from pipelines.concepts import removed_concept
+    from pipelines.export import caption_has_trigger
+    from pipelines.ingest import ingested_images
+    from pipelines.train.data import training_images
+    from train_fixtures import fast_config
+
+    folder = tmp_path / unicodedata.normalize("NFD", "5_Bär bear")
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (120, 60, 20)).save(folder / "teddy.png")
+    (folder / "teddy.txt").write_text("Bär, teddy\n", encoding="utf-8")
+    ingested_images(con, [tmp_path], workers=1)
+    assert con.execute("SELECT name, trigger_token FROM concepts").fetchall() == [("Bär bear", "Bär")]  # composed
+    assert caption_has_trigger("Bär, teddy", unicodedata.normalize("NFD", "Bär"))
+    (image,) = training_images(con, fast_config(tmp_path / "run", resolution=64))
+    assert image.caption == "Bär, teddy"  # the trigger was put in front a second time
+    assert removed_concept(con, unicodedata.normalize("NFD", "Bär bear")) == 1

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shlex
+import unicodedata
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -162,12 +163,13 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         if not have_concepts:
             raise DataError("--concepts needs concepts in the catalog; run `workbench concept add` first.")
         known = {row[0] for row in con.execute("SELECT name FROM concepts").fetchall()}
-        unknown = [name for name in config.concepts if name not in known]
+        stored = {unicodedata.normalize("NFC", name): name for name in known}  # a name typed on macOS: decomposed
+        unknown = [name for name in config.concepts if unicodedata.normalize("NFC", name) not in stored]
         if unknown:
             raise DataError(f"No concept named {', '.join(repr(n) for n in unknown)} in the catalog: "
                             f"`workbench concept list` shows them ({', '.join(sorted(known)) or 'none yet'}).")
         where += " AND concept IN (SELECT unnest(?))"
-        params.append(list(config.concepts))
+        params.append([stored[unicodedata.normalize("NFC", name)] for name in config.concepts])
     rows = con.execute(f"SELECT {', '.join(columns)} FROM dataset WHERE {where} ORDER BY image_id", params).fetchall()
     if not rows:
         what = f" in concepts {', '.join(config.concepts)}" if config.concepts else ""
