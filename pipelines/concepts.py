@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from workbench.catalog import is_read_only_sql, record_run, transaction
+from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
 
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
@@ -252,8 +253,9 @@ def _class_images(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> s
 
 def images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
     """Images with any known path under `folder` (as given, or made absolute)."""
-    prefixes = {folder.rstrip("/\\")}
-    prefixes.add(os.path.abspath(folder).rstrip("/\\"))
+    # as text the catalog's paths hold: a folder named in bytes that are not UTF-8 failed here with a traceback
+    prefixes = {os.fsencode(folder).decode("utf-8", "backslashreplace").rstrip("/\\")}
+    prefixes.add(catalog_path_text(folder).rstrip("/\\"))
     ids: list[str] = []
     for prefix in prefixes:
         ids += [
@@ -300,7 +302,7 @@ def added_concept(
     if folder_text is not None and not folder_text.strip():
         raise ValueError("folder must not be empty")
     if folder_text is not None:
-        folder_text = os.path.abspath(folder_text)  # a standing rule must not depend on where the command ran
+        folder_text = catalog_path_text(folder_text)  # a standing rule must not depend on where the command ran
 
     matched_where = images_where(con, where) if where else []
     matched_folder = images_in_folder(con, folder_text) if folder_text else []

@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from pipelines.dedup import regroup_duplicates
 from workbench.catalog import record_run, transaction
+from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
 
 FILTER_STEP_PREFIX = "filter:"
@@ -425,13 +426,13 @@ def folder_kept_out(con: duckdb.DuckDBPyConnection, folder: str, reason: str) ->
     """Record `folder` (made absolute) as excluded with `reason`: files ingest reads under it later are excluded too."""
     con.execute(
         "INSERT INTO excluded_folders (folder, reason) VALUES (?, ?) ON CONFLICT (folder) DO UPDATE SET reason = excluded.reason",
-        [os.path.abspath(folder).rstrip("/\\"), (reason or "").strip()],
+        [catalog_path_text(folder).rstrip("/\\"), (reason or "").strip()],
     )
 
 
 def folder_let_in(con: duckdb.DuckDBPyConnection, folder: str) -> bool:
     """Drop the standing exclusion of `folder` (and of folders under it); returns whether there was one."""
-    folder = os.path.abspath(folder).rstrip("/\\")
+    folder = catalog_path_text(folder).rstrip("/\\")
     return bool(con.execute(
         "DELETE FROM excluded_folders WHERE folder = ? OR starts_with(folder, ?)", [folder, folder + os.sep]
     ).fetchone()[0])

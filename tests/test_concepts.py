@@ -415,3 +415,43 @@ def test_a_concept_from_a_macos_folder_name_matches_what_is_typed(con, tmp_path)
     (image,) = training_images(con, fast_config(tmp_path / "run", resolution=64))
     assert image.caption == "Bär, teddy"  # the trigger was put in front a second time
     assert removed_concept(con, unicodedata.normalize("NFD", "Bär bear")) == 1
+
+
+def test_a_folder_named_in_bytes_that_are_not_utf8_works_in_every_folder_option(catalog_path, tmp_path):
+    """A review: `concept add/exclude --folder` with the real name of `caf<0xE9>` failed with a traceback (the name
+    has no UTF-8 text form), and `concept add` refused the \\xNN form that ingest prints and exclude takes."""
+    import os
+
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    data = os.fsencode(tmp_path / "data")
+    folder = os.path.join(data, b"caf\xe9")
+    os.makedirs(folder)
+    with open(os.path.join(folder, b"a.png"), "wb") as file:
+        Image.new("RGB", (300, 300), (200, 10, 10)).save(file, format="PNG")
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "data"], workers=1)
+    con.close()
+    runner = CliRunner()
+    real, escaped = os.fsdecode(folder), str(tmp_path / "data" / "caf\\xe9")
+    cat = ["--catalog", str(catalog_path)]
+    for name, given in (("real", real), ("escaped", escaped)):
+        added = runner.invoke(app, ["concept", "add", f"c {name}", "--trigger", name, "--folder", given, *cat])
+        assert added.exit_code == 0, added.output
+        out = runner.invoke(app, ["exclude", "--folder", given, "--reason", "drafts", *cat])
+        assert out.exit_code == 0 and "outside the folder" not in out.output, out.output
+        back = runner.invoke(app, ["include", "--folder", given, *cat])
+        assert back.exit_code == 0, back.output
+        runner.invoke(app, ["concept", "remove", f"c {name}", *cat])
+    # the standing rule holds for a file added to the folder later
+    assert runner.invoke(app, ["exclude", "--folder", real, "--reason", "drafts", *cat]).exit_code == 0
+    with open(os.path.join(folder, b"b.png"), "wb") as file:
+        Image.new("RGB", (300, 300), (10, 200, 10)).save(file, format="PNG")
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "data"], workers=1)
+    assert con.execute("SELECT count(*) FROM images_view WHERE NOT excluded").fetchall() == [(0,)]
+    con.close()

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench import catalog as catalog_mod
+from workbench.images import catalog_path_text
 from workbench.catalog import CatalogError
 from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
 
@@ -847,11 +848,12 @@ def concept_add(
 
     Example: workbench concept add "sks dog" --trigger sks --class dog --repeats 10 --folder ./dog_photos
     """
-    from pipelines.concepts import added_concept
+    from pipelines.concepts import added_concept, images_in_folder
 
-    if folder is not None and not folder.is_dir():
-        fail(f"No such folder: {folder}")
     con = open_catalog(catalog)
+    # a folder as ingest names it (a name that is not UTF-8, with \xNN escapes) is known by the images under it
+    if folder is not None and not folder.is_dir() and not images_in_folder(con, str(folder)):
+        fail(f"No such folder: {folder}")
     try:
         summary = added_concept(con, name, trigger=trigger, class_noun=class_noun, repeats=repeats, where=where, folder=folder)
     except ValueError as error:
@@ -1012,7 +1014,8 @@ def exclude(
     console.print(f"excluded {n} image(s)" + (" (and any file ingest reads under the folder later: `workbench include "
                                                "--folder` lets them in)" if folder else ""))
     if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
-        prefixes = {p.rstrip("/\\") + os.sep for path in folder for p in (str(path), os.path.abspath(path))}
+        prefixes = {p.rstrip("/\\") + os.sep for path in folder  # as the catalog's path text holds them
+                    for p in (os.fsencode(path).decode("utf-8", "backslashreplace"), catalog_path_text(path))}
         elsewhere: dict[str, str] = {}
         for image_id, path in con.execute(
             "SELECT image_id, path FROM paths WHERE image_id IN (SELECT unnest(?::VARCHAR[])) AND NOT missing ORDER BY seq",
@@ -1119,7 +1122,7 @@ def include(
                 fail(f"No image in the catalog has a file under {path}.")
             image_ids += [i for i in found if i not in image_ids]
             inside = con.execute("SELECT folder FROM excluded_folders WHERE starts_with(?, folder || ?) ORDER BY folder",
-                                 [os.path.abspath(path), os.sep]).fetchall()
+                                 [catalog_path_text(path), os.sep]).fetchall()
             if inside:  # the rule of a folder above still holds for files added here later
                 err_console.print(Text(f"Note: files added to {path} later are still excluded by the rule on {inside[0][0]} "
                                        f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
