@@ -629,6 +629,10 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
                       "--no-train-text-encoder", "--use-8bit-adam", "--validation-prompt", "masterpiece, a dog",
                       "--validation-prompt", "a cat, sitting", "--lora-alpha", "1", "--rank", "32", "--resolution", "64"]
     assert len(notes) == 1 and "alpha is 1, as kohya's default" in notes[0]
+    # a file saved with a byte-order mark and Windows line ends (Notepad): the mark was part of the first prompt
+    prompts.write_bytes("\ufeff猫 cat, 窓辺 --n 低品質\r\nBär bear\r\n".encode("utf-8"))
+    assert pasted_train_options(["train", "lora", "--sample_prompts", str(prompts)]) == [
+        "train", "lora", "--validation-prompt", "猫 cat, 窓辺", "--validation-prompt", "Bär bear"]
     assert pasted_train_options(["train", "lora", "--network_dim", "8", "--network_alpha", "4"]) == [
         "train", "lora", "--rank", "8", "--lora-alpha", "4"]
     # an alpha given another way (--set, a --config file) is left to win: kohya's default is for no alpha at all

@@ -1954,7 +1954,8 @@ def _kohya_prompt_file(value: str) -> list[str]:
     if path.suffix.lower() != ".txt":
         raise ValueError(f"--sample_prompts {value}: only kohya's .txt prompt files (one prompt per line) are read; give "
                          "the prompts with --validation-prompt 'TEXT' (repeatable).")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    # utf-8-sig: a byte-order mark (Notepad writes one) was kept at the start of the first prompt
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
     # `a dog --n lowres --w 512 --ss euler_a`: one line's own settings, cut at the first " --" as sd-scripts cuts them
     prompts = [line.split(" --", 1)[0].strip() for line in lines if line and not line.startswith("#")]
     if not any(prompts):
