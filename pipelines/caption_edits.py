@@ -26,6 +26,10 @@ from workbench.images import SIDECAR_READ_LIMIT, decode_caption, sidecars_change
 MANUAL = "manual"
 
 
+# what separates a caption's tags: kohya's comma, Japanese 、 and ，, a line break (as RE2 and `re` both read it)
+TAG_SEPARATORS = "[,\u3001\uff0c\n]"
+
+
 def _sidecar_path(image_path: str) -> Path:
     """The sidecar ingest reads for this image (`name.txt`, else `name.caption`); `name.txt` when it has none."""
     txt = Path(image_path).with_suffix(".txt")
@@ -270,11 +274,13 @@ def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None = None, re
                 f"replace /{find}/ with \"{replace or ''}\"")
     if find:
         return "replace(coalesce(caption, ''), ?, ?)", [find, replace or ""], f"replace {find!r} with {replace or ''!r}"
-    # a caption's tags: split at commas and line breaks (a line break joined two tags into one), trimmed
-    tags = "list_filter(list_transform(regexp_split_to_array(coalesce(caption, ''), '[,\\n]'), lambda t: trim(t)), lambda t: t != '')"
+    # a caption's tags: split at commas (also Japanese 、 and full-width ，) and line breaks (a line break joined two
+    # tags into one), trimmed of any white space (tabs, the full-width space: trim() takes ASCII spaces only)
+    tags = (f"list_filter(list_transform(regexp_split_to_array(coalesce(caption, ''), '{TAG_SEPARATORS}'), "
+            "lambda t: regexp_replace(t, '^[\\s\\pZ]+|[\\s\\pZ]+$', '', 'g')), lambda t: t != '')")
     # the token box may hold several tags ("sks, woman"): each is one (as one, it was never found, and added twice)
     token = (add_token or remove_token).strip()
-    given = list(dict.fromkeys(t.strip() for t in re.split(r"[,\n]", token) if t.strip()))  # "sks, sks": one tag
+    given = list(dict.fromkeys(t.strip() for t in re.split(TAG_SEPARATORS, token) if t.strip()))  # "sks, sks": one tag
     if add_token and at_end:  # after the caption's own tags, where it lacks them (the trigger stays first)
         missing = f"list_filter(?::VARCHAR[], lambda w: NOT list_contains({tags}, w))"
         return (

@@ -293,3 +293,30 @@ def test_a_sidecar_ingest_could_not_read_is_left_as_it_is(catalog_path, tmp_path
     assert done.exit_code != 0 and "sjis.txt: a caption file ingest cannot read (not UTF-8): left as it is" in said, said
     assert (folder / "sjis.txt").read_bytes() == original
     assert (folder / "ok.txt").read_text(encoding="utf-8") == "mytag, a green square\n"
+
+
+def test_tags_split_at_japanese_commas_and_any_white_space(catalog_path, tmp_path):
+    """A review: `--remove-token かわいい` changed nothing in "猫、かわいい、白背景" (nor `cute` in "cat,\\tcute\\t")
+    and `--add-token 猫` put a second 猫 in front: only ASCII commas split tags and only ASCII spaces were trimmed."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    texts = ["猫、かわいい、白背景", "猫，座っている，窓辺", "cat, 猫,\tcute\t, 🐱"]
+    for i, text in enumerate(texts):
+        Image.new("RGB", (64, 64), (60 * i, 10, 10)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(text + "\n", encoding="utf-8")
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+
+    def captions():
+        con = connect(catalog_path)
+        try:
+            return sorted(c for (c,) in con.execute("SELECT caption FROM images_view").fetchall())
+        finally:
+            con.close()
+
+    for token in ("かわいい", "座っている", "cute"):
+        assert _run(catalog_path, "--remove-token", token).exit_code == 0
+    assert captions() == sorted(["猫, 白背景", "猫, 窓辺", "cat, 猫, 🐱"])
+    assert _run(catalog_path, "--add-token", "猫、イラスト").exit_code == 0  # two tags given with a Japanese comma
+    assert captions() == sorted(["猫, イラスト, 白背景", "猫, イラスト, 窓辺", "猫, イラスト, cat, 🐱"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from test_tui import SIZE, captions_loaded, focus_on, manual_caption, query_count, text_of, wait_for
 
 from pipelines import caption_edits
@@ -214,19 +216,22 @@ def test_bulk_edit_writes_each_images_own_sidecar_and_undo_puts_the_files_back(c
     for i, name in enumerate(("plain", "captioned", "latin")):
         Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(tmp_path / f"{name}.png")
     (tmp_path / "captioned.caption").write_text("a dog on a sofa\n", encoding="utf-8")
-    latin = "un chien sur le canapé\n".encode("latin-1")  # not UTF-8: ingest leaves it out, undo must keep its bytes
+    latin = "un chien sur le canapé\n".encode("latin-1")  # not UTF-8: ingest leaves it out, and so does the edit
     (tmp_path / "latin.txt").write_bytes(latin)
     ingested_images(con, [tmp_path], workers=1)
     ids = dict(con.execute("SELECT regexp_extract(path, '(\\w+)\\.png', 1), image_id FROM paths").fetchall())
     for name in ("plain", "latin"):
         con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'model:tiny', 'a model caption')", [ids[name]])
 
-    undo = caption_edits.bulk_edit(con, list(ids.values()), add_token="sks", sidecars=True)
+    # the user's only copy of a caption ingest could not read is not written over (a review: it was), and named
+    with pytest.raises(caption_edits.SidecarsNotWritten, match="latin.txt: a caption file ingest cannot read"):
+        caption_edits.bulk_edit(con, list(ids.values()), add_token="sks", sidecars=True)
+    undo = caption_edits.last_bulk_edit(con)
     assert undo.changed == 3
     assert (tmp_path / "plain.txt").read_text() == "sks, a model caption\n"
     assert (tmp_path / "captioned.caption").read_text() == "sks, a dog on a sofa\n"
     assert not (tmp_path / "captioned.txt").exists()
-    assert (tmp_path / "latin.txt").read_text() == "sks, a model caption\n"
+    assert (tmp_path / "latin.txt").read_bytes() == latin
     undo_again = caption_edits.bulk_edit(con, [ids["plain"]], add_token="zwx", sidecars=True)
     assert (tmp_path / "plain.txt").read_text() == "zwx, sks, a model caption\n"
 
