@@ -95,3 +95,14 @@ def test_a_training_run_loads_no_curation_libraries(tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+
+
+def test_python_dash_m_workbench_is_the_cli():
+    """A packaging review: `python -m workbench` said "No module named workbench.__main__"."""
+    import subprocess
+    import sys
+
+    from workbench import __version__
+
+    done = subprocess.run([sys.executable, "-m", "workbench", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"workbench {__version__}", done.stderr[-2000:]

@@ -388,12 +388,17 @@ def test_two_process_data_parallel_run(catalog_path, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "workbench.cli"]
     out = tmp_path / "ddp"
+    # run in a project folder with a `pipelines` package of its own (a review: the relaunched processes, started
+    # with `-m workbench.cli`, imported it instead of workbench's and failed); -P: this command itself does not
+    project = tmp_path / "project"
+    (project / "pipelines").mkdir(parents=True)
+    (project / "pipelines" / "__init__.py").write_text("")
     done = subprocess.run(
-        [*base, "train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "2",
-         "--train-batch-size", "1", "--output-dir", str(out), *(["--device", "cpu"] if torch.cuda.is_available() else []),
-         "--num-processes", "2",
+        [sys.executable, "-P", "-m", "workbench.cli", "train", "lora", "--catalog", str(catalog_path), "--resolution", "32",
+         "--max-train-steps", "2", "--train-batch-size", "1", "--output-dir", str(out),
+         *(["--device", "cpu"] if torch.cuda.is_available() else []), "--num-processes", "2",
          "--set", "num_validation_images=0", "--set", "report_to=none"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, cwd=project,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()

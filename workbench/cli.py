@@ -1323,7 +1323,8 @@ def _relaunch(num_processes: int, *, new_run: bool = False) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the start: a stop in between is not lost
         signal.signal(signum, pass_on)
-    env = {**os.environ, **({"WORKBENCH_NEW_RUN": "1"} if new_run else {})}
+    # PYTHONSAFEPATH: `-m workbench.cli` must not find a `pipelines/` or `tui/` package of the folder it runs in first
+    env = {**os.environ, "PYTHONSAFEPATH": "1", **({"WORKBENCH_NEW_RUN": "1"} if new_run else {})}
     launched.append(subprocess.Popen(command, env=env))
     if signal.SIGTERM in stopped:  # came before torchrun started
         launched[0].send_signal(signal.SIGTERM)
