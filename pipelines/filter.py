@@ -174,6 +174,7 @@ def _rule_checks(rules: FilterRules, has_clip: bool) -> tuple[list[tuple[str, An
             checks.append(("min_clip_score", min_clip_score))
         else:
             skipped["min_clip_score"] = "no clip_score column yet: run `workbench score` first; rule skipped"
+
     def grayscale(r):
         return "grayscale (no colour)" if r["is_grayscale"] else None
 
