@@ -56,6 +56,7 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x it
 STATS_SIDE = 96  # quality statistics and hashes come from one decode shrunk to fit this square
 CHUNK = 32  # files per task sent to a worker process
 BATCH = 2048  # rows per catalog transaction
+FLUSH_SECONDS = 10.0  # ...or fewer, once this long has passed: a killed ingest of large files keeps what it read
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -954,8 +955,11 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
     pending: list[dict] = []
     pending_read: Counter[str] = Counter()  # of `pending`, by what each turned out to be
     done = 0
+    flushed_at = time.monotonic()
 
     def flush() -> None:
+        nonlocal flushed_at
+        flushed_at = time.monotonic()
         _write_batch(con, pending, role)
         summary.read_by_kind.update(pending_read)
         # "recorded" is of the files the walk counted to read: not those that turned out unchanged
@@ -1024,7 +1028,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
             pending.append(result)
         done += len(chunk)
         ctrl_c.check()
-        if len(pending) >= BATCH:
+        if len(pending) >= BATCH or (pending and time.monotonic() - flushed_at >= FLUSH_SECONDS):
             flush()
         progress(task="ingest", completed=done, total=total)
 
