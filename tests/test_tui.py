@@ -157,6 +157,34 @@ def test_browser_bad_filter_is_a_message_not_a_crash(synthetic_catalog):
             await pilot.press("enter")
             await wait_for(pilot, lambda: "text search" in text_of(app, "#table-status"))
             assert status.size.height == 1  # back to one line once the rows come
+            # a keyboard review: Escape left the focus in the box (the screen's keys dead), and the next ctrl+f
+            # appended what was typed to the old filter, into a parse error
+            await focus_on(pilot, box)
+            await pilot.press("escape")
+            assert app.focused is app.screen.query_one("#rows")
+            await pilot.press("ctrl+f", *"red")
+            assert box.value == "red"
+
+    asyncio.run(scenario())
+
+
+def test_a_pipeline_run_gives_the_focus_back_and_errors_say_so_without_colour(synthetic_catalog):
+    """A keyboard review: a step's Run, disabled while it ran, lost the focus for good (keys went nowhere, Tab
+    started over at the top); with NO_COLOR an error toast looked like any other."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            run = screen.query_one("#run-dedup")
+            await focus_on(pilot, run)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: screen.running is None and query_count(app, "SELECT count(*) FROM runs") == 1,
+                           what="dedup run")
+            await wait_for(pilot, lambda: app.focused is run, what="the focus back on Run")
+            screen.query_one("#set-dedup-threshold").value = "six"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), what="an error")
+            assert [n.title for n in app._notifications if n.severity == "error"] == ["Error: Settings"]
 
     asyncio.run(scenario())
 
@@ -1619,14 +1647,24 @@ def test_quitting_during_a_step_records_it_cancelled(synthetic_catalog, monkeypa
         async with app.run_test(size=SIZE) as pilot:
             await pilot.click("#run-dedup")
             await wait_for(pilot, lambda: "/100,000" in text_of(app, "#state-dedup"), what="progress")
+            await pilot.press("ctrl+q")  # asked first (a review: it quit a training run without a word)
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="the question")
+            assert "Stop and quit?" in str(app.screen.query_one("#confirm-question").render())
+            await pilot.press("n")  # no: it runs on
+            await pilot.pause(0.3)
+            assert app.running_steps and not isinstance(app.screen, Confirm)
             await pilot.press("ctrl+q")
+            await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="the question")
+            stop_asked.append(time.monotonic())
+            await pilot.press("y")
             # said while it stops (the UI froze for seconds without a word), then closed by itself
-            assert any(n.title == "Quit" and "Stopping what runs" in n.message for n in app._notifications)
+            await wait_for(pilot, lambda: any(n.title == "Quit" and "Stopping what runs" in n.message
+                                              for n in app._notifications), what="the stop said")
             await wait_for(pilot, lambda: not app.running_steps, what="the step stopped")
 
-    started = time.monotonic()
+    stop_asked: list[float] = []
     asyncio.run(scenario())
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - stop_asked[0] < 5
     assert query(synthetic_catalog, "SELECT step, status, finished_at IS NOT NULL FROM runs") == [("dedup", "cancelled", True)]
 
 

@@ -12,6 +12,7 @@ from textual.binding import Binding
 
 from tui.browser_screen import BrowserScreen
 from tui.captions_screen import CaptionsScreen
+from tui.confirm import Confirm
 from tui.duplicates_screen import DuplicatesScreen
 from tui.help_screen import HelpScreen
 from tui.image_table import ImageTable
@@ -112,13 +113,26 @@ class WorkbenchApp(App[None]):
         `markup` is ignored: widgets pass True by default, and no toast here is meant to read markup.
         """
         # line breaks stay (DuckDB's errors are several lines); every other control character is escaped
-        super().notify(visible(str(message), keep="\n"), title=visible(title), severity=severity, timeout=timeout, markup=False)
+        title = visible(title)
+        if severity == "error":  # said in words: without colour (NO_COLOR) an error toast looked like any other
+            title = f"Error: {title}" if title else "Error"
+        super().notify(visible(str(message), keep="\n"), title=title, severity=severity, timeout=timeout, markup=False)
 
     async def action_quit(self) -> None:
         """Quit; running steps and training are stopped first, in view: they record how they ended (a training run
         its checkpoint), which takes seconds, and a UI that froze meanwhile looked hung."""
         if not self.running_steps or getattr(self, "_quitting", False):
             self.exit()  # (a second ctrl+q: now; on_unmount still waits, bounded, for the steps' records)
+            return
+        if isinstance(self.screen, Confirm):
+            return  # already asking
+        self.push_screen(Confirm("Work is running (a pipeline step or training): quitting stops it where it is, a "
+                                 "training run at a checkpoint that Resume goes on from. Stop and quit?", yes="Stop and quit"),
+                         lambda yes: self._stop_and_quit() if yes else None)
+
+    def _stop_and_quit(self) -> None:
+        if not self.running_steps:  # ended meanwhile
+            self.exit()
             return
         self._quitting = True
         for progress in list(self.running_steps):

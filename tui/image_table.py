@@ -49,6 +49,15 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+
+class FilterInput(Input):
+    """The filter box: Escape goes back to the rows (the screen's keys act there), as Enter does after filtering."""
+
+    BINDINGS = [Binding("escape", "back_to_rows", "Rows", show=False)]
+
+    def action_back_to_rows(self) -> None:
+        self.screen.set_focus(self.query_ancestor(ImageTable).query_one("#rows"))
+
 class ImageTable(Vertical):
     """Filter box, sort picker and a paged DataTable over images_view.
 
@@ -99,7 +108,7 @@ class ImageTable(Vertical):
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="filter-bar"):
-            yield Input(placeholder=self.placeholder, id="filter")
+            yield FilterInput(placeholder=self.placeholder, id="filter")
             yield Select([("path", "path")], value="path", allow_blank=False, id="sort", prompt="sort")
             yield Checkbox("desc", id="descending")
         yield Label("loading…", id="table-status")
@@ -349,7 +358,9 @@ class ImageTable(Vertical):
     def action_focus_filter(self) -> None:
         # at once, not after the queued events (Widget.focus defers): keys that arrive with ctrl+f, in one read over
         # ssh or from a paste, are the filter's, not the rows'
-        self.screen.set_focus(self.query_one("#filter", Input))
+        box = self.query_one("#filter", Input)
+        self.screen.set_focus(box)
+        box.select_all()  # typing replaces the last filter (it was appended to it, into a parse error)
 
     def on_unmount(self) -> None:
         if self.result is not None:

@@ -168,6 +168,8 @@ class PipelineScreen(SizeClasses, Screen):
         except ValueError as error:
             self.notify(str(error), title="Settings", severity="error")
             return
+        # the Run pressed is disabled while its step runs, which takes focus away: it comes back to it at the end
+        self._focus_after = self.focused
         self._set_running(names[0])
         self._run_steps(jobs)
 
@@ -236,6 +238,9 @@ class PipelineScreen(SizeClasses, Screen):
         if message.status == "done":
             self._set_running(None)
             self.refresh_counts()
+            returning, self._focus_after = getattr(self, "_focus_after", None), None
+            if self.focused is None and returning is not None and returning.is_attached:  # not where you moved since
+                self.call_after_refresh(returning.focus)
             return
         state = self.query_one(f"#state-{message.step}", Label)
         if message.status == "ok":

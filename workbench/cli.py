@@ -1883,6 +1883,10 @@ def tui(
     workbench_app.run()
     if workbench_app.failure:
         fail(workbench_app.failure)
+    # a run stopped by quitting may still be writing its checkpoint: the process ends when it has, so say so (the
+    # terminal sat blank for seconds)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        err_console.print("Waiting for the stopped work to record how it ended (a training run: its checkpoint)…")
 
 
 class _StopWhenTheStepEnds(CancellableProgress):
