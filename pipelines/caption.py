@@ -335,9 +335,9 @@ def chosen_caption_source(
             if source is None:
                 cleared = con.execute(
                     "DELETE FROM caption_choice WHERE image_id IN (SELECT image_id FROM chosen_ids)"
-                ).fetchone()[0]
+                ).fetchall()[0][0]
                 return {"choices_cleared": int(cleared)}
-            if not con.execute("SELECT count(*) FROM caption_candidates WHERE source = ?", [source]).fetchone()[0]:
+            if not con.execute("SELECT count(*) FROM caption_candidates WHERE source = ?", [source]).fetchall()[0][0]:
                 known = ", ".join(caption_sources(con)) or "none yet"
                 raise ValueError(f"No caption has source {source!r} (sources: {known}).")
             chosen = con.execute(
@@ -348,12 +348,12 @@ def chosen_caption_source(
                 ON CONFLICT (image_id) DO UPDATE SET source = excluded.source
                 """,
                 [source],
-            ).fetchone()[0]
+            ).fetchall()[0][0]
             without = con.execute(  # of the readable images: a file that failed to load has no caption of any source
                 "SELECT count(*) FROM chosen_ids JOIN images USING (image_id) WHERE images.status = 'ok' "
                 "AND image_id NOT IN (SELECT image_id FROM caption_candidates WHERE source = ?)",
                 [source],
-            ).fetchone()[0]
+            ).fetchall()[0][0]
     finally:
         con.execute("DROP TABLE IF EXISTS chosen_ids")
     return {"images_using_source": int(chosen), "images_without_that_source": int(without)}

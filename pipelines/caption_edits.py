@@ -174,7 +174,7 @@ def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str
         raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
     cur = con.cursor()
     try:
-        if not cur.execute("SELECT count(*) FROM images WHERE image_id = ?", [image_id]).fetchone()[0]:
+        if not cur.execute("SELECT count(*) FROM images WHERE image_id = ?", [image_id]).fetchall()[0][0]:
             raise CatalogError(f"No image {image_id[:12]} in the catalog.")
         edited_outside = _edited_outside(cur, [image_id]) if sidecar else set()
         with transaction(cur):
@@ -194,7 +194,7 @@ def choose_caption(con: duckdb.DuckDBPyConnection, image_id: str, source: str) -
     """Accept one source's caption (e.g. 'model:blip') as the caption in use."""
     cur = con.cursor()
     try:
-        if not cur.execute("SELECT count(*) FROM caption_candidates WHERE image_id = ? AND source = ?", [image_id, source]).fetchone()[0]:
+        if not cur.execute("SELECT count(*) FROM caption_candidates WHERE image_id = ? AND source = ?", [image_id, source]).fetchall()[0][0]:
             raise CatalogError(f"Image {image_id[:12]} has no {source} caption.")
         cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, source])
     finally:

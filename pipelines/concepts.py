@@ -218,7 +218,7 @@ def _assign(con: duckdb.DuckDBPyConnection, name: str, image_ids: Sequence[str],
         return 0
     _load_assign_table(con, image_ids)
     keep_manual = "" if source == "manual" else "WHERE concept_images.source <> 'manual'"
-    before = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
+    before = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchall()[0][0]
     con.execute(
         f"""
         INSERT INTO concept_images (image_id, concept, source)
@@ -229,7 +229,7 @@ def _assign(con: duckdb.DuckDBPyConnection, name: str, image_ids: Sequence[str],
         [name, source],
     )
     con.execute("DROP TABLE concept_assign")
-    after = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
+    after = con.execute("SELECT count(*) FROM concept_images WHERE concept = ?", [name]).fetchall()[0][0]
     return after - before
 
 
@@ -386,7 +386,7 @@ def assign_images_to_concept(con: duckdb.DuckDBPyConnection, name: str, image_id
             "SELECT count(*) FROM (SELECT unnest(?::VARCHAR[]) AS image_id) a"
             " LEFT JOIN concept_images ci USING (image_id) WHERE ci.concept IS DISTINCT FROM ?",
             [ids, name],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         _assign(con, name, ids, "manual")
     return changed
 
@@ -396,7 +396,7 @@ def unassigned_images(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
     ids = resolve_image_ids(con, image_ids)
     return con.execute(
         "DELETE FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-    ).fetchone()[0]
+    ).fetchall()[0][0]
 
 
 def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
@@ -406,7 +406,7 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
         raise ValueError(f"no concept {name!r}")
     name = concept.name
     with transaction(con):
-        released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchone()[0]
+        released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchall()[0][0]
         con.execute("DELETE FROM concepts WHERE name = ?", [name])
     return released
 
@@ -532,7 +532,7 @@ def concepts_from_folder_names(
                 "INSERT INTO concept_images (image_id, concept, source)"
                 " SELECT image_id, ?, 'folder_name' FROM concept_assign ON CONFLICT DO NOTHING",
                 [name],
-            ).fetchone()[0]
+            ).fetchall()[0][0]
             con.execute("DROP TABLE concept_assign")
     progress(task="concepts", message=f"{created} concept(s) from folder names, {assigned} image(s) assigned")
     return assigned

@@ -17,7 +17,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from workbench.catalog import record_run, transaction
+from workbench.catalog import first_row, record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 DEFAULT_THRESHOLD = 6
@@ -410,7 +410,7 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 def _carried_captions(con: duckdb.DuckDBPyConnection) -> int:
     """Kept copies that train with the caption of a copy they excluded (the `carried_captions` view)."""
-    return con.execute("SELECT count(*) FROM current_captions WHERE caption_source = 'duplicate'").fetchone()[0]
+    return con.execute("SELECT count(*) FROM current_captions WHERE caption_source = 'duplicate'").fetchall()[0][0]
 
 
 def replace_pairs(con: duckdb.DuckDBPyConnection, method: str, pairs: pl.DataFrame) -> None:
@@ -460,7 +460,7 @@ def image_set_apart(con: duckdb.DuckDBPyConnection, image_id: str, *, apart: boo
     """Say an image is a picture of its own, not a duplicate (`apart`), or undo that; then regroup. Its pairs stay
     stored, so undoing it restores its group as dedup found it."""
     if apart:
-        if not con.execute("SELECT count(*) FROM duplicates WHERE image_id = ?", [image_id]).fetchone()[0]:
+        if not con.execute("SELECT count(*) FROM duplicates WHERE image_id = ?", [image_id]).fetchall()[0][0]:
             raise ValueError(f"{image_id[:12]} is not in a duplicate group: it is on its own already.")
         with transaction(con):
             con.execute("INSERT INTO not_duplicates (image_id) VALUES (?) ON CONFLICT DO NOTHING", [image_id])
@@ -473,7 +473,7 @@ def image_set_apart(con: duckdb.DuckDBPyConnection, image_id: str, *, apart: boo
 def kept_but_excluded(con: duckdb.DuckDBPyConnection, image_id: str) -> str | None:
     """Why a copy kept by hand is out of the dataset all the same (a filter or a manual exclusion), else None:
     its group then gives the dataset no copy of the picture."""
-    row = con.execute("SELECT exclusion_reason FROM images_view WHERE image_id = ? AND excluded", [image_id]).fetchone()
+    row = first_row(con.execute("SELECT exclusion_reason FROM images_view WHERE image_id = ? AND excluded", [image_id]))
     return row[0] if row else None
 
 

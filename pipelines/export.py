@@ -20,7 +20,7 @@ import duckdb
 
 from pipelines.caption_edits import one_line_caption
 from pipelines.priors import PRIOR_IN_USE_SQL
-from workbench.catalog import record_run
+from workbench.catalog import first_row, record_run
 from workbench.images import holds_image, sidecars_changed_since_ingest
 from workbench.config import EXPORT_MANIFEST
 from workbench.progress import ProgressHook, named_few, null_progress
@@ -240,10 +240,10 @@ def _file_stem(row: _Row) -> str:
 
 def _bucket_settings(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """Settings of the last `workbench buckets` run, else kohya's defaults for SD 1.x at 512."""
-    row = con.execute(
+    row = first_row(con.execute(
         "SELECT resolution_width, resolution_height, min_bucket_reso, max_bucket_reso, bucket_reso_steps, no_upscale"
         " FROM aspect_buckets LIMIT 1"
-    ).fetchone()
+    ))
     if row is None:
         return {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
                 "bucket_no_upscale": False}
@@ -508,7 +508,7 @@ def _refuse_to_overwrite_image_sources(con: duckdb.DuckDBPyConnection, out: Path
     rows = con.execute(
         "SELECT count(*), min(path) FROM paths WHERE NOT missing AND (" + " OR ".join(["starts_with(path, ?)"] * len(prefixes)) + ")",
         prefixes,
-    ).fetchone()
+    ).fetchall()[0]
     if rows[0]:
         raise ExportError(
             f"{out} holds {rows[0]} file(s) the catalog reads images from (e.g. {rows[1]}): an --overwrite "

@@ -45,7 +45,7 @@ import duckdb
 import pyarrow as pa
 
 from pipelines.dedup import regroup_duplicates
-from workbench.catalog import record_run, transaction
+from workbench.catalog import first_row, record_run, transaction
 from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
 
@@ -123,7 +123,7 @@ def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
     return bool(
         con.execute(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?", [view, column]
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     )
 
 
@@ -281,7 +281,7 @@ def filtered_dataset(
     if clip_rule and con.execute(  # the score an image's rule reads is its newest (images_view)
         "SELECT count(*) > 0 FROM (SELECT arg_max(model, created_at) AS model FROM clip_scores GROUP BY image_id) "
         "WHERE model = 'tiny'"
-    ).fetchone()[0]:
+    ).fetchall()[0][0]:
         progress(task="filter", message="Note: CLIP scores from the tiny CLIP (random weights) mean nothing: the "
                  "min_clip_score rule excludes images at random; score with a real CLIP model first")
     summary: dict[str, Any] = {
@@ -436,7 +436,7 @@ def folder_let_in(con: duckdb.DuckDBPyConnection, folder: str) -> bool:
     folder = catalog_path_text(folder).rstrip("/\\")
     return bool(con.execute(
         "DELETE FROM excluded_folders WHERE folder = ? OR starts_with(folder, ?)", [folder, folder + os.sep]
-    ).fetchone()[0])
+    ).fetchall()[0][0])
 
 
 def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterable[bytes] | None = None) -> int:
@@ -458,7 +458,7 @@ def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterabl
             "INSERT INTO exclusions (image_id, step, reason) SELECT image_id, ?, ? FROM unnest(?::VARCHAR[]) t(image_id) "
             "WHERE image_id NOT IN (SELECT image_id FROM manual_includes) ON CONFLICT DO NOTHING",  # excluded by hand: kept
             [MANUAL_STEP, f"manual: {reason}", ids],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     return excluded
 
 
@@ -472,18 +472,18 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
             f"DELETE FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))"
             f" AND (step = '{MANUAL_STEP}' OR starts_with(step, '{FILTER_STEP_PREFIX}'))",
             [ids],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
         regroup_duplicates(con)  # a copy no longer filtered out takes its place in the keep order again
     still = con.execute(
         "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     unreadable = con.execute(  # files ingest could not read are never in the dataset, included or not
         "SELECT count(*) FROM images WHERE status <> 'ok' AND image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     in_dataset = con.execute(  # what the command says first: "included 1" read as done when a duplicate stayed out
         "SELECT count(*) FROM dataset WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     return {"in_dataset_now": in_dataset, "exclusions_removed": removed, "still_excluded_by_other_steps": still,
             "unreadable_files": unreadable}
 
@@ -503,8 +503,8 @@ def toggled_exclusion(con: duckdb.DuckDBPyConnection, image_id: str, reason: str
     def steps() -> list[str]:
         return [r[0] for r in con.execute("SELECT DISTINCT step FROM exclusions WHERE image_id = ? ORDER BY step", [image_id]).fetchall()]
 
-    was_keeper = bool((con.execute("SELECT is_keeper FROM duplicates WHERE image_id = ?", [image_id]).fetchone() or [False])[0])
-    status, error = con.execute("SELECT status, error FROM images WHERE image_id = ?", [image_id]).fetchone() or ("ok", None)
+    was_keeper = bool((first_row(con.execute("SELECT is_keeper FROM duplicates WHERE image_id = ?", [image_id])) or [False])[0])
+    status, error = first_row(con.execute("SELECT status, error FROM images WHERE image_id = ?", [image_id])) or ("ok", None)
     outcome = {"was_keeper": was_keeper, "unreadable": (error or "unreadable") if status != "ok" else None}
     before = steps()
     if not before:

@@ -30,7 +30,7 @@ from pipelines.concepts import (
 )
 from pipelines.filter import excluded_folder_rules_applied
 from workbench import config
-from workbench.catalog import last_run_params, record_run, transaction
+from workbench.catalog import first_row, last_run_params, record_run, transaction
 from workbench.images import SIDECAR_EXTENSIONS, SIDECAR_READ_LIMIT, as_rgb, decode_caption, sidecar_beside, sidecar_caption
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
@@ -650,7 +650,7 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
         "AND image_id IN (SELECT image_id FROM ingest_batch)"
     )
     con.execute("DELETE FROM ingest_unread WHERE old_id IN (SELECT image_id FROM paths)")
-    if con.execute("SELECT count(*) FROM ingest_unread").fetchone()[0]:
+    if con.execute("SELECT count(*) FROM ingest_unread").fetchall()[0][0]:
         for (table,) in con.execute(
             "SELECT table_name FROM duckdb_columns() WHERE column_name = 'image_id' AND table_name <> 'images' "
             "AND table_name IN (SELECT table_name FROM duckdb_tables() WHERE NOT temporary)"
@@ -693,7 +693,7 @@ def _chunks(items: Sequence, size: int) -> Iterator[list]:
 
 def ingested_images(
     con: duckdb.DuckDBPyConnection,
-    paths: Iterable[str | os.PathLike[str]],
+    paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     *,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -710,13 +710,19 @@ def ingested_images(
         raise ValueError(f"role must be 'instance' or 'class_prior', not {role!r}")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
-    roots = [os.path.abspath(os.fsencode(p)) for p in paths]
+    if isinstance(paths, (str, bytes, os.PathLike)):  # one path: iterated, a string walked "/" and every letter
+        paths = [paths]
+    given = [os.path.expanduser(p) for p in paths]
+    missing = [os.fsdecode(p) for p in given if not os.path.lexists(p)]
+    if missing:  # before the run is recorded: an ingest of nothing is no success
+        raise FileNotFoundError(errno.ENOENT, f"No such file or folder to ingest: {', '.join(missing)}", missing[0])
+    roots = [os.path.abspath(os.fsencode(p)) for p in given]
     workers = (os.cpu_count() or 1) if workers is None else workers
     summary = IngestSummary()
     # files that failed under a lower pixel cap are read again once it is raised (the error says to raise it)
     retry_errors = max_pixels > last_run_params(con, "ingest").get("max_pixels", DEFAULT_MAX_PIXELS)
     # an ingest stopped after it read everything has not joined concepts yet, and its rerun reads nothing
-    last = con.execute("SELECT status FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1").fetchone()
+    last = first_row(con.execute("SELECT status FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1"))
     last_unfinished = last is not None and last[0] != "ok"
     params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
     for root in roots:  # left out when met in a walk from above; named as a root, it is read: say what that means

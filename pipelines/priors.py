@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import duckdb
 
-from workbench.catalog import record_run, transaction
+from workbench.catalog import first_row, record_run, transaction
 from workbench.progress import ProgressHook, null_progress
 
 if TYPE_CHECKING:
@@ -415,7 +415,7 @@ def _ingest_and_record(con, files: dict[int, Path], plan: PriorPlan, ingest) -> 
     how = plan.settings
     with transaction(con):
         for s, path in files.items():
-            row = con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [os.fsencode(os.path.abspath(path))]).fetchone()
+            row = first_row(con.execute("SELECT image_id FROM paths WHERE path_bytes = ?", [os.fsencode(os.path.abspath(path))]))
             if row is None:
                 continue
             image_id = row[0]

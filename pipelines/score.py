@@ -174,7 +174,7 @@ def clip_scores(
         ).fetchall()
         captioned = con.execute(
             "SELECT count(*) FROM images_view WHERE status = 'ok' AND caption IS NOT NULL"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         counts.update(scored=0, score_up_to_date=captioned - len(rows),
                       without_caption=counts["images_ok"] - captioned)
         progress(task="clip score", completed=0, total=len(rows))

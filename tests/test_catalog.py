@@ -184,3 +184,46 @@ def test_caption_rule_prefers_choice_then_manual_then_sidecar_then_newest_model(
     assert con.execute("SELECT caption FROM images_view").fetchall() == [("manual text",)]
     con.execute("INSERT INTO caption_choice VALUES ('a', 'model:tiny')")
     assert con.execute("SELECT caption FROM images_view").fetchall() == [("model text",)]
+
+
+def test_library_calls_leave_the_connection_usable_and_say_what_is_wrong(tmp_path, monkeypatch):
+    """A Python-API review: after `choose_keeper`, `manual_inclusions` (and others) `con.sql(...)` failed with
+    "unfinished result"; a str path made ingest walk "/" letter by letter; a missing folder was an ingest of nothing
+    recorded 'ok'; `~` made a folder named "~"; a write step on a read-only connection failed with DuckDB's words,
+    and a second connection of the other mode read as a damaged catalog."""
+    from PIL import Image
+
+    from pipelines.dedup import choose_keeper, duplicate_groups
+    from pipelines.filter import manual_inclusions
+    from pipelines.ingest import ingested_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    from pathlib import Path
+
+    with Image.open(Path(__file__).resolve().parents[1] / "sample_data" / "photos" / "coffee.jpg") as picture:
+        picture.save(folder / "a.png")
+        picture.resize((picture.width // 2, picture.height // 2)).save(folder / "a_small.png")
+    path = tmp_path / "cat.duckdb"
+    con = connect(path)
+    assert ingested_images(con, str(folder), workers=1).new == 2  # a lone str is one path
+    with pytest.raises(FileNotFoundError, match=r"No such file or folder to ingest: .*nothere"):
+        ingested_images(con, [folder, tmp_path / "nothere"], workers=1)
+    assert con.execute("SELECT count(*) FROM runs WHERE step = 'ingest'").fetchall() == [(1,)]
+    duplicate_groups(con, threshold=6)
+    small = con.execute("SELECT image_id FROM paths WHERE path LIKE '%a_small.png'").fetchall()[0][0]
+    for step in (lambda: choose_keeper(con, small), lambda: manual_inclusions(con, [small])):
+        step()
+        assert con.sql("SELECT count(*) FROM images").fetchall() == [(2,)]
+    con.close()
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    connect("~/by_tilde.duckdb").close()
+    assert (tmp_path / "home" / "by_tilde.duckdb").is_file() and not (tmp_path / "~").exists()
+
+    reader = connect(path, read_only=True)
+    with pytest.raises(CatalogError, match="this connection is read-only: open it with connect"):
+        duplicate_groups(reader, threshold=6)
+    with pytest.raises(CatalogError, match="open in this process already read-only"):
+        connect(path)
+    reader.close()

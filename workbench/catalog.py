@@ -53,6 +53,13 @@ def _migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def first_row(result: duckdb.DuckDBPyConnection) -> tuple | None:
+    """The first row of an executed query, or None. Fetches it all: `fetchone()` leaves the result open, and the
+    connection then refuses `con.sql(...)` ("unfinished result"), the next thing a notebook user types."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
+
+
 def _views_sql() -> str:
     return (resources.files("workbench") / "migrations" / "views.sql").read_text()
 
@@ -83,7 +90,8 @@ def connect(
     wait_seconds: float = 0.0,
 ) -> duckdb.DuckDBPyConnection:
     """Open (creating and migrating if needed) the catalog at `path`."""
-    path = Path(path) if path is not None else default_catalog_path()
+    # ~ as a shell would: DuckDB expands it itself, and mkdir below made a folder named "~" beside it
+    path = Path(path).expanduser() if path is not None else default_catalog_path()
     if read_only and not path.exists():
         raise CatalogError(f"No catalog at {path}. Run `workbench ingest FOLDER` first.")
     if path.exists() and path.is_dir():
@@ -103,6 +111,10 @@ def connect(
                 raise CatalogLockedError(_lock_message(path, holder), holder) from error
             time.sleep(0.25)
         except duckdb.Error as error:
+            if "different configuration" in str(error):  # not a damaged file: this process has it open another way
+                raise CatalogError(
+                    f"{path} is open in this process already{' to write' if read_only else ' read-only'}: DuckDB opens "
+                    "a file one way per process, so close that connection first (or use it)") from error
             raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
     try:
         if not read_only:
@@ -128,6 +140,13 @@ def _refuse_a_foreign_database(con: duckdb.DuckDBPyConnection, path: Path) -> No
             f"{path} is a DuckDB database but not a workbench catalog (it holds {shown} and no schema_migrations "
             "table): nothing was changed in it. Give another --catalog file (a new name makes a new catalog)."
         )
+
+
+def refuse_read_only(con: duckdb.DuckDBPyConnection, what: str) -> None:
+    """CatalogError when `con` was opened read-only: said before a step writes anything (files included)."""
+    if con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()").fetchall()[0][0]:
+        raise CatalogError(f"{what} writes to the catalog, and this connection is read-only: "
+                           "open it with connect(path) (read_only=False).")
 
 
 def connect_when_free(
@@ -164,7 +183,7 @@ def connect_when_free(
 
 def catalog_file(con: duckdb.DuckDBPyConnection) -> Path | None:
     """The file behind a catalog connection (None for an in-memory catalog)."""
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    row = first_row(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"))
     return Path(row[0]).resolve() if row and row[0] else None
 
 
@@ -316,6 +335,7 @@ def run_status(error: BaseException | None) -> str:
 
 def start_run(con: duckdb.DuckDBPyConnection, step: str, params: dict[str, Any]) -> RunRecord:
     """Insert a 'running' row for a step run (first marking those of processes now gone 'interrupted')."""
+    refuse_read_only(con, f"The {step} step")
     _mark_abandoned_runs(con)
     run_id = con.execute(
         "INSERT INTO runs (step, started_at, status, params, pid, host) VALUES (?, ?, 'running', ?, ?, ?) RETURNING run_id",
@@ -367,9 +387,9 @@ def finish_run(con: duckdb.DuckDBPyConnection, record: RunRecord, error: BaseExc
 
 def last_run_params(con: duckdb.DuckDBPyConnection, step: str) -> dict[str, Any]:
     """The parameters the last finished run of `step` recorded; {} when there was none."""
-    row = con.execute(
+    row = first_row(con.execute(
         "SELECT params FROM runs WHERE step = ? AND status = 'ok' ORDER BY run_id DESC LIMIT 1", [step]
-    ).fetchone()
+    ))
     return json.loads(row[0]) if row and row[0] else {}
 
 
@@ -435,7 +455,7 @@ def _select_only_reads(query: str) -> bool:
     if parser is None:  # an in-memory one per thread: the statement is only parsed, and threads do not share connections
         parser = _PARSERS.connection = duckdb.connect()
     try:
-        tree = json.loads(parser.execute("SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()[0])
+        tree = json.loads(parser.execute("SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchall()[0][0])
     except duckdb.Error:
         return False
     return not tree.get("error") and _query_node_types(tree, set()) <= _READ_QUERY_NODES

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from workbench import catalog as catalog_mod
 from workbench.images import catalog_path_text
-from workbench.catalog import CatalogError
+from workbench.catalog import CatalogError, first_row
 from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
 
 if TYPE_CHECKING:  # the steps load when a command runs them (a fast --help)
@@ -262,7 +262,7 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
                 f"workbench caption --use-source sidecar --where \"{where}\""))
     if summary.files_seen == 0:
         err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
-    elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchone()[0]:
+    elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchall()[0][0]:
         stale = _stale_dedup(summary)
         if stale:
             err_console.print(f"[yellow]Note:[/] {stale}: run `workbench dedup` (and the later steps you use) again.")
@@ -576,7 +576,7 @@ def caption(
         overridden = con.execute(
             "SELECT count(*) FROM captions c JOIN current_captions cc USING (image_id) WHERE c.source = 'manual' "
             "AND cc.caption_source <> 'manual' AND (? IS NULL OR c.image_id IN (SELECT unnest(?::VARCHAR[])))",
-            [ids, ids]).fetchone()[0]
+            [ids, ids]).fetchall()[0][0]
         if overridden:
             err_console.print(Text(f"Note: {overridden} image(s) with a caption typed by hand now use another source. "
                                    "`--use-source manual` (with --where, for some) or `--use-source auto` brings those back.",
@@ -1187,9 +1187,9 @@ def buckets(
         table.add_row(bucket, str(n), "█" * max(1, round(30 * n / top)))
     console.print(table)
     console.print(counts_table("buckets", summary))
-    enlarged, most = con.execute(
+    enlarged, most = first_row(con.execute(
         "SELECT count(*), max(b.resized_width / i.width) FROM aspect_buckets b JOIN images i USING (image_id) "
-        "WHERE b.resized_width > i.width").fetchone()
+        "WHERE b.resized_width > i.width"))
     if enlarged:  # kohya enlarges them without a word; their softness is what trains
         err_console.print(Text(
             f"Note: {enlarged} image(s) are smaller than their bucket and are enlarged to fill it (up to {most:.1f}x). "
@@ -1797,7 +1797,7 @@ def _run_moved_here(con, folder: Path) -> str | None:
     folder_id = snapshot_folder_id(folder / SNAPSHOT_FILE)
     if folder_id is None:
         return None
-    row = con.execute("SELECT max(train_id), any_value(output_dir) FROM training_runs WHERE folder_id = ?", [folder_id]).fetchone()
+    row = first_row(con.execute("SELECT max(train_id), any_value(output_dir) FROM training_runs WHERE folder_id = ?", [folder_id]))
     if row[0] is None:
         return None
     return (f"it holds training run {row[0]}, which trained in {row[1]}: the folder was moved since. Runs are found in "
@@ -1820,7 +1820,7 @@ def evaluate(
 
     con = open_catalog(catalog)
     if run == "latest":
-        row = con.execute("SELECT max(train_id) FROM training_runs WHERE status = 'ok'").fetchone()
+        row = first_row(con.execute("SELECT max(train_id) FROM training_runs WHERE status = 'ok'"))
         if row[0] is None:
             fail("No finished training run yet: run `workbench train lora` first.")
         train_id = int(row[0])
@@ -1828,8 +1828,8 @@ def evaluate(
         train_id = int(run)
     elif Path(run).expanduser().is_dir():  # a run's output folder: its last finished run there
         folder = str(Path(run).expanduser().resolve())
-        row = con.execute("SELECT max(train_id) FILTER (WHERE status = 'ok'), string_agg(DISTINCT status, ', ') "
-                          "FROM training_runs WHERE output_dir = ?", [folder]).fetchone()
+        row = first_row(con.execute("SELECT max(train_id) FILTER (WHERE status = 'ok'), string_agg(DISTINCT status, ', ') "
+                          "FROM training_runs WHERE output_dir = ?", [folder]))
         if row[0] is None:
             moved = _run_moved_here(con, Path(folder))
             fail(f"No finished training run in {run}" + (f" (its runs: {row[1]}; `workbench train … --resume latest "
@@ -1837,7 +1837,7 @@ def evaluate(
         train_id = int(row[0])
     else:
         gone = con.execute("SELECT list(train_id ORDER BY train_id) FROM training_runs WHERE output_dir = ?",
-                           [str(Path(run).expanduser().absolute())]).fetchone()[0]
+                           [str(Path(run).expanduser().absolute())]).fetchall()[0][0]
         if gone:
             fail(f"{run} is gone (moved or deleted); the catalog has training run(s) {', '.join(map(str, gone))} there. "
                  "Runs are found in the folder they trained in: move it back to evaluate it.")

@@ -88,7 +88,7 @@ def _has_column(con: duckdb.DuckDBPyConnection, view: str, column: str) -> bool:
     return bool(
         con.execute(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?", [view, column]
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     )
 
 

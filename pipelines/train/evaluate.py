@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from workbench.catalog import first_row
 from workbench.images import as_rgb, open_image
 from workbench.progress import ProgressHook, null_progress
 
@@ -119,13 +120,13 @@ def fid(references: Sequence[Image.Image], samples: Sequence[Image.Image], weigh
 def finished_sessions(con: duckdb.DuckDBPyConnection, train_id: int) -> list[int]:
     """The finished runs ('ok') in the folder of `train_id` and its life there (folder_id), in order: a run and the
     sessions that continued it with --resume, each rewriting the folder's outputs."""
-    row = con.execute(
+    row = first_row(con.execute(
         "SELECT list(other.train_id ORDER BY other.train_id) FROM training_runs run JOIN training_runs other "
         "ON other.output_dir = run.output_dir AND other.folder_id IS NOT DISTINCT FROM run.folder_id "
         "AND other.status IN ('ok', 'continued') "
         "WHERE run.train_id = ?",
         [train_id],
-    ).fetchone()
+    ))
     return list(row[0] or []) if row else []
 
 
@@ -147,8 +148,8 @@ def run_metrics(
     """CLIP score, CMMD (and FID when possible) of a training run's final samples, stored in training_runs."""
     from workbench.models import load_clip, resolve_device
 
-    row = con.execute("SELECT model, outputs, image_ids, status, steps, output_dir FROM training_runs WHERE train_id = ?",
-                      [train_id]).fetchone()
+    row = first_row(con.execute("SELECT model, outputs, image_ids, status, steps, output_dir FROM training_runs WHERE train_id = ?",
+                      [train_id]))
     if row is None:
         raise ValueError(f"No training run {train_id}; list them with `workbench sql \"SELECT * FROM training_runs\"`.")
     later = continued_by(con, train_id)
@@ -158,7 +159,7 @@ def run_metrics(
     model, outputs, image_ids, status, steps, output_dir = row
     if status not in ("ok", "continued"):
         after = con.execute("SELECT min(train_id) FROM training_runs WHERE train_id > ? AND output_dir = ? AND status = 'ok'",
-                            [train_id, output_dir]).fetchone()[0]
+                            [train_id, output_dir]).fetchall()[0][0]
         raise ValueError(f"Training run {train_id} did not finish ({status} at step {steps or 0}): it has no final samples. "
                          + (f"Run {after} went on in its folder: evaluate run {after}." if after is not None else
                             f"`workbench train … --resume latest --output-dir {output_dir}` finishes it."))

@@ -29,7 +29,7 @@ from pipelines.train.loop import (
     runs_on_cpu,
     steps_behind_message,
 )
-from workbench.catalog import catalog_file, connect_when_free, finish_run, run_status, start_run
+from workbench.catalog import catalog_file, connect_when_free, finish_run, first_row, refuse_read_only, run_status, start_run
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -204,7 +204,7 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
     recorded = con.execute(
         "SELECT coalesce(max(steps), 0) FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ?",
         [str(output_dir), folder_id],
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if outputs or recorded > 0:
         reached = f"got to step {recorded}" + (" and wrote its outputs" if outputs else "") if recorded else "wrote its outputs"
         raise RunRefused(
@@ -217,9 +217,9 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
 def _refuse_a_folder_of_catalog_images(con, output_dir: Path) -> None:
     """A run folder is marked as output, which `ingest` leaves out: made in a folder of photos, it would hide them from
     the next ingest, and its samples would sit among them."""
-    row = con.execute(
+    row = first_row(con.execute(
         "SELECT count(*), min(path) FROM paths WHERE NOT missing AND starts_with(path, ?)", [str(output_dir).rstrip(os.sep) + os.sep],
-    ).fetchone()
+    ))
     if row[0]:
         raise RunRefused(f"{output_dir} holds {row[0]} image(s) of the catalog (e.g. {row[1]}): a run folder there would hide "
                          "them from the next `workbench ingest`. Give another --output-dir.")
@@ -244,11 +244,11 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
     total = planned_steps(config, images, int(os.environ.get("WORLD_SIZE", "1")))
     if step > total:
         raise RunRefused(steps_behind_message(config, checkpoint, step, total))
-    row = con.execute(
+    row = first_row(con.execute(
         "SELECT steps FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? AND status = 'ok' "
         "ORDER BY train_id DESC LIMIT 1",
         [str(output_dir), folder_id],
-    ).fetchone()
+    ))
     if step == total and row is not None and row[0] == step:
         raise RunRefused(
             f"{output_dir} finished at step {step} and is recorded: nothing to resume. "
@@ -362,7 +362,7 @@ def _say_unused_class_images(con, images, progress: ProgressHook) -> None:
     if not prompts:
         return
     count = con.execute("SELECT count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.status = 'ok' "
-                        "AND c.class_prompt IN (SELECT unnest(?::VARCHAR[]))", [prompts]).fetchone()[0]
+                        "AND c.class_prompt IN (SELECT unnest(?::VARCHAR[]))", [prompts]).fetchall()[0][0]
     if count:
         progress(task="dataset", message=(
             f"{count} class image(s) of {', '.join(repr(p) for p in prompts[:3])} are in the catalog but not used: "
@@ -404,6 +404,7 @@ def trained_model(
             raise TrainingError("trained_model needs a catalog connection (only extra accelerate processes run without one).")
         images, priors, output_dir = _shared_dataset(config, None)
         return main(config, images, output_dir=Path(output_dir), priors=priors, components=components, progress=progress)
+    refuse_read_only(con, "Training")  # before its folder and snapshot are written
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(con, config.mode)
     catalog = _RunCatalog(con, release_catalog)
     try:
@@ -526,7 +527,7 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
         "VALUES (?, ?, 'running', ?, ?, ?, ?, ?) RETURNING train_id",
         [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir),
          folder_id],
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
     result, failure = None, None
     try:
