@@ -340,6 +340,14 @@ class BulkPreview:
 
 def _preview(cur: duckdb.DuckDBPyConnection, image_ids: list[str], edit: dict) -> BulkPreview:
     """What an edit changes (BulkPreview); `edit` holds _bulk_expression's options."""
+    if isinstance(image_ids, str):
+        raise CatalogError("image_ids is a list of image ids, not one id as a string: give [image_id].")
+    unknown = [row[0] for row in cur.execute(
+        "SELECT id FROM (SELECT unnest(?::VARCHAR[]) AS id) WHERE id NOT IN (SELECT image_id FROM images)", [list(image_ids)]
+    ).fetchall()]
+    if unknown:  # they became captions of no image (a prefix stored as an id)
+        raise CatalogError(f"No image {unknown[0][:16]} in the catalog" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                           + ": give full image ids (pipelines.concepts.resolve_image_ids turns prefixes into them).")
     expression, params, description = _bulk_expression(cur, **edit)
     try:
         found = _changes(cur, image_ids, expression, params)

@@ -320,3 +320,25 @@ def test_tags_split_at_japanese_commas_and_any_white_space(catalog_path, tmp_pat
     assert captions() == sorted(["猫, 白背景", "猫, 窓辺", "cat, 猫, 🐱"])
     assert _run(catalog_path, "--add-token", "猫、イラスト").exit_code == 0  # two tags given with a Japanese comma
     assert captions() == sorted(["猫, イラスト, 白背景", "猫, イラスト, 窓辺", "猫, イラスト, cat, 🐱"])
+
+
+def test_a_bulk_edit_of_ids_not_in_the_catalog_is_refused_and_writes_nothing(catalog_path, tmp_path):
+    """A Python-API review: `bulk_edit(con, ["deadbeef"*8], set_text=…)` (or a 10-character prefix) wrote a caption
+    row for an image that does not exist, and a str of one id failed with a raw DuckDB error."""
+    import pytest
+
+    from workbench.catalog import CatalogError
+
+    _ingested(catalog_path, tmp_path)
+    con = connect(catalog_path)
+    try:
+        real = con.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 1").fetchall()[0][0]
+        for ids in (["deadbeef" * 8], [real[:10]], [real, "deadbeef" * 8]):
+            with pytest.raises(CatalogError, match="No image .* in the catalog"):
+                caption_edits.bulk_edit(con, ids, set_text="hello")
+        with pytest.raises(CatalogError, match="a list of image ids"):
+            caption_edits.bulk_edit(con, real, set_text="hello")
+        assert con.execute("SELECT count(*) FROM captions WHERE text = 'hello'").fetchall() == [(0,)]
+        assert caption_edits.bulk_edit(con, [real], set_text="hello").changed == 1
+    finally:
+        con.close()
