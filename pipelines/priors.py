@@ -420,9 +420,15 @@ def _ingest_and_record(con, files: dict[int, Path], plan: PriorPlan, ingest) -> 
                 continue
             image_id = row[0]
             con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [image_id])  # ingested before as a photo
+            # an image generated already under another model name (a Hub id and its local snapshot: the same
+            # weights make the same bytes) joins this set: it had no row of it, so training found no class images
             con.execute(
                 "INSERT INTO class_priors (image_id, class_prompt, seed, model, concept, resolution, steps, guidance_scale, sampler) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (image_id) DO NOTHING",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (image_id) DO UPDATE SET model = excluded.model, "
+                "seed = excluded.seed, concept = excluded.concept, resolution = excluded.resolution, steps = excluded.steps, "
+                "guidance_scale = excluded.guidance_scale, sampler = excluded.sampler "
+                "WHERE class_priors.class_prompt = excluded.class_prompt AND class_priors.resolution IS NOT NULL "
+                "AND excluded.resolution IS NOT NULL",
                 [image_id, plan.class_prompt, s, plan.model_name, plan.concept,
                  *((how.resolution, how.steps, float(how.guidance_scale), how.sampler) if how else (None,) * 4)],
             )

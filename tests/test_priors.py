@@ -205,6 +205,16 @@ def test_a_prior_set_belongs_to_its_model_and_exact_prompt_and_replaces_what_is_
     assert grown.seeds == [10, 12, 13, 14, 15] and sorted(grown.to_generate) == [14, 15]
 
 
+def test_the_same_weights_under_another_model_name_give_that_name_its_set(con, tmp_path, pipe, one_thread):
+    """A review: `priors --model tiny` then `--model <the tiny folder>` (a Hub id and its local snapshot) made
+    byte-identical images that kept their first rows: the second name never had a set, and its DreamBooth run failed
+    with "No class-prior images" after generating them."""
+    first = _generate(con, pipe, tmp_path / "priors", num_images=2)
+    second = _generate(con, pipe, tmp_path / "priors", num_images=2, model_name=str(tmp_path / "tiny-snapshot"))
+    assert second.generated == 2 and sorted(second.image_ids) == sorted(first.image_ids)  # the same bytes
+    assert {m for (m,) in con.execute("SELECT model FROM class_priors").fetchall()} == {str(tmp_path / "tiny-snapshot")}
+
+
 def test_concepts_of_one_class_share_one_prior_set_sized_by_all_their_images(con, tmp_path):
     from pipelines.concepts import added_concept
     from pipelines.priors import prior_jobs
