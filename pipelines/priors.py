@@ -541,6 +541,23 @@ def supplied_priors(
     files = image_files_in(root)
     if not files:
         raise ValueError(f"{folder} holds no image files.")
+    from pipelines.concepts import parse_kohya_folder_name
+
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1
+                      and parse_kohya_folder_name(p.relative_to(root).parts[0])})
+    if len(classes) > 1:  # kohya's reg/ holds a folder per class: taken whole, the cats became dog priors
+        raise ValueError(
+            f"{folder} holds kohya class folders ({', '.join(classes[:4])}{' …' if len(classes) > 4 else ''}), each a class "
+            f"of its own: add them one at a time (workbench priors --from {os.path.join(str(folder), classes[0])}), or "
+            "`workbench import-kohya` the dataset folder above it, which takes each with its class.")
+    parsed = parse_kohya_folder_name(os.path.basename(root))
+    if parsed and parsed[0] > 1:
+        progress(task="priors", message=f"the folder's repeat count ({parsed[0]}) is not used: class images are drawn "
+                 "as the instance batches need them (--num-class-images sets how many a run uses)")
+    captions = [p for p in files if p.with_suffix(".txt").is_file() or p.with_suffix(".caption").is_file()]
+    if captions:  # kohya trains reg images on their captions; DreamBooth (diffusers, here) on the class prompt
+        progress(task="priors", message=f"{len(captions)} caption file(s) beside the images are not used: class images "
+                 f"train on their class prompt, {class_prompt!r}")
     summary = SuppliedSummary(class_prompt=class_prompt, folder=root, files=len(files))
     prefix = root.rstrip(os.sep) + os.sep
     if not including_training_photos:

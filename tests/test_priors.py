@@ -634,6 +634,17 @@ def test_priors_from_a_folder_on_the_command_line(catalog_path, tmp_path):
             "a photo of a dog": 2, "a photo of a cat": 1}
     finally:
         con.close()
+    # a review: the parent reg/ of kohya class folders took the cats as dog priors; a reg folder's captions and
+    # repeats were dropped without a word
+    _photos(tmp_path / "reg" / "1_cat", 1, colour=40)
+    parent = _cli("--from", tmp_path / "reg", "--class-prompt", "a photo of a dog", "--catalog", catalog_path)
+    said = " ".join(parent.output.split())
+    assert parent.exit_code == 2 and "holds kohya class folders (1_cat, 1_dog), each a class of its own" in said, said
+    _photos(tmp_path / "reg2" / "10_dog", 1, colour=90)
+    (next((tmp_path / "reg2" / "10_dog").iterdir())).with_suffix(".txt").write_text("a dog lying on grass\n")
+    noted = _cli("--from", tmp_path / "reg2" / "10_dog", "--catalog", catalog_path)
+    said = " ".join(noted.output.split())
+    assert noted.exit_code == 0 and "repeat count (10) is not used" in said and "1 caption file(s)" in said, said
 
 
 def test_the_class_prompt_of_a_kohya_regularisation_folder(con, tmp_path):
