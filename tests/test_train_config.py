@@ -426,3 +426,12 @@ def test_a_runs_config_toml_holds_only_the_options_the_run_uses_and_reads_back(t
     assert (again.max_train_steps, again.class_prompt, again.bucket_reso_steps) == (7, "a photo of a dog", 8)
     edited = load_train_config(toml(tmp_path, text.replace("resolution = 64", "resolution = 128")))
     assert edited.resolution == 128
+
+
+def test_a_config_made_in_python_takes_one_text_as_one_item_and_refuses_numbers_as_text():
+    """A Python-API review: TrainConfig(validation_prompt="a cat") sampled five prompts, "a", " ", "c", "a", "t";
+    concepts="wbk cat" named concepts 'w', 'b', …; resolution="64" failed deep in the run with a TypeError."""
+    config = TrainConfig(mode="lora", validation_prompt="a cat", concepts="wbk cat").validate()
+    assert (config.validation_prompt, config.concepts) == (["a cat"], ["wbk cat"])
+    with pytest.raises(ConfigError, match=r"Numbers given as text: resolution='64', learning_rate='1e-4'"):
+        TrainConfig(mode="lora", resolution="64", learning_rate="1e-4").validate()

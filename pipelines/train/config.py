@@ -10,7 +10,7 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,14 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check ranges and choices, refuse given options this run would ignore, and fill in the mode's learning rate
         when none was given; return self so calls chain."""
+        for name in ONE_ITEM_LIST_OPTIONS:  # one text (as from Python): one item, not a list of its letters
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        wrong = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if f.type in ("int", "float", "int | None", "float | None")
+                 and isinstance(getattr(self, f.name), str)]
+        if wrong:  # a TypeError deep in the run otherwise ('>=' not supported between 'str' and 'int')
+            raise ConfigError(f"Numbers given as text: {', '.join(wrong)}; give them as numbers.")
         if self.learning_rate is None and self.mode in MODES:
             self.learning_rate = DEFAULT_LEARNING_RATES["from_scratch" if self.from_scratch else self.mode]
         if self.with_prior_preservation is None:
