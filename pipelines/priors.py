@@ -443,7 +443,9 @@ def prior_jobs(con: duckdb.DuckDBPyConnection, *, class_prompt: str | None = Non
     if class_prompt is not None:
         if not class_prompt.strip():
             raise ValueError("The class prompt is empty: give e.g. --class-prompt \"a photo of a dog\", or leave it out for each concept's class.")
-        by_prompt: dict[str, list[str]] = {class_prompt: []}
+        # sized by the concepts of that class prompt, as training sizes its set (it was 200 × every instance image)
+        by_prompt: dict[str, list[str]] = {class_prompt: [concept for concept, prompt in class_prompts_by_concept(con).items()
+                                                          if prompt == class_prompt]}
     else:
         by_prompt = {}
         for concept, prompt in class_prompts_by_concept(con).items():

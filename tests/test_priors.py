@@ -224,6 +224,12 @@ def test_concepts_of_one_class_share_one_prior_set_sized_by_all_their_images(con
     added_concept(con, "abc dog", trigger="abc", class_noun="dog", where=f"path IN ('{paths[1]}', '{paths[2]}')")
     assert prior_jobs(con, max_images=1000) == [("a photo of a dog", 600, None)]  # not two sets of the same pictures
     assert prior_jobs(con, class_prompt="a photo of a cat", num_images=5) == [("a photo of a cat", 5, None)]
+    # a review: `--class-prompt` of a concept's class was sized by every instance image, cats included
+    ingest_images(con, tmp_path / "cats", 2, sizes=[(40, 40)])
+    added_concept(con, "wbk cat", trigger="wbk", class_noun="cat", where="concept IS NULL")
+    assert prior_jobs(con, class_prompt="a photo of a dog") == [("a photo of a dog", 600, None)]
+    assert prior_jobs(con, class_prompt="a photo of a cat") == [("a photo of a cat", 400, "wbk cat")]
+    assert prior_jobs(con, class_prompt="a painting") == [("a painting", 1000, None)]  # of no concept: every image
     for bad in ("", "   "):
         with pytest.raises(ValueError, match="class prompt is empty"):
             prior_jobs(con, class_prompt=bad)
