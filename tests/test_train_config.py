@@ -435,3 +435,15 @@ def test_a_config_made_in_python_takes_one_text_as_one_item_and_refuses_numbers_
     assert (config.validation_prompt, config.concepts) == (["a cat"], ["wbk cat"])
     with pytest.raises(ConfigError, match=r"Numbers given as text: resolution='64', learning_rate='1e-4'"):
         TrainConfig(mode="lora", resolution="64", learning_rate="1e-4").validate()
+
+
+def test_a_config_validated_for_one_mode_takes_the_next_modes_defaults():
+    """A Python-API review: a TrainConfig validated for lora, then set to dreambooth, kept LoRA's learning rate
+    (20 times DreamBooth's) and no prior preservation, silently."""
+    config = TrainConfig(mode="lora").validate()
+    assert (config.learning_rate, config.with_prior_preservation) == (1e-4, False)
+    config.mode = "dreambooth"
+    assert (config.validate().learning_rate, config.with_prior_preservation) == (5e-6, True)
+    config.learning_rate = 2e-6  # set by hand: kept
+    config.mode = "lora"
+    assert (config.validate().learning_rate, config.with_prior_preservation) == (2e-6, False)

@@ -252,10 +252,17 @@ class TrainConfig:
                  and isinstance(getattr(self, f.name), str)]
         if wrong:  # a TypeError deep in the run otherwise ('>=' not supported between 'str' and 'int')
             raise ConfigError(f"Numbers given as text: {', '.join(wrong)}; give them as numbers.")
+        # defaults an earlier validate filled in are filled in again: a config reused for another mode (a notebook)
+        # trained DreamBooth at LoRA's learning rate and without prior preservation
+        for name, value in getattr(self, "_filled_defaults", {}).items():
+            if getattr(self, name) == value:
+                setattr(self, name, None)
+        filled = {}
         if self.learning_rate is None and self.mode in MODES:
-            self.learning_rate = DEFAULT_LEARNING_RATES["from_scratch" if self.from_scratch else self.mode]
+            self.learning_rate = filled["learning_rate"] = DEFAULT_LEARNING_RATES["from_scratch" if self.from_scratch else self.mode]
         if self.with_prior_preservation is None:
-            self.with_prior_preservation = self.mode == "dreambooth"
+            self.with_prior_preservation = filled["with_prior_preservation"] = self.mode == "dreambooth"
+        self._filled_defaults = filled
         # given options this run would ignore (the full-UNet modes have no adapters, lora no EMA, ...)
         unused_lora = self._given(LORA_OPTIONS) if self.mode != "lora" else []
         unused_ema = self._given(EMA_OPTIONS) if self.mode == "lora" else [] if self.use_ema else self._given(("ema_decay",))
