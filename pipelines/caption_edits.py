@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, catalog_file, transaction
-from workbench.images import SIDECAR_READ_LIMIT, decode_caption, sidecars_changed_since_ingest
+from workbench.images import SIDECAR_READ_LIMIT, decode_caption, path_text, sidecars_changed_since_ingest
 
 MANUAL = "manual"
 
@@ -168,7 +168,8 @@ def _edited_outside(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> set
 
 def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str, *, sidecar: bool = False) -> list[str]:
     """Store `text` (on one line) as the image's manual caption and make it the caption in use. With `sidecar`,
-    its sidecar file is written too, unless edited in another tool since ingest: those paths are returned."""
+    its sidecar file is written too, unless edited in another tool since ingest, or not writable (a link, a file
+    ingest could not read): returns what was left as it is, "path: why", the caption saved either way."""
     text = one_line_caption(text)
     if not text:
         raise CatalogError("A caption cannot be empty; reject it instead to fall back to another source.")
@@ -183,9 +184,13 @@ def save_manual_caption(con: duckdb.DuckDBPyConnection, image_id: str, text: str
                 [image_id, MANUAL, text],
             )
             cur.execute("INSERT OR REPLACE INTO caption_choice (image_id, source) VALUES (?, ?)", [image_id, MANUAL])
+        left = [f"{path}: edited in another tool since ingest, left as it is" for path in sorted(edited_outside)]
         if sidecar:
-            write_sidecars(cur, [image_id], leave=edited_outside)
-        return sorted(edited_outside)
+            try:
+                write_sidecars(cur, [image_id], leave=edited_outside)
+            except SidecarsNotWritten as error:  # the caption is saved: the file is said, not an error of the save
+                left += [f"{path}: {why}" for path, why in error.failed]
+        return left
     finally:
         cur.close()
 
@@ -427,7 +432,7 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
             cur.executemany(  # the path as bytes too: a name that is not UTF-8 has no text form (paths.path_bytes)
                 "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_path_bytes = ?, sidecar_previous = ?, "
                 "sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
-                [(os.fsencode(w.path).decode("utf-8", "backslashreplace"), os.fsencode(w.path), w.previous, w.written, edit_id, w.image_id)
+                [(path_text(w.path), os.fsencode(w.path), w.previous, w.written, edit_id, w.image_id)
                  for w in written.values()],
             )
         if not_written is not None:

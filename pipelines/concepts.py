@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from workbench.catalog import is_read_only_sql, record_run, transaction
-from workbench.images import catalog_path_text
+from workbench.images import catalog_path_text, path_text
 from workbench.progress import ProgressHook, null_progress
 
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
@@ -112,12 +112,17 @@ def kohya_skipped_folder_note(folder: str) -> str:
             f"To leave them out: workbench exclude --folder {shlex.quote(folder)} --reason {shlex.quote(why)}")
 
 
-def _check_text(label: str, value: str | None, *, required: bool) -> str | None:
+def _check_text(label: str, value: str | None, *, required: bool, composed: bool = True) -> str | None:
+    """`value` stripped (None when empty and not required), refused with control characters. `composed`: in NFC, as
+    names, triggers and classes are kept (typed on macOS, or pasted from a file name, they may come decomposed); a
+    --where condition stays as typed, to match decomposed paths."""
     if value is None:
         if required:
             raise ValueError(f"{label} is required")
         return None
-    value = unicodedata.normalize("NFC", value.strip())  # typed on macOS, or pasted from a file name: one form
+    value = value.strip()
+    if composed:
+        value = unicodedata.normalize("NFC", value)
     if not value:
         if required:
             raise ValueError(f"{label} must not be empty")
@@ -142,7 +147,7 @@ def _one_select(condition: str) -> str:
 
 def images_where(con: duckdb.DuckDBPyConnection, condition: str) -> list[str]:
     """The image ids whose images_view row matches the SQL `condition` (`--where`), in image id order."""
-    condition = _check_text("where", condition, required=True)
+    condition = _check_text("where", condition, required=True, composed=False)
     try:
         return [row[0] for row in con.execute(_one_select(condition) + " ORDER BY image_id").fetchall()]
     except duckdb.Error as error:
@@ -254,7 +259,7 @@ def _class_images(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> s
 def images_in_folder(con: duckdb.DuckDBPyConnection, folder: str) -> list[str]:
     """Images with any known path under `folder` (as given, or made absolute)."""
     # as text the catalog's paths hold: a folder named in bytes that are not UTF-8 failed here with a traceback
-    prefixes = {os.fsencode(folder).decode("utf-8", "backslashreplace").rstrip("/\\")}
+    prefixes = {path_text(folder).rstrip("/\\")}
     prefixes.add(catalog_path_text(folder).rstrip("/\\"))
     ids: list[str] = []
     for prefix in prefixes:
@@ -297,7 +302,7 @@ def added_concept(
     class_noun = _check_text("class", class_noun, required=False)
     if repeats is not None and (not isinstance(repeats, int) or repeats < 1):
         raise ValueError(f"repeats must be a whole number of at least 1, not {repeats!r}")
-    where = _check_text("where", where, required=False) if where is not None else None
+    where = _check_text("where", where, required=False, composed=False) if where is not None else None
     folder_text = os.fspath(folder) if folder is not None else None
     if folder_text is not None and not folder_text.strip():
         raise ValueError("folder must not be empty")
@@ -489,6 +494,9 @@ def concepts_from_folder_names(
     if not found:
         return 0
     existing = {c.name: c for c in list_concepts(con)}
+    # a concept kept decomposed (NFD, by a catalog from before names were composed) is the one its folder names
+    stored = {unicodedata.normalize("NFC", name): name for name in existing}
+    found = {(stored.get(name, name), repeats): value for (name, repeats), value in found.items()}
     chosen: dict[tuple[str, int], str] = {}  # (tokens, repeats) -> the concept its images join
     for (name, repeats) in found:
         holder = existing.get(name)

@@ -361,19 +361,21 @@ def filtered_dataset(
 
 
 def rules_as_options(rules: FilterRules) -> list[str]:
-    """The `workbench filter` options that give `rules` (those that differ from the defaults)."""
+    """The `workbench filter` options that give `rules`: the sizes always (a [filter] table may set others), the
+    rules on, and their thresholds that are not the defaults; values exactly, not rounded as reasons show them."""
+    def exact(value: float) -> str:
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+
     default = FilterRules()
-    options: list[str] = []
-    for name in ("min_side", "max_aspect", "min_clip_score"):
-        value = getattr(rules, name)
-        if value != getattr(default, name):
-            options += ["--" + name.replace("_", "-"), _fmt(value or 0)]
+    options = ["--min-side", exact(rules.min_side or 0), "--max-aspect", exact(rules.max_aspect or 0)]
+    if rules.min_clip_score is not None:
+        options += ["--min-clip-score", exact(rules.min_clip_score)]
     for name in ("blurry", "dark", "overexposed", "low_information", "grayscale"):
         if getattr(rules, name):
             options.append("--no-" + name.replace("_", "-"))
     for threshold, rule in THRESHOLD_RULES.items():
         if getattr(rules, rule) and getattr(rules, threshold) != getattr(default, threshold):
-            options += ["--" + threshold.replace("_", "-"), _fmt(getattr(rules, threshold))]
+            options += ["--" + threshold.replace("_", "-"), exact(getattr(rules, threshold))]
     return options
 
 

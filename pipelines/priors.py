@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import duckdb
 
 from workbench.catalog import first_row, record_run, transaction
+from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
 
 if TYPE_CHECKING:
@@ -560,6 +561,8 @@ def supplied_priors(
     if captions:  # kohya trains reg images on their captions; DreamBooth (diffusers, here) on the class prompt
         progress(task="priors", message=f"{len(captions)} caption file(s) beside the images are not used: class images "
                  f"train on their class prompt, {class_prompt!r}")
+    # the folder as the catalog's path text holds it: a name that is not UTF-8 failed here with a traceback
+    root = catalog_path_text(root)
     summary = SuppliedSummary(class_prompt=class_prompt, folder=root, files=len(files))
     prefix = root.rstrip(os.sep) + os.sep
     if not including_training_photos:

@@ -293,6 +293,17 @@ def test_a_sidecar_ingest_could_not_read_is_left_as_it_is(catalog_path, tmp_path
     assert done.exit_code != 0 and "sjis.txt: a caption file ingest cannot read (not UTF-8): left as it is" in said, said
     assert (folder / "sjis.txt").read_bytes() == original
     assert (folder / "ok.txt").read_text(encoding="utf-8") == "mytag, a green square\n"
+    # one caption saved with its sidecar (the TUI's Save): saved, the file named and kept; it raised, and the TUI
+    # tried the save again when it closed, and failed there
+    con = connect(catalog_path)
+    try:
+        image_id = con.execute("SELECT image_id FROM paths WHERE path LIKE '%sjis.png'").fetchall()[0][0]
+        left = caption_edits.save_manual_caption(con, image_id, "猫, typed", sidecar=True)
+        assert len(left) == 1 and "sjis.txt: a caption file ingest cannot read (not UTF-8)" in left[0]
+        assert con.execute("SELECT caption FROM images_view WHERE image_id = ?", [image_id]).fetchall() == [("猫, typed",)]
+    finally:
+        con.close()
+    assert (folder / "sjis.txt").read_bytes() == original
 
 
 def test_tags_split_at_japanese_commas_and_any_white_space(catalog_path, tmp_path):

@@ -493,7 +493,7 @@ def test_export_and_train_name_images_the_last_filter_run_never_judged(catalog_p
         folder.mkdir()
         Image.new("RGB", (300, 300), colour).save(folder / "a.png")
     ingested_images(con, [first], workers=1)
-    filtered_dataset(con, FilterRules(dark=True, min_clip_score=0.25))
+    filtered_dataset(con, FilterRules(dark=True, min_clip_score=0.2675))
     ingested_images(con, [later], workers=1)
     con.close()
     runner = CliRunner()
@@ -501,10 +501,10 @@ def test_export_and_train_name_images_the_last_filter_run_never_judged(catalog_p
     said = " ".join(export.output.split())
     assert export.exit_code == 0, export.output
     assert "1 image(s) of the dataset came in after the last filter run" in said
-    assert "`workbench filter --min-clip-score 0.25 --no-dark`" in said
+    assert "`workbench filter --min-side 256 --max-aspect 3 --min-clip-score 0.2675 --no-dark`" in said  # exactly
     shown = runner.invoke(app, ["train", "lora", "--model", "tiny", "--resolution", "64", "--show-batches", "1",
                                 "--catalog", str(catalog_path)])
     assert "came in after the last filter run" in " ".join(shown.output.split()), shown.output
-    assert runner.invoke(app, ["filter", "--min-clip-score", "0.25", "--no-dark", "--catalog", str(catalog_path)]).exit_code == 0
+    assert runner.invoke(app, ["filter", "--min-clip-score", "0.2675", "--no-dark", "--catalog", str(catalog_path)]).exit_code == 0
     export = runner.invoke(app, ["export", str(tmp_path / "out2"), "--format", "parquet", "--catalog", str(catalog_path)])
     assert export.exit_code == 0 and "after the last filter run" not in export.output

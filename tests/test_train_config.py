@@ -433,8 +433,11 @@ def test_a_config_made_in_python_takes_one_text_as_one_item_and_refuses_numbers_
     concepts="wbk cat" named concepts 'w', 'b', …; resolution="64" failed deep in the run with a TypeError."""
     config = TrainConfig(mode="lora", validation_prompt="a cat", concepts="wbk cat").validate()
     assert (config.validation_prompt, config.concepts) == (["a cat"], ["wbk cat"])
-    with pytest.raises(ConfigError, match=r"Numbers given as text: resolution='64', learning_rate='1e-4'"):
+    with pytest.raises(ConfigError, match=r"resolution must be int, got '64'; learning_rate must be float or none, got '1e-4'"):
         TrainConfig(mode="lora", resolution="64", learning_rate="1e-4").validate()
+    with pytest.raises(ConfigError, match=r"train_text_encoder must be bool.*got 'false'"):  # "false" was true
+        TrainConfig(mode="lora", train_text_encoder="false").validate()
+    assert TrainConfig(mode="lora", validation_prompt=("a", "b")).validate().validation_prompt == ["a", "b"]
 
 
 def test_a_config_validated_for_one_mode_takes_the_next_modes_defaults():

@@ -298,14 +298,12 @@ class CaptionsScreen(SizeClasses, Screen):
             left = caption_edits.save_manual_caption(con, image_id, text, sidecar=sidecar)
             if self._unsaved.get(image_id, (None,))[0] == text:  # not a newer save of it, still to be written
                 self._unsaved.pop(image_id, None)
-            return done + (f"; {left[0]} was edited in another tool since ingest and is left as it is" if left else "")
+            return done + (f"; sidecar not written: {left[0]}" if left else "")
 
         self._write(save)
 
     def action_focus_filter(self) -> None:
-        # at once, not after the queued events (Widget.focus defers): keys that arrive with ctrl+f, in one read over
-        # ssh or from a paste, are the filter's, not the rows'
-        self.screen.set_focus(self.query_one("#captions-table #filter", Input))
+        self.query_one(ImageTable).action_focus_filter()  # as Browse: at once, its text selected
 
     @on(Button.Pressed, "#accept")
     def action_accept(self) -> None:

@@ -58,6 +58,7 @@ class FilterInput(Input):
     def action_back_to_rows(self) -> None:
         self.screen.set_focus(self.query_ancestor(ImageTable).query_one("#rows"))
 
+
 class ImageTable(Vertical):
     """Filter box, sort picker and a paged DataTable over images_view.
 

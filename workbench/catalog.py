@@ -39,7 +39,7 @@ class CatalogLockedError(CatalogError):
 
 def default_catalog_path() -> Path:
     """The catalog path from $WORKBENCH_CATALOG, else ./workbench.duckdb."""
-    return Path(os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG)
+    return Path(os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG).expanduser()
 
 
 def _migration_files() -> list[tuple[int, str, str]]:

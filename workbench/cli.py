@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench import catalog as catalog_mod
-from workbench.images import catalog_path_text
+from workbench.images import catalog_path_text, path_text
 from workbench.catalog import CatalogError, first_row
 from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
 
@@ -81,8 +81,8 @@ def fail(message: str, code: int = 2) -> None:
 
 def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool = False, wait_seconds: float = 0.0):
     """Open the catalog; only commands that add images (create=True) may start a new one."""
-    resolved = path if path is not None else catalog_mod.default_catalog_path()
-    if not create and not Path(resolved).exists():
+    resolved = Path(path).expanduser() if path is not None else catalog_mod.default_catalog_path()
+    if not create and not resolved.exists():
         fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
     try:
         con = catalog_mod.connect(path, read_only=read_only, wait_seconds=wait_seconds)
@@ -1015,7 +1015,7 @@ def exclude(
                                                "--folder` lets them in)" if folder else ""))
     if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
         prefixes = {p.rstrip("/\\") + os.sep for path in folder  # as the catalog's path text holds them
-                    for p in (os.fsencode(path).decode("utf-8", "backslashreplace"), catalog_path_text(path))}
+                    for p in (path_text(path), catalog_path_text(path))}
         elsewhere: dict[str, str] = {}
         for image_id, path in con.execute(
             "SELECT image_id, path FROM paths WHERE image_id IN (SELECT unnest(?::VARCHAR[])) AND NOT missing ORDER BY seq",
@@ -1323,7 +1323,8 @@ def _relaunch(num_processes: int, *, new_run: bool = False) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the start: a stop in between is not lost
         signal.signal(signum, pass_on)
-    # PYTHONSAFEPATH: `-m workbench.cli` must not find a `pipelines/` or `tui/` package of the folder it runs in first
+    # PYTHONSAFEPATH: `-m workbench.cli` must not find a `pipelines/` or `tui/` package of the folder it runs in
+    # first (the workbench is installed: `make` installs it, editable)
     env = {**os.environ, "PYTHONSAFEPATH": "1", **({"WORKBENCH_NEW_RUN": "1"} if new_run else {})}
     launched.append(subprocess.Popen(command, env=env))
     if signal.SIGTERM in stopped:  # came before torchrun started
@@ -1872,6 +1873,7 @@ def tui(
     """
     if screen is not None and screen not in TUI_SCREENS:
         fail(f"--screen must be one of {', '.join(TUI_SCREENS)}.")
+    catalog = catalog.expanduser() if catalog is not None else None
     if catalog is not None and not catalog.exists():  # a typo must not open a new, empty catalog in silence
         fail(f"No catalog at {catalog}. `workbench ingest FOLDER --catalog {catalog}` starts one there; `workbench` "
              "alone opens (or starts) ./workbench.duckdb.")

@@ -135,10 +135,15 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
     return changed
 
 
+def path_text(path: str | os.PathLike[str]) -> str:
+    """`path` as text the catalog stores (`paths.path`): bytes that are not UTF-8 as \\xNN escapes (a name given as
+    such escapes, as ingest prints it, stays as it is)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def catalog_path_text(path: str | os.PathLike[str]) -> str:
-    """`path` made absolute, as the catalog's `paths.path` writes it: bytes that are not UTF-8 as \\xNN escapes
-    (a name given as such escapes, as ingest prints it, stays as it is)."""
-    return os.fsencode(os.path.abspath(path)).decode("utf-8", "backslashreplace")
+    """`path` made absolute, as `path_text`."""
+    return path_text(os.path.abspath(path))
 
 
 SIDECAR_READ_LIMIT = 256 * 1024  # bytes: ingest's MAX_SIDECAR_BYTES

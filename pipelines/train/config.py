@@ -247,11 +247,12 @@ class TrainConfig:
         for name in ONE_ITEM_LIST_OPTIONS:  # one text (as from Python): one item, not a list of its letters
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
-        wrong = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                 if f.type in ("int", "float", "int | None", "float | None")
-                 and isinstance(getattr(self, f.name), str)]
-        if wrong:  # a TypeError deep in the run otherwise ('>=' not supported between 'str' and 'int')
-            raise ConfigError(f"Numbers given as text: {', '.join(wrong)}; give them as numbers.")
+        for name in ONE_ITEM_LIST_OPTIONS + COMMA_LIST_OPTIONS:  # a tuple is a list
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        wrong = _type_errors({f.name: getattr(self, f.name) for f in fields(self)})
+        if wrong:  # as a TOML file's: a TypeError deep in the run otherwise, or "false" taken as true
+            raise ConfigError("; ".join(wrong))
         # defaults an earlier validate filled in are filled in again: a config reused for another mode (a notebook)
         # trained DreamBooth at LoRA's learning rate and without prior preservation
         for name, value in getattr(self, "_filled_defaults", {}).items():
