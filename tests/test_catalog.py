@@ -227,3 +227,20 @@ def test_library_calls_leave_the_connection_usable_and_say_what_is_wrong(tmp_pat
     with pytest.raises(CatalogError, match="open in this process already read-only"):
         connect(path)
     reader.close()
+
+
+def test_a_tilde_in_workbench_catalog_or_catalog_is_the_home_folder(tmp_path, monkeypatch):
+    """A code review: WORKBENCH_CATALOG=~/d.duckdb made a folder named "~" beside the command, and `--catalog
+    ~/c.duckdb` (quoted) said there was no catalog although the file was there."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORKBENCH_CATALOG", "~/d.duckdb")
+    catalog.connect().close()
+    assert (tmp_path / "home" / "d.duckdb").is_file() and not (tmp_path / "~").exists()
+    monkeypatch.delenv("WORKBENCH_CATALOG")
+    result = CliRunner().invoke(app, ["sql", "SELECT count(*) FROM images", "--catalog", "~/d.duckdb"])
+    assert result.exit_code == 0, result.output

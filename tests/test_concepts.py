@@ -455,3 +455,28 @@ def test_a_folder_named_in_bytes_that_are_not_utf8_works_in_every_folder_option(
     ingested_images(con, [tmp_path / "data"], workers=1)
     assert con.execute("SELECT count(*) FROM images_view WHERE NOT excluded").fetchall() == [(0,)]
     con.close()
+
+
+def test_a_where_condition_stays_as_typed_and_an_old_decomposed_concept_keeps_its_images(con, tmp_path):
+    """A code review: NFC for concept names also composed every --where, so `path LIKE '%Bär%'` typed decomposed no
+    longer found decomposed paths; and a concept stored decomposed (a catalog from before) got a composed twin at
+    the next ingest of its folder."""
+    import unicodedata
+
+    from PIL import Image
+
+    from pipelines.concepts import images_where
+    from pipelines.ingest import ingested_images
+
+    nfd = unicodedata.normalize("NFD", "5_Bär bear")
+    folder = tmp_path / nfd
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (120, 60, 20)).save(folder / "a.png")
+    con.execute("INSERT INTO concepts (name, trigger_token, class_noun, repeats) VALUES (?, ?, 'bear', 5)",
+                [unicodedata.normalize("NFD", "Bär bear"), unicodedata.normalize("NFD", "Bär")])
+    ingested_images(con, [tmp_path], workers=1)
+    assert len(images_where(con, f"path LIKE '%{nfd}%'")) == 1
+    Image.new("RGB", (64, 64), (20, 60, 120)).save(folder / "b.png")
+    ingested_images(con, [tmp_path], workers=1)
+    assert con.execute("SELECT name, count(*) FROM concepts JOIN concept_images ON concept = name GROUP BY name").fetchall() == [
+        (unicodedata.normalize("NFD", "Bär bear"), 2)]

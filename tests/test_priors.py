@@ -716,3 +716,18 @@ def test_a_class_set_with_no_instance_images_to_size_it_is_skipped_and_said(cata
     given = _cli("--catalog", catalog_path, "--class-prompt", "a photo of a dog", "--out-dir", tmp_path / "p", "--steps", 1)
     assert given.exit_code == 2 and "the dataset has no instance images" in " ".join(given.output.split()) and "--num N" in given.output
     assert not (tmp_path / "p").exists()
+
+
+def test_class_images_from_a_folder_named_in_bytes_that_are_not_utf8(con, tmp_path):
+    """A code review: `priors --from caf<0xE9>` failed with a traceback (the name has no UTF-8 text form)."""
+    import os
+
+    from pipelines.priors import supplied_priors
+
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.makedirs(folder)
+    with open(os.path.join(folder, b"a.png"), "wb") as file:
+        Image.new("RGB", (40, 32), (5, 120, 200)).save(file, format="PNG")
+    summary = supplied_priors(con, os.fsdecode(folder), class_prompt="a photo of a dog")
+    assert summary.added == 1 and summary.folder.endswith("caf\\xe9")
+    assert con.execute("SELECT supplied_from FROM class_priors").fetchall() == [(summary.folder,)]
