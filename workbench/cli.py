@@ -23,8 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench import catalog as catalog_mod
-from workbench.images import catalog_path_text, path_text
 from workbench.catalog import CatalogError, first_row
+from workbench.images import catalog_path_text, path_text
 from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
 
 if TYPE_CHECKING:  # the steps load when a command runs them (a fast --help)
