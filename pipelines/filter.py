@@ -44,7 +44,6 @@ from typing import Any, Iterable, Mapping
 import duckdb
 import pyarrow as pa
 
-from pipelines.dedup import regroup_duplicates
 from workbench.catalog import first_row, record_run, transaction
 from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
@@ -208,6 +207,7 @@ def _filter_records(con: duckdb.DuckDBPyConnection, has_clip: bool, image_ids: l
 def _recheck_new_keepers(con: duckdb.DuckDBPyConnection, checks, has_clip: bool, kept_before: set[str]) -> int:
     """Copies that took their group over are judged again, with the caption they now carry (the CLIP score rule):
     as an excluded copy they had none, passed, and kept a picture whose caption fails the rule. Returns how many."""
+    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
     caption_rules = [(rule, check) for rule, check in checks if rule == "min_clip_score"]
     failed = 0
     judged: set[str] = set()
@@ -234,6 +234,7 @@ def filtered_dataset(
     progress: ProgressHook = null_progress,
 ) -> dict:
     """The dataset after `rules`: replaces every `filter:*` exclusion row (or, dry run, only counts them)."""
+    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
     has_clip = _has_column(con, "images_view", "clip_score")
     checks, skipped = _rule_checks(rules, has_clip)
     for rule, why in skipped.items():
@@ -466,6 +467,7 @@ def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterabl
 
 def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
     """Include images by hand: removes their manual and filter exclusions; later filters skip them."""
+    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
     ids = _resolve(con, image_ids)
     with transaction(con):
         include_ids = pa.table({"image_id": pa.array(ids, pa.string())})

@@ -63,6 +63,16 @@ def test_the_trainer_loads_no_curation_libraries():
     )
     found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert found == "[]", found
+    # `workbench train` checks the dataset against the last filter run first, in the process that then trains
+    # (its note's module imported dedup, and polars, at the top)
+    probe = (
+        "import sys, tempfile, pathlib; from workbench.catalog import connect; from workbench.cli import _note_unfiltered\n"
+        "import pipelines.train.run, pipelines.train.loop, pipelines.train.data\n"
+        "_note_unfiltered(connect(pathlib.Path(tempfile.mkdtemp()) / 'c.duckdb'))\n"
+        f"print(sorted(m for m in {CURATION_MODULES} if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "[]", found
 
 
 def test_a_training_run_loads_no_curation_libraries(tmp_path):
