@@ -265,14 +265,13 @@ class TrainConfig:
             self.with_prior_preservation = filled["with_prior_preservation"] = self.mode == "dreambooth"
         self._filled_defaults = filled
         # given options this run would ignore (the full-UNet modes have no adapters, lora no EMA, ...)
-        unused_lora = self._given(LORA_OPTIONS) if self.mode != "lora" else []
-        unused_ema = self._given(EMA_OPTIONS) if self.mode == "lora" else [] if self.use_ema else self._given(("ema_decay",))
-        unused_text = [] if self.train_text_encoder else [n for n in self._given(TEXT_ENCODER_OPTIONS) if n not in unused_lora]
-        unused_prior = [] if self.with_prior_preservation else self._given(PRIOR_OPTIONS)
-        unused_shuffle = [] if self.shuffle_tags else self._given(SHUFFLE_OPTIONS)
-        # diffusers' get_scheduler passes each schedule only its own settings: the others are dropped in silence
-        unused_schedule = [name for name, schedules in SCHEDULE_OPTIONS.items()
-                           if self.lr_scheduler not in schedules and self._given((name,))]
+        ignored = _ignored_by_group(self)
+        unused_lora = self._given(ignored["lora"])
+        unused_ema = self._given(ignored["ema"])
+        unused_text = [n for n in self._given(ignored["text"]) if n not in unused_lora]
+        unused_prior = self._given(ignored["prior"])
+        unused_shuffle = self._given(ignored["shuffle"])
+        unused_schedule = self._given(ignored["schedule"])
         checks = [
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             # before ranges: an option this run ignores is to be removed, whatever its value
@@ -533,17 +532,24 @@ def _type_errors(values: dict[str, Any]) -> list[str]:
 RUN_CONFIG_FILE = "config.toml"  # a run's options as a --config file: what trains it again
 
 
+def _ignored_by_group(config: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """The options this run does not use, by why: LoRA ones for the full-UNet modes, EMA for lora (or ema_decay
+    without EMA), the text encoder's without training it, prior ones without prior preservation, keep_tokens without
+    shuffling, and schedule settings another schedule does not take (diffusers' get_scheduler passes each schedule
+    only its own: the others are dropped in silence)."""
+    return {
+        "lora": LORA_OPTIONS if config.mode != "lora" else (),
+        "ema": EMA_OPTIONS if config.mode == "lora" else () if config.use_ema else ("ema_decay",),
+        "text": () if config.train_text_encoder else TEXT_ENCODER_OPTIONS,
+        "prior": () if config.with_prior_preservation else PRIOR_OPTIONS,
+        "shuffle": () if config.shuffle_tags else SHUFFLE_OPTIONS,
+        "schedule": tuple(name for name, schedules in SCHEDULE_OPTIONS.items() if config.lr_scheduler not in schedules),
+    }
+
+
 def ignored_options(config: TrainConfig) -> set[str]:
-    """The options this run does not use (validate() refuses them when given): LoRA ones for the full-UNet modes,
-    EMA for lora (or ema_decay without EMA), the text encoder's without training it, prior ones without prior
-    preservation, keep_tokens without shuffling, and schedule settings another schedule does not take."""
-    ignored = set(LORA_OPTIONS) if config.mode != "lora" else set()
-    ignored |= set(EMA_OPTIONS) if config.mode == "lora" else set() if config.use_ema else {"ema_decay"}
-    ignored |= set() if config.train_text_encoder else set(TEXT_ENCODER_OPTIONS)
-    ignored |= set() if config.with_prior_preservation else set(PRIOR_OPTIONS)
-    ignored |= set() if config.shuffle_tags else set(SHUFFLE_OPTIONS)
-    ignored |= {name for name, schedules in SCHEDULE_OPTIONS.items() if config.lr_scheduler not in schedules}
-    return ignored
+    """The options this run does not use (validate() refuses them when given), of every group of _ignored_by_group."""
+    return {name for names in _ignored_by_group(config).values() for name in names}
 
 
 def run_config_text(config: TrainConfig, *, max_train_steps: int, buckets: dict) -> str:
