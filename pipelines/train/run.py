@@ -256,18 +256,17 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
         )
 
 
-def _last_checkpoint_step(output_dir: Path) -> int:
+def _last_checkpoint(output_dir: Path) -> tuple[int, float | None]:
+    """The step of the last checkpoint (0 without one), where a resume goes on from, and the training time up to it
+    (all sessions; None without one or when its state.json does not say), which a stopped run keeps."""
     kept = ckpt.list_checkpoints(output_dir / "checkpoints")
-    return ckpt.checkpoint_step(kept[-1]) if kept else 0
-
-
-def _last_checkpoint_seconds(output_dir: Path) -> float | None:
-    """The training time up to the last checkpoint (all sessions), which a stopped run keeps; None without one."""
-    kept = ckpt.list_checkpoints(output_dir / "checkpoints")
+    if not kept:
+        return 0, None
     try:
-        return float(json.loads((kept[-1] / "state.json").read_text())["seconds"]) if kept else None
+        seconds = float(json.loads((kept[-1] / "state.json").read_text())["seconds"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        seconds = None
+    return ckpt.checkpoint_step(kept[-1]), seconds
 
 
 def _mark_interrupted_runs(con, output_dir: Path) -> None:
@@ -277,7 +276,7 @@ def _mark_interrupted_runs(con, output_dir: Path) -> None:
         "UPDATE training_runs SET status = 'interrupted', finished_at = current_timestamp, steps = coalesce(steps, ?), "
         "error = coalesce(error, 'the training process ended without recording the run (killed, or stopped while waiting for the catalog)') "
         "WHERE output_dir = ? AND status = 'running'",
-        [_last_checkpoint_step(output_dir), str(output_dir)],  # steps: where a --resume continues from
+        [_last_checkpoint(output_dir)[0], str(output_dir)],  # steps: where a --resume continues from
     )
     con.execute(
         "UPDATE runs SET status = 'interrupted', error = coalesce(error, 'the training process ended without recording the run') "
@@ -511,8 +510,7 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
         con.execute(  # steps and seconds: where a --resume would continue from (a review found seconds NULL)
             "UPDATE training_runs SET status = ?, error = ?, steps = ?, seconds = ?, finished_at = current_timestamp "
             "WHERE train_id = ?",
-            [run_status(failure), f"{failure.__class__.__name__}: {reason}", _last_checkpoint_step(output_dir),
-             _last_checkpoint_seconds(output_dir), train_id],
+            [run_status(failure), f"{failure.__class__.__name__}: {reason}", *_last_checkpoint(output_dir), train_id],
         )
     finish_run(con, run, failure)
 
