@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workbench.catalog import CatalogError, catalog_file, transaction
+from workbench.catalog import CatalogError, catalog_files, transaction
 from workbench.images import SIDECAR_READ_LIMIT, decode_caption, path_text, sidecars_changed_since_ingest
 
 MANUAL = "manual"
@@ -73,8 +73,7 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
     finally:
         cur.unregister("sidecar_ids")
     written, failed = [], []
-    found = catalog_file(cur)
-    catalog = {found, found.with_name(found.name + ".wal")} if found else set()
+    catalog = set(catalog_files(cur) or ())
     for image_id, path_bytes, caption in rows:
         image_path = os.fsdecode(bytes(path_bytes))
         if os.path.exists(image_path):

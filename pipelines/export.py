@@ -529,10 +529,9 @@ def _files_under(folder: Path) -> set[str]:
 
 def _catalog_files(con: duckdb.DuckDBPyConnection, out: Path) -> frozenset[Path]:
     """Files under OUT no export may delete: the catalog's database and write-ahead log, and image files it reads."""
-    from workbench.catalog import catalog_file
+    from workbench.catalog import catalog_files
 
-    path = catalog_file(con)
-    files = {Path(path).resolve(), Path(f"{path}.wal").resolve()} if path else set()
+    files = {path.resolve() for path in catalog_files(con) or ()}
     inside = str(out.resolve()) + os.sep
     files.update(Path(p) for (p,) in con.execute("SELECT path FROM paths WHERE starts_with(path, ?)", [inside]).fetchall())
     return frozenset(files)

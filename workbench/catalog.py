@@ -187,14 +187,19 @@ def catalog_file(con: duckdb.DuckDBPyConnection) -> Path | None:
     return Path(row[0]).resolve() if row and row[0] else None
 
 
+def catalog_files(con: duckdb.DuckDBPyConnection) -> tuple[Path, Path] | None:
+    """The catalog's database file and its write-ahead log (None for an in-memory catalog)."""
+    catalog = catalog_file(con)
+    return (catalog, catalog.with_name(catalog.name + ".wal")) if catalog is not None else None
+
+
 def protected_file(con: duckdb.DuckDBPyConnection, target: str | os.PathLike[str]) -> str | None:
     """Why `target` must never be overwritten by a query result written to a file: it is the catalog itself,
     its write-ahead log, or a file the catalog reads an image or caption from (a copy that may be the only one),
     by any name: a link to one, a path through a linked folder, a hard link. None when it is none of these."""
     given = Path(target).expanduser()
     target = given.resolve()
-    catalog = catalog_file(con)
-    wal = catalog.with_name(catalog.name + ".wal") if catalog is not None else None
+    catalog, wal = catalog_files(con) or (None, None)
     for own, what in ((catalog, "the catalog"), (wal, "the catalog write-ahead log")):
         if own is not None and (target == own or _same_file(target, own)):
             return f"{target} is {what} this query reads"
@@ -585,8 +590,8 @@ def _copy_targets(statement) -> list[str]:
 
 
 def _sql_tokens(sql: str) -> Iterator[tuple[str, str, int]]:
-    """(kind, text, parenthesis depth) of the SQL's tokens: 'string' ('…', its value), 'dollar' ($tag$…$tag$),
-    'quoted' ("…"), 'word', 'space' (comments too) and 'other'. Enough to find what COPY writes to."""
+    """(kind, text, parenthesis depth) of the SQL's tokens: 'string' ('…', its value), 'quoted' ("…"), 'word', 'space'
+    (comments too) and 'other'. Enough to find what COPY writes to ($-quoting is refused before it is read)."""
     depth, at = 0, 0
     while at < len(sql):
         char = sql[at]
@@ -606,10 +611,6 @@ def _sql_tokens(sql: str) -> Iterator[tuple[str, str, int]]:
             match = re.compile(r'"((?:[^"]|"")*)"').match(sql, at)
             end = match.end() if match else len(sql)
             yield "quoted", sql[at:end], depth
-        elif char == "$" and (match := re.compile(r"\$(\w*)\$").match(sql, at)):
-            close = sql.find(match.group(0), match.end())
-            end = len(sql) if close < 0 else close + len(match.group(0))
-            yield "dollar", sql[at:end], depth
         elif char.isspace():
             end = at + 1
             while end < len(sql) and sql[end].isspace():
