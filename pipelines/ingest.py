@@ -493,10 +493,9 @@ def display_path(path_bytes: bytes) -> str:
     return path_bytes.decode("utf-8", errors="backslashreplace")
 
 
-# UTF-32 first: its little-endian BOM begins with UTF-16's.
 # Captions run to a few hundred characters (CLIP reads 77 tokens; kohya's --max_token_length 225); long VLM
-# descriptions to a few thousand. Past these a file is no caption (a review's 300 MB one hung training).
-MAX_SIDECAR_BYTES = SIDECAR_READ_LIMIT
+# descriptions to a few thousand. Past these (and past SIDECAR_READ_LIMIT bytes) a file is no caption (a review's
+# 300 MB one hung training).
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -505,11 +504,11 @@ def _read_sidecar(path: bytes, summary: IngestSummary | None = None) -> tuple[st
     with text (`sidecar_caption`); a file with more is named in `summary`."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_SIDECAR_BYTES + 1)  # a caption file of hundreds of MB is no caption: not read whole
+            data = handle.read(SIDECAR_READ_LIMIT + 1)  # a caption file of hundreds of MB is no caption: not read whole
     except OSError as error:
         return None, f"cannot be read ({error.strerror or error})"
-    if len(data) > MAX_SIDECAR_BYTES:
-        return None, f"is over {MAX_SIDECAR_BYTES // 1024} KiB: not a caption"
+    if len(data) > SIDECAR_READ_LIMIT:
+        return None, f"is over {SIDECAR_READ_LIMIT // 1024} KiB: not a caption"
     try:
         caption, lines = sidecar_caption(decode_caption(data))
     except ValueError as error:

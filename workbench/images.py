@@ -146,7 +146,7 @@ def catalog_path_text(path: str | os.PathLike[str]) -> str:
     return path_text(os.path.abspath(path))
 
 
-SIDECAR_READ_LIMIT = 256 * 1024  # bytes: ingest's MAX_SIDECAR_BYTES
+SIDECAR_READ_LIMIT = 256 * 1024  # bytes: a larger sidecar is no caption (ingest leaves it out)
 
 
 def _sidecar_says(sidecar: bytes) -> str | None:
