@@ -31,7 +31,7 @@ from pipelines.concepts import (
 from pipelines.filter import excluded_folder_rules_applied
 from workbench import config
 from workbench.catalog import first_row, last_run_params, record_run, transaction
-from workbench.images import SIDECAR_EXTENSIONS, SIDECAR_READ_LIMIT, as_rgb, decode_caption, sidecar_beside, sidecar_caption
+from workbench.images import SIDECAR_EXTENSIONS, as_rgb, read_caption_file, sidecar_beside
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
@@ -493,28 +493,12 @@ def display_path(path_bytes: bytes) -> str:
     return path_bytes.decode("utf-8", errors="backslashreplace")
 
 
-# Captions run to a few hundred characters (CLIP reads 77 tokens; kohya's --max_token_length 225); long VLM
-# descriptions to a few thousand. Past these (and past SIDECAR_READ_LIMIT bytes) a file is no caption (a review's
-# 300 MB one hung training).
-MAX_CAPTION_CHARS = 10_000
-
-
 def _read_sidecar(path: bytes, summary: IngestSummary | None = None) -> tuple[str | None, str | None]:
     """(caption or None when empty, None), or (None, why the sidecar was left out). The caption is the first line
     with text (`sidecar_caption`); a file with more is named in `summary`."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(SIDECAR_READ_LIMIT + 1)  # a caption file of hundreds of MB is no caption: not read whole
-    except OSError as error:
-        return None, f"cannot be read ({error.strerror or error})"
-    if len(data) > SIDECAR_READ_LIMIT:
-        return None, f"is over {SIDECAR_READ_LIMIT // 1024} KiB: not a caption"
-    try:
-        caption, lines = sidecar_caption(decode_caption(data))
-    except ValueError as error:
-        return None, f"{error}; re-save it as UTF-8"
-    if caption and len(caption) > MAX_CAPTION_CHARS:
-        return None, f"holds a caption of {len(caption):,} characters (over {MAX_CAPTION_CHARS:,}: not a caption)"
+    caption, lines, problem = read_caption_file(path)
+    if problem is not None:
+        return None, problem
     if lines > 1 and summary is not None:
         summary.multi_line_sidecars.append(display_path(path))
     return caption or None, None

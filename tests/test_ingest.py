@@ -38,7 +38,10 @@ def deny_open(monkeypatch, path) -> None:
             raise PermissionError(13, "Permission denied")
         return real_open(file, *args, **kwargs)
 
+    import workbench.images as images_mod
+
     monkeypatch.setattr(ingest_mod, "open", deny, raising=False)
+    monkeypatch.setattr(images_mod, "open", deny, raising=False)  # where ingest reads caption files
 
 
 def table_counts(con) -> dict:
@@ -311,6 +314,12 @@ def test_sidecars_in_other_encodings_are_decoded_or_left_out_and_named(con, tmp_
     assert any(m and "mule.txt" in m for m in messages)
     # the images themselves are in, whatever their sidecars hold
     assert con.execute("SELECT count(*) FROM images_view WHERE status = 'ok'").fetchone()[0] == 8
+    # and none of the sidecars left out reads as edited since ingest, to training's and --sidecars' check (the
+    # 20,000-character one did: that check read sidecars by rules of its own, without the caption length cap)
+    from workbench.images import sidecars_changed_since_ingest
+
+    ids = [i for (i,) in con.execute("SELECT image_id FROM images").fetchall()]
+    assert sidecars_changed_since_ingest(con, ids) == []
 
 
 def test_an_unreadable_sidecar_never_loses_a_caption_already_in_the_catalog(con, tmp_path, monkeypatch):

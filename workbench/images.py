@@ -149,16 +149,35 @@ def catalog_path_text(path: str | os.PathLike[str]) -> str:
 SIDECAR_READ_LIMIT = 256 * 1024  # bytes: a larger sidecar is no caption (ingest leaves it out)
 
 
-def _sidecar_says(sidecar: bytes) -> str | None:
-    """The caption a sidecar gives as ingest reads it, or None when it cannot be read."""
+# Captions run to a few hundred characters (CLIP reads 77 tokens; kohya's --max_token_length 225); long VLM
+# descriptions to a few thousand. Past these (and past SIDECAR_READ_LIMIT bytes) a file is no caption (a review's
+# 300 MB one hung training).
+MAX_CAPTION_CHARS = 10_000
+
+
+def read_caption_file(path: bytes | str) -> tuple[str, int, None] | tuple[None, int, str]:
+    """(the caption, its lines with text, None) as ingest reads a sidecar (`sidecar_caption`: the first line with
+    text), or (None, 0, why it is no caption): unreadable, over SIDECAR_READ_LIMIT bytes, not UTF-8, or a caption
+    over MAX_CAPTION_CHARS. A file of hundreds of MB is not read whole."""
     try:
-        with open(sidecar, "rb") as handle:
+        with open(path, "rb") as handle:
             data = handle.read(SIDECAR_READ_LIMIT + 1)
-        if len(data) > SIDECAR_READ_LIMIT:
-            return None  # too large to be a caption: ingest leaves it out and names it, as one it cannot read
-        return sidecar_caption(decode_caption(data))[0]
-    except (ValueError, OSError):
-        return None
+    except OSError as error:
+        return None, 0, f"cannot be read ({error.strerror or error})"
+    if len(data) > SIDECAR_READ_LIMIT:
+        return None, 0, f"is over {SIDECAR_READ_LIMIT // 1024} KiB: not a caption"
+    try:
+        caption, lines = sidecar_caption(decode_caption(data))
+    except ValueError as error:
+        return None, 0, f"{error}; re-save it as UTF-8"
+    if caption and len(caption) > MAX_CAPTION_CHARS:
+        return None, 0, f"holds a caption of {len(caption):,} characters (over {MAX_CAPTION_CHARS:,}: not a caption)"
+    return caption, lines, None
+
+
+def _sidecar_says(sidecar: bytes) -> str | None:
+    """The caption a sidecar gives as ingest reads it, or None when ingest leaves it out (`read_caption_file`)."""
+    return read_caption_file(sidecar)[0]
 
 
 # --- caption sidecars: their text -----------------------------------------------------
