@@ -328,9 +328,7 @@ def generated_prior_files(
         batch = {s: plan.to_generate[s] for s in chunk}
         for s, picture in zip(chunk, result.images):
             mark_output_folder(batch[s].parent)  # `ingest .` above it must not take priors as instance photos
-            tmp = batch[s].with_suffix(".tmp.png")
-            picture.save(tmp)
-            os.replace(tmp, batch[s])  # a crash never leaves a half-written PNG under the final name
+            _save_whole(picture, batch[s])
         made.update(batch)
         if on_batch is not None:
             on_batch(batch)
@@ -338,6 +336,18 @@ def generated_prior_files(
         plan.params["generation_seconds"] = round(time.monotonic() - started, 3)
         progress(task="class priors", completed=done, total=plan.wanted)
     return made
+
+
+def _save_whole(picture, path: Path) -> None:
+    """Save `picture` as `path` through a temporary name, so that a crash never leaves a half-written PNG under the
+    final name and Ctrl+C in mid-save leaves no temporary file behind (a kill -9's is overwritten by the rerun)."""
+    tmp = path.with_suffix(".tmp.png")
+    try:
+        picture.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def ingested_priors(con: duckdb.DuckDBPyConnection, plan: PriorPlan, made: dict[int, Path]) -> PriorsSummary:

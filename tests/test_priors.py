@@ -74,6 +74,27 @@ def test_an_interrupted_run_keeps_its_images_and_the_rerun_finishes(con, tmp_pat
     assert (rest.existing, rest.generated) == (2, 2)
 
 
+def test_a_stop_in_mid_save_leaves_no_temporary_file(con, tmp_path, pipe, one_thread, monkeypatch):
+    """Ctrl+C while a PNG was being written left `*.tmp.png` beside the class images (CI caught it by chance)."""
+    saves = []
+    real_save = Image.Image.save
+
+    def stopped_in_the_second_save(self, fp, *args, **kwargs):
+        saves.append(fp)
+        real_save(self, fp, *args, **kwargs)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the signal lands after bytes were written, before the rename
+
+    monkeypatch.setattr(Image.Image, "save", stopped_in_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(con, pipe, tmp_path / "priors", num_images=3)
+    monkeypatch.undo()
+    assert not list((tmp_path / "priors").glob("*/*.tmp.png"))
+    assert len(list((tmp_path / "priors").glob("*/*-seed*.png"))) == 1
+    rerun = _generate(con, pipe, tmp_path / "priors", num_images=3)
+    assert rerun.generated == 2 and con.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 3
+
+
 def test_a_stop_while_class_images_are_recorded_never_makes_them_training_photos(con, tmp_path, pipe, one_thread, monkeypatch):
     """Ctrl+C between the ingest of generated images and their class-prior rows left them 'instance' images: a LoRA
     then trained on 314 images, 97 of them generated birds. Now they are class images from the moment they are in."""

@@ -824,6 +824,20 @@ def test_cache_entries_read_once_stay_in_memory_within_the_budget(tmp_path):
     assert no_memory.get(key) is None
 
 
+def test_a_cache_write_stopped_in_mid_file_leaves_no_stray_file(tmp_path, monkeypatch):
+    import pipelines.train.data as data
+
+    def stopped_after_writing(tensors, filename):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "save_file", stopped_after_writing)
+    texts = data.TextCache(tmp_path, "text", data.MemoryTier(0))
+    with pytest.raises(KeyboardInterrupt):
+        texts.put("a", torch.randn(77, 8))
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_adamw_is_fused_on_cpu_unless_turned_off():
     from pipelines.train.loop import _optimizer
 

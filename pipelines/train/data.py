@@ -666,8 +666,11 @@ class TextCache(_DiskCache):
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # Ctrl+C or a full disk in mid-write leaves no stray file in the cache
 
 
 def uses_latent_cache(config: TrainConfig) -> bool:
