@@ -771,6 +771,11 @@ def test_a_runs_config_toml_trains_the_same_run_again(con, catalog_path, tmp_pat
     # options the run does not use are left out (a review: a dreambooth run's file listed rank, so editing it was refused)
     assert not re.search(r"^(ema_decay|use_ema|class_prompt|keep_tokens|lr_num_cycles) =", text, re.M), text
     assert re.search(r"^rank = 2$", text, re.M), text
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "first" / "lora_kohya.safetensors"), "pt") as handle:
+        metadata = handle.metadata()  # the catalog's bucket settings, as sd-scripts records its own (not its defaults)
+    assert (metadata["ss_min_bucket_reso"], metadata["ss_max_bucket_reso"], metadata["ss_bucket_no_upscale"]) == ("16", "64", "False")
     con = connect(catalog_path)
     aspect_buckets(con, resolution=32, bucket_reso_steps=8)  # the catalog's buckets change: the recorded run keeps its own
     con.close()

@@ -1127,7 +1127,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
-            reg_images=reg_images, started_at=started_at, num_processes=num_processes,
+            reg_images=reg_images, started_at=started_at, num_processes=num_processes, buckets=trained_bucket_settings(config),
         ))
         return outputs
     from diffusers import StableDiffusionPipeline
@@ -1147,6 +1147,25 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
     outputs["pipeline"] = str(pipeline_dir)
     outputs["single_file"] = str(_save_single_file(pipe, output_dir / "model.safetensors", config))
     return outputs
+
+
+def trained_bucket_settings(config: TrainConfig) -> dict:
+    """The bucket settings the run trained with: its config.toml's (which `workbench train` writes, with the
+    catalog's `workbench buckets` settings filled in), else its options' and the defaults."""
+    import tomllib
+
+    from pipelines.train.config import RUN_CONFIG_FILE
+
+    settings = train_data.bucket_settings(config)
+    try:
+        saved = tomllib.loads((Path(config.output_dir) / RUN_CONFIG_FILE).read_text()) if config.output_dir else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        saved = {}
+    for key, name in (("min_bucket_reso", "min_bucket_reso"), ("max_bucket_reso", "max_bucket_reso"),
+                      ("bucket_reso_steps", "bucket_reso_steps"), ("no_upscale", "bucket_no_upscale")):
+        if saved.get(name) is not None:
+            settings[key] = saved[name]
+    return settings
 
 
 def _inference_scheduler(noise_scheduler):

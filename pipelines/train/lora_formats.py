@@ -142,6 +142,7 @@ def kohya_metadata(
     reg_images: int = 0,
     started_at: float | None = None,
     num_processes: int = 1,
+    buckets: dict | None = None,
 ) -> dict[str, str]:
     """`ss_*` training metadata (all strings), as sd-scripts writes it.
 
@@ -150,6 +151,7 @@ def kohya_metadata(
     `ss_tag_frequency`. `cache_latents` is whether latents really were cached (random crop and colour jitter bypass
     the cache); without it, it is decided from `config` as the training loop decides it. `seconds` is the training
     time (over all the sessions of a resumed run), `started_at` when its first session began (else now − seconds).
+    `buckets` (min_bucket_reso, max_bucket_reso, no_upscale) are the bucket settings the run trained with.
     """
     from pipelines.train.data import uses_latent_cache
 
@@ -204,6 +206,10 @@ def kohya_metadata(
         "ss_training_comment": "trained with workbench",
         "ss_network_args": json.dumps({"target_modules": list(config.lora_target_modules)}),
     }
+    if buckets is not None:
+        metadata["ss_min_bucket_reso"] = str(buckets["min_bucket_reso"])
+        metadata["ss_max_bucket_reso"] = str(buckets["max_bucket_reso"])
+        metadata["ss_bucket_no_upscale"] = str(bool(buckets["no_upscale"]))
     if epoch is not None:
         metadata["ss_epoch"] = str(epoch)
         metadata["ss_num_epochs"] = str(epoch)
@@ -275,6 +281,7 @@ def save_kohya_lora(
     reg_images: int = 0,
     started_at: float | None = None,
     num_processes: int = 1,
+    buckets: dict | None = None,
 ) -> Path:
     """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes).
 
@@ -286,7 +293,7 @@ def save_kohya_lora(
     metadata = kohya_metadata(
         config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
         num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents, reg_images=reg_images,
-        started_at=started_at, num_processes=num_processes,
+        started_at=started_at, num_processes=num_processes, buckets=buckets,
     )
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     path = output_dir / KOHYA_LORA_FILE
