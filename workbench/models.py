@@ -700,7 +700,8 @@ def _build_tiny_blip(folder: Path) -> None:
 
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    wordpiece.train_from_iterator(_caption_corpus(), vocab_size=600, min_frequency=1, special_tokens=special)
+    wordpiece.train_from_iterator(_caption_corpus(), vocab_size=600, min_frequency=1, special_tokens=special,
+                                  show_progress=False)  # its bar wrote blank lines to stdout, not a terminal
     vocab_file = folder / "wordpiece-vocab.txt"
     vocab = wordpiece.get_vocab()
     vocab_file.write_text("".join(token + "\n" for token, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
