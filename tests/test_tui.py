@@ -1222,8 +1222,18 @@ def four_image_catalog(catalog_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_screen_runs_a_tiny_lora(four_image_catalog):
+def test_train_screen_runs_a_tiny_lora(four_image_catalog, tmp_path):
+    from pipelines.filter import FilterRules, filtered_dataset
+    from pipelines.ingest import ingested_images
+    from train_fixtures import write_images
+
     catalog_path = four_image_catalog
+    con = connect(catalog_path)
+    filtered_dataset(con, FilterRules(min_side=8))
+    write_images(tmp_path / "later", 1, seed=5)  # in after the filter run: the screen says so, as `workbench train` does
+    ingested_images(con, [tmp_path / "later"], workers=1)
+    con.close()
+
     async def scenario():
         app = WorkbenchApp(catalog_path=catalog_path, start="train")
         async with app.run_test(size=SIZE) as pilot:
@@ -1248,6 +1258,8 @@ def test_train_screen_runs_a_tiny_lora(four_image_catalog):
             losses = screen.output_dir / "loss.csv"
             assert len(losses.read_text().splitlines()) == 5
             await wait_for(pilot, lambda: screen.shown_sample is not None, what="sample grid shown")
+            log = "\n".join(str(line) for line in screen.query_one("#train-log").lines)
+            assert "1 image(s) of the dataset came in after the last filter run" in log, log
 
     asyncio.run(scenario())
 

@@ -361,6 +361,7 @@ class TrainScreen(SizeClasses, Screen):
 
     @work(thread=True, exclusive=True, group="train")
     def _train(self, config) -> None:
+        from pipelines.filter import unfiltered_note
         from pipelines.train import ConfigError, RunRefused, trained_model
         from pipelines.train.data import DataError
 
@@ -371,6 +372,9 @@ class TrainScreen(SizeClasses, Screen):
         started = time.perf_counter()
         cur = app.con.cursor()
         try:
+            note = unfiltered_note(cur)  # as `workbench train` says it: images the last filter run never judged
+            if note:
+                progress(task="dataset", message="Note: " + note)
             result = trained_model(cur, config, progress=progress)
             summary = {"steps": result.steps, "final loss": None if result.final_loss is None else round(result.final_loss, 4),
                        "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora_diffusers", "lora_kohya", "pipeline", "single_file", "samples")}}
