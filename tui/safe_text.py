@@ -6,21 +6,14 @@ Neither Textual nor Rich drops ESC, so a caption holding an escape sequence woul
 
 from __future__ import annotations
 
-import re
-
 from textual.markup import escape
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
-_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+from workbench.progress import printable
 
 
 def visible(text: str, *, keep: str = "") -> str:
     """`text` with every control character (but those in `keep`) shown as an escape: \\x1b, \\t, ..."""
-    def shown(match: re.Match) -> str:
-        char = match.group()
-        return char if char in keep else _NAMED.get(char, f"\\x{ord(char):02x}")
-
-    return _CONTROL.sub(shown, text)
+    return printable(text, keep=keep)
 
 
 def markup_safe(text: object) -> str:

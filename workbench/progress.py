@@ -85,13 +85,18 @@ class RichProgress:
         self._progress.update(self._tasks[task], completed=completed, total=total)
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
-def printable(text: str) -> str:
+def printable(text: str, *, keep: str = "\t\n") -> str:
     """Text as a terminal may show it: control characters (ESC in a file name would restyle or retitle the
-    terminal) written as \\xNN; line breaks and tabs kept."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    terminal), but those in `keep`, written as escapes (\\x1b, \\r); line breaks and tabs kept unless `keep` says."""
+    def shown(match: re.Match) -> str:
+        char = match.group()
+        return char if char in keep else _NAMED.get(char, f"\\x{ord(char):02x}")
+
+    return _CONTROL.sub(shown, text)
 
 
 def named_few(names: list[str], limit: int = 3) -> str:
