@@ -21,20 +21,16 @@ from tui.messages import CatalogChanged, WorkFailed
 from tui.page_table import PageTable
 from tui.pipeline_screen import PipelineScreen
 from tui.safe_text import visible
+from tui.screen_bar import SCREEN_KEYS
 from tui.sql_screen import SqlScreen
 from tui.train_screen import TrainScreen
 from workbench.catalog import CatalogError, CatalogLockedError, connect
 
 STEP_STOP_WAIT = 10.0  # seconds quitting waits for cancelled steps to record how they ended
 
-SCREENS_BY_KEY = (
-    ("f2", "pipeline", "Pipeline", PipelineScreen),
-    ("f3", "browser", "Browse", BrowserScreen),
-    ("f4", "captions", "Captions", CaptionsScreen),
-    ("f5", "duplicates", "Duplicates", DuplicatesScreen),
-    ("f6", "sql", "SQL", SqlScreen),
-    ("f7", "train", "Train", TrainScreen),
-)
+_SCREEN_CLASSES = {"pipeline": PipelineScreen, "browser": BrowserScreen, "captions": CaptionsScreen,
+                   "duplicates": DuplicatesScreen, "sql": SqlScreen, "train": TrainScreen}
+SCREENS_BY_KEY = tuple((key, mode, label, _SCREEN_CLASSES[mode]) for key, mode, label in SCREEN_KEYS)
 
 
 class WorkbenchApp(App[None]):
@@ -43,10 +39,11 @@ class WorkbenchApp(App[None]):
     TITLE = "workbench"
     CSS_PATH = "app.tcss"
     MODES = {mode: screen for _, mode, _, screen in SCREENS_BY_KEY}
-    # Screen keys are priority bindings: TextArea takes F6/F7 (select line/all) when an editor has focus.
+    # Screen keys are priority bindings: TextArea takes F6/F7 (select line/all) when an editor has focus. They and
+    # F1 are shown in each screen's top line (ScreenBar), not in the footer, which cut them off at 80 columns.
     BINDINGS = [
-        Binding("f1", "help", "Help"),
-        *(Binding(key, f"show('{mode}')", label, priority=True) for key, mode, label, _ in SCREENS_BY_KEY),
+        Binding("f1", "help", "Help", show=False),
+        *(Binding(key, f"show('{mode}')", label, priority=True, show=False) for key, mode, label, _ in SCREENS_BY_KEY),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 

@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Footer, Static
 
 from tui import queries
 from tui.concept_dialog import ConceptChoice, ConceptDialog, ConceptSettings
@@ -21,6 +21,7 @@ from tui.image_table import ImageTable
 from tui.messages import CatalogChanged, ImagePicked
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import visible
+from tui.screen_bar import ScreenBar
 from tui.size_classes import SizeClasses
 from tui.workers import people_message, toggle_message
 
@@ -135,7 +136,7 @@ class BrowserScreen(SizeClasses, Screen):
         severity: str = "information"
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenBar("browser")
         with Horizontal():
             yield ImageTable(id="browser-table", columns=BROWSER_COLUMNS)
             with VerticalScroll(id="details-pane"):

@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, OptionList, TextArea
+from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
@@ -24,6 +24,7 @@ from tui.messages import CatalogChanged, ImagePicked
 from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe, visible
+from tui.screen_bar import ScreenBar
 from tui.size_classes import SizeClasses
 from tui.workers import people_message
 
@@ -103,7 +104,7 @@ class CaptionsScreen(SizeClasses, Screen):
         self._path_line = ("", "")  # (path, caption source) of the image in the editor, cut to the label's width
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenBar("captions")
         with Horizontal(id="captions-main"):
             yield ImageTable(
                 id="captions-table",

@@ -14,12 +14,13 @@ from textual.containers import Horizontal, HorizontalScroll, Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Label, Static
+from textual.widgets import Button, Footer, Label, Static
 
 from pipelines.filter import lifted_by_include
 from tui.messages import CatalogChanged
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe
+from tui.screen_bar import ScreenBar
 from tui.size_classes import SizeClasses
 from tui.workers import people_message, toggle_message
 
@@ -181,7 +182,7 @@ class DuplicatesScreen(SizeClasses, Screen):
         self.closest_calls_first = False  # `o`: review the doubtful groups first
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenBar("duplicates")
         with Horizontal(id="group-bar"):
             yield Button("◀ Prev (p)", id="prev")
             yield Label("loading groups…", id="group-label")

@@ -10,8 +10,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 ABOUT = (
-    "Screens switch with the function keys shown in the footer. Every button and table also works with the mouse; "
-    "in the Browse and Captions tables, click a column header to sort by it. Tab moves between fields."
+    "Screens switch with the function keys shown in the top line (or a click on their names). Every button and "
+    "table also works with the mouse; in the Browse and Captions tables, click a column header to sort by it. Tab "
+    "moves between fields."
 )
 
 

@@ -11,10 +11,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, RichLog, Static
+from textual.widgets import Button, Footer, Input, Label, ProgressBar, RichLog, Static
 
 from tui.messages import CatalogChanged, StepFinished, StepProgress
 from tui.safe_text import markup_safe
+from tui.screen_bar import ScreenBar
 from tui.size_classes import SizeClasses
 from tui.steps import STEPS, STEPS_BY_NAME, StepSpec, last_settings, parse_settings, step_counts
 from tui.workers import cancellable_progress, people_message
@@ -87,7 +88,7 @@ class PipelineScreen(SizeClasses, Screen):
         self._progress = None
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenBar("pipeline")
         with Horizontal(id="pipeline-actions"):
             yield Button("Run all (ctrl+r)", id="run-all", variant="primary")
             yield Button("Cancel (esc)", id="cancel", variant="error", disabled=True)

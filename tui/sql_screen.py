@@ -16,7 +16,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, OptionList, Switch, TextArea
+from textual.widgets import Button, Footer, Input, Label, OptionList, Switch, TextArea
 from textual.widgets.option_list import Option
 
 from tui.confirm import Confirm
@@ -26,6 +26,7 @@ from tui.page_table import PageTable
 from tui.queries import save_to_history, saved_history
 from tui.row_detail import RowDetail
 from tui.safe_text import markup_safe, visible
+from tui.screen_bar import ScreenBar
 from tui.size_classes import SizeClasses
 from tui.workers import people_message
 from workbench.catalog import CatalogError, is_read_only_sql, protected_file, run_sql, statement_kinds
@@ -147,7 +148,7 @@ class SqlScreen(SizeClasses, Screen):
         self.running_export: InterruptibleQuery | None = None  # the latest export (may have finished)
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenBar("sql")
         with Horizontal(id="sql-top"):
             yield TextArea.code_editor(EXAMPLE, language="sql", id="editor")
             with Vertical(id="sql-side"):

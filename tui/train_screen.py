@@ -15,7 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, Log, ProgressBar, Select
+from textual.widgets import Button, Footer, Input, Label, Log, ProgressBar, Select
 from textual_plotext import PlotextPlot
 
 from tui import queries
@@ -24,6 +24,7 @@ from tui.messages import CatalogChanged, StepFinished, StepProgress
 from tui.page_table import PageTable
 from tui.preview import ImagePreview, load_preview
 from tui.safe_text import markup_safe, visible
+from tui.screen_bar import ScreenBar
 from tui.size_classes import SizeClasses
 from tui.workers import cancellable_progress, people_message
 from workbench.progress import StepCancelled
@@ -169,7 +170,7 @@ class TrainScreen(SizeClasses, Screen):
         self.run_folders: list[str] = []
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield ScreenBar("train")
         with Horizontal():
             with VerticalScroll(id="train-form"):
                 yield Label("method")
