@@ -1578,6 +1578,28 @@ def test_locked_screen_shows_a_path_with_brackets_on_retry(tmp_path):
         asyncio.run(scenario())
 
 
+def test_every_screen_shows_the_screen_keys_at_80_columns_and_a_click_switches(synthetic_catalog):
+    """The footer lists a screen's own keys first: at 80 columns it cut off F1–F7 on every screen."""
+    from tui.screen_bar import ScreenBar
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="duplicates")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.con is not None)
+            for key, name in (("f2", "PipelineScreen"), ("f3", "BrowserScreen"), ("f4", "CaptionsScreen"),
+                              ("f5", "DuplicatesScreen"), ("f6", "SqlScreen"), ("f7", "TrainScreen")):
+                await pilot.press(key)
+                await wait_for(pilot, lambda: app.screen.__class__.__name__ == name, what=name)
+                bar = app.screen.query_one(ScreenBar)
+                line = bar.render()
+                assert line.cell_length <= 80 and all(
+                    label in line.plain for label in ("F1 Help", "F2 Pipeline", "F5 Duplicates", "F7 Train")), line.plain
+            await pilot.click(ScreenBar, offset=(line.plain.index("F6 SQL") + 1, 0))
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "SqlScreen", what="the click")
+
+    asyncio.run(scenario())
+
+
 def test_help_lists_every_binding(synthetic_catalog):
     from tui.app import SCREENS_BY_KEY
 
