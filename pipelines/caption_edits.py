@@ -126,11 +126,24 @@ def _read_own_file(path: Path) -> bytes | None:
 
 
 def _write_own_file(path: Path, data: bytes) -> None:
-    """Write a sidecar itself, never through a link made there since it was read (O_NOFOLLOW)."""
-    # O_NONBLOCK: a FIFO put there since fails at once instead of blocking the edit for ever
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    """Write a sidecar whole or not at all: a temporary file beside it, renamed over it. Writing in place cut the
+    user's caption file off when the disk filled; the rename also replaces a link or FIFO made there since it was
+    read instead of writing through it. The file keeps its permissions."""
+    try:
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _restore_sidecars(writes: list[SidecarWrite]) -> int:
