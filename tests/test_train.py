@@ -1326,12 +1326,24 @@ def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its
     from pipelines.train import load_train_config, trained_model
     from pipelines.train.evaluate import continued_by, run_metrics
 
-    config, first = _finished_run(con, tmp_path)
+    from safetensors.torch import load_file
+
+    config, first = _finished_run(con, tmp_path, checkpoints_total_limit=1)
+    run = Path(config.output_dir)
+    finished = load_file(str(run / "lora_kohya.safetensors"))
     said = []
     resumed = load_train_config(None, {"output_dir": config.output_dir, "resume": "latest", "max_train_steps": 3})
     second = trained_model(con, resumed, components=tiny_components(), progress=lambda **kw: said.append(kw.get("message") or ""))
     assert second.steps == 3 and continued_by(con, first.train_id) == second.train_id and continued_by(con, second.train_id) is None
     assert any(f"continued run {first.train_id}" in message for message in said)
+    # the finished step-2 model survives (the limit of one checkpoint pruned checkpoint-2, and the folder's files are
+    # step 3's now): a review lost a finished LoRA this way
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-3"]
+    kept = run / "exports" / "finished-step-2"
+    assert any("finished model (step 2) is kept in" in message for message in said)
+    assert {k: torch.equal(t, load_file(str(kept / "lora_kohya.safetensors"))[k]) for k, t in finished.items()} == dict.fromkeys(finished, True)
+    outputs = json.loads(con.execute("SELECT outputs FROM training_runs WHERE train_id = ?", [first.train_id]).fetchall()[0][0])
+    assert outputs["lora_kohya"] == str(kept / "lora_kohya.safetensors") and Path(outputs["lora_diffusers"]).is_file()
     with pytest.raises(ValueError, match=f"now those of run {second.train_id}.*evaluate run {second.train_id}"):
         run_metrics(con, first.train_id, clip_model="tiny")
 

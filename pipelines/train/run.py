@@ -256,6 +256,33 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
         )
 
 
+def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id: str | None, progress: ProgressHook) -> None:
+    """A resume that trains a finished run further would write its outputs over the finished ones, and the
+    checkpoint limit may already have pruned the checkpoint they came from: the finished model would be gone. Its
+    files move to exports/finished-step-N first (where `workbench train export` puts a checkpoint's model), and the
+    catalog's row of that session says where they are now."""
+    if not config.resume:
+        return
+    row = first_row(con.execute(
+        "SELECT train_id, steps, outputs FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? "
+        "AND status = 'ok' ORDER BY train_id DESC LIMIT 1", [str(output_dir), folder_id]))
+    present = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
+    if row is None or not present:
+        return  # never finished (or its outputs are gone): nothing finished to keep
+    train_id, steps, outputs = row
+    kept = output_dir / "exports" / f"finished-step-{steps}"
+    if kept.exists():
+        return  # kept by an earlier continuation that stopped before writing its own
+    kept.mkdir(parents=True)
+    for name in present:
+        os.rename(output_dir / name, kept / name)
+    moved = {key: str(kept / Path(path).name) if Path(path).parent == output_dir and Path(path).name in present else path
+             for key, path in json.loads(outputs or "{}").items()}
+    con.execute("UPDATE training_runs SET outputs = ? WHERE train_id = ?", [json.dumps(moved), train_id])
+    progress(task="resume", message=f"The run's finished model (step {steps}) is kept in {kept}: training on writes "
+                                    "the run's outputs anew.")
+
+
 def _last_checkpoint(output_dir: Path) -> tuple[int, float | None]:
     """The step of the last checkpoint (0 without one), where a resume goes on from, and the training time up to it
     (all sessions; None without one or when its state.json does not say), which a stopped run keeps."""
@@ -416,6 +443,7 @@ def trained_model(
             _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
             images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
             _refuse_a_finished_resume(con, config, output_dir, images, folder_id)
+            _keep_finished_outputs(con, config, output_dir, folder_id, progress)
             if folder_id is None:
                 folder_id = _folder_id(output_dir)  # the snapshot a new run (or a resume of a run without one) just wrote
             if world_size > 1:
