@@ -244,3 +244,32 @@ def test_a_tilde_in_workbench_catalog_or_catalog_is_the_home_folder(tmp_path, mo
     monkeypatch.delenv("WORKBENCH_CATALOG")
     result = CliRunner().invoke(app, ["sql", "SELECT count(*) FROM images", "--catalog", "~/d.duckdb"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_folder_that_may_not_be_written_is_said_in_a_line_not_a_traceback(catalog_path, monkeypatch, capsys):
+    """A review: with the catalog's folder not writable, dedup (and ingest, exclude, train) ended in a traceback from
+    DuckDB's write-ahead log; a read-only disk was called "not a readable workbench catalog"."""
+    import duckdb
+
+    import pipelines.dedup
+    from workbench import cli
+
+    connect(catalog_path).close()
+
+    def no_wal(*args, **kwargs):
+        raise duckdb.TransactionException(f'Cannot open file "{catalog_path}.wal": Permission denied')
+
+    monkeypatch.setattr(pipelines.dedup, "duplicate_groups", no_wal)
+    monkeypatch.setattr(sys, "argv", ["workbench", "dedup", "--catalog", str(catalog_path)])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    said = " ".join(capsys.readouterr().err.split())
+    assert done.value.code == 1 and "Traceback" not in said, said
+    assert 'wal": Permission denied' in said and "make it writable" in said
+
+    def read_only_disk(*args, **kwargs):
+        raise duckdb.IOException(f'IO Error: Cannot open file "{catalog_path}": Read-only file system')
+
+    monkeypatch.setattr(catalog.duckdb, "connect", read_only_disk)
+    with pytest.raises(CatalogError, match="cannot be written here \\(a read-only file system\\).*`workbench sql`"):
+        connect(catalog_path)

@@ -104,6 +104,11 @@ def connect(
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as error:
+            if not read_only and any(cause in str(error) for cause in ("Read-only file system", "Permission denied")):
+                raise CatalogError(  # the file is fine: its folder (or the file) cannot be written here
+                    f"{path} cannot be written here ({'a read-only file system' if 'Read-only' in str(error) else 'permission denied'}): "
+                    "`workbench sql` and `search` still read it; for the other commands, make its folder "
+                    "writable or copy it (and its .wal, if there is one) to a folder that is") from error
             if "lock" not in str(error).lower():
                 raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
             if time.monotonic() >= deadline:

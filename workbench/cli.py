@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
 
 import duckdb
 import typer
@@ -2119,12 +2119,16 @@ def main() -> None:
         if error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever it was given
             err_console.print(f"[bold red]Error:[/] a path is too long for this system: {escape(str(error.filename or error)[:200])}…")
             sys.exit(2)
+        if _not_writable(error):
+            _say_not_writable(error)
         if not _disk_full(error):
             raise
         err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
                           "is kept: free some space and run the same command again.")
         sys.exit(1)
     except Exception as error:
+        if _not_writable(error) and not _disk_full(error):
+            _say_not_writable(error)
         if not _disk_full(error):
             raise
         # the catalog (DuckDB's write-ahead log) or an output on a full disk: each step's writes are transactions,
@@ -2132,6 +2136,29 @@ def main() -> None:
         err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
                           "is kept: free some space and run the same command again.")
         sys.exit(1)
+
+
+def _not_writable(error: BaseException) -> bool:
+    """Whether an error (OSError, DuckDB's) is a file or folder that may not be written: permissions, a read-only
+    file system."""
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return True
+        if "Permission denied" in str(error) or "Read-only file system" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _say_not_writable(error: BaseException) -> NoReturn:
+    """A folder that is not writable (the catalog's, for its .wal; an output's) said in a line, not a traceback."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else error.__class__.__name__
+    err_console.print(f"[bold red]Error:[/] {escape(printable(text))}. A file or folder may not be written here (its "
+                      "permissions, or a read-only disk). What was written before is kept: make it writable, or give "
+                      "another path, and run the same command again.")
+    sys.exit(1)
 
 
 def _disk_full(error: BaseException) -> bool:
