@@ -546,3 +546,24 @@ def test_control_characters_in_values_never_reach_the_terminal_raw(catalog_path,
     assert shown.exit_code == 0 and "\x1b" not in shown.output and "\\x1b]0;owned" in shown.output, shown.output
     as_csv = runner.invoke(app, ["sql", "SELECT chr(27) AS name", "-c", str(catalog_path), "--format", "csv"])
     assert "\x1b" in as_csv.output  # data formats keep the value as it is
+
+
+def test_an_output_that_fails_part_way_leaves_no_cut_off_file(catalog_path, tmp_path, monkeypatch):
+    """A review: `-o` on a full disk left a 0-byte file, and the same command again, as the error advised, was refused
+    because that file existed."""
+    from pathlib import Path
+
+    seeded_catalog(catalog_path)
+    real = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        real(self, data[:3], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "ids.csv"
+    failed = runner.invoke(app, ["sql", "SELECT image_id FROM images", "-o", str(out), "-c", str(catalog_path)])
+    assert failed.exit_code != 0 and not out.exists() and list(tmp_path.glob("*.tmp")) == []
+    monkeypatch.undo()
+    again = runner.invoke(app, ["sql", "SELECT image_id FROM images", "-o", str(out), "-c", str(catalog_path)])
+    assert again.exit_code == 0 and out.read_text().splitlines()[0] == "image_id"

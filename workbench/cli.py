@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, NoReturn, Optional
 
 import duckdb
 import typer
@@ -367,7 +367,7 @@ def sql(
         return
     try:  # errors raised while the rows are computed (a bad cast, say) come here, not from run_sql
         if format == "parquet":
-            relation.write_parquet(str(output))
+            _write_whole(output, lambda path: relation.write_parquet(str(path)))
             err_console.print(Text(f"wrote {output}"))
             return
         if format == "csv":
@@ -414,7 +414,7 @@ def sql(
         con.close()
         fail(f"SQL error: {error}")
     if output:
-        output.write_text(text)
+        _write_whole(output, lambda path: path.write_text(text))
         err_console.print(Text(f"wrote {output}"))
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
@@ -452,6 +452,17 @@ def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     return value
+
+
+def _write_whole(output: Path, write: Callable[[Path], object]) -> None:
+    """`write` the file through a temporary name beside it: a full disk or Ctrl+C leaves no cut-off file, which the
+    same command again would refuse to replace without --overwrite."""
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _csv_text(relation) -> str:
