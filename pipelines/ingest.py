@@ -144,6 +144,7 @@ class IngestSummary:
     sidecar_image_ids: set[str] = field(default_factory=set)  # images whose sidecar caption this run stored
     read_by_kind: Counter = field(default_factory=Counter)  # files read and recorded so far: new, changed, ...
     output_roots_skipped: list[str] = field(default_factory=list)  # output folders named as roots (a `runs/*` glob)
+    unreadable_folders: list[str] = field(default_factory=list)  # "path (why)": not walked, their files not marked missing
     multi_line_sidecars: list[str] = field(default_factory=list)  # read this run: only their first line is the caption
     both_sidecars: list[str] = field(default_factory=list)  # images with name.txt and name.caption: .txt is read
 
@@ -154,7 +155,7 @@ class IngestSummary:
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
-               "output_roots_skipped", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
+               "output_roots_skipped", "unreadable_folders", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -372,12 +373,19 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
     """
     walked: set[bytes] = set()  # folder paths, so overlapping roots walk a folder once
 
+    def unreadable(folder: bytes, error: OSError) -> None:
+        # not walked is not gone: its files are not marked missing (an unmounted share, a folder made private)
+        if os.path.lexists(folder):
+            summary.unreadable_folders.append(f"{os.fsdecode(folder)} ({error.strerror or error})")
+            skipped.append(folder)
+
     def entries_of(folder: bytes, above: frozenset[tuple[int, int]]) -> Iterator[FileEntry]:
         if folder in walked:
             return
         try:
             info = os.stat(folder)
-        except OSError:
+        except OSError as error:
+            unreadable(folder, error)
             return
         key = (info.st_dev, info.st_ino)
         if key in above:
@@ -388,7 +396,8 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
         try:
             with os.scandir(folder) as scan:
                 items = sorted(scan, key=lambda e: e.name)
-        except OSError:
+        except OSError as error:
+            unreadable(folder, error)
             return
         names = {e.name for e in items}
         subfolders = []

@@ -144,6 +144,30 @@ def test_only_paths_under_the_ingested_roots_are_marked_missing(con, tmp_path):
     assert summary.marked_missing == 0
 
 
+def test_a_folder_that_cannot_be_read_is_named_and_its_images_are_not_marked_missing(con, tmp_path, monkeypatch):
+    """A review: a subfolder made unreadable (an unmounted share looks the same) was skipped without a word, and its
+    images were marked missing, so they left the dataset as if deleted."""
+    make_images(tmp_path / "root" / "open", 1, seed=1)
+    locked = tmp_path / "root" / "locked"
+    make_images(locked, 2, seed=2)
+    ingested_images(con, [tmp_path / "root"], workers=1)
+    real_scandir = os.scandir
+
+    def denied(path):
+        if os.fsdecode(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(ingest_mod.os, "scandir", denied)
+    summary = ingested_images(con, [tmp_path / "root"], workers=1)
+    assert summary.marked_missing == 0 and summary.paths_marked_missing == 0
+    assert summary.unreadable_folders == [f"{locked} (Permission denied)"]
+    assert con.execute("SELECT count(*) FROM dataset").fetchall()[0][0] == 3
+    monkeypatch.undo()
+    (locked / sorted(os.listdir(locked))[0]).unlink()  # readable again, a file really gone: marked missing as before
+    assert ingested_images(con, [tmp_path / "root"], workers=1).marked_missing == 1
+
+
 def test_unreadable_file_gets_an_error_row(con, tmp_path, monkeypatch):
     paths = make_images(tmp_path / "imgs", 2)
     deny_open(monkeypatch, paths[0])
