@@ -492,6 +492,21 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
             "unreadable_files": unreadable}
 
 
+def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
+    """Undo `exclude`: removes only the images' exclusions made by hand. Unlike an include, the filter's and dedup's
+    stay, and later filter runs still judge the images. Returns counts."""
+    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
+    ids = _resolve(con, image_ids)
+    removed = con.execute(f"DELETE FROM exclusions WHERE step = '{MANUAL_STEP}' AND image_id IN (SELECT unnest(?::VARCHAR[]))",
+                          [ids]).fetchall()[0][0]
+    if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
+        regroup_duplicates(con)  # a kept copy excluded by hand by mistake takes its group back
+    still = con.execute("SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",
+                        [ids]).fetchall()[0][0]
+    in_dataset = con.execute("SELECT count(*) FROM dataset WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]
+    return {"in_dataset_now": in_dataset, "exclusions_removed": removed, "still_excluded_by_other_steps": still}
+
+
 def lifted_by_include(step: str) -> bool:
     """Whether including by hand lifts an exclusion of this step: manual and filter ones, never a duplicate's."""
     return step == MANUAL_STEP or step.startswith(FILTER_STEP_PREFIX)

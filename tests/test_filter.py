@@ -374,6 +374,39 @@ def test_exclude_and_include_take_a_sql_condition(catalog_path):
     assert runner.invoke(app, ["include", "-c", str(catalog_path)]).exit_code == 2
 
 
+def test_exclude_has_a_dry_run_and_include_only_manual_undoes_it_without_overriding_the_filter(catalog_path):
+    """A review: a mistaken `exclude --where` could only be undone by `include`, which also lifted the filter's
+    exclusions of those images and kept them in against every later filter run; nor could it be previewed."""
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    con = connect(catalog_path)
+    strip, wide, square = _add_image(con, 1, 2400, 100), _add_image(con, 2, 1600, 800), _add_image(con, 3, 600, 600)
+    filtered_dataset(con, FilterRules(max_aspect=3.0))  # the strip is out by the filter
+    before = _reasons(con)
+    assert set(before) == {strip}
+    con.close()
+    runner = CliRunner()
+    where = ["--where", "width > height", "-c", str(catalog_path)]
+    preview = runner.invoke(app, ["exclude", *where, "--reason", "oops", "--dry-run"])
+    said = " ".join(preview.output.split())
+    assert preview.exit_code == 0 and "2 image(s) would be excluded" in said and strip[:12] in said and wide[:12] in said
+    assert "now: aspect" in said and square[:12] not in said
+    con = connect(catalog_path)
+    assert _reasons(con) == before  # nothing changed
+    con.close()
+    done = runner.invoke(app, ["exclude", *where, "--reason", "oops"])
+    assert done.exit_code == 0 and "undo: workbench include --only-manual --where 'width > height'" in " ".join(done.output.split())
+    undone = runner.invoke(app, ["include", "--only-manual", *where])
+    assert undone.exit_code == 0, undone.output
+    con = connect(catalog_path)
+    assert _reasons(con) == before
+    assert con.execute("SELECT count(*) FROM manual_includes").fetchall()[0][0] == 0
+    filtered_dataset(con, FilterRules(max_aspect=3.0))  # a later filter run still judges them
+    assert strip in _reasons(con) and wide not in _reasons(con)
+    con.close()
+
+
 def test_a_kept_copy_the_filter_excludes_hands_its_picture_to_a_copy_that_passes(con):
     """A review found `filter --min-side 256` removing pictures from the dataset altogether: dedup had kept a tinted
     thumbnail (colour over grey) and excluded its 512 px original as a duplicate, and the filter excluded the thumbnail."""

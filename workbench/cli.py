@@ -123,6 +123,18 @@ def counts_table(title: str, counts: dict, value_column: str = "count") -> Table
     return table
 
 
+def _list_images(con, ids: list[str], what: str, shown: int = 20) -> None:
+    """The images `ids` names, a line each (id, path, and any exclusion they have), the first `shown` of them."""
+    rows = con.execute(
+        "SELECT image_id, path, exclusion_reason FROM images_view WHERE image_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY path",
+        [ids]).fetchall()
+    console.print(f"{len(rows)} image(s) {what}")
+    for image_id, path, reason in rows[:shown]:
+        console.print(Text(f"  {image_id[:12]}  {printable(str(path))}" + (f"  (now: {printable(reason)})" if reason else "")))
+    if len(rows) > shown:
+        console.print(Text(f"  and {len(rows) - shown} more (list them all with workbench sql and the same condition)", style="dim"))
+
+
 def _images_matching(con, where: str, nothing_done: str) -> list[str]:
     """The images a --where CONDITION on images_view names (ValueError for a bad one); none matched is a refusal."""
     from pipelines.concepts import images_where
@@ -999,12 +1011,13 @@ def exclude(
     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the catalog).")] = ...,
     folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder (repeatable).", show_default=False)] = None,
     where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the images it would exclude; change nothing.")] = False,
     catalog: CatalogOpt = None,
 ) -> None:
-    """Exclude images by hand, with a reason; files on disk are not touched.
+    """Exclude images by hand, with a reason; files on disk are not touched. `include --only-manual` undoes it.
 
     Example: workbench exclude 3fa9c2d1e0 --reason "watermark"   (or: --folder "img/0_old drafts" --reason "0 repeats";
-    --where "width > 4000 AND caption ILIKE '%watermark%'" --reason "watermarked scans")
+    --where "width > 4000 AND caption ILIKE '%watermark%'" --reason "watermarked scans" --dry-run)
     """
     from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.dedup import preferred_copy
@@ -1022,6 +1035,9 @@ def exclude(
             ids += [i for i in found if i not in ids]
         if where is not None:
             ids = list(dict.fromkeys(ids + _images_matching(con, where, "nothing was excluded")))
+        if dry_run:
+            _list_images(con, ids, "would be excluded (--dry-run: nothing changed)")
+            return
         n = manual_exclusions(con, ids, reason)
         for path in folder or []:  # a standing rule: files added to the folder later are excluded when ingested
             folder_kept_out(con, str(path), reason)
@@ -1029,6 +1045,9 @@ def exclude(
         fail(str(error))
     console.print(f"excluded {n} image(s)" + (" (and any file ingest reads under the folder later: `workbench include "
                                                "--folder` lets them in)" if folder else ""))
+    selection = [*(image_ids or []), *(f"--folder {shlex.quote(str(path))}" for path in folder or []),
+                 *([f"--where {shlex.quote(where)}"] if where is not None else [])]
+    err_console.print(Text(f"undo: workbench include --only-manual {' '.join(selection)}", style="dim"))
     if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
         prefixes = {p.rstrip("/\\") + os.sep for path in folder  # as the catalog's path text holds them
                     for p in (path_text(path), catalog_path_text(path))}
@@ -1117,14 +1136,16 @@ def include(
     image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).", show_default=False)] = None,
     folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder, and no more exclusion of files added to it (undoes exclude --folder; repeatable).", show_default=False)] = None,
     where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
+    only_manual: Annotated[bool, typer.Option("--only-manual", help="Undo `exclude`: lift only the exclusions made by hand; the filter's stay, and later filter runs still judge these images.")] = False,
     catalog: CatalogOpt = None,
 ) -> None:
     """Include images by hand: removes manual and filter exclusions; later filter runs skip them.
 
-    Example: workbench include 3fa9c2d1e0   (or: --folder "img/0_old drafts"; --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'")
+    Example: workbench include 3fa9c2d1e0   (or: --folder "img/0_old drafts"; --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'";
+    undo a mistaken exclude: --only-manual --where "path LIKE '%/wide/%'")
     """
     from pipelines.concepts import images_in_folder, resolve_image_ids
-    from pipelines.filter import folder_let_in, manual_inclusions
+    from pipelines.filter import folder_let_in, manual_exclusions_lifted, manual_inclusions
 
     if not image_ids and not folder and where is None:
         fail("Name the images to include: image ids, --folder PATH or --where CONDITION.")
@@ -1144,10 +1165,16 @@ def include(
                                        f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
         if where is not None:
             image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included")))
-        summary = manual_inclusions(con, image_ids)
+        summary = manual_exclusions_lifted(con, image_ids) if only_manual else manual_inclusions(con, image_ids)
     except ValueError as error:
         fail(str(error))
     console.print(counts_table("include", summary))
+    if only_manual:
+        if summary["still_excluded_by_other_steps"]:
+            err_console.print(Text(f"Note: {summary['still_excluded_by_other_steps']} stay out by the filter or as duplicates, "
+                                   "as before the exclude (`workbench include` without --only-manual brings them in for good).",
+                                   style="yellow"))
+        return
     if summary["still_excluded_by_other_steps"]:
         # what an include leaves is a duplicate's exclusion: keeping that copy is the way in, so name the command
         rows = con.execute(
