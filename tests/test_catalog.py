@@ -148,6 +148,10 @@ def test_views_dropped_by_hand_come_back_and_say_what_they_hold(catalog_path):
     assert con.execute("SELECT image_id, path, keeper_path, keep_reason, method, distance, excluded FROM duplicate_groups "
                        "ORDER BY image_id").fetchall() == [("a", "/p/a.png", "/p/a.png", "larger", "exact", 0.0, False),
                                                             ("b", "/p/b.jpg", "/p/a.png", "larger", "phash", 3.0, True)]
+    con.execute("CREATE OR REPLACE VIEW images_view AS SELECT 1 AS one")  # replaced by hand (in DuckDB's own shell, say)
+    con.close()
+    con = connect(catalog_path)
+    assert con.execute("SELECT count(*) FROM images_view").fetchall() == [(2,)]
     comments = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
     assert set(comments) >= {"dataset", "images_view", "duplicate_groups"} and all(comments.values())
     column = con.execute("SELECT comment FROM duckdb_columns() WHERE table_name = 'images_view' AND column_name = 'status'").fetchone()

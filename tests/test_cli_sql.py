@@ -567,3 +567,20 @@ def test_an_output_that_fails_part_way_leaves_no_cut_off_file(catalog_path, tmp_
     monkeypatch.undo()
     again = runner.invoke(app, ["sql", "SELECT image_id FROM images", "-o", str(out), "-c", str(catalog_path)])
     assert again.exit_code == 0 and out.read_text().splitlines()[0] == "image_id"
+
+
+def test_the_workbenchs_own_views_cannot_be_replaced_dropped_or_renamed(catalog_path):
+    """A review: `sql --write "CREATE OR REPLACE VIEW dataset AS …"` was taken as a saved view; `sql` and the TUI then
+    counted 13 images while export, which has its own definition, wrote 143."""
+    seeded_catalog(catalog_path)
+    for statement in ("CREATE OR REPLACE VIEW dataset AS SELECT * FROM images_view WHERE width > 100",
+                      'DROP VIEW IF EXISTS main."images_view"', "ALTER VIEW duplicate_groups RENAME TO old_groups",
+                      "SELECT 1; create or replace view Dataset as select 1"):
+        refused = runner.invoke(app, ["sql", "--write", statement, "-c", str(catalog_path)])
+        said = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and "is a view the workbench defines" in said and "CREATE VIEW my_" in said, statement
+    for statement in ("CREATE VIEW my_dataset AS SELECT * FROM dataset WHERE width > 5",
+                      "CREATE TEMP VIEW dataset AS SELECT 1 AS one", "DROP VIEW my_dataset"):
+        assert runner.invoke(app, ["sql", "--write", statement, "-c", str(catalog_path)]).exit_code == 0, statement
+    rows = runner.invoke(app, ["sql", "SELECT image_id FROM dataset", "-f", "csv", "-c", str(catalog_path)])
+    assert rows.stdout.splitlines() == ["image_id", "a"]

@@ -299,9 +299,11 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, *, force: bool) -> None:
     digest = hashlib.sha256(sql.encode()).hexdigest()
     con.execute("CREATE TABLE IF NOT EXISTS schema_views (digest VARCHAR)")
     current = con.execute("SELECT digest FROM schema_views").fetchall()
-    # a view dropped by hand (`sql --write "DROP VIEW dataset"`) is made again: every step reads them
+    # a view dropped or replaced by hand (in the DuckDB shell or through the Python API; `sql --write` refuses both)
+    # is made again: every step reads them. Replacing a view drops its comment, which is how it is told
     present = {row[0] for row in con.execute(
-        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database()").fetchall()}
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database() "
+        "AND comment IS NOT NULL").fetchall()}
     missing = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", sql)) - present
     if force or missing or current != [(digest,)]:
         con.execute("BEGIN TRANSACTION")
@@ -511,6 +513,13 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
     # several statements that write run as one transaction: a failing one leaves the catalog as it was, not half
     # changed (unless the SQL handles transactions itself)
     atomic = write and len(statements) > 1 and not any(s.type.name.upper() == "TRANSACTION" for s in statements)
+    for statement in statements if write else ():
+        view = _builtin_view_changed(statement)
+        if view:
+            raise CatalogError(
+                f"Refused: {view} is a view the workbench defines, and its steps read it (training and export read "
+                f"dataset); changed here, they would disagree with it. Make a view of your own under another name "
+                f"(CREATE VIEW my_{view} AS SELECT * FROM {view} WHERE …), or a TEMP view for this session.")
     # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
     cursor = con.cursor()
     targets = [target for statement in statements if write for target in _copy_targets(statement)]
@@ -559,6 +568,29 @@ def _kind(statement) -> str:
 # image folder with PARTITION_BY … OVERWRITE)
 _FOLDER_WRITING_OPTIONS = {"PARTITION_BY", "OVERWRITE", "OVERWRITE_OR_IGNORE", "FILE_PATTERN", "PER_THREAD_OUTPUT",
                            "APPEND", "FILENAME_PATTERN", "WRITE_PARTITION_COLUMNS"}
+
+
+def _builtin_view_changed(statement) -> str | None:
+    """The name of the workbench's own view (dataset, images_view, ...) a CREATE, DROP or ALTER replaces, drops or
+    changes, if it does; a TEMP view of that name (this connection's alone) is the user's."""
+    if statement.type.name.upper() not in ("CREATE", "DROP", "ALTER"):
+        return None
+    tokens = [token for token in _sql_tokens(statement.query) if token[0] != "space"]
+    words = [token[1].upper() if token[0] == "word" else None for token in tokens]
+    if "VIEW" not in words or {"TEMP", "TEMPORARY"} & set(words[:words.index("VIEW")]):
+        return None
+    name, part_next = None, True
+    for kind, text, depth in tokens[words.index("VIEW") + 1:]:
+        if kind == "word" and text.upper() in ("IF", "NOT", "EXISTS") and name is None:
+            continue
+        if part_next and kind in ("word", "quoted"):
+            name, part_next = text[1:-1].replace('""', '"') if kind == "quoted" else text, False
+        elif not part_next and kind == "other" and text == ".":  # schema.name: the last part is the view
+            part_next = True
+        else:
+            break
+    builtin = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql()))
+    return name if name is not None and name.lower() in {view.lower() for view in builtin} else None
 
 
 def _copy_targets(statement) -> list[str]:
