@@ -180,10 +180,16 @@ def _unfinished_since(con: duckdb.DuckDBPyConnection, run_id: int, params: dict)
     for started_at, status, recorded in con.execute(
         "SELECT started_at, status, params FROM runs WHERE step = 'caption' AND run_id < ? ORDER BY run_id DESC", [run_id]
     ).fetchall():
-        if status == "ok" or json.loads(recorded or "{}") != params:
+        if status == "ok" or _same_command(json.loads(recorded or "{}")) != _same_command(params):
             break
         since = started_at
     return since
+
+
+def _same_command(params: dict) -> dict:
+    """What makes two caption runs the same command for a resume: all but the batch size, which changes only how
+    many images go through at once (lowered after running out of memory, the usual reason to run it again)."""
+    return {key: value for key, value in params.items() if key != "batch_size"}
 
 
 # --- the step -------------------------------------------------------------------------
@@ -219,6 +225,10 @@ def model_captions(
         raise ValueError("max_length must be at least 2 tokens")
     if num_beams < 1:
         raise ValueError("num_beams must be at least 1")
+    longest = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+    if isinstance(longest, int) and max_length > longest:  # else an IndexError deep in generate()
+        raise ValueError(f"max_length {max_length} is more than this model's text decoder takes ({longest} tokens): "
+                         f"give --max-length {longest} or less")
     check_template(template)
     source = model_source(model_name)
     device = torch.device(device) if device is not None else next(model.parameters()).device

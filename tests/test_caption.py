@@ -339,3 +339,50 @@ def test_a_file_changed_since_ingest_is_captioned_from_an_unchanged_copy_or_left
     stored = _captions(con, "model:tiny")
     assert stored == {ids[str(tmp_path / "set" / "a" / "pic.png")]: caption_of["img_1.png"]}  # read from b/pic_copy.png
     assert any("1 image(s) left out" in m and "other.png" in m for m in messages)
+
+
+def test_a_stopped_overwrite_resumes_with_another_batch_size_and_a_too_long_max_length_is_refused(catalog, blip):
+    """A review: lowering --batch-size after running out of memory made the rerun caption everything again; and
+    --max-length 75 (kohya's default) ended in an IndexError from deep inside generate()."""
+    from workbench.progress import StepCancelled
+
+    processor, model = blip
+    model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0)
+
+    def stop_after_two(*, task, completed=0, total=None, message=None):
+        if completed >= 2:
+            raise StepCancelled("stop")
+
+    with pytest.raises(StepCancelled):
+        model_captions(catalog, processor, model, model_name="tiny", batch_size=2, max_length=8, workers=0,
+                       overwrite=True, progress=stop_after_two)
+    rerun = model_captions(catalog, processor, model, model_name="tiny", batch_size=1, max_length=8, workers=0, overwrite=True)
+    assert (rerun["already_captioned"], rerun["captioned"]) == (2, 2)
+    longest = model.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"more than this model's text decoder takes \\({longest} tokens\\)"):
+        model_captions(catalog, processor, model, model_name="tiny", max_length=longest + 1, workers=0)
+
+
+def test_use_source_names_sidecar_captions_it_overrides_and_a_new_models_captions_say_a_chosen_one_wins(catalog_path, tmp_path):
+    """A review: `--use-source model:X` replaced the captions of the users' own .txt files without a word, and a new
+    model's captions then trained nowhere (the chosen model's stayed current), also without a word."""
+    import shutil
+
+    from workbench.catalog import connect
+    from workbench.models import ensure_tiny
+
+    make_images(tmp_path / "cli_images", 3)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "cli_images"], workers=1)
+    con.close()
+    runner = CliRunner()
+    options = ["-c", str(catalog_path), "--max-length", "6", "--workers", "0"]
+    assert runner.invoke(app, ["caption", *options, "--own-captioned"]).exit_code == 0
+    chosen = runner.invoke(app, ["caption", "-c", str(catalog_path), "--use-source", "model:tiny"])
+    said = " ".join(chosen.output.split())
+    assert chosen.exit_code == 0 and "1 image(s) with a caption file of their own" in said and "--use-source sidecar" in said
+    shutil.copytree(ensure_tiny("blip"), tmp_path / "better-blip")
+    newer = runner.invoke(app, ["caption", *options, "--own-captioned", "--model", str(tmp_path / "better-blip")])
+    said = " ".join(newer.output.split())
+    assert newer.exit_code == 0 and "3 image(s) captioned by model:better-blip train with another model's caption" in said
+    assert "model:tiny: 3" in said and "--use-source model:better-blip" in said

@@ -601,14 +601,20 @@ def caption(
             fail(str(error))
         console.print(counts_table("caption source", {**counts, **{f"captions from {k}": v for k, v in caption_sources(con).items()}}))
         # captions typed by hand that no longer train: said, as choosing a model's captions for all took them over
-        overridden = con.execute(
-            "SELECT count(*) FROM captions c JOIN current_captions cc USING (image_id) WHERE c.source = 'manual' "
-            "AND cc.caption_source <> 'manual' AND (? IS NULL OR c.image_id IN (SELECT unnest(?::VARCHAR[])))",
-            [ids, ids]).fetchall()[0][0]
-        if overridden:
-            err_console.print(Text(f"Note: {overridden} image(s) with a caption typed by hand now use another source. "
+        # and so are captions from the images' own sidecar files
+        overridden = dict(con.execute(
+            "SELECT c.source, count(*) FROM captions c JOIN current_captions cc USING (image_id) "
+            "WHERE c.source IN ('manual', 'sidecar') AND cc.caption_source NOT IN ('manual', c.source) "
+            "AND (? IS NULL OR c.image_id IN (SELECT unnest(?::VARCHAR[]))) GROUP BY 1",
+            [ids, ids]).fetchall())
+        if overridden.get("manual"):
+            err_console.print(Text(f"Note: {overridden['manual']} image(s) with a caption typed by hand now use another source. "
                                    "`--use-source manual` (with --where, for some) or `--use-source auto` brings those back.",
                                    style="yellow"))
+        if overridden.get("sidecar"):
+            err_console.print(Text(f"Note: {overridden['sidecar']} image(s) with a caption file of their own (a sidecar .txt "
+                                   "or .caption) now train with another source, not their file. `--use-source sidecar` "
+                                   "(with --where, for some) or `--use-source auto` brings those back.", style="yellow"))
         return
     if batch_size < 1 or max_length < 2 or beams < 1:
         fail("--batch-size and --beams must be at least 1, --max-length at least 2.")
@@ -626,12 +632,25 @@ def caption(
         fail(str(error))
     with _stopped_says("the captions written so far are kept; run the same command again to caption the rest"):
         with RichProgress() as progress:
-            counts = model_captions(
-                con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
-                num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
-                workers=workers, duplicates=duplicates, own_captioned=own_captioned, progress=progress,
-            )
+            try:
+                counts = model_captions(
+                    con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
+                    num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
+                    workers=workers, duplicates=duplicates, own_captioned=own_captioned, progress=progress,
+                )
+            except ValueError as error:
+                fail(str(error))
     console.print(counts_table(f"caption (source model:{label})", counts))
+    # a model's captions chosen with --use-source stay current: a new model's captions then trained nowhere, unsaid
+    others = con.execute(
+        "SELECT cc.caption_source, count(*) FROM captions c JOIN current_captions cc USING (image_id) WHERE c.source = ? "
+        "AND starts_with(cc.caption_source, 'model:') AND cc.caption_source <> ? GROUP BY 1 ORDER BY 2 DESC",
+        [f"model:{label}", f"model:{label}"]).fetchall()
+    if others:
+        err_console.print(Text(
+            f"Note: {sum(n for _, n in others)} image(s) captioned by model:{label} train with another model's caption "
+            f"({', '.join(f'{source}: {n}' for source, n in others)}), chosen with --use-source. `workbench caption "
+            f"--use-source model:{label}` makes this model's current (or `--use-source auto`: the newest).", style="yellow"))
     if counts.get("own_captions_kept"):
         err_console.print(f"[yellow]Note:[/] {counts['own_captions_kept']} image(s) with a caption of their own (a sidecar "
                           "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. "
