@@ -211,9 +211,13 @@ def model_captions(
     workers: int | None = None,
     duplicates: bool = False,
     own_captioned: bool = False,
+    model_path: str | None = None,
     progress: ProgressHook = null_progress,
 ) -> dict[str, int]:
     """Caption every image with status ok using BLIP, stored as source 'model:<model_name>'; resumable.
+
+    `model_path`, the folder a local model was loaded from, is recorded with the run: a model of the same name from
+    another folder is then said, not silently taken for the one whose captions the catalog holds.
 
     Copies dedup excluded are left out unless `duplicates`: they do not train, and a set with many copies would spend
     hours of a real BLIP on them (a copy kept later is captioned by the next run). Images whose current caption is
@@ -235,7 +239,15 @@ def model_captions(
     dtype = next(model.parameters()).dtype
     params = {"model": model_name, "batch_size": batch_size, "max_length": max_length, "num_beams": num_beams,
               "prompt": prompt, "template": template, "overwrite": overwrite, "duplicates": duplicates,
-              "own_captioned": own_captioned}
+              "own_captioned": own_captioned, **({"model_path": model_path} if model_path else {})}
+    if model_path:
+        before = [json.loads(row[0] or "{}").get("model_path") for row in con.execute(
+            "SELECT params FROM runs WHERE step = 'caption' AND json_extract_string(params, '$.model') = ? "
+            "ORDER BY run_id DESC LIMIT 1", [model_name]).fetchall()]
+        if before and before[0] and before[0] != model_path:
+            progress(task="caption", message=(
+                f"Note: the catalog's {source} captions came from {before[0]}; this model is {model_path}, of the same "
+                f"name: {'every image is captioned again' if overwrite else 'the images those captioned are skipped as already captioned (--overwrite captions them again with this one)'}"))
     with record_run(con, "caption", params) as run:
         candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
         copies = set() if duplicates else {row[0] for row in con.execute(

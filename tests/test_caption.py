@@ -386,3 +386,28 @@ def test_use_source_names_sidecar_captions_it_overrides_and_a_new_models_caption
     said = " ".join(newer.output.split())
     assert newer.exit_code == 0 and "3 image(s) captioned by model:better-blip train with another model's caption" in said
     assert "model:tiny: 3" in said and "--use-source model:better-blip" in said
+
+
+def test_a_local_model_of_the_same_name_from_another_folder_is_said(catalog_path, tmp_path):
+    """A review: `--model /y/myblip` after `--model /x/myblip` skipped every image as already captioned, silently
+    (the caption source is the folder's name)."""
+    import shutil
+
+    from workbench.catalog import connect
+    from workbench.models import ensure_tiny
+
+    make_images(tmp_path / "cli_images", 2)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "cli_images"], workers=1)
+    con.close()
+    for place in ("x", "y"):
+        shutil.copytree(ensure_tiny("blip"), tmp_path / place / "myblip")
+    runner = CliRunner()
+    options = ["caption", "-c", str(catalog_path), "--max-length", "6", "--workers", "0"]
+    first = runner.invoke(app, [*options, "--model", str(tmp_path / "x" / "myblip")])
+    assert first.exit_code == 0 and "came from" not in first.output
+    same = runner.invoke(app, [*options, "--model", str(tmp_path / "x" / "myblip")])
+    assert same.exit_code == 0 and "came from" not in same.output
+    other = runner.invoke(app, [*options, "--model", str(tmp_path / "y" / "myblip")], env={"COLUMNS": "500"})
+    said = " ".join(other.output.split())
+    assert other.exit_code == 0 and f"came from {tmp_path / 'x' / 'myblip'}" in said and "--overwrite captions them again" in said

@@ -588,7 +588,7 @@ def caption(
     (or: --use-source model:tiny --where "caption_source = 'sidecar' AND concept = 'sks dog'")
     """
     from pipelines.caption import caption_sources, check_template, chosen_caption_source, model_captions
-    from workbench.models import TINY, ModelError, load_blip, model_label, resolve_device, resolve_dtype
+    from workbench.models import TINY, ModelError, load_blip, model_id, model_label, resolve_device, resolve_dtype
 
     if where is not None and use_source is None:
         fail("--where chooses the images --use-source applies to: give --use-source SOURCE too.")
@@ -637,6 +637,7 @@ def caption(
                     con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
                     num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
                     workers=workers, duplicates=duplicates, own_captioned=own_captioned, progress=progress,
+                    model_path=model_id(model) if Path(model_id(model)).is_absolute() else None,  # a local model's folder
                 )
             except ValueError as error:
                 fail(str(error))
