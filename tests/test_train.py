@@ -1596,3 +1596,21 @@ def test_evaluate_says_why_a_run_has_nothing_to_score(con, catalog_path, tmp_pat
     assert gone.exit_code == 2 and f"the catalog has training run(s) {stopped}, {finished} there" in " ".join(gone.output.split())
     typo = CliRunner().invoke(app, ["evaluate", str(tmp_path / "runz"), *catalog])  # said "RUN must be a training run id"
     assert typo.exit_code == 2 and f"No folder {tmp_path / 'runz'}" in " ".join(typo.output.split()), typo.output
+
+
+def test_captions_past_the_text_encoders_window_are_said(con, tmp_path, one_thread):
+    """A review: a 240-token caption trained on its first 75 tokens, silently (and with shuffled tags, on different
+    tags each step)."""
+    from pipelines.train.loop import _say_long_captions
+
+    components = tiny_components()
+    window = components.tokenizer.model_max_length - 2
+    image = TrainImage(image_id="a", path="/data/long.png", caption=", ".join(f"detail{i}" for i in range(window)),
+                       bucket=(32, 32), resized=(32, 32), crop=(0, 0))
+    short = dataclasses.replace(image, image_id="b", path="/data/short.png", caption="a dog")
+    said = []
+    _say_long_captions([image, short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
+    assert len(said) == 1 and f"1 caption(s) are longer than the text encoder's {window} tokens, e.g. /data/long.png" in said[0]
+    said.clear()
+    _say_long_captions([short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
+    assert said == []

@@ -284,6 +284,21 @@ def collate_groups(items: list[dict]) -> list[dict]:
     return out
 
 
+def _say_long_captions(images: Sequence[TrainImage], tokenizer, progress: ProgressHook) -> None:
+    """Captions past the text encoder's window are cut (as in every SD 1.x trainer without kohya's 225-token
+    chunking): said with how many, not left to be found in the samples."""
+    captions = sorted({image.caption for image in images if image.caption})
+    window = tokenizer.model_max_length - 2  # less the start and end tokens
+    lengths = tokenizer(captions, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if captions else []
+    long = [caption for caption, ids in zip(captions, lengths) if len(ids) > window]
+    if long:
+        first = next(image for image in images if image.caption == long[0])
+        progress(task="dataset", message=(
+            f"Note: {len(long)} caption(s) are longer than the text encoder's {window} tokens, e.g. {first.path}'s: "
+            f"training reads their first {window} tokens (with shuffled tags, different tags are cut each step). "
+            "Shorten them (`workbench edit-captions --remove-token …`) to train on every tag."))
+
+
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     return tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
@@ -565,6 +580,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         components = load_components(config, progress)
     tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
     noise_scheduler = _noise_scheduler(components, config)
+    if accelerator.is_main_process:
+        _say_long_captions(images, tokenizer, progress)
 
     # fingerprints of the frozen encoders, before anything trains
     latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer)
