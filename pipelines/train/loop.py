@@ -774,7 +774,9 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         f"training {config.mode} for {max_steps} steps on {len(images)} images"
         + (f" ({repeated} with repeats)" if repeated != len(images) else "")
         + f", {math.ceil(per_epoch / micro_per_update)} steps per epoch"
-        + (f", with {class_image_count} class images" if class_image_count else "")))
+        + (f", with {class_image_count} class images" if class_image_count else "")
+        # said, as kohya's and OneTrainer's alpha defaults to 1 where ours is the rank (diffusers'): 16x the update
+        + (f"; LoRA rank {config.rank}, alpha {config.effective_lora_alpha:g}" if config.mode == "lora" else "")))
     unet.train()
     if train_text:
         text_encoder.train()
