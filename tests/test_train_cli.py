@@ -633,7 +633,9 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
     assert pasted == ["train", "lora", "--shuffle-tags", "--random-flip", "--prediction-type", "v_prediction",
                       "--no-train-text-encoder", "--use-8bit-adam", "--validation-prompt", "masterpiece, a dog",
                       "--validation-prompt", "a cat, sitting", "--lora-alpha", "1", "--rank", "32", "--resolution", "64"]
-    assert len(notes) == 1 and "alpha is 1, as kohya's default" in notes[0]
+    assert len(notes) == 2 and "alpha is 1, as kohya's default" in notes[1]
+    # the prompts' own settings are said to be left out (a review: negative prompts were dropped without a word)
+    assert "(--W, --d, --h, --n, --ss, --w) are left out: the sample grids have no negative prompt" in notes[0]
     # a file saved with a byte-order mark and Windows line ends (Notepad): the mark was part of the first prompt
     prompts.write_bytes("\ufeff猫 cat, 窓辺 --n 低品質\r\nBär bear\r\n".encode("utf-8"))
     assert pasted_train_options(["train", "lora", "--sample_prompts", str(prompts)]) == [

@@ -2014,9 +2014,10 @@ DIFFUSERS_ELSEWHERE = {
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def _kohya_prompt_file(value: str) -> list[str]:
+def _kohya_prompt_file(value: str, notes: list[str] | None = None) -> list[str]:
     """The prompts of a kohya --sample_prompts file (.txt: one per line, # comments; its per-prompt settings such
-    as `--n negative --w 512` are cut off, as the sample grids use the run's). ValueError for anything else."""
+    as `--n negative --w 512` are cut off, as the sample grids use the run's, and said in `notes`). ValueError for
+    anything else."""
     path = Path(value).expanduser()
     if not path.is_file():
         raise ValueError(f"--sample_prompts takes a prompt file, as in kohya, and there is no file {value!r}: give a prompt "
@@ -2030,12 +2031,18 @@ def _kohya_prompt_file(value: str) -> list[str]:
     prompts = [line.split(" --", 1)[0].strip() for line in lines if line and not line.startswith("#")]
     if not any(prompts):
         raise ValueError(f"--sample_prompts {value}: the file holds no prompt.")
+    settings = sorted({f"--{match}" for line in lines if line and not line.startswith("#")
+                       for match in re.findall(r" --(\w+)", line)})
+    if settings and notes is not None:
+        notes.append(f"--sample_prompts {value}: the prompts' own settings ({', '.join(settings)}) are left out: the sample "
+                     "grids have no negative prompt and use the run's size, steps, guidance and seeds "
+                     "(--validation-* options).")
     return [prompt for prompt in prompts if prompt]
 
 
-def _kohya_meaning(name: str, value: str) -> list[tuple[str, str]]:
+def _kohya_meaning(name: str, value: str, notes: list[str] | None = None) -> list[tuple[str, str]]:
     """A kohya option whose value means something else here, as (our key, value) pairs (none: nothing to set).
-    ValueError where there is no counterpart."""
+    ValueError where there is no counterpart; what it leaves out goes in `notes`."""
     truthy = value.lower() not in _FALSE
     if name == "v_parameterization":
         return [("prediction_type", "v_prediction")] if truthy else []
@@ -2051,7 +2058,7 @@ def _kohya_meaning(name: str, value: str) -> list[tuple[str, str]]:
         raise ValueError("--color_aug (kohya's on/off colour augmentation) has no on/off here: --color-jitter STRENGTH "
                          "(e.g. 0.1) jitters brightness, contrast and saturation by up to that much.")
     if name == "sample_prompts":
-        return [("validation_prompt", prompt) for prompt in _kohya_prompt_file(value)]
+        return [("validation_prompt", prompt) for prompt in _kohya_prompt_file(value, notes)]
     raise KeyError(name)
 
 
@@ -2145,7 +2152,7 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             takes_next = rest and not rest[0].startswith("--") and (not boolean or rest[0].lower() in _TRUE + _FALSE)
             value = rest.pop(0) if takes_next else "true"
         if kohya in _KOHYA_MEANINGS:
-            for our_key, our_value in _kohya_meaning(kohya, value):
+            for our_key, our_value in _kohya_meaning(kohya, value, notes):
                 out += ours(our_key, our_value)
             continue
         alpha_given = ({"__network_alpha", "__lora_alpha"} & spelled or _config_sets_alpha(args)
