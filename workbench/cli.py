@@ -2102,7 +2102,7 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
     if len(args) < start + 2:
         return args
     head, args = args[:start], args[start:]
-    from pipelines.train.config import FIELD_NAMES, KOHYA_OPTIONS
+    from pipelines.train.config import FIELD_NAMES, KOHYA_NONE, KOHYA_OPTIONS
 
     command = typer.main.get_command(app).commands["train"].commands.get(args[1])
     if command is None:
@@ -2143,6 +2143,8 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             continue
         if key in DIFFUSERS_ELSEWHERE:
             raise ValueError(f"{name} has no workbench counterpart" + (f": {DIFFUSERS_ELSEWHERE[key]}." if DIFFUSERS_ELSEWHERE[key] else "."))
+        if kohya in KOHYA_NONE:  # said as a --config file says it, not typer's bare "No such option"
+            raise ValueError(f"{name} (kohya) has no workbench counterpart" + (f": {KOHYA_NONE[kohya]}." if KOHYA_NONE[kohya] else "."))
         if key not in FIELD_NAMES:
             out.append(token)
             continue
