@@ -389,23 +389,28 @@ def imagefolder_export(
     link: str = "copy",
     progress: ProgressHook = null_progress,
 ) -> dict:
-    """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/. OUT was
-    prepared by `exported_dataset`."""
+    """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/, and the class
+    images training uses under OUT/class_images/ (diffusers' --class_data_dir), with their own metadata.jsonl: in
+    train/ they would train as photos (a diffusers train_text_to_image run on it). OUT was prepared by
+    `exported_dataset`."""
     out = Path(out)
     target_dir = _inside(out, "train")
     target_dir.mkdir(exist_ok=True)
     rows = _dataset_rows(con)
     progress(task="export", completed=0, total=len(rows))
-    lines = []
+    lines, class_lines = [], []
     skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0})
     for done, row in enumerate(rows, 1):
+        prior = row.role == "class_prior"
+        folder = _inside(out, "class_images") if prior else target_dir
+        folder.mkdir(exist_ok=True)
         try:
-            image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=False)
+            image_path = _write_image(row, folder, _file_stem(row), link=link, kohya_only=False)
         except (FileNotFoundError, SourceChanged) as error:
             skipped[_skip_reason(error)] += 1
             progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
             continue
-        lines.append(json.dumps({
+        (class_lines if prior else lines).append(json.dumps({
             "file_name": image_path.name,
             "text": row.caption,
             "image_id": row.image_id,
@@ -418,8 +423,10 @@ def imagefolder_export(
         if done % 200 == 0 or done == len(rows):
             progress(task="export", completed=done, total=len(rows))
     (target_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    if class_lines:
+        (out / "class_images" / "metadata.jsonl").write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
     return {"format": "imagefolder", "out": str(out), "images": len(lines),
-            "captions": sum(1 for line in lines if json.loads(line)["text"]), **skipped}
+            "captions": sum(1 for line in lines if json.loads(line)["text"]), "class_images": len(class_lines), **skipped}
 
 
 def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict:

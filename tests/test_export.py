@@ -444,6 +444,16 @@ def test_class_priors_excluded_by_automatic_filters_are_exported_as_training_use
     exported_dataset(con, tmp_path / "out", format="kohya")
     reg = list((tmp_path / "out" / "reg" / "1_a photo of a dog").glob("*.png"))
     assert [p.name.split("-")[0] for p in reg] == ["p0"]
+    # imagefolder: apart from the photos (in train/ they trained as photos, a review found), with their prompt
+    import datasets
+
+    summary = exported_dataset(con, tmp_path / "hf", format="imagefolder")
+    assert (summary["images"], summary["class_images"]) == (5, 1)
+    assert [p.name.split("-")[0] for p in (tmp_path / "hf" / "class_images").glob("*.png")] == ["p0"]
+    rows = [json.loads(line) for line in (tmp_path / "hf" / "class_images" / "metadata.jsonl").read_text().splitlines()]
+    assert [(row["role"], row["text"]) for row in rows] == [("class_prior", "a photo of a dog")]
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf_cache"))
+    assert len(loaded) == 5 and {row["role"] for row in loaded} == {"instance"}
 
 
 def test_import_kohya_takes_what_kohya_trains_on_and_says_what_it_left_out(con, tmp_path):
