@@ -518,6 +518,15 @@ def _refuse_to_overwrite_image_sources(con: duckdb.DuckDBPyConnection, out: Path
         "SELECT count(*), min(path) FROM paths WHERE NOT missing AND (" + " OR ".join(["starts_with(path, ?)"] * len(prefixes)) + ")",
         prefixes,
     ).fetchall()[0]
+    if not rows[0]:  # the same folder reached through a link (the catalog's paths are as ingest was given them)
+        inside = str(out.resolve())
+        for (folder,) in con.execute(
+            "SELECT DISTINCT regexp_replace(path, '[/\\\\][^/\\\\]*$', '') FROM paths WHERE NOT missing").fetchall():
+            real = os.path.realpath(folder or os.sep)
+            if real == inside or real.startswith(inside.rstrip(os.sep) + os.sep):
+                rows = con.execute("SELECT count(*), min(path) FROM paths WHERE NOT missing AND starts_with(path, ?)",
+                                   [folder.rstrip(os.sep) + os.sep]).fetchall()[0]
+                break
     if rows[0]:
         raise ExportError(
             f"{out} holds {rows[0]} file(s) the catalog reads images from (e.g. {rows[1]}): an --overwrite "

@@ -397,6 +397,19 @@ def test_overwrite_never_deletes_files_the_catalog_reads_images_from(con, curate
     assert again["images"] == 5 and again["missing_files_skipped"] == 0
 
 
+def test_overwrite_into_the_photo_folder_reached_through_a_link_is_refused(con, tmp_path):
+    """A review: with the photos ingested through a link (`alias -> data/set`), `export … data/set --overwrite` was
+    let through, and the export marker it left there kept every later ingest out of the photo folder."""
+    photos = tmp_path / "data" / "set"
+    _image(photos / "a.png", color=(1, 2, 3))
+    (tmp_path / "alias").symlink_to(photos)
+    ingested_images(con, [tmp_path / "alias"], workers=1)
+    before = sorted(_all_files(photos))
+    with pytest.raises(ExportError, match="reads images from.*Export to another folder"):
+        exported_dataset(con, photos, format="kohya", overwrite=True)
+    assert sorted(_all_files(photos)) == before
+
+
 def test_a_file_changed_since_ingest_is_skipped_not_exported_under_its_old_caption(con, curated, tmp_path):
     """Same path, other bytes (edited or replaced, not ingested again): its caption and bucket belong to the old image."""
     _image(curated / "plain" / "c.jpg", size=(80, 80), color=(0, 0, 0))
