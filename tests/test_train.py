@@ -841,6 +841,21 @@ def test_a_cache_write_stopped_in_mid_file_leaves_no_stray_file(tmp_path, monkey
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_a_full_disk_under_the_cache_names_the_cache_and_the_ways_out(tmp_path, monkeypatch):
+    """A review: "Error while serializing: I/O error: No space left on device", naming no file, no cache, no way out."""
+    import errno
+
+    import pipelines.train.data as data
+
+    def full(tensors, filename):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(data, "save_file", full)
+    with pytest.raises(OSError, match=f"training cache in {tmp_path} is out of disk space.*cache_dir=PATH.*cache_latents=false") as raised:
+        data.TextCache(tmp_path, "text", data.MemoryTier(0)).put("a", torch.randn(77, 8))
+    assert raised.value.errno == errno.ENOSPC
+
+
 def test_adamw_is_fused_on_cpu_unless_turned_off():
     from pipelines.train.loop import _optimizer
 

@@ -23,6 +23,7 @@ kept in RAM up to `cache_memory_mb`, so later epochs do not reopen the files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -627,7 +628,15 @@ class _DiskCache:
 
     def _write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-        _atomic_save(tensors, self.path(key))
+        try:
+            _atomic_save(tensors, self.path(key))
+        except Exception as error:  # safetensors says a full disk in an error of its own, naming no file
+            if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+                    or "No space left on device" in str(error) or "Disk quota exceeded" in str(error)):
+                raise
+            raise OSError(errno.ENOSPC, f"the training cache in {self.folder} is out of disk space ({error}): free space "
+                          "there, give it another disk (--set cache_dir=PATH), or train without it (--set cache_latents=false "
+                          "--set cache_text_embeddings=false)") from error
         self.memory.keep(key, tensors)
 
 
