@@ -128,6 +128,10 @@ class SourceChanged(Exception):
     """The source file differs from what ingest recorded (edited or replaced since): its caption and bucket may not fit."""
 
 
+class SourceUnreadable(Exception):
+    """The source file may not be read now (its permissions changed since ingest): skipped, as a missing one is."""
+
+
 def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
     rows = con.execute(
         f"""
@@ -175,8 +179,13 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     image the catalog measured after rotation is written already rotated (as PNG, lossless).
     """
     source = os.fsdecode(row.source)
-    if not holds_image(source, row.image_id, row.size, row.mtime_ns):  # FileNotFoundError when gone since ingest
-        raise SourceChanged(source)
+    try:
+        if not holds_image(source, row.image_id, row.size, row.mtime_ns):  # FileNotFoundError when gone since ingest
+            raise SourceChanged(source)
+        with open(source, "rb"):  # may it be read? (a chmod since ingest leaves size and time as they were)
+            pass
+    except PermissionError as error:
+        raise SourceUnreadable(error.strerror or str(error)) from error
     ext = KOHYA_EXTENSIONS.get(row.format or "")
     rotate = row.orientation not in (None, 1)
     # Trainers (sd-scripts, diffusers) read pixels with Pillow's convert("RGB"), which clips 16-bit and float grey
@@ -214,10 +223,14 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
 
 
 def _skip_reason(error: Exception) -> str:
+    if isinstance(error, SourceUnreadable):
+        return "unreadable_files_skipped"
     return "changed_files_skipped" if isinstance(error, SourceChanged) else "missing_files_skipped"
 
 
 def _skip_message(row: _Row, error: Exception) -> str:
+    if isinstance(error, SourceUnreadable):
+        return f"skipped {os.fsdecode(row.source)}: it may not be read ({error}); make it readable and export again"
     why = "changed since it was ingested" if isinstance(error, SourceChanged) else "file no longer there"
     return f"skipped {os.fsdecode(row.source)}: {why} (run ingest again)"
 
@@ -303,7 +316,7 @@ def kohya_export(
     subsets: list[dict[str, Any]] = []
     counts: Counter[str] = Counter({key: 0 for key in (
         "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
-        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped")})
+        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped", "unreadable_files_skipped")})
     without_trigger: list[str] = []  # caption files, relative to OUT
     done = 0
     progress(task="export", completed=0, total=len(rows))
@@ -331,7 +344,7 @@ def kohya_export(
             done += 1
             try:
                 image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=True)
-            except (FileNotFoundError, SourceChanged) as error:
+            except (FileNotFoundError, SourceChanged, SourceUnreadable) as error:
                 counts[_skip_reason(error)] += 1
                 progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
                 continue
@@ -399,14 +412,14 @@ def imagefolder_export(
     rows = _dataset_rows(con)
     progress(task="export", completed=0, total=len(rows))
     lines, class_lines = [], []
-    skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0})
+    skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0})
     for done, row in enumerate(rows, 1):
         prior = row.role == "class_prior"
         folder = _inside(out, "class_images") if prior else target_dir
         folder.mkdir(exist_ok=True)
         try:
             image_path = _write_image(row, folder, _file_stem(row), link=link, kohya_only=False)
-        except (FileNotFoundError, SourceChanged) as error:
+        except (FileNotFoundError, SourceChanged, SourceUnreadable) as error:
             skipped[_skip_reason(error)] += 1
             progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
             continue

@@ -909,3 +909,23 @@ def test_removing_an_earlier_export_never_deletes_the_files_kept(tmp_path):
     assert catalog.is_file() and not (out / "img-0123456789ab.txt").exists()
     (out / ".workbench-export.json").write_text(json.dumps({"format": "kohya", "files": [catalog.name]}))
     assert _removed_previous_export(out) == 1 and not catalog.exists()  # without it, it would go: the check has teeth
+
+
+def test_an_image_that_may_not_be_read_now_is_skipped_and_named_not_the_end_of_the_export(con, curated, tmp_path, monkeypatch):
+    """A review: one image made unreadable (chmod 000) after ingest stopped the export part way with a bare
+    "Permission denied"; a missing or changed file is skipped with a note."""
+    import builtins
+
+    locked = str(curated / "10_sks dog" / "b.png")
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    messages = []
+    summary = exported_dataset(con, tmp_path / "out", format="kohya", progress=lambda **kw: messages.append(kw.get("message")))
+    assert summary["unreadable_files_skipped"] == 1 and summary["images"] == 4
+    assert any(m and f"skipped {locked}: it may not be read (Permission denied)" in m for m in messages)
