@@ -802,6 +802,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 epoch=math.ceil(global_step * micro_per_update / per_epoch), num_processes=accelerator.num_processes,
             )) if config.mode == "lora" else None,
         )
+        readable_as_umask_allows(saved)  # now: a run stopped or failed later leaves its checkpoints' LoRAs readable too
         ckpt.prune_checkpoints(checkpoints_dir, config.checkpoints_total_limit)
         return saved
 
