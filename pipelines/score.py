@@ -300,12 +300,17 @@ def embedding_duplicates(
 # --- search --------------------------------------------------------------------------------
 
 
-def search_images(con: duckdb.DuckDBPyConnection, clip_bundle, text: str, *, limit: int = 20) -> list[dict]:
-    """Images ranked by cosine similarity of their CLIP embedding to `text` (this model's embeddings only)."""
+def search_images(con: duckdb.DuckDBPyConnection, clip_bundle, text: str, *, limit: int = 20,
+                  where: str | None = None) -> list[dict]:
+    """Images ranked by cosine similarity of their CLIP embedding to `text` (this model's embeddings only); with
+    `where`, only those whose images_view row matches that SQL condition (`NOT excluded`: the dataset's)."""
+    from pipelines.concepts import images_where
+
     if not text.strip():
         raise ValueError("Search text is empty.")
     if limit < 1:
         raise ValueError("limit must be at least 1")
+    among = images_where(con, where) if where is not None else None
     query = encode_texts(clip_bundle, [text])[0]
     dim = int(clip_bundle.embed_dim)
     rows = con.execute(
@@ -313,11 +318,11 @@ def search_images(con: duckdb.DuckDBPyConnection, clip_bundle, text: str, *, lim
         SELECT v.image_id, v.path, v.caption, v.excluded,
                array_cosine_similarity(e.embedding::FLOAT[{dim}], ?::FLOAT[{dim}]) AS similarity
         FROM clip_embeddings e JOIN images_view v USING (image_id)
-        WHERE e.model = ? AND v.status = 'ok'
+        WHERE e.model = ? AND v.status = 'ok' AND (?::VARCHAR[] IS NULL OR v.image_id IN (SELECT unnest(?::VARCHAR[])))
         ORDER BY similarity DESC, v.image_id
         LIMIT ?
         """,
-        [query.tolist(), clip_bundle.name, limit],
+        [query.tolist(), clip_bundle.name, among, among, limit],
     ).fetchall()
     return [
         {"image_id": r[0], "path": r[1], "caption": r[2], "excluded": r[3], "similarity": float(r[4])} for r in rows

@@ -305,7 +305,7 @@ def _stale_dedup(summary: IngestSummary) -> str:
 @app.command()
 def dedup(
     catalog: CatalogOpt = None,
-    threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes.")] = 6,
+    threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes. Distances are even (every pHash sets 32 of its 64 bits), so an odd threshold acts as the even one below.")] = 6,
     drop_embedding_pairs: Annotated[bool, typer.Option("--drop-embedding-pairs", help="Forget the CLIP pairs `score --dedup` added (undoes them).")] = False,
     mirrored: Annotated[bool, typer.Option("--mirrored/--no-mirrored", help="Also count left-right flipped copies as duplicates (their mirrored pHash is compared).")] = True,
 ) -> None:
@@ -828,10 +828,11 @@ def search(
     limit: Annotated[int, typer.Option(help="How many images to show.")] = 20,
     device: DeviceOpt = None,
     format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    where: Annotated[Optional[str], typer.Option("--where", help="Only images whose images_view row matches this SQL condition (e.g. \"NOT excluded\": the dataset's).", show_default=False)] = None,
 ) -> None:
     """Find images by text: CLIP similarity of the text to each image's stored embedding.
 
-    Example: workbench search "a red car" --limit 20 --model sd15
+    Example: workbench search "a red car" --limit 20 --model sd15 --where "NOT excluded"
     """
     from pipelines.score import embedding_models, search_images
     from workbench.models import ModelError, load_clip, model_label, resolve_device
@@ -851,8 +852,8 @@ def search(
             fail(f"No CLIP embeddings from {label!r} in this catalog (have: {', '.join(known) or 'none'}): "
                  f"run `workbench score --model {model}` first.")
         bundle = load_clip(model, device=resolve_device(device))
-        hits = search_images(con, bundle, text, limit=limit)
-    except ModelError as error:
+        hits = search_images(con, bundle, text, limit=limit, where=where)
+    except (ModelError, ValueError) as error:
         con.close()
         fail(str(error))
     con.close()
@@ -860,10 +861,11 @@ def search(
         sys.stdout.write(json.dumps(hits, ensure_ascii=False) + "\n")
         return
     table = Table(title=Text(f"search: {text}"))
-    for column in ("similarity", "path", "caption", "excluded"):
+    for column in ("similarity", "id", "path", "caption", "excluded"):  # the id: for `exclude`, `keep`, `include`
         table.add_column(column, overflow="fold")
     for hit in hits:
-        table.add_row(f"{hit['similarity']:.3f}", Text(hit["path"] or hit["image_id"]), Text(hit["caption"] or ""), "yes" if hit["excluded"] else "")
+        table.add_row(f"{hit['similarity']:.3f}", hit["image_id"][:12], Text(printable(hit["path"] or "")),
+                      Text(printable(hit["caption"] or "")), "yes" if hit["excluded"] else "")
     console.print(table)
 
 
