@@ -305,7 +305,7 @@ def _stale_dedup(summary: IngestSummary) -> str:
 @app.command()
 def dedup(
     catalog: CatalogOpt = None,
-    threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes. Distances are even (every pHash sets 32 of its 64 bits), so an odd threshold acts as the even one below.")] = 6,
+    threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes. Distances are nearly always even (a pHash sets the 32 of its 64 bits above their median), so an odd threshold acts as the even one below.")] = 6,
     drop_embedding_pairs: Annotated[bool, typer.Option("--drop-embedding-pairs", help="Forget the CLIP pairs `score --dedup` added (undoes them).")] = False,
     mirrored: Annotated[bool, typer.Option("--mirrored/--no-mirrored", help="Also count left-right flipped copies as duplicates (their mirrored pHash is compared).")] = True,
 ) -> None:
