@@ -212,12 +212,14 @@ def model_captions(
     duplicates: bool = False,
     own_captioned: bool = False,
     model_path: str | None = None,
+    where: str | None = None,
     progress: ProgressHook = null_progress,
 ) -> dict[str, int]:
     """Caption every image with status ok using BLIP, stored as source 'model:<model_name>'; resumable.
 
     `model_path`, the folder a local model was loaded from, is recorded with the run: a model of the same name from
-    another folder is then said, not silently taken for the one whose captions the catalog holds.
+    another folder is then said, not silently taken for the one whose captions the catalog holds. `where` (an SQL
+    condition on images_view) captions only the images it matches.
 
     Copies dedup excluded are left out unless `duplicates`: they do not train, and a set with many copies would spend
     hours of a real BLIP on them (a copy kept later is captioned by the next run). Images whose current caption is
@@ -239,7 +241,13 @@ def model_captions(
     dtype = next(model.parameters()).dtype
     params = {"model": model_name, "batch_size": batch_size, "max_length": max_length, "num_beams": num_beams,
               "prompt": prompt, "template": template, "overwrite": overwrite, "duplicates": duplicates,
-              "own_captioned": own_captioned, **({"model_path": model_path} if model_path else {})}
+              "own_captioned": own_captioned, **({"model_path": model_path} if model_path else {}),
+              **({"where": where} if where is not None else {})}
+    chosen = None
+    if where is not None:
+        from pipelines.concepts import images_where
+
+        chosen = set(images_where(con, where))  # ValueError for a bad condition, before anything is recorded
     if model_path:
         before = [json.loads(row[0] or "{}").get("model_path") for row in con.execute(
             "SELECT params FROM runs WHERE step = 'caption' AND json_extract_string(params, '$.model') = ? "
@@ -250,6 +258,8 @@ def model_captions(
                 f"name: {'every image is captioned again' if overwrite else 'the images those captioned are skipped as already captioned (--overwrite captions them again with this one)'}"))
     with record_run(con, "caption", params) as run:
         candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
+        if chosen is not None:
+            candidates = [(image_id, path) for image_id, path in candidates if image_id in chosen]
         copies = set() if duplicates else {row[0] for row in con.execute(
             "SELECT image_id FROM exclusions WHERE step = 'dedup'").fetchall()}
         skipped_copies = sum(image_id in copies for image_id, _ in candidates)

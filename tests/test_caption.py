@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
@@ -203,8 +205,12 @@ def test_cli_caption_and_use_source(catalog_path, tmp_path):
     chosen_now = dict(con.execute("SELECT image_id, source FROM caption_choice").fetchall())
     con.close()
     assert other not in chosen_now and chosen_now.get(typed) == "model:tiny"  # only the matched image went back to the rule
-    lone = runner.invoke(app, ["caption", "-c", str(catalog_path), "--where", "true"])
-    assert lone.exit_code == 2 and "give --use-source" in lone.output
+    # --where also chooses what is captioned (a review: recaptioning one concept meant recaptioning everything)
+    one = runner.invoke(app, ["caption", "-c", str(catalog_path), "--max-length", "6", "--workers", "0", "--overwrite",
+                              "--own-captioned", "--where", f"image_id = '{other}'"])
+    assert one.exit_code == 0 and re.search(r"captioned\s+│\s+1\b", one.output), one.output
+    bad = runner.invoke(app, ["caption", "-c", str(catalog_path), "--where", "no_such_column = 1"])
+    assert bad.exit_code == 2 and "--where failed" in bad.output
 
 
 def test_a_file_unreadable_since_ingest_is_named(catalog, blip, tmp_path):

@@ -577,7 +577,7 @@ def caption(
     use_source: Annotated[Optional[str], typer.Option("--use-source", help="Instead of captioning: make this caption source (sidecar, manual, duplicate, model:NAME) current for every image that has it; 'auto' goes back to the rule.")] = None,
     duplicates: Annotated[bool, typer.Option("--duplicates", help="Also caption the copies dedup excluded (left out by default: they do not train).")] = False,
     own_captioned: Annotated[bool, typer.Option("--own-captioned", help="Also caption images with a caption of their own: a sidecar .txt, one typed, or one carried from a duplicate (left out by default: they train with theirs).")] = False,
-    where: Annotated[Optional[str], typer.Option("--where", help="With --use-source: only the images whose images_view row matches this SQL condition.", show_default=False)] = None,
+    where: Annotated[Optional[str], typer.Option("--where", help="Only the images whose images_view row matches this SQL condition (captioned, or given --use-source).", show_default=False)] = None,
 ) -> None:
     """Caption every usable image with BLIP (resumable), or choose which caption source images use.
 
@@ -585,13 +585,12 @@ def caption(
     from the copy dedup excluded), else the newest model caption.
 
     Example: workbench caption --model tiny --batch-size 8 --template "photo of {trigger} dog, {caption}"
-    (or: --use-source model:tiny --where "caption_source = 'sidecar' AND concept = 'sks dog'")
+    (again for one concept: --overwrite --where "concept = 'sks dog'"; or choose a source:
+    --use-source model:tiny --where "caption_source = 'sidecar' AND concept = 'sks dog'")
     """
     from pipelines.caption import caption_sources, check_template, chosen_caption_source, model_captions
     from workbench.models import TINY, ModelError, load_blip, model_id, model_label, resolve_device, resolve_dtype
 
-    if where is not None and use_source is None:
-        fail("--where chooses the images --use-source applies to: give --use-source SOURCE too.")
     if use_source is not None:
         con = open_catalog(catalog)
         try:
@@ -626,6 +625,11 @@ def caption(
     except (ValueError, ModelError) as error:
         fail(str(error))
     con = open_catalog(catalog)
+    if where is not None:
+        try:  # before minutes of model loading: a bad condition, or one that matches nothing
+            _images_matching(con, where, "nothing was captioned")
+        except ValueError as error:
+            fail(str(error))
     try:
         processor, captioner = load_blip(model, device=torch_device, dtype=torch_dtype)
     except ModelError as error:
@@ -638,6 +642,7 @@ def caption(
                     num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
                     workers=workers, duplicates=duplicates, own_captioned=own_captioned, progress=progress,
                     model_path=model_id(model) if Path(model_id(model)).is_absolute() else None,  # a local model's folder
+                    where=where,
                 )
             except ValueError as error:
                 fail(str(error))
