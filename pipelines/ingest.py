@@ -145,6 +145,7 @@ class IngestSummary:
     read_by_kind: Counter = field(default_factory=Counter)  # files read and recorded so far: new, changed, ...
     output_roots_skipped: list[str] = field(default_factory=list)  # output folders named as roots (a `runs/*` glob)
     unreadable_folders: list[str] = field(default_factory=list)  # "path (why)": not walked, their files not marked missing
+    sidecar_captions_removed: set[str] = field(default_factory=set)  # images whose sidecar was emptied or deleted
     multi_line_sidecars: list[str] = field(default_factory=list)  # read this run: only their first line is the caption
     both_sidecars: list[str] = field(default_factory=list)  # images with name.txt and name.caption: .txt is read
 
@@ -155,7 +156,7 @@ class IngestSummary:
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
-               "output_roots_skipped", "unreadable_folders", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
+               "output_roots_skipped", "unreadable_folders", "sidecar_captions_removed", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -1149,8 +1150,10 @@ def _store_sidecar(con, image_id: str, caption: str | None, entry: FileEntry, su
             [image_id, caption],
         )
         summary.sidecar_image_ids.add(image_id)
+        summary.sidecar_captions_removed.discard(image_id)
     else:
-        con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
+        if con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id]).fetchall()[0][0]:
+            summary.sidecar_captions_removed.add(image_id)  # its file emptied or deleted: said, the image is uncaptioned
         summary.sidecar_image_ids.discard(image_id)
     summary.sidecar_captions = len(summary.sidecar_image_ids)
     con.execute("UPDATE paths SET sidecar_mtime_ns = ? WHERE path_bytes = ?", [entry.sidecar_mtime_ns, entry.path_bytes])
@@ -1197,10 +1200,12 @@ def _settle_shared_sidecars(con, summary: IngestSummary, sidecars: dict[bytes, t
             ).fetchall()[0][0]
             if changed or image_id in touched:
                 summary.sidecar_image_ids.add(image_id)
+            summary.sidecar_captions_removed.discard(image_id)  # another copy's sidecar gives it its caption
             others = [display_path(sidecar) for sidecar, text in with_text[1:] if text != caption]
             if others:
                 summary.sidecar_conflicts[display_path(first)] = others
         elif len(read) == len(paths):  # every sidecar read, all empty: as for an image with one path
-            con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id])
+            if con.execute("DELETE FROM captions WHERE image_id = ? AND source = 'sidecar'", [image_id]).fetchall()[0][0]:
+                summary.sidecar_captions_removed.add(image_id)
             summary.sidecar_image_ids.discard(image_id)
     summary.sidecar_captions = len(summary.sidecar_image_ids)

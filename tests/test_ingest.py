@@ -136,6 +136,29 @@ def test_sidecar_edit_is_picked_up_without_rereading_the_image(con, tmp_path):
     assert con.execute("SELECT caption FROM images_view").fetchall() == [("second caption",)]
 
 
+def test_a_sidecar_emptied_or_deleted_since_the_last_ingest_is_said(catalog_path, tmp_path):
+    """A review: a caption file emptied or deleted dropped the image's caption at the next ingest without a word (the
+    image then trained as "sks dog")."""
+    from typer.testing import CliRunner
+
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    emptied, deleted, kept = make_images(tmp_path / "imgs", 3)
+    for path, text in ((emptied, "one"), (deleted, "two"), (kept, "three")):
+        path.with_suffix(".txt").write_text(text)
+    con = connect(catalog_path)
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    con.close()
+    emptied.with_suffix(".txt").write_text("")
+    os.utime(emptied.with_suffix(".txt"), ns=(2, 2))
+    deleted.with_suffix(".txt").unlink()
+    again = CliRunner().invoke(app, ["ingest", str(tmp_path / "imgs"), "-c", str(catalog_path)], env={"COLUMNS": "300"})
+    said = " ".join(again.output.split())
+    assert again.exit_code == 0 and "2 image(s) lost their sidecar caption" in said and "2 of them have no caption now" in said
+    assert str(emptied) in said and str(deleted) in said and str(kept) not in said
+
+
 def test_only_paths_under_the_ingested_roots_are_marked_missing(con, tmp_path):
     make_images(tmp_path / "a", 2, seed=1)
     make_images(tmp_path / "b", 2, seed=2)
