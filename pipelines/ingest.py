@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -877,6 +878,15 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         read_now = None if join_concepts else read + [bytes(path) for path in left_paths]
         summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
         summary.images_joined_concepts += concept_rules_applied(con)
+    # a concept's --folder moved or renamed: new images put in it (at its new place) joined no concept, unsaid
+    for name, folder in con.execute(
+        "SELECT c.name, c.folder FROM concepts c WHERE c.folder IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM paths p WHERE NOT p.missing AND starts_with(p.path, c.folder || ?)) ORDER BY c.name", [os.sep]
+    ).fetchall():
+        if not os.path.isdir(folder) and _under(os.fsencode(folder), roots):
+            progress(task="concepts", message=(
+                f"Note: concept {name!r} takes the images of {folder}, which is gone: images added where it went join no "
+                f"concept. If it moved, `workbench concept add {shlex.quote(name)} --folder NEW_PLACE` points it there."))
     if read or join_concepts:  # files added under a folder excluded by hand (`exclude --folder`) stay out, as the
         # folder's others; after a stopped run (which may have written them and stopped before this), over all paths
         summary.excluded_by_folder = excluded_folder_rules_applied(con, paths=None if join_concepts else read)

@@ -159,6 +159,25 @@ def test_a_sidecar_emptied_or_deleted_since_the_last_ingest_is_said(catalog_path
     assert str(emptied) in said and str(deleted) in said and str(kept) not in said
 
 
+def test_a_concept_folder_moved_away_is_said_at_the_next_ingest(con, tmp_path):
+    """A review: after `mv data/cat data/cats`, a new photo put in cats/ joined no concept, and nothing said why until
+    a DreamBooth run failed on it."""
+    from pipelines.concepts import added_concept
+
+    make_images(tmp_path / "data" / "cat", 2, seed=1)
+    ingested_images(con, [tmp_path / "data"], workers=1)
+    added_concept(con, "ohwx cat", trigger="ohwx", class_noun="cat", folder=str(tmp_path / "data" / "cat"))
+    quiet = []
+    ingested_images(con, [tmp_path / "data"], workers=1, progress=lambda **kw: quiet.append(kw.get("message") or ""))
+    assert not any("which is gone" in m for m in quiet)
+    (tmp_path / "data" / "cat").rename(tmp_path / "data" / "cats")
+    make_images(tmp_path / "data" / "cats", 1, seed=9)  # a new picture there (as img_0000.jpg, over the old one)
+    said = []
+    ingested_images(con, [tmp_path / "data"], workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any(f"concept 'ohwx cat' takes the images of {tmp_path / 'data' / 'cat'}, which is gone" in m
+               and "concept add 'ohwx cat' --folder NEW_PLACE" in m for m in said), said
+
+
 def test_only_paths_under_the_ingested_roots_are_marked_missing(con, tmp_path):
     make_images(tmp_path / "a", 2, seed=1)
     make_images(tmp_path / "b", 2, seed=2)
