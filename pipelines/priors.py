@@ -232,6 +232,7 @@ class PriorPlan:
     on_disk: dict[int, Path]  # written by an interrupted or catalog-free run of this set, not yet ingested
     params: dict
     settings: PriorSettings | None = None  # None: images made elsewhere, recorded like rows from before m010
+    other_sets: list[tuple[str, int]] = field(default_factory=list)  # (settings label, images) of this prompt and model
 
     def title(self) -> str:
         """Which set, for messages: 'a photo of a dog' (128 px, 30 steps)."""
@@ -277,9 +278,18 @@ def prior_plan(
     # how these images are made, recorded with the run that adds them (`runs.params`)
     how = {} if settings is None else {"resolution": settings.resolution, "num_inference_steps": settings.steps,
                                        "guidance_scale": settings.guidance_scale, "scheduler": settings.sampler}
+    other_sets = []
+    if settings is not None:  # made with other settings: not this set, but the user may have meant them
+        for resolution, steps, guidance, sampler, count in con.execute(
+            "SELECT resolution, steps, guidance_scale, sampler, count(*) FROM class_priors WHERE class_prompt = ? AND model = ? "
+            "AND resolution IS NOT NULL AND NOT (resolution = ? AND steps = ? AND guidance_scale = ? AND sampler = ?) "
+            "GROUP BY ALL ORDER BY count(*) DESC",
+            [class_prompt, model_name, settings.resolution, settings.steps, float(settings.guidance_scale), settings.sampler],
+        ).fetchall():
+            other_sets.append((PriorSettings(resolution, steps, guidance, sampler).label(), count))
     return PriorPlan(
         class_prompt=class_prompt, model_name=model_name, concept=concept, wanted=wanted, seeds=seeds,
-        existing=wanted - len(files),
+        existing=wanted - len(files), other_sets=other_sets,
         to_generate={s: f for s, f in files.items() if not f.is_file()},
         on_disk={s: f for s, f in files.items() if f.is_file()},
         params={"class_prompt": class_prompt, "model": model_name, "num_images": wanted, "seed": seed,
@@ -315,7 +325,10 @@ def generated_prior_files(
     progress(task="class priors", completed=done, total=plan.wanted,
              message=f"{plan.existing} of {plan.wanted} class images for {plan.title()} exist"
                      + (f", {len(plan.on_disk)} more are on disk from an earlier run" if plan.on_disk else "")
-                     + f"; generating {len(plan.to_generate)}")
+                     + f"; generating {len(plan.to_generate)}"
+                     + (f" (other sets of this prompt and model, not used: {', '.join(f'{n} at {label}' for label, n in plan.other_sets)}; "
+                        "a set is its size, steps, guidance and sampler: `priors --steps N`, or a training run's "
+                        "prior_inference_steps, names one)" if plan.other_sets and plan.to_generate else ""))
     made: dict[int, Path] = {}
     pending = sorted(plan.to_generate)
     for start in range(0, len(pending), batch_size):

@@ -95,6 +95,17 @@ def test_a_stop_in_mid_save_leaves_no_temporary_file(con, tmp_path, pipe, one_th
     assert rerun.generated == 2 and con.execute("SELECT count(*) FROM class_priors").fetchone()[0] == 3
 
 
+def test_a_set_of_other_settings_is_named_when_a_new_one_is_made(con, tmp_path, pipe, one_thread):
+    """A review: `priors --steps 10` then a DreamBooth run (30 steps) said "0 of 6 exist; generating 6", and not that a
+    10-step set of the same prompt was there."""
+    ingest_images(con, tmp_path / "instances", 2)
+    _generate(con, pipe, tmp_path / "priors", num_images=2, num_inference_steps=1)
+    said = []
+    _generate(con, pipe, tmp_path / "priors", num_images=2, num_inference_steps=2,
+              progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("other sets of this prompt and model, not used: 2 at 32 px, 1 step" in m for m in said), said
+
+
 def test_a_stop_while_class_images_are_recorded_never_makes_them_training_photos(con, tmp_path, pipe, one_thread, monkeypatch):
     """Ctrl+C between the ingest of generated images and their class-prior rows left them 'instance' images: a LoRA
     then trained on 314 images, 97 of them generated birds. Now they are class images from the moment they are in."""
