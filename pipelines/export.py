@@ -222,6 +222,18 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     return target
 
 
+def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
+    """With --link hardlink, an image written as a copy because OUT is on another disk than it (a hard link cannot
+    cross disks): counted, so that a user who asked for links to save space is told. Re-encoded images (rotated,
+    16-bit, transparent) are new files either way and not counted."""
+    if link != "hardlink":
+        return False
+    try:
+        return image_path.stat().st_nlink == 1 and os.stat(row.source).st_dev != image_path.stat().st_dev
+    except OSError:
+        return False
+
+
 def _skip_reason(error: Exception) -> str:
     if isinstance(error, SourceUnreadable):
         return "unreadable_files_skipped"
@@ -316,7 +328,8 @@ def kohya_export(
     subsets: list[dict[str, Any]] = []
     counts: Counter[str] = Counter({key: 0 for key in (
         "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
-        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped", "unreadable_files_skipped")})
+        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped", "unreadable_files_skipped",
+        "copied_not_hardlinked")})
     without_trigger: list[str] = []  # caption files, relative to OUT
     done = 0
     progress(task="export", completed=0, total=len(rows))
@@ -348,6 +361,7 @@ def kohya_export(
                 counts[_skip_reason(error)] += 1
                 progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
                 continue
+            counts["copied_not_hardlinked"] += _copied_not_linked(row, image_path, link)
             caption = one_line(row.caption)
             if caption:
                 caption_path = _inside(target_dir, image_path.stem + caption_extension)
@@ -412,7 +426,8 @@ def imagefolder_export(
     rows = _dataset_rows(con)
     progress(task="export", completed=0, total=len(rows))
     lines, class_lines = [], []
-    skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0})
+    skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0,
+                                     "copied_not_hardlinked": 0})
     for done, row in enumerate(rows, 1):
         prior = row.role == "class_prior"
         folder = _inside(out, "class_images") if prior else target_dir
@@ -423,6 +438,7 @@ def imagefolder_export(
             skipped[_skip_reason(error)] += 1
             progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
             continue
+        skipped["copied_not_hardlinked"] += _copied_not_linked(row, image_path, link)
         (class_lines if prior else lines).append(json.dumps({
             "file_name": image_path.name,
             "text": row.caption,

@@ -929,3 +929,19 @@ def test_an_image_that_may_not_be_read_now_is_skipped_and_named_not_the_end_of_t
     summary = exported_dataset(con, tmp_path / "out", format="kohya", progress=lambda **kw: messages.append(kw.get("message")))
     assert summary["unreadable_files_skipped"] == 1 and summary["images"] == 4
     assert any(m and f"skipped {locked}: it may not be read (Permission denied)" in m for m in messages)
+
+
+def test_a_hardlink_export_counts_the_images_it_had_to_copy(tmp_path):
+    """A review: `--link hardlink` to another disk copied every image, silently (link count 1)."""
+    from pipelines.export import _copied_not_linked
+
+    class Row:
+        source = b"/proc/self/status"  # another file system than tmp_path's
+
+    written = tmp_path / "a.png"
+    written.write_bytes(b"x")
+    assert _copied_not_linked(Row(), written, "hardlink") and not _copied_not_linked(Row(), written, "copy")
+    Row.source = os.fsencode(tmp_path / "original.png")
+    (tmp_path / "original.png").write_bytes(b"x")
+    os.link(tmp_path / "original.png", tmp_path / "linked.png")
+    assert not _copied_not_linked(Row(), tmp_path / "linked.png", "hardlink")

@@ -1301,6 +1301,10 @@ def export(
     except (ExportError, OSError) as error:
         fail(str(error))
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
+    if summary.get("copied_not_hardlinked"):
+        err_console.print(Text(f"Note: {summary['copied_not_hardlinked']} image(s) were copied, not hard-linked: OUT is on "
+                               "another disk than they are, and a hard link cannot cross disks. Export to a folder on "
+                               "their disk to save the space.", style="yellow"))
 
 
 def _note_unfiltered(con) -> None:
