@@ -14,7 +14,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import duckdb
 
@@ -132,7 +132,9 @@ class SourceUnreadable(Exception):
     """The source file may not be read now (its permissions changed since ingest): skipped, as a missing one is."""
 
 
-def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
+def _dataset_rows(con: duckdb.DuckDBPyConnection, only: Collection[str] | None = None) -> list[_Row]:
+    """The rows an export writes: the dataset and the class images training uses (of `only`, the ids --where
+    chose, when given)."""
     rows = con.execute(
         f"""
         WITH src AS (
@@ -150,7 +152,8 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection) -> list[_Row]:
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
-    return [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest) for image_id, path_bytes, path, *rest in rows]
+    return [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest) for image_id, path_bytes, path, *rest in rows
+            if only is None or image_id in only]
 
 
 def _prepare_out(out: Path, *, overwrite: bool) -> Path:
@@ -285,6 +288,7 @@ def kohya_export(
     *,
     link: str = "copy",
     caption_extension: str = ".txt",
+    only: Collection[str] | None = None,
     progress: ProgressHook = null_progress,
 ) -> dict:
     """kohya sd-scripts layout: img/N_trigger class/ (img/1_/ for images without a concept, + reg/ for class
@@ -292,7 +296,7 @@ def kohya_export(
     import tomli_w
 
     out = Path(out)
-    rows = _dataset_rows(con)
+    rows = _dataset_rows(con, only)
     settings = _bucket_settings(con)
     if not con.execute("SELECT count(*) FROM aspect_buckets").fetchall()[0][0]:
         progress(task="export", message="dataset.toml takes kohya's bucket defaults (512 px, 256–1024, step 64): no "
@@ -414,6 +418,7 @@ def imagefolder_export(
     out: str | os.PathLike[str],
     *,
     link: str = "copy",
+    only: Collection[str] | None = None,
     progress: ProgressHook = null_progress,
 ) -> dict:
     """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/, and the class
@@ -423,7 +428,7 @@ def imagefolder_export(
     out = Path(out)
     target_dir = _inside(out, "train")
     target_dir.mkdir(exist_ok=True)
-    rows = _dataset_rows(con)
+    rows = _dataset_rows(con, only)
     progress(task="export", completed=0, total=len(rows))
     lines, class_lines = [], []
     skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0,
@@ -458,7 +463,8 @@ def imagefolder_export(
             "captions": sum(1 for line in lines if json.loads(line)["text"]), "class_images": len(class_lines), **skipped}
 
 
-def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict:
+def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False,
+                   only: Collection[str] | None = None) -> dict:
     """The `dataset` view's rows as one parquet file (OUT itself if it ends in .parquet, else OUT/dataset.parquet)."""
     out = Path(out)
     if out.suffix.lower() == ".parquet":
@@ -471,8 +477,10 @@ def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], 
         target = out / "dataset.parquet"
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass --overwrite to replace it")
-    count = con.execute("SELECT count(*) FROM dataset").fetchall()[0][0]
-    con.sql("SELECT * FROM dataset ORDER BY image_id").write_parquet(str(target))
+    chosen = "" if only is None else "WHERE image_id IN (SELECT unnest($ids))"
+    ids = None if only is None else {"ids": sorted(only)}
+    count = con.execute(f"SELECT count(*) FROM dataset {chosen}", ids).fetchall()[0][0]
+    con.sql(f"SELECT * FROM dataset {chosen} ORDER BY image_id", params=ids).write_parquet(str(target))
     return {"format": "parquet", "out": str(target), "rows": count}
 
 
@@ -483,13 +491,25 @@ def exported_dataset(
     format: str = "kohya",
     link: str = "copy",
     overwrite: bool = False,
+    where: str | None = None,
     progress: ProgressHook = null_progress,
 ) -> dict:
-    """Write the curated dataset to OUT in `format` (kohya, imagefolder or parquet)."""
+    """Write the curated dataset to OUT in `format` (kohya, imagefolder or parquet); with `where` (an SQL
+    condition on images_view), only the images of it that the condition matches."""
+    from pipelines.concepts import images_where
+
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     if link not in LINK_MODES:
         raise ExportError(f"link must be one of {', '.join(LINK_MODES)}, not {link!r}")
+    only = None
+    if where is not None:
+        try:
+            only = set(images_where(con, where))
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+        if not only & {row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall()}:
+            raise ExportError(f"no image of the dataset matches --where {where!r}: nothing to export")
     if format != "parquet" and not con.execute("SELECT count(*) FROM dataset").fetchall()[0][0]:
         raise ExportError("the dataset is empty (every image is excluded or missing): nothing to export")
     if format != "parquet" and overwrite and Path(out).is_dir():
@@ -502,10 +522,10 @@ def exported_dataset(
                 f"{len(edited)} caption file(s) changed since they were ingested ({named_few(edited)}): the export "
                 "writes the captions the catalog holds. To export the edits, stop and run `workbench ingest` on their "
                 "folders first."))
-    params = {"format": format, "out": str(out), "link": link}
+    params = {"format": format, "out": str(out), "link": link, **({"where": where} if where is not None else {})}
     with record_run(con, "export", params) as run:
         if format == "parquet":
-            summary = parquet_export(con, out, overwrite=overwrite)
+            summary = parquet_export(con, out, overwrite=overwrite, only=only)
         else:
             # an export over an earlier one replaces it: the earlier files (its manifest) go first, so concepts
             # or images curated out since are not left behind for a trainer to pick up; other files stay
@@ -520,7 +540,7 @@ def exported_dataset(
             exporter = kohya_export if format == "kohya" else imagefolder_export
             finished = False
             try:
-                summary = exporter(con, out, link=link, progress=progress)
+                summary = exporter(con, out, link=link, only=only, progress=progress)
                 finished = True
             finally:  # also when stopped part way (Ctrl+C, a full disk): `--overwrite` then replaces exactly that
                 if out_path.is_dir():

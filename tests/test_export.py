@@ -945,3 +945,19 @@ def test_a_hardlink_export_counts_the_images_it_had_to_copy(tmp_path):
     (tmp_path / "original.png").write_bytes(b"x")
     os.link(tmp_path / "original.png", tmp_path / "linked.png")
     assert not _copied_not_linked(Row(), tmp_path / "linked.png", "hardlink")
+
+
+def test_a_subset_is_exported_with_where_without_excluding_the_rest(con, curated, tmp_path):
+    """A FiftyOne user's review: export always wrote the whole dataset, so a subset meant excluding everything else."""
+    summary = exported_dataset(con, tmp_path / "dogs", format="kohya", where="concept = 'sks dog'")
+    assert summary["images"] == 2 and {p.parent.name for p in (tmp_path / "dogs").rglob("*.png")} | {
+        p.parent.name for p in (tmp_path / "dogs").rglob("*.jpg")} == {"10_sks dog"}
+    hf = exported_dataset(con, tmp_path / "hf", format="imagefolder", where="path LIKE '%/plain/%'")
+    assert hf["images"] == 3
+    rows = exported_dataset(con, tmp_path / "rows.parquet", format="parquet", where="width > 40")
+    assert rows["rows"] == con.execute("SELECT count(*) FROM dataset WHERE width > 40").fetchall()[0][0] > 0
+    assert con.execute("SELECT count(*) FROM exclusions").fetchall()[0][0] == 0  # nothing curated out
+    with pytest.raises(ExportError, match="no image of the dataset matches"):
+        exported_dataset(con, tmp_path / "none", format="kohya", where="width > 100000")
+    with pytest.raises(ExportError, match="--where failed"):
+        exported_dataset(con, tmp_path / "bad", format="kohya", where="no_such_column = 1")

@@ -1283,21 +1283,23 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", help="kohya, imagefolder or parquet.")] = "kohya",
     link: Annotated[str, typer.Option(help="copy or hardlink the image files.")] = "copy",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty folder.")] = False,
+    where: Annotated[Optional[str], typer.Option("--where", help="Only the images (of the dataset and its class images) whose images_view row matches this SQL condition: a subset, without excluding the rest.", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Export the curated dataset: kohya folders + dataset.toml, HF imagefolder, or parquet rows.
 
-    Example: workbench export --format kohya ./kohya_dataset
+    Example: workbench export --format kohya ./kohya_dataset   (a subset: --where "concept = 'sks dog' AND clip_score > 0.3")
     """
     from pipelines.export import ExportError, exported_dataset
 
     con = open_catalog(catalog)
     _note_unfiltered(con)
-    again = f"workbench export {shlex.quote(str(out))} --format {format} --overwrite" + (f" --link {link}" if link != "copy" else "")
+    again = (f"workbench export {shlex.quote(str(out))} --format {format} --overwrite" + (f" --link {link}" if link != "copy" else "")
+             + (f" --where {shlex.quote(where)}" if where is not None else ""))
     try:
         with _stopped_says(f"the export in {out} is unfinished; {again} writes it again (replacing what this one wrote)"), \
                 RichProgress(transient=True) as progress:
-            summary = exported_dataset(con, out, format=format, link=link, overwrite=overwrite, progress=progress)
+            summary = exported_dataset(con, out, format=format, link=link, overwrite=overwrite, where=where, progress=progress)
     except (ExportError, OSError) as error:
         fail(str(error))
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
