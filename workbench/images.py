@@ -85,25 +85,36 @@ def sidecar_beside(path: bytes) -> bytes | None:
 # --- the catalog's files as they are now --------------------------------------------------
 
 
-def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> dict[str, str]:
+def openable_paths(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str],
+                   unreadable: list[str] | None = None) -> dict[str, str]:
     """image_id → the file to open: its first path that still holds what ingest read (`holds_image`, as export
     checks), from the exact bytes (non-UTF-8 names work). An image with no such file is left out: its
-    file was edited, replaced or deleted since ingest, and its caption and bucket belong to the old pixels."""
+    file was edited, replaced or deleted since ingest, and its caption and bucket belong to the old pixels. With
+    `unreadable`, files are also opened (a chmod since ingest leaves size and time as they were): the paths of
+    images left out because none of their files may be read go in it."""
     rows = con.execute(
         "SELECT image_id, path_bytes, size, mtime_ns FROM paths WHERE NOT missing AND image_id IN (SELECT unnest(?)) "
         "ORDER BY image_id, seq",
         [list(image_ids)],
     ).fetchall()
     found: dict[str, str] = {}
+    denied: dict[str, str] = {}
     for image_id, raw, size, mtime_ns in rows:
         if image_id in found:
             continue
         path = os.fsdecode(bytes(raw))
         try:
             if holds_image(path, image_id, size, mtime_ns):  # a new mtime alone (`touch`) is checked by the bytes
+                if unreadable is not None:
+                    with open(path, "rb"):
+                        pass
                 found[image_id] = path
+        except PermissionError:
+            denied.setdefault(image_id, path)
         except OSError:
             continue
+    if unreadable is not None:
+        unreadable.extend(path for image_id, path in denied.items() if image_id not in found)
     return found
 
 

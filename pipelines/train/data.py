@@ -186,7 +186,12 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             f"The catalog's buckets were made with `workbench buckets {describe_bucket_settings(stored)}`; this run "
             f"buckets its images with `{describe_bucket_settings(settings)}` instead. The dataset view and a kohya export "
             f"show the catalog's: `workbench buckets {describe_bucket_settings(settings)}` makes them this run's"))
-    files = openable_paths(con, [r[0] for r in rows])
+    denied: list[str] = []
+    files = openable_paths(con, [r[0] for r in rows], unreadable=denied)
+    if denied:  # found before minutes of model loading, not at the first batch that reads one
+        shown = ", ".join(denied[:3]) + (f" and {len(denied) - 3} more" if len(denied) > 3 else "")
+        raise DataError(f"{len(denied)} image(s) to train on may not be read (permission denied): {shown}. Make them "
+                        "readable, or leave them out (`workbench exclude --folder FOLDER` or `exclude ID`, --reason unreadable).")
     gone = [r[1] for r in rows if r[0] not in files]
     if gone:
         # as export does: a changed file's caption and bucket belong to its old pixels, a vanished one has none
