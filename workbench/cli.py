@@ -576,7 +576,7 @@ def caption(
     catalog: CatalogOpt = None,
     model: ModelOpt = "tiny",
     batch_size: Annotated[int, typer.Option(help="Images per BLIP batch.")] = 8,
-    overwrite: Annotated[bool, typer.Option(help="Caption again images this model already captioned.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Caption again images this model already captioned (its earlier captions of them are replaced; other sources' stay).")] = False,
     max_length: Annotated[int, typer.Option(help="Longest caption, in tokens.")] = 30,
     beams: Annotated[int, typer.Option(help="Beam search width (1 = greedy).")] = 1,
     prompt: Annotated[Optional[str], typer.Option(help="Text BLIP continues, e.g. 'a photography of'.")] = None,
