@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import re
 import shutil
 import unicodedata
@@ -225,6 +226,11 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     return target
 
 
+def _sql_text(value: str) -> str:
+    """`value` as an SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
     """With --link hardlink, an image written as a copy because OUT is on another disk than it (a hard link cannot
     cross disks): counted, so that a user who asked for links to save space is told. Re-encoded images (rotated,
@@ -335,6 +341,7 @@ def kohya_export(
         "captions_without_trigger", "missing_files_skipped", "changed_files_skipped", "unreadable_files_skipped",
         "copied_not_hardlinked")})
     without_trigger: list[str] = []  # caption files, relative to OUT
+    triggerless: dict[str, str] = {}  # concept -> its trigger, of those captions
     done = 0
     progress(task="export", completed=0, total=len(rows))
     for (role, concept), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
@@ -378,6 +385,7 @@ def kohya_export(
                 if row.trigger and not is_reg and not caption_has_trigger(caption, row.trigger):
                     counts["captions_without_trigger"] += 1
                     without_trigger.append(caption_path.relative_to(out).as_posix())
+                    triggerless.setdefault(row.concept, row.trigger)
             else:
                 counts["without_caption"] += 1
             counts["images"] += 1
@@ -409,7 +417,9 @@ def kohya_export(
         progress(task="export", completed=done, total=len(rows), message=(
             f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word "
             f"({named_few(without_trigger)}); kohya uses the caption file instead of class_tokens, so those images "
-            "do not teach the trigger: add it to their captions and export again"))
+            "do not teach the trigger: add it to their captions and export again ("
+            + "; ".join(f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {shlex.quote(f'concept = {_sql_text(concept)}')}"
+                        for concept, trigger in sorted(triggerless.items())) + ")"))
     return {"format": "kohya", "out": str(out), **counts, "too_small_for_no_upscale": unbucketable}
 
 

@@ -633,6 +633,8 @@ def test_captions_without_their_trigger_are_named_a_few_then_how_many_more(con, 
     assert summary["captions_without_trigger"] == 5
     (note,) = [m for m in messages if "lack their trigger" in m]
     assert f"(img/10_sks dog/b-{ids['b.png'][:12]}.txt, img/10_sks dog/more0-" in note and " and 2 more)" in note
+    # with the command that adds it (a review: "add it to their captions" named none)
+    assert "workbench edit-captions --add-token sks --where \"concept = 'sks dog'\"" in note, note
 
 
 def test_the_export_marker_is_written_before_the_first_image(con, curated, tmp_path, monkeypatch):
