@@ -231,6 +231,11 @@ def _sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _shell_text(value: str) -> str:
+    """`value` as one shell word, in double quotes where that needs no escapes (SQL's own quotes read better)."""
+    return f'"{value}"' if not set(value) & set('"$`\\!') else shlex.quote(value)
+
+
 def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
     """With --link hardlink, an image written as a copy because OUT is on another disk than it (a hard link cannot
     cross disks): counted, so that a user who asked for links to save space is told. Re-encoded images (rotated,
@@ -418,7 +423,7 @@ def kohya_export(
             f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word "
             f"({named_few(without_trigger)}); kohya uses the caption file instead of class_tokens, so those images "
             "do not teach the trigger: add it to their captions and export again ("
-            + "; ".join(f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {shlex.quote(f'concept = {_sql_text(concept)}')}"
+            + "; ".join(f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {_shell_text(f'concept = {_sql_text(concept)}')}"
                         for concept, trigger in sorted(triggerless.items())) + ")"))
     return {"format": "kohya", "out": str(out), **counts, "too_small_for_no_upscale": unbucketable}
 
