@@ -256,7 +256,8 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.multi_line_sidecars)} caption sidecar(s) hold several lines "
             f"({named_few(summary.multi_line_sidecars)}): the first line with text is the caption, as kohya reads them; "
-            "the other lines are not used. Join them with commas to train on them."))
+            "the other lines are not used. If they are tags of one caption, join them with commas; alternative "
+            "captions, one per line (OneTrainer picks one at random each epoch), have no counterpart here."))
     if summary.both_sidecars:
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.both_sidecars)} image(s) have both a .txt and a .caption sidecar "
