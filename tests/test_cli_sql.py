@@ -569,7 +569,7 @@ def test_an_output_that_fails_part_way_leaves_no_cut_off_file(catalog_path, tmp_
     assert again.exit_code == 0 and out.read_text().splitlines()[0] == "image_id"
 
 
-def test_the_workbenchs_own_views_cannot_be_replaced_dropped_or_renamed(catalog_path):
+def test_the_workbenchs_own_views_and_tables_cannot_be_replaced_dropped_or_renamed(catalog_path):
     """A review: `sql --write "CREATE OR REPLACE VIEW dataset AS …"` was taken as a saved view; `sql` and the TUI then
     counted 13 images while export, which has its own definition, wrote 143."""
     seeded_catalog(catalog_path)
@@ -579,8 +579,16 @@ def test_the_workbenchs_own_views_cannot_be_replaced_dropped_or_renamed(catalog_
         refused = runner.invoke(app, ["sql", "--write", statement, "-c", str(catalog_path)])
         said = " ".join(refused.output.split())
         assert refused.exit_code == 2 and "is a view the workbench defines" in said and "CREATE VIEW my_" in said, statement
+    # and its tables: dropped or replaced, the catalog was broken for good (migrations do not make them again)
+    for statement in ("DROP TABLE images", "CREATE OR REPLACE TABLE captions AS SELECT 1 AS x",
+                      "ALTER TABLE runs RENAME TO old_runs", "EXPLAIN ANALYZE DROP TABLE IF EXISTS main.exclusions"):
+        refused = runner.invoke(app, ["sql", "--write", statement, "-c", str(catalog_path)])
+        said = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and "is a table of the workbench's catalog" in said, statement
     for statement in ("CREATE VIEW my_dataset AS SELECT * FROM dataset WHERE width > 5",
-                      "CREATE TEMP VIEW dataset AS SELECT 1 AS one", "DROP VIEW my_dataset"):
+                      "CREATE TEMP VIEW dataset AS SELECT 1 AS one", "DROP VIEW my_dataset",
+                      "CREATE TABLE my_notes (x INT)", "ALTER TABLE my_notes ADD COLUMN y INT", "DROP TABLE my_notes",
+                      "CREATE TEMP TABLE images AS SELECT 1 AS one"):
         assert runner.invoke(app, ["sql", "--write", statement, "-c", str(catalog_path)]).exit_code == 0, statement
     rows = runner.invoke(app, ["sql", "SELECT image_id FROM dataset", "-f", "csv", "-c", str(catalog_path)])
     assert rows.stdout.splitlines() == ["image_id", "a"]

@@ -514,12 +514,18 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
     # changed (unless the SQL handles transactions itself)
     atomic = write and len(statements) > 1 and not any(s.type.name.upper() == "TRANSACTION" for s in statements)
     for statement in statements if write else ():
-        view = _builtin_view_changed(statement)
-        if view:
+        changed = _builtin_object_changed(statement)
+        if changed and changed[0] == "view":
+            view = changed[1]
             raise CatalogError(
                 f"Refused: {view} is a view the workbench defines, and its steps read it (training and export read "
                 f"dataset); changed here, they would disagree with it. Make a view of your own under another name "
                 f"(CREATE VIEW my_{view} AS SELECT * FROM {view} WHERE …), or a TEMP view for this session.")
+        if changed:
+            raise CatalogError(
+                f"Refused: {changed[1]} is a table of the workbench's catalog, which its steps and migrations rely on: it "
+                "is not dropped, replaced or altered here. Change its rows (INSERT, UPDATE, DELETE), or keep data of "
+                "your own in a table of your own.")
     # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
     cursor = con.cursor()
     targets = [target for statement in statements if write for target in _copy_targets(statement)]
@@ -570,27 +576,37 @@ _FOLDER_WRITING_OPTIONS = {"PARTITION_BY", "OVERWRITE", "OVERWRITE_OR_IGNORE", "
                            "APPEND", "FILENAME_PATTERN", "WRITE_PARTITION_COLUMNS"}
 
 
-def _builtin_view_changed(statement) -> str | None:
-    """The name of the workbench's own view (dataset, images_view, ...) a CREATE, DROP or ALTER replaces, drops or
-    changes, if it does; a TEMP view of that name (this connection's alone) is the user's."""
+def _builtin_object_changed(statement) -> tuple[str, str] | None:
+    """("view" or "table", name) of the workbench's own view (dataset, images_view, ...) or table (images, captions,
+    ...) a CREATE [OR REPLACE], DROP or ALTER replaces, drops or changes, if it does; a TEMP one of that name (this
+    connection's alone) is the user's."""
+    if statement.type.name.upper() == "EXPLAIN":  # EXPLAIN ANALYZE runs what it explains
+        return next(filter(None, map(_builtin_object_changed, _explained(statement))), None)
     if statement.type.name.upper() not in ("CREATE", "DROP", "ALTER"):
         return None
     tokens = [token for token in _sql_tokens(statement.query) if token[0] != "space"]
-    words = [token[1].upper() if token[0] == "word" else None for token in tokens]
-    if "VIEW" not in words or {"TEMP", "TEMPORARY"} & set(words[:words.index("VIEW")]):
+    words = [token[1].upper() if token[0] == "word" and token[2] == 0 else None for token in tokens]
+    at = next((i for i, word in enumerate(words) if word in ("VIEW", "TABLE")), None)
+    if at is None or {"TEMP", "TEMPORARY"} & set(words[:at]):
         return None
     name, part_next = None, True
-    for kind, text, depth in tokens[words.index("VIEW") + 1:]:
+    for kind, text, depth in tokens[at + 1:]:
         if kind == "word" and text.upper() in ("IF", "NOT", "EXISTS") and name is None:
             continue
         if part_next and kind in ("word", "quoted"):
             name, part_next = text[1:-1].replace('""', '"') if kind == "quoted" else text, False
-        elif not part_next and kind == "other" and text == ".":  # schema.name: the last part is the view
+        elif not part_next and kind == "other" and text == ".":  # schema.name: the last part is the object
             part_next = True
         else:
             break
-    builtin = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql()))
-    return name if name is not None and name.lower() in {view.lower() for view in builtin} else None
+    if name is None:
+        return None
+    if words[at] == "VIEW":
+        builtin = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql()))
+    else:
+        builtin = {"schema_migrations", "schema_views"} | {
+            table for _, _, sql in _migration_files() for table in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", sql)}
+    return (words[at].lower(), name) if name.lower() in {known.lower() for known in builtin} else None
 
 
 def _copy_targets(statement) -> list[str]:
