@@ -1656,3 +1656,21 @@ def test_an_image_that_may_not_be_read_is_said_before_the_model_loads(con, tmp_p
     monkeypatch.setattr(builtins, "open", denied)
     with pytest.raises(DataError, match=f"1 image\\(s\\) to train on may not be read \\(permission denied\\): {re.escape(locked)}"):
         training_images(con, fast_config(tmp_path / "out"))
+
+
+def test_default_sample_prompts_take_a_caption_of_each_concept(one_thread):
+    """A OneTrainer user's review: the sample grids showed only the first two captions, both cats: the dog concept
+    never appeared in a sample."""
+    from pipelines.train.loop import default_sample_prompts
+
+    def image(i, concept, caption):
+        return TrainImage(image_id=str(i), path=f"/d/{i}.png", caption=caption, bucket=(32, 32), resized=(32, 32),
+                          crop=(0, 0), concept=concept)
+
+    cats = [image(i, "ohwx cat", f"ohwx cat {i}") for i in range(3)]
+    dogs = [image(10 + i, "sks dog", f"sks dog {i}") for i in range(3)]
+    assert default_sample_prompts(cats + dogs) == ["ohwx cat 0", "sks dog 0"]
+    assert default_sample_prompts(cats) == ["ohwx cat 0", "ohwx cat 1"]  # one concept: its first two, as before
+    many = [image(20 + i, f"c{i}", f"caption {i}") for i in range(6)]
+    assert default_sample_prompts(many) == ["caption 0", "caption 1", "caption 2", "caption 3"]
+    assert default_sample_prompts([image(1, None, "")]) == ["a photo"]

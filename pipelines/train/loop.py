@@ -284,6 +284,18 @@ def collate_groups(items: list[dict]) -> list[dict]:
     return out
 
 
+def default_sample_prompts(images: Sequence[TrainImage]) -> list[str]:
+    """Without --validation-prompt: the first caption of each concept (up to 4), then the dataset's next captions, two
+    at least. The first two captions alone left a concept out of every sample grid of a two-concept run."""
+    first_of: dict[str | None, str] = {}
+    for image in images:
+        if image.caption:
+            first_of.setdefault(image.concept, image.caption)
+    most = max(2, min(4, len(first_of)))
+    prompts = list(dict.fromkeys([*first_of.values(), *(image.caption for image in images if image.caption)]))
+    return prompts[:most] or ["a photo"]
+
+
 def _say_long_captions(images: Sequence[TrainImage], tokenizer, progress: ProgressHook) -> None:
     """Captions past the text encoder's window are cut (as in every SD 1.x trainer without kohya's 225-token
     chunking): said with how many, not left to be found in the samples."""
@@ -720,12 +732,12 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     class_image_count = len(train_data.class_image_ids(priors))
     per_epoch = max(1, train_data.batches_per_epoch(images, config.train_batch_size))  # micro-batches (kohya's epoch count)
     dataset = PlanDataset(images, pools, latent_cache, text_cache)
-    prompts = list(config.validation_prompt) or list(dict.fromkeys(img.caption for img in images if img.caption))[:2] or ["a photo"]
+    prompts = list(config.validation_prompt) or default_sample_prompts(images)
     sampling = config.num_validation_images > 0
     if sampling and not config.validation_prompt and accelerator.is_main_process and resume_from is None:
         # the grids (and the CLIP score of evaluate) of two runs compare only with the same prompts and seeds
         progress(task="train", message=(
-            f"sample prompts: {' | '.join(repr(_shortened(p)) for p in prompts)} (the first captions of this dataset: a run on "
+            f"sample prompts: {' | '.join(repr(_shortened(p)) for p in prompts)} (the first captions of this dataset, one per concept: a run on "
             "another dataset samples others; --validation-prompt, repeatable, keeps runs comparable)"))
     sample_captions = [*prompts, ""] if sampling else []  # "": the unconditional prompt of classifier-free guidance
     if accelerator.is_main_process:
