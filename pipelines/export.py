@@ -437,8 +437,8 @@ def imagefolder_export(
     progress: ProgressHook = null_progress,
 ) -> dict:
     """Hugging Face imagefolder: images + metadata.jsonl (file_name, text, concept...) under OUT/train/, and the class
-    images training uses under OUT/class_images/ (diffusers' --class_data_dir), with their own metadata.jsonl: in
-    train/ they would train as photos (a diffusers train_text_to_image run on it). OUT was prepared by
+    images training uses under OUT/class_images/ (diffusers' --class_data_dir; their prompts in OUT/class_images.jsonl):
+    in train/ they would train as photos (a diffusers train_text_to_image run on it). OUT was prepared by
     `exported_dataset`."""
     out = Path(out)
     target_dir = _inside(out, "train")
@@ -472,8 +472,8 @@ def imagefolder_export(
         if done % 200 == 0 or done == len(rows):
             progress(task="export", completed=done, total=len(rows))
     (target_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    if class_lines:
-        (out / "class_images" / "metadata.jsonl").write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
+    if class_lines:  # beside the folder, not in it: diffusers' DreamBooth opens every file in --class_data_dir as an image
+        (out / "class_images.jsonl").write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
     return {"format": "imagefolder", "out": str(out), "images": len(lines),
             "captions": sum(1 for line in lines if json.loads(line)["text"]), "class_images": len(class_lines), **skipped}
 

@@ -463,7 +463,8 @@ def test_class_priors_excluded_by_automatic_filters_are_exported_as_training_use
     summary = exported_dataset(con, tmp_path / "hf", format="imagefolder")
     assert (summary["images"], summary["class_images"]) == (5, 1)
     assert [p.name.split("-")[0] for p in (tmp_path / "hf" / "class_images").glob("*.png")] == ["p0"]
-    rows = [json.loads(line) for line in (tmp_path / "hf" / "class_images" / "metadata.jsonl").read_text().splitlines()]
+    assert [p.suffix for p in (tmp_path / "hf" / "class_images").iterdir()] == [".png"]  # diffusers opens each as an image
+    rows = [json.loads(line) for line in (tmp_path / "hf" / "class_images.jsonl").read_text().splitlines()]
     assert [(row["role"], row["text"]) for row in rows] == [("class_prior", "a photo of a dog")]
     loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf_cache"))
     assert len(loaded) == 5 and {row["role"] for row in loaded} == {"instance"}
