@@ -20,7 +20,7 @@ from typing import Any, Collection
 import duckdb
 
 from pipelines.caption_edits import one_line_caption
-from pipelines.priors import PRIOR_IN_USE_SQL
+from pipelines.priors import PRIOR_IN_USE_SQL, default_class_prompt
 from workbench.catalog import first_row, record_run
 from workbench.images import holds_image, sidecars_changed_since_ingest
 from workbench.config import EXPORT_MANIFEST
@@ -134,8 +134,9 @@ class SourceUnreadable(Exception):
 
 
 def _dataset_rows(con: duckdb.DuckDBPyConnection, only: Collection[str] | None = None) -> list[_Row]:
-    """The rows an export writes: the dataset and the class images training uses (of `only`, the ids --where
-    chose, when given)."""
+    """The rows an export writes: the dataset and the class images training uses. With `only` (the ids --where
+    chose): those, and the class images of the chosen photos' concept classes (a DreamBooth set of one concept
+    keeps its regularisation images)."""
     rows = con.execute(
         f"""
         WITH src AS (
@@ -153,8 +154,12 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection, only: Collection[str] | None =
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
-    return [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest) for image_id, path_bytes, path, *rest in rows
-            if only is None or image_id in only]
+    found = [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest) for image_id, path_bytes, path, *rest in rows]
+    if only is None:
+        return found
+    classes = {default_class_prompt(row.class_noun) for row in found
+               if row.role != "class_prior" and row.image_id in only and row.class_noun}
+    return [row for row in found if row.image_id in only or (row.role == "class_prior" and row.class_prompt in classes)]
 
 
 def _prepare_out(out: Path, *, overwrite: bool) -> Path:
@@ -523,8 +528,9 @@ def exported_dataset(
             only = set(images_where(con, where))
         except ValueError as error:
             raise ExportError(str(error)) from None
-        if not only & {row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall()}:
-            raise ExportError(f"no image of the dataset matches --where {where!r}: nothing to export")
+        exportable = f"SELECT image_id FROM dataset UNION SELECT d.image_id FROM images_view d WHERE {PRIOR_IN_USE_SQL}"
+        if not only & {row[0] for row in con.execute(exportable).fetchall()}:
+            raise ExportError(f"no image of the dataset (or class image in use) matches --where {where!r}: nothing to export")
     if format != "parquet" and not con.execute("SELECT count(*) FROM dataset").fetchall()[0][0]:
         raise ExportError("the dataset is empty (every image is excluded or missing): nothing to export")
     if format != "parquet" and overwrite and Path(out).is_dir():

@@ -468,6 +468,12 @@ def test_class_priors_excluded_by_automatic_filters_are_exported_as_training_use
     assert [(row["role"], row["text"]) for row in rows] == [("class_prior", "a photo of a dog")]
     loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf_cache"))
     assert len(loaded) == 5 and {row["role"] for row in loaded} == {"instance"}
+    # a subset of one concept keeps the class images of its class (a review: --where dropped reg/ without a word)
+    dogs = exported_dataset(con, tmp_path / "dogs", format="kohya", where="concept = 'sks dog'")
+    assert dogs["images"] == 3 and [p.name.split("-")[0] for p in (tmp_path / "dogs" / "reg" / "1_a photo of a dog").glob("*.png")] == ["p0"]
+    plain = exported_dataset(con, tmp_path / "plain", format="kohya", where="concept IS NULL AND role = 'instance'")
+    assert not (tmp_path / "plain" / "reg").exists() and plain["images"] == 3
+    assert exported_dataset(con, tmp_path / "only-priors", format="kohya", where="role = 'class_prior'")["images"] == 1
 
 
 def test_import_kohya_takes_what_kohya_trains_on_and_says_what_it_left_out(con, tmp_path):
@@ -960,7 +966,7 @@ def test_a_subset_is_exported_with_where_without_excluding_the_rest(con, curated
     rows = exported_dataset(con, tmp_path / "rows.parquet", format="parquet", where="width > 40")
     assert rows["rows"] == con.execute("SELECT count(*) FROM dataset WHERE width > 40").fetchall()[0][0] > 0
     assert con.execute("SELECT count(*) FROM exclusions").fetchall()[0][0] == 0  # nothing curated out
-    with pytest.raises(ExportError, match="no image of the dataset matches"):
+    with pytest.raises(ExportError, match="no image of the dataset .or class image in use. matches"):
         exported_dataset(con, tmp_path / "none", format="kohya", where="width > 100000")
     with pytest.raises(ExportError, match="--where failed"):
         exported_dataset(con, tmp_path / "bad", format="kohya", where="no_such_column = 1")
