@@ -1674,3 +1674,27 @@ def test_default_sample_prompts_take_a_caption_of_each_concept(one_thread):
     many = [image(20 + i, f"c{i}", f"caption {i}") for i in range(6)]
     assert default_sample_prompts(many) == ["caption 0", "caption 1", "caption 2", "caption 3"]
     assert default_sample_prompts([image(1, None, "")]) == ["a photo"]
+
+
+def test_keeping_a_finished_model_is_all_or_nothing(con, tmp_path, one_thread, monkeypatch):
+    """A review: a move that failed part way left some files kept and some not, and every later resume skipped the
+    keeping (its folder existed)."""
+    import pipelines.train.run as run_module
+    from pipelines.train import load_train_config, trained_model
+
+    config, _ = _finished_run(con, tmp_path)
+    run = Path(config.output_dir)
+    real_rename = run_module.os.rename
+
+    def fails_on_the_kohya_file(src, dst):
+        if Path(src).name == "lora_kohya.safetensors":
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(run_module.os, "rename", fails_on_the_kohya_file)
+    resumed = load_train_config(None, {"output_dir": config.output_dir, "resume": "latest", "max_train_steps": 3})
+    with pytest.raises(OSError, match="Input/output error"):
+        trained_model(con, resumed, components=tiny_components())
+    monkeypatch.undo()
+    assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "lora_kohya.safetensors").is_file()
+    assert not (run / "exports").exists() or not list((run / "exports").iterdir())

@@ -154,8 +154,8 @@ def run_metrics(
         raise ValueError(f"No training run {train_id}; list them with `workbench sql \"SELECT * FROM training_runs\"`.")
     later = continued_by(con, train_id)
     if later is not None:
-        raise ValueError(f"Run {train_id}'s samples and weights are now those of run {later}, which continued it in the same "
-                         f"folder: evaluate run {later}.")
+        raise ValueError(f"Run {train_id}'s samples are now those of run {later}, which continued it in the same folder "
+                         f"(its finished model is kept in exports/): evaluate run {later}.")
     model, outputs, image_ids, status, steps, output_dir = row
     if status not in ("ok", "continued"):
         after = con.execute("SELECT min(train_id) FROM training_runs WHERE train_id > ? AND output_dir = ? AND status = 'ok'",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -273,9 +274,20 @@ def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id
     kept = output_dir / "exports" / f"finished-step-{steps}"
     if kept.exists():
         return  # kept by an earlier continuation that stopped before writing its own
-    kept.mkdir(parents=True)
-    for name in present:
-        os.rename(output_dir / name, kept / name)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    # moved (renames: no copy of gigabytes), all or none: into a staging folder, which then takes the final name
+    staging = Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=kept.parent))
+    moved_now: list[str] = []
+    try:
+        for name in present:
+            os.rename(output_dir / name, staging / name)
+            moved_now.append(name)
+        os.rename(staging, kept)
+    except BaseException:
+        for name in moved_now:  # put back what moved: the run folder stays as it was
+            os.rename(staging / name, output_dir / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     moved = {key: str(kept / Path(path).name) if Path(path).parent == output_dir and Path(path).name in present else path
              for key, path in json.loads(outputs or "{}").items()}
     con.execute("UPDATE training_runs SET outputs = ? WHERE train_id = ?", [json.dumps(moved), train_id])
@@ -617,7 +629,6 @@ def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: 
     still generate are left out, and said)."""
     config.validate()
     images = train_data.training_images(con, config, progress=progress)
-    buckets = train_data.run_bucket_settings(con, config)  # now: making class priors lets the catalog go (con closes)
     priors = None
     if config.with_prior_preservation:
         _, _, wanted = _class_images_wanted(con, config, images)
