@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, catalog_files, transaction
+from workbench.files import written_whole
 from workbench.images import SIDECAR_READ_LIMIT, decode_caption, path_text, sidecars_changed_since_ingest
 
 MANUAL = "manual"
@@ -130,20 +131,13 @@ def _write_own_file(path: Path, data: bytes) -> None:
     user's caption file off when the disk filled; the rename also replaces a link or FIFO made there since it was
     read instead of writing through it. The file keeps its permissions."""
     try:
-        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        info = os.lstat(path)
     except FileNotFoundError:
-        mode = None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        info = None
+    if info is not None and stat.S_ISREG(info.st_mode) and not os.access(path, os.W_OK):
+        raise OSError(errno.EACCES, "a read-only file: left as it is")  # the rename would replace it regardless
+    mode = stat.S_IMODE(info.st_mode) if info is not None and stat.S_ISREG(info.st_mode) else None
+    written_whole(path, lambda tmp: tmp.write_bytes(data), mode=mode, sync=True)
 
 
 def _restore_sidecars(writes: list[SidecarWrite]) -> int:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import duckdb
 
 from workbench.catalog import first_row, record_run, transaction
+from workbench.files import written_whole
 from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
 
@@ -341,7 +342,8 @@ def generated_prior_files(
         batch = {s: plan.to_generate[s] for s in chunk}
         for s, picture in zip(chunk, result.images):
             mark_output_folder(batch[s].parent)  # `ingest .` above it must not take priors as instance photos
-            _save_whole(picture, batch[s])
+            # Ctrl+C in mid-save leaves neither a cut PNG nor a temporary file
+            written_whole(batch[s], lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
         made.update(batch)
         if on_batch is not None:
             on_batch(batch)
@@ -349,18 +351,6 @@ def generated_prior_files(
         plan.params["generation_seconds"] = round(time.monotonic() - started, 3)
         progress(task="class priors", completed=done, total=plan.wanted)
     return made
-
-
-def _save_whole(picture, path: Path) -> None:
-    """Save `picture` as `path` through a temporary name, so that a crash never leaves a half-written PNG under the
-    final name and Ctrl+C in mid-save leaves no temporary file behind (a kill -9's is overwritten by the rerun)."""
-    tmp = path.with_suffix(".tmp.png")
-    try:
-        picture.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def ingested_priors(con: duckdb.DuckDBPyConnection, plan: PriorPlan, made: dict[int, Path]) -> PriorsSummary:

@@ -153,33 +153,24 @@ def test_a_sidecar_write_that_fails_part_way_leaves_the_file_as_it_was(catalog_p
     back, and the next ingest took the cut text as the caption: the user's tags were gone everywhere."""
     import errno
     import stat
+    from pathlib import Path
 
     folder = _ingested(catalog_path, tmp_path)
     before = (folder / "a.txt").read_bytes()
     (folder / "a.txt").chmod(0o640)
-    real_fdopen = caption_edits.os.fdopen
+    real_write_bytes = Path.write_bytes
 
-    class HalfWritten:
-        def __init__(self, handle):
-            self.handle = handle
+    def half_written(self, data):
+        real_write_bytes(self, data[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-        def write(self, data):
-            self.handle.write(data[:5])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(caption_edits.os, "fdopen", lambda fd, mode: HalfWritten(real_fdopen(fd, mode)))
+    monkeypatch.setattr(Path, "write_bytes", half_written)
     done = _run(catalog_path, "--add-token", "extra", "--sidecars")
     said = " ".join(done.output.split())
     assert done.exit_code == 2 and "No space left on device" in said, done.output
     monkeypatch.undo()
     assert (folder / "a.txt").read_bytes() == before  # whole, as it was
-    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
     written = _run(catalog_path, "--add-token", "more", "--sidecars")
     assert written.exit_code == 0, written.output
     assert "more" in (folder / "a.txt").read_text() and stat.S_IMODE((folder / "a.txt").stat().st_mode) == 0o640

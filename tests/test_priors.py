@@ -356,7 +356,8 @@ def test_png_files_of_other_settings_are_never_ingested(catalog_path, tmp_path, 
 def test_dreambooth_makes_its_own_set_at_its_resolution(con, tmp_path, one_thread):
     """Priors made at 32 px were taken by a 64 px run (upscaled, with a warning whose advice made more of the same)."""
     result, messages = _dreambooth_after_32px_priors(con, tmp_path, instances=1, num_class_images=2, resolution=64)
-    assert "0 of 2 class images for 'a photo of a square' (64 px, 1 step) exist; generating 2" in messages
+    (made,) = [m for m in messages if m.startswith("0 of 2 class images for 'a photo of a square' (64 px, 1 step) exist; generating 2")]
+    assert "(other sets of this prompt and model, not used: 2 at 32 px, 1 step;" in made  # the 32 px set, said
     assert not any("smaller than" in m for m in messages)
     sizes = con.execute("SELECT list(DISTINCT i.width) FROM images i WHERE image_id IN "
                         "(SELECT unnest(class_image_ids) FROM training_runs WHERE train_id = ?)", [result.train_id]).fetchone()[0]

@@ -273,7 +273,7 @@ def test_a_stop_between_scheduled_checkpoints_keeps_its_step_and_resumes_bitwise
         main(stopped, images, output_dir=tmp_path / "stopped", components=tiny_components(), progress=stopped_after_step(3))
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert len((tmp_path / "stopped" / "loss.csv").read_text().splitlines()) == 1 + 3
-    from pipelines.train.loop import _umask  # a stopped run's checkpoint LoRAs are readable by another user's ComfyUI too
+    from workbench.files import current_umask as _umask  # a stopped run's checkpoint LoRAs are readable by another user's ComfyUI too
 
     kept = list((tmp_path / "stopped" / "checkpoints").rglob("*.safetensors"))
     assert kept and {p.stat().st_mode & 0o777 for p in kept} == {0o666 & ~_umask()}

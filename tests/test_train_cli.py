@@ -58,7 +58,7 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
         assert grid.size == (2 * 64, 64)  # 1 prompt x 2 fixed seeds
     assert len((out / "loss.csv").read_text().splitlines()) == 1 + 4
     assert b"\r" not in (out / "loss.csv").read_bytes()
-    from pipelines.train.loop import _umask
+    from workbench.files import current_umask as _umask
 
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):  # safetensors alone writes 0600
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
@@ -161,7 +161,7 @@ def test_a_full_disk_while_checkpointing_names_the_last_checkpoint_and_leaves_no
     holding the space that was short."""
     import pipelines.train.checkpoint as checkpoint_module
     from workbench.catalog import connect
-    from workbench.cli import _disk_full
+    from workbench.files import is_disk_full as _disk_full
 
     con = connect(catalog_path)
     ingest_images(con, tmp_path / "imgs", 2)

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Callable, Iterator, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
 
 import duckdb
 import typer
@@ -24,6 +24,7 @@ from rich.text import Text
 
 from workbench import catalog as catalog_mod
 from workbench.catalog import CatalogError, first_row
+from workbench.files import is_disk_full, written_whole
 from workbench.images import catalog_path_text, path_text
 from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
 
@@ -395,7 +396,7 @@ def sql(
         return
     try:  # errors raised while the rows are computed (a bad cast, say) come here, not from run_sql
         if format == "parquet":
-            _write_whole(output, lambda path: relation.write_parquet(str(path)))
+            written_whole(output, lambda path: relation.write_parquet(str(path)))
             err_console.print(Text(f"wrote {output}"))
             return
         if format == "csv":
@@ -442,7 +443,7 @@ def sql(
         con.close()
         fail(f"SQL error: {error}")
     if output:
-        _write_whole(output, lambda path: path.write_text(text))
+        written_whole(output, lambda path: path.write_text(text))
         err_console.print(Text(f"wrote {output}"))
     else:
         sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
@@ -480,17 +481,6 @@ def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     return value
-
-
-def _write_whole(output: Path, write: Callable[[Path], object]) -> None:
-    """`write` the file through a temporary name beside it: a full disk or Ctrl+C leaves no cut-off file, which the
-    same command again would refuse to replace without --overwrite."""
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _csv_text(relation) -> str:
@@ -1596,7 +1586,7 @@ def train_command(
         raise typer.Exit(130)
     except Exception as error:  # after the stop clause (StepCancelled is an Exception): an output folder it may
         # not write, a full disk: said, not a traceback
-        if not isinstance(error, OSError) and not _disk_full(error):  # safetensors says a full disk in its own error
+        if not isinstance(error, OSError) and not is_disk_full(error):  # safetensors says a full disk in its own error
             raise
         kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints") if train_config.output_dir else []
         fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, `workbench train {mode} "
@@ -2217,15 +2207,15 @@ def main() -> None:
             sys.exit(2)
         if _not_writable(error):
             _say_not_writable(error)
-        if not _disk_full(error):
+        if not is_disk_full(error):
             raise
         err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
                           "is kept: free some space and run the same command again.")
         sys.exit(1)
     except Exception as error:
-        if _not_writable(error) and not _disk_full(error):
+        if _not_writable(error) and not is_disk_full(error):
             _say_not_writable(error)
-        if not _disk_full(error):
+        if not is_disk_full(error):
             raise
         # the catalog (DuckDB's write-ahead log) or an output on a full disk: each step's writes are transactions,
         # so what was written before is kept; a traceback only hid that
@@ -2255,19 +2245,6 @@ def _say_not_writable(error: BaseException) -> NoReturn:
                       "permissions, or a read-only disk). What was written before is kept: make it writable, or give "
                       "another path, and run the same command again.")
     sys.exit(1)
-
-
-def _disk_full(error: BaseException) -> bool:
-    """Whether an error (OSError, DuckDB's, safetensors') is a full disk or quota, here or in what caused it."""
-    import errno
-
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 if __name__ == "__main__":

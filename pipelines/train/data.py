@@ -45,6 +45,7 @@ from pipelines.buckets import default_bucket_settings as buckets_defaults
 from pipelines.export import caption_has_trigger
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
+from workbench.files import is_disk_full, written_whole
 from workbench.images import as_rgb, open_image, openable_paths, sidecars_changed_since_ingest
 from workbench.progress import ProgressHook, null_progress
 
@@ -367,12 +368,7 @@ def write_snapshot(path: Path, images: Sequence[TrainImage], priors: dict[str, l
     # strict JSON, which DuckDB's read_json (and any other reader) takes (`_strict_json`)
     payload = _strict_json({"version": 1, "folder_id": uuid.uuid4().hex, "config": config, "images": [entry(i) for i in images],
                             "priors": None if priors is None else {p: [entry(i) for i in pool] for p, pool in priors.items()}})
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    written_whole(path, lambda tmp: tmp.write_text(json.dumps(payload)))
 
 
 def _strict_json(value: Any) -> Any:
@@ -636,8 +632,7 @@ class _DiskCache:
         try:
             _atomic_save(tensors, self.path(key))
         except Exception as error:  # safetensors says a full disk in an error of its own, naming no file
-            if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-                    or "No space left on device" in str(error) or "Disk quota exceeded" in str(error)):
+            if not is_disk_full(error):
                 raise
             raise OSError(errno.ENOSPC, f"the training cache in {self.folder} is out of disk space ({error}): free space "
                           "there, give it another disk (--set cache_dir=PATH), or train without it (--set cache_latents=false "
@@ -679,12 +674,7 @@ class TextCache(_DiskCache):
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # Ctrl+C or a full disk in mid-write leaves no stray file in the cache
+    written_whole(path, lambda tmp: save_file(tensors, str(tmp)))  # Ctrl+C or a full disk leaves no stray file
 
 
 def uses_latent_cache(config: TrainConfig) -> bool:

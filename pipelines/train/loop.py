@@ -31,6 +31,7 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import ItemSpec, LatentCache, TextCache, TrainImage
+from workbench.files import current_umask
 from workbench.models import quiet_model_io
 from workbench.progress import ProgressHook, StepCancelled, null_progress
 
@@ -924,21 +925,11 @@ def _shortened(text: str, most: int = 120) -> str:
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
-def _umask() -> int:
-    """The process umask, read without setting it (os.umask can only swap it, which is unsafe with threads)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022  # no /proc: the common default
-
-
 def readable_as_umask_allows(folder: Path) -> None:
     """Give the run's .safetensors files the permissions any other file written here gets (0644 under the usual
     umask). safetensors 0.8 creates them 0600, so the ComfyUI or A1111 of another user on the machine could not
     read the LoRA."""
-    wanted = 0o666 & ~_umask()
+    wanted = 0o666 & ~current_umask()
     for path in folder.rglob("*.safetensors"):
         if path.stat().st_mode & 0o777 != wanted:
             path.chmod(wanted)
