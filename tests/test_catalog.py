@@ -269,7 +269,7 @@ def test_a_folder_that_may_not_be_written_is_said_in_a_line_not_a_traceback(cata
         cli.main()
     said = " ".join(capsys.readouterr().err.split())
     assert done.value.code == 1 and "Traceback" not in said, said
-    assert 'wal": Permission denied' in said and "make it writable" in said
+    assert 'wal": Permission denied' in said and "may not be read or written here" in said
 
     def read_only_disk(*args, **kwargs):
         raise duckdb.IOException(f'IO Error: Cannot open file "{catalog_path}": Read-only file system')

@@ -104,7 +104,8 @@ def connect(
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as error:
-            if not read_only and any(cause in str(error) for cause in ("Read-only file system", "Permission denied")):
+            if (not read_only and any(cause in str(error) for cause in ("Read-only file system", "Permission denied"))
+                    and os.access(path, os.R_OK)):  # readable, not writable here (else it is "not readable", below)
                 raise CatalogError(  # the file is fine: its folder (or the file) cannot be written here
                     f"{path} cannot be written here ({'a read-only file system' if 'Read-only' in str(error) else 'permission denied'}): "
                     "`workbench sql` and `search` still read it; for the other commands, make its folder "
@@ -601,12 +602,13 @@ def _builtin_object_changed(statement) -> tuple[str, str] | None:
             break
     if name is None:
         return None
-    if words[at] == "VIEW":
-        builtin = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql()))
-    else:
-        builtin = {"schema_migrations", "schema_views"} | {
-            table for _, _, sql in _migration_files() for table in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", sql)}
-    return (words[at].lower(), name) if name.lower() in {known.lower() for known in builtin} else None
+    # whichever keyword names it: DuckDB runs ALTER TABLE dataset RENAME TO … on a view too
+    views = {view.lower() for view in re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql())}
+    tables = {"schema_migrations", "schema_views"} | {
+        table.lower() for _, _, sql in _migration_files() for table in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", sql)}
+    if name.lower() in views:
+        return "view", name
+    return ("table", name) if name.lower() in tables else None
 
 
 def _copy_targets(statement) -> list[str]:

@@ -2225,8 +2225,9 @@ def main() -> None:
 
 
 def _not_writable(error: BaseException) -> bool:
-    """Whether an error (OSError, DuckDB's) is a file or folder that may not be written: permissions, a read-only
-    file system."""
+    """Whether an error (OSError, DuckDB's), or the one it was raised from, is a file or folder that may not be read
+    or written: permissions, a read-only file system. Not one that merely happened while such an error was handled
+    (__context__): that is a bug of its own, whose traceback must show."""
     import errno
 
     while error is not None:
@@ -2234,15 +2235,16 @@ def _not_writable(error: BaseException) -> bool:
             return True
         if "Permission denied" in str(error) or "Read-only file system" in str(error):
             return True
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return False
 
 
 def _say_not_writable(error: BaseException) -> NoReturn:
-    """A folder that is not writable (the catalog's, for its .wal; an output's) said in a line, not a traceback."""
+    """A file or folder that may not be read or written (the catalog's folder, for its .wal; an output's) said in a
+    line, not a traceback."""
     text = str(error).strip().splitlines()[-1] if str(error).strip() else error.__class__.__name__
-    err_console.print(f"[bold red]Error:[/] {escape(printable(text))}. A file or folder may not be written here (its "
-                      "permissions, or a read-only disk). What was written before is kept: make it writable, or give "
+    err_console.print(f"[bold red]Error:[/] {escape(printable(text))}. A file or folder may not be read or written here "
+                      "(its permissions, or a read-only disk). What was written before is kept: mend that, or give "
                       "another path, and run the same command again.")
     sys.exit(1)
 
