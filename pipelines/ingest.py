@@ -33,7 +33,7 @@ from pipelines.filter import excluded_folder_rules_applied
 from workbench import config
 from workbench.catalog import first_row, last_run_params, record_run, transaction
 from workbench.images import SIDECAR_EXTENSIONS, as_rgb, read_caption_file, sidecar_beside
-from workbench.progress import ProgressHook, StepCancelled, null_progress
+from workbench.progress import ProgressHook, StepCancelled, named_few, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
 # an export (kohya, imagefolder) holds copies of catalog images with the current captions as sidecars: read back in,
@@ -890,7 +890,27 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     if read or join_concepts:  # files added under a folder excluded by hand (`exclude --folder`) stay out, as the
         # folder's others; after a stopped run (which may have written them and stopped before this), over all paths
         summary.excluded_by_folder = excluded_folder_rules_applied(con, paths=None if join_concepts else read)
+    _say_what_went_unread(con, summary, progress)
     run.counts.update(summary.as_dict())
+
+
+def _say_what_went_unread(con, summary: IngestSummary, progress: ProgressHook) -> None:
+    """Folders the walk could not read, and sidecar captions gone since the last ingest: said through `progress`, so
+    the TUI's log shows them as the CLI does."""
+    if summary.unreadable_folders:
+        progress(task="ingest", message=(
+            f"Note: {len(summary.unreadable_folders)} folder(s) could not be read: {named_few(summary.unreadable_folders)}. "
+            "Their images were not checked, and those the catalog has stay as they were (not marked missing). Make them "
+            "readable (or mount the share) and ingest again."))
+    if summary.sidecar_captions_removed:
+        rows = con.execute("SELECT path, caption IS NULL FROM images_view WHERE image_id IN (SELECT unnest(?::VARCHAR[])) "
+                           "ORDER BY path", [sorted(summary.sidecar_captions_removed)]).fetchall()
+        bare = sum(1 for _, uncaptioned in rows if uncaptioned)
+        progress(task="ingest", message=(
+            f"Note: {len(rows)} image(s) lost their sidecar caption (the file emptied or deleted since the last ingest): "
+            f"{named_few([row[0] for row in rows])}. "
+            + (f"{bare} of them have no caption now: `workbench caption` gives them one." if bare else
+               "They train with another caption they have.")))
 
 
 def _image_ids_of(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> list[str]:

@@ -201,9 +201,12 @@ def test_a_folder_that_cannot_be_read_is_named_and_its_images_are_not_marked_mis
         return real_scandir(path)
 
     monkeypatch.setattr(ingest_mod.os, "scandir", denied)
-    summary = ingested_images(con, [tmp_path / "root"], workers=1)
+    said = []
+    summary = ingested_images(con, [tmp_path / "root"], workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
     assert summary.marked_missing == 0 and summary.paths_marked_missing == 0
     assert summary.unreadable_folders == [f"{locked} (Permission denied)"]
+    # said through progress: the TUI's log shows it as the CLI does
+    assert any(f"1 folder(s) could not be read: {locked} (Permission denied)" in m for m in said), said
     assert con.execute("SELECT count(*) FROM dataset").fetchall()[0][0] == 3
     monkeypatch.undo()
     (locked / sorted(os.listdir(locked))[0]).unlink()  # readable again, a file really gone: marked missing as before

@@ -229,21 +229,6 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             "training run's samples and loss plot, class priors, an export), not photos to train on. To train on generated "
             "images, copy them to a folder of their own and ingest that; class images go in with `workbench priors --from "
             "FOLDER`, an export comes back with `workbench import-kohya`."))
-    if summary.sidecar_captions_removed:
-        ids = sorted(summary.sidecar_captions_removed)
-        rows = con.execute("SELECT path, caption IS NULL FROM images_view WHERE image_id IN (SELECT unnest(?::VARCHAR[])) "
-                           "ORDER BY path", [ids]).fetchall()
-        bare = sum(1 for _, uncaptioned in rows if uncaptioned)
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(ids)} image(s) lost their sidecar caption (the file emptied or deleted since the "
-            f"last ingest): {named_few([row[0] for row in rows])}. "
-            + (f"{bare} of them have no caption now: `workbench caption` gives them one." if bare else
-               "They train with another caption they have.")))
-    if summary.unreadable_folders:
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.unreadable_folders)} folder(s) could not be read: "
-            f"{named_few(summary.unreadable_folders)}. Their images were not checked, and those the catalog has stay as "
-            "they were (not marked missing). Make them readable (or mount the share) and ingest again."))
     if summary.sidecars_left_out:
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, unreadable, or too long to be a caption); each image keeps the caption it had. Mend "
