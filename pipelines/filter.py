@@ -492,13 +492,24 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
             "unreadable_files": unreadable}
 
 
-def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
-    """Undo `exclude`: removes only the images' exclusions made by hand. Unlike an include, the filter's and dedup's
-    stay, and later filter runs still judge the images. Returns counts."""
+def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str] | None, *,
+                             reason: str | None = None) -> dict:
+    """Undo `exclude`: removes only the images' exclusions made by hand (with `reason`, only those given that reason;
+    image_ids None: any image's). Unlike an include, the filter's and dedup's stay, and later filter runs still judge
+    the images. Returns counts."""
     from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
-    ids = _resolve(con, image_ids)
-    removed = con.execute(f"DELETE FROM exclusions WHERE step = '{MANUAL_STEP}' AND image_id IN (SELECT unnest(?::VARCHAR[]))",
-                          [ids]).fetchall()[0][0]
+    if image_ids is None and reason is None:
+        raise ValueError("name the images, or the --reason they were excluded with")
+    label = None if reason is None else f"manual: {reason.strip()}"
+    if image_ids is None:
+        ids = [row[0] for row in con.execute("SELECT image_id FROM exclusions WHERE step = ? AND reason = ?",
+                                             [MANUAL_STEP, label]).fetchall()]
+        if not ids:
+            raise ValueError(f"no image is excluded by hand with the reason {reason.strip()!r}")
+    else:
+        ids = _resolve(con, image_ids)
+    removed = con.execute(f"DELETE FROM exclusions WHERE step = '{MANUAL_STEP}' AND image_id IN (SELECT unnest(?::VARCHAR[])) "
+                          "AND (?::VARCHAR IS NULL OR reason = ?)", [ids, label, label]).fetchall()[0][0]
     if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
         regroup_duplicates(con)  # a kept copy excluded by hand by mistake takes its group back
     still = con.execute("SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",

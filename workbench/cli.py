@@ -1058,9 +1058,9 @@ def exclude(
         fail(str(error))
     console.print(f"excluded {n} image(s)" + (" (and any file ingest reads under the folder later: `workbench include "
                                                "--folder` lets them in)" if folder else ""))
-    selection = [*(image_ids or []), *(f"--folder {shlex.quote(str(path))}" for path in folder or []),
-                 *([f"--where {shlex.quote(where)}"] if where is not None else [])]
-    err_console.print(Text(f"undo: workbench include --only-manual {' '.join(selection)}", style="dim"))
+    # by the reason, not the selection: a --where on `excluded` matches other images once they are
+    err_console.print(Text(f"undo: workbench include --only-manual --reason {shlex.quote(reason.strip())}"
+                           + "".join(f" --folder {shlex.quote(str(path))}" for path in folder or []), style="dim"))
     if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
         prefixes = {p.rstrip("/\\") + os.sep for path in folder  # as the catalog's path text holds them
                     for p in (path_text(path), catalog_path_text(path))}
@@ -1150,17 +1150,20 @@ def include(
     folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder, and no more exclusion of files added to it (undoes exclude --folder; repeatable).", show_default=False)] = None,
     where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
     only_manual: Annotated[bool, typer.Option("--only-manual", help="Undo `exclude`: lift only the exclusions made by hand; the filter's stay, and later filter runs still judge these images.")] = False,
+    reason: Annotated[Optional[str], typer.Option("--reason", help="With --only-manual: only the exclusions made with this reason (no images named: every such one).", show_default=False)] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Include images by hand: removes manual and filter exclusions; later filter runs skip them.
 
     Example: workbench include 3fa9c2d1e0   (or: --folder "img/0_old drafts"; --where "exclusion_reason LIKE 'blurry%' AND concept = 'sks dog'";
-    undo a mistaken exclude: --only-manual --where "path LIKE '%/wide/%'")
+    undo an exclude: --only-manual --reason "watermarked scans")
     """
     from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.filter import folder_let_in, manual_exclusions_lifted, manual_inclusions
 
-    if not image_ids and not folder and where is None:
+    if reason is not None and not only_manual:
+        fail("--reason chooses which exclusions made by hand --only-manual lifts: give --only-manual too.")
+    if not image_ids and not folder and where is None and reason is None:
         fail("Name the images to include: image ids, --folder PATH or --where CONDITION.")
     con = open_catalog(catalog)
     try:
@@ -1178,7 +1181,8 @@ def include(
                                        f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
         if where is not None:
             image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included")))
-        summary = manual_exclusions_lifted(con, image_ids) if only_manual else manual_inclusions(con, image_ids)
+        chosen = image_ids if image_ids or folder or where is not None else None  # --reason alone: every such exclusion
+        summary = manual_exclusions_lifted(con, chosen, reason=reason) if only_manual else manual_inclusions(con, image_ids)
     except ValueError as error:
         fail(str(error))
     console.print(counts_table("include", summary))
