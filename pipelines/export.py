@@ -243,8 +243,8 @@ def _shell_text(value: str) -> str:
 
 def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
     """With --link hardlink, an image written as a copy because OUT is on another disk than it (a hard link cannot
-    cross disks): counted, so that a user who asked for links to save space is told. Re-encoded images (rotated,
-    16-bit, transparent) are new files either way and not counted."""
+    cross disks): counted, so that a user who asked for links to save space is told. (An image re-encoded on the way,
+    rotated or 16-bit, is a new file on any disk; on another disk it is counted too.)"""
     if link != "hardlink":
         return False
     try:
@@ -536,7 +536,7 @@ def exported_dataset(
     if format != "parquet" and overwrite and Path(out).is_dir():
         _refuse_to_overwrite_image_sources(con, Path(out))
     if format != "parquet":
-        ids = [row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall()]
+        ids = [row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall() if only is None or row[0] in only]
         edited = sidecars_changed_since_ingest(con, ids)
         if edited:  # as training says it: the export writes the captions the catalog holds
             progress(task="export", message=(

@@ -3,6 +3,7 @@ there is room. The footer, which lists a screen's own keys first, cut the screen
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from textual.app import RenderResult
 from textual.content import Content
 from textual.widget import Widget
@@ -47,7 +48,9 @@ class ScreenBar(Widget):
         room = self.size.width - line.cell_length - 2
         catalog = visible(str(getattr(self.app, "catalog_path", "") or ""))
         if room >= 12 and catalog:  # the catalog's path on the right, its start cut first (the file name matters)
-            shown = catalog if len(catalog) <= room else "…" + catalog[-(room - 1):]
-            line = Content("").join([line, " " * (self.size.width - line.cell_length - len(shown) - 1),
+            shown = catalog
+            while cell_len(shown) > room:  # cells, not characters: a CJK name is two cells a character
+                shown = "…" + shown[2:]
+            line = Content("").join([line, " " * (self.size.width - line.cell_length - cell_len(shown) - 1),
                                      Content.styled(shown, "dim")])
         return line
