@@ -329,6 +329,10 @@ def filtered_dataset(
     if skipped:
         summary["skipped_rules"] = skipped
     if dry_run:
+        if moved and clip_rule:  # the real run's second look (_recheck_new_keepers) needs the groups rewritten
+            progress(task="filter", message=(
+                "Note: a real run also judges each copy that takes a group over by the CLIP score of the caption it "
+                "carries once kept, which may exclude some of them: these counts leave that second look out"))
         return summary
     with record_run(con, "filter", rules.as_dict()) as run:
         with transaction(con):

@@ -492,6 +492,10 @@ def test_a_copy_that_takes_its_group_over_is_judged_with_the_caption_it_carries(
     kept = lambda: con.execute("SELECT image_id FROM duplicates WHERE is_keeper").fetchall()  # noqa: E731
     assert kept() == [(ids["original"],)]
     assert con.execute("SELECT clip_score FROM images_view WHERE image_id = ?", [ids["copy"]]).fetchall() == [(None,)]
+    said = []  # a dry run cannot take that second look: it says so, not a count that the real run then contradicts
+    filtered_dataset(con, FilterRules(min_side=0, min_clip_score=0.3), dry_run=True,
+                     progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("these counts leave that second look out" in m for m in said), said
     for _ in range(2):  # and stays so on a rerun
         summary = filtered_dataset(con, FilterRules(min_side=0, min_clip_score=0.3))
         assert con.execute("SELECT count(*) FROM dataset").fetchall() == [(0,)], summary
