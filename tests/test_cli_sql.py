@@ -508,6 +508,26 @@ def test_sql_waits_for_a_catalog_another_process_holds_when_asked(catalog_path):
         holder.wait()
 
 
+def test_any_command_waits_for_a_catalog_another_process_holds_when_asked(catalog_path, tmp_path):
+    """Only `sql` could wait: with the TUI open, `caption` or `filter` could only fail (and said nothing of waiting)."""
+    import subprocess
+    import sys
+
+    seeded_catalog(catalog_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(catalog_path)!r}); "
+                               "print('ready', flush=True); time.sleep(2); c.close(); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        at_once = runner.invoke(app, ["filter", "--min-side", "5", "-c", str(catalog_path)])
+        said = " ".join(at_once.output.split())
+        assert at_once.exit_code == 2 and "`workbench --wait SECONDS COMMAND` waits for it" in said, at_once.output
+        waited = runner.invoke(app, ["--wait", "20", "filter", "--min-side", "5", "-c", str(catalog_path)])
+        assert waited.exit_code == 0 and "checked" in waited.output, waited.output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_curation_commands_and_help_do_not_load_torch(catalog_path):
     """Building the command tree imported the trainer (and torch: ~2 s and ~600 MB) for every command, `sql` and
     `--help` included, through the train commands' list of mode options."""

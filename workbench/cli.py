@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench import catalog as catalog_mod
-from workbench.catalog import CatalogError, first_row
+from workbench.catalog import CatalogError, CatalogLockedError, first_row
 from workbench.files import is_disk_full, written_whole
 from workbench.images import catalog_path_text, path_text
 from workbench.progress import CancellableProgress, RichProgress, StepCancelled, named_few, printable
@@ -86,11 +86,15 @@ def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool 
     if not create and not resolved.exists():
         fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
     try:
-        con = catalog_mod.connect(path, read_only=read_only, wait_seconds=wait_seconds)
+        con = catalog_mod.connect(path, read_only=read_only, wait_seconds=max(wait_seconds, _WAIT_SECONDS))
     except CatalogError as error:
-        fail(str(error))
+        fail(str(error) + (" (`workbench --wait SECONDS COMMAND` waits for it)" if isinstance(error, CatalogLockedError)
+                           and not max(wait_seconds, _WAIT_SECONDS) else ""))
     _OPENED.append(con)
     return con
+
+
+_WAIT_SECONDS = 0.0  # the root's --wait: how long any command waits for a catalog another process holds
 
 
 # The catalog connections the command opened, closed when it ends, by an error too (`_root` arranges it): a command
@@ -159,8 +163,11 @@ def _root(
     ctx: typer.Context,
     catalog: CatalogOpt = None,
     version: Annotated[bool, typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+    wait: Annotated[float, typer.Option("--wait", min=0, help="Any command: seconds to wait while another process holds the catalog (the TUI, an ingest), e.g. `workbench --wait 600 caption`; default: say so at once.")] = 0,
 ) -> None:
     """Open the terminal UI when no command is given."""
+    global _WAIT_SECONDS
+    _WAIT_SECONDS = wait
     ctx.call_on_close(_close_opened)
     if ctx.invoked_subcommand is None:
         tui(catalog=catalog)
