@@ -789,3 +789,14 @@ def test_a_runs_config_toml_trains_the_same_run_again(con, catalog_path, tmp_pat
     before = load_file(str(tmp_path / "first" / "pytorch_lora_weights.safetensors"))
     after = load_file(str(tmp_path / "again" / "pytorch_lora_weights.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert "dataset changed since the run" not in again.output
+    # a caption edited since: said (a review: the retrain's weights differed without a word)
+    from pipelines.caption_edits import save_manual_caption
+
+    con = connect(catalog_path)
+    save_manual_caption(con, con.execute("SELECT min(image_id) FROM dataset").fetchall()[0][0], "a brick wall")
+    con.close()
+    edited = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--config", str(tmp_path / "first" / "config.toml"),
+                                 "--output-dir", str(tmp_path / "edited"), "--max-train-steps", "1"])
+    said = " ".join(edited.output.split())
+    assert edited.exit_code == 0 and "the catalog's dataset changed since the run of" in said and "1 captions changed" in said, edited.output

@@ -1296,6 +1296,26 @@ def export(
                                "their disk to save the space.", style="yellow"))
 
 
+def _note_retrain_drift(con, train_config, config_file: Path) -> None:
+    """`--config RUN/config.toml` trains that run's options on the catalog's dataset as it is now: how it differs from
+    the dataset that run trained on (its snapshot beside the file) is said, not found in the weights."""
+    from pipelines.train import data as train_data
+
+    snapshot = Path(config_file).parent / train_data.SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return
+    try:
+        saved, _ = train_data.read_snapshot(snapshot)
+        now = train_data.training_images(con, train_config)
+    except (OSError, ValueError, train_data.DataError):
+        return  # the run's own checks say what is wrong, in their words
+    changes = ", ".join(f"{count} {what}" for what, count in train_data.snapshot_drift(saved, now).items() if count)
+    if changes:
+        err_console.print(Text(f"Note: the catalog's dataset changed since the run of {config_file} trained ({changes}): this "
+                               "run trains on the dataset as it is now, so its weights will differ from that run's.",
+                               style="yellow"))
+
+
 def _note_unfiltered(con) -> None:
     """Export and train say when the dataset holds images the last filter run never judged (ingested since)."""
     from pipelines.filter import unfiltered_note
@@ -1551,6 +1571,8 @@ def train_command(
     con = open_catalog(catalog, wait_seconds=30) if is_main_process() else None
     if con is not None and not train_config.resume:  # a resume trains on its run's snapshot
         _note_unfiltered(con)
+        if config is not None:
+            _note_retrain_drift(con, train_config, config)
     if con is not None and not train_config.output_dir and not train_config.resume:
         train_config.output_dir = str(default_output_dir(con, mode))  # named up front, for the stop message
     try:  # Ctrl+C, or `kill`/`timeout` (main() makes SIGTERM a Ctrl+C): recorded 'cancelled', with the resume hint
