@@ -775,6 +775,8 @@ def test_a_runs_config_toml_trains_the_same_run_again(con, catalog_path, tmp_pat
     # options the run does not use are left out (a review: a dreambooth run's file listed rank, so editing it was refused)
     assert not re.search(r"^(ema_decay|use_ema|class_prompt|keep_tokens|lr_num_cycles) =", text, re.M), text
     assert re.search(r"^rank = 2$", text, re.M), text
+    # what else decides the weights to the last bit (a review: retrained with other thread or process counts, unsaid)
+    assert re.search(r"^# Trained with 1 process\(es\) and \d+ CPU thread\(s\) each; workbench [\d.]+, torch [^,]+, diffusers ", text, re.M), text
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "first" / "lora_kohya.safetensors"), "pt") as handle:

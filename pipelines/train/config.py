@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -562,8 +563,33 @@ def run_config_text(config: TrainConfig, *, max_train_steps: int, buckets: dict)
               "bucket_reso_steps": buckets["bucket_reso_steps"], "bucket_no_upscale": buckets["no_upscale"]}
     kept = {k: v for k, v in values.items()
             if v is not None and k not in ("output_dir", "resume") and k not in ignored_options(config)}
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     return ("# The options this run trained with. The same run again, on the catalog's dataset as it is then:\n"
-            f"#   workbench train {config.mode} --config config.toml --output-dir NEW_FOLDER\n" + tomli_w.dumps(kept))
+            f"#   workbench train {config.mode} --config config.toml --output-dir NEW_FOLDER"
+            + (f" --num-processes {processes}" if processes > 1 else "") + "\n"
+            # what else decides the weights to the last bit, and no option holds
+            + f"# Trained with {processes} process(es) and {_threads()} CPU thread(s) each; {_versions()}.\n"
+            + tomli_w.dumps(kept))
+
+
+def _threads() -> int:
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else os.cpu_count() or 1
+
+
+def _versions() -> str:
+    """The versions of the libraries that compute a run (the same options on others may differ in the last bits)."""
+    from importlib import metadata
+
+    from workbench import __version__
+
+    found = [f"workbench {__version__}"]
+    for package in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
 
 
 def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
