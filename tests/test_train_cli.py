@@ -782,7 +782,8 @@ def test_a_runs_config_toml_trains_the_same_run_again(con, catalog_path, tmp_pat
     with safe_open(str(tmp_path / "first" / "lora_kohya.safetensors"), "pt") as handle:
         metadata = handle.metadata()  # the catalog's bucket settings, as sd-scripts records its own (not its defaults)
     assert (metadata["ss_min_bucket_reso"], metadata["ss_max_bucket_reso"], metadata["ss_bucket_no_upscale"]) == ("16", "64", "False")
-    con = connect(catalog_path)
+    con = connect(catalog_path)  # and the catalog's record of the run says them too (they were NULL: options not given)
+    assert con.execute("SELECT config->>'min_bucket_reso', config->>'bucket_reso_steps' FROM training_runs").fetchall() == [("16", "16")]
     aspect_buckets(con, resolution=32, bucket_reso_steps=8)  # the catalog's buckets change: the recorded run keeps its own
     con.close()
     again = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--config", str(tmp_path / "first" / "config.toml"),

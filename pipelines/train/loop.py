@@ -813,6 +813,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 components, noise_scheduler, len(images), global_step, seconds_so_far(), images=images,
                 cache_latents=latent_cache is not None, reg_images=class_image_count, started_at=started_at,
                 epoch=math.ceil(global_step * micro_per_update / per_epoch), num_processes=accelerator.num_processes,
+                run_dir=output_dir,
             )) if config.mode == "lora" else None,
         )
         readable_as_umask_allows(saved)  # now: a run stopped or failed later leaves its checkpoints' LoRAs readable too
@@ -891,7 +892,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             config, output_dir, unwrapped_unet, unwrapped_text, components, noise_scheduler,
             len(images), global_step, seconds_so_far(), images=images, cache_latents=latent_cache is not None, started_at=started_at,
             epoch=math.ceil(global_step * micro_per_update / per_epoch), frozen_text_weights=frozen_text_weights,
-            reg_images=class_image_count, num_processes=accelerator.num_processes,
+            reg_images=class_image_count, num_processes=accelerator.num_processes, run_dir=output_dir,
         ))
         if sampling:
             grid, finals = _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, prompts, config, samples_dir,
@@ -1141,7 +1142,7 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
 def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
                 *, images=None, epoch: int | None = None, cache_latents: bool | None = None, reg_images: int = 0,
                 started_at: float | None = None, frozen_text_weights: dict[str, torch.Tensor] | None = None,
-                num_processes: int = 1) -> dict[str, str]:
+                num_processes: int = 1, run_dir: Path | None = None) -> dict[str, str]:
     from pipelines.train import lora_formats
 
     outputs = {}
@@ -1150,7 +1151,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
-            reg_images=reg_images, started_at=started_at, num_processes=num_processes, buckets=trained_bucket_settings(config),
+            reg_images=reg_images, started_at=started_at, num_processes=num_processes, buckets=trained_bucket_settings(config, run_dir),
         ))
         return outputs
     from diffusers import StableDiffusionPipeline
@@ -1172,16 +1173,18 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
     return outputs
 
 
-def trained_bucket_settings(config: TrainConfig) -> dict:
-    """The bucket settings the run trained with: its config.toml's (which `workbench train` writes, with the
-    catalog's `workbench buckets` settings filled in), else its options' and the defaults."""
+def trained_bucket_settings(config: TrainConfig, run_dir: Path | None = None) -> dict:
+    """The bucket settings the run in `run_dir` (default: config.output_dir) trained with: its config.toml's (which
+    `workbench train` writes, with the catalog's `workbench buckets` settings filled in), else its options' and the
+    defaults."""
     import tomllib
 
     from pipelines.train.config import RUN_CONFIG_FILE
 
     settings = train_data.bucket_settings(config)
+    run_dir = run_dir or (Path(config.output_dir) if config.output_dir else None)
     try:
-        saved = tomllib.loads((Path(config.output_dir) / RUN_CONFIG_FILE).read_text()) if config.output_dir else {}
+        saved = tomllib.loads((run_dir / RUN_CONFIG_FILE).read_text()) if run_dir else {}
     except (OSError, tomllib.TOMLDecodeError):
         saved = {}
     for key, name in (("min_bucket_reso", "min_bucket_reso"), ("max_bucket_reso", "max_bucket_reso"),
@@ -1262,4 +1265,4 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
     progress(task="export", message=f"writing step {step} of {run_dir} to {out_dir}")
     return _save_model(config, out_dir, unet, text_encoder if train_text else None, components, _noise_scheduler(components, config),
                        len(images), step, 0.0, images=images or None,
-                       reg_images=len(train_data.class_image_ids(priors)))
+                       reg_images=len(train_data.class_image_ids(priors)), run_dir=run_dir)

@@ -560,10 +560,17 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
     _mark_interrupted_runs(catalog.con, output_dir)
     class_ids = sorted(train_data.class_image_ids(priors))
+    from pipelines.train.loop import trained_bucket_settings
+
+    # the bucket settings it trains with, filled in (unset options are NULL in config.to_dict(): a query over runs
+    # could not tell which buckets one used once `workbench buckets` ran again)
+    buckets = trained_bucket_settings(config, output_dir)
+    recorded = {**config.to_dict(), "min_bucket_reso": buckets["min_bucket_reso"], "max_bucket_reso": buckets["max_bucket_reso"],
+                "bucket_reso_steps": buckets["bucket_reso_steps"], "bucket_no_upscale": bool(buckets["no_upscale"])}
     train_id = catalog.con.execute(
         "INSERT INTO training_runs (mode, model, status, config, image_ids, class_image_ids, output_dir, folder_id) "
         "VALUES (?, ?, 'running', ?, ?, ?, ?, ?) RETURNING train_id",
-        [config.mode, config.model, json.dumps(config.to_dict()), [i.image_id for i in images], class_ids, str(output_dir),
+        [config.mode, config.model, json.dumps(recorded), [i.image_id for i in images], class_ids, str(output_dir),
          folder_id],
     ).fetchall()[0][0]
     run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
