@@ -1698,3 +1698,19 @@ def test_keeping_a_finished_model_is_all_or_nothing(con, tmp_path, one_thread, m
     monkeypatch.undo()
     assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "lora_kohya.safetensors").is_file()
     assert not (run / "exports").exists() or not list((run / "exports").iterdir())
+
+
+def test_the_catalog_keeps_what_each_run_trained_on(con, tmp_path, one_thread):
+    """A reproducibility review: the catalog could not say which caption each image trained with once a caption was
+    edited (or a sidecar re-ingested) after the run; only the run folder's dataset.json knew."""
+    from pipelines.caption_edits import save_manual_caption
+    from pipelines.train.data import read_snapshot
+
+    config, result = _finished_run(con, tmp_path)
+    snapshot, _ = read_snapshot(Path(config.output_dir) / "dataset.json")
+    first = snapshot[0].image_id
+    save_manual_caption(con, first, "a brick wall")
+    rows = con.execute("SELECT image_id, role, caption, repeats, bucket_width, bucket_height FROM training_images "
+                       "WHERE train_id = ? ORDER BY image_id", [result.train_id]).fetchall()
+    assert rows == sorted((i.image_id, "instance", i.caption, i.repeats, *i.bucket) for i in snapshot)
+    assert dict((r[0], r[2]) for r in rows)[first] != "a brick wall"  # as trained, not as the catalog says now

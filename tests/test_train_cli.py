@@ -310,6 +310,9 @@ def test_dreambooth_generates_class_priors_and_writes_a_diffusers_pipeline(con, 
     assert priors == 2
     class_ids = con.execute("SELECT len(class_image_ids), len(image_ids) FROM training_runs WHERE train_id = ?", [result.train_id]).fetchone()
     assert class_ids == (2, 2)  # priors are recorded apart from the instance images they do not join
+    trained = con.execute("SELECT role, caption FROM training_images WHERE train_id = ? AND role = 'class_prior'",
+                          [result.train_id]).fetchall()
+    assert trained == [("class_prior", "a photo of a square")] * 2  # class images with their prompt, as trained
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "db" / "pipeline"))
     trained_unet = {k: v for k, v in pipe.unet.state_dict().items()}
     assert any(not torch.equal(v, tiny_components().unet.state_dict()[k]) for k, v in trained_unet.items())

@@ -555,6 +555,22 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
     finish_run(con, run, failure)
 
 
+def _record_training_images(con, train_id: int, images, priors) -> None:
+    """The run's images as it trains them (`training_images`): caption, concept, repeats and bucket of each."""
+    import pyarrow as pa
+
+    rows = [(image, "instance") for image in images] + [(image, "class_prior") for pool in (priors or {}).values() for image in pool]
+    trained = pa.table({  # read by name by DuckDB's replacement scan
+        "train_id": pa.array([train_id] * len(rows), pa.int32()),
+        "image_id": [image.image_id for image, _ in rows], "role": [role for _, role in rows],
+        "caption": [image.caption for image, _ in rows], "concept": [image.concept for image, _ in rows],
+        "repeats": pa.array([image.repeats for image, _ in rows], pa.int32()),
+        "bucket_width": pa.array([image.bucket[0] for image, _ in rows], pa.int32()),
+        "bucket_height": pa.array([image.bucket[1] for image, _ in rows], pa.int32()),
+    })
+    con.execute("INSERT INTO training_images SELECT * FROM trained ON CONFLICT DO NOTHING")  # a class image in two pools: once
+
+
 def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors, output_dir: Path, components,
                       progress: ProgressHook, started: float, folder_id: str | None) -> TrainResult:
     """Train, with the run recorded in `training_runs` and `runs` (and its metrics, when asked for)."""
@@ -573,6 +589,7 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
         [config.mode, config.model, json.dumps(recorded), [i.image_id for i in images], class_ids, str(output_dir),
          folder_id],
     ).fetchall()[0][0]
+    _record_training_images(catalog.con, train_id, images, priors)
     run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
     result, failure = None, None
     try:
