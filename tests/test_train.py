@@ -1714,3 +1714,23 @@ def test_the_catalog_keeps_what_each_run_trained_on(con, tmp_path, one_thread):
                        "WHERE train_id = ? ORDER BY image_id", [result.train_id]).fetchall()
     assert rows == sorted((i.image_id, "instance", i.caption, i.repeats, *i.bucket) for i in snapshot)
     assert dict((r[0], r[2]) for r in rows)[first] != "a brick wall"  # as trained, not as the catalog says now
+
+
+def test_resuming_an_older_workbenchs_checkpoint_takes_the_catalogs_record_of_its_options(con, tmp_path, one_thread):
+    """An upgrader's review: a checkpoint from before options were saved (and no dataset.json) resumed with the
+    defaults, 512 px and batch 1, for what was not given again, and trained on."""
+    from pipelines.train import RunRefused, load_train_config, trained_model
+
+    config, _ = _finished_run(con, tmp_path, max_train_steps=2, checkpointing_steps=1)
+    run = Path(config.output_dir)
+    for state in run.glob("checkpoints/*/state.json"):  # as an older workbench wrote them
+        saved = json.loads(state.read_text())
+        saved.pop("config", None)
+        state.write_text(json.dumps(saved))
+    (run / "dataset.json").unlink()
+    resumed = load_train_config(None, {"output_dir": str(run), "resume": "latest", "max_train_steps": 3})
+    with pytest.raises(RunRefused, match=f"resolution {config.resolution}, train_batch_size 2, not .*resolution 512.*--set resolution={config.resolution}"):
+        trained_model(con, resumed, components=tiny_components())
+    given = load_train_config(None, {"output_dir": str(run), "resume": "latest", "max_train_steps": 3, "seed": config.seed,
+                                     "resolution": config.resolution, "train_batch_size": 2, "learning_rate": config.learning_rate})
+    assert trained_model(con, given, components=tiny_components()).steps == 3  # given as recorded: it goes on

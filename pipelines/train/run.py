@@ -215,6 +215,40 @@ def _refuse_a_resume_without_checkpoints(con, config: TrainConfig, output_dir: P
         )
 
 
+def _refuse_an_old_resume_with_other_options(con, config: TrainConfig, output_dir: Path) -> None:
+    """A checkpoint of an older workbench holds no options (nor a dataset.json beside it): the resume took whatever was
+    given, the defaults (512 px, batch 1) for what was not, and trained on. The catalog's record of the run says
+    what it trained with: options that differ from it are refused, named with their values."""
+    from pipelines.train.config import RESUME_MAY_CHANGE
+
+    if not config.resume or (output_dir / SNAPSHOT_FILE).is_file():
+        return
+    checkpoint = ckpt.resolve_resume(output_dir / "checkpoints", config.resume)
+    if checkpoint is None or ckpt.saved_config(checkpoint) is not None:
+        return
+    here = output_dir.resolve()
+    catalog_dir = Path(first_row(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"))[0] or ".").parent
+    recorded = None
+    for folder, text in con.execute("SELECT output_dir, config FROM training_runs ORDER BY train_id DESC").fetchall():
+        # older rows hold the folder as it was typed, relative to where the command ran: here, or beside the catalog
+        if folder and any((base / folder).resolve() == here for base in (Path.cwd(), catalog_dir)):
+            recorded = json.loads(text or "{}")
+            break
+    if not recorded:
+        return
+    now = config.to_dict()
+    differ = {key: value for key, value in recorded.items()
+              # an option left unset here (None) is filled in later, as the run's was (bucket settings)
+              if key in now and key not in RESUME_MAY_CHANGE and value is not None and now[key] is not None
+              and now[key] != value}
+    if differ:
+        options = " ".join(f"--set {key}={json.dumps(value)}" for key, value in sorted(differ.items()))
+        raise RunRefused(
+            f"{checkpoint} was written by an older workbench, which kept no options with it; the catalog records that the "
+            f"run trained with {', '.join(f'{k} {v!r}' for k, v in sorted(differ.items()))}, not "
+            f"{', '.join(f'{k} {now[k]!r}' for k in sorted(differ))}. Resume it with those: {options}")
+
+
 def _refuse_a_folder_of_catalog_images(con, output_dir: Path) -> None:
     """A run folder is marked as output, which `ingest` leaves out: made in a folder of photos, it would hide them from
     the next ingest, and its samples would sit among them."""
@@ -453,6 +487,7 @@ def trained_model(
             _refuse_a_foreign_or_older_checkpoint(output_dir, config)
             folder_id = _folder_id(output_dir) if config.resume else None  # a resume keeps its folder's snapshot
             _refuse_a_resume_without_checkpoints(con, config, output_dir, folder_id)
+            _refuse_an_old_resume_with_other_options(con, config, output_dir)
             images, priors, components = _run_dataset(catalog, config, output_dir, components, progress)
             _refuse_a_finished_resume(con, config, output_dir, images, folder_id)
             _keep_finished_outputs(con, config, output_dir, folder_id, progress)
