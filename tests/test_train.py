@@ -1728,6 +1728,10 @@ def test_resuming_an_older_workbenchs_checkpoint_takes_the_catalogs_record_of_it
         saved.pop("config", None)
         state.write_text(json.dumps(saved))
     (run / "dataset.json").unlink()
+    from pipelines.train.loop import TrainingError, exported_checkpoint
+
+    with pytest.raises(TrainingError, match="written by an older workbench, which kept no options"):  # not "not whole"
+        exported_checkpoint(run / "checkpoints" / "checkpoint-2", tmp_path / "exported")
     resumed = load_train_config(None, {"output_dir": str(run), "resume": "latest", "max_train_steps": 3})
     with pytest.raises(RunRefused, match=f"resolution {config.resolution}, train_batch_size 2, not .*resolution 512.*--set resolution={config.resolution}"):
         trained_model(con, resumed, components=tiny_components())

@@ -1231,8 +1231,12 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
         saved = ckpt.saved_config(checkpoint)
     except ckpt.DamagedCheckpoint as error:
         raise TrainingError(str(error)) from None
-    if saved is None or ckpt.damaged_files(checkpoint):
+    if ckpt.damaged_files(checkpoint):
         raise TrainingError(f"{checkpoint} is not a whole checkpoint written by this workbench (its state.json or weights are missing).")
+    if saved is None:  # its weights are there, but not what they are (mode, LoRA rank and targets) to write them as
+        raise TrainingError(f"{checkpoint} was written by an older workbench, which kept no options with it, so its model "
+                            "cannot be written on its own: resume the run to a later step (`workbench train MODE --resume "
+                            "…`), whose checkpoints and outputs hold them.")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     written = {"lora_diffusers": checkpoint / DIFFUSERS_LORA_FILE, "lora_kohya": checkpoint / KOHYA_LORA_FILE}
     if config.mode == "lora" and all(path.is_file() for path in written.values()):
