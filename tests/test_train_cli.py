@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import duckdb
@@ -255,13 +256,16 @@ def test_resume_before_the_first_checkpoint_keeps_the_runs_options_and_a_dead_ru
         trained_model(con, config, components=tiny_components(), progress=killed_after_first_step)
     assert con.execute("SELECT status, steps FROM training_runs").fetchall() == [("failed", 0)]
     con.execute("INSERT INTO training_runs (mode, model, status, output_dir) VALUES ('lora', 'tiny', 'running', ?)", [str(out)])  # a killed process
+    # and one of an older workbench, which kept the folder as typed (relative): it stayed 'running' for ever
+    con.execute("INSERT INTO training_runs (mode, model, status, output_dir) VALUES ('lora', 'tiny', 'running', ?)",
+                [os.path.relpath(out)])
 
     common = ["--catalog", str(catalog_path), "--output-dir", str(out), "--resume", "latest"]
     resumed = runner.invoke(app, ["train", "lora", *common])
     assert resumed.exit_code == 0, resumed.output
     rows = con.execute("SELECT status, steps, config FROM training_runs ORDER BY train_id").fetchall()
-    assert [r[:2] for r in rows] == [("failed", 0), ("interrupted", 0), ("ok", 3)]  # steps: where a resume starts
-    options = json.loads(rows[2][2])
+    assert [r[:2] for r in rows] == [("failed", 0), ("interrupted", 0), ("interrupted", 0), ("ok", 3)]  # steps: where a resume starts
+    options = json.loads(rows[3][2])
     assert (options["resolution"], options["rank"], options["learning_rate"], options["max_train_steps"]) == (32, 2, 5e-4, 3)
 
     again = runner.invoke(app, ["train", "lora", *common])

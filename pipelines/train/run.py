@@ -226,14 +226,8 @@ def _refuse_an_old_resume_with_other_options(con, config: TrainConfig, output_di
     checkpoint = ckpt.resolve_resume(output_dir / "checkpoints", config.resume)
     if checkpoint is None or ckpt.saved_config(checkpoint) is not None:
         return
-    here = output_dir.resolve()
-    catalog_dir = Path(first_row(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"))[0] or ".").parent
-    recorded = None
-    for folder, text in con.execute("SELECT output_dir, config FROM training_runs ORDER BY train_id DESC").fetchall():
-        # older rows hold the folder as it was typed, relative to where the command ran: here, or beside the catalog
-        if folder and any((base / folder).resolve() == here for base in (Path.cwd(), catalog_dir)):
-            recorded = json.loads(text or "{}")
-            break
+    runs = _runs_of_folder(con, output_dir)
+    recorded = json.loads(runs[0][1] or "{}") if runs else None
     if not recorded:
         return
     now = config.to_dict()
@@ -342,14 +336,26 @@ def _last_checkpoint(output_dir: Path) -> tuple[int, float | None]:
     return ckpt.checkpoint_step(kept[-1]), seconds
 
 
+def _runs_of_folder(con, output_dir: Path, where: str = "TRUE") -> list[tuple[int, str | None]]:
+    """(train_id, config) of the training_runs rows of this run folder, newest first: by its path, or as older rows
+    hold it, relative to where the command ran (here, or beside the catalog)."""
+    here = output_dir.resolve()
+    catalog_dir = Path(first_row(con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"))[0] or ".").parent
+    return [(train_id, config) for train_id, folder, config in con.execute(
+        f"SELECT train_id, output_dir, config FROM training_runs WHERE {where} ORDER BY train_id DESC").fetchall()
+        if folder and (folder == str(output_dir) or any((base / folder).resolve() == here for base in (Path.cwd(), catalog_dir)))]
+
+
 def _mark_interrupted_runs(con, output_dir: Path) -> None:
     """Rows of earlier runs in this folder still 'running' belong to processes that died (the folder lock says
     no other process trains here now): say so instead of leaving them 'running' forever."""
+    ids = [train_id for train_id, _ in _runs_of_folder(con, output_dir, "status = 'running'")]
     con.execute(
         "UPDATE training_runs SET status = 'interrupted', finished_at = current_timestamp, steps = coalesce(steps, ?), "
         "error = coalesce(error, 'the training process ended without recording the run (killed, or stopped while waiting for the catalog)') "
-        "WHERE output_dir = ? AND status = 'running'",
-        [_last_checkpoint(output_dir)[0], str(output_dir)],  # steps: where a --resume continues from
+        "WHERE train_id IN (SELECT unnest(?::INTEGER[])) AND status = 'running'",
+        [_last_checkpoint(output_dir)[0], ids],  # steps: where a --resume continues from
     )
     con.execute(
         "UPDATE runs SET status = 'interrupted', error = coalesce(error, 'the training process ended without recording the run') "
