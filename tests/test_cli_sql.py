@@ -613,3 +613,23 @@ def test_the_workbenchs_own_views_and_tables_cannot_be_replaced_dropped_or_renam
         assert runner.invoke(app, ["sql", "--write", statement, "-c", str(catalog_path)]).exit_code == 0, statement
     rows = runner.invoke(app, ["sql", "SELECT image_id FROM dataset", "-f", "csv", "-c", str(catalog_path)])
     assert rows.stdout.splitlines() == ["image_id", "a"]
+
+
+def test_an_sql_error_on_a_catalog_not_yet_upgraded_says_so(catalog_path):
+    """An upgrader's review: `sql` (read-only: it upgrades nothing) on an older catalog failed with "column folder_id
+    not found", and nothing said the catalog was an older version's."""
+    from workbench.catalog import connect
+
+    seeded_catalog(catalog_path)
+    con = connect(catalog_path)
+    con.execute("DROP TABLE training_images")  # as before m019
+    con.execute("DELETE FROM schema_migrations WHERE version = 19")
+    con.close()
+    failed = runner.invoke(app, ["sql", "SELECT * FROM training_images", "-c", str(catalog_path)])
+    said = " ".join(failed.output.split())
+    assert failed.exit_code == 2 and "this catalog predates 1 migration(s) of this workbench, from m019_training_images" in said
+    fine = runner.invoke(app, ["sql", "SELECT no_such_column FROM images", "-c", str(catalog_path)])
+    assert "predates" in fine.output  # any error on such a catalog: it may be why
+    connect(catalog_path).close()  # a command that writes upgrades it; then the note is gone
+    upgraded = runner.invoke(app, ["sql", "SELECT no_such_column FROM images", "-c", str(catalog_path)])
+    assert upgraded.exit_code == 2 and "predates" not in upgraded.output

@@ -268,6 +268,15 @@ def applied_migrations(con: duckdb.DuckDBPyConnection) -> list[int]:
     return [row[0] for row in con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()]
 
 
+def pending_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The migrations this catalog lacks (a read-only connection, as `workbench sql` opens it, applies none)."""
+    try:
+        done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+    except duckdb.Error:
+        return []
+    return [name for version, name, _ in _migration_files() if version not in done]
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Apply every migration not yet recorded, each in its own transaction; refresh the views."""
     done = set(applied_migrations(con))

@@ -128,6 +128,14 @@ def counts_table(title: str, counts: dict, value_column: str = "count") -> Table
     return table
 
 
+def _older_catalog_note(con) -> str:
+    """For an SQL error on a catalog an older workbench wrote and no command has upgraded yet (`sql` reads it as it
+    is): its tables and views lack what newer ones have, which the error alone does not say."""
+    pending = catalog_mod.pending_migrations(con) if con is not None else []
+    return (f" (Note: this catalog predates {len(pending)} migration(s) of this workbench, from {pending[0]}: its tables "
+            "and views are an older version's until a command that writes it, or `sql --write`, upgrades it.)" if pending else "")
+
+
 def _list_images(con, ids: list[str], what: str, shown: int = 20) -> None:
     """The images `ids` names, a line each (id, path, and any exclusion they have), the first `shown` of them."""
     rows = con.execute(
@@ -378,9 +386,10 @@ def sql(
         relation = catalog_mod.run_sql(con, query, write=write)
         ran = len(catalog_mod.statement_kinds(query))
     except CatalogError as error:
+        note = _older_catalog_note(con)
         if con is not None:  # closed now, not when the error's traceback goes (a caller in this process opens it next)
             con.close()
-        fail(str(error))
+        fail(str(error) + note)
     if ran > 1:  # as harlequin's last tab: the others ran, their results are not shown
         err_console.print(Text(f"{ran} statements ran; the result below is the last one's", style="dim"))
     if relation is None:
@@ -432,8 +441,9 @@ def sql(
                                        "gives them all", style="dim"))
             return
     except duckdb.Error as error:
+        note = _older_catalog_note(con)
         con.close()
-        fail(f"SQL error: {error}")
+        fail(f"SQL error: {error}{note}")
     if output:
         written_whole(output, lambda path: path.write_text(text))
         err_console.print(Text(f"wrote {output}"))
