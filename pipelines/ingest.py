@@ -440,8 +440,17 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
 
 def _is_output_folder(folder: bytes) -> bool:
     """A folder the workbench wrote: a training run or class priors (their marker), or an export (its manifest,
-    written before its first image, so an export stopped part way carries it too)."""
-    return any(os.path.exists(os.path.join(folder, marker)) for marker in (OUTPUT_MARKER, EXPORT_MARKER))
+    written before its first image, so an export stopped part way carries it too). Older versions wrote no markers:
+    their kohya exports are known by their dataset.toml's first line, their runs by checkpoints/ beside loss.csv."""
+    if any(os.path.exists(os.path.join(folder, marker)) for marker in (OUTPUT_MARKER, EXPORT_MARKER)):
+        return True
+    if os.path.isdir(os.path.join(folder, b"checkpoints")) and os.path.isfile(os.path.join(folder, b"loss.csv")):
+        return True
+    try:
+        with open(os.path.join(folder, b"dataset.toml"), "rb") as handle:
+            return handle.readline().startswith(b"# sd-scripts dataset config written by `workbench export")
+    except OSError:
+        return False
 
 
 def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:

@@ -1159,6 +1159,25 @@ def test_an_output_folder_named_to_ingest_is_left_out_and_said(tmp_path, catalog
     check.close()
 
 
+def test_outputs_of_older_versions_without_markers_are_left_out(con, tmp_path):
+    """An upgrader's review: `ingest .` over an older project read its kohya export (no manifest then) as photos,
+    whose caption files then outranked every model caption, and a run folder's images too."""
+    make_images(tmp_path / "project" / "photos", 2)
+    export = tmp_path / "project" / "exp_kohya"
+    make_images(export / "img" / "10_sks dog", 2, seed=1)
+    (export / "dataset.toml").write_text("# sd-scripts dataset config written by `workbench export --format kohya`.\n[general]\n")
+    run = tmp_path / "project" / "runs" / "db"
+    make_images(run / "pipeline", 1, seed=2)
+    (run / "checkpoints").mkdir()
+    (run / "loss.csv").write_text("step,loss\n")
+    mine = tmp_path / "project" / "my_kohya_set"  # a dataset.toml of the user's own: a folder of photos still
+    make_images(mine, 1, seed=3)
+    (mine / "dataset.toml").write_text("[general]\nenable_bucket = true\n")
+    summary = ingested_images(con, [tmp_path / "project"], workers=1)
+    assert summary.output_folders_skipped == 2
+    assert con.execute("SELECT count(*) FROM images").fetchall()[0][0] == 3
+
+
 def test_an_image_with_both_a_txt_and_a_caption_sidecar_is_named(con, tmp_path):
     """kohya's --caption_extension defaults to .caption, its GUI's and WD14's to .txt: with both, .txt won silently."""
     folder = tmp_path / "imgs"
