@@ -923,17 +923,10 @@ def test_removing_an_earlier_export_never_deletes_the_files_kept(tmp_path):
 def test_an_image_that_may_not_be_read_now_is_skipped_and_named_not_the_end_of_the_export(con, curated, tmp_path, monkeypatch):
     """A review: one image made unreadable (chmod 000) after ingest stopped the export part way with a bare
     "Permission denied"; a missing or changed file is skipped with a note."""
-    import builtins
+    from train_fixtures import deny_opening
 
     locked = str(curated / "10_sks dog" / "b.png")
-    real_open = builtins.open
-
-    def denied(file, *args, **kwargs):
-        if str(file) == locked:
-            raise PermissionError(13, "Permission denied", locked)
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", denied)
+    deny_opening(monkeypatch, locked)
     messages = []
     summary = exported_dataset(con, tmp_path / "out", format="kohya", progress=lambda **kw: messages.append(kw.get("message")))
     assert summary["unreadable_files_skipped"] == 1 and summary["images"] == 4

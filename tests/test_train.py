@@ -1641,19 +1641,11 @@ def test_captions_past_the_text_encoders_window_are_said(con, tmp_path, one_thre
 def test_an_image_that_may_not_be_read_is_said_before_the_model_loads(con, tmp_path, monkeypatch):
     """A review: a photo made unreadable (chmod 000) after ingest was found only at the first batch that read it,
     after the model had loaded, with advice to exclude it as corrupt."""
-    import builtins
-
     from pipelines.train.data import DataError
+    from train_fixtures import deny_opening
 
     locked = str(ingest_images(con, tmp_path / "images", 2)[0])
-    real_open = builtins.open
-
-    def denied(file, *args, **kwargs):
-        if str(file) == locked:
-            raise PermissionError(13, "Permission denied", locked)
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", denied)
+    deny_opening(monkeypatch, locked)
     with pytest.raises(DataError, match=f"1 image\\(s\\) to train on may not be read \\(permission denied\\): {re.escape(locked)}"):
         training_images(con, fast_config(tmp_path / "out"))
 

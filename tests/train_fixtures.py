@@ -64,3 +64,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def deny_opening(monkeypatch, path) -> None:
+    """Opening `path` (builtins.open) fails with EACCES, as for a file made unreadable since ingest: tests run as root
+    in CI, where chmod 000 stops nothing."""
+    import builtins
+
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
