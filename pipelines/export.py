@@ -449,6 +449,7 @@ def imagefolder_export(
     target_dir = _inside(out, "train")
     target_dir.mkdir(exist_ok=True)
     rows = _dataset_rows(con, only)
+    _say_mixed_prior_models(con, [row.image_id for row in rows if row.role == "class_prior"], progress)  # as kohya's says it
     progress(task="export", completed=0, total=len(rows))
     lines, class_lines = [], []
     skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0,

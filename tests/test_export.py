@@ -702,6 +702,9 @@ def test_an_export_says_when_a_reg_folder_mixes_the_class_images_of_several_mode
     exported_dataset(con, tmp_path / "out", format="kohya", progress=lambda **kw: messages.append(kw.get("message") or ""))
     said = [m for m in messages if "are 2 generated sets" in m]
     assert len(said) == 1 and "(/runs/db1/model.safetensors; tiny)" in said[0] and "workbench exclude --where" in said[0]
+    messages.clear()  # the imagefolder export says it too (a README check found it silent)
+    exported_dataset(con, tmp_path / "hf", format="imagefolder", progress=lambda **kw: messages.append(kw.get("message") or ""))
+    assert len([m for m in messages if "are 2 generated sets" in m]) == 1
     # the command it gives works: with the other model's images excluded, one set is exported and nothing is said
     from workbench.catalog import catalog_file
     from workbench.cli import app
