@@ -253,3 +253,17 @@ def test_the_adapter_config_in_the_file_header_lists_targets_in_one_order():
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_v", "to_q", "to_out.0", "to_k"])
     assert adapter_metadata(config)["target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
     assert adapter_metadata(config)["r"] == 4
+
+
+def test_a_single_file_base_model_is_identified_by_sd_scripts_hashes(tmp_path):
+    """A reproducibility review: the LoRA named its base model by file name only; sd-scripts also writes the model's
+    hashes (`ss_sd_model_hash`, `ss_new_sd_model_hash`), which A1111 shows and matches."""
+    model = tmp_path / "my-model.safetensors"
+    data = bytes(range(256)) * (0x120000 // 256)
+    model.write_bytes(data)
+    config = fast_config(tmp_path / "out")
+    metadata = lora_formats.kohya_metadata(config, base_model=str(model), image_count=1, steps=1, seconds=1.0)
+    assert metadata["ss_sd_model_name"] == "my-model.safetensors"
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert "ss_sd_model_hash" not in lora_formats.kohya_metadata(config, base_model="tiny", image_count=1, steps=1, seconds=1.0)

@@ -78,6 +78,26 @@ def kohya_state_dict(
     return out
 
 
+_MODEL_HASHES: dict[tuple[str, int, int], tuple[str, str]] = {}  # a run writes many files: the model is read once
+
+
+def model_file_hashes(path: Path) -> tuple[str, str]:
+    """sd-scripts' `ss_sd_model_hash` (`train_util.model_hash`: the first 8 hex digits of the SHA-256 of the 0x10000
+    bytes at offset 0x100000) and `ss_new_sd_model_hash` (`calculate_sha256`: the SHA-256 of the whole file)."""
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+    if key not in _MODEL_HASHES:
+        whole = hashlib.sha256()
+        with open(path, "rb") as handle:
+            handle.seek(0x100000)
+            legacy = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+            handle.seek(0)
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                whole.update(block)
+        _MODEL_HASHES[key] = (legacy, whole.hexdigest())
+    return _MODEL_HASHES[key]
+
+
 def kohya_model_name(base_model: str) -> str:
     """`ss_sd_model_name` as sd-scripts writes it: a local file or folder by its basename (never the full path, which
     would leak into shared LoRAs), a Hub id as given; a workbench preset as the Hub id it stands for."""
@@ -206,6 +226,9 @@ def kohya_metadata(
         "ss_training_comment": "trained with workbench",
         "ss_network_args": json.dumps({"target_modules": list(config.lora_target_modules)}),
     }
+    model_file = Path(base_model).expanduser()
+    if model_file.is_file():  # as sd-scripts identifies a local checkpoint: A1111 shows and matches these hashes
+        metadata["ss_sd_model_hash"], metadata["ss_new_sd_model_hash"] = model_file_hashes(model_file)
     if buckets is not None:
         metadata["ss_min_bucket_reso"] = str(buckets["min_bucket_reso"])
         metadata["ss_max_bucket_reso"] = str(buckets["max_bucket_reso"])
