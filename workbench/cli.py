@@ -1112,6 +1112,47 @@ def exclude(
 
 
 @app.command()
+def tag(
+    name: Annotated[str, typer.Argument(help="The tag, e.g. \"to review\".", show_default=False)],
+    image_ids: Annotated[Optional[list[str]], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).", show_default=False)] = None,
+    folder: Annotated[Optional[list[Path]], typer.Option("--folder", help="Also every image with a file under this folder (repeatable).", show_default=False)] = None,
+    where: Annotated[Optional[str], typer.Option("--where", help="Also every image whose images_view row matches this SQL condition.", show_default=False)] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Take the tag off instead (no images named: off every image).")] = False,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Tag images with a label of your own: it neither excludes them nor puts them in a concept (images_view.tags).
+
+    Example: workbench tag "to review" --where "clip_score < 0.2"   (find them: workbench sql "SELECT path FROM
+    images_view WHERE list_contains(tags, 'to review')"; done: workbench tag "to review" --remove)
+    """
+    from pipelines.concepts import images_in_folder, resolve_image_ids
+    from pipelines.tags import tagged_images, untagged_images
+
+    named = bool(image_ids or folder or where is not None)
+    if not named and not remove:
+        fail("Name the images to tag: image ids, --folder PATH or --where CONDITION.")
+    con = open_catalog(catalog)
+    try:
+        ids = resolve_image_ids(con, image_ids) if image_ids else []
+        for path in folder or []:
+            found = images_in_folder(con, str(path))
+            if not found:
+                fail(f"No image in the catalog has a file under {path}.")
+            ids += [i for i in found if i not in ids]
+        if where is not None:
+            ids = list(dict.fromkeys(ids + _images_matching(con, where, "nothing was tagged")))
+        if remove:
+            n = untagged_images(con, ids if named else None, name)
+            console.print(Text(f"took the tag {name!r} off {n} image(s)"))
+            return
+        counts = tagged_images(con, ids, name)
+    except ValueError as error:
+        fail(str(error))
+    console.print(Text(f"tagged {counts['tagged']} image(s) {name!r}" + (f" ({counts['had_it_already']} had it already)"
+                                                                       if counts["had_it_already"] else "")))
+
+
+@app.command()
 def keep(
     image_id: Annotated[str, typer.Argument(help="Image id or unique prefix (6+ hex characters) of a duplicate group member.")],
     alone: Annotated[bool, typer.Option("--alone", help="Not a duplicate: a picture of its own, out of its group (both stay in).")] = False,

@@ -62,6 +62,8 @@ WITH p AS (
     LEFT JOIN class_priors cp ON cp.image_id = s.image_id
     WHERE s.caption_md5 = md5(coalesce(cp.class_prompt, c.caption))
     GROUP BY s.image_id
+), t AS (
+    SELECT image_id, list(tag ORDER BY tag) AS tags FROM image_tags GROUP BY image_id
 )
 SELECT i.image_id, p.path, p.paths, coalesce(p.missing_paths, []) AS missing_paths, p.path_bytes, i.width, i.height, i.format, i.mode, i.bytes,
        CASE WHEN NOT coalesce(p.all_missing, true) THEN i.status
@@ -88,7 +90,8 @@ SELECT i.image_id, p.path, p.paths, coalesce(p.missing_paths, []) AS missing_pat
        ab.bucket_width, ab.bucket_height, ab.resized_width AS bucket_resized_width,
        ab.resized_height AS bucket_resized_height, ab.crop_left AS bucket_crop_left,
        ab.crop_top AS bucket_crop_top,
-       cs.clip_score
+       cs.clip_score,
+       coalesce(t.tags, []) AS tags
 FROM images i
 LEFT JOIN p ON p.image_id = i.image_id
 LEFT JOIN current_captions cc ON cc.image_id = i.image_id
@@ -99,7 +102,8 @@ LEFT JOIN hashes h ON h.image_id = i.image_id
 LEFT JOIN concept_images ci ON ci.image_id = i.image_id
 LEFT JOIN concepts co ON co.name = ci.concept
 LEFT JOIN aspect_buckets ab ON ab.image_id = i.image_id
-LEFT JOIN cs ON cs.image_id = i.image_id;
+LEFT JOIN cs ON cs.image_id = i.image_id
+LEFT JOIN t ON t.image_id = i.image_id;
 
 CREATE OR REPLACE VIEW dataset AS
 SELECT * FROM images_view WHERE status = 'ok' AND NOT excluded;
@@ -162,4 +166,5 @@ COMMENT ON COLUMN images_view.bucket_height IS 'Aspect bucket height of the last
 COMMENT ON COLUMN images_view.bucket_resized_width IS 'Width it is resized to before the crop to its bucket';
 COMMENT ON COLUMN images_view.bucket_resized_height IS 'Height it is resized to before the crop to its bucket';
 COMMENT ON COLUMN images_view.bucket_crop_left IS 'Left edge of the centre crop to its bucket, in the resized image';
+COMMENT ON COLUMN images_view.tags IS 'Your own labels (workbench tag): they neither exclude nor put in a concept';
 COMMENT ON COLUMN images_view.bucket_crop_top IS 'Top edge of the centre crop to its bucket, in the resized image';
