@@ -148,6 +148,23 @@ def _list_images(con, ids: list[str], what: str, shown: int = 20) -> None:
         console.print(Text(f"  and {len(rows) - shown} more (list them all with workbench sql and the same condition)", style="dim"))
 
 
+def _selected_images(con, image_ids: list[str] | None, folders: list[Path] | None, where: str | None,
+                     nothing_done: str) -> list[str]:
+    """The images a command names: ids (or prefixes), every image with a file under each --folder, and those its
+    --where matches, in that order, each once. ValueError for a bad id or condition."""
+    from pipelines.concepts import images_in_folder, resolve_image_ids
+
+    ids = resolve_image_ids(con, image_ids) if image_ids else []
+    for path in folders or []:
+        found = images_in_folder(con, str(path))
+        if not found:
+            fail(f"No image in the catalog has a file under {path}.")
+        ids += [i for i in found if i not in ids]
+    if where is not None:
+        ids = list(dict.fromkeys(ids + _images_matching(con, where, nothing_done)))
+    return ids
+
+
 def _images_matching(con, where: str, nothing_done: str) -> list[str]:
     """The images a --where CONDITION on images_view names (ValueError for a bad one); none matched is a refusal."""
     from pipelines.concepts import images_where
@@ -1049,7 +1066,6 @@ def exclude(
     Example: workbench exclude 3fa9c2d1e0 --reason "watermark"   (or: --folder "img/0_old drafts" --reason "0 repeats";
     --where "width > 4000 AND caption ILIKE '%watermark%'" --reason "watermarked scans" --dry-run)
     """
-    from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.dedup import preferred_copy
     from pipelines.filter import folder_kept_out, manual_exclusions
 
@@ -1057,14 +1073,7 @@ def exclude(
         fail("Name the images to exclude: image ids, --folder PATH or --where CONDITION.")
     con = open_catalog(catalog)
     try:
-        ids = resolve_image_ids(con, image_ids) if image_ids else []
-        for path in folder or []:
-            found = images_in_folder(con, str(path))
-            if not found:
-                fail(f"No image in the catalog has a file under {path}.")
-            ids += [i for i in found if i not in ids]
-        if where is not None:
-            ids = list(dict.fromkeys(ids + _images_matching(con, where, "nothing was excluded")))
+        ids = _selected_images(con, image_ids, folder, where, "nothing was excluded")
         if dry_run:
             _list_images(con, ids, "would be excluded (--dry-run: nothing changed)")
             return
@@ -1125,7 +1134,6 @@ def tag(
     Example: workbench tag "to review" --where "clip_score < 0.2"   (find them: workbench sql "SELECT path FROM
     images_view WHERE list_contains(tags, 'to review')"; done: workbench tag "to review" --remove)
     """
-    from pipelines.concepts import images_in_folder, resolve_image_ids
     from pipelines.tags import tagged_images, untagged_images
 
     named = bool(image_ids or folder or where is not None)
@@ -1133,14 +1141,7 @@ def tag(
         fail("Name the images to tag: image ids, --folder PATH or --where CONDITION.")
     con = open_catalog(catalog)
     try:
-        ids = resolve_image_ids(con, image_ids) if image_ids else []
-        for path in folder or []:
-            found = images_in_folder(con, str(path))
-            if not found:
-                fail(f"No image in the catalog has a file under {path}.")
-            ids += [i for i in found if i not in ids]
-        if where is not None:
-            ids = list(dict.fromkeys(ids + _images_matching(con, where, "nothing was tagged")))
+        ids = _selected_images(con, image_ids, folder, where, "nothing was tagged")
         if remove:
             n = untagged_images(con, ids if named else None, name)
             console.print(Text(f"took the tag {name!r} off {n} image(s)"))
