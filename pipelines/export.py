@@ -248,7 +248,8 @@ def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
     if link != "hardlink":
         return False
     try:
-        return image_path.stat().st_nlink == 1 and os.stat(row.source).st_dev != image_path.stat().st_dev
+        written = image_path.stat()
+        return written.st_nlink == 1 and os.stat(row.source).st_dev != written.st_dev
     except OSError:
         return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -314,7 +315,7 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, *, force: bool) -> None:
     present = {row[0] for row in con.execute(
         "SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database() "
         "AND comment IS NOT NULL").fetchall()}
-    missing = set(re.findall(r"CREATE OR REPLACE VIEW (\w+)", sql)) - present
+    missing = _builtin_views() - present
     if force or missing or current != [(digest,)]:
         con.execute("BEGIN TRANSACTION")
         con.execute(sql)
@@ -612,12 +613,22 @@ def _builtin_object_changed(statement) -> tuple[str, str] | None:
     if name is None:
         return None
     # whichever keyword names it: DuckDB runs ALTER TABLE dataset RENAME TO … on a view too
-    views = {view.lower() for view in re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql())}
-    tables = {"schema_migrations", "schema_views"} | {
-        table.lower() for _, _, sql in _migration_files() for table in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", sql)}
-    if name.lower() in views:
+    if name.lower() in {view.lower() for view in _builtin_views()}:
         return "view", name
-    return ("table", name) if name.lower() in tables else None
+    return ("table", name) if name.lower() in _builtin_tables() else None
+
+
+@functools.cache
+def _builtin_views() -> frozenset[str]:
+    """The views views.sql makes (read once per process)."""
+    return frozenset(re.findall(r"CREATE OR REPLACE VIEW (\w+)", _views_sql()))
+
+
+@functools.cache
+def _builtin_tables() -> frozenset[str]:
+    """The tables the migrations make, lower-cased, and the two the catalog keeps its schema in (read once)."""
+    return frozenset({"schema_migrations", "schema_views"} | {
+        table.lower() for _, _, sql in _migration_files() for table in re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?(\w+)", sql)})
 
 
 def _copy_targets(statement) -> list[str]:

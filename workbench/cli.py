@@ -2271,27 +2271,19 @@ def main() -> None:
     except CatalogError as error:
         err_console.print(f"[bold red]Error:[/] {escape(printable(str(error)))}")
         sys.exit(2)
-    except OSError as error:
-        if error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever it was given
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever given
             err_console.print(f"[bold red]Error:[/] a path is too long for this system: {escape(str(error.filename or error)[:200])}…")
             sys.exit(2)
+        if is_disk_full(error):
+            # the catalog (DuckDB's write-ahead log) or an output on a full disk: each step's writes are transactions,
+            # so what was written before is kept; a traceback only hid that
+            err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
+                              "is kept: free some space and run the same command again.")
+            sys.exit(1)
         if _not_writable(error):
             _say_not_writable(error)
-        if not is_disk_full(error):
-            raise
-        err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
-                          "is kept: free some space and run the same command again.")
-        sys.exit(1)
-    except Exception as error:
-        if _not_writable(error) and not is_disk_full(error):
-            _say_not_writable(error)
-        if not is_disk_full(error):
-            raise
-        # the catalog (DuckDB's write-ahead log) or an output on a full disk: each step's writes are transactions,
-        # so what was written before is kept; a traceback only hid that
-        err_console.print(f"[bold red]Error:[/] no space left on the disk: {escape(str(error))}. What was written before "
-                          "is kept: free some space and run the same command again.")
-        sys.exit(1)
+        raise
 
 
 def _not_writable(error: BaseException) -> bool:
