@@ -471,7 +471,6 @@ def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterabl
 
 def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
     """Include images by hand: removes their manual and filter exclusions; later filters skip them."""
-    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
     ids = _resolve(con, image_ids)
     with transaction(con):
         include_ids = pa.table({"image_id": pa.array(ids, pa.string())})
@@ -481,19 +480,25 @@ def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
             f" AND (step = '{MANUAL_STEP}' OR starts_with(step, '{FILTER_STEP_PREFIX}'))",
             [ids],
         ).fetchall()[0][0]
-    if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
-        regroup_duplicates(con)  # a copy no longer filtered out takes its place in the keep order again
-    still = con.execute(
-        "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-    ).fetchall()[0][0]
     unreadable = con.execute(  # files ingest could not read are never in the dataset, included or not
         "SELECT count(*) FROM images WHERE status <> 'ok' AND image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchall()[0][0]
-    in_dataset = con.execute(  # what the command says first: "included 1" read as done when a duplicate stayed out
-        "SELECT count(*) FROM dataset WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+    return {**_after_lifting(con, ids, removed), "unreadable_files": unreadable}
+
+
+def _after_lifting(con: duckdb.DuckDBPyConnection, ids: list[str], removed: int) -> dict:
+    """Once exclusions of `ids` are lifted: duplicate groups regrouped (a copy no longer excluded takes its place in
+    the keep order again), and what the command says: how many are in the dataset now (first: "included 1" read as
+    done when a duplicate stayed out), how many rows went, how many are still out by other steps."""
+    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
+
+    if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
+        regroup_duplicates(con)
+    still = con.execute(
+        "SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
     ).fetchall()[0][0]
-    return {"in_dataset_now": in_dataset, "exclusions_removed": removed, "still_excluded_by_other_steps": still,
-            "unreadable_files": unreadable}
+    in_dataset = con.execute("SELECT count(*) FROM dataset WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]
+    return {"in_dataset_now": in_dataset, "exclusions_removed": removed, "still_excluded_by_other_steps": still}
 
 
 def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str] | None, *,
@@ -501,7 +506,6 @@ def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable
     """Undo `exclude`: removes only the images' exclusions made by hand (with `reason`, only those given that reason;
     image_ids None: any image's). Unlike an include, the filter's and dedup's stay, and later filter runs still judge
     the images. Returns counts."""
-    from pipelines.dedup import regroup_duplicates  # not at the top: `workbench train` imports this module (polars: ~45 MiB)
     if image_ids is None and reason is None:
         raise ValueError("name the images, or the --reason they were excluded with")
     label = None if reason is None else f"manual: {reason.strip()}"
@@ -514,12 +518,7 @@ def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable
         ids = _resolve(con, image_ids)
     removed = con.execute(f"DELETE FROM exclusions WHERE step = '{MANUAL_STEP}' AND image_id IN (SELECT unnest(?::VARCHAR[])) "
                           "AND (?::VARCHAR IS NULL OR reason = ?)", [ids, label, label]).fetchall()[0][0]
-    if removed and con.execute("SELECT count(*) FROM duplicates WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]:
-        regroup_duplicates(con)  # a kept copy excluded by hand by mistake takes its group back
-    still = con.execute("SELECT count(DISTINCT image_id) FROM exclusions WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",
-                        [ids]).fetchall()[0][0]
-    in_dataset = con.execute("SELECT count(*) FROM dataset WHERE image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()[0][0]
-    return {"in_dataset_now": in_dataset, "exclusions_removed": removed, "still_excluded_by_other_steps": still}
+    return _after_lifting(con, ids, removed)
 
 
 def lifted_by_include(step: str) -> bool:
