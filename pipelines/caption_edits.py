@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from workbench.catalog import CatalogError, catalog_files, transaction
 from workbench.files import written_whole
-from workbench.images import SIDECAR_READ_LIMIT, decode_caption, path_text, sidecars_changed_since_ingest
+from workbench.images import SIDECAR_READ_LIMIT, decode_caption, one_line_caption, path_text, sidecars_changed_since_ingest
 
 MANUAL = "manual"
 
@@ -157,13 +157,6 @@ def _restore_sidecars(writes: list[SidecarWrite]) -> int:
         except OSError:
             continue
     return restored
-
-
-def one_line_caption(text: str) -> str:
-    """A caption on one line: its lines with text joined as tags (", "). A caption file holds one line (kohya reads the
-    first; so does ingest), and a line break inside a caption meant a tag break to tag edits, a space to export and
-    part of a tag to the trainer."""
-    return ", ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _edited_outside(cur: duckdb.DuckDBPyConnection, image_ids: list[str]) -> set[str]:

@@ -19,10 +19,9 @@ from typing import Any, Collection
 
 import duckdb
 
-from pipelines.caption_edits import one_line_caption
 from pipelines.priors import PRIOR_IN_USE_SQL, default_class_prompt
 from workbench.catalog import first_row, record_run
-from workbench.images import holds_image, sidecars_changed_since_ingest
+from workbench.images import holds_image, one_line_caption, sidecars_changed_since_ingest
 from workbench.config import EXPORT_MANIFEST
 from workbench.progress import ProgressHook, named_few, null_progress
 

@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
 import duckdb
-import pyarrow as pa
 
 from workbench.catalog import first_row, record_run, transaction
 from workbench.images import catalog_path_text
@@ -301,6 +300,8 @@ def filtered_dataset(
             progress(task="filter", message=(
                 f"{unscored} image(s) have no CLIP score yet (not scored, or ingested since): the CLIP score rule did not "
                 "apply to them; run `workbench score`, then filter again"))
+    import pyarrow as pa  # here, not at the top: `workbench train` imports this module for its note, and need not carry pyarrow
+
     failing = pa.table({"image_id": pa.array(sorted({r[0] for r in new_rows}), pa.string())})
     # a kept copy that fails a rule hands the picture to a copy of its group that passes (dedup's keep order); a copy
     # chosen by hand (`workbench keep`) stays kept, and its picture leaves the dataset, said with what to do
@@ -418,6 +419,8 @@ def manual_exclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str], 
     reason = (reason or "").strip()
     if not reason:
         raise ValueError("a manual exclusion needs a reason (--reason)")
+    import pyarrow as pa
+
     ids = _resolve(con, image_ids)
     with transaction(con):
         manual_ids = pa.table({"image_id": pa.array(ids, pa.string())})
@@ -471,6 +474,8 @@ def excluded_folder_rules_applied(con: duckdb.DuckDBPyConnection, paths: Iterabl
 
 def manual_inclusions(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) -> dict:
     """Include images by hand: removes their manual and filter exclusions; later filters skip them."""
+    import pyarrow as pa
+
     ids = _resolve(con, image_ids)
     with transaction(con):
         include_ids = pa.table({"image_id": pa.array(ids, pa.string())})

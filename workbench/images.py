@@ -210,6 +210,13 @@ def sidecar_caption(text: str) -> tuple[str, int]:
     return (lines[0] if lines else ""), len(lines)
 
 
+def one_line_caption(text: str) -> str:
+    """A caption on one line: its lines with text joined as tags (", "). A caption file holds one line (kohya reads the
+    first; so does ingest), and a line break inside a caption meant a tag break to tag edits, a space to export and
+    part of a tag to the trainer."""
+    return ", ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def decode_caption(data: bytes) -> str:
     """A sidecar's text: UTF-8, or UTF-8/16/32 with a byte-order mark; ValueError (saying why) for anything else.
 
