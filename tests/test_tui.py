@@ -63,6 +63,35 @@ def query(path: Path, sql: str, params=None):
 # --- browser ------------------------------------------------------------------
 
 
+def test_browser_shows_tags_and_finds_them_by_text(synthetic_catalog):
+    """A review: `workbench tag` labels were only reachable by typing list_contains(...) in the filter; the table
+    showed no tags column and a text search did not look at them."""
+    from pipelines.tags import tagged_images
+    from tui.browser_screen import BROWSER_COLUMNS
+    from workbench.catalog import connect
+
+    con = connect(synthetic_catalog)
+    marked = [row[0] for row in con.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 3").fetchall()]
+    tagged_images(con, marked, "to review")
+    tagged_images(con, marked[:1], "hands")
+    con.close()
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "of 250" in text_of(app, "#table-status"), what="first page")
+            app.screen.query_one("#filter").value = "to review"
+            await pilot.press("ctrl+f", "enter")
+            await wait_for(pilot, lambda: "of 3 · text search" in text_of(app, "#table-status"), what="text search over tags")
+            table = app.screen.query_one("#browser-table")
+            assert sorted(table.page_ids) == sorted(marked)
+            tags = BROWSER_COLUMNS.index("tags")
+            shown = sorted(row[tags] for row in app.screen.query_one("#rows").rows)
+            assert shown == ["hands, to review", "to review", "to review"], shown
+
+    asyncio.run(scenario())
+
+
 def test_browser_filters_by_sql_and_text_sorts_and_pages(synthetic_catalog):
     async def scenario():
         app = WorkbenchApp(catalog_path=synthetic_catalog)
@@ -1804,7 +1833,8 @@ def test_a_word_that_names_a_column_is_a_text_search_not_a_condition(synthetic_c
         condition, params, kind = Filter(words).where(con)
         assert kind == "text" and params[1] == f"%{words}%", words
     # quotes make anything a text search, even a valid condition
-    assert Filter('"true"').where(con) == ("(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", ["%true%", "%true%", "true%"], "text")
+    assert Filter('"true"').where(con) == ("(path ILIKE ? OR caption ILIKE ? OR array_to_string(tags, ', ') ILIKE ? OR image_id LIKE ?)",
+                                            ["%true%", "%true%", "%true%", "true%"], "text")
     for sql in ("caption ILIKE '%lake%'", "caption IS NULL", "width BETWEEN 5 AND 9", "format IN ('PNG')", "width != 3"):
         assert Filter(sql).where(con)[2] == "sql", sql
     for broken in ("captoin IS NULL", "widht != 3", "true; DROP TABLE images"):

@@ -30,6 +30,8 @@ def cell(column: str, value, path_width: int = TEXT_WIDTH) -> str | None:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.2f}" if 1 <= abs(value) < 1e9 else f"{value:.3g}"
+    if isinstance(value, list):  # tags: as they are typed, not as a Python list
+        value = ", ".join("NULL" if item is None else str(item) for item in value)
     text = str(value).replace("\n", " ")
     is_path = column == "path" or column.endswith("_path")
     limit = path_width if is_path else SHORT_COLUMNS.get(column, TEXT_WIDTH)

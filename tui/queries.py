@@ -20,7 +20,7 @@ _table_ids = itertools.count(1)
 
 @dataclass
 class Filter:
-    """What the user typed: a SQL WHERE clause over images_view, or plain text searched in path and caption."""
+    """What the user typed: a SQL WHERE clause over images_view, or plain text searched in path, caption and tags."""
 
     text: str = ""
     sort_column: str = "path"
@@ -44,8 +44,9 @@ class Filter:
 
 
 def _text_search(words: str) -> tuple[str, list[Any], str]:
-    """Plain text found in the path or caption, or an image id starting with it."""
-    return "(path ILIKE ? OR caption ILIKE ? OR image_id LIKE ?)", [f"%{words}%", f"%{words}%", f"{words}%"], "text"
+    """Plain text found in the path, caption or tags, or an image id starting with it."""
+    return ("(path ILIKE ? OR caption ILIKE ? OR array_to_string(tags, ', ') ILIKE ? OR image_id LIKE ?)",
+            [f"%{words}%", f"%{words}%", f"%{words}%", f"{words}%"], "text")
 
 # Operators and SQL-only phrases: text with these was meant as a WHERE clause. Written as SQL writes them, so
 # ordinary words ("cats like milk", "wow!", "coffee; tea", "in (the) box") stay a text search.
