@@ -280,3 +280,25 @@ def test_a_folder_that_may_not_be_written_is_said_in_a_line_not_a_traceback(cata
     monkeypatch.setattr(catalog.duckdb, "connect", read_only_disk)
     with pytest.raises(CatalogError, match="cannot be written here \\(a read-only file system\\).*`workbench sql`"):
         connect(catalog_path)
+
+
+def test_a_catalog_from_before_m021_keeps_its_runs_evaluations(catalog_path):
+    """Evaluations got a table of their own (m021); the one each older run kept in training_runs moves in with it."""
+    from workbench.catalog import connect
+
+    con = connect(catalog_path)
+    con.execute("INSERT INTO training_runs (mode, model, status, clip_score, cmmd, metrics, finished_at) VALUES "
+                "('lora', 'tiny', 'ok', 31.5, 0.25, '{\"clip_model\": \"sd15\", \"clip_score\": 31.5}', TIMESTAMP '2026-01-02 03:04:05'), "
+                "('lora', 'tiny', 'failed', NULL, NULL, NULL, NULL)")
+    con.execute("DROP TABLE evaluations")
+    con.execute("DROP SEQUENCE evaluations_seq")
+    con.execute("DELETE FROM schema_migrations WHERE version = 21")
+    con.close()
+    con = connect(catalog_path)
+    try:
+        rows = con.execute("SELECT train_id, clip_model, clip_score, cmmd, fid, evaluated_at::VARCHAR FROM evaluations").fetchall()
+        assert rows == [(1, "sd15", 31.5, 0.25, None, "2026-01-02 03:04:05")]
+        con.execute("INSERT INTO evaluations (train_id) VALUES (1)")  # the sequence goes on after the moved row
+        assert con.execute("SELECT count(DISTINCT evaluation_id) FROM evaluations").fetchall() == [(2,)]
+    finally:
+        con.close()

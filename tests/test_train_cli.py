@@ -94,6 +94,13 @@ def test_train_lora_cli_end_to_end_on_the_sample_photos(sample_copy, catalog_pat
     # a run is also named by its output folder (it was refused: "RUN must be a training run id")
     by_folder = runner.invoke(app, ["evaluate", str(out), "--catalog", str(catalog_path), "--device", "cpu"])
     assert by_folder.exit_code == 0 and "evaluation of run 1" in by_folder.output, by_folder.output
+    # each evaluation stays in `evaluations` (a second one overwrote the first in training_runs, the only record)
+    con = connect(catalog_path)
+    kept = con.execute("SELECT train_id, clip_model, clip_score, fid IS NOT NULL FROM evaluations ORDER BY evaluation_id").fetchall()
+    newest = con.execute("SELECT clip_score FROM training_runs WHERE train_id = 1").fetchall()
+    con.close()
+    assert [(train_id, model, has_fid) for train_id, model, _, has_fid in kept] == [(1, "tiny", False), (1, "tiny", True), (1, "tiny", True)]
+    assert newest == [(kept[-1][2],)] and kept[0][2] == clip_score
     elsewhere = runner.invoke(app, ["evaluate", str(tmp_path), "--catalog", str(catalog_path)])
     assert elsewhere.exit_code == 2 and "No finished training run in" in elsewhere.output
 

@@ -1961,6 +1961,8 @@ def evaluate(
 ) -> None:
     """Score a training run's samples: CLIP score vs prompts and CMMD vs its training images; stored with the run.
 
+    The run's row in training_runs holds the newest evaluation; every one is kept in the evaluations table.
+
     Example: workbench evaluate latest   (or: workbench evaluate runs/my-lora)
     """
     from pipelines.train.evaluate import run_metrics

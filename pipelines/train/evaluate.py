@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from workbench.catalog import first_row
+from workbench.catalog import first_row, transaction
 from workbench.images import as_rgb, open_image
 from workbench.progress import ProgressHook, null_progress
 
@@ -201,10 +201,11 @@ def run_metrics(
             metrics["fid_skipped"] = f"{error.name or error} is not installed: pip install 'workbench[eval]' for FID"
         except Exception as error:  # a missing or refused weights file, too few features: CMMD still stands
             metrics["fid_skipped"] = str(error)
-    con.execute(
-        "UPDATE training_runs SET clip_score = ?, cmmd = ?, fid = ?, metrics = ? WHERE train_id = ?",
-        [metrics.get("clip_score"), metrics.get("cmmd"), metrics.get("fid"), json.dumps(metrics), train_id],
-    )
+    figures = [metrics.get("clip_score"), metrics.get("cmmd"), metrics.get("fid"), json.dumps(metrics)]
+    with transaction(con):  # the run's row holds the newest; `evaluations` keeps each one (another CLIP model, FID later)
+        con.execute("UPDATE training_runs SET clip_score = ?, cmmd = ?, fid = ?, metrics = ? WHERE train_id = ?", [*figures, train_id])
+        con.execute("INSERT INTO evaluations (train_id, clip_model, clip_score, cmmd, fid, metrics) VALUES (?, ?, ?, ?, ?, ?)",
+                    [train_id, name, *figures])
     fid_note = f", FID {metrics['fid']:.2f}" if "fid" in metrics else ""
     progress(task="evaluate", message=f"CLIP score {metrics['clip_score']:.2f}, CMMD {metrics.get('cmmd', float('nan')):.3f}{fid_note}")
     return metrics
