@@ -1751,6 +1751,23 @@ def test_cli_tui_refuses_a_catalog_path_that_does_not_exist(tmp_path):
     assert not (tmp_path / "typo.duckdb").exists()
 
 
+def test_the_tui_without_a_terminal_says_so_and_leaves_the_catalog_free(catalog_path):
+    """A scripting review: `workbench $STEP` with STEP empty, from cron, started a TUI no one saw; it wrote escape
+    codes to the log and held the catalog, so every later command failed with "in use"."""
+    from typer.testing import CliRunner
+
+    from workbench.catalog import connect
+    from workbench.cli import app as cli
+
+    connect(catalog_path).close()
+    for args in ([], ["tui"]):
+        result = CliRunner().invoke(cli, [*args, "--catalog", str(catalog_path)] if args else ["--catalog", str(catalog_path)],
+                                    env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and "The terminal UI needs a terminal" in result.output, result.output
+        assert "\x1b[" not in result.output
+    connect(catalog_path).close()  # not held
+
+
 def test_a_folder_given_as_catalog_exits_with_a_message(tmp_path):
     async def scenario():
         app = WorkbenchApp(catalog_path=tmp_path)

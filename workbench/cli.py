@@ -2026,6 +2026,10 @@ def tui(
     if catalog is not None and not catalog.exists():  # a typo must not open a new, empty catalog in silence
         fail(f"No catalog at {catalog}. `workbench ingest FOLDER --catalog {catalog}` starts one there; `workbench` "
              "alone opens (or starts) ./workbench.duckdb.")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # a cron line with an empty step (`workbench $STEP`) started a TUI no one saw, which held the catalog for good
+        fail("The terminal UI needs a terminal, and stdin or stdout is not one here: give a command "
+             "(`workbench --help` lists them).")
     try:
         from tui.app import WorkbenchApp
     except ImportError as error:
