@@ -76,7 +76,7 @@ def test_workbench_in_a_real_terminal(catalog_path, tmp_path):
         # A CLI command while the TUI holds the catalog gets the holder's name, not a traceback.
         result = subprocess.run([sys.executable, "-m", "workbench.cli", "dedup", "--catalog", str(catalog_path)],
                                 capture_output=True, text=True, cwd=REPO)
-        assert result.returncode == 2 and "in use by process" in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == 75 and "in use by process" in result.stderr and "Traceback" not in result.stderr
 
         tmux("send-keys", "-t", session, "C-q")
         pane = wait_for_pane(session, "EXITED 0")

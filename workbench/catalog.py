@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import duckdb
 
@@ -89,8 +89,10 @@ def connect(
     *,
     read_only: bool = False,
     wait_seconds: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """Open (creating and migrating if needed) the catalog at `path`."""
+    """Open (creating and migrating if needed) the catalog at `path`; `on_wait(holder)` is called once when it
+    starts waiting (`wait_seconds`) for another process that holds it."""
     # ~ as a shell would: DuckDB expands it itself, and mkdir below made a folder named "~" beside it
     path = Path(path).expanduser() if path is not None else default_catalog_path()
     if read_only and not path.exists():
@@ -116,6 +118,9 @@ def connect(
             if time.monotonic() >= deadline:
                 holder = _lock_holder(error)
                 raise CatalogLockedError(_lock_message(path, holder), holder) from error
+            if on_wait is not None:
+                on_wait(_lock_holder(error))
+                on_wait = None
             time.sleep(0.25)
         except duckdb.Error as error:
             if "different configuration" in str(error):  # not a damaged file: this process has it open another way

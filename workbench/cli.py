@@ -74,6 +74,9 @@ CatalogOpt = Annotated[
 ]
 
 
+EXIT_CATALOG_BUSY = 75  # sysexits' EX_TEMPFAIL: another process holds the catalog; the same command may pass later
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a short error for people and exit (2 = usage or input error)."""
     err_console.print(f"[bold red]Error:[/] {escape(printable(message))}")  # paths in it may hold terminal escapes
@@ -85,11 +88,18 @@ def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool 
     resolved = Path(path).expanduser() if path is not None else catalog_mod.default_catalog_path()
     if not create and not resolved.exists():
         fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
+    wait = max(wait_seconds, _WAIT_SECONDS)
+
+    def say_waiting(holder: str) -> None:  # a silent wait read as a hang in a cron log
+        err_console.print(Text(f"Waiting up to {wait:g} s for the catalog {resolved}: {holder} holds it.", style="yellow"))
+
     try:
-        con = catalog_mod.connect(path, read_only=read_only, wait_seconds=max(wait_seconds, _WAIT_SECONDS))
+        con = catalog_mod.connect(path, read_only=read_only, wait_seconds=wait, on_wait=say_waiting)
+    except CatalogLockedError as error:
+        # its own exit status (EX_TEMPFAIL), so a script can retry a busy catalog and not a real failure
+        fail(str(error) + ("" if wait else " (`workbench --wait SECONDS COMMAND` waits for it)"), code=EXIT_CATALOG_BUSY)
     except CatalogError as error:
-        fail(str(error) + (" (`workbench --wait SECONDS COMMAND` waits for it)" if isinstance(error, CatalogLockedError)
-                           and not max(wait_seconds, _WAIT_SECONDS) else ""))
+        fail(str(error))
     _OPENED.append(con)
     return con
 
