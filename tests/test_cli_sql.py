@@ -277,7 +277,7 @@ def test_a_message_alone_neither_adds_a_bar_that_never_moves_nor_resets_a_runnin
 
     from workbench.progress import RichProgress
 
-    with RichProgress(console=Console(file=StringIO(), width=200)) as progress:
+    with RichProgress(console=Console(file=StringIO(), width=200, force_terminal=True)) as progress:  # bars: a terminal's
         progress(task="dataset", message="3 of 8 image(s) have no caption")
         progress(task="train", completed=5, total=10)
         progress(task="train", message="a note mid-run")
@@ -636,3 +636,51 @@ def test_an_sql_error_on_a_catalog_not_yet_upgraded_says_so(catalog_path):
     connect(catalog_path).close()  # a command that writes upgrades it; then the note is gone
     upgraded = runner.invoke(app, ["sql", "SELECT no_such_column FROM images", "-c", str(catalog_path)])
     assert upgraded.exit_code == 2 and "predates" not in upgraded.output
+
+
+def test_progress_to_a_log_file_is_plain_lines_that_show_a_long_step_is_alive():
+    """A scripting review: redirected to a file, a step wrote nothing until it ended (rich bars redraw only on a
+    terminal), and its log lines were padded with spaces to 80 columns and cut there."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from workbench.progress import RichProgress
+
+    out = StringIO()
+    long_message = "skipped " + "/very/long/folder" * 10 + "/a.png"
+    with RichProgress(console=Console(file=out), log_every=3600) as progress:
+        progress(task="ingest", message=long_message)
+        for done in range(11):
+            progress(task="ingest", completed=done, total=10)
+        progress(task="cache", completed=0, total=None)
+    lines = out.getvalue().splitlines()
+    # the step's first and last counts (no bar, no escape codes, nothing padded); the rest waits for `log_every`
+    assert [line.split(" ", 1)[1] for line in lines] == [long_message, "ingest: 0/10", "ingest: 10/10", "cache: 0"]
+    assert all(line == line.rstrip() and "\x1b" not in line for line in lines)
+    out = StringIO()
+    with RichProgress(console=Console(file=out), log_every=0) as progress:
+        for done in (1, 1, 2):
+            progress(task="train", completed=done, total=5)
+    assert [line.split(" ", 1)[1] for line in out.getvalue().splitlines()] == ["train: 1/5", "train: 2/5"]
+
+
+def test_piped_output_keeps_long_lines_whole(tmp_path):
+    """A scripting review: piped to a file, `exclude --dry-run` listed long paths cut over two lines at 80 columns,
+    and notes broke the commands they suggest in two."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+    from workbench.catalog import connect
+
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 4)
+    folder.mkdir()
+    Image.new("RGB", (40, 30), "red").save(folder / "a-photo-of-a-thing-with-a-long-name-seed0000000.png")
+    catalog_path = tmp_path / "c.duckdb"
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    con.close()
+    listed = runner.invoke(app, ["exclude", "--where", "width < 400", "--reason", "small", "--dry-run", "-c", str(catalog_path)])
+    assert listed.exit_code == 0, listed.output
+    path = str(folder / "a-photo-of-a-thing-with-a-long-name-seed0000000.png")
+    assert len(path) > 120 and any(line.rstrip().endswith(path) for line in listed.output.splitlines()), listed.output

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
 
 import duckdb
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -44,8 +44,22 @@ app = typer.Typer(
 )
 # user text (captions, paths, SQL results) is never read as markup or :emoji: codes: cells go in as Text, and
 # strings with our own markup escape what they quote
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+
+
+class _WholeLinesConsole(Console):
+    """Rich output fits a terminal's width; piped or redirected (and no COLUMNS given), lines stay whole: rich's
+    default of 80 columns cut paths, model ids and the commands notes suggest in two, where scripts read them."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(100_000, size.height)
+        return size
+
+
+console = _WholeLinesConsole(emoji=False)
+err_console = _WholeLinesConsole(stderr=True, emoji=False)
 
 
 def _root_catalog_first(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
@@ -452,8 +466,7 @@ def sql(
             cells = [[Text("NULL", style="dim") if v is None else Text(printable(str(v))) for v in row] for row in rows]
             # piped or redirected, rows stay whole lines (a terminal's 80 columns would wrap every cell); to a terminal,
             # the table fits the window, with the columns that fit it readably
-            out = console if console.is_terminal or os.environ.get("COLUMNS") else Console(emoji=False, width=100_000)
-            shown = _columns_that_fit(names, cells, out.width)
+            shown = _columns_that_fit(names, cells, console.width)
             table = Table(show_lines=False)
             for name in names[:shown]:
                 table.add_column(name, overflow="fold")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Protocol
 
 
@@ -47,14 +48,19 @@ class CancellableProgress:
 
 
 class RichProgress:
-    """Renders hook calls as rich progress bars (one per task) and log lines; use as a context manager."""
+    """Renders hook calls as rich progress bars (one per task) and log lines; use as a context manager.
 
-    def __init__(self, *, console=None, transient: bool = False) -> None:
+    Where stderr is not a terminal (a log file, CI), bars cannot redraw: each task is a plain line when it starts,
+    every `log_every` seconds and when it completes, so a long step shows it is alive."""
+
+    def __init__(self, *, console=None, transient: bool = False, log_every: float = 30.0) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         # log_path: no `progress.py:77` (where the line was logged from) at the end of every message
         self.console = console or Console(stderr=True, emoji=False, log_path=False)
+        self._plain = not self.console.is_terminal
+        self._log_every = log_every
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -63,8 +69,10 @@ class RichProgress:
             TimeRemainingColumn(),
             console=self.console,
             transient=transient,
+            disable=self._plain,
         )
         self._tasks: dict[str, int] = {}
+        self._logged: dict[str, tuple[float, int]] = {}  # plain lines: task -> (when, completed) of its last line
 
     def __enter__(self) -> "RichProgress":
         self._progress.start()
@@ -77,12 +85,30 @@ class RichProgress:
         if message:
             from rich.text import Text
 
-            self._progress.console.log(Text(printable(message)))  # a step's message is plain text: paths may hold '[', captions ':x:'
+            if self._plain:  # one line each, not padded to a width nor cut at one: a log file reads it whole
+                self.console.print(Text(f"{time.strftime('%H:%M:%S')} {printable(message)}"), soft_wrap=True)
+            else:
+                self._progress.console.log(Text(printable(message)))  # a step's message is plain text: paths may hold '[', captions ':x:'
             if not completed and total is None:  # a message alone: no bar that never moves, no reset of a running one
                 return
+        if self._plain:
+            self._log_line(task, completed, total)
+            return
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
         self._progress.update(self._tasks[task], completed=completed, total=total)
+
+    def _log_line(self, task: str, completed: int, total: int | None) -> None:
+        from rich.text import Text
+
+        now = time.monotonic()
+        last = self._logged.get(task)
+        finished = total is not None and completed >= total
+        if last is not None and (last[1] == completed or (now - last[0] < self._log_every and not finished)):
+            return
+        self._logged[task] = (now, completed)
+        self.console.print(Text(f"{time.strftime('%H:%M:%S')} {printable(task)}: {completed:,}"
+                                + (f"/{total:,}" if total is not None else "")), soft_wrap=True)
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
