@@ -228,6 +228,15 @@ def test_kohya_metadata_counts_repeats_tags_epoch_and_cache(tmp_path, one_thread
     assert explicit["ss_num_train_images"] == "30" and "ss_epoch" not in explicit and "ss_tag_frequency" not in explicit
     assert lora_formats.kohya_metadata(config, base_model="tiny", image_count=3, steps=1, seconds=1.0)["ss_num_train_images"] == "3"
 
+    # what the base model is and how it samples: ModelSpec keys and sd-scripts' v2 / v-parameterization flags (an
+    # output consumer's review: a v-prediction run on an SD 2.x base said sd_v1, epsilon, so a UI sampled it wrong)
+    assert (metadata["modelspec.architecture"], metadata["modelspec.prediction_type"]) == ("stable-diffusion-v1/lora", "epsilon")
+    assert metadata["ss_v_parameterization"] == "False" and metadata["modelspec.title"] == "out"
+    assert metadata["modelspec.resolution"] == "32x32" and metadata["modelspec.sai_model_spec"] == "1.0.1"
+    v2 = lora_formats.kohya_metadata(config, base_model="tiny", image_count=1, steps=1, seconds=1.0, v2=True, prediction_type="v_prediction")
+    assert (v2["ss_v2"], v2["ss_base_model_version"], v2["ss_v_parameterization"]) == ("True", "sd_v2", "True")
+    assert (v2["modelspec.architecture"], v2["modelspec.prediction_type"]) == ("stable-diffusion-v2-768-v/lora", "v")
+
 
 @pytest.mark.parametrize(
     "overrides, cached",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import duckdb
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from train_fixtures import fast_config, ingest_images, one_thread, tiny_components, write_images  # noqa: F401
 from workbench.cli import app
+from workbench.models import component_path
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -374,8 +376,13 @@ def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
     from pipelines.train.data import training_images
 
     ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    from safetensors import safe_open
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    private = tmp_path / "home" / "someone" / "my-base"  # a local base model, named by path
+    shutil.copytree(component_path("tiny", "sd"), private)
     config = fast_config(tmp_path / "ft", mode="finetune", from_scratch=True, use_ema=True, ema_decay=0.9,
-                         max_train_steps=3, checkpointing_steps=3)
+                         max_train_steps=3, checkpointing_steps=3, model=str(private), prediction_type="v_prediction")
     components = tiny_components()
     base = {k: v.clone() for k, v in components.unet.state_dict().items()}
     result = main(config, training_images(con, config), output_dir=tmp_path / "ft", components=components)
@@ -383,6 +390,13 @@ def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
     assert (tmp_path / "ft" / "checkpoints" / "checkpoint-3" / "ema.safetensors").is_file()
     single = load_file(str(tmp_path / "ft" / "model.safetensors"))
     assert not torch.equal(single["model.diffusion_model.input_blocks.0.0.weight"], base["conv_in.weight"])  # from config, not the base
+    # an output consumer's review: the file named its local base model by full path (a shared file leaked it), and
+    # said nothing of the v-prediction it was trained for, so a UI sampled it as epsilon
+    with safe_open(str(tmp_path / "ft" / "model.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["base_model"] == "my-base" and str(tmp_path) not in json.dumps(metadata)
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["modelspec.architecture"] == "stable-diffusion-v1"
+    assert metadata["modelspec.title"] == "ft" and metadata["modelspec.resolution"] == "32x32" and metadata["layout"] == "ldm"
 
 
 def test_two_process_data_parallel_run(catalog_path, tmp_path):

@@ -472,9 +472,9 @@ def sql(
                 table.add_column(name, overflow="fold")
             for row in cells:
                 table.add_row(*row[:shown])
-            out.print(table)
+            console.print(table)
             if shown < len(names):
-                err_console.print(Text(f"{shown} of {len(names)} columns shown (to {names[shown - 1]}) in {out.width} "
+                err_console.print(Text(f"{shown} of {len(names)} columns shown (to {names[shown - 1]}) in {console.width} "
                                        "columns of terminal: SELECT fewer, or --format csv or json for all", style="dim"))
             if more:
                 err_console.print(Text(f"first {limit} rows shown: --limit N shows more; --format csv or json, or -o FILE, "

@@ -1152,6 +1152,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
             reg_images=reg_images, started_at=started_at, num_processes=num_processes, buckets=trained_bucket_settings(config, run_dir),
+            prediction_type=noise_scheduler.config.prediction_type,
         ))
         return outputs
     from diffusers import StableDiffusionPipeline
@@ -1207,7 +1208,13 @@ def _save_single_file(pipe, path: Path, config) -> Path:
 
     from pipelines.train.single_file import save_ldm_checkpoint
 
-    metadata = {"format": "pt", "mode": config.mode, "base_model": config.model, "trained_with": "workbench"}
+    from pipelines.train.lora_formats import is_sd_v2, kohya_model_name, model_spec
+
+    # the base model as the LoRA names it: a local one by its basename (a full path would leak into a shared file)
+    metadata = {"format": "pt", "mode": config.mode, "base_model": kohya_model_name(config.model), "trained_with": "workbench",
+                **model_spec(v2=is_sd_v2(pipe.unet.config), prediction_type=pipe.scheduler.config.prediction_type,
+                             resolution=config.resolution, lora=False,
+                             title=Path(config.output_dir).name if config.output_dir else "Checkpoint")}
     try:
         return save_ldm_checkpoint(path, pipe.unet, pipe.vae, pipe.text_encoder, {**metadata, "layout": "ldm"})
     except ValueError:

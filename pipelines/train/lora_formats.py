@@ -148,6 +148,28 @@ def _optimizer_name(config: Any) -> str:
     return f"{name}({args})"
 
 
+def is_sd_v2(unet_config: Any) -> bool:
+    """Whether a UNet is SD 2.x-shaped: its cross-attention reads OpenCLIP ViT-H's 1024-wide states (SD 1.x: 768)."""
+    return getattr(unet_config, "cross_attention_dim", 768) == 1024
+
+
+def model_spec(*, v2: bool, prediction_type: str, resolution: int, title: str, lora: bool) -> dict[str, str]:
+    """Stability AI's ModelSpec (`modelspec.*`) keys, as sd-scripts writes them: model managers and UIs (SwarmUI, ComfyUI
+    tools) read the architecture and the prediction type from these, not from the `ss_*` keys."""
+    v = prediction_type == "v_prediction"
+    architecture = ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1"
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture + ("/lora" if lora else ""),
+        # sd-scripts' values: an SD 1/2 LoRA is "diffusers", a whole checkpoint Stability AI's layout
+        "modelspec.implementation": "diffusers" if lora else "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+
+
 def kohya_metadata(
     config: Any,
     *,
@@ -163,15 +185,18 @@ def kohya_metadata(
     started_at: float | None = None,
     num_processes: int = 1,
     buckets: dict | None = None,
+    v2: bool = False,
+    prediction_type: str = "epsilon",
 ) -> dict[str, str]:
-    """`ss_*` training metadata (all strings), as sd-scripts writes it.
+    """`ss_*` training metadata (all strings), as sd-scripts writes it, and its `modelspec.*` keys.
 
     `num_train_images` is kohya's count (images × repeats); without it, it comes from `images` (sum of their
     repeats), else `image_count`. `images` (the run's TrainImages) also gives `ss_dataset_dirs` and
     `ss_tag_frequency`. `cache_latents` is whether latents really were cached (random crop and colour jitter bypass
     the cache); without it, it is decided from `config` as the training loop decides it. `seconds` is the training
     time (over all the sessions of a resumed run), `started_at` when its first session began (else now − seconds).
-    `buckets` (min_bucket_reso, max_bucket_reso, no_upscale) are the bucket settings the run trained with.
+    `buckets` (min_bucket_reso, max_bucket_reso, no_upscale) are the bucket settings the run trained with. `v2` (an SD
+    2.x base) and `prediction_type` (the scheduler's, as trained) say how a UI must sample with the LoRA.
     """
     from pipelines.train.data import uses_latent_cache
 
@@ -184,8 +209,9 @@ def kohya_metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.effective_lora_alpha),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_v2": str(v2),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": kohya_model_name(base_model),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_num_train_images": str(num_train_images),
@@ -242,6 +268,8 @@ def kohya_metadata(
         metadata["ss_output_name"] = Path(config.output_dir).name
         session = f"{config.output_dir}|{metadata['ss_training_started_at']}".encode()
         metadata["ss_session_id"] = str(int.from_bytes(hashlib.sha256(session).digest()[:4], "big"))
+    metadata.update(model_spec(v2=v2, prediction_type=prediction_type, resolution=config.resolution, lora=True,
+                               title=metadata.get("ss_output_name", "LoRA")))
     if images is not None:
         dirs, tags = kohya_dataset_info(images)
         metadata["ss_dataset_dirs"] = json.dumps(dirs)
@@ -305,6 +333,7 @@ def save_kohya_lora(
     started_at: float | None = None,
     num_processes: int = 1,
     buckets: dict | None = None,
+    prediction_type: str = "epsilon",
 ) -> Path:
     """Write `lora_kohya.safetensors` (kohya keys, `ss_*` metadata with sd-scripts' model hashes).
 
@@ -316,7 +345,8 @@ def save_kohya_lora(
     metadata = kohya_metadata(
         config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
         num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents, reg_images=reg_images,
-        started_at=started_at, num_processes=num_processes, buckets=buckets,
+        started_at=started_at, num_processes=num_processes, buckets=buckets, v2=is_sd_v2(unet.config),
+        prediction_type=prediction_type,
     )
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     path = output_dir / KOHYA_LORA_FILE

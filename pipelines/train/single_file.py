@@ -105,7 +105,10 @@ def ldm_vae_state(vae) -> dict[str, torch.Tensor]:
 
 
 def save_ldm_checkpoint(path: Path, unet, vae, text_encoder, metadata: dict[str, str] | None = None) -> Path:
-    """Write one safetensors file in the SD 1.x original layout (UNet, VAE, CLIP text encoder)."""
+    """Write one safetensors file in the SD 1.x original layout (UNet, VAE, CLIP text encoder); ValueError for an
+    SD 2.x model, whose OpenCLIP text encoder has a layout of its own (`cond_stage_model.model.*`) not written here."""
+    if getattr(unet.config, "cross_attention_dim", 768) == 1024:
+        raise ValueError("an SD 2.x model (1024-wide cross-attention): its OpenCLIP text encoder has no SD 1.x layout")
     tensors = {**ldm_unet_state(unet), **ldm_vae_state(vae)}
     for key, tensor in text_encoder.state_dict().items():
         # transformers 5 names CLIPTextModel's weights without the `text_model.` level the LDM layout has
