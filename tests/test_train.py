@@ -1012,7 +1012,7 @@ def _finished_run(con, tmp_path, **options):
     from pipelines.train import trained_model
 
     ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])  # one bucket, batch 2: one step per epoch
-    config = fast_config(tmp_path / "run", num_validation_images=0, **{"max_train_steps": 2, "checkpointing_steps": 1, **options})
+    config = fast_config(tmp_path / "run", **{"num_validation_images": 0, "max_train_steps": 2, "checkpointing_steps": 1, **options})
     return config, trained_model(con, config, components=tiny_components())
 
 
@@ -1350,9 +1350,11 @@ def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its
 
     from safetensors.torch import load_file
 
-    config, first = _finished_run(con, tmp_path, checkpoints_total_limit=1)
+    config, first = _finished_run(con, tmp_path, checkpoints_total_limit=1, num_validation_images=1, validation_steps=1000)
     run = Path(config.output_dir)
     finished = load_file(str(run / "lora_kohya.safetensors"))
+    first_samples = {path.name: path.read_bytes() for path in (run / "samples" / "final").iterdir()}
+    assert "samples.json" in first_samples and len(first_samples) == 3  # two prompts, one image each
     said = []
     resumed = load_train_config(None, {"output_dir": config.output_dir, "resume": "latest", "max_train_steps": 3})
     second = trained_model(con, resumed, components=tiny_components(), progress=lambda **kw: said.append(kw.get("message") or ""))
@@ -1366,6 +1368,15 @@ def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its
     assert {k: torch.equal(t, load_file(str(kept / "lora_kohya.safetensors"))[k]) for k, t in finished.items()} == dict.fromkeys(finished, True)
     outputs = json.loads(con.execute("SELECT outputs FROM training_runs WHERE train_id = ?", [first.train_id]).fetchall()[0][0])
     assert outputs["lora_kohya"] == str(kept / "lora_kohya.safetensors") and Path(outputs["lora_diffusers"]).is_file()
+    # its final samples too (an output consumer's review: the step-3 samples were written over step 2's, which the
+    # first run's row still named), so the first run can still be evaluated, on its own samples
+    assert outputs["final_samples"] == str(kept / "samples" / "final")
+    assert {path.name: path.read_bytes() for path in (kept / "samples" / "final").iterdir()} == first_samples
+    assert (run / "samples" / "final" / "samples.json").is_file()  # the continued run's own
+    assert run_metrics(con, first.train_id, clip_model="tiny")["samples"] == 2
+    # a run continued by an older version, whose samples were written over, is still refused
+    con.execute("UPDATE training_runs SET outputs = json_object('final_samples', ?) WHERE train_id = ?",
+                [str(run / "samples" / "final"), first.train_id])
     with pytest.raises(ValueError, match=f"now those of run {second.train_id}.*evaluate run {second.train_id}"):
         run_metrics(con, first.train_id, clip_model="tiny")
 

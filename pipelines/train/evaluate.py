@@ -152,11 +152,14 @@ def run_metrics(
                       [train_id]))
     if row is None:
         raise ValueError(f"No training run {train_id}; list them with `workbench sql \"SELECT * FROM training_runs\"`.")
+    model, outputs, image_ids, status, steps, output_dir = row
     later = continued_by(con, train_id)
-    if later is not None:
+    kept_samples = json.loads(outputs or "{}").get("final_samples")
+    # a run continued by another keeps its final samples in exports/finished-step-N (older versions left them to be
+    # written over, and those runs cannot be evaluated again)
+    if later is not None and not (kept_samples and Path(output_dir or "") / "exports" in Path(kept_samples).parents):
         raise ValueError(f"Run {train_id}'s samples are now those of run {later}, which continued it in the same folder "
                          f"(its finished model is kept in exports/): evaluate run {later}.")
-    model, outputs, image_ids, status, steps, output_dir = row
     if status not in ("ok", "continued"):
         after = con.execute("SELECT min(train_id) FROM training_runs WHERE train_id > ? AND output_dir = ? AND status = 'ok'",
                             [train_id, output_dir]).fetchall()[0][0]

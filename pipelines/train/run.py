@@ -189,6 +189,7 @@ def _refuse_a_foreign_or_older_checkpoint(output_dir: Path, config: TrainConfig)
 
 # what a finished run leaves beside its checkpoints (LoRA files; DreamBooth and fine-tune: a pipeline and one file)
 FINISHED_OUTPUTS = ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "pipeline", "model.safetensors")
+FINAL_SAMPLES = os.path.join("samples", "final")  # a finished run's last samples, one file each, and samples.json
 # every name a run writes in its folder
 RUN_WRITES = frozenset({*FINISHED_OUTPUTS, "checkpoints", "samples", "logs", "loss.csv", "loss.png", SNAPSHOT_FILE, RUN_CONFIG_FILE})
 
@@ -298,6 +299,8 @@ def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id
     present = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
     if row is None or not present:
         return  # never finished (or its outputs are gone): nothing finished to keep
+    if (output_dir / FINAL_SAMPLES).is_dir():  # its final samples go with it: the run ahead writes its own there
+        present.append(FINAL_SAMPLES)
     train_id, steps, outputs = row
     kept = output_dir / "exports" / f"finished-step-{steps}"
     if kept.exists():
@@ -308,6 +311,7 @@ def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id
     moved_now: list[str] = []
     try:
         for name in present:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             os.rename(output_dir / name, staging / name)
             moved_now.append(name)
         os.rename(staging, kept)
@@ -316,8 +320,12 @@ def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id
             os.rename(staging / name, output_dir / name)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    moved = {key: str(kept / Path(path).name) if Path(path).parent == output_dir and Path(path).name in present else path
-             for key, path in json.loads(outputs or "{}").items()}
+
+    def now_at(path: str) -> str:
+        relative = os.path.relpath(path, output_dir)
+        return str(kept / relative) if relative in present else path
+
+    moved = {key: now_at(path) for key, path in json.loads(outputs or "{}").items()}
     con.execute("UPDATE training_runs SET outputs = ? WHERE train_id = ?", [json.dumps(moved), train_id])
     progress(task="resume", message=f"The run's finished model (step {steps}) is kept in {kept}: training on writes "
                                     "the run's outputs anew.")
