@@ -276,6 +276,81 @@ def test_a_model_folder_with_pickled_weights_is_refused_as_such(tmp_path):
             return (os.system, ("echo ran > " + str(tmp_path / "ran"),))
 
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
-    with pytest.raises(models.ModelError, match=r"weights as pickles \(.bin\), which the workbench does not load"):
+    with pytest.raises(models.ModelError, match=r"weights as a pickle \(.bin\) with more than plain tensors in it, which the workbench does not load"):
         models.load_sd_components(str(folder), device="cpu", dtype="float32")
     assert not (tmp_path / "ran").exists()
+
+
+def _tiny_sd_copy(tmp_path, name="copy"):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(models.component_path("tiny", "sd"), folder)
+    return folder
+
+
+def _edit_json(path, **changes):
+    import json
+
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_model_of_another_architecture_is_refused_before_anything_loads(tmp_path):
+    """A review: an SDXL folder was accepted, loaded, and training (or priors) crashed at the first step with a
+    traceback, leaving a failed run behind; a single file beside an SDXL `pipeline/` raised a KeyError."""
+    from safetensors.torch import save_file
+
+    xl = _tiny_sd_copy(tmp_path, "xl")
+    _edit_json(xl / "model_index.json", _class_name="StableDiffusionXLPipeline")
+    for check in (models.refuse_a_local_model_that_is_not_one, lambda m: models.load_sd_components(m, device="cpu")):
+        with pytest.raises(models.ModelNotAvailableError, match="is a StableDiffusionXLPipeline model .*not Stable Diffusion 1.x or 2.x"):
+            check(str(xl))
+    beside = tmp_path / "run"
+    beside.mkdir()
+    (xl).rename(beside / "pipeline")
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(beside / "model.safetensors"))
+    with pytest.raises(models.ModelNotAvailableError, match="StableDiffusionXLPipeline"):
+        models.refuse_a_local_model_that_is_not_one(str(beside / "model.safetensors"))
+    inpainting = _tiny_sd_copy(tmp_path, "inpaint")
+    _edit_json(inpainting / "unet" / "config.json", in_channels=9)
+    with pytest.raises(models.ModelNotAvailableError, match="takes 9 input channels"):
+        models.refuse_a_local_model_that_is_not_one(str(inpainting))
+    models.refuse_a_local_model_that_is_not_one(str(_tiny_sd_copy(tmp_path, "fine")))  # an SD 1.x folder passes
+
+
+def test_a_damaged_local_model_is_said_as_such_not_as_one_to_download(tmp_path, monkeypatch):
+    """A review: a truncated UNet file, a cut single file or a text file named .safetensors were all said to be
+    missing from the Hugging Face cache, with `hf download <the local path>` as the way out."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    broken = _tiny_sd_copy(tmp_path, "broken")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(models.ModelNotAvailableError) as caught:
+        models.load_sd_components(str(broken), device="cpu")
+    assert "could not be loaded" in str(caught.value) and str(broken) in str(caught.value)
+    assert "hf download" not in str(caught.value) and "HF_HUB_OFFLINE" not in str(caught.value)
+    for content in (b"hello", (broken / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()[:5000]):
+        single = tmp_path / "model.safetensors"
+        single.write_bytes(content)
+        for check in (models.refuse_a_local_model_that_is_not_one, lambda m: models.load_sd_pipeline(m, device="cpu")):
+            with pytest.raises(models.ModelNotAvailableError, match="is not a readable safetensors file"):
+                check(str(single))
+    # a Stable Diffusion folder named where a captioner belongs says so
+    with pytest.raises(models.ModelNotAvailableError, match="is a Stable Diffusion model, not a BLIP model"):
+        models.load_blip(str(_tiny_sd_copy(tmp_path, "sd")), device="cpu")
+
+
+def test_a_near_miss_or_a_missing_name_says_what_it_may_have_meant(tmp_path, monkeypatch):
+    """`--model Tiny` was sent to the Hub (`hf download Tiny`); `models/typo`, a relative path with nothing there, too,
+    without a word that no such folder exists; an uncached Hub id offline was found out only once a run had begun."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("Tiny", "tiny "):
+        with pytest.raises(models.ModelNotAvailableError, match="did you mean the preset 'tiny'"):
+            models.refuse_a_local_model_that_is_not_one(name)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(models.ModelNotAvailableError, match=f"nor is there a local file or folder {tmp_path / 'models' / 'typo'}"):
+        models.refuse_a_local_model_that_is_not_one("models/typo")
+    with pytest.raises(models.ModelNotAvailableError, match="HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"):
+        models.refuse_a_local_model_that_is_not_one("someone/not-cached")

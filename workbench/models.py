@@ -154,10 +154,19 @@ def _not_available(
     model_id: str, component: str, cause: BaseException | str | None = None, *, fetch_id: str | None = None
 ) -> ModelNotAvailableError:
     fetch_id = fetch_id or model_id
+    local = Path(model_id).expanduser()
+    if local.exists():  # a file or folder here that failed to load: no Hub download mends it
+        if component != "Stable Diffusion" and (local / "model_index.json").is_file():
+            return ModelNotAvailableError(f"{component} model {str(local)!r} is a Stable Diffusion model, not a {component} model.")
+        return ModelNotAvailableError(
+            f"{component} model {str(local)!r} could not be loaded" + (f" ({_short(cause)})" if cause else "")
+            + ". A truncated or damaged file, a missing part or another kind of model fails this way.")
     if _offline():
         why, detail = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache", ""
     else:
         why, detail = "it could not be loaded or downloaded", f" ({_short(cause)})" if cause else ""
+    if "/" in model_id and Path(model_id).expanduser().parent.is_dir():  # `models/typo`: meant as a path, perhaps
+        detail += f"; nor is there a local file or folder {Path(model_id).expanduser().absolute()}"
     return ModelNotAvailableError(
         f"{component} model {model_id!r} is not available: {why}{detail}. Fetch it with `hf download {fetch_id}` "
         "on a machine with internet (then copy ~/.cache/huggingface), or name a local folder or file instead; "
@@ -181,6 +190,9 @@ def _source_for(model: str, component: str) -> str:
     if not model:
         raise ModelError("Empty model name: use a preset (" + ", ".join(PRESETS) + "), a Hugging Face id or a path.")
     preset = PRESETS.get(model)
+    near = model.strip().lower()
+    if preset is None and near in PRESETS and not Path(model).expanduser().exists():
+        raise ModelNotAvailableError(f"Unknown model {model!r}: did you mean the preset {near!r}? (presets: {', '.join(PRESETS)})")
     source = preset.source(component) if preset else model
     if source != TINY and _looks_like_path(source) and not Path(source).expanduser().exists():
         raise ModelNotAvailableError(f"No such model file or folder: {source}")
@@ -482,7 +494,10 @@ def _refuse_a_folder_that_is_not_a_model(source: str) -> None:
     """A local folder without model_index.json is no diffusers model: say where a model may be instead of pointing
     at the Hugging Face Hub (a workbench run folder holds its model in pipeline/ and model.safetensors)."""
     folder = Path(source).expanduser()
-    if not folder.is_dir() or (folder / "model_index.json").is_file():
+    if not folder.is_dir():
+        return
+    if (folder / "model_index.json").is_file():
+        _refuse_another_architecture(folder)
         return
     inside = [str(folder / name) for name in ("pipeline", "model.safetensors") if (folder / name).exists()]
     if inside:
@@ -495,12 +510,59 @@ def _refuse_a_folder_that_is_not_a_model(source: str) -> None:
                                  "diffusers model folder, a single-file .safetensors checkpoint, a preset or a Hub id.")
 
 
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # SD 1.x / 2.x text-to-image, as trained here
+
+
+def _refuse_another_architecture(folder: Path) -> None:
+    """A diffusers folder of another architecture (SDXL, SD 3, an inpainting UNet) loads as far as the first step and
+    fails there with a traceback: refused by what its model_index.json says."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelNotAvailableError(f"{folder / 'model_index.json'} is not readable JSON ({_short(error)}).") from None
+    kind = index.get("_class_name") if isinstance(index, dict) else None
+    if kind not in SD_PIPELINES or "text_encoder_2" in index:
+        raise ModelNotAvailableError(
+            f"{folder} is a {kind or 'model of an unknown kind'} model (model_index.json), not Stable Diffusion 1.x or 2.x: "
+            f"the workbench trains and samples those ({', '.join(SD_PIPELINES)}); SDXL and later are not supported.")
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable UNet config: loading says what is wrong
+    if unet.get("in_channels", 4) != 4:
+        raise ModelNotAvailableError(f"{folder}'s UNet takes {unet.get('in_channels')} input channels (an inpainting or "
+                                     "depth model): the workbench trains text-to-image models, with 4.")
+
+
+def _refuse_a_damaged_safetensors(path: Path) -> None:
+    """A truncated or foreign .safetensors fails in diffusers with a message about config files; say what it is."""
+    if path.suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error types, and OSError
+        raise ModelNotAvailableError(f"{path} is not a readable safetensors file ({_short(error)}): truncated or damaged "
+                                     "in a copy, or not a checkpoint at all.") from None
+
+
 def refuse_a_local_model_that_is_not_one(model: str) -> None:
     """Raise ModelNotAvailableError for a local folder that is no diffusers model, or a path-like name with nothing
     there; presets, Hub ids and model files pass (their loading says the rest)."""
     source = _source_for(model, "sd")  # a path-like name with nothing there is refused here
     if source != TINY and Path(source).expanduser().is_dir():
         _refuse_a_folder_that_is_not_a_model(source)
+    elif _is_single_file(source):
+        path = Path(source).expanduser()
+        _refuse_a_lora_file(path)
+        _refuse_a_damaged_safetensors(path)
+        beside = single_file_config(path)
+        if beside is not None:
+            _refuse_another_architecture(beside)
+    elif _from_the_hub(source) and _offline() and _hub_snapshot(source) is None:
+        raise _not_available(source, "Stable Diffusion")  # before a run folder is made, not after the model loads
 
 
 def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
@@ -512,12 +574,19 @@ def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
         return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     path = Path(source).expanduser()
     _refuse_a_lora_file(path)
+    _refuse_a_damaged_safetensors(path)
     config_folder = single_file_config(path)
+    if config_folder is not None:
+        _refuse_another_architecture(config_folder)
     try:
         return StableDiffusionPipeline.from_single_file(
             str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
             **({"config": str(config_folder)} if config_folder else {}),
         )
+    except (KeyError, RuntimeError) as error:  # the weights do not fit the architecture the folder beside it describes
+        raise ModelNotAvailableError(
+            f"{path} does not fit the model described by {config_folder or 'its detected architecture'} "
+            f"({error.__class__.__name__}: {_short(error)}): the folder beside a checkpoint must be its own model's.") from None
     except (OSError, ValueError, EnvironmentError) as error:
         if config_folder:
             raise
@@ -572,9 +641,9 @@ def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDCompo
         if _refused_pickle(error):
             # torch's weights_only load refused a pickled .bin (diffusers wraps it in an OSError): said as what it is,
             # not as a model to download, nor with torch's advice to unpickle it
-            raise ModelError(f"{source} holds its weights as pickles (.bin), which the workbench does not load: a "
-                             "pickle can run code when loaded. Use a copy saved as safetensors (diffusers' "
-                             "save_pretrained writes them).") from None
+            raise ModelError(f"{source} holds weights as a pickle (.bin) with more than plain tensors in it, which "
+                             "the workbench does not load: such a pickle can run code when loaded (a .bin of plain "
+                             "tensors loads). Use a copy saved as safetensors (diffusers' save_pretrained writes them).") from None
         raise _not_available(source, "Stable Diffusion", error) from error
     source_path = where if Path(where).exists() else (_hub_snapshot(where) or where)
     return SDComponents(
