@@ -93,6 +93,16 @@ def training_prior_settings(config: TrainConfig) -> PriorSettings:
     return PriorSettings(resolution=config.resolution, steps=config.prior_inference_steps)
 
 
+def prior_model_names(model: str) -> list[str]:
+    """The names one base model's priors are recorded under: first the Stable Diffusion model the name stands for
+    (`sd15` and `sd15-large` are both Stable Diffusion 1.5: one set, not two made alike), then the preset names older
+    versions recorded for it."""
+    from workbench.models import PRESETS, model_id
+
+    source = PRESETS[model].sd if model in PRESETS else model_id(model)
+    return [source, *(name for name, preset in PRESETS.items() if preset.sd == source and name != source)]
+
+
 def prior_set_where(class_prompt: str, model: str, settings: PriorSettings | None) -> tuple[str, list]:
     """(SQL condition over class_priors AS c, its parameters) for the priors of one set.
 
@@ -100,7 +110,7 @@ def prior_set_where(class_prompt: str, model: str, settings: PriorSettings | Non
     set of their prompt and model, as they did before, so upgrading regenerates no project's priors; one smaller
     than a run's resolution is named when training takes it, with the command that has it made anew (see
     `pipelines.train.data.class_prior_images`). Without `settings`: every prior of the prompt and model."""
-    where, params = "c.class_prompt = ? AND c.model = ?", [class_prompt, model]
+    where, params = "c.class_prompt = ? AND list_contains(?::VARCHAR[], c.model)", [class_prompt, prior_model_names(model)]
     if settings is None:
         return where, params
     return (where + " AND (c.resolution IS NULL OR (c.resolution = ? AND c.steps = ? AND c.guidance_scale = ? AND c.sampler = ?))",
@@ -234,6 +244,7 @@ class PriorPlan:
     params: dict
     settings: PriorSettings | None = None  # None: images made elsewhere, recorded like rows from before m010
     other_sets: list[tuple[str, int]] = field(default_factory=list)  # (settings label, images) of this prompt and model
+    other_models: list[tuple[str, int]] = field(default_factory=list)  # (model, images) of this prompt by other models
 
     def title(self) -> str:
         """Which set, for messages: 'a photo of a dog' (128 px, 30 steps)."""
@@ -263,6 +274,8 @@ def prior_plan(
         raise ValueError(NO_INSTANCES.format(whose=f"concept {concept!r}" if concept else "the dataset"))
     if wanted < 1:
         raise ValueError("The number of class images must be at least 1.")
+    names = prior_model_names(model_name)
+    model_name = names[0]
     folder = prior_folder(out_dir, class_prompt, model_name, settings)
     recorded = _recorded_priors(con, class_prompt, model_name, settings)
     if seed is None:
@@ -282,15 +295,20 @@ def prior_plan(
     other_sets = []
     if settings is not None:  # made with other settings: not this set, but the user may have meant them
         for resolution, steps, guidance, sampler, count in con.execute(
-            "SELECT resolution, steps, guidance_scale, sampler, count(*) FROM class_priors WHERE class_prompt = ? AND model = ? "
+            "SELECT resolution, steps, guidance_scale, sampler, count(*) FROM class_priors WHERE class_prompt = ? "
+            "AND list_contains(?::VARCHAR[], model) "
             "AND resolution IS NOT NULL AND NOT (resolution = ? AND steps = ? AND guidance_scale = ? AND sampler = ?) "
             "GROUP BY ALL ORDER BY count(*) DESC",
-            [class_prompt, model_name, settings.resolution, settings.steps, float(settings.guidance_scale), settings.sampler],
+            [class_prompt, names, settings.resolution, settings.steps, float(settings.guidance_scale), settings.sampler],
         ).fetchall():
             other_sets.append((PriorSettings(resolution, steps, guidance, sampler).label(), count))
+    # made by other base models: never used for this one (a set is its model's), but said, as the user may have meant them
+    other_models = [(model, count) for model, count in con.execute(
+        "SELECT model, count(*) FROM class_priors WHERE class_prompt = ? AND model IS NOT NULL "
+        "AND NOT list_contains(?::VARCHAR[], model) GROUP BY model ORDER BY count(*) DESC, model", [class_prompt, names]).fetchall()]
     return PriorPlan(
         class_prompt=class_prompt, model_name=model_name, concept=concept, wanted=wanted, seeds=seeds,
-        existing=wanted - len(files), other_sets=other_sets,
+        existing=wanted - len(files), other_sets=other_sets, other_models=other_models,
         to_generate={s: f for s, f in files.items() if not f.is_file()},
         on_disk={s: f for s, f in files.items() if f.is_file()},
         params={"class_prompt": class_prompt, "model": model_name, "num_images": wanted, "seed": seed,
@@ -324,12 +342,14 @@ def generated_prior_files(
     plan.params["batch_size"] = batch_size
     done = plan.existing + len(plan.on_disk)  # what a resumed run already has: the bar starts there
     progress(task="class priors", completed=done, total=plan.wanted,
-             message=f"{plan.existing} of {plan.wanted} class images for {plan.title()} exist"
+             message=f"{plan.existing} of {plan.wanted} class images for {plan.title()} by {plan.model_name} exist"
                      + (f", {len(plan.on_disk)} more are on disk from an earlier run" if plan.on_disk else "")
                      + f"; generating {len(plan.to_generate)}"
                      + (f" (other sets of this prompt and model, not used: {', '.join(f'{n} at {label}' for label, n in plan.other_sets)}; "
                         "a set is its size, steps, guidance and sampler: `priors --steps N`, or a training run's "
-                        "prior_inference_steps, names one)" if plan.other_sets and plan.to_generate else ""))
+                        "prior_inference_steps, names one)" if plan.other_sets and plan.to_generate else "")
+                     + (f" (made by other base models, which a set never mixes in: {', '.join(f'{n} by {m}' for m, n in plan.other_models)})"
+                        if plan.other_models and plan.to_generate else ""))
     made: dict[int, Path] = {}
     pending = sorted(plan.to_generate)
     for start in range(0, len(pending), batch_size):

@@ -327,7 +327,7 @@ def test_dreambooth_prior_seeds_do_not_follow_the_training_seed(con, tmp_path, o
     """`train dreambooth --seed 50` with seeds 0-1 made said "0 of 3 exist; generating 3", made 50-52 and trained on
     0, 1 and 50: the training seed was the set's first seed."""
     result, messages = _dreambooth_after_32px_priors(con, tmp_path, instances=2, num_class_images=3, seed=50)
-    assert "2 of 3 class images for 'a photo of a square' (32 px, 1 step) exist; generating 1" in messages
+    assert "2 of 3 class images for 'a photo of a square' (32 px, 1 step) by tiny exist; generating 1" in messages
     assert _seeds_used(con, result.train_id) == [0, 1, 2]
 
 
@@ -356,7 +356,7 @@ def test_png_files_of_other_settings_are_never_ingested(catalog_path, tmp_path, 
 def test_dreambooth_makes_its_own_set_at_its_resolution(con, tmp_path, one_thread):
     """Priors made at 32 px were taken by a 64 px run (upscaled, with a warning whose advice made more of the same)."""
     result, messages = _dreambooth_after_32px_priors(con, tmp_path, instances=1, num_class_images=2, resolution=64)
-    (made,) = [m for m in messages if m.startswith("0 of 2 class images for 'a photo of a square' (64 px, 1 step) exist; generating 2")]
+    (made,) = [m for m in messages if m.startswith("0 of 2 class images for 'a photo of a square' (64 px, 1 step) by tiny exist; generating 2")]
     assert "(other sets of this prompt and model, not used: 2 at 32 px, 1 step;" in made  # the 32 px set, said
     assert not any("smaller than" in m for m in messages)
     sizes = con.execute("SELECT list(DISTINCT i.width) FROM images i WHERE image_id IN "
@@ -764,3 +764,51 @@ def test_class_images_from_a_folder_named_in_bytes_that_are_not_utf8(con, tmp_pa
     summary = supplied_priors(con, os.fsdecode(folder), class_prompt="a photo of a dog")
     assert summary.added == 1 and summary.folder.endswith("caf\\xe9")
     assert con.execute("SELECT supplied_from FROM class_priors").fetchall() == [(summary.folder,)]
+
+
+def test_one_base_model_under_its_names_is_one_prior_set_and_other_models_sets_are_said(con, tmp_path):
+    """A review: `sd15`, `sd15-large` and their Hub id (one Stable Diffusion 1.5) each generated a set of their own,
+    hours of the same images with a real model, and each took the catalog rows of the one before; a set made by another
+    model was left out without a word."""
+    from pipelines.priors import PriorSettings, prior_model_names, prior_plan
+
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert prior_model_names("sd15") == prior_model_names("sd15-large") == prior_model_names(hub_id) == [hub_id, "sd15", "sd15-large"]
+    assert prior_model_names("tiny") == ["tiny"]
+    ingest_images(con, tmp_path / "images", 3)
+    ids = [row[0] for row in con.execute("SELECT image_id FROM images ORDER BY image_id").fetchall()]
+    settings = PriorSettings(512, 30, 7.5, "DDIMScheduler")
+    for image_id, seed, model in ((ids[0], 0, "sd15"), (ids[1], 1, hub_id), (ids[2], 0, "tiny")):  # sd15: as older versions recorded it
+        con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model, resolution, steps, guidance_scale, sampler) "
+                    "VALUES (?, 'a photo of a dog', ?, ?, 512, 30, 7.5, 'DDIMScheduler')", [image_id, seed, model])
+    for name in ("sd15", "sd15-large", hub_id):
+        plan = prior_plan(con, class_prompt="a photo of a dog", model_name=name, out_dir=tmp_path / "priors", settings=settings, num_images=3)
+        assert (plan.model_name, plan.existing, sorted(plan.to_generate)) == (hub_id, 2, [2]), name
+        assert plan.other_models == [("tiny", 1)]
+    said = []
+    made = generated_prior_files_said(plan, said)
+    assert made and f"2 of 3 class images for 'a photo of a dog' (512 px, 30 steps) by {hub_id} exist" in said[0]
+    assert "made by other base models, which a set never mixes in: 1 by tiny" in said[0]
+
+
+def generated_prior_files_said(plan, said):
+    """What generating the plan says first (the pipeline stops it there: no model is needed to see the message)."""
+    from pipelines.priors import generated_prior_files
+
+    class Stop(Exception):
+        pass
+
+    class Pipeline:
+        class DDIMScheduler:
+            pass
+
+        scheduler = DDIMScheduler()
+
+        def __call__(self, *args, **kwargs):
+            raise Stop
+
+    try:
+        generated_prior_files(Pipeline(), plan, progress=lambda **kw: said.append(kw.get("message") or ""))
+    except Stop:
+        return True
+    return False
