@@ -456,17 +456,21 @@ def keeper_choice_dropped(con: duckdb.DuckDBPyConnection, image_id: str) -> tupl
     return True, kept[0][0] if kept else None
 
 
+class AlreadySo(ValueError):
+    """What was asked for holds already (the same command run again): nothing to do, and no failure."""
+
+
 def image_set_apart(con: duckdb.DuckDBPyConnection, image_id: str, *, apart: bool = True) -> dict[str, int]:
     """Say an image is a picture of its own, not a duplicate (`apart`), or undo that; then regroup. Its pairs stay
     stored, so undoing it restores its group as dedup found it."""
     if apart:
         if not con.execute("SELECT count(*) FROM duplicates WHERE image_id = ?", [image_id]).fetchall()[0][0]:
-            raise ValueError(f"{image_id[:12]} is not in a duplicate group: it is on its own already.")
+            raise AlreadySo(f"{image_id[:12]} is not in a duplicate group: it is on its own already.")
         with transaction(con):
             con.execute("INSERT INTO not_duplicates (image_id) VALUES (?) ON CONFLICT DO NOTHING", [image_id])
             con.execute("DELETE FROM keeper_choice WHERE image_id = ?", [image_id])
     elif not con.execute("DELETE FROM not_duplicates WHERE image_id = ? RETURNING image_id", [image_id]).fetchall():
-        raise ValueError(f"{image_id[:12]} was not set apart from its duplicates: nothing to undo.")
+        raise AlreadySo(f"{image_id[:12]} was not set apart from its duplicates: nothing to undo.")
     return regroup_duplicates(con)
 
 

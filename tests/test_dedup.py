@@ -222,11 +222,15 @@ def test_an_image_dedup_got_wrong_is_set_apart_and_can_rejoin(con, catalog_path)
     rejoin = runner.invoke(app, ["keep", small[:8], "--rejoin", "--catalog", str(catalog_path)])
     assert rejoin.exit_code == 0, rejoin.output
     assert {r[0] for r in con.execute("SELECT image_id FROM dataset").fetchall()} == {big}
+    # a rerun finds what it asks for done already: said, with status 0, so a script under `set -e` goes on (it was 2,
+    # as for a failure)
     again = runner.invoke(app, ["keep", small[:8], "--rejoin", "--catalog", str(catalog_path)])
-    assert again.exit_code == 2 and "nothing to undo" in again.output
+    assert again.exit_code == 0 and "Nothing to do" in again.output and "nothing to undo" in again.output
     insert_image(con, "e" * 64, 0xFFFF, 100, 100, seq=4)  # unique
     alone = runner.invoke(app, ["keep", "e" * 8, "--alone", "--catalog", str(catalog_path)])
-    assert alone.exit_code == 2 and "not in a duplicate group" in alone.output
+    assert alone.exit_code == 0 and "not in a duplicate group" in alone.output
+    auto = runner.invoke(app, ["keep", small[:8], "--auto", "--catalog", str(catalog_path)])  # in a group, none kept by hand
+    assert auto.exit_code == 0 and "the keep policy chooses there already" in " ".join(auto.output.split())
 
 
 def test_flipped_copies_are_duplicates_and_the_mirror_search_can_be_turned_off(con, tmp_path, catalog_path):

@@ -40,3 +40,26 @@ def test_tags_mark_and_find_images_without_changing_what_trains(catalog_path, tm
     con = connect(catalog_path)
     assert dict(con.execute("SELECT image_id, tags FROM images_view").fetchall())[first] == ["maybe"]
     con.close()
+
+
+def test_a_where_that_matches_nothing_is_nothing_to_do_not_a_failure(catalog_path, tmp_path):
+    """A scripting review: `tag`, `exclude` (even --dry-run), `include` and `edit-captions` with a --where that
+    matched nothing exited 2, as a failure does, where `concept add`, `search` and the edits that changed nothing
+    exited 0: a weekly job under `set -e` could not tell "no blurry images this week" from a typo in its SQL."""
+    con = connect(catalog_path)
+    ingest_images(con, tmp_path / "images", 2)
+    first = con.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 1").fetchall()[0][0]
+    con.close()
+    nothing = ["--where", "width > 99999", "-c", str(catalog_path)]
+    for command in (["tag", "x"], ["exclude", "--reason", "r"], ["exclude", "--reason", "r", "--dry-run"], ["include"],
+                    ["include", "--only-manual"], ["edit-captions", "--add-token", "sks"]):
+        done = runner.invoke(app, [*command, *nothing])
+        assert done.exit_code == 0 and "No image matches --where 'width > 99999'" in done.output, (command, done.output)
+    # with images named besides, those are taken
+    both = runner.invoke(app, ["tag", "x", first[:8], *nothing])
+    assert both.exit_code == 0 and "tagged 1 image(s) 'x'" in both.output and "only the other images named" in both.output
+    # a condition that does not bind is still a failure
+    assert runner.invoke(app, ["tag", "x", "--where", "no_such = 1", "-c", str(catalog_path)]).exit_code == 2
+    con = connect(catalog_path)
+    assert con.execute("SELECT count(*) FROM exclusions").fetchall() == [(0,)]
+    con.close()

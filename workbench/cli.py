@@ -185,17 +185,23 @@ def _selected_images(con, image_ids: list[str] | None, folders: list[Path] | Non
             fail(f"No image in the catalog has a file under {path}.")
         ids += [i for i in found if i not in ids]
     if where is not None:
-        ids = list(dict.fromkeys(ids + _images_matching(con, where, nothing_done)))
+        ids = list(dict.fromkeys(ids + _images_matching(con, where, nothing_done, besides=ids)))
     return ids
 
 
-def _images_matching(con, where: str, nothing_done: str) -> list[str]:
-    """The images a --where CONDITION on images_view names (ValueError for a bad one); none matched is a refusal."""
+def _images_matching(con, where: str, nothing_done: str, *, besides: list[str] | None = None) -> list[str]:
+    """The images a --where CONDITION on images_view names (ValueError for a bad one). None matched is nothing to do,
+    not a failure (a weekly `--where "blur < 25"` that finds nothing): said on stderr, and with no other images named
+    (`besides`), the command ends there with status 0."""
     from pipelines.concepts import images_where
 
     matched = images_where(con, where)
     if not matched:
-        fail(f"No image matches --where {where!r}: {nothing_done}.")
+        if besides:
+            err_console.print(Text(f"Note: no image matches --where {where!r}; only the other images named are taken.", style="yellow"))
+            return []
+        err_console.print(Text(f"No image matches --where {where!r}: {nothing_done}.", style="yellow"))
+        raise typer.Exit(0)
     return matched
 
 
@@ -786,7 +792,7 @@ def edit_captions(
     try:
         ids = resolve_image_ids(con, image_ids) if image_ids else []
         if where is not None:
-            ids = list(dict.fromkeys(ids + _images_matching(con, where, "no caption was changed")))
+            ids = list(dict.fromkeys(ids + _images_matching(con, where, "no caption was changed", besides=ids)))
         elif not image_ids:
             ids = [row[0] for row in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id").fetchall()]
         # class priors train on their class prompt, whatever caption they hold: an edit of theirs would change nothing
@@ -1190,7 +1196,7 @@ def keep(
     keep policy choose in its group again)
     """
     from pipelines.concepts import resolve_image_ids
-    from pipelines.dedup import choose_keeper, image_set_apart, keeper_choice_dropped, kept_but_excluded
+    from pipelines.dedup import AlreadySo, choose_keeper, image_set_apart, keeper_choice_dropped, kept_but_excluded
 
     if sum((alone, rejoin, auto)) > 1:
         fail("--alone, --rejoin and --auto are different things: give one.")
@@ -1199,8 +1205,8 @@ def keep(
         (found,) = resolve_image_ids(con, [image_id])
         if auto:
             was_chosen, kept = keeper_choice_dropped(con, found)
-            if not was_chosen:
-                fail(f"No copy of {found[:12]}'s group was kept by hand: the keep policy chooses there already.")
+            if not was_chosen:  # a rerun: what was asked for holds, so a script's `set -e` goes on
+                raise AlreadySo(f"No copy of {found[:12]}'s group was kept by hand: the keep policy chooses there already.")
             if kept is None:  # the hand choice held a chain together: without it this copy pairs with no keeper
                 console.print(Text(f"the keep policy chooses again: {found[:12]} is in no duplicate group now (the copy kept "
                                    "by hand was what joined it to the others), so it stays in"))
@@ -1214,6 +1220,9 @@ def keep(
                                f"{counts['groups']} duplicate group(s), {counts['excluded_as_duplicates']} copies excluded"))
             return
         choose_keeper(con, found)
+    except AlreadySo as already:
+        err_console.print(Text(f"Nothing to do: {already}", style="yellow"))
+        return
     except ValueError as error:
         fail(str(error))
     group = con.execute("SELECT count(*) FROM duplicates WHERE group_id = (SELECT group_id FROM duplicates WHERE image_id = ?)",
@@ -1262,7 +1271,7 @@ def include(
                 err_console.print(Text(f"Note: files added to {path} later are still excluded by the rule on {inside[0][0]} "
                                        f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
         if where is not None:
-            image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included")))
+            image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included", besides=image_ids)))
         chosen = image_ids if image_ids or folder or where is not None else None  # --reason alone: every such exclusion
         summary = manual_exclusions_lifted(con, chosen, reason=reason) if only_manual else manual_inclusions(con, image_ids)
     except ValueError as error:
@@ -1575,6 +1584,7 @@ def train_command(
         fail("--show-batches shows a new run's plan; a resumed run goes on with the plan it started with.")
     launching = num_processes > 1 and "WORLD_SIZE" not in os.environ  # this process starts the others, then waits
     from pipelines.train import ConfigError, TrainingError, load_train_config, trained_model
+    from pipelines.train.loop import NothingToResume
     from pipelines.train.data import DataError
     from workbench.models import ModelError
 
@@ -1654,6 +1664,9 @@ def train_command(
         with RichProgress() as progress, _StopWhenTheStepEnds(progress) as stoppable:
             # the catalog is free for other commands while the model trains (hours, on real models)
             result = trained_model(con, train_config, progress=stoppable, release_catalog=True)
+    except NothingToResume as finished:  # a requeued job's `--resume latest` after the run finished: not a failure
+        err_console.print(Text(f"Nothing to do: {finished}", style="yellow"))
+        return
     except (ConfigError, DataError, TrainingError, ModelError) as error:
         fail(str(error))
     except (KeyboardInterrupt, StepCancelled):  # StepCancelled: the first Ctrl+C, at the end of a step

@@ -56,6 +56,10 @@ class RunRefused(TrainingError):
     """Refused before anything trained: these settings, this machine or this run folder do not allow the run."""
 
 
+class NothingToResume(RunRefused):
+    """`--resume` of a run that finished every step asked for: nothing to train (the CLI says so and exits 0)."""
+
+
 @dataclass
 class TrainResult:
     """What a finished (or resumed-and-finished) run produced."""

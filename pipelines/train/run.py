@@ -19,6 +19,7 @@ from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
 from pipelines.train.config import RUN_CONFIG_FILE, SNAPSHOT_FILE, TrainConfig, run_config_text
 from pipelines.train.loop import (
+    NothingToResume,
     PlanDataset,
     RunRefused,
     TrainingError,
@@ -280,7 +281,7 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
         [str(output_dir), folder_id],
     ))
     if step == total and row is not None and row[0] == step:
-        raise RunRefused(
+        raise NothingToResume(
             f"{output_dir} finished at step {step} and is recorded: nothing to resume. "
             "Give a larger --max-train-steps (or --num-train-epochs) to train it further."
         )
