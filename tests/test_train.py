@@ -492,6 +492,19 @@ def test_a_lora_run_releases_the_frozen_text_encoder_and_samples_from_cached_pro
                             for entry in index])
     assert np.abs(saved - through_prompts).max() <= 1  # the last bits of a batched text encoder may differ
     assert np.abs(through_prompts[:32] - through_prompts[64:96]).max() > 10  # the two prompts give other pictures
+    # each sample says how it was made, in samples.json and in the PNG's own text (A1111's PNG Info shows it; an
+    # output consumer's review found only prompt and seed, and the step grids' prompts nowhere)
+    assert {key: index[1][key] for key in ("seed", "sampler", "steps", "guidance_scale", "width", "height")} == {
+        "seed": config.validation_seed + 1, "sampler": "DDIM", "steps": config.validation_inference_steps,
+        "guidance_scale": config.validation_guidance_scale, "width": 32, "height": 32}
+    with Image.open(Path(result.outputs["final_samples"]) / index[1]["file"]) as sample:
+        assert sample.text["parameters"] == (
+            f"square, red\nSteps: {config.validation_inference_steps}, Sampler: DDIM, CFG scale: {config.validation_guidance_scale}, "
+            f"Seed: {config.validation_seed + 1}, Size: 32x32, Model: {config.model}")
+    grids = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    with Image.open(grids[-1]) as grid:
+        made = json.loads(grid.text["workbench"])
+    assert made["prompts"] == ["square, red", "a photo of sks"] and made["step"] == result.steps and made["sampler"] == "DDIM"
 
 
 def test_a_lora_run_with_a_trained_text_encoder_keeps_it(con, tmp_path, one_thread):

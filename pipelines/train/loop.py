@@ -1128,7 +1128,12 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
             ema.restore(unwrapped.parameters())
     grid = make_image_grid([img for row in rows for img in row], rows=len(rows), cols=len(rows[0]))
     path = samples_dir / (f"final-step-{step:06d}.png" if final else f"step-{step:06d}.png")
-    grid.save(path)
+    # how the grid was made, in the PNG (A1111's PNG Info and ComfyUI read "parameters"): row r is prompts[r], column i
+    # seed validation_seed + i
+    grid.save(path, pnginfo=_png_text({
+        "parameters": " | ".join(prompts) + "\n" + _sampling_settings(config, f"{config.validation_seed} + column"),
+        "workbench": json.dumps({"step": step, "prompts": list(prompts), **_sampling_record(config)}),
+    }))
     if not final:
         return path
     final_dir = samples_dir / "final"
@@ -1137,10 +1142,34 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
     for p, (prompt, row) in enumerate(zip(prompts, rows)):
         for i, img in enumerate(row):
             name = f"{p:02d}-{i:02d}.png"
-            img.save(final_dir / name)
-            index.append({"file": name, "prompt": prompt, "seed": config.validation_seed + i})
+            seed = config.validation_seed + i
+            img.save(final_dir / name, pnginfo=_png_text({"parameters": f"{prompt}\n{_sampling_settings(config, seed)}"}))
+            index.append({"file": name, "prompt": prompt, "seed": seed, "step": step, **_sampling_record(config)})
     (final_dir / "samples.json").write_text(json.dumps(index, indent=1))
     return path, final_dir
+
+
+def _sampling_record(config: TrainConfig) -> dict:
+    """How sample images are made, beside their prompt and seed (samples.json, the grids' text)."""
+    return {"sampler": "DDIM", "steps": config.validation_inference_steps, "guidance_scale": config.validation_guidance_scale,
+            "width": config.resolution, "height": config.resolution, "negative_prompt": ""}
+
+
+def _sampling_settings(config: TrainConfig, seed) -> str:
+    """The settings line of A1111's `parameters` text, which its PNG Info shows and "send to txt2img" reads."""
+    from pipelines.train.lora_formats import kohya_model_name
+
+    return (f"Steps: {config.validation_inference_steps}, Sampler: DDIM, CFG scale: {config.validation_guidance_scale}, "
+            f"Seed: {seed}, Size: {config.resolution}x{config.resolution}, Model: {kohya_model_name(config.model)}")
+
+
+def _png_text(texts: Mapping[str, str]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in texts.items():
+        info.add_itxt(key, value)  # iTXt: UTF-8, as a prompt may be in any script
+    return info
 
 
 def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_scheduler, image_count: int, steps: int, seconds: float,
