@@ -583,6 +583,7 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         ours, written = load_file(str(tmp_path / "lora" / "exports" / "checkpoint-2" / name)), load_file(str(tmp_path / "lora" / name))
         assert ours.keys() == written.keys() and all(torch.equal(ours[k], written[k]) for k in ours)
+    written_kohya = written
     # the kohya metadata is the run's own at that step (it said epoch None and 0 s of training)
     from safetensors import safe_open
 
@@ -591,6 +592,20 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     assert metadata["ss_epoch"] == "2" and float(metadata["ss_training_seconds"]) > 0
     nowhere = runner.invoke(app, ["train", "export", str(tmp_path / "no-such-run"), "--checkpoint", "2"])
     assert nowhere.exit_code == 2 and "No run folder" in " ".join(nowhere.output.split())
+    # straight into a UI's folder under a name of its own (an output consumer's review: `--to mylora.safetensors`
+    # made a folder of that name, holding the two files every run names alike)
+    ui = tmp_path / "webui" / "models" / "Lora"
+    ui.mkdir(parents=True)
+    named = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "my-lora-step2.safetensors")])
+    assert named.exit_code == 0 and f"lora_kohya: {ui / 'my-lora-step2.safetensors'}" in named.output, named.output
+    assert sorted(p.name for p in ui.iterdir()) == ["my-lora-step2.safetensors"]  # no staging folder left
+    one = load_file(str(ui / "my-lora-step2.safetensors"))
+    assert one.keys() == written_kohya.keys() and all(torch.equal(one[k], written_kohya[k]) for k in one)
+    taken = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "my-lora-step2.safetensors")])
+    assert taken.exit_code == 2 and "exists" in taken.output
+    checkpoint = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "2", "--to", str(ui / "ft.safetensors")])
+    assert checkpoint.exit_code == 0 and "single_file:" in checkpoint.output
+    assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(str(ui / "ft.safetensors"))
 
 
 @pytest.mark.parametrize("layout, expected", [

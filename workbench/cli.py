@@ -8,8 +8,10 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from contextlib import contextmanager
@@ -1806,11 +1808,12 @@ for _mode, _help in (
 def train_export(
     run_dir: Annotated[Path, typer.Argument(help="The run's --output-dir.")],
     checkpoint: Annotated[str, typer.Option(help="Step number, checkpoint folder, or 'latest'.")] = "latest",
-    to: Annotated[Optional[Path], typer.Option(help="Where the model goes (default: RUN_DIR/exports/checkpoint-N).")] = None,
+    to: Annotated[Optional[Path], typer.Option(help="Where the model goes (default: RUN_DIR/exports/checkpoint-N); a FILE.safetensors: just the file A1111 and ComfyUI load, named so.")] = None,
 ) -> None:
     """Write a checkpoint's weights as a finished run writes its model (LoRA files, or a diffusers folder and one file).
 
     Example: workbench train export runs/dreambooth-dog --checkpoint 400
+    (or straight into a UI's folder, named: --to ~/webui/models/Lora/dog-step400.safetensors)
     """
     from pipelines.train import TrainingError
     from pipelines.train.checkpoint import list_checkpoints, resolve_resume
@@ -1827,17 +1830,31 @@ def train_export(
     if found is None:
         fail(f"{run_dir} has no checkpoints (looked in {folder}).")
     out = to or run_dir / "exports" / found.name
-    if out.exists() and not out.is_dir():
-        fail(f"{out} is a file: --to takes a folder for the model.")
-    if out.exists() and any(out.iterdir()):
+    one_file = out.suffix.lower() == ".safetensors"  # every run's files have the same names: a UI's folder needs its own
+    if one_file:
+        if out.exists():
+            fail(f"{out} exists: give another --to, or delete it first.")
+        if not out.parent.is_dir():
+            fail(f"No folder {out.parent} to write {out.name} in.")
+        final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    elif out.exists() and not out.is_dir():
+        fail(f"{out} is a file: --to takes a folder for the model, or a new FILE.safetensors.")
+    elif out.exists() and any(out.iterdir()):
         fail(f"{out} is not empty: give another --to, or delete it first.")
     try:
         with RichProgress() as progress:
             outputs = exported_checkpoint(found, out, progress=progress)
+        if one_file:  # the file A1111 and ComfyUI load: the kohya-keyed LoRA, or the original-layout checkpoint
+            name = "lora_kohya" if "lora_kohya" in outputs else "single_file"
+            os.replace(outputs[name], final)
+            outputs = {name: str(final)}
     except (TrainingError, ModelError) as error:
         fail(str(error))
+    finally:
+        if one_file:
+            shutil.rmtree(out, ignore_errors=True)
     for name, path in outputs.items():
-        console.print(Text(f"{name}: {path}"))
+        console.print(Text(f"{name}: {path}"), soft_wrap=True)
 
 
 @app.command()
