@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 from typer.testing import CliRunner
@@ -65,6 +66,11 @@ def test_output_takes_its_format_from_the_name_and_never_overwrites_silently(cat
     mixed = runner.invoke(app, [*query, "-f", "json", "-o", str(tmp_path / "ds.csv")])
     assert mixed.exit_code == 2 and "names csv but --format is json" in " ".join(mixed.output.split())
     assert not (tmp_path / "ds.csv").exists()
+    # `-o -` is stdout, as the usual tools read it (it wrote a file named "-"); a file ends with a line break too
+    dash = runner.invoke(app, [*query, "-o", "-", "-f", "csv"])
+    assert dash.exit_code == 0 and dash.stdout.splitlines() == ["image_id", "a", "b"] and not Path("-").exists()
+    assert runner.invoke(app, [*query, "-o", "-"]).exit_code == 2
+    assert (tmp_path / "ids.json").read_text().endswith("]\n")
 
 
 def test_errors_while_rows_are_computed_are_messages_and_json_stays_json(catalog_path, tmp_path):

@@ -402,6 +402,10 @@ def sql(
 
     Example: workbench sql "SELECT path, width, height FROM dataset ORDER BY width DESC LIMIT 5" --format json
     """
+    if output is not None and str(output) == "-":  # the usual name for stdout (it wrote a file named "-")
+        if format not in {"csv", "json"}:
+            fail("-o - writes to stdout: give --format csv or json with it (or leave -o out).")
+        output = None
     if output is not None and output.is_dir():
         fail(f"{output} is a folder; give a file name.")
     if format is None:
@@ -492,11 +496,12 @@ def sql(
         note = _older_catalog_note(con)
         con.close()
         fail(f"SQL error: {error}{note}")
+    text += "" if text.endswith("\n") else "\n"  # a file ends its last line, as stdout does
     if output:
         written_whole(output, lambda path: path.write_text(text))
         err_console.print(Text(f"wrote {output}"))
     else:
-        sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+        sys.stdout.write(text)
 
 
 def _columns_that_fit(names: list[str], cells: list[list[Text]], width: int, readable: int = 10) -> int:
