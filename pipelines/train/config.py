@@ -33,6 +33,7 @@ SCHEDULE_OPTIONS = {
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = {"float": "float32", "fp16": "float16", "bf16": "bfloat16"}  # sd-scripts' names → torch dtypes
 DEVICES = ("cpu", "cuda", "mps")
 SNAPSHOT_FILE = "dataset.json"  # a run's own copy of its options and dataset, in its folder
 # what --resume may change: how long, how often to save and sample, where and how to log and cache, and how the
@@ -45,7 +46,7 @@ RESUME_MAY_CHANGE = frozenset({
     "validation_prompt", "validation_steps", "num_validation_images", "validation_seed", "validation_inference_steps",
     "validation_guidance_scale", "report_to", "evaluate", "clip_model", "device", "dataloader_num_workers",
     "cache_dir", "cache_memory_mb", "cache_latents", "cache_text_embeddings", "torch_compile",
-    "gradient_checkpointing", "fused_adam", "channels_last", "cudnn_benchmark",
+    "gradient_checkpointing", "fused_adam", "channels_last", "cudnn_benchmark", "save_precision",
 })
 # learning rate when none is given: a LoRA trains new low-rank weights (diffusers' LoRA examples: 1e-4); a full
 # UNet is the real model, which 1e-4 wrecks (diffusers' train_dreambooth.py: 5e-6; fine-tunes use ~1e-5); a UNet
@@ -74,7 +75,7 @@ ONE_ITEM_LIST_OPTIONS = ("validation_prompt", "concepts")
 # max_train_steps, learning_rate, text_encoder_lr, lr_scheduler, lr_warmup_steps, mixed_precision, seed,
 # gradient_checkpointing, gradient_accumulation_steps, max_grad_norm, keep_tokens, random_crop, noise_offset,
 # prior_loss_weight, output_dir, resume, cache_latents, use_8bit_adam, caption_prefix, min_bucket_reso,
-# max_bucket_reso, bucket_reso_steps, bucket_no_upscale, resolution) are workbench options already.
+# max_bucket_reso, bucket_reso_steps, bucket_no_upscale, resolution, save_precision) are workbench options already.
 KOHYA_OPTIONS = {
     "pretrained_model_name_or_path": "model",
     "network_dim": "rank",
@@ -122,7 +123,7 @@ KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
     "save_last_n_steps": "checkpoints_total_limit keeps the newest N checkpoints",
     "save_last_n_epochs": "checkpoints_total_limit keeps the newest N checkpoints",
     "save_state": "every checkpoint holds the training state",
-    "save_model_as": "", "save_precision": "", "training_comment": "",
+    "save_model_as": "", "training_comment": "",
     "logging_dir": "logs go in the run's output_dir",
     "optimizer_args": "", "lr_scheduler_args": "", "full_fp16": "use mixed_precision", "full_bf16": "use mixed_precision",
     "xformers": "diffusers picks the attention", "sdpa": "diffusers picks the attention", "mem_eff_attn": "diffusers picks the attention",
@@ -182,6 +183,9 @@ class TrainConfig:
     channels_last: bool | None = None
     torch_compile: bool = False  # compile the UNet's transformer blocks: faster steps after a one-time compile
     mixed_precision: str = "no"
+    # the dtype of the files A1111 and ComfyUI load (both LoRA files, model.safetensors); None: float32, as trained.
+    # fp16 halves an SD 1.5 checkpoint (4.3 to 2.1 GB); pipeline/ and the checkpoints stay float32, to train on
+    save_precision: str | None = None
     seed: int = 0
 
     # optimiser
@@ -312,6 +316,7 @@ class TrainConfig:
             (self.learning_rate is None or self.learning_rate > 0, "--learning-rate must be positive"),
             (self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
             (self.mixed_precision in MIXED_PRECISION, "--mixed-precision must be no, fp16 or bf16"),
+            (self.save_precision is None or self.save_precision in SAVE_PRECISIONS, "save_precision must be float, fp16 or bf16"),
             (self.beta_schedule is None or self.beta_schedule in BETA_SCHEDULES, f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}"),
             (self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "--prediction-type must be epsilon or v_prediction"),
             (self.rank >= 1, "--rank must be at least 1"),
@@ -686,3 +691,10 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: dic
     except TypeError as error:
         raise ConfigError(str(error)) from error
     return config.validate()
+
+
+def save_dtype(config: "TrainConfig"):
+    """The torch dtype `save_precision` names (float32 when unset)."""
+    import torch
+
+    return getattr(torch, SAVE_PRECISIONS[config.save_precision or "float"])

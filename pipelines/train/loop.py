@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pipelines.train import checkpoint as ckpt
 from pipelines.train import data as train_data
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import TrainConfig, save_dtype
 from pipelines.train.data import ItemSpec, LatentCache, TextCache, TrainImage
 from workbench.files import current_umask
 from workbench.models import quiet_model_io
@@ -1180,7 +1180,7 @@ def _save_model(config, output_dir: Path, unet, text_encoder, components, noise_
 
     outputs = {}
     if config.mode == "lora":
-        outputs["lora_diffusers"] = str(lora_formats.save_diffusers_lora(output_dir, unet, text_encoder))
+        outputs["lora_diffusers"] = str(lora_formats.save_diffusers_lora(output_dir, unet, text_encoder, save_dtype(config)))
         outputs["lora_kohya"] = str(lora_formats.save_kohya_lora(
             output_dir, unet, config, text_encoder=text_encoder, base_model=config.model,
             image_count=image_count, steps=steps, seconds=seconds, images=images, epoch=epoch, cache_latents=cache_latents,
@@ -1249,12 +1249,12 @@ def _save_single_file(pipe, path: Path, config) -> Path:
                              resolution=config.resolution, lora=False,
                              title=Path(config.output_dir).name if config.output_dir else "Checkpoint")}
     try:
-        return save_ldm_checkpoint(path, pipe.unet, pipe.vae, pipe.text_encoder, {**metadata, "layout": "ldm"})
+        return save_ldm_checkpoint(path, pipe.unet, pipe.vae, pipe.text_encoder, {**metadata, "layout": "ldm"}, dtype=save_dtype(config))
     except ValueError:
         tensors = {}
         for prefix, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
             for name, tensor in module.state_dict().items():
-                tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu").contiguous()
+                tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu", save_dtype(config)).contiguous()
         save_file(tensors, str(path), metadata={**metadata, "layout": "diffusers"})
         return path
 

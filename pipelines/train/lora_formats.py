@@ -22,14 +22,15 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
 
 
-def peft_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def peft_lora_state(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a peft-adapted model, keyed by module path + `.lora_A.weight`/`.lora_B.weight`."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_diffusers_lora(output_dir: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> Path:
+def save_diffusers_lora(output_dir: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+                        dtype: torch.dtype = torch.float32) -> Path:
     """Write `pytorch_lora_weights.safetensors`: peft's own keys (`unet.<module>.lora_A.weight` / `.lora_B.weight`,
     `text_encoder.…`) with the adapter configs in the header, via `StableDiffusionPipeline.save_lora_weights`.
 
@@ -42,8 +43,8 @@ def save_diffusers_lora(output_dir: Path, unet: torch.nn.Module, text_encoder: t
 
     # the adapter config (rank, alpha, targets) travels in the header, or loaders assume alpha = rank
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(output_dir), unet_lora_layers=peft_lora_state(unet),
-        text_encoder_lora_layers=peft_lora_state(text_encoder) if text_encoder is not None else None,
+        save_directory=str(output_dir), unet_lora_layers=peft_lora_state(unet, dtype),
+        text_encoder_lora_layers=peft_lora_state(text_encoder, dtype) if text_encoder is not None else None,
         weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True,
         unet_lora_adapter_metadata=adapter_metadata(unet.peft_config["default"]),
         text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder.peft_config["default"]) if text_encoder is not None else None,
@@ -339,9 +340,12 @@ def save_kohya_lora(
 
     The optional arguments refine the metadata (see `kohya_metadata`); leaving them out still writes a valid file.
     """
+    from pipelines.train.config import save_dtype
+
     tensors = kohya_state_dict(
         peft_lora_state(unet), config.effective_lora_alpha, peft_lora_state(text_encoder) if text_encoder is not None else None
     )
+    tensors = {key: tensor.to(save_dtype(config)) for key, tensor in tensors.items()}  # alphas too, as sd-scripts saves
     metadata = kohya_metadata(
         config, base_model=base_model, image_count=image_count, steps=steps, seconds=seconds,
         num_train_images=num_train_images, images=images, epoch=epoch, cache_latents=cache_latents, reg_images=reg_images,

@@ -104,7 +104,8 @@ def ldm_vae_state(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_ldm_checkpoint(path: Path, unet, vae, text_encoder, metadata: dict[str, str] | None = None) -> Path:
+def save_ldm_checkpoint(path: Path, unet, vae, text_encoder, metadata: dict[str, str] | None = None,
+                        dtype: torch.dtype = torch.float32) -> Path:
     """Write one safetensors file in the SD 1.x original layout (UNet, VAE, CLIP text encoder); ValueError for an
     SD 2.x model, whose OpenCLIP text encoder has a layout of its own (`cond_stage_model.model.*`) not written here."""
     if getattr(unet.config, "cross_attention_dim", 768) == 1024:
@@ -114,5 +115,5 @@ def save_ldm_checkpoint(path: Path, unet, vae, text_encoder, metadata: dict[str,
         # transformers 5 names CLIPTextModel's weights without the `text_model.` level the LDM layout has
         name = key if key.startswith("text_model.") else "text_model." + key
         tensors["cond_stage_model.transformer." + name] = tensor
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {})
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {})
     return path
