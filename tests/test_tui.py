@@ -1818,6 +1818,19 @@ def test_text_that_looks_like_markup_is_shown_as_typed_on_every_screen(synthetic
             screen.query_one("#field-max_train_steps").value = "2"
             screen.query_one("#field-output_dir").value = "runs/lora [v1]"
             assert screen.config().output_dir == str(synthetic_catalog.parent / "runs" / "lora [v1]")  # beside the catalog
+            # a model of one's own, not only a preset (a review found it only through "model=" in more settings), a
+            # local folder relative to the catalog's folder as the output folder is; a Hub id as typed
+            import shutil
+
+            from workbench.models import component_path
+
+            shutil.copytree(component_path("tiny", "sd"), synthetic_catalog.parent / "models" / "my sd")
+            screen.query_one("#field-model").value = "models/my sd"
+            assert screen.config().model == str(synthetic_catalog.parent / "models" / "my sd")
+            screen.query_one("#field-model").value = "someone/their-model"
+            assert screen.config().model == "someone/their-model"
+            screen.query_one("#field-model").value = ""
+            assert screen.config().model == "tiny"
             assert app.return_code is None  # still running: nothing crashed
 
     asyncio.run(scenario())

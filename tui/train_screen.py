@@ -177,6 +177,8 @@ class TrainScreen(SizeClasses, Screen):
                 yield Select(MODES, value="lora", allow_blank=False, id="mode")
                 yield Label("preset (base model)")
                 yield Select([("tiny", "tiny")], value="tiny", allow_blank=False, id="preset")  # the rest load in on_mount
+                yield Label("or a model of your own")
+                yield Input(id="field-model", compact=True, placeholder="a folder, a .safetensors or a Hub id")
                 for name, label, _ in FIELDS:
                     yield Label(label)
                     yield Input(id=f"field-{name}", compact=True, placeholder=FIELD_PLACEHOLDERS.get(name, ""))
@@ -288,8 +290,11 @@ class TrainScreen(SizeClasses, Screen):
         # Resume goes on with the run's saved options: the form's own defaults are not given (they would clash with
         # a run made with other values, from the command line or before a restart), only what was typed
         defaults = default_values(str(preset)) if resume else {}
+        own_model = self.query_one("#field-model", Input).value.strip()
         if not resume:
-            values["model"] = preset
+            values["model"] = own_model or preset
+        elif own_model:  # a resume trains the run's own model: one typed here is checked against it
+            values["model"] = own_model
         for name, label, kind in FIELDS:
             text = self.query_one(f"#field-{name}", Input).value.strip()
             if not text or (resume and text == defaults.get(name, "").strip()):
@@ -313,6 +318,11 @@ class TrainScreen(SizeClasses, Screen):
                 values["output_dir"] = row[0]
             else:
                 values["output_dir"] = str(default_output_dir(cur, values["mode"]))
+            if own_model and values.get("model") == own_model:
+                # a local model typed relative to the catalog's folder too, as the output folder is (a Hub id stays)
+                local = catalog_project_dir(cur) / Path(own_model).expanduser()
+                if own_model.startswith((".", "~", "/")) or local.exists():
+                    values["model"] = str(local.resolve())
         finally:
             cur.close()
         if resume:
