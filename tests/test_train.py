@@ -1657,9 +1657,59 @@ def test_captions_past_the_text_encoders_window_are_said(con, tmp_path, one_thre
     said = []
     _say_long_captions([image, short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
     assert len(said) == 1 and f"1 caption(s) are longer than the text encoder's {window} tokens, e.g. /data/long.png" in said[0]
+    assert "--set max_token_length=225" in said[0]  # the way to read them whole
     said.clear()
     _say_long_captions([short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
     assert said == []
+    medium = dataclasses.replace(image, caption=", ".join(f"detail{i}" for i in range(30)))  # past 75 tokens, within 225
+    assert window < len(components.tokenizer(medium.caption, add_special_tokens=False)["input_ids"]) < 3 * window
+    _say_long_captions([medium], components.tokenizer, lambda **kw: said.append(kw.get("message")), max_token_length=225)
+    assert said == []  # read whole in three windows
+    _say_long_captions([image], components.tokenizer, lambda **kw: said.append(kw.get("message")), max_token_length=225)
+    assert "longer than max_token_length 225" in said[0] and "--set max_token_length" not in said[0]
+
+
+def test_long_captions_are_read_in_windows_as_kohya_reads_them(con, tmp_path, one_thread):
+    """kohya's max_token_length = 225, which booru-tag captions need: each caption as three windows of the text
+    encoder, joined as <start>, 3 × 75 tokens, <end> (sd-scripts' get_hidden_states)."""
+    from safetensors import safe_open
+
+    from pipelines.train import ConfigError, main
+    from pipelines.train.data import training_images
+    from pipelines.train.loop import long_caption_ids, text_states
+
+    components = tiny_components()
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    tags = ", ".join(f"tag{i}" for i in range(60))  # about 180 tokens
+    ids = long_caption_ids(tokenizer, ["a dog", tags], 225)
+    assert ids.shape == (2, 3, 77)
+    assert (ids[:, :, 0] == tokenizer.bos_token_id).all() and (ids[:, :, -1] == tokenizer.eos_token_id).all()
+    with torch.no_grad():
+        short, long = text_states(encoder, tokenizer, ["a dog", tags], 225, "cpu"), text_states(encoder, tokenizer, [tags], None, "cpu")
+        plain = text_states(encoder, tokenizer, ["a dog"], None, "cpu")
+        assert short.shape == (2, 227, encoder.config.hidden_size) and long.shape == (1, 77, encoder.config.hidden_size)
+        # a short caption's first window is the plain encoding
+        assert torch.equal(short[0, :76], plain[0, :76])
+        # tags past token 75 reach the states only in windows: the plain encoding cut them
+        later = tags.replace("tag59", "zebra")
+        assert torch.equal(text_states(encoder, tokenizer, [later], None, "cpu"), long)
+        assert not torch.equal(text_states(encoder, tokenizer, [later], 225, "cpu"), short[1:])
+        # window by window, as sd-scripts joins them
+        windows = encoder(ids[1])[0]
+        assert torch.equal(short[1, 1:76], windows[0, 1:76]) and torch.equal(short[1, 151:226], windows[2, 1:76])
+        assert torch.allclose(short[1, -1], windows[2, -1], atol=1e-5)  # batched with another caption: last bits
+
+    # a run trains and samples with them: the text cached (frozen encoder) and through the trained encoder
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    for name, options in (("cached", {}), ("trained", {"train_text_encoder": True})):
+        config = fast_config(tmp_path / name, max_train_steps=1, num_validation_images=1, max_token_length=225,
+                             validation_prompt=[tags], **options)
+        result = main(config, training_images(con, config), output_dir=tmp_path / name, components=tiny_components())
+        assert result.steps == 1 and (Path(result.outputs["final_samples"]) / "00-00.png").is_file()
+        with safe_open(str(tmp_path / name / "lora_kohya.safetensors"), "pt") as handle:
+            assert handle.metadata()["ss_max_token_length"] == "225"
+    with pytest.raises(ConfigError, match="max_token_length must be 75, 150 or 225"):
+        fast_config(tmp_path / "x", max_token_length=100)
 
 
 def test_an_image_that_may_not_be_read_is_said_before_the_model_loads(con, tmp_path, monkeypatch):

@@ -75,7 +75,8 @@ ONE_ITEM_LIST_OPTIONS = ("validation_prompt", "concepts")
 # max_train_steps, learning_rate, text_encoder_lr, lr_scheduler, lr_warmup_steps, mixed_precision, seed,
 # gradient_checkpointing, gradient_accumulation_steps, max_grad_norm, keep_tokens, random_crop, noise_offset,
 # prior_loss_weight, output_dir, resume, cache_latents, use_8bit_adam, caption_prefix, min_bucket_reso,
-# max_bucket_reso, bucket_reso_steps, bucket_no_upscale, resolution, save_precision) are workbench options already.
+# max_bucket_reso, bucket_reso_steps, bucket_no_upscale, resolution, save_precision, max_token_length) are workbench
+# options already.
 KOHYA_OPTIONS = {
     "pretrained_model_name_or_path": "model",
     "network_dim": "rank",
@@ -127,7 +128,7 @@ KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
     "logging_dir": "logs go in the run's output_dir",
     "optimizer_args": "", "lr_scheduler_args": "", "full_fp16": "use mixed_precision", "full_bf16": "use mixed_precision",
     "xformers": "diffusers picks the attention", "sdpa": "diffusers picks the attention", "mem_eff_attn": "diffusers picks the attention",
-    "clip_skip": "", "max_token_length": "", "v2": "the model's own config says", "vae": "the model's own VAE is used",
+    "clip_skip": "", "v2": "the model's own config says", "vae": "the model's own VAE is used",
     "sample_sampler": "", "persistent_data_loader_workers": "", "lowram": "", "highvram": "",
     "noise_offset_random_strength": "", "adaptive_noise_scale": "", "multires_noise_iterations": "",
     "multires_noise_discount": "", "ip_noise_gamma": "", "zero_terminal_snr": "", "min_timestep": "", "max_timestep": "",
@@ -208,6 +209,9 @@ class TrainConfig:
     noise_offset: float = 0.0
     beta_schedule: str | None = None  # None keeps the model's schedule
     prediction_type: str | None = None  # None keeps the model's
+
+    # captions: kohya's long captions, read in windows of the text encoder's 75 tokens (150 or 225); None: 75
+    max_token_length: int | None = None
 
     # LoRA
     rank: int = 4
@@ -317,6 +321,7 @@ class TrainConfig:
             (self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
             (self.mixed_precision in MIXED_PRECISION, "--mixed-precision must be no, fp16 or bf16"),
             (self.save_precision is None or self.save_precision in SAVE_PRECISIONS, "save_precision must be float, fp16 or bf16"),
+            (self.max_token_length in (None, 75, 150, 225), "max_token_length must be 75, 150 or 225 (kohya's values)"),
             (self.beta_schedule is None or self.beta_schedule in BETA_SCHEDULES, f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}"),
             (self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "--prediction-type must be epsilon or v_prediction"),
             (self.rank >= 1, "--rank must be at least 1"),

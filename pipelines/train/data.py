@@ -698,5 +698,7 @@ def make_caches(config: TrainConfig, vae, text_encoder, tokenizer) -> tuple[Late
     if uses_text_cache(config):
         vocab = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
         tokenizer_id = f"{type(tokenizer).__name__}:{vocab}:{tokenizer.model_max_length}"
+        if config.max_token_length and config.max_token_length > tokenizer.model_max_length - 2:  # another encoding
+            tokenizer_id += f":windows-{config.max_token_length}"
         text_cache = TextCache(root, module_fingerprint(text_encoder, extra=f"text:{tokenizer_id}"), memory)
     return latent_cache, text_cache

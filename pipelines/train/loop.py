@@ -301,25 +301,64 @@ def default_sample_prompts(images: Sequence[TrainImage]) -> list[str]:
     return prompts[:most] or ["a photo"]
 
 
-def _say_long_captions(images: Sequence[TrainImage], tokenizer, progress: ProgressHook) -> None:
-    """Captions past the text encoder's window are cut (as in every SD 1.x trainer without kohya's 225-token
-    chunking): said with how many, not left to be found in the samples."""
+def _say_long_captions(images: Sequence[TrainImage], tokenizer, progress: ProgressHook, max_token_length: int | None = None) -> None:
+    """Captions past what training reads (the text encoder's 75 tokens, or `max_token_length`) are cut: said with
+    how many, not left to be found in the samples."""
     captions = sorted({image.caption for image in images if image.caption})
-    window = tokenizer.model_max_length - 2  # less the start and end tokens
+    encoder = tokenizer.model_max_length - 2  # less the start and end tokens
+    window = max(encoder, max_token_length or 0)
     lengths = tokenizer(captions, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if captions else []
     long = [caption for caption, ids in zip(captions, lengths) if len(ids) > window]
     if long:
         first = next(image for image in images if image.caption == long[0])
+        limit = f"max_token_length {window}" if window > encoder else f"the text encoder's {window} tokens"
+        longer = f", or `--set max_token_length={3 * encoder}` (kohya's long captions: {3 * encoder} tokens, in windows)" if window < 3 * encoder else ""
         progress(task="dataset", message=(
-            f"Note: {len(long)} caption(s) are longer than the text encoder's {window} tokens, e.g. {first.path}'s: "
+            f"Note: {len(long)} caption(s) are longer than {limit}, e.g. {first.path}'s: "
             f"training reads their first {window} tokens (with shuffled tags, different tags are cut each step). "
-            "Shorten them (`workbench edit-captions --remove-token …`) to train on every tag."))
+            f"Shorten them (`workbench edit-captions --remove-token …`){longer} to train on every tag."))
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     return tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
+
+
+def long_caption_ids(tokenizer, captions: Sequence[str], max_token_length: int) -> torch.Tensor:
+    """kohya's `max_token_length` (150 or 225): each caption as `max_token_length / 75` windows of the text encoder,
+    (captions, windows, 77), each window <start> + 75 tokens + <end>. Where the tokenizer pads with <end> (SD 1.x),
+    the windows are cut from one padded sequence, as sd-scripts cuts them; otherwise (SD 2.x pads with another token)
+    a window whose text ends inside it gets its <end>, and one with no text starts with <end>, as sd-scripts mends it."""
+    window = tokenizer.model_max_length - 2
+    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_token_length + 2,
+                    return_tensors="pt").input_ids
+    bos, eos = ids[:, :1], ids[:, -1:]
+    chunks = []
+    for start in range(1, max_token_length + 1, window):
+        chunk = torch.cat([bos, ids[:, start : start + window], eos], dim=1)
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
+            full = (chunk[:, -2] != end) & (chunk[:, -2] != pad)
+            chunk[full, -1] = end  # text runs to the window's end: it still ends with <end>
+            chunk[chunk[:, 1] == pad, 1] = end  # a window past the text: <start><end><pad>…
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1)
+
+
+def text_states(text_encoder, tokenizer, captions: Sequence[str], max_token_length: int | None, device) -> torch.Tensor:
+    """The text encoder's hidden states for `captions`: (captions, 77, width), or with a `max_token_length` past the
+    encoder's 75 tokens, sd-scripts' long-caption states (captions, max_token_length + 2, width): each window encoded
+    on its own, joined as <start>, every window's 75 tokens, and the last window's <end>."""
+    window = tokenizer.model_max_length - 2
+    if not max_token_length or max_token_length <= window:
+        return text_encoder(tokenize(tokenizer, captions).to(device))[0]
+    ids = long_caption_ids(tokenizer, captions, max_token_length).to(device)
+    count, windows, length = ids.shape
+    hidden = text_encoder(ids.reshape(count * windows, length))[0]
+    hidden = hidden.reshape(count, windows * length, hidden.shape[-1])
+    parts = [hidden[:, :1]] + [hidden[:, i * length + 1 : i * length + 1 + window] for i in range(windows)] + [hidden[:, -1:]]
+    return torch.cat(parts, dim=1)
 
 
 # --- setup helpers -----------------------------------------------------------------------
@@ -503,6 +542,10 @@ def render_samples(pipe, prompts: Sequence[str], config: TrainConfig, device,
     needs no text encoder or tokenizer."""
     size = config.resolution
     count = config.num_validation_images
+    if prompt_states is None and config.max_token_length:  # the pipeline's own encoding reads 75 tokens: as trained
+        with torch.no_grad():
+            prompt_states = {p: state[None] for p, state in zip(
+                [*prompts, ""], text_states(pipe.text_encoder, pipe.tokenizer, [*prompts, ""], config.max_token_length, device))}
     rows = []
     for prompt in prompts:
         generators = [torch.Generator().manual_seed(config.validation_seed + i) for i in range(count)]
@@ -598,7 +641,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
     noise_scheduler = _noise_scheduler(components, config)
     if accelerator.is_main_process:
-        _say_long_captions(images, tokenizer, progress)
+        _say_long_captions(images, tokenizer, progress, config.max_token_length)
 
     # fingerprints of the frozen encoders, before anything trains
     latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer)
@@ -746,7 +789,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             "another dataset samples others; --validation-prompt, repeatable, keeps runs comparable)"))
     sample_captions = [*prompts, ""] if sampling else []  # "": the unconditional prompt of classifier-free guidance
     if accelerator.is_main_process:
-        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress, extra_captions=sample_captions)
+        fill_caches(remaining, dataset, vae, text_encoder, tokenizer, device, progress, extra_captions=sample_captions,
+                    max_token_length=config.max_token_length)
     accelerator.wait_for_everyone()
     prompt_states = None
     if text_cache is not None and config.mode == "lora":
@@ -1016,7 +1060,7 @@ def _lora_config(config: TrainConfig, target_modules):
 
 @torch.no_grad()
 def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_encoder, tokenizer, device, progress: ProgressHook,
-                extra_captions: Sequence[str] = ()) -> None:
+                extra_captions: Sequence[str] = (), max_token_length: int | None = None) -> None:
     """Encode every latent and caption the remaining plan needs (and `extra_captions`: the sample prompts) that is
     not on disk yet.
 
@@ -1044,7 +1088,7 @@ def fill_caches(plan: list[list[ItemSpec]], dataset: PlanDataset, vae, text_enco
         missing = [c for c in captions if not text_cache.path(text_cache.key(c)).exists()]
         for i in range(0, len(missing), 32):
             chunk = missing[i : i + 32]
-            hidden = text_encoder(tokenize(tokenizer, chunk).to(device))[0].float()
+            hidden = text_states(text_encoder, tokenizer, chunk, max_token_length, device).float()
             for caption, state in zip(chunk, hidden):
                 text_cache.put(caption, state)
             progress(task="cache text", completed=min(i + 32, len(missing)), total=len(missing))
@@ -1078,9 +1122,8 @@ def _step_loss(groups_batch, generator, config, vae, text_encoder, tokenizer, un
                 raise TrainingError(f"The text cache lost the entry of the caption {group['captions'][0]!r} during the run "
                                     "(was the cache folder cleaned?): run again with --resume latest.")
             _on(text_encoder, device)
-            ids = to_device(tokenize(tokenizer, group["captions"]), device)
             with torch.set_grad_enabled(train_text):
-                hidden = text_encoder(ids)[0]
+                hidden = text_states(text_encoder, tokenizer, group["captions"], config.max_token_length, device)
         model_pred = unet(noisy, timesteps, hidden.to(noisy.dtype)).sample  # accelerate autocasts under mixed precision
         target = training_target(noise_scheduler, latents, noise, timesteps)
         per_sample_all.append(per_sample_loss(model_pred, target, timesteps, noise_scheduler, config.snr_gamma))

@@ -236,6 +236,7 @@ def kohya_metadata(
         "ss_mixed_precision": config.mixed_precision,
         "ss_seed": str(config.seed),
         "ss_clip_skip": "None",
+        "ss_max_token_length": str(getattr(config, "max_token_length", None)),
         "ss_min_snr_gamma": str(config.snr_gamma),
         "ss_noise_offset": str(config.noise_offset),
         "ss_caption_dropout_rate": str(config.caption_dropout),
