@@ -276,3 +276,39 @@ def test_a_single_file_base_model_is_identified_by_sd_scripts_hashes(tmp_path):
     assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
     assert "ss_sd_model_hash" not in lora_formats.kohya_metadata(config, base_model="tiny", image_count=1, steps=1, seconds=1.0)
+
+
+def test_an_sd2_checkpoint_is_written_with_its_openclip_text_encoder_and_loads_back(tmp_path):
+    """An output consumer's review: a DreamBooth of an SD 2.x base wrote its text encoder in SD 1.x's CLIP layout,
+    which A1111 and ComfyUI cannot read as SD 2.x. Now the OpenCLIP layout (`cond_stage_model.model.*`, q/k/v joined),
+    read back here by diffusers' own single-file loader, weight for weight."""
+    import json
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pipelines.train.single_file import save_ldm_checkpoint
+    from workbench.models import component_path
+
+    tiny = Path(component_path("tiny", "sd"))
+    torch.manual_seed(0)
+    unet_config = {**json.loads((tiny / "unet" / "config.json").read_text()), "cross_attention_dim": 1024, "use_linear_projection": True}
+    unet = UNet2DConditionModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_")})
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu"))
+    vae = AutoencoderKL.from_pretrained(tiny, subfolder="vae")
+    scheduler = StableDiffusionPipeline.from_pretrained(tiny).scheduler
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer"),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "pipeline")
+    path = save_ldm_checkpoint(tmp_path / "model.safetensors", unet, vae, text_encoder)
+    keys = load_file(str(path)).keys()
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert not any(key.startswith("cond_stage_model.transformer.") for key in keys)
+    back = StableDiffusionPipeline.from_single_file(str(path), config=str(tmp_path / "pipeline"), safety_checker=None,
+                                                    requires_safety_checker=False)
+    for ours, theirs in ((unet, back.unet), (text_encoder, back.text_encoder)):
+        expected, loaded = ours.state_dict(), theirs.state_dict()
+        assert all(torch.equal(expected[k], loaded[k]) for k in expected if not k.endswith("position_ids")), type(ours).__name__

@@ -1,9 +1,10 @@
-"""One-file Stable Diffusion 1.x checkpoints in the original (LDM / CompVis) layout, as A1111 and ComfyUI load them.
+"""One-file Stable Diffusion 1.x and 2.x checkpoints in the original (LDM / CompVis) layout, as A1111 and ComfyUI
+load them.
 
-Keys: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*`
-(CLIP text encoder). The renaming is the inverse of what diffusers' single-file loader does
-(`loaders/single_file_utils.py`); the block indices are computed from the UNet's `layers_per_block`
-instead of being fixed to SD 1.5's, so any SD-1.x-shaped UNet (the tiny preset included) converts.
+Keys: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (SD 1.x's
+CLIP text encoder) or `cond_stage_model.model.*` (SD 2.x's OpenCLIP). The renaming is the inverse of what diffusers'
+single-file loader does (`loaders/single_file_utils.py`); the block indices are computed from the UNet's
+`layers_per_block` instead of being fixed to SD 1.5's, so any SD-shaped UNet (the tiny preset included) converts.
 """
 
 from __future__ import annotations
@@ -104,16 +105,53 @@ def ldm_vae_state(vae) -> dict[str, torch.Tensor]:
     return out
 
 
+_OPENCLIP_LAYER = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                   ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+_OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                 "embeddings.position_embedding.weight": "positional_embedding",
+                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def _text_weights(text_encoder) -> dict[str, torch.Tensor]:
+    """The text encoder's weights named below `text_model.` (transformers 5 names CLIPTextModel's without that level)."""
+    return {key.removeprefix("text_model."): tensor for key, tensor in text_encoder.state_dict().items()
+            if not key.endswith("position_ids")}
+
+
+def ldm_openclip_text_state(text_encoder) -> dict[str, torch.Tensor]:
+    """An SD 2.x text encoder in the original OpenCLIP layout (`cond_stage_model.model.*`), the inverse of diffusers'
+    `convert_open_clip_checkpoint`: q, k and v joined as `in_proj_weight`. OpenCLIP's last block and text projection,
+    which SD 2.x never uses (it reads the penultimate layer) and diffusers drops, are not written."""
+    weights, out = _text_weights(text_encoder), {}
+    prefix = "cond_stage_model.model."
+    for name, new in _OPENCLIP_TOP.items():
+        out[prefix + new] = weights.pop(name)
+    layers = sorted({int(key.split(".")[2]) for key in weights if key.startswith("encoder.layers.")})
+    for i in layers:
+        here, there = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{there}attn.in_proj_{leaf}"] = torch.cat([weights.pop(f"{here}self_attn.{part}_proj.{leaf}") for part in "qkv"])
+        for key in [key for key in weights if key.startswith(here)]:
+            rest = key[len(here):]
+            for a, b in _OPENCLIP_LAYER:
+                if rest.startswith(a):
+                    out[there + b + rest[len(a):]] = weights.pop(key)
+                    break
+    if weights:
+        raise ValueError(f"text encoder weights with no OpenCLIP name: {sorted(weights)[:3]}")
+    return out
+
+
 def save_ldm_checkpoint(path: Path, unet, vae, text_encoder, metadata: dict[str, str] | None = None,
                         dtype: torch.dtype = torch.float32) -> Path:
-    """Write one safetensors file in the SD 1.x original layout (UNet, VAE, CLIP text encoder); ValueError for an
-    SD 2.x model, whose OpenCLIP text encoder has a layout of its own (`cond_stage_model.model.*`) not written here."""
-    if getattr(unet.config, "cross_attention_dim", 768) == 1024:
-        raise ValueError("an SD 2.x model (1024-wide cross-attention): its OpenCLIP text encoder has no SD 1.x layout")
+    """Write one safetensors file in the original layout A1111 and ComfyUI load: UNet, VAE and the text encoder, as
+    SD 1.x's CLIP (`cond_stage_model.transformer.*`) or, for an SD 2.x model (1024-wide cross-attention), as its
+    OpenCLIP (`cond_stage_model.model.*`)."""
     tensors = {**ldm_unet_state(unet), **ldm_vae_state(vae)}
-    for key, tensor in text_encoder.state_dict().items():
-        # transformers 5 names CLIPTextModel's weights without the `text_model.` level the LDM layout has
-        name = key if key.startswith("text_model.") else "text_model." + key
-        tensors["cond_stage_model.transformer." + name] = tensor
+    if getattr(unet.config, "cross_attention_dim", 768) == 1024:
+        tensors.update(ldm_openclip_text_state(text_encoder))
+    else:
+        tensors.update({"cond_stage_model.transformer.text_model." + name: tensor
+                        for name, tensor in _text_weights(text_encoder).items()})
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {})
     return path
