@@ -195,6 +195,48 @@ def _same_command(params: dict) -> dict:
 # --- the step -------------------------------------------------------------------------
 
 
+def _caption_candidates(con: duckdb.DuckDBPyConnection, chosen: set[str] | None, duplicates: bool,
+                        own_captioned: bool) -> tuple[list[tuple[str, str]], int, int]:
+    """(image id, path) of the images a caption run takes (before those captioned already), and how many copies
+    dedup excluded and images with a caption of their own it leaves out."""
+    candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
+    if chosen is not None:
+        candidates = [(image_id, path) for image_id, path in candidates if image_id in chosen]
+    copies = set() if duplicates else {row[0] for row in con.execute(
+        "SELECT image_id FROM exclusions WHERE step = 'dedup'").fetchall()}
+    skipped_copies = sum(image_id in copies for image_id, _ in candidates)
+    candidates = [(image_id, path) for image_id, path in candidates if image_id not in copies]
+    own = set() if own_captioned else {row[0] for row in con.execute(
+        "SELECT image_id FROM current_captions WHERE caption_source IN ('sidecar', 'manual', 'duplicate')").fetchall()}
+    skipped_own = sum(image_id in own for image_id, _ in candidates)
+    return [(image_id, path) for image_id, path in candidates if image_id not in own], skipped_copies, skipped_own
+
+
+def same_name_note(con: duckdb.DuckDBPyConnection, model_name: str, model_path: str | None, overwrite: bool) -> str | None:
+    """A local model named like the one whose captions the catalog holds, from another folder: said, not silently
+    taken for it."""
+    if not model_path:
+        return None
+    before = [json.loads(row[0] or "{}").get("model_path") for row in con.execute(
+        "SELECT params FROM runs WHERE step = 'caption' AND json_extract_string(params, '$.model') = ? "
+        "ORDER BY run_id DESC LIMIT 1", [model_name]).fetchall()]
+    if not before or not before[0] or before[0] == model_path:
+        return None
+    return (f"Note: the catalog's {model_source(model_name)} captions came from {before[0]}; this model is {model_path}, of "
+            f"the same name: {'every image is captioned again' if overwrite else 'the images those captioned are skipped as already captioned (--overwrite captions them again with this one)'}")
+
+
+def images_to_caption(con: duckdb.DuckDBPyConnection, model_name: str, *, where: str | None = None,
+                      duplicates: bool = False, own_captioned: bool = False) -> int:
+    """How many images a `model_captions` run without `overwrite` would caption: none means the model need not load."""
+    from pipelines.concepts import images_where
+
+    chosen = set(images_where(con, where)) if where is not None else None
+    candidates, _, _ = _caption_candidates(con, chosen, duplicates, own_captioned)
+    done = {row[0] for row in con.execute("SELECT image_id FROM captions WHERE source = ?", [model_source(model_name)]).fetchall()}
+    return sum(image_id not in done for image_id, _ in candidates)
+
+
 def model_captions(
     con: duckdb.DuckDBPyConnection,
     processor,
@@ -248,26 +290,11 @@ def model_captions(
         from pipelines.concepts import images_where
 
         chosen = set(images_where(con, where))  # ValueError for a bad condition, before anything is recorded
-    if model_path:
-        before = [json.loads(row[0] or "{}").get("model_path") for row in con.execute(
-            "SELECT params FROM runs WHERE step = 'caption' AND json_extract_string(params, '$.model') = ? "
-            "ORDER BY run_id DESC LIMIT 1", [model_name]).fetchall()]
-        if before and before[0] and before[0] != model_path:
-            progress(task="caption", message=(
-                f"Note: the catalog's {source} captions came from {before[0]}; this model is {model_path}, of the same "
-                f"name: {'every image is captioned again' if overwrite else 'the images those captioned are skipped as already captioned (--overwrite captions them again with this one)'}"))
+    note = same_name_note(con, model_name, model_path, overwrite)
+    if note:
+        progress(task="caption", message=note)
     with record_run(con, "caption", params) as run:
-        candidates = usable_images(con, where="v.role = 'instance'")  # a class prior's caption is its prompt
-        if chosen is not None:
-            candidates = [(image_id, path) for image_id, path in candidates if image_id in chosen]
-        copies = set() if duplicates else {row[0] for row in con.execute(
-            "SELECT image_id FROM exclusions WHERE step = 'dedup'").fetchall()}
-        skipped_copies = sum(image_id in copies for image_id, _ in candidates)
-        candidates = [(image_id, path) for image_id, path in candidates if image_id not in copies]
-        own = set() if own_captioned else {row[0] for row in con.execute(
-            "SELECT image_id FROM current_captions WHERE caption_source IN ('sidecar', 'manual', 'duplicate')").fetchall()}
-        skipped_own = sum(image_id in own for image_id, _ in candidates)
-        candidates = [(image_id, path) for image_id, path in candidates if image_id not in own]
+        candidates, skipped_copies, skipped_own = _caption_candidates(con, chosen, duplicates, own_captioned)
         if overwrite:  # again for every image, except those a stopped run of this same command already did
             since = _unfinished_since(con, run.run_id, params)
             done = set() if since is None else {row[0] for row in con.execute(

@@ -644,7 +644,8 @@ def caption(
     (again for one concept: --overwrite --where "concept = 'sks dog'"; or choose a source:
     --use-source model:tiny --where "caption_source = 'sidecar' AND concept = 'sks dog'")
     """
-    from pipelines.caption import caption_sources, check_template, chosen_caption_source, model_captions
+    from pipelines.caption import (caption_sources, check_template, chosen_caption_source, images_to_caption, model_captions,
+                                   same_name_note)
     from workbench.models import TINY, ModelError, load_blip, model_id, model_label, resolve_device, resolve_dtype
 
     if use_source is not None:
@@ -681,11 +682,21 @@ def caption(
     except (ValueError, ModelError) as error:
         fail(str(error))
     con = open_catalog(catalog)
-    if where is not None:
-        try:  # before minutes of model loading: a bad condition, or one that matches nothing
+    try:  # before minutes of model loading: a bad condition, one that matches nothing, or nothing left to caption
+        if where is not None:
             _images_matching(con, where, "nothing was captioned")
-        except ValueError as error:
-            fail(str(error))
+        if not overwrite and not images_to_caption(con, label, where=where, duplicates=duplicates, own_captioned=own_captioned):
+            note = same_name_note(con, label, model_id(model) if Path(model_id(model)).is_absolute() else None, overwrite)
+            if note:
+                err_console.print(Text(note, style="yellow"))
+            again = ("the template applies to new captions only: `--overwrite` captions them again with it" if template else
+                     "`--overwrite` captions them again")
+            err_console.print(Text(f"Nothing to caption: every image this run takes has a model:{label} caption already, "
+                                   f"so the model is not loaded ({again}; images with a caption of their own are left out "
+                                   "unless `--own-captioned`).", style="yellow"))
+            return
+    except ValueError as error:
+        fail(str(error))
     try:
         processor, captioner = load_blip(model, device=torch_device, dtype=torch_dtype)
     except ModelError as error:
