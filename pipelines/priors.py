@@ -289,6 +289,11 @@ def prior_plan(
             seeds.append(candidate)
         candidate += 1
     files = {s: folder / f"{prompt_slug(class_prompt)}-seed{s:07d}.png" for s in seeds if s not in in_use}
+    for alias in names[1:]:  # PNGs an interrupted run left under a name older versions recorded (sd15 for its Hub id)
+        older = prior_folder(out_dir, class_prompt, alias, settings)
+        for s, path in files.items():
+            if not path.is_file() and (older / path.name).is_file():
+                files[s] = older / path.name
     # how these images are made, recorded with the run that adds them (`runs.params`)
     how = {} if settings is None else {"resolution": settings.resolution, "num_inference_steps": settings.steps,
                                        "guidance_scale": settings.guidance_scale, "scheduler": settings.sampler}

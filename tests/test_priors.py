@@ -785,6 +785,14 @@ def test_one_base_model_under_its_names_is_one_prior_set_and_other_models_sets_a
         plan = prior_plan(con, class_prompt="a photo of a dog", model_name=name, out_dir=tmp_path / "priors", settings=settings, num_images=3)
         assert (plan.model_name, plan.existing, sorted(plan.to_generate)) == (hub_id, 2, [2]), name
         assert plan.other_models == [("tiny", 1)]
+    # a PNG an interrupted run of an older version left in the folder of the name it recorded is found, not made again
+    from pipelines.priors import prior_folder, prompt_slug
+
+    older = prior_folder(tmp_path / "priors", "a photo of a dog", "sd15", settings)
+    older.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(older / f"{prompt_slug('a photo of a dog')}-seed0000002.png")
+    found = prior_plan(con, class_prompt="a photo of a dog", model_name="sd15-large", out_dir=tmp_path / "priors", settings=settings, num_images=3)
+    assert found.to_generate == {} and found.on_disk == {2: older / f"{prompt_slug('a photo of a dog')}-seed0000002.png"}
     said = []
     made = generated_prior_files_said(plan, said)
     assert made and f"2 of 3 class images for 'a photo of a dog' (512 px, 30 steps) by {hub_id} exist" in said[0]
@@ -812,3 +820,23 @@ def generated_prior_files_said(plan, said):
     except Stop:
         return True
     return False
+
+
+def test_a_set_recorded_under_two_names_of_one_model_trains_each_seed_once(con, tmp_path):
+    """A code review: sets made alike under `sd15` and `sd15-large` (older versions kept them apart) are one set now,
+    and both held a seed 0: training took both seed-0 images and half the seeds it asked for."""
+    from pipelines.priors import training_prior_settings
+    from pipelines.train.data import class_prior_images
+    from train_fixtures import fast_config
+
+    config = fast_config(tmp_path / "run", resolution=32)
+    settings = training_prior_settings(config)
+    ingest_images(con, tmp_path / "images", 3, sizes=[(32, 32)])
+    ids = [row[0] for row in con.execute("SELECT image_id FROM images ORDER BY image_id").fetchall()]
+    con.execute("UPDATE images SET role = 'class_prior'")
+    for image_id, seed, model in ((ids[0], 0, "sd15"), (ids[1], 0, "sd15-large"), (ids[2], 1, "sd15")):
+        con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model, resolution, steps, guidance_scale, sampler) "
+                    "VALUES (?, 'a photo of a dog', ?, ?, ?, ?, ?, ?)",
+                    [image_id, seed, model, settings.resolution, settings.steps, settings.guidance_scale, settings.sampler])
+    pools = class_prior_images(con, config, {"a photo of a dog": 2}, "sd15-large")
+    assert [image.image_id for image in pools["a photo of a dog"]] == [ids[0], ids[2]]  # seeds 0 and 1, one each

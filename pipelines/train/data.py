@@ -304,7 +304,7 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
     the TUI or an earlier run); one whose file is gone is left out, so it is made again. Priors recorded before their
     settings were (m010) count for every set of their prompt and model; one smaller than this run's resolution
     trains upscaled, and is named with the command that has it made anew."""
-    from pipelines.priors import prior_set_where, training_prior_settings
+    from pipelines.priors import prior_model_names, prior_set_where, training_prior_settings
 
     pools: dict[str, list[TrainImage]] = {}
     settings = bucket_settings(config, _stored_bucket_settings(con))
@@ -312,17 +312,21 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
     for prompt, limit in wanted.items():
         where, params = prior_set_where(prompt, model, prior_settings)
         generated = con.execute(
-            "SELECT d.image_id, d.path, d.width, d.height FROM images_view d JOIN class_priors c USING (image_id) "
-            f"WHERE {PRIOR_IN_USE_SQL} AND {where} ORDER BY c.seed, c.resolution IS NULL, c.image_id",
-            params,
+            "SELECT d.image_id, d.path, d.width, d.height, c.seed FROM images_view d JOIN class_priors c USING (image_id) "
+            f"WHERE {PRIOR_IN_USE_SQL} AND {where} ORDER BY c.seed, c.resolution IS NULL, c.model = ? DESC, c.image_id",
+            [*params, prior_model_names(model)[0]],
         ).fetchall()
-        rows = [(row, True) for row in _supplied_prior_rows(con, prompt)] + [(row, False) for row in generated]
+        rows = [(row, None) for row in _supplied_prior_rows(con, prompt)] + [(row[:4], row[4]) for row in generated]
         pool = []
         small = 0
+        seeds_taken = set()  # one image per seed: a set recorded under two names of one model (sd15, sd15-large) may hold two
         files = openable_paths(con, [r[0] for r, _ in rows])
-        for (image_id, path, width, height), supplied in rows:
-            if image_id not in files:  # gone or changed: a generated one is made again
+        for (image_id, path, width, height), seed in rows:
+            supplied = seed is None
+            if image_id not in files or seed in seeds_taken:  # gone or changed: a generated one is made again
                 continue
+            if not supplied:
+                seeds_taken.add(seed)
             choice = choose_bucket(width, height, settings)
             pool.append(TrainImage(image_id, files[image_id], prompt, (choice.bucket_width, choice.bucket_height),
                                    (choice.resized_width, choice.resized_height), (choice.crop_left, choice.crop_top)))
@@ -338,10 +342,11 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
                 "ORDER BY c.seed", [*params, config.resolution]).fetchall()]
             more = ""
             if len(too_small) > 20:
-                quoted = [v.replace("'", "''") for v in (prompt, model)]
+                names = ", ".join("'" + name.replace("'", "''") + "'" for name in prior_model_names(model))
+                quoted = [prompt.replace("'", "''"), f"[{names}]"]
                 more = (f" ({len(too_small)} in all, the first 20 named; list them with: workbench sql \"SELECT c.image_id FROM "
                         "class_priors c JOIN images i USING (image_id) WHERE c.resolution IS NULL AND least(i.width, i.height) < "
-                        f"{config.resolution} AND c.class_prompt = '{quoted[0]}' AND c.model = '{quoted[1]}'\")")
+                        f"{config.resolution} AND c.class_prompt = '{quoted[0]}' AND list_contains({quoted[1]}, c.model)\")")
             progress(task="class priors", message=(
                 f"{small} class prior(s) of {prompt!r} are smaller than {config.resolution} px (made before workbench "
                 f"recorded each prior's size and steps) and train upscaled. To have them made anew for this run "
