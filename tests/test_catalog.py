@@ -289,7 +289,8 @@ def test_a_catalog_from_before_m021_keeps_its_runs_evaluations(catalog_path):
     con = connect(catalog_path)
     con.execute("INSERT INTO training_runs (mode, model, status, clip_score, cmmd, metrics, finished_at) VALUES "
                 "('lora', 'tiny', 'ok', 31.5, 0.25, '{\"clip_model\": \"sd15\", \"clip_score\": 31.5}', TIMESTAMP '2026-01-02 03:04:05'), "
-                "('lora', 'tiny', 'failed', NULL, NULL, NULL, NULL)")
+                "('lora', 'tiny', 'failed', NULL, NULL, NULL, NULL), "
+                "('lora', 'tiny', 'ok', NULL, NULL, '{\"error\": \"ValueError: no CLIP\"}', NULL)")  # its evaluation failed
     con.execute("DROP TABLE evaluations")
     con.execute("DROP SEQUENCE evaluations_seq")
     con.execute("DELETE FROM schema_migrations WHERE version = 21")

@@ -3,7 +3,7 @@
 CREATE SEQUENCE evaluations_seq;
 CREATE TABLE evaluations (
     evaluation_id BIGINT PRIMARY KEY DEFAULT nextval('evaluations_seq'),
-    train_id      INTEGER NOT NULL,
+    train_id      BIGINT NOT NULL,
     clip_model    VARCHAR,                  -- the CLIP model that scored
     clip_score    DOUBLE,                   -- 100 × cosine of samples vs their prompts, as in training_runs
     cmmd          DOUBLE,
@@ -11,7 +11,8 @@ CREATE TABLE evaluations (
     metrics       JSON,                     -- everything measured
     evaluated_at  TIMESTAMP DEFAULT current_timestamp
 );
--- evaluations made before this table: the one each run kept (its time is not known; the run's end stands in)
+-- evaluations made before this table: the one each run kept (its time is not known; the run's end stands in); a
+-- failed one, which left only its error in metrics, is no evaluation
 INSERT INTO evaluations (train_id, clip_model, clip_score, cmmd, fid, metrics, evaluated_at)
 SELECT train_id, metrics->>'clip_model', clip_score, cmmd, fid, metrics, finished_at
-FROM training_runs WHERE metrics IS NOT NULL ORDER BY train_id;
+FROM training_runs WHERE metrics IS NOT NULL AND metrics->>'error' IS NULL ORDER BY train_id;
