@@ -1825,11 +1825,16 @@ def test_text_that_looks_like_markup_is_shown_as_typed_on_every_screen(synthetic
             from workbench.models import component_path
 
             shutil.copytree(component_path("tiny", "sd"), synthetic_catalog.parent / "models" / "my sd")
+            screen.query_one("#field-resolution").value = "64"  # tiny's, as the preset filled it
             screen.query_one("#field-model").value = "models/my sd"
+            # a model of one's own starts from the trainer's defaults (512 px), not tiny's 64 px on the CPU
+            await wait_for(pilot, lambda: screen.query_one("#field-resolution").value == "512", what="the trainer's defaults")
+            assert screen.query_one("#field-max_train_steps").value == "2"  # typed: kept
             assert screen.config().model == str(synthetic_catalog.parent / "models" / "my sd")
             screen.query_one("#field-model").value = "someone/their-model"
             assert screen.config().model == "someone/their-model"
             screen.query_one("#field-model").value = ""
+            await wait_for(pilot, lambda: screen.query_one("#field-resolution").value == "64", what="tiny's values again")
             assert screen.config().model == "tiny"
             assert app.return_code is None  # still running: nothing crashed
 

@@ -65,7 +65,9 @@ def form_message(text: str) -> str:
     return "".join(part if part.startswith("`workbench ") else _OPTION.sub(named, part) for part in parts)
 
 
-# Starting values per preset: tiny trains in seconds on a CPU; real presets use the trainer's defaults.
+# Starting values per preset: tiny trains in seconds on a CPU; real presets, and a model of one's own, use the
+# trainer's defaults.
+OWN_MODEL = ""  # the form's defaults while a model of one's own is typed
 PRESET_VALUES = {
     "tiny": {"resolution": "64", "max_train_steps": "20", "train_batch_size": "2", "learning_rate": "0.001",
              "checkpointing_steps": "10", "validation_steps": "10", "device": "cpu"},
@@ -250,6 +252,15 @@ class TrainScreen(SizeClasses, Screen):
         # would overwrite what was typed while it loaded
         if self.ready:
             self._load_defaults(str(event.value))
+
+    @on(Input.Changed, "#field-model")
+    def _own_model_changed(self, event: Input.Changed) -> None:
+        # a model of one's own starts from the trainer's defaults, as a real preset does, not from tiny's CPU-sized
+        # values (a review: an SD 1.5 folder typed there trained at 64 px on the CPU); cleared, the preset's come back
+        own = bool(event.value.strip())
+        if self.ready and own != getattr(self, "_own_model", False):
+            self._load_defaults(OWN_MODEL if own else str(self.query_one("#preset", Select).value))
+        self._own_model = own
 
     @work(thread=True, exclusive=True, group="train-defaults")
     def _load_defaults(self, preset: str, initial: bool = False) -> None:
