@@ -606,6 +606,11 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     checkpoint = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "2", "--to", str(ui / "ft.safetensors")])
     assert checkpoint.exit_code == 0 and "single_file:" in checkpoint.output
     assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(str(ui / "ft.safetensors"))
+    # readable as any file written here (safetensors makes them 0600: a UI run by another user could not read them)
+    from workbench.files import current_umask
+
+    for written in (ui / "ft.safetensors", tmp_path / "step2" / "model.safetensors", ui / "my-lora-step2.safetensors"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~current_umask(), written
 
 
 @pytest.mark.parametrize("layout, expected", [

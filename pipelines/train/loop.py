@@ -1350,6 +1350,8 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
         images, priors = train_data.read_snapshot(run_dir / train_data.SNAPSHOT_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress(task="export", message=f"writing step {step} of {run_dir} to {out_dir}")
-    return _save_model(config, out_dir, unet, text_encoder if train_text else None, components, _noise_scheduler(components, config),
-                       len(images), step, 0.0, images=images or None,
-                       reg_images=len(train_data.class_image_ids(priors)), run_dir=run_dir)
+    outputs = _save_model(config, out_dir, unet, text_encoder if train_text else None, components,
+                          _noise_scheduler(components, config), len(images), step, 0.0, images=images or None,
+                          reg_images=len(train_data.class_image_ids(priors)), run_dir=run_dir)
+    readable_as_umask_allows(out_dir)  # as the run's own outputs: a UI run by another user reads them
+    return outputs
