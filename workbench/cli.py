@@ -389,7 +389,7 @@ def sql(
     query: Annotated[str, typer.Argument(help="SQL to run against the catalog.")],
     catalog: CatalogOpt = None,
     format: Annotated[Optional[str], typer.Option("--format", "-f", help="table, csv, json or parquet (default: table; with --output, from its extension).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this .csv, .json or .parquet file.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this .csv, .json or .parquet file (`-` with --format csv or json: stdout).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
     write: Annotated[bool, typer.Option("--write", help="Allow statements that change the catalog.")] = False,
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 100,
@@ -2095,9 +2095,10 @@ def tui(
     if catalog is not None and not catalog.exists():  # a typo must not open a new, empty catalog in silence
         fail(f"No catalog at {catalog}. `workbench ingest FOLDER --catalog {catalog}` starts one there; `workbench` "
              "alone opens (or starts) ./workbench.duckdb.")
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+    drawn_on = sys.__stderr__  # where Textual draws (its driver writes to the real stderr, not stdout)
+    if not (sys.stdin.isatty() and drawn_on is not None and drawn_on.isatty()):
         # a cron line with an empty step (`workbench $STEP`) started a TUI no one saw, which held the catalog for good
-        fail("The terminal UI needs a terminal, and stdin or stdout is not one here: give a command "
+        fail("The terminal UI needs a terminal, and stdin or stderr (where it draws) is not one here: give a command "
              "(`workbench --help` lists them).")
     try:
         from tui.app import WorkbenchApp

@@ -1278,13 +1278,12 @@ def _inference_scheduler(noise_scheduler):
 
 
 def _save_single_file(pipe, path: Path, config) -> Path:
-    """All weights in one safetensors file in the SD 1.x original (LDM) layout that A1111/ComfyUI load;
-    a UNet that is not SD-1.x-shaped falls back to diffusers names prefixed unet./vae./text_encoder."""
+    """All weights in one safetensors file in the SD 1.x / 2.x original (LDM) layout that A1111/ComfyUI load; a UNet
+    of another shape falls back to diffusers names prefixed unet./vae./text_encoder (`layout = diffusers`)."""
     from safetensors.torch import save_file
 
-    from pipelines.train.single_file import save_ldm_checkpoint
-
     from pipelines.train.lora_formats import is_sd_v2, kohya_model_name, model_spec
+    from pipelines.train.single_file import save_ldm_checkpoint
 
     # the base model as the LoRA names it: a local one by its basename (a full path would leak into a shared file)
     metadata = {"format": "pt", "mode": config.mode, "base_model": kohya_model_name(config.model), "trained_with": "workbench",
@@ -1298,6 +1297,7 @@ def _save_single_file(pipe, path: Path, config) -> Path:
         for prefix, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
             for name, tensor in module.state_dict().items():
                 tensors[f"{prefix}.{name}"] = tensor.detach().to("cpu", save_dtype(config)).contiguous()
+        metadata["modelspec.implementation"] = "diffusers"  # not the original layout the ModelSpec value would claim
         save_file(tensors, str(path), metadata={**metadata, "layout": "diffusers"})
         return path
 
