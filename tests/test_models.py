@@ -354,3 +354,21 @@ def test_a_near_miss_or_a_missing_name_says_what_it_may_have_meant(tmp_path, mon
         models.refuse_a_local_model_that_is_not_one("models/typo")
     with pytest.raises(models.ModelNotAvailableError, match="HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"):
         models.refuse_a_local_model_that_is_not_one("someone/not-cached")
+
+
+def test_a_cached_hub_model_of_another_architecture_is_refused_too(tmp_path, monkeypatch):
+    """A code review: the SDXL refusal looked at local folders only; a cached `stabilityai/…-xl-…` loaded and failed
+    at the first training step."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "hub" / "models--someone--xl"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(models.component_path("tiny", "sd"), snapshot)
+    _edit_json(snapshot / "model_index.json", _class_name="StableDiffusionXLPipeline")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for check in (models.refuse_a_local_model_that_is_not_one, lambda m: models.load_sd_components(m, device="cpu")):
+        with pytest.raises(models.ModelNotAvailableError, match="StableDiffusionXLPipeline model"):
+            check("someone/xl")

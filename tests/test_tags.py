@@ -60,6 +60,17 @@ def test_a_where_that_matches_nothing_is_nothing_to_do_not_a_failure(catalog_pat
     assert both.exit_code == 0 and "tagged 1 image(s) 'x'" in both.output and "only the other images named" in both.output
     # a condition that does not bind is still a failure
     assert runner.invoke(app, ["tag", "x", "--where", "no_such = 1", "-c", str(catalog_path)]).exit_code == 2
+    off = runner.invoke(app, ["tag", "y", "--remove", *nothing])
+    assert off.exit_code == 0 and "no tag was taken off" in off.output
+    # a folder's rule ended by include is done, whatever --where matches (it said "nothing was included")
+    ruled = runner.invoke(app, ["exclude", "--folder", str(tmp_path / "images"), "--reason", "later", "-c", str(catalog_path)])
+    assert ruled.exit_code == 0, ruled.output
+    lifted = runner.invoke(app, ["include", "--folder", str(tmp_path / "images"), *nothing])
+    assert lifted.exit_code == 0 and "only the other images named" in lifted.output, lifted.output
+    con = connect(catalog_path)
+    assert con.execute("SELECT count(*) FROM excluded_folders").fetchall() == [(0,)]
+    assert con.execute("SELECT count(*) FROM exclusions").fetchall() == [(0,)]
+    con.close()
     con = connect(catalog_path)
     assert con.execute("SELECT count(*) FROM exclusions").fetchall() == [(0,)]
     con.close()

@@ -187,19 +187,19 @@ def _selected_images(con, image_ids: list[str] | None, folders: list[Path] | Non
             fail(f"No image in the catalog has a file under {path}.")
         ids += [i for i in found if i not in ids]
     if where is not None:
-        ids = list(dict.fromkeys(ids + _images_matching(con, where, nothing_done, besides=ids)))
+        ids = list(dict.fromkeys(ids + _images_matching(con, where, nothing_done, others_named=bool(ids))))
     return ids
 
 
-def _images_matching(con, where: str, nothing_done: str, *, besides: list[str] | None = None) -> list[str]:
+def _images_matching(con, where: str, nothing_done: str, *, others_named: bool = False) -> list[str]:
     """The images a --where CONDITION on images_view names (ValueError for a bad one). None matched is nothing to do,
-    not a failure (a weekly `--where "blur < 25"` that finds nothing): said on stderr, and with no other images named
-    (`besides`), the command ends there with status 0."""
+    not a failure (a weekly `--where "blur < 25"` that finds nothing): said on stderr, and with nothing else named
+    (image ids, folders: `others_named`), the command ends there with status 0."""
     from pipelines.concepts import images_where
 
     matched = images_where(con, where)
     if not matched:
-        if besides:
+        if others_named:
             err_console.print(Text(f"Note: no image matches --where {where!r}; only the other images named are taken.", style="yellow"))
             return []
         err_console.print(Text(f"No image matches --where {where!r}: {nothing_done}.", style="yellow"))
@@ -810,7 +810,7 @@ def edit_captions(
     try:
         ids = resolve_image_ids(con, image_ids) if image_ids else []
         if where is not None:
-            ids = list(dict.fromkeys(ids + _images_matching(con, where, "no caption was changed", besides=ids)))
+            ids = list(dict.fromkeys(ids + _images_matching(con, where, "no caption was changed", others_named=bool(ids))))
         elif not image_ids:
             ids = [row[0] for row in con.execute("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id").fetchall()]
         # class priors train on their class prompt, whatever caption they hold: an edit of theirs would change nothing
@@ -1188,7 +1188,7 @@ def tag(
         fail("Name the images to tag: image ids, --folder PATH or --where CONDITION.")
     con = open_catalog(catalog)
     try:
-        ids = _selected_images(con, image_ids, folder, where, "nothing was tagged")
+        ids = _selected_images(con, image_ids, folder, where, "no tag was taken off" if remove else "nothing was tagged")
         if remove:
             n = untagged_images(con, ids if named else None, name)
             console.print(Text(f"took the tag {name!r} off {n} image(s)"))
@@ -1289,7 +1289,9 @@ def include(
                 err_console.print(Text(f"Note: files added to {path} later are still excluded by the rule on {inside[0][0]} "
                                        f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
         if where is not None:
-            image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included", besides=image_ids)))
+            # a folder named ended its rule above: that is done, whatever --where matches
+            image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included",
+                                                                        others_named=bool(image_ids or folder))))
         chosen = image_ids if image_ids or folder or where is not None else None  # --reason alone: every such exclusion
         summary = manual_exclusions_lifted(con, chosen, reason=reason) if only_manual else manual_inclusions(con, image_ids)
     except ValueError as error:

@@ -561,8 +561,12 @@ def refuse_a_local_model_that_is_not_one(model: str) -> None:
         beside = single_file_config(path)
         if beside is not None:
             _refuse_another_architecture(beside)
-    elif _from_the_hub(source) and _offline() and _hub_snapshot(source) is None:
-        raise _not_available(source, "Stable Diffusion")  # before a run folder is made, not after the model loads
+    elif _from_the_hub(source):
+        snapshot = _hub_snapshot(source)
+        if snapshot is not None:  # a cached Hub model of another architecture (SDXL) is refused as a folder is
+            _refuse_another_architecture(Path(snapshot))
+        elif _offline():
+            raise _not_available(source, "Stable Diffusion")  # before a run folder is made, not after the model loads
 
 
 def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
@@ -628,6 +632,9 @@ def load_sd_components(model: str = TINY, *, device=None, dtype=None) -> SDCompo
         )
     if _from_the_hub(source):
         _check_hub(source, "Stable Diffusion", source)
+        snapshot = _hub_snapshot(source)
+        if snapshot is not None:
+            _refuse_another_architecture(Path(snapshot))
     where = component_path(model, "sd") if source == TINY else source
     _refuse_a_folder_that_is_not_a_model(where)
     try:

@@ -1172,9 +1172,9 @@ def _save_grid(accelerator, components, unet, text_encoder, noise_scheduler, pro
     grid = make_image_grid([img for row in rows for img in row], rows=len(rows), cols=len(rows[0]))
     path = samples_dir / (f"final-step-{step:06d}.png" if final else f"step-{step:06d}.png")
     # how the grid was made, in the PNG (A1111's PNG Info and ComfyUI read "parameters"): row r is prompts[r], column i
-    # seed validation_seed + i
+    # seed validation_seed + i (the "workbench" text says so; A1111 reads one number as the seed)
     grid.save(path, pnginfo=_png_text({
-        "parameters": " | ".join(prompts) + "\n" + _sampling_settings(config, f"{config.validation_seed} + column"),
+        "parameters": " | ".join(prompts) + "\n" + _sampling_settings(config, config.validation_seed),  # the first column's
         "workbench": json.dumps({"step": step, "prompts": list(prompts), **_sampling_record(config)}),
     }))
     if not final:
@@ -1282,8 +1282,8 @@ def _save_single_file(pipe, path: Path, config) -> Path:
     of another shape falls back to diffusers names prefixed unet./vae./text_encoder (`layout = diffusers`)."""
     from safetensors.torch import save_file
 
-    from pipelines.train.lora_formats import is_sd_v2, kohya_model_name, model_spec
-    from pipelines.train.single_file import save_ldm_checkpoint
+    from pipelines.train.lora_formats import kohya_model_name, model_spec
+    from pipelines.train.single_file import is_sd_v2, save_ldm_checkpoint
 
     # the base model as the LoRA names it: a local one by its basename (a full path would leak into a shared file)
     metadata = {"format": "pt", "mode": config.mode, "base_model": kohya_model_name(config.model), "trained_with": "workbench",

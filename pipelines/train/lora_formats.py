@@ -149,11 +149,6 @@ def _optimizer_name(config: Any) -> str:
     return f"{name}({args})"
 
 
-def is_sd_v2(unet_config: Any) -> bool:
-    """Whether a UNet is SD 2.x-shaped: its cross-attention reads OpenCLIP ViT-H's 1024-wide states (SD 1.x: 768)."""
-    return getattr(unet_config, "cross_attention_dim", 768) == 1024
-
-
 def model_spec(*, v2: bool, prediction_type: str, resolution: int, title: str, lora: bool) -> dict[str, str]:
     """Stability AI's ModelSpec (`modelspec.*`) keys, as sd-scripts writes them: model managers and UIs (SwarmUI, ComfyUI
     tools) read the architecture and the prediction type from these, not from the `ss_*` keys."""
@@ -342,6 +337,7 @@ def save_kohya_lora(
     The optional arguments refine the metadata (see `kohya_metadata`); leaving them out still writes a valid file.
     """
     from pipelines.train.config import save_dtype
+    from pipelines.train.single_file import is_sd_v2
 
     tensors = kohya_state_dict(
         peft_lora_state(unet), config.effective_lora_alpha, peft_lora_state(text_encoder) if text_encoder is not None else None

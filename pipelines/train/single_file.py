@@ -142,13 +142,18 @@ def ldm_openclip_text_state(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_sd_v2(unet_config) -> bool:
+    """Whether a UNet is SD 2.x-shaped: its cross-attention reads OpenCLIP ViT-H's 1024-wide states (SD 1.x: 768)."""
+    return getattr(unet_config, "cross_attention_dim", 768) == 1024
+
+
 def save_ldm_checkpoint(path: Path, unet, vae, text_encoder, metadata: dict[str, str] | None = None,
                         dtype: torch.dtype = torch.float32) -> Path:
     """Write one safetensors file in the original layout A1111 and ComfyUI load: UNet, VAE and the text encoder, as
     SD 1.x's CLIP (`cond_stage_model.transformer.*`) or, for an SD 2.x model (1024-wide cross-attention), as its
     OpenCLIP (`cond_stage_model.model.*`)."""
     tensors = {**ldm_unet_state(unet), **ldm_vae_state(vae)}
-    if getattr(unet.config, "cross_attention_dim", 768) == 1024:
+    if is_sd_v2(unet.config):
         tensors.update(ldm_openclip_text_state(text_encoder))
     else:
         tensors.update({"cond_stage_model.transformer.text_model." + name: tensor
