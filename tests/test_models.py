@@ -361,8 +361,10 @@ def test_a_cached_hub_model_of_another_architecture_is_refused_too(tmp_path, mon
     at the first training step."""
     import shutil
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read once, at import
     repo = tmp_path / "hf" / "hub" / "models--someone--xl"
     snapshot = repo / "snapshots" / ("0" * 40)
     shutil.copytree(models.component_path("tiny", "sd"), snapshot)
