@@ -114,7 +114,8 @@ class IngestSummary:
     moved_or_copied: int = 0  # of the new files, those holding an image the catalog had (moved, renamed or copied)
     changed: int = 0
     unchanged: int = 0
-    errors: int = 0
+    errors: int = 0  # files this run found unreadable
+    errors_in_catalog: int = 0  # every file the catalog holds as unreadable after this run (a rerun reads none anew)
     marked_missing: int = 0  # images now missing at every path they were found at
     paths_marked_missing: int = 0  # paths gone: a file moved (or a copy deleted) leaves its image present elsewhere
     reappeared: int = 0
@@ -900,6 +901,8 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         # folder's others; after a stopped run (which may have written them and stopped before this), over all paths
         summary.excluded_by_folder = excluded_folder_rules_applied(con, paths=None if join_concepts else read)
     _say_what_went_unread(con, summary, progress)
+    # a monitor alerting on `errors` went quiet after the first run, which recorded them: this count stays
+    summary.errors_in_catalog = con.execute("SELECT count(*) FROM images WHERE status = 'error'").fetchall()[0][0]
     run.counts.update(summary.as_dict())
 
 
