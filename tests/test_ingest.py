@@ -1233,3 +1233,23 @@ def test_a_slow_ingest_commits_what_it_read_every_few_seconds(con, tmp_path, mon
     ingested_images(con, [tmp_path / "more"], workers=1)
     assert [n for n in batches if n] == [ingest_mod.CHUNK, ingest_mod.CHUNK, 1]
     assert con.execute("SELECT count(*) FROM images").fetchall() == [(4 * ingest_mod.CHUNK + 2,)]
+
+
+def test_a_caption_file_touched_but_saying_what_ingest_read_is_not_changed(con, tmp_path):
+    """A review: after a caption was edited by hand, a `touch` of its sidecar (or an edit written to it and undone)
+    was said to be an edit made elsewhere, with advice that would have thrown the hand edit away."""
+    from pipelines.caption_edits import save_manual_caption
+    from workbench.images import sidecars_changed_since_ingest
+
+    paths = make_images(tmp_path / "imgs", 2)
+    for path in paths:
+        path.with_suffix(".txt").write_text("1girl, solo, smile")
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    ids = dict(con.execute("SELECT path, image_id FROM images_view").fetchall())
+    for path in paths:
+        save_manual_caption(con, ids[str(path)], "mychar, 1girl, solo")  # the catalog's caption now differs from the file
+    for path in paths:
+        os.utime(path.with_suffix(".txt"), ns=(5, 5))  # touched: its text is what ingest read
+    assert sidecars_changed_since_ingest(con, list(ids.values())) == []
+    paths[1].with_suffix(".txt").write_text("1girl, solo, frown")  # edited elsewhere: said
+    assert sidecars_changed_since_ingest(con, list(ids.values())) == [str(paths[1].with_suffix(".txt"))]

@@ -125,12 +125,13 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
     nor one ingest left out as unreadable (not UTF-8): no ingest takes it until it is re-saved, and every ingest
     names it."""
     rows = con.execute(
-        "SELECT p.path_bytes, p.sidecar_mtime_ns, c.caption FROM paths p LEFT JOIN current_captions c USING (image_id) "
+        "SELECT p.path_bytes, p.sidecar_mtime_ns, c.caption, s.text FROM paths p LEFT JOIN current_captions c USING (image_id) "
+        "LEFT JOIN captions s ON s.image_id = p.image_id AND s.source = 'sidecar' "
         "WHERE NOT p.missing AND p.image_id IN (SELECT unnest(?)) ORDER BY p.seq",
         [list(image_ids)],
     ).fetchall()
     changed = []
-    for raw, recorded, caption in rows:
+    for raw, recorded, caption, read_at_ingest in rows:
         path = bytes(raw)
         sidecar = sidecar_beside(path)
         try:
@@ -140,8 +141,10 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
         if now == recorded:
             continue
         said = _sidecar_says(sidecar) if now is not None else None
-        if now is not None and (said is None or said == (caption or "")):
-            continue  # unreadable, or it says what the catalog holds
+        # touched (or written back by an undo) but saying what ingest read, or what the catalog holds: not changed
+        # (a review: a `touch`, or an edit and its undo, was said to be an edit, with advice that undid real ones)
+        if now is not None and (said is None or said in {caption or "", read_at_ingest}):
+            continue  # unreadable, or it says what the catalog holds or held
         changed.append(os.fsdecode(sidecar or os.path.splitext(path)[0] + b".txt"))
     return changed
 
