@@ -144,6 +144,7 @@ class IngestSummary:
     grouped_missing: int = 0
     kept_copies_missing: int = 0
     sidecar_image_ids: set[str] = field(default_factory=set)  # images whose sidecar caption this run stored
+    sidecar_texts_changed: set[str] = field(default_factory=set)  # of those, the ones whose text is new or changed
     read_by_kind: Counter = field(default_factory=Counter)  # files read and recorded so far: new, changed, ...
     output_roots_skipped: list[str] = field(default_factory=list)  # output folders named as roots (a `runs/*` glob)
     unreadable_folders: list[str] = field(default_factory=list)  # "path (why)": not walked, their files not marked missing
@@ -157,7 +158,7 @@ class IngestSummary:
 
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
-               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "read_by_kind",
+               "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "sidecar_texts_changed", "read_by_kind",
                "output_roots_skipped", "unreadable_folders", "sidecar_captions_removed", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
@@ -1186,11 +1187,14 @@ def _refresh_sidecars(con, entries: list[FileEntry], summary: IngestSummary, pro
 
 def _store_sidecar(con, image_id: str, caption: str | None, entry: FileEntry, summary: IngestSummary) -> None:
     if caption:
-        con.execute(
+        stored = con.execute(  # a file touched but saying what it said is read again: its row stays as it was
             "INSERT INTO captions (image_id, source, text) VALUES (?, 'sidecar', ?) "
-            "ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now()",
+            "ON CONFLICT (image_id, source) DO UPDATE SET text = excluded.text, created_at = now() "
+            "WHERE captions.text <> excluded.text",
             [image_id, caption],
-        )
+        ).fetchall()[0][0]
+        if stored:
+            summary.sidecar_texts_changed.add(image_id)
         summary.sidecar_image_ids.add(image_id)
         summary.sidecar_captions_removed.discard(image_id)
     else:
@@ -1242,6 +1246,8 @@ def _settle_shared_sidecars(con, summary: IngestSummary, sidecars: dict[bytes, t
             ).fetchall()[0][0]
             if changed or image_id in touched:
                 summary.sidecar_image_ids.add(image_id)
+            if changed:
+                summary.sidecar_texts_changed.add(image_id)
             summary.sidecar_captions_removed.discard(image_id)  # another copy's sidecar gives it its caption
             others = [display_path(sidecar) for sidecar, text in with_text[1:] if text != caption]
             if others:

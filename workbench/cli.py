@@ -319,13 +319,13 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             ("Note: ", "yellow"), f"{len(conflicts)} image(s) have byte-identical copies whose caption sidecars differ; "
             f"each takes the sidecar of the first of its paths (in sorted order) that has one: {named_few(conflicts)}. Make the sidecars agree "
             "(or delete the ones you do not want) and ingest again."))
-    if summary.sidecar_image_ids:
+    if summary.sidecar_texts_changed:
         # a sidecar edited in another tool, read now, of an image whose caption was typed or edited here (manual wins):
-        # read and stored, yet nothing trains on it, and nothing said so
+        # read and stored, yet nothing trains on it, and nothing said so (one touched but saying the same is no edit)
         overridden = con.execute(
             "SELECT v.image_id, v.path, v.caption_source FROM captions c JOIN images_view v USING (image_id) "
             "WHERE c.source = 'sidecar' AND c.image_id IN (SELECT unnest(?::VARCHAR[])) AND v.caption_source <> 'sidecar' "
-            "AND v.caption IS DISTINCT FROM c.text ORDER BY v.path", [sorted(summary.sidecar_image_ids)]).fetchall()
+            "AND v.caption IS DISTINCT FROM c.text ORDER BY v.path", [sorted(summary.sidecar_texts_changed)]).fetchall()
         if overridden:
             ids = [row[0] for row in overridden]
             # exactly the images whose sidecar says something else (`caption_source = 'manual'` took every manual one)
