@@ -690,6 +690,14 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
         "train", "lora", "--validation-prompt", "猫 cat, 窓辺", "--validation-prompt", "Bär bear"]
     assert pasted_train_options(["train", "lora", "--network_dim", "8", "--network_alpha", "4"]) == [
         "train", "lora", "--rank", "8", "--lora-alpha", "4"]
+    # a kohya name and the workbench's for one option: two values, of which one silently won (a review: --network_dim 8
+    # --rank 4 trained rank 4 at alpha 1; --max_token_length 225 --set max_token_length=150 took 150)
+    for both, said in ((["--network_dim", "8", "--rank", "4"], "--network_dim and --rank both give rank"),
+                       (["--max_token_length", "225", "--set", "max_token_length=150"],
+                        "--max_token_length and --set max_token_length=… both give max_token_length"),
+                       (["--caption_dropout_rate", "0.1", "--caption-dropout", "0.2"], "both give caption_dropout")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            pasted_train_options(["train", "lora", *both])
     # an alpha given another way (--set, a --config file) is left to win: kohya's default is for no alpha at all
     assert pasted_train_options(["train", "lora", "--network_dim", "8", "--set", "lora_alpha=4"]) == [
         "train", "lora", "--rank", "8", "--set", "lora_alpha=4"]

@@ -2281,6 +2281,24 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
         return [flag, value]
 
     spelled = {token.partition("=")[0].replace("-", "_") for token in args}
+    # the options given in the workbench's own words (a flag, or --set KEY=…): a kohya or diffusers name for one of
+    # them as well would be two values for one option, of which one silently won
+    given: dict[str, str] = {}
+    for i, token in enumerate(args[2:], start=2):
+        flag = token.partition("=")[0]
+        if flag == "--set" and i + 1 < len(args):
+            given.setdefault(args[i + 1].partition("=")[0].strip(), f"--set {args[i + 1].partition('=')[0].strip()}=…")
+        elif flag.startswith("--set="):
+            given.setdefault(token[len("--set="):].partition("=")[0].strip(), f"--set {token[len('--set='):].partition('=')[0].strip()}=…")
+        elif flag in params and params[flag].name:
+            given.setdefault(params[flag].name, flag)
+
+    def translated(name: str, pairs: list[tuple[str, str]]) -> list[str]:
+        for key, _ in pairs:
+            if key in given:
+                raise ValueError(f"{name} and {given[key]} both give {key}: keep one.")
+        return [part for key, value in pairs for part in ours(key, value)]
+
     out, rest = list(args[:2]), list(args[2:])
     while rest:
         token = rest.pop(0)
@@ -2316,17 +2334,17 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             takes_next = rest and not rest[0].startswith("--") and (not boolean or rest[0].lower() in _TRUE + _FALSE)
             value = rest.pop(0) if takes_next else "true"
         if kohya in _KOHYA_MEANINGS:
-            for our_key, our_value in _kohya_meaning(kohya, value, notes):
-                out += ours(our_key, our_value)
+            out += translated(name, list(_kohya_meaning(kohya, value, notes)))
             continue
         alpha_given = ({"__network_alpha", "__lora_alpha"} & spelled or _config_sets_alpha(args)
                        or any(re.match(r"(lora|network)[-_]alpha\s*=", item) for item in args))  # --set KEY=…
+        produced = translated(name, [(key, value)])
         if kohya == "network_dim" and not alpha_given:
             # kohya's alpha defaults to 1 (the update scaled by 1/dim), diffusers' and ours to the rank
             out += ours("lora_alpha", "1")
             (notes if notes is not None else []).append(f"--network_dim {value} without --network_alpha: alpha is 1, as kohya's default (the update "
                          "scaled by 1/dim); --lora-alpha sets another, and without either the workbench's default is the rank.")
-        out += ours(key, value)
+        out += produced
     return head + out
 
 

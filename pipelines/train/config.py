@@ -110,6 +110,7 @@ KOHYA_NOTES = {  # what differs where the workbench option is not the same value
 }
 KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
     "output_name": "a run is named by its output_dir",
+    "debug_dataset": "`--show-batches N` prints the first N steps' images, buckets and captions as they will train, and exits",
     "network_module": "`workbench train lora` trains its own LoRA",
     "network_args": "", "network_dropout": "", "network_weights": "", "network_train_text_encoder_only": "",
     "train_data_dir": "images come from the catalog (`workbench ingest`)",
