@@ -1478,6 +1478,7 @@ def test_show_batches_on_the_command_line(catalog_path, tmp_path):
     con = connect(catalog_path)
     paths = ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
     paths[0].with_suffix(".txt").unlink()
+    paths[1].with_suffix(".txt").write_text(", ".join(f"tag{i}" for i in range(60)))  # past 75 tokens
     ingest_images(con, tmp_path / "images", 0)  # reads the folder again: img0 has no caption now
     con.close()
     # the diffusers examples' underscore spellings, pasted from their docs, are the same options
@@ -1487,6 +1488,8 @@ def test_show_batches_on_the_command_line(catalog_path, tmp_path):
     # an image without a caption is not said to be dropped out
     assert "(empty: no caption)" in result.output and "caption dropout" not in result.output, result.output
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
+    # the dry run says what the run would cut, as the run does (a review: it showed tags that never train, unsaid)
+    assert "1 caption(s) are longer than the text encoder's 75 tokens" in " ".join(result.output.split())
     refused = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
                                        "--resume", "latest", "--output-dir", str(tmp_path / "run")])
     assert refused.exit_code == 2 and "a resumed run goes on with the plan it started with" in " ".join(refused.output.split())
@@ -1647,7 +1650,7 @@ def test_evaluate_says_why_a_run_has_nothing_to_score(con, catalog_path, tmp_pat
 def test_captions_past_the_text_encoders_window_are_said(con, tmp_path, one_thread):
     """A review: a 240-token caption trained on its first 75 tokens, silently (and with shuffled tags, on different
     tags each step)."""
-    from pipelines.train.loop import _say_long_captions
+    from pipelines.train.loop import say_long_captions
 
     components = tiny_components()
     window = components.tokenizer.model_max_length - 2
@@ -1655,17 +1658,17 @@ def test_captions_past_the_text_encoders_window_are_said(con, tmp_path, one_thre
                        bucket=(32, 32), resized=(32, 32), crop=(0, 0))
     short = dataclasses.replace(image, image_id="b", path="/data/short.png", caption="a dog")
     said = []
-    _say_long_captions([image, short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
+    say_long_captions([image, short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
     assert len(said) == 1 and f"1 caption(s) are longer than the text encoder's {window} tokens, e.g. /data/long.png" in said[0]
     assert "--set max_token_length=225" in said[0]  # the way to read them whole
     said.clear()
-    _say_long_captions([short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
+    say_long_captions([short], components.tokenizer, lambda **kw: said.append(kw.get("message")))
     assert said == []
     medium = dataclasses.replace(image, caption=", ".join(f"detail{i}" for i in range(30)))  # past 75 tokens, within 225
     assert window < len(components.tokenizer(medium.caption, add_special_tokens=False)["input_ids"]) < 3 * window
-    _say_long_captions([medium], components.tokenizer, lambda **kw: said.append(kw.get("message")), max_token_length=225)
+    say_long_captions([medium], components.tokenizer, lambda **kw: said.append(kw.get("message")), max_token_length=225)
     assert said == []  # read whole in three windows
-    _say_long_captions([image], components.tokenizer, lambda **kw: said.append(kw.get("message")), max_token_length=225)
+    say_long_captions([image], components.tokenizer, lambda **kw: said.append(kw.get("message")), max_token_length=225)
     assert "longer than max_token_length 225" in said[0] and "--set max_token_length" not in said[0]
 
 

@@ -602,6 +602,29 @@ def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
         ) from error
 
 
+def load_sd_tokenizer(model: str):
+    """The tokenizer of a Stable Diffusion model, from this machine only (no download, no weights loaded), or None
+    where it is not here: for what needs the tokens alone (how long captions are)."""
+    from transformers import CLIPTokenizer
+
+    try:
+        source = _source_for(model, "sd")
+        if source == TINY:
+            folder = component_path(model, "sd")
+        elif _is_single_file(source):
+            folder = single_file_config(Path(source).expanduser())
+        elif Path(source).expanduser().is_dir():
+            folder = Path(source).expanduser()
+        else:
+            folder = _hub_snapshot(source)
+        if folder is None:
+            return None
+        with quiet_model_io():
+            return CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+    except Exception:  # not here, or not readable: the run itself says why when it loads the model
+        return None
+
+
 def _refused_pickle(error: BaseException) -> bool:
     """Whether torch refused to unpickle weights somewhere in this error's chain."""
     seen = 0

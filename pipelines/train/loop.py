@@ -301,7 +301,8 @@ def default_sample_prompts(images: Sequence[TrainImage]) -> list[str]:
     return prompts[:most] or ["a photo"]
 
 
-def _say_long_captions(images: Sequence[TrainImage], tokenizer, progress: ProgressHook, max_token_length: int | None = None) -> None:
+def say_long_captions(images: Sequence[TrainImage], tokenizer, progress: ProgressHook, max_token_length: int | None = None,
+                       shuffled: bool = False) -> None:
     """Captions past what training reads (the text encoder's 75 tokens, or `max_token_length`) are cut: said with
     how many, not left to be found in the samples."""
     captions = sorted({image.caption for image in images if image.caption})
@@ -315,7 +316,7 @@ def _say_long_captions(images: Sequence[TrainImage], tokenizer, progress: Progre
         longer = f", or `--set max_token_length={3 * encoder}` (kohya's long captions: {3 * encoder} tokens, in windows)" if window < 3 * encoder else ""
         progress(task="dataset", message=(
             f"Note: {len(long)} caption(s) are longer than {limit}, e.g. {first.path}'s: "
-            f"training reads their first {window} tokens (with shuffled tags, different tags are cut each step). "
+            f"training reads their first {window} tokens{' (with shuffled tags, different tags are cut each step)' if shuffled else ''}. "
             f"Shorten them (`workbench edit-captions --remove-token …`){longer} to train on every tag."))
 
 
@@ -641,7 +642,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
     noise_scheduler = _noise_scheduler(components, config)
     if accelerator.is_main_process:
-        _say_long_captions(images, tokenizer, progress, config.max_token_length)
+        say_long_captions(images, tokenizer, progress, config.max_token_length, config.shuffle_tags)
 
     # fingerprints of the frozen encoders, before anything trains
     latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer)

@@ -704,6 +704,12 @@ def planned_batches(con: duckdb.DuckDBPyConnection, config: TrainConfig, steps: 
     still generate are left out, and said)."""
     config.validate()
     images = train_data.training_images(con, config, progress=progress)
+    from pipelines.train.loop import say_long_captions
+    from workbench.models import load_sd_tokenizer
+
+    tokenizer = load_sd_tokenizer(config.model)  # the tokens alone: captions the run would cut are said here too
+    if tokenizer is not None:
+        say_long_captions(images, tokenizer, progress, config.max_token_length, config.shuffle_tags)
     priors = None
     if config.with_prior_preservation:
         _, _, wanted = _class_images_wanted(con, config, images)
