@@ -1549,6 +1549,25 @@ def test_train_screen_opens_at_once_and_loads_its_defaults_in_a_worker(synthetic
     asyncio.run(scenario())
 
 
+def test_a_finished_run_whose_evaluation_failed_says_so(synthetic_catalog):
+    """A TUI review: a run on a local model finished, its evaluation failed (no CLIP offline) and the Train screen
+    said only "finished"; the runs table showed an empty clip score with no word why (the CLI says it)."""
+    from tui.messages import StepFinished
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.ready, what="train form")
+            screen.post_message(StepFinished(step="train", status="ok", summary={"steps": 2}, seconds=3.0,
+                                             error="evaluating the samples failed (ModelNotAvailableError: no CLIP)"))
+            await wait_for(pilot, lambda: any(n.title == "Train: no scores" for n in app._notifications), what="the note")
+            assert "finished" in text_of(app, "#train-state")
+            assert any("evaluating the samples failed" in str(line) for line in screen.query_one("#train-log").lines)
+
+    asyncio.run(scenario())
+
+
 # --- catalog lock, help ---------------------------------------------------------------------
 
 

@@ -401,6 +401,9 @@ class TrainScreen(SizeClasses, Screen):
             summary = {"steps": result.steps, "final loss": None if result.final_loss is None else round(result.final_loss, 4),
                        "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora_diffusers", "lora_kohya", "pipeline", "single_file", "samples")}}
             status, error = "ok", None
+            if "error" in result.metrics:  # the run is fine; only its scores are missing (said, as the CLI says it)
+                error = (f"evaluating the samples failed ({result.metrics['error']}); the run is recorded. Score it later "
+                         f"with `workbench evaluate {result.train_id} --clip-model tiny` (or a CLIP you have).")
         except StepCancelled:
             from pipelines.train.checkpoint import checkpoint_step, list_checkpoints
 
@@ -453,6 +456,9 @@ class TrainScreen(SizeClasses, Screen):
             self.query_one("#train-state", Label).update(
                 f"[green]finished[/] in {message.seconds:.0f} s: {markup_safe(text)} · outputs in {markup_safe(str(self.output_dir))}")
             self.notify("Training finished.", title="Train")
+            if message.error:  # finished, with a note (its evaluation failed)
+                self.query_one("#train-log", Log).write_line("Note: " + message.error)
+                self.notify(message.error, title="Train: no scores", severity="warning", timeout=10)
         else:
             self.query_one("#train-state", Label).update(f"[yellow]{message.status}[/]: {markup_safe(form_message(message.error or ''))}")
             self.notify(form_message(message.error or message.status), title=f"Train {message.status}",
