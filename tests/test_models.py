@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -338,6 +340,13 @@ def test_a_damaged_local_model_is_said_as_such_not_as_one_to_download(tmp_path, 
     # a Stable Diffusion folder named where a captioner belongs says so
     with pytest.raises(models.ModelNotAvailableError, match="is a Stable Diffusion model, not a BLIP model"):
         models.load_blip(str(_tiny_sd_copy(tmp_path, "sd")), device="cpu")
+    # and a captioner where a Stable Diffusion model belongs (a review: the BLIP folder was "a training run's folder",
+    # and its model.safetensors then started a run that failed)
+    blip = models.component_path("tiny", "blip")
+    with pytest.raises(models.ModelNotAvailableError, match="is a blip model \\(transformers\\), not a Stable Diffusion model"):
+        models.refuse_a_local_model_that_is_not_one(blip)
+    with pytest.raises(models.ModelNotAvailableError, match="holds no Stable Diffusion UNet"):
+        models.refuse_a_local_model_that_is_not_one(str(Path(blip) / "model.safetensors"))
 
 
 def test_a_near_miss_or_a_missing_name_says_what_it_may_have_meant(tmp_path, monkeypatch):

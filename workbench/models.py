@@ -500,9 +500,16 @@ def _refuse_a_folder_that_is_not_a_model(source: str) -> None:
         _refuse_another_architecture(folder)
         return
     inside = [str(folder / name) for name in ("pipeline", "model.safetensors") if (folder / name).exists()]
-    if inside:
+    if inside and ((folder / "pipeline").is_dir() or (folder / "dataset.json").is_file()):  # a run's own files
         raise ModelNotAvailableError(f"{folder} is a training run's folder, not a model: name the model it wrote, "
                                      f"{' or '.join(inside)}.")
+    try:  # a transformers model (a BLIP or CLIP folder): said as what it is, not as a run folder
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind:
+        raise ModelNotAvailableError(f"{folder} is a {kind} model (transformers), not a Stable Diffusion model: name a "
+                                     "diffusers Stable Diffusion folder, a single-file checkpoint, a preset or a Hub id.")
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         raise ModelNotAvailableError(f"{folder} holds a LoRA, not a model: name the base model it was trained on "
                                      "(its training_runs row, or the LoRA's ss_sd_model_name metadata, says which).")
@@ -542,10 +549,14 @@ def _refuse_a_damaged_safetensors(path: Path) -> None:
 
     try:
         with safe_open(str(path), "pt") as handle:
-            handle.keys()
+            keys = list(handle.keys())
     except Exception as error:  # safetensors raises its own error types, and OSError
         raise ModelNotAvailableError(f"{path} is not a readable safetensors file ({_short(error)}): truncated or damaged "
                                      "in a copy, or not a checkpoint at all.") from None
+    # a BLIP's or CLIP's model.safetensors (a review trained on one): no UNet in it, in either layout this loads
+    if keys and not any(key.startswith(("model.diffusion_model.", "unet.")) for key in keys):
+        raise ModelNotAvailableError(f"{path} holds no Stable Diffusion UNet (keys such as {keys[0]!r}): another kind of "
+                                     "model, not a Stable Diffusion checkpoint.")
 
 
 def refuse_a_local_model_that_is_not_one(model: str) -> None:
