@@ -1855,6 +1855,11 @@ def test_text_that_looks_like_markup_is_shown_as_typed_on_every_screen(synthetic
             screen.query_one("#field-model").value = ""
             await wait_for(pilot, lambda: screen.query_one("#field-resolution").value == "64", what="tiny's values again")
             assert screen.config().model == "tiny"
+            screen.query_one("#field-model").value = "someone/x"
+            await wait_for(pilot, lambda: screen.query_one("#field-resolution").value == "512", what="the trainer's defaults")
+            screen.query_one("#field-model").value = "tiny"  # a preset's name typed there: that preset, with its values
+            await wait_for(pilot, lambda: screen.query_one("#field-resolution").value == "64", what="tiny's values")
+            assert screen.config().model == "tiny"
             assert app.return_code is None  # still running: nothing crashed
 
     asyncio.run(scenario())

@@ -92,7 +92,7 @@ def details_table(details: dict[str, Any], *, field_width: int | None = None) ->
 # and the details pane shows them all.
 # what curating looks at first comes first: at 80 columns whether an image is out, and its caption, stay in view
 BROWSER_COLUMNS = [
-    "path", "excluded", "caption", "exclusion_reason", "width", "height", "concept", "tags", "caption_source", "format",
+    "path", "excluded", "caption", "tags", "exclusion_reason", "width", "height", "concept", "caption_source", "format",
     "bytes", "status", "role", "duplicate_group", "is_keeper", "bucket_width", "bucket_height",
 ]
 

@@ -168,6 +168,8 @@ class TrainScreen(SizeClasses, Screen):
         self.step_started: tuple[float, int] | None = None
         self.shown_sample: str | None = None
         self.ready = False  # the form has its defaults (loaded in a worker)
+        self._presets: list[str] = ["tiny"]  # the preset names, once loaded (they import torch: in a worker)
+        self._defaults_for: str | None = None  # the preset (or OWN_MODEL) whose starting values the form shows
         self.run_rows: list[list] = []  # the runs table's rows (queries.RUN_COLUMNS), and each run's output folder
         self.run_folders: list[str] = []
 
@@ -252,15 +254,18 @@ class TrainScreen(SizeClasses, Screen):
         # would overwrite what was typed while it loaded
         if self.ready:
             self._load_defaults(str(event.value))
+            self._defaults_for = str(event.value)
 
     @on(Input.Changed, "#field-model")
     def _own_model_changed(self, event: Input.Changed) -> None:
         # a model of one's own starts from the trainer's defaults, as a real preset does, not from tiny's CPU-sized
         # values (a review: an SD 1.5 folder typed there trained at 64 px on the CPU); cleared, the preset's come back
-        own = bool(event.value.strip())
-        if self.ready and own != getattr(self, "_own_model", False):
-            self._load_defaults(OWN_MODEL if own else str(self.query_one("#preset", Select).value))
-        self._own_model = own
+        typed = event.value.strip()
+        # a preset's name typed there is that preset, with its values
+        kind = typed if typed in self._presets else (OWN_MODEL if typed else str(self.query_one("#preset", Select).value))
+        if self.ready and kind != self._defaults_for:
+            self._load_defaults(kind)
+        self._defaults_for = kind
 
     @work(thread=True, exclusive=True, group="train-defaults")
     def _load_defaults(self, preset: str, initial: bool = False) -> None:
@@ -273,6 +278,7 @@ class TrainScreen(SizeClasses, Screen):
     @on(_Defaults)
     def _defaults(self, message: _Defaults) -> None:
         if message.presets is not None:
+            self._presets = list(message.presets)
             select = self.query_one("#preset", Select)
             with select.prevent(Select.Changed):
                 select.set_options([(p, p) for p in message.presets])
