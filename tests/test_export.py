@@ -591,8 +591,13 @@ def test_training_prepends_a_trigger_found_only_inside_another_word(con, tmp_pat
         (src / "9_cat" / f"{name}.txt").write_text(caption)
     ingested_images(con, [src], workers=1)
     concepts_from_folder_names(con)
-    captions = {Path(image.path).stem: image.caption for image in training_images(con, TrainConfig(resolution=64))}
+    said = []
+    captions = {Path(image.path).stem: image.caption for image in training_images(
+        con, TrainConfig(resolution=64), progress=lambda **kw: said.append(kw.get("message") or ""))}
     assert captions == {"a": "cat, a cathedral at night", "b": "a cat, on grass", "c": "cat"}
+    # said, with how to write it into the captions (a review: kohya trains captions as written, and nothing said so)
+    note = next(m for m in said if "lack their concept's trigger word" in m)
+    assert note.startswith("1 caption(s)") and "edit-captions --add-token cat --where \"concept = 'cat'\"" in note
 
 
 def test_an_export_stopped_part_way_says_so_and_overwrite_replaces_exactly_what_it_wrote(catalog_path, con, curated, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ import os
 import shlex
 import unicodedata
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -227,6 +227,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             f"{len(rows) - captioned} of {len(rows)} image(s) have no caption and train on their concept's trigger and "
             "class where they have one, else an empty caption (`workbench caption` writes captions)"))
     images, no_bucket = [], []
+    given_trigger: Counter = Counter()  # captions of a concept's image that lacked its trigger: (concept, trigger) -> count
     for values in rows:
         row = dict(zip(columns, values))
         if use_stored and row.get("bucket_width"):
@@ -253,6 +254,8 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         # whole-word test, as kohya's comma/space separated tags: trigger `cat` is not in "cathedral"
         # not into --instance-prompt: the one prompt the user wrote trains as written, as in diffusers' DreamBooth
         if trigger and not config.instance_prompt and not caption_has_trigger(caption, trigger):
+            if caption:
+                given_trigger[(row.get("concept"), trigger)] += 1
             caption = f"{trigger}, {caption}" if caption else trigger
         images.append(
             TrainImage(
@@ -261,6 +264,13 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
                 class_prompt=config.class_prompt or _default_class_prompt(row),
             )
         )
+    if given_trigger:  # kohya trains captions as written: said, with how to make it their own text
+        (concept, trigger), _ = given_trigger.most_common(1)[0]
+        progress(task="dataset", message=(
+            f"{sum(given_trigger.values())} caption(s) lack their concept's trigger word and train with it in front "
+            f"('{trigger}, …'), so the LoRA learns the word (kohya trains captions as written). To make it part of "
+            f"the captions themselves: workbench edit-captions --add-token {shlex.quote(trigger)} --where "
+            f"\"concept = '{concept.replace(chr(39), chr(39) * 2)}'\""))
     if no_bucket:
         ids = " ".join(row["image_id"][:12] for row, _ in no_bucket)
         first, reason = no_bucket[0]
