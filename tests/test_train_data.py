@@ -228,3 +228,12 @@ def test_a_run_that_buckets_otherwise_than_the_catalog_says_so(con, tmp_path):
     aspect_buckets(con, resolution=64)
     training_images(con, fast_config(tmp_path / "run", resolution=64), progress=hook)
     assert not [m for m in said if "The catalog's buckets" in m]
+
+
+def test_bucket_settings_that_fit_no_image_are_said_as_settings(con, tmp_path):
+    """A review: `--resolution 64 --bucket_reso_steps 64` said the first image fit no bucket, and advised lowering the
+    resolution or allowing upscaling (already allowed), where the settings themselves do not go together."""
+    ingest_images(con, tmp_path / "images", 2, sizes=[(64, 64)])
+    with pytest.raises(DataError, match=r"The bucket settings do not work together .*min_bucket_reso must be at least "
+                                        r"bucket_reso_steps \(64\)"):
+        training_images(con, fast_config(tmp_path / "run", resolution=64, bucket_reso_steps=64))

@@ -181,6 +181,15 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         )
     stored = _stored_bucket_settings(con) if have_buckets else None
     settings = bucket_settings(config, stored)
+    from pipelines.buckets import adjusted_bucket_bounds
+
+    try:  # settings that fit no image at all: said as such, not as the first image that did not fit
+        adjusted_bucket_bounds(settings["resolution"], settings["min_bucket_reso"], settings["max_bucket_reso"],
+                               settings["bucket_reso_steps"])
+    except ValueError as error:
+        raise DataError(f"The bucket settings do not work together ({describe_bucket_settings(settings)}): {error}. Give "
+                        "min_bucket_reso, max_bucket_reso and bucket_reso_steps that fit this resolution "
+                        "(`--set min_bucket_reso=…`), or leave them out for the defaults.") from None
     use_stored = stored is not None and stored == settings
     if stored is not None and not use_stored:  # the dataset view, the TUI and a kohya export show the stored buckets
         progress(task="dataset", message=(
