@@ -1490,6 +1490,10 @@ def test_show_batches_on_the_command_line(catalog_path, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
     # the dry run says what the run would cut, as the run does (a review: it showed tags that never train, unsaid)
     assert "1 caption(s) are longer than the text encoder's 75 tokens" in " ".join(result.output.split())
+    # what the run would refuse first, the dry run refuses too (a review: it passed 8-bit AdamW without bitsandbytes)
+    setup = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2", "--device", "cpu",
+                                     "--mixed-precision", "fp16", "--output-dir", str(tmp_path / "run")])
+    assert setup.exit_code == 2 and "fp16" in setup.output and "the first 2 step(s)" not in setup.output, setup.output
     refused = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
                                        "--resume", "latest", "--output-dir", str(tmp_path / "run")])
     assert refused.exit_code == 2 and "a resumed run goes on with the plan it started with" in " ".join(refused.output.split())

@@ -1654,6 +1654,12 @@ def train_command(
         err_console.print(Text(f"Note: there is no run to resume in {train_config.output_dir}: a new run starts there "
                                "(as diffusers' --resume_from_checkpoint latest does).", style="yellow"))
     if show_batches is not None:  # the plan of the whole run, shown once (before any processes start)
+        from pipelines.train.loop import check_setup
+
+        try:  # what the run itself would refuse first (8-bit AdamW without bitsandbytes, a device not here, the model)
+            check_setup(train_config)
+        except TrainingError as error:
+            fail(str(error))
         _show_batches(catalog, train_config, show_batches)
         if num_processes > 1:
             err_console.print(Text(f"Note: with --num-processes {num_processes}, the processes take these batches in order, "
