@@ -598,7 +598,8 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     ui.mkdir(parents=True)
     named = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "my-lora-step2.safetensors")])
     assert named.exit_code == 0 and f"lora_kohya: {ui / 'my-lora-step2.safetensors'}" in named.output, named.output
-    assert sorted(p.name for p in ui.iterdir()) == ["my-lora-step2.safetensors"]  # no staging folder left
+    assert sorted(p.name for p in ui.iterdir()) == ["my-lora-step2.safetensors"]  # no staging folder left, here
+    assert not [p for p in (tmp_path / "lora" / "exports").iterdir() if p.name.startswith(".")]  # nor in the run's exports/
     one = load_file(str(ui / "my-lora-step2.safetensors"))
     assert one.keys() == written_kohya.keys() and all(torch.equal(one[k], written_kohya[k]) for k in one)
     taken = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "my-lora-step2.safetensors")])

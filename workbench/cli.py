@@ -1860,7 +1860,10 @@ def train_export(
             fail(f"{out} exists: give another --to, or delete it first.")
         if not out.parent.is_dir():
             fail(f"No folder {out.parent} to write {out.name} in.")
-        final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        # made in the run's own exports/ (a DreamBooth export also writes a diffusers folder: gigabytes a UI's models
+        # folder need not see), then only the file goes there
+        (run_dir / "exports").mkdir(exist_ok=True)
+        final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=run_dir / "exports"))
     elif out.exists() and not out.is_dir():
         fail(f"{out} is a file: --to takes a folder for the model, or a new FILE.safetensors.")
     elif out.exists() and any(out.iterdir()):
@@ -1870,7 +1873,7 @@ def train_export(
             outputs = exported_checkpoint(found, out, progress=progress)
         if one_file:  # the file A1111 and ComfyUI load: the kohya-keyed LoRA, or the original-layout checkpoint
             name = "lora_kohya" if "lora_kohya" in outputs else "single_file"
-            os.replace(outputs[name], final)
+            written_whole(final, lambda path: shutil.copyfile(outputs[name], path))  # whole or not at all, on any disk
             outputs = {name: str(final)}
     except (TrainingError, ModelError) as error:
         fail(str(error))
