@@ -297,6 +297,8 @@ def test_a_kohya_toml_is_refused_once_with_every_unknown_key_and_its_workbench_n
         assert f"'{key}' ({hint}" in message
     for known in ("resolution", "train_batch_size", "max_train_steps", "'learning_rate'", "keep_tokens"):
         assert known not in message
+    # kohya trains a text-encoder LoRA by default: a converted file would drop it without a word (a review)
+    assert "kohya's train_network.py trains the text encoder's LoRA as well" in message
     renamed = KOHYA_TOML.replace("pretrained_model_name_or_path = \"runwayml/stable-diffusion-v1-5\"", "model = 'tiny'")
     for kohya, ours in [("network_dim", "rank"), ("network_alpha", "lora_alpha"), ("shuffle_caption", "shuffle_tags"),
                         ("caption_dropout_rate", "caption_dropout"), ("save_every_n_steps", "checkpointing_steps"),

@@ -439,6 +439,11 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
         named = "; ".join(f"'{key}' ({hint})" for key, hint in unknown)
         problems.insert(0, f"Unknown training options in {where}: {named}. Rename or remove them "
                            "(every option: pipelines/train/config.py).")
+    kohya_lora = {"network_dim", "network_alpha", "network_module"} & {key.replace("-", "_") for key, _ in unknown}
+    if kohya_lora and not {"network_train_unet_only", "train_text_encoder"} & set(keys):
+        # kohya's train_network trains a text-encoder LoRA too unless told not to: a converted config would drop it
+        problems.append("Note: kohya's train_network.py trains the text encoder's LoRA as well (without "
+                        "network_train_unet_only); the workbench trains the UNet's alone unless train_text_encoder = true.")
     if problems:
         raise ConfigError(" ".join(problems))
     return out
