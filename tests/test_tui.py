@@ -88,6 +88,13 @@ def test_browser_shows_tags_and_finds_them_by_text(synthetic_catalog):
             tags = BROWSER_COLUMNS.index("tags")
             shown = sorted(row[tags] for row in app.screen.query_one("#rows").rows)
             assert shown == ["hands, to review", "to review", "to review"], shown
+            # a filter that matches nothing clears the details (a review: the last image's stayed, read as the filter's)
+            await wait_for(pilot, lambda: app.screen.shown_details, what="a row's details")
+            app.screen.query_one("#filter").value = "no such words anywhere"
+            await pilot.press("ctrl+f", "enter")
+            await wait_for(pilot, lambda: "of 0 · text search" in text_of(app, "#table-status"), what="no rows")
+            await wait_for(pilot, lambda: "No image matches the filter" in text_of(app, "#details"), what="details cleared")
+            assert app.screen.shown_details is None
 
     asyncio.run(scenario())
 

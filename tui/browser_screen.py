@@ -163,6 +163,17 @@ class BrowserScreen(SizeClasses, Screen):
             self._details_timer.stop()
         self._details_timer = self.set_timer(DETAILS_DELAY, lambda: self._load_details(message.image_id))
 
+    @on(ImageTable.Loaded)
+    def _rows_loaded(self, message: ImageTable.Loaded) -> None:
+        if message.result.total:
+            return
+        # no row to rest on: the last image's details and picture went on showing, and read as the filter's
+        if getattr(self, "_details_timer", None) is not None:
+            self._details_timer.stop()
+        self.shown_details = None
+        self.query_one("#details", Static).update(Text("No image matches the filter.", style="dim"))
+        self.query_one("#preview", ImagePreview).show("no image")
+
     @work(thread=True, exclusive=True, group="browser-details")
     def _load_details(self, image_id: str) -> None:
         try:
