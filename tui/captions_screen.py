@@ -456,7 +456,7 @@ class CaptionsScreen(SizeClasses, Screen):
         if undo.sidecars_left:
             note += (f"; {len(undo.sidecars_left):,} sidecar file(s) edited in another tool since ingest left as they are "
                      f"(e.g. {undo.sidecars_left[0]}): ingest reads them")
-        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} captions changed{note}", undo=undo,
+        self.post_message(self._Done(f"{undo.description}: {undo.changed:,} caption{'' if undo.changed == 1 else 's'} changed{note}", undo=undo,
                                      severity="warning" if undo.sidecars_left else "information"))
 
     @on(Button.Pressed, "#bulk-undo")
