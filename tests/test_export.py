@@ -623,6 +623,7 @@ def test_an_export_stopped_part_way_says_so_and_overwrite_replaces_exactly_what_
     monkeypatch.setattr(export_mod, "_write_image", stop_on_the_second)
     stopped = runner.invoke(app, ["export", str(out), "--overwrite", "--catalog", str(catalog_path)], env={"COLUMNS": "300"})
     assert stopped.exit_code == 130 and "the export in" in stopped.output and "--overwrite" in stopped.output
+    assert f"--catalog {catalog_path}" in " ".join(stopped.output.split())  # the command to copy names its catalog
     manifest = json.loads((out / ".workbench-export.json").read_text())
     assert manifest["finished"] is False and len([f for f in manifest["files"] if f.endswith(".jpg") or f.endswith(".png")]) == 1
     monkeypatch.setattr(export_mod, "_write_image", original)

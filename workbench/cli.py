@@ -1386,7 +1386,8 @@ def export(
     con = open_catalog(catalog)
     _note_unfiltered(con)
     again = (f"workbench export {shlex.quote(str(out))} --format {format} --overwrite" + (f" --link {link}" if link != "copy" else "")
-             + (f" --where {shlex.quote(where)}" if where is not None else ""))
+             + (f" --where {shlex.quote(where)}" if where is not None else "")
+             + (f" --catalog {shlex.quote(str(catalog))}" if catalog is not None else ""))  # the same catalog, copied as is
     try:
         with _stopped_says(f"the export in {out} is unfinished; {again} writes it again (replacing what this one wrote)"), \
                 RichProgress(transient=True) as progress:
