@@ -882,3 +882,22 @@ def test_save_precision_writes_the_files_a_ui_loads_in_half_precision(con, tmp_p
     assert {tensor.dtype for tensor in unet.values()} == {torch.float32}  # the folder to train on stays full precision
     with pytest.raises(Exception, match="save_precision must be float, fp16 or bf16"):
         fast_config(tmp_path / "x", save_precision="fp8")
+
+
+def test_resuming_a_run_whose_base_model_moved_says_where_it_must_be(con, catalog_path, tmp_path, one_thread):
+    """A review: after `mv models/base models/elsewhere`, `--resume latest` said only "No such model file or folder",
+    and `--model models/elsewhere --resume latest` was refused as another model."""
+    from pipelines.train import trained_model
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    base = tmp_path / "models" / "base"
+    shutil.copytree(component_path("tiny", "sd"), base)
+    config = fast_config(tmp_path / "run", model=str(base), max_train_steps=2, checkpointing_steps=1, num_validation_images=0)
+    trained_model(con, config, components=tiny_components())
+    con.close()
+    base.rename(tmp_path / "models" / "elsewhere")
+    resumed = runner.invoke(app, ["train", "lora", "--resume", "latest", "--output-dir", str(tmp_path / "run"),
+                                  "--max-train-steps", "3", "--catalog", str(catalog_path)])
+    said = " ".join(resumed.output.split())
+    assert resumed.exit_code == 2 and f"No such model file or folder: {base}" in said, resumed.output
+    assert "a resume goes on with the model it started with. Put it back there" in said

@@ -405,6 +405,9 @@ def check_setup(config: TrainConfig) -> None:
     try:  # a run folder or a missing path named as --model: said before a run folder is made
         refuse_a_local_model_that_is_not_one(config.model)
     except ModelError as error:
+        if config.resume and "No such model file or folder" in str(error):  # the run's base model moved since
+            raise RunRefused(f"{error}: the run trained on it, and a resume goes on with the model it started with. Put "
+                             "it back there (a link to where it is now will do), then resume.") from None
         raise RunRefused(str(error)) from None
 
 
