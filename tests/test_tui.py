@@ -1556,6 +1556,22 @@ def test_train_screen_opens_at_once_and_loads_its_defaults_in_a_worker(synthetic
     asyncio.run(scenario())
 
 
+def test_pipeline_steps_run_while_a_model_trains_say_whose_dataset_they_change(synthetic_catalog):
+    """A TUI review: Run all during a training run filtered and re-bucketed the set without a word; the run kept its
+    own snapshot, and the next run trained on 25 images where this one had 27."""
+    async def scenario():
+        app = WorkbenchApp(catalog_path=synthetic_catalog, start="pipeline")
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            app.training_in = "runs/lora-1"  # as the Train screen's worker marks a run going on
+            app.screen.start(["buckets"])
+            await wait_for(pilot, lambda: any("A training run is going on (runs/lora-1)" in n.message for n in app._notifications),
+                           what="the note")
+            await wait_for(pilot, lambda: app.screen.running is None, what="the step's end")
+
+    asyncio.run(scenario())
+
+
 def test_a_finished_run_whose_evaluation_failed_says_so(synthetic_catalog):
     """A TUI review: a run on a local model finished, its evaluation failed (no CLIP offline) and the Train screen
     said only "finished"; the runs table showed an empty clip score with no word why (the CLI says it)."""

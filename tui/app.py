@@ -54,6 +54,7 @@ class WorkbenchApp(App[None]):
         self.con: duckdb.DuckDBPyConnection | None = None
         self.catalog_version = 0
         self.running_steps: set = set()  # CancellableProgress of steps and training running now
+        self.training_in: str | None = None  # the output folder of the training run going on now, if one is
         self.failure: str | None = None  # why the app could not open the catalog
         self.sub_title = str(self.catalog_path)
 

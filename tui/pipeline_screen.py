@@ -169,6 +169,10 @@ class PipelineScreen(SizeClasses, Screen):
         except ValueError as error:
             self.notify(str(error), title="Settings", severity="error")
             return
+        if self.app.training_in:  # a review ran filter and buckets mid-run, unsaid: the next run's dataset changed
+            self.notify(f"A training run is going on ({self.app.training_in}): it trains on the dataset as it was when "
+                        "it started; what these steps change is for the next run.", title="Pipeline", severity="warning",
+                        timeout=10)
         # the Run pressed is disabled while its step runs, which takes focus away: it comes back to it at the end
         self._focus_after = self.focused
         self._set_running(names[0])

@@ -397,6 +397,7 @@ class TrainScreen(SizeClasses, Screen):
         progress = cancellable_progress(self.post_message, "train")
         self._progress = progress
         app.running_steps.add(progress)
+        app.training_in = config.output_dir
         started = time.perf_counter()
         cur = app.con.cursor()
         try:
@@ -424,6 +425,7 @@ class TrainScreen(SizeClasses, Screen):
             cur.close()
             self._progress = None
             app.running_steps.discard(progress)
+            app.training_in = None
         self.post_message(StepFinished(step="train", status=status, summary=summary, error=error, seconds=time.perf_counter() - started))
 
     @on(Button.Pressed, "#stop")
