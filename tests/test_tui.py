@@ -1361,8 +1361,27 @@ def test_the_train_screen_lists_past_runs_and_shows_one(four_image_catalog):
             await wait_for(pilot, lambda: "latest sample grid: " in text_of(app, "#sample-label")
                            and text_of(app, "#sample-label") != "latest sample grid", what="its grid")
             assert screen.output_dir == runs / "first"
+            assert "went on in its folder" not in text_of(app, "#train-state")
 
     asyncio.run(scenario())
+    # a later run in the first run's folder (a --resume of it): what the folder shows is that run's, said (a review
+    # saw a stopped run's curve run on to the later run's last step, unsaid)
+    con = connect(four_image_catalog)
+    con.execute("INSERT INTO training_runs (mode, model, status, steps, output_dir) VALUES ('lora', 'tiny', 'ok', 4, ?)",
+                [str(runs / "first")])
+    con.close()
+
+    async def again():
+        app = WorkbenchApp(catalog_path=four_image_catalog, start="train")
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.screen.query_one("#runs-table")
+            await wait_for(pilot, lambda: table.row_count == 3, what="the runs")
+            table.focus()
+            await pilot.press("down", "down", "enter")
+            await wait_for(pilot, lambda: "showing run 1" in text_of(app, "#train-state"), what="run 1 shown")
+            assert "run 3 went on in its folder" in text_of(app, "#train-state")
+
+    asyncio.run(again())
 
 
 def test_train_screen_stop_and_resume(four_image_catalog):

@@ -244,7 +244,11 @@ class TrainScreen(SizeClasses, Screen):
             self.notify(f"Run {run}'s folder {folder or '?'} is gone (moved or deleted).", title="Train", severity="warning")
             return
         self.output_dir, self.shown_sample = Path(folder), None
-        continued = " (continued by a later run: the folder's loss and samples are that run's)" if status == "continued" else ""
+        # a later run in the same folder (a --resume of a stopped or finished run) wrote over its loss and samples
+        later = [row[0] for row, other in zip(self.run_rows, self.run_folders) if other == folder and row[0] > run]
+        continued = (f" (run {min(later)} went on in its folder: the folder's loss and samples are the later run's)"
+                     if later else " (continued by a later run: the folder's loss and samples are that run's)"
+                     if status == "continued" else "")
         self.query_one("#train-state", Label).update(f"showing run {run}{continued}: {markup_safe(folder)}")
         self._poll()
 
