@@ -598,6 +598,14 @@ def test_training_prepends_a_trigger_found_only_inside_another_word(con, tmp_pat
     # said, with how to write it into the captions (a review: kohya trains captions as written, and nothing said so)
     note = next(m for m in said if "lack their concept's trigger word" in m)
     assert note.startswith("1 caption(s)") and "edit-captions --add-token cat --where \"concept = 'cat'\"" in note
+    # with --keep-tokens pinning the first tag, a trigger held further on is shuffled like any tag: said (a review)
+    (src / "9_cat" / "b.txt").write_text("on grass, cat")
+    ingested_images(con, [src], workers=1)
+    said.clear()
+    training_images(con, TrainConfig(resolution=64, shuffle_tags=True, keep_tokens=1),
+                    progress=lambda **kw: said.append(kw.get("message") or ""))
+    pinned = next(m for m in said if "after the first 1 tag(s) --keep-tokens pins" in m)
+    assert pinned.startswith("1 caption(s)") and "--add-token cat" in pinned
 
 
 def test_an_export_stopped_part_way_says_so_and_overwrite_replaces_exactly_what_it_wrote(catalog_path, con, curated, tmp_path, monkeypatch):

@@ -237,6 +237,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             "class where they have one, else an empty caption (`workbench caption` writes captions)"))
     images, no_bucket = [], []
     given_trigger: Counter = Counter()  # captions of a concept's image that lacked its trigger: (concept, trigger) -> count
+    shuffled_trigger: Counter = Counter()  # those holding it past the first keep_tokens tags, which tag shuffle moves
     for values in rows:
         row = dict(zip(columns, values))
         if use_stored and row.get("bucket_width"):
@@ -266,6 +267,9 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             if caption:
                 given_trigger[(row.get("concept"), trigger)] += 1
             caption = f"{trigger}, {caption}" if caption else trigger
+        elif trigger and config.shuffle_tags and config.keep_tokens and not caption_has_trigger(
+                ", ".join(caption.split(",")[: config.keep_tokens]), trigger):
+            shuffled_trigger[(row.get("concept"), trigger)] += 1  # in the caption, but among the tags shuffled
         images.append(
             TrainImage(
                 image_id=row["image_id"], path=files[row["image_id"]], caption=caption, bucket=bucket, resized=resized, crop=crop,
@@ -280,6 +284,13 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             f"('{trigger}, …'), so the LoRA learns the word (kohya trains captions as written). To make it part of "
             f"the captions themselves: workbench edit-captions --add-token {shlex.quote(trigger)} --where "
             f"\"concept = '{concept.replace(chr(39), chr(39) * 2)}'\""))
+    if shuffled_trigger:  # keep_tokens pins the first tags: a trigger after them is shuffled like any tag
+        (concept, trigger), _ = shuffled_trigger.most_common(1)[0]
+        progress(task="dataset", message=(
+            f"{sum(shuffled_trigger.values())} caption(s) hold their concept's trigger word after the first "
+            f"{config.keep_tokens} tag(s) --keep-tokens pins, so tag shuffle moves it like any other tag. To pin it: "
+            f"workbench edit-captions --add-token {shlex.quote(trigger)} --where \"concept = '{concept.replace(chr(39), chr(39) * 2)}'\" "
+            "(moves it to the front)"))
     if no_bucket:
         ids = " ".join(row["image_id"][:12] for row, _ in no_bucket)
         first, reason = no_bucket[0]
