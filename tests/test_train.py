@@ -1811,3 +1811,23 @@ def test_resuming_an_older_workbenchs_checkpoint_takes_the_catalogs_record_of_it
     given = load_train_config(None, {"output_dir": str(run), "resume": "latest", "max_train_steps": 3, "seed": config.seed,
                                      "resolution": config.resolution, "train_batch_size": 2, "learning_rate": config.learning_rate})
     assert trained_model(con, given, components=tiny_components()).steps == 3  # given as recorded: it goes on
+
+
+def test_checkpoints_at_the_end_of_every_n_epochs(con, tmp_path, one_thread):
+    """kohya's save_every_n_epochs had no counterpart (a OneTrainer and kohya migrators' review): checkpointing_epochs
+    saves at each N-th epoch's end, beside checkpointing_steps; kohya's name, pasted, means it."""
+    from pipelines.train import trained_model
+    from pipelines.train.checkpoint import checkpoint_step, list_checkpoints
+    from pipelines.train.loop import epoch_checkpoint_due
+    from workbench.cli import pasted_train_options
+
+    # 3 micro-batches an epoch, 2 a step: epoch 1 ends in step 2, epoch 2 in step 3, epoch 4 in step 6
+    assert [s for s in range(1, 8) if epoch_checkpoint_due(s, 3, 2, 2)] == [3, 6]
+    assert [s for s in range(1, 8) if epoch_checkpoint_due(s, 3, 2, 1)] == [2, 3, 5, 6]
+    assert [s for s in range(1, 4) if epoch_checkpoint_due(s, 1, 4, 3)] == [1, 2, 3]  # several epochs end in one step
+    ingest_images(con, tmp_path / "images", 3, sizes=[(32, 32)])  # batch 2: 2 steps an epoch
+    config = fast_config(tmp_path / "run", max_train_steps=6, checkpointing_steps=1000, checkpointing_epochs=2,
+                         num_validation_images=0)
+    trained_model(con, config, components=tiny_components())
+    assert [checkpoint_step(c) for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [4, 6]  # epochs 2, and the end
+    assert pasted_train_options(["train", "lora", "--save_every_n_epochs", "2"]) == ["train", "lora", "--set", "checkpointing_epochs=2"]

@@ -42,7 +42,7 @@ SNAPSHOT_FILE = "dataset.json"  # a run's own copy of its options and dataset, i
 # bits, as cached and uncached latents do; nothing here changes what is trained. Anything else would make the
 # continued run a different run than the one its checkpoint belongs to.
 RESUME_MAY_CHANGE = frozenset({
-    "resume", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
+    "resume", "output_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpointing_epochs", "checkpoints_total_limit",
     "validation_prompt", "validation_steps", "num_validation_images", "validation_seed", "validation_inference_steps",
     "validation_guidance_scale", "report_to", "evaluate", "clip_model", "device", "dataloader_num_workers",
     "cache_dir", "cache_memory_mb", "cache_latents", "cache_text_embeddings", "torch_compile",
@@ -84,6 +84,7 @@ KOHYA_OPTIONS = {
     "shuffle_caption": "shuffle_tags",
     "caption_dropout_rate": "caption_dropout",
     "save_every_n_steps": "checkpointing_steps",
+    "save_every_n_epochs": "checkpointing_epochs",
     "max_train_epochs": "num_train_epochs",
     "unet_lr": "learning_rate",
     "lr_scheduler_num_cycles": "lr_num_cycles",
@@ -121,7 +122,6 @@ KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
     "keep_tokens_separator": "", "secondary_separator": "", "caption_separator": "", "enable_wildcard": "",
     "caption_suffix": "", "caption_tag_dropout_rate": "", "caption_dropout_every_n_epochs": "",
     "weighted_captions": "", "token_warmup_min": "", "token_warmup_step": "", "face_crop_aug_range": "",
-    "save_every_n_epochs": "checkpoints are every checkpointing_steps steps",
     "save_last_n_steps": "checkpoints_total_limit keeps the newest N checkpoints",
     "save_last_n_epochs": "checkpoints_total_limit keeps the newest N checkpoints",
     "save_state": "every checkpoint holds the training state",
@@ -239,6 +239,7 @@ class TrainConfig:
 
     # checkpoints, validation, logging
     checkpointing_steps: int = 500
+    checkpointing_epochs: int | None = None  # also a checkpoint at the end of every N epochs (kohya's save_every_n_epochs)
     checkpoints_total_limit: int | None = None
     resume: str | None = None  # "latest" or a checkpoint folder
     validation_prompt: list[str] = field(default_factory=list)
@@ -334,6 +335,7 @@ class TrainConfig:
             (self.color_jitter >= 0, "--color-jitter must be 0 or more"),
             (self.cache_memory_mb >= 0, "--cache-memory-mb must be 0 or more"),
             (self.checkpointing_steps >= 1, "--checkpointing-steps must be at least 1"),
+            (self.checkpointing_epochs is None or self.checkpointing_epochs >= 1, "checkpointing_epochs must be at least 1"),
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              "--checkpoints-total-limit must be at least 1 (leave it out to keep every checkpoint)"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),

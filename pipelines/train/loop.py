@@ -320,6 +320,17 @@ def say_long_captions(images: Sequence[TrainImage], tokenizer, progress: Progres
             f"Shorten them (`workbench edit-captions --remove-token …`){longer} to train on every tag."))
 
 
+def epoch_checkpoint_due(step: int, per_epoch: int, micro_per_update: int, every: int | None) -> bool:
+    """Whether optimizer step `step` ends an epoch that `checkpointing_epochs` (every N epochs) saves: epoch e ends
+    with micro-batch e × per_epoch, and step s trains micro-batches (s - 1) × micro_per_update + 1 … s × micro_per_update
+    (with few images and much accumulation, one step may end several epochs)."""
+    if not every:
+        return False
+    first = (step - 1) * micro_per_update // per_epoch + 1  # the epochs whose last micro-batch falls in this step
+    last = step * micro_per_update // per_epoch
+    return any(epoch % every == 0 for epoch in range(first, last + 1))
+
+
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     return tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
@@ -904,7 +915,8 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 ema.step(accelerator.unwrap_model(unet).parameters())
             loss_log.add(global_step, micro_losses, step_lr, micro_parts)
             micro_losses, micro_parts = [], []
-            checkpoint_due = global_step % config.checkpointing_steps == 0 or global_step == max_steps
+            checkpoint_due = (global_step % config.checkpointing_steps == 0 or global_step == max_steps
+                              or epoch_checkpoint_due(global_step, per_epoch, micro_per_update, config.checkpointing_epochs))
             sample_due = sampling and global_step % config.validation_steps == 0 and global_step != max_steps
             if checkpoint_due or sample_due or loss_log.read_due():
                 # a non-finite loss stops the run here, before a checkpoint or sample grid holds its weights
