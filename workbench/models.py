@@ -559,6 +559,17 @@ def _refuse_a_damaged_safetensors(path: Path) -> None:
                                      "model, not a Stable Diffusion checkpoint.")
 
 
+def _checked_single_file(path: Path) -> Path | None:
+    """A single-file checkpoint's diffusers folder beside it (None without one), once the file is known to be a whole
+    Stable Diffusion checkpoint (not a LoRA, a damaged file or another model's) and that folder SD 1.x / 2.x."""
+    _refuse_a_lora_file(path)
+    _refuse_a_damaged_safetensors(path)
+    beside = single_file_config(path)
+    if beside is not None:
+        _refuse_another_architecture(beside)
+    return beside
+
+
 def refuse_a_local_model_that_is_not_one(model: str) -> None:
     """Raise ModelNotAvailableError for a local folder that is no diffusers model, or a path-like name with nothing
     there; presets, Hub ids and model files pass (their loading says the rest)."""
@@ -566,12 +577,7 @@ def refuse_a_local_model_that_is_not_one(model: str) -> None:
     if source != TINY and Path(source).expanduser().is_dir():
         _refuse_a_folder_that_is_not_a_model(source)
     elif _is_single_file(source):
-        path = Path(source).expanduser()
-        _refuse_a_lora_file(path)
-        _refuse_a_damaged_safetensors(path)
-        beside = single_file_config(path)
-        if beside is not None:
-            _refuse_another_architecture(beside)
+        _checked_single_file(Path(source).expanduser())
     elif _from_the_hub(source):
         snapshot = _hub_snapshot(source)
         if snapshot is not None:  # a cached Hub model of another architecture (SDXL) is refused as a folder is
@@ -588,11 +594,7 @@ def _sd_pipeline_from(model: str, source: str, dtype: torch.dtype):
         _refuse_a_folder_that_is_not_a_model(where)
         return StableDiffusionPipeline.from_pretrained(where, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     path = Path(source).expanduser()
-    _refuse_a_lora_file(path)
-    _refuse_a_damaged_safetensors(path)
-    config_folder = single_file_config(path)
-    if config_folder is not None:
-        _refuse_another_architecture(config_folder)
+    config_folder = _checked_single_file(path)
     try:
         return StableDiffusionPipeline.from_single_file(
             str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False,
