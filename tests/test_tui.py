@@ -1910,6 +1910,9 @@ def test_text_that_looks_like_markup_is_shown_as_typed_on_every_screen(synthetic
 def test_trainer_messages_use_the_forms_words():
     from tui.train_screen import form_message
 
+    assert form_message("the `tiny` preset works offline (`--model tiny`; `--clip-model tiny` for evaluate).") == (
+        "the `tiny` preset works offline (the preset tiny).")
+
     assert form_message("--max-train-steps must be at least 1") == "'steps' must be at least 1"
     assert form_message("x already holds a training run: continue it with --resume latest, or give another --output-dir.") == (
         "x already holds a training run: continue it with Resume, or give another 'output folder'.")

@@ -60,6 +60,8 @@ def form_message(text: str) -> str:
             return "Resume"
         return f"'{FIELD_LABELS[key]}'" if key in FIELD_LABELS else key
     text = text.replace("--resume latest", "--resume").replace("the command line", "the form")
+    # the offline preset as the form picks it, not as the command line names it (a review read "`model tiny`")
+    text = re.sub(r"\(`--model tiny`[^)]*\)", "(the preset tiny)", text)
     # a command to run elsewhere (`workbench concept add NAME --class NOUN`) keeps its options as they are typed
     parts = re.split(r"(`workbench [^`]*`)", text)
     return "".join(part if part.startswith("`workbench ") else _OPTION.sub(named, part) for part in parts)
