@@ -1384,6 +1384,9 @@ def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its
     # its final samples too (an output consumer's review: the step-3 samples were written over step 2's, which the
     # first run's row still named), so the first run can still be evaluated, on its own samples
     assert outputs["final_samples"] == str(kept / "samples" / "final")
+    from workbench.files import current_umask
+
+    assert kept.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's 0700: a UI of another user reads it
     assert {path.name: path.read_bytes() for path in (kept / "samples" / "final").iterdir()} == first_samples
     assert (run / "samples" / "final" / "samples.json").is_file()  # the continued run's own
     assert run_metrics(con, first.train_id, clip_model="tiny")["samples"] == 2
@@ -1490,10 +1493,21 @@ def test_show_batches_on_the_command_line(catalog_path, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
     # the dry run says what the run would cut, as the run does (a review: it showed tags that never train, unsaid)
     assert "1 caption(s) are longer than the text encoder's 75 tokens" in " ".join(result.output.split())
-    # what the run would refuse first, the dry run refuses too (a review: it passed 8-bit AdamW without bitsandbytes)
-    setup = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2", "--device", "cpu",
-                                     "--mixed-precision", "fp16", "--output-dir", str(tmp_path / "run")])
-    assert setup.exit_code == 2 and "fp16" in setup.output and "the first 2 step(s)" not in setup.output, setup.output
+    # a preview of a GPU run (fp16) on this CPU machine is fine: no model loads, no device is used (a regression hunt)
+    gpu = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2", "--device", "cpu",
+                                   "--mixed-precision", "fp16", "--output-dir", str(tmp_path / "run")])
+    assert gpu.exit_code == 0 and "the first 2 step(s)" in gpu.output, gpu.output
+    # an option the run cannot have at all is said (a review: the preview passed 8-bit AdamW without bitsandbytes)
+    import importlib.util
+
+    found = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *args: None if name == "bitsandbytes" else found(name, *args)
+    try:
+        bnb = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
+                                       "--use-8bit-adam", "--output-dir", str(tmp_path / "run")])
+    finally:
+        importlib.util.find_spec = found
+    assert bnb.exit_code == 2 and "bitsandbytes" in bnb.output and "the first 2 step(s)" not in bnb.output, bnb.output
     refused = CliRunner().invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--show-batches", "2",
                                        "--resume", "latest", "--output-dir", str(tmp_path / "run")])
     assert refused.exit_code == 2 and "a resumed run goes on with the plan it started with" in " ".join(refused.output.split())

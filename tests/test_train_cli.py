@@ -699,6 +699,17 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
                        (["--caption_dropout_rate", "0.1", "--caption-dropout", "0.2"], "both give caption_dropout")):
         with pytest.raises(ValueError, match=re.escape(said)):
             pasted_train_options(["train", "lora", *both])
+    # not a conflict: a list option takes both (the sample prompts), and one value given twice is one value
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("photo of wbk cat --n blurry\n")
+    assert pasted_train_options(["train", "lora", "--sample_prompts", str(prompts), "--validation-prompt", "wbk cat on grass"]) == [
+        "train", "lora", "--validation-prompt", "photo of wbk cat", "--validation-prompt", "wbk cat on grass"]
+    assert pasted_train_options(["train", "lora", "--optimizer_type", "AdamW", "--no-use-8bit-adam"])[-1] == "--no-use-8bit-adam"
+    with pytest.raises(ValueError, match=re.escape("--network_dim and --set rank=… both give rank")):
+        pasted_train_options(["train", "lora", "--set=rank=4", "--network_dim", "8"])
+    # the workbench's own options before the command, --wait among them (pasted options were left untranslated)
+    assert pasted_train_options(["--wait", "5", "train", "lora", "--network_dim", "8", "--network_alpha", "4"]) == [
+        "--wait", "5", "train", "lora", "--rank", "8", "--lora-alpha", "4"]
     # an alpha given another way (--set, a --config file) is left to win: kohya's default is for no alpha at all
     assert pasted_train_options(["train", "lora", "--network_dim", "8", "--set", "lora_alpha=4"]) == [
         "train", "lora", "--rank", "8", "--set", "lora_alpha=4"]

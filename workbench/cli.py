@@ -1655,12 +1655,14 @@ def train_command(
         err_console.print(Text(f"Note: there is no run to resume in {train_config.output_dir}: a new run starts there "
                                "(as diffusers' --resume_from_checkpoint latest does).", style="yellow"))
     if show_batches is not None:  # the plan of the whole run, shown once (before any processes start)
-        from pipelines.train.loop import check_setup
+        import importlib.util
 
-        try:  # what the run itself would refuse first (8-bit AdamW without bitsandbytes, a device not here, the model)
-            check_setup(train_config)
-        except TrainingError as error:
-            fail(str(error))
+        from pipelines.train.loop import NO_BITSANDBYTES
+
+        # a preview of a GPU run on a CPU machine without the weights is fine (no model loads, no device is used);
+        # an option the run cannot have at all is said here (a review's dry run passed 8-bit AdamW without bitsandbytes)
+        if train_config.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+            fail(NO_BITSANDBYTES)
         _show_batches(catalog, train_config, show_batches)
         if num_processes > 1:
             err_console.print(Text(f"Note: with --num-processes {num_processes}, the processes take these batches in order, "
@@ -2265,9 +2267,9 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
     peer should know (kohya's LoRA alpha default)."""
     start = 0  # the workbench's own options may come first: `workbench -c cat.duckdb train lora …`
     while start < len(args) and args[start] != "train":
-        if args[start] in ("-c", "--catalog"):
+        if args[start] in ("-c", "--catalog", "--wait"):
             start += 2
-        elif args[start].startswith("--catalog="):
+        elif args[start].startswith(("--catalog=", "--wait=")):
             start += 1
         else:
             return args
@@ -2295,19 +2297,30 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
     # them as well would be two values for one option, of which one silently won
     given: dict[str, str] = {}
     for i, token in enumerate(args[2:], start=2):
-        flag = token.partition("=")[0]
-        if flag == "--set" and i + 1 < len(args):
-            given.setdefault(args[i + 1].partition("=")[0].strip(), f"--set {args[i + 1].partition('=')[0].strip()}=…")
-        elif flag.startswith("--set="):
-            given.setdefault(token[len("--set="):].partition("=")[0].strip(), f"--set {token[len('--set='):].partition('=')[0].strip()}=…")
-        elif flag in params and params[flag].name:
-            given.setdefault(params[flag].name, flag)
+        if token.startswith("--set="):
+            key = token[len("--set="):].partition("=")[0].strip()
+            given.setdefault(key, f"--set {key}=…")
+        elif token == "--set" and i + 1 < len(args):
+            key = args[i + 1].partition("=")[0].strip()
+            given.setdefault(key, f"--set {key}=…")
+        elif token.partition("=")[0] in params and params[token.partition("=")[0]].name:
+            given.setdefault(params[token.partition("=")[0]].name, token.partition("=")[0])
+    from pipelines.train.config import LIST_OPTIONS
+
+    def given_as_is(tokens: list[str]) -> bool:
+        """Whether the translation is already in the command as typed (the same value twice is no conflict)."""
+        rest = args[2:]
+        return any(rest[i : i + len(tokens)] == tokens for i in range(len(rest)))
 
     def translated(name: str, pairs: list[tuple[str, str]]) -> list[str]:
-        for key, _ in pairs:
-            if key in given:
+        out = []
+        for key, value in pairs:
+            tokens = ours(key, value)
+            # a list option (the sample prompts) takes both; anything else would have two values, one silently lost
+            if key in given and key not in LIST_OPTIONS and not given_as_is(tokens):
                 raise ValueError(f"{name} and {given[key]} both give {key}: keep one.")
-        return [part for key, value in pairs for part in ours(key, value)]
+            out += tokens
+        return out
 
     out, rest = list(args[:2]), list(args[2:])
     while rest:

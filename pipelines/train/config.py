@@ -70,6 +70,7 @@ OPTION_FLAGS = {  # how messages name an option: its flag where `workbench train
 # list gives several (--set 'validation_prompt=["a dog, sitting", "a cat"]', or the repeatable flags).
 COMMA_LIST_OPTIONS = ("lora_target_modules", "text_encoder_target_modules")
 ONE_ITEM_LIST_OPTIONS = ("validation_prompt", "concepts")
+LIST_OPTIONS = COMMA_LIST_OPTIONS + ONE_ITEM_LIST_OPTIONS  # options that take several values: given twice, they add up
 # kohya-ss sd-scripts option → the workbench option that does the same (a kohya train.toml is refused with these
 # names, not read: the values do not all mean the same). sd-scripts options of the same name (train_batch_size,
 # max_train_steps, learning_rate, text_encoder_lr, lr_scheduler, lr_warmup_steps, mixed_precision, seed,

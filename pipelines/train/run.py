@@ -32,6 +32,7 @@ from pipelines.train.loop import (
     steps_behind_message,
 )
 from workbench.catalog import catalog_file, connect_when_free, finish_run, first_row, refuse_read_only, run_status, start_run
+from workbench.files import current_umask
 from workbench.progress import ProgressHook, null_progress
 
 
@@ -315,6 +316,7 @@ def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             os.rename(output_dir / name, staging / name)
             moved_now.append(name)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: a UI run by another user reads it
         os.rename(staging, kept)
     except BaseException:
         for name in moved_now:  # put back what moved: the run folder stays as it was
