@@ -295,10 +295,12 @@ def _bulk_expression(cur: duckdb.DuckDBPyConnection, find: str | None = None, re
     if add_token:
         # first, in the order given: a trigger must lead for --keep-tokens to keep it; one the caption has elsewhere
         # moves to the front (added in front of it, a second tag pushed the trigger out of first place)
+        # in front already, and nowhere again: unchanged (a copy further on went on being shuffled as a tag of its own)
         return (
-            f"CASE WHEN list_slice({tags}, 1, ?) = ?::VARCHAR[] THEN caption "
+            f"CASE WHEN list_slice({tags}, 1, ?) = ?::VARCHAR[] AND NOT list_has_any(list_slice({tags}, ?, len({tags})), ?::VARCHAR[]) "
+            f"THEN caption "
             f"ELSE array_to_string(list_concat(?::VARCHAR[], list_filter({tags}, lambda t: NOT list_contains(?::VARCHAR[], t))), ', ') END",
-            [len(given), given, given, given],
+            [len(given), given, len(given) + 1, given, given, given],
             f"add token {token!r}",
         )
     # only captions that hold the tag change (a removal of a tag no caption has rewrote them all, normalised)

@@ -204,6 +204,11 @@ def test_add_token_puts_the_tags_first_or_at_the_end_and_a_caption_is_one_line(c
 
     assert caption_edits.bulk_edit(con, ids, add_token="mkchan, solo").changed == 3  # the last one leads with them
     assert captions() == ["mkchan, solo, 1girl", "mkchan, solo, 1girl", "mkchan, solo, 1girl", "mkchan, solo, 1girl"]
+    # in front already but there again further on: the copy goes, as when the tags move (a booru review)
+    caption_edits.save_manual_caption(con, ids[1], "mkchan, solo, 1girl, mkchan")
+    assert caption_edits.bulk_edit(con, [ids[1]], add_token="mkchan, solo").changed == 1
+    assert captions()[1] == "mkchan, solo, 1girl"
+    assert caption_edits.bulk_edit(con, [ids[1]], add_token="mkchan, solo").changed == 0  # and then nothing to do
     assert caption_edits.bulk_edit(con, ids[:2], add_token="smile, solo", at_end=True).changed == 2
     assert captions()[:2] == ["mkchan, solo, 1girl, smile", "mkchan, solo, 1girl, smile"]
     caption_edits.save_manual_caption(con, ids[2], "microphone\n  second line tag \n")
