@@ -604,6 +604,15 @@ def test_train_export_writes_a_checkpoint_as_the_finished_run_writes_its_model(c
     assert one.keys() == written_kohya.keys() and all(torch.equal(one[k], written_kohya[k]) for k in one)
     taken = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "my-lora-step2.safetensors")])
     assert taken.exit_code == 2 and "exists" in taken.output
+    # in another precision than the run's (a code review: an export could not be had in fp16)
+    half = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "half.safetensors"), "--save-precision", "fp16"])
+    assert half.exit_code == 0, half.output
+    halved = load_file(str(ui / "half.safetensors"))
+    assert {t.dtype for t in halved.values()} == {torch.float16} and halved.keys() == written_kohya.keys()
+    assert all(torch.equal(halved[k], written_kohya[k].half()) for k in halved)
+    (ui / "half.safetensors").unlink()
+    bad = runner.invoke(app, ["train", "export", str(tmp_path / "lora"), "--to", str(ui / "x.safetensors"), "--save-precision", "fp8"])
+    assert bad.exit_code == 2 and "save_precision must be float, fp16 or bf16" in bad.output
     checkpoint = runner.invoke(app, ["train", "export", str(tmp_path / "ft"), "--checkpoint", "2", "--to", str(ui / "ft.safetensors")])
     assert checkpoint.exit_code == 0 and "single_file:" in checkpoint.output
     assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(str(ui / "ft.safetensors"))

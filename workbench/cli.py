@@ -1836,11 +1836,13 @@ def train_export(
     run_dir: Annotated[Path, typer.Argument(help="The run's --output-dir.")],
     checkpoint: Annotated[str, typer.Option(help="Step number, checkpoint folder, or 'latest'.")] = "latest",
     to: Annotated[Optional[Path], typer.Option(help="Where the model goes (default: RUN_DIR/exports/checkpoint-N); a FILE.safetensors: just the file A1111 and ComfyUI load, named so.")] = None,
+    save_precision: Annotated[Optional[str], typer.Option("--save-precision", help="float, fp16 or bf16 (default: the run's save_precision).", show_default=False)] = None,
 ) -> None:
     """Write a checkpoint's weights as a finished run writes its model (LoRA files, or a diffusers folder and one file).
 
     Example: workbench train export runs/dreambooth-dog --checkpoint 400
-    (or straight into a UI's folder, named: --to ~/webui/models/Lora/dog-step400.safetensors)
+    (or straight into a UI's folder, named, in half precision: --to ~/webui/models/Lora/dog-step400.safetensors
+    --save-precision fp16)
     """
     from pipelines.train import TrainingError
     from pipelines.train.checkpoint import list_checkpoints, resolve_resume
@@ -1873,7 +1875,7 @@ def train_export(
         fail(f"{out} is not empty: give another --to, or delete it first.")
     try:
         with RichProgress() as progress:
-            outputs = exported_checkpoint(found, out, progress=progress)
+            outputs = exported_checkpoint(found, out, save_precision=save_precision, progress=progress)
         if one_file:  # the file A1111 and ComfyUI load: the kohya-keyed LoRA, or the original-layout checkpoint
             name = "lora_kohya" if "lora_kohya" in outputs else "single_file"
             written_whole(final, lambda path: shutil.copyfile(outputs[name], path))  # whole or not at all, on any disk

@@ -1318,9 +1318,11 @@ def _save_single_file(pipe, path: Path, config) -> Path:
         return path
 
 
-def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, progress: ProgressHook = null_progress) -> dict[str, str]:
+def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, save_precision: str | None = None,
+                        progress: ProgressHook = null_progress) -> dict[str, str]:
     """A checkpoint's weights written as a finished run writes its model: both LoRA files, or a diffusers pipeline and
-    one single-file checkpoint (with the EMA weights when the run kept an EMA), so an earlier step can be used."""
+    one single-file checkpoint (with the EMA weights when the run kept an EMA), so an earlier step can be used.
+    `save_precision` (float, fp16, bf16) writes them in another dtype than the run's."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -1337,8 +1339,15 @@ def exported_checkpoint(checkpoint: Path, out_dir: Path, *, components=None, pro
                             "cannot be written on its own: resume the run to a later step (`workbench train MODE --resume "
                             "…`), whose checkpoints and outputs hold them.")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    asked = save_precision is not None and save_precision != (config.save_precision or "float")
+    if save_precision is not None:
+        config = dataclasses.replace(config, save_precision=save_precision)
+        try:
+            config.validate()
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
     written = {"lora_diffusers": checkpoint / DIFFUSERS_LORA_FILE, "lora_kohya": checkpoint / KOHYA_LORA_FILE}
-    if config.mode == "lora" and all(path.is_file() for path in written.values()):
+    if config.mode == "lora" and all(path.is_file() for path in written.values()) and not asked:
         # the files the run wrote at that step: bitwise its LoRA, with its own metadata (epoch, training time)
         out_dir.mkdir(parents=True, exist_ok=True)
         progress(task="export", message=f"copying step {ckpt.checkpoint_step(checkpoint)}'s LoRA files to {out_dir}")
