@@ -230,7 +230,7 @@ def _write_image(row: _Row, target_dir: Path, stem: str, *, link: str, kohya_onl
     return target
 
 
-def _sql_text(value: str) -> str:
+def sql_text(value: str) -> str:
     """`value` as an SQL string literal."""
     return "'" + value.replace("'", "''") + "'"
 
@@ -238,6 +238,11 @@ def _sql_text(value: str) -> str:
 def _shell_text(value: str) -> str:
     """`value` as one shell word, in double quotes where that needs no escapes (SQL's own quotes read better)."""
     return f'"{value}"' if not set(value) & set('"$`\\!') else shlex.quote(value)
+
+
+def add_token_command(trigger: str, concept: str) -> str:
+    """The command that puts a concept's trigger in front of its images' captions (moved there where they hold it)."""
+    return f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {_shell_text(f'concept = {sql_text(concept)}')}"
 
 
 def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
@@ -428,8 +433,7 @@ def kohya_export(
             f"{counts['captions_without_trigger']} caption(s) in concept folders lack their trigger word "
             f"({named_few(without_trigger)}); kohya uses the caption file instead of class_tokens, so those images "
             "do not teach the trigger: add it to their captions and export again ("
-            + "; ".join(f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {_shell_text(f'concept = {_sql_text(concept)}')}"
-                        for concept, trigger in sorted(triggerless.items())) + ")"))
+            + "; ".join(add_token_command(trigger, concept) for concept, trigger in sorted(triggerless.items())) + ")"))
     return {"format": "kohya", "out": str(out), **counts, "too_small_for_no_upscale": unbucketable}
 
 

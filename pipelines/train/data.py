@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from pipelines.buckets import default_bucket_settings as buckets_defaults
-from pipelines.export import caption_has_trigger
+from pipelines.export import add_token_command, caption_has_trigger, sql_text
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 from workbench.files import is_disk_full, written_whole
@@ -282,15 +282,13 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         progress(task="dataset", message=(
             f"{sum(given_trigger.values())} caption(s) lack their concept's trigger word and train with it in front "
             f"('{trigger}, …'), so the LoRA learns the word (kohya trains captions as written). To make it part of "
-            f"the captions themselves: workbench edit-captions --add-token {shlex.quote(trigger)} --where "
-            f"\"concept = '{concept.replace(chr(39), chr(39) * 2)}'\""))
+            f"the captions themselves: {add_token_command(trigger, concept)}"))
     if shuffled_trigger:  # keep_tokens pins the first tags: a trigger after them is shuffled like any tag
         (concept, trigger), _ = shuffled_trigger.most_common(1)[0]
         progress(task="dataset", message=(
             f"{sum(shuffled_trigger.values())} caption(s) hold their concept's trigger word after the first "
             f"{config.keep_tokens} tag(s) --keep-tokens pins, so tag shuffle moves it like any other tag. To pin it: "
-            f"workbench edit-captions --add-token {shlex.quote(trigger)} --where \"concept = '{concept.replace(chr(39), chr(39) * 2)}'\" "
-            "(moves it to the front)"))
+            f"{add_token_command(trigger, concept)} (moves it to the front)"))
     if no_bucket:
         ids = " ".join(row["image_id"][:12] for row, _ in no_bucket)
         first, reason = no_bucket[0]
@@ -372,11 +370,10 @@ def class_prior_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, want
                 "ORDER BY c.seed", [*params, config.resolution]).fetchall()]
             more = ""
             if len(too_small) > 20:
-                names = ", ".join("'" + name.replace("'", "''") + "'" for name in prior_model_names(model))
-                quoted = [prompt.replace("'", "''"), f"[{names}]"]
+                names = ", ".join(sql_text(name) for name in prior_model_names(model))
                 more = (f" ({len(too_small)} in all, the first 20 named; list them with: workbench sql \"SELECT c.image_id FROM "
                         "class_priors c JOIN images i USING (image_id) WHERE c.resolution IS NULL AND least(i.width, i.height) < "
-                        f"{config.resolution} AND c.class_prompt = '{quoted[0]}' AND list_contains({quoted[1]}, c.model)\")")
+                        f"{config.resolution} AND c.class_prompt = {sql_text(prompt)} AND list_contains([{names}], c.model)\")")
             progress(task="class priors", message=(
                 f"{small} class prior(s) of {prompt!r} are smaller than {config.resolution} px (made before workbench "
                 f"recorded each prior's size and steps) and train upscaled. To have them made anew for this run "
