@@ -414,9 +414,7 @@ class TrainScreen(SizeClasses, Screen):
             summary = {"steps": result.steps, "final loss": None if result.final_loss is None else round(result.final_loss, 4),
                        "train id": result.train_id, **{k: v for k, v in result.outputs.items() if k in ("lora_diffusers", "lora_kohya", "pipeline", "single_file", "samples")}}
             status, error = "ok", None
-            if "error" in result.metrics:  # the run is fine; only its scores are missing (said, as the CLI says it)
-                error = (f"evaluating the samples failed ({result.metrics['error']}); the run is recorded. Score it later "
-                         f"with `workbench evaluate {result.train_id} --clip-model tiny` (or a CLIP you have).")
+            error = result.evaluation_failure()  # the run is fine; only its scores are missing
         except StepCancelled:
             from pipelines.train.checkpoint import checkpoint_step, list_checkpoints
 

@@ -1737,9 +1737,8 @@ def train_command(
         if key in result.metrics:
             summary[METRIC_LABELS.get(key, key)] = f"{result.metrics[key]:.3f}"
     console.print(counts_table(f"train {mode}", summary))
-    if "error" in result.metrics:  # the run is fine; only its scores are missing
-        err_console.print(Text(f"Note: evaluating the samples failed ({result.metrics['error']}); the run is recorded. "
-                               f"Score it later with: workbench evaluate {result.train_id} --clip-model tiny (or a CLIP you have)"))
+    if result.evaluation_failure():  # the run is fine; only its scores are missing
+        err_console.print(Text(f"Note: {result.evaluation_failure()}"))
     for name, path in result.outputs.items():
         console.print(Text(f"{name}: {path}"))
     if train_config.model == "tiny":  # the default: a newcomer who left --model out should know what they trained

@@ -83,6 +83,13 @@ class TrainResult:
     def steps_per_second(self) -> float:
         return self.steps_this_session / self.train_seconds if self.train_seconds else 0.0
 
+    def evaluation_failure(self) -> str | None:
+        """What to say when the run finished but scoring its samples failed (the CLI and the TUI say the same)."""
+        if "error" not in self.metrics:
+            return None
+        return (f"evaluating the samples failed ({self.metrics['error']}); the run is recorded. Score it later with: "
+                f"workbench evaluate {self.train_id} --clip-model tiny (or a CLIP you have)")
+
 
 # --- loss -----------------------------------------------------------------------
 
