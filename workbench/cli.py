@@ -681,12 +681,13 @@ def caption(
         label = model_label(model, "blip")
     except (ValueError, ModelError) as error:
         fail(str(error))
+    model_path = model_id(model) if Path(model_id(model)).is_absolute() else None  # a local model's folder
     con = open_catalog(catalog)
     try:  # before minutes of model loading: a bad condition, one that matches nothing, or nothing left to caption
         if where is not None:
             _images_matching(con, where, "nothing was captioned")
         if not overwrite and not images_to_caption(con, label, where=where, duplicates=duplicates, own_captioned=own_captioned):
-            note = same_name_note(con, label, model_id(model) if Path(model_id(model)).is_absolute() else None, overwrite)
+            note = same_name_note(con, label, model_path, overwrite)
             if note:
                 err_console.print(Text(note, style="yellow"))
             again = ("the template applies to new captions only: `--overwrite` captions them again with it" if template else
@@ -708,7 +709,7 @@ def caption(
                     con, processor, captioner, model_name=label, batch_size=batch_size, max_length=max_length,
                     num_beams=beams, prompt=prompt, template=template, overwrite=overwrite, device=torch_device,
                     workers=workers, duplicates=duplicates, own_captioned=own_captioned, progress=progress,
-                    model_path=model_id(model) if Path(model_id(model)).is_absolute() else None,  # a local model's folder
+                    model_path=model_path,
                     where=where,
                 )
             except ValueError as error:
