@@ -920,3 +920,46 @@ def test_resuming_a_run_whose_base_model_moved_says_where_it_must_be(con, catalo
     said = " ".join(resumed.output.split())
     assert resumed.exit_code == 2 and f"No such model file or folder: {base}" in said, resumed.output
     assert "a resume goes on with the model it started with. Put it back there" in said
+
+
+def test_a_run_records_its_hub_commit_and_a_resume_on_updated_weights_is_refused(con, tmp_path, monkeypatch, one_thread):
+    """Leftover of a review: a Hub model's revision was not recorded, and a resume after the Hub model (or a local
+    folder, or a file) was updated went on training other base weights without a word."""
+    import dataclasses
+
+    import huggingface_hub.constants
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.train import TrainingError, trained_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read once, at import
+    repo = tmp_path / "hf" / "hub" / "models--someone--sd"
+    (repo / "refs").mkdir(parents=True)
+
+    def publish(commit: str, nudge: float) -> None:
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(component_path("tiny", "sd"), snapshot)
+        weights = snapshot / "unet" / "diffusion_pytorch_model.safetensors"
+        unet = load_file(weights)
+        unet["conv_in.bias"] = unet["conv_in.bias"] + nudge
+        save_file(unet, weights)
+        (repo / "refs" / "main").write_text(commit)
+
+    publish("a" * 40, 0.0)
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "run", model="someone/sd", max_train_steps=2, checkpointing_steps=1, num_validation_images=0)
+    result = trained_model(con, config)
+    row = con.execute("SELECT model, model_path, model_revision, model_fingerprint FROM training_runs WHERE train_id = ?",
+                      [result.train_id]).fetchone()
+    assert row[:3] == ("someone/sd", str(repo / "snapshots" / ("a" * 40)), "a" * 40)
+    assert re.fullmatch("[0-9a-f]{64}", row[3])
+
+    publish("b" * 40, 0.01)  # the Hub model was updated, and the cache now holds the new commit
+    with pytest.raises(TrainingError, match=f"checkpoint-2 was trained on other base weights than --model someone/sd loads now .*Hub commit {'b' * 40}"):
+        trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=3))
+    (repo / "refs" / "main").write_text("a" * 40)  # the commit the run started on: the resume goes on
+    resumed = trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=3))
+    assert resumed.steps == 3
+    assert con.execute("SELECT model_revision, model_fingerprint FROM training_runs WHERE train_id = ?",
+                       [resumed.train_id]).fetchone() == ("a" * 40, row[3])

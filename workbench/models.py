@@ -256,6 +256,14 @@ def _hub_snapshot(repo_id: str) -> str | None:
         return None
 
 
+def hub_revision(path: str | Path) -> str | None:
+    """The Hub commit of a cached snapshot folder (`…/models--org--name/snapshots/<commit>`), else None."""
+    path = Path(path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.name
+    return None
+
+
 HUB_PROBE_TIMEOUT = 10.0  # seconds: one request, before a download huggingface_hub would retry for minutes
 
 
@@ -358,7 +366,12 @@ class SDComponents:
     unet: Any
     noise_scheduler: Any
     name: str
-    source_path: str
+    source_path: str  # the folder or file loaded: for a Hub id, its cached snapshot folder
+
+    @property
+    def revision(self) -> str | None:
+        """The Hub commit the weights came from (None for a preset built here, a local folder or a file)."""
+        return hub_revision(self.source_path)
 
 
 @contextmanager

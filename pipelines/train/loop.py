@@ -78,6 +78,9 @@ class TrainResult:
     cache: dict[str, int] = field(default_factory=dict)
     steps_this_session: int = 0  # steps run by this call (fewer than `steps` after a resume)
     seconds_before: float = 0.0  # the earlier sessions' time up to the checkpoint this one resumed from
+    model_path: str | None = None  # the base model as loaded: a folder or file (a Hub id's cached snapshot folder)
+    model_revision: str | None = None  # its Hub commit, for a Hub model
+    model_fingerprint: str | None = None  # SHA-256 of its UNet, text encoder and VAE weights as loaded
 
     @property
     def steps_per_second(self) -> float:
@@ -667,6 +670,9 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
 
     # fingerprints of the frozen encoders, before anything trains
     latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer)
+    # and of the whole base as loaded: a resume checks it, so a Hub update or a replaced folder or file under the same
+    # --model cannot silently go on training other weights (a from-scratch UNet does not come from the base)
+    base_fingerprint = train_data.module_fingerprint(*(() if config.from_scratch else (unet,)), text_encoder, vae, extra="base-v1")
 
     # --- which weights train ---
     vae.requires_grad_(False)
@@ -757,6 +763,13 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
                 # options), or a state file edited by hand: named, not a traceback
                 raise TrainingError(f"Cannot resume from {resume_from}: {type(error).__name__}: {error}") from error
             raise
+        trained_on = state.get("base_fingerprint")  # absent in checkpoints of older versions
+        if trained_on is not None and trained_on != base_fingerprint:
+            raise TrainingError(
+                f"{resume_from.name} was trained on other base weights than --model {config.model} loads now "
+                f"({components.source_path}"
+                + (f", Hub commit {components.revision}" if components.revision else "")
+                + "): the model was updated or replaced since. Resume with the base the run started on, or start a new run.")
         global_step = int(state["step"])
         trained_by = state.get("num_processes")  # absent in checkpoints of older versions
         if trained_by is not None and trained_by != accelerator.num_processes:
@@ -874,7 +887,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
             checkpoints_dir, step=global_step, trainable=named_trainable, optimizer=optimizer.optimizer,
             lr_scheduler=lr_scheduler.scheduler, scaler=accelerator.scaler, ema=ema,
             extra={"mode": config.mode, "max_train_steps": max_steps, "seed": config.seed, "config": config.to_dict(),
-                   "num_processes": accelerator.num_processes,
+                   "num_processes": accelerator.num_processes, "base_fingerprint": base_fingerprint,
                    "seconds": seconds_so_far(), "started_at": started_at},
             # a LoRA at every checkpoint, in both formats (as diffusers' LoRA scripts do): an earlier, less
             # overfit one is often the one to keep. Full models are too big to write each time.
@@ -989,6 +1002,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
         class_images=class_image_count, seconds_before=seconds_before,
+        model_path=components.source_path, model_revision=components.revision, model_fingerprint=base_fingerprint,
     )
 
 

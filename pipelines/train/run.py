@@ -587,8 +587,9 @@ def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure
         run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
         con.execute(
             "UPDATE training_runs SET run_id = ?, status = 'ok', outputs = ?, steps = ?, final_loss = ?, seconds = ?, "
-            "finished_at = current_timestamp WHERE train_id = ?",
-            [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
+            "model_path = ?, model_revision = ?, model_fingerprint = ?, finished_at = current_timestamp WHERE train_id = ?",
+            [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds,
+             result.model_path, result.model_revision, result.model_fingerprint, train_id],
         )
         # earlier finished sessions of this run (continued with --resume and more steps): their outputs are now this
         # one's, so they are no longer 'ok' rows a query for the best finished run would list with files they lack
