@@ -2358,3 +2358,50 @@ def test_run_all_runs_the_curation_steps_not_class_priors_or_training():
 
     assert [step.name for step in STEPS if step.in_run_all] == ["ingest", "dedup", "caption", "score", "filter", "buckets"]
     assert {step.name for step in STEPS} >= {"priors", "train"}  # still there, each with its own Run
+
+
+def test_an_error_that_stops_the_tui_is_printed_and_exits_1(catalog_path, tmp_path):
+    """A SQL user's review: a crash of the TUI only flashed the screen and exited 0; its traceback went to a log the
+    user was never told of. Run in a real pseudo-terminal, as a user starts it."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    script = (
+        "import sys\n"
+        "from tui.app import WorkbenchApp\n"
+        "def planted(self):\n"
+        "    raise RuntimeError('a planted failure in the TUI')\n"
+        "WorkbenchApp.on_mount = planted\n"
+        "from workbench.cli import app\n"
+        f"app(['tui', '--catalog', {str(catalog_path)!r}])\n"
+    )
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "30", "NO_COLOR": "1", "WORKBENCH_HOME": str(tmp_path / "home")}
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=terminal, stdout=terminal, stderr=terminal, env=env,
+                             cwd=str(Path(__file__).resolve().parents[1]), start_new_session=True)
+    os.close(terminal)
+    seen, deadline = b"", time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif child.poll() is not None:
+            break
+    os.close(controller)
+    assert child.wait(timeout=30) == 1
+    text = " ".join(seen.decode("utf-8", "replace").split())
+    assert "a planted failure in the TUI" in text and "stopped on an unexpected error" in text
+    assert str(tmp_path / "home" / "logs" / "tui-stderr.log") in text

@@ -33,6 +33,14 @@ _SCREEN_CLASSES = {"pipeline": PipelineScreen, "browser": BrowserScreen, "captio
 SCREENS_BY_KEY = tuple((key, mode, label, _SCREEN_CLASSES[mode]) for key, mode, label in SCREEN_KEYS)
 
 
+def _text_written_since(log: Path, offset: int, most_lines: int = 60) -> str:
+    """The last lines the log got after `offset` (the traceback of the session that just ended)."""
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        lines = handle.read().decode("utf-8", "replace").rstrip().splitlines()
+    return "\n".join(lines[-most_lines:])
+
+
 class WorkbenchApp(App[None]):
     """One catalog, six screens; all blocking work runs in thread workers with their own cursors."""
 
@@ -56,6 +64,8 @@ class WorkbenchApp(App[None]):
         self.running_steps: set = set()  # CancellableProgress of steps and training running now
         self.training_in: str | None = None  # the output folder of the training run going on now, if one is
         self.failure: str | None = None  # why the app could not open the catalog
+        self.crash_report: str | None = None  # the traceback of an error that stopped the app, for the CLI to print
+        self.stderr_log: Path | None = None  # where native code's stderr (and Textual's tracebacks) went while it ran
         self.sub_title = str(self.catalog_path)
 
     def run(self, *args, **kwargs):
@@ -63,8 +73,15 @@ class WorkbenchApp(App[None]):
         from tui.terminal import native_stderr_to
         from workbench.config import workbench_home
 
-        with native_stderr_to(workbench_home() / "logs" / "tui-stderr.log"):
-            return super().run(*args, **kwargs)
+        log = self.stderr_log = workbench_home() / "logs" / "tui-stderr.log"
+        start = log.stat().st_size if log.is_file() else 0
+        with native_stderr_to(log):
+            result = super().run(*args, **kwargs)
+        if self.return_code and self.failure is None:
+            # Textual printed the traceback while fd 2 still went to the log: the user saw the screen vanish and
+            # nothing else, and the shell got exit 0
+            self.crash_report = _text_written_since(log, start) if log.is_file() else ""
+        return result
 
     def on_mount(self) -> None:
         self.open_catalog()

@@ -2124,6 +2124,11 @@ def tui(
     workbench_app.run()
     if workbench_app.failure:
         fail(workbench_app.failure)
+    if workbench_app.crash_report is not None:
+        if workbench_app.crash_report:
+            err_console.print(escape(workbench_app.crash_report), highlight=False)
+        fail(f"The terminal UI stopped on an unexpected error (above; also in {workbench_app.stderr_log}).",
+             code=1)
     # a run stopped by quitting may still be writing its checkpoint: the process ends when it has, so say so (the
     # terminal sat blank for seconds)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
