@@ -92,10 +92,50 @@ def test_writes_are_refused_without_write(catalog_path):
     assert "read-only by default" in message and "--write" in message
     count = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "json", "-c", str(catalog_path)])
     assert json.loads(count.stdout) == [{"n": 2}]
-    result = runner.invoke(app, ["sql", "DELETE FROM images WHERE image_id = 'b'", "--write", "-c", str(catalog_path)])
+    result = runner.invoke(app, ["sql", "UPDATE images SET status = 'error' WHERE image_id = 'b'", "--write", "-c", str(catalog_path)])
     assert result.exit_code == 0, result.output
-    count = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images", "-f", "json", "-c", str(catalog_path)])
+    count = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM images WHERE status = 'ok'", "-f", "json", "-c", str(catalog_path)])
     assert json.loads(count.stdout) == [{"n": 1}]
+
+
+def test_write_refuses_to_edit_the_schema_record_or_delete_the_file_record(catalog_path):
+    """A SQL user's review: `DELETE FROM schema_migrations … --write` made every later command fail on a migration run
+    again, with a traceback; a deleted `images` row (or TRUNCATE) was lost for good, since ingest read its path as
+    unchanged."""
+    seeded_catalog(catalog_path)
+    for sql in ("DELETE FROM schema_migrations WHERE version = 22", "INSERT INTO schema_views VALUES (1, 'x')",
+                "UPDATE \"schema_migrations\" SET version = 0"):
+        refused = runner.invoke(app, ["sql", sql, "--write", "-c", str(catalog_path)])
+        assert refused.exit_code == 2 and "where the catalog records its own schema" in " ".join(refused.output.split()), sql
+    for sql in ("DELETE FROM images WHERE image_id = 'b'", "delete from main.images", 'TRUNCATE "paths"',
+                "TRUNCATE TABLE images", "CREATE TABLE mine (a INT); DELETE FROM images",
+                "WITH gone AS (DELETE FROM paths RETURNING *) SELECT count(*) FROM gone"):
+        refused = runner.invoke(app, ["sql", sql, "--write", "-c", str(catalog_path)])
+        assert refused.exit_code == 2 and "record of your image files" in refused.output and "Exclude images instead" in " ".join(refused.output.split()), sql
+    kept = runner.invoke(app, ["sql", "SELECT (SELECT count(*) FROM images) AS i, (SELECT count(*) FROM paths) AS p, "
+                                      "(SELECT count(*) FROM schema_migrations) AS m, "
+                                      "(SELECT count(*) FROM information_schema.tables WHERE table_name = 'mine') AS mine",
+                               "-f", "json", "-c", str(catalog_path)])
+    found = json.loads(kept.stdout)[0]
+    assert found["i"] == 2 and found["p"] >= 2 and found["m"] == len(list((Path(__file__).resolve().parents[1] / "workbench" / "migrations").glob("m0*.sql"))) and found["mine"] == 0
+    # what stays allowed: reading them, and deleting rows of other tables
+    assert runner.invoke(app, ["sql", "SELECT * FROM schema_migrations", "-c", str(catalog_path)]).exit_code == 0
+    allowed = runner.invoke(app, ["sql", "DELETE FROM exclusions WHERE image_id = 'b'", "--write", "-c", str(catalog_path)])
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_a_catalog_whose_schema_record_lost_rows_is_said_not_a_traceback(catalog_path):
+    """Edited in another DuckDB client, schema_migrations that lost a row made the next command run that migration
+    again and fail with a traceback."""
+    import duckdb
+
+    seeded_catalog(catalog_path)
+    with duckdb.connect(str(catalog_path)) as raw:
+        raw.execute("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations)")
+    result = runner.invoke(app, ["dedup", "-c", str(catalog_path)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "could not be brought up to date" in text and "schema_migrations" in text, result.output
+    assert "Traceback" not in result.output
 
 
 def test_looking_pragmas_run_and_a_refusal_names_only_what_writes(catalog_path):
@@ -690,3 +730,20 @@ def test_piped_output_keeps_long_lines_whole(tmp_path):
     assert listed.exit_code == 0, listed.output
     path = str(folder / "a-photo-of-a-thing-with-a-long-name-seed0000000.png")
     assert len(path) > 120 and any(line.rstrip().endswith(path) for line in listed.output.splitlines()), listed.output
+
+
+def test_write_with_its_own_transactions_says_what_ran_before_a_failure(catalog_path):
+    """A SQL user's review: `insert 6; rollback; insert 7` failed on the ROLLBACK (no transaction was open) with only
+    DuckDB's error, and row 6 stayed, against the README's "nothing is changed"."""
+    seeded_catalog(catalog_path)
+    assert runner.invoke(app, ["sql", "CREATE TABLE mine (a INT)", "--write", "-c", str(catalog_path)]).exit_code == 0
+    failed = runner.invoke(app, ["sql", "INSERT INTO mine VALUES (6); ROLLBACK; INSERT INTO mine VALUES (7)", "--write",
+                                 "-c", str(catalog_path)])
+    text = " ".join(failed.output.split())
+    assert failed.exit_code == 2 and "statement 2 of 3" in text and "The 1 before it ran" in text, failed.output
+    rows = runner.invoke(app, ["sql", "SELECT a FROM mine", "-f", "json", "-c", str(catalog_path)])
+    assert json.loads(rows.stdout) == [{"a": 6}]  # as said
+    atomic = runner.invoke(app, ["sql", "INSERT INTO mine VALUES (8); INSERT INTO mine VALUES ('x')", "--write", "-c", str(catalog_path)])
+    assert atomic.exit_code == 2 and "Nothing was changed" in " ".join(atomic.output.split())
+    rows = runner.invoke(app, ["sql", "SELECT a FROM mine", "-f", "json", "-c", str(catalog_path)])
+    assert json.loads(rows.stdout) == [{"a": 6}]

@@ -791,6 +791,15 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
             editor.load_text("DELETE FROM captions WHERE source = 'sidecar'")
             await pilot.press("f9")
             await wait_for(pilot, lambda: query_count(app, "SELECT count(*) FROM captions WHERE source = 'sidecar'") == 0, what="write")
+            # refused in write mode too, and said why (a review: it said to switch on the write mode that was on)
+            editor.load_text("DROP VIEW dataset")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "Refused" in text_of(app, "#sql-status"), what="refusal in write mode")
+            assert "a view the workbench defines" in text_of(app, "#sql-status") and "Switch on write mode" not in text_of(app, "#sql-status")
+            editor.load_text("COPY images TO $$x.csv$$")
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: "$-quoting" in text_of(app, "#sql-status"), what="a COPY refusal")
+            assert "--write" not in text_of(app, "#sql-status") and "write mode" in text_of(app, "#sql-status")
 
     asyncio.run(scenario())
 

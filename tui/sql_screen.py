@@ -245,8 +245,10 @@ class SqlScreen(SizeClasses, Screen):
                     self.post_message(CatalogChanged("sql"))  # a write may have got through before the interrupt
                 return
             message = people_message(error)
-            if isinstance(error, CatalogError) and "Refused" in message:
+            if isinstance(error, CatalogError) and not write and "read-only by default" in message:
                 message = "Refused: this SQL writes to the catalog. Switch on write mode (ctrl+w) to allow it."
+            elif isinstance(error, CatalogError):  # a refusal in write mode too (a protected table, the catalog file)
+                message = message.replace("--write", "write mode")
             self._remember(sql, ok=False)  # kept, to be mended: it is in the history list too
             self.post_message(self._Failed(message, query, sql))
             return
@@ -375,7 +377,7 @@ class SqlScreen(SizeClasses, Screen):
             self.notify("Run a SELECT first; its full result is exported.", severity="warning")
             return
         if self.query_one("#editor", TextArea).text.strip() != self.last_sql:  # export what the table shows, or nothing
-            self.notify("The editor holds a query not run yet: run it (F9) first; export writes the result shown.",
+            self.notify("The editor holds a query not run yet: run it (F9) first; export runs the query shown again, for all its rows.",
                         severity="warning")
             return
         typed = self.query_one("#export-path", Input).value.strip()

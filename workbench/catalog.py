@@ -295,7 +295,15 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
             con.execute(sql)
             con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
             con.execute("COMMIT")
-        except Exception:
+        except duckdb.Error as error:
+            con.execute("ROLLBACK")
+            # the one way here: schema_migrations edited by hand (in another DuckDB client), so a migration the
+            # catalog has is run again; said, not a traceback
+            raise CatalogError(
+                f"The catalog could not be brought up to date: migration {name} failed ({str(error).splitlines()[0]}). "
+                f"Its schema_migrations table may have lost rows (edited outside the workbench). The catalog is as it "
+                f"was; restore it from a copy, or put the missing rows back in schema_migrations.") from error
+        except BaseException:
             con.execute("ROLLBACK")
             raise
         applied.append(name)
@@ -542,6 +550,9 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
                 f"Refused: {changed[1]} is a table of the workbench's catalog, which its steps and migrations rely on: it "
                 "is not dropped, replaced or altered here. Change its rows (INSERT, UPDATE, DELETE), or keep data of "
                 "your own in a table of your own.")
+        refusal = _protected_rows_changed(statement)
+        if refusal:
+            raise CatalogError(refusal)
     # A cursor of its own: a half-fetched result elsewhere on `con` must not block the user's query.
     cursor = con.cursor()
     targets = [target for statement in statements if write for target in _copy_targets(statement)]
@@ -553,11 +564,13 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
             checking.close()
         if any(reasons):
             raise CatalogError(f"Refused: {next(filter(None, reasons))}; COPY … TO would overwrite it. Give another file.")
+    ran = 0
     try:
         if atomic:
             cursor.execute("BEGIN TRANSACTION")
         for statement in statements[:-1]:  # shown is the last statement's result, as in harlequin
             cursor.execute(statement).fetchall()  # drained: an open result would block the next statement
+            ran += 1
         last = statements[-1]
         if atomic and _reads_only(last):
             # a query runs when its rows are fetched, after the commit: run once here too, so that its error (a bad
@@ -573,7 +586,47 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
                 cursor.execute("ROLLBACK")
             raise CatalogError(f"SQL error: {error}\nNothing was changed: the {len(statements)} statements run as one "
                                "transaction.") from error
+        if write and ran:  # its own BEGIN/COMMIT/ROLLBACK: what ran before the failing statement is as it left it
+            raise CatalogError(f"SQL error in statement {ran + 1} of {len(statements)}: {error}\nThe {ran} before it ran, "
+                               "and what they changed outside a transaction of the SQL's own stays: SQL with its own "
+                               "BEGIN, COMMIT or ROLLBACK is not run as one transaction.") from error
         raise CatalogError(f"SQL error: {error}") from error
+
+
+_BOOKKEEPING_TABLES = ("schema_migrations", "schema_views")  # the catalog's record of its own schema
+# the record of every file the catalog knows: ingest reads a known path as unchanged, so a deleted images row was
+# never ingested again, and its paths row was left pointing at nothing
+_FILE_RECORD_TABLES = ("images", "paths")
+
+
+def _protected_rows_changed(statement) -> str | None:
+    """Why a statement that writes may not run: it writes the catalog's schema record (any change), or deletes rows
+    of its file record (DELETE, TRUNCATE); None when neither. Read from the SQL's tokens, at any depth (a data-modifying
+    WITH too); a statement that names a schema-record table anywhere is refused (the safe side)."""
+    if _reads_only(statement):
+        return None
+    # names as written (a quoted one unquoted), lower-cased; '.' kept, so that schema.table reads as its table
+    parts = [(text[1:-1].replace('""', '"') if kind == "quoted" else text).lower()
+             for kind, text, _ in _sql_tokens(statement.query) if kind in ("word", "quoted") or text == "."]
+    bookkeeping = sorted(set(parts) & set(_BOOKKEEPING_TABLES))
+    if bookkeeping:
+        return (f"Refused: {bookkeeping[0]} is where the catalog records its own schema; a change to it makes the "
+                "workbench run its migrations again, which breaks the catalog. It is not written here.")
+    for at, word in enumerate(parts):
+        lead = {"delete": "from", "truncate": "table"}.get(word)
+        if lead is None:
+            continue
+        rest = parts[at + 1:]
+        if rest[:1] == [lead]:
+            rest = rest[1:]
+        while len(rest) > 2 and rest[1] == ".":  # catalog.schema.table: the last name is the table
+            rest = rest[2:]
+        if rest and rest[0] in _FILE_RECORD_TABLES:
+            return (f"Refused: the rows of {rest[0]} are the catalog's record of your image files, which every step "
+                    "reads; a deleted row would leave its image unknown to the catalog, and ingest would not find it "
+                    "again. Exclude images instead (`workbench exclude`, or INSERT INTO exclusions): the rows stay, out "
+                    "of the dataset, and nothing on disk is touched.")
+    return None
 
 
 def _kind(statement) -> str:
