@@ -246,16 +246,29 @@ def keep_order_key(member: dict) -> tuple:
     return (_grey(member), -pixels, fewer_colours, not lossless, -(member["bytes"] or 0), member["first_seq"])
 
 
+def keeper_rank(member: dict) -> tuple:
+    """Which copy of a group to keep, after a hand choice: one the filter lets through (a kept copy the filter excludes
+    took the picture out of the dataset), then one in a concept over one in none (keeping a copy in a loose folder took
+    the picture out of its concept, its trigger and repeats), then the keep policy (`keep_order_key`)."""
+    return member.get("filtered_out") is not None, member.get("concept") is None, keep_order_key(member)
+
+
+# the columns the keep policy reads, of `images i` joined to its `paths p`
+MEMBER_COLUMNS_SQL = (
+    "i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq, "
+    f"({FILTERED_OUT_SQL}) AS filtered_out, (SELECT ci.concept FROM concept_images ci WHERE ci.image_id = i.image_id) AS concept"
+)
+
+
 def preferred_copy(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> str:
     """Of `image_ids`, the copy the keep policy would choose (what to suggest keeping when the kept one goes)."""
-    rows = con.execute(
-        "SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq, "
-        f"({FILTERED_OUT_SQL}) AS filtered_out FROM images i "
+    cursor = con.execute(
+        f"SELECT {MEMBER_COLUMNS_SQL} FROM images i "
         "JOIN paths p USING (image_id) WHERE i.image_id IN (SELECT unnest(?::VARCHAR[])) GROUP BY ALL", [list(image_ids)],
-    ).fetchall()
-    names = ("image_id", "width", "height", "format", "bytes", "mode", "is_grayscale", "first_seq", "filtered_out")
-    members = [dict(zip(names, row)) for row in rows]
-    return min(members, key=lambda m: (m["filtered_out"] is not None, keep_order_key(m)))["image_id"] if members else image_ids[0]
+    )
+    names = [column[0] for column in cursor.description]
+    members = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return min(members, key=keeper_rank)["image_id"] if members else image_ids[0]
 
 
 def _keep_reason(keeper: dict, runner_up: dict) -> str:
@@ -263,6 +276,8 @@ def _keep_reason(keeper: dict, runner_up: dict) -> str:
     if (runner_up.get("filtered_out") is not None and keeper.get("filtered_out") is None
             and keep_order_key(runner_up) < keep_order_key(keeper)):
         return f"passes the filter (a copy ranked above it does not: {runner_up['filtered_out']})"
+    if keeper.get("concept") is not None and runner_up.get("concept") is None and keep_order_key(runner_up) < keep_order_key(keeper):
+        return f"in concept {keeper['concept']} (a copy ranked above it is in none)"
     if _grey(keeper) != _grey(runner_up):
         return f"colour over greyscale ({runner_up.get('mode')})"
     if (keeper["width"] or 0) * (keeper["height"] or 0) != (runner_up["width"] or 0) * (runner_up["height"] or 0):
@@ -317,10 +332,7 @@ def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> l
         connected.setdefault(linked.find(k), []).append(k)
     groups = []
     for members in connected.values():
-        # a hand choice first; then a copy the filter lets through: a kept copy the filter excludes (a thumbnail) took
-        # the picture out of the dataset, though a copy that passes (its original) was there
-        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, info[k].get("filtered_out") is not None,
-                                                   keep_order_key(info[k])))
+        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, keeper_rank(info[k])))
         while remaining:
             keeper = remaining[0]
             edges = {k: ("phash", 0.0) if node[k] == node[keeper] else best_edge.get((node[k], node[keeper]))
@@ -336,8 +348,7 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Recompute duplicate groups, keepers and 'dedup' exclusions from every pair method and keeper choice."""
     members = con.sql(
         f"""
-        SELECT i.image_id, i.width, i.height, i.format, i.bytes, i.mode, i.is_grayscale, min(p.seq) AS first_seq,
-               ({FILTERED_OUT_SQL}) AS filtered_out
+        SELECT {MEMBER_COLUMNS_SQL}
         FROM images i JOIN paths p USING (image_id)
         WHERE i.status = 'ok' AND NOT p.missing
           AND i.image_id IN (SELECT image_a FROM duplicate_pairs UNION SELECT image_b FROM duplicate_pairs)
@@ -355,17 +366,20 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
                         if image_id in (a, b) and method == "phash" and distance == 0} & present)
         usable += [(twins[0], twin, "phash", 0.0) for twin in twins[1:]]  # identical to each other, through it
     groups = _keeper_groups(info, usable, chosen)
-    rows, exclusions = [], []
+    rows, exclusions, other_concept = [], [], []
     for group_number, (keeper_k, group, edges) in enumerate(groups, start=1):
         keeper = info[keeper_k]
         if keeper["image_id"] in chosen:
             reason = "chosen by hand"
         else:
-            # beside the best copy the filter excludes when that one ranks higher (the policy skipped it), else the next
+            # beside the best copy the filter excludes (or, next, the best in no concept) when that one ranks higher
+            # (the policy skipped it), else the next
             filtered = [info[k] for k in group if info[k].get("filtered_out") is not None]
-            best_filtered = min(filtered, key=keep_order_key) if filtered else None
-            skipped = best_filtered is not None and keep_order_key(best_filtered) < keep_order_key(keeper)
-            reason = _keep_reason(keeper, best_filtered if skipped else info[group[1]])
+            loose = [info[k] for k in group if info[k].get("filtered_out") is None and info[k].get("concept") is None]
+            best_skipped = [best for best in (min(filtered, key=keep_order_key) if filtered else None,
+                                              min(loose, key=keep_order_key) if loose else None)
+                            if best is not None and keep_order_key(best) < keep_order_key(keeper)]
+            reason = _keep_reason(keeper, best_skipped[0] if best_skipped else info[group[1]])
         for k in group:
             member = info[k]
             is_keeper = k == keeper_k
@@ -384,6 +398,8 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             if not is_keeper:
                 what = "flipped duplicate" if method == "mirror" else "duplicate"  # the reason says which kind of copy
                 exclusions.append({"image_id": member["image_id"], "reason": f"{what} of {keeper['image_id']}"})
+                if member.get("concept") is not None and member["concept"] != keeper.get("concept"):
+                    other_concept.append(member["image_id"])
     frame = pl.DataFrame(
         rows,
         schema={"image_id": pl.String, "group_id": pl.Int64, "keeper_id": pl.String, "is_keeper": pl.Boolean,
@@ -402,6 +418,8 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         con.unregister("new_duplicates")
         con.unregister("new_exclusions")
     counts = {"groups": len(groups), "images_in_groups": len(rows), "excluded_as_duplicates": len(exclusions)}
+    if other_concept:  # copies in two concepts (or a hand choice out of one): the picture trains in the keeper's only
+        counts["concept_images_excluded_for_a_copy_outside_their_concept"] = len(other_concept)
     carried = _carried_captions(con)
     if carried:
         counts["kept_copies_captioned_from_a_duplicate"] = carried

@@ -526,3 +526,28 @@ def test_keep_auto_where_the_hand_choice_held_a_chain_together(con):
     assert keeper_choice_dropped(con, "c") == (True, None)  # a keeps b; c is close to no keeper now
     assert con.execute("SELECT image_id, is_keeper FROM duplicates ORDER BY 1").fetchall() == [("a", True), ("b", False)]
     assert keeper_choice_dropped(con, "b") == (False, None)
+
+
+def test_a_copy_in_a_concept_is_kept_over_a_better_copy_in_none(con):
+    """A SQL user's review: a 300 px copy in a loose folder was kept over the 200 px photo in `10_sks dog`, so the
+    picture left its concept (trigger, repeats) without a word."""
+    base = 0x0F0F_F0F0_1234_5678
+    insert_image(con, "loose", base, 300, 300, seq=1)
+    insert_image(con, "dog", base ^ 1, 200, 200, seq=2)
+    insert_image(con, "cat", base ^ 2, 250, 250, seq=3)
+    con.execute("INSERT INTO concepts (name, trigger_token, class_noun) VALUES ('sks dog', 'sks', 'dog'), ('ohwx cat', 'ohwx', 'cat')")
+    con.execute("INSERT INTO concept_images (image_id, concept, source) VALUES ('dog', 'sks dog', 'folder_name')")
+    counts = duplicate_groups(con, threshold=6)
+    assert con.execute("SELECT image_id, keep_reason FROM duplicates WHERE is_keeper").fetchall() == [
+        ("dog", "in concept sks dog (a copy ranked above it is in none)")]
+    assert "concept_images_excluded_for_a_copy_outside_their_concept" not in counts
+    # copies in two concepts: the better one is kept, and the count says a concept lost one
+    con.execute("INSERT INTO concept_images (image_id, concept, source) VALUES ('cat', 'ohwx cat', 'folder_name')")
+    counts = duplicate_groups(con, threshold=6)
+    assert con.execute("SELECT image_id, keep_reason FROM duplicates WHERE is_keeper").fetchall() == [
+        ("cat", "in concept ohwx cat (a copy ranked above it is in none)")]
+    assert counts["concept_images_excluded_for_a_copy_outside_their_concept"] == 1
+    # with none in a concept, the best copy as before
+    con.execute("DELETE FROM concept_images")
+    duplicate_groups(con, threshold=6)
+    assert con.execute("SELECT image_id, keep_reason FROM duplicates WHERE is_keeper").fetchall() == [("loose", "highest resolution (300x300)")]
