@@ -303,3 +303,14 @@ def test_a_catalog_from_before_m021_keeps_its_runs_evaluations(catalog_path):
         assert con.execute("SELECT count(DISTINCT evaluation_id) FROM evaluations").fetchall() == [(2,)]
     finally:
         con.close()
+
+
+def test_a_new_catalog_is_written_in_a_format_older_duckdb_reads(catalog_path):
+    """A SQL user's review: a DuckDB 1.x shell could not open a catalog made with DuckDB 2 ("version number 69")."""
+    import duckdb
+
+    connect(catalog_path).close()
+    with duckdb.connect(str(catalog_path), read_only=True) as raw:
+        tags = raw.execute("SELECT tags FROM duckdb_databases() WHERE path = ?", [str(catalog_path)]).fetchall()[0][0]
+    assert tags["storage_version"] == f"{catalog.STORAGE_COMPATIBILITY}+"
+    assert catalog_path.read_bytes()[8:12] == b"DUCK" and catalog_path.read_bytes()[12] == 64  # DuckDB 1.0's version number

@@ -84,6 +84,20 @@ def _lock_message(path: Path, holder: str) -> str:
     )
 
 
+# A new catalog is written in a storage format DuckDB has read since 1.0, not the newest the installed DuckDB writes:
+# a DuckDB 1.x shell (or harlequin, a notebook) could not open a catalog DuckDB 2 had made. A catalog's format is
+# fixed when the file is made; the tables of a catalog are small, so the newer format's compression gains nothing.
+STORAGE_COMPATIBILITY = "v1.0.0"
+
+
+def _create_readable_by_older_duckdb(path: Path) -> None:
+    """Make an empty database file at `path` in the STORAGE_COMPATIBILITY format (later opens keep its format)."""
+    try:
+        duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_COMPATIBILITY}).close()
+    except duckdb.Error:
+        pass  # another process made it first, or it cannot be made here: the open below says what it finds
+
+
 def connect(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -101,6 +115,8 @@ def connect(
         raise CatalogError(f"{path} is a folder, not a catalog file.")
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _create_readable_by_older_duckdb(path)
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
