@@ -747,3 +747,23 @@ def test_write_with_its_own_transactions_says_what_ran_before_a_failure(catalog_
     assert atomic.exit_code == 2 and "Nothing was changed" in " ".join(atomic.output.split())
     rows = runner.invoke(app, ["sql", "SELECT a FROM mine", "-f", "json", "-c", str(catalog_path)])
     assert json.loads(rows.stdout) == [{"a": 6}]
+
+
+def test_a_writer_blocked_by_a_reader_is_told_so(catalog_path):
+    """A SQL user's review: while a long read-only `workbench sql` held the catalog, `dedup` said the holder had it
+    "open to write (the TUI, an ingest)"."""
+    import subprocess
+    import sys
+
+    seeded_catalog(catalog_path)
+    reader = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(catalog_path)!r}, read_only=True); "
+                               "print('ready', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        blocked = runner.invoke(app, ["dedup", "-c", str(catalog_path)])
+        said = " ".join(blocked.output.split())
+        assert blocked.exit_code == 75 and f"process {reader.pid}" in said and "to write or to read" in said, blocked.output
+        assert "open to write (the TUI" not in said
+    finally:
+        reader.kill()
+        reader.wait()

@@ -77,11 +77,14 @@ def _lock_holder(error: Exception) -> str:
         return f"process {holder.group(1)}"
 
 
-def _lock_message(path: Path, holder: str) -> str:
-    return (
-        f"The catalog {path} is in use by {holder}. While one process has a catalog open to write (the TUI, an "
-        "ingest), DuckDB lets no other open it, not even to read: wait for it to finish (or close it), then retry."
-    )
+def _lock_message(path: Path, holder: str, *, read_only: bool) -> str:
+    if read_only:  # readers share a catalog: the holder writes
+        return (f"The catalog {path} is in use by {holder}. While one process has a catalog open to write (the TUI, an "
+                "ingest), DuckDB lets no other open it, not even to read: wait for it to finish (or close it), then retry.")
+    # the holder may only read (a long `workbench sql` query, another DuckDB client): that blocks a writer too
+    return (f"The catalog {path} is in use by {holder}. DuckDB lets a process write a catalog only while no other has "
+            "it open, to write or to read (a long query blocks writers too): wait for it to finish (or close it), "
+            "then retry.")
 
 
 # A new catalog is written in a storage format DuckDB has read since 1.0, not the newest the installed DuckDB writes:
@@ -133,7 +136,7 @@ def connect(
                 raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error
             if time.monotonic() >= deadline:
                 holder = _lock_holder(error)
-                raise CatalogLockedError(_lock_message(path, holder), holder) from error
+                raise CatalogLockedError(_lock_message(path, holder, read_only=read_only), holder) from error
             if on_wait is not None:
                 on_wait(_lock_holder(error))
                 on_wait = None
