@@ -767,3 +767,23 @@ def test_a_writer_blocked_by_a_reader_is_told_so(catalog_path):
     finally:
         reader.kill()
         reader.wait()
+
+
+def test_concept_list_only_reads(catalog_path):
+    """A SQL user's review: `concept list` opened the catalog to write, so a read-only disk (or another process
+    reading it) refused a command that only lists."""
+    import subprocess
+    import sys
+
+    seeded_catalog(catalog_path)
+    assert runner.invoke(app, ["concept", "add", "rex", "--trigger", "sks", "--class", "dog", "--where", "image_id = 'a'",
+                               "-c", str(catalog_path)]).exit_code == 0
+    reader = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(catalog_path)!r}, read_only=True); "
+                               "print('ready', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        listed = runner.invoke(app, ["concept", "list", "-c", str(catalog_path)], env={"COLUMNS": "200"})
+        assert listed.exit_code == 0 and "rex" in listed.output and "sks" in listed.output, listed.output
+    finally:
+        reader.kill()
+        reader.wait()

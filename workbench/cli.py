@@ -992,7 +992,7 @@ def concept_list(catalog: CatalogOpt = None) -> None:
     """
     from pipelines.concepts import list_concepts
 
-    con = open_catalog(catalog)
+    con = open_catalog(catalog, read_only=True)  # it only reads: a catalog on a read-only disk lists too
     table = Table(title="concepts")
     for column in ("name", "trigger", "class", "repeats", "images", "in dataset", "where", "folder"):
         table.add_column(column, overflow="fold")
