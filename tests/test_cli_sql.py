@@ -787,3 +787,12 @@ def test_concept_list_only_reads(catalog_path):
     finally:
         reader.kill()
         reader.wait()
+
+
+def test_sql_reads_the_query_from_stdin_with_a_dash(catalog_path):
+    """A SQL user's review: `echo "select 42" | workbench sql -` was a parser error at "-", and a file of SQL (which
+    may start with a -- comment) could not be given."""
+    seeded_catalog(catalog_path)
+    result = runner.invoke(app, ["sql", "-", "-f", "json", "-c", str(catalog_path)],
+                           input="-- how many\nSELECT count(*) AS n\nFROM images;\n")
+    assert result.exit_code == 0 and json.loads(result.stdout) == [{"n": 2}], result.output

@@ -386,7 +386,7 @@ def dedup(
 
 @app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="SQL to run against the catalog.")],
+    query: Annotated[str, typer.Argument(help="SQL to run against the catalog; - reads it from stdin (a .sql file: `< query.sql`).")],
     catalog: CatalogOpt = None,
     format: Annotated[Optional[str], typer.Option("--format", "-f", help="table, csv, json or parquet (default: table; with --output, from its extension).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the result to this .csv, .json or .parquet file (`-` with --format csv or json: stdout).")] = None,
@@ -401,7 +401,10 @@ def sql(
     SELECT view_name, comment FROM duckdb_views() WHERE NOT internal (columns: duckdb_columns()).
 
     Example: workbench sql "SELECT path, width, height FROM dataset ORDER BY width DESC LIMIT 5" --format json
+    (or from a file: workbench sql - < report.sql)
     """
+    if query == "-":  # the SQL from stdin: a file of it, or a heredoc (a query starting with -- read as an option)
+        query = sys.stdin.read()
     if output is not None and str(output) == "-":  # the usual name for stdout (it wrote a file named "-")
         if format not in {"csv", "json"}:
             fail("-o - writes to stdout: give --format csv or json with it (or leave -o out).")
