@@ -317,6 +317,7 @@ def added_concept(
     matched_where = [i for i in matched_where if i not in class_images]
     matched_folder = [i for i in matched_folder if i not in class_images]
 
+    old_trigger = found.trigger if found is not None and trigger is not None and trigger != found.trigger else None
     params = {"name": name, "trigger": trigger, "class": class_noun, "repeats": repeats, "where": where, "folder": folder_text}
     with record_run(con, "concept", params) as run:
         with transaction(con):
@@ -336,6 +337,10 @@ def added_concept(
             held = set(_in_other_concepts(con, name, matched_where + matched_folder))
             assigned = (_assign(con, name, [i for i in matched_where if i not in held], "where")
                         + _assign(con, name, [i for i in matched_folder if i not in held], "folder"))
+            if existed and where is None and folder_text is None:
+                # `concept add NAME` alone: its stored rules take the images in no concept they match (after another
+                # concept let them go), as an ingest would
+                assigned += concept_rules_applied(con, only=name)
         concept = get_concept(con, name)
         run.counts = {
             "updated" if existed else "created": 1,
@@ -346,17 +351,43 @@ def added_concept(
             "class_images_left_out": len(class_images),
             "images": concept.images,
         }
-    return {"concept": name, **run.counts}
+        if old_trigger is not None:
+            run.counts["captions_with_the_old_trigger"] = _captions_holding(con, name, old_trigger)
+    result = {"concept": name, **run.counts}
+    if old_trigger is not None and result["captions_with_the_old_trigger"]:
+        # training puts the new trigger in front of a caption without it: "alyx, photo of alc woman" trains both
+        result["note"] = (f"{result['captions_with_the_old_trigger']} caption(s) of its images still hold the old trigger "
+                          f"{old_trigger!r}, which they would train beside {trigger!r}: "
+                          + replace_trigger_command(old_trigger, trigger, name))
+    return result
 
 
-def concept_rules_applied(con: duckdb.DuckDBPyConnection) -> int:
-    """Images in no concept yet that match a concept's stored --where or --folder, put in it; returns how many.
+def _captions_holding(con: duckdb.DuckDBPyConnection, concept: str, trigger: str) -> int:
+    """How many of the concept's images have a caption with `trigger` in it (as a word, as training reads it)."""
+    from pipelines.export import caption_has_trigger
 
-    Ingest runs this, so photos added later to a concept's folder join it. Images already in a concept stay
-    where they are; an image matching several concepts joins the first by name.
+    captions = con.execute("SELECT caption FROM images_view WHERE concept = ? AND caption IS NOT NULL", [concept]).fetchall()
+    return sum(caption_has_trigger(caption, trigger) for (caption,) in captions)
+
+
+def replace_trigger_command(old: str, new: str, concept: str) -> str:
+    """The command that replaces a concept's old trigger by its new one in its images' captions (whole words)."""
+    from pipelines.export import _shell_text, sql_text
+
+    pattern = r"\b" + re.escape(old) + r"\b"
+    return (f"workbench edit-captions --regex --find {shlex.quote(pattern)} --replace {shlex.quote(new)} "
+            f"--where {_shell_text(f'concept = {sql_text(concept)}')}")
+
+
+def concept_rules_applied(con: duckdb.DuckDBPyConnection, *, only: str | None = None) -> int:
+    """Images in no concept yet that match a concept's stored --where or --folder (of every concept, or of `only`), put
+    in it; returns how many.
+
+    Ingest runs this, so photos added later to a concept's folder join it; so does removing a concept, for the images it
+    let go. Images already in a concept stay where they are; an image matching several concepts joins the first by name.
     """
-    rules = con.execute("SELECT name, where_sql, folder FROM concepts WHERE where_sql IS NOT NULL OR folder IS NOT NULL "
-                        "ORDER BY name").fetchall()
+    rules = con.execute("SELECT name, where_sql, folder FROM concepts WHERE (where_sql IS NOT NULL OR folder IS NOT NULL) "
+                        "AND (? IS NULL OR name = ?) ORDER BY name", [only, only]).fetchall()
     total = 0
     for name, where, folder in rules:
         for source, found in (("where", _rule_matches(con, where) if where else []),
@@ -386,6 +417,14 @@ def assign_images_to_concept(con: duckdb.DuckDBPyConnection, name: str, image_id
         raise ValueError(f"no concept {name!r}; add it first with `workbench concept add`")
     name = concept.name
     ids = resolve_image_ids(con, image_ids)
+    class_images = _class_images(con, ids)
+    if class_images:
+        # they train as priors of their class prompt, never as a concept's photos: in one, they were counted as its
+        # images (concept list, the dataset) while training drew them only as class images and export put them in reg/
+        shown = ", ".join(sorted(i[:12] for i in class_images)[:5]) + (" …" if len(class_images) > 5 else "")
+        raise ValueError(f"{len(class_images)} of these are class images ({shown}): they train as priors of their class "
+                         "prompt, never in a concept. Leave them out (or exclude them, `workbench exclude`, to train "
+                         "without them).")
     with transaction(con):
         changed = con.execute(
             "SELECT count(*) FROM (SELECT unnest(?::VARCHAR[]) AS image_id) a"
@@ -404,8 +443,9 @@ def unassigned_images(con: duckdb.DuckDBPyConnection, image_ids: Iterable[str]) 
     ).fetchall()[0][0]
 
 
-def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
-    """Delete a concept and its assignments (images stay in the catalog); returns images released."""
+def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int]:
+    """Delete a concept and its assignments (images stay in the catalog); returns (images released, of those, how
+    many joined another concept whose --where or --folder matches them)."""
     concept = get_concept(con, name)
     if concept is None:
         raise ValueError(f"no concept {name!r}")
@@ -413,7 +453,10 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> int:
     with transaction(con):
         released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchall()[0][0]
         con.execute("DELETE FROM concepts WHERE name = ?", [name])
-    return released
+        # the images it held now are in no concept: those another concept's standing rule matches join it now, not
+        # at some later ingest (a concept renamed by adding the new name, then removing the old, kept none)
+        rejoined = concept_rules_applied(con) if released else 0
+    return released, rejoined
 
 
 def concepts_from_folder_names(
@@ -443,11 +486,13 @@ def concepts_from_folder_names(
         WHERE NOT p.missing AND i.role = 'instance' ORDER BY p.seq
         """
     ).fetchall()
+    every_row = rows
     if paths is not None:
         wanted = set(paths)
         rows = [row for row in rows if row[2] in wanted]
     # (concept name from the tokens, repeats) -> (trigger, class, member ids), in the order first seen
     found: dict[tuple[str, int], tuple[str, str | None, list[str]]] = {}
+    folders_of: dict[tuple[str, int], set[str]] = {}  # the folders each was read from
     seen_images: dict[str, str] = {}  # image -> the folder it joined from
     ignored: set[str] = set()
     noted: set[str] = set()
@@ -487,6 +532,7 @@ def concepts_from_folder_names(
         seen_images[image_id] = folder_name
         key = (concept_of_folder_name(folder_name), parsed[0])
         found.setdefault(key, (parsed[1], parsed[2], []))[2].append(image_id)
+        folders_of.setdefault(key, set()).add(str(Path(path).parent))
     beside_concepts = {folder.parent for folder in concept_folders}
     for folder in sorted(other_folders):
         if folder.parent in beside_concepts:
@@ -523,6 +569,14 @@ def concepts_from_folder_names(
                 progress(task=KEPT_REPEATS_TASK, message=f"a folder names concept {name!r} with {repeats} repeats; it has "
                          f"{holder.repeats}, which it keeps (`workbench concept add {name!r} --repeats N` or "
                          "`workbench import-kohya FOLDER` changes it)")
+    if paths is not None:
+        # a concept made anew by a file just read (one removed, then a photo added to its folder) takes every image of
+        # its folder, as import-kohya would, not that file alone: the folder's other images trained in no concept
+        in_a_concept = {row[0] for row in con.execute("SELECT image_id FROM concept_images").fetchall()}
+        for key, (_, _, members) in found.items():
+            if chosen[key] not in existing:
+                members += [image_id for image_id, path, _ in every_row if str(Path(path).parent) in folders_of[key]
+                            and image_id not in in_a_concept and image_id not in members]
     assigned = 0
     created = 0
     with transaction(con):

@@ -107,7 +107,7 @@ def test_manual_assignment_wins_over_later_rules_and_remove_releases(con):
     assert assigned == {a: "first", b: "second"}
     assert assign_images_to_concept(con, "second", [a]) == 1  # manual moves it
     assert unassigned_images(con, [b]) == 1
-    assert removed_concept(con, "second") == 1
+    assert removed_concept(con, "second") == (1, 0)
     assert get_concept(con, "second") is None
     assert con.execute("SELECT count(*) FROM concept_images").fetchone()[0] == 0
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2  # images untouched
@@ -414,7 +414,7 @@ def test_a_concept_from_a_macos_folder_name_matches_what_is_typed(con, tmp_path)
     assert caption_has_trigger("Bär, teddy", unicodedata.normalize("NFD", "Bär"))
     (image,) = training_images(con, fast_config(tmp_path / "run", resolution=64))
     assert image.caption == "Bär, teddy"  # the trigger was put in front a second time
-    assert removed_concept(con, unicodedata.normalize("NFD", "Bär bear")) == 1
+    assert removed_concept(con, unicodedata.normalize("NFD", "Bär bear")) == (1, 0)
 
 
 def test_a_folder_named_in_bytes_that_are_not_utf8_works_in_every_folder_option(catalog_path, tmp_path):
@@ -480,3 +480,46 @@ def test_a_where_condition_stays_as_typed_and_an_old_decomposed_concept_keeps_it
     ingested_images(con, [tmp_path], workers=1)
     assert con.execute("SELECT name, count(*) FROM concepts JOIN concept_images ON concept = name GROUP BY name").fetchall() == [
         (unicodedata.normalize("NFD", "Bär bear"), 2)]
+
+
+def test_a_class_image_is_not_put_in_a_concept_by_hand(con):
+    """A multi-concept review: `concept assign bob <a class image>` said it moved it, and the concept counted it, while
+    training drew it only as a class image and export put it in reg/."""
+    photo = _add_image(con, 1, "/data/bob/a.jpg")
+    prior = _add_image(con, 2, "/data/reg/1_man/p.jpg", role="class_prior")
+    added_concept(con, "bob", trigger="zkx", class_noun="man")
+    with pytest.raises(ValueError, match=f"1 of these are class images \\({prior[:12]}\\).*never in a concept"):
+        assign_images_to_concept(con, "bob", [photo, prior])
+    assert con.execute("SELECT count(*) FROM concept_images").fetchone()[0] == 0  # nothing half done
+    assert assign_images_to_concept(con, "bob", [photo]) == 1
+
+
+def test_images_a_removed_concept_lets_go_join_the_concept_whose_folder_rule_takes_them(con):
+    """A multi-concept review, renaming a subject: `concept add "Alice Smith" --folder photos/alice` left the 4 photos in
+    concept alice, and `concept remove alice` left them in none for good: no ingest or `concept add` applied the new
+    concept's saved --folder to them again."""
+    photos = [_add_image(con, n, f"/photos/alice/{n}.jpg") for n in range(1, 5)]
+    added_concept(con, "alice", trigger="alc", class_noun="woman", folder="/photos/alice")
+    summary = added_concept(con, "Alice Smith", trigger="als", class_noun="woman", folder="/photos/alice")
+    assert summary["left_in_other_concepts"] == 4 and get_concept(con, "Alice Smith").images == 0
+    assert removed_concept(con, "alice") == (4, 4)
+    assert get_concept(con, "Alice Smith").images == 4
+    # `concept add NAME` alone applies its own saved rule to images in no concept (taken out by hand, say)
+    unassigned_images(con, photos[:2])
+    summary = added_concept(con, "Alice Smith")
+    assert summary["newly_assigned"] == 2 and get_concept(con, "Alice Smith").images == 4
+
+
+def test_a_changed_trigger_says_which_captions_hold_the_old_one(con):
+    """A multi-concept review: after `concept add NAME --trigger alyx`, captions written with the old trigger trained
+    "alyx, photo of alc woman", and nothing said so."""
+    a = _add_image(con, 1, "/data/a.jpg")
+    b = _add_image(con, 2, "/data/b.jpg")
+    added_concept(con, "Alice", trigger="alc", class_noun="woman", where="true")
+    con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'photo of alc woman, smiling'), "
+                "(?, 'manual', 'a portrait of alcove')", [a, b])
+    summary = added_concept(con, "Alice", trigger="alyx")
+    assert summary["captions_with_the_old_trigger"] == 1  # "alcove" is another word
+    assert "still hold the old trigger 'alc'" in summary["note"]
+    assert "workbench edit-captions --regex --find '\\balc\\b' --replace alyx --where \"concept = 'Alice'\"" in summary["note"]
+    assert "note" not in added_concept(con, "Alice", repeats=3)  # no trigger change: no note

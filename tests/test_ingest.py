@@ -1253,3 +1253,18 @@ def test_a_caption_file_touched_but_saying_what_ingest_read_is_not_changed(con, 
     assert sidecars_changed_since_ingest(con, list(ids.values())) == []
     paths[1].with_suffix(".txt").write_text("1girl, solo, frown")  # edited elsewhere: said
     assert sidecars_changed_since_ingest(con, list(ids.values())) == [str(paths[1].with_suffix(".txt"))]
+
+
+def test_a_kohya_folder_concept_made_again_by_a_new_file_takes_the_whole_folder(con, tmp_path):
+    """A multi-concept review: a removed `3_sks dog` concept came back with only the file just added to its folder;
+    the folder's other four images stayed in no concept and trained with no trigger."""
+    from pipelines.concepts import get_concept, removed_concept
+
+    make_images(tmp_path / "3_sks dog", 4)
+    ingested_images(con, [tmp_path], workers=1)
+    removed_concept(con, "sks dog")
+    extra = make_images(tmp_path / "new", 1, seed=5)[0]
+    extra.rename(tmp_path / "3_sks dog" / "added.jpg")
+    ingested_images(con, [tmp_path], workers=1)
+    concept = get_concept(con, "sks dog")
+    assert (concept.images, concept.repeats) == (5, 3)

@@ -246,9 +246,9 @@ class BrowserScreen(SizeClasses, Screen):
                 except ValueError:
                     raise ValueError(f"repeats must be a whole number, not {settings.repeats!r}") from None
                 existed = bool(cur.execute("SELECT count(*) FROM concepts WHERE name = ?", [settings.name]).fetchone()[0])
-                added_concept(cur, settings.name, trigger=settings.trigger or None, class_noun=settings.class_noun,
-                              repeats=repeats)
-                made = f"concept {settings.name} {'changed' if existed else 'made'}; "
+                summary = added_concept(cur, settings.name, trigger=settings.trigger or None, class_noun=settings.class_noun,
+                                        repeats=repeats)
+                made = f"concept {settings.name} {'changed' if existed else 'made'}; " + (f"{summary['note']}; " if summary.get("note") else "")
             ids = result.image_ids() if choice.all_filtered else [image_id]
             if choice.concept is None:
                 moved = unassigned_images(cur, ids)

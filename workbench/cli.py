@@ -984,7 +984,9 @@ def concept_add(
         summary = added_concept(con, name, trigger=trigger, class_noun=class_noun, repeats=repeats, where=where, folder=folder)
     except ValueError as error:
         fail(str(error))
-    console.print(counts_table(f"concept {name}", {k: v for k, v in summary.items() if k != "concept"}))
+    console.print(counts_table(f"concept {name}", {k: v for k, v in summary.items() if k not in ("concept", "note")}))
+    if summary.get("note"):
+        err_console.print(Text(f"Note: {summary['note']}"))
 
 
 @concept_app.command("list")
@@ -1018,10 +1020,11 @@ def concept_remove(
 
     con = open_catalog(catalog)
     try:
-        released = removed_concept(con, name)
+        released, rejoined = removed_concept(con, name)
     except ValueError as error:
         fail(str(error))
-    console.print(Text(f"removed concept {name!r}; {released} image(s) no longer in a concept"))
+    console.print(Text(f"removed concept {name!r}; {released - rejoined} image(s) no longer in a concept"
+                       + (f", {rejoined} joined another concept whose --where or --folder takes them" if rejoined else "")))
 
 
 @concept_app.command("assign")
