@@ -237,3 +237,18 @@ def test_bucket_settings_that_fit_no_image_are_said_as_settings(con, tmp_path):
     with pytest.raises(DataError, match=r"The bucket settings do not work together .*min_bucket_reso must be at least "
                                         r"bucket_reso_steps \(64\)"):
         training_images(con, fast_config(tmp_path / "run", resolution=64, bucket_reso_steps=64))
+
+
+def test_the_drift_a_resume_reports_names_concept_and_repeat_changes():
+    """A multi-concept review: a resume after `concept remove` or a new --repeats said only "N captions changed" (or
+    nothing at all for repeats)."""
+    from pipelines.train.data import TrainImage, snapshot_drift
+
+    def image(image_id, concept, repeats, caption="sks dog"):
+        return TrainImage(image_id=image_id, path=f"/{image_id}.png", caption=caption, bucket=(64, 64), resized=(64, 64),
+                          crop=(0, 0), concept=concept, repeats=repeats)
+
+    saved = [image("a", "dog", 10), image("b", "dog", 10), image("c", "cat", 5, "ohwx cat"), image("d", None, 1, "x")]
+    now = [image("a", "dog", 3), image("b", "dog", 3), image("c", None, 1, "a cat"), image("d", None, 1, "x")]
+    assert snapshot_drift(saved, now) == {"added": 0, "removed": 0, "captions changed": 1, "buckets changed": 0,
+                                          "in another concept or none": 1, "repeats changed": 2}

@@ -444,15 +444,19 @@ def read_snapshot(path: Path) -> tuple[list[TrainImage], dict[str, list[TrainIma
 
 
 def snapshot_drift(saved: Sequence[TrainImage], current: Sequence[TrainImage]) -> dict[str, int]:
-    """How the catalog's dataset differs from a run's snapshot: images added, removed, re-captioned or re-bucketed."""
+    """How the catalog's dataset differs from a run's snapshot: images added, removed, re-captioned, re-bucketed, in
+    another concept (or none), or repeated another number of times (their concept's repeats changed)."""
     before = {i.image_id: i for i in saved}
     now = {i.image_id: i for i in current}
     common = before.keys() & now.keys()
+    moved = {k for k in common if before[k].concept != now[k].concept}
     return {
         "added": len(now.keys() - before.keys()),
         "removed": len(before.keys() - now.keys()),
         "captions changed": sum(before[k].caption != now[k].caption for k in common),
         "buckets changed": sum((before[k].bucket, before[k].crop) != (now[k].bucket, now[k].crop) for k in common),
+        "in another concept or none": len(moved),
+        "repeats changed": sum(before[k].repeats != now[k].repeats for k in common - moved),
     }
 
 
