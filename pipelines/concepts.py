@@ -298,6 +298,11 @@ def added_concept(
     trigger = _check_text("trigger", trigger, required=not existed)
     if trigger is not None and len(trigger.split()) != 1:
         raise ValueError(f"trigger {trigger!r} must be one token (no spaces)")
+    if trigger is not None and set(trigger) & set(",/\\"):
+        # a comma splits it into two tags (tag shuffle, --add-token, kohya's keep_tokens); a slash is a folder in the
+        # kohya export's `N_trigger class`
+        raise ValueError(f"trigger {trigger!r} must not hold a comma or a slash: a comma splits it into two tags, a "
+                         "slash makes a folder of the kohya export")
     clear_class = class_noun is not None and not class_noun.strip()
     class_noun = _check_text("class", class_noun, required=False)
     if repeats is not None and (not isinstance(repeats, int) or repeats < 1):
@@ -354,11 +359,18 @@ def added_concept(
         if old_trigger is not None:
             run.counts["captions_with_the_old_trigger"] = _captions_holding(con, name, old_trigger)
     result = {"concept": name, **run.counts}
+    notes = []
     if old_trigger is not None and result["captions_with_the_old_trigger"]:
         # training puts the new trigger in front of a caption without it: "alyx, photo of alc woman" trains both
-        result["note"] = (f"{result['captions_with_the_old_trigger']} caption(s) of its images still hold the old trigger "
-                          f"{old_trigger!r}, which they would train beside {trigger!r}: "
-                          + replace_trigger_command(old_trigger, trigger, name))
+        notes.append(f"{result['captions_with_the_old_trigger']} caption(s) of its images still hold the old trigger "
+                     f"{old_trigger!r}, which they would train beside {trigger!r}: "
+                     + replace_trigger_command(old_trigger, trigger, name))
+    sharing = [c.name for c in list_concepts(con) if c.name != name and trigger is not None and c.trigger.lower() == trigger.lower()]
+    if sharing:  # allowed (two folders of one subject with their own repeats), but two subjects would blend into one
+        notes.append(f"concept(s) {', '.join(repr(c) for c in sharing)} use the trigger {trigger!r} too: their images "
+                     "train the same token (right for one subject in several folders, not for two subjects)")
+    if notes:
+        result["note"] = "; ".join(notes)
     return result
 
 

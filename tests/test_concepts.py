@@ -163,6 +163,10 @@ def test_concept_cli(catalog_path, con, tmp_path):
     assert result.exit_code == 2 and "No such folder" in result.output
     result = runner.invoke(app, ["concept", "assign", "sks dog", "ffffff", *cat])
     assert result.exit_code == 2 and "no image" in result.output
+    result = runner.invoke(app, ["concept", "unassign", a[:8], *cat])  # a review: only the TUI could do this
+    assert result.exit_code == 0 and "1 image(s) taken out of their concept" in result.output
+    result = runner.invoke(app, ["concept", "assign", "sks dog", a[:8], *cat])
+    assert result.exit_code == 0 and "1 image(s) moved" in result.output
     result = runner.invoke(app, ["concept", "remove", "sks dog", *cat])
     assert result.exit_code == 0 and "1 image" in result.output
     result = runner.invoke(app, ["concept", "remove", "sks dog", *cat])
@@ -523,3 +527,14 @@ def test_a_changed_trigger_says_which_captions_hold_the_old_one(con):
     assert "still hold the old trigger 'alc'" in summary["note"]
     assert "workbench edit-captions --regex --find '\\balc\\b' --replace alyx --where \"concept = 'Alice'\"" in summary["note"]
     assert "note" not in added_concept(con, "Alice", repeats=3)  # no trigger change: no note
+
+
+def test_a_trigger_with_a_comma_or_slash_is_refused_and_a_shared_one_is_said(con):
+    """A multi-concept review: `--trigger "sks,"` broke tag shuffle and --add-token, `x/y` became a folder on export,
+    and a second concept took another's trigger without a word."""
+    for bad in ("sks,", "x/y", "a\\b"):
+        with pytest.raises(ValueError, match="must not hold a comma or a slash"):
+            added_concept(con, "bad", trigger=bad)
+    assert "note" not in added_concept(con, "bob close", trigger="zkx", class_noun="man")
+    summary = added_concept(con, "bob full", trigger="ZKX", class_noun="man")
+    assert "concept(s) 'bob close' use the trigger 'ZKX' too" in summary["note"]

@@ -1047,6 +1047,27 @@ def concept_assign(
     console.print(Text(f"{changed} image(s) moved into concept {name!r}"))
 
 
+@concept_app.command("unassign")
+def concept_unassign(
+    image_ids: Annotated[list[str], typer.Argument(help="Image ids or unique prefixes (6+ hex characters).")],
+    catalog: CatalogOpt = None,
+) -> None:
+    """Take images out of whatever concept they are in (they stay in the catalog and the dataset).
+
+    A concept's --where or --folder takes them back at the next ingest; `workbench concept assign` puts them in another.
+
+    Example: workbench concept unassign 3fa9c2d1e0 77b01c9e4a
+    """
+    from pipelines.concepts import unassigned_images
+
+    con = open_catalog(catalog)
+    try:
+        taken = unassigned_images(con, image_ids)
+    except ValueError as error:
+        fail(str(error))
+    console.print(Text(f"{taken} image(s) taken out of their concept"))
+
+
 @app.command("filter")
 def filter_(
     min_clip_score: Annotated[Optional[float], typer.Option(help="Exclude CLIP score below this (0.28 suits ViT-B/32).")] = None,

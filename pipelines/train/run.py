@@ -450,11 +450,12 @@ def _say_unused_class_images(con, images, progress: ProgressHook) -> None:
     prompts = sorted({image.class_prompt for image in images if image.class_prompt})
     if not prompts:
         return
-    count = con.execute("SELECT count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.status = 'ok' "
-                        "AND c.class_prompt IN (SELECT unnest(?::VARCHAR[]))", [prompts]).fetchall()[0][0]
-    if count:
+    counts = con.execute("SELECT c.class_prompt, count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.status = 'ok' "
+                         "AND c.class_prompt IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1 ORDER BY 1", [prompts]).fetchall()
+    if counts:
+        named = ", ".join(repr(prompt) for prompt, _ in counts[:3]) + (f" and {len(counts) - 3} more" if len(counts) > 3 else "")
         progress(task="dataset", message=(
-            f"{count} class image(s) of {', '.join(repr(p) for p in prompts[:3])} are in the catalog but not used: "
+            f"{sum(n for _, n in counts)} class image(s) of {named} are in the catalog but not used: "
             "--prior-preservation trains with them (DreamBooth-LoRA, as kohya trains its reg images)"))
 
 
