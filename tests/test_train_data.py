@@ -252,3 +252,20 @@ def test_the_drift_a_resume_reports_names_concept_and_repeat_changes():
     now = [image("a", "dog", 3), image("b", "dog", 3), image("c", None, 1, "a cat"), image("d", None, 1, "x")]
     assert snapshot_drift(saved, now) == {"added": 0, "removed": 0, "captions changed": 1, "buckets changed": 0,
                                           "in another concept or none": 1, "repeats changed": 2}
+
+
+def test_a_named_concept_without_images_is_said(con, tmp_path):
+    """A multi-concept review: `--concept ghost --concept rex` trained rex with no word on ghost, and `--concept ghost`
+    alone said to run `workbench ingest FOLDER`."""
+    from pipelines.concepts import added_concept
+    from pipelines.train.data import DataError, training_images
+
+    ingest_images(con, tmp_path / "images", 2)
+    added_concept(con, "rex", trigger="rx", where="true")
+    added_concept(con, "ghost", trigger="gh")
+    said = []
+    images = training_images(con, fast_config(tmp_path / "run", concepts=["ghost", "rex"]),
+                             progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert len(images) == 2 and any("concept 'ghost' has no image in the dataset" in m for m in said)
+    with pytest.raises(DataError, match="Concept 'ghost' has no image in the dataset"):
+        training_images(con, fast_config(tmp_path / "run", concepts=["ghost"]))

@@ -173,6 +173,21 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
         where += " AND concept IN (SELECT unnest(?))"
         params.append([stored[unicodedata.normalize("NFC", name)] for name in config.concepts])
     rows = con.execute(f"SELECT {', '.join(columns)} FROM dataset WHERE {where} ORDER BY image_id", params).fetchall()
+    if config.concepts:
+        # a concept named with no image in the dataset: said, whether or not the others have some (it was silently
+        # skipped beside others, and alone was told to ingest a folder)
+        held = {row[0] for row in con.execute("SELECT concept, count(*) FROM dataset WHERE role = 'instance' AND concept "
+                                               "IN (SELECT unnest(?)) GROUP BY 1", params).fetchall()}
+        empty = [name for name in params[0] if name not in held]
+        if empty and rows:
+            progress(task="dataset", message=(
+                f"concept {', '.join(repr(n) for n in empty)} has no image in the dataset, so it trains nothing: "
+                "`workbench concept list` shows its images and how many are in the dataset"))
+        elif empty:
+            raise DataError(
+                f"Concept {', '.join(repr(n) for n in empty)} has no image in the dataset (0 train images): "
+                "`workbench concept list` shows its images and how many are in the dataset (excluded ones are not); "
+                "put images in it with `workbench concept add NAME --folder …` or `concept assign`.")
     if not rows:
         what = f" in concepts {', '.join(config.concepts)}" if config.concepts else ""
         raise DataError(
