@@ -131,6 +131,7 @@ class IngestSummary:
     directory_cycles_skipped: int = 0  # links back to a folder above them (a folder reached twice is walked twice)
     output_folders_skipped: int = 0  # the workbench's own outputs: training runs, class priors, exports
     kohya_reg_folders_skipped: int = 0  # reg/ beside img/: regularisation images, not training photos
+    hidden_files_and_folders_skipped: int = 0  # names starting with "." (.thumbnails, AppleDouble ._ files) and __MACOSX folders
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     error_examples: dict[str, str] = field(default_factory=dict)  # reason -> the first file recorded with it
     sidecar_problems: dict[str, str] = field(default_factory=dict)  # sidecar path -> why it was left out
@@ -378,8 +379,9 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
     walked: set[bytes] = set()  # folder paths, so overlapping roots walk a folder once
 
     def unreadable(folder: bytes, error: OSError) -> None:
-        # not walked is not gone: its files are not marked missing (an unmounted share, a folder made private)
-        if os.path.lexists(folder):
+        # not walked is not gone: its files are not marked missing (an unmounted share, a folder made private); a path
+        # longer than the system takes cannot even be asked whether it exists
+        if error.errno == errno.ENAMETOOLONG or os.path.lexists(folder):
             summary.unreadable_folders.append(f"{os.fsdecode(folder)} ({error.strerror or error})")
             skipped.append(folder)
 
@@ -406,6 +408,12 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
         names = {e.name for e in items}
         subfolders = []
         for item in items:
+            if item.name.startswith(b".") or item.name == b"__MACOSX":
+                # thumbnails (.thumbnails), macOS's AppleDouble files (._IMG_1.jpg, __MACOSX/ in a zip), a notebook's
+                # .ipynb_checkpoints: copies and metadata, not photos (kohya's glob skips dot files too)
+                summary.hidden_files_and_folders_skipped += 1
+                skipped.append(item.path)
+                continue
             try:
                 is_dir = item.is_dir(follow_symlinks=True)
             except OSError:

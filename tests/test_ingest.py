@@ -1268,3 +1268,53 @@ def test_a_kohya_folder_concept_made_again_by_a_new_file_takes_the_whole_folder(
     ingested_images(con, [tmp_path], workers=1)
     concept = get_concept(con, "sks dog")
     assert (concept.images, concept.repeats) == (5, 3)
+
+
+def test_hidden_files_and_folders_are_skipped_and_counted(con, tmp_path):
+    """An odd-files review: `.thumbnails/thumb.jpg`, `__MACOSX/photo.jpg` and `.hidden.jpg` were ingested as training
+    photos, and macOS's AppleDouble `._photo.jpg` was recorded as an error on every run."""
+    make_images(tmp_path / "photos", 2)
+    make_images(tmp_path / "photos" / ".thumbnails", 1, seed=1)
+    make_images(tmp_path / "photos" / "__MACOSX", 1, seed=2)
+    make_images(tmp_path / "nested", 1, seed=3)[0].rename(tmp_path / "photos" / ".hidden.jpg")
+    (tmp_path / "photos" / "._img_0000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble metadata")
+    summary = ingested_images(con, [tmp_path / "photos"], workers=1)
+    assert (summary.new, summary.hidden_files_and_folders_skipped) == (2, 4)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
+    again = ingested_images(con, [tmp_path / "photos"], workers=1)
+    assert again.marked_missing == 0 and again.paths_marked_missing == 0
+
+
+def test_a_named_pipe_as_a_caption_sidecar_is_left_out_not_waited_on(con, tmp_path):
+    """An odd-files review: a FIFO named `a.txt` beside `a.jpg` hung the ingest for good (open() of a pipe waits for a
+    writer), with the catalog held; only kill -9 ended it."""
+    import os
+
+    (image,) = make_images(tmp_path / "ff", 1)
+    os.mkfifo(image.with_suffix(".txt"))
+    summary = ingested_images(con, [tmp_path / "ff"], workers=1)  # returns (the test would hang otherwise)
+    assert summary.new == 1 and summary.sidecars_left_out == 1
+    assert "not a regular file" in next(iter(summary.sidecar_problems.values()))
+
+
+def test_a_folder_past_the_path_length_limit_is_named_as_unread(con, tmp_path):
+    """An odd-files review: folders deeper than PATH_MAX (4,096 bytes) were skipped without a word, unlike a folder
+    that denies reading."""
+    import os
+
+    make_images(tmp_path / "vdeep", 1)
+    deep = tmp_path / "vdeep"
+    fd = os.open(deep, os.O_RDONLY)
+    try:  # made relative to an open folder, a step at a time, as no single path may be that long
+        for _ in range(18):
+            os.mkdir("d" * 240, dir_fd=fd)
+            inner = os.open("d" * 240, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as handle:
+            handle.write(make_images(tmp_path / "src", 1, seed=4)[0].read_bytes())
+    finally:
+        os.close(fd)
+    summary = ingested_images(con, [deep], workers=1)
+    assert summary.new == 1
+    assert len(summary.unreadable_folders) == 1 and "too long" in summary.unreadable_folders[0].lower()
