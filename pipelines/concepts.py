@@ -384,11 +384,11 @@ def _captions_holding(con: duckdb.DuckDBPyConnection, concept: str, trigger: str
 
 def replace_trigger_command(old: str, new: str, concept: str) -> str:
     """The command that replaces a concept's old trigger by its new one in its images' captions (whole words)."""
-    from pipelines.export import _shell_text, sql_text
+    from pipelines.export import shell_text, sql_text
 
     pattern = r"\b" + re.escape(old) + r"\b"
     return (f"workbench edit-captions --regex --find {shlex.quote(pattern)} --replace {shlex.quote(new)} "
-            f"--where {_shell_text(f'concept = {sql_text(concept)}')}")
+            f"--where {shell_text(f'concept = {sql_text(concept)}')}")
 
 
 def concept_rules_applied(con: duckdb.DuckDBPyConnection, *, only: str | None = None) -> int:

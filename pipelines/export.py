@@ -84,6 +84,20 @@ def caption_has_trigger(caption: str, trigger: str) -> bool:
     return re.search(rf"(?<!\w){pattern}(?!\w)", unicodedata.normalize("NFC", caption).lower()) is not None
 
 
+def concept_caption(trigger: str | None, class_noun: str | None) -> str | None:
+    """The text an image of a concept trains on without a caption: "trigger class" (kohya's class_tokens, DreamBooth's
+    "sks dog"), the trigger alone for a concept without a class; None outside a concept (it trains on "")."""
+    if not trigger:
+        return None
+    return f"{trigger} {class_noun}" if class_noun else trigger
+
+
+def training_text(caption: str | None, trigger: str | None, class_noun: str | None) -> str:
+    """An instance image's text for trainers that need one: its caption, else the text training here gives an image
+    without one (`concept_caption`), else "" (never null: diffusers' scripts raise on a caption that is not text)."""
+    return caption or concept_caption(trigger, class_noun) or ""
+
+
 @dataclass
 class _Row:
     image_id: str
@@ -103,6 +117,9 @@ class _Row:
     class_prompt: str | None = None  # class priors: the prompt that generated them
     size: int | None = None  # the source file as ingest saw it: a file changed since is not exported
     mtime_ns: int | None = None
+    prior_seed: int | None = None  # generated class priors: image i of a set has seed + i
+    supplied: bool = False  # class images supplied with `priors --from` (training takes them before generated ones)
+    prior_set: tuple | None = None  # generated class priors: (model, resolution, steps, guidance, sampler) of their set
 
 
 def _say_mixed_prior_models(con: duckdb.DuckDBPyConnection, prior_ids: list[str], progress: ProgressHook) -> None:
@@ -146,14 +163,16 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection, only: Collection[str] | None =
         SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation,
                CASE WHEN d.role = 'class_prior' THEN coalesce(d.caption, cp.class_prompt) ELSE d.caption END,
                d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role, cp.class_prompt,
-               src.size, src.mtime_ns
+               src.size, src.mtime_ns, cp.seed, coalesce(cp.supplied_from IS NOT NULL, false),
+               [cp.model, cp.resolution::VARCHAR, cp.steps::VARCHAR, cp.guidance_scale::VARCHAR, cp.sampler]
         FROM images_view d JOIN src USING (image_id) JOIN images i USING (image_id)
         LEFT JOIN class_priors cp USING (image_id)
         WHERE (d.status = 'ok' AND NOT d.excluded) OR ({PRIOR_IN_USE_SQL})  -- the dataset, and the priors training uses
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
-    found = [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest) for image_id, path_bytes, path, *rest in rows]
+    found = [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest[:-1], prior_set=tuple(rest[-1]))
+             for image_id, path_bytes, path, *rest in rows]
     if only is None:
         return found
     classes = {default_class_prompt(row.class_noun) for row in found
@@ -235,14 +254,14 @@ def sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _shell_text(value: str) -> str:
+def shell_text(value: str) -> str:
     """`value` as one shell word, in double quotes where that needs no escapes (SQL's own quotes read better)."""
     return f'"{value}"' if not set(value) & set('"$`\\!') else shlex.quote(value)
 
 
 def add_token_command(trigger: str, concept: str) -> str:
     """The command that puts a concept's trigger in front of its images' captions (moved there where they hold it)."""
-    return f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {_shell_text(f'concept = {sql_text(concept)}')}"
+    return f"workbench edit-captions --add-token {shlex.quote(trigger)} --where {shell_text(f'concept = {sql_text(concept)}')}"
 
 
 def _copied_not_linked(row: _Row, image_path: Path, link: str) -> bool:
@@ -271,13 +290,36 @@ def _skip_message(row: _Row, error: Exception) -> str:
     return f"skipped {os.fsdecode(row.source)}: {why} (run ingest again)"
 
 
-def _unique(name: str, used: set[str]) -> str:
-    candidate, n = name, 2
-    while candidate.lower() in used:
-        candidate = f"{name}-{n}"
-        n += 1
-    used.add(candidate.lower())
-    return candidate
+@dataclass
+class _Folder:
+    """One kohya subset folder, and the concepts (or class prompts) whose images go into it."""
+
+    top: str  # img or reg
+    name: str  # `N_class tokens`: all that kohya (and import-kohya) reads of it
+    repeats: int
+    class_tokens: str
+    is_reg: bool
+    members: list[_Row]
+    groups: list[str]
+
+
+def _prior_prompt(row: _Row) -> str | None:
+    """The class prompt a class image serves: its own, else (one made a class image by hand) its concept class's."""
+    return row.class_prompt or (default_class_prompt(row.class_noun) if row.class_noun else None)
+
+
+def _generated_priors_training_takes(instances: int) -> int:
+    """How many generated class images of a set training takes, by its defaults, for a prompt of `instances` instance
+    images."""
+    from pipelines.priors import class_images_wanted
+    from pipelines.train.config import TrainConfig
+
+    return class_images_wanted(instances, max_class_images=TrainConfig.max_class_images)
+
+
+def _counted(counts: Counter[str]) -> str:
+    """'a photo of a horse' (1), 'a photo of a person' (2): for notes about class prompts."""
+    return named_few([f"{prompt!r} ({n})" for prompt, n in sorted(counts.items())])
 
 
 def _file_stem(row: _Row) -> str:
@@ -348,17 +390,7 @@ def kohya_export(
     groups: dict[tuple[str, str | None], list[_Row]] = defaultdict(list)
     for row in rows:  # class priors: one reg folder per class prompt, instances: one img folder per concept
         groups[(row.role, row.class_prompt if row.role == "class_prior" else row.concept)].append(row)
-    _say_mixed_prior_models(con, [row.image_id for row in rows if row.role == "class_prior"], progress)
-    used: dict[str, set[str]] = defaultdict(set)
-    subsets: list[dict[str, Any]] = []
-    counts: Counter[str] = Counter({key: 0 for key in (
-        "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
-        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped", "unreadable_files_skipped",
-        "copied_not_hardlinked")})
-    without_trigger: list[str] = []  # caption files, relative to OUT
-    triggerless: dict[str, str] = {}  # concept -> its trigger, of those captions
-    done = 0
-    progress(task="export", completed=0, total=len(rows))
+    folders: dict[tuple[str, str], _Folder] = {}
     for (role, concept), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         first = members[0]
         is_reg = role == "class_prior"
@@ -369,24 +401,78 @@ def kohya_export(
         elif concept is None:
             class_tokens, repeats = PLAIN_FOLDER, 1
         else:
-            class_tokens = f"{first.trigger} {first.class_noun}" if first.class_noun else first.trigger
+            class_tokens = concept_caption(first.trigger, first.class_noun) or ""
             repeats = first.repeats or 1
         top = "reg" if is_reg else "img"
         if not is_reg and concept is None:
-            folder = _unique(f"{repeats}_{PLAIN_FOLDER}", used[top])  # `1_`: one such group, concept folders are `N_x`
+            name = f"{repeats}_{PLAIN_FOLDER}"  # `1_`: one such group, concept folders are `N_x`
         else:
             fallback = REG_CLASS_FALLBACK if is_reg else CONCEPT_FOLDER_FALLBACK
-            folder = _unique(f"{repeats}_{safe_component(class_tokens, fallback=fallback)}", used[top])
-        target_dir = _inside(out, top, folder)
+            name = f"{repeats}_{safe_component(class_tokens, fallback=fallback)}"
+        # the folder name is all kohya (and import-kohya) reads of a subset: concepts of one trigger, class and
+        # repeats share one folder (a `3_zkx man-2` beside `3_zkx man` read as class "man-2"); files are named by
+        # their ids, so none collide. Lower case: one folder on a disk that ignores case, and to CLIP's tokenizer
+        folder = folders.setdefault((top, name.lower()), _Folder(top, name, repeats, class_tokens, is_reg, [], []))
+        folder.members.extend(members)
+        folder.groups.append(concept or "")
+    for folder in folders.values():
+        if not folder.is_reg and len(folder.groups) > 1:
+            progress(task="export", message=(
+                f"concepts {', '.join(map(repr, folder.groups))} export into one folder, img/{folder.name}: they have one "
+                "trigger, class and repeats, all that kohya reads of a folder (import-kohya reads them back as one concept)"))
+    # instance folders first: a class prompt gets its reg folder only if an exported concept has its class, and as
+    # many class images as training takes for the instance images exported (kohya regularises with all it finds)
+    ordered = sorted(folders.values(), key=lambda folder: folder.is_reg)
+    instances: Counter[str] = Counter()  # class prompt -> instance images written of concepts of that class
+    taken: Counter[tuple] = Counter()  # (class prompt, set) -> class images written
+    unused: Counter[str] = Counter()  # class prompt -> class images left out: no exported concept has that class
+    surplus: Counter[str] = Counter()  # ... more than training takes
+    chosen = only or set()  # class images --where named themselves: exported as chosen
+    written_priors: list[str] = []
+    subsets: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter({key: 0 for key in (
+        "images", "folders", "captions", "without_caption", "captions_joined_to_one_line",
+        "captions_without_trigger", "missing_files_skipped", "changed_files_skipped", "unreadable_files_skipped",
+        "copied_not_hardlinked", "unused_class_images_left_out", "surplus_class_images_left_out")})
+    without_trigger: list[str] = []  # caption files, relative to OUT
+    triggerless: dict[str, str] = {}  # concept -> its trigger, of those captions
+    done = 0
+    progress(task="export", completed=0, total=len(rows))
+    for folder in ordered:
+        members, is_reg = folder.members, folder.is_reg
+        if is_reg:
+            for row in members:
+                if row.image_id not in chosen and not instances[_prior_prompt(row) or ""]:
+                    unused[_prior_prompt(row) or REG_CLASS_FALLBACK] += 1
+                    done += 1
+            members = [row for row in members if row.image_id in chosen or instances[_prior_prompt(row) or ""]]
+            if not members:
+                continue
+            # as training takes them: the class images supplied for a prompt first, then generated ones by seed
+            members.sort(key=lambda row: (not row.supplied, row.prior_seed is None, row.prior_seed or 0))
+        target_dir = _inside(out, folder.top, folder.name)
         target_dir.mkdir(parents=True, exist_ok=True)
         for row in members:
             done += 1
+            if is_reg and row.image_id not in chosen:
+                prompt = _prior_prompt(row) or ""
+                # training takes a prompt's supplied class images (all of them), or else of one generated set
+                # 200 per instance image; a file gone is skipped and the next one taken, as training does
+                if not row.supplied and (taken[(prompt, "supplied")] or taken[(prompt, row.prior_set)]
+                                         >= _generated_priors_training_takes(instances[prompt])):
+                    surplus[prompt] += 1
+                    continue
             try:
                 image_path = _write_image(row, target_dir, _file_stem(row), link=link, kohya_only=True)
             except (FileNotFoundError, SourceChanged, SourceUnreadable) as error:
                 counts[_skip_reason(error)] += 1
                 progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
                 continue
+            if is_reg:
+                taken[(_prior_prompt(row) or "", "supplied" if row.supplied else row.prior_set)] += 1
+                written_priors.append(row.image_id)
+            elif row.class_noun:
+                instances[default_class_prompt(row.class_noun)] += 1
             counts["copied_not_hardlinked"] += _copied_not_linked(row, image_path, link)
             caption = one_line(row.caption)
             if caption:
@@ -404,18 +490,34 @@ def kohya_export(
             else:
                 counts["without_caption"] += 1
             counts["images"] += 1
-            if done % 200 == 0 or done == len(rows):
+            if done % 200 == 0:
                 progress(task="export", completed=done, total=len(rows))
         subset: dict[str, Any] = {
             "image_dir": str(target_dir.resolve()),
-            "num_repeats": repeats,
-            "class_tokens": class_tokens,
+            "num_repeats": folder.repeats,
+            "class_tokens": folder.class_tokens,
             "caption_extension": caption_extension,
         }
         if is_reg:
             subset["is_reg"] = True
         subsets.append(subset)
         counts["folders"] += 1
+    progress(task="export", completed=done, total=len(rows))
+    _say_mixed_prior_models(con, written_priors, progress)
+    counts["unused_class_images_left_out"], counts["surplus_class_images_left_out"] = unused.total(), surplus.total()
+    if unused:
+        progress(task="export", message=(
+            f"left out {unused.total()} class image(s) of {_counted(unused)}: no exported concept has that class, so "
+            "training here does not use them, and kohya regularises with every reg/ folder (to export them anyway, "
+            "name them in --where, as `role = 'class_prior'` does)"))
+    if surplus:
+        from pipelines.priors import PRIORS_PER_INSTANCE
+        from pipelines.train.config import TrainConfig
+
+        progress(task="export", message=(
+            f"left out {surplus.total()} class image(s) of {_counted(surplus)}: more than training takes (the class "
+            f"images supplied for a prompt, else {PRIORS_PER_INSTANCE} generated per instance image exported, at most "
+            f"{TrainConfig.max_class_images}), and kohya regularises with all it finds"))
     # no batch_size or shuffle_caption: in sd-scripts the file's values beat the command line's, and these
     # (--train_batch_size, --shuffle_caption) are chosen there, per training run
     config = {
@@ -458,6 +560,8 @@ def imagefolder_export(
     lines, class_lines = [], []
     skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0,
                                      "copied_not_hardlinked": 0})
+    texts: Counter[str] = Counter({"captions": 0, "uncaptioned_given_concept_text": 0, "uncaptioned_without_text": 0})
+    textless: list[str] = []  # files, relative to OUT
     for done, row in enumerate(rows, 1):
         prior = row.role == "class_prior"
         folder = _inside(out, "class_images") if prior else target_dir
@@ -469,9 +573,16 @@ def imagefolder_export(
             progress(task="export", completed=done, total=len(rows), message=_skip_message(row, error))
             continue
         skipped["copied_not_hardlinked"] += _copied_not_linked(row, image_path, link)
+        text = row.caption
+        if not prior:  # without a caption: the text training here gives it, not null (diffusers' scripts raise on it)
+            text = training_text(row.caption, row.trigger, row.class_noun)
+            kind = "captions" if row.caption else "uncaptioned_given_concept_text" if text else "uncaptioned_without_text"
+            texts[kind] += 1
+            if not text:
+                textless.append(image_path.relative_to(out).as_posix())
         (class_lines if prior else lines).append(json.dumps({
             "file_name": image_path.name,
-            "text": row.caption,
+            "text": text,
             "image_id": row.image_id,
             "concept": row.concept,
             "trigger": row.trigger,
@@ -484,13 +595,23 @@ def imagefolder_export(
     (target_dir / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     if class_lines:  # beside the folder, not in it: diffusers' DreamBooth opens every file in --class_data_dir as an image
         (out / "class_images.jsonl").write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
-    return {"format": "imagefolder", "out": str(out), "images": len(lines),
-            "captions": sum(1 for line in lines if json.loads(line)["text"]), "class_images": len(class_lines), **skipped}
+    _say_textless(len(textless), named_few(textless), progress)
+    return {"format": "imagefolder", "out": str(out), "images": len(lines), **texts, "class_images": len(class_lines),
+            **skipped}
+
+
+def _say_textless(count: int, shown: str, progress: ProgressHook) -> None:
+    """Images with no caption and no concept go out with the empty text they train on here: said, not left null."""
+    if count:
+        progress(task="export", message=(
+            f"{count} image(s) have no caption and no concept ({shown}): their text is empty, as training here trains "
+            "them (unconditioned). `workbench caption` writes captions; a concept gives its trigger and class"))
 
 
 def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False,
-                   only: Collection[str] | None = None) -> dict:
-    """The `dataset` view's rows as one parquet file (OUT itself if it ends in .parquet, else OUT/dataset.parquet)."""
+                   only: Collection[str] | None = None, progress: ProgressHook = null_progress) -> dict:
+    """The `dataset` view's rows as one parquet file (OUT itself if it ends in .parquet, else OUT/dataset.parquet),
+    with `text`: what each image trains on (`caption` is the catalog's, null where an image has none)."""
     out = Path(out)
     if out.suffix.lower() == ".parquet":
         target = out
@@ -504,9 +625,25 @@ def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], 
         raise ExportError(f"{target} exists; pass --overwrite to replace it")
     chosen = "" if only is None else "WHERE image_id IN (SELECT unnest($ids))"
     ids = None if only is None else {"ids": sorted(only)}
-    count = con.execute(f"SELECT count(*) FROM dataset {chosen}", ids).fetchall()[0][0]
-    con.sql(f"SELECT * FROM dataset {chosen} ORDER BY image_id", params=ids).write_parquet(str(target))
-    return {"format": "parquet", "out": str(target), "rows": count}
+    rows = con.execute(
+        "SELECT image_id, d.role, d.caption, d.concept_trigger, d.concept_class, c.class_prompt, d.path FROM dataset d "
+        f"LEFT JOIN class_priors c USING (image_id) {chosen} ORDER BY image_id", ids).fetchall()
+    texts: Counter[str] = Counter({"captions": 0, "uncaptioned_given_concept_text": 0, "uncaptioned_without_text": 0})
+    text_of: dict[str, str] = {}
+    textless: list[str] = []
+    for image_id, role, caption, trigger, class_noun, class_prompt, path in rows:
+        if role == "class_prior":  # as the other exports caption it: its prompt
+            text_of[image_id] = caption or class_prompt or ""
+            continue
+        text_of[image_id] = training_text(caption, trigger, class_noun)
+        texts["captions" if caption else "uncaptioned_given_concept_text" if text_of[image_id] else "uncaptioned_without_text"] += 1
+        if not text_of[image_id]:
+            textless.append(path)
+    con.sql("SELECT d.*, t.text FROM dataset d JOIN (SELECT unnest($ids::VARCHAR[]) AS image_id, "
+            "unnest($texts::VARCHAR[]) AS text) t USING (image_id) ORDER BY image_id",
+            params={"ids": list(text_of), "texts": list(text_of.values())}).write_parquet(str(target))
+    _say_textless(len(textless), named_few(textless), progress)
+    return {"format": "parquet", "out": str(target), "rows": len(rows), **texts}
 
 
 def exported_dataset(
@@ -551,7 +688,7 @@ def exported_dataset(
     params = {"format": format, "out": str(out), "link": link, **({"where": where} if where is not None else {})}
     with record_run(con, "export", params) as run:
         if format == "parquet":
-            summary = parquet_export(con, out, overwrite=overwrite, only=only)
+            summary = parquet_export(con, out, overwrite=overwrite, only=only, progress=progress)
         else:
             # an export over an earlier one replaces it: the earlier files (its manifest) go first, so concepts
             # or images curated out since are not left behind for a trainer to pick up; other files stay

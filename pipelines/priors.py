@@ -35,6 +35,18 @@ if TYPE_CHECKING:
     from workbench.models import SDComponents
 
 PRIORS_PER_INSTANCE = 200  # the DreamBooth paper's recipe: 200 class images per instance image
+
+
+def class_images_wanted(instance_count: int, *, max_class_images: int, supplied: int = 0,
+                        num_class_images: int | None = None) -> int:
+    """How many class images a class prompt trains with: `num_class_images` when given, else the class images supplied
+    for the prompt when there are any (kohya's way: your regularisation set as it is), else 200 × its instance
+    images, capped by `max_class_images` (as `workbench priors` counts). Training and the kohya export both ask."""
+    if num_class_images is not None:
+        return num_class_images
+    if supplied:
+        return supplied
+    return max(1, min(max_class_images, PRIORS_PER_INSTANCE * instance_count))
 # Which class priors train (and export): automatic curation filters (size, quality, CLIP score, duplicates) are
 # meant for instance photos, so only a manual exclusion drops a prior. A WHERE condition over images_view AS d.
 PRIOR_IN_USE_SQL = (

@@ -55,7 +55,8 @@ def curated(con, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees when shown
     _image(src / "plain" / "rotated.jpg", size=(64, 32), color=(50, 60, 70), exif=exif)
-    ingested_images(con, [src], workers=1)
+    # named as a root: a walk skips names starting with "." as hidden files; given by name, a file is read
+    ingested_images(con, [src, src / "plain" / "..weird name?.png"], workers=1)
     concepts_from_folder_names(con)
     return src
 
@@ -189,7 +190,9 @@ def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
 
 def test_nasty_names_never_escape_out(con, curated, tmp_path):
     ids = _by_name(con)
-    added_concept(con, "../../etc", trigger="../../etc", class_noun="..\\..\\x", repeats=2)
+    # `concept add` refuses a slash in a trigger now; a catalog edited with `sql --write` may still hold one
+    con.execute("INSERT INTO concepts (name, trigger_token, class_noun, repeats) VALUES ('../../etc', '../../etc', ?, 2)",
+                ["..\\..\\x"])
     assign_images_to_concept(con, "../../etc", [ids["c.jpg"], ids["..weird name?.png"]])
     con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', ?)",
                 [ids["c.jpg"], "../../../etc/passwd\n\x00 line"])
@@ -226,7 +229,9 @@ def test_imagefolder_export_loads_with_datasets(con, curated, tmp_path):
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf_cache"))
     assert len(loaded) == 5
     texts = {row["image_id"]: row["text"] for row in loaded}
-    expected = dict(con.execute("SELECT image_id, caption FROM dataset").fetchall())
+    # what training trains each on: its caption, else its concept's "trigger class", else "" (never null)
+    expected = dict(con.execute("SELECT image_id, coalesce(caption, concept_trigger || ' ' || concept_class, '') "
+                                "FROM dataset").fetchall())
     assert texts == expected
     sizes = {row["image_id"]: row["image"].size for row in loaded}
     catalog_sizes = {i: (w, h) for i, w, h in con.execute("SELECT image_id, width, height FROM dataset").fetchall()}
@@ -343,6 +348,8 @@ def test_generated_priors_get_one_reg_folder_per_class_prompt_captioned_by_it(co
         con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [ids[name]])
         con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model) VALUES (?, ?, ?, 'tiny')",
                     [ids[name], prompt, seed])
+    added_concept(con, "zz cat", trigger="zz", class_noun="cat")  # a concept of each class: their class images train
+    assign_images_to_concept(con, "zz cat", [ids["c.jpg"]])
     out = tmp_path / "out"
     exported_dataset(con, out, format="kohya")
     assert sorted(p.name for p in (out / "reg").iterdir()) == ["1_a photo of a cat", "1_a photo of a dog"]
@@ -980,3 +987,109 @@ def test_a_subset_is_exported_with_where_without_excluding_the_rest(con, curated
         exported_dataset(con, tmp_path / "none", format="kohya", where="width > 100000")
     with pytest.raises(ExportError, match="--where failed"):
         exported_dataset(con, tmp_path / "bad", format="kohya", where="no_such_column = 1")
+
+
+def _generated_priors(con, tmp_path, prompts: dict[str, str]) -> dict[str, str]:
+    """Class images `workbench priors` made (seed = their order): name → prompt; returns name → image id."""
+    for i, name in enumerate(prompts):
+        _image(tmp_path / "priors" / name, color=(10 * i, 2, 3))
+    ingested_images(con, [tmp_path / "priors"], workers=1)
+    ids = _by_name(con)
+    for seed, (name, prompt) in enumerate(prompts.items()):
+        con.execute("UPDATE images SET role = 'class_prior' WHERE image_id = ?", [ids[name]])
+        con.execute("INSERT INTO class_priors (image_id, class_prompt, seed, model, resolution, steps, guidance_scale, sampler) "
+                    "VALUES (?, ?, ?, 'tiny', 64, 2, 7.5, 'DDIMScheduler')", [ids[name], prompt, seed])
+    return ids
+
+
+def test_kohya_reg_folders_only_for_classes_of_exported_concepts_and_as_many_as_training_takes(con, curated, tmp_path, monkeypatch):
+    """A review: `priors --class-prompt "a photo of a horse"` (no concept of that class) and the priors of an empty
+    concept went to reg/ as `is_reg = true` subsets, so kohya regularised with classes nothing trains; and every class
+    image of a prompt went, however few training takes."""
+    added_concept(con, "zkx person", trigger="zkx", class_noun="person")  # no image: exports none
+    _generated_priors(con, tmp_path, {"d0.png": "a photo of a dog", "d1.png": "a photo of a dog", "d2.png": "a photo of a dog",
+                                      "h0.png": "a photo of a horse", "q0.png": "a photo of a person",
+                                      "q1.png": "a photo of a person"})
+    said: list[str] = []
+    out = tmp_path / "out"
+    summary = exported_dataset(con, out, format="kohya", progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert [p.name for p in (out / "reg").iterdir()] == ["1_a photo of a dog"]
+    subsets = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]["subsets"]
+    assert [s["class_tokens"] for s in subsets if s.get("is_reg")] == ["a photo of a dog"]
+    assert len(list((out / "reg" / "1_a photo of a dog").glob("*.png"))) == 3  # 200 per instance image: all of them
+    assert summary["unused_class_images_left_out"] == 3 and summary["surplus_class_images_left_out"] == 0
+    assert summary["images"] == 5 + 3 and summary["folders"] == 3
+    note = [m for m in said if "no exported concept has that class" in m]
+    assert len(note) == 1 and "'a photo of a horse' (1), 'a photo of a person' (2)" in note[0], said
+    # training takes 200 generated class images per instance image (here: 1), lowest seeds first
+    import pipelines.priors
+
+    monkeypatch.setattr(pipelines.priors, "PRIORS_PER_INSTANCE", 1)
+    said.clear()
+    fewer = exported_dataset(con, tmp_path / "fewer", format="kohya", progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "fewer" / "reg" / "1_a photo of a dog").glob("*.png")) == ["d0", "d1"]
+    assert fewer["surplus_class_images_left_out"] == 1 and fewer["unused_class_images_left_out"] == 3
+    assert any("left out 1 class image(s) of 'a photo of a dog' (1): more than training takes" in m for m in said), said
+    # class images supplied for a prompt are what training takes for it (all of them), not generated ones
+    ids = _by_name(con)
+    con.execute("UPDATE class_priors SET supplied_from = '/photos/dogs', seed = NULL, model = NULL WHERE image_id = ?", [ids["d2.png"]])
+    supplied = exported_dataset(con, tmp_path / "supplied", format="kohya")
+    assert [p.name.split("-")[0] for p in (tmp_path / "supplied" / "reg" / "1_a photo of a dog").glob("*.png")] == ["d2"]
+    assert supplied["surplus_class_images_left_out"] == 2
+    # class images --where names itself are exported as chosen (a set for `train --class-prompt`, say)
+    chosen = exported_dataset(con, tmp_path / "chosen", format="kohya", where="role = 'class_prior' AND path LIKE '%h0.png'")
+    assert [p.name for p in (tmp_path / "chosen" / "reg").iterdir()] == ["1_a photo of a horse"] and chosen["images"] == 1
+
+
+def test_concepts_of_one_trigger_class_and_repeats_export_into_one_kohya_folder(con, curated, tmp_path):
+    """A review: two such concepts went to `3_zkx man` and `3_zkx man-2`, which kohya and import-kohya read as
+    class "man-2". The folder name is all kohya reads of a subset: they share one folder, listed once."""
+    ids = _by_name(con)
+    for name, trigger, image in (("zkx man", "zkx", "c.jpg"), ("zkx man too", "zkx", "..weird name?.png"),
+                                 ("Zkx man", "ZKX", "rotated.jpg")):  # `3_ZKX man`: the same folder on macOS
+        added_concept(con, name, trigger=trigger, class_noun="man", repeats=3)
+        assign_images_to_concept(con, name, [ids[image]])
+    said: list[str] = []
+    out = tmp_path / "out"
+    summary = exported_dataset(con, out, format="kohya", progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert sorted(p.name for p in (out / "img").iterdir()) == ["10_sks dog", "3_ZKX man"]
+    man = out / "img" / "3_ZKX man"
+    assert sorted(p.name.split("-")[0] for p in man.iterdir() if p.suffix != ".txt") == ["c", "rotated", "weird name_"]
+    assert [p.stem.split("-")[0] for p in man.glob("*.txt")] == ["c"]  # its own caption, beside its own image
+    assert (summary["images"], summary["folders"], summary["captions"], summary["without_caption"]) == (5, 2, 2, 3)
+    subsets = tomllib.loads((out / "dataset.toml").read_text())["datasets"][0]["subsets"]
+    assert sorted(Path(s["image_dir"]).name for s in subsets) == ["10_sks dog", "3_ZKX man"]
+    assert any("export into one folder, img/3_ZKX man" in m for m in said), said
+    back = connect(tmp_path / "back.duckdb")
+    imported_kohya_folder(back, out, workers=1)
+    assert sorted(back.execute("SELECT trigger_token, class_noun, repeats FROM concepts").fetchall()) == [
+        ("ZKX", "man", 3), ("sks", "dog", 10)]
+    assert back.execute("SELECT count(*) FROM images_view WHERE concept = 'ZKX man'").fetchone()[0] == 3
+
+
+def test_images_without_a_caption_export_the_text_training_gives_them_never_null(con, curated, tmp_path):
+    """A review: imagefolder wrote `"text": null` for a concept image without a caption (diffusers'
+    train_text_to_image raises on it), where training here trains it on its concept's "trigger class"."""
+    import polars as pl
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.data import training_images
+
+    ids = _by_name(con)
+    added_concept(con, "style", trigger="zqstyle")  # no class: its trigger alone
+    assign_images_to_concept(con, "style", [ids["..weird name?.png"]])
+    trained = {image.image_id: image.caption for image in training_images(con, TrainConfig(resolution=64))}
+    said: list[str] = []
+    summary = exported_dataset(con, tmp_path / "hf", format="imagefolder", progress=lambda **kw: said.append(kw.get("message") or ""))
+    rows = {row["image_id"]: row["text"] for row in map(json.loads, (tmp_path / "hf" / "train" / "metadata.jsonl").read_text().splitlines())}
+    assert rows == trained  # the same text training trains on, image by image
+    assert rows[ids["b.png"]] == "sks dog" and rows[ids["..weird name?.png"]] == "zqstyle" and rows[ids["rotated.jpg"]] == ""
+    assert (summary["captions"], summary["uncaptioned_given_concept_text"], summary["uncaptioned_without_text"]) == (2, 2, 1)
+    note = [m for m in said if "no caption and no concept" in m]
+    assert len(note) == 1 and note[0].startswith("1 image(s)") and "rotated-" in note[0], said
+    # parquet: the catalog's rows as they are, and the text each trains on beside them
+    said.clear()
+    rows_out = exported_dataset(con, tmp_path / "rows.parquet", format="parquet", progress=lambda **kw: said.append(kw.get("message") or ""))
+    frame = pl.read_parquet(tmp_path / "rows.parquet")
+    assert dict(zip(frame["image_id"], frame["text"])) == trained and frame["caption"].null_count() == 3
+    assert rows_out["uncaptioned_without_text"] == 1 and any("no caption and no concept" in m for m in said), said

@@ -134,13 +134,10 @@ def _wanted(config: TrainConfig, instance_count: int, supplied: int = 0) -> int:
     """--num-class-images, else the class images supplied for the prompt when there are any (kohya's way: your
     regularisation set as it is), else 200 × the instance images of a class prompt, capped by max_class_images (as
     `workbench priors` counts)."""
-    from pipelines.priors import PRIORS_PER_INSTANCE
+    from pipelines.priors import class_images_wanted
 
-    if config.num_class_images is not None:
-        return config.num_class_images
-    if supplied:
-        return supplied
-    return max(1, min(config.max_class_images, PRIORS_PER_INSTANCE * instance_count))
+    return class_images_wanted(instance_count, max_class_images=config.max_class_images, supplied=supplied,
+                               num_class_images=config.num_class_images)
 
 
 def _refuse_a_finished_or_started_run(output_dir: Path, config: TrainConfig) -> None:
