@@ -157,22 +157,31 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection, only: Collection[str] | None =
         f"""
         WITH src AS (
             SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path,
-                   arg_min(size, seq) AS size, arg_min(mtime_ns, seq) AS mtime_ns
+                   arg_min(size, seq) AS size, arg_min(mtime_ns, seq) AS mtime_ns,
+                   list({{'path_bytes': path_bytes, 'path': path, 'size': size, 'mtime_ns': mtime_ns}} ORDER BY seq) AS sources
             FROM paths WHERE NOT missing GROUP BY image_id
         )
         SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation,
                CASE WHEN d.role = 'class_prior' THEN coalesce(d.caption, cp.class_prompt) ELSE d.caption END,
                d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role, cp.class_prompt,
                src.size, src.mtime_ns, cp.seed, coalesce(cp.supplied_from IS NOT NULL, false),
-               [cp.model, cp.resolution::VARCHAR, cp.steps::VARCHAR, cp.guidance_scale::VARCHAR, cp.sampler]
+               [cp.model, cp.resolution::VARCHAR, cp.steps::VARCHAR, cp.guidance_scale::VARCHAR, cp.sampler], src.sources
         FROM images_view d JOIN src USING (image_id) JOIN images i USING (image_id)
         LEFT JOIN class_priors cp USING (image_id)
         WHERE (d.status = 'ok' AND NOT d.excluded) OR ({PRIOR_IN_USE_SQL})  -- the dataset, and the priors training uses
         ORDER BY d.role, d.concept NULLS LAST, src.path
         """
     ).fetchall()
-    found = [_Row(image_id, bytes(path_bytes), Path(path).stem, *rest[:-1], prior_set=tuple(rest[-1]))
-             for image_id, path_bytes, path, *rest in rows]
+    found = []
+    for image_id, path_bytes, path, *rest, prior_set, sources in rows:
+        row = _Row(image_id, bytes(path_bytes), Path(path).stem, *rest, prior_set=tuple(prior_set))
+        # the first path that is there: one the last ingest did not walk (a folder moved and ingested at its new
+        # place) is still listed, and was skipped as gone although the image was at its other path (training opens that)
+        there = next((source for source in sources if os.path.exists(bytes(source["path_bytes"]))), None)
+        if there is not None and bytes(there["path_bytes"]) != row.source:
+            row.source, row.name = bytes(there["path_bytes"]), Path(there["path"]).stem
+            row.size, row.mtime_ns = there["size"], there["mtime_ns"]
+        found.append(row)
     if only is None:
         return found
     classes = {default_class_prompt(row.class_noun) for row in found

@@ -1093,3 +1093,32 @@ def test_images_without_a_caption_export_the_text_training_gives_them_never_null
     frame = pl.read_parquet(tmp_path / "rows.parquet")
     assert dict(zip(frame["image_id"], frame["text"])) == trained and frame["caption"].null_count() == 3
     assert rows_out["uncaptioned_without_text"] == 1 and any("no caption and no concept" in m for m in said), said
+
+
+def test_an_image_whose_first_path_is_gone_exports_from_another_it_has(con, tmp_path):
+    """An odd-files review: after `mv old new; workbench ingest new`, export skipped every image as "file no longer
+    there (run ingest again)": the catalog still listed old/ (not walked, so not marked missing) before new/, and
+    `ingest old` then failed as old/ was gone. Training opened the new paths."""
+    _image(tmp_path / "old" / "p0.jpg", color=(200, 10, 10))
+    _image(tmp_path / "old" / "p1.jpg", color=(10, 10, 200))
+    ingested_images(con, [tmp_path / "old"], workers=1)
+    (tmp_path / "old").rename(tmp_path / "new")
+    ingested_images(con, [tmp_path / "new"], workers=1)
+    summary = exported_dataset(con, tmp_path / "out", format="kohya")
+    assert summary["images"] == 2 and summary["missing_files_skipped"] == 0
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "out" / "img" / "1_").glob("*.jpg")) == ["p0", "p1"]
+
+
+def test_a_moved_images_caption_file_is_not_said_to_have_changed(con, tmp_path):
+    """An odd-files review: after the same move, training said "1 caption file(s) changed since they were ingested
+    (old/p0.txt) … run workbench ingest …/old first", a command that fails: the file had moved, not changed."""
+    from workbench.images import sidecars_changed_since_ingest
+
+    _image(tmp_path / "old" / "p0.jpg", color=(200, 10, 10))
+    (tmp_path / "old" / "p0.txt").write_text("a red square")
+    ingested_images(con, [tmp_path / "old"], workers=1)
+    (tmp_path / "old").rename(tmp_path / "new")
+    ingested_images(con, [tmp_path / "new"], workers=1)
+    assert sidecars_changed_since_ingest(con, list(_by_name(con).values())) == []
+    (tmp_path / "new" / "p0.txt").write_text("a blue square")  # an edit where the image is now is still said
+    assert sidecars_changed_since_ingest(con, list(_by_name(con).values())) == [str(tmp_path / "new" / "p0.txt")]

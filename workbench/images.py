@@ -134,6 +134,8 @@ def sidecars_changed_since_ingest(con: duckdb.DuckDBPyConnection, image_ids: Seq
     changed = []
     for raw, recorded, caption, read_at_ingest in rows:
         path = bytes(raw)
+        if not os.path.exists(path):  # the image moved away from here (not walked since): its caption went with it
+            continue
         sidecar = sidecar_beside(path)
         try:
             now = os.stat(sidecar).st_mtime_ns if sidecar else None
