@@ -570,8 +570,8 @@ def _write_batch(con: duckdb.DuckDBPyConnection, rows: list[dict], role: str = "
 
 
 def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
-    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept
-    # and exclusion or include; the old content's row stays and says what replaced it. Only onto a content new to
+    # a file edited in place (same path, new bytes) keeps what people gave it by hand: its manual caption, concept,
+    # tags and exclusion or include; the old content's row stays and says what replaced it. Only onto a content new to
     # the catalog (found before this batch's images go in): a file overwritten with the bytes of an image the
     # catalog knows (a copy of another photo, an edit undone) is that image, with what it was given itself
     con.execute(
@@ -624,6 +624,11 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
     con.execute(
         "INSERT INTO concept_images (image_id, concept, source, created_at) SELECT e.new_id, ci.concept, ci.source, ci.created_at "
         "FROM ingest_edits e JOIN concept_images ci ON ci.image_id = e.old_id WHERE e.fresh ON CONFLICT DO NOTHING"
+    )
+    # its tags, the user's own labels ("to review"): they were left on the old content's row, which no file holds
+    con.execute(
+        "INSERT INTO image_tags (image_id, tag, created_at) SELECT e.new_id, t.tag, t.created_at FROM ingest_edits e "
+        "JOIN image_tags t ON t.image_id = e.old_id WHERE e.fresh ON CONFLICT DO NOTHING"
     )
     # and its hand-made exclusion or include: an edited photo does not slip back into the dataset unseen
     con.execute(

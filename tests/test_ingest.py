@@ -578,15 +578,19 @@ def test_a_file_excluded_by_hand_and_then_edited_in_place_stays_excluded(con, tm
     file, as its manual caption does (include it again if the edit fixed it)."""
     from pipelines.filter import manual_exclusions
 
+    from pipelines.tags import tagged_images
+
     paths = make_images(tmp_path / "imgs", 2)
     ingested_images(con, [tmp_path / "imgs"], workers=1)
     old_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(paths[0])]).fetchone()[0]
     manual_exclusions(con, [old_id], "watermark")
+    tagged_images(con, [old_id], "to review")
     Image.new("RGB", (50, 40), (10, 200, 10)).save(paths[0])  # rotated, retouched...
     os.utime(paths[0], ns=(1, 1))
     ingested_images(con, [tmp_path / "imgs"], workers=1)
-    new_id, reason = con.execute("SELECT image_id, exclusion_reason FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()
+    new_id, reason, tags = con.execute("SELECT image_id, exclusion_reason, tags FROM images_view WHERE path = ?", [str(paths[0])]).fetchone()
     assert new_id != old_id and reason.startswith("manual: watermark") and "edited" in reason
+    assert tags == ["to review"]  # an odd-files review: the tags stayed on the old content's row, which no file holds
     assert con.execute("SELECT count(*) FROM dataset").fetchone()[0] == 1
 
 
