@@ -1122,3 +1122,17 @@ def test_a_moved_images_caption_file_is_not_said_to_have_changed(con, tmp_path):
     assert sidecars_changed_since_ingest(con, list(_by_name(con).values())) == []
     (tmp_path / "new" / "p0.txt").write_text("a blue square")  # an edit where the image is now is still said
     assert sidecars_changed_since_ingest(con, list(_by_name(con).values())) == [str(tmp_path / "new" / "p0.txt")]
+
+
+def test_an_export_that_cannot_be_written_is_said_in_words(catalog_path, con, curated, tmp_path):
+    """An odd-files review: exporting where the folder could not be made printed Python's "[Errno 13] Permission
+    denied: 'ph/ro/exp2'"."""
+    from workbench.cli import app
+
+    con.close()
+    (tmp_path / "a_file").write_text("not a folder")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "a_file" / "out"), "--catalog", str(catalog_path)],
+                                env={"COLUMNS": "250"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Cannot write the export" in said and "Not a directory" in said, result.output
+    assert "[Errno" not in said

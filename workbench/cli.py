@@ -1420,8 +1420,12 @@ def export(
         with _stopped_says(f"the export in {out} is unfinished; {again} writes it again (replacing what this one wrote)"), \
                 RichProgress(transient=True) as progress:
             summary = exported_dataset(con, out, format=format, link=link, overwrite=overwrite, where=where, progress=progress)
-    except (ExportError, OSError) as error:
+    except ExportError as error:
         fail(str(error))
+    except OSError as error:  # said in words, with the file it met (it printed "[Errno 13] Permission denied: 'out'")
+        where = f" {error.filename}" if error.filename else ""
+        fail(f"Cannot write the export{where}: {error.strerror or error}. Give an --out folder you may write to "
+             f"(and a disk with room).")
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
     if summary.get("copied_not_hardlinked"):
         err_console.print(Text(f"Note: {summary['copied_not_hardlinked']} image(s) were copied, not hard-linked: OUT is on "
