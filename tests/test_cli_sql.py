@@ -620,16 +620,16 @@ def test_control_characters_in_values_never_reach_the_terminal_raw(catalog_path,
 def test_an_output_that_fails_part_way_leaves_no_cut_off_file(catalog_path, tmp_path, monkeypatch):
     """A review: `-o` on a full disk left a 0-byte file, and the same command again, as the error advised, was refused
     because that file existed."""
-    from pathlib import Path
+    import workbench.cli
 
     seeded_catalog(catalog_path)
-    real = Path.write_text
+    real = workbench.cli._csv_chunks
 
-    def full_disk(self, data, *args, **kwargs):
-        real(self, data[:3], *args, **kwargs)
+    def full_disk(*args, **kwargs):  # the header is written, then the disk is full
+        yield next(real(*args, **kwargs))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(workbench.cli, "_csv_chunks", full_disk)
     out = tmp_path / "ids.csv"
     failed = runner.invoke(app, ["sql", "SELECT image_id FROM images", "-o", str(out), "-c", str(catalog_path)])
     assert failed.exit_code != 0 and not out.exists() and list(tmp_path.glob("*.tmp")) == []

@@ -456,26 +456,24 @@ def sql(
             written_whole(output, lambda path: relation.write_parquet(str(path)))
             err_console.print(Text(f"wrote {output}"))
             return
-        if format == "csv":
-            text = _csv_text(relation)
-        elif format == "json":
-            # JSON columns (runs.counts, training_runs.config, ...) nest as objects, not as strings of JSON;
-            # matched by position, and a repeated name gets _1, _2 (as polars and pandas name them)
-            names = _unique_names(relation.columns)
-            nested = [str(kind) == "JSON" for kind in relation.types]
-            rows = [{name: json.loads(v) if is_json and isinstance(v, str) else _json_safe(v)
-                     for name, is_json, v in zip(names, nested, row)} for row in relation.fetchall()]
-            text = json.dumps(rows, default=_json_default, ensure_ascii=False, allow_nan=False)
-        else:
-            # a query's own rows, fetched as they come: no wrapping query (its errors keep their line numbers) and no
-            # conversion that some types lack (INTERVAL, UNION). A write's rows (RETURNING) are already there.
-            last = duckdb.extract_statements(query)[-1]
-            if catalog_mod.is_read_only_sql(last.query):
-                cursor = con.cursor()
-                cursor.execute(last)
-                names, rows = [column[0] for column in cursor.description], cursor.fetchmany(limit + 1)
+        if format in ("csv", "json"):
+            # written as the rows come, a few thousand at a time: a result of millions of rows was built whole in
+            # memory first (1 GB for 3 million short rows as CSV, twice that as JSON)
+            names, types, batches = _result_batches(con, query, relation)
+            chunks = _csv_chunks(names, batches) if format == "csv" else _json_chunks(names, types, batches)
+            if output:
+                def write(path: Path) -> None:
+                    with open(path, "w", encoding="utf-8") as handle:
+                        handle.writelines(chunks)
+
+                written_whole(output, write)
+                err_console.print(Text(f"wrote {output}"))
             else:
-                names, rows = relation.columns, relation.fetchall()
+                sys.stdout.writelines(chunks)
+            return
+        else:
+            names, _, batches = _result_batches(con, query, relation, limit + 1)
+            rows = next(batches, [])
             more = len(rows) > limit
             rows = rows[:limit]
             cells = [[Text("NULL", style="dim") if v is None else Text(printable(str(v))) for v in row] for row in rows]
@@ -499,12 +497,6 @@ def sql(
         note = _older_catalog_note(con)
         con.close()
         fail(f"SQL error: {error}{note}")
-    text += "" if text.endswith("\n") else "\n"  # a file ends its last line, as stdout does
-    if output:
-        written_whole(output, lambda path: path.write_text(text))
-        err_console.print(Text(f"wrote {output}"))
-    else:
-        sys.stdout.write(text)
 
 
 def _columns_that_fit(names: list[str], cells: list[list[Text]], width: int, readable: int = 10) -> int:
@@ -541,16 +533,57 @@ def _json_safe(value):
     return value
 
 
-def _csv_text(relation) -> str:
+_ROWS_AT_A_TIME = 10_000
+
+
+def _result_batches(con, query: str, relation, size: int = _ROWS_AT_A_TIME) -> tuple[list[str], list[str], Iterator[list[tuple]]]:
+    """(column names, their types, the rows `size` at a time) of the last statement's result. A query's own rows are
+    fetched as they come: no wrapping query (its errors keep their line numbers), no conversion that some types lack
+    (INTERVAL, UNION), and never all in memory at once. A write's rows (RETURNING) are already there."""
+    last = duckdb.extract_statements(query)[-1]
+    if not catalog_mod.is_read_only_sql(last.query):
+        return relation.columns, [str(kind) for kind in relation.types], iter([relation.fetchall()])
+    cursor = con.cursor()
+    cursor.execute(last)
+
+    def batches() -> Iterator[list[tuple]]:
+        while rows := cursor.fetchmany(size):
+            yield rows
+
+    return [c[0] for c in cursor.description], [str(c[1]) for c in cursor.description], batches()
+
+
+def _csv_chunks(names: list[str], batches: Iterator[list[tuple]]) -> Iterator[str]:
+    """The result as CSV text, a batch at a time (the header first; every line ends with a newline)."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")  # the csv module's default is CRLF
-    writer.writerow(relation.columns)
-    for row in relation.fetchall():
-        writer.writerow([_csv_value(v) for v in row])
-    return buffer.getvalue()
+    writer.writerow(names)
+    for rows in batches:
+        writer.writerows([_csv_value(v) for v in row] for row in rows)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _json_chunks(names: list[str], types: list[str], batches: Iterator[list[tuple]]) -> Iterator[str]:
+    """The result as one JSON array of row objects, a batch at a time, ending with a newline. JSON columns
+    (runs.counts, training_runs.config, ...) nest as objects, not as strings of JSON; names are matched by position,
+    and a repeated one gets _1, _2 (as polars and pandas name them)."""
+    names = _unique_names(names)
+    nested = [kind == "JSON" for kind in types]
+    first = True
+    yield "["
+    for rows in batches:
+        objects = [json.dumps({name: json.loads(v) if is_json and isinstance(v, str) else _json_safe(v)
+                               for name, is_json, v in zip(names, nested, row)},
+                              default=_json_default, ensure_ascii=False, allow_nan=False) for row in rows]
+        yield ("" if first else ", ") + ", ".join(objects)
+        first = False
+    yield "]\n"
 
 
 def _csv_value(value):
