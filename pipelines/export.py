@@ -294,9 +294,9 @@ def _skip_reason(error: Exception) -> str:
 
 def _skip_message(row: _Row, error: Exception) -> str:
     if isinstance(error, SourceUnreadable):
-        return f"skipped {os.fsdecode(row.source)}: it may not be read ({error}); make it readable and export again"
+        return f"skipped {row.source.decode('utf-8', 'backslashreplace')}: it may not be read ({error}); make it readable and export again"
     why = "changed since it was ingested" if isinstance(error, SourceChanged) else "file no longer there"
-    return f"skipped {os.fsdecode(row.source)}: {why} (run ingest again)"
+    return f"skipped {row.source.decode('utf-8', 'backslashreplace')}: {why} (run ingest again)"
 
 
 @dataclass

@@ -446,8 +446,11 @@ def test_a_folder_named_in_bytes_that_are_not_utf8_works_in_every_folder_option(
     for name, given in (("real", real), ("escaped", escaped)):
         added = runner.invoke(app, ["concept", "add", f"c {name}", "--trigger", name, "--folder", given, *cat])
         assert added.exit_code == 0, added.output
-        out = runner.invoke(app, ["exclude", "--folder", given, "--reason", "drafts", *cat])
+        out = runner.invoke(app, ["exclude", "--folder", given, "--reason", "drafts", *cat], env={"COLUMNS": "400"})
         assert out.exit_code == 0 and "outside the folder" not in out.output, out.output
+        # the undo it prints works pasted: the \xNN form, not Python's \udcNN (a review: that matched no image)
+        undo = next(line for line in out.output.splitlines() if line.startswith("undo: "))
+        assert "\\udc" not in undo and f"--folder '{escaped}'" in undo, undo
         back = runner.invoke(app, ["include", "--folder", given, *cat])
         assert back.exit_code == 0, back.output
         runner.invoke(app, ["concept", "remove", f"c {name}", *cat])

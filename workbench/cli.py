@@ -1194,7 +1194,7 @@ def exclude(
                                                "--folder` lets them in)" if folder else ""))
     # by the reason, not the selection: a --where on `excluded` matches other images once they are
     err_console.print(Text(f"undo: workbench include --only-manual --reason {shlex.quote(reason.strip())}"
-                           + "".join(f" --folder {shlex.quote(str(path))}" for path in folder or []), style="dim"))
+                           + "".join(f" --folder {shlex.quote(path_text(path))}" for path in folder or []), style="dim"))
     if folder:  # an image is its content: a byte-identical copy in another folder is the same image, now out too
         prefixes = {p.rstrip("/\\") + os.sep for path in folder  # as the catalog's path text holds them
                     for p in (path_text(path), catalog_path_text(path))}
