@@ -1322,3 +1322,28 @@ def test_a_folder_past_the_path_length_limit_is_named_as_unread(con, tmp_path):
     summary = ingested_images(con, [deep], workers=1)
     assert summary.new == 1
     assert len(summary.unreadable_folders) == 1 and "too long" in summary.unreadable_folders[0].lower()
+
+
+def test_new_bytes_under_the_old_size_and_time_are_read_again(con, tmp_path):
+    """An odd-files review: `cat b1.bmp > b0.bmp; touch -r ref0 b0.bmp` (same size, the old mtime put back) was never
+    read again: the new pixels kept b0's image id and caption. The ctime, which cannot be set back, shows the change."""
+    import os
+    import time
+
+    first, second = make_images(tmp_path / "sw", 2)  # the same size: 96x64 random JPEGs at one quality
+    first.with_suffix(".txt").write_text("cap b0")
+    ingested_images(con, [tmp_path / "sw"], workers=1)
+    old_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(first)]).fetchone()[0]
+    before = first.stat()
+    time.sleep(0.01)
+    data = second.read_bytes() + b"\0" * (before.st_size - second.stat().st_size)  # padded to b0's size: JPEG ignores the tail
+    first.write_bytes(data)
+    os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (first.stat().st_size, first.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    summary = ingested_images(con, [tmp_path / "sw"], workers=1)
+    assert summary.changed == 1
+    new_id = con.execute("SELECT image_id FROM paths WHERE path = ?", [str(first)]).fetchone()[0]
+    assert new_id != old_id
+    os.chmod(first, 0o600)  # only the ctime moves: the bytes are hashed, found the same, and the file stays unchanged
+    again = ingested_images(con, [tmp_path / "sw"], workers=1)
+    assert (again.changed, again.unchanged) == (0, 2)

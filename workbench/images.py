@@ -177,12 +177,11 @@ def read_caption_file(path: bytes | str) -> tuple[str, int, None] | tuple[None, 
     text), or (None, 0, why it is no caption): unreadable, over SIDECAR_READ_LIMIT bytes, not UTF-8, or a caption
     over MAX_CAPTION_CHARS. A file of hundreds of MB is not read whole."""
     try:
-        # opened without waiting: a named pipe under a caption's name blocked the open (and the ingest, or the run,
-        # that held the catalog) for good
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with open(descriptor, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                return None, 0, "is not a regular file (a pipe or a device): not read"
+        # a named pipe under a caption's name blocked the open (and the ingest, or the run, that held the catalog) for
+        # good: only a regular file is opened
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None, 0, "is not a regular file (a pipe or a device): not read"
+        with open(path, "rb") as handle:
             data = handle.read(SIDECAR_READ_LIMIT + 1)
     except OSError as error:
         return None, 0, f"cannot be read ({error.strerror or error})"
