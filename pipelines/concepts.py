@@ -510,7 +510,7 @@ def concepts_from_folder_names(
     noted: set[str] = set()
     concept_folders: set[Path] = set()
     other_folders: set[Path] = set()  # folders kohya would not read as a subset: told about beside concept folders
-    for image_id, path, _ in rows:
+    for image_id, path, path_bytes in rows:
         folder_name = Path(path).parent.name
         parsed = parse_kohya_folder_name(folder_name)
         if parsed is None:
@@ -536,6 +536,12 @@ def concepts_from_folder_names(
                          f"{parsed[0]} repeats is more than {max_repeats} (a year or a number, not a repeat count)")
             continue
         concept_folders.add(Path(path).parent)
+        folder_bytes = os.path.basename(os.path.dirname(bytes(path_bytes)))
+        if folder_name not in noted and not _is_utf8(folder_bytes):
+            noted.add(folder_name)  # kohya (Python) would read these bytes another way: said, not left to surprise
+            progress(task="concepts", message=f"folder {folder_name!r} is not named in UTF-8: its concept's trigger and "
+                     "class are the text shown, with \\xNN escapes, which is no word a model knows; rename the folder "
+                     "in UTF-8 and ingest again (or set the trigger with `workbench concept add NAME --trigger WORD`)")
         if image_id in seen_images:  # one image (byte-identical copies) is in one concept: the first folder's
             if seen_images[image_id] != folder_name:
                 progress(task="concepts", message=f"{path}: the same image is also in folder {seen_images[image_id]!r} "
@@ -610,6 +616,14 @@ def concepts_from_folder_names(
             con.execute("DROP TABLE concept_assign")
     progress(task="concepts", message=f"{created} concept(s) from folder names, {assigned} image(s) assigned")
     return assigned
+
+
+def _is_utf8(name: bytes) -> bool:
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _folder_of_concept_remains(con: duckdb.DuckDBPyConnection, name: str, repeats: int) -> bool:

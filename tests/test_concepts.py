@@ -541,3 +541,16 @@ def test_a_trigger_with_a_comma_or_slash_is_refused_and_a_shared_one_is_said(con
     assert "note" not in added_concept(con, "bob close", trigger="zkx", class_noun="man")
     summary = added_concept(con, "bob full", trigger="ZKX", class_noun="man")
     assert "concept(s) 'bob close' use the trigger 'ZKX' too" in summary["note"]
+
+
+def test_a_kohya_folder_name_that_is_not_utf8_is_said(con):
+    """An odd-files review: a `5_caf<0xE9> dog` folder made trigger 'caf\\xe9' (the escape as text) without a word."""
+    _add_image(con, 1, "/data/5_caf\\xe9 dog/a.jpg")
+    con.execute("UPDATE paths SET path_bytes = ? WHERE seq = 1", [b"/data/5_caf\xe9 dog/a.jpg"])
+    said = []
+    concepts_from_folder_names(con, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("is not named in UTF-8" in m and "5_caf\\\\xe9 dog" in m for m in said), said
+    said.clear()
+    _add_image(con, 2, "/data/5_café dog/b.jpg")
+    concepts_from_folder_names(con, paths=["/data/5_café dog/b.jpg".encode()], progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert said and not any("UTF-8" in m for m in said)
