@@ -796,3 +796,13 @@ def test_sql_reads_the_query_from_stdin_with_a_dash(catalog_path):
     result = runner.invoke(app, ["sql", "-", "-f", "json", "-c", str(catalog_path)],
                            input="-- how many\nSELECT count(*) AS n\nFROM images;\n")
     assert result.exit_code == 0 and json.loads(result.stdout) == [{"n": 2}], result.output
+
+
+def test_a_count_tables_title_is_not_cut_when_piped(catalog_path, tmp_path):
+    """An odd-files review: `workbench export --format parquet out | cat` printed the title "export parquet → …" wrapped
+    over three lines, the path cut, though piped output keeps lines whole."""
+    seeded_catalog(catalog_path)
+    out = tmp_path / "a_rather_long_folder_name_for_the_export" / "dataset.parquet"
+    result = runner.invoke(app, ["export", "--format", "parquet", str(out), "-c", str(catalog_path)])
+    assert result.exit_code == 0, result.output
+    assert any(f"export parquet → {out}" in line for line in result.stdout.splitlines()), result.stdout

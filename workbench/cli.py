@@ -145,7 +145,8 @@ def _stopped_says(what_is_kept: str) -> Iterator[None]:
 
 
 def counts_table(title: str, counts: dict, value_column: str = "count") -> Table:
-    table = Table(title=Text(title), show_header=True)
+    # at least as wide as its title: a table of short rows wrapped its title (an export's path) to its own width
+    table = Table(title=Text(title), show_header=True, min_width=Text(title).cell_len)
     table.add_column("what")
     # numbers align right; a column of values that may be sentences (an evaluation's notes) reads left to right
     table.add_column(value_column, justify="right" if value_column == "count" else "left")
