@@ -152,6 +152,7 @@ class IngestSummary:
     sidecar_captions_removed: set[str] = field(default_factory=set)  # images whose sidecar was emptied or deleted
     multi_line_sidecars: list[str] = field(default_factory=list)  # read this run: only their first line is the caption
     both_sidecars: list[str] = field(default_factory=list)  # images with name.txt and name.caption: .txt is read
+    animated: list[str] = field(default_factory=list)  # read this run, of several frames: every step sees the first
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if k not in _NOT_COUNTS}
@@ -160,7 +161,7 @@ class IngestSummary:
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "sidecar_texts_changed", "read_by_kind",
-               "output_roots_skipped", "unreadable_folders", "sidecar_captions_removed", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors")
+               "output_roots_skipped", "unreadable_folders", "sidecar_captions_removed", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors", "animated")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -1067,6 +1068,8 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
                 summary.error_examples.setdefault(result["error"].split(":")[0], display_path(path_bytes))
                 if result["error"].startswith(HEIF_ERROR):
                     summary.heic_avif_paths.append(display_path(path_bytes))
+            if result["status"] == "ok" and (result.get("n_frames") or 1) > 1:
+                summary.animated.append(display_path(path_bytes))
             caption = problem = None
             if entry.sidecar and result["status"] == "ok":
                 caption, problem = _read_sidecar(entry.sidecar, summary)

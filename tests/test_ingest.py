@@ -1347,3 +1347,14 @@ def test_new_bytes_under_the_old_size_and_time_are_read_again(con, tmp_path):
     os.chmod(first, 0o600)  # only the ctime moves: the bytes are hashed, found the same, and the file stays unchanged
     again = ingested_images(con, [tmp_path / "sw"], workers=1)
     assert (again.changed, again.unchanged) == (0, 2)
+
+
+def test_an_animated_image_is_said_to_train_on_its_first_frame(con, tmp_path):
+    """An odd-files review: an animated GIF went in as its first frame (and out of export as a one-frame PNG) without a
+    word."""
+    frames = [Image.new("RGB", (64, 64), (i * 60, 20, 20)) for i in range(4)]
+    (tmp_path / "anim").mkdir()
+    frames[0].save(tmp_path / "anim" / "a.gif", save_all=True, append_images=frames[1:], duration=100)
+    make_images(tmp_path / "anim", 1)
+    summary = ingested_images(con, [tmp_path / "anim"], workers=1)
+    assert summary.animated == [str(tmp_path / "anim" / "a.gif")]

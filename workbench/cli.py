@@ -303,6 +303,11 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
             f"them ({named_few(sorted(summary.heic_avif_paths))}). Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' "
             "export) and ingest again."))
+    if summary.animated:
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"{len(summary.animated)} animated image(s) ({named_few(summary.animated)}): every step "
+            "(captions, training, export) sees their first frame only. Extract the frames you want as images of their "
+            "own to train on them."))
     if summary.multi_line_sidecars:
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.multi_line_sidecars)} caption sidecar(s) hold several lines "
