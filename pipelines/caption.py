@@ -304,10 +304,17 @@ def model_captions(
         todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
         already = len(candidates) - len(todo)
         todo, changed = files_as_ingested(con, todo, progress, "caption")
-        concept_of = _concept_fields(con) if template else {}
+        from pipelines.export import caption_has_trigger  # here: export imports from this module
+
+        concept_of = _concept_fields(con)
         counts = {"images_ok": len(candidates), "already_captioned": already,
-                  "captioned": 0, "unreadable": 0, "changed_since_ingest": changed, "without_trigger": 0,
+                  "captioned": 0, "unreadable": 0, "changed_since_ingest": changed,
                   "duplicates_skipped": skipped_copies, "own_captions_kept": skipped_own}
+        # with {trigger} in the template: the images in no concept with one, whose {trigger} is left empty; without it:
+        # concept images captioned without their trigger, which training puts in front (a review read "without
+        # trigger 0" beside 42 such captions)
+        trigger_count = "without_trigger" if template and "{trigger}" in template else "concept_images_captioned_without_their_trigger"
+        counts[trigger_count] = 0
         run.counts.update(counts)
         progress(task="caption", completed=0, total=len(todo))
         if todo:
@@ -332,10 +339,12 @@ def model_captions(
                         for index, text in zip(indices, texts):
                             image_id = todo[index][0]
                             trigger, class_noun = concept_of.get(image_id, (None, None))
-                            if template and "{trigger}" in template and not trigger:
-                                counts["without_trigger"] += 1
                             caption = apply_template(template, " ".join(text.split()),
                                                      trigger=trigger, class_noun=class_noun)
+                            if trigger_count == "without_trigger" and not trigger:
+                                counts["without_trigger"] += 1
+                            elif trigger_count != "without_trigger" and trigger and not caption_has_trigger(caption, trigger):
+                                counts[trigger_count] += 1
                             rows.append((image_id, source, caption))
                     _store_captions(con, rows)
                     counts["captioned"] += len(rows)

@@ -776,6 +776,11 @@ def caption(
         err_console.print(f"[yellow]Note:[/] {counts['without_trigger']} image(s) are in no concept with a trigger word: the "
                           "template's {trigger} (and {class}) were left empty in their captions. `workbench concept add NAME "
                           "--trigger WORD --folder DIR` gives them one; then caption again with --overwrite.")
+    if counts.get("concept_images_captioned_without_their_trigger"):
+        err_console.print(f"[yellow]Note:[/] {counts['concept_images_captioned_without_their_trigger']} concept image(s) got "
+                          "captions without their trigger word: training puts it in front of them (and says so). To have "
+                          "it in the captions, caption with --template \"{trigger} {class}, {caption}\" --overwrite, or "
+                          "use `workbench edit-captions --add-token`.")
     if label == TINY:
         err_console.print("[yellow]Note:[/] the tiny BLIP has random weights (the offline test preset): its captions are "
                           "nonsense words. --model sd15 (BLIP base, downloaded once) or a BLIP folder captions for real.")
