@@ -153,6 +153,7 @@ class IngestSummary:
     multi_line_sidecars: list[str] = field(default_factory=list)  # read this run: only their first line is the caption
     both_sidecars: list[str] = field(default_factory=list)  # images with name.txt and name.caption: .txt is read
     animated: list[str] = field(default_factory=list)  # read this run, of several frames: every step sees the first
+    sidecars_misnamed: list[str] = field(default_factory=list)  # IMG_1.TXT, IMG_1.jpg.txt: not read as captions
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if k not in _NOT_COUNTS}
@@ -161,7 +162,7 @@ class IngestSummary:
 # IngestSummary fields that are details for notes, not rows of the summary table
 _NOT_COUNTS = ("errors_by_reason", "error_examples", "sidecar_problems", "recorded", "heic_avif_paths", "sidecar_conflicts",
                "returned_ungrouped", "grouped_missing", "kept_copies_missing", "sidecar_image_ids", "sidecar_texts_changed", "read_by_kind",
-               "output_roots_skipped", "unreadable_folders", "sidecar_captions_removed", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors", "animated")
+               "output_roots_skipped", "unreadable_folders", "sidecar_captions_removed", "multi_line_sidecars", "both_sidecars", "new_or_changed_errors", "animated", "sidecars_misnamed")
 # what the walk finds to read; an interrupted run records how many of each it read, not how many it found
 _READ_KINDS = ("new", "changed", "reappeared", "errors_retried")
 
@@ -408,6 +409,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             unreadable(folder, error)
             return
         names = {e.name for e in items}
+        lowered = {name.lower(): name for name in names}  # once per folder: caption files named other than kohya reads
         subfolders = []
         for item in items:
             if item.name.startswith(b".") or item.name == b"__MACOSX":
@@ -423,7 +425,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             if is_dir:
                 subfolders.append(item.path)
                 continue
-            yield from _candidate(item.path, item.name, names, summary)
+            yield from _candidate(item.path, item.name, names, summary, lowered)
         for sub in subfolders:
             if _is_output_folder(sub):
                 summary.output_folders_skipped += 1
@@ -476,7 +478,8 @@ def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
         return False
 
 
-def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary) -> Iterator[FileEntry]:
+def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary,
+               lowered: dict[bytes, bytes] | None = None) -> Iterator[FileEntry]:
     stem, ext = os.path.splitext(name)
     ext = ext.lower()
     if ext in SIDECAR_EXTENSIONS:
@@ -517,6 +520,13 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
                 sidecar = None
                 continue
             break
+    if sidecar is None:
+        # `IMG_1.TXT` (Windows tools) or `IMG_1.jpg.txt`: kohya reads neither (name.txt exactly), nor does ingest; said,
+        # as a caption silently not read is a caption the model captions over
+        lowered = lowered if lowered is not None else {sibling.lower(): sibling for sibling in siblings}
+        near = [lowered[(stem + ext).lower()] for ext in SIDECAR_EXTENSIONS if (stem + ext).lower() in lowered]
+        near += [name + ext for ext in SIDECAR_EXTENSIONS if name + ext in siblings]
+        summary.sidecars_misnamed += [display_path(os.path.join(os.path.dirname(path), other)) for other in near]
     yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime, info.st_ctime_ns)
 
 

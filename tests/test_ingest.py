@@ -1358,3 +1358,16 @@ def test_an_animated_image_is_said_to_train_on_its_first_frame(con, tmp_path):
     make_images(tmp_path / "anim", 1)
     summary = ingested_images(con, [tmp_path / "anim"], workers=1)
     assert summary.animated == [str(tmp_path / "anim" / "a.gif")]
+
+
+def test_caption_files_named_other_than_kohya_reads_are_said(con, tmp_path):
+    """An odd-files review: `UPPER2.PNG` with `UPPER2.TXT` (Windows tools) and `withext.jpg.txt` got model captions, and
+    their caption files were not named as unread."""
+    upper, withext, fine = make_images(tmp_path / "cap", 3)
+    upper = upper.rename(tmp_path / "cap" / "UPPER2.JPG")
+    (tmp_path / "cap" / "UPPER2.TXT").write_text("a caption")
+    (tmp_path / "cap" / (withext.name + ".txt")).write_text("another")
+    fine.with_suffix(".txt").write_text("read")
+    summary = ingested_images(con, [tmp_path / "cap"], workers=1)
+    assert sorted(summary.sidecars_misnamed) == sorted([str(tmp_path / "cap" / "UPPER2.TXT"), str(tmp_path / "cap" / (withext.name + ".txt"))])
+    assert summary.sidecar_captions == 1

@@ -303,6 +303,11 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
             f"them ({named_few(sorted(summary.heic_avif_paths))}). Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' "
             "export) and ingest again."))
+    if summary.sidecars_misnamed:
+        err_console.print(Text.assemble(
+            ("Note: ", "yellow"), f"{len(summary.sidecars_misnamed)} caption file(s) are not read: named other than the "
+            f"image's name with .txt or .caption in lower case ({named_few(summary.sidecars_misnamed)}), which is what kohya "
+            "reads too. Rename them (IMG_1.TXT or IMG_1.jpg.txt to IMG_1.txt) and ingest again."))
     if summary.animated:
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.animated)} animated image(s) ({named_few(summary.animated)}): every step "
