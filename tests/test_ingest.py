@@ -686,6 +686,10 @@ def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalo
     (tmp_path / "notes" / "todo.txt").write_text("nothing")
     empty = runner.invoke(app, ["ingest", str(tmp_path / "notes"), *common], env={"COLUMNS": "200"})
     assert "no image files in" in " ".join(empty.output.split())
+    # a HEIC named alone: its own note, not also "no image files in" it (a review found the two side by side)
+    alone = runner.invoke(app, ["ingest", str(tmp_path / "photos" / "IMG_0001.HEIC"), *common], env={"COLUMNS": "200"})
+    said = " ".join(alone.output.split())
+    assert f"1 {heic} photo(s) left out" in said and "no image files in" not in said, alone.output
 
 
 def test_an_export_inside_an_ingested_folder_is_left_out_by_the_next_ingest(con, tmp_path):

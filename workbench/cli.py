@@ -349,7 +349,7 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
                 f"train with, which comes from {', '.join(sources)} ({'typed or edited here' if sources == ['manual'] else 'chosen or edited here'}): "
                 f"{named_few([row[1] for row in overridden])}. To train on the sidecars: "
                 f"workbench caption --use-source sidecar --where \"{where}\""))
-    if summary.files_seen == 0:
+    if summary.files_seen == 0 and not summary.heic_avif_paths:  # HEIC left out is said above, and is an image file
         err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
     elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchall()[0][0]:
         stale = _stale_dedup(summary)
