@@ -514,15 +514,17 @@ def manual_exclusions_lifted(con: duckdb.DuckDBPyConnection, image_ids: Iterable
     if image_ids is None and reason is None:
         raise ValueError("name the images, or the --reason they were excluded with")
     label = None if reason is None else f"manual: {reason.strip()}"
+    # the reason as `exclude` stores it ("manual: blurry"), or as a row written with SQL holds it ("blurry")
+    labels = [] if reason is None else [label, reason.strip()]
     if image_ids is None:
-        ids = [row[0] for row in con.execute("SELECT image_id FROM exclusions WHERE step = ? AND reason = ?",
-                                             [MANUAL_STEP, label]).fetchall()]
+        ids = [row[0] for row in con.execute("SELECT image_id FROM exclusions WHERE step = ? AND reason IN (SELECT unnest(?::VARCHAR[]))",
+                                             [MANUAL_STEP, labels]).fetchall()]
         if not ids:
             raise ValueError(f"no image is excluded by hand with the reason {reason.strip()!r}")
     else:
         ids = _resolve(con, image_ids)
     removed = con.execute(f"DELETE FROM exclusions WHERE step = '{MANUAL_STEP}' AND image_id IN (SELECT unnest(?::VARCHAR[])) "
-                          "AND (?::VARCHAR IS NULL OR reason = ?)", [ids, label, label]).fetchall()[0][0]
+                          "AND (?::VARCHAR IS NULL OR reason IN (SELECT unnest(?::VARCHAR[])))", [ids, label, labels]).fetchall()[0][0]
     return _after_lifting(con, ids, removed)
 
 

@@ -553,3 +553,14 @@ def test_export_and_train_name_images_the_last_filter_run_never_judged(catalog_p
     assert runner.invoke(app, ["filter", "--min-clip-score", "0.2675", "--no-dark", "--catalog", str(catalog_path)]).exit_code == 0
     export = runner.invoke(app, ["export", str(tmp_path / "out2"), "--format", "parquet", "--catalog", str(catalog_path)])
     assert export.exit_code == 0 and "after the last filter run" not in export.output
+
+
+def test_include_only_manual_finds_an_exclusion_written_with_sql_by_its_reason(con):
+    """A SQL user's review: a manual exclusion inserted with SQL (reason 'by sql') was not found by `include
+    --only-manual --reason "by sql"`, which looked only for the stored form 'manual: by sql'."""
+    from pipelines.filter import manual_exclusions_lifted
+
+    square = _add_image(con, 1, 600, 600)
+    con.execute("INSERT INTO exclusions (image_id, step, reason) VALUES (?, 'manual', 'by sql')", [square])
+    assert manual_exclusions_lifted(con, None, reason="by sql")["exclusions_removed"] == 1
+    assert _reasons(con) == {}
