@@ -463,12 +463,17 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int
         raise ValueError(f"no concept {name!r}")
     name = concept.name
     with transaction(con):
-        released = con.execute("DELETE FROM concept_images WHERE concept = ?", [name]).fetchall()[0][0]
+        released = [row[0] for row in con.execute(
+            "DELETE FROM concept_images WHERE concept = ? RETURNING image_id", [name]).fetchall()]
         con.execute("DELETE FROM concepts WHERE name = ?", [name])
+        if not released:
+            return 0, 0
         # the images it held now are in no concept: those another concept's standing rule matches join it now, not
         # at some later ingest (a concept renamed by adding the new name, then removing the old, kept none)
-        rejoined = concept_rules_applied(con) if released else 0
-    return released, rejoined
+        concept_rules_applied(con)
+        rejoined = con.execute("SELECT count(*) FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",
+                               [released]).fetchall()[0][0]
+    return len(released), rejoined
 
 
 def concepts_from_folder_names(
