@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -342,7 +342,7 @@ def added_concept(
             held = set(_in_other_concepts(con, name, matched_where + matched_folder))
             assigned = (_assign(con, name, [i for i in matched_where if i not in held], "where")
                         + _assign(con, name, [i for i in matched_folder if i not in held], "folder"))
-            if existed and where is None and folder_text is None:
+            if existed and all(option is None for option in (trigger, class_noun, repeats, where, folder_text)) and not clear_class:
                 # `concept add NAME` alone: its stored rules take the images in no concept they match (after another
                 # concept let them go), as an ingest would
                 assigned += concept_rules_applied(con, only=name)
@@ -391,19 +391,23 @@ def replace_trigger_command(old: str, new: str, concept: str) -> str:
             f"--where {shell_text(f'concept = {sql_text(concept)}')}")
 
 
-def concept_rules_applied(con: duckdb.DuckDBPyConnection, *, only: str | None = None) -> int:
-    """Images in no concept yet that match a concept's stored --where or --folder (of every concept, or of `only`), put
-    in it; returns how many.
+def concept_rules_applied(con: duckdb.DuckDBPyConnection, *, only: str | None = None,
+                          ids: Sequence[str] | None = None) -> int:
+    """Images in no concept yet that match a concept's stored --where or --folder (of every concept, or of `only`;
+    of every image, or of `ids`), put in it; returns how many.
 
     Ingest runs this, so photos added later to a concept's folder join it; so does removing a concept, for the images it
     let go. Images already in a concept stay where they are; an image matching several concepts joins the first by name.
     """
+    among = None if ids is None else set(ids)
     rules = con.execute("SELECT name, where_sql, folder FROM concepts WHERE (where_sql IS NOT NULL OR folder IS NOT NULL) "
                         "AND (? IS NULL OR name = ?) ORDER BY name", [only, only]).fetchall()
     total = 0
     for name, where, folder in rules:
         for source, found in (("where", _rule_matches(con, where) if where else []),
                               ("folder", images_in_folder(con, folder) if folder else [])):
+            if among is not None:
+                found = [image_id for image_id in found if image_id in among]
             if not found:
                 continue
             free = [row[0] for row in con.execute(  # in SQL: the catalog may hold a million assignments
@@ -470,9 +474,8 @@ def removed_concept(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int
             return 0, 0
         # the images it held now are in no concept: those another concept's standing rule matches join it now, not
         # at some later ingest (a concept renamed by adding the new name, then removing the old, kept none)
-        concept_rules_applied(con)
-        rejoined = con.execute("SELECT count(*) FROM concept_images WHERE image_id IN (SELECT unnest(?::VARCHAR[]))",
-                               [released]).fetchall()[0][0]
+        # (those alone: an image taken out of a concept by hand stays out)
+        rejoined = concept_rules_applied(con, ids=released)
     return len(released), rejoined
 
 
@@ -555,7 +558,7 @@ def concepts_from_folder_names(
         seen_images[image_id] = folder_name
         key = (concept_of_folder_name(folder_name), parsed[0])
         found.setdefault(key, (parsed[1], parsed[2], []))[2].append(image_id)
-        folders_of.setdefault(key, set()).add(str(Path(path).parent))
+        folders_of.setdefault(key, set()).add(os.path.dirname(path))
     beside_concepts = {folder.parent for folder in concept_folders}
     for folder in sorted(other_folders):
         if folder.parent in beside_concepts:
@@ -592,14 +595,25 @@ def concepts_from_folder_names(
                 progress(task=KEPT_REPEATS_TASK, message=f"a folder names concept {name!r} with {repeats} repeats; it has "
                          f"{holder.repeats}, which it keeps (`workbench concept add {name!r} --repeats N` or "
                          "`workbench import-kohya FOLDER` changes it)")
-    if paths is not None:
+    made_anew = [key for key in found if chosen[key] not in existing]
+    if paths is not None and made_anew:
         # a concept made anew by a file just read (one removed, then a photo added to its folder) takes every image of
         # its folder, as import-kohya would, not that file alone: the folder's other images trained in no concept
         in_a_concept = {row[0] for row in con.execute("SELECT image_id FROM concept_images").fetchall()}
-        for key, (_, _, members) in found.items():
-            if chosen[key] not in existing:
-                members += [image_id for image_id, path, _ in every_row if str(Path(path).parent) in folders_of[key]
-                            and image_id not in in_a_concept and image_id not in members]
+        wanted_folders = set().union(*(folders_of[key] for key in made_anew))
+        in_folder: dict[str, list[str]] = defaultdict(list)  # one pass over the catalog's paths, whatever the count
+        for image_id, path, _ in every_row:
+            folder = os.path.dirname(path)
+            if folder in wanted_folders and image_id not in in_a_concept:
+                in_folder[folder].append(image_id)
+        for key in made_anew:
+            members = found[key][2]
+            have = set(members)
+            for folder in sorted(folders_of[key]):
+                for image_id in in_folder[folder]:
+                    if image_id not in have:
+                        have.add(image_id)
+                        members.append(image_id)
     assigned = 0
     created = 0
     with transaction(con):

@@ -511,11 +511,18 @@ def test_images_a_removed_concept_lets_go_join_the_concept_whose_folder_rule_tak
     assert summary["left_in_other_concepts"] == 4 and get_concept(con, "Alice Smith").images == 0
     loose = _add_image(con, 9, "/photos/alice/9.jpg")  # in no concept yet (no ingest since): not one alice let go
     assert removed_concept(con, "alice") == (4, 4)
-    assert get_concept(con, "Alice Smith").images == 5 and loose
-    # `concept add NAME` alone applies its own saved rule to images in no concept (taken out by hand, say)
+    assert get_concept(con, "Alice Smith").images == 4 and loose
+    # an image taken out by hand stays out when another concept is removed, or this one's repeats change
     unassigned_images(con, photos[:2])
+    added_concept(con, "bob", trigger="bb", where=f"image_id = '{photos[3]}'")  # (empty: photos[3] is Alice's)
+    other = _add_image(con, 10, "/photos/bob/10.jpg")
+    assign_images_to_concept(con, "bob", [other])
+    assert removed_concept(con, "bob") == (1, 0)
+    added_concept(con, "Alice Smith", repeats=3)
+    assert get_concept(con, "Alice Smith").images == 2
+    # `concept add NAME` alone applies its own saved rule to images in no concept (taken out by hand, say)
     summary = added_concept(con, "Alice Smith")
-    assert summary["newly_assigned"] == 2 and get_concept(con, "Alice Smith").images == 5
+    assert summary["newly_assigned"] == 3 and get_concept(con, "Alice Smith").images == 5
 
 
 def test_a_changed_trigger_says_which_captions_hold_the_old_one(con):
