@@ -386,8 +386,11 @@ def replace_trigger_command(old: str, new: str, concept: str) -> str:
     """The command that replaces a concept's old trigger by its new one in its images' captions (whole words)."""
     from pipelines.export import shell_text, sql_text
 
-    pattern = r"\b" + re.escape(old) + r"\b"
-    return (f"workbench edit-captions --regex --find {shlex.quote(pattern)} --replace {shlex.quote(new)} "
+    # as caption_has_trigger counts it: any case, and a whole word by Unicode letters and digits (RE2's \b knows
+    # ASCII only, so "émile" or "<s1>" kept the old trigger the note had counted)
+    pattern = r"(?i)(^|[^\pL\pN_])" + re.escape(old) + r"([^\pL\pN_]|$)"
+    replacement = "\\1" + new + "\\2"  # the separators the pattern took, put back
+    return (f"workbench edit-captions --regex --find {shlex.quote(pattern)} --replace {shlex.quote(replacement)} "
             f"--where {shell_text(f'concept = {sql_text(concept)}')}")
 
 

@@ -536,7 +536,7 @@ def test_a_changed_trigger_says_which_captions_hold_the_old_one(con):
     summary = added_concept(con, "Alice", trigger="alyx")
     assert summary["captions_with_the_old_trigger"] == 1  # "alcove" is another word
     assert "still hold the old trigger 'alc'" in summary["note"]
-    assert "workbench edit-captions --regex --find '\\balc\\b' --replace alyx --where \"concept = 'Alice'\"" in summary["note"]
+    assert "workbench edit-captions --regex --find '(?i)(^|[^\\pL\\pN_])alc([^\\pL\\pN_]|$)' --replace '\\1alyx\\2' --where \"concept = 'Alice'\"" in summary["note"]
     assert "note" not in added_concept(con, "Alice", repeats=3)  # no trigger change: no note
 
 
@@ -562,3 +562,29 @@ def test_a_kohya_folder_name_that_is_not_utf8_is_said(con):
     _add_image(con, 2, "/data/5_café dog/b.jpg")
     concepts_from_folder_names(con, paths=["/data/5_café dog/b.jpg".encode()], progress=lambda **kw: said.append(kw.get("message") or ""))
     assert said and not any("UTF-8" in m for m in said)
+
+
+def test_the_suggested_trigger_replacement_changes_every_caption_the_note_counted(catalog_path, con):
+    """A code review: the suggested `edit-captions --regex` used RE2's ASCII, case-sensitive \\b, so "Alc, photo" and a
+    trigger such as <s1> kept the old trigger the note had counted."""
+    import shlex
+
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    a, b, c = (_add_image(con, n, f"/data/{n}.jpg") for n in (1, 2, 3))
+    for trigger, new in (("alc", "alyx"), ("<s1>", "<s2>")):
+        con.execute("DELETE FROM concepts; DELETE FROM concept_images; DELETE FROM captions; DELETE FROM caption_choice")
+        added_concept(con, "Alice", trigger=trigger, where="true")
+        con.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', ?), (?, 'manual', ?), (?, 'manual', ?)",
+                    [a, f"{trigger.upper()}, photo of {trigger} woman", b, f"a portrait of {trigger}ove", c, f"émile {trigger}"])
+        summary = added_concept(con, "Alice", trigger=new)
+        assert summary["captions_with_the_old_trigger"] == 2
+        command = summary["note"].split(": ", 1)[1]
+        con.close()
+        result = CliRunner().invoke(app, [*shlex.split(command)[1:], "--catalog", str(catalog_path)])
+        assert result.exit_code == 0, result.output
+        con = connect(catalog_path)
+        captions = dict(con.execute("SELECT image_id, caption FROM images_view").fetchall())
+        assert captions == {a: f"{new}, photo of {new} woman", b: f"a portrait of {trigger}ove", c: f"émile {new}"}, captions
+    con.close()
