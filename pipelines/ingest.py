@@ -369,6 +369,7 @@ class FileEntry:
     sidecar: bytes | None  # path of the caption sidecar beside it, if any
     sidecar_mtime_ns: int | None
     ctime_ns: int | None = None  # st_ctime: changes with the bytes even when a tool puts the old mtime back
+    nlink: int | None = None  # hard links: a link made or removed moves the ctime too, and is no edit
 
 
 def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) -> Iterator[FileEntry]:
@@ -527,7 +528,7 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
         near = [lowered[(stem + ext).lower()] for ext in SIDECAR_EXTENSIONS if (stem + ext).lower() in lowered]
         near += [name + ext for ext in SIDECAR_EXTENSIONS if name + ext in siblings]
         summary.sidecars_misnamed += [display_path(os.path.join(os.path.dirname(path), other)) for other in near]
-    yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime, info.st_ctime_ns)
+    yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime, info.st_ctime_ns, info.st_nlink)
 
 
 def display_path(path_bytes: bytes) -> str:
@@ -563,7 +564,7 @@ _IMAGE_SCHEMA = {
     "status": pl.String, "error": pl.String, "brightness": pl.Float64, "contrast": pl.Float64,
     "blur": pl.Float64, "entropy": pl.Float64, "is_grayscale": pl.Boolean,
     "phash": pl.UInt64, "dhash": pl.UInt64, "phash_mirror": pl.UInt64,
-    "path": pl.String, "path_bytes": pl.Binary, "size": pl.Int64, "mtime_ns": pl.Int64, "ctime_ns": pl.Int64,
+    "path": pl.String, "path_bytes": pl.Binary, "size": pl.Int64, "mtime_ns": pl.Int64, "ctime_ns": pl.Int64, "nlink": pl.Int32,
     "sidecar_mtime_ns": pl.Int64, "caption": pl.String, "sidecar_unread": pl.Boolean,
 }
 
@@ -663,11 +664,11 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
     )
     con.execute(
         """
-        INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, ctime_ns, sidecar_mtime_ns, seq, missing)
-        SELECT path, path_bytes, image_id, size, mtime_ns, ctime_ns, sidecar_mtime_ns, nextval('path_seq'), false
+        INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, ctime_ns, nlink, sidecar_mtime_ns, seq, missing)
+        SELECT path, path_bytes, image_id, size, mtime_ns, ctime_ns, nlink, sidecar_mtime_ns, nextval('path_seq'), false
         FROM ingest_batch
         ON CONFLICT (path) DO UPDATE SET
-            image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns,
+            image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, nlink = excluded.nlink,
             sidecar_mtime_ns = excluded.sidecar_mtime_ns, missing = false, last_seen = now()
         """
     )
@@ -700,13 +701,21 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
 
 def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
     """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status, image id, never read: an error before
-    any byte could be read, such as a permission denied, ctime_ns)."""
+    any byte could be read, such as a permission denied; ctime_ns, nlink)."""
     rows = con.execute(
         "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status, p.image_id, "
-        "coalesce(i.status = 'error' AND i.bytes IS NULL, false), p.ctime_ns "
+        "coalesce(i.status = 'error' AND i.bytes IS NULL, false), p.ctime_ns, p.nlink "
         "FROM paths p LEFT JOIN images i USING (image_id)"
     ).fetchall()
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
+
+
+def _only_the_ctime_moved(ctime_ns: int | None, nlink: int | None, entry: FileEntry) -> bool:
+    """Whether a file whose size and mtime are as recorded may hold other bytes: its ctime moved (a tool can set the
+    mtime back, not the ctime) while its link count stayed (a hard link made or removed moves the ctime alone)."""
+    if None in (ctime_ns, entry.ctime_ns) or ctime_ns == entry.ctime_ns:
+        return False
+    return nlink is None or nlink == entry.nlink
 
 
 def _under(path: bytes, roots: Sequence[bytes]) -> bool:
@@ -822,7 +831,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
     known = _known_paths(con)
     seen: set[bytes] = set()
-    ctimes: dict[bytes, int | None] = {}  # of the files seen: what ingest records of those that were never read
+    statuses: dict[bytes, tuple[int | None, int | None]] = {}  # unchanged files: their ctime and link count now
     to_read: list[FileEntry] = []
     plan: dict[bytes, str] = {}  # path to read -> what the walk takes it for: new, changed, reappeared, errors_retried
     expect: dict[bytes, str] = {}  # path to read -> the image the catalog holds there, when its bytes may be the same
@@ -833,7 +842,6 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         if entry.path_bytes in seen:
             continue
         seen.add(entry.path_bytes)
-        ctimes[entry.path_bytes] = entry.ctime_ns
         summary.files_seen += 1
         previous = known.get(entry.path_bytes)
         if previous is None:
@@ -841,7 +849,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         elif entry.size is None and previous[0] is None and not previous[3]:
             kind = "unchanged"  # still cannot be stat'ed (a link loop, say), as recorded last time
         elif (entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns)
-              or None not in (previous[7], entry.ctime_ns) and previous[7] != entry.ctime_ns):
+              or _only_the_ctime_moved(previous[7], previous[8], entry)):
             kind = "changed"  # (only the ctime: the bytes are hashed first, and the same ones stay "unchanged")
         elif previous[3]:  # unchanged size and time, but it was marked missing: it came back
             kind = "reappeared"
@@ -855,6 +863,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
                 sidecar_only.append(entry)
         setattr(summary, kind, getattr(summary, kind) + 1)
         if kind == "unchanged":
+            statuses[entry.path_bytes] = (entry.ctime_ns, entry.nlink)  # a link made since is taken in, not read
             continue
         plan[entry.path_bytes] = kind
         to_read.append(entry)
@@ -864,7 +873,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
                 and previous[4] != "error"):
             expect[entry.path_bytes] = previous[5]
     run.counts["files_seen"] = summary.files_seen
-    _mark_seen(con, [p for p in seen if p in known], ctimes)
+    _mark_seen(con, [p for p in seen if p in known], statuses)
     # of the images at paths missing until now, those in no duplicate group and missing everywhere: the ones of them
     # that come back are as new to the last dedup as a new file (found before the read marks them present again)
     back = [p for p in plan if p in known and known[p][3]]
@@ -967,17 +976,19 @@ def _image_ids_of(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> list[st
         con.unregister("ingest_paths")
 
 
-def _mark_seen(con: duckdb.DuckDBPyConnection, paths: list[bytes], ctimes: dict[bytes, int | None]) -> None:
-    """paths.last_seen of every known path the walk found, read or not (one statement), and the ctime of those
-    recorded without one (before m023)."""
+def _mark_seen(con: duckdb.DuckDBPyConnection, paths: list[bytes], statuses: dict[bytes, tuple[int | None, int | None]]) -> None:
+    """paths.last_seen of every known path the walk found, read or not (one statement), and the ctime and link count
+    of those found unchanged (a path to be read gets them when it is read)."""
     if not paths:
         return
-    con.register("ingest_seen", pl.DataFrame({"path_bytes": paths, "ctime_ns": [ctimes.get(p) for p in paths]},
-                                             schema={"path_bytes": pl.Binary, "ctime_ns": pl.Int64}))
+    now = [statuses.get(p, (None, None)) for p in paths]
+    con.register("ingest_seen", pl.DataFrame(
+        {"path_bytes": paths, "ctime_ns": [c for c, _ in now], "nlink": [n for _, n in now]},
+        schema={"path_bytes": pl.Binary, "ctime_ns": pl.Int64, "nlink": pl.Int32}))
     try:
         with transaction(con):
-            con.execute("UPDATE paths SET last_seen = now(), ctime_ns = coalesce(paths.ctime_ns, s.ctime_ns) "
-                        "FROM ingest_seen s WHERE paths.path_bytes = s.path_bytes")
+            con.execute("UPDATE paths SET last_seen = now(), ctime_ns = coalesce(s.ctime_ns, paths.ctime_ns), "
+                        "nlink = coalesce(s.nlink, paths.nlink) FROM ingest_seen s WHERE paths.path_bytes = s.path_bytes")
     finally:
         con.unregister("ingest_seen")
 
@@ -1054,7 +1065,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
         if previous[3] or previous[2] != entry.sidecar_mtime_ns:
             sidecar_only.append(entry)
         result.update(path=display_path(entry.path_bytes), path_bytes=entry.path_bytes, size=entry.size,
-                      mtime_ns=entry.mtime_ns, ctime_ns=entry.ctime_ns, sidecar_mtime_ns=None if previous[3] else previous[2],
+                      mtime_ns=entry.mtime_ns, ctime_ns=entry.ctime_ns, nlink=entry.nlink, sidecar_mtime_ns=None if previous[3] else previous[2],
                       caption=None, sidecar_unread=False)
         return kind
 
@@ -1096,6 +1107,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
                 size=entry.size,
                 mtime_ns=entry.mtime_ns,
                 ctime_ns=entry.ctime_ns,
+                nlink=entry.nlink,
                 # no mtime for an unread sidecar: the next ingest reads it again (and reports it until it is fixed)
                 sidecar_mtime_ns=None if problem else entry.sidecar_mtime_ns,
                 caption=caption,

@@ -1351,6 +1351,16 @@ def test_new_bytes_under_the_old_size_and_time_are_read_again(con, tmp_path):
     os.chmod(first, 0o600)  # only the ctime moves: the bytes are hashed, found the same, and the file stays unchanged
     again = ingested_images(con, [tmp_path / "sw"], workers=1)
     assert (again.changed, again.unchanged) == (0, 2)
+    # a hard link made to it (`export --link hardlink`) moves the ctime with the link count: not read at all
+    os.link(first, tmp_path / "linked.jpg")
+    reads = []
+    real = ingest_mod.read_image_file
+    ingest_mod.read_image_file = lambda *args, **kwargs: reads.append(args[0]) or real(*args, **kwargs)
+    try:
+        linked = ingested_images(con, [tmp_path / "sw"], workers=1)
+    finally:
+        ingest_mod.read_image_file = real
+    assert (linked.changed, linked.unchanged, reads) == (0, 2, [])
 
 
 def test_an_animated_image_is_said_to_train_on_its_first_frame(con, tmp_path):
