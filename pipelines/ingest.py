@@ -415,9 +415,9 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
         for item in items:
             if item.name.startswith(b".") or item.name == b"__MACOSX":
                 # thumbnails (.thumbnails), macOS's AppleDouble files (._IMG_1.jpg, __MACOSX/ in a zip), a notebook's
-                # .ipynb_checkpoints: copies and metadata, not photos (kohya's glob skips dot files too)
+                # .ipynb_checkpoints: copies and metadata, not photos (kohya's glob skips dot files too). Not kept
+                # from being marked missing: one an older workbench ingested leaves the dataset
                 summary.hidden_files_and_folders_skipped += 1
-                skipped.append(item.path)
                 continue
             try:
                 is_dir = item.is_dir(follow_symlinks=True)

@@ -1291,6 +1291,13 @@ def test_hidden_files_and_folders_are_skipped_and_counted(con, tmp_path):
     assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 2
     again = ingested_images(con, [tmp_path / "photos"], workers=1)
     assert again.marked_missing == 0 and again.paths_marked_missing == 0
+    # one ingested before hidden files were skipped (a code review: it stayed in the dataset for good) leaves it
+    con.execute("INSERT INTO images (image_id, width, height, status) VALUES ('old', 96, 64, 'ok')")
+    con.execute("INSERT INTO paths (path, path_bytes, image_id, seq) VALUES (?, ?, 'old', 99)",
+                [str(tmp_path / "photos" / ".thumbnails" / "img_0000.jpg"), bytes(tmp_path / "photos" / ".thumbnails" / "img_0000.jpg")])
+    later = ingested_images(con, [tmp_path / "photos"], workers=1)
+    assert later.marked_missing == 1
+    assert con.execute("SELECT count(*) FROM dataset WHERE image_id = 'old'").fetchone()[0] == 0
 
 
 def test_a_named_pipe_as_a_caption_sidecar_is_left_out_not_waited_on(con, tmp_path):
