@@ -315,15 +315,20 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
             con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
             con.execute("COMMIT")
         except duckdb.Error as error:
-            con.execute("ROLLBACK")
-            # the one way here: schema_migrations edited by hand (in another DuckDB client), so a migration the
-            # catalog has is run again; said, not a traceback
-            raise CatalogError(
-                f"The catalog could not be brought up to date: migration {name} failed ({str(error).splitlines()[0]}). "
-                f"Its schema_migrations table may have lost rows (edited outside the workbench). The catalog is as it "
-                f"was; restore it from a copy, or put the missing rows back in schema_migrations.") from error
+            with contextlib.suppress(duckdb.Error):  # a failed COMMIT may have ended the transaction already
+                con.execute("ROLLBACK")
+            why = f"migration {name} failed ({str(error).splitlines()[0]})"
+            if "already exists" in str(error):
+                # schema_migrations edited by hand (in another DuckDB client): a migration the catalog has ran again
+                raise CatalogError(
+                    f"The catalog could not be brought up to date: {why}. Its schema_migrations table may have lost rows "
+                    "(edited outside the workbench). The catalog is as it was; restore it from a copy, or put the "
+                    "missing rows back in schema_migrations.") from error
+            raise CatalogError(f"The catalog could not be brought up to date: {why}. The catalog is as it was "
+                               "(a full disk or a file that cannot be written is the usual cause).") from error
         except BaseException:
-            con.execute("ROLLBACK")
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
             raise
         applied.append(name)
     known = {v for v, _, _ in _migration_files()}
