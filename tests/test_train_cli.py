@@ -958,6 +958,9 @@ def test_a_run_records_its_hub_commit_and_a_resume_on_updated_weights_is_refused
     publish("b" * 40, 0.01)  # the Hub model was updated, and the cache now holds the new commit
     with pytest.raises(TrainingError, match=f"checkpoint-2 was trained on other base weights than --model someone/sd loads now .*Hub commit {'b' * 40}"):
         trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=3))
+    # the failed run is recorded with the model it loaded (a code review: only finished runs were)
+    failed = con.execute("SELECT status, model_revision, model_fingerprint FROM training_runs ORDER BY train_id DESC LIMIT 1").fetchone()
+    assert failed[:2] == ("failed", "b" * 40) and failed[2] != row[3]
     (repo / "refs" / "main").write_text("a" * 40)  # the commit the run started on: the resume goes on
     resumed = trained_model(con, dataclasses.replace(config, resume="latest", max_train_steps=3))
     assert resumed.steps == 3

@@ -78,9 +78,6 @@ class TrainResult:
     cache: dict[str, int] = field(default_factory=dict)
     steps_this_session: int = 0  # steps run by this call (fewer than `steps` after a resume)
     seconds_before: float = 0.0  # the earlier sessions' time up to the checkpoint this one resumed from
-    model_path: str | None = None  # the base model as loaded: a folder or file (a Hub id's cached snapshot folder)
-    model_revision: str | None = None  # its Hub commit, for a Hub model
-    model_fingerprint: str | None = None  # SHA-256 of its UNet, text encoder and VAE weights as loaded
 
     @property
     def steps_per_second(self) -> float:
@@ -598,8 +595,12 @@ def main(
     priors: dict[str, list[TrainImage]] | None = None,
     components=None,
     progress: ProgressHook = null_progress,
+    base_model: dict | None = None,
 ) -> TrainResult:
-    """Train per `config` on `images` (and class `priors`), writing everything into `output_dir`."""
+    """Train per `config` on `images` (and class `priors`), writing everything into `output_dir`. `base_model`, when
+    given, is filled in as soon as the model is loaded (a run that fails later is recorded with it too): `model_path`
+    (the folder or file loaded; a Hub id's cached snapshot folder), `model_revision` (its Hub commit) and
+    `model_fingerprint` (SHA-256 of the UNet, text encoder and VAE weights as loaded)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -619,7 +620,8 @@ def main(
         cpu=runs_on_cpu(config),
     )
     try:
-        return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler)
+        return _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started,
+                    set_seed, get_scheduler, {} if base_model is None else base_model)
     except torch.OutOfMemoryError as error:
         raise TrainingError(
             f"The GPU ran out of memory ({str(error).splitlines()[0]}). Try the {MEMORY_ADVICE}. "
@@ -649,7 +651,8 @@ def _reset_accelerate_state() -> None:
         GradientState._reset_state()
 
 
-def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed, get_scheduler) -> TrainResult:
+def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, priors, components, progress, started, set_seed,
+         get_scheduler, base_model: dict) -> TrainResult:
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel, cast_training_params
 
@@ -673,6 +676,7 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     # and of the whole base as loaded: a resume checks it, so a Hub update or a replaced folder or file under the same
     # --model cannot silently go on training other weights (a from-scratch UNet does not come from the base)
     base_fingerprint = train_data.module_fingerprint(*(() if config.from_scratch else (unet,)), text_encoder, vae, extra="base-v1")
+    base_model.update(model_path=components.source_path, model_revision=components.revision, model_fingerprint=base_fingerprint)
 
     # --- which weights train ---
     vae.requires_grad_(False)
@@ -1002,7 +1006,6 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         losses=[r[1] for r in loss_rows], outputs=outputs, seconds=time.perf_counter() - started,
         train_seconds=train_seconds, images=len(images), cache=cache, steps_this_session=global_step - start_step,
         class_images=class_image_count, seconds_before=seconds_before,
-        model_path=components.source_path, model_revision=components.revision, model_fingerprint=base_fingerprint,
     )
 
 

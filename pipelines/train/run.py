@@ -580,14 +580,17 @@ def _refuse_nested_run_folder(output_dir: Path) -> None:
                              f"run a folder of its own, e.g. {output_dir / 'my-run'}.")
 
 
-def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure: BaseException | None, output_dir: Path) -> None:
+def _record_outcome(con, run, train_id: int, result: TrainResult | None, failure: BaseException | None, output_dir: Path,
+                    base_model: dict) -> None:
+    if base_model:  # loaded: a run that failed after is recorded with it too (the one someone resumes)
+        con.execute("UPDATE training_runs SET model_path = ?, model_revision = ?, model_fingerprint = ? WHERE train_id = ?",
+                    [base_model["model_path"], base_model["model_revision"], base_model["model_fingerprint"], train_id])
     if result is not None:
         run.counts.update({"train_id": train_id, "steps": result.steps, "images": result.images, "final_loss": result.final_loss})
         con.execute(
             "UPDATE training_runs SET run_id = ?, status = 'ok', outputs = ?, steps = ?, final_loss = ?, seconds = ?, "
-            "model_path = ?, model_revision = ?, model_fingerprint = ?, finished_at = current_timestamp WHERE train_id = ?",
-            [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds,
-             result.model_path, result.model_revision, result.model_fingerprint, train_id],
+            "finished_at = current_timestamp WHERE train_id = ?",
+            [run.run_id, json.dumps(result.outputs), result.steps, result.final_loss, result.seconds, train_id],
         )
         # earlier finished sessions of this run (continued with --resume and more steps): their outputs are now this
         # one's, so they are no longer 'ok' rows a query for the best finished run would list with files they lack
@@ -644,6 +647,7 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
     _record_training_images(catalog.con, train_id, images, priors)
     run = start_run(catalog.con, f"train:{config.mode}", {"train_id": train_id, **config.to_dict(), "output_dir": str(output_dir)})
     result, failure = None, None
+    base_model: dict = {}  # main fills it in once the model is loaded
     try:
         with catalog.released(
             progress, task="record run", reopen_after_error=True,
@@ -653,7 +657,8 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
                     "'running' until the next run in that folder marks it 'interrupted'.",
         ):
             # main loads the model when none was given: with the catalog already free
-            result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress)
+            result = main(config, images, output_dir=output_dir, priors=priors, components=components, progress=progress,
+                          base_model=base_model)
             # the whole run from the call on: class-prior generation, model loading, caching, training, samples and
             # outputs (main's own count starts after the priors); not the wait to record it, nor evaluation. A resumed
             # run adds its earlier sessions up to the checkpoint it went on from (kohya's ss_training_seconds does too)
@@ -663,7 +668,7 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
         raise
     finally:
         if catalog.con is not None:  # None: stopped while waiting to reopen it; the next run here marks the row 'interrupted'
-            _record_outcome(catalog.con, run, train_id, result, failure, output_dir)
+            _record_outcome(catalog.con, run, train_id, result, failure, output_dir, base_model)
     from pipelines.train.evaluate import finished_sessions, run_metrics
 
     try:
