@@ -572,8 +572,8 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
         if changed:
             raise CatalogError(
                 f"Refused: {changed[1]} is a table of the workbench's catalog, which its steps and migrations rely on: it "
-                "is not dropped, replaced or altered here. Change its rows (INSERT, UPDATE, DELETE), or keep data of "
-                "your own in a table of your own.")
+                "is not dropped, replaced or altered here. Change its rows (INSERT, UPDATE, DELETE; not the rows of "
+                "schema_migrations, nor a DELETE of images or paths), or keep data of your own in a table of your own.")
         refusal = _protected_rows_changed(statement)
         if refusal:
             raise CatalogError(refusal)
@@ -624,33 +624,54 @@ _FILE_RECORD_TABLES = ("images", "paths")
 
 
 def _protected_rows_changed(statement) -> str | None:
-    """Why a statement that writes may not run: it writes the catalog's schema record (any change), or deletes rows
-    of its file record (DELETE, TRUNCATE); None when neither. Read from the SQL's tokens, at any depth (a data-modifying
-    WITH too); a statement that names a schema-record table anywhere is refused (the safe side)."""
+    """Why a statement that writes may not run: it writes rows of the catalog's schema record, or deletes rows of its
+    file record (DELETE, TRUNCATE); None when neither. Read from the SQL's tokens: the table each INSERT, UPDATE,
+    DELETE, TRUNCATE or COPY … FROM writes, at the start of the statement or of a parenthesis (a data-modifying WITH, an
+    EXPLAIN ANALYZE); reading those tables, or a column named `delete`, is no write to them."""
     if _reads_only(statement):
         return None
-    # names as written (a quoted one unquoted), lower-cased; '.' kept, so that schema.table reads as its table
-    parts = [(text[1:-1].replace('""', '"') if kind == "quoted" else text).lower()
-             for kind, text, _ in _sql_tokens(statement.query) if kind in ("word", "quoted") or text == "."]
-    bookkeeping = sorted(set(parts) & set(_BOOKKEEPING_TABLES))
-    if bookkeeping:
-        return (f"Refused: {bookkeeping[0]} is where the catalog records its own schema; a change to it makes the "
-                "workbench run its migrations again, which breaks the catalog. It is not written here.")
-    for at, word in enumerate(parts):
-        lead = {"delete": "from", "truncate": "table"}.get(word)
-        if lead is None:
-            continue
-        rest = parts[at + 1:]
-        if rest[:1] == [lead]:
-            rest = rest[1:]
-        while len(rest) > 2 and rest[1] == ".":  # catalog.schema.table: the last name is the table
-            rest = rest[2:]
-        if rest and rest[0] in _FILE_RECORD_TABLES:
-            return (f"Refused: the rows of {rest[0]} are the catalog's record of your image files, which every step "
+    for verb, table in _rows_written(statement.query):
+        if table in _BOOKKEEPING_TABLES:
+            return (f"Refused: {table} is where the catalog records its own schema; a change to it makes the "
+                    "workbench run its migrations again, which breaks the catalog. It is not written here.")
+        if verb in ("delete", "truncate") and table in _FILE_RECORD_TABLES:
+            return (f"Refused: the rows of {table} are the catalog's record of your image files, which every step "
                     "reads; a deleted row would leave its image unknown to the catalog, and ingest would not find it "
                     "again. Exclude images instead (`workbench exclude`, or INSERT INTO exclusions): the rows stay, out "
                     "of the dataset, and nothing on disk is touched.")
     return None
+
+
+# the words that may come before a statement's verb: none, a parenthesis (WITH x AS (DELETE …)), EXPLAIN [ANALYZE]
+_BEFORE_A_VERB = {None, "(", ")", "explain", "analyze"}
+# verb -> the words between it and the table it writes
+_VERB_LEADS = {"insert": ("into",), "update": (), "delete": ("from",), "truncate": ("table",), "copy": ()}
+
+
+def _rows_written(sql: str) -> list[tuple[str, str]]:
+    """(verb, table) of every INSERT, UPDATE, DELETE, TRUNCATE and COPY … FROM in `sql`, the table lower-cased and
+    without its schema (a quoted name unquoted)."""
+    words = [(text[1:-1].replace('""', '"') if kind == "quoted" else text).lower() if kind in ("word", "quoted") else text
+             for kind, text, _ in _sql_tokens(sql) if kind != "space"]
+    written = []
+    for at, word in enumerate(words):
+        if word not in _VERB_LEADS or (words[at - 1] if at else None) not in _BEFORE_A_VERB:
+            continue
+        rest = words[at + 1:]
+        if word == "insert":  # INSERT OR REPLACE / OR IGNORE INTO
+            while rest[:1] and rest[0] in ("or", "replace", "ignore"):
+                rest = rest[1:]
+        for lead in _VERB_LEADS[word]:
+            if rest[:1] == [lead]:
+                rest = rest[1:]
+        while len(rest) > 2 and rest[1] == ".":  # catalog.schema.table: the last name is the table
+            rest = rest[2:]
+        if not rest:
+            continue
+        if word == "copy" and (len(rest) < 2 or rest[1] != "from"):  # COPY t TO …, COPY (query) TO …: a read
+            continue
+        written.append((word, rest[0]))
+    return written
 
 
 def _kind(statement) -> str:
