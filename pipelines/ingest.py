@@ -368,8 +368,6 @@ class FileEntry:
     mtime_ns: int | None
     sidecar: bytes | None  # path of the caption sidecar beside it, if any
     sidecar_mtime_ns: int | None
-    ctime_ns: int | None = None  # st_ctime: changes with the bytes even when a tool puts the old mtime back
-    nlink: int | None = None  # hard links: a link made or removed moves the ctime too, and is no edit
 
 
 def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) -> Iterator[FileEntry]:
@@ -528,7 +526,7 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
         near = [lowered[(stem + ext).lower()] for ext in SIDECAR_EXTENSIONS if (stem + ext).lower() in lowered]
         near += [name + ext for ext in SIDECAR_EXTENSIONS if name + ext in siblings]
         summary.sidecars_misnamed += [display_path(os.path.join(os.path.dirname(path), other)) for other in near]
-    yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime, info.st_ctime_ns, info.st_nlink)
+    yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime)
 
 
 def display_path(path_bytes: bytes) -> str:
@@ -564,7 +562,7 @@ _IMAGE_SCHEMA = {
     "status": pl.String, "error": pl.String, "brightness": pl.Float64, "contrast": pl.Float64,
     "blur": pl.Float64, "entropy": pl.Float64, "is_grayscale": pl.Boolean,
     "phash": pl.UInt64, "dhash": pl.UInt64, "phash_mirror": pl.UInt64,
-    "path": pl.String, "path_bytes": pl.Binary, "size": pl.Int64, "mtime_ns": pl.Int64, "ctime_ns": pl.Int64, "nlink": pl.Int32,
+    "path": pl.String, "path_bytes": pl.Binary, "size": pl.Int64, "mtime_ns": pl.Int64,
     "sidecar_mtime_ns": pl.Int64, "caption": pl.String, "sidecar_unread": pl.Boolean,
 }
 
@@ -664,11 +662,11 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
     )
     con.execute(
         """
-        INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, ctime_ns, nlink, sidecar_mtime_ns, seq, missing)
-        SELECT path, path_bytes, image_id, size, mtime_ns, ctime_ns, nlink, sidecar_mtime_ns, nextval('path_seq'), false
+        INSERT INTO paths (path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, seq, missing)
+        SELECT path, path_bytes, image_id, size, mtime_ns, sidecar_mtime_ns, nextval('path_seq'), false
         FROM ingest_batch
         ON CONFLICT (path) DO UPDATE SET
-            image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, nlink = excluded.nlink,
+            image_id = excluded.image_id, size = excluded.size, mtime_ns = excluded.mtime_ns,
             sidecar_mtime_ns = excluded.sidecar_mtime_ns, missing = false, last_seen = now()
         """
     )
@@ -701,21 +699,13 @@ def _upsert_batch(con: duckdb.DuckDBPyConnection, role: str) -> None:
 
 def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
     """path -> (size, mtime_ns, sidecar_mtime_ns, missing, image status, image id, never read: an error before
-    any byte could be read, such as a permission denied; ctime_ns, nlink)."""
+    any byte could be read, such as a permission denied)."""
     rows = con.execute(
         "SELECT p.path_bytes, p.size, p.mtime_ns, p.sidecar_mtime_ns, p.missing, i.status, p.image_id, "
-        "coalesce(i.status = 'error' AND i.bytes IS NULL, false), p.ctime_ns, p.nlink "
+        "coalesce(i.status = 'error' AND i.bytes IS NULL, false) "
         "FROM paths p LEFT JOIN images i USING (image_id)"
     ).fetchall()
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
-
-
-def _only_the_ctime_moved(ctime_ns: int | None, nlink: int | None, entry: FileEntry) -> bool:
-    """Whether a file whose size and mtime are as recorded may hold other bytes: its ctime moved (a tool can set the
-    mtime back, not the ctime) while its link count stayed (a hard link made or removed moves the ctime alone)."""
-    if None in (ctime_ns, entry.ctime_ns) or ctime_ns == entry.ctime_ns:
-        return False
-    return nlink is None or nlink == entry.nlink
 
 
 def _under(path: bytes, roots: Sequence[bytes]) -> bool:
@@ -738,9 +728,13 @@ def ingested_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     folder_concepts: bool = True,
     role: str = "instance",
+    rehash: bool = False,
     progress: ProgressHook = null_progress,
 ) -> IngestSummary:
     """Walk `paths`, read new and changed files in parallel, and record every image in the catalog.
+
+    A file whose size and modification time are as recorded is taken as unchanged; `rehash` hashes every file again
+    (new bytes under an old size and time: a tool that put the time back), and reads those that changed.
 
     `folder_concepts`: the kohya folder names of the files read become concepts, and concepts' stored rules take
     the new images (False for class images, which are in no concept). `role`: what an image new to the catalog is
@@ -763,7 +757,7 @@ def ingested_images(
     # an ingest stopped after it read everything has not joined concepts yet, and its rerun reads nothing
     last = first_row(con.execute("SELECT status FROM runs WHERE step = 'ingest' ORDER BY run_id DESC LIMIT 1"))
     last_unfinished = last is not None and last[0] != "ok"
-    params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels}
+    params = {"paths": [display_path(r) for r in roots], "workers": workers, "max_pixels": max_pixels, "rehash": rehash}
     for root in roots:  # left out when met in a walk from above; named as a root, it is read: say what that means
         if os.path.isdir(root) and _is_kohya_reg_folder(root, set(os.listdir(os.path.dirname(root)))):
             progress(task="ingest", message=(
@@ -773,7 +767,7 @@ def ingested_images(
                 "import-kohya` of the folder above)"))
     with _CtrlC() as ctrl_c, record_run(con, "ingest", params) as run:
         try:
-            _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors,
+            _ingest(con, roots, run, summary, workers=workers, max_pixels=max_pixels, retry_errors=retry_errors, rehash=rehash,
                     join_concepts=last_unfinished, folder_concepts=folder_concepts, progress=progress, ctrl_c=ctrl_c,
                     role=role)
         except KeyboardInterrupt as interrupt:
@@ -825,13 +819,12 @@ class _CtrlC:
 
 
 def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: int, max_pixels: int,
-            retry_errors: bool, join_concepts: bool, folder_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC,
+            retry_errors: bool, rehash: bool, join_concepts: bool, folder_concepts: bool, progress: ProgressHook, ctrl_c: _CtrlC,
             role: str = "instance") -> None:
     """The body of one ingest run (see ingested_images)."""
     progress(task="scan", completed=0, total=None, message=f"scanning {len(roots)} path(s)")
     known = _known_paths(con)
     seen: set[bytes] = set()
-    statuses: dict[bytes, tuple[int | None, int | None]] = {}  # unchanged files: their ctime and link count now
     to_read: list[FileEntry] = []
     plan: dict[bytes, str] = {}  # path to read -> what the walk takes it for: new, changed, reappeared, errors_retried
     expect: dict[bytes, str] = {}  # path to read -> the image the catalog holds there, when its bytes may be the same
@@ -848,9 +841,8 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
             kind = "new"
         elif entry.size is None and previous[0] is None and not previous[3]:
             kind = "unchanged"  # still cannot be stat'ed (a link loop, say), as recorded last time
-        elif (entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns)
-              or _only_the_ctime_moved(previous[7], previous[8], entry)):
-            kind = "changed"  # (only the ctime: the bytes are hashed first, and the same ones stay "unchanged")
+        elif entry.size is None or (previous[0], previous[1]) != (entry.size, entry.mtime_ns) or rehash:
+            kind = "changed"  # (--rehash: the bytes are hashed first, and the same ones stay "unchanged")
         elif previous[3]:  # unchanged size and time, but it was marked missing: it came back
             kind = "reappeared"
         elif previous[6] or (retry_errors and previous[4] == "error"):
@@ -863,7 +855,6 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
                 sidecar_only.append(entry)
         setattr(summary, kind, getattr(summary, kind) + 1)
         if kind == "unchanged":
-            statuses[entry.path_bytes] = (entry.ctime_ns, entry.nlink)  # a link made since is taken in, not read
             continue
         plan[entry.path_bytes] = kind
         to_read.append(entry)
@@ -873,7 +864,7 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
                 and previous[4] != "error"):
             expect[entry.path_bytes] = previous[5]
     run.counts["files_seen"] = summary.files_seen
-    _mark_seen(con, [p for p in seen if p in known], statuses)
+    _mark_seen(con, [p for p in seen if p in known])
     # of the images at paths missing until now, those in no duplicate group and missing everywhere: the ones of them
     # that come back are as new to the last dedup as a new file (found before the read marks them present again)
     back = [p for p in plan if p in known and known[p][3]]
@@ -976,19 +967,14 @@ def _image_ids_of(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> list[st
         con.unregister("ingest_paths")
 
 
-def _mark_seen(con: duckdb.DuckDBPyConnection, paths: list[bytes], statuses: dict[bytes, tuple[int | None, int | None]]) -> None:
-    """paths.last_seen of every known path the walk found, read or not (one statement), and the ctime and link count
-    of those found unchanged (a path to be read gets them when it is read)."""
+def _mark_seen(con: duckdb.DuckDBPyConnection, paths: list[bytes]) -> None:
+    """paths.last_seen of every known path the walk found, read or not (one statement)."""
     if not paths:
         return
-    now = [statuses.get(p, (None, None)) for p in paths]
-    con.register("ingest_seen", pl.DataFrame(
-        {"path_bytes": paths, "ctime_ns": [c for c, _ in now], "nlink": [n for _, n in now]},
-        schema={"path_bytes": pl.Binary, "ctime_ns": pl.Int64, "nlink": pl.Int32}))
+    con.register("ingest_seen", pl.DataFrame({"path_bytes": paths}, schema={"path_bytes": pl.Binary}))
     try:
         with transaction(con):
-            con.execute("UPDATE paths SET last_seen = now(), ctime_ns = coalesce(s.ctime_ns, paths.ctime_ns), "
-                        "nlink = coalesce(s.nlink, paths.nlink) FROM ingest_seen s WHERE paths.path_bytes = s.path_bytes")
+            con.execute("UPDATE paths SET last_seen = now() FROM ingest_seen s WHERE paths.path_bytes = s.path_bytes")
     finally:
         con.unregister("ingest_seen")
 
@@ -1065,7 +1051,7 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
         if previous[3] or previous[2] != entry.sidecar_mtime_ns:
             sidecar_only.append(entry)
         result.update(path=display_path(entry.path_bytes), path_bytes=entry.path_bytes, size=entry.size,
-                      mtime_ns=entry.mtime_ns, ctime_ns=entry.ctime_ns, nlink=entry.nlink, sidecar_mtime_ns=None if previous[3] else previous[2],
+                      mtime_ns=entry.mtime_ns, sidecar_mtime_ns=None if previous[3] else previous[2],
                       caption=None, sidecar_unread=False)
         return kind
 
@@ -1106,8 +1092,6 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
                 path_bytes=path_bytes,
                 size=entry.size,
                 mtime_ns=entry.mtime_ns,
-                ctime_ns=entry.ctime_ns,
-                nlink=entry.nlink,
                 # no mtime for an unread sidecar: the next ingest reads it again (and reports it until it is fixed)
                 sidecar_mtime_ns=None if problem else entry.sidecar_mtime_ns,
                 caption=caption,

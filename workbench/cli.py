@@ -240,10 +240,11 @@ def ingest(
     catalog: CatalogOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Images with more pixels are recorded as errors (decompression bombs); raising it later re-reads them.")] = 178_956_970,
+    rehash: Annotated[bool, typer.Option("--rehash", help="Hash every file again, not only those whose size or modification time changed: finds new bytes a tool wrote under the old time (touch -r, rsync --times).")] = False,
 ) -> None:
     """Walk folders, hash and measure every image, and record it in the catalog.
 
-    Example: workbench ingest ./photos ./more --catalog project.duckdb
+    Example: workbench ingest ./photos ./more --catalog project.duckdb   (again after edits: only changed files are read)
     """
     from pipelines.ingest import ingested_images
 
@@ -255,7 +256,7 @@ def ingest(
     con = open_catalog(catalog, create=True)
     try:
         with RichProgress() as progress:
-            summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, progress=progress)
+            summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, rehash=rehash, progress=progress)
     except KeyboardInterrupt as interrupt:
         # one line, no traceback: every batch is its own transaction, so what was written stays and is consistent.
         # Another Ctrl+C while it exits just ends the process (raised there, it would only print a traceback).
