@@ -813,3 +813,18 @@ def test_a_count_tables_title_is_not_cut_when_piped(catalog_path, tmp_path):
     result = runner.invoke(app, ["export", "--format", "parquet", str(out), "-c", str(catalog_path)])
     assert result.exit_code == 0, result.output
     assert any(f"export parquet → {out}" in line for line in result.stdout.splitlines()), result.stdout
+
+
+def test_csv_and_json_cross_batches_whole_and_an_error_part_way_is_said(catalog_path):
+    """A code review: no test crossed the 10,000-row batches the output is now written in; a regression hunt: an error
+    part way left a cut-off result on stdout with only the error beside it."""
+    seeded_catalog(catalog_path)
+    rows = runner.invoke(app, ["sql", "SELECT range AS n, range % 7 = 0 AS seventh FROM range(25000)", "-f", "csv", "-c", str(catalog_path)])
+    lines = rows.stdout.splitlines()
+    assert rows.exit_code == 0 and lines[0] == "n,seventh" and len(lines) == 25001 and lines[-1] == "24999,false"
+    as_json = runner.invoke(app, ["sql", "SELECT range AS n FROM range(25000)", "-f", "json", "-c", str(catalog_path)])
+    assert [row["n"] for row in json.loads(as_json.stdout)] == list(range(25000))
+    broken = runner.invoke(app, ["sql", "SELECT CASE WHEN range < 900000 THEN range ELSE error('boom') END AS x FROM range(1000000)",
+                                 "-f", "json", "-c", str(catalog_path)])  # json: its "[" is out before any row
+    said = " ".join(broken.stderr.split())
+    assert broken.exit_code == 2 and "boom" in said and "incomplete result" in said, broken.output

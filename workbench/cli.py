@@ -463,6 +463,7 @@ def sql(
     if relation is None:
         console.print("OK")
         return
+    streamed = False  # rows already written to stdout
     try:  # errors raised while the rows are computed (a bad cast, say) come here, not from run_sql
         if format == "parquet":
             written_whole(output, lambda path: relation.write_parquet(str(path)))
@@ -481,7 +482,9 @@ def sql(
                 written_whole(output, write)
                 err_console.print(Text(f"wrote {output}"))
             else:
-                sys.stdout.writelines(chunks)
+                for chunk in chunks:
+                    sys.stdout.write(chunk)
+                    streamed = True
             return
         else:
             names, _, batches = _result_batches(con, query, relation, limit + 1)
@@ -508,6 +511,9 @@ def sql(
     except duckdb.Error as error:
         note = _older_catalog_note(con)
         con.close()
+        if streamed:  # rows went out as they came: what a pipe got is not the whole result (with -o, no file is left)
+            sys.stdout.flush()
+            note += " The rows written to stdout before the error are an incomplete result."
         fail(f"SQL error: {error}{note}")
 
 
