@@ -25,7 +25,7 @@ import duckdb
 import torch
 
 from workbench.catalog import record_run, transaction
-from workbench.images import openable_paths
+from workbench.images import openable_paths, path_text
 from workbench.progress import ProgressHook, named_few, null_progress
 
 MODEL_SOURCE_PREFIX = "model:"
@@ -86,7 +86,7 @@ def report_unreadable(progress: ProgressHook, task: str, paths: Sequence[bytes],
     """Name files that could not be read this time (the first UNREADABLE_NAMED of a run; then one line)."""
     for n, path in enumerate(paths, start=reported_before + 1):
         if n <= UNREADABLE_NAMED:
-            progress(task=task, message=f"could not read {os.fsdecode(path)}: skipped (if it changed, `workbench ingest` reads it again; if not, `workbench exclude` leaves it out)")
+            progress(task=task, message=f"could not read {path_text(path)}: skipped (if it changed, `workbench ingest` reads it again; if not, `workbench exclude` leaves it out)")
         elif n == UNREADABLE_NAMED + 1:
             progress(task=task, message="more files could not be read: the summary counts them all")
 
@@ -124,7 +124,7 @@ def files_as_ingested(con: duckdb.DuckDBPyConnection, todo: list[tuple[str, byte
     how many have none. A file edited or replaced since holds other pixels: what a model says of them would be
     stored under the old image (and kept, since that image counts as done), as training and export refuse to."""
     files = openable_paths(con, [image_id for image_id, _ in todo])
-    gone = [os.fsdecode(path) for image_id, path in todo if image_id not in files]
+    gone = [path_text(path) for image_id, path in todo if image_id not in files]
     if gone:
         progress(task=task, message=(f"{len(gone)} image(s) left out: their files changed or went away since ingest "
                                      f"({named_few(gone)}); `workbench ingest` on their folders reads them again"))

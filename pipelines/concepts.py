@@ -550,7 +550,7 @@ def concepts_from_folder_names(
         folder_bytes = os.path.basename(os.path.dirname(bytes(path_bytes)))
         if folder_name not in noted and not _is_utf8(folder_bytes):
             noted.add(folder_name)  # kohya (Python) would read these bytes another way: said, not left to surprise
-            progress(task="concepts", message=f"folder {folder_name!r} is not named in UTF-8: its concept's trigger and "
+            progress(task="concepts", message=f"folder '{folder_name}' is not named in UTF-8: its concept's trigger and "
                      "class are the text shown, with \\xNN escapes, which is no word a model knows; rename the folder "
                      "in UTF-8 and ingest again (or set the trigger with `workbench concept add NAME --trigger WORD`)")
         if image_id in seen_images:  # one image (byte-identical copies) is in one concept: the first folder's

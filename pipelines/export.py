@@ -21,7 +21,7 @@ import duckdb
 
 from pipelines.priors import PRIOR_IN_USE_SQL, default_class_prompt
 from workbench.catalog import first_row, record_run
-from workbench.images import holds_image, one_line_caption, sidecars_changed_since_ingest
+from workbench.images import holds_image, one_line_caption, path_text, sidecars_changed_since_ingest
 from workbench.config import EXPORT_MANIFEST
 from workbench.progress import ProgressHook, named_few, null_progress
 
@@ -294,9 +294,9 @@ def _skip_reason(error: Exception) -> str:
 
 def _skip_message(row: _Row, error: Exception) -> str:
     if isinstance(error, SourceUnreadable):
-        return f"skipped {row.source.decode('utf-8', 'backslashreplace')}: it may not be read ({error}); make it readable and export again"
+        return f"skipped {path_text(row.source)}: it may not be read ({error}); make it readable and export again"
     why = "changed since it was ingested" if isinstance(error, SourceChanged) else "file no longer there"
-    return f"skipped {row.source.decode('utf-8', 'backslashreplace')}: {why} (run ingest again)"
+    return f"skipped {path_text(row.source)}: {why} (run ingest again)"
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pipelines.concepts import (
 from pipelines.filter import excluded_folder_rules_applied
 from workbench import config
 from workbench.catalog import first_row, last_run_params, record_run, transaction
-from workbench.images import SIDECAR_EXTENSIONS, as_rgb, read_caption_file, sidecar_beside
+from workbench.images import SIDECAR_EXTENSIONS, as_rgb, path_text, read_caption_file, sidecar_beside
 from workbench.progress import ProgressHook, StepCancelled, named_few, null_progress
 
 OUTPUT_MARKER = os.fsencode(config.OUTPUT_MARKER)  # folders the workbench writes: walks from above leave them out
@@ -384,7 +384,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
         # not walked is not gone: its files are not marked missing (an unmounted share, a folder made private); a path
         # longer than the system takes cannot even be asked whether it exists
         if error.errno == errno.ENAMETOOLONG or os.path.lexists(folder):
-            summary.unreadable_folders.append(f"{os.fsdecode(folder)} ({error.strerror or error})")
+            summary.unreadable_folders.append(f"{display_path(folder)} ({error.strerror or error})")
             skipped.append(folder)
 
     def entries_of(folder: bytes, above: frozenset[tuple[int, int]]) -> Iterator[FileEntry]:
@@ -441,7 +441,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             # named all the same (`ingest runs/*`): a run's sample grids and loss plot, class priors or an export
             # are no photos to train on, and took the dataset over without a word
             summary.output_folders_skipped += 1
-            summary.output_roots_skipped.append(os.fsdecode(root))
+            summary.output_roots_skipped.append(display_path(root))
             skipped.append(root)
         elif os.path.isdir(root):
             yield from entries_of(root, frozenset())
@@ -530,8 +530,8 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
 
 
 def display_path(path_bytes: bytes) -> str:
-    """A printable path: undecodable bytes become \\xNN escapes."""
-    return path_bytes.decode("utf-8", errors="backslashreplace")
+    """A printable path: undecodable bytes become \\xNN escapes (`path_text`, as the catalog stores paths)."""
+    return path_text(path_bytes)
 
 
 def _read_sidecar(path: bytes, summary: IngestSummary | None = None) -> tuple[str | None, str | None]:
@@ -746,7 +746,7 @@ def ingested_images(
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path: iterated, a string walked "/" and every letter
         paths = [paths]
     given = [os.path.expanduser(p) for p in paths]
-    missing = [os.fsdecode(p) for p in given if not os.path.lexists(p)]
+    missing = [path_text(p) for p in given if not os.path.lexists(p)]
     if missing:  # before the run is recorded: an ingest of nothing is no success
         raise FileNotFoundError(errno.ENOENT, f"No such file or folder to ingest: {', '.join(missing)}", missing[0])
     roots = [os.path.abspath(os.fsencode(p)) for p in given]
