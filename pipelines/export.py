@@ -620,7 +620,8 @@ def _say_textless(count: int, shown: str, progress: ProgressHook) -> None:
 def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], *, overwrite: bool = False,
                    only: Collection[str] | None = None, progress: ProgressHook = null_progress) -> dict:
     """The `dataset` view's rows as one parquet file (OUT itself if it ends in .parquet, else OUT/dataset.parquet),
-    with `text`: what each image trains on (`caption` is the catalog's, null where an image has none)."""
+    with `text`: the caption, else what an uncaptioned image trains on here (`training_text`); `caption` is the
+    catalog's, null where an image has none."""
     out = Path(out)
     if out.suffix.lower() == ".parquet":
         target = out

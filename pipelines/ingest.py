@@ -520,10 +520,12 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
                 continue
             break
     if sidecar is None:
-        # `IMG_1.TXT` (Windows tools) or `IMG_1.jpg.txt`: kohya reads neither (name.txt exactly), nor does ingest; said,
+        # `IMG_1.TXT` (Windows tools) or `IMG_1.jpg.txt`: kohya on Linux reads neither (name.txt exactly), nor does ingest; said,
         # as a caption silently not read is a caption the model captions over
         lowered = lowered if lowered is not None else {sibling.lower(): sibling for sibling in siblings}
-        near = [lowered[(stem + ext).lower()] for ext in SIDECAR_EXTENSIONS if (stem + ext).lower() in lowered]
+        # (a case variant only: one named exactly that could not be stat'ed, a dangling link, is not misnamed)
+        near = [lowered[(stem + ext).lower()] for ext in SIDECAR_EXTENSIONS
+                if lowered.get((stem + ext).lower(), stem + ext) != stem + ext]
         near += [name + ext for ext in SIDECAR_EXTENSIONS if name + ext in siblings]
         summary.sidecars_misnamed += [display_path(os.path.join(os.path.dirname(path), other)) for other in near]
     yield FileEntry(path, info.st_size, info.st_mtime_ns, sidecar, sidecar_mtime)

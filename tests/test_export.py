@@ -1134,5 +1134,5 @@ def test_an_export_that_cannot_be_written_is_said_in_words(catalog_path, con, cu
     result = CliRunner().invoke(app, ["export", str(tmp_path / "a_file" / "out"), "--catalog", str(catalog_path)],
                                 env={"COLUMNS": "250"})
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "Cannot write the export" in said and "Not a directory" in said, result.output
+    assert result.exit_code == 2 and "The export stopped at" in said and "Not a directory" in said, result.output
     assert "[Errno" not in said

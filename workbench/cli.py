@@ -308,7 +308,8 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.sidecars_misnamed)} caption file(s) are not read: named other than the "
             f"image's name with .txt or .caption in lower case ({named_few(summary.sidecars_misnamed)}), which is what kohya "
-            "reads too. Rename them (IMG_1.TXT or IMG_1.jpg.txt to IMG_1.txt) and ingest again."))
+            "reads on Linux too (Windows and macOS disks ignore case). Rename them (IMG_1.TXT or IMG_1.jpg.txt to "
+            "IMG_1.txt) and ingest again."))
     if summary.animated:
         err_console.print(Text.assemble(
             ("Note: ", "yellow"), f"{len(summary.animated)} animated image(s) ({named_few(summary.animated)}): every step "
@@ -1479,9 +1480,9 @@ def export(
     except ExportError as error:
         fail(str(error))
     except OSError as error:  # said in words, with the file it met (it printed "[Errno 13] Permission denied: 'out'")
-        where = f" {error.filename}" if error.filename else ""
-        fail(f"Cannot write the export{where}: {error.strerror or error}. Give an --out folder you may write to "
-             f"(and a disk with room).")
+        at_file = f" at {error.filename}" if error.filename else ""
+        fail(f"The export stopped{at_file}: {error.strerror or error}. Give an OUT folder you may write to, on a disk "
+             "with room (or make the file it names readable).")
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
     if summary.get("copied_not_hardlinked"):
         err_console.print(Text(f"Note: {summary['copied_not_hardlinked']} image(s) were copied, not hard-linked: OUT is on "

@@ -176,8 +176,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
     if config.concepts:
         # a concept named with no image in the dataset: said, whether or not the others have some (it was silently
         # skipped beside others, and alone was told to ingest a folder)
-        held = {row[0] for row in con.execute("SELECT concept, count(*) FROM dataset WHERE role = 'instance' AND concept "
-                                               "IN (SELECT unnest(?)) GROUP BY 1", params).fetchall()}
+        held = {row[columns.index("concept")] for row in rows}
         empty = [name for name in params[0] if name not in held]
         if empty and rows:
             progress(task="dataset", message=(
