@@ -465,8 +465,9 @@ def kohya_export(
             done += 1
             if is_reg and row.image_id not in chosen:
                 prompt = _prior_prompt(row) or ""
-                # training takes a prompt's supplied class images (all of them), or else of one generated set
-                # 200 per instance image; a file gone is skipped and the next one taken, as training does
+                # training takes a prompt's supplied class images (all of them), or else 200 per instance image of
+                # the one generated set its settings make; which one a kohya run is, the export cannot know, so each
+                # set keeps that many (mixed sets are said); a file gone is skipped and the next one taken, as in training
                 if not row.supplied and (taken[(prompt, "supplied")] or taken[(prompt, row.prior_set)]
                                          >= _generated_priors_training_takes(instances[prompt])):
                     surplus[prompt] += 1
