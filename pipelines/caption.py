@@ -27,6 +27,7 @@ import torch
 from workbench.catalog import record_run, transaction
 from workbench.images import openable_paths, path_text
 from workbench.progress import ProgressHook, named_few, null_progress
+from workbench.text import caption_has_trigger
 
 MODEL_SOURCE_PREFIX = "model:"
 TEMPLATE_FIELDS = {"caption", "trigger", "class"}
@@ -304,8 +305,6 @@ def model_captions(
         todo = [(image_id, path) for image_id, path in candidates if image_id not in done]
         already = len(candidates) - len(todo)
         todo, changed = files_as_ingested(con, todo, progress, "caption")
-        from pipelines.export import caption_has_trigger  # here: export imports from this module
-
         concept_of = _concept_fields(con)
         counts = {"images_ok": len(candidates), "already_captioned": already,
                   "captioned": 0, "unreadable": 0, "changed_since_ingest": changed,

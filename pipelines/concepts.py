@@ -23,6 +23,7 @@ import pyarrow as pa
 from workbench.catalog import is_read_only_sql, record_run, transaction
 from workbench.images import catalog_path_text, path_text
 from workbench.progress import ProgressHook, null_progress
+from workbench.text import caption_has_trigger, concept_caption, shell_text, sql_text
 
 # kohya: the folder name split at "_": int(tokens[0]) is the repeat count, the rest (joined
 # back with "_") the class tokens; folders without a number are ignored, repeats < 1 too.
@@ -48,7 +49,7 @@ class Concept:
     @property
     def class_tokens(self) -> str:
         """What kohya calls class_tokens: "trigger class" (the caption of an image without a caption file)."""
-        return f"{self.trigger} {self.class_noun}" if self.class_noun else self.trigger
+        return concept_caption(self.trigger, self.class_noun) or ""
 
 
 def parse_kohya_folder_name(name: str) -> tuple[int, str, str | None] | None:
@@ -74,7 +75,7 @@ def concept_of_folder_name(name: str) -> str | None:
     if parsed is None:
         return None
     _, trigger, class_noun = parsed
-    return f"{trigger} {class_noun}" if class_noun else trigger
+    return concept_caption(trigger, class_noun)
 
 
 def folder_concept_names(name: str) -> tuple[str, ...]:
@@ -376,16 +377,12 @@ def added_concept(
 
 def _captions_holding(con: duckdb.DuckDBPyConnection, concept: str, trigger: str) -> int:
     """How many of the concept's images have a caption with `trigger` in it (as a word, as training reads it)."""
-    from pipelines.export import caption_has_trigger
-
     captions = con.execute("SELECT caption FROM images_view WHERE concept = ? AND caption IS NOT NULL", [concept]).fetchall()
     return sum(caption_has_trigger(caption, trigger) for (caption,) in captions)
 
 
 def replace_trigger_command(old: str, new: str, concept: str) -> str:
     """The command that replaces a concept's old trigger by its new one in its images' captions (whole words)."""
-    from pipelines.export import shell_text, sql_text
-
     # as caption_has_trigger counts it: any case, and a whole word by Unicode letters and digits (RE2's \b knows
     # ASCII only, so "émile" or "<s1>" kept the old trigger the note had counted)
     pattern = r"(?i)(^|[^\pL\pN_])" + re.escape(old) + r"([^\pL\pN_]|$)"

@@ -404,7 +404,7 @@ def test_a_concept_from_a_macos_folder_name_matches_what_is_typed(con, tmp_path)
     from PIL import Image
 
     from pipelines.concepts import removed_concept
-    from pipelines.export import caption_has_trigger
+    from workbench.text import caption_has_trigger
     from pipelines.ingest import ingested_images
     from pipelines.train.data import training_images
     from train_fixtures import fast_config

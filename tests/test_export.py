@@ -580,7 +580,7 @@ def test_import_kohya_reads_a_plain_subset_folder_and_says_its_repeats_are_not_k
     ],
 )
 def test_caption_has_trigger_is_a_whole_word_test(caption, trigger, present):
-    from pipelines.export import caption_has_trigger
+    from workbench.text import caption_has_trigger
 
     assert caption_has_trigger(caption, trigger) is present
 

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from pipelines.buckets import default_bucket_settings as buckets_defaults
-from pipelines.export import add_token_command, caption_has_trigger, sql_text
+from workbench.text import add_token_command, caption_has_trigger, concept_caption, sql_text
 from pipelines.priors import PRIOR_IN_USE_SQL
 from pipelines.train.config import SNAPSHOT_FILE, TrainConfig
 from workbench.files import is_disk_full, written_whole
@@ -269,7 +269,7 @@ def training_images(con: duckdb.DuckDBPyConnection, config: TrainConfig, *, prog
             crop = (choice.crop_left, choice.crop_top)
         trigger = row.get("concept_trigger")
         # no caption: the concept's "trigger class" (kohya's class_tokens, DreamBooth's "sks dog"), not the bare trigger
-        class_tokens = f"{trigger} {row['concept_class']}" if trigger and row.get("concept_class") else None
+        class_tokens = concept_caption(trigger, row["concept_class"]) if row.get("concept_class") else None
         caption = config.instance_prompt or row["caption"] or class_tokens or ""
         if config.caption_prefix:  # "sks" + "photo of x" → "sks, photo of x" (kohya-style tags); a prefix ending in a separator is kept as is
             prefix = config.caption_prefix
