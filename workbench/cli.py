@@ -274,6 +274,11 @@ def ingest(
     _ingest_notes(con, summary, paths)
 
 
+def _note(*parts) -> None:
+    """A note after a step's counts, on stderr: "Note:" in yellow, then its text as is (paths in it are never markup)."""
+    err_console.print(Text.assemble(("Note: ", "yellow"), *parts))
+
+
 def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
     """What an ingest found that the user should know, after its counts (ingest and import-kohya)."""
     from pipelines.ingest import PILLOW_READS_AVIF
@@ -290,48 +295,48 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
                           "images, not photos to train on. `workbench import-kohya FOLDER` reads a kohya dataset with its "
                           "class images; `workbench priors --from reg/1_dog` adds one folder of them.")
     if summary.output_roots_skipped:
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"left out {named_few(summary.output_roots_skipped)}: folder(s) the workbench wrote (a "
+        _note(
+            f"left out {named_few(summary.output_roots_skipped)}: folder(s) the workbench wrote (a "
             "training run's samples and loss plot, class priors, an export), not photos to train on. To train on generated "
             "images, copy them to a folder of their own and ingest that; class images go in with `workbench priors --from "
-            "FOLDER`, an export comes back with `workbench import-kohya`."))
+            "FOLDER`, an export comes back with `workbench import-kohya`.")
     if summary.sidecars_left_out:
         err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
                           "UTF-8 text, unreadable, or too long to be a caption); each image keeps the caption it had. Mend "
                           "them as said there (re-save as UTF-8, shorten) and ingest again to read them.")
     if summary.heic_avif_paths:  # left out by name, or recorded as errors when named like another format
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
+        _note(
+            f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
             f"them ({named_few(sorted(summary.heic_avif_paths))}). Convert them to JPEG or PNG (e.g. `heif-convert`, or Photos' "
-            "export) and ingest again."))
+            "export) and ingest again.")
     if summary.sidecars_misnamed:
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.sidecars_misnamed)} caption file(s) are not read: named other than the "
+        _note(
+            f"{len(summary.sidecars_misnamed)} caption file(s) are not read: named other than the "
             f"image's name with .txt or .caption in lower case ({named_few(summary.sidecars_misnamed)}), which is what kohya "
             "reads on Linux too (Windows and macOS disks ignore case). Rename them (IMG_1.TXT or IMG_1.jpg.txt to "
-            "IMG_1.txt) and ingest again."))
+            "IMG_1.txt) and ingest again.")
     if summary.animated:
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.animated)} animated image(s) ({named_few(summary.animated)}): every step "
+        _note(
+            f"{len(summary.animated)} animated image(s) ({named_few(summary.animated)}): every step "
             "(captions, training, export) sees their first frame only. Extract the frames you want as images of their "
-            "own to train on them."))
+            "own to train on them.")
     if summary.multi_line_sidecars:
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.multi_line_sidecars)} caption sidecar(s) hold several lines "
+        _note(
+            f"{len(summary.multi_line_sidecars)} caption sidecar(s) hold several lines "
             f"({named_few(summary.multi_line_sidecars)}): the first line with text is the caption, as kohya reads them; "
             "the other lines are not used. If they are tags of one caption, join them with commas; alternative "
-            "captions, one per line (OneTrainer picks one at random each epoch), have no counterpart here."))
+            "captions, one per line (OneTrainer picks one at random each epoch), have no counterpart here.")
     if summary.both_sidecars:
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(summary.both_sidecars)} image(s) have both a .txt and a .caption sidecar "
+        _note(
+            f"{len(summary.both_sidecars)} image(s) have both a .txt and a .caption sidecar "
             f"({named_few(summary.both_sidecars)}): the .txt is read (kohya's --caption_extension defaults to .caption, "
-            "the kohya GUI's and WD14's to .txt). Remove the one you do not want and ingest again."))
+            "the kohya GUI's and WD14's to .txt). Remove the one you do not want and ingest again.")
     if summary.sidecar_conflicts:
         conflicts = [f"{used} (not {', '.join(others)})" for used, others in summary.sidecar_conflicts.items()]
-        err_console.print(Text.assemble(
-            ("Note: ", "yellow"), f"{len(conflicts)} image(s) have byte-identical copies whose caption sidecars differ; "
+        _note(
+            f"{len(conflicts)} image(s) have byte-identical copies whose caption sidecars differ; "
             f"each takes the sidecar of the first of its paths (in sorted order) that has one: {named_few(conflicts)}. Make the sidecars agree "
-            "(or delete the ones you do not want) and ingest again."))
+            "(or delete the ones you do not want) and ingest again.")
     if summary.sidecar_texts_changed:
         # a sidecar edited in another tool, read now, of an image whose caption was typed or edited here (manual wins):
         # read and stored, yet nothing trains on it, and nothing said so (one touched but saying the same is no edit)
@@ -346,11 +351,11 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
                      "image_id IN (SELECT c.image_id FROM captions c JOIN current_captions cc USING (image_id) WHERE "
                      "c.source = 'sidecar' AND cc.caption_source <> 'sidecar' AND cc.caption IS DISTINCT FROM c.text)")
             sources = sorted({row[2] for row in overridden})
-            err_console.print(Text.assemble(
-                ("Note: ", "yellow"), f"{len(ids)} image(s) have a sidecar saying something other than the caption they "
+            _note(
+                f"{len(ids)} image(s) have a sidecar saying something other than the caption they "
                 f"train with, which comes from {', '.join(sources)} ({'typed or edited here' if sources == ['manual'] else 'chosen or edited here'}): "
                 f"{named_few([row[1] for row in overridden])}. To train on the sidecars: "
-                f"workbench caption --use-source sidecar --where \"{where}\""))
+                f"workbench caption --use-source sidecar --where \"{where}\"")
     if summary.files_seen == 0 and not summary.heic_avif_paths:  # HEIC left out is said above, and is an image file
         err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
     elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchall()[0][0]:
