@@ -27,7 +27,7 @@ import torch
 from workbench.catalog import record_run, transaction
 from workbench.images import openable_paths, path_text
 from workbench.progress import ProgressHook, named_few, null_progress
-from workbench.text import caption_has_trigger
+from workbench.text import add_token_command, caption_has_trigger
 
 MODEL_SOURCE_PREFIX = "model:"
 TEMPLATE_FIELDS = {"caption", "trigger", "class"}
@@ -306,6 +306,8 @@ def model_captions(
         already = len(candidates) - len(todo)
         todo, changed = files_as_ingested(con, todo, progress, "caption")
         concept_of = _concept_fields(con)
+        concept_name = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
+        triggerless: dict[str, str] = {}  # concept -> its trigger, of the images captioned without it
         counts = {"images_ok": len(candidates), "already_captioned": already,
                   "captioned": 0, "unreadable": 0, "changed_since_ingest": changed,
                   "duplicates_skipped": skipped_copies, "own_captions_kept": skipped_own}
@@ -344,6 +346,7 @@ def model_captions(
                                 counts["without_trigger"] += 1
                             elif trigger_count != "without_trigger" and trigger and not caption_has_trigger(caption, trigger):
                                 counts[trigger_count] += 1
+                                triggerless[concept_name.get(image_id)] = trigger
                             rows.append((image_id, source, caption))
                     _store_captions(con, rows)
                     counts["captioned"] += len(rows)
@@ -351,6 +354,8 @@ def model_captions(
                     run.counts.update(counts)
                     progress(task="caption", completed=finished, total=len(todo))
         run.counts.update(counts)
+    if triggerless:  # the command that puts each concept's trigger in its captions, for the note that counts them
+        counts["add_token_commands"] = [add_token_command(trigger, concept) for concept, trigger in sorted(triggerless.items())]
     return counts
 
 

@@ -289,7 +289,10 @@ def _generated_priors_training_takes(instances: int) -> int:
 
 
 def _counted(counts: Counter[str]) -> str:
-    """'a photo of a horse' (1), 'a photo of a person' (2): for notes about class prompts."""
+    """'a photo of a horse' (1), 'a photo of a person' (2): for notes about class prompts (one prompt: its name alone,
+    the note gives the count)."""
+    if len(counts) == 1:
+        return repr(next(iter(counts)))
     return named_few([f"{prompt!r} ({n})" for prompt, n in sorted(counts.items())])
 
 

@@ -918,7 +918,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         # them. Then the stored --where / --folder rules of concepts take the new images they match
         read_now = None if join_concepts else read + [bytes(path) for path in left_paths]
         summary.images_joined_concepts = concepts_from_folder_names(con, paths=read_now, progress=progress)
-        summary.images_joined_concepts += concept_rules_applied(con)
+        # of the images read now (an image taken out of a concept by hand, read before, stays out)
+        read_ids = None if join_concepts else [outcome[path][1] for path in read] + left
+        summary.images_joined_concepts += concept_rules_applied(con, ids=read_ids)
     # a concept's --folder moved or renamed: new images put in it (at its new place) joined no concept, unsaid
     for name, folder in con.execute(
         "SELECT c.name, c.folder FROM concepts c WHERE c.folder IS NOT NULL AND NOT EXISTS "

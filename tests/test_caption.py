@@ -122,6 +122,7 @@ def test_template_uses_the_concept_trigger_when_there_is_one(catalog, blip):
     # without a template, the concept image's caption lacks its trigger: counted (a review read "without trigger 0"
     # while concept images had been captioned without theirs)
     assert plain["concept_images_captioned_without_their_trigger"] == 1 and "without_trigger" not in plain
+    assert plain["add_token_commands"] == ["workbench edit-captions --add-token sks --where \"concept = 'rex'\""]
     templated, raw = _captions(catalog, "model:t"), _captions(catalog, "model:plain")
     assert templated[ids[0]] == f"photo of sks dog, {raw[ids[0]]}"
     assert templated[ids[1]] == f"photo of, {raw[ids[1]]}"

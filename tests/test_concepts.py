@@ -588,3 +588,27 @@ def test_the_suggested_trigger_replacement_changes_every_caption_the_note_counte
         captions = dict(con.execute("SELECT image_id, caption FROM images_view").fetchall())
         assert captions == {a: f"{new}, photo of {new} woman", b: f"a portrait of {trigger}ove", c: f"émile {new}"}, captions
     con.close()
+
+
+def test_an_image_taken_out_by_hand_stays_out_when_ingest_reads_new_files(catalog_path, tmp_path):
+    """A README check: `concept unassign` said a concept's saved rule would take the images back at the next ingest; an
+    ingest that read any new file took every unassigned image back. Only the files it reads now join by the rules."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+    from workbench.catalog import connect
+
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    for n in range(2):
+        Image.new("RGB", (64, 64), (n * 90, 10, 10)).save(folder / f"{n}.png")
+    con = connect(catalog_path)
+    ingested_images(con, [folder], workers=1)
+    added_concept(con, "rex", trigger="rex", folder=str(folder))
+    out = con.execute("SELECT image_id FROM concept_images ORDER BY image_id LIMIT 1").fetchone()[0]
+    unassigned_images(con, [out])
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "new.png")
+    summary = ingested_images(con, [folder], workers=1)
+    assert summary.images_joined_concepts == 1  # the new file
+    assert get_concept(con, "rex").images == 2 and out not in {r[0] for r in con.execute("SELECT image_id FROM concept_images").fetchall()}
+    con.close()

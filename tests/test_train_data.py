@@ -269,3 +269,22 @@ def test_a_named_concept_without_images_is_said(con, tmp_path):
     assert len(images) == 2 and any("concept 'ghost' has no image in the dataset" in m for m in said)
     with pytest.raises(DataError, match="Concept 'ghost' has no image in the dataset"):
         training_images(con, fast_config(tmp_path / "run", concepts=["ghost"]))
+
+
+def test_the_same_weights_from_another_folder_have_the_same_fingerprint(tmp_path):
+    """A README check: the base fingerprint ("a SHA-256 of its weights") hashed the config's _name_or_path too, so the
+    tiny model copied to ./mymodel, weights identical, was another model to --resume and to the caches."""
+    import shutil
+
+    import torch
+
+    from pipelines.train.data import module_fingerprint
+    from workbench.models import component_path, load_sd_components
+
+    shutil.copytree(component_path("tiny", "sd"), tmp_path / "mymodel")
+    here, there = load_sd_components("tiny", device="cpu"), load_sd_components(str(tmp_path / "mymodel"), device="cpu")
+    assert here.unet.config._name_or_path != there.unet.config._name_or_path
+    assert module_fingerprint(here.unet, here.vae) == module_fingerprint(there.unet, there.vae)
+    with torch.no_grad():
+        there.unet.conv_in.bias.add_(1e-3)
+    assert module_fingerprint(here.unet, here.vae) != module_fingerprint(there.unet, there.vae)

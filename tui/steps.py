@@ -107,10 +107,11 @@ def run_caption(con, s, progress, project):
 
     check_template(s["template"])
     processor, model = load_blip(s["model"])
-    return _summary(
-        model_captions(con, processor, model, model_name=model_label(s["model"], "blip"), batch_size=s["batch_size"],
-                       template=s["template"], workers=0, progress=progress)
-    )
+    counts = model_captions(con, processor, model, model_name=model_label(s["model"], "blip"), batch_size=s["batch_size"],
+                            template=s["template"], workers=0, progress=progress)
+    for command in counts.pop("add_token_commands", []):  # a line of the log each, not a list in the summary
+        progress(task="caption", message=f"concept images captioned without their trigger: {command}")
+    return _summary(counts)
 
 
 def run_score(con, s, progress, project):

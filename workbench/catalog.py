@@ -573,7 +573,8 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, write: bool = False) ->
             raise CatalogError(
                 f"Refused: {changed[1]} is a table of the workbench's catalog, which its steps and migrations rely on: it "
                 "is not dropped, replaced or altered here. Change its rows (INSERT, UPDATE, DELETE; not the rows of "
-                "schema_migrations, nor a DELETE of images or paths), or keep data of your own in a table of your own.")
+                "schema_migrations or schema_views, nor a DELETE of images or paths), or keep data of your own in a table "
+                "of your own.")
         refusal = _protected_rows_changed(statement)
         if refusal:
             raise CatalogError(refusal)

@@ -774,6 +774,7 @@ def caption(
                 )
             except ValueError as error:
                 fail(str(error))
+    add_token_commands = counts.pop("add_token_commands", [])
     console.print(counts_table(f"caption (source model:{label})", counts))
     # a model's captions chosen with --use-source stay current: a new model's captions then trained nowhere, unsaid
     others = con.execute(
@@ -798,7 +799,7 @@ def caption(
         err_console.print(f"[yellow]Note:[/] {counts['concept_images_captioned_without_their_trigger']} concept image(s) got "
                           "captions without their trigger word: training puts it in front of them (and says so). To have "
                           "it in the captions, caption with --template \"{trigger} {class}, {caption}\" --overwrite, or "
-                          "use `workbench edit-captions --add-token`.")
+                          f"add it: {escape('; '.join(add_token_commands))}")
     if label == TINY:
         err_console.print("[yellow]Note:[/] the tiny BLIP has random weights (the offline test preset): its captions are "
                           "nonsense words. --model sd15 (BLIP base, downloaded once) or a BLIP folder captions for real.")
@@ -1116,7 +1117,8 @@ def concept_unassign(
 ) -> None:
     """Take images out of whatever concept they are in (they stay in the catalog and the dataset).
 
-    A concept's --where or --folder takes them back at the next ingest; `workbench concept assign` puts them in another.
+    They stay out: a concept's saved --where or --folder takes only new files at ingest (`workbench concept add NAME`
+    alone applies it to every image in no concept); `workbench concept assign` puts them in another.
 
     Example: workbench concept unassign 3fa9c2d1e0 77b01c9e4a
     """

@@ -604,12 +604,15 @@ def load_pixels(image: TrainImage, spec: ItemSpec) -> torch.Tensor:
 
 
 def module_fingerprint(*modules: torch.nn.Module, extra: str = "") -> str:
-    """SHA-256 over config and every weight's bytes: any change to the model changes it."""
+    """SHA-256 over config and every weight's bytes: any change to the model changes it. Not where it was loaded from,
+    nor the library versions that saved it (`_name_or_path`, `_diffusers_version`, `transformers_version`): the same
+    weights moved to another folder are the same model (a resume from there was refused, its caches made anew)."""
     digest = hashlib.sha256(extra.encode())
     for module in modules:
         config = getattr(module, "config", None)
         if config is not None:
             as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            as_dict = {key: value for key, value in as_dict.items() if not key.startswith("_") and not key.endswith("_version")}
             digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
