@@ -135,7 +135,7 @@ COMMENT ON COLUMN images_view.missing_paths IS 'Those of its paths where the las
 COMMENT ON COLUMN images_view.status IS 'ok, error (unreadable), missing (no known path exists), replaced (edited in place)';
 COMMENT ON COLUMN images_view.role IS 'instance (training image) or class_prior (a DreamBooth class image: generated, or supplied with priors --from)';
 COMMENT ON COLUMN images_view.caption_source IS 'sidecar, manual, duplicate, model:NAME (auto-caption), or class_prompt (a class prior: its prompt)';
-COMMENT ON COLUMN images_view.duplicate_group IS 'Duplicate group id (duplicate_groups view); NULL when unique';
+COMMENT ON COLUMN images_view.duplicate_group IS 'Duplicate group id (duplicate_groups view; renumbered by each dedup run: its keeper_id names the group across runs); NULL when unique';
 COMMENT ON COLUMN images_view.is_keeper IS 'The copy of its duplicate group that is kept';
 COMMENT ON COLUMN images_view.excluded IS 'Out of the dataset: see exclusion_reason (the rows are in exclusions)';
 COMMENT ON COLUMN images_view.exclusion_reason IS 'Why, from every step that excluded it (dedup, filter:RULE, manual)';
