@@ -966,3 +966,28 @@ def test_a_run_records_its_hub_commit_and_a_resume_on_updated_weights_is_refused
     assert resumed.steps == 3
     assert con.execute("SELECT model_revision, model_fingerprint FROM training_runs WHERE train_id = ?",
                        [resumed.train_id]).fetchone() == ("a" * 40, row[3])
+
+
+def test_a_run_asked_to_stop_that_fails_on_the_way_is_recorded_as_cancelled(con, tmp_path, monkeypatch):
+    """A flaky multi-process SIGTERM test: one process stopped a step before the other, whose next collective broke, so
+    the run the user stopped was recorded 'failed'. Asked to stop, it is 'cancelled', with the error that followed."""
+    import pipelines.train.run as run_mod
+    from pipelines.train import trained_model
+    from workbench.progress import CancellableProgress
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    stop = CancellableProgress(lambda **kw: None)
+
+    def broken_on_the_way(*args, **kwargs):
+        stop.cancel()  # SIGTERM arrives
+        raise RuntimeError("Connection closed by peer")  # gloo, as the other process left
+
+    monkeypatch.setattr(run_mod, "main", broken_on_the_way)
+    with pytest.raises(RuntimeError):
+        trained_model(con, fast_config(tmp_path / "run"), progress=stop)
+    status, error = con.execute("SELECT status, error FROM training_runs").fetchone()
+    assert status == "cancelled" and "while stopping: RuntimeError: Connection closed by peer" in error
+    monkeypatch.setattr(run_mod, "main", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("a real failure")))
+    with pytest.raises(RuntimeError):
+        trained_model(con, fast_config(tmp_path / "run2"), progress=CancellableProgress(lambda **kw: None))
+    assert con.execute("SELECT status FROM training_runs ORDER BY train_id DESC LIMIT 1").fetchone()[0] == "failed"

@@ -33,7 +33,7 @@ from pipelines.train.loop import (
 )
 from workbench.catalog import catalog_file, connect_when_free, finish_run, first_row, refuse_read_only, run_status, start_run
 from workbench.files import current_umask
-from workbench.progress import ProgressHook, null_progress
+from workbench.progress import ProgressHook, StepCancelled, null_progress
 
 
 def catalog_project_dir(con: duckdb.DuckDBPyConnection) -> Path:
@@ -667,8 +667,14 @@ def _train_and_record(catalog: _RunCatalog, config: TrainConfig, images, priors,
         failure = error
         raise
     finally:
+        if failure is not None and run_status(failure) == "failed" and getattr(progress, "cancelled", False):
+            # asked to stop, it failed on the way (several processes: one stopped a step before the other, whose next
+            # collective then broke): a run the user stopped, recorded so, with the error that followed
+            failure_recorded = StepCancelled(f"stopped by the user; while stopping: {failure.__class__.__name__}: {failure}")
+        else:
+            failure_recorded = failure
         if catalog.con is not None:  # None: stopped while waiting to reopen it; the next run here marks the row 'interrupted'
-            _record_outcome(catalog.con, run, train_id, result, failure, output_dir, base_model)
+            _record_outcome(catalog.con, run, train_id, result, failure_recorded, output_dir, base_model)
     from pipelines.train.evaluate import finished_sessions, run_metrics
 
     try:
