@@ -740,18 +740,28 @@ def uses_text_cache(config: TrainConfig) -> bool:
     return config.cache_text_embeddings and not config.train_text_encoder
 
 
-def make_caches(config: TrainConfig, vae, text_encoder, tokenizer) -> tuple[LatentCache | None, TextCache | None]:
-    """The caches this run may use, keyed by fingerprints of the (still frozen) encoders."""
+def make_caches(config: TrainConfig, vae, text_encoder, tokenizer, *, vae_print: str | None = None,
+                text_print: str | None = None) -> tuple[LatentCache | None, TextCache | None]:
+    """The caches this run may use, keyed by fingerprints of the (still frozen) encoders (`module_fingerprint`; given,
+    when the caller has them already)."""
     from workbench.config import workbench_home
 
     root = Path(config.cache_dir) if config.cache_dir else workbench_home() / "cache" / "train"
     memory = MemoryTier(config.cache_memory_mb * 2**20)  # one budget for both caches
-    latent_cache = LatentCache(root, module_fingerprint(vae, extra="vae"), memory) if uses_latent_cache(config) else None
+    latent_cache = None
+    if uses_latent_cache(config):
+        latent_cache = LatentCache(root, _key("vae", vae_print or module_fingerprint(vae)), memory)
     text_cache = None
     if uses_text_cache(config):
         vocab = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
         tokenizer_id = f"{type(tokenizer).__name__}:{vocab}:{tokenizer.model_max_length}"
         if config.max_token_length and config.max_token_length > tokenizer.model_max_length - 2:  # another encoding
             tokenizer_id += f":windows-{config.max_token_length}"
-        text_cache = TextCache(root, module_fingerprint(text_encoder, extra=f"text:{tokenizer_id}"), memory)
+        text_cache = TextCache(root, _key("text", tokenizer_id, text_print or module_fingerprint(text_encoder)), memory)
     return latent_cache, text_cache
+
+
+def base_model_fingerprint(unet_print: str | None, text_print: str, vae_print: str) -> str:
+    """One fingerprint of a run's base model from its parts' `module_fingerprint`s (the UNet's None when it is made
+    from scratch, not taken from the base): what a resume checks."""
+    return _key("base-v1", unet_print, text_print, vae_print)

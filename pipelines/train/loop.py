@@ -671,11 +671,13 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
     if accelerator.is_main_process:
         say_long_captions(images, tokenizer, progress, config.max_token_length, config.shuffle_tags)
 
-    # fingerprints of the frozen encoders, before anything trains
-    latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer)
-    # and of the whole base as loaded: a resume checks it, so a Hub update or a replaced folder or file under the same
-    # --model cannot silently go on training other weights (a from-scratch UNet does not come from the base)
-    base_fingerprint = train_data.module_fingerprint(*(() if config.from_scratch else (unet,)), text_encoder, vae, extra="base-v1")
+    # fingerprints of the base as loaded, before anything trains, each part hashed once: the caches are keyed by the
+    # frozen encoders', and a resume checks the whole base's, so a Hub update or a replaced folder or file under the
+    # same --model cannot silently go on training other weights (a from-scratch UNet does not come from the base)
+    vae_print, text_print = train_data.module_fingerprint(vae), train_data.module_fingerprint(text_encoder)
+    latent_cache, text_cache = train_data.make_caches(config, vae, text_encoder, tokenizer, vae_print=vae_print, text_print=text_print)
+    base_fingerprint = train_data.base_model_fingerprint(
+        None if config.from_scratch else train_data.module_fingerprint(unet), text_print, vae_print)
     base_model.update(model_path=components.source_path, model_revision=components.revision, model_fingerprint=base_fingerprint)
 
     # --- which weights train ---
