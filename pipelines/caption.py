@@ -163,15 +163,15 @@ def apply_template(template: str | None, caption: str, *, trigger: str | None, c
     return text.strip(" ,")
 
 
-def _concept_fields(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[str | None, str | None]]:
-    """image_id → (trigger, class noun) from the concepts tables when they exist (m003), else empty."""
+def _concept_fields(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """image_id → (trigger, class noun, concept) from the concepts tables when they exist (m003), else empty."""
     tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     if not {"concepts", "concept_images"} <= tables:
         return {}
     rows = con.execute(
-        "SELECT ci.image_id, c.trigger_token, c.class_noun FROM concept_images ci JOIN concepts c ON c.name = ci.concept"
+        "SELECT ci.image_id, c.trigger_token, c.class_noun, c.name FROM concept_images ci JOIN concepts c ON c.name = ci.concept"
     ).fetchall()
-    return {image_id: (trigger, class_noun) for image_id, trigger, class_noun in rows}
+    return {image_id: (trigger, class_noun, concept) for image_id, trigger, class_noun, concept in rows}
 
 
 def _unfinished_since(con: duckdb.DuckDBPyConnection, run_id: int, params: dict):
@@ -306,7 +306,6 @@ def model_captions(
         already = len(candidates) - len(todo)
         todo, changed = files_as_ingested(con, todo, progress, "caption")
         concept_of = _concept_fields(con)
-        concept_name = dict(con.execute("SELECT image_id, concept FROM concept_images").fetchall())
         triggerless: dict[str, str] = {}  # concept -> its trigger, of the images captioned without it
         counts = {"images_ok": len(candidates), "already_captioned": already,
                   "captioned": 0, "unreadable": 0, "changed_since_ingest": changed,
@@ -339,14 +338,14 @@ def model_captions(
                         texts = processor.batch_decode(tokens, skip_special_tokens=True)
                         for index, text in zip(indices, texts):
                             image_id = todo[index][0]
-                            trigger, class_noun = concept_of.get(image_id, (None, None))
+                            trigger, class_noun, concept = concept_of.get(image_id, (None, None, None))
                             caption = apply_template(template, " ".join(text.split()),
                                                      trigger=trigger, class_noun=class_noun)
                             if trigger_count == "without_trigger" and not trigger:
                                 counts["without_trigger"] += 1
                             elif trigger_count != "without_trigger" and trigger and not caption_has_trigger(caption, trigger):
                                 counts[trigger_count] += 1
-                                triggerless[concept_name.get(image_id)] = trigger
+                                triggerless[concept] = trigger
                             rows.append((image_id, source, caption))
                     _store_captions(con, rows)
                     counts["captioned"] += len(rows)
