@@ -133,20 +133,18 @@ def _dataset_rows(con: duckdb.DuckDBPyConnection, only: Collection[str] | None =
     rows = con.execute(
         f"""
         WITH src AS (
-            SELECT image_id, arg_min(path_bytes, seq) AS path_bytes, arg_min(path, seq) AS path,
-                   arg_min(size, seq) AS size, arg_min(mtime_ns, seq) AS mtime_ns,
-                   list({{'path_bytes': path_bytes, 'path': path, 'size': size, 'mtime_ns': mtime_ns}} ORDER BY seq) AS sources
+            SELECT image_id, list({{'path_bytes': path_bytes, 'path': path, 'size': size, 'mtime_ns': mtime_ns}} ORDER BY seq) AS sources
             FROM paths WHERE NOT missing GROUP BY image_id
         )
-        SELECT d.image_id, src.path_bytes, src.path, d.format, d.mode, d.width, d.height, i.exif_orientation,
+        SELECT d.image_id, src.sources[1].path_bytes, src.sources[1].path, d.format, d.mode, d.width, d.height, i.exif_orientation,
                CASE WHEN d.role = 'class_prior' THEN coalesce(d.caption, cp.class_prompt) ELSE d.caption END,
                d.concept, d.concept_trigger, d.concept_class, d.concept_repeats, d.role, cp.class_prompt,
-               src.size, src.mtime_ns, cp.seed, coalesce(cp.supplied_from IS NOT NULL, false),
+               src.sources[1].size, src.sources[1].mtime_ns, cp.seed, coalesce(cp.supplied_from IS NOT NULL, false),
                [cp.model, cp.resolution::VARCHAR, cp.steps::VARCHAR, cp.guidance_scale::VARCHAR, cp.sampler], src.sources
         FROM images_view d JOIN src USING (image_id) JOIN images i USING (image_id)
         LEFT JOIN class_priors cp USING (image_id)
         WHERE (d.status = 'ok' AND NOT d.excluded) OR ({PRIOR_IN_USE_SQL})  -- the dataset, and the priors training uses
-        ORDER BY d.role, d.concept NULLS LAST, src.path
+        ORDER BY d.role, d.concept NULLS LAST, src.sources[1].path
         """
     ).fetchall()
     found = []
@@ -535,8 +533,7 @@ def imagefolder_export(
     lines, class_lines = [], []
     skipped: Counter[str] = Counter({"missing_files_skipped": 0, "changed_files_skipped": 0, "unreadable_files_skipped": 0,
                                      "copied_not_hardlinked": 0})
-    texts: Counter[str] = Counter({"captions": 0, "uncaptioned_given_concept_text": 0, "uncaptioned_without_text": 0})
-    textless: list[str] = []  # files, relative to OUT
+    texts, textless = _text_counts(), []  # textless: files, relative to OUT
     for done, row in enumerate(rows, 1):
         prior = row.role == "class_prior"
         folder = _inside(out, "class_images") if prior else target_dir
@@ -551,10 +548,7 @@ def imagefolder_export(
         text = row.caption
         if not prior:  # without a caption: the text training here gives it, not null (diffusers' scripts raise on it)
             text = training_text(row.caption, row.trigger, row.class_noun)
-            kind = "captions" if row.caption else "uncaptioned_given_concept_text" if text else "uncaptioned_without_text"
-            texts[kind] += 1
-            if not text:
-                textless.append(image_path.relative_to(out).as_posix())
+            _count_text(texts, textless, row.caption, text, image_path.relative_to(out).as_posix())
         (class_lines if prior else lines).append(json.dumps({
             "file_name": image_path.name,
             "text": text,
@@ -573,6 +567,18 @@ def imagefolder_export(
     _say_textless(len(textless), named_few(textless), progress)
     return {"format": "imagefolder", "out": str(out), "images": len(lines), **texts, "class_images": len(class_lines),
             **skipped}
+
+
+def _text_counts() -> Counter[str]:
+    """What an export counts of its instance images' text (`_count_text`), every kind shown, 0 or not."""
+    return Counter({"captions": 0, "uncaptioned_given_concept_text": 0, "uncaptioned_without_text": 0})
+
+
+def _count_text(texts: Counter[str], textless: list[str], caption: str | None, text: str, where: str) -> None:
+    """Count an instance image's text by where it came from; one with none at all is listed (`where`) for the note."""
+    texts["captions" if caption else "uncaptioned_given_concept_text" if text else "uncaptioned_without_text"] += 1
+    if not text:
+        textless.append(where)
 
 
 def _say_textless(count: int, shown: str, progress: ProgressHook) -> None:
@@ -604,17 +610,14 @@ def parquet_export(con: duckdb.DuckDBPyConnection, out: str | os.PathLike[str], 
     rows = con.execute(
         "SELECT image_id, d.role, d.caption, d.concept_trigger, d.concept_class, c.class_prompt, d.path FROM dataset d "
         f"LEFT JOIN class_priors c USING (image_id) {chosen} ORDER BY image_id", ids).fetchall()
-    texts: Counter[str] = Counter({"captions": 0, "uncaptioned_given_concept_text": 0, "uncaptioned_without_text": 0})
+    texts, textless = _text_counts(), []
     text_of: dict[str, str] = {}
-    textless: list[str] = []
     for image_id, role, caption, trigger, class_noun, class_prompt, path in rows:
         if role == "class_prior":  # as the other exports caption it: its prompt
             text_of[image_id] = caption or class_prompt or ""
             continue
         text_of[image_id] = training_text(caption, trigger, class_noun)
-        texts["captions" if caption else "uncaptioned_given_concept_text" if text_of[image_id] else "uncaptioned_without_text"] += 1
-        if not text_of[image_id]:
-            textless.append(path)
+        _count_text(texts, textless, caption, text_of[image_id], path)
     con.sql("SELECT d.*, t.text FROM dataset d JOIN (SELECT unnest($ids::VARCHAR[]) AS image_id, "
             "unnest($texts::VARCHAR[]) AS text) t USING (image_id) ORDER BY image_id",
             params={"ids": list(text_of), "texts": list(text_of.values())}).write_parquet(str(target))

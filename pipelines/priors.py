@@ -47,6 +47,8 @@ def class_images_wanted(instance_count: int, *, max_class_images: int, supplied:
     if supplied:
         return supplied
     return max(1, min(max_class_images, PRIORS_PER_INSTANCE * instance_count))
+
+
 # Which class priors train (and export): automatic curation filters (size, quality, CLIP score, duplicates) are
 # meant for instance photos, so only a manual exclusion drops a prior. A WHERE condition over images_view AS d.
 PRIOR_IN_USE_SQL = (
