@@ -87,9 +87,10 @@ def _lock_message(path: Path, holder: str, *, read_only: bool) -> str:
             "then retry.")
 
 
-# A new catalog is written in a storage format DuckDB has read since 1.0, not the newest the installed DuckDB writes:
-# a DuckDB 1.x shell (or harlequin, a notebook) could not open a catalog DuckDB 2 had made. A catalog's format is
-# fixed when the file is made; the tables of a catalog are small, so the newer format's compression gains nothing.
+# A new catalog is written in DuckDB's 1.x storage format, not the newest the installed DuckDB writes: a DuckDB 1.x
+# shell (or harlequin, a notebook) could not open a catalog DuckDB 2 had made (1.2 and later read this one; 1.0 cannot
+# read its schema). A catalog's format is fixed when the file is made; its tables are small, so the newer format's
+# compression gains nothing.
 STORAGE_COMPATIBILITY = "v1.0.0"
 
 

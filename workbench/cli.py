@@ -796,10 +796,9 @@ def caption(
                           "template's {trigger} (and {class}) were left empty in their captions. `workbench concept add NAME "
                           "--trigger WORD --folder DIR` gives them one; then caption again with --overwrite.")
     if counts.get("concept_images_captioned_without_their_trigger"):
-        err_console.print(f"[yellow]Note:[/] {counts['concept_images_captioned_without_their_trigger']} concept image(s) got "
-                          "captions without their trigger word: training puts it in front of them (and says so). To have "
-                          "it in the captions, caption with --template \"{trigger} {class}, {caption}\" --overwrite, or "
-                          f"add it: {escape('; '.join(add_token_commands))}")
+        _note(f"{counts['concept_images_captioned_without_their_trigger']} concept image(s) got captions without their "
+              "trigger word: training puts it in front of them (and says so). To have it in the captions, caption with "
+              f"--template \"{{trigger}} {{class}}, {{caption}}\" --overwrite, or add it: {'; '.join(add_token_commands)}")
     if label == TINY:
         err_console.print("[yellow]Note:[/] the tiny BLIP has random weights (the offline test preset): its captions are "
                           "nonsense words. --model sd15 (BLIP base, downloaded once) or a BLIP folder captions for real.")
@@ -1049,7 +1048,7 @@ def concept_add(
         fail(str(error))
     console.print(counts_table(f"concept {name}", {k: v for k, v in summary.items() if k not in ("concept", "note")}))
     if summary.get("note"):
-        err_console.print(Text(f"Note: {summary['note']}"))
+        _note(summary["note"])
 
 
 @concept_app.command("list")
