@@ -682,10 +682,11 @@ def test_heic_photos_no_images_and_a_stale_dedup_are_each_named(tmp_path, catalo
     next((tmp_path / "photos" / "more").iterdir()).rename(moved / "here.png")  # a move: no image dedup has not seen
     after_move = runner.invoke(app, ["ingest", str(tmp_path / "photos"), *common], env={"COLUMNS": "200"})
     assert after_move.exit_code == 0 and "not in duplicate groups" not in after_move.output, after_move.output
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("nothing")
-    empty = runner.invoke(app, ["ingest", str(tmp_path / "notes"), *common], env={"COLUMNS": "200"})
-    assert "no image files in" in " ".join(empty.output.split())
+    notes = tmp_path / "[notes]"  # brackets, as in "[2019] holiday": rich markup had eaten them from the note
+    notes.mkdir()
+    (notes / "todo.txt").write_text("nothing")
+    empty = runner.invoke(app, ["ingest", str(notes), *common], env={"COLUMNS": "400"})
+    assert f"no image files in {notes}." in " ".join(empty.output.split())
     # a HEIC named alone: its own note, not also "no image files in" it (a review found the two side by side)
     alone = runner.invoke(app, ["ingest", str(tmp_path / "photos" / "IMG_0001.HEIC"), *common], env={"COLUMNS": "200"})
     said = " ".join(alone.output.split())

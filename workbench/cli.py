@@ -201,7 +201,7 @@ def _images_matching(con, where: str, nothing_done: str, *, others_named: bool =
     matched = images_where(con, where)
     if not matched:
         if others_named:
-            err_console.print(Text(f"Note: no image matches --where {where!r}; only the other images named are taken.", style="yellow"))
+            _note(f"no image matches --where {where!r}; only the other images named are taken.")
             return []
         err_console.print(Text(f"No image matches --where {where!r}: {nothing_done}.", style="yellow"))
         raise typer.Exit(0)
@@ -291,9 +291,9 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             table.add_row(Text(printable(reason)), str(n), Text(printable(summary.error_examples.get(reason, ""))))
         console.print(table)
     if summary.kohya_reg_folders_skipped:
-        err_console.print("[yellow]Note:[/] left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
-                          "images, not photos to train on. `workbench import-kohya FOLDER` reads a kohya dataset with its "
-                          "class images; `workbench priors --from reg/1_dog` adds one folder of them.")
+        _note("left out kohya regularisation folder(s) (reg/ beside img/): they hold class "
+              "images, not photos to train on. `workbench import-kohya FOLDER` reads a kohya dataset with its "
+              "class images; `workbench priors --from reg/1_dog` adds one folder of them.")
     if summary.output_roots_skipped:
         _note(
             f"left out {named_few(summary.output_roots_skipped)}: folder(s) the workbench wrote (a "
@@ -301,9 +301,9 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
             "images, copy them to a folder of their own and ingest that; class images go in with `workbench priors --from "
             "FOLDER`, an export comes back with `workbench import-kohya`.")
     if summary.sidecars_left_out:
-        err_console.print(f"[yellow]Note:[/] {summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
-                          "UTF-8 text, unreadable, or too long to be a caption); each image keeps the caption it had. Mend "
-                          "them as said there (re-save as UTF-8, shorten) and ingest again to read them.")
+        _note(f"{summary.sidecars_left_out} caption sidecar(s) were left out (listed above: not "
+              "UTF-8 text, unreadable, or too long to be a caption); each image keeps the caption it had. Mend "
+              "them as said there (re-save as UTF-8, shorten) and ingest again to read them.")
     if summary.heic_avif_paths:  # left out by name, or recorded as errors when named like another format
         _note(
             f"{len(summary.heic_avif_paths)} {'HEIC' if PILLOW_READS_AVIF else 'HEIC/AVIF'} photo(s) left out: this Pillow cannot decode "
@@ -357,11 +357,11 @@ def _ingest_notes(con, summary: IngestSummary, paths: list[Path]) -> None:
                 f"{named_few([row[1] for row in overridden])}. To train on the sidecars: "
                 f"workbench caption --use-source sidecar --where \"{where}\"")
     if summary.files_seen == 0 and not summary.heic_avif_paths:  # HEIC left out is said above, and is an image file
-        err_console.print(f"[yellow]Note:[/] no image files in {', '.join(str(p) for p in paths)}.")
+        _note(f"no image files in {', '.join(str(p) for p in paths)}.")
     elif con.execute("SELECT count(*) FROM runs WHERE step = 'dedup'").fetchall()[0][0]:
         stale = _stale_dedup(summary)
         if stale:
-            err_console.print(f"[yellow]Note:[/] {stale}: run `workbench dedup` (and the later steps you use) again.")
+            _note(f"{stale}: run `workbench dedup` (and the later steps you use) again.")
 
 
 def _stale_dedup(summary: IngestSummary) -> str:
@@ -724,13 +724,12 @@ def caption(
             "AND (? IS NULL OR c.image_id IN (SELECT unnest(?::VARCHAR[]))) GROUP BY 1",
             [ids, ids]).fetchall())
         if overridden.get("manual"):
-            err_console.print(Text(f"Note: {overridden['manual']} image(s) with a caption typed by hand now use another source. "
-                                   "`--use-source manual` (with --where, for some) or `--use-source auto` brings those back.",
-                                   style="yellow"))
+            _note(f"{overridden['manual']} image(s) with a caption typed by hand now use another source. "
+                  "`--use-source manual` (with --where, for some) or `--use-source auto` brings those back.")
         if overridden.get("sidecar"):
-            err_console.print(Text(f"Note: {overridden['sidecar']} image(s) with a caption file of their own (a sidecar .txt "
-                                   "or .caption) now train with another source, not their file. `--use-source sidecar` "
-                                   "(with --where, for some) or `--use-source auto` brings those back.", style="yellow"))
+            _note(f"{overridden['sidecar']} image(s) with a caption file of their own (a sidecar .txt "
+                  "or .caption) now train with another source, not their file. `--use-source sidecar` "
+                  "(with --where, for some) or `--use-source auto` brings those back.")
         return
     if batch_size < 1 or max_length < 2 or beams < 1:
         fail("--batch-size and --beams must be at least 1, --max-length at least 2.")
@@ -782,29 +781,28 @@ def caption(
         "AND starts_with(cc.caption_source, 'model:') AND cc.caption_source <> ? GROUP BY 1 ORDER BY 2 DESC",
         [f"model:{label}", f"model:{label}"]).fetchall()
     if others:
-        err_console.print(Text(
-            f"Note: {sum(n for _, n in others)} image(s) captioned by model:{label} train with another model's caption "
-            f"({', '.join(f'{source}: {n}' for source, n in others)}), chosen with --use-source. `workbench caption "
-            f"--use-source model:{label}` makes this model's current (or `--use-source auto`: the newest).", style="yellow"))
+        _note(f"{sum(n for _, n in others)} image(s) captioned by model:{label} train with another model's caption "
+              f"({', '.join(f'{source}: {n}' for source, n in others)}), chosen with --use-source. `workbench caption "
+              f"--use-source model:{label}` makes this model's current (or `--use-source auto`: the newest).")
     if counts.get("own_captions_kept"):
-        err_console.print(f"[yellow]Note:[/] {counts['own_captions_kept']} image(s) with a caption of their own (a sidecar "
-                          "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. "
-                          "--own-captioned captions them too (then `--use-source model:NAME` makes the model's captions "
-                          "current).")
+        _note(f"{counts['own_captions_kept']} image(s) with a caption of their own (a sidecar "
+              "file, one typed, or one carried from a duplicate) were not captioned: they train with theirs. "
+              "--own-captioned captions them too (then `--use-source model:NAME` makes the model's captions "
+              "current).")
     if counts.get("without_trigger"):
-        err_console.print(f"[yellow]Note:[/] {counts['without_trigger']} image(s) are in no concept with a trigger word: the "
-                          "template's {trigger} (and {class}) were left empty in their captions. `workbench concept add NAME "
-                          "--trigger WORD --folder DIR` gives them one; then caption again with --overwrite.")
+        _note(f"{counts['without_trigger']} image(s) are in no concept with a trigger word: the "
+              "template's {trigger} (and {class}) were left empty in their captions. `workbench concept add NAME "
+              "--trigger WORD --folder DIR` gives them one; then caption again with --overwrite.")
     if counts.get("concept_images_captioned_without_their_trigger"):
         _note(f"{counts['concept_images_captioned_without_their_trigger']} concept image(s) got captions without their "
               "trigger word: training puts it in front of them (and says so). To have it in the captions, caption with "
               f"--template \"{{trigger}} {{class}}, {{caption}}\" --overwrite, or add it: {'; '.join(add_token_commands)}")
     if label == TINY:
-        err_console.print("[yellow]Note:[/] the tiny BLIP has random weights (the offline test preset): its captions are "
-                          "nonsense words. --model sd15 (BLIP base, downloaded once) or a BLIP folder captions for real.")
+        _note("the tiny BLIP has random weights (the offline test preset): its captions are "
+              "nonsense words. --model sd15 (BLIP base, downloaded once) or a BLIP folder captions for real.")
     if template and counts.get("already_captioned") and not overwrite:
-        err_console.print(f"[yellow]Note:[/] the template applies to new captions only; {counts['already_captioned']} image(s) "
-                          "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
+        _note(f"the template applies to new captions only; {counts['already_captioned']} image(s) "
+              "already captioned by this model kept theirs (add --overwrite to caption them again with it).")
 
 
 @app.command("edit-captions")
@@ -853,10 +851,10 @@ def edit_captions(
         outcome = undo_bulk(con, last)
         console.print(Text(f"undid {last.description}: {outcome.restored} caption(s) put back"))
         if outcome.skipped:
-            err_console.print(Text(f"Note: {outcome.skipped} image(s) kept the caption they were given after that edit.", style="yellow"))
+            _note(f"{outcome.skipped} image(s) kept the caption they were given after that edit.")
         if outcome.sidecars_left:
-            err_console.print(Text(f"Note: {outcome.sidecars_left} sidecar file(s) changed since the edit wrote them are left "
-                                   "as they are.", style="yellow"))
+            _note(f"{outcome.sidecars_left} sidecar file(s) changed since the edit wrote them are left "
+                  "as they are.")
         return
     if len(edits) != 1:
         fail("Give one edit: --find TEXT [--replace TEXT], --add-token TAGS, --remove-token TAGS or --set TEXT (or --undo)."
@@ -883,8 +881,8 @@ def edit_captions(
         instance = {row[0] for row in con.execute(
             "SELECT image_id FROM images WHERE role = 'instance' AND image_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()}
         if len(instance) < len(ids):
-            err_console.print(Text(f"Note: {len(ids) - len(instance)} class prior image(s) left out: they train on their "
-                                   "class prompt, not a caption.", style="yellow"))
+            _note(f"{len(ids) - len(instance)} class prior image(s) left out: they train on their "
+                  "class prompt, not a caption.")
             ids = [i for i in ids if i in instance]
         edit = dict(find=find, replace=replace, add_token=add_token, remove_token=remove_token, regex=regex, set_text=set_text,
                     at_end=at_end)
@@ -906,11 +904,11 @@ def edit_captions(
     console.print(Text(f"{preview.description}: {verb} {changed} of {len(ids)} caption(s)"
                        + (f" ({preview.changed - len(shown)} more not shown)" if preview.changed > len(shown) else "")))
     if preview.emptied:
-        err_console.print(Text(f"Note: {preview.emptied} caption(s) the edit would leave empty are not changed.", style="yellow"))
+        _note(f"{preview.emptied} caption(s) the edit would leave empty are not changed.")
     if not dry_run and preview.changed and done.sidecars_left:
-        err_console.print(Text(f"Note: {len(done.sidecars_left)} sidecar file(s) were edited in another tool since ingest and "
-                               f"are left as they are (e.g. {printable(done.sidecars_left[0])}): `workbench ingest` reads them, and "
-                               "`workbench caption --use-source sidecar --where …` makes their captions current.", style="yellow"))
+        _note(f"{len(done.sidecars_left)} sidecar file(s) were edited in another tool since ingest and "
+              f"are left as they are (e.g. {printable(done.sidecars_left[0])}): `workbench ingest` reads them, and "
+              "`workbench caption --use-source sidecar --where …` makes their captions current.")
     if not dry_run and preview.changed:
         err_console.print(Text("Undo with: workbench edit-captions --undo" + (" (the sidecar files too)" if sidecars else ""), style="dim"))
 
@@ -955,7 +953,7 @@ def score(
                 con, threshold=dedup_threshold, model=bundle.name, progress=progress).items()})
     console.print(counts_table(f"score (CLIP {bundle.name})", counts))
     if bundle.name == "tiny":
-        err_console.print("[yellow]Note:[/] the tiny CLIP has random weights: its scores and duplicates mean nothing.")
+        _note("the tiny CLIP has random weights: its scores and duplicates mean nothing.")
 
 
 @app.command()
@@ -1236,9 +1234,8 @@ def exclude(
             if not path.startswith(tuple(prefixes)):
                 elsewhere.setdefault(image_id, path)
         if elsewhere:
-            err_console.print(Text(
-                f"Note: {len(elsewhere)} of them also {'has' if len(elsewhere) == 1 else 'have'} a file outside the "
-                f"folder, which is the same image and is excluded too: {named_few(list(elsewhere.values()))}"))
+            _note(f"{len(elsewhere)} of them also {'has' if len(elsewhere) == 1 else 'have'} a file outside the "
+                  f"folder, which is the same image and is excluded too: {named_few(list(elsewhere.values()))}")
     # excluding a kept copy excludes the picture: its other copies stay excluded as duplicates unless one is kept
     keepers = con.execute(
         "SELECT k.image_id, list(d.image_id ORDER BY d.image_id) FROM duplicates k JOIN duplicates d "
@@ -1246,16 +1243,13 @@ def exclude(
         "GROUP BY k.image_id ORDER BY k.image_id", [ids],
     ).fetchall()
     for keeper, others in keepers[:3]:
-        err_console.print(Text(
-            f"Note: {keeper[:12]} was the kept copy of a duplicate group; its {len(others)} other cop"
-            f"{'y stays' if len(others) == 1 else 'ies stay'} excluded as duplicates. To keep one of them instead: "
-            f"workbench keep {preferred_copy(con, others)[:12]}"
-        ))
+        _note(f"{keeper[:12]} was the kept copy of a duplicate group; its {len(others)} other cop"
+              f"{'y stays' if len(others) == 1 else 'ies stay'} excluded as duplicates. To keep one of them instead: "
+              f"workbench keep {preferred_copy(con, others)[:12]}")
     if len(keepers) > 3:  # an --where over thousands printed three lines for each of hundreds of kept copies
-        err_console.print(Text(
-            f"Note: and {len(keepers) - 3} more kept copies of duplicate groups, whose other copies stay excluded too; "
-            "they are listed by: workbench sql \"SELECT group_id, image_id, path FROM duplicate_groups WHERE group_id IN "
-            "(SELECT group_id FROM duplicate_groups WHERE is_keeper AND excluded)\""))
+        _note(f"and {len(keepers) - 3} more kept copies of duplicate groups, whose other copies stay excluded too; "
+              "they are listed by: workbench sql \"SELECT group_id, image_id, path FROM duplicate_groups WHERE group_id IN "
+              "(SELECT group_id FROM duplicate_groups WHERE is_keeper AND excluded)\"")
 
 
 @app.command()
@@ -1340,8 +1334,8 @@ def keep(
     console.print(Text(f"kept {found[:12]}; {others}"))
     reason = kept_but_excluded(con, found)
     if reason:
-        err_console.print(Text(f"Note: {found[:12]} is itself excluded ({reason}), so the dataset has no copy of this picture: "
-                               f"`workbench include {found[:12]}` brings it in, or keep another copy.", style="yellow"))
+        _note(f"{found[:12]} is itself excluded ({reason}), so the dataset has no copy of this picture: "
+              f"`workbench include {found[:12]}` brings it in, or keep another copy.")
 
 
 @app.command()
@@ -1377,8 +1371,8 @@ def include(
             inside = con.execute("SELECT folder FROM excluded_folders WHERE starts_with(?, folder || ?) ORDER BY folder",
                                  [catalog_path_text(path), os.sep]).fetchall()
             if inside:  # the rule of a folder above still holds for files added here later
-                err_console.print(Text(f"Note: files added to {path} later are still excluded by the rule on {inside[0][0]} "
-                                       f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).", style="yellow"))
+                _note(f"files added to {path} later are still excluded by the rule on {inside[0][0]} "
+                      f"(`workbench include --folder {shlex.quote(inside[0][0])}` ends it).")
         if where is not None:
             # a folder named ended its rule above: that is done, whatever --where matches
             image_ids = list(dict.fromkeys(image_ids + _images_matching(con, where, "nothing was included",
@@ -1390,9 +1384,8 @@ def include(
     console.print(counts_table("include", summary))
     if only_manual:
         if summary["still_excluded_by_other_steps"]:
-            err_console.print(Text(f"Note: {summary['still_excluded_by_other_steps']} stay out by the filter or as duplicates, "
-                                   "as before the exclude (`workbench include` without --only-manual brings them in for good).",
-                                   style="yellow"))
+            _note(f"{summary['still_excluded_by_other_steps']} stay out by the filter or as duplicates, "
+                  "as before the exclude (`workbench include` without --only-manual brings them in for good).")
         return
     if summary["still_excluded_by_other_steps"]:
         # what an include leaves is a duplicate's exclusion: keeping that copy is the way in, so name the command
@@ -1401,12 +1394,11 @@ def include(
             "WHERE x.image_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY x.image_id",
             [resolve_image_ids(con, image_ids)]).fetchall()
         for image_id, keeper in rows[:3]:
-            err_console.print(Text(f"Note: {image_id[:12]} stays excluded as a duplicate of {(keeper or '?')[:12]}; to keep "
-                                   f"it instead: workbench keep {image_id[:12]} (or, if it is no duplicate at all: "
-                                   f"workbench keep {image_id[:12]} --alone)", style="yellow"))
+            _note(f"{image_id[:12]} stays excluded as a duplicate of {(keeper or '?')[:12]}; to keep "
+                  f"it instead: workbench keep {image_id[:12]} (or, if it is no duplicate at all: "
+                  f"workbench keep {image_id[:12]} --alone)")
         if len(rows) > 3:
-            err_console.print(Text(f"Note: and {len(rows) - 3} more stay excluded as duplicates (`workbench keep ID` keeps one).",
-                                   style="yellow"))
+            _note(f"and {len(rows) - 3} more stay excluded as duplicates (`workbench keep ID` keeps one).")
     if summary["unreadable_files"]:
         err_console.print("[yellow]some files could not be read at ingest (status error), so they stay out of the dataset: "
                           "`workbench sql \"SELECT path, error FROM images_view WHERE status <> 'ok'\"` says why.[/]")
@@ -1428,8 +1420,8 @@ def buckets(
     from pipelines.buckets import aspect_buckets
 
     if bucket_reso_steps is not None and bucket_reso_steps % 8:  # sd-scripts warns the same
-        err_console.print(Text(f"Note: --bucket-reso-steps {bucket_reso_steps} is not a multiple of 8: bucket sides will not be "
-                               "either, and the VAE works in 8-pixel blocks (the edge pixels are lost to it).", style="yellow"))
+        _note(f"--bucket-reso-steps {bucket_reso_steps} is not a multiple of 8: bucket sides will not be "
+              "either, and the VAE works in 8-pixel blocks (the edge pixels are lost to it).")
     con = open_catalog(catalog)
     try:
         with RichProgress(transient=True) as progress:
@@ -1453,10 +1445,9 @@ def buckets(
         "SELECT count(*), max(b.resized_width / i.width) FROM aspect_buckets b JOIN images i USING (image_id) "
         "WHERE b.resized_width > i.width"))
     if enlarged:  # kohya enlarges them without a word; their softness is what trains
-        err_console.print(Text(
-            f"Note: {enlarged} image(s) are smaller than their bucket and are enlarged to fill it (up to {most:.1f}x). "
-            "--no-upscale keeps them at their own size (kohya's bucket_no_upscale); `workbench filter --min-side N` "
-            "leaves them out.", style="yellow"))
+        _note(f"{enlarged} image(s) are smaller than their bucket and are enlarged to fill it (up to {most:.1f}x). "
+              "--no-upscale keeps them at their own size (kohya's bucket_no_upscale); `workbench filter --min-side N` "
+              "leaves them out.")
 
 
 @app.command()
@@ -1491,9 +1482,9 @@ def export(
              "with room (or make the file it names readable).")
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
     if summary.get("copied_not_hardlinked"):
-        err_console.print(Text(f"Note: {summary['copied_not_hardlinked']} image(s) were copied, not hard-linked: OUT is on "
-                               "another disk than they are, and a hard link cannot cross disks. Export to a folder on "
-                               "their disk to save the space.", style="yellow"))
+        _note(f"{summary['copied_not_hardlinked']} image(s) were copied, not hard-linked: OUT is on "
+              "another disk than they are, and a hard link cannot cross disks. Export to a folder on "
+              "their disk to save the space.")
 
 
 def _note_retrain_drift(con, train_config, config_file: Path) -> None:
@@ -1511,9 +1502,8 @@ def _note_retrain_drift(con, train_config, config_file: Path) -> None:
         return  # the run's own checks say what is wrong, in their words
     changes = ", ".join(f"{count} {what}" for what, count in train_data.snapshot_drift(saved, now).items() if count)
     if changes:
-        err_console.print(Text(f"Note: the catalog's dataset changed since the run of {config_file} trained ({changes}): this "
-                               "run trains on the dataset as it is now, so its weights will differ from that run's.",
-                               style="yellow"))
+        _note(f"the catalog's dataset changed since the run of {config_file} trained ({changes}): this "
+              "run trains on the dataset as it is now, so its weights will differ from that run's.")
 
 
 def _note_unfiltered(con) -> None:
@@ -1522,7 +1512,7 @@ def _note_unfiltered(con) -> None:
 
     note = unfiltered_note(con)
     if note:
-        err_console.print(Text("Note: " + note, style="yellow"))
+        _note(note)
 
 
 @app.command("import-kohya")
@@ -1747,8 +1737,8 @@ def train_command(
         train_config.resume = None
     resume_asked = bool(overrides.get("resume")) or _config_resumes(config)
     if resume_asked and not train_config.resume and is_main_process() and "WORKBENCH_NEW_RUN" not in os.environ:
-        err_console.print(Text(f"Note: there is no run to resume in {train_config.output_dir}: a new run starts there "
-                               "(as diffusers' --resume_from_checkpoint latest does).", style="yellow"))
+        _note(f"there is no run to resume in {train_config.output_dir}: a new run starts there "
+              "(as diffusers' --resume_from_checkpoint latest does).")
     if show_batches is not None:  # the plan of the whole run, shown once (before any processes start)
         import importlib.util
 
@@ -1760,9 +1750,8 @@ def train_command(
             fail(NO_BITSANDBYTES)
         _show_batches(catalog, train_config, show_batches)
         if num_processes > 1:
-            err_console.print(Text(f"Note: with --num-processes {num_processes}, the processes take these batches in order, "
-                                   f"{num_processes} at a time: each step trains {num_processes} of them, one per process.",
-                                   style="yellow"))
+            _note(f"with --num-processes {num_processes}, the processes take these batches in order, "
+                  f"{num_processes} at a time: each step trains {num_processes} of them, one per process.")
         return
     if launching:
         # what the processes would each refuse, refused once here, before they start
@@ -1833,13 +1822,12 @@ def train_command(
             summary[METRIC_LABELS.get(key, key)] = f"{result.metrics[key]:.3f}"
     console.print(counts_table(f"train {mode}", summary))
     if result.evaluation_failure():  # the run is fine; only its scores are missing
-        err_console.print(Text(f"Note: {result.evaluation_failure()}"))
+        _note(f"{result.evaluation_failure()}")
     for name, path in result.outputs.items():
         console.print(Text(f"{name}: {path}"))
     if train_config.model == "tiny":  # the default: a newcomer who left --model out should know what they trained
-        err_console.print(Text("Note: this trained the tiny preset (random weights, the offline test model): its outputs "
-                               "work with it alone. --model sd15, a Hub id, a local folder or a .safetensors trains a real one.",
-                               style="yellow"))
+        _note("this trained the tiny preset (random weights, the offline test model): its outputs "
+              "work with it alone. --model sd15, a Hub id, a local folder or a .safetensors trains a real one.")
 
 
 def _config_resumes(path: Path | None) -> bool:
@@ -2041,8 +2029,8 @@ def priors(
 
     for prompt, count, concept in jobs:
         if not count:  # a concept with no photos yet (or an empty dataset): 200 × 0 class images
-            err_console.print(Text(f"Note: skipped {prompt!r}: " + NO_INSTANCES.format(
-                whose=f"concept {concept!r}" if concept else "the dataset" if class_prompt else "its concepts"), style="yellow"))
+            _note(f"skipped {prompt!r}: " + NO_INSTANCES.format(
+                whose=f"concept {concept!r}" if concept else "the dataset" if class_prompt else "its concepts"))
     jobs = [job for job in jobs if job[1]]
     if not jobs:
         con.close()
@@ -2051,8 +2039,8 @@ def priors(
 
     for prompt, count in supplied_prior_counts(con, [job[0] for job in jobs]).items():
         if count:
-            err_console.print(f"[yellow]Note:[/] {count} class image(s) you supplied serve {prompt!r}: training takes "
-                              "them first, and these generated ones only when --num-class-images asks for more.")
+            _note(f"{count} class image(s) you supplied serve {prompt!r}: training takes "
+                  "them first, and these generated ones only when --num-class-images asks for more.")
     size = resolution or model_resolution(model)  # the size a set is made at is part of the set
     # the model loads and samples with the catalog closed (minutes to hours on real models), so the TUI,
     # `workbench sql` and curation steps can use it meanwhile; what lands on disk is added at the end
@@ -2481,7 +2469,7 @@ def main() -> None:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
     for note in notes:
-        err_console.print(f"[yellow]Note:[/] {escape(note)}")
+        _note(f"{escape(note)}")
     try:
         app()
     except SystemExit as done:
