@@ -929,3 +929,163 @@ def imported_kohya_folder(
         "reg_class_images": reg_images,
         "reg_images_left_out": reg_left_out,
     }
+
+
+# sd-scripts' dataset config (`--dataset_config`, library/config_util.py): [general] settings, then [[datasets]],
+# each with [[datasets.subsets]]; a subset inherits what its dataset and [general] set. These keys say which images
+# a subset holds and how they count; every other key is a training setting.
+KOHYA_SUBSET_KEYS = frozenset({"image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension"})
+KOHYA_CAPTION_EXTENSIONS = (".txt", ".caption")  # the sidecars ingest reads (kohya's default is ".caption")
+
+
+@dataclass(frozen=True)
+class KohyaSubset:
+    """One DreamBooth-style subset of a kohya dataset config, with the settings it inherits."""
+
+    image_dir: Path
+    num_repeats: int
+    class_tokens: str | None
+    is_reg: bool
+    caption_extension: str
+
+
+def kohya_dataset_subsets(config_file: str | os.PathLike[str]) -> tuple[list[KohyaSubset], list[str]]:
+    """The subsets of a kohya dataset config (TOML or JSON) and the training settings it also holds (their names);
+    anything import-kohya cannot read as kohya would is refused here, before the catalog changes."""
+    import tomllib
+
+    path = Path(config_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path} could not be read: {error}. Nothing was imported.") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ExportError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {error}. "
+                          "Nothing was imported.") from None
+    general = data.get("general", {}) if isinstance(data, dict) else None
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    if not isinstance(general, dict) or not isinstance(datasets, list) or not datasets or not all(
+            isinstance(d, dict) and isinstance(d.get("subsets"), list) and d["subsets"] for d in datasets):
+        raise ExportError(f"{path} is not a kohya dataset config: it needs [[datasets]] with [[datasets.subsets]] "
+                          "(sd-scripts' --dataset_config; a folder of `N_trigger class` subfolders is imported by its path). Nothing was imported.")
+    subsets: list[KohyaSubset] = []
+    settings = {key for key in general if key not in KOHYA_SUBSET_KEYS}
+    for d, dataset in enumerate(datasets, 1):
+        settings |= {key for key in dataset if key not in KOHYA_SUBSET_KEYS | {"subsets"}}
+        for s, subset in enumerate(dataset["subsets"], 1):
+            if not isinstance(subset, dict):
+                raise ExportError(f"{path}: dataset {d}, subset {s} is not a table of settings. Nothing was imported.")
+            merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}, **subset}
+            where = f"{path}: dataset {d}, subset {s}"
+            if "metadata_file" in merged:
+                raise ExportError(f"{where} is a fine-tuning subset (metadata_file): import-kohya reads DreamBooth-style "
+                                  "subsets (image_dir with caption files); `workbench ingest DIR` reads its images and any "
+                                  "caption files beside them. Nothing was imported.")
+            if "conditioning_data_dir" in merged:
+                raise ExportError(f"{where} is a ControlNet subset (conditioning_data_dir): not read here. Nothing was imported.")
+            image_dir = merged.get("image_dir")
+            if not isinstance(image_dir, str) or not image_dir.strip():
+                raise ExportError(f"{where} has no image_dir. Nothing was imported.")
+            folder = Path(os.path.expanduser(image_dir))  # relative: to the folder the command runs in, as sd-scripts reads it
+            if not folder.is_dir():
+                raise ExportError(f"{where}: image_dir {image_dir!r} is not a folder"
+                                  + (" (a relative path is read from the folder the command runs in, as sd-scripts "
+                                     "reads it)" if not folder.is_absolute() else "") + ". Nothing was imported.")
+            repeats = merged.get("num_repeats", 1)
+            if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+                raise ExportError(f"{where}: num_repeats must be a whole number of at least 1, not {repeats!r}. "
+                                  "Nothing was imported.")
+            tokens = merged.get("class_tokens")
+            if tokens is not None and not isinstance(tokens, str):
+                raise ExportError(f"{where}: class_tokens must be text, not {tokens!r}. Nothing was imported.")
+            tokens = unicodedata.normalize("NFC", " ".join(tokens.split())) if tokens else None
+            is_reg = merged.get("is_reg", False)
+            if not isinstance(is_reg, bool):
+                raise ExportError(f"{where}: is_reg must be true or false, not {is_reg!r}. Nothing was imported.")
+            if is_reg and not tokens:
+                raise ExportError(f"{where} is a regularisation subset without class_tokens: its class images need the "
+                                  "class prompt they stand for (class_tokens = \"dog\"). Nothing was imported.")
+            if tokens and set(tokens.split()[0]) & set(",/\\") and not is_reg:
+                raise ExportError(f"{where}: the trigger of class_tokens {tokens!r} (its first word) must not hold a "
+                                  "comma or a slash. Nothing was imported.")
+            subsets.append(KohyaSubset(folder, repeats, tokens, is_reg, str(merged.get("caption_extension", ".caption"))))
+    return subsets, sorted(settings)
+
+
+def imported_kohya_dataset_config(
+    con: duckdb.DuckDBPyConnection,
+    config_file: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    progress: ProgressHook = null_progress,
+    ingest_summary: list | None = None,
+) -> dict:
+    """Ingest the subsets of a kohya dataset config: image_dir subsets with their concepts (class_tokens "trigger
+    class", num_repeats), is_reg subsets as supplied class priors of their class_tokens.
+    `ingest_summary` gets the ingest's IngestSummary (for its notes)."""
+    from pipelines.concepts import added_concept, get_concept, list_concepts, plain_folder_note
+    from pipelines.ingest import ingested_images
+    from pipelines.priors import supplied_priors
+
+    subsets, settings = kohya_dataset_subsets(config_file)
+    instance = [subset for subset in subsets if not subset.is_reg]
+    regs = [subset for subset in subsets if subset.is_reg]
+    from PIL import Image
+
+    image_suffixes = set(Image.registered_extensions())
+    # what sd-scripts trains on: the images directly in each image_dir (it reads them non-recursively)
+    files = sorted({p for subset in instance for p in subset.image_dir.iterdir()
+                    if p.suffix.lower() in image_suffixes and p.is_file()})
+    for extension in sorted({subset.caption_extension for subset in subsets} - set(KOHYA_CAPTION_EXTENSIONS)):
+        progress(task="import", message=f"caption_extension {extension!r} is not read: ingest reads captions from "
+                 f"{' and '.join(KOHYA_CAPTION_EXTENSIONS)} files beside the images; rename them to import their captions")
+    summary = ingested_images(con, files, workers=workers, progress=progress)
+    if ingest_summary is not None:
+        ingest_summary.append(summary)
+    counts = summary.as_dict()
+    # ingest reads `N_trigger class` folder names itself (an exported folder's subsets are named so)
+    assigned, concepts_made = counts.pop("images_joined_concepts", 0), 0
+    named: dict[str, tuple[int, Path]] = {}  # concept name -> the repeats and folder of the subset that made it here
+    for subset in instance:
+        if not subset.class_tokens:
+            if subset.num_repeats > 1:
+                progress(task="import", message=plain_folder_note(os.path.abspath(subset.image_dir), subset.num_repeats))
+            continue
+        trigger, *class_words = subset.class_tokens.split()
+        name = subset.class_tokens
+        if name in named and named[name] != (subset.num_repeats, subset.image_dir):
+            # sd-scripts trains each subset with its own repeats: one concept each (as `10_sks dog` beside `5_sks dog`)
+            name = (f"{subset.num_repeats}_{name}" if named[name][0] != subset.num_repeats
+                    else f"{name} ({subset.image_dir.name})")
+        named.setdefault(name, (subset.num_repeats, subset.image_dir))
+        concepts_made += get_concept(con, name) is None
+        try:
+            result = added_concept(con, name, trigger=trigger, class_noun=" ".join(class_words) or "",
+                                   repeats=subset.num_repeats, folder=subset.image_dir)
+        except ValueError as error:  # its images are ingested: a rerun after the fix finds them unchanged
+            raise ExportError(f"subset {subset.image_dir}: {error}") from None
+        assigned += result["newly_assigned"]
+        if result.get("left_in_other_concepts"):
+            progress(task="import", message=f"{result['left_in_other_concepts']} image(s) of {subset.image_dir} stay "
+                     f"in the concept they were in, not {name!r}: `workbench concept assign` moves them")
+    reg_images = 0
+    for subset in regs:
+        supplied = supplied_priors(con, subset.image_dir, class_prompt=subset.class_tokens, including_training_photos=True,
+                                   workers=workers, progress=progress)
+        reg_images += supplied.added + supplied.already
+        progress(task="import", message=f"{subset.image_dir}: {supplied.added + supplied.already} class image(s) of "
+                 f"{subset.class_tokens!r} (kohya regularisation images: DreamBooth training takes them before generating any)")
+    if settings:
+        progress(task="import", message=f"training settings in {Path(config_file).name} are not imported "
+                 f"({', '.join(settings)}): give them to `workbench train` (kohya's names are answered with the "
+                 "workbench's own)")
+    return {
+        **counts,
+        "subsets": len(instance),
+        "concepts_created": concepts_made,
+        "concepts": len(list_concepts(con)),
+        "images_assigned_to_concepts": assigned,
+        "reg_subsets": len(regs),
+        "reg_class_images": reg_images,
+    }

@@ -14,7 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.concepts import added_concept, assign_images_to_concept, concepts_from_folder_names
-from pipelines.export import EXPORT_MANIFEST, ExportError, exported_dataset, imported_kohya_folder, safe_component
+from pipelines.export import (
+    EXPORT_MANIFEST,
+    ExportError,
+    exported_dataset,
+    imported_kohya_dataset_config,
+    imported_kohya_folder,
+    safe_component,
+)
 from pipelines.ingest import ingested_images
 from workbench.catalog import connect
 
@@ -185,7 +192,104 @@ def test_export_round_trips_through_import_kohya(con, curated, tmp_path):
         a_caption, a_repeats, a_trigger, a_class = after[image_id]
         assert (a_caption, a_repeats) == (b_caption, b_repeats)
         assert (a_trigger, a_class) == (b_trigger, b_class)  # no concept before: none after either
+    # the dataset.toml the export wrote (sd-scripts' --dataset_config) reads back to the same dataset
+    from_config = connect(tmp_path / "third" / "workbench.duckdb")
+    read = imported_kohya_dataset_config(from_config, out / "dataset.toml", workers=1)
+    assert read["subsets"] == 3 and read["images_assigned_to_concepts"] == 3
+    assert {row[0]: row[1:] for row in from_config.execute(
+        "SELECT image_id, caption, coalesce(concept_repeats, 1), concept_trigger, concept_class FROM dataset").fetchall()} == after
+    concepts = "SELECT name, trigger_token, class_noun, repeats FROM concepts ORDER BY name"
+    assert from_config.execute(concepts).fetchall() == other.execute(concepts).fetchall()
     other.close()
+    from_config.close()
+
+
+def _kohya_project(root: Path) -> Path:
+    """A kohya project laid out by hand: subset folders of any name, named by a dataset config (as the kohya GUI's
+    users and sd-scripts' docs write one), with a caption file, a subset without class tokens and a reg subset."""
+    for n, (folder, count) in enumerate((("hoge", 3), ("fuga", 2), ("loose", 2), ("reg_human", 4))):
+        for i in range(count):
+            _image(root / folder / f"{folder}{i}.png", color=(40 * i, 50 * n, 9))
+    _image(root / "hoge" / "deeper" / "not_read.png", color=(1, 1, 1))  # sd-scripts reads an image_dir's own files
+    (root / "hoge" / "hoge0.txt").write_text("hoge girl, smiling")
+    (root / "dataset.toml").write_text(f"""
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+
+[[datasets]]
+resolution = 512
+batch_size = 4
+
+  [[datasets.subsets]]
+  image_dir = '{root / "hoge"}'
+  class_tokens = 'hoge girl'
+  num_repeats = 10
+
+  [[datasets.subsets]]
+  image_dir = '{root / "fuga"}'
+  class_tokens = 'fuga'
+  num_repeats = 3
+
+  [[datasets.subsets]]
+  image_dir = '{root / "loose"}'
+  num_repeats = 2
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = '{root / "reg_human"}'
+  class_tokens = 'human'
+""")
+    return root / "dataset.toml"
+
+
+def test_import_kohya_reads_a_dataset_config(con, tmp_path):
+    """sd-scripts' --dataset_config names subset folders of any name with their class_tokens and num_repeats: a
+    kohya user's project imports from it (a folder import reads only `N_trigger class` names)."""
+    config = _kohya_project(tmp_path / "project")
+    said: list[str] = []
+    summary = imported_kohya_dataset_config(con, config, workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert (summary["new"], summary["subsets"], summary["reg_subsets"], summary["reg_class_images"]) == (7, 3, 1, 4)
+    assert con.execute("SELECT name, trigger_token, class_noun, repeats FROM concepts ORDER BY name").fetchall() == [
+        ("fuga", "fuga", None, 3), ("hoge girl", "hoge", "girl", 10)]
+    rows = con.execute("SELECT role, concept, caption, count(*) FROM images_view GROUP BY ALL").fetchall()
+    assert set(rows) == {("class_prior", None, "human", 4), ("instance", None, None, 2), ("instance", "fuga", None, 2),
+                         ("instance", "hoge girl", None, 2), ("instance", "hoge girl", "hoge girl, smiling", 1)}
+    assert any("folder 'loose' has no class tokens" in m and "--repeats 2" in m for m in said), said
+    assert any("not imported (batch_size, keep_tokens, resolution, shuffle_caption)" in m for m in said), said
+    # the concepts keep their folders: images added there later join them at ingest
+    _image(tmp_path / "project" / "hoge" / "later.png", color=(7, 70, 170))
+    ingested_images(con, [tmp_path / "project" / "hoge" / "later.png"], workers=1)
+    assert con.execute("SELECT count(*) FROM images_view WHERE concept = 'hoge girl'").fetchone()[0] == 4
+    again = imported_kohya_dataset_config(con, config, workers=1)  # nothing new, nothing twice
+    assert (again["new"], again["concepts_created"], again["images_assigned_to_concepts"]) == (0, 0, 0)
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 12
+
+
+@pytest.mark.parametrize("old, new, said", [
+    ("num_repeats = 3", "num_repeats = 0", "num_repeats must be a whole number of at least 1, not 0"),
+    ("class_tokens = 'human'", "", "a regularisation subset without class_tokens"),
+    ("[[datasets]]", "[[datasets]", "is not valid TOML"),
+    ("image_dir = '", "image_dir = 'nowhere/", "is not a folder"),
+    ("is_reg = true", "is_reg = true\n  metadata_file = 'meta.json'", "a fine-tuning subset (metadata_file)"),
+])
+def test_a_dataset_config_it_cannot_read_as_kohya_does_is_refused_with_nothing_changed(catalog_path, con, tmp_path, old, new, said):
+    from workbench.cli import app
+
+    config = _kohya_project(tmp_path / "project")
+    broken = config.read_text().replace(old, new, 1)
+    config.write_text(broken)
+    before = con.execute("SELECT count(*) FROM images").fetchone()[0]
+    con.close()
+    result = CliRunner().invoke(app, ["import-kohya", str(config), "--catalog", str(catalog_path)])
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert "Nothing was imported" in " ".join(result.output.split())
+    with connect(catalog_path) as after:
+        assert after.execute("SELECT count(*) FROM images").fetchone()[0] == before
+    fresh = tmp_path / "fresh.duckdb"
+    assert CliRunner().invoke(app, ["import-kohya", str(config), "--catalog", str(fresh)]).exit_code == 2
+    assert not fresh.exists()  # refused before a catalog is made
 
 
 def test_nasty_names_never_escape_out(con, curated, tmp_path):

@@ -1517,30 +1517,41 @@ def _note_unfiltered(con) -> None:
 
 @app.command("import-kohya")
 def import_kohya(
-    folder: Annotated[Path, typer.Argument(help="kohya train folder with `N_trigger class` subfolders.")],
+    folder: Annotated[Path, typer.Argument(
+        help="kohya train folder with `N_trigger class` subfolders, or a kohya dataset config (.toml or .json).")],
     workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
     """Import a kohya-style folder: its images, caption files and concepts (repeats, trigger, class), and the
-    class images of reg/N_class/ beside img/ (as supplied class priors).
+    class images of reg/N_class/ beside img/ (as supplied class priors). Or a kohya dataset config (sd-scripts'
+    --dataset_config): each subset's image_dir with its class_tokens and num_repeats, is_reg subsets as class images.
 
-    Example: workbench import-kohya ./train/img
+    Example: workbench import-kohya ./train/img   (or: workbench import-kohya ./dataset.toml)
     """
-    from pipelines.export import ExportError, imported_kohya_folder
+    from pipelines.export import ExportError, imported_kohya_dataset_config, imported_kohya_folder
 
-    if not folder.is_dir():  # before the catalog is made: a typo leaves no empty catalog behind
-        fail(f"{folder} is not a folder")
+    config_file = folder.is_file() and folder.suffix.lower() in (".toml", ".json")
+    if not folder.is_dir() and not config_file:  # before the catalog is made: a typo leaves no empty catalog behind
+        fail(f"{folder} is neither a folder nor a kohya dataset config (.toml or .json)")
+    read_from = [folder]
+    if config_file:
+        from pipelines.export import kohya_dataset_subsets
+
+        try:  # a bad config is refused before the catalog is made
+            read_from = [subset.image_dir for subset in kohya_dataset_subsets(folder)[0] if not subset.is_reg]
+        except ExportError as error:
+            fail(str(error))
     con = open_catalog(catalog, create=True)
     try:
         with RichProgress(transient=True) as progress:
             read: list = []
-            summary = imported_kohya_folder(con, folder, workers=workers, progress=progress, ingest_summary=read)
+            imported = imported_kohya_dataset_config if config_file else imported_kohya_folder
+            summary = imported(con, folder, workers=workers, progress=progress, ingest_summary=read)
     except ExportError as error:
         fail(str(error))
     console.print(counts_table("import-kohya", summary))
     if read:  # the notes ingest gives (error reasons, sidecar conflicts, several-line captions), as `ingest` says them
-        _ingest_notes(con, read[0], [folder])
-
+        _ingest_notes(con, read[0], read_from)
 
 
 # --- priors and training (issue 4) -------------------------------------------

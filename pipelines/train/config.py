@@ -117,7 +117,7 @@ KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
     "network_args": "", "network_dropout": "", "network_weights": "", "network_train_text_encoder_only": "",
     "train_data_dir": "images come from the catalog (`workbench ingest`)",
     "reg_data_dir": "class images come from `workbench priors` (with_prior_preservation)",
-    "dataset_config": "images come from the catalog", "caption_extension": "captions are in the catalog",
+    "dataset_config": "images come from the catalog (`workbench import-kohya dataset.toml` reads its subsets)", "caption_extension": "captions are in the catalog",
     "num_repeats": "repeats are per concept: `workbench concept add NAME --repeats N`",
     "enable_bucket": "training always uses buckets",
     "keep_tokens_separator": "", "secondary_separator": "", "caption_separator": "", "enable_wildcard": "",
