@@ -414,7 +414,7 @@ def test_export_and_import_cli(catalog_path, con, curated, tmp_path):
     result = runner.invoke(app, ["import-kohya", str(curated / "plain"), "--catalog", str(second)])
     assert result.exit_code == 2 and "no kohya subset folders" in " ".join(result.output.split())
     typo = runner.invoke(app, ["import-kohya", str(tmp_path / "nowhere"), "--catalog", str(tmp_path / "typo.duckdb")])
-    assert typo.exit_code == 2 and "is not a folder" in " ".join(typo.output.split()) and not (tmp_path / "typo.duckdb").exists()
+    assert typo.exit_code == 2 and "is neither a folder nor a kohya dataset config" in " ".join(typo.output.split()) and not (tmp_path / "typo.duckdb").exists()
 
 
 def test_class_priors_go_to_reg_and_missing_files_are_skipped(con, curated, tmp_path):
