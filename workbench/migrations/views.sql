@@ -117,7 +117,9 @@ SELECT d.group_id, d.image_id, v.path, d.is_keeper, d.method, d.distance,
 FROM duplicates d
 JOIN images_view v ON v.image_id = d.image_id
 LEFT JOIN duplicates k ON k.image_id = d.keeper_id
-LEFT JOIN (SELECT image_id, arg_min(path, seq) AS path FROM paths GROUP BY image_id) kp ON kp.image_id = d.keeper_id;
+-- the keeper's path as images_view gives it: the first that still exists (a renamed folder's old path is gone)
+LEFT JOIN (SELECT image_id, coalesce(arg_min(path, seq) FILTER (WHERE NOT missing), arg_max(path, (last_seen, seq))) AS path
+           FROM paths GROUP BY image_id) kp ON kp.image_id = d.keeper_id;
 
 -- What `SELECT view_name, comment FROM duckdb_views() WHERE NOT internal` and
 -- `SELECT column_name, comment FROM duckdb_columns() WHERE table_name = 'images_view'` show (CREATE OR REPLACE drops
