@@ -748,9 +748,16 @@ def ingested_images(
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path: iterated, a string walked "/" and every letter
         paths = [paths]
     given = [os.path.expanduser(p) for p in paths]
-    missing = [path_text(p) for p in given if not os.path.lexists(p)]
-    if missing:  # before the run is recorded: an ingest of nothing is no success
-        raise FileNotFoundError(errno.ENOENT, f"No such file or folder to ingest: {', '.join(missing)}", missing[0])
+    gone = [p for p in given if not os.path.lexists(p)]
+    if gone:
+        # a folder (or file) the catalog holds files of, deleted since: walked as empty, so its files are marked
+        # missing (and any moved elsewhere are found there by content when that folder is ingested)
+        known = [path for path, meta in _known_paths(con).items() if not meta[3]]
+        missing = [path_text(p) for p in gone if not any(_under(path, [os.path.abspath(os.fsencode(p))]) for path in known)]
+        if missing:  # before the run is recorded: an ingest of nothing is no success
+            raise FileNotFoundError(errno.ENOENT, f"No such file or folder to ingest: {', '.join(missing)}", missing[0])
+        for p in gone:
+            progress(task="scan", message=f"{path_text(p)} is gone: the files the catalog knows there are marked missing")
     roots = [os.path.abspath(os.fsencode(p)) for p in given]
     workers = (os.cpu_count() or 1) if workers is None else workers
     summary = IngestSummary()
@@ -862,8 +869,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         to_read.append(entry)
         # the same size (a `touch`, a file restored from a backup): the worker hashes the bytes first, and when they
         # are the image already recorded, the file is unchanged (or back), not a new content to decode and dedup
+        # (an unreadable file too, unless it is to be tried again: the same bytes are the same error)
         if (entry.size is not None and previous is not None and previous[0] == entry.size and previous[5] is not None
-                and previous[4] != "error"):
+                and (previous[4] != "error" or not (retry_errors or previous[6]))):
             expect[entry.path_bytes] = previous[5]
     run.counts["files_seen"] = summary.files_seen
     _mark_seen(con, [p for p in seen if p in known])
@@ -873,19 +881,26 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     gone_ungrouped = set(_returned_ungrouped(con, _image_ids_of(con, back))) if back else set()
     sidecars: dict[bytes, tuple[str, bytes, str | None]] = {}  # image path -> (image, its sidecar, caption) read now
     recheck: set[str] = set()  # images whose sidecar caption may have come from a file that no longer gives it
-    outcome: dict[bytes, tuple[str, str]] = {}  # path read -> (what it turned out to be, its image)
+    outcome: dict[bytes, tuple[str, str, str]] = {}  # path read -> (what it turned out to be, its image, its status)
     _read_all(con, to_read, workers=workers, max_pixels=max_pixels, summary=summary, progress=progress, ctrl_c=ctrl_c, role=role,
               sidecars=sidecars, plan=plan, expect=expect, known=known, outcome=outcome, sidecar_only=sidecar_only)
     known_images = {previous[5] for previous in known.values() if previous[5] is not None}
-    summary.moved_or_copied = sum(1 for path, kind in plan.items() if kind == "new" and path in outcome
-                                  and outcome[path][1] in known_images)
-    summary.returned_ungrouped = len({image_id for kind, image_id in outcome.values() if kind == "reappeared"}
+    moved = [path for path, kind in plan.items() if kind == "new" and path in outcome and outcome[path][1] in known_images]
+    summary.moved_or_copied = len(moved)
+    # an unreadable file moved is an image dedup never grouped either way: counted once, as moved
+    summary.new_or_changed_errors -= sum(1 for path in moved if outcome[path][2] == "error")
+    summary.returned_ungrouped = len({image_id for kind, image_id, _ in outcome.values() if kind == "reappeared"}
                                      & gone_ungrouped)
     _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c, sidecars=sidecars, recheck=recheck)
     ctrl_c.check()
     # not walked is not gone: files in the output folders left out (class priors, say) keep their rows as they are
     vanished = [p for p, meta in known.items()
                 if not meta[3] and p not in seen and _under(p, roots) and not _under(p, skipped_folders)]
+    # a folder moved or renamed as a whole: its images turn up at new paths, and their old ones, outside the folders
+    # walked now, are looked at (a stat each); those gone are missing, or `path` would name files that are not there
+    moved_images = {outcome[path][1] for path in moved}
+    vanished += [p for p, meta in known.items()
+                 if meta[5] in moved_images and not meta[3] and p not in seen and not _under(p, roots) and not os.path.lexists(p)]
     vanished_ids: list[str] = []
     if vanished:
         with transaction(con):
@@ -1016,7 +1031,7 @@ def _grouped_now_missing(con: duckdb.DuckDBPyConnection, image_ids: list[str]) -
 def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, summary: IngestSummary, role: str,
               progress: ProgressHook, ctrl_c: _CtrlC, sidecars: dict[bytes, tuple[str, bytes, str | None]],
               plan: dict[bytes, str], expect: dict[bytes, str], known: dict[bytes, tuple],
-              outcome: dict[bytes, tuple[str, str]], sidecar_only: list[FileEntry]) -> None:
+              outcome: dict[bytes, tuple[str, str, str]], sidecar_only: list[FileEntry]) -> None:
     """Read `to_read` and record it, in batches. `plan` says what the walk took each file for; a file whose bytes
     are still its `expect`ed image turns out unchanged (or reappeared, when it was missing): only its size, time and
     presence are recorded, and its sidecar joins `sidecar_only`. `outcome` gets what each file turned out to be."""
@@ -1065,11 +1080,11 @@ def _read_all(con, to_read: list[FileEntry], *, workers: int, max_pixels: int, s
             entry = entries[path_bytes]
             if result["status"] == "same":
                 kind = same_bytes(entry, result)
-                outcome[path_bytes] = (kind, result["image_id"])
+                outcome[path_bytes] = (kind, result["image_id"], "same")
                 pending_read[kind] += 1
                 pending.append(result)
                 continue
-            outcome[path_bytes] = (plan[path_bytes], result["image_id"])
+            outcome[path_bytes] = (plan[path_bytes], result["image_id"], result["status"])
             pending_read[plan[path_bytes]] += 1
             if result["status"] == "error":
                 summary.errors += 1

@@ -1377,3 +1377,62 @@ def test_caption_files_named_other_than_kohya_reads_are_said(con, tmp_path):
     summary = ingested_images(con, [tmp_path / "cap"], workers=1)
     assert sorted(summary.sidecars_misnamed) == sorted([str(tmp_path / "cap" / "UPPER2.TXT"), str(tmp_path / "cap" / (withext.name + ".txt"))])
     assert summary.sidecar_captions == 1
+
+
+def test_a_folder_moved_as_a_whole_leaves_no_path_to_a_file_that_is_gone(tmp_path, catalog_path):
+    """A large-set review: `mv photos photos_2024` and an ingest of the new name kept every image's `path` (and the
+    duplicate review's keeper_path) at the old folder, and `ingest photos` was refused, so nothing could say it went."""
+    from typer.testing import CliRunner
+
+    from pipelines.dedup import duplicate_groups
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    old = tmp_path / "photos"
+    make_images(old / "x", 2)
+    Image.open(old / "x" / "img_0000.jpg").resize((48, 32)).save(old / "small.jpg", quality=80)  # a copy: keeper img_0000
+    (old / "x" / "empty.jpg").write_bytes(b"")  # unreadable: moved too
+    with connect(catalog_path) as con:
+        ingested_images(con, [old], workers=1)
+        duplicate_groups(con)
+        keeper = con.execute("SELECT keeper_path FROM duplicate_groups LIMIT 1").fetchone()[0]
+        assert keeper == str(old / "x" / "img_0000.jpg")
+    new = tmp_path / "photos_2024"
+    old.rename(new)
+    runner = CliRunner()
+    moved = runner.invoke(app, ["ingest", str(new), "--catalog", str(catalog_path), "--workers", "1"], env={"COLUMNS": "200"})
+    assert moved.exit_code == 0, moved.output
+    said = " ".join(moved.output.split())
+    # nothing new for dedup: no "-1 new or changed image(s)" (the unreadable file moved was taken off twice)
+    assert "not in duplicate groups" not in said and "moved or copied │ 4" in said, said
+    with connect(catalog_path) as con:
+        paths = con.execute("SELECT path, missing_paths FROM images_view ORDER BY path").fetchall()
+        assert all(path.startswith(str(new)) and len(gone) == 1 and gone[0].startswith(str(old)) for path, gone in paths), paths
+        assert con.execute("SELECT DISTINCT keeper_path FROM duplicate_groups").fetchall() == [(str(new / "x" / "img_0000.jpg"),)]
+    # a folder deleted outright: an ingest of its name marks its files missing; a name the catalog never knew is a typo
+    import shutil
+
+    shutil.rmtree(new)
+    gone = runner.invoke(app, ["ingest", str(new), "--catalog", str(catalog_path), "--workers", "1"], env={"COLUMNS": "200"})
+    assert gone.exit_code == 0 and "is gone: the files the catalog knows there are marked missing" in " ".join(gone.output.split()), gone.output
+    with connect(catalog_path) as con:
+        assert con.execute("SELECT DISTINCT status FROM images_view").fetchall() == [("missing",)]
+    typo = runner.invoke(app, ["ingest", str(tmp_path / "fotos"), "--catalog", str(catalog_path)])
+    assert typo.exit_code == 2 and "No such file or folder" in typo.output
+
+
+def test_a_touched_unreadable_file_is_unchanged(con, tmp_path):
+    """A `touch` of a file that cannot be decoded counted it as changed and as a new error; readable ones were
+    unchanged already."""
+    make_images(tmp_path / "imgs", 1)
+    broken = tmp_path / "imgs" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    first = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert (first.new, first.errors) == (2, 1)
+    for path in (tmp_path / "imgs").iterdir():
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    again = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert (again.changed, again.unchanged, again.errors) == (0, 2, 0)
+    broken.write_bytes(b"\xff\xd8\xff still not a jpeg, and longer")  # new bytes are read (and fail) again
+    third = ingested_images(con, [tmp_path / "imgs"], workers=1)
+    assert (third.changed, third.errors) == (1, 1)

@@ -249,7 +249,8 @@ def ingest(
     from pipelines.ingest import ingested_images
 
     missing = [str(p) for p in paths if not os.path.lexists(p)]
-    if missing:
+    resolved = Path(catalog).expanduser() if catalog is not None else catalog_mod.default_catalog_path()
+    if missing and not resolved.exists():  # a typo makes no empty catalog (a gone folder the catalog knows is synced)
         fail(f"No such file or folder: {', '.join(missing)}")
     if max_pixels < 1:
         fail(f"--max-pixels must be at least 1, got {max_pixels}")
@@ -257,6 +258,8 @@ def ingest(
     try:
         with RichProgress() as progress:
             summary = ingested_images(con, paths, workers=workers, max_pixels=max_pixels, rehash=rehash, progress=progress)
+    except FileNotFoundError as error:  # not a folder the catalog holds files of either
+        fail(f"No such file or folder: {', '.join(missing) or error}")
     except KeyboardInterrupt as interrupt:
         # one line, no traceback: every batch is its own transaction, so what was written stays and is consistent.
         # Another Ctrl+C while it exits just ends the process (raised there, it would only print a traceback).
