@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from itertools import combinations
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import duckdb
 import numpy as np
@@ -230,27 +230,47 @@ def _grey(member: dict) -> bool:
     return (member.get("mode") or "") in GREY_MODES or bool(member.get("is_grayscale"))
 
 
-def keep_order_key(member: dict) -> tuple:
+# copies within this share of the largest copy's pixels count as its resolution: a border padded on or a few pixels
+# cropped off are no more picture, and a letterboxed JPEG 0.75% larger had won over its lossless original
+SAME_RESOLUTION_WITHIN = 0.03
+
+
+def _pixels(member: dict) -> int:
+    return (member["width"] or 0) * (member["height"] or 0)
+
+
+def largest_pixels(members: Iterable[dict]) -> int:
+    """The pixels of the largest of `members`: what `keep_order_key` compares the others with."""
+    return max((_pixels(member) for member in members), default=0)
+
+
+def _resolution(member: dict, largest: int) -> int:
+    """A copy's pixels, or `largest` when it is within SAME_RESOLUTION_WITHIN of it (0: no largest given)."""
+    pixels = _pixels(member)
+    return largest if pixels <= largest <= pixels * (1 + SAME_RESOLUTION_WITHIN) else pixels
+
+
+def keep_order_key(member: dict, largest: int = 0) -> tuple:
     """Sort key of the keep policy (after a hand choice, then a copy the filter lets through): colour over grey, then
-    highest resolution, then full colour over CMYK and palette, then lossless over lossy, then larger file, then path
-    order."""
+    highest resolution (within 3% of `largest`, the largest copy's pixels, counts as it), then full colour over CMYK
+    and palette, then lossless over lossy, then larger file, then path order."""
     # Colour first: a grey copy of a colour photo has lost what no resolution gives back (a LoRA trained on it
     # learns grey). A grey original (a black-and-white photo) is grey in every copy, and resolution decides.
     # Pixels, not detail: an upscale of a thumbnail wins over its original, and no stored column can tell it. Blur,
     # contrast and entropy come from a ~96 px decode (the upscale even scores sharper there), and file size fails
     # both ways: q90 upscales outweigh their originals, and q75 originals weigh less than their copies 1.5x smaller
     # at q95 (6 and 12 of the 14 sample photos).
-    pixels = (member["width"] or 0) * (member["height"] or 0)
     fewer_colours = _FEWER_COLOURS.get(member.get("mode") or "", (0, ""))[0]
     lossless = (member["format"] or "").upper() in LOSSLESS_FORMATS
-    return (_grey(member), -pixels, fewer_colours, not lossless, -(member["bytes"] or 0), member["first_seq"])
+    return (_grey(member), -_resolution(member, largest), fewer_colours, not lossless, -(member["bytes"] or 0),
+            member["first_seq"])
 
 
-def keeper_rank(member: dict) -> tuple:
+def keeper_rank(member: dict, largest: int = 0) -> tuple:
     """Which copy of a group to keep, after a hand choice: one the filter lets through (a kept copy the filter excludes
     took the picture out of the dataset), then one in a concept over one in none (keeping a copy in a loose folder took
     the picture out of its concept, its trigger and repeats), then the keep policy (`keep_order_key`)."""
-    return member.get("filtered_out") is not None, member.get("concept") is None, keep_order_key(member)
+    return member.get("filtered_out") is not None, member.get("concept") is None, keep_order_key(member, largest)
 
 
 # the columns the keep policy reads, of `images i` joined to its `paths p`
@@ -268,19 +288,22 @@ def preferred_copy(con: duckdb.DuckDBPyConnection, image_ids: Sequence[str]) -> 
     )
     names = [column[0] for column in cursor.description]
     members = [dict(zip(names, row)) for row in cursor.fetchall()]
-    return min(members, key=keeper_rank)["image_id"] if members else image_ids[0]
+    largest = largest_pixels(members)
+    return min(members, key=lambda m: keeper_rank(m, largest))["image_id"] if members else image_ids[0]
 
 
-def _keep_reason(keeper: dict, runner_up: dict) -> str:
-    """Why the keeper ranks above the runner-up: the first part of the keep policy that tells them apart."""
+def _keep_reason(keeper: dict, runner_up: dict, largest: int) -> str:
+    """Why the keeper ranks above the runner-up (`largest`: the group's largest pixels): the first part of the keep
+    policy that tells them apart."""
     if (runner_up.get("filtered_out") is not None and keeper.get("filtered_out") is None
-            and keep_order_key(runner_up) < keep_order_key(keeper)):
+            and keep_order_key(runner_up, largest) < keep_order_key(keeper, largest)):
         return f"passes the filter (a copy ranked above it does not: {runner_up['filtered_out']})"
-    if keeper.get("concept") is not None and runner_up.get("concept") is None and keep_order_key(runner_up) < keep_order_key(keeper):
+    if (keeper.get("concept") is not None and runner_up.get("concept") is None
+            and keep_order_key(runner_up, largest) < keep_order_key(keeper, largest)):
         return f"in concept {keeper['concept']} (a copy ranked above it is in none)"
     if _grey(keeper) != _grey(runner_up):
         return f"colour over greyscale ({runner_up.get('mode')})"
-    if (keeper["width"] or 0) * (keeper["height"] or 0) != (runner_up["width"] or 0) * (runner_up["height"] or 0):
+    if _resolution(keeper, largest) != _resolution(runner_up, largest):
         return f"highest resolution ({keeper['width']}x{keeper['height']})"
     fewer = _FEWER_COLOURS.get(runner_up.get("mode") or "", (0, ""))
     if _FEWER_COLOURS.get(keeper.get("mode") or "", (0, ""))[0] < fewer[0]:
@@ -332,7 +355,8 @@ def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> l
         connected.setdefault(linked.find(k), []).append(k)
     groups = []
     for members in connected.values():
-        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, keeper_rank(info[k])))
+        largest = largest_pixels(info[k] for k in members)
+        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, keeper_rank(info[k], largest)))
         while remaining:
             keeper = remaining[0]
             edges = {k: ("phash", 0.0) if node[k] == node[keeper] else best_edge.get((node[k], node[keeper]))
@@ -374,12 +398,17 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         else:
             # beside the best copy the filter excludes (or, next, the best in no concept) when that one ranks higher
             # (the policy skipped it), else the next
+            largest = largest_pixels(info[k] for k in group)
+
+            def order(member: dict) -> tuple:
+                return keep_order_key(member, largest)
+
             filtered = [info[k] for k in group if info[k].get("filtered_out") is not None]
             loose = [info[k] for k in group if info[k].get("filtered_out") is None and info[k].get("concept") is None]
-            best_skipped = [best for best in (min(filtered, key=keep_order_key) if filtered else None,
-                                              min(loose, key=keep_order_key) if loose else None)
-                            if best is not None and keep_order_key(best) < keep_order_key(keeper)]
-            reason = _keep_reason(keeper, best_skipped[0] if best_skipped else info[group[1]])
+            best_skipped = [best for best in (min(filtered, key=order) if filtered else None,
+                                              min(loose, key=order) if loose else None)
+                            if best is not None and order(best) < order(keeper)]
+            reason = _keep_reason(keeper, best_skipped[0] if best_skipped else info[group[1]], largest)
         for k in group:
             member = info[k]
             is_keeper = k == keeper_k

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.dedup import brute_force_pairs, choose_keeper, duplicate_groups, hamming_pairs, keep_order_key
+from pipelines.dedup import (
+    _keep_reason,
+    brute_force_pairs,
+    choose_keeper,
+    duplicate_groups,
+    hamming_pairs,
+    keep_order_key,
+    largest_pixels,
+)
 
 
 def planted_hashes(n: int, seed: int) -> np.ndarray:
@@ -59,6 +67,21 @@ def test_keep_policy_order():
     first_path = member("e", 1000, 800, "PNG", 6, 2)
     ranked = sorted([big_jpeg, small_png, same_png, bigger_file, first_path], key=keep_order_key)
     assert [m["image_id"] for m in ranked] == ["e", "d", "c", "a", "b"]
+
+
+def test_a_copy_a_border_larger_does_not_beat_its_lossless_original():
+    """A large-set review: a letterboxed JPEG (398x398, black bars padded on) was kept over its 395x398 PNG original
+    for "highest resolution". Within 3% of the largest copy's pixels, the rest of the policy decides."""
+    original = member("original", 395, 398, "PNG", 300_000, 2)
+    padded = member("padded", 398, 398, "JPEG", 40_000, 1)
+    largest = largest_pixels([original, padded])
+    assert min([original, padded], key=lambda m: keep_order_key(m, largest))["image_id"] == "original"
+    assert _keep_reason(original, padded, largest) == "lossless PNG over lossy JPEG"
+    # more than a border: resolution still wins (a 5% larger JPEG is the better source)
+    larger = member("larger", 405, 408, "JPEG", 40_000, 1)
+    largest = largest_pixels([original, larger])
+    assert min([original, larger], key=lambda m: keep_order_key(m, largest))["image_id"] == "larger"
+    assert _keep_reason(larger, original, largest) == "highest resolution (405x408)"
 
 
 def test_keep_policy_prefers_colour_and_full_colour_copies():
