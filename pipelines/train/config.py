@@ -611,6 +611,17 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+BUCKET_OPTIONS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+
+
+def _run_config_values(run_dir: Path) -> dict[str, Any]:
+    """The options a run's config.toml holds ({} without one, or one that cannot be read)."""
+    try:
+        return tomllib.loads((run_dir / RUN_CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+
+
 def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
     """For --resume: the checkpoint's saved options, with the given ones laid over those it allows to change."""
     from pipelines.train.checkpoint import resolve_resume, saved_config
@@ -637,6 +648,12 @@ def resumed_values(values: dict[str, Any]) -> dict[str, Any]:
         saved["lora_alpha"] = saved["rank"]  # left out, alpha was the rank: the same alpha given is no difference
     if saved.get("checkpoints_total_limit") is not None and saved["checkpoints_total_limit"] < 1:
         saved["checkpoints_total_limit"] = None  # saved when 0 kept every checkpoint (and -1 deleted every one)
+    # bucket settings left unset were the catalog's (or the defaults) when the run began: its config.toml spells out
+    # the ones it trained with, so `--config RUN/config.toml --resume latest` (a requeue) gives no difference
+    trained = _run_config_values(run_dir)
+    for key in BUCKET_OPTIONS:
+        if saved.get(key) is None and trained.get(key) is not None:
+            saved[key] = trained[key]
     differ = [f"{k} {saved[k]!r} (saved) vs {v!r}" for k, v in values.items()
               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
