@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -191,9 +192,20 @@ def test_a_full_disk_while_checkpointing_names_the_last_checkpoint_and_leaves_no
                                  "--checkpointing-steps", "1", "--output-dir", str(out), "--set", "num_validation_images=0",
                                  "--set", "report_to='none'", "--set", f"cache_dir='{tmp_path / 'cache'}'"])
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "No space left on device" in said, result.output
+    # status 1, as every command says a full disk (a review: train said it as bad input, 2)
+    assert result.exit_code == 1 and "No space left on device" in said and "What was written before is kept" in said, result.output
     assert "The last checkpoint, checkpoint-1, is kept" in said and "--resume latest --output-dir" in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # no .checkpoint-2.tmp
+
+    def read_only(tensors, path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", read_only)
+    ro = runner.invoke(app, ["train", "lora", "--catalog", str(catalog_path), "--resolution", "32", "--max-train-steps", "1",
+                             "--output-dir", str(tmp_path / "ro"), "--set", "num_validation_images=0",
+                             "--set", "report_to='none'", "--set", f"cache_dir='{tmp_path / 'cache'}'"])
+    said = " ".join(ro.output.split())
+    assert ro.exit_code == 1 and "Read-only file system" in said and "may not be read or written here" in said, ro.output
     assert _disk_full(OSError(28, "No space left on device")) and not _disk_full(ValueError("bad value"))
     try:  # DuckDB's error for its write-ahead log, raised inside another
         try:

@@ -1822,9 +1822,15 @@ def train_command(
         if not isinstance(error, OSError) and not is_disk_full(error):  # safetensors says a full disk in its own error
             raise
         kept = list_checkpoints(Path(train_config.output_dir) / "checkpoints") if train_config.output_dir else []
-        fail(f"{error}" + (f". The last checkpoint, {kept[-1].name}, is kept: once that is mended, `workbench train {mode} "
-                           f"--resume latest --output-dir {shlex.quote(train_config.output_dir)}` goes on from it."
-                           if kept else ""))
+        resume = (f" The last checkpoint, {kept[-1].name}, is kept: once that is mended, `workbench train {mode} "
+                  f"--resume latest --output-dir {shlex.quote(train_config.output_dir)}` goes on from it." if kept else "")
+        # the machine stopped it (exit 1, as every command says these): not an input to correct
+        if is_disk_full(error):
+            fail(f"no space left on the disk: {error}. What was written before is kept: free some space." + resume, code=1)
+        if _not_writable(error):
+            fail(f"{error}. A file or folder may not be read or written here (its permissions, or a read-only disk). "
+                 "What was written before is kept: mend that, or give another --output-dir." + resume, code=1)
+        fail(f"{error}." + resume)
     if con is None:
         return
     summary = {"train id": result.train_id, "steps": result.steps, "images": result.images,
