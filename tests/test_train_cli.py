@@ -411,6 +411,21 @@ def test_finetune_from_scratch_with_ema(con, tmp_path, one_thread):
     assert metadata["modelspec.title"] == "ft" and metadata["modelspec.resolution"] == "32x32" and metadata["layout"] == "ldm"
 
 
+def test_an_ema_with_a_trained_text_encoder_says_what_the_saved_model_pairs(con, tmp_path, one_thread):
+    """A fine-tune review: with --use-ema --train-text-encoder the saved model paired the EMA UNet with the text
+    encoder as trained, and nothing said so."""
+    from pipelines.train import main
+    from pipelines.train.data import training_images
+
+    ingest_images(con, tmp_path / "images", 2, sizes=[(32, 32)])
+    config = fast_config(tmp_path / "ft", mode="finetune", use_ema=True, train_text_encoder=True, max_train_steps=1,
+                         num_validation_images=0)
+    said: list[str] = []
+    main(config, training_images(con, config), output_dir=tmp_path / "ft", components=tiny_components(),
+         progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("the EMA is of the UNet" in m and "text encoder as trained" in m for m in said), said
+
+
 def test_two_process_data_parallel_run(catalog_path, tmp_path):
     """--num-processes 2 relaunches through torch.distributed.run (gloo on CPU): one catalog writer, DDP training.
     Without --device on a machine with no CUDA (each process chose on its own before, and the run crashed)."""

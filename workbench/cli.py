@@ -1690,7 +1690,7 @@ def train_command(
     with_prior_preservation: Annotated[bool, typer.Option("--with-prior-preservation", hidden=True)] = False,
     instance_prompt: Annotated[Optional[str], typer.Option(help="One prompt for every instance image, in place of its caption, as diffusers' DreamBooth (default: each image's caption; one without trains on its concept's trigger and class).", rich_help_panel='Captions and augmentation')] = None,
     num_class_images: Annotated[Optional[int], typer.Option(help="Class images per class prompt (default 200 × instances, capped).", rich_help_panel='DreamBooth and full UNet')] = None,
-    use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", metavar="", help="Keep an EMA of the weights (dreambooth, finetune).", rich_help_panel='DreamBooth and full UNet')] = None,
+    use_ema: Annotated[Optional[bool], typer.Option("--use-ema/--no-use-ema", metavar="", help="Keep an EMA of the UNet's weights: the model saved, its samples and scores use it (dreambooth, finetune).", rich_help_panel='DreamBooth and full UNet')] = None,
     from_scratch: Annotated[Optional[bool], typer.Option("--from-scratch/--no-from-scratch", metavar="", help="finetune: initialise the UNet from its config.", rich_help_panel='DreamBooth and full UNet')] = None,
     concepts: Annotated[Optional[list[str]], typer.Option("--concept", help="Train only this concept (repeatable).", rich_help_panel='Run')] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: accelerate's choice).", rich_help_panel='Run')] = None,

@@ -719,9 +719,12 @@ def _run(config, images, accelerator, output_dir, checkpoints_dir, samples_dir, 
         _place(text_encoder, device, weight_dtype)
 
     ema = None
-    if config.use_ema:
+    if config.use_ema:  # of the UNet, as diffusers' train_text_to_image.py keeps it
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
         ema.to(device)
+        if train_text and accelerator.is_main_process:
+            progress(task="train", message="the EMA is of the UNet: the model saved, its samples and scores pair the EMA "
+                     "UNet with the text encoder as trained (each checkpoint's weights.safetensors holds both as trained)")
 
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     text_params = [p for p in text_encoder.parameters() if p.requires_grad] if train_text else []
