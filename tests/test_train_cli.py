@@ -694,6 +694,9 @@ def test_options_pasted_from_the_diffusers_examples_run(catalog_path, tmp_path):
     notes: list[str] = []  # --center_crop was a bare "No such option": it names the default here (diffusers': random)
     assert pasted_train_options(["train", "lora", "--center_crop", "--rank", "4"], notes) == ["train", "lora", "--rank", "4"]
     assert len(notes) == 1 and "centre crop is the workbench's default" in notes[0]
+    notes.clear()  # a review: diffusers' --cache_dir (the Hub download cache) silently became the latent cache
+    assert pasted_train_options(["train", "lora", "--cache_dir", "/hf"], notes) == ["train", "lora", "--set", "cache_dir=/hf"]
+    assert len(notes) == 1 and "not the Hugging Face download cache" in notes[0]
     with pytest.raises(ValueError, match=r"--instance_data_dir has no workbench counterpart: images come from the catalog"):
         pasted_train_options(["train", "dreambooth", "--instance_data_dir", "./dog"])
     connect(catalog_path).close()

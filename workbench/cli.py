@@ -2439,6 +2439,9 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
             break
         name, sep, value = token.partition("=")
         dashed = name.replace("_", "-")
+        if name == "--cache_dir" and notes is not None:  # diffusers' flag of that name is the Hub download cache
+            notes.append("--cache_dir here is the workbench's latent and text cache, not the Hugging Face download cache "
+                         "of diffusers' flag of that name (HF_HUB_CACHE or HF_HOME sets that one)")
         if not name.startswith("--") or dashed in params:
             out.append(token)
             continue
