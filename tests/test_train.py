@@ -1397,6 +1397,28 @@ def test_a_run_continued_with_resume_points_evaluate_at_the_run_that_rewrote_its
         run_metrics(con, first.train_id, clip_model="tiny")
 
 
+def test_a_continuation_killed_while_it_kept_the_finished_outputs_keeps_them_whole_next_time(con, tmp_path, one_thread):
+    """A fine-tune review (kill -9 injected at the move's second rename): the finished model's first output stayed in
+    the hidden staging folder, the next continuation kept the rest without it, and the first run's row named a file
+    the continued run then wrote over. A kill between the move and the row's update left the row unchanged too."""
+    from pipelines.train import load_train_config, trained_model
+
+    config, first = _finished_run(con, tmp_path, num_validation_images=0)
+    run = Path(config.output_dir)
+    finished = {name: (run / name).read_bytes() for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors")}
+    staging = run / "exports" / ".finished-step-2.x1y2z3"  # as the kill left it: one output moved, the rest not
+    staging.mkdir(parents=True)
+    (run / "pytorch_lora_weights.safetensors").rename(staging / "pytorch_lora_weights.safetensors")
+    resumed = load_train_config(None, {"output_dir": config.output_dir, "resume": "latest", "max_train_steps": 3})
+    trained_model(con, resumed, components=tiny_components())
+    kept = run / "exports" / "finished-step-2"
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["finished-step-2"]  # no staging folder left
+    assert {name: (kept / name).read_bytes() for name in finished} == finished
+    outputs = json.loads(con.execute("SELECT outputs FROM training_runs WHERE train_id = ?", [first.train_id]).fetchone()[0])
+    assert outputs["lora_diffusers"] == str(kept / "pytorch_lora_weights.safetensors")
+    assert outputs["lora_kohya"] == str(kept / "lora_kohya.safetensors")
+
+
 def test_every_lora_checkpoint_holds_its_lora_in_both_formats_loadable_by_diffusers(con, tmp_path, one_thread):
     """An earlier checkpoint is often the LoRA to keep; its weights.safetensors has peft-internal names that
     load_lora_weights cannot read."""

@@ -285,6 +285,18 @@ def _refuse_a_finished_resume(con, config: TrainConfig, output_dir: Path, images
         )
 
 
+def _put_back_unfinished_moves(output_dir: Path, exports: Path) -> None:
+    """A continuation killed while it moved the finished outputs (kill -9, a power cut: no `except` ran) left some in
+    a staging folder: they go back, so the move starts over whole."""
+    for staging in sorted(exports.glob(".finished-step-*")) if exports.is_dir() else []:
+        for name in (*FINISHED_OUTPUTS, FINAL_SAMPLES):
+            if (staging / name).exists() and not (output_dir / name).exists():
+                (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staging / name, output_dir / name)
+        if not any(path.is_file() for path in staging.rglob("*")):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id: str | None, progress: ProgressHook) -> None:
     """A resume that trains a finished run further would write its outputs over the finished ones, and the
     checkpoint limit may already have pruned the checkpoint they came from: the finished model would be gone. Its
@@ -295,40 +307,47 @@ def _keep_finished_outputs(con, config: TrainConfig, output_dir: Path, folder_id
     row = first_row(con.execute(
         "SELECT train_id, steps, outputs FROM training_runs WHERE output_dir = ? AND folder_id IS NOT DISTINCT FROM ? "
         "AND status = 'ok' ORDER BY train_id DESC LIMIT 1", [str(output_dir), folder_id]))
-    present = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
-    if row is None or not present:
-        return  # never finished (or its outputs are gone): nothing finished to keep
-    if (output_dir / FINAL_SAMPLES).is_dir():  # its final samples go with it: the run ahead writes its own there
-        present.append(FINAL_SAMPLES)
+    if row is None:
+        return  # never finished: nothing finished to keep
     train_id, steps, outputs = row
     kept = output_dir / "exports" / f"finished-step-{steps}"
-    if kept.exists():
-        return  # kept by an earlier continuation that stopped before writing its own
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    # moved (renames: no copy of gigabytes), all or none: into a staging folder, which then takes the final name
-    staging = Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=kept.parent))
-    moved_now: list[str] = []
-    try:
-        for name in present:
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(output_dir / name, staging / name)
-            moved_now.append(name)
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: a UI run by another user reads it
-        os.rename(staging, kept)
-    except BaseException:
-        for name in moved_now:  # put back what moved: the run folder stays as it was
-            os.rename(staging / name, output_dir / name)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    _put_back_unfinished_moves(output_dir, kept.parent)
+    present = [name for name in FINISHED_OUTPUTS if (output_dir / name).exists()]
+    if (output_dir / FINAL_SAMPLES).is_dir() and present:  # its final samples go with it: the run ahead writes its own
+        present.append(FINAL_SAMPLES)
+    if not kept.exists():
+        if not present:
+            return  # its outputs are gone: nothing finished to keep
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        # moved (renames: no copy of gigabytes), all or none: into a staging folder, which then takes the final name
+        staging = Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=kept.parent))
+        moved_now: list[str] = []
+        try:
+            for name in present:
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(output_dir / name, staging / name)
+                moved_now.append(name)
+            os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: a UI run by another user reads it
+            os.rename(staging, kept)
+        except BaseException:
+            for name in moved_now:  # put back what moved: the run folder stays as it was
+                os.rename(staging / name, output_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        progress(task="resume", message=f"The run's finished model (step {steps}) is kept in {kept}: training on writes "
+                                        "the run's outputs anew.")
 
+    # the row says where its files are: also when kept already (a continuation stopped between the move and this)
     def now_at(path: str) -> str:
         relative = os.path.relpath(path, output_dir)
-        return str(kept / relative) if relative in present else path
+        if relative.startswith(os.pardir) or not (kept / relative).exists() or (output_dir / relative).exists():
+            return path
+        return str(kept / relative)
 
-    moved = {key: now_at(path) for key, path in json.loads(outputs or "{}").items()}
-    con.execute("UPDATE training_runs SET outputs = ? WHERE train_id = ?", [json.dumps(moved), train_id])
-    progress(task="resume", message=f"The run's finished model (step {steps}) is kept in {kept}: training on writes "
-                                    "the run's outputs anew.")
+    recorded = json.loads(outputs or "{}")
+    moved = {key: now_at(path) for key, path in recorded.items()}
+    if moved != recorded:
+        con.execute("UPDATE training_runs SET outputs = ? WHERE train_id = ?", [json.dumps(moved), train_id])
 
 
 def _last_checkpoint(output_dir: Path) -> tuple[int, float | None]:
