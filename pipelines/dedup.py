@@ -385,10 +385,21 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     info = members.to_dicts()
     present = set(members["image_id"].to_list()) - alone
     usable = [row for row in pairs.iter_rows() if row[0] in present and row[1] in present]
-    for image_id in alone:  # identical hashes are stored as a star: one set apart may be the hub its twins hang on
+    # identical hashes are stored as a star, and close hash values hub to hub: one set apart may be the hub its twins
+    # hang on, and the one link of their hash to the others. A twin stands for that hash instead (same hash: same
+    # distances), or the twins left the group with the image set apart
+    stands_for: dict[str, str] = {}
+    for image_id in alone:
         twins = sorted({a if b == image_id else b for a, b, method, distance in pairs.iter_rows()
                         if image_id in (a, b) and method == "phash" and distance == 0} & present)
         usable += [(twins[0], twin, "phash", 0.0) for twin in twins[1:]]  # identical to each other, through it
+        if twins:
+            stands_for[image_id] = twins[0]
+    for a, b, method, distance in pairs.iter_rows():
+        if method == "phash" and distance > 0 and (a in stands_for or b in stands_for):
+            a, b = stands_for.get(a, a), stands_for.get(b, b)
+            if a in present and b in present:
+                usable.append((a, b, method, distance))
     groups = _keeper_groups(info, usable, chosen)
     rows, exclusions, other_concept = [], [], []
     for group_number, (keeper_k, group, edges) in enumerate(groups, start=1):

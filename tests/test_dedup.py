@@ -256,6 +256,31 @@ def test_an_image_dedup_got_wrong_is_set_apart_and_can_rejoin(con, catalog_path)
     assert auto.exit_code == 0 and "the keep policy chooses there already" in " ".join(auto.output.split())
 
 
+def test_setting_apart_the_hub_of_a_hash_keeps_its_twins_linked_to_the_close_hashes(con):
+    """A TUI review: `keep --alone` on one burst frame took a second frame (its identical-hash twin, kept by hand) out
+    of the group as well, and with it into the dataset beside a copy 2 bits away: identical hashes hang on one hub,
+    and close hash values are linked hub to hub, so the twins lost their link through the image set apart."""
+    from pipelines.dedup import choose_keeper, image_set_apart
+
+    base = 0x0F0F_F0F0_1234_5678
+    insert_image(con, "wide" + "0" * 60, base, 900, 100, seq=1)
+    insert_image(con, "burst0" + "0" * 58, base, 300, 200, seq=2)
+    insert_image(con, "burst2" + "0" * 58, base ^ 0b11, 300, 200, seq=3)  # 2 bits from the others
+    insert_image(con, "burst3" + "0" * 58, base ^ 0b11, 300, 200, seq=4)  # burst2's twin
+    duplicate_groups(con)
+    ids = {row[0][:6].rstrip("0"): row[0] for row in con.execute("SELECT image_id FROM images").fetchall()}
+    assert con.execute("SELECT count(DISTINCT group_id), count(*) FROM duplicates").fetchone() == (1, 4)
+    choose_keeper(con, ids["burst3"])
+    link = con.execute("SELECT image_a, image_b FROM duplicate_pairs WHERE method = 'phash' AND distance > 0").fetchall()
+    assert len(link) == 1  # one link between the two hash values, hub to hub
+    (apart,) = set(link[0]) & {ids["burst2"], ids["burst3"]}  # the hub of the twins' hash
+    image_set_apart(con, apart)
+    grouped = {row[0] for row in con.execute("SELECT image_id FROM duplicates").fetchall()}
+    assert grouped == set(ids.values()) - {apart}
+    assert {row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall()} == {apart, con.execute(
+        "SELECT keeper_id FROM duplicates LIMIT 1").fetchone()[0]}
+
+
 def test_flipped_copies_are_duplicates_and_the_mirror_search_can_be_turned_off(con, tmp_path, catalog_path):
     """A left-right flipped repost (here also shrunk and re-encoded) is 30 or so pHash bits from its original, so only
     the mirrored hash finds it; a symmetric image never pairs with itself, and distinct photos stay apart."""
