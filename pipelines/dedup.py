@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from itertools import combinations
+from collections import defaultdict
 from typing import Iterable, Sequence
 
 import duckdb
@@ -385,17 +386,24 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     info = members.to_dicts()
     present = set(members["image_id"].to_list()) - alone
     usable = [row for row in pairs.iter_rows() if row[0] in present and row[1] in present]
-    # identical hashes are stored as a star, and close hash values hub to hub: one set apart may be the hub its twins
-    # hang on, and the one link of their hash to the others. A twin stands for that hash instead (same hash: same
-    # distances), or the twins left the group with the image set apart
+    # identical hashes are stored as a star, and close hash values hub to hub: an image out of the groups now (set
+    # apart by hand; gone or unreadable since dedup found its pairs) may be the hub its twins hang on, and the one link
+    # of their hash to the others. A twin stands for that hash instead (same hash: same distances), or the twins
+    # would leave the group with it
+    rows = list(pairs.iter_rows())
+    absent = ({a for a, _, _, _ in rows} | {b for _, b, _, _ in rows}) - present
+    twins_of: dict[str, set[str]] = defaultdict(set)
+    for a, b, method, distance in rows:
+        if method == "phash" and distance == 0 and (a in absent or b in absent):
+            twins_of[a].add(b)
+            twins_of[b].add(a)
     stands_for: dict[str, str] = {}
-    for image_id in alone:
-        twins = sorted({a if b == image_id else b for a, b, method, distance in pairs.iter_rows()
-                        if image_id in (a, b) and method == "phash" and distance == 0} & present)
+    for image_id in absent:
+        twins = sorted(twins_of.get(image_id, set()) & present)
         usable += [(twins[0], twin, "phash", 0.0) for twin in twins[1:]]  # identical to each other, through it
         if twins:
             stands_for[image_id] = twins[0]
-    for a, b, method, distance in pairs.iter_rows():
+    for a, b, method, distance in rows:
         if method == "phash" and distance > 0 and (a in stands_for or b in stands_for):
             a, b = stands_for.get(a, a), stands_for.get(b, b)
             if a in present and b in present:

@@ -260,7 +260,7 @@ def test_setting_apart_the_hub_of_a_hash_keeps_its_twins_linked_to_the_close_has
     """A TUI review: `keep --alone` on one burst frame took a second frame (its identical-hash twin, kept by hand) out
     of the group as well, and with it into the dataset beside a copy 2 bits away: identical hashes hang on one hub,
     and close hash values are linked hub to hub, so the twins lost their link through the image set apart."""
-    from pipelines.dedup import choose_keeper, image_set_apart
+    from pipelines.dedup import choose_keeper, image_set_apart, regroup_duplicates
 
     base = 0x0F0F_F0F0_1234_5678
     insert_image(con, "wide" + "0" * 60, base, 900, 100, seq=1)
@@ -279,6 +279,11 @@ def test_setting_apart_the_hub_of_a_hash_keeps_its_twins_linked_to_the_close_has
     assert grouped == set(ids.values()) - {apart}
     assert {row[0] for row in con.execute("SELECT image_id FROM dataset").fetchall()} == {apart, con.execute(
         "SELECT keeper_id FROM duplicates LIMIT 1").fetchone()[0]}
+    # the same when the hub's file goes (regrouped by a later keep, before any dedup rerun finds new pairs)
+    image_set_apart(con, apart, apart=False)
+    con.execute("UPDATE paths SET missing = true WHERE image_id = ?", [apart])
+    regroup_duplicates(con)
+    assert {row[0] for row in con.execute("SELECT image_id FROM duplicates").fetchall()} == set(ids.values()) - {apart}
 
 
 def test_flipped_copies_are_duplicates_and_the_mirror_search_can_be_turned_off(con, tmp_path, catalog_path):
