@@ -2262,6 +2262,26 @@ def test_the_sql_history_outlives_the_app_and_keeps_failed_queries(synthetic_cat
     asyncio.run(many_queries())
 
 
+def test_the_selected_duplicate_card_scrolls_into_view(sample_catalog):
+    """A TUI review: → selected a card past the screen's edge and `k` kept that image, which was never shown."""
+    group_id = query(sample_catalog, "SELECT group_id FROM duplicates GROUP BY 1 HAVING count(*) >= 2 ORDER BY 1 LIMIT 1")[0][0]
+
+    async def scenario():
+        app = WorkbenchApp(catalog_path=sample_catalog, start="duplicates")
+        async with app.run_test(size=(60, 40)) as pilot:  # room for one 40-column card
+            screen = app.screen
+            await open_duplicate_group(pilot, app, group_id)
+            await wait_for(pilot, lambda: len(screen.query("MemberCard")) >= 2, what="cards")
+            box = screen.query_one("#members")
+            assert box.scroll_x == 0
+            await pilot.press("right")
+            await pilot.pause()
+            second = screen.query("MemberCard")[1]
+            await wait_for(pilot, lambda: box.scroll_x > 0 and second.region.right <= box.region.right, what="scrolled")
+
+    asyncio.run(scenario())
+
+
 def test_duplicates_can_be_reviewed_closest_calls_first(sample_catalog):
     """1,617 groups could only be walked in id order with n/p; the doubtful ones (farthest members) were anywhere."""
     import duckdb

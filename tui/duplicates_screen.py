@@ -264,6 +264,8 @@ class DuplicatesScreen(SizeClasses, Screen):
     def watch_selected(self, index: int) -> None:
         for card in self.query(MemberCard):
             card.set_class(card.index == index, "-selected")
+            if card.index == index:  # a group wider than the screen: k, x and a act on the card you see
+                card.scroll_visible(animate=False)
 
     # --- navigation ---------------------------------------------------------------
 
