@@ -59,7 +59,8 @@ class SidecarsNotWritten(CatalogError):
 
 
 def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leave: set[str] = frozenset()) -> list[SidecarWrite]:
-    """Write each image's current caption to its sidecar beside its first existing file; returns what was written.
+    """Write each image's current caption to its sidecar: the one ingest reads it from (of its files with a sidecar,
+    the first in path order), else one beside its first existing file; returns what was written.
     A file that cannot be written (permissions, a folder in its place) does not stop the others: SidecarsNotWritten
     names them after the rest are written, with those written. Sidecar paths in `leave` are not written."""
     if not image_ids:
@@ -67,7 +68,9 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
     cur.register("sidecar_ids", pa.table({"image_id": image_ids}))
     try:
         rows = cur.execute(
-            "SELECT s.image_id, arg_min(p.path_bytes, p.seq), any_value(cc.caption) FROM sidecar_ids s "
+            # a copy elsewhere got a sidecar of its own beside the one the caption came from, which stayed stale
+            "SELECT s.image_id, coalesce(min(p.path_bytes) FILTER (WHERE p.sidecar_mtime_ns IS NOT NULL), "
+            "arg_min(p.path_bytes, p.seq)), any_value(cc.caption) FROM sidecar_ids s "
             "JOIN paths p ON p.image_id = s.image_id AND NOT p.missing "
             "JOIN current_captions cc ON cc.image_id = s.image_id GROUP BY s.image_id"
         ).fetchall()

@@ -327,3 +327,25 @@ def test_ctrl_a_in_a_bulk_box_is_line_start_not_accept(synthetic_catalog):
             assert not notified(app, "using the")
 
     asyncio.run(scenario())
+
+
+def test_an_edit_writes_the_sidecar_the_caption_came_from_not_a_new_one_beside_a_copy(con, tmp_path):
+    """A TUI review: the rocket photo is also at copies/rocket_copy.jpg (ingested first); its caption came from
+    photos/rocket.txt, but a save wrote a new copies/rocket_copy.txt, and photos/rocket.txt (what a kohya run over
+    photos/ reads) kept the old caption."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(tmp_path / "photos" / "rocket.png")
+    (tmp_path / "copies" / "rocket_copy.png").write_bytes((tmp_path / "photos" / "rocket.png").read_bytes())
+    (tmp_path / "photos" / "rocket.txt").write_text("a rocket\n", encoding="utf-8")
+    ingested_images(con, [tmp_path / "copies"], workers=1)  # the copy's path is the image's first
+    ingested_images(con, [tmp_path / "photos"], workers=1)
+    (image_id,) = con.execute("SELECT DISTINCT image_id FROM paths").fetchone()
+    assert con.execute("SELECT caption FROM images_view").fetchone()[0] == "a rocket"
+    caption_edits.bulk_edit(con, [image_id], add_token="sks", sidecars=True)
+    assert (tmp_path / "photos" / "rocket.txt").read_text() == "sks, a rocket\n"
+    assert not (tmp_path / "copies" / "rocket_copy.txt").exists()
