@@ -156,6 +156,8 @@ def clip_scores(
     progress: ProgressHook = null_progress,
 ) -> dict[str, int]:
     """CLIP score (cosine, -1..1) of every captioned ok image against its current caption; rescored when it changes."""
+    if batch_size < 1:  # before the run is recorded: a run on nothing recorded it `ok`, and a form brought it back
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     params = {"model": clip_bundle.name, "batch_size": batch_size}
     with record_run(con, "score", params) as run:
         counts = image_embeddings(con, clip_bundle, batch_size=batch_size, device=device, workers=workers,

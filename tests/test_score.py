@@ -104,6 +104,10 @@ def test_score_is_the_cosine_to_the_current_caption_and_follows_caption_changes(
     assert view_score(ids["e"]) is None  # no caption, no score
 
     assert clip_scores(catalog, clip, workers=0)["scored"] == 0
+    runs = catalog.execute("SELECT count(*) FROM runs").fetchone()[0]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):  # refused, not recorded as a run on nothing
+        clip_scores(catalog, clip, batch_size=-1, workers=0)
+    assert catalog.execute("SELECT count(*) FROM runs").fetchone()[0] == runs
 
     catalog.execute("INSERT INTO captions (image_id, source, text) VALUES (?, 'manual', 'a blue circle')", [ids["c"]])
     assert view_score(ids["c"]) is None  # the old score belongs to the old caption

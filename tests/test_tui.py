@@ -2182,6 +2182,13 @@ def test_the_ingest_step_takes_a_folder_with_spaces_typed_without_quotes(tmp_pat
     with pytest.raises(ValueError, match=r"no such file or folder: .*/data/5_wbk, .*/dog \(a name with spaces goes in quotes"):
         steps.run_ingest(con, steps.parse_settings(spec, {"folders": "data/5_wbk dog", "workers": "1"}), lambda **kw: None, tmp_path)
     con.close()
+    # a number the CLI refuses is refused by the form too (a review: a score batch of -1 ran on nothing, was recorded
+    # `ok`, and came back in the form every session, to fail once there was something to score)
+    with pytest.raises(ValueError, match=r"CLIP score: batch must be at least 1, not '-1'"):
+        steps.parse_settings(steps.STEPS_BY_NAME["score"], {"model": "tiny", "batch_size": "-1"})
+    with pytest.raises(ValueError, match=r"Ingest: workers must be at least 1, not '0'"):
+        steps.parse_settings(spec, {"folders": "", "workers": "0"})
+    assert steps.parse_settings(spec, {"folders": "", "workers": ""})["workers"] is None  # empty: the default
 
 
 def test_another_preset_keeps_what_was_typed_in_the_train_form(four_image_catalog):

@@ -26,6 +26,7 @@ class Setting:
     default: str
     kind: Any = str
     help: str = ""
+    minimum: int | None = None  # the least a number may be (as the CLI's option says it)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ def parse_settings(spec: StepSpec, raw: dict[str, str]) -> dict[str, Any]:
         except ValueError:
             kind = {int: "a whole number", float: "a number", "yes_no": "yes or no"}.get(setting.kind, "a number")
             raise ValueError(f"{spec.label}: {setting.label} must be {kind}, not {text!r}.") from None
+        value = values[setting.name]
+        if setting.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < setting.minimum:
+            # refused here, as the CLI refuses it: a step that ran on nothing recorded it, and the form brought it back
+            raise ValueError(f"{spec.label}: {setting.label} must be at least {setting.minimum}, not {text!r}.")
     return values
 
 
@@ -178,17 +183,17 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("ingest", "Ingest", run_ingest,
              "SELECT count(*) AS images, count(*) FILTER (status = 'error') AS errors FROM images WHERE role = 'instance'",
              (Setting("folders", "folders", "", "paths", "empty: the last ingest's folders (relative: to the catalog's folder)"),
-              Setting("workers", "workers", "", "optional_int"))),
+              Setting("workers", "workers", "", "optional_int", minimum=1))),
     StepSpec("dedup", "Dedup", run_dedup,
              "SELECT count(DISTINCT group_id) AS groups, count(*) FILTER (NOT is_keeper) AS duplicates FROM duplicates",
-             (Setting("threshold", "threshold", "6", int, "pHash bits"),
+             (Setting("threshold", "threshold", "6", int, "pHash bits", minimum=0),
               Setting("mirrored", "flipped", "yes", "yes_no", "yes/no"))),
     StepSpec("caption", "Caption", run_caption,
              "SELECT count(DISTINCT image_id) AS captioned FROM captions WHERE source LIKE 'model:%'",
-             (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "8", int), Setting("template", "template", ""))),
+             (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "8", int, minimum=1), Setting("template", "template", ""))),
     StepSpec("score", "CLIP score", run_score,
              "SELECT count(*) AS scored, round(avg(score), 3) AS mean FROM clip_scores",
-             (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "32", int))),
+             (Setting("model", "model", "tiny"), Setting("batch_size", "batch", "32", int, minimum=1))),
     StepSpec("filter", "Filter", run_filter,
              "SELECT count(DISTINCT image_id) AS failing_a_rule, (SELECT count(*) FROM dataset) AS dataset FROM exclusions WHERE step LIKE 'filter:%'",
              (Setting("min_side", "min side", "256", "optional_int", "empty: off"),
@@ -196,14 +201,14 @@ STEPS: tuple[StepSpec, ...] = (
               Setting("min_clip_score", "min CLIP", "", "optional_float", "empty: off"))),
     StepSpec("buckets", "Buckets", run_buckets,
              "SELECT count(*) AS bucketed, count(DISTINCT (bucket_width, bucket_height)) AS buckets FROM aspect_buckets",
-             (Setting("resolution", "resolution", "512", int),
+             (Setting("resolution", "resolution", "512", int, minimum=8),
               Setting("min_bucket_reso", "min", "", "optional_int", "empty: kohya"),
               Setting("max_bucket_reso", "max", "", "optional_int", "empty: kohya"),
               Setting("bucket_reso_steps", "steps", "", "optional_int", "empty: kohya"))),
     StepSpec("priors", "Class priors", run_priors,
              "SELECT count(*) AS class_images FROM images WHERE role = 'class_prior'",
-             (Setting("class_prompt", "class prompt", ""), Setting("num", "count", "4", "optional_int"),
-              Setting("model", "model", "tiny"), Setting("steps", "steps", "4", int), Setting("resolution", "size", "", "optional_int")),
+             (Setting("class_prompt", "class prompt", ""), Setting("num", "count", "4", "optional_int", minimum=0),
+              Setting("model", "model", "tiny"), Setting("steps", "steps", "4", int, minimum=1), Setting("resolution", "size", "", "optional_int", minimum=8)),
              # DreamBooth's alone: Run all (curation) made class images a LoRA never uses, with settings off screen
              in_run_all=False),
     StepSpec("train", "Train", run_train,
