@@ -737,6 +737,13 @@ def test_sql_console_runs_a_query_refuses_writes_and_exports(synthetic_catalog):
             assert screen.query_one("#results").rows == [[f, str(n)] for f, n in expected]
             assert screen.query_one("#history").option_count == 1
             assert "statements" not in text_of(app, "#sql-status")
+            # ctrl+a selects the whole query, so typing replaces it (a review: it was line start, and text typed
+            # went in front of a long query scrolled out of sight)
+            editor.focus()
+            await pilot.press("ctrl+a")
+            assert editor.selected_text == editor.text
+            await pilot.press("9")
+            assert editor.text == "9"
             editor.load_text("SELECT 1 AS a; SELECT 2 AS b")  # both run; the result shown says it is the last one's
             await pilot.press("f9")
             await wait_for(pilot, lambda: "of the last of 2 statements" in text_of(app, "#sql-status"), what="two statements")

@@ -112,12 +112,22 @@ class SqlScreen(SizeClasses, Screen):
         Binding("ctrl+e", "export('csv')", "CSV", priority=True, tooltip="Export the result as CSV"),
         Binding("ctrl+t", "export('parquet')", "Parquet", priority=True, tooltip="Export the result as Parquet"),
         Binding("ctrl+w", "toggle_write", "Write mode", priority=True),
+        # as in harlequin (the editor's own select-all is F7, which opens the Train screen here); Home is line start
+        Binding("ctrl+a", "select_all", "Select all", priority=True, show=False,
+                tooltip="Select the whole query in the editor, so what you type replaces it (Home: line start)"),
         # Priority, else the editor takes Escape to move focus (it still does with no query running).
         # Not in the footer: the status line says "Esc cancels" while a query runs.
         Binding("escape", "cancel_query", "Cancel query", priority=True, show=False),
         # not priority: enter keeps its meaning in the editor, inputs, buttons and history; on the results it opens the row
         Binding("enter", "show_row", "Row in full", show=False),
     ]
+
+    def action_select_all(self) -> None:
+        focused = self.focused
+        if isinstance(focused, TextArea):
+            focused.select_all()
+        elif isinstance(focused, Input):  # a box of its own: ctrl+a is line start there, as typed
+            focused.action_home()
 
     @dataclass
     class _Result(Message):
