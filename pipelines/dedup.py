@@ -12,13 +12,13 @@ import math
 import os
 from itertools import combinations
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import duckdb
 import numpy as np
 import polars as pl
 
-from workbench.catalog import first_row, record_run, transaction
+from workbench.catalog import first_row, record_run, rolled_back, transaction
 from workbench.progress import ProgressHook, null_progress
 
 DEFAULT_THRESHOLD = 6
@@ -685,3 +685,20 @@ def duplicate_groups(
         }
         run.counts.update(counts)
     return counts
+
+
+def duplicate_groups_preview(con: duckdb.DuckDBPyConnection, **options: Any) -> dict[str, int]:
+    """What `duplicate_groups(con, **options)` would do, with nothing changed: its counts, the images it would newly
+    exclude as duplicates or let back in, and the dataset's size before and after."""
+    def dedup_excluded() -> set[str]:
+        return {row[0] for row in con.execute("SELECT image_id FROM exclusions WHERE step = 'dedup'").fetchall()}
+
+    def dataset_size() -> int:
+        return con.execute("SELECT count(*) FROM dataset").fetchone()[0]
+
+    before, size_before = dedup_excluded(), dataset_size()
+    with rolled_back(con):  # every write of the step, its run record too, is undone
+        counts = duplicate_groups(con, **options)
+        after, size_after = dedup_excluded(), dataset_size()
+    return {**counts, "newly_excluded_as_duplicates": len(after - before), "no_longer_excluded": len(before - after),
+            "dataset_images_now": size_before, "dataset_images_after": size_after}

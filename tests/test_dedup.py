@@ -125,6 +125,31 @@ def test_groups_keepers_and_rerun(con):
     assert rows == {"small": None, "twin": None, "large": None, "far": None}
 
 
+def test_a_dry_run_says_what_a_threshold_would_exclude_and_changes_nothing(con, catalog_path):
+    """A large-set review: trying a threshold rewrote the groups and exclusions (filter and exclude had --dry-run)."""
+    from typer.testing import CliRunner
+
+    from workbench.catalog import connect
+    from workbench.cli import app
+
+    base = 0x0F0F_F0F0_1234_5678
+    insert_image(con, "small", base ^ 0b11, 100, 100, seq=1)
+    insert_image(con, "large", base, 400, 300, seq=2)
+    insert_image(con, "near", base ^ 0xFF, 400, 300, seq=3)  # 8 bits from large: out at 6, in at 10
+    duplicate_groups(con, threshold=6)
+    tables = ("duplicates", "duplicate_pairs", "exclusions", "runs", "hashes")
+    before = {table: con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall() for table in tables}
+    con.close()
+    result = CliRunner().invoke(app, ["dedup", "--threshold", "10", "--dry-run", "--catalog", str(catalog_path)],
+                                env={"COLUMNS": "200"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "--dry-run: nothing changed" in said, result.output
+    assert "newly excluded as duplicates │ 1" in said and "no longer excluded │ 0" in said, said
+    assert "dataset images now │ 2" in said and "dataset images after │ 1" in said, said
+    with connect(catalog_path) as after:
+        assert {table: after.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall() for table in tables} == before
+
+
 def test_keeper_chosen_by_hand_wins_and_survives_rerun(con):
     insert_image(con, "a", 7, 800, 600, seq=1)
     insert_image(con, "b", 7, 200, 150, seq=2)

@@ -362,9 +362,16 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, *, force: bool) -> None:
         con.execute("COMMIT")
 
 
+_ROLLED_BACK: set[int] = set()  # connections inside `rolled_back`: a step's own transactions join that one
+
+
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Run the block in one transaction: committed if it finishes, rolled back if it raises."""
+    """Run the block in one transaction: committed if it finishes, rolled back if it raises (inside `rolled_back`,
+    it is part of that one, which is always rolled back)."""
+    if id(con) in _ROLLED_BACK:
+        yield con
+        return
     con.execute("BEGIN TRANSACTION")
     try:
         yield con
@@ -372,6 +379,19 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+@contextmanager
+def rolled_back(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Run the block, step writes and their run records included, in one transaction that is always rolled back:
+    a dry run of a step that writes, which sees its own writes while it runs."""
+    con.execute("BEGIN TRANSACTION")
+    _ROLLED_BACK.add(id(con))
+    try:
+        yield con
+    finally:
+        _ROLLED_BACK.discard(id(con))
+        con.execute("ROLLBACK")
 
 
 # --- provenance -------------------------------------------------------------

@@ -390,19 +390,21 @@ def dedup(
     threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes. Distances are nearly always even (a pHash sets the 32 of its 64 bits above their median), so an odd threshold acts as the even one below.")] = 6,
     drop_embedding_pairs: Annotated[bool, typer.Option("--drop-embedding-pairs", help="Forget the CLIP pairs `score --dedup` added (undoes them).")] = False,
     mirrored: Annotated[bool, typer.Option("--mirrored/--no-mirrored", help="Also count left-right flipped copies as duplicates (their mirrored pHash is compared).")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what this threshold would group and exclude, against what is excluded now; change nothing.")] = False,
 ) -> None:
     """Group exact and near-duplicate images; keep the best copy of each group, exclude the rest.
 
-    Example: workbench dedup --threshold 6   (add --no-mirrored to keep flipped copies, --drop-embedding-pairs to undo `score --dedup`)
+    Example: workbench dedup --threshold 10 --dry-run   (then without --dry-run; --no-mirrored keeps flipped copies, --drop-embedding-pairs undoes `score --dedup`)
     """
-    from pipelines.dedup import MAX_THRESHOLD, duplicate_groups
+    from pipelines.dedup import MAX_THRESHOLD, duplicate_groups, duplicate_groups_preview
 
     if not 0 <= threshold <= MAX_THRESHOLD:
         fail(f"--threshold must be between 0 and {MAX_THRESHOLD} bits.")
     con = open_catalog(catalog)
+    options = dict(threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, mirrored=mirrored)
     with RichProgress() as progress:
-        summary = duplicate_groups(con, threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, mirrored=mirrored, progress=progress)
-    console.print(counts_table("dedup", summary))
+        summary = (duplicate_groups_preview if dry_run else duplicate_groups)(con, **options, progress=progress)
+    console.print(counts_table("dedup (--dry-run: nothing changed)" if dry_run else "dedup", summary))
 
 
 @app.command()
