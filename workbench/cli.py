@@ -385,6 +385,23 @@ def _stale_dedup(summary: IngestSummary) -> str:
 
 
 @app.command()
+def status(catalog: CatalogOpt = None) -> None:
+    """Where each step stands on the catalog, and the command for what is left.
+
+    Example: workbench status   (after an ingest of new photos: which steps have not seen them yet)
+    """
+    from pipelines.status import pipeline_status
+
+    con = open_catalog(catalog)
+    table = Table(title="status", show_header=True)
+    for column in ("step", "done", "to do"):
+        table.add_column(column)
+    for state in pipeline_status(con):
+        table.add_row(state.step, Text(printable(state.done)), Text(printable(state.todo or ""), style="yellow"))
+    console.print(table)
+
+
+@app.command()
 def dedup(
     catalog: CatalogOpt = None,
     threshold: Annotated[int, typer.Option(help="Largest pHash Hamming distance (0-16, of 64 bits) that counts as a near duplicate; 0 keeps only identical hashes. Distances are nearly always even (a pHash sets the 32 of its 64 bits above their median), so an odd threshold acts as the even one below.")] = 6,
