@@ -436,7 +436,10 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
                 continue
             yield from entries_of(sub, above)
 
+    siblings_of: dict[bytes, set[bytes]] = {}  # a folder's names, listed once for all the files named in it
     for root in roots:
+        if not os.path.lexists(root):
+            continue  # gone (a folder or file the catalog knows, deleted since): its files are marked missing
         if os.path.isdir(root) and _is_output_folder(root):
             # named all the same (`ingest runs/*`): a run's sample grids and loss plot, class priors or an export
             # are no photos to train on, and took the dataset over without a word
@@ -447,8 +450,9 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             yield from entries_of(root, frozenset())
         else:
             folder, name = os.path.split(root)
-            siblings = set(os.listdir(folder or b"."))
-            yield from _candidate(root, name, siblings, summary)
+            if folder not in siblings_of:
+                siblings_of[folder] = set(os.listdir(folder or b"."))
+            yield from _candidate(root, name, siblings_of[folder], summary)
 
 
 def _is_output_folder(folder: bytes) -> bool:
@@ -710,7 +714,17 @@ def _known_paths(con: duckdb.DuckDBPyConnection) -> dict[bytes, tuple]:
     return {bytes(r[0]): tuple(r[1:]) for r in rows}
 
 
-def _under(path: bytes, roots: Sequence[bytes]) -> bool:
+def _under(path: bytes, roots: Sequence[bytes] | frozenset[bytes]) -> bool:
+    """Whether `path` is one of `roots` or inside one. For many roots (an ingest of thousands of files named one by
+    one) pass a frozenset: the path's parents are looked up in it instead of each root tried in turn."""
+    if isinstance(roots, frozenset):
+        while True:
+            if path in roots:
+                return True
+            parent = os.path.dirname(path)
+            if parent == path:
+                return False
+            path = parent
     for root in roots:
         if path == root or path.startswith(root.rstrip(b"/") + b"/"):
             return True
@@ -753,7 +767,8 @@ def ingested_images(
         # a folder (or file) the catalog holds files of, deleted since: walked as empty, so its files are marked
         # missing (and any moved elsewhere are found there by content when that folder is ingested)
         known = [path for path, meta in _known_paths(con).items() if not meta[3]]
-        missing = [path_text(p) for p in gone if not any(_under(path, [os.path.abspath(os.fsencode(p))]) for path in known)]
+        missing = [path_text(p) for p in gone
+                   if not any(_under(path, [root]) for root in [os.path.abspath(os.fsencode(p))] for path in known)]
         if missing:  # before the run is recorded: an ingest of nothing is no success
             raise FileNotFoundError(errno.ENOENT, f"No such file or folder to ingest: {', '.join(missing)}", missing[0])
         for p in gone:
@@ -869,9 +884,9 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
         to_read.append(entry)
         # the same size (a `touch`, a file restored from a backup): the worker hashes the bytes first, and when they
         # are the image already recorded, the file is unchanged (or back), not a new content to decode and dedup
-        # (an unreadable file too, unless it is to be tried again: the same bytes are the same error)
+        # (an unreadable file too, unless it is to be tried again, or --rehash asks: a decoder installed since)
         if (entry.size is not None and previous is not None and previous[0] == entry.size and previous[5] is not None
-                and (previous[4] != "error" or not (retry_errors or previous[6]))):
+                and (previous[4] != "error" or not (retry_errors or rehash or previous[6]))):
             expect[entry.path_bytes] = previous[5]
     run.counts["files_seen"] = summary.files_seen
     _mark_seen(con, [p for p in seen if p in known])
@@ -894,13 +909,15 @@ def _ingest(con, roots: list[bytes], run, summary: IngestSummary, *, workers: in
     _refresh_sidecars(con, sidecar_only, summary, progress, ctrl_c, sidecars=sidecars, recheck=recheck)
     ctrl_c.check()
     # not walked is not gone: files in the output folders left out (class priors, say) keep their rows as they are
+    walked_roots = frozenset(roots)  # looked up by each path's parents: thousands of files named one by one
     vanished = [p for p, meta in known.items()
-                if not meta[3] and p not in seen and _under(p, roots) and not _under(p, skipped_folders)]
+                if not meta[3] and p not in seen and _under(p, walked_roots) and not _under(p, skipped_folders)]
     # a folder moved or renamed as a whole: its images turn up at new paths, and their old ones, outside the folders
     # walked now, are looked at (a stat each); those gone are missing, or `path` would name files that are not there
     moved_images = {outcome[path][1] for path in moved}
     vanished += [p for p, meta in known.items()
-                 if meta[5] in moved_images and not meta[3] and p not in seen and not _under(p, roots) and not os.path.lexists(p)]
+                 if meta[5] in moved_images and not meta[3] and p not in seen and not _under(p, walked_roots)
+                 and not os.path.lexists(p)]
     vanished_ids: list[str] = []
     if vanished:
         with transaction(con):

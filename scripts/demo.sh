@@ -35,7 +35,8 @@ workbench filter --min-side 256 --max-aspect 3
 step "6. kohya aspect buckets at 64 px (the tiny model's training size)"
 workbench buckets --resolution 64 --min-bucket-reso 32 --max-bucket-reso 128 --bucket-reso-steps 16
 
-step "7. what the catalog says now"
+step "7. what the catalog says now: where each step stands, then SQL"
+workbench status
 workbench sql "SELECT status, count(*) AS images FROM images_view GROUP BY status ORDER BY status"
 workbench sql "SELECT exclusion_reason, count(*) AS images FROM images_view WHERE excluded GROUP BY 1 ORDER BY 2 DESC"
 workbench sql "SELECT count(*) AS curated_images, count(DISTINCT bucket_width || 'x' || bucket_height) AS buckets FROM dataset"

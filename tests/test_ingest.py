@@ -1436,3 +1436,34 @@ def test_a_touched_unreadable_file_is_unchanged(con, tmp_path):
     broken.write_bytes(b"\xff\xd8\xff still not a jpeg, and longer")  # new bytes are read (and fail) again
     third = ingested_images(con, [tmp_path / "imgs"], workers=1)
     assert (third.changed, third.errors) == (1, 1)
+
+
+def test_an_ingest_of_a_deleted_file_or_a_folder_whose_parent_went_marks_them_missing(con, tmp_path):
+    """A code review: a deleted file named directly became an error image ("file vanished") that took its path, and
+    a deleted folder whose parent went too failed the run; a gone root is now walked as empty."""
+    import shutil
+
+    make_images(tmp_path / "top" / "sub", 2)
+    make_images(tmp_path / "loose", 1, seed=5)
+    ingested_images(con, [tmp_path / "top", tmp_path / "loose"], workers=1)
+    (tmp_path / "loose" / "img_0000.jpg").unlink()
+    shutil.rmtree(tmp_path / "top")
+    said: list[str] = []
+    summary = ingested_images(con, [tmp_path / "loose" / "img_0000.jpg", tmp_path / "top" / "sub"], workers=1,
+                              progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert (summary.errors, summary.new, summary.paths_marked_missing, summary.marked_missing) == (0, 0, 3, 3)
+    assert con.execute("SELECT DISTINCT status FROM images_view").fetchall() == [("missing",)]
+    assert sum("is gone: the files the catalog knows there are marked missing" in m for m in said) == 2
+    with pytest.raises(FileNotFoundError, match="No such file or folder to ingest"):  # never known: a typo
+        ingested_images(con, [tmp_path / "top" / "other"], workers=1)
+
+
+def test_rehash_reads_an_unreadable_file_again(con, tmp_path, monkeypatch):
+    """A touch leaves an unreadable file as it was (its bytes are the same error); --rehash reads it again, for a
+    decoder installed since."""
+    make_images(tmp_path / "imgs", 1)
+    broken = tmp_path / "imgs" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    ingested_images(con, [tmp_path / "imgs"], workers=1)
+    again = ingested_images(con, [tmp_path / "imgs"], workers=1, rehash=True)
+    assert (again.changed, again.errors) == (1, 1)  # read again (and still unreadable here)

@@ -6,6 +6,7 @@ Each runner imports its step lazily, so a step that is missing or broken shows a
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,14 @@ def run_ingest(con, s, progress, project: Path):
     folders = folders or [Path(p) for p in last_run_params(con, "ingest").get("paths", [])]  # Run all on a catalog: rescan
     if not folders:
         raise ValueError("Ingest: type one or more folders or image files.")
-    missing = [str(p) for p in folders if not p.exists()]
-    if missing:
+    try:  # a folder deleted since, that the catalog knows, is synced: its files are marked missing
+        return _summary(ingested_images(con, folders, workers=s["workers"], progress=progress))
+    except FileNotFoundError:
+        missing = [str(p) for p in folders if not os.path.lexists(p)]
+        if not missing:
+            raise
         raise ValueError(f"Ingest: no such file or folder: {', '.join(missing)}"
-                         + (" (a name with spaces goes in quotes: \"5_sks dog\")" if len(folders) > 1 else ""))
-    return _summary(ingested_images(con, folders, workers=s["workers"], progress=progress))
+                         + (" (a name with spaces goes in quotes: \"5_sks dog\")" if len(folders) > 1 else "")) from None
 
 
 def run_dedup(con, s, progress, project):
