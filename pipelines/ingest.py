@@ -424,7 +424,7 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
             if is_dir:
                 subfolders.append(item.path)
                 continue
-            yield from _candidate(item.path, item.name, names, summary, lowered)
+            yield from _candidate(item.path, item.name, names, lowered, summary)
         for sub in subfolders:
             if _is_output_folder(sub):
                 summary.output_folders_skipped += 1
@@ -436,7 +436,8 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
                 continue
             yield from entries_of(sub, above)
 
-    siblings_of: dict[bytes, set[bytes]] = {}  # a folder's names, listed once for all the files named in it
+    # a folder's names (and by lower case), listed once for all the files named in it
+    siblings_of: dict[bytes, tuple[set[bytes], dict[bytes, bytes]]] = {}
     for root in roots:
         if not os.path.lexists(root):
             continue  # gone (a folder or file the catalog knows, deleted since): its files are marked missing
@@ -451,8 +452,9 @@ def _walk(roots: Sequence[bytes], summary: IngestSummary, skipped: list[bytes]) 
         else:
             folder, name = os.path.split(root)
             if folder not in siblings_of:
-                siblings_of[folder] = set(os.listdir(folder or b"."))
-            yield from _candidate(root, name, siblings_of[folder], summary)
+                names = set(os.listdir(folder or b"."))
+                siblings_of[folder] = names, {sibling.lower(): sibling for sibling in names}
+            yield from _candidate(root, name, *siblings_of[folder], summary)
 
 
 def _is_output_folder(folder: bytes) -> bool:
@@ -481,8 +483,9 @@ def _is_kohya_reg_folder(folder: bytes, siblings: set[bytes]) -> bool:
         return False
 
 
-def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSummary,
-               lowered: dict[bytes, bytes] | None = None) -> Iterator[FileEntry]:
+def _candidate(path: bytes, name: bytes, siblings: set[bytes], lowered: dict[bytes, bytes],
+               summary: IngestSummary) -> Iterator[FileEntry]:
+    """The file `name` of a folder holding `siblings` (`lowered`: them by lower case), if it may be an image."""
     stem, ext = os.path.splitext(name)
     ext = ext.lower()
     if ext in SIDECAR_EXTENSIONS:
@@ -526,7 +529,6 @@ def _candidate(path: bytes, name: bytes, siblings: set[bytes], summary: IngestSu
     if sidecar is None:
         # `IMG_1.TXT` (Windows tools) or `IMG_1.jpg.txt`: kohya on Linux reads neither (name.txt exactly), nor does ingest; said,
         # as a caption silently not read is a caption the model captions over
-        lowered = lowered if lowered is not None else {sibling.lower(): sibling for sibling in siblings}
         # (a case variant only: one named exactly that could not be stat'ed, a dangling link, is not misnamed)
         near = [lowered[(stem + ext).lower()] for ext in SIDECAR_EXTENSIONS
                 if lowered.get((stem + ext).lower(), stem + ext) != stem + ext]
