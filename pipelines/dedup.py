@@ -327,8 +327,9 @@ def _edge_rank(method: str, distance: float) -> tuple[int, float]:
     return _METHOD_ORDER.get(method, len(_METHOD_ORDER)), -distance if method == "embedding" else distance
 
 
-def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> list[tuple[int, list[int], dict]]:
-    """(keeper, members, edge to the keeper by member) for every group, each member within the threshold of its keeper.
+def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> list[tuple[int, list[int], dict, int]]:
+    """(keeper, members, edge to the keeper by member, the largest pixels the keeper was ranked against) for every
+    group, each member within the threshold of its keeper.
 
     Pairs chain: frames of a burst each close to the next would join into one connected group although the
     first and the last are far apart. So each connected set is split around keepers: the best member keeps its
@@ -356,15 +357,20 @@ def _keeper_groups(info: list[dict], usable: list[tuple], chosen: set[str]) -> l
         connected.setdefault(linked.find(k), []).append(k)
     groups = []
     for members in connected.values():
-        largest = largest_pixels(info[k] for k in members)
-        remaining = sorted(members, key=lambda k: (info[k]["image_id"] not in chosen, keeper_rank(info[k], largest)))
+        remaining, ranked_by = members, -1
         while remaining:
+            # each keeper is ranked among the images left, against the largest of them (within 3% of it counts as
+            # its size); the order changes only when that largest does
+            largest = largest_pixels(info[k] for k in remaining)
+            if largest != ranked_by:
+                remaining = sorted(remaining, key=lambda k: (info[k]["image_id"] not in chosen, keeper_rank(info[k], largest)))
+                ranked_by = largest
             keeper = remaining[0]
             edges = {k: ("phash", 0.0) if node[k] == node[keeper] else best_edge.get((node[k], node[keeper]))
                      for k in remaining[1:]}
             edges = {k: edge for k, edge in edges.items() if edge is not None}
             if edges:
-                groups.append((keeper, [keeper, *edges], edges))
+                groups.append((keeper, [keeper, *edges], edges, largest))
             remaining = [k for k in remaining[1:] if k not in edges]
     return sorted(groups, key=lambda g: min(info[k]["first_seq"] for k in g[1]))
 
@@ -404,21 +410,20 @@ def regroup_duplicates(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         if twins:
             stands_for[image_id] = twins[0]
     for a, b, method, distance in rows:
-        if method == "phash" and distance > 0 and (a in stands_for or b in stands_for):
+        # (mirrored pairs hang on one image per hash value too)
+        if method in ("phash", "mirror") and (distance > 0 or method == "mirror") and (a in stands_for or b in stands_for):
             a, b = stands_for.get(a, a), stands_for.get(b, b)
             if a in present and b in present:
                 usable.append((a, b, method, distance))
     groups = _keeper_groups(info, usable, chosen)
     rows, exclusions, other_concept = [], [], []
-    for group_number, (keeper_k, group, edges) in enumerate(groups, start=1):
+    for group_number, (keeper_k, group, edges, largest) in enumerate(groups, start=1):
         keeper = info[keeper_k]
         if keeper["image_id"] in chosen:
             reason = "chosen by hand"
         else:
             # beside the best copy the filter excludes (or, next, the best in no concept) when that one ranks higher
-            # (the policy skipped it), else the next
-            largest = largest_pixels(info[k] for k in group)
-
+            # (the policy skipped it), else the next; against the largest copy the keeper was ranked with
             def order(member: dict) -> tuple:
                 return keep_order_key(member, largest)
 

@@ -84,6 +84,33 @@ def test_a_copy_a_border_larger_does_not_beat_its_lossless_original():
     assert _keep_reason(larger, original, largest) == "highest resolution (405x408)"
 
 
+def test_setting_apart_the_hub_of_a_hash_keeps_a_flipped_copy_in_the_group(con):
+    """A code review: mirrored pairs hang on one image per hash value too, and setting that image apart took the
+    flipped copy out of the group with it (a, b identical; c a flipped copy, paired with a)."""
+    from pipelines.dedup import image_set_apart
+
+    plain, flipped = 0x0F0F_F0F0_1234_5678, 0x3333_3333_3333_3333
+    insert_image(con, "a" * 64, plain, 300, 200, seq=1, mirror=flipped)
+    insert_image(con, "b" * 64, plain, 300, 200, seq=2, mirror=flipped)
+    insert_image(con, "c" * 64, flipped, 300, 200, seq=3)  # its pHash is a's and b's mirrored one
+    duplicate_groups(con)
+    assert con.execute("SELECT image_a, image_b FROM duplicate_pairs WHERE method = 'mirror'").fetchall() == [("a" * 64, "c" * 64)]
+    image_set_apart(con, "a" * 64)
+    assert {row[0] for row in con.execute("SELECT image_id FROM duplicates").fetchall()} == {"b" * 64, "c" * 64}
+
+
+def test_a_group_split_from_a_chain_ranks_and_explains_its_keeper_against_its_own_largest_copy(con):
+    """A code review: a chain A-B-C-D (2000², 1400², 1000² JPEG, 995² PNG) split into [A, B] and [C, D]; C, D were
+    ranked against A's size, so the JPEG C won, and the reason read "lossless JPEG over lossy PNG"."""
+    insert_image(con, "a", 0x0, 2000, 2000, seq=1)
+    insert_image(con, "b", 0b1111, 1400, 1400, seq=2)  # 4 bits from a
+    insert_image(con, "c", 0b11111111, 1000, 1000, seq=3)  # 4 from b, 8 from a
+    insert_image(con, "d", 0b111111111111, 995, 995, fmt="PNG", seq=4)  # 4 from c, 8 from b
+    duplicate_groups(con, threshold=4, mirrored=False)
+    rows = con.execute("SELECT image_id, keeper_id, keep_reason FROM duplicates WHERE is_keeper ORDER BY 1").fetchall()
+    assert rows == [("a", "a", "highest resolution (2000x2000)"), ("d", "d", "lossless PNG over lossy JPEG")]
+
+
 def test_keep_policy_prefers_colour_and_full_colour_copies():
     """A scraped set's 16-colour PNG repost was kept over the photo ("lossless PNG over lossy JPEG"), a 16-bit grey
     copy over the colour original, and a CMYK copy for its larger file."""
