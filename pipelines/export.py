@@ -872,7 +872,8 @@ def imported_kohya_folder(
         if repeats > 1:
             progress(task="import", message=plain_folder_note(os.path.abspath(plain), repeats))
     # what kohya trains on: the files directly in each subset folder (it reads them non-recursively)
-    files = sorted(p for d in concept_dirs for p in d.iterdir() if p.is_file() and p.suffix.lower() not in (".txt", ".caption"))
+    files = sorted(p for d in concept_dirs for p in d.iterdir()
+                   if p.is_file() and p.suffix.lower() not in (".txt", ".caption") and not p.name.startswith("."))
     from PIL import Image
 
     image_suffixes = set(Image.registered_extensions())
@@ -1035,17 +1036,21 @@ def imported_kohya_dataset_config(
 
     image_suffixes = set(Image.registered_extensions())
     # what sd-scripts trains on: the images directly in each image_dir (it reads them non-recursively)
+    # (not hidden files: macOS `._img.jpg` companions, which a folder ingest and sd-scripts leave out too)
     files = sorted({p for subset in instance for p in subset.image_dir.iterdir()
-                    if p.suffix.lower() in image_suffixes and p.is_file()})
+                    if p.suffix.lower() in image_suffixes and not p.name.startswith(".") and p.is_file()})
     for extension in sorted({subset.caption_extension for subset in subsets} - set(KOHYA_CAPTION_EXTENSIONS)):
         progress(task="import", message=f"caption_extension {extension!r} is not read: ingest reads captions from "
                  f"{' and '.join(KOHYA_CAPTION_EXTENSIONS)} files beside the images; rename them to import their captions")
-    summary = ingested_images(con, files, workers=workers, progress=progress)
-    if ingest_summary is not None:
-        ingest_summary.append(summary)
-    counts = summary.as_dict()
-    # ingest reads `N_trigger class` folder names itself (an exported folder's subsets are named so)
-    assigned, concepts_made = counts.pop("images_joined_concepts", 0), 0
+    counts: dict[str, Any] = {}
+    if files:  # (a config of is_reg subsets alone ingests no photos)
+        # the config says each subset's concept: a folder named like `10_sks dog` is not read as one as well
+        summary = ingested_images(con, files, workers=workers, folder_concepts=False, progress=progress)
+        if ingest_summary is not None:
+            ingest_summary.append(summary)
+        counts = summary.as_dict()
+        counts.pop("images_joined_concepts", None)
+    assigned = concepts_made = 0
     named: dict[str, tuple[int, Path]] = {}  # concept name -> the repeats and folder of the subset that made it here
     for subset in instance:
         if not subset.class_tokens:

@@ -1240,3 +1240,31 @@ def test_an_export_that_cannot_be_written_is_said_in_words(catalog_path, con, cu
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "The export stopped at" in said and "Not a directory" in said, result.output
     assert "[Errno" not in said
+
+
+def test_a_dataset_config_wins_over_folder_names_and_leaves_hidden_files_and_reg_only_configs_alone(catalog_path, tmp_path):
+    """A code review: a subset folder named `10_sks dog` with class_tokens "zwx dog" put its images in concept
+    "sks dog" (ingest read the folder name); macOS `._x.png` companions came in as unreadable images; a config of
+    regularisation subsets alone recorded an empty ingest and printed "no image files in ."."""
+    from workbench.cli import app
+
+    folder = tmp_path / "data" / "10_sks dog"
+    for i in range(2):
+        _image(folder / f"d{i}.png", color=(30 * i, 60, 90))
+    (folder / "._d0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _image(tmp_path / "reg" / "r0.png", color=(9, 9, 90))
+    config = tmp_path / "dataset.toml"
+    config.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{folder}'\nclass_tokens = 'zwx dog'\nnum_repeats = 3\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["import-kohya", str(config), "--catalog", str(catalog_path), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    with connect(catalog_path) as con:
+        assert con.execute("SELECT concept, count(*) FROM images_view GROUP BY 1").fetchall() == [("zwx dog", 2)]
+        assert con.execute("SELECT name, repeats FROM concepts").fetchall() == [("zwx dog", 3)]
+    reg_only = tmp_path / "reg.toml"
+    reg_only.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'reg'}'\nclass_tokens = 'dog'\nis_reg = true\n")
+    result = runner.invoke(app, ["import-kohya", str(reg_only), "--catalog", str(catalog_path), "--workers", "1"])
+    assert result.exit_code == 0 and "no image files" not in result.output, result.output
+    with connect(catalog_path) as con:
+        assert con.execute("SELECT count(*) FROM runs WHERE step = 'ingest' AND params->>'paths' = '[]'").fetchone()[0] == 0
+        assert con.execute("SELECT class_prompt, count(*) FROM class_priors GROUP BY 1").fetchall() == [("dog", 1)]

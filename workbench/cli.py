@@ -2511,7 +2511,7 @@ def main() -> None:
         err_console.print(f"[bold red]Error:[/] {escape(str(error))}")
         sys.exit(2)
     for note in notes:
-        _note(f"{escape(note)}")
+        _note(note)
     try:
         app()
     except SystemExit as done:
