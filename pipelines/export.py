@@ -1027,7 +1027,7 @@ def imported_kohya_dataset_config(
     `ingest_summary` gets the ingest's IngestSummary (for its notes)."""
     from pipelines.concepts import added_concept, get_concept, list_concepts, plain_folder_note
     from pipelines.ingest import ingested_images
-    from pipelines.priors import supplied_priors
+    from pipelines.priors import class_prompt_of_tokens, supplied_priors
 
     subsets, settings = kohya_dataset_subsets(config_file)
     instance = [subset for subset in subsets if not subset.is_reg]
@@ -1042,6 +1042,17 @@ def imported_kohya_dataset_config(
     for extension in sorted({subset.caption_extension for subset in subsets} - set(KOHYA_CAPTION_EXTENSIONS)):
         progress(task="import", message=f"caption_extension {extension!r} is not read: ingest reads captions from "
                  f"{' and '.join(KOHYA_CAPTION_EXTENSIONS)} files beside the images; rename them to import their captions")
+    for subset in instance:  # ingest reads both kinds of caption file; sd-scripts reads the config's one alone
+        if subset.caption_extension not in KOHYA_CAPTION_EXTENSIONS:
+            continue
+        other = next(ext for ext in KOHYA_CAPTION_EXTENSIONS if ext != subset.caption_extension)
+        only_other = [p for p in files if p.parent == subset.image_dir and p.with_suffix(other).is_file()
+                      and not p.with_suffix(subset.caption_extension).is_file()]
+        if only_other:
+            progress(task="import", message=(
+                f"{len(only_other)} image(s) in {subset.image_dir} have a {other} caption file and no "
+                f"{subset.caption_extension}: sd-scripts with this config (caption_extension = "
+                f"'{subset.caption_extension}') would not read it; here it is their caption"))
     counts: dict[str, Any] = {}
     if files:  # (a config of is_reg subsets alone ingests no photos)
         # the config says each subset's concept: a folder named like `10_sks dog` is not read as one as well
@@ -1076,11 +1087,17 @@ def imported_kohya_dataset_config(
                      f"in the concept they were in, not {name!r}: `workbench concept assign` moves them")
     reg_images = 0
     for subset in regs:
-        supplied = supplied_priors(con, subset.image_dir, class_prompt=subset.class_tokens, including_training_photos=True,
+        # the prompt the concepts of that class train their priors with ("woman": 'a photo of a woman'), as the
+        # folder import reads `reg/1_woman`: under the bare tokens no concept's training would take them
+        prompt = class_prompt_of_tokens(con, subset.class_tokens)
+        supplied = supplied_priors(con, subset.image_dir, class_prompt=prompt, including_training_photos=True,
                                    workers=workers, progress=progress)
         reg_images += supplied.added + supplied.already
         progress(task="import", message=f"{subset.image_dir}: {supplied.added + supplied.already} class image(s) of "
-                 f"{subset.class_tokens!r} (kohya regularisation images: DreamBooth training takes them before generating any)")
+                 f"{prompt!r} (kohya regularisation images: DreamBooth training takes them before generating any)")
+        if subset.num_repeats > 1:
+            progress(task="import", message=f"{subset.image_dir}: num_repeats {subset.num_repeats} of a regularisation "
+                     "subset is not kept: training takes as many class images as the DreamBooth recipe asks")
     if settings:
         progress(task="import", message=f"training settings in {Path(config_file).name} are not imported "
                  f"({', '.join(settings)}): give them to `workbench train` (kohya's names are answered with the "

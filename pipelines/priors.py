@@ -554,7 +554,14 @@ def class_prompt_of_folder(con: duckdb.DuckDBPyConnection, folder: str | os.Path
     name = os.path.basename(os.path.abspath(folder))
     if parse_kohya_folder_name(name) is None:
         return None
-    text = " ".join(name.split("_", 1)[1].split())
+    return class_prompt_of_tokens(con, name.split("_", 1)[1])
+
+
+def class_prompt_of_tokens(con: duckdb.DuckDBPyConnection, tokens: str) -> str:
+    """The class prompt kohya class tokens of regularisation images stand for (`dog`, or `a photo of a dog`): the
+    class prompt of the concepts of that class noun or prompt, else 'a photo of a dog' for a class of one or two
+    words, else the text as it is (already a prompt). DreamBooth training takes class images by that prompt."""
+    text = " ".join(tokens.split())
     for noun in (row[0] for row in con.execute("SELECT DISTINCT class_noun FROM concepts WHERE class_noun IS NOT NULL").fetchall()):
         if text.lower() in (noun.lower(), default_class_prompt(noun).lower()):
             return default_class_prompt(noun)

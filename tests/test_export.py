@@ -254,10 +254,17 @@ def test_import_kohya_reads_a_dataset_config(con, tmp_path):
     assert con.execute("SELECT name, trigger_token, class_noun, repeats FROM concepts ORDER BY name").fetchall() == [
         ("fuga", "fuga", None, 3), ("hoge girl", "hoge", "girl", 10)]
     rows = con.execute("SELECT role, concept, caption, count(*) FROM images_view GROUP BY ALL").fetchall()
-    assert set(rows) == {("class_prior", None, "human", 4), ("instance", None, None, 2), ("instance", "fuga", None, 2),
+    # class images train by the prompt their class's concepts take priors with, as `reg/1_human` reads
+    assert set(rows) == {("class_prior", None, "a photo of a human", 4), ("instance", None, None, 2), ("instance", "fuga", None, 2),
                          ("instance", "hoge girl", None, 2), ("instance", "hoge girl", "hoge girl, smiling", 1)}
     assert any("folder 'loose' has no class tokens" in m and "--repeats 2" in m for m in said), said
     assert any("not imported (batch_size, keep_tokens, resolution, shuffle_caption)" in m for m in said), said
+    assert not any("caption file and no" in m for m in said), said
+    # the config reads .txt: a .caption file sd-scripts would not read is said (ingest reads it)
+    (tmp_path / "project" / "fuga" / "fuga0.caption").write_text("a fuga")
+    said.clear()
+    imported_kohya_dataset_config(con, config, workers=1, progress=lambda **kw: said.append(kw.get("message") or ""))
+    assert any("1 image(s) in " in m and "have a .caption caption file and no .txt" in m for m in said), said
     # the concepts keep their folders: images added there later join them at ingest
     _image(tmp_path / "project" / "hoge" / "later.png", color=(7, 70, 170))
     ingested_images(con, [tmp_path / "project" / "hoge" / "later.png"], workers=1)
@@ -1267,4 +1274,5 @@ def test_a_dataset_config_wins_over_folder_names_and_leaves_hidden_files_and_reg
     assert result.exit_code == 0 and "no image files" not in result.output, result.output
     with connect(catalog_path) as con:
         assert con.execute("SELECT count(*) FROM runs WHERE step = 'ingest' AND params->>'paths' = '[]'").fetchone()[0] == 0
-        assert con.execute("SELECT class_prompt, count(*) FROM class_priors GROUP BY 1").fetchall() == [("dog", 1)]
+        # "dog": the prompt concept "zwx dog" takes its class images by (DreamBooth training would not find "dog")
+        assert con.execute("SELECT class_prompt, count(*) FROM class_priors GROUP BY 1").fetchall() == [("a photo of a dog", 1)]
