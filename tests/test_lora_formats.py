@@ -208,6 +208,9 @@ def test_kohya_metadata_counts_repeats_tags_epoch_and_cache(tmp_path, one_thread
         "misc": {"a cat": 1, "grass": 1},
     }
     assert json.loads(metadata["ss_dataset_dirs"]) == {"4_sks dog": {"n_repeats": 4, "img_count": 2}, "misc": {"n_repeats": 1, "img_count": 1}}
+    # a concept named by its folder (`3_sks dog`, beside `4_sks dog`'s "sks dog") is that folder, not `3_3_sks dog`
+    assert lora_formats.kohya_dataset_info([_image(3, "close", "sks", concept="3_sks dog", repeats=3)])[0] == {
+        "3_sks dog": {"n_repeats": 3, "img_count": 1}}
     assert metadata["ss_optimizer"].startswith("torch.optim.adamw.AdamW(")
     # keys A1111's and sd-scripts' tools read that were missing: the name a LoRA is shown by, its buckets, its epoch
     assert metadata["ss_output_name"] == "out" and metadata["ss_session_id"].isdigit()

@@ -728,14 +728,23 @@ def test_kohya_flags_pasted_mean_what_they_mean_in_kohya(tmp_path):
     prompts.write_bytes("\ufeff猫 cat, 窓辺 --n 低品質\r\nBär bear\r\n".encode("utf-8"))
     assert pasted_train_options(["train", "lora", "--sample_prompts", str(prompts)]) == [
         "train", "lora", "--validation-prompt", "猫 cat, 窓辺", "--validation-prompt", "Bär bear"]
-    assert pasted_train_options(["train", "lora", "--network_dim", "8", "--network_alpha", "4"]) == [
+    notes: list[str] = []
+    assert pasted_train_options(["train", "lora", "--network_dim", "8", "--network_alpha", "4"], notes) == [
         "train", "lora", "--rank", "8", "--lora-alpha", "4"]
+    # kohya trains the text encoder's LoRA too: said, as a config file says it (a review: pasted, nothing was said)
+    assert any("trains the text encoder's LoRA as well" in note for note in notes), notes
+    notes.clear()
+    pasted_train_options(["train", "lora", "--network_dim", "8", "--network_train_unet_only"], notes)
+    assert not any("text encoder's LoRA" in note for note in notes), notes
     # a kohya name and the workbench's for one option: two values, of which one silently won (a review: --network_dim 8
     # --rank 4 trained rank 4 at alpha 1; --max_token_length 225 --set max_token_length=150 took 150)
     for both, said in ((["--network_dim", "8", "--rank", "4"], "--network_dim and --rank both give rank"),
                        (["--max_token_length", "225", "--set", "max_token_length=150"],
                         "--max_token_length and --set max_token_length=… both give max_token_length"),
-                       (["--caption_dropout_rate", "0.1", "--caption-dropout", "0.2"], "both give caption_dropout")):
+                       (["--caption_dropout_rate", "0.1", "--caption-dropout", "0.2"], "both give caption_dropout"),
+                       # ours in kohya's spelling too (a review: the last of --unet_lr and --learning_rate won)
+                       (["--unet_lr", "2e-4", "--learning_rate", "1e-4"], "--unet_lr and --learning_rate both give learning_rate"),
+                       (["--learning_rate", "1e-4", "--unet_lr", "2e-4"], "--unet_lr and --learning_rate both give learning_rate")):
         with pytest.raises(ValueError, match=re.escape(said)):
             pasted_train_options(["train", "lora", *both])
     # not a conflict: a list option takes both (the sample prompts), and one value given twice is one value

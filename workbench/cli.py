@@ -2431,9 +2431,16 @@ def pasted_train_options(args: list[str], notes: list[str] | None = None) -> lis
         elif token == "--set" and i + 1 < len(args):
             key = args[i + 1].partition("=")[0].strip()
             given.setdefault(key, f"--set {key}=…")
-        elif token.partition("=")[0] in params and params[token.partition("=")[0]].name:
-            given.setdefault(params[token.partition("=")[0]].name, token.partition("=")[0])
-    from pipelines.train.config import LIST_OPTIONS
+        else:  # ours in any spelling: `--learning_rate` (kohya's) is `--learning-rate`, beside `--unet_lr` too
+            flag = token.partition("=")[0]
+            dashed = "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+            if dashed in params and params[dashed].name:
+                given.setdefault(params[dashed].name, flag)
+    from pipelines.train.config import KOHYA_TEXT_ENCODER_NOTE, LIST_OPTIONS
+
+    if notes is not None and {"__network_dim", "__network_alpha", "__network_module"} & spelled and not (
+            {"__network_train_unet_only", "__train_text_encoder", "__no_train_text_encoder"} & spelled):
+        notes.append(KOHYA_TEXT_ENCODER_NOTE.replace("train_text_encoder = true", "--train-text-encoder"))
 
     def given_as_is(tokens: list[str]) -> bool:
         """Whether the translation is already in the command as typed (the same value twice is no conflict)."""

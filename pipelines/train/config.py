@@ -110,6 +110,9 @@ KOHYA_NOTES = {  # what differs where the workbench option is not the same value
     "sample_prompts": "the prompts themselves, not a file; one prompt as text, several as a list",
     "log_with": "tensorboard or none",
 }
+# said where kohya's LoRA options come without network_train_unet_only (a config file, or pasted on the command line)
+KOHYA_TEXT_ENCODER_NOTE = ("kohya's train_network.py trains the text encoder's LoRA as well (without "
+                           "network_train_unet_only); the workbench trains the UNet's alone unless train_text_encoder = true.")
 KOHYA_NONE = {  # sd-scripts options with no workbench counterpart, and why
     "output_name": "a run is named by its output_dir",
     "debug_dataset": "`--show-batches N` prints the first N steps' images, buckets and captions as they will train, and exits",
@@ -445,8 +448,7 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     kohya_lora = {"network_dim", "network_alpha", "network_module"} & {key.replace("-", "_") for key, _ in unknown}
     if kohya_lora and not {"network_train_unet_only", "train_text_encoder"} & set(keys):
         # kohya's train_network trains a text-encoder LoRA too unless told not to: a converted config would drop it
-        problems.append("Note: kohya's train_network.py trains the text encoder's LoRA as well (without "
-                        "network_train_unet_only); the workbench trains the UNet's alone unless train_text_encoder = true.")
+        problems.append("Note: " + KOHYA_TEXT_ENCODER_NOTE)
     if problems:
         raise ConfigError(" ".join(problems))
     return out

@@ -121,7 +121,9 @@ def kohya_model_name(base_model: str) -> str:
 def _dataset_dir(image: Any) -> str:
     """The folder name kohya would have for an image: `<repeats>_<concept>` for a concept, else the image's folder."""
     if getattr(image, "concept", None):
-        return f"{getattr(image, 'repeats', 1)}_{image.concept}"
+        prefix = f"{getattr(image, 'repeats', 1)}_"
+        # a concept named by its folder already (`3_ohwx woman`, beside `10_ohwx woman`'s "ohwx woman") keeps that name
+        return image.concept if image.concept.startswith(prefix) else prefix + image.concept
     return Path(str(image.path)).parent.name or "images"
 
 
