@@ -810,6 +810,23 @@ def test_a_lora_run_says_when_imported_class_images_go_unused(con, tmp_path, one
                for m in said), said
 
 
+def test_prior_preservation_says_which_class_images_no_concept_of_the_run_takes(con, tmp_path):
+    """A kohya review: reg/1_person beside a dog concept was never used, and DreamBooth asked for generated dog
+    images without a word of the person images (kohya regularises with every reg folder)."""
+    from pipelines.export import imported_kohya_folder
+    from pipelines.train.data import training_images
+    from pipelines.train.run import _say_class_images_of_other_classes
+
+    write_images(tmp_path / "set" / "img" / "10_sks dog", 2)
+    write_images(tmp_path / "set" / "reg" / "1_dog", 1, seed=7)
+    write_images(tmp_path / "set" / "reg" / "1_person", 2, seed=8)
+    imported_kohya_folder(con, tmp_path / "set", workers=1)
+    config = fast_config(tmp_path / "run", mode="dreambooth", with_prior_preservation=True)
+    said: list[str] = []
+    _say_class_images_of_other_classes(con, training_images(con, config), lambda **kw: said.append(kw.get("message") or ""))
+    assert len(said) == 1 and "class images of 'a photo of a person' (2) are in the catalog, but no concept" in said[0], said
+
+
 def test_ctrl_c_stops_the_run_when_its_step_ends_and_keeps_that_step(catalog_path, tmp_path):
     """Ctrl+C stopped at once: the steps since the last scheduled checkpoint were lost (all of them, before the first
     of the default 500-step cadence). Now the run stops when the step ends and keeps it; the hint resumes from it."""

@@ -429,6 +429,7 @@ def _run_dataset(catalog: _RunCatalog, config: TrainConfig, output_dir: Path, co
     buckets = train_data.run_bucket_settings(con, config)  # now: making class priors lets the catalog go (con closes)
     priors = None
     if config.with_prior_preservation:  # dreambooth, or lora asked for it (validate() leaves finetune out)
+        _say_class_images_of_other_classes(con, images, progress)  # before _ensure_priors lets the catalog go
         priors, components = _ensure_priors(catalog, config, images, components, progress)
     elif config.mode == "lora":
         _say_unused_class_images(con, images, progress)
@@ -473,6 +474,22 @@ def _say_unused_class_images(con, images, progress: ProgressHook) -> None:
         progress(task="dataset", message=(
             f"{sum(n for _, n in counts)} class image(s) of {named} are in the catalog but not used: "
             "--prior-preservation trains with them (DreamBooth-LoRA, as kohya trains its reg images)"))
+
+
+def _say_class_images_of_other_classes(con, images, progress: ProgressHook) -> None:
+    """Class images of a prompt no image of this run has (a kohya `reg/1_person` beside a dog concept): kohya
+    regularises with every reg folder it is given; prior preservation here takes each concept's own class only."""
+    prompts = sorted({image.class_prompt for image in images if image.class_prompt})
+    others = con.execute(
+        "SELECT c.class_prompt, count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.status = 'ok' "
+        "AND c.image_id NOT IN (SELECT image_id FROM exclusions) AND NOT list_contains(?::VARCHAR[], c.class_prompt) "
+        "GROUP BY 1 ORDER BY 1", [prompts]).fetchall()
+    if others:
+        named = ", ".join(f"{prompt!r} ({n})" for prompt, n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        progress(task="dataset", message=(
+            f"class images of {named} are in the catalog, but no concept of this run has that class, so they are not "
+            "used (kohya regularises with every reg folder): give a concept that class (`workbench concept add NAME "
+            "--class NOUN`) to train with them"))
 
 
 def is_main_process() -> bool:
