@@ -109,6 +109,16 @@ def test_runs_of_processes_that_are_gone_are_marked_interrupted(con):
     assert "killed" in con.execute("SELECT error FROM runs WHERE step = 'ingest'").fetchone()[0]
     mine = con.execute("SELECT pid, host FROM runs WHERE step = 'filter'").fetchone()
     assert mine == (os.getpid(), host)
+    # killed and not reaped yet (`timeout -s KILL` dies with it; a container's init reaps late): a zombie is gone too
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    import time
+
+    while open(f"/proc/{zombie.pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z":
+        time.sleep(0.01)
+    con.execute("INSERT INTO runs (step, started_at, status, pid, host) VALUES ('buckets', now(), 'running', ?, ?)", [zombie.pid, host])
+    catalog.start_run(con, "tag", {})
+    assert con.execute("SELECT status FROM runs WHERE step = 'buckets'").fetchone()[0] == "interrupted"
+    zombie.wait()
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does():

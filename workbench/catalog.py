@@ -448,7 +448,12 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    # a killed process its parent has not reaped yet (`timeout -s KILL`, a container's init) is a zombie: gone
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (macOS): signal 0 is all there is to ask
+        return True
 
 
 def finish_run(con: duckdb.DuckDBPyConnection, record: RunRecord, error: BaseException | None = None) -> None:
