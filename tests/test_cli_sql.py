@@ -828,3 +828,22 @@ def test_csv_and_json_cross_batches_whole_and_an_error_part_way_is_said(catalog_
                                  "-f", "json", "-c", str(catalog_path)])  # json: its "[" is out before any row
     said = " ".join(broken.stderr.split())
     assert broken.exit_code == 2 and "boom" in said and "incomplete result" in said, broken.output
+
+
+def test_sigterm_during_a_long_query_stops_with_a_line_and_status_143(catalog_path):
+    """A reliability review: Ctrl+C or SIGTERM while DuckDB ran a query ended in a traceback and status 1 (DuckDB
+    raises its own "Query interrupted", not KeyboardInterrupt)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workbench.catalog import connect
+
+    connect(catalog_path).close()
+    query = subprocess.Popen([sys.executable, "-m", "workbench", "sql", "SELECT sum(i) FROM range(200000000000) t(i)",
+                              "--catalog", str(catalog_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # the interpreter, the catalog open, the query running
+    query.send_signal(signal.SIGTERM)
+    _, err = query.communicate(timeout=60)
+    assert query.returncode == 143 and "Stopped" in err and "Traceback" not in err, err

@@ -2529,6 +2529,10 @@ def main() -> None:
         err_console.print(f"[bold red]Error:[/] {escape(printable(str(error)))}")
         sys.exit(2)
     except Exception as error:
+        if _query_interrupted(error):  # Ctrl+C or SIGTERM while DuckDB ran a query: the stop it is, not a bug
+            err_console.print("[bold]Stopped[/]: what was written before is kept (every step writes in transactions); "
+                              "the same command goes on.")
+            sys.exit(128 + signal.SIGTERM if _TERMINATED else 130)
         if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever given
             err_console.print(f"[bold red]Error:[/] a path is too long for this system: {escape(str(error.filename or error)[:200])}…")
             sys.exit(2)
@@ -2541,6 +2545,17 @@ def main() -> None:
         if _not_writable(error):
             _say_not_writable(error)
         raise
+
+
+def _query_interrupted(error: BaseException) -> bool:
+    """Whether DuckDB stopped a query because the process was asked to stop (it raises its own error, not
+    KeyboardInterrupt, when Ctrl+C or SIGTERM comes while it runs)."""
+    while error is not None:
+        if isinstance(error, getattr(duckdb, "InterruptException", ())) or (
+                isinstance(error, RuntimeError) and str(error).strip() == "Query interrupted"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _not_writable(error: BaseException) -> bool:
