@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -1235,7 +1236,7 @@ def test_a_moved_images_caption_file_is_not_said_to_have_changed(con, tmp_path):
     assert sidecars_changed_since_ingest(con, list(_by_name(con).values())) == [str(tmp_path / "new" / "p0.txt")]
 
 
-def test_an_export_that_cannot_be_written_is_said_in_words(catalog_path, con, curated, tmp_path):
+def test_an_export_that_cannot_be_written_is_said_in_words(catalog_path, con, curated, tmp_path, monkeypatch):
     """An odd-files review: exporting where the folder could not be made printed Python's "[Errno 13] Permission
     denied: 'ph/ro/exp2'"."""
     from workbench.cli import app
@@ -1247,6 +1248,17 @@ def test_an_export_that_cannot_be_written_is_said_in_words(catalog_path, con, cu
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "The export stopped at" in said and "Not a directory" in said, result.output
     assert "[Errno" not in said
+    # a full disk stopped it: status 1, as every command says one (a reliability review: it was 2, as bad input)
+    import pipelines.export as export_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full" / "x.png"))
+
+    monkeypatch.setattr(export_module.shutil, "copyfile", full)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "full"), "--catalog", str(catalog_path)],
+                                env={"COLUMNS": "250"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "No space left on device" in said, result.output
 
 
 def test_a_dataset_config_wins_over_folder_names_and_leaves_hidden_files_and_reg_only_configs_alone(catalog_path, tmp_path):

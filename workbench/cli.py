@@ -1501,7 +1501,10 @@ def export(
     except OSError as error:  # said in words, with the file it met (it printed "[Errno 13] Permission denied: 'out'")
         at_file = f" at {error.filename}" if error.filename else ""
         fail(f"The export stopped{at_file}: {error.strerror or error}. Give an OUT folder you may write to, on a disk "
-             "with room (or make the file it names readable).")
+             "with room (or make the file it names readable).",
+             # a full disk or a folder it may not write stopped it (1, as every command says those); a path through a
+             # file is a mistake in OUT (2)
+             code=1 if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS) else 2)
     console.print(counts_table(f"export {summary.pop('format')} → {summary.pop('out')}", summary))
     if summary.get("copied_not_hardlinked"):
         _note(f"{summary['copied_not_hardlinked']} image(s) were copied, not hard-linked: OUT is on "
@@ -2527,7 +2530,7 @@ def main() -> None:
         raise
     except CatalogError as error:
         err_console.print(f"[bold red]Error:[/] {escape(printable(str(error)))}")
-        sys.exit(2)
+        sys.exit(1 if _not_writable(error) else 2)  # a catalog on a read-only disk: the machine, not the input
     except Exception as error:
         if _query_interrupted(error):  # Ctrl+C or SIGTERM while DuckDB ran a query: the stop it is, not a bug
             err_console.print("[bold]Stopped[/]: what was written before is kept (every step writes in transactions); "
