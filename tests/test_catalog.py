@@ -324,3 +324,23 @@ def test_a_new_catalog_is_written_in_a_format_older_duckdb_reads(catalog_path):
         tags = raw.execute("SELECT tags FROM duckdb_databases() WHERE path = ?", [str(catalog_path)]).fetchall()[0][0]
     assert tags["storage_version"] == f"{catalog.STORAGE_COMPATIBILITY}+"
     assert catalog_path.read_bytes()[8:12] == b"DUCK" and catalog_path.read_bytes()[12] == 64  # DuckDB 1.0's version number
+
+
+def test_a_damaged_catalog_found_by_a_later_read_is_said_in_a_line(monkeypatch, capsys):
+    """A reliability review: a catalog with a damaged block past its header opens, and the query that meets the block
+    (`status`, `dedup`: DuckDB's "Corrupt database file" then) ended in a traceback and status 1."""
+    import duckdb
+    import pytest
+
+    from workbench import cli
+
+    def damaged():
+        raise duckdb.IOException("Corrupt database file: computed checksum 1 does not match stored checksum 2 in block")
+
+    monkeypatch.setattr(cli, "app", damaged)
+    monkeypatch.setattr(sys, "argv", ["workbench", "status"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the catalog file is damaged (Corrupt database file" in err and "Restore it from a backup" in err, err

@@ -2536,6 +2536,12 @@ def main() -> None:
             err_console.print("[bold]Stopped[/]: what was written before is kept (every step writes in transactions); "
                               "the same command goes on.")
             sys.exit(128 + signal.SIGTERM if _TERMINATED else 130)
+        if isinstance(error, duckdb.Error) and "Corrupt database file" in str(error):
+            # found by a later read, not on opening (which says "not a readable workbench catalog"): a traceback
+            # only hid that the file is damaged
+            err_console.print(f"[bold red]Error:[/] the catalog file is damaged ({escape(printable(str(error).splitlines()[0]))}). "
+                              "Restore it from a backup, or ingest the folders again into a new catalog.")
+            sys.exit(2)
         if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:  # a path past the system's limit, wherever given
             err_console.print(f"[bold red]Error:[/] a path is too long for this system: {escape(str(error.filename or error)[:200])}…")
             sys.exit(2)
