@@ -63,8 +63,20 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
     the first in path order), else one beside its first existing file; returns what was written.
     A file that cannot be written (permissions, a folder in its place) does not stop the others: SidecarsNotWritten
     names them after the rest are written, with those written. Sidecar paths in `leave` are not written."""
+    planned, failed = planned_sidecars(cur, image_ids, leave=leave)
+    written, not_written = _write_planned(planned)
+    failed += not_written
+    if failed:
+        raise SidecarsNotWritten(failed, written)
+    return written
+
+
+def planned_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *,
+                     leave: set[str] = frozenset()) -> tuple[list[SidecarWrite], list[tuple[str, str]]]:
+    """The sidecar writes `write_sidecars` would make (each file's bytes now and the bytes to write), and the files
+    it would refuse (path, why), with nothing written: a bulk edit records them before it writes any."""
     if not image_ids:
-        return []
+        return [], []
     cur.register("sidecar_ids", pa.table({"image_id": image_ids}))
     try:
         rows = cur.execute(
@@ -76,31 +88,41 @@ def write_sidecars(cur: duckdb.DuckDBPyConnection, image_ids: list[str], *, leav
         ).fetchall()
     finally:
         cur.unregister("sidecar_ids")
-    written, failed = [], []
+    planned, failed = [], []
     catalog = set(catalog_files(cur) or ())
     for image_id, path_bytes, caption in rows:
         image_path = os.fsdecode(bytes(path_bytes))
-        if os.path.exists(image_path):
-            sidecar = _sidecar_path(image_path)
-            if str(sidecar) in leave:
-                continue
-            try:
-                previous = _read_own_file(sidecar)  # bytes: any encoding goes back as it was
-                if previous is not None and previous.strip() and _not_a_caption(previous):
-                    # ingest left it out (Shift-JIS, say): the user's only copy of that caption, not a stale one
-                    raise OSError(errno.EILSEQ, "a caption file ingest cannot read (not UTF-8): left as it is; "
-                                  "re-save it as UTF-8 and ingest again to use it")
-                text = (caption + "\n").encode("utf-8")
-                if sidecar.resolve() in catalog:
-                    raise OSError(errno.EPERM, "it is the catalog")
-                _write_own_file(sidecar, text)
-            except OSError as error:
-                failed.append((str(sidecar), error.strerror or str(error)))
-                continue
-            written.append(SidecarWrite(image_id, str(sidecar), previous, text))
-    if failed:
-        raise SidecarsNotWritten(failed, written)
-    return written
+        if not os.path.exists(image_path):
+            continue
+        sidecar = _sidecar_path(image_path)
+        if str(sidecar) in leave:
+            continue
+        try:
+            previous = _read_own_file(sidecar)  # bytes: any encoding goes back as it was
+            if previous is not None and previous.strip() and _not_a_caption(previous):
+                # ingest left it out (Shift-JIS, say): the user's only copy of that caption, not a stale one
+                raise OSError(errno.EILSEQ, "a caption file ingest cannot read (not UTF-8): left as it is; "
+                              "re-save it as UTF-8 and ingest again to use it")
+            if sidecar.resolve() in catalog:
+                raise OSError(errno.EPERM, "it is the catalog")
+        except OSError as error:
+            failed.append((str(sidecar), error.strerror or str(error)))
+            continue
+        planned.append(SidecarWrite(image_id, str(sidecar), previous, (caption + "\n").encode("utf-8")))
+    return planned, failed
+
+
+def _write_planned(planned: list[SidecarWrite]) -> tuple[list[SidecarWrite], list[tuple[str, str]]]:
+    """Write planned sidecars: (those written, (path, why) of those that could not be)."""
+    written, failed = [], []
+    for write in planned:
+        try:
+            _write_own_file(Path(write.path), write.written)
+        except OSError as error:
+            failed.append((write.path, error.strerror or str(error)))
+            continue
+        written.append(write)
+    return written, failed
 
 
 def _not_a_caption(data: bytes) -> bool:
@@ -150,7 +172,11 @@ def _restore_sidecars(writes: list[SidecarWrite]) -> int:
     for write in writes:
         path = Path(write.path)
         try:
-            if _read_own_file(path) != write.written:
+            now = _read_own_file(path)
+            if now == write.previous and now != write.written:
+                restored += 1  # never written (the edit was stopped before it): as it was
+                continue
+            if now != write.written:
                 continue  # edited since: that later edit stays (or a link now: left alone)
             if write.previous is None:
                 path.unlink()
@@ -396,6 +422,7 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
     The edit is recorded with what it replaced (`last_bulk_edit` finds it again for undo)."""
     cur = con.cursor()
     try:
+        _finish_sidecar_writes(cur)  # of an edit stopped while it wrote its files: this one starts after that one
         preview = _preview(cur, image_ids, dict(edit))
         # sidecars edited in another tool since ingest read them are left as they are (overwriting them lost that
         # work): found now, against the captions before this edit, which a file this tool wrote still says
@@ -424,27 +451,54 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
                         "INSERT INTO caption_edit_rows (edit_id, image_id, manual_text, manual_created_at, choice, written_text) "
                         "SELECT ?, image_id, manual_text, manual_created_at, choice, written_text FROM bulk_previous", [edit_id])
                     cur.unregister("bulk_previous")
+                    # the files it will write, recorded with the captions, before any is written: an edit stopped
+                    # part way (Ctrl+C, kill -9) left files edited that neither undo nor a rerun knew of
+                    planned, refused = (planned_sidecars(cur, preview.changes.column("image_id").to_pylist(), leave=edited_outside)
+                                        if sidecars else ([], []))
+                    if planned:  # the path as bytes too: a name that is not UTF-8 has no text form (paths.path_bytes)
+                        cur.executemany(
+                            "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_path_bytes = ?, sidecar_previous = ?, "
+                            "sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
+                            [(path_text(w.path), os.fsencode(w.path), w.previous, w.written, edit_id, w.image_id)
+                             for w in planned])
+                else:
+                    planned, refused = [], []
         finally:
             cur.unregister("bulk_changes")
-        not_written = None
-        try:
-            files = write_sidecars(cur, preview.changes.column("image_id").to_pylist(), leave=edited_outside) if sidecars else []
-        except SidecarsNotWritten as error:
-            files, not_written = error.written, error
+        files, failed = _write_planned(planned)
+        if failed:  # an undo puts back only files this edit really wrote
+            cur.executemany(
+                "UPDATE caption_edit_rows SET sidecar_path = NULL, sidecar_path_bytes = NULL, sidecar_previous = NULL, "
+                "sidecar_written = NULL WHERE edit_id = ? AND sidecar_path_bytes = ?",
+                [(edit_id, os.fsencode(path)) for path, _ in failed])
         written = {w.image_id: w for w in files}
-        if written:  # recorded after they are written: an undo puts back only files this edit really wrote
-            cur.executemany(  # the path as bytes too: a name that is not UTF-8 has no text form (paths.path_bytes)
-                "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_path_bytes = ?, sidecar_previous = ?, "
-                "sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
-                [(path_text(w.path), os.fsencode(w.path), w.previous, w.written, edit_id, w.image_id)
-                 for w in written.values()],
-            )
-        if not_written is not None:
-            raise not_written
+        if refused or failed:
+            raise SidecarsNotWritten(refused + failed, files)
         return BulkUndo(description=preview.description, previous=previous, sidecars=written, edit_id=edit_id, made_at=made_at,
                         sidecars_left=sorted(edited_outside))
     finally:
         cur.close()
+
+
+def _finish_sidecar_writes(cur: duckdb.DuckDBPyConnection) -> int:
+    """The sidecar files the newest edit (not undone) recorded but had not written when it was stopped: written now,
+    where a file still holds what it held before that edit. Returns files written."""
+    found = cur.execute("SELECT edit_id FROM caption_edits WHERE undone_at IS NULL ORDER BY edit_id DESC LIMIT 1").fetchall()
+    if not found:
+        return 0
+    rows = cur.execute("SELECT image_id, sidecar_path_bytes, sidecar_previous, sidecar_written FROM caption_edit_rows "
+                       "WHERE edit_id = ? AND sidecar_path_bytes IS NOT NULL", [found[0][0]]).fetchall()
+    finished = 0
+    for image_id, path, previous, written in rows:
+        write = SidecarWrite(image_id, os.fsdecode(bytes(path)), None if previous is None else bytes(previous), bytes(written))
+        try:
+            if _read_own_file(Path(write.path)) != write.previous or write.previous == write.written:
+                continue  # written, or changed since by another hand
+            _write_own_file(Path(write.path), write.written)
+            finished += 1
+        except OSError:
+            continue  # a link or folder there now, or not writable: left as it is
+    return finished
 
 
 def last_bulk_edit(con: duckdb.DuckDBPyConnection) -> BulkUndo | None:

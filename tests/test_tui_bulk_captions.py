@@ -349,3 +349,44 @@ def test_an_edit_writes_the_sidecar_the_caption_came_from_not_a_new_one_beside_a
     caption_edits.bulk_edit(con, [image_id], add_token="sks", sidecars=True)
     assert (tmp_path / "photos" / "rocket.txt").read_text() == "sks, a rocket\n"
     assert not (tmp_path / "copies" / "rocket_copy.txt").exists()
+
+
+def test_an_edit_stopped_while_it_writes_sidecars_is_finished_by_a_rerun_or_put_back_by_undo(con, tmp_path, monkeypatch):
+    """A reliability review: Ctrl+C or kill -9 while an edit wrote its sidecar files left files edited that neither a
+    rerun ("changed 0") nor --undo (the files were recorded only after all were written) knew of."""
+    from PIL import Image
+
+    from pipelines.ingest import ingested_images
+
+    for i in range(4):
+        Image.new("RGB", (32, 32), (50 * i, 9, 9)).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"photo {i}\n", encoding="utf-8")
+    ingested_images(con, [tmp_path], workers=1)
+    ids = [row[0] for row in con.execute("SELECT image_id FROM images_view ORDER BY path").fetchall()]
+    real, calls = caption_edits._write_own_file, []
+
+    def stop_after_two(path, data):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process stopped here: nothing after this line of bulk_edit ran
+        calls.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(caption_edits, "_write_own_file", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        caption_edits.bulk_edit(con, ids, add_token="sks", sidecars=True)
+    monkeypatch.setattr(caption_edits, "_write_own_file", real)
+    texts = sorted(p.read_text() for p in tmp_path.glob("*.txt"))
+    assert sum(t.startswith("sks, ") for t in texts) == 2  # two of four written when it stopped
+    # undo: the catalog's captions and the two files written are put back, the other two were never changed
+    outcome = caption_edits.undo_bulk(con, caption_edits.last_bulk_edit(con))
+    assert outcome.sidecars_left == 0
+    assert sorted(p.read_text() for p in tmp_path.glob("*.txt")) == [f"photo {i}\n" for i in range(4)]
+    # the same stop, then the same edit again: it writes the files the stopped one had left
+    calls.clear()
+    monkeypatch.setattr(caption_edits, "_write_own_file", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        caption_edits.bulk_edit(con, ids, add_token="sks", sidecars=True)
+    monkeypatch.setattr(caption_edits, "_write_own_file", real)
+    again = caption_edits.bulk_edit(con, ids, add_token="sks", sidecars=True)
+    assert again.changed == 0
+    assert sorted(p.read_text() for p in tmp_path.glob("*.txt")) == [f"sks, photo {i}\n" for i in range(4)]
