@@ -175,6 +175,16 @@ def test_a_dry_run_says_what_a_threshold_would_exclude_and_changes_nothing(con, 
     assert "dataset images now │ 2" in said and "dataset images after │ 1" in said, said
     with connect(catalog_path) as after:
         assert {table: after.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall() for table in tables} == before
+    # stopped (Ctrl+C): a line saying what is kept, status 130 (a reliability review: it stopped without a word)
+    import pipelines.dedup as dedup_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dedup_module, "regroup_duplicates", stop)
+        result = CliRunner().invoke(app, ["dedup", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 130 and "Stopped: the duplicate groups and exclusions are as they were" in result.output, result.output
 
 
 def test_keeper_chosen_by_hand_wins_and_survives_rerun(con):

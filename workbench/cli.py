@@ -419,7 +419,8 @@ def dedup(
         fail(f"--threshold must be between 0 and {MAX_THRESHOLD} bits.")
     con = open_catalog(catalog)
     options = dict(threshold=threshold, drop_embedding_pairs=drop_embedding_pairs, mirrored=mirrored)
-    with RichProgress() as progress:
+    with _stopped_says("the duplicate groups and exclusions are as they were (written at the end, in one transaction): "
+                       "run the same command again"), RichProgress() as progress:
         summary = (duplicate_groups_preview if dry_run else duplicate_groups)(con, **options, progress=progress)
     console.print(counts_table("dedup (--dry-run: nothing changed)" if dry_run else "dedup", summary))
 
