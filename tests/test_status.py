@@ -61,3 +61,27 @@ def test_status_command_prints_the_table(catalog_path, tmp_path):
     assert result.exit_code == 0 and "2 image(s): 2 readable" in said and "│ workbench dedup" in said, result.output
     missing = runner.invoke(app, ["status", "--catalog", str(tmp_path / "none.duckdb")])
     assert missing.exit_code == 2 and "No catalog at" in missing.output
+
+
+def test_status_reads_a_catalog_it_may_not_write_and_writers_exit_1(catalog_path, tmp_path, monkeypatch):
+    """A reliability review: `status` (which only reads) refused a catalog on a read-only disk, and every command
+    said such a disk with status 2, where the README says 1 (the machine stopped it, not the input)."""
+    from workbench import catalog as catalog_mod
+    from workbench.catalog import CatalogError
+    from workbench.cli import app
+
+    _images(tmp_path / "photos", 1, seed=4)
+    runner = CliRunner()
+    assert runner.invoke(app, ["ingest", str(tmp_path / "photos"), "--catalog", str(catalog_path), "--workers", "1"]).exit_code == 0
+    real = catalog_mod.connect
+
+    def read_only_disk(path, *, read_only=False, **kwargs):
+        if not read_only:
+            raise CatalogError(f"{path} cannot be written here (a read-only file system)") from OSError(30, "Read-only file system")
+        return real(path, read_only=True, **kwargs)
+
+    monkeypatch.setattr(catalog_mod, "connect", read_only_disk)
+    shown = runner.invoke(app, ["status", "--catalog", str(catalog_path)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "1 image(s): 1 readable" in " ".join(shown.output.split()), shown.output
+    tagged = runner.invoke(app, ["tag", "x", "--where", "true", "--catalog", str(catalog_path)])
+    assert tagged.exit_code == 1 and "cannot be written here" in tagged.output, tagged.output

@@ -131,7 +131,7 @@ def connect(
                     and os.access(path, os.R_OK)):  # readable, not writable here (else it is "not readable", below)
                 raise CatalogError(  # the file is fine: its folder (or the file) cannot be written here
                     f"{path} cannot be written here ({'a read-only file system' if 'Read-only' in str(error) else 'permission denied'}): "
-                    "`workbench sql`, `search` and `concept list` still read it; for the other commands, make its folder "
+                    "`workbench sql`, `status`, `search` and `concept list` still read it; for the other commands, make its folder "
                     "writable or copy it (and its .wal, if there is one) to a folder that is") from error
             if "lock" not in str(error).lower():
                 raise CatalogError(f"{path} is not a readable workbench catalog: {error}") from error

@@ -99,8 +99,10 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool = False, wait_seconds: float = 0.0):
-    """Open the catalog; only commands that add images (create=True) may start a new one."""
+def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool = False, wait_seconds: float = 0.0,
+                 reads_only: bool = False):
+    """Open the catalog; only commands that add images (create=True) may start a new one. A command that `reads_only`
+    opens it read-only where it may not be written (a read-only disk, another user's folder)."""
     resolved = Path(path).expanduser() if path is not None else catalog_mod.default_catalog_path()
     if not create and not resolved.exists():
         fail(f"No catalog at {resolved}. Start one with `workbench ingest FOLDER`, or pass --catalog PATH.")
@@ -115,7 +117,9 @@ def open_catalog(path: Optional[Path], *, read_only: bool = False, create: bool 
         # its own exit status (EX_TEMPFAIL), so a script can retry a busy catalog and not a real failure
         fail(str(error) + ("" if wait else " (`workbench --wait SECONDS COMMAND` waits for it)"), code=EXIT_CATALOG_BUSY)
     except CatalogError as error:
-        fail(str(error))
+        if reads_only and not read_only and _not_writable(error):
+            return open_catalog(path, read_only=True, wait_seconds=wait_seconds)
+        fail(str(error), code=1 if _not_writable(error) else 2)  # a read-only disk stopped it: 1, as README says
     _OPENED.append(con)
     return con
 
@@ -392,7 +396,7 @@ def status(catalog: CatalogOpt = None) -> None:
     """
     from pipelines.status import pipeline_status
 
-    con = open_catalog(catalog)
+    con = open_catalog(catalog, reads_only=True)
     table = Table(title="status", show_header=True)
     for column in ("step", "done", "to do"):
         table.add_column(column)
