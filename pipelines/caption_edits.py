@@ -456,6 +456,7 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
                     planned, refused = (planned_sidecars(cur, preview.changes.column("image_id").to_pylist(), leave=edited_outside)
                                         if sidecars else ([], []))
                     if planned:  # the path as bytes too: a name that is not UTF-8 has no text form (paths.path_bytes)
+                        cur.execute("UPDATE caption_edits SET sidecars_pending = true WHERE edit_id = ?", [edit_id])
                         cur.executemany(
                             "UPDATE caption_edit_rows SET sidecar_path = ?, sidecar_path_bytes = ?, sidecar_previous = ?, "
                             "sidecar_written = ? WHERE edit_id = ? AND image_id = ?",
@@ -471,6 +472,8 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
                 "UPDATE caption_edit_rows SET sidecar_path = NULL, sidecar_path_bytes = NULL, sidecar_previous = NULL, "
                 "sidecar_written = NULL WHERE edit_id = ? AND sidecar_path_bytes = ?",
                 [(edit_id, os.fsencode(path)) for path, _ in failed])
+        if planned:
+            cur.execute("UPDATE caption_edits SET sidecars_pending = false WHERE edit_id = ?", [edit_id])
         written = {w.image_id: w for w in files}
         if refused or failed:
             raise SidecarsNotWritten(refused + failed, files)
@@ -484,8 +487,8 @@ def _finish_sidecar_writes(cur: duckdb.DuckDBPyConnection) -> int:
     """The sidecar files the newest edit (not undone) recorded but had not written when it was stopped: written now,
     where a file still holds what it held before that edit. Returns files written."""
     found = cur.execute("SELECT edit_id FROM caption_edits WHERE undone_at IS NULL ORDER BY edit_id DESC LIMIT 1").fetchall()
-    if not found:
-        return 0
+    if not found or not cur.execute("SELECT sidecars_pending FROM caption_edits WHERE edit_id = ?", [found[0][0]]).fetchone()[0]:
+        return 0  # none, or its files were all written (a large edit's files are not read again by every later one)
     rows = cur.execute("SELECT image_id, sidecar_path_bytes, sidecar_previous, sidecar_written FROM caption_edit_rows "
                        "WHERE edit_id = ? AND sidecar_path_bytes IS NOT NULL", [found[0][0]]).fetchall()
     finished = 0
@@ -498,6 +501,7 @@ def _finish_sidecar_writes(cur: duckdb.DuckDBPyConnection) -> int:
             finished += 1
         except OSError:
             continue  # a link or folder there now, or not writable: left as it is
+    cur.execute("UPDATE caption_edits SET sidecars_pending = false WHERE edit_id = ?", [found[0][0]])
     return finished
 
 
