@@ -832,7 +832,8 @@ def test_csv_and_json_cross_batches_whole_and_an_error_part_way_is_said(catalog_
 
 def test_sigterm_during_a_long_query_stops_with_a_line_and_status_143(catalog_path):
     """A reliability review: Ctrl+C or SIGTERM while DuckDB ran a query ended in a traceback and status 1 (DuckDB
-    raises its own "Query interrupted", not KeyboardInterrupt)."""
+    raises its own "Query interrupted", not KeyboardInterrupt); and with Ctrl+C not ignored (a process started from
+    a script, not a shell's background job), a SIGTERM never reached the running query."""
     import signal
     import subprocess
     import sys
@@ -844,16 +845,10 @@ def test_sigterm_during_a_long_query_stops_with_a_line_and_status_143(catalog_pa
     query = subprocess.Popen([sys.executable, "-m", "workbench", "sql", "SELECT sum(i) FROM range(200000000000) t(i)",
                               "--catalog", str(catalog_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)  # the interpreter, the catalog open, the query running
-    # again every 10 s until it stops: on a loaded machine a first SIGTERM was once not acted on in time (a known
-    # leftover); what this checks is the stop itself, said in a line with status 143
-    for _ in range(6):
-        query.send_signal(signal.SIGTERM)
-        try:
-            _, err = query.communicate(timeout=10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    else:
+    query.send_signal(signal.SIGTERM)  # once: DuckDB polls for a real SIGINT, which a KeyboardInterrupt was not
+    try:
+        _, err = query.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
         query.kill()
-        raise AssertionError("the query did not stop on SIGTERM")
+        raise AssertionError("the query ran on after SIGTERM") from None
     assert query.returncode == 143 and "Stopped" in err and "Traceback" not in err, err

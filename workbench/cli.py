@@ -2305,7 +2305,11 @@ def _terminate_as_ctrl_c(signum, frame) -> None:
         _StopWhenTheStepEnds.active[-1].ask()
         return
     handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
+    if handler is signal.default_int_handler:
+        # a real SIGINT: C code that polls for Ctrl+C (DuckDB running a query) stops too, which a KeyboardInterrupt
+        # raised here reached only when DuckDB next ran Python code (a long query ran on)
+        signal.raise_signal(signal.SIGINT)
+    elif callable(handler):
         handler(signal.SIGINT, frame)
     else:  # Ctrl+C ignored (a background job of a script): SIGTERM must still stop it
         raise KeyboardInterrupt
