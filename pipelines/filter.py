@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping
 
 import duckdb
 
-from workbench.catalog import first_row, record_run, transaction
+from workbench.catalog import first_row, last_run, record_run, transaction
 from workbench.images import catalog_path_text
 from workbench.progress import ProgressHook, null_progress
 
@@ -385,18 +385,21 @@ def rules_as_options(rules: FilterRules) -> list[str]:
     return options
 
 
+def unfiltered_images(con: duckdb.DuckDBPyConnection) -> int | None:
+    """How many dataset images came in after the last filter run, which its rules never judged; None: never run."""
+    last = last_run(con, "filter")
+    if last is None:
+        return None
+    return con.execute("SELECT count(*) FROM dataset d JOIN images i USING (image_id) "
+                       "WHERE d.role = 'instance' AND i.first_seen > ?", [last[0]]).fetchall()[0][0]
+
+
 def unfiltered_note(con: duckdb.DuckDBPyConnection) -> str | None:
     """A note when dataset images came in after the last filter run, so its rules never judged them; else None."""
-    last = con.execute(
-        "SELECT started_at, params FROM runs WHERE step = 'filter' AND status = 'ok' ORDER BY run_id DESC LIMIT 1"
-    ).fetchall()
-    if not last:
-        return None
-    started, params = last[0]
-    count = con.execute("SELECT count(*) FROM dataset d JOIN images i USING (image_id) "
-                        "WHERE d.role = 'instance' AND i.first_seen > ?", [started]).fetchall()[0][0]
+    count = unfiltered_images(con)
     if not count:
         return None
+    params = last_run(con, "filter")[1]
     try:
         command = " ".join(["workbench filter", *rules_as_options(FilterRules.from_mapping(json.loads(params or "{}")))])
     except ValueError:  # a run recorded by another version: the plain command

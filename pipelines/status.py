@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import duckdb
 
-from workbench.catalog import first_row
+from pipelines.filter import unfiltered_images
+from workbench.catalog import first_row, last_run
 
 
 @dataclass(frozen=True)
@@ -19,12 +20,6 @@ class StepState:
     step: str
     done: str
     todo: str | None = None
-
-
-def _last_run(con: duckdb.DuckDBPyConnection, step: str) -> tuple | None:
-    """(started_at, params) of the step's last finished run, or None."""
-    return first_row(con.execute("SELECT started_at, params FROM runs WHERE step = ? AND status = 'ok' "
-                                 "ORDER BY run_id DESC LIMIT 1", [step]))
 
 
 def _new_since(con: duckdb.DuckDBPyConnection, started, where: str) -> int:
@@ -50,7 +45,7 @@ def pipeline_status(con: duckdb.DuckDBPyConnection) -> list[StepState]:
         "by content)" if missing else None))
 
     usable = "v.role = 'instance' AND v.status = 'ok'"
-    dedup = _last_run(con, "dedup")
+    dedup = last_run(con, "dedup")
     if dedup is None:
         states.append(StepState("dedup", "not run", "workbench dedup"))
     else:
@@ -72,18 +67,18 @@ def pipeline_status(con: duckdb.DuckDBPyConnection) -> list[StepState]:
     scored, unscored = con.execute(
         f"SELECT count(clip_score), count(*) FILTER (clip_score IS NULL) FROM images_view v "
         f"WHERE {dataset} AND caption IS NOT NULL").fetchone()
-    score = _last_run(con, "score")
+    score = last_run(con, "score")
     states.append(StepState(
         "score", f"{scored:,} captioned dataset image(s) have a CLIP score of their current caption" if score else "not run",
         (f"{unscored:,} captioned image(s) have none (new, or their caption changed): workbench score" if score
          else "workbench score") if unscored else None))
 
-    filtered = _last_run(con, "filter")
+    filtered = last_run(con, "filter")
     if filtered is None:
         states.append(StepState("filter", "not run", "workbench filter --dry-run  (then without --dry-run)"))
     else:
         out = con.execute("SELECT count(DISTINCT image_id) FROM exclusions WHERE starts_with(step, 'filter:')").fetchone()[0]
-        fresh = _new_since(con, filtered[0], dataset)
+        fresh = unfiltered_images(con)
         states.append(StepState("filter", f"{out:,} image(s) excluded by its rules",
                                 f"{fresh:,} dataset image(s) came in since the last filter run, unjudged by its rules: "
                                 "workbench filter (with that run's rules)" if fresh else None))

@@ -471,12 +471,17 @@ def finish_run(con: duckdb.DuckDBPyConnection, record: RunRecord, error: BaseExc
     )
 
 
+def last_run(con: duckdb.DuckDBPyConnection, step: str) -> tuple[Any, str | None] | None:
+    """(started_at, params as recorded) of the last finished run of `step`; None when there was none."""
+    return first_row(con.execute(
+        "SELECT started_at, params FROM runs WHERE step = ? AND status = 'ok' ORDER BY run_id DESC LIMIT 1", [step]
+    ))
+
+
 def last_run_params(con: duckdb.DuckDBPyConnection, step: str) -> dict[str, Any]:
     """The parameters the last finished run of `step` recorded; {} when there was none."""
-    row = first_row(con.execute(
-        "SELECT params FROM runs WHERE step = ? AND status = 'ok' ORDER BY run_id DESC LIMIT 1", [step]
-    ))
-    return json.loads(row[0]) if row and row[0] else {}
+    row = last_run(con, step)
+    return json.loads(row[1]) if row and row[1] else {}
 
 
 @contextmanager
