@@ -764,18 +764,17 @@ def ingested_images(
     if isinstance(paths, (str, bytes, os.PathLike)):  # one path: iterated, a string walked "/" and every letter
         paths = [paths]
     given = [os.path.expanduser(p) for p in paths]
-    gone = [p for p in given if not os.path.lexists(p)]
+    roots = [os.path.abspath(os.fsencode(p)) for p in given]
+    gone = [(p, root) for p, root in zip(given, roots) if not os.path.lexists(p)]
     if gone:
         # a folder (or file) the catalog holds files of, deleted since: walked as empty, so its files are marked
         # missing (and any moved elsewhere are found there by content when that folder is ingested)
         known = [path for path, meta in _known_paths(con).items() if not meta[3]]
-        missing = [path_text(p) for p in gone
-                   if not any(_under(path, [root]) for root in [os.path.abspath(os.fsencode(p))] for path in known)]
+        missing = [path_text(p) for p, root in gone if not any(_under(path, [root]) for path in known)]
         if missing:  # before the run is recorded: an ingest of nothing is no success
             raise FileNotFoundError(errno.ENOENT, f"No such file or folder to ingest: {', '.join(missing)}", missing[0])
-        for p in gone:
+        for p, _ in gone:
             progress(task="scan", message=f"{path_text(p)} is gone: the files the catalog knows there are marked missing")
-    roots = [os.path.abspath(os.fsencode(p)) for p in given]
     workers = (os.cpu_count() or 1) if workers is None else workers
     summary = IngestSummary()
     # files that failed under a lower pixel cap are read again once it is raised (the error says to raise it)
