@@ -33,7 +33,7 @@ from pipelines.train.loop import (
 )
 from workbench.catalog import catalog_file, connect_when_free, finish_run, first_row, refuse_read_only, run_status, start_run
 from workbench.files import current_umask
-from workbench.progress import ProgressHook, StepCancelled, null_progress
+from workbench.progress import ProgressHook, StepCancelled, named_few, null_progress
 
 
 def catalog_project_dir(con: duckdb.DuckDBPyConnection) -> Path:
@@ -470,7 +470,7 @@ def _say_unused_class_images(con, images, progress: ProgressHook) -> None:
     counts = con.execute("SELECT c.class_prompt, count(*) FROM class_priors c JOIN images i USING (image_id) WHERE i.status = 'ok' "
                          "AND c.class_prompt IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1 ORDER BY 1", [prompts]).fetchall()
     if counts:
-        named = ", ".join(repr(prompt) for prompt, _ in counts[:3]) + (f" and {len(counts) - 3} more" if len(counts) > 3 else "")
+        named = named_few([repr(prompt) for prompt, _ in counts])
         progress(task="dataset", message=(
             f"{sum(n for _, n in counts)} class image(s) of {named} are in the catalog but not used: "
             "--prior-preservation trains with them (DreamBooth-LoRA, as kohya trains its reg images)"))
@@ -485,7 +485,7 @@ def _say_class_images_of_other_classes(con, images, progress: ProgressHook) -> N
         "AND c.image_id NOT IN (SELECT image_id FROM exclusions) AND NOT list_contains(?::VARCHAR[], c.class_prompt) "
         "GROUP BY 1 ORDER BY 1", [prompts]).fetchall()
     if others:
-        named = ", ".join(f"{prompt!r} ({n})" for prompt, n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        named = named_few([f"{prompt!r} ({n})" for prompt, n in others])
         progress(task="dataset", message=(
             f"class images of {named} are in the catalog, but no concept of this run has that class, so they are not "
             "used (kohya regularises with every reg folder): give a concept that class (`workbench concept add NAME "
