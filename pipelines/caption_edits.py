@@ -486,14 +486,12 @@ def bulk_edit(con: duckdb.DuckDBPyConnection, image_ids: list[str], *, sidecars:
 def _finish_sidecar_writes(cur: duckdb.DuckDBPyConnection) -> int:
     """The sidecar files the newest edit (not undone) recorded but had not written when it was stopped: written now,
     where a file still holds what it held before that edit. Returns files written."""
-    found = cur.execute("SELECT edit_id FROM caption_edits WHERE undone_at IS NULL ORDER BY edit_id DESC LIMIT 1").fetchall()
-    if not found or not cur.execute("SELECT sidecars_pending FROM caption_edits WHERE edit_id = ?", [found[0][0]]).fetchone()[0]:
+    found = cur.execute("SELECT edit_id, sidecars_pending FROM caption_edits WHERE undone_at IS NULL "
+                        "ORDER BY edit_id DESC LIMIT 1").fetchall()
+    if not found or not found[0][1]:
         return 0  # none, or its files were all written (a large edit's files are not read again by every later one)
-    rows = cur.execute("SELECT image_id, sidecar_path_bytes, sidecar_previous, sidecar_written FROM caption_edit_rows "
-                       "WHERE edit_id = ? AND sidecar_path_bytes IS NOT NULL", [found[0][0]]).fetchall()
     finished = 0
-    for image_id, path, previous, written in rows:
-        write = SidecarWrite(image_id, os.fsdecode(bytes(path)), None if previous is None else bytes(previous), bytes(written))
+    for write in _recorded_sidecars(cur, found[0][0]).values():
         try:
             if _read_own_file(Path(write.path)) != write.previous or write.previous == write.written:
                 continue  # written, or changed since by another hand
@@ -503,6 +501,16 @@ def _finish_sidecar_writes(cur: duckdb.DuckDBPyConnection) -> int:
             continue  # a link or folder there now, or not writable: left as it is
     cur.execute("UPDATE caption_edits SET sidecars_pending = false WHERE edit_id = ?", [found[0][0]])
     return finished
+
+
+def _recorded_sidecars(cur: duckdb.DuckDBPyConnection, edit_id: int) -> dict[str, SidecarWrite]:
+    """image → the sidecar write an edit recorded for it."""
+    return {
+        image_id: SidecarWrite(image_id, os.fsdecode(bytes(path)), None if before is None else bytes(before), bytes(written))
+        for image_id, path, before, written in cur.execute(
+            "SELECT image_id, sidecar_path_bytes, sidecar_previous, sidecar_written FROM caption_edit_rows "
+            "WHERE edit_id = ? AND sidecar_path_bytes IS NOT NULL", [edit_id]).fetchall()
+    }
 
 
 def last_bulk_edit(con: duckdb.DuckDBPyConnection) -> BulkUndo | None:
@@ -519,13 +527,8 @@ def last_bulk_edit(con: duckdb.DuckDBPyConnection) -> BulkUndo | None:
             "SELECT image_id, manual_text, manual_created_at, choice, written_text FROM caption_edit_rows WHERE edit_id = ?",
             params=[edit_id],
         ).to_arrow_table()
-        sidecars = {
-            image_id: SidecarWrite(image_id, os.fsdecode(bytes(path)), None if before is None else bytes(before), bytes(written))
-            for image_id, path, before, written in cur.execute(
-                "SELECT image_id, sidecar_path_bytes, sidecar_previous, sidecar_written FROM caption_edit_rows "
-                "WHERE edit_id = ? AND sidecar_path_bytes IS NOT NULL", [edit_id]).fetchall()
-        }
-        return BulkUndo(description=description, previous=previous, sidecars=sidecars, edit_id=edit_id, made_at=made_at)
+        return BulkUndo(description=description, previous=previous, sidecars=_recorded_sidecars(cur, edit_id), edit_id=edit_id,
+                        made_at=made_at)
     finally:
         cur.close()
 
